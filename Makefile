@@ -1,0 +1,47 @@
+# The two commands: `make run` (the whole fleet) and `make test` (the whole suite).
+# Both create .venv and install the project first; nothing needs installing by hand.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint typecheck unit bench bench-ingest bench-recompute bench-sweep install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/dunning run
+
+lint: $(STAMP)
+	$(BIN)/ruff check app tasks webhooks tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) lint typecheck
+	$(BIN)/python -m pytest -q
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: bench-ingest bench-recompute
+
+bench-ingest: $(STAMP)
+	$(BIN)/python bench/ingest.py
+
+bench-recompute: $(STAMP)
+	$(BIN)/python bench/recompute.py
+
+bench-sweep: $(STAMP)
+	$(BIN)/python bench/sweep.py
+
+clean:
+	rm -rf $(VENV) .dunning .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""The Flask app factory: ``app:create_app()``. Nothing happens at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+
+def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) -> Flask:
+    from app import errors
+    from app.api import accounts, health
+    from app.config import Settings
+    from app.runtime import Runtime
+    from tasks.factory import make_celery
+    from webhooks import blueprint as webhooks
+
+    settings = settings or (runtime.settings if runtime is not None else Settings.from_env())
+    app = Flask(__name__)
+    app.config["SECRET_KEY"] = settings.secret_key
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.extensions["dunning"] = runtime or Runtime.build(settings)  # validates the policy file
+    app.extensions["celery"] = celery or make_celery(settings)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(webhooks.bp)
+    app.register_blueprint(accounts.bp)
+    errors.register(app)
+    return app

@@ -1,0 +1,114 @@
+"""The ``dunning`` command: database migrations, one-off recomputes, and the local fleet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from app.config import ConfigError, Settings
+from app.policy_file import PolicyFileError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    upgrade(_settings().database_url, args.revision)
+    print(f"database upgraded to {args.revision}")
+    return 0
+
+
+def cmd_db_downgrade(args: argparse.Namespace) -> int:
+    from app.migrate import downgrade
+
+    downgrade(_settings().database_url, args.revision)
+    print(f"database downgraded to {args.revision}")
+    return 0
+
+
+def cmd_recompute(args: argparse.Namespace) -> int:
+    from app.recompute.service import AccountNotFound, run_recompute
+    from app.runtime import Runtime
+
+    rt = Runtime.build(_settings())
+    try:
+        result = run_recompute(rt.engine, rt.policy, args.account_id, "MANUAL", datetime.now(UTC))
+    except AccountNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    print(f"account {summary['account_id']}: {summary['status']} / level {summary['level']}"
+          f" (failure class {summary['failure_class'] or '-'}, next retry {summary['next_retry_at'] or '-'})")
+    changed = summary.get("changed_fields") or []
+    print(f"outcome: {result.outcome}; version {summary.get('version')}; "
+          f"changed: {', '.join(changed) or 'nothing'}; events: {', '.join(summary.get('events') or []) or 'none'}")
+    print("reasons:")
+    for reason in summary["reasons"]:
+        facts = ", ".join(f"{k}={v}" for k, v in reason["facts"].items() if k != "rule")
+        print(f"  - {reason['rule']}: {reason['detail']}" + (f" [{facts}]" if facts else ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from app.launcher import main as launch
+
+    return launch(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dunning", description="The dunning recompute fleet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database schema (Alembic)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="migrate to the newest schema")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(handler=cmd_db_upgrade)
+    down = db_sub.add_parser("downgrade", help="migrate back to REVISION")
+    down.add_argument("revision")
+    down.set_defaults(handler=cmd_db_downgrade)
+
+    rc = sub.add_parser("recompute", help="recompute one account now and print the decision")
+    rc.add_argument("account_id")
+    rc.add_argument("--json", action="store_true", help="print the result as JSON")
+    rc.set_defaults(handler=cmd_recompute)
+
+    run = sub.add_parser("run", help="run the whole fleet (embedded PostgreSQL/Redis unless configured)")
+    run.add_argument("--data-dir", default=None, help="where the private servers keep their data (.dunning)")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (ConfigError, PolicyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from app.db import is_connection_error
+
+        if is_connection_error(exc):
+            print(f"error: database unreachable ({exc.__class__.__name__}); check DATABASE_URL", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Settings read from the environment once, by a factory; nothing is read at import."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Map the usual ``postgresql://`` form to the psycopg2 driver.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` URL to psycopg 3, which this project does not
+    ship; operators write the bare form, so we pick the driver here. Explicit forms pass through.
+    """
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    if url.startswith("postgresql+"):
+        return url
+    raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL (postgresql://...), got {url[:16]!r}...")
+
+
+def parse_service_tokens(raw: str) -> frozenset[str]:
+    return frozenset(t.strip() for t in raw.split(",") if t.strip())
+
+
+def parse_support_tokens(raw: str) -> dict[str, str]:
+    """``actor:token,actor2:token2`` -> {token: actor}."""
+    tokens: dict[str, str] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        actor, sep, token = item.partition(":")
+        if not sep or not actor.strip() or not token.strip():
+            raise ConfigError("SUPPORT_TOKENS entries must look like actor:token")
+        tokens[token.strip()] = actor.strip()
+    return tokens
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str = DEFAULT_BROKER_URL
+    result_backend: str | None = None
+    stripe_webhook_secret: str = ""
+    stripe_api_key: str = ""
+    stripe_api_base: str | None = None
+    account_management_url: str | None = None
+    service_tokens: frozenset[str] = field(default_factory=frozenset)
+    support_tokens: Mapping[str, str] = field(default_factory=dict)
+    policy_path: str | None = None
+    secret_key: str = ""
+    # Seconds a Redis-delivered message may stay unacknowledged before the broker hands it to
+    # another worker. Every countdown in the project stays far below it (PITFALLS.md).
+    visibility_timeout: int = 300
+    # Optional prefix for every Redis key of the broker (tests isolate their keyspace with it).
+    broker_key_prefix: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        db = env.get("DATABASE_URL", "").strip()
+        if not db:
+            raise ConfigError(
+                "DATABASE_URL is not set (use `make run`, which starts a private PostgreSQL, "
+                "or point it at a server: postgresql://user@host/db)"
+            )
+        broker = env.get("CELERY_BROKER_URL", "").strip() or DEFAULT_BROKER_URL
+        try:
+            visibility = int(env.get("CELERY_VISIBILITY_TIMEOUT", "300"))
+        except ValueError as exc:
+            raise ConfigError("CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds") from exc
+        return cls(
+            database_url=normalize_database_url(db),
+            broker_url=broker,
+            result_backend=env.get("CELERY_RESULT_BACKEND", "").strip() or None,
+            stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
+            stripe_api_key=env.get("STRIPE_API_KEY", ""),
+            stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
+            account_management_url=env.get("ACCOUNT_MANAGEMENT_URL", "").strip() or None,
+            service_tokens=parse_service_tokens(env.get("SERVICE_TOKENS", "")),
+            support_tokens=parse_support_tokens(env.get("SUPPORT_TOKENS", "")),
+            policy_path=env.get("DUNNING_POLICY", "").strip() or None,
+            secret_key=env.get("SECRET_KEY", "") or os.urandom(24).hex(),
+            visibility_timeout=visibility,
+            broker_key_prefix=env.get("CELERY_BROKER_KEY_PREFIX", "").strip() or None,
+        )
+
+    def with_overrides(self, **changes: object) -> Settings:
+        from dataclasses import replace
+
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,44 @@
+"""Billing-history labels: what actually happened to each invoice.
+
+``Paid`` means customer money was collected and kept; ``Resolved`` means the invoice was closed
+without that (voided, credited, written off, paid out of band, refunded). Support and customers
+read these labels, so a credited invoice must never say "Paid".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from enum import StrEnum
+
+from app.domain.snapshot import Attempt, Invoice
+
+
+class Label(StrEnum):
+    PAID = "Paid"
+    RESOLVED = "Resolved"
+    OPEN = "Open"
+    PAST_DUE = "Past due"
+    UNCOLLECTIBLE = "Uncollectible"
+
+
+def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | None = None) -> Label:
+    attempts = list(attempts)
+    if invoice.status == "void":
+        return Label.RESOLVED
+    if invoice.status == "uncollectible":
+        return Label.UNCOLLECTIBLE
+    if invoice.status == "paid":
+        collected = invoice.amount_paid
+        refunded = sum(a.amount_refunded for a in attempts if a.status in ("succeeded", "refunded"))
+        owed = invoice.amount_due
+        if owed <= 0 and collected <= 0:
+            return Label.RESOLVED  # nothing was owed after credits
+        if collected - refunded >= owed and collected > 0:
+            return Label.PAID
+        return Label.RESOLVED
+    failed = invoice.first_failed_at is not None or any(a.failed for a in attempts)
+    overdue = now is not None and invoice.due_date is not None and invoice.due_date <= now
+    if invoice.status == "open" and (failed or overdue):
+        return Label.PAST_DUE
+    return Label.OPEN

@@ -1,0 +1,544 @@
+"""compute(snapshot, policy, now) -> Decision. Pure: no clock, no database, no network.
+
+The decision is made per unpaid invoice, then combined:
+
+1. each unpaid invoice gets its facts: since when unpaid, the failure class of its latest failed
+   attempt, attempts used, whether automatic retries are exhausted, its next retry;
+2. the first consequence rule that matches those facts (from the most severe down) gives the
+   invoice its level; an upgrade is capped (it withholds the upgraded products, never bad debt),
+   small balances are capped at notice;
+3. the levels act on the products of their own invoice only, so an annual product already paid
+   keeps full access; the account's level is the most severe one, and it is in bad debt when a
+   regular (non-upgrade) invoice is suspended;
+4. a payment in flight (a bad-debt payment, or a retry started within the guard window) is never
+   overridden with bad-debt consequences.
+
+Every step that decides something adds a Reason naming the rule and the facts it matched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from app.domain.decline_codes import classify
+from app.domain.policy import LevelRule, Policy
+from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, PaymentMethod, Snapshot
+from app.domain.state import (
+    Access,
+    DunningState,
+    FailureClass,
+    Level,
+    MandateState,
+    Reason,
+    Status,
+)
+
+WINDOW_30D = timedelta(days=30)
+SETTLED_STATUSES = frozenset({"paid", "void"})
+INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "incomplete_expired"})
+
+
+@dataclass(frozen=True)
+class InvoiceAssessment:
+    invoice: Invoice
+    unpaid_since: datetime
+    failure_class: FailureClass | None
+    last_failure: Attempt | None
+    attempts: int
+    retries_used: int
+    exhausted: bool
+    next_retry_at: datetime | None
+    retry_method: str | None
+    retry_free: bool
+    level: Level
+    rule: str
+    reasons: tuple[Reason, ...]
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: DunningState
+    mandates: tuple[MandateState, ...]
+    bad_debt: bool
+    # facts for the events emit derives (not stored as state)
+    bad_debt_reason: str | None = None
+    bad_debt_products: tuple[str, ...] = ()
+    resolution: str | None = None  # "paid" | "resolved" when nothing is unpaid any more
+    lifting_since: datetime | None = None
+    assessments: tuple[InvoiceAssessment, ...] = field(default=(), compare=False)
+
+    @property
+    def reasons(self) -> tuple[Reason, ...]:
+        return self.state.reasons
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# --- attempts and their invoices --------------------------------------------------------------
+
+
+def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
+    """Attempts grouped by invoice. An attempt Stripe did not link to an invoice (charge.failed
+    carries no invoice since API 2025-03-31) goes to the latest invoice created before it."""
+    grouped: dict[str | None, list[Attempt]] = {}
+    by_created = sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
+    for attempt in snapshot.attempts:
+        invoice_id = attempt.invoice_id
+        if invoice_id is None:
+            candidates = [i for i in by_created if i.created <= attempt.attempted_at and i.status != "draft"]
+            invoice_id = candidates[-1].id if candidates else None
+        grouped.setdefault(invoice_id, []).append(attempt)
+    for attempts in grouped.values():
+        attempts.sort(key=lambda a: (a.attempted_at, a.id))
+    return grouped
+
+
+def is_unpaid(invoice: Invoice, failed: bool, now: datetime) -> bool:
+    """Debt: uncollectible, or open with money remaining after a failed attempt or the due date."""
+    if invoice.status == "uncollectible":
+        return invoice.amount_remaining > 0
+    if invoice.status != "open" or invoice.amount_remaining <= 0:
+        return False
+    overdue = invoice.due_date is not None and invoice.due_date <= now
+    return failed or invoice.first_failed_at is not None or overdue
+
+
+# --- retries ------------------------------------------------------------------------------------
+
+
+def _method_attempts_in_window(attempts: Iterable[Attempt], method: str | None, now: datetime) -> list[Attempt]:
+    if method is None:
+        return []
+    return sorted(
+        (a for a in attempts if a.payment_method_id == method and now - WINDOW_30D < a.attempted_at <= now),
+        key=lambda a: a.attempted_at,
+    )
+
+
+def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | None) -> PaymentMethod | None:
+    """A payment method attached, updated or made default after ``since`` (the last failure)."""
+    changed = [pm for pm in snapshot.payment_methods if pm.attached and pm.changed_at > since]
+    default_changed = snapshot.default_payment_method_changed_at
+    if default_changed is not None and default_changed > since and snapshot.default_payment_method_id:
+        for pm in snapshot.payment_methods:
+            if pm.id == snapshot.default_payment_method_id and pm.attached and pm not in changed:
+                changed.append(pm)
+    if not changed:
+        return None
+    # Prefer the default method, then the most recent change.
+    changed.sort(key=lambda pm: (pm.id == snapshot.default_payment_method_id, pm.changed_at), reverse=True)
+    return changed[0]
+
+
+def _plan_retry(
+    snapshot: Snapshot,
+    invoice: Invoice,
+    attempts: list[Attempt],
+    failure_class: FailureClass,
+    last_failure: Attempt | None,
+    unpaid_since: datetime,
+    policy: Policy,
+    now: datetime,
+) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
+    """-> (next_retry_at, payment method, free, exhausted, retries used, reasons)."""
+    reasons: list[Reason] = []
+    retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
+    retries_used = sum(1 for r in retries if r.counts)
+    attempts_used = max(len(attempts), invoice.attempt_count)
+    guard = timedelta(minutes=policy.guard_window_minutes)
+    last_attempt_at = attempts[-1].attempted_at if attempts else None
+
+    in_flight = [
+        r for r in retries
+        if r.state in ("dispatched", "charging", "sent")
+        and now - r.created_at < guard
+        and (last_attempt_at is None or last_attempt_at < r.created_at)
+    ]
+    if in_flight:
+        reasons.append(Reason("retry.in_flight", "a retry is being charged; waiting for its outcome",
+                              {"invoice": invoice.id, "since": _iso(in_flight[0].created_at)}))
+        return None, None, False, False, retries_used, reasons
+
+    if invoice.status == "uncollectible":
+        reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
+                              {"invoice": invoice.id}))
+        return None, None, False, True, retries_used, reasons
+
+    if attempts_used >= policy.attempts_per_invoice:
+        reasons.append(Reason("retry.cap_invoice", "per-invoice attempt cap reached",
+                              {"invoice": invoice.id, "attempts": attempts_used, "cap": policy.attempts_per_invoice}))
+        return None, None, False, True, retries_used, reasons
+
+    failed_method = last_failure.payment_method_id if last_failure else None
+    default_method = snapshot.default_payment_method_id or failed_method
+
+    # A new or updated payment method after the last failure: one immediate free retry on it.
+    since = last_failure.attempted_at if last_failure else unpaid_since
+    new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
+    if new_method is not None:
+        used_free = any(r.free and r.created_at >= new_method.changed_at for r in retries)
+        if not used_free:
+            due = max(new_method.changed_at, since)
+            reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "
+                                  "that does not count against the budget",
+                                  {"invoice": invoice.id, "payment_method": new_method.id,
+                                   "changed_at": _iso(new_method.changed_at)}))
+            return _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
+
+    if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
+        reasons.append(Reason("retry.none_" + failure_class.value,
+                              "no automatic retry on the same method; waiting for the customer to act",
+                              {"invoice": invoice.id, "failure_class": failure_class.value,
+                               "payment_method": failed_method}))
+        return None, None, False, True, retries_used, reasons
+
+    schedule = policy.transient_schedule_days if failure_class == FailureClass.TRANSIENT else policy.unknown_schedule_days
+    if retries_used >= len(schedule):
+        reasons.append(Reason("retry.schedule_done", "every scheduled retry was used",
+                              {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
+        return None, None, False, True, retries_used, reasons
+
+    due = unpaid_since + timedelta(days=schedule[retries_used])
+    reasons.append(Reason("retry.scheduled", f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}",
+                          {"invoice": invoice.id, "failure_class": failure_class.value,
+                           "day": schedule[retries_used], "unpaid_since": _iso(unpaid_since)}))
+    return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
+
+
+def _cap_method(
+    snapshot: Snapshot,
+    due: datetime,
+    method: str | None,
+    free: bool,
+    retries_used: int,
+    reasons: list[Reason],
+    policy: Policy,
+    now: datetime,
+    invoice: Invoice,
+) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
+    """Card network rule: at most N attempts per method in 30 days; defer until the window frees."""
+    window = _method_attempts_in_window(snapshot.attempts, method, now)
+    cap = policy.attempts_per_method_30d
+    if len(window) >= cap:
+        frees_at = window[len(window) - cap].attempted_at + WINDOW_30D
+        reasons.append(Reason("retry.cap_method_30d", "payment method attempt cap for 30 days reached; retry deferred",
+                              {"invoice": invoice.id, "payment_method": method, "cap": cap,
+                               "deferred_to": _iso(frees_at)}))
+        due = max(due, frees_at)
+    return due, method, free, False, retries_used, reasons
+
+
+# --- consequence levels -------------------------------------------------------------------------
+
+
+def _match_level(
+    rules: Iterable[LevelRule],
+    days: int,
+    failure_class: FailureClass | None,
+    exhausted: bool,
+    uncollectible: bool,
+    attempts: int,
+    balance: int,
+) -> tuple[Level, LevelRule | None]:
+    for rule in rules:
+        if rule.min_days is not None and days < rule.min_days:
+            continue
+        if rule.failure_classes is not None and failure_class not in rule.failure_classes:
+            continue
+        if rule.retries_exhausted is not None and exhausted != rule.retries_exhausted:
+            continue
+        if rule.marked_uncollectible is not None and uncollectible != rule.marked_uncollectible:
+            continue
+        if rule.min_attempts is not None and attempts < rule.min_attempts:
+            continue
+        if rule.min_balance is not None and balance < rule.min_balance:
+            continue
+        return rule.level, rule
+    return Level.NONE, None
+
+
+def _assess(
+    snapshot: Snapshot,
+    invoice: Invoice,
+    attempts: list[Attempt],
+    balance: int,
+    policy: Policy,
+    now: datetime,
+) -> InvoiceAssessment:
+    failures = [a for a in attempts if a.failed]
+    last_failure = failures[-1] if failures else None
+    starts = [t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None) if t is not None]
+    if not starts and invoice.due_date is not None:
+        starts.append(invoice.due_date)
+    unpaid_since = min(starts) if starts else invoice.created
+    if last_failure is not None:
+        failure_class = classify(last_failure.decline_code, last_failure.failure_code, last_failure.advice_code)
+    else:
+        # invoice.payment_failed arrived before the attempt's detail: unknown until it does.
+        failure_class = FailureClass.UNKNOWN if invoice.first_failed_at is not None else None
+
+    next_retry, method, free, exhausted, retries_used, reasons = _plan_retry(
+        snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure, unpaid_since, policy, now
+    )
+    attempts_used = max(len(attempts), invoice.attempt_count)
+    days = max(0, (now - unpaid_since).days)
+    uncollectible = invoice.status == "uncollectible"
+    level, rule = _match_level(policy.rules, days, failure_class, exhausted, uncollectible, attempts_used, balance)
+    rule_facts: dict[str, Any] = {
+        "invoice": invoice.id,
+        "unpaid_since": _iso(unpaid_since),
+        "failure_class": failure_class.value if failure_class else None,
+        "retries_exhausted": exhausted,
+        "marked_uncollectible": uncollectible,
+    }
+    rule_name = "level." + level.value
+    reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
+                          {**rule_facts, "rule": rule.describe() if rule else {}}))
+
+    if invoice.is_upgrade and level.rank > policy.upgrade_max_level.rank:
+        reasons.append(Reason("upgrade.capped", "an unpaid upgrade withholds the upgraded products only and never "
+                              "becomes bad debt", {"invoice": invoice.id, "capped_to": policy.upgrade_max_level.value,
+                                                   "would_be": level.value}))
+        level = policy.upgrade_max_level
+    if not invoice.is_upgrade and balance < policy.small_balance_threshold and level.rank > Level.NOTICE.rank:
+        reasons.append(Reason("balance.small", "balance below the small-balance threshold: capped at notice",
+                              {"balance": balance, "threshold": policy.small_balance_threshold,
+                               "would_be": level.value}))
+        level = Level.NOTICE
+
+    return InvoiceAssessment(
+        invoice=invoice,
+        unpaid_since=unpaid_since,
+        failure_class=failure_class,
+        last_failure=last_failure,
+        attempts=attempts_used,
+        retries_used=retries_used,
+        exhausted=exhausted,
+        next_retry_at=next_retry,
+        retry_method=method,
+        retry_free=free,
+        level=level,
+        rule=rule_name,
+        reasons=tuple(reasons),
+    )
+
+
+# --- entitlements -------------------------------------------------------------------------------
+
+
+def _access(level: Level, tier: str, upgrade: bool) -> Access:
+    if level.rank < Level.RESTRICT_PREMIUM.rank:
+        return Access.FULL
+    if upgrade:
+        return Access.WITHHELD
+    if level == Level.SUSPENDED:
+        return Access.REVOKED
+    if tier == "premium":
+        return Access.REVOKED
+    return Access.READ_ONLY if level == Level.LIMITED else Access.FULL
+
+
+ACCESS_SEVERITY = [Access.FULL, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]
+
+
+def _entitlements(snapshot: Snapshot, assessed: list[InvoiceAssessment], policy: Policy) -> dict[str, Any]:
+    products: dict[str, Access] = {}
+    for sub in snapshot.subscriptions:
+        if sub.status not in INACTIVE_SUBSCRIPTIONS:
+            for product in sub.products:
+                products.setdefault(product, Access.FULL)
+    for a in assessed:
+        for product in a.invoice.products:
+            access = _access(a.level, policy.tier(product), a.invoice.is_upgrade)
+            current = products.get(product, Access.FULL)
+            products[product] = max(current, access, key=ACCESS_SEVERITY.index)
+    plan_changes = not any(a.level.rank >= Level.LIMITED.rank and not a.invoice.is_upgrade for a in assessed)
+    return {"products": {p: products[p].value for p in sorted(products)}, "plan_changes": plan_changes}
+
+
+# --- mandates -----------------------------------------------------------------------------------
+
+
+def _mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
+    out = []
+    for pm in sorted(snapshot.payment_methods, key=lambda p: p.id):
+        failures = [a for a in snapshot.attempts
+                    if a.payment_method_id == pm.id and a.failed and a.attempted_at >= pm.changed_at]
+        last = max(failures, key=lambda a: a.attempted_at) if failures else None
+        status, reason = "usable", None
+        if not pm.attached:
+            status, reason = "detached", "detached from the customer"
+        elif pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (now.year, now.month):
+            status, reason = "expired", f"card expired {pm.exp_month:02d}/{pm.exp_year}"
+        elif last is not None:
+            cls = classify(last.decline_code, last.failure_code, last.advice_code)
+            code = last.decline_code or last.failure_code or last.advice_code
+            if cls == FailureClass.PERMANENT:
+                status, reason = "blocked", f"permanent decline: {code}"
+            elif cls == FailureClass.ACTION_REQUIRED:
+                status, reason = "needs_action", f"customer action required: {code}"
+        out.append(MandateState(
+            payment_method_id=pm.id, type=pm.type, status=status, status_reason=reason,
+            is_default=pm.id == snapshot.default_payment_method_id, card_brand=pm.card_brand,
+            card_last4=pm.card_last4, exp_month=pm.exp_month, exp_year=pm.exp_year,
+        ))
+    return tuple(out)
+
+
+# --- the decision -------------------------------------------------------------------------------
+
+
+def _in_flight_payment(snapshot: Snapshot) -> BadDebtPayment | None:
+    pending = [p for p in snapshot.bad_debt_payments if p.state == "pending"]
+    return min(pending, key=lambda p: p.created_at) if pending else None
+
+
+def _latest_bad_debt_failure(snapshot: Snapshot) -> BadDebtPayment | None:
+    done = [p for p in snapshot.bad_debt_payments if p.state in ("failed", "succeeded")]
+    if not done:
+        return None
+    latest = max(done, key=lambda p: (p.updated_at, p.id))
+    return latest if latest.state == "failed" else None
+
+
+def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime) -> datetime | None:
+    """Start of a payment attempt still within the guard window and without an outcome."""
+    guard = timedelta(minutes=policy.guard_window_minutes)
+    starts = [a.attempted_at for a in snapshot.attempts
+              if a.status in ("pending", "processing", "requires_action") and now - a.attempted_at < guard]
+    last_outcome = max((a.attempted_at for a in snapshot.attempts if a.status in ("failed", "succeeded")), default=None)
+    starts += [r.created_at for r in snapshot.retries
+               if r.state in ("dispatched", "charging", "sent") and now - r.created_at < guard
+               and (last_outcome is None or last_outcome < r.created_at)]
+    return min(starts) if starts else None
+
+
+def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) -> str:
+    """How the last unpaid invoices were settled: customer money ("paid") or otherwise."""
+    stored = snapshot.stored
+    since = stored.unpaid_since if stored is not None else None
+    settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES
+               and (since is None or (i.paid_at or i.voided_at or i.created) >= since)]
+    from app.domain.billing_history import Label, label
+
+    if any(label(i, grouped.get(i.id, ())) == Label.PAID for i in settled):
+        return "paid"
+    return "resolved"
+
+
+def compute(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
+    grouped = attempts_by_invoice(snapshot)
+    unpaid = [
+        inv for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
+        if is_unpaid(inv, any(a.failed for a in grouped.get(inv.id, ())), now)
+    ]
+    balance = sum(inv.amount_remaining for inv in unpaid if not inv.is_upgrade)
+    assessed = [_assess(snapshot, inv, grouped.get(inv.id, []), balance, policy, now) for inv in unpaid]
+    reasons: list[Reason] = []
+    for a in assessed:
+        reasons.extend(a.reasons)
+
+    regular = [a for a in assessed if not a.invoice.is_upgrade]
+    level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
+    suspended = [a for a in regular if a.level == Level.SUSPENDED]
+    status = Status.BAD_DEBT if suspended else (Status.PAST_DUE if assessed else Status.CURRENT)
+
+    # Payment-flow guard: never put bad-debt consequences over a payment in flight.
+    in_flight = _in_flight_payment(snapshot)
+    lifting_since = None
+    if in_flight is not None and status == Status.BAD_DEBT:
+        status = Status.LIFTING
+        lifting_since = in_flight.created_at
+        reasons.append(Reason("guard.lifting", "a bad-debt payment is in flight: bad debt is being lifted",
+                              {"payment": in_flight.id, "since": _iso(in_flight.created_at)}))
+    elif status == Status.BAD_DEBT:
+        stored = snapshot.stored
+        started = _recent_attempt_in_flight(snapshot, policy, now)
+        if started is not None and (stored is None or stored.status != Status.BAD_DEBT):
+            held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
+            reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
+                                  "consequences held until its outcome",
+                                  {"since": _iso(started), "window_minutes": policy.guard_window_minutes,
+                                   "held_level": held.value}))
+            assessed = [_with_level(a, held) if a.level == Level.SUSPENDED else a for a in assessed]
+            regular = [a for a in assessed if not a.invoice.is_upgrade]
+            suspended = []
+            level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
+            status = Status.PAST_DUE
+    failed_payment = _latest_bad_debt_failure(snapshot)
+    if failed_payment is not None and status == Status.BAD_DEBT:
+        reasons.append(Reason("bad_debt.payment_failed", "the bad-debt payment failed; the account stays in bad debt",
+                              {"payment": failed_payment.id, "failure": failed_payment.failure_reason}))
+
+    if not assessed:
+        reasons.append(Reason("status.current", "nothing unpaid", {}))
+
+    # Requests to the subscription-lifecycle workflow, present while they are needed.
+    active_subs = {s.id for s in snapshot.subscriptions if s.status not in INACTIVE_SUBSCRIPTIONS}
+    known_subs = {s.id for s in snapshot.subscriptions}
+    actions: set[str] = set()
+    if status == Status.BAD_DEBT:
+        for a in suspended:
+            sub = a.invoice.subscription_id
+            if sub and (sub in active_subs or sub not in known_subs):
+                actions.add(f"cancel:{sub}")
+    for a in assessed:
+        if a.invoice.is_upgrade and a.exhausted:
+            actions.add(f"revert:{a.invoice.id}")
+            reasons.append(Reason("upgrade.revert", "upgrade unpaid with retries exhausted: revert the upgrade, "
+                                  "never cancel", {"invoice": a.invoice.id, "subscription": a.invoice.subscription_id}))
+
+    retry = min((a for a in assessed if a.next_retry_at is not None),
+                key=lambda a: (a.next_retry_at, a.invoice.id), default=None)
+    failures = [a.last_failure for a in assessed if a.last_failure is not None]
+    latest_failure = max(failures, key=lambda f: (f.attempted_at, f.id)) if failures else None
+    current_class = None
+    if assessed:
+        classes = [(a.last_failure.attempted_at if a.last_failure else a.unpaid_since, a.failure_class)
+                   for a in assessed if a.failure_class is not None]
+        current_class = max(classes, key=lambda c: c[0])[1] if classes else None
+
+    state = DunningState(
+        status=status.value,
+        level=level.value,
+        failure_class=current_class.value if current_class else None,
+        next_retry_at=retry.next_retry_at if retry else None,
+        retry_invoice_id=retry.invoice.id if retry else None,
+        retry_payment_method_id=retry.retry_method if retry else None,
+        retry_free=retry.retry_free if retry else False,
+        retries_used=sum(a.retries_used for a in assessed),
+        outstanding_amount=sum(a.invoice.amount_remaining for a in assessed),
+        unpaid_since=min((a.unpaid_since for a in assessed), default=None),
+        last_failure_id=latest_failure.id if latest_failure else None,
+        reasons=tuple(reasons),
+        entitlements=_entitlements(snapshot, assessed, policy),
+        actions_requested=tuple(sorted(actions)),
+        policy_version=policy.version,
+    )
+    bad_debt_products: tuple[str, ...] = ()
+    bad_debt_reason = None
+    if suspended:
+        bad_debt_products = tuple(sorted({p for a in suspended for p in a.invoice.products}))
+        bad_debt_reason = "marked_uncollectible" if any(a.invoice.status == "uncollectible" for a in suspended) \
+            else "retries_exhausted"
+    return Decision(
+        state=state,
+        mandates=_mandates(snapshot, now),
+        bad_debt=status == Status.BAD_DEBT,
+        bad_debt_reason=bad_debt_reason,
+        bad_debt_products=bad_debt_products,
+        resolution=_resolution(snapshot, grouped) if not assessed else None,
+        lifting_since=lifting_since,
+        assessments=tuple(assessed),
+    )
+
+
+def _with_level(a: InvoiceAssessment, level: Level) -> InvoiceAssessment:
+    from dataclasses import replace
+
+    return replace(a, level=level)

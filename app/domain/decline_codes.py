@@ -1,0 +1,122 @@
+"""Failure class of a failed payment attempt, from Stripe's decline, failure and advice codes.
+
+Table-driven. Stripe's enums are open: a value never seen before classifies as ``unknown``
+(retried like a transient failure, with a smaller budget) and never raises.
+"""
+
+from __future__ import annotations
+
+from app.domain.state import FailureClass
+
+PERMANENT = FailureClass.PERMANENT
+ACTION = FailureClass.ACTION_REQUIRED
+TRANSIENT = FailureClass.TRANSIENT
+UNKNOWN = FailureClass.UNKNOWN
+
+# Issuer decline codes (charge.outcome / last_payment_error.decline_code).
+DECLINE_CODES: dict[str, FailureClass] = {
+    # the same method will not work again
+    "expired_card": PERMANENT,
+    "lost_card": PERMANENT,
+    "stolen_card": PERMANENT,
+    "pickup_card": PERMANENT,
+    "incorrect_number": PERMANENT,
+    "invalid_number": PERMANENT,
+    "invalid_account": PERMANENT,
+    "restricted_card": PERMANENT,
+    "revocation_of_authorization": PERMANENT,
+    "revocation_of_all_authorizations": PERMANENT,
+    "card_not_supported": PERMANENT,
+    "currency_not_supported": PERMANENT,
+    "fraudulent": PERMANENT,
+    "merchant_blacklist": PERMANENT,
+    "do_not_try_again": PERMANENT,
+    "security_violation": PERMANENT,
+    "stop_payment_order": PERMANENT,
+    "new_account_information_available": PERMANENT,
+    "no_action_taken": PERMANENT,
+    "account_closed": PERMANENT,
+    # the customer must act
+    "authentication_required": ACTION,
+    "incorrect_cvc": ACTION,
+    "invalid_cvc": ACTION,
+    "incorrect_zip": ACTION,
+    "incorrect_pin": ACTION,
+    "invalid_pin": ACTION,
+    "offline_pin_required": ACTION,
+    "online_or_offline_pin_required": ACTION,
+    "pin_try_exceeded": ACTION,
+    "invalid_expiry_month": ACTION,
+    "invalid_expiry_year": ACTION,
+    "testmode_decline": ACTION,
+    # retry later on the same method
+    "insufficient_funds": TRANSIENT,
+    "processing_error": TRANSIENT,
+    "try_again_later": TRANSIENT,
+    "issuer_not_available": TRANSIENT,
+    "card_velocity_exceeded": TRANSIENT,
+    "withdrawal_count_limit_exceeded": TRANSIENT,
+    "reenter_transaction": TRANSIENT,
+    "do_not_honor": TRANSIENT,
+    "generic_decline": TRANSIENT,
+    "call_issuer": TRANSIENT,
+    "approve_with_id": TRANSIENT,
+    "duplicate_transaction": TRANSIENT,
+    "not_permitted": TRANSIENT,
+    "service_not_allowed": TRANSIENT,
+    "transaction_not_allowed": TRANSIENT,
+    "invalid_amount": TRANSIENT,
+}
+
+# Stripe error / charge failure codes; consulted when there is no decline code.
+FAILURE_CODES: dict[str, FailureClass] = {
+    "expired_card": PERMANENT,
+    "incorrect_number": PERMANENT,
+    "invalid_number": PERMANENT,
+    "card_not_supported": PERMANENT,
+    "account_closed": PERMANENT,
+    "no_account": PERMANENT,
+    "debit_not_authorized": PERMANENT,
+    "bank_account_restricted": PERMANENT,
+    "authentication_required": ACTION,
+    "incorrect_cvc": ACTION,
+    "invalid_cvc": ACTION,
+    "incorrect_zip": ACTION,
+    "invalid_expiry_month": ACTION,
+    "invalid_expiry_year": ACTION,
+    "payment_intent_authentication_failure": ACTION,
+    "insufficient_funds": TRANSIENT,
+    "processing_error": TRANSIENT,
+    "rate_limit": TRANSIENT,
+    "card_decline_rate_limit_exceeded": TRANSIENT,
+    # "card_declined" says nothing on its own: the decline code decides, else unknown.
+}
+
+# outcome.advice_code: the network's advice overrides what the decline code suggests.
+ADVICE_CODES: dict[str, FailureClass] = {
+    "do_not_try_again": PERMANENT,
+    "confirm_card_data": ACTION,
+    "try_again_later": TRANSIENT,
+}
+
+
+def _lookup(table: dict[str, FailureClass], code: str | None) -> FailureClass | None:
+    if not code or not isinstance(code, str):
+        return None
+    return table.get(code.strip().lower())
+
+
+def classify(
+    decline_code: str | None = None,
+    failure_code: str | None = None,
+    advice_code: str | None = None,
+) -> FailureClass:
+    """Advice code first (the network's word on retrying), then decline code, then failure code."""
+    return (
+        _lookup(ADVICE_CODES, advice_code)
+        or _lookup(DECLINE_CODES, decline_code)
+        or _lookup(FAILURE_CODES, decline_code)
+        or _lookup(FAILURE_CODES, failure_code)
+        or _lookup(DECLINE_CODES, failure_code)
+        or UNKNOWN
+    )

@@ -1,0 +1,143 @@
+"""Domain events: past-tense facts about an account's payments, derived from a state change.
+
+``derive_events(stored, decision, now)`` is pure: the same change always yields the same events,
+and no change yields none. Apply writes each one to the outbox in the same transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app.domain.compute import Decision
+from app.domain.state import DunningState, Level, Status
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DunningEntered(DomainEvent):
+    unpaid_since: str | None
+    failure_class: str | None
+
+
+@dataclass(frozen=True)
+class PaymentFailed(DomainEvent):
+    attempt_id: str
+    failure_class: str | None
+
+
+@dataclass(frozen=True)
+class ConsequenceEscalated(DomainEvent):
+    from_level: str
+    to_level: str
+
+
+@dataclass(frozen=True)
+class ConsequenceEased(DomainEvent):
+    from_level: str
+    to_level: str
+
+
+@dataclass(frozen=True)
+class BadDebtEntered(DomainEvent):
+    reason: str
+    failure_class: str | None
+    products: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BadDebtExited(DomainEvent):
+    how: str  # paid | resolved | lifting | recomputed
+    duration_seconds: int | None
+
+
+@dataclass(frozen=True)
+class BadDebtLifting(DomainEvent):
+    since: str | None
+
+
+@dataclass(frozen=True)
+class DunningResolved(DomainEvent):
+    how: str  # paid | resolved
+
+
+@dataclass(frozen=True)
+class EntitlementsChanged(DomainEvent):
+    entitlements: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CancellationRequested(DomainEvent):
+    subscription_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UpgradeRevertRequested(DomainEvent):
+    invoice_id: str
+    subscription_id: str | None
+
+
+def derive_events(
+    stored: DunningState | None,
+    decision: Decision,
+    now: datetime,
+    bad_debt_entered_at: datetime | None = None,
+) -> list[DomainEvent]:
+    desired = decision.state
+    before = stored or DunningState()
+    events: list[DomainEvent] = []
+    was_in_dunning = before.status != Status.CURRENT
+    in_dunning = desired.status != Status.CURRENT
+
+    if in_dunning and not was_in_dunning:
+        events.append(DunningEntered(
+            unpaid_since=desired.unpaid_since.isoformat() if desired.unpaid_since else None,
+            failure_class=desired.failure_class,
+        ))
+    if desired.last_failure_id and desired.last_failure_id != before.last_failure_id:
+        events.append(PaymentFailed(attempt_id=desired.last_failure_id, failure_class=desired.failure_class))
+
+    old_rank, new_rank = Level(before.level).rank, Level(desired.level).rank
+    if new_rank > old_rank:
+        events.append(ConsequenceEscalated(from_level=before.level, to_level=desired.level))
+    elif new_rank < old_rank:
+        events.append(ConsequenceEased(from_level=before.level, to_level=desired.level))
+
+    if desired.status == Status.BAD_DEBT and before.status not in (Status.BAD_DEBT, Status.LIFTING):
+        events.append(BadDebtEntered(
+            reason=decision.bad_debt_reason or "retries_exhausted",
+            failure_class=desired.failure_class,
+            products=list(decision.bad_debt_products),
+        ))
+    if desired.status == Status.LIFTING and before.status != Status.LIFTING:
+        events.append(BadDebtLifting(since=decision.lifting_since.isoformat() if decision.lifting_since else None))
+    if before.status in (Status.BAD_DEBT, Status.LIFTING) and desired.status in (Status.CURRENT, Status.PAST_DUE):
+        duration = int((now - bad_debt_entered_at).total_seconds()) if bad_debt_entered_at else None
+        how = decision.resolution or "recomputed"
+        events.append(BadDebtExited(how=how, duration_seconds=duration))
+
+    if was_in_dunning and not in_dunning:
+        events.append(DunningResolved(how=decision.resolution or "resolved"))
+
+    if dict(desired.entitlements) != dict(before.entitlements):
+        events.append(EntitlementsChanged(entitlements=dict(desired.entitlements)))
+
+    for action in sorted(set(desired.actions_requested) - set(before.actions_requested)):
+        kind, _, ref = action.partition(":")
+        if kind == "cancel":
+            events.append(CancellationRequested(subscription_id=ref, reason=decision.bad_debt_reason or "bad_debt"))
+        elif kind == "revert":
+            sub = next((a.invoice.subscription_id for a in decision.assessments if a.invoice.id == ref), None)
+            events.append(UpgradeRevertRequested(invoice_id=ref, subscription_id=sub))
+    return events

@@ -1,0 +1,189 @@
+"""The dunning policy: every number of the rules, validated, with hard caps no file can lift.
+
+``parse_policy`` turns the decoded file (a dict) into a ``Policy`` or raises ``PolicyError`` naming
+the key and the problem. Reading the file is the edge's job (app/policy_file.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.domain.state import FailureClass, Level
+
+# Card network rules: whatever a policy says, never more than these.
+HARD_CAP_ATTEMPTS_PER_METHOD_30D = 15
+HARD_CAP_ATTEMPTS_PER_INVOICE = 8
+
+RULE_CONDITIONS = {
+    "min_days",
+    "failure_classes",
+    "retries_exhausted",
+    "marked_uncollectible",
+    "min_attempts",
+    "min_balance",
+}
+
+
+class PolicyError(ValueError):
+    """The policy file is invalid; ``key`` names where."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"policy key '{key}': {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class LevelRule:
+    level: Level
+    min_days: int | None = None
+    failure_classes: frozenset[FailureClass] | None = None
+    retries_exhausted: bool | None = None
+    marked_uncollectible: bool | None = None
+    min_attempts: int | None = None
+    min_balance: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in sorted(RULE_CONDITIONS):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = sorted(value) if isinstance(value, frozenset) else value
+        return out
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str
+    transient_schedule_days: tuple[int, ...] = (1, 3, 5, 7, 10, 14)
+    unknown_schedule_days: tuple[int, ...] = (2, 5, 9)
+    max_attempts_per_invoice: int = HARD_CAP_ATTEMPTS_PER_INVOICE
+    max_attempts_per_method_30d: int = HARD_CAP_ATTEMPTS_PER_METHOD_30D
+    # Free immediate retry after the customer changes the payment method.
+    immediate_retry_on_new_method: bool = True
+    rules: tuple[LevelRule, ...] = ()
+    small_balance_threshold: int = 0
+    upgrade_max_level: Level = Level.RESTRICT_PREMIUM
+    products: Mapping[str, str] = field(default_factory=dict)  # product id -> "core" | "premium"
+    default_product_tier: str = "core"
+    guard_window_minutes: int = 30
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections other parts own (rollout...)
+
+    @property
+    def attempts_per_invoice(self) -> int:
+        return min(self.max_attempts_per_invoice, HARD_CAP_ATTEMPTS_PER_INVOICE)
+
+    @property
+    def attempts_per_method_30d(self) -> int:
+        return min(self.max_attempts_per_method_30d, HARD_CAP_ATTEMPTS_PER_METHOD_30D)
+
+    def tier(self, product: str) -> str:
+        return self.products.get(product, self.default_product_tier)
+
+
+def _expect(cond: bool, key: str, problem: str) -> None:
+    if not cond:
+        raise PolicyError(key, problem)
+
+
+def _int(data: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0) -> int:
+    value = data.get(key, default)
+    _expect(isinstance(value, int) and not isinstance(value, bool), f"{path}.{key}", "must be a whole number")
+    _expect(value >= minimum, f"{path}.{key}", f"must be at least {minimum}")
+    return int(value)
+
+
+def _days(data: Mapping[str, Any], key: str, path: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    value = data.get(key, list(default))
+    full = f"{path}.{key}"
+    _expect(isinstance(value, list), full, "must be a list of days")
+    _expect(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value), full,
+            "every entry must be a positive whole number of days")
+    _expect(all(a < b for a, b in zip(value, value[1:], strict=False)), full, "days must be increasing")
+    _expect(len(value) < HARD_CAP_ATTEMPTS_PER_INVOICE, full,
+            f"at most {HARD_CAP_ATTEMPTS_PER_INVOICE - 1} retries fit the per-invoice cap")
+    return tuple(value)
+
+
+def _rule(raw: Any, index: int) -> LevelRule:
+    path = f"consequences.rules[{index}]"
+    _expect(isinstance(raw, Mapping), path, "must be a table")
+    level_name = raw.get("level")
+    _expect(level_name in {lvl.value for lvl in Level}, f"{path}.level",
+            f"must be one of {', '.join(lvl.value for lvl in Level)}")
+    when = raw.get("when", {})
+    _expect(isinstance(when, Mapping), f"{path}.when", "must be a table")
+    unknown = set(when) - RULE_CONDITIONS
+    _expect(not unknown, f"{path}.when", f"unknown condition(s) {sorted(unknown)}; known: {sorted(RULE_CONDITIONS)}")
+    classes = when.get("failure_classes")
+    if classes is not None:
+        valid = {c.value for c in FailureClass}
+        _expect(isinstance(classes, list) and all(c in valid for c in classes),
+                f"{path}.when.failure_classes", f"must list classes among {sorted(valid)}")
+    for flag in ("retries_exhausted", "marked_uncollectible"):
+        if flag in when:
+            _expect(isinstance(when[flag], bool), f"{path}.when.{flag}", "must be true or false")
+    for number in ("min_days", "min_attempts", "min_balance"):
+        if number in when:
+            _int(when, number, f"{path}.when", 0)
+    return LevelRule(
+        level=Level(level_name),
+        min_days=when.get("min_days"),
+        failure_classes=frozenset(FailureClass(c) for c in classes) if classes is not None else None,
+        retries_exhausted=when.get("retries_exhausted"),
+        marked_uncollectible=when.get("marked_uncollectible"),
+        min_attempts=when.get("min_attempts"),
+        min_balance=when.get("min_balance"),
+    )
+
+
+def parse_policy(data: Mapping[str, Any]) -> Policy:
+    version = data.get("version")
+    _expect(isinstance(version, str) and bool(version.strip()), "version", "must be a non-empty string")
+    retry = data.get("retry", {})
+    _expect(isinstance(retry, Mapping), "retry", "must be a table")
+    consequences = data.get("consequences", {})
+    _expect(isinstance(consequences, Mapping), "consequences", "must be a table")
+    raw_rules = consequences.get("rules", [])
+    _expect(isinstance(raw_rules, list) and raw_rules, "consequences.rules", "must be a non-empty list of rules")
+    rules = tuple(_rule(r, i) for i, r in enumerate(raw_rules))
+    ranks = [r.level.rank for r in rules]
+    _expect(ranks == sorted(ranks, reverse=True), "consequences.rules",
+            "must be ordered from the most severe level down (first match wins)")
+    upgrade_max = consequences.get("upgrade_max_level", Level.RESTRICT_PREMIUM.value)
+    _expect(upgrade_max in {lvl.value for lvl in Level} and upgrade_max != Level.SUSPENDED.value,
+            "consequences.upgrade_max_level", "must be a level below suspended (an upgrade never makes bad debt)")
+
+    products_section = data.get("products", {})
+    _expect(isinstance(products_section, Mapping), "products", "must be a table")
+    default_tier = products_section.get("default_tier", "core")
+    _expect(default_tier in ("core", "premium"), "products.default_tier", "must be 'core' or 'premium'")
+    catalog = products_section.get("catalog", {})
+    _expect(isinstance(catalog, Mapping), "products.catalog", "must be a table of product id = tier")
+    for product, tier in catalog.items():
+        _expect(tier in ("core", "premium"), f"products.catalog.{product}", "must be 'core' or 'premium'")
+
+    guard = data.get("guard", {})
+    _expect(isinstance(guard, Mapping), "guard", "must be a table")
+    immediate = retry.get("immediate_retry_on_new_method", True)
+    _expect(isinstance(immediate, bool), "retry.immediate_retry_on_new_method", "must be true or false")
+
+    known = {"version", "retry", "consequences", "products", "guard"}
+    return Policy(
+        version=version.strip(),
+        transient_schedule_days=_days(retry, "transient_schedule_days", "retry", Policy.transient_schedule_days),
+        unknown_schedule_days=_days(retry, "unknown_schedule_days", "retry", Policy.unknown_schedule_days),
+        max_attempts_per_invoice=_int(retry, "max_attempts_per_invoice", "retry", HARD_CAP_ATTEMPTS_PER_INVOICE, 1),
+        max_attempts_per_method_30d=_int(retry, "max_attempts_per_method_30d", "retry",
+                                         HARD_CAP_ATTEMPTS_PER_METHOD_30D, 1),
+        immediate_retry_on_new_method=immediate,
+        rules=rules,
+        small_balance_threshold=_int(consequences, "small_balance_threshold", "consequences", 0),
+        upgrade_max_level=Level(upgrade_max),
+        products=dict(catalog),
+        default_product_tier=default_tier,
+        guard_window_minutes=_int(guard, "window_minutes", "guard", 30, 1),
+        extra={k: v for k, v in data.items() if k not in known},
+    )

@@ -1,0 +1,139 @@
+"""Everything recompute knows about one account, as plain immutable facts.
+
+Gather builds it from the stores; tests build it by hand. Times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from app.domain.state import DunningState, MandateState
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    product: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: str
+    status: str  # draft | open | paid | void | uncollectible (open enum: anything else is open-like)
+    billing_reason: str | None
+    subscription_id: str | None
+    amount_due: int
+    amount_paid: int
+    amount_remaining: int
+    created: datetime
+    lines: tuple[InvoiceLine, ...] = ()
+    currency: str = "usd"
+    total: int | None = None
+    credited_amount: int = 0
+    attempt_count: int = 0
+    due_date: datetime | None = None
+    first_failed_at: datetime | None = None
+    last_failed_at: datetime | None = None
+    paid_at: datetime | None = None
+    voided_at: datetime | None = None
+    marked_uncollectible_at: datetime | None = None
+
+    @property
+    def is_upgrade(self) -> bool:
+        return self.billing_reason == "subscription_update"
+
+    @property
+    def products(self) -> tuple[str, ...]:
+        """Products this invoice charges for (positive lines; proration credits are not products)."""
+        seen: dict[str, None] = {}
+        for line in self.lines:
+            if line.amount > 0:
+                seen.setdefault(line.product, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One charge attempt as Stripe reported it."""
+
+    id: str
+    invoice_id: str | None
+    payment_method_id: str | None
+    status: str  # failed | succeeded | pending | refunded | ...
+    attempted_at: datetime
+    amount: int = 0
+    amount_refunded: int = 0
+    decline_code: str | None = None
+    failure_code: str | None = None
+    advice_code: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+@dataclass(frozen=True)
+class PaymentMethod:
+    id: str
+    type: str
+    attached: bool
+    changed_at: datetime
+    exp_month: int | None = None
+    exp_year: int | None = None
+    card_brand: str | None = None
+    card_last4: str | None = None
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    status: str
+    products: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Retry:
+    """An automatic retry this product dispatched (from payment_retry)."""
+
+    invoice_id: str
+    payment_method_id: str | None
+    retry_number: int
+    free: bool
+    state: str  # dispatched | charging | sent | skipped | failed
+    scheduled_for: datetime
+    created_at: datetime
+
+    @property
+    def counts(self) -> bool:
+        """A skipped retry never charged; a free one does not count against the budget."""
+        return not self.free and self.state != "skipped"
+
+
+@dataclass(frozen=True)
+class BadDebtPayment:
+    id: int
+    state: str  # pending | succeeded | failed
+    amount: int
+    created_at: datetime
+    updated_at: datetime
+    failure_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    account_id: str
+    stored: DunningState | None  # None: no subs_dunning row yet
+    stored_bad_debt_flag: bool = False
+    invoices: tuple[Invoice, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
+    payment_methods: tuple[PaymentMethod, ...] = ()
+    default_payment_method_id: str | None = None
+    default_payment_method_changed_at: datetime | None = None
+    subscriptions: tuple[Subscription, ...] = ()
+    retries: tuple[Retry, ...] = ()
+    bad_debt_payments: tuple[BadDebtPayment, ...] = ()
+    stored_mandates: tuple[MandateState, ...] = ()
+    open_stuck_events: int = 0
+    open_episode_entered_at: datetime | None = None
+    extra: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,161 @@
+"""The dunning state of one account: what subs_dunning stores and what compute decides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    CURRENT = "current"
+    PAST_DUE = "past_due"
+    BAD_DEBT = "bad_debt"
+    LIFTING = "lifting"  # a bad-debt payment is in flight
+
+
+class Level(StrEnum):
+    """Consequence levels, mildest first; the order is the escalation order."""
+
+    NONE = "none"
+    NOTICE = "notice"
+    RESTRICT_PREMIUM = "restrict_premium"
+    LIMITED = "limited"
+    SUSPENDED = "suspended"
+
+    @property
+    def rank(self) -> int:
+        return LEVEL_ORDER.index(self)
+
+
+LEVEL_ORDER: tuple[Level, ...] = tuple(Level)
+
+
+class FailureClass(StrEnum):
+    PERMANENT = "permanent"
+    ACTION_REQUIRED = "action_required"
+    TRANSIENT = "transient"
+    UNKNOWN = "unknown"
+
+
+class Access(StrEnum):
+    """What a product's entitlement is under the current consequences."""
+
+    FULL = "full"
+    PREMIUM_OFF = "premium_off"
+    READ_ONLY = "read_only"
+    WITHHELD = "withheld"  # an unpaid upgrade: the upgraded product only
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why: which rule matched, in words, on which facts (JSON values only)."""
+
+    rule: str
+    detail: str
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "detail": self.detail, "facts": dict(self.facts)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Reason:
+        return cls(rule=str(data["rule"]), detail=str(data.get("detail", "")), facts=dict(data.get("facts") or {}))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reason):
+            return NotImplemented
+        return (self.rule, self.detail, dict(self.facts)) == (other.rule, other.detail, dict(other.facts))
+
+    def __hash__(self) -> int:
+        return hash((self.rule, self.detail))
+
+
+@dataclass(frozen=True)
+class DunningState:
+    """Every column of subs_dunning that a decision sets. Two equal states mean: write nothing."""
+
+    status: str = Status.CURRENT
+    level: str = Level.NONE
+    failure_class: str | None = None
+    next_retry_at: datetime | None = None
+    retry_invoice_id: str | None = None
+    retry_payment_method_id: str | None = None
+    retry_free: bool = False
+    retries_used: int = 0
+    outstanding_amount: int = 0
+    unpaid_since: datetime | None = None
+    last_failure_id: str | None = None
+    reasons: tuple[Reason, ...] = ()
+    entitlements: Mapping[str, Any] = field(default_factory=dict)
+    actions_requested: tuple[str, ...] = ()
+    policy_version: str | None = None
+
+    def changed_fields(self, other: DunningState | None) -> list[str]:
+        """Names of the fields where ``other`` (the stored state) differs from this one."""
+        if other is None:
+            return [f.name for f in fields(self)]
+        return [f.name for f in fields(self) if _normal(getattr(self, f.name)) != _normal(getattr(other, f.name))]
+
+    def to_columns(self, names: list[str] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if names is not None and f.name not in names:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "reasons":
+                value = [r.to_json() for r in value]
+            elif f.name == "entitlements":
+                value = dict(value)
+            elif f.name == "actions_requested":
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_columns(cls, row: Mapping[str, Any]) -> DunningState:
+        return cls(
+            status=row["status"],
+            level=row["level"],
+            failure_class=row["failure_class"],
+            next_retry_at=row["next_retry_at"],
+            retry_invoice_id=row["retry_invoice_id"],
+            retry_payment_method_id=row["retry_payment_method_id"],
+            retry_free=bool(row["retry_free"]),
+            retries_used=int(row["retries_used"]),
+            outstanding_amount=int(row["outstanding_amount"]),
+            unpaid_since=row["unpaid_since"],
+            last_failure_id=row["last_failure_id"],
+            reasons=tuple(Reason.from_json(r) for r in (row["reasons"] or [])),
+            entitlements=dict(row["entitlements"] or {}),
+            actions_requested=tuple(row["actions_requested"] or ()),
+            policy_version=row["policy_version"],
+        )
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_normal(v) for v in value]
+    if isinstance(value, Reason):
+        return value.to_json()
+    return value
+
+
+@dataclass(frozen=True)
+class MandateState:
+    """subs_mandate as dunning sees a payment method."""
+
+    payment_method_id: str
+    type: str
+    status: str  # usable | blocked | needs_action | expired | detached
+    status_reason: str | None
+    is_default: bool
+    card_brand: str | None = None
+    card_last4: str | None = None
+    exp_month: int | None = None
+    exp_year: int | None = None

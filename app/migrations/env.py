@@ -1,0 +1,36 @@
+"""Alembic environment: the URL comes from the caller (``dunning db upgrade``)."""
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from app.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata,
+                      literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        # Two processes starting at once (web and worker) must not both migrate.
+        connection.exec_driver_sql("SELECT pg_advisory_lock(7281001)")
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            connection.exec_driver_sql("SELECT pg_advisory_unlock(7281001)")
+            connection.commit()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

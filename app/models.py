@@ -1,0 +1,441 @@
+"""Tables. Ownership follows DESIGN section 2:
+
+* ``subs_account`` and ``subs_customer`` are shared: other teams insert the contract columns and
+  every other column has a default or is nullable. This product writes ``subs_account.bad_debt``
+  and nothing else there; it never writes ``subs_customer``.
+* ``subs_dunning``, ``subs_mandate`` and ``subs_stuck_events`` belong to this product; recompute is
+  the only writer of ``subs_dunning`` and ``subs_mandate``.
+* The rest (Stripe inbox and mirror, outbox, retries, episodes, rollout, audit) are this
+  product's own bookkeeping.
+
+Schema changes are Alembic migrations (``dunning db upgrade``); the app never creates tables.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+NOW = text("now()")
+EMPTY_JSON_LIST = text("'[]'::jsonb")
+EMPTY_JSON_OBJECT = text("'{}'::jsonb")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+# --- shared tables (owned by Account Management / checkout) ---------------------------------
+
+
+class Account(Base):
+    __tablename__ = "subs_account"
+
+    account_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    bad_debt: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    name: Mapped[str | None] = mapped_column(Text)
+    email: Mapped[str | None] = mapped_column(Text)
+    billing_profile: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class Customer(Base):
+    __tablename__ = "subs_customer"
+
+    stripe_customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account_id: Mapped[str] = mapped_column(Text, ForeignKey("subs_account.account_id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+# --- this product's state ------------------------------------------------------------------
+
+
+class Dunning(Base):
+    """One row per account: the stored decision. Only recompute writes it."""
+
+    __tablename__ = "subs_dunning"
+
+    account_id: Mapped[str] = mapped_column(Text, ForeignKey("subs_account.account_id"), primary_key=True)
+    status: Mapped[str] = mapped_column(Text, server_default="current")
+    level: Mapped[str] = mapped_column(Text, server_default="none")
+    failure_class: Mapped[str | None] = mapped_column(Text)
+    next_retry_at: Mapped[datetime | None] = mapped_column(index=True)
+    retry_invoice_id: Mapped[str | None] = mapped_column(Text)
+    retry_payment_method_id: Mapped[str | None] = mapped_column(Text)
+    retry_free: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    retries_used: Mapped[int] = mapped_column(Integer, server_default="0")
+    outstanding_amount: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    unpaid_since: Mapped[datetime | None]
+    last_failure_id: Mapped[str | None] = mapped_column(Text)
+    reasons: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    entitlements: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+    # Subscriptions whose cancellation / upgrade revert this account has already requested, so a
+    # request is emitted once per episode and not on every recompute.
+    actions_requested: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    policy_version: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    last_trigger: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class Mandate(Base):
+    """Payment methods on file as dunning sees them (usable, blocked, expired, detached)."""
+
+    __tablename__ = "subs_mandate"
+
+    payment_method_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account_id: Mapped[str] = mapped_column(Text, index=True)
+    type: Mapped[str] = mapped_column(Text, server_default="card")
+    status: Mapped[str] = mapped_column(Text, server_default="usable")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    card_brand: Mapped[str | None] = mapped_column(Text)
+    card_last4: Mapped[str | None] = mapped_column(Text)
+    exp_month: Mapped[int | None] = mapped_column(Integer)
+    exp_year: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class StuckEvent(Base):
+    """Work that failed, in a visible state: retrying, dead or resolved. Never dropped."""
+
+    __tablename__ = "subs_stuck_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[str | None] = mapped_column(Text, index=True)
+    stripe_event_id: Mapped[str | None] = mapped_column(Text)
+    task_name: Mapped[str] = mapped_column(Text)
+    task_args: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+    error_class: Mapped[str] = mapped_column(Text)
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")
+    state: Mapped[str] = mapped_column(Text, server_default="retrying")
+    first_failed_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    last_failed_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    next_redrive_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_subs_stuck_events_state", "state", "next_redrive_at"),)
+
+
+# --- Stripe inbox and mirror (written by webhook ingest) ------------------------------------
+
+
+class StripeEvent(Base):
+    """Every accepted webhook, once (unique Stripe event id), raw body kept."""
+
+    __tablename__ = "stripe_event"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    stripe_created: Mapped[int] = mapped_column(BigInteger)
+    stripe_customer_id: Mapped[str | None] = mapped_column(Text, index=True)
+    account_id: Mapped[str | None] = mapped_column(Text, index=True)
+    trigger: Mapped[str | None] = mapped_column(Text)
+    # accepted: routed and a recompute requested; unroutable: no account for its customer yet
+    # (re-driven by beat when the mapping appears); ignored: type this product does not act on.
+    state: Mapped[str] = mapped_column(Text)
+    raw_body: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    processed_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_stripe_event_unroutable", "state", postgresql_where=text("state = 'unroutable'")),)
+
+
+class RecomputeRequest(Base):
+    """At most one pending recompute per account: the coalescing token.
+
+    Ingest inserts it (ON CONFLICT DO NOTHING) in the transaction that stores the event and
+    enqueues only when the insert created it. The task deletes it, committed, before it gathers,
+    so a change arriving while it runs inserts a new token and queues exactly one more.
+    """
+
+    __tablename__ = "recompute_request"
+
+    account_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    trigger: Mapped[str] = mapped_column(Text)
+    cause: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(server_default=NOW, index=True)
+
+
+class StripeInvoice(Base):
+    __tablename__ = "stripe_invoice"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    stripe_customer_id: Mapped[str] = mapped_column(Text, index=True)
+    subscription_id: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    billing_reason: Mapped[str | None] = mapped_column(Text)
+    currency: Mapped[str] = mapped_column(Text, server_default="usd")
+    total: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    amount_due: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    amount_paid: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    amount_remaining: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    credited_amount: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    attempt_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    # [{"product": str, "amount": int}] from the invoice lines
+    lines: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    created: Mapped[datetime]
+    due_date: Mapped[datetime | None]
+    first_failed_at: Mapped[datetime | None]
+    last_failed_at: Mapped[datetime | None]
+    paid_at: Mapped[datetime | None]
+    voided_at: Mapped[datetime | None]
+    marked_uncollectible_at: Mapped[datetime | None]
+    # Ordering guard: the (event created, status rank) of the event this row reflects.
+    source_created: Mapped[int] = mapped_column(BigInteger)
+    source_rank: Mapped[int] = mapped_column(Integer)
+    source_event_id: Mapped[str] = mapped_column(Text)
+
+
+class StripePaymentAttempt(Base):
+    """A charge attempt (keyed by payment intent when there is one, else by charge)."""
+
+    __tablename__ = "stripe_payment_attempt"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    stripe_customer_id: Mapped[str | None] = mapped_column(Text, index=True)
+    invoice_id: Mapped[str | None] = mapped_column(Text, index=True)
+    charge_id: Mapped[str | None] = mapped_column(Text)
+    payment_method_id: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    amount_refunded: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    decline_code: Mapped[str | None] = mapped_column(Text)
+    failure_code: Mapped[str | None] = mapped_column(Text)
+    advice_code: Mapped[str | None] = mapped_column(Text)
+    attempted_at: Mapped[datetime]
+    source_created: Mapped[int] = mapped_column(BigInteger)
+    source_rank: Mapped[int] = mapped_column(Integer)
+
+
+class StripeSubscription(Base):
+    __tablename__ = "stripe_subscription"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    stripe_customer_id: Mapped[str] = mapped_column(Text, index=True)
+    status: Mapped[str] = mapped_column(Text)
+    products: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    canceled_at: Mapped[datetime | None]
+    source_created: Mapped[int] = mapped_column(BigInteger)
+    source_rank: Mapped[int] = mapped_column(Integer)
+
+
+class StripePaymentMethod(Base):
+    __tablename__ = "stripe_payment_method"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    stripe_customer_id: Mapped[str | None] = mapped_column(Text, index=True)
+    type: Mapped[str] = mapped_column(Text)
+    attached: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    card_brand: Mapped[str | None] = mapped_column(Text)
+    card_last4: Mapped[str | None] = mapped_column(Text)
+    exp_month: Mapped[int | None] = mapped_column(Integer)
+    exp_year: Mapped[int | None] = mapped_column(Integer)
+    fingerprint: Mapped[str | None] = mapped_column(Text)
+    # When the customer attached or updated it (or the card network updated it): a change
+    # after a permanent decline earns one immediate retry.
+    changed_at: Mapped[datetime]
+    source_created: Mapped[int] = mapped_column(BigInteger)
+    source_rank: Mapped[int] = mapped_column(Integer)
+
+
+class StripeCustomerState(Base):
+    """The Stripe customer's default payment method (from customer.updated)."""
+
+    __tablename__ = "stripe_customer_state"
+
+    stripe_customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    default_payment_method_id: Mapped[str | None] = mapped_column(Text)
+    changed_at: Mapped[datetime]
+    source_created: Mapped[int] = mapped_column(BigInteger)
+    source_rank: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+# --- what recompute emits and what follows from it ----------------------------------------
+
+
+class Outbox(Base):
+    """Domain events written in the transaction that changed the state; a relay delivers them."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[str] = mapped_column(Text)
+    dunning_version: Mapped[int] = mapped_column(BigInteger)
+    event_type: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    delivered_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_outbox_pending", "account_id", "id", postgresql_where=text("delivered_at IS NULL")),
+    )
+
+
+class PaymentRetry(Base):
+    """One automatic retry of an invoice: dispatched by beat, charged once (idempotency key)."""
+
+    __tablename__ = "payment_retry"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[str] = mapped_column(Text, index=True)
+    invoice_id: Mapped[str] = mapped_column(Text, index=True)
+    payment_method_id: Mapped[str | None] = mapped_column(Text)
+    retry_number: Mapped[int] = mapped_column(Integer)
+    free: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    idempotency_key: Mapped[str] = mapped_column(Text, unique=True)
+    scheduled_for: Mapped[datetime]
+    # dispatched -> charging -> sent | skipped | failed
+    state: Mapped[str] = mapped_column(Text, server_default="dispatched")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class BadDebtPayment(Base):
+    """A payment through POST /pay-bad-debt: its own path, one in flight per account."""
+
+    __tablename__ = "bad_debt_payment"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[str] = mapped_column(Text, index=True)
+    idempotency_key: Mapped[str] = mapped_column(Text, unique=True)
+    request_fingerprint: Mapped[str] = mapped_column(Text)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(Text, server_default="usd")
+    invoice_ids: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    stripe_payment_intent_id: Mapped[str | None] = mapped_column(Text, index=True)
+    # pending -> succeeded | failed
+    state: Mapped[str] = mapped_column(Text, server_default="pending")
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+    __table_args__ = (
+        Index(
+            "uq_bad_debt_payment_in_flight",
+            "account_id",
+            unique=True,
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+
+class BadDebtEpisode(Base):
+    __tablename__ = "bad_debt_episode"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[str] = mapped_column(Text, index=True)
+    entered_at: Mapped[datetime]
+    reason: Mapped[str] = mapped_column(Text)
+    failure_class: Mapped[str | None] = mapped_column(Text)
+    products: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    exited_at: Mapped[datetime | None]
+    exit_how: Mapped[str | None] = mapped_column(Text)
+    duration_seconds: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index(
+            "uq_bad_debt_episode_open", "account_id", unique=True, postgresql_where=text("exited_at IS NULL")
+        ),
+    )
+
+
+# --- operations: sweeps, rollout, audit ----------------------------------------------------
+
+
+class SweepRun(Base):
+    __tablename__ = "sweep_run"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[datetime | None]
+    dry_run: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    stage: Mapped[str | None] = mapped_column(Text)
+    scanned: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    drifted: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    enqueued: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    state: Mapped[str] = mapped_column(Text, server_default="running")
+
+
+class DriftRecord(Base):
+    __tablename__ = "drift_record"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sweep_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    account_id: Mapped[str] = mapped_column(Text, index=True)
+    found_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    stored: Mapped[dict[str, Any]] = mapped_column()
+    desired: Mapped[dict[str, Any]] = mapped_column()
+    fields: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    remediated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    stage: Mapped[str | None] = mapped_column(Text)
+
+
+class RolloutState(Base):
+    """Staged remediation rollout: one row (id = 1)."""
+
+    __tablename__ = "rollout_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(Text, server_default="off")
+    held: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    named_accounts: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    stage_entered_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class RolloutHistory(Base):
+    __tablename__ = "rollout_history"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(server_default=NOW)
+    action: Mapped[str] = mapped_column(Text)
+    from_stage: Mapped[str] = mapped_column(Text)
+    to_stage: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    health: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+
+
+class AuditLog(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(server_default=NOW)
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    account_id: Mapped[str | None] = mapped_column(Text, index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+
+
+tables = Base.metadata.tables

@@ -1,0 +1,28 @@
+"""Reading the policy file (TOML) at start-up. An invalid file stops start-up, naming the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from app.domain.policy import Policy, PolicyError, parse_policy
+
+DEFAULT_POLICY = Path(__file__).parent / "policy" / "default.toml"
+
+
+class PolicyFileError(Exception):
+    """The policy file cannot be used; the message names the file, the key and the problem."""
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    file = Path(path) if path else DEFAULT_POLICY
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PolicyFileError(f"policy file {file} (DUNNING_POLICY) does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyFileError(f"policy file {file} is not valid TOML: {exc}") from exc
+    try:
+        return parse_policy(data)
+    except PolicyError as exc:
+        raise PolicyFileError(f"policy file {file}: {exc}") from exc

@@ -1,0 +1,74 @@
+"""Read-side queries for the API, the CLI and the support page (no writes here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.domain.billing_history import label
+from app.recompute.gather import gather
+
+DUNNING_SQL = """
+SELECT a.account_id, a.bad_debt, d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id,
+       d.retries_used, d.outstanding_amount, d.unpaid_since, d.reasons, d.entitlements, d.version,
+       d.policy_version, d.changed_at, d.last_trigger
+  FROM subs_account a LEFT JOIN subs_dunning d USING (account_id)
+ WHERE a.account_id = %(account)s
+"""
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def dunning_view(conn: Connection, account_id: str) -> dict[str, Any] | None:
+    row = conn.exec_driver_sql(DUNNING_SQL, {"account": account_id}).mappings().first()
+    if row is None:
+        return None
+    return {
+        "account_id": row["account_id"],
+        "status": row["status"] or "current",
+        "level": row["level"] or "none",
+        "failure_class": row["failure_class"],
+        "next_retry_at": _iso(row["next_retry_at"]),
+        "retry_invoice_id": row["retry_invoice_id"],
+        "retries_used": row["retries_used"] or 0,
+        "outstanding_amount": row["outstanding_amount"] or 0,
+        "unpaid_since": _iso(row["unpaid_since"]),
+        "bad_debt": bool(row["bad_debt"]),
+        "reasons": row["reasons"] or [],
+        "entitlements": row["entitlements"] or {},
+        "version": row["version"] or 0,
+        "policy_version": row["policy_version"],
+        "changed_at": _iso(row["changed_at"]),
+        "last_trigger": row["last_trigger"],
+    }
+
+
+def billing_history(conn: Connection, account_id: str, now: Any = None) -> list[dict[str, Any]] | None:
+    gathered = gather(conn, account_id)
+    if gathered is None:
+        return None
+    snapshot, _ = gathered
+    from app.domain.compute import attempts_by_invoice
+
+    grouped = attempts_by_invoice(snapshot)
+    out = []
+    for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id), reverse=True):
+        attempts = grouped.get(inv.id, [])
+        out.append({
+            "id": inv.id,
+            "label": label(inv, attempts, now).value,
+            "status": inv.status,
+            "amount_due": inv.amount_due,
+            "amount_paid": inv.amount_paid,
+            "amount_remaining": inv.amount_remaining,
+            "currency": inv.currency,
+            "billing_reason": inv.billing_reason,
+            "subscription_id": inv.subscription_id,
+            "products": list(inv.products),
+            "created": inv.created.isoformat(),
+            "attempts": len(attempts),
+        })
+    return out

@@ -1,0 +1,1 @@
+"""gather -> compute -> apply -> emit for one account, in one transaction (see service.py)."""

@@ -1,0 +1,129 @@
+"""Apply: write only the difference between the stored and the desired state.
+
+Runs inside the recompute transaction, under the per-account advisory lock. Nothing is written
+when the decision equals what is stored: no UPDATE, no version bump, no event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from psycopg2.extras import Json
+from sqlalchemy import Connection
+
+from app.domain.compute import Decision
+from app.domain.events import DomainEvent, derive_events
+from app.domain.snapshot import Snapshot
+from app.domain.state import MandateState, Status
+from app.recompute.emit import emit
+
+JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested"})
+BAD_DEBT_STATES = (Status.BAD_DEBT, Status.LIFTING)
+
+
+@dataclass(frozen=True)
+class Applied:
+    changed_fields: list[str]
+    events: list[DomainEvent]
+    version: int
+    mandates_changed: int = 0
+    bad_debt_flag_changed: bool = False
+    episode: str | None = None  # "opened" | "closed"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def wrote(self) -> bool:
+        return bool(self.changed_fields or self.mandates_changed or self.bad_debt_flag_changed)
+
+
+def _params(columns: dict[str, object]) -> dict[str, object]:
+    return {k: Json(v) if k in JSON_COLUMNS else v for k, v in columns.items()}
+
+
+def _write_state(conn: Connection, snapshot: Snapshot, decision: Decision, changed: list[str], version: int,
+                 trigger: str, now: datetime) -> None:
+    columns = decision.state.to_columns(changed)
+    params = _params(columns)
+    params.update(account=snapshot.account_id, version=version, trigger=trigger, now=now)
+    if snapshot.stored is None:
+        names = list(columns)
+        conn.exec_driver_sql(
+            f"INSERT INTO subs_dunning (account_id, {', '.join(names)}, version, last_trigger, changed_at) "
+            f"VALUES (%(account)s, {', '.join(f'%({n})s' for n in names)}, %(version)s, %(trigger)s, %(now)s)",
+            params,
+        )
+    else:
+        sets = ", ".join(f"{n} = %({n})s" for n in columns)
+        conn.exec_driver_sql(
+            f"UPDATE subs_dunning SET {sets}, version = %(version)s, last_trigger = %(trigger)s, "
+            f"changed_at = %(now)s WHERE account_id = %(account)s",
+            params,
+        )
+
+
+def _write_mandates(conn: Connection, account_id: str, stored: tuple[MandateState, ...],
+                    desired: tuple[MandateState, ...], now: datetime) -> int:
+    before = {m.payment_method_id: m for m in stored}
+    changed = [m for m in desired if before.get(m.payment_method_id) != m]
+    if not changed:
+        return 0
+    conn.exec_driver_sql(
+        """
+        INSERT INTO subs_mandate (payment_method_id, account_id, type, status, status_reason, is_default,
+                                  card_brand, card_last4, exp_month, exp_year, updated_at)
+        VALUES (%(payment_method_id)s, %(account)s, %(type)s, %(status)s, %(status_reason)s, %(is_default)s,
+                %(card_brand)s, %(card_last4)s, %(exp_month)s, %(exp_year)s, %(now)s)
+        ON CONFLICT (payment_method_id) DO UPDATE SET
+          account_id = EXCLUDED.account_id, type = EXCLUDED.type, status = EXCLUDED.status,
+          status_reason = EXCLUDED.status_reason, is_default = EXCLUDED.is_default,
+          card_brand = EXCLUDED.card_brand, card_last4 = EXCLUDED.card_last4,
+          exp_month = EXCLUDED.exp_month, exp_year = EXCLUDED.exp_year, updated_at = EXCLUDED.updated_at
+        """,
+        [{**asdict(m), "account": account_id, "now": now} for m in changed],
+    )
+    return len(changed)
+
+
+def _episode(conn: Connection, snapshot: Snapshot, decision: Decision, now: datetime) -> str | None:
+    before = snapshot.stored.status if snapshot.stored else Status.CURRENT
+    after = decision.state.status
+    if after == Status.BAD_DEBT and before not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is None:
+        conn.exec_driver_sql(
+            "INSERT INTO bad_debt_episode (account_id, entered_at, reason, failure_class, products) "
+            "VALUES (%(account)s, %(now)s, %(reason)s, %(class)s, %(products)s)",
+            {"account": snapshot.account_id, "now": now, "reason": decision.bad_debt_reason or "retries_exhausted",
+             "class": decision.state.failure_class, "products": Json(list(decision.bad_debt_products))},
+        )
+        return "opened"
+    if before in BAD_DEBT_STATES and after not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is not None:
+        conn.exec_driver_sql(
+            "UPDATE bad_debt_episode SET exited_at = %(now)s, exit_how = %(how)s, "
+            "duration_seconds = GREATEST(0, EXTRACT(EPOCH FROM (%(now)s - entered_at)))::bigint "
+            "WHERE account_id = %(account)s AND exited_at IS NULL",
+            {"account": snapshot.account_id, "now": now, "how": decision.resolution or "recomputed"},
+        )
+        return "closed"
+    return None
+
+
+def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: Decision, trigger: str,
+          now: datetime) -> Applied:
+    changed = decision.state.changed_fields(snapshot.stored)
+    version = stored_version
+    events: list[DomainEvent] = []
+    episode = None
+    if changed:
+        version = stored_version + 1
+        _write_state(conn, snapshot, decision, changed, version, trigger, now)
+        events = derive_events(snapshot.stored, decision, now, snapshot.open_episode_entered_at)
+        episode = _episode(conn, snapshot, decision, now)
+        emit(conn, snapshot.account_id, version, events, now)
+    flag_changed = decision.bad_debt != snapshot.stored_bad_debt_flag
+    if flag_changed:
+        # The one column of the shared subs_account this product owns.
+        conn.exec_driver_sql("UPDATE subs_account SET bad_debt = %(flag)s WHERE account_id = %(account)s",
+                             {"flag": decision.bad_debt, "account": snapshot.account_id})
+    mandates = _write_mandates(conn, snapshot.account_id, snapshot.stored_mandates, decision.mandates, now)
+    return Applied(changed_fields=changed, events=events, version=version, mandates_changed=mandates,
+                   bad_debt_flag_changed=flag_changed, episode=episode)

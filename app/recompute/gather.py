@@ -1,0 +1,167 @@
+"""Gather: one consistent snapshot of everything about an account, in one SQL statement.
+
+The statement reads subs_account, subs_customer, subs_dunning, subs_mandate, subs_stuck_events,
+the Stripe mirror, retries, bad-debt payments and the open bad-debt episode. One statement means
+one MVCC snapshot, and the per-account advisory lock (taken by the caller) keeps apply from
+interleaving with another recompute. The number of statements is fixed whatever the history
+length; the same statement gathers a batch of accounts for the drift sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.domain.snapshot import (
+    Attempt,
+    BadDebtPayment,
+    Invoice,
+    InvoiceLine,
+    PaymentMethod,
+    Retry,
+    Snapshot,
+    Subscription,
+)
+from app.domain.state import DunningState, MandateState
+
+GATHER_SQL = """
+SELECT
+  a.account_id, a.bad_debt,
+  d.account_id IS NOT NULL AS has_dunning,
+  d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id, d.retry_payment_method_id,
+  d.retry_free, d.retries_used, d.outstanding_amount, d.unpaid_since, d.last_failure_id, d.reasons,
+  d.entitlements, d.actions_requested, d.policy_version, d.version,
+  (SELECT json_agg(json_build_array(i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
+          i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
+          i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
+          i.marked_uncollectible_at))
+     FROM stripe_invoice i
+    WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                    WHERE c.account_id = a.account_id)) AS invoices,
+  (SELECT json_agg(json_build_array(p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code))
+     FROM stripe_payment_attempt p
+    WHERE p.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                    WHERE c.account_id = a.account_id)
+       OR (p.stripe_customer_id IS NULL AND p.invoice_id IN (
+            SELECT i.id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
+             WHERE c.account_id = a.account_id))) AS attempts,
+  (SELECT json_agg(json_build_array(m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
+          m.card_brand, m.card_last4))
+     FROM stripe_payment_method m
+    WHERE m.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                    WHERE c.account_id = a.account_id)) AS payment_methods,
+  (SELECT json_agg(json_build_array(s.default_payment_method_id, s.changed_at) ORDER BY s.source_created DESC)
+     FROM stripe_customer_state s
+    WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                    WHERE c.account_id = a.account_id)) AS customer_state,
+  (SELECT json_agg(json_build_array(s.id, s.status, s.products))
+     FROM stripe_subscription s
+    WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                    WHERE c.account_id = a.account_id)) AS subscriptions,
+  (SELECT json_agg(json_build_array(r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
+          r.scheduled_for, r.created_at))
+     FROM payment_retry r WHERE r.account_id = a.account_id) AS retries,
+  (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason))
+     FROM bad_debt_payment b WHERE b.account_id = a.account_id) AS bad_debt_payments,
+  (SELECT json_agg(json_build_array(m.payment_method_id, m.type, m.status, m.status_reason, m.is_default,
+          m.card_brand, m.card_last4, m.exp_month, m.exp_year))
+     FROM subs_mandate m WHERE m.account_id = a.account_id) AS mandates,
+  (SELECT count(*) FROM subs_stuck_events e
+    WHERE e.account_id = a.account_id AND e.state <> 'resolved') AS stuck,
+  (SELECT min(e.entered_at) FROM bad_debt_episode e
+    WHERE e.account_id = a.account_id AND e.exited_at IS NULL) AS episode_entered_at
+FROM subs_account a
+LEFT JOIN subs_dunning d USING (account_id)
+WHERE a.account_id = ANY(%(ids)s)
+"""
+
+DUNNING_COLUMNS = ("status", "level", "failure_class", "next_retry_at", "retry_invoice_id",
+                   "retry_payment_method_id", "retry_free", "retries_used", "outstanding_amount", "unpaid_since",
+                   "last_failure_id", "reasons", "entitlements", "actions_requested", "policy_version")
+
+
+def _t(value: str | None) -> datetime | None:
+    # to_json renders timestamptz in ISO 8601 with the session offset (UTC, set on connect).
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+def _tt(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def snapshot_from_row(row: Any) -> tuple[Snapshot, int]:
+    """-> (snapshot, stored version)."""
+    m = row._mapping
+    stored = DunningState.from_columns({c: m[c] for c in DUNNING_COLUMNS}) if m["has_dunning"] else None
+    invoices = tuple(
+        Invoice(
+            id=i[0], status=i[1], billing_reason=i[2], subscription_id=i[3], amount_due=i[4], amount_paid=i[5],
+            amount_remaining=i[6], created=_tt(i[7]),
+            lines=tuple(InvoiceLine(product=ln["product"], amount=ln["amount"]) for ln in (i[8] or ())),
+            currency=i[9], total=i[10], credited_amount=i[11], attempt_count=i[12], due_date=_t(i[13]),
+            first_failed_at=_t(i[14]), last_failed_at=_t(i[15]), paid_at=_t(i[16]), voided_at=_t(i[17]),
+            marked_uncollectible_at=_t(i[18]),
+        )
+        for i in (m["invoices"] or ())
+    )
+    attempts = tuple(
+        Attempt(id=p[0], invoice_id=p[1], payment_method_id=p[2], status=p[3], attempted_at=_tt(p[4]), amount=p[5],
+                amount_refunded=p[6], decline_code=p[7], failure_code=p[8], advice_code=p[9])
+        for p in (m["attempts"] or ())
+    )
+    methods = tuple(
+        PaymentMethod(id=p[0], type=p[1], attached=p[2], changed_at=_tt(p[3]), exp_month=p[4], exp_year=p[5],
+                      card_brand=p[6], card_last4=p[7])
+        for p in (m["payment_methods"] or ())
+    )
+    customer_state = (m["customer_state"] or [[None, None]])[0]
+    subscriptions = tuple(Subscription(id=s[0], status=s[1], products=tuple(s[2] or ())) for s in (m["subscriptions"] or ()))
+    retries = tuple(
+        Retry(invoice_id=r[0], payment_method_id=r[1], retry_number=r[2], free=r[3], state=r[4],
+              scheduled_for=_tt(r[5]), created_at=_tt(r[6]))
+        for r in (m["retries"] or ())
+    )
+    payments = tuple(
+        BadDebtPayment(id=b[0], state=b[1], amount=b[2], created_at=_tt(b[3]), updated_at=_tt(b[4]),
+                       failure_reason=b[5])
+        for b in (m["bad_debt_payments"] or ())
+    )
+    mandates = tuple(
+        MandateState(payment_method_id=x[0], type=x[1], status=x[2], status_reason=x[3], is_default=x[4],
+                     card_brand=x[5], card_last4=x[6], exp_month=x[7], exp_year=x[8])
+        for x in (m["mandates"] or ())
+    )
+    snapshot = Snapshot(
+        account_id=m["account_id"],
+        stored=stored,
+        stored_bad_debt_flag=bool(m["bad_debt"]),
+        invoices=invoices,
+        attempts=attempts,
+        payment_methods=methods,
+        default_payment_method_id=customer_state[0],
+        default_payment_method_changed_at=_t(customer_state[1]),
+        subscriptions=subscriptions,
+        retries=retries,
+        bad_debt_payments=payments,
+        stored_mandates=mandates,
+        open_stuck_events=int(m["stuck"]),
+        open_episode_entered_at=m["episode_entered_at"],
+    )
+    return snapshot, int(m["version"] or 0)
+
+
+def gather_many(conn: Connection, account_ids: Sequence[str]) -> dict[str, tuple[Snapshot, int]]:
+    rows = conn.exec_driver_sql(GATHER_SQL, {"ids": list(account_ids)}).fetchall()
+    out = {}
+    for row in rows:
+        snapshot, version = snapshot_from_row(row)
+        out[snapshot.account_id] = (snapshot, version)
+    return out
+
+
+def gather(conn: Connection, account_id: str) -> tuple[Snapshot, int] | None:
+    return gather_many(conn, [account_id]).get(account_id)

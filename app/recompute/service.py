@@ -1,0 +1,77 @@
+"""One recompute: lock -> take the pending request -> gather -> compute -> apply -> emit, one transaction."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from app.db import unit_of_work
+from app.domain.compute import Decision, compute
+from app.domain.policy import Policy
+from app.recompute.apply import Applied, apply
+from app.recompute.gather import gather
+
+
+class AccountNotFound(LookupError):
+    """The account does not exist in subs_account: bad data, retrying will not help."""
+
+
+# hashtextextended gives a stable 64-bit key per account id for the advisory lock.
+LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%(account)s, 7281))"
+TAKE_REQUEST_SQL = "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger"
+
+
+@dataclass
+class RecomputeResult:
+    account_id: str
+    trigger: str
+    outcome: str  # changed | unchanged | coalesced
+    decision: Decision | None = None
+    applied: Applied | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"account_id": self.account_id, "trigger": self.trigger, "outcome": self.outcome}
+        if self.decision is not None:
+            state = self.decision.state
+            out.update(status=state.status, level=state.level, failure_class=state.failure_class,
+                       next_retry_at=state.next_retry_at.isoformat() if state.next_retry_at else None,
+                       reasons=[r.to_json() for r in state.reasons])
+        if self.applied is not None:
+            out.update(changed_fields=self.applied.changed_fields, version=self.applied.version,
+                       events=[e.name for e in self.applied.events])
+        return out
+
+
+def run_recompute(
+    engine: Engine,
+    policy: Policy,
+    account_id: str,
+    trigger: str,
+    now: datetime,
+    coalesced: bool = False,
+) -> RecomputeResult:
+    """``coalesced``: the run came from a pending request (webhooks); when another run already
+    took that request there is nothing new to see and the run stops early."""
+    timings: dict[str, float] = {}
+    with unit_of_work(engine) as conn:
+        conn.exec_driver_sql(LOCK_SQL, {"account": account_id})
+        took = conn.exec_driver_sql(TAKE_REQUEST_SQL, {"account": account_id}).first()
+        if coalesced and took is None:
+            return RecomputeResult(account_id, trigger, "coalesced")
+        t0 = time.perf_counter()
+        gathered = gather(conn, account_id)
+        if gathered is None:
+            raise AccountNotFound(f"account {account_id!r} does not exist")
+        snapshot, version = gathered
+        t1 = time.perf_counter()
+        decision = compute(snapshot, policy, now)
+        t2 = time.perf_counter()
+        applied = apply(conn, snapshot, version, decision, trigger, now)
+        t3 = time.perf_counter()
+    timings.update(gather=t1 - t0, compute=t2 - t1, apply=t3 - t2, commit=time.perf_counter() - t3)
+    return RecomputeResult(account_id, trigger, "changed" if applied.wrote else "unchanged", decision, applied, timings)

@@ -1,0 +1,58 @@
+"""Re-driving accepted work that is not on a queue: requests whose message was never queued or
+was lost, and events whose customer had no account when they arrived."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from sqlalchemy import Engine
+
+from app.db import unit_of_work
+from app.dispatch import BrokerUnavailable, enqueue_recompute
+from webhooks import store
+
+log = logging.getLogger(__name__)
+
+ROUTE_UNROUTABLE = """
+UPDATE stripe_event e SET account_id = c.account_id, state = 'accepted'
+  FROM subs_customer c
+ WHERE e.state = 'unroutable' AND c.stripe_customer_id = e.stripe_customer_id
+RETURNING e.account_id, e.trigger, e.id
+"""
+
+# SKIP LOCKED: a request that ingest is updating right now is fresh, not stale.
+STALE_REQUESTS = """
+UPDATE recompute_request r SET requested_at = now()
+ WHERE r.account_id IN (SELECT account_id FROM recompute_request
+                         WHERE requested_at < now() - make_interval(secs => %(age)s)
+                         ORDER BY requested_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING r.account_id, r.trigger, r.cause
+"""
+
+
+def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, limit: int = 5000) -> dict[str, int]:
+    routed = 0
+    to_send: list[tuple[str, str, str | None]] = []
+    with unit_of_work(engine) as conn:
+        for account_id, trigger, event_id in conn.exec_driver_sql(ROUTE_UNROUTABLE).fetchall():
+            routed += 1
+            if store.request_recompute(conn, account_id, trigger or "STATE_REFRESH", event_id):
+                to_send.append((account_id, trigger or "STATE_REFRESH", event_id))
+    with unit_of_work(engine) as conn:
+        rows = conn.exec_driver_sql(STALE_REQUESTS, {"age": stale_after_seconds, "limit": limit}).fetchall()
+        to_send.extend((r[0], r[1], r[2]) for r in rows)
+    sent = failed = 0
+    for account_id, trigger, cause in to_send:
+        try:
+            enqueue_recompute(celery_app, account_id, trigger, cause)
+            sent += 1
+        except BrokerUnavailable as exc:
+            failed += 1
+            log.warning("redrive could not queue %s: %s", account_id, exc)
+    if sent:
+        with unit_of_work(engine) as conn:
+            conn.exec_driver_sql(
+                "UPDATE stripe_event SET state = 'accepted' WHERE state = 'enqueue_failed' "
+                "AND account_id = ANY(%(ids)s)", {"ids": [a for a, _, _ in to_send]})
+    return {"routed": routed, "sent": sent, "failed": failed}

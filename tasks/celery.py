@@ -1,0 +1,3 @@
+from tasks.factory import make_celery
+
+app = make_celery()

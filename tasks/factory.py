@@ -1,0 +1,76 @@
+"""Building the Celery app from Settings. Nothing connects at import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from app.config import Settings
+from tasks import queues
+from tasks.schedule import BEAT_SCHEDULE
+
+TASK_MODULES = ["tasks.recompute", "tasks.redrive"]
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    vt = settings.visibility_timeout
+    broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+    backend = settings.result_backend or (settings.broker_url if broker_is_redis else "db+" + settings.database_url)
+    transport: dict[str, Any] = {"visibility_timeout": vt}
+    if broker_is_redis:
+        # After a worker is killed, kombu looks for unacknowledged messages to restore only about
+        # every 100 s by default; look more often so redelivery follows the visibility timeout.
+        transport["unacked_restore_interval"] = 15
+        transport["socket_connect_timeout"] = 3
+        if settings.broker_key_prefix:
+            transport["global_keyprefix"] = settings.broker_key_prefix
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": backend,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": dict(transport),
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        # A task is acknowledged when it finishes; a worker that dies mid-task gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Flower sees every state: sent, received, started, retried, failed, succeeded.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": 24 * 3600,
+        "result_extended": True,
+        "task_routes": queues.ROUTES,
+        "task_queues": [Queue(name) for name in queues.ALL],
+        "task_default_queue": queues.RECOMPUTE,
+        "task_create_missing_queues": True,
+        "beat_schedule": BEAT_SCHEDULE,
+        # Hard limit below the visibility timeout so a hung task cannot be delivered twice.
+        "task_time_limit": max(30, vt // 2),
+        "task_soft_time_limit": max(20, vt // 2 - 10),
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("dunning", include=TASK_MODULES, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    app.dunning_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_: Any) -> None:
+    # Connections inherited from the parent must not be shared with it after fork.
+    from tasks.runtime import reset_after_fork
+
+    reset_after_fork()

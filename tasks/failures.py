@@ -1,0 +1,134 @@
+"""Task failure policies by failure class (DESIGN section 8).
+
+Each class has its own backoff; invalid data never retries. Countdowns stay far below the broker's
+visibility timeout (a longer one would be redelivered again and again by Redis). A task that
+gives up is written to subs_stuck_events, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from psycopg2.extras import Json
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from app.db import is_connection_error, unit_of_work
+
+log = logging.getLogger(__name__)
+
+MAX_COUNTDOWN = 60  # seconds; far below the 300 s default visibility timeout
+
+
+class FailureKind(StrEnum):
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    LOCK_CONTENTION = "lock_contention"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    REMOTE_UNAVAILABLE = "remote_unavailable"  # Account Management 5xx / timeouts, Stripe connection
+    RATE_LIMITED = "rate_limited"
+    INVALID_DATA = "invalid_data"
+    PERMANENT_API_ERROR = "permanent_api_error"
+    UNEXPECTED = "unexpected"
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    retry: bool
+    max_retries: int
+    base: float  # seconds
+    cap: float = MAX_COUNTDOWN
+
+    def countdown(self, retries: int, hint: float | None = None) -> float:
+        if hint is not None:  # Retry-After from the remote side wins, within the cap
+            return min(max(hint, 1.0), self.cap)
+        # exponential backoff with full jitter
+        return min(self.cap, random.uniform(self.base, self.base * (2 ** retries)))
+
+
+POLICIES: dict[FailureKind, FailurePolicy] = {
+    FailureKind.DATABASE_UNAVAILABLE: FailurePolicy(True, 10, 2.0),
+    FailureKind.LOCK_CONTENTION: FailurePolicy(True, 8, 0.2, cap=5.0),
+    FailureKind.BROKER_UNAVAILABLE: FailurePolicy(True, 10, 2.0),
+    FailureKind.REMOTE_UNAVAILABLE: FailurePolicy(True, 8, 2.0),
+    FailureKind.RATE_LIMITED: FailurePolicy(True, 8, 2.0),
+    FailureKind.INVALID_DATA: FailurePolicy(False, 0, 0),
+    FailureKind.PERMANENT_API_ERROR: FailurePolicy(False, 0, 0),
+    FailureKind.UNEXPECTED: FailurePolicy(True, 3, 5.0),
+}
+
+
+class TaskFailure(Exception):
+    """Raised by task code to name its failure class explicitly (with an optional Retry-After)."""
+
+    def __init__(self, kind: FailureKind, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+def classify(exc: BaseException) -> FailureKind:
+    if isinstance(exc, TaskFailure):
+        return exc.kind
+    from app.recompute.service import AccountNotFound
+
+    if isinstance(exc, AccountNotFound | ValueError | KeyError | TypeError):
+        return FailureKind.INVALID_DATA
+    if isinstance(exc, DBAPIError):
+        if is_connection_error(exc):
+            return FailureKind.DATABASE_UNAVAILABLE
+        code = getattr(exc.orig, "pgcode", None)
+        # 55P03 lock_not_available, 57014 query_canceled (lock/statement timeout), 40P01 deadlock,
+        # 40001 serialization failure
+        if code in ("55P03", "57014", "40P01", "40001"):
+            return FailureKind.LOCK_CONTENTION
+        return FailureKind.INVALID_DATA if code and code.startswith(("22", "23")) else FailureKind.UNEXPECTED
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    if isinstance(exc, KombuOperationalError | ConnectionError):
+        return FailureKind.BROKER_UNAVAILABLE
+    return FailureKind.UNEXPECTED
+
+
+def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_id: str | None,
+                 kind: FailureKind, error: str, attempts: int, state: str,
+                 stripe_event_id: str | None = None) -> None:
+    """One row per (task, account) that is not resolved: updated on every new failure."""
+    try:
+        with unit_of_work(engine) as conn:
+            updated = conn.exec_driver_sql(
+                """UPDATE subs_stuck_events SET error_class = %(kind)s, error = %(error)s, attempts = %(attempts)s,
+                          state = %(state)s, last_failed_at = now(), task_args = %(args)s,
+                          next_redrive_at = CASE WHEN %(state)s = 'dead' THEN NULL
+                                                 ELSE now() + interval '5 minutes' END
+                    WHERE id = (SELECT id FROM subs_stuck_events
+                                 WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s
+                                   AND state <> 'resolved' ORDER BY id LIMIT 1)
+                RETURNING id""",
+                {"kind": kind.value, "error": error[:2000], "attempts": attempts, "state": state,
+                 "args": Json(args), "task": task_name, "account": account_id},
+            ).first()
+            if updated is None:
+                conn.exec_driver_sql(
+                    """INSERT INTO subs_stuck_events (account_id, stripe_event_id, task_name, task_args, error_class,
+                                                      error, attempts, state, next_redrive_at)
+                       VALUES (%(account)s, %(event)s, %(task)s, %(args)s, %(kind)s, %(error)s, %(attempts)s,
+                               %(state)s, CASE WHEN %(state)s = 'dead' THEN NULL
+                                               ELSE now() + interval '5 minutes' END)""",
+                    {"account": account_id, "event": stripe_event_id, "task": task_name, "args": Json(args),
+                     "kind": kind.value, "error": error[:2000], "attempts": attempts, "state": state},
+                )
+    except Exception:  # the database itself may be what failed; the broker keeps the message
+        log.exception("could not record stuck work for %s %s", task_name, account_id)
+
+
+def resolve_stuck(engine: Engine, task_name: str, account_id: str | None) -> None:
+    with unit_of_work(engine) as conn:
+        conn.exec_driver_sql(
+            "UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now() "
+            "WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s AND state <> 'resolved'",
+            {"task": task_name, "account": account_id},
+        )

@@ -1,0 +1,22 @@
+"""Queues by kind of work, routed by task name."""
+
+RECOMPUTE = "recompute"
+PAYMENTS = "payments"
+SWEEPS = "sweeps"
+OUTBOX = "outbox"
+MAINTENANCE = "maintenance"
+ALL = (RECOMPUTE, PAYMENTS, SWEEPS, OUTBOX, MAINTENANCE)
+
+ROUTES = {
+    "tasks.recompute_account": {"queue": RECOMPUTE},
+    "tasks.dispatch_due_retries": {"queue": PAYMENTS},
+    "tasks.retry_payment": {"queue": PAYMENTS},
+    "tasks.relay_outbox": {"queue": OUTBOX},
+    "tasks.deliver_account_outbox": {"queue": OUTBOX},
+    "tasks.drift_sweep": {"queue": SWEEPS},
+    "tasks.sweep_batch": {"queue": SWEEPS},
+    "tasks.check_rollout_gate": {"queue": SWEEPS},
+    "tasks.redrive_requests": {"queue": MAINTENANCE},
+    "tasks.redrive_stuck": {"queue": MAINTENANCE},
+    "tasks.*": {"queue": MAINTENANCE},
+}

@@ -1,0 +1,51 @@
+"""tasks.recompute_account: the one handler for every trigger."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task, shared_task
+
+from app.recompute.service import run_recompute
+from tasks.failures import POLICIES, classify, record_stuck, resolve_stuck
+from tasks.runtime import runtime_for
+
+log = logging.getLogger(__name__)
+
+NAME = "tasks.recompute_account"
+
+
+def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dict[str, Any]) -> None:
+    """Retry by failure class, or give up into subs_stuck_events. Always raises."""
+    kind = classify(exc)
+    policy = POLICIES[kind]
+    retries = task.request.retries
+    engine = runtime_for(task.app).engine
+    error = f"{exc.__class__.__name__}: {exc}"
+    if policy.retry and retries < policy.max_retries:
+        if retries >= 1:  # a second failure in a row becomes visible while it keeps retrying
+            record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying")
+        countdown = policy.countdown(retries, getattr(exc, "retry_after", None))
+        log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
+    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "dead")
+    log.error("%s for %s gave up (%s): %s", task.name, account_id, kind, error)
+    raise exc
+
+
+@shared_task(name=NAME, bind=True)
+def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH", cause: str | None = None,
+                      coalesced: bool = False) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    try:
+        result = run_recompute(rt.engine, rt.policy, account_id, trigger, datetime.now(UTC), coalesced=coalesced)
+    except Exception as exc:
+        handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause})
+        raise  # handle_failure always raises; this keeps type checkers honest
+    if self.request.retries:
+        resolve_stuck(rt.engine, NAME, account_id)
+    summary = result.summary()
+    summary["cause"] = cause
+    return summary

@@ -1,0 +1,15 @@
+"""tasks.redrive_requests (beat): queue accepted work that is not on a queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from app.redrive import redrive
+from tasks.runtime import runtime_for
+
+
+@shared_task(name="tasks.redrive_requests", bind=True, ignore_result=True)
+def redrive_requests(self: Task) -> dict[str, Any]:
+    return redrive(runtime_for(self.app).engine, self.app)

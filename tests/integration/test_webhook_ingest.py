@@ -1,0 +1,200 @@
+"""POST /webhooks/stripe through the Flask app, on the real database and broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from freezegun import freeze_time
+from sqlalchemy import Engine
+
+from app.config import Settings
+from tests.conftest import WEBHOOK_SECRET, Accounts, post_event
+from tests.stripe_events import event, sign, unique
+
+
+def queued(settings: Settings, queue: str = "recompute") -> int:
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        return int(client.llen(f"{settings.broker_key_prefix}{queue}"))
+    finally:
+        client.close()
+
+
+def count(engine: Engine, sql: str, **params: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(sql, params).scalar_one())
+
+
+def failed_invoice(customer: str, invoice_id: str | None = None, **kw: Any) -> dict[str, Any]:
+    return event("invoice.payment_failed", id=invoice_id or unique("in"), customer=customer, **kw)
+
+
+def test_signed_event_is_stored_mirrored_and_enqueued(client, accounts: Accounts, engine, settings):
+    account, customer = accounts.create()
+    evt = failed_invoice(customer)
+    response = post_event(client, evt)
+    assert response.status_code == 200, response.json
+    assert response.json["state"] == "accepted" and response.json["enqueued"] is True
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT account_id, state, raw_body FROM stripe_event WHERE id = %(i)s",
+                                   {"i": evt["id"]}).one()
+        invoice = conn.exec_driver_sql("SELECT status, stripe_customer_id, first_failed_at FROM stripe_invoice "
+                                       "WHERE id = %(i)s", {"i": evt["data"]["object"]["id"]}).one()
+    assert row.account_id == account and row.state == "accepted"
+    assert json.loads(row.raw_body) == evt  # raw body kept
+    assert invoice.status == "open" and invoice.stripe_customer_id == customer
+    assert invoice.first_failed_at is not None
+    assert count(engine, "SELECT count(*) FROM recompute_request WHERE account_id = %(a)s", a=account) == 1
+    assert queued(settings) == 1
+
+
+def _assert_rejected(response, engine, settings, reason_part: str) -> None:
+    assert response.status_code == 400
+    assert reason_part in response.json["reason"]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+    assert count(engine, "SELECT count(*) FROM stripe_invoice") == 0
+    assert queued(settings) == 0
+
+
+def test_missing_signature_is_rejected(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    response = client.post("/webhooks/stripe", data=json.dumps(failed_invoice(customer)))
+    _assert_rejected(response, engine, settings, "missing Stripe-Signature")
+
+
+def test_wrong_signature_is_rejected(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    response = post_event(client, failed_invoice(customer), secret="whsec_not_ours")
+    _assert_rejected(response, engine, settings, "does not match")
+
+
+def test_tampered_body_is_rejected(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    body = json.dumps(evt)
+    header = sign(body, WEBHOOK_SECRET)
+    response = client.post("/webhooks/stripe", data=body.replace('"open"', '"paid"'),
+                           headers={"Stripe-Signature": header})
+    _assert_rejected(response, engine, settings, "does not match")
+
+
+def test_timestamp_outside_tolerance_is_rejected(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    response = post_event(client, failed_invoice(customer), timestamp=int(time.time()) - 301)
+    _assert_rejected(response, engine, settings, "tolerance")
+
+
+def test_timestamp_tolerance_follows_the_clock(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    signed_at = int(time.time())
+    with freeze_time(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(signed_at + 299))):
+        assert post_event(client, failed_invoice(customer), timestamp=signed_at).status_code == 200
+    with freeze_time(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(signed_at + 302))):
+        assert post_event(client, failed_invoice(customer), timestamp=signed_at).status_code == 400
+
+
+def test_malformed_signature_header_is_rejected(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    response = client.post("/webhooks/stripe", data=json.dumps(failed_invoice(customer)),
+                           headers={"Stripe-Signature": "garbage"})
+    _assert_rejected(response, engine, settings, "malformed")
+
+
+def test_signed_body_that_is_not_json_is_rejected(client, engine, settings, clean):
+    body = "this is not json"
+    response = client.post("/webhooks/stripe", data=body, headers={"Stripe-Signature": sign(body, WEBHOOK_SECRET)})
+    _assert_rejected(response, engine, settings, "not JSON")
+
+
+def test_signed_json_that_is_not_a_stripe_event_is_rejected(client, engine, settings, clean):
+    for body, reason in [
+        (json.dumps({"hello": "world"}), "not a Stripe event"),
+        (json.dumps([1, 2]), "not a Stripe event"),
+        (json.dumps({"object": "event", "id": "evt_1", "type": "invoice.paid", "created": 1}), "data.object"),
+        (json.dumps({"object": "event", "type": "invoice.paid", "created": 1, "data": {"object": {}}}), "no id"),
+    ]:
+        response = client.post("/webhooks/stripe", data=body, headers={"Stripe-Signature": sign(body, WEBHOOK_SECRET)})
+        _assert_rejected(response, engine, settings, reason)
+
+
+def test_duplicate_delivery_does_nothing_new(client, accounts, engine, settings):
+    account, customer = accounts.create()
+    evt = failed_invoice(customer)
+    assert post_event(client, evt).json["state"] == "accepted"
+    again = post_event(client, evt)
+    assert again.status_code == 200 and again.json["state"] == "duplicate"
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 1
+    assert queued(settings) == 1
+
+
+def test_unknown_event_type_is_stored_and_acknowledged_without_recompute(client, accounts, engine, settings):
+    _, customer = accounts.create()
+    evt = event("customer.updated", id=customer)
+    evt["type"] = "customer.tax_id.created"  # a type this product does not act on
+    response = post_event(client, evt)
+    assert response.status_code == 200 and response.json["state"] == "ignored"
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE state = 'ignored'") == 1
+    assert count(engine, "SELECT count(*) FROM recompute_request") == 0
+    assert queued(settings) == 0
+
+
+def test_burst_for_one_account_queues_one_recompute(client, accounts, engine, settings):
+    account, customer = accounts.create()
+    for _ in range(5):
+        assert post_event(client, failed_invoice(customer)).status_code == 200
+    assert queued(settings) == 1
+    # The recompute takes the pending request; the next change queues exactly one more.
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM recompute_request WHERE account_id = %(a)s", {"a": account})
+    for _ in range(3):
+        post_event(client, failed_invoice(customer))
+    assert queued(settings) == 2
+
+
+def test_older_event_never_overwrites_newer_data(client, accounts, engine):
+    _, customer = accounts.create()
+    invoice_id = unique("in")
+    now = int(time.time())
+    paid = event("invoice.paid", id=invoice_id, customer=customer, created=now)
+    failed = event("invoice.payment_failed", id=invoice_id, customer=customer, created=now - 60)
+    post_event(client, paid)
+    post_event(client, failed)  # arrives late, describes an older state
+    with engine.connect() as conn:
+        status, first_failed = conn.exec_driver_sql(
+            "SELECT status, first_failed_at FROM stripe_invoice WHERE id = %(i)s", {"i": invoice_id}).one()
+    assert status == "paid"
+    assert first_failed is not None  # the failure itself is still a fact worth keeping
+
+
+def test_unknown_customer_is_kept_visible_and_redriven_when_mapped(client, accounts, engine, settings, celery_app):
+    from app.redrive import redrive
+
+    customer = unique("cus")
+    evt = failed_invoice(customer)
+    response = post_event(client, evt)
+    assert response.status_code == 200 and response.json["state"] == "unroutable"
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE state = 'unroutable'") == 1
+    assert queued(settings) == 0
+    assert redrive(engine, celery_app)["routed"] == 0  # still nobody to route to
+
+    account, _ = accounts.create(customer=customer)
+    result = redrive(engine, celery_app)
+    assert result["routed"] == 1 and result["sent"] == 1
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE state = 'accepted' AND account_id = %(a)s",
+                 a=account) == 1
+    assert queued(settings) == 1
+
+
+def test_database_unreachable_answers_503(settings, celery_app, clean):
+    from app import create_app
+    from app.runtime import Runtime
+
+    down = settings.with_overrides(database_url="postgresql+psycopg2://postgres@127.0.0.1:1/nothing")
+    app = create_app(down, runtime=Runtime.build(down), celery=celery_app)
+    response = post_event(app.test_client(), failed_invoice(unique("cus")))
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert "database" in response.json["reason"]

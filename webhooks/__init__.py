@@ -1,0 +1,1 @@
+"""Stripe webhook ingest: verify, store once, mirror, commit, then enqueue one recompute."""

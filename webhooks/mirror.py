@@ -1,0 +1,355 @@
+"""From a Stripe event to the rows of the invoice / attempt / subscription / payment-method mirror.
+
+Pure: a decoded event in, ``MirrorRow``s out. Every row carries its ordering key
+``(source_created, source_rank)``: the event's ``created`` second and, for events of the same second,
+how far along the object's life the status is. The upsert (webhooks/store.py) lets a row overwrite
+the stored one only when its key is not older, so an older event never overwrites newer data
+and delivery order does not change the result.
+
+Stripe's enums are open: an unknown status or code is stored as it is, never rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from app.domain.triggers import trigger_for
+
+INVOICE_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
+ATTEMPT_RANK = {"pending": 0, "processing": 0, "requires_action": 0, "failed": 1, "succeeded": 2}
+SUBSCRIPTION_RANK = {"incomplete": 0, "trialing": 1, "active": 1, "past_due": 2, "unpaid": 3, "paused": 3,
+                     "canceled": 4, "incomplete_expired": 4}
+# The charge and the payment intent of one attempt arrive as separate events, each knowing some of
+# it: keep what either said (the newer one wins where both speak).
+ATTEMPT_MERGE = {
+    "amount_refunded": "greatest",
+    "stripe_customer_id": "coalesce",
+    "invoice_id": "coalesce",
+    "charge_id": "coalesce",
+    "payment_method_id": "coalesce",
+    "decline_code": "coalesce",
+    "failure_code": "coalesce",
+    "advice_code": "coalesce",
+    "attempted_at": "least",
+}
+PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
+             "processing": "pending", "requires_action": "requires_action", "requires_confirmation": "pending",
+             "requires_capture": "pending"}
+
+
+class NotAStripeEvent(ValueError):
+    """The body parsed but is not a Stripe event envelope."""
+
+
+@dataclass(frozen=True)
+class MirrorRow:
+    table: str
+    key: str
+    values: dict[str, Any]
+    # columns merged regardless of the ordering key, commutatively: name -> "least" | "greatest"
+    merge: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Extracted:
+    event_id: str
+    type: str
+    created: int
+    customer: str | None
+    trigger: str | None
+    rows: tuple[MirrorRow, ...]
+    payment_intent: str | None = None
+    invoice_id: str | None = None
+
+
+def ts(epoch: Any) -> datetime | None:
+    if isinstance(epoch, int | float) and not isinstance(epoch, bool) and epoch > 0:
+        return datetime.fromtimestamp(epoch, tz=UTC)
+    return None
+
+
+def _id(value: Any) -> str | None:
+    """A Stripe reference is an id string or an expanded object with an id."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("id"), str):
+        return value["id"]
+    return None
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _line_product(line: Mapping[str, Any]) -> str | None:
+    pricing = line.get("pricing") or {}
+    details = pricing.get("price_details") if isinstance(pricing, Mapping) else None
+    if isinstance(details, Mapping) and _id(details.get("product")):
+        return _id(details.get("product"))
+    price = line.get("price")
+    if isinstance(price, Mapping) and _id(price.get("product")):
+        return _id(price.get("product"))
+    return None
+
+
+def invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
+    parent = invoice.get("parent") or {}
+    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    if isinstance(details, Mapping) and _id(details.get("subscription")):
+        return _id(details.get("subscription"))
+    return _id(invoice.get("subscription"))
+
+
+def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    lines = invoice.get("lines") or {}
+    data = lines.get("data") if isinstance(lines, Mapping) else None
+    fallback = invoice_subscription(invoice)
+    out = []
+    for line in data or []:
+        if not isinstance(line, Mapping):
+            continue
+        product = _line_product(line) or (f"subscription:{fallback}" if fallback else "account")
+        out.append({"product": product, "amount": _int(line.get("amount"))})
+    return out
+
+
+def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str, Any]) -> MirrorRow:
+    status = str(inv.get("status") or "open")
+    transitions = inv.get("status_transitions") or {}
+    failed_at = ts(created) if event_type == "invoice.payment_failed" else None
+    event_time = ts(created)
+    values = {
+        "stripe_customer_id": _id(inv.get("customer")),
+        "subscription_id": invoice_subscription(inv),
+        "status": status,
+        "billing_reason": inv.get("billing_reason"),
+        "currency": inv.get("currency") or "usd",
+        "total": _int(inv.get("total")),
+        "amount_due": _int(inv.get("amount_due")),
+        "amount_paid": _int(inv.get("amount_paid")),
+        "amount_remaining": _int(inv.get("amount_remaining")),
+        "credited_amount": _int(inv.get("post_payment_credit_notes_amount"))
+        + _int(inv.get("pre_payment_credit_notes_amount")),
+        "attempt_count": _int(inv.get("attempt_count")),
+        "lines": _invoice_lines(inv),
+        "created": ts(inv.get("created")) or event_time,
+        "due_date": ts(inv.get("due_date")),
+        "first_failed_at": failed_at,
+        "last_failed_at": failed_at,
+        "paid_at": ts(transitions.get("paid_at")) or (event_time if status == "paid" else None),
+        "voided_at": ts(transitions.get("voided_at")) or (event_time if status == "void" else None),
+        "marked_uncollectible_at": ts(transitions.get("marked_uncollectible_at"))
+        or (event_time if status == "uncollectible" else None),
+        "source_created": created,
+        "source_rank": INVOICE_RANK.get(status, 1),
+        "source_event_id": event_id,
+    }
+    merge = {"first_failed_at": "least", "last_failed_at": "greatest", "attempt_count": "greatest"}
+    return MirrorRow("stripe_invoice", str(inv["id"]), values, merge)
+
+
+def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
+    status = str(charge.get("status") or "pending")
+    outcome = charge.get("outcome") or {}
+    pi = _id(charge.get("payment_intent"))
+    values = {
+        "stripe_customer_id": _id(charge.get("customer")),
+        "invoice_id": _id(charge.get("invoice")),
+        "charge_id": charge.get("id"),
+        "payment_method_id": _id(charge.get("payment_method")),
+        "status": status,
+        "amount": _int(charge.get("amount")),
+        "amount_refunded": _int(charge.get("amount_refunded")),
+        # For a declined charge outcome.reason holds the issuer's decline code.
+        "decline_code": outcome.get("reason") if status == "failed" else None,
+        "failure_code": charge.get("failure_code"),
+        "advice_code": outcome.get("advice_code"),
+        "attempted_at": ts(charge.get("created")) or ts(created),
+        "source_created": created,
+        "source_rank": ATTEMPT_RANK.get(status, 0),
+    }
+    return MirrorRow("stripe_payment_attempt", pi or str(charge["id"]), values, ATTEMPT_MERGE)
+
+
+def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
+    status = PI_STATUS.get(str(intent.get("status")), str(intent.get("status") or "pending"))
+    error = intent.get("last_payment_error") or {}
+    values = {
+        "stripe_customer_id": _id(intent.get("customer")),
+        "invoice_id": _id(intent.get("invoice")),
+        "charge_id": _id(intent.get("latest_charge")),
+        "payment_method_id": _id(intent.get("payment_method")) or _id(error.get("payment_method")),
+        "status": status,
+        "amount": _int(intent.get("amount")),
+        "amount_refunded": 0,
+        "decline_code": error.get("decline_code") if status == "failed" else None,
+        "failure_code": error.get("code") if status == "failed" else None,
+        "advice_code": error.get("advice_code") if status == "failed" else None,
+        "attempted_at": ts(intent.get("created")) or ts(created),
+        "source_created": created,
+        "source_rank": ATTEMPT_RANK.get(status, 0),
+    }
+    return MirrorRow("stripe_payment_attempt", str(intent["id"]), values, ATTEMPT_MERGE)
+
+
+def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow | None:
+    """invoice_payment.paid: the payment intent that paid an invoice, and so the link between them
+    (since API 2025-03-31 neither the charge nor the intent names its invoice)."""
+    inner = payment.get("payment") or {}
+    pi = _id(inner.get("payment_intent")) if isinstance(inner, Mapping) else None
+    invoice = _id(payment.get("invoice"))
+    if not pi or not invoice:
+        return None
+    values = {
+        "stripe_customer_id": None,
+        "invoice_id": invoice,
+        "charge_id": None,
+        "payment_method_id": None,
+        "status": "succeeded",
+        "amount": _int(payment.get("amount_paid")),
+        "amount_refunded": 0,
+        "decline_code": None,
+        "failure_code": None,
+        "advice_code": None,
+        "attempted_at": ts(payment.get("created")) or ts(created),
+        "source_created": created,
+        "source_rank": ATTEMPT_RANK["succeeded"],
+    }
+    return MirrorRow("stripe_payment_attempt", pi, values, ATTEMPT_MERGE)
+
+
+def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> MirrorRow:
+    status = str(sub.get("status") or "active")
+    if event_type == "customer.subscription.deleted":
+        status = "canceled"
+    items = (sub.get("items") or {}).get("data") or []
+    products = []
+    for item in items:
+        price = item.get("price") if isinstance(item, Mapping) else None
+        product = _id(price.get("product")) if isinstance(price, Mapping) else None
+        if product and product not in products:
+            products.append(product)
+    values = {
+        "stripe_customer_id": _id(sub.get("customer")),
+        "status": status,
+        "products": products,
+        "canceled_at": ts(sub.get("canceled_at")) if status in ("canceled", "incomplete_expired") else None,
+        "source_created": created,
+        "source_rank": SUBSCRIPTION_RANK.get(status, 1),
+    }
+    return MirrorRow("stripe_subscription", str(sub["id"]), values)
+
+
+def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any]) -> MirrorRow:
+    card = pm.get("card") or {}
+    detached = event_type == "payment_method.detached"
+    values = {
+        "stripe_customer_id": _id(pm.get("customer")),
+        "type": str(pm.get("type") or "card"),
+        "attached": not detached and pm.get("customer") is not None,
+        "card_brand": card.get("brand"),
+        "card_last4": card.get("last4"),
+        "exp_month": card.get("exp_month"),
+        "exp_year": card.get("exp_year"),
+        "fingerprint": card.get("fingerprint"),
+        "changed_at": ts(created),
+        "source_created": created,
+        "source_rank": 1 if detached else 0,
+    }
+    return MirrorRow("stripe_payment_method", str(pm["id"]), values)
+
+
+def _customer_row(created: int, customer: Mapping[str, Any]) -> MirrorRow:
+    settings = customer.get("invoice_settings") or {}
+    values = {
+        "default_payment_method_id": _id(settings.get("default_payment_method")),
+        "changed_at": ts(created),
+        "source_created": created,
+        "source_rank": 0,
+    }
+    return MirrorRow("stripe_customer_state", str(customer["id"]), values)
+
+
+def extract(event: Mapping[str, Any]) -> Extracted:
+    """Validate the envelope and extract what the mirror keeps. Raises NotAStripeEvent."""
+    if not isinstance(event, Mapping) or event.get("object") != "event":
+        raise NotAStripeEvent("body is not a Stripe event (object must be 'event')")
+    event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
+    if not isinstance(event_id, str) or not event_id:
+        raise NotAStripeEvent("event has no id")
+    if not isinstance(event_type, str) or not event_type:
+        raise NotAStripeEvent("event has no type")
+    if not isinstance(created, int) or isinstance(created, bool):
+        raise NotAStripeEvent("event has no integer 'created'")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
+    if not isinstance(obj, Mapping):
+        raise NotAStripeEvent("event has no data.object")
+    kind = obj.get("object")
+    rows: list[MirrorRow] = []
+    customer: str | None = None
+    payment_intent: str | None = None
+    invoice_id: str | None = None
+
+    def need_id() -> str:
+        if not isinstance(obj.get("id"), str):
+            raise NotAStripeEvent(f"data.object of {event_type} has no id")
+        return str(obj["id"])
+
+    if kind == "invoice" and event_type.startswith("invoice."):
+        need_id()
+        row = _invoice_row(event_type, created, event_id, obj)
+        rows.append(row)
+        customer = row.values["stripe_customer_id"]
+        invoice_id = row.key
+    elif kind == "charge":
+        need_id()
+        row = _attempt_from_charge(created, obj)
+        rows.append(row)
+        customer = row.values["stripe_customer_id"]
+        payment_intent = _id(obj.get("payment_intent"))
+    elif kind == "payment_intent":
+        need_id()
+        row = _attempt_from_intent(created, obj)
+        rows.append(row)
+        customer = row.values["stripe_customer_id"]
+        payment_intent = row.key
+    elif kind == "invoice_payment":
+        link = _invoice_payment_link(created, obj)
+        if link is not None:
+            rows.append(link)
+            payment_intent = link.key
+            invoice_id = str(link.values["invoice_id"])
+    elif kind == "subscription" and event_type.startswith("customer.subscription."):
+        need_id()
+        row = _subscription_row(event_type, created, obj)
+        rows.append(row)
+        customer = row.values["stripe_customer_id"]
+    elif kind == "payment_method" and event_type.startswith("payment_method."):
+        need_id()
+        row = _payment_method_row(event_type, created, obj)
+        rows.append(row)
+        customer = row.values["stripe_customer_id"]
+        if event_type == "payment_method.detached":
+            # A detached method carries no customer any more; the previous one says whose it was.
+            prev = (data or {}).get("previous_attributes") or {}
+            customer = _id(prev.get("customer")) if isinstance(prev, Mapping) else None
+            row.values["stripe_customer_id"] = customer
+    elif kind == "customer" and event_type == "customer.updated":
+        need_id()
+        rows.append(_customer_row(created, obj))
+        customer = str(obj["id"])
+
+    return Extracted(
+        event_id=event_id,
+        type=event_type,
+        created=created,
+        customer=customer,
+        trigger=trigger_for(event_type),
+        rows=tuple(rows),
+        payment_intent=payment_intent,
+        invoice_id=invoice_id,
+    )

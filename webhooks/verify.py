@@ -1,0 +1,45 @@
+"""Signature verification with the stripe library (300 s tolerance)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import stripe
+
+TOLERANCE_SECONDS = 300
+
+
+class BadWebhook(ValueError):
+    """The request is not a genuine, fresh Stripe event; the message says why (safe to return)."""
+
+
+def verify_and_parse(body: bytes, signature: str | None, secret: str) -> tuple[dict[str, Any], str]:
+    """-> (decoded event, body text). Raises BadWebhook."""
+    if not secret:
+        raise BadWebhook("webhook secret is not configured (STRIPE_WEBHOOK_SECRET)")
+    if not signature:
+        raise BadWebhook("missing Stripe-Signature header")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadWebhook("body is not UTF-8") from exc
+    try:
+        # verify_header checks the HMAC of these exact bytes and, given a tolerance, the timestamp.
+        stripe.WebhookSignature.verify_header(text, signature, secret, tolerance=TOLERANCE_SECONDS)
+    except stripe.SignatureVerificationError as exc:
+        message = str(exc.user_message or exc).lower()
+        if "tolerance" in message:
+            raise BadWebhook("signature timestamp outside the 300 s tolerance") from exc
+        if "matching the expected signature" in message:
+            raise BadWebhook("signature does not match the body") from exc
+        if "unable to extract" in message or "no signatures" in message:
+            raise BadWebhook("malformed Stripe-Signature header") from exc
+        raise BadWebhook("signature does not match the body") from exc
+    try:
+        event = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadWebhook("body is not JSON") from exc
+    if not isinstance(event, dict):
+        raise BadWebhook("body is not a Stripe event")
+    return event, text
