@@ -26,5 +26,9 @@ def send(celery_app: Celery, name: str, args: list[Any] | None = None, kwargs: d
 
 
 def enqueue_recompute(celery_app: Celery, account_id: str, trigger: str, cause: str | None = None,
-                      coalesced: bool = True) -> str:
-    return send(celery_app, "tasks.recompute_account", [account_id, trigger, cause], {"coalesced": coalesced})
+                      coalesced: bool = True, keep_result: bool = False) -> str:
+    """``keep_result``: store the outcome in the result backend (the support page polls it).
+    Without it nothing subscribes to the backend, so sending costs one broker write and a
+    broker outage is noticed at once rather than after the backend's reconnect loop."""
+    return send(celery_app, "tasks.recompute_account", [account_id, trigger, cause], {"coalesced": coalesced},
+                ignore_result=not keep_result)

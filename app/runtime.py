@@ -20,4 +20,8 @@ class Runtime:
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
-        return cls(settings=settings, engine=make_engine(settings.database_url), policy=load_policy(settings.policy_path))
+        return cls(
+            settings=settings,
+            engine=make_engine(settings.database_url),
+            policy=load_policy(settings.policy_path),
+        )

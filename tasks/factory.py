@@ -64,7 +64,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     app = Celery("dunning", include=TASK_MODULES, set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.dunning_settings = settings  # type: ignore[attr-defined]
+    app.dunning_settings = settings
     return app
 
 

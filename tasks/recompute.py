@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from app.recompute.observe import observe
 from app.recompute.service import run_recompute
 from tasks.failures import POLICIES, classify, record_stuck, resolve_stuck
 from tasks.runtime import runtime_for
@@ -44,6 +45,7 @@ def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH
     except Exception as exc:
         handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause})
         raise  # handle_failure always raises; this keeps type checkers honest
+    observe(result)
     if self.request.retries:
         resolve_stuck(rt.engine, NAME, account_id)
     summary = result.summary()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app import metrics
 from app.web import celery_app, runtime
 from webhooks.ingest import ingest
 from webhooks.mirror import NotAStripeEvent
@@ -18,6 +19,7 @@ MAX_BODY = 512 * 1024  # Stripe events are far smaller; anything larger is not o
 @bp.post("/webhooks/stripe")
 def stripe_webhook() -> ResponseReturnValue:
     if (request.content_length or 0) > MAX_BODY:
+        metrics.WEBHOOKS_REJECTED.labels("too_large").inc()
         return jsonify(error="bad_request", reason="body too large for a Stripe event"), 413
     body = request.get_data(cache=False)
     rt = runtime()
@@ -27,5 +29,7 @@ def stripe_webhook() -> ResponseReturnValue:
         result = ingest(rt.engine, celery_app(), event, text)
     except (BadWebhook, NotAStripeEvent) as exc:
         current_app.logger.info("webhook rejected: %s", exc)
+        metrics.WEBHOOKS_REJECTED.labels(getattr(exc, "code", "not_event")).inc()
         return jsonify(error="bad_request", reason=str(exc)), 400
+    metrics.WEBHOOKS_RECEIVED.labels(result.type, result.state).inc()
     return jsonify(result.to_json()), 200

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from app.domain.triggers import trigger_for
+from app.domain.triggers import Trigger, trigger_for
 
 INVOICE_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
 ATTEMPT_RANK = {"pending": 0, "processing": 0, "requires_action": 0, "failed": 1, "succeeded": 2}
@@ -59,7 +59,7 @@ class Extracted:
     type: str
     created: int
     customer: str | None
-    trigger: str | None
+    trigger: Trigger | None
     rows: tuple[MirrorRow, ...]
     payment_intent: str | None = None
     invoice_id: str | None = None

@@ -13,33 +13,37 @@ TOLERANCE_SECONDS = 300
 class BadWebhook(ValueError):
     """The request is not a genuine, fresh Stripe event; the message says why (safe to return)."""
 
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code  # metric label: signature | tolerance | malformed | not_json | config
+
 
 def verify_and_parse(body: bytes, signature: str | None, secret: str) -> tuple[dict[str, Any], str]:
     """-> (decoded event, body text). Raises BadWebhook."""
     if not secret:
-        raise BadWebhook("webhook secret is not configured (STRIPE_WEBHOOK_SECRET)")
+        raise BadWebhook("webhook secret is not configured (STRIPE_WEBHOOK_SECRET)", "config")
     if not signature:
-        raise BadWebhook("missing Stripe-Signature header")
+        raise BadWebhook("missing Stripe-Signature header", "signature")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadWebhook("body is not UTF-8") from exc
+        raise BadWebhook("body is not UTF-8", "not_json") from exc
     try:
         # verify_header checks the HMAC of these exact bytes and, given a tolerance, the timestamp.
         stripe.WebhookSignature.verify_header(text, signature, secret, tolerance=TOLERANCE_SECONDS)
     except stripe.SignatureVerificationError as exc:
         message = str(exc.user_message or exc).lower()
         if "tolerance" in message:
-            raise BadWebhook("signature timestamp outside the 300 s tolerance") from exc
+            raise BadWebhook("signature timestamp outside the 300 s tolerance", "tolerance") from exc
         if "matching the expected signature" in message:
-            raise BadWebhook("signature does not match the body") from exc
+            raise BadWebhook("signature does not match the body", "signature") from exc
         if "unable to extract" in message or "no signatures" in message:
-            raise BadWebhook("malformed Stripe-Signature header") from exc
-        raise BadWebhook("signature does not match the body") from exc
+            raise BadWebhook("malformed Stripe-Signature header", "malformed") from exc
+        raise BadWebhook("signature does not match the body", "signature") from exc
     try:
         event = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadWebhook("body is not JSON") from exc
+        raise BadWebhook("body is not JSON", "not_json") from exc
     if not isinstance(event, dict):
-        raise BadWebhook("body is not a Stripe event")
+        raise BadWebhook("body is not a Stripe event", "not_event")
     return event, text

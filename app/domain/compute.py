@@ -197,14 +197,16 @@ def _plan_retry(
                                "payment_method": failed_method}))
         return None, None, False, True, retries_used, reasons
 
-    schedule = policy.transient_schedule_days if failure_class == FailureClass.TRANSIENT else policy.unknown_schedule_days
+    transient = failure_class == FailureClass.TRANSIENT
+    schedule = policy.transient_schedule_days if transient else policy.unknown_schedule_days
     if retries_used >= len(schedule):
         reasons.append(Reason("retry.schedule_done", "every scheduled retry was used",
                               {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
         return None, None, False, True, retries_used, reasons
 
     due = unpaid_since + timedelta(days=schedule[retries_used])
-    reasons.append(Reason("retry.scheduled", f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}",
+    detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
+    reasons.append(Reason("retry.scheduled", detail,
                           {"invoice": invoice.id, "failure_class": failure_class.value,
                            "day": schedule[retries_used], "unpaid_since": _iso(unpaid_since)}))
     return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
@@ -276,6 +278,7 @@ def _assess(
     if not starts and invoice.due_date is not None:
         starts.append(invoice.due_date)
     unpaid_since = min(starts) if starts else invoice.created
+    failure_class: FailureClass | None
     if last_failure is not None:
         failure_class = classify(last_failure.decline_code, last_failure.failure_code, last_failure.advice_code)
     else:
@@ -373,7 +376,10 @@ def _mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
         status, reason = "usable", None
         if not pm.attached:
             status, reason = "detached", "detached from the customer"
-        elif pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (now.year, now.month):
+        elif pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (
+            now.year,
+            now.month,
+        ):
             status, reason = "expired", f"card expired {pm.exp_month:02d}/{pm.exp_year}"
         elif last is not None:
             cls = classify(last.decline_code, last.failure_code, last.advice_code)

@@ -6,6 +6,7 @@ the key and the problem. Reading the file is the edge's job (app/policy_file.py)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,7 @@ def _days(data: Mapping[str, Any], key: str, path: str, default: tuple[int, ...]
     _expect(isinstance(value, list), full, "must be a list of days")
     _expect(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value), full,
             "every entry must be a positive whole number of days")
-    _expect(all(a < b for a, b in zip(value, value[1:], strict=False)), full, "days must be increasing")
+    _expect(all(a < b for a, b in itertools.pairwise(value)), full, "days must be increasing")
     _expect(len(value) < HARD_CAP_ATTEMPTS_PER_INVOICE, full,
             f"at most {HARD_CAP_ATTEMPTS_PER_INVOICE - 1} retries fit the per-invoice cap")
     return tuple(value)
@@ -147,7 +148,7 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     consequences = data.get("consequences", {})
     _expect(isinstance(consequences, Mapping), "consequences", "must be a table")
     raw_rules = consequences.get("rules", [])
-    _expect(isinstance(raw_rules, list) and raw_rules, "consequences.rules", "must be a non-empty list of rules")
+    _expect(isinstance(raw_rules, list) and bool(raw_rules), "consequences.rules", "must be a non-empty list of rules")
     rules = tuple(_rule(r, i) for i, r in enumerate(raw_rules))
     ranks = [r.level.rank for r in rules]
     _expect(ranks == sorted(ranks, reverse=True), "consequences.rules",
@@ -172,7 +173,7 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
 
     known = {"version", "retry", "consequences", "products", "guard"}
     return Policy(
-        version=version.strip(),
+        version=str(version).strip(),
         transient_schedule_days=_days(retry, "transient_schedule_days", "retry", Policy.transient_schedule_days),
         unknown_schedule_days=_days(retry, "unknown_schedule_days", "retry", Policy.unknown_schedule_days),
         max_attempts_per_invoice=_int(retry, "max_attempts_per_invoice", "retry", HARD_CAP_ATTEMPTS_PER_INVOICE, 1),

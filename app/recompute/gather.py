@@ -119,7 +119,9 @@ def snapshot_from_row(row: Any) -> tuple[Snapshot, int]:
         for p in (m["payment_methods"] or ())
     )
     customer_state = (m["customer_state"] or [[None, None]])[0]
-    subscriptions = tuple(Subscription(id=s[0], status=s[1], products=tuple(s[2] or ())) for s in (m["subscriptions"] or ()))
+    subscriptions = tuple(
+        Subscription(id=s[0], status=s[1], products=tuple(s[2] or ())) for s in (m["subscriptions"] or ())
+    )
     retries = tuple(
         Retry(invoice_id=r[0], payment_method_id=r[1], retry_number=r[2], free=r[3], state=r[4],
               scheduled_for=_tt(r[5]), created_at=_tt(r[6]))

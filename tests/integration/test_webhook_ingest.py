@@ -121,7 +121,7 @@ def test_signed_json_that_is_not_a_stripe_event_is_rejected(client, engine, sett
 
 
 def test_duplicate_delivery_does_nothing_new(client, accounts, engine, settings):
-    account, customer = accounts.create()
+    _, customer = accounts.create()
     evt = failed_invoice(customer)
     assert post_event(client, evt).json["state"] == "accepted"
     again = post_event(client, evt)

@@ -1,0 +1,64 @@
+"""Prometheus metrics (DESIGN section 9). One registry of names for the web app and the workers.
+
+Processes that fork (gunicorn workers, Celery prefork children) share counters through
+prometheus_client's multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (the launcher and the
+Procfile set it); otherwise each process exposes its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+WEBHOOKS_RECEIVED = Counter("dunning_webhooks_received_total", "Stripe webhooks accepted", ["type", "state"])
+WEBHOOKS_REJECTED = Counter("dunning_webhooks_rejected_total", "Stripe webhooks rejected", ["reason"])
+RECOMPUTES = Counter("dunning_recomputes_total", "Recomputes by trigger and outcome", ["trigger", "outcome"])
+RECOMPUTE_NOOP = Counter("dunning_recompute_noop_total", "Recomputes that wrote nothing", ["trigger"])
+RECOMPUTE_SECONDS = Histogram(
+    "dunning_recompute_seconds", "Recompute duration by step", ["step"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+DOMAIN_EVENTS = Counter("dunning_domain_events_total", "Domain events emitted", ["event"])
+DRIFT_FOUND = Counter("dunning_drift_found_total", "Accounts found drifted by the sweep", ["in_stage"])
+DRIFT_REMEDIATED = Counter("dunning_drift_remediated_total", "Drift remediation recomputes enqueued")
+RETRIES = Counter("dunning_payment_retries_total", "Payment retries by failure class and outcome",
+                  ["failure_class", "outcome"])
+BAD_DEBT_ENTRIES = Counter("dunning_bad_debt_entries_total", "Accounts entering bad debt", ["reason", "product"])
+BAD_DEBT_EXITS = Counter("dunning_bad_debt_exits_total", "Accounts leaving bad debt", ["how", "product"])
+BAD_DEBT_SECONDS = Histogram(
+    "dunning_bad_debt_duration_seconds", "Time spent in bad debt",
+    buckets=(3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400),
+)
+TASK_FAILURES = Counter("dunning_task_failures_total", "Task failures by task and failure class",
+                        ["task", "failure_class", "action"])
+# Gauges read from the database by the collector at scrape time (see app/api/metrics.py).
+STUCK_IN_LIFTING = Gauge("dunning_stuck_in_lifting", "Accounts in lifting longer than the guard window",
+                         multiprocess_mode="max")
+OUTBOX_BACKLOG = Gauge("dunning_outbox_backlog", "Domain events not yet delivered", multiprocess_mode="max")
+STUCK_EVENTS = Gauge("dunning_stuck_events", "Stuck work by state", ["state"], multiprocess_mode="max")
+ROLLOUT_STAGE = Gauge("dunning_rollout_stage", "Remediation rollout stage index (0 = off)", multiprocess_mode="max")
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: the multiprocess aggregate when configured, else this process's."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        return reg
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(registry()), CONTENT_TYPE_LATEST

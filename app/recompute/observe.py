@@ -1,0 +1,28 @@
+"""Metrics of one recompute (counted after its transaction committed)."""
+
+from __future__ import annotations
+
+from app import metrics
+from app.domain.events import BadDebtEntered, BadDebtExited
+from app.recompute.service import RecomputeResult
+
+
+def observe(result: RecomputeResult) -> None:
+    metrics.RECOMPUTES.labels(result.trigger, result.outcome).inc()
+    if result.outcome == "unchanged":
+        metrics.RECOMPUTE_NOOP.labels(result.trigger).inc()
+    for step, seconds in result.timings.items():
+        metrics.RECOMPUTE_SECONDS.labels(step).observe(seconds)
+    if result.applied is None or result.decision is None:
+        return
+    products = list(result.decision.bad_debt_products) or ["-"]
+    for event in result.applied.events:
+        metrics.DOMAIN_EVENTS.labels(event.name).inc()
+        if isinstance(event, BadDebtEntered):
+            for product in event.products or ["-"]:
+                metrics.BAD_DEBT_ENTRIES.labels(event.reason, product).inc()
+        elif isinstance(event, BadDebtExited):
+            for product in products:
+                metrics.BAD_DEBT_EXITS.labels(event.how, product).inc()
+            if event.duration_seconds is not None:
+                metrics.BAD_DEBT_SECONDS.observe(event.duration_seconds)
