@@ -31,12 +31,11 @@ def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | No
     if invoice.status == "paid":
         collected = invoice.amount_paid
         refunded = sum(a.amount_refunded for a in attempts if a.status in ("succeeded", "refunded"))
-        owed = invoice.amount_due
-        if owed <= 0 and collected <= 0:
-            return Label.RESOLVED  # nothing was owed after credits
-        if collected - refunded >= owed and collected > 0:
-            return Label.PAID
-        return Label.RESOLVED
+        if collected <= 0 or collected < invoice.amount_due:
+            return Label.RESOLVED  # credited, forgiven or paid out of band: not the customer's money
+        if refunded >= collected:
+            return Label.RESOLVED  # the money went back (a partial refund still leaves it Paid)
+        return Label.PAID
     failed = invoice.first_failed_at is not None or any(a.failed for a in attempts)
     overdue = now is not None and invoice.due_date is not None and invoice.due_date <= now
     if invoice.status == "open" and (failed or overdue):

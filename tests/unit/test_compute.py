@@ -1,0 +1,363 @@
+"""Table-driven tests of compute(snapshot, policy, now): every rule, every failure class."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from app.domain.compute import compute
+from app.domain.snapshot import BadDebtPayment, Subscription
+from app.domain.state import FailureClass, Level, Status
+from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
+
+POLICY = policy()
+
+
+def rules(decision) -> list[str]:
+    return [r.rule for r in decision.reasons]
+
+
+def decide(snap, now=NOW, pol=POLICY):
+    return compute(snap, pol, now)
+
+
+# --- levels: first matching rule from the most severe down -------------------------------------
+
+def exhausted_transient(inv_id: str, days_unpaid: float) -> tuple:
+    """An invoice whose six scheduled transient retries were all used."""
+    return tuple(retry(inv_id, n, days_ago=days_unpaid - d) for n, d in enumerate((1, 3, 5, 7, 10, 14), 1))
+
+
+@pytest.mark.parametrize(
+    ("days_unpaid", "decline", "retries_exhausted", "level", "status"),
+    [
+        (0.5, "insufficient_funds", False, Level.NOTICE, Status.PAST_DUE),
+        (2.5, "expired_card", False, Level.NOTICE, Status.PAST_DUE),  # permanent, < 3 days
+        (3.0, "expired_card", False, Level.RESTRICT_PREMIUM, Status.PAST_DUE),  # permanent >= 3 days
+        (4.0, "authentication_required", False, Level.RESTRICT_PREMIUM, Status.PAST_DUE),  # action_required
+        (5.0, "insufficient_funds", False, Level.NOTICE, Status.PAST_DUE),  # transient 3..7 days: still notice
+        (7.0, "insufficient_funds", False, Level.RESTRICT_PREMIUM, Status.PAST_DUE),
+        (8.0, "a_new_stripe_code", False, Level.RESTRICT_PREMIUM, Status.PAST_DUE),  # unknown class
+        (14.0, "insufficient_funds", False, Level.LIMITED, Status.PAST_DUE),
+        (21.0, "insufficient_funds", False, Level.LIMITED, Status.PAST_DUE),  # retries left: not yet bad debt
+        (21.0, "insufficient_funds", True, Level.SUSPENDED, Status.BAD_DEBT),
+        (21.0, "expired_card", False, Level.SUSPENDED, Status.BAD_DEBT),  # permanent: nothing to retry
+    ],
+)
+def test_level_rules(days_unpaid, decline, retries_exhausted, level, status):
+    inv = invoice(failed_days_ago=days_unpaid)
+    retries = exhausted_transient("in_1", days_unpaid) if retries_exhausted else ()
+    snap = snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=days_unpaid, decline=decline),), retries=retries)
+    decision = decide(snap)
+    assert decision.state.level == level
+    assert decision.state.status == status
+    assert decision.bad_debt == (status == Status.BAD_DEBT)
+    assert f"level.{level.value}" in rules(decision)
+
+
+def test_nothing_unpaid_is_current_with_full_access():
+    decision = decide(snapshot(invoice(status="paid", failed_days_ago=None)))
+    state = decision.state
+    assert (state.status, state.level, state.failure_class, state.next_retry_at) == ("current", "none", None, None)
+    assert state.entitlements == {"products": {"prod_core": "full"}, "plan_changes": True}
+    assert rules(decision) == ["status.current"]
+
+
+def test_open_invoice_not_yet_attempted_is_not_debt():
+    decision = decide(snapshot(invoice(failed_days_ago=None, due_date=NOW + timedelta(days=3))))
+    assert decision.state.status == Status.CURRENT
+
+
+def test_open_invoice_past_its_due_date_is_debt():
+    decision = decide(snapshot(invoice(failed_days_ago=None, due_date=days(8))))
+    assert decision.state.status == Status.PAST_DUE
+    assert decision.state.level == Level.RESTRICT_PREMIUM
+
+
+def test_marked_uncollectible_is_bad_debt_and_requests_cancellation():
+    inv = invoice(status="uncollectible", failed_days_ago=2)
+    decision = decide(snapshot(inv))
+    assert decision.state.status == Status.BAD_DEBT and decision.state.level == Level.SUSPENDED
+    assert decision.bad_debt_reason == "marked_uncollectible"
+    assert decision.bad_debt_products == ("prod_core",)
+    assert decision.state.actions_requested == ("cancel:sub_1",)
+    assert decision.state.entitlements["products"] == {"prod_core": "revoked"}
+
+
+def test_cancellation_is_not_requested_for_a_subscription_already_canceled():
+    inv = invoice(status="uncollectible", failed_days_ago=2)
+    decision = decide(snapshot(inv, subscriptions=(Subscription("sub_1", "canceled", ("prod_core",)),)))
+    assert decision.state.status == Status.BAD_DEBT
+    assert decision.state.actions_requested == ()
+
+
+def test_expired_card_last_week_and_six_months_unpaid_are_treated_differently():
+    last_week = decide(snapshot(invoice(failed_days_ago=7),
+                                attempts=(attempt("pi_1", "in_1", days_ago=7, decline="expired_card"),)))
+    six_months = decide(snapshot(invoice(failed_days_ago=182),
+                                 attempts=(attempt("pi_1", "in_1", days_ago=182, decline="insufficient_funds"),),
+                                 retries=exhausted_transient("in_1", 182)))
+    assert last_week.state.level == Level.RESTRICT_PREMIUM and last_week.state.status == Status.PAST_DUE
+    assert six_months.state.level == Level.SUSPENDED and six_months.state.status == Status.BAD_DEBT
+    assert last_week.state.entitlements != six_months.state.entitlements
+
+
+def test_small_balance_caps_at_notice():
+    inv = invoice(status="uncollectible", failed_days_ago=40, amount=300)
+    decision = decide(snapshot(inv))
+    assert decision.state.level == Level.NOTICE and decision.state.status == Status.PAST_DUE
+    assert "balance.small" in rules(decision)
+
+
+# --- scoping to products, upgrades ------------------------------------------------------------
+
+def test_consequences_touch_only_the_products_of_unpaid_invoices():
+    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_annual", "active", ("prod_premium",)))
+    annual_paid = invoice("in_annual", status="paid", failed_days_ago=None, product="prod_premium", sub="sub_annual")
+    unpaid_core = invoice("in_core", failed_days_ago=15, product="prod_core")
+    decision = decide(snapshot(annual_paid, unpaid_core, subscriptions=subs,
+                               attempts=(attempt("pi_1", "in_core", days_ago=15),)))
+    assert decision.state.level == Level.LIMITED
+    assert decision.state.entitlements == {
+        "products": {"prod_core": "read_only", "prod_premium": "full"},  # the paid annual product is untouched
+        "plan_changes": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("level_days", "core", "premium"),
+    [(1, "full", "full"), (8, "full", "revoked"), (15, "read_only", "revoked")],
+)
+def test_premium_goes_first_core_is_kept_longest(level_days, core, premium):
+    subs = (Subscription("sub_1", "active", ("prod_core", "prod_premium")),)
+    inv = replace(invoice(failed_days_ago=level_days), lines=invoice().lines + (invoice(product="prod_premium").lines))
+    decision = decide(snapshot(inv, subscriptions=subs, attempts=(attempt("pi_1", "in_1", days_ago=level_days),)))
+    assert decision.state.entitlements["products"] == {"prod_core": core, "prod_premium": premium}
+
+
+def test_unpaid_upgrade_withholds_only_the_upgrade_and_never_becomes_bad_debt():
+    subs = (Subscription("sub_1", "active", ("prod_core", "prod_premium_analytics")),)
+    regular_paid = invoice("in_cycle", status="paid", failed_days_ago=None)
+    upgrade = invoice("in_up", failed_days_ago=60, product="prod_premium_analytics",
+                      billing_reason="subscription_update")
+    decision = decide(snapshot(regular_paid, upgrade, subscriptions=subs,
+                               attempts=(attempt("pi_up", "in_up", days_ago=60),),
+                               retries=exhausted_transient("in_up", 60)))
+    state = decision.state
+    assert state.status == Status.PAST_DUE and not decision.bad_debt
+    assert state.level == Level.RESTRICT_PREMIUM  # capped by upgrade_max_level
+    assert state.entitlements["products"] == {"prod_core": "full", "prod_premium_analytics": "withheld"}
+    assert state.entitlements["plan_changes"] is True
+    assert state.actions_requested == ("revert:in_up",)  # revert the upgrade, never cancel
+    assert {"upgrade.capped", "upgrade.revert"} <= set(rules(decision))
+
+
+def test_uncollectible_upgrade_is_reverted_not_bad_debt():
+    upgrade = invoice("in_up", status="uncollectible", failed_days_ago=30, billing_reason="subscription_update")
+    decision = decide(snapshot(upgrade))
+    assert decision.state.status == Status.PAST_DUE and decision.state.actions_requested == ("revert:in_up",)
+
+
+# --- retry cadence by class -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("decline", "retries_used", "expected_day"),
+    [
+        ("insufficient_funds", 0, 1),
+        ("insufficient_funds", 2, 5),
+        ("insufficient_funds", 5, 14),
+        ("processing_error", 3, 7),
+        ("brand_new_code", 0, 2),  # unknown: smaller budget, days 2, 5, 9
+        ("brand_new_code", 2, 9),
+    ],
+)
+def test_transient_and_unknown_failures_follow_their_schedule(decline, retries_used, expected_day):
+    inv = invoice(failed_days_ago=0.5)
+    used = tuple(retry("in_1", n, days_ago=0.4) for n in range(1, retries_used + 1))
+    last = attempt("pi_last", "in_1", days_ago=0.3, decline=decline)
+    decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=0.5, decline=decline), last),
+                               retries=used))
+    assert decision.state.next_retry_at == days(0.5) + timedelta(days=expected_day)
+    assert decision.state.retries_used == retries_used
+    assert decision.state.retry_free is False
+
+
+def test_unknown_schedule_runs_out_sooner_than_transient():
+    for decline, budget in (("insufficient_funds", 6), ("brand_new_code", 3)):
+        inv = invoice(failed_days_ago=30)
+        used = tuple(retry("in_1", n, days_ago=29) for n in range(1, budget + 1))
+        decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=28, decline=decline),),
+                                   retries=used))
+        assert decision.state.next_retry_at is None
+        assert "retry.schedule_done" in rules(decision)
+
+
+@pytest.mark.parametrize("decline", ["expired_card", "stolen_card", "authentication_required", "incorrect_cvc"])
+def test_permanent_and_action_required_are_not_retried_on_the_same_method(decline):
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(attempt("pi_1", "in_1", days_ago=2,
+                                                                             decline=decline),)))
+    assert decision.state.next_retry_at is None
+    cls = FailureClass.PERMANENT if decline in ("expired_card", "stolen_card") else FailureClass.ACTION_REQUIRED
+    assert decision.state.failure_class == cls
+    assert f"retry.none_{cls.value}" in rules(decision)
+
+
+def test_new_payment_method_earns_one_immediate_free_retry():
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="expired_card", pm="pm_old")
+    new_card = method("pm_new", changed_days_ago=0.5)
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(new_card,)))
+    state = decision.state
+    assert state.next_retry_at == new_card.changed_at  # due now: beat dispatches it on its next tick
+    assert (state.retry_free, state.retry_payment_method_id, state.retry_invoice_id) == (True, "pm_new", "in_1")
+    assert "retry.new_method" in rules(decision)
+
+    # once the free retry was made on it, it is not offered again
+    used = retry("in_1", 1, days_ago=0.4, free=True, pm="pm_new")
+    after = attempt("pi_2", "in_1", days_ago=0.3, decline="expired_card", pm="pm_new")
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed, after), payment_methods=(new_card,),
+                               retries=(used,)))
+    assert decision.state.next_retry_at is None
+    assert decision.state.retries_used == 0  # the free retry does not count against the budget
+
+
+def test_a_new_default_method_also_earns_the_free_retry():
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="expired_card", pm="pm_old")
+    existing = method("pm_other", changed_days_ago=30)
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(existing,),
+                               default_payment_method_id="pm_other", default_payment_method_changed_at=days(0.2)))
+    assert decision.state.retry_free and decision.state.retry_payment_method_id == "pm_other"
+
+
+def test_per_invoice_cap_of_8_attempts_whatever_the_policy():
+    generous = policy(max_attempts_per_invoice=50, transient_schedule_days=(1, 2, 3, 4, 5, 6, 7))
+    attempts = tuple(attempt(f"pi_{i}", "in_1", days_ago=10 - i) for i in range(8))
+    decision = decide(snapshot(invoice(failed_days_ago=10), attempts=attempts), pol=generous)
+    assert decision.state.next_retry_at is None
+    assert "retry.cap_invoice" in rules(decision)
+
+
+def test_per_method_cap_of_15_in_30_days_defers_the_retry():
+    # 15 attempts on pm_1 over the last 20 days across other invoices, then this invoice fails.
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i, status="failed") for i in range(14))
+    mine = attempt("pi_me", "in_1", days_ago=1)
+    decision = decide(snapshot(invoice(failed_days_ago=1), attempts=(*others, mine)))
+    oldest = min(a.attempted_at for a in (*others, mine))
+    assert decision.state.next_retry_at == oldest + timedelta(days=30)
+    assert "retry.cap_method_30d" in rules(decision)
+
+
+def test_retry_in_flight_waits_for_its_outcome_until_the_guard_window():
+    inv = invoice(failed_days_ago=3)
+    first = attempt("pi_1", "in_1", days_ago=3)
+    fresh = retry("in_1", 1, days_ago=0.005, state="sent")  # 7 minutes ago
+    decision = decide(snapshot(inv, attempts=(first,), retries=(fresh,)))
+    assert decision.state.next_retry_at is None and "retry.in_flight" in rules(decision)
+    stale = retry("in_1", 1, days_ago=0.05, state="sent")  # 72 minutes ago, outcome never came
+    decision = decide(snapshot(inv, attempts=(first,), retries=(stale,)))
+    assert decision.state.next_retry_at == days(3) + timedelta(days=3)  # second scheduled retry
+
+
+def test_failure_without_attempt_detail_is_unknown_until_it_arrives():
+    decision = decide(snapshot(invoice(failed_days_ago=1)))
+    assert decision.state.failure_class == FailureClass.UNKNOWN
+    assert decision.state.status == Status.PAST_DUE
+
+
+def test_attempt_without_invoice_link_goes_to_the_latest_earlier_invoice():
+    older = invoice("in_old", status="paid", failed_days_ago=None)
+    older = replace(older, created=days(40))
+    current = invoice("in_new", failed_days_ago=2)
+    unlinked = attempt("ch_1", None, days_ago=2, decline="expired_card")
+    decision = decide(snapshot(older, current, attempts=(unlinked,)))
+    assert decision.state.failure_class == FailureClass.PERMANENT
+    assert decision.state.last_failure_id == "ch_1"
+
+
+# --- payment-flow guard, lifting ----------------------------------------------------------------
+
+def _suspended_snapshot(**kw):
+    return snapshot(invoice(failed_days_ago=30), attempts=(attempt("pi_1", "in_1", days_ago=30),),
+                    retries=exhausted_transient("in_1", 30), **kw)
+
+
+def test_guard_holds_bad_debt_while_a_payment_is_in_flight():
+    in_flight = retry("in_1", 7, days_ago=10 / 1440, free=True, state="charging")  # 10 minutes ago
+    base = _suspended_snapshot()
+    snap = replace(base, retries=(*base.retries, in_flight))
+    decision = decide(snap)
+    assert decision.state.status == Status.PAST_DUE and not decision.bad_debt
+    assert "retry.in_flight" in rules(decision)
+    # past the 30-minute window the guard lets go
+    late = decide(snap, now=NOW + timedelta(minutes=21))
+    assert late.state.status == Status.BAD_DEBT
+
+
+def test_guard_holds_even_an_uncollectible_mark_while_a_payment_is_in_flight():
+    in_flight = retry("in_1", 1, days_ago=10 / 1440, state="sent")
+    snap = snapshot(invoice(status="uncollectible", failed_days_ago=5), retries=(in_flight,))
+    decision = decide(snap)
+    assert decision.state.status == Status.PAST_DUE
+    assert "guard.payment_in_flight" in rules(decision)
+    assert decide(snap, now=NOW + timedelta(minutes=21)).state.status == Status.BAD_DEBT
+
+
+def test_bad_debt_payment_in_flight_is_lifting_and_a_failed_one_returns_to_bad_debt():
+    pending = BadDebtPayment(id=1, state="pending", amount=5000, created_at=days(0.01), updated_at=days(0.01))
+    decision = decide(_suspended_snapshot(bad_debt_payments=(pending,)))
+    assert decision.state.status == Status.LIFTING and not decision.bad_debt
+    assert decision.lifting_since == pending.created_at
+    failed = replace(pending, state="failed", failure_reason="card_declined: insufficient_funds")
+    decision = decide(_suspended_snapshot(bad_debt_payments=(failed,)))
+    assert decision.state.status == Status.BAD_DEBT
+    assert "bad_debt.payment_failed" in rules(decision)
+
+
+# --- resolution, refunds, mandates ----------------------------------------------------------------
+
+def test_resolution_says_paid_or_resolved():
+    from app.domain.state import DunningState
+
+    stored = DunningState(status="past_due", level="notice", unpaid_since=days(3))
+    paid = invoice(status="paid", failed_days_ago=3)
+    paid = replace(paid, paid_at=days(0.1))
+    assert decide(replace(snapshot(paid), stored=stored)).resolution == "paid"
+    void = replace(invoice(status="void", failed_days_ago=3), voided_at=days(0.1), amount_remaining=0)
+    assert decide(replace(snapshot(void), stored=stored)).resolution == "resolved"
+
+
+def test_refund_never_creates_debt():
+    paid = invoice(status="paid", failed_days_ago=None)
+    refunded = attempt("pi_1", "in_1", days_ago=5, status="succeeded", amount=5000, amount_refunded=5000)
+    assert decide(snapshot(paid, attempts=(refunded,))).state.status == Status.CURRENT
+
+
+def test_mandates_reflect_what_dunning_knows():
+    methods = (
+        method("pm_expired", exp_month=1, exp_year=2026),
+        method("pm_blocked", changed_days_ago=10),
+        method("pm_action", changed_days_ago=10),
+        method("pm_gone", attached=False),
+        method("pm_ok", exp_month=12, exp_year=2030),
+    )
+    attempts = (
+        attempt("pi_1", "in_1", days_ago=2, decline="stolen_card", pm="pm_blocked"),
+        attempt("pi_2", "in_1", days_ago=1, decline="incorrect_cvc", pm="pm_action"),
+    )
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=attempts, payment_methods=methods,
+                               default_payment_method_id="pm_ok"))
+    by_id = {m.payment_method_id: m for m in decision.mandates}
+    assert by_id["pm_expired"].status == "expired"
+    assert by_id["pm_blocked"].status == "blocked" and "stolen_card" in (by_id["pm_blocked"].status_reason or "")
+    assert by_id["pm_action"].status == "needs_action"
+    assert by_id["pm_gone"].status == "detached"
+    assert by_id["pm_ok"].status == "usable" and by_id["pm_ok"].is_default
+
+
+def test_compute_is_deterministic_and_stable_against_its_own_output():
+    snap = _suspended_snapshot()
+    first = decide(snap)
+    again = decide(replace(snap, stored=first.state))
+    assert again.state == first.state
+    assert again.state.changed_fields(first.state) == []

@@ -1,0 +1,54 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.domain.decline_codes import ADVICE_CODES, DECLINE_CODES, classify
+from app.domain.state import FailureClass as FC
+
+
+@pytest.mark.parametrize(
+    ("decline", "failure", "advice", "expected"),
+    [
+        ("expired_card", "card_declined", None, FC.PERMANENT),
+        ("lost_card", None, None, FC.PERMANENT),
+        ("stolen_card", None, None, FC.PERMANENT),
+        ("pickup_card", None, None, FC.PERMANENT),
+        ("incorrect_number", None, None, FC.PERMANENT),
+        ("revocation_of_authorization", None, None, FC.PERMANENT),
+        ("fraudulent", None, None, FC.PERMANENT),
+        ("do_not_try_again", None, None, FC.PERMANENT),
+        ("authentication_required", None, None, FC.ACTION_REQUIRED),
+        ("incorrect_cvc", None, None, FC.ACTION_REQUIRED),
+        ("incorrect_zip", None, None, FC.ACTION_REQUIRED),
+        ("insufficient_funds", "card_declined", None, FC.TRANSIENT),
+        ("processing_error", None, None, FC.TRANSIENT),
+        ("try_again_later", None, None, FC.TRANSIENT),
+        ("card_velocity_exceeded", None, None, FC.TRANSIENT),
+        ("do_not_honor", None, None, FC.TRANSIENT),
+        ("generic_decline", None, None, FC.TRANSIENT),
+        # the network's advice overrides what the decline code suggests
+        ("generic_decline", None, "do_not_try_again", FC.PERMANENT),
+        ("insufficient_funds", None, "confirm_card_data", FC.ACTION_REQUIRED),
+        ("stolen_card", None, "try_again_later", FC.TRANSIENT),
+        # no decline code: the failure code decides
+        (None, "expired_card", None, FC.PERMANENT),
+        (None, "authentication_required", None, FC.ACTION_REQUIRED),
+        (None, "card_declined", None, FC.UNKNOWN),
+        # open enums: never-seen values are unknown, never an error
+        ("a_code_stripe_adds_in_2027", None, None, FC.UNKNOWN),
+        (None, None, None, FC.UNKNOWN),
+        ("  Expired_Card ", None, None, FC.PERMANENT),
+    ],
+)
+def test_classify(decline, failure, advice, expected):
+    assert classify(decline, failure, advice) == expected
+
+
+def test_every_table_entry_has_a_class():
+    assert set(DECLINE_CODES.values()) <= set(FC)
+    assert set(ADVICE_CODES.values()) <= set(FC)
+
+
+@given(st.one_of(st.none(), st.text()), st.one_of(st.none(), st.text()), st.one_of(st.none(), st.text(), st.integers()))
+def test_any_value_classifies_without_error(decline, failure, advice):
+    assert classify(decline, failure, advice) in set(FC)

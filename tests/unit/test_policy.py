@@ -1,0 +1,79 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from app.domain.policy import HARD_CAP_ATTEMPTS_PER_INVOICE, HARD_CAP_ATTEMPTS_PER_METHOD_30D, parse_policy
+from app.domain.state import Level
+from app.policy_file import DEFAULT_POLICY, PolicyFileError, load_policy
+
+
+def default_data() -> dict:
+    return tomllib.loads(DEFAULT_POLICY.read_text())
+
+
+def test_default_policy_loads_with_the_design_numbers():
+    policy = load_policy()
+    assert policy.transient_schedule_days == (1, 3, 5, 7, 10, 14)
+    assert policy.guard_window_minutes == 30
+    assert policy.rules[0].level == Level.SUSPENDED
+    assert policy.tier("prod_premium") == "premium" and policy.tier("prod_never_heard_of") == "core"
+    assert policy.extra["rollout"]["soak_hours"] == 24
+
+
+def test_hard_caps_hold_whatever_the_file_says():
+    data = default_data()
+    data["retry"]["max_attempts_per_invoice"] = 50
+    data["retry"]["max_attempts_per_method_30d"] = 99
+    policy = parse_policy(data)
+    assert policy.attempts_per_invoice == HARD_CAP_ATTEMPTS_PER_INVOICE == 8
+    assert policy.attempts_per_method_30d == HARD_CAP_ATTEMPTS_PER_METHOD_30D == 15
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "problem"),
+    [
+        (lambda d: d.pop("version"), "version", "non-empty"),
+        (lambda d: d["retry"].update(transient_schedule_days=[3, 1]), "retry.transient_schedule_days", "increasing"),
+        (lambda d: d["retry"].update(transient_schedule_days=[1, "x"]), "retry.transient_schedule_days", "positive"),
+        (lambda d: d["retry"].update(unknown_schedule_days=list(range(1, 10))), "retry.unknown_schedule_days", "cap"),
+        (lambda d: d["retry"].update(max_attempts_per_invoice="8"), "retry.max_attempts_per_invoice", "whole"),
+        (lambda d: d["consequences"]["rules"][0].update(level="banned"), "consequences.rules[0].level", "one of"),
+        (lambda d: d["consequences"]["rules"][1]["when"].update(min_dayz=3), "consequences.rules[1].when", "unknown"),
+        (lambda d: d["consequences"]["rules"].reverse(), "consequences.rules", "most severe"),
+        (lambda d: d["consequences"].update(upgrade_max_level="suspended"), "consequences.upgrade_max_level", "below"),
+        (lambda d: d["products"]["catalog"].update(prod_x="gold"), "products.catalog.prod_x", "core"),
+        (lambda d: d["guard"].update(window_minutes=0), "guard.window_minutes", "at least 1"),
+    ],
+)
+def test_invalid_policy_names_the_key_and_the_problem(mutate, key, problem):
+    data = default_data()
+    mutate(data)
+    with pytest.raises(ValueError) as err:
+        parse_policy(data)
+    assert f"policy key '{key}'" in str(err.value)
+    assert problem in str(err.value)
+
+
+def test_policy_file_errors_name_the_file(tmp_path: Path):
+    with pytest.raises(PolicyFileError, match="does not exist"):
+        load_policy(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("version = ")
+    with pytest.raises(PolicyFileError, match="not valid TOML"):
+        load_policy(broken)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEFAULT_POLICY.read_text().replace("window_minutes = 30", "window_minutes = -1"))
+    with pytest.raises(PolicyFileError, match=r"bad.toml: policy key 'guard.window_minutes'"):
+        load_policy(bad)
+
+
+def test_app_start_fails_on_an_invalid_policy(tmp_path: Path):
+    from app import create_app
+    from app.config import Settings
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEFAULT_POLICY.read_text().replace('level = "limited"', 'level = "jail"'))
+    settings = Settings(database_url="postgresql+psycopg2://nobody@127.0.0.1:1/x", policy_path=str(bad))
+    with pytest.raises(PolicyFileError, match=r"consequences.rules\[2\].level"):
+        create_app(settings)
