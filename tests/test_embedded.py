@@ -1,0 +1,178 @@
+"""The private PostgreSQL and Redis servers (app.embedded): real processes in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+from app.config import normalize_database_url
+from app.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    EmbeddedServerError,
+    create_time,
+    free_port,
+    redis_executable,
+    wait_for,
+    write_pidfile,
+)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def sql(url: str, statement: str) -> object:
+    engine = create_engine(normalize_database_url(url))
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement))
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
+def start_owner(tmp_path: Path, kind: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Another process that starts a server under tmp_path and keeps it; returns (owner, server
+    pid)."""
+    pid_out = tmp_path / f"{kind}-server.pid"
+    script = textwrap.dedent(f"""
+        import sys, threading
+        from pathlib import Path
+        from app.embedded import Embedded{kind}
+        server = Embedded{kind}(Path({str(tmp_path)!r}))
+        server.start()
+        Path({str(pid_out)!r}).write_text(str(server.pid))
+        threading.Event().wait()
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script])
+    wait_for(lambda: pid_out.exists() or owner.poll() is not None, 60, f"{kind} owner")
+    assert owner.poll() is None, f"the {kind} owner process failed"
+    return owner, int(pid_out.read_text())
+
+
+def test_both_servers_start_stop_and_reuse_the_folder(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path)
+    rd = EmbeddedRedis(tmp_path)
+    url = pg.start()
+    broker = rd.start()
+    try:
+        assert url.startswith("postgresql://")
+        assert url == pg.url
+        assert broker == rd.url == f"redis://127.0.0.1:{rd.port}/0"
+        sql(url, "CREATE TABLE kept (v text)")
+        sql(url, "INSERT INTO kept VALUES ('survives a restart')")
+        client = redis.Redis.from_url(broker)
+        assert client.ping()
+        client.set("kept", "in the RDB snapshot")
+        client.close()
+        pg_pid, redis_pid = pg.pid, rd.pid
+        assert pg_pid and redis_pid
+        assert (tmp_path / "pg" / "PG_VERSION").exists()
+    finally:
+        rd.stop()
+        pg.stop()
+    wait_for(lambda: gone(pg_pid) and gone(redis_pid), 10, "both servers to exit")
+    rd.stop()  # idempotent
+    pg.stop()
+    with pytest.raises(EmbeddedServerError):
+        _ = pg.url
+
+    pg2, rd2 = EmbeddedPostgres(tmp_path), EmbeddedRedis(tmp_path)
+    try:
+        url2 = pg2.start()
+        assert sql(url2, "SELECT v FROM kept") == "survives a restart"
+        client = redis.Redis.from_url(rd2.start())
+        assert client.get("kept") == b"in the RDB snapshot"
+        client.close()
+    finally:
+        rd2.stop()
+        pg2.stop()
+    assert not (tmp_path / "postgres.pid").exists()
+    assert not (tmp_path / "redis.pid").exists()
+
+
+def test_a_postgres_left_by_a_killed_owner_is_stopped_on_next_start(tmp_path: Path) -> None:
+    owner, stale_pid = start_owner(tmp_path, "Postgres")
+    try:
+        # While its owner lives, the server is not ours to take.
+        with pytest.raises(EmbeddedServerError, match="in use by process"):
+            EmbeddedPostgres(tmp_path).start()
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        assert not gone(stale_pid), "pg_ctl daemonizes PostgreSQL: it outlives its owner"
+        pg = EmbeddedPostgres(tmp_path)
+        try:
+            url = pg.start()
+            assert gone(stale_pid)
+            assert pg.pid != stale_pid
+            assert sql(url, "SELECT 1") == 1
+        finally:
+            pg.stop()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
+def test_redis_dies_with_its_owner(tmp_path: Path) -> None:
+    owner, redis_pid = start_owner(tmp_path, "Redis")
+    try:
+        with pytest.raises(EmbeddedServerError, match="in use by process"):
+            EmbeddedRedis(tmp_path).start()
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        wait_for(lambda: gone(redis_pid), 10, "the orphaned Redis to exit")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+
+
+def test_a_redis_left_running_is_stopped_on_next_start(tmp_path: Path) -> None:
+    # A leftover as a crash on a system without parent-death signals would leave it: a Redis
+    # server, and a pid file whose owner is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    port = free_port()
+    (tmp_path / "redis").mkdir()
+    stale = subprocess.Popen(
+        [str(redis_executable()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        write_pidfile(tmp_path / "redis.pid", {
+            "owner_pid": dead.pid, "owner_started": None,
+            "server_pid": stale.pid, "server_started": create_time(stale.pid), "port": port,
+        })
+        rd = EmbeddedRedis(tmp_path)
+        try:
+            url = rd.start()
+            assert stale.poll() is not None, "the leftover server was not stopped"
+            assert redis.Redis.from_url(url).ping()
+        finally:
+            rd.stop()
+    finally:
+        if stale.poll() is None:
+            os.kill(stale.pid, signal.SIGKILL)
+        stale.wait()
+
+
+def test_redis_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "a") as first:
+        with pytest.raises(EmbeddedServerError, match="port in use"):
+            EmbeddedRedis(tmp_path / "b", port=first.port).start()
+        assert not (tmp_path / "b" / "redis.pid").exists()

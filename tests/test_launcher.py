@@ -1,0 +1,184 @@
+"""`dunning run`: the whole fleet on the private servers, stopped by a signal with nothing left
+behind. Real processes: the launcher, PostgreSQL, Redis, gunicorn, a Celery worker, beat, Flower."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from app import launcher
+from app.embedded import free_port, read_pidfile, wait_for
+from tasks import queues
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 45.0
+STOP_TIMEOUT = 20.0
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def dunning_command() -> list[str]:
+    script = Path(sys.executable).parent / "dunning"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+
+
+def fleet_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {
+        "DATABASE_URL", "CELERY_BROKER_URL", "CELERY_BROKER_KEY_PREFIX", "CELERY_RESULT_BACKEND",
+        "STRIPE_WEBHOOK_SECRET", "SERVICE_TOKENS", "SUPPORT_TOKENS", "SECRET_KEY",
+        "DUNNING_DATA_DIR", "DUNNING_PROCFILE", "FLOWER_ADDRESS", "PORT", "FLOWER_PORT",
+    }}
+    env.update(extra)
+    return env
+
+
+def everything_started(launcher_pid: int, data_dir: Path) -> list[psutil.Process]:
+    """The launcher's descendants (its fleet, Redis) plus PostgreSQL, which pg_ctl daemonizes."""
+    procs = psutil.Process(launcher_pid).children(recursive=True)
+    postmaster = read_pidfile(data_dir / "postgres.pid").get("server_pid")
+    assert postmaster, "no embedded PostgreSQL recorded"
+    pg = psutil.Process(postmaster)
+    procs += [pg, *pg.children(recursive=True)]
+    redis_pid = read_pidfile(data_dir / "redis.pid").get("server_pid")
+    assert redis_pid in {p.pid for p in procs}, "the embedded Redis is not the launcher's child"
+    return procs
+
+
+def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, **env: str) -> str:
+    port, flower_port = free_port(), free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*dunning_command(), "run", "--data-dir", str(data_dir)],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=fleet_env(PORT=str(port), FLOWER_PORT=str(flower_port), **env),
+        )
+    started: list[psutil.Process] = []
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, "the launcher exited:\n" + log.read_text()
+            return (answers(f"http://127.0.0.1:{port}/healthz")
+                    and answers(f"http://127.0.0.1:{flower_port}/healthcheck"))
+
+        wait_for(up, START_TIMEOUT, "the web app and Flower")
+        # Beat keeps its schedule in the data folder, not in the current directory.
+        wait_for(lambda: any(data_dir.glob("celerybeat-schedule*")), 10, "beat's schedule file")
+        # Flower's API is open for local use (FLOWER_UNAUTHENTICATED_API).
+        assert answers(f"http://127.0.0.1:{flower_port}/api/workers?refresh=false")
+        started = everything_started(proc.pid, data_dir)
+        names = " ".join(" ".join(p.cmdline()) for p in started if not gone(p))
+        for expected in ("gunicorn", "celery -A tasks worker", "celery -A tasks beat",
+                         "celery -A tasks flower", "redis-server", "postgres"):
+            assert expected in names
+
+        proc.send_signal(sig)
+        proc.wait(STOP_TIMEOUT)
+        output = log.read_text()
+        assert proc.returncode == 0, output
+        wait_for(lambda: all(gone(p) for p in started), 5, "every process of the fleet to exit")
+        assert not (data_dir / "fleet.pid").exists()
+        assert not (data_dir / "postgres.pid").exists()
+        assert not (data_dir / "redis.pid").exists()
+        return output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in started:
+            if not gone(p):
+                p.kill()
+
+
+def test_make_run_starts_the_fleet_and_a_signal_stops_everything(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = run_fleet_and_stop(data_dir, tmp_path / "first.log", signal.SIGINT)
+    assert "SIGINT received" in first
+    stored = json.loads((data_dir / "local-secrets.json").read_text())
+    assert f"STRIPE_WEBHOOK_SECRET={stored['STRIPE_WEBHOOK_SECRET']}" in first
+    assert f"SERVICE_TOKENS={stored['SERVICE_TOKENS']}" in first
+    assert stored["SECRET_KEY"] not in first
+
+    # A second run reuses the folder: same database cluster, same local credentials; a secret the
+    # user configured is used and never printed.
+    user_secret = "whsec_configured_by_the_user_0123456789"
+    second = run_fleet_and_stop(data_dir, tmp_path / "second.log", signal.SIGTERM,
+                                STRIPE_WEBHOOK_SECRET=user_secret)
+    assert "SIGTERM received" in second
+    assert user_secret not in second
+    assert "STRIPE_WEBHOOK_SECRET=" not in second
+    assert f"SERVICE_TOKENS={stored['SERVICE_TOKENS']}" in second
+    assert json.loads((data_dir / "local-secrets.json").read_text()) == stored
+    assert "stopping a PostgreSQL left running" not in second
+
+
+def test_the_procfile_and_the_builtin_copy_agree() -> None:
+    from honcho.environ import parse_procfile
+
+    in_repo = parse_procfile((REPO / "Procfile").read_text()).processes
+    builtin = parse_procfile(launcher.DEFAULT_PROCFILE).processes
+    assert dict(in_repo) == dict(builtin)
+    assert launcher.procfile_processes({}) == dict(in_repo)
+
+
+def test_the_procfile_follows_the_contract() -> None:
+    procs = launcher.procfile_processes({})
+    assert list(procs) == ["web", "worker", "beat", "flower"]
+    assert "gunicorn 'app:create_app()'" in procs["web"]
+    assert "--bind 0.0.0.0:${PORT:-5000}" in procs["web"]
+    assert "celery -A tasks worker -E " in procs["worker"]
+    assert f"-Q {','.join(queues.ALL)} " in procs["worker"]
+    assert "--prefetch-multiplier 1" in procs["worker"]
+    assert '--schedule "${DUNNING_DATA_DIR:-.dunning}/celerybeat-schedule"' in procs["beat"]
+    assert "--port=${FLOWER_PORT:-5555}" in procs["flower"]
+    assert "--address=${FLOWER_ADDRESS:-127.0.0.1}" in procs["flower"]
+    assert "FLOWER_UNAUTHENTICATED_API=" in procs["flower"]
+
+
+def test_local_credentials_are_generated_once_and_never_replace_configured_ones(
+    tmp_path: Path,
+) -> None:
+    first = launcher.local_credentials({}, tmp_path)
+    assert set(first) == {"STRIPE_WEBHOOK_SECRET", "SERVICE_TOKENS", "SUPPORT_TOKENS", "SECRET_KEY"}
+    assert first["SUPPORT_TOKENS"].startswith("support:")
+    assert launcher.local_credentials({}, tmp_path) == first
+    assert (tmp_path / launcher.SECRETS_FILE).stat().st_mode & 0o777 == 0o600
+    configured = launcher.local_credentials({"SERVICE_TOKENS": "mine", "SECRET_KEY": "k"}, tmp_path)
+    assert set(configured) == {"STRIPE_WEBHOOK_SECRET", "SUPPORT_TOKENS"}
+
+
+def test_a_second_launcher_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+    try:
+        from app.embedded import create_time, write_pidfile
+
+        write_pidfile(tmp_path / launcher.FLEET_FILE, {
+            "owner_pid": holder.pid, "owner_started": create_time(holder.pid), "groups": [],
+        })
+        with pytest.raises(launcher.LaunchError, match="another `dunning run`"):
+            launcher.claim_data_dir(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    launcher.claim_data_dir(tmp_path)  # its owner is gone: the folder is free again
+    assert read_pidfile(tmp_path / launcher.FLEET_FILE)["owner_pid"] == os.getpid()
