@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole fleet (embedded PostgreSQL/Redis unless configured)")
     run.add_argument("--data-dir", default=None, help="where the private servers keep their data (.dunning)")
     run.set_defaults(handler=cmd_run)
+
+    from app.sweep.cli import add_commands as add_sweep_commands
+
+    add_sweep_commands(sub)
     return parser
 
 

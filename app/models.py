@@ -385,6 +385,14 @@ class SweepRun(Base):
     drifted: Mapped[int] = mapped_column(BigInteger, server_default="0")
     enqueued: Mapped[int] = mapped_column(BigInteger, server_default="0")
     state: Mapped[str] = mapped_column(Text, server_default="running")
+    in_stage: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    guarded: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    errors: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cursor: Mapped[str | None] = mapped_column(Text)  # last account id swept (chained batches resume here)
+    note: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)  # heartbeat of a running sweep
+
+    __table_args__ = (Index("ix_sweep_run_state", "state"),)
 
 
 class DriftRecord(Base):
@@ -399,6 +407,9 @@ class DriftRecord(Base):
     fields: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     remediated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     stage: Mapped[str | None] = mapped_column(Text)
+    skipped: Mapped[str | None] = mapped_column(Text)  # out_of_stage | guarded:<why> | dry_run | error
+
+    __table_args__ = (Index("ix_drift_record_found_at", "found_at"),)
 
 
 class RolloutState(Base):
@@ -412,6 +423,9 @@ class RolloutState(Base):
     named_accounts: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     stage_entered_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    last_gate_at: Mapped[datetime | None]
+    last_gate_action: Mapped[str | None] = mapped_column(Text)
+    last_gate_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class RolloutHistory(Base):

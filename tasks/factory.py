@@ -12,7 +12,7 @@ from app.config import Settings
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
 
-TASK_MODULES = ["tasks.recompute", "tasks.redrive"]
+TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.sweeps"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

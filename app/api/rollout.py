@@ -1,0 +1,91 @@
+"""Operators' view of the staged remediation rollout and the payment-flow guard (SERVICE_TOKENS).
+
+GET  /ops/rollout   stage, hold, last gate decision, health, history
+POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "..."}
+                    or {"action": "name", "accounts": [...], "reason": "...", "actor": "..."}
+GET  /ops/lifting   accounts in lifting longer than the guard window
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
+
+from app.auth import require_service_token
+from app.db import unit_of_work
+from app.domain.rollout import health_since, rollout_policy
+from app.rollout import store
+from app.rollout.gate import measure
+from app.sweep.lifting import count_stuck_in_lifting, stuck_in_lifting
+from app.web import runtime
+
+bp = Blueprint("rollout", __name__)
+
+POST_ACTIONS = (*store.ACTIONS, "name")
+
+
+def _bad(reason: str) -> ResponseReturnValue:
+    return jsonify(error="bad_request", reason=reason), 400
+
+
+def _view(conn: Any, now: datetime) -> dict[str, Any]:
+    state = store.read_state(conn)
+    health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now))
+    return {**state.to_json(), "health": health.to_json(), "history": store.history(conn, 20)}
+
+
+@bp.get("/ops/rollout")
+@require_service_token
+def rollout_status() -> ResponseReturnValue:
+    now = datetime.now(UTC)
+    with runtime().engine.connect() as conn:
+        return jsonify(_view(conn, now))
+
+
+@bp.post("/ops/rollout")
+@require_service_token
+def rollout_change() -> ResponseReturnValue:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _bad("the body must be a JSON object: {\"action\", \"reason\", \"actor\"}")
+    action = body.get("action")
+    if action not in POST_ACTIONS:
+        return _bad(f"action must be one of {', '.join(POST_ACTIONS)}")
+    reason, actor = body.get("reason"), body.get("actor", "service")
+    if not isinstance(reason, str) or not reason.strip():
+        return _bad("reason is required: every rollout change is audited with why")
+    if not isinstance(actor, str) or not actor.strip():
+        return _bad("actor must be a non-empty string")
+    now = datetime.now(UTC)
+    try:
+        with unit_of_work(runtime().engine) as conn:
+            if action == "name":
+                accounts = body.get("accounts")
+                if not isinstance(accounts, list) or not all(isinstance(a, str) for a in accounts):
+                    return _bad("accounts must be a list of account ids")
+                if len(accounts) > 10_000:
+                    return _bad("at most 10000 named accounts")
+                store.set_named_accounts(conn, accounts, actor, reason, now)
+            else:
+                store.change(conn, action, actor, reason, now)
+            view = _view(conn, now)
+    except store.RolloutError as exc:
+        return jsonify(error="conflict", reason=str(exc)), 409
+    return jsonify(view)
+
+
+@bp.get("/ops/lifting")
+@require_service_token
+def lifting() -> ResponseReturnValue:
+    rt = runtime()
+    now = datetime.now(UTC)
+    limit = request.args.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        return _bad("limit must be a whole number from 1 to 1000")
+    with rt.engine.connect() as conn:
+        accounts = stuck_in_lifting(conn, rt.policy.guard_window_minutes, now, int(limit))
+        total = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
+    return jsonify(guard_window_minutes=rt.policy.guard_window_minutes, count=total, accounts=accounts)

@@ -1,0 +1,203 @@
+"""Staged rollout of drift remediation (DESIGN section 6). Pure: no clock, no database.
+
+Stages widen off -> named accounts -> 5% -> 10% -> 25% -> 50% -> 100%. Membership uses a stable
+hash of the account id (never Python's ``hash()``, which is salted per process), so an account in
+5% is in 10% and every larger stage, on every host and after every restart.
+
+The gate decides from health measured since the current stage was entered (and within the
+policy's health window): it advances after the soak time when healthy, steps back when the share
+of remediations that were reverted/re-drifted or the number of errors exceeds the limits, and
+otherwise holds, always with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from app.domain.policy import PolicyError
+
+STAGES: tuple[str, ...] = ("off", "named", "5", "10", "25", "50", "100")
+BUCKETS = 10_000
+
+
+def bucket(account_id: str) -> int:
+    """0..9999 from the first 8 bytes of sha256(account id): the same everywhere, forever."""
+    digest = hashlib.sha256(account_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def percent(stage: str) -> int:
+    """Share of all accounts a stage covers (off and named: 0)."""
+    check_stage(stage)
+    return int(stage) if stage.isdigit() else 0
+
+
+def check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown rollout stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def in_stage(account_id: str, stage: str, named_accounts: Collection[str]) -> bool:
+    """Is remediation enabled for this account at this stage? Nested by construction: named
+    accounts are in every stage but off; a percentage stage takes the buckets below its share."""
+    if stage == "off":
+        check_stage(stage)
+        return False
+    if account_id in named_accounts:
+        return True
+    return bucket(account_id) < percent(stage) * (BUCKETS // 100)
+
+
+def next_stage(stage: str) -> str | None:
+    check_stage(stage)
+    index = STAGES.index(stage)
+    return STAGES[index + 1] if index + 1 < len(STAGES) else None
+
+
+def previous_stage(stage: str) -> str | None:
+    check_stage(stage)
+    index = STAGES.index(stage)
+    return STAGES[index - 1] if index > 0 else None
+
+
+def stage_index(stage: str) -> int:
+    check_stage(stage)
+    return STAGES.index(stage)
+
+
+def label(stage: str) -> str:
+    check_stage(stage)
+    return {"off": "off", "named": "named accounts"}.get(stage, f"{stage}%")
+
+
+# --- the policy's limits --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    soak_hours: float = 24
+    max_reverted_ratio: float = 0.02
+    max_errors: int = 5
+    health_window_hours: float = 24
+    # Remediations needed in the window before the gate trusts the ratio enough to advance.
+    min_remediations: int = 0
+
+    @property
+    def soak(self) -> timedelta:
+        return timedelta(hours=self.soak_hours)
+
+    @property
+    def health_window(self) -> timedelta:
+        return timedelta(hours=self.health_window_hours)
+
+
+def _number(section: Mapping[str, Any], key: str, default: float, whole: bool = False,
+            maximum: float | None = None) -> float:
+    value = section.get(key, default)
+    path = f"rollout.{key}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
+        raise PolicyError(path, "must be a whole number" if whole else "must be a number")
+    if value < 0:
+        raise PolicyError(path, "must not be negative")
+    if maximum is not None and value > maximum:
+        raise PolicyError(path, f"must be at most {maximum}")
+    return value
+
+
+def rollout_policy(extra: Mapping[str, Any]) -> RolloutPolicy:
+    """The [rollout] section of the policy file (``policy.extra``), validated; defaults when absent."""
+    section = extra.get("rollout", {})
+    if not isinstance(section, Mapping):
+        raise PolicyError("rollout", "must be a table")
+    known = {"soak_hours", "max_reverted_ratio", "max_errors", "health_window_hours", "min_remediations"}
+    unknown = set(section) - known
+    if unknown:
+        raise PolicyError("rollout", f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    window = _number(section, "health_window_hours", RolloutPolicy.health_window_hours)
+    if window <= 0:
+        raise PolicyError("rollout.health_window_hours", "must be more than 0")
+    return RolloutPolicy(
+        soak_hours=_number(section, "soak_hours", RolloutPolicy.soak_hours),
+        max_reverted_ratio=_number(section, "max_reverted_ratio", RolloutPolicy.max_reverted_ratio, maximum=1),
+        max_errors=int(_number(section, "max_errors", RolloutPolicy.max_errors, whole=True)),
+        health_window_hours=window,
+        min_remediations=int(_number(section, "min_remediations", RolloutPolicy.min_remediations, whole=True)),
+    )
+
+
+# --- the gate -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    stage: str
+    held: bool
+    stage_entered_at: datetime
+    named_accounts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Health:
+    """Measured over the window the gate looks at (since the stage began, within the policy window)."""
+
+    remediations: int = 0
+    reverted: int = 0  # remediated, then found drifted again the same way, or its recompute failed
+    errors: int = 0  # sweep errors: compute failures, enqueue failures
+    sweeps: int = 0  # completed sweeps in the window
+
+    @property
+    def reverted_ratio(self) -> float:
+        return self.reverted / self.remediations if self.remediations else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"remediations": self.remediations, "reverted": self.reverted, "errors": self.errors,
+                "sweeps": self.sweeps, "reverted_ratio": round(self.reverted_ratio, 6)}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    action: str  # advance | hold | rollback | none
+    reason: str
+    to_stage: str | None = None
+
+
+def health_since(state: RolloutStatus, policy: RolloutPolicy, now: datetime) -> datetime:
+    """Health counts from the later of the stage start and the window start, so data from a stage
+    the gate already stepped back from never pushes it back again."""
+    return max(state.stage_entered_at, now - policy.health_window)
+
+
+def evaluate_gate(state: RolloutStatus, health: Health, policy: RolloutPolicy, now: datetime) -> GateDecision:
+    if state.stage == "off":
+        return GateDecision("none", "remediation is off; an operator starts the rollout")
+    if state.held:
+        return GateDecision("none", f"held at {label(state.stage)}; an operator resumes the rollout")
+    ratio = health.reverted_ratio
+    breach = []
+    if health.remediations and ratio > policy.max_reverted_ratio:
+        breach.append(f"reverted/re-drifted {health.reverted} of {health.remediations} remediations "
+                      f"({ratio:.1%}) > limit {policy.max_reverted_ratio:.1%}")
+    if health.errors > policy.max_errors:
+        breach.append(f"{health.errors} errors > limit {policy.max_errors}")
+    if breach:
+        back = previous_stage(state.stage)
+        return GateDecision("rollback", f"step back from {label(state.stage)}: " + "; ".join(breach), back)
+    soaked = now - state.stage_entered_at
+    if soaked < policy.soak:
+        hours = soaked.total_seconds() / 3600
+        return GateDecision("hold", f"soaking at {label(state.stage)}: {hours:.1f} h of {policy.soak_hours:g} h")
+    target = next_stage(state.stage)
+    if target is None:
+        return GateDecision("none", "at 100%, healthy")
+    if health.sweeps == 0:
+        return GateDecision("hold", f"no completed sweep since {label(state.stage)} began: health unknown")
+    if health.remediations < policy.min_remediations:
+        return GateDecision("hold", f"{health.remediations} remediations so far; "
+                                    f"{policy.min_remediations} needed before advancing")
+    return GateDecision("advance", f"healthy after {policy.soak_hours:g} h soak at {label(state.stage)} "
+                                   f"({health.reverted} of {health.remediations} reverted, {health.errors} errors)",
+                        target)

@@ -1,0 +1,1 @@
+"""Staged remediation rollout: its state, history and gate (DESIGN section 6)."""

@@ -1,0 +1,66 @@
+"""The rollout gate: measure health, ask the pure evaluate_gate, apply and audit what it decides.
+
+Health is measured since the later of the stage start and the window start:
+
+* remediations: drift records with a recompute enqueued;
+* reverted: of those, the ones found drifted again the same way by a later sweep (the stored values
+  of every drifted field back as they were: the remediation was undone or never took), or whose
+  DRIFT_DETECTED recompute failed into subs_stuck_events;
+* errors: sweep errors (compute failures, enqueue failures) of sweeps active in the window;
+* sweeps: completed sweeps that could remediate (no health without them).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine
+
+from app import metrics
+from app.db import unit_of_work
+from app.domain.policy import Policy
+from app.domain.rollout import GateDecision, Health, evaluate_gate, health_since, rollout_policy, stage_index
+from app.rollout.store import RolloutRow, change, read_state, record_gate
+
+log = logging.getLogger(__name__)
+
+HEALTH_SQL = """
+SELECT
+  (SELECT count(*) FROM drift_record e WHERE e.remediated AND e.found_at >= %(since)s) AS remediations,
+  (SELECT count(*) FROM drift_record e
+    WHERE e.remediated AND e.found_at >= %(since)s
+      AND (EXISTS (SELECT 1 FROM drift_record l
+                    WHERE l.account_id = e.account_id AND l.found_at > e.found_at
+                      AND l.sweep_id IS DISTINCT FROM e.sweep_id AND l.stored @> e.stored)
+           OR EXISTS (SELECT 1 FROM subs_stuck_events s
+                       WHERE s.account_id = e.account_id AND s.task_name = 'tasks.recompute_account'
+                         AND s.task_args ->> 'trigger' = 'DRIFT_DETECTED' AND s.last_failed_at >= e.found_at)))
+    AS reverted,
+  (SELECT coalesce(sum(errors), 0) FROM sweep_run WHERE NOT dry_run AND updated_at >= %(since)s) AS errors,
+  (SELECT count(*) FROM sweep_run WHERE NOT dry_run AND state = 'finished' AND finished_at >= %(since)s) AS sweeps
+"""
+
+
+def measure(conn: Connection, since: datetime) -> Health:
+    row = conn.exec_driver_sql(HEALTH_SQL, {"since": since}).one()
+    return Health(remediations=int(row.remediations), reverted=int(row.reverted), errors=int(row.errors),
+                  sweeps=int(row.sweeps))
+
+
+def check_gate(engine: Engine, policy: Policy, now: datetime) -> tuple[GateDecision, Health, RolloutRow]:
+    """One gate check, in one transaction holding the rollout row, so an operator's change and the
+    gate's never interleave. -> (decision, health, state after)."""
+    limits = rollout_policy(policy.extra)
+    with unit_of_work(engine) as conn:
+        state = read_state(conn, for_update=True)
+        health = measure(conn, health_since(state.status, limits, now))
+        decision = evaluate_gate(state.status, health, limits, now)
+        if decision.action in ("advance", "rollback"):
+            change(conn, decision.action, "gate", decision.reason, now, health.to_json())
+            log.warning("rollout gate: %s %s -> %s: %s", decision.action, state.stage, decision.to_stage,
+                        decision.reason)
+        record_gate(conn, decision.action, decision.reason, now)
+        after = read_state(conn)
+    metrics.ROLLOUT_STAGE.set(stage_index(after.stage))
+    return decision, health, after

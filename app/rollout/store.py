@@ -1,0 +1,159 @@
+"""rollout_state (one row, id = 1) and rollout_history: read, change, audit.
+
+Every change writes a rollout_history row (from, to, actor, reason, health) and an audit_log row in
+the same transaction. Changes lock the state row so an operator and the gate never interleave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg2.extras import Json
+from sqlalchemy import Connection
+
+from app.domain.rollout import RolloutStatus, label, next_stage, previous_stage
+
+ACTIONS = ("advance", "hold", "rollback", "resume")
+
+
+class RolloutError(ValueError):
+    """The change is not possible (bad input or the wrong state); the message says why."""
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    stage: str
+    held: bool
+    named_accounts: tuple[str, ...]
+    stage_entered_at: datetime
+    updated_at: datetime
+    last_gate_at: datetime | None = None
+    last_gate_action: str | None = None
+    last_gate_reason: str | None = None
+
+    @property
+    def status(self) -> RolloutStatus:
+        return RolloutStatus(self.stage, self.held, self.stage_entered_at, self.named_accounts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "stage_label": label(self.stage), "held": self.held,
+            "named_accounts": list(self.named_accounts), "stage_entered_at": self.stage_entered_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "last_gate": None if self.last_gate_at is None else {
+                "at": self.last_gate_at.isoformat(), "action": self.last_gate_action, "reason": self.last_gate_reason},
+        }
+
+
+SELECT_STATE = """
+SELECT stage, held, named_accounts, stage_entered_at, updated_at, last_gate_at, last_gate_action, last_gate_reason
+  FROM rollout_state WHERE id = 1
+"""
+
+
+def read_state(conn: Connection, for_update: bool = False) -> RolloutRow:
+    row = conn.exec_driver_sql(SELECT_STATE + (" FOR UPDATE" if for_update else "")).first()
+    if row is None:  # the migration seeds it; recreate rather than fail if someone deleted it
+        conn.exec_driver_sql("INSERT INTO rollout_state (id, stage) VALUES (1, 'off') ON CONFLICT DO NOTHING")
+        row = conn.exec_driver_sql(SELECT_STATE + (" FOR UPDATE" if for_update else "")).one()
+    m = row._mapping
+    return RolloutRow(stage=m["stage"], held=bool(m["held"]), named_accounts=tuple(m["named_accounts"] or ()),
+                      stage_entered_at=m["stage_entered_at"], updated_at=m["updated_at"],
+                      last_gate_at=m["last_gate_at"], last_gate_action=m["last_gate_action"],
+                      last_gate_reason=m["last_gate_reason"])
+
+
+def history(conn: Connection, limit: int = 20) -> list[dict[str, Any]]:
+    rows = conn.exec_driver_sql(
+        "SELECT at, action, from_stage, to_stage, actor, reason, health FROM rollout_history "
+        "ORDER BY id DESC LIMIT %(limit)s", {"limit": limit}).fetchall()
+    return [{"at": r.at.isoformat(), "action": r.action, "from_stage": r.from_stage, "to_stage": r.to_stage,
+             "actor": r.actor, "reason": r.reason, "health": r.health} for r in rows]
+
+
+def _required(value: str | None, what: str) -> str:
+    text = (value or "").strip()
+    if not text:
+        raise RolloutError(f"{what} is required")
+    if len(text) > 2000:
+        raise RolloutError(f"{what} is too long (at most 2000 characters)")
+    return text
+
+
+def change(conn: Connection, action: str, actor: str | None, reason: str | None, now: datetime,
+           health: dict[str, Any] | None = None) -> tuple[RolloutRow, RolloutRow]:
+    """Apply an operator's (or the gate's) action. -> (before, after). Raises RolloutError.
+
+    advance: next stage now (an operator's advance does not wait for the soak), clears a hold.
+    rollback: previous stage, and held so the gate does not widen again until someone resumes.
+    hold: stay, the gate stops advancing. resume: the gate may advance again.
+    """
+    if action not in ACTIONS:
+        raise RolloutError(f"action must be one of {', '.join(ACTIONS)}")
+    actor = _required(actor, "actor")
+    reason = _required(reason, "a reason")
+    before = read_state(conn, for_update=True)
+    stage, held, entered = before.stage, before.held, before.stage_entered_at
+    if action == "advance":
+        target = next_stage(stage)
+        if target is None:
+            raise RolloutError("already at 100%: nothing to advance to")
+        stage, held, entered = target, False, now
+    elif action == "rollback":
+        target = previous_stage(stage)
+        if target is None:
+            raise RolloutError("remediation is already off: nothing to roll back")
+        stage, held, entered = target, True, now
+    elif action == "hold":
+        if held:
+            raise RolloutError(f"already held at {label(stage)}")
+        held = True
+    else:
+        if not held:
+            raise RolloutError(f"not held: the gate is already running at {label(stage)}")
+        held = False
+    conn.exec_driver_sql(
+        "UPDATE rollout_state SET stage = %(stage)s, held = %(held)s, stage_entered_at = %(entered)s, "
+        "updated_at = %(now)s WHERE id = 1",
+        {"stage": stage, "held": held, "entered": entered, "now": now},
+    )
+    _audit(conn, action, before.stage, stage, actor, reason, now, health)
+    return before, read_state(conn)
+
+
+def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None, reason: str | None,
+                       now: datetime) -> RolloutRow:
+    actor = _required(actor, "actor")
+    reason = _required(reason, "a reason")
+    cleaned = sorted({a.strip() for a in accounts if a.strip()})
+    before = read_state(conn, for_update=True)
+    conn.exec_driver_sql("UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s WHERE id = 1",
+                         {"named": Json(cleaned), "now": now})
+    _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now,
+           {"named_accounts": cleaned, "before": list(before.named_accounts)})
+    return read_state(conn)
+
+
+def record_gate(conn: Connection, action: str, reason: str, now: datetime) -> None:
+    conn.exec_driver_sql(
+        "UPDATE rollout_state SET last_gate_at = %(now)s, last_gate_action = %(action)s, "
+        "last_gate_reason = %(reason)s WHERE id = 1",
+        {"now": now, "action": action, "reason": reason},
+    )
+
+
+def _audit(conn: Connection, action: str, from_stage: str, to_stage: str, actor: str, reason: str, now: datetime,
+           health: dict[str, Any] | None) -> None:
+    conn.exec_driver_sql(
+        "INSERT INTO rollout_history (at, action, from_stage, to_stage, actor, reason, health) "
+        "VALUES (%(now)s, %(action)s, %(from)s, %(to)s, %(actor)s, %(reason)s, %(health)s)",
+        {"now": now, "action": action, "from": from_stage, "to": to_stage, "actor": actor, "reason": reason,
+         "health": Json(health or {})},
+    )
+    conn.exec_driver_sql(
+        "INSERT INTO audit_log (at, actor, action, detail) VALUES (%(now)s, %(actor)s, %(action)s, %(detail)s)",
+        {"now": now, "actor": actor, "action": f"rollout.{action}",
+         "detail": Json({"from_stage": from_stage, "to_stage": to_stage, "reason": reason})},
+    )

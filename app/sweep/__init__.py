@@ -1,0 +1,1 @@
+"""The drift sweep: find accounts whose stored dunning state disagrees with compute (DESIGN section 6)."""

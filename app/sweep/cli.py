@@ -1,0 +1,144 @@
+"""``dunning sweep [--dry-run]`` and ``dunning rollout status|advance|hold|rollback|resume|name``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from app.config import Settings
+from app.domain.rollout import label
+
+
+def _runtime() -> Any:
+    from app.runtime import Runtime
+
+    return Runtime.build(Settings.from_env())
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from app.sweep.remediate import celery_enqueuer
+    from app.sweep.sweep import SweepBusy, Sweeper
+
+    rt = _runtime()
+    enqueue = None
+    if not args.dry_run:
+        from tasks.factory import make_celery
+
+        enqueue = celery_enqueuer(make_celery(rt.settings))
+    sweeper = Sweeper(rt.engine, rt.policy, enqueue, dry_run=args.dry_run, batch_size=args.batch_size,
+                      keep=args.show)
+    try:
+        report = sweeper.start()
+    except SweepBusy as exc:
+        print(f"not swept: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+        return 0
+    kind = "dry run (nothing written, nothing enqueued)" if report.dry_run else f"sweep {report.run_id}"
+    print(f"{kind} at stage {label(report.stage)} in {report.seconds:.1f}s")
+    print(f"scanned {report.scanned}  drifted {report.drifted}  in stage {report.in_stage}  "
+          f"out of stage {report.out_of_stage}  guarded {report.guarded}  enqueued {report.enqueued}  "
+          f"errors {report.errors}")
+    if report.drifted_accounts:
+        shown = len(report.drifted_accounts)
+        print(f"drifted accounts (first {shown} of {report.drifted}):")
+        for found in report.drifted_accounts:
+            changes = ", ".join(f"{f}: {found['stored'].get(f)!r} -> {found['desired'].get(f)!r}"
+                                for f in found["fields"])
+            print(f"  {found['account_id']}  [{found['action']}]  {changes}")
+    return 0 if report.errors == 0 else 1
+
+
+def _print_state(state: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    held = " (held)" if state["held"] else ""
+    print(f"stage: {state['stage_label']}{held} since {state['stage_entered_at']}")
+    named = state["named_accounts"]
+    print(f"named accounts: {', '.join(named) if named else '-'}")
+    gate = state.get("last_gate")
+    if gate:
+        print(f"last gate check: {gate['at']}: {gate['action']}: {gate['reason']}")
+    if history:
+        print("history (newest first):")
+        for h in history:
+            print(f"  {h['at']}  {h['action']:<13} {h['from_stage']} -> {h['to_stage']}  "
+                  f"by {h['actor']}: {h['reason']}")
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from app.db import unit_of_work
+    from app.domain.rollout import health_since, rollout_policy
+    from app.rollout import store
+    from app.rollout.gate import measure
+
+    rt = _runtime()
+    now = datetime.now(UTC)
+    action = args.rollout_command
+    if action != "status" and not (args.reason or "").strip():
+        print("error: --reason TEXT is required: every rollout change is audited with why", file=sys.stderr)
+        return 2
+    try:
+        with unit_of_work(rt.engine) as conn:
+            if action == "name":
+                named = store.set_named_accounts(conn, args.accounts, args.actor, args.reason, now).named_accounts
+                print(f"named accounts: {', '.join(named) or '-'}; recorded by {args.actor}")
+            elif action != "status":
+                before, after = store.change(conn, action, args.actor, args.reason, now)
+                print(f"{action}: {label(before.stage)} -> {label(after.stage)}"
+                      f"{' (held)' if after.held else ''}; recorded by {args.actor}")
+            state = store.read_state(conn)
+            history = store.history(conn, args.history)
+            health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now))
+    except store.RolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if action == "status":
+        if args.json:
+            print(json.dumps({**state.to_json(), "health": health.to_json(), "history": history}, indent=2))
+            return 0
+        _print_state(state.to_json(), history)
+        h = health.to_json()
+        print(f"health since the stage began: {h['remediations']} remediations, {h['reverted']} reverted "
+              f"({h['reverted_ratio']:.1%}), {h['errors']} errors, {h['sweeps']} completed sweeps")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    sweep = sub.add_parser("sweep", help="run one drift sweep now and print what it found and enqueued")
+    sweep.add_argument("--dry-run", action="store_true", help="find drift only: write nothing, enqueue nothing")
+    sweep.add_argument("--batch-size", type=int, default=500)
+    sweep.add_argument("--show", type=int, default=20, help="how many drifted accounts to list")
+    sweep.add_argument("--json", action="store_true")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    rollout = sub.add_parser("rollout", help="staged remediation rollout: see and steer it")
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True)
+    status = rsub.add_parser("status", help="stage, hold, last gate decision, health and history")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--history", type=int, default=10, help="how many history entries to show")
+    status.set_defaults(handler=cmd_rollout, reason=None)
+    helps = {"advance": "widen to the next stage now (does not wait for the soak time)",
+             "hold": "stop the gate from advancing", "rollback": "step back one stage (and hold)",
+             "resume": "let the gate advance again"}
+    for name, text in helps.items():
+        p = rsub.add_parser(name, help=text)
+        p.add_argument("--reason", help="why (required; recorded in the history and the audit log)")
+        p.add_argument("--actor", default=_default_actor(), help="who (default: the login name)")
+        p.set_defaults(handler=cmd_rollout, history=10, json=False)
+    named = rsub.add_parser("name", help="set the accounts of the 'named accounts' stage")
+    named.add_argument("accounts", nargs="*")
+    named.add_argument("--reason")
+    named.add_argument("--actor", default=_default_actor())
+    named.set_defaults(handler=cmd_rollout, history=10, json=False)
+
+
+def _default_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return "cli"

@@ -1,0 +1,42 @@
+"""One sweep at a time: a PostgreSQL session advisory lock, taken with try-lock.
+
+The lock lives on a connection of its own for as long as the sweep (or one chained segment of it)
+runs. It is released explicitly before the connection goes back to the pool; if that fails, the
+connection is invalidated so the lock dies with the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine
+
+# An arbitrary constant: the advisory-lock key space is shared with per-account locks, which use
+# hashtextextended(account_id, 7281); a collision would only delay a recompute, never corrupt it.
+SWEEP_LOCK_KEY = 0x5EEB_D21F7
+
+
+class SweepBusy(Exception):
+    """Another sweep is running; this one did nothing."""
+
+
+@contextmanager
+def sweep_lock(engine: Engine) -> Iterator[None]:
+    conn = engine.connect()
+    try:
+        got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(k)s)", {"k": SWEEP_LOCK_KEY}).scalar_one()
+        conn.commit()
+        if not got:
+            raise SweepBusy("another drift sweep holds the sweep lock; not starting a second one")
+        try:
+            yield
+        finally:
+            try:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(%(k)s)", {"k": SWEEP_LOCK_KEY})
+                conn.commit()
+            except Exception:
+                conn.invalidate()
+                raise
+    finally:
+        conn.close()

@@ -1,0 +1,277 @@
+"""The drift sweep: walk every account in batches, compare stored with desired, remediate in stage.
+
+Per batch: keyset page of account ids -> one gather statement for the batch -> the same pure
+compute as recompute -> drift. A drifted account with a payment in flight is left alone
+("guarded"); one inside the rollout stage gets a DRIFT_DETECTED recompute (the recompute task is
+still the only writer of dunning state); one outside is recorded only. Counts, the cursor and the
+drift records are written once per batch, so memory stays flat whatever the number of accounts.
+
+A sweep may be split into segments (one Celery task each, chained by the cursor in sweep_run) so
+no task runs close to the broker's visibility timeout. The advisory lock keeps two segments from
+running at once; a fresh ``running`` sweep_run row (heartbeat ``updated_at``) keeps a new sweep from
+starting between two segments of the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg2.extras import Json
+from sqlalchemy import Engine
+
+from app import metrics
+from app.db import unit_of_work
+from app.domain.compute import compute
+from app.domain.drift import Drift, drift_of, payment_in_flight
+from app.domain.policy import Policy
+from app.domain.rollout import in_stage
+from app.recompute.gather import gather_many
+from app.rollout.store import read_state
+from app.sweep.lock import SweepBusy, sweep_lock
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[str, int | None], str]  # (account id, sweep run id) -> task id; raises on failure
+
+PAGE_SQL = "SELECT account_id FROM subs_account WHERE account_id > %(last)s ORDER BY account_id LIMIT %(batch)s"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class SweepReport:
+    run_id: int | None
+    stage: str
+    dry_run: bool
+    scanned: int = 0
+    drifted: int = 0
+    in_stage: int = 0  # drifted, not guarded, inside the stage: remediated (or would be, in a dry run)
+    guarded: int = 0
+    enqueued: int = 0
+    errors: int = 0
+    cursor: str = ""
+    finished: bool = False
+    seconds: float = 0.0
+    drifted_accounts: list[dict[str, Any]] = field(default_factory=list)  # the first ``keep`` only
+
+    @property
+    def out_of_stage(self) -> int:
+        return self.drifted - self.guarded - self.in_stage
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "stage": self.stage, "dry_run": self.dry_run, "scanned": self.scanned,
+                "drifted": self.drifted, "in_stage": self.in_stage, "out_of_stage": self.out_of_stage,
+                "guarded": self.guarded, "enqueued": self.enqueued, "errors": self.errors,
+                "finished": self.finished, "cursor": self.cursor, "seconds": round(self.seconds, 3),
+                "drifted_accounts": self.drifted_accounts}
+
+
+@dataclass(frozen=True)
+class Found:
+    account_id: str
+    drift: Drift
+    action: str  # remediate | out_of_stage | guarded:<why> | error
+    remediated: bool
+
+
+def _classify(account_id: str, guard: str | None, stage: str, named: tuple[str, ...]) -> str:
+    if guard is not None:
+        return f"guarded:{guard}"
+    return "remediate" if in_stage(account_id, stage, named) else "out_of_stage"
+
+
+class Sweeper:
+    def __init__(self, engine: Engine, policy: Policy, enqueue: Enqueue | None, *, dry_run: bool = False,
+                 batch_size: int = 500, clock: Callable[[], datetime] = utcnow, keep: int = 20,
+                 stale_after: timedelta = timedelta(minutes=15)) -> None:
+        if enqueue is None and not dry_run:
+            raise ValueError("a sweep that remediates needs a way to enqueue recomputes")
+        self.engine = engine
+        self.policy = policy
+        self.enqueue = enqueue
+        self.dry_run = dry_run
+        self.batch_size = batch_size
+        self.clock = clock
+        self.keep = keep
+        self.stale_after = stale_after
+
+    # --- entry points ------------------------------------------------------------------------
+
+    def start(self, max_seconds: float | None = None) -> SweepReport:
+        """A new sweep from the first account. Raises SweepBusy when one is running."""
+        with sweep_lock(self.engine):
+            run_id, stage, named = self._begin()
+            report = SweepReport(run_id, stage, self.dry_run)
+            return self._walk(report, "", named, max_seconds)
+
+    def resume(self, run_id: int, max_seconds: float | None = None) -> SweepReport:
+        """The next segment of a chained sweep. Raises SweepBusy when another segment runs."""
+        with sweep_lock(self.engine):
+            with unit_of_work(self.engine) as conn:
+                row = conn.exec_driver_sql(
+                    "SELECT state, cursor, scanned, drifted, in_stage, guarded, enqueued, errors, started_at "
+                    "FROM sweep_run WHERE id = %(id)s FOR UPDATE", {"id": run_id}).first()
+                if row is None or row.state != "running":
+                    raise SweepBusy(f"sweep {run_id} is not running ({row.state if row else 'missing'})")
+                rollout = read_state(conn)
+                conn.exec_driver_sql("UPDATE sweep_run SET updated_at = now(), stage = %(stage)s WHERE id = %(id)s",
+                                     {"id": run_id, "stage": rollout.stage})
+            report = SweepReport(run_id, rollout.stage, False, scanned=row.scanned, drifted=row.drifted,
+                                 in_stage=row.in_stage, guarded=row.guarded, enqueued=row.enqueued, errors=row.errors,
+                                 cursor=row.cursor or "")
+            return self._walk(report, row.cursor or "", rollout.named_accounts, max_seconds)
+
+    # --- the walk ----------------------------------------------------------------------------
+
+    def _begin(self) -> tuple[int | None, str, tuple[str, ...]]:
+        with unit_of_work(self.engine) as conn:
+            rollout = read_state(conn)
+            if self.dry_run:
+                return None, rollout.stage, rollout.named_accounts
+            running = conn.exec_driver_sql(
+                "SELECT id, cursor, updated_at FROM sweep_run WHERE state = 'running' ORDER BY id FOR UPDATE"
+            ).fetchall()
+            for row in running:
+                if row.updated_at > self.clock() - self.stale_after:
+                    raise SweepBusy(f"sweep {row.id} is still running (at account {row.cursor or '-'}); "
+                                    "not starting a second one")
+                conn.exec_driver_sql(
+                    "UPDATE sweep_run SET state = 'abandoned', finished_at = %(now)s, "
+                    "note = 'no progress since ' || updated_at::text WHERE id = %(id)s",
+                    {"id": row.id, "now": self.clock()})
+                log.warning("drift sweep %s abandoned at cursor %s (no heartbeat)", row.id, row.cursor)
+            run_id = conn.exec_driver_sql(
+                "INSERT INTO sweep_run (started_at, updated_at, dry_run, stage, state) "
+                "VALUES (%(now)s, %(now)s, false, %(stage)s, 'running') RETURNING id",
+                {"now": self.clock(), "stage": rollout.stage}).scalar_one()
+        return int(run_id), rollout.stage, rollout.named_accounts
+
+    def _walk(self, report: SweepReport, cursor: str, named: tuple[str, ...],
+              max_seconds: float | None) -> SweepReport:
+        started = time.perf_counter()
+        failed = False
+        try:
+            while True:
+                found, ids = self._batch(report, cursor, named)
+                if not ids:
+                    report.finished = True
+                    break
+                cursor = ids[-1]
+                report.cursor = cursor
+                self._record(report, found, len(ids))
+                if len(ids) < self.batch_size:
+                    report.finished = True
+                    break
+                if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                    break
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            report.seconds += time.perf_counter() - started
+            self._close(report, failed)
+        return report
+
+    def _batch(self, report: SweepReport, cursor: str, named: tuple[str, ...]) -> tuple[list[Found], list[str]]:
+        now = self.clock()
+        with self.engine.connect() as conn:
+            ids = [r[0] for r in conn.exec_driver_sql(PAGE_SQL, {"last": cursor, "batch": self.batch_size})]
+            gathered = gather_many(conn, ids) if ids else {}
+            conn.rollback()
+        found: list[Found] = []
+        for account_id in ids:
+            if account_id not in gathered:  # deleted between the page and the gather
+                continue
+            snapshot, _version = gathered[account_id]
+            try:
+                decision = compute(snapshot, self.policy, now)
+            except Exception:
+                log.exception("drift sweep: compute failed for %s", account_id)
+                report.errors += 1
+                continue
+            drifted = drift_of(snapshot, decision)
+            if drifted is None:
+                continue
+            action = _classify(account_id, payment_in_flight(snapshot, self.policy, now), report.stage, named)
+            remediated = False
+            if action == "remediate" and not self.dry_run:
+                assert self.enqueue is not None
+                try:
+                    self.enqueue(account_id, report.run_id)
+                    remediated = True
+                except Exception as exc:
+                    log.warning("drift sweep: could not enqueue the recompute of %s: %s", account_id,
+                                exc.__class__.__name__)
+                    report.errors += 1
+                    action = "error"
+            found.append(Found(account_id, drifted, action, remediated))
+        return found, ids
+
+    def _record(self, report: SweepReport, found: list[Found], scanned: int) -> None:
+        batch = {"scanned": scanned, "drifted": len(found),
+                 "in_stage": sum(1 for f in found if f.action in ("remediate", "error")),
+                 "guarded": sum(1 for f in found if f.action.startswith("guarded")),
+                 "enqueued": sum(1 for f in found if f.remediated)}
+        report.scanned += scanned
+        report.drifted += batch["drifted"]
+        report.in_stage += batch["in_stage"]
+        report.guarded += batch["guarded"]
+        report.enqueued += batch["enqueued"]
+        for f in found:
+            in_stage_label = "true" if f.action in ("remediate", "error") else "false"
+            metrics.DRIFT_FOUND.labels(in_stage_label).inc()
+            if f.remediated:
+                metrics.DRIFT_REMEDIATED.inc()
+            if len(report.drifted_accounts) < self.keep:
+                report.drifted_accounts.append({"account_id": f.account_id, "fields": list(f.drift.fields),
+                                                "action": f.action, "stored": f.drift.stored,
+                                                "desired": f.drift.desired})
+        if self.dry_run or report.run_id is None:
+            return
+        now = self.clock()
+        with unit_of_work(self.engine) as conn:
+            if found:
+                conn.exec_driver_sql(
+                    "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, "
+                    "stage, skipped) VALUES (%(sweep)s, %(account)s, %(now)s, %(stored)s, %(desired)s, %(fields)s, "
+                    "%(remediated)s, %(stage)s, %(skipped)s)",
+                    [{"sweep": report.run_id, "account": f.account_id, "now": now, "stored": Json(f.drift.stored),
+                      "desired": Json(f.drift.desired), "fields": Json(list(f.drift.fields)),
+                      "remediated": f.remediated, "stage": report.stage,
+                      "skipped": None if f.remediated else f.action} for f in found],
+                )
+            conn.exec_driver_sql(
+                "UPDATE sweep_run SET scanned = %(scanned)s, drifted = %(drifted)s, in_stage = %(in_stage)s, "
+                "guarded = %(guarded)s, enqueued = %(enqueued)s, errors = %(errors)s, cursor = %(cursor)s, "
+                "updated_at = %(now)s WHERE id = %(id)s",
+                {"scanned": report.scanned, "drifted": report.drifted, "in_stage": report.in_stage,
+                 "guarded": report.guarded, "enqueued": report.enqueued, "errors": report.errors,
+                 "cursor": report.cursor, "now": now, "id": report.run_id},
+            )
+
+    def _close(self, report: SweepReport, failed: bool) -> None:
+        """Finished, failed (a later sweep starts from scratch), or still running (a segment follows)."""
+        if self.dry_run or report.run_id is None:
+            return
+        state = "failed" if failed else ("finished" if report.finished else "running")
+        try:
+            with unit_of_work(self.engine) as conn:
+                conn.exec_driver_sql(
+                    "UPDATE sweep_run SET errors = %(errors)s, updated_at = %(now)s, state = %(state)s, "
+                    "finished_at = CASE WHEN %(state)s = 'running' THEN NULL ELSE %(now)s END WHERE id = %(id)s",
+                    {"errors": report.errors, "now": self.clock(), "state": state, "id": report.run_id},
+                )
+        except Exception:
+            if not failed:
+                raise
+            log.exception("drift sweep %s: could not record the failure", report.run_id)
+
+
+__all__ = ["SweepBusy", "SweepReport", "Sweeper"]

@@ -1,0 +1,72 @@
+"""Beat work of DESIGN section 6: tasks.drift_sweep, tasks.sweep_batch, tasks.check_rollout_gate.
+
+A sweep runs in segments of at most a quarter of the visibility timeout; when accounts remain, the
+segment chains tasks.sweep_batch with the sweep id (the cursor is in sweep_run), so no single task
+comes near the timeout that would make Redis deliver it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task, shared_task
+
+from app.db import unit_of_work
+from app.dispatch import send
+from app.rollout.gate import check_gate
+from app.sweep.lifting import count_stuck_in_lifting
+from app.sweep.remediate import celery_enqueuer
+from app.sweep.sweep import SweepBusy, Sweeper, SweepReport
+from tasks.runtime import runtime_for
+
+log = logging.getLogger(__name__)
+
+
+def _sweeper(task: Task) -> tuple[Sweeper, float]:
+    rt = runtime_for(task.app)
+    segment = max(10.0, rt.settings.visibility_timeout / 4)
+    return Sweeper(rt.engine, rt.policy, celery_enqueuer(task.app)), segment
+
+
+def _after(task: Task, report: SweepReport) -> dict[str, Any]:
+    if not report.finished and report.run_id is not None:
+        send(task.app, "tasks.sweep_batch", [report.run_id])
+    out = report.to_json()
+    out.pop("drifted_accounts")
+    log.info("drift sweep %s: %s", report.run_id, out)
+    return out
+
+
+@shared_task(name="tasks.drift_sweep", bind=True)
+def drift_sweep(self: Task) -> dict[str, Any]:
+    sweeper, segment = _sweeper(self)
+    try:
+        report = sweeper.start(max_seconds=segment)
+    except SweepBusy as exc:
+        log.info("drift sweep not started: %s", exc)
+        return {"skipped": str(exc)}
+    return _after(self, report)
+
+
+@shared_task(name="tasks.sweep_batch", bind=True)
+def sweep_batch(self: Task, run_id: int) -> dict[str, Any]:
+    sweeper, segment = _sweeper(self)
+    try:
+        report = sweeper.resume(run_id, max_seconds=segment)
+    except SweepBusy as exc:
+        log.info("drift sweep segment not run: %s", exc)
+        return {"skipped": str(exc)}
+    return _after(self, report)
+
+
+@shared_task(name="tasks.check_rollout_gate", bind=True)
+def check_rollout_gate(self: Task) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    now = datetime.now(UTC)
+    decision, health, state = check_gate(rt.engine, rt.policy, now)
+    with unit_of_work(rt.engine) as conn:
+        stuck = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
+    return {"action": decision.action, "reason": decision.reason, "stage": state.stage, "held": state.held,
+            "health": health.to_json(), "stuck_in_lifting": stuck}

@@ -1,0 +1,145 @@
+"""Staged rollout: stable buckets, nested stages, the gate on generated health data."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.domain.policy import PolicyError
+from app.domain.rollout import (
+    STAGES,
+    Health,
+    RolloutPolicy,
+    RolloutStatus,
+    bucket,
+    evaluate_gate,
+    health_since,
+    in_stage,
+    next_stage,
+    previous_stage,
+    rollout_policy,
+)
+from app.policy_file import load_policy
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+POLICY = RolloutPolicy(soak_hours=24, max_reverted_ratio=0.02, max_errors=5, health_window_hours=24)
+PERCENT_STAGES = [s for s in STAGES if s.isdigit()]
+
+
+def test_bucket_is_pinned_sha256_not_pythons_salted_hash():
+    # Pinned: changing the hash would move accounts between stages mid-rollout.
+    assert bucket("acct_1") == 6834
+    assert bucket("acct_2") == 7991
+    assert bucket("") == 1652
+    assert bucket("ünïcode-äccount") == bucket("ünïcode-äccount")
+
+
+@given(st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=50), st.sets(st.text(max_size=10), max_size=5))
+@settings(max_examples=200)
+def test_stages_are_nested_for_any_ids(ids, named):
+    for account in ids:
+        member = [in_stage(account, stage, named) for stage in STAGES]
+        # once in, in every larger stage
+        assert member == sorted(member), (account, member)
+        assert member[0] is False  # off: nobody
+        assert member[-1] is True  # 100%: everybody
+        assert member[1] == (account in named)  # named stage: exactly the named accounts
+        if account in named:
+            assert all(member[1:])
+
+
+def test_percentage_stages_take_about_their_share():
+    ids = [f"acct_{n}" for n in range(20_000)]
+    for stage in PERCENT_STAGES:
+        share = sum(in_stage(a, stage, ()) for a in ids) / len(ids)
+        assert abs(share - int(stage) / 100) < 0.01, (stage, share)
+
+
+def test_stage_neighbours():
+    assert next_stage("off") == "named" and next_stage("50") == "100" and next_stage("100") is None
+    assert previous_stage("named") == "off" and previous_stage("5") == "named" and previous_stage("off") is None
+    with pytest.raises(ValueError, match="unknown rollout stage"):
+        in_stage("a", "7", ())
+
+
+def test_rollout_policy_from_the_default_file_and_errors_name_the_key():
+    rp = rollout_policy(load_policy().extra)
+    assert rp == RolloutPolicy(soak_hours=24, max_reverted_ratio=0.02, max_errors=5, health_window_hours=24)
+    assert rollout_policy({}) == RolloutPolicy()
+    for section, key in (({"soak_hours": "a day"}, "rollout.soak_hours"),
+                         ({"max_reverted_ratio": 1.5}, "rollout.max_reverted_ratio"),
+                         ({"max_errors": 2.5}, "rollout.max_errors"),
+                         ({"max_errors": -1}, "rollout.max_errors"),
+                         ({"health_window_hours": 0}, "rollout.health_window_hours"),
+                         ({"soak_hour": 1}, "rollout")):
+        with pytest.raises(PolicyError) as info:
+            rollout_policy({"rollout": section})
+        assert info.value.key == key
+    with pytest.raises(PolicyError, match="must be a table"):
+        rollout_policy({"rollout": 3})
+
+
+def state(stage: str, hours_in_stage: float, held: bool = False) -> RolloutStatus:
+    return RolloutStatus(stage=stage, held=held, stage_entered_at=NOW - timedelta(hours=hours_in_stage))
+
+
+healthy = st.builds(
+    lambda n, share, errors, sweeps: Health(remediations=n, reverted=int(n * share), errors=errors, sweeps=sweeps),
+    st.integers(0, 100_000), st.floats(0, 0.02), st.integers(0, 5), st.integers(1, 100),
+)
+
+
+@given(st.sampled_from(STAGES[1:-1]), st.floats(24, 24 * 30), healthy)
+def test_gate_advances_after_soak_when_healthy(stage, hours, health):
+    decision = evaluate_gate(state(stage, hours), health, POLICY, NOW)
+    assert decision.action == "advance", decision
+    assert decision.to_stage == next_stage(stage)
+
+
+@given(st.sampled_from(STAGES[1:]), st.floats(0, 23.99), healthy)
+def test_gate_holds_before_soak(stage, hours, health):
+    decision = evaluate_gate(state(stage, hours), health, POLICY, NOW)
+    assert decision.action == "hold" and "soaking" in decision.reason
+    assert decision.to_stage is None
+
+
+@given(st.sampled_from(STAGES[1:]), st.floats(0, 24 * 30), st.integers(1, 100_000), st.floats(0.0201, 1),
+       st.integers(0, 5))
+def test_gate_steps_back_when_reverted_ratio_exceeds_limit(stage, hours, n, share, errors):
+    reverted = max(1, min(n, int(n * share) + 1))
+    health = Health(remediations=n, reverted=reverted, errors=errors, sweeps=3)
+    if health.reverted_ratio <= POLICY.max_reverted_ratio:
+        return
+    decision = evaluate_gate(state(stage, hours), health, POLICY, NOW)
+    assert decision.action == "rollback" and decision.to_stage == previous_stage(stage)
+    assert "reverted" in decision.reason
+
+
+@given(st.sampled_from(STAGES[1:]), st.floats(0, 24 * 30), st.integers(6, 10_000), st.integers(0, 1000))
+def test_gate_steps_back_when_errors_exceed_limit(stage, hours, errors, n):
+    decision = evaluate_gate(state(stage, hours), Health(remediations=n, errors=errors, sweeps=2), POLICY, NOW)
+    assert decision.action == "rollback" and decision.to_stage == previous_stage(stage)
+    assert f"{errors} errors > limit 5" in decision.reason
+
+
+def test_gate_does_nothing_when_off_held_or_at_the_top():
+    bad = Health(remediations=10, reverted=10, errors=100, sweeps=1)
+    assert evaluate_gate(state("off", 100), bad, POLICY, NOW).action == "none"
+    assert evaluate_gate(state("25", 100, held=True), bad, POLICY, NOW).action == "none"
+    assert evaluate_gate(state("100", 100), Health(sweeps=1), POLICY, NOW).action == "none"
+
+
+def test_gate_holds_without_a_completed_sweep_or_enough_remediations():
+    decision = evaluate_gate(state("10", 48), Health(sweeps=0), POLICY, NOW)
+    assert decision.action == "hold" and "no completed sweep" in decision.reason
+    strict = RolloutPolicy(min_remediations=50)
+    decision = evaluate_gate(state("10", 48), Health(remediations=49, sweeps=4), strict, NOW)
+    assert decision.action == "hold" and "50 needed" in decision.reason
+
+
+def test_health_counts_from_the_stage_start_within_the_window():
+    assert health_since(state("10", 2), POLICY, NOW) == NOW - timedelta(hours=2)
+    assert health_since(state("10", 200), POLICY, NOW) == NOW - timedelta(hours=24)
