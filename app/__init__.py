@@ -10,6 +10,7 @@ from flask import Flask
 def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) -> Flask:
     from app import errors
     from app.api import accounts, health
+    from app.api import ops as ops_api
     from app.api import rollout as rollout_api
     from app.config import Settings
     from app.runtime import Runtime
@@ -26,5 +27,6 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(accounts.bp)
     app.register_blueprint(rollout_api.bp)
+    app.register_blueprint(ops_api.bp)
     errors.register(app)
     return app

@@ -12,7 +12,7 @@ from app.config import Settings
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
 
-TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.sweeps"]
+TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.outbox", "tasks.stuck", "tasks.sweeps"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -21,9 +21,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     backend = settings.result_backend or (settings.broker_url if broker_is_redis else "db+" + settings.database_url)
     transport: dict[str, Any] = {"visibility_timeout": vt}
     if broker_is_redis:
-        # After a worker is killed, kombu looks for unacknowledged messages to restore only about
-        # every 100 s by default; look more often so redelivery follows the visibility timeout.
-        transport["unacked_restore_interval"] = 15
+        # After a worker is killed, kombu restores its unacknowledged messages from a sweep that
+        # scans only every interval * throttle seconds (10 * 10 by default, kombu 5.7 redis.py);
+        # throttle 1 makes it every 10 s, so redelivery follows the visibility timeout closely.
+        transport["unacked_restore_interval"] = 10
+        transport["unacked_restore_throttle"] = 1
         transport["socket_connect_timeout"] = 3
         if settings.broker_key_prefix:
             transport["global_keyprefix"] = settings.broker_key_prefix

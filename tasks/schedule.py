@@ -8,6 +8,10 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Requests stored but never queued (broker down at ingest), lost messages, and events whose
     # customer had no account yet.
     "redrive-recompute-requests": {"task": "tasks.redrive_requests", "schedule": 30.0},
+    # Due payment retries are rows (subs_dunning.next_retry_at), never long countdowns.
+    "dispatch-due-retries": {"task": "tasks.dispatch_due_retries", "schedule": 30.0, "options": {"expires": 25}},
+    "relay-outbox": {"task": "tasks.relay_outbox", "schedule": 5.0, "options": {"expires": 20}},
+    "redrive-stuck": {"task": "tasks.redrive_stuck", "schedule": 60.0, "options": {"expires": 50}},
     # Drift sweep (a sweep already running makes the next one exit at once) and the rollout gate.
     "drift-sweep": {"task": "tasks.drift_sweep", "schedule": 900.0, "options": {"expires": 600}},
     "check-rollout-gate": {"task": "tasks.check_rollout_gate", "schedule": 300.0, "options": {"expires": 240}},

@@ -186,3 +186,23 @@ def post_event(client: FlaskClient, evt: dict[str, Any], secret: str = WEBHOOK_S
 
 def service_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {SERVICE_TOKEN}"}
+
+
+@pytest.fixture
+def fake_stripe(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fake Stripe API server; the worker's runtime sends its Stripe calls there."""
+    from tests.fakes.fake_stripe import FakeStripe
+
+    with FakeStripe() as fake:
+        monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_base=fake.url))
+        yield fake
+
+
+@pytest.fixture
+def fake_am(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fake Account Management server; the relay delivers there."""
+    from tests.fakes.fake_account_management import FakeAccountManagement
+
+    with FakeAccountManagement() as fake:
+        monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(account_management_url=fake.url))
+        yield fake

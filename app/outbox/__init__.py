@@ -1,0 +1,1 @@
+"""Delivering the outbox of domain events to Account Management."""

@@ -1,0 +1,194 @@
+"""The outbox relay: domain events to Account Management, at least once, in order per account.
+
+Per account, undelivered rows go strictly in id order (ids follow dunning versions) and delivery
+stops at the first one that fails, so Account Management never sees version N+1 before N. Only one
+relay works on an account at a time (a session advisory lock, tried without waiting: another
+relay simply takes other accounts). A failed row waits ``next_attempt_at`` (backoff with jitter);
+no Celery countdown holds it. Recompute only writes rows, so Account Management being down, slow
+or failing never slows it: the backlog grows and drains when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from sqlalchemy import Engine
+
+from app.db import unit_of_work
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = (2.0, 5.0)  # connect, read: a slow Account Management costs a relay seconds, never minutes
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+
+LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox:' || %(account)s, 0))"
+UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('outbox:' || %(account)s, 0))"
+
+# An account is ready when its *first* undelivered row may be tried now; rows behind a failed one
+# wait for it, whatever their own next_attempt_at says.
+READY_ACCOUNTS_SQL = """
+SELECT o.account_id FROM outbox o
+ WHERE o.delivered_at IS NULL AND o.next_attempt_at <= %(now)s
+   AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.account_id = o.account_id AND p.delivered_at IS NULL
+                      AND p.id < o.id)
+ ORDER BY o.id
+ LIMIT %(limit)s
+"""
+
+PENDING_SQL = """
+SELECT id, dunning_version, event_type, payload, attempts, next_attempt_at FROM outbox
+ WHERE account_id = %(account)s AND delivered_at IS NULL
+ ORDER BY id
+ LIMIT %(limit)s
+"""
+
+DELIVERED_SQL = """
+UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + 1, last_error = NULL
+ WHERE id = %(id)s AND delivered_at IS NULL
+"""
+
+FAILED_SQL = """
+UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_error = %(error)s
+ WHERE id = %(id)s AND delivered_at IS NULL
+"""
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    body: dict[str, Any]
+    idempotency_key: str
+
+
+def call_for(row_id: int, account_id: str, version: int, event_type: str, payload: dict[str, Any]) -> Call | None:
+    """The Account Management call for one domain event; None for the events that are only
+    informational (DunningEntered, PaymentFailed, ConsequenceEscalated...): Account Management acts
+    on the entitlements and on cancellation requests, and learns the rest from the entitlements."""
+    account = quote(account_id, safe="")
+    key = f"outbox-{row_id}"
+    if event_type == "EntitlementsChanged":
+        return Call("PUT", f"/accounts/{account}/entitlements",
+                    {"entitlements": payload.get("entitlements", {}), "dunning_version": version}, key)
+    if event_type == "CancellationRequested":
+        return Call("POST", f"/accounts/{account}/cancellations",
+                    {"subscription_id": payload.get("subscription_id"), "reason": payload.get("reason"),
+                     "action": "cancel", "dunning_version": version}, key)
+    if event_type == "UpgradeRevertRequested":
+        # Same lifecycle workflow, but the upgrade is reverted; the subscription is never cancelled.
+        return Call("POST", f"/accounts/{account}/cancellations",
+                    {"subscription_id": payload.get("subscription_id"), "invoice_id": payload.get("invoice_id"),
+                     "action": "revert_upgrade", "reason": "upgrade_unpaid", "dunning_version": version}, key)
+    return None
+
+
+def backoff(attempts: int, rng: random.Random | None = None) -> float:
+    """Exponential with jitter: between half and all of base * 2^attempts, capped."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempts, 16)))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class RelayReport:
+    accounts: int = 0
+    delivered: int = 0
+    failed: int = 0
+    skipped_locked: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"accounts": self.accounts, "delivered": self.delivered, "failed": self.failed,
+                "skipped_locked": self.skipped_locked}
+
+
+@contextmanager
+def account_lock(engine: Engine, account_id: str) -> Iterator[bool]:
+    with engine.connect() as conn:
+        got = bool(conn.exec_driver_sql(LOCK_SQL, {"account": account_id}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.exec_driver_sql(UNLOCK_SQL, {"account": account_id})
+                conn.commit()
+
+
+def _send(session: requests.Session, base_url: str, call: Call) -> str | None:
+    """None when Account Management took it (2xx), else the error to record."""
+    try:
+        response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
+                                   headers={"Idempotency-Key": call.idempotency_key}, timeout=TIMEOUT)
+    except requests.RequestException as exc:
+        return f"{exc.__class__.__name__}: no answer from Account Management"
+    if 200 <= response.status_code < 300:
+        return None
+    return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
+                    now_fn: Any = None, max_rows: int = 200, report: RelayReport | None = None) -> RelayReport:
+    from datetime import UTC
+
+    now_fn = now_fn or (lambda: datetime.now(UTC))
+    report = report or RelayReport()
+    with account_lock(engine, account_id) as got:
+        if not got:
+            report.skipped_locked += 1
+            return report
+        report.accounts += 1
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
+        for row_id, version, event_type, payload, attempts, next_attempt_at in rows:
+            now = now_fn()
+            if next_attempt_at > now:
+                break  # the head of the line is backing off: so is everything behind it
+            call = call_for(row_id, account_id, version, event_type, payload or {})
+            error = _send(session, base_url, call) if call is not None else None
+            with unit_of_work(engine) as conn:
+                if error is None:
+                    conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn()})
+                else:
+                    retry_at = now_fn() + timedelta(seconds=backoff(attempts))
+                    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": retry_at, "error": error[:2000]})
+            if error is not None:
+                report.failed += 1
+                report.errors.append(error)
+                log.warning("outbox %s (%s v%s) for %s not delivered: %s", row_id, event_type, version,
+                            account_id, error)
+                break  # never deliver a later version before this one
+            report.delivered += 1
+    return report
+
+
+def relay(engine: Engine, base_url: str | None, now: datetime, budget_seconds: float = 20.0,
+          limit: int = 500, session: requests.Session | None = None) -> RelayReport:
+    """One pass over the accounts whose next row is ready, within a time budget (beat comes again)."""
+    report = RelayReport()
+    if not base_url:
+        log.warning("ACCOUNT_MANAGEMENT_URL is not set: the outbox is not relayed")
+        return report
+    with engine.connect() as conn:
+        accounts = [r[0] for r in conn.exec_driver_sql(READY_ACCOUNTS_SQL, {"now": now, "limit": limit})]
+    deadline = time.monotonic() + budget_seconds
+    own_session = session is None
+    session = session or requests.Session()
+    try:
+        for account_id in accounts:
+            if time.monotonic() > deadline:
+                break
+            deliver_account(engine, session, base_url, account_id, report=report)
+    finally:
+        if own_session:
+            session.close()
+    return report

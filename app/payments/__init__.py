@@ -1,0 +1,1 @@
+"""Payment retries: beat dispatches due retries (rows, never long countdowns), a task charges each once."""

@@ -1,0 +1,192 @@
+"""Charging one dispatched retry: at most once, only while it is still due.
+
+* Two workers holding the same retry (a duplicate message, a redelivery while the first still runs):
+  a per-retry advisory lock on a connection of its own lets one of them charge; the other does
+  nothing. If the holder dies, PostgreSQL drops its connection and with it the lock.
+* The row moves dispatched -> charging (committed) -> sent | failed | skipped. A row found in
+  ``charging`` by a later delivery means its worker died mid-charge: it is charged again with the
+  *same* idempotency key, so Stripe replays the first answer instead of charging twice.
+* The outcome of a charge arrives by webhook and recompute takes it from there. A card decline is
+  an outcome, not a task failure: the row is marked failed and the account recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import stripe
+from sqlalchemy import Connection, Engine
+
+from app.db import unit_of_work
+from tasks.failures import FailureKind, TaskFailure
+
+log = logging.getLogger(__name__)
+
+LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('payment_retry:' || %(id)s, 0))"
+UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('payment_retry:' || %(id)s, 0))"
+
+ROW_SQL = """
+SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.state, r.created_at, r.free,
+       i.status, i.amount_remaining, d.status, d.next_retry_at, d.retry_invoice_id, d.reasons, d.failure_class,
+       (SELECT max(a.attempted_at) FROM stripe_payment_attempt a WHERE a.invoice_id = r.invoice_id)
+  FROM payment_retry r
+  LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
+  LEFT JOIN subs_dunning d ON d.account_id = r.account_id
+ WHERE r.id = %(id)s
+ FOR UPDATE OF r
+"""
+
+SET_STATE_SQL = "UPDATE payment_retry SET state = %(state)s, error = %(error)s, updated_at = now() WHERE id = %(id)s"
+
+# Test hook (never set in production): block after the row is claimed, before Stripe is called,
+# until the test releases this advisory lock, so a test can SIGKILL the worker at a known point.
+PAUSE_ENV = "DUNNING_TEST_PAUSE_RETRY_LOCK"
+
+DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a worker picks it up
+
+
+@dataclass(frozen=True)
+class PayResult:
+    retry_id: int
+    outcome: str  # busy | done | skipped | sent | failed | missing
+    account_id: str | None = None
+    failure_class: str | None = None
+    detail: str | None = None
+
+    @property
+    def recompute(self) -> bool:
+        """Skipped or declined: the account's decision has to be taken again."""
+        return self.outcome in ("skipped", "failed")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    account_id: str
+    invoice_id: str
+    payment_method_id: str | None
+    idempotency_key: str
+    failure_class: str | None
+
+
+def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
+    """Why a dispatched retry must not be charged any more, or None when it still should be."""
+    (_, invoice, _, _, _, created_at, _, inv_status, remaining, d_status, next_retry_at, retry_invoice, reasons,
+     _, last_attempt_at) = row
+    if inv_status is None:
+        return "invoice unknown to the mirror"
+    if inv_status != "open" or (remaining or 0) <= 0:
+        return f"invoice is {inv_status} with {remaining} remaining"
+    if last_attempt_at is not None and last_attempt_at > created_at:
+        return "a newer payment attempt was made on the invoice"
+    if d_status in (None, "current", "lifting"):
+        return f"account status is {d_status}"
+    if now - created_at > guard:
+        return "dispatched longer ago than the guard window; compute plans afresh"
+    planned_here = retry_invoice == invoice and next_retry_at is not None and next_retry_at <= now + DUE_SLACK
+    # Once dispatched, compute sees the retry as in flight and clears next_retry_at for it.
+    in_flight_here = any(r.get("rule") == "retry.in_flight" and (r.get("facts") or {}).get("invoice") == invoice
+                         for r in (reasons or []))
+    if not (planned_here or in_flight_here):
+        return "the stored decision no longer plans this retry"
+    return None
+
+
+@contextmanager
+def retry_lock(engine: Engine, retry_id: int) -> Iterator[bool]:
+    with engine.connect() as conn:
+        got = bool(conn.exec_driver_sql(LOCK_SQL, {"id": retry_id}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.exec_driver_sql(UNLOCK_SQL, {"id": retry_id})
+                conn.commit()
+
+
+def _set_state(engine: Engine, retry_id: int, state: str, error: str | None = None) -> None:
+    with unit_of_work(engine) as conn:
+        conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": state, "error": error})
+
+
+def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> Claimed | PayResult:
+    row = conn.exec_driver_sql(ROW_SQL, {"id": retry_id}).first()
+    if row is None:
+        return PayResult(retry_id, "missing")
+    account, invoice, method, key, state = row[0], row[1], row[2], row[3], row[4]
+    if state not in ("dispatched", "charging"):
+        return PayResult(retry_id, "done", account, detail=state)
+    reason = not_due_reason(row, now, guard)
+    if reason is not None:
+        # A row left in charging may have reached Stripe before its worker died: it stays counted.
+        new_state = "skipped" if state == "dispatched" else "sent"
+        conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": new_state, "error": "not due: " + reason})
+        return PayResult(retry_id, "skipped", account, row[13], detail=reason)
+    conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "charging", "error": None})
+    return Claimed(account, invoice, method, key, row[13])
+
+
+def _pause_for_tests(engine: Engine) -> None:
+    key = os.environ.get(PAUSE_ENV)
+    if not key:
+        return
+    with unit_of_work(engine) as conn:
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": int(key)})
+
+
+def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, now: datetime,
+                  guard_minutes: int = 30) -> PayResult:
+    with retry_lock(engine, retry_id) as got:
+        if not got:
+            return PayResult(retry_id, "busy", detail="another worker is charging this retry")
+        with unit_of_work(engine) as conn:
+            claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes))
+        if isinstance(claimed, PayResult):
+            return claimed
+        _pause_for_tests(engine)
+        return _charge(engine, client, retry_id, claimed)
+
+
+def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claimed) -> PayResult:
+    params: dict[str, Any] = {"payment_method": c.payment_method_id} if c.payment_method_id else {}
+    try:
+        client.v1.invoices.pay(c.invoice_id, params,  # type: ignore[arg-type]
+                               {"idempotency_key": c.idempotency_key})
+    except stripe.CardError as exc:
+        detail = f"card_error: {exc.code or ''} {getattr(exc.error, 'decline_code', None) or ''}".strip()
+        _set_state(engine, retry_id, "failed", detail)
+        return PayResult(retry_id, "failed", c.account_id, c.failure_class, detail)
+    except stripe.RateLimitError as exc:
+        # Rejected before it ran: nothing was charged, the row is plainly dispatched again.
+        _set_state(engine, retry_id, "dispatched", "rate limited")
+        raise TaskFailure(FailureKind.RATE_LIMITED, f"Stripe rate limit: {exc.user_message or exc}",
+                          retry_after=_retry_after(exc)) from exc
+    except (stripe.APIConnectionError, stripe.APIError) as exc:
+        # Unknown whether it ran: stays charging; the retry uses the same idempotency key.
+        _set_state(engine, retry_id, "charging", f"{exc.__class__.__name__}: {exc.http_status}")
+        raise TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe unavailable: {exc.__class__.__name__} "
+                          f"{exc.http_status or ''}".strip()) from exc
+    except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
+            stripe.IdempotencyError) as exc:
+        detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
+        _set_state(engine, retry_id, "failed", detail)
+        raise TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {detail}") from exc
+    _set_state(engine, retry_id, "sent")
+    return PayResult(retry_id, "sent", c.account_id, c.failure_class)
+
+
+def _retry_after(exc: stripe.StripeError) -> float | None:
+    for name, value in (exc.headers or {}).items():
+        if name.lower() == "retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,111 @@
+"""Dispatch of due payment retries (beat, at least once a minute).
+
+Compute stores the next retry as a row fact (``subs_dunning.next_retry_at``); nothing waits in a
+Celery countdown. Dispatch claims each due retry by inserting a ``payment_retry`` row whose
+idempotency key names the attempt, so a second dispatcher (or the next beat tick, before the
+account is recomputed) hits the unique key and sends nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, Engine
+
+from app.db import unit_of_work
+
+log = logging.getLogger(__name__)
+
+DUE_SQL = """
+SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free, d.next_retry_at
+  FROM subs_dunning d
+ WHERE d.next_retry_at <= %(now)s AND d.retry_invoice_id IS NOT NULL
+ ORDER BY d.next_retry_at
+ LIMIT %(limit)s
+"""
+
+# Mirrors Retry.counts in the domain: a skipped retry never charged, a free one is not budgeted.
+USED_SQL = """
+SELECT count(*) FROM payment_retry
+ WHERE invoice_id = %(invoice)s AND NOT free AND state <> 'skipped'
+"""
+
+# A skipped row was never charged: when the decision still asks for that very attempt (e.g. it
+# was skipped as stale after a queue backlog), dispatch re-arms it under the same key.
+CLAIM_SQL = """
+INSERT INTO payment_retry (account_id, invoice_id, payment_method_id, retry_number, free, idempotency_key,
+                           scheduled_for, state, created_at, updated_at)
+VALUES (%(account)s, %(invoice)s, %(method)s, %(number)s, %(free)s, %(key)s, %(scheduled)s, 'dispatched',
+        %(now)s, %(now)s)
+ON CONFLICT (idempotency_key) DO UPDATE
+   SET state = 'dispatched', error = NULL, scheduled_for = EXCLUDED.scheduled_for,
+       payment_method_id = EXCLUDED.payment_method_id, created_at = EXCLUDED.created_at,
+       updated_at = EXCLUDED.updated_at
+ WHERE payment_retry.state = 'skipped'
+RETURNING id
+"""
+
+# Rows claimed but whose message may never have reached the broker (it was down): send again.
+# A duplicate message is harmless: retry_payment charges a row once.
+UNSENT_SQL = """
+UPDATE payment_retry SET updated_at = %(now)s
+ WHERE id IN (SELECT id FROM payment_retry
+               WHERE state = 'dispatched' AND updated_at < %(now)s - make_interval(secs => %(stale)s)
+                 AND created_at > %(now)s - make_interval(mins => %(guard)s)
+               ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+
+
+@dataclass(frozen=True)
+class DueRetry:
+    account_id: str
+    invoice_id: str
+    payment_method_id: str | None
+    free: bool
+    due_at: datetime
+
+
+def idempotency_key(due: DueRetry) -> str:
+    """One key per attempt, taken from the stored decision and not from the rows: until the account
+    is recomputed the decision keeps saying "due", and the next tick must find the same key. The
+    due time names the attempt (day N of the schedule after the first failure; for a free retry,
+    the payment-method change); a recompute after the attempt plans another time."""
+    epoch = int(due.due_at.timestamp())
+    if due.free:
+        return f"free:{due.invoice_id}:{due.payment_method_id}:{epoch}"
+    return f"retry:{due.invoice_id}:{epoch}"
+
+
+def due_retries(conn: Connection, now: datetime, limit: int) -> list[DueRetry]:
+    rows = conn.exec_driver_sql(DUE_SQL, {"now": now, "limit": limit}).fetchall()
+    return [DueRetry(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+
+def claim(conn: Connection, due: DueRetry, now: datetime) -> int | None:
+    """The new payment_retry id, or None when this attempt was already claimed."""
+    used = int(conn.exec_driver_sql(USED_SQL, {"invoice": due.invoice_id}).scalar_one())
+    number = used + 1
+    row = conn.exec_driver_sql(CLAIM_SQL, {
+        "account": due.account_id, "invoice": due.invoice_id, "method": due.payment_method_id,
+        "number": number, "free": due.free, "key": idempotency_key(due), "scheduled": due.due_at,
+        "now": now,
+    }).first()
+    return int(row[0]) if row else None
+
+
+def claim_due(engine: Engine, now: datetime, limit: int = 500, guard_minutes: int = 30,
+              unsent_after_seconds: int = 120) -> list[int]:
+    """Claim every due retry and pick up claimed rows that were never sent; -> ids to send."""
+    ids: list[int] = []
+    with unit_of_work(engine) as conn:
+        for due in due_retries(conn, now, limit):
+            retry_id = claim(conn, due, now)
+            if retry_id is not None:
+                ids.append(retry_id)
+        unsent = conn.exec_driver_sql(UNSENT_SQL, {"now": now, "stale": unsent_after_seconds,
+                                                   "guard": guard_minutes, "limit": limit}).fetchall()
+        ids.extend(int(r[0]) for r in unsent if int(r[0]) not in ids)
+    return ids

@@ -1,0 +1,24 @@
+"""The one place that builds the Stripe API client (tests point it at a fake with STRIPE_API_BASE)."""
+
+from __future__ import annotations
+
+import stripe
+from stripe._base_address import BaseAddresses
+
+from app.config import Settings
+
+# Short: a retry task must not hold a worker; the task's failure policy retries a timeout.
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 20.0
+
+
+def make_stripe_client(settings: Settings) -> stripe.StripeClient:
+    """``max_network_retries=0``: retries are the task's, by failure class, visible in Flower.
+    Every request that charges passes its own idempotency key."""
+    base: BaseAddresses | None = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+    return stripe.StripeClient(
+        settings.stripe_api_key,
+        base_addresses=base,
+        max_network_retries=0,
+        http_client=stripe.RequestsClient(timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)),
+    )

@@ -1,0 +1,117 @@
+"""Stuck work (subs_stuck_events): listing it for operators and re-driving it.
+
+A task that gives up is recorded by tasks.failures.record_stuck as ``retrying`` (it keeps
+retrying, and beat re-drives it when its own retries are over) or ``dead`` (invalid data or a
+permanent API error: an operator looks, fixes, and re-drives it by hand). A re-driven task carries
+the row's id in its task id; when it succeeds the row becomes ``resolved``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Connection, Engine
+
+from app import metrics
+from app.db import unit_of_work
+from app.dispatch import BrokerUnavailable, send
+
+log = logging.getLogger(__name__)
+
+STATES = ("retrying", "dead", "resolved")
+TASK_ID_PREFIX = "redrive-stuck-"
+REDRIVE_EVERY_SECONDS = 300
+
+DUE_SQL = """
+UPDATE subs_stuck_events SET next_redrive_at = %(now)s + make_interval(secs => %(every)s)
+ WHERE id IN (SELECT id FROM subs_stuck_events
+               WHERE state = 'retrying' AND next_redrive_at <= %(now)s
+               ORDER BY next_redrive_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING id, task_name, task_args
+"""
+
+ONE_SQL = """
+UPDATE subs_stuck_events SET state = 'retrying', next_redrive_at = now() + make_interval(secs => %(every)s)
+ WHERE id = %(id)s AND state <> 'resolved'
+RETURNING id, task_name, task_args
+"""
+
+LIST_SQL = """
+SELECT id, account_id, stripe_event_id, task_name, task_args, error_class, error, attempts, state,
+       first_failed_at, last_failed_at, next_redrive_at, resolved_at
+  FROM subs_stuck_events
+ WHERE (%(state)s::text IS NULL OR state = %(state)s) AND (%(account)s::text IS NULL OR account_id = %(account)s)
+ ORDER BY last_failed_at DESC, id DESC
+ LIMIT %(limit)s
+"""
+
+COUNTS_SQL = "SELECT state, count(*) FROM subs_stuck_events GROUP BY state"
+
+
+def task_id_for(stuck_id: int) -> str:
+    return f"{TASK_ID_PREFIX}{stuck_id}-{uuid.uuid4().hex[:12]}"
+
+
+def stuck_id_of(task_id: str | None) -> int | None:
+    if not task_id or not task_id.startswith(TASK_ID_PREFIX):
+        return None
+    head = task_id[len(TASK_ID_PREFIX):].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _send(celery_app: Celery, stuck_id: int, task_name: str, task_args: dict[str, Any]) -> bool:
+    try:
+        send(celery_app, task_name, [], dict(task_args or {}), task_id=task_id_for(stuck_id), ignore_result=True)
+        return True
+    except BrokerUnavailable as exc:
+        log.warning("could not re-drive stuck work %s (%s): %s", stuck_id, task_name, exc)
+        return False
+
+
+def redrive_due(engine: Engine, celery_app: Celery, now: datetime, limit: int = 200) -> dict[str, int]:
+    with unit_of_work(engine) as conn:
+        rows = conn.exec_driver_sql(DUE_SQL, {"now": now, "every": REDRIVE_EVERY_SECONDS, "limit": limit}).fetchall()
+    sent = sum(1 for r in rows if _send(celery_app, int(r[0]), r[1], r[2]))
+    return {"due": len(rows), "sent": sent}
+
+
+def redrive_one(engine: Engine, celery_app: Celery, stuck_id: int) -> str | None:
+    """Re-drive one row now (dead ones too, after an operator fixed the cause) -> the task id."""
+    with unit_of_work(engine) as conn:
+        row = conn.exec_driver_sql(ONE_SQL, {"id": stuck_id, "every": REDRIVE_EVERY_SECONDS}).first()
+    if row is None:
+        return None
+    task_id = task_id_for(stuck_id)
+    send(celery_app, row[1], [], dict(row[2] or {}), task_id=task_id, ignore_result=True)
+    return task_id
+
+
+def mark_resolved(engine: Engine, stuck_id: int) -> None:
+    with unit_of_work(engine) as conn:
+        conn.exec_driver_sql("UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now(), "
+                             "next_redrive_at = NULL WHERE id = %(id)s AND state <> 'resolved'", {"id": stuck_id})
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    found = {state: int(n) for state, n in conn.exec_driver_sql(COUNTS_SQL)}
+    out = {state: found.get(state, 0) for state in STATES}
+    for state, n in out.items():
+        metrics.STUCK_EVENTS.labels(state=state).set(n)
+    return out
+
+
+def list_stuck(conn: Connection, state: str | None, account_id: str | None, limit: int) -> list[dict[str, Any]]:
+    rows = conn.exec_driver_sql(LIST_SQL, {"state": state, "account": account_id, "limit": limit}).fetchall()
+    keys = ("id", "account_id", "stripe_event_id", "task_name", "task_args", "error_class", "error", "attempts",
+            "state", "first_failed_at", "last_failed_at", "next_redrive_at", "resolved_at")
+    out = []
+    for r in rows:
+        item = dict(zip(keys, r, strict=True))
+        for k in ("first_failed_at", "last_failed_at", "next_redrive_at", "resolved_at"):
+            item[k] = item[k].isoformat() if item[k] is not None else None
+        out.append(item)
+    return out

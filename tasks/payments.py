@@ -1,0 +1,77 @@
+"""tasks.dispatch_due_retries (beat) and tasks.retry_payment (payments queue)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task, shared_task
+
+from app import metrics
+from app.dispatch import BrokerUnavailable, enqueue_recompute, send
+from app.payments.pay import retry_payment as pay_retry
+from app.payments.retries import claim_due
+from app.payments.stripe_client import make_stripe_client
+from tasks.failures import TaskFailure, resolve_stuck
+from tasks.recompute import handle_failure
+from tasks.runtime import runtime_for
+
+log = logging.getLogger(__name__)
+
+RETRY_PAYMENT = "tasks.retry_payment"
+
+
+@shared_task(name="tasks.dispatch_due_retries", bind=True, ignore_result=True)
+def dispatch_due_retries(self: Task) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    try:
+        ids = claim_due(rt.engine, datetime.now(UTC), guard_minutes=rt.policy.guard_window_minutes)
+    except Exception as exc:
+        handle_failure(self, exc, None, {})
+        raise
+    sent = 0
+    for retry_id in ids:
+        try:
+            send(self.app, RETRY_PAYMENT, [retry_id], ignore_result=True)
+            sent += 1
+        except BrokerUnavailable as exc:  # the row stays dispatched; the next tick sends it again
+            log.warning("could not queue retry %s: %s", retry_id, exc)
+    return {"claimed": len(ids), "sent": sent}
+
+
+@shared_task(name=RETRY_PAYMENT, bind=True)
+def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    try:
+        result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
+                           guard_minutes=rt.policy.guard_window_minutes)
+    except Exception as exc:
+        account = _account_of(rt.engine, retry_id)
+        if isinstance(exc, TaskFailure):
+            metrics.RETRIES.labels(failure_class="-", outcome=exc.kind.value).inc()
+        handle_failure(self, exc, account, {"retry_id": retry_id})
+        raise
+    metrics.RETRIES.labels(failure_class=result.failure_class or "-", outcome=result.outcome).inc()
+    if result.recompute and result.account_id:
+        try:
+            # coalesced=False: no pending request row backs this one, it must run.
+            enqueue_recompute(self.app, result.account_id, "STATE_REFRESH", f"retry:{retry_id}:{result.outcome}",
+                              coalesced=False)
+        except BrokerUnavailable as exc:
+            # A decline's webhook brings a recompute anyway; a skipped row that is still planned is
+            # re-armed by the next dispatch, which comes back here.
+            log.warning("could not queue the recompute after retry %s: %s", retry_id, exc)
+    if result.account_id and self.request.retries:
+        resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id)
+    return {"retry_id": result.retry_id, "outcome": result.outcome, "detail": result.detail}
+
+
+def _account_of(engine: Any, retry_id: int) -> str | None:
+    try:
+        with engine.connect() as conn:
+            row = conn.exec_driver_sql("SELECT account_id FROM payment_retry WHERE id = %(id)s",
+                                       {"id": int(retry_id)}).first()
+        return str(row[0]) if row else None
+    except Exception:  # the database may be what failed
+        return None

@@ -1,0 +1,36 @@
+"""tasks.redrive_stuck (beat): send again the stuck work whose re-drive time came; a re-driven task
+that succeeds resolves its row (task_success below, by the row id carried in the task id)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task, shared_task
+from celery.signals import task_success
+
+from app.stuck_work import counts, mark_resolved, redrive_due, stuck_id_of
+from tasks.recompute import handle_failure
+from tasks.runtime import runtime_for
+
+
+@shared_task(name="tasks.redrive_stuck", bind=True, ignore_result=True)
+def redrive_stuck(self: Task) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    try:
+        report = redrive_due(rt.engine, self.app, datetime.now(UTC))
+        with rt.engine.connect() as conn:
+            report.update(counts(conn))  # also sets the stuck-events gauges
+    except Exception as exc:
+        handle_failure(self, exc, None, {})
+        raise
+    return report
+
+
+@task_success.connect
+def _resolve_redriven(sender: Task | None = None, **_: Any) -> None:
+    if sender is None:
+        return
+    stuck_id = stuck_id_of(getattr(sender.request, "id", None))
+    if stuck_id is not None:
+        mark_resolved(runtime_for(sender.app).engine, stuck_id)

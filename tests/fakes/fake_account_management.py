@@ -1,0 +1,90 @@
+"""A fake Account Management: ``PUT /accounts/<id>/entitlements`` and ``POST /accounts/<id>/cancellations``.
+
+Modes: ``up`` (200), ``failing`` (503), ``down`` (the port refuses connections: the server is
+stopped and later started again on the same port), ``slow`` (answers after ``delay`` seconds).
+It records every request it answered 2xx, in arrival order, with its Idempotency-Key.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from tests.fakes.server import Answer, FakeServer
+
+
+@dataclass
+class Received:
+    method: str
+    account_id: str
+    kind: str  # entitlements | cancellations
+    body: dict[str, Any]
+    idempotency_key: str | None
+
+
+@dataclass
+class FakeAccountManagement:
+    mode: str = "up"
+    delay: float = 0.0
+    received: list[Received] = field(default_factory=list)
+    refused_with_5xx: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _release: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.server = FakeServer(self._handle)
+        self._port = self.server.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def down(self) -> None:
+        """Connections refused: nothing listens on the port any more."""
+        self.server.stop()
+        self.mode = "down"
+
+    def up(self) -> None:
+        if self.mode == "down":
+            # Same port again, so the relay's configured URL keeps working.
+            self.server = FakeServer(self._handle, port=self._port).start()
+        self.mode = "up"
+
+    def entitlements(self, account_id: str) -> list[Received]:
+        with self._lock:
+            return [r for r in self.received if r.account_id == account_id and r.kind == "entitlements"]
+
+    def for_account(self, account_id: str) -> list[Received]:
+        with self._lock:
+            return [r for r in self.received if r.account_id == account_id]
+
+    def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
+        parts = path.strip("/").split("/")
+        valid = (len(parts) == 3 and parts[0] == "accounts"
+                 and ((method == "PUT" and parts[2] == "entitlements")
+                      or (method == "POST" and parts[2] == "cancellations")))
+        if not valid:
+            return 404, {}, {"error": "not_found"}
+        if self.mode == "slow":
+            self._release.wait(self.delay)
+        if self.mode == "failing":
+            with self._lock:
+                self.refused_with_5xx += 1
+            return 503, {}, {"error": "unavailable"}
+        key = next((v for k, v in headers.items() if k.lower() == "idempotency-key"), None)
+        payload = json.loads(body or b"{}")
+        with self._lock:
+            self.received.append(Received(method, unquote(parts[1]), parts[2], payload, key))
+        return 200, {}, {"ok": True}
+
+    def __enter__(self) -> FakeAccountManagement:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release.set()
+        if self.mode != "down":
+            self.server.stop()

@@ -1,0 +1,143 @@
+"""A fake Stripe API: ``POST /v1/invoices/<id>/pay`` with programmable outcomes.
+
+Like Stripe, it remembers the first answer for an idempotency key and replays it for a repeated
+key (a rate-limited request is rejected before it runs, so a 429 is not remembered), and it counts
+a *charge* only for a request that actually ran. Shapes: the invoice is the real fixture with its
+id and status overridden; errors use Stripe's error envelope.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from tests.fakes.server import Answer, FakeServer
+from tests.stripe_events import resource
+
+
+@dataclass
+class PayRequest:
+    invoice_id: str
+    idempotency_key: str | None
+    params: dict[str, list[str]]
+    replayed: bool
+
+
+@dataclass
+class Outcome:
+    kind: str  # success | decline | rate_limit | server_error | invalid | slow
+    decline_code: str = "insufficient_funds"
+    retry_after: int = 1
+    delay: float = 0.0
+
+
+def success() -> Outcome:
+    return Outcome("success")
+
+
+def decline(code: str = "insufficient_funds") -> Outcome:
+    return Outcome("decline", decline_code=code)
+
+
+def rate_limit(retry_after: int = 1) -> Outcome:
+    return Outcome("rate_limit", retry_after=retry_after)
+
+
+def server_error() -> Outcome:
+    return Outcome("server_error")
+
+
+def invalid() -> Outcome:
+    return Outcome("invalid")
+
+
+def slow(delay: float) -> Outcome:
+    return Outcome("slow", delay=delay)
+
+
+@dataclass
+class FakeStripe:
+    requests: list[PayRequest] = field(default_factory=list)
+    charges: list[tuple[str, str | None]] = field(default_factory=list)  # (invoice, idempotency key) that ran
+    default: Outcome = field(default_factory=success)
+    _script: deque[Outcome] = field(default_factory=deque)
+    _saved: dict[str, Answer] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _release: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.server = FakeServer(self._handle)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def script(self, *outcomes: Outcome) -> None:
+        """The next requests get these outcomes in order, then ``default``."""
+        with self._lock:
+            self._script.extend(outcomes)
+
+    def pay_requests(self, invoice_id: str | None = None) -> list[PayRequest]:
+        with self._lock:
+            return [r for r in self.requests if invoice_id is None or r.invoice_id == invoice_id]
+
+    def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
+        parts = path.strip("/").split("/")
+        if method != "POST" or len(parts) != 4 or parts[:2] != ["v1", "invoices"] or parts[3] != "pay":
+            return 404, {}, _error("invalid_request_error", "resource_missing", f"Unrecognized request URL ({path})")
+        invoice_id = parts[2]
+        key = next((v for k, v in headers.items() if k.lower() == "idempotency-key"), None)
+        params = parse_qs(body.decode())
+        with self._lock:
+            if key is not None and key in self._saved:
+                self.requests.append(PayRequest(invoice_id, key, params, replayed=True))
+                status, h, payload = self._saved[key]
+                return status, {**h, "Idempotent-Replayed": "true"}, payload
+            self.requests.append(PayRequest(invoice_id, key, params, replayed=False))
+            outcome = self._script.popleft() if self._script else self.default
+        if outcome.kind == "slow":
+            self._release.wait(outcome.delay)
+            outcome = success()
+        answer = self._answer(outcome, invoice_id, params)
+        with self._lock:
+            if outcome.kind != "rate_limit":
+                self.charges.append((invoice_id, key))
+                if key is not None:
+                    self._saved[key] = answer
+        return answer
+
+    def _answer(self, outcome: Outcome, invoice_id: str, params: dict[str, list[str]]) -> Answer:
+        if outcome.kind == "success":
+            invoice = resource("invoice")
+            invoice.update(id=invoice_id, status="paid", amount_remaining=0)
+            return 200, {"Request-Id": "req_fake"}, invoice
+        if outcome.kind == "decline":
+            err = _error("card_error", "card_declined", "Your card has insufficient funds.")
+            err["error"]["decline_code"] = outcome.decline_code
+            return 402, {"Request-Id": "req_fake"}, err
+        if outcome.kind == "rate_limit":
+            return 429, {"Retry-After": str(outcome.retry_after)}, _error(
+                "invalid_request_error", "rate_limit", "Too many requests hit the API too quickly.")
+        if outcome.kind == "server_error":
+            return 500, {}, _error("api_error", None, "An unknown error occurred.")
+        if outcome.kind == "invalid":
+            return 400, {}, _error("invalid_request_error", "invoice_not_open", "Invoice is already paid.")
+        raise ValueError(outcome.kind)
+
+    def __enter__(self) -> FakeStripe:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release.set()
+        self.server.stop()
+
+
+def _error(kind: str, code: str | None, message: str) -> dict[str, Any]:
+    err: dict[str, Any] = {"type": kind, "message": message}
+    if code is not None:
+        err["code"] = code
+    return {"error": err}

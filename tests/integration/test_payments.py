@@ -1,0 +1,140 @@
+"""Payment retries: beat dispatches due rows, retry_payment charges each attempt once through the
+official stripe client (against a fake Stripe API server), the outcome comes back by recompute."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app.payments.pay import retry_payment
+from app.payments.retries import claim_due
+from app.payments.stripe_client import make_stripe_client
+from tests.conftest import wait_for
+from tests.fakes import fake_stripe as stripe_outcomes
+from tests.integration.dunning_setup import dunning_row, failed_invoice, method_attached, paid, retries
+
+pytestmark = pytest.mark.worker
+
+
+def dispatch(celery_app) -> None:
+    celery_app.send_task("tasks.dispatch_due_retries")
+
+
+def test_a_due_retry_is_charged_once_with_a_key_per_attempt(client, accounts, engine, worker, celery_app,
+                                                             fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    state = dunning_row(engine, account)
+    assert state["failure_class"] == "transient"
+    assert state["retry_invoice_id"] == invoice and state["next_retry_at"] <= datetime.now(UTC)
+
+    dispatch(celery_app)
+    wait_for(lambda: [r["state"] for r in retries(engine, account)] == ["sent"], message="retry sent")
+    (row,) = retries(engine, account)
+    key = f"retry:{invoice}:{int(state['next_retry_at'].timestamp())}"
+    assert row["idempotency_key"] == key and row["retry_number"] == 1 and not row["free"]
+    (request,) = fake_stripe.pay_requests(invoice)
+    assert request.idempotency_key == key
+
+    # The account was not recomputed yet (the outcome comes by webhook): the decision still says
+    # due. Dispatching again, and the same message delivered again, charge nothing more.
+    dispatch(celery_app)
+    celery_app.send_task("tasks.retry_payment", [row["id"]])
+    celery_app.send_task("tasks.retry_payment", [row["id"]])
+    done = celery_app.send_task("tasks.retry_payment", [row["id"]])
+    assert done.get(timeout=20)["outcome"] == "done"
+    assert len(retries(engine, account)) == 1
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+
+def test_two_dispatchers_and_two_workers_never_charge_one_attempt_twice(client, accounts, engine, worker,
+                                                                        runtime, fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    now = datetime.now(UTC)
+    barrier = threading.Barrier(2)
+    claimed: list[list[int]] = []
+
+    def claim() -> None:
+        barrier.wait()
+        claimed.append(claim_due(engine, now))
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for batch in claimed for i in batch if i in [r["id"] for r in retries(engine, account)]]
+    assert len(ids) == 1, claimed
+
+    # Two workers run the same retry at the same moment; Stripe answers slowly.
+    fake_stripe.script(stripe_outcomes.slow(1.0))
+    client_ = make_stripe_client(runtime.settings)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def charge() -> None:
+        barrier.wait()
+        outcomes.append(retry_payment(engine, client_, ids[0], datetime.now(UTC)).outcome)
+
+    threads = [threading.Thread(target=charge) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["busy", "sent"]
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+    assert fake_stripe.charges == [(invoice, retries(engine, account)[0]["idempotency_key"])]
+
+
+def test_a_retry_no_longer_due_does_nothing(client, accounts, engine, worker, celery_app, fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))  # dispatched, but its message waits in a queue...
+    paid(client, engine, account, customer, invoice)  # ...while the customer pays
+
+    result = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    assert result["outcome"] == "skipped" and "invoice is paid" in result["detail"]
+    assert [r["state"] for r in retries(engine, account)] == ["skipped"]
+    assert fake_stripe.pay_requests() == []
+    assert dunning_row(engine, account)["next_retry_at"] is None
+
+
+def test_a_card_decline_is_an_outcome_and_the_account_is_recomputed(client, accounts, engine, worker, celery_app,
+                                                                    fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    version = dunning_row(engine, account)["version"]
+    fake_stripe.script(stripe_outcomes.decline("insufficient_funds"))
+    dispatch(celery_app)
+    wait_for(lambda: [r["state"] for r in retries(engine, account)] == ["failed"], message="retry failed")
+    assert "insufficient_funds" in retries(engine, account)[0]["error"]
+    # The recompute that followed: the retry is used, the next one is planned on the schedule.
+    state = wait_for(lambda: (d := dunning_row(engine, account))["version"] > version and d["retries_used"] == 1
+                     and d, message="recompute after the decline")
+    assert state["retry_invoice_id"] == invoice
+    assert state["next_retry_at"] > datetime.now(UTC) + timedelta(hours=12)
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+
+def test_a_new_payment_method_after_a_permanent_decline_is_retried_at_once(client, accounts, engine, worker,
+                                                                         celery_app, fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "expired_card", days_ago=2)
+    state = dunning_row(engine, account)
+    assert state["failure_class"] == "permanent" and state["next_retry_at"] is None
+    version = state["version"]
+
+    pm = method_attached(client, customer)
+    state = wait_for(lambda: (d := dunning_row(engine, account))["version"] > version and d, message="new method")
+    assert state["retry_free"] is True and state["retry_payment_method_id"] == pm
+    assert abs((state["next_retry_at"] - datetime.now(UTC)).total_seconds()) < 120
+
+    dispatch(celery_app)
+    wait_for(lambda: [r["state"] for r in retries(engine, account)] == ["sent"], message="free retry sent")
+    (request,) = fake_stripe.pay_requests(invoice)
+    assert request.params["payment_method"] == [pm]
+    assert request.idempotency_key is not None and request.idempotency_key.startswith(f"free:{invoice}:{pm}:")
+    assert retries(engine, account)[0]["free"] is True
