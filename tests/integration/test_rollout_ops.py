@@ -1,0 +1,253 @@
+# ruff: noqa: F811
+"""The rollout gate on health read from the real database, and how operators see and steer it:
+`dunning rollout ...`, `dunning sweep`, GET/POST /ops/rollout, GET /ops/lifting."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from psycopg2.extras import Json
+from sqlalchemy import Engine
+
+from app import metrics
+from app.cli import main
+from app.rollout.gate import check_gate
+from tests.conftest import SERVICE_TOKEN, Accounts, service_headers
+
+# The fixtures corrupted and rollout_off come from the sweep tests (pytest finds them by name here).
+from tests.integration.test_sweep import corrupted, rollout_off, set_stage, settle, sql  # noqa: F401
+
+NOW = datetime.now(UTC)
+
+
+def finished_sweep(engine: Engine, at: datetime, errors: int = 0) -> int:
+    with engine.begin() as conn:
+        return int(conn.exec_driver_sql(
+            "INSERT INTO sweep_run (started_at, finished_at, updated_at, state, errors) "
+            "VALUES (%(t)s, %(t)s, %(t)s, 'finished', %(e)s) RETURNING id", {"t": at, "e": errors}).scalar_one())
+
+
+def remediation(engine: Engine, sweep: int, account: str, at: datetime, stored: dict[str, Any],
+                remediated: bool = True) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, stage) "
+            "VALUES (%(s)s, %(a)s, %(t)s, %(st)s, '{}', %(f)s, %(r)s, '5')",
+            {"s": sweep, "a": account, "t": at, "st": Json(stored), "f": Json(list(stored)), "r": remediated})
+
+
+def history(engine: Engine) -> list[Any]:
+    return sql(engine, "SELECT action, from_stage, to_stage, actor, reason, health FROM rollout_history ORDER BY id")
+
+
+def test_gate_advances_after_soak_with_healthy_data(runtime, engine: Engine, rollout_off: None):
+    set_stage(engine, "5", entered=NOW - timedelta(hours=25))
+    sweep = finished_sweep(engine, NOW - timedelta(hours=2))
+    for n in range(100):
+        remediation(engine, sweep, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"})
+    later = finished_sweep(engine, NOW - timedelta(hours=1))
+    # one account drifted again the same way: 1 of 100 reverted, within the 2% limit
+    remediation(engine, later, "acct_0", NOW - timedelta(hours=1), {"status": "bad_debt", "level": "x"}, False)
+    # a different drift later (e.g. time moved the level) is not a revert
+    remediation(engine, later, "acct_1", NOW - timedelta(hours=1), {"level": "notice"}, False)
+
+    decision, health, state = check_gate(engine, runtime.policy, NOW)
+    assert (health.remediations, health.reverted, health.errors, health.sweeps) == (100, 1, 0, 2)
+    assert decision.action == "advance" and state.stage == "10" and not state.held
+    assert state.last_gate_action == "advance"
+    [entry] = history(engine)
+    assert (entry.action, entry.from_stage, entry.to_stage, entry.actor) == ("advance", "5", "10", "gate")
+    assert entry.health["remediations"] == 100 and "healthy" in entry.reason
+    assert metrics.ROLLOUT_STAGE._value.get() == 3
+    audit = sql(engine, "SELECT actor, action, detail FROM audit_log")
+    assert [(a.actor, a.action, a.detail["to_stage"]) for a in audit] == [("gate", "rollout.advance", "10")]
+
+
+def test_gate_holds_before_soak_and_records_why_without_changing_anything(runtime, engine: Engine,
+                                                                          rollout_off: None):
+    set_stage(engine, "5", entered=NOW - timedelta(hours=3))
+    finished_sweep(engine, NOW - timedelta(hours=1))
+    decision, _health, state = check_gate(engine, runtime.policy, NOW)
+    assert decision.action == "hold" and "soaking" in decision.reason
+    assert state.stage == "5" and state.last_gate_reason == decision.reason
+    assert history(engine) == []
+
+
+def test_gate_steps_back_and_holds_when_remediations_are_reverted(runtime, engine: Engine, rollout_off: None):
+    set_stage(engine, "25", entered=NOW - timedelta(hours=3))
+    first = finished_sweep(engine, NOW - timedelta(hours=2))
+    for n in range(10):
+        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"})
+    second = finished_sweep(engine, NOW - timedelta(hours=1))
+    remediation(engine, second, "acct_3", NOW - timedelta(hours=1), {"status": "bad_debt"}, False)
+    with engine.begin() as conn:  # the remediation recompute of acct_7 failed
+        conn.exec_driver_sql(
+            "INSERT INTO subs_stuck_events (account_id, task_name, task_args, error_class, error, state, "
+            "last_failed_at) VALUES ('acct_7', 'tasks.recompute_account', %(args)s, 'unexpected', 'boom', 'dead', "
+            "%(t)s)", {"args": Json({"account_id": "acct_7", "trigger": "DRIFT_DETECTED"}),
+                       "t": NOW - timedelta(minutes=30)})
+
+    decision, health, state = check_gate(engine, runtime.policy, NOW)
+    assert (health.remediations, health.reverted) == (10, 2)
+    assert decision.action == "rollback" and "2 of 10" in decision.reason
+    assert state.stage == "10" and state.held
+    # the gate does not step back again on the same data: health restarts with the new stage
+    again, health, state = check_gate(engine, runtime.policy, NOW + timedelta(minutes=5))
+    assert again.action == "none" and state.stage == "10"
+    assert [(h.action, h.from_stage, h.to_stage, h.actor) for h in history(engine)] == [
+        ("rollback", "25", "10", "gate")]
+
+
+def test_gate_steps_back_on_errors(runtime, engine: Engine, rollout_off: None):
+    set_stage(engine, "named", entered=NOW - timedelta(hours=30))
+    finished_sweep(engine, NOW - timedelta(hours=1), errors=6)
+    decision, _health, state = check_gate(engine, runtime.policy, NOW)
+    assert decision.action == "rollback" and "6 errors > limit 5" in decision.reason
+    assert state.stage == "off"
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", settings.broker_url)
+    monkeypatch.setenv("CELERY_BROKER_KEY_PREFIX", settings.broker_key_prefix or "")
+    monkeypatch.delenv("DUNNING_POLICY", raising=False)
+
+
+def test_cli_rollout_changes_need_a_reason_and_are_audited(cli_env: None, engine: Engine, rollout_off: None,
+                                                           capsys: pytest.CaptureFixture[str]):
+    assert main(["rollout", "advance"]) == 2
+    assert "--reason TEXT is required" in capsys.readouterr().err
+    assert main(["rollout", "advance", "--reason", "  "]) == 2
+    assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "off"
+
+    assert main(["rollout", "advance", "--reason", "start with our own accounts", "--actor", "bob"]) == 0
+    assert "advance: off -> named accounts; recorded by bob" in capsys.readouterr().out
+    # a manual advance does not wait for the soak time
+    assert main(["rollout", "advance", "--reason", "looks fine", "--actor", "bob"]) == 0
+    assert main(["rollout", "hold", "--reason", "incident 42", "--actor", "carol"]) == 0
+    assert main(["rollout", "hold", "--reason", "again", "--actor", "carol"]) == 2
+    assert "already held" in capsys.readouterr().err
+    assert main(["rollout", "rollback", "--reason", "false positives", "--actor", "carol"]) == 0
+    assert main(["rollout", "rollback", "--reason", "all the way", "--actor", "carol"]) == 0
+    assert main(["rollout", "rollback", "--reason", "further", "--actor", "carol"]) == 2
+    assert "already off" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["rollout", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "stage: off (held)" in out
+    assert "rollback      named -> off  by carol: all the way" in out
+    assert "advance       off -> named  by bob: start with our own accounts" in out
+    assert "health since the stage began: 0 remediations" in out
+    assert [(h.action, h.actor) for h in history(engine)] == [
+        ("advance", "bob"), ("advance", "bob"), ("hold", "carol"), ("rollback", "carol"), ("rollback", "carol")]
+    assert sql(engine, "SELECT count(*) FROM audit_log WHERE action LIKE 'rollout.%%'")[0][0] == 5
+
+
+def test_cli_sweep_dry_run_prints_counts_and_the_drifted_accounts(cli_env: None, engine: Engine,
+                                                                  corrupted: dict[str, str],
+                                                                  capsys: pytest.CaptureFixture[str]):
+    set_stage(engine, "named", [corrupted["paid"]])
+    assert main(["sweep", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run (nothing written, nothing enqueued) at stage named accounts" in out
+    assert "scanned 6  drifted 3  in stage 1  out of stage 2  guarded 0  enqueued 0  errors 0" in out
+    assert f"{corrupted['paid']}  [remediate]  status: 'bad_debt' -> 'current'" in out
+    assert f"{corrupted['unpaid']}  [out_of_stage]  level: 'suspended' -> 'restrict_premium'" in out
+    assert f"{corrupted['flagged']}  [out_of_stage]  bad_debt_flag: True -> False" in out
+    assert sql(engine, "SELECT count(*) FROM sweep_run")[0][0] == 0
+
+
+def test_cli_sweep_enqueues_and_says_so(cli_env: None, engine: Engine, corrupted: dict[str, str], settings,
+                                        capsys: pytest.CaptureFixture[str]):
+    set_stage(engine, "100")
+    assert main(["sweep", "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "scanned 6  drifted 3  in stage 3  out of stage 0  guarded 0  enqueued 3  errors 0" in out
+    assert "drifted accounts (first 1 of 3):" in out
+    queue = redis.Redis.from_url(settings.broker_url)
+    try:  # the three DRIFT_DETECTED recomputes are on the queue
+        messages = [json.loads(m) for m in queue.lrange(f"{settings.broker_key_prefix}recompute", 0, -1)]
+    finally:
+        queue.close()
+    bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
+    assert sorted(args[0] for args, _kwargs, _ in bodies) == sorted(corrupted[k] for k in ("paid", "unpaid", "flagged"))
+    assert {(args[1], kwargs["coalesced"]) for args, kwargs, _ in bodies} == {("DRIFT_DETECTED", False)}
+    assert {m["headers"]["task"] for m in messages} == {"tasks.recompute_account"}
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+
+
+def test_ops_rollout_requires_a_service_token(client, rollout_off: None):
+    assert client.get("/ops/rollout").status_code == 401
+    assert client.post("/ops/rollout", json={"action": "advance", "reason": "x"},
+                       headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/ops/lifting").status_code == 401
+
+
+@pytest.mark.parametrize("body, reason", [
+    ("not json", "must be a JSON object"),
+    ({"reason": "x"}, "action must be one of"),
+    ({"action": "explode", "reason": "x"}, "action must be one of"),
+    ({"action": "advance"}, "reason is required"),
+    ({"action": "advance", "reason": "   "}, "reason is required"),
+    ({"action": "advance", "reason": "x", "actor": 7}, "actor must be"),
+    ({"action": "name", "reason": "x", "accounts": "acct_1"}, "accounts must be a list"),
+])
+def test_ops_rollout_rejects_bad_input_with_a_reason(client, engine: Engine, rollout_off: None, body: Any,
+                                                     reason: str):
+    kwargs: dict[str, Any] = {"data": body} if isinstance(body, str) else {"json": body}
+    response = client.post("/ops/rollout", headers=service_headers(), **kwargs)
+    assert response.status_code == 400
+    assert reason in response.json["reason"]
+    assert history(engine) == []
+
+
+def test_ops_rollout_steers_and_shows_the_rollout(client, engine: Engine, rollout_off: None):
+    conflict = client.post("/ops/rollout", headers=service_headers(), json={"action": "rollback", "reason": "x"})
+    assert conflict.status_code == 409 and "already off" in conflict.json["reason"]
+    named = client.post("/ops/rollout", headers=service_headers(),
+                        json={"action": "name", "accounts": ["acct_b", "acct_a", "acct_a"], "reason": "pilot",
+                              "actor": "dana"})
+    assert named.status_code == 200 and named.json["named_accounts"] == ["acct_a", "acct_b"]
+    advanced = client.post("/ops/rollout", headers=service_headers(),
+                           json={"action": "advance", "reason": "pilot accounts", "actor": "dana"})
+    assert advanced.status_code == 200
+    assert advanced.json["stage"] == "named" and advanced.json["stage_label"] == "named accounts"
+    client.post("/ops/rollout", headers=service_headers(), json={"action": "hold", "reason": "weekend"})
+    resumed = client.post("/ops/rollout", headers=service_headers(), json={"action": "resume", "reason": "monday"})
+    assert resumed.status_code == 200 and resumed.json["held"] is False
+    view = client.get("/ops/rollout", headers=service_headers()).json
+    assert view["stage"] == "named" and set(view["health"]) >= {"remediations", "reverted", "errors", "sweeps"}
+    assert [(h["action"], h["actor"]) for h in view["history"]] == [
+        ("resume", "service"), ("hold", "service"), ("advance", "dana"), ("name_accounts", "dana")]
+    assert SERVICE_TOKEN not in str(view)
+
+
+def test_ops_lifting_lists_accounts_stuck_past_the_guard_window(client, accounts: Accounts, runtime, engine: Engine):
+    stuck, _ = accounts.create()
+    fresh, _ = accounts.create()
+    for account in (stuck, fresh):
+        settle(engine, runtime.policy, account, NOW)
+        sql(engine, "UPDATE subs_dunning SET status = 'lifting' WHERE account_id = %(a)s", a=account)
+    for account, minutes in ((stuck, 45), (fresh, 5)):
+        sql(engine, "INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, state, "
+                    "created_at) VALUES (%(a)s, %(k)s, 'fp', 5000, 'pending', now() - make_interval(mins => %(m)s))",
+            a=account, k=f"key-{account}", m=minutes)
+    response = client.get("/ops/lifting", headers=service_headers())
+    assert response.status_code == 200
+    assert response.json["count"] == 1 and response.json["guard_window_minutes"] == 30
+    [item] = response.json["accounts"]
+    assert item["account_id"] == stuck and 44 <= item["minutes"] <= 46
+    assert metrics.STUCK_IN_LIFTING._value.get() == 1
+    assert client.get("/ops/lifting?limit=0", headers=service_headers()).status_code == 400
