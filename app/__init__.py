@@ -10,10 +10,13 @@ from flask import Flask
 def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) -> Flask:
     from app import errors
     from app.api import accounts, health
+    from app.api import bad_debt as bad_debt_api
+    from app.api import metrics as metrics_api
     from app.api import ops as ops_api
     from app.api import rollout as rollout_api
     from app.config import Settings
     from app.runtime import Runtime
+    from app.support import views as support_views
     from tasks.factory import make_celery
     from webhooks import blueprint as webhooks
 
@@ -26,6 +29,9 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     app.register_blueprint(health.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(accounts.bp)
+    app.register_blueprint(bad_debt_api.bp)
+    app.register_blueprint(metrics_api.bp)
+    app.register_blueprint(support_views.bp)
     app.register_blueprint(rollout_api.bp)
     app.register_blueprint(ops_api.bp)
     errors.register(app)

@@ -60,6 +60,21 @@ def cmd_recompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_bad_debt(args: argparse.Namespace) -> int:
+    from app.reports.bad_debt import BadDate, lines, parse_day, render
+    from app.runtime import Runtime
+
+    try:
+        since = parse_day(args.since)
+        until = parse_day(args.until, "--until") if args.until else None
+    except BadDate as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with Runtime.build(_settings()).engine.connect() as conn:
+        print(render(lines(conn, since, until), since), end="")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from app.launcher import main as launch
 
@@ -83,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("account_id")
     rc.add_argument("--json", action="store_true", help="print the result as JSON")
     rc.set_defaults(handler=cmd_recompute)
+
+    report = sub.add_parser("report", help="reports")
+    report_sub = report.add_subparsers(dest="report_command", required=True)
+    bad_debt = report_sub.add_parser("bad-debt", help="bad-debt entries and exits per day, by why and product")
+    bad_debt.add_argument("--since", required=True, help="first day, YYYY-MM-DD (UTC)")
+    bad_debt.add_argument("--until", default=None, help="day after the last one, YYYY-MM-DD (UTC)")
+    bad_debt.set_defaults(handler=cmd_report_bad_debt)
 
     run = sub.add_parser("run", help="run the whole fleet (embedded PostgreSQL/Redis unless configured)")
     run.add_argument("--data-dir", default=None, help="where the private servers keep their data (.dunning)")

@@ -12,7 +12,8 @@ from app.config import Settings
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
 
-TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.outbox", "tasks.stuck", "tasks.sweeps"]
+TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.outbox", "tasks.stuck", "tasks.sweeps",
+                "tasks.bad_debt", "tasks.metrics"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -11,6 +11,8 @@ ROUTES = {
     "tasks.recompute_account": {"queue": RECOMPUTE},
     "tasks.dispatch_due_retries": {"queue": PAYMENTS},
     "tasks.retry_payment": {"queue": PAYMENTS},
+    "tasks.settle_bad_debt_payment": {"queue": PAYMENTS},
+    "tasks.settle_unsettled_bad_debt_payments": {"queue": PAYMENTS},
     "tasks.relay_outbox": {"queue": OUTBOX},
     "tasks.deliver_account_outbox": {"queue": OUTBOX},
     "tasks.drift_sweep": {"queue": SWEEPS},

@@ -8,6 +8,9 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Requests stored but never queued (broker down at ingest), lost messages, and events whose
     # customer had no account yet.
     "redrive-recompute-requests": {"task": "tasks.redrive_requests", "schedule": 30.0},
+    # Bad-debt payments charged but not settled (settlement never queued or lost).
+    "settle-bad-debt-payments": {"task": "tasks.settle_unsettled_bad_debt_payments", "schedule": 60.0,
+                                 "options": {"expires": 50}},
     # Due payment retries are rows (subs_dunning.next_retry_at), never long countdowns.
     "dispatch-due-retries": {"task": "tasks.dispatch_due_retries", "schedule": 30.0, "options": {"expires": 25}},
     "relay-outbox": {"task": "tasks.relay_outbox", "schedule": 5.0, "options": {"expires": 20}},

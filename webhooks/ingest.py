@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
+from app.payments import bad_debt_webhook
 from webhooks import store
 from webhooks.mirror import Extracted, extract
 
@@ -66,7 +67,11 @@ def ingest(engine: Engine, celery_app: Celery, event: dict[str, Any], raw: str) 
             # Kept, visible, and re-driven by beat once subs_customer maps the customer.
             return Ingested(ex.event_id, ex.type, "unroutable")
         trigger = _trigger(conn, ex, account_id)
+        # The isolated bad-debt payment's outcome (app/payments/bad_debt_webhook.py).
+        settle = bad_debt_webhook.record_outcome(conn, ex.type, account_id, ex.payment_intent, event)
         created = store.request_recompute(conn, account_id, trigger, ex.event_id)
+    if settle is not None:
+        bad_debt_webhook.enqueue_settlement(celery_app, settle)
     if not created:
         return Ingested(ex.event_id, ex.type, state, account_id, coalesced=True)
     try:

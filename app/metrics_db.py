@@ -1,0 +1,50 @@
+"""Gauges read from the database at scrape time (cheap counts, one statement).
+
+They describe the fleet, not one process, so whichever process is scraped sets them; in
+multiprocess mode they aggregate with "max" (app/metrics.py).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Gauge
+from sqlalchemy import Engine
+
+from app import metrics
+
+# The remediation rollout stages in order (DESIGN section 6); the gauge is the index, 0 = off.
+ROLLOUT_STAGES = ("off", "named", "5", "10", "25", "50", "100")
+STUCK_STATES = ("retrying", "dead", "resolved")
+
+BAD_DEBT_OPEN = Gauge("dunning_bad_debt_open_episodes", "Bad-debt episodes not yet exited",
+                      multiprocess_mode="max")
+BAD_DEBT_PAYMENTS_PENDING = Gauge("dunning_bad_debt_payments_pending", "Bad-debt payments in flight",
+                                  multiprocess_mode="max")
+
+GAUGES_SQL = """
+SELECT
+  (SELECT count(*) FROM outbox WHERE delivered_at IS NULL) AS outbox_backlog,
+  (SELECT count(*) FROM subs_dunning d
+    WHERE d.status = 'lifting'
+      AND COALESCE((SELECT min(b.created_at) FROM bad_debt_payment b
+                     WHERE b.account_id = d.account_id AND b.state = 'pending'), d.changed_at)
+          < now() - make_interval(mins => %(guard)s)) AS stuck_in_lifting,
+  (SELECT json_object_agg(state, n) FROM (SELECT state, count(*) AS n FROM subs_stuck_events GROUP BY state) s)
+    AS stuck_events,
+  (SELECT stage FROM rollout_state WHERE id = 1) AS rollout_stage,
+  (SELECT count(*) FROM bad_debt_episode WHERE exited_at IS NULL) AS open_episodes,
+  (SELECT count(*) FROM bad_debt_payment WHERE state = 'pending') AS pending_payments
+"""
+
+
+def refresh(engine: Engine, guard_window_minutes: int) -> None:
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql(GAUGES_SQL, {"guard": guard_window_minutes}).mappings().one()
+    metrics.OUTBOX_BACKLOG.set(row["outbox_backlog"])
+    metrics.STUCK_IN_LIFTING.set(row["stuck_in_lifting"])
+    by_state = row["stuck_events"] or {}
+    for state in sorted(set(STUCK_STATES) | set(by_state)):
+        metrics.STUCK_EVENTS.labels(state).set(by_state.get(state, 0))
+    stage = row["rollout_stage"] or "off"
+    metrics.ROLLOUT_STAGE.set(ROLLOUT_STAGES.index(stage) if stage in ROLLOUT_STAGES else -1)
+    BAD_DEBT_OPEN.set(row["open_episodes"])
+    BAD_DEBT_PAYMENTS_PENDING.set(row["pending_payments"])

@@ -1,0 +1,266 @@
+"""POST /pay-bad-debt: the isolated bad-debt payment (its own path, never the regular retries).
+
+Guards, in order: a valid body, the Idempotency-Key (the same key replays the first answer, the
+same key with another body is refused), an account that exists and is in bad debt, the exact
+outstanding balance, one payment in flight per account (a partial unique index, so two concurrent
+requests cannot both pass). Then:
+
+1. the ``bad_debt_payment`` row (pending) is committed, with a recompute request in the same
+   transaction (recompute turns the account into ``lifting`` while the row is pending; the request
+   row means beat re-drives it if the broker is down);
+2. a PaymentIntent for the amount is created and confirmed off-session on the customer's default
+   payment method through the stripe library, with an idempotency key derived from the
+   Idempotency-Key and metadata naming the account and the payment;
+3. the answer (202 pending, 402 declined, 502 provider error) is stored on the row for replays.
+
+The PaymentIntent's webhooks decide the rest (app/payments/bad_debt_webhook.py and
+app/payments/bad_debt_settle.py): success settles the invoices and the account leaves bad debt;
+failure returns it to bad debt with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+from psycopg2.extras import Json
+from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
+
+from app.db import unit_of_work
+from app.dispatch import BrokerUnavailable, enqueue_recompute
+from app.domain.compute import compute
+from app.domain.state import Status
+from app.domain.triggers import Trigger
+from app.payments.stripe_client import make_stripe_client
+from app.recompute.gather import gather
+from app.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 255
+IN_FLIGHT_INDEX = "uq_bad_debt_payment_in_flight"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, error: str, reason: str, **extra: Any) -> None:
+        super().__init__(reason)
+        self.answer = Answer(status, {"error": error, "reason": reason, **extra})
+
+
+@dataclass(frozen=True)
+class Request:
+    account_id: str
+    amount: int
+    idempotency_key: str
+
+    @property
+    def fingerprint(self) -> str:
+        canonical = json.dumps({"account_id": self.account_id, "amount": self.amount}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def stripe_idempotency_key(self) -> str:
+        # Derived from the caller's key: the same request can never create two PaymentIntents.
+        return "pay-bad-debt-" + hashlib.sha256(f"{self.account_id}\0{self.idempotency_key}".encode()).hexdigest()
+
+
+def parse(body: Any, idempotency_key: str | None) -> Request:
+    key = (idempotency_key or "").strip()
+    if not key:
+        raise Refused(400, "idempotency_key_required", "the Idempotency-Key header is required")
+    if len(key) > MAX_KEY_LENGTH:
+        raise Refused(400, "invalid_idempotency_key", f"the Idempotency-Key is longer than {MAX_KEY_LENGTH}")
+    if not isinstance(body, dict):
+        raise Refused(400, "invalid_body", 'the body must be a JSON object {"account_id", "amount"}')
+    account_id, amount = body.get("account_id"), body.get("amount")
+    if not isinstance(account_id, str) or not account_id.strip():
+        raise Refused(400, "invalid_account_id", "account_id must be a non-empty string")
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise Refused(400, "invalid_amount", "amount must be an integer in the currency's minor unit (cents)")
+    if amount <= 0:
+        raise Refused(400, "invalid_amount", "amount must be positive")
+    unknown = sorted(set(body) - {"account_id", "amount"})
+    if unknown:
+        raise Refused(400, "invalid_body", f"unknown fields: {', '.join(unknown)}")
+    return Request(account_id.strip(), amount, key)
+
+
+FIND_BY_KEY = """
+SELECT id, account_id, request_fingerprint, response_status, response_body
+  FROM bad_debt_payment WHERE idempotency_key = %(key)s
+"""
+
+
+def _replay(conn: Connection, req: Request) -> Answer | None:
+    row = conn.exec_driver_sql(FIND_BY_KEY, {"key": req.idempotency_key}).mappings().first()
+    if row is None:
+        return None
+    if row["request_fingerprint"] != req.fingerprint:
+        raise Refused(422, "idempotency_key_reused",
+                      "this Idempotency-Key was used with a different request body; use a new key")
+    if row["response_status"] is None:
+        raise Refused(409, "request_in_progress", "a request with this Idempotency-Key is still being processed")
+    return Answer(int(row["response_status"]), dict(row["response_body"] or {}))
+
+
+@dataclass(frozen=True)
+class Debt:
+    balance: int
+    currency: str
+    invoice_ids: list[str]
+    customer: str
+    payment_method: str
+
+
+CUSTOMERS_OF = "SELECT DISTINCT stripe_customer_id FROM stripe_invoice WHERE id = ANY(%(ids)s)"
+
+
+def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
+    """The account's bad debt as compute sees it now; refuses anything else."""
+    gathered = gather(conn, req.account_id)
+    if gathered is None:
+        raise Refused(404, "not_found", f"no account {req.account_id!r}")
+    snapshot, _ = gathered
+    stored = snapshot.stored
+    status = stored.status if stored is not None else Status.CURRENT.value
+    if status == Status.LIFTING.value or any(p.state == "pending" for p in snapshot.bad_debt_payments):
+        raise Refused(409, "payment_in_flight", "a bad-debt payment for this account is already in flight")
+    if status != Status.BAD_DEBT.value or stored is None:
+        raise Refused(409, "not_in_bad_debt", f"the account is not in bad debt (status {status})")
+    decision = compute(snapshot, rt.policy, now)
+    invoices = [a.invoice for a in decision.assessments]
+    balance = sum(inv.amount_remaining for inv in invoices)
+    if decision.state.status != Status.BAD_DEBT.value or balance != stored.outstanding_amount:
+        # Something arrived since the last recompute (which is on its way): the stored balance is stale.
+        raise Refused(409, "balance_changing", "the account's balance is being recomputed; retry in a moment")
+    if req.amount != balance:
+        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance})",
+                      outstanding_amount=balance)
+    currencies = {inv.currency for inv in invoices}
+    ids = [inv.id for inv in invoices]
+    customers = [r[0] for r in conn.exec_driver_sql(CUSTOMERS_OF, {"ids": ids})]
+    if len(currencies) != 1 or len(customers) != 1:
+        raise Refused(409, "mixed_debt", "the debt spans several currencies or Stripe customers; "
+                      "settle it through support")
+    method = snapshot.default_payment_method_id or next(
+        (pm.id for pm in sorted(snapshot.payment_methods, key=lambda p: p.changed_at, reverse=True) if pm.attached),
+        None)
+    if method is None:
+        raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
+    return Debt(balance, currencies.pop(), ids, customers[0], method)
+
+
+INSERT_PAYMENT = """
+INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids)
+VALUES (%(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s)
+RETURNING id
+"""
+
+
+def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
+    """Commit the pending row and the recompute request; (payment id, whether to enqueue)."""
+    from webhooks.store import request_recompute
+
+    try:
+        with unit_of_work(rt.engine) as conn:
+            payment_id = int(conn.exec_driver_sql(INSERT_PAYMENT, {
+                "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
+                "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),
+            }).scalar_one())
+            created = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
+                                        f"bad_debt_payment:{payment_id}")
+    except IntegrityError as exc:
+        constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)
+        if constraint == IN_FLIGHT_INDEX:
+            raise Refused(409, "payment_in_flight",
+                          "a bad-debt payment for this account is already in flight") from None
+        # The same key, committed by a concurrent request meanwhile: answer as a replay would.
+        with rt.engine.connect() as conn:
+            replayed = _replay(conn, req)  # raises Refused while that request is still running
+        if replayed is None:
+            raise
+        raise Replayed(replayed) from None
+    return payment_id, created
+
+
+class Replayed(Refused):
+    def __init__(self, answer: Answer) -> None:
+        Exception.__init__(self, "replayed")
+        self.answer = answer
+
+
+def _create_intent(rt: Runtime, req: Request, debt: Debt, payment_id: int) -> tuple[Answer, str | None, str | None]:
+    """(answer, payment intent id, failure reason or None while pending) after asking Stripe to charge."""
+    client = make_stripe_client(rt.settings)
+    params: dict[str, Any] = {
+        "amount": req.amount, "currency": debt.currency, "customer": debt.customer,
+        "payment_method": debt.payment_method, "confirm": True, "off_session": True,
+        "description": f"Bad-debt payment {payment_id} for account {req.account_id}",
+        "metadata": {"account_id": req.account_id, "bad_debt_payment_id": str(payment_id)},
+    }
+    base = {"payment_id": payment_id, "account_id": req.account_id, "amount": req.amount, "currency": debt.currency}
+    try:
+        intent = client.v1.payment_intents.create(params,  # type: ignore[arg-type]
+                                                  {"idempotency_key": req.stripe_idempotency_key})
+    except stripe.CardError as exc:
+        err = exc.error
+        code = (getattr(err, "decline_code", None) or getattr(err, "code", None) or exc.code or "card_declined")
+        intent_id = getattr(getattr(err, "payment_intent", None), "id", None) if err is not None else None
+        reason = f"declined: {code}"
+        return Answer(402, {**base, "state": "failed", "error": "payment_declined", "reason": reason}), \
+            intent_id, reason
+    except stripe.StripeError as exc:
+        status = exc.http_status or "no answer"
+        log.warning("bad-debt payment %s: Stripe error %s (%s)", payment_id, exc.__class__.__name__, status)
+        reason = f"payment provider error: {exc.__class__.__name__} ({status})"
+        return Answer(502, {**base, "state": "failed", "error": "payment_provider_error", "reason": reason}), \
+            None, reason
+    body = {**base, "state": "pending", "stripe_payment_intent_id": intent.id, "stripe_status": intent.status}
+    return Answer(202, body), str(intent.id), None
+
+
+SAVE_ANSWER = """
+UPDATE bad_debt_payment
+   SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(intent)s),
+       state = CASE WHEN %(failure)s::text IS NULL THEN state ELSE 'failed' END,
+       failure_reason = COALESCE(%(failure)s, failure_reason),
+       response_status = %(status)s, response_body = %(body)s, updated_at = now()
+ WHERE id = %(id)s
+"""
+
+
+def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str | None,
+                 now: datetime | None = None) -> Answer:
+    try:
+        req = parse(body, idempotency_key)
+        with rt.engine.connect() as conn:
+            replayed = _replay(conn, req)
+        if replayed is not None:
+            return replayed
+        with rt.engine.connect() as conn:
+            debt = _debt(conn, rt, req, now or datetime.now(UTC))
+        payment_id, enqueue = _insert(rt, req, debt)
+    except Refused as refused:
+        return refused.answer
+    answer, intent_id, failure = _create_intent(rt, req, debt, payment_id)
+    with unit_of_work(rt.engine) as conn:
+        conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
+                                           "body": Json(answer.body), "id": payment_id})
+    if enqueue:
+        try:
+            enqueue_recompute(celery_app, req.account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
+        except BrokerUnavailable as exc:  # the committed request row is re-driven by beat
+            log.warning("recompute after bad-debt payment %s not queued: %s", payment_id, exc)
+    return answer

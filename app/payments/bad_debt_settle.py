@@ -1,0 +1,111 @@
+"""Settle a bad-debt payment whose charge succeeded: pay its invoices out of band at Stripe.
+
+The PaymentIntent took the money outside any invoice, so each invoice it covers is marked paid out
+of band (``POST /v1/invoices/<id>/pay`` with ``paid_out_of_band``; one idempotency key per payment
+and invoice, so a re-run never pays twice). The invoices Stripe returns are written to the mirror
+through the same guarded upsert as webhooks, and the payment becomes ``succeeded`` in that same
+transaction: the next recompute sees the debt paid and the account leaves bad debt (exit "paid").
+Stripe's own invoice.paid webhooks arrive later and change nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+
+from app.db import unit_of_work
+from app.domain.triggers import Trigger
+from app.payments.stripe_client import make_stripe_client
+from app.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SETTLED_STATUSES = ("paid", "void")
+
+LOAD = """
+SELECT b.account_id, b.state, b.invoice_ids, b.stripe_payment_intent_id, a.status AS charge_status
+  FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
+ WHERE b.id = %(id)s
+"""
+MARK_SUCCEEDED = """
+UPDATE bad_debt_payment SET state = 'succeeded', failure_reason = NULL, updated_at = now()
+ WHERE id = %(id)s AND state = 'pending'
+"""
+# Pending payments whose charge the mirror shows succeeded a while ago: settlement that was never
+# queued (broker down at ingest) or whose task was lost.
+UNSETTLED = """
+SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
+ WHERE b.state = 'pending' AND a.status = 'succeeded' AND b.updated_at < now() - make_interval(secs => %(age)s)
+ ORDER BY b.id LIMIT %(limit)s
+"""
+
+
+class NotSettled(Exception):
+    """Stripe refused to mark an invoice paid and it is not paid or void either."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    payment_id: int
+    account_id: str | None
+    outcome: str  # settled | already_done | not_charged | unknown_payment
+    invoices: tuple[str, ...] = ()
+    enqueue: bool = False
+
+
+def _pay_out_of_band(client: stripe.StripeClient, payment_id: int, invoice_id: str) -> dict[str, Any]:
+    try:
+        invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True},
+                                         {"idempotency_key": f"bad-debt-settle-{payment_id}-{invoice_id}"})
+    except stripe.InvalidRequestError as exc:
+        # Already paid (e.g. the customer paid it some other way meanwhile) or voided: fine if so.
+        invoice = client.v1.invoices.retrieve(invoice_id)
+        if invoice.status not in SETTLED_STATUSES:
+            raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
+                             f"(status {invoice.status})") from exc
+    result: dict[str, Any] = invoice.to_dict(for_json=True)
+    return result
+
+
+def _mirror_rows(payment_id: int, invoice: dict[str, Any]) -> list[Any]:
+    from webhooks.mirror import extract
+
+    # The API's invoice object, mapped by the webhook mirror's own code (same columns, same ordering guard).
+    envelope = {"object": "event", "id": f"bad_debt_settle_{payment_id}_{invoice['id']}", "type": "invoice.paid",
+                "created": int(time.time()), "data": {"object": invoice}}
+    return list(extract(envelope).rows)
+
+
+def settle(rt: Runtime, payment_id: int) -> Settlement:
+    """Raises stripe errors (the task classifies them) and NotSettled."""
+    from webhooks.store import request_recompute, upsert_row
+
+    with rt.engine.connect() as conn:
+        row = conn.exec_driver_sql(LOAD, {"id": payment_id}).mappings().first()
+    if row is None:
+        return Settlement(payment_id, None, "unknown_payment")
+    account_id = str(row["account_id"])
+    if row["state"] != "pending":
+        return Settlement(payment_id, account_id, "already_done")
+    if row["charge_status"] != "succeeded":
+        # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
+        return Settlement(payment_id, account_id, "not_charged")
+    client = make_stripe_client(rt.settings)
+    invoices = [_pay_out_of_band(client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
+    with unit_of_work(rt.engine) as conn:
+        for invoice in invoices:
+            for mirror_row in _mirror_rows(payment_id, invoice):
+                upsert_row(conn, mirror_row)
+        conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
+        created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
+    log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(invoices), account_id)
+    return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i in invoices), enqueue=created)
+
+
+def unsettled(rt: Runtime, older_than_seconds: float = 60.0, limit: int = 100) -> list[int]:
+    with rt.engine.connect() as conn:
+        return [int(r[0]) for r in conn.exec_driver_sql(UNSETTLED, {"age": older_than_seconds, "limit": limit})]

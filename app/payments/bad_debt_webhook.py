@@ -1,0 +1,83 @@
+"""The bad-debt payment's PaymentIntent webhooks, inside the ingest transaction.
+
+``payment_intent.payment_failed`` marks the payment failed with the decline as its reason (the
+recompute that ingest queues returns the account to bad debt, with that reason).
+``payment_intent.succeeded`` leaves the payment pending (the account stays ``lifting``) and names it
+for settlement: tasks.settle_bad_debt_payment pays the invoices out of band and only then marks
+the payment succeeded, in the transaction that mirrors the paid invoices, so the account never
+falls back to bad debt between the charge and the settlement.
+
+The payment is found by its PaymentIntent id, or by the metadata this product put on the intent
+(a webhook can outrun the API answer that stores the intent id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.dispatch import BrokerUnavailable, send
+
+SETTLE_TASK = "tasks.settle_bad_debt_payment"
+
+FIND = """
+SELECT id, state FROM bad_debt_payment
+ WHERE account_id = %(account)s AND (stripe_payment_intent_id = %(pi)s OR id = %(meta_id)s)
+ ORDER BY id LIMIT 1 FOR UPDATE
+"""
+MARK_FAILED = """
+UPDATE bad_debt_payment SET state = 'failed', failure_reason = %(reason)s, updated_at = now(),
+       stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s)
+ WHERE id = %(id)s AND state = 'pending'
+"""
+NOTE_INTENT = """
+UPDATE bad_debt_payment SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s), updated_at = now()
+ WHERE id = %(id)s
+"""
+
+
+def _intent(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, Mapping) else None
+    return obj if isinstance(obj, Mapping) else {}
+
+
+def _meta_id(intent: Mapping[str, Any]) -> int:
+    metadata = intent.get("metadata")
+    raw = metadata.get("bad_debt_payment_id") if isinstance(metadata, Mapping) else None
+    return int(raw) if isinstance(raw, str) and raw.isdigit() else -1
+
+
+def failure_reason(intent: Mapping[str, Any]) -> str:
+    error = intent.get("last_payment_error")
+    if not isinstance(error, Mapping):
+        return "declined"
+    code = error.get("decline_code") or error.get("code") or error.get("type") or "unknown"
+    return f"declined: {code}"
+
+
+def record_outcome(conn: Connection, event_type: str, account_id: str, payment_intent: str | None,
+                   event: Mapping[str, Any]) -> int | None:
+    """Mark a failure now; return the id of a payment whose charge succeeded (to settle after commit)."""
+    if event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed") or not payment_intent:
+        return None
+    intent = _intent(event)
+    row = conn.exec_driver_sql(FIND, {"account": account_id, "pi": payment_intent,
+                                      "meta_id": _meta_id(intent)}).first()
+    if row is None:
+        return None
+    payment_id, state = int(row[0]), str(row[1])
+    if event_type == "payment_intent.payment_failed":
+        conn.exec_driver_sql(MARK_FAILED, {"reason": failure_reason(intent), "pi": payment_intent, "id": payment_id})
+        return None
+    conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
+    return payment_id if state == "pending" else None
+
+
+def enqueue_settlement(celery_app: Any, payment_id: int) -> None:
+    """After the ingest commit. If the broker is down, beat's settlement sweep finds the payment."""
+    with contextlib.suppress(BrokerUnavailable):
+        send(celery_app, SETTLE_TASK, [payment_id], ignore_result=True)

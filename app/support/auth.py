@@ -1,0 +1,97 @@
+"""Support authentication: a SUPPORT_TOKENS bearer token, or a session cookie from the sign-in form.
+
+The session keeps the actor and a digest of the token, never the token itself; on every request the
+digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
+sessions. Tokens and digests are compared in constant time (app.auth.match_token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Mapping
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import g, jsonify, request, session
+
+from app.auth import bearer_token, match_token, unauthorized
+from app.web import runtime
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SESSION_KEY = "support"
+CSRF_HEADER = "X-Support-CSRF"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _tokens() -> Mapping[str, str]:
+    tokens: Mapping[str, str] = runtime().settings.support_tokens
+    return tokens
+
+
+def actor_for_token(token: str | None) -> str | None:
+    tokens = _tokens()
+    found = match_token(token, tokens)
+    return tokens[found] if found is not None else None
+
+
+def _session_actor() -> str | None:
+    held = session.get(SESSION_KEY)
+    if not isinstance(held, dict) or not isinstance(held.get("digest"), str):
+        return None
+    tokens = _tokens()
+    by_digest = {_digest(t): t for t in tokens}
+    found = match_token(held["digest"], by_digest)
+    return tokens[by_digest[found]] if found is not None else None
+
+
+def sign_in(token: str) -> str | None:
+    """Start a session for a valid support token; the actor, else None."""
+    actor = actor_for_token(token)
+    if actor is None:
+        return None
+    session.clear()
+    session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24)}
+    return actor
+
+
+def sign_out() -> None:
+    session.pop(SESSION_KEY, None)
+
+
+def csrf_token() -> str | None:
+    held = session.get(SESSION_KEY)
+    return held.get("csrf") if isinstance(held, dict) else None
+
+
+def authenticate() -> tuple[str | None, str | None]:
+    """(actor, how): how is "bearer" or "session"."""
+    presented = bearer_token()
+    if presented is not None:
+        return actor_for_token(presented), "bearer"
+    actor = _session_actor()
+    return (actor, "session") if actor is not None else (None, None)
+
+
+def require_support_token(view: F) -> F:
+    """401 without a valid support token or session. Cookie-authenticated writes must also carry
+    the session's CSRF token in a header (a form on another site cannot set headers)."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        actor, how = authenticate()
+        if actor is None:
+            return unauthorized("support")
+        if how == "session" and request.method not in ("GET", "HEAD", "OPTIONS"):
+            expected = csrf_token() or ""
+            if not expected or not secrets.compare_digest(request.headers.get(CSRF_HEADER, ""), expected):
+                return jsonify(error="forbidden",
+                               reason=f"a cookie session must send its {CSRF_HEADER} header on writes"), 403
+        g.actor = actor
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

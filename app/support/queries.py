@@ -1,0 +1,53 @@
+"""What the support page shows about one account (reads only)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app import queries
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _rows(conn: Connection, sql: str, account_id: str) -> list[dict[str, Any]]:
+    result = conn.exec_driver_sql(sql, {"account": account_id}).mappings().all()
+    return [{k: _iso(v) for k, v in row.items()} for row in result]
+
+
+RETRIES_SQL = """
+SELECT id, invoice_id, payment_method_id, retry_number, free, state, scheduled_for, error, created_at
+  FROM payment_retry WHERE account_id = %(account)s ORDER BY id DESC LIMIT 20
+"""
+STUCK_SQL = """
+SELECT id, task_name, error_class, error, attempts, state, first_failed_at, last_failed_at, next_redrive_at,
+       resolved_at
+  FROM subs_stuck_events WHERE account_id = %(account)s
+ ORDER BY (state = 'resolved'), id DESC LIMIT 20
+"""
+EPISODES_SQL = """
+SELECT id, entered_at, reason, failure_class, products, exited_at, exit_how, duration_seconds
+  FROM bad_debt_episode WHERE account_id = %(account)s ORDER BY entered_at DESC LIMIT 20
+"""
+PAYMENTS_SQL = """
+SELECT id, amount, currency, state, failure_reason, stripe_payment_intent_id, created_at, updated_at
+  FROM bad_debt_payment WHERE account_id = %(account)s ORDER BY id DESC LIMIT 10
+"""
+
+
+def account_view(conn: Connection, account_id: str, now: datetime | None = None) -> dict[str, Any] | None:
+    dunning = queries.dunning_view(conn, account_id)
+    if dunning is None:
+        return None
+    return {
+        "dunning": dunning,
+        "invoices": queries.billing_history(conn, account_id, now or datetime.now(UTC)) or [],
+        "retries": _rows(conn, RETRIES_SQL, account_id),
+        "stuck": _rows(conn, STUCK_SQL, account_id),
+        "episodes": _rows(conn, EPISODES_SQL, account_id),
+        "bad_debt_payments": _rows(conn, PAYMENTS_SQL, account_id),
+    }

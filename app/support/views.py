@@ -1,0 +1,137 @@
+"""NinjaPanel endpoints and the support page (SUPPORT_TOKENS bearer token or a signed-in session).
+
+* ``POST /support/accounts/<id>/recompute`` -> 202 {"task_id"}: a NINJAPANEL_BUTTON recompute,
+  forced (not coalesced) and with its result kept for polling; audited with the actor.
+* ``GET /support/tasks/<task_id>`` -> the task's state and, when done, its result summary.
+* ``GET /support/accounts/<id>`` -> the HTML page; ``GET /support/accounts/<id>/state`` the same as JSON.
+* ``GET|POST /support/login``, ``POST /support/logout``: the sign-in form for browsers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlparse
+
+from celery.result import AsyncResult
+from flask import Blueprint, g, jsonify, redirect, render_template, request
+from flask.typing import ResponseReturnValue
+
+from app.db import unit_of_work
+from app.dispatch import BrokerUnavailable, enqueue_recompute
+from app.domain.triggers import Trigger
+from app.support import audit
+from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
+from app.support.queries import account_view
+from app.web import celery_app, runtime
+
+bp = Blueprint("support", __name__, url_prefix="/support")
+
+
+@bp.record_once
+def _cookie_policy(state: Any) -> None:
+    # The session cookie authenticates support writes: never send it on cross-site requests.
+    if not state.app.config.get("SESSION_COOKIE_SAMESITE"):
+        state.app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
+    state.app.config["SESSION_COOKIE_HTTPONLY"] = True
+
+
+def _not_found(account_id: str) -> ResponseReturnValue:
+    return jsonify(error="not_found", reason=f"no account {account_id!r}"), 404
+
+
+def _account_exists(account_id: str) -> bool:
+    with runtime().engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT 1 FROM subs_account WHERE account_id = %(a)s",
+                                    {"a": account_id}).first() is not None
+
+
+@bp.post("/accounts/<account_id>/recompute")
+@require_support_token
+def recompute(account_id: str) -> ResponseReturnValue:
+    if not _account_exists(account_id):
+        return _not_found(account_id)
+    actor: str = g.actor
+    try:
+        task_id = enqueue_recompute(celery_app(), account_id, Trigger.NINJAPANEL_BUTTON.value,
+                                    cause=f"support:{actor}", coalesced=False, keep_result=True)
+    except BrokerUnavailable:
+        response = jsonify(error="unavailable", reason="the task queue is unreachable; nothing was queued")
+        response.headers["Retry-After"] = "5"
+        return response, 503
+    with unit_of_work(runtime().engine) as conn:
+        audit.record(conn, actor, "recompute", account_id,
+                     {"task_id": task_id, "trigger": Trigger.NINJAPANEL_BUTTON.value})
+    return jsonify(task_id=task_id, account_id=account_id, status_url=f"/support/tasks/{task_id}"), 202
+
+
+@bp.get("/tasks/<task_id>")
+@require_support_token
+def task_status(task_id: str) -> ResponseReturnValue:
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        return jsonify(error="not_found", reason="not a task id"), 404
+    # Only tasks support started can be read here (Celery cannot tell an unknown id from a queued one).
+    with runtime().engine.connect() as conn:
+        account_id = audit.recompute_task_account(conn, task_id)
+    if account_id is None:
+        return jsonify(error="not_found", reason=f"no support task {task_id}"), 404
+    result = AsyncResult(task_id, app=celery_app())
+    state = result.state
+    body: dict[str, Any] = {"task_id": task_id, "account_id": account_id, "state": state,
+                            "done": state in ("SUCCESS", "FAILURE", "REVOKED")}
+    if state == "SUCCESS":
+        body["result"] = result.result
+    elif state in ("FAILURE", "RETRY"):
+        body["error"] = f"{type(result.result).__name__}: {result.result}"
+    return jsonify(body)
+
+
+@bp.get("/accounts/<account_id>/state")
+@require_support_token
+def account_state(account_id: str) -> ResponseReturnValue:
+    with runtime().engine.connect() as conn:
+        view = account_view(conn, account_id, datetime.now(UTC))
+    return jsonify(view) if view is not None else _not_found(account_id)
+
+
+@bp.get("/accounts/<account_id>")
+def account_page(account_id: str) -> ResponseReturnValue:
+    actor, _ = authenticate()
+    if actor is None:
+        return render_template("support_login.html", next=request.path, error=None), 401
+    with runtime().engine.connect() as conn:
+        view = account_view(conn, account_id, datetime.now(UTC))
+    if view is None:
+        return render_template("support_missing.html", account_id=account_id, actor=actor), 404
+    return render_template("support_account.html", account_id=account_id, actor=actor, view=view,
+                           csrf=csrf_token() or "", csrf_header=CSRF_HEADER)
+
+
+def _safe_next(target: str | None) -> str:
+    # Only back into the support pages: never an open redirect.
+    parsed = urlparse(target or "")
+    if parsed.scheme or parsed.netloc or not parsed.path.startswith("/support/"):
+        return "/support/login"
+    return parsed.path
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> ResponseReturnValue:
+    if request.method == "GET":
+        return render_template("support_login.html", next=_safe_next(request.args.get("next")), error=None)
+    actor = sign_in(request.form.get("token", ""))
+    target = _safe_next(request.form.get("next"))
+    if actor is None:
+        return render_template("support_login.html", next=target, error="That token is not valid."), 401
+    with unit_of_work(runtime().engine) as conn:
+        audit.record(conn, actor, "sign_in", None, {"remote_addr": request.remote_addr})
+    return redirect(target, code=303)
+
+
+@bp.post("/logout")
+def logout() -> ResponseReturnValue:
+    sign_out()
+    return redirect("/support/login", code=303)

@@ -1,0 +1,65 @@
+"""tasks.settle_bad_debt_payment (after the bad-debt PaymentIntent succeeded) and its beat sweep."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import stripe
+from celery import Task, shared_task
+
+from app.dispatch import BrokerUnavailable, enqueue_recompute, send
+from app.domain.triggers import Trigger
+from app.payments.bad_debt_settle import NotSettled, settle, unsettled
+from tasks.failures import FailureKind, TaskFailure, resolve_stuck
+from tasks.recompute import handle_failure
+from tasks.runtime import runtime_for
+
+log = logging.getLogger(__name__)
+
+SETTLE = "tasks.settle_bad_debt_payment"
+
+
+def _as_failure(exc: Exception) -> Exception:
+    """Stripe's errors by failure class; anything else is classified by tasks.failures."""
+    if isinstance(exc, stripe.RateLimitError):
+        return TaskFailure(FailureKind.RATE_LIMITED, "Stripe rate limit")
+    if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
+        return TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe unavailable: {exc.__class__.__name__} "
+                           f"{exc.http_status or ''}".strip())
+    if isinstance(exc, stripe.StripeError | NotSettled):
+        return TaskFailure(FailureKind.PERMANENT_API_ERROR, f"{exc.__class__.__name__}: {exc}")
+    return exc
+
+
+@shared_task(name=SETTLE, bind=True)
+def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    try:
+        result = settle(rt, int(payment_id))
+    except Exception as exc:
+        handle_failure(self, _as_failure(exc), None, {"payment_id": payment_id})
+        raise
+    if result.enqueue and result.account_id:
+        try:
+            enqueue_recompute(self.app, result.account_id, Trigger.BAD_DEBT_PAID.value,
+                              f"bad_debt_payment:{payment_id}")
+        except BrokerUnavailable as exc:  # the committed recompute request is re-driven by beat
+            log.warning("recompute after settling bad-debt payment %s not queued: %s", payment_id, exc)
+    if self.request.retries:
+        resolve_stuck(rt.engine, SETTLE, None)
+    return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome,
+            "invoices": list(result.invoices)}
+
+
+@shared_task(name="tasks.settle_unsettled_bad_debt_payments", bind=True, ignore_result=True)
+def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
+    ids = unsettled(runtime_for(self.app))
+    sent = 0
+    for payment_id in ids:
+        try:
+            send(self.app, SETTLE, [payment_id], ignore_result=True)
+            sent += 1
+        except BrokerUnavailable:
+            break
+    return {"found": len(ids), "sent": sent}

@@ -1,0 +1,69 @@
+"""Prometheus for the workers, prefork children included.
+
+With PROMETHEUS_MULTIPROC_DIR set (before the worker starts; the launcher and the Procfile set it),
+every process, each prefork child too, writes its counters to files there, and the worker's main
+process serves the aggregate on WORKER_METRICS_PORT (when set) once the worker is ready. A child
+that exits is marked dead so its live gauges drop out. Without the directory the main process
+serves its own registry (the solo and threads pools run tasks in it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+
+from app import metrics
+
+log = logging.getLogger(__name__)
+
+PORT_ENV = "WORKER_METRICS_PORT"
+ADDR_ENV = "WORKER_METRICS_ADDR"
+_server: Any = None
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve app.metrics.registry() (the multiprocess aggregate when configured) over HTTP."""
+    global _server
+    from prometheus_client import start_http_server
+
+    if _server is not None:
+        return _server
+    _server = start_http_server(port, addr=addr, registry=metrics.registry())
+    log.info("worker metrics on http://%s:%d/metrics", addr, port)
+    return _server
+
+
+def stop_metrics_server() -> None:
+    global _server
+    if _server is not None:
+        server, _thread = _server
+        server.shutdown()
+        server.server_close()
+        _server = None
+
+
+@worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    raw = os.environ.get(PORT_ENV, "").strip()
+    if not raw:
+        return
+    try:
+        start_metrics_server(int(raw), os.environ.get(ADDR_ENV, "0.0.0.0"))
+    except (ValueError, OSError) as exc:  # a bad port must not stop the worker from working
+        log.error("worker metrics not served on %s=%r: %s", PORT_ENV, raw, exc)
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    stop_metrics_server()
+
+
+@worker_process_shutdown.connect
+def _on_child_exit(pid: int | None = None, **_: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())

@@ -1,0 +1,149 @@
+"""A fake Stripe API for the bad-debt payment path, as a real HTTP server on 127.0.0.1.
+
+* ``POST /v1/payment_intents``: answers by ``intent_outcome``: "succeeded" / "processing" (a
+  PaymentIntent object, the real fixture with ids and values overridden), "decline" (402 with
+  Stripe's error envelope, type card_error), "server_error" (500, type api_error).
+* ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
+  the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
+
+Like Stripe it replays the first answer for a repeated Idempotency-Key, and it records every request.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+from tests.stripe_events import resource, unique
+
+Answer = tuple[int, dict[str, Any]]
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    idempotency_key: str | None
+    params: dict[str, str]
+    replayed: bool
+
+
+class FakeStripePayments:
+    def __init__(self) -> None:
+        self.intent_outcome = "succeeded"
+        self.decline_code = "insufficient_funds"
+        self.invoices: dict[str, dict[str, Any]] = {}
+        self.calls: list[Call] = []
+        self._answers: dict[str, Answer] = {}
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length).decode() if length else ""
+                params = {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+                status, payload = fake.handle(self.command, self.path, self.headers.get("Idempotency-Key"), params)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Request-Id", unique("req"))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def __enter__(self) -> FakeStripePayments:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    # --- what tests look at -----------------------------------------------------------------
+
+    def add_invoice(self, invoice: dict[str, Any]) -> None:
+        """Stripe's copy of an invoice (the data.object of a webhook the test sent)."""
+        self.invoices[invoice["id"]] = json.loads(json.dumps(invoice))
+
+    def intents_created(self) -> list[Call]:
+        return [c for c in self.calls if c.path == "/v1/payment_intents" and not c.replayed]
+
+    def invoice_payments(self) -> list[Call]:
+        return [c for c in self.calls if c.path.endswith("/pay") and not c.replayed]
+
+    # --- the API ----------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, key: str | None, params: dict[str, str]) -> Answer:
+        with self._lock:
+            replay = self._answers.get(f"{method} {path} {key}") if key else None
+            self.calls.append(Call(method, path, key, params, replay is not None))
+            if replay is not None:
+                return replay
+            answer = self._route(method, path, params)
+            # Stripe keeps the result of a request that ran (5xx included) for its idempotency key.
+            if key and method == "POST":
+                self._answers[f"{method} {path} {key}"] = answer
+            return answer
+
+    def _route(self, method: str, path: str, params: dict[str, str]) -> Answer:
+        parts = path.split("?")[0].strip("/").split("/")
+        if method == "POST" and parts == ["v1", "payment_intents"]:
+            return self._create_intent(params)
+        if len(parts) >= 3 and parts[:2] == ["v1", "invoices"] and parts[2] in self.invoices:
+            if method == "GET" and len(parts) == 3:
+                return 200, self.invoices[parts[2]]
+            if method == "POST" and parts[3:] == ["pay"]:
+                return self._pay_invoice(parts[2], params)
+        return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
+                               "message": f"No such resource: {path}"}}
+
+    def _intent(self, params: dict[str, str], status: str) -> dict[str, Any]:
+        pi = resource("payment_intent")
+        pi.update(id=unique("pi"), amount=int(params.get("amount", 0)), currency=params.get("currency", "usd"),
+                  customer=params.get("customer"), payment_method=params.get("payment_method"), status=status,
+                  metadata={k[len("metadata["):-1]: v for k, v in params.items() if k.startswith("metadata[")},
+                  latest_charge=unique("ch"), last_payment_error=None)
+        return pi
+
+    def _create_intent(self, params: dict[str, str]) -> Answer:
+        outcome = self.intent_outcome
+        if outcome in ("succeeded", "processing"):
+            return 200, self._intent(params, outcome)
+        if outcome == "decline":
+            pi = self._intent(params, "requires_payment_method")
+            error = {"type": "card_error", "code": "card_declined", "decline_code": self.decline_code,
+                     "message": "Your card was declined.", "charge": pi["latest_charge"]}
+            pi["last_payment_error"] = dict(error)
+            return 402, {"error": {**error, "payment_intent": pi}}
+        return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
+
+    def _pay_invoice(self, invoice_id: str, params: dict[str, str]) -> Answer:
+        inv = self.invoices[invoice_id]
+        if inv["status"] in ("paid", "void"):
+            return 400, {"error": {"type": "invalid_request_error", "code": "invoice_not_open",
+                                   "message": "Invoice is already paid"}}
+        if params.get("paid_out_of_band") != "true":
+            return 400, {"error": {"type": "invalid_request_error", "message": "this fake pays out of band only"}}
+        inv.update(status="paid", amount_paid=inv["amount_due"], amount_remaining=0)
+        return 200, inv

@@ -1,0 +1,283 @@
+"""POST /pay-bad-debt: every guard, idempotent replays, concurrency, and the way out of bad debt."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+
+from app.runtime import Runtime
+from tests.conftest import Accounts, post_event, service_headers, wait_for
+from tests.fakes.fake_stripe_payments import FakeStripePayments
+from tests.integration.bad_debt_setup import InBadDebt, dunning_row, into_bad_debt, recompute
+from tests.stripe_events import event
+
+
+@pytest.fixture
+def stripe_fake(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStripePayments]:
+    """The fake Stripe for the web app and the worker (both read the session runtime's settings)."""
+    with FakeStripePayments() as fake:
+        monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_base=fake.url))
+        yield fake
+
+
+@pytest.fixture
+def debtor(client: FlaskClient, engine: Engine, runtime: Runtime, accounts: Accounts,
+           stripe_fake: FakeStripePayments) -> InBadDebt:
+    debt = into_bad_debt(client, engine, runtime, accounts)
+    stripe_fake.add_invoice(debt.invoice_object)
+    return debt
+
+
+def pay(client: FlaskClient, body: Any, key: str | None = None, headers: dict[str, str] | None = None) -> Any:
+    h = dict(service_headers() if headers is None else headers)
+    if key is not None:
+        h["Idempotency-Key"] = key
+    return client.post("/pay-bad-debt", json=body, headers=h)
+
+
+def payments(engine: Engine, account: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT * FROM bad_debt_payment WHERE account_id = %(a)s ORDER BY id",
+                                    {"a": account}).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def count(engine: Engine, sql: str, **params: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(sql, params).scalar_one())
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+# --- guards -----------------------------------------------------------------------------------
+
+
+def test_requires_a_service_token(client, engine, debtor, stripe_fake):
+    body = {"account_id": debtor.account, "amount": debtor.amount}
+    assert pay(client, body, key(), headers={}).status_code == 401
+    wrong = pay(client, body, key(), headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json["reason"]
+    assert stripe_fake.calls == [] and payments(engine, debtor.account) == []
+
+
+def test_requires_an_idempotency_key(client, debtor, stripe_fake):
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount})
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json["reason"]
+    assert stripe_fake.calls == []
+
+
+@pytest.mark.parametrize("amount", [12.5, "1000", None, True, [1000]])
+def test_refuses_an_amount_that_is_not_an_integer(client, debtor, stripe_fake, amount):
+    response = pay(client, {"account_id": debtor.account, "amount": amount}, key())
+    assert response.status_code == 400
+    assert response.json["error"] == "invalid_amount" and "integer" in response.json["reason"]
+    assert stripe_fake.calls == []
+
+
+@pytest.mark.parametrize("body", [[1, 2], "x", {"amount": 1000}, {"account_id": "", "amount": 1000},
+                                  {"account_id": "a", "amount": 1000, "extra": 1}, {"account_id": "a", "amount": 0}])
+def test_refuses_a_malformed_body(client, debtor, stripe_fake, body):
+    response = pay(client, body, key())
+    assert response.status_code == 400 and response.json["reason"]
+    assert stripe_fake.calls == []
+
+
+def test_refuses_a_body_that_is_not_json(client, debtor, stripe_fake):
+    headers = {**service_headers(), "Idempotency-Key": key()}
+    response = client.post("/pay-bad-debt", data="account_id=x", headers=headers)
+    assert response.status_code == 400 and response.json["reason"]
+
+
+def test_unknown_account_is_404(client, debtor, stripe_fake):
+    response = pay(client, {"account_id": "acct_nobody", "amount": 1000}, key())
+    assert response.status_code == 404 and "acct_nobody" in response.json["reason"]
+    assert stripe_fake.calls == []
+
+
+def test_refuses_an_account_not_in_bad_debt(client, engine, accounts, stripe_fake):
+    account, _ = accounts.create()
+    response = pay(client, {"account_id": account, "amount": 1000}, key())
+    assert response.status_code == 409
+    assert response.json["error"] == "not_in_bad_debt" and "current" in response.json["reason"]
+    assert stripe_fake.calls == [] and payments(engine, account) == []
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 999])
+def test_refuses_anything_but_the_exact_outstanding_balance(client, engine, debtor, stripe_fake, delta):
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount + delta}, key())
+    assert response.status_code == 422
+    assert response.json["error"] == "amount_mismatch"
+    assert response.json["outstanding_amount"] == debtor.amount and str(debtor.amount) in response.json["reason"]
+    assert stripe_fake.calls == [] and payments(engine, debtor.account) == []
+
+
+# --- the payment itself -----------------------------------------------------------------------
+
+
+def test_a_payment_charges_the_default_method_once_and_puts_the_account_in_lifting(client, engine, runtime, debtor,
+                                                                                  stripe_fake):
+    idem = key()
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, idem)
+    assert response.status_code == 202, response.json
+    body = response.json
+    assert body["state"] == "pending" and body["amount"] == debtor.amount and body["stripe_payment_intent_id"]
+    [call] = stripe_fake.intents_created()
+    assert call.params["amount"] == str(debtor.amount) and call.params["customer"] == debtor.customer
+    assert call.params["payment_method"] == debtor.payment_method and call.params["confirm"] == "true"
+    assert call.params["metadata[account_id]"] == debtor.account
+    assert call.params["metadata[bad_debt_payment_id]"] == str(body["payment_id"])
+    assert call.idempotency_key and idem not in call.idempotency_key  # derived, not the caller's raw key
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "pending" and row["stripe_payment_intent_id"] == body["stripe_payment_intent_id"]
+    assert row["invoice_ids"] == [debtor.invoice]
+
+    summary = recompute(engine, runtime, debtor.account, "BAD_DEBT_PAID")
+    assert summary["status"] == "lifting"
+    assert any(r["rule"] == "guard.lifting" for r in summary["reasons"])
+    assert dunning_row(engine, debtor.account)["status"] == "lifting"
+    # Its own path: nothing in the regular retry machinery.
+    assert count(engine, "SELECT count(*) FROM payment_retry") == 0
+
+    # A second payment while this one is in flight is refused.
+    again = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert again.status_code == 409 and again.json["error"] == "payment_in_flight"
+    assert len(stripe_fake.intents_created()) == 1
+
+
+def test_the_same_key_replays_the_first_answer_and_charges_once(client, engine, debtor, stripe_fake):
+    idem, body = key(), {"account_id": debtor.account, "amount": debtor.amount}
+    first = pay(client, body, idem)
+    second = pay(client, body, idem)
+    assert first.status_code == second.status_code == 202
+    assert first.json == second.json
+    assert len(stripe_fake.intents_created()) == 1 and len(payments(engine, debtor.account)) == 1
+
+
+def test_the_same_key_with_another_body_is_refused(client, engine, debtor, stripe_fake):
+    idem = key()
+    assert pay(client, {"account_id": debtor.account, "amount": debtor.amount}, idem).status_code == 202
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount + 1}, idem)
+    assert response.status_code == 422 and response.json["error"] == "idempotency_key_reused"
+    assert len(stripe_fake.intents_created()) == 1
+
+
+def test_a_declined_card_answers_402_with_the_reason_and_the_account_stays_in_bad_debt(client, engine, runtime,
+                                                                                       debtor, stripe_fake):
+    stripe_fake.intent_outcome, stripe_fake.decline_code = "decline", "insufficient_funds"
+    idem, body = key(), {"account_id": debtor.account, "amount": debtor.amount}
+    response = pay(client, body, idem)
+    assert response.status_code == 402
+    assert response.json["state"] == "failed" and "insufficient_funds" in response.json["reason"]
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed" and "insufficient_funds" in row["failure_reason"]
+    summary = recompute(engine, runtime, debtor.account)
+    assert summary["status"] == "bad_debt"
+    assert any(r["rule"] == "bad_debt.payment_failed" for r in summary["reasons"])
+    replay = pay(client, body, idem)
+    assert (replay.status_code, replay.json) == (402, response.json)
+    # The failed payment is no longer in flight: a new attempt (new key) may go ahead.
+    stripe_fake.intent_outcome = "succeeded"
+    assert pay(client, body, key()).status_code == 202
+
+
+def test_a_stripe_server_error_is_a_502_with_a_reason_and_frees_the_account(client, engine, debtor, stripe_fake):
+    stripe_fake.intent_outcome = "server_error"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 502 and "APIError" in response.json["reason"]
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed"
+
+
+def test_two_concurrent_requests_one_202_one_409(flask_app: Flask, engine, debtor, stripe_fake):
+    body = {"account_id": debtor.account, "amount": debtor.amount}
+    barrier = threading.Barrier(2)
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def one() -> None:
+        client = flask_app.test_client()
+        barrier.wait()
+        response = pay(client, body, key())
+        answers.append((response.status_code, response.json))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(status for status, _ in answers) == [202, 409], answers
+    refused = next(b for s, b in answers if s == 409)
+    assert refused["error"] == "payment_in_flight" and refused["reason"]
+    assert len(stripe_fake.intents_created()) == 1 and len(payments(engine, debtor.account)) == 1
+
+
+# --- webhooks: the way out, and back ------------------------------------------------------------
+
+
+def intent_event(kind: str, debt: InBadDebt, intent_id: str, payment_id: int, decline: str | None = None) -> dict:
+    """payment_intent.succeeded / payment_failed for the bad-debt intent. The fixtures hold only the
+    payment_failed envelope: the success is that same shape with its type and status values changed."""
+    evt = event("payment_intent.payment_failed", id=intent_id, customer=debt.customer, amount=debt.amount,
+                payment_method=debt.payment_method,
+                metadata={"account_id": debt.account, "bad_debt_payment_id": str(payment_id)},
+                paths={"last_payment_error.decline_code": decline} if decline else None)
+    if kind == "succeeded":
+        evt["type"] = "payment_intent.succeeded"
+        evt["data"]["object"].update(status="succeeded", last_payment_error=None)
+    return evt
+
+
+@pytest.mark.worker
+def test_the_success_webhook_settles_the_invoices_and_the_account_leaves_bad_debt(client, engine, debtor,
+                                                                                stripe_fake, worker):
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 202
+    wait_for(lambda: dunning_row(engine, debtor.account)["status"] == "lifting", message="lifting")
+    assert dunning_row(engine, debtor.account)["version"] >= 2
+
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "current" and d,
+                     message="out of bad debt")
+    assert state["level"] == "none" and state["outstanding_amount"] == 0
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "succeeded"
+    [paid] = stripe_fake.invoice_payments()
+    assert paid.path == f"/v1/invoices/{debtor.invoice}/pay" and paid.params["paid_out_of_band"] == "true"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT bad_debt FROM subs_account WHERE account_id = %(a)s",
+                                    {"a": debtor.account}).scalar_one() is False
+        episode = conn.exec_driver_sql("SELECT exited_at, exit_how FROM bad_debt_episode WHERE account_id = %(a)s",
+                                       {"a": debtor.account}).mappings().one()
+        assert episode["exited_at"] is not None and episode["exit_how"] == "paid"
+    assert state["last_trigger"] == "BAD_DEBT_PAID"
+    assert count(engine, "SELECT count(*) FROM payment_retry") == 0
+
+
+@pytest.mark.worker
+def test_the_failure_webhook_returns_the_account_to_bad_debt_with_the_reason(client, engine, debtor, stripe_fake,
+                                                                           worker):
+    stripe_fake.intent_outcome = "processing"  # Stripe decides later and tells by webhook
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 202 and response.json["stripe_status"] == "processing"
+    wait_for(lambda: dunning_row(engine, debtor.account)["status"] == "lifting", message="lifting")
+
+    evt = intent_event("failed", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"],
+                       decline="do_not_honor")
+    assert post_event(client, evt).status_code == 200
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "bad_debt" and d,
+                     message="back in bad debt")
+    failed = [r for r in state["reasons"] if r["rule"] == "bad_debt.payment_failed"]
+    assert failed and "do_not_honor" in failed[0]["facts"]["failure"]
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed" and row["failure_reason"] == "declined: do_not_honor"
+    assert stripe_fake.invoice_payments() == []
