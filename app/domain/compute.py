@@ -148,8 +148,11 @@ def _plan_retry(
     """-> (next_retry_at, payment method, free, exhausted, retries used, reasons)."""
     reasons: list[Reason] = []
     retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
-    retries_used = sum(1 for r in retries if r.counts)
     attempts_used = max(len(attempts), invoice.attempt_count)
+    # Retries are ours (payment_retry rows) or Stripe's own (more attempts than the first one);
+    # free retries after a payment-method change never count against the budget.
+    free_retries = sum(1 for r in retries if r.free and r.state != "skipped")
+    retries_used = max(sum(1 for r in retries if r.counts), attempts_used - 1 - free_retries, 0)
     guard = timedelta(minutes=policy.guard_window_minutes)
     last_attempt_at = attempts[-1].attempted_at if attempts else None
 

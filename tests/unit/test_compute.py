@@ -176,9 +176,10 @@ def test_uncollectible_upgrade_is_reverted_not_bad_debt():
 def test_transient_and_unknown_failures_follow_their_schedule(decline, retries_used, expected_day):
     inv = invoice(failed_days_ago=0.5)
     used = tuple(retry("in_1", n, days_ago=0.4) for n in range(1, retries_used + 1))
-    last = attempt("pi_last", "in_1", days_ago=0.3, decline=decline)
-    decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=0.5, decline=decline), last),
-                               retries=used))
+    # the first attempt, then one attempt per retry
+    attempts = tuple(attempt(f"pi_{n}", "in_1", days_ago=0.5 - n / 100, decline=decline)
+                     for n in range(retries_used + 1))
+    decision = decide(snapshot(inv, attempts=attempts, retries=used))
     assert decision.state.next_retry_at == days(0.5) + timedelta(days=expected_day)
     assert decision.state.retries_used == retries_used
     assert decision.state.retry_free is False
@@ -361,3 +362,19 @@ def test_compute_is_deterministic_and_stable_against_its_own_output():
     again = decide(replace(snap, stored=first.state))
     assert again.state == first.state
     assert again.state.changed_fields(first.state) == []
+
+
+def test_stripes_own_retries_count_against_the_schedule():
+    """Attempts beyond the first (invoice.attempt_count) are retries even without our payment_retry rows."""
+    inv = replace(invoice(failed_days_ago=30), attempt_count=7)
+    decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=1),)))
+    assert decision.state.retries_used == 6
+    assert decision.state.status == Status.BAD_DEBT  # schedule done and >= 21 days
+
+
+def test_free_retries_do_not_use_the_budget_even_as_attempts():
+    inv = replace(invoice(failed_days_ago=2), attempt_count=2)
+    free = retry("in_1", 1, days_ago=1, free=True, pm="pm_new")
+    decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=2), attempt("pi_2", "in_1", days_ago=1)),
+                               retries=(free,)))
+    assert decision.state.retries_used == 0
