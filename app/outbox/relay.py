@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -124,11 +124,11 @@ def account_lock(engine: Engine, account_id: str) -> Iterator[bool]:
                 conn.commit()
 
 
-def _send(session: requests.Session, base_url: str, call: Call) -> str | None:
+def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float]) -> str | None:
     """None when Account Management took it (2xx), else the error to record."""
     try:
         response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
-                                   headers={"Idempotency-Key": call.idempotency_key}, timeout=TIMEOUT)
+                                   headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout)
     except requests.RequestException as exc:
         return f"{exc.__class__.__name__}: no answer from Account Management"
     if 200 <= response.status_code < 300:
@@ -137,9 +137,8 @@ def _send(session: requests.Session, base_url: str, call: Call) -> str | None:
 
 
 def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
-                    now_fn: Any = None, max_rows: int = 200, report: RelayReport | None = None) -> RelayReport:
-    from datetime import UTC
-
+                    now_fn: Callable[[], datetime] | None = None, max_rows: int = 200,
+                    report: RelayReport | None = None, timeout: tuple[float, float] = TIMEOUT) -> RelayReport:
     now_fn = now_fn or (lambda: datetime.now(UTC))
     report = report or RelayReport()
     with account_lock(engine, account_id) as got:
@@ -154,7 +153,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             if next_attempt_at > now:
                 break  # the head of the line is backing off: so is everything behind it
             call = call_for(row_id, account_id, version, event_type, payload or {})
-            error = _send(session, base_url, call) if call is not None else None
+            error = _send(session, base_url, call, timeout) if call is not None else None
             with unit_of_work(engine) as conn:
                 if error is None:
                     conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn()})
@@ -171,15 +170,18 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
     return report
 
 
-def relay(engine: Engine, base_url: str | None, now: datetime, budget_seconds: float = 20.0,
-          limit: int = 500, session: requests.Session | None = None) -> RelayReport:
-    """One pass over the accounts whose next row is ready, within a time budget (beat comes again)."""
+def relay(engine: Engine, base_url: str | None, now: datetime | None = None, budget_seconds: float = 20.0,
+          limit: int = 500, session: requests.Session | None = None,
+          timeout: tuple[float, float] = TIMEOUT) -> RelayReport:
+    """One pass over the accounts whose next row is ready, within a time budget (beat comes again).
+    ``now`` fixes the clock of the pass (tests); by default it is the wall clock."""
+    clock: Callable[[], datetime] = (lambda: now) if now is not None else (lambda: datetime.now(UTC))
     report = RelayReport()
     if not base_url:
         log.warning("ACCOUNT_MANAGEMENT_URL is not set: the outbox is not relayed")
         return report
     with engine.connect() as conn:
-        accounts = [r[0] for r in conn.exec_driver_sql(READY_ACCOUNTS_SQL, {"now": now, "limit": limit})]
+        accounts = [r[0] for r in conn.exec_driver_sql(READY_ACCOUNTS_SQL, {"now": clock(), "limit": limit})]
     deadline = time.monotonic() + budget_seconds
     own_session = session is None
     session = session or requests.Session()
@@ -187,7 +189,7 @@ def relay(engine: Engine, base_url: str | None, now: datetime, budget_seconds: f
         for account_id in accounts:
             if time.monotonic() > deadline:
                 break
-            deliver_account(engine, session, base_url, account_id, report=report)
+            deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report, timeout=timeout)
     finally:
         if own_session:
             session.close()

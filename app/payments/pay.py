@@ -54,7 +54,7 @@ DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a 
 @dataclass(frozen=True)
 class PayResult:
     retry_id: int
-    outcome: str  # busy | done | skipped | sent | failed | missing
+    outcome: str  # busy | done | skipped | sent | indeterminate | failed | missing
     account_id: str | None = None
     failure_class: str | None = None
     detail: str | None = None
@@ -168,11 +168,19 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         _set_state(engine, retry_id, "dispatched", "rate limited")
         raise TaskFailure(FailureKind.RATE_LIMITED, f"Stripe rate limit: {exc.user_message or exc}",
                           retry_after=_retry_after(exc)) from exc
-    except (stripe.APIConnectionError, stripe.APIError) as exc:
-        # Unknown whether it ran: stays charging; the retry uses the same idempotency key.
-        _set_state(engine, retry_id, "charging", f"{exc.__class__.__name__}: {exc.http_status}")
-        raise TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe unavailable: {exc.__class__.__name__} "
-                          f"{exc.http_status or ''}".strip()) from exc
+    except stripe.APIConnectionError as exc:
+        # No answer: it may or may not have run. It stays charging; the task retries with the
+        # same idempotency key, so if it did run Stripe replays that answer.
+        _set_state(engine, retry_id, "charging", f"{exc.__class__.__name__}: no answer from Stripe")
+        raise TaskFailure(FailureKind.REMOTE_UNAVAILABLE, "Stripe did not answer (connection error or timeout)") \
+            from exc
+    except stripe.APIError as exc:
+        # A 5xx means the request started running and its outcome is indeterminate; Stripe saves
+        # that answer for the key, so retrying would only replay it. The webhook tells what
+        # happened; if nothing did, compute plans afresh once the guard window has passed.
+        detail = f"indeterminate: Stripe answered {exc.http_status}; waiting for the webhook"
+        _set_state(engine, retry_id, "sent", detail)
+        return PayResult(retry_id, "indeterminate", c.account_id, c.failure_class, detail)
     except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
             stripe.IdempotencyError) as exc:
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()

@@ -1,0 +1,123 @@
+"""Task failure policies by failure class (DESIGN section 8), on the real worker and broker:
+rate limits honour Retry-After, permanent errors do not retry, every give-up is a visible
+subs_stuck_events row, and beat re-drives what can be re-driven."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy.exc import OperationalError
+
+from app.payments.retries import claim_due
+from tasks.failures import MAX_COUNTDOWN, POLICIES, FailureKind, TaskFailure, classify, record_stuck
+from tests.conftest import service_headers, wait_for
+from tests.fakes import fake_stripe as outcomes
+from tests.integration.dunning_setup import failed_invoice, retries
+
+pytestmark = pytest.mark.worker
+
+
+def stuck(engine, **where: str) -> list[dict]:
+    sql = "SELECT * FROM subs_stuck_events" + (" WHERE " + " AND ".join(f"{k} = %({k})s" for k in where)
+                                               if where else "") + " ORDER BY id"
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.exec_driver_sql(sql, where).mappings()]
+
+
+def test_every_countdown_stays_far_below_the_visibility_timeout(settings):
+    for kind, policy in POLICIES.items():
+        for attempt in range(policy.max_retries + 1):
+            assert policy.countdown(attempt) <= MAX_COUNTDOWN, kind
+        assert policy.countdown(0, hint=3600) <= MAX_COUNTDOWN  # even a huge Retry-After is capped
+    assert settings.visibility_timeout >= MAX_COUNTDOWN * 4
+    assert POLICIES[FailureKind.RATE_LIMITED].countdown(5, hint=7) == 7  # Retry-After wins
+    assert not POLICIES[FailureKind.INVALID_DATA].retry and not POLICIES[FailureKind.PERMANENT_API_ERROR].retry
+
+
+def test_failures_are_classified_by_what_failed():
+    refused = psycopg2.OperationalError("could not connect to server: Connection refused")
+    down = OperationalError("SELECT 1", {}, refused)
+    assert classify(down) == FailureKind.DATABASE_UNAVAILABLE
+    assert classify(TaskFailure(FailureKind.RATE_LIMITED, "429", retry_after=2)) == FailureKind.RATE_LIMITED
+    assert classify(ValueError("bad payload")) == FailureKind.INVALID_DATA
+    assert classify(ConnectionRefusedError()) == FailureKind.BROKER_UNAVAILABLE
+
+
+def test_a_rate_limited_retry_waits_for_retry_after_and_is_charged_once(client, accounts, engine, worker,
+                                                                        celery_app, fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.rate_limit(retry_after=1), outcomes.rate_limit(retry_after=1))
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    result = celery_app.send_task("tasks.retry_payment", [retry_id])
+    assert result.get(timeout=30)["outcome"] == "sent"
+    requests = fake_stripe.pay_requests(invoice)
+    assert len(requests) == 3 and len({r.idempotency_key for r in requests}) == 1  # same attempt, same key
+    assert len(fake_stripe.charges) == 1  # rate-limited requests never ran
+    # The second failure in a row became visible while retrying; success resolved it.
+    (row,) = stuck(engine, task_name="tasks.retry_payment")
+    assert row["state"] == "resolved" and row["error_class"] == "rate_limited" and row["attempts"] == 2
+
+
+def test_a_permanent_api_error_does_not_retry_and_is_dead_stuck_work(client, accounts, engine, worker, celery_app,
+                                                                     fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.invalid())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    celery_app.send_task("tasks.retry_payment", [retry_id])
+    (row,) = wait_for(lambda: stuck(engine, account_id=account), message="stuck row")
+    assert row["state"] == "dead" and row["error_class"] == "permanent_api_error" and row["attempts"] == 1
+    assert row["task_args"] == {"retry_id": retry_id} and "InvalidRequestError" in row["error"]
+    assert row["next_redrive_at"] is None  # dead work waits for an operator
+    assert [r["state"] for r in retries(engine, account)] == ["failed"]
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+    listed = client.get("/ops/stuck-events?state=dead", headers=service_headers())
+    assert listed.status_code == 200
+    assert [e["id"] for e in listed.json["stuck_events"]] == [row["id"]] and listed.json["counts"]["dead"] == 1
+    assert REGISTRY.get_sample_value("dunning_stuck_events", {"state": "dead"}) == 1
+    assert client.get("/ops/stuck-events?state=lost", headers=service_headers()).status_code == 400
+    assert client.get("/ops/stuck-events").status_code == 401
+
+
+def test_a_stripe_5xx_is_indeterminate_and_left_to_the_webhook(client, accounts, engine, worker, celery_app,
+                                                                fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.server_error())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    assert celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)["outcome"] == "indeterminate"
+    (row,) = retries(engine, account)
+    assert row["state"] == "sent" and "indeterminate" in row["error"]
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+
+def test_beat_redrives_retrying_work_and_an_operator_redrives_dead_work(client, accounts, engine, worker, celery_app,
+                                                                        fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    # The task gave up while Stripe did not answer; its row waits for its re-drive time.
+    record_stuck(engine, "tasks.retry_payment", {"retry_id": retry_id}, account, FailureKind.REMOTE_UNAVAILABLE,
+                 "TaskFailure: Stripe did not answer", 9, "retrying")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE subs_stuck_events SET next_redrive_at = %(t)s",
+                             {"t": datetime.now(UTC) - timedelta(seconds=1)})
+    celery_app.send_task("tasks.redrive_stuck")
+    (row,) = wait_for(lambda: stuck(engine, state="resolved"), message="re-driven and resolved")
+    assert row["resolved_at"] is not None
+    assert [r["state"] for r in retries(engine, account)] == ["sent"]
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+    # Dead work (e.g. invalid data an operator has since fixed) is re-driven by hand.
+    record_stuck(engine, "tasks.recompute_account", {"account_id": account, "trigger": "MANUAL", "cause": "ops"},
+                 account, FailureKind.INVALID_DATA, "AccountNotFound", 1, "dead")
+    (dead,) = stuck(engine, state="dead")
+    response = client.post(f"/ops/stuck-events/{dead['id']}/redrive", headers=service_headers())
+    assert response.status_code == 202 and response.json["task_id"].startswith(f"redrive-stuck-{dead['id']}-")
+    wait_for(lambda: stuck(engine, id=str(dead["id"]))[0]["state"] == "resolved", message="dead work re-driven")
+    assert client.post("/ops/stuck-events/999999/redrive", headers=service_headers()).status_code == 404

@@ -1,0 +1,147 @@
+"""The outbox relay against a fake Account Management server: contract bodies, at-least-once in
+version order per account, backoff with jitter, and an outage that never slows recomputes."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged, UpgradeRevertRequested
+from app.outbox.relay import relay
+from app.recompute.emit import emit
+from tests.conftest import service_headers, wait_for
+from tests.integration.dunning_setup import dunning_row, failed_invoice, paid
+
+pytestmark = pytest.mark.worker
+
+LATER = timedelta(hours=1)  # a relay pass "later": every backoff has passed
+
+
+def outbox(engine, account: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT * FROM outbox WHERE account_id = %(a)s ORDER BY id", {"a": account})
+        return [dict(r) for r in rows.mappings()]
+
+
+def write_events(engine, account: str, version: int, events: list[Any]) -> None:
+    with engine.begin() as conn:
+        emit(conn, account, version, events, datetime.now(UTC))
+
+
+def test_contract_bodies_for_entitlements_cancellation_and_upgrade_revert(accounts, engine, fake_am):
+    account, _ = accounts.create()
+    write_events(engine, account, 1, [DunningEntered(unpaid_since=None, failure_class="permanent"),
+                                      EntitlementsChanged(entitlements={"products": {"prod_core": "revoked"},
+                                                                        "plan_changes": False})])
+    write_events(engine, account, 2, [CancellationRequested(subscription_id="sub_1", reason="retries_exhausted"),
+                                      UpgradeRevertRequested(invoice_id="in_up", subscription_id="sub_2")])
+    report = relay(engine, fake_am.url)
+    assert report.delivered == 4 and report.failed == 0
+
+    rows = outbox(engine, account)
+    assert all(r["delivered_at"] is not None for r in rows)
+    put, cancel, revert = fake_am.for_account(account)  # DunningEntered is informational: no call
+    assert (put.method, put.kind) == ("PUT", "entitlements")
+    assert put.body == {"entitlements": {"products": {"prod_core": "revoked"}, "plan_changes": False},
+                        "dunning_version": 1}
+    assert (cancel.method, cancel.kind) == ("POST", "cancellations")
+    assert cancel.body["subscription_id"] == "sub_1" and cancel.body["reason"] == "retries_exhausted"
+    assert cancel.body["action"] == "cancel" and cancel.idempotency_key == f"outbox-{rows[2]['id']}"
+    assert revert.kind == "cancellations" and revert.body["action"] == "revert_upgrade"
+    assert revert.body["invoice_id"] == "in_up" and revert.body["subscription_id"] == "sub_2"
+    assert revert.idempotency_key == f"outbox-{rows[3]['id']}"
+
+    assert relay(engine, fake_am.url).delivered == 0  # delivered rows are not sent again
+    assert len(fake_am.for_account(account)) == 3
+
+
+def test_a_failing_row_blocks_the_rows_behind_it_and_backs_off_with_jitter(accounts, engine, fake_am):
+    blocked, _ = accounts.create()
+    other, _ = accounts.create()
+    for version in (1, 2, 3):
+        write_events(engine, blocked, version, [EntitlementsChanged(entitlements={"v": version})])
+    write_events(engine, other, 1, [EntitlementsChanged(entitlements={"v": 1})])
+
+    fake_am.mode = "failing"  # 503
+    before = datetime.now(UTC)
+    report = relay(engine, fake_am.url)
+    assert report.failed == 2 and report.delivered == 0
+    first, second, third = outbox(engine, blocked)
+    assert first["attempts"] == 1 and "HTTP 503" in first["last_error"]
+    # backoff(0): between 1 and 2 seconds, jittered
+    assert before + timedelta(seconds=1) <= first["next_attempt_at"] <= datetime.now(UTC) + timedelta(seconds=2)
+    assert second["attempts"] == 0 and third["attempts"] == 0  # never tried before the first one
+    assert fake_am.refused_with_5xx == 2
+
+    # Right away nothing is ready (backing off); later everything goes, in version order.
+    assert relay(engine, fake_am.url).accounts == 0
+    fake_am.mode = "up"
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).delivered == 4
+    assert [r.body["dunning_version"] for r in fake_am.entitlements(blocked)] == [1, 2, 3]
+    assert [r.body["dunning_version"] for r in fake_am.entitlements(other)] == [1]
+
+
+def test_a_slow_account_management_times_out_and_never_slows_a_recompute(client, accounts, engine, worker,
+                                                                           fake_am):
+    account, customer = accounts.create()
+    write_events(engine, account, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    fake_am.mode, fake_am.delay = "slow", 3.0
+    reports: list[Any] = []
+    relaying = threading.Thread(target=lambda: reports.append(relay(engine, fake_am.url, timeout=(1.0, 2.0))))
+    relaying.start()
+    # While the relay waits on Account Management, a webhook's recompute runs to completion.
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=1)
+    assert relaying.is_alive()
+    relaying.join()
+    assert reports[0].failed == 1
+    row = outbox(engine, account)[0]
+    assert row["delivered_at"] is None and "Timeout" in row["last_error"]
+
+
+def test_account_management_down_never_stops_recomputes_and_the_backlog_drains_in_order(
+        client, accounts, engine, worker, celery_app, fake_am):
+    fake_am.down()
+    ids = [accounts.create() for _ in range(2)]
+    for account, customer in ids:
+        invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=15)
+        # A relay pass while it is down: every account's head row fails and backs off.
+        assert relay(engine, fake_am.url).failed >= 1
+        paid(client, engine, account, customer, invoice)  # recomputes go on: versions advance
+
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).delivered == 0
+    for account, _ in ids:
+        assert dunning_row(engine, account)["version"] >= 2
+    # Informational rows ahead of the first call went; from the first call on, everything waits.
+    pending = [r for account, _ in ids for r in outbox(engine, account) if r["delivered_at"] is None]
+    assert pending and all(r["event_type"] != "DunningEntered" for r in pending)
+    assert any(r["attempts"] >= 2 and "no answer" in r["last_error"] for r in pending)
+
+    # The backlog is visible: the ops API and the gauge (set by the relay task on the worker).
+    celery_app.send_task("tasks.relay_outbox")
+    wait_for(lambda: REGISTRY.get_sample_value("dunning_outbox_backlog") == len(pending), message="backlog gauge")
+    view = client.get("/ops/outbox", headers=service_headers())
+    assert view.status_code == 200
+    assert view.json["backlog"] == len(pending) and view.json["oldest_pending_age_seconds"] > 0
+    assert view.json["accounts"] == 2 and view.json["oldest"][0]["id"] == min(r["id"] for r in pending)
+    assert client.get("/ops/outbox").status_code == 401
+    assert client.get("/ops/outbox?limit=abc", headers=service_headers()).status_code == 400
+
+    # Account Management returns: the backlog drains, nothing lost, each account in version order.
+    fake_am.up()
+    wait_for(lambda: relay(engine, fake_am.url, now=datetime.now(UTC) + LATER) and all(
+        r["delivered_at"] is not None for account, _ in ids for r in outbox(engine, account)), message="drained")
+    for account, _ in ids:
+        rows = outbox(engine, account)
+        calls = [r for r in rows if r["event_type"] in ("EntitlementsChanged", "CancellationRequested",
+                                                         "UpgradeRevertRequested")]
+        received = fake_am.for_account(account)
+        assert [r.idempotency_key for r in received] == [f"outbox-{r['id']}" for r in calls]
+        versions = [r.body["dunning_version"] for r in fake_am.entitlements(account)]
+        assert versions == sorted(versions) and len(versions) >= 2
+        final = dunning_row(engine, account)
+        assert fake_am.entitlements(account)[-1].body["entitlements"] == final["entitlements"]
+    assert client.get("/ops/outbox", headers=service_headers()).json["backlog"] == 0
