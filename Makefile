@@ -26,7 +26,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) browser-deps lint typecheck
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)
@@ -45,3 +45,16 @@ bench-sweep: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .dunning .pytest_cache .mypy_cache .ruff_cache
+
+# The support-page test drives Debian's chromium headless (tests/browser); install it when missing.
+CHROMIUM ?= /usr/bin/chromium
+.PHONY: browser-deps
+browser-deps:
+	@if [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "error: $(CHROMIUM) is missing and apt-get is not available: install Chromium and set CHROMIUM=/path/to/chromium" >&2; \
+		exit 1; \
+	fi

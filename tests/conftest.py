@@ -206,3 +206,9 @@ def fake_am(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     with FakeAccountManagement() as fake:
         monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(account_management_url=fake.url))
         yield fake
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that use the session-scoped `worker` run after all others: once started, the worker keeps
+    consuming, and tests that count queued messages must run before it exists."""
+    items.sort(key=lambda item: "worker" in getattr(item, "fixturenames", ()))

@@ -1,0 +1,154 @@
+"""GET /metrics for the web app, and the workers' endpoint with prefork children (multiprocess mode)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from typing import Any
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine
+
+from tests.conftest import post_event, wait_for
+from tests.integration.bad_debt_setup import into_bad_debt, recompute
+from tests.stripe_events import event, with_product
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def metrics(client: FlaskClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return scrape(response.get_data(as_text=True))
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_when_a_bad_debt_episode_opens_and_closes(client, engine: Engine, runtime, accounts):
+    before = metrics(client)
+    debt = into_bad_debt(client, engine, runtime, accounts, product="prod_premium")
+    opened = metrics(client)
+    entries = "dunning_bad_debt_entries_total"
+    assert value(opened, entries, reason="marked_uncollectible", product="prod_premium") == \
+        value(before, entries, reason="marked_uncollectible", product="prod_premium") + 1
+    assert value(opened, "dunning_bad_debt_open_episodes") == 1
+
+    paid = with_product(event("invoice.paid", id=debt.invoice, customer=debt.customer, amount_remaining=0,
+                              amount_paid=debt.amount, amount_due=debt.amount), "prod_premium", debt.amount)
+    assert post_event(client, paid).status_code == 200
+    assert recompute(engine, runtime, debt.account)["status"] == "current"
+    closed = metrics(client)
+    exits = sum(v for (name, labels), v in closed.items() if name == "dunning_bad_debt_exits_total"
+                and ("how", "paid") in labels)
+    exits_before = sum(v for (name, labels), v in opened.items() if name == "dunning_bad_debt_exits_total"
+                       and ("how", "paid") in labels)
+    assert exits == exits_before + 1
+    assert value(closed, "dunning_bad_debt_duration_seconds_count") == \
+        value(opened, "dunning_bad_debt_duration_seconds_count") + 1
+    assert value(closed, "dunning_bad_debt_open_episodes") == 0
+
+
+def test_database_gauges_are_read_at_scrape_time(client, engine: Engine, runtime, accounts):
+    debt = into_bad_debt(client, engine, runtime, accounts)
+    with engine.begin() as conn:
+        # A bad-debt payment in flight for longer than the guard window (30 min by default).
+        conn.exec_driver_sql("INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, "
+                             "created_at, updated_at) VALUES (%(a)s, 'k', 'f', 1000, now() - interval '40 minutes', "
+                             "now() - interval '40 minutes')", {"a": debt.account})
+        conn.exec_driver_sql("INSERT INTO subs_stuck_events (account_id, task_name, error_class, error, state) "
+                             "VALUES (%(a)s, 't', 'x', 'e', 'dead'), (%(a)s, 't2', 'x', 'e', 'retrying')",
+                             {"a": debt.account})
+    assert recompute(engine, runtime, debt.account)["status"] == "lifting"
+    samples = metrics(client)
+    assert value(samples, "dunning_stuck_in_lifting") == 1
+    assert value(samples, "dunning_stuck_events", state="dead") == 1
+    assert value(samples, "dunning_stuck_events", state="retrying") == 1
+    assert value(samples, "dunning_stuck_events", state="resolved") == 0
+    assert value(samples, "dunning_bad_debt_payments_pending") == 1
+    with engine.connect() as conn:
+        backlog = conn.exec_driver_sql("SELECT count(*) FROM outbox WHERE delivered_at IS NULL").scalar_one()
+        stage = conn.exec_driver_sql("SELECT stage FROM rollout_state WHERE id = 1").scalar_one()
+    assert backlog > 0 and value(samples, "dunning_outbox_backlog") == backlog
+    assert value(samples, "dunning_rollout_stage") == ("off", "named", "5", "10", "25", "50", "100").index(stage)
+    assert value(samples, "dunning_metrics_db_refresh_ok") == 1
+    for name in ("dunning_webhooks_received_total", "dunning_recomputes_total", "dunning_recompute_seconds_count"):
+        assert any(n == name for n, _ in samples), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.worker
+def test_worker_metrics_aggregate_prefork_children(settings, engine: Engine, accounts):
+    """A real `celery -A tasks worker` with two prefork children: the tasks run in the children and
+    the main process's endpoint shows their counts."""
+    from app.dispatch import enqueue_recompute
+    from tasks.factory import make_celery
+
+    prefix = f"dunning-metrics-{uuid.uuid4().hex[:8]}:"
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="dunning-prom-") as prom_dir:
+        env = {**os.environ, "DATABASE_URL": settings.database_url, "CELERY_BROKER_URL": settings.broker_url,
+               "CELERY_BROKER_KEY_PREFIX": prefix, "PROMETHEUS_MULTIPROC_DIR": prom_dir,
+               "WORKER_METRICS_PORT": str(port), "WORKER_METRICS_ADDR": "127.0.0.1",
+               "STRIPE_WEBHOOK_SECRET": "x", "SECRET_KEY": "x"}
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork", "--concurrency", "2",
+             "-Q", "recompute", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            def scrape_worker() -> Any:
+                try:
+                    return scrape(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text)
+                except requests.RequestException:
+                    if worker.poll() is not None:
+                        died = worker.stderr.read().decode() if worker.stderr else "worker died"
+                        raise AssertionError(died) from None
+                    return None
+
+            wait_for(scrape_worker, timeout=60, interval=0.2, message="worker metrics endpoint")
+            sender = make_celery(settings.with_overrides(broker_key_prefix=prefix))
+            ids = [accounts.create()[0] for _ in range(4)]
+            for account in ids:
+                enqueue_recompute(sender, account, "MANUAL", "metrics-test", coalesced=False)
+
+            def counted() -> Any:
+                samples = scrape_worker() or {}
+                total = sum(v for (n, labels), v in samples.items()
+                            if n == "dunning_recomputes_total" and ("trigger", "MANUAL") in labels)
+                return total >= 4 and samples
+
+            samples = wait_for(counted, timeout=60, interval=0.2, message="recomputes counted by the children")
+            assert sum(v for (n, labels), v in samples.items()
+                       if n == "dunning_recomputes_total" and ("trigger", "MANUAL") in labels) == 4
+            files = os.listdir(prom_dir)
+            assert any(f.startswith("counter_") for f in files)
+            # The children wrote them (their pids name the files), not the main process.
+            pids = {f.rsplit("_", 1)[-1].split(".")[0] for f in files if f.startswith("counter_")}
+            assert str(worker.pid) not in pids or len(pids) > 1
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()

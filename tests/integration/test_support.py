@@ -1,0 +1,156 @@
+"""NinjaPanel: support auth, the recompute button's endpoint and task status, audit rows, the page."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+
+from tests.conftest import SUPPORT_ACTOR, SUPPORT_TOKEN, Accounts, post_event, wait_for
+from tests.stripe_events import event, unique
+
+SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
+
+
+def audit_rows(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT actor, action, account_id, detail FROM audit_log ORDER BY id").mappings()
+        return [dict(r) for r in rows]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {SUPPORT_TOKEN}"},
+                                     {"Authorization": f"Bearer {SUPPORT_TOKEN}x"}])
+def test_no_or_wrong_token_is_401_and_nothing_is_queued_or_audited(client: FlaskClient, engine, accounts, headers):
+    account, _ = accounts.create()
+    response = client.post(f"/support/accounts/{account}/recompute", headers=headers)
+    assert response.status_code == 401 and response.json["reason"]
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.get(f"/support/accounts/{account}/state", headers=headers).status_code == 401
+    assert client.get(f"/support/tasks/{uuid.uuid4()}", headers=headers).status_code == 401
+    assert audit_rows(engine) == []
+
+
+def test_a_service_token_is_not_a_support_token(client, accounts):
+    from tests.conftest import service_headers
+
+    account, _ = accounts.create()
+    assert client.post(f"/support/accounts/{account}/recompute", headers=service_headers()).status_code == 401
+
+
+def test_unknown_account_is_404(client, engine, clean):
+    response = client.post("/support/accounts/acct_nobody/recompute", headers=SUPPORT)
+    assert response.status_code == 404 and "acct_nobody" in response.json["reason"]
+    assert client.get("/support/accounts/acct_nobody/state", headers=SUPPORT).status_code == 404
+    assert client.get("/support/accounts/acct_nobody", headers=SUPPORT).status_code == 404
+    assert audit_rows(engine) == []
+
+
+def test_unknown_task_is_404(client, clean):
+    assert client.get(f"/support/tasks/{uuid.uuid4()}", headers=SUPPORT).status_code == 404
+    assert client.get("/support/tasks/not-a-task", headers=SUPPORT).status_code == 404
+
+
+@pytest.mark.worker
+def test_recompute_button_queues_a_ninjapanel_recompute_audits_the_actor_and_reports_the_result(
+        client: FlaskClient, engine: Engine, accounts: Accounts, worker):
+    account, customer = accounts.create()
+    # The mirror knows of a failed invoice that this account's stored state does not show yet.
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO stripe_invoice (id, stripe_customer_id, status, amount_due, amount_remaining, created, "
+            "first_failed_at, last_failed_at, source_created, source_rank, source_event_id) "
+            "VALUES (%(i)s, %(c)s, 'open', 5000, 5000, now() - interval '2 days', now() - interval '1 day', "
+            "now() - interval '1 day', 1, 1, 'evt_x')", {"i": unique("in"), "c": customer})
+    response = client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
+    assert response.status_code == 202
+    task_id = response.json["task_id"]
+    assert response.json["status_url"] == f"/support/tasks/{task_id}"
+
+    [row] = audit_rows(engine)
+    assert row["actor"] == SUPPORT_ACTOR and row["action"] == "recompute" and row["account_id"] == account
+    assert row["detail"] == {"task_id": task_id, "trigger": "NINJAPANEL_BUTTON"}
+
+    def done() -> Any:
+        status = client.get(f"/support/tasks/{task_id}", headers=SUPPORT)
+        assert status.status_code == 200
+        return status.json if status.json["done"] else None
+
+    status = wait_for(done, message="support recompute task")
+    assert status["state"] == "SUCCESS" and status["account_id"] == account
+    assert status["result"]["trigger"] == "NINJAPANEL_BUTTON" and status["result"]["outcome"] == "changed"
+    assert status["result"]["status"] == "past_due" and status["result"]["cause"] == f"support:{SUPPORT_ACTOR}"
+    view = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
+    assert view["dunning"]["status"] == "past_due" and view["dunning"]["last_trigger"] == "NINJAPANEL_BUTTON"
+
+    # Pressed again with nothing new: still a forced run (not coalesced away), and it changes nothing.
+    again = client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT).json["task_id"]
+    wait_for(lambda: client.get(f"/support/tasks/{again}", headers=SUPPORT).json["state"] == "SUCCESS",
+             message="second press")
+    assert client.get(f"/support/tasks/{again}", headers=SUPPORT).json["result"]["outcome"] == "unchanged"
+    assert [r["action"] for r in audit_rows(engine)] == ["recompute", "recompute"]
+
+
+def test_page_without_credentials_is_401_with_the_sign_in_form(client, accounts):
+    account, _ = accounts.create()
+    response = client.get(f"/support/accounts/{account}")
+    assert response.status_code == 401
+    assert b'name="token"' in response.data and f'value="/support/accounts/{account}"'.encode() in response.data
+
+
+def test_page_shows_state_invoices_with_labels_episodes_and_stuck_work(client, engine, runtime, accounts):
+    from tests.integration.bad_debt_setup import into_bad_debt
+
+    debt = into_bad_debt(client, engine, runtime, accounts)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_stuck_events (account_id, task_name, error_class, error, state) "
+                             "VALUES (%(a)s, 'tasks.recompute_account', 'database_unavailable', 'boom', 'dead')",
+                             {"a": debt.account})
+    page = client.get(f"/support/accounts/{debt.account}", headers=SUPPORT)
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert re.search(r'id="status">bad_debt<', html) and re.search(r'id="level">suspended<', html)
+    assert debt.invoice in html and "Uncollectible" in html
+    assert "marked_uncollectible" in html  # the episode's reason and the decision's reasons
+    assert "tasks.recompute_account" in html and "database_unavailable" in html
+    assert 'id="recompute"' in html and "/static/support.js" in html
+    assert client.get("/static/support.js").status_code == 200
+
+
+def test_sign_in_keeps_a_session_and_cookie_writes_need_the_csrf_header(flask_app, engine, accounts):
+    client = flask_app.test_client()
+    account, _ = accounts.create()
+    wrong = client.post("/support/login", data={"token": "nope", "next": f"/support/accounts/{account}"})
+    assert wrong.status_code == 401 and b"not valid" in wrong.data
+    ok = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": f"/support/accounts/{account}"})
+    assert ok.status_code == 303 and ok.headers["Location"].endswith(f"/support/accounts/{account}")
+    cookie = ok.headers["Set-Cookie"]
+    assert SUPPORT_TOKEN not in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    page = client.get(f"/support/accounts/{account}")
+    assert page.status_code == 200
+    csrf = re.search(r'data-csrf="([^"]+)"', page.get_data(as_text=True))
+    assert csrf
+    assert client.post(f"/support/accounts/{account}/recompute").status_code == 403
+    queued = client.post(f"/support/accounts/{account}/recompute", headers={"X-Support-CSRF": csrf.group(1)})
+    assert queued.status_code == 202
+    assert [(r["actor"], r["action"]) for r in audit_rows(engine)] == [(SUPPORT_ACTOR, "sign_in"),
+                                                                      (SUPPORT_ACTOR, "recompute")]
+    client.post("/support/logout")
+    assert client.get(f"/support/accounts/{account}").status_code == 401
+
+
+def test_sign_in_never_redirects_off_the_support_pages(flask_app, clean):
+    client = flask_app.test_client()
+    response = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": "https://evil.example/x"})
+    assert response.status_code == 303 and response.headers["Location"].endswith("/support/login")
+
+
+def test_webhook_fed_account_appears_on_the_json_view(client, accounts):
+    account, customer = accounts.create()
+    assert post_event(client, event("invoice.payment_failed", customer=customer)).status_code == 200
+    view = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
+    assert len(view["invoices"]) == 1 and view["invoices"][0]["label"] in ("Past due", "Open")
+    assert set(view) == {"dunning", "invoices", "retries", "stuck", "episodes", "bad_debt_payments"}
