@@ -145,3 +145,12 @@ def test_account_management_down_never_stops_recomputes_and_the_backlog_drains_i
         final = dunning_row(engine, account)
         assert fake_am.entitlements(account)[-1].body["entitlements"] == final["entitlements"]
     assert client.get("/ops/outbox", headers=service_headers()).json["backlog"] == 0
+
+
+def test_one_account_can_be_delivered_by_its_own_task(accounts, engine, worker, celery_app, fake_am):
+    account, _ = accounts.create()
+    write_events(engine, account, 1, [EntitlementsChanged(entitlements={"products": {"prod_core": "full"}})])
+    celery_app.send_task("tasks.deliver_account_outbox", [account])
+    (put,) = wait_for(lambda: fake_am.entitlements(account), message="delivered by deliver_account_outbox")
+    assert put.body["dunning_version"] == 1
+    wait_for(lambda: outbox(engine, account)[0]["delivered_at"] is not None, message="marked delivered")
