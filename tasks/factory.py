@@ -13,7 +13,7 @@ from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
 
 TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.outbox", "tasks.stuck", "tasks.sweeps",
-                "tasks.bad_debt", "tasks.metrics"]
+                "tasks.bad_debt", "tasks.metrics", "tasks.diagnostics"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

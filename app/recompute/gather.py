@@ -43,12 +43,13 @@ SELECT
                                     WHERE c.account_id = a.account_id)) AS invoices,
   (SELECT json_agg(json_build_array(p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
           p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code))
-     FROM stripe_payment_attempt p
-    WHERE p.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
-                                    WHERE c.account_id = a.account_id)
-       OR (p.stripe_customer_id IS NULL AND p.invoice_id IN (
-            SELECT i.id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
-             WHERE c.account_id = a.account_id))) AS attempts,
+     FROM (SELECT p.* FROM stripe_payment_attempt p JOIN subs_customer c USING (stripe_customer_id)
+            WHERE c.account_id = a.account_id
+           UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
+           SELECT p.* FROM stripe_payment_attempt p
+             JOIN stripe_invoice i ON i.id = p.invoice_id
+             JOIN subs_customer c ON c.stripe_customer_id = i.stripe_customer_id
+            WHERE p.stripe_customer_id IS NULL AND c.account_id = a.account_id) p) AS attempts,
   (SELECT json_agg(json_build_array(m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
           m.card_brand, m.card_last4))
      FROM stripe_payment_method m
@@ -76,8 +77,14 @@ SELECT
     WHERE e.account_id = a.account_id AND e.exited_at IS NULL) AS episode_entered_at
 FROM subs_account a
 LEFT JOIN subs_dunning d USING (account_id)
-WHERE a.account_id = ANY(%(ids)s)
+WHERE a.account_id = ANY($1)
 """
+
+# Planning this statement costs more than running it (about 5 ms against well under 1 ms), so each
+# connection prepares it once and PostgreSQL reuses the plan.
+PREPARE_SQL = "PREPARE dunning_gather(text[]) AS " + GATHER_SQL
+EXECUTE_SQL = "EXECUTE dunning_gather(%(ids)s)"
+PREPARED_FLAG = "dunning_gather_prepared"
 
 DUNNING_COLUMNS = ("status", "level", "failure_class", "next_retry_at", "retry_invoice_id",
                    "retry_payment_method_id", "retry_free", "retries_used", "outstanding_amount", "unpaid_since",
@@ -156,8 +163,17 @@ def snapshot_from_row(row: Any) -> tuple[Snapshot, int]:
     return snapshot, int(m["version"] or 0)
 
 
+def _prepare(conn: Connection) -> None:
+    # info lives as long as the DBAPI connection, exactly like the prepared statement.
+    info = conn.connection.info
+    if not info.get(PREPARED_FLAG):
+        conn.exec_driver_sql(PREPARE_SQL)
+        info[PREPARED_FLAG] = True
+
+
 def gather_many(conn: Connection, account_ids: Sequence[str]) -> dict[str, tuple[Snapshot, int]]:
-    rows = conn.exec_driver_sql(GATHER_SQL, {"ids": list(account_ids)}).fetchall()
+    _prepare(conn)
+    rows = conn.exec_driver_sql(EXECUTE_SQL, {"ids": list(account_ids)}).fetchall()
     out = {}
     for row in rows:
         snapshot, version = snapshot_from_row(row)

@@ -33,7 +33,8 @@ def histories(draw: Any) -> list[tuple[str, dict[str, Any]]]:
         t = BASE + draw(st.integers(0, 20)) * 86400
         upgrade = draw(st.booleans())
         product = "prod_premium_analytics" if upgrade else draw(st.sampled_from(["prod_core", "prod_premium"]))
-        inv = {"inv": f"in{n}", "product": product, "reason": "subscription_update" if upgrade else "subscription_cycle"}
+        reason = "subscription_update" if upgrade else "subscription_cycle"
+        inv = {"inv": f"in{n}", "product": product, "reason": reason}
         steps.append((t, "invoice.finalized", inv))
         for k in range(draw(st.integers(1, 3))):
             t += draw(st.integers(1, 4)) * 86400
