@@ -47,10 +47,14 @@ FLEET_FILE = "fleet.pid"  # this launcher and the process groups of its fleet
 # The repository's Procfile is the source of truth; this copy is used when the package is installed
 # without it (a wheel). tests/test_launcher.py checks that the two agree.
 DEFAULT_PROCFILE = """\
-web: gunicorn 'app:create_app()' --bind 0.0.0.0:${PORT:-5000} --workers ${WEB_CONCURRENCY:-2} \
+web: export PROMETHEUS_MULTIPROC_DIR="${DUNNING_DATA_DIR:-.dunning}/metrics/web" \
+&& rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
+&& exec gunicorn 'app:create_app()' --bind 0.0.0.0:${PORT:-5000} --workers ${WEB_CONCURRENCY:-2} \
 --worker-class sync --access-logfile -
-worker: celery -A tasks worker -E -Q recompute,payments,sweeps,outbox,maintenance \
---prefetch-multiplier 1 -l info
+worker: export PROMETHEUS_MULTIPROC_DIR="${DUNNING_DATA_DIR:-.dunning}/metrics/worker" \
+WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9808}" && rm -rf "$PROMETHEUS_MULTIPROC_DIR" \
+&& mkdir -p "$PROMETHEUS_MULTIPROC_DIR" && exec celery -A tasks worker -E \
+-Q recompute,payments,sweeps,outbox,maintenance --prefetch-multiplier 1 -l info
 beat: mkdir -p "${DUNNING_DATA_DIR:-.dunning}" && exec celery -A tasks beat \
 --schedule "${DUNNING_DATA_DIR:-.dunning}/celerybeat-schedule" -l info
 flower: FLOWER_UNAUTHENTICATED_API=${FLOWER_UNAUTHENTICATED_API:-true} celery -A tasks flower \
