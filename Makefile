@@ -40,8 +40,9 @@ bench-ingest: $(STAMP)
 bench-recompute: $(STAMP)
 	$(BIN)/python bench/recompute.py
 
+# make bench-sweep ARGS="--accounts 100000"
 bench-sweep: $(STAMP)
-	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/sweep.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .dunning .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """The drift sweep: walk every account in batches, compare stored with desired, remediate in stage.
 
-Per batch: keyset page of account ids -> one gather statement for the batch -> the same pure
+Per batch: one gather statement for a keyset page of accounts (batch_read.py) -> the same pure
 compute as recompute -> drift. A drifted account with a payment in flight is left alone
 ("guarded"); one inside the rollout stage gets a DRIFT_DETECTED recompute (the recompute task is
 still the only writer of dunning state); one outside is recorded only. Counts, the cursor and the
@@ -30,15 +30,13 @@ from app.domain.compute import compute
 from app.domain.drift import Drift, drift_of, payment_in_flight
 from app.domain.policy import Policy
 from app.domain.rollout import in_stage
-from app.recompute.gather import gather_many
 from app.rollout.store import read_state
+from app.sweep.batch_read import read_batch
 from app.sweep.lock import SweepBusy, sweep_lock
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[str, int | None], str]  # (account id, sweep run id) -> task id; raises on failure
-
-PAGE_SQL = "SELECT account_id FROM subs_account WHERE account_id > %(last)s ORDER BY account_id LIMIT %(batch)s"
 
 
 def utcnow() -> datetime:
@@ -59,6 +57,7 @@ class SweepReport:
     cursor: str = ""
     finished: bool = False
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=lambda: {"gather": 0.0, "compute": 0.0, "record": 0.0})
     drifted_accounts: list[dict[str, Any]] = field(default_factory=list)  # the first ``keep`` only
 
     @property
@@ -165,7 +164,9 @@ class Sweeper:
                     break
                 cursor = ids[-1]
                 report.cursor = cursor
+                t0 = time.perf_counter()
                 self._record(report, found, len(ids))
+                report.timings["record"] += time.perf_counter() - t0
                 if len(ids) < self.batch_size:
                     report.finished = True
                     break
@@ -181,10 +182,12 @@ class Sweeper:
 
     def _batch(self, report: SweepReport, cursor: str, named: tuple[str, ...]) -> tuple[list[Found], list[str]]:
         now = self.clock()
+        t1 = time.perf_counter()
         with self.engine.connect() as conn:
-            ids = [r[0] for r in conn.exec_driver_sql(PAGE_SQL, {"last": cursor, "batch": self.batch_size})]
-            gathered = gather_many(conn, ids) if ids else {}
+            ids, gathered = read_batch(conn, cursor, self.batch_size)
             conn.rollback()
+        t2 = time.perf_counter()
+        report.timings["gather"] += t2 - t1
         found: list[Found] = []
         for account_id in ids:
             if account_id not in gathered:  # deleted between the page and the gather
@@ -212,6 +215,7 @@ class Sweeper:
                     report.errors += 1
                     action = "error"
             found.append(Found(account_id, drifted, action, remediated))
+        report.timings["compute"] += time.perf_counter() - t2
         return found, ids
 
     def _record(self, report: SweepReport, found: list[Found], scanned: int) -> None:

@@ -272,3 +272,45 @@ def test_recompute_guard_holds_bad_debt_while_a_retry_is_in_flight(
     guarded = any(r.rule == "guard.payment_in_flight" for r in result.decision.state.reasons)
     assert guarded is (status != "bad_debt")
     assert dunning(engine, account).bad_debt is (status == "bad_debt")
+
+
+# --- the sweep's batch read sees exactly what recompute's gather sees ------------------------------
+
+
+def test_batch_read_pages_by_keyset_with_the_same_snapshots_as_gather_many(accounts: Accounts, runtime,
+                                                                            engine: Engine, rollout_off: None):
+    from app.recompute.gather import gather_many
+    from app.sweep.batch_read import read_batch
+
+    now = datetime.now(UTC)
+    ids = []
+    for n in range(7):
+        account, customer = accounts.create(account_id=f"acct_br_{n}")
+        ids.append(account)
+        if n % 2:
+            invoice = unpaid_invoice(engine, customer, now - timedelta(days=n + 1))
+            dispatched_retry(engine, account, invoice, now)
+        if n % 3 == 0:
+            settle(engine, runtime.policy, account, now)
+    with engine.connect() as conn:
+        expected = gather_many(conn, ids)
+        first_ids, first = read_batch(conn, "", 4)
+        rest_ids, rest = read_batch(conn, first_ids[-1], 4)
+        assert read_batch(conn, rest_ids[-1], 4) == ([], {})
+    assert first_ids + rest_ids == sorted(ids)
+    assert {**first, **rest} == expected
+
+
+def test_beat_tasks_sweep_and_check_the_gate_on_the_real_worker(runtime, engine: Engine, corrupted: dict[str, str],
+                                                                  celery_app, worker):
+    set_stage(engine, "named", [corrupted["flagged"]])
+    swept = celery_app.send_task("tasks.drift_sweep").get(timeout=30)
+    assert (swept["scanned"], swept["drifted"], swept["enqueued"], swept["finished"]) == (6, 3, 1, True)
+    wait_for(lambda: dunning(engine, corrupted["flagged"]).bad_debt is False, message="flag repaired by the worker")
+    # a second sweep while one holds the lock exits at once, saying so
+    with sweep_lock(engine):
+        busy = celery_app.send_task("tasks.drift_sweep").get(timeout=30)
+    assert "another drift sweep" in busy["skipped"]
+    gate = celery_app.send_task("tasks.check_rollout_gate").get(timeout=30)
+    assert gate["action"] == "hold" and gate["stage"] == "named" and gate["health"]["remediations"] == 1
+    assert gate["stuck_in_lifting"] == 0

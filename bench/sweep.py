@@ -1,0 +1,154 @@
+"""Drift sweep throughput against the real PostgreSQL, next to a plain streaming read of the same rows.
+
+    .venv/bin/python bench/sweep.py                      # 100,000 then 1,000,000 accounts
+    .venv/bin/python bench/sweep.py --accounts 100000    # one size
+
+For each size: a temporary database (same server selection as the tests: DATABASE_URL /
+TEST_DATABASE_URL, else 127.0.0.1:5432, else a private pgserver) is created, migrated and filled
+with INSERT ... SELECT generate_series: every account has a customer and a stored dunning row, half
+have a subscription, a fraction have invoices and failed attempts in the Stripe mirror (some paid,
+some unpaid and therefore drifted). Then, in the same run:
+
+* plain read: SELECT every subs_account row through a server-side cursor, in batches;
+* sweep: the real Sweeper in dry-run mode (keyset page, gather_many, compute, drift), same batch.
+
+It prints accounts/s for both, the ratio, where the sweep's time goes, and peak memory (ru_maxrss
+after each phase; memory is flat when the 1,000,000 run peaks where the 100,000 run does). The
+database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import Engine
+
+from app.db import make_engine
+from app.migrate import upgrade
+from app.policy_file import load_policy
+from app.sweep.sweep import Sweeper
+from tests import servers
+
+# Every account: customer + a stored "current" dunning row whose entitlements match its subscription.
+# Every 2nd account: an active subscription. Every 10th: a paid invoice with a succeeded attempt.
+# Every 40th: an open invoice with a failed attempt 5-20 days ago (drift: stored says current).
+FILL = """
+INSERT INTO subs_account (account_id)
+SELECT 'acct_' || lpad(g::text, 8, '0') FROM generate_series(1, %(n)s) g;
+INSERT INTO subs_customer (stripe_customer_id, account_id)
+SELECT 'cus_' || lpad(g::text, 8, '0'), 'acct_' || lpad(g::text, 8, '0') FROM generate_series(1, %(n)s) g;
+INSERT INTO stripe_subscription (id, stripe_customer_id, status, products, source_created, source_rank)
+SELECT 'sub_' || g, 'cus_' || lpad(g::text, 8, '0'), 'active', '["prod_core"]', 1, 1
+  FROM generate_series(2, %(n)s, 2) g;
+INSERT INTO subs_dunning (account_id, status, level, entitlements, policy_version, version)
+SELECT 'acct_' || lpad(g::text, 8, '0'), 'current', 'none',
+       CASE WHEN g %% 2 = 0 THEN '{"products": {"prod_core": "full"}, "plan_changes": true}'::jsonb
+            ELSE '{"products": {}, "plan_changes": true}'::jsonb END,
+       %(policy)s, 1
+  FROM generate_series(1, %(n)s) g;
+INSERT INTO stripe_invoice (id, stripe_customer_id, subscription_id, status, billing_reason, total, amount_due,
+                            amount_paid, amount_remaining, attempt_count, lines, created, paid_at, first_failed_at,
+                            last_failed_at, source_created, source_rank, source_event_id)
+SELECT 'in_' || g, 'cus_' || lpad(g::text, 8, '0'), 'sub_' || g,
+       CASE WHEN g %% 40 = 0 THEN 'open' ELSE 'paid' END, 'subscription_cycle', 5000, 5000,
+       CASE WHEN g %% 40 = 0 THEN 0 ELSE 5000 END, CASE WHEN g %% 40 = 0 THEN 5000 ELSE 0 END, 1,
+       '[{"product": "prod_core", "amount": 5000}]', now() - make_interval(days => 5 + g %% 15) - interval '1 hour',
+       CASE WHEN g %% 40 = 0 THEN NULL ELSE now() - make_interval(days => 5 + g %% 15) END,
+       CASE WHEN g %% 40 = 0 THEN now() - make_interval(days => 5 + g %% 15) END,
+       CASE WHEN g %% 40 = 0 THEN now() - make_interval(days => 5 + g %% 15) END, 1, 1, 'evt_bench'
+  FROM generate_series(10, %(n)s, 10) g;
+INSERT INTO stripe_payment_attempt (id, stripe_customer_id, invoice_id, charge_id, payment_method_id, status, amount,
+                                    decline_code, failure_code, attempted_at, source_created, source_rank)
+SELECT 'pi_' || g, 'cus_' || lpad(g::text, 8, '0'), 'in_' || g, 'ch_' || g, 'pm_' || g,
+       CASE WHEN g %% 40 = 0 THEN 'failed' ELSE 'succeeded' END, 5000,
+       CASE WHEN g %% 40 = 0 THEN 'insufficient_funds' END, CASE WHEN g %% 40 = 0 THEN 'card_declined' END,
+       now() - make_interval(days => 5 + g %% 15), 1, 1
+  FROM generate_series(10, %(n)s, 10) g;
+ANALYZE;
+"""
+
+PLAIN_READ = "SELECT account_id, bad_debt, name, email, billing_profile, created_at FROM subs_account"
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def plain_read(engine: Engine, batch: int) -> tuple[int, float]:
+    """Every row through a server-side cursor, ``batch`` rows per fetch, nothing kept."""
+    started = time.perf_counter()
+    rows = 0
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=batch).exec_driver_sql(PLAIN_READ)
+        for part in result.partitions(batch):
+            rows += len(part)
+        conn.rollback()
+    return rows, time.perf_counter() - started
+
+
+def run(admin_url: str, n: int, batch: int) -> dict[str, Any]:
+    policy = load_policy()
+    with servers.test_database(admin_url) as url:
+        upgrade(url)
+        engine = make_engine(url, pool_size=2, max_overflow=0)
+        # The bench fills a million rows in one statement batch; the app's 10 s statement timeout
+        # is for its own queries, not this.
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET statement_timeout = 0")
+            seconds_fill = time.perf_counter()
+            conn.exec_driver_sql(FILL, {"n": n, "policy": policy.version})
+            seconds_fill = time.perf_counter() - seconds_fill
+        print(f"  generated {n:,} accounts in {seconds_fill:.1f}s", flush=True)
+        base = maxrss_mb()
+        rows, seconds_plain = plain_read(engine, batch)
+        after_plain = maxrss_mb()
+        print(f"  plain read: {rows:,} rows in {seconds_plain:.2f}s = {rows / seconds_plain:,.0f} rows/s", flush=True)
+        report = Sweeper(engine, policy, None, dry_run=True, batch_size=batch).start()
+        after_sweep = maxrss_mb()
+        engine.dispose()
+    rate_sweep = report.scanned / report.seconds
+    rate_plain = rows / seconds_plain
+    return {"accounts": n, "batch": batch, "plain_rate": rate_plain, "sweep_rate": rate_sweep,
+            "ratio": rate_sweep / rate_plain, "sweep_seconds": report.seconds, "scanned": report.scanned,
+            "drifted": report.drifted, "timings": report.timings, "rss_base": base, "rss_plain": after_plain,
+            "rss_sweep": after_sweep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accounts", type=int, action="append",
+                        help="how many accounts (repeatable); default: 100000 and 1000000")
+    parser.add_argument("--batch", type=int, default=500, help="sweep batch = plain-read fetch size (500)")
+    args = parser.parse_args(argv)
+    sizes = args.accounts or [100_000, 1_000_000]
+    results = []
+    with servers.postgres_admin_url() as admin:
+        for n in sizes:
+            print(f"{n:,} accounts (batch {args.batch}):", flush=True)
+            r = run(admin, n, args.batch)
+            results.append(r)
+            t = r["timings"]
+            total = r["sweep_seconds"]
+            print(f"  sweep (dry run): {r['scanned']:,} accounts, {r['drifted']:,} drifted, in {total:.2f}s = "
+                  f"{r['sweep_rate']:,.0f} accounts/s = {r['ratio']:.2f} of the plain read")
+            print("  sweep time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in t.items()))
+            print(f"  peak RSS: {r['rss_base']:.0f} MB before, {r['rss_plain']:.0f} MB after the plain read, "
+                  f"{r['rss_sweep']:.0f} MB after the sweep", flush=True)
+    print()
+    print("| accounts | plain read (rows/s) | sweep (accounts/s) | sweep / plain | peak RSS after sweep |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['accounts']:,} | {r['plain_rate']:,.0f} | {r['sweep_rate']:,.0f} | {r['ratio']:.2f} | "
+              f"{r['rss_sweep']:.0f} MB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
