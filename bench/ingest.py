@@ -1,0 +1,151 @@
+"""Signed-webhook ingest throughput and ack latency against the running web app (gunicorn, as in
+the Procfile), next to the same server's throughput for a trivial endpoint, in the same run.
+
+    .venv/bin/python bench/ingest.py [--requests 4000] [--clients 4] [--workers 2]
+
+Servers: the same selection as the tests. A temporary database and Redis key prefix are created
+and removed. Every signed event is an invoice.payment_failed for a different account, so every
+request verifies the signature, stores the event, updates the mirror, creates a recompute request
+and enqueues a task (the worst case: no coalescing). No worker consumes the queue, so queued
+work does not compete for the CPU. Clients are separate processes with one connection per
+request (gunicorn sync workers close the connection after each response).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from app.db import make_engine
+from app.migrate import upgrade
+from tests import servers
+from tests.stripe_events import event, sign
+
+SECRET = "whsec_bench_" + uuid.uuid4().hex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def client(port: int, requests: list[tuple[str, str, bytes, dict[str, str]]], out: multiprocessing.Queue) -> None:
+    latencies = []
+    errors = 0
+    for method, path, body, headers in requests:
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        latencies.append(time.perf_counter() - start)
+        errors += response.status != 200
+    out.put((latencies, errors))
+
+
+def run(port: int, requests: list, clients: int) -> tuple[float, list[float], int]:
+    chunks = [requests[i::clients] for i in range(clients)]
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=client, args=(port, chunk, out)) for chunk in chunks]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    latencies = [x for lat, _ in results for x in lat]
+    return len(requests) / elapsed, latencies, sum(e for _, e in results)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (the Procfile default is 2)")
+    args = parser.parse_args()
+    n = args.requests
+    prefix = f"dunning-bench-{uuid.uuid4().hex[:8]}:"
+    with servers.postgres_admin_url() as admin, servers.test_database(admin) as db_url, \
+            servers.redis_url() as broker:
+        upgrade(db_url)
+        engine = make_engine(db_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO subs_account (account_id) SELECT 'acct_' || g FROM generate_series(1, %(n)s) g;"
+                "INSERT INTO subs_customer (stripe_customer_id, account_id) "
+                "SELECT 'cus_' || g, 'acct_' || g FROM generate_series(1, %(n)s) g; ANALYZE", {"n": n})
+        engine.dispose()
+        port = free_port()
+        env = {**os.environ, "DATABASE_URL": db_url, "CELERY_BROKER_URL": broker, "CELERY_BROKER_KEY_PREFIX": prefix,
+               "STRIPE_WEBHOOK_SECRET": SECRET, "SERVICE_TOKENS": "bench"}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
+             "--workers", str(args.workers), "--worker-class", "sync", "--log-level", "warning"],
+            env=env, cwd=Path(__file__).resolve().parent.parent)
+        try:
+            deadline = time.monotonic() + 60
+            pause = threading.Event()
+            while True:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    conn.request("GET", "/healthz")
+                    if conn.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or web.poll() is not None:
+                    raise SystemExit("web app did not start")
+                pause.wait(0.1)
+            trivial = [("GET", "/healthz", b"", {})] * n
+            signed = []
+            now = int(time.time())
+            for g in range(1, n + 1):
+                body = json.dumps(event("invoice.payment_failed", id=f"in_{g}", customer=f"cus_{g}", created=now))
+                signed.append(("POST", "/webhooks/stripe", body.encode(),
+                               {"Stripe-Signature": sign(body, SECRET), "Content-Type": "application/json"}))
+            run(port, trivial[: n // 10], args.clients)  # warm-up
+            trivial_rate, trivial_lat, trivial_err = run(port, trivial, args.clients)
+            ingest_rate, ingest_lat, ingest_err = run(port, signed, args.clients)
+            queued = redis.Redis.from_url(broker).llen(prefix + "recompute")
+        finally:
+            web.terminate()
+            web.wait(30)
+        r = redis.Redis.from_url(broker)
+        for key in r.scan_iter(match=prefix + "*", count=1000):
+            r.delete(key)
+
+    print(f"\ngunicorn: {args.workers} sync workers; {args.clients} client processes; {n} requests each run")
+    print(f"{'endpoint':<36}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'GET /healthz (trivial)':<36}{trivial_rate:>8.0f}{pct(trivial_lat, 50):>9.2f}"
+          f"{pct(trivial_lat, 99):>9.2f}{trivial_err:>8}")
+    print(f"{'POST /webhooks/stripe (signed)':<36}{ingest_rate:>8.0f}{pct(ingest_lat, 50):>9.2f}"
+          f"{pct(ingest_lat, 99):>9.2f}{ingest_err:>8}")
+    print(f"signed ingest / trivial: {ingest_rate / trivial_rate:.2f}; recomputes queued: {queued} of {n}")
+    return 0 if ingest_err == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
