@@ -113,10 +113,22 @@ def client(flask_app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def clean(engine: Engine, celery_app: Celery) -> Iterator[None]:
-    """Empty tables and queues before an integration test."""
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"TRUNCATE {TABLES_TO_CLEAN} RESTART IDENTITY CASCADE")
+    """Empty queues and tables before an integration test.
+
+    The session worker may still be finishing the previous test's task: purge first so nothing new
+    starts, and retry the TRUNCATE when it collides with that last transaction.
+    """
+    from sqlalchemy.exc import OperationalError
+
     celery_app.control.purge()
+    for attempt in range(5):
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"TRUNCATE {TABLES_TO_CLEAN} RESTART IDENTITY CASCADE")
+            break
+        except OperationalError:
+            if attempt == 4:
+                raise
     yield
 
 

@@ -61,15 +61,15 @@ def ingest(engine: Engine, celery_app: Celery, event: dict[str, Any], raw: str) 
         account_id, state = stored
         if state == "ignored":
             return Ingested(ex.event_id, ex.type, state)
-        for row in ex.rows:
-            store.upsert_row(conn, row)
         if state == "unroutable" or account_id is None:
+            for row in ex.rows:
+                store.upsert_row(conn, row)
             # Kept, visible, and re-driven by beat once subs_customer maps the customer.
             return Ingested(ex.event_id, ex.type, "unroutable")
         trigger = _trigger(conn, ex, account_id)
         # The isolated bad-debt payment's outcome (app/payments/bad_debt_webhook.py).
         settle = bad_debt_webhook.record_outcome(conn, ex.type, account_id, ex.payment_intent, event)
-        created = store.request_recompute(conn, account_id, trigger, ex.event_id)
+        created = store.request_recompute(conn, account_id, trigger, ex.event_id, ex.rows)
     if settle is not None:
         bad_debt_webhook.enqueue_settlement(celery_app, settle)
     if not created:
