@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (the Procfile default is 2)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker (1: sync workers)")
     args = parser.parse_args()
     n = args.requests
     prefix = f"dunning-bench-{uuid.uuid4().hex[:8]}:"
@@ -103,7 +104,8 @@ def main() -> int:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
-             "--workers", str(args.workers), "--worker-class", "sync", "--log-level", "warning"],
+             "--workers", str(args.workers), "--threads", str(args.threads),
+             "--worker-class", "sync" if args.threads == 1 else "gthread", "--log-level", "warning"],
             env=env, cwd=Path(__file__).resolve().parent.parent)
         try:
             deadline = time.monotonic() + 60
@@ -137,7 +139,8 @@ def main() -> int:
         for key in r.scan_iter(match=prefix + "*", count=1000):
             r.delete(key)
 
-    print(f"\ngunicorn: {args.workers} sync workers; {args.clients} client processes; {n} requests each run")
+    kind = "sync workers" if args.threads == 1 else f"gthread workers x {args.threads} threads"
+    print(f"\ngunicorn: {args.workers} {kind}; {args.clients} client processes; {n} requests each run")
     print(f"{'endpoint':<36}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
     print(f"{'GET /healthz (trivial)':<36}{trivial_rate:>8.0f}{pct(trivial_lat, 50):>9.2f}"
           f"{pct(trivial_lat, 99):>9.2f}{trivial_err:>8}")

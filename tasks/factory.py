@@ -19,6 +19,7 @@ TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.out
 def celery_config(settings: Settings) -> dict[str, Any]:
     vt = settings.visibility_timeout
     broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+    plain_redis = settings.broker_url.startswith(("redis://", "rediss://"))
     backend = settings.result_backend or (settings.broker_url if broker_is_redis else "db+" + settings.database_url)
     transport: dict[str, Any] = {"visibility_timeout": vt}
     if broker_is_redis:
@@ -30,7 +31,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport["socket_connect_timeout"] = 3
         if settings.broker_key_prefix:
             transport["global_keyprefix"] = settings.broker_key_prefix
+    extra: dict[str, Any] = {}
+    if plain_redis:
+        from tasks.broker import TRANSPORT
+
+        extra["broker_transport"] = TRANSPORT
     return {
+        **extra,
         "broker_url": settings.broker_url,
         "result_backend": backend,
         "broker_transport_options": transport,

@@ -1,0 +1,28 @@
+"""The Redis transport keeps one client per connection pool (tasks/broker.py)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tasks.broker import Channel
+
+
+def test_channel_reuses_its_client_until_the_pool_changes(celery_app: Celery):
+    with celery_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, Channel)
+        first = channel._create_client()
+        assert channel._create_client() is first
+        channel._disconnect_pools()  # what kombu does on a reconnect
+        assert channel._create_client() is not first
+
+
+def test_messages_still_reach_the_queue(celery_app: Celery, settings, clean):
+    import redis
+
+    celery_app.send_task("tasks.noop", queue="recompute", ignore_result=True)
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        assert client.llen(f"{settings.broker_key_prefix}recompute") == 1
+    finally:
+        client.close()
