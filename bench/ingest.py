@@ -27,13 +27,12 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
+from common import ROOT, bench_servers
 
 from app.db import make_engine
-from app.migrate import upgrade
-from tests import servers
 from tests.stripe_events import event, sign
 
 SECRET = "whsec_bench_" + uuid.uuid4().hex
@@ -87,10 +86,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (1: sync workers)")
     args = parser.parse_args()
     n = args.requests
-    prefix = f"dunning-bench-{uuid.uuid4().hex[:8]}:"
-    with servers.postgres_admin_url() as admin, servers.test_database(admin) as db_url, \
-            servers.redis_url() as broker:
-        upgrade(db_url)
+    with bench_servers() as env_servers:
+        db_url, broker, prefix = env_servers.database_url, env_servers.broker_url, env_servers.key_prefix
         engine = make_engine(db_url)
         with engine.begin() as conn:
             conn.exec_driver_sql(
@@ -106,7 +103,7 @@ def main() -> int:
             [sys.executable, "-m", "gunicorn", "app:create_app()", "--bind", f"127.0.0.1:{port}",
              "--workers", str(args.workers), "--threads", str(args.threads),
              "--worker-class", "sync" if args.threads == 1 else "gthread", "--log-level", "warning"],
-            env=env, cwd=Path(__file__).resolve().parent.parent)
+            env=env, cwd=ROOT)
         try:
             deadline = time.monotonic() + 60
             pause = threading.Event()
@@ -135,9 +132,6 @@ def main() -> int:
         finally:
             web.terminate()
             web.wait(30)
-        r = redis.Redis.from_url(broker)
-        for key in r.scan_iter(match=prefix + "*", count=1000):
-            r.delete(key)
 
     kind = "sync workers" if args.threads == 1 else f"gthread workers x {args.threads} threads"
     print(f"\ngunicorn: {args.workers} {kind}; {args.clients} client processes; {n} requests each run")

@@ -27,17 +27,16 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
+from common import ROOT, bench_servers
 
 from app.config import Settings
 from app.db import make_engine
-from app.migrate import upgrade
 from app.policy_file import load_policy
 from app.recompute.service import run_recompute
 from tasks.factory import make_celery
-from tests import servers
 
 SEED = """
 INSERT INTO subs_account (account_id) SELECT 'acct_' || g FROM generate_series(1, %(n)s) g;
@@ -69,16 +68,22 @@ ANALYZE;
 """
 
 
-def drain_time(app, client: redis.Redis, prefix: str, queue: str, send) -> float:
-    """Pause consumers, queue everything, resume, and time until the queue and unacked set are empty."""
+def drain_rate(app, client: redis.Redis, prefix: str, queue: str, send) -> float:
+    """Tasks per second: pause consumers, queue everything, resume; the clock starts when the
+    workers take the first message (not when the resume command is sent) and stops when the queue
+    and the unacknowledged set are both empty."""
     app.control.cancel_consumer(queue, reply=True, timeout=5)
     send()
-    start = time.perf_counter()
+    queued = client.llen(prefix + queue)
     app.control.add_consumer(queue, reply=True, timeout=5)
     pause = threading.Event()
+    while client.llen(prefix + queue) == queued:
+        pause.wait(0.001)
+    start = time.perf_counter()
+    remaining = client.llen(prefix + queue)
     while client.llen(prefix + queue) or client.hlen(prefix + "unacked"):
         pause.wait(0.005)
-    return time.perf_counter() - start
+    return (remaining + 1) / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -87,10 +92,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
     n = args.accounts
-    prefix = f"dunning-bench-{uuid.uuid4().hex[:8]}:"
-    with servers.postgres_admin_url() as admin, servers.test_database(admin) as db_url, \
-            servers.redis_url() as broker:
-        upgrade(db_url)
+    with bench_servers() as env_servers:
+        db_url, broker, prefix = env_servers.database_url, env_servers.broker_url, env_servers.key_prefix
         engine = make_engine(db_url)
         with engine.begin() as conn:
             conn.exec_driver_sql(SEED, {"n": n})
@@ -102,7 +105,7 @@ def main() -> int:
             [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-E", "-Q", "recompute", "-c",
              str(args.concurrency), "--prefetch-multiplier", "1", "-l", "warning", "--without-gossip",
              "--without-mingle", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"],
-            env=env, cwd=Path(__file__).resolve().parent.parent)
+            env=env, cwd=ROOT)
         try:
             deadline = time.monotonic() + 60
             while not app.control.ping(timeout=1.0):
@@ -121,10 +124,11 @@ def main() -> int:
                         app.send_task("tasks.recompute_account", args=[account, "DRIFT_DETECTED", "bench"],
                                       queue="recompute", ignore_result=True, producer=producer)
 
-            results = {}
-            results["noop"] = drain_time(app, client, prefix, "recompute", send_noop)
-            results["first"] = drain_time(app, client, prefix, "recompute", send_recompute)
-            results["steady"] = drain_time(app, client, prefix, "recompute", send_recompute)
+            rates = {
+                "noop": drain_rate(app, client, prefix, "recompute", send_noop),
+                "first": drain_rate(app, client, prefix, "recompute", send_recompute),
+                "steady": drain_rate(app, client, prefix, "recompute", send_recompute),
+            }
             with engine.connect() as conn:
                 computed = conn.exec_driver_sql("SELECT count(*) FROM subs_dunning").scalar_one()
                 events = conn.exec_driver_sql("SELECT count(*) FROM outbox").scalar_one()
@@ -146,16 +150,13 @@ def main() -> int:
             run_recompute(engine, policy, account, "DRIFT_DETECTED", now)
         inline_rate = len(sample) / (time.perf_counter() - started)
         engine.dispose()
-        for key in client.scan_iter(match=prefix + "*", count=1000):
-            client.delete(key)
 
     print(f"\nworker pool: {args.concurrency} prefork processes, prefetch 1, acks late, events on; {n} tasks per phase")
     print(f"{'phase':<34}{'tasks/s':>10}{'vs no-op':>10}")
-    base = n / results["noop"]
+    base = rates["noop"]
     for label, key in (("no-op task", "noop"), ("recompute, first (writes)", "first"),
                        ("recompute, steady (no change)", "steady")):
-        rate = n / results[key]
-        print(f"{label:<34}{rate:>10.0f}{rate / base:>10.2f}")
+        print(f"{label:<34}{rates[key]:>10.0f}{rates[key] / base:>10.2f}")
     print(f"accounts with state: {computed}; outbox events written: {events}")
     print(f"\none process, no broker: {inline_rate:.0f} steady recomputes/s; mean per recompute:")
     total = sum(statistics.mean(v) for v in timings.values())
