@@ -9,6 +9,7 @@ from celery.signals import worker_process_init
 from kombu import Queue
 
 from app.config import Settings
+from app.policy_file import load_policy
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
 
@@ -72,6 +73,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
+    # Validate the policy file now, so a worker or beat with a bad one stops at start-up naming the
+    # key, instead of failing its first task.
+    load_policy(settings.policy_path)
     app = Celery("dunning", include=TASK_MODULES, set_as_current=False)
     app.conf.update(celery_config(settings))
     app.dunning_settings = settings

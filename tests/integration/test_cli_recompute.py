@@ -1,0 +1,70 @@
+"""`dunning recompute` and `dunning db upgrade` as an operator runs them: real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.policy_file import DEFAULT_POLICY
+from tests.conftest import Accounts, post_event
+from tests.stripe_events import event
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dunning(*args: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "DATABASE_URL": database_url, **env}
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
+                          env=environment, cwd=ROOT, timeout=120)
+
+
+def test_recompute_prints_the_decision_and_its_reasons(client, accounts: Accounts, database_url, engine):
+    account, customer = accounts.create()
+    post_event(client, event("invoice.payment_failed", customer=customer, created=int(time.time()) - 8 * 86400))
+    done = dunning("recompute", account, database_url=database_url)
+    assert done.returncode == 0, done.stderr
+    assert f"account {account}: past_due / level restrict_premium" in done.stdout
+    assert "outcome: changed; version 1" in done.stdout
+    assert "level.restrict_premium" in done.stdout and "reasons:" in done.stdout
+
+    again = dunning("recompute", account, "--json", database_url=database_url)
+    summary = json.loads(again.stdout)
+    assert summary["outcome"] == "unchanged" and summary["changed_fields"] == [] and summary["events"] == []
+    assert summary["trigger"] == "MANUAL"
+
+
+def test_recompute_of_an_unknown_account_is_a_clear_error(database_url, clean):
+    done = dunning("recompute", "acct_nobody", database_url=database_url)
+    assert done.returncode == 2
+    assert "acct_nobody" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_invalid_policy_and_missing_configuration_name_the_problem(database_url, tmp_path: Path):
+    bad = tmp_path / "policy.toml"
+    bad.write_text(DEFAULT_POLICY.read_text().replace("small_balance_threshold = 500", "small_balance_threshold = -5"))
+    done = dunning("recompute", "acct_x", database_url=database_url, DUNNING_POLICY=str(bad))
+    assert done.returncode == 2
+    assert "policy key 'consequences.small_balance_threshold'" in done.stderr and "Traceback" not in done.stderr
+    missing = dunning("db", "upgrade", database_url="")
+    assert missing.returncode == 2 and "DATABASE_URL is not set" in missing.stderr
+
+
+def test_db_upgrade_migrates_an_empty_database(database_url):
+    from tests import servers
+
+    with servers.postgres_admin_url() as admin, servers.test_database(admin) as empty:
+        done = dunning("db", "upgrade", database_url=empty)
+        assert done.returncode == 0, done.stderr
+        assert "database upgraded to head" in done.stdout
+        from sqlalchemy import create_engine
+
+        probe = create_engine(empty)
+        with probe.connect() as conn:
+            tables = {r[0] for r in conn.exec_driver_sql("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        probe.dispose()
+    assert {"subs_account", "subs_customer", "subs_dunning", "subs_mandate", "subs_stuck_events", "stripe_event",
+            "outbox"} <= tables
