@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
@@ -39,11 +39,32 @@ SELECT id, amount, currency, state, failure_reason, stripe_payment_intent_id, cr
 """
 
 
-def account_view(conn: Connection, account_id: str, now: datetime | None = None) -> dict[str, Any] | None:
+LIFTING_SQL = """
+SELECT coalesce(min(b.created_at), d.changed_at) AS since
+  FROM subs_dunning d LEFT JOIN bad_debt_payment b ON b.account_id = d.account_id AND b.state = 'pending'
+ WHERE d.account_id = %(account)s AND d.status = 'lifting'
+ GROUP BY d.changed_at
+"""
+
+
+def lifting(conn: Connection, account_id: str, now: datetime, guard_minutes: int) -> dict[str, Any] | None:
+    """Since when the account is lifting, and whether that is longer than the guard window
+    (a payment whose outcome never arrived: someone has to look)."""
+    since = conn.exec_driver_sql(LIFTING_SQL, {"account": account_id}).scalar()
+    if since is None:
+        return None
+    return {"since": since.isoformat(), "minutes": int((now - since).total_seconds() // 60),
+            "stuck": now - since > timedelta(minutes=guard_minutes), "guard_minutes": guard_minutes}
+
+
+def account_view(conn: Connection, account_id: str, now: datetime | None = None,
+                 guard_minutes: int = 30) -> dict[str, Any] | None:
     dunning = queries.dunning_view(conn, account_id)
     if dunning is None:
         return None
+    now = now or datetime.now(UTC)
     return {
+        "lifting": lifting(conn, account_id, now, guard_minutes),
         "dunning": dunning,
         "invoices": queries.billing_history(conn, account_id, now or datetime.now(UTC)) or [],
         "retries": _rows(conn, RETRIES_SQL, account_id),

@@ -24,6 +24,7 @@ from app.domain.triggers import Trigger
 from app.support import audit
 from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
 from app.support.queries import account_view
+from app.sweep.lifting import stuck_in_lifting
 from app.web import celery_app, runtime
 
 bp = Blueprint("support", __name__, url_prefix="/support")
@@ -93,7 +94,7 @@ def task_status(task_id: str) -> ResponseReturnValue:
 @require_support_token
 def account_state(account_id: str) -> ResponseReturnValue:
     with runtime().engine.connect() as conn:
-        view = account_view(conn, account_id, datetime.now(UTC))
+        view = account_view(conn, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     return jsonify(view) if view is not None else _not_found(account_id)
 
 
@@ -103,11 +104,24 @@ def account_page(account_id: str) -> ResponseReturnValue:
     if actor is None:
         return render_template("support_login.html", next=request.path, error=None), 401
     with runtime().engine.connect() as conn:
-        view = account_view(conn, account_id, datetime.now(UTC))
+        view = account_view(conn, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     if view is None:
         return render_template("support_missing.html", account_id=account_id, actor=actor), 404
     return render_template("support_account.html", account_id=account_id, actor=actor, view=view,
                            csrf=csrf_token() or "", csrf_header=CSRF_HEADER)
+
+
+@bp.get("/lifting")
+def lifting_page() -> ResponseReturnValue:
+    """Accounts stuck in lifting longer than the guard window (the gauge's accounts, by name)."""
+    actor, _ = authenticate()
+    if actor is None:
+        return render_template("support_login.html", next=request.path, error=None), 401
+    rt = runtime()
+    with rt.engine.connect() as conn:
+        stuck = stuck_in_lifting(conn, rt.policy.guard_window_minutes, datetime.now(UTC), 200)
+    return render_template("support_lifting.html", actor=actor, stuck=stuck,
+                           guard_minutes=rt.policy.guard_window_minutes)
 
 
 def _safe_next(target: str | None) -> str:

@@ -1,0 +1,40 @@
+"""The support views show accounts stuck in lifting longer than the guard window."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from tests.conftest import SUPPORT_TOKEN, Accounts
+
+SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
+
+
+def lifting_since(engine, account: str, minutes_ago: int) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=minutes_ago)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, status, level, changed_at) "
+                             "VALUES (%(a)s, 'lifting', 'suspended', %(t)s)", {"a": account, "t": since})
+        conn.exec_driver_sql("INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, "
+                             "created_at) VALUES (%(a)s, %(k)s, 'x', 5000, %(t)s)",
+                             {"a": account, "k": f"key-{account}", "t": since})
+
+
+def test_stuck_lifting_is_shown_on_the_account_page_and_listed(client, accounts: Accounts, engine):
+    stuck, _ = accounts.create()
+    fresh, _ = accounts.create()
+    lifting_since(engine, stuck, 45)
+    lifting_since(engine, fresh, 10)
+
+    page = client.get(f"/support/accounts/{stuck}", headers=SUPPORT).get_data(as_text=True)
+    assert "longer than the 30-minute" in page and 'id="lifting" class="stuck"' in page
+    page = client.get(f"/support/accounts/{fresh}", headers=SUPPORT).get_data(as_text=True)
+    assert 'id="lifting"' in page and "longer than the" not in page
+
+    state = client.get(f"/support/accounts/{stuck}/state", headers=SUPPORT).json
+    assert state["lifting"]["stuck"] is True and state["lifting"]["minutes"] >= 45
+
+    listing = client.get("/support/lifting", headers=SUPPORT)
+    assert listing.status_code == 200
+    text = listing.get_data(as_text=True)
+    assert f"/support/accounts/{stuck}" in text and f"/support/accounts/{fresh}" not in text
+    assert client.get("/support/lifting").status_code == 401
