@@ -10,7 +10,10 @@ have a subscription, a fraction have invoices and failed attempts in the Stripe 
 some unpaid and therefore drifted). Then, in the same run:
 
 * plain read: SELECT every subs_account row through a server-side cursor, in batches;
-* sweep: the real Sweeper in dry-run mode (keyset page, gather_many, compute, drift), same batch.
+* sweep: the real Sweeper in dry-run mode, same batch: a read-ahead thread runs the two statements of
+  each keyset page (gather_batch.py) while the sweep's thread builds the snapshots, runs compute and
+  compares (drift). One process, wall-clock time from the first page to the last; PostgreSQL works
+  on the next page meanwhile (on this machine's other core).
 
 It prints accounts/s for both, the ratio, where the sweep's time goes, and peak memory (ru_maxrss
 after each phase; memory is flat when the 1,000,000 run peaks where the 100,000 run does). The
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             total = r["sweep_seconds"]
             print(f"  sweep (dry run): {r['scanned']:,} accounts, {r['drifted']:,} drifted, in {total:.2f}s = "
                   f"{r['sweep_rate']:,.0f} accounts/s = {r['ratio']:.2f} of the plain read")
-            print("  sweep time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in t.items()))
+            print("  sweep time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in t.items())
+                  + "  (gather = waiting for the read-ahead thread + building the snapshots)")
             print(f"  peak RSS: {r['rss_base']:.0f} MB before, {r['rss_plain']:.0f} MB after the plain read, "
                   f"{r['rss_sweep']:.0f} MB after the sweep", flush=True)
     print()

@@ -440,7 +440,67 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) ->
     return "resolved"
 
 
+def _may_be_unpaid(invoice: Invoice) -> bool:
+    """False when is_unpaid is False whatever the attempts and the clock (see is_unpaid)."""
+    return invoice.amount_remaining > 0 and invoice.status in ("open", "uncollectible")
+
+
 def compute(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
+    for invoice in snapshot.invoices:
+        if _may_be_unpaid(invoice):
+            return _compute_full(snapshot, policy, now)
+    # Most accounts, most of the time: nothing that can be unpaid. The drift sweep computes every
+    # account, so this case skips the per-invoice machinery; tests/unit/test_compute_fast_path.py
+    # checks with generated snapshots that it decides exactly what _compute_full decides.
+    return _nothing_unpaid(snapshot, policy, now)
+
+
+def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
+    """_compute_full with no unpaid invoice: no assessment, so no level, retry, guard or action."""
+    state = DunningState(
+        status=_CURRENT,
+        level=_NONE,
+        failure_class=None,
+        next_retry_at=None,
+        retry_invoice_id=None,
+        retry_payment_method_id=None,
+        retry_free=False,
+        retries_used=0,
+        outstanding_amount=0,
+        unpaid_since=None,
+        last_failure_id=None,
+        reasons=(Reason("status.current", "nothing unpaid", {}),),
+        entitlements=_full_entitlements(snapshot),
+        actions_requested=(),
+        policy_version=policy.version,
+    )
+    settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
+    return Decision(
+        state=state,
+        mandates=_mandates(snapshot, now) if snapshot.payment_methods else (),
+        bad_debt=False,
+        resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",
+        lifting_since=None,
+        assessments=(),
+    )
+
+
+_CURRENT = Status.CURRENT.value
+_NONE = Level.NONE.value
+_FULL = Access.FULL.value
+
+
+def _full_entitlements(snapshot: Snapshot) -> dict[str, Any]:
+    """_entitlements with no assessment: every product of an active subscription in full."""
+    products: dict[str, None] = {}
+    for sub in snapshot.subscriptions:
+        if sub.status not in INACTIVE_SUBSCRIPTIONS:
+            for product in sub.products:
+                products[product] = None
+    return {"products": {p: _FULL for p in sorted(products)}, "plan_changes": True}
+
+
+def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     grouped = attempts_by_invoice(snapshot)
     unpaid = [
         inv for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id))

@@ -18,7 +18,7 @@ from typing import Any
 from app.domain.compute import Decision
 from app.domain.policy import Policy
 from app.domain.snapshot import Snapshot
-from app.domain.state import DunningState, Status
+from app.domain.state import DunningState, Status, _normal
 
 COMPARED_FIELDS: tuple[str, ...] = (
     "status", "level", "failure_class", "next_retry_at", "retry_invoice_id", "retry_payment_method_id",
@@ -68,12 +68,15 @@ def drift(stored: DunningState | None, stored_bad_debt_flag: bool, desired: Dunn
         before["row"] = None
         after["row"] = "present"
     compare_to = stored if stored is not None else FRESH
-    changed = set(desired.changed_fields(compare_to))
     for name in COMPARED_FIELDS:
-        if name in changed:
-            names.append(name)
-            before[name] = _json(getattr(compare_to, name))
-            after[name] = _json(getattr(desired, name))
+        was, now = getattr(compare_to, name), getattr(desired, name)
+        # Equal values are equal once normalised too; only unequal ones need the normalised
+        # comparison DunningState.changed_fields makes (a list against a tuple is no change).
+        if was == now or _normal(was) == _normal(now):
+            continue
+        names.append(name)
+        before[name] = _json(was)
+        after[name] = _json(now)
     if stored_bad_debt_flag != desired_bad_debt:
         names.append(BAD_DEBT_FLAG)
         before[BAD_DEBT_FLAG] = stored_bad_debt_flag

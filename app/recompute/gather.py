@@ -37,12 +37,12 @@ SELECT
   (SELECT json_agg(json_build_array(i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
           i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
-          i.marked_uncollectible_at))
+          i.marked_uncollectible_at) ORDER BY i.id)
      FROM stripe_invoice i
     WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS invoices,
   (SELECT json_agg(json_build_array(p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
-          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code))
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code) ORDER BY p.id)
      FROM (SELECT p.* FROM stripe_payment_attempt p JOIN subs_customer c USING (stripe_customer_id)
             WHERE c.account_id = a.account_id
            UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
@@ -51,25 +51,28 @@ SELECT
              JOIN subs_customer c ON c.stripe_customer_id = i.stripe_customer_id
             WHERE p.stripe_customer_id IS NULL AND c.account_id = a.account_id) p) AS attempts,
   (SELECT json_agg(json_build_array(m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
-          m.card_brand, m.card_last4))
+          m.card_brand, m.card_last4) ORDER BY m.id)
      FROM stripe_payment_method m
     WHERE m.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS payment_methods,
-  (SELECT json_agg(json_build_array(s.default_payment_method_id, s.changed_at) ORDER BY s.source_created DESC)
+  (SELECT json_agg(json_build_array(s.default_payment_method_id, s.changed_at) ORDER BY s.source_created DESC,
+          s.stripe_customer_id)
      FROM stripe_customer_state s
     WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS customer_state,
-  (SELECT json_agg(json_build_array(s.id, s.status, s.products))
+  (SELECT json_agg(json_build_array(s.id, s.status, s.products) ORDER BY s.id)
      FROM stripe_subscription s
     WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS subscriptions,
   (SELECT json_agg(json_build_array(r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
-          r.scheduled_for, r.created_at))
+          r.scheduled_for, r.created_at) ORDER BY r.id)
      FROM payment_retry r WHERE r.account_id = a.account_id) AS retries,
-  (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason))
+  (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason)
+          ORDER BY b.id)
      FROM bad_debt_payment b WHERE b.account_id = a.account_id) AS bad_debt_payments,
   (SELECT json_agg(json_build_array(m.payment_method_id, m.type, m.status, m.status_reason, m.is_default,
-          m.card_brand, m.card_last4, m.exp_month, m.exp_year))
+          m.card_brand, m.card_last4, m.exp_month, m.exp_year)
+          ORDER BY m.payment_method_id)
      FROM subs_mandate m WHERE m.account_id = a.account_id) AS mandates,
   (SELECT count(*) FROM subs_stuck_events e
     WHERE e.account_id = a.account_id AND e.state <> 'resolved') AS stuck,

@@ -30,8 +30,9 @@ from app.domain.compute import compute
 from app.domain.drift import Drift, drift_of, payment_in_flight
 from app.domain.policy import Policy
 from app.domain.rollout import in_stage
+from app.domain.snapshot import Snapshot
 from app.rollout.store import read_state
-from app.sweep.batch_read import read_batch
+from app.sweep.batch_read import PageReader
 from app.sweep.lock import SweepBusy, sweep_lock
 
 log = logging.getLogger(__name__)
@@ -157,21 +158,8 @@ class Sweeper:
         started = time.perf_counter()
         failed = False
         try:
-            while True:
-                found, ids = self._batch(report, cursor, named)
-                if not ids:
-                    report.finished = True
-                    break
-                cursor = ids[-1]
-                report.cursor = cursor
-                t0 = time.perf_counter()
-                self._record(report, found, len(ids))
-                report.timings["record"] += time.perf_counter() - t0
-                if len(ids) < self.batch_size:
-                    report.finished = True
-                    break
-                if max_seconds is not None and time.perf_counter() - started >= max_seconds:
-                    break
+            with PageReader(self.engine, cursor, self.batch_size) as reader:
+                self._pages(report, reader, named, started, max_seconds)
         except BaseException:
             failed = True
             raise
@@ -180,14 +168,32 @@ class Sweeper:
             self._close(report, failed)
         return report
 
-    def _batch(self, report: SweepReport, cursor: str, named: tuple[str, ...]) -> tuple[list[Found], list[str]]:
+    def _pages(self, report: SweepReport, reader: PageReader, named: tuple[str, ...], started: float,
+               max_seconds: float | None) -> None:
+        pages = iter(reader)
+        while True:
+            t0 = time.perf_counter()
+            ids, gathered = next(pages)
+            # The reader works ahead on its own thread: this is the time the sweep waited for it.
+            report.timings["gather"] += time.perf_counter() - t0
+            found = self._batch(report, ids, gathered, named)
+            if not ids:
+                report.finished = True
+                return
+            report.cursor = ids[-1]
+            t0 = time.perf_counter()
+            self._record(report, found, len(ids))
+            report.timings["record"] += time.perf_counter() - t0
+            if len(ids) < self.batch_size:
+                report.finished = True
+                return
+            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                return
+
+    def _batch(self, report: SweepReport, ids: list[str], gathered: dict[str, tuple[Snapshot, int]],
+               named: tuple[str, ...]) -> list[Found]:
         now = self.clock()
-        t1 = time.perf_counter()
-        with self.engine.connect() as conn:
-            ids, gathered = read_batch(conn, cursor, self.batch_size)
-            conn.rollback()
         t2 = time.perf_counter()
-        report.timings["gather"] += t2 - t1
         found: list[Found] = []
         for account_id in ids:
             if account_id not in gathered:  # deleted between the page and the gather
@@ -216,7 +222,7 @@ class Sweeper:
                     action = "error"
             found.append(Found(account_id, drifted, action, remediated))
         report.timings["compute"] += time.perf_counter() - t2
-        return found, ids
+        return found
 
     def _record(self, report: SweepReport, found: list[Found], scanned: int) -> None:
         batch = {"scanned": scanned, "drifted": len(found),

@@ -1,0 +1,277 @@
+"""Gather for many accounts at once, set-based: each table is read once for the whole batch.
+
+``gather_many`` (gather.py) is tuned for one account: one statement with a correlated sub-select
+per table, each turned into JSON. For a batch of hundreds that costs ~80 µs per account, most of it
+in the per-account sub-selects and the JSON round trip. Here every table is one prepared statement
+for the whole batch (``= ANY(ids)`` on an indexed column), rows come back as native columns, and
+Python groups them by account into exactly the Snapshot objects ``gather_many`` builds (the same
+order inside every tuple; tests/integration/test_gather_batch.py compares them one by one).
+
+Several statements are several MVCC snapshots under READ COMMITTED: callers that need one consistent
+view (the sweep) run them in a REPEATABLE READ transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from app.db import Prepared, execute_prepared
+from app.domain.snapshot import (
+    Attempt,
+    BadDebtPayment,
+    Invoice,
+    InvoiceLine,
+    PaymentMethod,
+    Retry,
+    Snapshot,
+    Subscription,
+)
+from app.domain.state import DunningState, MandateState, Reason
+
+_DUNNING = ("a.account_id, a.bad_debt, d.account_id IS NOT NULL, d.status, d.level, d.failure_class, "
+            "d.next_retry_at, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free, d.retries_used, "
+            "d.outstanding_amount, d.unpaid_since, d.last_failure_id, d.reasons::text, d.entitlements::text, "
+            "d.actions_requested::text, d.policy_version, d.version "
+            "FROM subs_account a LEFT JOIN subs_dunning d ON d.account_id = a.account_id ")
+
+# The keyset page and its stored state in one statement (the sweep's walk).
+# ``d.account_id > $1`` is implied by the join; said, it lets the merge join start at $1 instead of the
+# first row of subs_dunning.
+PAGE = Prepared("dunning_batch_page", "SELECT " + _DUNNING.replace("ON d.account_id", "ON d.account_id > $1 AND "
+                "d.account_id") + "WHERE a.account_id > $1 ORDER BY a.account_id LIMIT $2", ("text", "int"))
+ACCOUNTS = Prepared("dunning_batch_accounts", "SELECT " + _DUNNING + "WHERE a.account_id = ANY($1) "
+                    "ORDER BY a.account_id", ("text[]",))
+
+# Everything else about the accounts in [$1, $2], one row of JSON arrays (one per table, ordered by
+# account, then by the key gather_many's json_agg orders by). Account-keyed tables are one index range
+# scan each; the Stripe mirror is reached through the range's customers, one index probe each (LATERAL
+# ... OFFSET 0: the generic plan would otherwise hash whole mirror tables for a few hundred customers).
+DETAILS = Prepared("dunning_batch_details", """
+WITH c AS MATERIALIZED (
+  SELECT account_id, stripe_customer_id FROM subs_customer WHERE account_id >= $1 AND account_id <= $2)
+SELECT
+  (SELECT json_agg(json_build_array(c.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
+          i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
+          i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
+          i.marked_uncollectible_at) ORDER BY c.account_id, i.id)
+     FROM c, LATERAL (SELECT * FROM stripe_invoice i WHERE i.stripe_customer_id = c.stripe_customer_id
+                               OFFSET 0) i),
+  (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code) ORDER BY p.account_id, p.id)
+     FROM (SELECT c.account_id, p.* FROM c, LATERAL (SELECT * FROM stripe_payment_attempt p
+                   WHERE p.stripe_customer_id = c.stripe_customer_id OFFSET 0) p
+           UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
+           SELECT c.account_id, p.* FROM c, LATERAL (SELECT p.* FROM stripe_invoice i
+             JOIN stripe_payment_attempt p ON p.invoice_id = i.id
+            WHERE i.stripe_customer_id = c.stripe_customer_id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
+  (SELECT json_agg(json_build_array(c.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
+          m.card_brand, m.card_last4) ORDER BY c.account_id, m.id)
+     FROM c, LATERAL (SELECT * FROM stripe_payment_method m WHERE m.stripe_customer_id = c.stripe_customer_id
+                               OFFSET 0) m),
+  (SELECT json_agg(json_build_array(c.account_id, s.default_payment_method_id, s.changed_at)
+          ORDER BY c.account_id, s.source_created DESC, s.stripe_customer_id)
+     FROM c, LATERAL (SELECT * FROM stripe_customer_state s WHERE s.stripe_customer_id = c.stripe_customer_id
+                               OFFSET 0) s),
+  (SELECT json_agg(json_build_array(c.account_id, s.id, s.status, s.products) ORDER BY c.account_id, s.id)
+     FROM c, LATERAL (SELECT * FROM stripe_subscription s WHERE s.stripe_customer_id = c.stripe_customer_id
+                               OFFSET 0) s),
+  (SELECT json_agg(json_build_array(r.account_id, r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
+          r.scheduled_for, r.created_at) ORDER BY r.account_id, r.id)
+     FROM payment_retry r WHERE r.account_id >= $1 AND r.account_id <= $2),
+  (SELECT json_agg(json_build_array(b.account_id, b.id, b.state, b.amount, b.created_at, b.updated_at,
+          b.failure_reason) ORDER BY b.account_id, b.id)
+     FROM bad_debt_payment b WHERE b.account_id >= $1 AND b.account_id <= $2),
+  (SELECT json_agg(json_build_array(m.account_id, m.payment_method_id, m.type, m.status, m.status_reason,
+          m.is_default, m.card_brand, m.card_last4, m.exp_month, m.exp_year) ORDER BY m.account_id, m.payment_method_id)
+     FROM subs_mandate m WHERE m.account_id >= $1 AND m.account_id <= $2),
+  (SELECT json_agg(json_build_array(e.account_id, e.n)) FROM (
+     SELECT e.account_id, count(*) AS n FROM subs_stuck_events e
+      WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.state <> 'resolved' GROUP BY e.account_id) e),
+  (SELECT json_agg(json_build_array(e.account_id, e.entered_at)) FROM (
+     SELECT e.account_id, min(e.entered_at) AS entered_at FROM bad_debt_episode e
+      WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.exited_at IS NULL GROUP BY e.account_id) e)
+""", ("text", "text"))
+
+Rows = dict[str, list[Any]]
+
+
+def _t(value: str | None) -> datetime | None:
+    # json_build_array renders timestamptz in ISO 8601 in the session zone (UTC, set on connect).
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+def _tt(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def _grouped(rows: list[Any] | None) -> Rows:
+    out: Rows = {}
+    for row in rows or ():
+        key = row[0]
+        bucket = out.get(key)
+        if bucket is None:
+            out[key] = [row]
+        else:
+            bucket.append(row)
+    return out
+
+
+def _stored(r: Any) -> DunningState:
+    return DunningState(
+        status=r[3], level=r[4], failure_class=r[5], next_retry_at=r[6], retry_invoice_id=r[7],
+        retry_payment_method_id=r[8], retry_free=bool(r[9]), retries_used=int(r[10]), outstanding_amount=int(r[11]),
+        unpaid_since=r[12], last_failure_id=r[13],
+        reasons=tuple(Reason.from_json(x) for x in (json.loads(r[14]) if r[14] is not None else ())),
+        entitlements=dict(json.loads(r[15]) if r[15] is not None else {}),
+        actions_requested=tuple(json.loads(r[16]) if r[16] is not None else ()), policy_version=r[17],
+    )
+
+
+class _StoredStates:
+    """The stored states of one batch. Rows with equal columns (most accounts are "current, nothing
+    unpaid" with the same reasons and entitlements) share one immutable DunningState instead of
+    parsing the same JSON again: per batch, so memory stays flat."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[Any, ...], DunningState] = {}
+
+    def get(self, r: Any) -> DunningState | None:
+        if not r[2]:
+            return None
+        key = tuple(r[3:18])
+        state = self.seen.get(key)
+        if state is None:
+            state = self.seen[key] = _stored(r)
+        return state
+
+
+def _invoice(i: Any) -> Invoice:
+    return Invoice(
+        id=i[1], status=i[2], billing_reason=i[3], subscription_id=i[4], amount_due=i[5], amount_paid=i[6],
+        amount_remaining=i[7], created=_tt(i[8]),
+        lines=tuple(InvoiceLine(product=ln["product"], amount=ln["amount"]) for ln in (i[9] or ())),
+        currency=i[10], total=i[11], credited_amount=i[12], attempt_count=i[13], due_date=_t(i[14]),
+        first_failed_at=_t(i[15]), last_failed_at=_t(i[16]), paid_at=_t(i[17]), voided_at=_t(i[18]),
+        marked_uncollectible_at=_t(i[19]),
+    )
+
+
+def _attempt(p: Any) -> Attempt:
+    return Attempt(id=p[1], invoice_id=p[2], payment_method_id=p[3], status=p[4], attempted_at=_tt(p[5]),
+                   amount=p[6], amount_refunded=p[7], decline_code=p[8], failure_code=p[9], advice_code=p[10])
+
+
+def _method(p: Any) -> PaymentMethod:
+    return PaymentMethod(id=p[1], type=p[2], attached=p[3], changed_at=_tt(p[4]), exp_month=p[5], exp_year=p[6],
+                         card_brand=p[7], card_last4=p[8])
+
+
+def _retry(x: Any) -> Retry:
+    return Retry(invoice_id=x[1], payment_method_id=x[2], retry_number=x[3], free=x[4], state=x[5],
+                 scheduled_for=_tt(x[6]), created_at=_tt(x[7]))
+
+
+def _payment(b: Any) -> BadDebtPayment:
+    return BadDebtPayment(id=b[1], state=b[2], amount=b[3], created_at=_tt(b[4]), updated_at=_tt(b[5]),
+                          failure_reason=b[6])
+
+
+def _mandate(x: Any) -> MandateState:
+    return MandateState(payment_method_id=x[1], type=x[2], status=x[3], status_reason=x[4], is_default=x[5],
+                        card_brand=x[6], card_last4=x[7], exp_month=x[8], exp_year=x[9])
+
+
+def _subscription(s: Any) -> Subscription:
+    return Subscription(id=s[1], status=s[2], products=tuple(s[3] or ()))
+
+
+EMPTY: tuple[Any, ...] = ()
+
+
+def _snapshots(conn: Connection, accounts: list[Any]) -> dict[str, tuple[Snapshot, int]]:
+    """Snapshots of ``accounts`` (rows of the account statements, ordered by account id)."""
+    return build_snapshots(accounts, read_details(conn, accounts))
+
+
+def read_details(conn: Connection, accounts: list[Any]) -> Any:
+    """The DETAILS row for ``accounts`` (None for no accounts): the database half of a page."""
+    if not accounts:
+        return None
+    return execute_prepared(conn, (DETAILS, (accounts[0][0], accounts[-1][0]))).fetchone()
+
+
+def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapshot, int]]:
+    """The Python half: account rows + their DETAILS row -> {id: (snapshot, stored version)}."""
+    if not accounts:
+        return {}
+    invoices, attempts, methods, states, subscriptions, retries, payments, mandates = (
+        _grouped(details[n]) for n in range(8))
+    stuck = {x[0]: x[1] for x in details[8] or ()}
+    episodes = {x[0]: x[1] for x in details[9] or ()}
+    out: dict[str, tuple[Snapshot, int]] = {}
+    stored = _StoredStates()
+    for r in accounts:
+        account_id = r[0]
+        rows = invoices.get(account_id)
+        inv = tuple(_invoice(x) for x in rows) if rows else EMPTY
+        rows = attempts.get(account_id)
+        att = tuple(_attempt(x) for x in rows) if rows else EMPTY
+        rows = methods.get(account_id)
+        pms = tuple(_method(x) for x in rows) if rows else EMPTY
+        rows = subscriptions.get(account_id)
+        subs = tuple(_subscription(x) for x in rows) if rows else EMPTY
+        rows = retries.get(account_id)
+        rts = tuple(_retry(x) for x in rows) if rows else EMPTY
+        rows = payments.get(account_id)
+        bdp = tuple(_payment(x) for x in rows) if rows else EMPTY
+        rows = mandates.get(account_id)
+        mds = tuple(_mandate(x) for x in rows) if rows else EMPTY
+        rows = states.get(account_id)
+        state = rows[0] if rows else None  # the customer's latest state (gather_many takes the first too)
+        snapshot = Snapshot(
+            account_id=account_id,
+            stored=stored.get(r),
+            stored_bad_debt_flag=bool(r[1]),
+            invoices=inv,
+            attempts=att,
+            payment_methods=pms,
+            default_payment_method_id=state[1] if state is not None else None,
+            default_payment_method_changed_at=_t(state[2]) if state is not None else None,
+            subscriptions=subs,
+            retries=rts,
+            bad_debt_payments=bdp,
+            stored_mandates=mds,
+            open_stuck_events=int(stuck.get(account_id, 0)),
+            open_episode_entered_at=_t(episodes.get(account_id)),
+        )
+        out[account_id] = (snapshot, int(r[18] or 0))
+    return out
+
+
+def gather_batch(conn: Connection, account_ids: Sequence[str]) -> dict[str, tuple[Snapshot, int]]:
+    """{id: (snapshot, stored version)} for the accounts that exist: the same as gather_many.
+
+    Made for keyset pages: the details are read for the whole id range from the smallest to the
+    largest id (rows of accounts in that range but not asked for are read and dropped).
+    """
+    if not account_ids:
+        return {}
+    accounts = execute_prepared(conn, (ACCOUNTS, (sorted(set(account_ids)),))).fetchall()
+    return _snapshots(conn, accounts)
+
+
+def gather_page(conn: Connection, after: str, limit: int) -> tuple[list[str], dict[str, tuple[Snapshot, int]]]:
+    """The next keyset page of accounts after ``after``: (ids in order, {id: (snapshot, stored version)})."""
+    accounts, details = read_page(conn, after, limit)
+    return [r[0] for r in accounts], build_snapshots(accounts, details)
+
+
+def read_page(conn: Connection, after: str, limit: int) -> tuple[list[Any], Any]:
+    """The database half of gather_page: (account rows in id order, their DETAILS row)."""
+    accounts = execute_prepared(conn, (PAGE, (after, limit))).fetchall()
+    return accounts, read_details(conn, accounts)

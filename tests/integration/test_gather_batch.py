@@ -1,0 +1,161 @@
+"""The sweep's set-based batch gather builds exactly the snapshots recompute's gather_many builds.
+
+Accounts of every shape (generated with a fixed seed, direct inserts the way ingest, recompute and
+the payment paths write them): several customers per account, attempts linked only through their
+invoice, a customer state per customer, retries, bad-debt payments, mandates, stuck events and
+episodes open and closed, stored rows with reasons / entitlements / actions, no stored row at all.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg2.extras import Json
+from sqlalchemy import Connection, Engine
+
+from app.recompute.gather import gather_many
+from app.recompute.gather_batch import gather_batch, gather_page
+from tests.conftest import Accounts
+
+NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+def insert(conn: Connection, table: str, **values: Any) -> None:
+    columns = ", ".join(values)
+    params = ", ".join(f"%({k})s" for k in values)
+    conn.exec_driver_sql(f"INSERT INTO {table} ({columns}) VALUES ({params})",
+                         {k: Json(v) if isinstance(v, list | dict) else v for k, v in values.items()})
+
+
+def at(rng: random.Random) -> datetime:
+    return NOW - timedelta(days=rng.randint(0, 60), seconds=rng.randint(0, 86_400), microseconds=rng.randint(0, 999))
+
+
+def stripe_side(conn: Connection, rng: random.Random, n: int, customer: str) -> None:
+    for k in range(rng.randint(0, 3)):
+        invoice = f"in_{n}_{customer[-2:]}_{k}"
+        status = rng.choice(["open", "paid", "void", "uncollectible", "draft"])
+        remaining = rng.choice([0, 700, 5000])
+        insert(conn, "stripe_invoice", id=invoice, stripe_customer_id=customer, subscription_id=f"sub_{n}",
+               status=status, billing_reason=rng.choice(["subscription_cycle", "subscription_update", None]),
+               total=5000, amount_due=5000, amount_paid=5000 - remaining, amount_remaining=remaining,
+               credited_amount=rng.choice([0, 100]), attempt_count=rng.randint(0, 4),
+               lines=[{"product": rng.choice(["prod_core", "prod_premium"]), "amount": 5000},
+                      {"product": "prod_core", "amount": -100}][: rng.randint(0, 2)],
+               created=at(rng), due_date=rng.choice([None, at(rng)]), first_failed_at=rng.choice([None, at(rng)]),
+               last_failed_at=rng.choice([None, at(rng)]), paid_at=rng.choice([None, at(rng)]),
+               voided_at=rng.choice([None, at(rng)]), marked_uncollectible_at=rng.choice([None, at(rng)]),
+               source_created=1, source_rank=1, source_event_id="evt_x")
+        for j in range(rng.randint(0, 3)):
+            linked = rng.random() < 0.3  # known only through the invoice (no customer on the attempt)
+            insert(conn, "stripe_payment_attempt", id=f"pi_{invoice}_{j}",
+                   stripe_customer_id=None if linked else customer, invoice_id=invoice, charge_id=f"ch_{invoice}_{j}",
+                   payment_method_id=rng.choice([None, f"pm_{n}_a", f"pm_{n}_b"]),
+                   status=rng.choice(["failed", "succeeded", "pending", "refunded"]), amount=5000,
+                   amount_refunded=rng.choice([0, 5000]), decline_code=rng.choice([None, "insufficient_funds"]),
+                   failure_code=rng.choice([None, "card_declined"]), advice_code=rng.choice([None, "try_again_later"]),
+                   attempted_at=at(rng), source_created=1, source_rank=1)
+    if rng.random() < 0.3:  # an attempt without invoice
+        insert(conn, "stripe_payment_attempt", id=f"ch_{n}_{customer}", stripe_customer_id=customer, invoice_id=None,
+               status="failed", amount=5000, attempted_at=at(rng), source_created=1, source_rank=1)
+    for k in range(rng.randint(0, 2)):
+        insert(conn, "stripe_payment_method", id=f"pm_{n}_{customer[-2:]}_{k}", stripe_customer_id=customer,
+               type="card", attached=rng.random() < 0.8, card_brand="visa", card_last4="4242",
+               exp_month=rng.randint(1, 12), exp_year=rng.choice([2025, 2027]), changed_at=at(rng),
+               source_created=1, source_rank=1)
+    if rng.random() < 0.6:
+        insert(conn, "stripe_customer_state", stripe_customer_id=customer,
+               default_payment_method_id=rng.choice([None, f"pm_{n}_{customer[-2:]}_0"]), changed_at=at(rng),
+               source_created=rng.randint(1, 3), source_rank=0)
+    for k in range(rng.randint(0, 2)):
+        insert(conn, "stripe_subscription", id=f"sub_{n}_{customer[-2:]}_{k}", stripe_customer_id=customer,
+               status=rng.choice(["active", "past_due", "canceled"]),
+               products=rng.choice([[], ["prod_core"], ["prod_core", "prod_premium"]]), source_created=1,
+               source_rank=1)
+
+
+def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> None:
+    if rng.random() < 0.8:
+        insert(conn, "subs_dunning", account_id=account, status=rng.choice(["current", "past_due", "bad_debt"]),
+               level=rng.choice(["none", "notice", "suspended"]), failure_class=rng.choice([None, "transient"]),
+               next_retry_at=rng.choice([None, at(rng)]), retry_invoice_id=rng.choice([None, f"in_{n}"]),
+               retry_free=rng.random() < 0.2, retries_used=rng.randint(0, 3), outstanding_amount=rng.randint(0, 9000),
+               unpaid_since=rng.choice([None, at(rng)]), last_failure_id=rng.choice([None, f"pi_{n}"]),
+               reasons=rng.choice([[], [{"rule": "status.current", "detail": "nothing unpaid", "facts": {}}],
+                                   [{"rule": "level.notice", "detail": "x", "facts": {"invoice": f"in_{n}"}}]]),
+               entitlements=rng.choice([{}, {"products": {"prod_core": "full"}, "plan_changes": True}]),
+               actions_requested=rng.choice([[], [f"cancel:sub_{n}"]]), policy_version="v1",
+               version=rng.randint(1, 9))
+    for k in range(rng.randint(0, 2)):
+        insert(conn, "payment_retry", account_id=account, invoice_id=f"in_{n}_{k}", payment_method_id=f"pm_{n}_a",
+               retry_number=k + 1, free=rng.random() < 0.3, idempotency_key=f"retry-{account}-{k}",
+               scheduled_for=at(rng), state=rng.choice(["dispatched", "charging", "sent", "skipped", "failed"]),
+               created_at=at(rng))
+    for k in range(rng.randint(0, 2)):
+        insert(conn, "bad_debt_payment", account_id=account, idempotency_key=f"bdp-{account}-{k}",
+               request_fingerprint="f", amount=5000, state="pending" if k == 0 and rng.random() < 0.5 else "failed",
+               failure_reason=rng.choice([None, "card_declined"]), created_at=at(rng), updated_at=at(rng))
+    for k in range(rng.randint(0, 2)):
+        insert(conn, "subs_mandate", payment_method_id=f"pm_{n}_m{k}", account_id=account, type="card",
+               status=rng.choice(["usable", "blocked"]), status_reason=rng.choice([None, "permanent decline"]),
+               is_default=k == 0, card_brand="visa", card_last4="4242", exp_month=1, exp_year=2027)
+    for _ in range(rng.randint(0, 3)):
+        insert(conn, "subs_stuck_events", account_id=account, task_name="tasks.recompute", error_class="x", error="y",
+               state=rng.choice(["retrying", "dead", "resolved"]))
+    if rng.random() < 0.3:
+        insert(conn, "bad_debt_episode", account_id=account, entered_at=at(rng) - timedelta(days=90),
+               reason="retries_exhausted", exited_at=at(rng))
+    if rng.random() < 0.3:
+        insert(conn, "bad_debt_episode", account_id=account, entered_at=at(rng), reason="marked_uncollectible")
+
+
+def varied_accounts(engine: Engine, accounts: Accounts, count: int = 60) -> list[str]:
+    rng = random.Random(20260301)
+    ids = []
+    for n in range(count):
+        account, customer = accounts.create(account_id=f"acct_gb_{n:03d}", customer=f"cus_gb_{n:03d}_00")
+        ids.append(account)
+        with engine.begin() as conn:
+            if rng.random() < 0.2:
+                conn.exec_driver_sql("UPDATE subs_account SET bad_debt = true WHERE account_id = %(a)s", {"a": account})
+            customers = [customer]
+            if rng.random() < 0.25:  # a second Stripe customer for the same account
+                customers.append(f"cus_gb_{n:03d}_01")
+                insert(conn, "subs_customer", stripe_customer_id=customers[1], account_id=account)
+            for cus in customers:
+                stripe_side(conn, rng, n, cus)
+            account_side(conn, rng, n, account)
+    return ids
+
+
+def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Accounts, engine: Engine):
+    ids = varied_accounts(engine, accounts)
+    with engine.connect() as conn:
+        expected = gather_many(conn, ids)
+        batch = gather_batch(conn, ids)
+        subset = ids[5:40:3]  # not a contiguous range: rows of the accounts in between are dropped
+        some = gather_batch(conn, subset)
+        pages: dict[str, Any] = {}
+        order: list[str] = []
+        last = ""
+        while True:
+            page_ids, page = gather_page(conn, last, 7)
+            order += page_ids
+            pages.update(page)
+            if len(page_ids) < 7:
+                break
+            last = page_ids[-1]
+        assert gather_batch(conn, []) == {}
+    assert len(expected) == len(ids)
+    # the shapes the generator was meant to produce are there
+    snapshots = [s for s, _ in expected.values()]
+    assert any(s.stored is None for s in snapshots) and any(s.stored and s.stored.reasons for s in snapshots)
+    assert any(len(s.invoices) > 2 for s in snapshots) and any(s.open_episode_entered_at for s in snapshots)
+    assert any(s.open_stuck_events > 1 for s in snapshots) and any(s.default_payment_method_id for s in snapshots)
+    assert any(a.invoice_id and a.id.startswith("pi_") for s in snapshots for a in s.attempts)
+    for account in ids:
+        assert batch[account] == expected[account], account
+    assert set(some) == set(subset) and all(some[a] == expected[a] for a in subset)
+    assert order == sorted(ids) and pages == expected
