@@ -20,9 +20,15 @@ class AccountNotFound(LookupError):
     """The account does not exist in subs_account: bad data, retrying will not help."""
 
 
-# hashtextextended gives a stable 64-bit key per account id for the advisory lock.
-LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended(%(account)s, 7281))"
-TAKE_REQUEST_SQL = "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger"
+# The per-account advisory lock (hashtextextended: a stable 64-bit key per account id), then taking
+# the pending request. One round trip, but two statements, and gather a third: in READ COMMITTED
+# each statement reads its own snapshot, so gather's is taken after the lock is held and after the
+# DELETE has waited for any webhook transaction still holding the request row; it therefore sees
+# that webhook's data. (In one statement the snapshot would predate both waits.)
+LOCK_AND_TAKE_SQL = (
+    "SELECT pg_advisory_xact_lock(hashtextextended(%(account)s, 7281)); "
+    "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger"
+)
 
 
 @dataclass
@@ -59,8 +65,7 @@ def run_recompute(
     took that request there is nothing new to see and the run stops early."""
     timings: dict[str, float] = {}
     with unit_of_work(engine) as conn:
-        conn.exec_driver_sql(LOCK_SQL, {"account": account_id})
-        took = conn.exec_driver_sql(TAKE_REQUEST_SQL, {"account": account_id}).first()
+        took = conn.exec_driver_sql(LOCK_AND_TAKE_SQL, {"account": account_id}).first()
         if coalesced and took is None:
             return RecomputeResult(account_id, trigger, "coalesced")
         t0 = time.perf_counter()
