@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,10 +42,6 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
 """
 
 SET_STATE_SQL = "UPDATE payment_retry SET state = %(state)s, error = %(error)s, updated_at = now() WHERE id = %(id)s"
-
-# Test hook (never set in production): block after the row is claimed, before Stripe is called,
-# until the test releases this advisory lock, so a test can SIGKILL the worker at a known point.
-PAUSE_ENV = "DUNNING_TEST_PAUSE_RETRY_LOCK"
 
 DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a worker picks it up
 
@@ -132,15 +127,6 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> 
     return Claimed(account, invoice, method, key, row[13])
 
 
-def _pause_for_tests(engine: Engine) -> None:
-    key = os.environ.get(PAUSE_ENV)
-    if not key:
-        return
-    with unit_of_work(engine) as conn:
-        conn.exec_driver_sql("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": int(key)})
-
-
 def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, now: datetime,
                   guard_minutes: int = 30) -> PayResult:
     with retry_lock(engine, retry_id) as got:
@@ -150,7 +136,6 @@ def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, no
             claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes))
         if isinstance(claimed, PayResult):
             return claimed
-        _pause_for_tests(engine)
         return _charge(engine, client, retry_id, claimed)
 
 

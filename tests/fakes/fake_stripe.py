@@ -4,6 +4,10 @@ Like Stripe, it remembers the first answer for an idempotency key and replays it
 key (a rate-limited request is rejected before it runs, so a 429 is not remembered), and it counts
 a *charge* only for a request that actually ran. Shapes: the invoice is the real fixture with its
 id and status overridden; errors use Stripe's error envelope.
+
+``hold()`` freezes a caller at a known point: the request is recorded at once (so a test can wait
+until a worker is inside the Stripe call), and answered, as a success that ran, only when the test
+calls ``release()`` — by then the caller may be dead, like a client killed while Stripe charged.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class PayRequest:
 
 @dataclass
 class Outcome:
-    kind: str  # success | decline | rate_limit | server_error | invalid | slow
+    kind: str  # success | decline | rate_limit | server_error | invalid | slow | hold
     decline_code: str = "insufficient_funds"
     retry_after: int = 1
     delay: float = 0.0
@@ -58,6 +62,11 @@ def slow(delay: float) -> Outcome:
     return Outcome("slow", delay=delay)
 
 
+def hold() -> Outcome:
+    """Recorded on arrival, answered with a success only after ``FakeStripe.release()``."""
+    return Outcome("hold")
+
+
 @dataclass
 class FakeStripe:
     requests: list[PayRequest] = field(default_factory=list)
@@ -67,6 +76,7 @@ class FakeStripe:
     _saved: dict[str, Answer] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
+    _held: threading.Event = field(default_factory=threading.Event)  # set: held requests go on
 
     def __post_init__(self) -> None:
         self.server = FakeServer(self._handle)
@@ -79,6 +89,10 @@ class FakeStripe:
         """The next requests get these outcomes in order, then ``default``."""
         with self._lock:
             self._script.extend(outcomes)
+
+    def release(self) -> None:
+        """Let every held request (and any later one scripted to hold) run and answer."""
+        self._held.set()
 
     def pay_requests(self, invoice_id: str | None = None) -> list[PayRequest]:
         with self._lock:
@@ -100,6 +114,9 @@ class FakeStripe:
             outcome = self._script.popleft() if self._script else self.default
         if outcome.kind == "slow":
             self._release.wait(outcome.delay)
+            outcome = success()
+        elif outcome.kind == "hold":
+            self._held.wait()
             outcome = success()
         answer = self._answer(outcome, invoice_id, params)
         with self._lock:
@@ -133,6 +150,7 @@ class FakeStripe:
 
     def __exit__(self, *exc: Any) -> None:
         self._release.set()
+        self._held.set()
         self.server.stop()
 
 
