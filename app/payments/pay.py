@@ -160,6 +160,13 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         raise TaskFailure(FailureKind.REMOTE_UNAVAILABLE, "Stripe did not answer (connection error or timeout)") \
             from exc
     except stripe.APIError as exc:
+        if exc.http_status == 409:
+            # A request with this key is still running at Stripe (typically the one a killed worker
+            # sent before this redelivery); once it ends Stripe replays its outcome for the key, so
+            # stay charging and ask again.
+            _set_state(engine, retry_id, "charging", "Stripe is still running this attempt (409)")
+            raise TaskFailure(FailureKind.REMOTE_UNAVAILABLE, "Stripe is still running a request with this key") \
+                from exc
         # A 5xx means the request started running and its outcome is indeterminate; Stripe saves
         # that answer for the key, so retrying would only replay it. The webhook tells what
         # happened; if nothing did, compute plans afresh once the guard window has passed.
@@ -167,7 +174,7 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         _set_state(engine, retry_id, "sent", detail)
         return PayResult(retry_id, "indeterminate", c.account_id, c.failure_class, detail)
     except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
-            stripe.IdempotencyError) as exc:
+            stripe.IdempotencyError) as exc:  # IdempotencyError (400): key reused with other parameters
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
         _set_state(engine, retry_id, "failed", detail)
         raise TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {detail}") from exc

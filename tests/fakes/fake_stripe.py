@@ -32,7 +32,7 @@ class PayRequest:
 
 @dataclass
 class Outcome:
-    kind: str  # success | decline | rate_limit | server_error | invalid | slow | hold
+    kind: str  # success | decline | rate_limit | server_error | invalid | in_progress | slow | hold
     decline_code: str = "insufficient_funds"
     retry_after: int = 1
     delay: float = 0.0
@@ -56,6 +56,11 @@ def server_error() -> Outcome:
 
 def invalid() -> Outcome:
     return Outcome("invalid")
+
+
+def in_progress() -> Outcome:
+    """Stripe's 409 while another request with the same idempotency key is still running."""
+    return Outcome("in_progress")
 
 
 def slow(delay: float) -> Outcome:
@@ -140,6 +145,9 @@ class FakeStripe:
                 "invalid_request_error", "rate_limit", "Too many requests hit the API too quickly.")
         if outcome.kind == "server_error":
             return 500, {}, _error("api_error", None, "An unknown error occurred.")
+        if outcome.kind == "in_progress":
+            return 409, {}, _error("idempotency_error", None, "There is currently another in-progress request "
+                                   "using this Stripe-Idempotency-Key. Please try again later.")
         if outcome.kind == "invalid":
             return 400, {}, _error("invalid_request_error", "invoice_not_open", "Invoice is already paid.")
         raise ValueError(outcome.kind)

@@ -121,3 +121,18 @@ def test_beat_redrives_retrying_work_and_an_operator_redrives_dead_work(client, 
     assert response.status_code == 202 and response.json["task_id"].startswith(f"redrive-stuck-{dead['id']}-")
     wait_for(lambda: stuck(engine, id=str(dead["id"]))[0]["state"] == "resolved", message="dead work re-driven")
     assert client.post("/ops/stuck-events/999999/redrive", headers=service_headers()).status_code == 404
+
+
+def test_an_attempt_still_running_at_stripe_is_retried_with_the_same_key(client, accounts, engine, worker,
+                                                                       celery_app, fake_stripe):
+    """A redelivered retry can reach Stripe while the killed worker's request with the same key is
+    still running: Stripe answers 409 idempotency_error. That is not a failure of the attempt."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.in_progress())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    assert celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=30)["outcome"] == "sent"
+    requests = fake_stripe.pay_requests(invoice)
+    assert len(requests) == 2 and len({r.idempotency_key for r in requests}) == 1
+    assert len(fake_stripe.charges) == 1
+    assert [r["state"] for r in retries(engine, account)] == ["sent"]
