@@ -125,7 +125,9 @@ class FakeStripe:
             outcome = success()
         answer = self._answer(outcome, invoice_id, params)
         with self._lock:
-            if outcome.kind != "rate_limit":
+            # Like Stripe, a request that never started running (rate limited, or refused because
+            # another with the same key is running) is neither a charge nor saved for the key.
+            if outcome.kind not in ("rate_limit", "in_progress"):
                 self.charges.append((invoice_id, key))
                 if key is not None:
                     self._saved[key] = answer
