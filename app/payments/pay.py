@@ -56,8 +56,11 @@ class PayResult:
 
     @property
     def recompute(self) -> bool:
-        """Skipped or declined: the account's decision has to be taken again."""
-        return self.outcome in ("skipped", "failed")
+        """Skipped or declined: the decision has to be taken again. Sent (or indeterminate): the
+        stored decision still says "due" until a recompute sees the retry in flight and clears
+        next_retry_at; without it the dispatcher would keep selecting the row every tick, and a
+        pile of such rows at the head of its due query could hold back later retries."""
+        return self.outcome in ("skipped", "failed", "sent", "indeterminate")
 
 
 @dataclass(frozen=True)

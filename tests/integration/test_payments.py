@@ -38,8 +38,12 @@ def test_a_due_retry_is_charged_once_with_a_key_per_attempt(client, accounts, en
     (request,) = fake_stripe.pay_requests(invoice)
     assert request.idempotency_key == key
 
-    # The account was not recomputed yet (the outcome comes by webhook): the decision still says
-    # due. Dispatching again, and the same message delivered again, charge nothing more.
+    # The outcome comes by webhook; meanwhile the recompute that follows the send records the retry
+    # as in flight, so the decision stops saying "due" and the dispatcher stops selecting it.
+    after = wait_for(lambda: (s := dunning_row(engine, account))["next_retry_at"] is None and s,
+                     message="retry in flight")
+    assert any(r["rule"] == "retry.in_flight" for r in after["reasons"])
+    # Dispatching again, and the same message delivered again, charge nothing more.
     dispatch(celery_app)
     celery_app.send_task("tasks.retry_payment", [row["id"]])
     celery_app.send_task("tasks.retry_payment", [row["id"]])
