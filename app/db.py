@@ -73,7 +73,12 @@ def is_connection_error(exc: BaseException) -> bool:
 # psycopg2 sends plain SQL, so PostgreSQL plans every statement on every call; for the webhook and
 # recompute statements planning costs as much as running them. A Prepared is PREPAREd once per
 # connection (prepared statements live as long as the session, and survive a rollback) and then
-# EXECUTEd with a generic plan (plan_cache_mode is set on connect).
+# EXECUTEd with a generic plan (plan_cache_mode is set on connect). A generic plan is kept for the
+# connection's life; made while a table is nearly empty it may scan the whole table, and keep doing
+# so as it grows. These statements are all keyed lookups, so they run with sequential scans off
+# for their transaction (one more statement in the same round trip).
+
+KEYED_PLANS = "SET LOCAL enable_seqscan = off"
 
 class Prepared:
     """A statement written with $1..$n placeholders, prepared once per database connection."""
@@ -98,6 +103,6 @@ def execute_prepared(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]])
     """Run one or more prepared statements in a single round trip; the result is the last one's."""
     for statement, _ in calls:
         statement.ensure(conn)
-    sql = "; ".join(statement.call(params) for statement, params in calls)
+    sql = "; ".join([KEYED_PLANS, *(statement.call(params) for statement, params in calls)])
     flat = tuple(p for _, params in calls for p in params)
     return conn.exec_driver_sql(sql, flat)

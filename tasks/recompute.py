@@ -48,6 +48,9 @@ def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH
     observe(result)
     if self.request.retries:
         resolve_stuck(rt.engine, NAME, account_id)
+    if self.request.ignore_result:
+        # Nobody reads it (webhook and sweep sends): skip serialising the reasons.
+        return {"account_id": account_id, "trigger": trigger, "outcome": result.outcome}
     summary = result.summary()
     summary["cause"] = cause
     return summary

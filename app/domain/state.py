@@ -98,7 +98,15 @@ class DunningState:
         """Names of the fields where ``other`` (the stored state) differs from this one."""
         if other is None:
             return [f.name for f in fields(self)]
-        return [f.name for f in fields(self) if _normal(getattr(self, f.name)) != _normal(getattr(other, f.name))]
+        changed = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            # Plain equality settles nearly every field; normalising (tuple vs list, Mapping vs
+            # dict, Reason vs its JSON) is needed only when it says "different".
+            if mine == theirs or _normal(mine) == _normal(theirs):
+                continue
+            changed.append(f.name)
+        return changed
 
     def to_columns(self, names: list[str] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 from sqlalchemy import event as sa_event
 
 from app.recompute.service import AccountNotFound, run_recompute
@@ -69,7 +70,20 @@ def test_apply_writes_only_the_changed_columns(client, accounts: Accounts, runti
     assert _outbox(engine, account)[-1] == "ConsequenceEscalated"
 
 
-def test_gather_takes_a_fixed_number_of_statements_whatever_the_history(client, accounts: Accounts, runtime, engine):
+class CountingCursor(psycopg2.extensions.cursor):
+    """Counts every statement sent through the driver, whoever sends it."""
+
+    sent: list[str] = []
+
+    def execute(self, query, vars=None):  # type: ignore[no-untyped-def]
+        CountingCursor.sent.append(query if isinstance(query, str) else query.decode())
+        return super().execute(query, vars)
+
+
+def test_gather_takes_a_fixed_number_of_statements_whatever_the_history(client, accounts: Accounts, runtime,
+                                                                        database_url):
+    from app.db import make_engine
+
     account, customer = accounts.create()
     base = int(time.time()) - 400 * 86400
     for month in range(24):  # two years of invoices, each failed once then paid
@@ -77,20 +91,20 @@ def test_gather_takes_a_fixed_number_of_statements_whatever_the_history(client, 
         at = base + month * 86400 * 30
         post_event(client, event("invoice.payment_failed", id=inv, customer=customer, created=at))
         post_event(client, event("invoice.paid", id=inv, customer=customer, created=at + 3600))
-    statements: list[str] = []
-
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        statements.append(statement)
-
-    sa_event.listen(engine, "before_cursor_execute", capture)
+    counting = make_engine(database_url, connect_args={"connect_timeout": 3, "cursor_factory": CountingCursor})
     try:
-        result = run_recompute(engine, runtime.policy, account, "MANUAL", datetime.now(UTC))
+        run_recompute(counting, runtime.policy, account, "MANUAL", datetime.now(UTC))  # prepares on this connection
+        CountingCursor.sent.clear()
+        result = run_recompute(counting, runtime.policy, account, "MANUAL", datetime.now(UTC))
     finally:
-        sa_event.remove(engine, "before_cursor_execute", capture)
-    # lock + take the pending request (one round trip), gather (one statement), then apply's writes
-    reads = [s for s in statements if not s.lstrip().startswith(("INSERT", "UPDATE"))]
+        counting.dispose()
+    # Round trip 1: lock + take the pending request (two statements sent together).
+    # Round trip 2: gather, one prepared statement. Nothing changed, so no write.
+    reads = [s for s in CountingCursor.sent if not s.lstrip().upper().startswith(("INSERT", "UPDATE"))]
     assert len(reads) == 2, reads
-    assert result.decision is not None and len(result.decision.assessments) == 0
+    assert "pg_advisory_xact_lock" in reads[0] and "DELETE FROM recompute_request" in reads[0]
+    assert "EXECUTE dunning_gather" in reads[1]
+    assert result.outcome == "unchanged" and result.decision is not None and len(result.decision.assessments) == 0
 
 
 def test_unknown_account_is_bad_data(engine, runtime, clean):
