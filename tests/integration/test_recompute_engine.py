@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 from sqlalchemy import event as sa_event
 
+from app.db import KEYED_PLANS
 from app.recompute.service import AccountNotFound, run_recompute
 from tests.conftest import Accounts, post_event
 from tests.stripe_events import event, unique
@@ -138,3 +139,28 @@ def test_bad_debt_flag_on_subs_account_mirrors_status(client, accounts: Accounts
                                    {"a": account}).scalar_one()
     assert how == "paid"
     assert "BadDebtExited" in _outbox(engine, account)
+
+
+def test_gather_stays_a_keyed_lookup_after_the_tables_grow(accounts: Accounts, runtime, database_url):
+    """The plan is cached per connection; made while subs_dunning was nearly empty it once became a
+    full scan of it on every recompute. It must stay keyed however the table grows afterwards."""
+    from app.db import make_engine
+
+    account, _ = accounts.create()
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        run_recompute(engine, runtime.policy, account, "MANUAL", datetime.now(UTC))  # prepares, tables tiny
+        with engine.begin() as conn:
+            for table in ("subs_account", "subs_dunning"):
+                conn.exec_driver_sql(f"INSERT INTO {table} (account_id) "
+                                     "SELECT 'grow_' || g FROM generate_series(1, 3000) g")
+        with engine.begin() as conn:  # the same pooled connection, so the same cached plan
+            conn.exec_driver_sql(KEYED_PLANS)
+            plan = [r[0] for r in conn.exec_driver_sql("EXPLAIN (ANALYZE) EXECUTE dunning_gather(%(ids)s)",
+                                                       {"ids": ["grow_2999"]})]
+    finally:
+        engine.dispose()
+    dunning_scans = [line for line in plan if "on subs_dunning" in line]
+    assert dunning_scans, plan
+    assert all("rows=1 loops=1" in line or "rows=0 loops=1" in line for line in dunning_scans), dunning_scans
+    assert not any("Seq Scan" in line for line in plan), plan
