@@ -16,6 +16,7 @@ whose owner is still alive is never touched: starting fails with :class:`Embedde
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -173,7 +174,29 @@ def _socket_dir_without_spaces(choose: SocketDirChooser) -> SocketDirChooser:
     return choose_socket_dir
 
 
-class EmbeddedPostgres:
+class _ServerContext(abc.ABC):
+    """``with EmbeddedX(...) as server:`` starts it and always stops it."""
+
+    @abc.abstractmethod
+    def start(self) -> str: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedPostgres(_ServerContext):
     """A private PostgreSQL 16 in ``data_dir/pg``; ``start()`` returns a ``postgresql://`` URL.
 
     The server listens only on a unix socket (no TCP port to collide with); the URL names the socket
@@ -245,18 +268,6 @@ class EmbeddedPostgres:
             self.pidfile.unlink(missing_ok=True)
         self._url = None
         self._pid = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # internals
 
@@ -338,7 +349,7 @@ def _die_with_parent() -> None:
         pass
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_ServerContext):
     """A private Redis server on 127.0.0.1, working directory ``data_dir/redis``.
 
     It runs as our child process in its own session (a Ctrl-C in the terminal reaches the launcher,
@@ -403,18 +414,6 @@ class EmbeddedRedis:
                 self.pidfile.unlink(missing_ok=True)
         self._url = None
         self.port = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # internals
 
