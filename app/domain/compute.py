@@ -24,21 +24,22 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.domain.decline_codes import classify
+from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, entitlements, full_entitlements
+from app.domain.mandates import mandates
 from app.domain.policy import LevelRule, Policy
-from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, PaymentMethod, Snapshot
+from app.domain.retry_cadence import plan_retry
+from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot
 from app.domain.state import (
-    Access,
     DunningState,
     FailureClass,
     Level,
     MandateState,
     Reason,
     Status,
+    iso,
 )
 
-WINDOW_30D = timedelta(days=30)
 SETTLED_STATUSES = frozenset({"paid", "void"})
-INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "incomplete_expired"})
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,6 @@ class Decision:
         return self.state.reasons
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 # --- attempts and their invoices --------------------------------------------------------------
 
 
@@ -106,136 +103,6 @@ def is_unpaid(invoice: Invoice, failed: bool, now: datetime) -> bool:
         return False
     overdue = invoice.due_date is not None and invoice.due_date <= now
     return failed or invoice.first_failed_at is not None or overdue
-
-
-# --- retries ------------------------------------------------------------------------------------
-
-
-def _method_attempts_in_window(attempts: Iterable[Attempt], method: str | None, now: datetime) -> list[Attempt]:
-    if method is None:
-        return []
-    return sorted(
-        (a for a in attempts if a.payment_method_id == method and now - WINDOW_30D < a.attempted_at <= now),
-        key=lambda a: a.attempted_at,
-    )
-
-
-def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | None) -> PaymentMethod | None:
-    """A payment method attached, updated or made default after ``since`` (the last failure)."""
-    changed = [pm for pm in snapshot.payment_methods if pm.attached and pm.changed_at > since]
-    default_changed = snapshot.default_payment_method_changed_at
-    if default_changed is not None and default_changed > since and snapshot.default_payment_method_id:
-        for pm in snapshot.payment_methods:
-            if pm.id == snapshot.default_payment_method_id and pm.attached and pm not in changed:
-                changed.append(pm)
-    if not changed:
-        return None
-    # Prefer the default method, then the most recent change.
-    changed.sort(key=lambda pm: (pm.id == snapshot.default_payment_method_id, pm.changed_at), reverse=True)
-    return changed[0]
-
-
-def _plan_retry(
-    snapshot: Snapshot,
-    invoice: Invoice,
-    attempts: list[Attempt],
-    failure_class: FailureClass,
-    last_failure: Attempt | None,
-    unpaid_since: datetime,
-    policy: Policy,
-    now: datetime,
-) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
-    """-> (next_retry_at, payment method, free, exhausted, retries used, reasons)."""
-    reasons: list[Reason] = []
-    retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
-    attempts_used = max(len(attempts), invoice.attempt_count)
-    # Retries are ours (payment_retry rows) or Stripe's own (more attempts than the first one);
-    # free retries after a payment-method change never count against the budget.
-    free_retries = sum(1 for r in retries if r.free and r.state != "skipped")
-    retries_used = max(sum(1 for r in retries if r.counts), attempts_used - 1 - free_retries, 0)
-    guard = timedelta(minutes=policy.guard_window_minutes)
-    last_attempt_at = attempts[-1].attempted_at if attempts else None
-
-    in_flight = [
-        r for r in retries
-        if r.state in ("dispatched", "charging", "sent")
-        and now - r.created_at < guard
-        and (last_attempt_at is None or last_attempt_at < r.created_at)
-    ]
-    if in_flight:
-        reasons.append(Reason("retry.in_flight", "a retry is being charged; waiting for its outcome",
-                              {"invoice": invoice.id, "since": _iso(in_flight[0].created_at)}))
-        return None, None, False, False, retries_used, reasons
-
-    if invoice.status == "uncollectible":
-        reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
-                              {"invoice": invoice.id}))
-        return None, None, False, True, retries_used, reasons
-
-    if attempts_used >= policy.attempts_per_invoice:
-        reasons.append(Reason("retry.cap_invoice", "per-invoice attempt cap reached",
-                              {"invoice": invoice.id, "attempts": attempts_used, "cap": policy.attempts_per_invoice}))
-        return None, None, False, True, retries_used, reasons
-
-    failed_method = last_failure.payment_method_id if last_failure else None
-    default_method = snapshot.default_payment_method_id or failed_method
-
-    # A new or updated payment method after the last failure: one immediate free retry on it.
-    since = last_failure.attempted_at if last_failure else unpaid_since
-    new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
-    if new_method is not None:
-        used_free = any(r.free and r.created_at >= new_method.changed_at for r in retries)
-        if not used_free:
-            due = max(new_method.changed_at, since)
-            reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "
-                                  "that does not count against the budget",
-                                  {"invoice": invoice.id, "payment_method": new_method.id,
-                                   "changed_at": _iso(new_method.changed_at)}))
-            return _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
-
-    if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
-        reasons.append(Reason("retry.none_" + failure_class.value,
-                              "no automatic retry on the same method; waiting for the customer to act",
-                              {"invoice": invoice.id, "failure_class": failure_class.value,
-                               "payment_method": failed_method}))
-        return None, None, False, True, retries_used, reasons
-
-    transient = failure_class == FailureClass.TRANSIENT
-    schedule = policy.transient_schedule_days if transient else policy.unknown_schedule_days
-    if retries_used >= len(schedule):
-        reasons.append(Reason("retry.schedule_done", "every scheduled retry was used",
-                              {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
-        return None, None, False, True, retries_used, reasons
-
-    due = unpaid_since + timedelta(days=schedule[retries_used])
-    detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
-    reasons.append(Reason("retry.scheduled", detail,
-                          {"invoice": invoice.id, "failure_class": failure_class.value,
-                           "day": schedule[retries_used], "unpaid_since": _iso(unpaid_since)}))
-    return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
-
-
-def _cap_method(
-    snapshot: Snapshot,
-    due: datetime,
-    method: str | None,
-    free: bool,
-    retries_used: int,
-    reasons: list[Reason],
-    policy: Policy,
-    now: datetime,
-    invoice: Invoice,
-) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
-    """Card network rule: at most N attempts per method in 30 days; defer until the window frees."""
-    window = _method_attempts_in_window(snapshot.attempts, method, now)
-    cap = policy.attempts_per_method_30d
-    if len(window) >= cap:
-        frees_at = window[len(window) - cap].attempted_at + WINDOW_30D
-        reasons.append(Reason("retry.cap_method_30d", "payment method attempt cap for 30 days reached; retry deferred",
-                              {"invoice": invoice.id, "payment_method": method, "cap": cap,
-                               "deferred_to": _iso(frees_at)}))
-        due = max(due, frees_at)
-    return due, method, free, False, retries_used, reasons
 
 
 # --- consequence levels -------------------------------------------------------------------------
@@ -288,7 +155,7 @@ def _assess(
         # invoice.payment_failed arrived before the attempt's detail: unknown until it does.
         failure_class = FailureClass.UNKNOWN if invoice.first_failed_at is not None else None
 
-    next_retry, method, free, exhausted, retries_used, reasons = _plan_retry(
+    next_retry, method, free, exhausted, retries_used, reasons = plan_retry(
         snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure, unpaid_since, policy, now
     )
     attempts_used = max(len(attempts), invoice.attempt_count)
@@ -297,7 +164,7 @@ def _assess(
     level, rule = _match_level(policy.rules, days, failure_class, exhausted, uncollectible, attempts_used, balance)
     rule_facts: dict[str, Any] = {
         "invoice": invoice.id,
-        "unpaid_since": _iso(unpaid_since),
+        "unpaid_since": iso(unpaid_since),
         "failure_class": failure_class.value if failure_class else None,
         "retries_exhausted": exhausted,
         "marked_uncollectible": uncollectible,
@@ -332,71 +199,6 @@ def _assess(
         rule=rule_name,
         reasons=tuple(reasons),
     )
-
-
-# --- entitlements -------------------------------------------------------------------------------
-
-
-def _access(level: Level, tier: str, upgrade: bool) -> Access:
-    if level.rank < Level.RESTRICT_PREMIUM.rank:
-        return Access.FULL
-    if upgrade:
-        return Access.WITHHELD
-    if level == Level.SUSPENDED:
-        return Access.REVOKED
-    if tier == "premium":
-        return Access.REVOKED
-    return Access.READ_ONLY if level == Level.LIMITED else Access.FULL
-
-
-ACCESS_SEVERITY = [Access.FULL, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]
-
-
-def _entitlements(snapshot: Snapshot, assessed: list[InvoiceAssessment], policy: Policy) -> dict[str, Any]:
-    products: dict[str, Access] = {}
-    for sub in snapshot.subscriptions:
-        if sub.status not in INACTIVE_SUBSCRIPTIONS:
-            for product in sub.products:
-                products.setdefault(product, Access.FULL)
-    for a in assessed:
-        for product in a.invoice.products:
-            access = _access(a.level, policy.tier(product), a.invoice.is_upgrade)
-            current = products.get(product, Access.FULL)
-            products[product] = max(current, access, key=ACCESS_SEVERITY.index)
-    plan_changes = not any(a.level.rank >= Level.LIMITED.rank and not a.invoice.is_upgrade for a in assessed)
-    return {"products": {p: products[p].value for p in sorted(products)}, "plan_changes": plan_changes}
-
-
-# --- mandates -----------------------------------------------------------------------------------
-
-
-def _mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
-    out = []
-    for pm in sorted(snapshot.payment_methods, key=lambda p: p.id):
-        failures = [a for a in snapshot.attempts
-                    if a.payment_method_id == pm.id and a.failed and a.attempted_at >= pm.changed_at]
-        last = max(failures, key=lambda a: a.attempted_at) if failures else None
-        status, reason = "usable", None
-        if not pm.attached:
-            status, reason = "detached", "detached from the customer"
-        elif pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (
-            now.year,
-            now.month,
-        ):
-            status, reason = "expired", f"card expired {pm.exp_month:02d}/{pm.exp_year}"
-        elif last is not None:
-            cls = classify(last.decline_code, last.failure_code, last.advice_code)
-            code = last.decline_code or last.failure_code or last.advice_code
-            if cls == FailureClass.PERMANENT:
-                status, reason = "blocked", f"permanent decline: {code}"
-            elif cls == FailureClass.ACTION_REQUIRED:
-                status, reason = "needs_action", f"customer action required: {code}"
-        out.append(MandateState(
-            payment_method_id=pm.id, type=pm.type, status=status, status_reason=reason,
-            is_default=pm.id == snapshot.default_payment_method_id, card_brand=pm.card_brand,
-            card_last4=pm.card_last4, exp_month=pm.exp_month, exp_year=pm.exp_year,
-        ))
-    return tuple(out)
 
 
 # --- the decision -------------------------------------------------------------------------------
@@ -470,14 +272,14 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
         unpaid_since=None,
         last_failure_id=None,
         reasons=(Reason("status.current", "nothing unpaid", {}),),
-        entitlements=_full_entitlements(snapshot),
+        entitlements=full_entitlements(snapshot.subscriptions),
         actions_requested=(),
         policy_version=policy.version,
     )
     settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
     return Decision(
         state=state,
-        mandates=_mandates(snapshot, now) if snapshot.payment_methods else (),
+        mandates=mandates(snapshot, now) if snapshot.payment_methods else (),
         bad_debt=False,
         resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",
         lifting_since=None,
@@ -487,17 +289,6 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
 
 _CURRENT = Status.CURRENT.value
 _NONE = Level.NONE.value
-_FULL = Access.FULL.value
-
-
-def _full_entitlements(snapshot: Snapshot) -> dict[str, Any]:
-    """_entitlements with no assessment: every product of an active subscription in full."""
-    products: dict[str, None] = {}
-    for sub in snapshot.subscriptions:
-        if sub.status not in INACTIVE_SUBSCRIPTIONS:
-            for product in sub.products:
-                products[product] = None
-    return {"products": {p: _FULL for p in sorted(products)}, "plan_changes": True}
 
 
 def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
@@ -524,7 +315,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         status = Status.LIFTING
         lifting_since = in_flight.created_at
         reasons.append(Reason("guard.lifting", "a bad-debt payment is in flight: bad debt is being lifted",
-                              {"payment": in_flight.id, "since": _iso(in_flight.created_at)}))
+                              {"payment": in_flight.id, "since": iso(in_flight.created_at)}))
     elif status == Status.BAD_DEBT:
         stored = snapshot.stored
         started = _recent_attempt_in_flight(snapshot, policy, now)
@@ -532,7 +323,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
             held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
             reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
                                   "consequences held until its outcome",
-                                  {"since": _iso(started), "window_minutes": policy.guard_window_minutes,
+                                  {"since": iso(started), "window_minutes": policy.guard_window_minutes,
                                    "held_level": held.value}))
             assessed = [_with_level(a, held) if a.level == Level.SUSPENDED else a for a in assessed]
             regular = [a for a in assessed if not a.invoice.is_upgrade]
@@ -585,7 +376,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         unpaid_since=min((a.unpaid_since for a in assessed), default=None),
         last_failure_id=latest_failure.id if latest_failure else None,
         reasons=tuple(reasons),
-        entitlements=_entitlements(snapshot, assessed, policy),
+        entitlements=entitlements(snapshot.subscriptions, [(a.invoice, a.level) for a in assessed], policy),
         actions_requested=tuple(sorted(actions)),
         policy_version=policy.version,
     )
@@ -597,7 +388,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
             else "retries_exhausted"
     return Decision(
         state=state,
-        mandates=_mandates(snapshot, now),
+        mandates=mandates(snapshot, now),
         bad_debt=status == Status.BAD_DEBT,
         bad_debt_reason=bad_debt_reason,
         bad_debt_products=bad_debt_products,

@@ -50,6 +50,11 @@ class Access(StrEnum):
     REVOKED = "revoked"
 
 
+def iso(value: datetime | None) -> str | None:
+    """A time as a reason fact (JSON)."""
+    return value.isoformat() if value is not None else None
+
+
 @dataclass(frozen=True)
 class Reason:
     """Why: which rule matched, in words, on which facts (JSON values only)."""

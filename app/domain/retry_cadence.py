@@ -1,0 +1,146 @@
+"""Retry cadence by failure class, with the card-network caps (DESIGN section 4).
+
+transient and unknown failures follow their schedule (days after the first failure), permanent and
+action_required ones are not retried on the same method; a new or updated payment method earns one
+immediate retry that does not count against the budget; 8 attempts per invoice and 15 per payment
+method in 30 days hold whatever the policy says. Pure: the decision's ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from app.domain.policy import Policy
+from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Snapshot
+from app.domain.state import FailureClass, Reason, iso
+
+WINDOW_30D = timedelta(days=30)
+# --- retries ------------------------------------------------------------------------------------
+
+
+def _method_attempts_in_window(attempts: Iterable[Attempt], method: str | None, now: datetime) -> list[Attempt]:
+    if method is None:
+        return []
+    return sorted(
+        (a for a in attempts if a.payment_method_id == method and now - WINDOW_30D < a.attempted_at <= now),
+        key=lambda a: a.attempted_at,
+    )
+
+
+def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | None) -> PaymentMethod | None:
+    """A payment method attached, updated or made default after ``since`` (the last failure)."""
+    changed = [pm for pm in snapshot.payment_methods if pm.attached and pm.changed_at > since]
+    default_changed = snapshot.default_payment_method_changed_at
+    if default_changed is not None and default_changed > since and snapshot.default_payment_method_id:
+        for pm in snapshot.payment_methods:
+            if pm.id == snapshot.default_payment_method_id and pm.attached and pm not in changed:
+                changed.append(pm)
+    if not changed:
+        return None
+    # Prefer the default method, then the most recent change.
+    changed.sort(key=lambda pm: (pm.id == snapshot.default_payment_method_id, pm.changed_at), reverse=True)
+    return changed[0]
+
+
+def plan_retry(
+    snapshot: Snapshot,
+    invoice: Invoice,
+    attempts: list[Attempt],
+    failure_class: FailureClass,
+    last_failure: Attempt | None,
+    unpaid_since: datetime,
+    policy: Policy,
+    now: datetime,
+) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
+    """-> (next_retry_at, payment method, free, exhausted, retries used, reasons)."""
+    reasons: list[Reason] = []
+    retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
+    attempts_used = max(len(attempts), invoice.attempt_count)
+    # Retries are ours (payment_retry rows) or Stripe's own (more attempts than the first one);
+    # free retries after a payment-method change never count against the budget.
+    free_retries = sum(1 for r in retries if r.free and r.state != "skipped")
+    retries_used = max(sum(1 for r in retries if r.counts), attempts_used - 1 - free_retries, 0)
+    guard = timedelta(minutes=policy.guard_window_minutes)
+    last_attempt_at = attempts[-1].attempted_at if attempts else None
+
+    in_flight = [
+        r for r in retries
+        if r.state in ("dispatched", "charging", "sent")
+        and now - r.created_at < guard
+        and (last_attempt_at is None or last_attempt_at < r.created_at)
+    ]
+    if in_flight:
+        reasons.append(Reason("retry.in_flight", "a retry is being charged; waiting for its outcome",
+                              {"invoice": invoice.id, "since": iso(in_flight[0].created_at)}))
+        return None, None, False, False, retries_used, reasons
+
+    if invoice.status == "uncollectible":
+        reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
+                              {"invoice": invoice.id}))
+        return None, None, False, True, retries_used, reasons
+
+    if attempts_used >= policy.attempts_per_invoice:
+        reasons.append(Reason("retry.cap_invoice", "per-invoice attempt cap reached",
+                              {"invoice": invoice.id, "attempts": attempts_used, "cap": policy.attempts_per_invoice}))
+        return None, None, False, True, retries_used, reasons
+
+    failed_method = last_failure.payment_method_id if last_failure else None
+    default_method = snapshot.default_payment_method_id or failed_method
+
+    # A new or updated payment method after the last failure: one immediate free retry on it.
+    since = last_failure.attempted_at if last_failure else unpaid_since
+    new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
+    if new_method is not None:
+        used_free = any(r.free and r.created_at >= new_method.changed_at for r in retries)
+        if not used_free:
+            due = max(new_method.changed_at, since)
+            reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "
+                                  "that does not count against the budget",
+                                  {"invoice": invoice.id, "payment_method": new_method.id,
+                                   "changed_at": iso(new_method.changed_at)}))
+            return _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
+
+    if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
+        reasons.append(Reason("retry.none_" + failure_class.value,
+                              "no automatic retry on the same method; waiting for the customer to act",
+                              {"invoice": invoice.id, "failure_class": failure_class.value,
+                               "payment_method": failed_method}))
+        return None, None, False, True, retries_used, reasons
+
+    transient = failure_class == FailureClass.TRANSIENT
+    schedule = policy.transient_schedule_days if transient else policy.unknown_schedule_days
+    if retries_used >= len(schedule):
+        reasons.append(Reason("retry.schedule_done", "every scheduled retry was used",
+                              {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
+        return None, None, False, True, retries_used, reasons
+
+    due = unpaid_since + timedelta(days=schedule[retries_used])
+    detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
+    reasons.append(Reason("retry.scheduled", detail,
+                          {"invoice": invoice.id, "failure_class": failure_class.value,
+                           "day": schedule[retries_used], "unpaid_since": iso(unpaid_since)}))
+    return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
+
+
+def _cap_method(
+    snapshot: Snapshot,
+    due: datetime,
+    method: str | None,
+    free: bool,
+    retries_used: int,
+    reasons: list[Reason],
+    policy: Policy,
+    now: datetime,
+    invoice: Invoice,
+) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
+    """Card network rule: at most N attempts per method in 30 days; defer until the window frees."""
+    window = _method_attempts_in_window(snapshot.attempts, method, now)
+    cap = policy.attempts_per_method_30d
+    if len(window) >= cap:
+        frees_at = window[len(window) - cap].attempted_at + WINDOW_30D
+        reasons.append(Reason("retry.cap_method_30d", "payment method attempt cap for 30 days reached; retry deferred",
+                              {"invoice": invoice.id, "payment_method": method, "cap": cap,
+                               "deferred_to": iso(frees_at)}))
+        due = max(due, frees_at)
+    return due, method, free, False, retries_used, reasons
