@@ -104,7 +104,8 @@ def test_worker_metrics_aggregate_prefork_children(settings, engine: Engine, acc
     from app.dispatch import enqueue_recompute
     from tasks.factory import make_celery
 
-    prefix = f"dunning-metrics-{uuid.uuid4().hex[:8]}:"
+    # Under the session's prefix, so the session's cleanup removes this worker's keys too.
+    prefix = f"{settings.broker_key_prefix}metrics-{uuid.uuid4().hex[:8]}:"
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="dunning-prom-") as prom_dir:
         env = {**os.environ, "DATABASE_URL": settings.database_url, "CELERY_BROKER_URL": settings.broker_url,
