@@ -200,13 +200,18 @@ def service_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {SERVICE_TOKEN}"}
 
 
+def point_stripe_at(runtime: Runtime, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Send the session runtime's Stripe calls (web app and worker thread alike) to ``url``."""
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_base=url))
+
+
 @pytest.fixture
 def fake_stripe(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A fake Stripe API server; the worker's runtime sends its Stripe calls there."""
     from tests.fakes.fake_stripe import FakeStripe
 
     with FakeStripe() as fake:
-        monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_base=fake.url))
+        point_stripe_at(runtime, monkeypatch, fake.url)
         yield fake
 
 

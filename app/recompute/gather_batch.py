@@ -14,7 +14,7 @@ view (the sweep) run them in a REPEATABLE READ transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -193,6 +193,12 @@ def _subscription(s: Any) -> Subscription:
 EMPTY: tuple[Any, ...] = ()
 
 
+def _built(grouped: dict[str, list[Any]], account_id: str, build: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """The account's rows of one store, built into domain objects (the shared EMPTY when none)."""
+    rows = grouped.get(account_id)
+    return tuple(build(row) for row in rows) if rows else EMPTY
+
+
 def _snapshots(conn: Connection, accounts: list[Any]) -> dict[str, tuple[Snapshot, int]]:
     """Snapshots of ``accounts`` (rows of the account statements, ordered by account id)."""
     return build_snapshots(accounts, read_details(conn, accounts))
@@ -217,20 +223,13 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
     stored = _StoredStates()
     for r in accounts:
         account_id = r[0]
-        rows = invoices.get(account_id)
-        inv = tuple(_invoice(x) for x in rows) if rows else EMPTY
-        rows = attempts.get(account_id)
-        att = tuple(_attempt(x) for x in rows) if rows else EMPTY
-        rows = methods.get(account_id)
-        pms = tuple(_method(x) for x in rows) if rows else EMPTY
-        rows = subscriptions.get(account_id)
-        subs = tuple(_subscription(x) for x in rows) if rows else EMPTY
-        rows = retries.get(account_id)
-        rts = tuple(_retry(x) for x in rows) if rows else EMPTY
-        rows = payments.get(account_id)
-        bdp = tuple(_payment(x) for x in rows) if rows else EMPTY
-        rows = mandates.get(account_id)
-        mds = tuple(_mandate(x) for x in rows) if rows else EMPTY
+        inv = _built(invoices, account_id, _invoice)
+        att = _built(attempts, account_id, _attempt)
+        pms = _built(methods, account_id, _method)
+        subs = _built(subscriptions, account_id, _subscription)
+        rts = _built(retries, account_id, _retry)
+        bdp = _built(payments, account_id, _payment)
+        mds = _built(mandates, account_id, _mandate)
         rows = states.get(account_id)
         state = rows[0] if rows else None  # the customer's latest state (gather_many takes the first too)
         snapshot = Snapshot(

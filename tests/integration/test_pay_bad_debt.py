@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
 from app.runtime import Runtime
-from tests.conftest import Accounts, post_event, service_headers, wait_for
+from tests.conftest import Accounts, point_stripe_at, post_event, service_headers, wait_for
 from tests.fakes.fake_stripe_payments import FakeStripePayments
 from tests.integration.bad_debt_setup import InBadDebt, dunning_row, into_bad_debt, recompute
 from tests.stripe_events import event
@@ -23,7 +23,7 @@ from tests.stripe_events import event
 def stripe_fake(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStripePayments]:
     """The fake Stripe for the web app and the worker (both read the session runtime's settings)."""
     with FakeStripePayments() as fake:
-        monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_base=fake.url))
+        point_stripe_at(runtime, monkeypatch, fake.url)
         yield fake
 
 
