@@ -53,6 +53,24 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+@contextmanager
+def autocommit(engine: Engine) -> Iterator[Connection]:
+    """A connection on which each statement commits on its own: no BEGIN and COMMIT round trips.
+    Only for work that is one statement (a multi-statement string is one implicit transaction).
+
+    psycopg2's own flag rather than SQLAlchemy's isolation_level option, which costs a round trip
+    to set and another to reset. With it set, psycopg2 sends no BEGIN, and the rollback SQLAlchemy
+    ends the checkout with sends nothing either."""
+    with engine.connect() as conn:
+        dbapi = conn.connection.driver_connection
+        dbapi.autocommit = True  # type: ignore[union-attr]
+        try:
+            yield conn
+        finally:
+            if not dbapi.closed:  # type: ignore[union-attr]
+                dbapi.autocommit = False  # type: ignore[union-attr]
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means the database is unreachable rather than that the SQL is wrong."""
     from sqlalchemy.exc import DBAPIError, OperationalError
@@ -99,10 +117,23 @@ class Prepared:
         return f"EXECUTE {self.name}({', '.join(['%s'] * len(params))})" if params else f"EXECUTE {self.name}"
 
 
-def execute_prepared(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> Any:
-    """Run one or more prepared statements in a single round trip; the result is the last one's."""
+def _batch(conn: Connection, calls: tuple[tuple[Prepared, tuple[Any, ...]], ...]) -> tuple[str, tuple[Any, ...]]:
     for statement, _ in calls:
         statement.ensure(conn)
     sql = "; ".join([KEYED_PLANS, *(statement.call(params) for statement, params in calls)])
-    flat = tuple(p for _, params in calls for p in params)
-    return conn.exec_driver_sql(sql, flat)
+    return sql, tuple(p for _, params in calls for p in params)
+
+
+def execute_prepared(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> Any:
+    """Run one or more prepared statements in a single round trip; the result is the last one's."""
+    return conn.exec_driver_sql(*_batch(conn, calls))
+
+
+def fetch_prepared_row(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> tuple[Any, ...] | None:
+    """execute_prepared's first row of the last result, through the DBAPI cursor: on the webhook
+    path SQLAlchemy's result machinery cost about as much CPU as the statement."""
+    sql, params = _batch(conn, calls)
+    with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+        cursor.execute(sql, params)
+        row: tuple[Any, ...] | None = cursor.fetchone()
+        return row

@@ -7,23 +7,26 @@ dominated by round trips and planning, not by the work itself.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
-from app.db import Prepared, execute_prepared
+from app.db import Prepared, execute_prepared, fetch_prepared_row
 from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
 
-@cache
-def _upsert(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...]) -> Prepared:
+def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...], first: int,
+                source: str) -> str:
     """INSERT ... ON CONFLICT DO UPDATE where each column follows the ordering guard or its merge rule.
 
+    The key and the columns are parameters ``$first``, ``$first+1``, ...; ``source`` is what the
+    values are selected from (``VALUES``, or a CTE that decides whether to write at all).
     In ON CONFLICT DO UPDATE every {table}.col is the stored row's old value, so each CASE compares
     against the stored ordering key, including the ones updating source_* themselves.
     """
@@ -42,27 +45,50 @@ def _upsert(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], 
         else:
             sets.append(f"{col} = CASE WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     key = KEYS.get(table, "id")
-    placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 2))
-    sql = (f"INSERT INTO {table} ({key}, {', '.join(columns)}) VALUES ({placeholders}) "
-           f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}")
-    digest = hashlib.sha1(sql.encode()).hexdigest()[:12]
-    return Prepared(f"dunning_upsert_{table}_{digest}", sql)
+    values = ", ".join(f"${i}" for i in range(first, first + len(columns) + 1))
+    select = f"VALUES ({values})" if source == "VALUES" else f"SELECT {values} FROM {source}"
+    return (f"INSERT INTO {table} ({key}, {', '.join(columns)}) {select} "
+            f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}")
+
+
+def _named(prefix: str, sql: str, types: tuple[str, ...] = ()) -> Prepared:
+    return Prepared(f"{prefix}_{hashlib.sha1(sql.encode()).hexdigest()[:12]}", sql, types)
+
+
+@cache
+def _upsert(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...]) -> Prepared:
+    return _named(f"dunning_upsert_{table}", _upsert_sql(table, columns, merge, 1, "VALUES"))
+
+
+def _shape(row: MirrorRow) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    return row.table, tuple(row.values), tuple(sorted(row.merge.items()))
 
 
 def _param(value: Any) -> Any:
     return Json(value) if isinstance(value, list | dict) else value
 
 
+def _row_params(row: MirrorRow) -> tuple[Any, ...]:
+    return (row.key, *(_param(v) for v in row.values.values()))
+
+
 def _upsert_call(row: MirrorRow) -> tuple[Prepared, tuple[Any, ...]]:
-    statement = _upsert(row.table, tuple(row.values), tuple(sorted(row.merge.items())))
-    return statement, (row.key, *(_param(v) for v in row.values.values()))
+    return _upsert(*_shape(row)), _row_params(row)
 
 
 def upsert_row(conn: Connection, row: MirrorRow) -> None:
     execute_prepared(conn, _upsert_call(row))
 
 
-INSERT_EVENT = Prepared("dunning_insert_event", """
+PAID_TYPES = ("invoice.paid", "invoice.payment_succeeded", "payment_intent.succeeded", "invoice_payment.paid")
+
+# The whole of ingest's database work in one statement, so in one round trip and (run on its own)
+# one implicit transaction: store the event once, resolve its account, write its mirror row unless
+# the event is a redelivery or of an ignored type, and request the account's recompute when the
+# event is routed. A success of the isolated bad-debt payment requests it as BAD_DEBT_PAID.
+# Data-modifying CTEs all see the snapshot the statement started with; an event has at most one
+# mirror row, so no two of them touch the same row.
+INGEST_HEAD = """
 WITH owner AS (
     SELECT COALESCE(
         (SELECT account_id FROM subs_customer WHERE stripe_customer_id = $4),
@@ -71,26 +97,62 @@ WITH owner AS (
         (SELECT c.account_id FROM stripe_payment_attempt a JOIN subs_customer c USING (stripe_customer_id)
           WHERE a.id = $6)
     ) AS account_id
-)
-INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body)
-SELECT $1, $2, $3, $4, owner.account_id, $7,
-       CASE WHEN $7 IS NULL THEN 'ignored'
-            WHEN owner.account_id IS NULL THEN 'unroutable'
-            ELSE 'accepted' END,
-       $8
-FROM owner
-ON CONFLICT (id) DO NOTHING
-RETURNING account_id, state
-""", ("text", "text", "bigint", "text", "text", "text", "text", "text"))
+), event AS (
+    INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body)
+    SELECT $1, $2, $3, $4, owner.account_id, $7,
+           CASE WHEN $7 IS NULL THEN 'ignored'
+                WHEN owner.account_id IS NULL THEN 'unroutable'
+                ELSE 'accepted' END,
+           $8
+    FROM owner
+    ON CONFLICT (id) DO NOTHING
+    RETURNING account_id, state
+), request AS (
+    INSERT INTO recompute_request (account_id, trigger, cause)
+    SELECT event.account_id,
+           CASE WHEN $2 IN ({paid}) AND EXISTS (
+                    SELECT 1 FROM bad_debt_payment b
+                     WHERE b.account_id = event.account_id AND b.state = 'pending'
+                       AND (b.stripe_payment_intent_id = $6 OR b.invoice_ids ? COALESCE($5, '')))
+                THEN 'BAD_DEBT_PAID' ELSE $7 END,
+           $1
+      FROM event WHERE event.state = 'accepted'
+    ON CONFLICT (account_id) DO UPDATE SET trigger = recompute_request.trigger
+    RETURNING trigger, (xmax = 0) AS created
+){mirror}
+SELECT event.account_id, event.state, request.trigger, request.created FROM event LEFT JOIN request ON true
+""".replace("{paid}", ", ".join(f"'{t}'" for t in PAID_TYPES))
+INGEST_TYPES = ("text", "text", "bigint", "text", "text", "text", "text", "text")
 
 
-def insert_event(conn: Connection, ex: Extracted, raw: str) -> tuple[str | None, str] | None:
-    """Store the event once. None when it was stored before (a redelivery)."""
-    row = execute_prepared(conn, (INSERT_EVENT, (
-        ex.event_id, ex.type, ex.created, ex.customer, ex.invoice_id, ex.payment_intent,
-        ex.trigger.value if ex.trigger else None, raw,
-    ))).first()
-    return None if row is None else (row[0], row[1])
+@cache
+def _ingest(shape: tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]] | None) -> Prepared:
+    mirror = ""
+    if shape is not None:
+        upsert = _upsert_sql(*shape, first=len(INGEST_TYPES) + 1, source="event WHERE event.state <> 'ignored'")
+        mirror = f", mirror AS (\n    {upsert}\n)"
+    return _named("dunning_ingest", INGEST_HEAD.replace("{mirror}", mirror), INGEST_TYPES)
+
+
+@dataclass(frozen=True)
+class Stored:
+    account_id: str | None
+    state: str  # accepted | unroutable | ignored
+    trigger: str | None  # the recompute's trigger, when this event requested it
+    created: bool  # this event created the account's pending request: the caller enqueues
+
+
+def ingest_event(conn: Connection, ex: Extracted, raw: str) -> Stored | None:
+    """Store, mirror and request in one round trip. None when the event was stored before."""
+    if len(ex.rows) > 1:
+        raise ValueError("an event mirrors at most one row")  # extract() never builds more
+    row = ex.rows[0] if ex.rows else None
+    params = (ex.event_id, ex.type, ex.created, ex.customer, ex.invoice_id, ex.payment_intent,
+              ex.trigger.value if ex.trigger else None, raw, *(_row_params(row) if row else ()))
+    result = fetch_prepared_row(conn, (_ingest(_shape(row) if row else None), params))
+    if result is None:
+        return None
+    return Stored(result[0], result[1], result[2], bool(result[3]))
 
 
 # DO UPDATE (not DO NOTHING) so the row is locked until this transaction commits: a recompute

@@ -59,10 +59,18 @@ def failure_reason(intent: Mapping[str, Any]) -> str:
     return f"declined: {code}"
 
 
+INTENT_OUTCOMES = ("payment_intent.succeeded", "payment_intent.payment_failed")
+
+
+def concerns(event_type: str, payment_intent: str | None) -> bool:
+    """Whether the event may be the outcome of a bad-debt payment (record_outcome must see it)."""
+    return event_type in INTENT_OUTCOMES and bool(payment_intent)
+
+
 def record_outcome(conn: Connection, event_type: str, account_id: str, payment_intent: str | None,
                    event: Mapping[str, Any]) -> int | None:
     """Mark a failure now; return the id of a payment whose charge succeeded (to settle after commit)."""
-    if event_type not in ("payment_intent.succeeded", "payment_intent.payment_failed") or not payment_intent:
+    if not concerns(event_type, payment_intent):
         return None
     intent = _intent(event)
     row = conn.exec_driver_sql(FIND, {"account": account_id, "pi": payment_intent,

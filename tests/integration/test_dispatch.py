@@ -1,0 +1,84 @@
+"""app/dispatch.py publishes what Celery's send_task publishes, in one batch, on the real broker."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from app.config import Settings
+from app.dispatch import BrokerUnavailable, send
+from tasks import queues
+from tasks.factory import make_celery
+
+# Per message; everything else must be equal.
+PER_MESSAGE = {"delivery_tag"}
+
+
+def _pop_envelope(client: redis.Redis, settings: Settings, queue: str) -> dict[str, Any]:
+    raw = client.rpop(f"{settings.broker_key_prefix}{queue}")
+    assert raw is not None, f"nothing on {queue}"
+    envelope: dict[str, Any] = json.loads(raw)
+    for name in PER_MESSAGE:
+        envelope["properties"].pop(name)
+    return envelope
+
+
+@pytest.fixture
+def broker(settings: Settings, celery_app: Celery, clean: None) -> redis.Redis:
+    client = redis.Redis.from_url(settings.broker_url)
+    client.delete(*(f"{settings.broker_key_prefix}{q}" for q in queues.ALL))
+    return client
+
+
+@pytest.mark.parametrize("name, args, kwargs, queue, ignore_result", [
+    ("tasks.recompute_account", ["acct_1", "INVOICE_PAYMENT_FAILED", "evt_1"], {"coalesced": True},
+     queues.RECOMPUTE, True),
+    ("tasks.retry_payment", [42], {}, queues.PAYMENTS, True),
+    ("tasks.recompute_account", ["acct_2", "NINJAPANEL_BUTTON", None], {"coalesced": False}, queues.RECOMPUTE, False),
+    ("tasks.redrive_stuck", [], {}, queues.MAINTENANCE, True),
+])
+def test_the_message_is_the_one_send_task_publishes(settings, celery_app, broker, name, args, kwargs, queue,
+                                                    ignore_result):
+    ours = send(celery_app, name, args, kwargs, task_id="task-ours", ignore_result=ignore_result)
+    celery_app.send_task(name, args=args, kwargs=kwargs, task_id="task-celery", ignore_result=ignore_result)
+    assert ours == "task-ours"
+    mine, theirs = _pop_envelope(broker, settings, queue), _pop_envelope(broker, settings, queue)
+    assert mine["headers"]["id"] == "task-ours" and theirs["headers"]["id"] == "task-celery"
+    for envelope in (mine, theirs):
+        envelope["headers"]["id"] = envelope["headers"]["root_id"] = "task"
+        envelope["properties"]["correlation_id"] = "task"
+    assert mine["headers"] == theirs["headers"]
+    assert mine == theirs
+    assert mine["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+
+
+def test_the_task_sent_event_reaches_event_consumers(settings, celery_app, broker):
+    """What Flower listens to: a task-sent event with the task's id, name and queue."""
+    pubsub = broker.pubsub()
+    pubsub.psubscribe(f"{settings.broker_key_prefix}/*celeryev/task.sent")
+    wait = time.monotonic() + 5
+    while pubsub.get_message(timeout=0.1) is None and time.monotonic() < wait:  # the subscribe reply
+        pass
+    send(celery_app, "tasks.recompute_account", ["acct_9", "STATE_REFRESH", None], task_id="task-evt")
+    message = None
+    while message is None and time.monotonic() < wait + 5:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+    pubsub.close()
+    assert message is not None, "no task-sent event published"
+    envelope = json.loads(message["data"])
+    body = json.loads(celery_app.connection_for_write().default_channel.decode_body(
+        envelope["body"], envelope["properties"]["body_encoding"]))
+    assert body["type"] == "task-sent" and body["uuid"] == "task-evt"
+    assert body["name"] == "tasks.recompute_account" and body["queue"] == queues.RECOMPUTE
+    assert body["args"] == repr(["acct_9", "STATE_REFRESH", None])
+
+
+def test_a_broker_that_is_down_is_reported_not_raised_as_a_kombu_error(settings):
+    down = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
+    with pytest.raises(BrokerUnavailable, match=r"tasks\.recompute_account"):
+        send(down, "tasks.recompute_account", ["acct_1", "STATE_REFRESH", None])
