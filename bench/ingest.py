@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,6 +75,40 @@ def run(port: int, requests: list, clients: int) -> tuple[float, list[float], in
     return len(requests) / elapsed, latencies, sum(e for _, e in results)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (Linux /proc; 0 where unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def measured(port: int, requests: list, clients: int, web_pid: int, db_url: str) -> dict[str, Any]:
+    """One run, with the CPU that the web workers and the app's PostgreSQL backends spent on it."""
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        backends = [int(r[0]) for r in conn.exec_driver_sql(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'dunning' AND pid <> pg_backend_pid()")]
+    engine.dispose()
+    workers = children(web_pid)
+    web0, db0 = cpu_seconds(workers), cpu_seconds(backends)
+    rate, latencies, errors = run(port, requests, clients)
+    n = len(requests)
+    return {"rate": rate, "latencies": latencies, "errors": errors,
+            "web_ms": (cpu_seconds(workers) - web0) / n * 1000, "db_ms": (cpu_seconds(backends) - db0) / n * 1000}
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
 
@@ -86,6 +121,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per worker (1: sync workers)")
     args = parser.parse_args()
     n = args.requests
+    warm = n // 10
+    total = n + warm  # the signed warm-up uses accounts of its own
     with bench_servers() as env_servers:
         db_url, broker, prefix = env_servers.database_url, env_servers.broker_url, env_servers.key_prefix
         engine = make_engine(db_url)
@@ -93,7 +130,7 @@ def main() -> int:
             conn.exec_driver_sql(
                 "INSERT INTO subs_account (account_id) SELECT 'acct_' || g FROM generate_series(1, %(n)s) g;"
                 "INSERT INTO subs_customer (stripe_customer_id, account_id) "
-                "SELECT 'cus_' || g, 'acct_' || g FROM generate_series(1, %(n)s) g; ANALYZE", {"n": n})
+                "SELECT 'cus_' || g, 'acct_' || g FROM generate_series(1, %(n)s) g; ANALYZE", {"n": total})
         engine.dispose()
         port = free_port()
         env = {**os.environ, "DATABASE_URL": db_url, "CELERY_BROKER_URL": broker, "CELERY_BROKER_KEY_PREFIX": prefix,
@@ -121,13 +158,14 @@ def main() -> int:
             trivial = [("GET", "/healthz", b"", {})] * n
             signed = []
             now = int(time.time())
-            for g in range(1, n + 1):
+            for g in range(1, total + 1):
                 body = json.dumps(event("invoice.payment_failed", id=f"in_{g}", customer=f"cus_{g}", created=now))
                 signed.append(("POST", "/webhooks/stripe", body.encode(),
                                {"Stripe-Signature": sign(body, SECRET), "Content-Type": "application/json"}))
-            run(port, trivial[: n // 10], args.clients)  # warm-up
-            trivial_rate, trivial_lat, trivial_err = run(port, trivial, args.clients)
-            ingest_rate, ingest_lat, ingest_err = run(port, signed, args.clients)
+            run(port, trivial[:warm], args.clients)  # warm-up: every worker has connected and prepared
+            run(port, signed[:warm], args.clients)
+            trivial_run = measured(port, trivial, args.clients, web.pid, db_url)
+            ingest_run = measured(port, signed[warm:], args.clients, web.pid, db_url)
             queued = redis.Redis.from_url(broker).llen(prefix + "recompute")
         finally:
             web.terminate()
@@ -135,12 +173,14 @@ def main() -> int:
 
     kind = "sync workers" if args.threads == 1 else f"gthread workers x {args.threads} threads"
     print(f"\ngunicorn: {args.workers} {kind}; {args.clients} client processes; {n} requests each run")
-    print(f"{'endpoint':<36}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    print(f"{'GET /healthz (trivial)':<36}{trivial_rate:>8.0f}{pct(trivial_lat, 50):>9.2f}"
-          f"{pct(trivial_lat, 99):>9.2f}{trivial_err:>8}")
-    print(f"{'POST /webhooks/stripe (signed)':<36}{ingest_rate:>8.0f}{pct(ingest_lat, 50):>9.2f}"
-          f"{pct(ingest_lat, 99):>9.2f}{ingest_err:>8}")
-    print(f"signed ingest / trivial: {ingest_rate / trivial_rate:.2f}; recomputes queued: {queued} of {n}")
+    print(f"{'endpoint':<34}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'web CPU ms':>12}{'db CPU ms':>11}")
+    for label, r in (("GET /healthz (trivial)", trivial_run), ("POST /webhooks/stripe (signed)", ingest_run)):
+        print(f"{label:<34}{r['rate']:>7.0f}{pct(r['latencies'], 50):>8.2f}{pct(r['latencies'], 99):>8.2f}"
+              f"{r['errors']:>7}{r['web_ms']:>12.2f}{r['db_ms']:>11.2f}")
+    print("(web / db CPU: per request, in the gunicorn workers / the app's PostgreSQL backends)")
+    ratio = ingest_run["rate"] / trivial_run["rate"]
+    print(f"signed ingest / trivial: {ratio:.2f}; recomputes queued: {queued} of {total}")
+    ingest_err = ingest_run["errors"]
     return 0 if ingest_err == 0 else 1
 
 
