@@ -9,13 +9,17 @@ with INSERT ... SELECT generate_series: every account has a customer and a store
 have a subscription, a fraction have invoices and failed attempts in the Stripe mirror (some paid,
 some unpaid and therefore drifted). Then, in the same run:
 
-* plain read: SELECT every subs_account row through a server-side cursor, in batches;
+* plain read (the yardstick, bench/plain_read.py): every row the sweep reads, one server-side-cursor SELECT
+  per table its gather reads (the gathered columns only, plain tuples, no JSON aggregation), in batches;
+  its rate is N accounts / its total time, and rows/s;
+* subs_account only: the yardstick quoted before it was corrected (the subs_account rows alone), still
+  printed so both ratios can be compared;
 * sweep: the real Sweeper in dry-run mode, same batch: a read-ahead thread runs the two statements of
   each keyset page (gather_batch.py) while the sweep's thread builds the snapshots, runs compute and
   compares (drift). One process, wall-clock time from the first page to the last; PostgreSQL works
   on the next page meanwhile (on this machine's other core).
 
-It prints accounts/s for both, the ratio, where the sweep's time goes, and peak memory (ru_maxrss
+It prints accounts/s for all three, the ratios, where the sweep's time goes, and peak memory (ru_maxrss
 after each phase; memory is flat when the 1,000,000 run peaks where the 100,000 run does). The
 database is dropped afterwards.
 """
@@ -31,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import Engine
+from plain_read import read_subs_account_only, read_swept_rows
 
 from app.db import make_engine
 from app.migrate import upgrade
@@ -77,23 +81,11 @@ SELECT 'pi_' || g, 'cus_' || lpad(g::text, 8, '0'), 'in_' || g, 'ch_' || g, 'pm_
 ANALYZE;
 """
 
-PLAIN_READ = "SELECT account_id, bad_debt, name, email, billing_profile, created_at FROM subs_account"
 
 
 def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
-
-def plain_read(engine: Engine, batch: int) -> tuple[int, float]:
-    """Every row through a server-side cursor, ``batch`` rows per fetch, nothing kept."""
-    started = time.perf_counter()
-    rows = 0
-    with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=batch).exec_driver_sql(PLAIN_READ)
-        for part in result.partitions(batch):
-            rows += len(part)
-        conn.rollback()
-    return rows, time.perf_counter() - started
 
 
 def run(admin_url: str, n: int, batch: int) -> dict[str, Any]:
@@ -110,16 +102,24 @@ def run(admin_url: str, n: int, batch: int) -> dict[str, Any]:
             seconds_fill = time.perf_counter() - seconds_fill
         print(f"  generated {n:,} accounts in {seconds_fill:.1f}s", flush=True)
         base = maxrss_mb()
-        rows, seconds_plain = plain_read(engine, batch)
+        plain = read_swept_rows(engine, batch)
         after_plain = maxrss_mb()
-        print(f"  plain read: {rows:,} rows in {seconds_plain:.2f}s = {rows / seconds_plain:,.0f} rows/s", flush=True)
+        print(f"  plain read of the swept rows: {plain.rows:,} rows of {len(plain.rows_by_table)} tables in "
+              f"{plain.seconds:.2f}s = {plain.rows / plain.seconds:,.0f} rows/s = {n / plain.seconds:,.0f} accounts/s",
+              flush=True)
+        print("    rows: " + ", ".join(f"{t} {c:,}" for t, c in plain.rows_by_table.items() if c), flush=True)
+        old_rows, old_seconds = read_subs_account_only(engine, batch)
+        print(f"  subs_account only (the old yardstick): {old_rows:,} rows in {old_seconds:.2f}s = "
+              f"{old_rows / old_seconds:,.0f} rows/s", flush=True)
         report = Sweeper(engine, policy, None, dry_run=True, batch_size=batch).start()
         after_sweep = maxrss_mb()
         engine.dispose()
     rate_sweep = report.scanned / report.seconds
-    rate_plain = rows / seconds_plain
-    return {"accounts": n, "batch": batch, "plain_rate": rate_plain, "sweep_rate": rate_sweep,
-            "ratio": rate_sweep / rate_plain, "sweep_seconds": report.seconds, "scanned": report.scanned,
+    plain_accounts = n / plain.seconds
+    old_rate = old_rows / old_seconds
+    return {"accounts": n, "batch": batch, "plain_accounts": plain_accounts, "plain_rows": plain.rows / plain.seconds,
+            "old_rate": old_rate, "sweep_rate": rate_sweep, "ratio": rate_sweep / plain_accounts,
+            "old_ratio": rate_sweep / old_rate, "sweep_seconds": report.seconds, "scanned": report.scanned,
             "drifted": report.drifted, "timings": report.timings, "rss_base": base, "rss_plain": after_plain,
             "rss_sweep": after_sweep}
 
@@ -140,17 +140,19 @@ def main(argv: list[str] | None = None) -> int:
             t = r["timings"]
             total = r["sweep_seconds"]
             print(f"  sweep (dry run): {r['scanned']:,} accounts, {r['drifted']:,} drifted, in {total:.2f}s = "
-                  f"{r['sweep_rate']:,.0f} accounts/s = {r['ratio']:.2f} of the plain read")
+                  f"{r['sweep_rate']:,.0f} accounts/s = {r['ratio']:.2f} of the plain read of the swept rows "
+                  f"({r['old_ratio']:.2f} of the subs_account-only read)")
             print("  sweep time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in t.items())
                   + "  (gather = waiting for the read-ahead thread + building the snapshots)")
-            print(f"  peak RSS: {r['rss_base']:.0f} MB before, {r['rss_plain']:.0f} MB after the plain read, "
+            print(f"  peak RSS: {r['rss_base']:.0f} MB before, {r['rss_plain']:.0f} MB after the plain reads, "
                   f"{r['rss_sweep']:.0f} MB after the sweep", flush=True)
     print()
-    print("| accounts | plain read (rows/s) | sweep (accounts/s) | sweep / plain | peak RSS after sweep |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| accounts | plain read of the swept rows (accounts/s; rows/s) | sweep (accounts/s) | sweep / plain | "
+          "subs_account only (rows/s) | sweep / subs_account only | peak RSS after sweep |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['accounts']:,} | {r['plain_rate']:,.0f} | {r['sweep_rate']:,.0f} | {r['ratio']:.2f} | "
-              f"{r['rss_sweep']:.0f} MB |")
+        print(f"| {r['accounts']:,} | {r['plain_accounts']:,.0f}; {r['plain_rows']:,.0f} | {r['sweep_rate']:,.0f} | "
+              f"{r['ratio']:.2f} | {r['old_rate']:,.0f} | {r['old_ratio']:.2f} | {r['rss_sweep']:.0f} MB |")
     return 0
 
 

@@ -28,7 +28,7 @@ from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, entitlements, full_e
 from app.domain.mandates import mandates
 from app.domain.policy import LevelRule, Policy
 from app.domain.retry_cadence import plan_retry
-from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot
+from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot, Subscription
 from app.domain.state import (
     DunningState,
     FailureClass,
@@ -259,7 +259,49 @@ def compute(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
 
 def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     """_compute_full with no unpaid invoice: no assessment, so no level, retry, guard or action."""
-    state = DunningState(
+    subscriptions = snapshot.subscriptions
+    # Here the state depends on the policy version and the subscriptions' status and products only.
+    key = (policy.version, *[(s.status, s.products) for s in subscriptions]) if subscriptions else policy.version
+    if not snapshot.invoices and not snapshot.payment_methods:
+        decision = _PLAIN_DECISIONS.get(key)
+        if decision is None:
+            decision = _remember(_PLAIN_DECISIONS, key, Decision(
+                state=_plain_state(key, subscriptions, policy), mandates=(), bad_debt=False, resolution="resolved",
+                lifting_since=None, assessments=()))
+        return decision
+    settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
+    return Decision(
+        state=_plain_state(key, subscriptions, policy),
+        mandates=mandates(snapshot, now) if snapshot.payment_methods else (),
+        bad_debt=False,
+        resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",
+        lifting_since=None,
+        assessments=(),
+    )
+
+
+# The drift sweep computes every account, and most have nothing unpaid: their state (and, with no
+# invoice and no payment method, their whole decision) is the same for every account with the same
+# key, so it is made once and shared. Decision and DunningState are immutable and nothing mutates
+# their dicts (the sweep's stored states are shared the same way). Bounded: cleared when full, so
+# memory stays flat; tests/unit/test_compute_fast_path.py checks the shared decisions too.
+_PLAIN_STATES: dict[Any, DunningState] = {}
+_PLAIN_DECISIONS: dict[Any, Decision] = {}
+PLAIN_CACHE_SIZE = 1024
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= PLAIN_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _plain_state(key: Any, subscriptions: tuple[Subscription, ...], policy: Policy) -> DunningState:
+    state = _PLAIN_STATES.get(key)
+    if state is not None:
+        return state
+    return _remember(_PLAIN_STATES, key, DunningState(
         status=_CURRENT,
         level=_NONE,
         failure_class=None,
@@ -272,19 +314,10 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
         unpaid_since=None,
         last_failure_id=None,
         reasons=(Reason("status.current", "nothing unpaid", {}),),
-        entitlements=full_entitlements(snapshot.subscriptions),
+        entitlements=full_entitlements(subscriptions),
         actions_requested=(),
         policy_version=policy.version,
-    )
-    settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
-    return Decision(
-        state=state,
-        mandates=mandates(snapshot, now) if snapshot.payment_methods else (),
-        bad_debt=False,
-        resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",
-        lifting_since=None,
-        assessments=(),
-    )
+    ))
 
 
 _CURRENT = Status.CURRENT.value

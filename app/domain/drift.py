@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 from app.domain.compute import Decision
@@ -24,6 +25,7 @@ COMPARED_FIELDS: tuple[str, ...] = (
     "status", "level", "failure_class", "next_retry_at", "retry_invoice_id", "retry_payment_method_id",
     "retry_free", "retries_used", "outstanding_amount", "unpaid_since", "entitlements", "actions_requested",
 )
+_compared = attrgetter(*COMPARED_FIELDS)
 BAD_DEBT_FLAG = "bad_debt_flag"
 FRESH = DunningState()
 IN_FLIGHT_RETRY_STATES = frozenset({"dispatched", "charging", "sent"})
@@ -58,6 +60,11 @@ class Drift:
 def drift(stored: DunningState | None, stored_bad_debt_flag: bool, desired: DunningState,
           desired_bad_debt: bool) -> Drift | None:
     """The drifted fields, or None when the stored state is what compute decides."""
+    if stored is not None and stored_bad_debt_flag == desired_bad_debt and (
+            stored is desired or _compared(stored) == _compared(desired)):
+        # The common case in one comparison: every field equal as it is is what the loop below
+        # finds too (equal values never reach its normalised comparison).
+        return None
     names: list[str] = []
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from app.domain.snapshot import (
     Retry,
     Snapshot,
     Subscription,
+    trusted,
 )
 from app.domain.state import DunningState, MandateState, Reason
 
@@ -53,22 +54,25 @@ ACCOUNTS = Prepared("dunning_batch_accounts", "SELECT " + _DUNNING + "WHERE a.ac
 # ... OFFSET 0: the generic plan would otherwise hash whole mirror tables for a few hundred customers).
 DETAILS = Prepared("dunning_batch_details", """
 WITH c AS MATERIALIZED (
-  SELECT account_id, stripe_customer_id FROM subs_customer WHERE account_id >= $1 AND account_id <= $2)
+  SELECT account_id, stripe_customer_id FROM subs_customer WHERE account_id >= $1 AND account_id <= $2),
+inv AS MATERIALIZED (  -- read once: listed, and the way to the attempts known only through their invoice
+  SELECT c.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due, i.amount_paid,
+         i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount, i.attempt_count, i.due_date,
+         i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at, i.marked_uncollectible_at
+    FROM c, LATERAL (SELECT * FROM stripe_invoice i WHERE i.stripe_customer_id = c.stripe_customer_id OFFSET 0) i)
 SELECT
-  (SELECT json_agg(json_build_array(c.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
+  (SELECT json_agg(json_build_array(i.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
           i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
-          i.marked_uncollectible_at) ORDER BY c.account_id, i.id)
-     FROM c, LATERAL (SELECT * FROM stripe_invoice i WHERE i.stripe_customer_id = c.stripe_customer_id
-                               OFFSET 0) i),
+          i.marked_uncollectible_at) ORDER BY i.account_id, i.id)
+     FROM inv i),
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
           p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code) ORDER BY p.account_id, p.id)
      FROM (SELECT c.account_id, p.* FROM c, LATERAL (SELECT * FROM stripe_payment_attempt p
                    WHERE p.stripe_customer_id = c.stripe_customer_id OFFSET 0) p
            UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
-           SELECT c.account_id, p.* FROM c, LATERAL (SELECT p.* FROM stripe_invoice i
-             JOIN stripe_payment_attempt p ON p.invoice_id = i.id
-            WHERE i.stripe_customer_id = c.stripe_customer_id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
+           SELECT i.account_id, p.* FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
+                   WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
   (SELECT json_agg(json_build_array(c.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
           m.card_brand, m.card_last4) ORDER BY c.account_id, m.id)
      FROM c, LATERAL (SELECT * FROM stripe_payment_method m WHERE m.stripe_customer_id = c.stripe_customer_id
@@ -97,7 +101,6 @@ SELECT
       WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.exited_at IS NULL GROUP BY e.account_id) e)
 """, ("text", "text"))
 
-Rows = dict[str, list[Any]]
 
 
 def _t(value: str | None) -> datetime | None:
@@ -107,18 +110,6 @@ def _t(value: str | None) -> datetime | None:
 
 def _tt(value: str) -> datetime:
     return datetime.fromisoformat(value)
-
-
-def _grouped(rows: list[Any] | None) -> Rows:
-    out: Rows = {}
-    for row in rows or ():
-        key = row[0]
-        bucket = out.get(key)
-        if bucket is None:
-            out[key] = [row]
-        else:
-            bucket.append(row)
-    return out
 
 
 def _stored(r: Any) -> DunningState:
@@ -151,19 +142,19 @@ class _StoredStates:
 
 
 def _invoice(i: Any) -> Invoice:
-    return Invoice(
-        id=i[1], status=i[2], billing_reason=i[3], subscription_id=i[4], amount_due=i[5], amount_paid=i[6],
-        amount_remaining=i[7], created=_tt(i[8]),
-        lines=tuple(InvoiceLine(product=ln["product"], amount=ln["amount"]) for ln in (i[9] or ())),
-        currency=i[10], total=i[11], credited_amount=i[12], attempt_count=i[13], due_date=_t(i[14]),
-        first_failed_at=_t(i[15]), last_failed_at=_t(i[16]), paid_at=_t(i[17]), voided_at=_t(i[18]),
-        marked_uncollectible_at=_t(i[19]),
-    )
+    return trusted(Invoice, {
+        "id": i[1], "status": i[2], "billing_reason": i[3], "subscription_id": i[4], "amount_due": i[5],
+        "amount_paid": i[6], "amount_remaining": i[7], "created": _tt(i[8]),
+        "lines": tuple(InvoiceLine(product=ln["product"], amount=ln["amount"]) for ln in (i[9] or ())),
+        "currency": i[10], "total": i[11], "credited_amount": i[12], "attempt_count": i[13], "due_date": _t(i[14]),
+        "first_failed_at": _t(i[15]), "last_failed_at": _t(i[16]), "paid_at": _t(i[17]), "voided_at": _t(i[18]),
+        "marked_uncollectible_at": _t(i[19])})
 
 
 def _attempt(p: Any) -> Attempt:
-    return Attempt(id=p[1], invoice_id=p[2], payment_method_id=p[3], status=p[4], attempted_at=_tt(p[5]),
-                   amount=p[6], amount_refunded=p[7], decline_code=p[8], failure_code=p[9], advice_code=p[10])
+    return trusted(Attempt, {
+        "id": p[1], "invoice_id": p[2], "payment_method_id": p[3], "status": p[4], "attempted_at": _tt(p[5]),
+        "amount": p[6], "amount_refunded": p[7], "decline_code": p[8], "failure_code": p[9], "advice_code": p[10]})
 
 
 def _method(p: Any) -> PaymentMethod:
@@ -187,16 +178,24 @@ def _mandate(x: Any) -> MandateState:
 
 
 def _subscription(s: Any) -> Subscription:
-    return Subscription(id=s[1], status=s[2], products=tuple(s[3] or ()))
+    return trusted(Subscription, {"id": s[1], "status": s[2], "products": tuple(s[3] or ())})
 
 
 EMPTY: tuple[Any, ...] = ()
 
 
-def _built(grouped: dict[str, list[Any]], account_id: str, build: Callable[[Any], Any]) -> tuple[Any, ...]:
-    """The account's rows of one store, built into domain objects (the shared EMPTY when none)."""
-    rows = grouped.get(account_id)
-    return tuple(build(row) for row in rows) if rows else EMPTY
+def _by_account(rows: list[Any] | None, build: Callable[[Any], Any]) -> dict[str, tuple[Any, ...]]:
+    """One store's rows (ordered by account, then as gather_many orders them), built into domain
+    objects, by account. Walks the rows, not the accounts: most accounts have none in most stores."""
+    grouped: dict[str, list[Any]] = {}
+    for row in rows or ():
+        item = build(row)
+        bucket = grouped.get(row[0])
+        if bucket is None:
+            grouped[row[0]] = [item]
+        else:
+            bucket.append(item)
+    return {account_id: tuple(items) for account_id, items in grouped.items()}
 
 
 def _snapshots(conn: Connection, accounts: list[Any]) -> dict[str, tuple[Snapshot, int]]:
@@ -215,40 +214,39 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
     """The Python half: account rows + their DETAILS row -> {id: (snapshot, stored version)}."""
     if not accounts:
         return {}
-    invoices, attempts, methods, states, subscriptions, retries, payments, mandates = (
-        _grouped(details[n]) for n in range(8))
-    stuck = {x[0]: x[1] for x in details[8] or ()}
+    invoices, attempts, methods, subscriptions, retries, payments, mandates = (
+        _by_account(details[n], build) for n, build in ((0, _invoice), (1, _attempt), (2, _method),
+                                                        (4, _subscription), (5, _retry), (6, _payment),
+                                                        (7, _mandate)))
+    states: dict[str, Any] = {}
+    for row in details[3] or ():  # the customer's latest state first: gather_many takes the first too
+        states.setdefault(row[0], row)
+    stuck = {x[0]: int(x[1]) for x in details[8] or ()}
     episodes = {x[0]: x[1] for x in details[9] or ()}
     out: dict[str, tuple[Snapshot, int]] = {}
     stored = _StoredStates()
     for r in accounts:
         account_id = r[0]
-        inv = _built(invoices, account_id, _invoice)
-        att = _built(attempts, account_id, _attempt)
-        pms = _built(methods, account_id, _method)
-        subs = _built(subscriptions, account_id, _subscription)
-        rts = _built(retries, account_id, _retry)
-        bdp = _built(payments, account_id, _payment)
-        mds = _built(mandates, account_id, _mandate)
-        rows = states.get(account_id)
-        state = rows[0] if rows else None  # the customer's latest state (gather_many takes the first too)
-        snapshot = Snapshot(
-            account_id=account_id,
-            stored=stored.get(r),
-            stored_bad_debt_flag=bool(r[1]),
-            invoices=inv,
-            attempts=att,
-            payment_methods=pms,
-            default_payment_method_id=state[1] if state is not None else None,
-            default_payment_method_changed_at=_t(state[2]) if state is not None else None,
-            subscriptions=subs,
-            retries=rts,
-            bad_debt_payments=bdp,
-            stored_mandates=mds,
-            open_stuck_events=int(stuck.get(account_id, 0)),
-            open_episode_entered_at=_t(episodes.get(account_id)),
-        )
-        out[account_id] = (snapshot, int(r[18] or 0))
+        state = states.get(account_id)
+        episode = episodes.get(account_id)
+        # Every field of Snapshot, in its order (``trusted`` fills in no default).
+        out[account_id] = (trusted(Snapshot, {
+            "account_id": account_id,
+            "stored": stored.get(r),
+            "stored_bad_debt_flag": bool(r[1]),
+            "invoices": invoices.get(account_id, EMPTY),
+            "attempts": attempts.get(account_id, EMPTY),
+            "payment_methods": methods.get(account_id, EMPTY),
+            "default_payment_method_id": state[1] if state is not None else None,
+            "default_payment_method_changed_at": _t(state[2]) if state is not None else None,
+            "subscriptions": subscriptions.get(account_id, EMPTY),
+            "retries": retries.get(account_id, EMPTY),
+            "bad_debt_payments": payments.get(account_id, EMPTY),
+            "stored_mandates": mandates.get(account_id, EMPTY),
+            "open_stuck_events": stuck.get(account_id, 0),
+            "open_episode_entered_at": _tt(episode) if episode is not None else None,
+            "extra": {},
+        }), int(r[18] or 0))
     return out
 
 
