@@ -129,11 +129,28 @@ def execute_prepared(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]])
     return conn.exec_driver_sql(*_batch(conn, calls))
 
 
+def _dbapi_cursor(conn: Connection) -> Any:
+    # SQLAlchemy must know a transaction is open (it begins one on its own executes only), so that
+    # its commit or rollback ends the one psycopg2 opens for this cursor.
+    if not conn.in_transaction():
+        conn.begin()
+    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+
+
 def fetch_prepared_row(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> tuple[Any, ...] | None:
-    """execute_prepared's first row of the last result, through the DBAPI cursor: on the webhook
-    path SQLAlchemy's result machinery cost about as much CPU as the statement."""
+    """execute_prepared's first row of the last result, through the DBAPI cursor: on the hot paths
+    SQLAlchemy's result machinery cost about as much CPU as the statement."""
     sql, params = _batch(conn, calls)
-    with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+    with _dbapi_cursor(conn) as cursor:
         cursor.execute(sql, params)
         row: tuple[Any, ...] | None = cursor.fetchone()
         return row
+
+
+def fetch_prepared_all(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """fetch_prepared_row for every row."""
+    sql, params = _batch(conn, calls)
+    with _dbapi_cursor(conn) as cursor:
+        cursor.execute(sql, params)
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return rows

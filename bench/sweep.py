@@ -19,15 +19,17 @@ some unpaid and therefore drifted), then vacuumed and analysed. Then, in the sam
   compares (drift). One process, wall-clock time from the first page to the last; PostgreSQL works
   on the next page meanwhile (on this machine's other core).
 
-It prints accounts/s for all three, the ratios, where the sweep's time goes, and peak memory (ru_maxrss
-after each phase; memory is flat when the 1,000,000 run peaks where the 100,000 run does). The
-database is dropped afterwards.
+Each size runs the three readers in turn ``--repeat`` times (3) and quotes the medians; a single run
+on this shared machine varies by about ±30%. It prints accounts/s for all three, the ratios, where
+the sweep's time goes, and peak memory (ru_maxrss after each phase; memory is flat when the
+1,000,000 run peaks where the 100,000 run does). The database is dropped afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ from plain_read import read_subs_account_only, read_swept_rows
 from app.db import make_engine
 from app.migrate import upgrade
 from app.policy_file import load_policy
-from app.sweep.sweep import Sweeper
+from app.sweep.sweep import BATCH_SIZE, Sweeper
 from tests import servers
 
 # Every account: customer + a stored "current" dunning row whose entitlements match its subscription.
@@ -87,7 +89,7 @@ def maxrss_mb() -> float:
 
 
 
-def run(admin_url: str, n: int, batch: int) -> dict[str, Any]:
+def run(admin_url: str, n: int, batch: int, repeat: int) -> dict[str, Any]:
     policy = load_policy()
     with servers.test_database(admin_url) as url:
         upgrade(url)
@@ -106,24 +108,34 @@ def run(admin_url: str, n: int, batch: int) -> dict[str, Any]:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
         print(f"  generated {n:,} accounts in {seconds_fill:.1f}s", flush=True)
         base = maxrss_mb()
-        plain = read_swept_rows(engine, batch)
-        after_plain = maxrss_mb()
-        print(f"  plain read of the swept rows: {plain.rows:,} rows of {len(plain.rows_by_table)} tables in "
-              f"{plain.seconds:.2f}s = {plain.rows / plain.seconds:,.0f} rows/s = {n / plain.seconds:,.0f} accounts/s",
-              flush=True)
-        print("    rows: " + ", ".join(f"{t} {c:,}" for t, c in plain.rows_by_table.items() if c), flush=True)
-        old_rows, old_seconds = read_subs_account_only(engine, batch)
-        print(f"  subs_account only (the old yardstick): {old_rows:,} rows in {old_seconds:.2f}s = "
-              f"{old_rows / old_seconds:,.0f} rows/s", flush=True)
-        report = Sweeper(engine, policy, None, dry_run=True, batch_size=batch).start()
+        plains, olds, reports = [], [], []
+        after_plain = base
+        # Interleaved repeats, medians quoted: a single run on this shared machine varies by ±30%.
+        for rep in range(1, repeat + 1):
+            plain = read_swept_rows(engine, batch)
+            after_plain = max(after_plain, maxrss_mb())
+            old_rows, old_seconds = read_subs_account_only(engine, batch)
+            report = Sweeper(engine, policy, None, dry_run=True, batch_size=batch).start()
+            plains.append(n / plain.seconds)
+            olds.append(old_rows / old_seconds)
+            reports.append(report)
+            sweep_rate = report.scanned / report.seconds
+            print(f"  run {rep}: plain read of the swept rows {plain.rows:,} rows of {len(plain.rows_by_table)} tables "
+                  f"in {plain.seconds:.2f}s = {n / plain.seconds:,.0f} accounts/s; subs_account only "
+                  f"{old_rows / old_seconds:,.0f} rows/s; sweep {sweep_rate:,.0f} accounts/s = "
+                  f"{sweep_rate / plains[-1]:.2f} of the plain read", flush=True)
+        print("    rows read: " + ", ".join(f"{t} {c:,}" for t, c in plain.rows_by_table.items() if c), flush=True)
         after_sweep = maxrss_mb()
         engine.dispose()
+    report = sorted(reports, key=lambda r: r.scanned / r.seconds)[len(reports) // 2]  # the median sweep
     rate_sweep = report.scanned / report.seconds
-    plain_accounts = n / plain.seconds
-    old_rate = old_rows / old_seconds
-    return {"accounts": n, "batch": batch, "plain_accounts": plain_accounts, "plain_rows": plain.rows / plain.seconds,
-            "old_rate": old_rate, "sweep_rate": rate_sweep, "ratio": rate_sweep / plain_accounts,
-            "old_ratio": rate_sweep / old_rate, "sweep_seconds": report.seconds, "scanned": report.scanned,
+    plain_accounts = statistics.median(plains)
+    old_rate = statistics.median(olds)
+    return {"accounts": n, "batch": batch, "plain_accounts": plain_accounts,
+            "plain_rows": plain.rows * plain_accounts / n, "old_rate": old_rate, "sweep_rate": rate_sweep,
+            "ratio": rate_sweep / plain_accounts, "old_ratio": rate_sweep / old_rate,
+            "ratios": [r.scanned / r.seconds / p for r, p in zip(reports, plains, strict=True)],
+            "sweep_seconds": report.seconds, "scanned": report.scanned,
             "drifted": report.drifted, "timings": report.timings, "rss_base": base, "rss_plain": after_plain,
             "rss_sweep": after_sweep}
 
@@ -132,31 +144,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accounts", type=int, action="append",
                         help="how many accounts (repeatable); default: 100000 and 1000000")
-    parser.add_argument("--batch", type=int, default=500, help="sweep batch = plain-read fetch size (500)")
+    parser.add_argument("--batch", type=int, default=BATCH_SIZE,
+                        help=f"sweep batch = plain-read fetch size (the sweep's own: {BATCH_SIZE})")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each reader; medians (3)")
     args = parser.parse_args(argv)
     sizes = args.accounts or [100_000, 1_000_000]
     results = []
     with servers.postgres_admin_url() as admin:
         for n in sizes:
             print(f"{n:,} accounts (batch {args.batch}):", flush=True)
-            r = run(admin, n, args.batch)
+            r = run(admin, n, args.batch, args.repeat)
             results.append(r)
             t = r["timings"]
             total = r["sweep_seconds"]
-            print(f"  sweep (dry run): {r['scanned']:,} accounts, {r['drifted']:,} drifted, in {total:.2f}s = "
-                  f"{r['sweep_rate']:,.0f} accounts/s = {r['ratio']:.2f} of the plain read of the swept rows "
-                  f"({r['old_ratio']:.2f} of the subs_account-only read)")
+            print(f"  medians: plain read {r['plain_accounts']:,.0f} accounts/s; sweep (dry run) {r['scanned']:,} "
+                  f"accounts, {r['drifted']:,} drifted, {r['sweep_rate']:,.0f} accounts/s = {r['ratio']:.2f} of the "
+                  f"plain read of the swept rows ({r['old_ratio']:.2f} of the subs_account-only read); per run "
+                  + ", ".join(f"{x:.2f}" for x in r["ratios"]))
             print("  sweep time: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in t.items())
-                  + "  (gather = waiting for the read-ahead thread + building the snapshots)")
+                  + "  (wait = for the read-ahead thread's next page; gather = building the snapshots)")
             print(f"  peak RSS: {r['rss_base']:.0f} MB before, {r['rss_plain']:.0f} MB after the plain reads, "
                   f"{r['rss_sweep']:.0f} MB after the sweep", flush=True)
     print()
-    print("| accounts | plain read of the swept rows (accounts/s; rows/s) | sweep (accounts/s) | sweep / plain | "
-          "subs_account only (rows/s) | sweep / subs_account only | peak RSS after sweep |")
+    print("| accounts | plain read of the swept rows (accounts/s; rows/s) | sweep (accounts/s) | sweep / plain "
+          "(per run) | subs_account only (rows/s) | sweep / subs_account only | peak RSS after sweep |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
+        runs = ", ".join(f"{x:.2f}" for x in r["ratios"])
         print(f"| {r['accounts']:,} | {r['plain_accounts']:,.0f}; {r['plain_rows']:,.0f} | {r['sweep_rate']:,.0f} | "
-              f"{r['ratio']:.2f} | {r['old_rate']:,.0f} | {r['old_ratio']:.2f} | {r['rss_sweep']:.0f} MB |")
+              f"{r['ratio']:.2f} ({runs}) | {r['old_rate']:,.0f} | {r['old_ratio']:.2f} | {r['rss_sweep']:.0f} MB |")
     return 0
 
 

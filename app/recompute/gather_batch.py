@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from app.db import Prepared, execute_prepared
+from app.db import Prepared, fetch_prepared_all, fetch_prepared_row
 from app.domain.snapshot import (
     Attempt,
     BadDebtPayment,
@@ -207,7 +207,7 @@ def read_details(conn: Connection, accounts: list[Any]) -> Any:
     """The DETAILS row for ``accounts`` (None for no accounts): the database half of a page."""
     if not accounts:
         return None
-    return execute_prepared(conn, (DETAILS, (accounts[0][0], accounts[-1][0]))).fetchone()
+    return fetch_prepared_row(conn, (DETAILS, (accounts[0][0], accounts[-1][0])))
 
 
 def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapshot, int]]:
@@ -258,7 +258,7 @@ def gather_batch(conn: Connection, account_ids: Sequence[str]) -> dict[str, tupl
     """
     if not account_ids:
         return {}
-    accounts = execute_prepared(conn, (ACCOUNTS, (sorted(set(account_ids)),))).fetchall()
+    accounts = fetch_prepared_all(conn, (ACCOUNTS, (sorted(set(account_ids)),)))
     return _snapshots(conn, accounts)
 
 
@@ -270,5 +270,5 @@ def gather_page(conn: Connection, after: str, limit: int) -> tuple[list[str], di
 
 def read_page(conn: Connection, after: str, limit: int) -> tuple[list[Any], Any]:
     """The database half of gather_page: (account rows in id order, their DETAILS row)."""
-    accounts = execute_prepared(conn, (PAGE, (after, limit))).fetchall()
+    accounts = fetch_prepared_all(conn, (PAGE, (after, limit)))
     return accounts, read_details(conn, accounts)

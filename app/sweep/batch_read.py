@@ -24,6 +24,7 @@ import contextlib
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -58,6 +59,7 @@ class PageReader:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sweep-page-reader", daemon=True)
         self.switch_interval = sys.getswitchinterval()
+        self.waited = 0.0  # seconds the consumer waited for a page (the database was the bottleneck)
 
     def __enter__(self) -> PageReader:
         sys.setswitchinterval(min(self.switch_interval, SWITCH_INTERVAL))
@@ -74,7 +76,9 @@ class PageReader:
 
     def __iter__(self) -> Iterator[Page]:
         while True:
+            t0 = time.perf_counter()
             kind, value = self.pages.get()
+            self.waited += time.perf_counter() - t0
             if kind == "error":
                 raise value
             accounts, details = value

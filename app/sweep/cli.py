@@ -18,9 +18,19 @@ def _runtime() -> Any:
     return Runtime.build(Settings.from_env())
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of accounts, 1 or more (got {text!r})")
+    return value
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from app.sweep.remediate import celery_enqueuer
-    from app.sweep.sweep import SweepBusy, Sweeper
+    from app.sweep.sweep import BATCH_SIZE, SweepBusy, Sweeper
 
     rt = _runtime()
     enqueue = None
@@ -28,7 +38,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from tasks.factory import make_celery
 
         enqueue = celery_enqueuer(make_celery(rt.settings))
-    sweeper = Sweeper(rt.engine, rt.policy, enqueue, dry_run=args.dry_run, batch_size=args.batch_size,
+    sweeper = Sweeper(rt.engine, rt.policy, enqueue, dry_run=args.dry_run, batch_size=args.batch_size or BATCH_SIZE,
                       keep=args.show)
     try:
         report = sweeper.start()
@@ -109,7 +119,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     sweep = sub.add_parser("sweep", help="run one drift sweep now and print what it found and enqueued")
     sweep.add_argument("--dry-run", action="store_true", help="find drift only: write nothing, enqueue nothing")
-    sweep.add_argument("--batch-size", type=int, default=500)
+    sweep.add_argument("--batch-size", type=_positive, default=None, help="accounts per page")
     sweep.add_argument("--show", type=int, default=20, help="how many drifted accounts to list")
     sweep.add_argument("--json", action="store_true")
     sweep.set_defaults(handler=cmd_sweep)

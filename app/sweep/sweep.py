@@ -33,9 +33,16 @@ from app.domain.rollout import in_stage
 from app.domain.snapshot import Snapshot
 from app.rollout.store import read_state
 from app.sweep.batch_read import PageReader
+from app.sweep.collector import fewer_collections
 from app.sweep.lock import SweepBusy, sweep_lock
 
 log = logging.getLogger(__name__)
+
+# Accounts per keyset page. Large enough that the read-ahead keeps up with compute (per-page round
+# trips and transaction overhead are amortised: at 1,000,000 accounts the sweep waited for the
+# database 29% of its time with pages of 500, 14% with 2,000) and small enough that a page's
+# statement stays a few tens of milliseconds and memory stays flat.
+BATCH_SIZE = 2000
 
 Enqueue = Callable[[str, int | None], str]  # (account id, sweep run id) -> task id; raises on failure
 
@@ -58,7 +65,9 @@ class SweepReport:
     cursor: str = ""
     finished: bool = False
     seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=lambda: {"gather": 0.0, "compute": 0.0, "record": 0.0})
+    # wait: for the read-ahead's next page (the database was behind); gather: building the snapshots
+    timings: dict[str, float] = field(default_factory=lambda: {"wait": 0.0, "gather": 0.0, "compute": 0.0,
+                                                               "record": 0.0})
     drifted_accounts: list[dict[str, Any]] = field(default_factory=list)  # the first ``keep`` only
 
     @property
@@ -89,7 +98,7 @@ def _classify(account_id: str, guard: str | None, stage: str, named: tuple[str, 
 
 class Sweeper:
     def __init__(self, engine: Engine, policy: Policy, enqueue: Enqueue | None, *, dry_run: bool = False,
-                 batch_size: int = 500, clock: Callable[[], datetime] = utcnow, keep: int = 20,
+                 batch_size: int = BATCH_SIZE, clock: Callable[[], datetime] = utcnow, keep: int = 20,
                  stale_after: timedelta = timedelta(minutes=15)) -> None:
         if enqueue is None and not dry_run:
             raise ValueError("a sweep that remediates needs a way to enqueue recomputes")
@@ -158,8 +167,12 @@ class Sweeper:
         started = time.perf_counter()
         failed = False
         try:
-            with PageReader(self.engine, cursor, self.batch_size) as reader:
-                self._pages(report, reader, named, started, max_seconds)
+            with fewer_collections(), PageReader(self.engine, cursor, self.batch_size) as reader:
+                try:
+                    self._pages(report, reader, named, started, max_seconds)
+                finally:
+                    report.timings["wait"] += reader.waited
+                    report.timings["gather"] -= reader.waited
         except BaseException:
             failed = True
             raise
@@ -174,7 +187,7 @@ class Sweeper:
         while True:
             t0 = time.perf_counter()
             ids, gathered = next(pages)
-            # The reader works ahead on its own thread: this is the time the sweep waited for it.
+            # Waiting for the reader's next page, then building its snapshots (split at the end).
             report.timings["gather"] += time.perf_counter() - t0
             found = self._batch(report, ids, gathered, named)
             if not ids:

@@ -251,3 +251,11 @@ def test_ops_lifting_lists_accounts_stuck_past_the_guard_window(client, accounts
     assert item["account_id"] == stuck and 44 <= item["minutes"] <= 46
     assert metrics.STUCK_IN_LIFTING._value.get() == 1
     assert client.get("/ops/lifting?limit=0", headers=service_headers()).status_code == 400
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "many"])
+def test_cli_sweep_refuses_a_batch_size_that_is_not_a_positive_number(bad: str, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--dry-run", "--batch-size", bad])
+    assert exit_.value.code == 2
+    assert f"--batch-size: must be a whole number of accounts, 1 or more (got {bad!r})" in capsys.readouterr().err
