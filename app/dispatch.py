@@ -55,6 +55,11 @@ def send(celery_app: Celery, name: str, args: list[Any] | None = None, kwargs: d
 def _publish(celery_app: Celery, name: str, args: list[Any], kwargs: dict[str, Any], task_id: str,
              ignore_result: bool) -> None:
     with celery_app.producer_or_acquire() as producer:
+        # Connect (if the pooled connection is not) within the send policy: kombu's own default
+        # keeps retrying for the broker connection timeout, seconds that a webhook cannot wait.
+        producer.connection.ensure_connection(
+            max_retries=SEND_RETRY_POLICY["max_retries"], interval_start=SEND_RETRY_POLICY["interval_start"],
+            interval_step=SEND_RETRY_POLICY["interval_step"], interval_max=SEND_RETRY_POLICY["interval_max"])
         channel = producer.channel
         if not callable(getattr(channel, "create_publish_batch", None)):  # not Redis: Celery's own path
             celery_app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, ignore_result=ignore_result,

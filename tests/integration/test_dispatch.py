@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from typing import Any
 
@@ -11,7 +13,7 @@ import redis
 from celery import Celery
 
 from app.config import Settings
-from app.dispatch import BrokerUnavailable, send
+from app.dispatch import SEND_RETRY_POLICY, BrokerUnavailable, send
 from tasks import queues
 from tasks.factory import make_celery
 
@@ -78,7 +80,67 @@ def test_the_task_sent_event_reaches_event_consumers(settings, celery_app, broke
     assert body["args"] == repr(["acct_9", "STATE_REFRESH", None])
 
 
-def test_a_broker_that_is_down_is_reported_not_raised_as_a_kombu_error(settings):
-    down = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
-    with pytest.raises(BrokerUnavailable, match=r"tasks\.recompute_account"):
-        send(down, "tasks.recompute_account", ["acct_1", "STATE_REFRESH", None])
+def test_a_broker_that_is_down_is_reported_after_one_retry(settings):
+    """A webhook waits on this: one retry (SEND_RETRY_POLICY), then BrokerUnavailable, not kombu's
+    own reconnect loop. The "broker" accepts connections and drops them at once."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    attempts = 0
+
+    def accept() -> None:
+        nonlocal attempts
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            attempts += 1
+            conn.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    down = make_celery(settings.with_overrides(broker_url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0"))
+    try:
+        with pytest.raises(BrokerUnavailable, match=r"tasks\.recompute_account"):
+            send(down, "tasks.recompute_account", ["acct_1", "STATE_REFRESH", None])
+    finally:
+        listener.close()
+        thread.join(5)
+    assert attempts == 1 + SEND_RETRY_POLICY["max_retries"]
+
+
+def _rabbitmq_url() -> str | None:
+    """A RabbitMQ to try the non-Redis path on: TEST_AMQP_URL, else one on the standard local port."""
+    import os
+    import socket
+
+    url = os.environ.get("TEST_AMQP_URL")
+    if url:
+        return url
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=0.5).close()
+    except OSError:
+        return None
+    return "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def test_other_brokers_take_celerys_own_path(settings):
+    """Not the product's broker, but a supported one: send() must still deliver there."""
+    url = _rabbitmq_url()
+    if url is None:
+        pytest.skip("no RabbitMQ reachable (set TEST_AMQP_URL to run this)")
+    app = make_celery(settings.with_overrides(broker_url=url))
+    queue = f"dunning-test-{time.monotonic_ns()}"
+    app.conf.task_routes = {"tasks.recompute_account": {"queue": queue}}
+    with app.connection_for_write() as conn:
+        simple = conn.SimpleQueue(queue)
+        try:
+            task_id = send(app, "tasks.recompute_account", ["acct_7", "STATE_REFRESH", None])
+            message = simple.get(timeout=5)
+            message.ack()
+            assert message.headers["id"] == task_id and message.headers["task"] == "tasks.recompute_account"
+            assert message.decode()[0] == ["acct_7", "STATE_REFRESH", None]
+        finally:
+            simple.close()  # the consumer first: deleting its queue under it cancels it
+            simple.queue.bind(conn.default_channel).delete()
