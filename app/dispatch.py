@@ -28,10 +28,10 @@ class BrokerUnavailable(Exception):
 
 # Ingest must answer fast: when the broker is down, give up quickly; beat re-drives the request.
 SEND_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
-# kombu retries (the policy above) while messages are buffered; the pipelined write at the end of
-# the batch is not retried by kombu, so a failed one is tried once more here: the pool replaces a
-# connection the broker dropped (a restart). A batch that failed half-way may then deliver a message
-# twice, which every task here tolerates (recompute is idempotent, payments carry idempotency keys).
+# The connection is made within the policy above; the pipelined write at the end of a batch is not
+# retried by kombu, so a failed one is tried once more here: the pool replaces a connection the
+# broker dropped (a restart). A batch that failed half-way may then deliver a message twice, which
+# every task here tolerates (recompute is idempotent, payments carry idempotency keys).
 FLUSH_ATTEMPTS = 2
 
 
@@ -65,34 +65,41 @@ def _publish(celery_app: Celery, name: str, args: list[Any], kwargs: dict[str, A
             celery_app.send_task(name, args=args, kwargs=kwargs, task_id=task_id, ignore_result=ignore_result,
                                  producer=producer, retry=True, retry_policy=SEND_RETRY_POLICY)
             return
-        queue = celery_app.amqp.router.route({}, name, args, kwargs)["queue"]
-        root_id = parent_id = None
-        parent = celery_app.current_worker_task
-        if parent is not None:  # sent from a task: Flower shows the tree
-            root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
-        headers, properties, body, sent_event = celery_app.amqp.create_task_message(
-            task_id, name, args, kwargs, reply_to=celery_app.thread_oid, create_sent_event=True,
-            root_id=root_id, parent_id=parent_id, ignore_result=ignore_result,
-            # What Celery's saferepr writes for these small id arguments, without its cost.
-            argsrepr=repr(args) if args else "()", kwargsrepr=repr(kwargs),
-        )
-        # As Celery does for a direct exchange: the default exchange, keyed by the queue's name.
-        properties["delivery_mode"] = queue.exchange.delivery_mode or 2
-        task = _message(channel, body, celery_app.conf.task_serializer, headers, properties)
-        sent_event.update(queue=queue.name, exchange="", routing_key=queue.name)
+        queue, task, sent = _task_message(celery_app, channel, name, args, kwargs, task_id, ignore_result)
         events = _dispatcher(celery_app)
         producer.maybe_declare(events.exchange)
-        event = _message(channel, events._prepare_event("task-sent", sent_event), events.serializer,
+        # The dispatcher's own event builder (hostname, pid, logical clock), as its publish() uses.
+        event = _message(channel, events._prepare_event("task-sent", sent), events.serializer,
                          dict(events.headers), {"delivery_mode": events.delivery_mode})
         if not ignore_result:
             celery_app.backend.on_task_call(producer, task_id)
         batch = channel.create_publish_batch(max_size=2)
         try:
-            batch.publish(task, exchange="", routing_key=queue.name)
+            batch.publish(task, exchange="", routing_key=queue)
             batch.publish(event, exchange=events.exchange.name, routing_key="task.sent")
             batch.flush()
         finally:
             batch.close()
+
+
+def _task_message(celery_app: Celery, channel: Any, name: str, args: list[Any], kwargs: dict[str, Any],
+                  task_id: str, ignore_result: bool) -> tuple[str, Any, dict[str, Any]]:
+    """(queue name, the task's message, its task-sent event's fields), as send_task makes them."""
+    queue = celery_app.amqp.router.route({}, name, args, kwargs)["queue"]
+    root_id = parent_id = None
+    parent = celery_app.current_worker_task
+    if parent is not None:  # sent from a task: Flower shows the tree
+        root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
+    headers, properties, body, sent = celery_app.amqp.create_task_message(
+        task_id, name, args, kwargs, reply_to=celery_app.thread_oid, create_sent_event=True,
+        root_id=root_id, parent_id=parent_id, ignore_result=ignore_result,
+        # What Celery's saferepr writes for these small id arguments, without its cost.
+        argsrepr=repr(args) if args else "()", kwargsrepr=repr(kwargs),
+    )
+    # As Celery does for a direct exchange: the default exchange, keyed by the queue's name.
+    properties["delivery_mode"] = queue.exchange.delivery_mode or 2
+    sent.update(queue=queue.name, exchange="", routing_key=queue.name)
+    return queue.name, _message(channel, body, celery_app.conf.task_serializer, headers, properties), sent
 
 
 def _message(channel: Any, body: Any, serializer: str, headers: dict[str, Any], properties: dict[str, Any]) -> Any:
