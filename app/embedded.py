@@ -46,15 +46,24 @@ class EmbeddedServerError(RuntimeError):
     """A private server could not be started (the message says why and where its log is)."""
 
 
+def poll_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it holds (True) or the deadline passes (False). For other
+    processes' state (a server accepting connections, a process group gone): there is nothing in
+    this process to wait on."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def wait_for(
     condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
 ) -> None:
     """Poll ``condition`` until it holds; raise :class:`EmbeddedServerError` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise EmbeddedServerError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    if not poll_until(condition, timeout, interval):
+        raise EmbeddedServerError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

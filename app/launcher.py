@@ -218,11 +218,10 @@ class _FleetManager(Manager):
         return [p["pid"] for p in list(self._processes.values()) if p.get("pid")]
 
     def _record_groups(self) -> None:
+        from app.embedded import create_time, owner_record, poll_until, write_pidfile
+
         # The "started" events arrive on honcho's queue, which the main thread reads.
-        deadline = time.monotonic() + 30
-        while len(self.child_pids()) < len(self._processes) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        from app.embedded import create_time, owner_record, write_pidfile
+        poll_until(lambda: len(self.child_pids()) >= len(self._processes), 30)
 
         groups = [[pid, create_time(pid)] for pid in self.child_pids()]
         with contextlib.suppress(OSError):
@@ -232,6 +231,8 @@ class _FleetManager(Manager):
 def _kill_leftover_groups(pids: list[int]) -> None:
     """honcho runs each process as the leader of its own process group and waits for the leader
     only; make sure nothing else of those groups (a worker's pool child...) outlives it."""
+    from app.embedded import poll_until
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = []
         for pgid in pids:
@@ -240,13 +241,13 @@ def _kill_leftover_groups(pids: list[int]) -> None:
                 alive.append(pgid)
             except (ProcessLookupError, PermissionError):
                 pass
-        if not alive:
-            return
-        deadline = time.monotonic() + 3
-        while alive and time.monotonic() < deadline:
+
+        def all_gone() -> bool:
+            nonlocal alive
             alive = [g for g in alive if _group_exists(g)]
-            if alive:
-                time.sleep(0.05)
+            return not alive
+
+        poll_until(all_gone, 3)
         pids = alive
 
 
