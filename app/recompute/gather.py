@@ -102,10 +102,15 @@ DUNNING_COLUMNS = ("status", "level", "failure_class", "next_retry_at", "retry_i
 def _stored(row: list[Any] | None) -> tuple[DunningState | None, int]:
     if row is None:
         return None, 0
-    columns = dict(zip(DUNNING_COLUMNS, row, strict=False))
+    return stored_state(row), int(row[len(DUNNING_COLUMNS)])
+
+
+def stored_state(values: list[Any]) -> DunningState:
+    """The DunningState of a ``json_build_array`` of DUNNING_COLUMNS, in that order (extra values ignored)."""
+    columns = dict(zip(DUNNING_COLUMNS, values, strict=False))
     columns["next_retry_at"] = _t(columns["next_retry_at"])
     columns["unpaid_since"] = _t(columns["unpaid_since"])
-    return DunningState.from_columns(columns), int(row[len(DUNNING_COLUMNS)])
+    return DunningState.from_columns(columns)
 
 
 def _t(value: str | None) -> datetime | None:

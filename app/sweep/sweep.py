@@ -26,8 +26,8 @@ from sqlalchemy import Engine
 
 from app import metrics
 from app.db import unit_of_work
-from app.domain.compute import compute
-from app.domain.drift import Drift, drift_of, payment_in_flight
+from app.domain.compute import Decision, compute
+from app.domain.drift import Drift, drift, payment_in_flight
 from app.domain.policy import Policy
 from app.domain.rollout import in_stage
 from app.domain.snapshot import Snapshot
@@ -94,6 +94,26 @@ def _classify(account_id: str, guard: str | None, stage: str, named: tuple[str, 
     if guard is not None:
         return f"guarded:{guard}"
     return "remediate" if in_stage(account_id, stage, named) else "out_of_stage"
+
+
+class _PageDrifts:
+    """drift() once per distinct (stored, desired) pair of a page. Most accounts of a page share
+    both objects: the page's stored states are shared by equal rows (gather_batch._StoredStates) and
+    compute shares its states for accounts with nothing unpaid. drift is pure, so the answer for a
+    pair is the answer for every account with that pair. Keyed by identity, with the objects kept
+    alive in the value so no id is reused while the page lasts; per page, so memory stays flat."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int, bool, bool], tuple[Any, Any, Drift | None]] = {}
+
+    def of(self, snapshot: Snapshot, decision: Decision) -> Drift | None:
+        stored, desired = snapshot.stored, decision.state
+        key = (id(stored), id(desired), snapshot.stored_bad_debt_flag, decision.bad_debt)
+        hit = self.seen.get(key)
+        if hit is None:
+            hit = self.seen[key] = (stored, desired, drift(stored, snapshot.stored_bad_debt_flag, desired,
+                                                             decision.bad_debt))
+        return hit[2]
 
 
 class Sweeper:
@@ -186,18 +206,20 @@ class Sweeper:
         pages = iter(reader)
         while True:
             t0 = time.perf_counter()
-            ids, gathered = next(pages)
+            page = next(pages, None)
             # Waiting for the reader's next page, then building its snapshots (split at the end).
             report.timings["gather"] += time.perf_counter() - t0
-            found = self._batch(report, ids, gathered, named)
-            if not ids:
+            if page is None:  # (the last range returns below; this is a reader that ended early)
                 report.finished = True
                 return
-            report.cursor = ids[-1]
+            ids, gathered, upto = page
+            found = self._batch(report, ids, gathered, named)
+            if ids:
+                report.cursor = ids[-1]
             t0 = time.perf_counter()
             self._record(report, found, len(ids))
             report.timings["record"] += time.perf_counter() - t0
-            if len(ids) < self.batch_size:
+            if upto is None:  # the last range
                 report.finished = True
                 return
             if max_seconds is not None and time.perf_counter() - started >= max_seconds:
@@ -208,6 +230,7 @@ class Sweeper:
         now = self.clock()
         t2 = time.perf_counter()
         found: list[Found] = []
+        drifts = _PageDrifts()
         for account_id in ids:
             if account_id not in gathered:  # deleted between the page and the gather
                 continue
@@ -218,7 +241,7 @@ class Sweeper:
                 log.exception("drift sweep: compute failed for %s", account_id)
                 report.errors += 1
                 continue
-            drifted = drift_of(snapshot, decision)
+            drifted = drifts.of(snapshot, decision)
             if drifted is None:
                 continue
             action = _classify(account_id, payment_in_flight(snapshot, self.policy, now), report.stage, named)
