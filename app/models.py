@@ -186,6 +186,8 @@ class StripeInvoice(Base):
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     stripe_customer_id: Mapped[str] = mapped_column(Text, index=True)
+    # The account this customer's rows are filed under (see MirrorCustomer); set by a trigger.
+    account_key: Mapped[str | None] = mapped_column(Text, index=True)
     subscription_id: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text)
     billing_reason: Mapped[str | None] = mapped_column(Text)
@@ -218,6 +220,8 @@ class StripePaymentAttempt(Base):
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(Text, index=True)
+    # The account this customer's rows are filed under (see MirrorCustomer); set by a trigger.
+    account_key: Mapped[str | None] = mapped_column(Text, index=True)
     invoice_id: Mapped[str | None] = mapped_column(Text, index=True)
     charge_id: Mapped[str | None] = mapped_column(Text)
     payment_method_id: Mapped[str | None] = mapped_column(Text)
@@ -237,6 +241,8 @@ class StripeSubscription(Base):
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     stripe_customer_id: Mapped[str] = mapped_column(Text, index=True)
+    # The account this customer's rows are filed under (see MirrorCustomer); set by a trigger.
+    account_key: Mapped[str | None] = mapped_column(Text, index=True)
     status: Mapped[str] = mapped_column(Text)
     products: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     canceled_at: Mapped[datetime | None]
@@ -249,6 +255,8 @@ class StripePaymentMethod(Base):
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(Text, index=True)
+    # The account this customer's rows are filed under (see MirrorCustomer); set by a trigger.
+    account_key: Mapped[str | None] = mapped_column(Text, index=True)
     type: Mapped[str] = mapped_column(Text)
     attached: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     card_brand: Mapped[str | None] = mapped_column(Text)
@@ -269,10 +277,30 @@ class StripeCustomerState(Base):
     __tablename__ = "stripe_customer_state"
 
     stripe_customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # The account this customer's rows are filed under (see MirrorCustomer); set by a trigger.
+    account_key: Mapped[str | None] = mapped_column(Text, index=True)
     default_payment_method_id: Mapped[str | None] = mapped_column(Text)
     changed_at: Mapped[datetime]
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class MirrorCustomer(Base):
+    """Per Stripe customer, the account its mirror rows are filed under (``account_key``, NULL: none).
+
+    Every mirror row of the customer carries this key (a trigger files new rows; app/sweep/refile.py
+    files a customer again when subs_customer, the truth, names another account). The sweep reads
+    a range of accounts' mirror rows by ``account_key`` where this agrees with subs_customer, and
+    by customer where it does not (migration mirror_account_key says how writers stay consistent).
+    """
+
+    __tablename__ = "mirror_customer"
+
+    stripe_customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account_key: Mapped[str | None] = mapped_column(Text)
+    filed_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+    __table_args__ = (Index("ix_mirror_customer_account_key", "account_key", "stripe_customer_id"),)
 
 
 # --- what recompute emits and what follows from it ----------------------------------------

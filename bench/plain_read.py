@@ -24,6 +24,7 @@ SWEPT_ROWS: tuple[tuple[str, str], ...] = (
                      "last_failure_id, reasons::text, entitlements::text, actions_requested::text, policy_version, "
                      "version FROM subs_dunning"),
     ("subs_customer", "SELECT account_id, stripe_customer_id FROM subs_customer"),
+    ("mirror_customer", "SELECT account_key, stripe_customer_id FROM mirror_customer"),
     ("stripe_invoice", "SELECT stripe_customer_id, id, status, billing_reason, subscription_id, amount_due, "
                        "amount_paid, amount_remaining, created, lines::text, currency, total, credited_amount, "
                        "attempt_count, due_date, first_failed_at, last_failed_at, paid_at, voided_at, "

@@ -18,6 +18,7 @@ ROUTES = {
     "tasks.drift_sweep": {"queue": SWEEPS},
     "tasks.sweep_batch": {"queue": SWEEPS},
     "tasks.check_rollout_gate": {"queue": SWEEPS},
+    "tasks.refile_mirror": {"queue": SWEEPS},
     "tasks.redrive_requests": {"queue": MAINTENANCE},
     "tasks.redrive_stuck": {"queue": MAINTENANCE},
     "tasks.*": {"queue": MAINTENANCE},

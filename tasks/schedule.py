@@ -17,5 +17,7 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "redrive-stuck": {"task": "tasks.redrive_stuck", "schedule": 60.0, "options": {"expires": 50}},
     # Drift sweep (a sweep already running makes the next one exit at once) and the rollout gate.
     "drift-sweep": {"task": "tasks.drift_sweep", "schedule": 900.0, "options": {"expires": 600}},
+    # Customers mapped (or moved) by other teams since: filed, the sweep reads their mirror rows by range.
+    "refile-mirror": {"task": "tasks.refile_mirror", "schedule": 300.0, "options": {"expires": 240}},
     "check-rollout-gate": {"task": "tasks.check_rollout_gate", "schedule": 300.0, "options": {"expires": 240}},
 }

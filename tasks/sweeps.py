@@ -1,4 +1,5 @@
-"""Beat work of DESIGN section 6: tasks.drift_sweep, tasks.sweep_batch, tasks.check_rollout_gate.
+"""Beat work of DESIGN section 6: tasks.drift_sweep, tasks.sweep_batch, tasks.check_rollout_gate, and
+tasks.refile_mirror, which keeps the Stripe mirror filed by account for the sweep's range reads.
 
 A sweep runs in segments of at most a quarter of the visibility timeout; when accounts remain, the
 segment chains tasks.sweep_batch with the sweep id (the cursor is in sweep_run), so no single task
@@ -17,6 +18,7 @@ from app.db import unit_of_work
 from app.dispatch import send
 from app.rollout.gate import check_gate
 from app.sweep.lifting import count_stuck_in_lifting
+from app.sweep.refile import refile_customers
 from app.sweep.remediate import celery_enqueuer
 from app.sweep.sweep import SweepBusy, Sweeper, SweepReport
 from tasks.runtime import runtime_for
@@ -70,3 +72,12 @@ def check_rollout_gate(self: Task) -> dict[str, Any]:
         stuck = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
     return {"action": decision.action, "reason": decision.reason, "stage": state.stage, "held": state.held,
             "health": health.to_json(), "stuck_in_lifting": stuck}
+
+
+@shared_task(name="tasks.refile_mirror", bind=True)
+def refile_mirror(self: Task) -> dict[str, Any]:
+    """File the customers subs_customer maps differently from their mirror rows (app/sweep/refile.py)."""
+    filed = refile_customers(runtime_for(self.app).engine)
+    if filed:
+        log.info("filed the mirror rows of %d customers under their accounts", filed)
+    return {"filed": filed}

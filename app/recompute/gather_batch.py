@@ -61,16 +61,51 @@ ACCOUNTS = Prepared("dunning_batch_accounts", "SELECT " + _DUNNING + "WHERE a.ac
 
 # Everything else about the accounts in [$1, $2], one row of JSON arrays (one per table, ordered by
 # account, then by the key gather_many's json_agg orders by). Account-keyed tables are one index range
-# scan each; the Stripe mirror is reached through the range's customers, one index probe each (LATERAL
-# ... OFFSET 0: the generic plan would otherwise hash whole mirror tables for a few hundred customers).
-DETAILS = Prepared("dunning_batch_details", """
-WITH c AS MATERIALIZED (
+# scan each. The Stripe mirror is keyed by customer: its rows carry the account they are filed under
+# (account_key, migration mirror_account_key), so a customer filed under the account subs_customer
+# names ("filed") is read by one range scan per table too. The others ("unfiled": never filed,
+# filed elsewhere, or moved to another account since) are reached through their stripe_customer_id,
+# one index probe each (LATERAL ... OFFSET 0: the generic plan would otherwise hash whole mirror
+# tables), and rows filed here for a customer that subs_customer now puts elsewhere ("moved")
+# are left out of the range scans. subs_customer decides, as in gather_many.
+_MIRROR = {  # table alias -> (table, the columns read)
+    "i": ("stripe_invoice", "id, status, billing_reason, subscription_id, amount_due, amount_paid, "
+                            "amount_remaining, created, lines, currency, total, credited_amount, attempt_count, "
+                            "due_date, first_failed_at, last_failed_at, paid_at, voided_at, marked_uncollectible_at"),
+    "p": ("stripe_payment_attempt", "id, invoice_id, payment_method_id, status, attempted_at, amount, amount_refunded, "
+                                    "decline_code, failure_code, advice_code"),
+    "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4"),
+    "s": ("stripe_customer_state", "default_payment_method_id, changed_at, source_created, stripe_customer_id"),
+    "b": ("stripe_subscription", "id, status, products"),
+}
+
+
+def _mirror_rows(alias: str) -> str:
+    """(account_id, columns...) of the range's mirror rows in ``alias``'s table: filed + unfiled."""
+    table, columns = _MIRROR[alias]
+    cols = ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+    return (f"SELECT {alias}.account_key AS account_id, {cols} FROM {table} {alias} "
+            f"WHERE {alias}.account_key >= $1 AND {alias}.account_key <= $2 "
+            f"AND {alias}.stripe_customer_id <> ALL((SELECT ids FROM moved)::text[]) "
+            f"UNION ALL SELECT u.account_id, {cols} FROM unfiled u, LATERAL (SELECT * FROM {table} {alias} "
+            f"WHERE {alias}.stripe_customer_id = u.stripe_customer_id OFFSET 0) {alias}")
+
+
+DETAILS = Prepared("dunning_batch_details", f"""
+WITH c AS MATERIALIZED (  -- the range's customers (subs_customer: the truth)
   SELECT account_id, stripe_customer_id FROM subs_customer WHERE account_id >= $1 AND account_id <= $2),
+f AS MATERIALIZED (  -- the customers whose mirror rows are filed under the range's accounts
+  SELECT account_key AS account_id, stripe_customer_id FROM mirror_customer
+   WHERE account_key >= $1 AND account_key <= $2),
+differ AS MATERIALIZED (  -- where the two disagree (in steady state: nobody)
+  SELECT c.account_id AS c_account, c.stripe_customer_id AS c_customer, f.stripe_customer_id AS f_customer
+    FROM c FULL JOIN f USING (account_id, stripe_customer_id) WHERE c.account_id IS NULL OR f.account_id IS NULL),
+unfiled AS MATERIALIZED (
+  SELECT c_account AS account_id, c_customer AS stripe_customer_id FROM differ WHERE c_customer IS NOT NULL),
+moved AS MATERIALIZED (
+  SELECT ARRAY(SELECT f_customer FROM differ WHERE f_customer IS NOT NULL) AS ids),
 inv AS MATERIALIZED (  -- read once: listed, and the way to the attempts known only through their invoice
-  SELECT c.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due, i.amount_paid,
-         i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount, i.attempt_count, i.due_date,
-         i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at, i.marked_uncollectible_at
-    FROM c, LATERAL (SELECT * FROM stripe_invoice i WHERE i.stripe_customer_id = c.stripe_customer_id OFFSET 0) i)
+  {_mirror_rows("i")})
 SELECT
   (SELECT json_agg(json_build_array(i.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
@@ -79,22 +114,20 @@ SELECT
      FROM inv i),
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
           p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code) ORDER BY p.account_id, p.id)
-     FROM (SELECT c.account_id, p.* FROM c, LATERAL (SELECT * FROM stripe_payment_attempt p
-                   WHERE p.stripe_customer_id = c.stripe_customer_id OFFSET 0) p
+     FROM ({_mirror_rows("p")}
            UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
-           SELECT i.account_id, p.* FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
+           SELECT i.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at, p.amount,
+                  p.amount_refunded, p.decline_code, p.failure_code, p.advice_code
+             FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
                    WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
-  (SELECT json_agg(json_build_array(c.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
-          m.card_brand, m.card_last4) ORDER BY c.account_id, m.id)
-     FROM c, LATERAL (SELECT * FROM stripe_payment_method m WHERE m.stripe_customer_id = c.stripe_customer_id
-                               OFFSET 0) m),
-  (SELECT json_agg(json_build_array(c.account_id, s.default_payment_method_id, s.changed_at)
-          ORDER BY c.account_id, s.source_created DESC, s.stripe_customer_id)
-     FROM c, LATERAL (SELECT * FROM stripe_customer_state s WHERE s.stripe_customer_id = c.stripe_customer_id
-                               OFFSET 0) s),
-  (SELECT json_agg(json_build_array(c.account_id, s.id, s.status, s.products) ORDER BY c.account_id, s.id)
-     FROM c, LATERAL (SELECT * FROM stripe_subscription s WHERE s.stripe_customer_id = c.stripe_customer_id
-                               OFFSET 0) s),
+  (SELECT json_agg(json_build_array(m.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
+          m.card_brand, m.card_last4) ORDER BY m.account_id, m.id)
+     FROM ({_mirror_rows("m")}) m),
+  (SELECT json_agg(json_build_array(s.account_id, s.default_payment_method_id, s.changed_at)
+          ORDER BY s.account_id, s.source_created DESC, s.stripe_customer_id)
+     FROM ({_mirror_rows("s")}) s),
+  (SELECT json_agg(json_build_array(b.account_id, b.id, b.status, b.products) ORDER BY b.account_id, b.id)
+     FROM ({_mirror_rows("b")}) b),
   (SELECT json_agg(json_build_array(r.account_id, r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
           r.scheduled_for, r.created_at) ORDER BY r.account_id, r.id)
      FROM payment_retry r WHERE r.account_id >= $1 AND r.account_id <= $2),

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine
 
 from app.recompute.gather import gather_many
 from app.recompute.gather_batch import gather_batch, gather_page
+from app.sweep.refile import refile_customers
 from tests.conftest import Accounts
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
@@ -159,3 +160,54 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
         assert batch[account] == expected[account], account
     assert set(some) == set(subset) and all(some[a] == expected[a] for a in subset)
     assert order == sorted(ids) and pages == expected
+
+
+def test_gather_batch_agrees_with_gather_many_however_the_mirror_is_filed(accounts: Accounts, engine: Engine):
+    """Mirror rows are read by the account they are filed under only where mirror_customer agrees
+    with subs_customer; customers filed late, moved to another account or never filed are read
+    through their customer id. Refiling them changes nothing the gather returns."""
+    rng = random.Random(20261121)
+    ids = [accounts.create(account_id=f"acct_gf_{n}", customer=f"cus_gf_{n}")[0] for n in range(4)]
+    with engine.begin() as conn:
+        stripe_side(conn, rng, 900, "cus_gf_early")  # rows before any account maps the customer
+        stripe_side(conn, rng, 901, "cus_gf_0")
+    with engine.begin() as conn:
+        insert(conn, "subs_customer", stripe_customer_id="cus_gf_early", account_id=ids[0])
+        insert(conn, "subs_customer", stripe_customer_id="cus_gf_moved", account_id=ids[1])
+        insert(conn, "subs_customer", stripe_customer_id="cus_gf_bare", account_id=ids[2])  # no mirror rows
+    with engine.begin() as conn:
+        for n in range(3):  # filed under ids[1] as they arrive ...
+            insert(conn, "stripe_invoice", id=f"in_gf_moved_{n}", stripe_customer_id="cus_gf_moved", status="open",
+                   total=900, amount_due=900, amount_remaining=900, created=at(rng), source_created=1,
+                   source_rank=1, source_event_id="evt_gf")
+        insert(conn, "stripe_subscription", id="sub_gf_moved", stripe_customer_id="cus_gf_moved", status="active",
+               products=["prod_core"], source_created=1, source_rank=1)
+    with engine.begin() as conn:  # ... then another team moves the customer to ids[3]
+        conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(a)s WHERE stripe_customer_id = 'cus_gf_moved'",
+                             {"a": ids[3]})
+
+    def filed() -> dict[str, Any]:
+        with engine.connect() as conn:
+            return dict(conn.exec_driver_sql(
+                "SELECT stripe_customer_id, account_key FROM mirror_customer WHERE stripe_customer_id LIKE 'cus_gf_%%'"
+            ).all())
+
+    def both() -> tuple[Any, Any, Any]:
+        with engine.connect() as conn:
+            return gather_many(conn, ids), gather_batch(conn, ids), gather_page(conn, "acct_gf", 4)[1]
+
+    assert filed() == {"cus_gf_early": None, "cus_gf_0": ids[0], "cus_gf_moved": ids[1]}
+    expected, batch, page = both()
+    assert len(expected[ids[3]][0].invoices) == 3 and len(expected[ids[0]][0].invoices) >= 1
+    assert expected[ids[1]][0].invoices == () and expected[ids[1]][0].subscriptions == ()
+    assert batch == expected and page == expected
+
+    assert refile_customers(engine) >= 5  # early, moved, bare and the three default customers without rows
+    assert refile_customers(engine) == 0
+    assert {k: v for k, v in filed().items() if k in ("cus_gf_early", "cus_gf_moved", "cus_gf_bare")} == {
+        "cus_gf_early": ids[0], "cus_gf_moved": ids[3], "cus_gf_bare": ids[2]}
+    with engine.connect() as conn:
+        keys = conn.exec_driver_sql("SELECT DISTINCT account_key FROM stripe_invoice "
+                                    "WHERE stripe_customer_id = 'cus_gf_moved'").scalars().all()
+    assert keys == [ids[3]]
+    assert both() == (expected, expected, expected)

@@ -314,3 +314,6 @@ def test_beat_tasks_sweep_and_check_the_gate_on_the_real_worker(runtime, engine:
     gate = celery_app.send_task("tasks.check_rollout_gate").get(timeout=30)
     assert gate["action"] == "hold" and gate["stage"] == "named" and gate["health"]["remediations"] == 1
     assert gate["stuck_in_lifting"] == 0
+    # customers without mirror rows get filed under their accounts, once
+    assert celery_app.send_task("tasks.refile_mirror").get(timeout=30)["filed"] >= 1
+    assert celery_app.send_task("tasks.refile_mirror").get(timeout=30) == {"filed": 0}

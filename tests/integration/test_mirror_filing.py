@@ -1,0 +1,155 @@
+"""Filing Stripe mirror rows under an account (migration mirror_account_key, app/sweep/refile.py).
+
+The invariant the sweep relies on: a mirror_customer row (customer, K) means every mirror row of
+that customer carries account_key K. These tests hold it where it is easiest to break: a refile
+racing a mirror writer, in both orders, on two real connections.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from app.embedded import poll_until
+from app.sweep.refile import refile_customers
+from tests.conftest import Accounts
+
+
+def invoice(conn: Any, invoice_id: str, customer: str) -> None:
+    conn.exec_driver_sql(
+        "INSERT INTO stripe_invoice (id, stripe_customer_id, status, created, source_created, source_rank, "
+        "source_event_id) VALUES (%(id)s, %(c)s, 'open', now(), 1, 1, 'evt_file')", {"id": invoice_id, "c": customer})
+
+
+def keys(engine: Engine, customer: str) -> tuple[Any, list[Any]]:
+    with engine.connect() as conn:
+        filed = conn.exec_driver_sql("SELECT account_key FROM mirror_customer WHERE stripe_customer_id = %(c)s",
+                                     {"c": customer}).scalar_one_or_none()
+        rows = conn.exec_driver_sql("SELECT DISTINCT account_key FROM stripe_invoice WHERE stripe_customer_id = %(c)s",
+                                    {"c": customer}).scalars().all()
+    return filed, rows
+
+
+def waiting_on_a_lock(engine: Engine, query_start: str) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %(q)s",
+            {"q": query_start + "%"}).scalar_one())
+
+
+def move(engine: Engine, customer: str, account: str) -> None:
+    """What another team does to subs_customer."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(a)s WHERE stripe_customer_id = %(c)s",
+                             {"a": account, "c": customer})
+
+
+def test_a_mirror_row_is_filed_under_the_account_of_its_customer(accounts: Accounts, engine: Engine):
+    account, customer = accounts.create()
+    with engine.begin() as conn:
+        invoice(conn, "in_file_1", customer)
+        invoice(conn, "in_file_2", "cus_file_nobody")  # a customer no account maps (yet)
+    assert keys(engine, customer) == (account, [account])
+    assert keys(engine, "cus_file_nobody") == (None, [None])
+
+
+def test_a_refile_waits_for_a_writer_in_flight_and_moves_its_row(accounts: Accounts, engine: Engine):
+    old, customer = accounts.create()
+    new, _ = accounts.create()
+    with engine.begin() as conn:
+        invoice(conn, "in_file_a", customer)
+    assert keys(engine, customer) == (old, [old])
+    writer = engine.connect()
+    writer.begin()
+    invoice(writer, "in_file_b", customer)  # filed under the old account, not committed yet
+    move(engine, customer, new)
+    filed: list[int] = []
+    refile = threading.Thread(target=lambda: filed.append(refile_customers(engine)))
+    refile.start()
+    try:
+        assert poll_until(lambda: waiting_on_a_lock(engine, "LOCK TABLE mirror_customer"), timeout=10)
+    finally:
+        writer.commit()
+        writer.close()
+        refile.join(timeout=10)
+    assert filed and filed[0] >= 1
+    assert keys(engine, customer) == (new, [new])  # the row written during the refile moved too
+
+
+def test_a_writer_waits_for_a_refile_in_progress_and_files_under_the_new_account(accounts: Accounts, engine: Engine):
+    old, customer = accounts.create()
+    new, _ = accounts.create()
+    with engine.begin() as conn:
+        invoice(conn, "in_file_c", customer)
+    move(engine, customer, new)
+    assert keys(engine, customer) == (old, [old])  # filed under the account it had
+    refiling = engine.connect()
+    refiling.begin()
+    refiling.exec_driver_sql("LOCK TABLE mirror_customer IN SHARE ROW EXCLUSIVE MODE")
+    refiling.exec_driver_sql("UPDATE stripe_invoice SET account_key = %(a)s WHERE stripe_customer_id = %(c)s",
+                             {"a": new, "c": customer})
+    refiling.exec_driver_sql("UPDATE mirror_customer SET account_key = %(a)s WHERE stripe_customer_id = %(c)s",
+                             {"a": new, "c": customer})
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            with engine.begin() as conn:
+                invoice(conn, "in_file_d", customer)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert poll_until(lambda: waiting_on_a_lock(engine, "INSERT INTO stripe_invoice"), timeout=10)
+    finally:
+        refiling.commit()
+        refiling.close()
+        writer.join(timeout=10)
+    assert not errors
+    assert keys(engine, customer) == (new, [new])
+    assert refile_customers(engine) >= 0 and keys(engine, customer) == (new, [new])
+
+
+def test_the_filing_trigger_refuses_a_writer_that_would_read_a_stale_key(accounts: Accounts, engine: Engine):
+    _, customer = accounts.create()
+    with pytest.raises(DBAPIError, match="READ COMMITTED"), engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            invoice(conn, "in_file_rr", customer)
+    assert keys(engine, customer) == (None, [])
+
+
+def test_the_migration_files_what_was_mirrored_before_it_and_goes_back_down(database_url: str):
+    from sqlalchemy import create_engine
+
+    from app.migrate import downgrade, upgrade
+    from tests import servers
+
+    with servers.postgres_admin_url() as admin, servers.test_database(admin) as url:
+        upgrade(url, "sweep_counts_and_gate")
+        engine = create_engine(url)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_m1'), ('acct_m2')")
+                conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) "
+                                     "VALUES ('cus_m1', 'acct_m1'), ('cus_m2', 'acct_m2')")
+                invoice(conn, "in_m1", "cus_m1")
+                invoice(conn, "in_m0", "cus_m0")  # mirrored, but no account maps its customer
+            upgrade(url)
+            with engine.connect() as conn:
+                filed = dict(conn.exec_driver_sql("SELECT stripe_customer_id, account_key FROM mirror_customer").all())
+                rows = dict(conn.exec_driver_sql("SELECT id, account_key FROM stripe_invoice").all())
+            assert filed == {"cus_m1": "acct_m1", "cus_m2": "acct_m2", "cus_m0": None}
+            assert rows == {"in_m1": "acct_m1", "in_m0": None}
+            downgrade(url, "sweep_counts_and_gate")
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT to_regclass('mirror_customer')").scalar_one() is None
+            upgrade(url)
+        finally:
+            engine.dispose()
