@@ -19,15 +19,16 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     from app.support import views as support_views
     from tasks.factory import make_celery
     from webhooks import blueprint as webhooks
+    from webhooks.ingest import Ingestor
 
     settings = settings or (runtime.settings if runtime is not None else Settings.from_env())
     app = Flask(__name__)
     app.config["SECRET_KEY"] = settings.secret_key
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
-    app.extensions["dunning"] = runtime or Runtime.build(settings)  # validates the policy file
-    app.extensions["celery"] = celery or make_celery(settings)
+    app.extensions["dunning"] = runtime = runtime or Runtime.build(settings)  # validates the policy file
+    app.extensions["celery"] = celery = celery or make_celery(settings)
     app.register_blueprint(health.bp)
-    app.register_blueprint(webhooks.bp)
+    webhooks.init_app(app, Ingestor(runtime.engine, celery))
     app.register_blueprint(accounts.bp)
     app.register_blueprint(bad_debt_api.bp)
     app.register_blueprint(metrics_api.bp)

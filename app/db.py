@@ -13,6 +13,15 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached (connection refused, dropped, timed out)."""
 
 
+class ValueRejected(ValueError):
+    """The database, or its driver, refused a value: out of range, not valid text, a NUL character."""
+
+
+class Conflict(Exception):
+    """The statement lost to a concurrent one (deadlock, serialization failure) and was rolled back:
+    running it again is safe and normally succeeds."""
+
+
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     options: dict[str, Any] = {
         # No pre-ping: it costs a round trip on every checkout of the hot paths. A connection the
@@ -81,10 +90,13 @@ def is_connection_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OperationalError):
         message = str(exc.orig) if exc.orig is not None else str(exc)
-        markers = ("could not connect", "connection refused", "server closed", "timeout expired",
-                   "terminating connection", "could not translate host", "connection to server")
-        return any(m in message.lower() for m in markers)
+        return any(m in message.lower() for m in CONNECTION_MARKERS)
     return False
+
+
+CONNECTION_MARKERS = ("could not connect", "connection refused", "server closed", "timeout expired",
+                      "terminating connection", "could not translate host", "connection to server",
+                      "connection already closed", "ssl syscall error", "eof detected")
 
 
 # --- prepared statements for the hot paths -------------------------------------------------------
@@ -137,11 +149,40 @@ def _dbapi_cursor(conn: Connection) -> Any:
     return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
+@contextmanager
+def _dbapi_errors(conn: Connection) -> Iterator[None]:
+    """What SQLAlchemy does for its own executes, for ours on the DBAPI cursor: a lost connection
+    is taken out of the pool and reported as DatabaseUnavailable; a refused value is ValueRejected,
+    a lost race Conflict."""
+    import psycopg2
+    import psycopg2.extensions
+
+    try:
+        yield
+    except psycopg2.DataError as exc:
+        raise ValueRejected(str(exc).strip()) from exc
+    except psycopg2.extensions.TransactionRollbackError as exc:
+        raise Conflict(str(exc).strip()) from exc
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        dbapi = conn.connection.driver_connection
+        if isinstance(exc, psycopg2.InterfaceError) or getattr(dbapi, "closed", False) or _lost(exc):
+            conn.invalidate(exc)
+            raise DatabaseUnavailable(f"database connection lost: {exc.__class__.__name__}") from exc
+        raise
+    except ValueError as exc:  # psycopg2 adapting a parameter (a string with a NUL character)
+        raise ValueRejected(str(exc)) from exc
+
+
+def _lost(exc: BaseException) -> bool:
+    message = str(exc).lower()
+    return any(m in message for m in CONNECTION_MARKERS)
+
+
 def fetch_prepared_row(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> tuple[Any, ...] | None:
     """execute_prepared's first row of the last result, through the DBAPI cursor: on the hot paths
     SQLAlchemy's result machinery cost about as much CPU as the statement."""
     sql, params = _batch(conn, calls)
-    with _dbapi_cursor(conn) as cursor:
+    with _dbapi_errors(conn), _dbapi_cursor(conn) as cursor:
         cursor.execute(sql, params)
         row: tuple[Any, ...] | None = cursor.fetchone()
         return row
@@ -150,7 +191,7 @@ def fetch_prepared_row(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]
 def fetch_prepared_all(conn: Connection, *calls: tuple[Prepared, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """fetch_prepared_row for every row."""
     sql, params = _batch(conn, calls)
-    with _dbapi_cursor(conn) as cursor:
+    with _dbapi_errors(conn), _dbapi_cursor(conn) as cursor:
         cursor.execute(sql, params)
         rows: list[tuple[Any, ...]] = cursor.fetchall()
         return rows

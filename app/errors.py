@@ -9,7 +9,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from app.db import DatabaseUnavailable, is_connection_error
+from app.db import Conflict, DatabaseUnavailable, ValueRejected, is_connection_error
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,18 @@ def register(app: Flask) -> None:
     @app.errorhandler(DatabaseUnavailable)
     def db_down(exc: DatabaseUnavailable) -> ResponseReturnValue:
         return _unavailable()
+
+    @app.errorhandler(Conflict)
+    def conflict(exc: Conflict) -> ResponseReturnValue:
+        log.warning("write lost a race with a concurrent one: %s", exc)
+        response = jsonify(error="unavailable", reason="a concurrent write got in the way; retry later")
+        response.headers["Retry-After"] = "1"
+        return response, 503
+
+    @app.errorhandler(ValueRejected)
+    def value_rejected(exc: ValueRejected) -> ResponseReturnValue:
+        log.warning("value rejected by the database: %s", exc)
+        return jsonify(error="unprocessable", reason="a value could not be stored; nothing was accepted"), 422
 
     @app.errorhandler(DBAPIError)
     def db_error(exc: DBAPIError) -> ResponseReturnValue:

@@ -20,6 +20,9 @@ from prometheus_client import (
 
 WEBHOOKS_RECEIVED = Counter("dunning_webhooks_received_total", "Stripe webhooks accepted", ["type", "state"])
 WEBHOOKS_REJECTED = Counter("dunning_webhooks_rejected_total", "Stripe webhooks rejected", ["reason"])
+# How many webhooks shared one commit (webhooks/group_commit.py): 1 under no load, more under load.
+WEBHOOK_BATCH = Histogram("dunning_webhook_batch_events", "Webhook events stored by one group commit",
+                          buckets=(1, 2, 4, 8, 16, 32, 64))
 RECOMPUTES = Counter("dunning_recomputes_total", "Recomputes by trigger and outcome", ["trigger", "outcome"])
 RECOMPUTE_NOOP = Counter("dunning_recompute_noop_total", "Recomputes that wrote nothing", ["trigger"])
 RECOMPUTE_SECONDS = Histogram(

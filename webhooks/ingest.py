@@ -1,4 +1,10 @@
-"""Ingest one verified event: store once, mirror, request a recompute, commit, then enqueue."""
+"""Ingest verified events: store once, mirror, request a recompute, commit, then enqueue.
+
+The events of concurrent requests share the work (webhooks/group_commit.py): one statement and
+one commit for all of them (webhooks/store.py), then one broker round trip for their recomputes
+(app/dispatch.py). A request answers only after both, so its 200 still means "stored, and either
+queued or left for beat to re-drive".
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,29 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import Engine
 
-from app.db import autocommit, unit_of_work
-from app.dispatch import BrokerUnavailable, enqueue_recompute
+from app import metrics
+from app.db import Conflict, ValueRejected, autocommit, unit_of_work
+from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
-from webhooks.mirror import extract
+from webhooks.group_commit import GroupCommit
+from webhooks.mirror import Extracted, extract
 
 log = logging.getLogger(__name__)
+
+MAX_BATCH = 64  # events per group commit; more waiting form the next one
+CONFLICT_ATTEMPTS = 3
+
+
+class EventNotStorable(ValueRejected):
+    """A genuine event holding a value the database cannot take (out of range, a NUL character)."""
 
 
 @dataclass(frozen=True)
 class Ingested:
     event_id: str
     type: str
-    state: str  # accepted | unroutable | ignored | duplicate
+    state: str  # accepted | unroutable | ignored | duplicate | enqueue_failed
     account_id: str | None = None
     enqueued: bool = False
     coalesced: bool = False
@@ -33,37 +48,110 @@ class Ingested:
                 "account_id": self.account_id, "enqueued": self.enqueued, "coalesced": self.coalesced}
 
 
-def ingest(engine: Engine, celery_app: Celery, event: dict[str, Any], raw: str) -> Ingested:
-    ex = extract(event)  # raises NotAStripeEvent
-    settle = None
-    if bad_debt_webhook.concerns(ex.type, ex.payment_intent):
-        # The isolated bad-debt payment's outcome commits with the event (app/payments/bad_debt_webhook.py).
-        with unit_of_work(engine) as conn:
-            stored = store.ingest_event(conn, ex, raw)
+class Ingestor:
+    """Webhook ingest of one web process (its threads share the group commit)."""
+
+    def __init__(self, engine: Engine, celery_app: Celery, max_batch: int = MAX_BATCH) -> None:
+        self.engine = engine
+        self.celery_app = celery_app
+        self.group: GroupCommit[store.Item, Ingested] = GroupCommit(self._flush, max_batch)
+
+    def ingest(self, event: dict[str, Any], raw: str) -> Ingested:
+        """Raises NotAStripeEvent, EventNotStorable, or what the database raised (unreachable: 503)."""
+        ex = extract(event)
+        if bad_debt_webhook.concerns(ex.type, ex.payment_intent):
+            return self._ingest_payment_outcome(ex, event, raw)
+        return self.group.submit((ex, raw))
+
+    def _flush(self, items: list[store.Item]) -> list[Ingested | BaseException]:
+        metrics.WEBHOOK_BATCH.observe(len(items))
+        stored: list[store.Stored | BaseException | None]
+        try:
+            stored = list(self._store(items))
+        except ValueRejected:
+            # An event's values broke the statement (nothing of it was stored): each on its own,
+            # so that only that event's request fails.
+            stored = [self._store_alone(item) for item in items] if len(items) > 1 else [_not_storable(items[0])]
+        calls: list[TaskCall | None] = []
+        outcomes: list[Ingested | BaseException] = []
+        for (ex, _raw), result in zip(items, stored, strict=True):
+            outcome, call = _outcome(ex, result)
+            outcomes.append(outcome)
+            calls.append(call)
+        self._enqueue(outcomes, calls)
+        return outcomes
+
+    def _store(self, items: list[store.Item]) -> list[store.Stored | None]:
+        """Each statement is atomic on its own (autocommit: no BEGIN/COMMIT round trips); one that
+        lost a race with another web process's statement (a deadlock) is run again."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                with autocommit(self.engine) as conn:
+                    return store.ingest_events(conn, items)
+            except Conflict:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _store_alone(self, item: store.Item) -> store.Stored | BaseException | None:
+        try:
+            return self._store([item])[0]
+        except ValueRejected:
+            return _not_storable(item)
+        except Exception as exc:
+            return exc
+
+    def _enqueue(self, outcomes: list[Ingested | BaseException], calls: list[TaskCall | None]) -> None:
+        wanted = [i for i, call in enumerate(calls) if call is not None]
+        try:
+            send_many(self.celery_app, [calls[i] for i in wanted])  # type: ignore[misc]
+        except BrokerUnavailable as exc:
+            # Accepted and committed: the pending requests stay and beat re-drives them.
+            failed = [outcomes[i] for i in wanted]
+            log.warning("%d recomputes not queued, beat will re-drive: %s", len(failed), exc)
+            with unit_of_work(self.engine) as conn:
+                conn.exec_driver_sql("UPDATE stripe_event SET state = 'enqueue_failed' WHERE id = ANY(%(ids)s)",
+                                     {"ids": [o.event_id for o in failed if isinstance(o, Ingested)]})
+            for i in wanted:
+                done = outcomes[i]
+                if isinstance(done, Ingested):
+                    outcomes[i] = Ingested(done.event_id, done.type, "enqueue_failed", done.account_id,
+                                           enqueue_failed=True)
+
+    def _ingest_payment_outcome(self, ex: Extracted, event: dict[str, Any], raw: str) -> Ingested:
+        """A payment intent's outcome may settle the isolated bad-debt payment: recorded in the
+        transaction that stores the event (app/payments/bad_debt_webhook.py)."""
+        settle = None
+        with unit_of_work(self.engine) as conn:
+            stored = store.ingest_events(conn, [(ex, raw)])[0]
             if stored is not None and stored.state == "accepted" and stored.account_id is not None:
                 settle = bad_debt_webhook.record_outcome(conn, ex.type, stored.account_id, ex.payment_intent, event)
-    else:
-        # Every other event is one statement, atomic on its own: one round trip, no BEGIN/COMMIT.
-        with autocommit(engine) as conn:
-            stored = store.ingest_event(conn, ex, raw)
+        if settle is not None:
+            bad_debt_webhook.enqueue_settlement(self.celery_app, settle)
+        outcome, call = _outcome(ex, stored)
+        outcomes: list[Ingested | BaseException] = [outcome]
+        self._enqueue(outcomes, [call])
+        done = outcomes[0]
+        assert isinstance(done, Ingested)
+        return done
+
+
+def _outcome(ex: Extracted, stored: store.Stored | BaseException | None) -> tuple[Ingested | BaseException,
+                                                                                  TaskCall | None]:
+    """What the request answers, and the recompute to enqueue if the event created the request."""
+    if isinstance(stored, BaseException):
+        return stored, None
     if stored is None:
-        return Ingested(ex.event_id, ex.type, "duplicate")
+        return Ingested(ex.event_id, ex.type, "duplicate"), None
     if stored.state != "accepted" or stored.account_id is None:
         # ignored: nothing to act on. unroutable: kept with its mirror row, visible, and re-driven
         # by beat once subs_customer maps the customer.
-        return Ingested(ex.event_id, ex.type, stored.state)
-    account_id = stored.account_id
-    if settle is not None:
-        bad_debt_webhook.enqueue_settlement(celery_app, settle)
+        return Ingested(ex.event_id, ex.type, stored.state), None
     if not stored.created or stored.trigger is None:
-        return Ingested(ex.event_id, ex.type, stored.state, account_id, coalesced=True)
-    try:
-        enqueue_recompute(celery_app, account_id, stored.trigger, ex.event_id)
-    except BrokerUnavailable as exc:
-        # Accepted and committed: the pending request stays and beat re-drives it.
-        log.warning("recompute for %s not queued, beat will re-drive: %s", account_id, exc)
-        with unit_of_work(engine) as conn:
-            conn.exec_driver_sql("UPDATE stripe_event SET state = 'enqueue_failed' WHERE id = %(id)s",
-                                 {"id": ex.event_id})
-        return Ingested(ex.event_id, ex.type, "enqueue_failed", account_id, enqueue_failed=True)
-    return Ingested(ex.event_id, ex.type, stored.state, account_id, enqueued=True)
+        return Ingested(ex.event_id, ex.type, stored.state, stored.account_id, coalesced=True), None
+    return (Ingested(ex.event_id, ex.type, stored.state, stored.account_id, enqueued=True),
+            recompute_call(stored.account_id, stored.trigger, ex.event_id))
+
+
+def _not_storable(item: store.Item) -> EventNotStorable:
+    return EventNotStorable(f"event {item[0].event_id} holds a value that cannot be stored")

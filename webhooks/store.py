@@ -1,12 +1,14 @@
 """SQL of webhook ingest: the inbox insert, the guarded mirror upserts, the recompute request.
 
 Every statement is prepared once per connection (app/db.py Prepared): the webhook path is
-dominated by round trips and planning, not by the work itself.
+dominated by round trips and planning, not by the work itself. Ingest itself is one statement for
+a whole batch of events (``ingest_events``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -14,19 +16,17 @@ from typing import Any
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
-from app.db import Prepared, execute_prepared, fetch_prepared_row
+from app.db import Prepared, execute_prepared, fetch_prepared_all
 from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
 
-def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...], first: int,
-                source: str) -> str:
+def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...], select: str) -> str:
     """INSERT ... ON CONFLICT DO UPDATE where each column follows the ordering guard or its merge rule.
 
-    The key and the columns are parameters ``$first``, ``$first+1``, ...; ``source`` is what the
-    values are selected from (``VALUES``, or a CTE that decides whether to write at all).
+    ``select`` yields the key and the columns, in that order (a VALUES list, or a SELECT).
     In ON CONFLICT DO UPDATE every {table}.col is the stored row's old value, so each CASE compares
     against the stored ordering key, including the ones updating source_* themselves.
     """
@@ -45,8 +45,6 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
         else:
             sets.append(f"{col} = CASE WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     key = KEYS.get(table, "id")
-    values = ", ".join(f"${i}" for i in range(first, first + len(columns) + 1))
-    select = f"VALUES ({values})" if source == "VALUES" else f"SELECT {values} FROM {source}"
     return (f"INSERT INTO {table} ({key}, {', '.join(columns)}) {select} "
             f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}")
 
@@ -57,7 +55,8 @@ def _named(prefix: str, sql: str, types: tuple[str, ...] = ()) -> Prepared:
 
 @cache
 def _upsert(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...]) -> Prepared:
-    return _named(f"dunning_upsert_{table}", _upsert_sql(table, columns, merge, 1, "VALUES"))
+    values = ", ".join(f"${i}" for i in range(1, len(columns) + 2))
+    return _named(f"dunning_upsert_{table}", _upsert_sql(table, columns, merge, f"VALUES ({values})"))
 
 
 def _shape(row: MirrorRow) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
@@ -82,56 +81,104 @@ def upsert_row(conn: Connection, row: MirrorRow) -> None:
 
 PAID_TYPES = ("invoice.paid", "invoice.payment_succeeded", "payment_intent.succeeded", "invoice_payment.paid")
 
-# The whole of ingest's database work in one statement, so in one round trip and (run on its own)
-# one implicit transaction: store the event once, resolve its account, write its mirror row unless
-# the event is a redelivery or of an ignored type, and request the account's recompute when the
-# event is routed. A success of the isolated bad-debt payment requests it as BAD_DEBT_PAID.
-# Data-modifying CTEs all see the snapshot the statement started with; an event has at most one
-# mirror row, so no two of them touch the same row.
+# Ingest's database work for any number of events in one statement, so one round trip and (run on
+# its own) one implicit transaction and one WAL flush for all of them (group commit: the webhook
+# requests waiting at the same moment share it, webhooks/group_commit.py). For each event: store
+# it once, resolve its account, write its mirror row unless it is a redelivery or of an ignored
+# type, and request the account's recompute when it is routed; a success of the isolated bad-debt
+# payment requests it as BAD_DEBT_PAID. Data-modifying CTEs all see the snapshot the statement
+# started with, so the events of one statement must not touch the same row or read a row another
+# writes: ``waves`` splits a batch into statements where they would. Several events of one account
+# are fine: the first creates its request (and is enqueued), the others find it.
 INGEST_HEAD = """
-WITH owner AS (
-    SELECT COALESCE(
-        (SELECT account_id FROM subs_customer WHERE stripe_customer_id = $4),
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[])
+           WITH ORDINALITY AS x(id, type, created, customer, invoice_id, payment_intent, trigger, raw, n)
+), owner AS MATERIALIZED (
+    SELECT x.*, COALESCE(
+        (SELECT account_id FROM subs_customer WHERE stripe_customer_id = x.customer),
         (SELECT c.account_id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
-          WHERE i.id = $5),
+          WHERE i.id = x.invoice_id),
         (SELECT c.account_id FROM stripe_payment_attempt a JOIN subs_customer c USING (stripe_customer_id)
-          WHERE a.id = $6)
+          WHERE a.id = x.payment_intent)
     ) AS account_id
+    FROM input x
 ), event AS (
     INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body)
-    SELECT $1, $2, $3, $4, owner.account_id, $7,
-           CASE WHEN $7 IS NULL THEN 'ignored'
-                WHEN owner.account_id IS NULL THEN 'unroutable'
-                ELSE 'accepted' END,
-           $8
-    FROM owner
+    SELECT id, type, created, customer, account_id, trigger,
+           CASE WHEN trigger IS NULL THEN 'ignored' WHEN account_id IS NULL THEN 'unroutable' ELSE 'accepted' END,
+           raw
+      FROM owner ORDER BY n
     ON CONFLICT (id) DO NOTHING
-    RETURNING account_id, state
+    RETURNING id, account_id, state
 ), request AS (
     INSERT INTO recompute_request (account_id, trigger, cause)
-    SELECT event.account_id,
-           CASE WHEN $2 IN ({paid}) AND EXISTS (
+    SELECT DISTINCT ON (e.account_id) e.account_id,
+           CASE WHEN o.type IN ({paid}) AND EXISTS (
                     SELECT 1 FROM bad_debt_payment b
-                     WHERE b.account_id = event.account_id AND b.state = 'pending'
-                       AND (b.stripe_payment_intent_id = $6 OR b.invoice_ids ? COALESCE($5, '')))
-                THEN 'BAD_DEBT_PAID' ELSE $7 END,
-           $1
-      FROM event WHERE event.state = 'accepted'
+                     WHERE b.account_id = e.account_id AND b.state = 'pending'
+                       AND (b.stripe_payment_intent_id = o.payment_intent
+                            OR b.invoice_ids ? COALESCE(o.invoice_id, '')))
+                THEN 'BAD_DEBT_PAID' ELSE o.trigger END,
+           o.id
+      FROM event e JOIN owner o USING (id)
+     WHERE e.state = 'accepted'
+     ORDER BY e.account_id, o.n  -- the first event of each account; rows locked in key order
     ON CONFLICT (account_id) DO UPDATE SET trigger = recompute_request.trigger
-    RETURNING trigger, (xmax = 0) AS created
-){mirror}
-SELECT event.account_id, event.state, request.trigger, request.created FROM event LEFT JOIN request ON true
+    RETURNING cause, trigger, (xmax = 0) AS created
+){mirrors}
+SELECT e.account_id, e.state, r.trigger, r.created
+  FROM owner o LEFT JOIN event e USING (id) LEFT JOIN request r ON r.cause = o.id
+ ORDER BY o.n
 """.replace("{paid}", ", ".join(f"'{t}'" for t in PAID_TYPES))
-INGEST_TYPES = ("text", "text", "bigint", "text", "text", "text", "text", "text")
+HEAD_PARAMS = 8
+# The mirror tables in the order their parameters follow the head's.
+MIRROR_TABLES = ("stripe_invoice", "stripe_payment_attempt", "stripe_subscription", "stripe_payment_method",
+                 "stripe_customer_state")
+
+Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 @cache
-def _ingest(shape: tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]] | None) -> Prepared:
-    mirror = ""
-    if shape is not None:
-        upsert = _upsert_sql(*shape, first=len(INGEST_TYPES) + 1, source="event WHERE event.state <> 'ignored'")
-        mirror = f", mirror AS (\n    {upsert}\n)"
-    return _named("dunning_ingest", INGEST_HEAD.replace("{mirror}", mirror), INGEST_TYPES)
+def _column_type(table: str, column: str) -> str:
+    """The column's SQL type, as the model declares it."""
+    from sqlalchemy.dialects import postgresql
+
+    from app.models import Base
+
+    return str(Base.metadata.tables[table].c[column].type.compile(dialect=postgresql.dialect()))
+
+
+def _is_json(table: str, column: str) -> bool:
+    return _column_type(table, column) in ("JSON", "JSONB")
+
+
+def _mirror_cte(shape: Shape, first: int) -> str:
+    """The upsert of one table's rows, its arrays being parameters ``$first``, ``$first+1``, ...
+    (key, each column, the event's id), joined to the events actually stored and acted on."""
+    table, columns, merge = shape
+    key = KEYS.get(table, "id")
+    names = (key, *columns, "event_id")
+    # JSON travels as text (psycopg2 has no array of JSON) and is cast back.
+    types = ("TEXT", *("TEXT" if _is_json(table, c) else _column_type(table, c) for c in columns), "TEXT")
+    arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+    picked = ", ".join(f"m.{c}::jsonb" if _is_json(table, c) else f"m.{c}" for c in (key, *columns))
+    # In key order, as every statement locks rows of a table: two concurrent batches touching the
+    # same rows then wait for each other instead of deadlocking.
+    select = (f"SELECT {picked} FROM unnest({arrays}) AS m({', '.join(names)}) "
+              f"JOIN event e ON e.id = m.event_id WHERE e.state <> 'ignored' ORDER BY m.{key}")
+    return f"mirror_{table} AS (\n    {_upsert_sql(table, columns, merge, select)}\n)"
+
+
+@cache
+def _ingest(shapes: tuple[Shape, ...]) -> Prepared:
+    first, ctes = HEAD_PARAMS + 1, []
+    for shape in shapes:
+        ctes.append(_mirror_cte(shape, first))
+        first += len(shape[1]) + 2
+    mirrors = "".join(f", {cte}" for cte in ctes)
+    return _named("dunning_ingest", INGEST_HEAD.replace("{mirrors}", mirrors))
 
 
 @dataclass(frozen=True)
@@ -142,17 +189,72 @@ class Stored:
     created: bool  # this event created the account's pending request: the caller enqueues
 
 
-def ingest_event(conn: Connection, ex: Extracted, raw: str) -> Stored | None:
-    """Store, mirror and request in one round trip. None when the event was stored before."""
-    if len(ex.rows) > 1:
-        raise ValueError("an event mirrors at most one row")  # extract() never builds more
-    row = ex.rows[0] if ex.rows else None
-    params = (ex.event_id, ex.type, ex.created, ex.customer, ex.invoice_id, ex.payment_intent,
-              ex.trigger.value if ex.trigger else None, raw, *(_row_params(row) if row else ()))
-    result = fetch_prepared_row(conn, (_ingest(_shape(row) if row else None), params))
-    if result is None:
-        return None
-    return Stored(result[0], result[1], result[2], bool(result[3]))
+Item = tuple[Extracted, str]  # an extracted event and its raw body
+
+
+def waves(items: list[Item]) -> list[list[int]]:
+    """Split a batch (indexes into ``items``) into statements that can each run as one: no two events
+    of a statement share an event id or a mirror row, or look up a row another one writes. An event
+    goes after the last statement it conflicts with, so conflicting events keep their order."""
+    out: list[list[int]] = []
+    touched: list[set[tuple[str, str]]] = []
+    for i, (ex, _raw) in enumerate(items):
+        keys = {("event", ex.event_id), *((row.table, row.key) for row in ex.rows)}
+        if ex.invoice_id:
+            keys.add(("stripe_invoice", ex.invoice_id))
+        if ex.payment_intent:
+            keys.add(("stripe_payment_attempt", ex.payment_intent))
+        at = next((w + 1 for w in range(len(out) - 1, -1, -1) if touched[w] & keys), 0)
+        if at == len(out):
+            out.append([])
+            touched.append(set())
+        out[at].append(i)
+        touched[at] |= keys
+    return out
+
+
+def _json_text(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def _statement(items: list[Item]) -> tuple[Prepared, tuple[Any, ...]]:
+    exs = [ex for ex, _ in items]
+    params: list[Any] = [
+        [ex.event_id for ex in exs], [ex.type for ex in exs], [ex.created for ex in exs],
+        [ex.customer for ex in exs], [ex.invoice_id for ex in exs], [ex.payment_intent for ex in exs],
+        [ex.trigger.value if ex.trigger else None for ex in exs], [raw for _, raw in items],
+    ]
+    by_table: dict[str, list[tuple[str, MirrorRow]]] = {}
+    for ex in exs:
+        for row in ex.rows:
+            by_table.setdefault(row.table, []).append((ex.event_id, row))
+    shapes = []
+    for table in MIRROR_TABLES:
+        rows = by_table.get(table)
+        if not rows:
+            continue
+        shape = _shape(rows[0][1])
+        if any(_shape(row) != shape for _, row in rows):
+            raise ValueError(f"mirror rows of {table} differ in their columns")  # extract() never does this
+        shapes.append(shape)
+        params.append([row.key for _, row in rows])
+        params.extend([_json_text(row.values[c]) for _, row in rows] for c in shape[1])
+        params.append([event_id for event_id, _ in rows])
+    return _ingest(tuple(shapes)), tuple(params)
+
+
+def ingest_events(conn: Connection, items: list[Item]) -> list[Stored | None]:
+    """Store, mirror and request for every event, one statement per wave (normally one). For each
+    event in order: what was stored, or None when the event was stored before (a redelivery)."""
+    for ex, _ in items:
+        if len(ex.rows) > 1:
+            raise ValueError("an event mirrors at most one row")  # extract() never builds more
+    out: list[Stored | None] = [None] * len(items)
+    for wave in waves(items):
+        rows = fetch_prepared_all(conn, _statement([items[i] for i in wave]))
+        for i, (account_id, state, trigger, created) in zip(wave, rows, strict=True):
+            out[i] = None if state is None else Stored(account_id, state, trigger, bool(created))
+    return out
 
 
 # DO UPDATE (not DO NOTHING) so the row is locked until this transaction commits: a recompute

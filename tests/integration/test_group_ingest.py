@@ -1,0 +1,214 @@
+"""Webhooks stored together (group commit): one statement for a batch must mean exactly what one
+statement per event, in arrival order, means. On the real database and broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from flask import Flask
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import NullPool
+
+from app import metrics
+from tests.conftest import Accounts, post_event
+from tests.integration.test_webhook_ingest import count, failed_invoice, queued
+from tests.stripe_events import event, unique
+from webhooks import store
+from webhooks.ingest import EventNotStorable, Ingested, Ingestor
+from webhooks.mirror import extract
+
+
+def item(evt: dict[str, Any]) -> store.Item:
+    raw = json.dumps(evt)
+    return extract(json.loads(raw)), raw
+
+
+def flush(engine: Engine, celery_app: Celery, *events: dict[str, Any]) -> list[Ingested | BaseException]:
+    """One group commit of these events, as if their requests had arrived together."""
+    return Ingestor(engine, celery_app)._flush([item(e) for e in events])
+
+
+def test_events_of_one_account_in_a_batch_queue_one_recompute(accounts: Accounts, engine, celery_app, settings):
+    account, customer = accounts.create()
+    other, other_customer = accounts.create()
+    first, second, third = failed_invoice(customer), failed_invoice(customer), failed_invoice(other_customer)
+    results = flush(engine, celery_app, first, second, third)
+    assert all(isinstance(r, Ingested) for r in results)
+    assert [(r.state, r.account_id, r.enqueued, r.coalesced) for r in results] == [  # type: ignore[union-attr]
+        ("accepted", account, True, False), ("accepted", account, False, True), ("accepted", other, True, False)]
+    with engine.connect() as conn:
+        requests = dict(conn.exec_driver_sql("SELECT account_id, cause FROM recompute_request").fetchall())
+    assert requests == {account: first["id"], other: third["id"]}  # the first event of each account asked
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE state = 'accepted'") == 3
+    assert count(engine, "SELECT count(*) FROM stripe_invoice") == 3
+    assert queued(settings) == 2
+
+
+def test_a_batch_keeps_arrival_order_for_one_invoice(accounts: Accounts, engine, celery_app):
+    """A newer paid event, then an older failure of the same invoice, in one batch: the older one
+    must not win, as when they arrive one by one (test_webhook_ingest)."""
+    _, customer = accounts.create()
+    invoice_id, now = unique("in"), int(time.time())
+    paid = event("invoice.paid", id=invoice_id, customer=customer, created=now)
+    failed = event("invoice.payment_failed", id=invoice_id, customer=customer, created=now - 60)
+    assert store.waves([item(paid), item(failed)]) == [[0], [1]]  # the same row: two statements
+    results = flush(engine, celery_app, paid, failed)
+    assert [r.state for r in results] == ["accepted", "accepted"]  # type: ignore[union-attr]
+    with engine.connect() as conn:
+        status, first_failed = conn.exec_driver_sql(
+            "SELECT status, first_failed_at FROM stripe_invoice WHERE id = %(i)s", {"i": invoice_id}).one()
+    assert status == "paid" and first_failed is not None
+
+
+def test_a_payment_linked_to_an_invoice_of_the_same_batch_is_routed(accounts: Accounts, engine, celery_app):
+    """invoice_payment.paid names no customer: its account is found through the invoice, which an
+    earlier event of the same batch mirrors. It must see that row (it runs in a later statement)."""
+    account, customer = accounts.create()
+    invoice_id = unique("in")
+    invoice = event("invoice.payment_failed", id=invoice_id, customer=customer)
+    link = event("invoice_payment.paid", invoice=invoice_id, paths={"payment.payment_intent": unique("pi")})
+    results = flush(engine, celery_app, invoice, link)
+    assert [(r.state, r.account_id) for r in results] == [  # type: ignore[union-attr]
+        ("accepted", account), ("accepted", account)]
+
+
+def test_a_redelivery_inside_a_batch_is_a_duplicate(accounts: Accounts, engine, celery_app, settings):
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    results = flush(engine, celery_app, evt, evt)
+    assert [r.state for r in results] == ["accepted", "duplicate"]  # type: ignore[union-attr]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 1
+    assert queued(settings) == 1
+
+
+def test_an_event_that_cannot_be_stored_fails_alone(accounts: Accounts, engine, celery_app, settings):
+    """A genuine event with an amount beyond bigint breaks the batch's statement: the others are
+    stored one by one, and only that event's request fails (422 at the edge)."""
+    _, customer = accounts.create()
+    good, bad, also_good = failed_invoice(customer), failed_invoice(customer), failed_invoice(unique("cus"))
+    bad["data"]["object"]["amount_due"] = 2**70
+    results = flush(engine, celery_app, good, bad, also_good)
+    assert isinstance(results[1], EventNotStorable) and bad["id"] in str(results[1])
+    assert isinstance(results[0], Ingested) and results[0].state == "accepted"
+    assert isinstance(results[2], Ingested) and results[2].state == "unroutable"
+    with engine.connect() as conn:
+        stored = {r[0] for r in conn.exec_driver_sql("SELECT id FROM stripe_event").fetchall()}
+    assert stored == {good["id"], also_good["id"]}
+    assert queued(settings) == 1
+
+
+def test_an_unstorable_event_answers_422_and_stores_nothing(client, accounts: Accounts, engine, settings):
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    evt["data"]["object"]["amount_due"] = 2**70
+    response = post_event(client, evt)
+    assert response.status_code == 422
+    assert "cannot be stored" in response.json["reason"]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+    assert queued(settings) == 0
+
+
+def test_a_nul_character_answers_422_and_stores_nothing(client, accounts: Accounts, engine, settings):
+    """JSON may carry \\u0000; PostgreSQL text may not. The event is refused with a reason, not a 500."""
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    evt["data"]["object"]["billing_reason"] = "manual\x00"
+    response = post_event(client, evt)
+    assert response.status_code == 422, response.json
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+
+
+def batch_sizes() -> dict[float, float]:
+    """Cumulative counts of the batch-size histogram, by bucket."""
+    samples = {}
+    for metric in metrics.WEBHOOK_BATCH.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                samples[float(sample.labels["le"])] = sample.value
+    return samples
+
+
+def test_requests_waiting_together_share_one_commit(flask_app: Flask, accounts: Accounts, engine, settings):
+    """Through HTTP: the first request's statement waits on a row lock the test holds; three more
+    arrive meanwhile and are committed together by the next flush; everyone gets their answer."""
+    blocked, blocked_customer = accounts.create()
+    others = [accounts.create() for _ in range(3)]
+    before = batch_sizes()
+    lock = engine.connect()
+    lock.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger) VALUES (%(a)s, 'TEST')",
+                         {"a": blocked})  # uncommitted: ingest's upsert of this row waits for it
+    answers: dict[str, Any] = {}
+
+    def post(customer: str) -> None:
+        answers[customer] = post_event(flask_app.test_client(), failed_invoice(customer))
+
+    first = threading.Thread(target=post, args=(blocked_customer,))
+    first.start()
+    _wait_until_waiting_on_lock(engine)
+    rest = [threading.Thread(target=post, args=(customer,)) for _, customer in others]
+    for t in rest:
+        t.start()
+    ingestor: Ingestor = flask_app.extensions["webhook_ingest"]
+    _wait_for(lambda: len(ingestor.group.queue) == 3, "three requests queued behind the blocked flush")
+    lock.rollback()  # the blocked statement proceeds
+    lock.close()
+    for t in [first, *rest]:
+        t.join(20)
+    customers = [blocked_customer, *(c for _, c in others)]
+    assert {c: a.status_code for c, a in answers.items()} == dict.fromkeys(customers, 200)
+    assert all(a.json["state"] == "accepted" and a.json["enqueued"] for a in answers.values())
+    after = batch_sizes()
+    assert after[4.0] - before[4.0] - (after[2.0] - before[2.0]) == 1  # one batch of 3 (in the le=4 bucket)
+    assert queued(settings) == 4
+
+
+def test_a_connection_lost_mid_statement_answers_503_then_the_pool_recovers(flask_app: Flask, accounts: Accounts,
+                                                                             engine, settings):
+    """The database ends the connection while the webhook's statement runs (a restart, a failover):
+    503 so Stripe redelivers, never a 500, nothing half-stored; the pool drops that connection and
+    the redelivery is stored."""
+    account, customer = accounts.create()
+    lock = engine.connect()
+    lock.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger) VALUES (%(a)s, 'TEST')", {"a": account})
+    evt = failed_invoice(customer)
+    answer: dict[str, Any] = {}
+    request = threading.Thread(target=lambda: answer.update(r=post_event(flask_app.test_client(), evt)))
+    request.start()
+    _wait_until_waiting_on_lock(engine)
+    killer = create_engine(settings.database_url, poolclass=NullPool)
+    with killer.connect() as conn:
+        killed = conn.exec_driver_sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'").scalar_one()
+    killer.dispose()
+    request.join(20)
+    lock.rollback()
+    lock.close()
+    assert killed == 1
+    assert answer["r"].status_code == 503, answer["r"].json
+    assert answer["r"].headers["Retry-After"]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+    redelivered = post_event(flask_app.test_client(), evt)
+    assert redelivered.status_code == 200 and redelivered.json["state"] == "accepted"
+
+
+def _wait_until_waiting_on_lock(engine: Engine) -> None:
+    def waiting() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'").scalar_one())
+    _wait_for(waiting, "the first webhook's statement to wait on the lock")
+
+
+def _wait_for(condition: Any, what: str) -> None:
+    pause = threading.Event()
+    for _ in range(2000):
+        if condition():
+            return
+        pause.wait(0.005)
+    raise AssertionError(f"timed out waiting for {what}")

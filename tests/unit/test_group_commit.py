@@ -1,0 +1,122 @@
+"""webhooks/group_commit.py: requests waiting together share one flush, each gets its own result."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from webhooks.group_commit import GroupCommit
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Other threads get there on their own; wait for them, with a deadline (no fixed sleep)."""
+    arrived = threading.Event()
+    for _ in range(5000):
+        if condition():
+            return
+        arrived.wait(0.001)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Recorder:
+    """A flush that records its batches and, when asked, holds the first one until released."""
+
+    def __init__(self, hold_first: bool = False, fail: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.hold_first = hold_first
+        self.fail = fail or set()
+
+    def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        if self.hold_first and len(self.batches) == 1:
+            self.holding.set()
+            assert self.release.wait(10)
+        return [ValueError(f"item {i}") if i in self.fail else i * 10 for i in items]
+
+
+def submit_in_threads(group: GroupCommit[int, int], items: list[int]) -> tuple[list[threading.Thread], dict]:
+    results: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        try:
+            results[i] = group.submit(i)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in items]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def test_alone_a_request_is_flushed_at_once_as_a_batch_of_one():
+    flush = Recorder()
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    assert group.submit(7) == 70
+    assert group.submit(8) == 80
+    assert flush.batches == [[7], [8]]
+
+
+def test_requests_arriving_during_a_flush_share_the_next_one():
+    flush = Recorder(hold_first=True)
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    first, first_result = submit_in_threads(group, [1])
+    assert flush.holding.wait(10)
+    others, results = submit_in_threads(group, [2, 3, 4, 5, 6])
+    wait_for(lambda: len(group.queue) == 5, "five requests queued behind the running flush")
+    flush.release.set()
+    for t in first + others:
+        t.join(10)
+    assert flush.batches[0] == [1]
+    assert sorted(flush.batches[1]) == [2, 3, 4, 5, 6]  # one flush for all of them
+    assert len(flush.batches) == 2
+    assert first_result == {1: 10} and results == {i: i * 10 for i in (2, 3, 4, 5, 6)}
+    assert not group.busy and group.queue == []
+
+
+def test_batches_are_capped_and_everyone_is_served():
+    flush = Recorder(hold_first=True)
+    group: GroupCommit[int, int] = GroupCommit(flush, max_batch=2)
+    first, _ = submit_in_threads(group, [0])
+    assert flush.holding.wait(10)
+    others, results = submit_in_threads(group, [1, 2, 3, 4, 5])
+    wait_for(lambda: len(group.queue) == 5, "five requests queued")
+    flush.release.set()
+    for t in first + others:
+        t.join(10)
+    assert results == {i: i * 10 for i in range(1, 6)}
+    assert all(len(batch) <= 2 for batch in flush.batches)
+    assert sorted(i for batch in flush.batches for i in batch) == list(range(6))
+
+
+def test_an_item_that_failed_fails_only_its_own_request():
+    flush = Recorder(hold_first=True, fail={3})
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    first, _ = submit_in_threads(group, [1])
+    assert flush.holding.wait(10)
+    others, results = submit_in_threads(group, [2, 3, 4])
+    wait_for(lambda: len(group.queue) == 3, "three requests queued")
+    flush.release.set()
+    for t in first + others:
+        t.join(10)
+    assert results[2] == 20 and results[4] == 40
+    assert isinstance(results[3], ValueError) and str(results[3]) == "item 3"
+
+
+def test_a_flush_that_raises_fails_every_request_in_it_and_the_next_batch_runs():
+    calls: list[list[int]] = []
+
+    def flush(items: list[int]) -> list[int | BaseException]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise ConnectionError("database went away")
+        return [i for i in items]
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    with pytest.raises(ConnectionError, match="went away"):
+        group.submit(1)
+    assert group.submit(2) == 2  # the group is not left busy

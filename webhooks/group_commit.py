@@ -1,0 +1,88 @@
+"""Group commit: the requests of one web process that are waiting at the same moment share one
+flush (one statement, one commit, one broker round trip) instead of paying for one each.
+
+Leader and followers, with no thread of its own: a request puts its item in the queue; if no
+flush is running it becomes the leader, takes everything queued (up to ``max_batch``), flushes it
+and hands each waiting request its result; otherwise it sleeps until it is handed its result or
+the lead. Under no load a batch is the one request itself, flushed at once: no timer, no waiting
+for company. Under load, the requests that arrive while one flush runs form the next batch, so the
+batch grows with the load and the cost per request falls.
+
+Each waiting request sleeps on a lock of its own and is woken once, when its result is ready or
+when it is to lead the next flush: no condition variable waking every waiter after each flush.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# flush(items) -> one result per item, in order: a value, or the exception that item's request raises.
+Flush = Callable[[list[T]], Sequence["R | BaseException"]]
+
+
+class _Slot(Generic[T, R]):
+    __slots__ = ("done", "item", "outcome", "wake")
+
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.done = False
+        self.outcome: R | BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()  # released once: result ready, or lead the next flush
+
+
+class GroupCommit(Generic[T, R]):
+    def __init__(self, flush: Flush[T, R], max_batch: int = 64) -> None:
+        self.flush = flush
+        self.max_batch = max_batch
+        self.lock = threading.Lock()
+        self.queue: list[_Slot[T, R]] = []
+        self.busy = False  # a leader is flushing, or has been chosen
+
+    def submit(self, item: T) -> R:
+        """Flush ``item`` with whatever else is waiting; its result, or raise its exception."""
+        slot: _Slot[T, R] = _Slot(item)
+        with self.lock:
+            self.queue.append(slot)
+            lead = not self.busy
+            self.busy = True
+        if not lead:
+            slot.wake.acquire()  # woken once: with the result, or to lead
+        if not slot.done:
+            self._lead(slot)
+        if isinstance(slot.outcome, BaseException):
+            raise slot.outcome
+        return slot.outcome  # type: ignore[return-value]
+
+    def _lead(self, own: _Slot[T, R]) -> None:
+        """Flush the oldest waiting items until ``own`` is done (it is in the first batch unless more
+        than a batch arrived before it), waking each other request of a batch with its result; then
+        pass the lead to the oldest request still waiting, if any."""
+        while not own.done:
+            with self.lock:
+                batch, self.queue = self.queue[:self.max_batch], self.queue[self.max_batch:]
+            outcomes = self._run(batch)
+            for each, outcome in zip(batch, outcomes, strict=True):
+                each.outcome, each.done = outcome, True
+            for each in batch:
+                if each is not own:
+                    each.wake.release()
+        with self.lock:
+            successor = self.queue[0] if self.queue else None
+            self.busy = successor is not None
+        if successor is not None:
+            successor.wake.release()
+
+    def _run(self, batch: list[_Slot[T, R]]) -> Sequence[R | BaseException]:
+        try:
+            outcomes = self.flush([slot.item for slot in batch])
+        except BaseException as exc:  # the whole flush failed: every request in it fails the same way
+            return [exc] * len(batch)
+        if len(outcomes) != len(batch):
+            return [RuntimeError("group commit: flush returned a wrong number of results")] * len(batch)
+        return outcomes
