@@ -8,15 +8,17 @@ queued or left for beat to re-drive".
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from app import metrics
-from app.db import Conflict, ValueRejected, autocommit, unit_of_work
+from app.db import Conflict, ValueRejected, unit_of_work
 from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
@@ -55,6 +57,7 @@ class Ingestor:
         self.engine = engine
         self.celery_app = celery_app
         self.group: GroupCommit[store.Item, Ingested] = GroupCommit(self._flush, max_batch)
+        self.connection: Connection | None = None
 
     def ingest(self, event: dict[str, Any], raw: str) -> Ingested:
         """Raises NotAStripeEvent, EventNotStorable, or what the database raised (unreachable: 503)."""
@@ -85,13 +88,41 @@ class Ingestor:
         """Each statement is atomic on its own (autocommit: no BEGIN/COMMIT round trips); one that
         lost a race with another web process's statement (a deadlock) is run again."""
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            conn = self._connection()
             try:
-                with autocommit(self.engine) as conn:
-                    return store.ingest_events(conn, items)
-            except Conflict:
-                if attempt == CONFLICT_ATTEMPTS:
+                return store.ingest_events(conn, items)
+            except (Conflict, ValueRejected):  # nothing was written; the connection is fine
+                if attempt == CONFLICT_ATTEMPTS or not isinstance(sys.exc_info()[1], Conflict):
                     raise
+            except BaseException:
+                self._drop_connection()  # lost, or in an unknown state: a new one next time
+                raise
+            finally:
+                if self.connection is not None:
+                    self.connection.commit()  # ends SQLAlchemy's bookkeeping; psycopg2 sends nothing
         raise AssertionError("unreachable")
+
+    def _connection(self) -> Connection:
+        """The group commit's own connection, in autocommit: only the leader of a flush uses it (one
+        at a time), so a flush skips the pool's checkout and return (app.db.autocommit's setup)."""
+        if self.connection is None:
+            conn = self.engine.connect()
+            conn.connection.driver_connection.autocommit = True  # type: ignore[union-attr]
+            self.connection = conn
+        return self.connection
+
+    def close(self) -> None:
+        """Give the group commit's connection back (the next flush opens another)."""
+        conn, self.connection = self.connection, None
+        if conn is not None:
+            conn.close()
+
+    def _drop_connection(self) -> None:
+        conn, self.connection = self.connection, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
 
     def _store_alone(self, item: store.Item) -> store.Stored | BaseException | None:
         try:

@@ -29,7 +29,11 @@ def item(evt: dict[str, Any]) -> store.Item:
 
 def flush(engine: Engine, celery_app: Celery, *events: dict[str, Any]) -> list[Ingested | BaseException]:
     """One group commit of these events, as if their requests had arrived together."""
-    return Ingestor(engine, celery_app)._flush([item(e) for e in events])
+    ingestor = Ingestor(engine, celery_app)
+    try:
+        return ingestor._flush([item(e) for e in events])
+    finally:
+        ingestor.close()
 
 
 def test_events_of_one_account_in_a_batch_queue_one_recompute(accounts: Accounts, engine, celery_app, settings):
