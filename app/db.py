@@ -62,24 +62,6 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-@contextmanager
-def autocommit(engine: Engine) -> Iterator[Connection]:
-    """A connection on which each statement commits on its own: no BEGIN and COMMIT round trips.
-    Only for work that is one statement (a multi-statement string is one implicit transaction).
-
-    psycopg2's own flag rather than SQLAlchemy's isolation_level option, which costs a round trip
-    to set and another to reset. With it set, psycopg2 sends no BEGIN, and the rollback SQLAlchemy
-    ends the checkout with sends nothing either."""
-    with engine.connect() as conn:
-        dbapi = conn.connection.driver_connection
-        dbapi.autocommit = True  # type: ignore[union-attr]
-        try:
-            yield conn
-        finally:
-            if not dbapi.closed:  # type: ignore[union-attr]
-                dbapi.autocommit = False  # type: ignore[union-attr]
-
-
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means the database is unreachable rather than that the SQL is wrong."""
     from sqlalchemy.exc import DBAPIError, OperationalError

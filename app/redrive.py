@@ -9,10 +9,12 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from app.db import unit_of_work
-from app.dispatch import BrokerUnavailable, enqueue_recompute
+from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from webhooks import store
 
 log = logging.getLogger(__name__)
+
+SEND_CHUNK = 500
 
 ROUTE_UNROUTABLE = """
 UPDATE stripe_event e SET account_id = c.account_id, state = 'accepted'
@@ -43,13 +45,14 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
         rows = conn.exec_driver_sql(STALE_REQUESTS, {"age": stale_after_seconds, "limit": limit}).fetchall()
         to_send.extend((r[0], r[1], r[2]) for r in rows)
     sent = failed = 0
-    for account_id, trigger, cause in to_send:
+    for start in range(0, len(to_send), SEND_CHUNK):  # a chunk per broker round trip
+        chunk = to_send[start:start + SEND_CHUNK]
         try:
-            enqueue_recompute(celery_app, account_id, trigger, cause)
-            sent += 1
+            send_many(celery_app, [recompute_call(account_id, trigger, cause) for account_id, trigger, cause in chunk])
+            sent += len(chunk)
         except BrokerUnavailable as exc:
-            failed += 1
-            log.warning("redrive could not queue %s: %s", account_id, exc)
+            failed += len(chunk)
+            log.warning("redrive could not queue %d recomputes: %s", len(chunk), exc)
     if sent:
         with unit_of_work(engine) as conn:
             conn.exec_driver_sql(

@@ -104,17 +104,20 @@ class Ingestor:
 
     def _connection(self) -> Connection:
         """The group commit's own connection, in autocommit: only the leader of a flush uses it (one
-        at a time), so a flush skips the pool's checkout and return (app.db.autocommit's setup)."""
+        at a time), so a flush skips the pool's checkout and return."""
         if self.connection is None:
             conn = self.engine.connect()
+            # psycopg2's own flag rather than SQLAlchemy's isolation_level option, which costs a round
+            # trip to set: with it psycopg2 sends no BEGIN, and SQLAlchemy's commit sends nothing.
             conn.connection.driver_connection.autocommit = True  # type: ignore[union-attr]
             self.connection = conn
         return self.connection
 
     def close(self) -> None:
-        """Give the group commit's connection back (the next flush opens another)."""
+        """Give the group commit's connection back to the pool (the next flush takes another)."""
         conn, self.connection = self.connection, None
         if conn is not None:
+            conn.connection.driver_connection.autocommit = False  # type: ignore[union-attr]  # as the pool lent it
             conn.close()
 
     def _drop_connection(self) -> None:

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
 from app import metrics
-from tests.conftest import Accounts, post_event
+from app.db import make_engine
+from tests.conftest import Accounts, post_event, wait_for
 from tests.integration.test_webhook_ingest import count, failed_invoice, queued
 from tests.stripe_events import event, unique
 from webhooks import store
@@ -89,6 +90,19 @@ def test_a_redelivery_inside_a_batch_is_a_duplicate(accounts: Accounts, engine, 
     assert queued(settings) == 1
 
 
+def test_the_group_commit_gives_its_connection_back_as_it_was_lent(accounts: Accounts, settings, celery_app):
+    """Its own connection runs in autocommit; handed back to the pool, it must not stay so (the next
+    borrower's transaction would commit statement by statement)."""
+    _, customer = accounts.create()
+    engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        flush(engine, celery_app, failed_invoice(customer))
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
+
+
 def test_an_event_that_cannot_be_stored_fails_alone(accounts: Accounts, engine, celery_app, settings):
     """A genuine event with an amount beyond bigint breaks the batch's statement: the others are
     stored one by one, and only that event's request fails (422 at the edge)."""
@@ -157,7 +171,7 @@ def test_requests_waiting_together_share_one_commit(flask_app: Flask, accounts: 
     for t in rest:
         t.start()
     ingestor: Ingestor = flask_app.extensions["webhook_ingest"]
-    _wait_for(lambda: len(ingestor.group.queue) == 3, "three requests queued behind the blocked flush")
+    wait_for(lambda: len(ingestor.group.queue) == 3, message="three requests queued behind the blocked flush")
     lock.rollback()  # the blocked statement proceeds
     lock.close()
     for t in [first, *rest]:
@@ -186,8 +200,8 @@ def test_a_connection_lost_mid_statement_answers_503_then_the_pool_recovers(flas
     killer = create_engine(settings.database_url, poolclass=NullPool)
     with killer.connect() as conn:
         killed = conn.exec_driver_sql(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND wait_event_type = 'Lock'").scalar_one()
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%%EXECUTE dunning_ingest%%'").scalar_one()
     killer.dispose()
     request.join(20)
     lock.rollback()
@@ -201,18 +215,10 @@ def test_a_connection_lost_mid_statement_answers_503_then_the_pool_recovers(flas
 
 
 def _wait_until_waiting_on_lock(engine: Engine) -> None:
+    """Until an ingest statement (and no other) of this database waits on a lock."""
     def waiting() -> bool:
         with engine.connect() as conn:
             return bool(conn.exec_driver_sql(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock'").scalar_one())
-    _wait_for(waiting, "the first webhook's statement to wait on the lock")
-
-
-def _wait_for(condition: Any, what: str) -> None:
-    pause = threading.Event()
-    for _ in range(2000):
-        if condition():
-            return
-        pause.wait(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+                "AND wait_event_type = 'Lock' AND query LIKE '%%EXECUTE dunning_ingest%%'").scalar_one())
+    wait_for(waiting, message="the first webhook's statement to wait on the lock")

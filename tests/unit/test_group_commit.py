@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import pytest
 
+from tests.conftest import wait_for
 from webhooks.group_commit import GroupCommit
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Other threads get there on their own; wait for them, with a deadline (no fixed sleep)."""
-    arrived = threading.Event()
-    for _ in range(5000):
-        if condition():
-            return
-        arrived.wait(0.001)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Recorder:
@@ -38,7 +28,10 @@ class Recorder:
         return [ValueError(f"item {i}") if i in self.fail else i * 10 for i in items]
 
 
-def submit_in_threads(group: GroupCommit[int, int], items: list[int]) -> tuple[list[threading.Thread], dict]:
+def behind_a_held_flush(group: GroupCommit[int, int], flush: Recorder, first: int,
+                        others: list[int]) -> dict[int, object]:
+    """Submit ``first`` (its flush is held), then ``others`` from threads of their own once it runs;
+    release the flush when they are all queued; every request's result or exception."""
     results: dict[int, object] = {}
 
     def one(i: int) -> None:
@@ -47,10 +40,17 @@ def submit_in_threads(group: GroupCommit[int, int], items: list[int]) -> tuple[l
         except BaseException as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in items]
-    for t in threads:
+    threads = [threading.Thread(target=one, args=(first,))]
+    threads[0].start()
+    assert flush.holding.wait(10)
+    threads += [threading.Thread(target=one, args=(i,)) for i in others]
+    for t in threads[1:]:
         t.start()
-    return threads, results
+    wait_for(lambda: len(group.queue) == len(others), message=f"{len(others)} requests queued behind the flush")
+    flush.release.set()
+    for t in threads:
+        t.join(10)
+    return results
 
 
 def test_alone_a_request_is_flushed_at_once_as_a_batch_of_one():
@@ -64,31 +64,19 @@ def test_alone_a_request_is_flushed_at_once_as_a_batch_of_one():
 def test_requests_arriving_during_a_flush_share_the_next_one():
     flush = Recorder(hold_first=True)
     group: GroupCommit[int, int] = GroupCommit(flush)
-    first, first_result = submit_in_threads(group, [1])
-    assert flush.holding.wait(10)
-    others, results = submit_in_threads(group, [2, 3, 4, 5, 6])
-    wait_for(lambda: len(group.queue) == 5, "five requests queued behind the running flush")
-    flush.release.set()
-    for t in first + others:
-        t.join(10)
+    results = behind_a_held_flush(group, flush, 1, [2, 3, 4, 5, 6])
     assert flush.batches[0] == [1]
     assert sorted(flush.batches[1]) == [2, 3, 4, 5, 6]  # one flush for all of them
     assert len(flush.batches) == 2
-    assert first_result == {1: 10} and results == {i: i * 10 for i in (2, 3, 4, 5, 6)}
+    assert results == {i: i * 10 for i in range(1, 7)}
     assert not group.busy and group.queue == []
 
 
 def test_batches_are_capped_and_everyone_is_served():
     flush = Recorder(hold_first=True)
     group: GroupCommit[int, int] = GroupCommit(flush, max_batch=2)
-    first, _ = submit_in_threads(group, [0])
-    assert flush.holding.wait(10)
-    others, results = submit_in_threads(group, [1, 2, 3, 4, 5])
-    wait_for(lambda: len(group.queue) == 5, "five requests queued")
-    flush.release.set()
-    for t in first + others:
-        t.join(10)
-    assert results == {i: i * 10 for i in range(1, 6)}
+    results = behind_a_held_flush(group, flush, 0, [1, 2, 3, 4, 5])
+    assert results == {i: i * 10 for i in range(6)}
     assert all(len(batch) <= 2 for batch in flush.batches)
     assert sorted(i for batch in flush.batches for i in batch) == list(range(6))
 
@@ -96,14 +84,8 @@ def test_batches_are_capped_and_everyone_is_served():
 def test_an_item_that_failed_fails_only_its_own_request():
     flush = Recorder(hold_first=True, fail={3})
     group: GroupCommit[int, int] = GroupCommit(flush)
-    first, _ = submit_in_threads(group, [1])
-    assert flush.holding.wait(10)
-    others, results = submit_in_threads(group, [2, 3, 4])
-    wait_for(lambda: len(group.queue) == 3, "three requests queued")
-    flush.release.set()
-    for t in first + others:
-        t.join(10)
-    assert results[2] == 20 and results[4] == 40
+    results = behind_a_held_flush(group, flush, 1, [2, 3, 4])
+    assert results[1] == 10 and results[2] == 20 and results[4] == 40
     assert isinstance(results[3], ValueError) and str(results[3]) == "item 3"
 
 
