@@ -71,8 +71,7 @@ def is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, OperationalError):
-        message = str(exc.orig) if exc.orig is not None else str(exc)
-        return any(m in message.lower() for m in CONNECTION_MARKERS)
+        return _lost(exc.orig if exc.orig is not None else exc)
     return False
 
 
@@ -156,6 +155,7 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
 
 
 def _lost(exc: BaseException) -> bool:
+    """The driver's message says the connection is gone."""
     message = str(exc).lower()
     return any(m in message for m in CONNECTION_MARKERS)
 

@@ -154,17 +154,11 @@ class RedisLane:
             conn = self.connection
             try:
                 conn.send_packed_command(conn.pack_commands(commands))
-                replies = [conn.read_response() for _ in commands]
+                for _ in commands:
+                    conn.read_response()  # raises on an error reply
             except BaseException:
-                conn.disconnect()
+                conn.disconnect()  # the replies left unread would answer the next call
                 raise
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-
-    def close(self) -> None:
-        with self.lock:
-            self.connection.disconnect()
 
 
 _lanes_lock = threading.Lock()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +90,10 @@ class Ingestor:
             conn = self._connection()
             try:
                 return store.ingest_events(conn, items)
-            except (Conflict, ValueRejected):  # nothing was written; the connection is fine
-                if attempt == CONFLICT_ATTEMPTS or not isinstance(sys.exc_info()[1], Conflict):
+            except ValueRejected:  # nothing was written; the connection is fine
+                raise
+            except Conflict:  # rolled back; the connection is fine
+                if attempt == CONFLICT_ATTEMPTS:
                     raise
             except BaseException:
                 self._drop_connection()  # lost, or in an unknown state: a new one next time

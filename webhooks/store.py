@@ -22,6 +22,8 @@ from webhooks.mirror import Extracted, MirrorRow
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
+Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]  # table, columns, merge rules
+
 
 def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], ...], select: str) -> str:
     """INSERT ... ON CONFLICT DO UPDATE where each column follows the ordering guard or its merge rule.
@@ -59,7 +61,7 @@ def _upsert(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, str], 
     return _named(f"dunning_upsert_{table}", _upsert_sql(table, columns, merge, f"VALUES ({values})"))
 
 
-def _shape(row: MirrorRow) -> tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]:
+def _shape(row: MirrorRow) -> Shape:
     return row.table, tuple(row.values), tuple(sorted(row.merge.items()))
 
 
@@ -136,8 +138,6 @@ HEAD_PARAMS = 8
 # The mirror tables in the order their parameters follow the head's.
 MIRROR_TABLES = ("stripe_invoice", "stripe_payment_attempt", "stripe_subscription", "stripe_payment_method",
                  "stripe_customer_state")
-
-Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 @cache
