@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import uuid4
 
+import orjson
 import redis
 from celery import Celery
 from kombu.utils.json import dumps as kombu_dumps
@@ -34,13 +35,23 @@ from redis.retry import Retry
 from tasks.broker import Channel
 
 
-def _dumps(value: Any) -> str:
-    """kombu's JSON serializer, whose output json.dumps matches for JSON's own types; it is only
-    slower (a new encoder per call). Anything else (a datetime, a UUID) goes through kombu."""
+def _dumps(value: Any) -> bytes:
+    """kombu's JSON serializer, byte for byte: json.dumps matches it for JSON's own types and is
+    only faster (kombu makes a new encoder per call). Anything else (a datetime, a UUID) goes
+    through kombu. For the task's body, which Celery's own message must equal exactly."""
     try:
-        return json.dumps(value)
+        return json.dumps(value).encode()
     except TypeError:
-        return str(kombu_dumps(value))
+        return str(kombu_dumps(value)).encode()
+
+
+def _compact(value: Any) -> bytes:
+    """JSON for what is decoded, never compared as bytes (envelopes, event bodies): orjson, in
+    about a fifth of json.dumps' time. Its output differs only in spacing."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: a type orjson does not know
+        return _dumps(value)
 
 
 @dataclass(frozen=True)
@@ -112,13 +123,15 @@ class RedisLane:
             self.templates[key] = template
         return template
 
-    def messages(self, calls: Sequence[TaskCall]) -> list[tuple[str, str, bytes]]:
-        """(command, key, payload) for every task and its task-sent event, in order."""
+    def messages(self, calls: Sequence[TaskCall]) -> list[tuple[str | bytes, ...]]:
+        """The commands that publish every task, then every task-sent event, each in call order:
+        one LPUSH per queue holding its tasks (as many LPUSHes of one would), one PUBLISH per event."""
         parent = self.app.current_worker_task
         root_id = parent_id = None
         if parent is not None:  # sent from a task: Flower shows the tree
             root_id, parent_id = parent.request.root_id or parent.request.id, parent.request.id
-        out = []
+        tasks: dict[str, list[bytes]] = {}
+        events: list[tuple[str | bytes, ...]] = []
         with self.lock:
             for call in calls:
                 t = self._template(call.name, call.ignore_result)
@@ -126,23 +139,25 @@ class RedisLane:
                 kwargsrepr = repr(call.kwargs)
                 headers = {**t.headers, "id": call.task_id, "root_id": root_id or call.task_id,
                            "parent_id": parent_id, "argsrepr": argsrepr, "kwargsrepr": kwargsrepr}
-                body = _dumps([call.args, call.kwargs, t.embed]).encode()
-                properties = {**t.properties, "correlation_id": call.task_id,
-                              "delivery_info": dict(t.properties["delivery_info"]), "delivery_tag": str(uuid4())}
+                body = _dumps([call.args, call.kwargs, t.embed])
+                # Serialised at once, so the template's nested dicts are shared, not copied.
+                properties = {**t.properties, "correlation_id": call.task_id, "delivery_tag": str(uuid4())}
                 task = {"body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
                         "content-type": "application/json", "headers": headers, "properties": properties}
                 fields = {**t.sent, "uuid": call.task_id, "root_id": root_id or call.task_id, "parent_id": parent_id,
                           "args": argsrepr, "kwargs": kwargsrepr}
                 # The dispatcher's own event builder (hostname, pid, logical clock), as its publish() uses.
-                event_body = _dumps(self.events._prepare_event("task-sent", fields)).encode()
-                event_properties = {**self.event_properties, "delivery_info": dict(self.event_delivery_info),
+                event_body = _compact(self.events._prepare_event("task-sent", fields))
+                event_properties = {**self.event_properties, "delivery_info": self.event_delivery_info,
                                     "delivery_tag": str(uuid4())}
                 event = {"body": base64.b64encode(event_body).decode(), "content-encoding": "utf-8",
                          "content-type": "application/json", "headers": self.event_headers,
                          "properties": event_properties}
-                out.append(("LPUSH", self.prefix + t.queue, _dumps(task).encode()))
-                out.append(("PUBLISH", self.event_topic, _dumps(event).encode()))
-        return out
+                tasks.setdefault(self.prefix + t.queue, []).append(_compact(task))
+                events.append(("PUBLISH", self.event_topic, _compact(event)))
+        # A task is in its queue before its event is out, as with send_task.
+        pushes: list[tuple[str | bytes, ...]] = [("LPUSH", queue, *payloads) for queue, payloads in tasks.items()]
+        return pushes + events
 
     def publish(self, calls: Sequence[TaskCall]) -> None:
         """Write every task and its event in one round trip. Raises redis' errors; the connection

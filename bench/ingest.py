@@ -6,7 +6,9 @@ the Procfile), next to the same server's throughput for a trivial endpoint, in t
 Servers: the same selection as the tests. A temporary database and Redis key prefix are created
 and removed. Every signed event is an invoice.payment_failed for a different account, so every
 request verifies the signature, stores the event, updates the mirror, creates a recompute request
-and enqueues a task (the worst case: no coalescing). No worker consumes the queue, so queued
+and enqueues a task (the worst case: no coalescing). The customers are established ones: the
+mirror has filed them under their accounts, as their earlier events did (``--new-customers``: each
+event is its customer's first, which files it too). No worker consumes the queue, so queued
 work does not compete for the CPU. Clients are separate processes with one connection per
 request, for every endpoint alike. The three endpoints run in turn, ``--repeat`` times, and the
 medians are quoted: one run on this shared machine varies by 10-20%.
@@ -177,6 +179,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (the Procfile's WEB_CONCURRENCY)")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker (the Procfile's WEB_THREADS; "
                         "1: sync workers)")
+    parser.add_argument("--new-customers", action="store_true", help="no customer filed in the mirror yet: "
+                        "every event is its customer's first")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of the three endpoints; medians")
     args = parser.parse_args()
     n = args.requests
@@ -189,10 +193,18 @@ def main() -> int:
             conn.exec_driver_sql(
                 "INSERT INTO subs_account (account_id) SELECT 'acct_' || g FROM generate_series(1, %(n)s) g;"
                 "INSERT INTO subs_customer (stripe_customer_id, account_id) "
-                "SELECT 'cus_' || g, 'acct_' || g FROM generate_series(1, %(n)s) g;"
-                # Only the tables that hold rows, as autovacuum would: a table analysed while empty gives
-                # generic plans that scan it whole once it fills.
-                "ANALYZE subs_account, subs_customer", {"n": total})
+                "SELECT 'cus_' || g, 'acct_' || g FROM generate_series(1, %(n)s) g", {"n": total})
+            if not args.new_customers:
+                # Established customers: the mirror has filed them under their accounts, as their
+                # earlier events (the subscription, the invoice's creation) did before a payment could
+                # fail. A customer's first mirror row ever files it (the trigger of
+                # app/migrations/versions/mirror_account_key.py), once.
+                conn.exec_driver_sql("INSERT INTO mirror_customer (stripe_customer_id, account_key) "
+                                     "SELECT 'cus_' || g, 'acct_' || g FROM generate_series(1, %(n)s) g", {"n": total})
+            # Only the tables that hold rows, as autovacuum would: a table analysed while empty gives
+            # generic plans that scan it whole once it fills.
+            conn.exec_driver_sql("ANALYZE subs_account, subs_customer"
+                                 + ("" if args.new_customers else ", mirror_customer"))
         engine.dispose()
         port = free_port()
         env = {**os.environ, "DATABASE_URL": db_url, "CELERY_BROKER_URL": broker, "CELERY_BROKER_KEY_PREFIX": prefix,
@@ -229,7 +241,8 @@ def main() -> int:
 
     kind = "sync workers" if args.threads == 1 else f"gthread workers x {args.threads} threads"
     print(f"\ngunicorn: {args.workers} {kind}; {args.clients} client processes; {n} requests per endpoint and run; "
-          f"{args.repeat} interleaved runs, medians")
+          f"{args.repeat} interleaved runs, medians; "
+          f"{'each event its customer first (--new-customers)' if args.new_customers else 'established customers'}")
     print(f"{'endpoint':<34}{'req/s':>7}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'web':>7}{'db':>7}{'redis':>7}"
           f"{'client':>7}{'machine':>8}{'busy':>6}")
     med = {key: {f: statistics.median(r[f] for r in runs[key]) for f in

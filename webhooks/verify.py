@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import stripe
 
 TOLERANCE_SECONDS = 300
@@ -40,10 +41,22 @@ def verify_and_parse(body: bytes, signature: str | None, secret: str) -> tuple[d
         if "unable to extract" in message or "no signatures" in message:
             raise BadWebhook("malformed Stripe-Signature header", "malformed") from exc
         raise BadWebhook("signature does not match the body", "signature") from exc
-    try:
-        event = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadWebhook("body is not JSON", "not_json") from exc
+    event = _decode(text)
     if not isinstance(event, dict):
         raise BadWebhook("body is not a Stripe event", "not_event")
     return event, text
+
+
+def _decode(text: str) -> Any:
+    """JSON -> Python. orjson parses a Stripe event in about a third of json.loads' time; what it
+    refuses and json.loads accepts (a lone surrogate escape, NaN) goes to json.loads. One difference
+    remains: orjson reads an integer beyond 64 bits as a float. No such number fits a column (they
+    are refused with 422 either way) and the raw body is stored as it came."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadWebhook("body is not JSON", "not_json") from exc
