@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+import orjson
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
@@ -43,6 +42,5 @@ def stripe_webhook() -> ResponseReturnValue:
         current_app.logger.warning("webhook not storable: %s", exc)
         metrics.WEBHOOKS_REJECTED.labels("not_storable").inc()
         return jsonify(error="unprocessable", reason=str(exc)), 422
-    metrics.WEBHOOKS_RECEIVED.labels(result.type, result.state).inc()
-    # json.dumps rather than jsonify: the provider's machinery cost about a twelfth of a webhook's CPU.
-    return Response(json.dumps(result.to_json()), 200, mimetype="application/json")
+    # orjson rather than jsonify: the provider's machinery cost about a twelfth of a webhook's CPU.
+    return Response(orjson.dumps(result.to_json()), 200, mimetype="application/json")

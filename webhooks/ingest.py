@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ class Ingestor:
             outcomes.append(outcome)
             calls.append(call)
         self._enqueue(outcomes, calls)
+        _count(outcomes)
         return outcomes
 
     def _store(self, items: list[store.Item]) -> list[store.Stored | None]:
@@ -166,6 +168,7 @@ class Ingestor:
         outcome, call = _outcome(ex, stored)
         outcomes: list[Ingested | BaseException] = [outcome]
         self._enqueue(outcomes, [call])
+        _count(outcomes)
         done = outcomes[0]
         assert isinstance(done, Ingested)
         return done
@@ -186,6 +189,13 @@ def _outcome(ex: Extracted, stored: store.Stored | BaseException | None) -> tupl
         return Ingested(ex.event_id, ex.type, stored.state, stored.account_id, coalesced=True), None
     return (Ingested(ex.event_id, ex.type, stored.state, stored.account_id, enqueued=True),
             recompute_call(stored.account_id, stored.trigger, ex.event_id))
+
+
+def _count(outcomes: list[Ingested | BaseException]) -> None:
+    """Webhooks received, by type and state: one increment per kind in a batch, not per request
+    (each is a locked write to a shared file under gunicorn's multiprocess metrics)."""
+    for (event_type, state), n in Counter((o.type, o.state) for o in outcomes if isinstance(o, Ingested)).items():
+        metrics.WEBHOOKS_RECEIVED.labels(event_type, state).inc(n)
 
 
 def _not_storable(item: store.Item) -> EventNotStorable:

@@ -222,3 +222,24 @@ def _wait_until_waiting_on_lock(engine: Engine) -> None:
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND wait_event_type = 'Lock' AND query LIKE '%%EXECUTE dunning_ingest%%'").scalar_one())
     wait_for(waiting, message="the first webhook's statement to wait on the lock")
+
+
+def received(event_type: str, state: str) -> float:
+    for metric in metrics.WEBHOOKS_RECEIVED.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels == {"type": event_type, "state": state}:
+                return sample.value
+    return 0.0
+
+
+def test_every_event_of_a_batch_is_counted_by_its_state(accounts: Accounts, engine, celery_app):
+    """Counted once per kind in a batch, so the counter must still move by one per event."""
+    _, customer = accounts.create()
+    _, other = accounts.create()
+    events = (failed_invoice(customer), failed_invoice(other), failed_invoice(unique("cus")))
+    accepted = received("invoice.payment_failed", "accepted")
+    unroutable = received("invoice.payment_failed", "unroutable")
+    results = flush(engine, celery_app, *events)
+    assert [r.state for r in results if isinstance(r, Ingested)] == ["accepted", "accepted", "unroutable"]
+    assert received("invoice.payment_failed", "accepted") == accepted + 2
+    assert received("invoice.payment_failed", "unroutable") == unroutable + 1
