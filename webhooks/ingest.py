@@ -23,7 +23,7 @@ from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
 from webhooks.group_commit import GroupCommit
-from webhooks.mirror import Extracted, extract
+from webhooks.mirror import Extracted, OutOfRange, extract
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,10 @@ class Ingestor:
 
     def ingest(self, event: dict[str, Any], raw: str) -> Ingested:
         """Raises NotAStripeEvent, EventNotStorable, or what the database raised (unreachable: 503)."""
-        ex = extract(event)
+        try:
+            ex = extract(event)
+        except OutOfRange as exc:
+            raise EventNotStorable(f"event {event.get('id')} cannot be stored: {exc}") from exc
         if bad_debt_webhook.concerns(ex.type, ex.payment_intent):
             return self._ingest_payment_outcome(ex, event, raw)
         return self.group.submit((ex, raw))

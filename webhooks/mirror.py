@@ -44,6 +44,10 @@ class NotAStripeEvent(ValueError):
     """The body parsed but is not a Stripe event envelope."""
 
 
+class OutOfRange(ValueError):
+    """A genuine event holds a value no column can take (a timestamp no date can hold)."""
+
+
 @dataclass(frozen=True)
 class MirrorRow:
     table: str
@@ -66,8 +70,13 @@ class Extracted:
 
 
 def ts(epoch: Any) -> datetime | None:
+    """Epoch seconds -> UTC datetime; None when absent. Raises OutOfRange beyond what a date holds
+    (milliseconds by mistake land in the year 33658)."""
     if isinstance(epoch, int | float) and not isinstance(epoch, bool) and epoch > 0:
-        return datetime.fromtimestamp(epoch, tz=UTC)
+        try:
+            return datetime.fromtimestamp(epoch, tz=UTC)
+        except (OverflowError, ValueError, OSError) as exc:
+            raise OutOfRange(f"timestamp {epoch} is out of range") from exc
     return None
 
 

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from celery import Celery
 from flask import Flask
 from sqlalchemy import Engine, create_engine
@@ -126,6 +127,19 @@ def test_an_unstorable_event_answers_422_and_stores_nothing(client, accounts: Ac
     response = post_event(client, evt)
     assert response.status_code == 422
     assert "cannot be stored" in response.json["reason"]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+    assert queued(settings) == 0
+
+
+@pytest.mark.parametrize("value", [10**12, 2**70, 1e300])
+def test_a_timestamp_no_date_can_hold_answers_422(client, accounts: Accounts, engine, settings, value):
+    """A due date in milliseconds by mistake (year 33658), or beyond any clock: no datetime holds it."""
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    evt["data"]["object"]["due_date"] = value
+    response = post_event(client, evt)
+    assert response.status_code == 422, response.json
+    assert "out of range" in response.json["reason"] and evt["id"] in response.json["reason"]
     assert count(engine, "SELECT count(*) FROM stripe_event") == 0
     assert queued(settings) == 0
 
