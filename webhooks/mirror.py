@@ -45,7 +45,7 @@ class NotAStripeEvent(ValueError):
 
 
 class OutOfRange(ValueError):
-    """A genuine event holds a value no column can take (a timestamp no date can hold)."""
+    """A genuine event holds a value no column can take (a timestamp no date can hold, Infinity)."""
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,26 @@ def _id(value: Any) -> str | None:
 
 
 def _int(value: Any, default: int = 0) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return default
+    try:
+        return int(value)
+    except (OverflowError, ValueError) as exc:  # Infinity, NaN: Python's JSON decoder reads them
+        raise OutOfRange(f"number {value} is out of range") from exc
+
+
+def _obj(value: Any) -> Mapping[str, Any]:
+    """A nested Stripe object; an empty one where the event holds anything else (a signed event of
+    an unexpected shape is mirrored with what it has, never a 500)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _line_product(line: Mapping[str, Any]) -> str | None:
-    pricing = line.get("pricing") or {}
-    details = pricing.get("price_details") if isinstance(pricing, Mapping) else None
+    details = _obj(line.get("pricing")).get("price_details")
     if isinstance(details, Mapping) and _id(details.get("product")):
         return _id(details.get("product"))
     price = line.get("price")
@@ -105,19 +119,16 @@ def _line_product(line: Mapping[str, Any]) -> str | None:
 
 
 def invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
-    parent = invoice.get("parent") or {}
-    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    details = _obj(invoice.get("parent")).get("subscription_details")
     if isinstance(details, Mapping) and _id(details.get("subscription")):
         return _id(details.get("subscription"))
     return _id(invoice.get("subscription"))
 
 
 def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
-    lines = invoice.get("lines") or {}
-    data = lines.get("data") if isinstance(lines, Mapping) else None
     fallback = invoice_subscription(invoice)
     out = []
-    for line in data or []:
+    for line in _list(_obj(invoice.get("lines")).get("data")):
         if not isinstance(line, Mapping):
             continue
         product = _line_product(line) or (f"subscription:{fallback}" if fallback else "account")
@@ -127,7 +138,7 @@ def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str, Any]) -> MirrorRow:
     status = str(inv.get("status") or "open")
-    transitions = inv.get("status_transitions") or {}
+    transitions = _obj(inv.get("status_transitions"))
     failed_at = ts(created) if event_type == "invoice.payment_failed" else None
     event_time = ts(created)
     values = {
@@ -162,7 +173,7 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
 
 def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
     status = str(charge.get("status") or "pending")
-    outcome = charge.get("outcome") or {}
+    outcome = _obj(charge.get("outcome"))
     pi = _id(charge.get("payment_intent"))
     values = {
         "stripe_customer_id": _id(charge.get("customer")),
@@ -185,7 +196,7 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
 
 def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
     status = PI_STATUS.get(str(intent.get("status")), str(intent.get("status") or "pending"))
-    error = intent.get("last_payment_error") or {}
+    error = _obj(intent.get("last_payment_error"))
     values = {
         "stripe_customer_id": _id(intent.get("customer")),
         "invoice_id": _id(intent.get("invoice")),
@@ -207,7 +218,7 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
 def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow | None:
     """invoice_payment.paid: the payment intent that paid an invoice, and so the link between them
     (since API 2025-03-31 neither the charge nor the intent names its invoice)."""
-    inner = payment.get("payment") or {}
+    inner = _obj(payment.get("payment"))
     pi = _id(inner.get("payment_intent")) if isinstance(inner, Mapping) else None
     invoice = _id(payment.get("invoice"))
     if not pi or not invoice:
@@ -234,7 +245,7 @@ def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> 
     status = str(sub.get("status") or "active")
     if event_type == "customer.subscription.deleted":
         status = "canceled"
-    items = (sub.get("items") or {}).get("data") or []
+    items = _list(_obj(sub.get("items")).get("data"))
     products = []
     for item in items:
         price = item.get("price") if isinstance(item, Mapping) else None
@@ -253,7 +264,7 @@ def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> 
 
 
 def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any]) -> MirrorRow:
-    card = pm.get("card") or {}
+    card = _obj(pm.get("card"))
     detached = event_type == "payment_method.detached"
     values = {
         "stripe_customer_id": _id(pm.get("customer")),
@@ -272,7 +283,7 @@ def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any]) ->
 
 
 def _customer_row(created: int, customer: Mapping[str, Any]) -> MirrorRow:
-    settings = customer.get("invoice_settings") or {}
+    settings = _obj(customer.get("invoice_settings"))
     values = {
         "default_payment_method_id": _id(settings.get("default_payment_method")),
         "changed_at": ts(created),
@@ -344,8 +355,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         customer = row.values["stripe_customer_id"]
         if event_type == "payment_method.detached":
             # A detached method carries no customer any more; the previous one says whose it was.
-            prev = (data or {}).get("previous_attributes") or {}
-            customer = _id(prev.get("customer")) if isinstance(prev, Mapping) else None
+            customer = _id(_obj(_obj(data).get("previous_attributes")).get("customer"))
             row.values["stripe_customer_id"] = customer
     elif kind == "customer" and event_type == "customer.updated":
         need_id()

@@ -144,6 +144,18 @@ def test_a_timestamp_no_date_can_hold_answers_422(client, accounts: Accounts, en
     assert queued(settings) == 0
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_an_amount_that_is_no_number_answers_422(client, accounts: Accounts, engine, settings, value):
+    """JSON has no Infinity or NaN, but Python's decoder reads them: refused with a reason."""
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    evt["data"]["object"]["amount_due"] = value
+    response = post_event(client, evt)
+    assert response.status_code == 422, response.json
+    assert evt["id"] in response.json["reason"]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+
+
 def test_a_nul_character_answers_422_and_stores_nothing(client, accounts: Accounts, engine, settings):
     """JSON may carry \\u0000; PostgreSQL text may not. The event is refused with a reason, not a 500."""
     _, customer = accounts.create()

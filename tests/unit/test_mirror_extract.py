@@ -1,0 +1,59 @@
+"""webhooks/mirror.py extract: a signed event of any shape is mirrored, refused as not an event, or
+refused as holding a value out of range, and never raises anything else (which would be a 500, and
+Stripe would redeliver it forever)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.stripe_events import event
+from webhooks.mirror import NotAStripeEvent, OutOfRange, extract
+
+TYPES = ("invoice.payment_failed", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible", "charge.failed",
+         "payment_intent.payment_failed", "customer.subscription.updated", "customer.subscription.deleted",
+         "payment_method.attached")
+BASES = {t: event(t, event_id="evt_1", customer="cus_1", created=1_700_000_000) for t in TYPES}
+
+# What a leaf of a Stripe object can be replaced by: every JSON kind, and the numbers Python's decoder
+# reads that no column holds (Infinity, NaN, beyond 64 bits, milliseconds where seconds belong).
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.sampled_from([2**70, 10**12, -1]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+    st.just([]), st.just({}), st.lists(st.integers(), max_size=2), st.dictionaries(st.sampled_from(["id", "a"]),
+                                                                                    st.integers(), max_size=2))
+
+
+def paths(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from paths(inner, (*at, key))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            yield from paths(inner, (*at, i))
+    if at:
+        yield at
+
+
+@settings(max_examples=400, deadline=None)
+@given(event_type=st.sampled_from(TYPES), data=st.data())
+def test_any_shape_is_mirrored_or_refused_with_a_reason(event_type: str, data: st.DataObject):
+    evt = copy.deepcopy(BASES[event_type])
+    every = list(paths(evt))
+    for path in data.draw(st.lists(st.sampled_from(every), min_size=1, max_size=3)):
+        holder = evt
+        try:
+            for key in path[:-1]:
+                holder = holder[key]
+            holder[path[-1]] = data.draw(VALUES)
+        except (KeyError, IndexError, TypeError):  # an earlier change replaced a parent
+            continue
+    try:
+        extracted = extract(evt)
+    except (NotAStripeEvent, OutOfRange):
+        return
+    assert extracted.event_id == str(evt["id"])
