@@ -219,7 +219,7 @@ def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow
     """invoice_payment.paid: the payment intent that paid an invoice, and so the link between them
     (since API 2025-03-31 neither the charge nor the intent names its invoice)."""
     inner = _obj(payment.get("payment"))
-    pi = _id(inner.get("payment_intent")) if isinstance(inner, Mapping) else None
+    pi = _id(inner.get("payment_intent"))
     invoice = _id(payment.get("invoice"))
     if not pi or not invoice:
         return None
