@@ -35,7 +35,10 @@ ATTEMPTS = 1 + int(SEND_RETRY_POLICY["max_retries"])
 def send(celery_app: Celery, name: str, args: list[Any] | None = None, kwargs: dict[str, Any] | None = None,
          *, task_id: str | None = None, ignore_result: bool = True) -> str:
     """Publish task ``name`` and its task-sent event; the task id. Raises BrokerUnavailable."""
-    call = TaskCall(name, list(args or []), dict(kwargs or {}), task_id or uuid(), ignore_result)
+    return _send_one(celery_app, TaskCall(name, list(args or []), dict(kwargs or {}), task_id or uuid(), ignore_result))
+
+
+def _send_one(celery_app: Celery, call: TaskCall) -> str:
     send_many(celery_app, [call])
     return call.task_id
 
@@ -89,6 +92,4 @@ def enqueue_recompute(celery_app: Celery, account_id: str, trigger: str, cause: 
     """``keep_result``: store the outcome in the result backend (the support page polls it).
     Without it nothing subscribes to the backend, so sending costs one broker write and a
     broker outage is noticed at once rather than after the backend's reconnect loop."""
-    call = recompute_call(account_id, trigger, cause, coalesced, keep_result)
-    send_many(celery_app, [call])
-    return call.task_id
+    return _send_one(celery_app, recompute_call(account_id, trigger, cause, coalesced, keep_result))

@@ -78,9 +78,15 @@ class Ingestor:
             # An event's values broke the statement (nothing of it was stored): each on its own,
             # so that only that event's request fails.
             stored = [self._store_alone(item) for item in items] if len(items) > 1 else [_not_storable(items[0])]
+        return self._answer([ex for ex, _raw in items], stored)
+
+    def _answer(self, exs: list[Extracted], stored: list[store.Stored | BaseException | None]
+                ) -> list[Ingested | BaseException]:
+        """After the commit: enqueue the recomputes the events created, count them, and say what
+        each request answers."""
         calls: list[TaskCall | None] = []
         outcomes: list[Ingested | BaseException] = []
-        for (ex, _raw), result in zip(items, stored, strict=True):
+        for ex, result in zip(exs, stored, strict=True):
             outcome, call = _outcome(ex, result)
             outcomes.append(outcome)
             calls.append(call)
@@ -168,11 +174,7 @@ class Ingestor:
                 settle = bad_debt_webhook.record_outcome(conn, ex.type, stored.account_id, ex.payment_intent, event)
         if settle is not None:
             bad_debt_webhook.enqueue_settlement(self.celery_app, settle)
-        outcome, call = _outcome(ex, stored)
-        outcomes: list[Ingested | BaseException] = [outcome]
-        self._enqueue(outcomes, [call])
-        _count(outcomes)
-        done = outcomes[0]
+        done = self._answer([ex], [stored])[0]
         assert isinstance(done, Ingested)
         return done
 
