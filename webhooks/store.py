@@ -8,15 +8,16 @@ a whole batch of events (``ingest_events``).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Any
 
+import orjson
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
-from app.db import Prepared, execute_prepared, fetch_prepared_all
+from app.db import Prepared, ValueRejected, execute_prepared, fetch_prepared_all
 from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
@@ -94,9 +95,10 @@ PAID_TYPES = ("invoice.paid", "invoice.payment_succeeded", "payment_intent.succe
 # are fine: the first creates its request (and is enqueued), the others find it.
 INGEST_HEAD = """
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[])
-           WITH ORDINALITY AS x(id, type, created, customer, invoice_id, payment_intent, trigger, raw, n)
+    SELECT x.*, r.raw
+      FROM json_to_recordset($1::json) AS x(n int, id text, type text, created bigint, customer text,
+                                            invoice_id text, payment_intent text, trigger text)
+      JOIN unnest($2::text[]) WITH ORDINALITY AS r(raw, n) USING (n)
 ), owner AS MATERIALIZED (
     SELECT x.*, COALESCE(
         (SELECT account_id FROM subs_customer WHERE stripe_customer_id = x.customer),
@@ -134,7 +136,7 @@ SELECT e.account_id, e.state, r.trigger, r.created
   FROM owner o LEFT JOIN event e USING (id) LEFT JOIN request r ON r.cause = o.id
  ORDER BY o.n
 """.replace("{paid}", ", ".join(f"'{t}'" for t in PAID_TYPES))
-HEAD_PARAMS = 8
+HEAD_PARAMS = 2  # the events (JSON), their raw bodies (text[])
 # The mirror tables in the order their parameters follow the head's.
 MIRROR_TABLES = ("stripe_invoice", "stripe_payment_attempt", "stripe_subscription", "stripe_payment_method",
                  "stripe_customer_state")
@@ -154,29 +156,26 @@ def _is_json(table: str, column: str) -> bool:
     return _column_type(table, column) in ("JSON", "JSONB")
 
 
-def _mirror_cte(shape: Shape, first: int) -> str:
-    """The upsert of one table's rows, its arrays being parameters ``$first``, ``$first+1``, ...
+def _mirror_cte(shape: Shape, param: int) -> str:
+    """The upsert of one table's rows, which parameter ``$param`` holds as a JSON array of objects
     (key, each column, the event's id), joined to the events actually stored and acted on."""
     table, columns, merge = shape
     key = KEYS.get(table, "id")
     names = (key, *columns, "event_id")
-    # JSON travels as text (psycopg2 has no array of JSON) and is cast back.
-    types = ("TEXT", *("TEXT" if _is_json(table, c) else _column_type(table, c) for c in columns), "TEXT")
-    arrays = ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
-    picked = ", ".join(f"m.{c}::jsonb" if _is_json(table, c) else f"m.{c}" for c in (key, *columns))
+    # JSON columns arrive as JSON values (jsonb), every other one is read as the model declares it.
+    types = ("TEXT", *("JSONB" if _is_json(table, c) else _column_type(table, c) for c in columns), "TEXT")
+    record = ", ".join(f"{name} {t}" for name, t in zip(names, types, strict=True))
+    picked = ", ".join(f"m.{c}" for c in (key, *columns))
     # In key order, as every statement locks rows of a table: two concurrent batches touching the
     # same rows then wait for each other instead of deadlocking.
-    select = (f"SELECT {picked} FROM unnest({arrays}) AS m({', '.join(names)}) "
+    select = (f"SELECT {picked} FROM json_to_recordset(${param}::json) AS m({record}) "
               f"JOIN event e ON e.id = m.event_id WHERE e.state <> 'ignored' ORDER BY m.{key}")
     return f"mirror_{table} AS (\n    {_upsert_sql(table, columns, merge, select)}\n)"
 
 
 @cache
 def _ingest(shapes: tuple[Shape, ...]) -> Prepared:
-    first, ctes = HEAD_PARAMS + 1, []
-    for shape in shapes:
-        ctes.append(_mirror_cte(shape, first))
-        first += len(shape[1]) + 2
+    ctes = [_mirror_cte(shape, HEAD_PARAMS + 1 + i) for i, shape in enumerate(shapes)]
     mirrors = "".join(f", {cte}" for cte in ctes)
     return _named("dunning_ingest", INGEST_HEAD.replace("{mirrors}", mirrors))
 
@@ -213,17 +212,29 @@ def waves(items: list[Item]) -> list[list[int]]:
     return out
 
 
-def _json_text(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, list | dict) else value
+def _json(value: Any) -> str:
+    """A parameter as JSON text: orjson writes a batch's values in one call, where psycopg2 quoting
+    them one by one, as arrays, cost more CPU than the statement's execution (bench/ingest.py).
+    A string that is not valid UTF-8 (a lone surrogate) is a value nothing can store."""
+    try:
+        return orjson.dumps(value, default=_isoformat).decode()
+    except TypeError as exc:  # orjson.JSONEncodeError
+        raise ValueRejected(f"value cannot be stored: {exc}") from exc
+
+
+def _isoformat(value: Any) -> str:
+    """A datetime of a subclass orjson does not take as one (freezegun's, in tests)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _statement(items: list[Item]) -> tuple[Prepared, tuple[Any, ...]]:
     exs = [ex for ex, _ in items]
-    params: list[Any] = [
-        [ex.event_id for ex in exs], [ex.type for ex in exs], [ex.created for ex in exs],
-        [ex.customer for ex in exs], [ex.invoice_id for ex in exs], [ex.payment_intent for ex in exs],
-        [ex.trigger.value if ex.trigger else None for ex in exs], [raw for _, raw in items],
-    ]
+    events = [{"n": n, "id": ex.event_id, "type": ex.type, "created": ex.created, "customer": ex.customer,
+               "invoice_id": ex.invoice_id, "payment_intent": ex.payment_intent,
+               "trigger": ex.trigger.value if ex.trigger else None} for n, ex in enumerate(exs, 1)]
+    params: list[Any] = [_json(events), [raw for _, raw in items]]
     by_table: dict[str, list[tuple[str, MirrorRow]]] = {}
     for ex in exs:
         for row in ex.rows:
@@ -237,9 +248,8 @@ def _statement(items: list[Item]) -> tuple[Prepared, tuple[Any, ...]]:
         if any(_shape(row) != shape for _, row in rows):
             raise ValueError(f"mirror rows of {table} differ in their columns")  # extract() never does this
         shapes.append(shape)
-        params.append([row.key for _, row in rows])
-        params.extend([_json_text(row.values[c]) for _, row in rows] for c in shape[1])
-        params.append([event_id for event_id, _ in rows])
+        key = KEYS.get(table, "id")
+        params.append(_json([{key: row.key, **row.values, "event_id": event_id} for event_id, row in rows]))
     return _ingest(tuple(shapes)), tuple(params)
 
 

@@ -149,13 +149,16 @@ def test_a_value_out_of_range_answers_422_and_stores_nothing(client, accounts: A
     assert queued(settings) == 0
 
 
-def test_a_nul_character_answers_422_and_stores_nothing(client, accounts: Accounts, engine, settings):
-    """JSON may carry \\u0000; PostgreSQL text may not. The event is refused with a reason, not a 500."""
+@pytest.mark.parametrize("value", ["manual\x00", "manual\ud800"], ids=["nul", "lone-surrogate"])
+def test_text_nothing_can_store_answers_422_and_stores_nothing(client, accounts: Accounts, engine, value):
+    """JSON may carry \\u0000 and a lone surrogate escape; PostgreSQL text (UTF-8) holds neither. The
+    event is refused with a reason, not a 500."""
     _, customer = accounts.create()
     evt = failed_invoice(customer)
-    evt["data"]["object"]["billing_reason"] = "manual\x00"
+    evt["data"]["object"]["billing_reason"] = value
     response = post_event(client, evt)
     assert response.status_code == 422, response.json
+    assert evt["id"] in response.json["reason"]
     assert count(engine, "SELECT count(*) FROM stripe_event") == 0
 
 
