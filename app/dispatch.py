@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
-from kombu.utils.uuid import uuid
 
+from app.ids import uuid4_str
 from app.redis_lane import TaskCall, lane_for
 from tasks.broker import TRANSPORT
 
@@ -35,7 +35,8 @@ ATTEMPTS = 1 + int(SEND_RETRY_POLICY["max_retries"])
 def send(celery_app: Celery, name: str, args: list[Any] | None = None, kwargs: dict[str, Any] | None = None,
          *, task_id: str | None = None, ignore_result: bool = True) -> str:
     """Publish task ``name`` and its task-sent event; the task id. Raises BrokerUnavailable."""
-    return _send_one(celery_app, TaskCall(name, list(args or []), dict(kwargs or {}), task_id or uuid(), ignore_result))
+    call = TaskCall(name, list(args or []), dict(kwargs or {}), task_id or uuid4_str(), ignore_result)
+    return _send_one(celery_app, call)
 
 
 def _send_one(celery_app: Celery, call: TaskCall) -> str:
@@ -83,7 +84,7 @@ def _send_task(celery_app: Celery, call: TaskCall) -> None:
 
 def recompute_call(account_id: str, trigger: str, cause: str | None = None, coalesced: bool = True,
                    keep_result: bool = False) -> TaskCall:
-    return TaskCall("tasks.recompute_account", [account_id, trigger, cause], {"coalesced": coalesced}, uuid(),
+    return TaskCall("tasks.recompute_account", [account_id, trigger, cause], {"coalesced": coalesced}, uuid4_str(),
                     ignore_result=not keep_result)
 
 

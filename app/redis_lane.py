@@ -23,7 +23,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from uuid import uuid4
 
 import orjson
 import redis
@@ -32,6 +31,7 @@ from kombu.utils.json import dumps as kombu_dumps
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.ids import uuid4_str
 from tasks.broker import Channel
 
 
@@ -141,7 +141,7 @@ class RedisLane:
                            "parent_id": parent_id, "argsrepr": argsrepr, "kwargsrepr": kwargsrepr}
                 body = _dumps([call.args, call.kwargs, t.embed])
                 # Serialised at once, so the template's nested dicts are shared, not copied.
-                properties = {**t.properties, "correlation_id": call.task_id, "delivery_tag": str(uuid4())}
+                properties = {**t.properties, "correlation_id": call.task_id, "delivery_tag": uuid4_str()}
                 task = {"body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
                         "content-type": "application/json", "headers": headers, "properties": properties}
                 fields = {**t.sent, "uuid": call.task_id, "root_id": root_id or call.task_id, "parent_id": parent_id,
@@ -149,7 +149,7 @@ class RedisLane:
                 # The dispatcher's own event builder (hostname, pid, logical clock), as its publish() uses.
                 event_body = _compact(self.events._prepare_event("task-sent", fields))
                 event_properties = {**self.event_properties, "delivery_info": self.event_delivery_info,
-                                    "delivery_tag": str(uuid4())}
+                                    "delivery_tag": uuid4_str()}
                 event = {"body": base64.b64encode(event_body).decode(), "content-encoding": "utf-8",
                          "content-type": "application/json", "headers": self.event_headers,
                          "properties": event_properties}

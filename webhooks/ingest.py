@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import Counter
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from celery import Celery
@@ -199,8 +199,20 @@ def _outcome(ex: Extracted, stored: store.Stored | BaseException | None) -> tupl
 def _count(outcomes: list[Ingested | BaseException]) -> None:
     """Webhooks received, by type and state: one increment per kind in a batch, not per request
     (each is a locked write to a shared file under gunicorn's multiprocess metrics)."""
-    for (event_type, state), n in Counter((o.type, o.state) for o in outcomes if isinstance(o, Ingested)).items():
-        metrics.WEBHOOKS_RECEIVED.labels(event_type, state).inc(n)
+    counts: dict[tuple[str, str], int] = {}
+    for o in outcomes:
+        if isinstance(o, Ingested):
+            key = (o.type, o.state)
+            counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        _received(key).inc(n)
+
+
+@cache
+def _received(key: tuple[str, str]) -> Any:
+    """The counter of one (type, state): looked up once, not on every batch. The keys are bounded:
+    only verified Stripe events get here, of Stripe's event types."""
+    return metrics.WEBHOOKS_RECEIVED.labels(*key)
 
 
 def _not_storable(item: store.Item) -> EventNotStorable:
