@@ -243,8 +243,9 @@ def _statement(items: list[Item]) -> tuple[Prepared, tuple[Any, ...]]:
         rows = by_table.get(table)
         if not rows:
             continue
-        shape = _shape(rows[0][1])
-        if any(row.values.keys() != rows[0][1].values.keys() or row.merge != rows[0][1].merge for _, row in rows):
+        first = rows[0][1]
+        shape = _shape(first)
+        if any(row.values.keys() != first.values.keys() or row.merge != first.merge for _, row in rows):
             raise ValueError(f"mirror rows of {table} differ in their columns")  # extract() never does this
         shapes.append(shape)
         key = KEYS.get(table, "id")

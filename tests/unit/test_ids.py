@@ -6,8 +6,6 @@ import os
 import random
 import uuid
 
-import pytest
-
 from app.ids import uuid4_str
 
 
@@ -39,7 +37,6 @@ def test_seeding_the_random_module_does_not_repeat_ids():
     assert uuid4_str() != first
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_draw_its_parents_ids():
     """gunicorn and Celery fork their workers from one parent: each must draw its own sequence."""
     read, write = os.pipe()
