@@ -304,8 +304,8 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         raise NotAStripeEvent("event has no type")
     if not isinstance(created, int) or isinstance(created, bool):
         raise NotAStripeEvent("event has no integer 'created'")
-    data = event.get("data")
-    obj = data.get("object") if isinstance(data, Mapping) else None
+    data = _obj(event.get("data"))
+    obj = data.get("object")
     if not isinstance(obj, Mapping):
         raise NotAStripeEvent("event has no data.object")
     kind = obj.get("object")
@@ -355,7 +355,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         customer = row.values["stripe_customer_id"]
         if event_type == "payment_method.detached":
             # A detached method carries no customer any more; the previous one says whose it was.
-            customer = _id(_obj(_obj(data).get("previous_attributes")).get("customer"))
+            customer = _id(_obj(data.get("previous_attributes")).get("customer"))
             row.values["stripe_customer_id"] = customer
     elif kind == "customer" and event_type == "customer.updated":
         need_id()
