@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 from urllib.parse import quote
 
@@ -170,6 +171,13 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
     return report
 
 
+@cache
+def _warn_not_relayed() -> None:
+    """Once per process: beat runs the relay every few seconds, and the backlog stays visible in
+    the task's result, the backlog gauge and GET /ops/outbox."""
+    log.warning("ACCOUNT_MANAGEMENT_URL is not set: the outbox is not relayed (the backlog grows until it is)")
+
+
 def relay(engine: Engine, base_url: str | None, now: datetime | None = None, budget_seconds: float = 20.0,
           limit: int = 500, session: requests.Session | None = None,
           timeout: tuple[float, float] = TIMEOUT) -> RelayReport:
@@ -178,7 +186,7 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
     clock: Callable[[], datetime] = (lambda: now) if now is not None else (lambda: datetime.now(UTC))
     report = RelayReport()
     if not base_url:
-        log.warning("ACCOUNT_MANAGEMENT_URL is not set: the outbox is not relayed")
+        _warn_not_relayed()
         return report
     with engine.connect() as conn:
         accounts = [r[0] for r in conn.exec_driver_sql(READY_ACCOUNTS_SQL, {"now": clock(), "limit": limit})]

@@ -3,6 +3,7 @@ version order per account, backoff with jitter, and an outage that never slows r
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged, UpgradeRevertRequested
-from app.outbox.relay import relay
+from app.outbox.relay import _warn_not_relayed, relay
 from app.recompute.emit import emit
 from tests.conftest import service_headers, wait_for
 from tests.integration.dunning_setup import dunning_row, failed_invoice, paid
@@ -57,6 +58,18 @@ def test_contract_bodies_for_entitlements_cancellation_and_upgrade_revert(accoun
 
     assert relay(engine, fake_am.url).delivered == 0  # delivered rows are not sent again
     assert len(fake_am.for_account(account)) == 3
+
+
+def test_without_account_management_nothing_is_sent_and_the_warning_comes_once(accounts, engine, caplog):
+    account, _ = accounts.create()
+    write_events(engine, account, 1, [DunningEntered(unpaid_since=None, failure_class="permanent")])
+    _warn_not_relayed.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="app.outbox.relay"):
+        reports = [relay(engine, None) for _ in range(3)]  # beat, every few seconds
+    assert all(r.delivered == 0 and r.failed == 0 for r in reports)
+    assert [r["delivered_at"] for r in outbox(engine, account)] == [None]  # kept for when it is set
+    warnings = [r.getMessage() for r in caplog.records if "ACCOUNT_MANAGEMENT_URL" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_a_failing_row_blocks_the_rows_behind_it_and_backs_off_with_jitter(accounts, engine, fake_am):
