@@ -1,9 +1,11 @@
-"""The ``dunning`` command: database migrations, one-off recomputes, and the local fleet."""
+"""The ``dunning`` command: database migrations, one-off recomputes, reports, the local fleet, and one
+process of the Procfile (what deployments run)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -75,6 +77,25 @@ def cmd_report_bad_debt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_process(args: argparse.Namespace) -> int:
+    """Become one process of the Procfile, as deployments run them (deploy/): the Procfile stays the
+    one place that says how each process starts, metrics directories included."""
+    from app.launcher import LaunchError, procfile_processes, programs_path
+
+    try:
+        processes = procfile_processes(os.environ)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    command = processes.get(args.name)
+    if command is None:
+        print(f"error: the Procfile has no process {args.name!r} (it has {', '.join(processes)})", file=sys.stderr)
+        return 2
+    env = {**os.environ, "PATH": programs_path(os.environ.get("PATH", ""))}
+    sys.stdout.flush()
+    os.execvpe("sh", ["sh", "-c", command], env)  # the line itself execs its program: signals reach it
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from app.launcher import main as launch
 
@@ -109,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole fleet (embedded PostgreSQL/Redis unless configured)")
     run.add_argument("--data-dir", default=None, help="where the private servers keep their data (.dunning)")
     run.set_defaults(handler=cmd_run)
+
+    process = sub.add_parser("process", help="run one process of the Procfile in the foreground "
+                             "(web, worker, beat, flower), as a container does")
+    process.add_argument("name")
+    process.set_defaults(handler=cmd_process)
 
     from app.sweep.cli import add_commands as add_sweep_commands
 

@@ -57,8 +57,8 @@ WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9808}" && rm -rf "$PROMETHEUS_MULTIP
 -Q recompute,payments,sweeps,outbox,maintenance --prefetch-multiplier 1 -l info
 beat: mkdir -p "${DUNNING_DATA_DIR:-.dunning}" && exec celery -A tasks beat \
 --schedule "${DUNNING_DATA_DIR:-.dunning}/celerybeat-schedule" -l info
-flower: FLOWER_UNAUTHENTICATED_API=${FLOWER_UNAUTHENTICATED_API:-true} celery -A tasks flower \
---address=${FLOWER_ADDRESS:-127.0.0.1} --port=${FLOWER_PORT:-5555}
+flower: export FLOWER_UNAUTHENTICATED_API="${FLOWER_UNAUTHENTICATED_API:-true}" \
+&& exec celery -A tasks flower --address=${FLOWER_ADDRESS:-127.0.0.1} --port=${FLOWER_PORT:-5555}
 """
 
 
@@ -86,6 +86,15 @@ def procfile_processes(env: Mapping[str, str]) -> dict[str, str]:
     if env.get("DUNNING_PROCFILE"):
         raise LaunchError(f"DUNNING_PROCFILE names {env['DUNNING_PROCFILE']}, which is not a file")
     return dict(parse_procfile(DEFAULT_PROCFILE).processes)
+
+
+def programs_path(path: str) -> str:
+    """``path`` with this Python's scripts directory first: the Procfile's programs (gunicorn,
+    celery) are installed beside ``dunning``, in a virtual environment that need not be active."""
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir in path.split(os.pathsep):
+        return path
+    return bin_dir + (os.pathsep + path if path else "")
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -375,10 +384,7 @@ class Launcher:
 
         child_env = dict(env)
         child_env.update(generated)
-        bin_dir = str(Path(sys.executable).parent)
-        path = child_env.get("PATH", "")
-        if bin_dir not in path.split(os.pathsep):
-            path = bin_dir + (os.pathsep + path if path else "")
+        path = programs_path(child_env.get("PATH", ""))
         child_env.update({
             "DATABASE_URL": database_url,
             "CELERY_BROKER_URL": broker_url,

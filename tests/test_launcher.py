@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,8 @@ def test_the_procfile_follows_the_contract() -> None:
     assert "--port=${FLOWER_PORT:-5555}" in procs["flower"]
     assert "--address=${FLOWER_ADDRESS:-127.0.0.1}" in procs["flower"]
     assert "FLOWER_UNAUTHENTICATED_API=" in procs["flower"]
+    for name, command in procs.items():  # the program replaces the shell, so a container's SIGTERM reaches it
+        assert re.search(r"(^|&& )exec (gunicorn|celery) ", command), name
 
 
 def test_local_credentials_are_generated_once_and_never_replace_configured_ones(

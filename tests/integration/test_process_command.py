@@ -1,0 +1,83 @@
+"""``dunning process NAME``: what the container images run (deploy/). It runs the Procfile's line for
+NAME in place of itself, so the deployed processes start exactly as ``make run`` starts them
+(metrics directories included), and the program itself receives the container's SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import wait_for
+from tests.integration.processes import ROOT, env_for, free_port
+
+DUNNING = str(Path(sys.executable).with_name("dunning"))
+
+
+def test_a_name_the_procfile_lacks_is_refused_with_the_names_it_has() -> None:
+    done = subprocess.run([DUNNING, "process", "api"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "no process 'api'" in done.stderr and "web, worker, beat, flower" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_line_runs_in_place_of_the_command(tmp_path: Path) -> None:
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("hello: exec \"$PYTHON\" -c 'import os; print(os.getpid(), os.environ[\"GREETING\"])'\n")
+    env = {"PATH": "/usr/bin:/bin", "DUNNING_PROCFILE": str(procfile), "PYTHON": sys.executable, "GREETING": "hi"}
+    proc = subprocess.Popen([DUNNING, "process", "hello"], stdout=subprocess.PIPE, text=True, env=env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert out.split() == [str(proc.pid), "hi"]  # no shell or launcher left between
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET" if path != "/webhooks/stripe" else "POST", path, body=b"{}" if path == "/webhooks/stripe"
+                     else None)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def _up(port: int) -> bool:
+    try:
+        return _get(port, "/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(runtime, tmp_path: Path) -> None:
+    port = free_port()
+    metrics_dir = tmp_path / "metrics" / "web"
+    metrics_dir.mkdir(parents=True)
+    stale = metrics_dir / "counter_1.db"  # left by an earlier run of the same container
+    stale.write_text("stale")
+    env = env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(tmp_path), WEB_CONCURRENCY="2",
+                  WEB_THREADS="2")
+    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: _up(port) or proc.poll() is not None, timeout=60, message="the web process")
+        assert proc.poll() is None
+        assert not stale.exists()
+        for _ in range(6):  # unsigned: refused, counted by whichever worker answers
+            assert _get(port, "/webhooks/stripe")[0] == 400
+        assert list(metrics_dir.glob("counter_*.db"))
+        status, text = _get(port, "/metrics")
+        assert status == 200
+        assert 'dunning_webhooks_rejected_total{reason="signature"} 6.0' in text  # both workers' counts
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what a container's stop sends to its first process
+        try:
+            returncode = proc.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything the signal did not reach
+    assert returncode == 0  # gunicorn itself got it and shut down cleanly

@@ -1,0 +1,78 @@
+"""deploy/ runs what the Procfile says: every process of the Procfile is started by
+``dunning process NAME`` in the image, the compose file and the Kubernetes manifests, so they cannot
+drift from it (tests/integration/test_process_command.py runs that command). No container engine
+runs here; these tests read the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app import launcher
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+PROCESSES = list(launcher.procfile_processes({}))
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+
+
+def _k8s_container(name: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / f"{name}.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _k8s_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def test_the_procfile_names_the_four_processes() -> None:
+    assert PROCESSES == ["web", "worker", "beat", "flower"]
+
+
+def test_the_image_runs_the_procfile_web_process_by_default() -> None:
+    (cmd,) = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("CMD ")]
+    assert json.loads(cmd.removeprefix("CMD ")) == ["dunning", "process", "web"]
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_compose_runs_the_procfile_process(name: str) -> None:
+    assert _compose()[name]["command"] == ["dunning", "process", name]
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_kubernetes_runs_the_procfile_process(name: str) -> None:
+    container = _k8s_container(name)
+    assert container["command"] == ["dunning", "process", name]
+    assert "args" not in container
+
+
+def test_migrations_run_once_before_the_processes() -> None:
+    services = _compose()
+    assert services["migrate"]["command"] == ["dunning", "db", "upgrade"]
+    for name in ("web", "worker", "beat"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    job = yaml.safe_load((DEPLOY / "k8s" / "migrate-job.yaml").read_text())
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["dunning", "db", "upgrade"]
+
+
+def test_deployed_flower_listens_beyond_localhost_with_its_api_behind_auth() -> None:
+    compose = _compose()["flower"]["environment"]
+    k8s = _k8s_env(_k8s_container("flower"))
+    for env in (compose, k8s):
+        assert env["FLOWER_ADDRESS"] == "0.0.0.0"
+        assert env["FLOWER_UNAUTHENTICATED_API"] == "false"
+    assert "FLOWER_BASIC_AUTH" in compose
+
+
+def test_the_worker_metrics_port_is_declared() -> None:
+    assert "WORKER_METRICS_PORT:-9808" in launcher.procfile_processes({})["worker"]
+    ports = {p["name"]: p["containerPort"] for p in _k8s_container("worker")["ports"]}
+    assert ports["metrics"] == 9808
