@@ -1,6 +1,7 @@
 """The installed package is the whole product, not only the checkout: a wheel built from this tree
 holds every file of app/, tasks/ and webhooks/ (the migrations, templates, static files and the
-default policy included), and the ``dunning`` command it installs migrates an empty database.
+default policy included), and the ``dunning`` command it installs migrates an empty database and
+recomputes an account with the policy it ships.
 
 The container image installs the project with ``pip install .`` (deploy/Dockerfile), so a file
 left out of the wheel is missing in production while every other test, run on the editable
@@ -9,6 +10,7 @@ checkout, still passes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -80,7 +82,7 @@ def empty_database() -> Iterator[str]:
         yield url
 
 
-def test_the_installed_dunning_command_migrates_an_empty_database(installed: Path, empty_database: str,
+def test_the_installed_dunning_command_migrates_an_empty_database_and_recomputes(installed: Path, empty_database: str,
                                                                   tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(installed), "DATABASE_URL": empty_database}
     # Run from elsewhere, so that nothing is imported from the checkout.
@@ -100,3 +102,15 @@ def test_the_installed_dunning_command_migrates_an_empty_database(installed: Pat
         engine.dispose()
     assert version == ScriptDirectory.from_config(alembic_config(empty_database)).get_current_head()
     assert {"subs_account", "subs_customer", "subs_dunning", "stripe_event", "outbox"} <= tables
+
+    # An account as other teams create one, recomputed by the installed command with the policy
+    # file the package ships.
+    engine = create_engine(empty_database)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_installed')")
+    finally:
+        engine.dispose()
+    out = _run([str(installed / "bin" / "dunning"), "recompute", "acct_installed", "--json"], env=env, cwd=tmp_path)
+    summary = json.loads(out)
+    assert (summary["account_id"], summary["status"]) == ("acct_installed", "current")
