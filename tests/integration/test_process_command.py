@@ -67,6 +67,7 @@ def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(
         wait_for(lambda: _up(port) or proc.poll() is not None, timeout=60, message="the web process")
         assert proc.poll() is None
         assert not stale.exists()
+        assert (tmp_path / "gunicorn.ctl").is_socket()  # this fleet's own, not one per user in ~/.gunicorn
         for _ in range(6):  # unsigned: refused, counted by whichever worker answers
             assert _get(port, "/webhooks/stripe")[0] == 400
         assert list(metrics_dir.glob("counter_*.db"))
