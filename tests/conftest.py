@@ -37,9 +37,23 @@ TABLES_TO_CLEAN = (
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    with servers.postgres_admin_url() as admin, servers.test_database(admin) as url:
+def postgres_admin() -> Iterator[str]:
+    """The run's PostgreSQL server (tests/servers.py chooses it), as its admin URL."""
+    with servers.postgres_admin_url() as admin:
+        yield admin
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_admin: str) -> Iterator[str]:
+    with servers.test_database(postgres_admin) as url:
         upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def empty_database(postgres_admin: str) -> Iterator[str]:
+    """A database of its own with no schema yet, on the run's server; dropped afterwards."""
+    with servers.test_database(postgres_admin) as url:
         yield url
 
 

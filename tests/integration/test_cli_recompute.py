@@ -53,18 +53,15 @@ def test_invalid_policy_and_missing_configuration_name_the_problem(database_url,
     assert missing.returncode == 2 and "DATABASE_URL is not set" in missing.stderr
 
 
-def test_db_upgrade_migrates_an_empty_database(database_url):
-    from tests import servers
+def test_db_upgrade_migrates_an_empty_database(empty_database):
+    from sqlalchemy import create_engine
 
-    with servers.postgres_admin_url() as admin, servers.test_database(admin) as empty:
-        done = dunning("db", "upgrade", database_url=empty)
-        assert done.returncode == 0, done.stderr
-        assert "database upgraded to head" in done.stdout
-        from sqlalchemy import create_engine
-
-        probe = create_engine(empty)
-        with probe.connect() as conn:
-            tables = {r[0] for r in conn.exec_driver_sql("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
-        probe.dispose()
+    done = dunning("db", "upgrade", database_url=empty_database)
+    assert done.returncode == 0, done.stderr
+    assert "database upgraded to head" in done.stdout
+    probe = create_engine(empty_database)
+    with probe.connect() as conn:
+        tables = {r[0] for r in conn.exec_driver_sql("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+    probe.dispose()
     assert {"subs_account", "subs_customer", "subs_dunning", "subs_mandate", "subs_stuck_events", "stripe_event",
             "outbox"} <= tables

@@ -125,31 +125,30 @@ def test_the_filing_trigger_refuses_a_writer_that_would_read_a_stale_key(account
     assert keys(engine, customer) == (None, [])
 
 
-def test_the_migration_files_what_was_mirrored_before_it_and_goes_back_down(database_url: str):
+def test_the_migration_files_what_was_mirrored_before_it_and_goes_back_down(empty_database: str):
     from sqlalchemy import create_engine
 
     from app.migrate import downgrade, upgrade
-    from tests import servers
 
-    with servers.postgres_admin_url() as admin, servers.test_database(admin) as url:
-        upgrade(url, "sweep_counts_and_gate")
-        engine = create_engine(url)
-        try:
-            with engine.begin() as conn:
-                conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_m1'), ('acct_m2')")
-                conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) "
-                                     "VALUES ('cus_m1', 'acct_m1'), ('cus_m2', 'acct_m2')")
-                invoice(conn, "in_m1", "cus_m1")
-                invoice(conn, "in_m0", "cus_m0")  # mirrored, but no account maps its customer
-            upgrade(url)
-            with engine.connect() as conn:
-                filed = dict(conn.exec_driver_sql("SELECT stripe_customer_id, account_key FROM mirror_customer").all())
-                rows = dict(conn.exec_driver_sql("SELECT id, account_key FROM stripe_invoice").all())
-            assert filed == {"cus_m1": "acct_m1", "cus_m2": "acct_m2", "cus_m0": None}
-            assert rows == {"in_m1": "acct_m1", "in_m0": None}
-            downgrade(url, "sweep_counts_and_gate")
-            with engine.connect() as conn:
-                assert conn.exec_driver_sql("SELECT to_regclass('mirror_customer')").scalar_one() is None
-            upgrade(url)
-        finally:
-            engine.dispose()
+    url = empty_database
+    upgrade(url, "sweep_counts_and_gate")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_m1'), ('acct_m2')")
+            conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) "
+                                 "VALUES ('cus_m1', 'acct_m1'), ('cus_m2', 'acct_m2')")
+            invoice(conn, "in_m1", "cus_m1")
+            invoice(conn, "in_m0", "cus_m0")  # mirrored, but no account maps its customer
+        upgrade(url)
+        with engine.connect() as conn:
+            filed = dict(conn.exec_driver_sql("SELECT stripe_customer_id, account_key FROM mirror_customer").all())
+            rows = dict(conn.exec_driver_sql("SELECT id, account_key FROM stripe_invoice").all())
+        assert filed == {"cus_m1": "acct_m1", "cus_m2": "acct_m2", "cus_m0": None}
+        assert rows == {"in_m1": "acct_m1", "in_m0": None}
+        downgrade(url, "sweep_counts_and_gate")
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT to_regclass('mirror_customer')").scalar_one() is None
+        upgrade(url)
+    finally:
+        engine.dispose()

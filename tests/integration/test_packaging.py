@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from app.migrate import alembic_config
-from tests import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("app", "tasks", "webhooks")
@@ -74,12 +72,6 @@ def test_the_wheel_holds_every_file_of_the_packages(wheel: Path) -> None:
     source = _source_files()
     assert {"app/migrations/env.py", "app/migrations/alembic.ini", "app/policy/default.toml"} <= source
     assert source - shipped == set(), "left out of the installed package"
-
-
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    with servers.postgres_admin_url() as admin, servers.test_database(admin) as url:
-        yield url
 
 
 def test_the_installed_dunning_command_migrates_an_empty_database_and_recomputes(installed: Path, empty_database: str,
