@@ -74,35 +74,28 @@ def test_the_wheel_holds_every_file_of_the_packages(wheel: Path) -> None:
     assert source - shipped == set(), "left out of the installed package"
 
 
-def test_the_installed_dunning_command_migrates_an_empty_database_and_recomputes(installed: Path, empty_database: str,
-                                                                  tmp_path: Path) -> None:
+def test_the_installed_dunning_command_migrates_an_empty_database_and_recomputes(
+        installed: Path, empty_database: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(installed), "DATABASE_URL": empty_database}
+    dunning = str(installed / "bin" / "dunning")
     # Run from elsewhere, so that nothing is imported from the checkout.
     where = _run([sys.executable, "-c", "import app.migrate; print(app.migrate.__file__)"], env=env, cwd=tmp_path)
     assert Path(where.strip()).is_relative_to(installed)
 
-    upgraded = _run([str(installed / "bin" / "dunning"), "db", "upgrade"], env=env, cwd=tmp_path)
-    assert "database upgraded to head" in upgraded
-
+    assert "database upgraded to head" in _run([dunning, "db", "upgrade"], env=env, cwd=tmp_path)
     engine = create_engine(empty_database)
     try:
-        with engine.connect() as conn:
+        with engine.begin() as conn:
             version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one()
             tables = {row[0] for row in conn.exec_driver_sql(
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            # An account as other teams create one, for the recompute below.
+            conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_installed')")
     finally:
         engine.dispose()
     assert version == ScriptDirectory.from_config(alembic_config(empty_database)).get_current_head()
     assert {"subs_account", "subs_customer", "subs_dunning", "stripe_event", "outbox"} <= tables
 
-    # An account as other teams create one, recomputed by the installed command with the policy
-    # file the package ships.
-    engine = create_engine(empty_database)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_installed')")
-    finally:
-        engine.dispose()
-    out = _run([str(installed / "bin" / "dunning"), "recompute", "acct_installed", "--json"], env=env, cwd=tmp_path)
-    summary = json.loads(out)
+    # Recomputed by the installed command, with the policy file the package ships.
+    summary = json.loads(_run([dunning, "recompute", "acct_installed", "--json"], env=env, cwd=tmp_path))
     assert (summary["account_id"], summary["status"]) == ("acct_installed", "current")

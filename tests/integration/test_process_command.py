@@ -35,11 +35,10 @@ def test_the_line_runs_in_place_of_the_command(tmp_path: Path) -> None:
     assert out.split() == [str(proc.pid), "hi"]  # no shell or launcher left between
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def _request(port: int, method: str, path: str) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET" if path != "/webhooks/stripe" else "POST", path, body=b"{}" if path == "/webhooks/stripe"
-                     else None)
+        conn.request(method, path, body=b"{}" if method == "POST" else None)
         response = conn.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -48,7 +47,7 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 def _up(port: int) -> bool:
     try:
-        return _get(port, "/healthz")[0] == 200
+        return _request(port, "GET", "/healthz")[0] == 200
     except OSError:
         return False
 
@@ -69,9 +68,9 @@ def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(
         assert not stale.exists()
         assert (tmp_path / "gunicorn.ctl").is_socket()  # this fleet's own, not one per user in ~/.gunicorn
         for _ in range(6):  # unsigned: refused, counted by whichever worker answers
-            assert _get(port, "/webhooks/stripe")[0] == 400
+            assert _request(port, "POST", "/webhooks/stripe")[0] == 400
         assert list(metrics_dir.glob("counter_*.db"))
-        status, text = _get(port, "/metrics")
+        status, text = _request(port, "GET", "/metrics")
         assert status == 200
         assert 'dunning_webhooks_rejected_total{reason="signature"} 6.0' in text  # both workers' counts
     finally:
