@@ -9,8 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -19,18 +17,11 @@ import pytest
 from app import launcher
 from app.embedded import free_port, read_pidfile, wait_for
 from tasks import queues
+from tests.integration.processes import answers
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 45.0
 STOP_TIMEOUT = 20.0
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def gone(proc: psutil.Process) -> bool:

@@ -15,7 +15,7 @@ from tasks.factory import make_celery
 from tests.conftest import wait_for
 from tests.fakes import fake_stripe as outcomes
 from tests.integration.dunning_setup import failed_invoice, retries
-from tests.integration.processes import celery_process, env_for, free_port
+from tests.integration.processes import answers, celery_process, env_for, free_port
 
 pytestmark = pytest.mark.worker
 
@@ -44,7 +44,7 @@ def test_flower_shows_a_retrying_task_with_retries_and_exception(client, account
     flower_env = {**env, "FLOWER_UNAUTHENTICATED_API": "true"}
     with celery_process(["flower", "--address=127.0.0.1", f"--port={port}"], flower_env), \
             celery_process(worker_args, env):
-        wait_for(lambda: _up(base), timeout=60, message="Flower up")
+        wait_for(lambda: answers(f"{base}/healthcheck"), timeout=60, message="Flower up")
         task_id = f"retry-{retry_id}-{uuid.uuid4().hex[:6]}"
         make_celery(runtime.settings).send_task("tasks.retry_payment", [retry_id], queue=queue, task_id=task_id)
 
@@ -64,9 +64,3 @@ def test_flower_shows_a_retrying_task_with_retries_and_exception(client, account
     assert [r["state"] for r in retries(engine, account)] == ["sent"]
     assert len(fake_stripe.charges) == 1
 
-
-def _up(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/healthcheck", timeout=2).ok
-    except requests.RequestException:
-        return False

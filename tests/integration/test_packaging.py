@@ -23,8 +23,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from app.migrate import alembic_config
+from tests.integration.processes import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("app", "tasks", "webhooks")
 
 

@@ -5,15 +5,16 @@ NAME in place of itself, so the deployed processes start exactly as ``make run``
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import requests
+
 from tests.conftest import wait_for
-from tests.integration.processes import ROOT, env_for, free_port
+from tests.integration.processes import ROOT, answers, env_for, free_port
 
 DUNNING = str(Path(sys.executable).with_name("dunning"))
 
@@ -35,23 +36,6 @@ def test_the_line_runs_in_place_of_the_command(tmp_path: Path) -> None:
     assert out.split() == [str(proc.pid), "hi"]  # no shell or launcher left between
 
 
-def _request(port: int, method: str, path: str) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request(method, path, body=b"{}" if method == "POST" else None)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-
-def _up(port: int) -> bool:
-    try:
-        return _request(port, "GET", "/healthz")[0] == 200
-    except OSError:
-        return False
-
-
 def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(runtime, tmp_path: Path) -> None:
     port = free_port()
     metrics_dir = tmp_path / "metrics" / "web"
@@ -63,16 +47,17 @@ def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(
     proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: _up(port) or proc.poll() is not None, timeout=60, message="the web process")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(f"{base}/healthz") or proc.poll() is not None, timeout=60, message="the web process")
         assert proc.poll() is None
         assert not stale.exists()
         assert (tmp_path / "gunicorn.ctl").is_socket()  # this fleet's own, not one per user in ~/.gunicorn
         for _ in range(6):  # unsigned: refused, counted by whichever worker answers
-            assert _request(port, "POST", "/webhooks/stripe")[0] == 400
+            assert requests.post(f"{base}/webhooks/stripe", data=b"{}", timeout=5).status_code == 400
         assert list(metrics_dir.glob("counter_*.db"))
-        status, text = _request(port, "GET", "/metrics")
-        assert status == 200
-        assert 'dunning_webhooks_rejected_total{reason="signature"} 6.0' in text  # both workers' counts
+        scraped = requests.get(f"{base}/metrics", timeout=5)
+        assert scraped.status_code == 200
+        assert 'dunning_webhooks_rejected_total{reason="signature"} 6.0' in scraped.text  # both workers' counts
     finally:
         proc.send_signal(signal.SIGTERM)  # what a container's stop sends to its first process
         try:
