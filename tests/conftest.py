@@ -3,6 +3,7 @@ Celery worker on the real broker. See tests/servers.py for which servers are use
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -98,6 +99,9 @@ def celery_app(settings: Settings, runtime: Runtime) -> Iterator[Celery]:
 
     task_runtime._RUNTIMES[id(app)] = runtime
     yield app
+    # Task results the tests waited on unsubscribe from the result backend when collected: let
+    # that happen now, while the broker still runs (a private one stops right after the session).
+    gc.collect()
     _purge_prefix(settings)
 
 
