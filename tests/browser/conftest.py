@@ -1,4 +1,4 @@
-"""A real headless Chromium (Debian's, installed by `make browser-deps`) and the Flask app over real HTTP."""
+"""A real headless Chromium (installed by `make browser-deps`) and the Flask app over real HTTP."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from flask import Flask
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# The distribution's chromium (CI; `make browser-deps` as root on Debian), else the one Playwright
+# downloaded (`make browser-deps` anywhere else); CHROMIUM names another.
+SYSTEM_CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 
@@ -30,14 +32,29 @@ def live_server(flask_app: Flask) -> Iterator[str]:
         server.server_close()
 
 
+def chromium_executable() -> str | None:
+    """The Chromium to drive: CHROMIUM, else the system's, else None (Playwright's own)."""
+    named = os.environ.get("CHROMIUM")
+    if named:
+        if not (os.path.exists(named) or shutil.which(named)):
+            pytest.fail(f"CHROMIUM={named} does not exist")
+        return named
+    return SYSTEM_CHROMIUM if os.path.exists(SYSTEM_CHROMIUM) else None
+
+
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser-deps` (apt-get install chromium)")
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
+    executable = chromium_executable()
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            chromium = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        except PlaywrightError as exc:
+            if executable is not None:
+                raise
+            pytest.fail(f"no Chromium: neither {SYSTEM_CHROMIUM} nor Playwright's; run `make browser-deps`\n{exc}")
         try:
             yield chromium
         finally:
