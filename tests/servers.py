@@ -1,5 +1,10 @@
 """Which real servers the tests use: the ones the environment names, else PostgreSQL and Redis
-on their standard local ports when reachable, else private ones started from Python packages."""
+on their standard local ports when they answer and let us in, else private ones started from
+Python packages.
+
+A developer's own PostgreSQL often answers on 5432 but asks a password of ``postgres`` over TCP
+(Debian's and Ubuntu's default); such a server is passed over, with a line saying why, rather
+than failing every test."""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import os
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,14 +31,47 @@ def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def _postgres_answers(url: str) -> None:
+    engine = create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    finally:
+        engine.dispose()
+
+
+def _redis_answers(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _usable(url: str, check: Callable[[str], None]) -> bool:
+    """Whether the server at ``url`` takes our connection; if not, warn why."""
+    try:
+        check(url)
+    except Exception as exc:  # auth refused, not a PostgreSQL/Redis, ...: any reason means no
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        # A warning, so that pytest lists it in its summary (printed output of a passing run is not shown).
+        warnings.warn(f"{make_url(url).render_as_string()} answers but cannot be used ({reason}); "
+                      "using a private server instead", stacklevel=2)
+        return False
+    return True
+
+
 @contextmanager
 def postgres_admin_url() -> Iterator[str]:
     url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
     if url:
         yield normalize_database_url(url)
         return
-    if reachable("127.0.0.1", 5432):
-        yield "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+    local = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+    if reachable("127.0.0.1", 5432) and _usable(local, _postgres_answers):
+        yield local
         return
     from app.embedded import EmbeddedPostgres
 
@@ -65,8 +104,9 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    if reachable("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379/0"
+    local = "redis://127.0.0.1:6379/0"
+    if reachable("127.0.0.1", 6379) and _usable(local, _redis_answers):
+        yield local
         return
     from app.embedded import EmbeddedRedis
 
