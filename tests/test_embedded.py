@@ -179,3 +179,16 @@ def test_redis_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
         with pytest.raises(EmbeddedServerError, match="port in use"):
             EmbeddedRedis(tmp_path / "b", port=first.port).start()
         assert not (tmp_path / "b" / "redis.pid").exists()
+
+
+def test_postgres_runs_in_a_data_folder_whose_path_has_a_space(tmp_path: Path) -> None:
+    """pgserver hands postgres its socket directory unquoted: a folder with a space cannot hold the
+    socket, so it goes to a private temp folder (app.embedded._socket_dir_without_spaces)."""
+    pg = EmbeddedPostgres(tmp_path / "my data")
+    url = pg.start()
+    try:
+        assert " " not in url
+        assert sql(url, "SELECT 1") == 1
+        assert (tmp_path / "my data" / "pg" / "PG_VERSION").exists()
+    finally:
+        pg.stop()
