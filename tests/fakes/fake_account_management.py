@@ -74,7 +74,7 @@ class FakeAccountManagement:
             with self._lock:
                 self.refused_with_5xx += 1
             return 503, {}, {"error": "unavailable"}
-        key = next((v for k, v in headers.items() if k.lower() == "idempotency-key"), None)
+        key = headers.get("idempotency-key")
         payload = json.loads(body or b"{}")
         with self._lock:
             self.received.append(Received(method, unquote(parts[1]), parts[2], payload, key))

@@ -108,7 +108,7 @@ class FakeStripe:
         if method != "POST" or len(parts) != 4 or parts[:2] != ["v1", "invoices"] or parts[3] != "pay":
             return 404, {}, _error("invalid_request_error", "resource_missing", f"Unrecognized request URL ({path})")
         invoice_id = parts[2]
-        key = next((v for k, v in headers.items() if k.lower() == "idempotency-key"), None)
+        key = headers.get("idempotency-key")
         params = parse_qs(body.decode())
         with self._lock:
             if key is not None and key in self._saved:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
+from tests.fakes.server import Answer as ServerAnswer
+from tests.fakes.server import FakeServer
 from tests.stripe_events import resource, unique
 
 Answer = tuple[int, dict[str, Any]]
@@ -40,49 +41,25 @@ class FakeStripePayments:
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
         self._lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length).decode() if length else ""
-                params = {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
-                status, payload = fake.handle(self.command, self.path, self.headers.get("Idempotency-Key"), params)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Request-Id", unique("req"))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        # A listening socket that never blocks: if a connection it was told of is gone before accept
-        # (seen once, the suite then hung in shutdown()), the server goes back to its loop instead of
-        # waiting in accept() for good.
-        self._httpd.socket.setblocking(False)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._server = FakeServer(self._serve)
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self._server.url
 
     def __enter__(self) -> FakeStripePayments:
-        self._thread.start()
+        self._server.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.stop()
+
+    def _serve(self, method: str, path: str, headers: dict[str, str], body: bytes) -> ServerAnswer:
+        """The HTTP side: Stripe's form-encoded parameters in, its JSON and a Request-Id out."""
+        params = {k: v[-1] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        key = headers.get("idempotency-key")
+        status, payload = self.handle(method, path, key, params)
+        return status, {"Request-Id": unique("req")}, payload
 
     # --- what tests look at -----------------------------------------------------------------
 

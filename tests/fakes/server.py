@@ -13,6 +13,9 @@ Answer = tuple[int, dict[str, str], dict[str, Any] | None]
 
 
 class FakeServer:
+    """``handle(method, path, headers, body)`` answers each request; header names come lower-cased
+    (HTTP's are case-insensitive)."""
+
     def __init__(self, handle: Callable[[str, str, dict[str, str], bytes], Answer | None], port: int = 0) -> None:
         self._handle = handle
         fake = self
@@ -23,7 +26,8 @@ class FakeServer:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                answer = fake._handle(self.command, self.path, dict(self.headers.items()), body)
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                answer = fake._handle(self.command, self.path, headers, body)
                 if answer is None:
                     self.close_connection = True
                     return
