@@ -15,12 +15,14 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     from app.api import ops as ops_api
     from app.api import rollout as rollout_api
     from app.config import Settings
+    from app.green import cooperate_if_gevent
     from app.runtime import Runtime
     from app.support import views as support_views
     from tasks.factory import make_celery
     from webhooks import blueprint as webhooks
     from webhooks.ingest import Ingestor
 
+    cooperate_if_gevent()  # before anything connects: see app/green.py
     settings = settings or (runtime.settings if runtime is not None else Settings.from_env())
     app = Flask(__name__)
     app.config["SECRET_KEY"] = settings.secret_key

@@ -50,7 +50,7 @@ DEFAULT_PROCFILE = """\
 web: export PROMETHEUS_MULTIPROC_DIR="${DUNNING_DATA_DIR:-.dunning}/metrics/web" \
 && rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
 && exec gunicorn 'app:create_app()' --bind 0.0.0.0:${PORT:-5000} --workers ${WEB_CONCURRENCY:-2} \
---worker-class gthread --threads ${WEB_THREADS:-8} --access-logfile - \
+--worker-class gevent --worker-connections ${WEB_CONNECTIONS:-1000} --access-logfile - \
 --control-socket "${DUNNING_DATA_DIR:-.dunning}/gunicorn.ctl"
 worker: export PROMETHEUS_MULTIPROC_DIR="${DUNNING_DATA_DIR:-.dunning}/metrics/worker" \
 WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9808}" && rm -rf "$PROMETHEUS_MULTIPROC_DIR" \

@@ -1,7 +1,8 @@
 """Signed-webhook ingest throughput and ack latency against the running web app (gunicorn, as in
 the Procfile), next to the same server's throughput for a trivial endpoint, in the same run.
 
-    .venv/bin/python bench/ingest.py [--requests 4000] [--clients 16] [--workers 2] [--threads 8] [--repeat 3]
+    .venv/bin/python bench/ingest.py [--requests 4000] [--clients 16] [--workers 2] [--repeat 3]
+                                     [--worker-class gevent|gthread|sync] [--threads 8]
 
 Servers: the same selection as the tests. A temporary database and Redis key prefix are created
 and removed. Every signed event is an invoice.payment_failed for a different account, so every
@@ -177,8 +178,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=4000, help="requests per endpoint and run")
     parser.add_argument("--clients", type=int, default=16, help="client processes (concurrent requests)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (the Procfile's WEB_CONCURRENCY)")
-    parser.add_argument("--threads", type=int, default=8, help="threads per worker (the Procfile's WEB_THREADS; "
-                        "1: sync workers)")
+    parser.add_argument("--worker-class", choices=("gevent", "gthread", "sync"), default="gevent",
+                        help="gunicorn worker class (the Procfile's: gevent); the others for comparison")
+    parser.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
     parser.add_argument("--new-customers", action="store_true", help="no customer filed in the mirror yet: "
                         "every event is its customer's first")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of the three endpoints; medians")
@@ -213,7 +215,7 @@ def main() -> int:
             [sys.executable, "-m", "gunicorn", "ceiling_app:create_app()", "--pythonpath", str(ROOT / "bench"),
              "--bind", f"127.0.0.1:{port}",
              "--workers", str(args.workers), "--threads", str(args.threads),
-             "--worker-class", "sync" if args.threads == 1 else "gthread", "--log-level", "warning"],
+             "--worker-class", args.worker_class, "--log-level", "warning"],
             env=env, cwd=ROOT)
         runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in ENDPOINTS}
         try:
@@ -239,7 +241,7 @@ def main() -> int:
             web.terminate()
             web.wait(30)
 
-    kind = "sync workers" if args.threads == 1 else f"gthread workers x {args.threads} threads"
+    kind = f"{args.worker_class} workers" + (f" x {args.threads} threads" if args.worker_class == "gthread" else "")
     print(f"\ngunicorn: {args.workers} {kind}; {args.clients} client processes; {n} requests per endpoint and run; "
           f"{args.repeat} interleaved runs, medians; "
           f"{'each event its customer first (--new-customers)' if args.new_customers else 'established customers'}")

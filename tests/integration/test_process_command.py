@@ -42,8 +42,7 @@ def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(
     metrics_dir.mkdir(parents=True)
     stale = metrics_dir / "counter_1.db"  # left by an earlier run of the same container
     stale.write_text("stale")
-    env = env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(tmp_path), WEB_CONCURRENCY="2",
-                  WEB_THREADS="2")
+    env = env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(tmp_path), WEB_CONCURRENCY="2")
     proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

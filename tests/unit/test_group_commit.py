@@ -102,3 +102,37 @@ def test_a_flush_that_raises_fails_every_request_in_it_and_the_next_batch_runs()
     with pytest.raises(ConnectionError, match="went away"):
         group.submit(1)
     assert group.submit(2) == 2  # the group is not left busy
+
+
+GREENLETS = """
+from gevent import monkey
+monkey.patch_all()
+import sys
+import gevent
+from webhooks.group_commit import GroupCommit
+
+batches = []
+def flush(items):
+    batches.append(len(items))
+    return [i * 10 for i in items]
+
+group = GroupCommit(flush)
+requests = [gevent.spawn(group.submit, i) for i in range(5)]
+gevent.joinall(requests, raise_error=True)
+assert [r.value for r in requests] == [0, 10, 20, 30, 40], [r.value for r in requests]
+print(batches)
+"""
+
+
+def test_under_gevent_the_requests_ready_to_run_join_the_leaders_batch() -> None:
+    """Five greenlets ready at once, as under a gunicorn gevent worker (a patched process of its own):
+    the first leads, and its yield before taking the batch lets the other four queue, so one flush
+    serves all five (without the yield the leader would flush itself alone, then the four)."""
+    import subprocess
+    import sys
+
+    from tests.integration.processes import ROOT
+
+    done = subprocess.run([sys.executable, "-c", GREENLETS], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[5]"]

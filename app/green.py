@@ -1,0 +1,49 @@
+"""psycopg2 under gevent: the web process's waits on PostgreSQL yield to its other requests.
+
+The Procfile runs the web process on gunicorn's gevent workers: every request is a greenlet, and
+gevent's patched sockets make waits on Redis, Stripe and Account Management cooperative. psycopg2
+is a C library with sockets of its own, so a query would block the whole worker, every request in
+it, for as long as PostgreSQL takes (a lock wait, a WAL flush). psycopg2's documented hook for
+coroutine libraries fixes that: with a wait callback set, it sends each query and hands the waiting
+to the callback, which parks the greenlet until the socket is ready.
+
+Called from ``create_app()``, which a gevent worker runs after it has patched the process; in any
+other process (tests, the Celery worker, a gthread worker) gevent has patched nothing and this does
+nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from psycopg2 import OperationalError, extensions
+
+
+def cooperate_if_gevent() -> bool:
+    """Install the wait callback if gevent has patched this process; whether it did."""
+    if "gevent.monkey" not in sys.modules:  # never imported gevent: nothing was patched
+        return False
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        return False
+    extensions.set_wait_callback(_wait)
+    return True
+
+
+def _wait(conn: Any, timeout: float | None = None) -> None:
+    """psycopg2's wait callback: poll the connection, parking this greenlet until its socket is
+    ready each time psycopg2 would block."""
+    from gevent.socket import wait_read, wait_write
+
+    while True:
+        state = conn.poll()
+        if state == extensions.POLL_OK:
+            return
+        if state == extensions.POLL_READ:
+            wait_read(conn.fileno(), timeout=timeout)
+        elif state == extensions.POLL_WRITE:
+            wait_write(conn.fileno(), timeout=timeout)
+        else:
+            raise OperationalError(f"psycopg2 poll() returned an unknown state: {state!r}")

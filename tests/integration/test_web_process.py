@@ -1,0 +1,69 @@
+"""The web process as the Procfile runs it: gunicorn's gevent workers, every request a greenlet.
+
+A request waiting on PostgreSQL must not hold up the other requests of its worker. gevent makes
+socket waits cooperative, but psycopg2 waits in C unless app/green.py gives it gevent's wait: without
+that, one slow statement would stall every request the worker holds, /healthz included."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import Engine
+
+from tests.conftest import Accounts, wait_for
+from tests.integration.processes import ROOT, answers, env_for, free_port
+from tests.integration.test_process_command import DUNNING
+from tests.stripe_events import body_and_headers, event
+
+
+def _statements_waiting_on_a_lock(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).scalar_one())
+
+
+def test_a_webhook_waiting_on_postgresql_leaves_the_worker_free_for_other_requests(
+        runtime: Any, engine: Engine, accounts: Accounts, tmp_path: Path) -> None:
+    _account, customer = accounts.create()
+    port = free_port()
+    # One worker, so the webhook and /healthz share one thread: only cooperative waits let both run.
+    env = env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(tmp_path), WEB_CONCURRENCY="1")
+    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    body, headers = body_and_headers(event("invoice.payment_failed", customer=customer),
+                                     runtime.settings.stripe_webhook_secret)
+    answered: dict[str, requests.Response] = {}
+    webhook = threading.Thread(target=lambda: answered.update(
+        webhook=requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=30)))
+    try:
+        wait_for(lambda: answers(f"{base}/healthz") or proc.poll() is not None, timeout=60, message="the web process")
+        assert proc.poll() is None
+        with engine.connect() as locker:
+            # Held until rollback, well inside the app's 5 s lock_timeout.
+            locker.exec_driver_sql("LOCK TABLE stripe_event IN ACCESS EXCLUSIVE MODE")
+            webhook.start()
+            wait_for(lambda: _statements_waiting_on_a_lock(engine), timeout=10,
+                     message="the webhook's statement to wait on the lock")
+            health = requests.get(f"{base}/healthz", timeout=3)  # a blocked worker answers nothing
+            assert health.status_code == 200
+            assert "webhook" not in answered  # still waiting: the lock is held
+            locker.rollback()
+        webhook.join(timeout=30)
+        assert answered["webhook"].status_code == 200
+        assert answered["webhook"].json()["state"] == "accepted" and answered["webhook"].json()["enqueued"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
