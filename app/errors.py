@@ -7,6 +7,7 @@ import logging
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from app.db import Conflict, DatabaseUnavailable, ValueRejected, is_connection_error
@@ -34,6 +35,15 @@ def register(app: Flask) -> None:
     def value_rejected(exc: ValueRejected) -> ResponseReturnValue:
         log.warning("value rejected by the database: %s", exc)
         return jsonify(error="unprocessable", reason="a value could not be stored; nothing was accepted"), 422
+
+    @app.errorhandler(PoolTimeout)
+    def pool_exhausted(exc: PoolTimeout) -> ResponseReturnValue:
+        # A gevent worker serves many requests at once; more of them than its pool has connections
+        # wait their turn, and past the pool's timeout the caller is told to come back, not sent a 500.
+        log.warning("no database connection free in time: %s", exc)
+        response = jsonify(error="unavailable", reason="every database connection is busy; retry later")
+        response.headers["Retry-After"] = "1"
+        return response, 503
 
     @app.errorhandler(DBAPIError)
     def db_error(exc: DBAPIError) -> ResponseReturnValue:

@@ -198,3 +198,24 @@ def test_database_unreachable_answers_503(settings, celery_app, clean):
     assert response.status_code == 503
     assert response.headers["Retry-After"]
     assert "database" in response.json["reason"]
+
+
+def test_no_database_connection_free_in_time_answers_503(settings, celery_app, accounts):
+    """More requests at once than the pool has connections (a gevent worker serves many): the one
+    left waiting past the pool's timeout is told to retry, not given a 500."""
+    from app import create_app
+    from app.db import make_engine
+    from app.runtime import Runtime
+    from tests.conftest import service_headers
+
+    runtime = Runtime.build(settings)
+    runtime.engine = make_engine(settings.database_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    app = create_app(settings, runtime=runtime, celery=celery_app)
+    account, _customer = accounts.create()
+    with runtime.engine.connect():  # the pool's only connection, busy
+        response = app.test_client().get(f"/accounts/{account}/dunning", headers=service_headers())
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert "busy" in response.json["reason"]
+    assert app.test_client().get(f"/accounts/{account}/dunning", headers=service_headers()).status_code == 200
+    runtime.engine.dispose()
