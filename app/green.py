@@ -7,6 +7,10 @@ it, for as long as PostgreSQL takes (a lock wait, a WAL flush). psycopg2's docum
 coroutine libraries fixes that: with a wait callback set, it sends each query and hands the waiting
 to the callback, which parks the greenlet until the socket is ready.
 
+A wait that does not finish (the greenlet killed, a gevent Timeout) makes psycopg2 close that
+connection rather than leave it mid-statement, and the pool discards it: no later request gets a
+connection in an unknown state.
+
 Called from ``create_app()``, which a gevent worker runs after it has patched the process; in any
 other process (tests, the Celery worker, a gthread worker) gevent has patched nothing and this does
 nothing.

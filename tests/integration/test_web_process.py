@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,39 @@ def test_a_webhook_waiting_on_postgresql_leaves_the_worker_free_for_other_reques
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+INTERRUPTED = """
+from gevent import monkey
+monkey.patch_all()
+import sys, time
+import gevent
+from app.db import make_engine
+from app.green import cooperate_if_gevent
+
+assert cooperate_if_gevent()
+engine = make_engine(sys.argv[1], pool_size=1, max_overflow=0, pool_timeout=2)
+
+def slow():
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_sleep(3)")
+
+waiting = gevent.spawn(slow)
+gevent.sleep(0.3)
+started = time.monotonic()
+waiting.kill(timeout=2)  # as gunicorn's graceful timeout, or a gevent Timeout, ends a request
+assert waiting.dead
+with engine.connect() as conn:  # the pool's only connection: the interrupted one must not be it
+    print(conn.exec_driver_sql("SELECT 41 + 1").scalar_one(), round(time.monotonic() - started, 1))
+"""
+
+
+def test_a_request_interrupted_while_waiting_on_postgresql_leaves_no_broken_connection(runtime: Any) -> None:
+    """A greenlet killed mid-statement: psycopg2 closes that connection, the pool replaces it, and
+    the next request (on a pool of one) gets a working connection at once, not the stuck one."""
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED, runtime.settings.database_url], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    answer, seconds = done.stdout.split()
+    assert answer == "42"
+    assert float(seconds) < 2  # not after the 3 s statement, nor the pool's 2 s timeout
