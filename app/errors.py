@@ -27,9 +27,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(Conflict)
     def conflict(exc: Conflict) -> ResponseReturnValue:
         log.warning("write lost a race with a concurrent one: %s", exc)
-        response = jsonify(error="unavailable", reason="a concurrent write got in the way; retry later")
-        response.headers["Retry-After"] = "1"
-        return response, 503
+        return _retry_later("a concurrent write got in the way; retry later", seconds=1)
 
     @app.errorhandler(ValueRejected)
     def value_rejected(exc: ValueRejected) -> ResponseReturnValue:
@@ -41,9 +39,7 @@ def register(app: Flask) -> None:
         # A gevent worker serves many requests at once; more of them than its pool has connections
         # wait their turn, and past the pool's timeout the caller is told to come back, not sent a 500.
         log.warning("no database connection free in time: %s", exc)
-        response = jsonify(error="unavailable", reason="every database connection is busy; retry later")
-        response.headers["Retry-After"] = "1"
-        return response, 503
+        return _retry_later("every database connection is busy; retry later", seconds=1)
 
     @app.errorhandler(DBAPIError)
     def db_error(exc: DBAPIError) -> ResponseReturnValue:
@@ -60,6 +56,11 @@ def register(app: Flask) -> None:
 
 
 def _unavailable() -> ResponseReturnValue:
-    response = jsonify(error="unavailable", reason="database unreachable; retry later")
-    response.headers["Retry-After"] = "5"
+    return _retry_later("database unreachable; retry later", seconds=5)
+
+
+def _retry_later(reason: str, seconds: int) -> ResponseReturnValue:
+    """503 with Retry-After: nothing was accepted, and the same request later is expected to work."""
+    response = jsonify(error="unavailable", reason=reason)
+    response.headers["Retry-After"] = str(seconds)
     return response, 503

@@ -214,8 +214,8 @@ def main() -> int:
         web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "ceiling_app:create_app()", "--pythonpath", str(ROOT / "bench"),
              "--bind", f"127.0.0.1:{port}",
-             "--workers", str(args.workers), "--threads", str(args.threads),
-             "--worker-class", args.worker_class, "--log-level", "warning"],
+             "--workers", str(args.workers), "--worker-class", args.worker_class, "--log-level", "warning",
+             *(["--threads", str(args.threads)] if args.worker_class == "gthread" else [])],
             env=env, cwd=ROOT)
         runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in ENDPOINTS}
         try:
