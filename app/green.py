@@ -7,6 +7,10 @@ it, for as long as PostgreSQL takes (a lock wait, a WAL flush). psycopg2's docum
 coroutine libraries fixes that: with a wait callback set, it sends each query and hands the waiting
 to the callback, which parks the greenlet until the socket is ready.
 
+libpq enforces ``connect_timeout`` only when it does the waiting itself; with a wait callback the
+callback must (a server that takes the TCP connection and never answers would otherwise hold the
+request forever), so ``_wait`` does, with libpq's own error text.
+
 A wait that does not finish (the greenlet killed, a gevent Timeout) makes psycopg2 close that
 connection rather than leave it mid-statement, and the pool discards it: no later request gets a
 connection in an unknown state.
@@ -19,6 +23,7 @@ nothing.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from psycopg2 import OperationalError, extensions
@@ -41,13 +46,31 @@ def _wait(conn: Any, timeout: float | None = None) -> None:
     ready each time psycopg2 would block."""
     from gevent.socket import wait_read, wait_write
 
+    deadline = _connect_deadline(conn)
     while True:
         state = conn.poll()
         if state == extensions.POLL_OK:
             return
-        if state == extensions.POLL_READ:
-            wait_read(conn.fileno(), timeout=timeout)
-        elif state == extensions.POLL_WRITE:
-            wait_write(conn.fileno(), timeout=timeout)
-        else:
+        if state not in (extensions.POLL_READ, extensions.POLL_WRITE):
             raise OperationalError(f"psycopg2 poll() returned an unknown state: {state!r}")
+        left = None if deadline is None else deadline - time.monotonic()
+        try:
+            if left is not None and left <= 0:
+                raise TimeoutError
+            (wait_read if state == extensions.POLL_READ else wait_write)(conn.fileno(), timeout=left)
+        except TimeoutError:
+            # psycopg2 closes the connection once this callback raises (see the module's docstring).
+            raise OperationalError("timeout expired (connect_timeout)") from None
+
+
+def _connect_deadline(conn: Any) -> float | None:
+    """While connecting: when libpq's connect_timeout runs out (as libpq counts it: unset or 0 waits
+    for ever, less than 2 means 2). Otherwise None: a statement's time is the server's to limit
+    (statement_timeout)."""
+    if conn.status != extensions.STATUS_SETUP:
+        return None
+    try:
+        seconds = int(conn.info.dsn_parameters.get("connect_timeout") or 0)
+    except ValueError:
+        return None
+    return time.monotonic() + max(seconds, 2) if seconds > 0 else None

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,29 @@ from tests.integration.test_process_command import DUNNING
 from tests.stripe_events import body_and_headers, event
 
 
+@contextlib.contextmanager
+def web_process(runtime: Any, data_dir: Path, **env: str) -> Iterator[str]:
+    """``dunning process web`` with one worker (so all its requests share one thread: only
+    cooperative waits let them overlap); its base URL once /healthz answers; stopped at the end."""
+    port = free_port()
+    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(data_dir),
+                                        WEB_CONCURRENCY="1", **env))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: answers(f"{base}/healthz") or proc.poll() is not None, timeout=60, message="the web process")
+        assert proc.poll() is None
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _statements_waiting_on_a_lock(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.exec_driver_sql(
@@ -34,20 +59,12 @@ def _statements_waiting_on_a_lock(engine: Engine) -> int:
 def test_a_webhook_waiting_on_postgresql_leaves_the_worker_free_for_other_requests(
         runtime: Any, engine: Engine, accounts: Accounts, tmp_path: Path) -> None:
     _account, customer = accounts.create()
-    port = free_port()
-    # One worker, so the webhook and /healthz share one thread: only cooperative waits let both run.
-    env = env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(tmp_path), WEB_CONCURRENCY="1")
-    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     body, headers = body_and_headers(event("invoice.payment_failed", customer=customer),
                                      runtime.settings.stripe_webhook_secret)
     answered: dict[str, requests.Response] = {}
-    webhook = threading.Thread(target=lambda: answered.update(
-        webhook=requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=30)))
-    try:
-        wait_for(lambda: answers(f"{base}/healthz") or proc.poll() is not None, timeout=60, message="the web process")
-        assert proc.poll() is None
+    with web_process(runtime, tmp_path) as base:
+        webhook = threading.Thread(target=lambda: answered.update(
+            webhook=requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=30)))
         with engine.connect() as locker:
             # Held until rollback, well inside the app's 5 s lock_timeout.
             locker.exec_driver_sql("LOCK TABLE stripe_event IN ACCESS EXCLUSIVE MODE")
@@ -59,15 +76,28 @@ def test_a_webhook_waiting_on_postgresql_leaves_the_worker_free_for_other_reques
             assert "webhook" not in answered  # still waiting: the lock is held
             locker.rollback()
         webhook.join(timeout=30)
-        assert answered["webhook"].status_code == 200
-        assert answered["webhook"].json()["state"] == "accepted" and answered["webhook"].json()["enqueued"] is True
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    assert answered["webhook"].status_code == 200
+    assert answered["webhook"].json()["state"] == "accepted" and answered["webhook"].json()["enqueued"] is True
+
+
+def test_a_database_that_takes_the_connection_but_never_answers_gets_503_within_connect_timeout(
+        runtime: Any, tmp_path: Path) -> None:
+    """Under gevent libpq leaves connect_timeout to the wait callback (app/green.py). A server that
+    accepts TCP and never answers (hung, or its backlog full) must still give Stripe its 503 and
+    /readyz its answer within the timeout, not hold them for ever."""
+    body, headers = body_and_headers(event("invoice.payment_failed"), runtime.settings.stripe_webhook_secret)
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # the kernel completes the handshakes; nothing ever reads or answers
+        url = f"postgresql://postgres@127.0.0.1:{hung.getsockname()[1]}/hung"
+        with web_process(runtime, tmp_path, DATABASE_URL=url) as base:
+            webhook = requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=30)
+            ready = requests.get(f"{base}/readyz", timeout=30)
+    assert webhook.status_code == 503 and webhook.headers["Retry-After"]
+    assert webhook.elapsed.total_seconds() < 10  # the engine's connect_timeout is 3 s
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"].startswith("unreachable")
+    assert ready.elapsed.total_seconds() < 10
 
 
 INTERRUPTED = """
