@@ -41,7 +41,7 @@ def cooperate_if_gevent() -> bool:
     return True
 
 
-def _wait(conn: Any, timeout: float | None = None) -> None:
+def _wait(conn: Any) -> None:
     """psycopg2's wait callback: poll the connection, parking this greenlet until its socket is
     ready each time psycopg2 would block."""
     from gevent.socket import wait_read, wait_write

@@ -12,13 +12,16 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Settings
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).with_name("celery"))
+DUNNING = str(Path(sys.executable).with_name("dunning"))
 
 
 def answers(url: str) -> bool:
@@ -75,3 +78,33 @@ def celery_process(args: list[str], env: dict[str, str]) -> Iterator[subprocess.
                     proc.wait()
             log.seek(0)
             print(log.read().decode(errors="replace")[-6000:])
+
+
+@dataclass
+class WebProcess:
+    base: str  # http://127.0.0.1:PORT
+    returncode: int | None = None  # once stopped
+
+
+@contextmanager
+def web_process(settings: Settings, data_dir: Path, **env: str) -> Iterator[WebProcess]:
+    """``dunning process web``, as a container runs it, on a free port and ``data_dir``; yielded once
+    /healthz answers. Stopped at the end with SIGTERM, what a container's stop sends (then SIGKILL to
+    anything it did not reach); ``returncode`` says how it ended."""
+    port = free_port()
+    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=env_for(settings, PORT=str(port), DUNNING_DATA_DIR=str(data_dir), **env))
+    web = WebProcess(f"http://127.0.0.1:{port}")
+    try:
+        wait_for(lambda: answers(f"{web.base}/healthz") or proc.poll() is not None, timeout=60,
+                 message="the web process")
+        assert proc.poll() is None, "the web process exited"
+        yield web
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            web.returncode = proc.wait(timeout=60)
+        finally:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)

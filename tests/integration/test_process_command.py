@@ -4,19 +4,13 @@ NAME in place of itself, so the deployed processes start exactly as ``make run``
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
-from tests.conftest import wait_for
-from tests.integration.processes import ROOT, answers, env_for, free_port
-
-DUNNING = str(Path(sys.executable).with_name("dunning"))
+from tests.integration.processes import DUNNING, web_process
 
 
 def test_a_name_the_procfile_lacks_is_refused_with_the_names_it_has() -> None:
@@ -37,31 +31,17 @@ def test_the_line_runs_in_place_of_the_command(tmp_path: Path) -> None:
 
 
 def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(runtime, tmp_path: Path) -> None:
-    port = free_port()
     metrics_dir = tmp_path / "metrics" / "web"
     metrics_dir.mkdir(parents=True)
     stale = metrics_dir / "counter_1.db"  # left by an earlier run of the same container
     stale.write_text("stale")
-    env = env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(tmp_path), WEB_CONCURRENCY="2")
-    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: answers(f"{base}/healthz") or proc.poll() is not None, timeout=60, message="the web process")
-        assert proc.poll() is None
+    with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="2") as web:
         assert not stale.exists()
         assert (tmp_path / "gunicorn.ctl").is_socket()  # this fleet's own, not one per user in ~/.gunicorn
         for _ in range(6):  # unsigned: refused, counted by whichever worker answers
-            assert requests.post(f"{base}/webhooks/stripe", data=b"{}", timeout=5).status_code == 400
+            assert requests.post(f"{web.base}/webhooks/stripe", data=b"{}", timeout=5).status_code == 400
         assert list(metrics_dir.glob("counter_*.db"))
-        scraped = requests.get(f"{base}/metrics", timeout=5)
+        scraped = requests.get(f"{web.base}/metrics", timeout=5)
         assert scraped.status_code == 200
         assert 'dunning_webhooks_rejected_total{reason="signature"} 6.0' in scraped.text  # both workers' counts
-    finally:
-        proc.send_signal(signal.SIGTERM)  # what a container's stop sends to its first process
-        try:
-            returncode = proc.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # anything the signal did not reach
-    assert returncode == 0  # gunicorn itself got it and shut down cleanly
+    assert web.returncode == 0  # gunicorn itself got the SIGTERM and shut down cleanly

@@ -1,19 +1,16 @@
 """The web process as the Procfile runs it: gunicorn's gevent workers, every request a greenlet.
 
-A request waiting on PostgreSQL must not hold up the other requests of its worker. gevent makes
-socket waits cooperative, but psycopg2 waits in C unless app/green.py gives it gevent's wait: without
-that, one slow statement would stall every request the worker holds, /healthz included."""
+With one worker, so that all its requests share one thread: only cooperative waits let them
+overlap. A request waiting on PostgreSQL must not hold up the other requests of its worker. gevent
+makes socket waits cooperative, but psycopg2 waits in C unless app/green.py gives it gevent's wait:
+without that, one slow statement would stall every request the worker holds, /healthz included."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +18,8 @@ import requests
 from sqlalchemy import Engine
 
 from tests.conftest import Accounts, wait_for
-from tests.integration.processes import ROOT, answers, env_for, free_port
-from tests.integration.test_process_command import DUNNING
+from tests.integration.processes import ROOT, web_process
 from tests.stripe_events import body_and_headers, event
-
-
-@contextlib.contextmanager
-def web_process(runtime: Any, data_dir: Path, **env: str) -> Iterator[str]:
-    """``dunning process web`` with one worker (so all its requests share one thread: only
-    cooperative waits let them overlap); its base URL once /healthz answers; stopped at the end."""
-    port = free_port()
-    proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env_for(runtime.settings, PORT=str(port), DUNNING_DATA_DIR=str(data_dir),
-                                        WEB_CONCURRENCY="1", **env))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: answers(f"{base}/healthz") or proc.poll() is not None, timeout=60, message="the web process")
-        assert proc.poll() is None
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _statements_waiting_on_a_lock(engine: Engine) -> int:
@@ -62,16 +35,16 @@ def test_a_webhook_waiting_on_postgresql_leaves_the_worker_free_for_other_reques
     body, headers = body_and_headers(event("invoice.payment_failed", customer=customer),
                                      runtime.settings.stripe_webhook_secret)
     answered: dict[str, requests.Response] = {}
-    with web_process(runtime, tmp_path) as base:
+    with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="1") as web:
         webhook = threading.Thread(target=lambda: answered.update(
-            webhook=requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=30)))
+            webhook=requests.post(f"{web.base}/webhooks/stripe", data=body, headers=headers, timeout=30)))
         with engine.connect() as locker:
             # Held until rollback, well inside the app's 5 s lock_timeout.
             locker.exec_driver_sql("LOCK TABLE stripe_event IN ACCESS EXCLUSIVE MODE")
             webhook.start()
             wait_for(lambda: _statements_waiting_on_a_lock(engine), timeout=10,
                      message="the webhook's statement to wait on the lock")
-            health = requests.get(f"{base}/healthz", timeout=3)  # a blocked worker answers nothing
+            health = requests.get(f"{web.base}/healthz", timeout=3)  # a blocked worker answers nothing
             assert health.status_code == 200
             assert "webhook" not in answered  # still waiting: the lock is held
             locker.rollback()
@@ -90,9 +63,9 @@ def test_a_database_that_takes_the_connection_but_never_answers_gets_503_within_
         hung.bind(("127.0.0.1", 0))
         hung.listen(16)  # the kernel completes the handshakes; nothing ever reads or answers
         url = f"postgresql://postgres@127.0.0.1:{hung.getsockname()[1]}/hung"
-        with web_process(runtime, tmp_path, DATABASE_URL=url) as base:
-            webhook = requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=30)
-            ready = requests.get(f"{base}/readyz", timeout=30)
+        with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="1", DATABASE_URL=url) as web:
+            webhook = requests.post(f"{web.base}/webhooks/stripe", data=body, headers=headers, timeout=30)
+            ready = requests.get(f"{web.base}/readyz", timeout=30)
     assert webhook.status_code == 503 and webhook.headers["Retry-After"]
     assert webhook.elapsed.total_seconds() < 10  # the engine's connect_timeout is 3 s
     assert ready.status_code == 503
