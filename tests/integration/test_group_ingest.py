@@ -54,6 +54,16 @@ def test_events_of_one_account_in_a_batch_queue_one_recompute(accounts: Accounts
     assert queued(settings) == 2
 
 
+def test_each_event_of_a_batch_keeps_its_own_raw_body(accounts: Accounts, engine, celery_app):
+    events = [failed_invoice(accounts.create()[1]) for _ in range(4)]
+    events[2]["data"]["object"]["description"] = "x" * 3000  # bodies of different lengths
+    flush(engine, celery_app, *events)
+    with engine.connect() as conn:
+        stored = dict(conn.exec_driver_sql("SELECT id, raw_body FROM stripe_event WHERE id = ANY(%(ids)s)",
+                                           {"ids": [e["id"] for e in events]}).fetchall())
+    assert stored == {e["id"]: json.dumps(e) for e in events}
+
+
 def test_a_batch_keeps_arrival_order_for_one_invoice(accounts: Accounts, engine, celery_app):
     """A newer paid event, then an older failure of the same invoice, in one batch: the older one
     must not win, as when they arrive one by one (test_webhook_ingest)."""

@@ -73,6 +73,40 @@ def test_a_database_that_takes_the_connection_but_never_answers_gets_503_within_
     assert ready.elapsed.total_seconds() < 10
 
 
+def _stored(engine: Engine, event_id: str) -> bool:
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT 1 FROM stripe_event WHERE id = %(id)s", {"id": event_id}).first()
+    return row is not None
+
+
+def test_the_body_as_gunicorn_hands_it_over_with_a_length_chunked_or_too_large(
+        runtime: Any, engine: Engine, accounts: Accounts, tmp_path: Path) -> None:
+    """Stripe sends a Content-Length, and the body is read by that length; a chunked body has none
+    and is read to its end; a body longer than any Stripe event is refused before it is read."""
+    secret = runtime.settings.stripe_webhook_secret
+    sent = {}
+    for kind in ("length", "chunked", "too_large"):
+        _account, customer = accounts.create()
+        sent[kind] = event("invoice.payment_failed", customer=customer)
+    body, headers = body_and_headers(sent["length"], secret)
+    chunked_body, chunked_headers = body_and_headers(sent["chunked"], secret)
+    large = dict(sent["too_large"], padding="x" * 600_000)  # an extra key: the signature still matches
+    large_body, large_headers = body_and_headers(large, secret)
+    chunks = [chunked_body[i:i + 1000].encode() for i in range(0, len(chunked_body), 1000)]
+    with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="1") as web:
+        url = f"{web.base}/webhooks/stripe"
+        with_length = requests.post(url, data=body, headers=headers, timeout=30)
+        chunked = requests.post(url, data=iter(chunks), headers=chunked_headers, timeout=30)
+        too_large = requests.post(url, data=large_body, headers=large_headers, timeout=30)
+    assert with_length.request.headers["Content-Length"] == str(len(body.encode()))
+    assert with_length.status_code == 200 and with_length.json()["state"] == "accepted"
+    assert chunked.request.headers["Transfer-Encoding"] == "chunked" and len(chunks) > 1
+    assert chunked.status_code == 200 and chunked.json()["state"] == "accepted"
+    assert too_large.status_code == 413 and "too large" in too_large.json()["reason"]
+    assert _stored(engine, sent["length"]["id"]) and _stored(engine, sent["chunked"]["id"])
+    assert not _stored(engine, sent["too_large"]["id"])
+
+
 INTERRUPTED = """
 from gevent import monkey
 monkey.patch_all()
