@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -30,7 +31,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO, cast
 
 from honcho.environ import parse_procfile
 from honcho.manager import Manager
@@ -69,6 +70,51 @@ class LaunchError(Exception):
 
 def say(message: str) -> None:
     print(f"dunning run | {message}", flush=True)
+
+
+class _Output(io.TextIOBase):
+    """The launcher's stdout or stderr. When whatever reads it is gone (`make run | tee run.log`,
+    and Ctrl-C stopped tee first), the rest of the output is dropped: a BrokenPipeError must not
+    end the launcher half-way through stopping the fleet and the private servers."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+            except OSError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except OSError:
+                self._reader_gone()
+
+    def isatty(self) -> bool:
+        return not self.gone and self.stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def _reader_gone(self) -> None:
+        self.gone = True
+        # The interpreter flushes the real stream once more at exit: give its descriptor somewhere
+        # to write that is always there.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -484,4 +530,6 @@ def data_dir_from(args: argparse.Namespace, env: Mapping[str, str]) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     env = dict(os.environ)
+    # Before anything prints (honcho's printer takes sys.stdout when it is made).
+    sys.stdout, sys.stderr = cast(TextIO, _Output(sys.stdout)), cast(TextIO, _Output(sys.stderr))
     return Launcher(data_dir_from(args, env), env).run()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -58,14 +60,46 @@ def everything_started(launcher_pid: int, data_dir: Path) -> list[psutil.Process
     return procs
 
 
-def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, **env: str) -> str:
+class PipeReader(threading.Thread):
+    """Reads the launcher's output from a pipe into ``log``, as `make run | tee log` would, until
+    told to leave; then the pipe has no reader, as when Ctrl-C has stopped tee."""
+
+    def __init__(self, log: Path) -> None:
+        super().__init__(daemon=True)
+        self.read_end, self.write_end = os.pipe()
+        self.log = log
+        self.leaving = threading.Event()
+
+    def run(self) -> None:
+        with open(self.log, "wb") as out:
+            while not self.leaving.is_set():
+                if select.select([self.read_end], [], [], 0.1)[0]:
+                    data = os.read(self.read_end, 65536)
+                    if not data:
+                        return
+                    out.write(data)
+
+    def leave(self) -> None:
+        self.leaving.set()
+        self.join()
+        os.close(self.read_end)
+
+
+def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_leaves: bool = False,
+                       **env: str) -> str:
+    """Start `dunning run`, check every process is up, stop it with ``sig``; its output. With
+    ``reader_leaves`` its output goes through a pipe whose reader is gone before the signal."""
     port, flower_port = free_port(), free_port()
+    reader = PipeReader(log) if reader_leaves else None
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*dunning_command(), "run", "--data-dir", str(data_dir)],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env=fleet_env(PORT=str(port), FLOWER_PORT=str(flower_port), **env),
+            cwd=REPO, stdout=reader.write_end if reader else out, stderr=subprocess.STDOUT,
+            start_new_session=True, env=fleet_env(PORT=str(port), FLOWER_PORT=str(flower_port), **env),
         )
+    if reader:
+        os.close(reader.write_end)
+        reader.start()
     started: list[psutil.Process] = []
     try:
         def up() -> bool:
@@ -84,6 +118,8 @@ def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, **env: st
                          "celery -A tasks flower", "redis-server", "postgres"):
             assert expected in names
 
+        if reader:
+            reader.leave()
         proc.send_signal(sig)
         proc.wait(STOP_TIMEOUT)
         output = log.read_text()
@@ -122,6 +158,13 @@ def test_make_run_starts_the_fleet_and_a_signal_stops_everything(tmp_path: Path)
     assert f"SERVICE_TOKENS={stored['SERVICE_TOKENS']}" in second
     assert json.loads((data_dir / "local-secrets.json").read_text()) == stored
     assert "stopping a PostgreSQL left running" not in second
+
+
+def test_ctrl_c_stops_everything_even_when_nothing_reads_the_output_any_more(tmp_path: Path) -> None:
+    """`make run | tee run.log`, and Ctrl-C: tee is gone before the launcher has said what it
+    stopped. Writing to the pipe then fails; the fleet and both private servers must still stop."""
+    output = run_fleet_and_stop(tmp_path / "data", tmp_path / "run.log", signal.SIGINT, reader_leaves=True)
+    assert "starting web, worker, beat, flower" in output  # the reader did read until it left
 
 
 def test_the_procfile_and_the_builtin_copy_agree() -> None:
