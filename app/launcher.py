@@ -101,7 +101,7 @@ class _Output(io.TextIOBase):
         return not self.gone and self.stream.isatty()
 
     @property
-    def encoding(self) -> str:  # type: ignore[override]
+    def encoding(self) -> str:  # type: ignore[override]  # an attribute in typeshed, read-only here
         return self.stream.encoding
 
     def fileno(self) -> int:
