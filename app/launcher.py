@@ -210,7 +210,10 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 
 def _still_stopping(signum: int, frame: FrameType | None) -> None:
-    say("still stopping; please wait")
+    # A signal that lands while the main thread is inside a print makes this print a nested write
+    # to the same stream, which Python refuses (RuntimeError): then this line is lost, not the stop.
+    with contextlib.suppress(RuntimeError):
+        say("still stopping; please wait")
 
 
 @contextlib.contextmanager

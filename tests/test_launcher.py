@@ -3,6 +3,7 @@ behind. Real processes: the launcher, PostgreSQL, Redis, gunicorn, a Celery work
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -165,6 +167,32 @@ def test_ctrl_c_stops_everything_even_when_nothing_reads_the_output_any_more(tmp
     stopped. Writing to the pipe then fails; the fleet and both private servers must still stop."""
     output = run_fleet_and_stop(tmp_path / "data", tmp_path / "run.log", signal.SIGINT, reader_leaves=True)
     assert "starting web, worker, beat, flower" in output  # the reader did read until it left
+
+
+def test_a_second_ctrl_c_that_lands_in_the_middle_of_a_print_is_shrugged_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While stopping, Ctrl-C again makes the launcher say it is still stopping. If that signal
+    arrives while the main thread is inside a print, Python refuses the nested write to the same
+    stream (RuntimeError); that must cost the line, not the rest of the stop."""
+    written: list[bytes] = []
+
+    class Terminal(io.RawIOBase):
+        interrupted = False
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            if not self.interrupted:  # the signal arrives during the main thread's write
+                self.interrupted = True
+                launcher._still_stopping(signal.SIGINT, None)
+            written.append(bytes(data))
+            return len(data)
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(Terminal()), write_through=True))
+    launcher.say("PostgreSQL: stopped")
+    sys.stdout.flush()
+    assert b"".join(written) == b"dunning run | PostgreSQL: stopped\n"
 
 
 def test_the_procfile_and_the_builtin_copy_agree() -> None:
