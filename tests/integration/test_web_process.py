@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from tests.conftest import Accounts, wait_for
 from tests.integration.processes import ROOT, web_process
+from tests.integration.test_webhook_ingest import count
 from tests.stripe_events import body_and_headers, event
 
 
@@ -74,9 +75,7 @@ def test_a_database_that_takes_the_connection_but_never_answers_gets_503_within_
 
 
 def _stored(engine: Engine, event_id: str) -> bool:
-    with engine.connect() as conn:
-        row = conn.exec_driver_sql("SELECT 1 FROM stripe_event WHERE id = %(id)s", {"id": event_id}).first()
-    return row is not None
+    return count(engine, "SELECT count(*) FROM stripe_event WHERE id = %(id)s", id=event_id) == 1
 
 
 def test_the_body_as_gunicorn_hands_it_over_with_a_length_chunked_or_too_large(
@@ -122,8 +121,17 @@ def slow():
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT pg_sleep(3)")
 
+def running(conn):
+    found = conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity "
+                                 "WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'").scalar_one()
+    conn.commit()  # pg_stat_activity is read once per transaction
+    return found
+
 waiting = gevent.spawn(slow)
-gevent.sleep(0.3)
+deadline = time.monotonic() + 10
+with make_engine(sys.argv[1], pool_size=1, max_overflow=0).connect() as watcher:
+    while not running(watcher):  # each query yields to the greenlet starting the slow one
+        assert time.monotonic() < deadline, "the slow statement never started"
 started = time.monotonic()
 waiting.kill(timeout=2)  # as gunicorn's graceful timeout, or a gevent Timeout, ends a request
 assert waiting.dead
