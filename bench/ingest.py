@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def client(port: int, requests: list[tuple[str, str, bytes, dict[str, str]]], ready: Any,
+def client(port: int, requests: list[tuple[str, str, bytes, dict[str, str]]], ready: Barrier,
            out: multiprocessing.Queue) -> None:
     latencies = []
     errors = 0
