@@ -107,17 +107,17 @@ class Window:
 
     def __init__(self) -> None:
         self.elapsed = 0.0
-        self.busy = self.total = 0.0  # the machine's CPU seconds: in use, and all
+        self.busy = self.total = 0.0  # the machine's CPU seconds in the window: in use, and all
 
     def __enter__(self) -> Window:
-        self.start = time.perf_counter()
-        self.busy, self.total = machine_busy()
+        self._start = time.perf_counter()
+        self._machine = machine_busy()
         return self
 
     def __exit__(self, *exc: object) -> None:
         busy, total = machine_busy()
-        self.busy, self.total = busy - self.busy, total - self.total
-        self.elapsed = time.perf_counter() - self.start
+        self.busy, self.total = busy - self._machine[0], total - self._machine[1]
+        self.elapsed = time.perf_counter() - self._start
 
 
 def run(port: int, requests: list, clients: int) -> tuple[float, list[float], int, Window]:
