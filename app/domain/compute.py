@@ -217,11 +217,16 @@ def _latest_bad_debt_failure(snapshot: Snapshot) -> BadDebtPayment | None:
     return latest if latest.state == "failed" else None
 
 
-def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime) -> datetime | None:
-    """Start of a payment attempt still within the guard window and without an outcome."""
+def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
+                              unpaid_attempts: Iterable[Attempt] = ()) -> datetime | None:
+    """Start of a payment attempt within the guard window that has no outcome yet, or that succeeded
+    on an invoice still unpaid in the mirror: Stripe sends the charge's success and the invoice's
+    ``invoice.paid`` as separate events in no set order, so for a moment the money is collected and
+    the invoice still says open. Bad debt applied in that moment would cancel a customer who paid."""
     guard = timedelta(minutes=policy.guard_window_minutes)
     starts = [a.attempted_at for a in snapshot.attempts
               if a.status in ("pending", "processing", "requires_action") and now - a.attempted_at < guard]
+    starts += [a.attempted_at for a in unpaid_attempts if a.status == "succeeded" and now - a.attempted_at < guard]
     last_outcome = max((a.attempted_at for a in snapshot.attempts if a.status in ("failed", "succeeded")), default=None)
     starts += [r.created_at for r in snapshot.retries
                if r.state in ("dispatched", "charging", "sent") and now - r.created_at < guard
@@ -351,7 +356,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                               {"payment": in_flight.id, "since": iso(in_flight.created_at)}))
     elif status == Status.BAD_DEBT:
         stored = snapshot.stored
-        started = _recent_attempt_in_flight(snapshot, policy, now)
+        started = _recent_attempt_in_flight(snapshot, policy, now,
+                                            [a for inv in unpaid for a in grouped.get(inv.id, ())])
         if started is not None and (stored is None or stored.status != Status.BAD_DEBT):
             held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
             reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "

@@ -304,6 +304,24 @@ def test_guard_holds_even_an_uncollectible_mark_while_a_payment_is_in_flight():
     assert decide(snap, now=NOW + timedelta(minutes=21)).state.status == Status.BAD_DEBT
 
 
+def test_guard_holds_bad_debt_over_a_success_whose_invoice_paid_event_has_not_arrived():
+    # Stripe sends the charge's success and invoice.paid as separate events in no set order: for a
+    # moment the mirror holds a succeeded attempt on an invoice that still says open.
+    base = _suspended_snapshot()
+    paid_now = attempt("pi_2", "in_1", days_ago=2 / 1440, status="succeeded", pm="pm_2")  # 2 minutes ago
+    snap = replace(base, attempts=(*base.attempts, paid_now))
+    decision = decide(snap)
+    assert decision.state.status == Status.PAST_DUE and not decision.bad_debt
+    assert decision.state.actions_requested == ()  # no cancellation for a customer who just paid
+    assert "guard.payment_in_flight" in rules(decision)
+    # a success on another, paid invoice does not hold this one's bad debt
+    other = replace(base, invoices=(*base.invoices, invoice("in_2", status="paid", failed_days_ago=None)),
+                    attempts=(*base.attempts, replace(paid_now, invoice_id="in_2")))
+    assert decide(other).state.status == Status.BAD_DEBT
+    # the window passes and invoice.paid never came: the guard lets go
+    assert decide(snap, now=NOW + timedelta(minutes=29)).state.status == Status.BAD_DEBT
+
+
 def test_bad_debt_payment_in_flight_is_lifting_and_a_failed_one_returns_to_bad_debt():
     pending = BadDebtPayment(id=1, state="pending", amount=5000, created_at=days(0.01), updated_at=days(0.01))
     decision = decide(_suspended_snapshot(bad_debt_payments=(pending,)))
