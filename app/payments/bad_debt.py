@@ -12,6 +12,10 @@ requests cannot both pass). Then:
    payment method through the stripe library, with an idempotency key derived from the
    Idempotency-Key and metadata naming the account and the payment;
 3. the answer (202 pending, 402 declined, 502 provider error) is stored on the row for replays.
+   A definite failure (declined, refused) ends the payment and requests a recompute in the same
+   transaction. No answer or a server error from Stripe leaves the outcome unknown: the payment
+   stays pending (502, state pending) until the intent's webhook reports it, so the customer
+   cannot be charged twice; one that never comes shows in the stuck-in-lifting gauge and list.
 
 The PaymentIntent's webhooks decide the rest (app/payments/bad_debt_webhook.py and
 app/payments/bad_debt_settle.py): success settles the invoices and the account leaves bad debt;
@@ -224,11 +228,28 @@ def _create_intent(rt: Runtime, req: Request, debt: Debt, payment_id: int) -> tu
     except stripe.StripeError as exc:
         status = exc.http_status or "no answer"
         log.warning("bad-debt payment %s: Stripe error %s (%s)", payment_id, exc.__class__.__name__, status)
+        if _indeterminate(exc):
+            # The charge may have run: Stripe's webhook for the intent (found by its metadata) will say.
+            # Until then the payment stays in flight, so the account stays lifting and no second
+            # payment can start (it could charge the customer twice).
+            reason = (f"outcome unknown: {exc.__class__.__name__} ({status}); the payment stays in flight "
+                      "until Stripe reports it")
+            return Answer(502, {**base, "state": "pending", "error": "payment_outcome_unknown", "reason": reason}), \
+                None, None
         reason = f"payment provider error: {exc.__class__.__name__} ({status})"
         return Answer(502, {**base, "state": "failed", "error": "payment_provider_error", "reason": reason}), \
             None, reason
     body = {**base, "state": "pending", "stripe_payment_intent_id": intent.id, "stripe_status": intent.status}
     return Answer(202, body), str(intent.id), None
+
+
+def _indeterminate(exc: stripe.StripeError) -> bool:
+    """Whether Stripe may have run the request: no answer at all, or a server error (Stripe's advice
+    is to treat a 5xx's outcome as unknown). A card decline, a refused request or a rate limit (429)
+    are definite: nothing was charged."""
+    if isinstance(exc, stripe.APIConnectionError):
+        return True
+    return isinstance(exc, stripe.APIError) and (exc.http_status is None or exc.http_status >= 500)
 
 
 SAVE_ANSWER = """
@@ -243,6 +264,8 @@ UPDATE bad_debt_payment
 
 def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str | None,
                  now: datetime | None = None) -> Answer:
+    from webhooks.store import request_recompute
+
     try:
         req = parse(body, idempotency_key)
         with rt.engine.connect() as conn:
@@ -258,6 +281,11 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
     with unit_of_work(rt.engine) as conn:
         conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
                                            "body": Json(answer.body), "id": payment_id})
+        if failure is not None:
+            # A recompute may have run (and taken the request _insert made) while Stripe was being
+            # asked, and stored "lifting": this one must see the failure, or the account stays lifting.
+            enqueue = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
+                                        f"bad_debt_payment:{payment_id}") or enqueue
     if enqueue:
         try:
             enqueue_recompute(celery_app, req.account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")

@@ -2,7 +2,10 @@
 
 * ``POST /v1/payment_intents``: answers by ``intent_outcome``: "succeeded" / "processing" (a
   PaymentIntent object, the real fixture with ids and values overridden), "decline" (402 with
-  Stripe's error envelope, type card_error), "server_error" (500, type api_error).
+  Stripe's error envelope, type card_error), "server_error" (500, type api_error, nothing charged),
+  "server_error_after_charge" (the intent is created and succeeds, the answer is still that 500:
+  Stripe says a 5xx's outcome is unknown). ``before_answer``, when set, runs before it answers (what
+  else happens while the caller waits on Stripe).
 * ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -37,6 +41,8 @@ class FakeStripePayments:
     def __init__(self) -> None:
         self.intent_outcome = "succeeded"
         self.decline_code = "insufficient_funds"
+        self.before_answer: Callable[[], None] | None = None
+        self.charged_behind_errors: list[dict[str, Any]] = []  # intents created under a 500
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -108,7 +114,11 @@ class FakeStripePayments:
         return pi
 
     def _create_intent(self, params: dict[str, str]) -> Answer:
+        if self.before_answer is not None:
+            self.before_answer()
         outcome = self.intent_outcome
+        if outcome == "server_error_after_charge":
+            self.charged_behind_errors.append(self._intent(params, "succeeded"))
         if outcome in ("succeeded", "processing"):
             return 200, self._intent(params, outcome)
         if outcome == "decline":

@@ -190,12 +190,51 @@ def test_a_declined_card_answers_402_with_the_reason_and_the_account_stays_in_ba
     assert pay(client, body, key()).status_code == 202
 
 
-def test_a_stripe_server_error_is_a_502_with_a_reason_and_frees_the_account(client, engine, debtor, stripe_fake):
+def test_a_stripe_server_error_is_a_502_and_the_payment_stays_in_flight_until_stripe_tells(client, engine, runtime,
+                                                                                           debtor, stripe_fake):
+    # Stripe: a 5xx's outcome is unknown, the charge may have run. Freeing the account would let a
+    # second payment charge the customer twice.
     stripe_fake.intent_outcome = "server_error"
     response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert response.status_code == 502 and "APIError" in response.json["reason"]
+    assert response.json["state"] == "pending" and response.json["error"] == "payment_outcome_unknown"
     [row] = payments(engine, debtor.account)
-    assert row["state"] == "failed"
+    assert row["state"] == "pending" and row["failure_reason"] is None
+    assert recompute(engine, runtime, debtor.account, "BAD_DEBT_PAID")["status"] == "lifting"
+    again = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert again.status_code == 409 and again.json["error"] == "payment_in_flight"
+
+
+@pytest.mark.worker
+def test_a_charge_that_went_through_behind_a_server_error_still_settles_the_debt(client, engine, debtor,
+                                                                                stripe_fake, worker):
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 502 and response.json["state"] == "pending"
+    [intent] = stripe_fake.charged_behind_errors
+    # The intent's webhook finds the payment by its metadata (the 500 gave no intent id).
+    evt = intent_event("succeeded", debtor, intent["id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "current" and d,
+                     message="out of bad debt")
+    assert state["outstanding_amount"] == 0
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "succeeded" and row["stripe_payment_intent_id"] == intent["id"]
+
+
+@pytest.mark.worker
+def test_a_decline_after_a_recompute_ran_during_the_stripe_call_still_returns_the_account_to_bad_debt(
+        client, engine, runtime, debtor, stripe_fake, worker):
+    # Any recompute of the account while Stripe is being asked (support's button, a drift
+    # remediation, beat's re-drive) takes the request the payment made and stores "lifting".
+    stripe_fake.intent_outcome, stripe_fake.decline_code = "decline", "insufficient_funds"
+    seen: list[str] = []
+    stripe_fake.before_answer = lambda: seen.append(recompute(engine, runtime, debtor.account, "MANUAL")["status"])
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 402 and seen == ["lifting"]
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "bad_debt" and d,
+                     message="back in bad debt")
+    assert any(r["rule"] == "bad_debt.payment_failed" for r in state["reasons"])
 
 
 def test_two_concurrent_requests_one_202_one_409(flask_app: Flask, engine, debtor, stripe_fake):
