@@ -280,7 +280,9 @@ class StripeCustomerState(Base):
     # The account this customer's rows are filed under (see MirrorCustomer); set by a trigger.
     account_key: Mapped[str | None] = mapped_column(Text, index=True)
     default_payment_method_id: Mapped[str | None] = mapped_column(Text)
-    changed_at: Mapped[datetime]
+    # When the default payment method last changed (an event's previous_attributes name it); NULL:
+    # not since the mirror knows the customer.
+    changed_at: Mapped[datetime | None]
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer, server_default="0")
 

@@ -35,6 +35,7 @@ ATTEMPT_MERGE = {
     "advice_code": "coalesce",
     "attempted_at": "least",
 }
+CUSTOMER_MERGE = {"changed_at": "greatest"}
 PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
              "processing": "pending", "requires_action": "requires_action", "requires_confirmation": "pending",
              "requires_capture": "pending"}
@@ -282,15 +283,21 @@ def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any]) ->
     return MirrorRow("stripe_payment_method", str(pm["id"]), values)
 
 
-def _customer_row(created: int, customer: Mapping[str, Any]) -> MirrorRow:
+def _customer_row(created: int, customer: Mapping[str, Any], previous: Mapping[str, Any]) -> MirrorRow:
+    """The customer's default payment method, and when it changed: only an event whose
+    previous_attributes name it says so. Stripe sends customer.updated for any change (metadata,
+    the delinquent flag it sets after a failed invoice payment); taking each as a change of method
+    would earn an immediate retry on the card that was just declined."""
     settings = _obj(customer.get("invoice_settings"))
+    changed = "default_payment_method" in _obj(previous.get("invoice_settings"))
     values = {
         "default_payment_method_id": _id(settings.get("default_payment_method")),
-        "changed_at": ts(created),
+        "changed_at": ts(created) if changed else None,
         "source_created": created,
         "source_rank": 0,
     }
-    return MirrorRow("stripe_customer_state", str(customer["id"]), values)
+    # The latest change whatever order events arrive in (GREATEST ignores NULL).
+    return MirrorRow("stripe_customer_state", str(customer["id"]), values, CUSTOMER_MERGE)
 
 
 def extract(event: Mapping[str, Any]) -> Extracted:
@@ -359,7 +366,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
             row.values["stripe_customer_id"] = customer
     elif kind == "customer" and event_type == "customer.updated":
         need_id()
-        rows.append(_customer_row(created, obj))
+        rows.append(_customer_row(created, obj, _obj(data.get("previous_attributes"))))
         customer = str(obj["id"])
 
     return Extracted(

@@ -32,7 +32,9 @@ def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | 
     """A payment method attached, updated or made default after ``since`` (the last failure)."""
     changed = [pm for pm in snapshot.payment_methods if pm.attached and pm.changed_at > since]
     default_changed = snapshot.default_payment_method_changed_at
-    if default_changed is not None and default_changed > since and snapshot.default_payment_method_id:
+    # Made default again, the method that just failed is no new method.
+    if (default_changed is not None and default_changed > since and snapshot.default_payment_method_id
+            and snapshot.default_payment_method_id != failed_method):
         for pm in snapshot.payment_methods:
             if pm.id == snapshot.default_payment_method_id and pm.attached and pm not in changed:
                 changed.append(pm)

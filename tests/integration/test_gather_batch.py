@@ -68,7 +68,8 @@ def stripe_side(conn: Connection, rng: random.Random, n: int, customer: str) -> 
                source_created=1, source_rank=1)
     if rng.random() < 0.6:
         insert(conn, "stripe_customer_state", stripe_customer_id=customer,
-               default_payment_method_id=rng.choice([None, f"pm_{n}_{customer[-2:]}_0"]), changed_at=at(rng),
+               default_payment_method_id=rng.choice([None, f"pm_{n}_{customer[-2:]}_0"]),
+               changed_at=rng.choice([None, at(rng)]),
                source_created=rng.randint(1, 3), source_rank=0)
     for k in range(rng.randint(0, 2)):
         insert(conn, "stripe_subscription", id=f"sub_{n}_{customer[-2:]}_{k}", stripe_customer_id=customer,

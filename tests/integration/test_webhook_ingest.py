@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -167,6 +168,35 @@ def test_older_event_never_overwrites_newer_data(client, accounts, engine):
             "SELECT status, first_failed_at FROM stripe_invoice WHERE id = %(i)s", {"i": invoice_id}).one()
     assert status == "paid"
     assert first_failed is not None  # the failure itself is still a fact worth keeping
+
+
+def test_only_a_change_of_the_default_method_dates_one(client, accounts, engine):
+    """customer.updated comes for any change (here the fixture's own: metadata only; Stripe also sends
+    one when it marks a customer delinquent after a failed payment). Compute reads the date as "default
+    method changed", which earns an immediate retry, so only an event that names it may set it."""
+    _, customer = accounts.create()
+    now = int(time.time())
+
+    def customer_state() -> tuple[Any, Any]:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT default_payment_method_id, changed_at FROM stripe_customer_state "
+                                        "WHERE stripe_customer_id = %(c)s", {"c": customer}).one()
+
+    def updated(created: int, pm: str, previous: dict[str, Any]) -> dict[str, Any]:
+        evt = event("customer.updated", id=customer, created=created,
+                    paths={"invoice_settings.default_payment_method": pm})
+        evt["data"]["previous_attributes"] = previous
+        return evt
+
+    assert post_event(client, updated(now - 300, "pm_1", {"metadata": {}})).status_code == 200
+    assert customer_state() == ("pm_1", None)
+    changed = updated(now - 200, "pm_2", {"invoice_settings": {"default_payment_method": "pm_1"}})
+    post_event(client, changed)
+    post_event(client, updated(now - 100, "pm_2", {"metadata": {}}))
+    assert customer_state() == ("pm_2", datetime.fromtimestamp(now - 200, UTC))
+    # An older change arriving late moves neither the method nor the date back.
+    post_event(client, updated(now - 250, "pm_1", {"invoice_settings": {"default_payment_method": None}}))
+    assert customer_state() == ("pm_2", datetime.fromtimestamp(now - 200, UTC))
 
 
 def test_unknown_customer_is_kept_visible_and_redriven_when_mapped(client, accounts, engine, settings, celery_app):

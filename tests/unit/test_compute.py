@@ -231,6 +231,15 @@ def test_a_new_default_method_also_earns_the_free_retry():
     assert decision.state.retry_free and decision.state.retry_payment_method_id == "pm_other"
 
 
+def test_the_failed_method_made_default_again_earns_no_retry():
+    # A permanent decline is not retried on the same card, whatever touched the customer afterwards.
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="stolen_card", pm="pm_1")
+    same_card = method("pm_1", changed_days_ago=100)
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(same_card,),
+                               default_payment_method_id="pm_1", default_payment_method_changed_at=days(1.99)))
+    assert decision.state.next_retry_at is None and "retry.none_permanent" in rules(decision)
+
+
 def test_per_invoice_cap_of_8_attempts_whatever_the_policy():
     generous = policy(max_attempts_per_invoice=50, transient_schedule_days=(1, 2, 3, 4, 5, 6, 7))
     attempts = tuple(attempt(f"pi_{i}", "in_1", days_ago=10 - i) for i in range(8))
