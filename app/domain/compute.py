@@ -144,10 +144,11 @@ def _assess(
 ) -> InvoiceAssessment:
     failures = [a for a in attempts if a.failed]
     last_failure = failures[-1] if failures else None
-    starts = [t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None) if t is not None]
-    if not starts and invoice.due_date is not None:
-        starts.append(invoice.due_date)
-    unpaid_since = min(starts) if starts else invoice.created
+    first_failure = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
+                         if t is not None), default=None)
+    # Unpaid since the first failure or the due date, whichever came first: a first attempt that
+    # fails long after the due date must not restart the clock of a debt already overdue.
+    unpaid_since = min((t for t in (first_failure, invoice.due_date) if t is not None), default=invoice.created)
     failure_class: FailureClass | None
     if last_failure is not None:
         failure_class = classify(last_failure.decline_code, last_failure.failure_code, last_failure.advice_code)
@@ -155,8 +156,10 @@ def _assess(
         # invoice.payment_failed arrived before the attempt's detail: unknown until it does.
         failure_class = FailureClass.UNKNOWN if invoice.first_failed_at is not None else None
 
+    # The retry schedule counts days from the first failure (from the due date while none failed).
     next_retry, method, free, exhausted, retries_used, reasons = plan_retry(
-        snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure, unpaid_since, policy, now
+        snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure,
+        first_failure or unpaid_since, policy, now
     )
     attempts_used = max(len(attempts), invoice.attempt_count)
     days = max(0, (now - unpaid_since).days)

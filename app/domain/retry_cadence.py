@@ -51,7 +51,7 @@ def plan_retry(
     attempts: list[Attempt],
     failure_class: FailureClass,
     last_failure: Attempt | None,
-    unpaid_since: datetime,
+    schedule_start: datetime,
     policy: Policy,
     now: datetime,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
@@ -91,7 +91,7 @@ def plan_retry(
     default_method = snapshot.default_payment_method_id or failed_method
 
     # A new or updated payment method after the last failure: one immediate free retry on it.
-    since = last_failure.attempted_at if last_failure else unpaid_since
+    since = last_failure.attempted_at if last_failure else schedule_start
     new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
     if new_method is not None:
         used_free = any(r.free and r.created_at >= new_method.changed_at for r in retries)
@@ -117,11 +117,11 @@ def plan_retry(
                               {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
         return None, None, False, True, retries_used, reasons
 
-    due = unpaid_since + timedelta(days=schedule[retries_used])
+    due = schedule_start + timedelta(days=schedule[retries_used])
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
     reasons.append(Reason("retry.scheduled", detail,
                           {"invoice": invoice.id, "failure_class": failure_class.value,
-                           "day": schedule[retries_used], "unpaid_since": iso(unpaid_since)}))
+                           "day": schedule[retries_used], "counted_from": iso(schedule_start)}))
     return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
 
 

@@ -76,6 +76,17 @@ def test_open_invoice_past_its_due_date_is_debt():
     assert decision.state.level == Level.RESTRICT_PREMIUM
 
 
+def test_a_late_first_failure_does_not_restart_the_clock_of_an_overdue_invoice():
+    # Due 30 days ago, then the customer's first card payment fails today: unpaid for 30 days.
+    overdue = replace(invoice(failed_days_ago=0.1), due_date=days(30), created=days(60))
+    decision = decide(snapshot(overdue, attempts=(attempt("pi_1", "in_1", days_ago=0.1),)))
+    assert decision.state.unpaid_since == days(30)
+    assert decision.state.level == Level.LIMITED  # as without the attempt: trying to pay never lowers it
+    assert decide(snapshot(replace(overdue, first_failed_at=None, attempt_count=0))).state.level == Level.LIMITED
+    # the retry schedule still counts from the failure: the first retry is a day after it, not a burst
+    assert decision.state.next_retry_at == days(0.1) + timedelta(days=1)
+
+
 def test_marked_uncollectible_is_bad_debt_and_requests_cancellation():
     inv = invoice(status="uncollectible", failed_days_ago=2)
     decision = decide(snapshot(inv))
