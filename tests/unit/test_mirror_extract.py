@@ -57,3 +57,14 @@ def test_any_shape_is_mirrored_or_refused_with_a_reason(event_type: str, data: s
     except (NotAStripeEvent, OutOfRange):
         return
     assert extracted.event_id == str(evt["id"])
+
+
+def test_only_an_invoice_sent_for_payment_keeps_a_due_date():
+    """Stripe: due_date is null where collection_method is charge_automatically. A payload that holds
+    one anyway (the fixture does: 2009) must not make a card-charged invoice overdue since then."""
+    charged = event("invoice.payment_failed", customer="cus_1", collection_method="charge_automatically")
+    sent = event("invoice.payment_failed", customer="cus_1", collection_method="send_invoice")
+    assert charged["data"]["object"]["due_date"] and sent["data"]["object"]["due_date"]
+    [charged_row], [sent_row] = extract(charged).rows, extract(sent).rows
+    assert charged_row.values["due_date"] is None
+    assert sent_row.values["due_date"] is not None
