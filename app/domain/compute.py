@@ -57,6 +57,9 @@ class InvoiceAssessment:
     level: Level
     rule: str
     reasons: tuple[Reason, ...]
+    # An upgrade whose dunning ran out: where a regular invoice would be suspended (bad debt), an
+    # upgrade is reverted instead.
+    revert_due: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ def _assess(
     reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
                           {**rule_facts, "rule": rule.describe() if rule else {}}))
 
+    revert_due = invoice.is_upgrade and level == Level.SUSPENDED
     if invoice.is_upgrade and level.rank > policy.upgrade_max_level.rank:
         reasons.append(Reason("upgrade.capped", "an unpaid upgrade withholds the upgraded products only and never "
                               "becomes bad debt", {"invoice": invoice.id, "capped_to": policy.upgrade_max_level.value,
@@ -201,6 +205,7 @@ def _assess(
         level=level,
         rule=rule_name,
         reasons=tuple(reasons),
+        revert_due=revert_due,
     )
 
 
@@ -339,6 +344,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         if is_unpaid(inv, any(a.failed for a in grouped.get(inv.id, ())), now)
     ]
     balance = sum(inv.amount_remaining for inv in unpaid if not inv.is_upgrade)
+    unpaid_attempts = [a for inv in unpaid for a in grouped.get(inv.id, ())]
     assessed = [_assess(snapshot, inv, grouped.get(inv.id, []), balance, policy, now) for inv in unpaid]
     reasons: list[Reason] = []
     for a in assessed:
@@ -359,8 +365,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                               {"payment": in_flight.id, "since": iso(in_flight.created_at)}))
     elif status == Status.BAD_DEBT:
         stored = snapshot.stored
-        started = _recent_attempt_in_flight(snapshot, policy, now,
-                                            [a for inv in unpaid for a in grouped.get(inv.id, ())])
+        started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts)
         if started is not None and (stored is None or stored.status != Status.BAD_DEBT):
             held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
             reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
@@ -389,10 +394,20 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
             sub = a.invoice.subscription_id
             if sub and (sub in active_subs or sub not in known_subs):
                 actions.add(f"cancel:{sub}")
-    for a in assessed:
-        if a.invoice.is_upgrade and a.exhausted:
+    # An upgrade is reverted when its dunning has run out by the same rules that make a regular
+    # invoice bad debt (retries exhausted and old enough, or marked uncollectible), not as soon as
+    # no retry is planned: a permanent or action_required decline (3-D Secure) plans none on day 0,
+    # and the customer is being asked to act. A payment in flight holds it, as it holds bad debt.
+    reverting = [a for a in assessed if a.revert_due]
+    paying = bool(reverting) and (
+        in_flight is not None or _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts) is not None)
+    for a in reverting:
+        if paying:
+            reasons.append(Reason("guard.revert_held", "a payment is in flight: the upgrade's revert waits for it",
+                                  {"invoice": a.invoice.id}))
+        else:
             actions.add(f"revert:{a.invoice.id}")
-            reasons.append(Reason("upgrade.revert", "upgrade unpaid with retries exhausted: revert the upgrade, "
+            reasons.append(Reason("upgrade.revert", "upgrade unpaid and its dunning run out: revert the upgrade, "
                                   "never cancel", {"invoice": a.invoice.id, "subscription": a.invoice.subscription_id}))
 
     retry = min((a for a in assessed if a.next_retry_at is not None),

@@ -171,6 +171,27 @@ def test_uncollectible_upgrade_is_reverted_not_bad_debt():
     assert decision.state.status == Status.PAST_DUE and decision.state.actions_requested == ("revert:in_up",)
 
 
+@pytest.mark.parametrize(("days_unpaid", "reverted"), [(1 / 24, False), (5, False), (20.9, False), (21, True)])
+def test_an_upgrade_needing_3ds_is_reverted_only_when_its_dunning_has_run_out(days_unpaid, reverted):
+    # No retry is planned for action_required on day 0 (the customer is asked to authenticate), which
+    # is not the end of the upgrade's dunning: it runs out when a regular invoice would be bad debt.
+    upgrade = invoice("in_up", failed_days_ago=days_unpaid, billing_reason="subscription_update")
+    needs_3ds = attempt("pi_up", "in_up", days_ago=days_unpaid, decline="authentication_required")
+    decision = decide(snapshot(upgrade, attempts=(needs_3ds,)))
+    assert decision.state.actions_requested == (("revert:in_up",) if reverted else ())
+    assert decision.state.status == Status.PAST_DUE and not decision.bad_debt
+
+
+def test_a_payment_in_flight_holds_an_upgrades_revert():
+    upgrade = invoice("in_up", failed_days_ago=30, billing_reason="subscription_update")
+    failed = attempt("pi_up", "in_up", days_ago=30, decline="expired_card")
+    paying = attempt("pi_new", "in_up", days_ago=5 / 1440, status="processing", pm="pm_2")
+    decision = decide(snapshot(upgrade, attempts=(failed, paying)))
+    assert decision.state.actions_requested == () and "guard.revert_held" in rules(decision)
+    assert decide(snapshot(upgrade, attempts=(failed, paying)), now=NOW + timedelta(minutes=26)
+                  ).state.actions_requested == ("revert:in_up",)
+
+
 # --- retry cadence by class -------------------------------------------------------------------
 
 @pytest.mark.parametrize(
