@@ -84,18 +84,33 @@ class Decision:
 
 def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
     """Attempts grouped by invoice. An attempt Stripe did not link to an invoice (charge.failed
-    carries no invoice since API 2025-03-31) goes to the latest invoice created before it."""
+    carries no invoice since API 2025-03-31) goes to an invoice it could have been paying (see
+    ``_owner``)."""
     grouped: dict[str | None, list[Attempt]] = {}
     by_created = sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
     for attempt in snapshot.attempts:
         invoice_id = attempt.invoice_id
         if invoice_id is None:
-            candidates = [i for i in by_created if i.created <= attempt.attempted_at and i.status != "draft"]
-            invoice_id = candidates[-1].id if candidates else None
+            owner = _owner(by_created, attempt)
+            invoice_id = owner.id if owner is not None else None
         grouped.setdefault(invoice_id, []).append(attempt)
     for attempts in grouped.values():
         attempts.sort(key=lambda a: (a.attempted_at, a.id))
     return grouped
+
+
+def _owner(by_created: list[Invoice], attempt: Attempt) -> Invoice | None:
+    """The invoice an unlinked attempt was most likely paying: among those created before it and
+    still open when it ran (not paid or voided before), the latest of the same amount, else the
+    latest. An invoice settled before the attempt cannot have been its target: a decline there
+    would be read as this invoice's and set the wrong failure class. With none open, the latest
+    created before it, as before."""
+    at = attempt.attempted_at
+    earlier = [i for i in by_created if i.created <= at and i.status != "draft"]
+    open_then = [i for i in earlier if not any(t is not None and t < at for t in (i.paid_at, i.voided_at))]
+    same_amount = [i for i in open_then if attempt.amount and attempt.amount in (i.amount_due, i.amount_remaining)]
+    pick = same_amount or open_then or earlier
+    return pick[-1] if pick else None
 
 
 def is_unpaid(invoice: Invoice, failed: bool, now: datetime) -> bool:

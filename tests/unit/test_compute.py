@@ -317,6 +317,20 @@ def test_attempt_without_invoice_link_goes_to_the_latest_earlier_invoice():
     assert decision.state.last_failure_id == "ch_1"
 
 
+def test_an_unlinked_attempt_never_goes_to_an_invoice_paid_before_it():
+    failing = replace(invoice("in_a", failed_days_ago=10), created=days(11))
+    paid_since = replace(invoice("in_b", status="paid", failed_days_ago=None), created=days(3), paid_at=days(3))
+    first = attempt("pi_a", "in_a", days_ago=10)  # insufficient_funds
+    unlinked = attempt("ch_1", None, days_ago=1, decline="expired_card", amount=5000)
+    decision = decide(snapshot(failing, paid_since, attempts=(first, unlinked)))
+    assert decision.state.failure_class == FailureClass.PERMANENT  # the expired card is in_a's
+    assert decision.state.next_retry_at is None and "retry.none_permanent" in rules(decision)
+    # Two open invoices: the one of the attempt's amount.
+    other = replace(invoice("in_c", failed_days_ago=None, amount=700), created=days(2))
+    decision = decide(snapshot(failing, other, attempts=(first, unlinked)))
+    assert [r.facts["invoice"] for r in decision.reasons if r.rule == "retry.none_permanent"] == ["in_a"]
+
+
 # --- payment-flow guard, lifting ----------------------------------------------------------------
 
 def _suspended_snapshot(**kw):
