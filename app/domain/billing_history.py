@@ -33,8 +33,10 @@ def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | No
         refunded = sum(a.amount_refunded for a in attempts if a.status in ("succeeded", "refunded"))
         if collected <= 0 or collected < invoice.amount_due:
             return Label.RESOLVED  # credited, forgiven or paid out of band: not the customer's money
-        if refunded >= collected:
-            return Label.RESOLVED  # the money went back (a partial refund still leaves it Paid)
+        # The money went back, refunded or credited after payment (a credit note that refunds counts
+        # in both, hence the larger, not the sum); a partial return still leaves it Paid.
+        if max(refunded, invoice.credited_amount) >= collected:
+            return Label.RESOLVED
         return Label.PAID
     failed = invoice.first_failed_at is not None or any(a.failed for a in attempts)
     overdue = now is not None and invoice.due_date is not None and invoice.due_date <= now

@@ -63,6 +63,12 @@ def test_bad_debt_entry_and_exit_carry_reason_products_and_duration():
          (attempt("pi_1", "in_1", days_ago=1, status="succeeded", amount=5000, amount_refunded=5000),), Label.RESOLVED),
         (invoice(status="paid", failed_days_ago=None),
          (attempt("pi_1", "in_1", days_ago=1, status="succeeded", amount=5000, amount_refunded=100),), Label.PAID),
+        # paid, then credited in full by a credit note (to the customer's balance): not the customer's money
+        (replace(invoice(status="paid", failed_days_ago=None), credited_amount=5000), (), Label.RESOLVED),
+        (replace(invoice(status="paid", failed_days_ago=None), credited_amount=1000), (), Label.PAID),
+        # a credit note that refunded: counted once, not as credit plus refund
+        (replace(invoice(status="paid", failed_days_ago=None), credited_amount=2500),
+         (attempt("pi_1", "in_1", days_ago=1, status="succeeded", amount=5000, amount_refunded=2500),), Label.PAID),
     ],
 )
 def test_billing_history_labels(inv, attempts, expected):
