@@ -8,6 +8,8 @@ a whole batch of events (``ingest_events``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import datetime
 from functools import cache
 from typing import Any, NamedTuple
@@ -253,16 +255,42 @@ def _statement(items: list[Item]) -> tuple[Prepared, tuple[Any, ...]]:
 
 def ingest_events(conn: Connection, items: list[Item]) -> list[Stored | None]:
     """Store, mirror and request for every event, one statement per wave (normally one). For each
-    event in order: what was stored, or None when the event was stored before (a redelivery)."""
+    event in order: what was stored, or None when the event was stored before (a redelivery).
+    All or nothing: on a connection in autocommit (the group commit's) several waves run as one
+    transaction, so that a batch that fails stored none of its events (each is then stored alone;
+    one already committed would come back as a redelivery, answered "duplicate" and not enqueued)."""
     for ex, _ in items:
         if len(ex.rows) > 1:
             raise ValueError("an event mirrors at most one row")  # extract() never builds more
     out: list[Stored | None] = [None] * len(items)
-    for wave in waves(items):
-        rows = fetch_prepared_all(conn, _statement([items[i] for i in wave]))
-        for i, (account_id, state, trigger, created) in zip(wave, rows, strict=True):
-            out[i] = None if state is None else Stored(account_id, state, trigger, bool(created))
+    plan = waves(items)
+    with _one_transaction(conn) if len(plan) > 1 else nullcontext():
+        for wave in plan:
+            rows = fetch_prepared_all(conn, _statement([items[i] for i in wave]))
+            for i, (account_id, state, trigger, created) in zip(wave, rows, strict=True):
+                out[i] = None if state is None else Stored(account_id, state, trigger, bool(created))
     return out
+
+
+@contextmanager
+def _one_transaction(conn: Connection) -> Iterator[None]:
+    """The statements inside as one transaction, on a connection psycopg2 runs in autocommit; on one
+    already in a transaction (a unit of work), they are part of that one anyway."""
+    dbapi = conn.connection.driver_connection
+    if not dbapi.autocommit:  # type: ignore[union-attr]
+        yield
+        return
+    dbapi.autocommit = False  # type: ignore[union-attr]  # psycopg2 begins one at the next statement
+    try:
+        yield
+        dbapi.commit()  # type: ignore[union-attr]
+    except BaseException:
+        with suppress(Exception):  # a lost connection: the caller drops it
+            dbapi.rollback()  # type: ignore[union-attr]
+        raise
+    finally:
+        with suppress(Exception):
+            dbapi.autocommit = True  # type: ignore[union-attr]
 
 
 # DO UPDATE (not DO NOTHING) so the row is locked until this transaction commits: a recompute

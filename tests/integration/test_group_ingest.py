@@ -130,6 +130,25 @@ def test_an_event_that_cannot_be_stored_fails_alone(accounts: Accounts, engine, 
     assert queued(settings) == 1
 
 
+def test_a_batch_of_several_statements_that_fails_stores_none_of_them(accounts: Accounts, engine, celery_app,
+                                                                     settings):
+    """Two events of one invoice go in two statements (waves); the second breaks. Had the first been
+    committed on its own, storing it alone again would find it stored: answered "duplicate", its
+    recompute never queued."""
+    account, customer = accounts.create()
+    invoice_id = unique("in")
+    good = failed_invoice(customer, invoice_id)
+    bad = event("invoice.paid", id=invoice_id, customer=customer)
+    bad["data"]["object"]["amount_due"] = 2**70
+    assert store.waves([item(good), item(bad)]) == [[0], [1]]
+    results = flush(engine, celery_app, good, bad)
+    assert isinstance(results[1], EventNotStorable)
+    assert isinstance(results[0], Ingested)
+    assert (results[0].state, results[0].account_id, results[0].enqueued) == ("accepted", account, True)
+    assert queued(settings) == 1
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 1
+
+
 def test_an_unstorable_event_answers_422_and_stores_nothing(client, accounts: Accounts, engine, settings):
     _, customer = accounts.create()
     evt = failed_invoice(customer)
