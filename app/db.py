@@ -142,6 +142,12 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
         yield
     except psycopg2.DataError as exc:
         raise ValueRejected(str(exc).strip()) from exc
+    except psycopg2.IntegrityError as exc:
+        # A value missing where a column needs one, or breaking a check: the input's fault, like a
+        # DataError. A unique violation is not (callers that expect one catch it themselves).
+        if exc.pgcode in (NOT_NULL_VIOLATION, CHECK_VIOLATION):
+            raise ValueRejected(str(exc).strip()) from exc
+        raise
     except psycopg2.extensions.TransactionRollbackError as exc:
         raise Conflict(str(exc).strip()) from exc
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
@@ -152,6 +158,9 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
         raise
     except ValueError as exc:  # psycopg2 adapting a parameter (a string with a NUL character)
         raise ValueRejected(str(exc)) from exc
+
+
+NOT_NULL_VIOLATION, CHECK_VIOLATION = "23502", "23514"
 
 
 def _lost(exc: BaseException) -> bool:

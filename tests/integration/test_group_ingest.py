@@ -149,6 +149,21 @@ def test_a_batch_of_several_statements_that_fails_stores_none_of_them(accounts: 
     assert count(engine, "SELECT count(*) FROM stripe_event") == 1
 
 
+def test_an_event_missing_a_value_the_mirror_needs_fails_alone(client, accounts: Accounts, engine, celery_app):
+    """Signed, but its invoice names no customer (stripe_invoice needs one): 422 for it alone, not a
+    500 for every event of its batch."""
+    _, customer = accounts.create()
+    bad = failed_invoice(customer)
+    bad["data"]["object"]["customer"] = None
+    response = post_event(client, bad)
+    assert response.status_code == 422 and bad["id"] in response.json["reason"]
+    good = failed_invoice(customer)
+    results = flush(engine, celery_app, good, bad)
+    assert isinstance(results[1], EventNotStorable)
+    assert isinstance(results[0], Ingested) and results[0].state == "accepted"
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 1
+
+
 def test_an_unstorable_event_answers_422_and_stores_nothing(client, accounts: Accounts, engine, settings):
     _, customer = accounts.create()
     evt = failed_invoice(customer)
