@@ -80,6 +80,9 @@ class EntitlementsChanged(DomainEvent):
 class CancellationRequested(DomainEvent):
     subscription_id: str
     reason: str
+    # When the bad-debt episode asking for it began: one cancellation per subscription and episode
+    # (the relay's idempotency key), however often lifting and its failure take it away and back.
+    episode: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,9 @@ def derive_events(
     for action in sorted(set(desired.actions_requested) - set(before.actions_requested)):
         kind, _, ref = action.partition(":")
         if kind == "cancel":
-            events.append(CancellationRequested(subscription_id=ref, reason=decision.bad_debt_reason or "bad_debt"))
+            episode = (bad_debt_entered_at or now).isoformat()
+            events.append(CancellationRequested(subscription_id=ref, reason=decision.bad_debt_reason or "bad_debt",
+                                                episode=episode))
         elif kind == "revert":
             sub = next((a.invoice.subscription_id for a in decision.assessments if a.invoice.id == ref), None)
             events.append(UpgradeRevertRequested(invoice_id=ref, subscription_id=sub))

@@ -10,6 +10,7 @@ or failing never slows it: the backlog grows and drains when it returns.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -58,6 +59,11 @@ UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + 1, last_error = 
  WHERE id = %(id)s AND delivered_at IS NULL
 """
 
+SUPERSEDED_SQL = """
+UPDATE outbox SET delivered_at = %(now)s, last_error = %(why)s
+ WHERE id = %(id)s AND delivered_at IS NULL
+"""
+
 FAILED_SQL = """
 UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_error = %(error)s
  WHERE id = %(id)s AND delivered_at IS NULL
@@ -84,13 +90,43 @@ def call_for(row_id: int, account_id: str, version: int, event_type: str, payloa
     if event_type == "CancellationRequested":
         return Call("POST", f"/accounts/{account}/cancellations",
                     {"subscription_id": payload.get("subscription_id"), "reason": payload.get("reason"),
-                     "action": "cancel", "dunning_version": version}, key)
+                     "action": "cancel", "dunning_version": version},
+                    request_key("cancel", account_id, payload.get("subscription_id"), payload.get("episode"))
+                    if payload.get("episode") else key)
     if event_type == "UpgradeRevertRequested":
         # Same lifecycle workflow, but the upgrade is reverted; the subscription is never cancelled.
         return Call("POST", f"/accounts/{account}/cancellations",
                     {"subscription_id": payload.get("subscription_id"), "invoice_id": payload.get("invoice_id"),
-                     "action": "revert_upgrade", "reason": "upgrade_unpaid", "dunning_version": version}, key)
+                     "action": "revert_upgrade", "reason": "upgrade_unpaid", "dunning_version": version},
+                    request_key("revert", account_id, payload.get("invoice_id")))
     return None
+
+
+def request_key(kind: str, *parts: Any) -> str:
+    """One idempotency key per logical request, not per outbox row: an action taken away (a payment
+    in flight holds it) and requested again writes a new row, and Account Management must see the
+    same request, not a second cancellation. A cancellation is one per subscription and bad-debt
+    episode, a revert one per upgrade invoice."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:32]
+    return f"{kind}-{digest}"
+
+
+# The lifecycle requests, and the action of subs_dunning.actions_requested each one stands for.
+ACTIONS = {"CancellationRequested": ("cancel", "subscription_id"), "UpgradeRevertRequested": ("revert", "invoice_id")}
+CURRENT_ACTIONS_SQL = "SELECT actions_requested FROM subs_dunning WHERE account_id = %(account)s"
+
+
+def superseded(event_type: str, payload: dict[str, Any], current_actions: list[str]) -> str | None:
+    """Why a lifecycle request must not be sent any more, or None. Rows wait while Account
+    Management is down; an account that paid its bad debt meanwhile must not be cancelled when it
+    comes back. The account's current state decides: the action must still be requested."""
+    kind_ref = ACTIONS.get(event_type)
+    if kind_ref is None:
+        return None
+    action = f"{kind_ref[0]}:{payload.get(kind_ref[1])}"
+    if action in current_actions:
+        return None
+    return f"superseded: {action} is no longer requested"
 
 
 def backoff(attempts: int, rng: random.Random | None = None) -> float:
@@ -103,12 +139,14 @@ def backoff(attempts: int, rng: random.Random | None = None) -> float:
 class RelayReport:
     accounts: int = 0
     delivered: int = 0
+    superseded: int = 0
     failed: int = 0
     skipped_locked: int = 0
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"accounts": self.accounts, "delivered": self.delivered, "failed": self.failed,
+        return {"accounts": self.accounts, "delivered": self.delivered, "superseded": self.superseded,
+                "failed": self.failed,
                 "skipped_locked": self.skipped_locked}
 
 
@@ -149,14 +187,21 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
         report.accounts += 1
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
+            current = conn.exec_driver_sql(CURRENT_ACTIONS_SQL, {"account": account_id}).scalar()
+        current_actions = list(current or [])
         for row_id, version, event_type, payload, attempts, next_attempt_at in rows:
             now = now_fn()
             if next_attempt_at > now:
                 break  # the head of the line is backing off: so is everything behind it
-            call = call_for(row_id, account_id, version, event_type, payload or {})
+            skip = superseded(event_type, payload or {}, current_actions)
+            call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             error = _send(session, base_url, call, timeout) if call is not None else None
             with unit_of_work(engine) as conn:
-                if error is None:
+                if skip:
+                    # Done with, not sent: the reason stays on the row (GET /ops/outbox shows it).
+                    conn.exec_driver_sql(SUPERSEDED_SQL, {"id": row_id, "now": now_fn(), "why": skip})
+                    log.info("outbox %s (%s v%s) for %s not sent: %s", row_id, event_type, version, account_id, skip)
+                elif error is None:
                     conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn()})
                 else:
                     retry_at = now_fn() + timedelta(seconds=backoff(attempts))
@@ -167,7 +212,10 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 log.warning("outbox %s (%s v%s) for %s not delivered: %s", row_id, event_type, version,
                             account_id, error)
                 break  # never deliver a later version before this one
-            report.delivered += 1
+            if skip:
+                report.superseded += 1
+            else:
+                report.delivered += 1
     return report
 
 

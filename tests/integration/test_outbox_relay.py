@@ -3,6 +3,7 @@ version order per account, backoff with jitter, and an outage that never slows r
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged, UpgradeRevertRequested
-from app.outbox.relay import _warn_not_relayed, relay
+from app.outbox.relay import _warn_not_relayed, relay, request_key
 from app.recompute.emit import emit
 from tests.conftest import service_headers, wait_for
 from tests.integration.dunning_setup import dunning_row, failed_invoice, paid
@@ -33,8 +34,19 @@ def write_events(engine, account: str, version: int, events: list[Any]) -> None:
         emit(conn, account, version, events, datetime.now(UTC))
 
 
+def requesting(engine, account: str, *actions: str) -> None:
+    """The account's current state asks for these lifecycle actions (what recompute stored)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO subs_dunning (account_id, status, level, changed_at, actions_requested) "
+            "VALUES (%(a)s, 'bad_debt', 'suspended', now(), %(actions)s) "
+            "ON CONFLICT (account_id) DO UPDATE SET actions_requested = EXCLUDED.actions_requested",
+            {"a": account, "actions": json.dumps(list(actions))})
+
+
 def test_contract_bodies_for_entitlements_cancellation_and_upgrade_revert(accounts, engine, fake_am):
     account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1", "revert:in_up")
     write_events(engine, account, 1, [DunningEntered(unpaid_since=None, failure_class="permanent"),
                                       EntitlementsChanged(entitlements={"products": {"prod_core": "revoked"},
                                                                         "plan_changes": False})])
@@ -54,10 +66,42 @@ def test_contract_bodies_for_entitlements_cancellation_and_upgrade_revert(accoun
     assert cancel.body["action"] == "cancel" and cancel.idempotency_key == f"outbox-{rows[2]['id']}"
     assert revert.kind == "cancellations" and revert.body["action"] == "revert_upgrade"
     assert revert.body["invoice_id"] == "in_up" and revert.body["subscription_id"] == "sub_2"
-    assert revert.idempotency_key == f"outbox-{rows[3]['id']}"
+    assert revert.idempotency_key == request_key("revert", account, "in_up")  # one per upgrade invoice
 
     assert relay(engine, fake_am.url).delivered == 0  # delivered rows are not sent again
     assert len(fake_am.for_account(account)) == 3
+
+
+def test_a_cancellation_no_longer_requested_when_account_management_returns_is_not_sent(accounts, engine, fake_am):
+    """Account Management down while the account enters bad debt and then pays: its cancellation
+    waited in the outbox, and must not cancel a customer who has paid."""
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="retries_exhausted",
+                                                            episode="2026-11-01T00:00:00+00:00")])
+    write_events(engine, account, 2, [EntitlementsChanged(entitlements={"products": {"prod_core": "full"}})])
+    requesting(engine, account)  # paid meanwhile: nothing requested any more
+    report = relay(engine, fake_am.url)
+    assert (report.delivered, report.superseded, report.failed) == (1, 1, 0)
+    assert [r.kind for r in fake_am.for_account(account)] == ["entitlements"]
+    cancel_row = outbox(engine, account)[0]
+    assert cancel_row["delivered_at"] is not None and "superseded: cancel:sub_1" in cancel_row["last_error"]
+
+
+def test_one_episodes_cancellation_requested_again_is_the_same_request(accounts, engine, fake_am):
+    """Lifting takes the cancellation away and a failed payment brings it back: a second row, but
+    Account Management must see the same request (one idempotency key), not a second cancellation."""
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = "2026-11-01T00:00:00+00:00"
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    assert relay(engine, fake_am.url).delivered == 1
+    write_events(engine, account, 3, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    write_events(engine, account, 9, [CancellationRequested(subscription_id="sub_1", reason="x",
+                                                            episode="2026-11-20T00:00:00+00:00")])
+    assert relay(engine, fake_am.url).delivered == 2
+    first, again, next_episode = (r.idempotency_key for r in fake_am.for_account(account))
+    assert first == again and next_episode != first
 
 
 def test_without_account_management_nothing_is_sent_and_the_warning_comes_once(accounts, engine, caplog):

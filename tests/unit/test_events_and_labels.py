@@ -38,6 +38,13 @@ def test_bad_debt_entry_and_exit_carry_reason_products_and_duration():
     assert "BadDebtEntered" in names(events) and "CancellationRequested" in names(events)
     bad = next(e for e in events if e.name == "BadDebtEntered")
     assert bad.payload() == {"reason": "marked_uncollectible", "failure_class": "unknown", "products": ["prod_core"]}
+    # the cancellation names its episode: entered now, or when the open episode began (back from lifting)
+    cancel = next(e for e in events if e.name == "CancellationRequested")
+    assert cancel.payload()["episode"] == NOW.isoformat()
+    lifting = replace(before, status="lifting")
+    again = next(e for e in derive_events(lifting, entered, NOW, bad_debt_entered_at=days(2))
+                 if e.name == "CancellationRequested")
+    assert again.payload()["episode"] == days(2).isoformat()
 
     paid = replace(invoice(status="paid", failed_days_ago=3), paid_at=NOW)
     exited = compute(replace(snapshot(paid), stored=entered.state), POLICY, NOW + timedelta(hours=5))
