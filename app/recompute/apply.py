@@ -30,6 +30,7 @@ class Applied:
     mandates_changed: int = 0
     bad_debt_flag_changed: bool = False
     episode: str | None = None  # "opened" | "closed"
+    episode_products: tuple[str, ...] = ()  # the products of the episode opened or closed
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -85,7 +86,9 @@ def _write_mandates(conn: Connection, account_id: str, stored: tuple[MandateStat
     return len(changed)
 
 
-def _episode(conn: Connection, snapshot: Snapshot, decision: Decision, now: datetime) -> str | None:
+def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
+             now: datetime) -> tuple[str | None, tuple[str, ...]]:
+    """Open or close the account's bad-debt episode: ("opened" | "closed" | None, its products)."""
     before = snapshot.stored.status if snapshot.stored else Status.CURRENT
     after = decision.state.status
     if after == Status.BAD_DEBT and before not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is None:
@@ -95,16 +98,17 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision, now: date
             {"account": snapshot.account_id, "now": now, "reason": decision.bad_debt_reason or "retries_exhausted",
              "class": decision.state.failure_class, "products": Json(list(decision.bad_debt_products))},
         )
-        return "opened"
+        return "opened", decision.bad_debt_products
     if before in BAD_DEBT_STATES and after not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is not None:
-        conn.exec_driver_sql(
+        # The decision has no bad-debt products any more: the episode remembers which they were.
+        closed = conn.exec_driver_sql(
             "UPDATE bad_debt_episode SET exited_at = %(now)s, exit_how = %(how)s, "
             "duration_seconds = GREATEST(0, EXTRACT(EPOCH FROM (%(now)s - entered_at)))::bigint "
-            "WHERE account_id = %(account)s AND exited_at IS NULL",
+            "WHERE account_id = %(account)s AND exited_at IS NULL RETURNING products",
             {"account": snapshot.account_id, "now": now, "how": decision.resolution or "recomputed"},
-        )
-        return "closed"
-    return None
+        ).fetchall()
+        return "closed", tuple(sorted({str(p) for (products,) in closed for p in products or ()}))
+    return None, ()
 
 
 def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: Decision, trigger: str,
@@ -112,12 +116,13 @@ def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: D
     changed = decision.state.changed_fields(snapshot.stored)
     version = stored_version
     events: list[DomainEvent] = []
-    episode = None
+    episode: str | None = None
+    episode_products: tuple[str, ...] = ()
     if changed:
         version = stored_version + 1
         _write_state(conn, snapshot, decision, changed, version, trigger, now)
         events = derive_events(snapshot.stored, decision, now, snapshot.open_episode_entered_at)
-        episode = _episode(conn, snapshot, decision, now)
+        episode, episode_products = _episode(conn, snapshot, decision, now)
         emit(conn, snapshot.account_id, version, events, now)
     flag_changed = decision.bad_debt != snapshot.stored_bad_debt_flag
     if flag_changed:
@@ -126,4 +131,4 @@ def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: D
                              {"flag": decision.bad_debt, "account": snapshot.account_id})
     mandates = _write_mandates(conn, snapshot.account_id, snapshot.stored_mandates, decision.mandates, now)
     return Applied(changed_fields=changed, events=events, version=version, mandates_changed=mandates,
-                   bad_debt_flag_changed=flag_changed, episode=episode)
+                   bad_debt_flag_changed=flag_changed, episode=episode, episode_products=episode_products)

@@ -15,14 +15,14 @@ def observe(result: RecomputeResult) -> None:
         metrics.RECOMPUTE_SECONDS.labels(step).observe(seconds)
     if result.applied is None or result.decision is None:
         return
-    products = list(result.decision.bad_debt_products) or ["-"]
     for event in result.applied.events:
         metrics.DOMAIN_EVENTS.labels(event.name).inc()
         if isinstance(event, BadDebtEntered):
             for product in event.products or ["-"]:
                 metrics.BAD_DEBT_ENTRIES.labels(event.reason, product).inc()
         elif isinstance(event, BadDebtExited):
-            for product in products:
+            # The products the account was in bad debt for (its episode's): the decision has none left.
+            for product in result.applied.episode_products or ["-"]:
                 metrics.BAD_DEBT_EXITS.labels(event.how, product).inc()
             if event.duration_seconds is not None:
                 metrics.BAD_DEBT_SECONDS.observe(event.duration_seconds)

@@ -54,11 +54,11 @@ def test_metrics_move_when_a_bad_debt_episode_opens_and_closes(client, engine: E
     assert post_event(client, paid).status_code == 200
     assert recompute(engine, runtime, debt.account)["status"] == "current"
     closed = metrics(client)
-    exits = sum(v for (name, labels), v in closed.items() if name == "dunning_bad_debt_exits_total"
-                and ("how", "paid") in labels)
-    exits_before = sum(v for (name, labels), v in opened.items() if name == "dunning_bad_debt_exits_total"
-                       and ("how", "paid") in labels)
-    assert exits == exits_before + 1
+    exits = "dunning_bad_debt_exits_total"
+    # counted under the products the account was in bad debt for (the decision has none left by then)
+    assert value(closed, exits, how="paid", product="prod_premium") == \
+        value(opened, exits, how="paid", product="prod_premium") + 1
+    assert value(closed, exits, how="paid", product="-") == value(opened, exits, how="paid", product="-")
     assert value(closed, "dunning_bad_debt_duration_seconds_count") == \
         value(opened, "dunning_bad_debt_duration_seconds_count") + 1
     assert value(closed, "dunning_bad_debt_open_episodes") == 0
