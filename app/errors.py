@@ -49,6 +49,14 @@ def register(app: Flask) -> None:
         log.exception("database error")
         return jsonify(error="internal_error", reason="database error; nothing was accepted"), 500
 
+    @app.errorhandler(ValueError)
+    def nul_character(exc: ValueError) -> ResponseReturnValue:
+        # psycopg2 refuses a string holding NUL before it reaches the database (PostgreSQL text has
+        # no such character): an account id, a query parameter or a header the caller sent.
+        if "NUL (0x00)" in str(exc):
+            return jsonify(error="bad_request", reason="a value in the request contains a NUL character"), 400
+        return unexpected(exc)
+
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> ResponseReturnValue:
         log.exception("unhandled error")
