@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -20,7 +19,7 @@ def relay_outbox(self: Task) -> dict[str, Any]:
     by failure class) when the database itself does."""
     rt = runtime_for(self.app)
     try:
-        report = relay(rt.engine, rt.settings.account_management_url, datetime.now(UTC))
+        report = relay(rt.engine, rt.settings.account_management_url)  # the wall clock, row by row
         with rt.engine.connect() as conn:
             stats = backlog(conn)  # also sets the backlog gauge
     except Exception as exc:

@@ -177,7 +177,10 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
 
 def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
                     now_fn: Callable[[], datetime] | None = None, max_rows: int = 200,
-                    report: RelayReport | None = None, timeout: tuple[float, float] = TIMEOUT) -> RelayReport:
+                    report: RelayReport | None = None, timeout: tuple[float, float] = TIMEOUT,
+                    deadline: float | None = None) -> RelayReport:
+    """Deliver one account's rows in order, until one fails or ``deadline`` (time.monotonic) passes:
+    a slow Account Management must not pin the task for minutes on one account's backlog."""
     now_fn = now_fn or (lambda: datetime.now(UTC))
     report = report or RelayReport()
     with account_lock(engine, account_id) as got:
@@ -193,6 +196,8 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             now = now_fn()
             if next_attempt_at > now:
                 break  # the head of the line is backing off: so is everything behind it
+            if deadline is not None and time.monotonic() > deadline:
+                break  # the rest waits for the next pass, still in order
             skip = superseded(event_type, payload or {}, current_actions)
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             error = _send(session, base_url, call, timeout) if call is not None else None
@@ -245,7 +250,8 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
         for account_id in accounts:
             if time.monotonic() > deadline:
                 break
-            deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report, timeout=timeout)
+            deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report, timeout=timeout,
+                            deadline=deadline)
     finally:
         if own_session:
             session.close()

@@ -116,6 +116,25 @@ def test_without_account_management_nothing_is_sent_and_the_warning_comes_once(a
     assert len(warnings) == 1
 
 
+def test_an_accounts_backlog_stops_at_the_pass_deadline(accounts, engine, fake_am):
+    """A slow Account Management must not hold the relay task for minutes on one account: the pass's
+    deadline is checked before each row, and the rest waits for the next pass, in order."""
+    import time
+
+    import requests
+
+    from app.outbox.relay import deliver_account
+
+    account, _ = accounts.create()
+    for version in (1, 2, 3):
+        write_events(engine, account, version, [EntitlementsChanged(entitlements={"v": version})])
+    with requests.Session() as session:
+        spent = deliver_account(engine, session, fake_am.url, account, deadline=time.monotonic() - 1)
+        assert spent.delivered == 0 and fake_am.for_account(account) == []
+        assert deliver_account(engine, session, fake_am.url, account, deadline=time.monotonic() + 60).delivered == 3
+    assert [r.body["entitlements"]["v"] for r in fake_am.for_account(account)] == [1, 2, 3]
+
+
 def test_a_failing_row_blocks_the_rows_behind_it_and_backs_off_with_jitter(accounts, engine, fake_am):
     blocked, _ = accounts.create()
     other, _ = accounts.create()
