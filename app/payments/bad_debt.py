@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
@@ -39,8 +39,10 @@ from sqlalchemy.exc import IntegrityError
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.compute import compute
+from app.domain.drift import payment_in_flight
 from app.domain.state import Status
 from app.domain.triggers import Trigger
+from app.payments.pay import lock_account_payments, retry_charging
 from app.payments.stripe_client import make_stripe_client
 from app.recompute.gather import gather
 from app.runtime import Runtime
@@ -143,6 +145,10 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
         raise Refused(409, "payment_in_flight", "a bad-debt payment for this account is already in flight")
     if status != Status.BAD_DEBT.value or stored is None:
         raise Refused(409, "not_in_bad_debt", f"the account is not in bad debt (status {status})")
+    if payment_in_flight(snapshot, rt.policy, now) == "attempt_in_flight":
+        # The customer is paying some other way right now (a Stripe attempt without its outcome).
+        raise Refused(409, "payment_in_flight", "a payment attempt for this account is being processed by "
+                      "Stripe; try again once its outcome is in (the balance may change)")
     decision = compute(snapshot, rt.policy, now)
     invoices = [a.invoice for a in decision.assessments]
     balance = sum(inv.amount_remaining for inv in invoices)
@@ -179,6 +185,11 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
 
     try:
         with unit_of_work(rt.engine) as conn:
+            lock_account_payments(conn, req.account_id)
+            if retry_charging(conn, req.account_id, datetime.now(UTC),
+                              timedelta(minutes=rt.policy.guard_window_minutes)):
+                raise Refused(409, "payment_in_flight", "an automatic payment retry for this account is being "
+                              "charged; try again once its outcome is in (the balance may change)")
             payment_id = int(conn.exec_driver_sql(INSERT_PAYMENT, {
                 "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
                 "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),

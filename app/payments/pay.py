@@ -43,6 +43,28 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
 
 SET_STATE_SQL = "UPDATE payment_retry SET state = %(state)s, error = %(error)s, updated_at = now() WHERE id = %(id)s"
 
+# The account's two ways to collect money, an automatic retry and the isolated bad-debt payment,
+# check each other under this lock (held to the end of the checking transaction), so that one of
+# them always sees the other: both at once could collect an invoice twice.
+PAYMENT_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended('payment:' || %(account)s, 0))"
+BAD_DEBT_PENDING_SQL = """
+SELECT EXISTS (SELECT 1 FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending')
+"""
+RETRY_CHARGING_SQL = """
+SELECT EXISTS (SELECT 1 FROM payment_retry WHERE account_id = %(account)s AND state IN ('charging', 'sent')
+                  AND created_at > %(since)s)
+"""
+
+
+def lock_account_payments(conn: Connection, account_id: str) -> None:
+    conn.exec_driver_sql(PAYMENT_LOCK_SQL, {"account": account_id})
+
+
+def retry_charging(conn: Connection, account_id: str, now: datetime, guard: timedelta) -> bool:
+    """An automatic retry of the account is being charged, or was sent and its outcome is not in
+    (within the guard window); call under lock_account_payments."""
+    return bool(conn.exec_driver_sql(RETRY_CHARGING_SQL, {"account": account_id, "since": now - guard}).scalar())
+
 DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a worker picks it up
 
 
@@ -121,6 +143,10 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> 
     if state not in ("dispatched", "charging"):
         return PayResult(retry_id, "done", account, detail=state)
     reason = not_due_reason(row, now, guard)
+    if reason is None:
+        lock_account_payments(conn, account)
+        if conn.exec_driver_sql(BAD_DEBT_PENDING_SQL, {"account": account}).scalar():
+            reason = "a bad-debt payment for the account is in flight"
     if reason is not None:
         # A row left in charging may have reached Stripe before its worker died: it stays counted.
         new_state = "skipped" if state == "dispatched" else "sent"

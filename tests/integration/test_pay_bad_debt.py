@@ -154,6 +154,24 @@ def test_a_payment_charges_the_default_method_once_and_puts_the_account_in_lifti
     assert len(stripe_fake.intents_created()) == 1
 
 
+def test_refused_while_an_automatic_retry_of_the_account_is_being_charged(client, engine, debtor, stripe_fake):
+    """Both at once could collect one invoice twice: the retry's charge and the bad-debt payment of a
+    balance that still counts that invoice."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO payment_retry (account_id, invoice_id, retry_number, idempotency_key, scheduled_for, state) "
+            "VALUES (%(a)s, 'in_other', 1, 'retry:in_other:1', now(), 'charging')", {"a": debtor.account})
+    body = {"account_id": debtor.account, "amount": debtor.amount}
+    response = pay(client, body, key())
+    assert response.status_code == 409 and response.json["error"] == "payment_in_flight"
+    assert "automatic payment retry" in response.json["reason"]
+    assert stripe_fake.intents_created() == [] and payments(engine, debtor.account) == []
+    with engine.begin() as conn:  # its outcome came in
+        conn.exec_driver_sql("UPDATE payment_retry SET state = 'failed' WHERE account_id = %(a)s",
+                             {"a": debtor.account})
+    assert pay(client, body, key()).status_code == 202
+
+
 def test_the_same_key_replays_the_first_answer_and_charges_once(client, engine, debtor, stripe_fake):
     idem, body = key(), {"account_id": debtor.account, "amount": debtor.amount}
     first = pay(client, body, idem)

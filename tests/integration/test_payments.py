@@ -106,6 +106,19 @@ def test_a_retry_no_longer_due_does_nothing(client, accounts, engine, worker, ce
     assert dunning_row(engine, account)["next_retry_at"] is None
 
 
+def test_a_retry_is_not_charged_while_a_bad_debt_payment_of_the_account_is_in_flight(client, accounts, engine,
+                                                                                      worker, celery_app, fake_stripe):
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    with engine.begin() as conn:  # the customer pays the bad debt meanwhile (its balance counts this invoice)
+        conn.exec_driver_sql("INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount) "
+                             "VALUES (%(a)s, 'k1', 'f1', 5000)", {"a": account})
+    result = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    assert result["outcome"] == "skipped" and "bad-debt payment" in result["detail"]
+    assert fake_stripe.pay_requests(invoice) == []
+
+
 def test_a_card_decline_is_an_outcome_and_the_account_is_recomputed(client, accounts, engine, worker, celery_app,
                                                                     fake_stripe):
     account, customer = accounts.create()
