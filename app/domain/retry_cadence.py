@@ -8,7 +8,6 @@ method in 30 days hold whatever the policy says. Pure: the decision's ``now`` is
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from app.domain.policy import Policy
@@ -19,13 +18,24 @@ WINDOW_30D = timedelta(days=30)
 # --- retries ------------------------------------------------------------------------------------
 
 
-def _method_attempts_in_window(attempts: Iterable[Attempt], method: str | None, now: datetime) -> list[Attempt]:
+IN_FLIGHT_RETRY_STATES = ("dispatched", "charging", "sent")
+PENDING_ATTEMPT_STATES = ("pending", "processing", "requires_action")
+
+
+def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: datetime,
+                               guard: timedelta) -> list[datetime]:
+    """When each attempt on ``method`` in the last 30 days was made, including our retries already
+    sent to Stripe whose attempt the mirror does not hold yet: the cap counts charges, not webhooks."""
     if method is None:
         return []
-    return sorted(
-        (a for a in attempts if a.payment_method_id == method and now - WINDOW_30D < a.attempted_at <= now),
-        key=lambda a: a.attempted_at,
-    )
+    recorded = [a.attempted_at for a in snapshot.attempts
+                if a.payment_method_id == method and now - WINDOW_30D < a.attempted_at <= now]
+    latest = max(recorded, default=None)
+    unrecorded = [r.created_at for r in snapshot.retries
+                  if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
+                  and (r.payment_method_id or snapshot.default_payment_method_id) == method
+                  and (latest is None or r.created_at > latest)]
+    return sorted(recorded + unrecorded)
 
 
 def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | None) -> PaymentMethod | None:
@@ -67,14 +77,18 @@ def plan_retry(
     last_attempt_at = attempts[-1].attempted_at if attempts else None
 
     in_flight = [
-        r for r in retries
-        if r.state in ("dispatched", "charging", "sent")
+        r.created_at for r in retries
+        if r.state in IN_FLIGHT_RETRY_STATES
         and now - r.created_at < guard
         and (last_attempt_at is None or last_attempt_at < r.created_at)
     ]
+    # A Stripe attempt on the invoice without its outcome (a bank debit processing, a 3-D Secure
+    # challenge open): another charge now could collect twice.
+    in_flight += [a.attempted_at for a in attempts
+                  if a.status in PENDING_ATTEMPT_STATES and now - a.attempted_at < guard]
     if in_flight:
-        reasons.append(Reason("retry.in_flight", "a retry is being charged; waiting for its outcome",
-                              {"invoice": invoice.id, "since": iso(in_flight[0].created_at)}))
+        reasons.append(Reason("retry.in_flight", "a payment of the invoice is in flight; waiting for its outcome",
+                              {"invoice": invoice.id, "since": iso(min(in_flight))}))
         return None, None, False, False, retries_used, reasons
 
     if invoice.status == "uncollectible":
@@ -94,7 +108,8 @@ def plan_retry(
     since = last_failure.attempted_at if last_failure else schedule_start
     new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
     if new_method is not None:
-        used_free = any(r.free and r.created_at >= new_method.changed_at for r in retries)
+        # A free retry skipped unsent (dispatched too long ago, say) was not used.
+        used_free = any(r.free and r.state != "skipped" and r.created_at >= new_method.changed_at for r in retries)
         if not used_free:
             due = max(new_method.changed_at, since)
             reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "
@@ -137,10 +152,10 @@ def _cap_method(
     invoice: Invoice,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """Card network rule: at most N attempts per method in 30 days; defer until the window frees."""
-    window = _method_attempts_in_window(snapshot.attempts, method, now)
+    window = _method_attempts_in_window(snapshot, method, now, timedelta(minutes=policy.guard_window_minutes))
     cap = policy.attempts_per_method_30d
     if len(window) >= cap:
-        frees_at = window[len(window) - cap].attempted_at + WINDOW_30D
+        frees_at = window[len(window) - cap] + WINDOW_30D
         reasons.append(Reason("retry.cap_method_30d", "payment method attempt cap for 30 days reached; retry deferred",
                               {"invoice": invoice.id, "payment_method": method, "cap": cap,
                                "deferred_to": iso(frees_at)}))

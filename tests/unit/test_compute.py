@@ -185,7 +185,7 @@ def test_an_upgrade_needing_3ds_is_reverted_only_when_its_dunning_has_run_out(da
 def test_a_payment_in_flight_holds_an_upgrades_revert():
     upgrade = invoice("in_up", failed_days_ago=30, billing_reason="subscription_update")
     failed = attempt("pi_up", "in_up", days_ago=30, decline="expired_card")
-    paying = attempt("pi_new", "in_up", days_ago=5 / 1440, status="processing", pm="pm_2")
+    paying = attempt("pi_new", "in_up", days_ago=5 / 1440, status="succeeded", pm="pm_2")  # invoice.paid not in
     decision = decide(snapshot(upgrade, attempts=(failed, paying)))
     assert decision.state.actions_requested == () and "guard.revert_held" in rules(decision)
     assert decide(snapshot(upgrade, attempts=(failed, paying)), now=NOW + timedelta(minutes=26)
@@ -288,6 +288,36 @@ def test_per_method_cap_of_15_in_30_days_defers_the_retry():
     oldest = min(a.attempted_at for a in (*others, mine))
     assert decision.state.next_retry_at == oldest + timedelta(days=30)
     assert "retry.cap_method_30d" in rules(decision)
+
+
+def test_a_free_retry_skipped_unsent_is_offered_again():
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="expired_card", pm="pm_old")
+    new_card = method("pm_new", changed_days_ago=0.5)
+    skipped = retry("in_1", 1, days_ago=0.4, free=True, pm="pm_new", state="skipped")  # never reached Stripe
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(new_card,),
+                               retries=(skipped,)))
+    assert decision.state.retry_free and decision.state.retry_payment_method_id == "pm_new"
+    assert decision.state.next_retry_at is not None
+
+
+def test_the_method_cap_counts_a_retry_sent_whose_attempt_is_not_mirrored_yet():
+    # 14 attempts on pm_1 mirrored, and another invoice's retry sent on pm_1 a minute ago: that is 15.
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i) for i in range(13))
+    mine = attempt("pi_me", "in_1", days_ago=1)
+    sent = retry("in_o99", 1, days_ago=1 / 1440, state="sent", pm="pm_1")
+    decision = decide(snapshot(invoice(failed_days_ago=1), attempts=(*others, mine), retries=(sent,)))
+    assert "retry.cap_method_30d" in rules(decision)
+    assert decision.state.next_retry_at == min(a.attempted_at for a in others) + timedelta(days=30)
+
+
+def test_no_retry_is_planned_over_a_stripe_attempt_still_processing():
+    inv = invoice(failed_days_ago=3)
+    processing = attempt("pi_2", "in_1", days_ago=5 / 1440, status="processing")  # a bank debit, 5 minutes ago
+    decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=3), processing)))
+    assert decision.state.next_retry_at is None and "retry.in_flight" in rules(decision)
+    later = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=3), processing)),
+                   now=NOW + timedelta(minutes=26))
+    assert later.state.next_retry_at is not None  # past the guard window, compute plans afresh
 
 
 def test_retry_in_flight_waits_for_its_outcome_until_the_guard_window():
