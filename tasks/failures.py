@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import psycopg2
 from psycopg2.extras import Json
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from app.db import is_connection_error, unit_of_work
+from app.db import Conflict, is_connection_error, unit_of_work
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,19 @@ def classify(exc: BaseException) -> FailureKind:
         return exc.kind
     from app.recompute.service import AccountNotFound
 
+    # Our own names for database failures (raised by the hot paths that use the driver directly):
+    # before ValueError, which ValueRejected is.
+    if is_connection_error(exc):
+        return FailureKind.DATABASE_UNAVAILABLE
+    if isinstance(exc, Conflict):
+        return FailureKind.LOCK_CONTENTION
     if isinstance(exc, AccountNotFound | ValueError | KeyError | TypeError):
         return FailureKind.INVALID_DATA
-    if isinstance(exc, DBAPIError):
-        if is_connection_error(exc):
+    # SQLAlchemy's wrapped errors, and the driver's own where a hot path used its cursor directly.
+    if isinstance(exc, DBAPIError | psycopg2.Error):
+        if _driver_connection_lost(exc.orig if isinstance(exc, DBAPIError) else exc):
             return FailureKind.DATABASE_UNAVAILABLE
-        code = getattr(exc.orig, "pgcode", None)
+        code = getattr(exc.orig if isinstance(exc, DBAPIError) else exc, "pgcode", None)
         # 55P03 lock_not_available, 57014 query_canceled (lock/statement timeout), 40P01 deadlock,
         # 40001 serialization failure
         if code in ("55P03", "57014", "40P01", "40001"):
@@ -91,6 +99,14 @@ def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, KombuOperationalError | ConnectionError):
         return FailureKind.BROKER_UNAVAILABLE
     return FailureKind.UNEXPECTED
+
+
+def _driver_connection_lost(exc: BaseException | None) -> bool:
+    """The driver's error says the connection is gone: closed (InterfaceError), or an
+    OperationalError the server never answered with a code (refused, dropped, timed out)."""
+    if isinstance(exc, psycopg2.InterfaceError):
+        return True
+    return isinstance(exc, psycopg2.OperationalError) and getattr(exc, "pgcode", None) is None
 
 
 def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_id: str | None,

@@ -31,8 +31,12 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
         countdown = policy.countdown(retries, getattr(exc, "retry_after", None))
         log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
         raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
-    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "dead")
-    log.error("%s for %s gave up (%s): %s", task.name, account_id, kind, error)
+    # Its own retries are over. A passing failure (a database outage longer than the backoff) stays
+    # "retrying": beat re-drives it until it succeeds. Only what will not heal by waiting (invalid
+    # data, a refused API call) is "dead", for an operator.
+    state = "retrying" if policy.retry else "dead"
+    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state)
+    log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
     raise exc
 
 

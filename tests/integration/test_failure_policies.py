@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
+from app.db import Conflict, DatabaseUnavailable, ValueRejected
 from app.payments.retries import claim_due
 from tasks.failures import MAX_COUNTDOWN, POLICIES, FailureKind, TaskFailure, classify, record_stuck
 from tests.conftest import service_headers, wait_for
@@ -44,6 +45,33 @@ def test_failures_are_classified_by_what_failed():
     assert classify(TaskFailure(FailureKind.RATE_LIMITED, "429", retry_after=2)) == FailureKind.RATE_LIMITED
     assert classify(ValueError("bad payload")) == FailureKind.INVALID_DATA
     assert classify(ConnectionRefusedError()) == FailureKind.BROKER_UNAVAILABLE
+    # What the hot paths raise from the driver's own cursor: an outage is an outage there too.
+    assert classify(DatabaseUnavailable("database connection lost")) == FailureKind.DATABASE_UNAVAILABLE
+    assert classify(psycopg2.OperationalError("server closed the connection unexpectedly")) == \
+        FailureKind.DATABASE_UNAVAILABLE
+    assert classify(psycopg2.InterfaceError("connection already closed")) == FailureKind.DATABASE_UNAVAILABLE
+    assert classify(Conflict("deadlock detected")) == FailureKind.LOCK_CONTENTION
+    assert classify(ValueRejected("integer out of range")) == FailureKind.INVALID_DATA
+
+
+def test_a_passing_failure_that_outlasts_its_retries_is_left_for_beat_not_dead(celery_app, accounts, engine):
+    """A database outage longer than the task's own backoff: beat re-drives the work once it is over.
+    Only what waiting will not heal (invalid data) is dead, for an operator."""
+    from tasks.recompute import handle_failure
+
+    account, _ = accounts.create()
+    task = celery_app.tasks["tasks.recompute_account"]
+    for exc, expected in ((DatabaseUnavailable("database connection lost"), "retrying"),
+                          (ValueRejected("integer out of range"), "dead")):
+        task.push_request(retries=POLICIES[classify(exc)].max_retries, id=f"t-{expected}")
+        try:
+            with pytest.raises(type(exc)):
+                handle_failure(task, exc, account, {"account_id": account, "trigger": "MANUAL", "cause": None})
+        finally:
+            task.pop_request()
+        (row,) = stuck(engine, account_id=account, error_class=classify(exc).value)
+        assert row["state"] == expected
+        assert (row["next_redrive_at"] is not None) == (expected == "retrying")
 
 
 def test_a_rate_limited_retry_waits_for_retry_after_and_is_charged_once(client, accounts, engine, worker,
