@@ -17,6 +17,12 @@ def record(conn: Connection, actor: str, action: str, account_id: str | None, de
     return int(row)
 
 
+def add_detail(conn: Connection, entry: int, detail: dict[str, Any]) -> None:
+    """What became of an audited action (e.g. it could not be queued)."""
+    conn.exec_driver_sql("UPDATE audit_log SET detail = detail || %(detail)s WHERE id = %(id)s",
+                         {"detail": Json(detail), "id": entry})
+
+
 def recompute_task_account(conn: Connection, task_id: str) -> str | None:
     """The account of a recompute that support started, or None for a task support never started."""
     row = conn.exec_driver_sql(

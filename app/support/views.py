@@ -19,7 +19,7 @@ from flask import Blueprint, g, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
 
 from app.db import unit_of_work
-from app.dispatch import BrokerUnavailable, enqueue_recompute
+from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
 from app.support import audit
 from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
@@ -54,17 +54,21 @@ def recompute(account_id: str) -> ResponseReturnValue:
     if not _account_exists(account_id):
         return _not_found(account_id)
     actor: str = g.actor
+    call = recompute_call(account_id, Trigger.NINJAPANEL_BUTTON.value, cause=f"support:{actor}", coalesced=False,
+                          keep_result=True)
+    # Audited before it is queued: no recompute runs that the log does not name its actor for.
+    with unit_of_work(runtime().engine) as conn:
+        entry = audit.record(conn, actor, "recompute", account_id,
+                             {"task_id": call.task_id, "trigger": Trigger.NINJAPANEL_BUTTON.value})
     try:
-        task_id = enqueue_recompute(celery_app(), account_id, Trigger.NINJAPANEL_BUTTON.value,
-                                    cause=f"support:{actor}", coalesced=False, keep_result=True)
+        send_many(celery_app(), [call])
     except BrokerUnavailable:
+        with unit_of_work(runtime().engine) as conn:
+            audit.add_detail(conn, entry, {"queued": False})
         response = jsonify(error="unavailable", reason="the task queue is unreachable; nothing was queued")
         response.headers["Retry-After"] = "5"
         return response, 503
-    with unit_of_work(runtime().engine) as conn:
-        audit.record(conn, actor, "recompute", account_id,
-                     {"task_id": task_id, "trigger": Trigger.NINJAPANEL_BUTTON.value})
-    return jsonify(task_id=task_id, account_id=account_id, status_url=f"/support/tasks/{task_id}"), 202
+    return jsonify(task_id=call.task_id, account_id=account_id, status_url=f"/support/tasks/{call.task_id}"), 202
 
 
 @bp.get("/tasks/<task_id>")

@@ -54,6 +54,21 @@ def test_unknown_task_is_404(client, clean):
     assert client.get("/support/tasks/not-a-task", headers=SUPPORT).status_code == 404
 
 
+def test_the_button_is_audited_before_anything_is_queued_and_a_broker_outage_says_so(settings, runtime, engine,
+                                                                                     accounts):
+    from app import create_app
+    from tasks.factory import make_celery
+
+    account, _ = accounts.create()
+    dead_broker = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
+    response = create_app(settings, runtime=runtime, celery=dead_broker).test_client().post(
+        f"/support/accounts/{account}/recompute", headers=SUPPORT)
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    [row] = audit_rows(engine)
+    assert (row["actor"], row["action"], row["account_id"]) == (SUPPORT_ACTOR, "recompute", account)
+    assert row["detail"]["queued"] is False and row["detail"]["task_id"]
+
+
 @pytest.mark.worker
 def test_recompute_button_queues_a_ninjapanel_recompute_audits_the_actor_and_reports_the_result(
         client: FlaskClient, engine: Engine, accounts: Accounts, worker):
