@@ -33,7 +33,10 @@ ATTEMPT_MERGE = {
     "decline_code": "coalesce",
     "failure_code": "coalesce",
     "advice_code": "coalesce",
-    "attempted_at": "least",
+    # One row per payment intent, and Stripe confirms an invoice's intent again for every retry
+    # (its own, ours, the customer's on the hosted page): the row's time is its latest attempt's,
+    # which is what "in flight", "after a card change" and "newer than our retry" compare with.
+    "attempted_at": "greatest",
 }
 CUSTOMER_MERGE = {"changed_at": "greatest"}
 PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
@@ -152,8 +155,8 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
         "amount_due": _int(inv.get("amount_due")),
         "amount_paid": _int(inv.get("amount_paid")),
         "amount_remaining": _int(inv.get("amount_remaining")),
-        "credited_amount": _int(inv.get("post_payment_credit_notes_amount"))
-        + _int(inv.get("pre_payment_credit_notes_amount")),
+        # Credited after payment only: a credit note before payment already lowered what was due.
+        "credited_amount": _int(inv.get("post_payment_credit_notes_amount")),
         "attempt_count": _int(inv.get("attempt_count")),
         "lines": _invoice_lines(inv),
         "created": ts(inv.get("created")) or event_time,
@@ -210,7 +213,8 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         "decline_code": error.get("decline_code") if status == "failed" else None,
         "failure_code": error.get("code") if status == "failed" else None,
         "advice_code": error.get("advice_code") if status == "failed" else None,
-        "attempted_at": ts(intent.get("created")) or ts(created),
+        # The event's time, not the intent's creation: a reused intent was created at its first attempt.
+        "attempted_at": ts(created),
         "source_created": created,
         "source_rank": ATTEMPT_RANK.get(status, 0),
     }

@@ -31,11 +31,17 @@ STATE_REFRESH_EVENTS = frozenset({
     "invoice.voided",
     "invoice.updated",
     "invoice_payment.paid",
+    "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
     "charge.refunded",
     "charge.succeeded",
     "payment_intent.succeeded",
+    # An attempt in flight (a bank debit processing, a 3-D Secure challenge open): retries and bad
+    # debt wait for its outcome, so the mirror must know of it.
+    "payment_intent.processing",
+    "payment_intent.requires_action",
+    "charge.pending",
     "payment_method.attached",
     "payment_method.updated",
     "payment_method.automatically_updated",

@@ -199,6 +199,62 @@ def test_only_a_change_of_the_default_method_dates_one(client, accounts, engine)
     assert customer_state() == ("pm_2", datetime.fromtimestamp(now - 200, UTC))
 
 
+def retyped(event_type: str, base: str, **status: Any) -> dict[str, Any]:
+    """An event type the fixtures do not hold, as Stripe sends it: the same object in another state
+    (``base`` is the fixture's type; ``status`` sets data.object keys the fixture has)."""
+    evt = event(base, **status)
+    evt["type"] = event_type
+    return evt
+
+
+def attempt_row(engine: Engine, key: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return dict(conn.exec_driver_sql("SELECT * FROM stripe_payment_attempt WHERE id = %(k)s",
+                                         {"k": key}).mappings().one())
+
+
+def test_every_attempt_on_one_payment_intent_moves_its_rows_time(client, accounts, engine):
+    """Stripe confirms an invoice's payment intent again for every retry: one mirror row, and its
+    time must be the latest attempt's (the guard window, a card changed since, our own retry's
+    outcome all compare with it), with the latest attempt's outcome."""
+    _, customer = accounts.create()
+    intent, now = unique("pi"), int(time.time())
+    first = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=intent, created=now - 25 * 86400,
+                  paths={"created": now - 25 * 86400, "outcome.reason": "insufficient_funds"})
+    retried = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=intent, created=now - 60,
+                    paths={"created": now - 60, "outcome.reason": "lost_card"})
+    post_event(client, retried)
+    post_event(client, first)  # delivered late: neither its time nor its outcome wins
+    row = attempt_row(engine, intent)
+    assert row["attempted_at"] == datetime.fromtimestamp(now - 60, UTC) and row["decline_code"] == "lost_card"
+    succeeded = retyped("payment_intent.succeeded", "payment_intent.payment_failed", id=intent, customer=customer,
+                        status="succeeded", last_payment_error=None)
+    succeeded["created"] = now
+    post_event(client, succeeded)
+    row = attempt_row(engine, intent)
+    assert (row["status"], row["attempted_at"]) == ("succeeded", datetime.fromtimestamp(now, UTC))
+
+
+def test_an_attempt_in_flight_and_a_new_subscription_are_mirrored_and_recomputed(client, accounts, engine):
+    """Retries and bad debt wait for an attempt without outcome, which only works if the mirror
+    knows of it; and a subscription active from its creation is in the entitlements at once."""
+    _, customer = accounts.create()
+    intent = unique("pi")
+    processing = retyped("payment_intent.processing", "payment_intent.payment_failed", id=intent, customer=customer,
+                         status="processing", last_payment_error=None)
+    response = post_event(client, processing)
+    assert response.status_code == 200 and response.json["state"] == "accepted"
+    assert attempt_row(engine, intent)["status"] == "pending"
+    pending = retyped("charge.pending", "charge.failed", id=unique("ch"), customer=customer,
+                      payment_intent=unique("pi"), status="pending")
+    assert post_event(client, pending).json["state"] == "accepted"
+    created = retyped("customer.subscription.created", "customer.subscription.updated", id=unique("sub"),
+                      customer=customer)
+    assert post_event(client, created).json["state"] == "accepted"
+    assert count(engine, "SELECT count(*) FROM stripe_subscription WHERE id = %(s)s",
+                 s=created["data"]["object"]["id"]) == 1
+
+
 def test_unknown_customer_is_kept_visible_and_redriven_when_mapped(client, accounts, engine, settings, celery_app):
     from app.redrive import redrive
 

@@ -68,3 +68,14 @@ def test_only_an_invoice_sent_for_payment_keeps_a_due_date():
     [charged_row], [sent_row] = extract(charged).rows, extract(sent).rows
     assert charged_row.values["due_date"] is None
     assert sent_row.values["due_date"] is not None
+
+
+def test_only_credit_issued_after_payment_counts_as_credited():
+    """A credit note before payment already lowered what was due: counted again, a customer-paid
+    invoice would read as credited back (Resolved) in the billing history."""
+    before = event("invoice.paid", customer="cus_1", pre_payment_credit_notes_amount=6000,
+                   post_payment_credit_notes_amount=0)
+    after = event("invoice.paid", customer="cus_1", pre_payment_credit_notes_amount=0,
+                  post_payment_credit_notes_amount=4000)
+    assert extract(before).rows[0].values["credited_amount"] == 0
+    assert extract(after).rows[0].values["credited_amount"] == 4000
