@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 from app.domain.policy import Policy, PolicyError, parse_policy
+from app.domain.rollout import rollout_policy
 
 DEFAULT_POLICY = Path(__file__).parent / "policy" / "default.toml"
 
@@ -23,6 +24,8 @@ def load_policy(path: str | Path | None = None) -> Policy:
     except tomllib.TOMLDecodeError as exc:
         raise PolicyFileError(f"policy file {file} is not valid TOML: {exc}") from exc
     try:
-        return parse_policy(data)
+        policy = parse_policy(data)
+        rollout_policy(policy.extra)  # its own section, checked now too: not first by the gate task, 5 minutes in
     except PolicyError as exc:
         raise PolicyFileError(f"policy file {file}: {exc}") from exc
+    return policy

@@ -16,6 +16,7 @@ from app.domain.state import FailureClass, Level
 # Card network rules: whatever a policy says, never more than these.
 HARD_CAP_ATTEMPTS_PER_METHOD_30D = 15
 HARD_CAP_ATTEMPTS_PER_INVOICE = 8
+MAX_RETRY_DAY = 365  # a retry a year after the failure is no dunning any more (and dates stay in range)
 
 RULE_CONDITIONS = {
     "min_days",
@@ -89,6 +90,13 @@ def _expect(cond: bool, key: str, problem: str) -> None:
         raise PolicyError(key, problem)
 
 
+def _only(section: Mapping[str, Any], path: str, known: set[str]) -> None:
+    """A key the policy does not know is a typo until proven otherwise: ignored, it would leave a
+    default in force (a rule's ``wen`` for ``when`` matches every account)."""
+    unknown = set(section) - known
+    _expect(not unknown, path or "policy file", f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
 def _int(data: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0) -> int:
     value = data.get(key, default)
     _expect(isinstance(value, int) and not isinstance(value, bool), f"{path}.{key}", "must be a whole number")
@@ -100,8 +108,8 @@ def _days(data: Mapping[str, Any], key: str, path: str, default: tuple[int, ...]
     value = data.get(key, list(default))
     full = f"{path}.{key}"
     _expect(isinstance(value, list), full, "must be a list of days")
-    _expect(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value), full,
-            "every entry must be a positive whole number of days")
+    _expect(all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_RETRY_DAY for v in value), full,
+            f"every entry must be a whole number of days from 1 to {MAX_RETRY_DAY}")
     _expect(all(a < b for a, b in itertools.pairwise(value)), full, "days must be increasing")
     _expect(len(value) < HARD_CAP_ATTEMPTS_PER_INVOICE, full,
             f"at most {HARD_CAP_ATTEMPTS_PER_INVOICE - 1} retries fit the per-invoice cap")
@@ -111,6 +119,7 @@ def _days(data: Mapping[str, Any], key: str, path: str, default: tuple[int, ...]
 def _rule(raw: Any, index: int) -> LevelRule:
     path = f"consequences.rules[{index}]"
     _expect(isinstance(raw, Mapping), path, "must be a table")
+    _only(raw, path, {"level", "when"})
     level_name = raw.get("level")
     _expect(level_name in {lvl.value for lvl in Level}, f"{path}.level",
             f"must be one of {', '.join(lvl.value for lvl in Level)}")
@@ -171,6 +180,12 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     immediate = retry.get("immediate_retry_on_new_method", True)
     _expect(isinstance(immediate, bool), "retry.immediate_retry_on_new_method", "must be true or false")
 
+    _only(data, "", {"version", "retry", "consequences", "products", "guard", "rollout"})
+    _only(retry, "retry", {"transient_schedule_days", "unknown_schedule_days", "max_attempts_per_invoice",
+                           "max_attempts_per_method_30d", "immediate_retry_on_new_method"})
+    _only(consequences, "consequences", {"small_balance_threshold", "upgrade_max_level", "rules"})
+    _only(products_section, "products", {"default_tier", "catalog"})
+    _only(guard, "guard", {"window_minutes"})
     known = {"version", "retry", "consequences", "products", "guard"}
     return Policy(
         version=str(version).strip(),

@@ -35,7 +35,16 @@ def test_hard_caps_hold_whatever_the_file_says():
     [
         (lambda d: d.pop("version"), "version", "non-empty"),
         (lambda d: d["retry"].update(transient_schedule_days=[3, 1]), "retry.transient_schedule_days", "increasing"),
-        (lambda d: d["retry"].update(transient_schedule_days=[1, "x"]), "retry.transient_schedule_days", "positive"),
+        (lambda d: d["retry"].update(transient_schedule_days=[1, "x"]), "retry.transient_schedule_days", "from 1"),
+        # a day no date arithmetic reaches (it broke every recompute of an account in dunning)
+        (lambda d: d["retry"].update(transient_schedule_days=[1, 3, 5_000_000]), "retry.transient_schedule_days",
+         "to 365"),
+        # typos: ignored, they left a default in force; a rule's "wen" matched every account
+        (lambda d: d["consequences"]["rules"][1].update(wen=d["consequences"]["rules"][1].pop("when")),
+         "consequences.rules[1]", "unknown key(s) ['wen']"),
+        (lambda d: d.update(retyr=d.pop("retry")), "policy file", "unknown key(s) ['retyr']"),
+        (lambda d: d["retry"].update(transient_schedule_day=[2]), "retry", "unknown key(s)"),
+        (lambda d: d["guard"].update(window_minute=5), "guard", "unknown key(s)"),
         (lambda d: d["retry"].update(unknown_schedule_days=list(range(1, 10))), "retry.unknown_schedule_days", "cap"),
         (lambda d: d["retry"].update(max_attempts_per_invoice="8"), "retry.max_attempts_per_invoice", "whole"),
         (lambda d: d["consequences"]["rules"][0].update(level="banned"), "consequences.rules[0].level", "one of"),
@@ -66,6 +75,13 @@ def test_policy_file_errors_name_the_file(tmp_path: Path):
     bad.write_text(DEFAULT_POLICY.read_text().replace("window_minutes = 30", "window_minutes = -1"))
     with pytest.raises(PolicyFileError, match=r"bad.toml: policy key 'guard.window_minutes'"):
         load_policy(bad)
+    # the [rollout] section is checked at start-up too, not first by the gate task minutes later
+    rollout = tmp_path / "rollout.toml"
+    text = DEFAULT_POLICY.read_text()
+    assert "soak_hours = 24" in text
+    rollout.write_text(text.replace("soak_hours = 24", 'soak_hours = "abc"'))
+    with pytest.raises(PolicyFileError, match=r"rollout.toml: policy key 'rollout.soak_hours'"):
+        load_policy(rollout)
 
 
 def test_app_start_fails_on_an_invalid_policy(tmp_path: Path):
