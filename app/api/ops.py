@@ -11,6 +11,7 @@ from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app import stuck_work
+from app.api.params import whole_number
 from app.auth import require_service_token
 from app.dispatch import BrokerUnavailable
 from app.outbox.backlog import backlog
@@ -26,12 +27,7 @@ def _bad_request(reason: str) -> ResponseReturnValue:
 
 
 def _limit(default: int) -> int | None:
-    raw = request.args.get("limit")
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        return None
-    return int(raw)
+    return whole_number(request.args.get("limit"), default, 1, MAX_LIMIT)
 
 
 @bp.get("/ops/stuck-events")

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.api.params import whole_number
 from app.auth import require_service_token
 from app.db import unit_of_work
 from app.domain.rollout import health_since, rollout_policy
@@ -82,10 +83,10 @@ def rollout_change() -> ResponseReturnValue:
 def lifting() -> ResponseReturnValue:
     rt = runtime()
     now = datetime.now(UTC)
-    limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+    limit = whole_number(request.args.get("limit"), 100, 1, 1000)
+    if limit is None:
         return _bad("limit must be a whole number from 1 to 1000")
     with rt.engine.connect() as conn:
-        accounts = stuck_in_lifting(conn, rt.policy.guard_window_minutes, now, int(limit))
+        accounts = stuck_in_lifting(conn, rt.policy.guard_window_minutes, now, limit)
         total = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
     return jsonify(guard_window_minutes=rt.policy.guard_window_minutes, count=total, accounts=accounts)

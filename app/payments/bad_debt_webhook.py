@@ -48,7 +48,8 @@ def _intent(event: Mapping[str, Any]) -> Mapping[str, Any]:
 def _meta_id(intent: Mapping[str, Any]) -> int:
     metadata = intent.get("metadata")
     raw = metadata.get("bad_debt_payment_id") if isinstance(metadata, Mapping) else None
-    return int(raw) if isinstance(raw, str) and raw.isdigit() else -1
+    # Our own metadata, but read from a webhook: ASCII digits that fit a bigint, or no payment.
+    return int(raw) if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
 
 
 def failure_reason(intent: Mapping[str, Any]) -> str:

@@ -24,3 +24,11 @@ def test_a_nul_character_is_a_400_with_a_reason(client, method, path, headers, b
     response = client.open(path, method=method, headers=h, json=body)
     assert response.status_code == 400, (response.status_code, response.get_data(as_text=True))
     assert "NUL" in response.json["reason"]
+
+
+@pytest.mark.parametrize("path", ["/ops/stuck-events", "/ops/outbox", "/ops/lifting"])
+@pytest.mark.parametrize("limit", ["\u00b2", "9" * 5000, "-1", "0", "1.5", "abc"])
+def test_a_limit_that_is_not_a_whole_number_in_range_is_a_400(client, path, limit):
+    response = client.get(path, query_string={"limit": limit}, headers=service_headers())
+    assert response.status_code == 400, (response.status_code, response.get_data(as_text=True))
+    assert "limit" in response.json["reason"]
