@@ -123,15 +123,15 @@ class _Output(io.TextIOBase):
 def procfile_processes(env: Mapping[str, str]) -> dict[str, str]:
     """Process name -> command, from ``DUNNING_PROCFILE``, the repository's Procfile, or the
     built-in copy."""
-    candidates = []
     if env.get("DUNNING_PROCFILE"):
-        candidates.append(Path(env["DUNNING_PROCFILE"]))
-    candidates.append(Path(__file__).resolve().parent.parent / "Procfile")
-    for path in candidates:
-        if path.is_file():
-            return dict(parse_procfile(path.read_text()).processes)
-    if env.get("DUNNING_PROCFILE"):
-        raise LaunchError(f"DUNNING_PROCFILE names {env['DUNNING_PROCFILE']}, which is not a file")
+        # Named, it is the one: running another Procfile instead would hide the mistake.
+        named = Path(env["DUNNING_PROCFILE"])
+        if not named.is_file():
+            raise LaunchError(f"DUNNING_PROCFILE names {env['DUNNING_PROCFILE']}, which is not a file")
+        return dict(parse_procfile(named.read_text()).processes)
+    checkout = Path(__file__).resolve().parent.parent / "Procfile"
+    if checkout.is_file():
+        return dict(parse_procfile(checkout.read_text()).processes)
     return dict(parse_procfile(DEFAULT_PROCFILE).processes)
 
 

@@ -204,6 +204,15 @@ def test_the_procfile_and_the_builtin_copy_agree() -> None:
     assert launcher.procfile_processes({}) == dict(in_repo)
 
 
+def test_a_named_procfile_is_the_one_run_or_a_clear_error(tmp_path: Path) -> None:
+    own = tmp_path / "Procfile"
+    own.write_text("web: echo hello\n")
+    assert launcher.procfile_processes({"DUNNING_PROCFILE": str(own)}) == {"web": "echo hello"}
+    # a mistyped path is not quietly replaced by the checkout's Procfile
+    with pytest.raises(launcher.LaunchError, match="not a file"):
+        launcher.procfile_processes({"DUNNING_PROCFILE": str(tmp_path / "Procfiel")})
+
+
 def test_the_procfile_follows_the_contract() -> None:
     procs = launcher.procfile_processes({})
     assert list(procs) == ["web", "worker", "beat", "flower"]
