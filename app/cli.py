@@ -159,7 +159,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_connection_error(exc):
             print(f"error: database unreachable ({exc.__class__.__name__}); check DATABASE_URL", file=sys.stderr)
             return 3
+        problem = _known_problem(exc)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         raise
+
+
+def _known_problem(exc: Exception) -> str | None:
+    """A message for a failure that is the caller's to fix, or None (a bug: the traceback shows)."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, ProgrammingError
+
+    if isinstance(exc, CommandError):  # an unknown revision, for one
+        return f"migration: {exc}"
+    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "pgcode", None) == "42P01":  # undefined_table
+        return "the database has no schema yet: run `dunning db upgrade` first"
+    if isinstance(exc, NoSuchModuleError | ArgumentError | ModuleNotFoundError):
+        return f"DATABASE_URL cannot be used ({exc.__class__.__name__}: {exc}); expected postgresql://..."
+    return None
 
 
 if __name__ == "__main__":

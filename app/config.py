@@ -21,10 +21,20 @@ def normalize_database_url(url: str) -> str:
     """
     for prefix in ("postgres://", "postgresql://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
-    if url.startswith("postgresql+"):
-        return url
-    raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL (postgresql://...), got {url[:16]!r}...")
+            url = "postgresql+psycopg2://" + url[len(prefix):]
+            break
+    else:
+        if not url.startswith("postgresql+psycopg2://"):
+            # psycopg 3, asyncpg...: drivers this project does not ship (nor use the way it needs).
+            raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL for psycopg2 (postgresql://... or "
+                              f"postgresql+psycopg2://...), got {url.split('://', 1)[0]!r}")
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).port  # noqa: B018  (parsing it is the check: a port that is not a number)
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL cannot be read: {exc}") from None
+    return url
 
 
 def parse_service_tokens(raw: str) -> frozenset[str]:

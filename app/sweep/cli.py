@@ -116,11 +116,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(raw: str) -> int:
+    """A whole number of at least 0 (argparse names the flag when this refuses)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{raw} is negative")
+    return value
+
+
 def add_commands(sub: Any) -> None:
     sweep = sub.add_parser("sweep", help="run one drift sweep now and print what it found and enqueued")
     sweep.add_argument("--dry-run", action="store_true", help="find drift only: write nothing, enqueue nothing")
     sweep.add_argument("--batch-size", type=_positive, default=None, help="accounts per page")
-    sweep.add_argument("--show", type=int, default=20, help="how many drifted accounts to list")
+    sweep.add_argument("--show", type=_count, default=20, help="how many drifted accounts to list")
     sweep.add_argument("--json", action="store_true")
     sweep.set_defaults(handler=cmd_sweep)
 
@@ -128,7 +139,7 @@ def add_commands(sub: Any) -> None:
     rsub = rollout.add_subparsers(dest="rollout_command", required=True)
     status = rsub.add_parser("status", help="stage, hold, last gate decision, health and history")
     status.add_argument("--json", action="store_true")
-    status.add_argument("--history", type=int, default=10, help="how many history entries to show")
+    status.add_argument("--history", type=_count, default=10, help="how many history entries to show")
     status.set_defaults(handler=cmd_rollout, reason=None)
     helps = {"advance": "widen to the next stage now (does not wait for the soak time)",
              "hold": "stop the gate from advancing", "rollback": "step back one stage (and hold)",

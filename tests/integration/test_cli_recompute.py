@@ -65,3 +65,20 @@ def test_db_upgrade_migrates_an_empty_database(empty_database):
     probe.dispose()
     assert {"subs_account", "subs_customer", "subs_dunning", "subs_mandate", "subs_stuck_events", "stripe_event",
             "outbox"} <= tables
+
+
+def test_an_operators_mistakes_get_a_message_not_a_traceback(empty_database):
+    """A database not migrated yet, an unknown revision, a driver this project does not ship, a port
+    that is not a number, a negative count: each named, exit code 2."""
+    cases = [
+        (("recompute", "acct_x"), empty_database, "run `dunning db upgrade` first"),
+        (("db", "upgrade", "nonexistent"), empty_database, "Can't locate revision"),
+        (("recompute", "acct_x"), empty_database.replace("postgresql+psycopg2://", "postgresql+asyncpg://"),
+         "for psycopg2"),
+        (("recompute", "acct_x"), "postgresql://h:abc/x", "DATABASE_URL cannot be read"),
+        (("rollout", "status", "--history", "-1"), empty_database, "-1 is negative"),
+    ]
+    for args, url, message in cases:
+        done = dunning(*args, database_url=url)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
