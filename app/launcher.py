@@ -283,8 +283,15 @@ class _FleetManager(Manager):
         poll_until(lambda: len(self.child_pids()) >= len(self._processes), 30)
 
         groups = [[pid, create_time(pid)] for pid in self.child_pids()]
+        # honcho's helpers (one per program, in this launcher's own process group): if this launcher
+        # is killed outright they block for ever on its full output queue, so the next run stops them.
+        helpers = [[pid, create_time(pid)] for pid in self.helper_pids()]
         with contextlib.suppress(OSError):
-            write_pidfile(self.fleet_file, {**owner_record(), "groups": groups})
+            write_pidfile(self.fleet_file, {**owner_record(), "groups": groups, "helpers": helpers})
+
+    def helper_pids(self) -> list[int]:
+        return [p["process"].pid for p in list(self._processes.values())
+                if p.get("process") is not None and p["process"].pid]
 
 
 def _kill_leftover_groups(pids: list[int]) -> None:
@@ -338,6 +345,19 @@ def claim_data_dir(data_dir: Path) -> None:
     if leftovers:
         say(f"stopping processes a previous run left behind (process groups {leftovers})")
         _kill_leftover_groups(leftovers)
+    helpers = []
+    for item in record.get("helpers") or []:
+        try:
+            pid, started = int(item[0]), item[1]
+        except (TypeError, ValueError, IndexError):
+            continue
+        if live_process(pid, started):  # the very process recorded, not a pid handed out again
+            helpers.append(pid)
+    if helpers:
+        say(f"stopping the previous run's output helpers left behind (pids {helpers})")
+        for pid in helpers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)  # blocked writing to a pipe nobody reads: SIGTERM waits
     write_pidfile(path, {**owner_record(), "groups": []})
 
 

@@ -115,6 +115,9 @@ def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_le
         # Flower's API is open for local use (FLOWER_UNAUTHENTICATED_API).
         assert answers(f"http://127.0.0.1:{flower_port}/api/workers?refresh=false")
         started = everything_started(proc.pid, data_dir)
+        # honcho's output helpers are on record, for a next run to stop if this one is killed outright
+        helpers = [pid for pid, _ in read_pidfile(data_dir / "fleet.pid")["helpers"]]
+        assert len(helpers) == 4 and set(helpers) <= {p.pid for p in psutil.Process(proc.pid).children()}
         names = " ".join(" ".join(p.cmdline()) for p in started if not gone(p))
         for expected in ("gunicorn", "celery -A tasks worker", "celery -A tasks beat",
                          "celery -A tasks flower", "redis-server", "postgres"):
@@ -256,3 +259,28 @@ def test_a_second_launcher_on_the_same_data_folder_is_refused(tmp_path: Path) ->
         holder.wait()
     launcher.claim_data_dir(tmp_path)  # its owner is gone: the folder is free again
     assert read_pidfile(tmp_path / launcher.FLEET_FILE)["owner_pid"] == os.getpid()
+
+
+def test_a_launcher_killed_outright_leaves_no_output_helper_behind_the_next_run(tmp_path: Path) -> None:
+    """Killed with SIGKILL, a launcher cannot stop honcho's helpers, which then block for ever
+    writing to its full output queue (SIGTERM does not end them). The next run stops the ones on
+    record, and only those: a pid reused by another process is left alone."""
+    from app.embedded import create_time, write_pidfile
+
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+    other = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
+    dead_owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_owner.wait()
+    try:
+        write_pidfile(tmp_path / launcher.FLEET_FILE, {
+            "owner_pid": dead_owner.pid, "owner_started": 0.0, "groups": [],
+            "helpers": [[stuck.pid, create_time(stuck.pid)], [other.pid, create_time(other.pid) - 100]],
+        })
+        launcher.claim_data_dir(tmp_path)
+        assert stuck.wait(5) == -signal.SIGKILL
+        assert other.poll() is None  # not the process recorded under that pid
+    finally:
+        for p in (stuck, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
