@@ -88,6 +88,9 @@ class Settings:
             visibility = int(env.get("CELERY_VISIBILITY_TIMEOUT", "300"))
         except ValueError as exc:
             raise ConfigError("CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds") from exc
+        if visibility < 1:
+            # 0 or less: Redis would hand every unacknowledged task to another worker at once.
+            raise ConfigError(f"CELERY_VISIBILITY_TIMEOUT must be at least 1 second, got {visibility}")
         return cls(
             database_url=normalize_database_url(db),
             broker_url=broker,
