@@ -290,13 +290,15 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
         return refused.answer
     answer, intent_id, failure = _create_intent(rt, req, debt, payment_id)
     with unit_of_work(rt.engine) as conn:
-        conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
-                                           "body": Json(answer.body), "id": payment_id})
         if failure is not None:
             # A recompute may have run (and taken the request _insert made) while Stripe was being
             # asked, and stored "lifting": this one must see the failure, or the account stays lifting.
+            # The request row before the payment row: the order the intent's webhook locks them in
+            # (ingest, then record_outcome), so the two cannot deadlock.
             enqueue = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
                                         f"bad_debt_payment:{payment_id}") or enqueue
+        conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
+                                           "body": Json(answer.body), "id": payment_id})
     if enqueue:
         try:
             enqueue_recompute(celery_app, req.account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")

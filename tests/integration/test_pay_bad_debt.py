@@ -255,6 +255,64 @@ def test_a_decline_after_a_recompute_ran_during_the_stripe_call_still_returns_th
     assert any(r["rule"] == "bad_debt.payment_failed" for r in state["reasons"])
 
 
+def test_a_decline_saved_while_its_webhook_is_being_stored_does_not_deadlock(engine, runtime, celery_app, debtor,
+                                                                            stripe_fake):
+    """Stripe's 402 and its payment_intent.payment_failed webhook at the same moment: saving the
+    answer and storing the webhook lock the account's recompute request and the payment row. In
+    opposite orders they deadlocked, the answer was lost, and every replay of the key said 409."""
+    import json
+
+    from app.db import unit_of_work
+    from app.payments import bad_debt_webhook
+    from app.payments.bad_debt import pay_bad_debt
+    from webhooks import store
+    from webhooks.mirror import extract
+
+    stripe_fake.intent_outcome, stripe_fake.decline_code = "decline", "insufficient_funds"
+    holding, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def webhook() -> None:  # what Ingestor._ingest_payment_outcome does, held between its two steps
+        try:
+            with engine.connect() as conn:
+                payment_id = conn.exec_driver_sql("SELECT id FROM bad_debt_payment WHERE account_id = %(a)s",
+                                                  {"a": debtor.account}).scalar_one()
+            evt = intent_event("failed", debtor, "pi_declined", payment_id, decline="insufficient_funds")
+            ex = extract(evt)
+            with unit_of_work(engine) as conn:
+                stored = store.ingest_events(conn, [(ex, json.dumps(evt))])[0]
+                holding.set()
+                go.wait(20)
+                bad_debt_webhook.record_outcome(conn, ex.type, stored.account_id, ex.payment_intent, evt)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def waiting_on_a_lock() -> bool:
+        with engine.connect() as conn:
+            return bool(conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                             "AND datname = current_database()").scalar())
+
+    def release_once_the_answer_waits() -> None:
+        wait_for(waiting_on_a_lock, message="saving the answer to wait for the webhook's transaction")
+        go.set()
+
+    stored_webhook = threading.Thread(target=webhook)
+    releaser = threading.Thread(target=release_once_the_answer_waits)
+
+    def before_answer() -> None:
+        stored_webhook.start()
+        holding.wait(10)
+        releaser.start()
+
+    stripe_fake.before_answer = before_answer
+    answer = pay_bad_debt(runtime, celery_app, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    stored_webhook.join(20)
+    releaser.join(20)
+    assert errors == [] and answer.status == 402
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed" and row["response_status"] == 402
+
+
 def test_two_concurrent_requests_one_202_one_409(flask_app: Flask, engine, debtor, stripe_fake):
     body = {"account_id": debtor.account, "amount": debtor.amount}
     barrier = threading.Barrier(2)
