@@ -62,6 +62,15 @@ POLICIES: dict[FailureKind, FailurePolicy] = {
 }
 
 
+# Failures that pass with time (an outage, contention, a remote side down or limiting us): a task
+# that has used its own retries on one is left for beat to re-drive. Any other give-up (invalid data,
+# a refused API call, an unexpected error: a bug) waits for an operator.
+PASSING: frozenset[FailureKind] = frozenset({
+    FailureKind.DATABASE_UNAVAILABLE, FailureKind.LOCK_CONTENTION, FailureKind.BROKER_UNAVAILABLE,
+    FailureKind.REMOTE_UNAVAILABLE, FailureKind.RATE_LIMITED,
+})
+
+
 class TaskFailure(Exception):
     """Raised by task code to name its failure class explicitly (with an optional Retry-After)."""
 

@@ -10,7 +10,7 @@ from celery import Task, shared_task
 
 from app.recompute.observe import observe
 from app.recompute.service import run_recompute
-from tasks.failures import POLICIES, classify, record_stuck, resolve_stuck
+from tasks.failures import PASSING, POLICIES, classify, record_stuck, resolve_stuck
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,9 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
         log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
         raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
     # Its own retries are over. A passing failure (a database outage longer than the backoff) stays
-    # "retrying": beat re-drives it until it succeeds. Only what will not heal by waiting (invalid
-    # data, a refused API call) is "dead", for an operator.
-    state = "retrying" if policy.retry else "dead"
+    # "retrying": beat re-drives it until it succeeds. What will not heal by waiting (invalid data, a
+    # refused API call, an unexpected error) is "dead", for an operator.
+    state = "retrying" if kind in PASSING else "dead"
     record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state)
     log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
     raise exc

@@ -62,7 +62,8 @@ def test_a_passing_failure_that_outlasts_its_retries_is_left_for_beat_not_dead(c
     account, _ = accounts.create()
     task = celery_app.tasks["tasks.recompute_account"]
     for exc, expected in ((DatabaseUnavailable("database connection lost"), "retrying"),
-                          (ValueRejected("integer out of range"), "dead")):
+                          (ValueRejected("integer out of range"), "dead"),
+                          (AttributeError("a bug"), "dead")):  # unexpected: retried, then for an operator
         task.push_request(retries=POLICIES[classify(exc)].max_retries, id=f"t-{expected}")
         try:
             with pytest.raises(type(exc)):
