@@ -427,6 +427,12 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
     retry = min((a for a in assessed if a.next_retry_at is not None),
                 key=lambda a: (a.next_retry_at, a.invoice.id), default=None)
+    if retry is not None and in_flight is not None:
+        # The bad-debt payment in flight covers this debt: no automatic retry beside it (the payment
+        # path would skip it anyway, and a plan that stays due would be dispatched every tick).
+        reasons.append(Reason("retry.held_bad_debt_payment", "a bad-debt payment is in flight: no automatic retry "
+                              "until its outcome", {"payment": in_flight.id, "invoice": retry.invoice.id}))
+        retry = None
     failures = [a.last_failure for a in assessed if a.last_failure is not None]
     latest_failure = max(failures, key=lambda f: (f.attempted_at, f.id)) if failures else None
     current_class = None

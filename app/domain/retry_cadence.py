@@ -19,7 +19,17 @@ WINDOW_30D = timedelta(days=30)
 
 
 IN_FLIGHT_RETRY_STATES = ("dispatched", "charging", "sent")
-PENDING_ATTEMPT_STATES = ("pending", "processing", "requires_action")
+# A debit from a bank account processes for days (SEPA up to 14 business days): an attempt
+# still pending holds the invoice's retries that long, not only for the guard window.
+PROCESSING_HORIZON = timedelta(days=21)
+
+
+def attempt_in_flight(attempt: Attempt, now: datetime, guard: timedelta) -> bool:
+    """A Stripe attempt without its outcome yet: processing (for days, a bank debit), or waiting
+    for the customer (3-D Secure) within the guard window."""
+    if attempt.status in ("pending", "processing"):
+        return now - attempt.attempted_at < PROCESSING_HORIZON
+    return attempt.status == "requires_action" and now - attempt.attempted_at < guard
 
 
 def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: datetime,
@@ -84,8 +94,7 @@ def plan_retry(
     ]
     # A Stripe attempt on the invoice without its outcome (a bank debit processing, a 3-D Secure
     # challenge open): another charge now could collect twice.
-    in_flight += [a.attempted_at for a in attempts
-                  if a.status in PENDING_ATTEMPT_STATES and now - a.attempted_at < guard]
+    in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
     if in_flight:
         reasons.append(Reason("retry.in_flight", "a payment of the invoice is in flight; waiting for its outcome",
                               {"invoice": invoice.id, "since": iso(min(in_flight))}))

@@ -89,15 +89,17 @@ def call_for(row_id: int, account_id: str, version: int, event_type: str, payloa
                     {"entitlements": payload.get("entitlements", {}), "dunning_version": version}, key)
     if event_type == "CancellationRequested":
         return Call("POST", f"/accounts/{account}/cancellations",
+                    # No dunning_version in a lifecycle request: one request is sent again under its
+                    # key from a later version, and the body must be the same for the same key.
                     {"subscription_id": payload.get("subscription_id"), "reason": payload.get("reason"),
-                     "action": "cancel", "dunning_version": version},
+                     "action": "cancel"},
                     request_key("cancel", account_id, payload.get("subscription_id"), payload.get("episode"))
                     if payload.get("episode") else key)
     if event_type == "UpgradeRevertRequested":
         # Same lifecycle workflow, but the upgrade is reverted; the subscription is never cancelled.
         return Call("POST", f"/accounts/{account}/cancellations",
                     {"subscription_id": payload.get("subscription_id"), "invoice_id": payload.get("invoice_id"),
-                     "action": "revert_upgrade", "reason": "upgrade_unpaid", "dunning_version": version},
+                     "action": "revert_upgrade", "reason": "upgrade_unpaid"},
                     request_key("revert", account_id, payload.get("invoice_id")))
     return None
 

@@ -64,6 +64,7 @@ def test_contract_bodies_for_entitlements_cancellation_and_upgrade_revert(accoun
     assert (cancel.method, cancel.kind) == ("POST", "cancellations")
     assert cancel.body["subscription_id"] == "sub_1" and cancel.body["reason"] == "retries_exhausted"
     assert cancel.body["action"] == "cancel" and cancel.idempotency_key == f"outbox-{rows[2]['id']}"
+    assert "dunning_version" not in cancel.body  # sent again under its key from a later version: same body
     assert revert.kind == "cancellations" and revert.body["action"] == "revert_upgrade"
     assert revert.body["invoice_id"] == "in_up" and revert.body["subscription_id"] == "sub_2"
     assert revert.idempotency_key == request_key("revert", account, "in_up")  # one per upgrade invoice

@@ -312,12 +312,24 @@ def test_the_method_cap_counts_a_retry_sent_whose_attempt_is_not_mirrored_yet():
 
 def test_no_retry_is_planned_over_a_stripe_attempt_still_processing():
     inv = invoice(failed_days_ago=3)
-    processing = attempt("pi_2", "in_1", days_ago=5 / 1440, status="processing")  # a bank debit, 5 minutes ago
-    decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=3), processing)))
+    first = attempt("pi_1", "in_1", days_ago=3)
+    debit = attempt("pi_2", "in_1", days_ago=2 / 24, status="processing")  # a bank debit, two hours in
+    decision = decide(snapshot(inv, attempts=(first, debit)))
     assert decision.state.next_retry_at is None and "retry.in_flight" in rules(decision)
-    later = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=3), processing)),
-                   now=NOW + timedelta(minutes=26))
-    assert later.state.next_retry_at is not None  # past the guard window, compute plans afresh
+    # Waiting for the customer (3-D Secure) holds for the guard window only.
+    challenge = attempt("pi_3", "in_1", days_ago=5 / 1440, status="requires_action")
+    assert decide(snapshot(inv, attempts=(first, challenge))).state.next_retry_at is None
+    later = decide(snapshot(inv, attempts=(first, challenge)), now=NOW + timedelta(minutes=26))
+    assert later.state.next_retry_at is not None
+
+
+def test_no_automatic_retry_is_planned_beside_a_bad_debt_payment_in_flight():
+    # A free retry after a new card would otherwise stay due, be dispatched and skipped every tick.
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="expired_card", pm="pm_old")
+    paying = BadDebtPayment(id=7, state="pending", amount=5000, created_at=days(0.01), updated_at=days(0.01))
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(method("pm_new"),),
+                               bad_debt_payments=(paying,)))
+    assert decision.state.next_retry_at is None and "retry.held_bad_debt_payment" in rules(decision)
 
 
 def test_retry_in_flight_waits_for_its_outcome_until_the_guard_window():
