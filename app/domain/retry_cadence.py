@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from app.domain.policy import Policy
-from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Snapshot
+from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Retry, Snapshot
 from app.domain.state import FailureClass, Reason, iso
 
 WINDOW_30D = timedelta(days=30)
@@ -95,11 +95,33 @@ def plan_retry(
     # A Stripe attempt on the invoice without its outcome (a bank debit processing, a 3-D Secure
     # challenge open): another charge now could collect twice.
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
+    planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
+                    retries, attempts_used, retries_used)
     if in_flight:
+        # No retry while it runs; but whether the invoice's dunning has run out stays as planned: a
+        # payment in flight must not lift bad debt (or ease anything) before any money arrives. The
+        # payment-flow guard holds new bad debt over it, within its window.
         reasons.append(Reason("retry.in_flight", "a payment of the invoice is in flight; waiting for its outcome",
                               {"invoice": invoice.id, "since": iso(min(in_flight))}))
-        return None, None, False, False, retries_used, reasons
+        return None, None, False, planned[3], retries_used, reasons
+    return planned
 
+
+def _plan(
+    snapshot: Snapshot,
+    invoice: Invoice,
+    attempts: list[Attempt],
+    failure_class: FailureClass,
+    last_failure: Attempt | None,
+    schedule_start: datetime,
+    policy: Policy,
+    now: datetime,
+    retries: list[Retry],
+    attempts_used: int,
+    retries_used: int,
+) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
+    """plan_retry once no payment of the invoice is in flight."""
+    reasons: list[Reason] = []
     if invoice.status == "uncollectible":
         reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
                               {"invoice": invoice.id}))

@@ -323,6 +323,23 @@ def test_no_retry_is_planned_over_a_stripe_attempt_still_processing():
     assert later.state.next_retry_at is not None
 
 
+def test_a_payment_in_flight_never_lifts_bad_debt_before_any_money_arrives():
+    """Holding retries over an attempt in flight must not make the invoice's dunning 'not run out':
+    an account in bad debt would leave it (BadDebtExited, entitlements eased) on a debit that may
+    fail, and enter it again afterwards with a second cancellation."""
+    base = _suspended_snapshot()
+    in_bad_debt = compute(base, POLICY, NOW).state
+    assert in_bad_debt.status == Status.BAD_DEBT
+    debit = attempt("pi_2", "in_1", days_ago=2 / 24, status="processing", pm="pm_2")  # two hours in
+    held = decide(replace(base, stored=in_bad_debt, attempts=(*base.attempts, debit)))
+    assert held.state.status == Status.BAD_DEBT and held.state.next_retry_at is None
+    # paid by a bank debit through /pay-bad-debt: lifting, as with a card
+    paying = BadDebtPayment(id=7, state="pending", amount=5000, created_at=days(2 / 24), updated_at=days(2 / 24))
+    lifting = decide(replace(base, stored=in_bad_debt, attempts=(*base.attempts, replace(debit, invoice_id=None)),
+                             bad_debt_payments=(paying,)))
+    assert lifting.state.status == Status.LIFTING
+
+
 def test_no_automatic_retry_is_planned_beside_a_bad_debt_payment_in_flight():
     # A free retry after a new card would otherwise stay due, be dispatched and skipped every tick.
     failed = attempt("pi_1", "in_1", days_ago=2, decline="expired_card", pm="pm_old")
