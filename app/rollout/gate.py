@@ -32,7 +32,11 @@ SELECT
     WHERE e.remediated AND e.found_at >= %(since)s
       AND (EXISTS (SELECT 1 FROM drift_record l
                     WHERE l.account_id = e.account_id AND l.found_at > e.found_at
-                      AND l.sweep_id IS DISTINCT FROM e.sweep_id AND l.stored @> e.stored)
+                      AND l.sweep_id IS DISTINCT FROM e.sweep_id
+                      -- drifted again the same way: every field back to the value it had, exactly
+                      -- (not jsonb containment, under which any list contains the empty one)
+                      AND NOT EXISTS (SELECT 1 FROM jsonb_each(e.stored) f
+                                       WHERE l.stored -> f.key IS DISTINCT FROM f.value))
            OR EXISTS (SELECT 1 FROM subs_stuck_events s
                        WHERE s.account_id = e.account_id AND s.task_name = 'tasks.recompute_account'
                          AND s.task_args ->> 'trigger' = 'DRIFT_DETECTED' AND s.last_failed_at >= e.found_at)))

@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from app import metrics
 from app.cli import main
-from app.rollout.gate import check_gate
+from app.rollout.gate import check_gate, measure
 from tests.conftest import SERVICE_TOKEN, Accounts, service_headers
 
 # The fixtures corrupted and rollout_off come from the sweep tests (pytest finds them by name here).
@@ -76,6 +76,21 @@ def test_gate_holds_before_soak_and_records_why_without_changing_anything(runtim
     assert decision.action == "hold" and "soaking" in decision.reason
     assert state.stage == "5" and state.last_gate_reason == decision.reason
     assert history(engine) == []
+
+
+def test_a_later_drift_the_other_way_is_not_counted_as_reverted(runtime, engine: Engine, rollout_off: None):
+    """A remediation that requested a revert (stored had none), then a drift the other way (stored
+    has it, compute holds it now): not the same drift again. Under jsonb containment any list
+    contains the empty one, and one such pair could roll a young stage back."""
+    first = finished_sweep(engine, NOW - timedelta(hours=2))
+    remediation(engine, first, "acct_a", NOW - timedelta(hours=2), {"actions_requested": []})
+    later = finished_sweep(engine, NOW - timedelta(hours=1))
+    remediation(engine, later, "acct_a", NOW - timedelta(hours=1), {"actions_requested": ["revert:in_1"]})
+    remediation(engine, first, "acct_b", NOW - timedelta(hours=2), {"actions_requested": []})
+    remediation(engine, later, "acct_b", NOW - timedelta(hours=1), {"actions_requested": []})  # the same again
+    with engine.connect() as conn:
+        health = measure(conn, NOW - timedelta(hours=3))
+    assert (health.remediations, health.reverted) == (4, 1)
 
 
 def test_gate_steps_back_and_holds_when_remediations_are_reverted(runtime, engine: Engine, rollout_off: None):
