@@ -96,6 +96,9 @@ class Dunning(Base):
     # request is emitted once per episode and not on every recompute.
     actions_requested: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     policy_version: Mapped[str | None] = mapped_column(Text)
+    # When time alone would change the decision (a level's day threshold, a guard window's end): beat
+    # recomputes the account then, as no event may come (a permanent decline has no retries).
+    next_review_at: Mapped[datetime | None] = mapped_column(index=True)
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     last_trigger: Mapped[str | None] = mapped_column(Text)
     changed_at: Mapped[datetime] = mapped_column(server_default=NOW)

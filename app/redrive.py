@@ -1,9 +1,11 @@
-"""Re-driving accepted work that is not on a queue: requests whose message was never queued or
-was lost, and events whose customer had no account when they arrived."""
+"""Re-driving work that is not on a queue: requests whose message was never queued or was lost,
+events whose customer had no account when they arrived, and accounts whose decision time alone
+changes now (their next review is due)."""
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from celery import Celery
 from sqlalchemy import Engine
@@ -33,14 +35,29 @@ RETURNING r.account_id, r.trigger, r.cause
 """
 
 
-def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, limit: int = 5000) -> dict[str, int]:
-    routed = 0
+# Accounts whose decision time alone changes now (subs_dunning.next_review_at, set by compute):
+# no event may come (a permanent decline has no retries), so nothing else would recompute them.
+DUE_REVIEWS = """
+SELECT account_id FROM subs_dunning WHERE next_review_at <= %(now)s ORDER BY next_review_at LIMIT %(limit)s
+"""
+
+
+def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, limit: int = 5000,
+            now: datetime | None = None) -> dict[str, int]:
+    routed = reviewed = 0
     to_send: list[tuple[str, str, str | None]] = []
     with unit_of_work(engine) as conn:
         for account_id, trigger, event_id in conn.exec_driver_sql(ROUTE_UNROUTABLE).fetchall():
             routed += 1
             if store.request_recompute(conn, account_id, trigger or "STATE_REFRESH", event_id):
                 to_send.append((account_id, trigger or "STATE_REFRESH", event_id))
+    with unit_of_work(engine) as conn:
+        # A request each, as for an event: coalesced with one already pending, re-driven if lost.
+        due = conn.exec_driver_sql(DUE_REVIEWS, {"limit": limit, "now": now or datetime.now(UTC)}).fetchall()
+        for (account_id,) in due:
+            reviewed += 1
+            if store.request_recompute(conn, account_id, "STATE_REFRESH", "review_due"):
+                to_send.append((account_id, "STATE_REFRESH", "review_due"))
     with unit_of_work(engine) as conn:
         rows = conn.exec_driver_sql(STALE_REQUESTS, {"age": stale_after_seconds, "limit": limit}).fetchall()
         to_send.extend((r[0], r[1], r[2]) for r in rows)
@@ -58,4 +75,4 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
             conn.exec_driver_sql(
                 "UPDATE stripe_event SET state = 'accepted' WHERE state = 'enqueue_failed' "
                 "AND account_id = ANY(%(ids)s)", {"ids": [a for a, _, _ in to_send]})
-    return {"routed": routed, "sent": sent, "failed": failed}
+    return {"routed": routed, "reviewed": reviewed, "sent": sent, "failed": failed}

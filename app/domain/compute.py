@@ -371,6 +371,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     status = Status.BAD_DEBT if suspended else (Status.PAST_DUE if assessed else Status.CURRENT)
 
     # Payment-flow guard: never put bad-debt consequences over a payment in flight.
+    held_until: datetime | None = None  # when a guard's hold ends, if one holds
     in_flight = _in_flight_payment(snapshot)
     lifting_since = None
     if in_flight is not None and status == Status.BAD_DEBT:
@@ -382,6 +383,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         stored = snapshot.stored
         started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts)
         if started is not None and (stored is None or stored.status != Status.BAD_DEBT):
+            held_until = started + timedelta(minutes=policy.guard_window_minutes)
             held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
             reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
                                   "consequences held until its outcome",
@@ -442,6 +444,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         current_class = max(classes, key=lambda c: c[0])[1] if classes else None
 
     state = DunningState(
+        next_review_at=_next_review(assessed, policy, now, held_until),
         status=status.value,
         level=level.value,
         failure_class=current_class.value if current_class else None,
@@ -474,6 +477,18 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         lifting_since=lifting_since,
         assessments=tuple(assessed),
     )
+
+
+def _next_review(assessed: list[InvoiceAssessment], policy: Policy, now: datetime,
+                 held_until: datetime | None) -> datetime | None:
+    """When time alone would change this decision: the next day threshold of a level rule for an
+    unpaid invoice, or the end of a guard's hold. No event may come before then (a permanent
+    decline has no retries), so beat recomputes the account at that moment."""
+    moments = [a.unpaid_since + timedelta(days=rule.min_days) for a in assessed for rule in policy.rules
+               if rule.min_days is not None]
+    if held_until is not None:
+        moments.append(held_until)
+    return min((t for t in moments if t > now), default=None)
 
 
 def _with_level(a: InvoiceAssessment, level: Level) -> InvoiceAssessment:

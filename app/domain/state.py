@@ -98,6 +98,7 @@ class DunningState:
     entitlements: Mapping[str, Any] = field(default_factory=dict)
     actions_requested: tuple[str, ...] = ()
     policy_version: str | None = None
+    next_review_at: datetime | None = None  # when time alone would change this decision
 
     def changed_fields(self, other: DunningState | None) -> list[str]:
         """Names of the fields where ``other`` (the stored state) differs from this one."""
@@ -146,6 +147,7 @@ class DunningState:
             entitlements=dict(row["entitlements"] or {}),
             actions_requested=tuple(row["actions_requested"] or ()),
             policy_version=row["policy_version"],
+            next_review_at=row.get("next_review_at"),
         )
 
 
