@@ -30,9 +30,11 @@ ATTEMPT_MERGE = {
     "invoice_id": "coalesce",
     "charge_id": "coalesce",
     "payment_method_id": "coalesce",
-    "decline_code": "coalesce",
-    "failure_code": "coalesce",
-    "advice_code": "coalesce",
+    # An attempt's outcome codes belong to its charge: the next charge on the same intent must not
+    # inherit the previous one's advice (do_not_try_again) or decline code.
+    "decline_code": "per_charge",
+    "failure_code": "per_charge",
+    "advice_code": "per_charge",
     # One row per payment intent, and Stripe confirms an invoice's intent again for every retry
     # (its own, ours, the customer's on the hosted page): the row's time is its latest attempt's,
     # which is what "in flight", "after a card change" and "newer than our retry" compare with.

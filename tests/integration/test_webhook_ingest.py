@@ -235,6 +235,30 @@ def test_every_attempt_on_one_payment_intent_moves_its_rows_time(client, account
     assert (row["status"], row["attempted_at"]) == ("succeeded", datetime.fromtimestamp(now, UTC))
 
 
+def test_the_next_charge_on_an_intent_does_not_inherit_the_previous_ones_advice(client, accounts, engine):
+    """An expired card with advice do_not_try_again, then a new card whose charge on the same intent
+    fails with insufficient_funds and no advice: the row must say the latter, or compute reads the
+    new card's failure as permanent and never retries it."""
+    _, customer = accounts.create()
+    intent, now = unique("pi"), int(time.time())
+    first = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=intent, created=now - 3600,
+                  paths={"created": now - 3600, "outcome.reason": "expired_card",
+                         "outcome.advice_code": "do_not_try_again"})
+    second = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=intent, created=now - 60,
+                   paths={"created": now - 60, "outcome.reason": "insufficient_funds"})
+    post_event(client, first)
+    post_event(client, second)
+    row = attempt_row(engine, intent)
+    assert (row["charge_id"], row["decline_code"], row["advice_code"]) == (
+        second["data"]["object"]["id"], "insufficient_funds", None)
+    # the intent's own event about that same charge fills in, it does not erase
+    same = retyped("payment_intent.payment_failed", "payment_intent.payment_failed", id=intent, customer=customer,
+                   latest_charge=second["data"]["object"]["id"])
+    same["created"] = now
+    post_event(client, same)
+    assert attempt_row(engine, intent)["decline_code"] is not None
+
+
 def test_an_attempt_in_flight_and_a_new_subscription_are_mirrored_and_recomputed(client, accounts, engine):
     """Retries and bad debt wait for an attempt without outcome, which only works if the mirror
     knows of it; and a subscription active from its creation is in the entitlements at once."""
