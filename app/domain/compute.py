@@ -261,13 +261,21 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) ->
     """How the last unpaid invoices were settled: customer money ("paid") or otherwise."""
     stored = snapshot.stored
     since = stored.unpaid_since if stored is not None else None
-    settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES
+    # The invoices that were debt (failed, overdue or marked uncollectible) and are settled since:
+    # an unrelated invoice paid on time meanwhile says nothing of how the debt ended.
+    settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)
                and (since is None or (i.paid_at or i.voided_at or i.created) >= since)]
     from app.domain.billing_history import Label, label
 
     if any(label(i, grouped.get(i.id, ())) == Label.PAID for i in settled):
         return "paid"
     return "resolved"
+
+
+def _was_debt(invoice: Invoice) -> bool:
+    settled_at = invoice.paid_at or invoice.voided_at
+    overdue = invoice.due_date is not None and (settled_at is None or invoice.due_date < settled_at)
+    return invoice.first_failed_at is not None or invoice.marked_uncollectible_at is not None or overdue
 
 
 def _may_be_unpaid(invoice: Invoice) -> bool:

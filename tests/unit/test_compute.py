@@ -458,6 +458,9 @@ def test_resolution_says_paid_or_resolved():
     assert decide(replace(snapshot(paid), stored=stored)).resolution == "paid"
     void = replace(invoice(status="void", failed_days_ago=3), voided_at=days(0.1), amount_remaining=0)
     assert decide(replace(snapshot(void), stored=stored)).resolution == "resolved"
+    # the debt forgiven while an unrelated invoice was paid on time meanwhile: still "resolved"
+    annual = replace(invoice("in_annual", status="paid", failed_days_ago=None), paid_at=days(1))
+    assert decide(replace(snapshot(void, annual), stored=stored)).resolution == "resolved"
 
 
 def test_refund_never_creates_debt():
