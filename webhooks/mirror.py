@@ -271,9 +271,19 @@ def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> 
     return MirrorRow("stripe_subscription", str(sub["id"]), values)
 
 
-def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any]) -> MirrorRow:
+# changed_at of a payment method no event has shown to change (GREATEST keeps any real date).
+NOT_CHANGED = datetime(1970, 1, 1, tzinfo=UTC)
+PAYMENT_METHOD_MERGE = {"changed_at": "greatest"}
+
+
+def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any],
+                        previous: Mapping[str, Any]) -> MirrorRow:
+    """A payment method, and when it last changed in a way that earns a retry: attached, updated by
+    the card network, or updated in something but its metadata. A payment_method.updated that only
+    touched metadata must not earn an immediate retry on the card just declined."""
     card = _obj(pm.get("card"))
     detached = event_type == "payment_method.detached"
+    changed = event_type != "payment_method.updated" or bool(set(previous) - {"metadata"})
     values = {
         "stripe_customer_id": _id(pm.get("customer")),
         "type": str(pm.get("type") or "card"),
@@ -283,11 +293,11 @@ def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any]) ->
         "exp_month": card.get("exp_month"),
         "exp_year": card.get("exp_year"),
         "fingerprint": card.get("fingerprint"),
-        "changed_at": ts(created),
+        "changed_at": ts(created) if changed else NOT_CHANGED,
         "source_created": created,
         "source_rank": 1 if detached else 0,
     }
-    return MirrorRow("stripe_payment_method", str(pm["id"]), values)
+    return MirrorRow("stripe_payment_method", str(pm["id"]), values, PAYMENT_METHOD_MERGE)
 
 
 def _customer_row(created: int, customer: Mapping[str, Any], previous: Mapping[str, Any]) -> MirrorRow:
@@ -364,7 +374,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         customer = row.values["stripe_customer_id"]
     elif kind == "payment_method" and event_type.startswith("payment_method."):
         need_id()
-        row = _payment_method_row(event_type, created, obj)
+        row = _payment_method_row(event_type, created, obj, _obj(data.get("previous_attributes")))
         rows.append(row)
         customer = row.values["stripe_customer_id"]
         if event_type == "payment_method.detached":

@@ -15,6 +15,8 @@ from app.config import Settings
 from tests.conftest import WEBHOOK_SECRET, Accounts, post_event
 from tests.stripe_events import event, sign, unique
 
+DAY = 86400
+
 
 def queued(settings: Settings, queue: str = "recompute") -> int:
     client = redis.Redis.from_url(settings.broker_url)
@@ -257,6 +259,29 @@ def test_the_next_charge_on_an_intent_does_not_inherit_the_previous_ones_advice(
     same["created"] = now
     post_event(client, same)
     assert attempt_row(engine, intent)["decline_code"] is not None
+
+
+def test_a_payment_method_update_of_metadata_alone_is_no_change(client, accounts, engine):
+    """An update that earns an immediate retry changes the card (its expiry, its billing details);
+    one that touched only metadata must not retry the card just declined."""
+    _, customer = accounts.create()
+    pm, now = unique("pm"), int(time.time())
+    post_event(client, event("payment_method.attached", id=pm, customer=customer, created=now - 30 * DAY))
+
+    def changed_at() -> datetime:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT changed_at FROM stripe_payment_method WHERE id = %(p)s",
+                                        {"p": pm}).scalar_one()
+
+    def updated(created: int, previous: dict[str, Any]) -> dict[str, Any]:
+        evt = retyped("payment_method.updated", "payment_method.attached", id=pm, customer=customer)
+        evt["created"], evt["data"]["previous_attributes"] = created, previous
+        return evt
+
+    post_event(client, updated(now - 120, {"metadata": {}}))
+    assert changed_at() == datetime.fromtimestamp(now - 30 * DAY, UTC)
+    post_event(client, updated(now - 60, {"card": {"exp_year": 2025}}))  # the customer renewed the expiry
+    assert changed_at() == datetime.fromtimestamp(now - 60, UTC)
 
 
 def test_an_attempt_in_flight_and_a_new_subscription_are_mirrored_and_recomputed(client, accounts, engine):
