@@ -174,7 +174,9 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
         "source_rank": INVOICE_RANK.get(status, 1),
         "source_event_id": event_id,
     }
-    merge = {"first_failed_at": "least", "last_failed_at": "greatest", "attempt_count": "greatest"}
+    # A mark as uncollectible is a fact the later payment does not undo (how the debt ended reads it).
+    merge = {"first_failed_at": "least", "last_failed_at": "greatest", "attempt_count": "greatest",
+             "marked_uncollectible_at": "least"}
     return MirrorRow("stripe_invoice", str(inv["id"]), values, merge)
 
 

@@ -64,7 +64,8 @@ def test_apply_writes_only_the_changed_columns(client, accounts: Accounts, runti
         sa_event.remove(engine, "before_cursor_execute", capture)
     assert later.applied is not None
     # Status, failure class, outstanding amount... are unchanged and not written.
-    assert set(later.applied.changed_fields) == {"level", "reasons"}
+    # (next_review_at moves on to the next level's threshold)
+    assert set(later.applied.changed_fields) == {"level", "reasons", "next_review_at"}
     update = next(s for s in statements if s.startswith("UPDATE subs_dunning"))
     assert "level =" in update and "reasons =" in update
     assert "status =" not in update and "failure_class =" not in update and "entitlements =" not in update
