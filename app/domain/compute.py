@@ -170,6 +170,10 @@ def _assess(
     failure_class: FailureClass | None
     if last_failure is not None:
         failure_class = classify(last_failure.decline_code, last_failure.failure_code, last_failure.advice_code)
+    elif invoice.first_failed_at is not None and any(a.status == "requires_action" for a in attempts):
+        # Failed for want of the customer's authentication (3-D Secure): Stripe may send no failed
+        # charge at all, only the intent waiting for its customer. No automatic retry can pass it.
+        failure_class = FailureClass.ACTION_REQUIRED
     else:
         # invoice.payment_failed arrived before the attempt's detail: unknown until it does.
         failure_class = FailureClass.UNKNOWN if invoice.first_failed_at is not None else None

@@ -360,6 +360,14 @@ def test_retry_in_flight_waits_for_its_outcome_until_the_guard_window():
     assert decision.state.next_retry_at == days(3) + timedelta(days=3)  # second scheduled retry
 
 
+def test_a_failure_waiting_for_3ds_is_action_required_without_a_failed_charge():
+    # invoice.payment_failed and the intent waiting for its customer's authentication, no charge.
+    waiting = attempt("pi_1", "in_1", days_ago=4, status="requires_action")
+    decision = decide(snapshot(invoice(failed_days_ago=4), attempts=(waiting,)))
+    assert decision.state.failure_class == FailureClass.ACTION_REQUIRED
+    assert decision.state.next_retry_at is None and decision.state.level == Level.RESTRICT_PREMIUM
+
+
 def test_failure_without_attempt_detail_is_unknown_until_it_arrives():
     decision = decide(snapshot(invoice(failed_days_ago=1)))
     assert decision.state.failure_class == FailureClass.UNKNOWN
