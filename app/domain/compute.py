@@ -276,6 +276,12 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) ->
     return "resolved"
 
 
+def _leaves_bad_debt(snapshot: Snapshot, status: Status) -> bool:
+    stored = snapshot.stored
+    return (stored is not None and stored.status in (Status.BAD_DEBT, Status.LIFTING)
+            and status not in (Status.BAD_DEBT, Status.LIFTING))
+
+
 def _was_debt(invoice: Invoice) -> bool:
     settled_at = invoice.paid_at or invoice.voided_at
     overdue = invoice.due_date is not None and (settled_at is None or invoice.due_date < settled_at)
@@ -485,7 +491,9 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         bad_debt=status == Status.BAD_DEBT,
         bad_debt_reason=bad_debt_reason,
         bad_debt_products=bad_debt_products,
-        resolution=_resolution(snapshot, grouped) if not assessed else None,
+        # How the debt ended: when nothing is unpaid any more, and when the account leaves bad debt
+        # with another invoice still unpaid (BadDebtExited says whether its invoices were paid).
+        resolution=_resolution(snapshot, grouped) if not assessed or _leaves_bad_debt(snapshot, status) else None,
         lifting_since=lifting_since,
         assessments=tuple(assessed),
     )

@@ -469,6 +469,11 @@ def test_resolution_says_paid_or_resolved():
     # the debt forgiven while an unrelated invoice was paid on time meanwhile: still "resolved"
     annual = replace(invoice("in_annual", status="paid", failed_days_ago=None), paid_at=days(1))
     assert decide(replace(snapshot(void, annual), stored=stored)).resolution == "resolved"
+    # out of bad debt by paying it while a newer invoice is still unpaid: "paid", not "recomputed"
+    in_bad_debt = DunningState(status="bad_debt", level="suspended", unpaid_since=days(3))
+    newer = invoice("in_newer", failed_days_ago=1)
+    left = decide(replace(snapshot(paid, newer), stored=in_bad_debt))
+    assert left.state.status == Status.PAST_DUE and left.resolution == "paid"
 
 
 def test_refund_never_creates_debt():
