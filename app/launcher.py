@@ -330,11 +330,7 @@ def claim_data_dir(data_dir: Path) -> None:
             "or choose another folder with --data-dir"
         )
     leftovers = []
-    for item in record.get("groups") or []:
-        try:
-            pgid, started = int(item[0]), item[1]
-        except (TypeError, ValueError, IndexError):
-            continue
+    for pgid, started in _recorded(record.get("groups")):
         if not _group_exists(pgid):
             continue
         # A pid is never handed out while a process group of that number exists, so a live
@@ -345,20 +341,25 @@ def claim_data_dir(data_dir: Path) -> None:
     if leftovers:
         say(f"stopping processes a previous run left behind (process groups {leftovers})")
         _kill_leftover_groups(leftovers)
-    helpers = []
-    for item in record.get("helpers") or []:
-        try:
-            pid, started = int(item[0]), item[1]
-        except (TypeError, ValueError, IndexError):
-            continue
-        if live_process(pid, started):  # the very process recorded, not a pid handed out again
-            helpers.append(pid)
+    # the very processes recorded, not pids handed out again since
+    helpers = [pid for pid, started in _recorded(record.get("helpers")) if live_process(pid, started)]
     if helpers:
         say(f"stopping the previous run's output helpers left behind (pids {helpers})")
         for pid in helpers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)  # blocked writing to a pipe nobody reads: SIGTERM waits
     write_pidfile(path, {**owner_record(), "groups": []})
+
+
+def _recorded(items: Any) -> list[tuple[int, Any]]:
+    """The (pid, start time) pairs of a fleet file's list; a malformed entry is skipped."""
+    pairs = []
+    for item in items or []:
+        try:
+            pairs.append((int(item[0]), item[1]))
+        except (TypeError, ValueError, IndexError):
+            continue
+    return pairs
 
 
 def release_data_dir(data_dir: Path) -> None:
