@@ -50,9 +50,11 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
             # The outcome of one charge: a newer event about another charge (the next attempt on the
             # same payment intent) replaces it whole, nulls included; about the same charge (its
             # payment intent's event) it fills what is missing, like coalesce.
-            new_charge = f"(EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM {table}.charge_id)"
-            sets.append(f"{col} = CASE WHEN {guard} AND {new_charge} THEN EXCLUDED.{col} "
+            # An older event about another charge (delivered late) changes nothing of the newer one.
+            other_charge = f"(EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM {table}.charge_id)"
+            sets.append(f"{col} = CASE WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
                         f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
+                        f"WHEN {other_charge} THEN {table}.{col} "
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
         else:
             sets.append(f"{col} = CASE WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")

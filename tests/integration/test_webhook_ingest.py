@@ -253,6 +253,13 @@ def test_the_next_charge_on_an_intent_does_not_inherit_the_previous_ones_advice(
     row = attempt_row(engine, intent)
     assert (row["charge_id"], row["decline_code"], row["advice_code"]) == (
         second["data"]["object"]["id"], "insufficient_funds", None)
+    # the older charge's event delivered again, late: it fills nothing of the newer one's
+    again = json.loads(json.dumps(first))
+    again["id"] = unique("evt")
+    post_event(client, again)
+    row = attempt_row(engine, intent)
+    assert (row["charge_id"], row["decline_code"], row["advice_code"]) == (
+        second["data"]["object"]["id"], "insufficient_funds", None)
     # the intent's own event about that same charge fills in, it does not erase
     same = retyped("payment_intent.payment_failed", "payment_intent.payment_failed", id=intent, customer=customer,
                    latest_charge=second["data"]["object"]["id"])
