@@ -27,7 +27,12 @@ from app.domain.decline_codes import classify
 from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, entitlements, full_entitlements
 from app.domain.mandates import mandates
 from app.domain.policy import LevelRule, Policy
-from app.domain.retry_cadence import plan_retry
+from app.domain.retry_cadence import (
+    IN_FLIGHT_RETRY_STATES,
+    PROCESSING_HORIZON,
+    attempt_in_flight,
+    plan_retry,
+)
 from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot, Subscription
 from app.domain.state import (
     DunningState,
@@ -462,7 +467,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         current_class = max(classes, key=lambda c: c[0])[1] if classes else None
 
     state = DunningState(
-        next_review_at=_next_review(assessed, policy, now, held_until),
+        next_review_at=_next_review(assessed, policy, now,
+                                    [held_until, *_holds_end(snapshot, unpaid, unpaid_attempts, policy, now)]),
         status=status.value,
         level=level.value,
         failure_class=current_class.value if current_class else None,
@@ -500,15 +506,28 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
 
 def _next_review(assessed: list[InvoiceAssessment], policy: Policy, now: datetime,
-                 held_until: datetime | None) -> datetime | None:
+                 holds_end: list[datetime | None]) -> datetime | None:
     """When time alone would change this decision: the next day threshold of a level rule for an
-    unpaid invoice, or the end of a guard's hold. No event may come before then (a permanent
-    decline has no retries), so beat recomputes the account at that moment."""
+    unpaid invoice, or the end of a hold (the payment-flow guard's, a payment in flight holding
+    retries). No event may come before then (a permanent decline has no retries), so beat
+    recomputes the account at that moment."""
     moments = [a.unpaid_since + timedelta(days=rule.min_days) for a in assessed for rule in policy.rules
                if rule.min_days is not None]
-    if held_until is not None:
-        moments.append(held_until)
+    moments += [t for t in holds_end if t is not None]
     return min((t for t in moments if t > now), default=None)
+
+
+def _holds_end(snapshot: Snapshot, unpaid: list[Invoice], unpaid_attempts: list[Attempt], policy: Policy,
+               now: datetime) -> list[datetime]:
+    """When the payments in flight that hold an unpaid invoice's retries stop holding them, if
+    their outcome never comes (retry_cadence.plan_retry's in-flight rule)."""
+    guard = timedelta(minutes=policy.guard_window_minutes)
+    ends = [a.attempted_at + (PROCESSING_HORIZON if a.status in ("pending", "processing") else guard)
+            for a in unpaid_attempts if attempt_in_flight(a, now, guard)]
+    unpaid_ids = {i.id for i in unpaid}
+    ends += [r.created_at + guard for r in snapshot.retries
+             if r.invoice_id in unpaid_ids and r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard]
+    return ends
 
 
 def _with_level(a: InvoiceAssessment, level: Level) -> InvoiceAssessment:

@@ -321,6 +321,9 @@ def test_no_retry_is_planned_over_a_stripe_attempt_still_processing():
     assert decide(snapshot(inv, attempts=(first, challenge))).state.next_retry_at is None
     later = decide(snapshot(inv, attempts=(first, challenge)), now=NOW + timedelta(minutes=26))
     assert later.state.next_retry_at is not None
+    # no event may come when the hold ends: the decision says when to look again
+    held = decide(snapshot(inv, attempts=(first, challenge)))
+    assert held.state.next_review_at == challenge.attempted_at + timedelta(minutes=30)
 
 
 def test_a_payment_in_flight_never_lifts_bad_debt_before_any_money_arrives():
