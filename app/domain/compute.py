@@ -261,7 +261,7 @@ def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
     starts += [a.attempted_at for a in unpaid_attempts if a.status == "succeeded" and now - a.attempted_at < guard]
     last_outcome = max((a.attempted_at for a in snapshot.attempts if a.status in ("failed", "succeeded")), default=None)
     starts += [r.created_at for r in snapshot.retries
-               if r.state in ("dispatched", "charging", "sent") and now - r.created_at < guard
+               if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
                and (last_outcome is None or last_outcome < r.created_at)]
     return min(starts) if starts else None
 

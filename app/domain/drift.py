@@ -18,6 +18,7 @@ from typing import Any
 
 from app.domain.compute import Decision
 from app.domain.policy import Policy
+from app.domain.retry_cadence import IN_FLIGHT_RETRY_STATES
 from app.domain.snapshot import Snapshot
 from app.domain.state import DunningState, Status, _normal
 
@@ -28,7 +29,6 @@ COMPARED_FIELDS: tuple[str, ...] = (
 _compared = attrgetter(*COMPARED_FIELDS)
 BAD_DEBT_FLAG = "bad_debt_flag"
 FRESH = DunningState()
-IN_FLIGHT_RETRY_STATES = frozenset({"dispatched", "charging", "sent"})
 
 
 def _json(value: Any) -> Any:

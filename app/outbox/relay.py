@@ -192,7 +192,9 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
         report.accounts += 1
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
-            current = conn.exec_driver_sql(CURRENT_ACTIONS_SQL, {"account": account_id}).scalar()
+            # The account's current actions, read only when a lifecycle request waits among its rows.
+            current = (conn.exec_driver_sql(CURRENT_ACTIONS_SQL, {"account": account_id}).scalar()
+                       if any(row[2] in ACTIONS for row in rows) else None)
         current_actions = list(current or [])
         for row_id, version, event_type, payload, attempts, next_attempt_at in rows:
             now = now_fn()

@@ -39,7 +39,6 @@ from sqlalchemy.exc import IntegrityError
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.compute import compute
-from app.domain.drift import payment_in_flight
 from app.domain.retry_cadence import attempt_in_flight
 from app.domain.state import Status
 from app.domain.triggers import Trigger
@@ -147,8 +146,7 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     if status != Status.BAD_DEBT.value or stored is None:
         raise Refused(409, "not_in_bad_debt", f"the account is not in bad debt (status {status})")
     guard = timedelta(minutes=rt.policy.guard_window_minutes)
-    if payment_in_flight(snapshot, rt.policy, now) == "attempt_in_flight" or any(
-            attempt_in_flight(a, now, guard) for a in snapshot.attempts):
+    if any(attempt_in_flight(a, now, guard) for a in snapshot.attempts):
         # The customer is paying some other way right now (a Stripe attempt without its outcome).
         raise Refused(409, "payment_in_flight", "a payment attempt for this account is being processed by "
                       "Stripe; try again once its outcome is in (the balance may change)")
