@@ -235,6 +235,8 @@ class StripePaymentAttempt(Base):
     failure_code: Mapped[str | None] = mapped_column(Text)
     advice_code: Mapped[str | None] = mapped_column(Text)
     attempted_at: Mapped[datetime]
+    # charge id -> {"pm": payment method, "at": epoch seconds}: every charge made on the intent.
+    charges: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer)
 

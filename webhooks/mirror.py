@@ -39,6 +39,9 @@ ATTEMPT_MERGE = {
     # (its own, ours, the customer's on the hosted page): the row's time is its latest attempt's,
     # which is what "in flight", "after a card change" and "newer than our retry" compare with.
     "attempted_at": "greatest",
+    # Every charge made on the intent, each with its method and time: the card networks' cap
+    # counts charges, and a reused intent's row alone would be one however many retries ran on it.
+    "charges": "charges",
 }
 CUSTOMER_MERGE = {"changed_at": "greatest"}
 PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
@@ -184,6 +187,7 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
     status = str(charge.get("status") or "pending")
     outcome = _obj(charge.get("outcome"))
     pi = _id(charge.get("payment_intent"))
+    charged_at = ts(charge.get("created")) or ts(created)
     values = {
         "stripe_customer_id": _id(charge.get("customer")),
         "invoice_id": _id(charge.get("invoice")),
@@ -196,7 +200,9 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
         "decline_code": outcome.get("reason") if status == "failed" else None,
         "failure_code": charge.get("failure_code"),
         "advice_code": outcome.get("advice_code"),
-        "attempted_at": ts(charge.get("created")) or ts(created),
+        "attempted_at": charged_at,
+        "charges": _charges(charge.get("id"), _id(charge.get("payment_method")),
+                            int(charged_at.timestamp()) if charged_at else created),
         "source_created": created,
         "source_rank": ATTEMPT_RANK.get(status, 0),
     }
@@ -206,11 +212,12 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
 def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
     status = PI_STATUS.get(str(intent.get("status")), str(intent.get("status") or "pending"))
     error = _obj(intent.get("last_payment_error"))
+    method = _id(intent.get("payment_method")) or _id(error.get("payment_method"))
     values = {
         "stripe_customer_id": _id(intent.get("customer")),
         "invoice_id": _id(intent.get("invoice")),
         "charge_id": _id(intent.get("latest_charge")),
-        "payment_method_id": _id(intent.get("payment_method")) or _id(error.get("payment_method")),
+        "payment_method_id": method,
         "status": status,
         "amount": _int(intent.get("amount")),
         "amount_refunded": 0,
@@ -219,6 +226,9 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         "advice_code": error.get("advice_code") if status == "failed" else None,
         # The event's time, not the intent's creation: a reused intent was created at its first attempt.
         "attempted_at": ts(created),
+        # The event's time: the intent names its latest charge but not when it was made (the
+        # charge's own event, when it comes, brings the earlier, exact time).
+        "charges": _charges(_id(intent.get("latest_charge")), method, created),
         "source_created": created,
         "source_rank": ATTEMPT_RANK.get(status, 0),
     }
@@ -233,7 +243,7 @@ def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow
     invoice = _id(payment.get("invoice"))
     if not pi or not invoice:
         return None
-    values = {
+    values: dict[str, Any] = {
         "stripe_customer_id": None,
         "invoice_id": invoice,
         "charge_id": None,
@@ -245,10 +255,18 @@ def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow
         "failure_code": None,
         "advice_code": None,
         "attempted_at": ts(payment.get("created")) or ts(created),
+        "charges": {},
         "source_created": created,
         "source_rank": ATTEMPT_RANK["succeeded"],
     }
     return MirrorRow("stripe_payment_attempt", pi, values, ATTEMPT_MERGE)
+
+
+def _charges(charge_id: Any, method: str | None, at: int) -> dict[str, dict[str, Any]]:
+    """The charge an event names, as the mirror keeps it: id -> method and epoch seconds."""
+    if not isinstance(charge_id, str) or not charge_id:
+        return {}
+    return {charge_id: {"pm": method, "at": at}}
 
 
 def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> MirrorRow:

@@ -56,6 +56,15 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
                         f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                         f"WHEN {other_charge} THEN {table}.{col} "
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
+        elif kind == "charges":
+            # A union of the charges either side knows, in any order of delivery: per charge the
+            # earliest time (a charge's own event is exact, its intent's comes later) and the
+            # method whichever event named it.
+            sets.append(f"{col} = CASE WHEN EXCLUDED.{col} = '{{}}' THEN {table}.{col} ELSE ("
+                        "SELECT jsonb_object_agg(k, jsonb_build_object('pm', pm, 'at', at)) FROM ("
+                        "SELECT k, max(v->>'pm') AS pm, min((v->>'at')::bigint) AS at FROM ("
+                        f"SELECT * FROM jsonb_each({table}.{col}) UNION ALL SELECT * FROM jsonb_each(EXCLUDED.{col})"
+                        ") AS c(k, v) GROUP BY k) AS u) END")
         else:
             sets.append(f"{col} = CASE WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     key = KEYS.get(table, "id")

@@ -8,6 +8,7 @@ method in 30 days hold whatever the policy says. Pure: the decision's ``now`` is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from app.domain.policy import Policy
@@ -38,14 +39,27 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
     sent to Stripe whose attempt the mirror does not hold yet: the cap counts charges, not webhooks."""
     if method is None:
         return []
-    recorded = [a.attempted_at for a in snapshot.attempts
-                if a.payment_method_id == method and now - WINDOW_30D < a.attempted_at <= now]
+    recorded = [at for at in _charge_times(snapshot.attempts, method) if now - WINDOW_30D < at <= now]
     latest = max(recorded, default=None)
     unrecorded = [r.created_at for r in snapshot.retries
                   if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
                   and (r.payment_method_id or snapshot.default_payment_method_id) == method
                   and (latest is None or r.created_at > latest)]
     return sorted(recorded + unrecorded)
+
+
+def _charge_times(attempts: tuple[Attempt, ...], method: str) -> Iterator[datetime]:
+    """When each charge on ``method`` was made. An intent counts each of its charges (the first
+    attempt and every retry confirmed on it); an attempt whose charges the mirror never heard of
+    (an older row, an intent known only through its invoice) counts once, at its own time."""
+    for a in attempts:
+        if not a.charges:
+            if a.payment_method_id == method:
+                yield a.attempted_at
+            continue
+        for charge in a.charges:
+            if (charge.payment_method_id or a.payment_method_id) == method:
+                yield charge.charged_at
 
 
 def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | None) -> PaymentMethod | None:

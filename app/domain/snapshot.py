@@ -55,8 +55,18 @@ class Invoice:
 
 
 @dataclass(frozen=True)
+class Charge:
+    """One charge Stripe made on a payment intent: the unit card networks count."""
+
+    id: str
+    payment_method_id: str | None
+    charged_at: datetime
+
+
+@dataclass(frozen=True)
 class Attempt:
-    """One charge attempt as Stripe reported it."""
+    """One charge attempt as Stripe reported it: a payment intent (its latest charge), or a charge
+    made without one."""
 
     id: str
     invoice_id: str | None
@@ -68,6 +78,9 @@ class Attempt:
     decline_code: str | None = None
     failure_code: str | None = None
     advice_code: str | None = None
+    # Every charge the mirror heard of on this intent: Stripe confirms an invoice's intent again
+    # for each retry, so one intent carries its first attempt and all the retries after it.
+    charges: tuple[Charge, ...] = ()
 
     @property
     def failed(self) -> bool:

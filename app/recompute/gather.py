@@ -10,7 +10,7 @@ length; the same statement gathers a batch of accounts for the drift sweep.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -19,6 +19,7 @@ from app.db import KEYED_PLANS
 from app.domain.snapshot import (
     Attempt,
     BadDebtPayment,
+    Charge,
     Invoice,
     InvoiceLine,
     PaymentMethod,
@@ -47,7 +48,7 @@ SELECT
     WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS invoices,
   (SELECT json_agg(json_build_array(p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
-          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code) ORDER BY p.id)
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges) ORDER BY p.id)
      FROM (SELECT p.* FROM stripe_payment_attempt p JOIN subs_customer c USING (stripe_customer_id)
             WHERE c.account_id = a.account_id
            UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
@@ -125,6 +126,14 @@ def _tt(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
+def charges(value: Mapping[str, Any] | None) -> tuple[Charge, ...]:
+    """An attempt's charges column (id -> method, epoch seconds), oldest first."""
+    if not value:
+        return ()
+    return tuple(sorted((Charge(id=k, payment_method_id=v.get("pm"), charged_at=datetime.fromtimestamp(v["at"], UTC))
+                         for k, v in value.items()), key=lambda c: (c.charged_at, c.id)))
+
+
 def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     """One row of the gather statement, by column name -> (snapshot, stored version)."""
     stored, version = _stored(m["dunning"])
@@ -141,7 +150,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     )
     attempts = tuple(
         Attempt(id=p[0], invoice_id=p[1], payment_method_id=p[2], status=p[3], attempted_at=_tt(p[4]), amount=p[5],
-                amount_refunded=p[6], decline_code=p[7], failure_code=p[8], advice_code=p[9])
+                amount_refunded=p[6], decline_code=p[7], failure_code=p[8], advice_code=p[9], charges=charges(p[10]))
         for p in (m["attempts"] or ())
     )
     methods = tuple(

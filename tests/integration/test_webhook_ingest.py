@@ -268,6 +268,36 @@ def test_the_next_charge_on_an_intent_does_not_inherit_the_previous_ones_advice(
     assert attempt_row(engine, intent)["decline_code"] is not None
 
 
+def test_every_charge_on_a_reused_intent_is_kept_whatever_the_order(client, accounts, engine):
+    """The card networks' cap counts charges: an invoice's intent confirmed again for each retry
+    must keep each of its charges, with its method and time, however Stripe orders the events."""
+    now = int(time.time())
+
+    def history(customer: str, intent: str) -> list[dict[str, Any]]:
+        events = []
+        for k in range(5):
+            charge, at, card = unique("ch"), now - (5 - k) * DAY, "pm_new" if k == 4 else "pm_old"
+            events.append(event("charge.failed", id=charge, customer=customer, payment_intent=intent, created=at,
+                                payment_method=card, paths={"created": at}))
+            # the intent's event names the charge (and its card) but not the charge's time
+            events.append(retyped("payment_intent.payment_failed", "payment_intent.payment_failed", id=intent,
+                                  customer=customer, latest_charge=charge,
+                                  paths={"last_payment_error.payment_method": {"id": card}}))
+            events[-1]["created"] = at + 30
+        return events
+
+    for order in (lambda e: e, lambda e: e[::-1]):
+        _, customer = accounts.create()
+        intent = unique("pi")
+        events = history(customer, intent)
+        for evt in order(events):
+            assert post_event(client, evt).status_code == 200
+        expected = {e["data"]["object"]["id"]: {"pm": e["data"]["object"]["payment_method"],
+                                                "at": e["data"]["object"]["created"]}
+                    for e in events if e["type"] == "charge.failed"}
+        assert attempt_row(engine, intent)["charges"] == expected
+
+
 def test_a_payment_method_update_of_metadata_alone_is_no_change(client, accounts, engine):
     """An update that earns an immediate retry changes the card (its expiry, its billing details);
     one that touched only metadata must not retry the card just declined."""

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from app.domain.compute import compute
-from app.domain.snapshot import BadDebtPayment, Subscription
+from app.domain.snapshot import BadDebtPayment, Charge, Subscription
 from app.domain.state import FailureClass, Level, Status
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
 
@@ -288,6 +288,30 @@ def test_per_method_cap_of_15_in_30_days_defers_the_retry():
     oldest = min(a.attempted_at for a in (*others, mine))
     assert decision.state.next_retry_at == oldest + timedelta(days=30)
     assert "retry.cap_method_30d" in rules(decision)
+
+
+def test_per_method_cap_counts_every_charge_on_a_reused_intent():
+    # Three invoices retried on pm_1, five or six charges each on its own (reused) payment intent:
+    # 17 charges in 20 days, three mirror rows. A fourth invoice's retry on pm_1 waits.
+    reused = tuple(
+        attempt(f"pi_{n}", f"in_{n}", days_ago=20 - 6 * n,
+                charges=tuple(Charge(f"ch_{n}_{k}", "pm_1", days(20 - 6 * n - k)) for k in range(6 - (n == 2))))
+        for n in range(3))
+    mine = attempt("pi_me", "in_1", days_ago=1)
+    decision = decide(snapshot(invoice(failed_days_ago=1), attempts=(*reused, mine)))
+    assert "retry.cap_method_30d" in rules(decision)
+    # the oldest charges leave the 30 days first: the 15th most recent of 18 frees the window
+    times = sorted([c.charged_at for a in reused for c in a.charges] + [mine.attempted_at])
+    assert decision.state.next_retry_at == times[len(times) - 15] + timedelta(days=30)
+
+
+def test_per_method_cap_counts_a_reused_intents_charges_by_their_own_method():
+    # The same intent charged 14 times on pm_old, then on pm_1: pm_1 has had two charges, not 16.
+    charges = (*(Charge(f"ch_{k}", "pm_old", days(20 - k)) for k in range(14)), Charge("ch_new", None, days(2)))
+    reused = attempt("pi_1", "in_2", days_ago=2, pm="pm_1", charges=charges)
+    mine = attempt("pi_me", "in_1", days_ago=1)
+    decision = decide(snapshot(invoice(failed_days_ago=1), attempts=(reused, mine)))
+    assert "retry.cap_method_30d" not in rules(decision) and decision.state.next_retry_at is not None
 
 
 def test_a_free_retry_skipped_unsent_is_offered_again():
