@@ -25,6 +25,10 @@ def verify_and_parse(body: bytes, signature: str | None, secret: str) -> tuple[d
         raise BadWebhook("webhook secret is not configured (STRIPE_WEBHOOK_SECRET)", "config")
     if not signature:
         raise BadWebhook("missing Stripe-Signature header", "signature")
+    if not signature.isascii():
+        # Stripe's header is ASCII (a timestamp and hex digests); the library compares each v1 value
+        # with hmac.compare_digest, which raises TypeError on a str holding anything else.
+        raise BadWebhook("malformed Stripe-Signature header", "malformed")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:

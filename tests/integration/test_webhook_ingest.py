@@ -11,6 +11,7 @@ import redis
 from freezegun import freeze_time
 from sqlalchemy import Engine
 
+from app import metrics
 from app.config import Settings
 from tests.conftest import WEBHOOK_SECRET, Accounts, post_event
 from tests.stripe_events import event, sign, unique
@@ -104,6 +105,19 @@ def test_malformed_signature_header_is_rejected(client, accounts, engine, settin
     response = client.post("/webhooks/stripe", data=json.dumps(failed_invoice(customer)),
                            headers={"Stripe-Signature": "garbage"})
     _assert_rejected(response, engine, settings, "malformed")
+
+
+def test_a_non_ascii_signature_is_malformed_not_a_500(client, accounts, engine, settings):
+    # stripe's secure_compare hands each v1 value to hmac.compare_digest, which raises TypeError on a
+    # str with non-ASCII characters: the public endpoint answered 500 to anyone who sent one.
+    _, customer = accounts.create()
+    body = json.dumps(failed_invoice(customer))
+    rejected = metrics.WEBHOOKS_REJECTED.labels("malformed")
+    before = rejected._value.get()
+    for header in (f"t={int(time.time())},v1=\u00e9", sign(body, WEBHOOK_SECRET) + "\u00e9"):
+        response = client.post("/webhooks/stripe", data=body, headers={"Stripe-Signature": header})
+        _assert_rejected(response, engine, settings, "malformed")
+    assert rejected._value.get() == before + 2
 
 
 def test_signed_body_that_is_not_json_is_rejected(client, engine, settings, clean):
