@@ -36,6 +36,8 @@ RETRIES = Counter("dunning_payment_retries_total", "Payment retries by failure c
                   ["failure_class", "outcome"])
 BAD_DEBT_ENTRIES = Counter("dunning_bad_debt_entries_total", "Accounts entering bad debt", ["reason", "product"])
 BAD_DEBT_EXITS = Counter("dunning_bad_debt_exits_total", "Accounts leaving bad debt", ["how", "product"])
+BAD_DEBT_OVERPAID = Counter("dunning_bad_debt_overpaid_total",
+                            "Bad-debt payments that also covered invoices settled some other way meanwhile")
 BAD_DEBT_SECONDS = Histogram(
     "dunning_bad_debt_duration_seconds", "Time spent in bad debt",
     buckets=(3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400),

@@ -8,10 +8,11 @@ from typing import Any
 import stripe
 from celery import Task, shared_task
 
+from app import metrics
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
-from app.payments.bad_debt_settle import NotSettled, settle, unsettled
-from tasks.failures import FailureKind, TaskFailure, resolve_stuck
+from app.payments.bad_debt_settle import NotSettled, account_of, settle, unsettled
+from tasks.failures import FailureKind, TaskFailure, record_stuck, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -38,16 +39,24 @@ def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     try:
         result = settle(rt, int(payment_id))
     except Exception as exc:
-        handle_failure(self, _as_failure(exc), None, {"payment_id": payment_id})
+        # Under its account, so support sees it on the account's page and one payment's failure is
+        # not another's row.
+        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), {"payment_id": payment_id})
         raise
+    if result.settled_elsewhere:
+        metrics.BAD_DEBT_OVERPAID.inc()
+        record_stuck(rt.engine, SETTLE, {"payment_id": payment_id}, result.account_id, FailureKind.INVALID_DATA,
+                     f"overpaid: bad-debt payment {payment_id} ({result.amount}) also covered invoice(s) "
+                     f"{', '.join(result.settled_elsewhere)}, settled some other way while it ran; "
+                     "the customer paid them twice and is owed a refund", 1, "dead")
+    elif self.request.retries:
+        resolve_stuck(rt.engine, SETTLE, result.account_id)
     if result.enqueue and result.account_id:
         try:
             enqueue_recompute(self.app, result.account_id, Trigger.BAD_DEBT_PAID.value,
                               f"bad_debt_payment:{payment_id}")
         except BrokerUnavailable as exc:  # the committed recompute request is re-driven by beat
             log.warning("recompute after settling bad-debt payment %s not queued: %s", payment_id, exc)
-    if self.request.retries:
-        resolve_stuck(rt.engine, SETTLE, None)
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome,
             "invoices": list(result.invoices)}
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import stripe
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import unit_of_work
 from app.domain.triggers import Trigger
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 SETTLED_STATUSES = ("paid", "void")
 
 LOAD = """
-SELECT b.account_id, b.state, b.invoice_ids, b.stripe_payment_intent_id, a.status AS charge_status
+SELECT b.account_id, b.state, b.invoice_ids, b.amount, b.stripe_payment_intent_id, a.status AS charge_status
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.id = %(id)s
 """
@@ -55,20 +56,27 @@ class Settlement:
     outcome: str  # settled | already_done | not_charged | unknown_payment
     invoices: tuple[str, ...] = ()
     enqueue: bool = False
+    # Invoices paid or voided some other way while this payment ran: the customer paid them twice.
+    settled_elsewhere: tuple[str, ...] = ()
+    amount: int = 0
 
 
-def _pay_out_of_band(client: stripe.StripeClient, payment_id: int, invoice_id: str) -> dict[str, Any]:
+def _pay_out_of_band(client: stripe.StripeClient, payment_id: int, invoice_id: str) -> tuple[dict[str, Any], bool]:
+    """-> (Stripe's invoice, whether this payment settled it)."""
     try:
         invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True},
                                          {"idempotency_key": f"bad-debt-settle-{payment_id}-{invoice_id}"})
+        ours = True  # a re-run within Stripe's 24 hours replays this same answer
     except stripe.InvalidRequestError as exc:
-        # Already paid (e.g. the customer paid it some other way meanwhile) or voided: fine if so.
+        # Already paid (the customer paid it some other way meanwhile) or voided: settled, but not
+        # by this payment, whose money covered it too.
         invoice = client.v1.invoices.retrieve(invoice_id)
         if invoice.status not in SETTLED_STATUSES:
             raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
                              f"(status {invoice.status})") from exc
+        ours = False
     result: dict[str, Any] = invoice.to_dict(for_json=True)
-    return result
+    return result, ours
 
 
 def _mirror_rows(payment_id: int, invoice: dict[str, Any]) -> list[Any]:
@@ -95,15 +103,33 @@ def settle(rt: Runtime, payment_id: int) -> Settlement:
         # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
         return Settlement(payment_id, account_id, "not_charged")
     client = make_stripe_client(rt.settings)
-    invoices = [_pay_out_of_band(client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
+    paid = [_pay_out_of_band(client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     with unit_of_work(rt.engine) as conn:
-        for invoice in invoices:
+        # The request row, the mirror rows, then the payment row: the order webhook ingest locks
+        # them in (its statement, then record_outcome), so the two cannot deadlock.
+        created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
+        for invoice, _ in paid:
             for mirror_row in _mirror_rows(payment_id, invoice):
                 upsert_row(conn, mirror_row)
         conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
-        created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-    log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(invoices), account_id)
-    return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i in invoices), enqueue=created)
+    elsewhere = tuple(str(invoice["id"]) for invoice, ours in paid if not ours)
+    if elsewhere:
+        log.error("bad-debt payment %s of %s for %s covered invoice(s) %s already settled some other way: "
+                  "the customer paid them twice", payment_id, row["amount"], account_id, ", ".join(elsewhere))
+    log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(paid), account_id)
+    return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i, _ in paid), enqueue=created,
+                      settled_elsewhere=elsewhere, amount=int(row["amount"]))
+
+
+def account_of(rt: Runtime, payment_id: int) -> str | None:
+    """The payment's account, for recording a failure under it (None if unknown or unreadable)."""
+    try:
+        with rt.engine.connect() as conn:
+            found = conn.exec_driver_sql("SELECT account_id FROM bad_debt_payment WHERE id = %(id)s",
+                                         {"id": payment_id}).scalar()
+    except SQLAlchemyError:  # the database may be what failed: the failure is recorded without it
+        return None
+    return str(found) if found is not None else None
 
 
 def unsettled(rt: Runtime, older_than_seconds: float = 60.0, limit: int = 100) -> list[int]:
