@@ -156,15 +156,16 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     if decision.state.status != Status.BAD_DEBT.value or balance != stored.outstanding_amount:
         # Something arrived since the last recompute (which is on its way): the stored balance is stale.
         raise Refused(409, "balance_changing", "the account's balance is being recomputed; retry in a moment")
-    if req.amount != balance:
-        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance})",
-                      outstanding_amount=balance)
+    # Before the amount: a sum across currencies is no balance anyone could pay.
     currencies = {inv.currency for inv in invoices}
     ids = [inv.id for inv in invoices]
     customers = [r[0] for r in conn.exec_driver_sql(CUSTOMERS_OF, {"ids": ids})]
     if len(currencies) != 1 or len(customers) != 1:
         raise Refused(409, "mixed_debt", "the debt spans several currencies or Stripe customers; "
                       "settle it through support")
+    if req.amount != balance:
+        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance})",
+                      outstanding_amount=balance)
     method = snapshot.default_payment_method_id or next(
         (pm.id for pm in sorted(snapshot.payment_methods, key=lambda p: p.changed_at, reverse=True) if pm.attached),
         None)
@@ -267,8 +268,9 @@ def _indeterminate(exc: stripe.StripeError) -> bool:
 SAVE_ANSWER = """
 UPDATE bad_debt_payment
    SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(intent)s),
-       state = CASE WHEN %(failure)s::text IS NULL THEN state ELSE 'failed' END,
-       failure_reason = COALESCE(%(failure)s, failure_reason),
+       state = CASE WHEN %(failure)s::text IS NULL OR state <> 'pending' THEN state ELSE 'failed' END,
+       failure_reason = CASE WHEN state = 'pending' THEN COALESCE(%(failure)s, failure_reason)
+                             ELSE failure_reason END,
        response_status = %(status)s, response_body = %(body)s, updated_at = now()
  WHERE id = %(id)s
 """
@@ -285,7 +287,16 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
         if replayed is not None:
             return replayed
         with rt.engine.connect() as conn:
-            debt = _debt(conn, rt, req, now or datetime.now(UTC))
+            try:
+                debt = _debt(conn, rt, req, now or datetime.now(UTC))
+            except Refused as refused:
+                # The payment in flight may be this very request's, committed by a duplicate that
+                # ran alongside since the key was looked up: answer as a replay of the key does.
+                if refused.answer.body.get("error") == "payment_in_flight":
+                    replayed = _replay(conn, req)
+                    if replayed is not None:
+                        return replayed
+                raise
         payment_id, enqueue = _insert(rt, req, debt)
     except Refused as refused:
         return refused.answer
