@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,9 @@ from app.runtime import Runtime
 from tests.conftest import Accounts, point_stripe_at, post_event, service_headers, wait_for
 from tests.fakes.fake_stripe_payments import FakeStripePayments
 from tests.integration.bad_debt_setup import InBadDebt, dunning_row, into_bad_debt, recompute
-from tests.stripe_events import event
+from tests.stripe_events import event, unique, with_product
+
+DAY = 86400
 
 
 @pytest.fixture
@@ -396,3 +399,105 @@ def test_the_failure_webhook_returns_the_account_to_bad_debt_with_the_reason(cli
     [row] = payments(engine, debtor.account)
     assert row["state"] == "failed" and row["failure_reason"] == "declined: do_not_honor"
     assert stripe_fake.invoice_payments() == []
+
+
+def stuck_rows(engine: Engine, task: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.exec_driver_sql(
+            "SELECT account_id, state, error, task_args FROM subs_stuck_events WHERE task_name = %(t)s ORDER BY id",
+            {"t": task}).mappings()]
+
+
+@pytest.mark.worker
+def test_an_invoice_paid_elsewhere_while_the_payment_ran_is_flagged_as_paid_twice(client, engine, debtor,
+                                                                                  stripe_fake, worker):
+    """A bank debit processing for days while the customer pays the same invoice on Stripe's hosted
+    page: both collect. The debt is settled, and the double payment is put before an operator."""
+    stripe_fake.intent_outcome = "processing"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 202
+    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_paid=debtor.amount, amount_remaining=0)
+    paid = event("invoice.paid", id=debtor.invoice, customer=debtor.customer, amount_due=debtor.amount,
+                 amount_paid=debtor.amount, amount_remaining=0)
+    assert post_event(client, paid).status_code == 200
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+
+    [flag] = wait_for(lambda: stuck_rows(engine, "tasks.settle_bad_debt_payment"), message="a stuck row")
+    assert flag["account_id"] == debtor.account and flag["state"] == "dead"
+    assert flag["error"].startswith("overpaid:") and debtor.invoice in flag["error"]
+    assert flag["task_args"] == {"payment_id": response.json["payment_id"]}
+    wait_for(lambda: payments(engine, debtor.account)[0]["state"] == "succeeded", message="payment settled")
+
+
+@pytest.mark.worker
+def test_a_settlement_that_fails_is_recorded_under_its_account(client, engine, debtor, stripe_fake, worker):
+    stripe_fake.invoices.clear()  # Stripe knows no such invoice: paying it out of band is refused
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    [row] = wait_for(lambda: stuck_rows(engine, "tasks.settle_bad_debt_payment"), message="a stuck row")
+    assert row["account_id"] == debtor.account and row["state"] == "dead"
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
+
+
+def test_a_duplicate_that_overlaps_the_first_request_is_told_it_is_in_progress(flask_app: Flask, engine, debtor,
+                                                                              stripe_fake, monkeypatch):
+    """The duplicate looks the key up before the first request commits its payment, and the debt
+    after: it must hear "this request is in progress", not "another payment is in flight"."""
+    import app.payments.bad_debt as bad_debt
+
+    real_debt = bad_debt._debt
+    duplicate_looked, first_inserted, release = threading.Event(), threading.Event(), threading.Event()
+
+    def debt_after_the_first_insert(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "duplicate":
+            duplicate_looked.set()
+            first_inserted.wait(10)
+        return real_debt(*args, **kwargs)
+
+    monkeypatch.setattr(bad_debt, "_debt", debt_after_the_first_insert)
+
+    def first_waits_on_stripe() -> None:
+        first_inserted.set()
+        release.wait(10)
+
+    stripe_fake.before_answer = first_waits_on_stripe
+    body, idem = {"account_id": debtor.account, "amount": debtor.amount}, key()
+    answers: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        answers[name] = pay(flask_app.test_client(), body, idem)
+        if name == "duplicate":
+            release.set()
+
+    duplicate = threading.Thread(target=run, args=("duplicate",), name="duplicate")
+    duplicate.start()
+    assert duplicate_looked.wait(10)
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    duplicate.join(20)
+    first.join(20)
+    assert answers["first"].status_code == 202
+    assert (answers["duplicate"].status_code, answers["duplicate"].json["error"]) == (409, "request_in_progress")
+    assert len(stripe_fake.intents_created()) == 1
+
+
+def test_a_debt_in_two_currencies_is_refused_before_any_amount_is_quoted(client, engine, runtime, accounts,
+                                                                        stripe_fake):
+    account, customer = accounts.create()
+    t = int(time.time()) - 30 * DAY
+    for currency, amount in (("usd", 1000), ("eur", 700)):
+        evt = with_product(event("invoice.marked_uncollectible", id=unique("in"), customer=customer, created=t,
+                                 amount_due=amount, amount_remaining=amount, amount_paid=0, total=amount,
+                                 currency=currency, paths={"created": t - DAY}), "prod_premium", amount)
+        assert post_event(client, evt).status_code == 200
+    card = event("customer.updated", id=customer, created=t,
+                 paths={"invoice_settings.default_payment_method": unique("pm")})
+    assert post_event(client, card).status_code == 200
+    assert recompute(engine, runtime, account)["status"] == "bad_debt"
+    for amount in (1000, 1700):  # neither is a balance: 10.00 USD and 7.00 EUR
+        response = pay(client, {"account_id": account, "amount": amount}, key())
+        assert (response.status_code, response.json["error"]) == (409, "mixed_debt")
+        assert "outstanding_amount" not in response.json
+    assert stripe_fake.intents_created() == []
