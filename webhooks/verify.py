@@ -64,3 +64,7 @@ def _decode(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadWebhook("body is not JSON", "not_json") from exc
+    except RecursionError:
+        # orjson stops at 1024 levels; json.loads runs out of stack a little earlier. No Stripe event
+        # nests anywhere near that deep.
+        raise BadWebhook("body is not JSON that can be read: nested too deeply", "not_json") from None

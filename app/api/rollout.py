@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from app.api.body import json_body
 from app.api.params import whole_number
 from app.auth import require_service_token
 from app.db import unit_of_work
@@ -49,7 +50,7 @@ def rollout_status() -> ResponseReturnValue:
 @bp.post("/ops/rollout")
 @require_service_token
 def rollout_change() -> ResponseReturnValue:
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         return _bad("the body must be a JSON object: {\"action\", \"reason\", \"actor\"}")
     action = body.get("action")

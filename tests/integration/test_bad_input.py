@@ -32,3 +32,15 @@ def test_a_limit_that_is_not_a_whole_number_in_range_is_a_400(client, path, limi
     response = client.get(path, query_string={"limit": limit}, headers=service_headers())
     assert response.status_code == 400, (response.status_code, response.get_data(as_text=True))
     assert "limit" in response.json["reason"]
+
+
+def _pay(client, data: str):
+    headers = {**service_headers(), "Idempotency-Key": "key-1"}
+    return client.post("/pay-bad-debt", data=data, headers=headers, content_type="application/json")
+
+
+def test_a_body_nested_too_deeply_is_a_400_with_a_reason(client, clean):
+    # json.loads raises RecursionError, which get_json(silent=True) does not catch: it was a 500.
+    response = _pay(client, "[" * 100_000 + "]" * 100_000)
+    assert response.status_code == 400, (response.status_code, response.get_data(as_text=True))
+    assert "nested too deeply" in response.json["reason"]

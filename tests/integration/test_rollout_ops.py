@@ -218,10 +218,12 @@ def test_ops_rollout_requires_a_service_token(client, rollout_off: None):
     ({"action": "advance", "reason": "   "}, "reason is required"),
     ({"action": "advance", "reason": "x", "actor": 7}, "actor must be"),
     ({"action": "name", "reason": "x", "accounts": "acct_1"}, "accounts must be a list"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_ops_rollout_rejects_bad_input_with_a_reason(client, engine: Engine, rollout_off: None, body: Any,
                                                      reason: str):
-    kwargs: dict[str, Any] = {"data": body} if isinstance(body, str) else {"json": body}
+    kwargs: dict[str, Any] = ({"data": body, "content_type": "application/json"} if isinstance(body, str)
+                              else {"json": body})
     response = client.post("/ops/rollout", headers=service_headers(), **kwargs)
     assert response.status_code == 400
     assert reason in response.json["reason"]

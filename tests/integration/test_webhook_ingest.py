@@ -120,6 +120,15 @@ def test_a_non_ascii_signature_is_malformed_not_a_500(client, accounts, engine, 
     assert rejected._value.get() == before + 2
 
 
+def test_a_signed_body_nested_too_deeply_is_rejected_not_a_500(client, accounts, engine, settings):
+    # orjson refuses more than 1024 levels and json.loads, tried next, ran out of stack: RecursionError.
+    _, customer = accounts.create()
+    text = json.dumps(failed_invoice(customer))
+    for body in ("[" * 100_000 + "]" * 100_000, text[:-1] + ', "extra": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        response = client.post("/webhooks/stripe", data=body, headers={"Stripe-Signature": sign(body, WEBHOOK_SECRET)})
+        _assert_rejected(response, engine, settings, "nested too deeply")
+
+
 def test_signed_body_that_is_not_json_is_rejected(client, engine, settings, clean):
     body = "this is not json"
     response = client.post("/webhooks/stripe", data=body, headers={"Stripe-Signature": sign(body, WEBHOOK_SECRET)})
