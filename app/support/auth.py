@@ -87,8 +87,11 @@ def require_support_token(view: F) -> F:
         if actor is None:
             return unauthorized("support")
         if how == "session" and request.method not in ("GET", "HEAD", "OPTIONS"):
-            expected = csrf_token() or ""
-            if not expected or not secrets.compare_digest(request.headers.get(CSRF_HEADER, ""), expected):
+            # Compared as bytes: compare_digest raises TypeError on a str with non-ASCII characters,
+            # which a header may hold (HTTP headers arrive as latin-1).
+            expected = (csrf_token() or "").encode()
+            sent = request.headers.get(CSRF_HEADER, "").encode()
+            if not expected or not secrets.compare_digest(sent, expected):
                 return jsonify(error="forbidden",
                                reason=f"a cookie session must send its {CSRF_HEADER} header on writes"), 403
         g.actor = actor

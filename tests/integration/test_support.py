@@ -157,6 +157,18 @@ def test_sign_in_keeps_a_session_and_cookie_writes_need_the_csrf_header(flask_ap
     assert client.get(f"/support/accounts/{account}").status_code == 401
 
 
+def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, accounts):
+    # secrets.compare_digest raised TypeError on a str with non-ASCII characters: a 500.
+    client = flask_app.test_client()
+    account, _ = accounts.create()
+    assert client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": "/support/x"}).status_code == 303
+    for sent in ("\u00e9", "\u00ff" * 32):
+        response = client.post(f"/support/accounts/{account}/recompute", headers={"X-Support-CSRF": sent})
+        assert response.status_code == 403, response.get_data(as_text=True)
+        assert "X-Support-CSRF" in response.json["reason"]
+    assert [r["action"] for r in audit_rows(engine)] == ["sign_in"]
+
+
 def test_sign_in_never_redirects_off_the_support_pages(flask_app, clean):
     client = flask_app.test_client()
     response = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": "https://evil.example/x"})
