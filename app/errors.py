@@ -18,7 +18,13 @@ log = logging.getLogger(__name__)
 def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> ResponseReturnValue:
-        return jsonify(error=(exc.name or "error").lower().replace(" ", "_"), reason=exc.description), exc.code or 500
+        response = jsonify(error=(exc.name or "error").lower().replace(" ", "_"), reason=exc.description)
+        # The exception's own headers belong to its answer (a 405's Allow, a 401's WWW-Authenticate, a
+        # 416's Content-Range, a Retry-After): only its HTML Content-Type is replaced.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers.add(name, value)
+        return response, exc.code or 500
 
     @app.errorhandler(DatabaseUnavailable)
     def db_down(exc: DatabaseUnavailable) -> ResponseReturnValue:

@@ -44,3 +44,17 @@ def test_a_body_nested_too_deeply_is_a_400_with_a_reason(client, clean):
     response = _pay(client, "[" * 100_000 + "]" * 100_000)
     assert response.status_code == 400, (response.status_code, response.get_data(as_text=True))
     assert "nested too deeply" in response.json["reason"]
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/pay-bad-debt", {"POST"}),
+    ("GET", "/webhooks/stripe", {"POST"}),
+    ("GET", "/support/logout", {"POST"}),
+    ("DELETE", "/ops/rollout", {"GET", "HEAD", "POST"}),
+])
+def test_a_method_the_path_does_not_take_is_a_405_that_says_which_it_takes(client, method, path, allowed):
+    # The JSON error handler rebuilt the response and lost the Allow header (RFC 9110 15.5.6: MUST).
+    response = client.open(path, method=method, headers=service_headers())
+    assert response.status_code == 405 and response.json["error"] == "method_not_allowed"
+    assert response.content_type == "application/json"
+    assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}
