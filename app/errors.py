@@ -55,6 +55,16 @@ def register(app: Flask) -> None:
         log.exception("database error")
         return jsonify(error="internal_error", reason="database error; nothing was accepted"), 500
 
+    @app.errorhandler(UnicodeEncodeError)
+    def not_unicode_text(exc: UnicodeEncodeError) -> ResponseReturnValue:
+        # JSON may escape half of a surrogate pair alone ("\ud800"); Python keeps it in the str, but
+        # no UTF-8 text holds it, so psycopg2 cannot send it (nor PostgreSQL store it). Nothing this
+        # service stores or reads back holds one: it came with the request.
+        if exc.reason == "surrogates not allowed":
+            return jsonify(error="bad_request",
+                           reason="a value in the request is not valid Unicode text (a lone surrogate)"), 400
+        return unexpected(exc)
+
     @app.errorhandler(ValueError)
     def nul_character(exc: ValueError) -> ResponseReturnValue:
         # psycopg2 refuses a string holding NUL before it reaches the database (PostgreSQL text has

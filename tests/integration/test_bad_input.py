@@ -46,6 +46,15 @@ def test_a_body_nested_too_deeply_is_a_400_with_a_reason(client, clean):
     assert "nested too deeply" in response.json["reason"]
 
 
+@pytest.mark.parametrize("account", ["\\ud800", "acct\\udc80x"])
+def test_a_lone_surrogate_is_a_400_with_a_reason(client, clean, account):
+    # JSON may escape half a surrogate pair alone; psycopg2's UTF-8 encoding raised UnicodeEncodeError,
+    # a ValueError that reached the NUL handler and then the 500 of an unexpected error.
+    response = _pay(client, '{"account_id": "' + account + '", "amount": 100}')
+    assert response.status_code == 400, (response.status_code, response.get_data(as_text=True))
+    assert "not valid Unicode text" in response.json["reason"]
+
+
 @pytest.mark.parametrize(("method", "path", "allowed"), [
     ("GET", "/pay-bad-debt", {"POST"}),
     ("GET", "/webhooks/stripe", {"POST"}),
