@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
@@ -52,6 +52,13 @@ def register(app: Flask) -> None:
         if is_connection_error(exc):
             log.warning("database unreachable: %s", exc.__class__.__name__)
             return _unavailable()
+        if _refused_as_data(exc):
+            # SQLSTATE class 22 (data exception): PostgreSQL refused a value the request brought (a
+            # \u0000 in jsonb, a number out of range, text that is not a date), as ValueRejected says
+            # for the statements run on the DBAPI cursor. The transaction was rolled back.
+            log.warning("value refused by the database: %s", exc.orig)
+            return jsonify(error="unprocessable",
+                           reason=f"a value could not be stored ({_primary_message(exc)}); nothing was accepted"), 422
         log.exception("database error")
         return jsonify(error="internal_error", reason="database error; nothing was accepted"), 500
 
@@ -77,6 +84,17 @@ def register(app: Flask) -> None:
     def unexpected(exc: Exception) -> ResponseReturnValue:
         log.exception("unhandled error")
         return jsonify(error="internal_error", reason="unexpected error; nothing was accepted"), 500
+
+
+def _refused_as_data(exc: DBAPIError) -> bool:
+    return isinstance(exc, DataError) or str(getattr(exc.orig, "pgcode", None) or "").startswith("22")
+
+
+def _primary_message(exc: DBAPIError) -> str:
+    """PostgreSQL's one-line message (what was wrong with which value), without the statement."""
+    diag = getattr(exc.orig, "diag", None)
+    message = getattr(diag, "message_primary", None) or next(iter(str(exc.orig).strip().splitlines()), "refused")
+    return message if len(message) <= 200 else message[:197] + "..."
 
 
 def _unavailable() -> ResponseReturnValue:

@@ -33,6 +33,19 @@ def _bad(reason: str) -> ResponseReturnValue:
     return jsonify(error="bad_request", reason=reason), 400
 
 
+def _text_problem(value: str) -> str | None:
+    """What keeps ``value`` from being stored as text (None when nothing does). The named accounts
+    go into a jsonb column, which refuses \\u0000 (a DataError, a 500 before this check), and no
+    UTF-8 text holds a lone surrogate."""
+    if "\x00" in value:
+        return "contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (a lone surrogate)"
+    return None
+
+
 def _view(conn: Any, now: datetime) -> dict[str, Any]:
     state = store.read_state(conn)
     health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now))
@@ -70,6 +83,9 @@ def rollout_change() -> ResponseReturnValue:
                     return _bad("accounts must be a list of account ids")
                 if len(accounts) > 10_000:
                     return _bad("at most 10000 named accounts")
+                unfit = next((problem for a in accounts if (problem := _text_problem(a))), None)
+                if unfit is not None:
+                    return _bad(f"accounts must be account ids: one {unfit}")
                 store.set_named_accounts(conn, accounts, actor, reason, now)
             else:
                 store.change(conn, action, actor, reason, now)

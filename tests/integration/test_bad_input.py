@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from flask import Flask
+from sqlalchemy import Engine
 
+from app import errors
+from app.db import unit_of_work
 from tests.conftest import SUPPORT_TOKEN, service_headers
 
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
@@ -67,3 +71,26 @@ def test_a_method_the_path_does_not_take_is_a_405_that_says_which_it_takes(clien
     assert response.status_code == 405 and response.json["error"] == "method_not_allowed"
     assert response.content_type == "application/json"
     assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}
+
+
+@pytest.mark.parametrize(("statement", "value", "reason"), [
+    ("SELECT %(v)s::jsonb", '["a\\u0000"]', "Unicode escape"),
+    ("SELECT %(v)s::integer", str(2**40), "out of range"),
+    ("SELECT %(v)s::timestamptz", "2026-02-30", "out of range"),
+])
+def test_a_value_postgresql_refuses_as_data_is_a_422_with_the_reason(engine: Engine, statement, value, reason):
+    # SQLSTATE class 22 (psycopg2.DataError) went to the DBAPIError handler's 500 "database error".
+    # Every endpoint's views check what they know; this is the handler behind them, on a real refusal.
+    app = Flask(__name__)
+    errors.register(app)
+
+    @app.post("/store")
+    def store() -> str:
+        with unit_of_work(engine) as conn:
+            conn.exec_driver_sql(statement, {"v": value})
+        return "stored"
+
+    response = app.test_client().post("/store")
+    assert response.status_code == 422, (response.status_code, response.get_data(as_text=True))
+    assert response.json["error"] == "unprocessable" and reason in response.json["reason"]
+    assert "SELECT" not in response.json["reason"]

@@ -220,6 +220,9 @@ def test_ops_rollout_requires_a_service_token(client, rollout_off: None):
     ({"action": "name", "reason": "x", "accounts": "acct_1"}, "accounts must be a list"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"action": "hold", "reason": "\\ud800"}', "not valid Unicode text"),
+    # jsonb refuses \u0000: PostgreSQL's DataError was a 500 "database error".
+    ({"action": "name", "reason": "x", "accounts": ["acct_1", "a\u0000"]}, "NUL character"),
+    ('{"action": "name", "reason": "x", "accounts": ["\\ud800"]}', "not valid Unicode text"),
 ])
 def test_ops_rollout_rejects_bad_input_with_a_reason(client, engine: Engine, rollout_off: None, body: Any,
                                                      reason: str):
