@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import html
+import re
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import SUPPORT_TOKEN, Accounts
+from tests.stripe_events import unique
 
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
 
@@ -38,3 +41,14 @@ def test_stuck_lifting_is_shown_on_the_account_page_and_listed(client, accounts:
     text = listing.get_data(as_text=True)
     assert f"/support/accounts/{stuck}" in text and f"/support/accounts/{fresh}" not in text
     assert client.get("/support/lifting").status_code == 401
+
+
+def test_the_listing_links_each_account_by_its_url_encoded_id(client, accounts: Accounts, engine):
+    # The id went into the href raw: '#' and '?' cut it short, '%' made it another id.
+    account, _ = accounts.create(account_id=unique("acct") + "#1?x%2F \u00e9")
+    lifting_since(engine, account, 45)
+    text = client.get("/support/lifting", headers=SUPPORT).get_data(as_text=True)
+    [href] = re.findall(r'href="(/support/accounts/[^"]*)"', text)
+    assert href.endswith("%231%3Fx%252F%20%C3%A9")
+    page = client.get(html.unescape(href), headers=SUPPORT)
+    assert page.status_code == 200 and f"Account <code>{html.escape(account)}</code>" in page.get_data(as_text=True)
