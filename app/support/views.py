@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from celery.result import AsyncResult
 from flask import Blueprint, g, jsonify, redirect, render_template, request
@@ -106,7 +106,7 @@ def account_state(account_id: str) -> ResponseReturnValue:
 def account_page(account_id: str) -> ResponseReturnValue:
     actor, _ = authenticate()
     if actor is None:
-        return render_template("support_login.html", next=request.path, error=None), 401
+        return render_template("support_login.html", next=_here(), error=None), 401
     with runtime().engine.connect() as conn:
         view = account_view(conn, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     if view is None:
@@ -120,12 +120,18 @@ def lifting_page() -> ResponseReturnValue:
     """Accounts stuck in lifting longer than the guard window (the gauge's accounts, by name)."""
     actor, _ = authenticate()
     if actor is None:
-        return render_template("support_login.html", next=request.path, error=None), 401
+        return render_template("support_login.html", next=_here(), error=None), 401
     rt = runtime()
     with rt.engine.connect() as conn:
         stuck = stuck_in_lifting(conn, rt.policy.guard_window_minutes, datetime.now(UTC), 200)
     return render_template("support_lifting.html", actor=actor, stuck=stuck,
                            guard_minutes=rt.policy.guard_window_minutes)
+
+
+def _here() -> str:
+    """This page's path as a URL (request.path is decoded: an account id holding '#', '?' or '%'
+    would come back from the sign-in form as another page)."""
+    return quote(request.path)
 
 
 def _safe_next(target: str | None) -> str:

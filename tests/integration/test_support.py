@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import html
 import re
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from flask.testing import FlaskClient
@@ -167,6 +169,21 @@ def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, a
         assert response.status_code == 403, response.get_data(as_text=True)
         assert "X-Support-CSRF" in response.json["reason"]
     assert [r["action"] for r in audit_rows(engine)] == ["sign_in"]
+
+
+def test_sign_in_comes_back_to_the_page_of_an_account_whose_id_needs_escaping(flask_app, accounts):
+    # The form's next held the decoded path: signing in from acct#1?x%2F's page led to "acct".
+    client = flask_app.test_client()
+    account, _ = accounts.create(account_id=unique("acct") + "#1?x%2F \u00e9")
+    path = "/support/accounts/" + quote(account)
+    form = client.get(path)
+    assert form.status_code == 401
+    target = re.search(r'name="next" value="([^"]*)"', form.get_data(as_text=True))
+    assert target and html.unescape(target.group(1)) == path
+    signed_in = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": html.unescape(target.group(1))})
+    assert signed_in.status_code == 303 and signed_in.headers["Location"].endswith(path)
+    page = client.get(signed_in.headers["Location"])
+    assert page.status_code == 200 and f"Account <code>{html.escape(account)}</code>" in page.get_data(as_text=True)
 
 
 def test_sign_in_never_redirects_off_the_support_pages(flask_app, clean):
