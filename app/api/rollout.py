@@ -4,6 +4,11 @@ GET  /ops/rollout   stage, hold, last gate decision, health, history
 POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "..."}
                     or {"action": "name", "accounts": [...], "reason": "...", "actor": "..."}
 GET  /ops/lifting   accounts in lifting longer than the guard window
+
+A change is recorded with the authenticated principal as its actor (g.actor, set by
+require_service_token). "actor" in the body is optional and only the caller's word: when it names
+someone else it is kept beside the principal, as "requested_by" in the audit_log row's detail,
+never in the actor's place.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app.api.body import json_body
@@ -69,11 +74,18 @@ def rollout_change() -> ResponseReturnValue:
     action = body.get("action")
     if action not in POST_ACTIONS:
         return _bad(f"action must be one of {', '.join(POST_ACTIONS)}")
-    reason, actor = body.get("reason"), body.get("actor", "service")
+    reason, stated = body.get("reason"), body.get("actor")
     if not isinstance(reason, str) or not reason.strip():
         return _bad("reason is required: every rollout change is audited with why")
-    if not isinstance(actor, str) or not actor.strip():
-        return _bad("actor must be a non-empty string")
+    actor: str = g.actor  # who authenticated; the body's "actor" is only what the caller says
+    requested_by = None
+    if stated is not None:
+        if not isinstance(stated, str) or not stated.strip():
+            return _bad("actor must be a non-empty string")
+        problem = _text_problem(stated) or ("is too long (at most 200 characters)" if len(stated) > 200 else None)
+        if problem:
+            return _bad(f"actor {problem}")
+        requested_by = stated.strip() if stated.strip() != actor else None
     now = datetime.now(UTC)
     try:
         with unit_of_work(runtime().engine) as conn:
@@ -83,12 +95,12 @@ def rollout_change() -> ResponseReturnValue:
                     return _bad("accounts must be a list of account ids")
                 if len(accounts) > 10_000:
                     return _bad("at most 10000 named accounts")
-                unfit = next((problem for a in accounts if (problem := _text_problem(a))), None)
+                unfit = next((p for p in map(_text_problem, accounts) if p), None)
                 if unfit is not None:
                     return _bad(f"accounts must be account ids: one {unfit}")
-                store.set_named_accounts(conn, accounts, actor, reason, now)
+                store.set_named_accounts(conn, accounts, actor, reason, now, requested_by)
             else:
-                store.change(conn, action, actor, reason, now)
+                store.change(conn, action, actor, reason, now, requested_by=requested_by)
             view = _view(conn, now)
     except store.RolloutError as exc:
         return jsonify(error="conflict", reason=str(exc)), 409

@@ -83,8 +83,12 @@ def _required(value: str | None, what: str) -> str:
 
 
 def change(conn: Connection, action: str, actor: str | None, reason: str | None, now: datetime,
-           health: dict[str, Any] | None = None) -> tuple[RolloutRow, RolloutRow]:
+           health: dict[str, Any] | None = None, requested_by: str | None = None) -> tuple[RolloutRow, RolloutRow]:
     """Apply an operator's (or the gate's) action. -> (before, after). Raises RolloutError.
+
+    ``actor`` is who made the change as far as the system knows (the authenticated principal);
+    ``requested_by``, when given, is a name the caller stated for itself, kept in the audit_log
+    row's detail beside it and never in its place.
 
     advance: next stage now (an operator's advance does not wait for the soak), clears a hold.
     rollback: previous stage, and held so the gate does not widen again until someone resumes.
@@ -119,12 +123,12 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         "updated_at = %(now)s WHERE id = 1",
         {"stage": stage, "held": held, "entered": entered, "now": now},
     )
-    _audit(conn, action, before.stage, stage, actor, reason, now, health)
+    _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by)
     return before, read_state(conn)
 
 
 def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None, reason: str | None,
-                       now: datetime) -> RolloutRow:
+                       now: datetime, requested_by: str | None = None) -> RolloutRow:
     actor = _required(actor, "actor")
     reason = _required(reason, "a reason")
     cleaned = sorted({a.strip() for a in accounts if a.strip()})
@@ -132,7 +136,7 @@ def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None,
     conn.exec_driver_sql("UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s WHERE id = 1",
                          {"named": Json(cleaned), "now": now})
     _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now,
-           {"named_accounts": cleaned, "before": list(before.named_accounts)})
+           {"named_accounts": cleaned, "before": list(before.named_accounts)}, requested_by)
     return read_state(conn)
 
 
@@ -145,7 +149,10 @@ def record_gate(conn: Connection, action: str, reason: str, now: datetime) -> No
 
 
 def _audit(conn: Connection, action: str, from_stage: str, to_stage: str, actor: str, reason: str, now: datetime,
-           health: dict[str, Any] | None) -> None:
+           health: dict[str, Any] | None, requested_by: str | None = None) -> None:
+    detail: dict[str, Any] = {"from_stage": from_stage, "to_stage": to_stage, "reason": reason}
+    if requested_by is not None:
+        detail["requested_by"] = requested_by
     conn.exec_driver_sql(
         "INSERT INTO rollout_history (at, action, from_stage, to_stage, actor, reason, health) "
         "VALUES (%(now)s, %(action)s, %(from)s, %(to)s, %(actor)s, %(reason)s, %(health)s)",
@@ -155,5 +162,5 @@ def _audit(conn: Connection, action: str, from_stage: str, to_stage: str, actor:
     conn.exec_driver_sql(
         "INSERT INTO audit_log (at, actor, action, detail) VALUES (%(now)s, %(actor)s, %(action)s, %(detail)s)",
         {"now": now, "actor": actor, "action": f"rollout.{action}",
-         "detail": Json({"from_stage": from_stage, "to_stage": to_stage, "reason": reason})},
+         "detail": Json(detail)},
     )

@@ -217,6 +217,10 @@ def test_ops_rollout_requires_a_service_token(client, rollout_off: None):
     ({"action": "advance"}, "reason is required"),
     ({"action": "advance", "reason": "   "}, "reason is required"),
     ({"action": "advance", "reason": "x", "actor": 7}, "actor must be"),
+    ({"action": "advance", "reason": "x", "actor": " "}, "actor must be"),
+    ({"action": "advance", "reason": "x", "actor": "a\u0000b"}, "actor contains a NUL character"),
+    ('{"action": "advance", "reason": "x", "actor": "\\udfff"}', "actor is not valid Unicode text"),
+    ({"action": "advance", "reason": "x", "actor": "d" * 201}, "actor is too long"),
     ({"action": "name", "reason": "x", "accounts": "acct_1"}, "accounts must be a list"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ('{"action": "hold", "reason": "\\ud800"}', "not valid Unicode text"),
@@ -251,8 +255,25 @@ def test_ops_rollout_steers_and_shows_the_rollout(client, engine: Engine, rollou
     view = client.get("/ops/rollout", headers=service_headers()).json
     assert view["stage"] == "named" and set(view["health"]) >= {"remediations", "reverted", "errors", "sweeps"}
     assert [(h["action"], h["actor"]) for h in view["history"]] == [
-        ("resume", "service"), ("hold", "service"), ("advance", "dana"), ("name_accounts", "dana")]
+        ("resume", "service"), ("hold", "service"), ("advance", "service"), ("name_accounts", "service")]
     assert SERVICE_TOKEN not in str(view)
+
+
+def test_ops_rollout_records_the_authenticated_principal_and_keeps_a_stated_actor_beside_it(
+        client, engine: Engine, rollout_off: None):
+    # The audit took the body's "actor" for who made the change: any holder of a service token could
+    # write any name into rollout_history and audit_log, and the principal was lost.
+    steps = [{"action": "name", "accounts": ["acct_a"], "reason": "pilot", "actor": "mallory"},
+             {"action": "advance", "reason": "go", "actor": " dana "},
+             {"action": "hold", "reason": "wait", "actor": "service"},
+             {"action": "resume", "reason": "on"}]
+    for body in steps:
+        assert client.post("/ops/rollout", headers=service_headers(), json=body).status_code == 200
+    assert {h.actor for h in history(engine)} == {"service"}
+    audit = sql(engine, "SELECT actor, action, detail FROM audit_log ORDER BY id")
+    assert [(a.actor, a.action, a.detail.get("requested_by")) for a in audit] == [
+        ("service", "rollout.name_accounts", "mallory"), ("service", "rollout.advance", "dana"),
+        ("service", "rollout.hold", None), ("service", "rollout.resume", None)]
 
 
 def test_ops_lifting_lists_accounts_stuck_past_the_guard_window(client, accounts: Accounts, runtime, engine: Engine):
