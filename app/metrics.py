@@ -36,6 +36,8 @@ RETRIES = Counter("dunning_payment_retries_total", "Payment retries by failure c
                   ["failure_class", "outcome"])
 BAD_DEBT_ENTRIES = Counter("dunning_bad_debt_entries_total", "Accounts entering bad debt", ["reason", "product"])
 BAD_DEBT_EXITS = Counter("dunning_bad_debt_exits_total", "Accounts leaving bad debt", ["how", "product"])
+BAD_DEBT_RECONCILED = Counter("dunning_bad_debt_reconciled_total",
+                              "Checks with Stripe of bad-debt payments whose outcome never arrived", ["outcome"])
 BAD_DEBT_OVERPAID = Counter("dunning_bad_debt_overpaid_total",
                             "Bad-debt payments that also covered invoices settled some other way meanwhile")
 BAD_DEBT_SECONDS = Histogram(

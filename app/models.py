@@ -374,6 +374,12 @@ class BadDebtPayment(Base):
     response_body: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # Reconciling a payment whose outcome never arrived (app/payments/bad_debt_reconcile.py).
+    stripe_customer_id: Mapped[str | None] = mapped_column(Text)
+    stripe_status: Mapped[str | None] = mapped_column(Text)  # the intent's status at the last check
+    reconcile_after: Mapped[datetime | None]
+    reconcile_checks: Mapped[int] = mapped_column(Integer, server_default="0")
+    not_found_since: Mapped[datetime | None]  # Stripe listed no intent for it since then
 
     __table_args__ = (
         Index(
@@ -382,6 +388,7 @@ class BadDebtPayment(Base):
             unique=True,
             postgresql_where=text("state = 'pending'"),
         ),
+        Index("ix_bad_debt_payment_pending", "created_at", postgresql_where=text("state = 'pending'")),
     )
 
 

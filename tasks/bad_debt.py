@@ -1,8 +1,11 @@
-"""tasks.settle_bad_debt_payment (after the bad-debt PaymentIntent succeeded) and its beat sweep."""
+"""The bad-debt payment's tasks: settling it after its PaymentIntent succeeded, and asking Stripe
+about one whose outcome never arrived; with their beat sweeps."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import stripe
@@ -11,6 +14,7 @@ from celery import Task, shared_task
 from app import metrics
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
+from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import NotSettled, account_of, settle, unsettled
 from tasks.failures import FailureKind, TaskFailure, record_stuck, resolve_stuck
 from tasks.recompute import handle_failure
@@ -19,6 +23,7 @@ from tasks.runtime import runtime_for
 log = logging.getLogger(__name__)
 
 SETTLE = "tasks.settle_bad_debt_payment"
+RECONCILE = "tasks.reconcile_bad_debt_payment"
 
 
 def _as_failure(exc: Exception) -> Exception:
@@ -28,7 +33,7 @@ def _as_failure(exc: Exception) -> Exception:
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe unavailable: {exc.__class__.__name__} "
                            f"{exc.http_status or ''}".strip())
-    if isinstance(exc, stripe.StripeError | NotSettled):
+    if isinstance(exc, stripe.StripeError | NotSettled | NotReconciled):
         return TaskFailure(FailureKind.PERMANENT_API_ERROR, f"{exc.__class__.__name__}: {exc}")
     return exc
 
@@ -72,3 +77,42 @@ def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
         except BrokerUnavailable:
             break
     return {"found": len(ids), "sent": sent}
+
+
+@shared_task(name=RECONCILE, bind=True)
+def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
+    rt = runtime_for(self.app)
+    try:
+        result = reconcile(rt, int(payment_id), datetime.now(UTC))
+    except Exception as exc:
+        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), {"payment_id": payment_id})
+        raise
+    metrics.BAD_DEBT_RECONCILED.labels(result.outcome).inc()
+    if self.request.retries:
+        resolve_stuck(rt.engine, RECONCILE, result.account_id)
+    if result.outcome == "charged":
+        # If the broker is down, the settlement sweep finds the payment (pending, its charge succeeded).
+        with contextlib.suppress(BrokerUnavailable):
+            send(self.app, SETTLE, [int(payment_id)], ignore_result=True)
+    if result.enqueue and result.account_id:
+        try:
+            enqueue_recompute(self.app, result.account_id, Trigger.BAD_DEBT_PAID.value,
+                              f"bad_debt_payment:{payment_id}")
+        except BrokerUnavailable as exc:  # the committed recompute request is re-driven by beat
+            log.warning("recompute after reconciling bad-debt payment %s not queued: %s", payment_id, exc)
+    return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome}
+
+
+@shared_task(name="tasks.reconcile_bad_debt_payments", bind=True, ignore_result=True)
+def reconcile_bad_debt_payments(self: Task) -> dict[str, Any]:
+    """Payments pending past the guard window, each due its next check: one task each. A claim
+    whose task was never queued is checked again at its next due time."""
+    ids = due(runtime_for(self.app), datetime.now(UTC))
+    sent = 0
+    for payment_id in ids:
+        try:
+            send(self.app, RECONCILE, [payment_id], ignore_result=True)
+            sent += 1
+        except BrokerUnavailable:
+            break
+    return {"due": len(ids), "sent": sent}

@@ -13,6 +13,8 @@ ROUTES = {
     "tasks.retry_payment": {"queue": PAYMENTS},
     "tasks.settle_bad_debt_payment": {"queue": PAYMENTS},
     "tasks.settle_unsettled_bad_debt_payments": {"queue": PAYMENTS},
+    "tasks.reconcile_bad_debt_payment": {"queue": PAYMENTS},
+    "tasks.reconcile_bad_debt_payments": {"queue": PAYMENTS},
     "tasks.relay_outbox": {"queue": OUTBOX},
     "tasks.deliver_account_outbox": {"queue": OUTBOX},
     "tasks.drift_sweep": {"queue": SWEEPS},

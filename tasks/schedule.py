@@ -11,6 +11,9 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Bad-debt payments charged but not settled (settlement never queued or lost).
     "settle-bad-debt-payments": {"task": "tasks.settle_unsettled_bad_debt_payments", "schedule": 60.0,
                                  "options": {"expires": 50}},
+    # Bad-debt payments pending past the guard window with no outcome: Stripe is asked how they ended.
+    "reconcile-bad-debt-payments": {"task": "tasks.reconcile_bad_debt_payments", "schedule": 120.0,
+                                    "options": {"expires": 100}},
     # Due payment retries are rows (subs_dunning.next_retry_at), never long countdowns.
     "dispatch-due-retries": {"task": "tasks.dispatch_due_retries", "schedule": 30.0, "options": {"expires": 25}},
     "relay-outbox": {"task": "tasks.relay_outbox", "schedule": 5.0, "options": {"expires": 20}},

@@ -34,7 +34,7 @@ from typing import Any
 import stripe
 from psycopg2.extras import Json
 from sqlalchemy import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
@@ -104,7 +104,8 @@ def parse(body: Any, idempotency_key: str | None) -> Request:
 
 
 FIND_BY_KEY = """
-SELECT id, account_id, request_fingerprint, response_status, response_body
+SELECT id, account_id, request_fingerprint, response_status, response_body, state, failure_reason, amount,
+       currency, stripe_payment_intent_id
   FROM bad_debt_payment WHERE idempotency_key = %(key)s
 """
 
@@ -117,8 +118,24 @@ def _replay(conn: Connection, req: Request) -> Answer | None:
         raise Refused(422, "idempotency_key_reused",
                       "this Idempotency-Key was used with a different request body; use a new key")
     if row["response_status"] is None:
-        raise Refused(409, "request_in_progress", "a request with this Idempotency-Key is still being processed")
-    return Answer(int(row["response_status"]), dict(row["response_body"] or {}))
+        if row["state"] == "pending":
+            raise Refused(409, "request_in_progress", "a request with this Idempotency-Key is still being processed")
+        # The request never saved Stripe's answer (it died on the way), and the payment has ended
+        # since (its webhook, or the reconciliation with Stripe): the outcome is the answer.
+        return _outcome(row)
+    body = dict(row["response_body"] or {})
+    if body.get("error") == "payment_outcome_unknown" and row["state"] != "pending":
+        return _outcome(row)  # "unknown" was provisional, and it is known now
+    return Answer(int(row["response_status"]), body)
+
+
+def _outcome(row: Any) -> Answer:
+    body = {"payment_id": int(row["id"]), "account_id": row["account_id"], "amount": int(row["amount"]),
+            "currency": row["currency"], "state": row["state"],
+            "stripe_payment_intent_id": row["stripe_payment_intent_id"]}
+    if row["state"] == "succeeded":
+        return Answer(200, body)
+    return Answer(402, {**body, "error": "payment_failed", "reason": row["failure_reason"] or "failed"})
 
 
 @dataclass(frozen=True)
@@ -175,8 +192,9 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
 
 
 INSERT_PAYMENT = """
-INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids)
-VALUES (%(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s)
+INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids,
+                              stripe_customer_id)
+VALUES (%(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s)
 RETURNING id
 """
 
@@ -195,6 +213,7 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
             payment_id = int(conn.exec_driver_sql(INSERT_PAYMENT, {
                 "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
                 "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),
+                "customer": debt.customer,
             }).scalar_one())
             created = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
                                         f"bad_debt_payment:{payment_id}")
@@ -245,15 +264,19 @@ def _create_intent(rt: Runtime, req: Request, debt: Debt, payment_id: int) -> tu
             # The charge may have run: Stripe's webhook for the intent (found by its metadata) will say.
             # Until then the payment stays in flight, so the account stays lifting and no second
             # payment can start (it could charge the customer twice).
-            reason = (f"outcome unknown: {exc.__class__.__name__} ({status}); the payment stays in flight "
-                      "until Stripe reports it")
-            return Answer(502, {**base, "state": "pending", "error": "payment_outcome_unknown", "reason": reason}), \
-                None, None
+            return _unknown(req, debt, payment_id, f"{exc.__class__.__name__} ({status})"), None, None
         reason = f"payment provider error: {exc.__class__.__name__} ({status})"
         return Answer(502, {**base, "state": "failed", "error": "payment_provider_error", "reason": reason}), \
             None, reason
     body = {**base, "state": "pending", "stripe_payment_intent_id": intent.id, "stripe_status": intent.status}
     return Answer(202, body), str(intent.id), None
+
+
+def _unknown(req: Request, debt: Debt, payment_id: int, why: str) -> Answer:
+    reason = f"outcome unknown: {why}; the payment stays in flight until Stripe reports it"
+    return Answer(502, {"payment_id": payment_id, "account_id": req.account_id, "amount": req.amount,
+                        "currency": debt.currency, "state": "pending", "error": "payment_outcome_unknown",
+                        "reason": reason})
 
 
 def _indeterminate(exc: stripe.StripeError) -> bool:
@@ -300,17 +323,30 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
         payment_id, enqueue = _insert(rt, req, debt)
     except Refused as refused:
         return refused.answer
-    answer, intent_id, failure = _create_intent(rt, req, debt, payment_id)
-    with unit_of_work(rt.engine) as conn:
-        if failure is not None:
-            # A recompute may have run (and taken the request _insert made) while Stripe was being
-            # asked, and stored "lifting": this one must see the failure, or the account stays lifting.
-            # The request row before the payment row: the order the intent's webhook locks them in
-            # (ingest, then record_outcome), so the two cannot deadlock.
-            enqueue = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
-                                        f"bad_debt_payment:{payment_id}") or enqueue
-        conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
-                                           "body": Json(answer.body), "id": payment_id})
+    # From here on the payment exists: whatever fails, it stays in flight (the account lifting)
+    # until Stripe's webhook or the reconciliation with Stripe (bad_debt_reconcile.py) ends it.
+    try:
+        answer, intent_id, failure = _create_intent(rt, req, debt, payment_id)
+    except Exception:
+        log.exception("bad-debt payment %s: asking Stripe failed unexpectedly", payment_id)
+        answer, intent_id, failure = _unknown(req, debt, payment_id, "an unexpected error while asking Stripe"), \
+            None, None
+    try:
+        with unit_of_work(rt.engine) as conn:
+            if failure is not None:
+                # A recompute may have run (and taken the request _insert made) while Stripe was being
+                # asked, and stored "lifting": this one must see the failure, or the account stays lifting.
+                # The request row before the payment row: the order the intent's webhook locks them in
+                # (ingest, then record_outcome), so the two cannot deadlock.
+                enqueue = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
+                                            f"bad_debt_payment:{payment_id}") or enqueue
+            conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
+                                               "body": Json(answer.body), "id": payment_id})
+    except SQLAlchemyError:
+        # Stripe's answer is still the truth about the charge: say it. The key answers "in
+        # progress" until the payment is reconciled, then its outcome.
+        log.exception("bad-debt payment %s: Stripe's answer (%s) could not be saved", payment_id, answer.status)
+        return answer
     if enqueue:
         try:
             enqueue_recompute(celery_app, req.account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")

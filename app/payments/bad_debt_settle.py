@@ -34,13 +34,17 @@ SELECT b.account_id, b.state, b.invoice_ids, b.amount, b.stripe_payment_intent_i
 """
 MARK_SUCCEEDED = """
 UPDATE bad_debt_payment SET state = 'succeeded', failure_reason = NULL, updated_at = now()
- WHERE id = %(id)s AND state = 'pending'
+ WHERE id = %(id)s AND state IN ('pending', 'failed')
 """
-# Pending payments whose charge the mirror shows succeeded a while ago: settlement that was never
+# Settled: pending, or failed when its charge succeeded all the same (a payment the reconciliation
+# with Stripe found no intent for, whose intent turned up later): the customer's money pays the debt.
+SETTLEABLE = ("pending", "failed")
+# Settleable payments whose charge the mirror shows succeeded a while ago: settlement that was never
 # queued (broker down at ingest) or whose task was lost.
 UNSETTLED = """
 SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
- WHERE b.state = 'pending' AND a.status = 'succeeded' AND b.updated_at < now() - make_interval(secs => %(age)s)
+ WHERE b.state IN ('pending', 'failed') AND a.status = 'succeeded'
+   AND b.updated_at < now() - make_interval(secs => %(age)s)
  ORDER BY b.id LIMIT %(limit)s
 """
 
@@ -79,12 +83,13 @@ def _pay_out_of_band(client: stripe.StripeClient, payment_id: int, invoice_id: s
     return result, ours
 
 
-def _mirror_rows(payment_id: int, invoice: dict[str, Any]) -> list[Any]:
+def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
+    """An API object Stripe returned, mapped by the webhook mirror's own code (same columns, same
+    ordering guard) as if it came in an event of ``event_type``, stamped now."""
     from webhooks.mirror import extract
 
-    # The API's invoice object, mapped by the webhook mirror's own code (same columns, same ordering guard).
-    envelope = {"object": "event", "id": f"bad_debt_settle_{payment_id}_{invoice['id']}", "type": "invoice.paid",
-                "created": int(time.time()), "data": {"object": invoice}}
+    envelope = {"object": "event", "id": f"{source}_{obj['id']}", "type": event_type,
+                "created": int(time.time()), "data": {"object": obj}}
     return list(extract(envelope).rows)
 
 
@@ -97,7 +102,7 @@ def settle(rt: Runtime, payment_id: int) -> Settlement:
     if row is None:
         return Settlement(payment_id, None, "unknown_payment")
     account_id = str(row["account_id"])
-    if row["state"] != "pending":
+    if row["state"] not in SETTLEABLE:
         return Settlement(payment_id, account_id, "already_done")
     if row["charge_status"] != "succeeded":
         # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
@@ -109,7 +114,7 @@ def settle(rt: Runtime, payment_id: int) -> Settlement:
         # them in (its statement, then record_outcome), so the two cannot deadlock.
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
         for invoice, _ in paid:
-            for mirror_row in _mirror_rows(payment_id, invoice):
+            for mirror_row in mirror_rows("invoice.paid", f"bad_debt_settle_{payment_id}", invoice):
                 upsert_row(conn, mirror_row)
         conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
     elsewhere = tuple(str(invoice["id"]) for invoice, ours in paid if not ours)

@@ -83,7 +83,9 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         conn.exec_driver_sql(MARK_FAILED, {"reason": failure_reason(intent), "pi": payment_intent, "id": payment_id})
         return None
     conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
-    return payment_id if state == "pending" else None
+    # A payment marked failed whose charge succeeded after all (the reconciliation found no intent,
+    # and it turned up) is settled too: the customer's money pays the debt.
+    return payment_id if state in ("pending", "failed") else None
 
 
 def enqueue_settlement(celery_app: Any, payment_id: int) -> None:

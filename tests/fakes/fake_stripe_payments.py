@@ -8,6 +8,10 @@
   else happens while the caller waits on Stripe).
 * ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
+* ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
+  envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
+  succeeded or is cancelled) on every intent it created, those behind a 500 included.
+  ``set_status`` moves an intent on, as Stripe would.
 
 Like Stripe it replays the first answer for a repeated Idempotency-Key, and it records every request.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +48,7 @@ class FakeStripePayments:
         self.decline_code = "insufficient_funds"
         self.before_answer: Callable[[], None] | None = None
         self.charged_behind_errors: list[dict[str, Any]] = []  # intents created under a 500
+        self.intents: dict[str, dict[str, Any]] = {}  # every intent created, by id
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -62,7 +68,8 @@ class FakeStripePayments:
 
     def _serve(self, method: str, path: str, headers: dict[str, str], body: bytes) -> ServerAnswer:
         """The HTTP side: Stripe's form-encoded parameters in, its JSON and a Request-Id out."""
-        params = {k: v[-1] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        query = path.partition("?")[2] if method == "GET" else body.decode()
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
         key = headers.get("idempotency-key")
         status, payload = self.handle(method, path, key, params)
         return status, {"Request-Id": unique("req")}, payload
@@ -72,6 +79,13 @@ class FakeStripePayments:
     def add_invoice(self, invoice: dict[str, Any]) -> None:
         """Stripe's copy of an invoice (the data.object of a webhook the test sent)."""
         self.invoices[invoice["id"]] = json.loads(json.dumps(invoice))
+
+    def set_status(self, intent_id: str, status: str, decline_code: str | None = None) -> None:
+        intent = self.intents[intent_id]
+        intent["status"] = status
+        if decline_code:
+            intent["last_payment_error"] = {"type": "card_error", "code": "card_declined",
+                                            "decline_code": decline_code, "message": "Your card was declined."}
 
     def intents_created(self) -> list[Call]:
         return [c for c in self.calls if c.path == "/v1/payment_intents" and not c.replayed]
@@ -97,6 +111,13 @@ class FakeStripePayments:
         parts = path.split("?")[0].strip("/").split("/")
         if method == "POST" and parts == ["v1", "payment_intents"]:
             return self._create_intent(params)
+        if method == "GET" and parts == ["v1", "payment_intents"]:
+            return self._list_intents(params)
+        if len(parts) >= 3 and parts[:2] == ["v1", "payment_intents"] and parts[2] in self.intents:
+            if method == "GET" and len(parts) == 3:
+                return 200, self.intents[parts[2]]
+            if method == "POST" and parts[3:] == ["cancel"]:
+                return self._cancel_intent(parts[2], params)
         if len(parts) >= 3 and parts[:2] == ["v1", "invoices"] and parts[2] in self.invoices:
             if method == "GET" and len(parts) == 3:
                 return 200, self.invoices[parts[2]]
@@ -110,8 +131,27 @@ class FakeStripePayments:
         pi.update(id=unique("pi"), amount=int(params.get("amount", 0)), currency=params.get("currency", "usd"),
                   customer=params.get("customer"), payment_method=params.get("payment_method"), status=status,
                   metadata={k[len("metadata["):-1]: v for k, v in params.items() if k.startswith("metadata[")},
-                  latest_charge=unique("ch"), last_payment_error=None)
+                  latest_charge=unique("ch"), last_payment_error=None, created=int(time.time()))
+        self.intents[pi["id"]] = pi
         return pi
+
+    def _list_intents(self, params: dict[str, str]) -> Answer:
+        since = int(params.get("created[gte]", 0))
+        found = [pi for pi in self.intents.values()
+                 if pi["customer"] == params.get("customer") and pi["created"] >= since]
+        found.sort(key=lambda pi: pi["created"], reverse=True)
+        limit = int(params.get("limit", 10))
+        return 200, {"object": "list", "url": "/v1/payment_intents", "has_more": len(found) > limit,
+                     "data": found[:limit]}
+
+    def _cancel_intent(self, intent_id: str, params: dict[str, str]) -> Answer:
+        intent = self.intents[intent_id]
+        if intent["status"] in ("succeeded", "canceled"):
+            return 400, {"error": {"type": "invalid_request_error", "code": "payment_intent_unexpected_state",
+                                   "message": f"This PaymentIntent's status is {intent['status']}"}}
+        intent.update(status="canceled", cancellation_reason=params.get("cancellation_reason"),
+                      canceled_at=int(time.time()))
+        return 200, intent
 
     def _create_intent(self, params: dict[str, str]) -> Answer:
         if self.before_answer is not None:

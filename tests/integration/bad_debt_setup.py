@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,7 @@ from sqlalchemy import Engine
 from app.recompute.observe import observe
 from app.recompute.service import run_recompute
 from app.runtime import Runtime
-from tests.conftest import Accounts, post_event
+from tests.conftest import Accounts, post_event, service_headers
 from tests.stripe_events import event, unique, with_product
 
 DAY = 86400
@@ -58,3 +59,35 @@ def into_bad_debt(client: FlaskClient, engine: Engine, runtime: Runtime, account
     summary = recompute(engine, runtime, account)
     assert summary["status"] == "bad_debt", summary
     return InBadDebt(account, customer, invoice, amount, pm, evt["data"]["object"])
+
+
+def pay(client: FlaskClient, body: Any, key: str | None = None, headers: dict[str, str] | None = None) -> Any:
+    """POST /pay-bad-debt with a service token (``headers={}`` for none) and the Idempotency-Key."""
+    h = dict(service_headers() if headers is None else headers)
+    if key is not None:
+        h["Idempotency-Key"] = key
+    return client.post("/pay-bad-debt", json=body, headers=h)
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+def payments(engine: Engine, account: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT * FROM bad_debt_payment WHERE account_id = %(a)s ORDER BY id",
+                                    {"a": account}).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def intent_event(kind: str, debt: InBadDebt, intent_id: str, payment_id: int, decline: str | None = None) -> dict:
+    """payment_intent.succeeded / payment_failed for the bad-debt intent. The fixtures hold only the
+    payment_failed envelope: the success is that same shape with its type and status values changed."""
+    evt = event("payment_intent.payment_failed", id=intent_id, customer=debt.customer, amount=debt.amount,
+                payment_method=debt.payment_method,
+                metadata={"account_id": debt.account, "bad_debt_payment_id": str(payment_id)},
+                paths={"last_payment_error.decline_code": decline} if decline else None)
+    if kind == "succeeded":
+        evt["type"] = "payment_intent.succeeded"
+        evt["data"]["object"].update(status="succeeded", last_payment_error=None)
+    return evt

@@ -4,61 +4,22 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
-from app.runtime import Runtime
-from tests.conftest import Accounts, point_stripe_at, post_event, service_headers, wait_for
-from tests.fakes.fake_stripe_payments import FakeStripePayments
-from tests.integration.bad_debt_setup import InBadDebt, dunning_row, into_bad_debt, recompute
+from tests.conftest import post_event, service_headers, wait_for
+from tests.integration.bad_debt_setup import dunning_row, intent_event, key, pay, payments, recompute
 from tests.stripe_events import event, unique, with_product
 
 DAY = 86400
 
 
-@pytest.fixture
-def stripe_fake(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStripePayments]:
-    """The fake Stripe for the web app and the worker (both read the session runtime's settings)."""
-    with FakeStripePayments() as fake:
-        point_stripe_at(runtime, monkeypatch, fake.url)
-        yield fake
-
-
-@pytest.fixture
-def debtor(client: FlaskClient, engine: Engine, runtime: Runtime, accounts: Accounts,
-           stripe_fake: FakeStripePayments) -> InBadDebt:
-    debt = into_bad_debt(client, engine, runtime, accounts)
-    stripe_fake.add_invoice(debt.invoice_object)
-    return debt
-
-
-def pay(client: FlaskClient, body: Any, key: str | None = None, headers: dict[str, str] | None = None) -> Any:
-    h = dict(service_headers() if headers is None else headers)
-    if key is not None:
-        h["Idempotency-Key"] = key
-    return client.post("/pay-bad-debt", json=body, headers=h)
-
-
-def payments(engine: Engine, account: str) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql("SELECT * FROM bad_debt_payment WHERE account_id = %(a)s ORDER BY id",
-                                    {"a": account}).mappings().all()
-    return [dict(r) for r in rows]
-
-
 def count(engine: Engine, sql: str, **params: Any) -> int:
     with engine.connect() as conn:
         return int(conn.exec_driver_sql(sql, params).scalar_one())
-
-
-def key() -> str:
-    return uuid.uuid4().hex
 
 
 # --- guards -----------------------------------------------------------------------------------
@@ -339,19 +300,6 @@ def test_two_concurrent_requests_one_202_one_409(flask_app: Flask, engine, debto
 
 
 # --- webhooks: the way out, and back ------------------------------------------------------------
-
-
-def intent_event(kind: str, debt: InBadDebt, intent_id: str, payment_id: int, decline: str | None = None) -> dict:
-    """payment_intent.succeeded / payment_failed for the bad-debt intent. The fixtures hold only the
-    payment_failed envelope: the success is that same shape with its type and status values changed."""
-    evt = event("payment_intent.payment_failed", id=intent_id, customer=debt.customer, amount=debt.amount,
-                payment_method=debt.payment_method,
-                metadata={"account_id": debt.account, "bad_debt_payment_id": str(payment_id)},
-                paths={"last_payment_error.decline_code": decline} if decline else None)
-    if kind == "succeeded":
-        evt["type"] = "payment_intent.succeeded"
-        evt["data"]["object"].update(status="succeeded", last_payment_error=None)
-    return evt
 
 
 @pytest.mark.worker

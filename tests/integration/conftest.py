@@ -1,0 +1,30 @@
+"""Fixtures of the bad-debt payment's tests: the fake Stripe they pay through, an account in bad debt."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+
+from app.runtime import Runtime
+from tests.conftest import Accounts, point_stripe_at
+from tests.fakes.fake_stripe_payments import FakeStripePayments
+from tests.integration.bad_debt_setup import InBadDebt, into_bad_debt
+
+
+@pytest.fixture
+def stripe_fake(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeStripePayments]:
+    """The fake Stripe for the web app and the worker (both read the session runtime's settings)."""
+    with FakeStripePayments() as fake:
+        point_stripe_at(runtime, monkeypatch, fake.url)
+        yield fake
+
+
+@pytest.fixture
+def debtor(client: FlaskClient, engine: Engine, runtime: Runtime, accounts: Accounts,
+           stripe_fake: FakeStripePayments) -> InBadDebt:
+    debt = into_bad_debt(client, engine, runtime, accounts)
+    stripe_fake.add_invoice(debt.invoice_object)
+    return debt

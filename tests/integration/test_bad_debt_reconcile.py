@@ -1,0 +1,175 @@
+"""A bad-debt payment whose outcome never arrived is settled by asking Stripe (the fake, over HTTP)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from app.payments import bad_debt
+from app.payments.bad_debt_reconcile import due, reconcile
+from tests.conftest import post_event, wait_for
+from tests.integration.bad_debt_setup import dunning_row, intent_event, key, pay, payments, recompute
+
+LATER = timedelta(minutes=31)  # past the default 30-minute guard window
+
+
+def backdate(engine: Engine, payment_id: int, by: timedelta) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE bad_debt_payment SET created_at = created_at - %(by)s WHERE id = %(id)s",
+                             {"by": by, "id": payment_id})
+
+
+def test_only_payments_pending_past_the_guard_window_are_checked_each_in_turn(client, engine, runtime, debtor,
+                                                                              stripe_fake):
+    stripe_fake.intent_outcome = "processing"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id = response.json["payment_id"]
+    now = datetime.now(UTC)
+    assert payment_id not in due(runtime, now)  # its request may still be waiting on Stripe
+    assert payment_id in due(runtime, now + LATER)
+    assert payment_id not in due(runtime, now + LATER + timedelta(minutes=4))  # next check in 5 minutes
+    assert payment_id in due(runtime, now + LATER + timedelta(minutes=5))
+    assert payment_id not in due(runtime, now + LATER + timedelta(minutes=14))  # then in 10
+    assert payment_id in due(runtime, now + LATER + timedelta(minutes=15))
+
+
+def test_an_intent_stripe_never_created_fails_the_payment_after_two_checks(client, engine, runtime, debtor,
+                                                                           stripe_fake):
+    stripe_fake.intent_outcome = "server_error"  # a 500, and nothing was charged
+    idem = key()
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, idem)
+    assert (response.status_code, response.json["state"]) == (502, "pending")
+    payment_id, now = response.json["payment_id"], datetime.now(UTC)
+
+    first = reconcile(runtime, payment_id, now + LATER)
+    assert first.outcome == "not_found_once"  # a listing that missed it once proves little
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
+    second = reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5))
+    assert second.outcome == "failed"
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed" and row["failure_reason"].startswith("not charged")
+    listed = [c for c in stripe_fake.calls if c.method == "GET" and c.path.startswith("/v1/payment_intents")]
+    assert len(listed) == 2 and all(f"customer={debtor.customer}" in c.path for c in listed)
+    assert len(stripe_fake.intents_created()) == 1  # the create was never sent again
+
+    replay = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, idem)
+    assert (replay.status_code, replay.json["state"]) == (402, "failed")  # "unknown" is known now
+    state = recompute(engine, runtime, debtor.account)
+    assert state["status"] == "bad_debt"
+    assert "bad_debt.payment_failed" in [r["rule"] for r in dunning_row(engine, debtor.account)["reasons"]]
+    again = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert again.status_code == 502  # a new payment may start (the fake still answers 500)
+
+
+@pytest.mark.worker
+def test_a_charge_behind_a_server_error_is_found_by_beat_and_settles_the_debt(client, engine, runtime, debtor,
+                                                                            stripe_fake, worker, celery_app):
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (response.status_code, response.json["state"]) == (502, "pending")
+    wait_for(lambda: dunning_row(engine, debtor.account)["status"] == "lifting", message="lifting")
+    backdate(engine, response.json["payment_id"], LATER)  # no webhook ever came
+
+    celery_app.send_task("tasks.reconcile_bad_debt_payments")
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "current" and d,
+                     message="out of bad debt")
+    assert state["outstanding_amount"] == 0
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "succeeded"
+    assert row["stripe_payment_intent_id"] == stripe_fake.charged_behind_errors[0]["id"]
+    assert [c.path for c in stripe_fake.invoice_payments()] == [f"/v1/invoices/{debtor.invoice}/pay"]
+
+
+def test_a_processing_intent_is_left_until_stripe_decides(client, engine, runtime, debtor, stripe_fake):
+    stripe_fake.intent_outcome = "processing"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id, intent = response.json["payment_id"], response.json["stripe_payment_intent_id"]
+    now = datetime.now(UTC)
+    assert reconcile(runtime, payment_id, now + LATER).outcome == "processing"
+    [row] = payments(engine, debtor.account)
+    assert (row["state"], row["stripe_status"]) == ("pending", "processing")
+
+    stripe_fake.set_status(intent, "requires_payment_method", decline_code="do_not_honor")  # the debit bounced
+    assert reconcile(runtime, payment_id, now + LATER * 2).outcome == "failed"
+    [row] = payments(engine, debtor.account)
+    assert (row["state"], row["failure_reason"]) == ("failed", "declined: do_not_honor")
+
+
+def test_an_intent_waiting_for_an_absent_customer_is_cancelled_then_failed(client, engine, runtime, debtor,
+                                                                           stripe_fake):
+    stripe_fake.intent_outcome = "processing"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id, intent = response.json["payment_id"], response.json["stripe_payment_intent_id"]
+    stripe_fake.set_status(intent, "requires_action")  # 3-D Secure, off session: nobody will complete it
+    assert reconcile(runtime, payment_id, datetime.now(UTC) + LATER).outcome == "failed"
+    [cancel] = [c for c in stripe_fake.calls if c.path == f"/v1/payment_intents/{intent}/cancel"]
+    assert cancel.idempotency_key == f"bad-debt-reconcile-cancel-{payment_id}"
+    assert stripe_fake.intents[intent]["status"] == "canceled"
+    assert payments(engine, debtor.account)[0]["state"] == "failed"
+
+
+def test_a_payment_that_ended_meanwhile_is_not_touched(client, engine, runtime, debtor, stripe_fake):
+    stripe_fake.intent_outcome = "decline"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 402
+    calls = len(stripe_fake.calls)
+    assert reconcile(runtime, response.json["payment_id"], datetime.now(UTC) + LATER).outcome == "already_done"
+    assert len(stripe_fake.calls) == calls
+
+
+def test_an_unexpected_error_asking_stripe_leaves_the_payment_in_flight_not_lost(client, engine, runtime, debtor,
+                                                                                  stripe_fake, monkeypatch):
+    def breaks(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug on the way to Stripe")
+
+    monkeypatch.setattr(bad_debt, "_create_intent", breaks)
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (response.status_code, response.json["error"], response.json["state"]) == (
+        502, "payment_outcome_unknown", "pending")
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
+
+
+def test_a_request_that_died_before_saving_stripes_answer_is_answered_once_reconciled(
+        client, engine, runtime, debtor, stripe_fake):
+    """The database failed between committing the payment and saving Stripe's answer: the key
+    answered 'in progress' and the account stayed lifting, for ever."""
+    stripe_fake.intent_outcome = "server_error"
+    body, idem = {"account_id": debtor.account, "amount": debtor.amount}, key()
+    with pytest.MonkeyPatch.context() as saving:
+        saving.setattr(bad_debt, "SAVE_ANSWER", "UPDATE bad_debt_payment SET no_such_column = 1")
+        assert pay(client, body, idem).status_code == 502  # Stripe's answer, said though not saved
+    assert pay(client, body, idem).json["error"] == "request_in_progress"
+    [row] = payments(engine, debtor.account)
+    now = datetime.now(UTC)
+    reconcile(runtime, row["id"], now + LATER)
+    assert reconcile(runtime, row["id"], now + LATER + timedelta(minutes=5)).outcome == "failed"
+
+    replay = pay(client, body, idem)
+    assert (replay.status_code, replay.json["state"], replay.json["error"]) == (402, "failed", "payment_failed")
+    assert replay.json["reason"].startswith("not charged") and replay.json["payment_id"] == row["id"]
+
+
+@pytest.mark.worker
+def test_a_charge_that_turns_up_after_its_payment_was_failed_still_pays_the_debt(client, engine, runtime, debtor,
+                                                                                stripe_fake, worker):
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id, now = response.json["payment_id"], datetime.now(UTC)
+    listed_nothing = stripe_fake.intents.copy()
+    stripe_fake.intents.clear()  # Stripe's listing did not show it, twice
+    reconcile(runtime, payment_id, now + LATER)
+    assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"  # as the task's enqueue would
+    stripe_fake.intents.update(listed_nothing)
+
+    [charged] = stripe_fake.charged_behind_errors
+    evt = intent_event("succeeded", debtor, charged["id"], payment_id)
+    assert post_event(client, evt).status_code == 200
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "current" and d,
+                     message="out of bad debt")
+    assert state["outstanding_amount"] == 0
+    assert payments(engine, debtor.account)[0]["state"] == "succeeded"
+    assert len(stripe_fake.invoice_payments()) == 1
