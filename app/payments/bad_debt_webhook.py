@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
 
 from app.dispatch import BrokerUnavailable, send
 
@@ -32,6 +33,10 @@ MARK_FAILED = """
 UPDATE bad_debt_payment SET state = 'failed', failure_reason = %(reason)s, updated_at = now(),
        stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s)
  WHERE id = %(id)s AND state = 'pending'
+"""
+REOPEN = """
+UPDATE bad_debt_payment SET state = 'pending', failure_reason = NULL, updated_at = now()
+ WHERE id = %(id)s AND state = 'failed'
 """
 NOTE_INTENT = """
 UPDATE bad_debt_payment SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s), updated_at = now()
@@ -83,9 +88,15 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         conn.exec_driver_sql(MARK_FAILED, {"reason": failure_reason(intent), "pi": payment_intent, "id": payment_id})
         return None
     conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
-    # A payment marked failed whose charge succeeded after all (the reconciliation found no intent,
-    # and it turned up) is settled too: the customer's money pays the debt.
-    return payment_id if state in ("pending", "failed") else None
+    if state == "failed":
+        # Marked failed, and its charge succeeded after all (the reconciliation found no intent, and
+        # it turned up): the customer's money pays the debt. In flight again until it is settled, so
+        # the account is lifting and no second payment can charge the same debt; unless another
+        # payment is in flight already (its settlement will find the debt paid: an overpayment).
+        with contextlib.suppress(IntegrityError), conn.begin_nested():
+            conn.exec_driver_sql(REOPEN, {"id": payment_id})
+        return payment_id
+    return payment_id if state == "pending" else None
 
 
 def enqueue_settlement(celery_app: Any, payment_id: int) -> None:

@@ -173,3 +173,27 @@ def test_a_charge_that_turns_up_after_its_payment_was_failed_still_pays_the_debt
     assert state["outstanding_amount"] == 0
     assert payments(engine, debtor.account)[0]["state"] == "succeeded"
     assert len(stripe_fake.invoice_payments()) == 1
+
+
+def test_a_failed_payment_whose_charge_turns_up_is_in_flight_until_settled(client, engine, runtime, debtor,
+                                                                           stripe_fake):
+    """Between the late success and its settlement the money is taken: the account must be lifting,
+    and a second payment of the same debt refused."""
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id, now = response.json["payment_id"], datetime.now(UTC)
+    hidden = stripe_fake.intents.copy()
+    stripe_fake.intents.clear()
+    reconcile(runtime, payment_id, now + LATER)
+    assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+    stripe_fake.intents.update(hidden)
+
+    [charged] = stripe_fake.charged_behind_errors
+    assert post_event(client, intent_event("succeeded", debtor, charged["id"], payment_id)).status_code == 200
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
+    assert recompute(engine, runtime, debtor.account)["status"] == "lifting"
+    stripe_fake.intent_outcome = "succeeded"
+    second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (second.status_code, second.json["error"]) == (409, "payment_in_flight")
+    assert len(stripe_fake.intents_created()) == 1
