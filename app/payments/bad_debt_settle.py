@@ -65,20 +65,42 @@ class Settlement:
     amount: int = 0
 
 
-def _pay_out_of_band(client: stripe.StripeClient, payment_id: int, invoice_id: str) -> tuple[dict[str, Any], bool]:
-    """-> (Stripe's invoice, whether this payment settled it)."""
+SENDING = """
+UPDATE bad_debt_payment SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s],
+                                                   to_jsonb(COALESCE((settle_sent->>%(invoice)s)::int, 0) + 1))
+ WHERE id = %(id)s
+RETURNING (settle_sent->>%(invoice)s)::int - 1
+"""
+
+
+def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
+                     invoice_id: str) -> tuple[dict[str, Any], bool]:
+    """-> (Stripe's invoice, whether this payment settled it).
+
+    Each call is on record before it is sent, so an invoice found settled can be told apart:
+    settled before this payment ever asked (the customer paid it some other way meanwhile, or it
+    was voided: paid twice), or after (this payment's own earlier call, whose answer was lost). A
+    call after a 5xx gets a new idempotency key: Stripe replays a 5xx for the key's 24 hours.
+    """
+    with unit_of_work(rt.engine) as conn:
+        sent_before = int(conn.exec_driver_sql(SENDING, {"invoice": invoice_id, "id": payment_id}).scalar_one())
+    key = f"bad-debt-settle-{payment_id}-{invoice_id}" + (f"-{sent_before}" if sent_before else "")
     try:
-        invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True},
-                                         {"idempotency_key": f"bad-debt-settle-{payment_id}-{invoice_id}"})
-        ours = True  # a re-run within Stripe's 24 hours replays this same answer
+        invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True}, {"idempotency_key": key})
+        ours = True
     except stripe.InvalidRequestError as exc:
-        # Already paid (the customer paid it some other way meanwhile) or voided: settled, but not
-        # by this payment, whose money covered it too.
+        # Already paid or voided, or Stripe refuses: how does the invoice stand?
         invoice = client.v1.invoices.retrieve(invoice_id)
         if invoice.status not in SETTLED_STATUSES:
             raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
                              f"(status {invoice.status})") from exc
-        ours = False
+        ours = sent_before > 0
+    except (stripe.APIError, stripe.APIConnectionError):
+        # The call may have run: if the invoice is settled now, this call settled it.
+        invoice = client.v1.invoices.retrieve(invoice_id)
+        if invoice.status not in SETTLED_STATUSES:
+            raise  # not run: the task retries, with a new key
+        ours = True
     result: dict[str, Any] = invoice.to_dict(for_json=True)
     return result, ours
 
@@ -108,7 +130,7 @@ def settle(rt: Runtime, payment_id: int) -> Settlement:
         # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
         return Settlement(payment_id, account_id, "not_charged")
     client = make_stripe_client(rt.settings)
-    paid = [_pay_out_of_band(client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
+    paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     with unit_of_work(rt.engine) as conn:
         # The request row, the mirror rows, then the payment row: the order webhook ingest locks
         # them in (its statement, then record_outcome), so the two cannot deadlock.

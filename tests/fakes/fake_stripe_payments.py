@@ -8,6 +8,8 @@
   else happens while the caller waits on Stripe).
 * ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
+  ``pay_outcome`` "server_error" answers 500 and pays nothing; "server_error_after_pay" pays the
+  invoice and answers 500 all the same.
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -49,6 +51,7 @@ class FakeStripePayments:
         self.before_answer: Callable[[], None] | None = None
         self.charged_behind_errors: list[dict[str, Any]] = []  # intents created under a 500
         self.intents: dict[str, dict[str, Any]] = {}  # every intent created, by id
+        self.pay_outcome = "paid"
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -174,7 +177,11 @@ class FakeStripePayments:
         if inv["status"] in ("paid", "void"):
             return 400, {"error": {"type": "invalid_request_error", "code": "invoice_not_open",
                                    "message": "Invoice is already paid"}}
+        if self.pay_outcome == "server_error":
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
         if params.get("paid_out_of_band") != "true":
             return 400, {"error": {"type": "invalid_request_error", "message": "this fake pays out of band only"}}
         inv.update(status="paid", amount_paid=inv["amount_due"], amount_remaining=0)
+        if self.pay_outcome == "server_error_after_pay":
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
         return 200, inv

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+import stripe
 from flask import Flask
 from sqlalchemy import Engine
 
@@ -449,3 +450,35 @@ def test_a_debt_in_two_currencies_is_refused_before_any_amount_is_quoted(client,
         assert (response.status_code, response.json["error"]) == (409, "mixed_debt")
         assert "outstanding_amount" not in response.json
     assert stripe_fake.intents_created() == []
+
+
+def test_an_invoice_this_payment_paid_behind_a_server_error_is_no_overpayment(client, engine, runtime, debtor,
+                                                                             stripe_fake):
+    """Stripe paid the invoice out of band and answered 500: the settlement's own doing, not the
+    customer paying twice (and the key would replay that 500 for 24 hours)."""
+    from app.payments.bad_debt_settle import settle
+
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    stripe_fake.pay_outcome = "server_error_after_pay"
+    settled = settle(runtime, response.json["payment_id"])
+    assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+    assert payments(engine, debtor.account)[0]["state"] == "succeeded"
+
+
+def test_a_settlement_retried_after_a_server_error_uses_a_new_key(client, engine, runtime, debtor, stripe_fake):
+    """Stripe keeps a 5xx for its idempotency key: the retry must not be that replay, all day."""
+    from app.payments.bad_debt_settle import settle
+
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    stripe_fake.pay_outcome = "server_error"  # not run: the invoice stays open
+    with pytest.raises(stripe.APIError):
+        settle(runtime, response.json["payment_id"])
+    stripe_fake.pay_outcome = "paid"
+    settled = settle(runtime, response.json["payment_id"])
+    assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+    keys = [c.idempotency_key for c in stripe_fake.calls if c.path.endswith("/pay")]
+    assert len(keys) == 2 and len(set(keys)) == 2
