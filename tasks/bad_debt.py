@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SETTLE = "tasks.settle_bad_debt_payment"
 RECONCILE = "tasks.reconcile_bad_debt_payment"
+OVERPAID = "tasks.bad_debt_overpayment_refunded"
 
 
 def _as_failure(exc: Exception) -> Exception:
@@ -41,21 +42,22 @@ def _as_failure(exc: Exception) -> Exception:
 @shared_task(name=SETTLE, bind=True)
 def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     rt = runtime_for(self.app)
+    args = {"payment_id": int(payment_id)}
     try:
         result = settle(rt, int(payment_id))
     except Exception as exc:
-        # Under its account, so support sees it on the account's page and one payment's failure is
-        # not another's row.
-        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), {"payment_id": payment_id})
+        # Under its account, so support sees it on the account's page, and one row per payment, so
+        # one payment's failure is not another's.
+        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), args, per_args=True)
         raise
+    if self.request.retries:
+        resolve_stuck(rt.engine, SETTLE, result.account_id, args)
     if result.settled_elsewhere:
         metrics.BAD_DEBT_OVERPAID.inc()
-        record_stuck(rt.engine, SETTLE, {"payment_id": payment_id}, result.account_id, FailureKind.INVALID_DATA,
+        record_stuck(rt.engine, OVERPAID, args, result.account_id, FailureKind.INVALID_DATA,
                      f"overpaid: bad-debt payment {payment_id} ({result.amount}) also covered invoice(s) "
                      f"{', '.join(result.settled_elsewhere)}, settled some other way while it ran; "
-                     "the customer paid them twice and is owed a refund", 1, "dead")
-    elif self.request.retries:
-        resolve_stuck(rt.engine, SETTLE, result.account_id)
+                     "the customer paid them twice and is owed a refund", 1, "dead", per_args=True)
     if result.enqueue and result.account_id:
         try:
             enqueue_recompute(self.app, result.account_id, Trigger.BAD_DEBT_PAID.value,
@@ -82,14 +84,15 @@ def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
 @shared_task(name=RECONCILE, bind=True)
 def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     rt = runtime_for(self.app)
+    args = {"payment_id": int(payment_id)}
     try:
         result = reconcile(rt, int(payment_id), datetime.now(UTC))
     except Exception as exc:
-        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), {"payment_id": payment_id})
+        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), args, per_args=True)
         raise
     metrics.BAD_DEBT_RECONCILED.labels(result.outcome).inc()
     if self.request.retries:
-        resolve_stuck(rt.engine, RECONCILE, result.account_id)
+        resolve_stuck(rt.engine, RECONCILE, result.account_id, args)
     if result.outcome == "charged":
         # If the broker is down, the settlement sweep finds the payment (pending, its charge succeeded).
         with contextlib.suppress(BrokerUnavailable):
@@ -116,3 +119,12 @@ def reconcile_bad_debt_payments(self: Task) -> dict[str, Any]:
         except BrokerUnavailable:
             break
     return {"due": len(ids), "sent": sent}
+
+
+@shared_task(name=OVERPAID, bind=True)
+def bad_debt_overpayment_refunded(self: Task, payment_id: int) -> dict[str, Any]:
+    """The alert of an overpayment (a dead stuck row under this name, per payment) is for an
+    operator, who refunds the customer at Stripe and then re-drives the row: this task, which
+    changes nothing, succeeds, and the row becomes resolved. No other task's success resolves it."""
+    log.info("overpayment of bad-debt payment %s marked refunded by an operator", payment_id)
+    return {"payment_id": int(payment_id), "acknowledged": True}

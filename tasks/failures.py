@@ -120,8 +120,9 @@ def _driver_connection_lost(exc: BaseException | None) -> bool:
 
 def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_id: str | None,
                  kind: FailureKind, error: str, attempts: int, state: str,
-                 stripe_event_id: str | None = None) -> None:
-    """One row per (task, account) that is not resolved: updated on every new failure."""
+                 stripe_event_id: str | None = None, per_args: bool = False) -> None:
+    """One row per (task, account) that is not resolved, or per (task, account, args) with
+    ``per_args`` (one payment's failure is not another's): updated on every new failure."""
     try:
         with unit_of_work(engine) as conn:
             updated = conn.exec_driver_sql(
@@ -131,10 +132,11 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
                                                  ELSE now() + interval '5 minutes' END
                     WHERE id = (SELECT id FROM subs_stuck_events
                                  WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s
+                                   AND (NOT %(per_args)s OR task_args = %(args)s)
                                    AND state <> 'resolved' ORDER BY id LIMIT 1)
                 RETURNING id""",
                 {"kind": kind.value, "error": error[:2000], "attempts": attempts, "state": state,
-                 "args": Json(args), "task": task_name, "account": account_id},
+                 "args": Json(args), "task": task_name, "account": account_id, "per_args": per_args},
             ).first()
             if updated is None:
                 conn.exec_driver_sql(
@@ -150,10 +152,12 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
         log.exception("could not record stuck work for %s %s", task_name, account_id)
 
 
-def resolve_stuck(engine: Engine, task_name: str, account_id: str | None) -> None:
+def resolve_stuck(engine: Engine, task_name: str, account_id: str | None, args: dict[str, Any] | None = None) -> None:
+    """The task's rows for the account (only those of ``args``, when given) are resolved."""
     with unit_of_work(engine) as conn:
         conn.exec_driver_sql(
             "UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now() "
-            "WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s AND state <> 'resolved'",
-            {"task": task_name, "account": account_id},
+            "WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s AND state <> 'resolved' "
+            "AND (%(args)s::jsonb IS NULL OR task_args = %(args)s::jsonb)",
+            {"task": task_name, "account": account_id, "args": Json(args) if args is not None else None},
         )

@@ -15,6 +15,7 @@ ROUTES = {
     "tasks.settle_unsettled_bad_debt_payments": {"queue": PAYMENTS},
     "tasks.reconcile_bad_debt_payment": {"queue": PAYMENTS},
     "tasks.reconcile_bad_debt_payments": {"queue": PAYMENTS},
+    "tasks.bad_debt_overpayment_refunded": {"queue": PAYMENTS},
     "tasks.relay_outbox": {"queue": OUTBOX},
     "tasks.deliver_account_outbox": {"queue": OUTBOX},
     "tasks.drift_sweep": {"queue": SWEEPS},

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 NAME = "tasks.recompute_account"
 
 
-def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dict[str, Any]) -> None:
-    """Retry by failure class, or give up into subs_stuck_events. Always raises."""
+def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dict[str, Any],
+                   per_args: bool = False) -> None:
+    """Retry by failure class, or give up into subs_stuck_events (one row per account, or per
+    account and ``args`` with ``per_args``). Always raises."""
     kind = classify(exc)
     policy = POLICIES[kind]
     retries = task.request.retries
@@ -27,7 +29,8 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     error = f"{exc.__class__.__name__}: {exc}"
     if policy.retry and retries < policy.max_retries:
         if retries >= 1:  # a second failure in a row becomes visible while it keeps retrying
-            record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying")
+            record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying",
+                         per_args=per_args)
         countdown = policy.countdown(retries, getattr(exc, "retry_after", None))
         log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
         raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
@@ -35,7 +38,7 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     # "retrying": beat re-drives it until it succeeds. What will not heal by waiting (invalid data, a
     # refused API call, an unexpected error) is "dead", for an operator.
     state = "retrying" if kind in PASSING else "dead"
-    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state)
+    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args)
     log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
     raise exc
 

@@ -65,7 +65,7 @@ RETURNING id
 """
 LOAD = """
 SELECT b.id, b.account_id, b.state, b.amount, b.currency, b.stripe_payment_intent_id, b.created_at,
-       b.not_found_since,
+       b.not_found_since, b.reconcile_checks,
        COALESCE(b.stripe_customer_id, (SELECT min(i.stripe_customer_id) FROM stripe_invoice i
                                         WHERE i.id IN (SELECT jsonb_array_elements_text(b.invoice_ids))))
            AS customer
@@ -119,7 +119,7 @@ def reconcile(rt: Runtime, payment_id: int, now: datetime) -> Reconciled:
         return _not_found(rt, row, now)
     status = str(intent.get("status"))
     if status in UNFINISHABLE:
-        intent = _cancel(client, payment_id, intent)
+        intent = _cancel(client, payment_id, int(row["reconcile_checks"]), intent)
         status = str(intent.get("status"))
     if status == "succeeded":
         with unit_of_work(rt.engine) as conn:
@@ -172,13 +172,14 @@ def _find(client: stripe.StripeClient, row: Any) -> dict[str, Any] | None:
     return intent
 
 
-def _cancel(client: stripe.StripeClient, payment_id: int, intent: dict[str, Any]) -> dict[str, Any]:
+def _cancel(client: stripe.StripeClient, payment_id: int, check: int, intent: dict[str, Any]) -> dict[str, Any]:
     """Cancel an intent waiting for a customer who is not there; Stripe's answer (or, when the
-    intent moved on meanwhile and cannot be cancelled, how it stands now)."""
+    intent moved on meanwhile and cannot be cancelled, how it stands now). One key per check:
+    Stripe would replay a 5xx for a key all day, and cancelling twice cannot do harm."""
     try:
         cancelled: dict[str, Any] = client.v1.payment_intents.cancel(
             str(intent["id"]), {"cancellation_reason": "abandoned"},
-            {"idempotency_key": f"bad-debt-reconcile-cancel-{payment_id}"}).to_dict()
+            {"idempotency_key": f"bad-debt-reconcile-cancel-{payment_id}-{check}"}).to_dict()
     except stripe.InvalidRequestError:
         now: dict[str, Any] = client.v1.payment_intents.retrieve(str(intent["id"])).to_dict()
         return now

@@ -106,7 +106,7 @@ def test_an_intent_waiting_for_an_absent_customer_is_cancelled_then_failed(clien
     stripe_fake.set_status(intent, "requires_action")  # 3-D Secure, off session: nobody will complete it
     assert reconcile(runtime, payment_id, datetime.now(UTC) + LATER).outcome == "failed"
     [cancel] = [c for c in stripe_fake.calls if c.path == f"/v1/payment_intents/{intent}/cancel"]
-    assert cancel.idempotency_key == f"bad-debt-reconcile-cancel-{payment_id}"
+    assert cancel.idempotency_key == f"bad-debt-reconcile-cancel-{payment_id}-0"
     assert stripe_fake.intents[intent]["status"] == "canceled"
     assert payments(engine, debtor.account)[0]["state"] == "failed"
 

@@ -11,6 +11,8 @@ import stripe
 from flask import Flask
 from sqlalchemy import Engine
 
+from app.stuck_work import redrive_one
+from tasks.failures import FailureKind, record_stuck, resolve_stuck
 from tests.conftest import post_event, service_headers, wait_for
 from tests.integration.bad_debt_setup import dunning_row, intent_event, key, pay, payments, recompute
 from tests.stripe_events import event, unique, with_product
@@ -359,7 +361,7 @@ def stuck_rows(engine: Engine, task: str) -> list[dict[str, Any]]:
 
 @pytest.mark.worker
 def test_an_invoice_paid_elsewhere_while_the_payment_ran_is_flagged_as_paid_twice(client, engine, debtor,
-                                                                                  stripe_fake, worker):
+                                                                                  stripe_fake, worker, celery_app):
     """A bank debit processing for days while the customer pays the same invoice on Stripe's hosted
     page: both collect. The debt is settled, and the double payment is put before an operator."""
     stripe_fake.intent_outcome = "processing"
@@ -372,11 +374,38 @@ def test_an_invoice_paid_elsewhere_while_the_payment_ran_is_flagged_as_paid_twic
     evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
     assert post_event(client, evt).status_code == 200
 
-    [flag] = wait_for(lambda: stuck_rows(engine, "tasks.settle_bad_debt_payment"), message="a stuck row")
+    [flag] = wait_for(lambda: stuck_rows(engine, "tasks.bad_debt_overpayment_refunded"), message="a stuck row")
     assert flag["account_id"] == debtor.account and flag["state"] == "dead"
     assert flag["error"].startswith("overpaid:") and debtor.invoice in flag["error"]
     assert flag["task_args"] == {"payment_id": response.json["payment_id"]}
     wait_for(lambda: payments(engine, debtor.account)[0]["state"] == "succeeded", message="payment settled")
+
+    # Another settlement of the account failing, then succeeding, leaves the alert alone.
+    other = {"payment_id": response.json["payment_id"] + 1000}
+    record_stuck(engine, "tasks.settle_bad_debt_payment", other, debtor.account, FailureKind.REMOTE_UNAVAILABLE,
+                 "Stripe unavailable", 2, "retrying", per_args=True)
+    resolve_stuck(engine, "tasks.settle_bad_debt_payment", debtor.account, other)
+    assert stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")[0]["state"] == "dead"
+    # Refunded, the operator re-drives the alert: it is resolved.
+    with engine.connect() as conn:
+        stuck_id = conn.exec_driver_sql("SELECT id FROM subs_stuck_events WHERE task_name = %(t)s",
+                                        {"t": "tasks.bad_debt_overpayment_refunded"}).scalar_one()
+    assert redrive_one(engine, celery_app, stuck_id) is not None
+    wait_for(lambda: stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")[0]["state"] == "resolved",
+             message="the alert resolved")
+
+
+def test_one_payments_settlement_failure_is_not_anothers(engine, accounts):
+    account, _ = accounts.create()
+    for payment_id in (1, 2):
+        record_stuck(engine, "tasks.settle_bad_debt_payment", {"payment_id": payment_id}, account,
+                     FailureKind.REMOTE_UNAVAILABLE, f"payment {payment_id}: Stripe unavailable", 2, "retrying",
+                     per_args=True)
+    resolve_stuck(engine, "tasks.settle_bad_debt_payment", account, {"payment_id": 2})
+    rows = {r["task_args"]["payment_id"]: r for r in stuck_rows(engine, "tasks.settle_bad_debt_payment")
+            if r["account_id"] == account}
+    assert (rows[1]["state"], rows[2]["state"]) == ("retrying", "resolved")
+    assert rows[1]["error"].startswith("payment 1")
 
 
 @pytest.mark.worker
