@@ -321,6 +321,24 @@ def test_every_charge_on_a_reused_intent_is_kept_whatever_the_order(client, acco
         assert attempt_row(engine, intent)["charges"] == expected
 
 
+def test_an_intent_waiting_on_a_new_card_does_not_move_the_old_cards_charge(client, accounts, engine):
+    """The customer picks a new card that needs 3-D Secure: the intent names the new card, and still
+    its latest charge, made on the old one. That charge counts against the old card's cap."""
+    _, customer = accounts.create()
+    intent, charge, now = unique("pi"), unique("ch"), int(time.time())
+    declined = event("charge.failed", id=charge, customer=customer, payment_intent=intent, created=now - 60,
+                     payment_method="pm_a_old", paths={"created": now - 60})
+    waiting = retyped("payment_intent.requires_action", "payment_intent.payment_failed", id=intent,
+                      customer=customer, latest_charge=charge, payment_method="pm_z_new", status="requires_action",
+                      last_payment_error=None)
+    for order in ((declined, waiting), (waiting, declined)):
+        for evt in order:
+            evt = json.loads(json.dumps(evt))
+            evt["id"] = unique("evt")
+            assert post_event(client, evt).status_code == 200
+        assert attempt_row(engine, intent)["charges"] == {charge: {"pm": "pm_a_old", "at": now - 60}}
+
+
 def test_a_payment_method_update_of_metadata_alone_is_no_change(client, accounts, engine):
     """An update that earns an immediate retry changes the card (its expiry, its billing details);
     one that touched only metadata must not retry the card just declined."""
