@@ -39,6 +39,26 @@ def _as_failure(exc: Exception) -> Exception:
     return exc
 
 
+def _recompute(app: Any, account_id: str, payment_id: int) -> None:
+    """The account's recompute after its payment moved (the request row is committed)."""
+    try:
+        enqueue_recompute(app, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
+    except BrokerUnavailable as exc:  # the committed recompute request is re-driven by beat
+        log.warning("recompute after bad-debt payment %s moved not queued: %s", payment_id, exc)
+
+
+def _send_each(app: Any, task: str, payment_ids: list[int]) -> int:
+    """One task per payment, until the broker fails (beat comes back for the rest): how many sent."""
+    sent = 0
+    for payment_id in payment_ids:
+        try:
+            send(app, task, [payment_id], ignore_result=True)
+        except BrokerUnavailable:
+            break
+        sent += 1
+    return sent
+
+
 @shared_task(name=SETTLE, bind=True)
 def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     rt = runtime_for(self.app)
@@ -59,11 +79,7 @@ def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
                      f"{', '.join(result.settled_elsewhere)}, settled some other way while it ran; "
                      "the customer paid them twice and is owed a refund", 1, "dead", per_args=True)
     if result.enqueue and result.account_id:
-        try:
-            enqueue_recompute(self.app, result.account_id, Trigger.BAD_DEBT_PAID.value,
-                              f"bad_debt_payment:{payment_id}")
-        except BrokerUnavailable as exc:  # the committed recompute request is re-driven by beat
-            log.warning("recompute after settling bad-debt payment %s not queued: %s", payment_id, exc)
+        _recompute(self.app, result.account_id, int(payment_id))
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome,
             "invoices": list(result.invoices)}
 
@@ -71,14 +87,7 @@ def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
 @shared_task(name="tasks.settle_unsettled_bad_debt_payments", bind=True, ignore_result=True)
 def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
     ids = unsettled(runtime_for(self.app))
-    sent = 0
-    for payment_id in ids:
-        try:
-            send(self.app, SETTLE, [payment_id], ignore_result=True)
-            sent += 1
-        except BrokerUnavailable:
-            break
-    return {"found": len(ids), "sent": sent}
+    return {"found": len(ids), "sent": _send_each(self.app, SETTLE, ids)}
 
 
 @shared_task(name=RECONCILE, bind=True)
@@ -98,11 +107,7 @@ def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
         with contextlib.suppress(BrokerUnavailable):
             send(self.app, SETTLE, [int(payment_id)], ignore_result=True)
     if result.enqueue and result.account_id:
-        try:
-            enqueue_recompute(self.app, result.account_id, Trigger.BAD_DEBT_PAID.value,
-                              f"bad_debt_payment:{payment_id}")
-        except BrokerUnavailable as exc:  # the committed recompute request is re-driven by beat
-            log.warning("recompute after reconciling bad-debt payment %s not queued: %s", payment_id, exc)
+        _recompute(self.app, result.account_id, int(payment_id))
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome}
 
 
@@ -111,14 +116,7 @@ def reconcile_bad_debt_payments(self: Task) -> dict[str, Any]:
     """Payments pending past the guard window, each due its next check: one task each. A claim
     whose task was never queued is checked again at its next due time."""
     ids = due(runtime_for(self.app), datetime.now(UTC))
-    sent = 0
-    for payment_id in ids:
-        try:
-            send(self.app, RECONCILE, [payment_id], ignore_result=True)
-            sent += 1
-        except BrokerUnavailable:
-            break
-    return {"due": len(ids), "sent": sent}
+    return {"due": len(ids), "sent": _send_each(self.app, RECONCILE, ids)}
 
 
 @shared_task(name=OVERPAID, bind=True)
