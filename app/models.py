@@ -347,7 +347,7 @@ class PaymentRetry(Base):
     free: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     idempotency_key: Mapped[str] = mapped_column(Text, unique=True)
     scheduled_for: Mapped[datetime]
-    # dispatched -> charging -> sent | skipped | failed
+    # dispatched -> charging -> sent | skipped | failed | refused (Stripe turned it down unsent)
     state: Mapped[str] = mapped_column(Text, server_default="dispatched")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)

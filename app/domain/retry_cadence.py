@@ -16,6 +16,9 @@ from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Retry, Snapshot
 from app.domain.state import FailureClass, Reason, iso
 
 WINDOW_30D = timedelta(days=30)
+# After Stripe refused a retry before charging (an API key revoked, a permission missing), the
+# next one waits this long: long enough not to hammer, short enough for an operator's fix to count.
+REFUSED_BACKOFF = timedelta(hours=6)
 # --- retries ------------------------------------------------------------------------------------
 
 
@@ -95,7 +98,7 @@ def plan_retry(
     attempts_used = max(len(attempts), invoice.attempt_count)
     # Retries are ours (payment_retry rows) or Stripe's own (more attempts than the first one);
     # free retries after a payment-method change never count against the budget.
-    free_retries = sum(1 for r in retries if r.free and r.state != "skipped")
+    free_retries = sum(1 for r in retries if r.free and r.charged)
     retries_used = max(sum(1 for r in retries if r.counts), attempts_used - 1 - free_retries, 0)
     guard = timedelta(minutes=policy.guard_window_minutes)
     last_attempt_at = attempts[-1].attempted_at if attempts else None
@@ -111,6 +114,13 @@ def plan_retry(
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
     planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
                     retries, attempts_used, retries_used)
+    refused = max((r.created_at for r in retries if r.state == "refused"), default=None)
+    if planned[0] is not None and refused is not None and planned[0] < refused + REFUSED_BACKOFF:
+        # Stripe turned the last one down (a revoked key, say): it spent no budget, and asking again
+        # at once would only be turned down again.
+        reasons = [*planned[5], Reason("retry.refused_backoff", "Stripe refused the last retry unsent; "
+                                       "the next one waits", {"invoice": invoice.id, "refused_at": iso(refused)})]
+        planned = (refused + REFUSED_BACKOFF, *planned[1:5], reasons)
     if in_flight:
         # No retry while it runs; but whether the invoice's dunning has run out stays as planned: a
         # payment in flight must not lift bad debt (or ease anything) before any money arrives. The
@@ -154,7 +164,7 @@ def _plan(
     new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
     if new_method is not None:
         # A free retry skipped unsent (dispatched too long ago, say) was not used.
-        used_free = any(r.free and r.state != "skipped" and r.created_at >= new_method.changed_at for r in retries)
+        used_free = any(r.free and r.charged and r.created_at >= new_method.changed_at for r in retries)
         if not used_free:
             due = max(new_method.changed_at, since)
             reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "

@@ -114,14 +114,19 @@ class Retry:
     payment_method_id: str | None
     retry_number: int
     free: bool
-    state: str  # dispatched | charging | sent | skipped | failed
+    state: str  # dispatched | charging | sent | skipped | failed | refused
     scheduled_for: datetime
     created_at: datetime
 
     @property
+    def charged(self) -> bool:
+        """Whether it reached a card: a skipped one was never sent, a refused one Stripe turned down."""
+        return self.state not in ("skipped", "refused")
+
+    @property
     def counts(self) -> bool:
-        """A skipped retry never charged; a free one does not count against the budget."""
-        return not self.free and self.state != "skipped"
+        """A retry that never charged, or a free one, does not count against the budget."""
+        return not self.free and self.charged
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 * Two workers holding the same retry (a duplicate message, a redelivery while the first still runs):
   a per-retry advisory lock on a connection of its own lets one of them charge; the other does
   nothing. If the holder dies, PostgreSQL drops its connection and with it the lock.
-* The row moves dispatched -> charging (committed) -> sent | failed | skipped. A row found in
+* The row moves dispatched -> charging (committed) -> sent | failed | refused | skipped. A row found in
   ``charging`` by a later delivery means its worker died mid-charge: it is charged again with the
   *same* idempotency key, so Stripe replays the first answer instead of charging twice.
 * The outcome of a charge arrives by webhook and recompute takes it from there. A card decline is
@@ -204,8 +204,10 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         return PayResult(retry_id, "indeterminate", c.account_id, c.failure_class, detail)
     except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
             stripe.IdempotencyError) as exc:  # IdempotencyError (400): key reused with other parameters
+        # Refused before anything was charged (a revoked key, an invoice no longer open): no attempt,
+        # so it spends none of the invoice's budget (compute waits a while before the next one).
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
-        _set_state(engine, retry_id, "failed", detail)
+        _set_state(engine, retry_id, "refused", detail)
         raise TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {detail}") from exc
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)

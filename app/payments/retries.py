@@ -26,10 +26,11 @@ SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free
  LIMIT %(limit)s
 """
 
-# Mirrors Retry.counts in the domain: a skipped retry never charged, a free one is not budgeted.
+# Mirrors Retry.counts in the domain: a skipped or refused retry never charged, a free one is not
+# budgeted.
 USED_SQL = """
 SELECT count(*) FROM payment_retry
- WHERE invoice_id = %(invoice)s AND NOT free AND state <> 'skipped'
+ WHERE invoice_id = %(invoice)s AND NOT free AND state NOT IN ('skipped', 'refused')
 """
 
 # A skipped row was never charged: when the decision still asks for that very attempt (e.g. it

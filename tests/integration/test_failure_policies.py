@@ -102,7 +102,7 @@ def test_a_permanent_api_error_does_not_retry_and_is_dead_stuck_work(client, acc
     assert row["state"] == "dead" and row["error_class"] == "permanent_api_error" and row["attempts"] == 1
     assert row["task_args"] == {"retry_id": retry_id} and "InvalidRequestError" in row["error"]
     assert row["next_redrive_at"] is None  # dead work waits for an operator
-    assert [r["state"] for r in retries(engine, account)] == ["failed"]
+    assert [r["state"] for r in retries(engine, account)] == ["refused"]  # nothing charged: no budget spent
     assert len(fake_stripe.pay_requests(invoice)) == 1
 
     listed = client.get("/ops/stuck-events?state=dead", headers=service_headers())

@@ -314,6 +314,19 @@ def test_per_method_cap_counts_a_reused_intents_charges_by_their_own_method():
     assert "retry.cap_method_30d" not in rules(decision) and decision.state.next_retry_at is not None
 
 
+def test_a_retry_stripe_refused_spends_no_budget_and_the_next_one_waits():
+    # A revoked API key: Stripe turned the day-1 retry down before charging.
+    refused = retry("in_1", 1, days_ago=1.5, state="refused")
+    first_failure = attempt("pi_1", "in_1", days_ago=2)
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(first_failure,), retries=(refused,)))
+    assert decision.state.retries_used == 0
+    assert decision.state.next_retry_at == days(2) + timedelta(days=1)  # still day 1's: 6 hours are past
+    soon = retry("in_1", 1, days_ago=0.1, state="refused")
+    decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(first_failure,), retries=(soon,)))
+    assert decision.state.next_retry_at == soon.created_at + timedelta(hours=6)
+    assert "retry.refused_backoff" in rules(decision)
+
+
 def test_a_free_retry_skipped_unsent_is_offered_again():
     failed = attempt("pi_1", "in_1", days_ago=2, decline="expired_card", pm="pm_old")
     new_card = method("pm_new", changed_days_ago=0.5)
