@@ -102,17 +102,21 @@ class RedisLane:
         self.event_headers = dict(self.events.headers)
         self.event_properties = {"delivery_mode": self.events.delivery_mode, "priority": 0, "body_encoding": "base64"}
         self.event_delivery_info = {"exchange": self.events.exchange.name, "routing_key": "task.sent"}
-        self.templates: dict[tuple[str, bool], _Template] = {}
+        self.templates: dict[tuple[str, bool, tuple[Any, Any]], _Template] = {}
         self.lock = threading.Lock()  # the connection, the event dispatcher's clock, the template cache
 
     def _template(self, name: str, ignore_result: bool) -> _Template:
-        key = (name, ignore_result)
+        # As send_task does: a task registered in this process sends its time limits (a worker
+        # applies its own task's limits when a message has none, so either way they hold).
+        registered = self.app._tasks.get(name)
+        limits = (registered.time_limit, registered.soft_time_limit) if registered is not None else (None, None)
+        key = (name, ignore_result, limits)
         template = self.templates.get(key)
         if template is None:
             queue = self.app.amqp.router.route({}, name, [], {})["queue"]
             headers, properties, body, sent = self.app.amqp.create_task_message(
                 "", name, [], {}, reply_to=self.app.thread_oid, create_sent_event=True, ignore_result=ignore_result,
-                argsrepr="", kwargsrepr="")
+                argsrepr="", kwargsrepr="", time_limit=limits[0], soft_time_limit=limits[1])
             # As Celery does for a direct exchange: the default exchange, keyed by the queue's name.
             properties["delivery_mode"] = queue.exchange.delivery_mode or 2
             properties["delivery_info"] = {"exchange": "", "routing_key": queue.name}
