@@ -191,11 +191,11 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     return Debt(balance, currencies.pop(), ids, customers[0], method)
 
 
+NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"
 INSERT_PAYMENT = """
-INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids,
+INSERT INTO bad_debt_payment (id, account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids,
                               stripe_customer_id)
-VALUES (%(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s)
-RETURNING id
+VALUES (%(id)s, %(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s)
 """
 
 
@@ -210,13 +210,16 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
                               timedelta(minutes=rt.policy.guard_window_minutes)):
                 raise Refused(409, "payment_in_flight", "an automatic payment retry for this account is being "
                               "charged; try again once its outcome is in (the balance may change)")
-            payment_id = int(conn.exec_driver_sql(INSERT_PAYMENT, {
-                "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
-                "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),
-                "customer": debt.customer,
-            }).scalar_one())
+            # The request row before the payment's entry in the in-flight index: the order a success
+            # webhook reopening a failed payment takes them in (ingest, then record_outcome).
+            payment_id = int(conn.exec_driver_sql(NEXT_PAYMENT_ID).scalar_one())
             created = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
                                         f"bad_debt_payment:{payment_id}")
+            conn.exec_driver_sql(INSERT_PAYMENT, {
+                "id": payment_id, "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
+                "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),
+                "customer": debt.customer,
+            })
     except IntegrityError as exc:
         constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)
         if constraint == IN_FLIGHT_INDEX:

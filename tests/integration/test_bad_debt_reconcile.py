@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -197,3 +198,59 @@ def test_a_failed_payment_whose_charge_turns_up_is_in_flight_until_settled(clien
     second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert (second.status_code, second.json["error"]) == (409, "payment_in_flight")
     assert len(stripe_fake.intents_created()) == 1
+
+
+def test_a_late_success_and_a_new_payment_at_the_same_moment_do_not_deadlock(flask_app, client, engine, runtime,
+                                                                             debtor, stripe_fake, monkeypatch):
+    """The late success of a failed payment holds the account's recompute request (its ingest
+    statement) when a new payment comes: the new one waits for it, as both take the request row
+    first, and then finds the reopened payment in flight."""
+    from app.payments import bad_debt_webhook
+
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    failed_id, now = response.json["payment_id"], datetime.now(UTC)
+    hidden = stripe_fake.intents.copy()
+    stripe_fake.intents.clear()
+    reconcile(runtime, failed_id, now + LATER)
+    assert reconcile(runtime, failed_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+    stripe_fake.intents.update(hidden)
+    [charged] = stripe_fake.charged_behind_errors
+    stripe_fake.intent_outcome = "succeeded"
+
+    real = bad_debt_webhook.record_outcome
+    stored, go_on = threading.Event(), threading.Event()
+
+    def hold_then_record(*args: Any, **kwargs: Any) -> Any:
+        stored.set()  # the ingest statement ran: the request row is held
+        go_on.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bad_debt_webhook, "record_outcome", hold_then_record)
+    answers: dict[str, Any] = {}
+
+    def late_success() -> None:
+        evt = intent_event("succeeded", debtor, charged["id"], failed_id)
+        answers["webhook"] = post_event(flask_app.test_client(), evt)
+
+    def new_payment() -> None:
+        stored.wait(10)
+        answers["pay"] = pay(flask_app.test_client(), {"account_id": debtor.account, "amount": debtor.amount}, key())
+
+    threads = [threading.Thread(target=late_success), threading.Thread(target=new_payment)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: waiting_on_locks(engine) >= 1, message="the new payment waiting on the request row")
+    go_on.set()
+    for t in threads:
+        t.join(30)
+    assert answers["webhook"].status_code == 200
+    assert (answers["pay"].status_code, answers["pay"].json["error"]) == (409, "payment_in_flight")
+    assert [(p["id"], p["state"]) for p in payments(engine, debtor.account)] == [(failed_id, "pending")]
+
+
+def waiting_on_locks(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND datname = current_database()").scalar_one())
