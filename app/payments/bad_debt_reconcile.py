@@ -83,6 +83,14 @@ RETURNING not_found_since
 """
 
 
+LOCK = "SELECT state FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE"
+# A statement of its own, after the lock: its snapshot sees what the lock waited for.
+CHARGED = """
+SELECT EXISTS (SELECT 1 FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
+                WHERE b.id = %(id)s AND a.status = 'succeeded')
+"""
+
+
 class NotReconciled(Exception):
     """Stripe's answer does not fit the payment (an intent id it does not know, another amount):
     an operator must look."""
@@ -203,8 +211,12 @@ def _fail(rt: Runtime, row: Any, reason: str, intent_id: str | None) -> Reconcil
     payment_id, account_id = int(row["id"]), str(row["account_id"])
     with unit_of_work(rt.engine) as conn:
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        moved = conn.exec_driver_sql(MARK_FAILED, {"reason": reason, "pi": intent_id, "id": payment_id}).rowcount
-    if not moved:
-        return Reconciled(payment_id, account_id, "already_done", enqueue=created)
+        # Under the payment's lock, which a webhook holds while it stores the intent's outcome:
+        # what Stripe said since this check asked counts (its success arriving meanwhile, say).
+        state = conn.exec_driver_sql(LOCK, {"id": payment_id}).scalar_one()
+        if state != "pending" or conn.exec_driver_sql(CHARGED, {"id": payment_id}).scalar_one():
+            # Ended meanwhile, or its success came in (whose webhook queued the settlement).
+            return Reconciled(payment_id, account_id, "already_done", enqueue=created)
+        conn.exec_driver_sql(MARK_FAILED, {"reason": reason, "pi": intent_id, "id": payment_id})
     log.warning("bad-debt payment %s of %s failed on reconciliation with Stripe: %s", payment_id, account_id, reason)
     return Reconciled(payment_id, account_id, "failed", enqueue=created)

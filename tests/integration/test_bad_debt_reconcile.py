@@ -254,3 +254,30 @@ def waiting_on_locks(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                         "AND datname = current_database()").scalar_one())
+
+
+def test_a_success_stored_while_the_check_asked_stripe_keeps_the_payment_in_flight(client, engine, runtime, debtor,
+                                                                                   stripe_fake, monkeypatch):
+    """Stripe's listing answered "no intent", and meanwhile the intent's success webhook came in:
+    the verdict must not fail a payment whose money arrived."""
+    from app.payments import bad_debt_reconcile
+
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id, now = response.json["payment_id"], datetime.now(UTC)
+    hidden = stripe_fake.intents.copy()
+    stripe_fake.intents.clear()
+    assert reconcile(runtime, payment_id, now + LATER).outcome == "not_found_once"
+    [charged] = stripe_fake.charged_behind_errors
+    real_find = bad_debt_reconcile._find
+
+    def listing_then_webhook(*args: Any) -> Any:
+        found = real_find(*args)  # nothing, yet
+        stripe_fake.intents.update(hidden)
+        assert post_event(client, intent_event("succeeded", debtor, charged["id"], payment_id)).status_code == 200
+        return found
+
+    monkeypatch.setattr(bad_debt_reconcile, "_find", listing_then_webhook)
+    assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "already_done"
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
+    assert recompute(engine, runtime, debtor.account)["status"] == "lifting"
