@@ -62,6 +62,22 @@ def unit_of_work(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+@contextmanager
+def session_lock(engine: Engine, name: str) -> Iterator[bool]:
+    """A PostgreSQL advisory lock named ``name``, held on a connection of its own for the block:
+    yields whether it was taken (False: someone else holds it). Taken without waiting."""
+    with engine.connect() as conn:
+        got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtextextended(%(n)s, 0))",
+                                        {"n": name}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtextextended(%(n)s, 0))", {"n": name})
+                conn.commit()
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when ``exc`` means the database is unreachable rather than that the SQL is wrong."""
     from sqlalchemy.exc import DBAPIError, OperationalError

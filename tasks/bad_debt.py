@@ -15,8 +15,8 @@ from app import metrics
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
-from app.payments.bad_debt_settle import NotSettled, account_of, settle, unsettled
-from tasks.failures import FailureKind, TaskFailure, record_stuck, resolve_stuck
+from app.payments.bad_debt_settle import OVERPAID_TASK, NotSettled, account_of, settle, unsettled
+from tasks.failures import FailureKind, TaskFailure, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SETTLE = "tasks.settle_bad_debt_payment"
 RECONCILE = "tasks.reconcile_bad_debt_payment"
-OVERPAID = "tasks.bad_debt_overpayment_refunded"
+OVERPAID = OVERPAID_TASK
 
 
 def _as_failure(exc: Exception) -> Exception:
@@ -72,12 +72,8 @@ def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
         raise
     if self.request.retries:
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
-    if result.settled_elsewhere:
+    if result.settled_elsewhere:  # its alert row was written with the settlement
         metrics.BAD_DEBT_OVERPAID.inc()
-        record_stuck(rt.engine, OVERPAID, args, result.account_id, FailureKind.INVALID_DATA,
-                     f"overpaid: bad-debt payment {payment_id} ({result.amount}) also covered invoice(s) "
-                     f"{', '.join(result.settled_elsewhere)}, settled some other way while it ran; "
-                     "the customer paid them twice and is owed a refund", 1, "dead", per_args=True)
     if result.enqueue and result.account_id:
         _recompute(self.app, result.account_id, int(payment_id))
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome,

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import stripe
+from psycopg2.extras import Json
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db import unit_of_work
+from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
 from app.payments.stripe_client import make_stripe_client
 from app.runtime import Runtime
@@ -49,6 +50,17 @@ SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.st
 """
 
 
+# An overpayment, for an operator: a dead stuck row under a task of its own (re-driven once the
+# refund is made, which resolves it), one per payment.
+OVERPAID_TASK = "tasks.bad_debt_overpayment_refunded"
+OVERPAID_ALERT = """
+INSERT INTO subs_stuck_events (account_id, task_name, task_args, error_class, error, attempts, state)
+SELECT %(account)s, %(task)s, %(args)s, 'invalid_data', %(error)s, 1, 'dead'
+ WHERE NOT EXISTS (SELECT 1 FROM subs_stuck_events WHERE task_name = %(task)s AND task_args = %(args)s
+                                                   AND state <> 'resolved')
+"""
+
+
 class NotSettled(Exception):
     """Stripe refused to mark an invoice paid and it is not paid or void either."""
 
@@ -57,19 +69,28 @@ class NotSettled(Exception):
 class Settlement:
     payment_id: int
     account_id: str | None
-    outcome: str  # settled | already_done | not_charged | unknown_payment
+    outcome: str  # settled | already_done | not_charged | unknown_payment | busy
     invoices: tuple[str, ...] = ()
     enqueue: bool = False
     # Invoices paid or voided some other way while this payment ran: the customer paid them twice.
     settled_elsewhere: tuple[str, ...] = ()
-    amount: int = 0
 
 
+# Each call to pay an invoice out of band is on record before it is sent: how many were sent (each
+# after the first gets a key of its own: Stripe replays a 5xx for a key's 24 hours), and since when
+# one of them may have run (unset again after a call Stripe certainly did not run).
 SENDING = """
-UPDATE bad_debt_payment SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s],
-                                                   to_jsonb(COALESCE((settle_sent->>%(invoice)s)::int, 0) + 1))
+WITH old AS (SELECT settle_sent->%(invoice)s AS sent FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE)
+UPDATE bad_debt_payment
+   SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s], jsonb_build_object(
+           'n', COALESCE((old.sent->>'n')::int, 0) + 1,
+           'since', COALESCE(NULLIF(old.sent->'since', 'null'::jsonb), to_jsonb(%(at)s::bigint))))
+  FROM old WHERE id = %(id)s
+RETURNING COALESCE((old.sent->>'n')::int, 0), (old.sent->>'since')::bigint
+"""
+NOT_RUN = """
+UPDATE bad_debt_payment SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s, 'since'], 'null'::jsonb)
  WHERE id = %(id)s
-RETURNING (settle_sent->>%(invoice)s)::int - 1
 """
 
 
@@ -77,32 +98,47 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
                      invoice_id: str) -> tuple[dict[str, Any], bool]:
     """-> (Stripe's invoice, whether this payment settled it).
 
-    Each call is on record before it is sent, so an invoice found settled can be told apart:
-    settled before this payment ever asked (the customer paid it some other way meanwhile, or it
-    was voided: paid twice), or after (this payment's own earlier call, whose answer was lost). A
-    call after a 5xx gets a new idempotency key: Stripe replays a 5xx for the key's 24 hours.
+    An invoice found settled was settled by this payment when it was paid once one of this
+    payment's calls may have run (answered 5xx or not at all, or the worker died on the way): paid
+    before that (the customer paid it some other way meanwhile), or voided, it was paid twice.
     """
+    sent_at = int(time.time())
     with unit_of_work(rt.engine) as conn:
-        sent_before = int(conn.exec_driver_sql(SENDING, {"invoice": invoice_id, "id": payment_id}).scalar_one())
+        sent_before, since_before = conn.exec_driver_sql(
+            SENDING, {"invoice": invoice_id, "id": payment_id, "at": sent_at}).one()
+    since = since_before if since_before is not None else sent_at
     key = f"bad-debt-settle-{payment_id}-{invoice_id}" + (f"-{sent_before}" if sent_before else "")
+
+    def not_run() -> int | None:
+        """This call certainly did not run: it no longer counts as one that may have."""
+        if since_before is None:
+            with unit_of_work(rt.engine) as conn:
+                conn.exec_driver_sql(NOT_RUN, {"invoice": invoice_id, "id": payment_id})
+        return since_before
+
     try:
         invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True}, {"idempotency_key": key})
-        ours = True
+        return invoice.to_dict(for_json=True), True
     except stripe.InvalidRequestError as exc:
-        # Already paid or voided, or Stripe refuses: how does the invoice stand?
+        # Refused: already paid or voided (by whom?), or not payable.
+        since = not_run()
         invoice = client.v1.invoices.retrieve(invoice_id)
         if invoice.status not in SETTLED_STATUSES:
             raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
                              f"(status {invoice.status})") from exc
-        ours = sent_before > 0
     except (stripe.APIError, stripe.APIConnectionError):
-        # The call may have run: if the invoice is settled now, this call settled it.
-        invoice = client.v1.invoices.retrieve(invoice_id)
+        invoice = client.v1.invoices.retrieve(invoice_id)  # it may have run: did it?
         if invoice.status not in SETTLED_STATUSES:
-            raise  # not run: the task retries, with a new key
-        ours = True
-    result: dict[str, Any] = invoice.to_dict(for_json=True)
-    return result, ours
+            not_run()
+            raise  # the task retries, with a new key
+    except stripe.StripeError:  # a rate limit, a refused key: not run
+        not_run()
+        raise
+    found: dict[str, Any] = invoice.to_dict(for_json=True)
+    paid_at = (found.get("status_transitions") or {}).get("paid_at")
+    # Stripe's clock against ours: a payment within the same few seconds as our call is taken as ours.
+    ours = found.get("status") == "paid" and since is not None and (paid_at is None or paid_at >= since)
+    return found, ours
 
 
 def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
@@ -116,7 +152,16 @@ def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
 
 
 def settle(rt: Runtime, payment_id: int) -> Settlement:
-    """Raises stripe errors (the task classifies them) and NotSettled."""
+    """Raises stripe errors (the task classifies them) and NotSettled. One settlement of a payment
+    at a time (the webhook's, the beat sweep's, the reconciliation's may overlap): two running
+    together would each find the invoice the other paid."""
+    with session_lock(rt.engine, f"bad_debt_settle:{payment_id}") as got:
+        if not got:
+            return Settlement(payment_id, None, "busy")
+        return _settle(rt, payment_id)
+
+
+def _settle(rt: Runtime, payment_id: int) -> Settlement:
     from webhooks.store import request_recompute, upsert_row
 
     with rt.engine.connect() as conn:
@@ -139,13 +184,19 @@ def settle(rt: Runtime, payment_id: int) -> Settlement:
             for mirror_row in mirror_rows("invoice.paid", f"bad_debt_settle_{payment_id}", invoice):
                 upsert_row(conn, mirror_row)
         conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
-    elsewhere = tuple(str(invoice["id"]) for invoice, ours in paid if not ours)
+        elsewhere = tuple(str(invoice["id"]) for invoice, ours in paid if not ours)
+        if elsewhere:  # in the same transaction: a worker dying after the commit cannot lose it
+            conn.exec_driver_sql(OVERPAID_ALERT, {
+                "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
+                "error": f"overpaid: bad-debt payment {payment_id} ({row['amount']}) also covered invoice(s) "
+                         f"{', '.join(elsewhere)}, settled some other way while it ran; the customer paid "
+                         "them twice and is owed a refund"})
     if elsewhere:
         log.error("bad-debt payment %s of %s for %s covered invoice(s) %s already settled some other way: "
                   "the customer paid them twice", payment_id, row["amount"], account_id, ", ".join(elsewhere))
     log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(paid), account_id)
     return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i, _ in paid), enqueue=created,
-                      settled_elsewhere=elsewhere, amount=int(row["amount"]))
+                      settled_elsewhere=elsewhere)
 
 
 def account_of(rt: Runtime, payment_id: int) -> str | None:

@@ -13,8 +13,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,13 +21,11 @@ from typing import Any
 import stripe
 from sqlalchemy import Connection, Engine
 
-from app.db import unit_of_work
+from app.db import session_lock, unit_of_work
 from tasks.failures import FailureKind, TaskFailure
 
 log = logging.getLogger(__name__)
 
-LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('payment_retry:' || %(id)s, 0))"
-UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('payment_retry:' || %(id)s, 0))"
 
 ROW_SQL = """
 SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.state, r.created_at, r.free,
@@ -117,17 +114,8 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
     return None
 
 
-@contextmanager
-def retry_lock(engine: Engine, retry_id: int) -> Iterator[bool]:
-    with engine.connect() as conn:
-        got = bool(conn.exec_driver_sql(LOCK_SQL, {"id": retry_id}).scalar())
-        conn.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                conn.exec_driver_sql(UNLOCK_SQL, {"id": retry_id})
-                conn.commit()
+def retry_lock(engine: Engine, retry_id: int) -> AbstractContextManager[bool]:
+    return session_lock(engine, f"payment_retry:{retry_id}")
 
 
 def _set_state(engine: Engine, retry_id: int, state: str, error: str | None = None) -> None:

@@ -8,8 +8,8 @@
   else happens while the caller waits on Stripe).
 * ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
-  ``pay_outcome`` "server_error" answers 500 and pays nothing; "server_error_after_pay" pays the
-  invoice and answers 500 all the same.
+  ``pay_outcome`` "server_error" answers 500 and "rate_limited" 429, paying nothing;
+  "server_error_after_pay" pays the invoice and answers 500 all the same.
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -179,9 +179,13 @@ class FakeStripePayments:
                                    "message": "Invoice is already paid"}}
         if self.pay_outcome == "server_error":
             return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
+        if self.pay_outcome == "rate_limited":
+            return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
+                                   "message": "Too many requests hit the API too quickly."}}
         if params.get("paid_out_of_band") != "true":
             return 400, {"error": {"type": "invalid_request_error", "message": "this fake pays out of band only"}}
         inv.update(status="paid", amount_paid=inv["amount_due"], amount_remaining=0)
+        inv["status_transitions"] = {**(inv.get("status_transitions") or {}), "paid_at": int(time.time())}
         if self.pay_outcome == "server_error_after_pay":
             return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
         return 200, inv

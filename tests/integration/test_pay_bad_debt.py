@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import stripe
 from flask import Flask
+from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
 from app.stuck_work import redrive_one
 from tasks.failures import FailureKind, record_stuck, resolve_stuck
 from tests.conftest import post_event, service_headers, wait_for
-from tests.integration.bad_debt_setup import dunning_row, intent_event, key, pay, payments, recompute
+from tests.integration.bad_debt_setup import InBadDebt, dunning_row, intent_event, key, pay, payments, recompute
 from tests.stripe_events import event, unique, with_product
 
 DAY = 86400
@@ -367,7 +368,8 @@ def test_an_invoice_paid_elsewhere_while_the_payment_ran_is_flagged_as_paid_twic
     stripe_fake.intent_outcome = "processing"
     response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert response.status_code == 202
-    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_paid=debtor.amount, amount_remaining=0)
+    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_paid=debtor.amount, amount_remaining=0,
+                                                status_transitions={"paid_at": int(time.time()) - 60})
     paid = event("invoice.paid", id=debtor.invoice, customer=debtor.customer, amount_due=debtor.amount,
                  amount_paid=debtor.amount, amount_remaining=0)
     assert post_event(client, paid).status_code == 200
@@ -511,3 +513,58 @@ def test_a_settlement_retried_after_a_server_error_uses_a_new_key(client, engine
     assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
     keys = [c.idempotency_key for c in stripe_fake.calls if c.path.endswith("/pay")]
     assert len(keys) == 2 and len(set(keys)) == 2
+
+
+def charged_payment(client: FlaskClient, debtor: InBadDebt) -> int:
+    """A bad-debt payment whose success webhook came in: ready to settle."""
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    return int(response.json["payment_id"])
+
+
+def paid_elsewhere(stripe_fake: Any, debtor: InBadDebt, seconds_ago: int = 0) -> None:
+    """The customer pays the invoice on Stripe's hosted page."""
+    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_paid=debtor.amount, amount_remaining=0,
+                                                status_transitions={"paid_at": int(time.time()) - seconds_ago})
+
+
+@pytest.mark.parametrize("refusal, error", [("server_error", stripe.APIError), ("rate_limited", stripe.RateLimitError)])
+def test_an_invoice_paid_elsewhere_after_a_settlement_call_that_did_not_run_is_paid_twice(
+        client, engine, runtime, debtor, stripe_fake, refusal, error):
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_outcome = refusal  # nothing paid: the invoice is still open
+    with pytest.raises(error):
+        settle(runtime, payment_id)
+    paid_elsewhere(stripe_fake, debtor)
+    stripe_fake.pay_outcome = "paid"
+    assert settle(runtime, payment_id).settled_elsewhere == (debtor.invoice,)
+
+
+def test_an_invoice_paid_elsewhere_before_a_settlement_call_that_timed_out_is_paid_twice(
+        client, engine, runtime, debtor, stripe_fake):
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    paid_elsewhere(stripe_fake, debtor, seconds_ago=30)
+    stripe_fake.pay_outcome = "server_error"  # our call's outcome is unknown; the invoice was paid before it
+    assert settle(runtime, payment_id).settled_elsewhere == (debtor.invoice,)
+    # in the settlement's own transaction: a worker dying after it cannot lose the alert
+    [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
+    assert alert["account_id"] == debtor.account and alert["task_args"] == {"payment_id": payment_id}
+
+
+def test_one_settlement_of_a_payment_at_a_time(client, engine, runtime, debtor, stripe_fake):
+    """Two settlements together would each find the invoice the other paid: 'paid twice'."""
+    from app.db import session_lock
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    with session_lock(engine, f"bad_debt_settle:{payment_id}") as got:
+        assert got
+        assert settle(runtime, payment_id).outcome == "busy"
+    assert stripe_fake.invoice_payments() == []
+    settled = settle(runtime, payment_id)
+    assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
