@@ -213,12 +213,15 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
     status = PI_STATUS.get(str(intent.get("status")), str(intent.get("status") or "pending"))
     error = _obj(intent.get("last_payment_error"))
     method = _id(intent.get("payment_method")) or _id(error.get("payment_method"))
-    raw_status = intent.get("status")
-    # The method of the intent's latest charge, when the intent is just past one: a decline's error
-    # names the declined card (the intent may hold another by now), a success or a debit processing
-    # the intent's own method.
-    charged_with = (_id(error.get("payment_method")) or method if raw_status == "requires_payment_method" and error
-                    else method if raw_status in ("succeeded", "processing") else None)
+    # The charge the event is about, with its card. A decline's error names its own charge and card
+    # (the intent may name another card by now; a failed 3-D Secure made no charge at all); a success
+    # or a debit processing is the intent's latest charge, on the intent's card. An intent waiting for
+    # the customer, or cancelled, still names the previous charge: it adds none.
+    charge: tuple[str | None, str | None] = (None, None)
+    if intent.get("status") == "requires_payment_method":
+        charge = (_id(error.get("charge")), _id(error.get("payment_method")) or method)
+    elif intent.get("status") in ("succeeded", "processing"):
+        charge = (_id(intent.get("latest_charge")), method)
     values = {
         "stripe_customer_id": _id(intent.get("customer")),
         "invoice_id": _id(intent.get("invoice")),
@@ -232,11 +235,9 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         "advice_code": error.get("advice_code") if status == "failed" else None,
         # The event's time, not the intent's creation: a reused intent was created at its first attempt.
         "attempted_at": ts(created),
-        # The event's time: the intent names its latest charge but not when it was made (the
-        # charge's own event, when it comes, brings the earlier, exact time). Only an intent that
-        # has just been charged names it: one waiting for 3-D Secure on a new card, or cancelled,
-        # still names the previous charge, made on another card.
-        "charges": _charges(_id(intent.get("latest_charge")), charged_with, created) if charged_with else {},
+        # At the event's time: the intent does not say when the charge was made (the charge's own
+        # event, when it comes, brings the earlier, exact time).
+        "charges": _charges(charge[0], charge[1], created),
         "source_created": created,
         "source_rank": ATTEMPT_RANK.get(status, 0),
     }

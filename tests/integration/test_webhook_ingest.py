@@ -305,7 +305,8 @@ def test_every_charge_on_a_reused_intent_is_kept_whatever_the_order(client, acco
             # the intent's event names the charge (and its card) but not the charge's time
             events.append(retyped("payment_intent.payment_failed", "payment_intent.payment_failed", id=intent,
                                   customer=customer, latest_charge=charge,
-                                  paths={"last_payment_error.payment_method": {"id": card}}))
+                                  paths={"last_payment_error.payment_method": {"id": card},
+                                         "last_payment_error.charge": charge}))
             events[-1]["created"] = at + 30
         return events
 
@@ -337,6 +338,22 @@ def test_an_intent_waiting_on_a_new_card_does_not_move_the_old_cards_charge(clie
             evt["id"] = unique("evt")
             assert post_event(client, evt).status_code == 200
         assert attempt_row(engine, intent)["charges"] == {charge: {"pm": "pm_a_old", "at": now - 60}}
+
+
+def test_a_failed_authentication_on_a_new_card_adds_no_charge(client, accounts, engine):
+    """3-D Secure failed on the new card: the intent's error names that card, and no charge (the
+    intent's latest charge is still the old card's). Nothing moves to the new card's count."""
+    _, customer = accounts.create()
+    intent, charge, now = unique("pi"), unique("ch"), int(time.time())
+    declined = event("charge.failed", id=charge, customer=customer, payment_intent=intent, created=now - 60,
+                     payment_method="pm_a_old", paths={"created": now - 60})
+    authentication = retyped("payment_intent.payment_failed", "payment_intent.payment_failed", id=intent,
+                             customer=customer, latest_charge=charge, payment_method=None,
+                             paths={"last_payment_error.payment_method": {"id": "pm_z_new"},
+                                    "last_payment_error.code": "payment_intent_authentication_failure"})
+    for evt in (declined, authentication):
+        assert post_event(client, evt).status_code == 200
+    assert attempt_row(engine, intent)["charges"] == {charge: {"pm": "pm_a_old", "at": now - 60}}
 
 
 def test_a_payment_method_update_of_metadata_alone_is_no_change(client, accounts, engine):
