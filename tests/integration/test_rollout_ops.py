@@ -291,6 +291,11 @@ def test_ops_lifting_lists_accounts_stuck_past_the_guard_window(client, accounts
     assert response.json["count"] == 1 and response.json["guard_window_minutes"] == 30
     [item] = response.json["accounts"]
     assert item["account_id"] == stuck and 44 <= item["minutes"] <= 46
+    assert item["reconciliation"] == {"checks": 0, "stripe_status": None, "next_check": None, "not_found_since": None}
+    sql(engine, "UPDATE bad_debt_payment SET reconcile_checks = 2, stripe_status = 'processing' "
+                "WHERE account_id = %(a)s", a=stuck)
+    [item] = client.get("/ops/lifting", headers=service_headers()).json["accounts"]
+    assert (item["reconciliation"]["checks"], item["reconciliation"]["stripe_status"]) == (2, "processing")
     assert metrics.STUCK_IN_LIFTING._value.get() == 1
     assert client.get("/ops/lifting?limit=0", headers=service_headers()).status_code == 400
 
