@@ -72,56 +72,37 @@ class Settlement:
     outcome: str  # settled | already_done | not_charged | unknown_payment | busy
     invoices: tuple[str, ...] = ()
     enqueue: bool = False
-    # Invoices paid or voided some other way while this payment ran: the customer paid them twice.
+    # Invoices the customer also paid some other way (or that were voided) while this payment ran:
+    # paid twice. Each with what Stripe says about it.
     settled_elsewhere: tuple[str, ...] = ()
+    details: tuple[str, ...] = ()
 
 
-# Each call to pay an invoice out of band is on record before it is sent: how many were sent (each
-# after the first gets a key of its own: Stripe replays a 5xx for a key's 24 hours), and since when
-# one of them may have run (unset again after a call Stripe certainly did not run).
+# How many calls to pay an invoice out of band were sent: each after the first gets a key of its
+# own, since Stripe replays a 5xx for a key's 24 hours (paying a paid invoice is refused anyway).
 SENDING = """
-WITH old AS (SELECT settle_sent->%(invoice)s AS sent FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE)
 UPDATE bad_debt_payment
-   SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s], jsonb_build_object(
-           'n', COALESCE((old.sent->>'n')::int, 0) + 1,
-           'since', COALESCE(NULLIF(old.sent->'since', 'null'::jsonb), to_jsonb(%(at)s::bigint))))
-  FROM old WHERE id = %(id)s
-RETURNING COALESCE((old.sent->>'n')::int, 0), (old.sent->>'since')::bigint
-"""
-NOT_RUN = """
-UPDATE bad_debt_payment SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s, 'since'], 'null'::jsonb)
+   SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s], to_jsonb(
+           CASE WHEN jsonb_typeof(settle_sent->%(invoice)s) = 'number' THEN (settle_sent->>%(invoice)s)::int
+                ELSE 0 END + 1))
  WHERE id = %(id)s
+RETURNING (settle_sent->>%(invoice)s)::int - 1
 """
+# The customer's own money on an invoice: Stripe's invoice payments by payment intent or charge.
+# Ours is out of band (no payment object): whoever closed the invoice, these are what was paid twice.
+CUSTOMER_PAYMENTS = ("payment_intent", "charge")
 
 
-def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
-                     invoice_id: str) -> tuple[dict[str, Any], bool]:
-    """-> (Stripe's invoice, whether this payment settled it).
-
-    An invoice found settled was settled by this payment when it was paid once one of this
-    payment's calls may have run (answered 5xx or not at all, or the worker died on the way): paid
-    before that (the customer paid it some other way meanwhile), or voided, it was paid twice.
-    """
-    sent_at = int(time.time())
+def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int, invoice_id: str) -> dict[str, Any]:
+    """Stripe's invoice, settled: paid out of band by this call (or an earlier one whose answer was
+    lost), or found paid or void."""
     with unit_of_work(rt.engine) as conn:
-        sent_before, since_before = conn.exec_driver_sql(
-            SENDING, {"invoice": invoice_id, "id": payment_id, "at": sent_at}).one()
-    since = since_before if since_before is not None else sent_at
+        sent_before = int(conn.exec_driver_sql(SENDING, {"invoice": invoice_id, "id": payment_id}).scalar_one())
     key = f"bad-debt-settle-{payment_id}-{invoice_id}" + (f"-{sent_before}" if sent_before else "")
-
-    def not_run() -> int | None:
-        """This call certainly did not run: it no longer counts as one that may have."""
-        if since_before is None:
-            with unit_of_work(rt.engine) as conn:
-                conn.exec_driver_sql(NOT_RUN, {"invoice": invoice_id, "id": payment_id})
-        return since_before
-
     try:
         invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True}, {"idempotency_key": key})
-        return invoice.to_dict(for_json=True), True
     except stripe.InvalidRequestError as exc:
-        # Refused: already paid or voided (by whom?), or not payable.
-        since = not_run()
+        # Refused: already paid or voided, or not payable.
         invoice = client.v1.invoices.retrieve(invoice_id)
         if invoice.status not in SETTLED_STATUSES:
             raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
@@ -129,16 +110,22 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
     except (stripe.APIError, stripe.APIConnectionError):
         invoice = client.v1.invoices.retrieve(invoice_id)  # it may have run: did it?
         if invoice.status not in SETTLED_STATUSES:
-            not_run()
             raise  # the task retries, with a new key
-    except stripe.StripeError:  # a rate limit, a refused key: not run
-        not_run()
-        raise
     found: dict[str, Any] = invoice.to_dict(for_json=True)
-    paid_at = (found.get("status_transitions") or {}).get("paid_at")
-    # Stripe's clock against ours: a payment within the same few seconds as our call is taken as ours.
-    ours = found.get("status") == "paid" and since is not None and (paid_at is None or paid_at >= since)
-    return found, ours
+    return found
+
+
+def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any]) -> str | None:
+    """What else settled the invoice while this payment ran, from Stripe's own record of it (not
+    from timing: clocks and lost answers make that guesswork): its payments by the customer's own
+    payment intents or charges, or a void. None when nothing did."""
+    if invoice.get("status") == "void":
+        return f"{invoice['id']} was voided"
+    paid = sum(int(p.get("amount_paid") or 0)
+               for p in (x.to_dict() for x in client.v1.invoice_payments.list(
+                   {"invoice": invoice["id"], "limit": 100}).auto_paging_iter())
+               if p.get("status") == "paid" and (p.get("payment") or {}).get("type") in CUSTOMER_PAYMENTS)
+    return f"{invoice['id']}: {paid} {invoice.get('currency')} paid by the customer" if paid else None
 
 
 def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
@@ -176,27 +163,27 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         return Settlement(payment_id, account_id, "not_charged")
     client = make_stripe_client(rt.settings)
     paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
+    also = [(str(invoice["id"]), detail) for invoice in paid if (detail := _paid_elsewhere(client, invoice))]
     with unit_of_work(rt.engine) as conn:
         # The request row, the mirror rows, then the payment row: the order webhook ingest locks
         # them in (its statement, then record_outcome), so the two cannot deadlock.
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        for invoice, _ in paid:
+        for invoice in paid:
             for mirror_row in mirror_rows("invoice.paid", f"bad_debt_settle_{payment_id}", invoice):
                 upsert_row(conn, mirror_row)
         conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
-        elsewhere = tuple(str(invoice["id"]) for invoice, ours in paid if not ours)
-        if elsewhere:  # in the same transaction: a worker dying after the commit cannot lose it
+        details = "; ".join(detail for _, detail in also)
+        if also:  # in the same transaction: a worker dying after the commit cannot lose it
             conn.exec_driver_sql(OVERPAID_ALERT, {
                 "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
-                "error": f"overpaid: bad-debt payment {payment_id} ({row['amount']}) also covered invoice(s) "
-                         f"{', '.join(elsewhere)}, settled some other way while it ran; the customer paid "
-                         "them twice and is owed a refund"})
-    if elsewhere:
-        log.error("bad-debt payment %s of %s for %s covered invoice(s) %s already settled some other way: "
-                  "the customer paid them twice", payment_id, row["amount"], account_id, ", ".join(elsewhere))
+                "error": f"overpaid: bad-debt payment {payment_id} ({row['amount']}) also covered invoices "
+                         f"settled some other way while it ran ({details}); the customer is owed a refund"})
+    if also:
+        log.error("bad-debt payment %s of %s for %s covered invoices settled some other way: %s",
+                  payment_id, row["amount"], account_id, details)
     log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(paid), account_id)
-    return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i, _ in paid), enqueue=created,
-                      settled_elsewhere=elsewhere)
+    return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i in paid), enqueue=created,
+                      settled_elsewhere=tuple(i for i, _ in also), details=tuple(d for _, d in also))
 
 
 def account_of(rt: Runtime, payment_id: int) -> str | None:

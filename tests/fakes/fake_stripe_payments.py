@@ -10,6 +10,8 @@
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
   ``pay_outcome`` "server_error" answers 500 and "rate_limited" 429, paying nothing;
   "server_error_after_pay" pays the invoice and answers 500 all the same.
+* ``GET /v1/invoice_payments?invoice=`` lists an invoice's payments by the customer, which
+  ``pay_elsewhere`` makes (the real fixture, ids and values overridden); paying out of band makes none.
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -52,6 +54,7 @@ class FakeStripePayments:
         self.charged_behind_errors: list[dict[str, Any]] = []  # intents created under a 500
         self.intents: dict[str, dict[str, Any]] = {}  # every intent created, by id
         self.pay_outcome = "paid"
+        self.payments_by_invoice: dict[str, list[dict[str, Any]]] = {}
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -90,6 +93,21 @@ class FakeStripePayments:
             intent["last_payment_error"] = {"type": "card_error", "code": "card_declined",
                                             "decline_code": decline_code, "message": "Your card was declined."}
 
+    def pay_elsewhere(self, invoice_id: str, amount: int | None = None) -> None:
+        """The customer pays the invoice (in full unless ``amount``) on Stripe's hosted page."""
+        inv = self.invoices[invoice_id]
+        paid = inv["amount_remaining"] if amount is None else amount
+        now = int(time.time())
+        payment = resource("invoice_payment")
+        payment.update(id=unique("inpay"), invoice=invoice_id, amount_paid=paid, amount_requested=paid,
+                       currency=inv["currency"], status="paid", is_default=False, created=now,
+                       payment={"type": "payment_intent", "payment_intent": unique("pi")},
+                       status_transitions={"canceled_at": None, "paid_at": now})
+        self.payments_by_invoice.setdefault(invoice_id, []).append(payment)
+        inv.update(amount_paid=inv["amount_paid"] + paid, amount_remaining=inv["amount_remaining"] - paid)
+        if inv["amount_remaining"] <= 0:
+            inv.update(status="paid", status_transitions={**(inv.get("status_transitions") or {}), "paid_at": now})
+
     def intents_created(self) -> list[Call]:
         return [c for c in self.calls if c.path == "/v1/payment_intents" and not c.replayed]
 
@@ -114,6 +132,9 @@ class FakeStripePayments:
         parts = path.split("?")[0].strip("/").split("/")
         if method == "POST" and parts == ["v1", "payment_intents"]:
             return self._create_intent(params)
+        if method == "GET" and parts == ["v1", "invoice_payments"]:
+            listed = self.payments_by_invoice.get(params.get("invoice", ""), [])
+            return 200, {"object": "list", "url": "/v1/invoice_payments", "has_more": False, "data": listed}
         if method == "GET" and parts == ["v1", "payment_intents"]:
             return self._list_intents(params)
         if len(parts) >= 3 and parts[:2] == ["v1", "payment_intents"] and parts[2] in self.intents:

@@ -368,8 +368,7 @@ def test_an_invoice_paid_elsewhere_while_the_payment_ran_is_flagged_as_paid_twic
     stripe_fake.intent_outcome = "processing"
     response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert response.status_code == 202
-    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_paid=debtor.amount, amount_remaining=0,
-                                                status_transitions={"paid_at": int(time.time()) - 60})
+    stripe_fake.pay_elsewhere(debtor.invoice)
     paid = event("invoice.paid", id=debtor.invoice, customer=debtor.customer, amount_due=debtor.amount,
                  amount_paid=debtor.amount, amount_remaining=0)
     assert post_event(client, paid).status_code == 200
@@ -523,12 +522,6 @@ def charged_payment(client: FlaskClient, debtor: InBadDebt) -> int:
     return int(response.json["payment_id"])
 
 
-def paid_elsewhere(stripe_fake: Any, debtor: InBadDebt, seconds_ago: int = 0) -> None:
-    """The customer pays the invoice on Stripe's hosted page."""
-    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_paid=debtor.amount, amount_remaining=0,
-                                                status_transitions={"paid_at": int(time.time()) - seconds_ago})
-
-
 @pytest.mark.parametrize("refusal, error", [("server_error", stripe.APIError), ("rate_limited", stripe.RateLimitError)])
 def test_an_invoice_paid_elsewhere_after_a_settlement_call_that_did_not_run_is_paid_twice(
         client, engine, runtime, debtor, stripe_fake, refusal, error):
@@ -538,7 +531,7 @@ def test_an_invoice_paid_elsewhere_after_a_settlement_call_that_did_not_run_is_p
     stripe_fake.pay_outcome = refusal  # nothing paid: the invoice is still open
     with pytest.raises(error):
         settle(runtime, payment_id)
-    paid_elsewhere(stripe_fake, debtor)
+    stripe_fake.pay_elsewhere(debtor.invoice)  # the customer pays on the hosted page meanwhile
     stripe_fake.pay_outcome = "paid"
     assert settle(runtime, payment_id).settled_elsewhere == (debtor.invoice,)
 
@@ -548,12 +541,41 @@ def test_an_invoice_paid_elsewhere_before_a_settlement_call_that_timed_out_is_pa
     from app.payments.bad_debt_settle import settle
 
     payment_id = charged_payment(client, debtor)
-    paid_elsewhere(stripe_fake, debtor, seconds_ago=30)
-    stripe_fake.pay_outcome = "server_error"  # our call's outcome is unknown; the invoice was paid before it
-    assert settle(runtime, payment_id).settled_elsewhere == (debtor.invoice,)
+    stripe_fake.pay_elsewhere(debtor.invoice)
+    stripe_fake.pay_outcome = "server_error"  # our call's outcome is unknown; the invoice was paid anyway
+    settled = settle(runtime, payment_id)
+    assert settled.settled_elsewhere == (debtor.invoice,) and f"{debtor.amount} usd paid" in settled.details[0]
     # in the settlement's own transaction: a worker dying after it cannot lose the alert
     [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
     assert alert["account_id"] == debtor.account and alert["task_args"] == {"payment_id": payment_id}
+
+
+def test_an_invoice_partly_paid_elsewhere_is_paid_twice_for_that_part(client, engine, runtime, debtor,
+                                                                       stripe_fake):
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_elsewhere(debtor.invoice, amount=400)  # the invoice stays open: 600 remain
+    settled = settle(runtime, payment_id)
+    assert settled.settled_elsewhere == (debtor.invoice,) and "400 usd paid by the customer" in settled.details[0]
+    [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
+    assert "400 usd" in alert["error"]
+
+
+def test_a_call_that_timed_out_and_ran_later_is_no_overpayment(client, engine, runtime, debtor, stripe_fake):
+    """Our call paid the invoice after we gave up on its answer: the retry finds it paid, and
+    Stripe shows no payment of the customer's on it."""
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_outcome = "server_error"
+    with pytest.raises(stripe.APIError):
+        settle(runtime, payment_id)
+    stripe_fake.pay_outcome = "paid"
+    stripe_fake.handle("POST", f"/v1/invoices/{debtor.invoice}/pay", None, {"paid_out_of_band": "true"})
+    settled = settle(runtime, payment_id)
+    assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+    assert stuck_rows(engine, "tasks.bad_debt_overpayment_refunded") == []
 
 
 def test_one_settlement_of_a_payment_at_a_time(client, engine, runtime, debtor, stripe_fake):

@@ -1,10 +1,8 @@
-"""bad_debt_payment.settle_sent: settlement's calls to pay each invoice out of band, on record.
+"""bad_debt_payment.settle_sent: how many calls settlement sent to pay each invoice out of band.
 
-Settlement took an invoice Stripe refused to pay because it was already paid for one paid some
-other way while the payment ran (the customer paid it twice: a refund is due). After its own call
-had paid the invoice and answered 5xx, and Stripe's idempotency key had expired, it raised that
-alarm for a customer who paid once. Each call is now recorded before it is sent: an invoice found
-settled after one of them was settled by this payment.
+Stripe replays a 5xx for an idempotency key's 24 hours, so a settlement whose call answered 500
+failed all day with the account lifting. Each call after the first now gets a key of its own (an
+invoice cannot be paid twice anyway), which needs the count of calls sent, kept here per invoice.
 
 Revision ID: settle_sent
 Revises: bad_debt_reconcile
