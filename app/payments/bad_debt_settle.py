@@ -50,6 +50,11 @@ SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.st
 """
 
 
+ACCOUNT = "SELECT account_id FROM bad_debt_payment WHERE id = %(id)s"
+# The account's other bad-debt payments that settled: covering the same invoice, it was paid twice.
+OTHER_PAYMENTS = """
+SELECT id, invoice_ids FROM bad_debt_payment WHERE account_id = %(account)s AND id <> %(id)s AND state = 'succeeded'
+"""
 # An overpayment, for an operator: a dead stuck row under a task of its own (re-driven once the
 # refund is made, which resolves it), one per payment.
 OVERPAID_TASK = "tasks.bad_debt_overpayment_refunded"
@@ -139,12 +144,17 @@ def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
 
 
 def settle(rt: Runtime, payment_id: int) -> Settlement:
-    """Raises stripe errors (the task classifies them) and NotSettled. One settlement of a payment
-    at a time (the webhook's, the beat sweep's, the reconciliation's may overlap): two running
-    together would each find the invoice the other paid."""
-    with session_lock(rt.engine, f"bad_debt_settle:{payment_id}") as got:
+    """Raises stripe errors (the task classifies them) and NotSettled. One settlement per account
+    at a time: the webhook's, the beat sweep's and the reconciliation's may overlap for a payment,
+    and two payments of one debt may both have been charged (a failed one whose charge turned up);
+    each must see what the other settled."""
+    with rt.engine.connect() as conn:
+        account_id = conn.exec_driver_sql(ACCOUNT, {"id": payment_id}).scalar()
+    if account_id is None:
+        return Settlement(payment_id, None, "unknown_payment")
+    with session_lock(rt.engine, f"bad_debt_settle:{account_id}") as got:
         if not got:
-            return Settlement(payment_id, None, "busy")
+            return Settlement(payment_id, account_id, "busy")
         return _settle(rt, payment_id)
 
 
@@ -164,6 +174,10 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     client = make_stripe_client(rt.settings)
     paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     also = [(str(invoice["id"]), detail) for invoice in paid if (detail := _paid_elsewhere(client, invoice))]
+    with rt.engine.connect() as conn:
+        others = conn.exec_driver_sql(OTHER_PAYMENTS, {"account": account_id, "id": payment_id}).fetchall()
+    also += [(str(inv), f"{inv}: also paid by bad-debt payment {other_id}")
+             for other_id, invoices in others for inv in row["invoice_ids"] or [] if inv in (invoices or [])]
     with unit_of_work(rt.engine) as conn:
         # The request row, the mirror rows, then the payment row: the order webhook ingest locks
         # them in (its statement, then record_outcome), so the two cannot deadlock.
@@ -190,8 +204,7 @@ def account_of(rt: Runtime, payment_id: int) -> str | None:
     """The payment's account, for recording a failure under it (None if unknown or unreadable)."""
     try:
         with rt.engine.connect() as conn:
-            found = conn.exec_driver_sql("SELECT account_id FROM bad_debt_payment WHERE id = %(id)s",
-                                         {"id": payment_id}).scalar()
+            found = conn.exec_driver_sql(ACCOUNT, {"id": payment_id}).scalar()
     except SQLAlchemyError:  # the database may be what failed: the failure is recorded without it
         return None
     return str(found) if found is not None else None

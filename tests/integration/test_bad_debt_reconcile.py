@@ -281,3 +281,32 @@ def test_a_success_stored_while_the_check_asked_stripe_keeps_the_payment_in_flig
     assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "already_done"
     assert payments(engine, debtor.account)[0]["state"] == "pending"
     assert recompute(engine, runtime, debtor.account)["status"] == "lifting"
+
+
+def test_two_charged_payments_of_one_debt_are_flagged_as_paid_twice(client, engine, runtime, debtor, stripe_fake):
+    """A payment failed as never created, a second one paid the debt, then the first one's charge
+    turned up: both were charged for the same invoice."""
+    from app.payments.bad_debt_settle import settle
+
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    first = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json["payment_id"]
+    now = datetime.now(UTC)
+    hidden = stripe_fake.intents.copy()
+    stripe_fake.intents.clear()
+    reconcile(runtime, first, now + LATER)
+    assert reconcile(runtime, first, now + LATER + timedelta(minutes=5)).outcome == "failed"
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+    stripe_fake.intents.update(hidden)
+    [late] = stripe_fake.charged_behind_errors
+
+    stripe_fake.intent_outcome = "succeeded"
+    second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert second.status_code == 202
+    evt = intent_event("succeeded", debtor, second.json["stripe_payment_intent_id"], second.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    assert settle(runtime, second.json["payment_id"]).settled_elsewhere == ()
+
+    assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200
+    settled = settle(runtime, first)
+    assert settled.settled_elsewhere == (debtor.invoice,)
+    assert f"also paid by bad-debt payment {second.json['payment_id']}" in settled.details[0]

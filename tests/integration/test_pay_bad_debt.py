@@ -578,13 +578,13 @@ def test_a_call_that_timed_out_and_ran_later_is_no_overpayment(client, engine, r
     assert stuck_rows(engine, "tasks.bad_debt_overpayment_refunded") == []
 
 
-def test_one_settlement_of_a_payment_at_a_time(client, engine, runtime, debtor, stripe_fake):
+def test_one_settlement_of_an_account_at_a_time(client, engine, runtime, debtor, stripe_fake):
     """Two settlements together would each find the invoice the other paid: 'paid twice'."""
     from app.db import session_lock
     from app.payments.bad_debt_settle import settle
 
     payment_id = charged_payment(client, debtor)
-    with session_lock(engine, f"bad_debt_settle:{payment_id}") as got:
+    with session_lock(engine, f"bad_debt_settle:{debtor.account}") as got:
         assert got
         assert settle(runtime, payment_id).outcome == "busy"
     assert stripe_fake.invoice_payments() == []
