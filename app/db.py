@@ -72,15 +72,23 @@ def session_lock(engine: Engine, name: str) -> Iterator[bool]:
     """A PostgreSQL advisory lock named ``name``, held on a connection of its own for the block:
     yields whether it was taken (False: someone else holds it). Taken without waiting."""
     with engine.connect() as conn:
-        got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtextextended(%(n)s, 0))",
-                                        {"n": name}).scalar())
-        conn.commit()
+        try:
+            got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(hashtextextended(%(n)s, 0))",
+                                            {"n": name}).scalar())
+            conn.commit()
+        except BaseException:
+            conn.invalidate()  # it may hold the lock: closed, not back to the pool holding it
+            raise
         try:
             yield got
         finally:
             if got:
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtextextended(%(n)s, 0))", {"n": name})
-                conn.commit()
+                try:
+                    conn.exec_driver_sql("SELECT pg_advisory_unlock(hashtextextended(%(n)s, 0))", {"n": name})
+                    conn.commit()
+                except Exception:
+                    # Closing the session releases the lock; the block's own outcome stands.
+                    conn.invalidate()
 
 
 def is_connection_error(exc: BaseException) -> bool:

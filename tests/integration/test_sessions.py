@@ -21,3 +21,27 @@ def test_a_session_fails_stuck_work_and_lets_a_dead_host_go(database_url):
     # Over TCP a host that died holding a session lock is let go within about a minute
     # (PostgreSQL ignores these over a Unix socket, where they read 0).
     assert unix_socket or row[4:] == ("30", "10", "3")
+
+
+def test_a_session_lock_whose_release_fails_is_let_go_with_its_session(database_url, engine):
+    """The connection broke inside the block: the lock goes with the session, not back to the pool
+    on a connection still holding it, and the block's own error is the one raised."""
+    from app.db import session_lock
+
+    locking = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        try:
+            with session_lock(locking, "test-lock") as got:
+                assert got
+                with engine.connect() as other:  # the server ends the lock holder's session
+                    other.exec_driver_sql(
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                        "WHERE l.locktype = 'advisory' AND d.datname = current_database() "
+                        "AND l.pid <> pg_backend_pid()")
+                raise LookupError("the block's own failure")
+        except LookupError:
+            pass
+        with session_lock(locking, "test-lock") as again:
+            assert again
+    finally:
+        locking.dispose()
