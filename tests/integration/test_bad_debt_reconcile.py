@@ -153,20 +153,28 @@ def test_a_request_that_died_before_saving_stripes_answer_is_answered_once_recon
     assert replay.json["reason"].startswith("not charged") and replay.json["payment_id"] == row["id"]
 
 
+def failed_with_a_hidden_charge(client: Any, engine: Engine, runtime: Any, debtor: Any,
+                                stripe_fake: Any) -> tuple[int, dict[str, Any]]:
+    """A payment whose create answered 500 but charged, failed by the reconciliation because
+    Stripe's listing did not show its intent at either check (the account back in bad debt, as the
+    task's recompute would make it): (its id, the intent Stripe holds all the same)."""
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    payment_id = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json["payment_id"]
+    now = datetime.now(UTC)
+    listed = stripe_fake.intents.copy()
+    stripe_fake.intents.clear()
+    reconcile(runtime, payment_id, now + LATER)
+    assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+    stripe_fake.intents.update(listed)
+    [charged] = stripe_fake.charged_behind_errors
+    return payment_id, charged
+
+
 @pytest.mark.worker
 def test_a_charge_that_turns_up_after_its_payment_was_failed_still_pays_the_debt(client, engine, runtime, debtor,
                                                                                 stripe_fake, worker):
-    stripe_fake.intent_outcome = "server_error_after_charge"
-    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
-    payment_id, now = response.json["payment_id"], datetime.now(UTC)
-    listed_nothing = stripe_fake.intents.copy()
-    stripe_fake.intents.clear()  # Stripe's listing did not show it, twice
-    reconcile(runtime, payment_id, now + LATER)
-    assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
-    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"  # as the task's enqueue would
-    stripe_fake.intents.update(listed_nothing)
-
-    [charged] = stripe_fake.charged_behind_errors
+    payment_id, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
     evt = intent_event("succeeded", debtor, charged["id"], payment_id)
     assert post_event(client, evt).status_code == 200
     state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "current" and d,
@@ -180,17 +188,7 @@ def test_a_failed_payment_whose_charge_turns_up_is_in_flight_until_settled(clien
                                                                            stripe_fake):
     """Between the late success and its settlement the money is taken: the account must be lifting,
     and a second payment of the same debt refused."""
-    stripe_fake.intent_outcome = "server_error_after_charge"
-    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
-    payment_id, now = response.json["payment_id"], datetime.now(UTC)
-    hidden = stripe_fake.intents.copy()
-    stripe_fake.intents.clear()
-    reconcile(runtime, payment_id, now + LATER)
-    assert reconcile(runtime, payment_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
-    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
-    stripe_fake.intents.update(hidden)
-
-    [charged] = stripe_fake.charged_behind_errors
+    payment_id, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
     assert post_event(client, intent_event("succeeded", debtor, charged["id"], payment_id)).status_code == 200
     assert payments(engine, debtor.account)[0]["state"] == "pending"
     assert recompute(engine, runtime, debtor.account)["status"] == "lifting"
@@ -207,16 +205,7 @@ def test_a_late_success_and_a_new_payment_at_the_same_moment_do_not_deadlock(fla
     first, and then finds the reopened payment in flight."""
     from app.payments import bad_debt_webhook
 
-    stripe_fake.intent_outcome = "server_error_after_charge"
-    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
-    failed_id, now = response.json["payment_id"], datetime.now(UTC)
-    hidden = stripe_fake.intents.copy()
-    stripe_fake.intents.clear()
-    reconcile(runtime, failed_id, now + LATER)
-    assert reconcile(runtime, failed_id, now + LATER + timedelta(minutes=5)).outcome == "failed"
-    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
-    stripe_fake.intents.update(hidden)
-    [charged] = stripe_fake.charged_behind_errors
+    failed_id, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
     stripe_fake.intent_outcome = "succeeded"
 
     real = bad_debt_webhook.record_outcome
@@ -288,16 +277,7 @@ def test_two_charged_payments_of_one_debt_are_flagged_as_paid_twice(client, engi
     turned up: both were charged for the same invoice."""
     from app.payments.bad_debt_settle import settle
 
-    stripe_fake.intent_outcome = "server_error_after_charge"
-    first = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json["payment_id"]
-    now = datetime.now(UTC)
-    hidden = stripe_fake.intents.copy()
-    stripe_fake.intents.clear()
-    reconcile(runtime, first, now + LATER)
-    assert reconcile(runtime, first, now + LATER + timedelta(minutes=5)).outcome == "failed"
-    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
-    stripe_fake.intents.update(hidden)
-    [late] = stripe_fake.charged_behind_errors
+    first, late = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
 
     stripe_fake.intent_outcome = "succeeded"
     second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
