@@ -42,6 +42,7 @@ from app.domain.compute import compute
 from app.domain.retry_cadence import attempt_in_flight
 from app.domain.state import Status
 from app.domain.triggers import Trigger
+from app.payments.bad_debt_webhook import REOPEN_CHARGED
 from app.payments.pay import lock_account_payments, retry_charging
 from app.payments.stripe_client import make_stripe_client
 from app.recompute.gather import gather
@@ -345,6 +346,8 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
                                             f"bad_debt_payment:{payment_id}") or enqueue
             conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
                                                "body": Json(answer.body), "id": payment_id})
+            if failure is not None:  # the in-flight slot is free: an earlier payment charged after all takes it
+                conn.exec_driver_sql(REOPEN_CHARGED, {"account": req.account_id})
     except SQLAlchemyError:
         # Stripe's answer is still the truth about the charge: say it. The key answers "in
         # progress" until the payment is reconciled, then its outcome.

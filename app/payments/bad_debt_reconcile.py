@@ -38,7 +38,7 @@ from sqlalchemy import Connection
 from app.db import unit_of_work
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import mirror_rows
-from app.payments.bad_debt_webhook import MARK_FAILED, NOTE_INTENT, failure_reason
+from app.payments.bad_debt_webhook import NOTE_INTENT, failure_reason, mark_failed
 from app.payments.stripe_client import make_stripe_client
 from app.runtime import Runtime
 
@@ -217,6 +217,6 @@ def _fail(rt: Runtime, row: Any, reason: str, intent_id: str | None) -> Reconcil
         if state != "pending" or conn.exec_driver_sql(CHARGED, {"id": payment_id}).scalar_one():
             # Ended meanwhile, or its success came in (whose webhook queued the settlement).
             return Reconciled(payment_id, account_id, "already_done", enqueue=created)
-        conn.exec_driver_sql(MARK_FAILED, {"reason": reason, "pi": intent_id, "id": payment_id})
+        mark_failed(conn, account_id, payment_id, reason, intent_id)
     log.warning("bad-debt payment %s of %s failed on reconciliation with Stripe: %s", payment_id, account_id, reason)
     return Reconciled(payment_id, account_id, "failed", enqueue=created)

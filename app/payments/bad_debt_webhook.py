@@ -38,6 +38,22 @@ REOPEN = """
 UPDATE bad_debt_payment SET state = 'pending', failure_reason = NULL, updated_at = now()
  WHERE id = %(id)s AND state = 'failed'
 """
+# Once the account's in-flight slot is free again (the payment holding it just failed, in this
+# transaction), a failed payment whose charge succeeded after all takes it: the oldest one.
+REOPEN_CHARGED = """
+UPDATE bad_debt_payment SET state = 'pending', failure_reason = NULL, updated_at = now()
+ WHERE id = (SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
+              WHERE b.account_id = %(account)s AND b.state = 'failed' AND a.status = 'succeeded'
+              ORDER BY b.id LIMIT 1)
+   AND NOT EXISTS (SELECT 1 FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending')
+"""
+
+
+def mark_failed(conn: Connection, account_id: str, payment_id: int, reason: str, intent_id: str | None) -> None:
+    """The payment failed; if another of the account's payments was charged after all while this
+    one held the in-flight slot, that one is in flight again (until its settlement)."""
+    conn.exec_driver_sql(MARK_FAILED, {"reason": reason, "pi": intent_id, "id": payment_id})
+    conn.exec_driver_sql(REOPEN_CHARGED, {"account": account_id})
 NOTE_INTENT = """
 UPDATE bad_debt_payment SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s), updated_at = now()
  WHERE id = %(id)s
@@ -85,7 +101,7 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         return None
     payment_id, state = int(row[0]), str(row[1])
     if event_type == "payment_intent.payment_failed":
-        conn.exec_driver_sql(MARK_FAILED, {"reason": failure_reason(intent), "pi": payment_intent, "id": payment_id})
+        mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
         return None
     conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
     if state == "failed":

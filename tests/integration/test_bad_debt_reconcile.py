@@ -290,3 +290,26 @@ def test_two_charged_payments_of_one_debt_are_flagged_as_paid_twice(client, engi
     settled = settle(runtime, first)
     assert settled.settled_elsewhere == (debtor.invoice,)
     assert f"also paid by bad-debt payment {second.json['payment_id']}" in settled.details[0]
+
+
+def test_a_charged_payment_waiting_behind_another_takes_its_slot_when_that_one_fails(client, engine, runtime,
+                                                                                     debtor, stripe_fake):
+    """Its charge turned up while a second payment was in flight, so it could not be reopened; the
+    second one is then declined. The money of the first is in: the account must stay lifting, and
+    a third payment must be refused."""
+    first, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    stripe_fake.intent_outcome = "processing"  # a bank debit: pending for days
+    second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json
+    assert post_event(client, intent_event("succeeded", debtor, charged["id"], first)).status_code == 200
+    states = {p["id"]: p["state"] for p in payments(engine, debtor.account)}
+    assert (states[first], states[second["payment_id"]]) == ("failed", "pending")
+
+    declined = intent_event("failed", debtor, second["stripe_payment_intent_id"], second["payment_id"],
+                            decline="insufficient_funds")
+    assert post_event(client, declined).status_code == 200
+    states = {p["id"]: p["state"] for p in payments(engine, debtor.account)}
+    assert (states[first], states[second["payment_id"]]) == ("pending", "failed")
+    assert recompute(engine, runtime, debtor.account)["status"] == "lifting"
+    stripe_fake.intent_outcome = "succeeded"
+    third = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (third.status_code, third.json["error"]) == (409, "payment_in_flight")
