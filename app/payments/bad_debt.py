@@ -146,6 +146,9 @@ class Debt:
     invoice_ids: list[str]
     customer: str
     payment_method: str
+    # What each invoice had had paid when the balance was quoted: payments Stripe lists for it
+    # beyond that came while this payment ran (bad_debt_settle: paid twice).
+    paid_before: dict[str, int]
 
 
 CUSTOMERS_OF = "SELECT DISTINCT stripe_customer_id FROM stripe_invoice WHERE id = ANY(%(ids)s)"
@@ -189,14 +192,14 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
         None)
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
-    return Debt(balance, currencies.pop(), ids, customers[0], method)
+    return Debt(balance, currencies.pop(), ids, customers[0], method, {inv.id: inv.amount_paid for inv in invoices})
 
 
 NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"
 INSERT_PAYMENT = """
 INSERT INTO bad_debt_payment (id, account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids,
-                              stripe_customer_id)
-VALUES (%(id)s, %(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s)
+                              stripe_customer_id, invoices_paid_before)
+VALUES (%(id)s, %(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s, %(paid_before)s)
 """
 
 
@@ -219,7 +222,7 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
             conn.exec_driver_sql(INSERT_PAYMENT, {
                 "id": payment_id, "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
                 "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),
-                "customer": debt.customer,
+                "customer": debt.customer, "paid_before": Json(debt.paid_before),
             })
     except IntegrityError as exc:
         constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)

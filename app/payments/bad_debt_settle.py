@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SETTLED_STATUSES = ("paid", "void")
 
 LOAD = """
-SELECT b.account_id, b.state, b.invoice_ids, b.amount, b.stripe_payment_intent_id, a.status AS charge_status
+SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.amount, b.stripe_payment_intent_id,
+       a.status AS charge_status
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.id = %(id)s
 """
@@ -120,17 +121,19 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int, 
     return found
 
 
-def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any]) -> str | None:
+def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_before: int) -> str | None:
     """What else settled the invoice while this payment ran, from Stripe's own record of it (not
     from timing: clocks and lost answers make that guesswork): its payments by the customer's own
-    payment intents or charges, or a void. None when nothing did."""
+    payment intents or charges beyond what it had had paid when the balance was quoted, or a void.
+    None when nothing did."""
     if invoice.get("status") == "void":
         return f"{invoice['id']} was voided"
     paid = sum(int(p.get("amount_paid") or 0)
                for p in (x.to_dict() for x in client.v1.invoice_payments.list(
                    {"invoice": invoice["id"], "limit": 100}).auto_paging_iter())
                if p.get("status") == "paid" and (p.get("payment") or {}).get("type") in CUSTOMER_PAYMENTS)
-    return f"{invoice['id']}: {paid} {invoice.get('currency')} paid by the customer" if paid else None
+    extra = paid - paid_before
+    return f"{invoice['id']}: {extra} {invoice.get('currency')} paid by the customer" if extra > 0 else None
 
 
 def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
@@ -173,7 +176,9 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         return Settlement(payment_id, account_id, "not_charged")
     client = make_stripe_client(rt.settings)
     paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
-    also = [(str(invoice["id"]), detail) for invoice in paid if (detail := _paid_elsewhere(client, invoice))]
+    before = row["invoices_paid_before"] or {}
+    also = [(str(invoice["id"]), detail) for invoice in paid
+            if (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0))))]
     with rt.engine.connect() as conn:
         others = conn.exec_driver_sql(OTHER_PAYMENTS, {"account": account_id, "id": payment_id}).fetchall()
     also += [(str(inv), f"{inv}: also paid by bad-debt payment {other_id}")

@@ -44,13 +44,14 @@ def recompute(engine: Engine, runtime: Runtime, account: str, trigger: str = "MA
 
 
 def into_bad_debt(client: FlaskClient, engine: Engine, runtime: Runtime, accounts: Accounts,
-                  product: str = "prod_premium", amount: int = 1000, days_ago: int = 30) -> InBadDebt:
-    """An invoice marked uncollectible ``days_ago``, a default card on file, recomputed: bad debt."""
+                  product: str = "prod_premium", amount: int = 1000, days_ago: int = 30, paid: int = 0) -> InBadDebt:
+    """An invoice of ``amount`` (``paid`` of it paid) marked uncollectible ``days_ago``, a default
+    card on file, recomputed: bad debt of the rest."""
     account, customer = accounts.create()
     t = int(time.time()) - days_ago * DAY
     invoice = unique("in")
     evt = with_product(event("invoice.marked_uncollectible", id=invoice, customer=customer, created=t,
-                             amount_due=amount, amount_remaining=amount, amount_paid=0, total=amount,
+                             amount_due=amount, amount_remaining=amount - paid, amount_paid=paid, total=amount,
                              paths={"created": t - DAY}), product, amount)
     assert post_event(client, evt).status_code == 200
     pm = unique("pm")
@@ -58,7 +59,7 @@ def into_bad_debt(client: FlaskClient, engine: Engine, runtime: Runtime, account
     assert post_event(client, updated).status_code == 200
     summary = recompute(engine, runtime, account)
     assert summary["status"] == "bad_debt", summary
-    return InBadDebt(account, customer, invoice, amount, pm, evt["data"]["object"])
+    return InBadDebt(account, customer, invoice, amount - paid, pm, evt["data"]["object"])
 
 
 def pay(client: FlaskClient, body: Any, key: str | None = None, headers: dict[str, str] | None = None) -> Any:

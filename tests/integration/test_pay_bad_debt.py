@@ -15,7 +15,16 @@ from sqlalchemy import Engine
 from app.stuck_work import redrive_one
 from tasks.failures import FailureKind, record_stuck, resolve_stuck
 from tests.conftest import post_event, service_headers, wait_for
-from tests.integration.bad_debt_setup import InBadDebt, dunning_row, intent_event, key, pay, payments, recompute
+from tests.integration.bad_debt_setup import (
+    InBadDebt,
+    dunning_row,
+    intent_event,
+    into_bad_debt,
+    key,
+    pay,
+    payments,
+    recompute,
+)
 from tests.stripe_events import event, unique, with_product
 
 DAY = 86400
@@ -590,3 +599,24 @@ def test_one_settlement_of_an_account_at_a_time(client, engine, runtime, debtor,
     assert stripe_fake.invoice_payments() == []
     settled = settle(runtime, payment_id)
     assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+
+
+def test_an_invoice_paid_in_part_before_the_quote_is_not_paid_twice(client, engine, runtime, accounts, stripe_fake):
+    """400 of 1000 paid by the customer weeks before the debt, the quote 600: paid once."""
+    from app.payments.bad_debt_settle import settle
+
+    debt = into_bad_debt(client, engine, runtime, accounts, amount=1000, paid=400)
+    stripe_fake.add_invoice({**debt.invoice_object, "amount_paid": 0, "amount_remaining": 1000})
+    stripe_fake.pay_elsewhere(debt.invoice, amount=400)  # Stripe's record of that earlier payment
+    assert debt.amount == 600
+    payment_id = charged_payment(client, debt)
+    settled = settle(runtime, payment_id)
+    assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+    # and 300 more paid by the customer while the payment ran is paid twice, for those 300
+    debt2 = into_bad_debt(client, engine, runtime, accounts, amount=1000, paid=400)
+    stripe_fake.add_invoice({**debt2.invoice_object, "amount_paid": 0, "amount_remaining": 1000})
+    stripe_fake.pay_elsewhere(debt2.invoice, amount=400)
+    second = charged_payment(client, debt2)
+    stripe_fake.pay_elsewhere(debt2.invoice, amount=300)
+    settled = settle(runtime, second)
+    assert settled.settled_elsewhere == (debt2.invoice,) and "300 usd paid by the customer" in settled.details[0]
