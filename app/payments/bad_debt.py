@@ -146,8 +146,8 @@ class Debt:
     invoice_ids: list[str]
     customer: str
     payment_method: str
-    # What each invoice had had paid when the balance was quoted: payments Stripe lists for it
-    # beyond that came while this payment ran (bad_debt_settle: paid twice).
+    # The customer's payments on each invoice known when the balance was quoted: those Stripe
+    # lists for it beyond that came while this payment ran, or were unknown to the quote (paid twice).
     paid_before: dict[str, int]
 
 
@@ -192,7 +192,11 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
         None)
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
-    return Debt(balance, currencies.pop(), ids, customers[0], method, {inv.id: inv.amount_paid for inv in invoices})
+    # What the customer's own payments (intents and charges the mirror links to each invoice) had
+    # paid when the balance was quoted: measured as settlement measures Stripe's invoice payments.
+    paid_before = {inv.id: sum(a.amount for a in snapshot.attempts
+                               if a.invoice_id == inv.id and a.status == "succeeded") for inv in invoices}
+    return Debt(balance, currencies.pop(), ids, customers[0], method, paid_before)
 
 
 NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"

@@ -605,18 +605,43 @@ def test_an_invoice_paid_in_part_before_the_quote_is_not_paid_twice(client, engi
     """400 of 1000 paid by the customer weeks before the debt, the quote 600: paid once."""
     from app.payments.bad_debt_settle import settle
 
-    debt = into_bad_debt(client, engine, runtime, accounts, amount=1000, paid=400)
-    stripe_fake.add_invoice({**debt.invoice_object, "amount_paid": 0, "amount_remaining": 1000})
-    stripe_fake.pay_elsewhere(debt.invoice, amount=400)  # Stripe's record of that earlier payment
+    debt = earlier_payment_of_400(client, engine, runtime, accounts, stripe_fake)
     assert debt.amount == 600
     payment_id = charged_payment(client, debt)
     settled = settle(runtime, payment_id)
     assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
     # and 300 more paid by the customer while the payment ran is paid twice, for those 300
-    debt2 = into_bad_debt(client, engine, runtime, accounts, amount=1000, paid=400)
-    stripe_fake.add_invoice({**debt2.invoice_object, "amount_paid": 0, "amount_remaining": 1000})
-    stripe_fake.pay_elsewhere(debt2.invoice, amount=400)
+    debt2 = earlier_payment_of_400(client, engine, runtime, accounts, stripe_fake)
     second = charged_payment(client, debt2)
     stripe_fake.pay_elsewhere(debt2.invoice, amount=300)
     settled = settle(runtime, second)
     assert settled.settled_elsewhere == (debt2.invoice,) and "300 usd paid by the customer" in settled.details[0]
+
+
+def test_an_earlier_payment_recorded_out_of_band_does_not_hide_a_card_payment(client, engine, runtime, accounts,
+                                                                              stripe_fake):
+    """400 recorded earlier as a bank transfer (no payment of the customer's at Stripe), the quote
+    600, then the customer pays 300 by card while the payment runs: 300 paid twice."""
+    from app.payments.bad_debt_settle import settle
+
+    debt = into_bad_debt(client, engine, runtime, accounts, amount=1000, paid=400)
+    stripe_fake.add_invoice(debt.invoice_object)
+    payment_id = charged_payment(client, debt)
+    stripe_fake.pay_elsewhere(debt.invoice, amount=300)
+    settled = settle(runtime, payment_id)
+    assert settled.settled_elsewhere == (debt.invoice,) and "300 usd paid by the customer" in settled.details[0]
+
+
+def earlier_payment_of_400(client: FlaskClient, engine: Engine, runtime: Any, accounts: Any,
+                           stripe_fake: Any) -> InBadDebt:
+    """An invoice of 1000, 400 of it paid by the customer's card weeks ago (Stripe lists the
+    payment, and its invoice_payment.paid is in the mirror), the rest in bad debt."""
+    debt = into_bad_debt(client, engine, runtime, accounts, amount=1000, paid=400)
+    stripe_fake.add_invoice({**debt.invoice_object, "amount_paid": 0, "amount_remaining": 1000})
+    stripe_fake.pay_elsewhere(debt.invoice, amount=400)
+    [earlier] = stripe_fake.payments_by_invoice[debt.invoice]
+    intent = earlier["payment"]["payment_intent"]
+    link = event("invoice_payment.paid", invoice=debt.invoice, amount_paid=400, amount_requested=400,
+                 created=int(time.time()) - 20 * DAY, paths={"payment.payment_intent": intent})
+    assert post_event(client, link).status_code == 200
+    return debt
