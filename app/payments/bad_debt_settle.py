@@ -30,7 +30,7 @@ SETTLED_STATUSES = ("paid", "void")
 
 LOAD = """
 SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.amount, b.stripe_payment_intent_id,
-       a.status AS charge_status
+       a.status AS charge_status, a.amount_refunded
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.id = %(id)s
 """
@@ -45,7 +45,7 @@ SETTLEABLE = ("pending", "failed")
 # queued (broker down at ingest) or whose task was lost.
 UNSETTLED = """
 SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
- WHERE b.state IN ('pending', 'failed') AND a.status = 'succeeded'
+ WHERE b.state IN ('pending', 'failed') AND a.status = 'succeeded' AND a.amount_refunded = 0
    AND b.updated_at < now() - make_interval(secs => %(age)s)
  ORDER BY b.id LIMIT %(limit)s
 """
@@ -75,7 +75,7 @@ class NotSettled(Exception):
 class Settlement:
     payment_id: int
     account_id: str | None
-    outcome: str  # settled | already_done | not_charged | unknown_payment | busy
+    outcome: str  # settled | already_done | not_charged | refunded | unknown_payment | busy
     invoices: tuple[str, ...] = ()
     enqueue: bool = False
     # Invoices the customer also paid some other way (or that were voided) while this payment ran:
@@ -174,6 +174,9 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     if row["charge_status"] != "succeeded":
         # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
         return Settlement(payment_id, account_id, "not_charged")
+    if row["amount_refunded"]:
+        # Refunded (or lost to a dispute) before it settled anything: the money is not in.
+        return _refunded(rt, payment_id, account_id, int(row["amount_refunded"]))
     client = make_stripe_client(rt.settings)
     paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     before = row["invoices_paid_before"] or {}
@@ -203,6 +206,18 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(paid), account_id)
     return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i in paid), enqueue=created,
                       settled_elsewhere=tuple(i for i, _ in also), details=tuple(d for _, d in also))
+
+
+def _refunded(rt: Runtime, payment_id: int, account_id: str, refunded: int) -> Settlement:
+    from app.payments.bad_debt_webhook import mark_failed
+    from webhooks.store import request_recompute
+
+    with unit_of_work(rt.engine) as conn:
+        created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
+        mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded})", None)
+    log.warning("bad-debt payment %s of %s was refunded (%s) before it settled anything", payment_id, account_id,
+                refunded)
+    return Settlement(payment_id, account_id, "refunded", enqueue=created)
 
 
 def account_of(rt: Runtime, payment_id: int) -> str | None:

@@ -44,6 +44,7 @@ REOPEN_CHARGED = """
 UPDATE bad_debt_payment SET state = 'pending', failure_reason = NULL, updated_at = now()
  WHERE id = (SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
               WHERE b.account_id = %(account)s AND b.state = 'failed' AND a.status = 'succeeded'
+                AND a.amount_refunded = 0
               ORDER BY b.id LIMIT 1)
    AND NOT EXISTS (SELECT 1 FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending')
 """

@@ -645,3 +645,55 @@ def earlier_payment_of_400(client: FlaskClient, engine: Engine, runtime: Any, ac
                  created=int(time.time()) - 20 * DAY, paths={"payment.payment_intent": intent})
     assert post_event(client, link).status_code == 200
     return debt
+
+
+def refund(client: FlaskClient, debt: InBadDebt, intent_id: str) -> None:
+    """Stripe's charge.refunded for the bad-debt payment's charge (an operator refunded it)."""
+    refunded = event("charge.refunded", id=unique("ch"), customer=debt.customer, payment_intent=intent_id,
+                     amount=debt.amount, amount_refunded=debt.amount)
+    assert post_event(client, refunded).status_code == 200
+
+
+def test_a_charge_refunded_before_settlement_settles_nothing(client, engine, runtime, debtor, stripe_fake):
+    from app.payments.bad_debt_settle import settle
+
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    intent = response.json["stripe_payment_intent_id"]
+    assert post_event(client, intent_event("succeeded", debtor, intent, response.json["payment_id"])).status_code == 200
+    refund(client, debtor, intent)
+    settled = settle(runtime, response.json["payment_id"])
+    assert settled.outcome == "refunded" and stripe_fake.invoice_payments() == []
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed" and row["failure_reason"].startswith("refunded")
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+
+
+def test_a_refunded_charge_does_not_take_a_freed_slot(client, engine, runtime, debtor, stripe_fake):
+    """A failed payment whose charge turned up, then was refunded, while a second one was in flight:
+    when the second one is declined, nothing of the first is in."""
+    stripe_fake.intent_outcome = "decline"
+    first = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json
+    stripe_fake.intent_outcome = "processing"
+    second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json
+    declined_intent = payments(engine, debtor.account)[0]["stripe_payment_intent_id"]
+    late = intent_event("succeeded", debtor, declined_intent, first["payment_id"])  # Stripe confirmed it again
+    assert post_event(client, late).status_code == 200
+    refund(client, debtor, late["data"]["object"]["id"])
+    declined = intent_event("failed", debtor, second["stripe_payment_intent_id"], second["payment_id"],
+                            decline="insufficient_funds")
+    assert post_event(client, declined).status_code == 200
+    assert [p["state"] for p in payments(engine, debtor.account)] == ["failed", "failed"]
+
+
+@pytest.mark.worker
+def test_a_settlement_that_finds_another_running_comes_back_after_it(client, engine, debtor, stripe_fake, worker,
+                                                                     celery_app):
+    from app.db import session_lock
+
+    with session_lock(engine, f"bad_debt_settle:{debtor.account}") as got:  # another settlement of the account
+        assert got
+        payment_id = charged_payment(client, debtor)  # its webhook queues a settlement too
+        pending = celery_app.send_task("tasks.settle_bad_debt_payment", [payment_id])
+        wait_for(lambda: pending.state == "RETRY", message="the settlement waiting its turn")
+        assert payments(engine, debtor.account)[0]["state"] == "pending"
+    wait_for(lambda: payments(engine, debtor.account)[0]["state"] == "succeeded", message="settled after it")
