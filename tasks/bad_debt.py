@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SETTLE = "tasks.settle_bad_debt_payment"
 RECONCILE = "tasks.reconcile_bad_debt_payment"
 OVERPAID = OVERPAID_TASK
+BUSY_COUNTDOWN, BUSY_RETRIES = 5, 24
 
 
 def _as_failure(exc: Exception) -> Exception:
@@ -70,6 +71,10 @@ def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
         # one payment's failure is not another's.
         handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), args, per_args=True)
         raise
+    if result.outcome == "busy" and self.request.retries < BUSY_RETRIES:
+        # Another settlement of the account is running; this payment's turn comes after it (and if
+        # these run out, the beat sweep comes back for it).
+        raise self.retry(countdown=BUSY_COUNTDOWN, max_retries=BUSY_RETRIES)
     if self.request.retries:
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
     if result.settled_elsewhere:  # its alert row was written with the settlement
