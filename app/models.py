@@ -380,7 +380,8 @@ class BadDebtPayment(Base):
     reconcile_after: Mapped[datetime | None]
     reconcile_checks: Mapped[int] = mapped_column(Integer, server_default="0")
     not_found_since: Mapped[datetime | None]  # Stripe listed no intent for it since then
-    # What each invoice had had paid when the balance was quoted (settlement: paid twice beyond it).
+    # The customer's own payments on each invoice as Stripe listed them at the quote (settlement:
+    # what the customer paid beyond them was paid twice).
     invoices_paid_before: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
     # Settlement's calls to pay each invoice out of band, by invoice: how many were sent.
     settle_sent: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)

@@ -61,7 +61,7 @@ def _send_each(app: Any, task: str, payment_ids: list[int]) -> int:
 
 
 @shared_task(name=SETTLE, bind=True)
-def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
+def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dict[str, Any]:
     rt = runtime_for(self.app)
     args = {"payment_id": int(payment_id)}
     try:
@@ -71,10 +71,11 @@ def settle_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
         # one payment's failure is not another's.
         handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), args, per_args=True)
         raise
-    if result.outcome == "busy" and self.request.retries < BUSY_RETRIES:
+    if result.outcome == "busy" and waited < BUSY_RETRIES:
         # Another settlement of the account is running; this payment's turn comes after it (and if
-        # these run out, the beat sweep comes back for it).
-        raise self.retry(countdown=BUSY_COUNTDOWN, max_retries=BUSY_RETRIES)
+        # these run out, the beat sweep comes back for it). A task of its own, not a retry: waiting
+        # spends none of the retries its failures have.
+        self.apply_async([payment_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN)
     if self.request.retries:
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
     if result.settled_elsewhere:  # its alert row was written with the settlement

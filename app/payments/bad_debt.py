@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,6 +42,7 @@ from app.domain.compute import compute
 from app.domain.retry_cadence import attempt_in_flight
 from app.domain.state import Status
 from app.domain.triggers import Trigger
+from app.payments.bad_debt_settle import customer_paid
 from app.payments.bad_debt_webhook import REOPEN_CHARGED
 from app.payments.pay import lock_account_payments, retry_charging
 from app.payments.stripe_client import make_stripe_client
@@ -146,9 +147,9 @@ class Debt:
     invoice_ids: list[str]
     customer: str
     payment_method: str
-    # The customer's payments on each invoice known when the balance was quoted: those Stripe
-    # lists for it beyond that came while this payment ran, or were unknown to the quote (paid twice).
-    paid_before: dict[str, int]
+    # The customer's own payments on each invoice as Stripe lists them when the balance is quoted:
+    # settlement counts those beyond it as paid twice (bad_debt_settle), measured the same way.
+    paid_before: dict[str, int] = field(default_factory=dict)
 
 
 CUSTOMERS_OF = "SELECT DISTINCT stripe_customer_id FROM stripe_invoice WHERE id = ANY(%(ids)s)"
@@ -192,11 +193,7 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
         None)
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
-    # What the customer's own payments (intents and charges the mirror links to each invoice) had
-    # paid when the balance was quoted: measured as settlement measures Stripe's invoice payments.
-    paid_before = {inv.id: sum(a.amount for a in snapshot.attempts
-                               if a.invoice_id == inv.id and a.status == "succeeded") for inv in invoices}
-    return Debt(balance, currencies.pop(), ids, customers[0], method, paid_before)
+    return Debt(balance, currencies.pop(), ids, customers[0], method)
 
 
 NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"
@@ -290,6 +287,16 @@ def _unknown(req: Request, debt: Debt, payment_id: int, why: str) -> Answer:
                         "reason": reason})
 
 
+def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
+    """What the customer had paid on each invoice by Stripe's record, before anything is charged."""
+    client = make_stripe_client(rt.settings)
+    try:
+        return {invoice_id: customer_paid(client, invoice_id) for invoice_id in debt.invoice_ids}
+    except stripe.StripeError as exc:
+        raise Refused(502, "payment_provider_error", f"Stripe could not be asked about the invoices "
+                      f"({exc.__class__.__name__}); nothing was charged, try again") from exc
+
+
 def _indeterminate(exc: stripe.StripeError) -> bool:
     """Whether Stripe may have run the request: no answer at all, or a server error (Stripe's advice
     is to treat a 5xx's outcome as unknown). A card decline, a refused request or a rate limit (429)
@@ -331,6 +338,7 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
                     if replayed is not None:
                         return replayed
                 raise
+        debt = replace(debt, paid_before=_paid_before(rt, req, debt))
         payment_id, enqueue = _insert(rt, req, debt)
     except Refused as refused:
         return refused.answer

@@ -121,18 +121,22 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int, 
     return found
 
 
+def customer_paid(client: stripe.StripeClient, invoice_id: str) -> int:
+    """What the customer's own payment intents and charges paid on the invoice, by Stripe's record
+    (its invoice payments)."""
+    return sum(int(p.get("amount_paid") or 0)
+               for p in (x.to_dict() for x in client.v1.invoice_payments.list(
+                   {"invoice": invoice_id, "limit": 100}).auto_paging_iter())
+               if p.get("status") == "paid" and (p.get("payment") or {}).get("type") in CUSTOMER_PAYMENTS)
+
+
 def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_before: int) -> str | None:
     """What else settled the invoice while this payment ran, from Stripe's own record of it (not
-    from timing: clocks and lost answers make that guesswork): its payments by the customer's own
-    payment intents or charges beyond what it had had paid when the balance was quoted, or a void.
-    None when nothing did."""
+    from timing: clocks and lost answers make that guesswork): the customer's own payments on it
+    beyond those when the balance was quoted, or a void. None when nothing did."""
     if invoice.get("status") == "void":
         return f"{invoice['id']} was voided"
-    paid = sum(int(p.get("amount_paid") or 0)
-               for p in (x.to_dict() for x in client.v1.invoice_payments.list(
-                   {"invoice": invoice["id"], "limit": 100}).auto_paging_iter())
-               if p.get("status") == "paid" and (p.get("payment") or {}).get("type") in CUSTOMER_PAYMENTS)
-    extra = paid - paid_before
+    extra = customer_paid(client, str(invoice["id"])) - paid_before
     return f"{invoice['id']}: {extra} {invoice.get('currency')} paid by the customer" if extra > 0 else None
 
 
@@ -175,8 +179,8 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
         return Settlement(payment_id, account_id, "not_charged")
     if row["amount_refunded"]:
-        # Refunded (or lost to a dispute) before it settled anything: the money is not in.
-        return _refunded(rt, payment_id, account_id, int(row["amount_refunded"]))
+        # Refunded before it settled anything: the money is not (all) in.
+        return _refunded(rt, payment_id, account_id, int(row["amount"]), int(row["amount_refunded"]))
     client = make_stripe_client(rt.settings)
     paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     before = row["invoices_paid_before"] or {}
@@ -208,15 +212,23 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
                       settled_elsewhere=tuple(i for i, _ in also), details=tuple(d for _, d in also))
 
 
-def _refunded(rt: Runtime, payment_id: int, account_id: str, refunded: int) -> Settlement:
+def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refunded: int) -> Settlement:
+    """The payment fails: the debt stays. Refunded in part, the customer paid the rest for nothing:
+    an operator returns it (the overpayment alert)."""
     from app.payments.bad_debt_webhook import mark_failed
     from webhooks.store import request_recompute
 
+    kept = max(amount - refunded, 0)
     with unit_of_work(rt.engine) as conn:
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded})", None)
-    log.warning("bad-debt payment %s of %s was refunded (%s) before it settled anything", payment_id, account_id,
-                refunded)
+        mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})", None)
+        if kept:
+            conn.exec_driver_sql(OVERPAID_ALERT, {
+                "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
+                "error": f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
+                         f"settled anything, and failed; the customer is owed the other {kept}"})
+    log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
+                account_id, refunded, amount)
     return Settlement(payment_id, account_id, "refunded", enqueue=created)
 
 

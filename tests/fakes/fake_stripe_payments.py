@@ -55,6 +55,7 @@ class FakeStripePayments:
         self.intents: dict[str, dict[str, Any]] = {}  # every intent created, by id
         self.pay_outcome = "paid"
         self.payments_by_invoice: dict[str, list[dict[str, Any]]] = {}
+        self.invoice_payments_down = False  # listing them answers 500
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -133,6 +134,8 @@ class FakeStripePayments:
         if method == "POST" and parts == ["v1", "payment_intents"]:
             return self._create_intent(params)
         if method == "GET" and parts == ["v1", "invoice_payments"]:
+            if self.invoice_payments_down:
+                return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
             listed = self.payments_by_invoice.get(params.get("invoice", ""), [])
             return 200, {"object": "list", "url": "/v1/invoice_payments", "has_more": False, "data": listed}
         if method == "GET" and parts == ["v1", "payment_intents"]:

@@ -647,10 +647,10 @@ def earlier_payment_of_400(client: FlaskClient, engine: Engine, runtime: Any, ac
     return debt
 
 
-def refund(client: FlaskClient, debt: InBadDebt, intent_id: str) -> None:
+def refund(client: FlaskClient, debt: InBadDebt, intent_id: str, amount: int | None = None) -> None:
     """Stripe's charge.refunded for the bad-debt payment's charge (an operator refunded it)."""
     refunded = event("charge.refunded", id=unique("ch"), customer=debt.customer, payment_intent=intent_id,
-                     amount=debt.amount, amount_refunded=debt.amount)
+                     amount=debt.amount, amount_refunded=debt.amount if amount is None else amount)
     assert post_event(client, refunded).status_code == 200
 
 
@@ -666,6 +666,21 @@ def test_a_charge_refunded_before_settlement_settles_nothing(client, engine, run
     [row] = payments(engine, debtor.account)
     assert row["state"] == "failed" and row["failure_reason"].startswith("refunded")
     assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+    assert stuck_rows(engine, "tasks.bad_debt_overpayment_refunded") == []  # all of it went back
+
+
+def test_a_charge_refunded_in_part_before_settlement_leaves_the_rest_owed_to_the_customer(
+        client, engine, runtime, debtor, stripe_fake):
+    from app.payments.bad_debt_settle import settle
+
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    intent = response.json["stripe_payment_intent_id"]
+    assert post_event(client, intent_event("succeeded", debtor, intent, response.json["payment_id"])).status_code == 200
+    refund(client, debtor, intent, amount=100)
+    assert settle(runtime, response.json["payment_id"]).outcome == "refunded"
+    assert payments(engine, debtor.account)[0]["state"] == "failed"
+    [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
+    assert alert["account_id"] == debtor.account and f"owed the other {debtor.amount - 100}" in alert["error"]
 
 
 def test_a_refunded_charge_does_not_take_a_freed_slot(client, engine, runtime, debtor, stripe_fake):
@@ -693,7 +708,15 @@ def test_a_settlement_that_finds_another_running_comes_back_after_it(client, eng
     with session_lock(engine, f"bad_debt_settle:{debtor.account}") as got:  # another settlement of the account
         assert got
         payment_id = charged_payment(client, debtor)  # its webhook queues a settlement too
-        pending = celery_app.send_task("tasks.settle_bad_debt_payment", [payment_id])
-        wait_for(lambda: pending.state == "RETRY", message="the settlement waiting its turn")
+        waiting = celery_app.send_task("tasks.settle_bad_debt_payment", [payment_id])
+        assert waiting.get(timeout=20)["outcome"] == "busy"  # and it sent itself again, for 5 s later
         assert payments(engine, debtor.account)[0]["state"] == "pending"
     wait_for(lambda: payments(engine, debtor.account)[0]["state"] == "succeeded", message="settled after it")
+
+
+def test_a_quote_stripe_cannot_confirm_charges_nothing(client, engine, debtor, stripe_fake):
+    """The customer's payments on the invoices are read from Stripe before anything is charged."""
+    stripe_fake.invoice_payments_down = True
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (response.status_code, response.json["error"]) == (502, "payment_provider_error")
+    assert payments(engine, debtor.account) == [] and stripe_fake.intents_created() == []

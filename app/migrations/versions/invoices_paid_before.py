@@ -1,10 +1,9 @@
-"""bad_debt_payment.invoices_paid_before: the customer's payments on each invoice the quote knew of.
+"""bad_debt_payment.invoices_paid_before: the customer's payments on each invoice at the quote.
 
 Settlement reads "paid twice" from Stripe's invoice payments by the customer; an invoice paid in
 part by card weeks before the debt (400 of 1000, the quote 600) was flagged for a refund nobody was
-owed. Only the customer's payments beyond those the quote knew of (the mirror's succeeded attempts
-linked to the invoice) count now. Existing payments have none recorded (0: every customer payment
-counts, as before).
+owed. Only the customer's payments beyond those Stripe listed when the balance was quoted count
+now. Existing payments have none recorded (0: every customer payment counts, as before).
 
 Revision ID: invoices_paid_before
 Revises: settle_sent
