@@ -45,3 +45,34 @@ def test_a_session_lock_whose_release_fails_is_let_go_with_its_session(database_
             assert again
     finally:
         locking.dispose()
+
+
+class Interrupted(BaseException):
+    """What a gevent timeout or Ctrl-C raises: not an Exception."""
+
+
+def test_a_session_lock_interrupted_while_released_does_not_go_back_to_the_pool(database_url, engine):
+    """A timeout or an interrupt during the release: SQLAlchemy invalidates a connection a
+    BaseException went through, so the lock goes with the session, not back to the pool."""
+    from sqlalchemy import event
+
+    from app.db import session_lock
+
+    locking = make_engine(database_url, pool_size=1, max_overflow=0)
+
+    def interrupt_the_unlock(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        if "pg_advisory_unlock" in statement:
+            raise Interrupted()
+
+    try:
+        event.listen(locking, "before_cursor_execute", interrupt_the_unlock)
+        try:
+            with session_lock(locking, "test-interrupted") as got:
+                assert got
+        except Interrupted:
+            pass
+        event.remove(locking, "before_cursor_execute", interrupt_the_unlock)
+        with session_lock(engine, "test-interrupted") as elsewhere:  # another session: released?
+            assert elsewhere
+    finally:
+        locking.dispose()
