@@ -288,13 +288,21 @@ def _unknown(req: Request, debt: Debt, payment_id: int, why: str) -> Answer:
 
 
 def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
-    """What the customer had paid on each invoice by Stripe's record, before anything is charged."""
+    """Before anything is charged, Stripe's own record of the invoices: what each still owes must be
+    what the quote says (the mirror may not have heard of a payment made a moment ago, which would
+    then be charged twice), and what the customer had paid on each is the baseline of "paid twice"."""
     client = make_stripe_client(rt.settings)
     try:
-        return {invoice_id: customer_paid(client, invoice_id) for invoice_id in debt.invoice_ids}
+        owed = sum(int(client.v1.invoices.retrieve(invoice_id).amount_remaining or 0)
+                   for invoice_id in debt.invoice_ids)
+        paid = {invoice_id: customer_paid(client, invoice_id) for invoice_id in debt.invoice_ids}
     except stripe.StripeError as exc:
         raise Refused(502, "payment_provider_error", f"Stripe could not be asked about the invoices "
                       f"({exc.__class__.__name__}); nothing was charged, try again") from exc
+    if owed != debt.balance:
+        raise Refused(409, "balance_changing", "Stripe's invoices do not owe what was quoted yet (a payment "
+                      "is being recorded); retry in a moment")
+    return paid
 
 
 def _indeterminate(exc: stripe.StripeError) -> bool:
