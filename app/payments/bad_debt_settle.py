@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SETTLED_STATUSES = ("paid", "void")
 
 LOAD = """
-SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.amount, b.stripe_payment_intent_id,
+SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.settle_sent, b.amount,
+       b.stripe_payment_intent_id,
        a.status AS charge_status, a.amount_refunded
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.id = %(id)s
@@ -47,6 +48,11 @@ UNSETTLED = """
 SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.state IN ('pending', 'failed') AND a.status = 'succeeded' AND a.amount_refunded = 0
    AND b.updated_at < now() - make_interval(secs => %(age)s)
+   -- one whose settlement an operator must look at first (refused for good) is not sent again and
+   -- again, ahead of the others; re-driving its stuck row brings it back
+   AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
+                    WHERE s.task_name = 'tasks.settle_bad_debt_payment' AND s.state = 'dead'
+                      AND s.task_args = jsonb_build_object('payment_id', b.id))
  ORDER BY b.id LIMIT %(limit)s
 """
 
@@ -99,12 +105,15 @@ RETURNING (settle_sent->>%(invoice)s)::int - 1
 CUSTOMER_PAYMENTS = ("payment_intent", "charge")
 
 
-def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int, invoice_id: str) -> dict[str, Any]:
-    """Stripe's invoice, settled: paid out of band by this call (or an earlier one whose answer was
-    lost), or found paid or void."""
+def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
+                     invoice_id: str) -> tuple[dict[str, Any], bool]:
+    """(Stripe's invoice, settled: paid out of band by this call or an earlier one whose answer was
+    lost, or found paid or void; whether someone else closed it: refused at this payment's very first
+    call, when none of its own can have run)."""
     with unit_of_work(rt.engine) as conn:
         sent_before = int(conn.exec_driver_sql(SENDING, {"invoice": invoice_id, "id": payment_id}).scalar_one())
     key = f"bad-debt-settle-{payment_id}-{invoice_id}" + (f"-{sent_before}" if sent_before else "")
+    closed_by_other = False
     try:
         invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True}, {"idempotency_key": key})
     except stripe.InvalidRequestError as exc:
@@ -113,12 +122,13 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int, 
         if invoice.status not in SETTLED_STATUSES:
             raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
                              f"(status {invoice.status})") from exc
+        closed_by_other = sent_before == 0
     except (stripe.APIError, stripe.APIConnectionError):
         invoice = client.v1.invoices.retrieve(invoice_id)  # it may have run: did it?
         if invoice.status not in SETTLED_STATUSES:
             raise  # the task retries, with a new key
     found: dict[str, Any] = invoice.to_dict(for_json=True)
-    return found
+    return found, closed_by_other
 
 
 def customer_paid(client: stripe.StripeClient, invoice_id: str) -> int:
@@ -130,14 +140,18 @@ def customer_paid(client: stripe.StripeClient, invoice_id: str) -> int:
                if p.get("status") == "paid" and (p.get("payment") or {}).get("type") in CUSTOMER_PAYMENTS)
 
 
-def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_before: int) -> str | None:
+def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_before: int,
+                    closed_by_other: bool) -> str | None:
     """What else settled the invoice while this payment ran, from Stripe's own record of it (not
     from timing: clocks and lost answers make that guesswork): the customer's own payments on it
-    beyond those when the balance was quoted, or a void. None when nothing did."""
+    beyond those when the balance was quoted, a void, or a close by someone else (marked paid out of
+    band by support, say). None when nothing did."""
     if invoice.get("status") == "void":
         return f"{invoice['id']} was voided"
     extra = customer_paid(client, str(invoice["id"])) - paid_before
-    return f"{invoice['id']}: {extra} {invoice.get('currency')} paid by the customer" if extra > 0 else None
+    if extra > 0:
+        return f"{invoice['id']}: {extra} {invoice.get('currency')} paid by the customer"
+    return f"{invoice['id']} was closed some other way before this payment settled it" if closed_by_other else None
 
 
 def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
@@ -179,17 +193,22 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         # Only money Stripe confirmed (through a signed webhook in the mirror) settles a debt.
         return Settlement(payment_id, account_id, "not_charged")
     if row["amount_refunded"]:
-        # Refunded before it settled anything: the money is not (all) in.
-        return _refunded(rt, payment_id, account_id, int(row["amount"]), int(row["amount_refunded"]))
+        # Refunded before it settled: the money is not (all) in.
+        return _refunded(rt, payment_id, account_id, int(row["amount"]), int(row["amount_refunded"]),
+                         sorted(row["settle_sent"] or {}))
     client = make_stripe_client(rt.settings)
-    paid = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
+    settled = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
+    paid = [invoice for invoice, _ in settled]
     before = row["invoices_paid_before"] or {}
-    also = [(str(invoice["id"]), detail) for invoice in paid
-            if (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0))))]
     with rt.engine.connect() as conn:
         others = conn.exec_driver_sql(OTHER_PAYMENTS, {"account": account_id, "id": payment_id}).fetchall()
-    also += [(str(inv), f"{inv}: also paid by bad-debt payment {other_id}")
-             for other_id, invoices in others for inv in row["invoice_ids"] or [] if inv in (invoices or [])]
+    # Another bad-debt payment of the account closed it: that says who (rather than "someone else").
+    by_payment = {str(inv): f"{inv}: also paid by bad-debt payment {other_id}"
+                  for other_id, invoices in others for inv in row["invoice_ids"] or [] if inv in (invoices or [])}
+    also = [(str(invoice["id"]), detail) for invoice, by_other in settled
+            if (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0)),
+                                          by_other and str(invoice["id"]) not in by_payment))]
+    also += list(by_payment.items())
     with unit_of_work(rt.engine) as conn:
         # The request row, the mirror rows, then the payment row: the order webhook ingest locks
         # them in (its statement, then record_outcome), so the two cannot deadlock.
@@ -209,24 +228,30 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
                   payment_id, row["amount"], account_id, details)
     log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(paid), account_id)
     return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i in paid), enqueue=created,
-                      settled_elsewhere=tuple(i for i, _ in also), details=tuple(d for _, d in also))
+                      settled_elsewhere=tuple(dict.fromkeys(i for i, _ in also)), details=tuple(d for _, d in also))
 
 
-def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refunded: int) -> Settlement:
+def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refunded: int,
+              sent: list[str]) -> Settlement:
     """The payment fails: the debt stays. Refunded in part, the customer paid the rest for nothing:
-    an operator returns it (the overpayment alert)."""
+    an operator returns it (the overpayment alert). If an earlier run had already asked Stripe to
+    pay invoices out of band, they may be closed with no money in: an operator must look too."""
     from app.payments.bad_debt_webhook import mark_failed
     from webhooks.store import request_recompute
 
     kept = max(amount - refunded, 0)
+    problems = [f"the customer is owed the other {kept}"] if kept else []
+    if sent:
+        problems.append(f"invoice(s) {', '.join(sent)} may have been paid out of band already: "
+                        "reopen them at Stripe, or the debt is cleared with no money")
     with unit_of_work(rt.engine) as conn:
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
         mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})", None)
-        if kept:
+        if problems:
             conn.exec_driver_sql(OVERPAID_ALERT, {
                 "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
                 "error": f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
-                         f"settled anything, and failed; the customer is owed the other {kept}"})
+                         f"settled, and failed; {'; '.join(problems)}"})
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
     return Settlement(payment_id, account_id, "refunded", enqueue=created)

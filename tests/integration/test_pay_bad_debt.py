@@ -730,3 +730,44 @@ def test_an_invoice_paid_at_stripe_before_the_mirror_heard_of_it_is_not_charged_
     response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert (response.status_code, response.json["error"]) == (409, "balance_changing")
     assert payments(engine, debtor.account) == [] and stripe_fake.intents_created() == []
+
+
+def test_an_invoice_closed_by_someone_else_before_settlement_is_put_before_an_operator(client, engine, runtime,
+                                                                                        debtor, stripe_fake):
+    """Support marked it paid (a bank transfer) while the payment ran: no payment of the customer's
+    at Stripe, yet the charge covered it too."""
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.invoices[debtor.invoice].update(status="paid", amount_remaining=0)
+    settled = settle(runtime, payment_id)
+    assert settled.settled_elsewhere == (debtor.invoice,) and "closed some other way" in settled.details[0]
+
+
+def test_a_refund_after_invoices_were_paid_out_of_band_is_put_before_an_operator(client, engine, runtime, debtor,
+                                                                                 stripe_fake):
+    """A settlement paid the invoice, then failed before it committed; the charge was refunded
+    meanwhile: the invoice is closed with no money in."""
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.invoice_payments_down = True  # the run fails after its out-of-band pay
+    with pytest.raises(stripe.APIError):
+        settle(runtime, payment_id)
+    assert stripe_fake.invoices[debtor.invoice]["status"] == "paid"
+    stripe_fake.invoice_payments_down = False
+    refund(client, debtor, payments(engine, debtor.account)[0]["stripe_payment_intent_id"])
+    assert settle(runtime, payment_id).outcome == "refunded"
+    [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
+    assert f"{debtor.invoice} may have been paid out of band already" in alert["error"]
+
+
+def test_a_settlement_refused_for_good_is_not_swept_again_ahead_of_the_others(client, engine, runtime, debtor,
+                                                                              stripe_fake):
+    from app.payments.bad_debt_settle import unsettled
+
+    payment_id = charged_payment(client, debtor)
+    assert payment_id in unsettled(runtime, older_than_seconds=0)
+    record_stuck(engine, "tasks.settle_bad_debt_payment", {"payment_id": payment_id}, debtor.account,
+                 FailureKind.PERMANENT_API_ERROR, "NotSettled: Stripe refused", 1, "dead", per_args=True)
+    assert payment_id not in unsettled(runtime, older_than_seconds=0)
