@@ -75,10 +75,13 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
         # Another settlement of the account is running; this payment's turn comes after it (and if
         # these run out, the beat sweep comes back for it). A task of its own, not a retry: waiting
         # spends none of the retries its failures have.
-        self.apply_async([payment_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN)
+        try:
+            self.apply_async([payment_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN)
+        except Exception as exc:  # kombu's connection errors: the beat sweep comes back for it
+            log.warning("settlement of bad-debt payment %s not sent again: %s", payment_id, exc)
     if self.request.retries:
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
-    if result.settled_elsewhere:  # its alert row was written with the settlement
+    if result.settled_elsewhere or result.alerted:  # its alert row was written with the settlement
         metrics.BAD_DEBT_OVERPAID.inc()
     if result.enqueue and result.account_id:
         _recompute(self.app, result.account_id, int(payment_id))

@@ -88,6 +88,7 @@ class Settlement:
     # paid twice. Each with what Stripe says about it.
     settled_elsewhere: tuple[str, ...] = ()
     details: tuple[str, ...] = ()
+    alerted: bool = False  # an overpayment alert was written (a refund that left money owed, too)
 
 
 # How many calls to pay an invoice out of band were sent: each after the first gets a key of its
@@ -254,7 +255,7 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
                          f"settled, and failed; {'; '.join(problems)}"})
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
-    return Settlement(payment_id, account_id, "refunded", enqueue=created)
+    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems))
 
 
 def account_of(rt: Runtime, payment_id: int) -> str | None:

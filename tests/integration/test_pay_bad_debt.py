@@ -771,3 +771,17 @@ def test_a_settlement_refused_for_good_is_not_swept_again_ahead_of_the_others(cl
     record_stuck(engine, "tasks.settle_bad_debt_payment", {"payment_id": payment_id}, debtor.account,
                  FailureKind.PERMANENT_API_ERROR, "NotSettled: Stripe refused", 1, "dead", per_args=True)
     assert payment_id not in unsettled(runtime, older_than_seconds=0)
+
+
+@pytest.mark.worker
+def test_a_refund_that_leaves_money_owed_counts_as_an_overpayment(client, engine, debtor, stripe_fake, worker):
+    from prometheus_client import REGISTRY
+
+    before = REGISTRY.get_sample_value("dunning_bad_debt_overpaid_total") or 0
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    intent = response.json["stripe_payment_intent_id"]
+    refund(client, debtor, intent, amount=100)  # Stripe sends the two in no set order
+    assert post_event(client, intent_event("succeeded", debtor, intent, response.json["payment_id"])).status_code == 200
+    wait_for(lambda: stuck_rows(engine, "tasks.bad_debt_overpayment_refunded"), message="the alert")
+    wait_for(lambda: (REGISTRY.get_sample_value("dunning_bad_debt_overpaid_total") or 0) == before + 1,
+             message="counted")
