@@ -15,8 +15,8 @@ from app import metrics
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
-from app.payments.bad_debt_settle import OVERPAID_TASK, NotSettled, account_of, settle, unsettled
-from tasks.failures import FailureKind, TaskFailure, resolve_stuck
+from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
+from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -69,7 +69,7 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
     except Exception as exc:
         # Under its account, so support sees it on the account's page, and one row per payment, so
         # one payment's failure is not another's.
-        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), args, per_args=True)
+        handle_failure(self, _as_failure(exc), account_of(rt.engine, ACCOUNT, int(payment_id)), args, per_args=True)
         raise
     if result.outcome == "busy" and waited < BUSY_RETRIES:
         # Another settlement of the account is running; this payment's turn comes after it (and if
@@ -102,7 +102,7 @@ def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     try:
         result = reconcile(rt, int(payment_id), datetime.now(UTC))
     except Exception as exc:
-        handle_failure(self, _as_failure(exc), account_of(rt, int(payment_id)), args, per_args=True)
+        handle_failure(self, _as_failure(exc), account_of(rt.engine, ACCOUNT, int(payment_id)), args, per_args=True)
         raise
     metrics.BAD_DEBT_RECONCILED.labels(result.outcome).inc()
     if self.request.retries:

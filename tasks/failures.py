@@ -152,6 +152,17 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
         log.exception("could not record stuck work for %s %s", task_name, account_id)
 
 
+def account_of(engine: Engine, query: str, row_id: int) -> str | None:
+    """The account of the row a failing task works on (``query`` selects it by ``%(id)s``), to
+    record the failure under; None when there is none, or the database is what failed."""
+    try:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql(query, {"id": int(row_id)}).scalar()
+    except Exception:  # the database may be what failed: the failure is recorded without it
+        return None
+    return str(found) if found is not None else None
+
+
 def resolve_stuck(engine: Engine, task_name: str, account_id: str | None, args: dict[str, Any] | None = None) -> None:
     """The task's rows for the account (only those of ``args``, when given) are resolved."""
     with unit_of_work(engine) as conn:

@@ -13,7 +13,7 @@ from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.payments.pay import retry_payment as pay_retry
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
-from tasks.failures import TaskFailure, resolve_stuck
+from tasks.failures import TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -47,7 +47,7 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
                            guard_minutes=rt.policy.guard_window_minutes)
     except Exception as exc:
-        account = _account_of(rt.engine, retry_id)
+        account = account_of(rt.engine, "SELECT account_id FROM payment_retry WHERE id = %(id)s", retry_id)
         if isinstance(exc, TaskFailure):
             metrics.RETRIES.labels(failure_class="-", outcome=exc.kind.value).inc()
         handle_failure(self, exc, account, {"retry_id": retry_id})
@@ -66,12 +66,3 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id)
     return {"retry_id": result.retry_id, "outcome": result.outcome, "detail": result.detail}
 
-
-def _account_of(engine: Any, retry_id: int) -> str | None:
-    try:
-        with engine.connect() as conn:
-            row = conn.exec_driver_sql("SELECT account_id FROM payment_retry WHERE id = %(id)s",
-                                       {"id": int(retry_id)}).first()
-        return str(row[0]) if row else None
-    except Exception:  # the database may be what failed
-        return None

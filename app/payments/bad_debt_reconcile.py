@@ -33,7 +33,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import stripe
-from sqlalchemy import Connection
 
 from app.db import unit_of_work
 from app.domain.triggers import Trigger
@@ -114,6 +113,8 @@ def due(rt: Runtime, now: datetime, limit: int = 50) -> list[int]:
 
 def reconcile(rt: Runtime, payment_id: int, now: datetime) -> Reconciled:
     """Ask Stripe how the payment ended and record it. Raises stripe errors and NotReconciled."""
+    from webhooks.store import upsert_row
+
     with rt.engine.connect() as conn:
         row = conn.exec_driver_sql(LOAD, {"id": payment_id}).mappings().first()
     if row is None:
@@ -132,7 +133,7 @@ def reconcile(rt: Runtime, payment_id: int, now: datetime) -> Reconciled:
     if status == "succeeded":
         with unit_of_work(rt.engine) as conn:
             for mirror_row in mirror_rows("payment_intent.succeeded", f"bad_debt_reconcile_{payment_id}", intent):
-                _upsert(conn, mirror_row)
+                upsert_row(conn, mirror_row)
             conn.exec_driver_sql(NOTE_INTENT, {"pi": intent["id"], "id": payment_id})
         log.info("bad-debt payment %s of %s: Stripe says succeeded; settling", payment_id, account_id)
         return Reconciled(payment_id, account_id, "charged")
@@ -143,12 +144,6 @@ def reconcile(rt: Runtime, payment_id: int, now: datetime) -> Reconciled:
     with unit_of_work(rt.engine) as conn:
         conn.exec_driver_sql(NOTE_STATUS, {"status": status, "pi": intent["id"], "id": payment_id})
     return Reconciled(payment_id, account_id, "processing")
-
-
-def _upsert(conn: Connection, mirror_row: Any) -> None:
-    from webhooks.store import upsert_row
-
-    upsert_row(conn, mirror_row)
 
 
 def _find(client: stripe.StripeClient, row: Any) -> dict[str, Any] | None:

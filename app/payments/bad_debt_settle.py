@@ -17,7 +17,6 @@ from typing import Any
 
 import stripe
 from psycopg2.extras import Json
-from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
@@ -256,16 +255,6 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
     return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems))
-
-
-def account_of(rt: Runtime, payment_id: int) -> str | None:
-    """The payment's account, for recording a failure under it (None if unknown or unreadable)."""
-    try:
-        with rt.engine.connect() as conn:
-            found = conn.exec_driver_sql(ACCOUNT, {"id": payment_id}).scalar()
-    except SQLAlchemyError:  # the database may be what failed: the failure is recorded without it
-        return None
-    return str(found) if found is not None else None
 
 
 def unsettled(rt: Runtime, older_than_seconds: float = 60.0, limit: int = 100) -> list[int]:
