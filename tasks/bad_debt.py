@@ -3,7 +3,6 @@ about one whose outcome never arrived; with their beat sweeps."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +15,7 @@ from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
+from app.payments.bad_debt_webhook import enqueue_settlement
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
@@ -81,6 +81,8 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
             log.warning("settlement of bad-debt payment %s not sent again: %s", payment_id, exc)
     if self.request.retries:
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
+    if result.reopened is not None:
+        enqueue_settlement(self.app, result.reopened)
     if result.settled_elsewhere or result.alerted:  # its alert row was written with the settlement
         metrics.BAD_DEBT_OVERPAID.inc()
     if result.enqueue and result.account_id:
@@ -107,10 +109,8 @@ def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     metrics.BAD_DEBT_RECONCILED.labels(result.outcome).inc()
     if self.request.retries:
         resolve_stuck(rt.engine, RECONCILE, result.account_id, args)
-    if result.outcome == "charged":
-        # If the broker is down, the settlement sweep finds the payment (pending, its charge succeeded).
-        with contextlib.suppress(BrokerUnavailable):
-            send(self.app, SETTLE, [int(payment_id)], ignore_result=True)
+    if result.settle is not None:  # if the broker is down, the settlement sweep finds it (pending, charged)
+        enqueue_settlement(self.app, result.settle)
     if result.enqueue and result.account_id:
         _recompute(self.app, result.account_id, int(payment_id))
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome}

@@ -43,7 +43,7 @@ from app.domain.retry_cadence import attempt_in_flight
 from app.domain.state import Status
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import customer_paid
-from app.payments.bad_debt_webhook import REOPEN_CHARGED
+from app.payments.bad_debt_webhook import enqueue_settlement, reopen_charged
 from app.payments.pay import lock_account_payments, retry_charging
 from app.payments.stripe_client import make_stripe_client
 from app.recompute.gather import gather
@@ -358,6 +358,7 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
         log.exception("bad-debt payment %s: asking Stripe failed unexpectedly", payment_id)
         answer, intent_id, failure = _unknown(req, debt, payment_id, "an unexpected error while asking Stripe"), \
             None, None
+    reopened = None
     try:
         with unit_of_work(rt.engine) as conn:
             if failure is not None:
@@ -370,12 +371,14 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
             conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
                                                "body": Json(answer.body), "id": payment_id})
             if failure is not None:  # the in-flight slot is free: an earlier payment charged after all takes it
-                conn.exec_driver_sql(REOPEN_CHARGED, {"account": req.account_id})
+                reopened = reopen_charged(conn, req.account_id)
     except SQLAlchemyError:
         # Stripe's answer is still the truth about the charge: say it. The key answers "in
         # progress" until the payment is reconciled, then its outcome.
         log.exception("bad-debt payment %s: Stripe's answer (%s) could not be saved", payment_id, answer.status)
         return answer
+    if reopened is not None:
+        enqueue_settlement(celery_app, reopened)
     if enqueue:
         try:
             enqueue_recompute(celery_app, req.account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")

@@ -102,6 +102,7 @@ class Reconciled:
     # already_done | unknown_payment | processing | not_found_once | failed | charged (settle next)
     outcome: str
     enqueue: bool = False  # this created the account's recompute request: the caller enqueues
+    settle: int | None = None  # a payment to settle now: this one charged, or one reopened by its failure
 
 
 def due(rt: Runtime, now: datetime, limit: int = 50) -> list[int]:
@@ -136,7 +137,7 @@ def reconcile(rt: Runtime, payment_id: int, now: datetime) -> Reconciled:
                 upsert_row(conn, mirror_row)
             conn.exec_driver_sql(NOTE_INTENT, {"pi": intent["id"], "id": payment_id})
         log.info("bad-debt payment %s of %s: Stripe says succeeded; settling", payment_id, account_id)
-        return Reconciled(payment_id, account_id, "charged")
+        return Reconciled(payment_id, account_id, "charged", settle=payment_id)
     if status in FAILED:
         reason = (failure_reason(intent) if intent.get("last_payment_error")
                   else f"not charged: the payment intent is {status}")
@@ -212,6 +213,6 @@ def _fail(rt: Runtime, row: Any, reason: str, intent_id: str | None) -> Reconcil
         if state != "pending" or conn.exec_driver_sql(CHARGED, {"id": payment_id}).scalar_one():
             # Ended meanwhile, or its success came in (whose webhook queued the settlement).
             return Reconciled(payment_id, account_id, "already_done", enqueue=created)
-        mark_failed(conn, account_id, payment_id, reason, intent_id)
+        reopened = mark_failed(conn, account_id, payment_id, reason, intent_id)
     log.warning("bad-debt payment %s of %s failed on reconciliation with Stripe: %s", payment_id, account_id, reason)
-    return Reconciled(payment_id, account_id, "failed", enqueue=created)
+    return Reconciled(payment_id, account_id, "failed", enqueue=created, settle=reopened)

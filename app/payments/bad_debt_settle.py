@@ -88,6 +88,7 @@ class Settlement:
     settled_elsewhere: tuple[str, ...] = ()
     details: tuple[str, ...] = ()
     alerted: bool = False  # an overpayment alert was written (a refund that left money owed, too)
+    reopened: int | None = None  # a payment charged after all that took the in-flight slot this one freed
 
 
 # How many calls to pay an invoice out of band were sent: each after the first gets a key of its
@@ -246,7 +247,8 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
                         "reopen them at Stripe, or the debt is cleared with no money")
     with unit_of_work(rt.engine) as conn:
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})", None)
+        reopened = mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})",
+                               None)
         if problems:
             conn.exec_driver_sql(OVERPAID_ALERT, {
                 "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
@@ -254,7 +256,7 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
                          f"settled, and failed; {'; '.join(problems)}"})
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
-    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems))
+    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems), reopened=reopened)
 
 
 def unsettled(rt: Runtime, older_than_seconds: float = 60.0, limit: int = 100) -> list[int]:

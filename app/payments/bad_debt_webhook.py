@@ -47,14 +47,22 @@ UPDATE bad_debt_payment SET state = 'pending', failure_reason = NULL, updated_at
                 AND a.amount_refunded = 0
               ORDER BY b.id LIMIT 1)
    AND NOT EXISTS (SELECT 1 FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending')
+RETURNING id
 """
 
 
-def mark_failed(conn: Connection, account_id: str, payment_id: int, reason: str, intent_id: str | None) -> None:
+def reopen_charged(conn: Connection, account_id: str) -> int | None:
+    """The account's in-flight slot is free: a failed payment whose charge succeeded after all takes
+    it. Its id, whose settlement the caller queues after commit (else the settlement sweep finds it)."""
+    reopened = conn.exec_driver_sql(REOPEN_CHARGED, {"account": account_id}).scalar()
+    return None if reopened is None else int(reopened)
+
+
+def mark_failed(conn: Connection, account_id: str, payment_id: int, reason: str, intent_id: str | None) -> int | None:
     """The payment failed; if another of the account's payments was charged after all while this
-    one held the in-flight slot, that one is in flight again (until its settlement)."""
+    one held the in-flight slot, that one is in flight again: its id, to settle after commit."""
     conn.exec_driver_sql(MARK_FAILED, {"reason": reason, "pi": intent_id, "id": payment_id})
-    conn.exec_driver_sql(REOPEN_CHARGED, {"account": account_id})
+    return reopen_charged(conn, account_id)
 NOTE_INTENT = """
 UPDATE bad_debt_payment SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s), updated_at = now()
  WHERE id = %(id)s
@@ -92,7 +100,8 @@ def concerns(event_type: str, payment_intent: str | None) -> bool:
 
 def record_outcome(conn: Connection, event_type: str, account_id: str, payment_intent: str | None,
                    event: Mapping[str, Any]) -> int | None:
-    """Mark a failure now; return the id of a payment whose charge succeeded (to settle after commit)."""
+    """Mark a failure now; return the id of a payment whose charge succeeded (to settle after commit):
+    this one, or on a failure one that was charged after all and takes the freed in-flight slot."""
     if not concerns(event_type, payment_intent):
         return None
     intent = _intent(event)
@@ -102,8 +111,7 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         return None
     payment_id, state = int(row[0]), str(row[1])
     if event_type == "payment_intent.payment_failed":
-        mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
-        return None
+        return mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
     conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
     if state == "failed":
         # Marked failed, and its charge succeeded after all (the reconciliation found no intent, and

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
+from app.config import Settings
 from app.recompute.observe import observe
 from app.recompute.service import run_recompute
 from app.runtime import Runtime
+from tasks.queues import PAYMENTS
 from tests.conftest import Accounts, post_event, service_headers
 from tests.stripe_events import event, unique, with_product
 
@@ -92,3 +97,24 @@ def intent_event(kind: str, debt: InBadDebt, intent_id: str, payment_id: int, de
         evt["type"] = "payment_intent.succeeded"
         evt["data"]["object"].update(status="succeeded", last_payment_error=None)
     return evt
+
+
+def refund(client: FlaskClient, debt: InBadDebt, intent_id: str, amount: int | None = None) -> None:
+    """Stripe's charge.refunded for the bad-debt payment's charge (an operator refunded it)."""
+    refunded = event("charge.refunded", id=unique("ch"), customer=debt.customer, payment_intent=intent_id,
+                     amount=debt.amount, amount_refunded=debt.amount if amount is None else amount)
+    assert post_event(client, refunded).status_code == 200
+
+
+def take_queued_settlements(settings: Settings) -> list[int]:
+    """The payments whose settlement is on the broker, oldest first; taken off the queue (no worker
+    runs in these tests)."""
+    queue = redis.Redis.from_url(settings.broker_url)
+    try:
+        raw = queue.lrange(f"{settings.broker_key_prefix}{PAYMENTS}", 0, -1)
+        queue.delete(f"{settings.broker_key_prefix}{PAYMENTS}")
+    finally:
+        queue.close()
+    messages = [json.loads(m) for m in reversed(raw)]  # LPUSH in, RPOP out: the oldest is last
+    return [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages
+            if m["headers"]["task"] == "tasks.settle_bad_debt_payment"]

@@ -11,8 +11,18 @@ from sqlalchemy import Engine
 
 from app.payments import bad_debt
 from app.payments.bad_debt_reconcile import due, reconcile
+from tasks.bad_debt import RECONCILE, SETTLE  # registers the tasks
 from tests.conftest import post_event, wait_for
-from tests.integration.bad_debt_setup import dunning_row, intent_event, key, pay, payments, recompute
+from tests.integration.bad_debt_setup import (
+    dunning_row,
+    intent_event,
+    key,
+    pay,
+    payments,
+    recompute,
+    refund,
+    take_queued_settlements,
+)
 
 LATER = timedelta(minutes=31)  # past the default 30-minute guard window
 
@@ -292,17 +302,25 @@ def test_two_charged_payments_of_one_debt_are_flagged_as_paid_twice(client, engi
     assert f"also paid by bad-debt payment {second.json['payment_id']}" in settled.details[0]
 
 
-def test_a_charged_payment_waiting_behind_another_takes_its_slot_when_that_one_fails(client, engine, runtime,
-                                                                                     debtor, stripe_fake):
-    """Its charge turned up while a second payment was in flight, so it could not be reopened; the
-    second one is then declined. The money of the first is in: the account must stay lifting, and
-    a third payment must be refused."""
+def waiting_behind_a_second(client: Any, engine: Engine, runtime: Any, debtor: Any, stripe_fake: Any
+                            ) -> tuple[int, dict[str, Any]]:
+    """A payment failed, whose charge turned up while a second payment was in flight (a bank debit:
+    pending for days), so it could not be reopened: (its id, the second's answer)."""
     first, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
-    stripe_fake.intent_outcome = "processing"  # a bank debit: pending for days
+    stripe_fake.intent_outcome = "processing"
     second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json
     assert post_event(client, intent_event("succeeded", debtor, charged["id"], first)).status_code == 200
     states = {p["id"]: p["state"] for p in payments(engine, debtor.account)}
     assert (states[first], states[second["payment_id"]]) == ("failed", "pending")
+    return first, second
+
+
+def test_a_charged_payment_waiting_behind_another_takes_its_slot_when_that_one_fails(client, engine, runtime,
+                                                                                     debtor, stripe_fake, settings):
+    """The second payment is declined. The money of the first is in: the account must stay lifting,
+    a third payment must be refused, and the first one's settlement is queued at once."""
+    first, second = waiting_behind_a_second(client, engine, runtime, debtor, stripe_fake)
+    take_queued_settlements(settings)  # the one its success queued, which found it failed
 
     declined = intent_event("failed", debtor, second["stripe_payment_intent_id"], second["payment_id"],
                             decline="insufficient_funds")
@@ -313,3 +331,53 @@ def test_a_charged_payment_waiting_behind_another_takes_its_slot_when_that_one_f
     stripe_fake.intent_outcome = "succeeded"
     third = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert (third.status_code, third.json["error"]) == (409, "payment_in_flight")
+    assert take_queued_settlements(settings) == [first]
+
+
+def test_a_reconciliation_failing_the_payment_in_flight_queues_the_settlement_of_the_one_charged_behind_it(
+        client, engine, runtime, debtor, stripe_fake, settings, celery_app):
+    first, second = waiting_behind_a_second(client, engine, runtime, debtor, stripe_fake)
+    take_queued_settlements(settings)
+    stripe_fake.set_status(second["stripe_payment_intent_id"], "requires_payment_method", decline_code="do_not_honor")
+    backdate(engine, second["payment_id"], LATER)
+
+    result = celery_app.tasks[RECONCILE].apply([second["payment_id"]]).get()
+    assert result["outcome"] == "failed"
+    states = {p["id"]: p["state"] for p in payments(engine, debtor.account)}
+    assert (states[first], states[second["payment_id"]]) == ("pending", "failed")
+    assert take_queued_settlements(settings) == [first]
+
+
+def test_a_refund_failing_the_payment_in_flight_queues_the_settlement_of_the_one_charged_behind_it(
+        client, engine, runtime, debtor, stripe_fake, settings, celery_app):
+    first, second = waiting_behind_a_second(client, engine, runtime, debtor, stripe_fake)
+    intent = second["stripe_payment_intent_id"]
+    stripe_fake.set_status(intent, "succeeded")
+    assert post_event(client, intent_event("succeeded", debtor, intent, second["payment_id"])).status_code == 200
+    refund(client, debtor, intent)  # an operator refunded the second one before it settled
+    take_queued_settlements(settings)
+
+    result = celery_app.tasks[SETTLE].apply([second["payment_id"]]).get()
+    assert result["outcome"] == "refunded"
+    assert take_queued_settlements(settings) == [first]
+
+
+def test_a_declined_new_payment_queues_the_settlement_of_the_one_charged_while_it_was_asked(
+        client, engine, runtime, debtor, stripe_fake, settings, monkeypatch):
+    """The first payment's charge turns up while a new payment's request is asking Stripe (so the
+    first cannot take the in-flight slot); the new one is declined: the first takes the slot, and
+    its settlement is queued by the declined request."""
+    first, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    real_create = bad_debt._create_intent
+
+    def success_arrives_meanwhile(*args: Any) -> Any:
+        assert post_event(client, intent_event("succeeded", debtor, charged["id"], first)).status_code == 200
+        take_queued_settlements(settings)  # its webhook's, which finds it failed still
+        return real_create(*args)
+
+    monkeypatch.setattr(bad_debt, "_create_intent", success_arrives_meanwhile)
+    stripe_fake.intent_outcome = "decline"
+    declined = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert declined.status_code == 402
+    assert {p["id"]: p["state"] for p in payments(engine, debtor.account)}[first] == "pending"
+    assert take_queued_settlements(settings) == [first]

@@ -24,6 +24,7 @@ from tests.integration.bad_debt_setup import (
     pay,
     payments,
     recompute,
+    refund,
 )
 from tests.stripe_events import event, unique, with_product
 
@@ -645,13 +646,6 @@ def earlier_payment_of_400(client: FlaskClient, engine: Engine, runtime: Any, ac
                  created=int(time.time()) - 20 * DAY, paths={"payment.payment_intent": intent})
     assert post_event(client, link).status_code == 200
     return debt
-
-
-def refund(client: FlaskClient, debt: InBadDebt, intent_id: str, amount: int | None = None) -> None:
-    """Stripe's charge.refunded for the bad-debt payment's charge (an operator refunded it)."""
-    refunded = event("charge.refunded", id=unique("ch"), customer=debt.customer, payment_intent=intent_id,
-                     amount=debt.amount, amount_refunded=debt.amount if amount is None else amount)
-    assert post_event(client, refunded).status_code == 200
 
 
 def test_a_charge_refunded_before_settlement_settles_nothing(client, engine, runtime, debtor, stripe_fake):
