@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 STATES = ("retrying", "dead", "resolved")
 TASK_ID_PREFIX = "redrive-stuck-"
 REDRIVE_EVERY_SECONDS = 300
+# A task whose result has this key true ran but passed its work on to a later run (sent with the
+# same stuck-row id in its task id): its success does not resolve the row.
+DEFERRED = "deferred"
 
 DUE_SQL = """
 UPDATE subs_stuck_events SET next_redrive_at = %(now)s + make_interval(secs => %(every)s)

@@ -16,6 +16,7 @@ from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
 from app.payments.bad_debt_webhook import enqueue_settlement
+from app.stuck_work import DEFERRED, stuck_id_of, task_id_for
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
@@ -71,15 +72,19 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
         # one payment's failure is not another's.
         handle_failure(self, _as_failure(exc), account_of(rt.engine, ACCOUNT, int(payment_id)), args, per_args=True)
         raise
-    if result.outcome == "busy" and waited < BUSY_RETRIES:
+    deferred = result.outcome == "busy"
+    if deferred and waited < BUSY_RETRIES:
         # Another settlement of the account is running; this payment's turn comes after it (and if
         # these run out, the beat sweep comes back for it). A task of its own, not a retry: waiting
-        # spends none of the retries its failures have.
+        # spends none of the retries its failures have. A re-drive of a stuck row passes the row on:
+        # the run that settles resolves it.
+        stuck_id = stuck_id_of(self.request.id)
         try:
-            self.apply_async([payment_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN)
+            self.apply_async([payment_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN,
+                             task_id=None if stuck_id is None else task_id_for(stuck_id))
         except Exception as exc:  # kombu's connection errors: the beat sweep comes back for it
             log.warning("settlement of bad-debt payment %s not sent again: %s", payment_id, exc)
-    if self.request.retries:
+    if self.request.retries and not deferred:
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
     if result.reopened is not None:
         enqueue_settlement(self.app, result.reopened)
@@ -88,7 +93,7 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
     if result.enqueue and result.account_id:
         _recompute(self.app, result.account_id, int(payment_id))
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome,
-            "invoices": list(result.invoices)}
+            "invoices": list(result.invoices), DEFERRED: deferred}
 
 
 @shared_task(name="tasks.settle_unsettled_bad_debt_payments", bind=True, ignore_result=True)

@@ -9,7 +9,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.signals import task_success
 
-from app.stuck_work import counts, mark_resolved, redrive_due, stuck_id_of
+from app.stuck_work import DEFERRED, counts, mark_resolved, redrive_due, stuck_id_of
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -28,8 +28,8 @@ def redrive_stuck(self: Task) -> dict[str, Any]:
 
 
 @task_success.connect
-def _resolve_redriven(sender: Task | None = None, **_: Any) -> None:
-    if sender is None:
+def _resolve_redriven(sender: Task | None = None, result: Any = None, **_: Any) -> None:
+    if sender is None or (isinstance(result, dict) and result.get(DEFERRED)):
         return
     stuck_id = stuck_id_of(getattr(sender.request, "id", None))
     if stuck_id is not None:

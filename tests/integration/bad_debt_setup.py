@@ -109,6 +109,12 @@ def refund(client: FlaskClient, debt: InBadDebt, intent_id: str, amount: int | N
 def take_queued_settlements(settings: Settings) -> list[int]:
     """The payments whose settlement is on the broker, oldest first; taken off the queue (no worker
     runs in these tests)."""
+    return [args[0] for _task_id, args in take_queued(settings, "tasks.settle_bad_debt_payment")]
+
+
+def take_queued(settings: Settings, task: str) -> list[tuple[str, list[Any]]]:
+    """The task id and arguments of each ``task`` on the payments queue, oldest first; the queue is
+    emptied."""
     queue = redis.Redis.from_url(settings.broker_url)
     try:
         raw = queue.lrange(f"{settings.broker_key_prefix}{PAYMENTS}", 0, -1)
@@ -116,5 +122,5 @@ def take_queued_settlements(settings: Settings) -> list[int]:
     finally:
         queue.close()
     messages = [json.loads(m) for m in reversed(raw)]  # LPUSH in, RPOP out: the oldest is last
-    return [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages
-            if m["headers"]["task"] == "tasks.settle_bad_debt_payment"]
+    return [(m["headers"]["id"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages
+            if m["headers"]["task"] == task]

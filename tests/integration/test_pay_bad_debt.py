@@ -25,6 +25,7 @@ from tests.integration.bad_debt_setup import (
     payments,
     recompute,
     refund,
+    take_queued,
 )
 from tests.stripe_events import event, unique, with_product
 
@@ -600,6 +601,35 @@ def test_one_settlement_of_an_account_at_a_time(client, engine, runtime, debtor,
     assert stripe_fake.invoice_payments() == []
     settled = settle(runtime, payment_id)
     assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+
+
+def test_a_redriven_settlement_that_finds_another_running_stays_stuck_until_it_runs(client, engine, debtor,
+                                                                                      stripe_fake, celery_app,
+                                                                                      settings):
+    """Re-driven by an operator while another settlement of the account runs: it sends itself again
+    for later, so its row is not resolved yet; the later run, which settles, resolves it."""
+    from app.db import session_lock
+    from app.stuck_work import stuck_id_of, task_id_for
+    from tasks import stuck  # noqa: F401  a re-driven task's success resolves its row
+    from tasks.bad_debt import SETTLE
+
+    payment_id = charged_payment(client, debtor)
+    record_stuck(engine, SETTLE, {"payment_id": payment_id}, debtor.account, FailureKind.REMOTE_UNAVAILABLE,
+                 "Stripe unavailable", 5, "retrying", per_args=True)
+    with engine.connect() as conn:
+        stuck_id = conn.exec_driver_sql("SELECT id FROM subs_stuck_events WHERE task_name = %(t)s",
+                                        {"t": SETTLE}).scalar_one()
+    take_queued(settings, SETTLE)  # the webhook's
+    task = celery_app.tasks[SETTLE]
+    with session_lock(engine, f"bad_debt_settle:{debtor.account}") as got:
+        assert got
+        assert task.apply(kwargs={"payment_id": payment_id}, task_id=task_id_for(stuck_id)).get()["outcome"] == "busy"
+    assert stuck_rows(engine, SETTLE)[0]["state"] == "retrying"
+    [(again, args)] = take_queued(settings, SETTLE)
+    assert args == [payment_id] and stuck_id_of(again) == stuck_id  # the later run still speaks for the row
+
+    assert task.apply([payment_id], task_id=again).get()["outcome"] == "settled"
+    assert stuck_rows(engine, SETTLE)[0]["state"] == "resolved"
 
 
 def test_an_invoice_paid_in_part_before_the_quote_is_not_paid_twice(client, engine, runtime, accounts, stripe_fake):
