@@ -104,6 +104,19 @@ def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
     return grouped
 
 
+def without_bad_debt_payments(grouped: dict[str | None, list[Attempt]], snapshot: Snapshot
+                              ) -> dict[str | None, list[Attempt]]:
+    """The invoices' own attempts: a bad-debt payment's intent (standalone, filed under an invoice
+    by ``_owner``) is no attempt of the regular collection path. Its decline is no failure of the
+    invoice, and must not change the invoice's failure class or plan its retries. Its charges still
+    count for the card's 30-day cap (retry_cadence reads every attempt) and its refunds for the
+    invoice's billing-history label."""
+    intents = {p.stripe_payment_intent_id for p in snapshot.bad_debt_payments if p.stripe_payment_intent_id}
+    if not intents:
+        return grouped
+    return {invoice: [a for a in attempts if a.id not in intents] for invoice, attempts in grouped.items()}
+
+
 def _owner(by_created: list[Invoice], attempt: Attempt) -> Invoice | None:
     """The invoice an unlinked attempt was most likely paying: among those created before it and
     still open when it ran (not paid or voided before), the latest of the same amount, else the
@@ -377,13 +390,14 @@ _NONE = Level.NONE.value
 
 def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     grouped = attempts_by_invoice(snapshot)
+    own = without_bad_debt_payments(grouped, snapshot)
     unpaid = [
         inv for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
-        if is_unpaid(inv, any(a.failed for a in grouped.get(inv.id, ())), now)
+        if is_unpaid(inv, any(a.failed for a in own.get(inv.id, ())), now)
     ]
     balance = sum(inv.amount_remaining for inv in unpaid if not inv.is_upgrade)
-    unpaid_attempts = [a for inv in unpaid for a in grouped.get(inv.id, ())]
-    assessed = [_assess(snapshot, inv, grouped.get(inv.id, []), balance, policy, now) for inv in unpaid]
+    unpaid_attempts = [a for inv in unpaid for a in own.get(inv.id, ())]
+    assessed = [_assess(snapshot, inv, own.get(inv.id, []), balance, policy, now) for inv in unpaid]
     reasons: list[Reason] = []
     for a in assessed:
         reasons.extend(a.reasons)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from app.domain.policy import Policy
 from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Retry, Snapshot
-from app.domain.state import FailureClass, Reason, iso
+from app.domain.state import FailureClass, Reason, Status, iso
 
 WINDOW_30D = timedelta(days=30)
 # After Stripe refused a retry before charging (an API key revoked, a permission missing), the
@@ -162,6 +162,14 @@ def _plan(
     # A new or updated payment method after the last failure: one immediate free retry on it.
     since = last_failure.attempted_at if last_failure else schedule_start
     new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
+    if new_method is not None and _in_bad_debt(snapshot) and not invoice.is_upgrade:
+        # Bad debt is paid through the bad-debt payment only. A free retry here would make the
+        # invoice's dunning "not run out" and lift bad debt before any money arrives; when it then
+        # failed, the account would enter bad debt again, with a second cancellation.
+        reasons.append(Reason("retry.none_bad_debt", "in bad debt: a new payment method starts no automatic retry; "
+                              "the debt is paid through the bad-debt payment",
+                              {"invoice": invoice.id, "payment_method": new_method.id}))
+        new_method = None
     if new_method is not None:
         # A free retry skipped unsent (dispatched too long ago, say) was not used.
         used_free = any(r.free and r.charged and r.created_at >= new_method.changed_at for r in retries)
@@ -193,6 +201,12 @@ def _plan(
                           {"invoice": invoice.id, "failure_class": failure_class.value,
                            "day": schedule[retries_used], "counted_from": iso(schedule_start)}))
     return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
+
+
+def _in_bad_debt(snapshot: Snapshot) -> bool:
+    """Stored in bad debt (or lifting it, a bad-debt payment in flight)."""
+    stored = snapshot.stored
+    return stored is not None and stored.status in (Status.BAD_DEBT, Status.LIFTING)
 
 
 def _cap_method(

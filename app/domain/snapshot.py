@@ -137,6 +137,7 @@ class BadDebtPayment:
     created_at: datetime
     updated_at: datetime
     failure_reason: str | None = None
+    stripe_payment_intent_id: str | None = None  # its intent, once Stripe named it
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,8 @@ SELECT
   (SELECT json_agg(json_build_array(r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
           r.scheduled_for, r.created_at) ORDER BY r.id)
      FROM payment_retry r WHERE r.account_id = a.account_id) AS retries,
-  (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason)
-          ORDER BY b.id)
+  (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason,
+          b.stripe_payment_intent_id) ORDER BY b.id)
      FROM bad_debt_payment b WHERE b.account_id = a.account_id) AS bad_debt_payments,
   (SELECT json_agg(json_build_array(m.payment_method_id, m.type, m.status, m.status_reason, m.is_default,
           m.card_brand, m.card_last4, m.exp_month, m.exp_year)
@@ -169,7 +169,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     )
     payments = tuple(
         BadDebtPayment(id=b[0], state=b[1], amount=b[2], created_at=_tt(b[3]), updated_at=_tt(b[4]),
-                       failure_reason=b[5])
+                       failure_reason=b[5], stripe_payment_intent_id=b[6])
         for b in (m["bad_debt_payments"] or ())
     )
     mandates = tuple(

@@ -133,7 +133,7 @@ SELECT
           r.scheduled_for, r.created_at) ORDER BY r.account_id, r.id)
      FROM payment_retry r WHERE r.account_id >= $1 AND r.account_id <= $2),
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.state, b.amount, b.created_at, b.updated_at,
-          b.failure_reason) ORDER BY b.account_id, b.id)
+          b.failure_reason, b.stripe_payment_intent_id) ORDER BY b.account_id, b.id)
      FROM bad_debt_payment b WHERE b.account_id >= $1 AND b.account_id <= $2),
   (SELECT json_agg(json_build_array(m.account_id, m.payment_method_id, m.type, m.status, m.status_reason,
           m.is_default, m.card_brand, m.card_last4, m.exp_month, m.exp_year) ORDER BY m.account_id, m.payment_method_id)
@@ -202,7 +202,7 @@ def _retry(x: Any) -> Retry:
 
 def _payment(b: Any) -> BadDebtPayment:
     return BadDebtPayment(id=b[1], state=b[2], amount=b[3], created_at=_tt(b[4]), updated_at=_tt(b[5]),
-                          failure_reason=b[6])
+                          failure_reason=b[6], stripe_payment_intent_id=b[7])
 
 
 def _mandate(x: Any) -> MandateState:

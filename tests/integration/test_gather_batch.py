@@ -98,7 +98,8 @@ def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> 
     for k in range(rng.randint(0, 2)):
         insert(conn, "bad_debt_payment", account_id=account, idempotency_key=f"bdp-{account}-{k}",
                request_fingerprint="f", amount=5000, state="pending" if k == 0 and rng.random() < 0.5 else "failed",
-               failure_reason=rng.choice([None, "card_declined"]), created_at=at(rng), updated_at=at(rng))
+               failure_reason=rng.choice([None, "card_declined"]), created_at=at(rng), updated_at=at(rng),
+               stripe_payment_intent_id=rng.choice([None, f"pi_{n}_{k}"]))
     for k in range(rng.randint(0, 2)):
         insert(conn, "subs_mandate", payment_method_id=f"pm_{n}_m{k}", account_id=account, type="card",
                status=rng.choice(["usable", "blocked"]), status_reason=rng.choice([None, "permanent decline"]),

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from app.domain.compute import compute
+from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge, Subscription
 from app.domain.state import FailureClass, Level, Status
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
@@ -566,3 +567,47 @@ def test_free_retries_do_not_use_the_budget_even_as_attempts():
     decision = decide(snapshot(inv, attempts=(attempt("pi_1", "in_1", days_ago=2), attempt("pi_2", "in_1", days_ago=1)),
                                retries=(free,)))
     assert decision.state.retries_used == 0
+
+
+# --- in bad debt, only money gets an account out -------------------------------------------------
+
+
+def _in_bad_debt(base):
+    """``base`` as recomputed once the account was stored in bad debt."""
+    stored = compute(base, POLICY, NOW).state
+    assert stored.status == Status.BAD_DEBT
+    return replace(base, stored=stored, stored_bad_debt_flag=True)
+
+
+@pytest.mark.parametrize("base", [
+    snapshot(invoice(failed_days_ago=30), attempts=(attempt("pi_1", "in_1", days_ago=30, decline="expired_card"),)),
+    _suspended_snapshot(),  # the transient schedule run out
+], ids=["permanent", "transient_exhausted"])
+def test_a_new_card_in_bad_debt_starts_no_automatic_retry_and_lifts_nothing(base):
+    """The card the customer adds to pay the debt (through /pay-bad-debt, never the regular
+    collection path) is no money yet: a free retry would make the invoice's dunning 'not run out',
+    lift bad debt (BadDebtExited, entitlements back) and, when it fails, enter it again with a
+    second cancellation."""
+    in_bad_debt = _in_bad_debt(base)
+    decision = decide(replace(in_bad_debt, payment_methods=(method("pm_new", changed_days_ago=0.01),)))
+    assert decision.state.status == Status.BAD_DEBT and decision.state.level == Level.SUSPENDED
+    assert decision.state.next_retry_at is None and "retry.none_bad_debt" in rules(decision)
+    assert derive_events(in_bad_debt.stored, decision, NOW) == []
+    # Before bad debt, the same card earns its free retry.
+    early = decide(replace(base, stored=None, payment_methods=(method("pm_new", changed_days_ago=0.01),)))
+    assert early.state.next_retry_at is not None and early.state.status == Status.PAST_DUE
+
+
+def test_a_failed_bad_debt_payment_is_no_attempt_of_the_invoice():
+    """The bad-debt payment's intent stands alone (no invoice): its decline must not become the
+    invoice's last failure, which would make a permanent decline transient and plan regular retries
+    in bad debt."""
+    in_bad_debt = _in_bad_debt(snapshot(invoice(failed_days_ago=30), attempts=(
+        attempt("pi_1", "in_1", days_ago=30, decline="expired_card"),)))
+    payment = BadDebtPayment(id=1, state="failed", amount=5000, created_at=days(0.02), updated_at=days(0.01),
+                             failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
+    declined = attempt("pi_bd", None, days_ago=0.02, decline="insufficient_funds", amount=5000)
+    decision = decide(replace(in_bad_debt, attempts=(*in_bad_debt.attempts, declined), bad_debt_payments=(payment,)))
+    assert (decision.state.status, decision.state.level) == (Status.BAD_DEBT, Level.SUSPENDED)
+    assert decision.state.failure_class == FailureClass.PERMANENT and decision.state.next_retry_at is None
+    assert "bad_debt.payment_failed" in rules(decision)
