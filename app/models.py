@@ -434,7 +434,9 @@ class SweepRun(Base):
     state: Mapped[str] = mapped_column(Text, server_default="running")
     in_stage: Mapped[int] = mapped_column(BigInteger, server_default="0")
     guarded: Mapped[int] = mapped_column(BigInteger, server_default="0")
-    errors: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    errors: Mapped[int] = mapped_column(BigInteger, server_default="0")  # the whole sweep's running total
+    # Its errors when the rollout stage last changed: those are an earlier stage's (the gate counts the rest).
+    errors_before_stage: Mapped[int] = mapped_column(BigInteger, server_default="0")
     cursor: Mapped[str | None] = mapped_column(Text)  # last account id swept (chained batches resume here)
     note: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)  # heartbeat of a running sweep

@@ -146,8 +146,8 @@ class Health:
 
     remediations: int = 0
     reverted: int = 0  # remediated, then found drifted again the same way, or its recompute failed
-    errors: int = 0  # sweep errors: compute failures, enqueue failures
-    sweeps: int = 0  # completed sweeps in the window
+    errors: int = 0  # sweep errors since the stage began: compute failures, enqueue failures
+    sweeps: int = 0  # sweeps begun and completed in the window
 
     @property
     def reverted_ratio(self) -> float:

@@ -6,8 +6,11 @@ Health is measured since the later of the stage start and the window start:
 * reverted: of those, the ones found drifted again the same way by a later sweep (the stored values
   of every drifted field back as they were: the remediation was undone or never took), or whose
   DRIFT_DETECTED recompute failed into subs_stuck_events;
-* errors: sweep errors (compute failures, enqueue failures) of sweeps active in the window;
-* sweeps: completed sweeps that could remediate (no health without them).
+* errors: sweep errors (compute failures, enqueue failures) of sweeps active in the window, less
+  those a sweep had when the stage began (sweep_run.errors is a whole sweep's running total; every
+  stage change keeps it in errors_before_stage, rollout/store.py);
+* sweeps: sweeps that could remediate, begun and completed in the window (no health without them;
+  one begun before the stage walked part of the accounts under the stage before).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ SELECT
                        WHERE s.account_id = e.account_id AND s.task_name = 'tasks.recompute_account'
                          AND s.task_args ->> 'trigger' = 'DRIFT_DETECTED' AND s.last_failed_at >= e.found_at)))
     AS reverted,
-  (SELECT coalesce(sum(errors), 0) FROM sweep_run WHERE NOT dry_run AND updated_at >= %(since)s) AS errors,
-  (SELECT count(*) FROM sweep_run WHERE NOT dry_run AND state = 'finished' AND finished_at >= %(since)s) AS sweeps
+  (SELECT coalesce(sum(errors - errors_before_stage), 0) FROM sweep_run
+    WHERE NOT dry_run AND updated_at >= %(since)s) AS errors,
+  (SELECT count(*) FROM sweep_run
+    WHERE NOT dry_run AND state = 'finished' AND started_at >= %(since)s AND finished_at >= %(since)s) AS sweeps
 """
 
 

@@ -93,6 +93,7 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     advance: next stage now (an operator's advance does not wait for the soak), clears a hold.
     rollback: previous stage, and held so the gate does not widen again until someone resumes.
     hold: stay, the gate stops advancing. resume: the gate may advance again.
+    A new stage starts its health afresh: the errors sweeps had so far become errors_before_stage.
     """
     if action not in ACTIONS:
         raise RolloutError(f"action must be one of {', '.join(ACTIONS)}")
@@ -123,6 +124,10 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         "updated_at = %(now)s WHERE id = 1",
         {"stage": stage, "held": held, "entered": entered, "now": now},
     )
+    if stage != before.stage:
+        # sweep_run.errors is a whole sweep's running total: what every sweep has so far is the old
+        # stage's, so a sweep running across the change brings none of it into the new stage's health.
+        conn.exec_driver_sql("UPDATE sweep_run SET errors_before_stage = errors WHERE errors <> errors_before_stage")
     _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by)
     return before, read_state(conn)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,10 +18,12 @@ from sqlalchemy import Engine
 from app import metrics
 from app.cli import main
 from app.rollout.gate import check_gate, measure
+from app.rollout.store import change
+from app.sweep.sweep import Sweeper
 from tests.conftest import SERVICE_TOKEN, Accounts, service_headers
 
 # The fixtures corrupted and rollout_off come from the sweep tests (pytest finds them by name here).
-from tests.integration.test_sweep import corrupted, rollout_off, set_stage, settle, sql  # noqa: F401
+from tests.integration.test_sweep import Recorder, corrupted, rollout_off, set_stage, settle, sql  # noqa: F401
 
 NOW = datetime.now(UTC)
 
@@ -124,6 +127,62 @@ def test_gate_steps_back_on_errors(runtime, engine: Engine, rollout_off: None):
     decision, _health, state = check_gate(engine, runtime.policy, NOW)
     assert decision.action == "rollback" and "6 errors > limit 5" in decision.reason
     assert state.stage == "off"
+
+
+def test_errors_of_a_sweep_that_spans_a_step_back_do_not_step_back_again(runtime, engine: Engine,
+                                                                         corrupted: dict[str, str]):
+    """sweep_run.errors is the running total of a whole sweep: the errors a sweep had when the gate
+    stepped back are the left stage's, and never push the gate back again from the next one."""
+    policy = replace(runtime.policy, extra={**runtime.policy.extra, "rollout": {"max_errors": 1}})
+    # the drifted accounts are named: in stage at 10% and at 5% alike
+    set_stage(engine, "10", named=[corrupted[n] for n in ("paid", "unpaid", "flagged")],
+              entered=NOW - timedelta(hours=30))
+
+    def broken(account_id: str, run_id: int | None) -> str:
+        raise ConnectionError("broker down")
+
+    # The first segment (5 of the 6 accounts, at least 2 of them drifted) cannot enqueue anything.
+    first = Sweeper(engine, policy, broken, batch_size=5,
+                    clock=lambda: NOW - timedelta(minutes=10)).start(max_seconds=0)
+    assert not first.finished and first.errors >= 2
+    decision, health, state = check_gate(engine, policy, NOW - timedelta(minutes=9))
+    assert decision.action == "rollback" and health.errors == first.errors
+    assert (state.stage, state.held) == ("5", True)
+
+    # The broker is back: the sweep's last segment (at 5%) has no error, and the sweep finishes.
+    rest = Sweeper(engine, policy, Recorder(), batch_size=5,
+                   clock=lambda: NOW - timedelta(minutes=8)).resume(first.run_id)
+    assert rest.finished and rest.errors == first.errors
+    assert sql(engine, "SELECT state, errors FROM sweep_run")[0] == ("finished", first.errors)
+    with engine.begin() as conn:
+        change(conn, "resume", "ops", "broker outage understood", NOW - timedelta(minutes=5))
+
+    again, health, state = check_gate(engine, policy, NOW)
+    assert health.errors == 0, health
+    assert again.action == "hold" and (state.stage, state.held) == ("5", False), again
+    assert [(h.action, h.from_stage, h.to_stage) for h in history(engine)] == [
+        ("rollback", "10", "5"), ("resume", "5", "5")]
+
+
+def test_a_sweep_begun_before_the_stage_neither_charges_its_errors_nor_vouches_for_it(
+        runtime, engine: Engine, rollout_off: None):
+    policy = replace(runtime.policy, extra={**runtime.policy.extra, "rollout": {"soak_hours": 1}})
+    set_stage(engine, "10", entered=NOW - timedelta(hours=30))
+    with engine.begin() as conn:  # it finished just after the gate read its clock, before the check
+        conn.exec_driver_sql(
+            "INSERT INTO sweep_run (started_at, finished_at, updated_at, state, errors) "
+            "VALUES (%(s)s, %(f)s, %(f)s, 'finished', 6)",
+            {"s": NOW - timedelta(minutes=40), "f": NOW + timedelta(seconds=1)})
+    first, health, state = check_gate(engine, policy, NOW)
+    assert first.action == "rollback" and health.errors == 6 and state.stage == "5"
+    with engine.begin() as conn:
+        change(conn, "resume", "ops", "errors understood", NOW + timedelta(hours=1))
+
+    # Soaked at 5%, not one error since, but no sweep has run at 5% from its start: health unknown.
+    second, health, state = check_gate(engine, policy, NOW + timedelta(hours=2))
+    assert (health.errors, health.sweeps) == (0, 0), health
+    assert second.action == "hold" and "no completed sweep since 5% began" in second.reason
+    assert state.stage == "5"
 
 
 # --- CLI ------------------------------------------------------------------------------------------
