@@ -6,6 +6,10 @@ relay works on an account at a time (a session advisory lock, tried without wait
 relay simply takes other accounts). A failed row waits ``next_attempt_at`` (backoff with jitter);
 no Celery countdown holds it. Recompute only writes rows, so Account Management being down, slow
 or failing never slows it: the backlog grows and drains when it returns.
+
+A failure is always recorded (its text made storable, whatever the reply held), and an account whose
+delivery raises something unforeseen is set aside with backoff while the pass goes on with the
+others: one poison account never starves the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine
 
 from app.db import unit_of_work
@@ -32,6 +37,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = (2.0, 5.0)  # connect, read: a slow Account Management costs a relay seconds, never minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
+ERROR_LIMIT = 2000  # characters of last_error kept
 
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox:' || %(account)s, 0))"
 UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('outbox:' || %(account)s, 0))"
@@ -67,6 +73,11 @@ UPDATE outbox SET delivered_at = %(now)s, last_error = %(why)s
 FAILED_SQL = """
 UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_error = %(error)s
  WHERE id = %(id)s AND delivered_at IS NULL
+"""
+
+HEAD_SQL = """
+SELECT id, attempts FROM outbox WHERE account_id = %(account)s AND delivered_at IS NULL
+ ORDER BY id LIMIT 1 FOR UPDATE
 """
 
 
@@ -131,6 +142,15 @@ def superseded(event_type: str, payload: dict[str, Any], current_actions: list[s
     return f"superseded: {action} is no longer requested"
 
 
+def storable(text: str, limit: int = ERROR_LIMIT) -> str:
+    """``text`` as a text column takes it, at most ``limit`` characters. An error reply's body is
+    whatever Account Management (or a proxy before it) sent: psycopg2 refuses a NUL byte and a lone
+    surrogate has no UTF-8, and either would lose the record of the failure, so the row would never
+    back off. Both are kept visible as escapes."""
+    escaped = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return escaped[:limit]
+
+
 def backoff(attempts: int, rng: random.Random | None = None) -> float:
     """Exponential with jitter: between half and all of base * 2^attempts, capped."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempts, 16)))
@@ -174,7 +194,7 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
         return f"{exc.__class__.__name__}: no answer from Account Management"
     if 200 <= response.status_code < 300:
         return None
-    return f"HTTP {response.status_code}: {response.text[:200]}"
+    return f"HTTP {response.status_code}: {storable(response.text, 200)}"
 
 
 def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
@@ -208,13 +228,13 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             with unit_of_work(engine) as conn:
                 if skip:
                     # Done with, not sent: the reason stays on the row (GET /ops/outbox shows it).
-                    conn.exec_driver_sql(SUPERSEDED_SQL, {"id": row_id, "now": now_fn(), "why": skip})
+                    conn.exec_driver_sql(SUPERSEDED_SQL, {"id": row_id, "now": now_fn(), "why": storable(skip)})
                     log.info("outbox %s (%s v%s) for %s not sent: %s", row_id, event_type, version, account_id, skip)
                 elif error is None:
                     conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn()})
                 else:
                     retry_at = now_fn() + timedelta(seconds=backoff(attempts))
-                    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": retry_at, "error": error[:2000]})
+                    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": retry_at, "error": storable(error)})
             if error is not None:
                 report.failed += 1
                 report.errors.append(error)
@@ -226,6 +246,24 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             else:
                 report.delivered += 1
     return report
+
+
+def set_aside(engine: Engine, account_id: str, exc: Exception, now_fn: Callable[[], datetime],
+              report: RelayReport) -> None:
+    """Record ``exc`` on the account's first undelivered row and back it off, as a failed delivery:
+    the account is not ready again until then. If this fails too, the database itself is failing
+    and the error goes up (the task retries by failure class)."""
+    error = storable(f"relay error: {exc.__class__.__name__}: {exc}")
+    report.failed += 1
+    report.errors.append(error)
+    with account_lock(engine, account_id) as got:
+        if not got:
+            return  # another relay works on it now
+        with unit_of_work(engine) as conn:
+            head = conn.exec_driver_sql(HEAD_SQL, {"account": account_id}).first()
+            if head is not None:
+                retry_at = now_fn() + timedelta(seconds=backoff(head[1]))
+                conn.exec_driver_sql(FAILED_SQL, {"id": head[0], "next": retry_at, "error": error})
 
 
 @cache
@@ -254,8 +292,16 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
         for account_id in accounts:
             if time.monotonic() > deadline:
                 break
-            deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report, timeout=timeout,
-                            deadline=deadline)
+            try:
+                deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report,
+                                timeout=timeout, deadline=deadline)
+            except SoftTimeLimitExceeded:
+                raise  # the task's own time is up: not this account's fault
+            except Exception as exc:
+                # Unforeseen, for this account only. Without setting it aside the next pass would
+                # take it first again and fail again, and no other account would ever be delivered.
+                log.exception("outbox relay failed on account %s: set aside, the pass goes on", account_id)
+                set_aside(engine, account_id, exc, clock, report)
     finally:
         if own_session:
             session.close()

@@ -231,3 +231,52 @@ def test_one_account_can_be_delivered_by_its_own_task(accounts, engine, worker, 
     (put,) = wait_for(lambda: fake_am.entitlements(account), message="delivered by deliver_account_outbox")
     assert put.body["dunning_version"] == 1
     wait_for(lambda: outbox(engine, account)[0]["delivered_at"] is not None, message="marked delivered")
+
+
+def test_an_error_reply_postgresql_cannot_store_is_still_recorded_and_other_accounts_go_on(accounts, engine,
+                                                                                        fake_am):
+    """A proxy in front of Account Management answers one account with a NUL byte in its body: the
+    failure is recorded all the same (a text column takes no NUL), so the row backs off and the
+    next account's row, which Account Management takes, is delivered."""
+    poison, _ = accounts.create()
+    other, _ = accounts.create()
+    write_events(engine, poison, 1, [EntitlementsChanged(entitlements={"v": 1})])  # first in line
+    write_events(engine, other, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    fake_am.answer_raw(poison, 502, b"bad gateway\x00\xed\xa0\x80" + b"x" * 5000)
+    now = datetime.now(UTC) + LATER
+    report = relay(engine, fake_am.url, now=now)
+    assert (report.delivered, report.failed) == (1, 1)
+    (row,) = outbox(engine, poison)
+    assert row["delivered_at"] is None and row["attempts"] == 1
+    assert row["last_error"].startswith("HTTP 502: bad gateway") and "\x00" not in row["last_error"]
+    assert len(row["last_error"]) <= 2000
+    assert now + timedelta(seconds=1) <= row["next_attempt_at"] <= now + timedelta(seconds=2)  # backoff(0)
+    assert [r.body["dunning_version"] for r in fake_am.entitlements(other)] == [1]
+
+
+def test_an_unexpected_error_on_one_account_sets_it_aside_and_the_pass_goes_on(accounts, engine, fake_am, caplog):
+    """A row nobody foresaw (here a payload that is not an object) makes delivering its account
+    raise: the pass logs it, pushes that account back with backoff and delivers the others; it is
+    never first in line again at once, so it cannot starve them."""
+    poison, _ = accounts.create()
+    others = [accounts.create()[0] for _ in range(2)]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO outbox (account_id, dunning_version, event_type, payload) "
+                             "VALUES (%(a)s, 1, 'EntitlementsChanged', '[1]')", {"a": poison})
+    for account in others:
+        write_events(engine, account, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    now = datetime.now(UTC) + LATER
+    with caplog.at_level(logging.ERROR, logger="app.outbox.relay"):
+        report = relay(engine, fake_am.url, now=now)
+    assert (report.delivered, report.failed) == (2, 1) and "AttributeError" in report.errors[0]
+    assert any(poison in r.getMessage() for r in caplog.records)
+    assert all(len(fake_am.entitlements(account)) == 1 for account in others)
+    (row,) = outbox(engine, poison)
+    assert row["delivered_at"] is None and row["attempts"] == 1 and "AttributeError" in row["last_error"]
+    assert now + timedelta(seconds=1) <= row["next_attempt_at"] <= now + timedelta(seconds=2)  # backoff(0)
+
+    write_events(engine, others[0], 2, [EntitlementsChanged(entitlements={"v": 2})])
+    assert relay(engine, fake_am.url, now=now).accounts == 1  # the poison account waits its backoff
+    assert [r.body["dunning_version"] for r in fake_am.entitlements(others[0])] == [1, 2]
+    later = relay(engine, fake_am.url, now=now + LATER)  # tried again later, set aside again
+    assert later.failed == 1 and outbox(engine, poison)[0]["attempts"] == 2
