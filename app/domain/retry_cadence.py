@@ -196,11 +196,28 @@ def _plan(
         return None, None, False, True, retries_used, reasons
 
     due = schedule_start + timedelta(days=schedule[retries_used])
+    facts = {"invoice": invoice.id, "failure_class": failure_class.value, "day": schedule[retries_used],
+             "counted_from": iso(schedule_start)}
+    # Each retry also waits its gap in the schedule after the invoice's last retry: a schedule that
+    # fell behind (counted from a first failure long ago, a permanent one before a new card, say)
+    # would otherwise fire its past retries back to back, one as soon as the last one's outcome came.
+    last_charge = _last_retry_charge(attempts, retries)
+    gap = timedelta(days=schedule[retries_used] - (schedule[retries_used - 1] if retries_used else 0))
+    if last_charge is not None and last_charge + gap > due:
+        due = last_charge + gap
+        facts["after_last_charge"] = iso(last_charge)
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
-    reasons.append(Reason("retry.scheduled", detail,
-                          {"invoice": invoice.id, "failure_class": failure_class.value,
-                           "day": schedule[retries_used], "counted_from": iso(schedule_start)}))
+    reasons.append(Reason("retry.scheduled", detail, facts))
     return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
+
+
+def _last_retry_charge(attempts: list[Attempt], retries: list[Retry]) -> datetime | None:
+    """When the invoice was last charged after its first attempt (the failure its schedule counts
+    from): by Stripe's record of each charge, or our retry sent whose charge is not mirrored yet."""
+    times = sorted([*(t for a in attempts for t in (
+        [c.charged_at for c in a.charges] if a.charges else [a.attempted_at])),
+        *(r.created_at for r in retries if r.charged)])
+    return times[-1] if len(times) > 1 else None
 
 
 def _in_bad_debt(snapshot: Snapshot) -> bool:

@@ -398,7 +398,8 @@ def test_retry_in_flight_waits_for_its_outcome_until_the_guard_window():
     assert decision.state.next_retry_at is None and "retry.in_flight" in rules(decision)
     stale = retry("in_1", 1, days_ago=0.05, state="sent")  # 72 minutes ago, outcome never came
     decision = decide(snapshot(inv, attempts=(first,), retries=(stale,)))
-    assert decision.state.next_retry_at == days(3) + timedelta(days=3)  # second scheduled retry
+    # the second scheduled retry (day 3), two days (its gap) after the first one was charged
+    assert decision.state.next_retry_at == stale.created_at + timedelta(days=2)
 
 
 def test_a_failure_waiting_for_3ds_is_action_required_without_a_failed_charge():
@@ -611,3 +612,28 @@ def test_a_failed_bad_debt_payment_is_no_attempt_of_the_invoice():
     assert (decision.state.status, decision.state.level) == (Status.BAD_DEBT, Level.SUSPENDED)
     assert decision.state.failure_class == FailureClass.PERMANENT and decision.state.next_retry_at is None
     assert "bad_debt.payment_failed" in rules(decision)
+
+
+def test_a_schedule_that_fell_behind_spreads_its_retries_instead_of_firing_them_back_to_back():
+    """Expired card on day 0; on day 9 a new card's free retry fails for insufficient funds. The
+    transient schedule counts from day 0, so its retries of days 1-7 are all past: each must still
+    wait its gap after the previous attempt, not follow it as soon as its outcome arrives."""
+    inv = invoice(failed_days_ago=10)
+    attempts = [attempt("pi_1", "in_1", days_ago=10, decline="expired_card", pm="pm_old"),
+                attempt("pi_2", "in_1", days_ago=1, decline="insufficient_funds", pm="pm_new")]
+    retries = [retry("in_1", 1, days_ago=1.005, free=True, pm="pm_new", state="failed")]
+    base = snapshot(inv, payment_methods=(method("pm_new", changed_days_ago=1.01),), default_payment_method_id="pm_new")
+    now, charged_at = NOW, []
+    for n in range(1, 4):  # each retry is charged when due and declined five minutes later
+        decision = decide(replace(base, invoices=(replace(inv, attempt_count=len(attempts)),),
+                                  attempts=tuple(attempts), retries=tuple(retries)), now=now)
+        due = max(decision.state.next_retry_at, now)
+        charged_at.append(due)
+        retries.append(replace(retry("in_1", n + 1, days_ago=0, pm="pm_new"), created_at=due, scheduled_for=due))
+        attempts.append(replace(attempt(f"pi_r{n}", "in_1", days_ago=0, pm="pm_new"),
+                                attempted_at=due + timedelta(minutes=5)))
+        now = due + timedelta(minutes=40)
+    gaps = [later - earlier for earlier, later in zip(charged_at, charged_at[1:])]
+    assert charged_at[0] == days(1) + timedelta(days=1)  # the first: one day (day 1's gap) after the decline
+    assert all(gap >= timedelta(days=2) for gap in gaps), gaps  # days 3, 5, 7: two days apart
+    assert "retry.scheduled" in rules(decision)
