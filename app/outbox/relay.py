@@ -54,7 +54,7 @@ SELECT o.account_id FROM outbox o
 """
 
 PENDING_SQL = """
-SELECT id, dunning_version, event_type, payload, attempts, next_attempt_at FROM outbox
+SELECT id, dunning_version, event_type, payload, attempts, next_attempt_at, created_at FROM outbox
  WHERE account_id = %(account)s AND delivered_at IS NULL
  ORDER BY id
  LIMIT %(limit)s
@@ -126,20 +126,67 @@ def request_key(kind: str, *parts: Any) -> str:
 
 # The lifecycle requests, and the action of subs_dunning.actions_requested each one stands for.
 ACTIONS = {"CancellationRequested": ("cancel", "subscription_id"), "UpgradeRevertRequested": ("revert", "invoice_id")}
-CURRENT_ACTIONS_SQL = "SELECT actions_requested FROM subs_dunning WHERE account_id = %(account)s"
+# The same "open episode" as recompute's gather (app/recompute/gather.py): the earliest one not exited.
+WANTED_SQL = """
+SELECT (SELECT actions_requested FROM subs_dunning WHERE account_id = %(account)s),
+       (SELECT min(entered_at) FROM bad_debt_episode WHERE account_id = %(account)s AND exited_at IS NULL)
+"""
 
 
-def superseded(event_type: str, payload: dict[str, Any], current_actions: list[str]) -> str | None:
+@dataclass(frozen=True)
+class Wanted:
+    """What the account's current state asks of the lifecycle workflow: its requested actions, and
+    when its open bad-debt episode began (None: none is open)."""
+    actions: frozenset[str]
+    open_episode: datetime | None
+
+
+def wanted(engine: Engine, account_id: str) -> Wanted:
+    with engine.connect() as conn:
+        actions, open_episode = conn.exec_driver_sql(WANTED_SQL, {"account": account_id}).one()
+    return Wanted(frozenset(actions or ()), open_episode)
+
+
+def superseded(event_type: str, payload: dict[str, Any], created_at: datetime, current: Wanted) -> str | None:
     """Why a lifecycle request must not be sent any more, or None. Rows wait while Account
     Management is down; an account that paid its bad debt meanwhile must not be cancelled when it
-    comes back. The account's current state decides: the action must still be requested."""
+    comes back. The account's current state decides: the action must still be requested, and a
+    cancellation must belong to the open bad-debt episode."""
     kind_ref = ACTIONS.get(event_type)
     if kind_ref is None:
         return None
     action = f"{kind_ref[0]}:{payload.get(kind_ref[1])}"
-    if action in current_actions:
+    if action not in current.actions:
+        return f"superseded: {action} is no longer requested"
+    if event_type == "CancellationRequested":
+        return _not_this_episode(action, payload.get("episode"), created_at, current.open_episode)
+    return None
+
+
+def _not_this_episode(action: str, episode: Any, created_at: datetime, open_episode: datetime | None) -> str | None:
+    """Why a cancellation is not the open episode's, or None. Its idempotency key is one per
+    subscription and episode: an ended episode's request, still waiting, would reach Account
+    Management beside the open one's under another key, as a second cancellation."""
+    if open_episode is None:
+        return f"superseded: {action} but no bad-debt episode is open"
+    if episode is None:
+        # Written before cancellations named their episode: one written before the open episode
+        # began belongs to an earlier one.
+        if created_at >= open_episode:
+            return None
+        return f"superseded: {action} was written before the open bad-debt episode ({open_episode.isoformat()})"
+    if _instant(episode) == open_episode:
         return None
-    return f"superseded: {action} is no longer requested"
+    return f"superseded: {action} is from bad-debt episode {episode}, not the open one ({open_episode.isoformat()})"
+
+
+def _instant(text: Any) -> datetime | None:
+    """An episode as the event recorded it (its start, ISO 8601); compared as an instant, since the
+    same instant may be written with another offset."""
+    try:
+        return datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
 
 
 def storable(text: str, limit: int = ERROR_LIMIT) -> str:
@@ -212,17 +259,15 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
         report.accounts += 1
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
-            # The account's current actions, read only when a lifecycle request waits among its rows.
-            current = (conn.exec_driver_sql(CURRENT_ACTIONS_SQL, {"account": account_id}).scalar()
-                       if any(row[2] in ACTIONS for row in rows) else None)
-        current_actions = list(current or [])
-        for row_id, version, event_type, payload, attempts, next_attempt_at in rows:
+        # The account's current state, read only when a lifecycle request waits among its rows.
+        current = wanted(engine, account_id) if any(row[2] in ACTIONS for row in rows) else Wanted(frozenset(), None)
+        for row_id, version, event_type, payload, attempts, next_attempt_at, created_at in rows:
             now = now_fn()
             if next_attempt_at > now:
                 break  # the head of the line is backing off: so is everything behind it
             if deadline is not None and time.monotonic() > deadline:
                 break  # the rest waits for the next pass, still in order
-            skip = superseded(event_type, payload or {}, current_actions)
+            skip = superseded(event_type, payload or {}, created_at, current)
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             error = _send(session, base_url, call, timeout) if call is not None else None
             with unit_of_work(engine) as conn:

@@ -29,9 +29,9 @@ def outbox(engine, account: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows.mappings()]
 
 
-def write_events(engine, account: str, version: int, events: list[Any]) -> None:
+def write_events(engine, account: str, version: int, events: list[Any], at: datetime | None = None) -> None:
     with engine.begin() as conn:
-        emit(conn, account, version, events, datetime.now(UTC))
+        emit(conn, account, version, events, at or datetime.now(UTC))
 
 
 def requesting(engine, account: str, *actions: str) -> None:
@@ -44,9 +44,19 @@ def requesting(engine, account: str, *actions: str) -> None:
             {"a": account, "actions": json.dumps(list(actions))})
 
 
+def bad_debt_episode(engine, account: str, entered_at: str) -> None:
+    """The account's open bad-debt episode began at ``entered_at``; the one open before (if any) ends."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE bad_debt_episode SET exited_at = %(at)s WHERE account_id = %(a)s "
+                             "AND exited_at IS NULL", {"a": account, "at": entered_at})
+        conn.exec_driver_sql("INSERT INTO bad_debt_episode (account_id, entered_at, reason) "
+                             "VALUES (%(a)s, %(at)s, 'retries_exhausted')", {"a": account, "at": entered_at})
+
+
 def test_contract_bodies_for_entitlements_cancellation_and_upgrade_revert(accounts, engine, fake_am):
     account, _ = accounts.create()
     requesting(engine, account, "cancel:sub_1", "revert:in_up")
+    bad_debt_episode(engine, account, (datetime.now(UTC) - timedelta(days=1)).isoformat())
     write_events(engine, account, 1, [DunningEntered(unpaid_since=None, failure_class="permanent"),
                                       EntitlementsChanged(entitlements={"products": {"prod_core": "revoked"},
                                                                         "plan_changes": False})])
@@ -95,14 +105,66 @@ def test_one_episodes_cancellation_requested_again_is_the_same_request(accounts,
     account, _ = accounts.create()
     requesting(engine, account, "cancel:sub_1")
     episode = "2026-11-01T00:00:00+00:00"
+    bad_debt_episode(engine, account, episode)
     write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
     assert relay(engine, fake_am.url).delivered == 1
     write_events(engine, account, 3, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
-    write_events(engine, account, 9, [CancellationRequested(subscription_id="sub_1", reason="x",
-                                                            episode="2026-11-20T00:00:00+00:00")])
-    assert relay(engine, fake_am.url).delivered == 2
-    first, again, next_episode = (r.idempotency_key for r in fake_am.for_account(account))
-    assert first == again and next_episode != first
+    assert relay(engine, fake_am.url).delivered == 1
+    next_episode = "2026-11-20T00:00:00+00:00"  # paid, and in bad debt again later
+    bad_debt_episode(engine, account, next_episode)
+    write_events(engine, account, 9, [CancellationRequested(subscription_id="sub_1", reason="x", episode=next_episode)])
+    assert relay(engine, fake_am.url).delivered == 1
+    first, again, next_one = (r.idempotency_key for r in fake_am.for_account(account))
+    assert first == again == request_key("cancel", account, "sub_1", episode)
+    assert next_one == request_key("cancel", account, "sub_1", next_episode)
+
+
+def test_an_ended_episodes_cancellation_is_not_sent_beside_the_open_episodes(accounts, engine, fake_am):
+    """Account Management down while episode E1 asks to cancel sub_1, the account pays (E1 ends) and
+    a new episode E2 asks to cancel sub_1 again: when it returns, only E2's request goes (under E2's
+    key), not a second cancellation under E1's."""
+    account, _ = accounts.create()
+    first, second = "2026-11-01T00:00:00+00:00", "2026-11-20T00:00:00+00:00"
+    bad_debt_episode(engine, account, first)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="retries_exhausted",
+                                                            episode=first)])
+    write_events(engine, account, 2, [EntitlementsChanged(entitlements={"products": {"prod_core": "full"}})])
+    bad_debt_episode(engine, account, second)
+    write_events(engine, account, 5, [CancellationRequested(subscription_id="sub_1", reason="marked_uncollectible",
+                                                            episode=second)])
+    requesting(engine, account, "cancel:sub_1")  # the current state: E2 asks to cancel sub_1
+    report = relay(engine, fake_am.url)
+    assert (report.delivered, report.superseded, report.failed) == (2, 1, 0)
+    (cancel,) = [r for r in fake_am.for_account(account) if r.kind == "cancellations"]
+    assert cancel.idempotency_key == request_key("cancel", account, "sub_1", second)
+    assert cancel.body["reason"] == "marked_uncollectible"
+    stale = outbox(engine, account)[0]
+    assert stale["delivered_at"] is not None and f"episode {first}" in stale["last_error"]
+
+
+def test_a_cancellation_without_an_open_episode_or_written_before_it_is_not_sent(accounts, engine, fake_am):
+    """Rows written before cancellations named their episode: one written before the open episode
+    began belongs to an earlier one. And with no episode open, no cancellation belongs to one."""
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    began = datetime.now(UTC) - timedelta(days=1)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x")],
+                 at=began - timedelta(days=30))
+    write_events(engine, account, 2, [CancellationRequested(subscription_id="sub_1", reason="y")])
+    write_events(engine, account, 3, [CancellationRequested(subscription_id="sub_1", reason="z",
+                                                            episode=began.isoformat())])
+    assert relay(engine, fake_am.url).superseded == 3  # no episode open
+    assert fake_am.for_account(account) == []
+
+    bad_debt_episode(engine, account, began.isoformat())
+    write_events(engine, account, 4, [CancellationRequested(subscription_id="sub_1", reason="x")],
+                 at=began - timedelta(days=30))
+    write_events(engine, account, 5, [CancellationRequested(subscription_id="sub_1", reason="y")])
+    write_events(engine, account, 6, [CancellationRequested(subscription_id="sub_1", reason="z",
+                                                            episode=began.isoformat())])
+    report = relay(engine, fake_am.url)
+    assert (report.delivered, report.superseded) == (2, 1)
+    assert [r.body["reason"] for r in fake_am.for_account(account)] == ["y", "z"]
 
 
 def test_without_account_management_nothing_is_sent_and_the_warning_comes_once(accounts, engine, caplog):
