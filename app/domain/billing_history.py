@@ -38,8 +38,10 @@ def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | No
         if max(refunded, invoice.credited_amount) >= collected:
             return Label.RESOLVED
         return Label.PAID
+    if invoice.status != "open":
+        return Label.OPEN
+    if invoice.due_date is not None and now is not None:
+        # Sent with payment terms: past due from its due date, not from an early payment that failed.
+        return Label.PAST_DUE if invoice.due_date <= now else Label.OPEN
     failed = invoice.first_failed_at is not None or any(a.failed for a in attempts)
-    overdue = now is not None and invoice.due_date is not None and invoice.due_date <= now
-    if invoice.status == "open" and (failed or overdue):
-        return Label.PAST_DUE
-    return Label.OPEN
+    return Label.PAST_DUE if failed else Label.OPEN

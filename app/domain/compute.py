@@ -132,13 +132,16 @@ def _owner(by_created: list[Invoice], attempt: Attempt) -> Invoice | None:
 
 
 def is_unpaid(invoice: Invoice, failed: bool, now: datetime) -> bool:
-    """Debt: uncollectible, or open with money remaining after a failed attempt or the due date."""
+    """Debt: uncollectible, or open with money remaining after a failed attempt or the due date.
+    An invoice sent with payment terms is no debt before its due date, whatever an early payment
+    on the hosted page did."""
     if invoice.status == "uncollectible":
         return invoice.amount_remaining > 0
     if invoice.status != "open" or invoice.amount_remaining <= 0:
         return False
-    overdue = invoice.due_date is not None and invoice.due_date <= now
-    return failed or invoice.first_failed_at is not None or overdue
+    if invoice.due_date is not None:
+        return invoice.due_date <= now
+    return failed or invoice.first_failed_at is not None
 
 
 # --- consequence levels -------------------------------------------------------------------------
@@ -182,9 +185,12 @@ def _assess(
     last_failure = failures[-1] if failures else None
     first_failure = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
                          if t is not None), default=None)
-    # Unpaid since the first failure or the due date, whichever came first: a first attempt that
-    # fails long after the due date must not restart the clock of a debt already overdue.
-    unpaid_since = min((t for t in (first_failure, invoice.due_date) if t is not None), default=invoice.created)
+    # Unpaid since the due date, where the invoice has one (payment terms): a first attempt that fails
+    # long after it must not restart the clock of a debt already overdue, and one that failed before
+    # it (paying early) must not start the clock early. Else since the first failure. (Marked
+    # uncollectible before its due date, it is debt from the first failure, or its creation.)
+    due = invoice.due_date if invoice.due_date is not None and invoice.due_date <= now else None
+    unpaid_since = due or first_failure or invoice.created
     failure_class: FailureClass | None
     if last_failure is not None:
         failure_class = classify(last_failure.decline_code, last_failure.failure_code, last_failure.advice_code)
@@ -482,7 +488,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
     state = DunningState(
         next_review_at=_next_review(assessed, policy, now,
-                                    [held_until, *_holds_end(snapshot, unpaid, unpaid_attempts, policy, now)]),
+                                    [held_until, *_holds_end(snapshot, unpaid, unpaid_attempts, policy, now),
+                                     *_coming_due(snapshot, now)]),
         status=status.value,
         level=level.value,
         failure_class=current_class.value if current_class else None,
@@ -522,13 +529,19 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 def _next_review(assessed: list[InvoiceAssessment], policy: Policy, now: datetime,
                  holds_end: list[datetime | None]) -> datetime | None:
     """When time alone would change this decision: the next day threshold of a level rule for an
-    unpaid invoice, or the end of a hold (the payment-flow guard's, a payment in flight holding
+    unpaid invoice, an invoice's due date, or the end of a hold (the payment-flow guard's, a payment in flight holding
     retries). No event may come before then (a permanent decline has no retries), so beat
     recomputes the account at that moment."""
     moments = [a.unpaid_since + timedelta(days=rule.min_days) for a in assessed for rule in policy.rules
                if rule.min_days is not None]
     moments += [t for t in holds_end if t is not None]
     return min((t for t in moments if t > now), default=None)
+
+
+def _coming_due(snapshot: Snapshot, now: datetime) -> list[datetime]:
+    """The due dates still to come of invoices sent with payment terms: each becomes debt then."""
+    return [i.due_date for i in snapshot.invoices
+            if i.due_date is not None and i.due_date > now and i.status == "open" and i.amount_remaining > 0]
 
 
 def _holds_end(snapshot: Snapshot, unpaid: list[Invoice], unpaid_attempts: list[Attempt], policy: Policy,

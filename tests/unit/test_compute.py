@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
+from itertools import pairwise
 
 import pytest
 
@@ -633,7 +634,23 @@ def test_a_schedule_that_fell_behind_spreads_its_retries_instead_of_firing_them_
         attempts.append(replace(attempt(f"pi_r{n}", "in_1", days_ago=0, pm="pm_new"),
                                 attempted_at=due + timedelta(minutes=5)))
         now = due + timedelta(minutes=40)
-    gaps = [later - earlier for earlier, later in zip(charged_at, charged_at[1:])]
+    gaps = [later - earlier for earlier, later in pairwise(charged_at)]
     assert charged_at[0] == days(1) + timedelta(days=1)  # the first: one day (day 1's gap) after the decline
     assert all(gap >= timedelta(days=2) for gap in gaps), gaps  # days 3, 5, 7: two days apart
     assert "retry.scheduled" in rules(decision)
+
+
+def test_an_invoice_not_due_yet_is_no_debt_whatever_an_early_payment_did():
+    """Net terms: the customer tried to pay early on the hosted page and was declined. Nothing is
+    past due before its due date: no level, no retry, no bad debt; from the due date the invoice is
+    debt, unpaid since then."""
+    early = attempt("pi_1", "in_1", days_ago=22, decline="expired_card")
+    not_due = replace(invoice(failed_days_ago=22), due_date=NOW + timedelta(days=8))
+    decision = decide(snapshot(not_due, attempts=(early,)))
+    assert (decision.state.status, decision.state.level) == (Status.CURRENT, Level.NONE)
+    assert decision.state.next_retry_at is None and decision.state.actions_requested == ()
+    assert decision.state.next_review_at == not_due.due_date  # no event need come then: beat looks again
+    later = NOW + timedelta(days=9)  # a day past the due date
+    overdue = decide(snapshot(not_due, attempts=(early,)), now=later)
+    assert overdue.state.status == Status.PAST_DUE and overdue.state.unpaid_since == not_due.due_date
+    assert overdue.state.level == Level.NOTICE  # unpaid 1 day, not 31: restrict_premium waits 3 days

@@ -86,3 +86,9 @@ def test_open_invoice_past_due_date_is_labelled_past_due():
     inv = invoice(failed_days_ago=None, due_date=days(1))
     assert label(inv, (), NOW) == Label.PAST_DUE
     assert label(inv, (), days(2)) == Label.OPEN
+
+
+def test_an_invoice_not_due_yet_is_open_though_an_early_payment_failed():
+    inv = invoice(failed_days_ago=2, due_date=NOW + timedelta(days=5))
+    assert label(inv, [attempt("pi_1", "in_1", days_ago=2)], NOW) == Label.OPEN
+    assert label(inv, [attempt("pi_1", "in_1", days_ago=2)], NOW + timedelta(days=6)) == Label.PAST_DUE
