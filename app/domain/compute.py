@@ -45,6 +45,8 @@ from app.domain.state import (
 )
 
 SETTLED_STATUSES = frozenset({"paid", "void"})
+# An invoice's failure and its charge's decline are two events about one attempt, seconds apart.
+SAME_ATTEMPT = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -119,15 +121,18 @@ def without_bad_debt_payments(grouped: dict[str | None, list[Attempt]], snapshot
 
 def _owner(by_created: list[Invoice], attempt: Attempt) -> Invoice | None:
     """The invoice an unlinked attempt was most likely paying: among those created before it and
-    still open when it ran (not paid or voided before), the latest of the same amount, else the
-    latest. An invoice settled before the attempt cannot have been its target: a decline there
-    would be read as this invoice's and set the wrong failure class. With none open, the latest
-    created before it, as before."""
+    still open when it ran (not paid or voided before), the one whose last failure was at that
+    moment (Stripe's invoice.payment_failed of the same attempt), else the latest of the same
+    amount, else the latest. An invoice settled before the attempt cannot have been its target: a
+    decline there would be read as this invoice's and set the wrong failure class. With none open,
+    the latest created before it, as before."""
     at = attempt.attempted_at
     earlier = [i for i in by_created if i.created <= at and i.status != "draft"]
     open_then = [i for i in earlier if not any(t is not None and t < at for t in (i.paid_at, i.voided_at))]
     same_amount = [i for i in open_then if attempt.amount and attempt.amount in (i.amount_due, i.amount_remaining)]
-    pick = same_amount or open_then or earlier
+    failed_then = [i for i in same_amount or open_then
+                   if i.last_failed_at is not None and abs(i.last_failed_at - at) <= SAME_ATTEMPT]
+    pick = failed_then or same_amount or open_then or earlier
     return pick[-1] if pick else None
 
 

@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 
-from app.domain.compute import compute
+from app.domain.compute import attempts_by_invoice, compute
 from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge, Subscription
 from app.domain.state import FailureClass, Level, Status
@@ -654,3 +654,17 @@ def test_an_invoice_not_due_yet_is_no_debt_whatever_an_early_payment_did():
     overdue = decide(snapshot(not_due, attempts=(early,)), now=later)
     assert overdue.state.status == Status.PAST_DUE and overdue.state.unpaid_since == not_due.due_date
     assert overdue.state.level == Level.NOTICE  # unpaid 1 day, not 31: restrict_premium waits 3 days
+
+
+def test_an_unlinked_attempt_goes_to_the_invoice_that_failed_at_that_moment():
+    """Two open invoices of one price: Stripe retries the older one, whose invoice.payment_failed
+    comes with the charge's decline. The charge names no invoice; the invoice that failed at that
+    very moment is the one it was paying, not the newer one of the same amount."""
+    older = replace(invoice("in_a", failed_days_ago=38, attempt_count=2), created=days(40), last_failed_at=days(2))
+    newer = replace(invoice("in_b", failed_days_ago=9), created=days(10))
+    unlinked = attempt("pi_retry", None, days_ago=2, decline="expired_card", amount=5000)
+    grouped = attempts_by_invoice(snapshot(older, newer, attempts=(unlinked,)))
+    assert [a.id for a in grouped.get("in_a", [])] == ["pi_retry"] and "in_b" not in grouped
+    # With no invoice failing at its moment, the latest open one of its amount, as before.
+    elsewhere = replace(unlinked, attempted_at=days(1))
+    assert [a.id for a in attempts_by_invoice(snapshot(older, newer, attempts=(elsewhere,)))["in_b"]] == ["pi_retry"]
