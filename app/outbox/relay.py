@@ -7,6 +7,10 @@ relay simply takes other accounts). A failed row waits ``next_attempt_at`` (back
 no Celery countdown holds it. Recompute only writes rows, so Account Management being down, slow
 or failing never slows it: the backlog grows and drains when it returns.
 
+A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
+before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
+is marked superseded instead (the reason stays on the row).
+
 A failure is always recorded (its text made storable, whatever the reply held), and an account whose
 delivery raises something unforeseen is set aside with backoff while the pass goes on with the
 others: one poison account never starves the rest.
@@ -163,6 +167,17 @@ def superseded(event_type: str, payload: dict[str, Any], created_at: datetime, c
     return None
 
 
+def _superseded_now(engine: Engine, account_id: str, event_type: str, payload: dict[str, Any],
+                    created_at: datetime) -> str | None:
+    """``superseded`` against the account's state read now, right before this row is sent (for a
+    lifecycle request only), not once for the whole backlog: the rows ahead of it may have taken
+    up to the pass's budget with a slow Account Management, and a payment meanwhile takes the
+    request away."""
+    if event_type not in ACTIONS:
+        return None
+    return superseded(event_type, payload, created_at, wanted(engine, account_id))
+
+
 def _not_this_episode(action: str, episode: Any, created_at: datetime, open_episode: datetime | None) -> str | None:
     """Why a cancellation is not the open episode's, or None. Its idempotency key is one per
     subscription and episode: an ended episode's request, still waiting, would reach Account
@@ -259,15 +274,13 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
         report.accounts += 1
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
-        # The account's current state, read only when a lifecycle request waits among its rows.
-        current = wanted(engine, account_id) if any(row[2] in ACTIONS for row in rows) else Wanted(frozenset(), None)
         for row_id, version, event_type, payload, attempts, next_attempt_at, created_at in rows:
             now = now_fn()
             if next_attempt_at > now:
                 break  # the head of the line is backing off: so is everything behind it
             if deadline is not None and time.monotonic() > deadline:
                 break  # the rest waits for the next pass, still in order
-            skip = superseded(event_type, payload or {}, created_at, current)
+            skip = _superseded_now(engine, account_id, event_type, payload or {}, created_at)
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             error = _send(session, base_url, call, timeout) if call is not None else None
             with unit_of_work(engine) as conn:

@@ -3,8 +3,9 @@
 Modes: ``up`` (200), ``failing`` (503), ``down`` (the port refuses connections: the server is
 stopped and later started again on the same port), ``slow`` (answers after ``delay`` seconds).
 ``answer_raw(account, status, body)`` answers that account's requests with those bytes as they are,
-not JSON (what a proxy in front of Account Management may send). It records every request it
-answered 2xx, in arrival order, with its Idempotency-Key.
+not JSON (what a proxy in front of Account Management may send). ``before_answer(request)``, when
+set, runs while a request waits for its answer: what happens elsewhere while Account Management
+takes its time. It records every request it answered 2xx, in arrival order, with its Idempotency-Key.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FakeAccountManagement:
     received: list[Received] = field(default_factory=list)
     refused_with_5xx: int = 0
     raw_answers: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # account -> (status, body)
+    before_answer: Callable[[Received], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
 
@@ -88,16 +90,18 @@ class FakeAccountManagement:
                       or (method == "POST" and parts[2] == "cancellations")))
         if not valid:
             return 404, {}, {"error": "not_found"}
+        request = Received(method, unquote(parts[1]), parts[2], json.loads(body or b"{}"),
+                           headers.get("idempotency-key"))
+        if self.before_answer is not None:
+            self.before_answer(request)
         if self.mode == "slow":
             self._release.wait(self.delay)
         if self.mode == "failing":
             with self._lock:
                 self.refused_with_5xx += 1
             return 503, {}, {"error": "unavailable"}
-        key = headers.get("idempotency-key")
-        payload = json.loads(body or b"{}")
         with self._lock:
-            self.received.append(Received(method, unquote(parts[1]), parts[2], payload, key))
+            self.received.append(request)
         return 200, {}, {"ok": True}
 
     def __enter__(self) -> FakeAccountManagement:

@@ -342,3 +342,34 @@ def test_an_unexpected_error_on_one_account_sets_it_aside_and_the_pass_goes_on(a
     assert [r.body["dunning_version"] for r in fake_am.entitlements(others[0])] == [1, 2]
     later = relay(engine, fake_am.url, now=now + LATER)  # tried again later, set aside again
     assert later.failed == 1 and outbox(engine, poison)[0]["attempts"] == 2
+
+
+@pytest.mark.parametrize("meanwhile", ["paid", "paid_and_in_bad_debt_again"])
+def test_a_cancellation_taken_away_while_the_rows_ahead_of_it_are_sent_is_not_sent(accounts, engine, fake_am,
+                                                                                  meanwhile):
+    """The account's state is read again right before each lifecycle request: while Account
+    Management takes its time with the rows ahead, the customer pays (the cancellation is no longer
+    requested), or pays and falls into a new episode that asks for it again under its own key."""
+    account, _ = accounts.create()
+    episode = "2026-11-01T00:00:00+00:00"
+    requesting(engine, account, "cancel:sub_1")
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [EntitlementsChanged(entitlements={"products": {"prod_core": "revoked"}})])
+    write_events(engine, account, 2, [CancellationRequested(subscription_id="sub_1", reason="retries_exhausted",
+                                                            episode=episode)])
+
+    def payment_meanwhile(request: Any) -> None:
+        fake_am.before_answer = None  # once, while the first row waits for its answer
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE bad_debt_episode SET exited_at = now() WHERE account_id = %(a)s",
+                                 {"a": account})
+        if meanwhile == "paid":
+            requesting(engine, account)
+        else:
+            bad_debt_episode(engine, account, "2026-11-20T00:00:00+00:00")
+
+    fake_am.before_answer = payment_meanwhile
+    report = relay(engine, fake_am.url)
+    assert (report.delivered, report.superseded, report.failed) == (1, 1, 0)
+    assert [r.kind for r in fake_am.for_account(account)] == ["entitlements"]
+    assert "superseded: cancel:sub_1" in outbox(engine, account)[1]["last_error"]
