@@ -5,7 +5,9 @@
   nothing. If the holder dies, PostgreSQL drops its connection and with it the lock.
 * The row moves dispatched -> charging (committed) -> sent | failed | refused | skipped. A row found in
   ``charging`` by a later delivery means its worker died mid-charge: it is charged again with the
-  *same* idempotency key, so Stripe replays the first answer instead of charging twice.
+  *same* idempotency key, so Stripe replays the first answer instead of charging twice. A try Stripe
+  rate limits (429: it never ran) puts the row back in the state it was claimed in: a row claimed
+  from ``charging`` stays there, since the earlier try may have charged.
 * The outcome of a charge arrives by webhook and recompute takes it from there. A card decline is
   an outcome, not a task failure: the row is marked failed and the account recomputed.
 """
@@ -89,6 +91,8 @@ class Claimed:
     payment_method_id: str | None
     idempotency_key: str
     failure_class: str | None
+    # dispatched, or charging: an earlier try got no answer and may have charged.
+    prior_state: str
 
 
 def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
@@ -141,7 +145,7 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> 
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": new_state, "error": "not due: " + reason})
         return PayResult(retry_id, "skipped", account, row[13], detail=reason)
     conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "charging", "error": None})
-    return Claimed(account, invoice, method, key, row[13])
+    return Claimed(account, invoice, method, key, row[13], state)
 
 
 def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, now: datetime,
@@ -166,8 +170,10 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         _set_state(engine, retry_id, "failed", detail)
         return PayResult(retry_id, "failed", c.account_id, c.failure_class, detail)
     except stripe.RateLimitError as exc:
-        # Rejected before it ran: nothing was charged, the row is plainly dispatched again.
-        _set_state(engine, retry_id, "dispatched", "rate limited")
+        # Rejected before it ran: this request charged nothing, so the row goes back to the state it
+        # was claimed in. Claimed from charging, an earlier try may have charged: it stays charging
+        # (in flight for the bad-debt payment; counted as sent if it is no longer due).
+        _set_state(engine, retry_id, c.prior_state, "rate limited")
         raise TaskFailure(FailureKind.RATE_LIMITED, f"Stripe rate limit: {exc.user_message or exc}",
                           retry_after=_retry_after(exc)) from exc
     except stripe.APIConnectionError as exc:

@@ -1,13 +1,16 @@
 """A fake Stripe API: ``POST /v1/invoices/<id>/pay`` with programmable outcomes.
 
 Like Stripe, it remembers the first answer for an idempotency key and replays it for a repeated
-key (a rate-limited request is rejected before it runs, so a 429 is not remembered), and it counts
-a *charge* only for a request that actually ran. Shapes: the invoice is the real fixture with its
-id and status overridden; errors use Stripe's error envelope.
+key (a rate-limited request is rejected before it runs, even for a saved key, so a 429 is not
+remembered and does not replay), and it counts a *charge* only for a request that actually ran.
+Shapes: the invoice is the real fixture with its id and status overridden; errors use Stripe's
+error envelope.
 
 ``hold()`` freezes a caller at a known point: the request is recorded at once (so a test can wait
 until a worker is inside the Stripe call), and answered, as a success that ran, only when the test
 calls ``release()`` — by then the caller may be dead, like a client killed while Stripe charged.
+``lost_answer()`` charges (and saves the answer for the key) but closes the connection without
+answering, like a read timeout after Stripe ran the request.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class PayRequest:
 
 @dataclass
 class Outcome:
-    kind: str  # success | decline | rate_limit | server_error | invalid | in_progress | slow | hold
+    kind: str  # success | decline | rate_limit | server_error | invalid | in_progress | slow | hold | lost_answer
     decline_code: str = "insufficient_funds"
     retry_after: int = 1
     delay: float = 0.0
@@ -70,6 +73,12 @@ def slow(delay: float) -> Outcome:
 def hold() -> Outcome:
     """Recorded on arrival, answered with a success only after ``FakeStripe.release()``."""
     return Outcome("hold")
+
+
+def lost_answer() -> Outcome:
+    """The charge runs (a success, saved for the key) but the caller gets no answer: the connection
+    closes, as when its read times out while Stripe charges."""
+    return Outcome("lost_answer")
 
 
 @dataclass
@@ -111,7 +120,10 @@ class FakeStripe:
         key = headers.get("idempotency-key")
         params = parse_qs(body.decode())
         with self._lock:
-            if key is not None and key in self._saved:
+            # Stripe's rate limiter turns a request away before it looks at the key: a scripted 429
+            # is answered even for a key whose answer is saved.
+            limited = self._script[0].kind == "rate_limit" if self._script else False
+            if key is not None and key in self._saved and not limited:
                 self.requests.append(PayRequest(invoice_id, key, params, replayed=True))
                 status, h, payload = self._saved[key]
                 return status, {**h, "Idempotent-Replayed": "true"}, payload
@@ -123,7 +135,7 @@ class FakeStripe:
         elif outcome.kind == "hold":
             self._held.wait()
             outcome = success()
-        answer = self._answer(outcome, invoice_id, params)
+        answer = self._answer(success() if outcome.kind == "lost_answer" else outcome, invoice_id, params)
         with self._lock:
             # Like Stripe, a request that never started running (rate limited, or refused because
             # another with the same key is running) is neither a charge nor saved for the key.
@@ -131,7 +143,7 @@ class FakeStripe:
                 self.charges.append((invoice_id, key))
                 if key is not None:
                     self._saved[key] = answer
-        return answer
+        return None if outcome.kind == "lost_answer" else answer
 
     def _answer(self, outcome: Outcome, invoice_id: str, params: dict[str, list[str]]) -> Answer:
         if outcome.kind == "success":

@@ -12,7 +12,9 @@ from prometheus_client import REGISTRY
 from sqlalchemy.exc import OperationalError
 
 from app.db import Conflict, DatabaseUnavailable, ValueRejected
+from app.payments.pay import lock_account_payments, retry_charging, retry_payment
 from app.payments.retries import claim_due
+from app.payments.stripe_client import make_stripe_client
 from tasks.failures import MAX_COUNTDOWN, POLICIES, FailureKind, TaskFailure, classify, record_stuck
 from tests.conftest import service_headers, wait_for
 from tests.fakes import fake_stripe as outcomes
@@ -89,6 +91,32 @@ def test_a_rate_limited_retry_waits_for_retry_after_and_is_charged_once(client, 
     # The second failure in a row became visible while retrying; success resolved it.
     (row,) = stuck(engine, task_name="tasks.retry_payment")
     assert row["state"] == "resolved" and row["error_class"] == "rate_limited" and row["attempts"] == 2
+
+
+def test_a_rate_limit_after_an_unanswered_charge_keeps_the_retry_counted_as_charging(client, accounts, engine,
+                                                                                     worker, runtime, fake_stripe):
+    """The first try ran at Stripe but its answer was lost; the task's retry with the same key is
+    rate limited. The invoice may be collected already: the row must stay charging (the bad-debt
+    payment sees it in flight), and a later delivery that finds it no longer due counts it (sent)."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.lost_answer(), outcomes.rate_limit())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    stripe_client = make_stripe_client(runtime.settings)
+    for kind in (FailureKind.REMOTE_UNAVAILABLE, FailureKind.RATE_LIMITED):  # the delivery, then its retry
+        with pytest.raises(TaskFailure) as failed:
+            retry_payment(engine, stripe_client, retry_id, datetime.now(UTC))
+        assert failed.value.kind == kind
+    assert fake_stripe.charges == [(invoice, retries(engine, account)[0]["idempotency_key"])]
+    assert [r["state"] for r in retries(engine, account)] == ["charging"]
+    with engine.begin() as conn:
+        lock_account_payments(conn, account)
+        assert retry_charging(conn, account, datetime.now(UTC), timedelta(minutes=30))
+
+    later = retry_payment(engine, stripe_client, retry_id, datetime.now(UTC) + timedelta(minutes=31))
+    assert later.outcome == "skipped" and "guard window" in (later.detail or "")
+    assert [r["state"] for r in retries(engine, account)] == ["sent"]  # may have charged: stays counted
+    assert len(fake_stripe.pay_requests(invoice)) == 2
 
 
 def test_a_permanent_api_error_does_not_retry_and_is_dead_stuck_work(client, accounts, engine, worker, celery_app,
