@@ -10,10 +10,12 @@ from celery import Task, shared_task
 
 from app import metrics
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
+from app.domain.triggers import Trigger
+from app.payments.pay import PayResult
 from app.payments.pay import retry_payment as pay_retry
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
-from tasks.failures import TaskFailure, account_of, resolve_stuck
+from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -54,15 +56,25 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         raise
     metrics.RETRIES.labels(failure_class=result.failure_class or "-", outcome=result.outcome).inc()
     if result.recompute and result.account_id:
-        try:
-            # coalesced=False: no pending request row backs this one, it must run.
-            enqueue_recompute(self.app, result.account_id, "STATE_REFRESH", f"retry:{retry_id}:{result.outcome}",
-                              coalesced=False)
-        except BrokerUnavailable as exc:
-            # A decline's webhook brings a recompute anyway; a skipped row that is still planned is
-            # re-armed by the next dispatch, which comes back here.
-            log.warning("could not queue the recompute after retry %s: %s", retry_id, exc)
+        _recompute(self.app, result.account_id, result)
+    if result.outcome == "refused":
+        # Stripe turned the request down (a revoked key, a missing permission): dead stuck work for
+        # an operator, now that the recompute that applies the refused backoff is on its way.
+        refused = TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {result.detail}")
+        handle_failure(self, refused, result.account_id, {"retry_id": retry_id})
+        raise refused  # handle_failure always raises; this keeps type checkers honest
     if result.account_id and self.request.retries:
         resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id)
     return {"retry_id": result.retry_id, "outcome": result.outcome, "detail": result.detail}
 
+
+def _recompute(app: Any, account_id: str, result: PayResult) -> None:
+    """The account's recompute after the retry's outcome."""
+    try:
+        # Backed by the committed request row (coalesced), or by none: then it must run.
+        enqueue_recompute(app, account_id, Trigger.STATE_REFRESH.value,
+                          f"retry:{result.retry_id}:{result.outcome}", coalesced=result.requested)
+    except BrokerUnavailable as exc:
+        # A request row is re-driven by beat; a decline's webhook brings a recompute anyway; a
+        # skipped row that is still planned is re-armed by the next dispatch, which comes back here.
+        log.warning("could not queue the recompute after retry %s: %s", result.retry_id, exc)

@@ -9,7 +9,9 @@
   rate limits (429: it never ran) puts the row back in the state it was claimed in: a row claimed
   from ``charging`` stays there, since the earlier try may have charged.
 * The outcome of a charge arrives by webhook and recompute takes it from there. A card decline is
-  an outcome, not a task failure: the row is marked failed and the account recomputed.
+  an outcome, not a task failure: the row is marked failed and the account recomputed. A request
+  Stripe refused unsent is marked refused with a recompute request (compute then waits the refused
+  backoff under a new key), and the task fails for an operator.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import stripe
 from sqlalchemy import Connection, Engine
 
 from app.db import session_lock, unit_of_work
+from app.domain.triggers import Trigger
 from tasks.failures import FailureKind, TaskFailure
+from webhooks.store import request_recompute
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +74,22 @@ DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a 
 @dataclass(frozen=True)
 class PayResult:
     retry_id: int
-    outcome: str  # busy | done | skipped | sent | indeterminate | failed | missing
+    outcome: str  # busy | done | skipped | sent | indeterminate | failed | refused | missing
     account_id: str | None = None
     failure_class: str | None = None
     detail: str | None = None
+    # A recompute request row was committed with the outcome (refused): beat re-drives it if its
+    # message is lost, and the message is a coalesced one.
+    requested: bool = False
 
     @property
     def recompute(self) -> bool:
-        """Skipped or declined: the decision has to be taken again. Sent (or indeterminate): the
-        stored decision still says "due" until a recompute sees the retry in flight and clears
-        next_retry_at; without it the dispatcher would keep selecting the row every tick, and a
-        pile of such rows at the head of its due query could hold back later retries."""
-        return self.outcome in ("skipped", "failed", "sent", "indeterminate")
+        """Skipped, declined or refused: the decision has to be taken again (after a refusal, compute
+        waits the refused backoff under a new key). Sent (or indeterminate): the stored decision
+        still says "due" until a recompute sees the retry in flight and clears next_retry_at;
+        without it the dispatcher would keep selecting the row every tick, and a pile of such rows
+        at the head of its due query could hold back later retries."""
+        return self.outcome in ("skipped", "failed", "refused", "sent", "indeterminate")
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,16 @@ def retry_lock(engine: Engine, retry_id: int) -> AbstractContextManager[bool]:
 def _set_state(engine: Engine, retry_id: int, state: str, error: str | None = None) -> None:
     with unit_of_work(engine) as conn:
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": state, "error": error})
+
+
+def _refuse(engine: Engine, retry_id: int, account_id: str, detail: str) -> None:
+    """The row becomes refused and the account's recompute is requested in the same transaction:
+    no webhook follows a refusal, and until a recompute applies the refused backoff the stored
+    decision keeps saying "due" under this attempt's key, which dispatch never claims again."""
+    with unit_of_work(engine) as conn:
+        # The request row before the retry row: the order webhook ingest and settlements lock in.
+        request_recompute(conn, account_id, Trigger.STATE_REFRESH.value, f"retry:{retry_id}:refused")
+        conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "refused", "error": detail})
 
 
 def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> Claimed | PayResult:
@@ -199,10 +217,11 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
     except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
             stripe.IdempotencyError) as exc:  # IdempotencyError (400): key reused with other parameters
         # Refused before anything was charged (a revoked key, an invoice no longer open): no attempt,
-        # so it spends none of the invoice's budget (compute waits a while before the next one).
+        # so it spends none of the invoice's budget (compute waits a while before the next one). The
+        # task still fails, for an operator, once it has sent the recompute.
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
-        _set_state(engine, retry_id, "refused", detail)
-        raise TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {detail}") from exc
+        _refuse(engine, retry_id, c.account_id, detail)
+        return PayResult(retry_id, "refused", c.account_id, c.failure_class, detail, requested=True)
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from app.domain.retry_cadence import REFUSED_BACKOFF
 from app.payments.pay import retry_payment
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
@@ -155,3 +156,50 @@ def test_a_new_payment_method_after_a_permanent_decline_is_retried_at_once(clien
     assert request.params["payment_method"] == [pm]
     assert request.idempotency_key is not None and request.idempotency_key.startswith(f"free:{invoice}:{pm}:")
     assert retries(engine, account)[0]["free"] is True
+
+
+def test_a_refused_retry_is_replanned_after_the_backoff_and_holds_back_no_other_account(
+        client, accounts, engine, worker, celery_app, fake_stripe):
+    """Stripe refuses A's retry unsent (a revoked key, say). The account is recomputed at once: its
+    next retry waits the refused backoff under a new key, and meanwhile A no longer sits at the head
+    of the due query (the dispatcher takes the earliest due first, a limited number per tick)."""
+    a, a_customer = accounts.create()
+    failed_invoice(client, engine, a, a_customer, "insufficient_funds", days_ago=2)
+    b, b_customer = accounts.create()
+    failed_invoice(client, engine, b, b_customer, "insufficient_funds", days_ago=1.5)  # due later than A
+    now = datetime.now(UTC)
+    (a_retry,) = claim_due(engine, now, limit=1)
+    fake_stripe.script(stripe_outcomes.invalid())
+    version = dunning_row(engine, a)["version"]
+    with pytest.raises(Exception, match="Stripe refused the request"):
+        celery_app.send_task("tasks.retry_payment", [a_retry]).get(timeout=20)
+    (refused,) = retries(engine, a)
+    assert refused["state"] == "refused"
+
+    state = wait_for(lambda: (d := dunning_row(engine, a))["version"] > version and d, message="recomputed")
+    assert state["next_retry_at"] == refused["created_at"] + REFUSED_BACKOFF
+    assert any(r["rule"] == "retry.refused_backoff" for r in state["reasons"])
+    (b_retry,) = claim_due(engine, now, limit=1)  # A no longer holds the one slot
+    assert [r["id"] for r in retries(engine, b)] == [b_retry]
+
+    later = refused["created_at"] + REFUSED_BACKOFF + timedelta(minutes=1)
+    claimed = claim_due(engine, later)
+    again = [r for r in retries(engine, a) if r["id"] in claimed]
+    assert len(again) == 1 and again[0]["idempotency_key"] != refused["idempotency_key"]
+
+
+def test_a_refused_retry_commits_its_recompute_request_with_the_refusal(client, accounts, engine, worker, runtime,
+                                                                         fake_stripe):
+    """The refusal and the account's recompute request are one transaction: if the message is lost
+    (the broker down), beat re-drives the request."""
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    fake_stripe.script(stripe_outcomes.invalid())
+    result = retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+    assert result.outcome == "refused" and result.recompute and "InvalidRequestError" in (result.detail or "")
+    assert [r["state"] for r in retries(engine, account)] == ["refused"]
+    with engine.connect() as conn:
+        requested = conn.exec_driver_sql("SELECT cause FROM recompute_request WHERE account_id = %(a)s",
+                                         {"a": account}).scalar()
+    assert requested == f"retry:{retry_id}:refused"
