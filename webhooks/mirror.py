@@ -31,7 +31,8 @@ ATTEMPT_MERGE = {
     "charge_id": "coalesce",
     "payment_method_id": "coalesce",
     # An attempt's outcome codes belong to its charge: the next charge on the same intent must not
-    # inherit the previous one's advice (do_not_try_again) or decline code.
+    # inherit the previous one's advice (do_not_try_again) or decline code. The two events of one
+    # charge (its own and its intent's) merge the same in either order, also in the same second.
     "decline_code": "per_charge",
     "failure_code": "per_charge",
     "advice_code": "per_charge",
@@ -44,6 +45,11 @@ ATTEMPT_MERGE = {
     "charges": "charges",
 }
 CUSTOMER_MERGE = {"changed_at": "greatest"}
+# charge.outcome.type of a payment the issuer never declined: Radar blocked it (outcome.reason is
+# Radar's: highest_risk_level, rule, ...), Stripe never sent it (invalid), or it went through. Its
+# reason is no decline code. Only issuer_declined is documented to carry one; a type Stripe does not
+# document (an open enum) keeps its reason, as every code is kept.
+NOT_ISSUER_OUTCOMES = frozenset({"blocked", "invalid", "authorized", "manual_review"})
 PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
              "processing": "pending", "requires_action": "requires_action", "requires_confirmation": "pending",
              "requires_capture": "pending"}
@@ -183,6 +189,11 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
     return MirrorRow("stripe_invoice", str(inv["id"]), values, merge)
 
 
+def _issuer_outcome(outcome: Mapping[str, Any]) -> bool:
+    kind = outcome.get("type")
+    return not (isinstance(kind, str) and kind in NOT_ISSUER_OUTCOMES)
+
+
 def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
     status = str(charge.get("status") or "pending")
     outcome = _obj(charge.get("outcome"))
@@ -196,8 +207,9 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
         "status": status,
         "amount": _int(charge.get("amount")),
         "amount_refunded": _int(charge.get("amount_refunded")),
-        # For a declined charge outcome.reason holds the issuer's decline code.
-        "decline_code": outcome.get("reason") if status == "failed" else None,
+        # For a charge the issuer declined outcome.reason holds its decline code; for one Radar
+        # blocked, Radar's reason (the intent's last_payment_error has the decline code).
+        "decline_code": outcome.get("reason") if status == "failed" and _issuer_outcome(outcome) else None,
         "failure_code": charge.get("failure_code"),
         "advice_code": outcome.get("advice_code"),
         "attempted_at": charged_at,

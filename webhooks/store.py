@@ -22,6 +22,7 @@ from app.db import Prepared, ValueRejected, execute_prepared, fetch_prepared_all
 from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
+TIE = "({t}.source_created, {t}.source_rank) = (EXCLUDED.source_created, EXCLUDED.source_rank)"
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
 Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]  # table, columns, merge rules
@@ -49,12 +50,15 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
         elif kind == "per_charge":
             # The outcome of one charge: a newer event about another charge (the next attempt on the
             # same payment intent) replaces it whole, nulls included; about the same charge (its
-            # payment intent's event) it fills what is missing, like coalesce.
+            # payment intent's event) it fills what is missing, like coalesce, and in the same second
+            # and rank both ways alike (the greater where both speak, so that the order of delivery
+            # does not pick one).
             # An older event about another charge (delivered late) changes nothing of the newer one.
             other_charge = f"(EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM {table}.charge_id)"
             sets.append(f"{col} = CASE WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
-                        f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                         f"WHEN {other_charge} THEN {table}.{col} "
+                        f"WHEN {TIE.format(t=table)} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                        f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
         elif kind == "charges":
             # A union of the charges either side knows, in any order of delivery: per charge the

@@ -8,6 +8,7 @@ delivery. The stored states must be equal once the account-specific ids are norm
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -118,3 +119,85 @@ def test_any_order_with_duplicates_ends_in_the_same_state(history, data, client,
             assert outbox_count(engine, account) == emitted
         finals.append(stored_state(engine, account, suffix, customer))
     assert finals[0] == finals[1]
+
+
+DAY = 86400
+
+
+def attempt_codes(engine: Any, intent: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        return dict(conn.exec_driver_sql(
+            "SELECT charge_id, decline_code, failure_code, advice_code, charges FROM stripe_payment_attempt "
+            "WHERE id = %(p)s", {"p": intent}).mappings().one())
+
+
+def failure_class(engine: Any, account: str) -> str:
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql("SELECT failure_class FROM subs_dunning WHERE account_id = %(a)s",
+                                        {"a": account}).scalar_one())
+
+
+def failed_invoice(customer: str, t: int) -> dict[str, Any]:
+    return with_product(event("invoice.payment_failed", id=unique("in"), customer=customer, created=t,
+                              amount_due=5000, amount_remaining=5000, amount_paid=0, attempt_count=1,
+                              billing_reason="subscription_cycle", paths={"created": t - DAY}), "prod_core", 5000)
+
+
+def deliver_in_every_order(client: Any, accounts: Accounts, engine: Any, runtime: Any, t: int, events: int,
+                           history: Any) -> list[tuple[dict[str, Any], str]]:
+    """``history(customer)`` -> (the invoice's event, the attempt's ``events`` events, the intent): the
+    invoice first, then the attempt's events in every order, each order to an account of its own.
+    Per order, the attempt's mirror row and the account's failure class after a recompute."""
+    out = []
+    for order in itertools.permutations(range(events)):
+        account, customer = accounts.create()
+        invoice, events, intent = history(customer)
+        for evt in (invoice, *(events[i] for i in order)):
+            assert post_event(client, evt).status_code == 200
+        run_recompute(engine, runtime.policy, account, "STATE_REFRESH",
+                      datetime.fromtimestamp(t, UTC) + timedelta(days=1))
+        out.append((attempt_codes(engine, intent), failure_class(engine, account)))
+    return out
+
+
+def test_a_radar_block_told_by_its_charge_and_its_intent_in_one_second_ends_the_same(client, accounts, engine,
+                                                                                     runtime):
+    """Radar blocked the charge: its outcome.reason is Radar's (highest_risk_level), not a decline code;
+    the intent's last_payment_error says fraudulent. Both events in the same second, either order."""
+    t = int(time.time()) - 4 * DAY
+
+    def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        charge, intent = unique("ch"), unique("pi")
+        return failed_invoice(customer, t), [
+            event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
+                  failure_code="card_declined",
+                  paths={"created": t, "outcome.type": "blocked", "outcome.reason": "highest_risk_level"}),
+            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
+                  created=t, paths={"last_payment_error.decline_code": "fraudulent",
+                                    "last_payment_error.charge": charge})], intent
+
+    for row, cls in deliver_in_every_order(client, accounts, engine, runtime, t, 2, history):
+        assert (row["decline_code"], row["failure_code"], cls) == ("fraudulent", "card_declined", "permanent")
+
+
+def test_one_charges_two_events_in_one_second_merge_the_same_in_either_order(client, accounts, engine, runtime):
+    """The charge's event and its intent's, same second and status: where they both speak and disagree,
+    the delivery order must not pick the stored code."""
+    t = int(time.time()) - 4 * DAY
+
+    def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        charge, intent = unique("ch"), unique("pi")
+        return failed_invoice(customer, t), [
+            event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
+                  failure_code="card_declined",
+                  paths={"created": t, "outcome.type": "issuer_declined", "outcome.reason": "do_not_honor",
+                         "outcome.advice_code": "try_again_later"}),
+            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
+                  created=t, paths={"last_payment_error.decline_code": "lost_card",
+                                    "last_payment_error.code": "expired_card",
+                                    "last_payment_error.charge": charge})], intent
+
+    results = deliver_in_every_order(client, accounts, engine, runtime, t, 2, history)
+    rows = [({k: v for k, v in row.items() if k not in ("charge_id", "charges")}, cls) for row, cls in results]
+    assert rows[0] == rows[1], rows
+

@@ -79,3 +79,20 @@ def test_only_credit_issued_after_payment_counts_as_credited():
                   post_payment_credit_notes_amount=4000)
     assert extract(before).rows[0].values["credited_amount"] == 0
     assert extract(after).rows[0].values["credited_amount"] == 4000
+
+
+def test_a_charges_outcome_reason_is_a_decline_code_only_for_an_issuers_decline():
+    """charge.outcome.reason is the issuer's decline code when outcome.type is issuer_declined; for a
+    payment Radar blocked it is Radar's reason (highest_risk_level, rule), and for one Stripe never
+    sent to the network (invalid) no decline at all. Read as a decline code, a Radar block classifies
+    unknown and outweighs the intent's own decline code (fraudulent)."""
+    def charge(kind: str, reason: str) -> dict[str, Any]:
+        return event("charge.failed", customer="cus_1", payment_intent="pi_1", failure_code="card_declined",
+                     paths={"outcome.type": kind, "outcome.reason": reason})
+
+    for kind, reason in (("blocked", "highest_risk_level"), ("blocked", "rule"), ("invalid", "invalid_request")):
+        row = extract(charge(kind, reason)).rows[0].values
+        assert (row["decline_code"], row["failure_code"]) == (None, "card_declined"), (kind, reason)
+    row = extract(charge("issuer_declined", "insufficient_funds")).rows[0].values
+    assert (row["decline_code"], row["failure_code"]) == ("insufficient_funds", "card_declined")
+
