@@ -2,8 +2,8 @@
 
 Compute stores the next retry as a row fact (``subs_dunning.next_retry_at``); nothing waits in a
 Celery countdown. Dispatch claims each due retry by inserting a ``payment_retry`` row whose
-idempotency key names the attempt, so a second dispatcher (or the next beat tick, before the
-account is recomputed) hits the unique key and sends nothing.
+idempotency key names the attempt, so a second dispatcher hits the unique key and sends nothing,
+and the next beat tick, before the account is recomputed, passes over an attempt already made.
 """
 
 from __future__ import annotations
@@ -18,10 +18,20 @@ from app.db import unit_of_work
 
 log = logging.getLogger(__name__)
 
+# Until the account is recomputed after an attempt, its decision still says "due" under that
+# attempt's key, which CLAIM_SQL never takes again unless the row was skipped. Such accounts are
+# passed over (matched on what the key is made of, see idempotency_key): at the head of the query
+# they would take the limited slots from later retries every tick (a recompute backlog, a lost
+# recompute message).
 DUE_SQL = """
 SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free, d.next_retry_at
   FROM subs_dunning d
  WHERE d.next_retry_at <= %(now)s AND d.retry_invoice_id IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM payment_retry r
+                    WHERE r.invoice_id = d.retry_invoice_id AND r.scheduled_for = d.next_retry_at
+                      AND r.free = d.retry_free
+                      AND (NOT r.free OR r.payment_method_id IS NOT DISTINCT FROM d.retry_payment_method_id)
+                      AND r.state <> 'skipped')
  ORDER BY d.next_retry_at
  LIMIT %(limit)s
 """

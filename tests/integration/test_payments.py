@@ -203,3 +203,23 @@ def test_a_refused_retry_commits_its_recompute_request_with_the_refusal(client, 
         requested = conn.exec_driver_sql("SELECT cause FROM recompute_request WHERE account_id = %(a)s",
                                          {"a": account}).scalar()
     assert requested == f"retry:{retry_id}:refused"
+
+
+def test_an_attempt_already_charged_holds_back_no_other_account_until_its_recompute(client, accounts, engine,
+                                                                                     worker, runtime, fake_stripe):
+    """Until A's recompute runs (a backlog, its message lost) A's stored decision still says "due"
+    under the key of an attempt already made, which dispatch never claims again: the due query
+    passes over it, so the limited slots of a tick go to accounts that can be claimed."""
+    a, a_customer = accounts.create()
+    failed_invoice(client, engine, a, a_customer, "insufficient_funds", days_ago=2)
+    b, b_customer = accounts.create()
+    failed_invoice(client, engine, b, b_customer, "insufficient_funds", days_ago=1.5)  # due later than A
+    now = datetime.now(UTC)
+    (a_retry,) = claim_due(engine, now, limit=1)
+    # Charged outside the task: no recompute follows.
+    assert retry_payment(engine, make_stripe_client(runtime.settings), a_retry, now).outcome == "sent"
+    assert dunning_row(engine, a)["next_retry_at"] <= now
+
+    (b_retry,) = claim_due(engine, now, limit=1)
+    assert [r["id"] for r in retries(engine, b)] == [b_retry]
+    assert [r["id"] for r in retries(engine, a)] == [a_retry]
