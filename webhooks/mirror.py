@@ -28,11 +28,13 @@ ATTEMPT_MERGE = {
     "amount_refunded": "greatest",
     "stripe_customer_id": "coalesce",
     "invoice_id": "coalesce",
-    "charge_id": "coalesce",
+    # The charge the row's outcome codes are about (none for a failure that made no charge).
+    "charge_id": "outcome_charge",
     "payment_method_id": "coalesce",
-    # An attempt's outcome codes belong to its charge: the next charge on the same intent must not
-    # inherit the previous one's advice (do_not_try_again) or decline code. The two events of one
-    # charge (its own and its intent's) merge the same in either order, also in the same second.
+    # An attempt's outcome codes belong to its charge: the next charge on the same intent, or a
+    # failure that made none (3-D Secure failed), must not inherit the previous one's advice
+    # (do_not_try_again) or decline code. The two events of one charge (its own and its intent's)
+    # merge the same in either order, also in the same second.
     "decline_code": "per_charge",
     "failure_code": "per_charge",
     "advice_code": "per_charge",
@@ -234,10 +236,15 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         charge = (_id(error.get("charge")), _id(error.get("payment_method")) or method)
     elif intent.get("status") in ("succeeded", "processing"):
         charge = (_id(intent.get("latest_charge")), method)
+    # The charge the event's outcome is about: a failed payment's is its error's, none where it made
+    # no charge (a failed 3-D Secure on a reused intent, whose latest_charge still names the previous,
+    # declined charge); otherwise the intent's latest charge.
+    outcome_charge = (charge[0] if intent.get("status") == "requires_payment_method"
+                      else _id(intent.get("latest_charge")))
     values = {
         "stripe_customer_id": _id(intent.get("customer")),
         "invoice_id": _id(intent.get("invoice")),
-        "charge_id": _id(intent.get("latest_charge")),
+        "charge_id": outcome_charge,
         "payment_method_id": method,
         "status": status,
         "amount": _int(intent.get("amount")),

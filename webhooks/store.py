@@ -23,6 +23,8 @@ from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
 TIE = "({t}.source_created, {t}.source_rank) = (EXCLUDED.source_created, EXCLUDED.source_rank)"
+# A payment attempt's failure that made no charge (3-D Secure failed): webhooks/mirror.py names none.
+CHARGELESS = "({t}.status = 'failed' AND {t}.charge_id IS NULL)"
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
 Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]  # table, columns, merge rules
@@ -49,16 +51,24 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
         elif kind == "per_charge":
             # The outcome of one charge: a newer event about another charge (the next attempt on the
-            # same payment intent) replaces it whole, nulls included; about the same charge (its
-            # payment intent's event) it fills what is missing, like coalesce, and in the same second
-            # and rank both ways alike (the greater where both speak, so that the order of delivery
-            # does not pick one).
+            # same payment intent), or a failure that made none (charge_id null), replaces it whole,
+            # nulls included; about the same charge (its payment intent's event) it fills what is
+            # missing, like coalesce, and in the same second and rank both ways alike (the greater
+            # where both speak, so that the order of delivery does not pick one).
             # An older event about another charge (delivered late) changes nothing of the newer one.
-            other_charge = f"(EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM {table}.charge_id)"
+            other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
+                            f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
             sets.append(f"{col} = CASE WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
                         f"WHEN {other_charge} THEN {table}.{col} "
                         f"WHEN {TIE.format(t=table)} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
                         f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
+                        f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
+        elif kind == "outcome_charge":
+            # The charge per_charge compares with: like coalesce, but a newer failure that made no
+            # charge clears it, and no older event names one after such a failure.
+            sets.append(f"{col} = CASE WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
+                        f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
+                        f"WHEN {CHARGELESS.format(t=table)} THEN NULL "
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
         elif kind == "charges":
             # A union of the charges either side knows, in any order of delivery: per charge the

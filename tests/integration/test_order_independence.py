@@ -201,3 +201,32 @@ def test_one_charges_two_events_in_one_second_merge_the_same_in_either_order(cli
     rows = [({k: v for k, v in row.items() if k not in ("charge_id", "charges")}, cls) for row, cls in results]
     assert rows[0] == rows[1], rows
 
+
+def test_a_failed_3ds_on_a_reused_intent_replaces_the_previous_charges_decline_in_any_order(client, accounts,
+                                                                                            engine, runtime):
+    """Attempt 1 on the intent: charge ch_1 declined insufficient_funds (its charge's event and its
+    intent's). Attempt 2, days later on the same intent: 3-D Secure fails, no charge is made, and
+    latest_charge still names ch_1. The newer attempt's outcome (the customer must act) is the row's,
+    whatever the order; and the failed authentication adds no charge to the new card's count."""
+    t1 = int(time.time()) - 5 * DAY
+    t2 = t1 + 3 * DAY
+
+    def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        charge, intent = unique("ch"), unique("pi")
+        return failed_invoice(customer, t1), [
+            event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t1,
+                  failure_code="card_declined", payment_method="pm_old",
+                  paths={"created": t1, "outcome.type": "issuer_declined", "outcome.reason": "insufficient_funds"}),
+            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
+                  created=t1, paths={"last_payment_error.charge": charge,
+                                     "last_payment_error.payment_method": {"id": "pm_old"}}),
+            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
+                  created=t2, paths={"last_payment_error.type": "invalid_request_error",
+                                     "last_payment_error.code": "payment_intent_authentication_failure",
+                                     "last_payment_error.decline_code": None,
+                                     "last_payment_error.payment_method": {"id": "pm_new"}})], intent
+
+    for row, cls in deliver_in_every_order(client, accounts, engine, runtime, t2, 3, history):
+        assert (row["decline_code"], row["failure_code"], row["advice_code"], cls) == (
+            None, "payment_intent_authentication_failure", None, "action_required")
+        assert [c["pm"] for c in row["charges"].values()] == ["pm_old"]

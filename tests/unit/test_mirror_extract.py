@@ -96,3 +96,23 @@ def test_a_charges_outcome_reason_is_a_decline_code_only_for_an_issuers_decline(
     row = extract(charge("issuer_declined", "insufficient_funds")).rows[0].values
     assert (row["decline_code"], row["failure_code"]) == ("insufficient_funds", "card_declined")
 
+
+def test_a_failed_intent_is_about_the_charge_its_error_names():
+    """A reused intent whose 3-D Secure failed made no charge: its latest_charge still names the
+    previous (declined) charge, and only last_payment_error.charge says which charge the failure is
+    about (none). The row must say so, or the earlier charge's decline code survives the merge."""
+    declined = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_1",
+                     paths={"last_payment_error.charge": "ch_1"})
+    authentication = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_1",
+                           paths={"last_payment_error.type": "invalid_request_error",
+                                  "last_payment_error.code": "payment_intent_authentication_failure",
+                                  "last_payment_error.decline_code": None})
+    succeeded = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_2",
+                      status="succeeded", last_payment_error=None)
+    row = extract(declined).rows[0].values
+    assert (row["charge_id"], row["decline_code"]) == ("ch_1", "insufficient_funds")
+    row = extract(authentication).rows[0].values
+    assert (row["charge_id"], row["decline_code"], row["failure_code"]) == (
+        None, None, "payment_intent_authentication_failure")
+    assert row["charges"] == {}  # and it adds no charge to the card's count
+    assert extract(succeeded).rows[0].values["charge_id"] == "ch_2"
