@@ -45,6 +45,9 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
 @shared_task(name=RETRY_PAYMENT, bind=True)
 def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
     rt = runtime_for(self.app)
+    # Stuck rows under the account, so support sees them on its page, and one per retry: two retries
+    # of an account failing at once are re-driven each, and one's success resolves only its own.
+    args = {"retry_id": int(retry_id)}
     try:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
                            guard_minutes=rt.policy.guard_window_minutes)
@@ -52,7 +55,7 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         account = account_of(rt.engine, "SELECT account_id FROM payment_retry WHERE id = %(id)s", retry_id)
         if isinstance(exc, TaskFailure):
             metrics.RETRIES.labels(failure_class="-", outcome=exc.kind.value).inc()
-        handle_failure(self, exc, account, {"retry_id": retry_id})
+        handle_failure(self, exc, account, args, per_args=True)
         raise
     metrics.RETRIES.labels(failure_class=result.failure_class or "-", outcome=result.outcome).inc()
     if result.recompute and result.account_id:
@@ -61,10 +64,10 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         # Stripe turned the request down (a revoked key, a missing permission): dead stuck work for
         # an operator, now that the recompute that applies the refused backoff is on its way.
         refused = TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {result.detail}")
-        handle_failure(self, refused, result.account_id, {"retry_id": retry_id})
+        handle_failure(self, refused, result.account_id, args, per_args=True)
         raise refused  # handle_failure always raises; this keeps type checkers honest
     if result.account_id and self.request.retries:
-        resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id)
+        resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id, args)
     return {"retry_id": result.retry_id, "outcome": result.outcome, "detail": result.detail}
 
 

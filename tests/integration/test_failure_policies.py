@@ -119,6 +119,35 @@ def test_a_rate_limit_after_an_unanswered_charge_keeps_the_retry_counted_as_char
     assert len(fake_stripe.pay_requests(invoice)) == 2
 
 
+def test_two_stuck_retries_of_one_account_keep_a_stuck_row_each(client, accounts, engine, celery_app, worker,
+                                                                  fake_stripe):
+    """Two retries of one account give up while Stripe does not answer: each keeps its own row (and
+    its own task arguments, so beat re-drives both), and one's success resolves only its own."""
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (first,) = claim_due(engine, datetime.now(UTC))
+    with engine.begin() as conn:  # another retry of the account (how it came is beside the point here)
+        second = conn.exec_driver_sql(
+            "INSERT INTO payment_retry (account_id, invoice_id, payment_method_id, retry_number, free, "
+            "idempotency_key, scheduled_for, state, created_at, updated_at) "
+            "SELECT account_id, invoice_id, payment_method_id, retry_number, free, idempotency_key || ':2', "
+            "scheduled_for, state, created_at, updated_at FROM payment_retry WHERE id = %(id)s RETURNING id",
+            {"id": first}).scalar_one()
+    task = celery_app.tasks["tasks.retry_payment"]
+    give_up = POLICIES[FailureKind.REMOTE_UNAVAILABLE].max_retries
+    fake_stripe.script(outcomes.lost_answer(), outcomes.lost_answer())
+    for retry_id in (first, second):
+        assert task.apply(args=[retry_id], retries=give_up).failed()
+    rows = stuck(engine, account_id=account)
+    assert sorted((r["task_args"]["retry_id"], r["state"]) for r in rows) == [(first, "retrying"),
+                                                                               (second, "retrying")]
+
+    # The first one's re-drive: Stripe replays the charge its lost answer was for.
+    assert task.apply(args=[first], retries=1).get()["outcome"] == "sent"
+    states = {r["task_args"]["retry_id"]: r["state"] for r in stuck(engine, account_id=account)}
+    assert states == {first: "resolved", second: "retrying"}
+
+
 def test_a_permanent_api_error_does_not_retry_and_is_dead_stuck_work(client, accounts, engine, worker, celery_app,
                                                                      fake_stripe):
     account, customer = accounts.create()
