@@ -227,6 +227,13 @@ def _assess(
     reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
                           {**rule_facts, "rule": rule.describe() if rule else {}}))
 
+    if level == Level.SUSPENDED and free and not invoice.is_upgrade:
+        # Its dunning has run out (a new card does not change that): bad debt, which is paid through
+        # the bad-debt payment only. A free retry would be the regular collection path in bad debt.
+        reasons.append(Reason("retry.none_bad_debt", "in bad debt: a new payment method starts no automatic "
+                              "retry; the debt is paid through the bad-debt payment",
+                              {"invoice": invoice.id, "payment_method": method}))
+        next_retry, method, free = None, None, False
     revert_due = invoice.is_upgrade and level == Level.SUSPENDED
     if invoice.is_upgrade and level.rank > policy.upgrade_max_level.rank:
         reasons.append(Reason("upgrade.capped", "an unpaid upgrade withholds the upgraded products only and never "

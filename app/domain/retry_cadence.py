@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from app.domain.policy import Policy
 from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Retry, Snapshot
-from app.domain.state import FailureClass, Reason, Status, iso
+from app.domain.state import FailureClass, Reason, iso
 
 WINDOW_30D = timedelta(days=30)
 # After Stripe refused a retry before charging (an API key revoked, a permission missing), the
@@ -157,19 +157,10 @@ def _plan(
         return None, None, False, True, retries_used, reasons
 
     failed_method = last_failure.payment_method_id if last_failure else None
-    default_method = snapshot.default_payment_method_id or failed_method
 
     # A new or updated payment method after the last failure: one immediate free retry on it.
     since = last_failure.attempted_at if last_failure else schedule_start
     new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
-    if new_method is not None and _in_bad_debt(snapshot) and not invoice.is_upgrade:
-        # Bad debt is paid through the bad-debt payment only. A free retry here would make the
-        # invoice's dunning "not run out" and lift bad debt before any money arrives; when it then
-        # failed, the account would enter bad debt again, with a second cancellation.
-        reasons.append(Reason("retry.none_bad_debt", "in bad debt: a new payment method starts no automatic retry; "
-                              "the debt is paid through the bad-debt payment",
-                              {"invoice": invoice.id, "payment_method": new_method.id}))
-        new_method = None
     if new_method is not None:
         # A free retry skipped unsent (dispatched too long ago, say) was not used.
         used_free = any(r.free and r.charged and r.created_at >= new_method.changed_at for r in retries)
@@ -179,8 +170,33 @@ def _plan(
                                   "that does not count against the budget",
                                   {"invoice": invoice.id, "payment_method": new_method.id,
                                    "changed_at": iso(new_method.changed_at)}))
-            return _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
+            # Whether the invoice's dunning has run out stays what it was: a card is no money. (An
+            # invoice run out and old enough is bad debt, which a free retry must not lift:
+            # compute then drops it. An upgrade's free retry holds its revert, as before.)
+            run_out = False if invoice.is_upgrade else _scheduled(
+                snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now, retries,
+                retries_used, [])[3]
+            free = _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
+            return (*free[:3], run_out, *free[4:])
+    return _scheduled(snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now,
+                      retries, retries_used, reasons)
 
+
+def _scheduled(
+    snapshot: Snapshot,
+    invoice: Invoice,
+    attempts: list[Attempt],
+    failure_class: FailureClass,
+    failed_method: str | None,
+    schedule_start: datetime,
+    policy: Policy,
+    now: datetime,
+    retries: list[Retry],
+    retries_used: int,
+    reasons: list[Reason],
+) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
+    """The plan by failure class, with no payment-method change to act on."""
+    default_method = snapshot.default_payment_method_id or failed_method
     if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
         reasons.append(Reason("retry.none_" + failure_class.value,
                               "no automatic retry on the same method; waiting for the customer to act",
@@ -218,12 +234,6 @@ def _last_retry_charge(attempts: list[Attempt], retries: list[Retry]) -> datetim
         [c.charged_at for c in a.charges] if a.charges else [a.attempted_at])),
         *(r.created_at for r in retries if r.charged)])
     return times[-1] if len(times) > 1 else None
-
-
-def _in_bad_debt(snapshot: Snapshot) -> bool:
-    """Stored in bad debt (or lifting it, a bad-debt payment in flight)."""
-    stored = snapshot.stored
-    return stored is not None and stored.status in (Status.BAD_DEBT, Status.LIFTING)
 
 
 def _cap_method(

@@ -591,13 +591,21 @@ def test_a_new_card_in_bad_debt_starts_no_automatic_retry_and_lifts_nothing(base
     lift bad debt (BadDebtExited, entitlements back) and, when it fails, enter it again with a
     second cancellation."""
     in_bad_debt = _in_bad_debt(base)
-    decision = decide(replace(in_bad_debt, payment_methods=(method("pm_new", changed_days_ago=0.01),)))
+    card = method("pm_new", changed_days_ago=0.01)
+    decision = decide(replace(in_bad_debt, payment_methods=(card,)))
     assert decision.state.status == Status.BAD_DEBT and decision.state.level == Level.SUSPENDED
     assert decision.state.next_retry_at is None and "retry.none_bad_debt" in rules(decision)
     assert derive_events(in_bad_debt.stored, decision, NOW) == []
-    # Before bad debt, the same card earns its free retry.
-    early = decide(replace(base, stored=None, payment_methods=(method("pm_new", changed_days_ago=0.01),)))
-    assert early.state.next_retry_at is not None and early.state.status == Status.PAST_DUE
+    # The same with nothing stored yet: the decision depends on the facts, not on what was stored.
+    assert decide(replace(base, payment_methods=(card,))).state == decision.state
+
+
+def test_a_new_card_before_bad_debt_earns_its_free_retry():
+    declined = snapshot(invoice(failed_days_ago=10), attempts=(attempt("pi_1", "in_1", days_ago=10,
+                                                                       decline="expired_card"),))
+    decision = decide(replace(declined, payment_methods=(method("pm_new", changed_days_ago=0.01),)))
+    assert decision.state.status == Status.PAST_DUE and decision.state.level == Level.RESTRICT_PREMIUM
+    assert decision.state.retry_free and decision.state.next_retry_at == days(0.01)
 
 
 def test_a_failed_bad_debt_payment_is_no_attempt_of_the_invoice():
