@@ -41,7 +41,9 @@ from app.domain.state import (
     MandateState,
     Reason,
     Status,
+    failure_marker,
     iso,
+    parse_failure_marker,
 )
 
 SETTLED_STATUSES = frozenset({"paid", "void"})
@@ -79,6 +81,12 @@ class Decision:
     bad_debt_products: tuple[str, ...] = ()
     resolution: str | None = None  # "paid" | "resolved" when nothing is unpaid any more
     lifting_since: datetime | None = None
+    # The latest failure (state.last_failure_id names it): the class of that failure itself, for
+    # its PaymentFailed (the account's failure_class may be another invoice's).
+    last_failure_class: str | None = None
+    # When the failure a stored last_failure_id from before markers carried a time (a plain attempt
+    # id) names happened, read from that attempt; None otherwise (see events.derive_events).
+    stored_failure_at: datetime | None = None
     assessments: tuple[InvoiceAssessment, ...] = field(default=(), compare=False)
 
     @property
@@ -87,6 +95,18 @@ class Decision:
 
 
 # --- attempts and their invoices --------------------------------------------------------------
+
+
+def failure_time(attempt: Attempt) -> datetime:
+    """When an attempt's latest charge was made, or the attempt's own time where it made none.
+
+    Stripe retries an invoice on the same payment intent: the attempt's row carries every charge,
+    so its latest charge is its latest try. A charge's time stays put when more events about it
+    come (its intent's, a cancellation of the intent), where the attempt's time moves with each."""
+    if attempt.charges:
+        return max(c.charged_at for c in attempt.charges)
+    return attempt.attempted_at
+
 
 
 def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
@@ -437,7 +457,9 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     elif status == Status.BAD_DEBT:
         stored = snapshot.stored
         started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts)
-        if started is not None and (stored is None or stored.status != Status.BAD_DEBT):
+        # It holds entering bad debt only: an account already in bad debt (or lifting it, its
+        # bad-debt payment just failed) stays there, its cancellation kept, whatever else is paying.
+        if started is not None and (stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING)):
             held_until = started + timedelta(minutes=policy.guard_window_minutes)
             held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
             reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
@@ -490,8 +512,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         reasons.append(Reason("retry.held_bad_debt_payment", "a bad-debt payment is in flight: no automatic retry "
                               "until its outcome", {"payment": in_flight.id, "invoice": retry.invoice.id}))
         retry = None
-    failures = [a.last_failure for a in assessed if a.last_failure is not None]
-    latest_failure = max(failures, key=lambda f: (f.attempted_at, f.id)) if failures else None
+    failures = [f for a in assessed for f in own.get(a.invoice.id, ()) if f.failed]
+    latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
     current_class = None
     if assessed:
         classes = [(a.last_failure.attempted_at if a.last_failure else a.unpaid_since, a.failure_class)
@@ -512,7 +534,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         retries_used=sum(a.retries_used for a in assessed),
         outstanding_amount=sum(a.invoice.amount_remaining for a in assessed),
         unpaid_since=min((a.unpaid_since for a in assessed), default=None),
-        last_failure_id=latest_failure.id if latest_failure else None,
+        last_failure_id=failure_marker(latest_failure.id, failure_time(latest_failure)) if latest_failure else None,
         reasons=tuple(reasons),
         entitlements=entitlements(snapshot.subscriptions, [(a.invoice, a.level) for a in assessed], policy),
         actions_requested=tuple(sorted(actions)),
@@ -534,8 +556,25 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         # with another invoice still unpaid (BadDebtExited says whether its invoices were paid).
         resolution=_resolution(snapshot, grouped) if not assessed or _leaves_bad_debt(snapshot, status) else None,
         lifting_since=lifting_since,
+        last_failure_class=classify(latest_failure.decline_code, latest_failure.failure_code,
+                                    latest_failure.advice_code).value if latest_failure else None,
+        stored_failure_at=_stored_failure_at(snapshot, latest_failure),
         assessments=tuple(assessed),
     )
+
+
+def _stored_failure_at(snapshot: Snapshot, latest: Attempt | None) -> datetime | None:
+    """For a stored last_failure_id that is a plain attempt id (written before markers carried the
+    failure's time) naming another attempt than the latest failure: that attempt's failure time, so
+    that an older failure is not announced again on the first recompute after an upgrade."""
+    stored = snapshot.stored
+    if latest is None or stored is None or not stored.last_failure_id:
+        return None
+    attempt_id, failed_at = parse_failure_marker(stored.last_failure_id)
+    if failed_at is not None or attempt_id == latest.id:
+        return None
+    named = next((a for a in snapshot.attempts if a.id == attempt_id), None)
+    return failure_time(named) if named is not None else None
 
 
 def _next_review(assessed: list[InvoiceAssessment], policy: Policy, now: datetime,

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from app.domain.compute import Decision
-from app.domain.state import DunningState, Level, Status
+from app.domain.state import DunningState, Level, Status, parse_failure_marker
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class DunningEntered(DomainEvent):
 
 @dataclass(frozen=True)
 class PaymentFailed(DomainEvent):
+    """A failed payment newer than the last one announced. ``attempt_id`` names its attempt (the
+    payment intent, which carries every retry of its invoice), ``failure_class`` is that failure's."""
+
     attempt_id: str
     failure_class: str | None
 
@@ -108,8 +111,10 @@ def derive_events(
             unpaid_since=desired.unpaid_since.isoformat() if desired.unpaid_since else None,
             failure_class=desired.failure_class,
         ))
-    if desired.last_failure_id and desired.last_failure_id != before.last_failure_id:
-        events.append(PaymentFailed(attempt_id=desired.last_failure_id, failure_class=desired.failure_class))
+    if desired.last_failure_id and _newer_failure(desired.last_failure_id, before.last_failure_id,
+                                                  decision.stored_failure_at):
+        attempt_id, _ = parse_failure_marker(desired.last_failure_id)
+        events.append(PaymentFailed(attempt_id=attempt_id, failure_class=decision.last_failure_class))
 
     old_rank, new_rank = Level(before.level).rank, Level(desired.level).rank
     if new_rank > old_rank:
@@ -146,3 +151,26 @@ def derive_events(
             sub = next((a.invoice.subscription_id for a in decision.assessments if a.invoice.id == ref), None)
             events.append(UpgradeRevertRequested(invoice_id=ref, subscription_id=sub))
     return events
+
+
+def _newer_failure(desired: str, stored: str | None, stored_failure_at: datetime | None) -> bool:
+    """Whether the latest failure (a state.failure_marker) is newer than the one stored, so not yet
+    announced. Another retry failing on the same intent is newer (a later time); an older failure
+    the account falls back to when a newer one's invoice is paid is not.
+
+    A stored plain attempt id (written before markers carried a time) is older than any timed
+    marker, except the same attempt's (the same failure, only the format changed) and an attempt
+    whose failure ``stored_failure_at`` (compute read it from that attempt) shows is not older."""
+    if stored is None:
+        return True
+    new_id, new_at = parse_failure_marker(desired)
+    old_id, old_at = parse_failure_marker(stored)
+    if new_at is None:
+        return new_id != old_id
+    if old_at is None:
+        if old_id == new_id:
+            return False
+        if stored_failure_at is None:
+            return True
+        old_at = stored_failure_at
+    return (new_at, new_id) > (old_at, old_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -55,6 +55,29 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def failure_marker(attempt_id: str, failed_at: datetime) -> str:
+    """subs_dunning.last_failure_id: the latest failure as "<attempt id>@<ISO time of the failure>".
+
+    An attempt id alone does not name a failure: Stripe retries an invoice on the same payment
+    intent, so one attempt carries every failed retry of its invoice. With its time the marker
+    names one failure, and says whether another one is newer (events.PaymentFailed)."""
+    return f"{attempt_id}@{failed_at.astimezone(UTC).isoformat()}"
+
+
+def parse_failure_marker(marker: str) -> tuple[str, datetime | None]:
+    """(attempt id, failure time) of a marker; the time is None for one stored before markers
+    carried it (a plain attempt id)."""
+    attempt_id, at, when = marker.rpartition("@")
+    if at:
+        try:
+            failed_at = datetime.fromisoformat(when)
+        except ValueError:
+            failed_at = None
+        if failed_at is not None and failed_at.tzinfo is not None:
+            return attempt_id, failed_at
+    return marker, None
+
+
 @dataclass(frozen=True)
 class Reason:
     """Why: which rule matched, in words, on which facts (JSON values only)."""
@@ -93,7 +116,7 @@ class DunningState:
     retries_used: int = 0
     outstanding_amount: int = 0
     unpaid_since: datetime | None = None
-    last_failure_id: str | None = None
+    last_failure_id: str | None = None  # the latest failure: failure_marker(attempt id, when)
     reasons: tuple[Reason, ...] = ()
     entitlements: Mapping[str, Any] = field(default_factory=dict)
     actions_requested: tuple[str, ...] = ()

@@ -230,3 +230,45 @@ def test_a_failed_3ds_on_a_reused_intent_replaces_the_previous_charges_decline_i
         assert (row["decline_code"], row["failure_code"], row["advice_code"], cls) == (
             None, "payment_intent_authentication_failure", None, "action_required")
         assert [c["pm"] for c in row["charges"].values()] == ["pm_old"]
+
+
+def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its_events_comes_first(
+        client, accounts, engine, runtime):
+    """Stripe retries the invoice on its payment intent: two failures, two charges, one attempt row.
+    Each failure is told by its charge's event (the charge's exact time) and its intent's (the event's
+    time, seconds later), in either order. Recomputed after every delivery: one PaymentFailed per
+    failure, each with its own class, and a recompute right after writes and emits nothing."""
+    t1 = int(time.time()) - 5 * DAY
+    t2 = t1 + 2 * DAY
+
+    def failure(customer: str, intent: str, t: int, decline: str) -> list[dict[str, Any]]:
+        charge = unique("ch")
+        return [event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
+                      failure_code="card_declined",
+                      paths={"created": t, "outcome.type": "issuer_declined", "outcome.reason": decline}),
+                event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge,
+                      amount=5000, created=t + 2,
+                      paths={"last_payment_error.decline_code": decline, "last_payment_error.charge": charge})]
+
+    for first_order, second_order in itertools.product([(0, 1), (1, 0)], repeat=2):
+        account, customer = accounts.create()
+        intent = unique("pi")
+        invoice = failed_invoice(customer, t1)
+        retried = json.loads(json.dumps(invoice))
+        retried.update(id=unique("evt"), created=t2)
+        retried["data"]["object"].update(attempt_count=2)
+        one = failure(customer, intent, t1, "insufficient_funds")
+        two = failure(customer, intent, t2, "expired_card")
+        deliveries = [invoice, *(one[i] for i in first_order), retried, *(two[i] for i in second_order)]
+        for n, evt in enumerate(deliveries):
+            assert post_event(client, evt).status_code == 200
+            now = datetime.fromtimestamp(evt["created"], UTC) + timedelta(minutes=n)
+            run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
+            emitted = outbox_count(engine, account)
+            assert run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now).outcome == "unchanged"
+            assert outbox_count(engine, account) == emitted
+        with engine.connect() as conn:
+            failed = [(p["attempt_id"], p["failure_class"]) for (p,) in conn.exec_driver_sql(
+                "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
+                {"a": account})]
+        assert failed == [(intent, "transient"), (intent, "permanent")], (first_order, second_order, failed)

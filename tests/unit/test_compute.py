@@ -424,7 +424,7 @@ def test_attempt_without_invoice_link_goes_to_the_latest_earlier_invoice():
     unlinked = attempt("ch_1", None, days_ago=2, decline="expired_card")
     decision = decide(snapshot(older, current, attempts=(unlinked,)))
     assert decision.state.failure_class == FailureClass.PERMANENT
-    assert decision.state.last_failure_id == "ch_1"
+    assert decision.state.last_failure_id == f"ch_1@{days(2).isoformat()}"
 
 
 def test_an_unlinked_attempt_never_goes_to_an_invoice_paid_before_it():
@@ -496,6 +496,31 @@ def test_bad_debt_payment_in_flight_is_lifting_and_a_failed_one_returns_to_bad_d
     decision = decide(_suspended_snapshot(bad_debt_payments=(failed,)))
     assert decision.state.status == Status.BAD_DEBT
     assert "bad_debt.payment_failed" in rules(decision)
+
+
+def test_a_lifting_accounts_failed_payment_returns_it_to_bad_debt_whatever_else_is_paying():
+    """The guard holds entering bad debt only. Lifting, the bad-debt payment fails while the
+    customer's own SEPA payment on the hosted page is processing: back to bad debt, the same
+    episode and cancellation, not out of bad debt (and into it again, a new episode, later)."""
+    entered = decide(_suspended_snapshot(), now=NOW - timedelta(hours=1))
+    assert entered.state.status == Status.BAD_DEBT
+    pending = BadDebtPayment(id=1, state="pending", amount=5000, created_at=NOW - timedelta(minutes=20),
+                             updated_at=NOW - timedelta(minutes=20), stripe_payment_intent_id="pi_bd")
+    lifting = decide(replace(_suspended_snapshot(bad_debt_payments=(pending,)), stored=entered.state),
+                     now=NOW - timedelta(minutes=15))
+    assert lifting.state.status == Status.LIFTING
+    failed = replace(pending, state="failed", updated_at=NOW, failure_reason="declined: insufficient_funds")
+    base = _suspended_snapshot(bad_debt_payments=(failed,))
+    sepa = attempt("pi_hosted", "in_1", days_ago=5 / 1440, status="processing", pm="pm_sepa")
+    after = decide(replace(base, attempts=(*base.attempts, sepa), stored=lifting.state))
+    assert after.state.status == Status.BAD_DEBT and after.bad_debt
+    assert "guard.payment_in_flight" not in rules(after)
+    assert after.state.actions_requested == entered.state.actions_requested
+    events = [e.name for e in derive_events(lifting.state, after, NOW, NOW - timedelta(hours=1))]
+    assert "BadDebtExited" not in events and "ConsequenceEased" not in events
+    # entering bad debt is still held by the same payment in flight
+    held = decide(replace(base, attempts=(*base.attempts, sepa), stored=None))
+    assert held.state.status == Status.PAST_DUE and "guard.payment_in_flight" in rules(held)
 
 
 # --- resolution, refunds, mandates ----------------------------------------------------------------

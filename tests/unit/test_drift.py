@@ -64,6 +64,18 @@ def test_stored_equal_to_desired_is_not_drift_even_with_other_wording_or_policy_
     assert drift(reworded, s.stored_bad_debt_flag, decision.state, decision.bad_debt) is None
 
 
+
+def test_a_last_failure_stored_as_a_plain_attempt_id_is_not_drift():
+    """last_failure_id now names the failure with its time: rows written before hold the attempt id
+    alone, and the sweep must not send every account in dunning to remediation for that."""
+    from app.domain.snapshot import Attempt
+
+    failed = Attempt("pi_1", "in_1", "pm_1", "failed", NOW - timedelta(days=8), decline_code="insufficient_funds")
+    s = settled(snap(unpaid_invoice(8), attempts=(failed,)))
+    assert s.stored is not None and s.stored.last_failure_id == f"pi_1@{failed.attempted_at.isoformat()}"
+    plain = replace(s, stored=replace(s.stored, last_failure_id="pi_1"))
+    assert drift_of(plain, compute(plain, POLICY, NOW)) is None
+
 def test_corrupted_fields_are_named_with_stored_and_desired_values():
     s = settled(snap(unpaid_invoice(8)))
     assert s.stored is not None and s.stored.level == "restrict_premium"

@@ -6,6 +6,7 @@ import pytest
 from app.domain.billing_history import Label, label
 from app.domain.compute import compute
 from app.domain.events import derive_events
+from app.domain.snapshot import Charge
 from app.domain.state import DunningState
 from tests.unit.builders import NOW, attempt, days, invoice, policy, snapshot
 
@@ -51,6 +52,88 @@ def test_bad_debt_entry_and_exit_carry_reason_products_and_duration():
     events = derive_events(entered.state, exited, NOW + timedelta(hours=5), bad_debt_entered_at=NOW)
     assert names(events)[:3] == ["ConsequenceEased", "BadDebtExited", "DunningResolved"]
     assert events[1].payload() == {"how": "paid", "duration_seconds": 5 * 3600}
+
+
+
+def recomputes(snaps, stored=None):
+    """Each snapshot recomputed with the previous state stored: the PaymentFailed payloads of each."""
+    out = []
+    for snap in snaps:
+        decision = compute(replace(snap, stored=stored), POLICY, NOW)
+        out.append([e.payload() for e in derive_events(stored, decision, NOW) if e.name == "PaymentFailed"])
+        stored = decision.state
+    return out
+
+
+def test_each_failed_retry_on_the_same_intent_is_a_payment_failed():
+    # Stripe retries an invoice on the same PaymentIntent: one attempt row (the intent) carries
+    # every charge, its codes those of the latest.
+    first = attempt("pi_1", "in_1", days_ago=3, charges=(Charge("ch_1", "pm_1", days(3)),))
+    second = replace(first, attempted_at=days(1), decline_code="expired_card",
+                     charges=(*first.charges, Charge("ch_2", "pm_1", days(1))))
+    retried = replace(invoice(failed_days_ago=3), attempt_count=2, last_failed_at=days(1))
+    steps = recomputes([snapshot(invoice(failed_days_ago=3), attempts=(first,)),
+                        snapshot(retried, attempts=(second,)),
+                        snapshot(retried, attempts=(second,))])
+    assert steps == [[{"attempt_id": "pi_1", "failure_class": "transient"}],
+                     [{"attempt_id": "pi_1", "failure_class": "permanent"}],
+                     []]
+
+
+def test_more_events_about_one_failure_announce_it_once():
+    # The intent's event comes first (its charge at the event's time), the charge's own event later
+    # with the charge's exact, earlier time; then the intent is cancelled (its time moves, no charge).
+    by_intent = attempt("pi_1", "in_1", days_ago=1, charges=(Charge("ch_1", "pm_1", days(1)),))
+    by_charge = replace(by_intent, charges=(Charge("ch_1", "pm_1", days(1) - timedelta(seconds=2)),))
+    cancelled = replace(by_charge, attempted_at=days(0.5))
+    inv = invoice(failed_days_ago=1)
+    steps = recomputes([snapshot(inv, attempts=(a,)) for a in (by_intent, by_charge, cancelled)])
+    assert [len(s) for s in steps] == [1, 0, 0]
+
+
+def test_an_older_failure_is_not_announced_again_when_a_newer_ones_invoice_is_paid():
+    att_a, att_b = attempt("pi_a", "in_a", days_ago=5), attempt("pi_b", "in_b", days_ago=1)
+    inv_a, inv_b = invoice("in_a", failed_days_ago=5), invoice("in_b", failed_days_ago=1, amount=3000)
+    paid_b = replace(inv_b, status="paid", amount_paid=3000, amount_remaining=0, paid_at=days(0.5))
+    steps = recomputes([snapshot(inv_a, attempts=(att_a,)),
+                        snapshot(inv_a, inv_b, attempts=(att_a, att_b)),
+                        snapshot(inv_a, paid_b, attempts=(att_a, att_b))])
+    assert [[p["attempt_id"] for p in s] for s in steps] == [["pi_a"], ["pi_b"], []]
+    # and a new failure of in_a after that is announced
+    again = replace(att_a, attempted_at=days(0.1))
+    assert recomputes([snapshot(inv_a, paid_b, attempts=(again, att_b))],
+                      stored=compute(snapshot(inv_a, paid_b, attempts=(att_a, att_b)), POLICY, NOW).state) \
+        == [[{"attempt_id": "pi_a", "failure_class": "transient"}]]
+
+
+def test_a_stored_plain_attempt_id_is_not_announced_again_after_the_upgrade():
+    """Rows written before last_failure_id carried the failure's time hold a plain attempt id."""
+    att_a, att_b = attempt("pi_a", "in_a", days_ago=5), attempt("pi_b", "in_b", days_ago=1)
+    inv_a, inv_b = invoice("in_a", failed_days_ago=5), invoice("in_b", failed_days_ago=1, amount=3000)
+    paid_b = replace(inv_b, status="paid", amount_paid=3000, amount_remaining=0, paid_at=days(0.5))
+
+    def first_run(stored_id, *snap_args, attempts):
+        snap = snapshot(*snap_args, attempts=attempts)
+        old = replace(compute(snap, POLICY, NOW).state, last_failure_id=stored_id)
+        return recomputes([snap], stored=old)[0]
+
+    assert first_run("pi_b", inv_a, inv_b, attempts=(att_a, att_b)) == []  # the same failure
+    assert first_run("pi_b", inv_a, paid_b, attempts=(att_a, att_b)) == []  # an older one
+    assert first_run("pi_a", inv_a, inv_b, attempts=(att_a, att_b)) == [  # a newer one
+        {"attempt_id": "pi_b", "failure_class": "transient"}]
+    assert first_run("pi_gone", inv_a, attempts=(att_a,)) == [  # the stored one unknown: older
+        {"attempt_id": "pi_a", "failure_class": "transient"}]
+
+
+def test_payment_failed_carries_the_class_of_its_own_failure():
+    # in_x's charge was declined expired_card (permanent); in_y's invoice.payment_failed came after,
+    # its charge's detail not yet in: the account's class is unknown, pi_x's failure is permanent.
+    inv_x, inv_y = invoice("in_x", failed_days_ago=3), invoice("in_y", failed_days_ago=1, amount=4000)
+    decision = compute(snapshot(inv_x, inv_y, attempts=(attempt("pi_x", "in_x", days_ago=3, decline="expired_card"),)),
+                       POLICY, NOW)
+    assert decision.state.failure_class == "unknown"
+    failed = [e.payload() for e in derive_events(None, decision, NOW) if e.name == "PaymentFailed"]
+    assert failed == [{"attempt_id": "pi_x", "failure_class": "permanent"}]
 
 
 @pytest.mark.parametrize(
