@@ -37,8 +37,17 @@ RETURNING r.account_id, r.trigger, r.cause
 
 # Accounts whose decision time alone changes now (subs_dunning.next_review_at, set by compute):
 # no event may come (a permanent decline has no retries), so nothing else would recompute them.
+# Except one whose recompute has failed for good (a dead stuck row) since its review came due: its
+# review stays due, as nothing stored the next one, and requesting it again every tick would only
+# fail the same way. Its dead row is for an operator; a recompute that succeeds later (a webhook, a
+# re-drive) stores a new review time, and that one is requested when it comes.
 DUE_REVIEWS = """
-SELECT account_id FROM subs_dunning WHERE next_review_at <= %(now)s ORDER BY next_review_at LIMIT %(limit)s
+SELECT d.account_id FROM subs_dunning d
+ WHERE d.next_review_at <= %(now)s
+   AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
+                    WHERE s.account_id = d.account_id AND s.task_name = 'tasks.recompute_account'
+                      AND s.state = 'dead' AND s.last_failed_at >= d.next_review_at)
+ ORDER BY d.next_review_at LIMIT %(limit)s
 """
 
 

@@ -18,6 +18,7 @@ from psycopg2.extras import Json
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
+from app import metrics
 from app.db import Conflict, is_connection_error, unit_of_work
 
 log = logging.getLogger(__name__)
@@ -118,13 +119,30 @@ def _driver_connection_lost(exc: BaseException | None) -> bool:
     return isinstance(exc, psycopg2.OperationalError) and getattr(exc, "pgcode", None) is None
 
 
+def count_failure(task_name: str, kind: FailureKind, action: str) -> None:
+    """dunning_task_failures_total: ``action`` is retry (the task retries itself), retrying (its own
+    retries are over, beat re-drives it) or dead (for an operator)."""
+    metrics.TASK_FAILURES.labels(task=task_name, failure_class=kind.value, action=action).inc()
+
+
+# A recompute given up as dead takes its account's pending request with it: the request outlived
+# the rolled-back run, and the stale-request re-drive would send it again every minute, to fail the
+# same way. The dead row keeps the work (an operator's re-drive recomputes, whatever is pending), and
+# with no request left the account's next webhook creates one and enqueues its recompute.
+DROP_REQUEST = "DELETE FROM recompute_request WHERE account_id = %(account)s"
+
+
 def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_id: str | None,
                  kind: FailureKind, error: str, attempts: int, state: str,
-                 stripe_event_id: str | None = None, per_args: bool = False) -> None:
+                 stripe_event_id: str | None = None, per_args: bool = False, drop_request: bool = False) -> None:
     """One row per (task, account) that is not resolved, or per (task, account, args) with
-    ``per_args`` (one payment's failure is not another's): updated on every new failure."""
+    ``per_args`` (one payment's failure is not another's): updated on every new failure.
+    ``drop_request``: the account's pending recompute request is deleted in the same transaction
+    (see DROP_REQUEST)."""
     try:
         with unit_of_work(engine) as conn:
+            if drop_request and account_id is not None:
+                conn.exec_driver_sql(DROP_REQUEST, {"account": account_id})
             updated = conn.exec_driver_sql(
                 """UPDATE subs_stuck_events SET error_class = %(kind)s, error = %(error)s, attempts = %(attempts)s,
                           state = %(state)s, last_failed_at = now(), task_args = %(args)s,

@@ -10,7 +10,7 @@ from celery import Task, shared_task
 
 from app.recompute.observe import observe
 from app.recompute.service import run_recompute
-from tasks.failures import PASSING, POLICIES, classify, record_stuck, resolve_stuck
+from tasks.failures import PASSING, POLICIES, classify, count_failure, record_stuck, resolve_stuck
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -19,9 +19,11 @@ NAME = "tasks.recompute_account"
 
 
 def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dict[str, Any],
-                   per_args: bool = False) -> None:
+                   per_args: bool = False, drop_request_when_dead: bool = False) -> None:
     """Retry by failure class, or give up into subs_stuck_events (one row per account, or per
-    account and ``args`` with ``per_args``). Always raises."""
+    account and ``args`` with ``per_args``); counted in dunning_task_failures_total either way.
+    ``drop_request_when_dead``: a give-up as dead also deletes the account's pending recompute
+    request (tasks.failures.DROP_REQUEST). Always raises."""
     kind = classify(exc)
     policy = POLICIES[kind]
     retries = task.request.retries
@@ -32,13 +34,16 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
             record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying",
                          per_args=per_args)
         countdown = policy.countdown(retries, getattr(exc, "retry_after", None))
+        count_failure(task.name, kind, "retry")
         log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
         raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
     # Its own retries are over. A passing failure (a database outage longer than the backoff) stays
     # "retrying": beat re-drives it until it succeeds. What will not heal by waiting (invalid data, a
     # refused API call, an unexpected error) is "dead", for an operator.
     state = "retrying" if kind in PASSING else "dead"
-    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args)
+    count_failure(task.name, kind, state)
+    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args,
+                 drop_request=drop_request_when_dead and state == "dead")
     log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
     raise exc
 
@@ -50,7 +55,8 @@ def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH
     try:
         result = run_recompute(rt.engine, rt.policy, account_id, trigger, datetime.now(UTC), coalesced=coalesced)
     except Exception as exc:
-        handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause})
+        handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause},
+                       drop_request_when_dead=True)
         raise  # handle_failure always raises; this keeps type checkers honest
     observe(result)
     if self.request.retries:

@@ -16,9 +16,10 @@ from app.payments.pay import lock_account_payments, retry_charging, retry_paymen
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
 from tasks.failures import MAX_COUNTDOWN, POLICIES, FailureKind, TaskFailure, classify, record_stuck
-from tests.conftest import service_headers, wait_for
+from tests.conftest import post_event, service_headers, wait_for
 from tests.fakes import fake_stripe as outcomes
 from tests.integration.dunning_setup import failed_invoice, retries
+from tests.stripe_events import event, unique
 
 pytestmark = pytest.mark.worker
 
@@ -75,6 +76,57 @@ def test_a_passing_failure_that_outlasts_its_retries_is_left_for_beat_not_dead(c
         (row,) = stuck(engine, account_id=account, error_class=classify(exc).value)
         assert row["state"] == expected
         assert (row["next_redrive_at"] is not None) == (expected == "retrying")
+
+
+
+def test_a_recompute_given_up_as_dead_is_not_sent_again_every_minute_and_nothing_is_lost(client, accounts, engine,
+                                                                                        celery_app):
+    """Bad data: the recompute rolls back and gives up as dead, for an operator. The webhook's request
+    it failed on is not left for the stale-request re-drive (every minute, failing the same way), nor
+    is its due review requested again every tick; a later webhook still enqueues, and an operator's
+    re-drive still recomputes."""
+    import tasks.recompute  # registers the task
+    import tasks.stuck  # noqa: F401  (resolves a re-driven row when its task succeeds)
+    from app.redrive import redrive
+    from app.stuck_work import task_id_for
+
+    account, customer = accounts.create()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, status, level, next_review_at) "
+                             "VALUES (%(a)s, 'past_due', 'bogus', now() - interval '1 hour')", {"a": account})
+        conn.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger, cause, requested_at) "
+                             "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1', now() - interval '2 minutes')", {"a": account})
+    task = celery_app.tasks["tasks.recompute_account"]
+    result = task.apply(args=[account, "PAYMENT_FAILED", "evt_1"], kwargs={"coalesced": True})
+    assert isinstance(result.result, ValueError), result.result
+    (dead,) = stuck(engine, account_id=account)
+    assert dead["state"] == "dead" and dead["task_args"] == {"account_id": account, "trigger": "PAYMENT_FAILED",
+                                                             "cause": "evt_1"}
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM recompute_request WHERE account_id = %(a)s",
+                                    {"a": account}).scalar_one() == 0
+    try:
+        report = redrive(engine, celery_app)  # neither the request nor the review, again and again
+        assert (report["sent"], report["reviewed"]) == (0, 0), report
+        # a later webhook for the account creates its request and enqueues its recompute
+        answer = post_event(client, event("invoice.payment_failed", id=unique("in"), customer=customer))
+        assert answer.status_code == 200 and answer.json["enqueued"] is True, answer.json
+        # a review that comes due after the failure is requested again
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE subs_dunning SET next_review_at = now() + interval '1 second' "
+                                 "WHERE account_id = %(a)s", {"a": account})
+        assert redrive(engine, celery_app, now=datetime.now(UTC) + timedelta(seconds=2))["reviewed"] == 1
+    finally:
+        celery_app.control.purge()
+    # the operator fixes the data and re-drives the dead row: it recomputes (the pending request too)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE subs_dunning SET level = 'none' WHERE account_id = %(a)s", {"a": account})
+    redriven = task.apply(kwargs=dead["task_args"], task_id=task_id_for(dead["id"]))
+    assert redriven.get()["outcome"] == "changed"
+    assert stuck(engine, id=str(dead["id"]))[0]["state"] == "resolved"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM recompute_request WHERE account_id = %(a)s",
+                                    {"a": account}).scalar_one() == 0
 
 
 def test_a_rate_limited_retry_waits_for_retry_after_and_is_charged_once(client, accounts, engine, worker,

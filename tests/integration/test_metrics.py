@@ -91,6 +91,43 @@ def test_database_gauges_are_read_at_scrape_time(client, engine: Engine, runtime
         assert any(n == name for n, _ in samples), name
 
 
+
+def test_task_failures_are_counted_by_task_class_and_action(client, celery_app, accounts):
+    """dunning_task_failures_total{task, failure_class, action}: a retry, a give-up beat re-drives
+    (retrying), and one for an operator (dead), for every task that handles its failures."""
+    from celery.exceptions import Retry
+
+    import tasks.recompute  # noqa: F401  (registers the task)
+    from app.db import DatabaseUnavailable, ValueRejected
+    from tasks.failures import POLICIES, FailureKind
+    from tasks.recompute import handle_failure
+
+    account, _ = accounts.create()
+    task = celery_app.tasks["tasks.recompute_account"]
+    args = {"account_id": account, "trigger": "MANUAL", "cause": None}
+    before = metrics(client)
+    cases = ((DatabaseUnavailable("database connection lost"), 0, Retry),
+             (DatabaseUnavailable("database connection lost"), POLICIES[FailureKind.DATABASE_UNAVAILABLE].max_retries,
+              DatabaseUnavailable),
+             (ValueRejected("integer out of range"), 0, ValueRejected))
+    try:
+        for n, (exc, retries, raised) in enumerate(cases):
+            task.push_request(retries=retries, id=f"t-count-{n}", called_directly=False, args=[account], kwargs={})
+            try:
+                with pytest.raises(raised):
+                    handle_failure(task, exc, account, args)
+            finally:
+                task.pop_request()
+    finally:
+        celery_app.control.purge()  # the retry's message
+    after = metrics(client)
+    name = "dunning_task_failures_total"
+    for kind, action in (("database_unavailable", "retry"), ("database_unavailable", "retrying"),
+                         ("invalid_data", "dead")):
+        labels = {"task": "tasks.recompute_account", "failure_class": kind, "action": action}
+        assert value(after, name, **labels) == value(before, name, **labels) + 1, labels
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
