@@ -15,7 +15,7 @@ from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
-from app.payments.bad_debt_webhook import enqueue_settlement
+from app.payments.bad_debt_webhook import REFUNDED_AFTER_SETTLEMENT_TASK, enqueue_settlement
 from app.stuck_work import DEFERRED, stuck_id_of, task_id_for
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SETTLE = "tasks.settle_bad_debt_payment"
 RECONCILE = "tasks.reconcile_bad_debt_payment"
 OVERPAID = OVERPAID_TASK
+REFUNDED_AFTER_SETTLEMENT = REFUNDED_AFTER_SETTLEMENT_TASK
 BUSY_COUNTDOWN, BUSY_RETRIES = 5, 24
 
 
@@ -135,4 +136,12 @@ def bad_debt_overpayment_refunded(self: Task, payment_id: int) -> dict[str, Any]
     operator, who refunds the customer at Stripe and then re-drives the row: this task, which
     changes nothing, succeeds, and the row becomes resolved. No other task's success resolves it."""
     log.info("overpayment of bad-debt payment %s marked refunded by an operator", payment_id)
+    return {"payment_id": int(payment_id), "acknowledged": True}
+
+
+@shared_task(name=REFUNDED_AFTER_SETTLEMENT, bind=True)
+def bad_debt_refund_after_settlement_reviewed(self: Task, payment_id: int) -> dict[str, Any]:
+    """The alert of a bad-debt payment refunded after it settled the debt: an operator billed it
+    again (or wrote it off) and re-drives the row; this task, which changes nothing, resolves it."""
+    log.info("refund after settlement of bad-debt payment %s reviewed by an operator", payment_id)
     return {"payment_id": int(payment_id), "acknowledged": True}

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import stripe
-from psycopg2.extras import Json
 
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
+from app.payments.alerts import raise_alert
 from app.payments.stripe_client import make_stripe_client
 from app.runtime import Runtime
 
@@ -64,14 +64,6 @@ SELECT id, invoice_ids FROM bad_debt_payment WHERE account_id = %(account)s AND 
 # An overpayment, for an operator: a dead stuck row under a task of its own (re-driven once the
 # refund is made, which resolves it), one per payment.
 OVERPAID_TASK = "tasks.bad_debt_overpayment_refunded"
-OVERPAID_ALERT = """
-INSERT INTO subs_stuck_events (account_id, task_name, task_args, error_class, error, attempts, state)
-SELECT %(account)s, %(task)s, %(args)s, 'invalid_data', %(error)s, 1, 'dead'
- WHERE NOT EXISTS (SELECT 1 FROM subs_stuck_events WHERE task_name = %(task)s AND task_args = %(args)s
-                                                   AND state <> 'resolved')
-"""
-
-
 class NotSettled(Exception):
     """Stripe refused to mark an invoice paid and it is not paid or void either."""
 
@@ -220,10 +212,9 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
         details = "; ".join(detail for _, detail in also)
         if also:  # in the same transaction: a worker dying after the commit cannot lose it
-            conn.exec_driver_sql(OVERPAID_ALERT, {
-                "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
-                "error": f"overpaid: bad-debt payment {payment_id} ({row['amount']}) also covered invoices "
-                         f"settled some other way while it ran ({details}); the customer is owed a refund"})
+            raise_alert(conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},
+                        f"overpaid: bad-debt payment {payment_id} ({row['amount']}) also covered invoices "
+                        f"settled some other way while it ran ({details}); the customer is owed a refund")
     if also:
         log.error("bad-debt payment %s of %s for %s covered invoices settled some other way: %s",
                   payment_id, row["amount"], account_id, details)
@@ -250,10 +241,9 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
         reopened = mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})",
                                None)
         if problems:
-            conn.exec_driver_sql(OVERPAID_ALERT, {
-                "account": account_id, "task": OVERPAID_TASK, "args": Json({"payment_id": payment_id}),
-                "error": f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
-                         f"settled, and failed; {'; '.join(problems)}"})
+            raise_alert(conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},
+                        f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
+                        f"settled, and failed; {'; '.join(problems)}")
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
     return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems), reopened=reopened)

@@ -14,6 +14,7 @@ The payment is found by its PaymentIntent id, or by the metadata this product pu
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +22,14 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
 from app.dispatch import BrokerUnavailable, send
+from app.payments.alerts import raise_alert
+
+log = logging.getLogger(__name__)
 
 SETTLE_TASK = "tasks.settle_bad_debt_payment"
 
 FIND = """
-SELECT id, state FROM bad_debt_payment
+SELECT id, state, amount, invoice_ids FROM bad_debt_payment
  WHERE account_id = %(account)s AND (stripe_payment_intent_id = %(pi)s OR id = %(meta_id)s)
  ORDER BY id LIMIT 1 FOR UPDATE
 """
@@ -91,11 +95,14 @@ def failure_reason(intent: Mapping[str, Any]) -> str:
 
 
 INTENT_OUTCOMES = ("payment_intent.succeeded", "payment_intent.payment_failed")
+REFUNDED = "charge.refunded"
+# The alert of a payment refunded after it settled; its task only acknowledges (tasks/bad_debt.py).
+REFUNDED_AFTER_SETTLEMENT_TASK = "tasks.bad_debt_refund_after_settlement_reviewed"
 
 
 def concerns(event_type: str, payment_intent: str | None) -> bool:
-    """Whether the event may be the outcome of a bad-debt payment (record_outcome must see it)."""
-    return event_type in INTENT_OUTCOMES and bool(payment_intent)
+    """Whether the event may be about a bad-debt payment's outcome (record_outcome must see it)."""
+    return event_type in (*INTENT_OUTCOMES, REFUNDED) and bool(payment_intent)
 
 
 def record_outcome(conn: Connection, event_type: str, account_id: str, payment_intent: str | None,
@@ -110,6 +117,10 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
     if row is None:
         return None
     payment_id, state = int(row[0]), str(row[1])
+    if event_type == REFUNDED:
+        if state == "succeeded":  # before settlement, the settlement sees the refund (bad_debt_settle._refunded)
+            _refunded_after_settlement(conn, account_id, payment_id, int(row[2]), row[3] or [], intent)
+        return None
     if event_type == "payment_intent.payment_failed":
         return mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
     conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
@@ -122,6 +133,19 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
             conn.exec_driver_sql(REOPEN, {"id": payment_id})
         return payment_id
     return payment_id if state == "pending" else None
+
+
+def _refunded_after_settlement(conn: Connection, account_id: str, payment_id: int, amount: int,
+                               invoices: list[str], charge: Mapping[str, Any]) -> None:
+    """The invoices were paid out of band with money that went back: the debt is cleared with
+    nothing in. Stripe cannot reopen a paid invoice, so an operator decides (bill again, or let it
+    go); the payment stays succeeded, as it happened."""
+    refunded = charge.get("amount_refunded")
+    if raise_alert(conn, account_id, REFUNDED_AFTER_SETTLEMENT_TASK, {"payment_id": payment_id},
+                   f"refunded after settlement: bad-debt payment {payment_id} ({amount}) was refunded "
+                   f"({refunded}) after it paid invoice(s) {', '.join(invoices)} out of band; the debt is "
+                   "cleared with no money in: bill it again, or confirm it is written off"):
+        log.error("bad-debt payment %s of %s refunded after settlement", payment_id, account_id)
 
 
 def enqueue_settlement(celery_app: Any, payment_id: int) -> None:

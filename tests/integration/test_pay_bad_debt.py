@@ -678,6 +678,34 @@ def earlier_payment_of_400(client: FlaskClient, engine: Engine, runtime: Any, ac
     return debt
 
 
+def test_a_charge_refunded_after_settlement_is_put_before_an_operator(client, engine, runtime, debtor, stripe_fake,
+                                                                      celery_app):
+    """The invoices were paid out of band with the customer's money, which then went back: the
+    debt is cleared with nothing in. Stripe cannot reopen a paid invoice, so an operator decides
+    (bill it again, or let it go), once per payment, and re-drives the alert when done."""
+    from app.payments.bad_debt_settle import settle
+    from app.stuck_work import task_id_for
+    from tasks import stuck  # noqa: F401  a re-driven task's success resolves its row
+    from tasks.bad_debt import REFUNDED_AFTER_SETTLEMENT
+
+    payment_id = charged_payment(client, debtor)
+    assert settle(runtime, payment_id).outcome == "settled"
+    intent = payments(engine, debtor.account)[0]["stripe_payment_intent_id"]
+    refund(client, debtor, intent, amount=300)
+    refund(client, debtor, intent)  # the rest too: still one alert
+    [alert] = stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)
+    assert (alert["account_id"], alert["state"], alert["task_args"]) == (debtor.account, "dead",
+                                                                         {"payment_id": payment_id})
+    assert alert["error"].startswith("refunded after settlement:") and debtor.invoice in alert["error"]
+    assert payments(engine, debtor.account)[0]["state"] == "succeeded"  # what happened stays recorded
+
+    with engine.connect() as conn:
+        stuck_id = conn.exec_driver_sql("SELECT id FROM subs_stuck_events WHERE task_name = %(t)s",
+                                        {"t": REFUNDED_AFTER_SETTLEMENT}).scalar_one()
+    celery_app.tasks[REFUNDED_AFTER_SETTLEMENT].apply([payment_id], task_id=task_id_for(stuck_id)).get()
+    assert stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)[0]["state"] == "resolved"
+
+
 def test_a_charge_refunded_before_settlement_settles_nothing(client, engine, runtime, debtor, stripe_fake):
     from app.payments.bad_debt_settle import settle
 
