@@ -143,6 +143,24 @@ def failed_invoice(customer: str, t: int) -> dict[str, Any]:
                               billing_reason="subscription_cycle", paths={"created": t - DAY}), "prod_core", 5000)
 
 
+def declined_charge(customer: str, intent: str, t: int, payment_method: str | None = None,
+                    **outcome: Any) -> tuple[str, dict[str, Any]]:
+    """A charge.failed of ``intent`` at ``t`` (card_declined), its outcome's fields in ``outcome``:
+    (the charge id, the event)."""
+    charge = unique("ch")
+    method = {"payment_method": payment_method} if payment_method else {}
+    return charge, event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000,
+                         created=t, failure_code="card_declined", **method,
+                         paths={"created": t, **{f"outcome.{k}": v for k, v in outcome.items()}})
+
+
+def intent_failed(customer: str, intent: str, latest_charge: str, t: int, **error: Any) -> dict[str, Any]:
+    """payment_intent.payment_failed of ``intent`` at ``t``, its last_payment_error's fields in ``error``."""
+    return event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=latest_charge,
+                 amount=5000,
+                 created=t, paths={f"last_payment_error.{k}": v for k, v in error.items()})
+
+
 def deliver_in_every_order(client: Any, accounts: Accounts, engine: Any, runtime: Any, t: int, events: int,
                            history: Any) -> list[tuple[dict[str, Any], str]]:
     """``history(customer)`` -> (the invoice's event, the attempt's ``events`` events, the intent): the
@@ -167,14 +185,10 @@ def test_a_radar_block_told_by_its_charge_and_its_intent_in_one_second_ends_the_
     t = int(time.time()) - 4 * DAY
 
     def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-        charge, intent = unique("ch"), unique("pi")
+        intent = unique("pi")
+        charge, blocked = declined_charge(customer, intent, t, type="blocked", reason="highest_risk_level")
         return failed_invoice(customer, t), [
-            event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
-                  failure_code="card_declined",
-                  paths={"created": t, "outcome.type": "blocked", "outcome.reason": "highest_risk_level"}),
-            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
-                  created=t, paths={"last_payment_error.decline_code": "fraudulent",
-                                    "last_payment_error.charge": charge})], intent
+            blocked, intent_failed(customer, intent, charge, t, decline_code="fraudulent", charge=charge)], intent
 
     for row, cls in deliver_in_every_order(client, accounts, engine, runtime, t, 2, history):
         assert (row["decline_code"], row["failure_code"], cls) == ("fraudulent", "card_declined", "permanent")
@@ -186,16 +200,12 @@ def test_one_charges_two_events_in_one_second_merge_the_same_in_either_order(cli
     t = int(time.time()) - 4 * DAY
 
     def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-        charge, intent = unique("ch"), unique("pi")
+        intent = unique("pi")
+        charge, declined = declined_charge(customer, intent, t, type="issuer_declined", reason="do_not_honor",
+                                           advice_code="try_again_later")
         return failed_invoice(customer, t), [
-            event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
-                  failure_code="card_declined",
-                  paths={"created": t, "outcome.type": "issuer_declined", "outcome.reason": "do_not_honor",
-                         "outcome.advice_code": "try_again_later"}),
-            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
-                  created=t, paths={"last_payment_error.decline_code": "lost_card",
-                                    "last_payment_error.code": "expired_card",
-                                    "last_payment_error.charge": charge})], intent
+            declined, intent_failed(customer, intent, charge, t, decline_code="lost_card", code="expired_card",
+                                    charge=charge)], intent
 
     results = deliver_in_every_order(client, accounts, engine, runtime, t, 2, history)
     rows = [({k: v for k, v in row.items() if k not in ("charge_id", "charges")}, cls) for row, cls in results]
@@ -212,19 +222,15 @@ def test_a_failed_3ds_on_a_reused_intent_replaces_the_previous_charges_decline_i
     t2 = t1 + 3 * DAY
 
     def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-        charge, intent = unique("ch"), unique("pi")
+        intent = unique("pi")
+        charge, declined = declined_charge(customer, intent, t1, "pm_old", type="issuer_declined",
+                                           reason="insufficient_funds")
         return failed_invoice(customer, t1), [
-            event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t1,
-                  failure_code="card_declined", payment_method="pm_old",
-                  paths={"created": t1, "outcome.type": "issuer_declined", "outcome.reason": "insufficient_funds"}),
-            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
-                  created=t1, paths={"last_payment_error.charge": charge,
-                                     "last_payment_error.payment_method": {"id": "pm_old"}}),
-            event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge, amount=5000,
-                  created=t2, paths={"last_payment_error.type": "invalid_request_error",
-                                     "last_payment_error.code": "payment_intent_authentication_failure",
-                                     "last_payment_error.decline_code": None,
-                                     "last_payment_error.payment_method": {"id": "pm_new"}})], intent
+            declined,
+            intent_failed(customer, intent, charge, t1, charge=charge, payment_method={"id": "pm_old"}),
+            intent_failed(customer, intent, charge, t2, type="invalid_request_error",
+                          code="payment_intent_authentication_failure", decline_code=None,
+                          payment_method={"id": "pm_new"})], intent
 
     for row, cls in deliver_in_every_order(client, accounts, engine, runtime, t2, 3, history):
         assert (row["decline_code"], row["failure_code"], row["advice_code"], cls) == (
@@ -242,13 +248,8 @@ def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its
     t2 = t1 + 2 * DAY
 
     def failure(customer: str, intent: str, t: int, decline: str) -> list[dict[str, Any]]:
-        charge = unique("ch")
-        return [event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
-                      failure_code="card_declined",
-                      paths={"created": t, "outcome.type": "issuer_declined", "outcome.reason": decline}),
-                event("payment_intent.payment_failed", id=intent, customer=customer, latest_charge=charge,
-                      amount=5000, created=t + 2,
-                      paths={"last_payment_error.decline_code": decline, "last_payment_error.charge": charge})]
+        charge, declined = declined_charge(customer, intent, t, type="issuer_declined", reason=decline)
+        return [declined, intent_failed(customer, intent, charge, t + 2, decline_code=decline, charge=charge)]
 
     for first_order, second_order in itertools.product([(0, 1), (1, 0)], repeat=2):
         account, customer = accounts.create()

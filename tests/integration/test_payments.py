@@ -158,17 +158,24 @@ def test_a_new_payment_method_after_a_permanent_decline_is_retried_at_once(clien
     assert retries(engine, account)[0]["free"] is True
 
 
-def test_a_refused_retry_is_replanned_after_the_backoff_and_holds_back_no_other_account(
-        client, accounts, engine, worker, celery_app, fake_stripe):
-    """Stripe refuses A's retry unsent (a revoked key, say). The account is recomputed at once: its
-    next retry waits the refused backoff under a new key, and meanwhile A no longer sits at the head
-    of the due query (the dispatcher takes the earliest due first, a limited number per tick)."""
+def a_claimed_before_b(client, accounts, engine) -> tuple[str, str, int, datetime]:
+    """Two accounts with a retry due, A's earlier: A's is claimed, the one slot of a tick. (A, B, the
+    id of A's retry, the moment.)"""
     a, a_customer = accounts.create()
     failed_invoice(client, engine, a, a_customer, "insufficient_funds", days_ago=2)
     b, b_customer = accounts.create()
     failed_invoice(client, engine, b, b_customer, "insufficient_funds", days_ago=1.5)  # due later than A
     now = datetime.now(UTC)
     (a_retry,) = claim_due(engine, now, limit=1)
+    return a, b, a_retry, now
+
+
+def test_a_refused_retry_is_replanned_after_the_backoff_and_holds_back_no_other_account(
+        client, accounts, engine, worker, celery_app, fake_stripe):
+    """Stripe refuses A's retry unsent (a revoked key, say). The account is recomputed at once: its
+    next retry waits the refused backoff under a new key, and meanwhile A no longer sits at the head
+    of the due query (the dispatcher takes the earliest due first, a limited number per tick)."""
+    a, b, a_retry, now = a_claimed_before_b(client, accounts, engine)
     fake_stripe.script(stripe_outcomes.invalid())
     version = dunning_row(engine, a)["version"]
     with pytest.raises(Exception, match="Stripe refused the request"):
@@ -210,12 +217,7 @@ def test_an_attempt_already_charged_holds_back_no_other_account_until_its_recomp
     """Until A's recompute runs (a backlog, its message lost) A's stored decision still says "due"
     under the key of an attempt already made, which dispatch never claims again: the due query
     passes over it, so the limited slots of a tick go to accounts that can be claimed."""
-    a, a_customer = accounts.create()
-    failed_invoice(client, engine, a, a_customer, "insufficient_funds", days_ago=2)
-    b, b_customer = accounts.create()
-    failed_invoice(client, engine, b, b_customer, "insufficient_funds", days_ago=1.5)  # due later than A
-    now = datetime.now(UTC)
-    (a_retry,) = claim_due(engine, now, limit=1)
+    a, b, a_retry, now = a_claimed_before_b(client, accounts, engine)
     # Charged outside the task: no recompute follows.
     assert retry_payment(engine, make_stripe_client(runtime.settings), a_retry, now).outcome == "sent"
     assert dunning_row(engine, a)["next_retry_at"] <= now
