@@ -210,12 +210,7 @@ def _assess(
     last_failure = failures[-1] if failures else None
     first_failure = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
                          if t is not None), default=None)
-    # Unpaid since the due date, where the invoice has one (payment terms): a first attempt that fails
-    # long after it must not restart the clock of a debt already overdue, and one that failed before
-    # it (paying early) must not start the clock early. Else since the first failure. (Marked
-    # uncollectible before its due date, it is debt from the first failure, or its creation.)
-    due = invoice.due_date if invoice.due_date is not None and invoice.due_date <= now else None
-    unpaid_since = due or first_failure or invoice.created
+    unpaid_since = _unpaid_since(invoice, first_failure, now)
     failure_class: FailureClass | None
     if last_failure is not None:
         failure_class = classify(last_failure.decline_code, last_failure.failure_code, last_failure.advice_code)
@@ -247,13 +242,6 @@ def _assess(
     reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
                           {**rule_facts, "rule": rule.describe() if rule else {}}))
 
-    if level == Level.SUSPENDED and free and not invoice.is_upgrade:
-        # Its dunning has run out (a new card does not change that): bad debt, which is paid through
-        # the bad-debt payment only. A free retry would be the regular collection path in bad debt.
-        reasons.append(Reason("retry.none_bad_debt", "in bad debt: a new payment method starts no automatic "
-                              "retry; the debt is paid through the bad-debt payment",
-                              {"invoice": invoice.id, "payment_method": method}))
-        next_retry, method, free = None, None, False
     revert_due = invoice.is_upgrade and level == Level.SUSPENDED
     if invoice.is_upgrade and level.rank > policy.upgrade_max_level.rank:
         reasons.append(Reason("upgrade.capped", "an unpaid upgrade withholds the upgraded products only and never "
@@ -265,6 +253,14 @@ def _assess(
                               {"balance": balance, "threshold": policy.small_balance_threshold,
                                "would_be": level.value}))
         level = Level.NOTICE
+    if level == Level.SUSPENDED and free and not invoice.is_upgrade:
+        # Its dunning has run out (a new card does not change that): bad debt, which is paid through
+        # the bad-debt payment only. A free retry would be the regular collection path in bad debt.
+        # (Below bad debt, a small balance say, the new card earns its free retry.)
+        reasons.append(Reason("retry.none_bad_debt", "in bad debt: a new payment method starts no automatic "
+                              "retry; the debt is paid through the bad-debt payment",
+                              {"invoice": invoice.id, "payment_method": method}))
+        next_retry, method, free = None, None, False
 
     return InvoiceAssessment(
         invoice=invoice,
@@ -282,6 +278,18 @@ def _assess(
         reasons=tuple(reasons),
         revert_due=revert_due,
     )
+
+
+def _unpaid_since(invoice: Invoice, first_failure: datetime | None, now: datetime) -> datetime:
+    """When the invoice became debt. With payment terms, open: its due date (a first attempt that fails
+    long after it must not restart the clock of a debt already overdue, nor one that failed before it,
+    paying early, start the clock early). Marked uncollectible: the earliest of its due date (once
+    passed), its first failure and its marking, which no later moment moves. Else its first failure."""
+    due = invoice.due_date if invoice.due_date is not None and invoice.due_date <= now else None
+    if invoice.status == "uncollectible":
+        return min((t for t in (due, first_failure, invoice.marked_uncollectible_at) if t is not None),
+                   default=invoice.created)
+    return due or first_failure or invoice.created
 
 
 # --- the decision -------------------------------------------------------------------------------

@@ -701,3 +701,22 @@ def test_an_unlinked_attempt_goes_to_the_invoice_that_failed_at_that_moment():
     # With no invoice failing at its moment, the latest open one of its amount, as before.
     elsewhere = replace(unlinked, attempted_at=days(1))
     assert [a.id for a in attempts_by_invoice(snapshot(older, newer, attempts=(elsewhere,)))["in_b"]] == ["pi_retry"]
+
+
+def test_a_small_balance_keeps_its_free_retry_on_a_new_card():
+    """Capped at notice, never bad debt: the new card is its way to pay (no bad-debt payment for it)."""
+    snap = snapshot(invoice(failed_days_ago=25, amount=300),
+                    attempts=(attempt("pi_1", "in_1", days_ago=25, decline="expired_card"),),
+                    payment_methods=(method("pm_2", changed_days_ago=0.01),))
+    decision = decide(snap)
+    assert (decision.state.status, decision.state.level) == (Status.PAST_DUE, Level.NOTICE)
+    assert decision.state.retry_free and decision.state.next_retry_at is not None
+    assert "retry.none_bad_debt" not in rules(decision)
+
+
+def test_an_invoice_marked_uncollectible_before_its_due_date_keeps_its_start():
+    """Nothing moves the start of an uncollectible invoice's debt when its due date passes."""
+    inv = replace(invoice(failed_days_ago=None, status="uncollectible"), created=days(40),
+                  due_date=NOW + timedelta(days=5), marked_uncollectible_at=days(30))
+    assert decide(snapshot(inv)).state.unpaid_since == days(30)
+    assert decide(snapshot(inv), now=NOW + timedelta(days=6)).state.unpaid_since == days(30)
