@@ -85,7 +85,9 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
                              task_id=None if stuck_id is None else task_id_for(stuck_id))
         except Exception as exc:  # kombu's connection errors: the beat sweep comes back for it
             log.warning("settlement of bad-debt payment %s not sent again: %s", payment_id, exc)
-    if self.request.retries and not deferred:
+    if not deferred:
+        # Also in a run sent for later by a busy one (a new task, no retries of its own), whose row
+        # its earlier failures wrote: one UPDATE of this payment's rows, and settlements are few.
         resolve_stuck(rt.engine, SETTLE, result.account_id, args)
     if result.reopened is not None:
         enqueue_settlement(self.app, result.reopened)

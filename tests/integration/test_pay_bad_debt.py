@@ -632,6 +632,27 @@ def test_a_redriven_settlement_that_finds_another_running_stays_stuck_until_it_r
     assert stuck_rows(engine, SETTLE)[0]["state"] == "resolved"
 
 
+def test_a_settlement_retry_that_finds_another_running_is_resolved_by_the_run_that_settles(
+        client, engine, debtor, stripe_fake, celery_app, settings):
+    """Its own retries (after failures that wrote its stuck row) found the account busy: the run it
+    sends for later is a new task, and when it settles the payment its row is resolved, not left
+    'retrying' for beat to re-drive a settled payment."""
+    from app.db import session_lock
+    from tasks.bad_debt import SETTLE
+
+    payment_id = charged_payment(client, debtor)
+    record_stuck(engine, SETTLE, {"payment_id": payment_id}, debtor.account, FailureKind.REMOTE_UNAVAILABLE,
+                 "Stripe unavailable", 2, "retrying", per_args=True)
+    take_queued(settings, SETTLE)  # the webhook's
+    task = celery_app.tasks[SETTLE]
+    with session_lock(engine, f"bad_debt_settle:{debtor.account}") as got:
+        assert got
+        assert task.apply([payment_id], retries=2).get()["outcome"] == "busy"
+    [(later, args)] = take_queued(settings, SETTLE)
+    assert task.apply(args, {"waited": 1}, task_id=later).get()["outcome"] == "settled"
+    assert stuck_rows(engine, SETTLE)[0]["state"] == "resolved"
+
+
 def test_an_invoice_paid_in_part_before_the_quote_is_not_paid_twice(client, engine, runtime, accounts, stripe_fake):
     """400 of 1000 paid by the customer weeks before the debt, the quote 600: paid once."""
     from app.payments.bad_debt_settle import settle
