@@ -52,6 +52,10 @@ CUSTOMER_MERGE = {"changed_at": "greatest"}
 # reason is no decline code. Only issuer_declined is documented to carry one; a type Stripe does not
 # document (an open enum) keeps its reason, as every code is kept.
 NOT_ISSUER_OUTCOMES = frozenset({"blocked", "invalid", "authorized", "manual_review"})
+# last_payment_error.code of a failure that made no charge: the customer's authentication (3-D Secure)
+# failed before any charge was attempted. The intent's webhook carries no other sign of it (its
+# latest_charge is an id; a charge's three_d_secure result is on the charge, which was not made).
+AUTHENTICATION_FAILURES = frozenset({"payment_intent_authentication_failure"})
 PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
              "processing": "pending", "requires_action": "requires_action", "requires_confirmation": "pending",
              "requires_capture": "pending"}
@@ -228,17 +232,16 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
     error = _obj(intent.get("last_payment_error"))
     method = _id(intent.get("payment_method")) or _id(error.get("payment_method"))
     # The charge the event is about, with its card. A decline's error names its own charge and card
-    # (the intent may name another card by now; a failed 3-D Secure made no charge at all); a success
+    # (the intent may name another card by now); a failed 3-D Secure made no charge at all; a success
     # or a debit processing is the intent's latest charge, on the intent's card. An intent waiting for
     # the customer, or cancelled, still names the previous charge: it adds none.
     charge: tuple[str | None, str | None] = (None, None)
     if intent.get("status") == "requires_payment_method":
-        charge = (_id(error.get("charge")), _id(error.get("payment_method")) or method)
+        charge = (_failed_charge(intent, error), _id(error.get("payment_method")) or method)
     elif intent.get("status") in ("succeeded", "processing"):
         charge = (_id(intent.get("latest_charge")), method)
-    # The charge the event's outcome is about: a failed payment's is its error's, none where it made
-    # no charge (a failed 3-D Secure on a reused intent, whose latest_charge still names the previous,
-    # declined charge); otherwise the intent's latest charge.
+    # The charge the event's outcome is about: a failed payment's (none where it made no charge);
+    # otherwise the intent's latest charge.
     outcome_charge = (charge[0] if intent.get("status") == "requires_payment_method"
                       else _id(intent.get("latest_charge")))
     values = {
@@ -261,6 +264,17 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         "source_rank": ATTEMPT_RANK.get(status, 0),
     }
     return MirrorRow("stripe_payment_attempt", str(intent["id"]), values, ATTEMPT_MERGE)
+
+
+def _failed_charge(intent: Mapping[str, Any], error: Mapping[str, Any]) -> str | None:
+    """The charge a failed payment intent's failure is about: the one its last_payment_error names;
+    none for a failed authentication (3-D Secure), which made no charge (on a reused intent
+    latest_charge still names the previous, declined charge); else the intent's latest charge: a
+    bank debit's failure (SEPA, ACH) names its failed charge there and not in its error."""
+    named = _id(error.get("charge"))
+    if named is not None or error.get("code") in AUTHENTICATION_FAILURES:
+        return named
+    return _id(intent.get("latest_charge"))
 
 
 def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow | None:

@@ -238,6 +238,28 @@ def test_a_failed_3ds_on_a_reused_intent_replaces_the_previous_charges_decline_i
         assert [c["pm"] for c in row["charges"].values()] == ["pm_old"]
 
 
+def test_a_bank_debit_failure_told_by_its_charge_and_its_intent_in_one_second_ends_the_same(client, accounts,
+                                                                                          engine, runtime):
+    """A SEPA debit failed: its charge's event says debit_not_authorized; its intent's names the charge
+    in latest_charge only (no last_payment_error.charge, which only a card decline carries). Both
+    are about that one charge, in either order: neither wipes the other's codes."""
+    t = int(time.time()) - 4 * DAY
+
+    def history(customer: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        intent, charge = unique("pi"), unique("py")
+        debit = event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
+                      failure_code="debit_not_authorized", paths={"created": t})
+        return failed_invoice(customer, t), [
+            debit, intent_failed(customer, intent, charge, t, code="", decline_code="generic_decline")], intent
+
+    results = deliver_in_every_order(client, accounts, engine, runtime, t, 2, history)
+    for row, _ in results:
+        assert row["charge_id"] is not None and row["failure_code"] == "debit_not_authorized", row
+        assert list(row["charges"]) == [row["charge_id"]]
+    assert [({k: v for k, v in row.items() if k not in ("charge_id", "charges")}, cls) for row, cls in results] \
+        == [({k: v for k, v in results[0][0].items() if k not in ("charge_id", "charges")}, results[0][1])] * 2
+
+
 def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its_events_comes_first(
         client, accounts, engine, runtime):
     """Stripe retries the invoice on its payment intent: two failures, two charges, one attempt row.

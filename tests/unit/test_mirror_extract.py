@@ -116,3 +116,18 @@ def test_a_failed_intent_is_about_the_charge_its_error_names():
         None, None, "payment_intent_authentication_failure")
     assert row["charges"] == {}  # and it adds no charge to the card's count
     assert extract(succeeded).rows[0].values["charge_id"] == "ch_2"
+
+
+def test_a_failed_bank_debit_is_about_the_charge_its_intent_names_last():
+    """A SEPA / bank debit failure names its failed charge in the intent's latest_charge, not in
+    last_payment_error.charge: only a failed authentication made no charge. Read as chargeless, the
+    intent's event wiped its charge's codes (debit_not_authorized) or was wiped by them, by order."""
+    debit = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="py_1",
+                  created=1_700_000_000, paths={"last_payment_error.code": "",
+                                                "last_payment_error.decline_code": "generic_decline"})
+    row = extract(debit).rows[0].values
+    assert (row["charge_id"], row["decline_code"]) == ("py_1", "generic_decline")
+    assert list(row["charges"]) == ["py_1"]
+    # a card decline whose error names no charge: its latest charge too
+    declined = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_2")
+    assert extract(declined).rows[0].values["charge_id"] == "ch_2"
