@@ -131,8 +131,8 @@ def without_bad_debt_payments(grouped: dict[str | None, list[Attempt]], snapshot
     """The invoices' own attempts: a bad-debt payment's intent (standalone, filed under an invoice
     by ``_owner``) is no attempt of the regular collection path. Its decline is no failure of the
     invoice, and must not change the invoice's failure class or plan its retries. Its charges still
-    count for the card's 30-day cap (retry_cadence reads every attempt) and its refunds for the
-    invoice's billing-history label."""
+    count for the card's 30-day cap (retry_cadence reads every attempt), its refunds for the
+    invoice's billing-history label, and its decline is still a failed payment (PaymentFailed)."""
     intents = {p.stripe_payment_intent_id for p in snapshot.bad_debt_payments if p.stripe_payment_intent_id}
     if not intents:
         return grouped
@@ -520,7 +520,9 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         reasons.append(Reason("retry.held_bad_debt_payment", "a bad-debt payment is in flight: no automatic retry "
                               "until its outcome", {"payment": in_flight.id, "invoice": retry.invoice.id}))
         retry = None
-    failures = [f for a in assessed for f in own.get(a.invoice.id, ()) if f.failed]
+    # The failure PaymentFailed announces: of every attempt at the unpaid invoices, the bad-debt
+    # payment's intent included (its decline is a failed payment, though no failure of the invoice).
+    failures = [f for a in assessed for f in grouped.get(a.invoice.id, ()) if f.failed]
     latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
     current_class = None
     if assessed:

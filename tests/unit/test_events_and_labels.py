@@ -6,7 +6,7 @@ import pytest
 from app.domain.billing_history import Label, label
 from app.domain.compute import compute
 from app.domain.events import derive_events
-from app.domain.snapshot import Charge
+from app.domain.snapshot import BadDebtPayment, Charge
 from app.domain.state import DunningState
 from tests.unit.builders import NOW, attempt, days, invoice, policy, snapshot
 
@@ -175,3 +175,22 @@ def test_an_invoice_not_due_yet_is_open_though_an_early_payment_failed():
     inv = invoice(failed_days_ago=2, due_date=NOW + timedelta(days=5))
     assert label(inv, [attempt("pi_1", "in_1", days_ago=2)], NOW) == Label.OPEN
     assert label(inv, [attempt("pi_1", "in_1", days_ago=2)], NOW + timedelta(days=6)) == Label.PAST_DUE
+
+
+def test_a_failed_bad_debt_payment_is_announced_with_its_own_class():
+    """The bad-debt payment's intent is no attempt of the invoice (its decline does not change the
+    invoice's failure class or plan retries), but its decline is a failed payment: PaymentFailed,
+    once, with that decline's class."""
+    inv = invoice(failed_days_ago=40, attempt_count=8)
+    first = attempt("pi_1", "in_1", days_ago=40, decline="expired_card")
+    declined = attempt("pi_bd", None, days_ago=0.01, decline="insufficient_funds", amount=5000)
+    payment = BadDebtPayment(id=1, state="failed", amount=5000, created_at=days(0.02), updated_at=days(0.01),
+                             failure_reason="insufficient_funds", stripe_payment_intent_id="pi_bd")
+    steps = recomputes([snapshot(inv, attempts=(first,)),
+                        snapshot(inv, attempts=(first, declined), bad_debt_payments=(payment,)),
+                        snapshot(inv, attempts=(first, declined), bad_debt_payments=(payment,))])
+    assert steps == [[{"attempt_id": "pi_1", "failure_class": "permanent"}],
+                     [{"attempt_id": "pi_bd", "failure_class": "transient"}],
+                     []]
+    decision = compute(snapshot(inv, attempts=(first, declined), bad_debt_payments=(payment,)), POLICY, NOW)
+    assert decision.state.failure_class == "permanent" and decision.state.status == "bad_debt"
