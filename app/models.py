@@ -171,9 +171,10 @@ class StripeEvent(Base):
 class RecomputeRequest(Base):
     """At most one pending recompute per account: the coalescing token.
 
-    Ingest inserts it (ON CONFLICT DO NOTHING) in the transaction that stores the event and
-    enqueues only when the insert created it. The task deletes it, committed, before it gathers,
-    so a change arriving while it runs inserts a new token and queues exactly one more.
+    Ingest upserts it in the transaction that stores the event and enqueues only when the upsert
+    created it. The task deletes it, committed, before it gathers, so a change arriving while it
+    runs inserts a new token and queues exactly one more. A run that fails rolls its delete back:
+    the request stays pending (beat's stale-request re-drive sends it again).
     """
 
     __tablename__ = "recompute_request"
@@ -182,6 +183,13 @@ class RecomputeRequest(Base):
     trigger: Mapped[str] = mapped_column(Text)
     cause: Mapped[str | None] = mapped_column(Text)
     requested_at: Mapped[datetime] = mapped_column(server_default=NOW, index=True)
+    # When it was last asked for: set on insert, refreshed (clock_timestamp()) by every upsert that
+    # finds it pending. Not by the stale-request re-drive, which only sends it again.
+    touched_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # The touched_at of the version a recompute given up as dead had taken, set when that run is
+    # recorded dead if nobody touched the request since (tasks.failures.PARK_REQUEST). While the two
+    # are equal and the account's recompute is dead, the stale-request re-drive passes over it.
+    parked_touch: Mapped[datetime | None]
 
 
 class StripeInvoice(Base):

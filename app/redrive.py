@@ -26,11 +26,21 @@ RETURNING e.account_id, e.trigger, e.id
 """
 
 # SKIP LOCKED: a request that ingest is updating right now is fresh, not stale.
+# Except a request parked by its account's recompute given up as dead (tasks.failures.PARK_REQUEST)
+# and not touched since (parked_touch = touched_at): sending it every minute would only fail the same
+# way; the dead row is for an operator, whose re-drive recomputes (taking the request). Anything that
+# asks for it anew (a webhook, a due review, a refused retry) touches it and it is sent again; a run
+# given up as dead parks only the version it took, never one touched while it ran.
 STALE_REQUESTS = """
 UPDATE recompute_request r SET requested_at = now()
- WHERE r.account_id IN (SELECT account_id FROM recompute_request
-                         WHERE requested_at < now() - make_interval(secs => %(age)s)
-                         ORDER BY requested_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+ WHERE r.account_id IN (SELECT q.account_id FROM recompute_request q
+                         WHERE q.requested_at < now() - make_interval(secs => %(age)s)
+                           AND (q.parked_touch IS DISTINCT FROM q.touched_at
+                                OR NOT EXISTS (SELECT 1 FROM subs_stuck_events s
+                                                WHERE s.account_id = q.account_id
+                                                  AND s.task_name = 'tasks.recompute_account'
+                                                  AND s.state = 'dead'))
+                         ORDER BY q.requested_at LIMIT %(limit)s FOR UPDATE OF q SKIP LOCKED)
 RETURNING r.account_id, r.trigger, r.cause
 """
 

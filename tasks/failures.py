@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -125,24 +126,30 @@ def count_failure(task_name: str, kind: FailureKind, action: str) -> None:
     metrics.TASK_FAILURES.labels(task=task_name, failure_class=kind.value, action=action).inc()
 
 
-# A recompute given up as dead takes its account's pending request with it: the request outlived
-# the rolled-back run, and the stale-request re-drive would send it again every minute, to fail the
-# same way. The dead row keeps the work (an operator's re-drive recomputes, whatever is pending), and
-# with no request left the account's next webhook creates one and enqueues its recompute.
-DROP_REQUEST = "DELETE FROM recompute_request WHERE account_id = %(account)s"
+# A recompute given up as dead parks the version of its account's pending request it had taken (and
+# failed on: its delete rolled back), so that the stale-request re-drive does not send it again every
+# minute, to fail the same way (app/redrive.py STALE_REQUESTS). Only that version: touched_at equal
+# to the one the run took. A request created or asked for again while the run was in flight (a
+# webhook, a review) has a newer touched_at, or waits for this transaction's row lock and then does,
+# and is sent again; so is a parked one once anything asks for it anew. The request is never deleted.
+PARK_REQUEST = """
+UPDATE recompute_request SET parked_touch = touched_at
+ WHERE account_id = %(account)s AND touched_at = %(touched)s
+"""
 
 
 def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_id: str | None,
                  kind: FailureKind, error: str, attempts: int, state: str,
-                 stripe_event_id: str | None = None, per_args: bool = False, drop_request: bool = False) -> None:
+                 stripe_event_id: str | None = None, per_args: bool = False,
+                 park_request: datetime | None = None) -> None:
     """One row per (task, account) that is not resolved, or per (task, account, args) with
     ``per_args`` (one payment's failure is not another's): updated on every new failure.
-    ``drop_request``: the account's pending recompute request is deleted in the same transaction
-    (see DROP_REQUEST)."""
+    ``park_request``: the touched_at of the account's recompute request the failed run had taken,
+    parked in the same transaction if still that version (see PARK_REQUEST)."""
     try:
         with unit_of_work(engine) as conn:
-            if drop_request and account_id is not None:
-                conn.exec_driver_sql(DROP_REQUEST, {"account": account_id})
+            if park_request is not None and account_id is not None:
+                conn.exec_driver_sql(PARK_REQUEST, {"account": account_id, "touched": park_request})
             updated = conn.exec_driver_sql(
                 """UPDATE subs_stuck_events SET error_class = %(kind)s, error = %(error)s, attempts = %(attempts)s,
                           state = %(state)s, last_failed_at = now(), task_args = %(args)s,

@@ -19,11 +19,12 @@ NAME = "tasks.recompute_account"
 
 
 def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dict[str, Any],
-                   per_args: bool = False, drop_request_when_dead: bool = False) -> None:
+                   per_args: bool = False, taken_request: datetime | None = None) -> None:
     """Retry by failure class, or give up into subs_stuck_events (one row per account, or per
     account and ``args`` with ``per_args``); counted in dunning_task_failures_total either way.
-    ``drop_request_when_dead``: a give-up as dead also deletes the account's pending recompute
-    request (tasks.failures.DROP_REQUEST). Always raises."""
+    ``taken_request``: the touched_at of the account's recompute request the failed run had taken;
+    a give-up as dead parks it, if nobody touched it since (tasks.failures.PARK_REQUEST). Always
+    raises."""
     kind = classify(exc)
     policy = POLICIES[kind]
     retries = task.request.retries
@@ -43,7 +44,7 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     state = "retrying" if kind in PASSING else "dead"
     count_failure(task.name, kind, state)
     record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args,
-                 drop_request=drop_request_when_dead and state == "dead")
+                 park_request=taken_request if state == "dead" else None)
     log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
     raise exc
 
@@ -52,11 +53,13 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
 def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH", cause: str | None = None,
                       coalesced: bool = False) -> dict[str, Any]:
     rt = runtime_for(self.app)
+    taken: list[datetime] = []
     try:
-        result = run_recompute(rt.engine, rt.policy, account_id, trigger, datetime.now(UTC), coalesced=coalesced)
+        result = run_recompute(rt.engine, rt.policy, account_id, trigger, datetime.now(UTC), coalesced=coalesced,
+                               taken=taken)
     except Exception as exc:
         handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause},
-                       drop_request_when_dead=True)
+                       taken_request=taken[0] if taken else None)
         raise  # handle_failure always raises; this keeps type checkers honest
     observe(result)
     if self.request.retries:

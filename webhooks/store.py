@@ -161,7 +161,7 @@ WITH owner AS MATERIALIZED (
       FROM event e JOIN owner o USING (id)
      WHERE e.state = 'accepted'
      ORDER BY e.account_id, o.n  -- the first event of each account; rows locked in key order
-    ON CONFLICT (account_id) DO UPDATE SET trigger = recompute_request.trigger
+    ON CONFLICT (account_id) DO UPDATE SET trigger = recompute_request.trigger, touched_at = clock_timestamp()
     RETURNING cause, trigger, (xmax = 0) AS created
 ){mirrors}
 SELECT e.account_id, e.state, r.trigger, r.created
@@ -327,10 +327,13 @@ def _one_transaction(conn: Connection) -> Iterator[None]:
 
 
 # DO UPDATE (not DO NOTHING) so the row is locked until this transaction commits: a recompute
-# deleting the request waits for it, and so gathers a snapshot that includes this event.
+# deleting the request waits for it, and so gathers a snapshot that includes this event. Finding it
+# pending touches it (touched_at, as INGEST_HEAD does), so a request a dead recompute had taken is
+# sent again by the stale-request re-drive (app/redrive.py). clock_timestamp(): read at the update,
+# after any wait for the row, so never the touched_at of the version a failed run took.
 REQUEST_RECOMPUTE = Prepared("dunning_request_recompute", """
 INSERT INTO recompute_request (account_id, trigger, cause) VALUES ($1, $2, $3)
-ON CONFLICT (account_id) DO UPDATE SET trigger = recompute_request.trigger
+ON CONFLICT (account_id) DO UPDATE SET trigger = recompute_request.trigger, touched_at = clock_timestamp()
 RETURNING (xmax = 0) AS created
 """)
 

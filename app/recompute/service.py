@@ -27,7 +27,7 @@ class AccountNotFound(LookupError):
 # that webhook's data. (In one statement the snapshot would predate both waits.)
 LOCK_AND_TAKE_SQL = (
     "SELECT pg_advisory_xact_lock(hashtextextended(%(account)s, 7281)); "
-    "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger"
+    "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger, touched_at"
 )
 
 
@@ -60,12 +60,17 @@ def run_recompute(
     trigger: str,
     now: datetime,
     coalesced: bool = False,
+    taken: list[datetime] | None = None,
 ) -> RecomputeResult:
     """``coalesced``: the run came from a pending request (webhooks); when another run already
-    took that request there is nothing new to see and the run stops early."""
+    took that request there is nothing new to see and the run stops early. ``taken``: appended
+    with the touched_at of the pending request the run took, if any, so that a caller whose run
+    fails knows which version of the request it failed on (its delete is rolled back)."""
     timings: dict[str, float] = {}
     with unit_of_work(engine) as conn:
         took = conn.exec_driver_sql(LOCK_AND_TAKE_SQL, {"account": account_id}).first()
+        if took is not None and taken is not None:
+            taken.append(took[1])
         if coalesced and took is None:
             return RecomputeResult(account_id, trigger, "coalesced")
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@ subs_stuck_events row, and beat re-drives what can be re-driven."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg2
@@ -78,13 +79,19 @@ def test_a_passing_failure_that_outlasts_its_retries_is_left_for_beat_not_dead(c
         assert (row["next_redrive_at"] is not None) == (expected == "retrying")
 
 
+def requests_of(engine, account: str) -> int:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT count(*) FROM recompute_request WHERE account_id = %(a)s",
+                                    {"a": account}).scalar_one()
+
 
 def test_a_recompute_given_up_as_dead_is_not_sent_again_every_minute_and_nothing_is_lost(client, accounts, engine,
                                                                                         celery_app):
     """Bad data: the recompute rolls back and gives up as dead, for an operator. The webhook's request
-    it failed on is not left for the stale-request re-drive (every minute, failing the same way), nor
-    is its due review requested again every tick; a later webhook still enqueues, and an operator's
-    re-drive still recomputes."""
+    it failed on stays, but the stale-request re-drive passes over it (not every minute, failing the
+    same way), nor is its due review requested again every tick; a later webhook touches the request
+    and gets one more recompute from the re-drive (and no loop if that one dies too), and an
+    operator's re-drive still recomputes."""
     import tasks.recompute  # registers the task
     import tasks.stuck  # noqa: F401  (resolves a re-driven row when its task succeeds)
     from app.redrive import redrive
@@ -102,20 +109,24 @@ def test_a_recompute_given_up_as_dead_is_not_sent_again_every_minute_and_nothing
     (dead,) = stuck(engine, account_id=account)
     assert dead["state"] == "dead" and dead["task_args"] == {"account_id": account, "trigger": "PAYMENT_FAILED",
                                                              "cause": "evt_1"}
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM recompute_request WHERE account_id = %(a)s",
-                                    {"a": account}).scalar_one() == 0
+    assert requests_of(engine, account) == 1  # kept: nothing accepted is dropped
     try:
-        report = redrive(engine, celery_app)  # neither the request nor the review, again and again
-        assert (report["sent"], report["reviewed"]) == (0, 0), report
-        # a later webhook for the account creates its request and enqueues its recompute
+        for _ in range(2):  # neither the request nor the review, again and again
+            report = redrive(engine, celery_app, stale_after_seconds=0)
+            assert (report["sent"], report["reviewed"]) == (0, 0), report
+        # a later webhook for the account touches the pending request: the re-drive sends it once more
         answer = post_event(client, event("invoice.payment_failed", id=unique("in"), customer=customer))
-        assert answer.status_code == 200 and answer.json["enqueued"] is True, answer.json
-        # a review that comes due after the failure is requested again
+        assert answer.status_code == 200 and answer.json["state"] == "accepted", answer.json
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
+        again = task.apply(args=[account, "PAYMENT_FAILED", "evt_1"], kwargs={"coalesced": True})
+        assert isinstance(again.result, ValueError), again.result  # the data is still bad: dead again ...
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 0  # ... and not sent every minute
+        # a review that comes due after the failure is requested again: it touches the request, sent again
         with engine.begin() as conn:
             conn.exec_driver_sql("UPDATE subs_dunning SET next_review_at = now() + interval '1 second' "
                                  "WHERE account_id = %(a)s", {"a": account})
-        assert redrive(engine, celery_app, now=datetime.now(UTC) + timedelta(seconds=2))["reviewed"] == 1
+        report = redrive(engine, celery_app, stale_after_seconds=0, now=datetime.now(UTC) + timedelta(seconds=2))
+        assert (report["reviewed"], report["sent"]) == (1, 1), report
     finally:
         celery_app.control.purge()
     # the operator fixes the data and re-drives the dead row: it recomputes (the pending request too)
@@ -124,9 +135,119 @@ def test_a_recompute_given_up_as_dead_is_not_sent_again_every_minute_and_nothing
     redriven = task.apply(kwargs=dead["task_args"], task_id=task_id_for(dead["id"]))
     assert redriven.get()["outcome"] == "changed"
     assert stuck(engine, id=str(dead["id"]))[0]["state"] == "resolved"
+    assert requests_of(engine, account) == 0
+
+
+class DyingRecompute:
+    """A recompute that fails on what it read (invalid data: dead at once), held inside its
+    transaction (its lock, and its delete of the request it took) until ``go`` is set."""
+
+    def __init__(self, celery_app, monkeypatch, account: str, coalesced: bool) -> None:
+        import app.recompute.service as service
+
+        self.inside, self.go, self.out = threading.Event(), threading.Event(), {}
+        self.real_compute = service.compute
+
+        def dying_compute(*args, **kwargs):
+            self.inside.set()
+            assert self.go.wait(20)
+            raise ValueError("'bogus' is not a valid Level")
+
+        monkeypatch.setattr(service, "compute", dying_compute)
+        self.monkeypatch = monkeypatch
+        task = celery_app.tasks["tasks.recompute_account"]
+        trigger, cause = ("PAYMENT_FAILED", "evt_1") if coalesced else ("NINJAPANEL_BUTTON", "support")
+        self.thread = threading.Thread(target=lambda: self.out.update(
+            result=task.apply(args=[account, trigger, cause], kwargs={"coalesced": coalesced})))
+        self.thread.start()
+        assert self.inside.wait(20), "the recompute to be running"
+
+    def die(self) -> None:
+        self.go.set()
+        self.thread.join(20)
+        assert isinstance(self.out["result"].result, ValueError), self.out["result"].result
+        import app.recompute.service as service
+
+        self.monkeypatch.setattr(service, "compute", self.real_compute)
+
+
+def test_a_request_created_while_a_recompute_dies_is_recomputed(client, accounts, engine, celery_app, monkeypatch):
+    """A run that took no request (the support button) dies while a webhook stores its event, creates
+    the account's request and queues its recompute: that recompute finds the request and computes."""
+    import tasks.recompute  # noqa: F401  (registers the task)
+    from app.redrive import redrive
+
+    account, customer = accounts.create()
+    dying = DyingRecompute(celery_app, monkeypatch, account, coalesced=False)
+    try:
+        answer = post_event(client, event("invoice.payment_failed", id=unique("in"), customer=customer))
+        assert answer.status_code == 200 and answer.json["enqueued"] is True, answer.json
+    finally:
+        dying.die()
+    (dead,) = stuck(engine, account_id=account)
+    assert dead["state"] == "dead"
+    assert requests_of(engine, account) == 1
+    try:  # were the webhook's message lost, the stale-request re-drive would send it
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
+    finally:
+        celery_app.control.purge()
+    # the webhook's queued recompute runs
+    queued = celery_app.tasks["tasks.recompute_account"].apply(args=[account, "PAYMENT_FAILED", "evt_W"],
+                                                                kwargs={"coalesced": True})
+    assert queued.get()["outcome"] == "changed"
+    assert requests_of(engine, account) == 0
+
+
+def test_a_request_touched_while_a_recompute_dies_on_it_is_sent_again(flask_app, client, accounts, engine,
+                                                                       celery_app, monkeypatch):
+    """A run took the account's request (a webhook's) and dies. Meanwhile a second webhook's upsert
+    waits for that request's row, finds it again once the run rolls back (not created: it queues
+    nothing), and commits before the run is recorded dead. The request is still there and the
+    stale-request re-drive sends it: the second webhook's event is recomputed."""
+    import tasks.recompute as tr
+    from app.redrive import redrive
+
+    account, customer = accounts.create()
+    first = post_event(client, event("invoice.payment_failed", id=unique("in"), customer=customer))
+    assert first.json["enqueued"] is True
+    celery_app.control.purge()  # its recompute is the dying one below
+    answers: dict = {}
+    second = threading.Thread(target=lambda: answers.update(w=post_event(
+        flask_app.test_client(), event("invoice.payment_failed", id=unique("in"), customer=customer))))
+    real_record_stuck = tr.record_stuck
+
+    def record_after_the_webhook(*args, **kwargs):  # the webhook commits first
+        second.join(20)
+        return real_record_stuck(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "record_stuck", record_after_the_webhook)
+    dying = DyingRecompute(celery_app, monkeypatch, account, coalesced=True)
+    try:
+        second.start()
+        wait_for(lambda: count_waiting_ingest(engine) == 1, message="the webhook's upsert to wait for the request")
+    finally:
+        dying.die()
+    assert not second.is_alive()
+    assert answers["w"].status_code == 200 and answers["w"].json["state"] == "accepted", answers["w"].json
+    assert answers["w"].json["enqueued"] is False  # it found the request pending: it relies on it
+    (dead,) = stuck(engine, account_id=account)
+    assert dead["state"] == "dead"
+    assert requests_of(engine, account) == 1
+    try:
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
+    finally:
+        celery_app.control.purge()
+    redriven = celery_app.tasks["tasks.recompute_account"].apply(args=[account, "PAYMENT_FAILED", "evt_1"],
+                                                                  kwargs={"coalesced": True})
+    assert redriven.get()["outcome"] == "changed"
+    assert requests_of(engine, account) == 0
+
+
+def count_waiting_ingest(engine) -> int:
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM recompute_request WHERE account_id = %(a)s",
-                                    {"a": account}).scalar_one() == 0
+        return conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%%EXECUTE dunning_ingest%%'").scalar_one()
 
 
 def test_a_rate_limited_retry_waits_for_retry_after_and_is_charged_once(client, accounts, engine, worker,
