@@ -243,6 +243,10 @@ class StripePaymentAttempt(Base):
     failure_code: Mapped[str | None] = mapped_column(Text)
     advice_code: Mapped[str | None] = mapped_column(Text)
     attempted_at: Mapped[datetime]
+    # When its latest failure that made no charge (3-D Secure failed) was reported: the greatest
+    # event time of those failures only (later events about the intent, its charges' and its
+    # cancellation's, leave it). NULL while it had none. Such a failure has no charge time to go by.
+    failed_at: Mapped[datetime | None]
     # charge id -> {"pm": payment method, "at": epoch seconds}: every charge made on the intent.
     charges: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
     source_created: Mapped[int] = mapped_column(BigInteger)

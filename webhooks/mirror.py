@@ -42,6 +42,10 @@ ATTEMPT_MERGE = {
     # (its own, ours, the customer's on the hosted page): the row's time is its latest attempt's,
     # which is what "in flight", "after a card change" and "newer than our retry" compare with.
     "attempted_at": "greatest",
+    # When the latest failure that made no charge was reported (a failed 3-D Secure): such a failure
+    # has no charge time to go by, and attempted_at moves with later events about the intent. Set by
+    # those failures' events only (NULL in every other row, which GREATEST ignores).
+    "failed_at": "greatest",
     # Every charge made on the intent, each with its method and time: the card networks' cap
     # counts charges, and a reused intent's row alone would be one however many retries ran on it.
     "charges": "charges",
@@ -219,6 +223,7 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
         "failure_code": charge.get("failure_code"),
         "advice_code": outcome.get("advice_code"),
         "attempted_at": charged_at,
+        "failed_at": None,  # a failed charge is timed by its own time (charges)
         "charges": _charges(charge.get("id"), _id(charge.get("payment_method")),
                             int(charged_at.timestamp()) if charged_at else created),
         "source_created": created,
@@ -236,14 +241,14 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
     # or a debit processing is the intent's latest charge, on the intent's card. An intent waiting for
     # the customer, or cancelled, still names the previous charge: it adds none.
     charge: tuple[str | None, str | None] = (None, None)
-    if intent.get("status") == "requires_payment_method":
+    failed = intent.get("status") == "requires_payment_method"  # a confirmation failed (not a cancellation)
+    if failed:
         charge = (_failed_charge(intent, error), _id(error.get("payment_method")) or method)
     elif intent.get("status") in ("succeeded", "processing"):
         charge = (_id(intent.get("latest_charge")), method)
     # The charge the event's outcome is about: a failed payment's (none where it made no charge);
     # otherwise the intent's latest charge.
-    outcome_charge = (charge[0] if intent.get("status") == "requires_payment_method"
-                      else _id(intent.get("latest_charge")))
+    outcome_charge = charge[0] if failed else _id(intent.get("latest_charge"))
     values = {
         "stripe_customer_id": _id(intent.get("customer")),
         "invoice_id": _id(intent.get("invoice")),
@@ -257,6 +262,8 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         "advice_code": error.get("advice_code") if status == "failed" else None,
         # The event's time, not the intent's creation: a reused intent was created at its first attempt.
         "attempted_at": ts(created),
+        # A failure that made no charge (or names none) is timed by the event that reported it.
+        "failed_at": ts(created) if failed and charge[0] is None else None,
         # At the event's time: the intent does not say when the charge was made (the charge's own
         # event, when it comes, brings the earlier, exact time).
         "charges": _charges(charge[0], charge[1], created),
@@ -297,6 +304,7 @@ def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow
         "failure_code": None,
         "advice_code": None,
         "attempted_at": ts(payment.get("created")) or ts(created),
+        "failed_at": None,
         "charges": {},
         "source_created": created,
         "source_rank": ATTEMPT_RANK["succeeded"],

@@ -98,15 +98,19 @@ class Decision:
 
 
 def failure_time(attempt: Attempt) -> datetime:
-    """When an attempt's latest charge was made, or the attempt's own time where it made none.
+    """When an attempt's latest failure happened: its latest charge, or its latest failure that made
+    no charge (a failed 3-D Secure, timed by the event that reported it), whichever is later.
 
     Stripe retries an invoice on the same payment intent: the attempt's row carries every charge,
-    so its latest charge is its latest try. A charge's time stays put when more events about it
-    come (its intent's, a cancellation of the intent), where the attempt's time moves with each."""
-    if attempt.charges:
-        return max(c.charged_at for c in attempt.charges)
-    return attempt.attempted_at
-
+    so its latest charge is its latest try, unless a later try made none (a failed 3-D Secure on
+    the reused intent, its charges still the earlier ones). Both times stay put when more events
+    about the attempt come (its intent's, a cancellation of the intent), where the attempt's own
+    time moves with each: that is the time only of a row that has neither (from before the mirror
+    kept failed_at)."""
+    times = [c.charged_at for c in attempt.charges]
+    if attempt.failed_at is not None:
+        times.append(attempt.failed_at)
+    return max(times) if times else attempt.attempted_at
 
 
 def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:

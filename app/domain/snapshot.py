@@ -81,6 +81,9 @@ class Attempt:
     # Every charge the mirror heard of on this intent: Stripe confirms an invoice's intent again
     # for each retry, so one intent carries its first attempt and all the retries after it.
     charges: tuple[Charge, ...] = ()
+    # When its latest failure that made no charge (a failed 3-D Secure) was reported; None while it
+    # had none (and in rows from before the mirror kept it). Later events do not move it.
+    failed_at: datetime | None = None
 
     @property
     def failed(self) -> bool:

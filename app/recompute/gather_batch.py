@@ -73,7 +73,7 @@ _MIRROR = {  # table alias -> (table, the columns read)
                             "amount_remaining, created, lines, currency, total, credited_amount, attempt_count, "
                             "due_date, first_failed_at, last_failed_at, paid_at, voided_at, marked_uncollectible_at"),
     "p": ("stripe_payment_attempt", "id, invoice_id, payment_method_id, status, attempted_at, amount, amount_refunded, "
-                                    "decline_code, failure_code, advice_code, charges"),
+                                    "decline_code, failure_code, advice_code, charges, failed_at"),
     "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4"),
     "s": ("stripe_customer_state", "default_payment_method_id, changed_at, source_created, stripe_customer_id"),
     "b": ("stripe_subscription", "id, status, products"),
@@ -113,12 +113,12 @@ SELECT
           i.marked_uncollectible_at) ORDER BY i.account_id, i.id)
      FROM inv i),
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
-          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges)
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at)
           ORDER BY p.account_id, p.id)
      FROM ({_mirror_rows("p")}
            UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
            SELECT i.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at, p.amount,
-                  p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges
+                  p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at
              FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
                    WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
   (SELECT json_agg(json_build_array(m.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
@@ -187,7 +187,7 @@ def _attempt(p: Any) -> Attempt:
     return trusted(Attempt, {
         "id": p[1], "invoice_id": p[2], "payment_method_id": p[3], "status": p[4], "attempted_at": _tt(p[5]),
         "amount": p[6], "amount_refunded": p[7], "decline_code": p[8], "failure_code": p[9], "advice_code": p[10],
-        "charges": charges(p[11])})
+        "charges": charges(p[11]), "failed_at": _t(p[12])})
 
 
 def _method(p: Any) -> PaymentMethod:

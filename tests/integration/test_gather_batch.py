@@ -57,7 +57,7 @@ def stripe_side(conn: Connection, rng: random.Random, n: int, customer: str) -> 
                    status=rng.choice(["failed", "succeeded", "pending", "refunded"]), amount=5000,
                    amount_refunded=rng.choice([0, 5000]), decline_code=rng.choice([None, "insufficient_funds"]),
                    failure_code=rng.choice([None, "card_declined"]), advice_code=rng.choice([None, "try_again_later"]),
-                   attempted_at=at(rng), source_created=1, source_rank=1)
+                   attempted_at=at(rng), failed_at=rng.choice([None, at(rng)]), source_created=1, source_rank=1)
     if rng.random() < 0.3:  # an attempt without invoice
         insert(conn, "stripe_payment_attempt", id=f"ch_{n}_{customer}", stripe_customer_id=customer, invoice_id=None,
                status="failed", amount=5000, attempted_at=at(rng), source_created=1, source_rank=1)
@@ -158,6 +158,8 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert any(len(s.invoices) > 2 for s in snapshots) and any(s.open_episode_entered_at for s in snapshots)
     assert any(s.open_stuck_events > 1 for s in snapshots) and any(s.default_payment_method_id for s in snapshots)
     assert any(a.invoice_id and a.id.startswith("pi_") for s in snapshots for a in s.attempts)
+    assert any(a.failed_at for s in snapshots for a in s.attempts)
+    assert any(a.failed_at is None for s in snapshots for a in s.attempts)
     for account in ids:
         assert batch[account] == expected[account], account
     assert set(some) == set(subset) and all(some[a] == expected[a] for a in subset)

@@ -7,7 +7,9 @@ racing a mirror writer, in both orders, on two real connections.
 
 from __future__ import annotations
 
+import json
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -149,6 +151,52 @@ def test_the_migration_files_what_was_mirrored_before_it_and_goes_back_down(empt
         downgrade(url, "sweep_counts_and_gate")
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT to_regclass('mirror_customer')").scalar_one() is None
+        upgrade(url)
+    finally:
+        engine.dispose()
+
+
+def test_the_failed_at_migration_keeps_the_time_of_failures_without_a_charge(empty_database: str):
+    """attempt_failed_at: a failure that names no charge was timed by attempted_at; it keeps that time,
+    from then on fixed. A failed authentication beside earlier charges gets it too (it was timed by
+    the earlier charge: never announced); a charge's failure, or a bank debit's read as chargeless
+    beside its own charge, stays timed by its charges."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    from app.migrate import alembic_config, downgrade, upgrade
+
+    url = empty_database
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("attempt_failed_at").down_revision
+    assert isinstance(before, str)
+    upgrade(url, before)
+    engine = create_engine(url)
+    rows = {  # id: (status, charge_id, failure_code, charges)
+        "pi_3ds": ("failed", None, "payment_intent_authentication_failure", {}),
+        "pi_3ds_reused": ("failed", None, "payment_intent_authentication_failure", {"ch_1": {"pm": None, "at": 1}}),
+        "pi_debit": ("failed", None, "debit_not_authorized", {"py_1": {"pm": None, "at": 1}}),
+        "pi_declined": ("failed", "ch_2", "card_declined", {"ch_2": {"pm": None, "at": 1}}),
+        "pi_paid": ("succeeded", None, None, {}),
+    }
+    try:
+        with engine.begin() as conn:
+            for pi, (status, charge, code, charges) in rows.items():
+                conn.exec_driver_sql(
+                    "INSERT INTO stripe_payment_attempt (id, status, charge_id, failure_code, charges, attempted_at, "
+                    "source_created, source_rank) VALUES (%(id)s, %(s)s, %(ch)s, %(f)s, %(c)s::jsonb, "
+                    "'2026-11-20T10:00:00+00:00', 1, 1)",
+                    {"id": pi, "s": status, "ch": charge, "f": code, "c": json.dumps(charges)})
+        upgrade(url)
+        with engine.connect() as conn:
+            failed_at = dict(conn.exec_driver_sql(
+                "SELECT id, failed_at FROM stripe_payment_attempt WHERE failed_at IS NOT NULL").all())
+        at = datetime(2026, 11, 20, 10, tzinfo=UTC)
+        assert failed_at == {"pi_3ds": at, "pi_3ds_reused": at}
+        downgrade(url, before)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM information_schema.columns WHERE "
+                                        "table_name = 'stripe_payment_attempt' AND column_name = 'failed_at'"
+                                        ).scalar_one() == 0
         upgrade(url)
     finally:
         engine.dispose()

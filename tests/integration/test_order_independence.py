@@ -295,3 +295,50 @@ def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its
                 "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
                 {"a": account})]
         assert failed == [(intent, "transient"), (intent, "permanent")], (first_order, second_order, failed)
+
+
+def test_a_failed_3ds_retry_on_a_reused_intent_is_announced_once_in_any_order(client, accounts, engine, runtime):
+    """Attempt 1 on the intent: ch_1 declined (its charge's event and its intent's, either order).
+    Attempt 2 on the same intent, days later: 3-D Secure fails, no charge; latest_charge still names
+    ch_1, so the intent's charges end with ch_1. Recomputed after every delivery: each failure is
+    announced once, with its own class (the 3-D Secure failure is timed by its event, not by ch_1).
+    Delivered newest first, the older failure is not announced after the newer one, and the final
+    state is the same."""
+    t1 = int(time.time()) - 5 * DAY
+    t2 = t1 + 2 * DAY
+
+    def history(customer: str, intent: str) -> list[dict[str, Any]]:
+        invoice = failed_invoice(customer, t1)
+        retried = json.loads(json.dumps(invoice))
+        retried.update(id=unique("evt"), created=t2)
+        retried["data"]["object"].update(attempt_count=2)
+        charge, declined = declined_charge(customer, intent, t1, type="issuer_declined", reason="insufficient_funds")
+        return [invoice, declined, intent_failed(customer, intent, charge, t1 + 2, charge=charge), retried,
+                intent_failed(customer, intent, charge, t2, type="invalid_request_error",
+                              code="payment_intent_authentication_failure", decline_code=None)]
+
+    finals = []
+    for order in ((0, 1, 2, 3, 4), (0, 2, 1, 3, 4), (3, 4, 0, 2, 1)):
+        account, customer = accounts.create()
+        intent = unique("pi")
+        events = history(customer, intent)
+        for n, i in enumerate(order):
+            assert post_event(client, events[i]).status_code == 200
+            now = datetime.fromtimestamp(t2, UTC) + timedelta(minutes=n)
+            run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
+            emitted = outbox_count(engine, account)
+            assert run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now).outcome == "unchanged"
+            assert outbox_count(engine, account) == emitted
+        with engine.connect() as conn:
+            failed = [(p["attempt_id"], p["failure_class"]) for (p,) in conn.exec_driver_sql(
+                "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
+                {"a": account})]
+            failed_at = conn.exec_driver_sql("SELECT failed_at FROM stripe_payment_attempt WHERE id = %(p)s",
+                                             {"p": intent}).scalar_one()
+        expected = [(intent, "action_required")] if order[0] == 3 else [(intent, "transient"),
+                                                                        (intent, "action_required")]
+        assert failed == expected, (order, failed)
+        assert failed_at == datetime.fromtimestamp(t2, UTC)
+        finals.append(stored_state(engine, account, intent, customer).replace(events[0]["data"]["object"]["id"],
+                                                                              "INVOICE"))
+    assert finals[0] == finals[1] == finals[2]

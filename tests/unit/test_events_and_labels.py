@@ -194,3 +194,38 @@ def test_a_failed_bad_debt_payment_is_announced_with_its_own_class():
                      []]
     decision = compute(snapshot(inv, attempts=(first, declined), bad_debt_payments=(payment,)), POLICY, NOW)
     assert decision.state.failure_class == "permanent" and decision.state.status == "bad_debt"
+
+
+def test_a_failed_3ds_retry_on_a_reused_intent_is_announced_once():
+    """Stripe retries the invoice on its intent; this time 3-D Secure fails and no charge is made, so
+    the intent's charges still end with the earlier declined ch_1. The failure is timed by the event
+    that reported it (failed_at), not by ch_1's time: announced, with its own class, once."""
+    first = attempt("pi_1", "in_1", days_ago=3, charges=(Charge("ch_1", "pm_1", days(3)),))
+    three_ds = replace(first, attempted_at=days(1), decline_code=None,
+                       failure_code="payment_intent_authentication_failure", failed_at=days(1))
+    retried = replace(invoice(failed_days_ago=3), attempt_count=2, last_failed_at=days(1))
+    steps = recomputes([snapshot(invoice(failed_days_ago=3), attempts=(first,)),
+                        snapshot(retried, attempts=(three_ds,)),
+                        snapshot(retried, attempts=(replace(three_ds, attempted_at=days(0.5)),))])
+    assert steps == [[{"attempt_id": "pi_1", "failure_class": "transient"}],
+                     [{"attempt_id": "pi_1", "failure_class": "action_required"}],
+                     []]
+    # and a later charge on the intent is newer again
+    charged = replace(three_ds, charges=(*first.charges, Charge("ch_2", "pm_1", days(0.2))),
+                      decline_code="expired_card", failure_code="card_declined")
+    assert recomputes([snapshot(retried, attempts=(charged,))],
+                      stored=compute(snapshot(retried, attempts=(three_ds,)), POLICY, NOW).state) \
+        == [[{"attempt_id": "pi_1", "failure_class": "permanent"}]]
+
+
+def test_a_chargeless_failure_is_announced_once_when_later_events_move_its_attempt():
+    """A failed 3-D Secure made no charge: its time is the failure's report (failed_at), which later
+    events about the intent (its cancellation) leave, where the attempt's own time moves."""
+    failed = attempt("pi_1", "in_1", days_ago=1, decline=None, failure_code="payment_intent_authentication_failure",
+                     failed_at=days(1))
+    cancelled = replace(failed, attempted_at=days(0.5))
+    inv = invoice(failed_days_ago=1)
+    steps = recomputes([snapshot(inv, attempts=(failed,)), snapshot(inv, attempts=(cancelled,))])
+    assert steps == [[{"attempt_id": "pi_1", "failure_class": "action_required"}], []]
+    assert compute(snapshot(inv, attempts=(cancelled,)), POLICY, NOW).state.last_failure_id == \
+        f"pi_1@{days(1).isoformat()}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
@@ -131,3 +132,29 @@ def test_a_failed_bank_debit_is_about_the_charge_its_intent_names_last():
     # a card decline whose error names no charge: its latest charge too
     declined = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_2")
     assert extract(declined).rows[0].values["charge_id"] == "ch_2"
+
+
+def test_only_a_failure_that_made_no_charge_sets_its_failure_time():
+    """failed_at times a failure no charge times (a failed 3-D Secure): set by its event, at the
+    event's time; every other event about the attempt (a declined charge, its intent's event, the
+    intent's cancellation, its success) leaves it (None, which the merge's GREATEST ignores)."""
+    t = 1_700_000_000
+    authentication = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_1",
+                           created=t, paths={"last_payment_error.type": "invalid_request_error",
+                                             "last_payment_error.code": "payment_intent_authentication_failure",
+                                             "last_payment_error.decline_code": None})
+    row = extract(authentication).rows[0]
+    assert row.values["failed_at"] == datetime.fromtimestamp(t, UTC) and row.merge["failed_at"] == "greatest"
+    others = [
+        event("charge.failed", customer="cus_1", payment_intent="pi_1", created=t),
+        event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_1", created=t,
+              paths={"last_payment_error.charge": "ch_1"}),
+        event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge=None, created=t,
+              status="canceled"),
+        event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_2", created=t,
+              status="succeeded", last_payment_error=None),
+        event("invoice_payment.paid", created=t, paths={"payment.payment_intent": "pi_1"}),
+    ]
+    for evt in others:
+        [row] = extract(evt).rows
+        assert row.values["failed_at"] is None, evt["type"]
