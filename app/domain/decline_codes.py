@@ -106,17 +106,24 @@ def _lookup(table: dict[str, FailureClass], code: str | None) -> FailureClass | 
     return table.get(code.strip().lower())
 
 
+# How strict each class is: where the codes disagree, the stricter one decides. A generic decline
+# (do_not_honor, generic_decline: "retry later") beside a specific failure (a bank debit's mandate
+# revoked, told by its charge's failure code while its intent says generic_decline) must not keep
+# retrying a method its bank says is gone.
+STRICTNESS = {PERMANENT: 2, ACTION: 1, TRANSIENT: 0}
+
+
 def classify(
     decline_code: str | None = None,
     failure_code: str | None = None,
     advice_code: str | None = None,
 ) -> FailureClass:
-    """Advice code first (the network's word on retrying), then decline code, then failure code."""
-    return (
-        _lookup(ADVICE_CODES, advice_code)
-        or _lookup(DECLINE_CODES, decline_code)
-        or _lookup(FAILURE_CODES, decline_code)
-        or _lookup(FAILURE_CODES, failure_code)
-        or _lookup(DECLINE_CODES, failure_code)
-        or UNKNOWN
-    )
+    """Advice code first (the network's word on retrying); else the stricter of what the decline code
+    and the failure code say, each looked up in either table."""
+    advised = _lookup(ADVICE_CODES, advice_code)
+    if advised is not None:
+        return advised
+    said = [c for c in (_lookup(DECLINE_CODES, decline_code) or _lookup(FAILURE_CODES, decline_code),
+                        _lookup(FAILURE_CODES, failure_code) or _lookup(DECLINE_CODES, failure_code))
+            if c is not None]
+    return max(said, key=STRICTNESS.__getitem__, default=UNKNOWN)

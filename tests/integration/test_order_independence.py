@@ -253,9 +253,10 @@ def test_a_bank_debit_failure_told_by_its_charge_and_its_intent_in_one_second_en
             debit, intent_failed(customer, intent, charge, t, code="", decline_code="generic_decline")], intent
 
     results = deliver_in_every_order(client, accounts, engine, runtime, t, 2, history)
-    for row, _ in results:
+    for row, cls in results:
         assert row["charge_id"] is not None and row["failure_code"] == "debit_not_authorized", row
         assert list(row["charges"]) == [row["charge_id"]]
+        assert cls == "permanent"  # the mandate is revoked: no retry on it, whatever the intent's generic word
     assert [({k: v for k, v in row.items() if k not in ("charge_id", "charges")}, cls) for row, cls in results] \
         == [({k: v for k, v in results[0][0].items() if k not in ("charge_id", "charges")}, results[0][1])] * 2
 

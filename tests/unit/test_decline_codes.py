@@ -34,6 +34,12 @@ from app.domain.state import FailureClass as FC
         (None, "expired_card", None, FC.PERMANENT),
         (None, "authentication_required", None, FC.ACTION_REQUIRED),
         (None, "card_declined", None, FC.UNKNOWN),
+        # a generic decline beside a specific failure (a bank debit's mandate revoked, told by its charge's
+        # failure code and its intent's generic decline): the specific, stricter one decides
+        ("generic_decline", "debit_not_authorized", None, FC.PERMANENT),
+        ("do_not_honor", "account_closed", None, FC.PERMANENT),
+        ("generic_decline", "payment_intent_authentication_failure", None, FC.ACTION_REQUIRED),
+        ("insufficient_funds", "processing_error", None, FC.TRANSIENT),
         # open enums: never-seen values are unknown, never an error
         ("a_code_stripe_adds_in_2027", None, None, FC.UNKNOWN),
         (None, None, None, FC.UNKNOWN),
