@@ -21,6 +21,9 @@ def load_policy(path: str | Path | None = None) -> Policy:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise PolicyFileError(f"policy file {file} (DUNNING_POLICY) does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8 text
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PolicyFileError(f"policy file {file} (DUNNING_POLICY) cannot be read: {reason}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise PolicyFileError(f"policy file {file} is not valid TOML: {exc}") from exc
     try:

@@ -17,6 +17,12 @@ from app.domain.state import FailureClass, Level
 HARD_CAP_ATTEMPTS_PER_METHOD_30D = 15
 HARD_CAP_ATTEMPTS_PER_INVOICE = 8
 MAX_RETRY_DAY = 365  # a retry a year after the failure is no dunning any more (and dates stay in range)
+# Upper bounds of the other numbers: past them a value is a typo, and date arithmetic or SQL
+# parameters built from it would overflow at run time (a 500, a failing task) instead of at start-up.
+MAX_RULE_DAYS = 3650  # ten years unpaid
+MAX_RULE_ATTEMPTS = 1000
+MAX_AMOUNT = 10**12  # minor units: more than any single Stripe charge in any currency
+MAX_GUARD_MINUTES = 7 * 24 * 60  # a week
 
 RULE_CONDITIONS = {
     "min_days",
@@ -97,10 +103,12 @@ def _only(section: Mapping[str, Any], path: str, known: set[str]) -> None:
     _expect(not unknown, path or "policy file", f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
 
 
-def _int(data: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0) -> int:
+def _int(data: Mapping[str, Any], key: str, path: str, default: int, maximum: int, minimum: int = 0,
+         why: str = "") -> int:
     value = data.get(key, default)
     _expect(isinstance(value, int) and not isinstance(value, bool), f"{path}.{key}", "must be a whole number")
     _expect(value >= minimum, f"{path}.{key}", f"must be at least {minimum}")
+    _expect(value <= maximum, f"{path}.{key}", f"must be at most {maximum}{why}, got {value}")
     return int(value)
 
 
@@ -135,9 +143,14 @@ def _rule(raw: Any, index: int) -> LevelRule:
     for flag in ("retries_exhausted", "marked_uncollectible"):
         if flag in when:
             _expect(isinstance(when[flag], bool), f"{path}.when.{flag}", "must be true or false")
-    for number in ("min_days", "min_attempts", "min_balance"):
+    for number, maximum in (("min_days", MAX_RULE_DAYS), ("min_attempts", MAX_RULE_ATTEMPTS),
+                            ("min_balance", MAX_AMOUNT)):
         if number in when:
-            _int(when, number, f"{path}.when", 0)
+            _int(when, number, f"{path}.when", 0, maximum)
+    if level_name == Level.SUSPENDED.value:
+        # Bad debt cancels the subscription: never for being unpaid alone, whatever the days (DESIGN 4).
+        _expect(when.get("retries_exhausted") is True or when.get("marked_uncollectible") is True, f"{path}.when",
+                "a suspended (bad debt) rule must require retries_exhausted = true or marked_uncollectible = true")
     return LevelRule(
         level=Level(level_name),
         min_days=when.get("min_days"),
@@ -191,15 +204,17 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
         version=str(version).strip(),
         transient_schedule_days=_days(retry, "transient_schedule_days", "retry", Policy.transient_schedule_days),
         unknown_schedule_days=_days(retry, "unknown_schedule_days", "retry", Policy.unknown_schedule_days),
-        max_attempts_per_invoice=_int(retry, "max_attempts_per_invoice", "retry", HARD_CAP_ATTEMPTS_PER_INVOICE, 1),
+        max_attempts_per_invoice=_int(retry, "max_attempts_per_invoice", "retry", HARD_CAP_ATTEMPTS_PER_INVOICE,
+                                      HARD_CAP_ATTEMPTS_PER_INVOICE, 1, " (the card networks' cap)"),
         max_attempts_per_method_30d=_int(retry, "max_attempts_per_method_30d", "retry",
-                                         HARD_CAP_ATTEMPTS_PER_METHOD_30D, 1),
+                                         HARD_CAP_ATTEMPTS_PER_METHOD_30D, HARD_CAP_ATTEMPTS_PER_METHOD_30D, 1,
+                                         " (the card networks' cap)"),
         immediate_retry_on_new_method=immediate,
         rules=rules,
-        small_balance_threshold=_int(consequences, "small_balance_threshold", "consequences", 0),
+        small_balance_threshold=_int(consequences, "small_balance_threshold", "consequences", 0, MAX_AMOUNT),
         upgrade_max_level=Level(upgrade_max),
         products=dict(catalog),
         default_product_tier=default_tier,
-        guard_window_minutes=_int(guard, "window_minutes", "guard", 30, 1),
+        guard_window_minutes=_int(guard, "window_minutes", "guard", 30, MAX_GUARD_MINUTES, 1),
         extra={k: v for k, v in data.items() if k not in known},
     )

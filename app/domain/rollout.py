@@ -13,6 +13,7 @@ otherwise holds, always with a reason.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -95,16 +96,21 @@ class RolloutPolicy:
         return timedelta(hours=self.health_window_hours)
 
 
-def _number(section: Mapping[str, Any], key: str, default: float, whole: bool = False,
-            maximum: float | None = None) -> float:
+MAX_ROLLOUT_HOURS = 365 * 24  # a soak or health window longer than a year is a typo
+MAX_ROLLOUT_COUNT = 1_000_000
+
+
+def _number(section: Mapping[str, Any], key: str, default: float, maximum: float, whole: bool = False) -> float:
     value = section.get(key, default)
     path = f"rollout.{key}"
     if isinstance(value, bool) or not isinstance(value, int | float) or (whole and not isinstance(value, int)):
         raise PolicyError(path, "must be a whole number" if whole else "must be a number")
+    if not math.isfinite(value):  # TOML has nan and inf: nan passes every comparison, inf overflows timedelta
+        raise PolicyError(path, f"must be a finite number, got {value}")
     if value < 0:
         raise PolicyError(path, "must not be negative")
-    if maximum is not None and value > maximum:
-        raise PolicyError(path, f"must be at most {maximum}")
+    if value > maximum:
+        raise PolicyError(path, f"must be at most {maximum:g}, got {value:g}")
     return value
 
 
@@ -117,15 +123,16 @@ def rollout_policy(extra: Mapping[str, Any]) -> RolloutPolicy:
     unknown = set(section) - known
     if unknown:
         raise PolicyError("rollout", f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    window = _number(section, "health_window_hours", RolloutPolicy.health_window_hours)
+    window = _number(section, "health_window_hours", RolloutPolicy.health_window_hours, MAX_ROLLOUT_HOURS)
     if window <= 0:
         raise PolicyError("rollout.health_window_hours", "must be more than 0")
     return RolloutPolicy(
-        soak_hours=_number(section, "soak_hours", RolloutPolicy.soak_hours),
-        max_reverted_ratio=_number(section, "max_reverted_ratio", RolloutPolicy.max_reverted_ratio, maximum=1),
-        max_errors=int(_number(section, "max_errors", RolloutPolicy.max_errors, whole=True)),
+        soak_hours=_number(section, "soak_hours", RolloutPolicy.soak_hours, MAX_ROLLOUT_HOURS),
+        max_reverted_ratio=_number(section, "max_reverted_ratio", RolloutPolicy.max_reverted_ratio, 1),
+        max_errors=int(_number(section, "max_errors", RolloutPolicy.max_errors, MAX_ROLLOUT_COUNT, whole=True)),
         health_window_hours=window,
-        min_remediations=int(_number(section, "min_remediations", RolloutPolicy.min_remediations, whole=True)),
+        min_remediations=int(_number(section, "min_remediations", RolloutPolicy.min_remediations,
+                                     MAX_ROLLOUT_COUNT, whole=True)),
     )
 
 

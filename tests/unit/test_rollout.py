@@ -82,6 +82,39 @@ def test_rollout_policy_from_the_default_file_and_errors_name_the_key():
         rollout_policy({"rollout": 3})
 
 
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("max_reverted_ratio", float("nan"), "finite"),  # nan > limit is never true: the gate would never roll back
+    ("soak_hours", float("nan"), "finite"),
+    ("soak_hours", float("inf"), "finite"),
+    ("soak_hours", 1e300, "at most 8760"),
+    ("soak_hours", 8761, "at most 8760"),
+    ("health_window_hours", float("inf"), "finite"),
+    ("health_window_hours", -float("inf"), "finite"),
+    ("health_window_hours", 1e12, "at most 8760"),
+    ("max_errors", 10**12, "at most"),
+    ("min_remediations", 2**63 - 1, "at most"),
+])
+def test_rollout_numbers_are_finite_and_bounded(key, value, problem):
+    """TOML has nan and inf. Loaded, they broke the gate later (OverflowError in timedelta, a gate that
+    never rolls back): refused at start-up, naming the key."""
+    with pytest.raises(PolicyError) as info:
+        rollout_policy({"rollout": {key: value}})
+    assert info.value.key == f"rollout.{key}" and problem in info.value.problem
+
+
+def test_rollout_nan_in_the_file_stops_start_up(tmp_path):
+    from app.policy_file import DEFAULT_POLICY, PolicyFileError
+
+    for line in ("max_reverted_ratio = nan", "soak_hours = inf", "health_window_hours = +inf"):
+        key = line.split(" =")[0]
+        bad = tmp_path / "policy.toml"
+        bad.write_text(DEFAULT_POLICY.read_text().replace(f"{key} = ", f"{line}\n# {key} = "))
+        with pytest.raises(PolicyFileError, match=f"policy key 'rollout.{key}': must be a finite number"):
+            load_policy(bad)
+    largest = rollout_policy({"rollout": {"soak_hours": 8760, "health_window_hours": 8760, "max_reverted_ratio": 1}})
+    assert largest.soak.days == 365 and largest.health_window.days == 365
+
+
 def state(stage: str, hours_in_stage: float, held: bool = False) -> RolloutStatus:
     return RolloutStatus(stage=stage, held=held, stage_entered_at=NOW - timedelta(hours=hours_in_stage))
 
