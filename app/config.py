@@ -8,6 +8,17 @@ from dataclasses import dataclass, field
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
+# While a task's message is unacknowledged, Redis hands it to another worker once it is older than
+# CELERY_VISIBILITY_TIMEOUT: the task would run twice. A message is held unacknowledged through its
+# countdown (at most MAX_COUNTDOWN, tasks/failures.py) and then while the task runs (at most its hard
+# time limit, task_time_limit = half the timeout and at least 30 s, tasks/factory.py); so half the
+# timeout must cover the longest countdown with a margin. tests/unit/test_config.py checks these
+# against the tasks' own constants.
+MAX_TASK_COUNTDOWN = 60
+REDELIVERY_MARGIN = 5
+MIN_VISIBILITY_TIMEOUT = 2 * (MAX_TASK_COUNTDOWN + REDELIVERY_MARGIN)  # 130 s
+DEFAULT_VISIBILITY_TIMEOUT = 300
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
@@ -42,17 +53,40 @@ def parse_service_tokens(raw: str) -> frozenset[str]:
 
 
 def parse_support_tokens(raw: str) -> dict[str, str]:
-    """``actor:token,actor2:token2`` -> {token: actor}."""
+    """``actor:token,actor2:token2`` -> {token: actor}. A token is one actor's: the audit log names
+    whoever used it (the error names the actors, never the token)."""
     tokens: dict[str, str] = {}
     for item in raw.split(","):
         item = item.strip()
         if not item:
             continue
         actor, sep, token = item.partition(":")
-        if not sep or not actor.strip() or not token.strip():
+        actor, token = actor.strip(), token.strip()
+        if not sep or not actor or not token:
             raise ConfigError("SUPPORT_TOKENS entries must look like actor:token")
-        tokens[token.strip()] = actor.strip()
+        other = tokens.get(token)
+        if other is not None and other != actor:
+            raise ConfigError(f"SUPPORT_TOKENS gives {other!r} and {actor!r} the same token: each actor needs a token "
+                              f"of their own (the audit log names the actor a token belongs to)")
+        tokens[token] = actor
     return tokens
+
+
+def _visibility_timeout(env: Mapping[str, str]) -> int:
+    raw = env.get("CELERY_VISIBILITY_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_VISIBILITY_TIMEOUT
+    try:
+        visibility = int(raw)
+    except ValueError:
+        raise ConfigError("CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds") from None
+    if visibility < MIN_VISIBILITY_TIMEOUT:
+        raise ConfigError(
+            f"CELERY_VISIBILITY_TIMEOUT must be at least {MIN_VISIBILITY_TIMEOUT} seconds, got {visibility}: a task's "
+            f"message stays unacknowledged through its countdown (MAX_COUNTDOWN, {MAX_TASK_COUNTDOWN} s) and then "
+            f"while it runs (task_time_limit: half the timeout, at least 30 s); a shorter timeout makes Redis hand "
+            f"a running task to a second worker")
+    return visibility
 
 
 @dataclass(frozen=True)
@@ -70,7 +104,7 @@ class Settings:
     secret_key: str = ""
     # Seconds a Redis-delivered message may stay unacknowledged before the broker hands it to
     # another worker. Every countdown in the project stays far below it (PITFALLS.md).
-    visibility_timeout: int = 300
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     # Optional prefix for every Redis key of the broker (tests isolate their keyspace with it).
     broker_key_prefix: str | None = None
 
@@ -84,13 +118,14 @@ class Settings:
                 "or point it at a server: postgresql://user@host/db)"
             )
         broker = env.get("CELERY_BROKER_URL", "").strip() or DEFAULT_BROKER_URL
-        try:
-            visibility = int(env.get("CELERY_VISIBILITY_TIMEOUT", "300"))
-        except ValueError as exc:
-            raise ConfigError("CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds") from exc
-        if visibility < 1:
-            # 0 or less: Redis would hand every unacknowledged task to another worker at once.
-            raise ConfigError(f"CELERY_VISIBILITY_TIMEOUT must be at least 1 second, got {visibility}")
+        visibility = _visibility_timeout(env)
+        service_tokens = parse_service_tokens(env.get("SERVICE_TOKENS", ""))
+        support_tokens = parse_support_tokens(env.get("SUPPORT_TOKENS", ""))
+        both = sorted({actor for token, actor in support_tokens.items() if token in service_tokens})
+        if both:
+            # A support token that is also a service token opens /ops and /pay-bad-debt, unaudited.
+            raise ConfigError(f"the SUPPORT_TOKENS token of {', '.join(map(repr, both))} is also in SERVICE_TOKENS: "
+                              f"a token belongs to one of them only")
         return cls(
             database_url=normalize_database_url(db),
             broker_url=broker,
@@ -99,8 +134,8 @@ class Settings:
             stripe_api_key=env.get("STRIPE_API_KEY", ""),
             stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
             account_management_url=env.get("ACCOUNT_MANAGEMENT_URL", "").strip() or None,
-            service_tokens=parse_service_tokens(env.get("SERVICE_TOKENS", "")),
-            support_tokens=parse_support_tokens(env.get("SUPPORT_TOKENS", "")),
+            service_tokens=service_tokens,
+            support_tokens=support_tokens,
             policy_path=env.get("DUNNING_POLICY", "").strip() or None,
             secret_key=env.get("SECRET_KEY", "") or os.urandom(24).hex(),
             visibility_timeout=visibility,

@@ -77,7 +77,7 @@ def test_an_operators_mistakes_get_a_message_not_a_traceback(empty_database):
          "for psycopg2"),
         (("recompute", "acct_x"), "postgresql://h:abc/x", "DATABASE_URL cannot be read"),
         (("rollout", "status", "--history", "-1"), empty_database, "-1 is negative"),
-        (("recompute", "acct_x"), empty_database, "CELERY_VISIBILITY_TIMEOUT must be at least 1"),
+        (("recompute", "acct_x"), empty_database, "CELERY_VISIBILITY_TIMEOUT must be at least 130 seconds"),
     ]
     for args, url, message in cases:
         extra = {"CELERY_VISIBILITY_TIMEOUT": "0"} if "VISIBILITY" in message else {}

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import Engine
 
 from app import create_app
+from app.config import MIN_VISIBILITY_TIMEOUT
 from app.payments.retries import claim_due
 from tasks.factory import make_celery
 from tests.conftest import post_event, wait_for
@@ -27,8 +28,10 @@ from tests.stripe_events import event
 
 pytestmark = pytest.mark.worker
 
-VISIBILITY_TIMEOUT = 20
-REDELIVERY_DEADLINE = 120  # the short visibility timeout plus kombu's restore sweep, not the default hour
+# The shortest timeout Settings accepts (shorter, Redis would hand a task in its countdown or still
+# running to a second worker): the message comes back after it plus kombu's restore sweep.
+VISIBILITY_TIMEOUT = MIN_VISIBILITY_TIMEOUT
+REDELIVERY_DEADLINE = VISIBILITY_TIMEOUT + 100
 
 # The per-account lock of app/recompute/service.py (same key), taken session-level by the test: the
 # recompute's transaction-level pg_advisory_xact_lock on it then waits.

@@ -1,0 +1,68 @@
+"""Settings.from_env: a malformed or unsafe setting is a ConfigError naming it (never the secret)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import MAX_TASK_COUNTDOWN, MIN_VISIBILITY_TIMEOUT, ConfigError, Settings, parse_support_tokens
+
+DB = "postgresql://nobody@127.0.0.1/x"
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"DATABASE_URL": DB, **env})
+
+
+def test_one_token_for_two_support_actors_is_refused_naming_the_actors_not_the_token():
+    """alice:tok1,bob:tok1 gave {'tok1': 'bob'}: Alice's actions audited as Bob's."""
+    with pytest.raises(ConfigError) as err:
+        settings(SUPPORT_TOKENS="alice:tok-shared-1,bob:tok-shared-1")
+    message = str(err.value)
+    assert "SUPPORT_TOKENS" in message and "'alice'" in message and "'bob'" in message
+    assert "tok-shared-1" not in message
+    # the same entry twice is still one actor's token
+    assert parse_support_tokens("alice:t1, alice:t1,bob:t2") == {"t1": "alice", "t2": "bob"}
+
+
+def test_a_token_in_both_service_and_support_tokens_is_refused():
+    with pytest.raises(ConfigError) as err:
+        settings(SERVICE_TOKENS="svc-a,tok-both-2", SUPPORT_TOKENS="alice:tok-alice,carol:tok-both-2")
+    message = str(err.value)
+    assert "SERVICE_TOKENS" in message and "SUPPORT_TOKENS" in message and "'carol'" in message
+    assert "'alice'" not in message and "tok-both-2" not in message
+    ok = settings(SERVICE_TOKENS="svc-a", SUPPORT_TOKENS="alice:tok-alice")
+    assert ok.service_tokens == {"svc-a"} and ok.support_tokens == {"tok-alice": "alice"}
+
+
+@pytest.mark.parametrize("value", ["0", "1", "20", "60", "90", str(MIN_VISIBILITY_TIMEOUT - 1)])
+def test_a_visibility_timeout_shorter_than_a_countdown_and_a_run_is_refused(value):
+    """Redis would hand a task still in its countdown or still running to a second worker."""
+    with pytest.raises(ConfigError) as err:
+        settings(CELERY_VISIBILITY_TIMEOUT=value)
+    message = str(err.value)
+    assert f"CELERY_VISIBILITY_TIMEOUT must be at least {MIN_VISIBILITY_TIMEOUT} seconds, got {value}" in message
+    assert "MAX_COUNTDOWN" in message and "task_time_limit" in message
+
+
+def test_an_empty_visibility_timeout_is_unset_and_the_minimum_is_accepted():
+    assert settings(CELERY_VISIBILITY_TIMEOUT="").visibility_timeout == 300
+    assert settings(CELERY_VISIBILITY_TIMEOUT="  ").visibility_timeout == 300
+    assert settings().visibility_timeout == 300
+    assert settings(CELERY_VISIBILITY_TIMEOUT=str(MIN_VISIBILITY_TIMEOUT)).visibility_timeout == MIN_VISIBILITY_TIMEOUT
+    with pytest.raises(ConfigError, match="whole number of seconds"):
+        settings(CELERY_VISIBILITY_TIMEOUT="5m")
+
+
+def test_the_minimum_visibility_timeout_covers_the_tasks_own_countdown_and_time_limit():
+    """The minimum is derived from the tasks' constants: the longest countdown plus the hard time limit
+    Celery is configured with at that timeout stay below it."""
+    from tasks.bad_debt import BUSY_COUNTDOWN
+    from tasks.factory import celery_config
+    from tasks.failures import MAX_COUNTDOWN, POLICIES
+
+    assert MAX_TASK_COUNTDOWN == MAX_COUNTDOWN
+    assert BUSY_COUNTDOWN <= MAX_COUNTDOWN and all(p.cap <= MAX_COUNTDOWN for p in POLICIES.values())
+    for vt in (MIN_VISIBILITY_TIMEOUT, 300, 3600):
+        config = celery_config(settings(CELERY_VISIBILITY_TIMEOUT=str(vt)))
+        assert config["broker_transport_options"]["visibility_timeout"] == vt
+        assert MAX_COUNTDOWN + config["task_time_limit"] < vt
