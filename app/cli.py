@@ -72,6 +72,10 @@ def cmd_report_bad_debt(args: argparse.Namespace) -> int:
     except BadDate as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if until is not None and until <= since:
+        print(f"error: --until ({args.until}, the day after the last one) must be after --since ({args.since})",
+              file=sys.stderr)
+        return 2
     with Runtime.build(_settings()).engine.connect() as conn:
         print(render(lines(conn, since, until), since), end="")
     return 0
@@ -143,11 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    for n, arg in enumerate(arguments, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode, kept as surrogates
+            shown = arg.encode("utf-8", "surrogateescape")
+            print(f"error: argument {n} ({shown!r}) is not UTF-8 text (account ids, names and reasons are UTF-8)",
+                  file=sys.stderr)
+            return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe (`| head`) is handled below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`dunning ... | head -2`): stop quietly, as command-line tools do.
+        # Python's own final flush of what is still buffered then writes to /dev/null, not the pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # as if killed by SIGPIPE
     except (ConfigError, PolicyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -173,8 +194,14 @@ def _known_problem(exc: Exception) -> str | None:
 
     if isinstance(exc, CommandError):  # an unknown revision, for one
         return f"migration: {exc}"
-    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "pgcode", None) == "42P01":  # undefined_table
-        return "the database has no schema yet: run `dunning db upgrade` first"
+    orig = exc.orig if isinstance(exc, ProgrammingError) else None
+    pgcode = getattr(orig, "pgcode", None)
+    if pgcode == "42P01":  # undefined_table
+        return "the database has no schema yet, or an older one than this code: run `dunning db upgrade` first"
+    if pgcode == "42703":  # undefined_column: a schema older than the code (a downgrade, a skipped upgrade)
+        diag = getattr(orig, "diag", None)
+        detail = getattr(diag, "message_primary", None) or "a column is missing"
+        return f"the database schema is older than this code ({detail}): run `dunning db upgrade` first"
     if isinstance(exc, NoSuchModuleError | ArgumentError | ModuleNotFoundError):
         return f"DATABASE_URL cannot be used ({exc.__class__.__name__}: {exc}); expected postgresql://..."
     return None

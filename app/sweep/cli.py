@@ -18,6 +18,10 @@ def _runtime() -> Any:
     return Runtime.build(Settings.from_env())
 
 
+MAX_BATCH_SIZE = 100_000
+MAX_COUNT = 100_000
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -25,6 +29,8 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of accounts, 1 or more (got {text!r})")
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH_SIZE} accounts (got {text})")
     return value
 
 
@@ -124,6 +130,8 @@ def _count(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{raw} is negative")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{raw} is more than {MAX_COUNT}")
     return value
 
 

@@ -78,9 +78,58 @@ def test_an_operators_mistakes_get_a_message_not_a_traceback(empty_database):
         (("recompute", "acct_x"), "postgresql://h:abc/x", "DATABASE_URL cannot be read"),
         (("rollout", "status", "--history", "-1"), empty_database, "-1 is negative"),
         (("recompute", "acct_x"), empty_database, "CELERY_VISIBILITY_TIMEOUT must be at least 130 seconds"),
+        # bytes that are not UTF-8 (the shell's $'\xff'): Python keeps them as surrogates nothing can encode
+        (("recompute", "\udcff"), empty_database, "argument 2 (b'\\xff') is not UTF-8 text"),
+        (("rollout", "name", "acct_1", "\udcff", "--reason", "r"), empty_database,
+         "argument 4 (b'\\xff') is not UTF-8"),
+        # numbers no SQL integer holds
+        (("sweep", "--batch-size", "99999999999999999999"), empty_database, "must be at most 100000 accounts"),
+        (("rollout", "status", "--history", "99999999999999999999"), empty_database, "is more than 100000"),
+        (("sweep", "--dry-run", "--show", "99999999999999999999"), empty_database, "is more than 100000"),
+        (("report", "bad-debt", "--since", "2026-10-02", "--until", "2026-10-01"), empty_database,
+         "--until (2026-10-01, the day after the last one) must be after --since (2026-10-02)"),
     ]
     for args, url, message in cases:
         extra = {"CELERY_VISIBILITY_TIMEOUT": "0"} if "VISIBILITY" in message else {}
         done = dunning(*args, database_url=url, **extra)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_a_database_older_than_the_code_says_to_upgrade_it(empty_database):
+    """After a downgrade (or an upgrade that was skipped) a query names a column the database does not
+    have yet (UndefinedColumn, 42703): a message saying what to run, not a traceback."""
+    from sqlalchemy import create_engine
+
+    assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
+    assert dunning("db", "downgrade", "-1", database_url=empty_database).returncode == 0
+    older = dunning("recompute", "acct_x", database_url=empty_database)
+    assert older.returncode == 2, older.stderr
+    assert "run `dunning db upgrade`" in older.stderr and "Traceback" not in older.stderr
+
+    assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
+    probe = create_engine(empty_database)
+    with probe.begin() as conn:  # a column every recompute reads, as an older schema would lack it
+        conn.exec_driver_sql("ALTER TABLE subs_account DROP COLUMN bad_debt")
+    probe.dispose()
+    done = dunning("recompute", "acct_x", database_url=empty_database)
+    assert done.returncode == 2, done.stderr
+    assert "the database schema is older than this code (column a.bad_debt does not exist): " \
+           "run `dunning db upgrade` first" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(client, accounts: Accounts, database_url):
+    """`dunning recompute ACCOUNT | head -2`: the reader closes the pipe; the command stops as command-line
+    tools do (status 141, as by SIGPIPE), with no BrokenPipeError on stderr."""
+    account, _customer = accounts.create()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before anything is written: every write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "app.cli", "recompute", account, "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "DATABASE_URL": database_url})
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
