@@ -49,6 +49,7 @@ FLEET_FILE = "fleet.pid"  # this launcher and the process groups of its fleet
 # without it (a wheel). tests/test_launcher.py checks that the two agree.
 DEFAULT_PROCFILE = """\
 web: export PROMETHEUS_MULTIPROC_DIR="${DUNNING_DATA_DIR:-.dunning}/metrics/web" \
+SECRET_KEY="${SECRET_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')}" \
 && rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" \
 && exec gunicorn 'app:create_app()' --bind 0.0.0.0:${PORT:-5000} --workers ${WEB_CONCURRENCY:-2} \
 --worker-class gevent --worker-connections ${WEB_CONNECTIONS:-1000} --access-logfile - \

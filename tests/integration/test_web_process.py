@@ -7,6 +7,7 @@ without that, one slow statement would stall every request the worker holds, /he
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -149,3 +150,48 @@ def test_a_request_interrupted_while_waiting_on_postgresql_leaves_no_broken_conn
     answer, seconds = done.stdout.split()
     assert answer == "42"
     assert float(seconds) < 2  # not after the 3 s statement, nor the pool's 2 s timeout
+
+
+def _workers(control_socket: Path) -> set[int]:
+    """The web process's worker pids, from gunicorn's control socket."""
+    from gunicorn.ctl.client import ControlClient
+
+    with ControlClient(str(control_socket), timeout=10) as ctl:
+        return {w["pid"] for w in ctl.send_command("show workers")["workers"]}
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_support_sign_in_holds_on_every_worker_when_secret_key_is_unset(runtime: Any, tmp_path: Path) -> None:
+    """Without SECRET_KEY each gunicorn worker drew its own key: a cookie signed by one worker was
+    refused by the other (sign-in 303, then 200 401 401 200 ...). The key is drawn once for the web
+    process, before gunicorn forks: every worker, and every worker a reload starts, accepts it."""
+    import uuid
+
+    token = "sup_" + uuid.uuid4().hex
+    ctl = tmp_path / "gunicorn.ctl"
+    with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="2", SECRET_KEY="",
+                     SUPPORT_TOKENS=f"alice:{token}") as web:
+        page = f"{web.base}/support/lifting"
+        signed_in = requests.post(f"{web.base}/support/login", data={"token": token, "next": "/support/lifting"},
+                                  allow_redirects=False, timeout=10)
+        assert signed_in.status_code == 303
+        cookies = signed_in.cookies
+        # A new connection each time: either worker may answer.
+        assert [requests.get(page, cookies=cookies, timeout=10).status_code for _ in range(20)] == [200] * 20
+
+        before = _workers(ctl)
+        assert len(before) == 2
+        from gunicorn.ctl.client import ControlClient
+
+        with ControlClient(str(ctl), timeout=10) as control:
+            control.send_command("reload")  # graceful: two new workers replace the old ones
+        wait_for(lambda: len(_workers(ctl) - before) == 2 and not any(_running(pid) for pid in before), timeout=60,
+                 message="the old workers replaced")
+        assert [requests.get(page, cookies=cookies, timeout=10).status_code for _ in range(10)] == [200] * 10
