@@ -6,6 +6,8 @@ for Python 3.13 and later). Redis is the ``redis-server`` binary that the ``redi
 ships, run as our own child process on a free 127.0.0.1 port. Layout under ``data_dir``::
 
     pg/             PGDATA (kept between runs)
+    pg.initializing present while the first start creates PGDATA (initdb); left behind, it marks a
+                    cluster that was never finished, which the next start removes and makes again
     postgres.pid    who started the PostgreSQL server (JSON)
     redis/          Redis working directory: dump.rdb, redis.log
     redis.pid       the Redis server and who started it (JSON)
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -243,17 +246,25 @@ class EmbeddedPostgres(_ServerContext):
         _check_owner(self.pidfile, "the embedded PostgreSQL")
         self._stop_leftover()
         write_pidfile(self.pidfile, {**owner_record(), "server_pid": None})
+        if self.initializing.exists() or not (self.pgdata / "PG_VERSION").exists():
+            self._discard_unfinished_cluster()
         pgserver = _pgserver()
         try:
             self._server = pgserver.get_server(self.pgdata, cleanup_mode=None, postgres_version=PG_MAJOR)
             info = self._server.get_postmaster_info()
-        except Exception as exc:
-            self._stop_postmaster()
+        except BaseException as exc:
+            # Also on Ctrl-C / SIGTERM (a KeyboardInterrupt): pg_ctl may have set a postmaster
+            # going, which must not outlive this process.
+            self._forget_pgserver_handle()
+            self._stop_started_here()
             self.pidfile.unlink(missing_ok=True)
+            if not isinstance(exc, Exception):
+                raise
             raise EmbeddedServerError(
                 f"the embedded PostgreSQL did not start ({exc}); log: {self.pgdata / 'log'}\n"
                 + _log_tail(self.pgdata / "log")
             ) from exc
+        self.initializing.unlink(missing_ok=True)
         self._pid = info.pid
         write_pidfile(self.pidfile, {**owner_record(), "server_pid": info.pid,
                                      "server_started": create_time(info.pid)})
@@ -263,6 +274,17 @@ class EmbeddedPostgres(_ServerContext):
         else:  # Windows: pgserver listens on TCP there
             self._url = f"postgresql://postgres@{info.hostname}:{info.port}/postgres"
         return self._url
+
+    def stop_leftover(self) -> None:
+        """Stop a server of this data folder whose starter is gone (killed outright); a server
+        another live process started is left alone."""
+        try:
+            _check_owner(self.pidfile, "the embedded PostgreSQL")
+        except EmbeddedServerError:
+            return
+        self._stop_leftover()
+        if read_pidfile(self.pidfile).get("owner_pid") != os.getpid():
+            self.pidfile.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are ended). Safe to call twice."""
@@ -275,15 +297,83 @@ class EmbeddedPostgres(_ServerContext):
             import atexit
 
             atexit.unregister(server._cleanup)
-        if self._url is not None or self._pid is not None or server is not None:
-            self._stop_postmaster()
         record = read_pidfile(self.pidfile)
+        started_here = record.get("owner_pid") == os.getpid()
+        if started_here and self._url is None:
+            # start() was cut short (a signal landed while it ran): whatever it set going.
+            self._stop_started_here()
+        elif self._url is not None or self._pid is not None or server is not None or started_here:
+            self._stop_postmaster()
         if record.get("owner_pid") in (None, os.getpid()):
             self.pidfile.unlink(missing_ok=True)
         self._url = None
         self._pid = None
 
     # internals
+
+    def _forget_pgserver_handle(self) -> None:
+        """pgserver keeps its handle of a server whose start failed, and would hand that handle
+        (of no running server) to a later start in this process."""
+        import atexit
+
+        instances = _pgserver().postgres_server.PostgresServer._instances
+        handle = instances.pop(self.pgdata, None)
+        if handle is not None:
+            atexit.unregister(handle._cleanup)
+
+    @property
+    def initializing(self) -> Path:
+        return self.data_dir / "pg.initializing"
+
+    def _discard_unfinished_cluster(self) -> None:
+        """Before a first start: the marker says initdb runs from here on. A marker left by an
+        earlier start means that initdb never finished (killed, interrupted): its half-made
+        cluster (PG_VERSION written, no ``postgres`` database) is removed, to be made again."""
+        if self.initializing.exists() and self.pgdata.exists():
+            print(f"removing the unfinished PostgreSQL cluster in {self.pgdata} (its creation "
+                  "was interrupted); creating it again", file=sys.stderr)
+            shutil.rmtree(self.pgdata)
+        self.initializing.touch()
+
+    def _pgdata_processes(self) -> list[psutil.Process]:
+        """Live processes at work on ``pgdata``: initdb, pg_ctl, the shell through which pg_ctl
+        starts the postmaster (``exec "postgres" -D "<pgdata>" ...``), the postmaster itself."""
+        pgdata = str(self.pgdata)
+        found = []
+        for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+            info = proc.info
+            if info["pid"] == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            args = info["cmdline"] or []
+            if info["name"] in ("postgres", "postmaster", "pg_ctl", "initdb"):
+                if pgdata in args:
+                    found.append(proc)
+            elif info["name"] == "sh" and any(f'-D "{pgdata}"' in arg and "exec" in arg for arg in args):
+                found.append(proc)
+        return found
+
+    def _stop_started_here(self) -> None:
+        """After an interrupted or failed start(): stop what it set going. An interrupt inside
+        pg_ctl makes subprocess kill pg_ctl, but a postmaster pg_ctl already forked starts on its
+        own (in its own session) and writes postmaster.pid a moment later; initdb killed half-way
+        leaves its cluster to :meth:`_discard_unfinished_cluster` (the marker stays)."""
+        start = time.monotonic()
+        while True:
+            self._stop_postmaster()  # the one postmaster.pid names
+            left = self._pgdata_processes()
+            if not left:
+                break
+            waited = time.monotonic() - start
+            if waited > 2.0:
+                # not on record as the postmaster in time (or past its end): no more waiting
+                for proc in left:
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                if waited > STOP_TIMEOUT:
+                    break
+            time.sleep(0.05)
+        if not (self.pgdata / "PG_VERSION").exists():
+            self.initializing.unlink(missing_ok=True)  # nothing was made
 
     def _postmaster(self) -> psutil.Process | None:
         """The live postmaster of ``pgdata``, from its postmaster.pid."""
@@ -392,12 +482,7 @@ class EmbeddedRedis(_ServerContext):
         if self._url is not None:
             return self._url
         self.dir.mkdir(parents=True, exist_ok=True)
-        record = _check_owner(self.pidfile, "the embedded Redis")
-        leftover = live_process(record.get("server_pid"), record.get("server_started"))
-        if leftover is not None and "redis" in leftover.name():
-            print(f"stopping a Redis left running in {self.dir} (pid {leftover.pid})",
-                  file=sys.stderr)
-            _terminate(leftover)
+        self._stop_leftover(_check_owner(self.pidfile, "the embedded Redis"))
         attempts = 1 if self.requested_port else 3
         for attempt in range(attempts):
             port = self.requested_port or free_port()
@@ -426,7 +511,26 @@ class EmbeddedRedis(_ServerContext):
         self._url = None
         self.port = None
 
+    def stop_leftover(self) -> None:
+        """Stop a server of this data folder whose starter is gone (killed outright); a server
+        another live process started is left alone."""
+        try:
+            record = _check_owner(self.pidfile, "the embedded Redis")
+        except EmbeddedServerError:
+            return
+        self._stop_leftover(record)
+        if record.get("owner_pid") != os.getpid():
+            self.pidfile.unlink(missing_ok=True)
+
     # internals
+
+    def _stop_leftover(self, record: dict[str, Any]) -> None:
+        leftover = live_process(record.get("server_pid"), record.get("server_started"))
+        with contextlib.suppress(psutil.Error):
+            if leftover is not None and "redis" in leftover.name():
+                print(f"stopping a Redis left running in {self.dir} (pid {leftover.pid})",
+                      file=sys.stderr)
+                _terminate(leftover)
 
     def _start_on(self, port: int) -> str:
         cmd = [

@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -19,6 +21,7 @@ from app.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
     EmbeddedServerError,
+    _pgserver,
     create_time,
     free_port,
     redis_executable,
@@ -192,3 +195,79 @@ def test_postgres_runs_in_a_data_folder_whose_path_has_a_space(tmp_path: Path) -
         assert (tmp_path / "my data" / "pg" / "PG_VERSION").exists()
     finally:
         pg.stop()
+
+
+def pgdata_processes(pgdata: Path) -> list[psutil.Process]:
+    """Processes at work on ``pgdata`` (initdb, pg_ctl, the postmaster)."""
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if str(pgdata) in (p.info["cmdline"] or []) and not gone(p.pid)]
+
+
+def interrupt_in(monkeypatch: pytest.MonkeyPatch, program: str, when: Callable[[], bool]) -> None:
+    """Ctrl-C lands while pgserver runs ``program`` (initdb, pg_ctl), once ``when()`` holds:
+    subprocess.run then kills the program and the KeyboardInterrupt goes on up, as in the
+    launcher (whose SIGINT/SIGTERM handler raises a KeyboardInterrupt)."""
+    module = _pgserver().postgres_server
+    real = module.pgexec
+
+    def pgexec(command: str, args: Any, bin_path: Path, **kwargs: Any) -> str:
+        if command != program:
+            return str(real(command, args, bin_path, **kwargs))
+        kwargs.pop("timeout", None)
+        proc = subprocess.Popen([str(bin_path / command), *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, **kwargs)
+        try:
+            wait_for(lambda: when() or proc.poll() is not None, 30, f"{program} under way")
+            assert proc.poll() is None, f"{program} ended before the interrupt"
+        finally:
+            proc.kill()
+            proc.wait()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "pgexec", pgexec)
+
+
+def test_a_start_interrupted_while_pg_ctl_starts_postgres_leaves_no_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the private PostgreSQL starts: pg_ctl is killed, but the postmaster it
+    forked runs on by itself. start() caught only Exception and stop() stopped nothing (no URL,
+    no pid yet), so it was left running while the launcher said "Postgres: stopped"."""
+    first = EmbeddedPostgres(tmp_path)  # the cluster exists: this is a later run
+    first.start()
+    first.stop()
+    pgdata = tmp_path / "pg"
+    # the postmaster pg_ctl forked is there (perhaps not yet in postmaster.pid)
+    interrupt_in(monkeypatch, "pg_ctl", lambda: any(
+        p.info["name"] == "postgres" for p in pgdata_processes(pgdata)))
+    pg = EmbeddedPostgres(tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pg.start()
+    finally:
+        pg.stop()  # what the launcher does next
+    assert not pgdata_processes(pgdata)
+    assert not (tmp_path / "postgres.pid").exists()
+
+
+def test_a_first_start_interrupted_in_initdb_leaves_a_folder_the_next_start_uses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the very first start, while initdb runs: initdb is killed half-way and leaves
+    a cluster with PG_VERSION but no postgres database. The next start must not serve it."""
+    pgdata = tmp_path / "pg"
+    interrupt_in(monkeypatch, "initdb", lambda: (pgdata / "PG_VERSION").exists())
+    pg = EmbeddedPostgres(tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pg.start()
+    finally:
+        pg.stop()
+    assert (pgdata / "PG_VERSION").exists()  # what initdb left
+    wait_for(lambda: not pgdata_processes(pgdata), 10, "initdb's backend to exit")
+    monkeypatch.undo()
+
+    again = EmbeddedPostgres(tmp_path)
+    try:
+        url = again.start()
+        assert sql(url, "SELECT current_database()") == "postgres"
+    finally:
+        again.stop()
