@@ -3,14 +3,19 @@
 1. PostgreSQL: ``DATABASE_URL`` if set, else a private server under the data folder (app.embedded).
 2. Redis: ``CELERY_BROKER_URL`` if set, else a private server under the data folder.
 3. Local credentials: ``STRIPE_WEBHOOK_SECRET``, ``SERVICE_TOKENS``, ``SUPPORT_TOKENS`` and
-   ``SECRET_KEY`` when unset are generated once, kept in ``<data>/local-secrets.json`` and printed
-   (the generated ones only; nothing the user configured is ever printed).
+   ``SECRET_KEY`` when unset are generated once and kept in ``<data>/local-secrets.json``; the run
+   that generates them prints them (not ``SECRET_KEY``), later runs name the file only. Nothing the
+   user configured is ever printed.
 4. Migrations to head.
 5. The Procfile's processes (web, worker, beat, flower) under honcho, with ``PORT``,
-   ``FLOWER_PORT`` and ``DUNNING_DATA_DIR`` set.
+   ``FLOWER_PORT`` and ``DUNNING_DATA_DIR`` set. Flower's API is open without login
+   (``FLOWER_UNAUTHENTICATED_API``) only while Flower listens on a loopback address; on any other
+   address ``FLOWER_BASIC_AUTH`` is required.
 
-Ctrl-C (SIGINT) or SIGTERM stops every process of the fleet, then the private servers. A second run
-reuses the data folder (database, queued work, beat schedule, local credentials).
+Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) stops every process of the fleet, then the
+private servers, at whatever point of the start it lands; a second one while the fleet stops kills
+what is still running. A second run reuses the data folder (database, queued work, beat schedule,
+local credentials); what a run killed outright (SIGKILL) left running is stopped by the next one.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -41,7 +48,12 @@ from app.config import ConfigError, normalize_database_url
 DEFAULT_DATA_DIR = ".dunning"
 DEFAULT_PORT = 5000
 DEFAULT_FLOWER_PORT = 5555
+DEFAULT_WORKER_METRICS_PORT = 9808  # the Procfile's default
 READY_TIMEOUT = 120.0
+KILL_WAIT = 5.0  # seconds from the stop to SIGKILL for what has not exited (honcho's)
+PORT_WAIT = 5.0  # how long a port a previous run's leftover held may take to be free
+# Ctrl-C, SIGTERM and a closed terminal or dropped SSH session (SIGHUP) all stop the fleet.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SECRETS_FILE = "local-secrets.json"
 FLEET_FILE = "fleet.pid"  # this launcher and the process groups of its fleet
 
@@ -60,7 +72,8 @@ WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9808}" && rm -rf "$PROMETHEUS_MULTIP
 -Q recompute,payments,sweeps,outbox,maintenance --prefetch-multiplier 1 -l info
 beat: mkdir -p "${DUNNING_DATA_DIR:-.dunning}" && exec celery -A tasks beat \
 --schedule "${DUNNING_DATA_DIR:-.dunning}/celerybeat-schedule" -l info
-flower: export FLOWER_UNAUTHENTICATED_API="${FLOWER_UNAUTHENTICATED_API:-true}" \
+flower: case "${FLOWER_ADDRESS:-127.0.0.1}" in 127.*|localhost|::1) open_api=true ;; *) open_api=false ;; esac \
+&& export FLOWER_UNAUTHENTICATED_API="${FLOWER_UNAUTHENTICATED_API:-$open_api}" \
 && exec celery -A tasks flower --address=${FLOWER_ADDRESS:-127.0.0.1} --port=${FLOWER_PORT:-5555}
 """
 
@@ -159,7 +172,8 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn and tornado do
         try:
             sock.bind((host, port))
@@ -168,9 +182,57 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def _port_free_soon(host: str, port: int, patience: float) -> bool:
+    """Whether ``port`` is free, waiting up to ``patience`` seconds for it: a process of a previous
+    run just stopped may hold its socket a moment longer."""
+    from app.embedded import poll_until
+
+    return poll_until(lambda: not _port_in_use(host, port), patience, 0.1)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -> dict[str, str]:
+    """``FLOWER_UNAUTHENTICATED_API`` for Flower: its API applies tasks (tasks.retry_payment charges
+    cards) and shuts workers down, so it is open without login only on a loopback address."""
+    if is_loopback(flower_host):
+        return {"FLOWER_UNAUTHENTICATED_API": env.get("FLOWER_UNAUTHENTICATED_API") or "true"}
+    if not (env.get("FLOWER_BASIC_AUTH", "").strip() or env.get("FLOWER_AUTH", "").strip()):
+        raise LaunchError(
+            f"FLOWER_ADDRESS={flower_host} makes Flower reachable from other machines on port "
+            f"{flower_port}, and its API can run any task (tasks.retry_payment charges cards) or "
+            "shut the workers down: set FLOWER_BASIC_AUTH=user:password, or leave FLOWER_ADDRESS "
+            "unset (127.0.0.1)"
+        )
+    return {"FLOWER_UNAUTHENTICATED_API": "false"}
+
+
+def check_ports(processes: Mapping[str, str], ports: Mapping[str, int]) -> None:
+    """Two of the fleet's servers on one port: the second would fail to start."""
+    users = {"PORT": "web", "FLOWER_PORT": "flower", "WORKER_METRICS_PORT": "worker"}
+    seen: dict[int, str] = {}
+    for name, number in ports.items():
+        if users[name] not in processes:
+            continue
+        if number in seen:
+            raise LaunchError(
+                f"{seen[number]} and {name} are both {number}: web, Flower and the worker's "
+                "metrics each need a port of their own; change one of them"
+            )
+        seen[number] = name
+
+
 def local_credentials(env: Mapping[str, str], data_dir: Path) -> dict[str, str]:
     """Values for the credentials the environment leaves unset, kept in the data folder so a
     second run (and anything configured with them, e.g. `stripe listen`) keeps working."""
+    return load_local_credentials(env, data_dir)[0]
+
+
+def load_local_credentials(env: Mapping[str, str], data_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """:func:`local_credentials`, and the names of those made by this call (the others were in
+    the data folder already)."""
     path = data_dir / SECRETS_FILE
     try:
         stored = json.loads(path.read_text())
@@ -185,29 +247,30 @@ def local_credentials(env: Mapping[str, str], data_dir: Path) -> dict[str, str]:
         "SECRET_KEY": lambda: secrets.token_hex(32),
     }
     chosen: dict[str, str] = {}
+    made: list[str] = []
     for name, make in makers.items():
         if env.get(name, "").strip():
             continue  # configured by the user: use it, never print it
         value = stored.get(name)
-        chosen[name] = value if isinstance(value, str) and value else make()
-    if chosen and any(stored.get(k) != v for k, v in chosen.items()):
+        if isinstance(value, str) and value:
+            chosen[name] = value
+        else:
+            chosen[name] = make()
+            made.append(name)
+    if made:
         merged = {**stored, **chosen}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(merged, fh, indent=2)
             fh.write("\n")
-    return chosen
+    return chosen, made
 
 
 # --- the fleet -------------------------------------------------------------------------------
 
 
 class _Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived before the fleet was running."""
-
-
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
+    """SIGINT, SIGTERM or SIGHUP arrived before the fleet was running."""
 
 
 def _still_stopping(signum: int, frame: FrameType | None) -> None:
@@ -219,7 +282,7 @@ def _still_stopping(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _signal_handlers(handler: Any) -> Iterator[None]:
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -259,17 +322,165 @@ class _ReadyWatcher(threading.Thread):
             self.stopped.wait(0.25)
 
 
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    pass
+
+
+def _helper_main(process: Any, events: Any) -> None:
+    """One of honcho's helpers (a process per program: starts it, relays its output). Ctrl-C and a
+    closed terminal's SIGHUP reach the whole foreground process group, the helpers included, and a
+    helper that dies never reports that its program stopped: it must outlive them. Forked with
+    the stop signals blocked, it answers them with a handler that does nothing (a handler, not
+    SIG_IGN: its program gets the default dispositions back at exec), then unblocks them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _ignore_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    process.run(events, True)
+
+
 class _FleetManager(Manager):
-    """honcho's Manager, plus: the readiness watcher and the fleet's pid file, both started after
-    honcho forked its helpers (no thread is running while it forks)."""
+    """honcho's Manager, with its stop made dependable, plus the readiness watcher and the fleet's
+    pid file (both started after the helpers are forked: no thread runs while it forks).
+
+    - Ctrl-C, SIGTERM and SIGHUP stop the fleet. One that lands before a program has reported its
+      pid (honcho read ``p['pid']`` of every program: KeyError, and its stop was never retried)
+      stops that program as soon as it reports it.
+    - The signal handler only signals processes; what it has to say is printed by the loop (a
+      print from a handler that lands inside a print is refused).
+    - A second signal while stopping kills what is still running; anything still running
+      ``KILL_WAIT`` seconds after the stop began is killed too.
+    - A helper that dies without reporting its program's end counts as stopped (the loop would
+      otherwise wait for it for ever); its program's process group is killed afterwards.
+    """
 
     def __init__(self, watcher: _ReadyWatcher | None, fleet_file: Path) -> None:
         super().__init__()
         self.watcher = watcher
         self.fleet_file = fleet_file
+        self.stop_signal: str | None = None  # the name of the signal that stopped the fleet
+        self._forced = False
+        self._stopping_since: float | None = None
+        self._unsignalled: set[str] = set()  # told to stop before they reported their pid
+        self._notes: list[str] = []  # what the signal handler has to say
+        self._seen_dead: set[str] = set()
+
+    def loop(self, stopped_before: Callable[[], str | None] = lambda: None) -> None:
+        """Start the programs; return once every one has stopped. ``stopped_before`` names a
+        stop signal that came before this loop's handlers were in place: then nothing starts."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.stop_signal = self.stop_signal or stopped_before()
+        if self.stop_signal is not None:
+            return
+        self._start()
+        done = False
+        while True:
+            self._say_notes()
+            try:
+                msg = self.events.get(timeout=0.1)
+            except queue.Empty:
+                if done:
+                    break
+                self._count_silent_helpers()
+            else:
+                self._handle(msg)
+            if self._all_started() and self._all_stopped():
+                done = True
+            elif self._any_stopped():
+                self.terminate()  # one program exited: stop the others (honcho's rule)
+            if (self._stopping_since is not None and not self._forced
+                    and time.monotonic() - self._stopping_since > KILL_WAIT):
+                self.kill()
+        self._say_notes()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        try:
+            if self.stop_signal is None:
+                self.stop_signal = name
+                self.returncode = 128 + signum
+                self._notes.append(f"{name} received")
+                self.terminate()
+            else:
+                self._notes.append(f"{name} received again: killing what is still running")
+                self.kill()
+        except Exception as exc:  # an error here must not end the loop with the fleet running
+            self._notes.append(f"{name}: could not signal every process ({exc!r}); stopping anyway")
+
+    def _handle(self, msg: Any) -> None:
+        if msg.type == "line":
+            self._printer.write(msg)
+            return
+        p = self._processes[msg.name]
+        if msg.type == "start":
+            p["pid"] = msg.data["pid"]
+            self._system_print(f"{msg.name} started (pid={p['pid']})\n")
+            if msg.name in self._unsignalled:  # the stop came first
+                self._unsignalled.discard(msg.name)
+                self._signal(msg.name, p["pid"])
+        elif msg.type == "stop":
+            p["returncode"] = msg.data["returncode"]
+            self._system_print(f"{msg.name} stopped (rc={p['returncode']})\n")
+            if self.returncode is None:
+                self.returncode = p["returncode"]
+
+    def _killall(self, force: bool = False) -> None:
+        self._forced = self._forced or force
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()
+        for name, p in self._processes.items():
+            if "returncode" in p:
+                continue
+            if p.get("pid") is None:
+                if name not in self._unsignalled:
+                    self._unsignalled.add(name)
+                    self._notes.append(f"{name} is starting: it is stopped once it has started")
+                continue
+            self._signal(name, p["pid"])
+
+    def _signal(self, name: str, pid: int) -> None:
+        signame = "SIGKILL" if self._forced else "SIGTERM"
+        self._notes.append(f"sending {signame} to {name} (pid {pid})")
+        if self._forced:
+            self._procmgr.kill(pid)
+        else:
+            self._procmgr.terminate(pid)
+
+    def _say_notes(self) -> None:
+        while self._notes:
+            self._system_print(self._notes.pop(0) + "\n")
+
+    def _all_started(self) -> bool:
+        return all(p.get("pid") is not None or "returncode" in p for p in self._processes.values())
+
+    def _count_silent_helpers(self) -> None:
+        """Called when the queue is empty. A helper seen dead on an earlier such call has had every
+        message it sent read since (it flushes them before it exits)."""
+        for name, p in self._processes.items():
+            helper = p.get("process")
+            if helper is None or "returncode" in p or helper.is_alive():
+                continue
+            if name not in self._seen_dead:
+                self._seen_dead.add(name)
+                continue
+            p["returncode"] = helper.exitcode if helper.exitcode else -1
+            self._unsignalled.discard(name)
+            self._system_print(f"{name}: its output helper exited (rc={helper.exitcode}) without "
+                               "reporting the program's end; counted as stopped\n")
+            if self.returncode is None:
+                self.returncode = p["returncode"]
 
     def _start(self) -> None:
-        super()._start()
+        # Forked with the stop signals blocked, a helper cannot die of one before it is immune
+        # (_helper_main); here they are delivered as soon as the helpers are forked.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for name, p in self._processes.items():
+                p["process"] = multiprocessing.Process(
+                    name=name, target=_helper_main, args=(p["obj"], self.events))
+                p["process"].start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         threading.Thread(target=self._record_groups, name="dunning-fleet-pids", daemon=True).start()
         if self.watcher is not None:
             self.watcher.start()
@@ -318,9 +529,18 @@ def _kill_leftover_groups(pids: list[int]) -> None:
         pids = alive
 
 
-def claim_data_dir(data_dir: Path) -> None:
-    """Refuse a data folder another live launcher uses; stop what a dead one left running."""
-    from app.embedded import live_process, owner_record, read_pidfile, write_pidfile
+def claim_data_dir(data_dir: Path) -> bool:
+    """Refuse a data folder another live launcher uses; stop what a dead one left running (its
+    fleet, honcho's helpers, the private servers). True when there was something to stop."""
+    from app.embedded import (
+        EmbeddedPostgres,
+        EmbeddedRedis,
+        live_process,
+        owner_record,
+        poll_until,
+        read_pidfile,
+        write_pidfile,
+    )
 
     path = data_dir / FLEET_FILE
     record = read_pidfile(path)
@@ -330,26 +550,38 @@ def claim_data_dir(data_dir: Path) -> None:
             f"another `dunning run` (pid {owner}) uses the data folder {data_dir}; stop it first "
             "or choose another folder with --data-dir"
         )
-    leftovers = []
-    for pgid, started in _recorded(record.get("groups")):
-        if not _group_exists(pgid):
-            continue
-        # A pid is never handed out while a process group of that number exists, so a live
-        # group whose leader is gone is still ours; a live leader must be the one we recorded.
-        if _process_exists(pgid) and live_process(pgid, started) is None:
-            continue
-        leftovers.append(pgid)
-    if leftovers:
-        say(f"stopping processes a previous run left behind (process groups {leftovers})")
-        _kill_leftover_groups(leftovers)
-    # the very processes recorded, not pids handed out again since
-    helpers = [pid for pid, started in _recorded(record.get("helpers")) if live_process(pid, started)]
+    # The helpers first: blocked writing to the dead launcher's full queue, they no longer read
+    # their programs' output, so a program stopping may block writing its last lines (Flower's
+    # threads then keep its port after its main thread is gone). The very processes recorded,
+    # not pids handed out again since.
+    recorded = _recorded(record.get("helpers"))
+    helpers = [pid for pid, started in recorded if live_process(pid, started)]
     if helpers:
         say(f"stopping the previous run's output helpers left behind (pids {helpers})")
         for pid in helpers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)  # blocked writing to a pipe nobody reads: SIGTERM waits
+        poll_until(lambda: not any(live_process(pid, started) for pid, started in recorded), 3)
+    leftovers = []
+    for pgid, started in _recorded(record.get("groups")):
+        if not _group_exists(pgid):
+            continue
+        # A pid is never handed out while a process group of that number exists, so a live
+        # group whose leader is gone is still ours; a leader still there (alive, or a zombie
+        # nobody reaped yet) must be the one we recorded.
+        if _process_exists(pgid) and not _recorded_process(pgid, started):
+            continue
+        leftovers.append(pgid)
+    if leftovers:
+        say(f"stopping processes a previous run left behind (process groups {leftovers})")
+        _kill_leftover_groups(leftovers)
+    # Then the private servers a launcher killed outright left running (their starter is gone;
+    # one another live process started is left alone). Stopped now, not when this run starts its
+    # own: this run may end before that (a port in use), and must not leave them behind.
+    EmbeddedPostgres(data_dir).stop_leftover()
+    EmbeddedRedis(data_dir).stop_leftover()
     write_pidfile(path, {**owner_record(), "groups": []})
+    return bool(helpers or leftovers)
 
 
 def _recorded(items: Any) -> list[tuple[int, Any]]:
@@ -371,6 +603,16 @@ def release_data_dir(data_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _recorded_process(pid: int, started: Any) -> bool:
+    """Whether ``pid`` is still the process recorded with start time ``started``."""
+    from app.embedded import create_time
+
+    now = create_time(pid)
+    if now is None:
+        return False
+    return not isinstance(started, (int, float)) or abs(now - started) <= 1.0
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -386,17 +628,37 @@ def _group_exists(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    # Zombies still count for killpg; they are gone for our purpose once reaped by their parent.
+    # Zombies still count for killpg; they are gone for our purpose once reaped by their parent,
+    # unless a zombie leader's other threads still run (they hold its sockets, its port).
     try:
         import psutil
 
-        return any(
-            p.status() != psutil.STATUS_ZOMBIE
-            for p in psutil.process_iter()
-            if _pgid(p.pid) == pgid
-        )
+        for proc in psutil.process_iter():
+            if _pgid(proc.pid) != pgid:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.status() != psutil.STATUS_ZOMBIE or _leader_exiting(proc.pid):
+                    return True
+        return False
     except Exception:
         return True
+
+
+def _leader_exiting(pid: int) -> bool:
+    """A zombie thread-group leader whose other threads have not all exited yet (Linux)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        state = stat.rpartition(")")[2].split()[:1]
+        if state and state[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _pgid(pid: int) -> int | None:
@@ -412,50 +674,75 @@ class Launcher:
         self.env = dict(env)
         self.servers: list[Any] = []
         self.claimed = False
+        self.stop_signal: str | None = None
 
     def run(self) -> int:
-        with _signal_handlers(_raise_interrupted):
+        with _signal_handlers(self._interrupt):
             try:
                 return self._run()
-            except _Interrupted as exc:
-                say(f"{exc} received; stopping")
-                return 0
-            except LaunchError as exc:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-                return 1
+            except BaseException as exc:
+                if self.stop_signal is not None:
+                    # the interrupt itself, or whatever it turned into on its way up (an
+                    # exception raised while a library cleaned up after it)
+                    say(f"{self.stop_signal} received; stopping")
+                    return 0
+                if isinstance(exc, LaunchError):
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
+                    return 1
+                raise
             finally:
-                signal.signal(signal.SIGINT, _still_stopping)
-                signal.signal(signal.SIGTERM, _still_stopping)
+                for sig in STOP_SIGNALS:
+                    signal.signal(sig, _still_stopping)
                 self._stop_servers()
                 if self.claimed:
                     release_data_dir(self.data_dir)
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        raise _Interrupted(self.stop_signal)
+
+    def _checkpoint(self) -> None:
+        """Stop here if a stop signal came earlier: the exception its handler raised can be lost
+        on its way up (C code that clears errors: one landing while psycopg2's extension module
+        was being imported went unnoticed, and the fleet started)."""
+        if self.stop_signal is not None:
+            raise _Interrupted(self.stop_signal)
 
     def _run(self) -> int:
         from app.embedded import EmbeddedServerError
 
         env = self.env
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        claim_data_dir(self.data_dir)
+        left_behind = claim_data_dir(self.data_dir)
         self.claimed = True
+        self._checkpoint()
         processes = procfile_processes(env)
         port = _port(env, "PORT", DEFAULT_PORT)
         flower_port = _port(env, "FLOWER_PORT", DEFAULT_FLOWER_PORT)
         flower_host = env.get("FLOWER_ADDRESS", "").strip() or "127.0.0.1"
-        if "web" in processes and _port_in_use("0.0.0.0", port):
+        check_ports(processes, {
+            "PORT": port, "FLOWER_PORT": flower_port,
+            "WORKER_METRICS_PORT": _port(env, "WORKER_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT),
+        })
+        flower_env = flower_api_env(env, flower_host, flower_port) if "flower" in processes else {}
+        patience = PORT_WAIT if left_behind else 0.0
+        if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):
             raise LaunchError(f"port {port} is in use; choose another with PORT=...")
-        if "flower" in processes and _port_in_use(flower_host, flower_port):
+        if "flower" in processes and not _port_free_soon(flower_host, flower_port, patience):
             raise LaunchError(f"port {flower_port} is in use; choose another with FLOWER_PORT=...")
         say(f"data folder: {self.data_dir}")
 
         try:
             database_url = self._database(env)
+            self._checkpoint()
             broker_url = self._broker(env)
+            self._checkpoint()
         except EmbeddedServerError as exc:
             raise LaunchError(str(exc)) from exc
-        generated = local_credentials(env, self.data_dir)
+        credentials, made = load_local_credentials(env, self.data_dir)
 
         child_env = dict(env)
-        child_env.update(generated)
+        child_env.update(credentials)
         path = programs_path(child_env.get("PATH", ""))
         child_env.update({
             "DATABASE_URL": database_url,
@@ -465,19 +752,25 @@ class Launcher:
             "DUNNING_DATA_DIR": str(self.data_dir),
             "PATH": path,
             "PYTHONUNBUFFERED": "1",
+            **flower_env,
         })
-        child_env.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # local use; see PITFALLS.md
 
-        shown = {k: v for k, v in generated.items() if k != "SECRET_KEY"}
-        if shown:
-            say(f"local credentials (generated; kept in {self.data_dir / SECRETS_FILE}):")
-            for name, value in shown.items():
-                say(f"  {name}={value}")
+        secrets_file = self.data_dir / SECRETS_FILE
+        new = [name for name in made if name != "SECRET_KEY"]
+        if new:
+            say(f"local credentials, generated now and kept in {secrets_file} "
+                "(printed this once; later runs read them from there):")
+            for name in new:
+                say(f"  {name}={credentials[name]}")
+        kept = [name for name in credentials if name not in made and name != "SECRET_KEY"]
+        if kept:
+            say(f"local credentials {', '.join(kept)}: generated by an earlier run, kept in {secrets_file}")
 
         from app.migrate import upgrade
 
         say("migrating the database to the newest schema")
         upgrade(normalize_database_url(database_url))
+        self._checkpoint()
 
         checks: dict[str, str] = {}
         if "web" in processes:
@@ -485,8 +778,11 @@ class Launcher:
             say(f"web app:  http://127.0.0.1:{port}/ (listening on 0.0.0.0:{port})")
         if "flower" in processes:
             host = "127.0.0.1" if flower_host in ("0.0.0.0", "") else flower_host
-            checks["flower"] = f"http://{host}:{flower_port}/healthcheck"
-            say(f"Flower:   http://{host}:{flower_port}/")
+            if host == "::":
+                host = "::1"
+            shown = f"[{host}]" if ":" in host else host
+            checks["flower"] = f"http://{shown}:{flower_port}/healthcheck"
+            say(f"Flower:   http://{shown}:{flower_port}/")
         say("starting " + ", ".join(processes) + "; Ctrl-C stops everything")
         return self._run_fleet(processes, child_env, checks)
 
@@ -523,19 +819,20 @@ class Launcher:
         manager = _FleetManager(watcher, self.data_dir / FLEET_FILE)
         for name, cmd in processes.items():
             manager.add_process(name, cmd, env=env, cwd=os.getcwd())
+        self._checkpoint()
         try:
-            manager.loop()  # returns once every process has stopped
+            manager.loop(lambda: self.stop_signal)  # returns once every process has stopped
         finally:
             if watcher is not None:
                 watcher.stopped.set()
-            signal.signal(signal.SIGINT, _still_stopping)
-            signal.signal(signal.SIGTERM, _still_stopping)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, _still_stopping)
             _kill_leftover_groups(manager.child_pids())
-        rc = manager.returncode
-        if rc in (130, 143):  # honcho's code for "stopped by SIGINT / SIGTERM"
+        if manager.stop_signal is not None:
+            self.stop_signal = manager.stop_signal
             return 0
         say("a process of the fleet exited (see above), so everything was stopped")
-        return rc or 1
+        return manager.returncode or 1
 
     def _stop_servers(self) -> None:
         for server in reversed(self.servers):
