@@ -156,7 +156,7 @@ def _workers(control_socket: Path) -> set[int]:
     """The web process's worker pids, from gunicorn's control socket."""
     from gunicorn.ctl.client import ControlClient
 
-    with ControlClient(str(control_socket), timeout=10) as ctl:
+    with ControlClient(str(control_socket), timeout=60) as ctl:
         return {w["pid"] for w in ctl.send_command("show workers")["workers"]}
 
 
@@ -190,7 +190,7 @@ def test_a_support_sign_in_holds_on_every_worker_when_secret_key_is_unset(runtim
         assert len(before) == 2
         from gunicorn.ctl.client import ControlClient
 
-        with ControlClient(str(ctl), timeout=10) as control:
+        with ControlClient(str(ctl), timeout=60) as control:  # a busy CI machine answers slowly
             control.send_command("reload")  # graceful: two new workers replace the old ones
         wait_for(lambda: len(_workers(ctl) - before) == 2 and not any(_running(pid) for pid in before), timeout=60,
                  message="the old workers replaced")
