@@ -51,7 +51,7 @@ def billing_history(conn: Connection, account_id: str, now: Any = None) -> list[
     if gathered is None:
         return None
     snapshot, _ = gathered
-    from app.domain.compute import attempts_by_invoice
+    from app.domain.attempts import attempts_by_invoice
 
     grouped = attempts_by_invoice(snapshot)
     out = []

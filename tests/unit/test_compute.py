@@ -8,7 +8,8 @@ from itertools import pairwise
 
 import pytest
 
-from app.domain.compute import attempts_by_invoice, compute
+from app.domain.attempts import attempts_by_invoice
+from app.domain.compute import compute
 from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge, Subscription
 from app.domain.state import FailureClass, Level, Status

@@ -1,0 +1,79 @@
+"""Attempts and the invoices they were paying, and when each failed. Pure.
+
+Since Stripe API 2025-03-31 a charge or payment intent names no invoice: ``attempts_by_invoice``
+files each unlinked attempt under the invoice it most likely paid. A bad-debt payment's own intent
+is filed like any other, and ``without_bad_debt_payments`` takes it out where the regular
+collection path is decided.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from app.domain.snapshot import Attempt, Invoice, Snapshot
+
+# An invoice's failure and its charge's decline are two events about one attempt, seconds apart.
+SAME_ATTEMPT = timedelta(minutes=1)
+
+
+def failure_time(attempt: Attempt) -> datetime:
+    """When an attempt's latest failure happened: its latest charge, or its latest failure that made
+    no charge (a failed 3-D Secure, timed by the event that reported it), whichever is later.
+
+    Stripe retries an invoice on the same payment intent: the attempt's row carries every charge,
+    so its latest charge is its latest try, unless a later try made none (a failed 3-D Secure on
+    the reused intent, its charges still the earlier ones). Both times stay put when more events
+    about the attempt come (its intent's, a cancellation of the intent), where the attempt's own
+    time moves with each: that is the time only of a row that has neither (from before the mirror
+    kept failed_at)."""
+    times = [c.charged_at for c in attempt.charges]
+    if attempt.failed_at is not None:
+        times.append(attempt.failed_at)
+    return max(times) if times else attempt.attempted_at
+
+
+def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
+    """Attempts grouped by invoice. An attempt Stripe did not link to an invoice (charge.failed
+    carries no invoice since API 2025-03-31) goes to an invoice it could have been paying (see
+    ``_owner``)."""
+    grouped: dict[str | None, list[Attempt]] = {}
+    by_created = sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
+    for attempt in snapshot.attempts:
+        invoice_id = attempt.invoice_id
+        if invoice_id is None:
+            owner = _owner(by_created, attempt)
+            invoice_id = owner.id if owner is not None else None
+        grouped.setdefault(invoice_id, []).append(attempt)
+    for attempts in grouped.values():
+        attempts.sort(key=lambda a: (a.attempted_at, a.id))
+    return grouped
+
+
+def without_bad_debt_payments(grouped: dict[str | None, list[Attempt]], snapshot: Snapshot
+                              ) -> dict[str | None, list[Attempt]]:
+    """The invoices' own attempts: a bad-debt payment's intent (standalone, filed under an invoice
+    by ``_owner``) is no attempt of the regular collection path. Its decline is no failure of the
+    invoice, and must not change the invoice's failure class or plan its retries. Its charges still
+    count for the card's 30-day cap (retry_cadence reads every attempt), its refunds for the
+    invoice's billing-history label, and its decline is still a failed payment (PaymentFailed)."""
+    intents = {p.stripe_payment_intent_id for p in snapshot.bad_debt_payments if p.stripe_payment_intent_id}
+    if not intents:
+        return grouped
+    return {invoice: [a for a in attempts if a.id not in intents] for invoice, attempts in grouped.items()}
+
+
+def _owner(by_created: list[Invoice], attempt: Attempt) -> Invoice | None:
+    """The invoice an unlinked attempt was most likely paying: among those created before it and
+    still open when it ran (not paid or voided before), the one whose last failure was at that
+    moment (Stripe's invoice.payment_failed of the same attempt), else the latest of the same
+    amount, else the latest. An invoice settled before the attempt cannot have been its target: a
+    decline there would be read as this invoice's and set the wrong failure class. With none open,
+    the latest created before it, as before."""
+    at = attempt.attempted_at
+    earlier = [i for i in by_created if i.created <= at and i.status != "draft"]
+    open_then = [i for i in earlier if not any(t is not None and t < at for t in (i.paid_at, i.voided_at))]
+    same_amount = [i for i in open_then if attempt.amount and attempt.amount in (i.amount_due, i.amount_remaining)]
+    failed_then = [i for i in same_amount or open_then
+                   if i.last_failed_at is not None and abs(i.last_failed_at - at) <= SAME_ATTEMPT]
+    pick = failed_then or same_amount or open_then or earlier
+    return pick[-1] if pick else None
