@@ -60,6 +60,10 @@ NOT_ISSUER_OUTCOMES = frozenset({"blocked", "invalid", "authorized", "manual_rev
 # failed before any charge was attempted. The intent's webhook carries no other sign of it (its
 # latest_charge is an id; a charge's three_d_secure result is on the charge, which was not made).
 AUTHENTICATION_FAILURES = frozenset({"payment_intent_authentication_failure"})
+# Payment methods that debit a bank account: a failed debit's error names no charge, its intent's
+# latest_charge is the failed one.
+BANK_DEBITS = frozenset({"sepa_debit", "bacs_debit", "us_bank_account", "au_becs_debit", "acss_debit",
+                         "nz_bank_account"})
 PI_STATUS = {"requires_payment_method": "failed", "canceled": "failed", "succeeded": "succeeded",
              "processing": "pending", "requires_action": "requires_action", "requires_confirmation": "pending",
              "requires_capture": "pending"}
@@ -274,14 +278,25 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
 
 
 def _failed_charge(intent: Mapping[str, Any], error: Mapping[str, Any]) -> str | None:
-    """The charge a failed payment intent's failure is about: the one its last_payment_error names;
-    none for a failed authentication (3-D Secure), which made no charge (on a reused intent
-    latest_charge still names the previous, declined charge); else the intent's latest charge: a
-    bank debit's failure (SEPA, ACH) names its failed charge there and not in its error."""
+    """The charge a failed payment intent's failure is about: the one its last_payment_error names
+    (Stripe names it for a card error that made a charge); for a bank debit (SEPA, ACH), whose
+    error does not name it, the intent's latest charge; else none: the failure made no charge (a
+    failed 3-D Secure, a retry refused before charging), and on a reused intent latest_charge
+    still names the previous, already announced decline."""
     named = _id(error.get("charge"))
-    if named is not None or error.get("code") in AUTHENTICATION_FAILURES:
+    if named is not None or error.get("code") in AUTHENTICATION_FAILURES or not _bank_debit(intent, error):
         return named
     return _id(intent.get("latest_charge"))
+
+
+def _bank_debit(intent: Mapping[str, Any], error: Mapping[str, Any]) -> bool:
+    """Whether the failed payment was a debit from a bank account: by its payment method's type,
+    else by the only types the intent accepts."""
+    kind = _obj(error.get("payment_method")).get("type")
+    if isinstance(kind, str):
+        return kind in BANK_DEBITS
+    types = intent.get("payment_method_types")
+    return isinstance(types, list) and bool(types) and all(isinstance(t, str) and t in BANK_DEBITS for t in types)
 
 
 def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow | None:

@@ -250,7 +250,8 @@ def test_a_bank_debit_failure_told_by_its_charge_and_its_intent_in_one_second_en
         debit = event("charge.failed", id=charge, customer=customer, payment_intent=intent, amount=5000, created=t,
                       failure_code="debit_not_authorized", paths={"created": t})
         return failed_invoice(customer, t), [
-            debit, intent_failed(customer, intent, charge, t, code="", decline_code="generic_decline")], intent
+            debit, intent_failed(customer, intent, charge, t, code="", decline_code="generic_decline",
+                                 payment_method={"id": unique("pm"), "type": "sepa_debit"})], intent
 
     results = deliver_in_every_order(client, accounts, engine, runtime, t, 2, history)
     for row, cls in results:
@@ -343,3 +344,36 @@ def test_a_failed_3ds_retry_on_a_reused_intent_is_announced_once_in_any_order(cl
         finals.append(stored_state(engine, account, intent, customer).replace(events[0]["data"]["object"]["id"],
                                                                               "INVOICE"))
     assert finals[0] == finals[1] == finals[2]
+
+
+def test_a_retry_refused_before_any_charge_on_a_reused_intent_is_a_failure_of_its_own(client, accounts, engine,
+                                                                                      runtime):
+    """Attempt 1 on the intent: its charge declined (do_not_honor). Stripe retries the invoice on the
+    same intent two days later and refuses it before any charge (card_decline_rate_limit_exceeded:
+    its error names no charge, latest_charge is still the first one): a second failed payment,
+    announced, with its own codes, not folded into the first charge's."""
+    t1 = int(time.time()) - 5 * DAY
+    t2 = t1 + 2 * DAY
+    account, customer = accounts.create()
+    intent = unique("pi")
+    invoice = failed_invoice(customer, t1)
+    retried = json.loads(json.dumps(invoice))
+    retried.update(id=unique("evt"), created=t2)
+    retried["data"]["object"].update(attempt_count=2)
+    charge, declined = declined_charge(customer, intent, t1, type="issuer_declined", reason="do_not_honor")
+    events = [invoice, declined, intent_failed(customer, intent, charge, t1 + 2, charge=charge,
+                                               decline_code="do_not_honor"),
+              retried, intent_failed(customer, intent, charge, t2, type="card_error",
+                                     code="card_decline_rate_limit_exceeded", decline_code=None)]
+    for n, evt in enumerate(events):
+        assert post_event(client, evt).status_code == 200
+        run_recompute(engine, runtime.policy, account, "STATE_REFRESH",
+                      datetime.fromtimestamp(t2, UTC) + timedelta(minutes=n))
+    row = attempt_codes(engine, intent)
+    assert (row["charge_id"], row["decline_code"], row["failure_code"]) == (
+        None, None, "card_decline_rate_limit_exceeded")
+    with engine.connect() as conn:
+        announced = [p["attempt_id"] for (p,) in conn.exec_driver_sql(
+            "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
+            {"a": account})]
+    assert announced == [intent, intent]

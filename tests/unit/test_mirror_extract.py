@@ -121,17 +121,27 @@ def test_a_failed_intent_is_about_the_charge_its_error_names():
 
 def test_a_failed_bank_debit_is_about_the_charge_its_intent_names_last():
     """A SEPA / bank debit failure names its failed charge in the intent's latest_charge, not in
-    last_payment_error.charge: only a failed authentication made no charge. Read as chargeless, the
-    intent's event wiped its charge's codes (debit_not_authorized) or was wiped by them, by order."""
+    last_payment_error.charge. Read as chargeless, the intent's event wiped its charge's codes
+    (debit_not_authorized) or was wiped by them, by order."""
     debit = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="py_1",
-                  created=1_700_000_000, paths={"last_payment_error.code": "",
-                                                "last_payment_error.decline_code": "generic_decline"})
+                  payment_method_types=["sepa_debit"], created=1_700_000_000,
+                  paths={"last_payment_error.code": "", "last_payment_error.decline_code": "generic_decline"})
     row = extract(debit).rows[0].values
     assert (row["charge_id"], row["decline_code"]) == ("py_1", "generic_decline")
     assert list(row["charges"]) == ["py_1"]
-    # a card decline whose error names no charge: its latest charge too
-    declined = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_2")
-    assert extract(declined).rows[0].values["charge_id"] == "ch_2"
+    assert row["failed_at"] is None  # timed by its charge
+
+
+def test_a_card_failure_whose_error_names_no_charge_made_none():
+    """Stripe names the charge of a card error that made one. A retry on a reused intent refused
+    before any charge (card_decline_rate_limit_exceeded) names none, and latest_charge is still the
+    previous, already announced decline: this failure is its own, timed by its event."""
+    refused = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_1",
+                    created=1_700_000_000, paths={"last_payment_error.code": "card_decline_rate_limit_exceeded",
+                                                  "last_payment_error.decline_code": None})
+    row = extract(refused).rows[0].values
+    assert (row["charge_id"], row["charges"], row["failure_code"]) == (None, {}, "card_decline_rate_limit_exceeded")
+    assert row["failed_at"] is not None
 
 
 def test_only_a_failure_that_made_no_charge_sets_its_failure_time():
