@@ -49,6 +49,12 @@ def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
     return grouped
 
 
+def bad_debt_intents(snapshot: Snapshot) -> list[Attempt]:
+    """The attempts that are bad-debt payments' own intents."""
+    intents = {p.stripe_payment_intent_id for p in snapshot.bad_debt_payments if p.stripe_payment_intent_id}
+    return [a for a in snapshot.attempts if a.id in intents] if intents else []
+
+
 def without_bad_debt_payments(grouped: dict[str | None, list[Attempt]], snapshot: Snapshot
                               ) -> dict[str | None, list[Attempt]]:
     """The invoices' own attempts: a bad-debt payment's intent (standalone, filed under an invoice

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from app.domain.attempts import attempts_by_invoice, failure_time, without_bad_debt_payments
+from app.domain.attempts import attempts_by_invoice, bad_debt_intents, failure_time, without_bad_debt_payments
 from app.domain.decline_codes import classify
 from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, entitlements, full_entitlements
 from app.domain.mandates import mandates
@@ -221,10 +221,13 @@ def _unpaid_since(invoice: Invoice, first_failure: datetime | None, now: datetim
     """When the invoice became debt. With payment terms, open: its due date (a first attempt that fails
     long after it must not restart the clock of a debt already overdue, nor one that failed before it,
     paying early, start the clock early). Marked uncollectible: the earliest of its due date (once
-    passed), its first failure and its marking, which no later moment moves. Else its first failure."""
+    passed), its first failure (without payment terms) and its marking, which no later moment
+    moves. Else its first failure."""
     due = invoice.due_date if invoice.due_date is not None and invoice.due_date <= now else None
     if invoice.status == "uncollectible":
-        return min((t for t in (due, first_failure, invoice.marked_uncollectible_at) if t is not None),
+        # With payment terms, an early failure never counts (as while it was open).
+        failed = first_failure if invoice.due_date is None else None
+        return min((t for t in (due, failed, invoice.marked_uncollectible_at) if t is not None),
                    default=invoice.created)
     return due or first_failure or invoice.created
 
@@ -457,9 +460,11 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         reasons.append(Reason("retry.held_bad_debt_payment", "a bad-debt payment is in flight: no automatic retry "
                               "until its outcome", {"payment": in_flight.id, "invoice": retry.invoice.id}))
         retry = None
-    # The failure PaymentFailed announces: of every attempt at the unpaid invoices, the bad-debt
-    # payment's intent included (its decline is a failed payment, though no failure of the invoice).
-    failures = [f for a in assessed for f in grouped.get(a.invoice.id, ()) if f.failed]
+    # The failure PaymentFailed announces: of every attempt at the unpaid invoices, and the bad-debt
+    # payments' intents wherever _owner filed them (a decline there is a failed payment, though no
+    # failure of an invoice; it may be filed under a newer invoice that is not debt yet).
+    failures = list({f.id: f for f in (*(f for a in assessed for f in grouped.get(a.invoice.id, ())),
+                                       *bad_debt_intents(snapshot)) if f.failed}.values())
     latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
     current_class = None
     if assessed:

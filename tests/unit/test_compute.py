@@ -721,3 +721,34 @@ def test_an_invoice_marked_uncollectible_before_its_due_date_keeps_its_start():
                   due_date=NOW + timedelta(days=5), marked_uncollectible_at=days(30))
     assert decide(snapshot(inv)).state.unpaid_since == days(30)
     assert decide(snapshot(inv), now=NOW + timedelta(days=6)).state.unpaid_since == days(30)
+
+
+def test_a_failed_bad_debt_payment_filed_under_an_invoice_not_yet_debt_is_announced():
+    """Two invoices in bad debt paid together by one bad-debt payment, and a newer open invoice of
+    another subscription, not failed yet: the standalone intent is filed under the newer one; its
+    decline is still a failed payment."""
+    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
+    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
+    c = replace(invoice("in_c", failed_days_ago=None, sub="sub_2", product="prod_other"), created=days(1))
+    first = (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
+             attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
+    declined = attempt("pi_bd", None, days_ago=0.01, decline="insufficient_funds", amount=10000)
+    payment = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(0.02), updated_at=days(0.01),
+                             failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
+    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
+    before = decide(snapshot(a, b, c, attempts=first, subscriptions=subs))
+    assert before.state.status == Status.BAD_DEBT
+    after = decide(replace(snapshot(a, b, c, attempts=(*first, declined), bad_debt_payments=(payment,),
+                                    subscriptions=subs), stored=before.state))
+    failed = [e.payload() for e in derive_events(before.state, after, NOW) if e.name == "PaymentFailed"]
+    assert failed == [{"attempt_id": "pi_bd", "failure_class": "transient"}]
+
+
+def test_marking_an_overdue_invoice_uncollectible_keeps_its_debt_start_at_the_due_date():
+    """Payment terms, due 20 days ago, an early hosted-page failure 35 days ago: the debt starts at the
+    due date while open, and still when marked uncollectible."""
+    early = (attempt("pi_1", "in_1", days_ago=35),)
+    inv = replace(invoice(failed_days_ago=35), created=days(50), due_date=days(20))
+    assert decide(snapshot(inv, attempts=early)).state.unpaid_since == days(20)
+    marked = replace(inv, status="uncollectible", marked_uncollectible_at=days(1))
+    assert decide(snapshot(marked, attempts=early)).state.unpaid_since == days(20)
