@@ -376,7 +376,9 @@ class EmbeddedPostgres(_ServerContext):
             self.initializing.unlink(missing_ok=True)  # nothing was made
 
     def _postmaster(self) -> psutil.Process | None:
-        """The live postmaster of ``pgdata``, from its postmaster.pid."""
+        """The live postmaster of ``pgdata``, from its postmaster.pid: a process that serves this very
+        folder. The file outlives a postmaster killed outright (or a reboot), and its pid may since
+        belong to another process, even another cluster's postmaster: never that one."""
         try:
             first = (self.pgdata / "postmaster.pid").read_text().splitlines()[0]
             proc = live_process(int(first))
@@ -385,9 +387,19 @@ class EmbeddedPostgres(_ServerContext):
         if proc is None:
             return None
         with contextlib.suppress(psutil.Error):
-            if "postgres" in proc.name() or "postmaster" in proc.name():
+            if ("postgres" in proc.name() or "postmaster" in proc.name()) and self._serves_pgdata(proc):
                 return proc
         return None
+
+    def _serves_pgdata(self, proc: psutil.Process) -> bool:
+        """A postmaster works in its data folder (it changes into it) and pg_ctl starts it with -D."""
+        target = os.path.realpath(self.pgdata)
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.path.realpath(proc.cwd()) == target:
+                return True
+        with contextlib.suppress(psutil.Error):
+            return any(os.path.realpath(arg) == target for arg in proc.cmdline() if os.sep in arg)
+        return False
 
     def _stop_leftover(self) -> None:
         if self._postmaster() is not None:

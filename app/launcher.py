@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import ipaddress
 import json
 import multiprocessing
 import os
@@ -72,7 +73,8 @@ WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9808}" && rm -rf "$PROMETHEUS_MULTIP
 -Q recompute,payments,sweeps,outbox,maintenance --prefetch-multiplier 1 -l info
 beat: mkdir -p "${DUNNING_DATA_DIR:-.dunning}" && exec celery -A tasks beat \
 --schedule "${DUNNING_DATA_DIR:-.dunning}/celerybeat-schedule" -l info
-flower: case "${FLOWER_ADDRESS:-127.0.0.1}" in 127.*|localhost|::1) open_api=true ;; *) open_api=false ;; esac \
+flower: case "${FLOWER_ADDRESS:-127.0.0.1}" in 127.0.0.1|localhost|::1|"[::1]") open_api=true ;; \
+*) open_api=false ;; esac \
 && export FLOWER_UNAUTHENTICATED_API="${FLOWER_UNAUTHENTICATED_API:-$open_api}" \
 && exec celery -A tasks flower --address=${FLOWER_ADDRESS:-127.0.0.1} --port=${FLOWER_PORT:-5555}
 """
@@ -191,7 +193,15 @@ def _port_free_soon(host: str, port: int, patience: float) -> bool:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """By address, not by spelling: a host name starting with ``127.`` may resolve anywhere. The
+    only name taken on trust is localhost."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -> dict[str, str]:
@@ -207,6 +217,15 @@ def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -
             "unset (127.0.0.1)"
         )
     return {"FLOWER_UNAUTHENTICATED_API": "false"}
+
+
+def _worker_metrics_port(env: Mapping[str, str]) -> dict[str, int]:
+    """The worker's metrics port, when it is one to check: the worker itself takes 0 (any free port)
+    and reports a value that is no port, serving none."""
+    raw = env.get("WORKER_METRICS_PORT", "").strip()
+    if not raw:
+        return {"WORKER_METRICS_PORT": DEFAULT_WORKER_METRICS_PORT}
+    return {"WORKER_METRICS_PORT": int(raw)} if raw.isdigit() and 0 < int(raw) < 65536 else {}
 
 
 def check_ports(processes: Mapping[str, str], ports: Mapping[str, int]) -> None:
@@ -720,10 +739,7 @@ class Launcher:
         port = _port(env, "PORT", DEFAULT_PORT)
         flower_port = _port(env, "FLOWER_PORT", DEFAULT_FLOWER_PORT)
         flower_host = env.get("FLOWER_ADDRESS", "").strip() or "127.0.0.1"
-        check_ports(processes, {
-            "PORT": port, "FLOWER_PORT": flower_port,
-            "WORKER_METRICS_PORT": _port(env, "WORKER_METRICS_PORT", DEFAULT_WORKER_METRICS_PORT),
-        })
+        check_ports(processes, {"PORT": port, "FLOWER_PORT": flower_port, **_worker_metrics_port(env)})
         flower_env = flower_api_env(env, flower_host, flower_port) if "flower" in processes else {}
         patience = PORT_WAIT if left_behind else 0.0
         if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):

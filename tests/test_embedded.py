@@ -271,3 +271,25 @@ def test_a_first_start_interrupted_in_initdb_leaves_a_folder_the_next_start_uses
         assert sql(url, "SELECT current_database()") == "postgres"
     finally:
         again.stop()
+
+
+def test_a_stale_postmaster_pid_never_stops_a_process_serving_another_folder(tmp_path: Path) -> None:
+    """pg/postmaster.pid left by a postmaster of this folder that died long ago (kill -9, a reboot),
+    its pid since reused by a process named postgres that serves something else (another checkout's
+    cluster, another user's): every `make run` looks for leftovers, and must leave it alone."""
+    import shutil
+
+    fake = tmp_path / "bin" / "postgres"  # stands for another cluster's postmaster
+    fake.parent.mkdir()
+    shutil.copy("/bin/sleep", fake)
+    other = subprocess.Popen([str(fake), "300"], cwd=tmp_path)
+    try:
+        pgdata = tmp_path / "data" / "pg"
+        pgdata.mkdir(parents=True)
+        (pgdata / "PG_VERSION").write_text("16\n")
+        (pgdata / "postmaster.pid").write_text(f"{other.pid}\n{pgdata}\n1700000000\n5432\n")
+        EmbeddedPostgres(tmp_path / "data").stop_leftover()
+        assert other.poll() is None, f"an unrelated process was stopped (rc={other.returncode})"
+    finally:
+        other.kill()
+        other.wait()

@@ -507,7 +507,9 @@ def test_flower_beyond_loopback_requires_basic_auth_and_keeps_its_api_closed() -
     assert launcher.flower_api_env({}, "127.0.0.1", 5555) == {"FLOWER_UNAUTHENTICATED_API": "true"}
     assert launcher.flower_api_env({"FLOWER_UNAUTHENTICATED_API": "false"}, "localhost", 5555) == {
         "FLOWER_UNAUTHENTICATED_API": "false"}
-    for host in ("0.0.0.0", "192.168.1.20"):
+    for host in ("::1", "[::1]", "LOCALHOST", "127.0.0.2"):  # loopback by address, not by spelling
+        assert launcher.flower_api_env({}, host, 5555) == {"FLOWER_UNAUTHENTICATED_API": "true"}
+    for host in ("0.0.0.0", "192.168.1.20", "127.corp.example"):  # a name may resolve anywhere
         with pytest.raises(launcher.LaunchError, match="set FLOWER_BASIC_AUTH=user:password"):
             launcher.flower_api_env({"FLOWER_UNAUTHENTICATED_API": "true"}, host, 5555)
         assert launcher.flower_api_env({"FLOWER_BASIC_AUTH": "ops:secret"}, host, 5555) == {
@@ -557,3 +559,16 @@ def test_two_servers_of_the_fleet_on_one_port_are_refused() -> None:
     with pytest.raises(launcher.LaunchError, match="FLOWER_PORT and WORKER_METRICS_PORT are both 5555"):
         launcher.check_ports(processes, {**ports, "WORKER_METRICS_PORT": 5555})
     launcher.check_ports({"web": "x", "worker": "y"}, {**ports, "FLOWER_PORT": 5000})  # no Flower
+
+
+def test_a_worker_metrics_port_the_worker_does_not_serve_on_is_no_clash() -> None:
+    """0 (any free port) or a value that is no port: the worker serves on no fixed port (it logs a bad
+    value), so there is nothing to clash with; make run does not refuse it."""
+    processes = launcher.procfile_processes({})
+    for raw in ("0", "off"):
+        ports = {"PORT": 5000, "FLOWER_PORT": 5555, **launcher._worker_metrics_port({"WORKER_METRICS_PORT": raw})}
+        launcher.check_ports(processes, ports)
+    assert launcher._worker_metrics_port({}) == {"WORKER_METRICS_PORT": launcher.DEFAULT_WORKER_METRICS_PORT}
+    with pytest.raises(launcher.LaunchError, match="WORKER_METRICS_PORT"):
+        launcher.check_ports(processes, {"PORT": 5000, "FLOWER_PORT": 5555,
+                                         **launcher._worker_metrics_port({"WORKER_METRICS_PORT": "5000"})})
