@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from app import launcher
+from app import fleet, launcher
 from app.embedded import create_time, free_port, read_pidfile, wait_for, write_pidfile
 from tasks import queues
 from tests.integration.processes import answers
@@ -209,7 +209,7 @@ def test_a_second_ctrl_c_that_lands_in_the_middle_of_a_print_is_shrugged_off(
         def write(self, data: Any) -> int:
             if not self.interrupted:  # the signal arrives during the main thread's write
                 self.interrupted = True
-                launcher._still_stopping(signal.SIGINT, None)
+                fleet.still_stopping(signal.SIGINT, None)
             written.append(bytes(data))
             return len(data)
 
@@ -313,11 +313,11 @@ def test_a_launcher_killed_outright_leaves_no_output_helper_behind_the_next_run(
 MANAGER_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
-    from app import launcher
+    from app import fleet
 
-    launcher.KILL_WAIT = float(sys.argv[2])
+    fleet.KILL_WAIT = float(sys.argv[2])
 
-    class Manager(launcher._FleetManager):
+    class Manager(fleet.FleetManager):
         def _start(self):
             super()._start()
             # SIGTERM lands right after the helpers are forked, before any of them has reported
