@@ -161,6 +161,24 @@ def intent_failed(customer: str, intent: str, latest_charge: str, t: int, **erro
                  created=t, paths={f"last_payment_error.{k}": v for k, v in error.items()})
 
 
+def deliver_and_recompute_twice(client: Any, engine: Any, runtime: Any, account: str, evt: dict[str, Any],
+                                now: datetime) -> None:
+    """Post ``evt`` and recompute at ``now``; a second recompute right after writes and emits nothing."""
+    assert post_event(client, evt).status_code == 200
+    run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
+    emitted = outbox_count(engine, account)
+    assert run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now).outcome == "unchanged"
+    assert outbox_count(engine, account) == emitted
+
+
+def payment_failures(engine: Any, account: str) -> list[tuple[str, str]]:
+    """The account's PaymentFailed events so far: (attempt, failure class)."""
+    with engine.connect() as conn:
+        return [(p["attempt_id"], p["failure_class"]) for (p,) in conn.exec_driver_sql(
+            "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
+            {"a": account})]
+
+
 def deliver_in_every_order(client: Any, accounts: Accounts, engine: Any, runtime: Any, t: int, events: int,
                            history: Any) -> list[tuple[dict[str, Any], str]]:
     """``history(customer)`` -> (the invoice's event, the attempt's ``events`` events, the intent): the
@@ -286,16 +304,9 @@ def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its
         two = failure(customer, intent, t2, "expired_card")
         deliveries = [invoice, *(one[i] for i in first_order), retried, *(two[i] for i in second_order)]
         for n, evt in enumerate(deliveries):
-            assert post_event(client, evt).status_code == 200
-            now = datetime.fromtimestamp(evt["created"], UTC) + timedelta(minutes=n)
-            run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
-            emitted = outbox_count(engine, account)
-            assert run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now).outcome == "unchanged"
-            assert outbox_count(engine, account) == emitted
-        with engine.connect() as conn:
-            failed = [(p["attempt_id"], p["failure_class"]) for (p,) in conn.exec_driver_sql(
-                "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
-                {"a": account})]
+            deliver_and_recompute_twice(client, engine, runtime, account, evt,
+                                        datetime.fromtimestamp(evt["created"], UTC) + timedelta(minutes=n))
+        failed = payment_failures(engine, account)
         assert failed == [(intent, "transient"), (intent, "permanent")], (first_order, second_order, failed)
 
 
@@ -325,16 +336,10 @@ def test_a_failed_3ds_retry_on_a_reused_intent_is_announced_once_in_any_order(cl
         intent = unique("pi")
         events = history(customer, intent)
         for n, i in enumerate(order):
-            assert post_event(client, events[i]).status_code == 200
-            now = datetime.fromtimestamp(t2, UTC) + timedelta(minutes=n)
-            run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
-            emitted = outbox_count(engine, account)
-            assert run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now).outcome == "unchanged"
-            assert outbox_count(engine, account) == emitted
+            deliver_and_recompute_twice(client, engine, runtime, account, events[i],
+                                        datetime.fromtimestamp(t2, UTC) + timedelta(minutes=n))
+        failed = payment_failures(engine, account)
         with engine.connect() as conn:
-            failed = [(p["attempt_id"], p["failure_class"]) for (p,) in conn.exec_driver_sql(
-                "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
-                {"a": account})]
             failed_at = conn.exec_driver_sql("SELECT failed_at FROM stripe_payment_attempt WHERE id = %(p)s",
                                              {"p": intent}).scalar_one()
         expected = [(intent, "action_required")] if order[0] == 3 else [(intent, "transient"),
@@ -372,8 +377,4 @@ def test_a_retry_refused_before_any_charge_on_a_reused_intent_is_a_failure_of_it
     row = attempt_codes(engine, intent)
     assert (row["charge_id"], row["decline_code"], row["failure_code"]) == (
         None, None, "card_decline_rate_limit_exceeded")
-    with engine.connect() as conn:
-        announced = [p["attempt_id"] for (p,) in conn.exec_driver_sql(
-            "SELECT payload FROM outbox WHERE account_id = %(a)s AND event_type = 'PaymentFailed' ORDER BY id",
-            {"a": account})]
-    assert announced == [intent, intent]
+    assert [attempt for attempt, _ in payment_failures(engine, account)] == [intent, intent]
