@@ -161,6 +161,14 @@ def intent_failed(customer: str, intent: str, latest_charge: str, t: int, **erro
                  created=t, paths={f"last_payment_error.{k}": v for k, v in error.items()})
 
 
+def retried_invoice(invoice: dict[str, Any], t: int) -> dict[str, Any]:
+    """Stripe's invoice.payment_failed of the invoice's second attempt, at ``t``."""
+    retried = json.loads(json.dumps(invoice))
+    retried.update(id=unique("evt"), created=t)
+    retried["data"]["object"].update(attempt_count=2)
+    return retried
+
+
 def deliver_and_recompute_twice(client: Any, engine: Any, runtime: Any, account: str, evt: dict[str, Any],
                                 now: datetime) -> None:
     """Post ``evt`` and recompute at ``now``; a second recompute right after writes and emits nothing."""
@@ -297,9 +305,7 @@ def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its
         account, customer = accounts.create()
         intent = unique("pi")
         invoice = failed_invoice(customer, t1)
-        retried = json.loads(json.dumps(invoice))
-        retried.update(id=unique("evt"), created=t2)
-        retried["data"]["object"].update(attempt_count=2)
+        retried = retried_invoice(invoice, t2)
         one = failure(customer, intent, t1, "insufficient_funds")
         two = failure(customer, intent, t2, "expired_card")
         deliveries = [invoice, *(one[i] for i in first_order), retried, *(two[i] for i in second_order)]
@@ -322,9 +328,7 @@ def test_a_failed_3ds_retry_on_a_reused_intent_is_announced_once_in_any_order(cl
 
     def history(customer: str, intent: str) -> list[dict[str, Any]]:
         invoice = failed_invoice(customer, t1)
-        retried = json.loads(json.dumps(invoice))
-        retried.update(id=unique("evt"), created=t2)
-        retried["data"]["object"].update(attempt_count=2)
+        retried = retried_invoice(invoice, t2)
         charge, declined = declined_charge(customer, intent, t1, type="issuer_declined", reason="insufficient_funds")
         return [invoice, declined, intent_failed(customer, intent, charge, t1 + 2, charge=charge), retried,
                 intent_failed(customer, intent, charge, t2, type="invalid_request_error",
@@ -362,9 +366,7 @@ def test_a_retry_refused_before_any_charge_on_a_reused_intent_is_a_failure_of_it
     account, customer = accounts.create()
     intent = unique("pi")
     invoice = failed_invoice(customer, t1)
-    retried = json.loads(json.dumps(invoice))
-    retried.update(id=unique("evt"), created=t2)
-    retried["data"]["object"].update(attempt_count=2)
+    retried = retried_invoice(invoice, t2)
     charge, declined = declined_charge(customer, intent, t1, type="issuer_declined", reason="do_not_honor")
     events = [invoice, declined, intent_failed(customer, intent, charge, t1 + 2, charge=charge,
                                                decline_code="do_not_honor"),
