@@ -171,11 +171,28 @@ class DyingRecompute:
         self.monkeypatch.setattr(service, "compute", self.real_compute)
 
 
+def the_webhooks_request_outlives_the_dead_run(engine, celery_app, account: str) -> None:
+    """The run is recorded dead and the webhook's request is still there: the stale-request re-drive
+    would send it (were the webhook's message lost), and the recompute it gets computes."""
+    from app.redrive import redrive
+
+    (dead,) = stuck(engine, account_id=account)
+    assert dead["state"] == "dead"
+    assert requests_of(engine, account) == 1
+    try:
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
+    finally:
+        celery_app.control.purge()
+    queued = celery_app.tasks["tasks.recompute_account"].apply(args=[account, "PAYMENT_FAILED", "evt_W"],
+                                                                kwargs={"coalesced": True})
+    assert queued.get()["outcome"] == "changed"
+    assert requests_of(engine, account) == 0
+
+
 def test_a_request_created_while_a_recompute_dies_is_recomputed(client, accounts, engine, celery_app, monkeypatch):
     """A run that took no request (the support button) dies while a webhook stores its event, creates
     the account's request and queues its recompute: that recompute finds the request and computes."""
     import tasks.recompute  # noqa: F401  (registers the task)
-    from app.redrive import redrive
 
     account, customer = accounts.create()
     dying = DyingRecompute(celery_app, monkeypatch, account, coalesced=False)
@@ -184,18 +201,7 @@ def test_a_request_created_while_a_recompute_dies_is_recomputed(client, accounts
         assert answer.status_code == 200 and answer.json["enqueued"] is True, answer.json
     finally:
         dying.die()
-    (dead,) = stuck(engine, account_id=account)
-    assert dead["state"] == "dead"
-    assert requests_of(engine, account) == 1
-    try:  # were the webhook's message lost, the stale-request re-drive would send it
-        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
-    finally:
-        celery_app.control.purge()
-    # the webhook's queued recompute runs
-    queued = celery_app.tasks["tasks.recompute_account"].apply(args=[account, "PAYMENT_FAILED", "evt_W"],
-                                                                kwargs={"coalesced": True})
-    assert queued.get()["outcome"] == "changed"
-    assert requests_of(engine, account) == 0
+    the_webhooks_request_outlives_the_dead_run(engine, celery_app, account)
 
 
 def test_a_request_touched_while_a_recompute_dies_on_it_is_sent_again(flask_app, client, accounts, engine,
@@ -205,7 +211,6 @@ def test_a_request_touched_while_a_recompute_dies_on_it_is_sent_again(flask_app,
     nothing), and commits before the run is recorded dead. The request is still there and the
     stale-request re-drive sends it: the second webhook's event is recomputed."""
     import tasks.recompute as tr
-    from app.redrive import redrive
 
     account, customer = accounts.create()
     first = post_event(client, event("invoice.payment_failed", id=unique("in"), customer=customer))
@@ -230,17 +235,7 @@ def test_a_request_touched_while_a_recompute_dies_on_it_is_sent_again(flask_app,
     assert not second.is_alive()
     assert answers["w"].status_code == 200 and answers["w"].json["state"] == "accepted", answers["w"].json
     assert answers["w"].json["enqueued"] is False  # it found the request pending: it relies on it
-    (dead,) = stuck(engine, account_id=account)
-    assert dead["state"] == "dead"
-    assert requests_of(engine, account) == 1
-    try:
-        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
-    finally:
-        celery_app.control.purge()
-    redriven = celery_app.tasks["tasks.recompute_account"].apply(args=[account, "PAYMENT_FAILED", "evt_1"],
-                                                                  kwargs={"coalesced": True})
-    assert redriven.get()["outcome"] == "changed"
-    assert requests_of(engine, account) == 0
+    the_webhooks_request_outlives_the_dead_run(engine, celery_app, account)
 
 
 def count_waiting_ingest(engine) -> int:
