@@ -72,10 +72,12 @@ def drain_rate(app, client: redis.Redis, prefix: str, queue: str, send) -> float
     """Tasks per second: pause consumers, queue everything, resume; the clock starts when the
     workers take the first message (not when the resume command is sent) and stops when the queue
     and the unacknowledged set are both empty."""
-    app.control.cancel_consumer(queue, reply=True, timeout=5)
+    # limit=1: the one worker's reply ends the wait. Without it a broadcast waits its whole timeout
+    # for replies, and a fast worker had drained most of the queue by then: only the tail was timed.
+    app.control.cancel_consumer(queue, reply=True, timeout=5, limit=1)
     send()
     queued = client.llen(prefix + queue)
-    app.control.add_consumer(queue, reply=True, timeout=5)
+    app.control.add_consumer(queue, reply=True, timeout=5, limit=1)
     pause = threading.Event()
     while client.llen(prefix + queue) == queued:
         pause.wait(0.001)
