@@ -278,15 +278,17 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
 
 
 def _failed_charge(intent: Mapping[str, Any], error: Mapping[str, Any]) -> str | None:
-    """The charge a failed payment intent's failure is about: the one its last_payment_error names
-    (Stripe names it for a card error that made a charge); for a bank debit (SEPA, ACH), whose
-    error does not name it, the intent's latest charge; else none: the failure made no charge (a
-    failed 3-D Secure, a retry refused before charging), and on a reused intent latest_charge
-    still names the previous, already announced decline."""
+    """The charge a failed payment intent's failure is about: the one its last_payment_error names;
+    else the intent's latest charge where a charge was made: an issuer's decline (it has a
+    decline_code), or a bank debit (SEPA, ACH), whose error names no charge; else none: the failure
+    made no charge (a failed 3-D Secure, a retry refused before charging), and on a reused intent
+    latest_charge still names the previous, already announced decline."""
     named = _id(error.get("charge"))
-    if named is not None or error.get("code") in AUTHENTICATION_FAILURES or not _bank_debit(intent, error):
+    if named is not None or error.get("code") in AUTHENTICATION_FAILURES:
         return named
-    return _id(intent.get("latest_charge"))
+    if error.get("decline_code") or _bank_debit(intent, error):
+        return _id(intent.get("latest_charge"))
+    return None
 
 
 def _bank_debit(intent: Mapping[str, Any], error: Mapping[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -288,18 +289,22 @@ def test_a_bank_debit_failure_told_by_its_charge_and_its_intent_in_one_second_en
         == [({k: v for k, v in results[0][0].items() if k not in ("charge_id", "charges")}, results[0][1])] * 2
 
 
+@pytest.mark.parametrize("error_names_its_charge", [True, False], ids=["charge_named", "fixture_shape"])
 def test_each_failed_retry_on_a_reused_intent_is_announced_once_whichever_of_its_events_comes_first(
-        client, accounts, engine, runtime):
+        client, accounts, engine, runtime, error_names_its_charge):
     """Stripe retries the invoice on its payment intent: two failures, two charges, one attempt row.
     Each failure is told by its charge's event (the charge's exact time) and its intent's (the event's
     time, seconds later), in either order. Recomputed after every delivery: one PaymentFailed per
-    failure, each with its own class, and a recompute right after writes and emits nothing."""
+    failure, each with its own class, and a recompute right after writes and emits nothing. Also
+    where the intent's error does not name its charge (the fixture's shape: an issuer's decline,
+    decline_code and no charge): its latest charge is the declined one."""
     t1 = int(time.time()) - 5 * DAY
     t2 = t1 + 2 * DAY
 
     def failure(customer: str, intent: str, t: int, decline: str) -> list[dict[str, Any]]:
         charge, declined = declined_charge(customer, intent, t, type="issuer_declined", reason=decline)
-        return [declined, intent_failed(customer, intent, charge, t + 2, decline_code=decline, charge=charge)]
+        named = {"charge": charge} if error_names_its_charge else {}
+        return [declined, intent_failed(customer, intent, charge, t + 2, decline_code=decline, **named)]
 
     for first_order, second_order in itertools.product([(0, 1), (1, 0)], repeat=2):
         account, customer = accounts.create()

@@ -130,6 +130,10 @@ def test_a_failed_bank_debit_is_about_the_charge_its_intent_names_last():
     assert (row["charge_id"], row["decline_code"]) == ("py_1", "generic_decline")
     assert list(row["charges"]) == ["py_1"]
     assert row["failed_at"] is None  # timed by its charge
+    # an issuer's decline (it has a decline code) whose error names no charge: its latest charge too
+    declined = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_2")
+    assert declined["data"]["object"]["last_payment_error"]["decline_code"]  # the fixture's shape
+    assert extract(declined).rows[0].values["charge_id"] == "ch_2"
 
 
 def test_a_card_failure_whose_error_names_no_charge_made_none():
