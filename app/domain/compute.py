@@ -462,9 +462,12 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         retry = None
     # The failure PaymentFailed announces: of every attempt at the unpaid invoices, and the bad-debt
     # payments' intents wherever _owner filed them (a decline there is a failed payment, though no
-    # failure of an invoice; it may be filed under a newer invoice that is not debt yet).
+    # failure of an invoice; it may be filed under a newer invoice that is not debt yet), those of
+    # this debt only: an old one, of a debt long settled, is no news when a new invoice opens.
+    debt_since = min((a.unpaid_since for a in assessed), default=None)
+    paying_it = [f for f in bad_debt_intents(snapshot) if debt_since is not None and failure_time(f) >= debt_since]
     failures = list({f.id: f for f in (*(f for a in assessed for f in grouped.get(a.invoice.id, ())),
-                                       *bad_debt_intents(snapshot)) if f.failed}.values())
+                                       *paying_it) if f.failed}.values())
     latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
     current_class = None
     if assessed:

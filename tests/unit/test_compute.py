@@ -752,3 +752,15 @@ def test_marking_an_overdue_invoice_uncollectible_keeps_its_debt_start_at_the_du
     assert decide(snapshot(inv, attempts=early)).state.unpaid_since == days(20)
     marked = replace(inv, status="uncollectible", marked_uncollectible_at=days(1))
     assert decide(snapshot(marked, attempts=early)).state.unpaid_since == days(20)
+
+
+def test_an_old_failed_bad_debt_payment_is_not_announced_again_when_a_new_invoice_opens():
+    """Its debt long settled; a new invoice is finalized (open, nothing failed): no PaymentFailed."""
+    old = invoice("in_old", status="paid", failed_days_ago=90, paid_at=days(40))
+    declined = attempt("pi_bd", None, days_ago=50, decline="insufficient_funds")  # the standalone intent
+    payment = BadDebtPayment(id=1, state="failed", amount=5000, created_at=days(50), updated_at=days(50),
+                             stripe_payment_intent_id="pi_bd")
+    settled = snapshot(old, attempts=(declined,), bad_debt_payments=(payment,))
+    current = decide(settled)
+    opened = decide(replace(settled, invoices=(old, invoice("in_new", failed_days_ago=None)), stored=current.state))
+    assert [e for e in derive_events(current.state, opened, NOW) if e.name == "PaymentFailed"] == []
