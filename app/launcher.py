@@ -75,7 +75,7 @@ WORKER_METRICS_PORT="${WORKER_METRICS_PORT:-9808}" && rm -rf "$PROMETHEUS_MULTIP
 -Q recompute,payments,sweeps,outbox,maintenance --prefetch-multiplier 1 -l info
 beat: mkdir -p "${DUNNING_DATA_DIR:-.dunning}" && exec celery -A tasks beat \
 --schedule "${DUNNING_DATA_DIR:-.dunning}/celerybeat-schedule" -l info
-flower: case "${FLOWER_ADDRESS:-127.0.0.1}" in 127.0.0.1|localhost|::1|"[::1]") open_api=true ;; \
+flower: case "${FLOWER_ADDRESS:-127.0.0.1}" in 127.0.0.1|localhost|::1) open_api=true ;; \
 *) open_api=false ;; esac \
 && export FLOWER_UNAUTHENTICATED_API="${FLOWER_UNAUTHENTICATED_API:-$open_api}" \
 && exec celery -A tasks flower --address=${FLOWER_ADDRESS:-127.0.0.1} --port=${FLOWER_PORT:-5555}
@@ -330,9 +330,11 @@ class Launcher:
         processes = procfile_processes(env)
         port = _port(env, "PORT", DEFAULT_PORT)
         flower_port = _port(env, "FLOWER_PORT", DEFAULT_FLOWER_PORT)
-        flower_host = env.get("FLOWER_ADDRESS", "").strip() or "127.0.0.1"
+        # An IPv6 address as a URL writes it, [::1], is the bare address to bind (Tornado's too).
+        flower_host = env.get("FLOWER_ADDRESS", "").strip().strip("[]") or "127.0.0.1"
         check_ports(processes, {"PORT": port, "FLOWER_PORT": flower_port, **_worker_metrics_port(env)})
-        flower_env = flower_api_env(env, flower_host, flower_port) if "flower" in processes else {}
+        flower_env = ({**flower_api_env(env, flower_host, flower_port), "FLOWER_ADDRESS": flower_host}
+                      if "flower" in processes else {})
         patience = PORT_WAIT if left_behind else 0.0
         if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):
             raise LaunchError(f"port {port} is in use; choose another with PORT=...")
