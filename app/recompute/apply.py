@@ -16,7 +16,7 @@ from app.domain.compute import Decision
 from app.domain.events import DomainEvent, derive_events
 from app.domain.snapshot import Snapshot
 from app.domain.state import MandateState, Status
-from app.recompute.emit import emit
+from app.recompute.emit import outbox_insert
 
 JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested"})
 BAD_DEBT_STATES = (Status.BAD_DEBT, Status.LIFTING)
@@ -42,25 +42,20 @@ def _params(columns: dict[str, object]) -> dict[str, object]:
     return {k: Json(v) if k in JSON_COLUMNS else v for k, v in columns.items()}
 
 
-def _write_state(conn: Connection, snapshot: Snapshot, decision: Decision, changed: list[str], version: int,
-                 trigger: str, now: datetime) -> None:
+def _state_write(snapshot: Snapshot, decision: Decision, changed: list[str], version: int, trigger: str,
+                 now: datetime) -> tuple[str, dict[str, object]]:
+    """The statement that writes the changed columns, and its parameters."""
     columns = decision.state.to_columns(changed)
     params = _params(columns)
     params.update(account=snapshot.account_id, version=version, trigger=trigger, now=now)
     if snapshot.stored is None:
         names = list(columns)
-        conn.exec_driver_sql(
-            f"INSERT INTO subs_dunning (account_id, {', '.join(names)}, version, last_trigger, changed_at) "
-            f"VALUES (%(account)s, {', '.join(f'%({n})s' for n in names)}, %(version)s, %(trigger)s, %(now)s)",
-            params,
-        )
-    else:
-        sets = ", ".join(f"{n} = %({n})s" for n in columns)
-        conn.exec_driver_sql(
-            f"UPDATE subs_dunning SET {sets}, version = %(version)s, last_trigger = %(trigger)s, "
-            f"changed_at = %(now)s WHERE account_id = %(account)s",
-            params,
-        )
+        return (f"INSERT INTO subs_dunning (account_id, {', '.join(names)}, version, last_trigger, changed_at) "
+                f"VALUES (%(account)s, {', '.join(f'%({n})s' for n in names)}, %(version)s, %(trigger)s, %(now)s)",
+                params)
+    sets = ", ".join(f"{n} = %({n})s" for n in columns)
+    return (f"UPDATE subs_dunning SET {sets}, version = %(version)s, last_trigger = %(trigger)s, "
+            f"changed_at = %(now)s WHERE account_id = %(account)s", params)
 
 
 def _write_mandates(conn: Connection, account_id: str, stored: tuple[MandateState, ...],
@@ -120,10 +115,15 @@ def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: D
     episode_products: tuple[str, ...] = ()
     if changed:
         version = stored_version + 1
-        _write_state(conn, snapshot, decision, changed, version, trigger, now)
         events = derive_events(snapshot.stored, decision, now, snapshot.open_episode_entered_at)
         episode, episode_products = _episode(conn, snapshot, decision, now)
-        emit(conn, snapshot.account_id, version, events, now)
+        # The state and its events in one round trip: two statements in one execute (its parameters
+        # agree: the same account, version and time).
+        sql, params = _state_write(snapshot, decision, changed, version, trigger, now)
+        if events:
+            outbox_sql, outbox_params = outbox_insert(snapshot.account_id, version, events, now)
+            sql, params = f"{sql};\n{outbox_sql}", {**params, **outbox_params}
+        conn.exec_driver_sql(sql, params)
     flag_changed = decision.bad_debt != snapshot.stored_bad_debt_flag
     if flag_changed:
         # The one column of the shared subs_account this product owns.
