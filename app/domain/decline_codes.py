@@ -120,10 +120,20 @@ def classify(
 ) -> FailureClass:
     """Advice code first (the network's word on retrying); else the stricter of what the decline code
     and the failure code say, each looked up in either table."""
+    return deciding(decline_code, failure_code, advice_code)[0]
+
+
+def deciding(
+    decline_code: str | None = None,
+    failure_code: str | None = None,
+    advice_code: str | None = None,
+) -> tuple[FailureClass, str | None]:
+    """``classify``'s class, and the code that decided it (None: no code is known)."""
     advised = _lookup(ADVICE_CODES, advice_code)
     if advised is not None:
-        return advised
-    said = [c for c in (_lookup(DECLINE_CODES, decline_code) or _lookup(FAILURE_CODES, decline_code),
-                        _lookup(FAILURE_CODES, failure_code) or _lookup(DECLINE_CODES, failure_code))
-            if c is not None]
-    return max(said, key=STRICTNESS.__getitem__, default=UNKNOWN)
+        return advised, advice_code
+    said = [(c, code) for c, code in (
+        (_lookup(DECLINE_CODES, decline_code) or _lookup(FAILURE_CODES, decline_code), decline_code),
+        (_lookup(FAILURE_CODES, failure_code) or _lookup(DECLINE_CODES, failure_code), failure_code),
+    ) if c is not None]
+    return max(said, key=lambda pair: STRICTNESS[pair[0]], default=(UNKNOWN, None))

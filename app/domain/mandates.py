@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from app.domain.decline_codes import classify
+from app.domain.decline_codes import deciding
 from app.domain.snapshot import Snapshot
 from app.domain.state import FailureClass, MandateState
 
@@ -24,8 +24,8 @@ def mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
         ):
             status, reason = "expired", f"card expired {pm.exp_month:02d}/{pm.exp_year}"
         elif last is not None:
-            cls = classify(last.decline_code, last.failure_code, last.advice_code)
-            code = last.decline_code or last.failure_code or last.advice_code
+            cls, deciding_code = deciding(last.decline_code, last.failure_code, last.advice_code)
+            code = deciding_code or last.decline_code or last.failure_code or last.advice_code
             if cls == FailureClass.PERMANENT:
                 status, reason = "blocked", f"permanent decline: {code}"
             elif cls == FailureClass.ACTION_REQUIRED:

@@ -573,6 +573,17 @@ def test_mandates_reflect_what_dunning_knows():
     assert by_id["pm_ok"].status == "usable" and by_id["pm_ok"].is_default
 
 
+def test_a_blocked_mandate_names_the_code_that_decided_it():
+    """A bank debit's mandate revoked: its charge's failure code decided (permanent), not the intent's
+    generic decline code beside it."""
+    revoked = attempt("py_1", "in_1", days_ago=1, decline="generic_decline", pm="pm_sepa",
+                      failure_code="debit_not_authorized")
+    decision = decide(snapshot(invoice(failed_days_ago=1), attempts=(revoked,),
+                               payment_methods=(method("pm_sepa", changed_days_ago=10),)))
+    [mandate] = decision.mandates
+    assert (mandate.status, mandate.status_reason) == ("blocked", "permanent decline: debit_not_authorized")
+
+
 def test_compute_is_deterministic_and_stable_against_its_own_output():
     snap = _suspended_snapshot()
     first = decide(snap)

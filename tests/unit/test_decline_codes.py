@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.domain.decline_codes import ADVICE_CODES, DECLINE_CODES, classify
+from app.domain.decline_codes import ADVICE_CODES, DECLINE_CODES, classify, deciding
 from app.domain.state import FailureClass as FC
 
 
@@ -58,3 +58,10 @@ def test_every_table_entry_has_a_class():
 @given(st.one_of(st.none(), st.text()), st.one_of(st.none(), st.text()), st.one_of(st.none(), st.text(), st.integers()))
 def test_any_value_classifies_without_error(decline, failure, advice):
     assert classify(decline, failure, advice) in set(FC)
+
+
+def test_the_deciding_code_is_the_one_whose_class_won():
+    assert deciding("generic_decline", "debit_not_authorized") == (FC.PERMANENT, "debit_not_authorized")
+    assert deciding("expired_card", "card_declined") == (FC.PERMANENT, "expired_card")
+    assert deciding("insufficient_funds", None, "do_not_try_again") == (FC.PERMANENT, "do_not_try_again")
+    assert deciding("a_code_stripe_adds_in_2027") == (FC.UNKNOWN, None)
