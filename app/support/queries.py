@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
 from app import queries
 
@@ -55,6 +55,14 @@ def lifting(conn: Connection, account_id: str, now: datetime, guard_minutes: int
         return None
     return {"since": since.isoformat(), "minutes": int((now - since).total_seconds() // 60),
             "stuck": now - since > timedelta(minutes=guard_minutes), "guard_minutes": guard_minutes}
+
+
+def account_view_of(engine: Engine, account_id: str, now: datetime, guard_minutes: int) -> dict[str, Any] | None:
+    """``account_view`` read in one REPEATABLE READ transaction: its statements all see the same
+    moment, so a recompute committing while the page is read cannot put the state of one moment
+    beside the invoices of another."""
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+        return account_view(conn, account_id, now, guard_minutes)
 
 
 def account_view(conn: Connection, account_id: str, now: datetime | None = None,

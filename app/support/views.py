@@ -23,7 +23,7 @@ from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
 from app.support import audit
 from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
-from app.support.queries import account_view
+from app.support.queries import account_view_of
 from app.sweep.lifting import stuck_in_lifting
 from app.web import celery_app, runtime
 
@@ -97,8 +97,7 @@ def task_status(task_id: str) -> ResponseReturnValue:
 @bp.get("/accounts/<account_id>/state")
 @require_support_token
 def account_state(account_id: str) -> ResponseReturnValue:
-    with runtime().engine.connect() as conn:
-        view = account_view(conn, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
+    view = account_view_of(runtime().engine, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     return jsonify(view) if view is not None else _not_found(account_id)
 
 
@@ -107,8 +106,7 @@ def account_page(account_id: str) -> ResponseReturnValue:
     actor, _ = authenticate()
     if actor is None:
         return render_template("support_login.html", next=_here(), error=None), 401
-    with runtime().engine.connect() as conn:
-        view = account_view(conn, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
+    view = account_view_of(runtime().engine, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     if view is None:
         return render_template("support_missing.html", account_id=account_id, actor=actor), 404
     return render_template("support_account.html", account_id=account_id, actor=actor, view=view,

@@ -198,3 +198,33 @@ def test_webhook_fed_account_appears_on_the_json_view(client, accounts):
     view = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
     assert len(view["invoices"]) == 1 and view["invoices"][0]["label"] in ("Past due", "Open")
     assert set(view) == {"dunning", "invoices", "retries", "stuck", "episodes", "bad_debt_payments", "lifting"}
+
+
+def test_the_account_page_is_read_at_one_moment(client, engine, runtime, accounts, monkeypatch):
+    """A recompute commits (the invoice paid, the state's next version) while the page is being read:
+    the page shows the state and the invoices of one moment, never the old state beside the new
+    invoices."""
+    from datetime import UTC, datetime
+
+    from app import queries
+    from app.recompute.service import run_recompute
+    from app.support.queries import account_view_of
+
+    account, customer = accounts.create()
+    invoice = unique("in")
+    assert post_event(client, event("invoice.payment_failed", id=invoice, customer=customer)).status_code == 200
+    run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
+    real = queries.billing_history
+
+    def a_recompute_commits_meanwhile(conn: Any, account_id: str, now: Any = None) -> Any:
+        with engine.begin() as other:
+            other.exec_driver_sql("UPDATE stripe_invoice SET status = 'paid', amount_paid = amount_due, "
+                                  "amount_remaining = 0 WHERE id = %(i)s", {"i": invoice})
+            other.exec_driver_sql("UPDATE subs_dunning SET status = 'current', version = version + 1 "
+                                  "WHERE account_id = %(a)s", {"a": account})
+        return real(conn, account_id, now)
+
+    monkeypatch.setattr(queries, "billing_history", a_recompute_commits_meanwhile)
+    view = account_view_of(engine, account, datetime.now(UTC), 30)
+    assert view is not None
+    assert (view["dunning"]["version"], view["invoices"][0]["label"]) == (1, "Past due")
