@@ -284,7 +284,8 @@ def _failed_charge(intent: Mapping[str, Any], error: Mapping[str, Any]) -> str |
     made no charge (a failed 3-D Secure, a retry refused before charging), and on a reused intent
     latest_charge still names the previous, already announced decline."""
     named = _id(error.get("charge"))
-    if named is not None or error.get("code") in AUTHENTICATION_FAILURES:
+    code = error.get("code")
+    if named is not None or (isinstance(code, str) and code in AUTHENTICATION_FAILURES):
         return named
     if error.get("decline_code") or _bank_debit(intent, error):
         return _id(intent.get("latest_charge"))

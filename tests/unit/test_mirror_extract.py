@@ -172,3 +172,15 @@ def test_only_a_failure_that_made_no_charge_sets_its_failure_time():
     for evt in others:
         [row] = extract(evt).rows
         assert row.values["failed_at"] is None, evt["type"]
+
+
+def test_an_error_code_that_is_no_string_is_no_crash():
+    """A code that is a list (a shape Stripe never sends, as the property test above can draw it):
+    mirrored or refused with a reason, never a TypeError."""
+    odd = event("payment_intent.payment_failed", id="pi_1", customer="cus_1", latest_charge="ch_1",
+                paths={"last_payment_error.code": []})
+    try:
+        extracted = extract(odd)
+    except (NotAStripeEvent, OutOfRange):
+        return
+    assert extracted.event_id == str(odd["id"])
