@@ -44,9 +44,10 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
         return []
     recorded = [at for at in _charge_times(snapshot.attempts, method) if now - WINDOW_30D < at <= now]
     latest = max(recorded, default=None)
+    invoices = {i.id: i for i in snapshot.invoices}
     unrecorded = [r.created_at for r in snapshot.retries
                   if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
-                  and (r.payment_method_id or snapshot.default_payment_method_id) == method
+                  and (r.payment_method_id or _default_of(snapshot, invoices.get(r.invoice_id))[0]) == method
                   and (latest is None or r.created_at > latest)]
     return sorted(recorded + unrecorded)
 
@@ -65,20 +66,42 @@ def _charge_times(attempts: tuple[Attempt, ...], method: str) -> Iterator[dateti
                 yield charge.charged_at
 
 
-def _new_method_since(snapshot: Snapshot, since: datetime, failed_method: str | None) -> PaymentMethod | None:
-    """A payment method attached, updated or made default after ``since`` (the last failure)."""
-    changed = [pm for pm in snapshot.payment_methods if pm.attached and pm.changed_at > since]
-    default_changed = snapshot.default_payment_method_changed_at
+def _default_of(snapshot: Snapshot, invoice: Invoice | None) -> tuple[str | None, datetime | None]:
+    """(default payment method, when it was made default) of the invoice's Stripe customer: Stripe
+    pays an invoice only with a method of its own customer. The account's (its latest customer's)
+    where the invoice or the snapshot does not say which customer."""
+    customer = invoice.stripe_customer_id if invoice is not None else None
+    if customer is None or not snapshot.customer_defaults:
+        return snapshot.default_payment_method_id, snapshot.default_payment_method_changed_at
+    for d in snapshot.customer_defaults:
+        if d.stripe_customer_id == customer:
+            return d.payment_method_id, d.changed_at
+    return None, None
+
+
+def _methods_of(snapshot: Snapshot, invoice: Invoice) -> list[PaymentMethod]:
+    """The payment methods that can pay ``invoice``: its customer's (all where either does not say)."""
+    customer = invoice.stripe_customer_id
+    return [pm for pm in snapshot.payment_methods
+            if customer is None or pm.stripe_customer_id is None or pm.stripe_customer_id == customer]
+
+
+def _new_method_since(snapshot: Snapshot, invoice: Invoice, since: datetime,
+                      failed_method: str | None) -> PaymentMethod | None:
+    """A payment method of the invoice's customer attached, updated or made its default after
+    ``since`` (the last failure)."""
+    methods = _methods_of(snapshot, invoice)
+    default_id, default_changed = _default_of(snapshot, invoice)
+    changed = [pm for pm in methods if pm.attached and pm.changed_at > since]
     # Made default again, the method that just failed is no new method.
-    if (default_changed is not None and default_changed > since and snapshot.default_payment_method_id
-            and snapshot.default_payment_method_id != failed_method):
-        for pm in snapshot.payment_methods:
-            if pm.id == snapshot.default_payment_method_id and pm.attached and pm not in changed:
+    if default_changed is not None and default_changed > since and default_id and default_id != failed_method:
+        for pm in methods:
+            if pm.id == default_id and pm.attached and pm not in changed:
                 changed.append(pm)
     if not changed:
         return None
     # Prefer the default method, then the most recent change.
-    changed.sort(key=lambda pm: (pm.id == snapshot.default_payment_method_id, pm.changed_at), reverse=True)
+    changed.sort(key=lambda pm: (pm.id == default_id, pm.changed_at), reverse=True)
     return changed[0]
 
 
@@ -160,7 +183,8 @@ def _plan(
 
     # A new or updated payment method after the last failure: one immediate free retry on it.
     since = last_failure.attempted_at if last_failure else schedule_start
-    new_method = _new_method_since(snapshot, since, failed_method) if policy.immediate_retry_on_new_method else None
+    new_method = (_new_method_since(snapshot, invoice, since, failed_method)
+                  if policy.immediate_retry_on_new_method else None)
     if new_method is not None:
         # A free retry skipped unsent (dispatched too long ago, say) was not used.
         used_free = any(r.free and r.charged and r.created_at >= new_method.changed_at for r in retries)
@@ -196,7 +220,7 @@ def _scheduled(
     reasons: list[Reason],
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """The plan by failure class, with no payment-method change to act on."""
-    default_method = snapshot.default_payment_method_id or failed_method
+    default_method = _default_of(snapshot, invoice)[0] or failed_method
     if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
         reasons.append(Reason("retry.none_" + failure_class.value,
                               "no automatic retry on the same method; waiting for the customer to act",

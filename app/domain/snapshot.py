@@ -39,6 +39,9 @@ class Invoice:
     paid_at: datetime | None = None
     voided_at: datetime | None = None
     marked_uncollectible_at: datetime | None = None
+    # The Stripe customer it bills (an account may have several): only that customer's payment
+    # methods can pay it. None in hand-built snapshots that do not say (any method of the account).
+    stripe_customer_id: str | None = None
 
     @property
     def is_upgrade(self) -> bool:
@@ -100,6 +103,16 @@ class PaymentMethod:
     exp_year: int | None = None
     card_brand: str | None = None
     card_last4: str | None = None
+    stripe_customer_id: str | None = None  # the Stripe customer it is attached to (None: not said)
+
+
+@dataclass(frozen=True)
+class CustomerDefault:
+    """One Stripe customer's default payment method (stripe_customer_state)."""
+
+    stripe_customer_id: str
+    payment_method_id: str | None
+    changed_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,9 @@ class Snapshot:
     payment_methods: tuple[PaymentMethod, ...] = ()
     default_payment_method_id: str | None = None
     default_payment_method_changed_at: datetime | None = None
+    # Each customer's default, the latest customer's first (default_payment_method_id above is the
+    # first one's): a retry of an invoice may only use its own customer's default.
+    customer_defaults: tuple[CustomerDefault, ...] = ()
     subscriptions: tuple[Subscription, ...] = ()
     retries: tuple[Retry, ...] = ()
     bad_debt_payments: tuple[BadDebtPayment, ...] = ()

@@ -20,6 +20,7 @@ from app.domain.snapshot import (
     Attempt,
     BadDebtPayment,
     Charge,
+    CustomerDefault,
     Invoice,
     InvoiceLine,
     PaymentMethod,
@@ -43,7 +44,7 @@ SELECT
   (SELECT json_agg(json_build_array(i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
           i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
-          i.marked_uncollectible_at) ORDER BY i.id)
+          i.marked_uncollectible_at, i.stripe_customer_id) ORDER BY i.id)
      FROM stripe_invoice i
     WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS invoices,
@@ -58,12 +59,12 @@ SELECT
              JOIN subs_customer c ON c.stripe_customer_id = i.stripe_customer_id
             WHERE p.stripe_customer_id IS NULL AND c.account_id = a.account_id) p) AS attempts,
   (SELECT json_agg(json_build_array(m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
-          m.card_brand, m.card_last4) ORDER BY m.id)
+          m.card_brand, m.card_last4, m.stripe_customer_id) ORDER BY m.id)
      FROM stripe_payment_method m
     WHERE m.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS payment_methods,
-  (SELECT json_agg(json_build_array(s.default_payment_method_id, s.changed_at) ORDER BY s.source_created DESC,
-          s.stripe_customer_id)
+  (SELECT json_agg(json_build_array(s.default_payment_method_id, s.changed_at, s.stripe_customer_id)
+          ORDER BY s.source_created DESC, s.stripe_customer_id)
      FROM stripe_customer_state s
     WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS customer_state,
@@ -145,7 +146,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
             lines=tuple(InvoiceLine(product=ln["product"], amount=ln["amount"]) for ln in (i[8] or ())),
             currency=i[9], total=i[10], credited_amount=i[11], attempt_count=i[12], due_date=_t(i[13]),
             first_failed_at=_t(i[14]), last_failed_at=_t(i[15]), paid_at=_t(i[16]), voided_at=_t(i[17]),
-            marked_uncollectible_at=_t(i[18]),
+            marked_uncollectible_at=_t(i[18]), stripe_customer_id=i[19],
         )
         for i in (m["invoices"] or ())
     )
@@ -157,9 +158,11 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     )
     methods = tuple(
         PaymentMethod(id=p[0], type=p[1], attached=p[2], changed_at=_tt(p[3]), exp_month=p[4], exp_year=p[5],
-                      card_brand=p[6], card_last4=p[7])
+                      card_brand=p[6], card_last4=p[7], stripe_customer_id=p[8])
         for p in (m["payment_methods"] or ())
     )
+    customer_defaults = tuple(CustomerDefault(stripe_customer_id=s[2], payment_method_id=s[0], changed_at=_t(s[1]))
+                              for s in (m["customer_state"] or ()))
     customer_state = (m["customer_state"] or [[None, None]])[0]
     subscriptions = tuple(
         Subscription(id=s[0], status=s[1], products=tuple(s[2] or ())) for s in (m["subscriptions"] or ())
@@ -188,6 +191,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
         payment_methods=methods,
         default_payment_method_id=customer_state[0],
         default_payment_method_changed_at=_t(customer_state[1]),
+        customer_defaults=customer_defaults,
         subscriptions=subscriptions,
         retries=retries,
         bad_debt_payments=payments,

@@ -24,6 +24,7 @@ from app.db import Prepared, fetch_prepared_all, fetch_prepared_row
 from app.domain.snapshot import (
     Attempt,
     BadDebtPayment,
+    CustomerDefault,
     Invoice,
     InvoiceLine,
     PaymentMethod,
@@ -71,10 +72,12 @@ ACCOUNTS = Prepared("dunning_batch_accounts", "SELECT " + _DUNNING + "WHERE a.ac
 _MIRROR = {  # table alias -> (table, the columns read)
     "i": ("stripe_invoice", "id, status, billing_reason, subscription_id, amount_due, amount_paid, "
                             "amount_remaining, created, lines, currency, total, credited_amount, attempt_count, "
-                            "due_date, first_failed_at, last_failed_at, paid_at, voided_at, marked_uncollectible_at"),
+                            "due_date, first_failed_at, last_failed_at, paid_at, voided_at, marked_uncollectible_at, "
+                            "stripe_customer_id"),
     "p": ("stripe_payment_attempt", "id, invoice_id, payment_method_id, status, attempted_at, amount, amount_refunded, "
                                     "decline_code, failure_code, advice_code, charges, failed_at"),
-    "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4"),
+    "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4, "
+                                   "stripe_customer_id"),
     "s": ("stripe_customer_state", "default_payment_method_id, changed_at, source_created, stripe_customer_id"),
     "b": ("stripe_subscription", "id, status, products"),
 }
@@ -110,7 +113,7 @@ SELECT
   (SELECT json_agg(json_build_array(i.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
           i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
-          i.marked_uncollectible_at) ORDER BY i.account_id, i.id)
+          i.marked_uncollectible_at, i.stripe_customer_id) ORDER BY i.account_id, i.id)
      FROM inv i),
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
           p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at)
@@ -122,9 +125,9 @@ SELECT
              FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
                    WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
   (SELECT json_agg(json_build_array(m.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
-          m.card_brand, m.card_last4) ORDER BY m.account_id, m.id)
+          m.card_brand, m.card_last4, m.stripe_customer_id) ORDER BY m.account_id, m.id)
      FROM ({_mirror_rows("m")}) m),
-  (SELECT json_agg(json_build_array(s.account_id, s.default_payment_method_id, s.changed_at)
+  (SELECT json_agg(json_build_array(s.account_id, s.default_payment_method_id, s.changed_at, s.stripe_customer_id)
           ORDER BY s.account_id, s.source_created DESC, s.stripe_customer_id)
      FROM ({_mirror_rows("s")}) s),
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.status, b.products) ORDER BY b.account_id, b.id)
@@ -180,7 +183,7 @@ def _invoice(i: Any) -> Invoice:
         "lines": tuple(InvoiceLine(product=ln["product"], amount=ln["amount"]) for ln in (i[9] or ())),
         "currency": i[10], "total": i[11], "credited_amount": i[12], "attempt_count": i[13], "due_date": _t(i[14]),
         "first_failed_at": _t(i[15]), "last_failed_at": _t(i[16]), "paid_at": _t(i[17]), "voided_at": _t(i[18]),
-        "marked_uncollectible_at": _t(i[19])})
+        "marked_uncollectible_at": _t(i[19]), "stripe_customer_id": i[20]})
 
 
 def _attempt(p: Any) -> Attempt:
@@ -192,7 +195,11 @@ def _attempt(p: Any) -> Attempt:
 
 def _method(p: Any) -> PaymentMethod:
     return PaymentMethod(id=p[1], type=p[2], attached=p[3], changed_at=_tt(p[4]), exp_month=p[5], exp_year=p[6],
-                         card_brand=p[7], card_last4=p[8])
+                         card_brand=p[7], card_last4=p[8], stripe_customer_id=p[9])
+
+
+def _customer_default(s: Any) -> CustomerDefault:
+    return CustomerDefault(stripe_customer_id=s[3], payment_method_id=s[1], changed_at=_t(s[2]))
 
 
 def _retry(x: Any) -> Retry:
@@ -247,20 +254,19 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
     """The Python half: account rows + their DETAILS row -> {id: (snapshot, stored version)}."""
     if not accounts:
         return {}
-    invoices, attempts, methods, subscriptions, retries, payments, mandates = (
+    invoices, attempts, methods, defaults, subscriptions, retries, payments, mandates = (
         _by_account(details[n], build) for n, build in ((0, _invoice), (1, _attempt), (2, _method),
-                                                        (4, _subscription), (5, _retry), (6, _payment),
-                                                        (7, _mandate)))
-    states: dict[str, Any] = {}
-    for row in details[3] or ():  # the customer's latest state first: gather_many takes the first too
-        states.setdefault(row[0], row)
+                                                        (3, _customer_default), (4, _subscription), (5, _retry),
+                                                        (6, _payment), (7, _mandate)))
     stuck = {x[0]: int(x[1]) for x in details[8] or ()}
     episodes = {x[0]: x[1] for x in details[9] or ()}
     out: dict[str, tuple[Snapshot, int]] = {}
     stored = _StoredStates()
     for r in accounts:
         account_id = r[0]
-        state = states.get(account_id)
+        customer_defaults = defaults.get(account_id, EMPTY)
+        # the latest customer's state first: gather_many takes the first too
+        state = customer_defaults[0] if customer_defaults else None
         episode = episodes.get(account_id)
         # Every field of Snapshot, in its order (``trusted`` fills in no default).
         out[account_id] = (trusted(Snapshot, {
@@ -270,8 +276,9 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
             "invoices": invoices.get(account_id, EMPTY),
             "attempts": attempts.get(account_id, EMPTY),
             "payment_methods": methods.get(account_id, EMPTY),
-            "default_payment_method_id": state[1] if state is not None else None,
-            "default_payment_method_changed_at": _t(state[2]) if state is not None else None,
+            "default_payment_method_id": state.payment_method_id if state is not None else None,
+            "default_payment_method_changed_at": state.changed_at if state is not None else None,
+            "customer_defaults": customer_defaults,
             "subscriptions": subscriptions.get(account_id, EMPTY),
             "retries": retries.get(account_id, EMPTY),
             "bad_debt_payments": payments.get(account_id, EMPTY),

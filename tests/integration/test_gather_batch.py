@@ -160,6 +160,14 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert any(a.invoice_id and a.id.startswith("pi_") for s in snapshots for a in s.attempts)
     assert any(a.failed_at for s in snapshots for a in s.attempts)
     assert any(a.failed_at is None for s in snapshots for a in s.attempts)
+    # several customers: each one's invoices, methods and default say which customer they belong to
+    assert any(len({i.stripe_customer_id for i in s.invoices}) > 1 for s in snapshots)
+    assert any(len({m.stripe_customer_id for m in s.payment_methods}) > 1 for s in snapshots)
+    assert any(len(s.customer_defaults) > 1 for s in snapshots)
+    assert all(i.stripe_customer_id and m.stripe_customer_id for s in snapshots for i in s.invoices
+               for m in s.payment_methods)
+    assert all(s.default_payment_method_id == (s.customer_defaults[0].payment_method_id if s.customer_defaults
+                                                else None) for s in snapshots)
     for account in ids:
         assert batch[account] == expected[account], account
     assert set(some) == set(subset) and all(some[a] == expected[a] for a in subset)

@@ -11,7 +11,7 @@ import pytest
 from app.domain.attempts import attempts_by_invoice
 from app.domain.compute import compute
 from app.domain.events import derive_events
-from app.domain.snapshot import BadDebtPayment, Charge, Subscription
+from app.domain.snapshot import BadDebtPayment, Charge, CustomerDefault, Subscription
 from app.domain.state import FailureClass, Level, Status
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
 
@@ -264,6 +264,30 @@ def test_a_new_default_method_also_earns_the_free_retry():
     decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(existing,),
                                default_payment_method_id="pm_other", default_payment_method_changed_at=days(0.2)))
     assert decision.state.retry_free and decision.state.retry_payment_method_id == "pm_other"
+
+
+def test_a_retry_uses_only_a_method_of_the_invoices_own_customer():
+    # Two Stripe customers on one account: Stripe pays cus_1's invoice only with a method of cus_1,
+    # however new cus_2's card (and its default) is.
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="try_again_later", pm="pm_1")
+    own = method("pm_1", changed_days_ago=30, stripe_customer_id="cus_1")
+    other = method("pm_2", changed_days_ago=0.5, stripe_customer_id="cus_2")
+    defaults = (CustomerDefault("cus_2", "pm_2", days(0.5)), CustomerDefault("cus_1", "pm_1", days(30)))
+    snap = snapshot(invoice(failed_days_ago=2, stripe_customer_id="cus_1"), attempts=(failed,),
+                    payment_methods=(own, other), default_payment_method_id="pm_2",
+                    default_payment_method_changed_at=days(0.5), customer_defaults=defaults)
+    decision = decide(snap)
+    assert "retry.new_method" not in rules(decision) and "retry.scheduled" in rules(decision)
+    assert (decision.state.retry_invoice_id, decision.state.retry_payment_method_id) == ("in_1", "pm_1")
+    assert not decision.state.retry_free
+
+    # cus_2's own invoice does get the free retry on cus_2's new card
+    failed_2 = attempt("pi_2", "in_2", days_ago=2, decline="try_again_later", pm="pm_old")
+    snap = replace(snap, invoices=(invoice("in_2", failed_days_ago=2, stripe_customer_id="cus_2"),),
+                   attempts=(failed_2,))
+    decision = decide(snap)
+    assert "retry.new_method" in rules(decision)
+    assert (decision.state.retry_invoice_id, decision.state.retry_payment_method_id) == ("in_2", "pm_2")
 
 
 def test_the_failed_method_made_default_again_earns_no_retry():
