@@ -358,20 +358,18 @@ class EmbeddedPostgres(_ServerContext):
         own (in its own session) and writes postmaster.pid a moment later; initdb killed half-way
         leaves its cluster to :meth:`_discard_unfinished_cluster` (the marker stays)."""
         start = time.monotonic()
-        while True:
+
+        def all_stopped() -> bool:
             self._stop_postmaster()  # the one postmaster.pid names
             left = self._pgdata_processes()
-            if not left:
-                break
-            waited = time.monotonic() - start
-            if waited > 2.0:
+            if left and time.monotonic() - start > 2.0:
                 # not on record as the postmaster in time (or past its end): no more waiting
                 for proc in left:
                     with contextlib.suppress(psutil.Error):
                         proc.kill()
-                if waited > STOP_TIMEOUT:
-                    break
-            time.sleep(0.05)
+            return not left
+
+        poll_until(all_stopped, STOP_TIMEOUT)
         if not (self.pgdata / "PG_VERSION").exists():
             self.initializing.unlink(missing_ok=True)  # nothing was made
 
