@@ -32,7 +32,7 @@ def mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
                 status, reason = "needs_action", f"customer action required: {code}"
         out.append(MandateState(
             payment_method_id=pm.id, type=pm.type, status=status, status_reason=reason,
-            is_default=pm.id == snapshot.default_payment_method_id, card_brand=pm.card_brand,
+            is_default=pm.id == snapshot.default_of(pm.stripe_customer_id)[0], card_brand=pm.card_brand,
             card_last4=pm.card_last4, exp_month=pm.exp_month, exp_year=pm.exp_year,
         ))
     return tuple(out)

@@ -68,22 +68,13 @@ def _charge_times(attempts: tuple[Attempt, ...], method: str) -> Iterator[dateti
 
 def _default_of(snapshot: Snapshot, invoice: Invoice | None) -> tuple[str | None, datetime | None]:
     """(default payment method, when it was made default) of the invoice's Stripe customer: Stripe
-    pays an invoice only with a method of its own customer. The account's (its latest customer's)
-    where the invoice or the snapshot does not say which customer."""
-    customer = invoice.stripe_customer_id if invoice is not None else None
-    if customer is None or not snapshot.customer_defaults:
-        return snapshot.default_payment_method_id, snapshot.default_payment_method_changed_at
-    for d in snapshot.customer_defaults:
-        if d.stripe_customer_id == customer:
-            return d.payment_method_id, d.changed_at
-    return None, None
+    pays an invoice only with a method of its own customer."""
+    return snapshot.default_of(invoice.stripe_customer_id if invoice is not None else None)
 
 
 def _methods_of(snapshot: Snapshot, invoice: Invoice) -> list[PaymentMethod]:
-    """The payment methods that can pay ``invoice``: its customer's (all where either does not say)."""
-    customer = invoice.stripe_customer_id
-    return [pm for pm in snapshot.payment_methods
-            if customer is None or pm.stripe_customer_id is None or pm.stripe_customer_id == customer]
+    """The payment methods that can pay ``invoice``: its customer's."""
+    return snapshot.methods_of(invoice.stripe_customer_id)
 
 
 def _new_method_since(snapshot: Snapshot, invoice: Invoice, since: datetime,

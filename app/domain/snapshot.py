@@ -177,6 +177,22 @@ class Snapshot:
     open_episode_entered_at: datetime | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
+    def default_of(self, customer: str | None) -> tuple[str | None, datetime | None]:
+        """(default payment method, when it was made default) of one Stripe customer: Stripe charges
+        a customer only with a method of its own. The account's (its latest customer's) where the
+        customer is not said or the snapshot knows no customer's default apart."""
+        if customer is None or not self.customer_defaults:
+            return self.default_payment_method_id, self.default_payment_method_changed_at
+        for d in self.customer_defaults:
+            if d.stripe_customer_id == customer:
+                return d.payment_method_id, d.changed_at
+        return None, None
+
+    def methods_of(self, customer: str | None) -> list[PaymentMethod]:
+        """The payment methods of one Stripe customer (all where either side does not say)."""
+        return [pm for pm in self.payment_methods
+                if customer is None or pm.stripe_customer_id is None or pm.stripe_customer_id == customer]
+
 
 T = TypeVar("T")
 

@@ -40,6 +40,7 @@ from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.compute import compute
 from app.domain.retry_cadence import attempt_in_flight
+from app.domain.snapshot import Snapshot
 from app.domain.state import Status
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import customer_paid
@@ -188,12 +189,20 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     if req.amount != balance:
         raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance})",
                       outstanding_amount=balance)
-    method = snapshot.default_payment_method_id or next(
-        (pm.id for pm in sorted(snapshot.payment_methods, key=lambda p: p.changed_at, reverse=True) if pm.attached),
-        None)
+    method = _method_to_charge(snapshot, customers[0])
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
     return Debt(balance, currencies.pop(), ids, customers[0], method)
+
+
+def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:
+    """The debt's customer's default payment method, else its latest attached one: Stripe charges
+    a customer only with a method of its own, and an account may have several customers."""
+    default = snapshot.default_of(customer)[0]
+    if default is not None:
+        return default
+    attached = [pm for pm in snapshot.methods_of(customer) if pm.attached]
+    return max(attached, key=lambda pm: pm.changed_at).id if attached else None
 
 
 NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"

@@ -133,6 +133,26 @@ def test_a_payment_charges_the_default_method_once_and_puts_the_account_in_lifti
     assert len(stripe_fake.intents_created()) == 1
 
 
+def test_an_account_with_several_customers_is_charged_on_the_debtors_own_default_method(client, engine, runtime,
+                                                                                      debtor, stripe_fake):
+    # A second Stripe customer of the same account made a card its default after the debt began:
+    # it is the account's newest default, but Stripe charges cus_1's debt only with cus_1's methods.
+    other = unique("cus")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) VALUES (%(c)s, %(a)s)",
+                             {"c": other, "a": debtor.account})
+    their_card = unique("pm")
+    updated = event("customer.updated", id=other, created=int(time.time()) - 60,
+                    paths={"invoice_settings.default_payment_method": their_card})
+    assert post_event(client, updated).status_code == 200
+    assert recompute(engine, runtime, debtor.account)["status"] == "bad_debt"
+
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert response.status_code == 202, response.json
+    [call] = stripe_fake.intents_created()
+    assert (call.params["customer"], call.params["payment_method"]) == (debtor.customer, debtor.payment_method)
+
+
 def test_refused_while_an_automatic_retry_of_the_account_is_being_charged(client, engine, debtor, stripe_fake):
     """Both at once could collect one invoice twice: the retry's charge and the bad-debt payment of a
     balance that still counts that invoice."""

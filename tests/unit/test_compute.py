@@ -597,6 +597,18 @@ def test_mandates_reflect_what_dunning_knows():
     assert by_id["pm_ok"].status == "usable" and by_id["pm_ok"].is_default
 
 
+def test_each_customers_default_is_a_default_mandate_on_an_account_with_several_customers():
+    methods = (method("pm_1", changed_days_ago=30, stripe_customer_id="cus_1"),
+               method("pm_1b", changed_days_ago=20, stripe_customer_id="cus_1"),
+               method("pm_2", changed_days_ago=1, stripe_customer_id="cus_2"))
+    defaults = (CustomerDefault("cus_2", "pm_2", days(1)), CustomerDefault("cus_1", "pm_1", days(30)))
+    decision = decide(snapshot(invoice(failed_days_ago=2, stripe_customer_id="cus_1"), payment_methods=methods,
+                               default_payment_method_id="pm_2", default_payment_method_changed_at=days(1),
+                               customer_defaults=defaults))
+    assert {m.payment_method_id: m.is_default for m in decision.mandates} == {"pm_1": True, "pm_1b": False,
+                                                                               "pm_2": True}
+
+
 def test_a_blocked_mandate_names_the_code_that_decided_it():
     """A bank debit's mandate revoked: its charge's failure code decided (permanent), not the intent's
     generic decline code beside it."""
