@@ -10,14 +10,25 @@ DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
 # While a task's message is unacknowledged, Redis hands it to another worker once it is older than
 # CELERY_VISIBILITY_TIMEOUT: the task would run twice. A message is held unacknowledged through its
-# countdown (at most MAX_COUNTDOWN, tasks/failures.py) and then while the task runs (at most its hard
-# time limit, task_time_limit = half the timeout and at least 30 s, tasks/factory.py); so half the
-# timeout must cover the longest countdown with a margin. tests/unit/test_config.py checks these
-# against the tasks' own constants.
+# countdown (at most MAX_COUNTDOWN, tasks/failures.py), then, when its countdown ends while every
+# pool process is busy, while it waits for one behind a task that may run to its hard time limit,
+# and then while it runs itself, to at most that limit. So every task's hard limit is what leaves
+# room for all three (``task_time_limits``), and the minimum timeout is the one that leaves a hard
+# limit of MIN_TASK_TIME_LIMIT, room for a Stripe call's timeouts and the relay's budget.
+# tests/unit/test_config.py checks these against the tasks' own constants.
 MAX_TASK_COUNTDOWN = 60
 REDELIVERY_MARGIN = 5
-MIN_VISIBILITY_TIMEOUT = 2 * (MAX_TASK_COUNTDOWN + REDELIVERY_MARGIN)  # 130 s
+MIN_TASK_TIME_LIMIT = 60
+SOFT_LIMIT_HEADROOM = 10  # the soft limit comes first, so a task can record why it stops
+MIN_VISIBILITY_TIMEOUT = MAX_TASK_COUNTDOWN + REDELIVERY_MARGIN + 2 * MIN_TASK_TIME_LIMIT  # 185 s
 DEFAULT_VISIBILITY_TIMEOUT = 300
+
+
+def task_time_limits(visibility_timeout: int) -> tuple[int, int]:
+    """(hard, soft) time limit of every task under this visibility timeout: a countdown, a wait for a
+    pool process behind one task at its hard limit and the task's own run all fit inside it."""
+    hard = (visibility_timeout - MAX_TASK_COUNTDOWN - REDELIVERY_MARGIN) // 2
+    return hard, hard - SOFT_LIMIT_HEADROOM
 
 
 class ConfigError(Exception):
@@ -83,9 +94,10 @@ def _visibility_timeout(env: Mapping[str, str]) -> int:
     if visibility < MIN_VISIBILITY_TIMEOUT:
         raise ConfigError(
             f"CELERY_VISIBILITY_TIMEOUT must be at least {MIN_VISIBILITY_TIMEOUT} seconds, got {visibility}: a task's "
-            f"message stays unacknowledged through its countdown (MAX_COUNTDOWN, {MAX_TASK_COUNTDOWN} s) and then "
-            f"while it runs (task_time_limit: half the timeout, at least 30 s); a shorter timeout makes Redis hand "
-            f"a running task to a second worker")
+            f"message stays unacknowledged through its countdown (MAX_COUNTDOWN, {MAX_TASK_COUNTDOWN} s), a wait "
+            f"for a worker process behind a task at its hard time limit, and its own run (task_time_limit: what "
+            f"is left of the timeout halved, at least {MIN_TASK_TIME_LIMIT} s); a shorter timeout makes Redis hand "
+            f"a waiting or running task to a second worker")
     return visibility
 
 

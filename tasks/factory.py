@@ -8,7 +8,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 from kombu import Queue
 
-from app.config import Settings
+from app.config import Settings, task_time_limits
 from app.policy_file import load_policy
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
@@ -19,6 +19,7 @@ TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.out
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     vt = settings.visibility_timeout
+    hard_limit, soft_limit = task_time_limits(vt)
     broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
     plain_redis = settings.broker_url.startswith(("redis://", "rediss://"))
     backend = settings.result_backend or (settings.broker_url if broker_is_redis else "db+" + settings.database_url)
@@ -64,9 +65,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": queues.RECOMPUTE,
         "task_create_missing_queues": True,
         "beat_schedule": BEAT_SCHEDULE,
-        # Hard limit below the visibility timeout so a hung task cannot be delivered twice.
-        "task_time_limit": max(30, vt // 2),
-        "task_soft_time_limit": max(20, vt // 2 - 10),
+        # Limits that keep a hung task (and one waiting behind it) inside the visibility timeout,
+        # so neither is delivered twice (app/config.py).
+        "task_time_limit": hard_limit,
+        "task_soft_time_limit": soft_limit,
         "worker_hijack_root_logger": False,
     }
 

@@ -1,7 +1,7 @@
 """Beat work of DESIGN section 6: tasks.drift_sweep, tasks.sweep_batch, tasks.check_rollout_gate, and
 tasks.refile_mirror, which keeps the Stripe mirror filed by account for the sweep's range reads.
 
-A sweep runs in segments of at most a quarter of the visibility timeout; when accounts remain, the
+A sweep runs in segments of at most half the tasks' soft time limit; when accounts remain, the
 segment chains tasks.sweep_batch with the sweep id (the cursor is in sweep_run), so no single task
 comes near the timeout that would make Redis deliver it twice.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from app.config import task_time_limits
 from app.db import unit_of_work
 from app.dispatch import send
 from app.rollout.gate import check_gate
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _sweeper(task: Task) -> tuple[Sweeper, float]:
     rt = runtime_for(task.app)
-    segment = max(10.0, rt.settings.visibility_timeout / 4)
+    segment = max(10.0, task_time_limits(rt.settings.visibility_timeout)[1] / 2)  # half the soft limit
     return Sweeper(rt.engine, rt.policy, celery_enqueuer(task.app)), segment
 
 

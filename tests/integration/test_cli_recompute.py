@@ -77,7 +77,7 @@ def test_an_operators_mistakes_get_a_message_not_a_traceback(empty_database):
          "for psycopg2"),
         (("recompute", "acct_x"), "postgresql://h:abc/x", "DATABASE_URL cannot be read"),
         (("rollout", "status", "--history", "-1"), empty_database, "-1 is negative"),
-        (("recompute", "acct_x"), empty_database, "CELERY_VISIBILITY_TIMEOUT must be at least 130 seconds"),
+        (("recompute", "acct_x"), empty_database, "CELERY_VISIBILITY_TIMEOUT must be at least 185 seconds"),
         # bytes that are not UTF-8 (the shell's $'\xff'): Python keeps them as surrogates nothing can encode
         (("recompute", "\udcff"), empty_database, "argument 2 (b'\\xff') is not UTF-8 text"),
         (("rollout", "name", "acct_1", "\udcff", "--reason", "r"), empty_database,

@@ -1,7 +1,7 @@
 """Real worker processes SIGKILLed at a known point of a task: the message comes back after the
 visibility timeout, another worker completes it, and nothing is done twice.
 
-The timeout is the shortest Settings accepts (130 s). Rather than wait it out, the test moves the
+The timeout is the shortest Settings accepts (185 s). Rather than wait it out, the test moves the
 broker's clock as freezegun moves ours: it ages the killed delivery's entry in Redis' unacked index
 by the timeout, and kombu's own restore sweep (every 10 s) gives the message back.
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import MAX_TASK_COUNTDOWN, MIN_VISIBILITY_TIMEOUT, ConfigError, Settings, parse_support_tokens
+from app.config import (
+    MAX_TASK_COUNTDOWN,
+    MIN_TASK_TIME_LIMIT,
+    MIN_VISIBILITY_TIMEOUT,
+    ConfigError,
+    Settings,
+    parse_support_tokens,
+)
 
 DB = "postgresql://nobody@127.0.0.1/x"
 
@@ -53,16 +60,22 @@ def test_an_empty_visibility_timeout_is_unset_and_the_minimum_is_accepted():
         settings(CELERY_VISIBILITY_TIMEOUT="5m")
 
 
-def test_the_minimum_visibility_timeout_covers_the_tasks_own_countdown_and_time_limit():
-    """The minimum is derived from the tasks' constants: the longest countdown plus the hard time limit
-    Celery is configured with at that timeout stay below it."""
+def test_every_visibility_timeout_allowed_covers_a_countdown_a_wait_for_a_process_and_a_run():
+    """The limits are derived from the tasks' constants: the longest countdown, then a wait for a pool
+    process behind a task at its hard time limit, then the task's own run to that limit, stay below
+    the timeout Celery is configured with; and the hard limit never drops below the minimum."""
     from tasks.bad_debt import BUSY_COUNTDOWN
     from tasks.factory import celery_config
     from tasks.failures import MAX_COUNTDOWN, POLICIES
 
     assert MAX_TASK_COUNTDOWN == MAX_COUNTDOWN
     assert BUSY_COUNTDOWN <= MAX_COUNTDOWN and all(p.cap <= MAX_COUNTDOWN for p in POLICIES.values())
-    for vt in (MIN_VISIBILITY_TIMEOUT, 300, 3600):
+    for vt in (MIN_VISIBILITY_TIMEOUT, MIN_VISIBILITY_TIMEOUT + 1, 300, 3600):
         config = celery_config(settings(CELERY_VISIBILITY_TIMEOUT=str(vt)))
+        hard, soft = config["task_time_limit"], config["task_soft_time_limit"]
         assert config["broker_transport_options"]["visibility_timeout"] == vt
-        assert MAX_COUNTDOWN + config["task_time_limit"] < vt
+        assert MAX_COUNTDOWN + 2 * hard < vt
+        assert hard >= MIN_TASK_TIME_LIMIT and 0 < soft < hard
+    assert celery_config(settings())["task_time_limit"] == 117  # the README quotes it
+
+
