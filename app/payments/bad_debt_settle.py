@@ -34,6 +34,13 @@ SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.settle_se
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.id = %(id)s
 """
+# The payment row locked, then (a statement of its own, so a fresh snapshot) what its charge's
+# refunds are by now: a refund's webhook locks the same row before it looks at the payment's state.
+LOCK_PAYMENT = "SELECT 1 FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE"
+REFUNDED_NOW = """
+SELECT a.amount_refunded FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
+ WHERE b.id = %(id)s
+"""
 MARK_SUCCEEDED = """
 UPDATE bad_debt_payment SET state = 'succeeded', failure_reason = NULL, updated_at = now()
  WHERE id = %(id)s AND state IN ('pending', 'failed')
@@ -173,6 +180,7 @@ def settle(rt: Runtime, payment_id: int) -> Settlement:
 
 
 def _settle(rt: Runtime, payment_id: int) -> Settlement:
+    from app.payments.bad_debt_webhook import refunded_after_settlement
     from webhooks.store import request_recompute, upsert_row
 
     with rt.engine.connect() as conn:
@@ -209,7 +217,14 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         for invoice in paid:
             for mirror_row in mirror_rows("invoice.paid", f"bad_debt_settle_{payment_id}", invoice):
                 upsert_row(conn, mirror_row)
+        conn.exec_driver_sql(LOCK_PAYMENT, {"id": payment_id})
+        refunded = int(conn.exec_driver_sql(REFUNDED_NOW, {"id": payment_id}).scalar() or 0)
         conn.exec_driver_sql(MARK_SUCCEEDED, {"id": payment_id})
+        if refunded:
+            # Refunded while the invoices were being paid: its webhook found the payment pending and
+            # left it to this run, which had read the charge before. The invoices are paid all the same.
+            refunded_after_settlement(conn, account_id, payment_id, int(row["amount"]),
+                                       [str(i) for i in row["invoice_ids"] or []], {"amount_refunded": refunded})
         details = "; ".join(detail for _, detail in also)
         if also:  # in the same transaction: a worker dying after the commit cannot lose it
             raise_alert(conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},

@@ -118,8 +118,10 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         return None
     payment_id, state = int(row[0]), str(row[1])
     if event_type == REFUNDED:
-        if state == "succeeded":  # before settlement, the settlement sees the refund (bad_debt_settle._refunded)
-            _refunded_after_settlement(conn, account_id, payment_id, int(row[2]), row[3] or [], intent)
+        # Settled already: an operator must look. Before or while it settles, the settlement sees the
+        # refund (bad_debt_settle: it reads the charge first, and again under this row's lock at the end).
+        if state == "succeeded":
+            refunded_after_settlement(conn, account_id, payment_id, int(row[2]), row[3] or [], intent)
         return None
     if event_type == "payment_intent.payment_failed":
         return mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
@@ -135,7 +137,7 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
     return payment_id if state == "pending" else None
 
 
-def _refunded_after_settlement(conn: Connection, account_id: str, payment_id: int, amount: int,
+def refunded_after_settlement(conn: Connection, account_id: str, payment_id: int, amount: int,
                                invoices: list[str], charge: Mapping[str, Any]) -> None:
     """The invoices were paid out of band with money that went back: the debt is cleared with
     nothing in. Stripe cannot reopen a paid invoice, so an operator decides (bill again, or let it

@@ -8,6 +8,7 @@
   else happens while the caller waits on Stripe).
 * ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
+  ``before_paying``, when set, runs before an invoice is paid (what else happens meanwhile).
   ``pay_outcome`` "server_error" answers 500 and "rate_limited" 429, paying nothing;
   "server_error_after_pay" pays the invoice and answers 500 all the same.
 * ``GET /v1/invoice_payments?invoice=`` lists an invoice's payments by the customer, which
@@ -51,6 +52,7 @@ class FakeStripePayments:
         self.intent_outcome = "succeeded"
         self.decline_code = "insufficient_funds"
         self.before_answer: Callable[[], None] | None = None
+        self.before_paying: Callable[[], None] | None = None
         self.charged_behind_errors: list[dict[str, Any]] = []  # intents created under a 500
         self.intents: dict[str, dict[str, Any]] = {}  # every intent created, by id
         self.pay_outcome = "paid"
@@ -197,6 +199,8 @@ class FakeStripePayments:
         return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
 
     def _pay_invoice(self, invoice_id: str, params: dict[str, str]) -> Answer:
+        if self.before_paying is not None:
+            self.before_paying()
         inv = self.invoices[invoice_id]
         if inv["status"] in ("paid", "void"):
             return 400, {"error": {"type": "invalid_request_error", "code": "invoice_not_open",

@@ -747,6 +747,34 @@ def test_a_charge_refunded_after_settlement_is_put_before_an_operator(client, en
     assert stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)[0]["state"] == "resolved"
 
 
+def test_a_charge_refunded_while_its_settlement_pays_the_invoices_is_put_before_an_operator(client, engine, runtime,
+                                                                                          debtor, stripe_fake):
+    """The refund's webhook comes in while the settlement is paying the invoices out of band: it sees
+    the payment still pending (settlement's to judge) and settlement read the charge before it. The
+    invoices are paid all the same, so the debt is cleared with the money gone back: the same alert
+    as a refund after settlement."""
+    from app.payments.bad_debt_settle import settle
+    from tasks.bad_debt import REFUNDED_AFTER_SETTLEMENT
+
+    payment_id = charged_payment(client, debtor)
+    intent = payments(engine, debtor.account)[0]["stripe_payment_intent_id"]
+
+    def refunded_meanwhile() -> None:
+        stripe_fake.before_paying = None
+        refund(client, debtor, intent)
+
+    stripe_fake.before_paying = refunded_meanwhile
+    assert settle(runtime, payment_id).outcome == "settled"
+    assert stripe_fake.before_paying is None  # the refund came in while Stripe paid the invoice
+    [alert] = stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)
+    assert (alert["account_id"], alert["state"], alert["task_args"]) == (debtor.account, "dead",
+                                                                         {"payment_id": payment_id})
+    assert alert["error"].startswith("refunded after settlement:") and debtor.invoice in alert["error"]
+    assert payments(engine, debtor.account)[0]["state"] == "succeeded"
+    refund(client, debtor, intent)  # Stripe redelivers the refund: still one alert
+    assert len(stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)) == 1
+
+
 def test_a_charge_refunded_before_settlement_settles_nothing(client, engine, runtime, debtor, stripe_fake):
     from app.payments.bad_debt_settle import settle
 
