@@ -460,13 +460,14 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         reasons.append(Reason("retry.held_bad_debt_payment", "a bad-debt payment is in flight: no automatic retry "
                               "until its outcome", {"payment": in_flight.id, "invoice": retry.invoice.id}))
         retry = None
-    # The failure PaymentFailed announces: of every attempt at the unpaid invoices, and the bad-debt
+    # The failure PaymentFailed announces: of the unpaid invoices' own attempts, and the bad-debt
     # payments' intents wherever _owner filed them (a decline there is a failed payment, though no
     # failure of an invoice; it may be filed under a newer invoice that is not debt yet), those of
-    # this debt only: an old one, of a debt long settled, is no news when a new invoice opens.
+    # this debt only: an old one, of a debt long settled, is no news when a new invoice opens, also
+    # when it was filed under the invoice that is unpaid now.
     debt_since = min((a.unpaid_since for a in assessed), default=None)
     paying_it = [f for f in bad_debt_intents(snapshot) if debt_since is not None and failure_time(f) >= debt_since]
-    failures = list({f.id: f for f in (*(f for a in assessed for f in grouped.get(a.invoice.id, ())),
+    failures = list({f.id: f for f in (*(f for a in assessed for f in own.get(a.invoice.id, ())),
                                        *paying_it) if f.failed}.values())
     latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
     current_class = None

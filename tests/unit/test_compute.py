@@ -811,3 +811,39 @@ def test_an_old_failed_bad_debt_payment_is_not_announced_again_when_a_new_invoic
     current = decide(settled)
     opened = decide(replace(settled, invoices=(old, invoice("in_new", failed_days_ago=None)), stored=current.state))
     assert [e for e in derive_events(current.state, opened, NOW) if e.name == "PaymentFailed"] == []
+
+
+def _bad_debt_paid_on_a_second_try(c):
+    """in_a and in_b in bad debt; a bad-debt payment declined 5 days ago (its standalone intent filed
+    under the newer open invoice c, of another subscription), a second one paid both 3 days ago."""
+    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
+    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
+    first = (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
+             attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
+    declined = attempt("pi_bd", None, days_ago=5, decline="insufficient_funds", amount=10000)
+    failed_pay = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(5), updated_at=days(5),
+                                failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
+    ok = attempt("pi_bd2", None, days_ago=3, status="succeeded", amount=10000)
+    ok_pay = BadDebtPayment(id=2, state="succeeded", amount=10000, created_at=days(3), updated_at=days(3),
+                            stripe_payment_intent_id="pi_bd2")
+    paid = {"status": "paid", "amount_paid": 5000, "amount_remaining": 0, "paid_at": days(3)}
+    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
+    return snapshot(replace(a, **paid), replace(b, **paid), c, attempts=(*first, declined, ok),
+                    bad_debt_payments=(failed_pay, ok_pay), subscriptions=subs)
+
+
+@pytest.mark.parametrize("becomes_debt", ["fails_without_detail", "terms_come_due"])
+def test_an_old_failed_bad_debt_payment_filed_under_an_invoice_that_becomes_debt_is_not_announced(becomes_debt):
+    """A bad-debt payment's decline is announced only when it failed during the present debt, also
+    when _owner filed its intent under the invoice that is now unpaid: that debt began after it."""
+    c = replace(invoice("in_c", failed_days_ago=None, sub="sub_2", product="prod_other"), created=days(6))
+    if becomes_debt == "terms_come_due":
+        c = replace(c, due_date=days(0.5))
+    settled = _bad_debt_paid_on_a_second_try(c)
+    current = decide(settled, now=NOW - timedelta(days=1))
+    assert current.state.status == Status.CURRENT and current.state.last_failure_id is None
+    if becomes_debt == "fails_without_detail":  # its invoice.payment_failed, the attempt's detail not yet
+        c = replace(c, first_failed_at=days(0.01), last_failed_at=days(0.01), attempt_count=1)
+    opened = decide(replace(settled, invoices=(*settled.invoices[:2], c), stored=current.state))
+    assert opened.state.status == Status.PAST_DUE and opened.state.last_failure_id is None
+    assert [e for e in derive_events(current.state, opened, NOW) if e.name == "PaymentFailed"] == []
