@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from app.domain.billing_history import label
+from app.domain.billing_history import history
 from app.recompute.gather import gather
 
 DUNNING_SQL = """
@@ -51,15 +51,12 @@ def billing_history(conn: Connection, account_id: str, now: Any = None) -> list[
     if gathered is None:
         return None
     snapshot, _ = gathered
-    from app.domain.attempts import attempts_by_invoice
-
-    grouped = attempts_by_invoice(snapshot)
     out = []
-    for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id), reverse=True):
-        attempts = grouped.get(inv.id, [])
+    for row in history(snapshot, now):
+        inv = row.invoice
         out.append({
             "id": inv.id,
-            "label": label(inv, attempts, now).value,
+            "label": row.label.value,
             "status": inv.status,
             "amount_due": inv.amount_due,
             "amount_paid": inv.amount_paid,
@@ -69,6 +66,6 @@ def billing_history(conn: Connection, account_id: str, now: Any = None) -> list[
             "subscription_id": inv.subscription_id,
             "products": list(inv.products),
             "created": inv.created.isoformat(),
-            "attempts": len(attempts),
+            "attempts": row.attempts,
         })
     return out

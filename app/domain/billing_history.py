@@ -7,11 +7,13 @@ read these labels, so a credited invoice must never say "Paid".
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from app.domain.snapshot import Attempt, Invoice
+from app.domain.attempts import attempts_by_invoice, bad_debt_intents
+from app.domain.snapshot import Attempt, Invoice, Snapshot
 
 
 class Label(StrEnum):
@@ -22,7 +24,31 @@ class Label(StrEnum):
     UNCOLLECTIBLE = "Uncollectible"
 
 
-def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | None = None) -> Label:
+@dataclass(frozen=True)
+class InvoiceHistory:
+    invoice: Invoice
+    label: Label
+    attempts: int  # its own payment attempts
+
+
+def history(snapshot: Snapshot, now: datetime | None = None) -> list[InvoiceHistory]:
+    """Every invoice, newest first, with its label and its number of payment attempts. A bad-debt
+    payment's intent that attempts._owner filed under an invoice is no attempt of it: its decline
+    does not make the invoice past due and it does not count as its attempt; its refunds still count
+    against the invoice's Paid."""
+    grouped = attempts_by_invoice(snapshot)
+    intents = {a.id for a in bad_debt_intents(snapshot)}
+    return [
+        InvoiceHistory(invoice=inv, label=label(inv, grouped.get(inv.id, ()), now, bad_debt_intent_ids=intents),
+                       attempts=sum(1 for a in grouped.get(inv.id, ()) if a.id not in intents))
+        for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id), reverse=True)
+    ]
+
+
+def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | None = None, *,
+          bad_debt_intent_ids: Collection[str] = ()) -> Label:
+    """The invoice's label from the attempts filed under it. ``bad_debt_intent_ids`` names those that
+    are bad-debt payments' intents: their refunds count, their declines are no failure of the invoice."""
     attempts = list(attempts)
     if invoice.status == "void":
         return Label.RESOLVED
@@ -43,5 +69,5 @@ def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | No
     if invoice.due_date is not None and now is not None:
         # Sent with payment terms: past due from its due date, not from an early payment that failed.
         return Label.PAST_DUE if invoice.due_date <= now else Label.OPEN
-    failed = invoice.first_failed_at is not None or any(a.failed for a in attempts)
+    failed = invoice.first_failed_at is not None or any(a.failed and a.id not in bad_debt_intent_ids for a in attempts)
     return Label.PAST_DUE if failed else Label.OPEN

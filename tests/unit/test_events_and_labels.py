@@ -3,7 +3,8 @@ from datetime import timedelta
 
 import pytest
 
-from app.domain.billing_history import Label, label
+from app.domain.attempts import attempts_by_invoice
+from app.domain.billing_history import Label, history, label
 from app.domain.compute import compute
 from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge
@@ -175,6 +176,34 @@ def test_an_invoice_not_due_yet_is_open_though_an_early_payment_failed():
     inv = invoice(failed_days_ago=2, due_date=NOW + timedelta(days=5))
     assert label(inv, [attempt("pi_1", "in_1", days_ago=2)], NOW) == Label.OPEN
     assert label(inv, [attempt("pi_1", "in_1", days_ago=2)], NOW + timedelta(days=6)) == Label.PAST_DUE
+
+
+def test_a_bad_debt_payments_decline_filed_under_an_invoice_is_no_failure_or_attempt_of_it():
+    """The billing history labels what happened to each invoice: a failed bad-debt payment's intent,
+    filed by _owner under a newer open invoice that is no debt, neither makes it past due nor counts
+    as its attempt."""
+    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
+    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
+    c = replace(invoice("in_c", failed_days_ago=None, sub="sub_2", product="prod_other"), created=days(1))
+    first = (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
+             attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
+    declined = attempt("pi_bd", None, days_ago=0.01, decline="insufficient_funds", amount=10000)
+    payment = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(0.02), updated_at=days(0.01),
+                             failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
+    snap = snapshot(a, b, c, attempts=(*first, declined), bad_debt_payments=(payment,))
+    assert "pi_bd" in [x.id for x in attempts_by_invoice(snap)["in_c"]]  # filed there
+    rows = {row.invoice.id: (row.label, row.attempts) for row in history(snap, NOW)}
+    assert rows == {"in_c": (Label.OPEN, 0), "in_b": (Label.PAST_DUE, 1), "in_a": (Label.PAST_DUE, 1)}
+
+
+def test_a_refunded_bad_debt_payment_still_resolves_the_invoice_it_paid():
+    """Its intent is no attempt of the invoice, but the money it paid went back: Resolved, not Paid."""
+    paid = replace(invoice(status="paid", failed_days_ago=40), paid_at=days(3))
+    refunded = attempt("pi_bd", None, days_ago=3, status="succeeded", amount=5000, amount_refunded=5000)
+    payment = BadDebtPayment(id=1, state="succeeded", amount=5000, created_at=days(3), updated_at=days(3),
+                             stripe_payment_intent_id="pi_bd")
+    [row] = history(snapshot(paid, attempts=(refunded,), bad_debt_payments=(payment,)), NOW)
+    assert (row.label, row.attempts) == (Label.RESOLVED, 0)
 
 
 def test_a_failed_bad_debt_payment_is_announced_with_its_own_class():
