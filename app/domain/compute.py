@@ -287,9 +287,14 @@ def _leaves_bad_debt(snapshot: Snapshot, status: Status) -> bool:
 
 
 def _was_debt(invoice: Invoice) -> bool:
-    settled_at = invoice.paid_at or invoice.voided_at
-    overdue = invoice.due_date is not None and (settled_at is None or invoice.due_date < settled_at)
-    return invoice.first_failed_at is not None or invoice.marked_uncollectible_at is not None or overdue
+    """Whether the invoice was debt before it was settled, as is_unpaid decides: marked uncollectible,
+    else with payment terms overdue (an early failure on the hosted page is none), else failed."""
+    if invoice.marked_uncollectible_at is not None:
+        return True
+    if invoice.due_date is not None:
+        settled_at = invoice.paid_at or invoice.voided_at
+        return settled_at is None or invoice.due_date < settled_at
+    return invoice.first_failed_at is not None
 
 
 def _may_be_unpaid(invoice: Invoice) -> bool:

@@ -569,6 +569,23 @@ def test_resolution_says_paid_or_resolved():
     assert left.state.status == Status.PAST_DUE and left.resolution == "paid"
 
 
+def test_a_debt_written_off_is_resolved_though_an_invoice_not_due_yet_was_paid_meanwhile():
+    """An invoice sent with payment terms is no debt before its due date, whatever an early payment on
+    the hosted page did: paid before it, it says nothing of how the debt ended (voided: resolved)."""
+    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
+    written_off = replace(invoice("in_a", status="uncollectible", failed_days_ago=40), marked_uncollectible_at=days(20))
+    terms = replace(invoice("in_c", failed_days_ago=5, sub="sub_2", product="prod_other"),
+                    created=days(10), due_date=NOW + timedelta(days=20))  # declined early on the hosted page
+    in_debt = decide(snapshot(written_off, terms, subscriptions=subs), now=days(2))
+    assert in_debt.state.status == Status.BAD_DEBT and [a.invoice.id for a in in_debt.assessments] == ["in_a"]
+    voided = replace(written_off, status="void", amount_remaining=0, voided_at=days(0.5))
+    paid_early = replace(terms, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(1))
+    after = decide(replace(snapshot(voided, paid_early, subscriptions=subs), stored=in_debt.state))
+    assert after.state.status == Status.CURRENT and after.resolution == "resolved"
+    exited = next(e for e in derive_events(in_debt.state, after, NOW, days(20)) if e.name == "BadDebtExited")
+    assert exited.payload()["how"] == "resolved"
+
+
 def test_refund_never_creates_debt():
     paid = invoice(status="paid", failed_days_ago=None)
     refunded = attempt("pi_1", "in_1", days_ago=5, status="succeeded", amount=5000, amount_refunded=5000)
