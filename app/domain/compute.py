@@ -414,12 +414,12 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         # bad-debt payment just failed) stays there, its cancellation kept, whatever else is paying.
         if started is not None and (stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING)):
             held_until = started + timedelta(minutes=policy.guard_window_minutes)
-            held = Level(stored.level) if stored is not None and stored.level != Level.SUSPENDED else Level.LIMITED
+            held = {a.invoice.id: _held_level(a, balance, policy, now) for a in assessed if a.level == Level.SUSPENDED}
             reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
                                   "consequences held until its outcome",
                                   {"since": iso(started), "window_minutes": policy.guard_window_minutes,
-                                   "held_level": held.value}))
-            assessed = [_with_level(a, held) if a.level == Level.SUSPENDED else a for a in assessed]
+                                   "held_levels": {invoice: lv.value for invoice, lv in held.items()}}))
+            assessed = [_with_level(a, held[a.invoice.id]) if a.invoice.id in held else a for a in assessed]
             regular = [a for a in assessed if not a.invoice.is_upgrade]
             suspended = []
             level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
@@ -567,6 +567,18 @@ def _holds_end(snapshot: Snapshot, unpaid: list[Invoice], unpaid_attempts: list[
     ends += [r.created_at + guard for r in snapshot.retries
              if r.invoice_id in unpaid_ids and r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard]
     return ends
+
+
+def _held_level(a: InvoiceAssessment, balance: int, policy: Policy, now: datetime) -> Level:
+    """The level of a suspended invoice without bad-debt consequences (its first matching rule below
+    suspended): where the payment-flow guard holds it. Read from its own facts, not from the stored
+    state, whose account level another invoice may raise in the same recompute: the next recompute
+    would hold it higher, and running twice would change the entitlements."""
+    below = [rule for rule in policy.rules if rule.level != Level.SUSPENDED]
+    days = max(0, (now - a.unpaid_since).days)
+    level, _ = _match_level(below, days, a.failure_class, a.exhausted, a.invoice.status == "uncollectible",
+                            a.attempts, balance)
+    return level
 
 
 def _with_level(a: InvoiceAssessment, level: Level) -> InvoiceAssessment:

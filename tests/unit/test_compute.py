@@ -512,6 +512,33 @@ def test_guard_holds_bad_debt_over_a_success_whose_invoice_paid_event_has_not_ar
     assert decide(snap, now=NOW + timedelta(minutes=29)).state.status == Status.BAD_DEBT
 
 
+def test_the_guard_holds_an_invoice_at_its_own_level_and_a_second_recompute_changes_nothing():
+    """Running recompute twice changes nothing the second time, also while the payment-flow guard
+    holds bad debt: the held invoice keeps its own level (its rules below suspended), not the
+    account's stored level, which another invoice crossing a threshold in the same recompute raises."""
+    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
+    b_failed = NOW - timedelta(days=14, minutes=1)  # in_b crossed its 14-day (limited) threshold a minute ago
+    a = invoice("in_a", failed_days_ago=5)
+    b = replace(invoice("in_b", failed_days_ago=None, sub="sub_2", product="prod_other"),
+                created=b_failed - timedelta(hours=1), first_failed_at=b_failed, last_failed_at=b_failed,
+                attempt_count=1)
+    failures = (attempt("pi_a", "in_a", days_ago=5),
+                replace(attempt("pi_b", "in_b", days_ago=0), attempted_at=b_failed))
+    before = decide(snapshot(a, b, attempts=failures, subscriptions=subs), now=NOW - timedelta(minutes=2))
+    assert (before.state.status, before.state.level) == (Status.PAST_DUE, Level.RESTRICT_PREMIUM)
+    # in_a marked uncollectible while the customer is paying it on the hosted page (3-D Secure open)
+    marked = replace(a, status="uncollectible", marked_uncollectible_at=NOW - timedelta(seconds=30))
+    paying = replace(attempt("pi_live", "in_a", days_ago=0, status="requires_action"),
+                     attempted_at=NOW - timedelta(minutes=5))
+    snap = snapshot(marked, b, attempts=(*failures, paying), subscriptions=subs)
+    first = decide(replace(snap, stored=before.state))
+    assert (first.state.status, first.state.level) == (Status.PAST_DUE, Level.LIMITED)
+    assert "guard.payment_in_flight" in rules(first)
+    assert {x.invoice.id: x.level for x in first.assessments} == {"in_a": Level.NOTICE, "in_b": Level.LIMITED}
+    second = decide(replace(snap, stored=first.state))
+    assert second.state.changed_fields(first.state) == [] and derive_events(first.state, second, NOW) == []
+
+
 def test_bad_debt_payment_in_flight_is_lifting_and_a_failed_one_returns_to_bad_debt():
     pending = BadDebtPayment(id=1, state="pending", amount=5000, created_at=days(0.01), updated_at=days(0.01))
     decision = decide(_suspended_snapshot(bad_debt_payments=(pending,)))
