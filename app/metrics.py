@@ -44,6 +44,9 @@ BAD_DEBT_SECONDS = Histogram(
     "dunning_bad_debt_duration_seconds", "Time spent in bad debt",
     buckets=(3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400, 365 * 86400),
 )
+ATTEMPT_DETAIL = Counter("dunning_attempt_detail_asked_total",
+                         "Failed invoices whose attempt detail Stripe's API was asked for, by what it gave",
+                         ["outcome"])
 TASK_FAILURES = Counter("dunning_task_failures_total", "Task failures by task and failure class",
                         ["task", "failure_class", "action"])
 # Gauges read from the database by the collector at scrape time (see app/api/metrics.py).

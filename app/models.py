@@ -222,6 +222,11 @@ class StripeInvoice(Base):
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer)
     source_event_id: Mapped[str] = mapped_column(Text)
+    # The last_failed_at whose attempt detail Stripe's API was asked for (app/payments/attempt_detail.py).
+    detail_asked_for: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_stripe_invoice_failed_open", "last_failed_at",
+                            postgresql_where=text("status = 'open' AND last_failed_at IS NOT NULL")),)
 
 
 class StripePaymentAttempt(Base):

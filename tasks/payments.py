@@ -1,4 +1,5 @@
-"""tasks.dispatch_due_retries (beat) and tasks.retry_payment (payments queue)."""
+"""tasks.dispatch_due_retries (beat), tasks.retry_payment and tasks.fetch_attempt_detail (beat), on the
+payments queue."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from celery import Task, shared_task
 from app import metrics
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
+from app.payments.attempt_detail import fetch_missing_detail
 from app.payments.pay import PayResult
 from app.payments.pay import retry_payment as pay_retry
 from app.payments.retries import claim_due
@@ -81,3 +83,19 @@ def _recompute(app: Any, account_id: str, result: PayResult) -> None:
         # A request row is re-driven by beat; a decline's webhook brings a recompute anyway; a
         # skipped row that is still planned is re-armed by the next dispatch, which comes back here.
         log.warning("could not queue the recompute after retry %s: %s", result.retry_id, exc)
+
+
+@shared_task(name="tasks.fetch_attempt_detail", bind=True, ignore_result=True)
+def fetch_attempt_detail(self: Task) -> dict[str, Any]:
+    """Beat: ask Stripe why a failed invoice failed when no webhook said (app/payments/attempt_detail.py)."""
+    rt = runtime_for(self.app)
+    if not rt.settings.stripe_api_key:  # nothing to ask with (make run's default): not a failure
+        return {"skipped": "STRIPE_API_KEY is not set"}
+    try:
+        report = fetch_missing_detail(rt, self.app, datetime.now(UTC))
+    except Exception as exc:
+        handle_failure(self, exc, None, {})
+        raise
+    if report.asked:
+        log.info("attempt detail from Stripe: %s", report.to_json())
+    return report.to_json()

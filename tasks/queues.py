@@ -11,6 +11,7 @@ ROUTES = {
     "tasks.recompute_account": {"queue": RECOMPUTE},
     "tasks.dispatch_due_retries": {"queue": PAYMENTS},
     "tasks.retry_payment": {"queue": PAYMENTS},
+    "tasks.fetch_attempt_detail": {"queue": PAYMENTS},
     "tasks.settle_bad_debt_payment": {"queue": PAYMENTS},
     "tasks.settle_unsettled_bad_debt_payments": {"queue": PAYMENTS},
     "tasks.reconcile_bad_debt_payment": {"queue": PAYMENTS},

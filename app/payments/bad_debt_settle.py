@@ -154,13 +154,14 @@ def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_b
     return f"{invoice['id']} was closed some other way before this payment settled it" if closed_by_other else None
 
 
-def mirror_rows(event_type: str, source: str, obj: dict[str, Any]) -> list[Any]:
+def mirror_rows(event_type: str, source: str, obj: dict[str, Any], created: int | None = None) -> list[Any]:
     """An API object Stripe returned, mapped by the webhook mirror's own code (same columns, same
-    ordering guard) as if it came in an event of ``event_type``, stamped now."""
+    ordering guard) as if it came in an event of ``event_type``, stamped ``created`` (epoch
+    seconds; now by default)."""
     from webhooks.mirror import extract
 
     envelope = {"object": "event", "id": f"{source}_{obj['id']}", "type": event_type,
-                "created": int(time.time()), "data": {"object": obj}}
+                "created": int(time.time()) if created is None else created, "data": {"object": obj}}
     return list(extract(envelope).rows)
 
 

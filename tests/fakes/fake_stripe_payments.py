@@ -13,6 +13,9 @@
   "server_error_after_pay" pays the invoice and answers 500 all the same.
 * ``GET /v1/invoice_payments?invoice=`` lists an invoice's payments by the customer, which
   ``pay_elsewhere`` makes (the real fixture, ids and values overridden); paying out of band makes none.
+  ``fail_invoice`` makes a failed payment intent and its open invoice payment (an automatic attempt
+  the issuer declined). ``invoice_payments_down`` answers the listing with a 500,
+  ``invoice_payments_rate_limited`` with a 429.
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -58,6 +61,7 @@ class FakeStripePayments:
         self.pay_outcome = "paid"
         self.payments_by_invoice: dict[str, list[dict[str, Any]]] = {}
         self.invoice_payments_down = False  # listing them answers 500
+        self.invoice_payments_rate_limited = False  # listing them answers 429
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -111,6 +115,28 @@ class FakeStripePayments:
         if inv["amount_remaining"] <= 0:
             inv.update(status="paid", status_transitions={**(inv.get("status_transitions") or {}), "paid_at": now})
 
+    def fail_invoice(self, invoice_id: str, customer: str, decline_code: str, amount: int) -> dict[str, Any]:
+        """Stripe's automatic attempt at the invoice, declined by the issuer: a payment intent waiting
+        for another payment method, with the decline on its last_payment_error, and the invoice's
+        open payment naming it. The intent."""
+        now = int(time.time())
+        charge, method = unique("ch"), resource("payment_method")
+        method.update(id=unique("pm"), customer=customer)
+        pi = resource("payment_intent")
+        pi.update(id=unique("pi"), amount=amount, currency="usd", customer=customer, payment_method=None,
+                  status="requires_payment_method", latest_charge=charge, created=now, metadata={},
+                  last_payment_error={"type": "card_error", "code": "card_declined", "decline_code": decline_code,
+                                      "message": "Your card was declined.", "charge": charge,
+                                      "payment_method": method})
+        self.intents[pi["id"]] = pi
+        payment = resource("invoice_payment")
+        payment.update(id=unique("inpay"), invoice=invoice_id, amount_paid=None, amount_requested=amount,
+                       currency="usd", status="open", is_default=True, created=now,
+                       payment={"type": "payment_intent", "payment_intent": pi["id"]},
+                       status_transitions={"canceled_at": None, "paid_at": None})
+        self.payments_by_invoice.setdefault(invoice_id, []).append(payment)
+        return pi
+
     def intents_created(self) -> list[Call]:
         return [c for c in self.calls if c.path == "/v1/payment_intents" and not c.replayed]
 
@@ -138,6 +164,9 @@ class FakeStripePayments:
         if method == "GET" and parts == ["v1", "invoice_payments"]:
             if self.invoice_payments_down:
                 return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
+            if self.invoice_payments_rate_limited:
+                return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
+                                       "message": "Too many requests hit the API too quickly."}}
             listed = self.payments_by_invoice.get(params.get("invoice", ""), [])
             return 200, {"object": "list", "url": "/v1/invoice_payments", "has_more": False, "data": listed}
         if method == "GET" and parts == ["v1", "payment_intents"]:

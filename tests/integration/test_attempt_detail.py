@@ -1,0 +1,159 @@
+"""A failed invoice no webhook explained: beat asks Stripe's API why (app/payments/attempt_detail.py).
+
+invoice.payment_failed carries no decline code; when the charge.failed / payment_intent.payment_failed
+that does never comes, the failure stays ``unknown`` and is retried like a transient one, so a dead
+card would be charged again. The fake Stripe answers as Stripe does (its invoice payments and payment
+intents, the real fixtures with ids and values overridden), failures included.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from app.dispatch import send
+from app.payments.attempt_detail import GRACE, fetch_missing_detail
+from tests.conftest import post_event, wait_for
+from tests.integration.dunning_setup import dunning_row
+from tests.stripe_events import event, unique, with_product
+
+MINUTES_AGO = 15  # past the grace the webhooks get
+
+
+def unexplained_failure(client, stripe_fake, customer: str, decline: str | None = "expired_card",
+                        minutes_ago: float = MINUTES_AGO, amount: int = 5000) -> str:
+    """invoice.payment_failed and nothing else; Stripe holds the declined intent when ``decline``."""
+    t = int(time.time() - minutes_ago * 60)
+    invoice = unique("in")
+    evt = event("invoice.payment_failed", id=invoice, customer=customer, created=t, amount_due=amount,
+                amount_remaining=amount, amount_paid=0, attempt_count=1, billing_reason="subscription_cycle",
+                paths={"created": t - 86400})
+    assert post_event(client, with_product(evt, "prod_core", amount)).status_code == 200
+    if decline is not None:
+        stripe_fake.fail_invoice(invoice, customer, decline, amount)
+    return invoice
+
+
+def attempt_rows(engine, customer: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.exec_driver_sql(
+            "SELECT id, invoice_id, status, decline_code, failure_code, attempted_at FROM stripe_payment_attempt "
+            "WHERE stripe_customer_id = %(c)s", {"c": customer}).mappings()]
+
+
+def asked(stripe_fake) -> list[str]:
+    return [c.path for c in stripe_fake.calls if c.method == "GET"]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.mark.worker
+def test_a_dead_card_no_webhook_explained_is_learnt_from_stripe_and_not_retried(client, engine, accounts,
+                                                                                 stripe_fake, worker, celery_app):
+    account, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer, "expired_card")
+    wait_for(lambda: dunning_row(engine, account).get("failure_class") == "unknown", message="the failure recomputed")
+    before = dunning_row(engine, account)
+    assert before["next_retry_at"] is not None  # unknown: retried, on a card that has expired
+
+    send(celery_app, "tasks.fetch_attempt_detail")  # beat's tick
+    wait_for(lambda: dunning_row(engine, account).get("failure_class") == "permanent",
+             message="the decline from Stripe recomputed")
+    after = dunning_row(engine, account)
+    assert after["next_retry_at"] is None and after["status"] == "past_due"
+    [attempt] = attempt_rows(engine, customer)
+    assert (attempt["invoice_id"], attempt["status"], attempt["decline_code"]) == (invoice, "failed", "expired_card")
+    # Timed at the invoice's failure, not at the moment Stripe was asked.
+    assert attempt["attempted_at"] < now() - timedelta(minutes=MINUTES_AGO - 1)
+    assert asked(stripe_fake) == [f"/v1/invoice_payments?invoice={invoice}&limit=10",
+                                  f"/v1/payment_intents/{attempt['id']}"]
+
+
+def found_count() -> float:
+    return REGISTRY.get_sample_value("dunning_attempt_detail_asked_total", {"outcome": "found"}) or 0.0
+
+
+def test_each_failure_is_asked_about_once(client, engine, runtime, accounts, stripe_fake, celery_app):
+    _, customer = accounts.create()
+    unexplained_failure(client, stripe_fake, customer, "stolen_card")
+    counted = found_count()
+    first = fetch_missing_detail(runtime, celery_app, now())
+    assert (first.asked, len(first.found), first.none, first.errors) == (1, 1, 0, 0)
+    assert found_count() == counted + 1
+    calls = len(stripe_fake.calls)
+    again = fetch_missing_detail(runtime, celery_app, now())
+    assert again.asked == 0 and len(stripe_fake.calls) == calls
+
+
+def test_a_failure_a_webhook_explained_is_not_asked_about(client, engine, runtime, accounts, stripe_fake,
+                                                          celery_app):
+    _, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer, "insufficient_funds")
+    [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[invoice]]
+    failed = event("payment_intent.payment_failed", id=pi, customer=customer,
+                   created=int(time.time() - MINUTES_AGO * 60) + 1)
+    assert post_event(client, failed).status_code == 200
+    assert fetch_missing_detail(runtime, celery_app, now()).asked == 0
+    assert asked(stripe_fake) == []
+
+
+def test_a_failure_is_given_its_webhooks_first(client, engine, runtime, accounts, stripe_fake, celery_app):
+    _, customer = accounts.create()
+    unexplained_failure(client, stripe_fake, customer, "expired_card", minutes_ago=1)
+    assert fetch_missing_detail(runtime, celery_app, now()).asked == 0
+    later = fetch_missing_detail(runtime, celery_app, now() + GRACE)
+    assert len(later.found) == 1
+
+
+def test_a_failure_stripe_shows_no_declined_intent_for_is_left_as_it_is(client, engine, runtime, accounts,
+                                                                         stripe_fake, celery_app):
+    _, customer = accounts.create()
+    unexplained_failure(client, stripe_fake, customer, decline=None)  # no payment listed at Stripe
+    report = fetch_missing_detail(runtime, celery_app, now())
+    assert (report.asked, report.none, report.found) == (1, 1, [])
+    assert attempt_rows(engine, customer) == []
+    assert fetch_missing_detail(runtime, celery_app, now()).asked == 0  # once
+
+
+def test_a_stripe_error_leaves_the_failure_for_the_next_pass(client, engine, runtime, accounts, stripe_fake,
+                                                             celery_app):
+    _, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer, "lost_card")
+    stripe_fake.invoice_payments_down = True
+    down = fetch_missing_detail(runtime, celery_app, now())
+    assert (down.asked, down.errors, down.found) == (1, 1, [])
+    stripe_fake.invoice_payments_down = False
+    back = fetch_missing_detail(runtime, celery_app, now())
+    assert back.found == [invoice]
+    assert [a["decline_code"] for a in attempt_rows(engine, customer)] == ["lost_card"]
+
+
+def test_a_rate_limit_ends_the_pass_and_leaves_the_rest_for_the_next(client, engine, runtime, accounts,
+                                                                     stripe_fake, celery_app):
+    customers = [accounts.create()[1] for _ in range(3)]
+    invoices = [unexplained_failure(client, stripe_fake, c, "expired_card", minutes_ago=MINUTES_AGO + n)
+                for n, c in enumerate(customers)]
+    stripe_fake.invoice_payments_rate_limited = True
+    limited = fetch_missing_detail(runtime, celery_app, now())
+    assert (limited.asked, limited.errors) == (1, 1)  # the first answer was a 429: nothing more asked
+    assert len(asked(stripe_fake)) == 1
+    stripe_fake.invoice_payments_rate_limited = False
+    later = fetch_missing_detail(runtime, celery_app, now())
+    assert sorted(later.found) == sorted(invoices)
+
+
+def test_nothing_is_asked_without_a_stripe_key(client, engine, runtime, accounts, stripe_fake, celery_app,
+                                               monkeypatch):
+    from tasks import payments  # noqa: F401  registers the task with the app
+
+    _, customer = accounts.create()
+    unexplained_failure(client, stripe_fake, customer, "expired_card")
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_key=""))
+    assert celery_app.tasks["tasks.fetch_attempt_detail"].apply().get() == {"skipped": "STRIPE_API_KEY is not set"}
+    assert asked(stripe_fake) == []
