@@ -7,7 +7,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.domain.policy import Policy
-from app.domain.snapshot import Attempt, Invoice, InvoiceLine, PaymentMethod, Retry, Snapshot, Subscription
+from app.domain.snapshot import (
+    Attempt,
+    BadDebtPayment,
+    Invoice,
+    InvoiceLine,
+    PaymentMethod,
+    Retry,
+    Snapshot,
+    Subscription,
+)
 from app.policy_file import load_policy
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
@@ -53,3 +62,24 @@ def retry(inv_id: str, n: int, *, days_ago: float, free: bool = False, state: st
 def snapshot(*invoices: Invoice, attempts: tuple[Attempt, ...] = (), **kw: Any) -> Snapshot:
     subs = kw.pop("subscriptions", (Subscription("sub_1", "active", ("prod_core",)),))
     return Snapshot(account_id="acct_1", stored=None, invoices=invoices, attempts=attempts, subscriptions=subs, **kw)
+
+
+TWO_SUBSCRIPTIONS = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
+
+
+def two_invoices_in_bad_debt() -> tuple[Invoice, Invoice, tuple[Attempt, Attempt]]:
+    """in_a and in_b of sub_1, failed on an expired card 40 and 38 days ago, 8 attempts each."""
+    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
+    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
+    return a, b, (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
+                  attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
+
+
+def declined_bad_debt_payment(days_ago: float) -> tuple[Attempt, BadDebtPayment]:
+    """A bad-debt payment of 10000 declined for insufficient funds ``days_ago``: its standalone
+    intent (linked to no invoice) and its row."""
+    intent = attempt("pi_bd", None, days_ago=days_ago, decline="insufficient_funds", amount=10000)
+    payment = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(days_ago + 0.01),
+                             updated_at=days(days_ago), failure_reason="declined: insufficient_funds",
+                             stripe_payment_intent_id="pi_bd")
+    return intent, payment

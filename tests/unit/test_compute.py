@@ -13,7 +13,19 @@ from app.domain.compute import compute
 from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge, CustomerDefault, Subscription
 from app.domain.state import FailureClass, Level, Status
-from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
+from tests.unit.builders import (
+    NOW,
+    TWO_SUBSCRIPTIONS,
+    attempt,
+    days,
+    declined_bad_debt_payment,
+    invoice,
+    method,
+    policy,
+    retry,
+    snapshot,
+    two_invoices_in_bad_debt,
+)
 
 POLICY = policy()
 
@@ -818,15 +830,10 @@ def test_a_failed_bad_debt_payment_filed_under_an_invoice_not_yet_debt_is_announ
     """Two invoices in bad debt paid together by one bad-debt payment, and a newer open invoice of
     another subscription, not failed yet: the standalone intent is filed under the newer one; its
     decline is still a failed payment."""
-    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
-    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
+    a, b, first = two_invoices_in_bad_debt()
     c = replace(invoice("in_c", failed_days_ago=None, sub="sub_2", product="prod_other"), created=days(1))
-    first = (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
-             attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
-    declined = attempt("pi_bd", None, days_ago=0.01, decline="insufficient_funds", amount=10000)
-    payment = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(0.02), updated_at=days(0.01),
-                             failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
-    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
+    declined, payment = declined_bad_debt_payment(days_ago=0.01)
+    subs = TWO_SUBSCRIPTIONS
     before = decide(snapshot(a, b, c, attempts=first, subscriptions=subs))
     assert before.state.status == Status.BAD_DEBT
     after = decide(replace(snapshot(a, b, c, attempts=(*first, declined), bad_debt_payments=(payment,),
@@ -860,20 +867,14 @@ def test_an_old_failed_bad_debt_payment_is_not_announced_again_when_a_new_invoic
 def _bad_debt_paid_on_a_second_try(c):
     """in_a and in_b in bad debt; a bad-debt payment declined 5 days ago (its standalone intent filed
     under the newer open invoice c, of another subscription), a second one paid both 3 days ago."""
-    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
-    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
-    first = (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
-             attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
-    declined = attempt("pi_bd", None, days_ago=5, decline="insufficient_funds", amount=10000)
-    failed_pay = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(5), updated_at=days(5),
-                                failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
+    a, b, first = two_invoices_in_bad_debt()
+    declined, failed_pay = declined_bad_debt_payment(days_ago=5)
     ok = attempt("pi_bd2", None, days_ago=3, status="succeeded", amount=10000)
     ok_pay = BadDebtPayment(id=2, state="succeeded", amount=10000, created_at=days(3), updated_at=days(3),
                             stripe_payment_intent_id="pi_bd2")
     paid = {"status": "paid", "amount_paid": 5000, "amount_remaining": 0, "paid_at": days(3)}
-    subs = (Subscription("sub_1", "active", ("prod_core",)), Subscription("sub_2", "active", ("prod_other",)))
     return snapshot(replace(a, **paid), replace(b, **paid), c, attempts=(*first, declined, ok),
-                    bad_debt_payments=(failed_pay, ok_pay), subscriptions=subs)
+                    bad_debt_payments=(failed_pay, ok_pay), subscriptions=TWO_SUBSCRIPTIONS)
 
 
 @pytest.mark.parametrize("becomes_debt", ["fails_without_detail", "terms_come_due"])

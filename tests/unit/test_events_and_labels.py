@@ -9,7 +9,16 @@ from app.domain.compute import compute
 from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge
 from app.domain.state import DunningState
-from tests.unit.builders import NOW, attempt, days, invoice, policy, snapshot
+from tests.unit.builders import (
+    NOW,
+    attempt,
+    days,
+    declined_bad_debt_payment,
+    invoice,
+    policy,
+    snapshot,
+    two_invoices_in_bad_debt,
+)
 
 POLICY = policy()
 
@@ -182,14 +191,9 @@ def test_a_bad_debt_payments_decline_filed_under_an_invoice_is_no_failure_or_att
     """The billing history labels what happened to each invoice: a failed bad-debt payment's intent,
     filed by _owner under a newer open invoice that is no debt, neither makes it past due nor counts
     as its attempt."""
-    a = replace(invoice("in_a", failed_days_ago=40, attempt_count=8), created=days(41))
-    b = replace(invoice("in_b", failed_days_ago=38, attempt_count=8), created=days(39))
+    a, b, first = two_invoices_in_bad_debt()
     c = replace(invoice("in_c", failed_days_ago=None, sub="sub_2", product="prod_other"), created=days(1))
-    first = (attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
-             attempt("pi_b", "in_b", days_ago=38, decline="expired_card"))
-    declined = attempt("pi_bd", None, days_ago=0.01, decline="insufficient_funds", amount=10000)
-    payment = BadDebtPayment(id=1, state="failed", amount=10000, created_at=days(0.02), updated_at=days(0.01),
-                             failure_reason="declined: insufficient_funds", stripe_payment_intent_id="pi_bd")
+    declined, payment = declined_bad_debt_payment(days_ago=0.01)
     snap = snapshot(a, b, c, attempts=(*first, declined), bad_debt_payments=(payment,))
     assert "pi_bd" in [x.id for x in attempts_by_invoice(snap)["in_c"]]  # filed there
     rows = {row.invoice.id: (row.label, row.attempts) for row in history(snap, NOW)}
