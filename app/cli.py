@@ -9,15 +9,31 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError, Settings
 from app.policy_file import PolicyFileError
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _settings() -> Settings:
     return Settings.from_env()
+
+
+def cli_runtime() -> Runtime:
+    """The runtime of a command that works on the product's tables, once the database is known to
+    have every migration of this code: on an older schema a command would fail half-way on a
+    missing column, or work on a table whose meaning changed."""
+    from app.migrate import require_current_schema
+    from app.runtime import Runtime
+
+    settings = _settings()
+    require_current_schema(settings.database_url)
+    return Runtime.build(settings)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -38,9 +54,8 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
 
 def cmd_recompute(args: argparse.Namespace) -> int:
     from app.recompute.service import AccountNotFound, run_recompute
-    from app.runtime import Runtime
 
-    rt = Runtime.build(_settings())
+    rt = cli_runtime()
     try:
         result = run_recompute(rt.engine, rt.policy, args.account_id, "MANUAL", datetime.now(UTC))
     except AccountNotFound as exc:
@@ -64,7 +79,6 @@ def cmd_recompute(args: argparse.Namespace) -> int:
 
 def cmd_report_bad_debt(args: argparse.Namespace) -> int:
     from app.reports.bad_debt import BadDate, lines, parse_day, render
-    from app.runtime import Runtime
 
     try:
         since = parse_day(args.since)
@@ -76,7 +90,7 @@ def cmd_report_bad_debt(args: argparse.Namespace) -> int:
         print(f"error: --until ({args.until}, the day after the last one) must be after --since ({args.since})",
               file=sys.stderr)
         return 2
-    with Runtime.build(_settings()).engine.connect() as conn:
+    with cli_runtime().engine.connect() as conn:
         print(render(lines(conn, since, until), since), end="")
     return 0
 

@@ -8,14 +8,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from app.config import Settings
 from app.domain.rollout import label
 
 
 def _runtime() -> Any:
-    from app.runtime import Runtime
+    from app.cli import cli_runtime
 
-    return Runtime.build(Settings.from_env())
+    return cli_runtime()
 
 
 MAX_BATCH_SIZE = 100_000

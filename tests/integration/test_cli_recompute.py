@@ -103,9 +103,15 @@ def test_a_database_older_than_the_code_says_to_upgrade_it(empty_database):
 
     assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
     assert dunning("db", "downgrade", "-1", database_url=empty_database).returncode == 0
-    older = dunning("recompute", "acct_x", database_url=empty_database)
-    assert older.returncode == 2, older.stderr
-    assert "run `dunning db upgrade`" in older.stderr and "Traceback" not in older.stderr
+    from app.migrate import missing_revisions
+
+    [newest] = missing_revisions(empty_database) or [None]
+    for command in (("recompute", "acct_x"), ("report", "bad-debt", "--since", "2026-10-01"), ("sweep", "--dry-run"),
+                    ("rollout", "status")):
+        older = dunning(*command, database_url=empty_database)
+        assert older.returncode == 2, (command, older.stderr)
+        assert older.stderr == ("error: the database schema is older than this code (1 migration not applied, the "
+                                f"newest {newest}): run `dunning db upgrade` first\n"), command
 
     assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
     probe = create_engine(empty_database)
