@@ -15,14 +15,18 @@ after it:
   about the same intent still merges in);
 * the account's recompute is requested in the same transaction, and queued after the commit.
 
-A failure Stripe shows no failed intent for (paid since, or no intent made) is asked about once. A
-Stripe error leaves the invoice for the next pass; a rate limit ends the pass there.
+A failure is marked asked only once Stripe has answered about it, in the transaction that records
+what it said, so a pass that stops half-way (its time limit, a database error) leaves the rest for
+the next one. A failure Stripe shows no failed intent for (paid since, or no intent made), or
+answers with a permanent error (an invoice it does not know), is asked about once. A passing
+error (no answer, a 5xx) leaves it for the next pass; a rate limit or a key Stripe refuses ends
+the pass. One pass at a time (an advisory lock), within a time budget.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +35,7 @@ import stripe
 from celery import Celery
 
 from app import metrics
-from app.db import unit_of_work
+from app.db import session_lock, unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import mirror_rows
@@ -50,26 +54,31 @@ HORIZON = timedelta(days=30)
 PAYMENTS_LISTED = 10
 INTENTS_RETRIEVED = 2
 
-# Open invoices whose latest failure has no failed attempt in the mirror from that moment on (linked
-# to the invoice, or unlinked and of its customer, as charge.failed is since API 2025-03-31) and
-# was not asked about yet: claimed for one ask each.
-CLAIM = """
-UPDATE stripe_invoice SET detail_asked_for = last_failed_at
- WHERE id IN (
-    SELECT i.id FROM stripe_invoice i
-     WHERE i.status = 'open' AND i.last_failed_at IS NOT NULL
-       AND i.last_failed_at < %(before)s AND i.last_failed_at >= %(since)s
-       AND i.detail_asked_for IS DISTINCT FROM i.last_failed_at
-       AND NOT EXISTS (
-           SELECT 1 FROM stripe_payment_attempt a
-            WHERE a.status = 'failed'
-              AND (a.invoice_id = i.id OR (a.invoice_id IS NULL AND a.stripe_customer_id = i.stripe_customer_id))
-              AND GREATEST(a.attempted_at, a.failed_at) >= i.last_failed_at - interval '1 minute')
-     ORDER BY i.last_failed_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING id, stripe_customer_id, last_failed_at
+# Open invoices whose latest failure has no failed attempt in the mirror from that moment on and was
+# not asked about yet. An attempt explains the failure when it is linked to the invoice, or, unlinked
+# (charge.failed names no invoice since API 2025-03-31), when it is of the invoice's customer and
+# amount: another invoice of the customer failing at the same moment is explained only by its own.
+DUE = """
+SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
+ WHERE i.status = 'open' AND i.last_failed_at IS NOT NULL
+   AND i.last_failed_at < %(before)s AND i.last_failed_at >= %(since)s
+   AND i.detail_asked_for IS DISTINCT FROM i.last_failed_at
+   AND NOT EXISTS (
+       SELECT 1 FROM stripe_payment_attempt a
+        WHERE a.status = 'failed'
+          AND (a.invoice_id = i.id
+               OR (a.invoice_id IS NULL AND a.stripe_customer_id = i.stripe_customer_id
+                   AND a.amount IN (i.amount_due, i.amount_remaining)))
+          AND GREATEST(a.attempted_at, a.failed_at) >= i.last_failed_at - interval '1 minute')
+ ORDER BY i.last_failed_at LIMIT %(limit)s
 """
-# Asked, and Stripe did not answer: the next pass asks again.
-UNCLAIM = "UPDATE stripe_invoice SET detail_asked_for = NULL WHERE id = %(id)s AND detail_asked_for = %(at)s"
+# Asked about this failure (a newer failure of the invoice is asked about again).
+MARK_ASKED = "UPDATE stripe_invoice SET detail_asked_for = %(at)s WHERE id = %(id)s"
+LOCK = "attempt_detail"
+# Errors that say nothing about the invoice: the same question may be answered next pass.
+PASSING = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
+# Errors that no other invoice would escape either: the pass ends.
+ENDS_PASS = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
 ACCOUNT_OF = "SELECT account_id FROM subs_customer WHERE stripe_customer_id = %(customer)s"
 
 
@@ -78,50 +87,52 @@ class DetailReport:
     asked: int = 0
     found: list[str] = field(default_factory=list)  # invoices whose failure was explained
     none: int = 0  # Stripe shows no failed intent for the failure
-    errors: int = 0  # left for the next pass
+    errors: int = 0  # Stripe did not say
+    busy: bool = False  # another pass was running
 
     def to_json(self) -> dict[str, Any]:
-        return {"asked": self.asked, "found": len(self.found), "none": self.none, "errors": self.errors}
+        return {"asked": self.asked, "found": len(self.found), "none": self.none, "errors": self.errors,
+                "busy": self.busy}
 
 
-def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: int = 50) -> DetailReport:
-    """One pass: ask Stripe about up to ``limit`` unexplained failures. Raises database errors."""
+def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: int = 50,
+                         budget_seconds: float = 30.0) -> DetailReport:
+    """One pass: ask Stripe about up to ``limit`` unexplained failures, starting none after
+    ``budget_seconds``. Raises database errors."""
     report = DetailReport()
-    with unit_of_work(rt.engine) as conn:
-        window = {"before": now - GRACE, "since": now - HORIZON, "limit": limit}
-        claimed = conn.exec_driver_sql(CLAIM, window).fetchall()
-    if not claimed:
-        return report
-    client = make_stripe_client(rt.settings)
-    for n, (invoice_id, customer, failed_at) in enumerate(claimed):
-        report.asked += 1
-        try:
-            intent = _failed_intent(client, invoice_id)
-        except stripe.StripeError as exc:
-            # Asked again next pass; after a rate limit, so are the ones not asked yet.
-            rate_limited = isinstance(exc, stripe.RateLimitError)
-            _unclaim(rt, claimed[n:] if rate_limited else claimed[n:n + 1])
-            report.errors += 1
-            metrics.ATTEMPT_DETAIL.labels("error").inc()
-            log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s", invoice_id,
-                        exc.__class__.__name__, "; rate limited, the pass ends" if rate_limited else "")
-            if rate_limited:
+    with session_lock(rt.engine, LOCK) as got:
+        if not got:
+            report.busy = True
+            return report
+        with rt.engine.connect() as conn:
+            due = conn.exec_driver_sql(DUE, {"before": now - GRACE, "since": now - HORIZON, "limit": limit}).fetchall()
+        deadline = time.monotonic() + budget_seconds
+        client = make_stripe_client(rt.settings) if due else None
+        for invoice_id, customer, failed_at in due:
+            if client is None or time.monotonic() > deadline:
                 break
-            continue
-        if intent is None:
-            report.none += 1
-            metrics.ATTEMPT_DETAIL.labels("none").inc()
-            continue
-        _record(rt, celery_app, invoice_id, customer, failed_at, intent)
-        report.found.append(invoice_id)
-        metrics.ATTEMPT_DETAIL.labels("found").inc()
+            report.asked += 1
+            try:
+                intent = _failed_intent(client, invoice_id)
+            except stripe.StripeError as exc:
+                report.errors += 1
+                metrics.ATTEMPT_DETAIL.labels("error").inc()
+                ends = isinstance(exc, ENDS_PASS)
+                log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s", invoice_id,
+                            exc.__class__.__name__, "; the pass ends" if ends else "")
+                if not isinstance(exc, PASSING) and not ends:  # about this invoice: not asked again
+                    _record(rt, celery_app, invoice_id, customer, failed_at, None)
+                if ends:
+                    break
+                continue
+            _record(rt, celery_app, invoice_id, customer, failed_at, intent)
+            if intent is None:
+                report.none += 1
+                metrics.ATTEMPT_DETAIL.labels("none").inc()
+            else:
+                report.found.append(invoice_id)
+                metrics.ATTEMPT_DETAIL.labels("found").inc()
     return report
-
-
-def _unclaim(rt: Runtime, claimed: Sequence[Any]) -> None:
-    with unit_of_work(rt.engine) as conn:
-        for invoice_id, _customer, failed_at in claimed:
-            conn.exec_driver_sql(UNCLAIM, {"id": invoice_id, "at": failed_at})
 
 
 def _failed_intent(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
@@ -139,12 +150,18 @@ def _failed_intent(client: stripe.StripeClient, invoice_id: str) -> dict[str, An
 
 
 def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, failed_at: datetime,
-            intent: dict[str, Any]) -> None:
-    """Mirror the intent as its payment_failed event would be, and request the account's recompute."""
+            intent: dict[str, Any] | None) -> None:
+    """Mark the failure asked about and, with a failed intent, mirror it as its payment_failed event
+    would be and request the account's recompute; queued after the commit."""
     from webhooks.store import request_recompute, upsert_row
 
-    trigger, cause = Trigger.PAYMENT_FAILED.value, f"stripe_api:{intent['id']}"
+    trigger = Trigger.PAYMENT_FAILED.value
+    cause = f"stripe_api:{intent['id']}" if intent is not None else None
+    created = False
     with unit_of_work(rt.engine) as conn:
+        conn.exec_driver_sql(MARK_ASKED, {"id": invoice_id, "at": failed_at})
+        if intent is None:
+            return
         for row in mirror_rows("payment_intent.payment_failed", "stripe_api", intent,
                                created=int(failed_at.timestamp())):
             row.values["invoice_id"] = invoice_id  # the link Stripe's intent no longer carries

@@ -15,7 +15,8 @@
   ``pay_elsewhere`` makes (the real fixture, ids and values overridden); paying out of band makes none.
   ``fail_invoice`` makes a failed payment intent and its open invoice payment (an automatic attempt
   the issuer declined). ``invoice_payments_down`` answers the listing with a 500,
-  ``invoice_payments_rate_limited`` with a 429.
+  ``invoice_payments_rate_limited`` with a 429, and for an invoice in ``unknown_invoices`` it is a 404
+  ``resource_missing``, as for an invoice Stripe does not have.
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -62,6 +63,7 @@ class FakeStripePayments:
         self.payments_by_invoice: dict[str, list[dict[str, Any]]] = {}
         self.invoice_payments_down = False  # listing them answers 500
         self.invoice_payments_rate_limited = False  # listing them answers 429
+        self.unknown_invoices: set[str] = set()  # listing theirs answers 404
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -167,6 +169,9 @@ class FakeStripePayments:
             if self.invoice_payments_rate_limited:
                 return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
                                        "message": "Too many requests hit the API too quickly."}}
+            if params.get("invoice") in self.unknown_invoices:
+                return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
+                                       "message": f"No such invoice: '{params['invoice']}'", "param": "invoice"}}
             listed = self.payments_by_invoice.get(params.get("invoice", ""), [])
             return 200, {"object": "list", "url": "/v1/invoice_payments", "has_more": False, "data": listed}
         if method == "GET" and parts == ["v1", "payment_intents"]:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from prometheus_client import REGISTRY
 
 from app.dispatch import send
@@ -96,7 +97,7 @@ def test_a_failure_a_webhook_explained_is_not_asked_about(client, engine, runtim
     _, customer = accounts.create()
     invoice = unexplained_failure(client, stripe_fake, customer, "insufficient_funds")
     [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[invoice]]
-    failed = event("payment_intent.payment_failed", id=pi, customer=customer,
+    failed = event("payment_intent.payment_failed", id=pi, customer=customer, amount=5000,
                    created=int(time.time() - MINUTES_AGO * 60) + 1)
     assert post_event(client, failed).status_code == 200
     assert fetch_missing_detail(runtime, celery_app, now()).asked == 0
@@ -157,3 +158,67 @@ def test_nothing_is_asked_without_a_stripe_key(client, engine, runtime, accounts
     monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_key=""))
     assert celery_app.tasks["tasks.fetch_attempt_detail"].apply().get() == {"skipped": "STRIPE_API_KEY is not set"}
     assert asked(stripe_fake) == []
+
+
+def test_a_pass_that_stops_half_way_leaves_the_failures_it_did_not_ask_about(client, engine, runtime, accounts,
+                                                                            stripe_fake, celery_app, monkeypatch):
+    """The task's soft time limit strikes during the first Stripe call (a slow Stripe): nothing was
+    marked asked but what Stripe answered, so the next pass asks about all of them."""
+    import app.payments.attempt_detail as attempt_detail
+
+    customers = [accounts.create()[1] for _ in range(3)]
+    invoices = [unexplained_failure(client, stripe_fake, c, "expired_card", minutes_ago=MINUTES_AGO + n)
+                for n, c in enumerate(customers)]
+    ask = attempt_detail._failed_intent
+
+    def time_is_up(*args: Any) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(attempt_detail, "_failed_intent", time_is_up)
+    with pytest.raises(SoftTimeLimitExceeded):
+        fetch_missing_detail(runtime, celery_app, now())
+    monkeypatch.setattr(attempt_detail, "_failed_intent", ask)
+    assert sorted(fetch_missing_detail(runtime, celery_app, now()).found) == sorted(invoices)
+
+
+def test_an_invoice_stripe_does_not_know_is_asked_about_once_and_holds_up_no_other(client, engine, runtime,
+                                                                                  accounts, stripe_fake,
+                                                                                  celery_app):
+    _, unknown_customer = accounts.create()
+    unknown = unexplained_failure(client, stripe_fake, unknown_customer, "expired_card", minutes_ago=MINUTES_AGO + 5)
+    stripe_fake.unknown_invoices.add(unknown)
+    _, customer = accounts.create()
+    known = unexplained_failure(client, stripe_fake, customer, "expired_card")
+    reports = [fetch_missing_detail(runtime, celery_app, now(), limit=1) for _ in range(3)]
+    assert [(r.asked, r.errors, r.found) for r in reports] == [(1, 1, []), (1, 0, [known]), (0, 0, [])]
+
+
+def test_a_failure_of_another_invoice_at_the_same_moment_explains_only_its_own(client, engine, runtime, accounts,
+                                                                             stripe_fake, celery_app):
+    """Two subscriptions of one customer renew and fail together; only the first invoice's
+    charge.failed arrives, naming no invoice (API 2025-03-31 and later). It is of the first one's
+    amount: the second failure is still unexplained, and asked about."""
+    _, customer = accounts.create()
+    first = unexplained_failure(client, stripe_fake, customer, "insufficient_funds", amount=5000)
+    second = unexplained_failure(client, stripe_fake, customer, "expired_card", amount=7000)
+    [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[first]]
+    t = int(time.time() - MINUTES_AGO * 60)
+    charge = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=pi, amount=5000,
+                   failure_code="card_declined", created=t,
+                   paths={"created": t, "outcome.reason": "insufficient_funds"})
+    assert post_event(client, charge).status_code == 200
+    report = fetch_missing_detail(runtime, celery_app, now())
+    assert report.found == [second]
+
+
+def test_one_pass_at_a_time(client, engine, runtime, accounts, stripe_fake, celery_app):
+    from app.db import session_lock
+    from app.payments.attempt_detail import LOCK
+
+    _, customer = accounts.create()
+    unexplained_failure(client, stripe_fake, customer, "expired_card")
+    with session_lock(engine, LOCK) as got:
+        assert got
+        busy = fetch_missing_detail(runtime, celery_app, now())
+    assert busy.busy and busy.asked == 0 and asked(stripe_fake) == []
+    assert len(fetch_missing_detail(runtime, celery_app, now()).found) == 1
