@@ -48,10 +48,11 @@ def unauthorized(realm: str) -> Any:
 def require_service_token(view: F) -> F:
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        token = match_token(bearer_token(), runtime().settings.service_tokens)
+        tokens = runtime().settings.service_tokens
+        token = match_token(bearer_token(), tokens)
         if token is None:
             return unauthorized("service")
-        g.actor = "service"
+        g.actor = tokens[token]
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

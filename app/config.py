@@ -59,13 +59,22 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-def parse_service_tokens(raw: str) -> frozenset[str]:
-    return frozenset(t.strip() for t in raw.split(",") if t.strip())
+UNNAMED_SERVICE = "service"
+
+
+def parse_service_tokens(raw: str) -> dict[str, str]:
+    """``name:token,token2`` -> {token: name}: a token may name the service that holds it (the
+    rollout audit records it); a bare token is ``service``'s."""
+    return _parse_tokens(raw, "SERVICE_TOKENS", default_actor=UNNAMED_SERVICE)
 
 
 def parse_support_tokens(raw: str) -> dict[str, str]:
     """``actor:token,actor2:token2`` -> {token: actor}. A token is one actor's: the audit log names
     whoever used it (the error names the actors, never the token)."""
+    return _parse_tokens(raw, "SUPPORT_TOKENS")
+
+
+def _parse_tokens(raw: str, name: str, default_actor: str | None = None) -> dict[str, str]:
     tokens: dict[str, str] = {}
     for item in raw.split(","):
         item = item.strip()
@@ -73,11 +82,14 @@ def parse_support_tokens(raw: str) -> dict[str, str]:
             continue
         actor, sep, token = item.partition(":")
         actor, token = actor.strip(), token.strip()
-        if not sep or not actor or not token:
-            raise ConfigError("SUPPORT_TOKENS entries must look like actor:token")
+        if not sep and default_actor is not None:
+            actor, token = default_actor, actor
+        if not actor or not token:
+            raise ConfigError(f"{name} entries must look like actor:token"
+                              + (" or token" if default_actor is not None else ""))
         other = tokens.get(token)
         if other is not None and other != actor:
-            raise ConfigError(f"SUPPORT_TOKENS gives {other!r} and {actor!r} the same token: each actor needs a token "
+            raise ConfigError(f"{name} gives {other!r} and {actor!r} the same token: each actor needs a token "
                               f"of their own (the audit log names the actor a token belongs to)")
         tokens[token] = actor
     return tokens
@@ -110,7 +122,7 @@ class Settings:
     stripe_api_key: str = ""
     stripe_api_base: str | None = None
     account_management_url: str | None = None
-    service_tokens: frozenset[str] = field(default_factory=frozenset)
+    service_tokens: dict[str, str] = field(default_factory=dict)  # token -> service name
     support_tokens: Mapping[str, str] = field(default_factory=dict)
     policy_path: str | None = None
     secret_key: str = ""

@@ -72,7 +72,7 @@ def settings(database_url: str, broker_url: str) -> Settings:
         broker_url=broker_url,
         stripe_webhook_secret=WEBHOOK_SECRET,
         stripe_api_key="sk_test_" + uuid.uuid4().hex,
-        service_tokens=frozenset({SERVICE_TOKEN}),
+        service_tokens={SERVICE_TOKEN: "service"},
         support_tokens={SUPPORT_TOKEN: SUPPORT_ACTOR},
         secret_key=uuid.uuid4().hex,
         broker_key_prefix=prefix,

@@ -335,6 +335,23 @@ def test_ops_rollout_records_the_authenticated_principal_and_keeps_a_stated_acto
         ("service", "rollout.hold", None), ("service", "rollout.resume", None)]
 
 
+def test_a_named_service_token_puts_its_service_in_the_audit(client, engine: Engine, runtime, rollout_off: None,
+                                                           monkeypatch):
+    """SERVICE_TOKENS entries may be name:token: the change is the named service's, not "service"."""
+    from app.config import parse_service_tokens
+
+    named = "tok-ops-" + SERVICE_TOKEN
+    tokens = parse_service_tokens(f"billing-ops:{named},{SERVICE_TOKEN}")
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(service_tokens=tokens))
+    as_ops = {"Authorization": f"Bearer {named}"}
+    assert client.post("/ops/rollout", headers=as_ops, json={"action": "hold", "reason": "wait"}).status_code == 200
+    assert client.post("/ops/rollout", headers=service_headers(),
+                       json={"action": "resume", "reason": "on"}).status_code == 200
+    assert [h.actor for h in history(engine)] == ["billing-ops", "service"]
+    audit = sql(engine, "SELECT actor, action FROM audit_log ORDER BY id")
+    assert [(a.actor, a.action) for a in audit] == [("billing-ops", "rollout.hold"), ("service", "rollout.resume")]
+
+
 def test_ops_lifting_lists_accounts_stuck_past_the_guard_window(client, accounts: Accounts, runtime, engine: Engine):
     stuck, _ = accounts.create()
     fresh, _ = accounts.create()

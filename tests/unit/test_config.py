@@ -10,6 +10,7 @@ from app.config import (
     MIN_VISIBILITY_TIMEOUT,
     ConfigError,
     Settings,
+    parse_service_tokens,
     parse_support_tokens,
 )
 
@@ -38,7 +39,17 @@ def test_a_token_in_both_service_and_support_tokens_is_refused():
     assert "SERVICE_TOKENS" in message and "SUPPORT_TOKENS" in message and "'carol'" in message
     assert "'alice'" not in message and "tok-both-2" not in message
     ok = settings(SERVICE_TOKENS="svc-a", SUPPORT_TOKENS="alice:tok-alice")
-    assert ok.service_tokens == {"svc-a"} and ok.support_tokens == {"tok-alice": "alice"}
+    assert ok.service_tokens == {"svc-a": "service"} and ok.support_tokens == {"tok-alice": "alice"}
+
+
+def test_service_tokens_may_name_their_service():
+    assert parse_service_tokens("billing-ops:tok-1, tok-2 ,reports : tok-3") == {
+        "tok-1": "billing-ops", "tok-2": "service", "tok-3": "reports"}
+    with pytest.raises(ConfigError) as err:
+        settings(SERVICE_TOKENS="billing-ops:tok-shared,reports:tok-shared")
+    assert "'billing-ops'" in str(err.value) and "tok-shared" not in str(err.value)
+    with pytest.raises(ConfigError, match="SERVICE_TOKENS entries must look like actor:token or token"):
+        settings(SERVICE_TOKENS=":tok-1")
 
 
 @pytest.mark.parametrize("value", ["0", "1", "20", "60", "90", str(MIN_VISIBILITY_TIMEOUT - 1)])
