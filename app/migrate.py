@@ -39,10 +39,13 @@ def missing_revisions(database_url: str) -> list[str] | None:
     not this code's to judge)."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
-    from sqlalchemy import create_engine
+
+    from app.db import make_engine
 
     script = ScriptDirectory.from_config(alembic_config(database_url))
-    engine = create_engine(database_url)
+    # The product's engine (connect and statement timeouts): a server that takes the connection and
+    # never answers fails the command in seconds, as the command itself would.
+    engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
             current = set(MigrationContext.configure(conn).get_current_heads())

@@ -57,7 +57,8 @@ INTENTS_RETRIEVED = 2
 # Open invoices whose latest failure has no failed attempt in the mirror from that moment on and was
 # not asked about yet. An attempt explains the failure when it is linked to the invoice, or, unlinked
 # (charge.failed names no invoice since API 2025-03-31), when it is of the invoice's customer and
-# amount: another invoice of the customer failing at the same moment is explained only by its own.
+# amount and no other open invoice of the customer with that amount failed at the same moment (two
+# subscriptions at one price renewing together: which one it paid is Stripe's to say).
 DUE = """
 SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
  WHERE i.status = 'open' AND i.last_failed_at IS NOT NULL
@@ -66,12 +67,21 @@ SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
    AND NOT EXISTS (
        SELECT 1 FROM stripe_payment_attempt a
         WHERE a.status = 'failed'
+          AND GREATEST(a.attempted_at, a.failed_at) >= i.last_failed_at - interval '1 minute'
           AND (a.invoice_id = i.id
                OR (a.invoice_id IS NULL AND a.stripe_customer_id = i.stripe_customer_id
-                   AND a.amount IN (i.amount_due, i.amount_remaining)))
-          AND GREATEST(a.attempted_at, a.failed_at) >= i.last_failed_at - interval '1 minute')
+                   AND a.amount IN (i.amount_due, i.amount_remaining)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM stripe_invoice j
+                        WHERE j.stripe_customer_id = i.stripe_customer_id AND j.id <> i.id
+                          AND j.status = 'open' AND a.amount IN (j.amount_due, j.amount_remaining)
+                          AND j.last_failed_at BETWEEN i.last_failed_at - interval '1 minute'
+                                                   AND i.last_failed_at + interval '1 minute'))))
  ORDER BY i.last_failed_at LIMIT %(limit)s
 """
+# Whether the mirror has the failed charge already: then the intent's failure is one an earlier
+# event (or ask) brought, not the failure asked about (a later failure that made no new attempt).
+KNOWN_CHARGE = "SELECT 1 FROM stripe_payment_attempt WHERE id = %(intent)s AND charges ? %(charge)s"
 # Asked about this failure (a newer failure of the invoice is asked about again).
 MARK_ASKED = "UPDATE stripe_invoice SET detail_asked_for = %(at)s WHERE id = %(id)s"
 LOCK = "attempt_detail"
@@ -125,6 +135,8 @@ def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: 
                 if ends:
                     break
                 continue
+            if intent is not None and _known_failure(rt, intent):
+                intent = None
             _record(rt, celery_app, invoice_id, customer, failed_at, intent)
             if intent is None:
                 report.none += 1
@@ -147,6 +159,16 @@ def _failed_intent(client: stripe.StripeClient, invoice_id: str) -> dict[str, An
         if intent.get("status") == "requires_payment_method" and isinstance(intent.get("last_payment_error"), dict):
             return intent
     return None
+
+
+def _known_failure(rt: Runtime, intent: dict[str, Any]) -> bool:
+    """Whether the intent's failed charge is in the mirror already (its failure is an older one)."""
+    error = intent.get("last_payment_error") or {}
+    charge = error.get("charge") if isinstance(error.get("charge"), str) else None
+    if not charge:
+        return False  # a failure that made no charge (3-D Secure) is timed by the failure asked about
+    with rt.engine.connect() as conn:
+        return conn.exec_driver_sql(KNOWN_CHARGE, {"intent": intent["id"], "charge": charge}).first() is not None
 
 
 def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, failed_at: datetime,

@@ -222,3 +222,42 @@ def test_one_pass_at_a_time(client, engine, runtime, accounts, stripe_fake, cele
         busy = fetch_missing_detail(runtime, celery_app, now())
     assert busy.busy and busy.asked == 0 and asked(stripe_fake) == []
     assert len(fetch_missing_detail(runtime, celery_app, now()).found) == 1
+
+
+def test_two_invoices_of_one_price_failing_together_are_not_explained_by_one_decline(client, engine, runtime,
+                                                                                    accounts, stripe_fake,
+                                                                                    celery_app):
+    """Two subscriptions of one customer at one price renew and fail together; one charge.failed
+    arrives, naming no invoice: it could be either's, so Stripe is asked about both."""
+    _, customer = accounts.create()
+    first = unexplained_failure(client, stripe_fake, customer, "insufficient_funds", amount=5000)
+    second = unexplained_failure(client, stripe_fake, customer, "expired_card", amount=5000)
+    [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[first]]
+    t = int(time.time() - MINUTES_AGO * 60)
+    charge = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=pi, amount=5000,
+                   failure_code="card_declined", created=t,
+                   paths={"created": t, "outcome.reason": "insufficient_funds"})
+    assert post_event(client, charge).status_code == 200
+    assert sorted(fetch_missing_detail(runtime, celery_app, now()).found) == sorted([first, second])
+    declines = {a["invoice_id"]: a["decline_code"] for a in attempt_rows(engine, customer)}
+    assert declines == {first: "insufficient_funds", second: "expired_card"}
+
+
+def test_a_later_failure_with_no_new_attempt_does_not_move_the_earlier_decline(client, engine, runtime, accounts,
+                                                                              stripe_fake, celery_app):
+    """Declined at T1 (asked, mirrored at T1); at T2 Stripe's next try fails with no attempt at all
+    (invoice.payment_failed only). Stripe's newest failed intent is still T1's: no news, and the
+    attempt keeps its time (the retry schedule and the guard go by it)."""
+    _, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer, "expired_card", minutes_ago=120)
+    assert len(fetch_missing_detail(runtime, celery_app, now()).found) == 1
+    [before] = attempt_rows(engine, customer)
+    t2 = int(time.time() - MINUTES_AGO * 60)
+    again = event("invoice.payment_failed", id=invoice, customer=customer, created=t2, amount_due=5000,
+                  amount_remaining=5000, amount_paid=0, attempt_count=2, billing_reason="subscription_cycle",
+                  paths={"created": t2 - 86400})
+    assert post_event(client, with_product(again, "prod_core", 5000)).status_code == 200
+    second = fetch_missing_detail(runtime, celery_app, now())
+    assert (second.asked, second.none, second.found) == (1, 1, [])
+    assert attempt_rows(engine, customer) == [before]
+    assert fetch_missing_detail(runtime, celery_app, now()).asked == 0  # asked once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +95,18 @@ def test_an_operators_mistakes_get_a_message_not_a_traceback(empty_database):
         done = dunning(*args, database_url=url, **extra)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_a_database_that_takes_the_connection_and_never_answers_fails_the_command_in_seconds():
+    """A hung server (or a firewall dropping after the handshake): the schema check before the
+    command is bound by the connect timeout too, and the command says the database is unreachable."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        done = dunning("recompute", "acct_x", database_url=f"postgresql://postgres@127.0.0.1:{port}/x")
+    assert done.returncode == 3, done.stderr
+    assert "database unreachable" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_database_older_than_the_code_says_to_upgrade_it(empty_database):
