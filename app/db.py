@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -58,6 +58,16 @@ def _set_timeouts(engine: Engine) -> None:
                         "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; "
                         "SET tcp_keepalives_count = 3")
         dbapi_conn.commit()
+
+    # The webhook group commit runs its connection in psycopg2's autocommit (webhooks/ingest.py) and
+    # turns it off when it gives it back. One given back some other way (its owner garbage collected)
+    # would make every later unit of work on it commit statement by statement: no transaction, no
+    # transaction-scoped lock. Every connection comes back to the pool in transaction mode.
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, _record: Any) -> None:
+        if dbapi_conn is not None and getattr(dbapi_conn, "autocommit", False):
+            with suppress(Exception):  # closed, or unusable: the pool discards it on its next use
+                dbapi_conn.autocommit = False
 
 
 @contextmanager

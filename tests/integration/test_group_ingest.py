@@ -311,3 +311,27 @@ def test_every_event_of_a_batch_is_counted_by_its_state(accounts: Accounts, engi
     assert [r.state for r in results if isinstance(r, Ingested)] == ["accepted", "accepted", "unroutable"]
     assert received("invoice.payment_failed", "accepted") == accepted + 2
     assert received("invoice.payment_failed", "unroutable") == unroutable + 1
+
+
+def test_an_ingestor_dropped_without_closing_leaves_no_autocommit_connection_in_the_pool(
+        accounts: Accounts, settings, celery_app):
+    """The group commit's connection runs in autocommit. An ingestor garbage collected without
+    close() (an app built and dropped) gave it back to the pool as it was, and every later unit of
+    work on it committed statement by statement: a recompute's transaction-scoped account lock and
+    its take of the request ended at once."""
+    import gc
+
+    from app.db import unit_of_work
+
+    engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        ingestor = Ingestor(engine, celery_app)
+        evt = failed_invoice(accounts.create()[1])
+        assert isinstance(ingestor.ingest(evt, json.dumps(evt)), Ingested)
+        del ingestor
+        gc.collect()
+        with unit_of_work(engine) as conn:  # the pool's one connection: the ingestor's
+            assert conn.connection.driver_connection.autocommit is False  # type: ignore[union-attr]
+            assert conn.exec_driver_sql("SELECT now() = statement_timestamp()").scalar() is False
+    finally:
+        engine.dispose()
