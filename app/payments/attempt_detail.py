@@ -71,6 +71,9 @@ SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
           AND (a.invoice_id = i.id
                OR (a.invoice_id IS NULL AND a.stripe_customer_id = i.stripe_customer_id
                    AND a.amount IN (i.amount_due, i.amount_remaining)
+                   -- at that moment: one a minute or more later is another invoice's (this one's own
+                   -- next attempt would have moved its last_failed_at)
+                   AND GREATEST(a.attempted_at, a.failed_at) <= i.last_failed_at + interval '1 minute'
                    AND NOT EXISTS (
                        SELECT 1 FROM stripe_invoice j
                         WHERE j.stripe_customer_id = i.stripe_customer_id AND j.id <> i.id
@@ -79,9 +82,11 @@ SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
                                                    AND i.last_failed_at + interval '1 minute'))))
  ORDER BY i.last_failed_at LIMIT %(limit)s
 """
-# Whether the mirror has the failed charge already: then the intent's failure is one an earlier
-# event (or ask) brought, not the failure asked about (a later failure that made no new attempt).
-KNOWN_CHARGE = "SELECT 1 FROM stripe_payment_attempt WHERE id = %(intent)s AND charges ? %(charge)s"
+# The intent's row in the mirror when it has the failed charge already, and the invoice it is linked
+# to: linked to this one, the failure is an older one (the later failure made no new attempt); not
+# linked (charge.failed names no invoice), it is this failure's, and Stripe's answer links it.
+KNOWN_CHARGE = "SELECT invoice_id FROM stripe_payment_attempt WHERE id = %(intent)s AND charges ? %(charge)s"
+LINK = "UPDATE stripe_payment_attempt SET invoice_id = %(invoice)s WHERE id = %(intent)s AND invoice_id IS NULL"
 # Asked about this failure (a newer failure of the invoice is asked about again).
 MARK_ASKED = "UPDATE stripe_invoice SET detail_asked_for = %(at)s WHERE id = %(id)s"
 LOCK = "attempt_detail"
@@ -135,9 +140,10 @@ def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: 
                 if ends:
                     break
                 continue
-            if intent is not None and _known_failure(rt, intent):
-                intent = None
-            _record(rt, celery_app, invoice_id, customer, failed_at, intent)
+            known = _known_failure(rt, intent) if intent is not None else None
+            if known is not None and known.linked_to == invoice_id:
+                intent = None  # an older failure, already filed here: nothing new
+            _record(rt, celery_app, invoice_id, customer, failed_at, intent, link_only=known is not None)
             if intent is None:
                 report.none += 1
                 metrics.ATTEMPT_DETAIL.labels("none").inc()
@@ -161,20 +167,27 @@ def _failed_intent(client: stripe.StripeClient, invoice_id: str) -> dict[str, An
     return None
 
 
-def _known_failure(rt: Runtime, intent: dict[str, Any]) -> bool:
-    """Whether the intent's failed charge is in the mirror already (its failure is an older one)."""
+@dataclass(frozen=True)
+class KnownFailure:
+    linked_to: str | None  # the invoice the mirrored attempt is linked to, if any
+
+
+def _known_failure(rt: Runtime, intent: dict[str, Any]) -> KnownFailure | None:
+    """The mirror's record of the intent's failed charge, if it has it."""
     error = intent.get("last_payment_error") or {}
     charge = error.get("charge") if isinstance(error.get("charge"), str) else None
     if not charge:
-        return False  # a failure that made no charge (3-D Secure) is timed by the failure asked about
+        return None  # a failure that made no charge (3-D Secure) is timed by the failure asked about
     with rt.engine.connect() as conn:
-        return conn.exec_driver_sql(KNOWN_CHARGE, {"intent": intent["id"], "charge": charge}).first() is not None
+        row = conn.exec_driver_sql(KNOWN_CHARGE, {"intent": intent["id"], "charge": charge}).first()
+    return None if row is None else KnownFailure(row[0])
 
 
 def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, failed_at: datetime,
-            intent: dict[str, Any] | None) -> None:
+            intent: dict[str, Any] | None, link_only: bool = False) -> None:
     """Mark the failure asked about and, with a failed intent, mirror it as its payment_failed event
-    would be and request the account's recompute; queued after the commit."""
+    would be (``link_only``: the mirror has it, unlinked; only the link to the invoice is new, its
+    times stay) and request the account's recompute; queued after the commit."""
     from webhooks.store import request_recompute, upsert_row
 
     trigger = Trigger.PAYMENT_FAILED.value
@@ -184,11 +197,14 @@ def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, fai
         conn.exec_driver_sql(MARK_ASKED, {"id": invoice_id, "at": failed_at})
         if intent is None:
             return
-        for row in mirror_rows("payment_intent.payment_failed", "stripe_api", intent,
-                               created=int(failed_at.timestamp())):
-            row.values["invoice_id"] = invoice_id  # the link Stripe's intent no longer carries
-            row.values["stripe_customer_id"] = row.values.get("stripe_customer_id") or customer
-            upsert_row(conn, row)
+        if link_only:
+            conn.exec_driver_sql(LINK, {"invoice": invoice_id, "intent": intent["id"]})
+        else:
+            for row in mirror_rows("payment_intent.payment_failed", "stripe_api", intent,
+                                   created=int(failed_at.timestamp())):
+                row.values["invoice_id"] = invoice_id  # the link Stripe's intent no longer carries
+                row.values["stripe_customer_id"] = row.values.get("stripe_customer_id") or customer
+                upsert_row(conn, row)
         account = conn.exec_driver_sql(ACCOUNT_OF, {"customer": customer}).scalar()
         created = account is not None and request_recompute(conn, account, trigger, cause)
     log.info("attempt detail of invoice %s from Stripe: %s, %s", invoice_id, intent["id"],

@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from app.dispatch import send
 from app.payments.attempt_detail import GRACE, fetch_missing_detail
+from app.recompute.service import run_recompute
 from tests.conftest import post_event, wait_for
 from tests.integration.dunning_setup import dunning_row
 from tests.stripe_events import event, unique, with_product
@@ -37,6 +38,19 @@ def unexplained_failure(client, stripe_fake, customer: str, decline: str | None 
     if decline is not None:
         stripe_fake.fail_invoice(invoice, customer, decline, amount)
     return invoice
+
+
+def its_charge_failed(client, stripe_fake, invoice: str, customer: str, amount: int,
+                      minutes_ago: float = MINUTES_AGO) -> None:
+    """The charge.failed of the declined intent Stripe holds for ``invoice``, as Stripe sends it:
+    naming the intent and no invoice (API 2025-03-31 and later)."""
+    [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[invoice]]
+    error = stripe_fake.intents[pi]["last_payment_error"]
+    t = int(time.time() - minutes_ago * 60)
+    charge = event("charge.failed", id=error["charge"], customer=customer, payment_intent=pi, amount=amount,
+                   failure_code="card_declined", created=t,
+                   paths={"created": t, "outcome.reason": error["decline_code"]})
+    assert post_event(client, charge).status_code == 200
 
 
 def attempt_rows(engine, customer: str) -> list[dict[str, Any]]:
@@ -201,14 +215,21 @@ def test_a_failure_of_another_invoice_at_the_same_moment_explains_only_its_own(c
     _, customer = accounts.create()
     first = unexplained_failure(client, stripe_fake, customer, "insufficient_funds", amount=5000)
     second = unexplained_failure(client, stripe_fake, customer, "expired_card", amount=7000)
-    [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[first]]
-    t = int(time.time() - MINUTES_AGO * 60)
-    charge = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=pi, amount=5000,
-                   failure_code="card_declined", created=t,
-                   paths={"created": t, "outcome.reason": "insufficient_funds"})
-    assert post_event(client, charge).status_code == 200
+    its_charge_failed(client, stripe_fake, first, customer, 5000)
     report = fetch_missing_detail(runtime, celery_app, now())
     assert report.found == [second]
+
+
+def test_a_decline_of_a_later_failure_of_another_invoice_explains_none_of_this_one(client, engine, runtime,
+                                                                                  accounts, stripe_fake,
+                                                                                  celery_app):
+    """The same price, the second invoice failing three minutes after the first: its decline (naming no
+    invoice) is not the first one's, whose own next attempt would have moved its failure time."""
+    _, customer = accounts.create()
+    first = unexplained_failure(client, stripe_fake, customer, "expired_card", minutes_ago=15)
+    second = unexplained_failure(client, stripe_fake, customer, "insufficient_funds", minutes_ago=12)
+    its_charge_failed(client, stripe_fake, second, customer, 5000, minutes_ago=12)
+    assert fetch_missing_detail(runtime, celery_app, now()).found == [first]
 
 
 def test_one_pass_at_a_time(client, engine, runtime, accounts, stripe_fake, celery_app):
@@ -228,19 +249,24 @@ def test_two_invoices_of_one_price_failing_together_are_not_explained_by_one_dec
                                                                                     accounts, stripe_fake,
                                                                                     celery_app):
     """Two subscriptions of one customer at one price renew and fail together; one charge.failed
-    arrives, naming no invoice: it could be either's, so Stripe is asked about both."""
-    _, customer = accounts.create()
+    arrives, naming no invoice: it could be either's, so Stripe is asked about both. The first's
+    answer is that charge, which is only linked to it (its times stay as the webhook gave them); the
+    second's is its own decline. Each invoice is then judged by its own card."""
+    account, customer = accounts.create()
     first = unexplained_failure(client, stripe_fake, customer, "insufficient_funds", amount=5000)
     second = unexplained_failure(client, stripe_fake, customer, "expired_card", amount=5000)
-    [pi] = [p["payment"]["payment_intent"] for p in stripe_fake.payments_by_invoice[first]]
-    t = int(time.time() - MINUTES_AGO * 60)
-    charge = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=pi, amount=5000,
-                   failure_code="card_declined", created=t,
-                   paths={"created": t, "outcome.reason": "insufficient_funds"})
-    assert post_event(client, charge).status_code == 200
+    its_charge_failed(client, stripe_fake, first, customer, 5000)
+    [webhooks_row] = attempt_rows(engine, customer)
+    assert webhooks_row["invoice_id"] is None
     assert sorted(fetch_missing_detail(runtime, celery_app, now()).found) == sorted([first, second])
-    declines = {a["invoice_id"]: a["decline_code"] for a in attempt_rows(engine, customer)}
-    assert declines == {first: "insufficient_funds", second: "expired_card"}
+    rows = {a["invoice_id"]: a for a in attempt_rows(engine, customer)}
+    assert {inv: a["decline_code"] for inv, a in rows.items()} == {first: "insufficient_funds",
+                                                                    second: "expired_card"}
+    assert rows[first]["attempted_at"] == webhooks_row["attempted_at"]
+    summary = run_recompute(engine, runtime.policy, account, "PAYMENT_FAILED", now()).summary()
+    classes = {r["facts"]["invoice"]: r["facts"].get("failure_class") for r in summary["reasons"]
+               if r["rule"].startswith("retry.") and "invoice" in r["facts"]}
+    assert classes.get(second) == "permanent" and classes.get(first) != "permanent", summary["reasons"]
 
 
 def test_a_later_failure_with_no_new_attempt_does_not_move_the_earlier_decline(client, engine, runtime, accounts,
