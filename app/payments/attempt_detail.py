@@ -9,10 +9,10 @@ after it:
 
 * the invoice's payments (``GET /v1/invoice_payments?invoice=``), newest first: the payment intents
   that tried to pay it;
-* the newest of them that failed (``GET /v1/payment_intents/<id>``) is mirrored as its
-  payment_intent.payment_failed would have been, linked to the invoice and timed at the invoice's
-  failure, through the webhook mirror's own code and ordering guard (an event that comes later
-  about the same intent still merges in);
+* the newest of them (``GET /v1/payment_intents/<id>``), when it failed or waits for the customer's
+  authentication, is mirrored as its payment_intent.payment_failed / requires_action would have
+  been, linked to the invoice and timed at the invoice's failure, through the webhook mirror's own
+  code and ordering guard (an event that comes later about the same intent still merges in);
 * the account's recompute is requested in the same transaction, and queued after the commit.
 
 A failure is marked asked only once Stripe has answered about it, in the transaction that records
@@ -50,15 +50,21 @@ GRACE = timedelta(minutes=10)
 # Failures older than this are not asked about (the first pass after deploying would otherwise walk
 # every old open invoice): Stripe's own retries of an invoice stop within a month.
 HORIZON = timedelta(days=30)
-# The newest payments of an invoice looked at: the failure asked about is its latest.
+# The newest payments of an invoice looked at: the failure asked about is its latest, and the newest
+# intent is the one that made it (an older one's failure, mirrored at this failure's time, would be
+# filed at the wrong moment).
 PAYMENTS_LISTED = 10
-INTENTS_RETRIEVED = 2
+# What the newest intent says about the failure: a decline (the issuer's, or a failed 3-D Secure), or
+# an off-session renewal the issuer wants the customer to authenticate (Stripe moves the intent to
+# requires_action with invoice.payment_failed): the event each would have come with.
+ANSWERS = {"requires_payment_method": "payment_intent.payment_failed",
+           "requires_action": "payment_intent.requires_action"}
 
 # Open invoices whose latest failure has no failed attempt in the mirror from that moment on and was
 # not asked about yet. An attempt explains the failure when it is linked to the invoice, or, unlinked
 # (charge.failed names no invoice since API 2025-03-31), when it is of the invoice's customer and
-# amount and no other open invoice of the customer with that amount failed at the same moment (two
-# subscriptions at one price renewing together: which one it paid is Stripe's to say).
+# amount and no other invoice of the customer with that amount failed at the same moment (two
+# subscriptions at one price renewing together, open or paid since: which one it was is Stripe's to say).
 DUE = """
 SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
  WHERE i.status = 'open' AND i.last_failed_at IS NOT NULL
@@ -77,7 +83,7 @@ SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
                    AND NOT EXISTS (
                        SELECT 1 FROM stripe_invoice j
                         WHERE j.stripe_customer_id = i.stripe_customer_id AND j.id <> i.id
-                          AND j.status = 'open' AND a.amount IN (j.amount_due, j.amount_remaining)
+                          AND a.amount IN (j.amount_due, j.amount_remaining)  -- paid since or not
                           AND j.last_failed_at BETWEEN i.last_failed_at - interval '1 minute'
                                                    AND i.last_failed_at + interval '1 minute'))))
  ORDER BY i.last_failed_at LIMIT %(limit)s
@@ -154,17 +160,20 @@ def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: 
 
 
 def _failed_intent(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
-    """The newest payment intent of the invoice that failed, as Stripe has it now; None if none did."""
+    """The invoice's newest payment intent as Stripe has it now, when it failed or waits for the
+    customer's authentication; None otherwise."""
     listed = client.v1.invoice_payments.list({"invoice": invoice_id, "limit": PAYMENTS_LISTED})
     payments = sorted((p.to_dict() for p in listed.data), key=lambda p: int(p.get("created") or 0), reverse=True)
-    intents = [pi for p in payments
-               if isinstance(p.get("payment"), dict) and p["payment"].get("type") == "payment_intent"
-               and isinstance(pi := p["payment"].get("payment_intent"), str) and pi]
-    for pi in intents[:INTENTS_RETRIEVED]:
-        intent: dict[str, Any] = client.v1.payment_intents.retrieve(pi).to_dict()
-        if intent.get("status") == "requires_payment_method" and isinstance(intent.get("last_payment_error"), dict):
-            return intent
-    return None
+    newest = next((pi for p in payments
+                   if isinstance(p.get("payment"), dict) and p["payment"].get("type") == "payment_intent"
+                   and isinstance(pi := p["payment"].get("payment_intent"), str) and pi), None)
+    if newest is None:
+        return None
+    intent: dict[str, Any] = client.v1.payment_intents.retrieve(newest).to_dict()
+    status = intent.get("status")
+    if status == "requires_payment_method" and not isinstance(intent.get("last_payment_error"), dict):
+        return None  # waiting for a method with no failure said: nothing to learn
+    return intent if status in ANSWERS else None
 
 
 @dataclass(frozen=True)
@@ -200,7 +209,7 @@ def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, fai
         if link_only:
             conn.exec_driver_sql(LINK, {"invoice": invoice_id, "intent": intent["id"]})
         else:
-            for row in mirror_rows("payment_intent.payment_failed", "stripe_api", intent,
+            for row in mirror_rows(ANSWERS[str(intent["status"])], "stripe_api", intent,
                                    created=int(failed_at.timestamp())):
                 row.values["invoice_id"] = invoice_id  # the link Stripe's intent no longer carries
                 row.values["stripe_customer_id"] = row.values.get("stripe_customer_id") or customer

@@ -117,16 +117,18 @@ class FakeStripePayments:
         if inv["amount_remaining"] <= 0:
             inv.update(status="paid", status_transitions={**(inv.get("status_transitions") or {}), "paid_at": now})
 
-    def fail_invoice(self, invoice_id: str, customer: str, decline_code: str, amount: int) -> dict[str, Any]:
+    def fail_invoice(self, invoice_id: str, customer: str, decline_code: str, amount: int,
+                     status: str = "requires_payment_method") -> dict[str, Any]:
         """Stripe's automatic attempt at the invoice, declined by the issuer: a payment intent waiting
-        for another payment method, with the decline on its last_payment_error, and the invoice's
+        for another payment method, with the decline on its last_payment_error (or, ``status``
+        "requires_action", an off-session renewal the issuer wants authenticated), and the invoice's
         open payment naming it. The intent."""
         now = int(time.time())
         charge, method = unique("ch"), resource("payment_method")
         method.update(id=unique("pm"), customer=customer)
         pi = resource("payment_intent")
         pi.update(id=unique("pi"), amount=amount, currency="usd", customer=customer, payment_method=None,
-                  status="requires_payment_method", latest_charge=charge, created=now, metadata={},
+                  status=status, latest_charge=charge, created=now, metadata={},
                   last_payment_error={"type": "card_error", "code": "card_declined", "decline_code": decline_code,
                                       "message": "Your card was declined.", "charge": charge,
                                       "payment_method": method})

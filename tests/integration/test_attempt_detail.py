@@ -287,3 +287,38 @@ def test_a_later_failure_with_no_new_attempt_does_not_move_the_earlier_decline(c
     assert (second.asked, second.none, second.found) == (1, 1, [])
     assert attempt_rows(engine, customer) == [before]
     assert fetch_missing_detail(runtime, celery_app, now()).asked == 0  # asked once
+
+
+def test_a_same_price_invoice_paid_since_still_leaves_the_decline_ambiguous(client, engine, runtime, accounts,
+                                                                          stripe_fake, celery_app):
+    """Two subscriptions at one price fail together; only the first's charge.failed arrives (an
+    expired card, naming no invoice), and the customer pays the second on the hosted page within
+    minutes. Which invoice the decline was is still Stripe's to say: the first is asked about, and
+    its card is judged dead."""
+    account, customer = accounts.create()
+    first = unexplained_failure(client, stripe_fake, customer, "expired_card")
+    second = unexplained_failure(client, stripe_fake, customer, "insufficient_funds")
+    its_charge_failed(client, stripe_fake, first, customer, 5000)
+    paid_at = int(time.time() - (MINUTES_AGO - 5) * 60)
+    paid = event("invoice.paid", id=second, customer=customer, created=paid_at, amount_due=5000, amount_paid=5000,
+                 amount_remaining=0, billing_reason="subscription_cycle",
+                 paths={"created": paid_at - 86400, "status_transitions.paid_at": paid_at})
+    assert post_event(client, with_product(paid, "prod_core", 5000)).status_code == 200
+    assert fetch_missing_detail(runtime, celery_app, now()).found == [first]
+    summary = run_recompute(engine, runtime.policy, account, "PAYMENT_FAILED", now()).summary()
+    assert summary["failure_class"] == "permanent" and summary["next_retry_at"] is None, summary["reasons"]
+
+
+def test_a_renewal_the_issuer_wants_authenticated_is_not_retried_off_session(client, engine, runtime, accounts,
+                                                                            stripe_fake, celery_app):
+    """Stripe moves an off-session renewal's intent to requires_action with invoice.payment_failed; no
+    payment_intent event came. Its answer says the customer must act: no automatic retry."""
+    account, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer, decline=None)
+    stripe_fake.fail_invoice(invoice, customer, "authentication_required", 5000, status="requires_action")
+    report = fetch_missing_detail(runtime, celery_app, now())
+    assert report.found == [invoice]
+    [attempt] = attempt_rows(engine, customer)
+    assert (attempt["invoice_id"], attempt["status"]) == (invoice, "requires_action")
+    summary = run_recompute(engine, runtime.policy, account, "PAYMENT_FAILED", now()).summary()
+    assert summary["failure_class"] == "action_required" and summary["next_retry_at"] is None, summary["reasons"]
