@@ -132,31 +132,36 @@ def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: 
         for invoice_id, customer, failed_at in due:
             if client is None or time.monotonic() > deadline:
                 break
-            report.asked += 1
-            try:
-                intent = _failed_intent(client, invoice_id)
-            except stripe.StripeError as exc:
-                report.errors += 1
-                metrics.ATTEMPT_DETAIL.labels("error").inc()
-                ends = isinstance(exc, ENDS_PASS)
-                log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s", invoice_id,
-                            exc.__class__.__name__, "; the pass ends" if ends else "")
-                if not isinstance(exc, PASSING) and not ends:  # about this invoice: not asked again
-                    _record(rt, celery_app, invoice_id, customer, failed_at, None)
-                if ends:
-                    break
-                continue
-            known = _known_failure(rt, intent) if intent is not None else None
-            if known is not None and known.linked_to == invoice_id:
-                intent = None  # an older failure, already filed here: nothing new
-            _record(rt, celery_app, invoice_id, customer, failed_at, intent, link_only=known is not None)
-            if intent is None:
-                report.none += 1
-                metrics.ATTEMPT_DETAIL.labels("none").inc()
-            else:
-                report.found.append(invoice_id)
-                metrics.ATTEMPT_DETAIL.labels("found").inc()
+            if not _ask(rt, celery_app, client, invoice_id, customer, failed_at, report):
+                break
     return report
+
+
+def _ask(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice_id: str, customer: str,
+         failed_at: datetime, report: DetailReport) -> bool:
+    """Ask Stripe about one failure and record what it said; False when the pass must end."""
+    report.asked += 1
+    try:
+        intent = _failed_intent(client, invoice_id)
+    except stripe.StripeError as exc:
+        report.errors += 1
+        metrics.ATTEMPT_DETAIL.labels("error").inc()
+        ends = isinstance(exc, ENDS_PASS)
+        log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s", invoice_id,
+                    exc.__class__.__name__, "; the pass ends" if ends else "")
+        if not isinstance(exc, PASSING + ENDS_PASS):  # about this invoice: not asked again
+            _record(rt, celery_app, invoice_id, customer, failed_at, None)
+        return not ends
+    known = _known_failure(rt, intent) if intent is not None else None
+    if known is not None and known.linked_to == invoice_id:
+        intent = None  # an older failure, already filed here: nothing new
+    _record(rt, celery_app, invoice_id, customer, failed_at, intent, link_only=known is not None)
+    if intent is None:
+        report.none += 1
+    else:
+        report.found.append(invoice_id)
+    metrics.ATTEMPT_DETAIL.labels("none" if intent is None else "found").inc()
+    return True
 
 
 def _failed_intent(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
