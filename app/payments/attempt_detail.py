@@ -60,7 +60,8 @@ PAYMENTS_LISTED = 10
 ANSWERS = {"requires_payment_method": "payment_intent.payment_failed",
            "requires_action": "payment_intent.requires_action"}
 
-# Open invoices whose latest failure has no failed attempt in the mirror from that moment on and was
+# Open invoices whose latest failure has no failed attempt (or one awaiting the customer's authentication)
+# in the mirror from that moment on and was
 # not asked about yet. An attempt explains the failure when it is linked to the invoice, or, unlinked
 # (charge.failed names no invoice since API 2025-03-31), when it is of the invoice's customer and
 # amount and no other invoice of the customer with that amount failed at the same moment (two
@@ -72,7 +73,7 @@ SELECT i.id, i.stripe_customer_id, i.last_failed_at FROM stripe_invoice i
    AND i.detail_asked_for IS DISTINCT FROM i.last_failed_at
    AND NOT EXISTS (
        SELECT 1 FROM stripe_payment_attempt a
-        WHERE a.status = 'failed'
+        WHERE a.status IN ('failed', 'requires_action')  -- a decline, or a renewal awaiting 3-D Secure
           AND GREATEST(a.attempted_at, a.failed_at) >= i.last_failed_at - interval '1 minute'
           AND (a.invoice_id = i.id
                OR (a.invoice_id IS NULL AND a.stripe_customer_id = i.stripe_customer_id

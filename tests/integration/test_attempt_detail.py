@@ -118,6 +118,21 @@ def test_a_failure_a_webhook_explained_is_not_asked_about(client, engine, runtim
     assert asked(stripe_fake) == []
 
 
+def test_a_renewal_awaiting_authentication_whose_webhook_came_is_not_asked_about(client, engine, runtime, accounts,
+                                                                                stripe_fake, celery_app):
+    _, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer, decline=None)
+    intent = stripe_fake.fail_invoice(invoice, customer, "authentication_required", 5000, status="requires_action")
+    # The intent's own event, as Stripe sends it with the renewal's invoice.payment_failed (the
+    # payment_intent fixture's envelope under the event type it has).
+    waiting = event("payment_intent.payment_failed", id=intent["id"], customer=customer, amount=5000,
+                    status="requires_action", created=int(time.time() - MINUTES_AGO * 60) + 1)
+    waiting["type"] = "payment_intent.requires_action"
+    assert post_event(client, waiting).status_code == 200
+    assert fetch_missing_detail(runtime, celery_app, now()).asked == 0
+    assert asked(stripe_fake) == []
+
+
 def test_a_failure_is_given_its_webhooks_first(client, engine, runtime, accounts, stripe_fake, celery_app):
     _, customer = accounts.create()
     unexplained_failure(client, stripe_fake, customer, "expired_card", minutes_ago=1)
