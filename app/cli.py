@@ -31,9 +31,10 @@ def cli_runtime() -> Runtime:
     from app.migrate import require_current_schema
     from app.runtime import Runtime
 
-    settings = _settings()
-    require_current_schema(settings.database_url)
-    return Runtime.build(settings)
+    rt = Runtime.build(_settings())
+    with rt.engine.connect() as conn:
+        require_current_schema(conn)
+    return rt
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -116,9 +116,12 @@ def test_a_database_older_than_the_code_says_to_upgrade_it(empty_database):
 
     assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
     assert dunning("db", "downgrade", "-1", database_url=empty_database).returncode == 0
-    from app.migrate import missing_revisions
+    from app.migrate import revisions_missing
 
-    [newest] = missing_revisions(empty_database) or [None]
+    probe = create_engine(empty_database)
+    with probe.connect() as conn:
+        [newest] = revisions_missing(conn) or [None]
+    probe.dispose()
     for command in (("recompute", "acct_x"), ("report", "bad-debt", "--since", "2026-10-01"), ("sweep", "--dry-run"),
                     ("rollout", "status")):
         older = dunning(*command, database_url=empty_database)
