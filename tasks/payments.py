@@ -15,7 +15,7 @@ from app.domain.triggers import Trigger
 from app.payments.attempt_detail import fetch_missing_detail
 from app.payments.pay import PayResult
 from app.payments.pay import retry_payment as pay_retry
-from app.payments.retries import claim_due
+from app.payments.retries import claim_due, expire_unsent
 from app.payments.stripe_client import make_stripe_client
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
@@ -29,11 +29,18 @@ RETRY_PAYMENT = "tasks.retry_payment"
 @shared_task(name="tasks.dispatch_due_retries", bind=True, ignore_result=True)
 def dispatch_due_retries(self: Task) -> dict[str, Any]:
     rt = runtime_for(self.app)
+    now, guard = datetime.now(UTC), rt.policy.guard_window_minutes
     try:
-        ids = claim_due(rt.engine, datetime.now(UTC), guard_minutes=rt.policy.guard_window_minutes)
+        expired = expire_unsent(rt.engine, now, guard_minutes=guard)
+        ids = claim_due(rt.engine, now, guard_minutes=guard)
     except Exception as exc:
         handle_failure(self, exc, None, {})
         raise
+    for account_id in expired:
+        try:
+            enqueue_recompute(self.app, account_id, Trigger.STATE_REFRESH.value, "retry:never_sent")
+        except BrokerUnavailable as exc:  # the request row stays: beat's stale-request re-drive sends it
+            log.warning("could not queue the recompute of %s: %s", account_id, exc)
     sent = 0
     for retry_id in ids:
         try:

@@ -15,6 +15,8 @@ from datetime import datetime
 from sqlalchemy import Connection, Engine
 
 from app.db import unit_of_work
+from app.domain.triggers import Trigger
+from webhooks.store import request_recompute
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,29 @@ RETURNING id
 """
 
 
+# Rows claimed longer ago than the guard window and still never sent (the broker down, a message
+# lost): they never reached Stripe (a row that does is charging first), and retry_payment would now
+# skip them as no longer due. They become skipped, so that they stop counting as an attempt in flight
+# or as a used retry, and their accounts are recomputed: compute plans afresh (the same attempt is
+# re-armed under its key if the decision still asks for it). Candidates are read first and their
+# accounts' requests written before the retry rows are locked, the order in which webhook ingest and
+# a refused retry lock them.
+UNSENT_TOO_LONG_SQL = """
+SELECT DISTINCT account_id FROM payment_retry
+ WHERE state = 'dispatched' AND created_at <= %(now)s - make_interval(mins => %(guard)s)
+ LIMIT %(limit)s
+"""
+EXPIRE_SQL = """
+UPDATE payment_retry SET state = 'skipped', updated_at = %(now)s,
+       error = 'never sent within the guard window; compute plans afresh'
+ WHERE id IN (SELECT id FROM payment_retry
+               WHERE account_id = ANY(%(accounts)s) AND state = 'dispatched'
+                 AND created_at <= %(now)s - make_interval(mins => %(guard)s)
+               FOR UPDATE SKIP LOCKED)
+   AND state = 'dispatched'
+"""
+
+
 @dataclass(frozen=True)
 class DueRetry:
     account_id: str
@@ -120,3 +145,19 @@ def claim_due(engine: Engine, now: datetime, limit: int = 500, guard_minutes: in
                                                    "guard": guard_minutes, "limit": limit}).fetchall()
         ids.extend(int(r[0]) for r in unsent if int(r[0]) not in ids)
     return ids
+
+
+def expire_unsent(engine: Engine, now: datetime, guard_minutes: int = 30, limit: int = 500) -> list[str]:
+    """Skip the claimed retries that were never sent within the guard window (UNSENT_TOO_LONG_SQL);
+    -> the accounts whose recompute this requested (the caller enqueues them after the commit)."""
+    with unit_of_work(engine) as conn:
+        accounts = [str(r[0]) for r in conn.exec_driver_sql(
+            UNSENT_TOO_LONG_SQL, {"now": now, "guard": guard_minutes, "limit": limit}).fetchall()]
+        if not accounts:
+            return []
+        requested = [a for a in sorted(accounts)
+                     if request_recompute(conn, a, Trigger.STATE_REFRESH.value, "retry:never_sent")]
+        conn.exec_driver_sql(EXPIRE_SQL, {"now": now, "guard": guard_minutes, "accounts": accounts})
+    log.warning("%d accounts had a claimed retry never sent within %d minutes; recomputing them",
+                    len(accounts), guard_minutes)
+    return requested

@@ -10,8 +10,9 @@ import pytest
 
 from app.domain.retry_cadence import REFUSED_BACKOFF
 from app.payments.pay import retry_payment
-from app.payments.retries import claim_due
+from app.payments.retries import claim_due, expire_unsent
 from app.payments.stripe_client import make_stripe_client
+from app.recompute.service import run_recompute
 from tests.conftest import wait_for
 from tests.fakes import fake_stripe as stripe_outcomes
 from tests.integration.dunning_setup import dunning_row, failed_invoice, method_attached, paid, retries
@@ -210,6 +211,51 @@ def test_a_refused_retry_commits_its_recompute_request_with_the_refusal(client, 
         requested = conn.exec_driver_sql("SELECT cause FROM recompute_request WHERE account_id = %(a)s",
                                          {"a": account}).scalar()
     assert requested == f"retry:{retry_id}:refused"
+
+
+def test_a_claimed_retry_never_sent_within_the_guard_window_is_skipped_replanned_and_sent(
+        client, accounts, engine, worker, celery_app, fake_stripe):
+    """Beat claimed a retry and its message never reached a worker (the broker went down right after
+    the claim, for longer than the guard window). Nothing was charged, so the row stops counting as
+    a used retry: it is skipped, the account recomputed, and the same attempt re-armed and sent."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    planned = dunning_row(engine, account)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))  # its message is lost
+    with engine.begin() as conn:  # the claim was made 35 minutes ago (the guard window is 30)
+        conn.exec_driver_sql("UPDATE payment_retry SET created_at = created_at - interval '35 minutes', "
+                             "updated_at = updated_at - interval '35 minutes' WHERE id = %(id)s", {"id": retry_id})
+    assert claim_due(engine, datetime.now(UTC)) == []  # too old to send again as it was
+
+    dispatch(celery_app)
+    (row,) = wait_for(lambda: [r for r in retries(engine, account) if r["state"] == "sent"], message="retry sent")
+    assert row["id"] == retry_id and row["retry_number"] == 1
+    assert row["idempotency_key"] == f"retry:{invoice}:{int(planned['next_retry_at'].timestamp())}"
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+    state = wait_for(lambda: (d := dunning_row(engine, account))["next_retry_at"] is None and d,
+                     message="the retry sent is in flight")
+    assert state["retries_used"] == 1  # the one sent, not also the one never sent
+
+
+def test_a_retry_never_sent_no_longer_counts_as_used(client, accounts, engine, worker, runtime):
+    """Until it is skipped, a claimed row counts as an attempt made; once skipped, compute plans the
+    same attempt again, with none of the budget used."""
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    planned = dunning_row(engine, account)
+    t0 = datetime.now(UTC)
+    (retry_id,) = claim_due(engine, t0)
+    later = t0 + timedelta(minutes=35)
+    assert expire_unsent(engine, later - timedelta(minutes=10)) == []  # within the guard window: left alone
+    assert expire_unsent(engine, later) == [account]
+    assert [(r["state"], r["error"]) for r in retries(engine, account)] == [
+        ("skipped", "never sent within the guard window; compute plans afresh")]
+    assert expire_unsent(engine, later) == []
+
+    run_recompute(engine, runtime.policy, account, "STATE_REFRESH", later)
+    state = dunning_row(engine, account)
+    assert (state["retries_used"], state["next_retry_at"]) == (0, planned["next_retry_at"])
+    assert claim_due(engine, later) == [retry_id]  # the same attempt, re-armed under its key
 
 
 def test_an_attempt_already_charged_holds_back_no_other_account_until_its_recompute(client, accounts, engine,
