@@ -27,8 +27,9 @@ from sqlalchemy import Connection, Engine
 
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
+from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
 from tasks.failures import FailureKind, TaskFailure
-from webhooks.store import request_recompute
+from webhooks.store import request_recompute, upsert_row
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +217,44 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         return PayResult(retry_id, "indeterminate", c.account_id, c.failure_class, detail)
     except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
             stripe.IdempotencyError) as exc:  # IdempotencyError (400): key reused with other parameters
-        # Refused before anything was charged (a revoked key, an invoice no longer open): no attempt,
-        # so it spends none of the invoice's budget (compute waits a while before the next one). The
-        # task still fails, for an operator, once it has sent the recompute.
+        # Refused before anything was charged: no attempt, so it spends none of the invoice's budget.
+        # An invoice paid or voided meanwhile (the customer paid on the hosted page before its webhook
+        # came) is the dunning's success: mirrored as Stripe has it, and the retry skipped.
+        closed = _closed_at_stripe(client, c.invoice_id) if isinstance(exc, stripe.InvalidRequestError) else None
+        if closed is not None:
+            detail = f"not due: invoice {closed['status']} at Stripe when charged"
+            _skip_closed(engine, retry_id, c.account_id, closed, detail)
+            return PayResult(retry_id, "skipped", c.account_id, c.failure_class, detail, requested=True)
+        # Anything else (a revoked key, a missing permission): compute waits a while before the next
+        # one, and the task still fails, for an operator, once it has sent the recompute.
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
         _refuse(engine, retry_id, c.account_id, detail)
         return PayResult(retry_id, "refused", c.account_id, c.failure_class, detail, requested=True)
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
+
+
+def _closed_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
+    """Stripe's invoice when it is paid or void there; None when it is not, or Stripe did not say."""
+    try:
+        invoice = client.v1.invoices.retrieve(invoice_id)
+    except stripe.StripeError as exc:
+        log.warning("could not read invoice %s after Stripe refused its retry: %s", invoice_id, exc.__class__.__name__)
+        return None
+    found: dict[str, Any] = invoice.to_dict()
+    return found if found.get("status") in SETTLED_STATUSES else None
+
+
+def _skip_closed(engine: Engine, retry_id: int, account_id: str, invoice: dict[str, Any], detail: str) -> None:
+    """Mirror the invoice as Stripe has it (under the ordering guard, as its webhook would), skip the
+    retry and request the account's recompute, in one transaction; the request row, the mirror row,
+    then the retry row: the order webhook ingest and a settlement lock them in."""
+    event_type = "invoice.paid" if invoice.get("status") == "paid" else "invoice.voided"
+    with unit_of_work(engine) as conn:
+        request_recompute(conn, account_id, Trigger.STATE_REFRESH.value, f"retry:{retry_id}:closed")
+        for row in mirror_rows(event_type, f"payment_retry_{retry_id}", invoice):
+            upsert_row(conn, row)
+        conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "skipped", "error": detail})
 
 
 def _retry_after(exc: stripe.StripeError) -> float | None:

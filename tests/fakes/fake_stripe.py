@@ -11,6 +11,11 @@ until a worker is inside the Stripe call), and answered, as a success that ran, 
 calls ``release()`` — by then the caller may be dead, like a client killed while Stripe charged.
 ``lost_answer()`` charges (and saves the answer for the key) but closes the connection without
 answering, like a read timeout after Stripe ran the request.
+
+``paid_elsewhere()`` pays an invoice at "Stripe" (the customer on the hosted page, say): paying it
+is then refused as Stripe refuses it (400 ``invoice_not_open``), and ``GET /v1/invoices/<id>``
+answers it paid. Any other invoice is unknown to that GET (404), as to a Stripe account that never
+had it.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class FakeStripe:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
     _held: threading.Event = field(default_factory=threading.Event)  # set: held requests go on
+    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)  # paid elsewhere, by id
 
     def __post_init__(self) -> None:
         self.server = FakeServer(self._handle)
@@ -108,12 +114,26 @@ class FakeStripe:
         """Let every held request (and any later one scripted to hold) run and answer."""
         self._held.set()
 
+    def paid_elsewhere(self, invoice_id: str, customer: str, amount: int) -> None:
+        """The invoice is paid at Stripe by something other than this product."""
+        invoice = resource("invoice")
+        invoice.update(id=invoice_id, customer=customer, status="paid", amount_due=amount, amount_paid=amount,
+                       amount_remaining=0)
+        with self._lock:
+            self.invoices[invoice_id] = invoice
+
     def pay_requests(self, invoice_id: str | None = None) -> list[PayRequest]:
         with self._lock:
             return [r for r in self.requests if invoice_id is None or r.invoice_id == invoice_id]
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
-        parts = path.strip("/").split("/")
+        parts = path.split("?")[0].strip("/").split("/")
+        if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "invoices"]:
+            with self._lock:
+                found = self.invoices.get(parts[2])
+            if found is None:
+                return 404, {}, _error("invalid_request_error", "resource_missing", f"No such invoice: '{parts[2]}'")
+            return 200, {"Request-Id": "req_fake"}, found
         if method != "POST" or len(parts) != 4 or parts[:2] != ["v1", "invoices"] or parts[3] != "pay":
             return 404, {}, _error("invalid_request_error", "resource_missing", f"Unrecognized request URL ({path})")
         invoice_id = parts[2]
@@ -128,6 +148,8 @@ class FakeStripe:
                 status, h, payload = self._saved[key]
                 return status, {**h, "Idempotent-Replayed": "true"}, payload
             self.requests.append(PayRequest(invoice_id, key, params, replayed=False))
+            if invoice_id in self.invoices:  # Stripe refuses to pay a paid invoice, charging nothing
+                return 400, {}, _error("invalid_request_error", "invoice_not_open", "Invoice is already paid.")
             outcome = self._script.popleft() if self._script else self.default
         if outcome.kind == "slow":
             self._release.wait(outcome.delay)

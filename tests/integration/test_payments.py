@@ -213,6 +213,32 @@ def test_a_refused_retry_commits_its_recompute_request_with_the_refusal(client, 
     assert requested == f"retry:{retry_id}:refused"
 
 
+def test_a_retry_of_an_invoice_paid_meanwhile_is_skipped_and_leaves_no_work_for_an_operator(
+        client, accounts, engine, worker, celery_app, fake_stripe):
+    """The customer paid on Stripe's hosted page after beat claimed a retry and before the paid
+    webhook came: Stripe refuses the retry (invoice_not_open). That is the dunning's success, not a
+    refusal: the invoice is mirrored paid as Stripe has it, the account recomputed, the retry skipped,
+    and no stuck work is left for an operator (a refusal is dead work)."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    fake_stripe.paid_elsewhere(invoice, customer, 5000)
+
+    done = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    assert (done["outcome"], done["detail"]) == ("skipped", "not due: invoice paid at Stripe when charged")
+    (row,) = retries(engine, account)
+    assert row["state"] == "skipped"
+    state = wait_for(lambda: (d := dunning_row(engine, account))["status"] == "current" and d,
+                     message="recomputed with the invoice paid")
+    assert state["next_retry_at"] is None
+    with engine.connect() as conn:
+        stuck = conn.exec_driver_sql("SELECT count(*) FROM subs_stuck_events WHERE account_id = %(a)s",
+                                     {"a": account}).scalar()
+    assert stuck == 0
+    assert claim_due(engine, datetime.now(UTC)) == []  # nothing re-armed
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+
 def test_a_claimed_retry_never_sent_within_the_guard_window_is_skipped_replanned_and_sent(
         client, accounts, engine, worker, celery_app, fake_stripe):
     """Beat claimed a retry and its message never reached a worker (the broker went down right after
