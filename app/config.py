@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -49,14 +50,31 @@ def normalize_database_url(url: str) -> str:
         if not url.startswith("postgresql+psycopg2://"):
             # psycopg 3, asyncpg...: drivers this project does not ship (nor use the way it needs).
             raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL for psycopg2 (postgresql://... or "
-                              f"postgresql+psycopg2://...), got {url.split('://', 1)[0]!r}")
+                              f"postgresql+psycopg2://...), {_scheme_shown(url)}")
     from sqlalchemy.engine import make_url
 
     try:
         make_url(url).port  # noqa: B018  (parsing it is the check: a port that is not a number)
-    except ValueError as exc:
-        raise ConfigError(f"DATABASE_URL cannot be read: {exc}") from None
+    except ValueError:
+        # Not the parser's message: it quotes what it took for the port, which is part of the password
+        # when that holds an unencoded '@' (postgresql://u:p@ss:word@host/db).
+        raise ConfigError("DATABASE_URL cannot be read: its port is not a number (the value is not shown: it may "
+                          "hold a password, and one holding '@' must be percent-encoded as %40)") from None
     return url
+
+
+# What an RFC 3986 scheme may hold: anything else before a '://' is not one (a user name and password
+# written before a forgotten scheme, say).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _scheme_shown(url: str) -> str:
+    """What an error may say about a URL it refuses: its scheme, never the rest, which may hold a
+    password (a mistyped ``postgresql//user:password@host`` has no scheme at all)."""
+    scheme, sep, _rest = url.partition("://")
+    if sep and _SCHEME.fullmatch(scheme):
+        return f"got the scheme {scheme!r}"
+    return "but it has no scheme (the value is not shown: it may hold a password)"
 
 
 UNNAMED_SERVICE = "service"
