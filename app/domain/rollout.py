@@ -7,7 +7,8 @@ hash of the account id (never Python's ``hash()``, which is salted per process),
 The gate decides from health measured since the current stage was entered (and within the
 policy's health window): it advances after the soak time when healthy, steps back when the share
 of remediations that were reverted/re-drifted or the number of errors exceeds the limits, and
-otherwise holds, always with a reason.
+otherwise holds, always with a reason. A held stage (an operator's hold, or the gate's own after a
+step back) still steps back when breached; it only never advances until someone resumes.
 """
 
 from __future__ import annotations
@@ -178,21 +179,29 @@ def health_since(state: RolloutStatus, policy: RolloutPolicy, now: datetime) -> 
     return max(state.stage_entered_at, now - policy.health_window)
 
 
+def breaches(health: Health, policy: RolloutPolicy) -> list[str]:
+    """The limits ``health`` is outside of, each said with its numbers (empty when healthy)."""
+    ratio = health.reverted_ratio
+    found = []
+    if health.remediations and ratio > policy.max_reverted_ratio:
+        found.append(f"reverted/re-drifted {health.reverted} of {health.remediations} remediations "
+                     f"({ratio:.1%}) > limit {policy.max_reverted_ratio:.1%}")
+    if health.errors > policy.max_errors:
+        found.append(f"{health.errors} errors > limit {policy.max_errors}")
+    return found
+
+
 def evaluate_gate(state: RolloutStatus, health: Health, policy: RolloutPolicy, now: datetime) -> GateDecision:
     if state.stage == "off":
         return GateDecision("none", "remediation is off; an operator starts the rollout")
-    if state.held:
-        return GateDecision("none", f"held at {label(state.stage)}; an operator resumes the rollout")
-    ratio = health.reverted_ratio
-    breach = []
-    if health.remediations and ratio > policy.max_reverted_ratio:
-        breach.append(f"reverted/re-drifted {health.reverted} of {health.remediations} remediations "
-                      f"({ratio:.1%}) > limit {policy.max_reverted_ratio:.1%}")
-    if health.errors > policy.max_errors:
-        breach.append(f"{health.errors} errors > limit {policy.max_errors}")
+    # Breaches come before the hold: a held stage still remediates, and hold only stops the gate
+    # from advancing. The step back keeps it held (store.change), so it never widens by itself.
+    breach = breaches(health, policy)
     if breach:
         back = previous_stage(state.stage)
         return GateDecision("rollback", f"step back from {label(state.stage)}: " + "; ".join(breach), back)
+    if state.held:
+        return GateDecision("none", f"held at {label(state.stage)}; an operator resumes the rollout")
     soaked = now - state.stage_entered_at
     if soaked < policy.soak:
         hours = soaked.total_seconds() / 3600

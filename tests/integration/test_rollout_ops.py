@@ -121,6 +121,62 @@ def test_gate_steps_back_and_holds_when_remediations_are_reverted(runtime, engin
         ("rollback", "25", "10", "gate")]
 
 
+def test_after_a_step_back_the_gate_steps_back_again_when_the_lower_stage_breaches(runtime, engine: Engine,
+                                                                                   rollout_off: None):
+    """A step back leaves the lower stage held, and remediation keeps running there: held stops the
+    gate from advancing, not from stepping back. 25% breached -> 10% held; every remediation at
+    10% reverted too -> 5%, still held."""
+    set_stage(engine, "25", entered=NOW - timedelta(hours=3))
+    first = finished_sweep(engine, NOW - timedelta(hours=2))
+    for n in range(10):
+        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"})
+    second = finished_sweep(engine, NOW - timedelta(hours=1))
+    for n in range(10):
+        remediation(engine, second, f"acct_{n}", NOW - timedelta(hours=1), {"status": "bad_debt"}, False)
+    decision, _health, state = check_gate(engine, runtime.policy, NOW)
+    assert decision.action == "rollback" and (state.stage, state.held) == ("10", True)
+
+    later = NOW + timedelta(hours=1)
+    third = finished_sweep(engine, later - timedelta(minutes=40))
+    for n in range(20, 40):
+        remediation(engine, third, f"acct_{n}", later - timedelta(minutes=40), {"status": "bad_debt"})
+    fourth = finished_sweep(engine, later - timedelta(minutes=20))
+    for n in range(20, 40):
+        remediation(engine, fourth, f"acct_{n}", later - timedelta(minutes=20), {"status": "bad_debt"}, False)
+    again, health, state = check_gate(engine, runtime.policy, later)
+    assert (health.remediations, health.reverted) == (20, 20)
+    assert again.action == "rollback" and "20 of 20" in again.reason, again
+    assert (state.stage, state.held) == ("5", True)
+    assert [(h.action, h.from_stage, h.to_stage) for h in history(engine)] == [
+        ("rollback", "25", "10"), ("rollback", "10", "5")]
+
+
+def test_an_operator_hold_does_not_turn_off_the_automatic_step_back(runtime, engine: Engine, rollout_off: None):
+    """Hold = "stop the gate from advancing": a stage held for a weekend still steps back by itself
+    when its sweeps log more errors than the limit, and stays held."""
+    set_stage(engine, "50", entered=NOW - timedelta(hours=30))
+    sql(engine, "UPDATE rollout_state SET held = true WHERE id = 1")
+    sweep = finished_sweep(engine, NOW - timedelta(hours=1), errors=50)
+    remediation(engine, sweep, "acct_x", NOW - timedelta(hours=1), {"status": "bad_debt"})
+    decision, health, state = check_gate(engine, runtime.policy, NOW)
+    assert health.errors == 50
+    assert decision.action == "rollback" and "50 errors > limit 5" in decision.reason, decision
+    assert (state.stage, state.held) == ("25", True)
+    assert [(h.action, h.from_stage, h.to_stage, h.actor) for h in history(engine)] == [
+        ("rollback", "50", "25", "gate")]
+
+
+def test_a_held_healthy_stage_is_left_alone_past_its_soak(runtime, engine: Engine, rollout_off: None):
+    """Held and within limits: the gate neither advances nor holds anew; it says it is held."""
+    set_stage(engine, "10", entered=NOW - timedelta(hours=30))
+    sql(engine, "UPDATE rollout_state SET held = true WHERE id = 1")
+    sweep = finished_sweep(engine, NOW - timedelta(hours=1))
+    remediation(engine, sweep, "acct_x", NOW - timedelta(hours=1), {"status": "bad_debt"})
+    decision, _health, state = check_gate(engine, runtime.policy, NOW)
+    assert decision.action == "none" and "held at 10%" in decision.reason, decision
+    assert (state.stage, state.held) == ("10", True) and history(engine) == []
+
+
 def test_gate_steps_back_on_errors(runtime, engine: Engine, rollout_off: None):
     set_stage(engine, "named", entered=NOW - timedelta(hours=30))
     finished_sweep(engine, NOW - timedelta(hours=1), errors=6)

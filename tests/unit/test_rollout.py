@@ -158,11 +158,30 @@ def test_gate_steps_back_when_errors_exceed_limit(stage, hours, errors, n):
     assert f"{errors} errors > limit 5" in decision.reason
 
 
-def test_gate_does_nothing_when_off_held_or_at_the_top():
+def test_gate_does_nothing_when_off_or_healthy_at_the_top():
     bad = Health(remediations=10, reverted=10, errors=100, sweeps=1)
     assert evaluate_gate(state("off", 100), bad, POLICY, NOW).action == "none"
-    assert evaluate_gate(state("25", 100, held=True), bad, POLICY, NOW).action == "none"
+    assert evaluate_gate(state("off", 100, held=True), bad, POLICY, NOW).action == "none"
     assert evaluate_gate(state("100", 100), Health(sweeps=1), POLICY, NOW).action == "none"
+
+
+@given(st.sampled_from(STAGES[1:]), st.floats(0, 24 * 30), st.integers(1, 1000), st.integers(0, 10_000))
+def test_a_held_stage_still_steps_back_when_its_health_breaches(stage, hours, n, errors):
+    """Hold stops the gate from advancing, never from stepping back (DESIGN section 6: the stage
+    "halts or steps back by itself" when its limits are breached). Remediation keeps running at a
+    held stage, whether an operator held it or the gate held it after a step back."""
+    health = Health(remediations=n, reverted=n, errors=errors, sweeps=1)  # every remediation reverted
+    decision = evaluate_gate(state(stage, hours, held=True), health, POLICY, NOW)
+    assert decision.action == "rollback" and decision.to_stage == previous_stage(stage)
+    assert "reverted" in decision.reason
+
+
+@given(st.sampled_from(STAGES[1:]), st.floats(0, 24 * 30), healthy)
+def test_a_held_stage_neither_soaks_nor_advances_while_healthy(stage, hours, health):
+    """Held and within limits: nothing to do until an operator resumes, however long it soaked."""
+    decision = evaluate_gate(state(stage, hours, held=True), health, POLICY, NOW)
+    assert decision.action == "none" and decision.to_stage is None
+    assert "held at" in decision.reason
 
 
 def test_gate_holds_without_a_completed_sweep_or_enough_remediations():
