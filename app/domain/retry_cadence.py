@@ -2,8 +2,9 @@
 
 transient and unknown failures follow their schedule (days after the first failure), permanent and
 action_required ones are not retried on the same method; a new or updated payment method earns one
-immediate retry that does not count against the budget; 8 attempts per invoice and 15 per payment
-method in 30 days hold whatever the policy says. Pure: the decision's ``now`` is passed in.
+immediate retry that does not count against the budget, until it is tried on the invoice; no retry is
+planned on a method the customer detached; 8 attempts per invoice and 15 per payment method in 30 days
+hold whatever the policy says. Pure: the decision's ``now`` is passed in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+from app.domain.attempts import failure_time
 from app.domain.policy import Policy
 from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Retry, Snapshot
 from app.domain.state import FailureClass, Reason, iso
@@ -77,23 +79,44 @@ def _methods_of(snapshot: Snapshot, invoice: Invoice) -> list[PaymentMethod]:
     return snapshot.methods_of(invoice.stripe_customer_id)
 
 
-def _new_method_since(snapshot: Snapshot, invoice: Invoice, since: datetime,
-                      failed_method: str | None) -> PaymentMethod | None:
-    """A payment method of the invoice's customer attached, updated or made its default after
-    ``since`` (the last failure)."""
-    methods = _methods_of(snapshot, invoice)
+def _new_method(snapshot: Snapshot, invoice: Invoice, attempts: list[Attempt], retries: list[Retry],
+                start: datetime) -> tuple[PaymentMethod, datetime] | None:
+    """(the payment method, when it changed) of the invoice's customer that earns the free retry: one
+    attached, updated or made its default after ``start`` (the invoice's first failure, where its
+    schedule starts) and not tried on the invoice since. Counted from the first failure and not from
+    the last one: a retry queued on the old card may charge it (and fail) after the customer changed
+    cards, and the new card must not lose its retry for that."""
     default_id, default_changed = _default_of(snapshot, invoice)
-    changed = [pm for pm in methods if pm.attached and pm.changed_at > since]
-    # Made default again, the method that just failed is no new method.
-    if default_changed is not None and default_changed > since and default_id and default_id != failed_method:
-        for pm in methods:
-            if pm.id == default_id and pm.attached and pm not in changed:
-                changed.append(pm)
+    changed: list[tuple[PaymentMethod, datetime]] = []
+    for pm in _methods_of(snapshot, invoice):
+        if not pm.attached:
+            continue
+        at = pm.changed_at
+        if pm.id == default_id and default_changed is not None and default_changed > at:
+            at = default_changed
+        # Made default again, a method that failed on the invoice is no new method: it was tried
+        # since its own change (being made default changes nothing of the card).
+        if at > start and not _tried_since(pm.id, pm.changed_at, attempts, retries):
+            changed.append((pm, at))
     if not changed:
         return None
     # Prefer the default method, then the most recent change.
-    changed.sort(key=lambda pm: (pm.id == default_id, pm.changed_at), reverse=True)
-    return changed[0]
+    return max(changed, key=lambda c: (c[0].id == default_id, c[1]))
+
+
+def _tried_since(method: str, since: datetime, attempts: list[Attempt], retries: list[Retry]) -> bool:
+    """Whether ``method`` was tried on the invoice from ``since`` on: a charge on it (Stripe's own
+    retries included), an attempt on it failing, or one of our retries on it that reached Stripe
+    (its outcome maybe not mirrored yet)."""
+    return (any(at >= since for at in _charge_times(tuple(attempts), method))
+            or any(a.failed and a.payment_method_id == method and failure_time(a) >= since for a in attempts)
+            or any(r.charged and r.payment_method_id == method and r.created_at >= since for r in retries))
+
+
+def _detached(snapshot: Snapshot, method: str) -> bool:
+    """Whether the mirror knows ``method`` as detached. One it does not know at all (an older
+    customer's, whose method events were never seen) is taken as usable."""
+    return any(pm.id == method and not pm.attached for pm in snapshot.payment_methods)
 
 
 def plan_retry(
@@ -172,25 +195,37 @@ def _plan(
 
     failed_method = last_failure.payment_method_id if last_failure else None
 
-    # A new or updated payment method after the last failure: one immediate free retry on it.
+    # A new or updated payment method not tried since: one immediate free retry on it.
     since = last_failure.attempted_at if last_failure else schedule_start
-    new_method = (_new_method_since(snapshot, invoice, since, failed_method)
-                  if policy.immediate_retry_on_new_method else None)
-    if new_method is not None:
+    found = (_new_method(snapshot, invoice, attempts, retries, schedule_start)
+             if policy.immediate_retry_on_new_method else None)
+    if found is not None:
+        new_method, changed_at = found
         # A free retry skipped unsent (dispatched too long ago, say) was not used.
-        used_free = any(r.free and r.charged and r.created_at >= new_method.changed_at for r in retries)
+        used_free = any(r.free and r.charged and r.created_at >= changed_at for r in retries)
         if not used_free:
-            due = max(new_method.changed_at, since)
+            due = max(changed_at, since)
             reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "
                                   "that does not count against the budget",
                                   {"invoice": invoice.id, "payment_method": new_method.id,
-                                   "changed_at": iso(new_method.changed_at)}))
-            # Whether the invoice's dunning has run out stays what it was: a card is no money. (An
-            # invoice run out and old enough is bad debt, which a free retry must not lift:
+                                   "changed_at": iso(changed_at)}))
+            # Whether the invoice's dunning has run out stays mostly what it was: a card is no money.
+            # (An invoice run out and old enough is bad debt, which a free retry must not lift:
             # compute then drops it. An upgrade's free retry holds its revert, as before.)
             run_out = False if invoice.is_upgrade else _scheduled(
                 snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now, retries,
                 retries_used, [])[3]
+            # But a method already there at the last failure, and never tried, was the dunning's next
+            # step: that failure, on another method, did not run it out. (Timed by the failure itself:
+            # an attempt's own time moves with later events about its intent.)
+            failed_at = failure_time(last_failure) if last_failure else None
+            if run_out and failed_at is not None and changed_at < failed_at:
+                run_out = False
+                reasons.append(Reason("retry.untried_method", "a payment method changed before the last failure "
+                                      "was never tried: the dunning has not run out",
+                                      {"invoice": invoice.id, "payment_method": new_method.id,
+                                       "changed_at": iso(changed_at), "last_failure_at": iso(failed_at),
+                                       "failed_method": failed_method}))
             free = _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
             return (*free[:3], run_out, *free[4:])
     return _scheduled(snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now,
@@ -211,7 +246,6 @@ def _scheduled(
     reasons: list[Reason],
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """The plan by failure class, with no payment-method change to act on."""
-    default_method = _default_of(snapshot, invoice)[0] or failed_method
     if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
         reasons.append(Reason("retry.none_" + failure_class.value,
                               "no automatic retry on the same method; waiting for the customer to act",
@@ -226,6 +260,19 @@ def _scheduled(
                               {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
         return None, None, False, True, retries_used, reasons
 
+    default_id = _default_of(snapshot, invoice)[0]
+    named = list(dict.fromkeys(m for m in (default_id, failed_method) if m is not None))
+    usable = [m for m in named if not _detached(snapshot, m)]
+    if named and not usable:
+        # Stripe refuses to charge a detached method, and a refusal spends no budget: a retry planned
+        # there would be refused every REFUSED_BACKOFF and the dunning never run out. Waiting for the
+        # customer, as after a permanent decline: a method they add earns the free retry.
+        reasons.append(Reason("retry.none_no_method", "no payment method left that can pay: no automatic "
+                              "retry; waiting for the customer to add one",
+                              {"invoice": invoice.id, "detached": named}))
+        return None, None, False, True, retries_used, reasons
+    method = usable[0] if usable else None
+
     due = schedule_start + timedelta(days=schedule[retries_used])
     facts = {"invoice": invoice.id, "failure_class": failure_class.value, "day": schedule[retries_used],
              "counted_from": iso(schedule_start)}
@@ -239,7 +286,7 @@ def _scheduled(
         facts["after_last_charge"] = iso(last_charge)
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
     reasons.append(Reason("retry.scheduled", detail, facts))
-    return _cap_method(snapshot, due, default_method, False, retries_used, reasons, policy, now, invoice)
+    return _cap_method(snapshot, due, method, False, retries_used, reasons, policy, now, invoice)
 
 
 def _last_retry_charge(attempts: list[Attempt], retries: list[Retry]) -> datetime | None:
