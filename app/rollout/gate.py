@@ -5,7 +5,11 @@ Health is measured since the later of the stage start and the window start:
 * remediations: drift records with a recompute enqueued;
 * reverted: of those, the ones found drifted again the same way by a later sweep (the stored values
   of every drifted field back as they were: the remediation was undone or never took), or whose
-  DRIFT_DETECTED recompute failed into subs_stuck_events;
+  DRIFT_DETECTED recompute failed: its subs_stuck_events row is 'dead' (given up, for an operator).
+  Not 'resolved' (it retried, then succeeded: the remediation took) nor 'retrying' (a passing
+  failure, an outage or lock contention, that beat re-drives until it succeeds: not failed yet,
+  and says nothing about the remediation being wrong; should it never take, the next sweep finds
+  the account drifted the same way, which counts);
 * errors: sweep errors (compute failures, enqueue failures) of sweeps active in the window, less
   those a sweep had when the stage began (sweep_run.errors is a whole sweep's running total; every
   stage change keeps it in errors_before_stage, rollout/store.py);
@@ -42,7 +46,9 @@ SELECT
                                        WHERE l.stored -> f.key IS DISTINCT FROM f.value))
            OR EXISTS (SELECT 1 FROM subs_stuck_events s
                        WHERE s.account_id = e.account_id AND s.task_name = 'tasks.recompute_account'
-                         AND s.task_args ->> 'trigger' = 'DRIFT_DETECTED' AND s.last_failed_at >= e.found_at)))
+                         AND s.task_args ->> 'trigger' = 'DRIFT_DETECTED' AND s.last_failed_at >= e.found_at
+                         -- failed: dead only (see the module docstring)
+                         AND s.state = 'dead')))
     AS reverted,
   (SELECT coalesce(sum(errors - errors_before_stage), 0) FROM sweep_run
     WHERE NOT dry_run AND updated_at >= %(since)s) AS errors,

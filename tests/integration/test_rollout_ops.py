@@ -121,6 +121,38 @@ def test_gate_steps_back_and_holds_when_remediations_are_reverted(runtime, engin
         ("rollback", "25", "10", "gate")]
 
 
+def stuck_remediation(engine: Engine, account: str, state: str, failed_at: datetime,
+                      resolved_at: datetime | None = None) -> None:
+    """A DRIFT_DETECTED recompute of ``account`` in subs_stuck_events, as tasks.failures writes it."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO subs_stuck_events (account_id, task_name, task_args, error_class, error, attempts, state, "
+            "last_failed_at, resolved_at) VALUES (%(a)s, 'tasks.recompute_account', %(args)s, 'lock_contention', "
+            "'OperationalError: lock timeout', 2, %(state)s, %(t)s, %(r)s)",
+            {"a": account, "args": Json({"account_id": account, "trigger": "DRIFT_DETECTED", "cause": "drift_sweep:1"}),
+             "state": state, "t": failed_at, "r": resolved_at})
+
+
+@pytest.mark.parametrize("state", ["resolved", "retrying"])
+def test_a_remediation_recompute_that_is_not_dead_is_not_reverted(runtime, engine: Engine, rollout_off: None,
+                                                                   state: str):
+    """Reverted counts a remediation whose recompute failed: its stuck row is 'dead'. 'resolved' is
+    a recompute that retried and then succeeded (the remediation took); 'retrying' has not failed
+    yet (a passing failure beat re-drives), and should it never take, the next sweep finds the
+    account drifted the same way, which counts."""
+    set_stage(engine, "25", entered=NOW - timedelta(hours=30))
+    first = finished_sweep(engine, NOW - timedelta(hours=2))
+    for n in range(10):
+        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"})
+    finished_sweep(engine, NOW - timedelta(hours=1))  # nothing drifted again
+    failed = NOW - timedelta(hours=2) + timedelta(seconds=10)
+    stuck_remediation(engine, "acct_3", state, failed,
+                      failed + timedelta(seconds=30) if state == "resolved" else None)
+    decision, health, state_after = check_gate(engine, runtime.policy, NOW)
+    assert health.reverted == 0, health
+    assert decision.action == "advance" and state_after.stage == "50", decision
+
+
 def test_after_a_step_back_the_gate_steps_back_again_when_the_lower_stage_breaches(runtime, engine: Engine,
                                                                                    rollout_off: None):
     """A step back leaves the lower stage held, and remediation keeps running there: held stops the
