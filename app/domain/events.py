@@ -82,6 +82,8 @@ class EntitlementsChanged(DomainEvent):
 @dataclass(frozen=True)
 class CancellationRequested(DomainEvent):
     subscription_id: str
+    # The episode's reason (bad_debt_episode.reason), not the decision's of the moment: the relay
+    # sends one request per key, and the key covers the subscription and the episode only.
     reason: str
     # When the bad-debt episode asking for it began: one cancellation per subscription and episode
     # (the relay's idempotency key), however often lifting and its failure take it away and back.
@@ -94,12 +96,20 @@ class UpgradeRevertRequested(DomainEvent):
     subscription_id: str | None
 
 
+def entry_reason(decision: Decision) -> str:
+    """Why the account enters bad debt: the reason of BadDebtEntered and of the episode it opens."""
+    return decision.bad_debt_reason or "retries_exhausted"
+
+
 def derive_events(
     stored: DunningState | None,
     decision: Decision,
     now: datetime,
     bad_debt_entered_at: datetime | None = None,
+    bad_debt_reason: str | None = None,
 ) -> list[DomainEvent]:
+    """``bad_debt_entered_at`` and ``bad_debt_reason``: the open bad-debt episode's start and reason
+    (None when none is open: an episode entered now has this decision's)."""
     desired = decision.state
     before = stored or DunningState()
     events: list[DomainEvent] = []
@@ -124,7 +134,7 @@ def derive_events(
 
     if desired.status == Status.BAD_DEBT and before.status not in (Status.BAD_DEBT, Status.LIFTING):
         events.append(BadDebtEntered(
-            reason=decision.bad_debt_reason or "retries_exhausted",
+            reason=entry_reason(decision),
             failure_class=desired.failure_class,
             products=list(decision.bad_debt_products),
         ))
@@ -144,9 +154,12 @@ def derive_events(
     for action in sorted(set(desired.actions_requested) - set(before.actions_requested)):
         kind, _, ref = action.partition(":")
         if kind == "cancel":
+            # Requested again in an open episode (a failed bad-debt payment): the same request as the
+            # first, body included. The decision's reason may have changed since (an invoice marked
+            # uncollectible), and another body under the same key is refused by Account Management.
             episode = (bad_debt_entered_at or now).isoformat()
-            events.append(CancellationRequested(subscription_id=ref, reason=decision.bad_debt_reason or "bad_debt",
-                                                episode=episode))
+            reason = (bad_debt_reason if bad_debt_entered_at else None) or entry_reason(decision)
+            events.append(CancellationRequested(subscription_id=ref, reason=reason, episode=episode))
         elif kind == "revert":
             sub = next((a.invoice.subscription_id for a in decision.assessments if a.invoice.id == ref), None)
             events.append(UpgradeRevertRequested(invoice_id=ref, subscription_id=sub))

@@ -13,9 +13,9 @@ from psycopg2.extras import Json
 from sqlalchemy import Connection
 
 from app.domain.compute import Decision
-from app.domain.events import DomainEvent, derive_events
+from app.domain.events import DomainEvent, derive_events, entry_reason
 from app.domain.snapshot import Snapshot
-from app.domain.state import MandateState, Status
+from app.domain.state import DunningState, MandateState, Status
 from app.recompute.emit import outbox_insert
 
 JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested"})
@@ -90,7 +90,7 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
         conn.exec_driver_sql(
             "INSERT INTO bad_debt_episode (account_id, entered_at, reason, failure_class, products) "
             "VALUES (%(account)s, %(now)s, %(reason)s, %(class)s, %(products)s)",
-            {"account": snapshot.account_id, "now": now, "reason": decision.bad_debt_reason or "retries_exhausted",
+            {"account": snapshot.account_id, "now": now, "reason": entry_reason(decision),
              "class": decision.state.failure_class, "products": Json(list(decision.bad_debt_products))},
         )
         return "opened", decision.bad_debt_products
@@ -106,6 +106,28 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
     return None, ()
 
 
+OPEN_EPISODE_REASON_SQL = """
+SELECT reason FROM bad_debt_episode WHERE account_id = %(account)s AND exited_at IS NULL
+ ORDER BY entered_at LIMIT 1
+"""
+
+
+def _requests_cancellation(stored: DunningState | None, decision: Decision) -> bool:
+    """Whether the decision asks for a cancellation the stored state did not (an event to write)."""
+    before = set(stored.actions_requested) if stored else set()
+    return any(a.startswith("cancel:") for a in set(decision.state.actions_requested) - before)
+
+
+def _open_episode_reason(conn: Connection, snapshot: Snapshot, decision: Decision) -> str | None:
+    """The open bad-debt episode's reason, read only when a cancellation is requested in it: the
+    request carries it, so the same request always has the same body (the relay's key is one per
+    subscription and episode). Under the account lock, like gather's own read of the episode."""
+    if snapshot.open_episode_entered_at is None or not _requests_cancellation(snapshot.stored, decision):
+        return None
+    reason = conn.exec_driver_sql(OPEN_EPISODE_REASON_SQL, {"account": snapshot.account_id}).scalar()
+    return str(reason) if reason is not None else None
+
+
 def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: Decision, trigger: str,
           now: datetime) -> Applied:
     changed = decision.state.changed_fields(snapshot.stored)
@@ -115,7 +137,8 @@ def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: D
     episode_products: tuple[str, ...] = ()
     if changed:
         version = stored_version + 1
-        events = derive_events(snapshot.stored, decision, now, snapshot.open_episode_entered_at)
+        events = derive_events(snapshot.stored, decision, now, snapshot.open_episode_entered_at,
+                               _open_episode_reason(conn, snapshot, decision))
         episode, episode_products = _episode(conn, snapshot, decision, now)
         # The state and its events in one round trip: two statements in one execute (its parameters
         # agree: the same account, version and time).
