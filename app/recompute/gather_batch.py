@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -94,6 +95,35 @@ def _mirror_rows(alias: str) -> str:
             f"WHERE {alias}.stripe_customer_id = u.stripe_customer_id OFFSET 0) {alias}")
 
 
+# The recomputes already on their way for the range's accounts (not part of a snapshot: the sweep's
+# business, app/sweep/sweep.py). Read in the range's own snapshot, so a stored state and whether its
+# account awaits a recompute are one view: a recompute in flight deletes the request only in its own
+# transaction, so the request is seen until its new state is. Three columns after the snapshots' ten:
+# * the requests (a webhook's, a re-drive's, a remediation's), each with whether it is parked: a
+#   request a dead recompute had taken, which nothing re-sends (app/redrive.py STALE_REQUESTS);
+# * the review times (subs_dunning.next_review_at): once due, beat's re-drive requests the account
+#   within a tick, except after a dead recompute since the review came due (redrive.DUE_REVIEWS);
+# * the accounts with an unroutable event of a customer subs_customer now maps to them (beat's
+#   re-drive routes it and requests the recompute). Looked for among the range's unfiled customers
+#   only, an index probe each: a customer mapped since its first mirror row arrived stays unfiled
+#   until tasks.refile_mirror (every 5 minutes) files it, and the re-drive (every 30 s) has routed
+#   its events long before, almost always.
+_PENDING = """
+  (SELECT json_agg(json_build_array(q.account_id,
+          q.parked_touch IS NOT DISTINCT FROM q.touched_at AND EXISTS (
+            SELECT 1 FROM subs_stuck_events s WHERE s.account_id = q.account_id
+               AND s.task_name = 'tasks.recompute_account' AND s.state = 'dead')))
+     FROM recompute_request q WHERE q.account_id >= $1 AND q.account_id <= $2),
+  (SELECT json_agg(json_build_array(d.account_id, d.next_review_at))
+     FROM subs_dunning d
+    WHERE d.account_id >= $1 AND d.account_id <= $2 AND d.next_review_at IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
+                       WHERE s.account_id = d.account_id AND s.task_name = 'tasks.recompute_account'
+                         AND s.state = 'dead' AND s.last_failed_at >= d.next_review_at)),
+  (SELECT json_agg(DISTINCT u.account_id) FROM unfiled u
+    WHERE EXISTS (SELECT 1 FROM stripe_event e
+                   WHERE e.stripe_customer_id = u.stripe_customer_id AND e.state = 'unroutable'))"""
+
 DETAILS = Prepared("dunning_batch_details", f"""
 WITH c AS MATERIALIZED (  -- the range's customers (subs_customer: the truth)
   SELECT account_id, stripe_customer_id FROM subs_customer WHERE account_id >= $1 AND account_id <= $2),
@@ -146,7 +176,8 @@ SELECT
       WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.state <> 'resolved' GROUP BY e.account_id) e),
   (SELECT json_agg(json_build_array(e.account_id, e.entered_at)) FROM (
      SELECT e.account_id, min(e.entered_at) AS entered_at FROM bad_debt_episode e
-      WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.exited_at IS NULL GROUP BY e.account_id) e)
+      WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.exited_at IS NULL GROUP BY e.account_id) e),
+  {_PENDING}
 """, ("text", "text"))
 
 
@@ -288,6 +319,38 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
             "extra": {},
         }), int(r[2] or 0))
     return out
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The accounts of a page whose recompute is already on its way (the _PENDING columns): their
+    stored state may lag what compute decides now, by design, until that recompute runs."""
+
+    requested: frozenset[str] = frozenset()  # a live request, or an unroutable event to route to them
+    parked: frozenset[str] = frozenset()  # a request parked by a dead recompute: nothing re-sends it
+    reviews: dict[str, datetime] = field(default_factory=dict)  # next_review_at (no dead run since)
+
+    def pending(self, account_id: str, now: datetime) -> bool:
+        """A recompute requested, or the review due (beat's re-drive requests it)."""
+        if account_id in self.requested:
+            return True
+        review = self.reviews.get(account_id)
+        return review is not None and review <= now
+
+
+NOTHING_PENDING = Pending()
+
+
+def build_pending(details: Any) -> Pending:
+    """The recomputes on their way for the accounts of a DETAILS row (None: no accounts)."""
+    if details is None:
+        return NOTHING_PENDING
+    requests, reviews, unroutable = details[10] or (), details[11] or (), details[12] or ()
+    if not (requests or reviews or unroutable):  # the common page
+        return NOTHING_PENDING
+    return Pending(requested=frozenset([a for a, parked in requests if not parked] + list(unroutable)),
+                   parked=frozenset(a for a, parked in requests if parked),
+                   reviews={a: _tt(at) for a, at in reviews})
 
 
 def gather_batch(conn: Connection, account_ids: Sequence[str]) -> dict[str, tuple[Snapshot, int]]:

@@ -2,7 +2,8 @@
 
 Each range is read in one REPEATABLE READ transaction (where it ends, its accounts with their
 stored state, then every other table once for the range: gather_batch.py), so a range is one
-consistent view and gives exactly the snapshots recompute's own gather_many gives.
+consistent view and gives exactly the snapshots recompute's own gather_many gives, and, in that
+same view, which of its accounts already await a recompute (gather_batch.Pending).
 
 ``PageReader`` reads ranges on threads of their own (``readers``, one connection each), at most
 ``depth`` ranges ahead of the sweep. A range ends where the one after it starts, so a reader claims
@@ -35,7 +36,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from app.domain.snapshot import Snapshot
-from app.recompute.gather_batch import build_snapshots, gather_page, range_end, read_range
+from app.recompute.gather_batch import Pending, build_pending, build_snapshots, gather_page, range_end, read_range
 
 # Several statements per page: one MVCC snapshot for all of them (psycopg2 sends the level with its
 # BEGIN). JIT is off for every connection of ours (app/db.py).
@@ -43,6 +44,9 @@ CONSISTENT = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
 SWITCH_INTERVAL = 0.001  # seconds; see the module's docstring
 
 Page = tuple[list[str], dict[str, tuple[Snapshot, int]]]
+# A range of the walk: (ids in order, {id: (snapshot, stored version)}, where it ends, the recomputes on
+# their way for its accounts).
+Range = tuple[list[str], dict[str, tuple[Snapshot, int]], str | None, Pending]
 
 
 def read_batch(conn: Connection, last: str, batch: int) -> Page:
@@ -59,9 +63,10 @@ class _Range:
 
 class PageReader:
     """Iterate the pages of the accounts after ``cursor``, in id order, each as (ids, {id: (snapshot,
-    stored version)}, upto): ``upto`` is where the page's range ends (None for the last one), which
-    is where a later walk resumes even when the range held no account any more. Use as a context
-    manager: leaving it early stops the threads."""
+    stored version)}, upto, pending): ``upto`` is where the page's range ends (None for the last
+    one), which is where a later walk resumes even when the range held no account any more;
+    ``pending``, the recomputes already on their way for its accounts, read in the same snapshot.
+    Use as a context manager: leaving it early stops the threads."""
 
     def __init__(self, engine: Engine, cursor: str, batch: int, depth: int = 3, readers: int = 2) -> None:
         self.engine = engine
@@ -89,7 +94,7 @@ class PageReader:
             thread.join()
         sys.setswitchinterval(self.switch_interval)
 
-    def __iter__(self) -> Iterator[tuple[list[str], dict[str, tuple[Snapshot, int]], str | None]]:
+    def __iter__(self) -> Iterator[Range]:
         number = 0
         while True:
             t0 = time.perf_counter()
@@ -103,7 +108,7 @@ class PageReader:
                 raise value
             upto, accounts, details = value
             # Building the objects needs the GIL: done here, while the readers wait on PostgreSQL.
-            yield [r[0] for r in accounts], build_snapshots(accounts, details), upto
+            yield [r[0] for r in accounts], build_snapshots(accounts, details), upto, build_pending(details)
             if upto is None:
                 return
             number += 1

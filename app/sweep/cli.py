@@ -57,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{kind} at stage {label(report.stage)} in {report.seconds:.1f}s")
     print(f"scanned {report.scanned}  drifted {report.drifted}  in stage {report.in_stage}  "
           f"out of stage {report.out_of_stage}  guarded {report.guarded}  enqueued {report.enqueued}  "
-          f"errors {report.errors}")
+          f"errors {report.errors}  pending {report.pending}")
     if report.drifted_accounts:
         shown = len(report.drifted_accounts)
         print(f"drifted accounts (first {shown} of {report.drifted}):")

@@ -1,7 +1,10 @@
 """The drift sweep: walk every account in batches, compare stored with desired, remediate in stage.
 
 Per batch: one gather statement for a keyset page of accounts (batch_read.py) -> the same pure
-compute as recompute -> drift. A drifted account with a payment in flight is left alone
+compute as recompute -> drift. An account whose recompute is already on its way (a request pending,
+queued or in flight, or its review due: gather_batch.Pending) is not drift: its stored state lags by
+design until that recompute runs, and a remediation would only take that recompute's place; it is
+counted as ``pending``, nothing more. A drifted account with a payment in flight is left alone
 ("guarded"); one inside the rollout stage gets a DRIFT_DETECTED recompute (the recompute task is
 still the only writer of dunning state); one outside is recorded only. Counts, the cursor and the
 drift records are written once per batch, so memory stays flat whatever the number of accounts.
@@ -31,6 +34,7 @@ from app.domain.drift import Drift, drift, payment_in_flight
 from app.domain.policy import Policy
 from app.domain.rollout import in_stage
 from app.domain.snapshot import Snapshot
+from app.recompute.gather_batch import Pending
 from app.rollout.store import read_state
 from app.sweep.batch_read import PageReader
 from app.sweep.collector import fewer_collections
@@ -62,6 +66,9 @@ class SweepReport:
     guarded: int = 0
     enqueued: int = 0
     errors: int = 0
+    # drifted as read, but their recompute already on its way: not drift, not recorded. Counted by this
+    # segment only (sweep_run has no column for it; the CLI's sweep is one segment).
+    pending: int = 0
     cursor: str = ""
     finished: bool = False
     seconds: float = 0.0
@@ -77,7 +84,7 @@ class SweepReport:
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "stage": self.stage, "dry_run": self.dry_run, "scanned": self.scanned,
                 "drifted": self.drifted, "in_stage": self.in_stage, "out_of_stage": self.out_of_stage,
-                "guarded": self.guarded, "enqueued": self.enqueued, "errors": self.errors,
+                "guarded": self.guarded, "enqueued": self.enqueued, "errors": self.errors, "pending": self.pending,
                 "finished": self.finished, "cursor": self.cursor, "seconds": round(self.seconds, 3),
                 "drifted_accounts": self.drifted_accounts}
 
@@ -212,8 +219,8 @@ class Sweeper:
             if page is None:  # (the last range returns below; this is a reader that ended early)
                 report.finished = True
                 return
-            ids, gathered, upto = page
-            found = self._batch(report, ids, gathered, named)
+            ids, gathered, upto, pending = page
+            found = self._batch(report, ids, gathered, pending, named)
             if ids:
                 report.cursor = ids[-1]
             t0 = time.perf_counter()
@@ -226,7 +233,7 @@ class Sweeper:
                 return
 
     def _batch(self, report: SweepReport, ids: list[str], gathered: dict[str, tuple[Snapshot, int]],
-               named: tuple[str, ...]) -> list[Found]:
+               pending: Pending, named: tuple[str, ...]) -> list[Found]:
         now = self.clock()
         t2 = time.perf_counter()
         found: list[Found] = []
@@ -243,6 +250,9 @@ class Sweeper:
                 continue
             drifted = drifts.of(snapshot, decision)
             if drifted is None:
+                continue
+            if pending.pending(account_id, now):  # its own recompute will store what compute decides
+                report.pending += 1
                 continue
             action = _classify(account_id, payment_in_flight(snapshot, self.policy, now), report.stage, named)
             remediated = False
