@@ -13,9 +13,10 @@ from app.payments.pay import retry_payment
 from app.payments.retries import claim_due, expire_unsent
 from app.payments.stripe_client import make_stripe_client
 from app.recompute.service import run_recompute
-from tests.conftest import wait_for
+from tests.conftest import post_event, wait_for
 from tests.fakes import fake_stripe as stripe_outcomes
 from tests.integration.dunning_setup import dunning_row, failed_invoice, method_attached, paid, retries
+from tests.stripe_events import event
 
 pytestmark = pytest.mark.worker
 
@@ -157,6 +158,34 @@ def test_a_new_payment_method_after_a_permanent_decline_is_retried_at_once(clien
     assert request.params["payment_method"] == [pm]
     assert request.idempotency_key is not None and request.idempotency_key.startswith(f"free:{invoice}:{pm}:")
     assert retries(engine, account)[0]["free"] is True
+
+
+def test_a_retry_claimed_before_the_customer_changed_cards_is_not_charged_to_the_old_card(
+        client, accounts, engine, worker, celery_app, fake_stripe):
+    """Beat claimed a retry on the card that failed; its message waits in the queue; meanwhile the
+    customer makes a new card the default. The queued retry must not charge the card the customer
+    replaced: it is skipped, and the new card gets its immediate free retry (DESIGN section 4)."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    version = dunning_row(engine, account)["version"]
+    new_card = method_attached(client, customer)
+    updated = event("customer.updated", id=customer, paths={"invoice_settings.default_payment_method": new_card})
+    updated["data"]["previous_attributes"] = {"invoice_settings": {"default_payment_method": None}}
+    assert post_event(client, updated).status_code == 200
+    wait_for(lambda: dunning_row(engine, account)["version"] > version, message="card change recomputed")
+
+    done = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    assert done["outcome"] == "skipped" and "changed the default payment method" in done["detail"]
+    assert fake_stripe.pay_requests(invoice) == []
+    state = wait_for(lambda: (d := dunning_row(engine, account))["retry_free"] and d, message="free retry planned")
+    assert state["retry_payment_method_id"] == new_card
+
+    dispatch(celery_app)
+    wait_for(lambda: any(r["free"] and r["state"] == "sent" for r in retries(engine, account)),
+             message="free retry sent")
+    (request,) = fake_stripe.pay_requests(invoice)
+    assert request.params["payment_method"] == [new_card]
 
 
 def a_claimed_before_b(client, accounts, engine) -> tuple[str, str, int, datetime]:
