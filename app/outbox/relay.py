@@ -11,9 +11,10 @@ A lifecycle request (cancellation, upgrade revert) is checked against the accoun
 before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
 is marked superseded instead (the reason stays on the row).
 
-A failure is always recorded (its text made storable, whatever the reply held), and an account whose
-delivery raises something unforeseen is set aside with backoff while the pass goes on with the
-others: one poison account never starves the rest.
+Only a 2xx is done: anything else, a redirect included (never followed: it would resend a POST as a
+bodiless GET), or no answer is a failure. A failure is always recorded (its text made storable,
+whatever the reply held), and an account whose delivery raises something unforeseen is set aside
+with backoff while the pass goes on with the others: one poison account never starves the rest.
 """
 
 from __future__ import annotations
@@ -250,12 +251,21 @@ def account_lock(engine: Engine, account_id: str) -> Iterator[bool]:
 def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float]) -> str | None:
     """None when Account Management took it (2xx), else the error to record."""
     try:
+        # Redirects are not followed: requests would turn a 301/302 POST into a GET without its
+        # body, and that GET's 200 would mark a cancellation delivered that nobody received.
         response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
-                                   headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout)
+                                   headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout,
+                                   allow_redirects=False)
     except requests.RequestException as exc:
         return f"{exc.__class__.__name__}: no answer from Account Management"
     if 200 <= response.status_code < 300:
         return None
+    if response.is_redirect or response.is_permanent_redirect:
+        # A failure like any other non-2xx, retried with backoff; the Location is on the row (and
+        # in the log) because it means ACCOUNT_MANAGEMENT_URL points at the wrong place.
+        location = storable(response.headers.get("Location", ""), 500)
+        return (f"HTTP {response.status_code}: redirected to {location!r}, not followed "
+                f"(check ACCOUNT_MANAGEMENT_URL)")
     return f"HTTP {response.status_code}: {storable(response.text, 200)}"
 
 

@@ -16,6 +16,7 @@ from app.domain.events import CancellationRequested, DunningEntered, Entitlement
 from app.outbox.relay import _warn_not_relayed, relay, request_key
 from app.recompute.emit import emit
 from tests.conftest import service_headers, wait_for
+from tests.fakes.server import Answer, FakeServer
 from tests.integration.dunning_setup import dunning_row, failed_invoice, paid
 
 pytestmark = pytest.mark.worker
@@ -373,3 +374,34 @@ def test_a_cancellation_taken_away_while_the_rows_ahead_of_it_are_sent_is_not_se
     assert (report.delivered, report.superseded, report.failed) == (1, 1, 0)
     assert [r.kind for r in fake_am.for_account(account)] == ["entitlements"]
     assert "superseded: cancel:sub_1" in outbox(engine, account)[1]["last_error"]
+
+
+def test_a_redirect_is_not_followed_and_the_row_is_retried_with_its_location_recorded(accounts, engine):
+    """Rule (DESIGN 11): 2xx means done, anything else is retried with backoff; a 3xx too. Followed,
+    a 301 turns the cancellation's POST into a GET without a body, whose 200 would mark the request
+    delivered though nothing was cancelled. The Location is kept on the row for an operator: a
+    redirect means ACCOUNT_MANAGEMENT_URL is misconfigured (an http:// URL moved to https://...)."""
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="retries_exhausted",
+                                                            episode=episode)])
+    seen: list[tuple[str, str]] = []
+
+    def moved(method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        seen.append((method, path))
+        if path.startswith("/accounts/"):
+            return 301, {"Location": "/v2" + path}, {"moved": True}
+        return 200, {}, {"data": []}  # what a GET at the new location would answer
+
+    server = FakeServer(moved).start()
+    try:
+        report = relay(engine, server.url)
+    finally:
+        server.stop()
+    assert [method for method, _ in seen] == ["POST"]  # the redirect was not followed
+    assert report.delivered == 0 and report.failed == 1
+    (row,) = outbox(engine, account)
+    assert row["delivered_at"] is None and row["attempts"] == 1
+    assert "HTTP 301" in row["last_error"] and f"/v2/accounts/{account}/cancellations" in row["last_error"]
