@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -192,13 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from app.db import is_connection_error
 
-        if is_connection_error(exc):
-            print(f"error: database unreachable ({exc.__class__.__name__}); check DATABASE_URL", file=sys.stderr)
-            return 3
+        # First: libpq's complaint about an option is worded like a failed connection ("connection to
+        # server at ... failed: invalid integer value ..."), but it is the URL that needs fixing.
         problem = _known_problem(exc)
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+        if is_connection_error(exc):
+            print(f"error: database unreachable ({exc.__class__.__name__}); check DATABASE_URL", file=sys.stderr)
+            return 3
         raise
 
 
@@ -219,7 +222,28 @@ def _known_problem(exc: Exception) -> str | None:
         return f"the database schema is older than this code ({detail}): run `dunning db upgrade` first"
     if isinstance(exc, NoSuchModuleError | ArgumentError | ModuleNotFoundError):
         return f"DATABASE_URL cannot be used ({exc.__class__.__name__}: {exc}); expected postgresql://..."
+    refused = _refused_option(exc)
+    if refused is not None:
+        return f"DATABASE_URL cannot be used: {refused}"
     return None
+
+
+# libpq's words for a connection option it refuses when it connects (Settings checks the usual ones
+# first): they quote the option and its value, never the password (which libpq does not check).
+_REFUSED_OPTION = re.compile(r'invalid (?:connection option "[^"]*"|[a-z_]+ value: "[^"]*"|port number: "[^"]*"'
+                             r'|integer value "[^"]*" for connection option "[^"]*")')
+
+
+def _refused_option(exc: Exception) -> str | None:
+    """libpq's reason when it refused a connection option of DATABASE_URL, else None."""
+    import psycopg2
+    from sqlalchemy.exc import DBAPIError
+
+    driver = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(driver, psycopg2.Error) or getattr(driver, "pgcode", None) is not None:
+        return None  # the server answered: it was reached, so its options were read
+    found = _REFUSED_OPTION.search(str(driver))
+    return found.group(0) if found else None
 
 
 if __name__ == "__main__":

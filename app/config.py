@@ -51,16 +51,66 @@ def normalize_database_url(url: str) -> str:
             # psycopg 3, asyncpg...: drivers this project does not ship (nor use the way it needs).
             raise ConfigError(f"DATABASE_URL must be a PostgreSQL URL for psycopg2 (postgresql://... or "
                               f"postgresql+psycopg2://...), {_scheme_shown(url)}")
+    _check_connect_parameters(_connect_parameters(url))
+    return url
+
+
+def _connect_parameters(url: str) -> dict[str, object]:
+    """What psycopg2.connect will be given for ``url``, as SQLAlchemy's dialect renders it (hosts,
+    ports, and the query's options), without connecting."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
-        make_url(url).port  # noqa: B018  (parsing it is the check: a port that is not a number)
+        parsed = make_url(url)
+        _args, params = parsed.get_dialect()().create_connect_args(parsed)
     except ValueError:
         # Not the parser's message: it quotes what it took for the port, which is part of the password
         # when that holds an unencoded '@' (postgresql://u:p@ss:word@host/db).
         raise ConfigError("DATABASE_URL cannot be read: its port is not a number (the value is not shown: it may "
                           "hold a password, and one holding '@' must be percent-encoded as %40)") from None
-    return url
+    except ArgumentError as exc:  # the multi-host forms; these messages name hosts and ports only
+        raise ConfigError(f"DATABASE_URL cannot be read: {exc}") from None
+    return dict(params)
+
+
+# libpq reads these only when it connects: a wrong value would fail the first request (a 500, a CLI
+# traceback), not the start. Checked here, by name; libpq itself refuses a name it does not know.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+WHOLE_NUMBER_OPTIONS = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+                        "keepalives_count", "tcp_user_timeout")
+_WHOLE_NUMBER = re.compile(r"\s*[+-]?[0-9]+\s*")  # libpq's strtol: signed, blanks around
+_UNKNOWN_OPTION = re.compile(r'invalid connection option "([^"]*)"')
+
+
+def _check_connect_parameters(params: dict[str, object]) -> None:
+    for port in str(params.get("port", "")).split(","):  # one per host; empty: the default
+        if port and not (_WHOLE_NUMBER.fullmatch(port) and 0 < int(port) < 65536):
+            raise ConfigError(f"DATABASE_URL's port must be a number from 1 to 65535, got {port.strip()}")
+    options = {k: v for k, v in params.items() if k not in ("host", "port", "dbname", "user", "password")}
+    _check_option_names(options)
+    sslmode = options.get("sslmode")
+    if sslmode is not None and sslmode not in SSL_MODES:
+        raise ConfigError(f"DATABASE_URL's sslmode must be one of {', '.join(SSL_MODES)}, got {sslmode!r}")
+    for name in WHOLE_NUMBER_OPTIONS:
+        value = options.get(name)
+        if value is not None and not (isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value)
+                                      and -2**31 <= int(value) < 2**31):
+            raise ConfigError(f"DATABASE_URL's {name} must be a whole number, got {value!r}")
+
+
+def _check_option_names(options: dict[str, object]) -> None:
+    """libpq's own list of the connection options it knows (psycopg2 parses the rendered options with
+    it). The password is not among what is parsed, so no message can hold it."""
+    import psycopg2
+    from psycopg2.extensions import make_dsn
+
+    try:
+        make_dsn(**options)
+    except psycopg2.ProgrammingError as exc:
+        unknown = _UNKNOWN_OPTION.search(str(exc))
+        what = f"an option PostgreSQL does not know: {unknown.group(1)!r}" if unknown else "options that cannot be read"
+        raise ConfigError(f"DATABASE_URL has {what}") from None
 
 
 # What an RFC 3986 scheme may hold: anything else before a '://' is not one (a user name and password

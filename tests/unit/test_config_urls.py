@@ -41,3 +41,49 @@ def test_a_port_that_is_not_a_number_is_refused_without_quoting_it():
     message = refused(DATABASE_URL="postgresql://dunning:s3cr@et:pw-tail@db/x")
     assert "DATABASE_URL cannot be read: its port is not a number" in message and "%40" in message
     assert "pw-tail" not in message
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("postgresql://u@127.0.0.1:99999999999999999999/x", "port must be a number from 1 to 65535, got 9999"),
+    ("postgresql://u@127.0.0.1:-1/x", "port must be a number from 1 to 65535, got -1"),
+    ("postgresql://u@/x?host=h1:5432&host=h2:65536", "port must be a number from 1 to 65535, got 65536"),
+    ("postgresql://u@127.0.0.1/x?port=abc", "DATABASE_URL cannot be read: Received non-integer port"),
+    ("postgresql://u@127.0.0.1/x?sslmode=bogus", "sslmode must be one of disable, allow, prefer, require, "
+                                                 "verify-ca, verify-full, got 'bogus'"),
+    ("postgresql://u@127.0.0.1/x?connect_timeot=3", "an option PostgreSQL does not know: 'connect_timeot'"),
+    ("postgresql://u@127.0.0.1/x?keepalives_idle=30s", "keepalives_idle must be a whole number, got '30s'"),
+])
+def test_a_port_out_of_range_or_an_option_libpq_would_refuse_is_refused_at_start(url, reason):
+    """libpq checks a port's range and the options only when it connects: the first request (a 500)
+    or command (a traceback) failed instead of the start."""
+    message = refused(DATABASE_URL=url)
+    assert message.startswith("DATABASE_URL") and reason in message, message
+
+
+def test_an_option_error_never_shows_a_password_given_as_an_option():
+    message = refused(DATABASE_URL=f"postgresql://u@h/x?password={PASSWORD}&connect_timeot=3")
+    assert "connect_timeot" in message and PASSWORD not in message
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:pw@db:5432/x?sslmode=verify-full&connect_timeout=3&application_name=a&options=-c%20jit%3Doff",
+    "postgresql://u@/x?host=h1:5432&host=h2:5433&target_session_attrs=read-write",
+    "postgresql://u@/x?host=/var/run/postgresql",
+    "postgresql:///x",
+])
+def test_well_formed_database_urls_are_taken_as_they_are(url):
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == url.replace("postgresql://",
+                                                                                "postgresql+psycopg2://")
+
+
+def test_the_cli_names_an_option_value_libpq_refused_when_it_connected():
+    """The fallback for the values Settings does not check: libpq's reason, not a traceback."""
+    import psycopg2
+    from sqlalchemy.exc import OperationalError
+
+    from app.cli import _known_problem
+
+    refusal = psycopg2.OperationalError('invalid target_session_attrs value: "foo"\n')
+    assert _known_problem(OperationalError("connect", {}, refusal)) == (
+        'DATABASE_URL cannot be used: invalid target_session_attrs value: "foo"')
+    assert _known_problem(psycopg2.OperationalError("server closed the connection unexpectedly")) is None
