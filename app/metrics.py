@@ -8,6 +8,7 @@ Procfile set it); otherwise each process exposes its own.
 from __future__ import annotations
 
 import os
+from typing import Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,12 +50,17 @@ ATTEMPT_DETAIL = Counter("dunning_attempt_detail_asked_total",
                          ["outcome"])
 TASK_FAILURES = Counter("dunning_task_failures_total", "Task failures by task and failure class",
                         ["task", "failure_class", "action"])
-# Gauges read from the database by the collector at scrape time (see app/api/metrics.py).
+# Gauges read from the database by the collector at scrape time (see app/api/metrics.py), and by the
+# tasks and views that count the same rows. They describe the fleet, not a process: the newest write,
+# by whichever process, is the truth ("mostrecent"; a dead process's file stays but is older). Under
+# "max" an older higher value won, any process's: a step back or a drained backlog never showed.
+# Only ever set(): prometheus_client refuses inc()/dec() in this mode.
+FLEET: Final = "mostrecent"
 STUCK_IN_LIFTING = Gauge("dunning_stuck_in_lifting", "Accounts in lifting longer than the guard window",
-                         multiprocess_mode="max")
-OUTBOX_BACKLOG = Gauge("dunning_outbox_backlog", "Domain events not yet delivered", multiprocess_mode="max")
-STUCK_EVENTS = Gauge("dunning_stuck_events", "Stuck work by state", ["state"], multiprocess_mode="max")
-ROLLOUT_STAGE = Gauge("dunning_rollout_stage", "Remediation rollout stage index (0 = off)", multiprocess_mode="max")
+                         multiprocess_mode=FLEET)
+OUTBOX_BACKLOG = Gauge("dunning_outbox_backlog", "Domain events not yet delivered", multiprocess_mode=FLEET)
+STUCK_EVENTS = Gauge("dunning_stuck_events", "Stuck work by state", ["state"], multiprocess_mode=FLEET)
+ROLLOUT_STAGE = Gauge("dunning_rollout_stage", "Remediation rollout stage index (0 = off)", multiprocess_mode=FLEET)
 
 
 def registry() -> CollectorRegistry:

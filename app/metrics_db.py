@@ -1,7 +1,7 @@
 """Gauges read from the database at scrape time (cheap counts, one statement).
 
 They describe the fleet, not one process, so whichever process is scraped sets them; in
-multiprocess mode they aggregate with "max" (app/metrics.py).
+multiprocess mode the newest write wins ("mostrecent", app/metrics.FLEET).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ ROLLOUT_STAGES = ("off", "named", "5", "10", "25", "50", "100")
 STUCK_STATES = ("retrying", "dead", "resolved")
 
 BAD_DEBT_OPEN = Gauge("dunning_bad_debt_open_episodes", "Bad-debt episodes not yet exited",
-                      multiprocess_mode="max")
+                      multiprocess_mode=metrics.FLEET)
 BAD_DEBT_PAYMENTS_PENDING = Gauge("dunning_bad_debt_payments_pending", "Bad-debt payments in flight",
-                                  multiprocess_mode="max")
+                                  multiprocess_mode=metrics.FLEET)
 
 GAUGES_SQL = """
 SELECT
