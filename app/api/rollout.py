@@ -102,7 +102,9 @@ def rollout_change() -> ResponseReturnValue:
             else:
                 store.change(conn, action, actor, reason, now, requested_by=requested_by)
             view = _view(conn, now)
-    except store.RolloutError as exc:
+    except store.RolloutInputError as exc:  # the store's own input checks (a reason too long)
+        return _bad(str(exc))
+    except store.RolloutError as exc:  # a change the current state does not allow
         return jsonify(error="conflict", reason=str(exc)), 409
     return jsonify(view)
 

@@ -19,7 +19,13 @@ ACTIONS = ("advance", "hold", "rollback", "resume")
 
 
 class RolloutError(ValueError):
-    """The change is not possible (bad input or the wrong state); the message says why."""
+    """The change is not possible; the message says why. As such: the current state does not allow
+    it (advancing past 100%, holding twice), a conflict (409)."""
+
+
+class RolloutInputError(RolloutError):
+    """The request itself is bad (an unknown action, no reason, one too long): bad input (400).
+    A RolloutError still, so a caller that only says why (the CLI) needs no second case."""
 
 
 @dataclass(frozen=True)
@@ -76,15 +82,16 @@ def history(conn: Connection, limit: int = 20) -> list[dict[str, Any]]:
 def _required(value: str | None, what: str) -> str:
     text = (value or "").strip()
     if not text:
-        raise RolloutError(f"{what} is required")
+        raise RolloutInputError(f"{what} is required")
     if len(text) > 2000:
-        raise RolloutError(f"{what} is too long (at most 2000 characters)")
+        raise RolloutInputError(f"{what} is too long (at most 2000 characters)")
     return text
 
 
 def change(conn: Connection, action: str, actor: str | None, reason: str | None, now: datetime,
            health: dict[str, Any] | None = None, requested_by: str | None = None) -> tuple[RolloutRow, RolloutRow]:
-    """Apply an operator's (or the gate's) action. -> (before, after). Raises RolloutError.
+    """Apply an operator's (or the gate's) action. -> (before, after). Raises RolloutInputError for
+    bad input, RolloutError for a change the current state does not allow.
 
     ``actor`` is who made the change as far as the system knows (the authenticated principal);
     ``requested_by``, when given, is a name the caller stated for itself, kept in the audit_log
@@ -96,7 +103,7 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     A new stage starts its health afresh: the errors sweeps had so far become errors_before_stage.
     """
     if action not in ACTIONS:
-        raise RolloutError(f"action must be one of {', '.join(ACTIONS)}")
+        raise RolloutInputError(f"action must be one of {', '.join(ACTIONS)}")
     actor = _required(actor, "actor")
     reason = _required(reason, "a reason")
     before = read_state(conn, for_update=True)

@@ -385,6 +385,29 @@ def test_ops_rollout_rejects_bad_input_with_a_reason(client, engine: Engine, rol
     assert history(engine) == []
 
 
+@pytest.mark.parametrize("body", [
+    {"action": "hold", "reason": "r" * 2001},
+    {"action": "name", "reason": "r" * 2001, "accounts": ["acct_1"]},
+], ids=["change", "name"])
+def test_ops_rollout_answers_a_reason_too_long_with_400_not_409(client, engine: Engine, rollout_off: None,
+                                                                 body: dict[str, Any]):
+    """Bad input is a 400 with the reason; 409 is only for a change the current state does not
+    allow. The store's own input checks (a reason over 2000 characters) are input errors too."""
+    response = client.post("/ops/rollout", json=body, headers=service_headers())
+    assert response.status_code == 400, response.json
+    assert response.json["error"] == "bad_request"
+    assert "reason is too long (at most 2000 characters)" in response.json["reason"]
+    assert history(engine) == []
+    assert sql(engine, "SELECT held FROM rollout_state")[0][0] is False
+
+
+def test_cli_rollout_says_why_a_reason_too_long_is_refused(cli_env: None, engine: Engine, rollout_off: None,
+                                                           capsys: pytest.CaptureFixture[str]):
+    assert main(["rollout", "hold", "--reason", "r" * 2001]) == 2
+    assert "error: a reason is too long (at most 2000 characters)" in capsys.readouterr().err
+    assert history(engine) == []
+
+
 def test_ops_rollout_steers_and_shows_the_rollout(client, engine: Engine, rollout_off: None):
     conflict = client.post("/ops/rollout", headers=service_headers(), json={"action": "rollback", "reason": "x"})
     assert conflict.status_code == 409 and "already off" in conflict.json["reason"]
