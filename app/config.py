@@ -127,6 +127,52 @@ def _scheme_shown(url: str) -> str:
     return "but it has no scheme (the value is not shown: it may hold a password)"
 
 
+# The brokers the product runs on (tasks/factory.py): Redis through its own transport and lane
+# (redis, rediss), or kombu's (a Unix socket, Sentinel); RabbitMQ through Celery's own path.
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
+_REDIS_DB = re.compile(r"/?[0-9]*")  # the path of a redis:// URL is the database number
+# A password's '/', '?' or '#' ends the URL's address early: what follows is read as its port or path.
+_BROKER_NOT_SHOWN = ("(the value is not shown: it may hold a password, which must be percent-encoded when it holds "
+                     "'/', '?' or '#': %2F, %3F, %23)")
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` when every broker it names (kombu takes several, ';'-separated, for failover) has a
+    known scheme, a port that is a number in range, and on Redis a database number. Otherwise
+    ConfigError: the web would store a webhook and then fail to queue it, the workers fail to start."""
+    for part in url.split(";"):
+        scheme = part.partition("://")[0]
+        if scheme not in BROKER_SCHEMES:
+            raise ConfigError(f"CELERY_BROKER_URL must be a Redis (redis://host:6379/0) or RabbitMQ (amqp://...) URL, "
+                              f"{_scheme_shown(part)}")
+        if scheme != "redis+socket":
+            _check_broker_address(part, redis=scheme in ("redis", "rediss"))
+    return url
+
+
+def _check_broker_address(url: str, redis: bool) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range: its message quotes it (see _BROKER_NOT_SHOWN)
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"CELERY_BROKER_URL's port must be a number from 1 to 65535 {_BROKER_NOT_SHOWN}")
+    if not redis:
+        return
+    if not _REDIS_DB.fullmatch(parts.path):
+        # redis-py would quietly use database 0 where the workers' kombu refuses to start
+        raise ConfigError(f"CELERY_BROKER_URL's path must be a Redis database number, as in /0 {_BROKER_NOT_SHOWN}")
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # the query's options (socket_timeout=...), as the lane will read them
+    except ValueError as exc:  # "Invalid value for 'socket_timeout' in connection URL.": no value quoted
+        raise ConfigError(f"CELERY_BROKER_URL cannot be read: {exc}") from None
+
+
 UNNAMED_SERVICE = "service"
 
 
@@ -209,7 +255,7 @@ class Settings:
                 "DATABASE_URL is not set (use `make run`, which starts a private PostgreSQL, "
                 "or point it at a server: postgresql://user@host/db)"
             )
-        broker = env.get("CELERY_BROKER_URL", "").strip() or DEFAULT_BROKER_URL
+        broker = check_broker_url(env.get("CELERY_BROKER_URL", "").strip() or DEFAULT_BROKER_URL)
         visibility = _visibility_timeout(env)
         service_tokens = parse_service_tokens(env.get("SERVICE_TOKENS", ""))
         support_tokens = parse_support_tokens(env.get("SUPPORT_TOKENS", ""))

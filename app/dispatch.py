@@ -53,12 +53,14 @@ def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
         for call in calls:
             _send_task(celery_app, call)
         return
-    lane = lane_for(celery_app)
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            lane.publish(calls)
+            # The lane is built inside the try (once per process; then a lookup): a broker it cannot
+            # even address (a URL redis-py cannot read) did not take the messages either, and the
+            # caller must hear BrokerUnavailable: the events are committed, beat re-drives them.
+            lane_for(celery_app).publish(calls)
             break
-        except Exception as exc:  # redis-py raises ConnectionError, TimeoutError, ResponseError, ...
+        except Exception as exc:  # redis-py raises ConnectionError, TimeoutError, ResponseError, ValueError...
             if attempt == ATTEMPTS:
                 names = ", ".join(sorted({c.name for c in calls}))
                 raise BrokerUnavailable(f"broker did not accept {names}: {exc.__class__.__name__}") from exc

@@ -37,7 +37,7 @@ from typing import Any, TextIO, cast
 
 from honcho.environ import parse_procfile
 
-from app.config import ConfigError, normalize_database_url
+from app.config import ConfigError, check_broker_url, normalize_database_url
 from app.fleet import (
     FLEET_FILE,
     STOP_SIGNALS,
@@ -413,6 +413,7 @@ class Launcher:
     def _broker(self, env: Mapping[str, str]) -> str:
         url = env.get("CELERY_BROKER_URL", "").strip()
         if url:
+            check_broker_url(url)  # fail early on a malformed one, as the database's
             say("Redis: the broker CELERY_BROKER_URL names")
             return url
         from app.embedded import EmbeddedRedis

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from app import fleet, launcher
+from app.config import ConfigError
 from app.embedded import create_time, free_port, read_pidfile, wait_for, write_pidfile
 from tasks import queues
 from tests.integration.processes import answers
@@ -235,6 +236,12 @@ def test_a_named_procfile_is_the_one_run_or_a_clear_error(tmp_path: Path) -> Non
     # a mistyped path is not quietly replaced by the checkout's Procfile
     with pytest.raises(launcher.LaunchError, match="not a file"):
         launcher.procfile_processes({"DUNNING_PROCFILE": str(tmp_path / "Procfiel")})
+
+
+def test_a_broker_url_set_for_the_fleet_is_checked_before_anything_starts(tmp_path: Path) -> None:
+    """As DATABASE_URL is: the processes would each fail at start (or the web at its first webhook)."""
+    with pytest.raises(ConfigError, match="CELERY_BROKER_URL's port must be a number from 1 to 65535"):
+        launcher.Launcher(tmp_path, {})._broker({"CELERY_BROKER_URL": "redis://127.0.0.1:abc/0"})
 
 
 def test_the_procfile_follows_the_contract() -> None:

@@ -87,3 +87,32 @@ def test_the_cli_names_an_option_value_libpq_refused_when_it_connected():
     assert _known_problem(OperationalError("connect", {}, refusal)) == (
         'DATABASE_URL cannot be used: invalid target_session_attrs value: "foo"')
     assert _known_problem(psycopg2.OperationalError("server closed the connection unexpectedly")) is None
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("redis://127.0.0.1:abc/0", "port must be a number from 1 to 65535"),
+    ("redis://127.0.0.1:65536/0", "port must be a number from 1 to 65535"),
+    ("amqp://guest@rabbit:0//", "port must be a number from 1 to 65535"),
+    (f"redis://:pa/{PASSWORD}@redis:6379/0", "port must be a number from 1 to 65535"),  # an unencoded '/'
+    ("redis://redis:6379/zero", "path must be a Redis database number"),
+    ("redis://redis:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ("redis://redis:6379/0;redis://redis-2:port/0", "port must be a number from 1 to 65535"),
+    ("memory://", "must be a Redis (redis://host:6379/0) or RabbitMQ (amqp://...) URL, got the scheme 'memory'"),
+    (f"redis//:{PASSWORD}@redis:6379/0", "URL, but it has no scheme"),
+])
+def test_a_broker_url_the_broker_clients_cannot_read_is_refused_at_start(url, reason):
+    """It was taken as it was: the web stored a webhook, then failed to queue its recompute with a
+    500 saying nothing was accepted, and the support button answered 500. The message names the
+    variable, never its value (a password)."""
+    message = refused(CELERY_BROKER_URL=url)
+    assert message.startswith("CELERY_BROKER_URL") and reason in message, message
+    assert PASSWORD not in message
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0", "rediss://:p%2Fw@redis:6380/3?ssl_cert_reqs=required", "redis://redis",
+    "redis+socket:///run/redis.sock", "amqp://guest:guest@rabbit:5672//", "amqp://rabbit-1;amqp://rabbit-2:5673",
+    "sentinel://s1:26379;sentinel://s2:26379",
+])
+def test_broker_urls_the_product_runs_on_are_taken_as_they_are(url):
+    assert Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_BROKER_URL": url}).broker_url == url
