@@ -1,19 +1,19 @@
 """How the sweep remediates: a DRIFT_DETECTED recompute on the queue (the recompute task stays the
-only writer of dunning state). Forced, not coalesced: the sweep wants a run even when no webhook
-request is pending."""
+only writer of dunning state). The sweep stores the account's recompute request first (sweep.py
+_remediate); the task is sent coalesced, as every producer's is: it runs if it takes that request,
+and a lost message is sent again by beat's stale-request re-drive."""
 
 from __future__ import annotations
 
 from celery import Celery
 
 from app.dispatch import enqueue_recompute
-from app.domain.triggers import Trigger
-from app.sweep.sweep import Enqueue
+from app.sweep.sweep import REMEDIATION_TRIGGER, Enqueue, remediation_cause
 
 
 def celery_enqueuer(celery_app: Celery) -> Enqueue:
     def enqueue(account_id: str, run_id: int | None) -> str:
-        return enqueue_recompute(celery_app, account_id, Trigger.DRIFT_DETECTED.value, cause=f"drift_sweep:{run_id}",
-                                 coalesced=False)
+        return enqueue_recompute(celery_app, account_id, REMEDIATION_TRIGGER, cause=remediation_cause(run_id),
+                                 coalesced=True)
 
     return enqueue

@@ -6,7 +6,9 @@ queued or in flight, or its review due: gather_batch.Pending) is not drift: its 
 design until that recompute runs, and a remediation would only take that recompute's place; it is
 counted as ``pending``, nothing more. A drifted account with a payment in flight is left alone
 ("guarded"); one inside the rollout stage gets a DRIFT_DETECTED recompute (the recompute task is
-still the only writer of dunning state); one outside is recorded only. Counts, the cursor and the
+still the only writer of dunning state), requested as every producer requests one (a
+recompute_request row, then the task sent coalesced), so the next sweep sees it pending while it
+waits on the queue; one outside is recorded only. Counts, the cursor and the
 drift records are written once per batch, so memory stays flat whatever the number of accounts.
 
 A sweep may be split into segments (one Celery task each, chained by the cursor in sweep_run) so
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,11 +36,13 @@ from app.domain.drift import Drift, drift, payment_in_flight
 from app.domain.policy import Policy
 from app.domain.rollout import in_stage
 from app.domain.snapshot import Snapshot
+from app.domain.triggers import Trigger
 from app.recompute.gather_batch import Pending
 from app.rollout.store import read_state
 from app.sweep.batch_read import PageReader
 from app.sweep.collector import fewer_collections
 from app.sweep.lock import SweepBusy, sweep_lock
+from webhooks.store import request_recompute
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,14 @@ log = logging.getLogger(__name__)
 # statement stays a few tens of milliseconds and memory stays flat.
 BATCH_SIZE = 2000
 
-Enqueue = Callable[[str, int | None], str]  # (account id, sweep run id) -> task id; raises on failure
+# (account id, sweep run id) -> task id; raises on failure. Sends the account's DRIFT_DETECTED recompute,
+# coalesced: its request (REMEDIATION_TRIGGER, remediation_cause) is stored by the sweep first.
+Enqueue = Callable[[str, int | None], str]
+REMEDIATION_TRIGGER = Trigger.DRIFT_DETECTED.value
+
+
+def remediation_cause(run_id: int | None) -> str:
+    return f"drift_sweep:{run_id}"
 
 
 def utcnow() -> datetime:
@@ -255,20 +266,61 @@ class Sweeper:
                 report.pending += 1
                 continue
             action = _classify(account_id, payment_in_flight(snapshot, self.policy, now), report.stage, named)
-            remediated = False
-            if action == "remediate" and not self.dry_run:
-                assert self.enqueue is not None
-                try:
-                    self.enqueue(account_id, report.run_id)
-                    remediated = True
-                except Exception as exc:
-                    log.warning("drift sweep: could not enqueue the recompute of %s: %s", account_id,
-                                exc.__class__.__name__)
-                    report.errors += 1
-                    action = "error"
-            found.append(Found(account_id, drifted, action, remediated))
+            found.append(Found(account_id, drifted, action, False))
+        if not self.dry_run:
+            found = self._remediate(report, found, pending)
         report.timings["compute"] += time.perf_counter() - t2
         return found
+
+    # --- remediation: a request, as every producer of recomputes makes one ------------------------
+
+    def _remediate(self, report: SweepReport, found: list[Found], pending: Pending) -> list[Found]:
+        """Request the DRIFT_DETECTED recompute of the page's accounts to remediate (one transaction),
+        then send the requests this created. Through a request, as webhooks and the re-drive do: the
+        run takes it (coalesced), a later sweep sees the account pending while it is queued (not the
+        same drift again, which the gate would count as reverted), and a request whose message is
+        lost is sent again by beat's stale-request re-drive."""
+        todo = [f.account_id for f in found if f.action == "remediate"]
+        if not todo:
+            return found
+        created = self._request(report.run_id, todo)
+        out: list[Found] = []
+        for f in found:
+            if f.action != "remediate":
+                out.append(f)
+            elif created is None:  # could not store the requests
+                report.errors += 1
+                out.append(replace(f, action="error"))
+            elif f.account_id not in created and f.account_id not in pending.parked:
+                # Requested since the page was read (a webhook, a review): that recompute is on its way
+                # and will repair this too; its producer sends it.
+                report.pending += 1
+            else:  # our request, or a parked one we touched (touched, the re-drive would send it too)
+                out.append(self._send(report, f))
+        return out
+
+    def _request(self, run_id: int | None, account_ids: list[str]) -> set[str] | None:
+        """-> the accounts whose request this created (None: the transaction failed)."""
+        try:
+            with unit_of_work(self.engine) as conn:
+                return {a for a in account_ids
+                        if request_recompute(conn, a, REMEDIATION_TRIGGER, remediation_cause(run_id))}
+        except Exception:
+            log.exception("drift sweep: could not request the recompute of %d accounts", len(account_ids))
+            return None
+
+    def _send(self, report: SweepReport, f: Found) -> Found:
+        assert self.enqueue is not None
+        try:
+            self.enqueue(f.account_id, report.run_id)
+        except Exception as exc:
+            # The request stays: beat's stale-request re-drive sends it within a minute or two. Still an
+            # error (the broker refused), and not counted as a remediation of this sweep.
+            log.warning("drift sweep: could not enqueue the recompute of %s: %s", f.account_id,
+                        exc.__class__.__name__)
+            report.errors += 1
+            return replace(f, action="error")
+        return replace(f, remediated=True)
 
     def _record(self, report: SweepReport, found: list[Found], scanned: int) -> None:
         batch = {"scanned": scanned, "drifted": len(found),

@@ -1,0 +1,126 @@
+# ruff: noqa: F811
+"""How the sweep remediates.
+
+Rule: a remediation is requested as every producer requests a recompute: a recompute_request row
+(trigger DRIFT_DETECTED, cause drift_sweep:<run>) committed, then the task sent coalesced. So while
+it waits on the queue the account is pending for the next sweep (not the same drift found again,
+which the rollout gate would count as a reverted remediation), the run that takes the request
+records DRIFT_DETECTED as its trigger, and a lost message is sent again by beat's re-drive. A
+request that appeared since the page was read belongs to its producer: the account is pending.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from app.recompute.service import run_recompute
+from app.rollout.gate import check_gate
+from app.sweep.sweep import Sweeper
+from tests.conftest import Accounts
+from tests.integration.test_sweep import Recorder, dunning, rollout_off, set_stage, settle, sql  # noqa: F401
+
+
+def _corrupted(accounts: Accounts, runtime, engine: Engine, at: datetime) -> str:
+    """A settled current account whose stored status says bad_debt."""
+    account, _ = accounts.create()
+    settle(engine, runtime.policy, account, at)
+    sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
+    return account
+
+
+def test_a_remediation_is_a_request_then_a_coalesced_recompute_triggered_by_the_drift(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    set_stage(engine, "100")
+    recorder = Recorder()
+    report = Sweeper(engine, runtime.policy, recorder).start()
+    assert recorder.sent == [(account, report.run_id)] and report.enqueued == 1
+    assert [tuple(r) for r in sql(engine, "SELECT account_id, trigger, cause FROM recompute_request")] == \
+        [(account, "DRIFT_DETECTED", f"drift_sweep:{report.run_id}")]
+    assert sql(engine, "SELECT remediated FROM drift_record")[0][0] is True
+
+    # The task the enqueuer sent (coalesced) takes that request.
+    result = run_recompute(engine, runtime.policy, account, "DRIFT_DETECTED", datetime.now(UTC), coalesced=True)
+    assert result.outcome == "changed"
+    assert tuple(sql(engine, "SELECT status, last_trigger FROM subs_dunning WHERE account_id = %(a)s",
+                     a=account)[0]) == ("current", "DRIFT_DETECTED")
+    assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 0
+
+
+def test_a_remediation_still_queued_at_the_next_sweep_is_not_counted_as_reverted(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    """The sweep's DRIFT_DETECTED recompute is still on the queue when the next sweep comes (a
+    15-minute recompute backlog, a renewal-day webhook burst). Before, the next sweep found the same
+    drift, remediated it again, and the gate counted the first remediation as reverted (a rollback)."""
+    t0 = datetime.now(UTC)
+    account = _corrupted(accounts, runtime, engine, t0 - timedelta(hours=2))
+    set_stage(engine, "named", [account], entered=t0 - timedelta(hours=3))
+    first = Sweeper(engine, runtime.policy, Recorder(), clock=lambda: t0 - timedelta(minutes=30)).start()
+    recorder = Recorder()
+    second = Sweeper(engine, runtime.policy, recorder, clock=lambda: t0 - timedelta(minutes=15)).start()
+    assert (first.enqueued, second.drifted, second.pending, second.enqueued) == (1, 0, 1, 0)
+    assert recorder.sent == []
+    _decision, health, _state = check_gate(engine, runtime.policy, t0)
+    assert (health.remediations, health.reverted) == (1, 0), health
+
+
+class _WebhookFirst(Sweeper):
+    """A webhook stores its request between the sweep's read and its remediation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.webhook_account = ""
+
+    def _request(self, run_id: int | None, account_ids: list[str]) -> set[str] | None:
+        sql(self.engine, "INSERT INTO recompute_request (account_id, trigger, cause) "
+                         "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1')", a=self.webhook_account)
+        return super()._request(run_id, account_ids)
+
+
+def test_a_request_made_since_the_read_is_left_to_its_producer(accounts: Accounts, runtime, engine: Engine,
+                                                               rollout_off: None):
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    set_stage(engine, "100")
+    recorder = Recorder()
+    sweeper = _WebhookFirst(engine, runtime.policy, recorder)
+    sweeper.webhook_account = account
+    report = sweeper.start()
+    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0)
+    assert recorder.sent == []
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert tuple(sql(engine, "SELECT trigger, cause FROM recompute_request")[0]) == ("PAYMENT_FAILED", "evt_1")
+
+
+def test_a_request_parked_by_a_dead_recompute_is_touched_and_sent(accounts: Accounts, runtime, engine: Engine,
+                                                                  rollout_off: None):
+    """Nothing re-sends a parked request; the sweep asking for the account again does (and touching
+    it un-parks it, so the re-drive sends it too should this message be lost)."""
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    sql(engine, "INSERT INTO recompute_request (account_id, trigger, cause) VALUES (%(a)s, 'PAYMENT_FAILED', 'evt')",
+        a=account)
+    sql(engine, "UPDATE recompute_request SET parked_touch = touched_at WHERE account_id = %(a)s", a=account)
+    sql(engine, "INSERT INTO subs_stuck_events (task_name, account_id, task_args, error_class, error, attempts, "
+                "state, last_failed_at) VALUES ('tasks.recompute_account', %(a)s, '{}', 'invalid_data', 'x', 1, "
+                "'dead', now())", a=account)
+    set_stage(engine, "100")
+    recorder = Recorder()
+    report = Sweeper(engine, runtime.policy, recorder).start()
+    assert [a for a, _ in recorder.sent] == [account] and report.enqueued == 1
+    assert sql(engine, "SELECT parked_touch IS DISTINCT FROM touched_at FROM recompute_request")[0][0] is True
+
+
+def test_a_remediation_the_broker_refused_stays_requested_for_the_redrive(accounts: Accounts, runtime,
+                                                                          engine: Engine, rollout_off: None):
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    set_stage(engine, "100")
+
+    def broker_down(account_id: str, run_id: int | None) -> str:
+        raise ConnectionError("broker down")
+
+    report = Sweeper(engine, runtime.policy, broker_down).start()
+    assert (report.errors, report.enqueued) == (1, 0)
+    assert tuple(sql(engine, "SELECT remediated, skipped FROM drift_record")[0]) == (False, "error")
+    assert [tuple(r) for r in sql(engine, "SELECT account_id, trigger FROM recompute_request")] == \
+        [(account, "DRIFT_DETECTED")]
