@@ -50,9 +50,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except SweepBusy as exc:
         print(f"not swept: {exc}", file=sys.stderr)
         return 1
+    # Errors (compute failures, remediations not enqueued) fail the command in either output format:
+    # scripts read the status, whatever they parse.
+    status = 0 if report.errors == 0 else 1
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
-        return 0
+        return status
     kind = "dry run (nothing written, nothing enqueued)" if report.dry_run else f"sweep {report.run_id}"
     print(f"{kind} at stage {label(report.stage)} in {report.seconds:.1f}s")
     print(f"scanned {report.scanned}  drifted {report.drifted}  in stage {report.in_stage}  "
@@ -65,7 +68,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             changes = ", ".join(f"{f}: {found['stored'].get(f)!r} -> {found['desired'].get(f)!r}"
                                 for f in found["fields"])
             print(f"  {found['account_id']}  [{found['action']}]  {changes}")
-    return 0 if report.errors == 0 else 1
+    return status
 
 
 def _print_state(state: dict[str, Any], history: list[dict[str, Any]]) -> None:
