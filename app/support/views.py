@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,7 @@ from app.sweep.lifting import stuck_in_lifting
 from app.web import celery_app, runtime
 
 bp = Blueprint("support", __name__, url_prefix="/support")
+log = logging.getLogger(__name__)
 
 
 @bp.record_once
@@ -65,10 +67,15 @@ def recompute(account_id: str) -> ResponseReturnValue:
     except BrokerUnavailable:
         with unit_of_work(runtime().engine) as conn:
             audit.add_detail(conn, entry, {"queued": False})
-        response = jsonify(error="unavailable", reason="the task queue is unreachable; nothing was queued")
-        response.headers["Retry-After"] = "5"
-        return response, 503
+        return _unavailable("the task queue is unreachable; nothing was queued")
     return jsonify(task_id=call.task_id, account_id=account_id, status_url=f"/support/tasks/{call.task_id}"), 202
+
+
+def _unavailable(reason: str) -> ResponseReturnValue:
+    """503 with Retry-After: the page retries (the same request later is expected to work)."""
+    response = jsonify(error="unavailable", reason=reason)
+    response.headers["Retry-After"] = "5"
+    return response, 503
 
 
 @bp.get("/tasks/<task_id>")
@@ -83,15 +90,25 @@ def task_status(task_id: str) -> ResponseReturnValue:
         account_id = audit.recompute_task_account(conn, task_id)
     if account_id is None:
         return jsonify(error="not_found", reason=f"no support task {task_id}"), 404
+    try:
+        body = _task_outcome(task_id)
+    except Exception as exc:  # redis-py's ConnectionError or TimeoutError, kombu's, a backend not even built
+        # The page polls right after the button, which answers 503 when Redis is down: so does this.
+        log.warning("support task %s: the result backend did not answer: %s", task_id, exc.__class__.__name__)
+        return _unavailable("the task result store is unreachable; retry later")
+    return jsonify(task_id=task_id, account_id=account_id, **body)
+
+
+def _task_outcome(task_id: str) -> dict[str, Any]:
+    """The task's state, and its result or error once there is one (each read asks the backend)."""
     result = AsyncResult(task_id, app=celery_app())
     state = result.state
-    body: dict[str, Any] = {"task_id": task_id, "account_id": account_id, "state": state,
-                            "done": state in ("SUCCESS", "FAILURE", "REVOKED")}
+    body: dict[str, Any] = {"state": state, "done": state in ("SUCCESS", "FAILURE", "REVOKED")}
     if state == "SUCCESS":
         body["result"] = result.result
     elif state in ("FAILURE", "RETRY"):
         body["error"] = f"{type(result.result).__name__}: {result.result}"
-    return jsonify(body)
+    return body
 
 
 @bp.get("/accounts/<account_id>/state")

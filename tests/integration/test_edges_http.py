@@ -53,3 +53,23 @@ def test_the_support_button_with_an_unreadable_broker_is_a_503_and_its_audit_say
     response = app.test_client().post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
     assert response.headers["Retry-After"] and "nothing was queued" in response.json["reason"]
+
+
+def test_a_support_task_polled_while_the_result_store_is_down_is_a_503_with_retry_after(
+        settings, runtime, engine, accounts: Accounts):
+    """The button answers 503 when Redis is down; the status the page polls right after it let
+    redis-py's ConnectionError through to the 500 handler."""
+    import uuid
+
+    from app.db import unit_of_work
+    from app.support import audit
+
+    account, _customer = accounts.create()
+    task_id = str(uuid.uuid4())
+    with unit_of_work(engine) as conn:  # a task support started
+        audit.record(conn, "alice", "recompute", account, {"task_id": task_id})
+    app = app_with_broker(settings, runtime, "redis://127.0.0.1:1/0")  # the result backend is the broker's Redis
+    response = app.test_client().get(f"/support/tasks/{task_id}", headers=SUPPORT)
+    assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.headers["Retry-After"] and response.json["reason"] == (
+        "the task result store is unreachable; retry later")
