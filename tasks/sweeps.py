@@ -3,7 +3,8 @@ tasks.refile_mirror, which keeps the Stripe mirror filed by account for the swee
 
 A sweep runs in segments of at most half the tasks' soft time limit; when accounts remain, the
 segment chains tasks.sweep_batch with the sweep id (the cursor is in sweep_run), so no single task
-comes near the timeout that would make Redis deliver it twice.
+comes near the timeout that would make Redis deliver it twice. A segment that finds the sweep lock
+taken sends itself again a little later: the chain is the only thing that carries a sweep on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from app.sweep.sweep import SweepBusy, Sweeper, SweepReport
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
+
+# A segment that meets the sweep lock (an operator's `dunning sweep --dry-run` walking every account,
+# beat's drift_sweep looking in for a moment) is sent again this many seconds later (a countdown
+# within the visibility timeout's budget, app/config.py MAX_TASK_COUNTDOWN)...
+BUSY_COUNTDOWN = 30
+# ... at most this many times in a row: 10 minutes, within the 15 after which beat's drift_sweep
+# abandons a sweep whose heartbeat stopped and starts a new one from the first account anyway.
+BUSY_RETRIES = 20
 
 
 def _sweeper(task: Task) -> tuple[Sweeper, float]:
@@ -54,14 +63,29 @@ def drift_sweep(self: Task) -> dict[str, Any]:
 
 
 @shared_task(name="tasks.sweep_batch", bind=True)
-def sweep_batch(self: Task, run_id: int) -> dict[str, Any]:
+def sweep_batch(self: Task, run_id: int, waited: int = 0) -> dict[str, Any]:
     sweeper, segment = _sweeper(self)
     try:
         report = sweeper.resume(run_id, max_seconds=segment)
     except SweepBusy as exc:
+        if waited < BUSY_RETRIES and sweeper.is_running(run_id):
+            return _again_later(self, run_id, waited, exc)
         log.info("drift sweep segment not run: %s", exc)
         return {"skipped": str(exc)}
     return _after(self, report)
+
+
+def _again_later(task: Task, run_id: int, waited: int, busy: SweepBusy) -> dict[str, Any]:
+    """The segment of a running sweep that met the lock, sent again: dropped, nothing would carry the
+    sweep on, and beat would start it over from the first account once its heartbeat went stale. A
+    task of its own (as tasks.bad_debt's busy settlements), counting how often it waited."""
+    try:
+        task.apply_async([run_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN)
+    except Exception as exc:  # kombu's connection errors: beat's drift_sweep starts over when it goes stale
+        log.warning("drift sweep %s: segment not sent again: %s", run_id, exc)
+        return {"skipped": str(busy)}
+    log.info("drift sweep %s: segment waits %d s for the sweep lock: %s", run_id, BUSY_COUNTDOWN, busy)
+    return {"skipped": str(busy), "again_in": BUSY_COUNTDOWN}
 
 
 @shared_task(name="tasks.check_rollout_gate", bind=True)

@@ -175,6 +175,12 @@ class Sweeper:
                                  cursor=row.cursor or "")
             return self._walk(report, row.cursor or "", rollout.named_accounts, max_seconds)
 
+    def is_running(self, run_id: int) -> bool:
+        """Whether sweep ``run_id`` still has accounts to walk (a segment to come), lock or no lock."""
+        with unit_of_work(self.engine) as conn:
+            state = conn.exec_driver_sql("SELECT state FROM sweep_run WHERE id = %(id)s", {"id": run_id}).scalar()
+        return bool(state == "running")
+
     # --- the walk ----------------------------------------------------------------------------
 
     def _begin(self) -> tuple[int | None, str, tuple[str, ...]]:

@@ -1,0 +1,87 @@
+# ruff: noqa: F811
+"""A chained sweep segment that meets the sweep lock.
+
+Rule: a segment of a sweep that is still running, finding the lock taken (an operator's `dunning
+sweep --dry-run` walking every account, beat's drift_sweep looking in), sends itself again
+BUSY_COUNTDOWN seconds later (within the visibility timeout's countdown budget), at most BUSY_RETRIES
+times in a row. Before, it was dropped: nothing carried the sweep on, which sat 'running' until beat
+abandoned it and started over from the first account. A segment of a sweep no longer running is
+dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import redis
+from sqlalchemy import Engine
+
+from app.config import MAX_TASK_COUNTDOWN
+from app.sweep.lock import sweep_lock
+from app.sweep.sweep import Sweeper
+from tasks.sweeps import BUSY_COUNTDOWN, BUSY_RETRIES
+from tests.integration.test_sweep import Recorder, corrupted, rollout_off, set_stage, sql  # noqa: F401
+
+
+def _sweeps_queue(settings) -> list[dict[str, Any]]:
+    """The messages on the sweeps queue: {task, eta, args, kwargs}."""
+    queue = redis.Redis.from_url(settings.broker_url)
+    try:
+        raw = [json.loads(m) for m in queue.lrange(f"{settings.broker_key_prefix}sweeps", 0, -1)]
+    finally:
+        queue.close()
+    out = []
+    for m in raw:
+        args, kwargs, _embed = json.loads(base64.b64decode(m["body"]))
+        out.append({"task": m["headers"]["task"], "eta": m["headers"].get("eta"), "args": args, "kwargs": kwargs})
+    return out
+
+
+def _segment(celery_app, run_id: int, waited: int = 0) -> dict[str, Any]:
+    celery_app.loader.import_default_modules()
+    result: dict[str, Any] = celery_app.tasks["tasks.sweep_batch"].apply(args=[run_id],
+                                                                         kwargs={"waited": waited}).get()
+    return result
+
+
+def _first_segment(engine: Engine, runtime) -> int:
+    set_stage(engine, "100")
+    first = Sweeper(engine, runtime.policy, Recorder(), batch_size=2).start(max_seconds=0)
+    assert not first.finished and first.run_id is not None
+    return first.run_id
+
+
+def test_a_segment_that_meets_the_lock_is_sent_again_and_carries_the_sweep_on(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings):
+    run_id = _first_segment(engine, runtime)
+    with sweep_lock(engine):  # `dunning sweep --dry-run` holds it for its whole walk
+        result = _segment(celery_app, run_id)
+    assert result["again_in"] == BUSY_COUNTDOWN and "another drift sweep" in result["skipped"]
+    [again] = _sweeps_queue(settings)
+    assert (again["task"], again["args"], again["kwargs"]) == ("tasks.sweep_batch", [run_id], {"waited": 1})
+    assert again["eta"] is not None  # a countdown, not at once
+    assert sql(engine, "SELECT state FROM sweep_run WHERE id = %(i)s", i=run_id)[0][0] == "running"
+
+    # Once the lock is free, the segment sent again walks on from the cursor.
+    done = _segment(celery_app, run_id, waited=1)
+    assert done["finished"] and done["scanned"] == 6
+    assert sql(engine, "SELECT state, scanned FROM sweep_run WHERE id = %(i)s", i=run_id)[0] == ("finished", 6)
+
+
+def test_the_countdown_fits_the_visibility_timeout_budget():
+    assert 0 < BUSY_COUNTDOWN <= MAX_TASK_COUNTDOWN
+
+
+def test_a_segment_that_waited_its_turns_or_whose_sweep_ended_is_dropped(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings):
+    run_id = _first_segment(engine, runtime)
+    with sweep_lock(engine):
+        gave_up = _segment(celery_app, run_id, waited=BUSY_RETRIES)
+    assert "again_in" not in gave_up and "skipped" in gave_up
+    sql(engine, "UPDATE sweep_run SET state = 'abandoned' WHERE id = %(i)s", i=run_id)
+    with sweep_lock(engine):
+        ended = _segment(celery_app, run_id)
+    assert "again_in" not in ended
+    assert _sweeps_queue(settings) == []
