@@ -343,7 +343,8 @@ def test_cli_sweep_enqueues_and_says_so(cli_env: None, engine: Engine, corrupted
         queue.close()
     bodies = [json.loads(base64.b64decode(m["body"])) for m in messages]
     assert sorted(args[0] for args, _kwargs, _ in bodies) == sorted(corrupted[k] for k in ("paid", "unpaid", "flagged"))
-    assert {(args[1], kwargs["coalesced"]) for args, kwargs, _ in bodies} == {("DRIFT_DETECTED", False)}
+    # sent coalesced, after the sweep stored each account's recompute request (54097d6)
+    assert {(args[1], kwargs["coalesced"]) for args, kwargs, _ in bodies} == {("DRIFT_DETECTED", True)}
     assert {m["headers"]["task"] for m in messages} == {"tasks.recompute_account"}
 
 
