@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from celery import Task, shared_task
@@ -55,8 +55,8 @@ def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH
     rt = runtime_for(self.app)
     taken: list[datetime] = []
     try:
-        result = run_recompute(rt.engine, rt.policy, account_id, trigger, datetime.now(UTC), coalesced=coalesced,
-                               taken=taken)
+        # No clock here: run_recompute reads it once it holds the account's lock.
+        result = run_recompute(rt.engine, rt.policy, account_id, trigger, coalesced=coalesced, taken=taken)
     except Exception as exc:
         handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause},
                        taken_request=taken[0] if taken else None)

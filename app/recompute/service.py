@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -58,14 +58,15 @@ def run_recompute(
     policy: Policy,
     account_id: str,
     trigger: str,
-    now: datetime,
+    now: datetime | None = None,
     coalesced: bool = False,
     taken: list[datetime] | None = None,
 ) -> RecomputeResult:
-    """``coalesced``: the run came from a pending request (webhooks); when another run already
-    took that request there is nothing new to see and the run stops early. ``taken``: appended
-    with the touched_at of the pending request the run took, if any, so that a caller whose run
-    fails knows which version of the request it failed on (its delete is rolled back)."""
+    """``now``: the moment to compute at; None (the task) reads the wall clock once the account's
+    lock is held. ``coalesced``: the run came from a pending request (webhooks); when another run
+    already took that request there is nothing new to see and the run stops early. ``taken``:
+    appended with the touched_at of the pending request the run took, if any, so that a caller
+    whose run fails knows which version of the request it failed on (its delete is rolled back)."""
     timings: dict[str, float] = {}
     with unit_of_work(engine) as conn:
         took = conn.exec_driver_sql(LOCK_AND_TAKE_SQL, {"account": account_id}).first()
@@ -73,6 +74,11 @@ def run_recompute(
             taken.append(took[1])
         if coalesced and took is None:
             return RecomputeResult(account_id, trigger, "coalesced")
+        # Read after the lock, never before: a run that waited for it (up to lock_timeout) behind
+        # another recompute of the account must not compute at a moment older than the one that
+        # run committed (it would ease a level just escalated at a day boundary, or leave and
+        # re-enter bad debt at the 21-day one, opening a second episode).
+        now = now if now is not None else datetime.now(UTC)
         t0 = time.perf_counter()
         gathered = gather(conn, account_id)
         if gathered is None:
