@@ -22,6 +22,25 @@ class Conflict(Exception):
     running it again is safe and normally succeeds."""
 
 
+class TimedOut(Conflict):
+    """The statement waited on a lock past lock_timeout, or ran past statement_timeout, and was
+    cancelled (rolled back). Running it again later is safe; at once, it would most likely wait as
+    long again behind the same lock holder."""
+
+
+# SQLSTATEs of a statement cancelled for taking too long: lock_not_available (lock_timeout),
+# query_canceled (statement_timeout, or a cancel request).
+TIMED_OUT_CODES = ("55P03", "57014")
+
+
+def is_timed_out(exc: BaseException) -> bool:
+    """True when ``exc`` is a statement cancelled by lock_timeout or statement_timeout: TimedOut, or
+    the driver's error (SQLAlchemy's wrapping it) that was not turned into one."""
+    if isinstance(exc, TimedOut):
+        return True
+    return getattr(getattr(exc, "orig", exc), "pgcode", None) in TIMED_OUT_CODES
+
+
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     options: dict[str, Any] = {
         # No pre-ping: it costs a round trip on every checkout of the hot paths. A connection the
@@ -173,7 +192,7 @@ def _dbapi_cursor(conn: Connection) -> Any:
 def _dbapi_errors(conn: Connection) -> Iterator[None]:
     """What SQLAlchemy does for its own executes, for ours on the DBAPI cursor: a lost connection
     is taken out of the pool and reported as DatabaseUnavailable; a refused value is ValueRejected,
-    a lost race Conflict."""
+    a lost race Conflict, a wait past lock_timeout (or a run past statement_timeout) TimedOut."""
     import psycopg2
     import psycopg2.extensions
 
@@ -190,6 +209,8 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
     except psycopg2.extensions.TransactionRollbackError as exc:
         raise Conflict(str(exc).strip()) from exc
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if exc.pgcode in TIMED_OUT_CODES:  # the server answered: the connection is fine
+            raise TimedOut(str(exc).strip()) from exc
         dbapi = conn.connection.driver_connection
         if isinstance(exc, psycopg2.InterfaceError) or getattr(dbapi, "closed", False) or _lost(exc):
             conn.invalidate(exc)

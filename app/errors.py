@@ -10,7 +10,7 @@ from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from app.db import Conflict, DatabaseUnavailable, ValueRejected, is_connection_error
+from app.db import Conflict, DatabaseUnavailable, TimedOut, ValueRejected, is_connection_error, is_timed_out
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ def register(app: Flask) -> None:
         log.warning("write lost a race with a concurrent one: %s", exc)
         return _retry_later("a concurrent write got in the way; retry later", seconds=1)
 
+    @app.errorhandler(TimedOut)
+    def timed_out(exc: TimedOut) -> ResponseReturnValue:
+        log.warning("statement cancelled after waiting too long: %s", exc)
+        return _busy()
+
     @app.errorhandler(ValueRejected)
     def value_rejected(exc: ValueRejected) -> ResponseReturnValue:
         log.warning("value rejected by the database: %s", exc)
@@ -52,6 +57,9 @@ def register(app: Flask) -> None:
         if is_connection_error(exc):
             log.warning("database unreachable: %s", exc.__class__.__name__)
             return _unavailable()
+        if is_timed_out(exc):  # a statement run through SQLAlchemy (TimedOut: those on the DBAPI cursor)
+            log.warning("statement cancelled after waiting too long: %s", _primary_message(exc))
+            return _busy()
         if _refused_as_data(exc):
             # SQLSTATE class 22 (data exception): PostgreSQL refused a value the request brought (a
             # \u0000 in jsonb, a number out of range, text that is not a date), as ValueRejected says
@@ -99,6 +107,13 @@ def _primary_message(exc: DBAPIError) -> str:
 
 def _unavailable() -> ResponseReturnValue:
     return _retry_later("database unreachable; retry later", seconds=5)
+
+
+def _busy() -> ResponseReturnValue:
+    # A row lock held past lock_timeout (5 s: a long transaction on the same account), or a statement
+    # past statement_timeout: rolled back, and the same request in a few seconds normally goes through.
+    return _retry_later("the database took too long (a lock this request needs was held by another transaction, "
+                        "or a statement ran past its time limit); retry later", seconds=5)
 
 
 def _retry_later(reason: str, seconds: int) -> ResponseReturnValue:

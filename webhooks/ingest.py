@@ -18,7 +18,7 @@ from celery import Celery
 from sqlalchemy import Connection, Engine
 
 from app import metrics
-from app.db import Conflict, ValueRejected, unit_of_work
+from app.db import Conflict, TimedOut, ValueRejected, unit_of_work
 from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
@@ -96,14 +96,18 @@ class Ingestor:
 
     def _store(self, items: list[store.Item]) -> list[store.Stored | None]:
         """Each statement is atomic on its own (autocommit: no BEGIN/COMMIT round trips); one that
-        lost a race with another web process's statement (a deadlock) is run again."""
+        lost a race with another web process's statement (a deadlock) is run again. One that waited
+        past lock_timeout is not: the batch's requests answer 503 and Stripe redelivers them."""
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             conn = self._connection()
             try:
                 return store.ingest_events(conn, items)
-            except ValueRejected:  # nothing was written; the connection is fine
+            except (ValueRejected, TimedOut):  # nothing was written; the connection is fine
+                # TimedOut: a lock held 5 s (lock_timeout) is held by a long transaction, likely still
+                # running; waiting for it again would hold every request of the batch, and every one
+                # queued behind it in this process, 5 s more each time.
                 raise
-            except Conflict:  # rolled back; the connection is fine
+            except Conflict:  # rolled back at once (a deadlock's loser); the connection is fine
                 if attempt == CONFLICT_ATTEMPTS:
                     raise
             except BaseException:

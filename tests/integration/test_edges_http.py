@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from flask import Flask
 from sqlalchemy import Engine
 
@@ -73,3 +74,102 @@ def test_a_support_task_polled_while_the_result_store_is_down_is_a_503_with_retr
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
     assert response.headers["Retry-After"] and response.json["reason"] == (
         "the task result store is unreachable; retry later")
+
+
+def test_a_webhook_held_up_by_a_row_lock_past_lock_timeout_is_a_503_with_retry_after(
+        client, engine, accounts: Accounts):
+    """A recompute transaction holds the account's recompute_request row; the webhook's upsert of it
+    waits past lock_timeout (5 s). psycopg2's LockNotAvailable escaped the cursor's error mapping
+    raw: a 500 "unexpected error" for every request of the batch, where a deadlock is a 503."""
+    account, customer = accounts.create()
+    assert post_event(client, event("invoice.payment_failed", customer=customer)).status_code == 200
+    holder = engine.connect()
+    try:
+        assert holder.exec_driver_sql("SELECT 1 FROM recompute_request WHERE account_id = %(a)s FOR UPDATE",
+                                      {"a": account}).all()
+        second = event("invoice.payment_failed", customer=customer)
+        response = post_event(client, second)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.headers["Retry-After"] == "5" and "retry later" in response.json["reason"]
+    assert stored_state(engine, second["id"]) is None  # not accepted: Stripe redelivers it
+    assert post_event(client, second).status_code == 200  # as it does once the lock is gone
+
+
+def test_a_batch_that_waited_past_lock_timeout_fails_whole_at_once_and_stores_nothing(
+        settings, client, celery_app, engine, accounts: Accounts, monkeypatch):
+    """Every request of the group commit answers 503 (none of its events was stored, so none is lost:
+    Stripe redelivers each), and the batch is not run again: a lock held past lock_timeout belongs
+    to a long transaction, and each new attempt would hold the batch, and every request queued
+    behind it in the process, for another lock_timeout. A deadlock's loser is run again at once."""
+    import json
+
+    from sqlalchemy import event as sa_event
+
+    from app.db import TimedOut, make_engine
+    from webhooks import store
+    from webhooks.ingest import Ingestor
+    from webhooks.mirror import extract
+
+    quick = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+
+    @sa_event.listens_for(quick, "connect")
+    def _short_lock_wait(dbapi_conn: Any, _record: Any) -> None:  # after the app's own 5 s
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '200ms'")
+        dbapi_conn.commit()
+
+    account, customer = accounts.create()
+    _other, other_customer = accounts.create()
+    assert post_event(client, event("invoice.payment_failed", customer=customer)).status_code == 200  # its request row
+    runs = []
+    ingest_events = store.ingest_events
+    monkeypatch.setattr(store, "ingest_events", lambda conn, items: runs.append(1) or ingest_events(conn, items))
+    events = [event("invoice.payment_failed", customer=c) for c in (customer, other_customer)]
+    ingestor = Ingestor(quick, celery_app)
+    holder = engine.connect()
+    try:
+        holder.exec_driver_sql("SELECT 1 FROM recompute_request WHERE account_id = %(a)s FOR UPDATE", {"a": account})
+        with pytest.raises(TimedOut):
+            ingestor._flush([(extract(e), json.dumps(e)) for e in events])
+    finally:
+        holder.rollback()
+        holder.close()
+        ingestor.close()
+        quick.dispose()
+    assert len(runs) == 1
+    assert [stored_state(engine, e["id"]) for e in events] == [None, None]
+
+
+@pytest.mark.parametrize(("limit", "statement"), [
+    ("SET LOCAL lock_timeout = '100ms'", "SELECT pg_advisory_xact_lock(%(key)s)"),  # 55P03
+    ("SET LOCAL statement_timeout = '100ms'", "SELECT pg_advisory_xact_lock(%(key)s)"),  # 57014
+])
+def test_a_statement_sqlalchemy_ran_that_timed_out_is_a_503_with_retry_after(engine: Engine, limit, statement):
+    """The DBAPIError handler behind every endpoint: SQLAlchemy's wrapping of a lock or statement
+    timeout was a 500 "database error; nothing was accepted"."""
+    from app import errors
+    from app.db import unit_of_work
+
+    key = 4_242_424_242  # an advisory lock no other test takes
+    app = Flask(__name__)
+    errors.register(app)
+
+    @app.post("/store")
+    def store() -> str:
+        with unit_of_work(engine) as conn:
+            conn.exec_driver_sql(limit)
+            conn.exec_driver_sql(statement, {"key": key})
+        return "stored"
+
+    with engine.connect() as holder:
+        holder.exec_driver_sql("SELECT pg_advisory_lock(%(key)s)", {"key": key})
+        try:
+            response = app.test_client().post("/store")
+        finally:
+            holder.exec_driver_sql("SELECT pg_advisory_unlock(%(key)s)", {"key": key})
+            holder.commit()
+    assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.headers["Retry-After"] == "5" and "SELECT" not in response.json["reason"]
