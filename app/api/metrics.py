@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("metrics", __name__)
 
+# The newest write of any web worker: the last scrape's. (livemin, 0 while any worker's last refresh
+# failed, kept a worker's 0 after gunicorn replaced it: nothing marks a web worker dead.)
 REFRESH_OK = Gauge("dunning_metrics_db_refresh_ok", "1 when the last scrape could read the database gauges",
-                   multiprocess_mode="livemin")
+                   multiprocess_mode=metrics.FLEET)
 
 
 @bp.get("/metrics")

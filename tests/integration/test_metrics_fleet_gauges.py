@@ -32,10 +32,10 @@ FLEET_GAUGES = [
     ("app.metrics", "STUCK_EVENTS", {"state": "retrying"}),
     ("app.metrics_db", "BAD_DEBT_OPEN", {}),
     ("app.metrics_db", "BAD_DEBT_PAYMENTS_PENDING", {}),
+    ("app.api.metrics", "REFRESH_OK", {}),  # whether the last scrape could read them
 ]
-# Per-process on purpose: 1 when *this* process's last scrape could read the database; "livemin"
-# says 0 while any live web worker's last refresh failed.
-PER_PROCESS_GAUGES = {"dunning_metrics_db_refresh_ok"}
+# Per-process on purpose (none now): a gauge named here keeps its own multiprocess mode.
+PER_PROCESS_GAUGES: set[str] = set()
 
 SET = """
 import importlib, json, os, sys
