@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 
+# Exit status of a command that found what it works on busy (a lock held by another process), as
+# `dunning sweep` does when another sweep runs: nothing was done, and the same command later works.
+BUSY = 1
+TIMED_OUT = ("the database did not answer in time (a lock held by another transaction, or a statement past its "
+             "time limit); nothing was changed, try again")
+
 
 def _settings() -> Settings:
     return Settings.from_env()
@@ -55,6 +61,7 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_recompute(args: argparse.Namespace) -> int:
+    from app.db import is_timed_out
     from app.recompute.service import AccountNotFound, run_recompute
 
     rt = cli_runtime()
@@ -63,6 +70,11 @@ def cmd_recompute(args: argparse.Namespace) -> int:
     except AccountNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not is_timed_out(exc):
+            raise
+        print(f"error: {_busy_account(args.account_id, exc)}", file=sys.stderr)
+        return BUSY
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -77,6 +89,14 @@ def cmd_recompute(args: argparse.Namespace) -> int:
         facts = ", ".join(f"{k}={v}" for k, v in reason["facts"].items() if k != "rule")
         print(f"  - {reason['rule']}: {reason['detail']}" + (f" [{facts}]" if facts else ""))
     return 0
+
+
+def _busy_account(account_id: str, exc: Exception) -> str:
+    # The account's recompute lock (service.LOCK_AND_TAKE_SQL) waits at most lock_timeout (5 s) for
+    # a worker's recompute of it, or another command's; any other wait is on a row someone writes.
+    if "pg_advisory_xact_lock" in (getattr(exc, "statement", None) or ""):
+        return f"account {account_id!r} is being recomputed by another process (lock wait timed out); try again"
+    return f"account {account_id!r}: {TIMED_OUT}"
 
 
 def cmd_report_bad_debt(args: argparse.Namespace) -> int:
@@ -191,9 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from app.db import is_connection_error
+        from app.db import is_connection_error, is_timed_out
 
-        # First: libpq's complaint about an option is worded like a failed connection ("connection to
+        if is_timed_out(exc):
+            print(f"error: {TIMED_OUT}", file=sys.stderr)
+            return BUSY
+        # libpq's complaint about an option is worded like a failed connection ("connection to
         # server at ... failed: invalid integer value ..."), but it is the URL that needs fixing.
         problem = _known_problem(exc)
         if problem is not None:

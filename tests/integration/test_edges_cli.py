@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import Accounts
 from tests.integration.test_cli_recompute import dunning
 
 PASSWORD = "s3cr3t-pw"
@@ -33,3 +34,38 @@ def test_a_port_or_option_libpq_refuses_is_an_error_naming_it_not_a_traceback(ur
     done = dunning("recompute", "acct_x", database_url=url)
     assert done.returncode == 2, done.stderr[-400:]
     assert done.stderr.startswith("error: DATABASE_URL") and reason in done.stderr, done.stderr[-400:]
+
+
+def test_recompute_of_an_account_another_process_is_recomputing_says_so_and_fails(
+        database_url, engine, accounts: Accounts):
+    """The account's recompute lock held past lock_timeout (5 s; a worker mid-recompute, or stuck):
+    psycopg2's LockNotAvailable was a traceback. It is a message naming the account, status 1 (as
+    `dunning sweep` when another sweep runs: nothing done, try again)."""
+    account, _customer = accounts.create()
+    holder = engine.connect()
+    try:
+        holder.exec_driver_sql("SELECT pg_advisory_lock(hashtextextended(%(a)s, 7281))", {"a": account})
+        holder.commit()
+        done = dunning("recompute", account, database_url=database_url)
+    finally:
+        holder.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+        holder.commit()
+        holder.close()
+    assert done.returncode == 1, done.stderr[-400:]
+    assert done.stderr == (f"error: account {account!r} is being recomputed by another process (lock wait timed "
+                           f"out); try again\n"), done.stderr[-400:]
+    assert dunning("recompute", account, database_url=database_url).returncode == 0  # once it is free
+
+
+def test_any_command_whose_statement_timed_out_says_try_again(monkeypatch, capsys):
+    """The same for every other command (a lock held by another transaction, a statement past
+    statement_timeout): a message and status 1, not a traceback."""
+    from app import cli
+    from app.db import TimedOut
+
+    def timed_out(_args: object) -> int:
+        raise TimedOut("canceling statement due to lock timeout")
+
+    monkeypatch.setattr(cli, "cmd_report_bad_debt", timed_out)
+    assert cli.main(["report", "bad-debt", "--since", "2026-01-01"]) == 1
+    assert capsys.readouterr().err == f"error: {cli.TIMED_OUT}\n"
