@@ -227,6 +227,16 @@ def _visibility_timeout(env: Mapping[str, str]) -> int:
     return visibility
 
 
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """A Stripe secret, without the blanks around it: one read from a file (a mounted secret, `echo
+    whsec_... > file`) ends in a newline, which made every genuine webhook's signature not match.
+    Stripe's keys and signing secrets hold no whitespace: one inside is a pasting mistake."""
+    value = env.get(name, "").strip()
+    if any(c.isspace() for c in value):
+        raise ConfigError(f"{name} holds whitespace inside it (Stripe's secrets have none; the value is not shown)")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -268,8 +278,8 @@ class Settings:
             database_url=normalize_database_url(db),
             broker_url=broker,
             result_backend=env.get("CELERY_RESULT_BACKEND", "").strip() or None,
-            stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
-            stripe_api_key=env.get("STRIPE_API_KEY", ""),
+            stripe_webhook_secret=_secret(env, "STRIPE_WEBHOOK_SECRET"),
+            stripe_api_key=_secret(env, "STRIPE_API_KEY"),
             stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
             account_management_url=env.get("ACCOUNT_MANAGEMENT_URL", "").strip() or None,
             service_tokens=service_tokens,

@@ -173,3 +173,17 @@ def test_a_statement_sqlalchemy_ran_that_timed_out_is_a_503_with_retry_after(eng
             holder.commit()
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
     assert response.headers["Retry-After"] == "5" and "SELECT" not in response.json["reason"]
+
+
+def test_a_webhook_signed_with_a_secret_set_with_a_trailing_newline_verifies(
+        settings, runtime, client, accounts: Accounts, monkeypatch):
+    """STRIPE_WEBHOOK_SECRET from a mounted file (`kubectl create secret --from-file`) ends in a
+    newline: every genuine webhook was a 400 "signature does not match the body"."""
+    from tests.conftest import WEBHOOK_SECRET
+
+    loaded = Settings.from_env({"DATABASE_URL": settings.database_url, "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET + "\n"})
+    monkeypatch.setattr(runtime, "settings",
+                        runtime.settings.with_overrides(stripe_webhook_secret=loaded.stripe_webhook_secret))
+    _account, customer = accounts.create()
+    response = post_event(client, event("invoice.payment_failed", customer=customer))
+    assert response.status_code == 200, response.get_data(as_text=True)

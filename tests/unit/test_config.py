@@ -90,3 +90,18 @@ def test_every_visibility_timeout_allowed_covers_a_countdown_a_wait_for_a_proces
     assert celery_config(settings())["task_time_limit"] == 117  # the README quotes it
 
 
+
+
+def test_stripe_secrets_read_from_files_lose_their_trailing_newlines():
+    """A secret mounted from a file ends in a newline, which made every genuine webhook fail
+    verification ("signature does not match"); every other variable was already stripped."""
+    loaded = settings(STRIPE_WEBHOOK_SECRET=" whsec_abc123\n", STRIPE_API_KEY="sk_test_abc123\r\n")
+    assert (loaded.stripe_webhook_secret, loaded.stripe_api_key) == ("whsec_abc123", "sk_test_abc123")
+
+
+@pytest.mark.parametrize("name", ["STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY"])
+def test_a_stripe_secret_with_whitespace_inside_is_refused_naming_it_not_showing_it(name):
+    """Stripe's secrets hold no whitespace: one inside (two values pasted together) is refused at start."""
+    with pytest.raises(ConfigError) as err:
+        settings(**{name: "whsec_first\nwhsec_second\n"})
+    assert name in str(err.value) and "whsec_" not in str(err.value)
