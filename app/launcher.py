@@ -138,11 +138,21 @@ def procfile_processes(env: Mapping[str, str]) -> dict[str, str]:
         named = Path(env["DUNNING_PROCFILE"])
         if not named.is_file():
             raise LaunchError(f"DUNNING_PROCFILE names {env['DUNNING_PROCFILE']}, which is not a file")
-        return dict(parse_procfile(named.read_text()).processes)
+        return dict(parse_procfile(_read_named_procfile(named)).processes)
     checkout = Path(__file__).resolve().parent.parent / "Procfile"
     if checkout.is_file():
         return dict(parse_procfile(checkout.read_text()).processes)
     return dict(parse_procfile(DEFAULT_PROCFILE).processes)
+
+
+def _read_named_procfile(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")  # whatever the locale: a Procfile is UTF-8 text
+    except UnicodeDecodeError as exc:
+        reason = f"it is not UTF-8 text (byte {exc.start})"
+    except OSError as exc:  # one we may not read (its permissions), say
+        reason = exc.strerror or exc.__class__.__name__
+    raise LaunchError(f"DUNNING_PROCFILE names {path}, which cannot be read: {reason}")
 
 
 def programs_path(path: str) -> str:

@@ -238,6 +238,16 @@ def test_a_named_procfile_is_the_one_run_or_a_clear_error(tmp_path: Path) -> Non
         launcher.procfile_processes({"DUNNING_PROCFILE": str(tmp_path / "Procfiel")})
 
 
+def test_a_named_procfile_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    """Only "not a file" was caught: a Procfile in another encoding was a UnicodeDecodeError traceback
+    from `dunning process` and `dunning run`."""
+    latin1 = tmp_path / "Procfile"
+    latin1.write_bytes(b"web: echo caf\xe9\n")
+    with pytest.raises(launcher.LaunchError) as err:
+        launcher.procfile_processes({"DUNNING_PROCFILE": str(latin1)})
+    assert str(err.value) == f"DUNNING_PROCFILE names {latin1}, which cannot be read: it is not UTF-8 text (byte 13)"
+
+
 def test_a_broker_url_set_for_the_fleet_is_checked_before_anything_starts(tmp_path: Path) -> None:
     """As DATABASE_URL is: the processes would each fail at start (or the web at its first webhook)."""
     with pytest.raises(ConfigError, match="CELERY_BROKER_URL's port must be a number from 1 to 65535"):

@@ -69,3 +69,16 @@ def test_any_command_whose_statement_timed_out_says_try_again(monkeypatch, capsy
     monkeypatch.setattr(cli, "cmd_report_bad_debt", timed_out)
     assert cli.main(["report", "bad-debt", "--since", "2026-01-01"]) == 1
     assert capsys.readouterr().err == f"error: {cli.TIMED_OUT}\n"
+
+
+@pytest.mark.parametrize("command", [("process", "web"), ("run",)])
+def test_a_procfile_that_is_not_utf8_is_an_error_naming_dunning_procfile(tmp_path, database_url, command):
+    """`dunning process` (status 2) and `dunning run` (status 1, its own failures' status) printed a
+    UnicodeDecodeError traceback."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_bytes(b"web: echo caf\xe9\n")
+    extra = ("--data-dir", str(tmp_path / "data")) if command == ("run",) else ()
+    done = dunning(*command, *extra, database_url=database_url, DUNNING_PROCFILE=str(procfile))
+    assert done.returncode == (1 if command == ("run",) else 2), done.stderr[-400:]
+    assert f"error: DUNNING_PROCFILE names {procfile}, which cannot be read: it is not UTF-8 text" in done.stderr
+    assert "Traceback" not in done.stderr
