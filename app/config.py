@@ -23,6 +23,9 @@ MIN_TASK_TIME_LIMIT = 60
 SOFT_LIMIT_HEADROOM = 10  # the soft limit comes first, so a task can record why it stops
 MIN_VISIBILITY_TIMEOUT = MAX_TASK_COUNTDOWN + REDELIVERY_MARGIN + 2 * MIN_TASK_TIME_LIMIT  # 185 s
 DEFAULT_VISIBILITY_TIMEOUT = 300
+# A message a dead worker held comes back only after the timeout: past a day, a crash loses the
+# task for longer than any schedule here waits (and Celery's time limits grow with it, unbounded).
+MAX_VISIBILITY_TIMEOUT = 24 * 3600
 
 
 def task_time_limits(visibility_timeout: int) -> tuple[int, int]:
@@ -224,6 +227,10 @@ def _visibility_timeout(env: Mapping[str, str]) -> int:
             f"for a worker process behind a task at its hard time limit, and its own run (task_time_limit: what "
             f"is left of the timeout halved, at least {MIN_TASK_TIME_LIMIT} s); a shorter timeout makes Redis hand "
             f"a waiting or running task to a second worker")
+    if visibility > MAX_VISIBILITY_TIMEOUT:
+        raise ConfigError(
+            f"CELERY_VISIBILITY_TIMEOUT must be at most {MAX_VISIBILITY_TIMEOUT} seconds (a day): the task of a "
+            f"worker that dies comes back to another one only once it has passed")
     return visibility
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from app.config import (
     MAX_TASK_COUNTDOWN,
+    MAX_VISIBILITY_TIMEOUT,
     MIN_TASK_TIME_LIMIT,
     MIN_VISIBILITY_TIMEOUT,
     ConfigError,
@@ -105,3 +106,13 @@ def test_a_stripe_secret_with_whitespace_inside_is_refused_naming_it_not_showing
     with pytest.raises(ConfigError) as err:
         settings(**{name: "whsec_first\nwhsec_second\n"})
     assert name in str(err.value) and "whsec_" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [str(MAX_VISIBILITY_TIMEOUT + 1), "9" * 300])
+def test_a_visibility_timeout_beyond_a_day_is_refused(value):
+    """Any whole number was taken (one of hundreds of digits too): a dead worker's task would come
+    back only once it passed, and the task time limits derived from it grew without bound."""
+    with pytest.raises(ConfigError) as err:
+        settings(CELERY_VISIBILITY_TIMEOUT=value)
+    assert str(err.value).startswith(f"CELERY_VISIBILITY_TIMEOUT must be at most {MAX_VISIBILITY_TIMEOUT} seconds")
+    assert settings(CELERY_VISIBILITY_TIMEOUT=str(MAX_VISIBILITY_TIMEOUT)).visibility_timeout == MAX_VISIBILITY_TIMEOUT
