@@ -9,7 +9,6 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from app.config import ConfigError, Settings
@@ -66,7 +65,8 @@ def cmd_recompute(args: argparse.Namespace) -> int:
 
     rt = cli_runtime()
     try:
-        result = run_recompute(rt.engine, rt.policy, args.account_id, "MANUAL", datetime.now(UTC))
+        # No moment passed: the clock is read once the account's lock is held, as the task does.
+        result = run_recompute(rt.engine, rt.policy, args.account_id, "MANUAL")
     except AccountNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

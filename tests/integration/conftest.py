@@ -28,3 +28,13 @@ def debtor(client: FlaskClient, engine: Engine, runtime: Runtime, accounts: Acco
     debt = into_bad_debt(client, engine, runtime, accounts)
     stripe_fake.add_invoice(debt.invoice_object)
     return debt
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    """The environment an operator's `dunning` command reads, pointed at the test's servers (for
+    in-process calls of app.cli.main)."""
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CELERY_BROKER_URL", settings.broker_url)
+    monkeypatch.setenv("CELERY_BROKER_KEY_PREFIX", settings.broker_key_prefix or "")
+    monkeypatch.delenv("DUNNING_POLICY", raising=False)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from celery import Celery
 from freezegun import freeze_time
 from sqlalchemy import Connection, Engine
 
+from app.cli import main
 from app.domain.compute import Decision, compute
 from app.recompute.apply import apply
 from app.recompute.gather import gather
@@ -71,19 +72,17 @@ def unpaid_since_days_ago(client, engine: Engine, runtime: Runtime, accounts, da
 
 
 @contextmanager
-def task_waiting_for_the_lock(engine: Engine, celery_app: Celery, account: str, starts_at: datetime,
-                              then: datetime) -> Iterator[Connection]:
-    """tasks.recompute_account started at ``starts_at`` while the yielded connection (another
-    recompute) holds the account's lock; the wall clock reaches ``then`` while it waits. Whatever
-    the block applies on the connection commits when it ends, which lets the task go on."""
-    import tasks.recompute  # noqa: F401  registers the task
-
-    task = celery_app.tasks["tasks.recompute_account"]
+def waiting_for_the_lock(engine: Engine, account: str, start: Callable[[], object], starts_at: datetime,
+                         then: datetime) -> Iterator[Connection]:
+    """A recompute (``start``, on a thread of its own) started at ``starts_at`` while the yielded
+    connection (another recompute) holds the account's lock; the wall clock reaches ``then`` while
+    it waits. Whatever the block applies on the connection commits when it ends, which lets the
+    recompute go on."""
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            task.apply(args=[account, "STATE_REFRESH", "webhook"], throw=True)
+            start()
         except BaseException as exc:  # reported on the test's thread, after join
             errors.append(exc)
 
@@ -92,13 +91,23 @@ def task_waiting_for_the_lock(engine: Engine, celery_app: Celery, account: str, 
         holder.exec_driver_sql(LOCK_SQL, {"a": account})
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        wait_for(lambda: waiting_for_lock(engine, account), message="the task waiting for the account lock")
+        wait_for(lambda: waiting_for_lock(engine, account), message="the recompute waiting for the account lock")
         clock.move_to(then)
         yield holder
         holder.commit()  # releases the lock
         worker.join(30)
-    assert not worker.is_alive(), "the task never finished"
+    assert not worker.is_alive(), "the recompute never finished"
     assert not errors, errors
+
+
+def task_waiting_for_the_lock(engine: Engine, celery_app: Celery, account: str, starts_at: datetime,
+                              then: datetime) -> AbstractContextManager[Connection]:
+    """tasks.recompute_account, as waiting_for_the_lock runs it."""
+    import tasks.recompute  # noqa: F401  registers the task
+
+    task = celery_app.tasks["tasks.recompute_account"]
+    return waiting_for_the_lock(engine, account, lambda: task.apply(args=[account, "STATE_REFRESH", "webhook"],
+                                                                    throw=True), starts_at, then)
 
 
 def newer_run(holder: Connection, runtime: Runtime, account: str, at: datetime) -> Decision:
@@ -150,3 +159,21 @@ def test_a_run_that_waited_for_the_lock_does_not_leave_bad_debt_entered_meanwhil
         episodes = conn.exec_driver_sql("SELECT count(*) FROM bad_debt_episode WHERE account_id = %(a)s",
                                         {"a": account}).scalar_one()
     assert episodes == 1
+
+
+def test_dunning_recompute_that_waited_for_the_lock_does_not_ease_a_level_escalated_meanwhile(
+        client, accounts, engine, runtime, cli_env):
+    """The same rule for `dunning recompute`: an operator's run that waited behind the escalation
+    at the 7-day boundary computes at the moment it got the lock."""
+    account, unpaid_since = unpaid_since_days_ago(client, engine, runtime, accounts, 6, "insufficient_funds")
+    boundary = unpaid_since + timedelta(days=7)
+
+    def cli() -> None:
+        assert main(["recompute", account]) == 0
+
+    with waiting_for_the_lock(engine, account, cli, starts_at=boundary - timedelta(seconds=1),
+                              then=boundary + timedelta(seconds=2)) as holder:
+        assert newer_run(holder, runtime, account, boundary + timedelta(seconds=1)).state.level == "restrict_premium"
+
+    assert stored_state(engine, account) == ("past_due", "restrict_premium")
+    assert "ConsequenceEased" not in outbox_events(engine, account), outbox_events(engine, account)

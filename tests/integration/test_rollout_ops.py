@@ -276,14 +276,6 @@ def test_a_sweep_begun_before_the_stage_neither_charges_its_errors_nor_vouches_f
 # --- CLI ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, settings) -> None:
-    monkeypatch.setenv("DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("CELERY_BROKER_URL", settings.broker_url)
-    monkeypatch.setenv("CELERY_BROKER_KEY_PREFIX", settings.broker_key_prefix or "")
-    monkeypatch.delenv("DUNNING_POLICY", raising=False)
-
-
 def test_cli_rollout_changes_need_a_reason_and_are_audited(cli_env: None, engine: Engine, rollout_off: None,
                                                            capsys: pytest.CaptureFixture[str]):
     assert main(["rollout", "advance"]) == 2

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import Engine
 
 from app.cli import main
-from tests.integration.test_rollout_ops import cli_env  # noqa: F401
 from tests.integration.test_sweep import corrupted, rollout_off, set_stage  # noqa: F401
 
 
