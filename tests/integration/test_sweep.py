@@ -78,6 +78,17 @@ def sql(engine: Engine, statement: str, **params: Any) -> Any:
             "SELECT") else conn.exec_driver_sql(statement, params)
 
 
+def parked_request(engine: Engine, account: str) -> None:
+    """A recompute request parked by the account's recompute given up as dead (tasks.failures): the
+    stale-request re-drive passes over it until something asks for the account anew."""
+    sql(engine, "INSERT INTO recompute_request (account_id, trigger, cause) VALUES (%(a)s, 'PAYMENT_FAILED', 'evt')",
+        a=account)
+    sql(engine, "UPDATE recompute_request SET parked_touch = touched_at WHERE account_id = %(a)s", a=account)
+    sql(engine, "INSERT INTO subs_stuck_events (task_name, account_id, task_args, error_class, error, attempts, "
+                "state, last_failed_at) VALUES ('tasks.recompute_account', %(a)s, '{}', 'invalid_data', 'x', 1, "
+                "'dead', now())", a=account)
+
+
 def dunning(engine: Engine, account: str) -> Any:
     return sql(engine, "SELECT d.status, d.level, a.bad_debt FROM subs_account a LEFT JOIN subs_dunning d "
                        "USING (account_id) WHERE account_id = %(a)s", a=account)[0]

@@ -23,6 +23,7 @@ from tests.conftest import Accounts, post_event
 from tests.integration.test_sweep import (  # noqa: F401
     Recorder,
     dunning,
+    parked_request,
     refuse,
     rollout_off,
     set_stage,
@@ -135,12 +136,7 @@ def test_an_account_whose_request_is_parked_by_a_dead_recompute_is_drift(account
     account, _ = accounts.create()
     settle(engine, runtime.policy, account, datetime.now(UTC))
     sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
-    sql(engine, "INSERT INTO recompute_request (account_id, trigger, cause) VALUES (%(a)s, 'PAYMENT_FAILED', 'evt')",
-        a=account)
-    sql(engine, "UPDATE recompute_request SET parked_touch = touched_at WHERE account_id = %(a)s", a=account)
-    sql(engine, "INSERT INTO subs_stuck_events (task_name, account_id, task_args, error_class, error, attempts, "
-                "state, last_failed_at) VALUES ('tasks.recompute_account', %(a)s, '{}', 'invalid_data', 'x', 1, "
-                "'dead', now())", a=account)
+    parked_request(engine, account)
 
     report = Sweeper(engine, runtime.policy, refuse).start()
     assert (report.drifted, report.pending) == (1, 0)

@@ -19,7 +19,15 @@ from app.recompute.service import run_recompute
 from app.rollout.gate import check_gate
 from app.sweep.sweep import Sweeper
 from tests.conftest import Accounts
-from tests.integration.test_sweep import Recorder, dunning, rollout_off, set_stage, settle, sql  # noqa: F401
+from tests.integration.test_sweep import (  # noqa: F401
+    Recorder,
+    dunning,
+    parked_request,
+    rollout_off,
+    set_stage,
+    settle,
+    sql,
+)
 
 
 def _corrupted(accounts: Accounts, runtime, engine: Engine, at: datetime) -> str:
@@ -98,12 +106,7 @@ def test_a_request_parked_by_a_dead_recompute_is_touched_and_sent(accounts: Acco
     """Nothing re-sends a parked request; the sweep asking for the account again does (and touching
     it un-parks it, so the re-drive sends it too should this message be lost)."""
     account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
-    sql(engine, "INSERT INTO recompute_request (account_id, trigger, cause) VALUES (%(a)s, 'PAYMENT_FAILED', 'evt')",
-        a=account)
-    sql(engine, "UPDATE recompute_request SET parked_touch = touched_at WHERE account_id = %(a)s", a=account)
-    sql(engine, "INSERT INTO subs_stuck_events (task_name, account_id, task_args, error_class, error, attempts, "
-                "state, last_failed_at) VALUES ('tasks.recompute_account', %(a)s, '{}', 'invalid_data', 'x', 1, "
-                "'dead', now())", a=account)
+    parked_request(engine, account)
     set_stage(engine, "100")
     recorder = Recorder()
     report = Sweeper(engine, runtime.policy, recorder).start()
