@@ -153,7 +153,15 @@ def check_broker_url(url: str) -> str:
     return url
 
 
-def _check_broker_address(url: str, redis: bool) -> None:
+def check_result_backend(url: str | None) -> str | None:
+    """``url`` (CELERY_RESULT_BACKEND) when, naming a Redis server, it is one redis-py can address;
+    ConfigError otherwise. Celery's other backends (db+..., rpc://) are Celery's to read."""
+    if url is not None and url.partition("://")[0] in ("redis", "rediss"):
+        _check_broker_address(url, redis=True, name="CELERY_RESULT_BACKEND")
+    return url
+
+
+def _check_broker_address(url: str, redis: bool, name: str = "CELERY_BROKER_URL") -> None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -162,18 +170,18 @@ def _check_broker_address(url: str, redis: bool) -> None:
     except ValueError:  # not a number, or out of range: its message quotes it (see _BROKER_NOT_SHOWN)
         port = -1
     if port is not None and not 0 < port < 65536:
-        raise ConfigError(f"CELERY_BROKER_URL's port must be a number from 1 to 65535 {_BROKER_NOT_SHOWN}")
+        raise ConfigError(f"{name}'s port must be a number from 1 to 65535 {_BROKER_NOT_SHOWN}")
     if not redis:
         return
     if not _REDIS_DB.fullmatch(parts.path):
         # redis-py would quietly use database 0 where the workers' kombu refuses to start
-        raise ConfigError(f"CELERY_BROKER_URL's path must be a Redis database number, as in /0 {_BROKER_NOT_SHOWN}")
+        raise ConfigError(f"{name}'s path must be a Redis database number, as in /0 {_BROKER_NOT_SHOWN}")
     from redis.connection import parse_url
 
     try:
         parse_url(url)  # the query's options (socket_timeout=...), as the lane will read them
     except ValueError as exc:  # "Invalid value for 'socket_timeout' in connection URL.": no value quoted
-        raise ConfigError(f"CELERY_BROKER_URL cannot be read: {exc}") from None
+        raise ConfigError(f"{name} cannot be read: {exc}") from None
 
 
 UNNAMED_SERVICE = "service"
@@ -284,7 +292,7 @@ class Settings:
         return cls(
             database_url=normalize_database_url(db),
             broker_url=broker,
-            result_backend=env.get("CELERY_RESULT_BACKEND", "").strip() or None,
+            result_backend=check_result_backend(env.get("CELERY_RESULT_BACKEND", "").strip() or None),
             stripe_webhook_secret=_secret(env, "STRIPE_WEBHOOK_SECRET"),
             stripe_api_key=_secret(env, "STRIPE_API_KEY"),
             stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,

@@ -8,6 +8,7 @@ tests/integration/test_dispatch.py holds the two paths' messages equal.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from celery import Celery
 from app.ids import uuid4_str
 from app.redis_lane import TaskCall, lane_for
 from tasks.broker import TRANSPORT
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SEND_RETRY_POLICY", "BrokerUnavailable", "TaskCall", "enqueue_recompute", "send", "send_many"]
 
@@ -66,7 +69,11 @@ def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
                 raise BrokerUnavailable(f"broker did not accept {names}: {exc.__class__.__name__}") from exc
     for call in calls:
         if not call.ignore_result:  # as send_task does: the backend may watch for the result
-            celery_app.backend.on_task_call(None, call.task_id)
+            try:
+                celery_app.backend.on_task_call(None, call.task_id)
+            except Exception as exc:  # the task is queued all the same: its caller must not hear otherwise
+                log.warning("result backend does not watch task %s (%s); its result may not be seen",
+                            call.task_id, exc.__class__.__name__)
 
 
 def _send_task(celery_app: Celery, call: TaskCall) -> None:

@@ -116,3 +116,22 @@ def test_a_broker_url_the_broker_clients_cannot_read_is_refused_at_start(url, re
 ])
 def test_broker_urls_the_product_runs_on_are_taken_as_they_are(url):
     assert Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_BROKER_URL": url}).broker_url == url
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("redis://127.0.0.1:abc/1", "port must be a number from 1 to 65535"),
+    ("redis://redis:6379/results", "path must be a Redis database number"),
+    (f"rediss://:{PASSWORD}@redis:6380/1?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+])
+def test_a_redis_result_backend_redis_py_cannot_read_is_refused_at_start(url, reason):
+    """The support button sends its task and then asks the result store to watch it: an unreadable
+    one failed that second step with a 500 saying nothing was queued, for a task that was."""
+    message = refused(CELERY_RESULT_BACKEND=url)
+    assert message.startswith("CELERY_RESULT_BACKEND") and reason in message, message
+    assert PASSWORD not in message
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/1", "db+postgresql://u@h/results", "rpc://"])
+def test_result_backends_celery_reads_are_taken_as_they_are(url):
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_RESULT_BACKEND": url})
+    assert settings.result_backend == url
