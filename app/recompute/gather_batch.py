@@ -110,9 +110,13 @@ def _mirror_rows(alias: str) -> str:
 #   its events long before, almost always.
 _PENDING = """
   (SELECT json_agg(json_build_array(q.account_id,
-          q.parked_touch IS NOT DISTINCT FROM q.touched_at AND EXISTS (
+          -- stalled: parked by a dead recompute (nothing re-sends it), or its recompute failing
+          -- (retrying: beat re-drives it, maybe for ever); either way no run is sure to come
+          (q.parked_touch IS NOT DISTINCT FROM q.touched_at AND EXISTS (
             SELECT 1 FROM subs_stuck_events s WHERE s.account_id = q.account_id
-               AND s.task_name = 'tasks.recompute_account' AND s.state = 'dead')))
+               AND s.task_name = 'tasks.recompute_account' AND s.state = 'dead'))
+          OR EXISTS (SELECT 1 FROM subs_stuck_events s WHERE s.account_id = q.account_id
+                        AND s.task_name = 'tasks.recompute_account' AND s.state = 'retrying')))
      FROM recompute_request q WHERE q.account_id >= $1 AND q.account_id <= $2),
   (SELECT json_agg(json_build_array(d.account_id, d.next_review_at))
      FROM subs_dunning d
@@ -327,7 +331,10 @@ class Pending:
     stored state may lag what compute decides now, by design, until that recompute runs."""
 
     requested: frozenset[str] = frozenset()  # a live request, or an unroutable event to route to them
-    parked: frozenset[str] = frozenset()  # a request parked by a dead recompute: nothing re-sends it
+    # A request no run is sure to take: parked by a dead recompute (nothing re-sends it), or whose
+    # recompute keeps failing (retrying). Its drift is drift: recorded, remediated, and should it
+    # never take, found again by the next sweep, which the rollout gate counts as reverted.
+    stalled: frozenset[str] = frozenset()
     reviews: dict[str, datetime] = field(default_factory=dict)  # next_review_at (no dead run since)
 
     def pending(self, account_id: str, now: datetime) -> bool:
@@ -348,8 +355,8 @@ def build_pending(details: Any) -> Pending:
     requests, reviews, unroutable = details[10] or (), details[11] or (), details[12] or ()
     if not (requests or reviews or unroutable):  # the common page
         return NOTHING_PENDING
-    return Pending(requested=frozenset([a for a, parked in requests if not parked] + list(unroutable)),
-                   parked=frozenset(a for a, parked in requests if parked),
+    return Pending(requested=frozenset([a for a, stalled in requests if not stalled] + list(unroutable)),
+                   stalled=frozenset(a for a, stalled in requests if stalled),
                    reviews={a: _tt(at) for a, at in reviews})
 
 

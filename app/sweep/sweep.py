@@ -297,11 +297,11 @@ class Sweeper:
             elif created is None:  # could not store the requests
                 report.errors += 1
                 out.append(replace(f, action="error"))
-            elif f.account_id not in created and f.account_id not in pending.parked:
+            elif f.account_id not in created and f.account_id not in pending.stalled:
                 # Requested since the page was read (a webhook, a review): that recompute is on its way
                 # and will repair this too; its producer sends it.
                 report.pending += 1
-            else:  # our request, or a parked one we touched (touched, the re-drive would send it too)
+            else:  # our request, or a stalled one we touched (touched, the re-drive would send it too)
                 out.append(self._send(report, f))
         return out
 

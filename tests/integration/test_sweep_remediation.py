@@ -127,3 +127,28 @@ def test_a_remediation_the_broker_refused_stays_requested_for_the_redrive(accoun
     assert tuple(sql(engine, "SELECT remediated, skipped FROM drift_record")[0]) == (False, "error")
     assert [tuple(r) for r in sql(engine, "SELECT account_id, trigger FROM recompute_request")] == \
         [(account, "DRIFT_DETECTED")]
+
+
+def test_a_remediation_whose_recompute_keeps_failing_is_found_drifted_again_and_counted_reverted(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    """A remediation's recompute failing with a passing failure (lock contention, a statement
+    timeout) past its own retries stays 'retrying' with its request live, re-driven maybe for ever.
+    The gate does not count 'retrying' rows as reverted because the next sweep finds such an account
+    drifted the same way: so that sweep must not take its live request for a recompute on its way."""
+    from app.rollout.gate import check_gate
+
+    t0 = datetime.now(UTC)
+    account = _corrupted(accounts, runtime, engine, t0 - timedelta(hours=2))
+    set_stage(engine, "named", [account], entered=t0 - timedelta(hours=3))
+    first = Sweeper(engine, runtime.policy, Recorder(), clock=lambda: t0 - timedelta(minutes=40)).start()
+    assert first.enqueued == 1
+    sql(engine, "INSERT INTO subs_stuck_events (task_name, account_id, task_args, error_class, error, attempts, "
+                "state, last_failed_at, next_redrive_at) VALUES ('tasks.recompute_account', %(a)s, "
+                "jsonb_build_object('account_id', %(a)s, 'trigger', 'DRIFT_DETECTED'), 'lock_contention', "
+                "'TimedOut: canceling statement due to statement timeout', 9, 'retrying', now(), now())", a=account)
+    assert sql(engine, "SELECT count(*) FROM recompute_request WHERE account_id = %(a)s", a=account)[0][0] == 1
+
+    second = Sweeper(engine, runtime.policy, Recorder(), clock=lambda: t0 - timedelta(minutes=20)).start()
+    _decision, health, _state = check_gate(engine, runtime.policy, t0)
+    assert (second.drifted, second.pending, second.enqueued) == (1, 0, 1)
+    assert (health.remediations, health.reverted) == (2, 1)
