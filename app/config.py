@@ -164,7 +164,10 @@ def check_result_backend(url: str | None) -> str | None:
 def _check_broker_address(url: str, redis: bool, name: str = "CELERY_BROKER_URL") -> None:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": a '[' never closed (an address, or a password's)
+        raise ConfigError(f"{name} cannot be read: a '[' is never closed {_BROKER_NOT_SHOWN}") from None
     try:
         port = parts.port
     except ValueError:  # not a number, or out of range: its message quotes it (see _BROKER_NOT_SHOWN)

@@ -99,6 +99,9 @@ def test_the_cli_names_an_option_value_libpq_refused_when_it_connected():
     ("redis://redis:6379/0;redis://redis-2:port/0", "port must be a number from 1 to 65535"),
     ("memory://", "must be a Redis (redis://host:6379/0) or RabbitMQ (amqp://...) URL, got the scheme 'memory'"),
     (f"redis//:{PASSWORD}@redis:6379/0", "URL, but it has no scheme"),
+    ("redis://:s3cr3t-pw@[::1/0", "a '[' is never closed"),
+    ("amqp://guest:guest@[::1:5672//", "a '[' is never closed"),
+    (f"redis://:pa[ss{PASSWORD}@redis:6379/0", "a '[' is never closed"),  # a password's unencoded '['
 ])
 def test_a_broker_url_the_broker_clients_cannot_read_is_refused_at_start(url, reason):
     """It was taken as it was: the web stored a webhook, then failed to queue its recompute with a
