@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from app.domain.attempts import failure_time
 from app.domain.policy import Policy
 from app.domain.snapshot import Attempt, Invoice, PaymentMethod, Retry, Snapshot
-from app.domain.state import FailureClass, Reason, iso
+from app.domain.state import FailureClass, Reason, Status, iso
 
 WINDOW_30D = timedelta(days=30)
 # After Stripe refused a retry before charging (an API key revoked, a permission missing), the
@@ -111,6 +111,21 @@ def _tried_since(method: str, since: datetime, attempts: list[Attempt], retries:
     return (any(at >= since for at in _charge_times(tuple(attempts), method))
             or any(a.failed and a.payment_method_id == method and failure_time(a) >= since for a in attempts)
             or any(r.charged and r.payment_method_id == method and r.created_at >= since for r in retries))
+
+
+def _may_keep_dunning(snapshot: Snapshot, method: str, changed_at: datetime, retries: list[Retry]) -> bool:
+    """Whether a method never tried may keep the invoice's dunning from running out (see _plan):
+    not one added in bad debt (a card is no money, only a payment gets the account out; when its
+    episode began is unknown, so was it added in it), and not one Stripe has already refused to
+    charge (an attached method it will not take for the invoice: its free retry would come back
+    refused every REFUSED_BACKOFF, and the dunning never end)."""
+    stored = snapshot.stored
+    if stored is not None and stored.status in (Status.BAD_DEBT, Status.LIFTING):
+        entered = snapshot.open_episode_entered_at
+        if entered is None or entered <= changed_at:
+            return False
+    return not any(r.free and r.state == "refused" and r.payment_method_id == method and r.created_at >= changed_at
+                   for r in retries)
 
 
 def _detached(snapshot: Snapshot, method: str) -> bool:
@@ -219,7 +234,8 @@ def _plan(
             # step: that failure, on another method, did not run it out. (Timed by the failure itself:
             # an attempt's own time moves with later events about its intent.)
             failed_at = failure_time(last_failure) if last_failure else None
-            if run_out and failed_at is not None and changed_at < failed_at:
+            if run_out and failed_at is not None and changed_at < failed_at \
+                    and _may_keep_dunning(snapshot, new_method.id, changed_at, retries):
                 run_out = False
                 reasons.append(Reason("retry.untried_method", "a payment method changed before the last failure "
                                       "was never tried: the dunning has not run out",

@@ -3,6 +3,7 @@ retry until it is tried on the invoice, and no retry is planned on a method the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from app.domain.compute import compute
@@ -156,6 +157,61 @@ def test_the_default_is_preferred_then_the_latest_change():
 
 
 # --- no retry on a card the customer removed ----------------------------------------------------
+
+
+def _lost_card_with_an_untried_card_refused_every_time(refused: bool):
+    """Renewal failed 40 days ago on pm_1; the customer attached pm_2 39 days ago; Stripe's own retry
+    on pm_1 38 days ago came back lost_card. Every free retry on pm_2 since, Stripe refused unsent
+    (an attached method it will not take for this invoice)."""
+    charges = (Charge("ch_1", "pm_1", days(40)), Charge("ch_2", "pm_1", days(38)))
+    failed = attempt("pi_1", "in_1", days_ago=38, decline="lost_card", pm="pm_1", charges=charges)
+    refusals = tuple(retry("in_1", 1, days_ago=39 - k / 4, free=True, pm="pm_2", state="refused")
+                     for k in range(39 * 4)) if refused else ()
+    return snapshot(invoice(failed_days_ago=40, attempt_count=2), attempts=(failed,), retries=refusals,
+                    payment_methods=(method("pm_1", changed_days_ago=400), method("pm_2", changed_days_ago=39)))
+
+
+def test_an_untried_card_stripe_refuses_to_charge_does_not_keep_the_dunning_going():
+    """Its free retry is refused every REFUSED_BACKOFF, never tried: it must not keep the dunning
+    from running out for ever. Without the refusals, the untried card does keep it going."""
+    assert compute(_lost_card_with_an_untried_card_refused_every_time(True), POLICY, NOW).state.status \
+        == Status.BAD_DEBT
+    waiting = compute(_lost_card_with_an_untried_card_refused_every_time(False), POLICY, NOW)
+    assert waiting.state.status != Status.BAD_DEBT and "retry.untried_method" in rules(waiting)
+
+
+def _a_card_added_in_bad_debt_then_the_old_card_declined_again(episode_days_ago: float | None):
+    """Declined expired_card 40 days ago (no retry: bad debt from day 21); the customer attached
+    pm_2 five days ago, in bad debt; two days ago they tried the old card on the hosted page:
+    declined again. (The stored state and episode as gather reads them.)"""
+    first = attempt("pi_1", "in_1", days_ago=40, decline="expired_card", pm="pm_1")
+    cards = (method("pm_1", changed_days_ago=400), method("pm_2", changed_days_ago=5))
+    before = snapshot(invoice(failed_days_ago=40), attempts=(first,), payment_methods=cards)
+    stored = compute(before, POLICY, NOW).state
+    assert stored.status == Status.BAD_DEBT  # the card added is no money
+    late = attempt("pi_2", "in_1", days_ago=2, decline="expired_card", pm="pm_1")
+    inv = replace(before.invoices[0], attempt_count=2, last_failed_at=late.attempted_at)
+    return replace(before, invoices=(inv,), attempts=(first, late), stored=stored,
+                   open_episode_entered_at=days(episode_days_ago) if episode_days_ago is not None else None)
+
+
+def test_a_card_added_in_bad_debt_keeps_no_dunning_going_after_a_later_decline_of_the_old_card():
+    """In bad debt only money gets an account out: the card added in it became 'changed before the
+    last failure' when the old card was declined again, and took the account out of bad debt (a
+    free retry planned; when that failed, a second episode and a second cancellation)."""
+    for episode in (19, None):  # entered on day 21; or when is unknown (an older row)
+        decision = compute(_a_card_added_in_bad_debt_then_the_old_card_declined_again(episode), POLICY, NOW)
+        assert decision.state.status == Status.BAD_DEBT, (episode, rules(decision))
+        assert "retry.untried_method" not in rules(decision)
+
+
+def test_an_untried_card_there_before_bad_debt_began_takes_a_wrongly_entered_account_out():
+    """A card changed before the episode began (the account should never have entered bad debt:
+    the card was the dunning's next step) keeps the dunning going, and compute corrects the state."""
+    snap = _a_card_added_in_bad_debt_then_the_old_card_declined_again(19)
+    snap = replace(snap, open_episode_entered_at=days(3))  # entered after pm_2 came, five days ago
+    decision = compute(snap, POLICY, NOW)
+    assert decision.state.status != Status.BAD_DEBT and "retry.untried_method" in rules(decision)
 
 
 def test_no_automatic_retry_is_planned_on_a_detached_card():
