@@ -38,10 +38,15 @@ ROW_SQL = """
 SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.state, r.created_at, r.free,
        i.status, i.amount_remaining, d.status, d.next_retry_at, d.retry_invoice_id, d.reasons, d.failure_class,
        (SELECT max(a.attempted_at) FROM stripe_payment_attempt a WHERE a.invoice_id = r.invoice_id),
+       -- The customer's default card as the mirror has it now, unless the mirror knows it removed;
+       -- and whether it changed since the claim (Stripe times events to the second: a change in the
+       -- claim's own second may be after it).
        (SELECT s.default_payment_method_id FROM stripe_customer_state s
          WHERE s.stripe_customer_id = i.stripe_customer_id
-           -- Stripe's events time to the second: a change in the claim's own second may be after it.
-           AND s.changed_at >= date_trunc('second', r.created_at))
+           AND NOT EXISTS (SELECT 1 FROM stripe_payment_method m
+                            WHERE m.id = s.default_payment_method_id AND NOT m.attached)),
+       (SELECT s.changed_at >= date_trunc('second', r.created_at) FROM stripe_customer_state s
+         WHERE s.stripe_customer_id = i.stripe_customer_id)
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
@@ -110,8 +115,8 @@ class Claimed:
 
 def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
     """Why a dispatched retry must not be charged any more, or None when it still should be."""
-    (_, invoice, method, _, _, created_at, _, inv_status, remaining, d_status, next_retry_at, retry_invoice, reasons,
-     _, last_attempt_at, default_changed_to) = row
+    (_, invoice, method, _, _, created_at, free, inv_status, remaining, d_status, next_retry_at, retry_invoice, reasons,
+     _, last_attempt_at, default_method, default_changed_since) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
@@ -120,10 +125,13 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
         return "a newer payment attempt was made on the invoice"
     if d_status in (None, "current", "lifting"):
         return f"account status is {d_status}"
-    if method is not None and default_changed_to is not None and default_changed_to != method:
-        # The customer put another card on file after the claim: the card it replaced is not charged.
-        # Compute then gives the new card its immediate free retry.
-        return "the customer changed the default payment method since the claim; compute plans afresh"
+    if method is not None and default_method is not None and default_method != method \
+            and (not free or default_changed_since):
+        # Another card is the customer's default now: the card it replaced is not charged, whenever
+        # the change was made (before the claim too, when its webhook came after it). Compute plans
+        # a scheduled retry on the default, and gives a new card its immediate free retry. A free
+        # retry is on a new card that need not be the default: only a change since its claim stops it.
+        return "the customer's default payment method is another one than the claimed; compute plans afresh"
     if now - created_at > guard:
         return "dispatched longer ago than the guard window; compute plans afresh"
     planned_here = retry_invoice == invoice and next_retry_at is not None and next_retry_at <= now + DUE_SLACK

@@ -4,6 +4,7 @@ official stripe client (against a fake Stripe API server), the outcome comes bac
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -176,7 +177,7 @@ def test_a_retry_claimed_before_the_customer_changed_cards_is_not_charged_to_the
     wait_for(lambda: dunning_row(engine, account)["version"] > version, message="card change recomputed")
 
     done = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
-    assert done["outcome"] == "skipped" and "changed the default payment method" in done["detail"]
+    assert done["outcome"] == "skipped" and "default payment method is another one" in done["detail"]
     assert fake_stripe.pay_requests(invoice) == []
     state = wait_for(lambda: (d := dunning_row(engine, account))["retry_free"] and d, message="free retry planned")
     assert state["retry_payment_method_id"] == new_card
@@ -186,6 +187,28 @@ def test_a_retry_claimed_before_the_customer_changed_cards_is_not_charged_to_the
              message="free retry sent")
     (request,) = fake_stripe.pay_requests(invoice)
     assert request.params["payment_method"] == [new_card]
+
+
+def test_a_card_change_made_before_the_claim_but_heard_of_after_it_does_not_charge_the_old_card(
+        client, accounts, engine, worker, celery_app, fake_stripe):
+    """The customer changed cards at Stripe 20 s before beat claimed the retry planned on the old
+    card; the change's webhook came after the claim, stamped with the moment of the change. The
+    replaced card is not charged all the same: the claim names another card than the default."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    changed_at_stripe = int(time.time()) - 20
+    version = dunning_row(engine, account)["version"]
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    new_card = method_attached(client, customer, created=changed_at_stripe - 5)
+    updated = event("customer.updated", id=customer, created=changed_at_stripe,
+                    paths={"invoice_settings.default_payment_method": new_card})
+    updated["data"]["previous_attributes"] = {"invoice_settings": {"default_payment_method": None}}
+    assert post_event(client, updated).status_code == 200
+    wait_for(lambda: dunning_row(engine, account)["version"] > version, message="card change recomputed")
+
+    done = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    assert done["outcome"] == "skipped", done
+    assert fake_stripe.pay_requests(invoice) == []
 
 
 def a_claimed_before_b(client, accounts, engine) -> tuple[str, str, int, datetime]:
