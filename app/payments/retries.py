@@ -82,7 +82,7 @@ RETURNING id
 UNSENT_TOO_LONG_SQL = """
 SELECT DISTINCT account_id FROM payment_retry
  WHERE state = 'dispatched' AND created_at <= %(now)s - make_interval(mins => %(guard)s)
- LIMIT %(limit)s
+ ORDER BY account_id LIMIT %(limit)s
 """
 EXPIRE_SQL = """
 UPDATE payment_retry SET state = 'skipped', updated_at = %(now)s,
@@ -155,7 +155,9 @@ def expire_unsent(engine: Engine, now: datetime, guard_minutes: int = 30, limit:
             UNSENT_TOO_LONG_SQL, {"now": now, "guard": guard_minutes, "limit": limit}).fetchall()]
         if not accounts:
             return []
-        requested = [a for a in sorted(accounts)
+        # In the database's order of account ids (its collation, not Python's): the order webhook
+        # ingest locks request rows in, so the two cannot deadlock.
+        requested = [a for a in accounts
                      if request_recompute(conn, a, Trigger.STATE_REFRESH.value, "retry:never_sent")]
         conn.exec_driver_sql(EXPIRE_SQL, {"now": now, "guard": guard_minutes, "accounts": accounts})
     log.warning("%d accounts had a claimed retry never sent within %d minutes; recomputing them",
