@@ -28,6 +28,9 @@ class TimedOut(Conflict):
     long again behind the same lock holder."""
 
 
+# How long a session's statement waits for a lock before it is cancelled (TimedOut); set on connect.
+LOCK_TIMEOUT = "5s"
+
 # SQLSTATEs of a statement cancelled for taking too long: lock_not_available (lock_timeout),
 # query_canceled (statement_timeout, or a cancel request).
 TIMED_OUT_CODES = ("55P03", "57014")
@@ -72,7 +75,7 @@ def _set_timeouts(engine: Engine) -> None:
             # TCP keepalives on the server's side: a host that dies holding a session lock (a
             # settlement's, a retry's) or a transaction has its session ended within about a minute,
             # not the two hours of the kernel's default (ignored over a Unix socket).
-            cur.execute("SET statement_timeout = '10s'; SET lock_timeout = '5s'; SET TIME ZONE 'UTC'; "
+            cur.execute(f"SET statement_timeout = '10s'; SET lock_timeout = '{LOCK_TIMEOUT}'; SET TIME ZONE 'UTC'; "
                         "SET plan_cache_mode = force_generic_plan; SET jit = off; "
                         "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; "
                         "SET tcp_keepalives_count = 3")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -18,7 +19,7 @@ from celery import Celery
 from sqlalchemy import Connection, Engine
 
 from app import metrics
-from app.db import Conflict, TimedOut, ValueRejected, unit_of_work
+from app.db import LOCK_TIMEOUT, Conflict, TimedOut, ValueRejected, unit_of_work
 from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 64  # events per group commit; more waiting form the next one
 CONFLICT_ATTEMPTS = 3
+# After a batch timed out on one account's lock, how long each of its events alone waits for one.
+BRIEF_LOCK_WAIT = "250ms"
 
 
 class EventNotStorable(ValueRejected):
@@ -78,7 +81,37 @@ class Ingestor:
             # An event's values broke the statement (nothing of it was stored): each on its own,
             # so that only that event's request fails.
             stored = [self._store_alone(item) for item in items] if len(items) > 1 else [_not_storable(items[0])]
+        except TimedOut:
+            # A row of one account held past lock_timeout (a long recompute of it): nothing of the
+            # batch was stored. The other accounts' events are not held back with it: each event on
+            # its own, waiting only briefly for a lock (the holder is still busy), so that only the
+            # blocked account's requests answer 503 (Stripe redelivers them).
+            if len(items) == 1:
+                raise
+            with self._brief_lock_waits():
+                stored = [self._store_alone(item) for item in items]
         return self._answer([ex for ex, _raw in items], stored)
+
+    @contextlib.contextmanager
+    def _brief_lock_waits(self) -> Iterator[None]:
+        """The group commit's connection waits at most BRIEF_LOCK_WAIT for a lock inside (a setting
+        of the session: it runs in autocommit), LOCK_TIMEOUT again after."""
+        conn = self._connection()
+        self._set_lock_timeout(conn, BRIEF_LOCK_WAIT)
+        try:
+            yield
+        finally:
+            if self.connection is conn:  # not dropped meanwhile (a lost connection is not reused)
+                with contextlib.suppress(Exception):  # dropped by _set_lock_timeout if it fails
+                    self._set_lock_timeout(conn, LOCK_TIMEOUT)
+
+    def _set_lock_timeout(self, conn: Connection, value: str) -> None:
+        try:
+            conn.exec_driver_sql(f"SET lock_timeout = '{value}'")
+            conn.commit()  # ends SQLAlchemy's bookkeeping; psycopg2 sends nothing
+        except BaseException:
+            self._drop_connection()
+            raise
 
     def _answer(self, exs: list[Extracted], stored: list[store.Stored | BaseException | None]
                 ) -> list[Ingested | BaseException]:
