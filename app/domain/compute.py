@@ -159,14 +159,16 @@ def _assess(
         # invoice.payment_failed arrived before the attempt's detail: unknown until it does.
         failure_class = FailureClass.UNKNOWN if invoice.first_failed_at is not None else None
 
-    # The retry schedule counts days from the first failure (from the due date while none failed).
-    next_retry, method, free, exhausted, retries_used, reasons = plan_retry(
-        snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure,
-        first_failure or unpaid_since, policy, now
-    )
     attempts_used = max(len(attempts), invoice.attempt_count)
     days = max(0, (now - unpaid_since).days)
     uncollectible = invoice.status == "uncollectible"
+    # The retry schedule counts days from the first failure (from the due date while none failed).
+    next_retry, method, free, exhausted, retries_used, reasons = plan_retry(
+        snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure,
+        first_failure or unpaid_since, policy, now,
+        stays_run_out=_failed_again_in_bad_debt(snapshot, invoice, failures, policy, days, failure_class,
+                                                attempts_used, balance),
+    )
     level, rule = _match_level(policy.rules, days, failure_class, exhausted, uncollectible, attempts_used, balance)
     rule_facts: dict[str, Any] = {
         "invoice": invoice.id,
@@ -215,6 +217,34 @@ def _assess(
         reasons=tuple(reasons),
         revert_due=revert_due,
     )
+
+
+def _failed_again_in_bad_debt(snapshot: Snapshot, invoice: Invoice, failures: list[Attempt], policy: Policy,
+                              days: int, failure_class: FailureClass | None, attempts_used: int, balance: int) -> bool:
+    """Whether the invoice's dunning stays run out because it failed again in bad debt (plan_retry's
+    ``stays_run_out``): the account is in bad debt (stored), the invoice failed since its episode
+    began (any failure, when the episode's start is unknown), and it is old enough for the bad-debt
+    rule were its dunning run out.
+
+    A failure in bad debt (the customer's card declined on the hosted invoice page, a Stripe Smart
+    Retry) changes the invoice's latest failure class and attempt count, which would reopen its
+    schedule (a permanent decline, then a transient one: 1 of 6 retries used) and take the account
+    out of bad debt with no money, to enter it again later with a second episode and cancellation.
+    Read from the stored state and the open episode, not replayed from the attempts: Stripe
+    confirms an invoice's payment intent again for each try, so the mirror keeps only its latest
+    decline. The drift sweep's snapshot carries both. Only a failure counts: the invoice's facts
+    from before the episode already decided, and a card changed before it and never tried still
+    keeps the dunning going (retry_cadence's untried-method rule). An upgrade never makes bad debt.
+    An invoice too young for the bad-debt rule keeps its schedule."""
+    stored = snapshot.stored
+    if invoice.is_upgrade or not failures or stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING):
+        return False
+    entered = snapshot.open_episode_entered_at
+    if entered is not None and not any(failure_time(f) >= entered for f in failures):
+        return False
+    level, _ = _match_level(policy.rules, days, failure_class, True, invoice.status == "uncollectible",
+                            attempts_used, balance)
+    return level == Level.SUSPENDED
 
 
 def _unpaid_since(invoice: Invoice, first_failure: datetime | None, now: datetime) -> datetime:

@@ -143,8 +143,13 @@ def plan_retry(
     schedule_start: datetime,
     policy: Policy,
     now: datetime,
+    stays_run_out: bool = False,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
-    """-> (next_retry_at, payment method, free, exhausted, retries used, reasons)."""
+    """-> (next_retry_at, payment method, free, exhausted, retries used, reasons).
+
+    ``stays_run_out``: the invoice failed again in bad debt (compute._failed_again_in_bad_debt): its
+    schedule is not reopened by that failure (no money arrived), though a card there before bad debt
+    and never tried still keeps its dunning going."""
     reasons: list[Reason] = []
     retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
     attempts_used = max(len(attempts), invoice.attempt_count)
@@ -165,7 +170,7 @@ def plan_retry(
     # challenge open): another charge now could collect twice.
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
     planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
-                    retries, attempts_used, retries_used)
+                    retries, attempts_used, retries_used, stays_run_out)
     refused = max((r.created_at for r in retries if r.state == "refused"), default=None)
     if planned[0] is not None and refused is not None and planned[0] < refused + REFUSED_BACKOFF:
         # Stripe turned the last one down (a revoked key, say): it spent no budget, and asking again
@@ -195,6 +200,7 @@ def _plan(
     retries: list[Retry],
     attempts_used: int,
     retries_used: int,
+    stays_run_out: bool,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """plan_retry once no payment of the invoice is in flight."""
     reasons: list[Reason] = []
@@ -229,7 +235,7 @@ def _plan(
             # compute then drops it. An upgrade's free retry holds its revert, as before.)
             run_out = False if invoice.is_upgrade else _scheduled(
                 snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now, retries,
-                retries_used, [])[3]
+                retries_used, [], stays_run_out)[3]
             # But a method already there at the last failure, and never tried, was the dunning's next
             # step: that failure, on another method, did not run it out. (Timed by the failure itself:
             # an attempt's own time moves with later events about its intent.)
@@ -245,7 +251,7 @@ def _plan(
             free = _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
             return (*free[:3], run_out, *free[4:])
     return _scheduled(snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now,
-                      retries, retries_used, reasons)
+                      retries, retries_used, reasons, stays_run_out)
 
 
 def _scheduled(
@@ -260,6 +266,7 @@ def _scheduled(
     retries: list[Retry],
     retries_used: int,
     reasons: list[Reason],
+    stays_run_out: bool = False,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """The plan by failure class, with no payment-method change to act on."""
     if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
@@ -274,6 +281,15 @@ def _scheduled(
     if retries_used >= len(schedule):
         reasons.append(Reason("retry.schedule_done", "every scheduled retry was used",
                               {"invoice": invoice.id, "retries_used": retries_used, "schedule_days": list(schedule)}))
+        return None, None, False, True, retries_used, reasons
+    if stays_run_out:
+        # Its dunning had run out and it failed again in bad debt (the customer's card declined on
+        # the hosted invoice page, a Stripe Smart Retry): that failure's class and the attempt it
+        # adds do not reopen the schedule. In bad debt only money gets an account out.
+        reasons.append(Reason("retry.ran_out_bad_debt", "failed again in bad debt: the dunning stays run out "
+                              "(no money arrived); the debt is paid through the bad-debt payment",
+                              {"invoice": invoice.id, "failure_class": failure_class.value,
+                               "retries_used": retries_used}))
         return None, None, False, True, retries_used, reasons
 
     default_id = _default_of(snapshot, invoice)[0]

@@ -1,0 +1,154 @@
+"""Rules of the pure compute core found broken by review (each test fails without its fix).
+
+Each test's docstring names the rule (README "Where DESIGN's table leaves a choice", DESIGN
+sections 4-6) it pins. Every history here is also computed twice: the second run must change
+nothing and emit nothing, and its next_review_at must come no later than the next change that time
+alone makes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from app.domain.compute import Decision, compute
+from app.domain.events import derive_events
+from app.domain.snapshot import Charge, Snapshot, Subscription
+from app.domain.state import Status
+from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
+
+POLICY = policy()
+THREE_SUBSCRIPTIONS = (Subscription("sub_1", "active", ("prod_core",)),
+                       Subscription("sub_2", "active", ("prod_other",)),
+                       Subscription("sub_3", "active", ("prod_x",)))
+
+
+def rules(decision: Decision) -> list[str]:
+    return [r.rule for r in decision.reasons]
+
+
+def events(stored: Snapshot, decision: Decision, now: datetime = NOW, entered: datetime | None = None) -> list[str]:
+    return [e.name for e in derive_events(stored.stored, decision, now, entered)]
+
+
+def stored_as_computed(snap: Snapshot, now: datetime = NOW) -> Snapshot:
+    decision = compute(snap, POLICY, now)
+    return replace(snap, stored=decision.state, stored_bad_debt_flag=decision.bad_debt)
+
+
+def assert_stable(snap: Snapshot, now: datetime = NOW) -> Decision:
+    """Computing again over the state just decided changes nothing and emits nothing."""
+    first = compute(snap, POLICY, now)
+    second = compute(replace(snap, stored=first.state), POLICY, now)
+    assert second.state.changed_fields(first.state) == []
+    assert derive_events(first.state, second, now, snap.open_episode_entered_at) == []
+    return first
+
+
+# --- 1. in bad debt only money gets an account out ----------------------------------------------
+
+
+def _expired_card_in_bad_debt(entered: datetime | None = None) -> Snapshot:
+    """in_1 declined on an expired card 30 days ago: bad debt (stored), its episode begun at ``entered``."""
+    base = snapshot(invoice(failed_days_ago=30),
+                    attempts=(attempt("pi_1", "in_1", days_ago=30, decline="expired_card", pm="pm_1"),))
+    in_bad_debt = replace(stored_as_computed(base, days(9)), open_episode_entered_at=entered)
+    assert in_bad_debt.stored is not None and in_bad_debt.stored.status == Status.BAD_DEBT
+    assert in_bad_debt.stored.actions_requested == ("cancel:sub_1",)
+    return in_bad_debt
+
+
+def _declined_again(in_bad_debt: Snapshot, *attempts_after, attempt_count: int = 2) -> Snapshot:
+    inv = in_bad_debt.invoices[0]
+    return replace(in_bad_debt, payment_methods=(method("pm_2", changed_days_ago=0.02),),
+                   attempts=(*in_bad_debt.attempts, *attempts_after),
+                   invoices=(replace(inv, attempt_count=attempt_count, last_failed_at=days(0.01)),))
+
+
+def test_a_declined_hosted_page_attempt_in_bad_debt_does_not_lift_bad_debt():
+    """README: 'In bad debt only money gets an account out.' The customer tries a new card on the
+    hosted invoice page (or Stripe's Smart Retries run) and it is declined for insufficient funds:
+    the invoice's latest failure is transient now, 1 of 6 retries used, but no money arrived. Its
+    dunning stays run out: still bad debt, its cancellation kept, no retry, no BadDebtExited."""
+    in_bad_debt = _expired_card_in_bad_debt()
+    declined = attempt("pi_2", "in_1", days_ago=0.01, decline="insufficient_funds", pm="pm_2")
+    after = _declined_again(in_bad_debt, declined)
+    decision = compute(after, POLICY, NOW)
+    assert decision.state.status == Status.BAD_DEBT and decision.bad_debt
+    assert decision.state.level == "suspended" and decision.state.actions_requested == ("cancel:sub_1",)
+    assert decision.state.next_retry_at is None and "retry.ran_out_bad_debt" in rules(decision)
+    assert decision.state.failure_class == "transient"  # the latest failure's class, still reported
+    assert events(after, decision) == ["PaymentFailed"]
+    assert_stable(after)
+
+
+def test_the_old_card_declined_for_want_of_funds_in_bad_debt_beside_a_card_added_in_it_lifts_nothing():
+    """The same rule when the customer added a card in bad debt (never tried: no free retry in bad
+    debt) and then tried the old card again, declined for insufficient funds: neither the card nor
+    the transient decline reopens the dunning."""
+    in_bad_debt = _expired_card_in_bad_debt(entered=days(9))
+    declined = attempt("pi_2", "in_1", days_ago=0.01, decline="insufficient_funds", pm="pm_1")
+    after = _declined_again(in_bad_debt, declined)
+    decision = compute(after, POLICY, NOW)
+    assert decision.state.status == Status.BAD_DEBT, rules(decision)
+    assert decision.state.next_retry_at is None and "retry.none_bad_debt" in rules(decision)
+    assert "retry.untried_method" not in rules(decision)
+    assert events(after, decision, entered=days(9)) == ["PaymentFailed"]
+    assert_stable(after)
+
+
+def test_a_retry_on_the_same_intent_declined_in_bad_debt_does_not_lift_it_either():
+    """The same rule where Stripe confirms the invoice's payment intent again: the mirror keeps only
+    its latest decline (insufficient_funds over expired_card), so the earlier run-out cannot be read
+    back from the attempts. The open episode (entered 9 days ago) and the stored state keep it."""
+    in_bad_debt = _expired_card_in_bad_debt(entered=days(9))
+    again = replace(in_bad_debt.attempts[0], decline_code="insufficient_funds", attempted_at=days(0.01),
+                    charges=(Charge("ch_1", "pm_1", days(30)), Charge("ch_2", "pm_2", days(0.01))))
+    after = _declined_again(replace(in_bad_debt, attempts=()), again)
+    decision = compute(after, POLICY, NOW)
+    assert decision.state.status == Status.BAD_DEBT, rules(decision)
+    assert events(after, decision, entered=days(9)) == ["PaymentFailed"]
+    assert_stable(after)
+    # Later on, time alone changes nothing either (no review that would lift it).
+    assert compute(replace(after, stored=decision.state), POLICY, NOW + timedelta(days=10)).state.status \
+        == Status.BAD_DEBT
+
+
+def test_money_still_takes_the_account_out_of_bad_debt_after_a_decline_in_it():
+    """The other half of the rule: the invoice paid (the next try succeeded) ends the bad debt."""
+    in_bad_debt = _expired_card_in_bad_debt(entered=days(9))
+    declined = attempt("pi_2", "in_1", days_ago=0.01, decline="insufficient_funds", pm="pm_2")
+    still = stored_as_computed(_declined_again(in_bad_debt, declined))
+    assert still.stored is not None and still.stored.status == Status.BAD_DEBT
+    paid_invoice = replace(still.invoices[0], status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(0))
+    paid = replace(still, invoices=(paid_invoice,),
+                   attempts=(*still.attempts, attempt("pi_3", "in_1", days_ago=0, status="succeeded", pm="pm_2")))
+    decision = compute(paid, POLICY, NOW)
+    assert decision.state.status == Status.CURRENT and decision.resolution == "paid"
+    assert "BadDebtExited" in events(paid, decision, entered=days(9))
+
+
+def test_a_failure_before_the_episode_began_still_decides_as_before():
+    """Only a failure in bad debt keeps the dunning run out: one from before the episode (its webhook
+    late) is a fact the entry should have seen, and is read as such."""
+    in_bad_debt = _expired_card_in_bad_debt(entered=days(0.005))
+    declined = attempt("pi_2", "in_1", days_ago=0.01, decline="insufficient_funds", pm="pm_2")
+    decision = compute(_declined_again(in_bad_debt, declined), POLICY, NOW)
+    assert decision.state.status == Status.PAST_DUE and "retry.ran_out_bad_debt" not in rules(decision)
+
+
+def test_a_young_invoice_failing_in_another_invoices_bad_debt_keeps_its_schedule():
+    """The run-out that sticks is the bad-debt rule's: an invoice 3 days unpaid whose scheduled retry
+    fails while another invoice keeps the account in bad debt is retried on its schedule."""
+    subs = THREE_SUBSCRIPTIONS[:2]
+    a = invoice("in_a", failed_days_ago=30)
+    b = invoice("in_b", failed_days_ago=3, sub="sub_2", product="prod_other", attempt_count=2)
+    base = snapshot(a, b, attempts=(attempt("pi_a", "in_a", days_ago=30, decline="expired_card"),),
+                    subscriptions=subs)
+    in_bad_debt = replace(stored_as_computed(base, days(5)), open_episode_entered_at=days(5))
+    after = replace(in_bad_debt, attempts=(*in_bad_debt.attempts, attempt("pi_b", "in_b", days_ago=0.5)),
+                    retries=(retry("in_b", 1, days_ago=0.5),))
+    decision = compute(after, POLICY, NOW)
+    assert decision.state.status == Status.BAD_DEBT and decision.state.actions_requested == ("cancel:sub_1",)
+    assert decision.state.retry_invoice_id == "in_b" and decision.state.next_retry_at is not None
+    assert_stable(after)
