@@ -151,6 +151,9 @@ class Debt:
     # The customer's own payments on each invoice as Stripe lists them when the balance is quoted:
     # settlement counts those beyond it as paid twice (bad_debt_settle), measured the same way.
     paid_before: dict[str, int] = field(default_factory=dict)
+    # The account's newest bad-debt payment when the balance was quoted (0: none): one made since
+    # (another request's, settled while this one asked Stripe) may have paid this very debt.
+    newest_payment: int = 0
 
 
 CUSTOMERS_OF = "SELECT DISTINCT stripe_customer_id FROM stripe_invoice WHERE id = ANY(%(ids)s)"
@@ -192,7 +195,8 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     method = _method_to_charge(snapshot, customers[0])
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
-    return Debt(balance, currencies.pop(), ids, customers[0], method)
+    newest = max((p.id for p in snapshot.bad_debt_payments), default=0)
+    return Debt(balance, currencies.pop(), ids, customers[0], method, newest_payment=newest)
 
 
 def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:
@@ -213,6 +217,11 @@ VALUES (%(id)s, %(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoic
 """
 
 
+PAYMENT_SINCE = """
+SELECT state FROM bad_debt_payment WHERE account_id = %(account)s AND id > %(id)s ORDER BY id DESC LIMIT 1
+"""
+
+
 def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
     """Commit the pending row and the recompute request; (payment id, whether to enqueue)."""
     from webhooks.store import request_recompute
@@ -224,6 +233,15 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
                               timedelta(minutes=rt.policy.guard_window_minutes)):
                 raise Refused(409, "payment_in_flight", "an automatic payment retry for this account is being "
                               "charged; try again once its outcome is in (the balance may change)")
+            # Under the lock every payment takes: another request's payment made since the quote
+            # (charged, and settled, while this one asked Stripe about the invoices) leaves the
+            # in-flight index once it succeeds, and may have paid this very debt.
+            since = conn.exec_driver_sql(PAYMENT_SINCE, {"account": req.account_id, "id": debt.newest_payment}).first()
+            if since is not None and since[0] == "pending":
+                raise Refused(409, "payment_in_flight", "a bad-debt payment for this account is already in flight")
+            if since is not None:
+                raise Refused(409, "balance_changing", "another bad-debt payment of the account was made since "
+                              "the balance was quoted; retry in a moment")
             # The request row before the payment's entry in the in-flight index: the order a success
             # webhook reopening a failed payment takes them in (ingest, then record_outcome).
             payment_id = int(conn.exec_driver_sql(NEXT_PAYMENT_ID).scalar_one())
@@ -296,18 +314,27 @@ def _unknown(req: Request, debt: Debt, payment_id: int, why: str) -> Answer:
                         "reason": reason})
 
 
+OWING_STATUSES = ("open", "uncollectible")  # a Stripe invoice that can still be owed
+
+
 def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
     """Before anything is charged, Stripe's own record of the invoices: what each still owes must be
     what the quote says (the mirror may not have heard of a payment made a moment ago, which would
     then be charged twice), and what the customer had paid on each is the baseline of "paid twice"."""
     client = make_stripe_client(rt.settings)
     try:
-        owed = sum(int(client.v1.invoices.retrieve(invoice_id).amount_remaining or 0)
-                   for invoice_id in debt.invoice_ids)
+        found = [client.v1.invoices.retrieve(invoice_id) for invoice_id in debt.invoice_ids]
         paid = {invoice_id: customer_paid(client, invoice_id) for invoice_id in debt.invoice_ids}
     except stripe.StripeError as exc:
         raise Refused(502, "payment_provider_error", f"Stripe could not be asked about the invoices "
                       f"({exc.__class__.__name__}); nothing was charged, try again") from exc
+    closed = [f"{inv.id} is {inv.status}" for inv in found if inv.status not in OWING_STATUSES]
+    if closed:
+        # Voided (or paid) at Stripe before its webhook came: Stripe leaves a void invoice's
+        # amount_remaining as it was, so the sum alone would still match the quote.
+        raise Refused(409, "balance_changing", f"Stripe's invoices changed since the quote ({', '.join(closed)}); "
+                      "retry in a moment")
+    owed = sum(int(inv.amount_remaining or 0) for inv in found)
     if owed != debt.balance:
         raise Refused(409, "balance_changing", "Stripe's invoices do not owe what was quoted yet (a payment "
                       "is being recorded); retry in a moment")

@@ -906,3 +906,44 @@ def test_a_refund_that_leaves_money_owed_counts_as_an_overpayment(client, engine
     wait_for(lambda: stuck_rows(engine, "tasks.bad_debt_overpayment_refunded"), message="the alert")
     wait_for(lambda: (REGISTRY.get_sample_value("dunning_bad_debt_overpaid_total") or 0) == before + 1,
              message="counted")
+
+
+def test_an_invoice_voided_at_stripe_before_its_webhook_came_is_not_charged(client, engine, debtor, stripe_fake):
+    """The business voided the invoice at Stripe a moment ago and invoice.voided is not in yet.
+    Stripe keeps a void invoice's amount_remaining (only its status changes), so the check of what
+    Stripe's invoices still owe must look at their status too: 409, nothing charged."""
+    stripe_fake.invoices[debtor.invoice]["status"] = "void"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (response.status_code, response.json["error"]) == (409, "balance_changing")
+    assert f"{debtor.invoice} is void" in response.json["reason"]
+    assert stripe_fake.intents_created() == []
+    assert payments(engine, debtor.account) == []
+
+
+def test_a_debt_paid_by_a_concurrent_request_with_another_key_is_not_charged_again(
+        client, engine, runtime, debtor, stripe_fake, monkeypatch):
+    """Request A is quoted and asks Stripe about the invoices; meanwhile request B (another key) is
+    charged, its success webhook comes and its settlement pays the debt, so B is no longer in flight
+    when A writes its payment. A must see B under the account's payment lock: 409, one charge."""
+    from app.payments import bad_debt
+    from app.payments.bad_debt_settle import settle
+
+    body = {"account_id": debtor.account, "amount": debtor.amount}
+    insert = bad_debt._insert
+    others: list[str] = []
+
+    def another_request_pays_first(rt, req, debt):  # type: ignore[no-untyped-def]
+        if not others:  # B runs between A's quote and A's insert (A's own call, once)
+            others.append("B")
+            first = pay(client, body, key())
+            assert first.status_code == 202, first.json
+            paid = intent_event("succeeded", debtor, first.json["stripe_payment_intent_id"], first.json["payment_id"])
+            assert post_event(client, paid).status_code == 200
+            assert settle(runtime, first.json["payment_id"]).outcome == "settled"
+        return insert(rt, req, debt)
+
+    monkeypatch.setattr(bad_debt, "_insert", another_request_pays_first)
+    response = pay(client, body, key())
+    assert (response.status_code, response.json["error"]) == (409, "balance_changing"), response.json
+    assert len(stripe_fake.intents_created()) == 1
+    assert [p["state"] for p in payments(engine, debtor.account)] == ["succeeded"]
