@@ -279,19 +279,24 @@ def _latest_bad_debt_failure(snapshot: Snapshot) -> BadDebtPayment | None:
 
 
 def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
-                              unpaid_attempts: Iterable[Attempt] = ()) -> datetime | None:
+                              unpaid_attempts: Iterable[Attempt], grouped: dict[str | None, list[Attempt]]
+                              ) -> datetime | None:
     """Start of a payment attempt within the guard window that has no outcome yet, or that succeeded
     on an invoice still unpaid in the mirror: Stripe sends the charge's success and the invoice's
     ``invoice.paid`` as separate events in no set order, so for a moment the money is collected and
-    the invoice still says open. Bad debt applied in that moment would cancel a customer who paid."""
+    the invoice still says open. Bad debt applied in that moment would cancel a customer who paid.
+
+    Our retry sent is in flight until an outcome of an attempt on its own invoice (``grouped``:
+    attempts_by_invoice) comes after it: another invoice's attempt failing meanwhile is no outcome
+    of it."""
     guard = timedelta(minutes=policy.guard_window_minutes)
     starts = [a.attempted_at for a in snapshot.attempts
               if a.status in ("pending", "processing", "requires_action") and now - a.attempted_at < guard]
     starts += [a.attempted_at for a in unpaid_attempts if a.status == "succeeded" and now - a.attempted_at < guard]
-    last_outcome = max((a.attempted_at for a in snapshot.attempts if a.status in ("failed", "succeeded")), default=None)
     starts += [r.created_at for r in snapshot.retries
                if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
-               and (last_outcome is None or last_outcome < r.created_at)]
+               and not any(a.status in ("failed", "succeeded") and a.attempted_at >= r.created_at
+                           for a in grouped.get(r.invoice_id, ()))]
     return min(starts) if starts else None
 
 
@@ -439,7 +444,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                               {"payment": in_flight.id, "since": iso(in_flight.created_at)}))
     elif status == Status.BAD_DEBT:
         stored = snapshot.stored
-        started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts)
+        started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own)
         # It holds entering bad debt only: an account already in bad debt (or lifting it, its
         # bad-debt payment just failed) stays there, its cancellation kept, whatever else is paying.
         if started is not None and (stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING)):
@@ -477,7 +482,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # and the customer is being asked to act. A payment in flight holds it, as it holds bad debt.
     reverting = [a for a in assessed if a.revert_due]
     paying = bool(reverting) and (
-        in_flight is not None or _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts) is not None)
+        in_flight is not None or _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own) is not None)
     for a in reverting:
         if paying:
             reasons.append(Reason("guard.revert_held", "a payment is in flight: the upgrade's revert waits for it",

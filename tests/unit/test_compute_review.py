@@ -152,3 +152,41 @@ def test_a_young_invoice_failing_in_another_invoices_bad_debt_keeps_its_schedule
     assert decision.state.status == Status.BAD_DEBT and decision.state.actions_requested == ("cancel:sub_1",)
     assert decision.state.retry_invoice_id == "in_b" and decision.state.next_retry_at is not None
     assert_stable(after)
+
+
+# --- 2. the payment-flow guard and a retry in flight ----------------------------------------------
+
+
+def test_guard_holds_bad_debt_over_a_retry_in_flight_when_another_invoice_fails_meanwhile():
+    """DESIGN 6 / README: recompute never newly puts an account in bad debt over a payment in flight
+    (our retry sent less than the guard window ago). in_a's retry was sent 5 minutes ago, its outcome
+    not back; in_b, marked uncollectible, makes bad debt; Stripe's own attempt on another invoice,
+    in_c, failed 2 minutes ago. That failure is no outcome of in_a's retry: the guard still holds
+    (no cancellation), until the window ends, a review moment."""
+    a = invoice("in_a", failed_days_ago=3)
+    b = invoice("in_b", status="uncollectible", failed_days_ago=10, sub="sub_2", product="prod_other")
+    c = invoice("in_c", failed_days_ago=2 / 1440, sub="sub_3", product="prod_x")
+    sent = retry("in_a", 1, days_ago=5 / 1440, state="sent")
+    attempts = (attempt("pi_a", "in_a", days_ago=3), attempt("pi_c", "in_c", days_ago=2 / 1440))
+    alone = compute(snapshot(a, b, attempts=attempts[:1], retries=(sent,), subscriptions=THREE_SUBSCRIPTIONS),
+                    POLICY, NOW)
+    assert alone.state.status == Status.PAST_DUE  # the guard holds without in_c's failure
+    snap = snapshot(a, b, c, attempts=attempts, retries=(sent,), subscriptions=THREE_SUBSCRIPTIONS)
+    decision = assert_stable(snap)
+    assert "retry.in_flight" in rules(decision)  # in_a's own plan sees it in flight
+    assert "guard.payment_in_flight" in rules(decision)
+    assert decision.state.status == Status.PAST_DUE and decision.state.actions_requested == ()
+    window_ends = sent.created_at + timedelta(minutes=POLICY.guard_window_minutes)
+    assert decision.state.next_review_at == window_ends
+    assert compute(snap, POLICY, window_ends).state.status == Status.BAD_DEBT
+
+
+def test_the_retrys_own_outcome_still_ends_the_guards_hold():
+    """The retry's own invoice's attempt failing after it was sent is its outcome: no hold then."""
+    a = invoice("in_a", failed_days_ago=3, attempt_count=2)
+    b = invoice("in_b", status="uncollectible", failed_days_ago=10, sub="sub_2", product="prod_other")
+    sent = retry("in_a", 1, days_ago=5 / 1440, state="sent")
+    outcome = attempt("pi_a", "in_a", days_ago=2 / 1440)
+    decision = compute(snapshot(a, b, attempts=(outcome,), retries=(sent,), subscriptions=THREE_SUBSCRIPTIONS),
+                       POLICY, NOW)
+    assert decision.state.status == Status.BAD_DEBT and "guard.payment_in_flight" not in rules(decision)
