@@ -361,7 +361,9 @@ def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> 
 
 # changed_at of a payment method no event has shown to change (GREATEST keeps any real date).
 NOT_CHANGED = datetime(1970, 1, 1, tzinfo=UTC)
-PAYMENT_METHOD_MERGE = {"changed_at": "greatest"}
+# A detached method's event may name no customer at all (its object's customer is null, and
+# previous_attributes are documented for *.updated events only): the customer a row knows stays.
+PAYMENT_METHOD_MERGE = {"changed_at": "greatest", "stripe_customer_id": "coalesce"}
 
 
 def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any],

@@ -379,6 +379,24 @@ def test_a_payment_method_update_of_metadata_alone_is_no_change(client, accounts
     assert changed_at() == datetime.fromtimestamp(now - 60, UTC)
 
 
+def test_a_detached_card_stays_its_customers_when_the_event_does_not_say_whose_it_was(client, accounts, engine):
+    """payment_method.detached carries the object with customer null; previous_attributes may name
+    the customer or be absent (Stripe documents them for *.updated events). Absent, the newer row
+    erased the card's customer: the card left the account's mirror, and compute, no longer knowing
+    it as detached, planned retries on it. The customer a row knows is kept when an event names none."""
+    _, customer = accounts.create()
+    pm, now = unique("pm"), int(time.time())
+    post_event(client, event("payment_method.attached", id=pm, customer=customer, created=now - 30 * DAY))
+    detached = retyped("payment_method.detached", "payment_method.attached", id=pm, customer=None)
+    detached["created"] = now - 60
+    detached["data"].pop("previous_attributes", None)
+    assert post_event(client, detached).status_code == 200
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT stripe_customer_id, attached FROM stripe_payment_method WHERE id = %(p)s",
+                                   {"p": pm}).one()
+    assert tuple(row) == (customer, False)
+
+
 def test_an_attempt_in_flight_and_a_new_subscription_are_mirrored_and_recomputed(client, accounts, engine):
     """Retries and bad debt wait for an attempt without outcome, which only works if the mirror
     knows of it; and a subscription active from its creation is in the entitlements at once."""
