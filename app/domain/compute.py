@@ -481,8 +481,12 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # no retry is planned: a permanent or action_required decline (3-D Secure) plans none on day 0,
     # and the customer is being asked to act. A payment in flight holds it, as it holds bad debt.
     reverting = [a for a in assessed if a.revert_due]
-    paying = bool(reverting) and (
-        in_flight is not None or _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own) is not None)
+    attempt_started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own) if reverting else None
+    paying = bool(reverting) and (in_flight is not None or attempt_started is not None)
+    # The attempt's hold ends with the guard window, outcome or not (a success whose invoice.paid
+    # never comes): time alone then changes the decision, so it is a review moment.
+    revert_held_until = (attempt_started + timedelta(minutes=policy.guard_window_minutes)
+                         if attempt_started is not None else None)
     for a in reverting:
         if paying:
             reasons.append(Reason("guard.revert_held", "a payment is in flight: the upgrade's revert waits for it",
@@ -518,7 +522,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
     state = DunningState(
         next_review_at=_next_review(assessed, policy, now,
-                                    [held_until, *_holds_end(snapshot, unpaid, unpaid_attempts, policy, now),
+                                    [held_until, revert_held_until,
+                                     *_holds_end(snapshot, unpaid, unpaid_attempts, policy, now),
                                      *_coming_due(snapshot, now)]),
         status=status.value,
         level=level.value,
@@ -576,9 +581,9 @@ def _stored_failure_at(snapshot: Snapshot, latest: Attempt | None) -> datetime |
 def _next_review(assessed: list[InvoiceAssessment], policy: Policy, now: datetime,
                  holds_end: list[datetime | None]) -> datetime | None:
     """When time alone would change this decision: the next day threshold of a level rule for an
-    unpaid invoice, an invoice's due date, or the end of a hold (the payment-flow guard's, a payment in flight holding
-    retries). No event may come before then (a permanent decline has no retries), so beat
-    recomputes the account at that moment."""
+    unpaid invoice, an invoice's due date, or the end of a hold (the payment-flow guard's over bad
+    debt or over an upgrade's revert, a payment in flight holding retries). No event may come before
+    then (a permanent decline has no retries), so beat recomputes the account at that moment."""
     moments = [a.unpaid_since + timedelta(days=rule.min_days) for a in assessed for rule in policy.rules
                if rule.min_days is not None]
     moments += [t for t in holds_end if t is not None]

@@ -37,12 +37,38 @@ def stored_as_computed(snap: Snapshot, now: datetime = NOW) -> Snapshot:
 
 
 def assert_stable(snap: Snapshot, now: datetime = NOW) -> Decision:
-    """Computing again over the state just decided changes nothing and emits nothing."""
+    """Computing again over the state just decided changes nothing and emits nothing (DESIGN 1)."""
     first = compute(snap, POLICY, now)
     second = compute(replace(snap, stored=first.state), POLICY, now)
     assert second.state.changed_fields(first.state) == []
     assert derive_events(first.state, second, now, snap.open_episode_entered_at) == []
     return first
+
+
+FIELDS = ("status", "level", "entitlements", "actions_requested", "next_retry_at", "retry_invoice_id",
+          "failure_class", "outstanding_amount", "unpaid_since")
+
+
+def assert_reviews_cover_time(snap: Snapshot, now: datetime = NOW, horizon: timedelta = timedelta(days=30),
+                              step: timedelta = timedelta(minutes=10)) -> None:
+    """Time alone changes nothing before next_review_at (or the next retry, which beat dispatches):
+    beat recomputes the account at that moment, and no event may come before it. Scanned every
+    ``step``, from one review moment to the next, up to ``horizon``."""
+    end = now + horizon
+    while now < end:
+        first = compute(snap, POLICY, now)
+        # A retry already due is beat's to dispatch now; the scan looks at what comes later.
+        moments = [t for t in (first.state.next_review_at, first.state.next_retry_at) if t is not None and t > now]
+        limit = min([*moments, end])
+        t = now + step
+        while t < limit:
+            later = compute(replace(snap, stored=first.state), POLICY, t)
+            changed = [f for f in FIELDS if getattr(later.state, f) != getattr(first.state, f)]
+            assert not changed, (now, t, first.state.next_review_at, changed)
+            t += step
+        if not moments:
+            return
+        now = min(moments) + timedelta(seconds=1)
 
 
 # --- 1. in bad debt only money gets an account out ----------------------------------------------
@@ -80,6 +106,7 @@ def test_a_declined_hosted_page_attempt_in_bad_debt_does_not_lift_bad_debt():
     assert decision.state.failure_class == "transient"  # the latest failure's class, still reported
     assert events(after, decision) == ["PaymentFailed"]
     assert_stable(after)
+    assert_reviews_cover_time(replace(after, stored=decision.state))
 
 
 def test_the_old_card_declined_for_want_of_funds_in_bad_debt_beside_a_card_added_in_it_lifts_nothing():
@@ -109,9 +136,7 @@ def test_a_retry_on_the_same_intent_declined_in_bad_debt_does_not_lift_it_either
     assert decision.state.status == Status.BAD_DEBT, rules(decision)
     assert events(after, decision, entered=days(9)) == ["PaymentFailed"]
     assert_stable(after)
-    # Later on, time alone changes nothing either (no review that would lift it).
-    assert compute(replace(after, stored=decision.state), POLICY, NOW + timedelta(days=10)).state.status \
-        == Status.BAD_DEBT
+    assert_reviews_cover_time(replace(after, stored=decision.state))  # nor does time lift it
 
 
 def test_money_still_takes_the_account_out_of_bad_debt_after_a_decline_in_it():
@@ -152,6 +177,7 @@ def test_a_young_invoice_failing_in_another_invoices_bad_debt_keeps_its_schedule
     assert decision.state.status == Status.BAD_DEBT and decision.state.actions_requested == ("cancel:sub_1",)
     assert decision.state.retry_invoice_id == "in_b" and decision.state.next_retry_at is not None
     assert_stable(after)
+    assert_reviews_cover_time(after, horizon=timedelta(days=3))
 
 
 # --- 2. the payment-flow guard and a retry in flight ----------------------------------------------
@@ -179,6 +205,7 @@ def test_guard_holds_bad_debt_over_a_retry_in_flight_when_another_invoice_fails_
     window_ends = sent.created_at + timedelta(minutes=POLICY.guard_window_minutes)
     assert decision.state.next_review_at == window_ends
     assert compute(snap, POLICY, window_ends).state.status == Status.BAD_DEBT
+    assert_reviews_cover_time(snap, horizon=timedelta(days=2))
 
 
 def test_the_retrys_own_outcome_still_ends_the_guards_hold():
@@ -190,3 +217,31 @@ def test_the_retrys_own_outcome_still_ends_the_guards_hold():
     decision = compute(snapshot(a, b, attempts=(outcome,), retries=(sent,), subscriptions=THREE_SUBSCRIPTIONS),
                        POLICY, NOW)
     assert decision.state.status == Status.BAD_DEBT and "guard.payment_in_flight" not in rules(decision)
+
+
+# --- 3. a held upgrade revert is reviewed when its hold ends ----------------------------------------
+
+
+def _upgrade_paid_awaiting_invoice_paid() -> Snapshot:
+    """Upgrade in_up uncollectible 25 days; a charge on it succeeded 2 minutes ago, and Stripe's
+    invoice.paid has not arrived (the mirror still says uncollectible)."""
+    upgrade = invoice("in_up", status="uncollectible", failed_days_ago=25, billing_reason="subscription_update",
+                      product="prod_premium")
+    return snapshot(upgrade, attempts=(attempt("pi_ok", "in_up", days_ago=2 / 1440, status="succeeded", pm="pm_2"),))
+
+
+def test_a_revert_held_by_a_success_awaiting_invoice_paid_is_reviewed_when_the_guard_ends():
+    """README: compute stores next_review_at, when time alone would change its decision, and beat
+    recomputes the account then (no event may come). The guard holds an upgrade's revert over a
+    charge that succeeded while the invoice still says unpaid; if invoice.paid never comes the hold
+    ends with the guard window (success + 30 min) and the revert is due: that is a review moment."""
+    snap = _upgrade_paid_awaiting_invoice_paid()
+    held = assert_stable(snap)
+    assert "guard.revert_held" in rules(held) and held.state.actions_requested == ()
+    ends = NOW - timedelta(minutes=2) + timedelta(minutes=POLICY.guard_window_minutes)
+    assert held.state.next_review_at == ends
+    assert compute(snap, POLICY, ends - timedelta(seconds=1)).state.actions_requested == ()
+    due = compute(replace(snap, stored=held.state), POLICY, ends)
+    assert due.state.actions_requested == ("revert:in_up",)
+    assert [e.name for e in derive_events(held.state, due, ends)] == ["UpgradeRevertRequested"]
+    assert_reviews_cover_time(snap, horizon=timedelta(days=2))
