@@ -78,6 +78,9 @@ class Decision:
     # facts for the events emit derives (not stored as state)
     bad_debt_reason: str | None = None
     bad_debt_products: tuple[str, ...] = ()
+    # The class of the failure that makes the bad debt (the suspended invoice that failed last), for
+    # BadDebtEntered: the account's failure_class may be another invoice's, not in bad debt.
+    bad_debt_failure_class: str | None = None
     resolution: str | None = None  # "paid" | "resolved" when nothing is unpaid any more
     lifting_since: datetime | None = None
     # The latest failure (state.last_failure_id names it): the class of that failure itself, for
@@ -514,11 +517,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     failures = list({f.id: f for f in (*(f for a in assessed for f in own.get(a.invoice.id, ())),
                                        *paying_it) if f.failed}.values())
     latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
-    current_class = None
-    if assessed:
-        classes = [(a.last_failure.attempted_at if a.last_failure else a.unpaid_since, a.failure_class)
-                   for a in assessed if a.failure_class is not None]
-        current_class = max(classes, key=lambda c: c[0])[1] if classes else None
+    current_class = _latest_class(assessed)
 
     state = DunningState(
         next_review_at=_next_review(assessed, policy, now,
@@ -543,6 +542,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     )
     bad_debt_products: tuple[str, ...] = ()
     bad_debt_reason = None
+    bad_debt_class = _latest_class(suspended)
     if suspended:
         bad_debt_products = tuple(sorted({p for a in suspended for p in a.invoice.products}))
         bad_debt_reason = "marked_uncollectible" if any(a.invoice.status == "uncollectible" for a in suspended) \
@@ -553,6 +553,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         bad_debt=status == Status.BAD_DEBT,
         bad_debt_reason=bad_debt_reason,
         bad_debt_products=bad_debt_products,
+        bad_debt_failure_class=bad_debt_class.value if bad_debt_class else None,
         # How the debt ended: when nothing is unpaid any more, and when the account leaves bad debt
         # with another invoice still unpaid (BadDebtExited says whether its invoices were paid).
         resolution=_resolution(snapshot, grouped) if not assessed or _leaves_bad_debt(snapshot, status) else None,
@@ -562,6 +563,13 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         stored_failure_at=_stored_failure_at(snapshot, latest_failure),
         assessments=tuple(assessed),
     )
+
+
+def _latest_class(assessed: Iterable[InvoiceAssessment]) -> FailureClass | None:
+    """The failure class of the invoice that failed last (unpaid last, of those with no failure)."""
+    classes = [(a.last_failure.attempted_at if a.last_failure else a.unpaid_since, a.failure_class)
+               for a in assessed if a.failure_class is not None]
+    return max(classes, key=lambda c: c[0])[1] if classes else None
 
 
 def _stored_failure_at(snapshot: Snapshot, latest: Attempt | None) -> datetime | None:

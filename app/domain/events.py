@@ -135,7 +135,8 @@ def derive_events(
     if desired.status == Status.BAD_DEBT and before.status not in (Status.BAD_DEBT, Status.LIFTING):
         events.append(BadDebtEntered(
             reason=entry_reason(decision),
-            failure_class=desired.failure_class,
+            # The failure that made the bad debt, not the account's latest (maybe another invoice's).
+            failure_class=decision.bad_debt_failure_class,
             products=list(decision.bad_debt_products),
         ))
     if desired.status == Status.LIFTING and before.status != Status.LIFTING:

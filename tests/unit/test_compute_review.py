@@ -245,3 +245,42 @@ def test_a_revert_held_by_a_success_awaiting_invoice_paid_is_reviewed_when_the_g
     assert due.state.actions_requested == ("revert:in_up",)
     assert [e.name for e in derive_events(held.state, due, ends)] == ["UpgradeRevertRequested"]
     assert_reviews_cover_time(snap, horizon=timedelta(days=2))
+
+
+# --- 4. BadDebtEntered names the failure that made the bad debt -----------------------------------
+
+
+def test_bad_debt_entered_carries_the_class_of_the_failure_that_made_it():
+    """DESIGN 5: BadDebtEntered{reason, failure_class, products}, which the bad-debt report counts by
+    failure class. in_a (sub_1): expired card 30 days ago, bad debt. in_b (sub_2) failed yesterday
+    for insufficient funds, at notice only: the account's latest failure is transient, but the
+    entry is a permanent one, of in_a's products."""
+    a = invoice("in_a", failed_days_ago=30)
+    b = invoice("in_b", failed_days_ago=1, sub="sub_2", product="prod_other")
+    snap = snapshot(a, b, attempts=(attempt("pi_a", "in_a", days_ago=30, decline="expired_card"),
+                                    attempt("pi_b", "in_b", days_ago=1, decline="insufficient_funds")),
+                    subscriptions=THREE_SUBSCRIPTIONS[:2])
+    decision = assert_stable(snap)
+    assert decision.state.status == Status.BAD_DEBT and decision.state.failure_class == "transient"
+    [entered] = [e for e in derive_events(None, decision, NOW) if e.name == "BadDebtEntered"]
+    assert entered.payload() == {"reason": "retries_exhausted", "failure_class": "permanent",
+                                 "products": ["prod_core"]}
+    assert_reviews_cover_time(snap, horizon=timedelta(days=14))
+
+
+def test_bad_debt_entered_by_the_latest_failing_of_several_suspended_invoices():
+    """With several invoices in the bad debt, the one that failed last names the class; an invoice
+    marked uncollectible with no failure mirrored names none of its own, and one failing since, not
+    in the bad debt (in_d, yesterday), none at all."""
+    a = invoice("in_a", failed_days_ago=40)
+    b = invoice("in_b", failed_days_ago=30, sub="sub_2", product="prod_other")
+    c = invoice("in_c", status="uncollectible", failed_days_ago=None, sub="sub_3", product="prod_x",
+                marked_uncollectible_at=days(1))
+    d = invoice("in_d", failed_days_ago=1, sub="sub_3", product="prod_x")
+    snap = snapshot(a, b, c, d, attempts=(attempt("pi_a", "in_a", days_ago=40, decline="expired_card"),
+                                          attempt("pi_b", "in_b", days_ago=30, decline="incorrect_cvc"),
+                                          attempt("pi_d", "in_d", days_ago=1, decline="insufficient_funds")),
+                    subscriptions=THREE_SUBSCRIPTIONS)
+    decision = compute(snap, POLICY, NOW)
+    [entered] = [e for e in derive_events(None, decision, NOW) if e.name == "BadDebtEntered"]
+    assert (entered.reason, entered.failure_class) == ("marked_uncollectible", "action_required")
