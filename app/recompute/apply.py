@@ -91,7 +91,7 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
             "INSERT INTO bad_debt_episode (account_id, entered_at, reason, failure_class, products) "
             "VALUES (%(account)s, %(now)s, %(reason)s, %(class)s, %(products)s)",
             {"account": snapshot.account_id, "now": now, "reason": entry_reason(decision),
-             "class": decision.state.failure_class, "products": Json(list(decision.bad_debt_products))},
+             "class": decision.bad_debt_failure_class, "products": Json(list(decision.bad_debt_products))},
         )
         return "opened", decision.bad_debt_products
     if before in BAD_DEBT_STATES and after not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is not None:

@@ -68,3 +68,33 @@ def test_a_bad_date_is_a_clear_error(episodes, capsys, bad):
     assert main(["report", "bad-debt", "--since", bad]) == 2
     err = capsys.readouterr().err
     assert "--since must be a date like" in err and repr(bad) in err
+
+
+def test_an_episode_is_filed_under_the_class_of_the_failure_that_made_the_bad_debt(client, accounts, engine, runtime):
+    """The report counts entries by failure class: the episode's is the class of the suspended
+    invoice's failure (a card expired 30 days ago), not the account's latest failure (another
+    invoice declined for insufficient funds yesterday), as BadDebtEntered's is."""
+    import time
+    from datetime import UTC, datetime
+
+    from app.recompute.service import run_recompute
+    from tests.conftest import post_event
+    from tests.integration.test_outbox_cancellation_body import declined_charge, failed_invoice
+    from tests.stripe_events import unique
+
+    account, customer = accounts.create()
+    now, day = int(time.time()), 86400
+    for evt in (failed_invoice(customer, unique("in"), now - 30 * day),
+                declined_charge(customer, now - 30 * day + 1, "expired_card"),
+                failed_invoice(customer, unique("in"), now - day),
+                declined_charge(customer, now - day + 1, "insufficient_funds")):
+        assert post_event(client, evt).status_code == 200
+    result = run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
+    assert result.decision is not None and result.decision.state.status == "bad_debt"
+    assert result.decision.state.failure_class == "transient"  # the account's latest failure
+    with engine.connect() as conn:
+        filed = conn.exec_driver_sql("SELECT failure_class FROM bad_debt_episode WHERE account_id = %(a)s",
+                                     {"a": account}).scalar_one()
+        entered = conn.exec_driver_sql("SELECT payload FROM outbox WHERE account_id = %(a)s "
+                                       "AND event_type = 'BadDebtEntered'", {"a": account}).scalar_one()
+    assert (filed, entered["failure_class"]) == ("permanent", "permanent")
