@@ -18,11 +18,17 @@ log = logging.getLogger(__name__)
 
 SEND_CHUNK = 500
 
+# The accounts come back in their order (the database's collation), as every query here returns
+# them: their request rows are then locked in the order webhook ingest locks them in (its statement
+# takes a batch's in account order), so a re-drive and a batch of webhooks cannot deadlock.
 ROUTE_UNROUTABLE = """
-UPDATE stripe_event e SET account_id = c.account_id, state = 'accepted'
-  FROM subs_customer c
- WHERE e.state = 'unroutable' AND c.stripe_customer_id = e.stripe_customer_id
-RETURNING e.account_id, e.trigger, e.id
+WITH routed AS (
+    UPDATE stripe_event e SET account_id = c.account_id, state = 'accepted'
+      FROM subs_customer c
+     WHERE e.state = 'unroutable' AND c.stripe_customer_id = e.stripe_customer_id
+    RETURNING e.account_id, e.trigger, e.id
+)
+SELECT account_id, trigger, id FROM routed ORDER BY account_id, id
 """
 
 # SKIP LOCKED: a request that ingest is updating right now is fresh, not stale.
@@ -52,12 +58,14 @@ RETURNING r.account_id, r.trigger, r.cause
 # fail the same way. Its dead row is for an operator; a recompute that succeeds later (a webhook, a
 # re-drive) stores a new review time, and that one is requested when it comes.
 DUE_REVIEWS = """
-SELECT d.account_id FROM subs_dunning d
- WHERE d.next_review_at <= %(now)s
-   AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
-                    WHERE s.account_id = d.account_id AND s.task_name = 'tasks.recompute_account'
-                      AND s.state = 'dead' AND s.last_failed_at >= d.next_review_at)
- ORDER BY d.next_review_at LIMIT %(limit)s
+SELECT account_id FROM (
+    SELECT d.account_id FROM subs_dunning d
+     WHERE d.next_review_at <= %(now)s
+       AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
+                        WHERE s.account_id = d.account_id AND s.task_name = 'tasks.recompute_account'
+                          AND s.state = 'dead' AND s.last_failed_at >= d.next_review_at)
+     ORDER BY d.next_review_at LIMIT %(limit)s
+) due ORDER BY account_id
 """
 
 
@@ -80,18 +88,19 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
     with unit_of_work(engine) as conn:
         rows = conn.exec_driver_sql(STALE_REQUESTS, {"age": stale_after_seconds, "limit": limit}).fetchall()
         to_send.extend((r[0], r[1], r[2]) for r in rows)
-    sent = failed = 0
+    sent: list[str] = []
+    failed = 0
     for start in range(0, len(to_send), SEND_CHUNK):  # a chunk per broker round trip
         chunk = to_send[start:start + SEND_CHUNK]
         try:
             send_many(celery_app, [recompute_call(account_id, trigger, cause) for account_id, trigger, cause in chunk])
-            sent += len(chunk)
+            sent.extend(account_id for account_id, _, _ in chunk)
         except BrokerUnavailable as exc:
             failed += len(chunk)
             log.warning("redrive could not queue %d recomputes: %s", len(chunk), exc)
-    if sent:
+    if sent:  # only the accounts whose recompute is queued now: the others' events still wait for one
         with unit_of_work(engine) as conn:
             conn.exec_driver_sql(
                 "UPDATE stripe_event SET state = 'accepted' WHERE state = 'enqueue_failed' "
-                "AND account_id = ANY(%(ids)s)", {"ids": [a for a, _, _ in to_send]})
-    return {"routed": routed, "reviewed": reviewed, "sent": sent, "failed": failed}
+                "AND account_id = ANY(%(ids)s)", {"ids": sent})
+    return {"routed": routed, "reviewed": reviewed, "sent": len(sent), "failed": failed}

@@ -65,6 +65,44 @@ def test_broker_down_at_ingest_is_redriven_when_it_returns(settings, runtime, ce
         assert conn.exec_driver_sql("SELECT count(*) FROM recompute_request").scalar_one() == 0
 
 
+def test_a_redrive_whose_broker_fails_half_way_marks_accepted_only_what_it_queued(
+        settings, runtime, celery_app, accounts, engine: Engine, monkeypatch, client):
+    """Two accepted events whose recompute was never queued; the re-drive queues one and the broker
+    goes away before the other (a chunk each here). Only the queued one's event becomes accepted:
+    the other stays enqueue_failed, visible as waiting for its recompute, until a re-drive queues it."""
+    from app import create_app
+    from app import redrive as redrive_module
+    from app.dispatch import BrokerUnavailable
+    from tasks.factory import make_celery
+
+    dead_broker = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
+    app = create_app(settings, runtime=runtime, celery=dead_broker)
+    events = {}
+    for _ in range(2):
+        account, customer = accounts.create()
+        events[account] = event("invoice.payment_failed", customer=customer)
+        assert post_event(app.test_client(), events[account]).json["state"] == "enqueue_failed"
+
+    queued: list[str] = []
+    send_many = redrive_module.send_many
+
+    def broker_gone_after_one(app_: Any, calls: Any) -> None:
+        if queued:
+            raise BrokerUnavailable("broker did not accept tasks.recompute_account: ConnectionError")
+        send_many(app_, calls)
+        queued.extend(call.args[0] for call in calls)
+
+    monkeypatch.setattr(redrive_module, "SEND_CHUNK", 1)
+    monkeypatch.setattr(redrive_module, "send_many", broker_gone_after_one)
+    report = redrive_module.redrive(engine, celery_app, stale_after_seconds=0)
+    assert (report["sent"], report["failed"]) == (1, 1)
+    (sent,) = queued
+    with engine.connect() as conn:
+        states = {a: conn.exec_driver_sql("SELECT state FROM stripe_event WHERE id = %(i)s",
+                                          {"i": e["id"]}).scalar_one() for a, e in events.items()}
+    assert states == {a: "accepted" if a == sent else "enqueue_failed" for a in events}
+
+
 def test_dunning_endpoint_requires_a_service_token(client, accounts):
     account, _ = accounts.create()
     assert client.get(f"/accounts/{account}/dunning").status_code == 401
