@@ -41,15 +41,14 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        -- The customer's default card as the mirror has it now, unless the mirror knows it removed;
        -- and whether it changed since the claim (Stripe times events to the second: a change in the
        -- claim's own second may be after it).
-       (SELECT s.default_payment_method_id FROM stripe_customer_state s
-         WHERE s.stripe_customer_id = i.stripe_customer_id
-           AND NOT EXISTS (SELECT 1 FROM stripe_payment_method m
-                            WHERE m.id = s.default_payment_method_id AND NOT m.attached)),
-       (SELECT s.changed_at >= date_trunc('second', r.created_at) FROM stripe_customer_state s
-         WHERE s.stripe_customer_id = i.stripe_customer_id)
+       CASE WHEN NOT EXISTS (SELECT 1 FROM stripe_payment_method m
+                              WHERE m.id = s.default_payment_method_id AND NOT m.attached)
+            THEN s.default_payment_method_id END,
+       s.changed_at >= date_trunc('second', r.created_at)
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
+  LEFT JOIN stripe_customer_state s ON s.stripe_customer_id = i.stripe_customer_id
  WHERE r.id = %(id)s
  FOR UPDATE OF r
 """
