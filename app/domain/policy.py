@@ -96,6 +96,12 @@ def _expect(cond: bool, key: str, problem: str) -> None:
         raise PolicyError(key, problem)
 
 
+def _named(value: Any, names: set[str]) -> bool:
+    """Whether ``value`` is one of ``names``. A TOML array or table is no name, and unhashable: a
+    set lookup of it would raise TypeError, a traceback at start-up instead of the key's error."""
+    return isinstance(value, str) and value in names
+
+
 def _only(section: Mapping[str, Any], path: str, known: set[str]) -> None:
     """A key the policy does not know is a typo until proven otherwise: ignored, it would leave a
     default in force (a rule's ``wen`` for ``when`` matches every account)."""
@@ -129,7 +135,7 @@ def _rule(raw: Any, index: int) -> LevelRule:
     _expect(isinstance(raw, Mapping), path, "must be a table")
     _only(raw, path, {"level", "when"})
     level_name = raw.get("level")
-    _expect(level_name in {lvl.value for lvl in Level}, f"{path}.level",
+    _expect(_named(level_name, {lvl.value for lvl in Level}), f"{path}.level",
             f"must be one of {', '.join(lvl.value for lvl in Level)}")
     when = raw.get("when", {})
     _expect(isinstance(when, Mapping), f"{path}.when", "must be a table")
@@ -138,7 +144,7 @@ def _rule(raw: Any, index: int) -> LevelRule:
     classes = when.get("failure_classes")
     if classes is not None:
         valid = {c.value for c in FailureClass}
-        _expect(isinstance(classes, list) and all(c in valid for c in classes),
+        _expect(isinstance(classes, list) and all(_named(c, valid) for c in classes),
                 f"{path}.when.failure_classes", f"must list classes among {sorted(valid)}")
     for flag in ("retries_exhausted", "marked_uncollectible"):
         if flag in when:
@@ -176,7 +182,7 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     _expect(ranks == sorted(ranks, reverse=True), "consequences.rules",
             "must be ordered from the most severe level down (first match wins)")
     upgrade_max = consequences.get("upgrade_max_level", Level.RESTRICT_PREMIUM.value)
-    _expect(upgrade_max in {lvl.value for lvl in Level} and upgrade_max != Level.SUSPENDED.value,
+    _expect(_named(upgrade_max, {lvl.value for lvl in Level}) and upgrade_max != Level.SUSPENDED.value,
             "consequences.upgrade_max_level", "must be a level below suspended (an upgrade never makes bad debt)")
 
     products_section = data.get("products", {})
