@@ -1,4 +1,4 @@
-// The Recompute button: POST, poll the task until it is done, then show the account's new state.
+// The Recompute button: POST, poll the task until it is done, then show the account as it is now.
 (function () {
   "use strict";
   var section = document.getElementById("decision");
@@ -6,37 +6,28 @@
   var taskState = document.getElementById("task-state");
   if (!section || !button) { return; }
   var account = section.dataset.account;
+  var page = "/support/accounts/" + encodeURIComponent(account);
   var headers = {"Accept": "application/json"};
   headers[section.dataset.csrfHeader] = section.dataset.csrf;
+  // Everything a recompute may change, by id: the state (lifting included), its reasons, and the
+  // tables (an episode opens or closes, retries are planned, stuck work resolves). Taken from the
+  // page as the server renders it now, so the page never shows one moment beside another.
+  var REFRESHED = ["state", "reasons", "invoices", "retries", "stuck", "episodes", "bad-debt-payments"];
 
-  function text(id, value) {
-    var el = document.getElementById(id);
-    if (el) { el.textContent = (value === null || value === undefined || value === "") ? "-" : String(value); }
-  }
-
-  function show(view) {
-    var d = view.dunning;
-    text("status", d.status);
-    text("level", d.level);
-    text("failure-class", d.failure_class);
-    text("bad-debt", d.bad_debt ? "yes" : "no");
-    text("outstanding", d.outstanding_amount);
-    text("unpaid-since", d.unpaid_since);
-    text("retries-used", d.retries_used);
-    text("next-retry", d.next_retry_at ? d.next_retry_at + (d.retry_invoice_id ? " (invoice " + d.retry_invoice_id + ")" : "") : null);
-    text("version", d.version);
-    text("last-trigger", d.last_trigger);
-    text("changed-at", d.changed_at);
-    var list = document.getElementById("reasons");
-    list.textContent = "";
-    (d.reasons || []).forEach(function (r) {
-      var li = document.createElement("li");
-      var code = document.createElement("code");
-      code.textContent = r.rule;
-      li.appendChild(code);
-      li.appendChild(document.createTextNode(": " + r.detail));
-      list.appendChild(li);
-    });
+  function refresh() {
+    return fetch(page, {headers: {"Accept": "text/html"}, credentials: "same-origin"})
+      .then(function (r) {
+        if (!r.ok) { throw new Error("the page answered " + r.status); }
+        return r.text();
+      })
+      .then(function (html) {
+        var fresh = new DOMParser().parseFromString(html, "text/html");
+        REFRESHED.forEach(function (id) {
+          var shown = document.getElementById(id);
+          var now = fresh.getElementById(id);
+          if (shown && now) { shown.replaceWith(document.importNode(now, true)); }
+        });
+      });
   }
 
   function fail(message) {
@@ -45,22 +36,30 @@
     button.disabled = false;
   }
 
+  function later(deadline, seconds, then) {
+    if (Date.now() > deadline) { return fail("the task did not finish in time; refresh later"); }
+    return setTimeout(then, seconds * 1000);
+  }
+
   function poll(url, deadline) {
-    fetch(url, {headers: headers, credentials: "same-origin"}).then(function (r) { return r.json(); }).then(function (t) {
-      taskState.textContent = "task " + t.state.toLowerCase();
-      if (!t.done) {
-        if (Date.now() > deadline) { return fail("the task did not finish in time; refresh later"); }
-        return setTimeout(function () { poll(url, deadline); }, 300);
+    fetch(url, {headers: headers, credentials: "same-origin"}).then(function (r) {
+      return r.json().then(function (body) { return {status: r.status, retryAfter: r.headers.get("Retry-After"), t: body}; });
+    }).then(function (res) {
+      var t = res.t;
+      if (res.status === 503) {
+        // The result store did not answer: the task runs all the same; ask again when told to.
+        taskState.textContent = "waiting for the task's status";
+        return later(deadline, Math.min(Number(res.retryAfter) || 1, 10), function () { poll(url, deadline); });
       }
+      if (res.status !== 200) { return fail("no task status: " + (t.reason || res.status)); }
+      taskState.textContent = "task " + t.state.toLowerCase();
+      if (!t.done) { return later(deadline, 0.3, function () { poll(url, deadline); }); }
       if (t.state !== "SUCCESS") { return fail("recompute failed: " + (t.error || t.state)); }
-      return fetch("/support/accounts/" + encodeURIComponent(account) + "/state", {headers: headers, credentials: "same-origin"})
-        .then(function (r) { return r.json(); })
-        .then(function (view) {
-          show(view);
-          taskState.textContent = "recomputed: " + t.result.outcome;
-          taskState.className = "done";
-          button.disabled = false;
-        });
+      return refresh().then(function () {
+        taskState.textContent = "recomputed: " + t.result.outcome;
+        taskState.className = "done";
+        button.disabled = false;
+      });
     }).catch(function (e) { fail("error: " + e); });
   }
 
@@ -68,8 +67,7 @@
     button.disabled = true;
     taskState.className = "muted";
     taskState.textContent = "queued";
-    fetch("/support/accounts/" + encodeURIComponent(account) + "/recompute",
-          {method: "POST", headers: headers, credentials: "same-origin"})
+    fetch(page + "/recompute", {method: "POST", headers: headers, credentials: "same-origin"})
       .then(function (r) { return r.json().then(function (body) { return {status: r.status, body: body}; }); })
       .then(function (res) {
         if (res.status !== 202) { return fail("not queued: " + (res.body.reason || res.status)); }

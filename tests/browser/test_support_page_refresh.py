@@ -1,0 +1,93 @@
+"""The support page after the Recompute button, in a real headless Chromium: the whole page shows
+the account as the recompute left it, and a result store that answers 503 while the page polls is
+waited out, not reported as a failure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.conftest import SUPPORT_TOKEN, Accounts
+from tests.stripe_events import unique
+
+pytestmark = [pytest.mark.browser, pytest.mark.worker]
+
+
+def uncollectible_invoice_in_mirror_only(engine: Engine, customer: str) -> str:
+    """An invoice marked uncollectible 30 days ago that no recompute has seen: the account is in bad
+    debt once recomputed, and its stored state still says current."""
+    invoice = unique("in")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO stripe_invoice (id, stripe_customer_id, status, amount_due, amount_remaining, created, "
+            "first_failed_at, last_failed_at, marked_uncollectible_at, lines, source_created, source_rank, "
+            "source_event_id) "
+            "VALUES (%(i)s, %(c)s, 'uncollectible', 5000, 5000, now() - interval '40 days', "
+            "now() - interval '39 days', now() - interval '39 days', now() - interval '30 days', "
+            "'[{\"product\": \"prod_core\", \"amount\": 5000}]', 1, 1, 'evt_browser')", {"i": invoice, "c": customer})
+    return invoice
+
+
+def signed_in_page(browser: Any, live_server: str, account: str) -> tuple[Any, Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{live_server}/support/accounts/{account}")
+    page.fill("#token", SUPPORT_TOKEN)
+    page.click("#sign-in")
+    page.wait_for_selector("#recompute")
+    return context, page
+
+
+def test_after_recompute_the_episodes_show_the_bad_debt_the_state_shows(
+        browser: Any, live_server: str, engine: Engine, accounts: Accounts, worker: Any) -> None:
+    # The button updated the state at the top only: the page said "Bad debt: yes" above an
+    # episodes table saying "never in bad debt" until it was reloaded.
+    account, customer = accounts.create()
+    uncollectible_invoice_in_mirror_only(engine, customer)
+    context, page = signed_in_page(browser, live_server, account)
+    try:
+        assert "never in bad debt" in page.text_content("#episodes")
+        page.click("#recompute")
+        page.wait_for_function("document.getElementById('task-state').className === 'done'", timeout=30000)
+        assert page.text_content("#status") == "bad_debt" and page.text_content("#bad-debt") == "yes"
+        episodes = page.text_content("#episodes")
+        assert "never in bad debt" not in episodes
+        assert "marked_uncollectible" in episodes and "open" in episodes and "prod_core" in episodes
+        assert "recomputed: changed" in page.text_content("#task-state")
+        # The button still works on the refreshed page.
+        page.click("#recompute")
+        page.wait_for_function("document.getElementById('task-state').textContent === 'recomputed: unchanged'",
+                               timeout=30000)
+    finally:
+        context.close()
+
+
+def test_a_poll_answered_503_is_retried_until_the_task_is_done(
+        browser: Any, live_server: str, engine: Engine, accounts: Accounts, worker: Any) -> None:
+    # The task status answers 503 with Retry-After while the result store is unreachable; the page
+    # read the error body as a task (t.state undefined) and stopped with a TypeError.
+    account, customer = accounts.create()
+    uncollectible_invoice_in_mirror_only(engine, customer)
+    context, page = signed_in_page(browser, live_server, account)
+    unavailable: list[str] = []
+
+    def first_poll_unavailable(route: Any) -> None:
+        if not unavailable:
+            unavailable.append(route.request.url)
+            body = '{"error": "unavailable", "reason": "the task result store is unreachable; retry later"}'
+            route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "1"}, body=body)
+        else:
+            route.continue_()
+
+    try:
+        page.route("**/support/tasks/*", first_poll_unavailable)
+        page.click("#recompute")
+        page.wait_for_function("['done', 'error'].indexOf(document.getElementById('task-state').className) >= 0",
+                               timeout=30000)
+        assert unavailable
+        assert page.text_content("#task-state") == "recomputed: changed"
+        assert page.text_content("#status") == "bad_debt"
+    finally:
+        context.close()
