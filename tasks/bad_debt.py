@@ -17,7 +17,7 @@ from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
 from app.payments.bad_debt_webhook import REFUNDED_AFTER_SETTLEMENT_TASK, enqueue_settlement
 from app.stuck_work import DEFERRED, stuck_id_of, task_id_for
-from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
+from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck, retry_after_seconds
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -32,8 +32,8 @@ BUSY_COUNTDOWN, BUSY_RETRIES = 5, 24
 
 def _as_failure(exc: Exception) -> Exception:
     """Stripe's errors by failure class; anything else is classified by tasks.failures."""
-    if isinstance(exc, stripe.RateLimitError):
-        return TaskFailure(FailureKind.RATE_LIMITED, "Stripe rate limit")
+    if isinstance(exc, stripe.RateLimitError):  # retried when Stripe says, if it says
+        return TaskFailure(FailureKind.RATE_LIMITED, "Stripe rate limit", retry_after=retry_after_seconds(exc.headers))
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe unavailable: {exc.__class__.__name__} "
                            f"{exc.http_status or ''}".strip())

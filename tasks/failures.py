@@ -8,7 +8,9 @@ gives up is written to subs_stuck_events, never dropped.
 from __future__ import annotations
 
 import logging
+import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -48,8 +50,9 @@ class FailurePolicy:
     def countdown(self, retries: int, hint: float | None = None) -> float:
         if hint is not None:  # Retry-After from the remote side wins, within the cap
             return min(max(hint, 1.0), self.cap)
-        # exponential backoff with full jitter
-        return min(self.cap, random.uniform(self.base, self.base * (2 ** retries)))
+        # Exponential backoff with jitter, the first retry included: tasks that failed together (a
+        # database failover) must not all come back at the same moment.
+        return min(self.cap, random.uniform(self.base, self.base * (2 ** (retries + 1))))
 
 
 POLICIES: dict[FailureKind, FailurePolicy] = {
@@ -71,6 +74,19 @@ PASSING: frozenset[FailureKind] = frozenset({
     FailureKind.DATABASE_UNAVAILABLE, FailureKind.LOCK_CONTENTION, FailureKind.BROKER_UNAVAILABLE,
     FailureKind.REMOTE_UNAVAILABLE, FailureKind.RATE_LIMITED,
 })
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """The seconds a remote side's ``Retry-After`` header asks for; None when absent, or not a
+    number of seconds (an HTTP date, garbage, NaN)."""
+    for name, value in (headers or {}).items():
+        if name.lower() == "retry-after":
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                return None
+            return seconds if math.isfinite(seconds) else None
+    return None
 
 
 class TaskFailure(Exception):
@@ -141,11 +157,14 @@ UPDATE recompute_request SET parked_touch = touched_at
 def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_id: str | None,
                  kind: FailureKind, error: str, attempts: int, state: str,
                  stripe_event_id: str | None = None, per_args: bool = False,
-                 park_request: datetime | None = None) -> None:
+                 park_request: datetime | None = None) -> bool:
     """One row per (task, account) that is not resolved, or per (task, account, args) with
     ``per_args`` (one payment's failure is not another's): updated on every new failure.
     ``park_request``: the touched_at of the account's recompute request the failed run had taken,
-    parked in the same transaction if still that version (see PARK_REQUEST)."""
+    parked in the same transaction if still that version (see PARK_REQUEST). False when the row
+    could not be written for a reason that passes (the database down or busy: often the very failure
+    being recorded); the caller then keeps the work some other way. Any other error is logged."""
+    error = error.replace("\x00", "")  # an exception's text may hold what PostgreSQL's text cannot
     try:
         with unit_of_work(engine) as conn:
             if park_request is not None and account_id is not None:
@@ -173,8 +192,10 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
                     {"account": account_id, "event": stripe_event_id, "task": task_name, "args": Json(args),
                      "kind": kind.value, "error": error[:2000], "attempts": attempts, "state": state},
                 )
-    except Exception:  # the database itself may be what failed; the broker keeps the message
+    except Exception as exc:  # the database itself may be what failed
         log.exception("could not record stuck work for %s %s", task_name, account_id)
+        return classify(exc) not in PASSING
+    return True
 
 
 def account_of(engine: Engine, query: str, row_id: int) -> str | None:

@@ -10,7 +10,7 @@ from celery import Task, shared_task
 
 from app.recompute.observe import observe
 from app.recompute.service import run_recompute
-from tasks.failures import PASSING, POLICIES, classify, count_failure, record_stuck, resolve_stuck
+from tasks.failures import MAX_COUNTDOWN, PASSING, POLICIES, classify, count_failure, record_stuck, resolve_stuck
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,16 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     # "retrying": beat re-drives it until it succeeds. What will not heal by waiting (invalid data, a
     # refused API call, an unexpected error) is "dead", for an operator.
     state = "retrying" if kind in PASSING else "dead"
+    if not record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args,
+                        park_request=taken_request if state == "dead" else None):
+        # Nowhere to record the give-up (the database is down). Raising now would have the message
+        # acknowledged (a task that raises is acked, late ack or not) with no row to show or re-drive
+        # the work; the task keeps retrying at the longest countdown until the database answers.
+        count_failure(task.name, kind, "retry")
+        log.error("%s for %s gave up its own retries (%s) and could not record it: retrying in %ds",
+                  task.name, account_id, kind, MAX_COUNTDOWN)
+        raise task.retry(exc=exc, countdown=MAX_COUNTDOWN, max_retries=retries + 1)  # (None: the task's default)
     count_failure(task.name, kind, state)
-    record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args,
-                 park_request=taken_request if state == "dead" else None)
     log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
     raise exc
 

@@ -1,0 +1,95 @@
+"""Task failure handling found by review (DESIGN section 8): a Stripe rate limit's Retry-After is
+honoured by every task that calls Stripe, a task whose give-up cannot be written down (the database
+is what failed) is kept rather than dropped, and every retry has jitter, the first one too."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, Task
+from celery.exceptions import Retry
+from flask.testing import FlaskClient
+
+from tasks.factory import make_celery
+from tasks.failures import MAX_COUNTDOWN, PASSING, POLICIES, FailureKind
+from tests.conftest import post_event
+from tests.fakes.fake_stripe_payments import FakeStripePayments
+from tests.integration.bad_debt_setup import InBadDebt, intent_event, key, pay
+
+
+def run_as_worker(task: Task, args: list[Any], retries: int = 0) -> Any:
+    """Run the task's body as the worker would, its retries ``retries`` so far. A retry raises
+    Celery's Retry (its countdown in ``when``) without publishing: the request is eager."""
+    task.push_request(id=f"review-{task.name}-{retries}", args=args, kwargs={}, retries=retries,
+                      called_directly=False, is_eager=True)
+    try:
+        return task.run(*args)
+    finally:
+        task.pop_request()
+
+
+def charged_payment(client: FlaskClient, debtor: InBadDebt) -> int:
+    """A bad-debt payment whose success webhook came in: ready to settle."""
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    return int(response.json["payment_id"])
+
+
+@pytest.fixture
+def retry_after_30(stripe_fake: FakeStripePayments, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stripe's 429 answers carry ``Retry-After: 30``, as Stripe may send (stripe-python reads it)."""
+    serve = stripe_fake._server._handle
+
+    def with_retry_after(*request: Any) -> Any:
+        status, headers, payload = serve(*request)  # type: ignore[misc]
+        return status, ({**headers, "Retry-After": "30"} if status == 429 else headers), payload
+
+    monkeypatch.setattr(stripe_fake._server, "_handle", with_retry_after)
+
+
+def test_a_rate_limited_settlement_waits_for_retry_after(client, celery_app, debtor, stripe_fake, retry_after_30):
+    """The bad-debt settlement rate limited by Stripe: retried when Stripe said (30 s), not after the
+    2 s of the class's own backoff, which would only be limited again and spend its retries."""
+    import tasks.bad_debt  # noqa: F401  (registers the task)
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_outcome = "rate_limited"
+    with pytest.raises(Retry) as retried:
+        run_as_worker(celery_app.tasks["tasks.settle_bad_debt_payment"], [payment_id])
+    assert retried.value.when == 30
+    assert any(c.path.endswith("/pay") for c in stripe_fake.calls)  # it was Stripe that limited it
+
+
+@pytest.fixture
+def database_down_app(settings) -> Iterator[Celery]:
+    """The worker's Celery app with a database that refuses connections (nothing listens on port 1)."""
+    yield make_celery(dataclasses.replace(settings, database_url="postgresql+psycopg2://postgres@127.0.0.1:1/dunning"))
+
+
+def test_a_recompute_giving_up_while_the_database_is_down_is_kept_not_dropped(database_down_app):
+    """A database outage longer than the task's own backoff: its give-up cannot be written to
+    subs_stuck_events (the database is what failed). Raising would have Celery acknowledge the
+    message (a task that raises is acked, late ack or not) with nothing left to show or re-drive it:
+    a support button's recompute, which has no request row, was lost. It waits for the database
+    instead, at the longest countdown."""
+    import tasks.recompute  # noqa: F401  (registers the task)
+
+    task = database_down_app.tasks["tasks.recompute_account"]
+    give_up = POLICIES[FailureKind.DATABASE_UNAVAILABLE].max_retries
+    with pytest.raises(Retry) as kept:
+        run_as_worker(task, ["acct-support", "NINJAPANEL_BUTTON", "support:ana"], retries=give_up)
+    assert kept.value.when == MAX_COUNTDOWN
+
+
+def test_the_first_retry_has_jitter_too():
+    """Tasks failing together (a database failover, a broker restart) must not retry together: each
+    class's countdown is drawn at random from its first retry on, not a fixed base for the first."""
+    for kind in PASSING:
+        policy = POLICIES[kind]
+        first = {policy.countdown(0) for _ in range(50)}
+        assert len(first) > 1, kind
+        assert all(policy.base <= c <= policy.cap for c in first), kind
