@@ -40,9 +40,17 @@ def history(snapshot: Snapshot, now: datetime | None = None) -> list[InvoiceHist
     intents = {a.id for a in bad_debt_intents(snapshot)}
     return [
         InvoiceHistory(invoice=inv, label=label(inv, grouped.get(inv.id, ()), now, bad_debt_intent_ids=intents),
-                       attempts=sum(1 for a in grouped.get(inv.id, ()) if a.id not in intents))
+                       attempts=attempt_count(a for a in grouped.get(inv.id, ()) if a.id not in intents))
         for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id), reverse=True)
     ]
+
+
+def attempt_count(own: Iterable[Attempt]) -> int:
+    """How many times the invoice was tried. Stripe retries an invoice on the same payment intent, so
+    one attempt row carries every charge of its retries: each charge counts, and an attempt with none
+    known (a 3-D Secure failure) once. Not Stripe's attempt_count, which goes on counting the retries
+    it schedules but does not make after a decline it will not retry."""
+    return sum(max(1, len(a.charges)) for a in own)
 
 
 def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | None = None, *,
