@@ -245,6 +245,7 @@ class EmbeddedPostgres(_ServerContext):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         _check_owner(self.pidfile, "the embedded PostgreSQL")
         self._stop_leftover()
+        self._discard_stale_postmaster_pid()
         write_pidfile(self.pidfile, {**owner_record(), "server_pid": None})
         if self.initializing.exists() or not (self.pgdata / "PG_VERSION").exists():
             self._discard_unfinished_cluster()
@@ -403,6 +404,29 @@ class EmbeddedPostgres(_ServerContext):
         if self._postmaster() is not None:
             print(f"stopping a PostgreSQL left running in {self.pgdata}", file=sys.stderr)
             self._stop_postmaster()
+
+    def _discard_stale_postmaster_pid(self) -> None:
+        """postmaster.pid outlives a postmaster killed outright (the OOM killer, a reboot, a container
+        restart). pgserver takes any live process it names (the pid reused since: a daemon, this very
+        launcher after a container restart) for the running server and hands out a socket where
+        nothing listens, and a file cut short (the postmaster killed while writing it) fails its
+        assertion: every start failed. With no process of the cluster left, the file is stale."""
+        pidfile = self.pgdata / "postmaster.pid"
+        if not pidfile.exists() or self._postmaster() is not None or self._cluster_in_use():
+            return
+        print(f"removing {pidfile}, left by a PostgreSQL that no longer runs", file=sys.stderr)
+        pidfile.unlink(missing_ok=True)
+
+    def _cluster_in_use(self) -> bool:
+        """Whether a process still works on ``pgdata``. The postmaster and every backend work in the
+        folder; a backend a postmaster killed outright left behind may still hold the cluster's
+        shared memory, which PostgreSQL checks through postmaster.pid: the file is its to judge then."""
+        target = os.path.realpath(self.pgdata)
+        for proc in psutil.process_iter(["pid", "cwd"]):
+            cwd = proc.info["cwd"]
+            if proc.info["pid"] != os.getpid() and cwd and os.path.realpath(cwd) == target:
+                return True
+        return bool(self._pgdata_processes())
 
     def _stop_postmaster(self) -> None:
         proc = self._postmaster()

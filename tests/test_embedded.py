@@ -293,3 +293,33 @@ def test_a_stale_postmaster_pid_never_stops_a_process_serving_another_folder(tmp
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("left", ["names a live process", "cut short"])
+def test_a_stale_postmaster_pid_does_not_keep_postgres_from_starting(tmp_path: Path, left: str) -> None:
+    """pg/postmaster.pid outlives a postmaster killed outright (the OOM killer, a reboot, a container
+    restart). pgserver takes any live process the file names (its pid reused since: a daemon, the
+    launcher itself after a container restart) for a running server and hands out its socket, where
+    nothing listens: every `make run` then failed with "database unreachable; check DATABASE_URL".
+    A file cut short (the postmaster killed while it wrote it) failed every start on pgserver's
+    assertion. Nothing of the cluster runs: the file is stale, and the server must start."""
+    with EmbeddedPostgres(tmp_path):  # a cluster made, then stopped cleanly
+        pass
+    pgdata = tmp_path / "pg"
+    other = subprocess.Popen(["sleep", "300"])  # holds the pid the stale file names
+    try:
+        lines = [str(other.pid), str(pgdata), "1700000000", "5432", str(pgdata), "", "  5432001  32768", "ready"]
+        if left == "cut short":
+            lines = lines[:4]
+        (pgdata / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        pg = EmbeddedPostgres(tmp_path)
+        try:
+            url = pg.start()
+            assert sql(url, "SELECT 1") == 1
+            assert pg.pid != other.pid
+        finally:
+            pg.stop()
+        assert other.poll() is None, "the process the stale file named was stopped"
+    finally:
+        other.kill()
+        other.wait()
