@@ -100,6 +100,14 @@ UPDATE bad_debt_payment
  WHERE id = %(id)s
 RETURNING (settle_sent->>%(invoice)s)::int - 1
 """
+# A call Stripe refused before running it was not sent after all: nothing ran, and Stripe saved no
+# answer under its key.
+UNSENT = """
+UPDATE bad_debt_payment SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s], to_jsonb(%(sent)s::int))
+ WHERE id = %(id)s
+"""
+# Refusals that come before Stripe runs a request: a rate limit, a key it does not accept.
+NOT_RUN = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
 # The customer's own money on an invoice: Stripe's invoice payments by payment intent or charge.
 # Ours is out of band (no payment object): whoever closed the invoice, these are what was paid twice.
 CUSTOMER_PAYMENTS = ("payment_intent", "charge")
@@ -127,6 +135,12 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
         invoice = client.v1.invoices.retrieve(invoice_id)  # it may have run: did it?
         if invoice.status not in SETTLED_STATUSES:
             raise  # the task retries, with a new key
+    except NOT_RUN:
+        # Counted as sent, this call would make the next one look like a retry of a call that may
+        # have paid the invoice, and a refusal then (someone else closed it meanwhile) no overpayment.
+        with unit_of_work(rt.engine) as conn:
+            conn.exec_driver_sql(UNSENT, {"invoice": invoice_id, "sent": sent_before, "id": payment_id})
+        raise
     found: dict[str, Any] = invoice.to_dict(for_json=True)
     return found, closed_by_other
 

@@ -22,7 +22,8 @@
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
   ``set_status`` moves an intent on, as Stripe would.
 
-Like Stripe it replays the first answer for a repeated Idempotency-Key, and it records every request.
+Like Stripe it replays the first answer for a repeated Idempotency-Key (not a 429's: a rate-limited
+request never ran), and it records every request.
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ class FakeStripePayments:
             if replay is not None:
                 return replay
             answer = self._route(method, path, params)
-            # Stripe keeps the result of a request that ran (5xx included) for its idempotency key.
-            if key and method == "POST":
+            # Stripe keeps the result of a request that ran (5xx included) for its idempotency key;
+            # a rate-limited one was refused before it ran: nothing is kept, the key may be sent again.
+            if key and method == "POST" and answer[0] != 429:
                 self._answers[f"{method} {path} {key}"] = answer
             return answer
 

@@ -1,0 +1,69 @@
+"""Settling a bad-debt payment: a call Stripe refused before running it is no call of ours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import stripe
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+
+from tests.conftest import post_event
+from tests.integration.bad_debt_setup import InBadDebt, intent_event, key, pay
+
+
+def charged_payment(client: FlaskClient, debtor: InBadDebt) -> int:
+    """A bad-debt payment whose success webhook came in: ready to settle."""
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    assert post_event(client, evt).status_code == 200
+    return int(response.json["payment_id"])
+
+
+def overpaid_alerts(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.exec_driver_sql(
+            "SELECT account_id, state, error, task_args FROM subs_stuck_events WHERE task_name = %(t)s",
+            {"t": "tasks.bad_debt_overpayment_refunded"}).mappings()]
+
+
+@pytest.mark.parametrize("refusal, error", [("rate_limited", stripe.RateLimitError)])
+def test_an_invoice_closed_by_someone_else_after_a_refused_first_call_is_paid_twice(
+        client, engine, runtime, debtor, stripe_fake, refusal, error):
+    """The settlement's first call is refused before it runs (a rate limit); meanwhile support marks
+    the invoice paid out of band (the customer paid by bank transfer, say). The retry finds it
+    paid: closed by someone else, not by a call of ours, so the customer paid twice."""
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_outcome = refusal
+    with pytest.raises(error):
+        settle(runtime, payment_id)
+    stripe_fake.pay_outcome = "paid"
+    # support's own call: no idempotency key of ours, and no payment of the customer's at Stripe
+    status, _ = stripe_fake.handle("POST", f"/v1/invoices/{debtor.invoice}/pay", None, {"paid_out_of_band": "true"})
+    assert status == 200
+    settled = settle(runtime, payment_id)
+    assert settled.outcome == "settled"
+    assert settled.settled_elsewhere == (debtor.invoice,) and "closed some other way" in settled.details[0]
+    [alert] = overpaid_alerts(engine)
+    assert alert["task_args"] == {"payment_id": payment_id} and alert["error"].startswith("overpaid:")
+
+
+def test_a_call_refused_before_it_ran_is_sent_again_under_the_same_key(client, engine, runtime, debtor,
+                                                                      stripe_fake):
+    """Nothing ran under the refused call's key, so the call after it is still the first: it pays
+    the invoice, and that is no overpayment."""
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_outcome = "rate_limited"
+    with pytest.raises(stripe.RateLimitError):
+        settle(runtime, payment_id)
+    stripe_fake.pay_outcome = "paid"
+    settled = settle(runtime, payment_id)
+    assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
+    keys = [c.idempotency_key for c in stripe_fake.calls if c.path.endswith("/pay")]
+    assert keys == [f"bad-debt-settle-{payment_id}-{debtor.invoice}"] * 2
+    assert overpaid_alerts(engine) == []
