@@ -7,15 +7,35 @@ from typing import Any
 from sqlalchemy import Connection
 
 from app.domain.billing_history import history
+from app.domain.entitlements import full_entitlements
+from app.domain.snapshot import Subscription
 from app.recompute.gather import gather
 
 DUNNING_SQL = """
 SELECT a.account_id, a.bad_debt, d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id,
        d.retries_used, d.outstanding_amount, d.unpaid_since, d.reasons, d.entitlements, d.version,
-       d.policy_version, d.changed_at, d.last_trigger
+       d.policy_version, d.changed_at, d.last_trigger,
+       -- No stored state yet: the subscriptions, for the entitlements that stand for it.
+       CASE WHEN d.account_id IS NULL THEN
+         (SELECT json_agg(json_build_array(s.id, s.status, s.products) ORDER BY s.id)
+            FROM stripe_subscription s
+           WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                           WHERE c.account_id = a.account_id))
+       END AS unstored_subscriptions
   FROM subs_account a LEFT JOIN subs_dunning d USING (account_id)
  WHERE a.account_id = %(account)s
 """
+
+
+def _entitlements(row: Any) -> dict[str, Any]:
+    """The stored entitlements; with no subs_dunning row yet, those of a current account (every
+    product of its active subscriptions in full): what no row stands for (the drift sweep takes it
+    so) and what its first recompute stores when nothing is unpaid, not an object with no keys."""
+    if row["version"] is not None:
+        return dict(row["entitlements"] or {})
+    subscriptions = [Subscription(id=s[0], status=s[1], products=tuple(s[2] or ()))
+                     for s in row["unstored_subscriptions"] or ()]
+    return full_entitlements(subscriptions)
 
 
 def _iso(value: Any) -> Any:
@@ -38,7 +58,7 @@ def dunning_view(conn: Connection, account_id: str) -> dict[str, Any] | None:
         "unpaid_since": _iso(row["unpaid_since"]),
         "bad_debt": bool(row["bad_debt"]),
         "reasons": row["reasons"] or [],
-        "entitlements": row["entitlements"] or {},
+        "entitlements": _entitlements(row),
         "version": row["version"] or 0,
         "policy_version": row["policy_version"],
         "changed_at": _iso(row["changed_at"]),
