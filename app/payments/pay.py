@@ -28,7 +28,7 @@ from sqlalchemy import Connection, Engine
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
-from tasks.failures import FailureKind, TaskFailure
+from tasks.failures import FailureKind, TaskFailure, retry_after_seconds
 from webhooks.store import request_recompute, upsert_row
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         # (in flight for the bad-debt payment; counted as sent if it is no longer due).
         _set_state(engine, retry_id, c.prior_state, "rate limited")
         raise TaskFailure(FailureKind.RATE_LIMITED, f"Stripe rate limit: {exc.user_message or exc}",
-                          retry_after=_retry_after(exc)) from exc
+                          retry_after=retry_after_seconds(exc.headers)) from exc
     except stripe.APIConnectionError as exc:
         # No answer: it may or may not have run. It stays charging; the task retries with the
         # same idempotency key, so if it did run Stripe replays that answer.
@@ -270,13 +270,4 @@ def _skip_closed(engine: Engine, retry_id: int, account_id: str, invoice: dict[s
         for row in mirror_rows(event_type, f"payment_retry_{retry_id}", invoice):
             upsert_row(conn, row)
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "skipped", "error": detail})
-
-
-def _retry_after(exc: stripe.StripeError) -> float | None:
-    for name, value in (exc.headers or {}).items():
-        if name.lower() == "retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                return None
     return None
