@@ -16,7 +16,15 @@ from app.db import Conflict, DatabaseUnavailable, ValueRejected
 from app.payments.pay import lock_account_payments, retry_charging, retry_payment
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
-from tasks.failures import MAX_COUNTDOWN, POLICIES, FailureKind, TaskFailure, classify, record_stuck
+from tasks.failures import (
+    MAX_COUNTDOWN,
+    POLICIES,
+    FailureKind,
+    TaskFailure,
+    classify,
+    record_stuck,
+    retry_after_seconds,
+)
 from tests.conftest import post_event, service_headers, wait_for
 from tests.fakes import fake_stripe as outcomes
 from tests.integration.dunning_setup import failed_invoice, retries
@@ -40,6 +48,15 @@ def test_every_countdown_stays_far_below_the_visibility_timeout(settings):
     assert settings.visibility_timeout >= MAX_COUNTDOWN * 4
     assert POLICIES[FailureKind.RATE_LIMITED].countdown(5, hint=7) == 7  # Retry-After wins
     assert not POLICIES[FailureKind.INVALID_DATA].retry and not POLICIES[FailureKind.PERMANENT_API_ERROR].retry
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({"Retry-After": "7"}, 7.0), ({"retry-after": "1.5"}, 1.5),  # the header's name in any case
+    ({"Retry-After": "nan"}, None), ({"Retry-After": "inf"}, None),  # a NaN countdown could not be published
+    ({"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}, None), ({"Retry-After": "soon"}, None), ({}, None), (None, None),
+])
+def test_retry_after_is_a_finite_number_of_seconds_or_nothing(headers, seconds):
+    assert retry_after_seconds(headers) == seconds
 
 
 def test_failures_are_classified_by_what_failed():
