@@ -33,7 +33,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(Conflict)
     def conflict(exc: Conflict) -> ResponseReturnValue:
         log.warning("write lost a race with a concurrent one: %s", exc)
-        return _retry_later("a concurrent write got in the way; retry later", seconds=1)
+        return _lost_race()
 
     @app.errorhandler(TimedOut)
     def timed_out(exc: TimedOut) -> ResponseReturnValue:
@@ -60,6 +60,9 @@ def register(app: Flask) -> None:
         if is_timed_out(exc):  # a statement run through SQLAlchemy (TimedOut: those on the DBAPI cursor)
             log.warning("statement cancelled after waiting too long: %s", _primary_message(exc))
             return _busy()
+        if _lost_a_race(exc):  # a deadlock or serialization failure (Conflict: those on the DBAPI cursor)
+            log.warning("write lost a race with a concurrent one: %s", _primary_message(exc))
+            return _lost_race()
         if _refused_as_data(exc):
             # SQLSTATE class 22 (data exception): PostgreSQL refused a value the request brought (a
             # \u0000 in jsonb, a number out of range, text that is not a date), as ValueRejected says
@@ -94,6 +97,12 @@ def register(app: Flask) -> None:
         return jsonify(error="internal_error", reason="unexpected error; nothing was accepted"), 500
 
 
+def _lost_a_race(exc: DBAPIError) -> bool:
+    """SQLSTATE class 40 (transaction rollback: 40001 serialization failure, 40P01 deadlock): the
+    transaction was rolled back whole, and the same request again normally goes through."""
+    return str(getattr(exc.orig, "pgcode", None) or "").startswith("40")
+
+
 def _refused_as_data(exc: DBAPIError) -> bool:
     return isinstance(exc, DataError) or str(getattr(exc.orig, "pgcode", None) or "").startswith("22")
 
@@ -107,6 +116,10 @@ def _primary_message(exc: DBAPIError) -> str:
 
 def _unavailable() -> ResponseReturnValue:
     return _retry_later("database unreachable; retry later", seconds=5)
+
+
+def _lost_race() -> ResponseReturnValue:
+    return _retry_later("a concurrent write got in the way; retry later", seconds=1)
 
 
 def _busy() -> ResponseReturnValue:

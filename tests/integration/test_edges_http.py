@@ -197,6 +197,36 @@ def test_a_statement_sqlalchemy_ran_that_timed_out_is_a_503_with_retry_after(eng
     assert response.headers["Retry-After"] == "5" and "SELECT" not in response.json["reason"]
 
 
+def test_a_statement_sqlalchemy_ran_that_lost_a_race_is_a_503_with_retry_after(engine: Engine):
+    """A serialization failure (SQLSTATE 40001; a deadlock is 40P01, of the same class) through
+    SQLAlchemy was a 500 "database error", where the same on the DBAPI cursor (Conflict) is a 503:
+    the transaction was rolled back whole and the same request again normally goes through."""
+    from app import errors
+    from app.db import unit_of_work
+
+    app = Flask(__name__)
+    errors.register(app)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE edge_race (id int PRIMARY KEY, n int); INSERT INTO edge_race VALUES (1, 0)")
+    try:
+        @app.post("/store")
+        def store() -> str:
+            with unit_of_work(engine) as conn:
+                conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                conn.exec_driver_sql("SELECT n FROM edge_race WHERE id = 1")  # the snapshot is taken here
+                with engine.begin() as other:  # a concurrent write commits after that snapshot
+                    other.exec_driver_sql("UPDATE edge_race SET n = n + 1 WHERE id = 1")
+                conn.exec_driver_sql("UPDATE edge_race SET n = n + 10 WHERE id = 1")  # 40001
+            return "stored"
+
+        response = app.test_client().post("/store")
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE edge_race")
+    assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.headers["Retry-After"] == "1" and "UPDATE" not in response.json["reason"]
+
+
 def test_a_webhook_signed_with_a_secret_set_with_a_trailing_newline_verifies(
         settings, runtime, client, accounts: Accounts, monkeypatch):
     """STRIPE_WEBHOOK_SECRET from a mounted file (`kubectl create secret --from-file`) ends in a
