@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from app.recompute.observe import observe
+from app.recompute.observe import observe, observe_failure
 from app.recompute.service import run_recompute
 from tasks.failures import MAX_COUNTDOWN, PASSING, POLICIES, classify, count_failure, record_stuck, resolve_stuck
 from tasks.runtime import runtime_for
@@ -65,6 +65,7 @@ def recompute_account(self: Task, account_id: str, trigger: str = "STATE_REFRESH
         # No clock here: run_recompute reads it once it holds the account's lock.
         result = run_recompute(rt.engine, rt.policy, account_id, trigger, coalesced=coalesced, taken=taken)
     except Exception as exc:
+        observe_failure(trigger)
         handle_failure(self, exc, account_id, {"account_id": account_id, "trigger": trigger, "cause": cause},
                        taken_request=taken[0] if taken else None)
         raise  # handle_failure always raises; this keeps type checkers honest

@@ -7,6 +7,12 @@ from app.domain.events import BadDebtEntered, BadDebtExited
 from app.recompute.service import RecomputeResult
 
 
+def observe_failure(trigger: str) -> None:
+    """A run that raised (it is retried or given up by its failure class): an outcome of its own, so
+    that failed recomputes show next to the changed and unchanged ones of the same trigger."""
+    metrics.RECOMPUTES.labels(trigger, "failed").inc()
+
+
 def observe(result: RecomputeResult) -> None:
     metrics.RECOMPUTES.labels(result.trigger, result.outcome).inc()
     if result.outcome == "unchanged":

@@ -128,6 +128,21 @@ def test_task_failures_are_counted_by_task_class_and_action(client, celery_app, 
         assert value(after, name, **labels) == value(before, name, **labels) + 1, labels
 
 
+def test_a_failed_recompute_is_counted_by_trigger_with_outcome_failed(client, celery_app):
+    """dunning_recomputes_total{trigger, outcome}: a run that raised counts as "failed", next to the
+    changed and unchanged ones. It counted nowhere (only dunning_task_failures_total, which has no
+    trigger)."""
+    import tasks.recompute  # noqa: F401  (registers the task)
+
+    task = celery_app.tasks["tasks.recompute_account"]
+    labels = {"trigger": "MANUAL", "outcome": "failed"}
+    before = value(metrics(client), "dunning_recomputes_total", **labels)
+    # An account id PostgreSQL cannot hold (a NUL character): invalid data, given up at once as dead.
+    result = task.apply(kwargs={"account_id": "acct_\x00", "trigger": "MANUAL"})
+    assert result.failed()
+    assert value(metrics(client), "dunning_recomputes_total", **labels) == before + 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
