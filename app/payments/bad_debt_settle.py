@@ -101,9 +101,12 @@ UPDATE bad_debt_payment
 RETURNING (settle_sent->>%(invoice)s)::int - 1
 """
 # A call Stripe refused before running it was not sent after all: nothing ran, and Stripe saved no
-# answer under its key.
+# answer under its key. With none sent before it, the invoice is not one a call of ours may have
+# paid (a refund before settlement names those for an operator).
 UNSENT = """
-UPDATE bad_debt_payment SET settle_sent = jsonb_set(settle_sent, ARRAY[%(invoice)s], to_jsonb(%(sent)s::int))
+UPDATE bad_debt_payment
+   SET settle_sent = CASE WHEN %(sent)s::int = 0 THEN settle_sent - %(invoice)s
+                          ELSE jsonb_set(settle_sent, ARRAY[%(invoice)s], to_jsonb(%(sent)s::int)) END
  WHERE id = %(id)s
 """
 # Refusals that come before Stripe runs a request: a rate limit, a key it does not accept.

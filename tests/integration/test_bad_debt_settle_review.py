@@ -67,3 +67,22 @@ def test_a_call_refused_before_it_ran_is_sent_again_under_the_same_key(client, e
     keys = [c.idempotency_key for c in stripe_fake.calls if c.path.endswith("/pay")]
     assert keys == [f"bad-debt-settle-{payment_id}-{debtor.invoice}"] * 2
     assert overpaid_alerts(engine) == []
+
+
+def test_a_charge_refunded_after_a_refused_settlement_call_names_no_invoice_as_maybe_paid(
+        client, engine, runtime, debtor, stripe_fake):
+    """A refund before settlement names the invoices a call of ours may have paid out of band; one
+    refused before it ran paid nothing."""
+    from app.payments.bad_debt_settle import settle
+    from tests.integration.bad_debt_setup import payments, refund
+
+    payment_id = charged_payment(client, debtor)
+    stripe_fake.pay_outcome = "rate_limited"
+    with pytest.raises(stripe.RateLimitError):
+        settle(runtime, payment_id)
+    [row] = payments(engine, debtor.account)
+    assert row["settle_sent"] == {}
+    refund(client, debtor, row["stripe_payment_intent_id"])
+    assert settle(runtime, payment_id).outcome == "refunded"
+    assert payments(engine, debtor.account)[0]["state"] == "failed"
+    assert overpaid_alerts(engine) == []  # refunded in full, nothing paid out of band: nothing to look at
