@@ -142,7 +142,8 @@ def derive_events(
     if desired.status == Status.LIFTING and before.status != Status.LIFTING:
         events.append(BadDebtLifting(since=decision.lifting_since.isoformat() if decision.lifting_since else None))
     if before.status in (Status.BAD_DEBT, Status.LIFTING) and desired.status in (Status.CURRENT, Status.PAST_DUE):
-        duration = int((now - bad_debt_entered_at).total_seconds()) if bad_debt_entered_at else None
+        # Whole seconds, never below zero: what the closed episode row records (apply._episode).
+        duration = max(0, int((now - bad_debt_entered_at).total_seconds())) if bad_debt_entered_at else None
         how = decision.resolution or "recomputed"
         events.append(BadDebtExited(how=how, duration_seconds=duration))
 

@@ -98,7 +98,8 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
         # The decision has no bad-debt products any more: the episode remembers which they were.
         closed = conn.exec_driver_sql(
             "UPDATE bad_debt_episode SET exited_at = %(now)s, exit_how = %(how)s, "
-            "duration_seconds = GREATEST(0, EXTRACT(EPOCH FROM (%(now)s - entered_at)))::bigint "
+            # Whole seconds cut down, as BadDebtExited counts them (a cast would round).
+            "duration_seconds = GREATEST(0, FLOOR(EXTRACT(EPOCH FROM (%(now)s - entered_at))))::bigint "
             "WHERE account_id = %(account)s AND exited_at IS NULL RETURNING products",
             {"account": snapshot.account_id, "now": now, "how": decision.resolution or "recomputed"},
         ).fetchall()
