@@ -9,6 +9,8 @@ outright (SIGKILL) left running, and never a process that merely got the same pi
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import multiprocessing
 import os
 import queue
@@ -28,6 +30,7 @@ KILL_WAIT = 5.0  # seconds from the stop to SIGKILL for what has not exited (hon
 # Ctrl-C, SIGTERM and a closed terminal or dropped SSH session (SIGHUP) all stop the fleet.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FLEET_FILE = "fleet.pid"  # this launcher and the process groups of its fleet
+LOCK_FILE = "run.lock"  # locked by the launcher that uses the data folder, for as long as it runs
 READY_TIMEOUT = 120.0
 
 
@@ -316,13 +319,11 @@ def claim_data_dir(data_dir: Path) -> bool:
     )
 
     path = data_dir / FLEET_FILE
+    _lock_data_dir(data_dir)
     record = read_pidfile(path)
     owner = record.get("owner_pid")
     if owner and owner != os.getpid() and live_process(owner, record.get("owner_started")):
-        raise LaunchError(
-            f"another `dunning run` (pid {owner}) uses the data folder {data_dir}; stop it first "
-            "or choose another folder with --data-dir"
-        )
+        raise LaunchError(_in_use(data_dir, owner))
     # The helpers first: blocked writing to the dead launcher's full queue, they no longer read
     # their programs' output, so a program stopping may block writing its last lines (Flower's
     # threads then keep its port after its main thread is gone). The very processes recorded,
@@ -357,6 +358,46 @@ def claim_data_dir(data_dir: Path) -> bool:
     return bool(helpers or leftovers)
 
 
+def _in_use(data_dir: Path, owner: Any) -> str:
+    who = f" (pid {owner})" if owner else ""
+    return (f"another `dunning run`{who} uses the data folder {data_dir}; stop it first or choose another "
+            "folder with --data-dir")
+
+
+_held_locks: dict[Path, int] = {}  # data folder lock file -> its descriptor, held by this process
+
+
+def _lock_data_dir(data_dir: Path) -> None:
+    """Hold the data folder's lock, or refuse it. The fleet file alone let two launchers started
+    together both find the folder free (each read it before the other wrote it), and run two fleets
+    on it. A POSIX record lock: the kernel drops it when its process ends, however it ends (SIGKILL
+    too), and a forked child (honcho's helpers, which a launcher killed outright leaves behind) does
+    not inherit it. Only one descriptor per file: closing any would release it."""
+    from app.embedded import live_process, read_pidfile
+
+    path = data_dir / LOCK_FILE
+    if path in _held_locks:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        record = read_pidfile(data_dir / FLEET_FILE)  # who, once it has said so
+        owner = record.get("owner_pid")
+        live = live_process(owner, record.get("owner_started"))
+        raise LaunchError(_in_use(data_dir, owner if live else None)) from None
+    _held_locks[path] = fd
+
+
+def _unlock_data_dir(data_dir: Path) -> None:
+    fd = _held_locks.pop(data_dir / LOCK_FILE, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _recorded(items: Any) -> list[tuple[int, Any]]:
     """The (pid, start time) pairs of a fleet file's list; a malformed entry is skipped."""
     pairs = []
@@ -374,6 +415,7 @@ def release_data_dir(data_dir: Path) -> None:
     path = data_dir / FLEET_FILE
     if read_pidfile(path).get("owner_pid") == os.getpid():
         path.unlink(missing_ok=True)
+    _unlock_data_dir(data_dir)
 
 
 def _recorded_process(pid: int, started: Any) -> bool:

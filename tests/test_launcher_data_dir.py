@@ -1,0 +1,107 @@
+"""`dunning run` and its data folder: one fleet per folder, and a folder it cannot use said plainly.
+Real launcher processes on a temporary data folder, a stand-in Procfile (no ports)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import psutil
+
+from app.embedded import create_time, wait_for, write_pidfile
+from tests.test_launcher import REPO, STOP_TIMEOUT, dunning_command, fleet_env, gone
+
+START_TIMEOUT = 60.0
+
+# Stands for a Redis a launcher killed outright left running: named redis, it notes the SIGTERM that
+# the next launcher sends it and does not exit, so that launcher waits for it, mid-claim.
+STUBBORN_REDIS = textwrap.dedent("""
+    import signal, sys, threading
+    from pathlib import Path
+    Path("/proc/self/comm").write_text("redis-leftover")
+    signal.signal(signal.SIGTERM, lambda *_: Path(sys.argv[1]).write_text("SIGTERM"))
+    threading.Event().wait()
+""")
+
+
+def launch(data_dir: Path, log: Path, procfile: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*dunning_command(), "run", "--data-dir", str(data_dir)], cwd=REPO, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True, env=fleet_env(DUNNING_PROCFILE=str(procfile)),
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C: the launcher stops what it started (its private servers included)."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def kill_programs(marker: str) -> None:
+    """The stand-in programs (``sleep <marker>``) a launcher killed by the test left."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.info["cmdline"] == ["sleep", marker] and not gone(proc):
+            proc.kill()
+
+
+def test_two_launchers_at_once_never_run_two_fleets_on_one_data_folder(tmp_path: Path) -> None:
+    """Two `make run` at once on one folder, after a run killed outright: each read the dead run's
+    fleet file, each took it for free while the other was stopping the leftovers, and two fleets
+    ran, sharing the private PostgreSQL (either one stopping it under the other) with two Redis
+    servers writing one dump.rdb. The second launcher must be refused while the first claims."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    marker = f"3600.{uuid.uuid4().int % 10**9}"
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"program: exec sleep {marker}\n")
+    noted = tmp_path / "sigterm"
+    leftover = subprocess.Popen([sys.executable, "-c", STUBBORN_REDIS, str(noted)])
+    dead_owner = subprocess.Popen(["true"])
+    dead_owner.wait()
+    first = second = None
+    try:
+        wait_for(lambda: psutil.Process(leftover.pid).name() == "redis-leftover", 10, "the leftover's name")
+        write_pidfile(data_dir / "redis.pid", {"owner_pid": dead_owner.pid, "owner_started": 0.0,
+                                               "server_pid": leftover.pid,
+                                               "server_started": create_time(leftover.pid)})
+        first = launch(data_dir, tmp_path / "first.log", procfile)
+        # The first launcher is claiming the folder: it waits for the leftover it told to stop.
+        wait_for(lambda: noted.exists() or first.poll() is not None, START_TIMEOUT, "the leftover's SIGTERM")
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        first.send_signal(signal.SIGSTOP)  # held there, mid-claim
+        leftover.kill()
+        leftover.wait()
+
+        second = launch(data_dir, tmp_path / "second.log", procfile)
+        second_log = tmp_path / "second.log"
+        wait_for(lambda: second.poll() is not None or "program started" in second_log.read_text(),
+                 START_TIMEOUT, "the second launcher to start its fleet or give up")
+        output = second_log.read_text()
+        assert second.poll() == 1, output
+        assert "another `dunning run`" in output and str(data_dir) in output
+        assert "Traceback" not in output
+
+        first.send_signal(signal.SIGCONT)  # the first one goes on, and starts its fleet
+        first_log = tmp_path / "first.log"
+        wait_for(lambda: first.poll() is not None or "program started" in first_log.read_text(),
+                 START_TIMEOUT, "the first launcher's fleet")
+        assert first.poll() is None, first_log.read_text()
+    finally:
+        for proc in (second, first):
+            if proc is not None:
+                stop(proc)
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
+        kill_programs(marker)
