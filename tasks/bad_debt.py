@@ -115,8 +115,9 @@ def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
         handle_failure(self, _as_failure(exc), account_of(rt.engine, ACCOUNT, int(payment_id)), args, per_args=True)
         raise
     metrics.BAD_DEBT_RECONCILED.labels(result.outcome).inc()
-    if self.request.retries:
-        resolve_stuck(rt.engine, RECONCILE, result.account_id, args)
+    # Also in a run beat sent afresh (no retries of its own) after an earlier run gave up: its row,
+    # dead or retrying, is this payment's. One UPDATE of this payment's rows; reconciliations are few.
+    resolve_stuck(rt.engine, RECONCILE, result.account_id, args)
     if result.settle is not None:  # if the broker is down, the settlement sweep finds it (pending, charged)
         enqueue_settlement(self.app, result.settle)
     if result.enqueue and result.account_id:

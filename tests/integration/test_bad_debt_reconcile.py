@@ -94,6 +94,30 @@ def test_a_charge_behind_a_server_error_is_found_by_beat_and_settles_the_debt(cl
     assert [c.path for c in stripe_fake.invoice_payments()] == [f"/v1/invoices/{debtor.invoice}/pay"]
 
 
+def test_a_reconciliation_that_succeeds_resolves_the_row_an_earlier_one_gave_up(client, engine, runtime, debtor,
+                                                                              stripe_fake, celery_app):
+    """A check that gave up (dead, for an operator) and a later one beat sent afresh that succeeds:
+    the row is resolved. It stayed dead, the payment long settled, because only a retry of the
+    same task resolved it."""
+    from tasks.failures import FailureKind, record_stuck
+
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id = response.json["payment_id"]
+    backdate(engine, payment_id, LATER)
+    args = {"payment_id": payment_id}
+    assert record_stuck(engine, RECONCILE, args, debtor.account, FailureKind.PERMANENT_API_ERROR,
+                        "StripeError: an earlier check", 1, "dead", per_args=True)
+
+    result = celery_app.tasks[RECONCILE].apply(args=[payment_id])  # beat's next check: no retries of its own
+    assert result.successful(), result.traceback
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT state FROM subs_stuck_events WHERE task_name = %(t)s AND account_id = %(a)s",
+            {"t": RECONCILE, "a": debtor.account}).scalars().all()
+    assert rows == ["resolved"]
+
+
 def test_a_processing_intent_is_left_until_stripe_decides(client, engine, runtime, debtor, stripe_fake):
     stripe_fake.intent_outcome = "processing"
     response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
