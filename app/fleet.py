@@ -414,7 +414,9 @@ def release_data_dir(data_dir: Path) -> None:
 
     path = data_dir / FLEET_FILE
     if read_pidfile(path).get("owner_pid") == os.getpid():
-        path.unlink(missing_ok=True)
+        # A disk remounted read-only meanwhile keeps the file: the next run finds its owner gone.
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     _unlock_data_dir(data_dir)
 
 

@@ -289,6 +289,14 @@ def load_local_credentials(env: Mapping[str, str], data_dir: Path) -> tuple[dict
     return chosen, made
 
 
+def unusable_data_dir(exc: OSError, data_dir: Path) -> str:
+    """What the launcher says when a file of its data folder cannot be made or written: the folder is
+    a file, read-only, not this user's, or its disk is full (the launcher's only files are there)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{exc.strerror or exc.__class__.__name__}{where}: the data folder {data_dir} must be a folder this "
+            "user can write, on a disk with free space; choose another with --data-dir or DUNNING_DATA_DIR")
+
+
 class Launcher:
     def __init__(self, data_dir: Path, env: Mapping[str, str]) -> None:
         self.data_dir = data_dir
@@ -309,6 +317,9 @@ class Launcher:
                     return 0
                 if isinstance(exc, LaunchError):
                     print(f"error: {exc}", file=sys.stderr, flush=True)
+                    return 1
+                if isinstance(exc, OSError):
+                    print(f"error: {unusable_data_dir(exc, self.data_dir)}", file=sys.stderr, flush=True)
                     return 1
                 raise
             finally:

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 
 from app.embedded import create_time, wait_for, write_pidfile
 from tests.test_launcher import REPO, STOP_TIMEOUT, dunning_command, fleet_env, gone
@@ -105,3 +106,19 @@ def test_two_launchers_at_once_never_run_two_fleets_on_one_data_folder(tmp_path:
             leftover.kill()
             leftover.wait()
         kill_programs(marker)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path, where: str) -> None:
+    """A data folder the launcher cannot make or write (a file in its place, a read-only disk, a full
+    one) was an OSError traceback from `make run`; it must say what is wrong and where."""
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder\n")
+    data_dir = taken if where == "a file" else taken / "data"
+    run = subprocess.run([*dunning_command(), "run", "--data-dir", str(data_dir)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60,
+                         env=fleet_env(DUNNING_PROCFILE=str(REPO / "Procfile")))
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert f"the data folder {data_dir} must be a folder" in run.stderr, run.stderr
+    assert str(taken) in run.stderr
