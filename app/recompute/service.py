@@ -30,6 +30,14 @@ LOCK_AND_TAKE_SQL = (
     "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger, touched_at"
 )
 
+# Stuck work of this task for the account (tasks/recompute.py: a run that kept failing, retrying or
+# dead): every run is the full re-evaluation, so once one succeeds the failed one has nothing left to
+# do. Another task's stuck work (a payment retry) is that task's to resolve.
+RESOLVE_STUCK_SQL = """
+UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now()
+ WHERE task_name = 'tasks.recompute_account' AND account_id = %(account)s AND state <> 'resolved'
+"""
+
 
 @dataclass
 class RecomputeResult:
@@ -88,6 +96,8 @@ def run_recompute(
         decision = compute(snapshot, policy, now)
         t2 = time.perf_counter()
         applied = apply(conn, snapshot, version, decision, trigger, now)
+        if snapshot.open_stuck_events:  # gather counted them: no statement when there are none
+            conn.exec_driver_sql(RESOLVE_STUCK_SQL, {"account": account_id})
         t3 = time.perf_counter()
     timings.update(gather=t1 - t0, compute=t2 - t1, apply=t3 - t2, commit=time.perf_counter() - t3)
     return RecomputeResult(account_id, trigger, "changed" if applied.wrote else "unchanged", decision, applied, timings)
