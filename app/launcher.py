@@ -247,6 +247,28 @@ def check_ports(processes: Mapping[str, str], ports: Mapping[str, int]) -> None:
         seen[number] = name
 
 
+# Where the launcher fills in what the environment leaves unset, a value of the right form stands in
+# while the settings are checked: the private servers have no URL yet, the credentials are generated.
+SETTINGS_STAND_INS = {
+    "DATABASE_URL": "postgresql://postgres@localhost/postgres",
+    "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+}
+
+
+def check_settings(env: Mapping[str, str]) -> None:
+    """The settings and policy file every process of the fleet reads at its start, checked once
+    before anything starts: ConfigError or PolicyFileError, naming what is wrong. Else the private
+    servers and the fleet started, and web, worker, beat and Flower each died with a traceback."""
+    from app.config import Settings
+    from app.policy_file import load_policy
+
+    checked = dict(env)
+    for name, stand_in in SETTINGS_STAND_INS.items():
+        if not env.get(name, "").strip():
+            checked[name] = stand_in
+    load_policy(Settings.from_env(checked).policy_path)
+
+
 def local_credentials(env: Mapping[str, str], data_dir: Path) -> dict[str, str]:
     """Values for the credentials the environment leaves unset, kept in the data folder so a
     second run (and anything configured with them, e.g. `stripe listen`) keeps working."""
@@ -356,6 +378,7 @@ class Launcher:
         check_ports(processes, {"PORT": port, "FLOWER_PORT": flower_port, **_worker_metrics_port(env)})
         flower_env = ({**flower_api_env(env, flower_host, flower_port), "FLOWER_ADDRESS": flower_host}
                       if "flower" in processes else {})
+        check_settings(env)
         patience = PORT_WAIT if left_behind else 0.0
         if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):
             raise LaunchError(f"port {port} is in use; choose another with PORT=...")

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.embedded import create_time, wait_for, write_pidfile
+from app.embedded import create_time, free_port, wait_for, write_pidfile
 from tests.test_launcher import REPO, STOP_TIMEOUT, dunning_command, fleet_env, gone
 
 START_TIMEOUT = 60.0
@@ -122,3 +122,28 @@ def test_a_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path, wher
     assert "Traceback" not in run.stderr, run.stderr
     assert f"the data folder {data_dir} must be a folder" in run.stderr, run.stderr
     assert str(taken) in run.stderr
+
+
+@pytest.mark.parametrize(("name", "value", "said"), [
+    ("CELERY_VISIBILITY_TIMEOUT", "10", "CELERY_VISIBILITY_TIMEOUT must be at least 185 seconds"),
+    ("SUPPORT_TOKENS", "no-actor-named", "SUPPORT_TOKENS entries must look like actor:token"),
+    ("DUNNING_POLICY", "/nonexistent/policy.toml", "policy file /nonexistent/policy.toml (DUNNING_POLICY) does not"),
+    ("STRIPE_WEBHOOK_SECRET", "whsec_one two", "STRIPE_WEBHOOK_SECRET holds whitespace inside it"),
+])
+def test_a_setting_every_process_refuses_stops_make_run_before_anything_starts(
+        tmp_path: Path, name: str, value: str, said: str) -> None:
+    """`make run` checked DATABASE_URL and CELERY_BROKER_URL only: with any other setting the fleet's
+    processes refuse (a visibility timeout too short, a malformed token list, a missing policy file),
+    it started the private servers and the fleet, and web, worker, beat and Flower each died with a
+    traceback. The launcher must refuse it first, as each process would, and start nothing."""
+    data_dir = tmp_path / "data"
+    run = subprocess.run(
+        [*dunning_command(), "run", "--data-dir", str(data_dir)], cwd=REPO, capture_output=True, text=True,
+        timeout=120, env=fleet_env(PORT=str(free_port()), FLOWER_PORT=str(free_port()),
+                                   WORKER_METRICS_PORT=str(free_port()), **{name: value}),
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output
+    assert said in run.stderr, output
+    assert "Traceback" not in output, output
+    assert not (data_dir / "pg").exists(), "a private server was started"
