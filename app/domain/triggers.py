@@ -37,6 +37,7 @@ STATE_REFRESH_EVENTS = frozenset({
     "charge.refunded",
     "charge.succeeded",
     "payment_intent.succeeded",
+    "payment_intent.canceled",  # an attempt ended with no money: what waited for its outcome goes on
     # An attempt in flight (a bank debit processing, a 3-D Secure challenge open): retries and bad
     # debt wait for its outcome, so the mirror must know of it.
     "payment_intent.processing",

@@ -87,6 +87,9 @@ def _meta_id(intent: Mapping[str, Any]) -> int:
 
 
 def failure_reason(intent: Mapping[str, Any]) -> str:
+    if intent.get("status") == "canceled":
+        reason = intent.get("cancellation_reason")
+        return f"canceled: {reason}" if isinstance(reason, str) and reason else "canceled"
     error = intent.get("last_payment_error")
     if not isinstance(error, Mapping):
         return "declined"
@@ -94,7 +97,10 @@ def failure_reason(intent: Mapping[str, Any]) -> str:
     return f"declined: {code}"
 
 
-INTENT_OUTCOMES = ("payment_intent.succeeded", "payment_intent.payment_failed")
+# A cancelled intent (an operator at Stripe, or Stripe itself) ends the payment with no money, as
+# a decline does: the account goes back to bad debt now, not at the reconciliation past the guard.
+FAILED_OUTCOMES = ("payment_intent.payment_failed", "payment_intent.canceled")
+INTENT_OUTCOMES = ("payment_intent.succeeded", *FAILED_OUTCOMES)
 REFUNDED = "charge.refunded"
 # The alert of a payment refunded after it settled; its task only acknowledges (tasks/bad_debt.py).
 REFUNDED_AFTER_SETTLEMENT_TASK = "tasks.bad_debt_refund_after_settlement_reviewed"
@@ -123,7 +129,7 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         if state == "succeeded":
             refunded_after_settlement(conn, account_id, payment_id, int(row[2]), row[3] or [], intent)
         return None
-    if event_type == "payment_intent.payment_failed":
+    if event_type in FAILED_OUTCOMES:
         return mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
     conn.exec_driver_sql(NOTE_INTENT, {"pi": payment_intent, "id": payment_id})
     if state == "failed":

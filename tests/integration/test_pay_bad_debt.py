@@ -384,6 +384,27 @@ def test_the_failure_webhook_returns_the_account_to_bad_debt_with_the_reason(cli
     assert stripe_fake.invoice_payments() == []
 
 
+@pytest.mark.worker
+def test_an_intent_cancelled_at_stripe_returns_the_account_to_bad_debt_at_once(client, engine, debtor, stripe_fake,
+                                                                             worker):
+    """payment_intent.canceled (an operator cancelled the intent at Stripe) ends the payment with no
+    money, as a decline does. It was stored and ignored: the account stayed lifting until the
+    reconciliation past the 30-minute guard window."""
+    stripe_fake.intent_outcome = "processing"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    wait_for(lambda: dunning_row(engine, debtor.account)["status"] == "lifting", message="lifting")
+
+    evt = intent_event("failed", debtor, response.json["stripe_payment_intent_id"], response.json["payment_id"])
+    evt["type"] = "payment_intent.canceled"
+    evt["data"]["object"].update(status="canceled", cancellation_reason="requested_by_customer",
+                                 last_payment_error=None)
+    assert post_event(client, evt).json["state"] == "accepted"
+    wait_for(lambda: dunning_row(engine, debtor.account)["status"] == "bad_debt", message="back in bad debt")
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed" and row["failure_reason"] == "canceled: requested_by_customer"
+    assert stripe_fake.invoice_payments() == []
+
+
 def stuck_rows(engine: Engine, task: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.exec_driver_sql(
