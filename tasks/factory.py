@@ -13,8 +13,17 @@ from app.policy_file import load_policy
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
 
+# Imported by every worker at start (tasks.killed holds no task: its signal handlers run in the
+# worker's main process).
 TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.outbox", "tasks.stuck", "tasks.sweeps",
-                "tasks.bad_debt", "tasks.metrics", "tasks.diagnostics"]
+                "tasks.bad_debt", "tasks.metrics", "tasks.diagnostics", "tasks.killed"]
+
+# A task whose pool child died under it (out of memory, a crash) is sent again after this many
+# seconds, as a retry, while its retries (all of them, its failure class's included) are fewer than
+# LOST_WORKER_RETRIES; then it is failed and recorded as dead stuck work (tasks/killed.py) rather
+# than requeued for ever. Our own failure handling always passes its own max_retries.
+LOST_WORKER_DELAY = 2
+LOST_WORKER_RETRIES = 3
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -52,7 +61,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         # A task is acknowledged when it finishes; a worker that dies mid-task gives it back.
         "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
+        "task_reject_on_worker_lost": True,  # used when the retry below cannot be sent (broker down)
+        "task_retry_on_worker_lost": True,
+        "task_annotations": {"*": {"default_retry_delay": LOST_WORKER_DELAY, "max_retries": LOST_WORKER_RETRIES}},
         "worker_prefetch_multiplier": 1,
         # Flower sees every state: sent, received, started, retried, failed, succeeded.
         "worker_send_task_events": True,

@@ -38,6 +38,7 @@ class FailureKind(StrEnum):
     INVALID_DATA = "invalid_data"
     PERMANENT_API_ERROR = "permanent_api_error"
     UNEXPECTED = "unexpected"
+    KILLED = "killed"  # the task's process died under it, or was killed at the hard time limit (tasks/killed.py)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ POLICIES: dict[FailureKind, FailurePolicy] = {
     FailureKind.INVALID_DATA: FailurePolicy(False, 0, 0),
     FailureKind.PERMANENT_API_ERROR: FailurePolicy(False, 0, 0),
     FailureKind.UNEXPECTED: FailurePolicy(True, 3, 5.0),
+    # Never raised inside a task: Celery retries a lost child's task itself (tasks/factory.py).
+    FailureKind.KILLED: FailurePolicy(False, 0, 0),
 }
 
 
