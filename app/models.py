@@ -517,5 +517,9 @@ class AuditLog(Base):
     account_id: Mapped[str | None] = mapped_column(Text, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
 
+    # GET /support/tasks/<id>: the recompute support started, by its task id (asked every 300 ms).
+    __table_args__ = (Index("ix_audit_log_recompute_task", text("(detail->>'task_id')"),
+                            postgresql_where=text("action = 'recompute'")),)
+
 
 tables = Base.metadata.tables

@@ -23,10 +23,12 @@ def add_detail(conn: Connection, entry: int, detail: dict[str, Any]) -> None:
                          {"detail": Json(detail), "id": entry})
 
 
+# Its expression and condition are those of the index ix_audit_log_recompute_task.
+TASK_ACCOUNT_SQL = ("SELECT account_id FROM audit_log WHERE action = 'recompute' AND detail->>'task_id' = %(task)s "
+                    "LIMIT 1")
+
+
 def recompute_task_account(conn: Connection, task_id: str) -> str | None:
     """The account of a recompute that support started, or None for a task support never started."""
-    row = conn.exec_driver_sql(
-        "SELECT account_id FROM audit_log WHERE action = 'recompute' AND detail->>'task_id' = %(task)s LIMIT 1",
-        {"task": task_id},
-    ).first()
+    row = conn.exec_driver_sql(TASK_ACCOUNT_SQL, {"task": task_id}).first()
     return str(row[0]) if row is not None else None

@@ -228,3 +228,14 @@ def test_the_account_page_is_read_at_one_moment(client, engine, runtime, account
     view = account_view_of(engine, account, datetime.now(UTC), 30)
     assert view is not None
     assert (view["dunning"]["version"], view["invoices"][0]["label"]) == (1, "Past due")
+
+
+def test_a_task_status_finds_its_audit_row_by_an_index(engine: Engine):
+    """The support page asks for a recompute's status every 300 ms; each ask read the whole audit log."""
+    from app.support.audit import TASK_ACCOUNT_SQL
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # the plan the index allows, on any table size
+        plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + TASK_ACCOUNT_SQL, {"task": "t-1"}))
+    assert "ix_audit_log_recompute_task" in plan, plan
+
