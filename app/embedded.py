@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -48,6 +48,11 @@ STOP_TIMEOUT = 20.0
 # folder initialised by one major version cannot be served by another: pinned, so that a data
 # folder made by an earlier release (PostgreSQL 16) keeps working.
 PG_MAJOR = 16
+# How long the private PostgreSQL may take to accept connections. pgserver gives pg_ctl 10 s; after an
+# unclean stop (the postmaster killed outright, a power cut) PostgreSQL first replays its WAL since
+# the last checkpoint, which may take minutes: stopped half-way at 10 s, it started over, and failed
+# again, on every run. Ctrl-C still stops a start that waits.
+PG_START_TIMEOUT = 600
 
 
 class EmbeddedServerError(RuntimeError):
@@ -166,8 +171,22 @@ def _pgserver() -> Any:
     if not getattr(pg_module, "_dunning_patched", False):
         patched = _socket_dir_without_spaces(pg_module.find_suitable_socket_dir)
         setattr(pg_module, "find_suitable_socket_dir", patched)  # noqa: B010
+        setattr(pg_module, "pgexec", _patient_start(pg_module.pgexec))  # noqa: B010
         setattr(pg_module, "_dunning_patched", True)  # noqa: B010
     return pgserver
+
+
+def _patient_start(pgexec: Callable[..., str]) -> Callable[..., str]:
+    """pgserver's ``pgexec``, with ``pg_ctl start`` waiting up to PG_START_TIMEOUT (its own ``-t``
+    and the subprocess's timeout) instead of pgserver's 10 s."""
+
+    def run(command: str, args: Sequence[str], bin_path: Path, **kwargs: Any) -> str:
+        if command == "pg_ctl" and "start" in args:
+            args = ("-t", str(PG_START_TIMEOUT), *args)
+            kwargs["timeout"] = PG_START_TIMEOUT + 30
+        return pgexec(command, args, bin_path, **kwargs)
+
+    return run
 
 
 SocketDirChooser = Callable[[Path, Path], Path]

@@ -323,3 +323,23 @@ def test_a_stale_postmaster_pid_does_not_keep_postgres_from_starting(tmp_path: P
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_postgres_slow_to_accept_connections_is_waited_for(tmp_path: Path) -> None:
+    """After an unclean stop PostgreSQL replays its WAL before it accepts connections, which may take
+    longer than the 10 s pgserver gives pg_ctl: the start failed, the launcher stopped the server
+    mid-recovery, and the next run started the same recovery over, and failed the same way. Here a
+    recovery slowed by its restore_command (each call takes 6 s) stands for a long one."""
+    with EmbeddedPostgres(tmp_path) as first:
+        url = first.url
+        sql(url, "CREATE TABLE kept (v text)")
+        sql(url, "INSERT INTO kept VALUES ('recovered')")
+    pgdata = tmp_path / "pg"
+    with open(pgdata / "postgresql.auto.conf", "a") as conf:
+        conf.write("restore_command = 'sleep 6; exit 1'\n")
+    (pgdata / "recovery.signal").touch()
+    pg = EmbeddedPostgres(tmp_path)
+    try:
+        assert sql(pg.start(), "SELECT v FROM kept") == "recovered"
+    finally:
+        pg.stop()
