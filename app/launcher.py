@@ -312,11 +312,20 @@ def load_local_credentials(env: Mapping[str, str], data_dir: Path) -> tuple[dict
 
 
 def unusable_data_dir(exc: OSError, data_dir: Path) -> str:
-    """What the launcher says when a file of its data folder cannot be made or written: the folder is
-    a file, read-only, not this user's, or its disk is full (the launcher's only files are there)."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    return (f"{exc.strerror or exc.__class__.__name__}{where}: the data folder {data_dir} must be a folder this "
-            "user can write, on a disk with free space; choose another with --data-dir or DUNNING_DATA_DIR")
+    """What the launcher says when a file cannot be made or written. In the data folder (or with no
+    file named: a write to a full disk) the folder is at fault: it is a file, read-only, not this
+    user's, or its disk is full."""
+    reason = exc.strerror or exc.__class__.__name__
+    if exc.filename and not _in_folder(Path(os.fsdecode(exc.filename)), data_dir):
+        return f"{reason}: {os.fsdecode(exc.filename)}"
+    where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+    return (f"{reason}{where}: the data folder {data_dir} must be a folder this user can write, on a disk "
+            "with free space; choose another with --data-dir or DUNNING_DATA_DIR")
+
+
+def _in_folder(path: Path, folder: Path) -> bool:
+    path = path.absolute()
+    return path == folder or folder in path.parents
 
 
 class Launcher:
