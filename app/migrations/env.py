@@ -1,5 +1,7 @@
 """Alembic environment: the URL comes from the caller (``dunning db upgrade``)."""
 
+import contextlib
+
 from alembic import context
 from sqlalchemy import create_engine, pool
 
@@ -25,9 +27,17 @@ def run_migrations_online() -> None:
             context.configure(connection=connection, target_metadata=target_metadata)
             with context.begin_transaction():
                 context.run_migrations()
-        finally:
-            connection.exec_driver_sql("SELECT pg_advisory_unlock(7281001)")
-            connection.commit()
+        except BaseException:
+            # The migration's own error is the one to raise: unlocking inside its aborted transaction
+            # would fail with "current transaction is aborted" and hide it. A session lock outlives
+            # the rollback; if even that fails, the connection's close (NullPool) frees the lock.
+            with contextlib.suppress(Exception):
+                connection.rollback()
+                connection.exec_driver_sql("SELECT pg_advisory_unlock(7281001)")
+                connection.commit()
+            raise
+        connection.exec_driver_sql("SELECT pg_advisory_unlock(7281001)")
+        connection.commit()
 
 
 if context.is_offline_mode():

@@ -51,3 +51,15 @@ def test_recompute_by_a_user_who_may_not_read_the_tables_says_so(empty_database:
     assert done.returncode == 2, done.stderr[-600:]
     assert "Traceback" not in done.stderr, done.stderr[-600:]
     assert done.stderr.startswith("error: ") and "permission denied for table" in done.stderr
+
+
+def test_a_migration_refused_raises_the_refusal_not_the_aborted_transaction(unprivileged: str) -> None:
+    """app.migrate.upgrade (the CLI, make run, the tests): Alembic's environment unlocked its
+    advisory lock inside the aborted transaction, so the error raised was "current transaction is
+    aborted" and the refusal itself was only its context."""
+    from sqlalchemy.exc import ProgrammingError
+
+    with pytest.raises(ProgrammingError) as raised:
+        upgrade(unprivileged)
+    assert "permission denied for schema public" in str(raised.value)
+    assert getattr(raised.value.orig, "pgcode", None) == "42501"
