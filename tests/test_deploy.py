@@ -76,3 +76,12 @@ def test_the_worker_metrics_port_is_declared() -> None:
     assert "WORKER_METRICS_PORT:-9808" in launcher.procfile_processes({})["worker"]
     ports = {p["name"]: p["containerPort"] for p in _k8s_container("worker")["ports"]}
     assert ports["metrics"] == 9808
+
+
+@pytest.mark.parametrize("name", ["SECRET_KEY", "FLOWER_PASSWORD"])
+def test_compose_has_no_default_for_a_login_secret(name: str) -> None:
+    """A trial default ("change-me") for Flower's login or the session key would be a known password
+    on a Flower whose API can run tasks.retry_payment: compose refuses to start without them."""
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    assert f"${{{name}:?" in text
+    assert f"${{{name}:-" not in text and f"${{{name}-" not in text and f"${{{name}}}" not in text
