@@ -85,7 +85,7 @@ def test_a_task_killed_at_its_hard_time_limit_becomes_dead_stuck_work(celery_app
     from billiard.exceptions import TimeLimitExceeded
     from celery.signals import task_failure
 
-    import tasks.killed  # noqa: F401  (connects the handlers, as a worker's start does)
+    import tasks.killed  # connects the handlers, as a worker's start does
     import tasks.recompute  # noqa: F401  (registers the task)
 
     account, _ = accounts.create()
