@@ -1,0 +1,58 @@
+"""Tasks killed with their process (tasks/killed.py), beside the rest of the failure handling: the
+dead row of a task that works on a payment, not an account, is filed under the payment's account,
+as its own failure handling files it (tasks.failures.account_of)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from billiard.exceptions import WorkerLostError
+from celery.signals import task_failure
+
+import tasks.killed
+import tasks.payments  # noqa: F401  (registers tasks.retry_payment)
+from app.payments.retries import claim_due
+from tasks.bad_debt import RECONCILE
+from tests.integration.bad_debt_setup import key, pay
+from tests.integration.dunning_setup import failed_invoice
+from tests.integration.test_bad_debt_reconcile import backdate
+
+LATER = timedelta(minutes=31)  # past the default 30-minute guard window
+
+
+def rows(engine, task: str) -> list[dict]:
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.exec_driver_sql(
+            "SELECT account_id, task_args, error_class, state FROM subs_stuck_events WHERE task_name = %(t)s",
+            {"t": task}).mappings()]
+
+
+def test_a_killed_reconciliation_is_the_payments_accounts_and_a_later_check_that_succeeds_resolves_it(
+        client, engine, runtime, debtor, stripe_fake, celery_app):
+    """A check whose pool child died under it every time becomes a dead row. Filed under no account,
+    support never saw it on the account's page, and beat's next check, which did the work, did not
+    resolve it (it resolves the payment's rows under the account): dead for ever."""
+    stripe_fake.intent_outcome = "server_error_after_charge"
+    payment_id = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json["payment_id"]
+    backdate(engine, payment_id, LATER)
+    task = celery_app.tasks[RECONCILE]
+    task_failure.send(sender=task, task_id="t-lost", exception=WorkerLostError("Worker exited prematurely"),
+                      args=[payment_id], kwargs={})
+    [row] = [r for r in rows(engine, RECONCILE) if r["task_args"] == {"payment_id": payment_id}]
+    assert (row["account_id"], row["error_class"], row["state"]) == (debtor.account, "killed", "dead")
+
+    result = task.apply(args=[payment_id])  # beat's next check, sent afresh
+    assert result.successful(), result.traceback
+    assert [r["state"] for r in rows(engine, RECONCILE) if r["task_args"] == {"payment_id": payment_id}] \
+        == ["resolved"]
+
+
+def test_a_killed_payment_retry_is_filed_under_its_account(client, accounts, engine, worker, celery_app):
+    """Support sees it on the account's page, beside the retry's other failures."""
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))  # dispatched; its task is killed with its process
+    task_failure.send(sender=celery_app.tasks["tasks.retry_payment"], task_id="t-lost-retry",
+                      exception=WorkerLostError("Worker exited prematurely"), args=[retry_id], kwargs={})
+    [row] = [r for r in rows(engine, "tasks.retry_payment") if r["task_args"] == {"retry_id": retry_id}]
+    assert (row["account_id"], row["error_class"], row["state"]) == (account, "killed", "dead")
