@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
@@ -21,8 +22,10 @@ from celery import Task
 from celery.signals import task_failure, task_retry
 from sqlalchemy import Engine
 
+from app.db import unit_of_work
 from app.payments.bad_debt_settle import ACCOUNT as PAYMENT_ACCOUNT
-from tasks.failures import FailureKind, account_of, count_failure, record_stuck
+from tasks.failures import PARK_REQUEST, FailureKind, account_of, count_failure, record_stuck
+from tasks.recompute import NAME as RECOMPUTE
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,12 @@ ACCOUNT_BY_ARGUMENT = {
     "payment_id": PAYMENT_ACCOUNT,  # the bad-debt payment's tasks
     "retry_id": "SELECT account_id FROM payment_retry WHERE id = %(id)s",  # tasks.retry_payment
 }
+# A recompute killed for good is dead stuck work like one given up as dead in the task, whose request
+# it parks (tasks.failures.PARK_REQUEST): else the stale-request re-drive sends it again every minute,
+# to kill a child per run (the first and each retry) for ever. The request each killed run took was
+# rolled back with it; the main process knows no version, so it parks the one pending now, once the
+# last run died: that one, or one touched after it took it (a touch waits for the run's row lock).
+PENDING_REQUEST = "SELECT touched_at FROM recompute_request WHERE account_id = %(account)s"
 
 
 @task_failure.connect
@@ -48,15 +57,40 @@ def _record_killed(sender: Task | None = None, task_id: str | None = None, excep
     attempts = int(getattr(sender.request, "retries", None) or 0) + 1
     error = f"{exception.__class__.__name__}: {exception} (task {task_id})"
     log.error("%s[%s] killed with its process (%s): recorded as dead stuck work", sender.name, task_id, error)
+    taken = pending_request(engine, account) if sender.name == RECOMPUTE and account is not None else None
     # One row per task and arguments: a poison message is that message's, not its account's other work.
     record_stuck(engine, sender.name, arguments, account, FailureKind.KILLED, error, attempts, "dead", per_args=True)
     count_failure(sender.name, FailureKind.KILLED, "dead")
+    if taken is not None and account is not None:
+        park_request(engine, account, taken)
 
 
 @task_retry.connect
 def _count_lost_retry(sender: Task | None = None, reason: Any = None, **_: Any) -> None:
     if sender is not None and isinstance(getattr(reason, "exc", None), WorkerLostError):
         count_failure(sender.name, FailureKind.KILLED, "retry")
+
+
+def pending_request(engine: Engine, account_id: str) -> datetime | None:
+    """The touched_at of the account's pending recompute request, None when there is none."""
+    try:
+        with engine.connect() as conn:
+            touched = conn.exec_driver_sql(PENDING_REQUEST, {"account": account_id}).scalar()
+    except Exception:  # the database may be what failed: the request is then sent again, as before
+        log.exception("could not read the recompute request of %s", account_id)
+        return None
+    return touched if isinstance(touched, datetime) else None
+
+
+def park_request(engine: Engine, account_id: str, touched: datetime) -> None:
+    """Park the request version a recompute killed for good found pending (see PENDING_REQUEST), if
+    nobody touched it since. Apart from the dead row's transaction: a killed run's backend may still
+    hold the request's row for a moment, and the row matters more than the parking."""
+    try:
+        with unit_of_work(engine) as conn:
+            conn.exec_driver_sql(PARK_REQUEST, {"account": account_id, "touched": touched})
+    except Exception:  # then the stale-request re-drive sends it again, as for a run not given up
+        log.exception("could not park the recompute request of %s", account_id)
 
 
 def account_named(engine: Engine, arguments: Mapping[str, Any]) -> str | None:

@@ -56,3 +56,31 @@ def test_a_killed_payment_retry_is_filed_under_its_account(client, accounts, eng
                       exception=WorkerLostError("Worker exited prematurely"), args=[retry_id], kwargs={})
     [row] = [r for r in rows(engine, "tasks.retry_payment") if r["task_args"] == {"retry_id": retry_id}]
     assert (row["account_id"], row["error_class"], row["state"]) == (account, "killed", "dead")
+
+
+def test_a_recompute_killed_for_good_is_not_sent_again_every_minute(accounts, engine, celery_app):
+    """A recompute whose process died under it every time (out of memory on the account) is dead
+    stuck work, for an operator. The request it took was rolled back with it each time: left as it
+    was, the stale-request re-drive sent it again every minute, each time killing a child per run
+    (the first and each retry), for ever; as it passes over the request of a recompute given up as
+    dead any other way. A later event for the account touches the request and sends it once more."""
+    import tasks.recompute  # noqa: F401  (registers the task)
+    from app.redrive import redrive
+    from webhooks.store import request_recompute
+
+    account, _ = accounts.create()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger, cause, requested_at) "
+                             "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1', now() - interval '2 minutes')", {"a": account})
+    task_failure.send(sender=celery_app.tasks["tasks.recompute_account"], task_id="t-lost-recompute",
+                      exception=WorkerLostError("Worker exited prematurely"), args=[account, "PAYMENT_FAILED", "evt_1"],
+                      kwargs={"coalesced": True})
+    [row] = [r for r in rows(engine, "tasks.recompute_account") if r["account_id"] == account]
+    assert (row["error_class"], row["state"]) == ("killed", "dead")
+    try:
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 0
+        with engine.begin() as conn:  # a later webhook for the account
+            request_recompute(conn, account, "PAYMENT_FAILED", "evt_2")
+        assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
+    finally:
+        celery_app.control.purge()
