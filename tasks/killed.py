@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -46,10 +47,29 @@ ACCOUNT_BY_ARGUMENT = {
 PENDING_REQUEST = "SELECT touched_at FROM recompute_request WHERE account_id = %(account)s"
 
 
+# Celery sends task_failure twice for a task killed at its hard time limit, both here: from
+# Request.on_failure, with the task's request context (its retries), then from Request.on_timeout,
+# with none. The first is recorded; the second would write its attempts as 1 and count it again.
+# The ids of the tasks recorded lately, oldest first.
+_reported: OrderedDict[str, None] = OrderedDict()
+REPORTED_KEPT = 1000
+
+
+def first_report(task_id: str | None) -> bool:
+    if task_id is None:
+        return True
+    if task_id in _reported:
+        return False
+    _reported[task_id] = None
+    if len(_reported) > REPORTED_KEPT:
+        _reported.popitem(last=False)
+    return True
+
+
 @task_failure.connect
 def _record_killed(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
                    args: Any = None, kwargs: Any = None, **_: Any) -> None:
-    if sender is None or not isinstance(exception, KILLED):
+    if sender is None or not isinstance(exception, KILLED) or not first_report(task_id):
         return
     arguments = task_arguments(sender, args, kwargs)
     engine = runtime_for(sender.app).engine

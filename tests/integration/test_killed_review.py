@@ -23,7 +23,7 @@ LATER = timedelta(minutes=31)  # past the default 30-minute guard window
 def rows(engine, task: str) -> list[dict]:
     with engine.connect() as conn:
         return [dict(r) for r in conn.exec_driver_sql(
-            "SELECT account_id, task_args, error_class, state FROM subs_stuck_events WHERE task_name = %(t)s",
+            "SELECT account_id, task_args, error_class, state, attempts FROM subs_stuck_events WHERE task_name = %(t)s",
             {"t": task}).mappings()]
 
 
@@ -84,3 +84,34 @@ def test_a_recompute_killed_for_good_is_not_sent_again_every_minute(accounts, en
         assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
     finally:
         celery_app.control.purge()
+
+
+def test_a_task_killed_at_its_hard_time_limit_is_recorded_once_with_its_attempts(accounts, engine, celery_app):
+    """Celery 5.7 sends task_failure twice for one hard time limit, both in the worker's main
+    process: from Request.on_failure, with the task's request context pushed (its retries), then
+    from Request.on_timeout, with none (seen in a real worker's log: 'killed with its process'
+    twice for one task id). The second overwrote the row's attempts with 1 and counted the failure
+    again in dunning_task_failures_total."""
+    from billiard.exceptions import TimeLimitExceeded
+    from celery.app.task import Context
+    from prometheus_client import REGISTRY
+
+    import tasks.recompute  # noqa: F401  (registers the task)
+
+    def dead_count() -> float:
+        return REGISTRY.get_sample_value("dunning_task_failures_total", {
+            "task": "tasks.recompute_account", "failure_class": "killed", "action": "dead"}) or 0.0
+
+    account, _ = accounts.create()
+    task = celery_app.tasks["tasks.recompute_account"]
+    before = dead_count()
+    exc, call = TimeLimitExceeded(117), {"args": [account, "MANUAL"], "kwargs": {"cause": "dunning recompute"}}
+    task.request_stack.push(Context(id="t-limit-twice", retries=2))  # Request.on_failure
+    try:
+        task_failure.send(sender=task, task_id="t-limit-twice", exception=exc, **call)
+    finally:
+        task.request_stack.pop()
+    task_failure.send(sender=task, task_id="t-limit-twice", exception=exc, **call)  # Request.on_timeout
+    [row] = [r for r in rows(engine, "tasks.recompute_account") if r["account_id"] == account]
+    assert (row["error_class"], row["state"], row["attempts"]) == ("killed", "dead", 3)
+    assert dead_count() == before + 1
