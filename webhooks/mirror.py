@@ -445,6 +445,13 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         rows.append(row)
         customer = row.values["stripe_customer_id"]
         payment_intent = _id(obj.get("payment_intent"))
+    elif kind == "payment_intent" and event_type == "payment_intent.canceled":
+        # A cancellation is no attempt (Stripe cancels a voided invoice's intent, or one paid out of
+        # band): mirrored as one, failed, it was filed under the customer's open invoice (an intent
+        # names no invoice) and put the account in dunning with nothing tried. Only routed: it ends a
+        # bad-debt payment (app/payments/bad_debt_webhook.py) and refreshes the account's state.
+        payment_intent = need_id()
+        customer = _id(obj.get("customer"))
     elif kind == "payment_intent":
         need_id()
         row = _attempt_from_intent(created, obj)
