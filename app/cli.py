@@ -213,7 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from app.db import is_connection_error, is_timed_out
 
-        exc = _first_failure(exc)
         if is_timed_out(exc):
             print(f"error: {TIMED_OUT}", file=sys.stderr)
             return BUSY
@@ -227,21 +226,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: database unreachable ({exc.__class__.__name__}); check DATABASE_URL", file=sys.stderr)
             return 3
         raise
-
-
-def _first_failure(exc: Exception) -> Exception:
-    """The error that failed the transaction, not a statement run in it afterwards: Alembic's
-    environment unlocks its advisory lock in a ``finally``, which the aborted transaction refuses
-    (25P02, "current transaction is aborted"), and that refusal hid why the migration failed."""
-    failed = exc
-    while _pgcode(failed) == "25P02" and isinstance(failed.__context__, Exception):
-        failed = failed.__context__  # SQLAlchemy's error, psycopg2's under it, then what it hid
-    return exc if _pgcode(failed) == "25P02" else failed
-
-
-def _pgcode(exc: Exception) -> str | None:
-    code = getattr(exc, "pgcode", None) or getattr(getattr(exc, "orig", None), "pgcode", None)
-    return code if isinstance(code, str) else None
 
 
 def _known_problem(exc: Exception) -> str | None:
