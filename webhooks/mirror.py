@@ -423,6 +423,14 @@ def extract(event: Mapping[str, Any]) -> Extracted:
     if not isinstance(obj, Mapping):
         raise NotAStripeEvent("event has no data.object")
     kind = obj.get("object")
+    trigger = trigger_for(event_type)
+    if trigger is None and not isinstance(obj.get("id"), str):
+        # An event this product does not act on, about an object with no id: invoice.upcoming, whose
+        # invoice is a preview of one not created yet (Stripe sends it without an id). Stored and
+        # acknowledged like any event not acted on, never a 400 that Stripe would redeliver for days;
+        # it has nothing to mirror (an ignored event's rows are not written anyway).
+        return Extracted(event_id=event_id, type=event_type, created=created, customer=_id(obj.get("customer")),
+                         trigger=None, rows=())
     rows: list[MirrorRow] = []
     customer: str | None = None
     payment_intent: str | None = None
@@ -488,7 +496,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         type=event_type,
         created=created,
         customer=customer,
-        trigger=trigger_for(event_type),
+        trigger=trigger,
         rows=tuple(rows),
         payment_intent=payment_intent,
         invoice_id=invoice_id,
