@@ -4,10 +4,16 @@ must refuse with a 4xx and a reason (never a 500), through the Flask app on the 
 from __future__ import annotations
 
 import json
+import random
+import string
+
+import pytest
 
 from tests.conftest import Accounts, post_event
+from tests.integration.test_group_ingest import flush
 from tests.integration.test_webhook_ingest import count, failed_invoice, queued
 from tests.stripe_events import event, unique
+from webhooks.ingest import EventNotStorable, Ingested
 
 
 def upcoming_invoice(customer: str) -> dict[str, object]:
@@ -45,3 +51,53 @@ def test_an_event_acted_on_without_an_id_is_still_refused(client, accounts: Acco
     response = post_event(client, evt)
     assert response.status_code == 400 and "no id" in response.json["reason"]
     assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+
+
+def _long_id(prefix: str) -> str:
+    """An id of 10,000 characters that do not compress below a btree index entry's limit."""
+    rng = random.Random(7)
+    return prefix + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(10_000))
+
+
+def _huge_event_id(customer: str) -> dict[str, object]:
+    return event("invoice.payment_failed", id=unique("in"), customer=customer, event_id=_long_id("evt_"))
+
+
+def _huge_invoice_id(customer: str) -> dict[str, object]:
+    return event("invoice.payment_failed", id=_long_id("in_"), customer=customer)
+
+
+def _huge_customer_id(_customer: str) -> dict[str, object]:
+    return event("invoice.payment_failed", id=unique("in"), customer=_long_id("cus_"))
+
+
+def _huge_intent_id(customer: str) -> dict[str, object]:
+    # A payment intent's outcome is stored in its own transaction (it may settle a bad-debt payment).
+    return event("payment_intent.payment_failed", id=_long_id("pi_"), customer=customer)
+
+
+@pytest.mark.parametrize("build", [_huge_event_id, _huge_invoice_id, _huge_customer_id, _huge_intent_id],
+                         ids=["event", "invoice", "customer", "payment-intent"])
+def test_an_id_too_long_for_an_index_is_a_422_with_a_reason(client, accounts: Accounts, engine, settings, build):
+    """An id of kilobytes fits the 512 KB body, but no btree index entry ('index row size exceeds
+    btree maximum', SQLSTATE 54000): that was a 500 'unexpected error'. A value nothing can store."""
+    _, customer = accounts.create()
+    evt = build(customer)
+    response = post_event(client, evt)
+    assert response.status_code == 422, (response.status_code, response.json)
+    assert "cannot be stored" in response.json["reason"]
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 0
+    assert queued(settings) == 0
+    after = post_event(client, failed_invoice(customer))  # the connection is still good
+    assert after.status_code == 200 and after.json["state"] == "accepted"
+
+
+def test_an_id_too_long_for_an_index_fails_alone_in_its_batch(accounts: Accounts, engine, celery_app, settings):
+    """The requests waiting with it in one group commit all answered 500 with it; now only it fails."""
+    _, customer = accounts.create()
+    good, bad = failed_invoice(customer), _huge_invoice_id(customer)
+    results = flush(engine, celery_app, good, bad)
+    assert isinstance(results[1], EventNotStorable), results[1]
+    assert isinstance(results[0], Ingested) and results[0].state == "accepted" and results[0].enqueued
+    assert count(engine, "SELECT count(*) FROM stripe_event") == 1
+    assert queued(settings) == 1
