@@ -22,26 +22,35 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from functools import cache
 from typing import Any
 from urllib.parse import quote
 
 import requests
 from celery.exceptions import SoftTimeLimitExceeded
+from requests.adapters import HTTPAdapter
 from sqlalchemy import Engine
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from app.db import unit_of_work
+from tasks.failures import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = (2.0, 5.0)  # connect, read: a slow Account Management costs a relay seconds, never minutes
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
+RETRY_AFTER_CAP = 3600.0  # the most a Retry-After holds a row back: a wrong header never parks it for good
+THROTTLED = (429, 503)  # answers whose Retry-After says when to ask again
 ERROR_LIMIT = 2000  # characters of last_error kept
 
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox:' || %(account)s, 0))"
@@ -227,6 +236,7 @@ class RelayReport:
     superseded: int = 0
     failed: int = 0
     skipped_locked: int = 0
+    throttled: bool = False  # Account Management asked us to wait (Retry-After): the pass ends
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -248,25 +258,152 @@ def account_lock(engine: Engine, account_id: str) -> Iterator[bool]:
                 conn.commit()
 
 
-def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float]) -> str | None:
-    """None when Account Management took it (2xx), else the error to record."""
+@dataclass(frozen=True)
+class Failure:
+    """A call Account Management did not take: the error to record, and how long it asked us to wait
+    (a 429's or 503's Retry-After, seconds; None when it said nothing)."""
+    error: str
+    retry_after: float | None = None
+
+
+def _retry_after(headers: Mapping[str, str], now: datetime) -> float | None:
+    """A Retry-After in seconds or as an HTTP date (RFC 9110 allows both), as seconds from ``now``."""
+    seconds = retry_after_seconds(headers)
+    if seconds is not None:
+        return max(seconds, 0.0)
+    text = headers.get("Retry-After")
     try:
-        # Redirects are not followed: requests would turn a 301/302 POST into a GET without its
-        # body, and that GET's 200 would mark a cancellation delivered that nobody received.
-        response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
-                                   headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout,
-                                   allow_redirects=False)
-    except requests.RequestException as exc:
-        return f"{exc.__class__.__name__}: no answer from Account Management"
+        when = parsedate_to_datetime(text) if text else None
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max((when - now).total_seconds(), 0.0)
+
+
+def _wait(attempts: int, failure: Failure) -> float:
+    """Seconds before a failed row is tried again: its backoff, or longer if Account Management asked."""
+    return max(backoff(attempts), min(failure.retry_after or 0.0, RETRY_AFTER_CAP))
+
+
+class _CallWatch(threading.local):
+    """The connections the current call of this thread sends on (``None``: no call is watched)."""
+    conns: list[HTTPConnection] | None = None
+
+
+_WATCH = _CallWatch()
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if _WATCH.conns is not None:
+            _WATCH.conns.append(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        if _WATCH.conns is not None:
+            _WATCH.conns.append(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class CallLimitAdapter(HTTPAdapter):
+    """requests' adapter with connections ``_call_limit`` can cut. urllib3's timeouts bound each read
+    of the socket, not the call: an answer that trickles in (a proxy sending a byte every few
+    seconds) kept the relay waiting for hours, the same account first in line at every pass."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
+
+
+def _watched(session: requests.Session, base_url: str) -> None:
+    """Mount ``CallLimitAdapter`` on ``session`` (once) for Account Management's URL."""
+    if not isinstance(session.get_adapter(base_url), CallLimitAdapter):
+        adapter = CallLimitAdapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+
+
+@contextmanager
+def _call_limit(seconds: float) -> Iterator[threading.Event]:
+    """Cut the connections the call in the block sends on once it has taken ``seconds``: its
+    socket is shut, so the read waiting on it ends. The event says whether the limit was reached:
+    whatever answer the call then returns is incomplete (a 200 cut in its headers looks whole)."""
+    conns: list[HTTPConnection] = []
+    done, expired = threading.Event(), threading.Event()
+
+    def cut() -> None:
+        if done.wait(seconds):
+            return
+        expired.set()
+        while not done.is_set():  # again until the call gives up: its connect may be under way
+            for conn in list(conns):
+                sock = getattr(conn, "sock", None)
+                if sock is not None:
+                    with suppress(OSError):  # already closed
+                        sock.shutdown(socket.SHUT_RDWR)
+            done.wait(0.1)
+
+    watchdog = threading.Thread(target=cut, name="outbox-call-limit", daemon=True)
+    _WATCH.conns = conns
+    watchdog.start()
+    try:
+        yield expired
+    finally:
+        _WATCH.conns = None
+        done.set()
+        watchdog.join()
+
+
+def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float],
+          now: datetime) -> Failure | None:
+    """None when Account Management took it (2xx), else the failure to record. The whole call, its
+    answer read in full, takes at most the connect and read timeouts together."""
+    limit = sum(timeout)
+    _watched(session, base_url)
+    with _call_limit(limit) as expired:
+        try:
+            # Redirects are not followed: requests would turn a 301/302 POST into a GET without its
+            # body, and that GET's 200 would mark a cancellation delivered that nobody received.
+            response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
+                                       headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout,
+                                       allow_redirects=False)
+        except requests.RequestException as exc:
+            if expired.is_set():
+                return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
+            return Failure(f"{exc.__class__.__name__}: no answer from Account Management")
+    if expired.is_set():
+        return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
     if 200 <= response.status_code < 300:
         return None
     if response.is_redirect or response.is_permanent_redirect:
         # A failure like any other non-2xx, retried with backoff; the Location is on the row (and
         # in the log) because it means ACCOUNT_MANAGEMENT_URL points at the wrong place.
         location = storable(response.headers.get("Location", ""), 500)
-        return (f"HTTP {response.status_code}: redirected to {location!r}, not followed "
-                f"(check ACCOUNT_MANAGEMENT_URL)")
-    return f"HTTP {response.status_code}: {storable(response.text, 200)}"
+        return Failure(f"HTTP {response.status_code}: redirected to {location!r}, not followed "
+                       f"(check ACCOUNT_MANAGEMENT_URL)")
+    error = f"HTTP {response.status_code}: {storable(response.text, 200)}"
+    if response.status_code in THROTTLED:
+        return Failure(error, _retry_after(response.headers, now))
+    return Failure(error)
 
 
 def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
@@ -292,22 +429,26 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 break  # the rest waits for the next pass, still in order
             skip = _superseded_now(engine, account_id, event_type, payload or {}, created_at)
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
-            error = _send(session, base_url, call, timeout) if call is not None else None
+            failure = _send(session, base_url, call, timeout, now) if call is not None else None
             with unit_of_work(engine) as conn:
                 if skip:
                     # Done with, not sent: the reason stays on the row (GET /ops/outbox shows it).
                     conn.exec_driver_sql(SUPERSEDED_SQL, {"id": row_id, "now": now_fn(), "why": storable(skip)})
                     log.info("outbox %s (%s v%s) for %s not sent: %s", row_id, event_type, version, account_id, skip)
-                elif error is None:
+                elif failure is None:
                     conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn()})
                 else:
-                    retry_at = now_fn() + timedelta(seconds=backoff(attempts))
-                    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": retry_at, "error": storable(error)})
-            if error is not None:
+                    retry_at = now_fn() + timedelta(seconds=_wait(attempts, failure))
+                    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": retry_at,
+                                                      "error": storable(failure.error)})
+            if failure is not None:
                 report.failed += 1
-                report.errors.append(error)
+                report.errors.append(failure.error)
+                # Account Management said when to ask again: the rest of the pass does not ask it
+                # sooner for other accounts either (a 429 limits the relay, not one account).
+                report.throttled = report.throttled or bool(failure.retry_after)
                 log.warning("outbox %s (%s v%s) for %s not delivered: %s", row_id, event_type, version,
-                            account_id, error)
+                            account_id, failure.error)
                 break  # never deliver a later version before this one
             if skip:
                 report.superseded += 1
@@ -358,7 +499,7 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
     session = session or requests.Session()
     try:
         for account_id in accounts:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or report.throttled:
                 break
             try:
                 deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report,

@@ -2,8 +2,11 @@
 
 Modes: ``up`` (200), ``failing`` (503), ``down`` (the port refuses connections: the server is
 stopped and later started again on the same port), ``slow`` (answers after ``delay`` seconds).
-``answer_raw(account, status, body)`` answers that account's requests with those bytes as they are,
-not JSON (what a proxy in front of Account Management may send). ``before_answer(request)``, when
+``answer_raw(account, status, body, headers)`` answers that account's requests with those bytes as they
+are, not JSON (what a proxy in front of Account Management may send), with those headers (a
+``Retry-After``). ``trickle(account)`` answers that account's requests a 200 whose headers come a byte
+every ``trickle_interval`` seconds, without end (a proxy that holds the answer open), until the fake
+stops. ``before_answer(request)``, when
 set, runs while a request waits for its answer: what happens elsewhere while Account Management
 takes its time. It records every request it answered 2xx, in arrival order, with its Idempotency-Key.
 """
@@ -37,6 +40,9 @@ class FakeAccountManagement:
     received: list[Received] = field(default_factory=list)
     refused_with_5xx: int = 0
     raw_answers: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # account -> (status, body)
+    raw_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # account -> extra headers
+    trickled: set[str] = field(default_factory=set)  # accounts answered a header byte at a time
+    trickle_interval: float = 0.5
     before_answer: Callable[[Received], None] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
@@ -60,10 +66,17 @@ class FakeAccountManagement:
             self.server = self._server(port=self._port).start()
         self.mode = "up"
 
-    def answer_raw(self, account_id: str, status: int, body: bytes) -> None:
+    def answer_raw(self, account_id: str, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         """Answer this account's requests with ``status`` and ``body`` byte for byte, from now on."""
         with self._lock:
             self.raw_answers[account_id] = (status, body)
+            self.raw_headers[account_id] = dict(headers or {})
+
+    def trickle(self, account_id: str) -> None:
+        """Answer this account's requests a 200 whose headers come a byte every
+        ``trickle_interval`` seconds and never end: each read gets something within any read timeout."""
+        with self._lock:
+            self.trickled.add(account_id)
 
     def entitlements(self, account_id: str) -> list[Received]:
         with self._lock:
@@ -75,13 +88,25 @@ class FakeAccountManagement:
 
     def _server(self, port: int = 0) -> FakeServer:
         server = FakeServer(self._handle, port=port)
-        server.httpd.RequestHandlerClass = _raw_capable(server.httpd.RequestHandlerClass, self._raw_answer)
+        server.httpd.RequestHandlerClass = _raw_capable(server.httpd.RequestHandlerClass, self._raw_answer,
+                                                        self._trickling)
         return server
 
-    def _raw_answer(self, path: str) -> tuple[int, bytes] | None:
+    def _account_of(self, path: str) -> str | None:
         parts = path.strip("/").split("/")
+        return unquote(parts[1]) if len(parts) == 3 else None
+
+    def _raw_answer(self, path: str) -> tuple[int, bytes, dict[str, str]] | None:
+        account = self._account_of(path)
         with self._lock:
-            return self.raw_answers.get(unquote(parts[1])) if len(parts) == 3 else None
+            raw = self.raw_answers.get(account) if account is not None else None
+            return (*raw, self.raw_headers.get(account or "", {})) if raw is not None else None
+
+    def _trickling(self, path: str) -> float | None:
+        """The seconds between header bytes for a trickled account's request, else None."""
+        account = self._account_of(path)
+        with self._lock:
+            return self.trickle_interval if account in self.trickled and not self._release.is_set() else None
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
         parts = path.strip("/").split("/")
@@ -114,27 +139,49 @@ class FakeAccountManagement:
             self.server.stop()
 
 
-def _raw_capable(handler: Any,
-                 raw_for: Callable[[str], tuple[int, bytes] | None]) -> type[BaseHTTPRequestHandler]:
+def _raw_capable(handler: Any, raw_for: Callable[[str], tuple[int, bytes, dict[str, str]] | None],
+                 trickle_for: Callable[[str], float | None]) -> type[BaseHTTPRequestHandler]:
     """FakeServer's request handler, except that a request ``raw_for(path)`` has an answer for gets
-    it byte for byte: FakeServer only sends JSON, which cannot carry a raw NUL byte."""
+    it byte for byte (FakeServer only sends JSON, which cannot carry a raw NUL byte), and one
+    ``trickle_for(path)`` gives an interval for gets its headers a byte at a time, for as long as
+    the fake runs."""
     serve_json = handler._serve
 
     class RawHandler(handler):
         def _serve(self) -> None:
             raw = raw_for(self.path)
-            if raw is None:
+            interval = trickle_for(self.path)
+            if raw is None and interval is None:
                 serve_json(self)
                 return
             length = int(self.headers.get("Content-Length") or 0)
             if length:
                 self.rfile.read(length)  # the request's body, unread otherwise
-            status, data = raw
+            if interval is not None:
+                self._trickle(interval)
+                return
+            status, data, headers = raw  # type: ignore[misc]
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
+
+        def _trickle(self, interval: float) -> None:
+            # One header line a byte at a time: no header count or line length limit of the client
+            # ends it for hours, and each read gets a byte well within its timeout.
+            self.close_connection = True
+            pause = threading.Event()
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Still-Working: ")
+                while trickle_for(self.path) is not None:
+                    self.wfile.write(b"y")
+                    self.wfile.flush()
+                    pause.wait(interval)
+            except OSError:
+                return  # the client gave up on us
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve
 
