@@ -289,15 +289,17 @@ class Sweeper:
         todo = [f.account_id for f in found if f.action == "remediate"]
         if not todo:
             return found
-        created = self._request(report.run_id, todo)
+        requested = self._request(report, todo)
         out: list[Found] = []
         for f in found:
             if f.action != "remediate":
                 out.append(f)
-            elif created is None:  # could not store the requests
+            elif requested is None:  # could not store the requests
                 report.errors += 1
                 out.append(replace(f, action="error"))
-            elif f.account_id not in created and f.account_id not in pending.stalled:
+            elif f.account_id not in requested[0]:  # the stage narrowed since the segment began
+                out.append(replace(f, action="out_of_stage"))
+            elif f.account_id not in requested[1] and f.account_id not in pending.stalled:
                 # Requested since the page was read (a webhook, a review): that recompute is on its way
                 # and will repair this too; its producer sends it.
                 report.pending += 1
@@ -305,12 +307,19 @@ class Sweeper:
                 out.append(self._send(report, f))
         return out
 
-    def _request(self, run_id: int | None, account_ids: list[str]) -> set[str] | None:
-        """-> the accounts whose request this created (None: the transaction failed)."""
+    def _request(self, report: SweepReport, account_ids: list[str]) -> tuple[set[str], set[str]] | None:
+        """-> (the accounts still inside the rollout stage, those whose request this created); None:
+        the transaction failed. The stage is read again in the transaction that makes the requests:
+        a segment walks for up to a minute (`dunning sweep`, every account), and an operator's
+        rollback, the gate's step back or an account taken off the named list since it began must
+        stop the remediations not requested yet, not only those of the next segment."""
         try:
             with unit_of_work(self.engine) as conn:
-                return {a for a in account_ids
-                        if request_recompute(conn, a, REMEDIATION_TRIGGER, remediation_cause(run_id))}
+                rollout = read_state(conn)
+                report.stage = rollout.stage  # the later pages are classified (and recorded) at it
+                inside = [a for a in account_ids if in_stage(a, rollout.stage, rollout.named_accounts)]
+                return set(inside), {a for a in inside if request_recompute(
+                    conn, a, REMEDIATION_TRIGGER, remediation_cause(report.run_id))}
         except Exception:
             log.exception("drift sweep: could not request the recompute of %d accounts", len(account_ids))
             return None
