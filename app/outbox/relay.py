@@ -3,8 +3,9 @@
 Per account, undelivered rows go strictly in id order (ids follow dunning versions) and delivery
 stops at the first one that fails, so Account Management never sees version N+1 before N. Only one
 relay works on an account at a time (a session advisory lock, tried without waiting: another
-relay simply takes other accounts). A failed row waits ``next_attempt_at`` (backoff with jitter);
-no Celery countdown holds it. Recompute only writes rows, so Account Management being down, slow
+relay simply takes other accounts), and one beat pass runs at a time (``pass_lock``). A failed row
+waits ``next_attempt_at`` (backoff with jitter, or the Retry-After asked); no Celery countdown holds
+it, and no call outlasts its timeouts (``_call_limit``). Recompute only writes rows, so Account Management being down, slow
 or failing never slows it: the backlog grows and drains when it returns.
 
 A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
@@ -26,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -55,6 +56,9 @@ ERROR_LIMIT = 2000  # characters of last_error kept
 
 LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox:' || %(account)s, 0))"
 UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('outbox:' || %(account)s, 0))"
+# One relay pass at a time, fleet-wide (no colon: never an account's key above).
+PASS_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox-relay', 0))"
+PASS_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('outbox-relay', 0))"
 
 # An account is ready when its *first* undelivered row may be tried now; rows behind a failed one
 # wait for it, whatever their own next_attempt_at says.
@@ -237,25 +241,39 @@ class RelayReport:
     failed: int = 0
     skipped_locked: int = 0
     throttled: bool = False  # Account Management asked us to wait (Retry-After): the pass ends
+    busy: bool = False  # another pass was running: this one left the work to it
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"accounts": self.accounts, "delivered": self.delivered, "superseded": self.superseded,
                 "failed": self.failed,
-                "skipped_locked": self.skipped_locked}
+                "skipped_locked": self.skipped_locked, "busy": self.busy}
 
 
 @contextmanager
-def account_lock(engine: Engine, account_id: str) -> Iterator[bool]:
+def _session_lock(engine: Engine, lock_sql: str, unlock_sql: str, params: dict[str, Any]) -> Iterator[bool]:
+    """A session advisory lock tried without waiting, held on its own connection through the block."""
     with engine.connect() as conn:
-        got = bool(conn.exec_driver_sql(LOCK_SQL, {"account": account_id}).scalar())
+        got = bool(conn.exec_driver_sql(lock_sql, params).scalar())
         conn.commit()
         try:
             yield got
         finally:
             if got:
-                conn.exec_driver_sql(UNLOCK_SQL, {"account": account_id})
+                conn.exec_driver_sql(unlock_sql, params)
                 conn.commit()
+
+
+def account_lock(engine: Engine, account_id: str) -> AbstractContextManager[bool]:
+    return _session_lock(engine, LOCK_SQL, UNLOCK_SQL, {"account": account_id})
+
+
+def pass_lock(engine: Engine) -> AbstractContextManager[bool]:
+    """Held through a relay pass. Beat sends a pass every few seconds and, with Account Management
+    slow, a pass takes its whole budget: passes that ran side by side each held a worker process
+    waiting on Account Management, up to budget / interval of them, and filled the pool recomputes
+    need. A pass that finds another running leaves the work to it."""
+    return _session_lock(engine, PASS_LOCK_SQL, PASS_UNLOCK_SQL, {})
 
 
 @dataclass(frozen=True)
@@ -492,6 +510,16 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
     if not base_url:
         _warn_not_relayed()
         return report
+    with pass_lock(engine) as got:
+        if not got:
+            report.busy = True
+            return report
+        _relay_pass(engine, base_url, clock, budget_seconds, limit, session, timeout, report)
+    return report
+
+
+def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], budget_seconds: float, limit: int,
+                session: requests.Session | None, timeout: tuple[float, float], report: RelayReport) -> None:
     with engine.connect() as conn:
         accounts = [r[0] for r in conn.exec_driver_sql(READY_ACCOUNTS_SQL, {"now": clock(), "limit": limit})]
     deadline = time.monotonic() + budget_seconds
@@ -514,4 +542,3 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
     finally:
         if own_session:
             session.close()
-    return report

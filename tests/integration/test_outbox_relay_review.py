@@ -62,3 +62,37 @@ def test_an_answer_that_trickles_in_is_cut_at_the_calls_limit_and_the_pass_goes_
     (row,) = outbox(engine, held)
     assert row["delivered_at"] is None and row["attempts"] == 1 and "Timeout" in row["last_error"]
     assert [r.body["dunning_version"] for r in fake_am.entitlements(other)] == [1]
+
+
+def test_a_pass_started_while_another_runs_leaves_the_work_to_it(accounts, engine, fake_am):
+    """Beat sends a pass every 5 s and a pass may take its 20 s budget (and a call more) when
+    Account Management is slow: each pass that started while others ran took another worker
+    process and waited on Account Management too, up to five at once, so a slow Account Management
+    filled the worker pool and recomputes waited (DESIGN 5: it never blocks a recompute). One pass
+    runs at a time; one that finds another running leaves the work to it."""
+    held, _ = accounts.create()
+    other, _ = accounts.create()
+    write_events(engine, held, 1, [EntitlementsChanged(entitlements={"v": 1})])  # first in line
+    write_events(engine, other, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    asked, release = threading.Event(), threading.Event()
+
+    def slow_for_held(request: Any) -> None:
+        if request.account_id == held:
+            asked.set()
+            release.wait(20)
+
+    fake_am.before_answer = slow_for_held
+    reports: list[Any] = []
+    first = threading.Thread(target=lambda: reports.append(relay(engine, fake_am.url, timeout=(1.0, 30.0))),
+                             daemon=True)
+    first.start()
+    try:
+        wait_for(asked.is_set, message="the first pass to wait on Account Management")
+        second = relay(engine, fake_am.url)
+        assert (second.accounts, second.delivered, second.failed) == (0, 0, 0)
+        assert fake_am.for_account(other) == []  # not sent beside the running pass
+    finally:
+        release.set()
+        first.join()
+    assert reports[0].delivered == 2  # the running pass delivers both, in turn
+    assert [len(fake_am.entitlements(account)) for account in (held, other)] == [1, 1]
