@@ -5,8 +5,8 @@ stops at the first one that fails, so Account Management never sees version N+1 
 relay works on an account at a time (a session advisory lock, tried without waiting: another
 relay simply takes other accounts), and one beat pass runs at a time (``pass_lock``). A failed row
 waits ``next_attempt_at`` (backoff with jitter, or the Retry-After asked); no Celery countdown holds
-it, and no call outlasts its timeouts (``_call_limit``). Recompute only writes rows, so Account Management being down, slow
-or failing never slows it: the backlog grows and drains when it returns.
+it, and no call outlasts its timeouts (``_call_limit``). Recompute only writes rows, so Account
+Management being down, slow or failing never slows it: the backlog grows and drains when it returns.
 
 A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
 before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
@@ -352,9 +352,10 @@ class CallLimitAdapter(HTTPAdapter):
         return manager
 
 
-def _watched(session: requests.Session, base_url: str) -> None:
-    """Mount ``CallLimitAdapter`` on ``session`` (once) for Account Management's URL."""
-    if not isinstance(session.get_adapter(base_url), CallLimitAdapter):
+def _watched(session: requests.Session) -> None:
+    """Mount ``CallLimitAdapter`` on ``session`` (once). Not looked up by Account Management's URL:
+    one without a scheme is refused by the call itself, recorded as that row's failure."""
+    if not isinstance(session.adapters.get("http://"), CallLimitAdapter):
         adapter = CallLimitAdapter()
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -396,7 +397,7 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
     """None when Account Management took it (2xx), else the failure to record. The whole call, its
     answer read in full, takes at most the connect and read timeouts together."""
     limit = sum(timeout)
-    _watched(session, base_url)
+    _watched(session)
     with _call_limit(limit) as expired:
         try:
             # Redirects are not followed: requests would turn a 301/302 POST into a GET without its
