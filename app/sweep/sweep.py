@@ -256,7 +256,8 @@ class Sweeper:
         found: list[Found] = []
         drifts = _PageDrifts()
         for account_id in ids:
-            if account_id not in gathered:  # deleted between the page and the gather
+            if account_id not in gathered:  # its rows could not be built into a snapshot (batch_read.build_page)
+                report.errors += 1
                 continue
             snapshot, _version = gathered[account_id]
             try:
