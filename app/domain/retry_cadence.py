@@ -169,8 +169,10 @@ def plan_retry(
     # A Stripe attempt on the invoice without its outcome (a bank debit processing, a 3-D Secure
     # challenge open): another charge now could collect twice.
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
+    # The per-invoice cap counts every charge of the invoice, whoever made it.
+    charged = max(attempts_used, _invoice_charges(invoice, attempts, retries))
     planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
-                    retries, attempts_used, retries_used, stays_run_out)
+                    retries, charged, retries_used, stays_run_out)
     refused = max((r.created_at for r in retries if r.state == "refused"), default=None)
     if planned[0] is not None and refused is not None and planned[0] < refused + REFUSED_BACKOFF:
         # Stripe turned the last one down (a revoked key, say): it spent no budget, and asking again
@@ -188,6 +190,18 @@ def plan_retry(
     return planned
 
 
+def _invoice_charges(invoice: Invoice, attempts: list[Attempt], retries: list[Retry]) -> int:
+    """How many times the invoice was charged, for its hard cap. Stripe confirms the invoice's payment
+    intent again for each retry, so one attempt row carries them all (each charge counts; an attempt
+    with none known, a 3-D Secure failure, once), and Stripe's attempt_count counts only its own
+    automatic retries, never our POST /v1/invoices/<id>/pay. Our retries that reached Stripe are
+    charges too, with the failure before the first of them, while the mirror has not heard of all."""
+    mirrored = sum(max(1, len(a.charges)) for a in attempts)
+    ours = [r.created_at for r in retries if r.charged]
+    failed_before = invoice.first_failed_at is not None and (not ours or invoice.first_failed_at < min(ours))
+    return max(mirrored, len(ours) + int(failed_before))
+
+
 def _plan(
     snapshot: Snapshot,
     invoice: Invoice,
@@ -202,7 +216,8 @@ def _plan(
     retries_used: int,
     stays_run_out: bool,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
-    """plan_retry once no payment of the invoice is in flight."""
+    """plan_retry once no payment of the invoice is in flight. ``attempts_used``: every charge of the
+    invoice (_invoice_charges), which the per-invoice cap counts whoever made it, free retries too."""
     reasons: list[Reason] = []
     if invoice.status == "uncollectible":
         reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
