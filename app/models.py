@@ -348,6 +348,8 @@ class Outbox(Base):
 
     __table_args__ = (
         Index("ix_outbox_pending", "account_id", "id", postgresql_where=text("delivered_at IS NULL")),
+        # The relay's pass reads the undelivered rows in id order; delivered ones are kept.
+        Index("ix_outbox_pending_by_id", "id", postgresql_where=text("delivered_at IS NULL")),
     )
 
 
