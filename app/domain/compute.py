@@ -10,8 +10,8 @@ The decision is made per unpaid invoice, then combined:
 3. the levels act on the products of their own invoice only, so an annual product already paid
    keeps full access; the account's level is the most severe one, and it is in bad debt when a
    regular (non-upgrade) invoice is suspended;
-4. a payment in flight (a bad-debt payment, or a retry started within the guard window) is never
-   overridden with bad-debt consequences.
+4. a payment in flight (a bad-debt payment, a retry started within the guard window, a bank debit
+   processing) is never overridden with bad-debt consequences.
 
 Every step that decides something adds a Reason naming the rule and the facts it matched.
 """
@@ -283,11 +283,17 @@ def _latest_bad_debt_failure(snapshot: Snapshot) -> BadDebtPayment | None:
 
 def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
                               unpaid_attempts: Iterable[Attempt], grouped: dict[str | None, list[Attempt]]
-                              ) -> datetime | None:
-    """Start of a payment attempt within the guard window that has no outcome yet, or that succeeded
-    on an invoice still unpaid in the mirror: Stripe sends the charge's success and the invoice's
-    ``invoice.paid`` as separate events in no set order, so for a moment the money is collected and
-    the invoice still says open. Bad debt applied in that moment would cancel a customer who paid.
+                              ) -> tuple[datetime, datetime] | None:
+    """(start, end of the hold) of the payments in flight, if any: an attempt within the guard window
+    that has no outcome yet, or that succeeded on an invoice still unpaid in the mirror: Stripe sends
+    the charge's success and the invoice's ``invoice.paid`` as separate events in no set order, so for
+    a moment the money is collected and the invoice still says open. Bad debt applied in that moment
+    would cancel a customer who paid.
+
+    A debit from a bank account on an unpaid invoice (ACH, SEPA: ``pending``/``processing``) is in
+    flight for days, until its outcome or retry_cadence's PROCESSING_HORIZON, as it holds the
+    invoice's retries: cancelled on day 21 while it processed, a customer whose debit then succeeds
+    would have paid for a subscription already gone.
 
     Our retry sent is in flight until an outcome of an attempt on its own invoice (``grouped``:
     attempts_by_invoice) comes after it: another invoice's attempt failing meanwhile is no outcome
@@ -300,7 +306,12 @@ def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
                if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
                and not any(a.status in ("failed", "succeeded") and a.attempted_at >= r.created_at
                            for a in grouped.get(r.invoice_id, ()))]
-    return min(starts) if starts else None
+    debits = [a.attempted_at for a in unpaid_attempts
+              if a.status in ("pending", "processing") and now - a.attempted_at < PROCESSING_HORIZON]
+    if not starts and not debits:
+        return None
+    ends = [t + guard for t in starts] + [t + PROCESSING_HORIZON for t in debits]
+    return min(starts + debits), max(ends)
 
 
 def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) -> str:
@@ -447,15 +458,16 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                               {"payment": in_flight.id, "since": iso(in_flight.created_at)}))
     elif status == Status.BAD_DEBT:
         stored = snapshot.stored
-        started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own)
+        hold = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own)
         # It holds entering bad debt only: an account already in bad debt (or lifting it, its
         # bad-debt payment just failed) stays there, its cancellation kept, whatever else is paying.
-        if started is not None and (stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING)):
-            held_until = started + timedelta(minutes=policy.guard_window_minutes)
+        if hold is not None and (stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING)):
+            started, held_until = hold
             held = {a.invoice.id: _held_level(a, balance, policy, now) for a in assessed if a.level == Level.SUSPENDED}
-            reasons.append(Reason("guard.payment_in_flight", "a payment started within the guard window: bad-debt "
-                                  "consequences held until its outcome",
-                                  {"since": iso(started), "window_minutes": policy.guard_window_minutes,
+            reasons.append(Reason("guard.payment_in_flight", "a payment is in flight (started within the guard "
+                                  "window, or a bank debit processing): bad-debt consequences held until its outcome",
+                                  {"since": iso(started), "until": iso(held_until),
+                                   "window_minutes": policy.guard_window_minutes,
                                    "held_levels": {invoice: lv.value for invoice, lv in held.items()}}))
             assessed = [_with_level(a, held[a.invoice.id]) if a.invoice.id in held else a for a in assessed]
             regular = [a for a in assessed if not a.invoice.is_upgrade]
@@ -484,12 +496,12 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # no retry is planned: a permanent or action_required decline (3-D Secure) plans none on day 0,
     # and the customer is being asked to act. A payment in flight holds it, as it holds bad debt.
     reverting = [a for a in assessed if a.revert_due]
-    attempt_started = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own) if reverting else None
-    paying = bool(reverting) and (in_flight is not None or attempt_started is not None)
-    # The attempt's hold ends with the guard window, outcome or not (a success whose invoice.paid
-    # never comes): time alone then changes the decision, so it is a review moment.
-    revert_held_until = (attempt_started + timedelta(minutes=policy.guard_window_minutes)
-                         if attempt_started is not None else None)
+    attempt_hold = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own) if reverting else None
+    paying = bool(reverting) and (in_flight is not None or attempt_hold is not None)
+    # The attempt's hold ends with the guard window (a bank debit's with its processing horizon),
+    # outcome or not (a success whose invoice.paid never comes): time alone then changes the
+    # decision, so it is a review moment.
+    revert_held_until = attempt_hold[1] if attempt_hold is not None else None
     for a in reverting:
         if paying:
             reasons.append(Reason("guard.revert_held", "a payment is in flight: the upgrade's revert waits for it",

@@ -205,3 +205,46 @@ def test_a_simulated_dunning_run_keeps_every_retry_rule(data):
             assert decision.state.next_retry_at is not None and decision.state.next_retry_at <= run.now
         if run.now - T0 > timedelta(days=45):
             break
+
+
+# --- a bank debit processing is a payment in flight until its outcome ----------------------------
+
+
+def _exhausted_then_paying_by_bank_debit(first_failed_days_ago: float, debit_days_ago: float):
+    """in_1 declined for want of funds, its six scheduled retries declined too; then the customer
+    pays it on the hosted invoice page from a bank account (ACH or SEPA Direct Debit): Stripe confirms
+    the invoice's intent again and it is ``processing`` for days (payment_intent.processing,
+    charge.pending), mirrored as a pending attempt."""
+    charges = (Charge("ch_0", "pm_1", days(first_failed_days_ago)),
+               *(Charge(f"ch_d{d}", "pm_1", days(first_failed_days_ago - d)) for d in SCHEDULE),
+               Charge("py_debit", "pm_bank", days(debit_days_ago)))
+    debit = attempt("pi_1", "in_1", days_ago=debit_days_ago, status="pending", pm="pm_bank", charges=charges)
+    return snapshot(invoice(failed_days_ago=first_failed_days_ago, attempt_count=1), attempts=(debit,),
+                    payment_methods=(method("pm_1", changed_days_ago=100), method("pm_bank", changed_days_ago=100)),
+                    retries=scheduled_retries(first_failed_days_ago, SCHEDULE))
+
+
+def test_no_bad_debt_over_a_bank_debit_still_processing():
+    """DESIGN 6: recompute never applies bad-debt consequences over a payment in flight. A bank
+    debit is in flight until Stripe says how it ended (days: retry_cadence holds the invoice's
+    retries that long), not only for the guard window: the account reaching its 21st day with its
+    retries used up while the customer's debit processes must not be cancelled, to be paid days
+    later. When its outcome is a failure, bad debt follows."""
+    snap = _exhausted_then_paying_by_bank_debit(21.2, 0.5)
+    decision = compute(snap, POLICY, NOW)
+    assert decision.state.status == Status.PAST_DUE and not decision.bad_debt, decision.state
+    assert decision.state.actions_requested == ()
+    assert "guard.payment_in_flight" in rules(decision)
+    assert compute(replace(snap, stored=decision.state), POLICY, NOW).state.changed_fields(decision.state) == []
+    # the debit failed (payment_intent.payment_failed): bad debt now
+    failed = replace(snap.attempts[0], status="failed", decline_code="insufficient_funds")
+    declined = compute(replace(snap, attempts=(failed,), stored=decision.state), POLICY, NOW)
+    assert declined.bad_debt and declined.state.actions_requested == ("cancel:sub_1",)
+
+
+def test_an_upgrades_revert_waits_for_a_bank_debit_still_processing():
+    """The same hold keeps an exhausted upgrade from being reverted while its debit processes."""
+    snap = _exhausted_then_paying_by_bank_debit(21.2, 0.5)
+    snap = replace(snap, invoices=(replace(snap.invoices[0], billing_reason="subscription_update"),))
+    decision = compute(snap, POLICY, NOW)
+    assert decision.state.actions_requested == () and "guard.revert_held" in rules(decision)
