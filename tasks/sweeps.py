@@ -17,10 +17,10 @@ from celery import Task, shared_task
 
 from app.config import task_time_limits
 from app.db import unit_of_work
-from app.dispatch import send
+from app.dispatch import BrokerUnavailable, recompute_call, send, send_many
 from app.rollout.gate import check_gate
 from app.sweep.lifting import count_stuck_in_lifting
-from app.sweep.refile import refile_customers
+from app.sweep.refile import RECOMPUTE_TRIGGER, refile_customers
 from app.sweep.remediate import celery_enqueuer
 from app.sweep.sweep import SweepBusy, Sweeper, SweepReport
 from tasks.runtime import runtime_for
@@ -102,7 +102,15 @@ def check_rollout_gate(self: Task) -> dict[str, Any]:
 @shared_task(name="tasks.refile_mirror", bind=True)
 def refile_mirror(self: Task) -> dict[str, Any]:
     """File the customers subs_customer maps differently from their mirror rows (app/sweep/refile.py)."""
-    filed = refile_customers(runtime_for(self.app).engine)
-    if filed:
-        log.info("filed the mirror rows of %d customers under their accounts", filed)
-    return {"filed": filed}
+    done = refile_customers(runtime_for(self.app).engine)
+    if done.filed:
+        log.info("filed the mirror rows of %d customers under their accounts", done.filed)
+    sent = 0
+    if done.requested:
+        try:
+            send_many(self.app, [recompute_call(account, RECOMPUTE_TRIGGER, cause)
+                                 for account, cause in done.requested])
+            sent = len(done.requested)
+        except BrokerUnavailable as exc:  # the requests stay: beat's stale-request re-drive sends them
+            log.warning("recomputes of accounts whose customers moved not queued: %s", exc)
+    return {"filed": done.filed, "recomputes": sent}

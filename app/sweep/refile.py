@@ -8,6 +8,12 @@ no mirror rows yet (filed, such a customer is read without any probe). Until the
 the customer's rows through its stripe_customer_id: filing changes how fast the sweep reads,
 never what it reads.
 
+A customer that moves from one account to another takes its invoices with it: both accounts are
+recomputed (a request each, in the transaction that files the move; the caller sends them). Other
+teams change subs_customer in the database, with no event to us, and until then the old account
+kept the dunning state of invoices it no longer owns (the drift sweep remediates only inside the
+rollout stage).
+
 Each call files at most ``limit`` customers in one short transaction. The candidates are found
 first without a lock; the transaction then takes SHARE ROW EXCLUSIVE on mirror_customer (mirror
 writers in flight finish first, new ones wait until the commit), looks again at those candidates
@@ -16,9 +22,13 @@ only, and moves their rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from sqlalchemy import Engine
 
 from app.db import unit_of_work
+from app.domain.triggers import Trigger
+from webhooks.store import request_recompute
 
 MIRROR_TABLES = ("stripe_invoice", "stripe_payment_attempt", "stripe_payment_method", "stripe_customer_state",
                  "stripe_subscription")
@@ -32,7 +42,8 @@ SELECT c.stripe_customer_id FROM subs_customer c LEFT JOIN mirror_customer m USI
 
 REFILE = ("""
 WITH todo AS MATERIALIZED (
-  SELECT c.stripe_customer_id, c.account_id FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
+  SELECT c.stripe_customer_id, c.account_id, m.account_key AS previous
+    FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
    WHERE c.stripe_customer_id = ANY(%(ids)s) AND m.account_key IS DISTINCT FROM c.account_id),
 """ + ",\n".join(
     f"{table} AS (UPDATE {table} t SET account_key = todo.account_id FROM todo "
@@ -41,18 +52,38 @@ filed AS (
   INSERT INTO mirror_customer (stripe_customer_id, account_key, filed_at)
   SELECT stripe_customer_id, account_id, now() FROM todo
   ON CONFLICT (stripe_customer_id) DO UPDATE SET account_key = EXCLUDED.account_key, filed_at = now())
-SELECT count(*) FROM todo
+SELECT stripe_customer_id, previous, account_id FROM todo
 """)
 
+RECOMPUTE_TRIGGER = Trigger.STATE_REFRESH.value
 
-def refile_customers(engine: Engine, limit: int = 5000) -> int:
-    """File up to ``limit`` customers under their subs_customer account; -> how many were filed."""
+
+@dataclass
+class Refiled:
+    filed: int = 0
+    # (account, cause) of each recompute request this created: the caller sends them after commit
+    # (else beat's stale-request re-drive does).
+    requested: list[tuple[str, str]] = field(default_factory=list)
+
+
+def refile_customers(engine: Engine, limit: int = 5000) -> Refiled:
+    """File up to ``limit`` customers under their subs_customer account, and request the recompute
+    of both accounts of each customer that moved."""
     with engine.connect() as conn:
         ids = [r[0] for r in conn.exec_driver_sql(CANDIDATES, {"limit": limit})]
         conn.rollback()
+    done = Refiled()
     if not ids:
-        return 0
+        return done
     with unit_of_work(engine) as conn:
         conn.exec_driver_sql("LOCK TABLE mirror_customer IN SHARE ROW EXCLUSIVE MODE")
-        filed = int(conn.exec_driver_sql(REFILE, {"ids": ids}).scalar_one())
-    return filed
+        rows = conn.exec_driver_sql(REFILE, {"ids": ids}).fetchall()
+        done.filed = len(rows)
+        # A customer filed for the first time moved nothing: its events waited unroutable, and the
+        # re-drive routes them (app/redrive.py). Sorted: requests are locked in account order.
+        moved = sorted({(account, f"customer_moved:{customer}")
+                        for customer, previous, new in rows if previous is not None
+                        for account in (previous, new)})
+        done.requested = [(account, cause) for account, cause in moved
+                          if request_recompute(conn, account, RECOMPUTE_TRIGGER, cause)]
+    return done
