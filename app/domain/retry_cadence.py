@@ -47,8 +47,10 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
     recorded = [at for at in _charge_times(snapshot.attempts, method) if now - WINDOW_30D < at <= now]
     latest = max(recorded, default=None)
     invoices = {i.id: i for i in snapshot.invoices}
+    # Every retry that reached the card (r.charged), a declined one too: Stripe's decline marks it
+    # failed at once, and the recompute that follows runs before the charge's webhook comes.
     unrecorded = [r.created_at for r in snapshot.retries
-                  if r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard
+                  if r.charged and now - r.created_at < guard
                   and (r.payment_method_id or _default_of(snapshot, invoices.get(r.invoice_id))[0]) == method
                   and (latest is None or r.created_at > latest)]
     return sorted(recorded + unrecorded)

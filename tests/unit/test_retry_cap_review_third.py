@@ -1,0 +1,57 @@
+"""The card's 15-in-30-days cap counts a retry Stripe declined before the mirror heard of its charge.
+
+Found by review (third): the cap counted our retries whose charge the mirror does not hold yet only
+while they were dispatched, charging or sent. A retry Stripe answered with a card decline is marked
+``failed`` at once (app/payments/pay.py), and the recompute that follows runs before the
+charge.failed webhook comes (or, for an endpoint subscribed to invoice events only, before the
+attempt detail is asked for, 10 minutes on): that charge was not counted, and the account's next
+retry on the same card, another invoice's, was planned over the cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+from app.domain.compute import compute
+from app.domain.snapshot import Charge
+from tests.unit.builders import NOW, attempt, days, invoice, policy, retry, snapshot
+
+POLICY = policy()
+
+
+def rules(decision) -> list[str]:
+    return [r.rule for r in decision.reasons]
+
+
+def test_a_declined_retry_not_mirrored_yet_counts_for_the_cards_cap():
+    # pm_1: 12 charges on other invoices, then in_a and in_b failed on it: 14 in 30 days, all mirrored.
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i) for i in range(12))
+    first_a = attempt("pi_a", "in_a", days_ago=3)
+    first_b = attempt("pi_b", "in_b", days_ago=1)
+    # in_a's retry went to Stripe a minute ago and was declined (the 15th charge); its charge.failed
+    # has not come yet.
+    declined = retry("in_a", 1, days_ago=1 / 1440, state="failed", pm="pm_1")
+    snap = snapshot(invoice("in_a", failed_days_ago=3), invoice("in_b", failed_days_ago=1, sub="sub_1"),
+                    attempts=(*others, first_a, first_b), retries=(declined,))
+    decision = compute(snap, POLICY, NOW)
+    # in_b's day-1 retry (due now) would be the 16th charge on pm_1 in 30 days: it waits for the
+    # oldest charge to leave the window.
+    assert "retry.cap_method_30d" in rules(decision)
+    assert decision.state.next_retry_at == days(20) + timedelta(days=30)
+
+
+def test_once_mirrored_the_declined_retry_counts_once():
+    # The same, its charge.failed in: the charge is on in_a's intent, and the retry is not counted again.
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i) for i in range(11))
+    declined_at = days(1 / 1440)
+    charges = (Charge("ch_a1", "pm_1", days(3)), Charge("ch_a2", "pm_1", declined_at + timedelta(seconds=1)))
+    first_a = replace(attempt("pi_a", "in_a", days_ago=3), charges=charges)
+    first_b = attempt("pi_b", "in_b", days_ago=1)
+    declined = retry("in_a", 1, days_ago=1 / 1440, state="failed", pm="pm_1")
+    snap = snapshot(invoice("in_a", failed_days_ago=3), invoice("in_b", failed_days_ago=1, sub="sub_1"),
+                    attempts=(*others, first_a, first_b), retries=(declined,))
+    decision = compute(snap, POLICY, NOW)
+    # 11 + 2 + 1 = 14 charges: in_b's retry is the 15th, allowed now.
+    assert "retry.cap_method_30d" not in rules(decision)
+    assert decision.state.next_retry_at is not None and decision.state.next_retry_at <= NOW
