@@ -118,6 +118,21 @@ def _id(value: Any) -> str | None:
     return None
 
 
+# Stripe's ids are at most 255 characters; one of kilobytes is no index entry's (btree's limit is
+# about 2.7 kB a row), and the database refuses it (webhooks/store.py turns that into a 422).
+MAX_ROUTED_ID_BYTES = 2048
+
+
+def _routed_id(value: str) -> str:
+    """An id the event is routed by but no mirror row stores, refused as ingest refuses one it
+    stores: the bad-debt outcome of a cancelled intent writes it into an indexed column
+    (bad_debt_payment.stripe_payment_intent_id), after the ingest statement, where its refusal was a
+    500 for every delivery of the event."""
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_ROUTED_ID_BYTES:
+        raise OutOfRange(f"id too long to store ({len(value)} characters)")
+    return value
+
+
 def _int(value: Any, default: int = 0) -> int:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return default
@@ -458,7 +473,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         # band): mirrored as one, failed, it was filed under the customer's open invoice (an intent
         # names no invoice) and put the account in dunning with nothing tried. Only routed: it ends a
         # bad-debt payment (app/payments/bad_debt_webhook.py) and refreshes the account's state.
-        payment_intent = need_id()
+        payment_intent = _routed_id(need_id())
         customer = _id(obj.get("customer"))
     elif kind == "payment_intent":
         need_id()
