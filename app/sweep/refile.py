@@ -35,15 +35,15 @@ MIRROR_TABLES = ("stripe_invoice", "stripe_payment_attempt", "stripe_payment_met
 
 # Customers whose filing disagrees with subs_customer (never filed included).
 CANDIDATES = """
-SELECT c.stripe_customer_id FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
+SELECT c.stripe_customer_id, m.account_key, c.account_id
+  FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
  WHERE m.account_key IS DISTINCT FROM c.account_id
  LIMIT %(limit)s
 """
 
 REFILE = ("""
 WITH todo AS MATERIALIZED (
-  SELECT c.stripe_customer_id, c.account_id, m.account_key AS previous
-    FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
+  SELECT c.stripe_customer_id, c.account_id FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
    WHERE c.stripe_customer_id = ANY(%(ids)s) AND m.account_key IS DISTINCT FROM c.account_id),
 """ + ",\n".join(
     f"{table} AS (UPDATE {table} t SET account_key = todo.account_id FROM todo "
@@ -52,7 +52,7 @@ filed AS (
   INSERT INTO mirror_customer (stripe_customer_id, account_key, filed_at)
   SELECT stripe_customer_id, account_id, now() FROM todo
   ON CONFLICT (stripe_customer_id) DO UPDATE SET account_key = EXCLUDED.account_key, filed_at = now())
-SELECT stripe_customer_id, previous, account_id FROM todo
+SELECT count(*) FROM todo
 """)
 
 RECOMPUTE_TRIGGER = Trigger.STATE_REFRESH.value
@@ -70,20 +70,22 @@ def refile_customers(engine: Engine, limit: int = 5000) -> Refiled:
     """File up to ``limit`` customers under their subs_customer account, and request the recompute
     of both accounts of each customer that moved."""
     with engine.connect() as conn:
-        ids = [r[0] for r in conn.exec_driver_sql(CANDIDATES, {"limit": limit})]
+        candidates = conn.exec_driver_sql(CANDIDATES, {"limit": limit}).fetchall()
         conn.rollback()
     done = Refiled()
-    if not ids:
+    if not candidates:
         return done
+    # A customer filed for the first time moved nothing: its events waited unroutable, and the
+    # re-drive routes them (app/redrive.py). A move found here but filed by someone else before the
+    # lock only costs a recompute more.
+    moved = sorted({(account, f"customer_moved:{customer}")
+                    for customer, previous, new in candidates if previous is not None for account in (previous, new)})
     with unit_of_work(engine) as conn:
-        conn.exec_driver_sql("LOCK TABLE mirror_customer IN SHARE ROW EXCLUSIVE MODE")
-        rows = conn.exec_driver_sql(REFILE, {"ids": ids}).fetchall()
-        done.filed = len(rows)
-        # A customer filed for the first time moved nothing: its events waited unroutable, and the
-        # re-drive routes them (app/redrive.py). Sorted: requests are locked in account order.
-        moved = sorted({(account, f"customer_moved:{customer}")
-                        for customer, previous, new in rows if previous is not None
-                        for account in (previous, new)})
+        # The requests first (in account order), then the mirror's lock: ingest locks an account's
+        # request row and then, through its mirror trigger, mirror_customer; the other order could
+        # deadlock with it.
         done.requested = [(account, cause) for account, cause in moved
                           if request_recompute(conn, account, RECOMPUTE_TRIGGER, cause)]
+        conn.exec_driver_sql("LOCK TABLE mirror_customer IN SHARE ROW EXCLUSIVE MODE")
+        done.filed = int(conn.exec_driver_sql(REFILE, {"ids": [c[0] for c in candidates]}).scalar_one())
     return done
