@@ -22,6 +22,19 @@ def cancelled_intent(customer: str, intent: str, amount: int, created: int, **pa
     return evt
 
 
+def void_then_renew(client, customer: str, voided: str, now: int) -> None:
+    """The invoice ``voided`` (created five days ago) voided a minute ago; a renewal invoice finalized
+    an hour ago and not yet charged."""
+    void = with_product(event("invoice.voided", id=voided, customer=customer, created=now - 60, amount_due=3000,
+                              amount_remaining=3000, amount_paid=0, paths={"created": now - 5 * DAY}),
+                        "prod_core", 3000)
+    assert post_event(client, void).status_code == 200
+    renewal = with_product(event("invoice.finalized", id=unique("in"), customer=customer, created=now - 3600,
+                                 amount_due=5000, amount_remaining=5000, amount_paid=0,
+                                 paths={"created": now - 3600}), "prod_core", 5000)
+    assert post_event(client, renewal).status_code == 200
+
+
 def test_the_cancelled_intent_of_a_voided_invoice_is_no_failure_of_the_open_one(client, engine, runtime, accounts):
     """An invoice voided, its intent cancelled by Stripe; a renewal invoice finalized an hour ago and
     not yet charged. The cancellation, mirrored as a failed attempt and filed under the open invoice
@@ -29,14 +42,7 @@ def test_the_cancelled_intent_of_a_voided_invoice_is_no_failure_of_the_open_one(
     with nothing failed."""
     account, customer = accounts.create()
     now = int(time.time())
-    voided = unique("in")
-    evt = with_product(event("invoice.voided", id=voided, customer=customer, created=now - 60, amount_due=3000,
-                             amount_remaining=3000, amount_paid=0, paths={"created": now - 5 * DAY}), "prod_core", 3000)
-    assert post_event(client, evt).status_code == 200
-    renewal = with_product(event("invoice.finalized", id=unique("in"), customer=customer, created=now - 3600,
-                                 amount_due=5000, amount_remaining=5000, amount_paid=0,
-                                 paths={"created": now - 3600}), "prod_core", 5000)
-    assert post_event(client, renewal).status_code == 200
+    void_then_renew(client, customer, unique("in"), now)
     assert recompute(engine, runtime, account)["status"] == "current"
 
     assert post_event(client, cancelled_intent(customer, unique("pi"), 3000, now)).status_code == 200
@@ -58,14 +64,7 @@ def test_the_cancelled_intent_of_a_voided_invoice_does_not_carry_its_decline_to_
     declined = event("payment_intent.payment_failed", id=intent, customer=customer, amount=3000, created=now - 4 * DAY,
                      paths={"last_payment_error.decline_code": "stolen_card"})
     assert post_event(client, declined).status_code == 200
-    void = with_product(event("invoice.voided", id=voided, customer=customer, created=now - 60, amount_due=3000,
-                              amount_remaining=3000, amount_paid=0, paths={"created": now - 5 * DAY}),
-                        "prod_core", 3000)
-    assert post_event(client, void).status_code == 200
-    renewal = with_product(event("invoice.finalized", id=unique("in"), customer=customer, created=now - 3600,
-                                 amount_due=5000, amount_remaining=5000, amount_paid=0,
-                                 paths={"created": now - 3600}), "prod_core", 5000)
-    assert post_event(client, renewal).status_code == 200
+    void_then_renew(client, customer, voided, now)
     assert recompute(engine, runtime, account)["status"] == "current"
 
     evt = cancelled_intent(customer, intent, 3000, now)
