@@ -77,6 +77,9 @@ def retry_charging(conn: Connection, account_id: str, now: datetime, guard: time
     (within the guard window); call under lock_account_payments."""
     return bool(conn.exec_driver_sql(RETRY_CHARGING_SQL, {"account": account_id, "since": now - guard}).scalar())
 
+# An invoice a retry found closed at Stripe, mirrored as the webhook of its status would mirror it.
+MIRRORED_AS = {"paid": "invoice.paid", "void": "invoice.voided", "uncollectible": "invoice.marked_uncollectible"}
+
 DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a worker picks it up
 
 
@@ -195,6 +198,15 @@ def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, no
 
 
 def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claimed) -> PayResult:
+    if c.prior_state == "dispatched":
+        # Stripe pays an invoice marked uncollectible when asked (it refuses only a paid or void one):
+        # marked at Stripe before its webhook came, the retry would collect a written-off debt through
+        # the regular path. Asked first, not on a row left charging: an earlier try may have paid it.
+        closed = _uncollectible_at_stripe(client, c.invoice_id)
+        if closed is not None:
+            detail = f"not due: invoice {closed['status']} at Stripe when charged"
+            _skip_closed(engine, retry_id, c.account_id, closed, detail)
+            return PayResult(retry_id, "skipped", c.account_id, c.failure_class, detail, requested=True)
     params: dict[str, Any] = {"payment_method": c.payment_method_id} if c.payment_method_id else {}
     try:
         client.v1.invoices.pay(c.invoice_id, params,  # type: ignore[arg-type]
@@ -260,11 +272,23 @@ def _closed_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str,
     return found if found.get("status") in SETTLED_STATUSES else None
 
 
+def _uncollectible_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
+    """Stripe's invoice when it is uncollectible there; None otherwise, or when Stripe did not say
+    (the charge then goes ahead: Stripe refuses a paid or void invoice itself, see _charge)."""
+    try:
+        invoice = client.v1.invoices.retrieve(invoice_id)
+    except stripe.StripeError as exc:
+        log.info("could not read invoice %s before its retry: %s", invoice_id, exc.__class__.__name__)
+        return None
+    found: dict[str, Any] = invoice.to_dict()
+    return found if found.get("status") == "uncollectible" else None
+
+
 def _skip_closed(engine: Engine, retry_id: int, account_id: str, invoice: dict[str, Any], detail: str) -> None:
     """Mirror the invoice as Stripe has it (under the ordering guard, as its webhook would), skip the
     retry and request the account's recompute, in one transaction; the request row, the mirror row,
     then the retry row: the order webhook ingest and a settlement lock them in."""
-    event_type = "invoice.paid" if invoice.get("status") == "paid" else "invoice.voided"
+    event_type = MIRRORED_AS.get(str(invoice.get("status")), "invoice.voided")
     with unit_of_work(engine) as conn:
         request_recompute(conn, account_id, Trigger.STATE_REFRESH.value, f"retry:{retry_id}:closed")
         for row in mirror_rows(event_type, f"payment_retry_{retry_id}", invoice):

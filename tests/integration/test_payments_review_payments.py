@@ -1,0 +1,73 @@
+"""Review (payments): a retry of an invoice closed at Stripe before its webhook came."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from app.payments.pay import retry_payment
+from app.payments.retries import claim_due
+from app.payments.stripe_client import make_stripe_client
+from tests.conftest import point_stripe_at
+from tests.fakes.fake_stripe import FakeStripe
+from tests.fakes.server import Answer
+from tests.integration.dunning_setup import dunning_row, failed_invoice, retries
+from tests.stripe_events import resource
+
+pytestmark = pytest.mark.worker
+
+
+@dataclass
+class StripeWithUncollectible(FakeStripe):
+    """The fake Stripe, plus invoices marked uncollectible at Stripe: like Stripe, it still pays such
+    an invoice (only a paid or void one is refused) and answers it on GET /v1/invoices/<id>."""
+
+    uncollectible: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def mark_uncollectible(self, invoice_id: str, customer: str, amount: int) -> None:
+        invoice = resource("invoice")
+        invoice.update(id=invoice_id, customer=customer, status="uncollectible", amount_due=amount, amount_paid=0,
+                       amount_remaining=amount)
+        invoice["status_transitions"]["marked_uncollectible_at"] = int(time.time())
+        self.uncollectible[invoice_id] = invoice
+
+    def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
+        parts = path.split("?")[0].strip("/").split("/")
+        if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "invoices"] and parts[2] in self.uncollectible:
+            return 200, {"Request-Id": "req_fake"}, self.uncollectible[parts[2]]
+        return super()._handle(method, path, headers, body)
+
+
+@pytest.fixture
+def stripe_uncollectible(runtime, monkeypatch):  # type: ignore[no-untyped-def]
+    with StripeWithUncollectible() as fake:
+        point_stripe_at(runtime, monkeypatch, fake.url)
+        yield fake
+
+
+def test_a_retry_of_an_invoice_marked_uncollectible_at_stripe_before_its_webhook_is_not_charged(
+        client, accounts, engine, runtime, worker, stripe_uncollectible):
+    """Beat claimed a retry; meanwhile the invoice was marked uncollectible at Stripe (written off by
+    finance, or by the subscription's settings after its retries) and invoice.marked_uncollectible is
+    not in yet. Stripe pays an uncollectible invoice when asked (it refuses only a paid or void one),
+    so the retry would collect a written-off debt through the regular path, which bad debt never goes
+    through (DESIGN 7). The retry is skipped, nothing charged, the invoice mirrored as Stripe has it."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    stripe_uncollectible.mark_uncollectible(invoice, customer, 5000)
+
+    result = retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+    assert stripe_uncollectible.charges == []
+    assert stripe_uncollectible.pay_requests(invoice) == []
+    assert (result.outcome, result.detail) == ("skipped", "not due: invoice uncollectible at Stripe when charged")
+    assert result.requested
+    assert [r["state"] for r in retries(engine, account)] == ["skipped"]
+    with engine.connect() as conn:
+        status = conn.exec_driver_sql("SELECT status FROM stripe_invoice WHERE id = %(i)s", {"i": invoice}).scalar()
+    assert status == "uncollectible"
+    assert dunning_row(engine, account)["retry_invoice_id"] == invoice  # the recompute requested decides
