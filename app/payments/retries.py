@@ -46,14 +46,17 @@ SELECT count(*) FROM payment_retry
 """
 
 # A skipped row was never charged: when the decision still asks for that very attempt (e.g. it
-# was skipped as stale after a queue backlog), dispatch re-arms it under the same key.
+# was skipped as stale after a queue backlog), dispatch re-arms it under the same key, for the
+# account whose decision asks now: the key names the invoice, and its customer may have moved to
+# another account (the row kept under the old one would be checked against the old account's
+# decision, which no longer plans it, and skipped at every tick).
 CLAIM_SQL = """
 INSERT INTO payment_retry (account_id, invoice_id, payment_method_id, retry_number, free, idempotency_key,
                            scheduled_for, state, created_at, updated_at)
 VALUES (%(account)s, %(invoice)s, %(method)s, %(number)s, %(free)s, %(key)s, %(scheduled)s, 'dispatched',
         %(now)s, %(now)s)
 ON CONFLICT (idempotency_key) DO UPDATE
-   SET state = 'dispatched', error = NULL, scheduled_for = EXCLUDED.scheduled_for,
+   SET state = 'dispatched', error = NULL, account_id = EXCLUDED.account_id, scheduled_for = EXCLUDED.scheduled_for,
        payment_method_id = EXCLUDED.payment_method_id, created_at = EXCLUDED.created_at,
        updated_at = EXCLUDED.updated_at
  WHERE payment_retry.state = 'skipped'

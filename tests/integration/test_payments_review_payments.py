@@ -12,7 +12,7 @@ import pytest
 from app.payments.pay import retry_payment
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
-from tests.conftest import point_stripe_at
+from tests.conftest import point_stripe_at, wait_for
 from tests.fakes.fake_stripe import FakeStripe
 from tests.fakes.server import Answer
 from tests.integration.dunning_setup import dunning_row, failed_invoice, retries
@@ -71,3 +71,31 @@ def test_a_retry_of_an_invoice_marked_uncollectible_at_stripe_before_its_webhook
         status = conn.exec_driver_sql("SELECT status FROM stripe_invoice WHERE id = %(i)s", {"i": invoice}).scalar()
     assert status == "uncollectible"
     assert dunning_row(engine, account)["retry_invoice_id"] == invoice  # the recompute requested decides
+
+
+def test_a_retry_skipped_for_the_account_a_customer_left_is_charged_for_the_account_it_joined(
+        client, accounts, engine, runtime, worker, celery_app, fake_stripe):
+    """Beat claimed a retry of the customer's invoice; before it was charged, Account Management moved
+    the customer to another account, whose dunning now plans that very attempt (same invoice, same day
+    of the schedule: the same idempotency key). The retry claimed under the old account is skipped;
+    re-armed under its key for the new account it must belong to the new account, or the charge checks
+    the old account's decision, which no longer plans it, and skips it at every beat tick for ever."""
+    old, customer = accounts.create()
+    new, _ = accounts.create()
+    invoice = failed_invoice(client, engine, old, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+
+    with engine.begin() as conn:  # Account Management moves the customer
+        conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(a)s WHERE stripe_customer_id = %(c)s",
+                             {"a": new, "c": customer})
+    celery_app.tasks["tasks.refile_mirror"].apply().get()
+    wait_for(lambda: dunning_row(engine, new).get("retry_invoice_id") == invoice, message="the new account plans it")
+    wait_for(lambda: dunning_row(engine, old).get("status") == "current", message="the old account out of dunning")
+
+    stripe_client = make_stripe_client(runtime.settings)
+    assert retry_payment(engine, stripe_client, retry_id, datetime.now(UTC)).outcome == "skipped"
+    assert claim_due(engine, datetime.now(UTC)) == [retry_id]  # the same attempt, re-armed under its key
+    result = retry_payment(engine, stripe_client, retry_id, datetime.now(UTC))
+    assert (result.outcome, result.account_id) == ("sent", new), result
+    assert [r["account_id"] for r in retries(engine, new)] == [new]
+    assert len(fake_stripe.charges) == 1
