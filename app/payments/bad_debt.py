@@ -201,9 +201,11 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
 
 def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:
     """The debt's customer's default payment method, else its latest attached one: Stripe charges
-    a customer only with a method of its own, and an account may have several customers."""
+    a customer only with a method of its own, and an account may have several customers. A default
+    the mirror knows as detached is passed over: Stripe clears it in a customer.updated that may come
+    after the detachment (and refuses to charge it), as the retries pass over it (retry_cadence)."""
     default = snapshot.default_of(customer)[0]
-    if default is not None:
+    if default is not None and not any(pm.id == default and not pm.attached for pm in snapshot.payment_methods):
         return default
     attached = [pm for pm in snapshot.methods_of(customer) if pm.attached]
     return max(attached, key=lambda pm: pm.changed_at).id if attached else None
