@@ -44,7 +44,9 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        CASE WHEN NOT EXISTS (SELECT 1 FROM stripe_payment_method m
                               WHERE m.id = s.default_payment_method_id AND NOT m.attached)
             THEN s.default_payment_method_id END,
-       s.changed_at >= date_trunc('second', r.created_at)
+       s.changed_at >= date_trunc('second', r.created_at),
+       -- The claimed card as the mirror knows it: detached (Stripe refuses to charge it).
+       EXISTS (SELECT 1 FROM stripe_payment_method m WHERE m.id = r.payment_method_id AND NOT m.attached)
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
@@ -118,7 +120,7 @@ class Claimed:
 def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
     """Why a dispatched retry must not be charged any more, or None when it still should be."""
     (_, invoice, method, _, _, created_at, free, inv_status, remaining, d_status, next_retry_at, retry_invoice, reasons,
-     _, last_attempt_at, default_method, default_changed_since) = row
+     _, last_attempt_at, default_method, default_changed_since, method_detached) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
@@ -127,6 +129,10 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
         return "a newer payment attempt was made on the invoice"
     if d_status in (None, "current", "lifting"):
         return f"account status is {d_status}"
+    if method_detached:
+        # The customer removed the card since the claim (its webhook is in, the recompute that
+        # replans not yet): Stripe would refuse it, filed as dead work for an operator.
+        return "the claimed payment method is detached; compute plans afresh"
     if method is not None and default_method is not None and default_method != method \
             and (not free or default_changed_since):
         # Another card is the customer's default now: the card it replaced is not charged, whenever

@@ -12,7 +12,7 @@ import pytest
 from app.payments.pay import retry_payment
 from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
-from tests.conftest import point_stripe_at, wait_for
+from tests.conftest import point_stripe_at, post_event, wait_for
 from tests.fakes.fake_stripe import FakeStripe
 from tests.fakes.server import Answer
 from tests.integration.dunning_setup import dunning_row, failed_invoice, retries
@@ -99,3 +99,41 @@ def test_a_retry_skipped_for_the_account_a_customer_left_is_charged_for_the_acco
     assert (result.outcome, result.account_id) == ("sent", new), result
     assert [r["account_id"] for r in retries(engine, new)] == [new]
     assert len(fake_stripe.charges) == 1
+
+
+def test_a_retry_whose_card_was_detached_after_its_claim_is_not_sent_to_stripe(client, accounts, engine, runtime,
+                                                                                fake_stripe):
+    """Beat claimed a retry on the card the invoice failed on; the customer then removed that card.
+    Its payment_method.detached is stored and the account's recompute queued behind others when the
+    worker charges: Stripe refuses a detached method, and the refusal was filed as dead work for an
+    operator. The retry is skipped like one whose card was replaced, and compute plans afresh."""
+    from tests.integration.bad_debt_setup import recompute
+    from tests.stripe_events import event, unique, with_product
+
+    account, customer = accounts.create()
+    t = int(time.time()) - 2 * 86400
+    invoice = unique("in")
+    failed = event("invoice.payment_failed", id=invoice, customer=customer, created=t, amount_due=5000,
+                   amount_remaining=5000, amount_paid=0, attempt_count=1, billing_reason="subscription_cycle",
+                   paths={"created": t - 86400})
+    assert post_event(client, with_product(failed, "prod_core", 5000)).status_code == 200
+    charge = event("charge.failed", id=unique("ch"), customer=customer, payment_intent=unique("pi"),
+                   failure_code="card_declined", created=t + 1,
+                   paths={"created": t + 1, "outcome.reason": "insufficient_funds"})
+    assert post_event(client, charge).status_code == 200
+    recompute(engine, runtime, account)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    (row,) = retries(engine, account)
+    card = row["payment_method_id"]
+    assert card
+
+    attached = event("payment_method.attached", id=card, customer=customer, created=t - 30 * 86400)
+    assert post_event(client, attached).status_code == 200
+    detached = event("payment_method.attached", id=card, customer=None, created=int(time.time()) - 5)
+    detached["type"] = "payment_method.detached"  # no detached envelope in the fixtures: same object, customer null
+    assert post_event(client, detached).status_code == 200  # its recompute waits in the queue
+
+    result = retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+    assert fake_stripe.pay_requests(invoice) == []
+    assert result.outcome == "skipped" and "detached" in (result.detail or ""), result
+    assert [r["state"] for r in retries(engine, account)] == ["skipped"]
