@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -267,27 +268,27 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
 
 
-def _closed_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
-    """Stripe's invoice when it is paid or void there; None when it is not, or Stripe did not say."""
+def _at_stripe(client: stripe.StripeClient, invoice_id: str, statuses: Collection[str]) -> dict[str, Any] | None:
+    """Stripe's invoice when its status there is one of ``statuses``; None when it is not, or Stripe
+    did not say (the caller then goes on as it would have)."""
     try:
         invoice = client.v1.invoices.retrieve(invoice_id)
     except stripe.StripeError as exc:
-        log.warning("could not read invoice %s after Stripe refused its retry: %s", invoice_id, exc.__class__.__name__)
+        log.warning("could not read invoice %s at Stripe: %s", invoice_id, exc.__class__.__name__)
         return None
     found: dict[str, Any] = invoice.to_dict()
-    return found if found.get("status") in SETTLED_STATUSES else None
+    return found if found.get("status") in statuses else None
+
+
+def _closed_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
+    """After Stripe refused a retry: its invoice when paid or void there."""
+    return _at_stripe(client, invoice_id, SETTLED_STATUSES)
 
 
 def _uncollectible_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
-    """Stripe's invoice when it is uncollectible there; None otherwise, or when Stripe did not say
-    (the charge then goes ahead: Stripe refuses a paid or void invoice itself, see _charge)."""
-    try:
-        invoice = client.v1.invoices.retrieve(invoice_id)
-    except stripe.StripeError as exc:
-        log.info("could not read invoice %s before its retry: %s", invoice_id, exc.__class__.__name__)
-        return None
-    found: dict[str, Any] = invoice.to_dict()
-    return found if found.get("status") == "uncollectible" else None
+    """Before a retry: its invoice when uncollectible there (Stripe refuses a paid or void invoice
+    itself, see _charge, but pays an uncollectible one)."""
+    return _at_stripe(client, invoice_id, ("uncollectible",))
 
 
 def _skip_closed(engine: Engine, retry_id: int, account_id: str, invoice: dict[str, Any], detail: str) -> None:

@@ -9,36 +9,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SUPPORT_TOKEN, Accounts, post_event, service_headers, wait_for
+from tests.conftest import Accounts, post_event, wait_for
+from tests.integration.journey_views import dunning, labels, outbox, support_recompute
 from tests.stripe_events import event, unique, with_product
 
 pytestmark = pytest.mark.worker
 DAY = 86400
-
-
-def dunning(client: Any, account: str) -> dict[str, Any]:
-    return dict(client.get(f"/accounts/{account}/dunning", headers=service_headers()).json)
-
-
-def support_recompute(client: Any, account: str) -> dict[str, Any]:
-    """NinjaPanel's button: a full recompute now, waited for."""
-    support = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
-    response = client.post(f"/support/accounts/{account}/recompute", headers=support)
-    assert response.status_code == 202, response.json
-    task = response.json["task_id"]
-    wait_for(lambda: client.get(f"/support/tasks/{task}", headers=support).json["done"], message="button recompute")
-    return dunning(client, account)
-
-
-def labels(client: Any, account: str) -> dict[str, str]:
-    body = client.get(f"/accounts/{account}/billing-history", headers=service_headers()).json
-    return {i["id"]: i["label"] for i in body["invoices"]}
-
-
-def outbox(engine: Any, account: str) -> list[str]:
-    with engine.connect() as conn:
-        return [r[0] for r in conn.exec_driver_sql(
-            "SELECT event_type FROM outbox WHERE account_id = %(a)s ORDER BY id", {"a": account})]
 
 
 def invoice_event(kind: str, customer: str, invoice: str, at: int, *, amount: int = 5000, paid: int = 0,
