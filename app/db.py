@@ -197,6 +197,7 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
     is taken out of the pool and reported as DatabaseUnavailable; a refused value is ValueRejected,
     a lost race Conflict, a wait past lock_timeout (or a run past statement_timeout) TimedOut."""
     import psycopg2
+    import psycopg2.errors
     import psycopg2.extensions
 
     try:
@@ -211,6 +212,11 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
         raise
     except psycopg2.extensions.TransactionRollbackError as exc:
         raise Conflict(str(exc).strip()) from exc
+    except psycopg2.errors.ProgramLimitExceeded as exc:
+        # A value larger than an index entry holds (an id of kilobytes: "index row size exceeds btree
+        # maximum"): the input's fault, as a DataError is. The statement was rolled back and the
+        # connection is fine.
+        raise ValueRejected(f"value cannot be stored, too large: {exc.diag.message_primary}") from exc
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         if exc.pgcode in TIMED_OUT_CODES:  # the server answered: the connection is fine
             raise TimedOut(str(exc).strip()) from exc

@@ -15,7 +15,6 @@ from functools import cache
 from typing import Any, NamedTuple
 
 import orjson
-import psycopg2.errors
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
@@ -298,17 +297,11 @@ def ingest_events(conn: Connection, items: list[Item]) -> list[Stored | None]:
             raise ValueError("an event mirrors at most one row")  # extract() never builds more
     out: list[Stored | None] = [None] * len(items)
     plan = waves(items)
-    try:
-        with _one_transaction(conn) if len(plan) > 1 else nullcontext():
-            for wave in plan:
-                rows = fetch_prepared_all(conn, _statement([items[i] for i in wave]))
-                for i, (account_id, state, trigger, created) in zip(wave, rows, strict=True):
-                    out[i] = None if state is None else Stored(account_id, state, trigger, bool(created))
-    except psycopg2.errors.ProgramLimitExceeded as exc:
-        # A value larger than an index entry holds (an id of kilobytes: "index row size exceeds btree
-        # maximum"): the event's own fault, as a number out of range is. The statement was rolled back
-        # and the connection is fine; the driver's error was a 500 for every request of the batch.
-        raise ValueRejected(f"value cannot be stored, too large: {exc.diag.message_primary}") from exc
+    with _one_transaction(conn) if len(plan) > 1 else nullcontext():
+        for wave in plan:
+            rows = fetch_prepared_all(conn, _statement([items[i] for i in wave]))
+            for i, (account_id, state, trigger, created) in zip(wave, rows, strict=True):
+                out[i] = None if state is None else Stored(account_id, state, trigger, bool(created))
     return out
 
 
