@@ -20,4 +20,4 @@ def pay() -> ResponseReturnValue:
     if body is None:
         return jsonify(error="invalid_body", reason='the body must be JSON {"account_id", "amount"}'), 400
     answer = pay_bad_debt(runtime(), celery_app(), body, request.headers.get("Idempotency-Key"))
-    return jsonify(answer.body), answer.status
+    return jsonify(answer.body), answer.status, answer.headers

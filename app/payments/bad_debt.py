@@ -16,6 +16,9 @@ requests cannot both pass). Then:
    transaction. No answer or a server error from Stripe leaves the outcome unknown: the payment
    stays pending (502, state pending) until the intent's webhook reports it, so the customer
    cannot be charged twice; one that never comes shows in the stuck-in-lifting gauge and list.
+   A request Stripe surely did not run (rate limited, its key not accepted, no connection made)
+   stores nothing, as Stripe keeps nothing under its own key then: the row is removed with a
+   recompute request, and the answer is 503 with Retry-After; the same key may be sent again.
 
 The PaymentIntent's webhooks decide the rest (app/payments/bad_debt_webhook.py and
 app/payments/bad_debt_settle.py): success settles the invoices and the account leaves bad debt;
@@ -27,14 +30,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import requests
 import stripe
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from urllib3.exceptions import NewConnectionError
 
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
@@ -43,29 +49,43 @@ from app.domain.retry_cadence import attempt_in_flight
 from app.domain.snapshot import Snapshot
 from app.domain.state import Status
 from app.domain.triggers import Trigger
-from app.payments.bad_debt_settle import customer_paid
+from app.payments.bad_debt_settle import NOT_RUN, customer_paid
 from app.payments.bad_debt_webhook import enqueue_settlement, reopen_charged
 from app.payments.pay import lock_account_payments, retry_charging
 from app.payments.stripe_client import make_stripe_client
 from app.recompute.gather import gather
 from app.runtime import Runtime
+from tasks.failures import retry_after_seconds
 
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 255
 IN_FLIGHT_INDEX = "uq_bad_debt_payment_in_flight"
+RETRY_AFTER_DEFAULT = 2  # seconds, when Stripe names none: its rate limits count per second
+RETRY_AFTER_CAP = 60  # the most we pass on: a caller is not parked for long by a wrong header
 
 
 @dataclass(frozen=True)
 class Answer:
     status: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Refused(Exception):
-    def __init__(self, status: int, error: str, reason: str, **extra: Any) -> None:
+    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
         super().__init__(reason)
-        self.answer = Answer(status, {"error": error, "reason": reason, **extra})
+        self.answer = Answer(status, {"error": error, "reason": reason, **extra}, headers or {})
+
+
+class NotRun(Exception):
+    """Stripe did not run the request that creates the intent: nothing was charged, and Stripe
+    kept nothing under its idempotency key."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer.body["reason"])
+        self.answer = answer
 
 
 @dataclass(frozen=True)
@@ -297,6 +317,10 @@ def _create_intent(rt: Runtime, req: Request, debt: Debt, payment_id: int) -> tu
     except stripe.StripeError as exc:
         status = exc.http_status or "no answer"
         log.warning("bad-debt payment %s: Stripe error %s (%s)", payment_id, exc.__class__.__name__, status)
+        if _not_run(exc):
+            raise NotRun(_unavailable(exc, f"Stripe did not run the payment ({_why(exc)}): nothing was charged "
+                                           "and nothing is kept for this Idempotency-Key; send the same request "
+                                           "again after Retry-After")) from exc
         if _indeterminate(exc):
             # The charge may have run: Stripe's webhook for the intent (found by its metadata) will say.
             # Until then the payment stays in flight, so the account stays lifting and no second
@@ -328,6 +352,10 @@ def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
         found = [client.v1.invoices.retrieve(invoice_id) for invoice_id in debt.invoice_ids]
         paid = {invoice_id: customer_paid(client, invoice_id) for invoice_id in debt.invoice_ids}
     except stripe.StripeError as exc:
+        if isinstance(exc, (*NOT_RUN, stripe.APIConnectionError)):  # a read, even unanswered, changed nothing
+            answer = _unavailable(exc, f"Stripe could not be asked about the invoices ({_why(exc)}); nothing was "
+                                       "charged, send the same request again after Retry-After")
+            raise Refused(answer.status, answer.body["error"], answer.body["reason"], answer.headers) from exc
         raise Refused(502, "payment_provider_error", f"Stripe could not be asked about the invoices "
                       f"({exc.__class__.__name__}); nothing was charged, try again") from exc
     closed = [f"{inv.id} is {inv.status}" for inv in found if inv.status not in OWING_STATUSES]
@@ -345,13 +373,55 @@ def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
 
 def _indeterminate(exc: stripe.StripeError) -> bool:
     """Whether Stripe may have run the request: no answer at all, or a server error (Stripe's advice
-    is to treat a 5xx's outcome as unknown). A card decline, a refused request or a rate limit (429)
-    are definite: nothing was charged."""
+    is to treat a 5xx's outcome as unknown). A card decline or a refused request are definite:
+    nothing was charged."""
     if isinstance(exc, stripe.APIConnectionError):
         return True
     return isinstance(exc, stripe.APIError) and (exc.http_status is None or exc.http_status >= 500)
 
 
+def _not_run(exc: stripe.StripeError) -> bool:
+    """Whether Stripe surely did not run the request: refused before any endpoint ran (a rate limit:
+    Stripe's limiters come before its idempotency layer; a key it does not accept), or a connection
+    never made (refused, the host not found, the connect timed out), so nothing was sent. A
+    connection lost once made, or a read timeout, may have run it."""
+    if isinstance(exc, NOT_RUN):
+        return True
+    return isinstance(exc, stripe.APIConnectionError) and _never_connected(exc.__cause__)
+
+
+def _never_connected(cause: BaseException | None) -> bool:
+    """The stripe library's RequestsClient raises APIConnectionError from the requests exception;
+    requests raises ConnectionError(MaxRetryError(reason=NewConnectionError)) when no connection
+    was made, and ConnectTimeout when making it timed out."""
+    if isinstance(cause, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(cause, requests.exceptions.ConnectionError) or not cause.args:
+        return False
+    return isinstance(getattr(cause.args[0], "reason", None), NewConnectionError)
+
+
+def _why(exc: stripe.StripeError) -> str:
+    if isinstance(exc, stripe.RateLimitError):
+        return "rate limited"
+    if isinstance(exc, stripe.APIConnectionError):
+        return "no connection could be made" if _never_connected(exc.__cause__) else "no answer"
+    return f"refused: {exc.__class__.__name__} ({exc.http_status})"
+
+
+def _unavailable(exc: stripe.StripeError, reason: str) -> Answer:
+    """503 with Stripe's Retry-After (else a small default): nothing was done, the same request
+    later is expected to go through."""
+    asked = retry_after_seconds(exc.headers)
+    seconds = RETRY_AFTER_DEFAULT if asked is None else min(max(math.ceil(asked), 1), RETRY_AFTER_CAP)
+    return Answer(503, {"error": "payment_provider_unavailable", "reason": reason}, {"Retry-After": str(seconds)})
+
+
+# Stripe did not run the payment: it never was one. Without its row the key is free again (as Stripe's
+# own key is) and so is the account's in-flight slot. Only while nothing else has touched it.
+RELEASE = """
+DELETE FROM bad_debt_payment WHERE id = %(id)s AND state = 'pending' AND stripe_payment_intent_id IS NULL
+"""
 SAVE_ANSWER = """
 UPDATE bad_debt_payment
    SET stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(intent)s),
@@ -389,26 +459,34 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
     except Refused as refused:
         return refused.answer
     # From here on the payment exists: whatever fails, it stays in flight (the account lifting)
-    # until Stripe's webhook or the reconciliation with Stripe (bad_debt_reconcile.py) ends it.
+    # until Stripe's webhook or the reconciliation with Stripe (bad_debt_reconcile.py) ends it,
+    # unless Stripe surely did not run it.
+    released = False
     try:
         answer, intent_id, failure = _create_intent(rt, req, debt, payment_id)
+    except NotRun as not_run:
+        answer, intent_id, failure, released = not_run.answer, None, None, True
     except Exception:
         log.exception("bad-debt payment %s: asking Stripe failed unexpectedly", payment_id)
         answer, intent_id, failure = _unknown(req, debt, payment_id, "an unexpected error while asking Stripe"), \
             None, None
     reopened = None
+    ended = failure is not None or released
     try:
         with unit_of_work(rt.engine) as conn:
-            if failure is not None:
+            if ended:
                 # A recompute may have run (and taken the request _insert made) while Stripe was being
-                # asked, and stored "lifting": this one must see the failure, or the account stays lifting.
+                # asked, and stored "lifting": this one must see the end, or the account stays lifting.
                 # The request row before the payment row: the order the intent's webhook locks them in
                 # (ingest, then record_outcome), so the two cannot deadlock.
                 enqueue = request_recompute(conn, req.account_id, Trigger.BAD_DEBT_PAID.value,
                                             f"bad_debt_payment:{payment_id}") or enqueue
-            conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
-                                               "body": Json(answer.body), "id": payment_id})
-            if failure is not None:  # the in-flight slot is free: an earlier payment charged after all takes it
+            if released:
+                conn.exec_driver_sql(RELEASE, {"id": payment_id})
+            else:
+                conn.exec_driver_sql(SAVE_ANSWER, {"intent": intent_id, "failure": failure, "status": answer.status,
+                                                   "body": Json(answer.body), "id": payment_id})
+            if ended:  # the in-flight slot is free: an earlier payment charged after all takes it
                 reopened = reopen_charged(conn, req.account_id)
     except SQLAlchemyError:
         # Stripe's answer is still the truth about the charge: say it. The key answers "in

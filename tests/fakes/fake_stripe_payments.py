@@ -4,8 +4,9 @@
   PaymentIntent object, the real fixture with ids and values overridden), "decline" (402 with
   Stripe's error envelope, type card_error), "server_error" (500, type api_error, nothing charged),
   "server_error_after_charge" (the intent is created and succeeds, the answer is still that 500:
-  Stripe says a 5xx's outcome is unknown). ``before_answer``, when set, runs before it answers (what
-  else happens while the caller waits on Stripe).
+  Stripe says a 5xx's outcome is unknown), "rate_limited" (429, Stripe's error envelope for a rate
+  limit, nothing created). ``before_answer``, when set, runs before it answers (what else happens
+  while the caller waits on Stripe).
 * ``POST /v1/invoices/<id>/pay`` (``paid_out_of_band``) and ``GET /v1/invoices/<id>`` on the invoices
   the test registered; paying a paid invoice is a 400 invalid_request_error, like Stripe.
   ``before_paying``, when set, runs before an invoice is paid (what else happens meanwhile).
@@ -21,6 +22,9 @@
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
   ``set_status`` moves an intent on, as Stripe would.
+
+Every 429 carries ``Retry-After: <rate_limit_retry_after>`` (None: no such header). ``on_request``,
+when set, is called with the method and path of each request before it is answered.
 
 Like Stripe it replays the first answer for a repeated Idempotency-Key (not a 429's: a rate-limited
 request never ran), and it records every request.
@@ -41,6 +45,9 @@ from tests.fakes.server import FakeServer
 from tests.stripe_events import resource, unique
 
 Answer = tuple[int, dict[str, Any]]
+# Stripe's rate limiters answer before its idempotency layer: this body, nothing run, nothing kept.
+RATE_LIMITED: Answer = (429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
+                                        "message": "Too many requests hit the API too quickly."}})
 
 
 @dataclass
@@ -58,6 +65,8 @@ class FakeStripePayments:
         self.decline_code = "insufficient_funds"
         self.before_answer: Callable[[], None] | None = None
         self.before_paying: Callable[[], None] | None = None
+        self.on_request: Callable[[str, str], None] | None = None
+        self.rate_limit_retry_after: int | None = 1
         self.charged_behind_errors: list[dict[str, Any]] = []  # intents created under a 500
         self.intents: dict[str, dict[str, Any]] = {}  # every intent created, by id
         self.pay_outcome = "paid"
@@ -87,8 +96,13 @@ class FakeStripePayments:
         query = path.partition("?")[2] if method == "GET" else body.decode()
         params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
         key = headers.get("idempotency-key")
+        if self.on_request is not None:
+            self.on_request(method, path)
         status, payload = self.handle(method, path, key, params)
-        return status, {"Request-Id": unique("req")}, payload
+        answer_headers = {"Request-Id": unique("req")}
+        if status == 429 and self.rate_limit_retry_after is not None:
+            answer_headers["Retry-After"] = str(self.rate_limit_retry_after)
+        return status, answer_headers, payload
 
     # --- what tests look at -----------------------------------------------------------------
 
@@ -171,8 +185,7 @@ class FakeStripePayments:
             if self.invoice_payments_down:
                 return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
             if self.invoice_payments_rate_limited:
-                return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
-                                       "message": "Too many requests hit the API too quickly."}}
+                return RATE_LIMITED
             if params.get("invoice") in self.unknown_invoices:
                 return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
                                        "message": f"No such invoice: '{params['invoice']}'", "param": "invoice"}}
@@ -224,6 +237,8 @@ class FakeStripePayments:
         if self.before_answer is not None:
             self.before_answer()
         outcome = self.intent_outcome
+        if outcome == "rate_limited":
+            return RATE_LIMITED
         if outcome == "server_error_after_charge":
             self.charged_behind_errors.append(self._intent(params, "succeeded"))
         if outcome in ("succeeded", "processing"):
@@ -246,8 +261,7 @@ class FakeStripePayments:
         if self.pay_outcome == "server_error":
             return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
         if self.pay_outcome == "rate_limited":
-            return 429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
-                                   "message": "Too many requests hit the API too quickly."}}
+            return RATE_LIMITED
         if params.get("paid_out_of_band") != "true":
             return 400, {"error": {"type": "invalid_request_error", "message": "this fake pays out of band only"}}
         inv.update(status="paid", amount_paid=inv["amount_due"], amount_remaining=0)

@@ -1,0 +1,138 @@
+"""POST /pay-bad-debt when Stripe surely did not run the payment (rate limited, no connection made):
+nothing is stored under the caller's Idempotency-Key, nothing stays in flight, and the same key
+pays for real later. An outcome Stripe may have run stays in flight as before."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import point_stripe_at, wait_for
+from tests.fakes.fake_stripe_payments import FakeStripePayments
+from tests.fakes.server import FakeServer
+from tests.integration.bad_debt_setup import InBadDebt, dunning_row, key, pay, payments, recompute
+
+
+def body(debtor: InBadDebt) -> dict[str, Any]:
+    return {"account_id": debtor.account, "amount": debtor.amount}
+
+
+def rules(summary: dict[str, Any]) -> set[str]:
+    return {r["rule"] for r in summary["reasons"]}
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """An address where no connection can be made: a port bound but not listening refuses it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def create_goes_to(stripe_fake: FakeStripePayments, runtime: Any, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The invoice lookups reach the fake; the payment intent's creation, asked right after the
+    last of them, goes to ``url``."""
+    def after_lookups(method: str, path: str) -> None:
+        if path.startswith("/v1/invoice_payments"):
+            point_stripe_at(runtime, monkeypatch, url)
+    stripe_fake.on_request = after_lookups
+
+
+def test_a_rate_limited_payment_stores_nothing_and_the_same_key_then_pays(client, engine, runtime, debtor,
+                                                                          stripe_fake):
+    stripe_fake.intent_outcome = "rate_limited"
+    idem = key()
+    refused = pay(client, body(debtor), idem)
+    assert refused.status_code == 503, refused.json
+    assert refused.json["error"] == "payment_provider_unavailable" and "rate limited" in refused.json["reason"]
+    assert refused.headers["Retry-After"] == "1"  # the fake's, as Stripe's own
+    assert stripe_fake.intents == {}
+    # No payment in flight: the account is back in bad debt, with no failed payment to its name.
+    assert payments(engine, debtor.account) == []
+    summary = recompute(engine, runtime, debtor.account, "BAD_DEBT_PAID")
+    assert summary["status"] == "bad_debt" and "bad_debt.payment_failed" not in rules(summary)
+
+    stripe_fake.intent_outcome = "succeeded"
+    paid = pay(client, body(debtor), idem)
+    assert paid.status_code == 202, paid.json
+    assert paid.json["state"] == "pending" and paid.json["stripe_payment_intent_id"] in stripe_fake.intents
+    first, second = stripe_fake.intents_created()
+    # Stripe kept nothing under its key for the 429 (its rate limiters run before its idempotency
+    # layer): the same derived key runs for real.
+    assert first.idempotency_key == second.idempotency_key and not second.replayed
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "pending" and row["response_status"] == 202
+    assert pay(client, body(debtor), idem).json == paid.json  # from now on the key replays the payment
+
+
+@pytest.mark.parametrize("stripe_asks, answered", [(7, "7"), (None, "2"), (86400, "60")])
+def test_the_retry_after_is_stripes_own_else_a_small_default(client, engine, debtor, stripe_fake, stripe_asks,
+                                                              answered):
+    stripe_fake.intent_outcome, stripe_fake.rate_limit_retry_after = "rate_limited", stripe_asks
+    refused = pay(client, body(debtor), key())
+    assert (refused.status_code, refused.headers["Retry-After"]) == (503, answered)
+
+
+@pytest.mark.worker
+def test_a_recompute_that_ran_while_stripe_was_asked_does_not_leave_the_account_lifting(client, engine, runtime,
+                                                                                       debtor, stripe_fake, worker):
+    stripe_fake.intent_outcome = "rate_limited"
+    seen: list[str] = []
+    stripe_fake.before_answer = lambda: seen.append(recompute(engine, runtime, debtor.account, "MANUAL")["status"])
+    assert pay(client, body(debtor), key()).status_code == 503 and seen == ["lifting"]
+    state = wait_for(lambda: (d := dunning_row(engine, debtor.account))["status"] == "bad_debt" and d,
+                     message="back in bad debt")
+    assert "bad_debt.payment_failed" not in {r["rule"] for r in state["reasons"]}
+    stripe_fake.before_answer, stripe_fake.intent_outcome = None, "succeeded"
+    assert pay(client, body(debtor), key()).status_code == 202  # nothing in flight blocks the next payment
+
+
+def test_a_payment_stripe_could_not_be_connected_to_stores_nothing(client, engine, runtime, debtor, stripe_fake,
+                                                                   refusing_url, monkeypatch):
+    create_goes_to(stripe_fake, runtime, monkeypatch, refusing_url)
+    idem = key()
+    refused = pay(client, body(debtor), idem)
+    assert refused.status_code == 503, refused.json
+    assert "no connection could be made" in refused.json["reason"] and refused.headers["Retry-After"] == "2"
+    assert payments(engine, debtor.account) == []
+    assert recompute(engine, runtime, debtor.account, "BAD_DEBT_PAID")["status"] == "bad_debt"
+
+    stripe_fake.on_request = None
+    point_stripe_at(runtime, monkeypatch, stripe_fake.url)
+    assert pay(client, body(debtor), idem).status_code == 202
+    assert len(stripe_fake.intents) == 1
+
+
+def test_a_connection_lost_after_the_request_was_sent_stays_in_flight(client, engine, runtime, debtor, stripe_fake,
+                                                                      monkeypatch):
+    """Connected, sent, no answer: Stripe may have charged. Unknown, as before: nothing is released."""
+    silent = FakeServer(lambda *request: None).start()  # reads the request, closes without answering
+    try:
+        create_goes_to(stripe_fake, runtime, monkeypatch, silent.url)
+        idem = key()
+        response = pay(client, body(debtor), idem)
+    finally:
+        silent.stop()
+    assert response.status_code == 502, response.json
+    assert (response.json["error"], response.json["state"]) == ("payment_outcome_unknown", "pending")
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "pending"
+    assert recompute(engine, runtime, debtor.account, "BAD_DEBT_PAID")["status"] == "lifting"
+    assert pay(client, body(debtor), idem).json == response.json
+    again = pay(client, body(debtor), key())
+    assert (again.status_code, again.json["error"]) == (409, "payment_in_flight")
+
+
+def test_a_rate_limited_invoice_lookup_is_a_503_with_retry_after(client, engine, debtor, stripe_fake):
+    stripe_fake.invoice_payments_rate_limited, stripe_fake.rate_limit_retry_after = True, 3
+    idem = key()
+    refused = pay(client, body(debtor), idem)
+    assert (refused.status_code, refused.json["error"]) == (503, "payment_provider_unavailable")
+    assert refused.headers["Retry-After"] == "3" and "invoices" in refused.json["reason"]
+    assert payments(engine, debtor.account) == [] and stripe_fake.intents_created() == []
+
+    stripe_fake.invoice_payments_rate_limited = False
+    assert pay(client, body(debtor), idem).status_code == 202
