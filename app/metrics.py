@@ -33,6 +33,8 @@ RECOMPUTE_SECONDS = Histogram(
 DOMAIN_EVENTS = Counter("dunning_domain_events_total", "Domain events emitted", ["event"])
 DRIFT_FOUND = Counter("dunning_drift_found_total", "Accounts found drifted by the sweep", ["in_stage"])
 DRIFT_REMEDIATED = Counter("dunning_drift_remediated_total", "Drift remediation recomputes enqueued")
+SWEEP_ERRORS = Counter("dunning_sweep_errors_total", "Drift sweep errors by kind (unreadable, compute, request, "
+                       "enqueue, failed)", ["kind"])
 RETRIES = Counter("dunning_payment_retries_total", "Payment retries by failure class and outcome",
                   ["failure_class", "outcome"])
 BAD_DEBT_ENTRIES = Counter("dunning_bad_debt_entries_total", "Accounts entering bad debt", ["reason", "product"])

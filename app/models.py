@@ -341,10 +341,15 @@ class Outbox(Base):
     event_type: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # When the relay was done with it: delivered, superseded or skipped (``state`` says which).
     delivered_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=NOW)
     last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)  # HTTP status of the last answer, None: no answer
+    # First refused as wrong (a 4xx other than 408/429): blocked until delivered or skipped.
+    blocked_at: Mapped[datetime | None]
+    state: Mapped[str] = mapped_column(Text, server_default="pending")  # pending | delivered | superseded | skipped
 
     __table_args__ = (
         Index("ix_outbox_pending", "account_id", "id", postgresql_where=text("delivered_at IS NULL")),
@@ -454,7 +459,8 @@ class SweepRun(Base):
     in_stage: Mapped[int] = mapped_column(BigInteger, server_default="0")
     guarded: Mapped[int] = mapped_column(BigInteger, server_default="0")
     errors: Mapped[int] = mapped_column(BigInteger, server_default="0")  # the whole sweep's running total
-    # Its errors when the rollout stage last changed: those are an earlier stage's (the gate counts the rest).
+    # Its errors when the rollout stage last changed: an earlier stage's. The sweep's record only: the
+    # gate counts sweep_error rows (by account), marked before_stage at the same moment.
     errors_before_stage: Mapped[int] = mapped_column(BigInteger, server_default="0")
     cursor: Mapped[str | None] = mapped_column(Text)  # last account id swept (chained batches resume here)
     note: Mapped[str | None] = mapped_column(Text)
@@ -478,6 +484,26 @@ class DriftRecord(Base):
     skipped: Mapped[str | None] = mapped_column(Text)  # out_of_stage | guarded:<why> | dry_run | error
 
     __table_args__ = (Index("ix_drift_record_found_at", "found_at"),)
+
+
+class SweepError(Base):
+    """One error of a sweep: about an account (once per sweep), or about none (account_id NULL: a
+    page whose requests could not be stored, the sweep failed). The rollout gate counts accounts."""
+
+    __tablename__ = "sweep_error"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(BigInteger)
+    account_id: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)  # unreadable | compute | request | enqueue | failed
+    at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # Recorded before the rollout stage last changed: an earlier stage's (the gate counts the rest).
+    before_stage: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+    __table_args__ = (
+        Index("uq_sweep_error_account", "sweep_id", "account_id", unique=True),
+        Index("ix_sweep_error_in_stage", "at", postgresql_where=text("NOT before_stage")),
+    )
 
 
 class RolloutState(Base):

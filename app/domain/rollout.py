@@ -6,9 +6,10 @@ hash of the account id (never Python's ``hash()``, which is salted per process),
 
 The gate decides from health measured since the current stage was entered (and within the
 policy's health window): it advances after the soak time when healthy, steps back when the share
-of remediations that were reverted/re-drifted or the number of errors exceeds the limits, and
-otherwise holds, always with a reason. A held stage (an operator's hold, or the gate's own after a
-step back) still steps back when breached; it only never advances until someone resumes.
+of remediations that were reverted/re-drifted or the number of errors (distinct accounts the
+sweeps failed on, plus errors not about one account) exceeds the limits, and otherwise holds,
+always with a reason. A held stage (an operator's hold, or the gate's own after a step back) still
+steps back when breached; it only never advances until someone resumes.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def label(stage: str) -> str:
 class RolloutPolicy:
     soak_hours: float = 24
     max_reverted_ratio: float = 0.02
+    # Errors allowed in the window: distinct accounts the sweeps failed on (one failing every sweep is
+    # one), plus each error not about one account (a page's requests not stored, a sweep that failed).
     max_errors: int = 5
     health_window_hours: float = 24
     # Remediations needed in the window before the gate trusts the ratio enough to advance.
@@ -154,7 +157,9 @@ class Health:
 
     remediations: int = 0
     reverted: int = 0  # remediated, then found drifted again the same way, or its recompute failed
-    errors: int = 0  # sweep errors since the stage began: compute failures, enqueue failures
+    # sweep errors since the stage began: distinct accounts failed on (unreadable rows, compute and
+    # enqueue failures), plus each error not about one account (a page's requests, a failed sweep)
+    errors: int = 0
     sweeps: int = 0  # sweeps begun and completed in the window
 
     @property

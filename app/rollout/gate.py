@@ -10,9 +10,11 @@ Health is measured since the later of the stage start and the window start:
   failure, an outage or lock contention, that beat re-drives until it succeeds: not failed yet,
   and says nothing about the remediation being wrong; should it never take, the next sweep finds
   the account drifted the same way, which counts);
-* errors: sweep errors (compute failures, enqueue failures) of sweeps active in the window, less
-  those a sweep had when the stage began (sweep_run.errors is a whole sweep's running total; every
-  stage change keeps it in errors_before_stage, rollout/store.py);
+* errors: the distinct accounts a sweep failed on in the window (rows that cannot be read, compute
+  failures, recomputes that could not be sent), plus each error not about one account (a page
+  whose requests could not be stored, a sweep that failed): sweep_error rows recorded since, not
+  before_stage (every stage change marks those so far, rollout/store.py). One account that fails
+  every sweep is one error, however many sweeps ran: visible, and no step back on its own;
 * sweeps: sweeps that could remediate, begun and completed in the window (no health without them;
   one begun before the stage walked part of the accounts under the stage before).
 """
@@ -50,8 +52,8 @@ SELECT
                          -- failed: dead only (see the module docstring)
                          AND s.state = 'dead')))
     AS reverted,
-  (SELECT coalesce(sum(errors - errors_before_stage), 0) FROM sweep_run
-    WHERE NOT dry_run AND updated_at >= %(since)s) AS errors,
+  (SELECT count(DISTINCT account_id) + count(*) FILTER (WHERE account_id IS NULL) FROM sweep_error
+    WHERE NOT before_stage AND at >= %(since)s) AS errors,
   (SELECT count(*) FROM sweep_run
     WHERE NOT dry_run AND state = 'finished' AND started_at >= %(since)s AND finished_at >= %(since)s) AS sweeps
 """

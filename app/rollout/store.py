@@ -100,7 +100,8 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     advance: next stage now (an operator's advance does not wait for the soak), clears a hold.
     rollback: previous stage, and held so the gate does not widen again until someone resumes.
     hold: stay, the gate stops advancing. resume: the gate may advance again.
-    A new stage starts its health afresh: the errors sweeps had so far become errors_before_stage.
+    A new stage starts its health afresh: the sweep errors so far are marked before_stage (and each
+    sweep's count so far kept in sweep_run.errors_before_stage, for its record).
     """
     if action not in ACTIONS:
         raise RolloutInputError(f"action must be one of {', '.join(ACTIONS)}")
@@ -132,8 +133,9 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         {"stage": stage, "held": held, "entered": entered, "now": now},
     )
     if stage != before.stage:
-        # sweep_run.errors is a whole sweep's running total: what every sweep has so far is the old
-        # stage's, so a sweep running across the change brings none of it into the new stage's health.
+        # Every sweep error so far is the old stage's: a sweep running across the change brings none of
+        # it into the new stage's health, even one stamped just after the gate read its clock.
+        conn.exec_driver_sql("UPDATE sweep_error SET before_stage = true WHERE NOT before_stage")
         conn.exec_driver_sql("UPDATE sweep_run SET errors_before_stage = errors WHERE errors <> errors_before_stage")
     _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by)
     return before, read_state(conn)

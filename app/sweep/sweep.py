@@ -8,8 +8,14 @@ counted as ``pending``, nothing more. A drifted account with a payment in flight
 ("guarded"); one inside the rollout stage gets a DRIFT_DETECTED recompute (the recompute task is
 still the only writer of dunning state), requested as every producer requests one (a
 recompute_request row, then the task sent coalesced), so the next sweep sees it pending while it
-waits on the queue; one outside is recorded only. Counts, the cursor and the
-drift records are written once per batch, so memory stays flat whatever the number of accounts.
+waits on the queue; one outside is recorded only. Counts, the cursor, the
+drift records and the errors are written once per batch, so memory stays flat whatever the number
+of accounts.
+
+An error is a sweep_error row about the account it concerns (its rows cannot be built into a
+snapshot, its compute failed, its recompute could not be sent), at most one per account and sweep,
+or about none (a page whose requests could not be stored, the sweep failed). The rollout gate
+counts the accounts, so one account that fails every sweep is one error, not one per sweep.
 
 A sweep may be split into segments (one Celery task each, chained by the cursor in sweep_run) so
 no task runs close to the broker's visibility timeout. The advisory lock keeps two segments from
@@ -27,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg2.extras import Json
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from app import metrics
 from app.db import unit_of_work
@@ -66,6 +72,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True)
+class SweepError:
+    kind: str  # unreadable | compute | request | enqueue | failed
+    account_id: str | None = None  # None: not about one account (a page's requests, the sweep itself)
+
+
 @dataclass
 class SweepReport:
     run_id: int | None
@@ -76,7 +88,7 @@ class SweepReport:
     in_stage: int = 0  # drifted, not guarded, inside the stage: remediated (or would be, in a dry run)
     guarded: int = 0
     enqueued: int = 0
-    errors: int = 0
+    errors: int = 0  # this sweep's sweep_error rows
     # drifted as read, but their recompute already on its way: not drift, not recorded. Counted by this
     # segment only (sweep_run has no column for it; the CLI's sweep is one segment).
     pending: int = 0
@@ -87,6 +99,7 @@ class SweepReport:
     timings: dict[str, float] = field(default_factory=lambda: {"wait": 0.0, "gather": 0.0, "compute": 0.0,
                                                                "record": 0.0})
     drifted_accounts: list[dict[str, Any]] = field(default_factory=list)  # the first ``keep`` only
+    unrecorded: list[SweepError] = field(default_factory=list)  # errors not yet written (this page's)
 
     @property
     def out_of_stage(self) -> int:
@@ -257,14 +270,14 @@ class Sweeper:
         drifts = _PageDrifts()
         for account_id in ids:
             if account_id not in gathered:  # its rows could not be built into a snapshot (batch_read.build_page)
-                report.errors += 1
+                _failed(report, "unreadable", account_id)
                 continue
             snapshot, _version = gathered[account_id]
             try:
                 decision = compute(snapshot, self.policy, now)
             except Exception:
                 log.exception("drift sweep: compute failed for %s", account_id)
-                report.errors += 1
+                _failed(report, "compute", account_id)
                 continue
             drifted = drifts.of(snapshot, decision)
             if drifted is None:
@@ -291,12 +304,13 @@ class Sweeper:
         if not todo:
             return found
         requested = self._request(report, todo)
+        if requested is None:  # could not store the requests: one error, of the page, not of its accounts
+            _failed(report, "request")
         out: list[Found] = []
         for f in found:
             if f.action != "remediate":
                 out.append(f)
-            elif requested is None:  # could not store the requests
-                report.errors += 1
+            elif requested is None:
                 out.append(replace(f, action="error"))
             elif f.account_id not in requested[0]:  # the stage narrowed since the segment began
                 out.append(replace(f, action="out_of_stage"))
@@ -334,7 +348,7 @@ class Sweeper:
             # error (the broker refused), and not counted as a remediation of this sweep.
             log.warning("drift sweep: could not enqueue the recompute of %s: %s", f.account_id,
                         exc.__class__.__name__)
-            report.errors += 1
+            _failed(report, "enqueue", f.account_id)
             return replace(f, action="error")
         return replace(f, remediated=True)
 
@@ -358,9 +372,11 @@ class Sweeper:
                                                 "action": f.action, "stored": f.drift.stored,
                                                 "desired": f.drift.desired})
         if self.dry_run or report.run_id is None:
+            report.unrecorded.clear()
             return
         now = self.clock()
         with unit_of_work(self.engine) as conn:
+            _record_errors(conn, report, now)
             if found:
                 conn.exec_driver_sql(
                     "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, "
@@ -379,23 +395,44 @@ class Sweeper:
                  "guarded": report.guarded, "enqueued": report.enqueued, "errors": report.errors,
                  "cursor": report.cursor, "now": now, "id": report.run_id},
             )
+        report.unrecorded.clear()
 
     def _close(self, report: SweepReport, failed: bool) -> None:
         """Finished, failed (a later sweep starts from scratch), or still running (a segment follows)."""
         if self.dry_run or report.run_id is None:
             return
         state = "failed" if failed else ("finished" if report.finished else "running")
+        if failed:
+            _failed(report, "failed")
         try:
             with unit_of_work(self.engine) as conn:
+                _record_errors(conn, report, self.clock())
                 conn.exec_driver_sql(
                     "UPDATE sweep_run SET errors = %(errors)s, updated_at = %(now)s, state = %(state)s, "
                     "finished_at = CASE WHEN %(state)s = 'running' THEN NULL ELSE %(now)s END WHERE id = %(id)s",
                     {"errors": report.errors, "now": self.clock(), "state": state, "id": report.run_id},
                 )
+            report.unrecorded.clear()
         except Exception:
             if not failed:
                 raise
             log.exception("drift sweep %s: could not record the failure", report.run_id)
+
+
+def _failed(report: SweepReport, kind: str, account_id: str | None = None) -> None:
+    report.errors += 1
+    report.unrecorded.append(SweepError(kind, account_id))
+    metrics.SWEEP_ERRORS.labels(kind).inc()
+
+
+def _record_errors(conn: Connection, report: SweepReport, now: datetime) -> None:
+    if report.unrecorded:
+        conn.exec_driver_sql(
+            "INSERT INTO sweep_error (sweep_id, account_id, kind, at) VALUES (%(sweep)s, %(account)s, %(kind)s, "
+            "%(now)s) ON CONFLICT DO NOTHING",
+            [{"sweep": report.run_id, "account": e.account_id, "kind": e.kind, "now": now}
+             for e in report.unrecorded],
+        )
 
 
 __all__ = ["SweepBusy", "SweepReport", "Sweeper"]

@@ -29,10 +29,21 @@ NOW = datetime.now(UTC)
 
 
 def finished_sweep(engine: Engine, at: datetime, errors: int = 0) -> int:
+    """A sweep that ran at ``at``, failing on ``errors`` accounts of its own."""
     with engine.begin() as conn:
-        return int(conn.exec_driver_sql(
+        sweep = int(conn.exec_driver_sql(
             "INSERT INTO sweep_run (started_at, finished_at, updated_at, state, errors) "
             "VALUES (%(t)s, %(t)s, %(t)s, 'finished', %(e)s) RETURNING id", {"t": at, "e": errors}).scalar_one())
+    sweep_errors(engine, sweep, at, [f"acct_failed_{sweep}_{n}" for n in range(errors)])
+    return sweep
+
+
+def sweep_errors(engine: Engine, sweep: int, at: datetime, accounts: list[str | None]) -> None:
+    """Errors of sweep ``sweep`` at ``at``, one per account (None: an error not about one account)."""
+    with engine.begin() as conn:
+        for account in accounts:
+            conn.exec_driver_sql("INSERT INTO sweep_error (sweep_id, account_id, kind, at) "
+                                 "VALUES (%(s)s, %(a)s, 'compute', %(t)s)", {"s": sweep, "a": account, "t": at})
 
 
 def remediation(engine: Engine, sweep: int, account: str, at: datetime, stored: dict[str, Any],
@@ -257,10 +268,11 @@ def test_a_sweep_begun_before_the_stage_neither_charges_its_errors_nor_vouches_f
     policy = replace(runtime.policy, extra={**runtime.policy.extra, "rollout": {"soak_hours": 1}})
     set_stage(engine, "10", entered=NOW - timedelta(hours=30))
     with engine.begin() as conn:  # it finished just after the gate read its clock, before the check
-        conn.exec_driver_sql(
+        sweep = conn.exec_driver_sql(
             "INSERT INTO sweep_run (started_at, finished_at, updated_at, state, errors) "
-            "VALUES (%(s)s, %(f)s, %(f)s, 'finished', 6)",
-            {"s": NOW - timedelta(minutes=40), "f": NOW + timedelta(seconds=1)})
+            "VALUES (%(s)s, %(f)s, %(f)s, 'finished', 6) RETURNING id",
+            {"s": NOW - timedelta(minutes=40), "f": NOW + timedelta(seconds=1)}).scalar_one()
+    sweep_errors(engine, sweep, NOW + timedelta(seconds=1), [f"acct_{n}" for n in range(6)])
     first, health, state = check_gate(engine, policy, NOW)
     assert first.action == "rollback" and health.errors == 6 and state.stage == "5"
     with engine.begin() as conn:
