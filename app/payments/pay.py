@@ -47,7 +47,9 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
             THEN s.default_payment_method_id END,
        s.changed_at >= date_trunc('second', r.created_at),
        -- The claimed card as the mirror knows it: detached (Stripe refuses to charge it).
-       EXISTS (SELECT 1 FROM stripe_payment_method m WHERE m.id = r.payment_method_id AND NOT m.attached)
+       EXISTS (SELECT 1 FROM stripe_payment_method m WHERE m.id = r.payment_method_id AND NOT m.attached),
+       -- The account that owns the invoice now: another team may have moved its customer since the claim.
+       (SELECT c.account_id FROM subs_customer c WHERE c.stripe_customer_id = i.stripe_customer_id)
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
@@ -65,9 +67,14 @@ PAYMENT_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended('payment:' || 
 BAD_DEBT_PENDING_SQL = """
 SELECT EXISTS (SELECT 1 FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending')
 """
+# The account's retries, and those of the invoices it owns now whichever account claimed them (a
+# customer moved by another team takes its invoices, and their retries in flight, with it).
 RETRY_CHARGING_SQL = """
 SELECT EXISTS (SELECT 1 FROM payment_retry WHERE account_id = %(account)s AND state IN ('charging', 'sent')
                   AND created_at > %(since)s)
+    OR EXISTS (SELECT 1 FROM subs_customer c JOIN stripe_invoice i USING (stripe_customer_id)
+                 JOIN payment_retry r ON r.invoice_id = i.id
+                WHERE c.account_id = %(account)s AND r.state IN ('charging', 'sent') AND r.created_at > %(since)s)
 """
 
 
@@ -120,12 +127,17 @@ class Claimed:
 
 def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
     """Why a dispatched retry must not be charged any more, or None when it still should be."""
-    (_, invoice, method, _, _, created_at, free, inv_status, remaining, d_status, next_retry_at, retry_invoice, reasons,
-     _, last_attempt_at, default_method, default_changed_since, method_detached) = row
+    (account, invoice, method, _, _, created_at, free, inv_status, remaining, d_status, next_retry_at, retry_invoice,
+     reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
         return f"invoice is {inv_status} with {remaining} remaining"
+    if owner != account:
+        # Its customer moved: the claiming account's decision predates it, and its lock and bad-debt
+        # payment are not the owner's. The owner's dispatch re-arms the attempt if it plans it.
+        return (f"the invoice belongs to another account now ({owner or 'none'}); its owner's decision plans "
+                "its retries")
     if last_attempt_at is not None and last_attempt_at > created_at:
         return "a newer payment attempt was made on the invoice"
     if d_status in (None, "current", "lifting"):
@@ -187,7 +199,9 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> 
         # A row left in charging may have reached Stripe before its worker died: it stays counted.
         new_state = "skipped" if state == "dispatched" else "sent"
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": new_state, "error": "not due: " + reason})
-        return PayResult(retry_id, "skipped", account, row[13], detail=reason)
+        # Recomputed next: the invoice's owner, whose decision counts this retry (it waits for it while
+        # in flight), the claiming account unless the customer moved since.
+        return PayResult(retry_id, "skipped", row[18] or account, row[13], detail=reason)
     conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "charging", "error": None})
     return Claimed(account, invoice, method, key, row[13], state)
 

@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 # attempt's key, which CLAIM_SQL never takes again unless the row was skipped. Such accounts are
 # passed over (matched on what the key is made of, see idempotency_key): at the head of the query
 # they would take the limited slots from later retries every tick (a recompute backlog, a lost
-# recompute message).
+# recompute message). A decision whose invoice another account owns now (another team moved its
+# customer; the account's recompute is on its way, app/sweep/refile.py) is passed over too: the
+# invoice's retries are the owner's to plan, and a stale plan must not charge it.
 DUE_SQL = """
 SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free, d.next_retry_at
   FROM subs_dunning d
  WHERE d.next_retry_at <= %(now)s AND d.retry_invoice_id IS NOT NULL
+   AND EXISTS (SELECT 1 FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
+                WHERE i.id = d.retry_invoice_id AND c.account_id = d.account_id)
    AND NOT EXISTS (SELECT 1 FROM payment_retry r
                     WHERE r.invoice_id = d.retry_invoice_id AND r.scheduled_for = d.next_retry_at
                       AND r.free = d.retry_free

@@ -1,9 +1,9 @@
 """Gather: one consistent snapshot of everything about an account, in one SQL statement.
 
 The statement reads subs_account, subs_customer, subs_dunning, subs_mandate, subs_stuck_events,
-the Stripe mirror, retries, bad-debt payments and the open bad-debt episode. One statement means
-one MVCC snapshot, and the per-account advisory lock (taken by the caller) keeps apply from
-interleaving with another recompute. The number of statements is fixed whatever the history
+the Stripe mirror, the retries of the account's invoices, bad-debt payments and the open bad-debt
+episode. One statement means one MVCC snapshot, and the per-account advisory lock (taken by the
+caller) keeps apply from interleaving with another recompute. The number of statements is fixed whatever the history
 length; the same statement gathers a batch of accounts for the drift sweep.
 """
 
@@ -72,9 +72,15 @@ SELECT
      FROM stripe_subscription s
     WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS subscriptions,
+  -- The retries of the invoices the account owns now, whichever account claimed them: an invoice's
+  -- history (schedule position, free retry, the per-invoice cap) follows it when another team moves
+  -- its customer to another account.
   (SELECT json_agg(json_build_array(r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
           r.scheduled_for, r.created_at) ORDER BY r.id)
-     FROM payment_retry r WHERE r.account_id = a.account_id) AS retries,
+     FROM payment_retry r
+    WHERE r.invoice_id IN (SELECT i.id FROM stripe_invoice i
+                            WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
+                                                            WHERE c.account_id = a.account_id))) AS retries,
   (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason,
           b.stripe_payment_intent_id) ORDER BY b.id)
      FROM bad_debt_payment b WHERE b.account_id = a.account_id) AS bad_debt_payments,

@@ -69,7 +69,9 @@ ACCOUNTS = Prepared("dunning_batch_accounts", "SELECT " + _DUNNING + "WHERE a.ac
 # filed elsewhere, or moved to another account since) are reached through their stripe_customer_id,
 # one index probe each (LATERAL ... OFFSET 0: the generic plan would otherwise hash whole mirror
 # tables), and rows filed here for a customer that subs_customer now puts elsewhere ("moved")
-# are left out of the range scans. subs_customer decides, as in gather_many.
+# are left out of the range scans. subs_customer decides, as in gather_many. Payment retries follow
+# their invoice, not the account that claimed them (a customer moved by another team takes its
+# invoices' retry history with it): read by the range's invoices, one index probe each.
 _MIRROR = {  # table alias -> (table, the columns read)
     "i": ("stripe_invoice", "id, status, billing_reason, subscription_id, amount_due, amount_paid, "
                             "amount_remaining, created, lines, currency, total, credited_amount, attempt_count, "
@@ -141,7 +143,7 @@ unfiled AS MATERIALIZED (
   SELECT c_account AS account_id, c_customer AS stripe_customer_id FROM differ WHERE c_customer IS NOT NULL),
 moved AS MATERIALIZED (
   SELECT ARRAY(SELECT f_customer FROM differ WHERE f_customer IS NOT NULL) AS ids),
-inv AS MATERIALIZED (  -- read once: listed, and the way to the attempts known only through their invoice
+inv AS MATERIALIZED (  -- read once: listed, and the way to their retries and the attempts known only through them
   {_mirror_rows("i")})
 SELECT
   (SELECT json_agg(json_build_array(i.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
@@ -166,9 +168,9 @@ SELECT
      FROM ({_mirror_rows("s")}) s),
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.status, b.products) ORDER BY b.account_id, b.id)
      FROM ({_mirror_rows("b")}) b),
-  (SELECT json_agg(json_build_array(r.account_id, r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
-          r.scheduled_for, r.created_at) ORDER BY r.account_id, r.id)
-     FROM payment_retry r WHERE r.account_id >= $1 AND r.account_id <= $2),
+  (SELECT json_agg(json_build_array(i.account_id, r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
+          r.scheduled_for, r.created_at) ORDER BY i.account_id, r.id)
+     FROM inv i, LATERAL (SELECT * FROM payment_retry r WHERE r.invoice_id = i.id OFFSET 0) r),
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.state, b.amount, b.created_at, b.updated_at,
           b.failure_reason, b.stripe_payment_intent_id) ORDER BY b.account_id, b.id)
      FROM bad_debt_payment b WHERE b.account_id >= $1 AND b.account_id <= $2),

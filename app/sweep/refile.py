@@ -8,11 +8,13 @@ no mirror rows yet (filed, such a customer is read without any probe). Until the
 the customer's rows through its stripe_customer_id: filing changes how fast the sweep reads,
 never what it reads.
 
-A customer that moves from one account to another takes its invoices with it: both accounts are
-recomputed (a request each, in the transaction that files the move; the caller sends them). Other
-teams change subs_customer in the database, with no event to us, and until then the old account
-kept the dunning state of invoices it no longer owns (the drift sweep remediates only inside the
-rollout stage).
+A customer that moves from one account to another takes its invoices with it, and their payment
+retries (compute reads them by invoice, not by the account that claimed them, so the new account
+goes on with each invoice's schedule and cap; app/payments/retries.py and pay.py charge no retry for
+an account that no longer owns its invoice): both accounts are recomputed (a request each, in the
+transaction that files the move; the caller sends them). Other teams change subs_customer in the
+database, with no event to us, and until then the old account kept the dunning state of invoices it
+no longer owns (the drift sweep remediates only inside the rollout stage).
 
 Each call files at most ``limit`` customers in one short transaction. The candidates are found
 first without a lock; the transaction then takes SHARE ROW EXCLUSIVE on mirror_customer (mirror

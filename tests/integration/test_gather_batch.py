@@ -91,7 +91,7 @@ def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> 
                actions_requested=rng.choice([[], [f"cancel:sub_{n}"]]), policy_version="v1",
                version=rng.randint(1, 9))
     for k in range(rng.randint(0, 2)):
-        insert(conn, "payment_retry", account_id=account, invoice_id=f"in_{n}_{k}", payment_method_id=f"pm_{n}_a",
+        insert(conn, "payment_retry", account_id=account, invoice_id=f"in_{n}_00_{k}", payment_method_id=f"pm_{n}_a",
                retry_number=k + 1, free=rng.random() < 0.3, idempotency_key=f"retry-{account}-{k}",
                scheduled_for=at(rng), state=rng.choice(["dispatched", "charging", "sent", "skipped", "failed"]),
                created_at=at(rng))
@@ -160,6 +160,7 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert any(a.invoice_id and a.id.startswith("pi_") for s in snapshots for a in s.attempts)
     assert any(a.failed_at for s in snapshots for a in s.attempts)
     assert any(a.failed_at is None for s in snapshots for a in s.attempts)
+    assert any(len(s.retries) > 1 for s in snapshots)
     # several customers: each one's invoices, methods and default say which customer they belong to
     assert any(len({i.stripe_customer_id for i in s.invoices}) > 1 for s in snapshots)
     assert any(len({m.stripe_customer_id for m in s.payment_methods}) > 1 for s in snapshots)
@@ -194,6 +195,10 @@ def test_gather_batch_agrees_with_gather_many_however_the_mirror_is_filed(accoun
                    source_rank=1, source_event_id="evt_gf")
         insert(conn, "stripe_subscription", id="sub_gf_moved", stripe_customer_id="cus_gf_moved", status="active",
                products=["prod_core"], source_created=1, source_rank=1)
+        for n in range(2):  # retries ids[1] claimed: they follow their invoice
+            insert(conn, "payment_retry", account_id=ids[1], invoice_id=f"in_gf_moved_{n}", payment_method_id="pm_gf",
+                   retry_number=1, free=False, idempotency_key=f"retry-gf-{n}", scheduled_for=NOW, state="failed",
+                   created_at=NOW)
     with engine.begin() as conn:  # ... then another team moves the customer to ids[3]
         conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(a)s WHERE stripe_customer_id = 'cus_gf_moved'",
                              {"a": ids[3]})
@@ -212,6 +217,8 @@ def test_gather_batch_agrees_with_gather_many_however_the_mirror_is_filed(accoun
     expected, batch, page = both()
     assert len(expected[ids[3]][0].invoices) == 3 and len(expected[ids[0]][0].invoices) >= 1
     assert expected[ids[1]][0].invoices == () and expected[ids[1]][0].subscriptions == ()
+    assert [r.invoice_id for r in expected[ids[3]][0].retries] == ["in_gf_moved_0", "in_gf_moved_1"]
+    assert expected[ids[1]][0].retries == ()
     assert batch == expected and page == expected
 
     assert refile_customers(engine).filed >= 5  # early, moved, bare and the three default customers without rows

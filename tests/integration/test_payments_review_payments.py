@@ -15,6 +15,7 @@ from app.payments.stripe_client import make_stripe_client
 from tests.conftest import point_stripe_at, post_event, wait_for
 from tests.fakes.fake_stripe import FakeStripe
 from tests.fakes.server import Answer
+from tests.integration.bad_debt_setup import recompute
 from tests.integration.dunning_setup import dunning_row, failed_invoice, retries
 from tests.stripe_events import resource
 
@@ -89,11 +90,15 @@ def test_a_retry_skipped_for_the_account_a_customer_left_is_charged_for_the_acco
         conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(a)s WHERE stripe_customer_id = %(c)s",
                              {"a": new, "c": customer})
     celery_app.tasks["tasks.refile_mirror"].apply().get()
-    wait_for(lambda: dunning_row(engine, new).get("retry_invoice_id") == invoice, message="the new account plans it")
+    # The claimed retry follows its invoice: the new account's decision waits for it while in flight.
+    wait_for(lambda: dunning_row(engine, new).get("status") == "past_due", message="the new account in dunning")
     wait_for(lambda: dunning_row(engine, old).get("status") == "current", message="the old account out of dunning")
 
     stripe_client = make_stripe_client(runtime.settings)
-    assert retry_payment(engine, stripe_client, retry_id, datetime.now(UTC)).outcome == "skipped"
+    skipped = retry_payment(engine, stripe_client, retry_id, datetime.now(UTC))
+    assert (skipped.outcome, skipped.account_id) == ("skipped", new)  # the account recomputed next
+    recompute(engine, runtime, new)  # as tasks.retry_payment requests it
+    assert dunning_row(engine, new)["retry_invoice_id"] == invoice  # the very attempt
     assert claim_due(engine, datetime.now(UTC)) == [retry_id]  # the same attempt, re-armed under its key
     result = retry_payment(engine, stripe_client, retry_id, datetime.now(UTC))
     assert (result.outcome, result.account_id) == ("sent", new), result
@@ -107,7 +112,6 @@ def test_a_retry_whose_card_was_detached_after_its_claim_is_not_sent_to_stripe(c
     Its payment_method.detached is stored and the account's recompute queued behind others when the
     worker charges: Stripe refuses a detached method, and the refusal was filed as dead work for an
     operator. The retry is skipped like one whose card was replaced, and compute plans afresh."""
-    from tests.integration.bad_debt_setup import recompute
     from tests.stripe_events import event, unique, with_product
 
     account, customer = accounts.create()
