@@ -19,9 +19,14 @@ def _rows(conn: Connection, sql: str, account_id: str) -> list[dict[str, Any]]:
     return [{k: _iso(v) for k, v in row.items()} for row in result]
 
 
+# The retries of the invoices the account owns now, whichever account claimed them: what compute
+# counts (app/recompute/gather.py), since an invoice's retries follow it when its customer is moved.
 RETRIES_SQL = """
 SELECT id, invoice_id, payment_method_id, retry_number, free, state, scheduled_for, error, created_at
-  FROM payment_retry WHERE account_id = %(account)s ORDER BY id DESC LIMIT 20
+  FROM payment_retry
+ WHERE invoice_id IN (SELECT i.id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
+                       WHERE c.account_id = %(account)s)
+ ORDER BY id DESC LIMIT 20
 """
 STUCK_SQL = """
 SELECT id, task_name, error_class, error, attempts, state, first_failed_at, last_failed_at, next_redrive_at,

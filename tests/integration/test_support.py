@@ -239,3 +239,24 @@ def test_a_task_status_finds_its_audit_row_by_an_index(engine: Engine):
         plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + TASK_ACCOUNT_SQL, {"task": "t-1"}))
     assert "ix_audit_log_recompute_task" in plan, plan
 
+
+
+def test_a_moved_invoices_retries_show_on_the_page_of_the_account_that_owns_it(engine: Engine, accounts: Accounts):
+    """Compute reads an invoice's retries wherever they were claimed (they follow it when another team
+    moves its customer); the page shows what compute counts, not the rows the old account claimed."""
+    from app.support.queries import account_view
+    from tests.integration.test_mirror_filing import invoice, move
+
+    old, customer = accounts.create()
+    new, _ = accounts.create()
+    moved = unique("in")
+    with engine.begin() as conn:
+        invoice(conn, moved, customer)
+        conn.exec_driver_sql(
+            "INSERT INTO payment_retry (account_id, invoice_id, retry_number, idempotency_key, scheduled_for, state) "
+            "VALUES (%(a)s, %(i)s, 1, %(k)s, now(), 'failed')", {"a": old, "i": moved, "k": f"retry:{moved}:1"})
+    move(engine, customer, new)
+    with engine.connect() as conn:
+        shown = {account: [r["invoice_id"] for r in (account_view(conn, account) or {}).get("retries", [])]
+                 for account in (old, new)}
+    assert shown == {old: [], new: [moved]}
