@@ -176,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("name")
     process.set_defaults(handler=cmd_process)
 
+    from app.outbox.cli import add_commands as add_outbox_commands
     from app.sweep.cli import add_commands as add_sweep_commands
 
     add_sweep_commands(sub)
+    add_outbox_commands(sub)
     return parser
 
 

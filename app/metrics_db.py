@@ -23,6 +23,7 @@ BAD_DEBT_PAYMENTS_PENDING = Gauge("dunning_bad_debt_payments_pending", "Bad-debt
 GAUGES_SQL = """
 SELECT
   (SELECT count(*) FROM outbox WHERE delivered_at IS NULL) AS outbox_backlog,
+  (SELECT count(*) FROM outbox WHERE delivered_at IS NULL AND blocked_at IS NOT NULL) AS outbox_blocked,
   (SELECT count(*) FROM subs_dunning d
     WHERE d.status = 'lifting'
       AND COALESCE((SELECT min(b.created_at) FROM bad_debt_payment b
@@ -40,6 +41,7 @@ def refresh(engine: Engine, guard_window_minutes: int) -> None:
     with engine.connect() as conn:
         row = conn.exec_driver_sql(GAUGES_SQL, {"guard": guard_window_minutes}).mappings().one()
     metrics.OUTBOX_BACKLOG.set(row["outbox_backlog"])
+    metrics.OUTBOX_BLOCKED.set(row["outbox_blocked"])
     metrics.STUCK_IN_LIFTING.set(row["stuck_in_lifting"])
     by_state = row["stuck_events"] or {}
     for state in sorted(set(STUCK_STATES) | set(by_state)):

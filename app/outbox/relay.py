@@ -16,6 +16,12 @@ Only a 2xx is done: anything else, a redirect included (never followed: it would
 bodiless GET), or no answer is a failure. A failure is always recorded (its text made storable,
 whatever the reply held), and an account whose delivery raises something unforeseen is set aside
 with backoff while the pass goes on with the others: one poison account never starves the rest.
+
+Each row keeps its last answer: the HTTP status (``last_status``, None when there was none) and a
+short reason (``last_error``). A row refused as wrong (a 4xx other than 408/429) is blocked from
+then on (``blocked_at``, gauge dunning_outbox_blocked) until it is delivered or an operator skips
+it (``dunning outbox skip``, app/outbox/operator.py): it is still retried, and holds back its
+account's later rows meanwhile.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ from urllib.parse import quote
 import requests
 from celery.exceptions import SoftTimeLimitExceeded
 from requests.adapters import HTTPAdapter
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from app.db import unit_of_work
+from app.outbox.answers import EXCERPT_LIMIT, masked, reason, refused_as_wrong
 from tasks.failures import retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -79,17 +86,21 @@ SELECT id, dunning_version, event_type, payload, attempts, next_attempt_at, crea
 """
 
 DELIVERED_SQL = """
-UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + 1, last_error = NULL
+UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + 1, last_error = NULL, last_status = %(status)s,
+       state = 'delivered'
  WHERE id = %(id)s AND delivered_at IS NULL
 """
 
 SUPERSEDED_SQL = """
-UPDATE outbox SET delivered_at = %(now)s, last_error = %(why)s
+UPDATE outbox SET delivered_at = %(now)s, last_error = %(why)s, state = 'superseded'
  WHERE id = %(id)s AND delivered_at IS NULL
 """
 
+# blocked_at stays from the first refusal on: a 503 after a 404 says nothing about the request.
 FAILED_SQL = """
-UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_error = %(error)s
+UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_error = %(error)s,
+       last_status = %(status)s,
+       blocked_at = CASE WHEN %(refused)s THEN COALESCE(blocked_at, %(now)s) ELSE blocked_at END
  WHERE id = %(id)s AND delivered_at IS NULL
 """
 
@@ -278,10 +289,22 @@ def pass_lock(engine: Engine) -> AbstractContextManager[bool]:
 
 @dataclass(frozen=True)
 class Failure:
-    """A call Account Management did not take: the error to record, and how long it asked us to wait
-    (a 429's or 503's Retry-After, seconds; None when it said nothing)."""
+    """A call Account Management did not take: the error to record, how long it asked us to wait
+    (a 429's or 503's Retry-After, seconds; None when it said nothing), and its answer's status
+    (None: no answer)."""
     error: str
     retry_after: float | None = None
+    status: int | None = None
+
+    @property
+    def refused(self) -> bool:
+        return refused_as_wrong(self.status)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A call Account Management took (2xx)."""
+    status: int
 
 
 def _retry_after(headers: Mapping[str, str], now: datetime) -> float | None:
@@ -393,8 +416,8 @@ def _call_limit(seconds: float) -> Iterator[threading.Event]:
 
 
 def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float],
-          now: datetime) -> Failure | None:
-    """None when Account Management took it (2xx), else the failure to record. The whole call, its
+          now: datetime) -> Taken | Failure:
+    """Taken when Account Management took it (2xx), else the failure to record. The whole call, its
     answer read in full, takes at most the connect and read timeouts together."""
     limit = sum(timeout)
     _watched(session)
@@ -411,18 +434,20 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
             return Failure(f"{exc.__class__.__name__}: no answer from Account Management")
     if expired.is_set():
         return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
-    if 200 <= response.status_code < 300:
-        return None
+    status = response.status_code
+    if 200 <= status < 300:
+        return Taken(status)
     if response.is_redirect or response.is_permanent_redirect:
         # A failure like any other non-2xx, retried with backoff; the Location is on the row (and
         # in the log) because it means ACCOUNT_MANAGEMENT_URL points at the wrong place.
-        location = storable(response.headers.get("Location", ""), 500)
-        return Failure(f"HTTP {response.status_code}: redirected to {location!r}, not followed "
-                       f"(check ACCOUNT_MANAGEMENT_URL)")
-    error = f"HTTP {response.status_code}: {storable(response.text, 200)}"
-    if response.status_code in THROTTLED:
-        return Failure(error, _retry_after(response.headers, now))
-    return Failure(error)
+        location = storable(masked(response.headers.get("Location", "")), 500)
+        return Failure(f"HTTP {status}: redirected to {location!r}, not followed "
+                       f"(check ACCOUNT_MANAGEMENT_URL)", status=status)
+    said = reason(response.text) or masked(str(response.reason or ""))  # an empty body: the status line's words
+    error = f"HTTP {status}: {storable(said, EXCERPT_LIMIT)}"
+    if status in THROTTLED:
+        return Failure(error, _retry_after(response.headers, now), status)
+    return Failure(error, status=status)
 
 
 def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
@@ -448,32 +473,43 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 break  # the rest waits for the next pass, still in order
             skip = _superseded_now(engine, account_id, event_type, payload or {}, created_at)
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
-            failure = _send(session, base_url, call, timeout, now) if call is not None else None
+            answer = _send(session, base_url, call, timeout, now) if call is not None else None
+            failure = answer if isinstance(answer, Failure) else None
             with unit_of_work(engine) as conn:
                 if skip:
                     # Done with, not sent: the reason stays on the row (GET /ops/outbox shows it).
                     conn.exec_driver_sql(SUPERSEDED_SQL, {"id": row_id, "now": now_fn(), "why": storable(skip)})
                     log.info("outbox %s (%s v%s) for %s not sent: %s", row_id, event_type, version, account_id, skip)
                 elif failure is None:
-                    conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn()})
+                    conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn(),
+                                                         "status": answer.status if answer else None})
                 else:
-                    retry_at = now_fn() + timedelta(seconds=_wait(attempts, failure))
-                    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": retry_at,
-                                                      "error": storable(failure.error)})
+                    _record_failure(conn, row_id, attempts, failure, now_fn())
             if failure is not None:
                 report.failed += 1
                 report.errors.append(failure.error)
                 # Account Management said when to ask again: the rest of the pass does not ask it
                 # sooner for other accounts either (a 429 limits the relay, not one account).
                 report.throttled = report.throttled or bool(failure.retry_after)
-                log.warning("outbox %s (%s v%s) for %s not delivered: %s", row_id, event_type, version,
-                            account_id, failure.error)
+                log.warning("outbox %s (%s v%s) for %s not delivered%s: %s", row_id, event_type, version,
+                            account_id, BLOCKED_NOTE if failure.refused else "", failure.error)
                 break  # never deliver a later version before this one
             if skip:
                 report.superseded += 1
             else:
                 report.delivered += 1
     return report
+
+
+BLOCKED_NOTE = (" and blocked (refused as wrong: the account's later rows wait; `dunning outbox list --blocked`, "
+                "`dunning outbox skip`)")
+
+
+def _record_failure(conn: Connection, row_id: int, attempts: int, failure: Failure, now: datetime) -> None:
+    """The row's last answer, and when it is tried again: its backoff, or what Account Management asked."""
+    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": now + timedelta(seconds=_wait(attempts, failure)),
+                                      "error": storable(failure.error), "status": failure.status,
+                                      "refused": failure.refused, "now": now})
 
 
 def set_aside(engine: Engine, account_id: str, exc: Exception, now_fn: Callable[[], datetime],
@@ -490,8 +526,7 @@ def set_aside(engine: Engine, account_id: str, exc: Exception, now_fn: Callable[
         with unit_of_work(engine) as conn:
             head = conn.exec_driver_sql(HEAD_SQL, {"account": account_id}).first()
             if head is not None:
-                retry_at = now_fn() + timedelta(seconds=backoff(head[1]))
-                conn.exec_driver_sql(FAILED_SQL, {"id": head[0], "next": retry_at, "error": error})
+                _record_failure(conn, head[0], head[1], Failure(error), now_fn())
 
 
 @cache

@@ -4,10 +4,12 @@ Modes: ``up`` (200), ``failing`` (503), ``down`` (the port refuses connections: 
 stopped and later started again on the same port), ``slow`` (answers after ``delay`` seconds).
 ``answer_raw(account, status, body, headers)`` answers that account's requests with those bytes as they
 are, not JSON (what a proxy in front of Account Management may send), with those headers (a
-``Retry-After``). ``trickle(account)`` answers that account's requests a 200 whose headers come a byte
-every ``trickle_interval`` seconds, without end (a proxy that holds the answer open), until the fake
-stops. ``before_answer(request)``, when
-set, runs while a request waits for its answer: what happens elsewhere while Account Management
+``Retry-After``). ``refuse(account, status, body)`` answers that account's requests ``status`` with
+that JSON body (a 404 for an account it does not know, a 422 for a request it finds wrong), or
+only its entitlements of one ``dunning_version``, until ``accept(account)``. ``trickle(account)``
+answers that account's requests a 200 whose headers come a byte every ``trickle_interval`` seconds,
+without end (a proxy that holds the answer open), until the fake stops. ``before_answer(request)``,
+when set, runs while a request waits for its answer: what happens elsewhere while Account Management
 takes its time. It records every request it answered 2xx, in arrival order, with its Idempotency-Key.
 """
 
@@ -41,6 +43,8 @@ class FakeAccountManagement:
     refused_with_5xx: int = 0
     raw_answers: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # account -> (status, body)
     raw_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # account -> extra headers
+    # account -> (status, body, the only dunning_version refused or None for every request)
+    refusals: dict[str, tuple[int, dict[str, Any], int | None]] = field(default_factory=dict)
     trickled: set[str] = field(default_factory=set)  # accounts answered a header byte at a time
     trickle_interval: float = 0.5
     before_answer: Callable[[Received], None] | None = None
@@ -71,6 +75,17 @@ class FakeAccountManagement:
         with self._lock:
             self.raw_answers[account_id] = (status, body)
             self.raw_headers[account_id] = dict(headers or {})
+
+    def refuse(self, account_id: str, status: int, body: dict[str, Any], dunning_version: int | None = None) -> None:
+        """Answer this account's requests (or only its entitlements of ``dunning_version``) ``status``
+        with ``body`` (JSON), from now on."""
+        with self._lock:
+            self.refusals[account_id] = (status, body, dunning_version)
+
+    def accept(self, account_id: str) -> None:
+        """Take this account's requests again (it now knows the account)."""
+        with self._lock:
+            self.refusals.pop(account_id, None)
 
     def trickle(self, account_id: str) -> None:
         """Answer this account's requests a 200 whose headers come a byte every
@@ -126,6 +141,9 @@ class FakeAccountManagement:
                 self.refused_with_5xx += 1
             return 503, {}, {"error": "unavailable"}
         with self._lock:
+            refusal = self.refusals.get(request.account_id)
+            if refusal is not None and refusal[2] in (None, request.body.get("dunning_version")):
+                return refusal[0], {}, refusal[1]
             self.received.append(request)
         return 200, {}, {"ok": True}
 

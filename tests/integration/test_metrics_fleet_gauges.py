@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FLEET_GAUGES = [
     ("app.metrics", "ROLLOUT_STAGE", {}),
     ("app.metrics", "OUTBOX_BACKLOG", {}),
+    ("app.metrics", "OUTBOX_BLOCKED", {}),
     ("app.metrics", "STUCK_IN_LIFTING", {}),
     ("app.metrics", "STUCK_EVENTS", {"state": "retrying"}),
     ("app.metrics_db", "BAD_DEBT_OPEN", {}),
