@@ -134,7 +134,9 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     )
     if stage != before.stage:
         # Every sweep error so far is the old stage's: a sweep running across the change brings none of
-        # it into the new stage's health, even one stamped just after the gate read its clock.
+        # it into the new stage's health, even one stamped just after the gate read its clock. A page
+        # writing its errors holds this row shared (sweep.py): they are committed before this marks
+        # them, or written after it as the stage before's.
         conn.exec_driver_sql("UPDATE sweep_error SET before_stage = true WHERE NOT before_stage")
         conn.exec_driver_sql("UPDATE sweep_run SET errors_before_stage = errors WHERE errors <> errors_before_stage")
     _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by)

@@ -15,7 +15,9 @@ of accounts.
 An error is a sweep_error row about the account it concerns (its rows cannot be built into a
 snapshot, its compute failed, its recompute could not be sent), at most one per account and sweep,
 or about none (a page whose requests could not be stored, the sweep failed). The rollout gate
-counts the accounts, so one account that fails every sweep is one error, not one per sweep.
+counts the accounts, so one account that fails every sweep is one error, not one per sweep. A
+page's errors are its stage's: written after the stage changed from the one the page worked at,
+they are marked before_stage, as the change marks those written before it.
 
 A sweep may be split into segments (one Celery task each, chained by the cursor in sweep_run) so
 no task runs close to the broker's visibility timeout. The advisory lock keeps two segments from
@@ -425,14 +427,24 @@ def _failed(report: SweepReport, kind: str, account_id: str | None = None) -> No
     metrics.SWEEP_ERRORS.labels(kind).inc()
 
 
+# The stage, with the rollout row held shared until the errors commit: a stage change (which holds it
+# for update) either waits for them and marks them before_stage, or went first, and its stage is
+# then no longer the one the page worked at.
+STAGE_SHARED = "SELECT stage FROM rollout_state WHERE id = 1 FOR SHARE"
+
+
 def _record_errors(conn: Connection, report: SweepReport, now: datetime) -> None:
-    if report.unrecorded:
-        conn.exec_driver_sql(
-            "INSERT INTO sweep_error (sweep_id, account_id, kind, at) VALUES (%(sweep)s, %(account)s, %(kind)s, "
-            "%(now)s) ON CONFLICT DO NOTHING",
-            [{"sweep": report.run_id, "account": e.account_id, "kind": e.kind, "now": now}
-             for e in report.unrecorded],
-        )
+    """The page's errors; those of a page that worked at a stage left since are that stage's
+    (before_stage): a sweep running across a stage change brings none into the new stage's health."""
+    if not report.unrecorded:
+        return
+    before_stage = conn.exec_driver_sql(STAGE_SHARED).scalar() != report.stage
+    conn.exec_driver_sql(
+        "INSERT INTO sweep_error (sweep_id, account_id, kind, at, before_stage) VALUES (%(sweep)s, %(account)s, "
+        "%(kind)s, %(now)s, %(before)s) ON CONFLICT DO NOTHING",
+        [{"sweep": report.run_id, "account": e.account_id, "kind": e.kind, "now": now, "before": before_stage}
+         for e in report.unrecorded],
+    )
 
 
 __all__ = ["SweepBusy", "SweepReport", "Sweeper"]
