@@ -41,6 +41,9 @@ BAD_DEBT_ENTRIES = Counter("dunning_bad_debt_entries_total", "Accounts entering 
 BAD_DEBT_EXITS = Counter("dunning_bad_debt_exits_total", "Accounts leaving bad debt", ["how", "product"])
 BAD_DEBT_RECONCILED = Counter("dunning_bad_debt_reconciled_total",
                               "Checks with Stripe of bad-debt payments whose outcome never arrived", ["outcome"])
+BAD_DEBT_NOT_RUN = Counter("dunning_bad_debt_payments_not_run_total", "Bad-debt payments answered 503: Stripe did "
+                           "not run (or answer) the request (rate_limited, key_refused, no_connection, no_answer)",
+                           ["why"])
 BAD_DEBT_OVERPAID = Counter("dunning_bad_debt_overpaid_total",
                             "Bad-debt payments that also covered invoices settled some other way meanwhile")
 BAD_DEBT_SECONDS = Histogram(

@@ -42,6 +42,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from urllib3.exceptions import NewConnectionError
 
+from app import metrics
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.compute import compute
@@ -409,11 +410,29 @@ def _why(exc: stripe.StripeError) -> str:
     return f"refused: {exc.__class__.__name__} ({exc.http_status})"
 
 
+def _kind(exc: stripe.StripeError) -> str:
+    """Why Stripe did not run (or answer) the request, as dunning_bad_debt_payments_not_run_total counts it."""
+    if isinstance(exc, stripe.RateLimitError):
+        return "rate_limited"
+    if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)):
+        return "key_refused"
+    return "no_connection" if _never_connected(exc.__cause__) else "no_answer"
+
+
 def _unavailable(exc: stripe.StripeError, reason: str) -> Answer:
     """503 with Stripe's Retry-After (else a small default): nothing was done, the same request
-    later is expected to go through."""
-    asked = retry_after_seconds(exc.headers)
-    seconds = RETRY_AFTER_DEFAULT if asked is None else min(max(math.ceil(asked), 1), RETRY_AFTER_CAP)
+    later is expected to go through. Counted by why. A key Stripe refuses is ours to fix: every
+    customer's payment is refused so until an operator replaces it, so it is an error in the log,
+    and callers are asked to wait the longest we ask, not to come back every 2 seconds."""
+    why = _kind(exc)
+    metrics.BAD_DEBT_NOT_RUN.labels(why).inc()
+    if why == "key_refused":
+        log.error("bad-debt payments: Stripe refuses our API key (%s, %s): no customer can pay their bad debt "
+                  "until the key is replaced or given the permission", exc.__class__.__name__, exc.http_status)
+        seconds = RETRY_AFTER_CAP
+    else:
+        asked = retry_after_seconds(exc.headers)
+        seconds = RETRY_AFTER_DEFAULT if asked is None else min(max(math.ceil(asked), 1), RETRY_AFTER_CAP)
     return Answer(503, {"error": "payment_provider_unavailable", "reason": reason}, {"Retry-After": str(seconds)})
 
 

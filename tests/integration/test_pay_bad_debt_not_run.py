@@ -4,11 +4,13 @@ pays for real later. An outcome Stripe may have run stays in flight as before.""
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import point_stripe_at, wait_for
 from tests.fakes.fake_stripe_payments import FakeStripePayments
@@ -136,3 +138,63 @@ def test_a_rate_limited_invoice_lookup_is_a_503_with_retry_after(client, engine,
 
     stripe_fake.invoice_payments_rate_limited = False
     assert pay(client, body(debtor), idem).status_code == 202
+
+
+# --- Stripe refusing our API key: ours to fix, seen by an operator ------------------------------
+
+
+def key_refused(status: int) -> Any:
+    """A Stripe that refuses the key: 401 (revoked, rolled) or 403 (a restricted key without the
+    permission for the endpoint), with Stripe's error envelope, as every request with that key gets."""
+    message = {401: "Invalid API Key provided: rk_live_****1234",
+               403: "The provided key 'rk_live_****1234' does not have the required permissions for this endpoint"}
+    return FakeServer(lambda *request: (status, {"Request-Id": "req_refused"},
+                                        {"error": {"type": "invalid_request_error", "message": message[status]}}))
+
+
+def key_refused_counted() -> float:
+    return REGISTRY.get_sample_value("dunning_bad_debt_payments_not_run_total", {"why": "key_refused"}) or 0.0
+
+
+def test_a_payment_stripe_refuses_our_key_for_is_an_error_an_operator_sees(client, engine, runtime, debtor,
+                                                                           stripe_fake, monkeypatch, caplog):
+    """The lookups pass, the intent's creation is refused (a restricted key without the permission to
+    create payment intents): every customer's payment is refused so until someone replaces the key.
+    Nothing stored, as for a rate limit; but not a 'try again in 2 s' for every customer, and not a
+    warning nobody reads."""
+    counted = key_refused_counted()
+    refusing = key_refused(403).start()
+    try:
+        create_goes_to(stripe_fake, runtime, monkeypatch, refusing.url)
+        idem = key()
+        with caplog.at_level(logging.ERROR, logger="app.payments.bad_debt"):
+            refused = pay(client, body(debtor), idem)
+    finally:
+        refusing.stop()
+    assert (refused.status_code, refused.json["error"]) == (503, "payment_provider_unavailable"), refused.json
+    assert refused.headers["Retry-After"] == "60"  # a key is not replaced in 2 s
+    assert payments(engine, debtor.account) == []
+    assert key_refused_counted() == counted + 1
+    assert any(r.levelno == logging.ERROR and "API key" in r.getMessage() for r in caplog.records), caplog.text
+
+    # The key replaced: the same Idempotency-Key pays.
+    stripe_fake.on_request = None
+    point_stripe_at(runtime, monkeypatch, stripe_fake.url)
+    assert pay(client, body(debtor), idem).status_code == 202
+
+
+def test_an_invoice_lookup_stripe_refuses_our_key_for_is_an_error_an_operator_sees(client, engine, runtime, debtor,
+                                                                                   stripe_fake, monkeypatch, caplog):
+    counted = key_refused_counted()
+    refusing = key_refused(401).start()
+    try:
+        point_stripe_at(runtime, monkeypatch, refusing.url)
+        with caplog.at_level(logging.ERROR, logger="app.payments.bad_debt"):
+            refused = pay(client, body(debtor), key())
+    finally:
+        refusing.stop()
+    assert (refused.status_code, refused.json["error"]) == (503, "payment_provider_unavailable"), refused.json
+    assert refused.headers["Retry-After"] == "60" and "invoices" in refused.json["reason"]
+    assert payments(engine, debtor.account) == [] and stripe_fake.intents_created() == []
+    assert key_refused_counted() == counted + 1
+    assert any(r.levelno == logging.ERROR and "API key" in r.getMessage() for r in caplog.records), caplog.text
