@@ -70,7 +70,10 @@ def test_a_rate_limited_payment_stores_nothing_and_the_same_key_then_pays(client
     assert pay(client, body(debtor), idem).json == paid.json  # from now on the key replays the payment
 
 
-@pytest.mark.parametrize("stripe_asks, answered", [(7, "7"), (None, "2"), (86400, "60")])
+@pytest.mark.parametrize("stripe_asks, answered", [
+    (7, "7"), (None, "2"), (86400, "60"), ("0.2", "1"), ("0", "1"), ("-5", "1"),
+    # Not a number of seconds (an HTTP date, garbage, not finite): as if Stripe had named none.
+    ("Wed, 21 Oct 2026 07:28:00 GMT", "2"), ("soon", "2"), ("nan", "2"), ("inf", "2"), ("1e400", "2")])
 def test_the_retry_after_is_stripes_own_else_a_small_default(client, engine, debtor, stripe_fake, stripe_asks,
                                                               answered):
     stripe_fake.intent_outcome, stripe_fake.rate_limit_retry_after = "rate_limited", stripe_asks
