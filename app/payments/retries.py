@@ -26,13 +26,18 @@ log = logging.getLogger(__name__)
 # they would take the limited slots from later retries every tick (a recompute backlog, a lost
 # recompute message). A decision whose invoice another account owns now (another team moved its
 # customer; the account's recompute is on its way, app/sweep/refile.py) is passed over too: the
-# invoice's retries are the owner's to plan, and a stale plan must not charge it.
+# invoice's retries are the owner's to plan, and a stale plan must not charge it. So is one whose
+# invoice a bad-debt payment in flight covers: the account's own is held by compute already, but
+# one the old account made before the move is not the owner's to see, and both would collect the
+# invoice. Once that payment has ended, the decision, still due, is dispatched.
 DUE_SQL = """
 SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free, d.next_retry_at
   FROM subs_dunning d
  WHERE d.next_retry_at <= %(now)s AND d.retry_invoice_id IS NOT NULL
    AND EXISTS (SELECT 1 FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
                 WHERE i.id = d.retry_invoice_id AND c.account_id = d.account_id)
+   AND NOT EXISTS (SELECT 1 FROM bad_debt_payment b
+                    WHERE b.state = 'pending' AND b.invoice_ids @> jsonb_build_array(d.retry_invoice_id))
    AND NOT EXISTS (SELECT 1 FROM payment_retry r
                     WHERE r.invoice_id = d.retry_invoice_id AND r.scheduled_for = d.next_retry_at
                       AND r.free = d.retry_free

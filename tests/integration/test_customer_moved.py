@@ -308,3 +308,46 @@ def test_a_retry_in_flight_moves_with_its_invoice_for_the_bad_debt_payment(clien
         with engine.connect() as conn:
             in_flight = {a: retry_charging(conn, a, at, timedelta(minutes=30)) for a in (old, new)}
     assert in_flight == {old: True, new: True}
+
+
+def test_a_moved_invoice_is_not_retried_while_the_old_accounts_bad_debt_payment_covers_it(client, engine, runtime,
+                                                                                         accounts, stripe_fake):
+    """The old account, in bad debt, pays its whole balance (a bank debit: processing for days), the
+    customer's younger invoice, still in its retry schedule, included. Another team then moves the
+    customer: the new account's decision plans that invoice's next retry, and its own bad-debt
+    payments are none. Dispatched, the retry would collect the invoice a second time; it waits until
+    the payment that covers it has ended (here: failed, found by the reconciliation with Stripe)."""
+    from app.payments.bad_debt_reconcile import reconcile
+    from app.payments.retries import claim_due
+    from tests.integration.bad_debt_setup import into_bad_debt, key, pay, payments, recompute
+
+    debt = into_bad_debt(client, engine, runtime, accounts)  # an invoice written off 30 days ago
+    old, customer = debt.account, debt.customer
+    new, _ = accounts.create()
+    ts = int(datetime.now(UTC).timestamp())
+    younger, intent = unique("in"), unique("pi")
+    failed = invoice_event("invoice.payment_failed", customer, younger, ts, ts - 3600)
+    post_event(client, failed)
+    post_event(client, declined_charge(customer, intent, debt.payment_method, ts + 1))
+    for invoice in (debt.invoice_object, failed["data"]["object"]):
+        stripe_fake.add_invoice(invoice)
+    assert recompute(engine, runtime, old)["status"] == "bad_debt"
+    stripe_fake.intent_outcome = "processing"
+    paying = pay(client, {"account_id": old, "amount": debt.amount + 5000}, key())
+    assert paying.status_code == 202, paying.json
+    [payment] = payments(engine, old)
+    assert payment["state"] == "pending" and set(payment["invoice_ids"]) == {debt.invoice, younger}
+
+    move(engine, customer, new)
+    recompute(engine, runtime, new)  # as the refile of the move requests it
+    recompute(engine, runtime, old)
+    planned = dunning_row(engine, new)
+    assert planned["retry_invoice_id"] == younger and planned["next_retry_at"] is not None, planned
+    at = planned["next_retry_at"] + timedelta(minutes=1)
+    assert claim_due(engine, at) == []
+    assert stripe_fake.invoice_payments() == [] and retries(engine, new) == []
+
+    stripe_fake.set_status(paying.json["stripe_payment_intent_id"], "requires_payment_method", "insufficient_funds")
+    assert reconcile(runtime, payment["id"], at).outcome == "failed"
+    assert len(claim_due(engine, at)) == 1  # the payment ended without money: the retry goes on
+    assert [r["invoice_id"] for r in retries(engine, new)] == [younger]
