@@ -91,7 +91,11 @@ def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> 
                actions_requested=rng.choice([[], [f"cancel:sub_{n}"]]), policy_version="v1",
                version=rng.randint(1, 9))
     for k in range(rng.randint(0, 2)):
-        insert(conn, "payment_retry", account_id=account, invoice_id=f"in_{n}_00_{k}", payment_method_id=f"pm_{n}_a",
+        # Mostly claimed by the account, on its first customer's invoices; some on its second's, some
+        # claimed by another account (before another team moved the customer), some on no invoice.
+        claimant = account if rng.random() < 0.5 else f"acct_gb_{rng.randrange(60):03d}"
+        insert(conn, "payment_retry", account_id=claimant, invoice_id=f"in_{n}_{rng.choice(['00', '00', '01'])}_{k}",
+               payment_method_id=f"pm_{n}_a",
                retry_number=k + 1, free=rng.random() < 0.3, idempotency_key=f"retry-{account}-{k}",
                scheduled_for=at(rng), state=rng.choice(["dispatched", "charging", "sent", "skipped", "failed"]),
                created_at=at(rng))
@@ -130,7 +134,24 @@ def varied_accounts(engine: Engine, accounts: Accounts, count: int = 60) -> list
             for cus in customers:
                 stripe_side(conn, rng, n, cus)
             account_side(conn, rng, n, account)
+    with engine.begin() as conn:  # another team moves some second customers, their rows filed where they were
+        for n in range(count):
+            if rng.random() < 0.15:
+                conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(to)s WHERE stripe_customer_id = %(c)s",
+                                     {"to": f"acct_gb_{rng.randrange(count):03d}", "c": f"cus_gb_{n:03d}_01"})
+        stripe_side(conn, rng, count, "cus_gb_unmapped")  # no account: its invoices and their retries nobody's
+        insert(conn, "payment_retry", account_id=ids[0], invoice_id=f"in_{count}_ed_0", payment_method_id=None,
+               retry_number=1, free=False, idempotency_key="retry-unmapped", scheduled_for=NOW, state="sent",
+               created_at=NOW)
     return ids
+
+
+def retries_claimed_elsewhere(engine: Engine) -> list[tuple[str, str]]:
+    """(owner, invoice) of the retries an account other than their invoice's owner claimed."""
+    with engine.connect() as conn:
+        return [(r[0], r[1]) for r in conn.exec_driver_sql(
+            "SELECT c.account_id, r.invoice_id FROM payment_retry r JOIN stripe_invoice i ON i.id = r.invoice_id "
+            "JOIN subs_customer c USING (stripe_customer_id) WHERE c.account_id <> r.account_id")]
 
 
 def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Accounts, engine: Engine):
@@ -161,6 +182,11 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert any(a.failed_at for s in snapshots for a in s.attempts)
     assert any(a.failed_at is None for s in snapshots for a in s.attempts)
     assert any(len(s.retries) > 1 for s in snapshots)
+    # retries follow their invoice: claimed by another account (a customer moved), read for its owner
+    elsewhere = retries_claimed_elsewhere(engine)
+    assert len({owner for owner, _ in elsewhere}) > 3, elsewhere
+    assert all(any(r.invoice_id == invoice for r in expected[owner][0].retries) for owner, invoice in elsewhere)
+    assert not any(r.invoice_id.startswith("in_60_") for s in snapshots for r in s.retries)  # nobody's invoice
     # several customers: each one's invoices, methods and default say which customer they belong to
     assert any(len({i.stripe_customer_id for i in s.invoices}) > 1 for s in snapshots)
     assert any(len({m.stripe_customer_id for m in s.payment_methods}) > 1 for s in snapshots)
