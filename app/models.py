@@ -407,6 +407,9 @@ class BadDebtPayment(Base):
     # The customer's own payments on each invoice as Stripe listed them at the quote (settlement:
     # what the customer paid beyond them was paid twice).
     invoices_paid_before: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+    # What Stripe's invoices said at the quote, by invoice: {"amount_remaining",
+    # "pre_payment_credit_notes_amount"} (settlement: a credit note since then was paid for too).
+    invoices_quoted: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
     # Settlement's calls to pay each invoice out of band, by invoice: how many were sent.
     settle_sent: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
 

@@ -172,6 +172,9 @@ class Debt:
     # The customer's own payments on each invoice as Stripe lists them when the balance is quoted:
     # settlement counts those beyond it as paid twice (bad_debt_settle), measured the same way.
     paid_before: dict[str, int] = field(default_factory=dict)
+    # What each invoice owed at Stripe when the balance was quoted, and its credit notes so far: a
+    # credit note since then lowered it with no payment, and the charge took the quote all the same.
+    quoted: dict[str, dict[str, int]] = field(default_factory=dict)
     # The account's newest bad-debt payment when the balance was quoted (0: none): one made since
     # (another request's, settled while this one asked Stripe) may have paid this very debt.
     newest_payment: int = 0
@@ -235,8 +238,9 @@ def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:
 NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"
 INSERT_PAYMENT = """
 INSERT INTO bad_debt_payment (id, account_id, idempotency_key, request_fingerprint, amount, currency, invoice_ids,
-                              stripe_customer_id, invoices_paid_before)
-VALUES (%(id)s, %(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s, %(paid_before)s)
+                              stripe_customer_id, invoices_paid_before, invoices_quoted)
+VALUES (%(id)s, %(account)s, %(key)s, %(fp)s, %(amount)s, %(currency)s, %(invoices)s, %(customer)s, %(paid_before)s,
+        %(quoted)s)
 """
 
 
@@ -273,7 +277,7 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
             conn.exec_driver_sql(INSERT_PAYMENT, {
                 "id": payment_id, "account": req.account_id, "key": req.idempotency_key, "fp": req.fingerprint,
                 "amount": req.amount, "currency": debt.currency, "invoices": Json(debt.invoice_ids),
-                "customer": debt.customer, "paid_before": Json(debt.paid_before),
+                "customer": debt.customer, "paid_before": Json(debt.paid_before), "quoted": Json(debt.quoted),
             })
     except IntegrityError as exc:
         constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)
@@ -344,10 +348,11 @@ def _unknown(req: Request, debt: Debt, payment_id: int, why: str) -> Answer:
 OWING_STATUSES = ("open", "uncollectible")  # a Stripe invoice that can still be owed
 
 
-def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
+def _at_stripe(rt: Runtime, debt: Debt) -> Debt:
     """Before anything is charged, Stripe's own record of the invoices: what each still owes must be
     what the quote says (the mirror may not have heard of a payment made a moment ago, which would
-    then be charged twice), and what the customer had paid on each is the baseline of "paid twice"."""
+    then be charged twice), and what the customer had paid on each, and what each owed with the
+    credit notes issued on it so far, are the baseline of "paid twice"."""
     client = make_stripe_client(rt.settings)
     try:
         found = [client.v1.invoices.retrieve(invoice_id) for invoice_id in debt.invoice_ids]
@@ -369,7 +374,10 @@ def _paid_before(rt: Runtime, req: Request, debt: Debt) -> dict[str, int]:
     if owed != debt.balance:
         raise Refused(409, "balance_changing", "Stripe's invoices do not owe what was quoted yet (a payment "
                       "is being recorded); retry in a moment")
-    return paid
+    quoted = {invoice_id: {"amount_remaining": int(inv.amount_remaining or 0),
+                           "pre_payment_credit_notes_amount": int(inv.pre_payment_credit_notes_amount or 0)}
+              for invoice_id, inv in zip(debt.invoice_ids, found, strict=True)}
+    return replace(debt, paid_before=paid, quoted=quoted)
 
 
 def _indeterminate(exc: stripe.StripeError) -> bool:
@@ -473,7 +481,7 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
                     if replayed is not None:
                         return replayed
                 raise
-        debt = replace(debt, paid_before=_paid_before(rt, req, debt))
+        debt = _at_stripe(rt, debt)
         payment_id, enqueue = _insert(rt, req, debt)
     except Refused as refused:
         return refused.answer

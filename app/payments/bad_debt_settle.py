@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 SETTLED_STATUSES = ("paid", "void")
 
 LOAD = """
-SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.settle_sent, b.amount,
+SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.invoices_quoted, b.settle_sent, b.amount,
        b.stripe_payment_intent_id,
        a.status AS charge_status, a.amount_refunded
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
@@ -157,17 +157,33 @@ def customer_paid(client: stripe.StripeClient, invoice_id: str) -> int:
                if p.get("status") == "paid" and (p.get("payment") or {}).get("type") in CUSTOMER_PAYMENTS)
 
 
+def credited_since(invoice: dict[str, Any], quoted: dict[str, Any] | None) -> int:
+    """What credit notes issued since the quote took off what the invoice owed (Stripe adds their
+    pre-payment part to pre_payment_credit_notes_amount and lowers amount_remaining by it, with no
+    invoice payment; paying it out of band changes neither). 0 for a payment quoted before this was
+    kept: nothing to compare with."""
+    if not quoted:
+        return 0
+    credited = int(invoice.get("pre_payment_credit_notes_amount") or 0) - int(quoted["pre_payment_credit_notes_amount"])
+    return max(min(credited, int(quoted["amount_remaining"])), 0)
+
+
 def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_before: int,
-                    closed_by_other: bool) -> str | None:
+                    quoted: dict[str, Any] | None, closed_by_other: bool) -> str | None:
     """What else settled the invoice while this payment ran, from Stripe's own record of it (not
     from timing: clocks and lost answers make that guesswork): the customer's own payments on it
-    beyond those when the balance was quoted, a void, or a close by someone else (marked paid out of
-    band by support, say). None when nothing did."""
+    beyond those when the balance was quoted, credit notes issued on it since then, a void, or a
+    close by someone else (marked paid out of band by support, say). None when nothing did; one
+    detail for the invoice otherwise."""
     if invoice.get("status") == "void":
         return f"{invoice['id']} was voided"
+    currency = invoice.get("currency")
     extra = customer_paid(client, str(invoice["id"])) - paid_before
-    if extra > 0:
-        return f"{invoice['id']}: {extra} {invoice.get('currency')} paid by the customer"
+    credited = credited_since(invoice, quoted)
+    parts = ([f"{extra} {currency} paid by the customer"] if extra > 0 else []) + \
+        ([f"{credited} {currency} credited by a credit note"] if credited > 0 else [])
+    if parts:
+        return f"{invoice['id']}: {', '.join(parts)}"
     return f"{invoice['id']} was closed some other way before this payment settled it" if closed_by_other else None
 
 
@@ -219,6 +235,7 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     settled = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     paid = [invoice for invoice, _ in settled]
     before = row["invoices_paid_before"] or {}
+    quoted = row["invoices_quoted"] or {}
     with rt.engine.connect() as conn:
         others = conn.exec_driver_sql(OTHER_PAYMENTS, {"account": account_id, "id": payment_id}).fetchall()
     # Another bad-debt payment of the account closed it: that says who (rather than "someone else").
@@ -226,6 +243,7 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
                   for other_id, invoices in others for inv in row["invoice_ids"] or [] if inv in (invoices or [])}
     also = [(str(invoice["id"]), detail) for invoice, by_other in settled
             if (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0)),
+                                          quoted.get(str(invoice["id"])),
                                           by_other and str(invoice["id"]) not in by_payment))]
     also += list(by_payment.items())
     with unit_of_work(rt.engine) as conn:

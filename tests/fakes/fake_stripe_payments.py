@@ -18,6 +18,10 @@
   the issuer declined). ``invoice_payments_down`` answers the listing with a 500,
   ``invoice_payments_rate_limited`` with a 429, and for an invoice in ``unknown_invoices`` it is a 404
   ``resource_missing``, as for an invoice Stripe does not have.
+* ``credit_note`` issues a credit note on an invoice, as the business would in the Dashboard: its
+  pre-payment part lowers amount_due and amount_remaining (not below zero) and adds to
+  pre_payment_credit_notes_amount, the rest adds to post_payment_credit_notes_amount; no invoice
+  payment. An invoice still owed that is credited down to nothing is paid.
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -131,6 +135,18 @@ class FakeStripePayments:
         inv.update(amount_paid=inv["amount_paid"] + paid, amount_remaining=inv["amount_remaining"] - paid)
         if inv["amount_remaining"] <= 0:
             inv.update(status="paid", status_transitions={**(inv.get("status_transitions") or {}), "paid_at": now})
+
+    def credit_note(self, invoice_id: str, amount: int) -> None:
+        """A credit note of ``amount`` on the invoice (Stripe's invoice fields only: the fake keeps no
+        credit note objects)."""
+        inv = self.invoices[invoice_id]
+        pre = min(amount, inv["amount_remaining"]) if inv["status"] in ("open", "uncollectible") else 0
+        inv.update(amount_due=inv["amount_due"] - pre, amount_remaining=inv["amount_remaining"] - pre,
+                   pre_payment_credit_notes_amount=(inv.get("pre_payment_credit_notes_amount") or 0) + pre,
+                   post_payment_credit_notes_amount=(inv.get("post_payment_credit_notes_amount") or 0) + amount - pre)
+        if pre and inv["amount_remaining"] == 0:
+            inv.update(status="paid", status_transitions={**(inv.get("status_transitions") or {}),
+                                                          "paid_at": int(time.time())})
 
     def fail_invoice(self, invoice_id: str, customer: str, decline_code: str, amount: int,
                      status: str = "requires_payment_method") -> dict[str, Any]:
