@@ -8,20 +8,34 @@ import re
 from typing import Any
 
 EXCERPT_LIMIT = 200  # characters of an answer's body kept as the reason
+# Characters of an answer read for the reason: an answer may be megabytes (a proxy's page, an echo),
+# and the reason is its beginning anyway.
+SCAN_LIMIT = 20 * EXCERPT_LIMIT
 # 4xx answers that say "not now" (the request timed out, or the client is throttled), not "wrong".
 NOT_NOW = frozenset({408, 429})
-# The fields of a JSON error body that say what was wrong, in the order they are shown.
+# The fields of a JSON error body that say what was wrong, in the order they are shown; those of an
+# error object nested under "error" (``{"error": {"type", "code", "message"}}``).
 REASON_FIELDS = ("error", "code", "message", "detail", "reason", "title")
+NESTED_REASON_FIELDS = ("type", "code", "message", "detail", "reason", "title")
 
 _TAG = re.compile(r"<[^>]*>")
-# An answer may echo the request or the proxy's view of it: credentials it quotes are masked.
+# What a credential's name contains (a query parameter, a header, a JSON field), and what may stand
+# between the name and its value: ":" or "=" (percent-encoded too, in a URL), quotes, a JSON list.
+_NAMED = r"token|secret|passw(?:or)?d|pwd|auth|credential|session|cookie|sig|api[_-]?key|access[_-]?key|jwt"
+_SEPARATOR = r"\"?\s*(?:[:=]|%3[AaDd])\s*\[?\s*"
+_VALUE = r"(?:\"[^\"]*\"|'[^']*'|[^\s,;&}\"\]]+)"
+# An answer may echo the request or the proxy's view of it: credentials it quotes are masked. Each
+# pattern is tried only where a word starts and never backtracks into it (a possessive ``++``), so
+# the time taken grows with the text, not with the square of its longest word.
 _SECRETS = (
-    (re.compile(r"(\w+://)[^\s/@:]+:[^\s/@]*@"), r"\1***@"),  # user:password@ in a URL
-    (re.compile(r"(?i)\b(authorization|cookie)(\"?\s*[:=]\s*\"?)(?:(?:bearer|basic|digest)\s+)?[^\s,;}\"]+"),
-     r"\1\2***"),
+    (re.compile(r"\b(\w++://)[^\s/@:]+:[^\s/@]*@"), r"\1***@"),  # user:password@ in a URL
+    # An Authorization header's value: its scheme, whichever (Bearer, Token, ApiKey...), and what follows.
+    (re.compile(r"(?i)\b((?:proxy-)?authorization" + _SEPARATOR + r"\"?)(?:[a-z][\w.-]*+\s+)?[^\s,;}\"\]]+"),
+     r"\1***"),
     (re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]+"), r"\1 ***"),
-    (re.compile(r"(?i)([\w-]*(?:token|secret|password|passwd|api[_-]?key|signature)[\w-]*\"?\s*[:=]\s*)"
-                r"(\"[^\"]*\"|'[^']*'|[^\s,;&}]+)"), r"\1***"),
+    (re.compile(r"(?i)(?<![\w-])((?=[\w-]*?(?:" + _NAMED + r"))[\w-]++" + _SEPARATOR + ")" + _VALUE), r"\1***"),
+    (re.compile(r"(?i)(?<![\w-])(key" + _SEPARATOR + ")" + _VALUE), r"\1***"),  # ?key= (an API key)
+    (re.compile(r"\beyJ[\w-]*+\.[\w-]*+(?:\.[\w-]*+)?"), "***"),  # a JWT, named or not
 )
 
 
@@ -34,11 +48,14 @@ def refused_as_wrong(status: int | None) -> bool:
 
 def reason(body: str) -> str:
     """A short reason from an answer's body: a JSON error's own words (not the rest of what it
-    echoes), else its text without markup; whitespace collapsed, credentials masked."""
+    echoes), else its text without markup; whitespace collapsed, credentials masked. NUL characters
+    are dropped: UTF-16 read as UTF-8 puts one between each letter, and hides a credential's name."""
+    body = body.replace("\x00", "")
     text = _json_reason(body)
     if text is None:
-        text = _TAG.sub(" ", body) if body.lstrip().startswith("<") else body
-    return masked(" ".join(text.split()))[:EXCERPT_LIMIT]
+        text = body[:SCAN_LIMIT]
+        text = _TAG.sub(" ", text) if text.lstrip().startswith("<") else text
+    return masked(" ".join(text[:SCAN_LIMIT].split()))[:EXCERPT_LIMIT]
 
 
 def masked(text: str) -> str:
@@ -50,11 +67,16 @@ def masked(text: str) -> str:
 def _json_reason(body: str) -> str | None:
     try:
         parsed: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
     if not isinstance(parsed, dict):
         return None
-    said = [str(parsed[k]) for k in REASON_FIELDS if isinstance(parsed.get(k), str | int) and parsed.get(k) != ""]
-    if said:
-        return ": ".join(dict.fromkeys(said))  # each once: "code" often repeats "error"
-    return json.dumps(parsed, separators=(",", ":"))
+    nested = parsed.get("error")
+    said = _said(parsed, REASON_FIELDS) or (_said(nested, NESTED_REASON_FIELDS) if isinstance(nested, dict) else None)
+    return said or json.dumps(parsed, separators=(",", ":"))[:SCAN_LIMIT]
+
+
+def _said(error: dict[str, Any], fields: tuple[str, ...]) -> str | None:
+    """An error object's own words, from ``fields``."""
+    said = [str(error[k]) for k in fields if isinstance(error.get(k), str | int) and error.get(k) != ""]
+    return ": ".join(dict.fromkeys(said)) if said else None  # each once: "code" often repeats "error"

@@ -1,6 +1,6 @@
 """``dunning outbox list [--blocked] [--account ID] [--limit N] [--json]`` and
-``dunning outbox skip ID --actor NAME --reason TEXT``: the rows the relay has not delivered, and
-skipping one that Account Management will never take (app/outbox/operator.py)."""
+``dunning outbox skip ID --actor NAME --reason TEXT [--lifecycle-request]``: the rows the relay has
+not delivered, and skipping one that Account Management will never take (app/outbox/operator.py)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         return _error(f"--limit must be a whole number from 1 to {MAX_LIMIT} (got {args.limit!r})")
     with _runtime().engine.connect() as conn:
         rows = undelivered(conn, args.blocked, args.account, limit)
-        total, blocked = counts(conn)
+        total, blocked = counts(conn, args.account)
     if args.json:
-        print(json.dumps([r.to_json() for r in rows], indent=2))
+        # The counts beside the rows: --limit shows the oldest only.
+        print(json.dumps({"undelivered": total, "blocked": blocked, "rows": [r.to_json() for r in rows]}, indent=2))
         return 0
     print(f"undelivered: {total} rows, {blocked} blocked (refused as wrong by Account Management)")
     if rows:
@@ -89,12 +90,14 @@ def cmd_skip(args: argparse.Namespace) -> int:
     try:
         actor = required(args.actor, "--actor NAME")
         reason = required(args.reason, "--reason TEXT")
-        done = skip(_runtime().engine, row_id, actor, reason, datetime.now(UTC))
+        done = skip(_runtime().engine, row_id, actor, reason, datetime.now(UTC), args.lifecycle_request)
     except NotSkipped as exc:
         return _error(str(exc), BUSY if exc.busy else BAD_INPUT)
     row = done.row
     print(f"skipped outbox row {row.id} ({row.event_type} v{row.dunning_version} for account {row.account_id}, "
           f"last answer {row.last_status or '-'}); recorded by {actor}")
+    if done.consequence is not None:
+        print(f"{done.consequence} by dunning: Account Management's subscription-lifecycle workflow must see to it")
     print(f"the account's later rows ({done.later_rows}) go with the relay's next pass")
     return 0
 
@@ -122,4 +125,7 @@ def add_commands(sub: Any) -> None:
     skipping.add_argument("id", nargs="?", default=None, help="the row's id (dunning outbox list)")
     skipping.add_argument("--actor", default=None, help="who skips it (required, audited)")
     skipping.add_argument("--reason", default=None, help="why (required, audited)")
+    skipping.add_argument("--lifecycle-request", action="store_true",
+                          help="required to skip a cancellation or upgrade revert the account still asks for: "
+                               "dunning then never cancels the subscription (reverts the upgrade)")
     skipping.set_defaults(handler=cmd_skip)

@@ -10,7 +10,8 @@ Management being down, slow or failing never slows it: the backlog grows and dra
 
 A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
 before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
-is marked superseded instead (the reason stays on the row).
+is marked superseded instead (the reason stays on the row). So is a blocked EntitlementsChanged (below)
+once a newer one of the account waits: entitlements are sent whole, the newer one says it all.
 
 Only a 2xx is done: anything else, a redirect included (never followed: it would resend a POST as a
 bodiless GET), or no answer is a failure. A failure is always recorded (its text made storable,
@@ -20,8 +21,8 @@ with backoff while the pass goes on with the others: one poison account never st
 Each row keeps its last answer: the HTTP status (``last_status``, None when there was none) and a
 short reason (``last_error``). A row refused as wrong (a 4xx other than 408/429) is blocked from
 then on (``blocked_at``, gauge dunning_outbox_blocked) until it is delivered or an operator skips
-it (``dunning outbox skip``, app/outbox/operator.py): it is still retried, and holds back its
-account's later rows meanwhile.
+it (``dunning outbox skip``, app/outbox/operator.py), or, an EntitlementsChanged, superseded by a
+newer one at its next try: it is still retried, and holds back its account's later rows meanwhile.
 """
 
 from __future__ import annotations
@@ -79,10 +80,18 @@ SELECT o.account_id FROM outbox o
 """
 
 PENDING_SQL = """
-SELECT id, dunning_version, event_type, payload, attempts, next_attempt_at, created_at FROM outbox
+SELECT id, dunning_version, event_type, payload, attempts, next_attempt_at, created_at, blocked_at FROM outbox
  WHERE account_id = %(account)s AND delivered_at IS NULL
  ORDER BY id
  LIMIT %(limit)s
+"""
+
+# The account's newest EntitlementsChanged still to deliver, if it is later than this row.
+NEWER_ENTITLEMENTS_SQL = """
+SELECT id, dunning_version FROM outbox
+ WHERE account_id = %(account)s AND delivered_at IS NULL AND id > %(id)s AND event_type = 'EntitlementsChanged'
+ ORDER BY id DESC
+ LIMIT 1
 """
 
 DELIVERED_SQL = """
@@ -201,6 +210,21 @@ def _superseded_now(engine: Engine, account_id: str, event_type: str, payload: d
     if event_type not in ACTIONS:
         return None
     return superseded(event_type, payload, created_at, wanted(engine, account_id))
+
+
+def _replaced_by_newer_entitlements(engine: Engine, account_id: str, row_id: int, event_type: str,
+                                    blocked: bool) -> str | None:
+    """Why a blocked EntitlementsChanged must not be sent again, or None. Entitlements are sent whole:
+    a newer EntitlementsChanged of the account says everything this one did, and this one, refused
+    as wrong, would otherwise hold it back until an operator skipped it. One that is not blocked is
+    sent as before (Account Management down, the backlog drains version by version)."""
+    if event_type != "EntitlementsChanged" or not blocked:
+        return None
+    with engine.connect() as conn:
+        newer = conn.exec_driver_sql(NEWER_ENTITLEMENTS_SQL, {"account": account_id, "id": row_id}).first()
+    if newer is None:
+        return None
+    return f"superseded: refused as wrong, and the entitlements of version {newer[1]} (outbox {newer[0]}) replace it"
 
 
 def _not_this_episode(action: str, episode: Any, created_at: datetime, open_episode: datetime | None) -> str | None:
@@ -465,13 +489,14 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
         report.accounts += 1
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
-        for row_id, version, event_type, payload, attempts, next_attempt_at, created_at in rows:
+        for row_id, version, event_type, payload, attempts, next_attempt_at, created_at, blocked_at in rows:
             now = now_fn()
             if next_attempt_at > now:
                 break  # the head of the line is backing off: so is everything behind it
             if deadline is not None and time.monotonic() > deadline:
                 break  # the rest waits for the next pass, still in order
-            skip = _superseded_now(engine, account_id, event_type, payload or {}, created_at)
+            skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
+                    or _superseded_now(engine, account_id, event_type, payload or {}, created_at))
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             answer = _send(session, base_url, call, timeout, now) if call is not None else None
             failure = answer if isinstance(answer, Failure) else None

@@ -39,7 +39,8 @@ def test_a_row_refused_as_wrong_keeps_its_answer_counts_as_blocked_and_is_still_
     refused, _ = accounts.create()
     other, _ = accounts.create()
     entitlements(engine, refused, 1, prod_core="full")
-    entitlements(engine, refused, 2, prod_core="restricted")
+    # Behind it, a row that waits for it (a newer EntitlementsChanged would replace it instead).
+    write_events(engine, refused, 2, [DunningEntered(unpaid_since=None, failure_class="transient")])
     entitlements(engine, other, 1, prod_core="full")
     fake_am.refuse(refused, status, UNKNOWN_ACCOUNT)
     now = datetime.now(UTC) + LATER
@@ -115,18 +116,18 @@ def test_the_recorded_reason_is_short_and_holds_no_secret(accounts, engine, fake
 
 def test_an_operator_lists_the_blocked_row_and_skips_it_then_the_accounts_later_rows_go(
         client, cli_env, accounts, engine, worker, fake_am, capsys):
-    """Account Management refuses one version of a customer's entitlements as wrong (422); the
-    customer pays, and the entitlements that lift the restriction wait behind it. The operator finds
-    the row, skips it with why: the paid entitlements reach Account Management."""
+    """Account Management refuses one version of a customer's entitlements as wrong (422). The
+    operator finds the row and skips it with why; the account's later rows (the customer pays) reach
+    Account Management. (A newer EntitlementsChanged already waiting replaces a refused one without
+    an operator: test_outbox_blocked_review.py.)"""
     account, customer = accounts.create()
     invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=15)
     (wrong,) = [r for r in outbox(engine, account) if r["event_type"] == "EntitlementsChanged"]
     fake_am.refuse(account, 422, {"error": "invalid_entitlements", "message": "level unknown"},
                    dunning_version=wrong["dunning_version"])
     relay(engine, fake_am.url)
-    paid(client, engine, account, customer, invoice)
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)  # the refused row, tried again
-    assert fake_am.entitlements(account) == []  # in order: nothing after the refused row
+    assert fake_am.entitlements(account) == []
     assert value(metrics(client), "dunning_outbox_blocked") == 1
 
     with freeze_time(wrong["created_at"] + timedelta(hours=3, minutes=5), tick=True):
@@ -149,6 +150,7 @@ def test_an_operator_lists_the_blocked_row_and_skips_it_then_the_accounts_later_
     assert entry["detail"]["reason"] == "AM refuses the restricted level for legacy plans; paid since"
     assert (entry["detail"]["last_status"], entry["detail"]["event_type"]) == (422, "EntitlementsChanged")
 
+    paid(client, engine, account, customer, invoice)
     relay(engine, fake_am.url, now=datetime.now(UTC) + 2 * LATER)
     rows = {r["id"]: r for r in outbox(engine, account)}
     assert rows[wrong["id"]]["state"] == "skipped" and rows[wrong["id"]]["last_status"] == 422  # kept
@@ -183,7 +185,9 @@ def test_the_list_shows_every_undelivered_row_and_the_blocked_ones_on_request(cl
     assert [int(text.split()[0]) for text in only.splitlines() if text[:1].isdigit()] == ids[blocked][:1]
 
     assert main(["outbox", "list", "--account", waiting, "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)
+    listed = json.loads(capsys.readouterr().out)
+    assert (listed["undelivered"], listed["blocked"]) == (1, 0)  # that account's
+    (row,) = listed["rows"]
     assert (row["id"], row["account_id"], row["last_status"], row["blocked"]) == (ids[waiting][0], waiting, None,
                                                                                   False)
 

@@ -9,7 +9,8 @@ and an operator may skip it (`dunning outbox skip`): the row stays, in state ``s
 
 ``state`` of the existing rows: added with the default 'delivered' (no rewrite of the delivered
 history), then the undelivered rows (the partial index finds them) are made 'pending' and the
-superseded ones (their reason is in last_error) 'superseded'; new rows default to 'pending'.
+superseded ones (their reason is in last_error) 'superseded', and those the audit log says were
+skipped (before a downgrade) 'skipped'; new rows default to 'pending'.
 
 Revision ID: outbox_last_answer
 Revises: sweep_error
@@ -34,6 +35,10 @@ def upgrade() -> None:
     op.execute("UPDATE outbox SET state = 'pending' WHERE delivered_at IS NULL")
     op.execute("UPDATE outbox SET state = 'superseded' WHERE delivered_at IS NOT NULL "
                "AND last_error LIKE 'superseded:%'")
+    # Rows skipped before a downgrade (their audit says so): a skipped row has delivered_at set too,
+    # and would read as delivered, as if Account Management had taken it.
+    op.execute("UPDATE outbox SET state = 'skipped' WHERE delivered_at IS NOT NULL AND id IN "
+               "(SELECT (detail->>'outbox_id')::bigint FROM audit_log WHERE action = 'outbox.skip')")
     op.alter_column('outbox', 'state', server_default=sa.text("'pending'"))
 
 
