@@ -412,20 +412,27 @@ def test_the_pass_finds_undelivered_rows_without_reading_the_delivered_history(e
     of them before the first undelivered row (300 ms a pass at a million, every 5 s)."""
     from app.outbox.relay import READY_ACCOUNTS_SQL
 
+    plan = plan_over_delivered_history(engine, "acct_hist_", 500, READY_ACCOUNTS_SQL,
+                                       {"now": datetime.now(UTC), "limit": 500})
+    assert "ix_outbox_pending_by_id" in plan, plan
+
+
+def plan_over_delivered_history(engine, prefix: str, accounts: int, sql: str, params: dict[str, Any]) -> str:
+    """The plan of ``sql`` over 50,000 delivered rows of ``accounts`` accounts and 20 undelivered ones
+    (accounts ``prefix``1-20), analysed as a long-lived outbox is; the rows are removed after."""
     with engine.begin() as conn:
         conn.exec_driver_sql(
-            "INSERT INTO outbox (account_id, dunning_version, event_type, payload, delivered_at) "
-            "SELECT 'acct_hist_' || mod(g, 500), g, 'EntitlementsChanged', '{}', now() "
-            "FROM generate_series(1, 50000) g;"
+            "INSERT INTO outbox (account_id, dunning_version, event_type, payload, delivered_at, state) "
+            "SELECT %(p)s || mod(g, %(n)s), g, 'EntitlementsChanged', '{}', now(), 'delivered' "
+            "FROM generate_series(1, 50000) g", {"p": prefix, "n": accounts})
+        conn.exec_driver_sql(
             "INSERT INTO outbox (account_id, dunning_version, event_type, payload) "
-            "SELECT 'acct_hist_' || g, 50000 + g, 'EntitlementsChanged', '{}' FROM generate_series(1, 20) g")
+            "SELECT %(p)s || g, 50000 + g, 'EntitlementsChanged', '{}' FROM generate_series(1, 20) g", {"p": prefix})
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE outbox")
-            plan = "\n".join(r[0] for r in conn.exec_driver_sql(
-                "EXPLAIN " + READY_ACCOUNTS_SQL, {"now": datetime.now(UTC), "limit": 500}))
+            return "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
     finally:
         with engine.begin() as conn:
-            conn.exec_driver_sql("DELETE FROM outbox WHERE account_id LIKE %(p)s", {"p": "acct_hist_%"})
-    assert "ix_outbox_pending_by_id" in plan, plan
+            conn.exec_driver_sql("DELETE FROM outbox WHERE account_id LIKE %(p)s", {"p": prefix + "%"})
 
