@@ -238,13 +238,15 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     quoted = row["invoices_quoted"] or {}
     with rt.engine.connect() as conn:
         others = conn.exec_driver_sql(OTHER_PAYMENTS, {"account": account_id, "id": payment_id}).fetchall()
-    # Another bad-debt payment of the account closed it: that says who (rather than "someone else").
+    # Another bad-debt payment of the account closed it: that says who (rather than "someone else"),
+    # and all this payment paid for it is owed back. Nothing else about it is said: what else settled
+    # it meanwhile (a credit note, a payment of the customer's) the other payment's quote took in, or
+    # its own settlement named; said here too, it would be refunded twice.
     by_payment = {str(inv): f"{inv}: also paid by bad-debt payment {other_id}"
                   for other_id, invoices in others for inv in row["invoice_ids"] or [] if inv in (invoices or [])}
-    also = [(str(invoice["id"]), detail) for invoice, by_other in settled
-            if (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0)),
-                                          quoted.get(str(invoice["id"])),
-                                          by_other and str(invoice["id"]) not in by_payment))]
+    also = [(str(invoice["id"]), detail) for invoice, by_other in settled if str(invoice["id"]) not in by_payment
+            and (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0)),
+                                           quoted.get(str(invoice["id"])), by_other))]
     also += list(by_payment.items())
     with unit_of_work(rt.engine) as conn:
         # The request row, the mirror rows, then the payment row: the order webhook ingest locks

@@ -16,7 +16,8 @@ from sqlalchemy import Engine
 
 from tests.conftest import post_event, wait_for
 from tests.fakes.fake_stripe_payments import FakeStripePayments
-from tests.integration.bad_debt_setup import InBadDebt, intent_event, into_bad_debt, key, pay, payments
+from tests.integration.bad_debt_setup import InBadDebt, intent_event, into_bad_debt, key, pay, payments, recompute
+from tests.stripe_events import event
 
 OVERPAID = "tasks.bad_debt_overpayment_refunded"
 
@@ -49,6 +50,15 @@ def charged(client: FlaskClient, debtor: InBadDebt, stripe_fake: FakeStripePayme
     payment = quoted(client, debtor, stripe_fake)
     succeeded(client, debtor, payment)
     return int(payment["payment_id"])
+
+
+def credited_and_told(client: FlaskClient, debtor: InBadDebt, stripe_fake: FakeStripePayments, amount: int) -> None:
+    """A credit note on the invoice, and Stripe's invoice.updated for it (the fixtures hold no such
+    envelope: marked_uncollectible's, its type changed, with Stripe's invoice as it is now)."""
+    stripe_fake.credit_note(debtor.invoice, amount)
+    evt = event("invoice.marked_uncollectible")
+    evt["type"], evt["data"]["object"] = "invoice.updated", dict(stripe_fake.invoices[debtor.invoice])
+    assert post_event(client, evt).status_code == 200
 
 
 @pytest.mark.worker
@@ -165,3 +175,35 @@ def test_a_payment_quoted_before_credit_notes_were_kept_settles_as_before(client
     settled = settle(runtime, payment_id)
     assert (settled.outcome, settled.settled_elsewhere) == ("settled", ())
     assert alerts(engine) == []
+
+
+@pytest.mark.parametrize("credited", ["before_the_second_quote", "while_the_second_ran"])
+def test_a_late_charge_of_a_debt_another_payment_settled_names_that_payment_only(client, engine, runtime, debtor,
+                                                                               stripe_fake, credited):
+    """A payment failed as never created (1000), 300 credited before or after a second payment's
+    quote, the second one settled, then the first one's charge turned up: all of the first is owed
+    back, said once for the invoice. The credit is not said again: the second quote took it in (700
+    charged), or the second settlement named it (the customer would be refunded it twice)."""
+    from app.payments.bad_debt_settle import settle
+    from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge
+
+    first, late = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    stripe_fake.intent_outcome = "succeeded"
+    if credited == "before_the_second_quote":
+        credited_and_told(client, debtor, stripe_fake, 300)
+        recompute(engine, runtime, debtor.account)
+    owed = stripe_fake.invoices[debtor.invoice]["amount_remaining"]
+    second = pay(client, {"account_id": debtor.account, "amount": owed}, key())
+    assert second.status_code == 202, second.json
+    if credited == "while_the_second_ran":
+        stripe_fake.credit_note(debtor.invoice, 300)
+    succeeded(client, debtor, dict(second.json))
+    told = settle(runtime, second.json["payment_id"]).details
+    assert told == ((f"{debtor.invoice}: 300 usd credited by a credit note",) if credited == "while_the_second_ran"
+                    else ())
+
+    assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200
+    settled = settle(runtime, first)
+    assert settled.details == (f"{debtor.invoice}: also paid by bad-debt payment {second.json['payment_id']}",)
+    assert [a["task_args"]["payment_id"] for a in alerts(engine)][-1] == first
+    assert "credited" not in alerts(engine)[-1]["error"]
