@@ -21,7 +21,8 @@
 * ``credit_note`` issues a credit note on an invoice, as the business would in the Dashboard: its
   pre-payment part lowers amount_due and amount_remaining (not below zero) and adds to
   pre_payment_credit_notes_amount, the rest adds to post_payment_credit_notes_amount; no invoice
-  payment. An invoice still owed that is credited down to nothing is paid.
+  payment. An invoice still owed that is credited down to nothing is paid. One on a draft or void
+  invoice, or beyond the invoice's total, is refused (a ValueError: a test asked what Stripe does not do).
 * ``GET /v1/payment_intents/<id>``, ``GET /v1/payment_intents?customer=&created[gte]=`` (Stripe's list
   envelope, newest first) and ``POST /v1/payment_intents/<id>/cancel`` (400 once the intent has
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
@@ -138,9 +139,16 @@ class FakeStripePayments:
 
     def credit_note(self, invoice_id: str, amount: int) -> None:
         """A credit note of ``amount`` on the invoice (Stripe's invoice fields only: the fake keeps no
-        credit note objects)."""
+        credit note objects). Its pre-payment part is what the invoice still owes, whatever its status
+        (an uncollectible invoice too); Stripe refuses one on a draft or void invoice, and credit
+        notes beyond the invoice's total."""
         inv = self.invoices[invoice_id]
-        pre = min(amount, inv["amount_remaining"]) if inv["status"] in ("open", "uncollectible") else 0
+        if inv["status"] not in ("open", "uncollectible", "paid"):
+            raise ValueError(f"Stripe issues no credit note on a {inv['status']} invoice")
+        credited = sum(inv.get(f"{when}_payment_credit_notes_amount") or 0 for when in ("pre", "post"))
+        if credited + amount > inv["total"]:
+            raise ValueError(f"credit notes of {credited + amount} exceed the invoice's total {inv['total']}")
+        pre = min(amount, inv["amount_remaining"])
         inv.update(amount_due=inv["amount_due"] - pre, amount_remaining=inv["amount_remaining"] - pre,
                    pre_payment_credit_notes_amount=(inv.get("pre_payment_credit_notes_amount") or 0) + pre,
                    post_payment_credit_notes_amount=(inv.get("post_payment_credit_notes_amount") or 0) + amount - pre)
