@@ -207,3 +207,16 @@ def test_a_late_charge_of_a_debt_another_payment_settled_names_that_payment_only
     assert settled.details == (f"{debtor.invoice}: also paid by bad-debt payment {second.json['payment_id']}",)
     assert [a["task_args"]["payment_id"] for a in alerts(engine)][-1] == first
     assert "credited" not in alerts(engine)[-1]["error"]
+
+
+def test_a_settlement_delivered_twice_alerts_the_credit_once(client, engine, runtime, debtor, stripe_fake):
+    """The settlement task redelivered after its run committed (a worker lost before its ack): the
+    second run finds the payment done, and neither alerts nor counts the credit again."""
+    from app.payments.bad_debt_settle import settle
+
+    payment_id = charged(client, debtor, stripe_fake)
+    stripe_fake.credit_note(debtor.invoice, 300)
+    assert settle(runtime, payment_id).settled_elsewhere == (debtor.invoice,)
+    again = settle(runtime, payment_id)
+    assert (again.outcome, again.settled_elsewhere, again.alerted) == ("already_done", (), False)
+    assert len(alerts(engine)) == 1
