@@ -204,13 +204,13 @@ class Ingestor:
     def _ingest_payment_outcome(self, ex: Extracted, event: dict[str, Any], raw: str) -> Ingested:
         """A payment intent's outcome may settle the isolated bad-debt payment: recorded in the
         transaction that stores the event (app/payments/bad_debt_webhook.py)."""
-        settle = None
+        recorded = None
         with unit_of_work(self.engine) as conn:
             stored = store.ingest_events(conn, [(ex, raw)])[0]
             if stored is not None and stored.state == "accepted" and stored.account_id is not None:
-                settle = bad_debt_webhook.record_outcome(conn, ex.type, stored.account_id, ex.payment_intent, event)
-        if settle is not None:
-            bad_debt_webhook.enqueue_settlement(self.celery_app, settle)
+                recorded = bad_debt_webhook.record_outcome(conn, ex.type, stored.account_id, ex.payment_intent, event)
+        if recorded is not None:
+            bad_debt_webhook.after_commit(self.celery_app, recorded)
         done = self._answer([ex], [stored])[0]
         assert isinstance(done, Ingested)
         return done

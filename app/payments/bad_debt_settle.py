@@ -64,6 +64,14 @@ SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.st
 
 
 ACCOUNT = "SELECT account_id FROM bad_debt_payment WHERE id = %(id)s"
+# The accounts other than the payment's that own its invoices now (another team moved the customer
+# since the payment was made): settling the invoices changes their state too.
+OWNERS_NOW = """
+SELECT DISTINCT c.account_id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
+ WHERE i.id IN (SELECT jsonb_array_elements_text(invoice_ids) FROM bad_debt_payment WHERE id = %(id)s)
+   AND c.account_id <> %(account)s
+ ORDER BY 1
+"""
 # The account's other bad-debt payments that settled: covering the same invoice, it was paid twice.
 OTHER_PAYMENTS = """
 SELECT id, invoice_ids FROM bad_debt_payment WHERE account_id = %(account)s AND id <> %(id)s AND state = 'succeeded'
@@ -88,6 +96,7 @@ class Settlement:
     details: tuple[str, ...] = ()
     alerted: bool = False  # an overpayment alert was written (a refund that left money owed, too)
     reopened: int | None = None  # a payment charged after all that took the in-flight slot this one freed
+    owners_to_enqueue: tuple[str, ...] = ()  # accounts owning the invoices now whose request this created
 
 
 # How many calls to pay an invoice out of band were sent: each after the first gets a key of its
@@ -248,10 +257,14 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
             and (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0)),
                                            quoted.get(str(invoice["id"])), by_other))]
     also += list(by_payment.items())
+    cause = f"bad_debt_payment:{payment_id}"
     with unit_of_work(rt.engine) as conn:
-        # The request row, the mirror rows, then the payment row: the order webhook ingest locks
-        # them in (its statement, then record_outcome), so the two cannot deadlock.
-        created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
+        # The request rows (the account the customer moved to first, as ingest routes the intent's
+        # webhook to it), the mirror rows, then the payment row: the order webhook ingest locks them
+        # in (its statement, then record_outcome), so the two cannot deadlock.
+        owners = [str(a) for a in conn.exec_driver_sql(OWNERS_NOW, {"id": payment_id, "account": account_id}).scalars()]
+        owners_created = tuple(a for a in owners if request_recompute(conn, a, Trigger.BAD_DEBT_PAID.value, cause))
+        created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, cause)
         for invoice in paid:
             for mirror_row in mirror_rows("invoice.paid", f"bad_debt_settle_{payment_id}", invoice):
                 upsert_row(conn, mirror_row)
@@ -273,7 +286,8 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
                   payment_id, row["amount"], account_id, details)
     log.info("bad-debt payment %s settled %d invoice(s) for %s", payment_id, len(paid), account_id)
     return Settlement(payment_id, account_id, "settled", tuple(str(i["id"]) for i in paid), enqueue=created,
-                      settled_elsewhere=tuple(dict.fromkeys(i for i, _ in also)), details=tuple(d for _, d in also))
+                      settled_elsewhere=tuple(dict.fromkeys(i for i, _ in also)), details=tuple(d for _, d in also),
+                      owners_to_enqueue=owners_created)
 
 
 def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refunded: int,

@@ -8,7 +8,9 @@ the payment succeeded, in the transaction that mirrors the paid invoices, so the
 falls back to bad debt between the charge and the settlement.
 
 The payment is found by its PaymentIntent id, or by the metadata this product put on the intent
-(a webhook can outrun the API answer that stores the intent id).
+(a webhook can outrun the API answer that stores the intent id), whatever account ingest routed the
+event to: it routes by the intent's customer, which another team may have moved to another account
+since the payment was made. The account that made the payment is then recomputed too.
 """
 
 from __future__ import annotations
@@ -16,23 +18,29 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 
-from app.dispatch import BrokerUnavailable, send
+from app.dispatch import BrokerUnavailable, enqueue_recompute, send
+from app.domain.triggers import Trigger
 from app.payments.alerts import raise_alert
 
 log = logging.getLogger(__name__)
 
 SETTLE_TASK = "tasks.settle_bad_debt_payment"
 
+# By the intent's id or its metadata, not by the account ingest routed the event to (the intent's
+# customer's now, which may have moved since the payment). The metadata is read from a webhook: its
+# payment id finds a payment only of the account it names, or of the routed one.
 FIND = """
-SELECT id, state, amount, invoice_ids FROM bad_debt_payment
- WHERE account_id = %(account)s AND (stripe_payment_intent_id = %(pi)s OR id = %(meta_id)s)
- ORDER BY id LIMIT 1 FOR UPDATE
+SELECT id, account_id FROM bad_debt_payment
+ WHERE stripe_payment_intent_id = %(pi)s OR (id = %(meta_id)s AND account_id IN (%(meta_account)s, %(account)s))
+ ORDER BY id LIMIT 1
 """
+LOCK = "SELECT state, amount, invoice_ids FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE"
 MARK_FAILED = """
 UPDATE bad_debt_payment SET state = 'failed', failure_reason = %(reason)s, updated_at = now(),
        stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s)
@@ -79,11 +87,16 @@ def _intent(event: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj if isinstance(obj, Mapping) else {}
 
 
-def _meta_id(intent: Mapping[str, Any]) -> int:
+def _metadata(intent: Mapping[str, Any], name: str) -> str | None:
     metadata = intent.get("metadata")
-    raw = metadata.get("bad_debt_payment_id") if isinstance(metadata, Mapping) else None
+    value = metadata.get(name) if isinstance(metadata, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+def _meta_id(intent: Mapping[str, Any]) -> int:
+    raw = _metadata(intent, "bad_debt_payment_id")
     # Our own metadata, but read from a webhook: ASCII digits that fit a bigint, or no payment.
-    return int(raw) if isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
+    return int(raw) if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 18 else -1
 
 
 def failure_reason(intent: Mapping[str, Any]) -> str:
@@ -111,23 +124,49 @@ def concerns(event_type: str, payment_intent: str | None) -> bool:
     return event_type in (*INTENT_OUTCOMES, REFUNDED) and bool(payment_intent)
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What ingest does after its commit."""
+
+    settle: int | None = None  # a payment whose charge succeeded: to settle
+    # The account that made the payment, when the event was routed to another one (its customer
+    # moved) and this created its recompute request: to enqueue.
+    recompute: str | None = None
+    cause: str | None = None
+
+
 def record_outcome(conn: Connection, event_type: str, account_id: str, payment_intent: str | None,
-                   event: Mapping[str, Any]) -> int | None:
-    """Mark a failure now; return the id of a payment whose charge succeeded (to settle after commit):
-    this one, or on a failure one that was charged after all and takes the freed in-flight slot."""
+                   event: Mapping[str, Any]) -> Recorded | None:
+    """Mark a failure now; name a payment whose charge succeeded (to settle after commit): this one,
+    or on a failure one that was charged after all and takes the freed in-flight slot. ``account_id``
+    is the account ingest routed the event to (and requested the recompute of)."""
+    from webhooks.store import request_recompute
+
     if not concerns(event_type, payment_intent):
         return None
     intent = _intent(event)
-    row = conn.exec_driver_sql(FIND, {"account": account_id, "pi": payment_intent,
-                                      "meta_id": _meta_id(intent)}).first()
-    if row is None:
+    found = conn.exec_driver_sql(FIND, {"account": account_id, "pi": payment_intent, "meta_id": _meta_id(intent),
+                                        "meta_account": _metadata(intent, "account_id")}).first()
+    if found is None:
         return None
-    payment_id, state = int(row[0]), str(row[1])
+    payment_id, owner = int(found[0]), str(found[1])
+    cause = f"bad_debt_payment:{payment_id}"
+    # The payer's request row before the payment row, the order every writer of the payment takes.
+    requested = owner != account_id and request_recompute(conn, owner, Trigger.BAD_DEBT_PAID.value, cause)
+    state, amount, invoices = conn.exec_driver_sql(LOCK, {"id": payment_id}).one()
+    settle = _apply_outcome(conn, event_type, owner, payment_id, str(state), int(amount), invoices or [],
+                      payment_intent, intent)
+    return Recorded(settle, owner if requested else None, cause)
+
+
+def _apply_outcome(conn: Connection, event_type: str, account_id: str, payment_id: int, state: str, amount: int,
+                   invoices: list[str], payment_intent: str | None, intent: Mapping[str, Any]) -> int | None:
+    """Record the event on the payment (locked) of ``account_id``; a payment to settle, or None."""
     if event_type == REFUNDED:
         # Settled already: an operator must look. Before or while it settles, the settlement sees the
         # refund (bad_debt_settle: it reads the charge first, and again under this row's lock at the end).
         if state == "succeeded":
-            refunded_after_settlement(conn, account_id, payment_id, int(row[2]), row[3] or [], intent)
+            refunded_after_settlement(conn, account_id, payment_id, amount, invoices, intent)
         return None
     if event_type in FAILED_OUTCOMES:
         return mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
@@ -154,6 +193,16 @@ def refunded_after_settlement(conn: Connection, account_id: str, payment_id: int
                    f"({refunded}) after it paid invoice(s) {', '.join(invoices)} out of band; the debt is "
                    "cleared with no money in: bill it again, or confirm it is written off"):
         log.error("bad-debt payment %s of %s refunded after settlement", payment_id, account_id)
+
+
+def after_commit(celery_app: Any, recorded: Recorded) -> None:
+    """Ingest's sends once the event and its outcome are committed. If the broker is down, beat
+    finds both (the settlement sweep, the stale recompute requests)."""
+    if recorded.settle is not None:
+        enqueue_settlement(celery_app, recorded.settle)
+    if recorded.recompute is not None:
+        with contextlib.suppress(BrokerUnavailable):
+            enqueue_recompute(celery_app, recorded.recompute, Trigger.BAD_DEBT_PAID.value, recorded.cause)
 
 
 def enqueue_settlement(celery_app: Any, payment_id: int) -> None:
