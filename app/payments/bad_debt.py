@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 255
 IN_FLIGHT_INDEX = "uq_bad_debt_payment_in_flight"
+KEY_INDEX = "uq_bad_debt_payment_idempotency_key"
 RETRY_AFTER_DEFAULT = 2  # seconds, when Stripe names none: its rate limits count per second
 RETRY_AFTER_CAP = 60  # the most we pass on: a caller is not parked for long by a wrong header
 
@@ -284,11 +285,16 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
         if constraint == IN_FLIGHT_INDEX:
             raise Refused(409, "payment_in_flight",
                           "a bad-debt payment for this account is already in flight") from None
+        if constraint != KEY_INDEX:
+            raise
         # The same key, committed by a concurrent request meanwhile: answer as a replay would.
         with rt.engine.connect() as conn:
             replayed = _replay(conn, req)  # raises Refused while that request is still running
         if replayed is None:
-            raise
+            # Its payment was removed since (Stripe did not run it): nothing is kept for the key, and
+            # this request, sent again, runs.
+            raise Refused(409, "request_in_progress", "a request with this Idempotency-Key was being processed "
+                          "and kept nothing; send this one again") from None
         raise Replayed(replayed) from None
     return payment_id, created
 

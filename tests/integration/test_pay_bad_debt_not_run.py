@@ -201,3 +201,70 @@ def test_an_invoice_lookup_stripe_refuses_our_key_for_is_an_error_an_operator_se
     assert payments(engine, debtor.account) == [] and stripe_fake.intents_created() == []
     assert key_refused_counted() == counted + 1
     assert any(r.levelno == logging.ERROR and "API key" in r.getMessage() for r in caplog.records), caplog.text
+
+
+# --- a key whose payment is removed while another request with it runs ------------------------
+
+
+def test_a_key_whose_payment_stripe_did_not_run_is_removed_under_a_conflicting_request_is_no_500(
+        flask_app, engine, runtime, accounts, debtor, stripe_fake, monkeypatch):
+    """The Idempotency-Key is unique across accounts. Request B (another account's body, the same key)
+    looks the key up before request A stores its payment, and inserts its own after: the key's index
+    refuses B. Before B looks the key up again, Stripe rate-limits A's payment and A's row is removed:
+    B found no row, and re-raised the index's error, a 500. B is told to send it again (nothing is
+    kept for the key), and then it runs."""
+    import threading
+
+    from app.payments import bad_debt
+    from tests.integration.bad_debt_setup import into_bad_debt
+
+    other = into_bad_debt(flask_app.test_client(), engine, runtime, accounts)
+    stripe_fake.add_invoice(other.invoice_object)
+    stripe_fake.intent_outcome = "rate_limited"
+    idem = key()
+    a_at_stripe, b_refused = threading.Event(), threading.Event()
+    answers: dict[str, Any] = {}
+
+    def run(name: str, debt: InBadDebt) -> None:
+        try:
+            answers[name] = pay(flask_app.test_client(), body(debt), idem)
+        except BaseException as exc:  # the app's error, propagated by the test client
+            answers[name] = exc
+
+    first = threading.Thread(target=run, args=("A", debtor), name="A")
+    real_at_stripe, real_replay = bad_debt._at_stripe, bad_debt._replay
+
+    def a_stores_its_payment_meanwhile(rt: Any, debt: Any) -> Any:
+        quoted = real_at_stripe(rt, debt)
+        if threading.current_thread().name == "B":  # B looked the key up: none yet
+            first.start()
+            assert a_at_stripe.wait(10)  # A's row is committed, Stripe is being asked
+        return quoted
+
+    def a_ends_before_b_looks_again(conn: Any, req: Any) -> Any:
+        if threading.current_thread().name == "B" and a_at_stripe.is_set():  # the key's index refused B
+            b_refused.set()
+            first.join(10)
+        return real_replay(conn, req)
+
+    def a_waits_for_b_to_be_refused() -> None:
+        a_at_stripe.set()
+        assert b_refused.wait(10)
+
+    monkeypatch.setattr(bad_debt, "_at_stripe", a_stores_its_payment_meanwhile)
+    monkeypatch.setattr(bad_debt, "_replay", a_ends_before_b_looks_again)
+    stripe_fake.before_answer = a_waits_for_b_to_be_refused
+    second = threading.Thread(target=run, args=("B", other), name="B")
+    second.start()
+    second.join(30)
+    assert not first.is_alive() and not second.is_alive()
+    assert (answers["A"].status_code, answers["A"].json["error"]) == (503, "payment_provider_unavailable")
+    refused = answers["B"]
+    assert not isinstance(refused, BaseException), refused
+    assert (refused.status_code, refused.json["error"]) == (409, "request_in_progress"), refused.json
+    assert payments(engine, debtor.account) == [] and payments(engine, other.account) == []
+
+    stripe_fake.before_answer, stripe_fake.intent_outcome = None, "succeeded"
+    again = pay(flask_app.test_client(), body(other), idem)
+    assert again.status_code == 202, again.json
+    assert [p["state"] for p in payments(engine, other.account)] == ["pending"]
