@@ -3,7 +3,8 @@
 Guards, in order: a valid body, the Idempotency-Key (the same key replays the first answer, the
 same key with another body is refused), an account that exists and is in bad debt, the exact
 outstanding balance, one payment in flight per account (a partial unique index, so two concurrent
-requests cannot both pass). Then:
+requests cannot both pass), and none of another account in flight on the invoices (made before
+another team moved their customer to this account). Then:
 
 1. the ``bad_debt_payment`` row (pending) is committed, with a recompute request in the same
    transaction (recompute turns the account into ``lifting`` while the row is pending; the request
@@ -270,6 +271,7 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
             if since is not None:
                 raise Refused(409, "balance_changing", "another bad-debt payment of the account was made since "
                               "the balance was quoted; retry in a moment")
+            _refuse_covered_elsewhere(conn, req, debt)
             # The request row before the payment's entry in the in-flight index: the order a success
             # webhook reopening a failed payment takes them in (ingest, then record_outcome).
             payment_id = int(conn.exec_driver_sql(NEXT_PAYMENT_ID).scalar_one())
@@ -297,6 +299,25 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
                           "and kept nothing; send this one again") from None
         raise Replayed(replayed) from None
     return payment_id, created
+
+
+# Another account's payment in flight on one of the invoices: it made its payment before another team
+# moved the invoices' Stripe customer to this account (subs_customer), and may still charge them.
+COVERED_ELSEWHERE = """
+SELECT id, account_id, invoice FROM bad_debt_payment, jsonb_array_elements_text(invoice_ids) AS invoice
+ WHERE state = 'pending' AND account_id <> %(account)s AND invoice = ANY(%(ids)s)
+ ORDER BY id, invoice LIMIT 1
+"""
+
+
+def _refuse_covered_elsewhere(conn: Connection, req: Request, debt: Debt) -> None:
+    """Under the account's payment lock: a payment of another account that is committed is seen. The
+    lock is this account's only, so that account's request committing at the same moment (its quote
+    read before the move) is not: two requests for the two accounts during a move may both charge."""
+    found = conn.exec_driver_sql(COVERED_ELSEWHERE, {"account": req.account_id, "ids": debt.invoice_ids}).first()
+    if found is not None:
+        raise Refused(409, "payment_in_flight", f"bad-debt payment {found[0]} of account {found[1]!r} is in flight "
+                      f"for invoice {found[2]}, which this payment would cover; try again once its outcome is in")
 
 
 class Replayed(Refused):

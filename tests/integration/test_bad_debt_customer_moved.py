@@ -119,3 +119,30 @@ def test_an_intent_naming_a_payment_of_another_account_in_its_metadata_does_not_
     [row] = payments(engine, debtor.account)
     assert row["state"] == "pending"
     assert stuck_rows(engine, "tasks.settle_bad_debt_payment") == []
+
+
+@pytest.mark.worker
+def test_the_account_the_customer_moved_to_cannot_pay_invoices_another_accounts_payment_is_charging(
+        client, engine, runtime, accounts, debtor, stripe_fake, worker):
+    """The old account's bank debit is still processing: the new account, in bad debt for the same
+    invoice, is refused until that payment ends, then pays."""
+    new, paid = paying_then_moved(client, engine, accounts, debtor, stripe_fake)
+    assert recompute(engine, runtime, new)["status"] == "bad_debt"
+    stripe_fake.intent_outcome = "succeeded"
+
+    refused = pay(client, {"account_id": new, "amount": debtor.amount}, key())
+    assert refused.status_code == 409, refused.json
+    assert refused.json["error"] == "payment_in_flight"
+    assert f"bad-debt payment {paid['payment_id']} of account {debtor.account!r}" in refused.json["reason"]
+    assert debtor.invoice in refused.json["reason"]
+    assert len(stripe_fake.intents_created()) == 1 and payments(engine, new) == []
+
+    declined = intent_event("failed", debtor, paid["stripe_payment_intent_id"], paid["payment_id"],
+                            decline="do_not_honor")
+    assert post_event(client, declined).json["state"] == "accepted"
+    wait_for(lambda: dunning_row(engine, new).get("status") == "bad_debt" and not requested(engine, new),
+             message="the new account recomputed")
+    response = pay(client, {"account_id": new, "amount": debtor.amount}, key())
+    assert response.status_code == 202, response.json
+    assert len(stripe_fake.intents_created()) == 2
+    assert [p["state"] for p in payments(engine, new)] == ["pending"]
