@@ -437,12 +437,13 @@ def _never_connected(cause: BaseException | None) -> bool:
     return isinstance(getattr(cause.args[0], "reason", None), NewConnectionError)
 
 
+NOT_RUN_WHY = {"rate_limited": "rate limited", "no_connection": "no connection could be made", "no_answer": "no answer"}
+
+
 def _why(exc: stripe.StripeError) -> str:
-    if isinstance(exc, stripe.RateLimitError):
-        return "rate limited"
-    if isinstance(exc, stripe.APIConnectionError):
-        return "no connection could be made" if _never_connected(exc.__cause__) else "no answer"
-    return f"refused: {exc.__class__.__name__} ({exc.http_status})"
+    """_kind in words, for the answer's reason."""
+    kind = _kind(exc)
+    return f"refused: {exc.__class__.__name__} ({exc.http_status})" if kind == "key_refused" else NOT_RUN_WHY[kind]
 
 
 def _kind(exc: stripe.StripeError) -> str:

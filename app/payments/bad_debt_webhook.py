@@ -155,7 +155,7 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
     requested = owner != account_id and request_recompute(conn, owner, Trigger.BAD_DEBT_PAID.value, cause)
     state, amount, invoices = conn.exec_driver_sql(LOCK, {"id": payment_id}).one()
     settle = _apply_outcome(conn, event_type, owner, payment_id, str(state), int(amount), invoices or [],
-                      payment_intent, intent)
+                            payment_intent, intent)
     return Recorded(settle, owner if requested else None, cause)
 
 
