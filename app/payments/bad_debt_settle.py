@@ -72,9 +72,11 @@ SELECT DISTINCT c.account_id FROM stripe_invoice i JOIN subs_customer c USING (s
    AND c.account_id <> %(account)s
  ORDER BY 1
 """
-# The account's other bad-debt payments that settled: covering the same invoice, it was paid twice.
+# The other bad-debt payments that settled, of the account or of one its invoices' customer moved to
+# (it paid them once the payment had failed): covering the same invoice, it was paid twice.
 OTHER_PAYMENTS = """
-SELECT id, invoice_ids FROM bad_debt_payment WHERE account_id = %(account)s AND id <> %(id)s AND state = 'succeeded'
+SELECT id, invoice_ids FROM bad_debt_payment
+ WHERE account_id = ANY(%(accounts)s) AND id <> %(id)s AND state = 'succeeded'
 """
 # An overpayment, for an operator: a dead stuck row under a task of its own (re-driven once the
 # refund is made, which resolves it), one per payment.
@@ -246,7 +248,9 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     before = row["invoices_paid_before"] or {}
     quoted = row["invoices_quoted"] or {}
     with rt.engine.connect() as conn:
-        others = conn.exec_driver_sql(OTHER_PAYMENTS, {"account": account_id, "id": payment_id}).fetchall()
+        owners_now = list(conn.exec_driver_sql(OWNERS_NOW, {"id": payment_id, "account": account_id}).scalars())
+        others = conn.exec_driver_sql(OTHER_PAYMENTS, {"accounts": [account_id, *owners_now],
+                                                       "id": payment_id}).fetchall()
     # Another bad-debt payment of the account closed it: that says who (rather than "someone else"),
     # and all this payment paid for it is owed back. Nothing else about it is said: what else settled
     # it meanwhile (a credit note, a payment of the customer's) the other payment's quote took in, or

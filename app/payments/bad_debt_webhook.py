@@ -34,10 +34,14 @@ SETTLE_TASK = "tasks.settle_bad_debt_payment"
 
 # By the intent's id or its metadata, not by the account ingest routed the event to (the intent's
 # customer's now, which may have moved since the payment). The metadata is read from a webhook: its
-# payment id finds a payment only of the account it names, or of the routed one.
+# payment id finds a payment only of the account it names, or of the routed one, and only one that
+# charges the intent's customer (a customer moves, a payment's customer does not; rows from before
+# the column have none).
 FIND = """
 SELECT id, account_id FROM bad_debt_payment
- WHERE stripe_payment_intent_id = %(pi)s OR (id = %(meta_id)s AND account_id IN (%(meta_account)s, %(account)s))
+ WHERE stripe_payment_intent_id = %(pi)s
+    OR (id = %(meta_id)s AND account_id IN (%(meta_account)s, %(account)s)
+        AND (stripe_customer_id IS NULL OR stripe_customer_id = %(customer)s))
  ORDER BY id LIMIT 1
 """
 LOCK = "SELECT state, amount, invoice_ids FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE"
@@ -93,6 +97,11 @@ def _metadata(intent: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _customer(intent: Mapping[str, Any]) -> str | None:
+    customer = intent.get("customer")
+    return customer if isinstance(customer, str) else None
+
+
 def _meta_id(intent: Mapping[str, Any]) -> int:
     raw = _metadata(intent, "bad_debt_payment_id")
     # Our own metadata, but read from a webhook: ASCII digits that fit a bigint, or no payment.
@@ -146,7 +155,8 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         return None
     intent = _intent(event)
     found = conn.exec_driver_sql(FIND, {"account": account_id, "pi": payment_intent, "meta_id": _meta_id(intent),
-                                        "meta_account": _metadata(intent, "account_id")}).first()
+                                        "meta_account": _metadata(intent, "account_id"),
+                                        "customer": _customer(intent)}).first()
     if found is None:
         return None
     payment_id, owner = int(found[0]), str(found[1])

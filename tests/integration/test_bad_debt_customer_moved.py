@@ -146,3 +146,49 @@ def test_the_account_the_customer_moved_to_cannot_pay_invoices_another_accounts_
     assert response.status_code == 202, response.json
     assert len(stripe_fake.intents_created()) == 2
     assert [p["state"] for p in payments(engine, new)] == ["pending"]
+
+
+@pytest.mark.worker
+def test_an_intent_of_another_customer_naming_the_payment_and_its_account_does_not_end_it(
+        client, engine, accounts, debtor, stripe_fake, worker):
+    """The account the metadata names is looked at because the intent's customer may have moved; the
+    payment found there must still be one charging that customer, not another customer's."""
+    _new, paid = paying_then_moved(client, engine, accounts, debtor, stripe_fake)
+    other, customer = accounts.create()
+    # Routed to the other account (its customer's), with metadata naming the debtor's account and payment.
+    stranger = InBadDebt(debtor.account, customer, debtor.invoice, debtor.amount, debtor.payment_method, {})
+
+    evt = intent_event("failed", stranger, unique("pi"), paid["payment_id"], decline="do_not_honor")
+    assert post_event(client, evt).json["state"] == "accepted"
+    assert routed_to(engine, evt["id"]) == other
+    [row] = payments(engine, debtor.account)
+    assert (row["state"], row["stripe_payment_intent_id"]) == ("pending", paid["stripe_payment_intent_id"])
+
+
+def test_a_late_charge_of_a_debt_the_account_it_moved_to_settled_names_that_payment_only(
+        client, engine, runtime, accounts, debtor, stripe_fake):
+    """The old account's payment failed as never created, the customer moved, the new account paid
+    and settled the invoice (300 credited while it ran, which its settlement named), then the old
+    payment's charge turned up: all of it is owed back, said once for the invoice, by the payment
+    that paid it (not the credit again: the customer would be refunded it twice)."""
+    from app.payments.bad_debt_settle import settle
+    from tests.integration.test_bad_debt_credit_note import alerts, succeeded
+    from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge
+
+    first, late = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    new, _ = accounts.create()
+    move(engine, debtor.customer, new)
+    recompute(engine, runtime, debtor.account)
+    assert recompute(engine, runtime, new)["status"] == "bad_debt"
+    stripe_fake.intent_outcome = "succeeded"
+    second = pay(client, {"account_id": new, "amount": debtor.amount}, key())
+    assert second.status_code == 202, second.json
+    stripe_fake.credit_note(debtor.invoice, 300)
+    succeeded(client, debtor, dict(second.json))
+    told = settle(runtime, second.json["payment_id"]).details
+    assert told == (f"{debtor.invoice}: 300 usd credited by a credit note",)
+
+    assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200
+    settled = settle(runtime, first)
+    assert settled.details == (f"{debtor.invoice}: also paid by bad-debt payment {second.json['payment_id']}",)
+    assert "credited" not in alerts(engine)[-1]["error"]
