@@ -34,6 +34,21 @@ def charge_failed(customer: str, at: int, decline: str, pm: str) -> dict[str, An
                  paths={"created": at, "outcome.reason": decline})
 
 
+def default_card(client, customer: str, card: str, at: int) -> None:
+    post_event(client, event("customer.updated", id=customer, created=at,
+                             paths={"invoice_settings.default_payment_method": card}))
+
+
+def first_payment_failed(client, account: str, customer: str, invoice: str, card: str, decline: str, ts: int,
+                         failure_class: str) -> None:
+    """The customer's default card is ``card``; the invoice's first payment fails at ``ts`` on it with
+    ``decline``. Waits for the recompute to read it as ``failure_class``."""
+    default_card(client, customer, card, ts - DAY)
+    post_event(client, invoice_event("invoice.payment_failed", customer, invoice, ts, ts - 3600))
+    post_event(client, charge_failed(customer, ts + 1, decline, card))
+    wait_for(lambda: dunning(client, account)["failure_class"] == failure_class, message=failure_class)
+
+
 def test_insufficient_funds_recovers_on_the_third_retry(client, accounts: Accounts, engine, worker, celery_app,
                                                          fake_stripe):
     account, customer = accounts.create()
@@ -41,11 +56,7 @@ def test_insufficient_funds_recovers_on_the_third_retry(client, accounts: Accoun
     t0 = datetime.now(UTC).replace(microsecond=0)
     ts = int(t0.timestamp())
     with freeze_time(t0, tick=True):
-        post_event(client, event("customer.updated", id=customer, created=ts - DAY,
-                                 paths={"invoice_settings.default_payment_method": card}))
-        post_event(client, invoice_event("invoice.payment_failed", customer, invoice, ts, ts - 3600))
-        post_event(client, charge_failed(customer, ts + 1, "insufficient_funds", card))
-        wait_for(lambda: dunning(client, account)["failure_class"] == "transient", message="transient")
+        first_payment_failed(client, account, customer, invoice, card, "insufficient_funds", ts, "transient")
 
     for n, day in enumerate((1, 3, 5), start=1):
         at = t0 + timedelta(days=day, minutes=10 * n)
@@ -100,11 +111,7 @@ def test_expired_card_for_25_days_with_a_new_card_on_day_9_that_works(client, ac
     t0 = datetime.now(UTC).replace(microsecond=0)
     ts = int(t0.timestamp())
     with freeze_time(t0, tick=True):
-        post_event(client, event("customer.updated", id=customer, created=ts - DAY,
-                                 paths={"invoice_settings.default_payment_method": old}))
-        post_event(client, invoice_event("invoice.payment_failed", customer, invoice, ts, ts - 3600))
-        post_event(client, charge_failed(customer, ts + 1, "expired_card", old))
-        wait_for(lambda: dunning(client, account)["failure_class"] == "permanent", message="permanent")
+        first_payment_failed(client, account, customer, invoice, old, "expired_card", ts, "permanent")
 
     with freeze_time(t0 + timedelta(days=4), tick=True):
         assert support_recompute(client, account)["level"] == "restrict_premium"  # permanent for 3+ days
@@ -113,8 +120,7 @@ def test_expired_card_for_25_days_with_a_new_card_on_day_9_that_works(client, ac
     n9 = int(day9.timestamp())
     with freeze_time(day9, tick=True):
         post_event(client, event("payment_method.attached", id=new, customer=customer, created=n9))
-        post_event(client, event("customer.updated", id=customer, created=n9 + 1,
-                                 paths={"invoice_settings.default_payment_method": new}))
+        default_card(client, customer, new, n9 + 1)
         wait_for(lambda: dunning(client, account)["next_retry_at"] is not None, message="free retry planned")
     with freeze_time(day9 + timedelta(minutes=1), tick=True):
         fake_stripe.script(outcomes.success())
@@ -155,8 +161,7 @@ def test_an_upgrade_whose_proration_never_pays_is_reverted_never_bad_debt(client
         return with_product(evt, "prod_premium_analytics", 2500)
 
     with freeze_time(t0, tick=True):
-        post_event(client, event("customer.updated", id=customer, created=ts - DAY,
-                                 paths={"invoice_settings.default_payment_method": card}))
+        default_card(client, customer, card, ts - DAY)
         post_event(client, invoice_event("invoice.paid", customer, base, ts - DAY, ts - DAY - 60, paid=True))
         post_event(client, upgrade_event("invoice.payment_failed", ts, 1))
         post_event(client, charge_failed(customer, ts + 1, "insufficient_funds", card))
