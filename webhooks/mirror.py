@@ -119,7 +119,7 @@ def _id(value: Any) -> str | None:
 
 
 # Stripe's ids are at most 255 characters; one of kilobytes is no index entry's (btree's limit is
-# about 2.7 kB a row), and the database refuses it (webhooks/store.py turns that into a 422).
+# about 2.7 kB a row), and the database refuses it (app/db.py turns that into ValueRejected: a 422).
 MAX_ROUTED_ID_BYTES = 2048
 
 
