@@ -90,6 +90,12 @@ def retry_charging(conn: Connection, account_id: str, now: datetime, guard: time
 # An invoice a retry found closed at Stripe, mirrored as the webhook of its status would mirror it.
 MIRRORED_AS = {"paid": "invoice.paid", "void": "invoice.voided", "uncollectible": "invoice.marked_uncollectible"}
 
+# Stripe's answer when the issuer wants the cardholder to authenticate (3-D Secure) an invoice's
+# payment: a 400 invalid_request_error, not a card error, although the attempt was made (the
+# invoice's PaymentIntent now waits in requires_action, and its webhooks follow). Read as a refusal it
+# would alert an operator and wait the refused backoff for what is the customer's to do.
+AWAITING_AUTHENTICATION = frozenset({"invoice_payment_intent_requires_action"})
+
 DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a worker picks it up
 
 
@@ -234,8 +240,7 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
                                {"idempotency_key": c.idempotency_key})
     except stripe.CardError as exc:
         detail = f"card_error: {exc.code or ''} {getattr(exc.error, 'decline_code', None) or ''}".strip()
-        _set_state(engine, retry_id, "failed", detail)
-        return PayResult(retry_id, "failed", c.account_id, c.failure_class, detail)
+        return _attempt_failed(engine, retry_id, c, detail)
     except stripe.RateLimitError as exc:
         # Rejected before it ran: this request charged nothing, so the row goes back to the state it
         # was claimed in. Claimed from charging, an earlier try may have charged: it stays charging
@@ -265,6 +270,8 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         return PayResult(retry_id, "indeterminate", c.account_id, c.failure_class, detail)
     except (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError,
             stripe.IdempotencyError) as exc:  # IdempotencyError (400): key reused with other parameters
+        if exc.code in AWAITING_AUTHENTICATION:
+            return _attempt_failed(engine, retry_id, c, f"requires_action: {exc.code}")
         # Refused before anything was charged: no attempt, so it spends none of the invoice's budget.
         # An invoice paid or voided meanwhile (the customer paid on the hosted page before its webhook
         # came) is the dunning's success: mirrored as Stripe has it, and the retry skipped.
@@ -280,6 +287,13 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         return PayResult(retry_id, "refused", c.account_id, c.failure_class, detail, requested=True)
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
+
+
+def _attempt_failed(engine: Engine, retry_id: int, c: Claimed, detail: str) -> PayResult:
+    """Stripe made the attempt and it did not pay: the retry is spent, and the invoice's webhooks say
+    why (the decline code, or the authentication the issuer asks for)."""
+    _set_state(engine, retry_id, "failed", detail)
+    return PayResult(retry_id, "failed", c.account_id, c.failure_class, detail)
 
 
 def _at_stripe(client: stripe.StripeClient, invoice_id: str, statuses: Collection[str]) -> dict[str, Any] | None:

@@ -40,7 +40,9 @@ class PayRequest:
 
 @dataclass
 class Outcome:
-    kind: str  # success | decline | rate_limit | server_error | invalid | in_progress | slow | hold | lost_answer
+    # success | decline | requires_action | rate_limit | server_error | invalid | in_progress | slow | hold
+    # | lost_answer
+    kind: str
     decline_code: str = "insufficient_funds"
     retry_after: int = 1
     delay: float = 0.0
@@ -52,6 +54,13 @@ def success() -> Outcome:
 
 def decline(code: str = "insufficient_funds") -> Outcome:
     return Outcome("decline", decline_code=code)
+
+
+def requires_action() -> Outcome:
+    """The issuer wants the cardholder to authenticate (3-D Secure): Stripe attempted the payment, the
+    invoice's PaymentIntent now waits in ``requires_action``, and the answer is a 400
+    ``invalid_request_error`` with code ``invoice_payment_intent_requires_action``, not a card error."""
+    return Outcome("requires_action")
 
 
 def rate_limit(retry_after: int = 1) -> Outcome:
@@ -176,6 +185,11 @@ class FakeStripe:
             err = _error("card_error", "card_declined", "Your card has insufficient funds.")
             err["error"]["decline_code"] = outcome.decline_code
             return 402, {"Request-Id": "req_fake"}, err
+        if outcome.kind == "requires_action":
+            return 400, {"Request-Id": "req_fake"}, _error(
+                "invalid_request_error", "invoice_payment_intent_requires_action",
+                "This payment requires additional user action before it can be completed successfully. "
+                "Payment can be completed using the PaymentIntent associated with the invoice.")
         if outcome.kind == "rate_limit":
             return 429, {"Retry-After": str(outcome.retry_after)}, _error(
                 "invalid_request_error", "rate_limit", "Too many requests hit the API too quickly.")

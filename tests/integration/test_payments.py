@@ -140,6 +140,27 @@ def test_a_card_decline_is_an_outcome_and_the_account_is_recomputed(client, acco
     assert len(fake_stripe.pay_requests(invoice)) == 1
 
 
+def test_a_retry_the_issuer_wants_authenticated_is_an_attempt_not_a_refusal(client, accounts, engine, worker,
+                                                                            celery_app, fake_stripe):
+    """Paying an invoice whose issuer asks for 3-D Secure answers 400 invoice_payment_intent_requires_action
+    (an invalid_request_error, not a card error), yet Stripe made the attempt: the retry is spent and
+    the account recomputed, with no refused backoff and no failed task for an operator. The invoice's
+    payment_intent.requires_action webhook then stops the retries (tests/integration/test_attempt_detail.py)."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    version = dunning_row(engine, account)["version"]
+    fake_stripe.script(stripe_outcomes.requires_action())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    result = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    assert result["outcome"] == "failed"
+    (row,) = retries(engine, account)
+    assert row["state"] == "failed" and "invoice_payment_intent_requires_action" in row["error"]
+    state = wait_for(lambda: (d := dunning_row(engine, account))["version"] > version and d["retries_used"] == 1
+                     and d, message="recompute after the attempt")
+    assert not any(r["rule"] == "retry.refused_backoff" for r in state["reasons"])
+    assert fake_stripe.charges == [(invoice, row["idempotency_key"])]
+
+
 def test_a_new_payment_method_after_a_permanent_decline_is_retried_at_once(client, accounts, engine, worker,
                                                                          celery_app, fake_stripe):
     account, customer = accounts.create()
