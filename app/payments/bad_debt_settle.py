@@ -72,11 +72,13 @@ SELECT DISTINCT c.account_id FROM stripe_invoice i JOIN subs_customer c USING (s
    AND c.account_id <> %(account)s
  ORDER BY 1
 """
-# The other bad-debt payments that settled, of the account or of one its invoices' customer moved to
-# (it paid them once the payment had failed): covering the same invoice, it was paid twice.
+# The other bad-debt payments that settled one of the payment's invoices (it paid them once the payment
+# had failed): each such invoice was paid twice. Whatever account made them: the account itself, or
+# any the invoices' customer was moved to and away from since (invoice ids are Stripe's, unique).
 OTHER_PAYMENTS = """
 SELECT id, invoice_ids FROM bad_debt_payment
- WHERE account_id = ANY(%(accounts)s) AND id <> %(id)s AND state = 'succeeded'
+ WHERE invoice_ids ?| %(invoices)s::text[] AND id <> %(id)s AND state = 'succeeded'
+ ORDER BY id
 """
 # An overpayment, for an operator: a dead stuck row under a task of its own (re-driven once the
 # refund is made, which resolves it), one per payment.
@@ -247,16 +249,19 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
     paid = [invoice for invoice, _ in settled]
     before = row["invoices_paid_before"] or {}
     quoted = row["invoices_quoted"] or {}
+    invoice_ids = [str(inv) for inv in row["invoice_ids"] or []]
     with rt.engine.connect() as conn:
-        owners_now = list(conn.exec_driver_sql(OWNERS_NOW, {"id": payment_id, "account": account_id}).scalars())
-        others = conn.exec_driver_sql(OTHER_PAYMENTS, {"accounts": [account_id, *owners_now],
-                                                       "id": payment_id}).fetchall()
-    # Another bad-debt payment of the account closed it: that says who (rather than "someone else"),
-    # and all this payment paid for it is owed back. Nothing else about it is said: what else settled
-    # it meanwhile (a credit note, a payment of the customer's) the other payment's quote took in, or
-    # its own settlement named; said here too, it would be refunded twice.
-    by_payment = {str(inv): f"{inv}: also paid by bad-debt payment {other_id}"
-                  for other_id, invoices in others for inv in row["invoice_ids"] or [] if inv in (invoices or [])}
+        others = conn.exec_driver_sql(OTHER_PAYMENTS, {"invoices": invoice_ids, "id": payment_id}).fetchall()
+    # Another bad-debt payment closed it: that says who (rather than "someone else"), and all this
+    # payment paid for it is owed back. Nothing else about it is said: what else settled it meanwhile
+    # (a credit note, a payment of the customer's) the other payment's quote took in, or its own
+    # settlement named; said here too, it would be refunded twice. Each invoice is named once, for the
+    # first such payment.
+    by_payment: dict[str, str] = {}
+    for other_id, invoices in others:
+        for inv in invoice_ids:
+            if inv in (invoices or []):
+                by_payment.setdefault(inv, f"{inv}: also paid by bad-debt payment {other_id}")
     also = [(str(invoice["id"]), detail) for invoice, by_other in settled if str(invoice["id"]) not in by_payment
             and (detail := _paid_elsewhere(client, invoice, int(before.get(str(invoice["id"]), 0)),
                                            quoted.get(str(invoice["id"])), by_other))]

@@ -192,3 +192,30 @@ def test_a_late_charge_of_a_debt_the_account_it_moved_to_settled_names_that_paym
     settled = settle(runtime, first)
     assert settled.details == (f"{debtor.invoice}: also paid by bad-debt payment {second.json['payment_id']}",)
     assert "credited" not in alerts(engine)[-1]["error"]
+
+
+def test_a_late_charge_names_the_payment_of_an_account_the_customer_passed_through(
+        client, engine, runtime, accounts, debtor, stripe_fake):
+    """Moved twice (the debtor, then B, then C): B paid and settled the invoice while it owned the
+    customer. The debtor's late charge must name B's payment, though B is neither the account that
+    made the late payment nor the one that owns the invoice now."""
+    from app.payments.bad_debt_settle import settle
+    from tests.integration.test_bad_debt_credit_note import succeeded
+    from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge
+
+    first, late = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    between, _ = accounts.create()
+    move(engine, debtor.customer, between)
+    recompute(engine, runtime, debtor.account)
+    assert recompute(engine, runtime, between)["status"] == "bad_debt"
+    stripe_fake.intent_outcome = "succeeded"
+    second = pay(client, {"account_id": between, "amount": debtor.amount}, key())
+    assert second.status_code == 202, second.json
+    succeeded(client, debtor, dict(second.json))
+    assert settle(runtime, second.json["payment_id"]).outcome == "settled"
+    last, _ = accounts.create()
+    move(engine, debtor.customer, last)
+
+    assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200
+    settled = settle(runtime, first)
+    assert settled.details == (f"{debtor.invoice}: also paid by bad-debt payment {second.json['payment_id']}",)
