@@ -176,11 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("name")
     process.set_defaults(handler=cmd_process)
 
+    from app.history.cli import add_commands as add_history_commands
     from app.outbox.cli import add_commands as add_outbox_commands
     from app.sweep.cli import add_commands as add_sweep_commands
 
     add_sweep_commands(sub)
     add_outbox_commands(sub)
+    add_history_commands(sub)
     return parser
 
 

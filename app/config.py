@@ -245,6 +245,28 @@ def _visibility_timeout(env: Mapping[str, str]) -> int:
     return visibility
 
 
+DEFAULT_HISTORY_RETENTION_DAYS = 90
+# The shortest the product itself needs is the rollout gate's health window, which the policy file
+# sets (app/history/prune.py check_retention, run where the policy is loaded at start). A century is
+# "keep it all": a longer value is a typo.
+MIN_HISTORY_RETENTION_DAYS = 1
+MAX_HISTORY_RETENTION_DAYS = 36_500
+
+
+def _history_retention_days(env: Mapping[str, str]) -> int:
+    raw = env.get("HISTORY_RETENTION_DAYS", "").strip()
+    if not raw:
+        return DEFAULT_HISTORY_RETENTION_DAYS
+    try:
+        days = int(raw)
+    except ValueError:
+        raise ConfigError(f"HISTORY_RETENTION_DAYS must be a whole number of days, got {raw!r}") from None
+    if not MIN_HISTORY_RETENTION_DAYS <= days <= MAX_HISTORY_RETENTION_DAYS:
+        raise ConfigError(f"HISTORY_RETENTION_DAYS must be from {MIN_HISTORY_RETENTION_DAYS} to "
+                          f"{MAX_HISTORY_RETENTION_DAYS} days, got {days}")
+    return days
+
+
 def _secret(env: Mapping[str, str], name: str) -> str:
     """A Stripe secret, without the blanks around it: one read from a file (a mounted secret, `echo
     whsec_... > file`) ends in a newline, which made every genuine webhook's signature not match.
@@ -273,6 +295,8 @@ class Settings:
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     # Optional prefix for every Redis key of the broker (tests isolate their keyspace with it).
     broker_key_prefix: str | None = None
+    # History rows older than this many days are removed (app/history/prune.py, hourly).
+    history_retention_days: int = DEFAULT_HISTORY_RETENTION_DAYS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -306,6 +330,7 @@ class Settings:
             secret_key=env.get("SECRET_KEY", "") or os.urandom(24).hex(),
             visibility_timeout=visibility,
             broker_key_prefix=env.get("CELERY_BROKER_KEY_PREFIX", "").strip() or None,
+            history_retention_days=_history_retention_days(env),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -260,13 +260,15 @@ def check_settings(env: Mapping[str, str]) -> None:
     before anything starts: ConfigError or PolicyFileError, naming what is wrong. Else the private
     servers and the fleet started, and web, worker, beat and Flower each died with a traceback."""
     from app.config import Settings
+    from app.history.prune import check_retention
     from app.policy_file import load_policy
 
     checked = dict(env)
     for name, stand_in in SETTINGS_STAND_INS.items():
         if not env.get(name, "").strip():
             checked[name] = stand_in
-    load_policy(Settings.from_env(checked).policy_path)
+    settings = Settings.from_env(checked)
+    check_retention(settings.history_retention_days, load_policy(settings.policy_path))
 
 
 def local_credentials(env: Mapping[str, str], data_dir: Path) -> dict[str, str]:

@@ -53,6 +53,8 @@ BAD_DEBT_SECONDS = Histogram(
 ATTEMPT_DETAIL = Counter("dunning_attempt_detail_asked_total",
                          "Failed invoices whose attempt detail Stripe's API was asked for, by what it gave",
                          ["outcome"])
+HISTORY_PRUNED = Counter("dunning_history_pruned_total", "History rows older than HISTORY_RETENTION_DAYS removed, "
+                         "by table (app/history/prune.py)", ["table"])
 TASK_FAILURES = Counter("dunning_task_failures_total", "Task failures by task and failure class",
                         ["task", "failure_class", "action"])
 # Gauges read from the database by the collector at scrape time (see app/api/metrics.py), and by the

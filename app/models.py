@@ -123,7 +123,8 @@ class Mandate(Base):
 
 
 class StuckEvent(Base):
-    """Work that failed, in a visible state: retrying, dead or resolved. Never dropped."""
+    """Work that failed, in a visible state: retrying, dead or resolved. Never dropped while unresolved
+    (a resolved row goes after HISTORY_RETENTION_DAYS, app/history/prune.py)."""
 
     __tablename__ = "subs_stuck_events"
 
@@ -353,8 +354,11 @@ class Outbox(Base):
 
     __table_args__ = (
         Index("ix_outbox_pending", "account_id", "id", postgresql_where=text("delivered_at IS NULL")),
-        # The relay's pass reads the undelivered rows in id order; delivered ones are kept.
+        # The relay's pass reads the undelivered rows in id order; delivered ones are kept (for
+        # HISTORY_RETENTION_DAYS).
         Index("ix_outbox_pending_by_id", "id", postgresql_where=text("delivered_at IS NULL")),
+        # Retention removes the rows done with, oldest first (app/history/prune.py).
+        Index("ix_outbox_done", "delivered_at", postgresql_where=text("delivered_at IS NOT NULL")),
     )
 
 
@@ -506,6 +510,7 @@ class SweepError(Base):
     __table_args__ = (
         Index("uq_sweep_error_account", "sweep_id", "account_id", unique=True),
         Index("ix_sweep_error_in_stage", "at", postgresql_where=text("NOT before_stage")),
+        Index("ix_sweep_error_at", "at"),  # retention removes the oldest, any stage's (app/history/prune.py)
     )
 
 

@@ -9,6 +9,7 @@ from celery.signals import worker_process_init
 from kombu import Queue
 
 from app.config import Settings, task_time_limits
+from app.history.prune import check_retention
 from app.policy_file import load_policy
 from tasks import queues
 from tasks.schedule import BEAT_SCHEDULE
@@ -16,7 +17,7 @@ from tasks.schedule import BEAT_SCHEDULE
 # Imported by every worker at start (tasks.killed holds no task: its signal handlers run in the
 # worker's main process).
 TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.outbox", "tasks.stuck", "tasks.sweeps",
-                "tasks.bad_debt", "tasks.metrics", "tasks.diagnostics", "tasks.killed"]
+                "tasks.bad_debt", "tasks.metrics", "tasks.diagnostics", "tasks.killed", "tasks.history"]
 
 # A task whose pool child died under it (out of memory, a crash) is sent again after this many
 # seconds, as a retry, while its retries (all of them, its failure class's included) are fewer than
@@ -87,8 +88,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     # Validate the policy file now, so a worker or beat with a bad one stops at start-up naming the
-    # key, instead of failing its first task.
-    load_policy(settings.policy_path)
+    # key, instead of failing its first task. So does a history retention shorter than its rollout
+    # gate reads.
+    check_retention(settings.history_retention_days, load_policy(settings.policy_path))
     app = Celery("dunning", include=TASK_MODULES, set_as_current=False)
     app.conf.update(celery_config(settings))
     app.dunning_settings = settings

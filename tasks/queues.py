@@ -26,5 +26,6 @@ ROUTES = {
     "tasks.refile_mirror": {"queue": SWEEPS},
     "tasks.redrive_requests": {"queue": MAINTENANCE},
     "tasks.redrive_stuck": {"queue": MAINTENANCE},
+    "tasks.prune_history": {"queue": MAINTENANCE},
     "tasks.*": {"queue": MAINTENANCE},
 }

@@ -25,4 +25,6 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Customers mapped (or moved) by other teams since: filed, the sweep reads their mirror rows by range.
     "refile-mirror": {"task": "tasks.refile_mirror", "schedule": 300.0, "options": {"expires": 240}},
     "check-rollout-gate": {"task": "tasks.check_rollout_gate", "schedule": 300.0, "options": {"expires": 240}},
+    # History rows older than HISTORY_RETENTION_DAYS that nothing reads any more (app/history/prune.py).
+    "prune-history": {"task": "tasks.prune_history", "schedule": 3600.0, "options": {"expires": 1800}},
 }
