@@ -3,8 +3,10 @@
 Guards, in order: a valid body, the Idempotency-Key (the same key replays the first answer, the
 same key with another body is refused), an account that exists and is in bad debt, the exact
 outstanding balance, one payment in flight per account (a partial unique index, so two concurrent
-requests cannot both pass), and none of another account in flight on the invoices (made before
-another team moved their customer to this account). Then:
+requests cannot both pass), no automatic retry being charged on the account or the invoices, and
+none of another account in flight on the invoices (made before another team moved their customer
+to this account, or by the account it moved to; both are checked under the debt's customer's lock
+as well as the account's, so two such requests cannot both pass either). Then:
 
 1. the ``bad_debt_payment`` row (pending) is committed, with a recompute request in the same
    transaction (recompute turns the account into ``lifting`` while the row is pending; the request
@@ -53,7 +55,7 @@ from app.domain.state import Status
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import NOT_RUN, customer_paid
 from app.payments.bad_debt_webhook import enqueue_settlement, reopen_charged
-from app.payments.pay import lock_account_payments, retry_charging
+from app.payments.pay import lock_account_payments, lock_customer_payments, retry_charging
 from app.payments.stripe_client import make_stripe_client
 from app.recompute.gather import gather
 from app.runtime import Runtime
@@ -258,10 +260,14 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
     try:
         with unit_of_work(rt.engine) as conn:
             lock_account_payments(conn, req.account_id)
+            # And the debt's customer's: a request or retry of another account that the customer was
+            # moved to or from meanwhile takes it too, and whichever commits second sees the other.
+            lock_customer_payments(conn, debt.customer)
             if retry_charging(conn, req.account_id, datetime.now(UTC),
-                              timedelta(minutes=rt.policy.guard_window_minutes)):
-                raise Refused(409, "payment_in_flight", "an automatic payment retry for this account is being "
-                              "charged; try again once its outcome is in (the balance may change)")
+                              timedelta(minutes=rt.policy.guard_window_minutes), debt.invoice_ids):
+                raise Refused(409, "payment_in_flight", "an automatic payment retry for this account or one of "
+                              "the invoices is being charged; try again once its outcome is in (the balance may "
+                              "change)")
             # Under the lock every payment takes: another request's payment made since the quote
             # (charged, and settled, while this one asked Stripe about the invoices) leaves the
             # in-flight index once it succeeds, and may have paid this very debt.
@@ -302,7 +308,8 @@ def _insert(rt: Runtime, req: Request, debt: Debt) -> tuple[int, bool]:
 
 
 # Another account's payment in flight on one of the invoices: it made its payment before another team
-# moved the invoices' Stripe customer to this account (subs_customer), and may still charge them.
+# moved the invoices' Stripe customer to this account (subs_customer), or after the customer moved
+# from this account to it (this request quoted before the move), and may still charge them.
 COVERED_ELSEWHERE = """
 SELECT id, account_id, invoice FROM bad_debt_payment, jsonb_array_elements_text(invoice_ids) AS invoice
  WHERE state = 'pending' AND account_id <> %(account)s AND invoice = ANY(%(ids)s)
@@ -311,9 +318,9 @@ SELECT id, account_id, invoice FROM bad_debt_payment, jsonb_array_elements_text(
 
 
 def _refuse_covered_elsewhere(conn: Connection, req: Request, debt: Debt) -> None:
-    """Under the account's payment lock: a payment of another account that is committed is seen. The
-    lock is this account's only, so that account's request committing at the same moment (its quote
-    read before the move) is not: two requests for the two accounts during a move may both charge."""
+    """Under the account's payment lock and the debt's customer's: the other account's request for
+    the same invoices (its quote read before or after the move) takes that customer's lock too, so
+    whichever of the two commits second sees the first's payment here, and is refused."""
     found = conn.exec_driver_sql(COVERED_ELSEWHERE, {"account": req.account_id, "ids": debt.invoice_ids}).first()
     if found is not None:
         raise Refused(409, "payment_in_flight", f"bad-debt payment {found[0]} of account {found[1]!r} is in flight "

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -64,17 +64,33 @@ SET_STATE_SQL = "UPDATE payment_retry SET state = %(state)s, error = %(error)s, 
 # check each other under this lock (held to the end of the checking transaction), so that one of
 # them always sees the other: both at once could collect an invoice twice.
 PAYMENT_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended('payment:' || %(account)s, 0))"
+# The same for the Stripe customer whose invoices they collect: another team may move it to another
+# account at any moment, and a payment or retry of the account it left and one of the account it
+# joined, each under its own account's lock, would not see each other. Taken after the account's
+# lock, by the two paths that start a charge (_claim, and the bad-debt payment's insert), each once:
+# always in that order, so they cannot deadlock. Whatever ends or settles a payment (webhooks,
+# settlement, reconciliation) takes neither lock.
+CUSTOMER_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtextextended('payment-customer:' || %(customer)s, 0))"
+INVOICE_CUSTOMER_SQL = "SELECT stripe_customer_id FROM stripe_invoice WHERE id = %(invoice)s"
+# The account's own bad-debt payment in flight (its balance counts the invoice), or any account's
+# that covers the invoice: one the old account made before the customer moved collects it too.
 BAD_DEBT_PENDING_SQL = """
 SELECT EXISTS (SELECT 1 FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending')
+    OR EXISTS (SELECT 1 FROM bad_debt_payment
+                WHERE state = 'pending' AND invoice_ids @> jsonb_build_array(%(invoice)s::text))
 """
-# The account's retries, and those of the invoices it owns now whichever account claimed them (a
-# customer moved by another team takes its invoices, and their retries in flight, with it).
+# The account's retries, those of the invoices it owns now whichever account claimed them (a
+# customer moved by another team takes its invoices, and their retries in flight, with it), and
+# those of the invoices the caller is about to collect (quoted before the customer moved away, they
+# may be another account's now).
 RETRY_CHARGING_SQL = """
 SELECT EXISTS (SELECT 1 FROM payment_retry WHERE account_id = %(account)s AND state IN ('charging', 'sent')
                   AND created_at > %(since)s)
     OR EXISTS (SELECT 1 FROM subs_customer c JOIN stripe_invoice i USING (stripe_customer_id)
                  JOIN payment_retry r ON r.invoice_id = i.id
                 WHERE c.account_id = %(account)s AND r.state IN ('charging', 'sent') AND r.created_at > %(since)s)
+    OR EXISTS (SELECT 1 FROM payment_retry WHERE invoice_id = ANY(%(invoices)s) AND state IN ('charging', 'sent')
+                  AND created_at > %(since)s)
 """
 
 
@@ -82,10 +98,18 @@ def lock_account_payments(conn: Connection, account_id: str) -> None:
     conn.exec_driver_sql(PAYMENT_LOCK_SQL, {"account": account_id})
 
 
-def retry_charging(conn: Connection, account_id: str, now: datetime, guard: timedelta) -> bool:
-    """An automatic retry of the account is being charged, or was sent and its outcome is not in
-    (within the guard window); call under lock_account_payments."""
-    return bool(conn.exec_driver_sql(RETRY_CHARGING_SQL, {"account": account_id, "since": now - guard}).scalar())
+def lock_customer_payments(conn: Connection, customer_id: str) -> None:
+    """Call after lock_account_payments, in the same transaction (CUSTOMER_LOCK_SQL)."""
+    conn.exec_driver_sql(CUSTOMER_LOCK_SQL, {"customer": customer_id})
+
+
+def retry_charging(conn: Connection, account_id: str, now: datetime, guard: timedelta,
+                   invoices: Sequence[str] = ()) -> bool:
+    """An automatic retry of the account, or of one of ``invoices``, is being charged, or was sent and
+    its outcome is not in (within the guard window); call under lock_account_payments and
+    lock_customer_payments."""
+    return bool(conn.exec_driver_sql(RETRY_CHARGING_SQL, {"account": account_id, "since": now - guard,
+                                                          "invoices": list(invoices)}).scalar())
 
 # An invoice a retry found closed at Stripe, mirrored as the webhook of its status would mirror it.
 MIRRORED_AS = {"paid": "invoice.paid", "void": "invoice.voided", "uncollectible": "invoice.marked_uncollectible"}
@@ -199,8 +223,10 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> 
     reason = not_due_reason(row, now, guard)
     if reason is None:
         lock_account_payments(conn, account)
-        if conn.exec_driver_sql(BAD_DEBT_PENDING_SQL, {"account": account}).scalar():
-            reason = "a bad-debt payment for the account is in flight"
+        # Known to the mirror, or not_due_reason would have said so.
+        lock_customer_payments(conn, conn.exec_driver_sql(INVOICE_CUSTOMER_SQL, {"invoice": invoice}).scalar_one())
+        if conn.exec_driver_sql(BAD_DEBT_PENDING_SQL, {"account": account, "invoice": invoice}).scalar():
+            reason = "a bad-debt payment for the account, or one covering the invoice, is in flight"
     if reason is not None:
         # A row left in charging may have reached Stripe before its worker died: it stays counted.
         new_state = "skipped" if state == "dispatched" else "sent"

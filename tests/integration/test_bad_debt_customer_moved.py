@@ -8,12 +8,27 @@ payment is recomputed, as well as the one the event was routed to.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from tests.conftest import post_event, wait_for
-from tests.integration.bad_debt_setup import InBadDebt, dunning_row, intent_event, key, pay, payments, recompute, refund
+from tests.integration.bad_debt_setup import (
+    InBadDebt,
+    dunning_row,
+    intent_event,
+    into_bad_debt,
+    key,
+    pay,
+    payments,
+    recompute,
+    refund,
+)
+from tests.integration.test_customer_moved import declined_charge
+from tests.integration.test_journeys_retries import invoice_event
 from tests.integration.test_mirror_filing import move
 from tests.integration.test_pay_bad_debt import stuck_rows
 from tests.stripe_events import unique
@@ -219,3 +234,215 @@ def test_a_late_charge_names_the_payment_of_an_account_the_customer_passed_throu
     assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200
     settled = settle(runtime, first)
     assert settled.details == (f"{debtor.invoice}: also paid by bad-debt payment {second.json['payment_id']}",)
+
+
+# --- at the instant of the move: the two accounts' payments and retries see each other ----------
+
+
+def waiting_on_a_payment_lock(engine: Any) -> bool:
+    """A session of the test's database waits for an advisory lock (the payment locks are ones)."""
+    with engine.connect() as conn:
+        return bool(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' "
+            "AND datname = current_database()").scalar())
+
+
+def in_the_background(target: Any) -> tuple[threading.Thread, list[Any]]:
+    """``target()`` run on a thread of its own, started; its result lands in the list."""
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(target()))
+    thread.start()
+    return thread, results
+
+
+def test_two_accounts_paying_the_moved_invoice_at_the_instant_of_the_move_charge_it_once(
+        flask_app, engine, runtime, accounts, debtor, stripe_fake, monkeypatch):
+    """The debtor's request is quoted before another team moves its customer, and has checked for
+    other accounts' payments (under its own account's payment lock) but not committed yet when the
+    account the customer moved to pays the same invoice, quoted after the move. The second must wait
+    for the first and see its payment in flight: each under its own account's lock alone, both charged."""
+    from app.payments import bad_debt
+
+    stripe_fake.intent_outcome = "processing"
+    checked, go = threading.Event(), threading.Event()
+    check = bad_debt._refuse_covered_elsewhere
+
+    def the_debtor_holds_once_checked(conn, req, debt):
+        check(conn, req, debt)
+        if req.account_id == debtor.account:
+            checked.set()
+            go.wait(20)
+
+    monkeypatch.setattr(bad_debt, "_refuse_covered_elsewhere", the_debtor_holds_once_checked)
+
+    def paying(account: str) -> Any:
+        return lambda: pay(flask_app.test_client(), {"account_id": account, "amount": debtor.amount}, key())
+
+    first, first_answer = in_the_background(paying(debtor.account))
+    assert checked.wait(20)
+    new, _ = accounts.create()
+    move(engine, debtor.customer, new)
+    assert recompute(engine, runtime, new)["status"] == "bad_debt"
+    second, second_answer = in_the_background(paying(new))
+    wait_for(lambda: not second.is_alive() or waiting_on_a_payment_lock(engine),
+             message="the new account's request to finish or wait for the debtor's")
+    go.set()
+    first.join(20)
+    second.join(20)
+
+    [paid], [refused] = first_answer, second_answer
+    assert paid.status_code == 202, paid.json
+    assert (refused.status_code, refused.json["error"]) == (409, "payment_in_flight"), refused.json
+    assert f"bad-debt payment {paid.json['payment_id']} of account {debtor.account!r}" in refused.json["reason"]
+    assert len(stripe_fake.intents_created()) == 1 and payments(engine, new) == []
+
+
+def owing_a_retried_invoice_too(client: Any, engine: Any, runtime: Any, accounts: Any,
+                                stripe_fake: Any) -> tuple[InBadDebt, str, datetime]:
+    """An account in bad debt (an invoice written off 30 days ago) whose customer's younger invoice
+    failed a moment ago and is in its retry schedule: (the debt of both invoices, the younger one,
+    a moment after its retry is due)."""
+    debt = into_bad_debt(client, engine, runtime, accounts)
+    ts = int(datetime.now(UTC).timestamp())
+    younger = unique("in")
+    failed = invoice_event("invoice.payment_failed", debt.customer, younger, ts, ts - 3600)
+    assert post_event(client, failed).status_code == 200
+    assert post_event(client, declined_charge(debt.customer, unique("pi"), debt.payment_method, ts + 1)).status_code \
+        == 200
+    for invoice in (debt.invoice_object, failed["data"]["object"]):
+        stripe_fake.add_invoice(invoice)
+    assert recompute(engine, runtime, debt.account)["status"] == "bad_debt"
+    planned = dunning_row(engine, debt.account)
+    assert planned["retry_invoice_id"] == younger and planned["next_retry_at"] is not None, planned
+    return replace(debt, amount=debt.amount + 5000), younger, planned["next_retry_at"] + timedelta(minutes=1)
+
+
+def retrying(runtime: Any, retry_id: int, at: datetime) -> Any:
+    from app.payments.pay import retry_payment
+    from app.payments.stripe_client import make_stripe_client
+
+    return retry_payment(runtime.engine, make_stripe_client(runtime.settings), retry_id, at)
+
+
+def test_a_retry_claimed_as_the_old_accounts_payment_commits_skips_the_invoice_it_covers(
+        flask_app, client, engine, runtime, accounts, stripe_fake, monkeypatch):
+    """The old account's request is quoted (both invoices) before another team moves the customer,
+    and has checked for retries in flight but not committed its payment yet when the new account's
+    retry of the younger invoice is claimed. The claim must wait for the payment and see it covers
+    the invoice (it is not the claiming account's): each under its own account's lock alone, both
+    collected the invoice."""
+    from app.payments import bad_debt
+    from app.payments.retries import claim_due
+
+    debt, _younger, at = owing_a_retried_invoice_too(client, engine, runtime, accounts, stripe_fake)
+    stripe_fake.intent_outcome = "processing"
+    checked, go = threading.Event(), threading.Event()
+    check = bad_debt._refuse_covered_elsewhere
+
+    def the_payment_holds_once_checked(conn, req, quoted):
+        check(conn, req, quoted)
+        checked.set()
+        go.wait(20)
+
+    monkeypatch.setattr(bad_debt, "_refuse_covered_elsewhere", the_payment_holds_once_checked)
+    payment, answered = in_the_background(
+        lambda: pay(flask_app.test_client(), {"account_id": debt.account, "amount": debt.amount}, key()))
+    assert checked.wait(20)
+    new, _ = accounts.create()
+    move(engine, debt.customer, new)
+    assert recompute(engine, runtime, new)["status"] == "bad_debt"
+    (retry_id,) = claim_due(engine, at)
+    stripe_fake.pay_outcome = "server_error"  # were it charged, its outcome would come by webhook
+    retry, retried = in_the_background(lambda: retrying(runtime, retry_id, at))
+    wait_for(lambda: not retry.is_alive() or waiting_on_a_payment_lock(engine),
+             message="the retry to finish or wait for the payment")
+    go.set()
+    payment.join(20)
+    retry.join(20)
+
+    [answer], [result] = answered, retried
+    assert answer.status_code == 202, answer.json
+    assert result.outcome == "skipped" and "bad-debt payment" in (result.detail or ""), result
+    assert stripe_fake.invoice_payments() == [] and len(stripe_fake.intents_created()) == 1
+
+
+def test_a_payment_quoted_before_the_move_waits_for_the_new_accounts_retry_being_claimed(
+        flask_app, client, engine, runtime, accounts, stripe_fake, monkeypatch):
+    """The old account's request is quoted (both invoices) before the move; the new account's retry
+    of the younger invoice is being claimed (made charging, not committed yet) when the request
+    writes its payment. The payment must wait for the claim and see the retry charging."""
+    from app.payments import bad_debt
+    from app.payments import pay as paying
+    from app.payments.retries import claim_due
+
+    debt, younger, at = owing_a_retried_invoice_too(client, engine, runtime, accounts, stripe_fake)
+    claimed, go = threading.Event(), threading.Event()
+    claim, insert = paying._claim, bad_debt._insert
+
+    def held_before_its_commit(conn, retry_id, now, guard):
+        found = claim(conn, retry_id, now, guard)
+        claimed.set()
+        go.wait(20)
+        return found
+
+    retried: list[Any] = []
+
+    def the_new_account_claims_its_retry_first(rt, req, quoted):
+        new, _ = accounts.create()
+        move(engine, debt.customer, new)
+        assert recompute(engine, runtime, new)["status"] == "bad_debt"
+        (retry_id,) = claim_due(engine, at)
+        monkeypatch.setattr(paying, "_claim", held_before_its_commit)
+        retried.append(in_the_background(lambda: retrying(runtime, retry_id, at)))
+        assert claimed.wait(20)
+        return insert(rt, req, quoted)
+
+    monkeypatch.setattr(bad_debt, "_insert", the_new_account_claims_its_retry_first)
+    stripe_fake.pay_outcome = "server_error"  # the retry's outcome comes by webhook
+    payment, answered = in_the_background(
+        lambda: pay(flask_app.test_client(), {"account_id": debt.account, "amount": debt.amount}, key()))
+    wait_for(lambda: not payment.is_alive() or waiting_on_a_payment_lock(engine),
+             message="the payment to finish or wait for the retry's claim")
+    go.set()
+    payment.join(20)
+    [(retry, result)] = retried
+    retry.join(20)
+
+    [answer] = answered
+    assert [r.outcome for r in result] == ["indeterminate"]
+    assert [c.path for c in stripe_fake.invoice_payments()] == [f"/v1/invoices/{younger}/pay"]
+    assert (answer.status_code, answer.json["error"]) == (409, "payment_in_flight"), answer.json
+    assert "automatic payment retry" in answer.json["reason"]
+    assert stripe_fake.intents_created() == [] and payments(engine, debt.account) == []
+
+
+def test_a_payment_quoted_before_the_move_sees_the_retry_the_new_account_sent_since(
+        client, engine, runtime, accounts, stripe_fake, monkeypatch):
+    """The old account's request is quoted (both invoices) before the move; the new account's retry
+    of the younger invoice is claimed and sent before the request writes its payment. That retry is
+    neither the paying account's nor of an invoice it owns now, but it is of one this payment covers."""
+    from app.payments import bad_debt
+    from app.payments.retries import claim_due
+
+    debt, younger, at = owing_a_retried_invoice_too(client, engine, runtime, accounts, stripe_fake)
+    insert = bad_debt._insert
+    new, _ = accounts.create()
+    retried: list[Any] = []
+
+    def the_new_account_retries_first(rt, req, quoted):
+        if not retried:
+            move(engine, debt.customer, new)
+            assert recompute(engine, runtime, new)["status"] == "bad_debt"
+            (retry_id,) = claim_due(engine, at)
+            stripe_fake.pay_outcome = "server_error"  # its outcome comes by webhook
+            retried.append(retrying(runtime, retry_id, at))
+        return insert(rt, req, quoted)
+
+    monkeypatch.setattr(bad_debt, "_insert", the_new_account_retries_first)
+    answer = pay(client, {"account_id": debt.account, "amount": debt.amount}, key())
+
+    assert [r.outcome for r in retried] == ["indeterminate"]
+    assert [c.path for c in stripe_fake.invoice_payments()] == [f"/v1/invoices/{younger}/pay"]
+    assert (answer.status_code, answer.json["error"]) == (409, "payment_in_flight"), answer.json
+    assert "automatic payment retry" in answer.json["reason"]
+    assert stripe_fake.intents_created() == [] and payments(engine, debt.account) == []
