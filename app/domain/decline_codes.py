@@ -118,8 +118,8 @@ def classify(
     failure_code: str | None = None,
     advice_code: str | None = None,
 ) -> FailureClass:
-    """Advice code first (the network's word on retrying); else the stricter of what the decline code
-    and the failure code say, each looked up in either table."""
+    """The strictest of what the network's advice code, the decline code and the failure code say (the
+    two codes each looked up in either table)."""
     return deciding(decline_code, failure_code, advice_code)[0]
 
 
@@ -129,10 +129,11 @@ def deciding(
     advice_code: str | None = None,
 ) -> tuple[FailureClass, str | None]:
     """``classify``'s class, and the code that decided it (None: no code is known)."""
-    advised = _lookup(ADVICE_CODES, advice_code)
-    if advised is not None:
-        return advised, advice_code
+    # The advice tightens (do_not_try_again, confirm_card_data) but never loosens: a card reported
+    # lost, stolen or fraudulent is not retried because the network said try_again_later (card
+    # networks penalise retries of such declines). Listed first, it is named on a tie.
     said = [(c, code) for c, code in (
+        (_lookup(ADVICE_CODES, advice_code), advice_code),
         (_lookup(DECLINE_CODES, decline_code) or _lookup(FAILURE_CODES, decline_code), decline_code),
         (_lookup(FAILURE_CODES, failure_code) or _lookup(DECLINE_CODES, failure_code), failure_code),
     ) if c is not None]

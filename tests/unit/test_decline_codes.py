@@ -26,10 +26,25 @@ from app.domain.state import FailureClass as FC
         ("card_velocity_exceeded", None, None, FC.TRANSIENT),
         ("do_not_honor", None, None, FC.TRANSIENT),
         ("generic_decline", None, None, FC.TRANSIENT),
-        # the network's advice overrides what the decline code suggests
+        # every code DESIGN section 4 lists, in its class
+        ("invalid_number", None, None, FC.PERMANENT),
+        ("invalid_account", None, None, FC.PERMANENT),
+        ("restricted_card", None, None, FC.PERMANENT),
+        ("revocation_of_all_authorizations", None, None, FC.PERMANENT),
+        ("card_not_supported", None, None, FC.PERMANENT),
+        ("currency_not_supported", None, None, FC.PERMANENT),
+        ("invalid_cvc", None, None, FC.ACTION_REQUIRED),
+        ("issuer_not_available", None, None, FC.TRANSIENT),
+        ("withdrawal_count_limit_exceeded", None, None, FC.TRANSIENT),
+        ("reenter_transaction", None, None, FC.TRANSIENT),
+        # the network's advice tightens what the decline code suggests, never loosens it
         ("generic_decline", None, "do_not_try_again", FC.PERMANENT),
         ("insufficient_funds", None, "confirm_card_data", FC.ACTION_REQUIRED),
-        ("stolen_card", None, "try_again_later", FC.TRANSIENT),
+        ("do_not_honor", None, "try_again_later", FC.TRANSIENT),
+        ("stolen_card", None, "try_again_later", FC.PERMANENT),
+        ("pickup_card", None, "try_again_later", FC.PERMANENT),
+        ("incorrect_cvc", None, "try_again_later", FC.ACTION_REQUIRED),
+        (None, None, "try_again_later", FC.TRANSIENT),
         # no decline code: the failure code decides
         (None, "expired_card", None, FC.PERMANENT),
         (None, "authentication_required", None, FC.ACTION_REQUIRED),
