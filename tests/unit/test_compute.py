@@ -112,6 +112,17 @@ def test_marked_uncollectible_is_bad_debt_and_requests_cancellation():
     assert decision.state.entitlements["products"] == {"prod_core": "revoked"}
 
 
+def test_an_uncollectible_invoice_is_never_retried_automatically():
+    """Written off, it is collected only by the bad-debt payment: Stripe would pay it if asked, so a
+    retry due by the schedule (a transient decline two days ago) is not planned."""
+    failed = attempt("pi_1", "in_1", days_ago=2, decline="insufficient_funds")
+    open_decision = decide(snapshot(invoice(failed_days_ago=2), attempts=(failed,)))
+    assert open_decision.state.next_retry_at is not None  # the same invoice, open, is retried
+    decision = decide(snapshot(invoice(status="uncollectible", failed_days_ago=2), attempts=(failed,)))
+    assert decision.state.next_retry_at is None and decision.state.retry_invoice_id is None
+    assert "retry.none_uncollectible" in [r.rule for r in decision.state.reasons]
+
+
 def test_cancellation_is_not_requested_for_a_subscription_already_canceled():
     inv = invoice(status="uncollectible", failed_days_ago=2)
     decision = decide(snapshot(inv, subscriptions=(Subscription("sub_1", "canceled", ("prod_core",)),)))

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from app.domain.compute import compute
 from app.domain.drift import BAD_DEBT_FLAG, drift, drift_of, payment_in_flight
-from app.domain.snapshot import BadDebtPayment, Invoice, InvoiceLine, Retry, Snapshot, Subscription
+from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, InvoiceLine, Retry, Snapshot, Subscription
 from app.domain.state import DunningState, Reason
 from app.policy_file import load_policy
 
@@ -122,3 +122,16 @@ def test_guard_keeps_the_sweep_off_payments_in_flight():
     assert payment_in_flight(snap(retries=(retry(5, "failed"),)), POLICY, NOW) is None
     shorter = replace(POLICY, guard_window_minutes=5)
     assert payment_in_flight(snap(retries=(retry(10),)), shorter, NOW) is None
+
+
+def test_guard_keeps_the_sweep_off_a_stripe_attempt_without_an_outcome():
+    """A Stripe attempt still running (its outcome not in: pending, processing, waiting for the
+    customer's authentication) holds the sweep off within the guard window, not a finished one."""
+    def tried(status: str, minutes_ago: float) -> Attempt:
+        return Attempt(id="pi_1", invoice_id="in_1", payment_method_id="pm_1", status=status,
+                       attempted_at=NOW - timedelta(minutes=minutes_ago))
+    for status in ("pending", "processing", "requires_action"):
+        assert payment_in_flight(snap(attempts=(tried(status, 10),)), POLICY, NOW) == "attempt_in_flight"
+        assert payment_in_flight(snap(attempts=(tried(status, 31),)), POLICY, NOW) is None
+    for status in ("failed", "succeeded"):
+        assert payment_in_flight(snap(attempts=(tried(status, 10),)), POLICY, NOW) is None
