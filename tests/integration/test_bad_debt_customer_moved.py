@@ -180,14 +180,11 @@ def test_an_intent_of_another_customer_naming_the_payment_and_its_account_does_n
     assert (row["state"], row["stripe_payment_intent_id"]) == ("pending", paid["stripe_payment_intent_id"])
 
 
-def test_a_late_charge_of_a_debt_the_account_it_moved_to_settled_names_that_payment_only(
-        client, engine, runtime, accounts, debtor, stripe_fake):
-    """The old account's payment failed as never created, the customer moved, the new account paid
-    and settled the invoice (300 credited while it ran, which its settlement named), then the old
-    payment's charge turned up: all of it is owed back, said once for the invoice, by the payment
-    that paid it (not the credit again: the customer would be refunded it twice)."""
-    from app.payments.bad_debt_settle import settle
-    from tests.integration.test_bad_debt_credit_note import alerts, succeeded
+def a_late_charge_and_the_moved_to_accounts_payment(client: Any, engine: Any, runtime: Any, accounts: Any,
+                                                    debtor: InBadDebt, stripe_fake: Any) -> tuple[int, Any, Any]:
+    """The debtor's payment failed as never created (its charge hidden, to turn up later), then the
+    customer moved to a new account, which pays the debt (its intent to succeed): (the failed
+    payment's id, its hidden charge, the new account's 202 answer)."""
     from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge
 
     first, late = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
@@ -198,6 +195,20 @@ def test_a_late_charge_of_a_debt_the_account_it_moved_to_settled_names_that_paym
     stripe_fake.intent_outcome = "succeeded"
     second = pay(client, {"account_id": new, "amount": debtor.amount}, key())
     assert second.status_code == 202, second.json
+    return first, late, second
+
+
+def test_a_late_charge_of_a_debt_the_account_it_moved_to_settled_names_that_payment_only(
+        client, engine, runtime, accounts, debtor, stripe_fake):
+    """The old account's payment failed as never created, the customer moved, the new account paid
+    and settled the invoice (300 credited while it ran, which its settlement named), then the old
+    payment's charge turned up: all of it is owed back, said once for the invoice, by the payment
+    that paid it (not the credit again: the customer would be refunded it twice)."""
+    from app.payments.bad_debt_settle import settle
+    from tests.integration.test_bad_debt_credit_note import alerts, succeeded
+
+    first, late, second = a_late_charge_and_the_moved_to_accounts_payment(client, engine, runtime, accounts,
+                                                                          debtor, stripe_fake)
     stripe_fake.credit_note(debtor.invoice, 300)
     succeeded(client, debtor, dict(second.json))
     told = settle(runtime, second.json["payment_id"]).details
@@ -216,16 +227,9 @@ def test_a_late_charge_names_the_payment_of_an_account_the_customer_passed_throu
     made the late payment nor the one that owns the invoice now."""
     from app.payments.bad_debt_settle import settle
     from tests.integration.test_bad_debt_credit_note import succeeded
-    from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge
 
-    first, late = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
-    between, _ = accounts.create()
-    move(engine, debtor.customer, between)
-    recompute(engine, runtime, debtor.account)
-    assert recompute(engine, runtime, between)["status"] == "bad_debt"
-    stripe_fake.intent_outcome = "succeeded"
-    second = pay(client, {"account_id": between, "amount": debtor.amount}, key())
-    assert second.status_code == 202, second.json
+    first, late, second = a_late_charge_and_the_moved_to_accounts_payment(client, engine, runtime, accounts,
+                                                                          debtor, stripe_fake)
     succeeded(client, debtor, dict(second.json))
     assert settle(runtime, second.json["payment_id"]).outcome == "settled"
     last, _ = accounts.create()
