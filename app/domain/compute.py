@@ -165,7 +165,8 @@ def _assess(
     attempts_used = max(len(attempts), invoice.attempt_count)
     days = max(0, (now - unpaid_since).days)
     uncollectible = invoice.status == "uncollectible"
-    # The retry schedule counts days from the first failure (from the due date while none failed).
+    # The retry schedule counts days from the first failure. An invoice with none (overdue, sent for
+    # payment) gets no retry at all: retry_cadence._nothing_to_retry.
     next_retry, method, free, exhausted, retries_used, reasons = plan_retry(
         snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure,
         first_failure or unpaid_since, policy, now,

@@ -1,7 +1,8 @@
 """Retry cadence by failure class, with the card-network caps (DESIGN section 4).
 
 transient and unknown failures follow their schedule (days after the first failure), permanent and
-action_required ones are not retried on the same method; a new or updated payment method earns one
+action_required ones are not retried on the same method; an invoice that never failed, or that is sent
+for payment (the customer pays by invoice), is never retried; a new or updated payment method earns one
 immediate retry that does not count against the budget, until it is tried on the invoice; no retry is
 planned on a method the customer detached; 8 attempts per invoice and 15 per payment method in 30 days
 hold whatever the policy says. Pure: the decision's ``now`` is passed in.
@@ -226,6 +227,11 @@ def _plan(
                               {"invoice": invoice.id}))
         return None, None, False, True, retries_used, reasons
 
+    nothing = _nothing_to_retry(invoice, last_failure)
+    if nothing is not None:
+        reasons.append(nothing)
+        return None, None, False, True, retries_used, reasons
+
     if attempts_used >= policy.attempts_per_invoice:
         reasons.append(Reason("retry.cap_invoice", "per-invoice attempt cap reached",
                               {"invoice": invoice.id, "attempts": attempts_used, "cap": policy.attempts_per_invoice}))
@@ -269,6 +275,31 @@ def _plan(
             return (*free[:3], run_out, *free[4:])
     return _scheduled(snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now,
                       retries, retries_used, reasons, stays_run_out)
+
+
+def _nothing_to_retry(invoice: Invoice, last_failure: Attempt | None) -> Reason | None:
+    """Why no automatic retry is planned for an invoice whatever its schedule says, or None.
+
+    Sent for payment (``collection_method`` ``send_invoice``; the mirror keeps a ``due_date`` for no
+    other invoice, Stripe's is null where it charges automatically): the customer pays by invoice,
+    so no card of theirs is charged unasked, a failure of theirs on the hosted page included.
+    Never failed: Stripe's own collection has not failed, so there is nothing to retry.
+
+    Either way nothing is left to retry: the dunning counts as run out (``exhausted``), so the levels
+    follow the invoice's age (DESIGN 4: bad debt once retries are exhausted and 21 days passed). A
+    retry planned there instead would have no card to charge, Stripe would refuse it, a refusal
+    spends no budget, and it would come back every REFUSED_BACKOFF, the account never reaching
+    bad debt."""
+    facts = {"invoice": invoice.id}
+    if invoice.due_date is not None:
+        return Reason("retry.none_send_invoice", "the invoice is sent for payment (the customer pays by invoice): "
+                      "no automatic charge; the dunning follows its age from the due date",
+                      {**facts, "due_date": iso(invoice.due_date),
+                       "failed": last_failure is not None or invoice.first_failed_at is not None})
+    if last_failure is None and invoice.first_failed_at is None:
+        return Reason("retry.none_no_failure", "no payment attempt of the invoice failed: nothing to retry",
+                      facts)
+    return None
 
 
 def _scheduled(

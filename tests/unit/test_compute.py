@@ -12,7 +12,7 @@ from app.domain.attempts import attempts_by_invoice
 from app.domain.compute import compute
 from app.domain.events import derive_events
 from app.domain.snapshot import BadDebtPayment, Charge, CustomerDefault, Subscription
-from app.domain.state import FailureClass, Level, Status
+from app.domain.state import FailureClass, Level, Status, iso
 from tests.unit.builders import (
     NOW,
     TWO_SUBSCRIPTIONS,
@@ -96,10 +96,48 @@ def test_a_late_first_failure_does_not_restart_the_clock_of_an_overdue_invoice()
     overdue = replace(invoice(failed_days_ago=0.1), due_date=days(30), created=days(60))
     decision = decide(snapshot(overdue, attempts=(attempt("pi_1", "in_1", days_ago=0.1),)))
     assert decision.state.unpaid_since == days(30)
-    assert decision.state.level == Level.LIMITED  # as without the attempt: trying to pay never lowers it
-    assert decide(snapshot(replace(overdue, first_failed_at=None, attempt_count=0))).state.level == Level.LIMITED
-    # the retry schedule still counts from the failure: the first retry is a day after it, not a burst
-    assert decision.state.next_retry_at == days(0.1) + timedelta(days=1)
+    # 30 days overdue, nothing to retry (the customer pays by invoice): bad debt, as without the
+    # attempt: trying to pay never lowers it
+    assert decision.state.level == Level.SUSPENDED
+    assert decide(snapshot(replace(overdue, first_failed_at=None, attempt_count=0))).state.level == Level.SUSPENDED
+    # sent for payment: the failure on the hosted page starts no automatic retry of the customer's card
+    assert decision.state.next_retry_at is None and "retry.none_send_invoice" in rules(decision)
+
+
+@pytest.mark.parametrize(
+    ("days_overdue", "level", "status"),
+    [
+        (1, Level.NOTICE, Status.PAST_DUE),
+        (8, Level.RESTRICT_PREMIUM, Status.PAST_DUE),
+        (15, Level.LIMITED, Status.PAST_DUE),
+        (21, Level.SUSPENDED, Status.BAD_DEBT),
+        (60, Level.SUSPENDED, Status.BAD_DEBT),
+    ],
+)
+def test_an_overdue_invoice_never_attempted_plans_no_retry_and_escalates_with_its_age(days_overdue, level, status):
+    """Sent for payment (the customer pays by invoice) and never attempted: Stripe's collection has not
+    failed, nothing is retried (a retry would charge a card the customer never offered, or with none
+    be refused every 6 h for ever), and the levels follow the days since the due date up to bad debt:
+    nothing is left to retry, so no retry budget holds the account below it."""
+    inv = replace(invoice(failed_days_ago=None, due_date=days(days_overdue)), created=days(days_overdue + 30))
+    decision = decide(snapshot(inv, payment_methods=(method("pm_1", changed_days_ago=90),),
+                               default_payment_method_id="pm_1", default_payment_method_changed_at=days(90)))
+    [assessment] = decision.assessments
+    assert decision.state.next_retry_at is None and assessment.retry_method is None
+    assert "retry.scheduled" not in rules(decision) and "retry.none_send_invoice" in rules(decision)
+    [why] = [r for r in decision.reasons if r.rule == "retry.none_send_invoice"]
+    assert why.facts == {"invoice": "in_1", "due_date": iso(days(days_overdue)), "failed": False}
+    assert assessment.exhausted
+    assert (decision.state.level, decision.state.status) == (level, status)
+
+
+def test_an_unpaid_invoice_with_no_failed_attempt_is_never_retried():
+    """Debt without any failure (marked uncollectible aside, only an invoice with a due date is):
+    even a card added since earns no free retry, as there is no failed collection to retry."""
+    inv = replace(invoice(failed_days_ago=None, due_date=days(10)), created=days(40))
+    decision = decide(snapshot(inv, payment_methods=(method("pm_2", changed_days_ago=1),)))
+    assert decision.state.next_retry_at is None
+    assert "retry.new_method" not in rules(decision)
 
 
 def test_marked_uncollectible_is_bad_debt_and_requests_cancellation():
