@@ -2,7 +2,7 @@
 
 Consequences are scoped to the products on the unpaid invoices. premium goes first (restrict_premium),
 core is kept longest (read-only at limited), suspended revokes; an unpaid upgrade withholds only
-the upgraded products.
+what it added, never what the customer held before it (see ``upgrade_access``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from app.domain.state import Access, Level
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "incomplete_expired"})
 
 
-def access(level: Level, tier: str, upgrade: bool) -> Access:
+def access(level: Level, tier: str) -> Access:
+    """A product on an unpaid regular invoice."""
     if level.rank < Level.RESTRICT_PREMIUM.rank:
         return Access.FULL
-    if upgrade:
-        return Access.WITHHELD
     if level == Level.SUSPENDED:
         return Access.REVOKED
     if tier == "premium":
@@ -29,7 +28,26 @@ def access(level: Level, tier: str, upgrade: bool) -> Access:
     return Access.READ_ONLY if level == Level.LIMITED else Access.FULL
 
 
-ACCESS_SEVERITY = [Access.FULL, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]
+def upgrade_access(level: Level, invoice: Invoice, product: str) -> Access:
+    """A product an unpaid upgrade charges for: only what the upgrade added is withheld.
+
+    A product the invoice also credits (Stripe's proration credit for the unused time of what the
+    subscription held before) was already the customer's: a seat or quantity increase keeps it in
+    full. A product that replaced one the invoice credits and no longer charges (a plan swap,
+    core -> premium) keeps the access held before: ``premium_off``, DESIGN's restrict_premium (premium
+    features off, core kept). Anything else is new (an add-on): withheld."""
+    if level.rank < Level.RESTRICT_PREMIUM.rank:
+        return Access.FULL
+    held = invoice.credited_products
+    if product in held:
+        return Access.FULL
+    charged = invoice.products
+    if any(p not in charged for p in held):
+        return Access.PREMIUM_OFF
+    return Access.WITHHELD
+
+
+ACCESS_SEVERITY = [Access.FULL, Access.PREMIUM_OFF, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]
 
 
 def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[Invoice, Level]],
@@ -44,7 +62,8 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
     unpaid = list(unpaid)
     for invoice, level in unpaid:
         for product in invoice.products:
-            allowed = access(level, policy.tier(product), invoice.is_upgrade)
+            allowed = (upgrade_access(level, invoice, product) if invoice.is_upgrade
+                       else access(level, policy.tier(product)))
             current = products.get(product, Access.FULL)
             products[product] = max(current, allowed, key=ACCESS_SEVERITY.index)
     plan_changes = not any(level.rank >= Level.LIMITED.rank and not invoice.is_upgrade for invoice, level in unpaid)

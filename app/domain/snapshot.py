@@ -56,6 +56,16 @@ class Invoice:
                 seen.setdefault(line.product, None)
         return tuple(seen)
 
+    @property
+    def credited_products(self) -> tuple[str, ...]:
+        """Products this invoice credits (negative lines): on a plan change, Stripe's proration credit
+        for the unused time of what the subscription held before the change."""
+        seen: dict[str, None] = {}
+        for line in self.lines:
+            if line.amount < 0:
+                seen.setdefault(line.product, None)
+        return tuple(seen)
+
 
 @dataclass(frozen=True)
 class Charge:

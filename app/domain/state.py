@@ -44,7 +44,7 @@ class Access(StrEnum):
     """What a product's entitlement is under the current consequences."""
 
     FULL = "full"
-    PREMIUM_OFF = "premium_off"
+    PREMIUM_OFF = "premium_off"  # premium features off, core kept: an unpaid swap to a premium plan
     READ_ONLY = "read_only"
     WITHHELD = "withheld"  # an unpaid upgrade: the upgraded product only
     REVOKED = "revoked"
