@@ -210,7 +210,7 @@ class StripeInvoice(Base):
     amount_remaining: Mapped[int] = mapped_column(BigInteger, server_default="0")
     credited_amount: Mapped[int] = mapped_column(BigInteger, server_default="0")
     attempt_count: Mapped[int] = mapped_column(Integer, server_default="0")
-    # [{"product": str, "amount": int}] from the invoice lines
+    # [{"product": str, "amount": int, "item": subscription item id or null}] from the invoice lines
     lines: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     created: Mapped[datetime]
     due_date: Mapped[datetime | None]

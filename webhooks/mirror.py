@@ -176,8 +176,16 @@ def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(line, Mapping):
             continue
         product = _line_product(line) or (f"subscription:{fallback}" if fallback else "account")
-        out.append({"product": product, "amount": _int(line.get("amount"))})
+        out.append({"product": product, "amount": _int(line.get("amount")), "item": _line_item(line)})
     return out
+
+
+def _line_item(line: Mapping[str, Any]) -> str | None:
+    """The subscription item a line bills (entitlements tell a plan swapped in from an add-on by it)."""
+    details = _obj(line.get("parent")).get("subscription_item_details")
+    if isinstance(details, Mapping) and _id(details.get("subscription_item")):
+        return _id(details.get("subscription_item"))
+    return _id(line.get("subscription_item"))  # API versions before 2025-03-31
 
 
 def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str, Any]) -> MirrorRow:

@@ -38,13 +38,28 @@ def upgrade_access(level: Level, invoice: Invoice, product: str) -> Access:
     features off, core kept). Anything else is new (an add-on): withheld."""
     if level.rank < Level.RESTRICT_PREMIUM.rank:
         return Access.FULL
-    held = invoice.credited_products
-    if product in held:
+    if product in invoice.credited_products:
         return Access.FULL
-    charged = invoice.products
-    if any(p not in charged for p in held):
-        return Access.PREMIUM_OFF
-    return Access.WITHHELD
+    return Access.PREMIUM_OFF if product in _swapped_in(invoice) else Access.WITHHELD
+
+
+def _swapped_in(invoice: Invoice) -> set[str]:
+    """The new products of an upgrade that replaced a product it credits and no longer charges.
+
+    A new product charged on the subscription item of a dropped product's credit is that product's
+    replacement (a price change on the item). The new products left are replacements only when
+    each can have a dropped product of its own left (a swap by a new item); more new products than
+    that cannot be told from an add-on bought beside the swap, and none of them is let through."""
+    held, charged = invoice.credited_products, invoice.products
+    dropped = [p for p in held if p not in charged]
+    new = [p for p in charged if p not in held]
+    dropped_items = {ln.item: ln.product for ln in invoice.lines
+                     if ln.amount < 0 and ln.item is not None and ln.product in dropped}
+    paired = {ln.product: dropped_items[ln.item] for ln in invoice.lines
+              if ln.amount > 0 and ln.product in new and ln.item in dropped_items}
+    new_left = [p for p in new if p not in paired]
+    dropped_left = [p for p in dropped if p not in paired.values()]
+    return set(paired) | (set(new_left) if len(new_left) <= len(dropped_left) else set())
 
 
 ACCESS_SEVERITY = [Access.FULL, Access.PREMIUM_OFF, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]

@@ -16,6 +16,9 @@ from app.domain.state import DunningState, MandateState
 class InvoiceLine:
     product: str
     amount: int
+    # The subscription item the line bills, when Stripe says: a price change on an item credits and
+    # charges that same item, which tells a plan swapped in from an add-on bought beside it.
+    item: str | None = None
 
 
 @dataclass(frozen=True)

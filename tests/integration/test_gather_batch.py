@@ -43,7 +43,8 @@ def stripe_side(conn: Connection, rng: random.Random, n: int, customer: str) -> 
                status=status, billing_reason=rng.choice(["subscription_cycle", "subscription_update", None]),
                total=5000, amount_due=5000, amount_paid=5000 - remaining, amount_remaining=remaining,
                credited_amount=rng.choice([0, 100]), attempt_count=rng.randint(0, 4),
-               lines=[{"product": rng.choice(["prod_core", "prod_premium"]), "amount": 5000},
+               lines=[{"product": rng.choice(["prod_core", "prod_premium"]), "amount": 5000,
+                       "item": rng.choice([None, "si_plan"])},
                       {"product": "prod_core", "amount": -100}][: rng.randint(0, 2)],
                created=at(rng), due_date=rng.choice([None, at(rng)]), first_failed_at=rng.choice([None, at(rng)]),
                last_failed_at=rng.choice([None, at(rng)]), paid_at=rng.choice([None, at(rng)]),
@@ -175,6 +176,8 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert len(expected) == len(ids)
     # the shapes the generator was meant to produce are there
     snapshots = [s for s, _ in expected.values()]
+    # the subscription item of a line reaches the snapshot (entitlements pair a swap by it)
+    assert any(ln.item == "si_plan" for s in snapshots for i in s.invoices for ln in i.lines)
     assert any(s.stored is None for s in snapshots) and any(s.stored and s.stored.reasons for s in snapshots)
     assert any(len(s.invoices) > 2 for s in snapshots) and any(s.open_episode_entered_at for s in snapshots)
     assert any(s.open_stuck_events > 1 for s in snapshots) and any(s.default_payment_method_id for s in snapshots)

@@ -184,3 +184,18 @@ def test_an_error_code_that_is_no_string_is_no_crash():
     except (NotAStripeEvent, OutOfRange):
         return
     assert extracted.event_id == str(odd["id"])
+
+
+def test_an_invoice_line_keeps_the_subscription_item_it_bills():
+    """Entitlements tell a plan swapped in on an item from an add-on beside it by the line's item."""
+    evt = event("invoice.payment_failed", customer="cus_1")
+    line = evt["data"]["object"]["lines"]["data"][0]
+    item = line["parent"]["subscription_item_details"]["subscription_item"]
+    [row] = extract(evt).rows
+    assert item and [ln["item"] for ln in row.values["lines"]] == [item]
+    older = copy.deepcopy(evt)  # API versions before 2025-03-31: the item on the line itself
+    older_line = older["data"]["object"]["lines"]["data"][0]
+    del older_line["parent"]
+    older_line["subscription_item"] = "si_older"
+    [older_row] = extract(older).rows
+    assert [ln["item"] for ln in older_row.values["lines"]] == ["si_older"]

@@ -64,3 +64,27 @@ def test_an_unpaid_regular_invoice_of_the_swapped_product_still_takes_its_own_to
     snap = snapshot(swap, regular, subscriptions=(Subscription("sub_1", "active", ("prod_premium",)),),
                     attempts=(attempt("pi_up", "in_up", days_ago=8), attempt("pi_c", "in_cycle", days_ago=15)))
     assert compute(snap, POLICY, NOW).state.entitlements["products"] == {"prod_premium": "revoked"}
+
+
+def test_a_new_add_on_bought_with_a_swap_is_withheld():
+    # core -> premium on the same subscription item (si_plan), and a new add-on item: only the plan
+    # was swapped in; the add-on is new and stays withheld until paid.
+    lines = (InvoiceLine("prod_core", -2000, "si_plan"), InvoiceLine("prod_premium", 6000, "si_plan"),
+             InvoiceLine("prod_premium_analytics", 2500, "si_addon"))
+    assert unpaid_upgrade_entitlements(lines, "prod_premium", "prod_premium_analytics") == {
+        "prod_premium": "premium_off", "prod_premium_analytics": "withheld"}
+
+
+def test_more_new_products_than_dropped_ones_without_items_withholds_them_all():
+    # Lines that do not say their subscription item: one product dropped, two added. Which one
+    # replaced it cannot be told, so neither is taken for the plan (an add-on is never let through).
+    lines = (InvoiceLine("prod_core", -2000), InvoiceLine("prod_premium", 6000),
+             InvoiceLine("prod_premium_analytics", 2500))
+    assert unpaid_upgrade_entitlements(lines, "prod_premium", "prod_premium_analytics") == {
+        "prod_premium": "withheld", "prod_premium_analytics": "withheld"}
+
+
+def test_a_swap_by_a_new_item_with_nothing_added_beside_it_is_still_a_swap():
+    # Stripe swaps by deleting the old item and adding a new one too: one dropped, one added.
+    lines = (InvoiceLine("prod_core", -2000, "si_old"), InvoiceLine("prod_premium", 6000, "si_new"))
+    assert unpaid_upgrade_entitlements(lines, "prod_premium") == {"prod_premium": "premium_off"}
