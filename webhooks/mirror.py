@@ -183,9 +183,8 @@ def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
 def _line_item(line: Mapping[str, Any]) -> str | None:
     """The subscription item a line bills (entitlements tell a plan swapped in from an add-on by it)."""
     details = _obj(line.get("parent")).get("subscription_item_details")
-    if isinstance(details, Mapping) and _id(details.get("subscription_item")):
-        return _id(details.get("subscription_item"))
-    return _id(line.get("subscription_item"))  # API versions before 2025-03-31
+    item = _id(details.get("subscription_item")) if isinstance(details, Mapping) else None
+    return item or _id(line.get("subscription_item"))  # API versions before 2025-03-31
 
 
 def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str, Any]) -> MirrorRow:

@@ -53,21 +53,13 @@ class Invoice:
     @property
     def products(self) -> tuple[str, ...]:
         """Products this invoice charges for (positive lines; proration credits are not products)."""
-        seen: dict[str, None] = {}
-        for line in self.lines:
-            if line.amount > 0:
-                seen.setdefault(line.product, None)
-        return tuple(seen)
+        return tuple(dict.fromkeys(line.product for line in self.lines if line.amount > 0))
 
     @property
     def credited_products(self) -> tuple[str, ...]:
         """Products this invoice credits (negative lines): on a plan change, Stripe's proration credit
         for the unused time of what the subscription held before the change."""
-        seen: dict[str, None] = {}
-        for line in self.lines:
-            if line.amount < 0:
-                seen.setdefault(line.product, None)
-        return tuple(seen)
+        return tuple(dict.fromkeys(line.product for line in self.lines if line.amount < 0))
 
 
 @dataclass(frozen=True)

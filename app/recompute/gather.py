@@ -142,6 +142,12 @@ def charges(value: Mapping[str, Any] | None) -> tuple[Charge, ...]:
                          for k, v in value.items()), key=lambda c: (c.charged_at, c.id)))
 
 
+def invoice_lines(stored: Any) -> tuple[InvoiceLine, ...]:
+    """An invoice's lines as the mirror stores them (JSON; rows from before it kept a line's
+    subscription item have none)."""
+    return tuple(InvoiceLine(product=ln["product"], amount=ln["amount"], item=ln.get("item")) for ln in (stored or ()))
+
+
 def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     """One row of the gather statement, by column name -> (snapshot, stored version)."""
     stored, version = _stored(m["dunning"])
@@ -149,8 +155,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
         Invoice(
             id=i[0], status=i[1], billing_reason=i[2], subscription_id=i[3], amount_due=i[4], amount_paid=i[5],
             amount_remaining=i[6], created=_tt(i[7]),
-            lines=tuple(InvoiceLine(product=ln["product"], amount=ln["amount"], item=ln.get("item"))
-                        for ln in (i[8] or ())),
+            lines=invoice_lines(i[8]),
             currency=i[9], total=i[10], credited_amount=i[11], attempt_count=i[12], due_date=_t(i[13]),
             first_failed_at=_t(i[14]), last_failed_at=_t(i[15]), paid_at=_t(i[16]), voided_at=_t(i[17]),
             marked_uncollectible_at=_t(i[18]), stripe_customer_id=i[19],

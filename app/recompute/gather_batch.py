@@ -27,7 +27,6 @@ from app.domain.snapshot import (
     BadDebtPayment,
     CustomerDefault,
     Invoice,
-    InvoiceLine,
     PaymentMethod,
     Retry,
     Snapshot,
@@ -35,7 +34,7 @@ from app.domain.snapshot import (
     trusted,
 )
 from app.domain.state import DunningState, MandateState
-from app.recompute.gather import DUNNING_COLUMNS, charges, stored_state
+from app.recompute.gather import DUNNING_COLUMNS, charges, invoice_lines, stored_state
 
 # Per account: its id, bad-debt flag, stored version and stored state, the state as the text of one
 # JSON array (NULL without a subs_dunning row). One text value instead of fifteen columns: psycopg2
@@ -217,8 +216,7 @@ def _invoice(i: Any) -> Invoice:
     return trusted(Invoice, {
         "id": i[1], "status": i[2], "billing_reason": i[3], "subscription_id": i[4], "amount_due": i[5],
         "amount_paid": i[6], "amount_remaining": i[7], "created": _tt(i[8]),
-        "lines": tuple(InvoiceLine(product=ln["product"], amount=ln["amount"], item=ln.get("item"))
-                       for ln in (i[9] or ())),
+        "lines": invoice_lines(i[9]),
         "currency": i[10], "total": i[11], "credited_amount": i[12], "attempt_count": i[13], "due_date": _t(i[14]),
         "first_failed_at": _t(i[15]), "last_failed_at": _t(i[16]), "paid_at": _t(i[17]), "voided_at": _t(i[18]),
         "marked_uncollectible_at": _t(i[19]), "stripe_customer_id": i[20]})
