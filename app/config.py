@@ -333,7 +333,51 @@ class Settings:
             history_retention_days=_history_retention_days(env),
         )
 
+    def __repr__(self) -> str:
+        # The dataclass repr showed every secret (DATABASE_URL's password, the Stripe keys, every
+        # token) wherever a Settings is printed: pytest's assertion output in CI logs, a debugger, an
+        # error report. Shown instead: where it connects, who holds a token, and whether each
+        # secret is set.
+        shown = {
+            "database_url": _password_hidden(self.database_url),
+            "broker_url": _password_hidden(self.broker_url),
+            "result_backend": _password_hidden(self.result_backend) if self.result_backend else None,
+            "stripe_webhook_secret": _set_or_not(self.stripe_webhook_secret),
+            "stripe_api_key": _set_or_not(self.stripe_api_key),
+            "stripe_api_base": self.stripe_api_base,
+            "account_management_url": (_password_hidden(self.account_management_url)
+                                       if self.account_management_url else None),
+            "service_tokens": f"<tokens of {sorted(set(self.service_tokens.values()))}>",
+            "support_tokens": f"<tokens of {sorted(set(self.support_tokens.values()))}>",
+            "policy_path": self.policy_path,
+            "secret_key": _set_or_not(self.secret_key),
+            "visibility_timeout": self.visibility_timeout,
+            "broker_key_prefix": self.broker_key_prefix,
+            "history_retention_days": self.history_retention_days,
+        }
+        return "Settings(" + ", ".join(f"{name}={value!r}" for name, value in shown.items()) + ")"
+
     def with_overrides(self, **changes: object) -> Settings:
         from dataclasses import replace
 
         return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _set_or_not(secret: str) -> str:
+    return "<set>" if secret else "<not set>"
+
+
+_PASSWORD_PARAMETER = re.compile(r"(?i)(\bpassword=)[^&]*")
+
+
+def _password_hidden(url: str) -> str:
+    """``url`` with the password of its user part and any ``password=`` parameter as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<not a URL: not shown>"
+    # Everything up to the last '@' but the user name: a password holding an unencoded '/', '?' or
+    # '@' (which ends the URL's address early for a parser) is hidden all the same.
+    userinfo, at, after = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = userinfo.split(":", 1)[0] + ":***@" + after
+    return _PASSWORD_PARAMETER.sub(r"\1***", f"{scheme}://{rest}")

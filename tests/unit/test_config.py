@@ -116,3 +116,27 @@ def test_a_visibility_timeout_beyond_a_day_is_refused(value):
         settings(CELERY_VISIBILITY_TIMEOUT=value)
     assert str(err.value).startswith(f"CELERY_VISIBILITY_TIMEOUT must be at most {MAX_VISIBILITY_TIMEOUT} seconds")
     assert settings(CELERY_VISIBILITY_TIMEOUT=str(MAX_VISIBILITY_TIMEOUT)).visibility_timeout == MAX_VISIBILITY_TIMEOUT
+
+
+def test_the_settings_repr_shows_no_secret():
+    """A Settings repr reaches output nobody guards: pytest's assertion introspection in CI logs, a
+    debugger, an error report, the Celery app it hangs on (``dunning_settings``)."""
+    loaded = settings(DATABASE_URL="postgresql://dunning:db-pass-1@db.internal/dunning",
+                      CELERY_BROKER_URL="redis://:broker-pass-2@redis.internal:6379/0",
+                      CELERY_RESULT_BACKEND="redis://:backend-pass-3@redis.internal:6379/1",
+                      STRIPE_WEBHOOK_SECRET="whsec_secret4", STRIPE_API_KEY="sk_test_secret5",
+                      SERVICE_TOKENS="billing:svc-secret6", SUPPORT_TOKENS="ann:sup-secret7",
+                      SECRET_KEY="flask-secret8")
+    shown = repr(loaded)
+    for secret in ("db-pass-1", "broker-pass-2", "backend-pass-3", "whsec_secret4", "sk_test_secret5",
+                   "svc-secret6", "sup-secret7", "flask-secret8"):
+        assert secret not in shown
+    # Still worth reading: where it connects, and who holds a token.
+    assert "db.internal" in shown and "redis.internal" in shown and "billing" in shown and "ann" in shown
+
+
+@pytest.mark.parametrize("password", ["p@ss", "pa/ss", "pa?ss", "pa:ss"])
+def test_the_settings_repr_hides_a_password_that_is_not_percent_encoded(password):
+    """Such a password ends the URL's address early for a parser; it is hidden all the same."""
+    shown = repr(Settings(database_url=f"postgresql+psycopg2://dunning:{password}xyz@db.internal/dunning"))
+    assert f"{password}xyz" not in shown and "xyz" not in shown and "dunning:***@db.internal" in shown
