@@ -430,7 +430,12 @@ def _customer_row(created: int, customer: Mapping[str, Any], previous: Mapping[s
 
 
 def extract(event: Mapping[str, Any]) -> Extracted:
-    """Validate the envelope and extract what the mirror keeps. Raises NotAStripeEvent."""
+    """Validate the envelope and extract what the mirror keeps. Raises NotAStripeEvent.
+
+    An invoice or subscription with no customer (Stripe's objects carry customer_account beside it:
+    one billed to an account names no customer) has no mirror row: nothing to file it under (its
+    stripe_customer_id is NOT NULL) nor to route it by. The event is still stored, unroutable and
+    visible, rather than refused on every delivery."""
     if not isinstance(event, Mapping) or event.get("object") != "event":
         raise NotAStripeEvent("body is not a Stripe event (object must be 'event')")
     event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
@@ -466,9 +471,10 @@ def extract(event: Mapping[str, Any]) -> Extracted:
     if kind == "invoice" and event_type.startswith("invoice."):
         need_id()
         row = _invoice_row(event_type, created, event_id, obj)
-        rows.append(row)
         customer = row.values["stripe_customer_id"]
-        invoice_id = row.key
+        if customer is not None:  # else none to file it under (see above)
+            rows.append(row)
+            invoice_id = row.key
     elif kind == "charge":
         need_id()
         row = _attempt_from_charge(created, obj)
@@ -497,8 +503,9 @@ def extract(event: Mapping[str, Any]) -> Extracted:
     elif kind == "subscription" and event_type.startswith("customer.subscription."):
         need_id()
         row = _subscription_row(event_type, created, obj)
-        rows.append(row)
         customer = row.values["stripe_customer_id"]
+        if customer is not None:  # else none to file it under (see above)
+            rows.append(row)
     elif kind == "payment_method" and event_type.startswith("payment_method."):
         need_id()
         row = _payment_method_row(event_type, created, obj, _obj(data.get("previous_attributes")))
