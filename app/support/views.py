@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlparse
 
 from celery.result import AsyncResult
-from flask import Blueprint, g, jsonify, redirect, render_template, request
+from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
 
 from app.db import unit_of_work
@@ -38,6 +38,26 @@ def _cookie_policy(state: Any) -> None:
     if not state.app.config.get("SESSION_COOKIE_SAMESITE"):
         state.app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
     state.app.config["SESSION_COOKIE_HTTPONLY"] = True
+
+
+# The page runs only its own script (support.js) and styles inline; nothing of it is framed by another
+# site (the Recompute button under a decoy), cached (account data, the session's CSRF token) or sniffed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                "img-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                                "frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers[name] = value
+    return response
 
 
 def _not_found(account_id: str) -> ResponseReturnValue:
