@@ -10,8 +10,9 @@ Management being down, slow or failing never slows it: the backlog grows and dra
 
 A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
 before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
-is marked superseded instead (the reason stays on the row). So is a blocked EntitlementsChanged (below)
-once a newer one of the account waits: entitlements are sent whole, the newer one says it all.
+is marked superseded instead (the reason stays on the row). So is an EntitlementsChanged whose account's
+next call is a newer one, and a blocked one (below) once a newer one of the account waits: entitlements
+are sent whole, the newer one says it all, and a backlog ends in one call with the newest.
 
 Only a 2xx is done: anything else, a redirect included (never followed: it would resend a POST as a
 bodiless GET), or no answer is a failure. A failure is always recorded (its text made storable,
@@ -91,6 +92,16 @@ NEWER_ENTITLEMENTS_SQL = """
 SELECT id, dunning_version FROM outbox
  WHERE account_id = %(account)s AND delivered_at IS NULL AND id > %(id)s AND event_type = 'EntitlementsChanged'
  ORDER BY id DESC
+ LIMIT 1
+"""
+
+# The account's next undelivered row that makes a call, after this row: an older EntitlementsChanged
+# gives way to a newer one only when no lifecycle request comes between them.
+NEXT_CALL_SQL = """
+SELECT id, dunning_version, event_type FROM outbox
+ WHERE account_id = %(account)s AND delivered_at IS NULL AND id > %(id)s
+   AND event_type IN ('EntitlementsChanged', 'CancellationRequested', 'UpgradeRevertRequested')
+ ORDER BY id
  LIMIT 1
 """
 
@@ -214,17 +225,29 @@ def _superseded_now(engine: Engine, account_id: str, event_type: str, payload: d
 
 def _replaced_by_newer_entitlements(engine: Engine, account_id: str, row_id: int, event_type: str,
                                     blocked: bool) -> str | None:
-    """Why a blocked EntitlementsChanged must not be sent again, or None. Entitlements are sent whole:
-    a newer EntitlementsChanged of the account says everything this one did, and this one, refused
-    as wrong, would otherwise hold it back until an operator skipped it. One that is not blocked is
-    sent as before (Account Management down, the backlog drains version by version)."""
-    if event_type != "EntitlementsChanged" or not blocked:
+    """Why an EntitlementsChanged must not be sent, or None. Entitlements are sent whole: a newer
+    EntitlementsChanged of the account says everything this one did. One refused as wrong (blocked)
+    gives way to any newer one: it would otherwise hold it back until an operator skipped it. One
+    not blocked gives way when the newer one is the account's next call: sent, it would put Account
+    Management in a state the account has already left (a backlog from an outage: the restriction
+    of a customer who has paid since, withholding access until the paid entitlements follow, longer
+    if they fail). A lifecycle request between them keeps it: Account Management acts on that
+    request with the entitlements of its moment, and it may be refused and hold the newer ones back."""
+    if event_type != "EntitlementsChanged":
         return None
+    params = {"account": account_id, "id": row_id}
     with engine.connect() as conn:
-        newer = conn.exec_driver_sql(NEWER_ENTITLEMENTS_SQL, {"account": account_id, "id": row_id}).first()
+        if blocked:
+            newer = conn.exec_driver_sql(NEWER_ENTITLEMENTS_SQL, params).first()
+        else:
+            upcoming = conn.exec_driver_sql(NEXT_CALL_SQL, params).first()
+            newer = upcoming if upcoming is not None and upcoming[2] == "EntitlementsChanged" else None
     if newer is None:
         return None
-    return f"superseded: refused as wrong, and the entitlements of version {newer[1]} (outbox {newer[0]}) replace it"
+    newest = f"the entitlements of version {newer[1]} (outbox {newer[0]})"
+    if blocked:
+        return f"superseded: refused as wrong, and {newest} replace it"
+    return f"superseded: {newest} are next and replace it"
 
 
 def _not_this_episode(action: str, episode: Any, created_at: datetime, open_episode: datetime | None) -> str | None:

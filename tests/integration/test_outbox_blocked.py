@@ -166,9 +166,9 @@ def test_the_list_shows_every_undelivered_row_and_the_blocked_ones_on_request(cl
     blocked, _ = accounts.create()
     waiting, _ = accounts.create()
     entitlements(engine, blocked, 1, prod_core="full")
-    entitlements(engine, blocked, 2, prod_core="restricted")
     fake_am.refuse(blocked, 404, UNKNOWN_ACCOUNT)
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+    entitlements(engine, blocked, 2, prod_core="restricted")  # waits behind the blocked row (backing off)
     entitlements(engine, waiting, 1, prod_core="full")
     fake_am.down()  # the blocked row backs off: this pass tries only the other account
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)

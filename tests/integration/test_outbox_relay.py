@@ -194,16 +194,21 @@ def test_an_accounts_backlog_stops_at_the_pass_deadline(accounts, engine, fake_a
         write_events(engine, account, version, [EntitlementsChanged(entitlements={"v": version})])
     with requests.Session() as session:
         spent = deliver_account(engine, session, fake_am.url, account, deadline=time.monotonic() - 1)
-        assert spent.delivered == 0 and fake_am.for_account(account) == []
-        assert deliver_account(engine, session, fake_am.url, account, deadline=time.monotonic() + 60).delivered == 3
-    assert [r.body["entitlements"]["v"] for r in fake_am.for_account(account)] == [1, 2, 3]
+        assert (spent.delivered, spent.superseded) == (0, 0) and fake_am.for_account(account) == []
+        went = deliver_account(engine, session, fake_am.url, account, deadline=time.monotonic() + 60)
+    # Sent whole, the newest entitlements replace the older ones (test_outbox_stale_entitlements.py).
+    assert (went.delivered, went.superseded) == (1, 2)
+    assert [r.body["entitlements"]["v"] for r in fake_am.for_account(account)] == [3]
 
 
 def test_a_failing_row_blocks_the_rows_behind_it_and_backs_off_with_jitter(accounts, engine, fake_am):
     blocked, _ = accounts.create()
     other, _ = accounts.create()
-    for version in (1, 2, 3):
-        write_events(engine, blocked, version, [EntitlementsChanged(entitlements={"v": version})])
+    # A lifecycle request between the entitlements: the older ones are not replaced by the newer.
+    requesting(engine, blocked, "revert:in_up")
+    write_events(engine, blocked, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    write_events(engine, blocked, 2, [UpgradeRevertRequested(invoice_id="in_up", subscription_id="sub_1")])
+    write_events(engine, blocked, 3, [EntitlementsChanged(entitlements={"v": 3})])
     write_events(engine, other, 1, [EntitlementsChanged(entitlements={"v": 1})])
 
     fake_am.mode = "failing"  # 503
@@ -221,7 +226,8 @@ def test_a_failing_row_blocks_the_rows_behind_it_and_backs_off_with_jitter(accou
     assert relay(engine, fake_am.url).accounts == 0
     fake_am.mode = "up"
     assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).delivered == 4
-    assert [r.body["dunning_version"] for r in fake_am.entitlements(blocked)] == [1, 2, 3]
+    assert [r.body["dunning_version"] for r in fake_am.entitlements(blocked)] == [1, 3]
+    assert [r.kind for r in fake_am.for_account(blocked)] == ["entitlements", "cancellations", "entitlements"]
     assert [r.body["dunning_version"] for r in fake_am.entitlements(other)] == [1]
 
 
@@ -252,13 +258,14 @@ def test_account_management_down_never_stops_recomputes_and_the_backlog_drains_i
         assert relay(engine, fake_am.url).failed >= 1
         paid(client, engine, account, customer, invoice)  # recomputes go on: versions advance
 
-    assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).delivered == 0
+    # Each account's next call fails again (the older entitlements ahead of it replaced, not sent).
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).failed == 2
     for account, _ in ids:
         assert dunning_row(engine, account)["version"] >= 2
     # Informational rows ahead of the first call went; from the first call on, everything waits.
     pending = [r for account, _ in ids for r in outbox(engine, account) if r["delivered_at"] is None]
     assert pending and all(r["event_type"] != "DunningEntered" for r in pending)
-    assert any(r["attempts"] >= 2 and "no answer" in r["last_error"] for r in pending)
+    assert any(r["attempts"] >= 1 and "no answer" in r["last_error"] for r in pending)
 
     # The backlog is visible: the ops API and the gauge (set by the relay task on the worker).
     celery_app.send_task("tasks.relay_outbox")
@@ -277,13 +284,14 @@ def test_account_management_down_never_stops_recomputes_and_the_backlog_drains_i
     for account, _ in ids:
         rows = outbox(engine, account)
         calls = [r for r in rows if r["event_type"] in ("EntitlementsChanged", "CancellationRequested",
-                                                         "UpgradeRevertRequested")]
+                                                         "UpgradeRevertRequested") and r["state"] == "delivered"]
         received = fake_am.for_account(account)
         assert [r.idempotency_key for r in received] == [f"outbox-{r['id']}" for r in calls]
-        versions = [r.body["dunning_version"] for r in fake_am.entitlements(account)]
-        assert versions == sorted(versions) and len(versions) >= 2
+        # The customer paid while Account Management was down: the restriction written before is
+        # replaced by the paid entitlements, the only ones it receives.
         final = dunning_row(engine, account)
-        assert fake_am.entitlements(account)[-1].body["entitlements"] == final["entitlements"]
+        assert [r.body["entitlements"] for r in fake_am.entitlements(account)] == [final["entitlements"]]
+        assert any(r["event_type"] == "EntitlementsChanged" and r["state"] == "superseded" for r in rows)
     assert client.get("/ops/outbox", headers=service_headers()).json["backlog"] == 0
 
 

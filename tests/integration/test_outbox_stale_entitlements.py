@@ -1,0 +1,76 @@
+"""A backlog of entitlements sends the account's newest only: entitlements are sent whole, so an older
+EntitlementsChanged still waiting when a newer one is next in line says nothing the newer one does not,
+and sending it would put the account in a state it has already left. The case that matters: Account
+Management was down while a customer was restricted and then paid; when it returns, the restriction
+must not reach it (access withheld, a "restricted" notice sent) before the paid entitlements."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged
+from app.outbox.relay import relay
+from tests.integration.test_outbox_relay import (
+    LATER,
+    bad_debt_episode,
+    outbox,
+    plan_over_delivered_history,
+    requesting,
+    write_events,
+)
+
+
+def entitlements(engine, account: str, version: int, **products: str) -> None:
+    write_events(engine, account, version, [EntitlementsChanged(entitlements={"products": products})])
+
+
+def test_a_restriction_still_waiting_when_the_customer_paid_is_not_sent_before_the_paid_entitlements(
+        accounts, engine, fake_am):
+    account, _ = accounts.create()
+    fake_am.mode = "failing"  # Account Management answers 503 while the customer is restricted
+    entitlements(engine, account, 1, prod_core="restricted")
+    assert relay(engine, fake_am.url).failed == 1
+    write_events(engine, account, 2, [DunningEntered(unpaid_since=None, failure_class="soft")])  # no call
+    entitlements(engine, account, 3, prod_core="full")  # the customer paid
+
+    fake_am.mode = "up"
+    report = relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+
+    assert [r.body for r in fake_am.for_account(account)] == [
+        {"entitlements": {"products": {"prod_core": "full"}}, "dunning_version": 3}]
+    restricted, _, paid = outbox(engine, account)
+    assert (restricted["state"], paid["state"]) == ("superseded", "delivered")
+    assert "version 3" in restricted["last_error"] and restricted["attempts"] == 1  # tried once, while down
+    assert (report.delivered, report.superseded) == (2, 1)  # the informational row is done with, as before
+
+
+def test_a_backlog_of_entitlements_sends_one_call_in_the_end(accounts, engine, fake_am):
+    account, _ = accounts.create()
+    for version in (1, 2, 3, 4):
+        entitlements(engine, account, version, prod_core=f"v{version}")
+    relay(engine, fake_am.url)
+    assert [r.body["dunning_version"] for r in fake_am.for_account(account)] == [4]
+    assert [r["state"] for r in outbox(engine, account)] == ["superseded"] * 3 + ["delivered"]
+
+
+def test_entitlements_ahead_of_a_lifecycle_request_are_still_sent_before_it(accounts, engine, fake_am):
+    """Account Management acts on a cancellation with the entitlements it holds: the entitlements
+    written before it go first, even with newer ones behind it (a cancellation refused would
+    otherwise leave Account Management with entitlements older than both)."""
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    entitlements(engine, account, 1, prod_core="restricted")
+    write_events(engine, account, 2, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    entitlements(engine, account, 3, prod_core="revoked")
+    relay(engine, fake_am.url)
+    assert [(r.kind, r.body.get("dunning_version")) for r in fake_am.for_account(account)] == [
+        ("entitlements", 1), ("cancellations", None), ("entitlements", 3)]
+
+
+def test_looking_for_the_next_call_reads_no_delivered_history(engine):
+    from app.outbox.relay import NEXT_CALL_SQL
+
+    plan = plan_over_delivered_history(engine, "acct_next_", 50, NEXT_CALL_SQL, {"account": "acct_next_1", "id": 1})
+    assert "ix_outbox_pending" in plan and "Seq Scan" not in plan, plan
