@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import logging
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -127,8 +130,31 @@ def _task_outcome(task_id: str) -> dict[str, Any]:
     if state == "SUCCESS":
         body["result"] = result.result
     elif state in ("FAILURE", "RETRY"):
-        body["error"] = f"{type(result.result).__name__}: {result.result}"
+        body["error"] = _error_shown(result.result)
     return body
+
+
+# How Celery hands back an exception it cannot rebuild (SQLAlchemy's need more than a message):
+# Exception("<class 'sqlalchemy.exc.ProgrammingError'>(['message'])").
+_UNREBUILT = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>\((.*)\)", re.DOTALL)
+ERROR_SHOWN_LIMIT = 500
+
+
+def _error_shown(exc: object) -> str:
+    """A failed task's error as support sees it: its type and the first line of its message. What
+    follows (psycopg2's LINE 1 with the statement and its values, SQLAlchemy's [SQL: ...]) is for
+    engineers: the worker log and the Stuck work row keep it."""
+    name, message = type(exc).__name__, str(exc)
+    unrebuilt = _UNREBUILT.fullmatch(message)
+    if unrebuilt:
+        name, message = unrebuilt.group(1), unrebuilt.group(2)
+        if len(message) <= 100_000:  # longer: not parsed, only cut below as text
+            with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+                args = ast.literal_eval(message)  # the exception's args, as Celery stored their repr
+                message = str(args[0]) if isinstance(args, list | tuple) and args else str(args)
+    first = message.strip().split("\n", 1)[0].split("[SQL:", 1)[0].strip()
+    shown = f"{name}: {first}" if first else name
+    return shown if len(shown) <= ERROR_SHOWN_LIMIT else shown[:ERROR_SHOWN_LIMIT - 3] + "..."
 
 
 @bp.get("/accounts/<account_id>/state")

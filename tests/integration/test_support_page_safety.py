@@ -3,8 +3,11 @@ frame, sniff, cache or run anything but the page's own script."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from markupsafe import escape
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import SUPPORT_TOKEN
 
@@ -45,3 +48,36 @@ def test_support_responses_may_not_be_framed_cached_or_sniffed(client, accounts,
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert "no-store" in response.headers["Cache-Control"]
     assert response.headers["Referrer-Policy"] == "same-origin"
+
+
+def _support_task(engine, account: str) -> str:
+    from app.db import unit_of_work
+    from app.support import audit
+
+    task_id = str(uuid.uuid4())
+    with unit_of_work(engine) as conn:
+        audit.record(conn, "ann", "recompute", account, {"task_id": task_id})
+    return task_id
+
+
+def test_a_recompute_that_failed_on_a_database_error_is_reported_without_its_sql(client, engine, accounts,
+                                                                                  celery_app):
+    """The button's poll shows the task's error to support: psycopg2's message goes on with the
+    statement (and its values) from its second line, SQLAlchemy's with [SQL: ...]; neither is theirs
+    to read (the worker log and the Stuck work row keep it for engineers)."""
+    account, _ = accounts.create()
+    task_id = _support_task(engine, account)
+    with pytest.raises(DBAPIError) as failed, engine.connect() as conn:
+        conn.exec_driver_sql("SELECT no_such_column FROM subs_account WHERE account_id = %(a)s", {"a": "acct_value"})
+    celery_app.backend.mark_as_failure(task_id, failed.value)
+    body = client.get(f"/support/tasks/{task_id}", headers=SUPPORT).json
+    assert body["state"] == "FAILURE" and body["done"] is True
+    assert body["error"] == 'ProgrammingError: (psycopg2.errors.UndefinedColumn) column "no_such_column" does not exist'
+
+
+def test_a_recompute_that_failed_on_a_plain_error_keeps_its_message(client, engine, accounts, celery_app):
+    account, _ = accounts.create()
+    task_id = _support_task(engine, account)
+    celery_app.backend.mark_as_failure(task_id, LookupError("account has no Stripe customer"))
+    body = client.get(f"/support/tasks/{task_id}", headers=SUPPORT).json
+    assert body["error"] == "LookupError: account has no Stripe customer"
