@@ -2,13 +2,14 @@
 EntitlementsChanged still waiting when a newer one is next in line says nothing the newer one does not,
 and sending it would put the account in a state it has already left. The case that matters: Account
 Management was down while a customer was restricted and then paid; when it returns, the restriction
-must not reach it (access withheld, a "restricted" notice sent) before the paid entitlements."""
+must not reach it (access withheld, a "restricted" notice sent) before the paid entitlements. And two
+relays never send one account's rows side by side."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged
+from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged, UpgradeRevertRequested
 from app.outbox.relay import relay
 from tests.integration.test_outbox_relay import (
     LATER,
@@ -74,3 +75,29 @@ def test_looking_for_the_next_call_reads_no_delivered_history(engine):
 
     plan = plan_over_delivered_history(engine, "acct_next_", 50, NEXT_CALL_SQL, {"account": "acct_next_1", "id": 1})
     assert "ix_outbox_pending" in plan and "Seq Scan" not in plan, plan
+
+
+def test_a_second_relay_started_while_the_first_sends_leaves_the_account_to_it(accounts, engine, fake_am):
+    """Two relay workers (the beat pass and tasks.deliver_account_outbox): while one waits on Account
+    Management for an account's row, the other does not send that account's rows (it would send the
+    next one beside, or before, the one in flight)."""
+    import requests
+
+    from app.outbox.relay import deliver_account
+
+    account, _ = accounts.create()
+    requesting(engine, account, "revert:in_up")
+    entitlements(engine, account, 1, prod_core="restricted")
+    write_events(engine, account, 2, [UpgradeRevertRequested(invoice_id="in_up", subscription_id="sub_1")])
+    second: list = []
+
+    def meanwhile(request) -> None:
+        if not second:
+            with requests.Session() as session:
+                second.append(deliver_account(engine, session, fake_am.url, account))
+
+    fake_am.before_answer = meanwhile
+    first = relay(engine, fake_am.url)
+    assert (second[0].skipped_locked, second[0].delivered) == (1, 0)
+    assert first.delivered == 2
+    assert [r.kind for r in fake_am.for_account(account)] == ["entitlements", "cancellations"]
