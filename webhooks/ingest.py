@@ -77,10 +77,10 @@ class Ingestor:
         stored: list[store.Stored | BaseException | None]
         try:
             stored = list(self._store(items))
-        except ValueRejected:
+        except ValueRejected as exc:
             # An event's values broke the statement (nothing of it was stored): each on its own,
             # so that only that event's request fails.
-            stored = [self._store_alone(item) for item in items] if len(items) > 1 else [_not_storable(items[0])]
+            stored = [self._store_alone(item) for item in items] if len(items) > 1 else [_not_storable(items[0], exc)]
         except TimedOut:
             # A row of one account held past lock_timeout (a long recompute of it): nothing of the
             # batch was stored. The other accounts' events are not held back with it: each event on
@@ -179,8 +179,8 @@ class Ingestor:
     def _store_alone(self, item: store.Item) -> store.Stored | BaseException | None:
         try:
             return self._store([item])[0]
-        except ValueRejected:
-            return _not_storable(item)
+        except ValueRejected as exc:
+            return _not_storable(item, exc)
         except Exception as exc:
             return exc
 
@@ -252,5 +252,9 @@ def _received(key: tuple[str, str]) -> Any:
     return metrics.WEBHOOKS_RECEIVED.labels(*key)
 
 
-def _not_storable(item: store.Item) -> EventNotStorable:
-    return EventNotStorable(f"event {item[0].event_id} holds a value that cannot be stored")
+def _not_storable(item: store.Item, refused: ValueRejected) -> EventNotStorable:
+    """Says which value: PostgreSQL's first line names the column or the type and the value (its
+    DETAIL, the whole failing row, is left out). Stripe shows the reason in the endpoint's log."""
+    reason = next(iter(str(refused).strip().splitlines()), "refused")
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    return EventNotStorable(f"event {item[0].event_id} holds a value that cannot be stored ({reason})")
