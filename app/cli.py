@@ -120,10 +120,16 @@ def cmd_report_bad_debt(args: argparse.Namespace) -> int:
 def cmd_process(args: argparse.Namespace) -> int:
     """Become one process of the Procfile, as deployments run them (deploy/): the Procfile stays the
     one place that says how each process starts, metrics directories included."""
-    from app.launcher import LaunchError, procfile_processes, programs_path
+    from app.launcher import LaunchError, flower_api_env, procfile_processes, programs_path
 
     try:
         processes = procfile_processes(os.environ)
+        if args.name == "flower":
+            # As `dunning run` checks: beyond loopback, Flower without a login shows every task's
+            # arguments and results to anyone who can reach it (its API is closed by the Procfile).
+            port = os.environ.get("FLOWER_PORT", "").strip()  # for the message only
+            flower_api_env(os.environ, os.environ.get("FLOWER_ADDRESS") or "127.0.0.1",
+                           int(port) if port.isdigit() else 5555)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
