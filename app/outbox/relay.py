@@ -12,7 +12,9 @@ A lifecycle request (cancellation, upgrade revert) is checked against the accoun
 before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
 is marked superseded instead (the reason stays on the row). So is an EntitlementsChanged whose account's
 next call is a newer one, and a blocked one (below) once a newer one of the account waits: entitlements
-are sent whole, the newer one says it all, and a backlog ends in one call with the newest.
+are sent whole, the newer one says it all, and a backlog ends in one call with the newest. A
+cancellation of an account paying its bad debt right now waits (``_held_now``) until the payment's
+outcome: the recompute that takes it away runs after the charge has begun.
 
 Only a 2xx is done: anything else, a redirect included (never followed: it would resend a POST as a
 bodiless GET), or no answer is a failure. A failure is always recorded (its text made storable,
@@ -123,6 +125,18 @@ UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_erro
        blocked_at = CASE WHEN %(refused)s THEN COALESCE(blocked_at, %(now)s) ELSE blocked_at END
  WHERE id = %(id)s AND delivered_at IS NULL
 """
+
+# A bad-debt payment in flight: POST /pay-bad-debt commits it before charging the customer, and the
+# recompute that lifts the bad debt (and takes the cancellation away) runs after, on a worker.
+PAYMENT_IN_FLIGHT_SQL = """
+SELECT id FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending' ORDER BY id LIMIT 1
+"""
+
+# A row held back (not a failure: no attempt counted, nothing blocked), tried again at %(next)s.
+HELD_SQL = """
+UPDATE outbox SET next_attempt_at = %(next)s, last_error = %(why)s WHERE id = %(id)s AND delivered_at IS NULL
+"""
+HOLD_SECONDS = 30.0  # how long a cancellation waits for a payment in flight before it looks again
 
 HEAD_SQL = """
 SELECT id, attempts FROM outbox WHERE account_id = %(account)s AND delivered_at IS NULL
@@ -250,6 +264,20 @@ def _replaced_by_newer_entitlements(engine: Engine, account_id: str, row_id: int
     return f"superseded: {newest} are next and replace it"
 
 
+def _held_now(engine: Engine, account_id: str, event_type: str) -> str | None:
+    """Why a cancellation must wait, or None: the customer is paying the bad debt right now. The
+    payment is committed before the charge and the recompute that lifts the bad debt comes after it,
+    so for that while the account's state still asks for the cancellation; sent, it cancels a
+    customer who is paying (DESIGN 6: no bad-debt consequence over a payment in flight). Held, not
+    superseded: if the payment fails before the recompute runs, the account never leaves bad debt,
+    no new request is written, and this one must still go."""
+    if event_type != "CancellationRequested":
+        return None
+    with engine.connect() as conn:
+        payment = conn.exec_driver_sql(PAYMENT_IN_FLIGHT_SQL, {"account": account_id}).scalar()
+    return None if payment is None else f"held: bad-debt payment {payment} is in flight"
+
+
 def _not_this_episode(action: str, episode: Any, created_at: datetime, open_episode: datetime | None) -> str | None:
     """Why a cancellation is not the open episode's, or None. Its idempotency key is one per
     subscription and episode: an ended episode's request, still waiting, would reach Account
@@ -297,6 +325,7 @@ class RelayReport:
     delivered: int = 0
     superseded: int = 0
     failed: int = 0
+    held: int = 0  # a cancellation waiting for a bad-debt payment in flight (its account's rows wait too)
     skipped_locked: int = 0
     throttled: bool = False  # Account Management asked us to wait (Retry-After): the pass ends
     busy: bool = False  # another pass was running: this one left the work to it
@@ -304,7 +333,7 @@ class RelayReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"accounts": self.accounts, "delivered": self.delivered, "superseded": self.superseded,
-                "failed": self.failed,
+                "failed": self.failed, "held": self.held,
                 "skipped_locked": self.skipped_locked, "busy": self.busy}
 
 
@@ -520,6 +549,14 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 break  # the rest waits for the next pass, still in order
             skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
                     or _superseded_now(engine, account_id, event_type, payload or {}, created_at))
+            held = None if skip else _held_now(engine, account_id, event_type)
+            if held:
+                with unit_of_work(engine) as conn:
+                    conn.exec_driver_sql(HELD_SQL, {"id": row_id, "why": held,
+                                                    "next": now + timedelta(seconds=HOLD_SECONDS)})
+                log.info("outbox %s (%s v%s) for %s waits: %s", row_id, event_type, version, account_id, held)
+                report.held += 1
+                break  # the rows behind it wait, in order
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             answer = _send(session, base_url, call, timeout, now) if call is not None else None
             failure = answer if isinstance(answer, Failure) else None

@@ -101,3 +101,37 @@ def test_a_second_relay_started_while_the_first_sends_leaves_the_account_to_it(a
     assert (second[0].skipped_locked, second[0].delivered) == (1, 0)
     assert first.delivered == 2
     assert [r.kind for r in fake_am.for_account(account)] == ["entitlements", "cancellations"]
+
+
+def pay_bad_debt(engine, account: str) -> int:
+    """A bad-debt payment in flight (POST /pay-bad-debt committed it and is charging the customer);
+    the recompute that lifts the bad debt has not run yet."""
+    with engine.begin() as conn:
+        return conn.exec_driver_sql(
+            "INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount) "
+            "VALUES (%(a)s, %(k)s, 'fp', 5000) RETURNING id", {"a": account, "k": f"key-{account}"}).scalar_one()
+
+
+def test_a_cancellation_waits_while_the_customer_pays_the_bad_debt_and_goes_if_the_payment_fails(
+        accounts, engine, fake_am):
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    entitlements(engine, account, 2, prod_core="revoked")
+    payment = pay_bad_debt(engine, account)
+
+    before = datetime.now(UTC)
+    report = relay(engine, fake_am.url)
+    assert fake_am.for_account(account) == []  # a paying customer's subscription is not cancelled
+    cancel, behind = outbox(engine, account)
+    assert (cancel["state"], cancel["attempts"], cancel["blocked_at"]) == ("pending", 0, None)
+    assert f"bad-debt payment {payment} is in flight" in cancel["last_error"]
+    assert cancel["next_attempt_at"] > before and behind["attempts"] == 0  # in order, behind it
+    assert (report.delivered, report.failed, report.held) == (0, 0, 1)
+
+    with engine.begin() as conn:  # declined: the account stays in bad debt, its cancellation requested
+        conn.exec_driver_sql("UPDATE bad_debt_payment SET state = 'failed' WHERE id = %(id)s", {"id": payment})
+    relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+    assert [r.kind for r in fake_am.for_account(account)] == ["cancellations", "entitlements"]
