@@ -171,6 +171,8 @@ def _rule(raw: Any, index: int) -> LevelRule:
 def parse_policy(data: Mapping[str, Any]) -> Policy:
     version = data.get("version")
     _expect(isinstance(version, str) and bool(version.strip()), "version", "must be a non-empty string")
+    # Stored with every decision: PostgreSQL text holds no NUL (TOML's "\u0000"), and every recompute failed.
+    _expect("\x00" not in str(version), "version", "must not contain a NUL character")
     retry = data.get("retry", {})
     _expect(isinstance(retry, Mapping), "retry", "must be a table")
     consequences = data.get("consequences", {})

@@ -96,6 +96,9 @@ def test_the_bounds_admit_the_largest_sensible_values():
     ("mutate", "key", "problem"),
     [
         (lambda d: d.pop("version"), "version", "non-empty"),
+        # TOML's "\u0000": stored with every decision, where PostgreSQL text holds no NUL (every
+        # recompute failed with psycopg2's ValueError)
+        (lambda d: d.update(version="2026-11-21\u0000"), "version", "NUL"),
         (lambda d: d["retry"].update(transient_schedule_days=[3, 1]), "retry.transient_schedule_days", "increasing"),
         (lambda d: d["retry"].update(transient_schedule_days=[1, "x"]), "retry.transient_schedule_days", "from 1"),
         # a day no date arithmetic reaches (it broke every recompute of an account in dunning)
