@@ -113,9 +113,16 @@ UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + 1, last_error = 
  WHERE id = %(id)s AND delivered_at IS NULL
 """
 
+# A lifecycle request sent before without a 2xx or a refusal (no answer, a 5xx) may have been acted on
+# by Account Management: its reason says so, with the last answer it had, and the relay warns.
 SUPERSEDED_SQL = """
-UPDATE outbox SET delivered_at = %(now)s, last_error = %(why)s, state = 'superseded'
+UPDATE outbox SET delivered_at = %(now)s, state = 'superseded',
+       last_error = left(%(why)s || CASE WHEN %(lifecycle)s AND attempts > 0 AND blocked_at IS NULL
+           THEN ' (sent ' || attempts || ' time(s) before without an answer taken, the last: '
+                || coalesce(last_error, 'none') || '; Account Management may have acted on it)'
+           ELSE '' END, %(limit)s)
  WHERE id = %(id)s AND delivered_at IS NULL
+RETURNING last_error, %(lifecycle)s AND attempts > 0 AND blocked_at IS NULL
 """
 
 # blocked_at stays from the first refusal on: a 503 after a 404 says nothing about the request.
@@ -563,8 +570,12 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             with unit_of_work(engine) as conn:
                 if skip:
                     # Done with, not sent: the reason stays on the row (GET /ops/outbox shows it).
-                    conn.exec_driver_sql(SUPERSEDED_SQL, {"id": row_id, "now": now_fn(), "why": storable(skip)})
-                    log.info("outbox %s (%s v%s) for %s not sent: %s", row_id, event_type, version, account_id, skip)
+                    done = conn.exec_driver_sql(SUPERSEDED_SQL, {
+                        "id": row_id, "now": now_fn(), "why": storable(skip), "lifecycle": event_type in ACTIONS,
+                        "limit": ERROR_LIMIT}).first()
+                    maybe_sent = done is not None and done[1]
+                    log.log(logging.WARNING if maybe_sent else logging.INFO, "outbox %s (%s v%s) for %s not sent: %s",
+                            row_id, event_type, version, account_id, done[0] if done is not None else skip)
                 elif failure is None:
                     conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn(),
                                                          "status": answer.status if answer else None})

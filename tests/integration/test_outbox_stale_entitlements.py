@@ -2,8 +2,9 @@
 EntitlementsChanged still waiting when a newer one is next in line says nothing the newer one does not,
 and sending it would put the account in a state it has already left. The case that matters: Account
 Management was down while a customer was restricted and then paid; when it returns, the restriction
-must not reach it (access withheld, a "restricted" notice sent) before the paid entitlements. And two
-relays never send one account's rows side by side."""
+must not reach it (access withheld, a "restricted" notice sent) before the paid entitlements. Two
+relays never send one account's rows side by side. A cancellation waits while the customer pays the
+bad debt, and one superseded after a try without an answer says Account Management may have acted."""
 
 from __future__ import annotations
 
@@ -135,3 +136,45 @@ def test_a_cancellation_waits_while_the_customer_pays_the_bad_debt_and_goes_if_t
         conn.exec_driver_sql("UPDATE bad_debt_payment SET state = 'failed' WHERE id = %(id)s", {"id": payment})
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
     assert [r.kind for r in fake_am.for_account(account)] == ["cancellations", "entitlements"]
+
+
+def test_a_cancellation_no_longer_wanted_after_a_try_without_an_answer_says_it_may_have_gone(
+        accounts, engine, fake_am, caplog):
+    """The first try timed out or got a 5xx: Account Management may have cancelled the subscription.
+    The customer pays and the request is superseded: the row and the log say it may have gone, so
+    an operator can check the customer's subscription (before, the row said only 'no longer requested')."""
+    import logging
+
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    fake_am.mode = "failing"
+    assert relay(engine, fake_am.url).failed == 1
+    requesting(engine, account)  # paid: the cancellation is no longer requested
+    fake_am.mode = "up"
+    with caplog.at_level(logging.INFO, logger="app.outbox.relay"):
+        assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).superseded == 1
+    (row,) = outbox(engine, account)
+    assert row["state"] == "superseded" and row["last_error"].startswith("superseded: cancel:sub_1 is no longer")
+    assert "sent 1 time(s) before" in row["last_error"] and "HTTP 503" in row["last_error"]
+    assert "may have acted on it" in row["last_error"]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "may have acted" in r.getMessage()]
+    assert len(warned) == 1
+    assert fake_am.for_account(account) == []
+
+
+def test_a_cancellation_never_tried_or_refused_is_superseded_with_its_reason_alone(accounts, engine, fake_am):
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    write_events(engine, account, 2, [CancellationRequested(subscription_id="sub_2", reason="x", episode=episode)])
+    fake_am.refuse(account, 422, {"error": "subscription_not_cancellable"})
+    assert relay(engine, fake_am.url).failed == 1  # refused as wrong: Account Management did nothing
+    requesting(engine, account)
+    relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+    assert [r["last_error"] for r in outbox(engine, account)] == [
+        "superseded: cancel:sub_1 is no longer requested", "superseded: cancel:sub_2 is no longer requested"]
