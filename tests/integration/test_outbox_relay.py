@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -235,17 +234,25 @@ def test_a_slow_account_management_times_out_and_never_slows_a_recompute(client,
                                                                            fake_am):
     account, customer = accounts.create()
     write_events(engine, account, 1, [EntitlementsChanged(entitlements={"v": 1})])
-    fake_am.mode, fake_am.delay = "slow", 3.0
-    reports: list[Any] = []
-    relaying = threading.Thread(target=lambda: reports.append(relay(engine, fake_am.url, timeout=(1.0, 2.0))))
-    relaying.start()
-    # While the relay waits on Account Management, a webhook's recompute runs to completion.
-    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=1)
-    assert relaying.is_alive()
-    relaying.join()
-    assert reports[0].failed == 1
-    row = outbox(engine, account)[0]
-    assert row["delivered_at"] is None and "Timeout" in row["last_error"]
+    recomputed: list[int] = []
+
+    def meanwhile(_request: Any) -> None:
+        # The relay waits on this very call (its read timeout far off): a webhook's recompute runs to
+        # completion on the worker. Were the relay holding anything the recompute needs, this would
+        # wait out the call's timeout and the call would fail.
+        failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=1)
+        recomputed.append(dunning_row(engine, account)["version"])
+
+    fake_am.before_answer = meanwhile
+    assert relay(engine, fake_am.url, timeout=(1.0, 60.0)).delivered == 1
+    assert recomputed and recomputed[0] >= 1
+
+    # Account Management slower than the read timeout: the call is cut and the row backs off.
+    fake_am.before_answer = None
+    fake_am.mode, fake_am.delay = "slow", 30.0
+    assert relay(engine, fake_am.url, timeout=(1.0, 0.5)).failed == 1
+    waiting = [r for r in outbox(engine, account) if r["delivered_at"] is None and r["attempts"]]
+    assert len(waiting) == 1 and "Timeout" in waiting[0]["last_error"]
 
 
 def test_account_management_down_never_stops_recomputes_and_the_backlog_drains_in_order(
