@@ -13,7 +13,7 @@ before it is sent: one no longer requested, or a cancellation from a bad-debt ep
 is marked superseded instead (the reason stays on the row). So is an EntitlementsChanged whose account's
 next call is a newer one, and a blocked one (below) once a newer one of the account waits: entitlements
 are sent whole, the newer one says it all, and a backlog ends in one call with the newest. A
-cancellation of an account paying its bad debt right now waits (``_held_now``) until the payment's
+lifecycle request of an account paying its bad debt right now waits (``_held_now``) until the payment's
 outcome: the recompute that takes it away runs after the charge has begun.
 
 Only a 2xx is done: anything else, a redirect included (never followed: it would resend a POST as a
@@ -143,7 +143,7 @@ SELECT id FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pend
 HELD_SQL = """
 UPDATE outbox SET next_attempt_at = %(next)s, last_error = %(why)s WHERE id = %(id)s AND delivered_at IS NULL
 """
-HOLD_SECONDS = 30.0  # how long a cancellation waits for a payment in flight before it looks again
+HOLD_SECONDS = 30.0  # how long a lifecycle request waits for a payment in flight before it looks again
 
 HEAD_SQL = """
 SELECT id, attempts FROM outbox WHERE account_id = %(account)s AND delivered_at IS NULL
@@ -272,13 +272,14 @@ def _replaced_by_newer_entitlements(engine: Engine, account_id: str, row_id: int
 
 
 def _held_now(engine: Engine, account_id: str, event_type: str) -> str | None:
-    """Why a cancellation must wait, or None: the customer is paying the bad debt right now. The
+    """Why a lifecycle request must wait, or None: the customer is paying the bad debt right now. The
     payment is committed before the charge and the recompute that lifts the bad debt comes after it,
-    so for that while the account's state still asks for the cancellation; sent, it cancels a
-    customer who is paying (DESIGN 6: no bad-debt consequence over a payment in flight). Held, not
-    superseded: if the payment fails before the recompute runs, the account never leaves bad debt,
-    no new request is written, and this one must still go."""
-    if event_type != "CancellationRequested":
+    so for that while the account's state still asks for the request; sent, a cancellation cancels a
+    customer who is paying (DESIGN 6: no bad-debt consequence over a payment in flight), and an
+    upgrade's revert takes away what the payment covers (its invoice is among the debt's; compute
+    holds the revert too, guard.revert_held). Held, not superseded: if the payment fails before the
+    recompute runs, no new request is written, and this one must still go."""
+    if event_type not in ACTIONS:
         return None
     with engine.connect() as conn:
         payment = conn.exec_driver_sql(PAYMENT_IN_FLIGHT_SQL, {"account": account_id}).scalar()
@@ -332,7 +333,7 @@ class RelayReport:
     delivered: int = 0
     superseded: int = 0
     failed: int = 0
-    held: int = 0  # a cancellation waiting for a bad-debt payment in flight (its account's rows wait too)
+    held: int = 0  # a lifecycle request waiting for a bad-debt payment in flight (its account's rows wait too)
     skipped_locked: int = 0
     throttled: bool = False  # Account Management asked us to wait (Retry-After): the pass ends
     busy: bool = False  # another pass was running: this one left the work to it

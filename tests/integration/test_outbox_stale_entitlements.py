@@ -138,6 +138,30 @@ def test_a_cancellation_waits_while_the_customer_pays_the_bad_debt_and_goes_if_t
     assert [r.kind for r in fake_am.for_account(account)] == ["cancellations", "entitlements"]
 
 
+def test_an_upgrade_revert_waits_while_the_customer_pays_the_bad_debt_and_goes_if_the_payment_fails(
+        accounts, engine, fake_am):
+    """An account in bad debt with an unpaid upgrade run out asks for its revert beside the
+    cancellation; the bad-debt payment covers the upgrade invoice too, and compute holds the revert
+    while it is in flight (guard.revert_held). Sent in the window before that recompute, it took the
+    upgrade away from a customer paying for it."""
+    account, _ = accounts.create()
+    requesting(engine, account, "revert:in_up")
+    write_events(engine, account, 1, [UpgradeRevertRequested(invoice_id="in_up", subscription_id="sub_1")])
+    payment = pay_bad_debt(engine, account)
+
+    report = relay(engine, fake_am.url)
+    assert fake_am.for_account(account) == []  # the paying customer keeps the upgrade
+    (revert,) = outbox(engine, account)
+    assert (revert["state"], revert["attempts"], revert["blocked_at"]) == ("pending", 0, None)
+    assert f"bad-debt payment {payment} is in flight" in revert["last_error"]
+    assert (report.delivered, report.failed, report.held) == (0, 0, 1)
+
+    with engine.begin() as conn:  # declined: the revert is still requested and must still go
+        conn.exec_driver_sql("UPDATE bad_debt_payment SET state = 'failed' WHERE id = %(id)s", {"id": payment})
+    relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+    assert [r.body["action"] for r in fake_am.for_account(account)] == ["revert_upgrade"]
+
+
 def test_a_cancellation_no_longer_wanted_after_a_try_without_an_answer_says_it_may_have_gone(
         accounts, engine, fake_am, caplog):
     """The first try timed out or got a 5xx: Account Management may have cancelled the subscription.
