@@ -139,9 +139,17 @@ PAYMENT_IN_FLIGHT_SQL = """
 SELECT id FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending' ORDER BY id LIMIT 1
 """
 
-# A row held back (not a failure: no attempt counted, nothing blocked), tried again at %(next)s.
+# A row held back (not a failure: no attempt counted, nothing blocked), tried again at %(next)s. One
+# sent before keeps the answer it got (once, however often held): superseded later, its reason must
+# still say what Account Management answered (SUPERSEDED_SQL), not only that it was held.
 HELD_SQL = """
-UPDATE outbox SET next_attempt_at = %(next)s, last_error = %(why)s WHERE id = %(id)s AND delivered_at IS NULL
+UPDATE outbox SET next_attempt_at = %(next)s,
+       last_error = CASE WHEN attempts > 0
+           THEN left(%(why)s || '; the last answer before: '
+                     || regexp_replace(coalesce(last_error, 'none'), '^held: .*?; the last answer before: ', ''),
+                     %(limit)s)
+           ELSE %(why)s END
+ WHERE id = %(id)s AND delivered_at IS NULL
 """
 HOLD_SECONDS = 30.0  # how long a lifecycle request waits for a payment in flight before it looks again
 
@@ -560,7 +568,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             held = None if skip else _held_now(engine, account_id, event_type)
             if held:
                 with unit_of_work(engine) as conn:
-                    conn.exec_driver_sql(HELD_SQL, {"id": row_id, "why": held,
+                    conn.exec_driver_sql(HELD_SQL, {"id": row_id, "why": held, "limit": ERROR_LIMIT,
                                                     "next": now + timedelta(seconds=HOLD_SECONDS)})
                 log.info("outbox %s (%s v%s) for %s waits: %s", row_id, event_type, version, account_id, held)
                 report.held += 1

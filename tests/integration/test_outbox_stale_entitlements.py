@@ -189,6 +189,35 @@ def test_a_cancellation_no_longer_wanted_after_a_try_without_an_answer_says_it_m
     assert fake_am.for_account(account) == []
 
 
+def test_a_cancellation_tried_without_an_answer_then_held_for_a_payment_keeps_its_last_answer(
+        accounts, engine, fake_am):
+    """The case 143d03e is for, through a hold: the cancellation timed out or got a 5xx, the customer
+    pays, the relay holds it for the payment, and the recompute then takes it away. Superseded, it
+    must still name the answer it got when sent; the hold wrote over it, and the row read only
+    'the last: held: bad-debt payment N is in flight'."""
+    account, _ = accounts.create()
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    fake_am.mode = "failing"
+    assert relay(engine, fake_am.url).failed == 1
+    payment = pay_bad_debt(engine, account)
+    fake_am.mode = "up"
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).held == 1
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + 2 * LATER).held == 1  # held twice: still one answer
+    (row,) = outbox(engine, account)
+    assert f"bad-debt payment {payment} is in flight" in row["last_error"] and row["attempts"] == 1
+    assert row["last_error"].count("HTTP 503") == 1
+
+    requesting(engine, account)  # the recompute after the payment: no longer requested
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + 3 * LATER).superseded == 1
+    (row,) = outbox(engine, account)
+    assert "sent 1 time(s) before" in row["last_error"] and "HTTP 503" in row["last_error"]
+    assert "may have acted on it" in row["last_error"]
+    assert fake_am.for_account(account) == []
+
+
 def test_a_cancellation_never_tried_or_refused_is_superseded_with_its_reason_alone(accounts, engine, fake_am):
     account, _ = accounts.create()
     requesting(engine, account, "cancel:sub_1")
