@@ -10,9 +10,11 @@
   var headers = {"Accept": "application/json"};
   headers[section.dataset.csrfHeader] = section.dataset.csrf;
   // Everything a recompute may change, by id: the state (lifting included), its reasons, and the
-  // tables (an episode opens or closes, retries are planned, stuck work resolves). Taken from the
-  // page as the server renders it now, so the page never shows one moment beside another.
-  var REFRESHED = ["state", "reasons", "invoices", "retries", "stuck", "episodes", "bad-debt-payments"];
+  // tables (an episode opens or closes, retries are planned, stuck work resolves, a call to Account
+  // Management is written or superseded). Taken from the page as the server renders it now, so the
+  // page never shows one moment beside another.
+  var REFRESHED = ["state", "reasons", "invoices", "retries", "stuck", "episodes", "bad-debt-payments",
+                   "outbox-summary", "outbox"];
 
   function refresh() {
     return fetch(page, {headers: {"Accept": "text/html"}, credentials: "same-origin"})

@@ -43,6 +43,30 @@ SELECT id, amount, currency, state, failure_reason, stripe_payment_intent_id, cr
   FROM bad_debt_payment WHERE account_id = %(account)s ORDER BY id DESC LIMIT 10
 """
 
+# The account's calls to Account Management not gone yet (app/outbox/relay.py), in the order they go:
+# the first holds back the rest. Read from the partial index on undelivered rows (ix_outbox_pending),
+# never the delivered history kept for the retention period. ``held``: the relay's _held_now wrote
+# "held: ..." (a cancellation waiting for a bad-debt payment in flight); a later failure overwrites it.
+OUTBOX_SQL = """
+SELECT id, event_type, dunning_version,
+       CASE WHEN blocked_at IS NOT NULL THEN 'blocked'
+            WHEN last_error LIKE 'held: %%' THEN 'held'
+            ELSE 'waiting' END AS state,
+       attempts, last_status, last_error, created_at, next_attempt_at, blocked_at AS blocked_since
+  FROM outbox WHERE account_id = %(account)s AND delivered_at IS NULL
+ ORDER BY id LIMIT 20
+"""
+OUTBOX_COUNT_SQL = """
+SELECT count(*), count(blocked_at) FROM outbox WHERE account_id = %(account)s AND delivered_at IS NULL
+"""
+
+
+def outbox(conn: Connection, account_id: str) -> dict[str, Any]:
+    """How many of the account's rows wait (of which blocked) and the first of them; last_error is
+    stored masked and bounded by the relay (app/outbox/answers.py)."""
+    undelivered, blocked = conn.exec_driver_sql(OUTBOX_COUNT_SQL, {"account": account_id}).one()
+    return {"undelivered": int(undelivered), "blocked": int(blocked), "rows": _rows(conn, OUTBOX_SQL, account_id)}
+
 
 LIFTING_SQL = """
 SELECT coalesce(min(b.created_at), d.changed_at) AS since
@@ -84,4 +108,5 @@ def account_view(conn: Connection, account_id: str, now: datetime | None = None,
         "stuck": _rows(conn, STUCK_SQL, account_id),
         "episodes": _rows(conn, EPISODES_SQL, account_id),
         "bad_debt_payments": _rows(conn, PAYMENTS_SQL, account_id),
+        "outbox": outbox(conn, account_id),
     }
