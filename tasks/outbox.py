@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import requests
@@ -12,6 +13,11 @@ from app.outbox.relay import deliver_account, relay
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
+# Seconds either task sends rows for before it leaves the rest to the next beat pass (checked between
+# rows; a call in flight ends within its own timeouts). Without it, one account's backlog behind a slow
+# Account Management held an outbox worker until the task's hard time limit.
+RELAY_BUDGET_SECONDS = 20.0
+
 
 @shared_task(name="tasks.relay_outbox", bind=True, ignore_result=True)
 def relay_outbox(self: Task) -> dict[str, Any]:
@@ -19,7 +25,8 @@ def relay_outbox(self: Task) -> dict[str, Any]:
     by failure class) when the database itself does."""
     rt = runtime_for(self.app)
     try:
-        report = relay(rt.engine, rt.settings.account_management_url)  # the wall clock, row by row
+        # The wall clock, row by row.
+        report = relay(rt.engine, rt.settings.account_management_url, budget_seconds=RELAY_BUDGET_SECONDS)
         with rt.engine.connect() as conn:
             stats = backlog(conn)  # also sets the backlog gauge
     except Exception as exc:
@@ -30,13 +37,16 @@ def relay_outbox(self: Task) -> dict[str, Any]:
 
 @shared_task(name="tasks.deliver_account_outbox", bind=True, ignore_result=True)
 def deliver_account_outbox(self: Task, account_id: str) -> dict[str, Any]:
+    """One account's rows, in order, within the same budget as a beat pass: what is left then goes
+    with tasks.relay_outbox (the account is ready as soon as its next row is)."""
     rt = runtime_for(self.app)
+    deadline = time.monotonic() + RELAY_BUDGET_SECONDS
     base = rt.settings.account_management_url
     if not base:
         return {"account_id": account_id, "delivered": 0}
     try:
         with requests.Session() as session:
-            report = deliver_account(rt.engine, session, base, account_id)
+            report = deliver_account(rt.engine, session, base, account_id, deadline=deadline)
     except Exception as exc:
         handle_failure(self, exc, account_id, {"account_id": account_id})
         raise
