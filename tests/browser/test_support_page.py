@@ -44,7 +44,7 @@ def test_recompute_button_shows_the_new_state(browser: Any, live_server: str, en
         assert "Past due" in page.text_content("#invoices")  # the billing-history label
 
         page.click("#recompute")
-        page.wait_for_function("document.getElementById('task-state').className === 'done'", timeout=30000)
+        page.wait_for_selector("#task-state.done", timeout=30000)  # CSP: no wait_for_function (it evals)
 
         assert page.text_content("#status") == "past_due"
         assert page.text_content("#level") == "notice"
