@@ -77,8 +77,10 @@ def test_two_dispatchers_and_two_workers_never_charge_one_attempt_twice(client, 
     ids = [i for batch in claimed for i in batch if i in [r["id"] for r in retries(engine, account)]]
     assert len(ids) == 1, claimed
 
-    # Two workers run the same retry at the same moment; Stripe answers slowly.
-    fake_stripe.script(stripe_outcomes.slow(1.0))
+    # Two workers run the same retry at the same moment. Stripe holds the charge of whichever got
+    # there first until the other has its answer: with a merely slow answer, a thread scheduled late
+    # on a loaded machine came after the charge had ended and heard "done", not "busy".
+    fake_stripe.script(stripe_outcomes.hold())
     client_ = make_stripe_client(runtime.settings)
     outcomes: list[str] = []
     barrier = threading.Barrier(2)
@@ -90,8 +92,13 @@ def test_two_dispatchers_and_two_workers_never_charge_one_attempt_twice(client, 
     threads = [threading.Thread(target=charge) for _ in range(2)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        wait_for(lambda: outcomes, message="the worker that did not get to charge to answer")
+        assert outcomes == ["busy"] and len(fake_stripe.pay_requests(invoice)) == 1  # the other is in Stripe
+    finally:
+        fake_stripe.release()
+        for t in threads:
+            t.join()
     assert sorted(outcomes) == ["busy", "sent"]
     assert len(fake_stripe.pay_requests(invoice)) == 1
     assert fake_stripe.charges == [(invoice, retries(engine, account)[0]["idempotency_key"])]
