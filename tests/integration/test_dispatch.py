@@ -16,6 +16,7 @@ from app.config import Settings
 from app.dispatch import SEND_RETRY_POLICY, BrokerUnavailable, send
 from tasks import queues
 from tasks.factory import make_celery
+from tests.conftest import wait_for
 
 # Per message; everything else must be equal.
 PER_MESSAGE = {"delivery_tag"}
@@ -63,15 +64,15 @@ def test_the_task_sent_event_reaches_event_consumers(settings, celery_app, broke
     """What Flower listens to: a task-sent event with the task's id, name and queue."""
     pubsub = broker.pubsub()
     pubsub.psubscribe(f"{settings.broker_key_prefix}/*celeryev/task.sent")
-    wait = time.monotonic() + 5
-    while pubsub.get_message(timeout=0.1) is None and time.monotonic() < wait:  # the subscribe reply
-        pass
+    # The subscribe reply: only then is the subscription in place (an event sent before it is lost).
+    # Before, a reply later than 5 s went unnoticed and the event could be sent too early.
+    wait_for(lambda: pubsub.get_message(timeout=0.1), message="the psubscribe reply")
     send(celery_app, "tasks.recompute_account", ["acct_9", "STATE_REFRESH", None], task_id="task-evt")
-    message = None
-    while message is None and time.monotonic() < wait + 5:
-        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-    pubsub.close()
-    assert message is not None, "no task-sent event published"
+    try:
+        message = wait_for(lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5),
+                           message="the task-sent event")
+    finally:
+        pubsub.close()
     envelope = json.loads(message["data"])
     body = json.loads(celery_app.connection_for_write().default_channel.decode_body(
         envelope["body"], envelope["properties"]["body_encoding"]))
