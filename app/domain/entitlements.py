@@ -40,16 +40,18 @@ def upgrade_access(level: Level, invoice: Invoice, product: str) -> Access:
         return Access.FULL
     if product in invoice.credited_products:
         return Access.FULL
-    return Access.PREMIUM_OFF if product in _swapped_in(invoice) else Access.WITHHELD
+    return Access.PREMIUM_OFF if product in _replaced(invoice) else Access.WITHHELD
 
 
-def _swapped_in(invoice: Invoice) -> set[str]:
-    """The new products of an upgrade that replaced a product it credits and no longer charges.
+def _replaced(invoice: Invoice) -> dict[str, tuple[str, ...]]:
+    """The new products of an upgrade that replaced a product it credits and no longer charges, each
+    with the dropped products it may have replaced.
 
     A new product charged on the subscription item of a dropped product's credit is that product's
     replacement (a price change on the item). The new products left are replacements only when
-    each can have a dropped product of its own left (a swap by a new item); more new products than
-    that cannot be told from an add-on bought beside the swap, and none of them is let through."""
+    each can have a dropped product of its own left (a swap by a new item; which one cannot be told,
+    so any of those left); more new products than that cannot be told from an add-on bought beside
+    the swap, and none of them is let through."""
     held, charged = invoice.credited_products, invoice.products
     dropped = [p for p in held if p not in charged]
     new = [p for p in charged if p not in held]
@@ -58,8 +60,11 @@ def _swapped_in(invoice: Invoice) -> set[str]:
     paired = {ln.product: dropped_items[ln.item] for ln in invoice.lines
               if ln.amount > 0 and ln.product in new and ln.item in dropped_items}
     new_left = [p for p in new if p not in paired]
-    dropped_left = [p for p in dropped if p not in paired.values()]
-    return set(paired) | (set(new_left) if len(new_left) <= len(dropped_left) else set())
+    dropped_left = tuple(p for p in dropped if p not in paired.values())
+    replaced: dict[str, tuple[str, ...]] = {p: (paired[p],) for p in paired}
+    if len(new_left) <= len(dropped_left):
+        replaced.update({p: dropped_left for p in new_left})
+    return replaced
 
 
 ACCESS_SEVERITY = [Access.FULL, Access.PREMIUM_OFF, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]
@@ -81,6 +86,15 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
                        else access(level, policy.tier(product)))
             current = products.get(product, Access.FULL)
             products[product] = max(current, allowed, key=ACCESS_SEVERITY.index)
+    # An unpaid swap keeps what the customer held before it (premium_off: core kept), and no more than
+    # that: the plan it replaced may be on an unpaid regular invoice too (a renewal read-only at
+    # limited, revoked in bad debt), and upgrading must not give that access back. Invoices are
+    # oldest first, so a swap of a swapped-in product inherits in turn.
+    for invoice, _level in unpaid:
+        if invoice.is_upgrade:
+            for product, held in _replaced(invoice).items():
+                products[product] = max((products[product], *(products.get(p, Access.FULL) for p in held)),
+                                        key=ACCESS_SEVERITY.index)
     plan_changes = not any(level.rank >= Level.LIMITED.rank and not invoice.is_upgrade for invoice, level in unpaid)
     return {"products": {p: products[p].value for p in sorted(products)}, "plan_changes": plan_changes}
 
