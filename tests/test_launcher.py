@@ -118,7 +118,7 @@ def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_le
 
         wait_for(up, START_TIMEOUT, "the web app and Flower")
         # Beat keeps its schedule in the data folder, not in the current directory.
-        wait_for(lambda: any(data_dir.glob("celerybeat-schedule*")), 10, "beat's schedule file")
+        wait_for(lambda: any(data_dir.glob("celerybeat-schedule*")), START_TIMEOUT, "beat's schedule file")
         # Flower's API is open for local use (FLOWER_UNAUTHENTICATED_API).
         assert answers(f"http://127.0.0.1:{flower_port}/api/workers?refresh=false")
         started = everything_started(proc.pid, data_dir)
@@ -139,7 +139,7 @@ def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_le
         proc.wait(STOP_TIMEOUT)
         output = log.read_text()
         assert proc.returncode == 0, output
-        wait_for(lambda: all(gone(p) for p in started), 5, "every process of the fleet to exit")
+        wait_for(lambda: all(gone(p) for p in started), STOP_TIMEOUT, "every process of the fleet to exit")
         assert not (data_dir / "fleet.pid").exists()
         assert not (data_dir / "postgres.pid").exists()
         assert not (data_dir / "redis.pid").exists()
@@ -316,7 +316,7 @@ def test_a_launcher_killed_outright_leaves_no_output_helper_behind_the_next_run(
             "helpers": [[stuck.pid, create_time(stuck.pid)], [other.pid, create_time(other.pid) - 100]],
         })
         launcher.claim_data_dir(tmp_path)
-        assert stuck.wait(5) == -signal.SIGKILL
+        assert stuck.wait(STOP_TIMEOUT) == -signal.SIGKILL
         assert other.poll() is None  # not the process recorded under that pid
     finally:
         for p in (stuck, other):
@@ -448,7 +448,7 @@ def test_a_leftover_whose_zombie_leader_still_has_threads_is_killed(tmp_path: Pa
     dead_owner.wait()
     try:
         assert leader.stdout is not None and leader.stdout.readline() == b"listening\n"
-        wait_for(lambda: psutil.Process(leader.pid).status() == psutil.STATUS_ZOMBIE, 10,
+        wait_for(lambda: psutil.Process(leader.pid).status() == psutil.STATUS_ZOMBIE, START_TIMEOUT,
                  "the leader to be a zombie")
         assert launcher._port_in_use("127.0.0.1", port)
         write_pidfile(tmp_path / launcher.FLEET_FILE, {
@@ -457,7 +457,7 @@ def test_a_leftover_whose_zombie_leader_still_has_threads_is_killed(tmp_path: Pa
         })
         launcher.claim_data_dir(tmp_path)
         assert not launcher._port_in_use("127.0.0.1", port)
-        assert leader.wait(5) == -signal.SIGKILL
+        assert leader.wait(STOP_TIMEOUT) == -signal.SIGKILL
     finally:
         if leader.poll() is None:
             os.killpg(leader.pid, signal.SIGKILL)

@@ -72,7 +72,8 @@ def test_two_launchers_at_once_never_run_two_fleets_on_one_data_folder(tmp_path:
     dead_owner.wait()
     first = second = None
     try:
-        wait_for(lambda: psutil.Process(leftover.pid).name() == "redis-leftover", 10, "the leftover's name")
+        wait_for(lambda: psutil.Process(leftover.pid).name() == "redis-leftover", START_TIMEOUT,
+                 "the leftover's name")
         write_pidfile(data_dir / "redis.pid", {"owner_pid": dead_owner.pid, "owner_started": 0.0,
                                                "server_pid": leftover.pid,
                                                "server_started": create_time(leftover.pid)})
