@@ -124,6 +124,8 @@ def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
         enqueue_settlement(self.app, result.settle)
     if result.enqueue and result.account_id:
         _recompute(self.app, result.account_id, int(payment_id))
+    for owner in result.owners_to_enqueue:  # the account its customer moved to
+        _recompute(self.app, owner, int(payment_id))
     return {"payment_id": result.payment_id, "account_id": result.account_id, "outcome": result.outcome}
 
 

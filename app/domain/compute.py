@@ -274,6 +274,12 @@ def _in_flight_payment(snapshot: Snapshot) -> BadDebtPayment | None:
     return min(pending, key=lambda p: p.created_at) if pending else None
 
 
+def _covered_elsewhere(snapshot: Snapshot) -> dict[str, BadDebtPayment]:
+    """{invoice id: the other account's bad-debt payment in flight that pays it}."""
+    return {invoice: p for p in sorted(snapshot.payments_elsewhere, key=lambda p: p.id, reverse=True)
+            if p.state == "pending" for invoice in p.invoice_ids}
+
+
 def _latest_bad_debt_failure(snapshot: Snapshot) -> BadDebtPayment | None:
     done = [p for p in snapshot.bad_debt_payments if p.state in ("failed", "succeeded")]
     if not done:
@@ -450,6 +456,25 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
     # Payment-flow guard: never put bad-debt consequences over a payment in flight.
     held_until: datetime | None = None  # when a guard's hold ends, if one holds
+    covered = _covered_elsewhere(snapshot)
+    held_elsewhere = {a.invoice.id: _held_level(a, balance, policy, now)
+                      for a in assessed if a.level == Level.SUSPENDED and a.invoice.id in covered}
+    if held_elsewhere:
+        # Another account's bad-debt payment in flight pays these invoices (another team moved their
+        # customer here while it ran, a bank debit for days): they are held below bad debt until its
+        # outcome, which recomputes the invoices' owners (settlement, the failure's webhook or
+        # reconciliation). No lifting: this account made no payment, and has no bad debt to lift.
+        reasons.append(Reason("guard.payment_elsewhere", "a bad-debt payment of another account, made before "
+                              "the customer moved here, is in flight for these invoices: bad-debt consequences "
+                              "held until its outcome",
+                              {"payments": sorted({covered[i].id for i in held_elsewhere}),
+                               "held_levels": {invoice: lv.value for invoice, lv in held_elsewhere.items()}}))
+        assessed = [_with_level(a, held_elsewhere[a.invoice.id]) if a.invoice.id in held_elsewhere else a
+                    for a in assessed]
+        regular = [a for a in assessed if not a.invoice.is_upgrade]
+        level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
+        suspended = [a for a in regular if a.level == Level.SUSPENDED]
+        status = Status.BAD_DEBT if suspended else Status.PAST_DUE
     in_flight = _in_flight_payment(snapshot)
     lifting_since = None
     if in_flight is not None and status == Status.BAD_DEBT:
@@ -504,7 +529,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # decision, so it is a review moment.
     revert_held_until = attempt_hold[1] if attempt_hold is not None else None
     for a in reverting:
-        if paying:
+        if paying or a.invoice.id in covered:
             reasons.append(Reason("guard.revert_held", "a payment is in flight: the upgrade's revert waits for it",
                                   {"invoice": a.invoice.id}))
         else:

@@ -101,12 +101,13 @@ def drift_of(snapshot: Snapshot, decision: Decision) -> Drift | None:
 def payment_in_flight(snapshot: Snapshot, policy: Policy, now: datetime) -> str | None:
     """Why the sweep must keep its hands off this account now, or None.
 
-    In flight: status lifting, a bad-debt payment pending, a Stripe attempt without outcome, or an
+    In flight: status lifting, a bad-debt payment pending (the account's, or another account's on an
+    invoice it owns now), a Stripe attempt without outcome, or an
     automatic retry dispatched/charging/sent less than the guard window ago.
     """
     if snapshot.stored is not None and snapshot.stored.status == Status.LIFTING:
         return "lifting"
-    if any(p.state == "pending" for p in snapshot.bad_debt_payments):
+    if any(p.state == "pending" for p in (*snapshot.bad_debt_payments, *snapshot.payments_elsewhere)):
         return "bad_debt_payment_pending"
     guard = timedelta(minutes=policy.guard_window_minutes)
     if any(a.status in ("pending", "processing", "requires_action") and now - a.attempted_at < guard

@@ -159,6 +159,7 @@ class BadDebtPayment:
     updated_at: datetime
     failure_reason: str | None = None
     stripe_payment_intent_id: str | None = None  # its intent, once Stripe named it
+    invoice_ids: tuple[str, ...] = ()  # the invoices it pays (quoted when it was made)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,10 @@ class Snapshot:
     subscriptions: tuple[Subscription, ...] = ()
     retries: tuple[Retry, ...] = ()
     bad_debt_payments: tuple[BadDebtPayment, ...] = ()
+    # Other accounts' bad-debt payments in flight (pending) that cover invoices this account owns
+    # now: made before another team moved the invoices' Stripe customer here. Not this account's
+    # payments (it cannot pay them, they are not its bad-debt intents), but the customer is paying.
+    payments_elsewhere: tuple[BadDebtPayment, ...] = ()
     stored_mandates: tuple[MandateState, ...] = ()
     open_stuck_events: int = 0
     open_episode_entered_at: datetime | None = None

@@ -134,9 +134,18 @@ UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_erro
 """
 
 # A bad-debt payment in flight: POST /pay-bad-debt commits it before charging the customer, and the
-# recompute that lifts the bad debt (and takes the cancellation away) runs after, on a worker.
+# recompute that lifts the bad debt (and takes the cancellation away) runs after, on a worker. The
+# account's own, or another account's on an invoice this account owns now (another team moved the
+# customer here while it ran). The account's invoices are read once (by its customers), the pending
+# payments through their partial index: never the history of ended payments.
 PAYMENT_IN_FLIGHT_SQL = """
-SELECT id FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending' ORDER BY id LIMIT 1
+SELECT id FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending'
+UNION ALL
+SELECT b.id FROM bad_debt_payment b
+ WHERE b.state = 'pending' AND b.account_id <> %(account)s
+   AND b.invoice_ids ?| ARRAY(SELECT i.id FROM subs_customer c JOIN stripe_invoice i USING (stripe_customer_id)
+                               WHERE c.account_id = %(account)s)
+ORDER BY id LIMIT 1
 """
 
 # A row held back (not a failure: no attempt counted, nothing blocked), tried again at %(next)s. One

@@ -197,6 +197,8 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     status = stored.status if stored is not None else Status.CURRENT.value
     if status == Status.LIFTING.value or any(p.state == "pending" for p in snapshot.bad_debt_payments):
         raise Refused(409, "payment_in_flight", "a bad-debt payment for this account is already in flight")
+    if snapshot.payments_elsewhere:  # its debt held below bad debt meanwhile (guard.payment_elsewhere)
+        _refuse_if_covered(conn, req.account_id, [inv.id for inv in snapshot.invoices])
     if status != Status.BAD_DEBT.value or stored is None:
         raise Refused(409, "not_in_bad_debt", f"the account is not in bad debt (status {status})")
     guard = timedelta(minutes=rt.policy.guard_window_minutes)
@@ -321,7 +323,12 @@ def _refuse_covered_elsewhere(conn: Connection, req: Request, debt: Debt) -> Non
     """Under the account's payment lock and the debt's customer's: the other account's request for
     the same invoices (its quote read before or after the move) takes that customer's lock too, so
     whichever of the two commits second sees the first's payment here, and is refused."""
-    found = conn.exec_driver_sql(COVERED_ELSEWHERE, {"account": req.account_id, "ids": debt.invoice_ids}).first()
+    _refuse_if_covered(conn, req.account_id, debt.invoice_ids)
+
+
+def _refuse_if_covered(conn: Connection, account_id: str, invoice_ids: list[str]) -> None:
+    """Refuse paying ``invoice_ids`` while another account's payment in flight covers one of them."""
+    found = conn.exec_driver_sql(COVERED_ELSEWHERE, {"account": account_id, "ids": invoice_ids}).first()
     if found is not None:
         raise Refused(409, "payment_in_flight", f"bad-debt payment {found[0]} of account {found[1]!r} is in flight "
                       f"for invoice {found[2]}, which this payment would cover; try again once its outcome is in")

@@ -36,7 +36,7 @@ import stripe
 
 from app.db import unit_of_work
 from app.domain.triggers import Trigger
-from app.payments.bad_debt_settle import mirror_rows
+from app.payments.bad_debt_settle import mirror_rows, request_owners_now
 from app.payments.bad_debt_webhook import NOTE_INTENT, failure_reason, mark_failed
 from app.payments.stripe_client import make_stripe_client
 from app.runtime import Runtime
@@ -102,6 +102,7 @@ class Reconciled:
     # already_done | unknown_payment | processing | not_found_once | failed | charged (settle next)
     outcome: str
     enqueue: bool = False  # this created the account's recompute request: the caller enqueues
+    owners_to_enqueue: tuple[str, ...] = ()  # accounts owning the invoices now whose request this created
     settle: int | None = None  # a payment to settle now: this one charged, or one reopened by its failure
 
 
@@ -206,13 +207,14 @@ def _fail(rt: Runtime, row: Any, reason: str, intent_id: str | None) -> Reconcil
 
     payment_id, account_id = int(row["id"]), str(row["account_id"])
     with unit_of_work(rt.engine) as conn:
+        owners = request_owners_now(conn, payment_id, account_id, f"bad_debt_payment:{payment_id}")
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
         # Under the payment's lock, which a webhook holds while it stores the intent's outcome:
         # what Stripe said since this check asked counts (its success arriving meanwhile, say).
         state = conn.exec_driver_sql(LOCK, {"id": payment_id}).scalar_one()
         if state != "pending" or conn.exec_driver_sql(CHARGED, {"id": payment_id}).scalar_one():
             # Ended meanwhile, or its success came in (whose webhook queued the settlement).
-            return Reconciled(payment_id, account_id, "already_done", enqueue=created)
+            return Reconciled(payment_id, account_id, "already_done", enqueue=created, owners_to_enqueue=owners)
         reopened = mark_failed(conn, account_id, payment_id, reason, intent_id)
     log.warning("bad-debt payment %s of %s failed on reconciliation with Stripe: %s", payment_id, account_id, reason)
-    return Reconciled(payment_id, account_id, "failed", enqueue=created, settle=reopened)
+    return Reconciled(payment_id, account_id, "failed", enqueue=created, settle=reopened, owners_to_enqueue=owners)

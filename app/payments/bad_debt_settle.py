@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import stripe
+from sqlalchemy import Connection
 
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
@@ -271,8 +272,7 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         # The request rows (the account the customer moved to first, as ingest routes the intent's
         # webhook to it), the mirror rows, then the payment row: the order webhook ingest locks them
         # in (its statement, then record_outcome), so the two cannot deadlock.
-        owners = [str(a) for a in conn.exec_driver_sql(OWNERS_NOW, {"id": payment_id, "account": account_id}).scalars()]
-        owners_created = tuple(a for a in owners if request_recompute(conn, a, Trigger.BAD_DEBT_PAID.value, cause))
+        owners_created = request_owners_now(conn, payment_id, account_id, cause)
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, cause)
         for invoice in paid:
             for mirror_row in mirror_rows("invoice.paid", f"bad_debt_settle_{payment_id}", invoice):
@@ -299,6 +299,17 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
                       owners_to_enqueue=owners_created)
 
 
+def request_owners_now(conn: Connection, payment_id: int, account_id: str, cause: str) -> tuple[str, ...]:
+    """Request the recompute of the accounts other than the payer that own the payment's invoices
+    now (another team moved their customer): while the payment was in flight their decision held
+    the invoices' bad-debt consequences (compute: guard.payment_elsewhere), and its outcome, success
+    or failure, ends that hold. -> those whose request this created (the caller enqueues them)."""
+    from webhooks.store import request_recompute
+
+    owners = [str(a) for a in conn.exec_driver_sql(OWNERS_NOW, {"id": payment_id, "account": account_id}).scalars()]
+    return tuple(a for a in owners if request_recompute(conn, a, Trigger.BAD_DEBT_PAID.value, cause))
+
+
 def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refunded: int,
               sent: list[str]) -> Settlement:
     """The payment fails: the debt stays. Refunded in part, the customer paid the rest for nothing:
@@ -313,6 +324,7 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
         problems.append(f"invoice(s) {', '.join(sent)} may have been paid out of band already: "
                         "reopen them at Stripe, or the debt is cleared with no money")
     with unit_of_work(rt.engine) as conn:
+        owners = request_owners_now(conn, payment_id, account_id, f"bad_debt_payment:{payment_id}")
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
         reopened = mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})",
                                None)
@@ -322,7 +334,8 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
                         f"settled, and failed; {'; '.join(problems)}")
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
-    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems), reopened=reopened)
+    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems), reopened=reopened,
+                      owners_to_enqueue=owners)
 
 
 def unsettled(rt: Runtime, older_than_seconds: float = 60.0, limit: int = 100) -> list[int]:

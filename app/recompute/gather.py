@@ -82,8 +82,18 @@ SELECT
                             WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                                             WHERE c.account_id = a.account_id))) AS retries,
   (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason,
-          b.stripe_payment_intent_id) ORDER BY b.id)
+          b.stripe_payment_intent_id, b.invoice_ids) ORDER BY b.id)
      FROM bad_debt_payment b WHERE b.account_id = a.account_id) AS bad_debt_payments,
+  -- Other accounts' payments in flight on an invoice this account owns now (another team moved the
+  -- customer here while it ran). The pending payments are few (partial index), each invoice one probe.
+  (SELECT json_agg(json_build_array(b.id, b.state, b.amount, b.created_at, b.updated_at, b.failure_reason,
+          b.stripe_payment_intent_id, b.invoice_ids) ORDER BY b.id)
+     FROM bad_debt_payment b
+    WHERE b.state = 'pending' AND b.account_id <> a.account_id
+      AND EXISTS (SELECT 1 FROM jsonb_array_elements_text(b.invoice_ids) AS x(id)
+                    JOIN stripe_invoice i ON i.id = x.id
+                    JOIN subs_customer c ON c.stripe_customer_id = i.stripe_customer_id
+                   WHERE c.account_id = a.account_id)) AS payments_elsewhere,
   (SELECT json_agg(json_build_array(m.payment_method_id, m.type, m.status, m.status_reason, m.is_default,
           m.card_brand, m.card_last4, m.exp_month, m.exp_year)
           ORDER BY m.payment_method_id)
@@ -148,6 +158,13 @@ def invoice_lines(stored: Any) -> tuple[InvoiceLine, ...]:
     return tuple(InvoiceLine(product=ln["product"], amount=ln["amount"], item=ln.get("item")) for ln in (stored or ()))
 
 
+def bad_debt_payment(b: list[Any]) -> BadDebtPayment:
+    """A ``json_build_array`` of a bad_debt_payment's id, state, amount, created_at, updated_at,
+    failure_reason, stripe_payment_intent_id and invoice_ids."""
+    return BadDebtPayment(id=b[0], state=b[1], amount=b[2], created_at=_tt(b[3]), updated_at=_tt(b[4]),
+                          failure_reason=b[5], stripe_payment_intent_id=b[6], invoice_ids=tuple(b[7] or ()))
+
+
 def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     """One row of the gather statement, by column name -> (snapshot, stored version)."""
     stored, version = _stored(m["dunning"])
@@ -184,11 +201,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
               scheduled_for=_tt(r[5]), created_at=_tt(r[6]))
         for r in (m["retries"] or ())
     )
-    payments = tuple(
-        BadDebtPayment(id=b[0], state=b[1], amount=b[2], created_at=_tt(b[3]), updated_at=_tt(b[4]),
-                       failure_reason=b[5], stripe_payment_intent_id=b[6])
-        for b in (m["bad_debt_payments"] or ())
-    )
+    payments = tuple(bad_debt_payment(b) for b in (m["bad_debt_payments"] or ()))
     mandates = tuple(
         MandateState(payment_method_id=x[0], type=x[1], status=x[2], status_reason=x[3], is_default=x[4],
                      card_brand=x[5], card_last4=x[6], exp_month=x[7], exp_year=x[8])
@@ -207,6 +220,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
         subscriptions=subscriptions,
         retries=retries,
         bad_debt_payments=payments,
+        payments_elsewhere=tuple(bad_debt_payment(b) for b in (m["payments_elsewhere"] or ())),
         stored_mandates=mandates,
         open_stuck_events=int(m["stuck"]),
         open_episode_entered_at=m["episode_entered_at"],

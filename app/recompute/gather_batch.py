@@ -99,7 +99,7 @@ def _mirror_rows(alias: str) -> str:
 # The recomputes already on their way for the range's accounts (not part of a snapshot: the sweep's
 # business, app/sweep/sweep.py). Read in the range's own snapshot, so a stored state and whether its
 # account awaits a recompute are one view: a recompute in flight deletes the request only in its own
-# transaction, so the request is seen until its new state is. Three columns after the snapshots' ten:
+# transaction, so the request is seen until its new state is. Three columns after the snapshots' eleven:
 # * the requests (a webhook's, a re-drive's, a remediation's), each with whether it is parked: a
 #   request a dead recompute had taken, which nothing re-sends (app/redrive.py STALE_REQUESTS);
 # * the review times (subs_dunning.next_review_at): once due, beat's re-drive requests the account
@@ -171,7 +171,7 @@ SELECT
           r.scheduled_for, r.created_at) ORDER BY i.account_id, r.id)
      FROM inv i, LATERAL (SELECT * FROM payment_retry r WHERE r.invoice_id = i.id OFFSET 0) r),
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.state, b.amount, b.created_at, b.updated_at,
-          b.failure_reason, b.stripe_payment_intent_id) ORDER BY b.account_id, b.id)
+          b.failure_reason, b.stripe_payment_intent_id, b.invoice_ids) ORDER BY b.account_id, b.id)
      FROM bad_debt_payment b WHERE b.account_id >= $1 AND b.account_id <= $2),
   (SELECT json_agg(json_build_array(m.account_id, m.payment_method_id, m.type, m.status, m.status_reason,
           m.is_default, m.card_brand, m.card_last4, m.exp_month, m.exp_year) ORDER BY m.account_id, m.payment_method_id)
@@ -182,6 +182,17 @@ SELECT
   (SELECT json_agg(json_build_array(e.account_id, e.entered_at)) FROM (
      SELECT e.account_id, min(e.entered_at) AS entered_at FROM bad_debt_episode e
       WHERE e.account_id >= $1 AND e.account_id <= $2 AND e.exited_at IS NULL GROUP BY e.account_id) e),
+  -- Other accounts' payments in flight on an invoice a range's account owns now (the customer moved
+  -- here while it ran), by that account: the pending payments are few (partial index), each of
+  -- their invoices one probe.
+  (SELECT json_agg(json_build_array(o.account_id, b.id, b.state, b.amount, b.created_at, b.updated_at,
+          b.failure_reason, b.stripe_payment_intent_id, b.invoice_ids) ORDER BY o.account_id, b.id)
+     FROM bad_debt_payment b, LATERAL (
+          SELECT DISTINCT c.account_id FROM jsonb_array_elements_text(b.invoice_ids) AS x(id)
+            JOIN stripe_invoice i ON i.id = x.id
+            JOIN subs_customer c ON c.stripe_customer_id = i.stripe_customer_id
+           WHERE c.account_id >= $1 AND c.account_id <= $2 AND c.account_id <> b.account_id) o
+    WHERE b.state = 'pending'),
   {_PENDING}
 """, ("text", "text"))
 
@@ -245,7 +256,7 @@ def _retry(x: Any) -> Retry:
 
 def _payment(b: Any) -> BadDebtPayment:
     return BadDebtPayment(id=b[1], state=b[2], amount=b[3], created_at=_tt(b[4]), updated_at=_tt(b[5]),
-                          failure_reason=b[6], stripe_payment_intent_id=b[7])
+                          failure_reason=b[6], stripe_payment_intent_id=b[7], invoice_ids=tuple(b[8] or ()))
 
 
 def _mandate(x: Any) -> MandateState:
@@ -294,6 +305,7 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
         _by_account(details[n], build) for n, build in ((0, _invoice), (1, _attempt), (2, _method),
                                                         (3, _customer_default), (4, _subscription), (5, _retry),
                                                         (6, _payment), (7, _mandate)))
+    elsewhere = _by_account(details[10], _payment)
     stuck = {x[0]: int(x[1]) for x in details[8] or ()}
     episodes = {x[0]: x[1] for x in details[9] or ()}
     out: dict[str, tuple[Snapshot, int]] = {}
@@ -318,6 +330,7 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
             "subscriptions": subscriptions.get(account_id, EMPTY),
             "retries": retries.get(account_id, EMPTY),
             "bad_debt_payments": payments.get(account_id, EMPTY),
+            "payments_elsewhere": elsewhere.get(account_id, EMPTY),
             "stored_mandates": mandates.get(account_id, EMPTY),
             "open_stuck_events": stuck.get(account_id, 0),
             "open_episode_entered_at": _tt(episode) if episode is not None else None,
@@ -353,7 +366,7 @@ def build_pending(details: Any) -> Pending:
     """The recomputes on their way for the accounts of a DETAILS row (None: no accounts)."""
     if details is None:
         return NOTHING_PENDING
-    requests, reviews, unroutable = details[10] or (), details[11] or (), details[12] or ()
+    requests, reviews, unroutable = details[11] or (), details[12] or (), details[13] or ()
     if not (requests or reviews or unroutable):  # the common page
         return NOTHING_PENDING
     return Pending(requested=frozenset([a for a, stalled in requests if not stalled] + list(unroutable)),

@@ -59,7 +59,7 @@ def read_batch(conn: Connection, last: str, batch: int) -> Page:
 
 # The DETAILS columns the snapshots are built from (gather_batch.build_snapshots), each a list of
 # rows that start with their account id; the ones after them are the pending recomputes.
-SNAPSHOT_COLUMNS = 10
+SNAPSHOT_COLUMNS = 11
 
 
 def build_page(accounts: list[Any], details: Any) -> dict[str, tuple[Snapshot, int]]:

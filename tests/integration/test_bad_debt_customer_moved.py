@@ -142,7 +142,7 @@ def test_the_account_the_customer_moved_to_cannot_pay_invoices_another_accounts_
     """The old account's bank debit is still processing: the new account, in bad debt for the same
     invoice, is refused until that payment ends, then pays."""
     new, paid = paying_then_moved(client, engine, accounts, debtor, stripe_fake)
-    assert recompute(engine, runtime, new)["status"] == "bad_debt"
+    assert recompute(engine, runtime, new)["status"] == "past_due"  # held while the payment is in flight
     stripe_fake.intent_outcome = "succeeded"
 
     refused = pay(client, {"account_id": new, "amount": debtor.amount}, key())
@@ -450,3 +450,61 @@ def test_a_payment_quoted_before_the_move_sees_the_retry_the_new_account_sent_si
     assert (answer.status_code, answer.json["error"]) == (409, "payment_in_flight"), answer.json
     assert "automatic payment retry" in answer.json["reason"]
     assert stripe_fake.intents_created() == [] and payments(engine, debt.account) == []
+
+
+def outbox_events(engine: Any, account: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT event_type FROM outbox WHERE account_id = %(a)s ORDER BY id",
+                                         {"a": account}).scalars())
+
+
+def reasons(state: dict[str, Any]) -> list[str]:
+    return [r["rule"] for r in state["reasons"]]
+
+
+@pytest.mark.worker
+def test_the_account_the_customer_moved_to_is_not_put_in_bad_debt_while_the_old_accounts_payment_runs(
+        client, engine, runtime, accounts, debtor, stripe_fake, worker):
+    """The old account's bank debit is processing (for days) when another team moves its customer.
+    The new account owns the written-off invoice now, and its own bad-debt payments are none: it
+    entered bad debt and its cancellation went out while the customer was paying (DESIGN 6). It is
+    held below bad debt until the payment's outcome; declined, the new account enters bad debt."""
+    cancel = [a for a in dunning_row(engine, debtor.account)["actions_requested"] if a.startswith("cancel:")]
+    assert cancel  # the debt's consequence: the subscription's cancellation
+    new, paid = paying_then_moved(client, engine, accounts, debtor, stripe_fake)
+
+    held = recompute(engine, runtime, new, "STATE_REFRESH")  # as the refile of the move requests it
+    assert held["status"] == "past_due", held
+    state = dunning_row(engine, new)
+    assert state["level"] != "suspended" and state["actions_requested"] == []
+    assert "guard.payment_elsewhere" in reasons(state)
+    events = outbox_events(engine, new)
+    assert events and not {"BadDebtEntered", "CancellationRequested"} & set(events), events
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT bad_debt FROM subs_account WHERE account_id = %(a)s",
+                                    {"a": new}).scalar() is False
+
+    evt = intent_event("failed", debtor, paid["stripe_payment_intent_id"], paid["payment_id"], decline="do_not_honor")
+    assert post_event(client, evt).json["state"] == "accepted"
+    wait_for(lambda: dunning_row(engine, new).get("status") == "bad_debt" and not requested(engine, new),
+             message="the new account enters bad debt once the payment failed")
+    assert dunning_row(engine, new)["actions_requested"] == cancel
+    assert {"BadDebtEntered", "CancellationRequested"} <= set(outbox_events(engine, new))
+
+
+@pytest.mark.worker
+def test_a_payment_found_failed_by_reconciliation_recomputes_the_account_its_customer_moved_to(
+        client, engine, runtime, accounts, debtor, stripe_fake, worker):
+    """The failure may never come as a webhook (routed by its customer, to the new account): beat's
+    reconciliation with Stripe finds it. It ends the new account's hold too, so it recomputes it."""
+    from app.payments.bad_debt_reconcile import reconcile
+
+    new, paid = paying_then_moved(client, engine, accounts, debtor, stripe_fake)
+    assert recompute(engine, runtime, new)["status"] == "past_due"
+
+    stripe_fake.set_status(paid["stripe_payment_intent_id"], "requires_payment_method", "insufficient_funds")
+    result = reconcile(runtime, paid["payment_id"], datetime.now(UTC) + timedelta(hours=1))
+    assert result.outcome == "failed"
+    assert requested(engine, new) == [new]  # and the task enqueues it
+    assert result.owners_to_enqueue == (new,)
+    assert recompute(engine, runtime, new)["status"] == "bad_debt"

@@ -104,7 +104,10 @@ def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> 
         insert(conn, "bad_debt_payment", account_id=account, idempotency_key=f"bdp-{account}-{k}",
                request_fingerprint="f", amount=5000, state="pending" if k == 0 and rng.random() < 0.5 else "failed",
                failure_reason=rng.choice([None, "card_declined"]), created_at=at(rng), updated_at=at(rng),
-               stripe_payment_intent_id=rng.choice([None, f"pi_{n}_{k}"]))
+               stripe_payment_intent_id=rng.choice([None, f"pi_{n}_{k}"]),
+               # its first customer's invoice, and its second's, which another team may move away:
+               # a pending one is then in flight for the account that owns that invoice now
+               invoice_ids=[f"in_{n}_00_{k}", f"in_{n}_01_0"])
     for k in range(rng.randint(0, 2)):
         insert(conn, "subs_mandate", payment_method_id=f"pm_{n}_m{k}", account_id=account, type="card",
                status=rng.choice(["usable", "blocked"]), status_reason=rng.choice([None, "permanent decline"]),
@@ -141,6 +144,17 @@ def varied_accounts(engine: Engine, accounts: Accounts, count: int = 60) -> list
                 conn.exec_driver_sql("UPDATE subs_customer SET account_id = %(to)s WHERE stripe_customer_id = %(c)s",
                                      {"to": f"acct_gb_{rng.randrange(count):03d}", "c": f"cus_gb_{n:03d}_01"})
         stripe_side(conn, rng, count, "cus_gb_unmapped")  # no account: its invoices and their retries nobody's
+        # One account's payment in flight covering a first invoice of every account (as if their
+        # customers had all been moved away from it since): in flight for each of those accounts.
+        conn.exec_driver_sql(
+            "INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, state, "
+            "invoice_ids, created_at, updated_at) "
+            "SELECT a.account_id, 'bdp-elsewhere', 'f', 5000, 'pending', "
+            "       (SELECT jsonb_agg(id ORDER BY id) FROM stripe_invoice WHERE id LIKE 'in\\_%%\\_00\\_0'), "
+            "       %(now)s, %(now)s FROM subs_account a "
+            " WHERE a.account_id LIKE 'acct\\_gb\\_%%' AND NOT EXISTS (SELECT 1 FROM bad_debt_payment b "
+            "       WHERE b.account_id = a.account_id AND b.state = 'pending') ORDER BY a.account_id LIMIT 1",
+            {"now": NOW})
         insert(conn, "payment_retry", account_id=ids[0], invoice_id=f"in_{count}_ed_0", payment_method_id=None,
                retry_number=1, free=False, idempotency_key="retry-unmapped", scheduled_for=NOW, state="sent",
                created_at=NOW)
@@ -189,6 +203,9 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     elsewhere = retries_claimed_elsewhere(engine)
     assert len({owner for owner, _ in elsewhere}) > 3, elsewhere
     assert all(any(r.invoice_id == invoice for r in expected[owner][0].retries) for owner, invoice in elsewhere)
+    # a pending bad-debt payment of another account on an invoice the account owns now is read for it
+    assert sum(1 for s in snapshots if any(len(p.invoice_ids) > 5 for p in s.payments_elsewhere)) > 5
+    assert all(p.state == "pending" for s in snapshots for p in s.payments_elsewhere)
     assert not any(r.invoice_id.startswith("in_60_") for s in snapshots for r in s.retries)  # nobody's invoice
     # several customers: each one's invoices, methods and default say which customer they belong to
     assert any(len({i.stripe_customer_id for i in s.invoices}) > 1 for s in snapshots)

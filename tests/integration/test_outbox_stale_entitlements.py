@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from psycopg2.extras import Json
+
 from app.domain.events import CancellationRequested, DunningEntered, EntitlementsChanged, UpgradeRevertRequested
 from app.outbox.relay import relay
+from tests.integration.test_mirror_filing import invoice
 from tests.integration.test_outbox_relay import (
     LATER,
     bad_debt_episode,
@@ -104,13 +107,44 @@ def test_a_second_relay_started_while_the_first_sends_leaves_the_account_to_it(a
     assert [r.kind for r in fake_am.for_account(account)] == ["entitlements", "cancellations"]
 
 
-def pay_bad_debt(engine, account: str) -> int:
+def pay_bad_debt(engine, account: str, invoices: list[str] | None = None) -> int:
     """A bad-debt payment in flight (POST /pay-bad-debt committed it and is charging the customer);
     the recompute that lifts the bad debt has not run yet."""
     with engine.begin() as conn:
         return conn.exec_driver_sql(
-            "INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount) "
-            "VALUES (%(a)s, %(k)s, 'fp', 5000) RETURNING id", {"a": account, "k": f"key-{account}"}).scalar_one()
+            "INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, invoice_ids) "
+            "VALUES (%(a)s, %(k)s, 'fp', 5000, %(i)s) RETURNING id",
+            {"a": account, "k": f"key-{account}", "i": Json(invoices or [])}).scalar_one()
+
+
+def test_a_cancellation_waits_while_another_accounts_payment_covers_an_invoice_the_account_owns_now(
+        accounts, engine, fake_am):
+    """Another team moved the customer here while the old account's bad-debt payment ran: the new
+    account's cancellation (its state asked for it before the recompute that holds it) waits for that
+    payment like for one of its own, and goes if it fails. A payment covering none of its invoices
+    holds nothing."""
+    old, _ = accounts.create()
+    account, customer = accounts.create()
+    bystander, _ = accounts.create()
+    with engine.begin() as conn:
+        invoice(conn, f"in_{account}", customer)
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    payment = pay_bad_debt(engine, old, [f"in_{account}"])
+    pay_bad_debt(engine, bystander, ["in_someone_else"])
+
+    report = relay(engine, fake_am.url)
+    assert fake_am.for_account(account) == []  # a paying customer's subscription is not cancelled
+    [cancel] = outbox(engine, account)
+    assert cancel["attempts"] == 0 and f"bad-debt payment {payment} is in flight" in cancel["last_error"]
+    assert report.held == 1
+
+    with engine.begin() as conn:  # declined: the new account's cancellation goes
+        conn.exec_driver_sql("UPDATE bad_debt_payment SET state = 'failed' WHERE id = %(id)s", {"id": payment})
+    relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+    assert [r.kind for r in fake_am.for_account(account)] == ["cancellations"]
 
 
 def test_a_cancellation_waits_while_the_customer_pays_the_bad_debt_and_goes_if_the_payment_fails(
@@ -231,3 +265,27 @@ def test_a_cancellation_never_tried_or_refused_is_superseded_with_its_reason_alo
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
     assert [r["last_error"] for r in outbox(engine, account)] == [
         "superseded: cancel:sub_1 is no longer requested", "superseded: cancel:sub_2 is no longer requested"]
+
+
+def test_the_hold_reads_the_payments_in_flight_only_not_the_payment_history(accounts, engine):
+    """Whether another account's payment in flight covers one of the account's invoices is asked for
+    every lifecycle request the relay sends: ended payments, which accumulate for ever, are not read."""
+    from app.outbox.relay import PAYMENT_IN_FLIGHT_SQL
+
+    account, customer = accounts.create()
+    with engine.begin() as conn:
+        invoice(conn, f"in_{account}", customer)
+        conn.exec_driver_sql(
+            "INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, state, "
+            "invoice_ids) SELECT 'acct_hist_' || mod(g, 500), 'hist-' || g, 'fp', 5000, 'failed', "
+            "       jsonb_build_array('in_hist_' || g) FROM generate_series(1, 20000) g")
+    pay_bad_debt(engine, account, [f"in_{account}"])
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE bad_debt_payment")
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + PAYMENT_IN_FLIGHT_SQL,
+                                                                {"account": account}))
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM bad_debt_payment WHERE idempotency_key LIKE %(k)s", {"k": "hist-%"})
+    assert "Seq Scan on bad_debt_payment" not in plan, plan

@@ -636,6 +636,29 @@ def test_a_lifting_accounts_failed_payment_returns_it_to_bad_debt_whatever_else_
     assert held.state.status == Status.PAST_DUE and "guard.payment_in_flight" in rules(held)
 
 
+def test_another_accounts_bad_debt_payment_in_flight_holds_the_invoices_it_covers_below_bad_debt():
+    """Another team moved the customer here while the old account's bad-debt payment ran: its
+    invoices are this account's now, but the customer is paying them. Held below bad debt (no
+    cancellation), not lifting (this account made no payment); the same decision twice; a payment
+    covering another invoice holds nothing, and once it failed the account enters bad debt."""
+    theirs = BadDebtPayment(id=9, state="pending", amount=5000, created_at=days(2), updated_at=days(2),
+                            invoice_ids=("in_1",))
+    snap = _suspended_snapshot(payments_elsewhere=(theirs,))
+    held = decide(snap)
+    assert (held.state.status, held.bad_debt, held.lifting_since) == (Status.PAST_DUE, False, None)
+    assert held.state.level != Level.SUSPENDED and held.state.actions_requested == ()
+    assert "guard.payment_elsewhere" in rules(held) and "guard.lifting" not in rules(held)
+    again = decide(replace(snap, stored=held.state))
+    assert again.state.changed_fields(held.state) == [] and derive_events(held.state, again, NOW) == []
+    entered = decide(_suspended_snapshot())
+    assert entered.state.status == Status.BAD_DEBT and entered.state.actions_requested == ("cancel:sub_1",)
+    elsewhere = decide(_suspended_snapshot(payments_elsewhere=(replace(theirs, invoice_ids=("in_other",)),)))
+    assert elsewhere.state == entered.state
+    failed = decide(replace(_suspended_snapshot(), stored=held.state))
+    assert failed.state.status == Status.BAD_DEBT
+    assert "BadDebtEntered" in [e.name for e in derive_events(held.state, failed, NOW)]
+
+
 # --- resolution, refunds, mandates ----------------------------------------------------------------
 
 def test_resolution_says_paid_or_resolved():
