@@ -442,9 +442,10 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         inv for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
         if is_unpaid(inv, any(a.failed for a in own.get(inv.id, ())), now)
     ]
-    balance = sum(inv.amount_remaining for inv in unpaid if not inv.is_upgrade)
+    balances = _balances(unpaid)
     unpaid_attempts = [a for inv in unpaid for a in own.get(inv.id, ())]
-    assessed = [_assess(snapshot, inv, own.get(inv.id, []), balance, policy, now) for inv in unpaid]
+    assessed = [_assess(snapshot, inv, own.get(inv.id, []), balances.get(inv.currency, 0), policy, now)
+                for inv in unpaid]
     reasons: list[Reason] = []
     for a in assessed:
         reasons.extend(a.reasons)
@@ -457,7 +458,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # Payment-flow guard: never put bad-debt consequences over a payment in flight.
     held_until: datetime | None = None  # when a guard's hold ends, if one holds
     covered = _covered_elsewhere(snapshot)
-    held_elsewhere = {a.invoice.id: _held_level(a, balance, policy, now)
+    held_elsewhere = {a.invoice.id: _held_level(a, balances.get(a.invoice.currency, 0), policy, now)
                       for a in assessed if a.level == Level.SUSPENDED and a.invoice.id in covered}
     if held_elsewhere:
         # Another account's bad-debt payment in flight pays these invoices (another team moved their
@@ -489,7 +490,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         # bad-debt payment just failed) stays there, its cancellation kept, whatever else is paying.
         if hold is not None and (stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING)):
             started, held_until = hold
-            held = {a.invoice.id: _held_level(a, balance, policy, now) for a in assessed if a.level == Level.SUSPENDED}
+            held = {a.invoice.id: _held_level(a, balances.get(a.invoice.currency, 0), policy, now)
+                    for a in assessed if a.level == Level.SUSPENDED}
             reasons.append(Reason("guard.payment_in_flight", "a payment is in flight (started within the guard "
                                   "window, or a bank debit processing): bad-debt consequences held until its outcome",
                                   {"since": iso(started), "until": iso(held_until),
@@ -653,6 +655,17 @@ def _holds_end(snapshot: Snapshot, unpaid: list[Invoice], unpaid_attempts: list[
     ends += [r.created_at + guard for r in snapshot.retries
              if r.invoice_id in unpaid_ids and r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard]
     return ends
+
+
+def _balances(unpaid: list[Invoice]) -> dict[str, int]:
+    """The account's unpaid balance of regular invoices, per currency: an account of several Stripe
+    customers may be billed in several, and amounts in different currencies do not add up (300 cents
+    and 300 euro cents are two small balances, not one of 600). An invoice's rules read its own."""
+    balances: dict[str, int] = {}
+    for inv in unpaid:
+        if not inv.is_upgrade:
+            balances[inv.currency] = balances.get(inv.currency, 0) + inv.amount_remaining
+    return balances
 
 
 def _held_level(a: InvoiceAssessment, balance: int, policy: Policy, now: datetime) -> Level:

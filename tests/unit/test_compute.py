@@ -186,6 +186,19 @@ def test_small_balance_caps_at_notice():
     assert "balance.small" in rules(decision)
 
 
+def test_small_balances_in_two_currencies_do_not_add_up():
+    """An account of two Stripe customers billed in two currencies: 300 cents and 300 euro cents are
+    two small balances, not one of 600 (each is compared with the threshold in its own currency)."""
+    usd = invoice("in_usd", status="uncollectible", failed_days_ago=40, amount=300, currency="usd")
+    eur = invoice("in_eur", status="uncollectible", failed_days_ago=40, amount=300, currency="eur", sub="sub_2")
+    decision = decide(snapshot(usd, eur, subscriptions=TWO_SUBSCRIPTIONS))
+    assert decision.state.level == Level.NOTICE and decision.state.status == Status.PAST_DUE
+    assert [r.facts["balance"] for r in decision.reasons if r.rule == "balance.small"] == [300, 300]
+    # The same 600 in one currency is no small balance.
+    one = decide(snapshot(usd, replace(eur, currency="usd"), subscriptions=TWO_SUBSCRIPTIONS))
+    assert one.state.status == Status.BAD_DEBT and "balance.small" not in rules(one)
+
+
 # --- scoping to products, upgrades ------------------------------------------------------------
 
 def test_consequences_touch_only_the_products_of_unpaid_invoices():
