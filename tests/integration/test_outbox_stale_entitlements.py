@@ -107,6 +107,16 @@ def test_a_second_relay_started_while_the_first_sends_leaves_the_account_to_it(a
     assert [r.kind for r in fake_am.for_account(account)] == ["entitlements", "cancellations"]
 
 
+def cancellation_in_bad_debt(engine, account: str) -> str:
+    """The account in bad debt (an open episode) asks to cancel sub_1: its CancellationRequested (v1)
+    waits in the outbox. The episode's start."""
+    requesting(engine, account, "cancel:sub_1")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    return episode
+
+
 def pay_bad_debt(engine, account: str, invoices: list[str] | None = None) -> int:
     """A bad-debt payment in flight (POST /pay-bad-debt committed it and is charging the customer);
     the recompute that lifts the bad debt has not run yet."""
@@ -128,10 +138,7 @@ def test_a_cancellation_waits_while_another_accounts_payment_covers_an_invoice_t
     bystander, _ = accounts.create()
     with engine.begin() as conn:
         invoice(conn, f"in_{account}", customer)
-    requesting(engine, account, "cancel:sub_1")
-    episode = datetime.now(UTC).isoformat()
-    bad_debt_episode(engine, account, episode)
-    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    cancellation_in_bad_debt(engine, account)
     payment = pay_bad_debt(engine, old, [f"in_{account}"])
     pay_bad_debt(engine, bystander, ["in_someone_else"])
 
@@ -150,10 +157,7 @@ def test_a_cancellation_waits_while_another_accounts_payment_covers_an_invoice_t
 def test_a_cancellation_waits_while_the_customer_pays_the_bad_debt_and_goes_if_the_payment_fails(
         accounts, engine, fake_am):
     account, _ = accounts.create()
-    requesting(engine, account, "cancel:sub_1")
-    episode = datetime.now(UTC).isoformat()
-    bad_debt_episode(engine, account, episode)
-    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    cancellation_in_bad_debt(engine, account)
     entitlements(engine, account, 2, prod_core="revoked")
     payment = pay_bad_debt(engine, account)
 
@@ -204,10 +208,7 @@ def test_a_cancellation_no_longer_wanted_after_a_try_without_an_answer_says_it_m
     import logging
 
     account, _ = accounts.create()
-    requesting(engine, account, "cancel:sub_1")
-    episode = datetime.now(UTC).isoformat()
-    bad_debt_episode(engine, account, episode)
-    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    cancellation_in_bad_debt(engine, account)
     fake_am.mode = "failing"
     assert relay(engine, fake_am.url).failed == 1
     requesting(engine, account)  # paid: the cancellation is no longer requested
@@ -230,10 +231,7 @@ def test_a_cancellation_tried_without_an_answer_then_held_for_a_payment_keeps_it
     must still name the answer it got when sent; the hold wrote over it, and the row read only
     'the last: held: bad-debt payment N is in flight'."""
     account, _ = accounts.create()
-    requesting(engine, account, "cancel:sub_1")
-    episode = datetime.now(UTC).isoformat()
-    bad_debt_episode(engine, account, episode)
-    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    cancellation_in_bad_debt(engine, account)
     fake_am.mode = "failing"
     assert relay(engine, fake_am.url).failed == 1
     payment = pay_bad_debt(engine, account)
@@ -254,10 +252,7 @@ def test_a_cancellation_tried_without_an_answer_then_held_for_a_payment_keeps_it
 
 def test_a_cancellation_never_tried_or_refused_is_superseded_with_its_reason_alone(accounts, engine, fake_am):
     account, _ = accounts.create()
-    requesting(engine, account, "cancel:sub_1")
-    episode = datetime.now(UTC).isoformat()
-    bad_debt_episode(engine, account, episode)
-    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    episode = cancellation_in_bad_debt(engine, account)
     write_events(engine, account, 2, [CancellationRequested(subscription_id="sub_2", reason="x", episode=episode)])
     fake_am.refuse(account, 422, {"error": "subscription_not_cancellable"})
     assert relay(engine, fake_am.url).failed == 1  # refused as wrong: Account Management did nothing

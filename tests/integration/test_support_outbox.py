@@ -9,18 +9,16 @@ from datetime import UTC, datetime
 
 from markupsafe import escape
 
-from app.domain.events import CancellationRequested, EntitlementsChanged
+from app.domain.events import EntitlementsChanged
 from app.outbox.relay import relay
 from tests.conftest import SUPPORT_TOKEN
 from tests.integration.test_outbox_relay import (
     LATER,
-    bad_debt_episode,
     outbox,
     plan_over_delivered_history,
-    requesting,
     write_events,
 )
-from tests.integration.test_outbox_stale_entitlements import pay_bad_debt
+from tests.integration.test_outbox_stale_entitlements import cancellation_in_bad_debt, pay_bad_debt
 
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
 MARKUP = '<img src=x onerror="alert(1)">'
@@ -62,10 +60,7 @@ def test_a_refused_row_is_shown_blocked_with_its_answer_escaped(client, accounts
 def test_a_cancellation_held_for_a_payment_in_flight_and_the_row_behind_it_are_shown(client, accounts, engine,
                                                                                       fake_am):
     account, _ = accounts.create()
-    requesting(engine, account, "cancel:sub_1")
-    episode = datetime.now(UTC).isoformat()
-    bad_debt_episode(engine, account, episode)
-    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="x", episode=episode)])
+    cancellation_in_bad_debt(engine, account)
     entitlements(engine, account, 2, prod_core="revoked")
     payment = pay_bad_debt(engine, account)
     assert relay(engine, fake_am.url).held == 1  # the real relay holds it (the page reads what it wrote)
