@@ -25,6 +25,7 @@ from app.domain.decline_codes import DECLINE_CODES, classify
 from app.domain.snapshot import Attempt, Charge, Invoice, InvoiceLine, PaymentMethod, Retry, Snapshot, Subscription
 from app.domain.state import Access, FailureClass, Level, Status
 from tests.unit.builders import NOW, days, policy
+from tests.unit.test_compute_properties import beat_until
 
 POLICY = policy()
 # PROP_N / PROP_N_RUN raise the number of examples for a longer hunt (the unit suite keeps the defaults)
@@ -477,16 +478,7 @@ def test_a_simulated_dunning_run_of_several_invoices_keeps_the_rules(data):
     decision = run.recompute()
     for _ in range(data.draw(st.integers(1, 40))):
         until = run.now + timedelta(minutes=data.draw(st.integers(1, 6 * 24 * 60)))
-        while True:  # beat: due retries and review moments up to then
-            due = min((t for t in (decision.state.next_retry_at, decision.state.next_review_at) if t is not None),
-                      default=None)
-            if due is None or due > until:
-                break
-            run.now = max(run.now, due)
-            if decision.state.next_retry_at is not None and decision.state.next_retry_at <= run.now:
-                run.dispatch(decision, data.draw(RUN_DECLINES))
-            decision = run.recompute()
-        run.now = until
+        decision = beat_until(run, decision, until, lambda: data.draw(RUN_DECLINES))
         for day, what in sorted(pending.items()):
             if run.now - T0 >= timedelta(days=day):
                 del pending[day]

@@ -10,8 +10,10 @@ next one is made. Rules found broken by review have a concrete test beside the p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -170,6 +172,22 @@ class Run:
         self.charge(method_id, decline)
 
 
+def beat_until(run: Any, decision: Any, until: datetime, decline: Callable[[], str]) -> Any:
+    """Beat up to ``until``: each due retry is dispatched (Stripe declines it with ``decline()``) and
+    each due retry or review moment recomputes. The run's clock ends at ``until``; the last decision."""
+    while True:
+        due = min((t for t in (decision.state.next_retry_at, decision.state.next_review_at) if t is not None),
+                  default=None)
+        if due is None or due > until:
+            break
+        run.now = max(run.now, due)
+        if decision.state.next_retry_at is not None and decision.state.next_retry_at <= run.now:
+            run.dispatch(decision, decline())
+        decision = run.recompute()
+    run.now = until
+    return decision
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_simulated_dunning_run_keeps_every_retry_rule(data):
@@ -180,16 +198,7 @@ def test_a_simulated_dunning_run_keeps_every_retry_rule(data):
     decision = run.recompute()
     for _ in range(data.draw(st.integers(1, 25))):
         until = run.now + timedelta(minutes=data.draw(st.integers(1, 4 * 24 * 60)))
-        while True:  # beat: due retries and review moments up to then
-            due = min((t for t in (decision.state.next_retry_at, decision.state.next_review_at) if t is not None),
-                      default=None)
-            if due is None or due > until:
-                break
-            run.now = max(run.now, due)
-            if decision.state.next_retry_at is not None and decision.state.next_retry_at <= run.now:
-                run.dispatch(decision, data.draw(DECLINES))
-            decision = run.recompute()
-        run.now = until
+        decision = beat_until(run, decision, until, lambda: data.draw(DECLINES))
         action = data.draw(CUSTOMER)
         if action == "new_card":
             run.methods.append(PaymentMethod(f"pm_{len(run.methods) + 1}", "card", True, run.now))
