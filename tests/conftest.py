@@ -173,16 +173,23 @@ def worker(celery_app: Celery) -> Iterator[Any]:
         yield w
 
 
+def _real_monotonic() -> float:
+    """Seconds by the system's monotonic clock, which freezegun leaves alone: it freezes (and moves on
+    with tick/move_to) time.monotonic, so a wait inside freeze_time never timed out, or a test moving
+    frozen time on ended another thread's wait at once."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
              message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    deadline = _real_monotonic() + timeout
     pause = threading.Event()
     while True:
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
+        if _real_monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         pause.wait(interval)
 
