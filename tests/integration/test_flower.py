@@ -55,7 +55,8 @@ def test_flower_shows_a_retrying_task_with_retries_and_exception(client, account
         assert retrying["name"] == "tasks.retry_payment"
         assert retrying["state"] in ("RETRY", "RECEIVED", "STARTED", "PENDING")
         assert "rate limit" in retrying["exception"].lower()
-        listed = requests.get(f"{base}/api/tasks", params={"taskname": "tasks.retry_payment"}, timeout=5).json()
+        listed = requests.get(f"{base}/api/tasks", params={"taskname": "tasks.retry_payment"},
+                              timeout=30).json()  # an answer that must come: far off
         assert listed[task_id]["retries"] >= 1
 
         done = wait_for(lambda: (t := flower_task(base, task_id)) and t.get("state") == "SUCCESS" and t,
