@@ -29,6 +29,10 @@ from app.embedded import (
     write_pidfile,
 )
 
+# For a server or backend to exit, which it will: far off (a loaded machine's shutdown, its
+# checkpoint or dump, can take seconds).
+EXIT_TIMEOUT = 60.0
+
 
 def gone(pid: int) -> bool:
     try:
@@ -90,7 +94,7 @@ def test_both_servers_start_stop_and_reuse_the_folder(tmp_path: Path) -> None:
     finally:
         rd.stop()
         pg.stop()
-    wait_for(lambda: gone(pg_pid) and gone(redis_pid), 10, "both servers to exit")
+    wait_for(lambda: gone(pg_pid) and gone(redis_pid), EXIT_TIMEOUT, "both servers to exit")
     rd.stop()  # idempotent
     pg.stop()
     with pytest.raises(EmbeddedServerError):
@@ -141,7 +145,7 @@ def test_redis_dies_with_its_owner(tmp_path: Path) -> None:
             EmbeddedRedis(tmp_path).start()
         owner.send_signal(signal.SIGKILL)
         owner.wait(10)
-        wait_for(lambda: gone(redis_pid), 10, "the orphaned Redis to exit")
+        wait_for(lambda: gone(redis_pid), EXIT_TIMEOUT, "the orphaned Redis to exit")
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -262,7 +266,7 @@ def test_a_first_start_interrupted_in_initdb_leaves_a_folder_the_next_start_uses
     finally:
         pg.stop()
     assert (pgdata / "PG_VERSION").exists()  # what initdb left
-    wait_for(lambda: not pgdata_processes(pgdata), 10, "initdb's backend to exit")
+    wait_for(lambda: not pgdata_processes(pgdata), EXIT_TIMEOUT, "initdb's backend to exit")
     monkeypatch.undo()
 
     again = EmbeddedPostgres(tmp_path)
