@@ -322,7 +322,12 @@ def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
 
 
 def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) -> str:
-    """How the last unpaid invoices were settled: customer money ("paid") or otherwise."""
+    """How the last unpaid invoices were settled: customer money ("paid") or otherwise.
+
+    "paid" only when the customer's money paid every debt settled in the episode (each labelled
+    Paid in the billing history): one of them voided, credited or written off is a debt closed
+    without the customer paying in full, "resolved", whichever was settled first (a newer invoice
+    paid by card while the bad debt's own invoice was then voided is no paid bad debt)."""
     stored = snapshot.stored
     since = stored.unpaid_since if stored is not None else None
     # The invoices that were debt (failed, overdue or marked uncollectible) and are settled since:
@@ -331,7 +336,7 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) ->
                and (since is None or (i.paid_at or i.voided_at or i.created) >= since)]
     from app.domain.billing_history import Label, label
 
-    if any(label(i, grouped.get(i.id, ())) == Label.PAID for i in settled):
+    if settled and all(label(i, grouped.get(i.id, ())) == Label.PAID for i in settled):
         return "paid"
     return "resolved"
 

@@ -262,3 +262,41 @@ def test_a_chargeless_failure_is_announced_once_when_later_events_move_its_attem
     assert steps == [[{"attempt_id": "pi_1", "failure_class": "action_required"}], []]
     assert compute(snapshot(inv, attempts=(cancelled,)), POLICY, NOW).state.last_failure_id == \
         f"pi_1@{days(1).isoformat()}"
+
+
+def test_bad_debt_voided_after_a_newer_invoice_was_paid_is_resolved_as_its_label_says():
+    """In bad debt for in_a, the customer pays a newer failed invoice (still bad debt: in_a is
+    unpaid), then in_a is voided. The void ended it: BadDebtExited and DunningResolved say
+    "resolved", as in_a's billing-history label does, not "paid" for the other invoice's payment."""
+    in_a, _, (failed_a, _) = two_invoices_in_bad_debt()
+    newer = replace(invoice("in_new", failed_days_ago=2), created=days(3))
+    in_debt = compute(snapshot(in_a, newer, attempts=(failed_a, attempt("pi_n", "in_new", days_ago=2))),
+                      POLICY, days(1.5))
+    assert in_debt.state.status == "bad_debt"
+    newer_paid = replace(newer, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(1))
+    paid_by_card = attempt("pi_n", "in_new", days_ago=1, status="succeeded", amount=5000)
+    still = compute(replace(snapshot(in_a, newer_paid, attempts=(failed_a, paid_by_card)), stored=in_debt.state),
+                    POLICY, days(0.9))
+    assert still.state.status == "bad_debt"
+    voided = replace(in_a, status="void", amount_remaining=0, voided_at=days(0.1))
+    snap = snapshot(voided, newer_paid, attempts=(failed_a, paid_by_card))
+    after = compute(replace(snap, stored=still.state), POLICY, NOW)
+    events = {e.name: e.payload() for e in derive_events(still.state, after, NOW, days(1.5))}
+    assert events["BadDebtExited"] == {"how": "resolved", "duration_seconds": 36 * 3600}
+    assert events["DunningResolved"] == {"how": "resolved"}
+    assert {row.invoice.id: row.label for row in history(snap, NOW)} == {"in_a": Label.RESOLVED,
+                                                                        "in_new": Label.PAID}
+
+
+def test_a_dunning_paid_in_full_by_the_customer_is_paid():
+    """Every debt of the episode paid with the customer's money: "paid", as both labels say."""
+    in_a, in_b, (failed_a, failed_b) = two_invoices_in_bad_debt()
+    in_debt = compute(snapshot(in_a, in_b, attempts=(failed_a, failed_b)), POLICY, days(1))
+    paid = [replace(i, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(0.5)) for i in (in_a, in_b)]
+    cards = (attempt("pi_a", "in_a", days_ago=0.5, status="succeeded", amount=5000),
+             attempt("pi_b", "in_b", days_ago=0.5, status="succeeded", amount=5000))
+    snap = snapshot(*paid, attempts=cards)
+    after = compute(replace(snap, stored=in_debt.state), POLICY, NOW)
+    events = {e.name: e.payload() for e in derive_events(in_debt.state, after, NOW, days(1))}
+    assert events["BadDebtExited"]["how"] == "paid" and events["DunningResolved"] == {"how": "paid"}
+    assert {row.label for row in history(snap, NOW)} == {Label.PAID}
