@@ -53,7 +53,7 @@ def _text_problem(value: str) -> str | None:
 
 def _view(conn: Any, now: datetime) -> dict[str, Any]:
     state = store.read_state(conn)
-    health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now))
+    health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now), state.stage)
     return {**state.to_json(), "health": health.to_json(), "history": store.history(conn, 20)}
 
 

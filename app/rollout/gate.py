@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 HEALTH_SQL = """
 SELECT
-  (SELECT count(*) FROM drift_record e WHERE e.remediated AND e.found_at >= %(since)s) AS remediations,
+  (SELECT count(*) FROM drift_record e WHERE e.remediated AND e.found_at >= %(since)s
+     AND (%(stage)s IS NULL OR e.stage = %(stage)s)) AS remediations,
   (SELECT count(*) FROM drift_record e
-    WHERE e.remediated AND e.found_at >= %(since)s
+    WHERE e.remediated AND e.found_at >= %(since)s AND (%(stage)s IS NULL OR e.stage = %(stage)s)
       AND (EXISTS (SELECT 1 FROM drift_record l
                     WHERE l.account_id = e.account_id AND l.found_at > e.found_at
                       AND l.sweep_id IS DISTINCT FROM e.sweep_id
@@ -59,8 +60,13 @@ SELECT
 """
 
 
-def measure(conn: Connection, since: datetime) -> Health:
-    row = conn.exec_driver_sql(HEALTH_SQL, {"since": since}).one()
+def measure(conn: Connection, since: datetime, stage: str | None = None) -> Health:
+    """Health since ``since``; with ``stage``, of the remediations requested at that stage only
+    (drift_record.stage, the stage read in the transaction that requested them): those a page
+    requested at the stage before a change, and recorded just after it (or stamped after it by a
+    sweep host whose clock runs ahead of the gate's), are the stage before's, and must not step
+    the new stage back again."""
+    row = conn.exec_driver_sql(HEALTH_SQL, {"since": since, "stage": stage}).one()
     return Health(remediations=int(row.remediations), reverted=int(row.reverted), errors=int(row.errors),
                   sweeps=int(row.sweeps))
 
@@ -71,7 +77,7 @@ def check_gate(engine: Engine, policy: Policy, now: datetime) -> tuple[GateDecis
     limits = rollout_policy(policy.extra)
     with unit_of_work(engine) as conn:
         state = read_state(conn, for_update=True)
-        health = measure(conn, health_since(state.status, limits, now))
+        health = measure(conn, health_since(state.status, limits, now), state.stage)
         decision = evaluate_gate(state.status, health, limits, now)
         if decision.action in ("advance", "rollback"):
             change(conn, decision.action, "gate", decision.reason, now, health.to_json())

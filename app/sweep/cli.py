@@ -109,7 +109,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                       f"{' (held)' if after.held else ''}; recorded by {args.actor}")
             state = store.read_state(conn)
             history = store.history(conn, args.history)
-            health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now))
+            health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now), state.stage)
     except store.RolloutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,12 +47,15 @@ def sweep_errors(engine: Engine, sweep: int, at: datetime, accounts: list[str | 
 
 
 def remediation(engine: Engine, sweep: int, account: str, at: datetime, stored: dict[str, Any],
-                remediated: bool = True) -> None:
+                remediated: bool = True, stage: str = "5") -> None:
+    """A drift record; ``stage``: the one the remediation was requested at (the gate counts those of
+    the current stage)."""
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, stage) "
-            "VALUES (%(s)s, %(a)s, %(t)s, %(st)s, '{}', %(f)s, %(r)s, '5')",
-            {"s": sweep, "a": account, "t": at, "st": Json(stored), "f": Json(list(stored)), "r": remediated})
+            "VALUES (%(s)s, %(a)s, %(t)s, %(st)s, '{}', %(f)s, %(r)s, %(stage)s)",
+            {"s": sweep, "a": account, "t": at, "st": Json(stored), "f": Json(list(stored)), "r": remediated,
+             "stage": stage})
 
 
 def history(engine: Engine) -> list[Any]:
@@ -111,9 +114,9 @@ def test_gate_steps_back_and_holds_when_remediations_are_reverted(runtime, engin
     set_stage(engine, "25", entered=NOW - timedelta(hours=3))
     first = finished_sweep(engine, NOW - timedelta(hours=2))
     for n in range(10):
-        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"})
+        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"}, stage="25")
     second = finished_sweep(engine, NOW - timedelta(hours=1))
-    remediation(engine, second, "acct_3", NOW - timedelta(hours=1), {"status": "bad_debt"}, False)
+    remediation(engine, second, "acct_3", NOW - timedelta(hours=1), {"status": "bad_debt"}, False, "25")
     with engine.begin() as conn:  # the remediation recompute of acct_7 failed
         conn.exec_driver_sql(
             "INSERT INTO subs_stuck_events (account_id, task_name, task_args, error_class, error, state, "
@@ -172,20 +175,20 @@ def test_after_a_step_back_the_gate_steps_back_again_when_the_lower_stage_breach
     set_stage(engine, "25", entered=NOW - timedelta(hours=3))
     first = finished_sweep(engine, NOW - timedelta(hours=2))
     for n in range(10):
-        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"})
+        remediation(engine, first, f"acct_{n}", NOW - timedelta(hours=2), {"status": "bad_debt"}, stage="25")
     second = finished_sweep(engine, NOW - timedelta(hours=1))
     for n in range(10):
-        remediation(engine, second, f"acct_{n}", NOW - timedelta(hours=1), {"status": "bad_debt"}, False)
+        remediation(engine, second, f"acct_{n}", NOW - timedelta(hours=1), {"status": "bad_debt"}, False, "25")
     decision, _health, state = check_gate(engine, runtime.policy, NOW)
     assert decision.action == "rollback" and (state.stage, state.held) == ("10", True)
 
     later = NOW + timedelta(hours=1)
     third = finished_sweep(engine, later - timedelta(minutes=40))
     for n in range(20, 40):
-        remediation(engine, third, f"acct_{n}", later - timedelta(minutes=40), {"status": "bad_debt"})
+        remediation(engine, third, f"acct_{n}", later - timedelta(minutes=40), {"status": "bad_debt"}, stage="10")
     fourth = finished_sweep(engine, later - timedelta(minutes=20))
     for n in range(20, 40):
-        remediation(engine, fourth, f"acct_{n}", later - timedelta(minutes=20), {"status": "bad_debt"}, False)
+        remediation(engine, fourth, f"acct_{n}", later - timedelta(minutes=20), {"status": "bad_debt"}, False, "10")
     again, health, state = check_gate(engine, runtime.policy, later)
     assert (health.remediations, health.reverted) == (20, 20)
     assert again.action == "rollback" and "20 of 20" in again.reason, again

@@ -1,0 +1,146 @@
+# ruff: noqa: F811
+"""The rollout gate at its edges (DESIGN section 6): stage membership, a breach exactly at the
+limit, two gate checks at once, an operator's change racing the gate, and a stage change landing
+between a sweep page's remediation requests and its drift records."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import Engine
+
+from app.domain.rollout import STAGES, Health, RolloutPolicy, RolloutStatus, evaluate_gate, in_stage
+from app.rollout.gate import check_gate
+from app.rollout.store import change
+from app.sweep.sweep import Sweeper
+from tests.conftest import wait_for
+from tests.integration.test_rollout_ops import finished_sweep, history, remediation
+from tests.integration.test_sweep import corrupted, rollout_off, set_stage, sql  # noqa: F401
+
+NOW = datetime.now(UTC)
+IDS = st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=200, unique=True)
+
+
+@given(ids=IDS, named=st.lists(st.text(min_size=1, max_size=24), max_size=5))
+def test_off_takes_none_named_takes_exactly_the_named_and_each_step_back_shrinks(ids: list[str],
+                                                                                 named: list[str]) -> None:
+    members = {stage: {a for a in ids + named if in_stage(a, stage, named)} for stage in STAGES}
+    assert members["off"] == set()
+    assert members["named"] == set(named)
+    for wider, narrower in zip(STAGES[1:], STAGES, strict=False):
+        assert members[narrower] <= members[wider], (narrower, wider)
+
+
+def test_a_breach_exactly_at_the_limit_is_inside_it_one_more_steps_back() -> None:
+    """The limits are maxima: 2 reverted of 100 at a 2% limit, 5 errors at a limit of 5, are healthy."""
+    state = RolloutStatus("25", False, NOW - timedelta(hours=30))
+    limits = RolloutPolicy()
+    at = evaluate_gate(state, Health(remediations=100, reverted=2, errors=5, sweeps=3), limits, NOW)
+    assert at.action == "advance", at
+    for over in (Health(remediations=100, reverted=3, errors=5, sweeps=3),
+                 Health(remediations=100, reverted=2, errors=6, sweeps=3)):
+        assert evaluate_gate(state, over, limits, NOW).action == "rollback", over
+
+
+def _lock_waiters(engine: Engine) -> int:
+    return int(sql(engine, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                           "AND query LIKE '%%rollout_state%%'")[0][0])
+
+
+def _blocked_behind_the_rollout_row(engine: Engine, calls: list, waiters: int) -> list:
+    """Run ``calls`` in threads while the rollout row is held, let go once all of them wait on it."""
+    results: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # reported by the assertions of the test
+            results[i] = exc
+
+    with engine.connect() as holder:
+        tx = holder.begin()
+        holder.exec_driver_sql("SELECT 1 FROM rollout_state WHERE id = 1 FOR UPDATE")
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        wait_for(lambda: _lock_waiters(engine) >= waiters, message="the calls waiting on the rollout row")
+        tx.commit()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_two_gate_checks_at_once_advance_once(runtime, engine: Engine, rollout_off: None):
+    set_stage(engine, "5", entered=NOW - timedelta(hours=25))
+    finished_sweep(engine, NOW - timedelta(hours=1))
+    results = _blocked_behind_the_rollout_row(
+        engine, [lambda: check_gate(engine, runtime.policy, NOW)] * 2, 2)
+    actions = sorted(r[0].action for r in results)
+    assert actions == ["advance", "hold"], results
+    assert [(h.action, h.from_stage, h.to_stage) for h in history(engine)] == [("advance", "5", "10")]
+    assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "10"
+
+
+def test_an_operators_rollback_racing_the_gate_ends_held_and_no_wider(runtime, engine: Engine, rollout_off: None):
+    """The operator steps back while the gate, about to advance on healthy data, waits on the same
+    row. Whichever takes the row first, the rollout ends held and no wider than the stage the
+    operator saw: operator first, the gate sees the held lower stage and leaves it; gate first,
+    the operator's step back undoes the gate's advance (and says so: "25% -> 10%")."""
+    set_stage(engine, "10", entered=NOW - timedelta(hours=25))
+    finished_sweep(engine, NOW - timedelta(hours=1))
+
+    def operator() -> object:
+        with engine.begin() as conn:
+            return change(conn, "rollback", "ops:alice", "customers complain", NOW)
+
+    results = _blocked_behind_the_rollout_row(
+        engine, [operator, lambda: check_gate(engine, runtime.policy, NOW)], 2)
+    assert not any(isinstance(r, Exception) for r in results), results
+    state = sql(engine, "SELECT stage, held FROM rollout_state")[0]
+    steps = [(h.action, h.from_stage, h.to_stage, h.actor) for h in history(engine)]
+    assert steps in ([("rollback", "10", "5", "ops:alice")],
+                     [("advance", "10", "25", "gate"), ("rollback", "25", "10", "ops:alice")]), steps
+    assert state.held and state.stage == steps[-1][2]
+
+
+def test_remediations_requested_at_the_stage_before_a_step_back_are_not_the_new_stages_health(
+        runtime, engine: Engine, corrupted: dict[str, str]):
+    """The gate steps back while a sweep page is between requesting its remediations (at the wider
+    stage) and recording them. Those records are the wider stage's: counted in the lower stage's
+    health, the same reverted remediations step it back again (and again), as the sweep errors'
+    before_stage marking already prevents for errors."""
+    named = [corrupted["paid"], corrupted["flagged"], corrupted["unpaid"]]
+    set_stage(engine, "5", named, entered=NOW - timedelta(hours=30))
+    stepped: list[str] = []
+
+    def enqueue(account_id: str, run_id: int | None) -> str:
+        if not stepped:  # the gate's step back lands after the page's requests, before its records
+            with engine.begin() as conn:
+                stepped.append(change(conn, "rollback", "gate", "reverted remediations", NOW)[1].stage)
+        return "task"
+
+    clock = iter([NOW + timedelta(seconds=s) for s in range(100)])
+    report = Sweeper(engine, runtime.policy, enqueue, clock=lambda: next(clock)).start()
+    assert report.enqueued == 3 and stepped == ["named"]
+    assert sql(engine, "SELECT count(*) FROM drift_record WHERE remediated")[0][0] == 3
+    _decision, health, _state = check_gate(engine, runtime.policy, NOW + timedelta(hours=1))
+    assert health.remediations == 0, health
+
+
+def test_a_sweep_clock_ahead_of_the_gates_does_not_bring_the_wider_stages_remediations_down(
+        runtime, engine: Engine, rollout_off: None):
+    """A sweep host whose clock runs minutes ahead stamps the wider stage's last remediations after
+    the step back: they are still that stage's, not the lower one's."""
+    set_stage(engine, "named", entered=NOW - timedelta(minutes=1))  # stepped back from 5% at NOW - 1 min
+    sweep = finished_sweep(engine, NOW - timedelta(minutes=30))
+    for n in range(10):
+        remediation(engine, sweep, f"acct_{n}", NOW + timedelta(minutes=2), {"status": "bad_debt"})  # at 5%
+    later = finished_sweep(engine, NOW + timedelta(minutes=10))
+    for n in range(10):  # not taken yet: found drifted again at named, out of its stage
+        remediation(engine, later, f"acct_{n}", NOW + timedelta(minutes=10), {"status": "bad_debt"}, False)
+    decision, health, state = check_gate(engine, runtime.policy, NOW + timedelta(minutes=20))
+    assert (health.remediations, health.reverted) == (0, 0), health
+    assert decision.action != "rollback" and state.stage == "named", decision
