@@ -8,7 +8,8 @@ The gate decides from health measured since the current stage was entered (and w
 policy's health window): it advances after the soak time when healthy, steps back when the share
 of remediations that were reverted/re-drifted or the number of errors (distinct accounts the
 sweeps failed on, plus errors not about one account) exceeds the limits, and otherwise holds,
-always with a reason. A held stage (an operator's hold, or the gate's own after a step back) still
+always with a reason. It never widens from 'named accounts' with nobody named (that stage, like off,
+has tested nothing). A held stage (an operator's hold, or the gate's own after a step back) still
 steps back when breached; it only never advances until someone resumes.
 """
 
@@ -214,6 +215,11 @@ def evaluate_gate(state: RolloutStatus, health: Health, policy: RolloutPolicy, n
     target = next_stage(state.stage)
     if target is None:
         return GateDecision("none", "at 100%, healthy")
+    if state.stage == "named" and not state.named_accounts:
+        # Named with nobody named remediates no one, as off: widening from it to 5% of real customers
+        # on no evidence would start the rollout by itself, which from off only an operator does.
+        return GateDecision("hold", "no named accounts: the named stage has remediated no one; "
+                                    "name accounts, or advance by hand")
     if health.sweeps == 0:
         return GateDecision("hold", f"no completed sweep since {label(state.stage)} began: health unknown")
     if health.remediations < policy.min_remediations:

@@ -18,7 +18,7 @@ from app.rollout.store import change
 from app.sweep.sweep import Sweeper
 from tests.conftest import wait_for
 from tests.integration.test_rollout_ops import finished_sweep, history, remediation
-from tests.integration.test_sweep import corrupted, rollout_off, set_stage, sql  # noqa: F401
+from tests.integration.test_sweep import Recorder, corrupted, rollout_off, set_stage, sql  # noqa: F401
 
 NOW = datetime.now(UTC)
 IDS = st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=200, unique=True)
@@ -144,3 +144,27 @@ def test_a_sweep_clock_ahead_of_the_gates_does_not_bring_the_wider_stages_remedi
     decision, health, state = check_gate(engine, runtime.policy, NOW + timedelta(minutes=20))
     assert (health.remediations, health.reverted) == (0, 0), health
     assert decision.action != "rollback" and state.stage == "named", decision
+
+
+def test_a_sweep_of_one_account_pages_in_segments_requests_each_in_stage_account_once(
+        runtime, engine: Engine, corrupted: dict[str, str]):
+    """One page per account and one segment per page (as beat chains them): each drifted account
+    inside the stage gets exactly one DRIFT_DETECTED request and one send for the sweep; the one
+    outside is recorded and counted, and nothing is requested for it."""
+    named = [corrupted["paid"], corrupted["flagged"]]
+    set_stage(engine, "named", named)
+    recorder = Recorder()
+    sweeper = Sweeper(engine, runtime.policy, recorder, batch_size=1)
+    report = sweeper.start(max_seconds=0)
+    segments = 1
+    while not report.finished:
+        report = sweeper.resume(report.run_id, max_seconds=0)
+        segments += 1
+    assert segments >= 6 and (report.scanned, report.drifted, report.in_stage, report.enqueued) == (6, 3, 2, 2)
+    assert sorted(a for a, _ in recorder.sent) == sorted(named)
+    requests = sql(engine, "SELECT account_id, trigger FROM recompute_request")
+    assert sorted(tuple(r) for r in requests) == sorted((a, "DRIFT_DETECTED") for a in named)
+    records = {r.account_id: (r.remediated, r.skipped) for r in sql(
+        engine, "SELECT account_id, remediated, skipped FROM drift_record")}
+    assert records == {corrupted["paid"]: (True, None), corrupted["flagged"]: (True, None),
+                       corrupted["unpaid"]: (False, "out_of_stage")}

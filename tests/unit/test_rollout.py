@@ -115,8 +115,10 @@ def test_rollout_nan_in_the_file_stops_start_up(tmp_path):
     assert largest.soak.days == 365 and largest.health_window.days == 365
 
 
-def state(stage: str, hours_in_stage: float, held: bool = False) -> RolloutStatus:
-    return RolloutStatus(stage=stage, held=held, stage_entered_at=NOW - timedelta(hours=hours_in_stage))
+def state(stage: str, hours_in_stage: float, held: bool = False, named: tuple[str, ...] = ("acct_named",)
+          ) -> RolloutStatus:
+    return RolloutStatus(stage=stage, held=held, stage_entered_at=NOW - timedelta(hours=hours_in_stage),
+                         named_accounts=named)
 
 
 healthy = st.builds(
@@ -195,3 +197,13 @@ def test_gate_holds_without_a_completed_sweep_or_enough_remediations():
 def test_health_counts_from_the_stage_start_within_the_window():
     assert health_since(state("10", 2), POLICY, NOW) == NOW - timedelta(hours=2)
     assert health_since(state("10", 200), POLICY, NOW) == NOW - timedelta(hours=24)
+
+
+@given(st.floats(24, 24 * 30), healthy)
+def test_the_gate_never_widens_from_named_accounts_with_nobody_named(hours, health):
+    """Named with an empty list remediates no one, as off: the gate does not start the rollout to
+    5% by itself from it (from off only an operator starts it). It still steps back when breached."""
+    decision = evaluate_gate(state("named", hours, named=()), health, POLICY, NOW)
+    assert decision.action == "hold" and "no named accounts" in decision.reason, decision
+    breached = Health(remediations=1, reverted=1, sweeps=1)
+    assert evaluate_gate(state("named", hours, named=()), breached, POLICY, NOW).action == "rollback"
