@@ -122,3 +122,32 @@ def test_billing_history_shows_resolved_for_voided_and_paid_for_paid(client, acc
     assert labels == {voided: "Resolved", paid: "Paid"}
     for item in response.json["invoices"]:
         assert {"id", "label", "amount_due", "amount_paid", "status"} <= set(item)
+
+
+def test_a_bad_debt_voided_after_a_newer_invoice_was_paid_exits_resolved(client, accounts: Accounts, engine,
+                                                                          worker):
+    """The customer pays the newer invoice by card, the bad debt's own invoice is then voided: the
+    void ended it. BadDebtExited, the episode and DunningResolved say "resolved", as the voided
+    invoice's billing-history label does, not "paid" for the other invoice."""
+    account, customer = accounts.create()
+    old, newer, t0 = unique("in"), unique("in"), int(time.time()) - 182 * DAY
+    post_event(client, failed(customer, old, t0, attempts=7))
+    wait_for(lambda: dunning(client, account)["status"] == "bad_debt", message="bad_debt")
+    now = int(time.time())
+    post_event(client, failed(customer, newer, now - 2 * DAY))
+    post_event(client, event("invoice.paid", id=newer, customer=customer, created=now - DAY,
+                             amount_due=5000, amount_paid=5000, amount_remaining=0))
+    wait_for(lambda: dunning(client, account)["outstanding_amount"] == 5000, message="the newer invoice paid")
+    assert dunning(client, account)["status"] == "bad_debt"
+    post_event(client, event("invoice.voided", id=old, customer=customer, created=now - 60))
+    wait_for(lambda: dunning(client, account)["status"] == "current", message="the bad debt voided")
+    with engine.connect() as conn:
+        hows = dict(conn.exec_driver_sql(
+            "SELECT event_type, payload->>'how' FROM outbox WHERE account_id = %(a)s "
+            "AND event_type IN ('BadDebtExited', 'DunningResolved')", {"a": account}).fetchall())
+        exit_how = conn.exec_driver_sql("SELECT exit_how FROM bad_debt_episode WHERE account_id = %(a)s",
+                                        {"a": account}).scalar_one()
+    assert hows == {"BadDebtExited": "resolved", "DunningResolved": "resolved"} and exit_how == "resolved"
+    labels = {i["id"]: i["label"] for i in client.get(f"/accounts/{account}/billing-history",
+                                                      headers=service_headers()).json["invoices"]}
+    assert labels == {old: "Resolved", newer: "Paid"}
