@@ -60,7 +60,9 @@ class BadDebtEntered(DomainEvent):
 
 @dataclass(frozen=True)
 class BadDebtExited(DomainEvent):
-    how: str  # paid | resolved | lifting | recomputed
+    # paid (the customer's money paid every debt settled in the episode) | resolved (one was voided,
+    # credited or written off, or none was settled) | recomputed (no resolution known)
+    how: str
     duration_seconds: int | None
 
 
