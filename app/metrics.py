@@ -8,7 +8,8 @@ Procfile set it); otherwise each process exposes its own.
 from __future__ import annotations
 
 import os
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -84,6 +85,25 @@ def registry() -> CollectorRegistry:
     from prometheus_client import REGISTRY
 
     return REGISTRY
+
+
+class RefreshFirst:
+    """The registry to serve, with ``refresh`` run before each collection: the worker's endpoint
+    reads the fleet gauges from the database at scrape time, as the web's /metrics does, rather
+    than showing what a task of that process last set (a stage since changed, a backlog since
+    drained)."""
+
+    def __init__(self, registry: CollectorRegistry, refresh: Callable[[], object]) -> None:
+        self._registry = registry
+        self._refresh = refresh
+
+    def collect(self) -> Iterator[Any]:
+        self._refresh()
+        yield from self._registry.collect()
+
+    def restricted_registry(self, names: Iterable[str]) -> Any:  # a scrape asking for some names only
+        self._refresh()
+        return self._registry.restricted_registry(names)
 
 
 def exposition() -> tuple[bytes, str]:

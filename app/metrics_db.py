@@ -6,10 +6,14 @@ multiprocess mode the newest write wins ("mostrecent", app/metrics.FLEET).
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 
 from app import metrics
+
+log = logging.getLogger(__name__)
 
 # The remediation rollout stages in order (DESIGN section 6); the gauge is the index, 0 = off.
 ROLLOUT_STAGES = ("off", "named", "5", "10", "25", "50", "100")
@@ -19,6 +23,11 @@ BAD_DEBT_OPEN = Gauge("dunning_bad_debt_open_episodes", "Bad-debt episodes not y
                       multiprocess_mode=metrics.FLEET)
 BAD_DEBT_PAYMENTS_PENDING = Gauge("dunning_bad_debt_payments_pending", "Bad-debt payments in flight",
                                   multiprocess_mode=metrics.FLEET)
+
+# The newest write of any process serving /metrics: the last scrape's. (0 while the last refresh
+# failed, kept after the process that wrote it exited: nothing marks a web worker dead.)
+REFRESH_OK = Gauge("dunning_metrics_db_refresh_ok", "1 when the last scrape could read the database gauges",
+                   multiprocess_mode=metrics.FLEET)
 
 GAUGES_SQL = """
 SELECT
@@ -50,3 +59,17 @@ def refresh(engine: Engine, guard_window_minutes: int) -> None:
     metrics.ROLLOUT_STAGE.set(ROLLOUT_STAGES.index(stage) if stage in ROLLOUT_STAGES else -1)
     BAD_DEBT_OPEN.set(row["open_episodes"])
     BAD_DEBT_PAYMENTS_PENDING.set(row["pending_payments"])
+
+
+def refresh_for_scrape(engine: Engine, guard_window_minutes: int) -> bool:
+    """Before a scrape (the web's /metrics and the worker's): the gauges from the database, or, when
+    it cannot be read, their last values kept and dunning_metrics_db_refresh_ok 0. Never raises: the
+    process's counters are served either way."""
+    try:
+        refresh(engine, guard_window_minutes)
+    except Exception as exc:
+        log.warning("metrics: database gauges not refreshed (%s)", exc.__class__.__name__)
+        REFRESH_OK.set(0)
+        return False
+    REFRESH_OK.set(1)
+    return True

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
-from app import metrics
+from app import metrics, metrics_db
+from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +26,18 @@ ADDR_ENV = "WORKER_METRICS_ADDR"
 _server: Any = None
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve app.metrics.registry() (the multiprocess aggregate when configured) over HTTP."""
+def start_metrics_server(port: int, addr: str = "0.0.0.0", refresh: Callable[[], object] | None = None) -> Any:
+    """Serve app.metrics.registry() (the multiprocess aggregate when configured) over HTTP;
+    ``refresh`` runs before each scrape (the database gauges)."""
     global _server
     from prometheus_client import start_http_server
 
     if _server is not None:
         return _server
-    _server = start_http_server(port, addr=addr, registry=metrics.registry())
+    registry: Any = metrics.registry()
+    if refresh is not None:
+        registry = metrics.RefreshFirst(registry, refresh)
+    _server = start_http_server(port, addr=addr, registry=registry)
     log.info("worker metrics on http://%s:%d/metrics", addr, port)
     return _server
 
@@ -45,13 +51,26 @@ def stop_metrics_server() -> None:
         _server = None
 
 
+def database_gauges(celery_app: Any) -> Callable[[], bool]:
+    """The fleet gauges read from the database at scrape time, with the worker's runtime (built on
+    first use: its engine's connections are not handed to children forked later, see
+    tasks/factory.py)."""
+
+    def refresh() -> bool:
+        rt = runtime_for(celery_app)
+        return metrics_db.refresh_for_scrape(rt.engine, rt.policy.guard_window_minutes)
+
+    return refresh
+
+
 @worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     raw = os.environ.get(PORT_ENV, "").strip()
     if not raw:
         return
+    refresh = database_gauges(sender.app) if getattr(sender, "app", None) is not None else None
     try:
-        start_metrics_server(int(raw), os.environ.get(ADDR_ENV, "0.0.0.0"))
+        start_metrics_server(int(raw), os.environ.get(ADDR_ENV, "0.0.0.0"), refresh)
     except (ValueError, OSError) as exc:  # a bad port must not stop the worker from working
         log.error("worker metrics not served on %s=%r: %s", PORT_ENV, raw, exc)
 

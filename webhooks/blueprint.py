@@ -46,6 +46,17 @@ def stripe_webhook() -> ResponseReturnValue:
     return Response(orjson.dumps(result.to_json()), 200, mimetype="application/json")
 
 
+@bp.after_request
+def _count_unanswered(response: Response) -> Response:
+    """A webhook answered 5xx (the database unreachable or busy: 503, which Stripe redelivers; an
+    unexpected error: 500) is counted as rejected too, so that an outage shows in
+    dunning_webhooks_rejected_total rather than as webhooks simply stopping. The app's error
+    handlers answer these, and blueprint after_request functions see their answers."""
+    if response.status_code >= 500:
+        metrics.WEBHOOKS_REJECTED.labels("unavailable" if response.status_code == 503 else "error").inc()
+    return response
+
+
 def _body() -> bytes:
     """The request body. With a Content-Length (Stripe always sends one, checked above against
     MAX_BODY) it is read straight from the server's input: werkzeug's limited-stream wrapper cost

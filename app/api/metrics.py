@@ -7,32 +7,19 @@ process counters are still exposed (the gauges keep their last values) and
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, Response
-from prometheus_client import Gauge
 
 from app import metrics, metrics_db
 from app.web import runtime
 
-log = logging.getLogger(__name__)
-
 bp = Blueprint("metrics", __name__)
 
-# The newest write of any web worker: the last scrape's. (livemin, 0 while any worker's last refresh
-# failed, kept a worker's 0 after gunicorn replaced it: nothing marks a web worker dead.)
-REFRESH_OK = Gauge("dunning_metrics_db_refresh_ok", "1 when the last scrape could read the database gauges",
-                   multiprocess_mode=metrics.FLEET)
+REFRESH_OK = metrics_db.REFRESH_OK  # (defined with the gauges it reports on; the worker sets it too)
 
 
 @bp.get("/metrics")
 def prometheus() -> Response:
     rt = runtime()
-    try:
-        metrics_db.refresh(rt.engine, rt.policy.guard_window_minutes)
-        REFRESH_OK.set(1)
-    except Exception as exc:
-        log.warning("metrics: database gauges not refreshed (%s)", exc.__class__.__name__)
-        REFRESH_OK.set(0)
+    metrics_db.refresh_for_scrape(rt.engine, rt.policy.guard_window_minutes)
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)

@@ -205,3 +205,47 @@ def test_worker_metrics_aggregate_prefork_children(settings, engine: Engine, acc
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+
+def test_a_webhook_answered_503_counts_as_rejected_unavailable(settings, celery_app, clean):
+    """dunning_webhooks_rejected_total{reason}: a webhook the database could not take (503, Stripe
+    redelivers it) counted nowhere, so an outage showed as webhooks simply stopping."""
+    from app import create_app
+    from app import metrics as app_metrics
+    from app.runtime import Runtime
+    from tests.integration.test_webhook_ingest import failed_invoice
+    from tests.stripe_events import unique
+
+    down = settings.with_overrides(database_url="postgresql+psycopg2://postgres@127.0.0.1:1/nothing")
+    app = create_app(down, runtime=Runtime.build(down), celery=celery_app)
+    rejected = app_metrics.WEBHOOKS_REJECTED.labels("unavailable")
+    before = rejected._value.get()
+    assert post_event(app.test_client(), failed_invoice(unique("cus"))).status_code == 503
+    assert rejected._value.get() == before + 1
+
+
+def test_worker_metrics_read_the_fleet_gauges_from_the_database_at_scrape(celery_app, engine: Engine, runtime,
+                                                                           clean, monkeypatch):
+    """The worker's /metrics showed the fleet gauges a task of that process last set (a rollout stage
+    an operator has since changed, a backlog since drained): a second, stale series next to the
+    web's. Like the web's, it reads them from the database before each scrape."""
+    from types import SimpleNamespace
+
+    from app import metrics_db
+    from tasks import metrics as worker_metrics
+
+    metrics_db.refresh(engine, runtime.policy.guard_window_minutes)  # the process's value: the present
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_stuck_events (account_id, task_name, error_class, error, state) "
+                             "VALUES ('acct_metrics_worker', 't', 'x', 'e', 'dead')")
+        dead = conn.exec_driver_sql("SELECT count(*) FROM subs_stuck_events WHERE state = 'dead'").scalar_one()
+    port = _free_port()
+    monkeypatch.setenv(worker_metrics.PORT_ENV, str(port))
+    monkeypatch.setenv(worker_metrics.ADDR_ENV, "127.0.0.1")
+    worker_metrics._on_worker_ready(sender=SimpleNamespace(app=celery_app))
+    try:
+        samples = scrape(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+    finally:
+        worker_metrics.stop_metrics_server()
+    assert value(samples, "dunning_stuck_events", state="dead") == dead
+    assert value(samples, "dunning_metrics_db_refresh_ok") == 1
