@@ -19,6 +19,8 @@ def observe(result: RecomputeResult) -> None:
         metrics.RECOMPUTE_NOOP.labels(result.trigger).inc()
     for step, seconds in result.timings.items():
         metrics.RECOMPUTE_SECONDS.labels(step).observe(seconds)
+    if result.timings:  # a run that computed (a coalesced one stopped before)
+        metrics.RECOMPUTE_DURATION.labels(result.trigger).observe(sum(result.timings.values()))
     if result.applied is None or result.decision is None:
         return
     for event in result.applied.events:

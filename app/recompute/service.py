@@ -76,6 +76,7 @@ def run_recompute(
     appended with the touched_at of the pending request the run took, if any, so that a caller
     whose run fails knows which version of the request it failed on (its delete is rolled back)."""
     timings: dict[str, float] = {}
+    started = time.perf_counter()
     with unit_of_work(engine) as conn:
         took = conn.exec_driver_sql(LOCK_AND_TAKE_SQL, {"account": account_id}).first()
         if took is not None and taken is not None:
@@ -99,5 +100,7 @@ def run_recompute(
         if snapshot.open_stuck_events:  # gather counted them: no statement when there are none
             conn.exec_driver_sql(RESOLVE_STUCK_SQL, {"account": account_id})
         t3 = time.perf_counter()
-    timings.update(gather=t1 - t0, compute=t2 - t1, apply=t3 - t2, commit=time.perf_counter() - t3)
+    # "lock": the wait for the account's lock (another run of it) and the taking of its request.
+    timings.update(lock=t0 - started, gather=t1 - t0, compute=t2 - t1, apply=t3 - t2,
+                   commit=time.perf_counter() - t3)
     return RecomputeResult(account_id, trigger, "changed" if applied.wrote else "unchanged", decision, applied, timings)

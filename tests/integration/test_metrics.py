@@ -249,3 +249,19 @@ def test_worker_metrics_read_the_fleet_gauges_from_the_database_at_scrape(celery
         worker_metrics.stop_metrics_server()
     assert value(samples, "dunning_stuck_events", state="dead") == dead
     assert value(samples, "dunning_metrics_db_refresh_ok") == 1
+
+
+def test_a_recompute_run_is_timed_whole_from_the_lock_wait_to_the_commit(client, celery_app, accounts):
+    """DESIGN 9's recompute duration: dunning_recompute_duration_seconds{trigger} times each run as
+    a whole, the wait for the account's lock included. Only the steps after the lock were timed
+    (dunning_recompute_seconds{step}), whose percentiles do not add up to a run's."""
+    import tasks.recompute  # noqa: F401  (registers the task)
+
+    account, _ = accounts.create()
+    before = metrics(client)
+    result = celery_app.tasks["tasks.recompute_account"].apply(kwargs={"account_id": account, "trigger": "MANUAL"})
+    assert result.successful()
+    after = metrics(client)
+    for name, labels in (("dunning_recompute_duration_seconds_count", {"trigger": "MANUAL"}),
+                         ("dunning_recompute_seconds_count", {"step": "lock"})):
+        assert value(after, name, **labels) == value(before, name, **labels) + 1, name
