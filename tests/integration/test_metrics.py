@@ -265,3 +265,21 @@ def test_a_recompute_run_is_timed_whole_from_the_lock_wait_to_the_commit(client,
     for name, labels in (("dunning_recompute_duration_seconds_count", {"trigger": "MANUAL"}),
                          ("dunning_recompute_seconds_count", {"step": "lock"})):
         assert value(after, name, **labels) == value(before, name, **labels) + 1, name
+
+
+def test_a_recompute_run_again_counts_a_no_op_and_no_second_bad_debt_entry(client, engine: Engine, runtime, accounts):
+    """Guard: entries and time in bad debt are counted from the events of a change, once per episode;
+    a second run that finds nothing to change is a no-op recompute and counts neither again."""
+    debt = into_bad_debt(client, engine, runtime, accounts, product="prod_premium")
+    before = metrics(client)
+    assert recompute(engine, runtime, debt.account)["status"] == "bad_debt"
+    after = metrics(client)
+    entries = {"reason": "marked_uncollectible", "product": "prod_premium"}
+    assert value(after, "dunning_bad_debt_entries_total", **entries) == \
+        value(before, "dunning_bad_debt_entries_total", **entries)
+    assert value(after, "dunning_recompute_noop_total", trigger="MANUAL") == \
+        value(before, "dunning_recompute_noop_total", trigger="MANUAL") + 1
+    assert value(after, "dunning_recomputes_total", trigger="MANUAL", outcome="unchanged") == \
+        value(before, "dunning_recomputes_total", trigger="MANUAL", outcome="unchanged") + 1
+    assert value(after, "dunning_bad_debt_duration_seconds_count") == \
+        value(before, "dunning_bad_debt_duration_seconds_count")
