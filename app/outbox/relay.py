@@ -135,16 +135,20 @@ UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_erro
 
 # A bad-debt payment in flight: POST /pay-bad-debt commits it before charging the customer, and the
 # recompute that lifts the bad debt (and takes the cancellation away) runs after, on a worker. The
-# account's own, or another account's on an invoice this account owns now (another team moved the
-# customer here while it ran). The account's invoices are read once (by its customers), the pending
-# payments through their partial index: never the history of ended payments.
+# account's own (it pays the account's whole debt), or another account's on an invoice this account
+# owns now (another team moved the customer here while it ran) that the request is about: the
+# cancelled subscription's invoice, the reverted upgrade. That payment pays none of the account's own
+# debt, whose cancellation goes (a bank debit keeps it pending for days). The account's invoices are
+# read once (by its customers), the pending payments through their partial index: never the history
+# of ended payments.
 PAYMENT_IN_FLIGHT_SQL = """
 SELECT id FROM bad_debt_payment WHERE account_id = %(account)s AND state = 'pending'
 UNION ALL
 SELECT b.id FROM bad_debt_payment b
  WHERE b.state = 'pending' AND b.account_id <> %(account)s
    AND b.invoice_ids ?| ARRAY(SELECT i.id FROM subs_customer c JOIN stripe_invoice i USING (stripe_customer_id)
-                               WHERE c.account_id = %(account)s)
+                               WHERE c.account_id = %(account)s
+                                 AND (i.subscription_id = %(subscription)s OR i.id = %(invoice)s))
 ORDER BY id LIMIT 1
 """
 
@@ -288,7 +292,7 @@ def _replaced_by_newer_entitlements(engine: Engine, account_id: str, row_id: int
     return f"superseded: {newest} are next and replace it"
 
 
-def _held_now(engine: Engine, account_id: str, event_type: str) -> str | None:
+def _held_now(engine: Engine, account_id: str, event_type: str, payload: dict[str, Any]) -> str | None:
     """Why a lifecycle request must wait, or None: the customer is paying the bad debt right now. The
     payment is committed before the charge and the recompute that lifts the bad debt comes after it,
     so for that while the account's state still asks for the request; sent, a cancellation cancels a
@@ -299,7 +303,11 @@ def _held_now(engine: Engine, account_id: str, event_type: str) -> str | None:
     if event_type not in ACTIONS:
         return None
     with engine.connect() as conn:
-        payment = conn.exec_driver_sql(PAYMENT_IN_FLIGHT_SQL, {"account": account_id}).scalar()
+        payment = conn.exec_driver_sql(PAYMENT_IN_FLIGHT_SQL, {
+            "account": account_id, "invoice": payload.get("invoice_id"),
+            # A revert names the upgrade's subscription too: only the upgrade invoice is its business.
+            "subscription": payload.get("subscription_id") if event_type == "CancellationRequested" else None,
+        }).scalar()
     return None if payment is None else f"held: bad-debt payment {payment} is in flight"
 
 
@@ -574,7 +582,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 break  # the rest waits for the next pass, still in order
             skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
                     or _superseded_now(engine, account_id, event_type, payload or {}, created_at))
-            held = None if skip else _held_now(engine, account_id, event_type)
+            held = None if skip else _held_now(engine, account_id, event_type, payload or {})
             if held:
                 with unit_of_work(engine) as conn:
                     conn.exec_driver_sql(HELD_SQL, {"id": row_id, "why": held, "limit": ERROR_LIMIT,

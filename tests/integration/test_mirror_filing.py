@@ -21,10 +21,11 @@ from app.sweep.refile import refile_customers
 from tests.conftest import Accounts
 
 
-def invoice(conn: Any, invoice_id: str, customer: str) -> None:
+def invoice(conn: Any, invoice_id: str, customer: str, subscription: str | None = None) -> None:
     conn.exec_driver_sql(
-        "INSERT INTO stripe_invoice (id, stripe_customer_id, status, created, source_created, source_rank, "
-        "source_event_id) VALUES (%(id)s, %(c)s, 'open', now(), 1, 1, 'evt_file')", {"id": invoice_id, "c": customer})
+        "INSERT INTO stripe_invoice (id, stripe_customer_id, subscription_id, status, created, source_created, "
+        "source_rank, source_event_id) VALUES (%(id)s, %(c)s, %(s)s, 'open', now(), 1, 1, 'evt_file')",
+        {"id": invoice_id, "c": customer, "s": subscription})
 
 
 def keys(engine: Engine, customer: str) -> tuple[Any, list[Any]]:

@@ -137,7 +137,7 @@ def test_a_cancellation_waits_while_another_accounts_payment_covers_an_invoice_t
     account, customer = accounts.create()
     bystander, _ = accounts.create()
     with engine.begin() as conn:
-        invoice(conn, f"in_{account}", customer)
+        invoice(conn, f"in_{account}", customer, subscription="sub_1")
     cancellation_in_bad_debt(engine, account)
     payment = pay_bad_debt(engine, old, [f"in_{account}"])
     pay_bad_debt(engine, bystander, ["in_someone_else"])
@@ -152,6 +152,35 @@ def test_a_cancellation_waits_while_another_accounts_payment_covers_an_invoice_t
         conn.exec_driver_sql("UPDATE bad_debt_payment SET state = 'failed' WHERE id = %(id)s", {"id": payment})
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
     assert [r.kind for r in fake_am.for_account(account)] == ["cancellations"]
+
+
+def test_the_accounts_own_bad_debt_cancellation_goes_while_another_accounts_payment_covers_a_moved_customer(
+        accounts, engine, fake_am):
+    """The account was in bad debt for its own invoices before another team moved a customer here
+    whose old account is paying that customer's invoices: that payment pays none of the account's
+    own debt, so the cancellation of its own subscription goes, not held for the other payment's
+    outcome (a bank debit takes days). A request for the moved customer's subscription still waits."""
+    old, _ = accounts.create()
+    account, own_customer = accounts.create()
+    moved = f"cus_moved_{account}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) VALUES (%(c)s, %(a)s)",
+                             {"c": moved, "a": account})
+        invoice(conn, f"in_own_{account}", own_customer, subscription="sub_own")
+        invoice(conn, f"in_moved_{account}", moved, subscription="sub_moved")
+    requesting(engine, account, "cancel:sub_own", "cancel:sub_moved")
+    episode = datetime.now(UTC).isoformat()
+    bad_debt_episode(engine, account, episode)
+    write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_own", reason="x", episode=episode),
+                                      CancellationRequested(subscription_id="sub_moved", reason="x", episode=episode)])
+    payment = pay_bad_debt(engine, old, [f"in_moved_{account}"])
+
+    report = relay(engine, fake_am.url)
+    assert [(r.kind, r.body["subscription_id"]) for r in fake_am.for_account(account)] == [
+        ("cancellations", "sub_own")]
+    [_, moved_cancel] = outbox(engine, account)
+    assert f"bad-debt payment {payment} is in flight" in moved_cancel["last_error"]
+    assert report.held == 1
 
 
 def test_a_cancellation_waits_while_the_customer_pays_the_bad_debt_and_goes_if_the_payment_fails(
@@ -279,7 +308,8 @@ def test_the_hold_reads_the_payments_in_flight_only_not_the_payment_history(acco
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE bad_debt_payment")
             plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + PAYMENT_IN_FLIGHT_SQL,
-                                                                {"account": account}))
+                                                                {"account": account, "subscription": "sub_1",
+                                                                 "invoice": None}))
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM bad_debt_payment WHERE idempotency_key LIKE %(k)s", {"k": "hist-%"})
