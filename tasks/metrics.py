@@ -57,7 +57,12 @@ def database_gauges(celery_app: Any) -> Callable[[], bool]:
     tasks/factory.py)."""
 
     def refresh() -> bool:
-        rt = runtime_for(celery_app)
+        try:
+            rt = runtime_for(celery_app)
+        except Exception as exc:  # (a policy file gone since start-up): the counters are served all the same
+            log.warning("metrics: no runtime to read the database gauges with (%s)", exc.__class__.__name__)
+            metrics_db.REFRESH_OK.set(0)
+            return False
         return metrics_db.refresh_for_scrape(rt.engine, rt.policy.guard_window_minutes)
 
     return refresh

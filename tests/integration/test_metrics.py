@@ -251,6 +251,29 @@ def test_worker_metrics_read_the_fleet_gauges_from_the_database_at_scrape(celery
     assert value(samples, "dunning_metrics_db_refresh_ok") == 1
 
 
+def test_worker_metrics_are_served_when_the_runtime_cannot_be_built(settings, clean, monkeypatch, tmp_path):
+    """The worker's scrape builds its runtime on first use; a policy file that has become unreadable
+    since the worker started made every scrape fail (no counters at all) instead of serving them
+    with dunning_metrics_db_refresh_ok 0, as a database that cannot be read does."""
+    from types import SimpleNamespace
+
+    from tasks import metrics as worker_metrics
+
+    broken = SimpleNamespace(dunning_settings=settings.with_overrides(policy_path=str(tmp_path / "gone.yaml")))
+    port = _free_port()
+    monkeypatch.setenv(worker_metrics.PORT_ENV, str(port))
+    monkeypatch.setenv(worker_metrics.ADDR_ENV, "127.0.0.1")
+    worker_metrics._on_worker_ready(sender=SimpleNamespace(app=broken))
+    try:
+        response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    finally:
+        worker_metrics.stop_metrics_server()
+    assert response.status_code == 200
+    samples = scrape(response.text)
+    assert value(samples, "dunning_metrics_db_refresh_ok") == 0
+    assert "dunning_recompute_seconds" in response.text  # the process's own series, served all the same
+
+
 def test_a_recompute_run_is_timed_whole_from_the_lock_wait_to_the_commit(client, celery_app, accounts):
     """DESIGN 9's recompute duration: dunning_recompute_duration_seconds{trigger} times each run as
     a whole, the wait for the account's lock included. Only the steps after the lock were timed
