@@ -128,6 +128,9 @@ class Account:
         return [i for i in self.snapshot.invoices if i.status in ("open", "uncollectible") and not i.is_upgrade]
 
 
+CURRENCIES = st.sampled_from(["usd", "eur"])
+
+
 @st.composite
 def accounts(draw: st.DrawFn, renewal: bool | None = None, upgrade: bool | None = None,
              small: bool | None = None, others: bool = True) -> Account:
@@ -165,7 +168,9 @@ def accounts(draw: st.DrawFn, renewal: bool | None = None, upgrade: bool | None 
         unpaid = draw(unpaid_invoices(st.integers(1, 499)))
         built = build_invoice("in_small", "sub_small", (InvoiceLine("prod_small", unpaid.amount),), unpaid,
                               "subscription_cycle")
-        invoices.append(built[0]), attempts.append(built[1]), retries.extend(built[2])
+        # maybe billed in another currency (an account's other Stripe customer): its balance is its own
+        invoices.append(replace(built[0], currency=draw(CURRENCIES)))
+        attempts.append(built[1]), retries.extend(built[2])
         subs.append(Subscription("sub_small", "active", ("prod_small",)))
     if others and draw(st.booleans()):
         # a second renewal of sub_core, unpaid beside the first (a month later)
@@ -178,8 +183,8 @@ def accounts(draw: st.DrawFn, renewal: bool | None = None, upgrade: bool | None 
         due = days(draw(st.floats(-20, 40)))
         amount = draw(st.integers(1, 20_000))
         invoices.append(Invoice(id="in_terms", status="open", billing_reason="subscription_cycle",
-                                subscription_id="sub_terms", amount_due=amount, amount_paid=0,
-                                amount_remaining=amount, created=min(due, NOW) - timedelta(days=30),
+                                currency=draw(CURRENCIES), subscription_id="sub_terms", amount_due=amount,
+                                amount_paid=0, amount_remaining=amount, created=min(due, NOW) - timedelta(days=30),
                                 lines=(InvoiceLine("prod_terms", amount),), due_date=due))
         subs.append(Subscription("sub_terms", "active", ("prod_terms",)))
     if draw(st.booleans()):
@@ -203,6 +208,15 @@ def products_of(snap: Snapshot, pred) -> set[str]:
 
 def unpaid_ids(decision) -> set[str]:
     return {a.invoice.id for a in decision.assessments}
+
+
+def balances(decision) -> dict[str, int]:
+    """The unpaid regular invoices' balance, per currency (amounts in two currencies do not add up)."""
+    out: dict[str, int] = {}
+    for a in decision.assessments:
+        if not a.invoice.is_upgrade:
+            out[a.invoice.currency] = out.get(a.invoice.currency, 0) + a.invoice.amount_remaining
+    return out
 
 
 # --- the properties -----------------------------------------------------------------------------
@@ -278,8 +292,8 @@ def test_retries_left_on_the_schedule_keep_an_invoice_out_of_bad_debt(account):
 def test_small_balances_cap_at_notice(account):
     snap = account.snapshot
     decision = compute(snap, POLICY, NOW)
-    balance = sum(i.amount_remaining for i in snap.invoices if i.id in unpaid_ids(decision) and not i.is_upgrade)
-    if balance < POLICY.small_balance_threshold:
+    # the account's balance in every currency it is billed in under the threshold
+    if all(b < POLICY.small_balance_threshold for b in balances(decision).values()):
         assert Level(decision.state.level).rank <= Level.NOTICE.rank, decision.state
         assert decision.state.status != Status.BAD_DEBT
         assert all(v == Access.FULL for v in decision.state.entitlements["products"].values())
@@ -289,7 +303,7 @@ def test_small_balances_cap_at_notice(account):
 @given(account=accounts())
 def test_each_invoice_gets_the_first_matching_rule_from_the_most_severe_down(account):
     decision = compute(account.snapshot, POLICY, NOW)
-    balance = sum(a.invoice.amount_remaining for a in decision.assessments if not a.invoice.is_upgrade)
+    balance = balances(decision)
     for a in decision.assessments:
         age = (NOW - a.unpaid_since).days
         uncollectible = a.invoice.status == "uncollectible"
@@ -303,7 +317,7 @@ def test_each_invoice_gets_the_first_matching_rule_from_the_most_severe_down(acc
             expected = Level.NOTICE
         if a.invoice.is_upgrade:
             expected = min(expected, POLICY.upgrade_max_level, key=lambda lv: lv.rank)
-        elif balance < POLICY.small_balance_threshold:
+        elif balance[a.invoice.currency] < POLICY.small_balance_threshold:  # its own currency's balance
             expected = min(expected, Level.NOTICE, key=lambda lv: lv.rank)
         assert a.level == expected, (a, expected)
         rule_reasons = [r for r in a.reasons if r.rule.startswith("level.")]
