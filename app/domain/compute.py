@@ -82,6 +82,9 @@ class Decision:
     # BadDebtEntered: the account's failure_class may be another invoice's, not in bad debt.
     bad_debt_failure_class: str | None = None
     resolution: str | None = None  # "paid" | "resolved" when nothing is unpaid any more
+    # How the bad debt ended (BadDebtExited, the episode row), when the account leaves it: as
+    # resolution, of the debts of the bad-debt episode only (_bad_debt_resolution).
+    bad_debt_resolution: str | None = None
     lifting_since: datetime | None = None
     # The latest failure (state.last_failure_id names it): the class of that failure itself, for
     # its PaymentFailed (the account's failure_class may be another invoice's).
@@ -321,24 +324,41 @@ def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
     return min(starts + debits), max(ends)
 
 
-def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) -> str:
+def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]],
+                since: datetime | None = None, debts: frozenset[str] = frozenset()) -> str:
     """How the last unpaid invoices were settled: customer money ("paid") or otherwise.
 
     "paid" only when the customer's money paid every debt settled in the episode (each labelled
     Paid in the billing history): one of them voided, credited or written off is a debt closed
     without the customer paying in full, "resolved", whichever was settled first (a newer invoice
-    paid by card while the bad debt's own invoice was then voided is no paid bad debt)."""
+    paid by card while the bad debt's own invoice was then voided is no paid bad debt).
+
+    The episode: since the stored unpaid_since (dunning), or since ``since`` when later; ``debts``
+    count whenever they were settled."""
     stored = snapshot.stored
-    since = stored.unpaid_since if stored is not None else None
+    unpaid_since = stored.unpaid_since if stored is not None else None
+    since = max(since, unpaid_since) if since is not None and unpaid_since is not None else since or unpaid_since
     # The invoices that were debt (failed, overdue or marked uncollectible) and are settled since:
     # an unrelated invoice paid on time meanwhile says nothing of how the debt ended.
     settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)
-               and (since is None or (i.paid_at or i.voided_at or i.created) >= since)]
+               and (since is None or i.id in debts or (i.paid_at or i.voided_at or i.created) >= since)]
     from app.domain.billing_history import Label, label
 
     if settled and all(label(i, grouped.get(i.id, ())) == Label.PAID for i in settled):
         return "paid"
     return "resolved"
+
+
+def _bad_debt_resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) -> str:
+    """_resolution of the bad-debt episode's debts: those settled since it began, and those the
+    last decision in bad debt (the stored one) found unpaid, whenever settled (paid just before
+    the episode's row was written, its webhook late). A debt of the dunning before it, settled
+    before (voided while another invoice went on to bad debt that the customer then paid), is no
+    part of how the bad debt ended: DunningResolved says it, BadDebtExited does not."""
+    stored = snapshot.stored
+    debts = frozenset(str(r.facts["invoice"]) for r in (stored.reasons if stored is not None else ())
+                      if r.rule.startswith("level.") and r.facts.get("invoice"))
+    return _resolution(snapshot, grouped, since=snapshot.open_episode_entered_at, debts=debts)
 
 
 def _leaves_bad_debt(snapshot: Snapshot, status: Status) -> bool:
@@ -391,6 +411,8 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
         mandates=mandates(snapshot, now) if snapshot.payment_methods else (),
         bad_debt=False,
         resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",
+        bad_debt_resolution=(_bad_debt_resolution(snapshot, attempts_by_invoice(snapshot))
+                             if settled and _leaves_bad_debt(snapshot, Status.CURRENT) else None),
         lifting_since=None,
         assessments=(),
     )
@@ -602,6 +624,9 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         # How the debt ended: when nothing is unpaid any more, and when the account leaves bad debt
         # with another invoice still unpaid (BadDebtExited says whether its invoices were paid).
         resolution=_resolution(snapshot, grouped) if not assessed or _leaves_bad_debt(snapshot, status) else None,
+        bad_debt_resolution=(_bad_debt_resolution(snapshot, grouped)
+                             if _leaves_bad_debt(snapshot, status) and any(
+                                 i.status in SETTLED_STATUSES for i in snapshot.invoices) else None),
         lifting_since=lifting_since,
         last_failure_class=classify(latest_failure.decline_code, latest_failure.failure_code,
                                     latest_failure.advice_code).value if latest_failure else None,

@@ -146,7 +146,7 @@ def derive_events(
     if before.status in (Status.BAD_DEBT, Status.LIFTING) and desired.status in (Status.CURRENT, Status.PAST_DUE):
         # Whole seconds, never below zero: what the closed episode row records (apply._episode).
         duration = max(0, int((now - bad_debt_entered_at).total_seconds())) if bad_debt_entered_at else None
-        how = decision.resolution or "recomputed"
+        how = decision.bad_debt_resolution or decision.resolution or "recomputed"
         events.append(BadDebtExited(how=how, duration_seconds=duration))
 
     if was_in_dunning and not in_dunning:

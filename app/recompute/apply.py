@@ -101,7 +101,8 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
             # Whole seconds cut down, as BadDebtExited counts them (a cast would round).
             "duration_seconds = GREATEST(0, FLOOR(EXTRACT(EPOCH FROM (%(now)s - entered_at))))::bigint "
             "WHERE account_id = %(account)s AND exited_at IS NULL RETURNING products",
-            {"account": snapshot.account_id, "now": now, "how": decision.resolution or "recomputed"},
+            {"account": snapshot.account_id, "now": now,
+             "how": decision.bad_debt_resolution or decision.resolution or "recomputed"},
         ).fetchall()
         return "closed", tuple(sorted({str(p) for (products,) in closed for p in products or ()}))
     return None, ()

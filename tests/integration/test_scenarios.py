@@ -151,3 +151,27 @@ def test_a_bad_debt_voided_after_a_newer_invoice_was_paid_exits_resolved(client,
     labels = {i["id"]: i["label"] for i in client.get(f"/accounts/{account}/billing-history",
                                                       headers=service_headers()).json["invoices"]}
     assert labels == {old: "Resolved", newer: "Paid"}
+
+
+def test_a_bad_debt_the_customer_paid_exits_paid_though_an_invoice_was_voided_before_it(client, accounts: Accounts,
+                                                                                         engine, worker):
+    """An invoice failed and voided (support forgave it), then an old failed renewal put the account
+    in bad debt, which the customer paid by card: BadDebtExited, the episode row (the bad-debt
+    report) say "paid". The void, before the bad debt began, made them say "resolved"."""
+    account, customer = accounts.create()
+    forgiven, renewal, now = unique("in"), unique("in"), int(time.time())
+    post_event(client, failed(customer, forgiven, now - 2 * DAY))
+    wait_for(lambda: dunning(client, account)["status"] == "past_due", message="past_due")
+    post_event(client, event("invoice.voided", id=forgiven, customer=customer, created=now - 120))
+    wait_for(lambda: dunning(client, account)["status"] == "current", message="the forgiven invoice voided")
+    post_event(client, failed(customer, renewal, now - 182 * DAY, attempts=7))
+    wait_for(lambda: dunning(client, account)["status"] == "bad_debt", message="bad_debt")
+    post_event(client, event("invoice.paid", id=renewal, customer=customer, created=now - 60,
+                             amount_due=5000, amount_paid=5000, amount_remaining=0))
+    wait_for(lambda: dunning(client, account)["status"] == "current", message="the bad debt paid")
+    with engine.connect() as conn:
+        exited = conn.exec_driver_sql("SELECT payload->>'how' FROM outbox WHERE account_id = %(a)s "
+                                      "AND event_type = 'BadDebtExited'", {"a": account}).scalar_one()
+        exit_how = conn.exec_driver_sql("SELECT exit_how FROM bad_debt_episode WHERE account_id = %(a)s",
+                                        {"a": account}).scalar_one()
+    assert (exited, exit_how) == ("paid", "paid")

@@ -300,3 +300,45 @@ def test_a_dunning_paid_in_full_by_the_customer_is_paid():
     events = {e.name: e.payload() for e in derive_events(in_debt.state, after, NOW, days(1))}
     assert events["BadDebtExited"]["how"] == "paid" and events["DunningResolved"] == {"how": "paid"}
     assert {row.label for row in history(snap, NOW)} == {Label.PAID}
+
+
+def dunning_voided_then_bad_debt_paid():
+    """in_a (failed 20 days ago) voided in dunning while in_b (failed 38 days ago) stays unpaid; in_b
+    then reaches bad debt (episode 10 days ago), and the customer pays it by card a day ago. -> (the
+    bad-debt state, the snapshot after the payment)."""
+    in_a, in_b, (_, failed_b) = two_invoices_in_bad_debt()
+    in_a = replace(in_a, created=days(21), first_failed_at=days(20), last_failed_at=days(20))
+    failed_a = attempt("pi_a", "in_a", days_ago=20, decline="expired_card")
+    dunning = compute(snapshot(in_a, in_b, attempts=(failed_a, failed_b)), POLICY, days(19))
+    voided = replace(in_a, status="void", amount_remaining=0, voided_at=days(18.5))
+    still = compute(replace(snapshot(voided, in_b, attempts=(failed_a, failed_b)), stored=dunning.state),
+                    POLICY, days(18))
+    assert (dunning.state.status, still.state.status) == ("past_due", "past_due")
+    in_debt = compute(replace(snapshot(voided, in_b, attempts=(failed_a, failed_b)), stored=still.state),
+                      POLICY, days(10))
+    assert in_debt.state.status == "bad_debt"
+    paid_b = replace(in_b, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(1))
+    card = attempt("pi_b2", "in_b", days_ago=1, status="succeeded", amount=5000)
+    return in_debt.state, snapshot(voided, paid_b, attempts=(failed_a, failed_b, card))
+
+
+def test_a_bad_debt_the_customer_paid_exits_paid_though_an_earlier_dunning_invoice_was_voided():
+    """The void came before the bad debt began: the customer's card ended the bad debt (BadDebtExited
+    "paid", as in_b's label says), while the dunning as a whole closed a debt unpaid (DunningResolved
+    "resolved"). Before, the void made BadDebtExited (and the bad-debt report) say "resolved" too."""
+    in_debt, snap = dunning_voided_then_bad_debt_paid()
+    after = compute(replace(snap, stored=in_debt, open_episode_entered_at=days(10)), POLICY, NOW)
+    events = {e.name: e.payload() for e in derive_events(in_debt, after, NOW, days(10))}
+    assert events["BadDebtExited"] == {"how": "paid", "duration_seconds": 10 * 24 * 3600}
+    assert events["DunningResolved"] == {"how": "resolved"}
+    assert {row.invoice.id: row.label for row in history(snap, NOW)} == {"in_a": Label.RESOLVED,
+                                                                        "in_b": Label.PAID}
+
+
+def test_a_bad_debt_paid_just_before_its_episode_was_recorded_exits_paid():
+    """in_b paid by card a moment before the recompute that opened the episode (its webhook came
+    late): the debt the bad debt was for is still the episode's, and it was paid."""
+    in_debt, snap = dunning_voided_then_bad_debt_paid()
+    after = compute(replace(snap, stored=in_debt, open_episode_entered_at=days(0.5)), POLICY, NOW)
+    events = {e.name: e.payload() for e in derive_events(in_debt, after, NOW, days(0.5))}
+    assert events["BadDebtExited"]["how"] == "paid"
