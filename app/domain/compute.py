@@ -566,7 +566,15 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
             reasons.append(Reason("upgrade.revert", "upgrade unpaid and its dunning run out: revert the upgrade, "
                                   "never cancel", {"invoice": a.invoice.id, "subscription": a.invoice.subscription_id}))
 
-    retry = min((a for a in assessed if a.next_retry_at is not None),
+    # Another account's bad-debt payment in flight collects the invoices it covers: no automatic retry
+    # of them beside it (the dispatcher skips it every tick, and this account's own invoices, retried
+    # later, would wait behind it for the payment's outcome).
+    for a in assessed:
+        if a.next_retry_at is not None and a.invoice.id in covered:
+            reasons.append(Reason("retry.held_bad_debt_payment", "a bad-debt payment is in flight: no automatic "
+                                  "retry until its outcome", {"payment": covered[a.invoice.id].id,
+                                                              "invoice": a.invoice.id}))
+    retry = min((a for a in assessed if a.next_retry_at is not None and a.invoice.id not in covered),
                 key=lambda a: (a.next_retry_at, a.invoice.id), default=None)
     if retry is not None and in_flight is not None:
         # The bad-debt payment in flight covers this debt: no automatic retry beside it (the payment

@@ -490,6 +490,25 @@ def test_no_automatic_retry_is_planned_beside_a_bad_debt_payment_in_flight():
     assert decision.state.next_retry_at is None and "retry.held_bad_debt_payment" in rules(decision)
 
 
+def test_no_automatic_retry_of_an_invoice_another_accounts_bad_debt_payment_covers_the_accounts_own_is_planned():
+    """Another team moved a customer here while its old account's bad-debt payment ran: that payment
+    collects the customer's invoices, so no automatic retry of them beside it (the dispatcher skips
+    it, and would every tick, while the account's own invoice, retried later, waited behind it for
+    the payment's outcome: days with a bank debit). The account's own invoice is retried as planned."""
+    moved = invoice("in_moved", failed_days_ago=2)
+    own = invoice("in_own", failed_days_ago=1.5, sub="sub_2")
+    attempts = (attempt("pi_m", "in_moved", days_ago=2), attempt("pi_o", "in_own", days_ago=1.5))
+    theirs = BadDebtPayment(id=9, state="pending", amount=5000, created_at=days(0.5), updated_at=days(0.5),
+                            invoice_ids=("in_moved",))
+    alone = decide(snapshot(moved, own, attempts=attempts, subscriptions=TWO_SUBSCRIPTIONS))
+    assert alone.state.retry_invoice_id == "in_moved"  # the earlier one, without the other payment
+    decision = decide(snapshot(moved, own, attempts=attempts, subscriptions=TWO_SUBSCRIPTIONS,
+                               payments_elsewhere=(theirs,)))
+    assert decision.state.retry_invoice_id == "in_own" and decision.state.next_retry_at is not None
+    held = [r for r in decision.reasons if r.rule == "retry.held_bad_debt_payment"]
+    assert [r.facts for r in held] == [{"payment": 9, "invoice": "in_moved"}]
+
+
 def test_retry_in_flight_waits_for_its_outcome_until_the_guard_window():
     inv = invoice(failed_days_ago=3)
     first = attempt("pi_1", "in_1", days_ago=3)
