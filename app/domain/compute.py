@@ -196,8 +196,8 @@ def _assess(
         level = policy.upgrade_max_level
     if not invoice.is_upgrade and balance < policy.small_balance_threshold and level.rank > Level.NOTICE.rank:
         reasons.append(Reason("balance.small", "balance below the small-balance threshold: capped at notice",
-                              {"balance": balance, "threshold": policy.small_balance_threshold,
-                               "would_be": level.value}))
+                              {"invoice": invoice.id, "balance": balance, "currency": invoice.currency,
+                               "threshold": policy.small_balance_threshold, "would_be": level.value}))
         level = Level.NOTICE
     if level == Level.SUSPENDED and free and not invoice.is_upgrade:
         # Its dunning has run out (a new card does not change that): bad debt, which is paid through

@@ -193,7 +193,9 @@ def test_small_balances_in_two_currencies_do_not_add_up():
     eur = invoice("in_eur", status="uncollectible", failed_days_ago=40, amount=300, currency="eur", sub="sub_2")
     decision = decide(snapshot(usd, eur, subscriptions=TWO_SUBSCRIPTIONS))
     assert decision.state.level == Level.NOTICE and decision.state.status == Status.PAST_DUE
-    assert [r.facts["balance"] for r in decision.reasons if r.rule == "balance.small"] == [300, 300]
+    # each says which invoice and whose currency's balance it is (two reasons of 300 say nothing else)
+    assert [(r.facts["invoice"], r.facts["balance"], r.facts["currency"])
+            for r in decision.reasons if r.rule == "balance.small"] == [("in_eur", 300, "eur"), ("in_usd", 300, "usd")]
     # The same 600 in one currency is no small balance.
     one = decide(snapshot(usd, replace(eur, currency="usd"), subscriptions=TWO_SUBSCRIPTIONS))
     assert one.state.status == Status.BAD_DEBT and "balance.small" not in rules(one)
