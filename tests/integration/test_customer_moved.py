@@ -314,9 +314,10 @@ def test_a_moved_invoice_is_not_retried_while_the_old_accounts_bad_debt_payment_
                                                                                          accounts, stripe_fake):
     """The old account, in bad debt, pays its whole balance (a bank debit: processing for days), the
     customer's younger invoice, still in its retry schedule, included. Another team then moves the
-    customer: the new account's decision plans that invoice's next retry, and its own bad-debt
-    payments are none. Dispatched, the retry would collect the invoice a second time; it waits until
-    the payment that covers it has ended (here: failed, found by the reconciliation with Stripe)."""
+    customer: the new account's own bad-debt payments are none, and a retry of that invoice would
+    collect it a second time. The new account plans none while the payment that covers it is in
+    flight, and the dispatcher would skip one planned before; the retry goes on once the payment has
+    ended (here: failed, found by the reconciliation with Stripe)."""
     from app.payments.bad_debt_reconcile import reconcile
     from app.payments.retries import claim_due
     from tests.integration.bad_debt_setup import into_bad_debt, key, pay, payments, recompute
@@ -341,13 +342,18 @@ def test_a_moved_invoice_is_not_retried_while_the_old_accounts_bad_debt_payment_
     move(engine, customer, new)
     recompute(engine, runtime, new)  # as the refile of the move requests it
     recompute(engine, runtime, old)
-    planned = dunning_row(engine, new)
-    assert planned["retry_invoice_id"] == younger and planned["next_retry_at"] is not None, planned
-    at = planned["next_retry_at"] + timedelta(minutes=1)
-    assert claim_due(engine, at) == []
+    held = dunning_row(engine, new)
+    assert held["retry_invoice_id"] is None and held["next_retry_at"] is None, held
+    assert "retry.held_bad_debt_payment" in [r["rule"] for r in held["reasons"]], held["reasons"]
+    later = datetime.now(UTC) + timedelta(days=3)  # past any retry the invoice's schedule would plan
+    assert claim_due(engine, later) == []
     assert stripe_fake.invoice_payments() == [] and retries(engine, new) == []
 
     stripe_fake.set_status(paying.json["stripe_payment_intent_id"], "requires_payment_method", "insufficient_funds")
-    assert reconcile(runtime, payment["id"], at).outcome == "failed"
+    assert reconcile(runtime, payment["id"], later).outcome == "failed"
+    recompute(engine, runtime, new)  # as the reconciliation requests it (the invoices' owners now)
+    planned = dunning_row(engine, new)
+    assert planned["retry_invoice_id"] == younger and planned["next_retry_at"] is not None, planned
+    at = planned["next_retry_at"] + timedelta(minutes=1)
     assert len(claim_due(engine, at)) == 1  # the payment ended without money: the retry goes on
     assert [r["invoice_id"] for r in retries(engine, new)] == [younger]
