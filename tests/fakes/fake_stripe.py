@@ -16,6 +16,10 @@ answering, like a read timeout after Stripe ran the request.
 is then refused as Stripe refuses it (400 ``invoice_not_open``), and ``GET /v1/invoices/<id>``
 answers it paid. Any other invoice is unknown to that GET (404), as to a Stripe account that never
 had it.
+
+A key is Stripe's for the whole account, not per endpoint: sent again for another invoice or with
+other parameters than its first request, it is refused with a 400 ``idempotency_error`` (nothing
+runs, nothing is replayed), as Stripe refuses a key reused for a request that does not match.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class Outcome:
     # | lost_answer
     kind: str
     decline_code: str = "insufficient_funds"
-    retry_after: int = 1
+    retry_after: int | None = 1  # None: the 429 names no Retry-After (Stripe does not promise one)
     delay: float = 0.0
 
 
@@ -63,7 +67,7 @@ def requires_action() -> Outcome:
     return Outcome("requires_action")
 
 
-def rate_limit(retry_after: int = 1) -> Outcome:
+def rate_limit(retry_after: int | None = 1) -> Outcome:
     return Outcome("rate_limit", retry_after=retry_after)
 
 
@@ -102,6 +106,7 @@ class FakeStripe:
     default: Outcome = field(default_factory=success)
     _script: deque[Outcome] = field(default_factory=deque)
     _saved: dict[str, Answer] = field(default_factory=dict)
+    _saved_for: dict[str, tuple[str, dict[str, list[str]]]] = field(default_factory=dict)  # key: its request
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
     _held: threading.Event = field(default_factory=threading.Event)  # set: held requests go on
@@ -153,6 +158,11 @@ class FakeStripe:
             # is answered even for a key whose answer is saved.
             limited = self._script[0].kind == "rate_limit" if self._script else False
             if key is not None and key in self._saved and not limited:
+                if self._saved_for.get(key) != (invoice_id, params):
+                    self.requests.append(PayRequest(invoice_id, key, params, replayed=False))
+                    return 400, {"Request-Id": "req_fake"}, _error(
+                        "idempotency_error", None, "Keys for idempotent requests can only be used with the same "
+                        f"parameters they were first used with. Try using a key other than '{key}'.")
                 self.requests.append(PayRequest(invoice_id, key, params, replayed=True))
                 status, h, payload = self._saved[key]
                 return status, {**h, "Idempotent-Replayed": "true"}, payload
@@ -174,6 +184,7 @@ class FakeStripe:
                 self.charges.append((invoice_id, key))
                 if key is not None:
                     self._saved[key] = answer
+                    self._saved_for[key] = (invoice_id, params)
         return None if outcome.kind == "lost_answer" else answer
 
     def _answer(self, outcome: Outcome, invoice_id: str, params: dict[str, list[str]]) -> Answer:
@@ -191,7 +202,8 @@ class FakeStripe:
                 "This payment requires additional user action before it can be completed successfully. "
                 "Payment can be completed using the PaymentIntent associated with the invoice.")
         if outcome.kind == "rate_limit":
-            return 429, {"Retry-After": str(outcome.retry_after)}, _error(
+            limit_headers = {} if outcome.retry_after is None else {"Retry-After": str(outcome.retry_after)}
+            return 429, limit_headers, _error(
                 "invalid_request_error", "rate_limit", "Too many requests hit the API too quickly.")
         if outcome.kind == "server_error":
             return 500, {}, _error("api_error", None, "An unknown error occurred.")

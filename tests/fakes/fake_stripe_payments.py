@@ -32,7 +32,9 @@ Every 429 carries ``Retry-After: <rate_limit_retry_after>`` (None: no such heade
 when set, is called with the method and path of each request before it is answered.
 
 Like Stripe it replays the first answer for a repeated Idempotency-Key (not a 429's: a rate-limited
-request never ran), and it records every request.
+request never ran), and it records every request. A key is the account's, not an endpoint's: sent
+with another method, path or parameters than its first request, it is refused with a 400
+``idempotency_error``, nothing run.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class FakeStripePayments:
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
+        self._answered_for: dict[str, tuple[str, str, dict[str, str]]] = {}  # key: its first request
         self._lock = threading.Lock()
         self._server = FakeServer(self._serve)
 
@@ -190,7 +193,12 @@ class FakeStripePayments:
 
     def handle(self, method: str, path: str, key: str | None, params: dict[str, str]) -> Answer:
         with self._lock:
-            replay = self._answers.get(f"{method} {path} {key}") if key else None
+            replay = self._answers.get(key) if key else None
+            if replay is not None and key and self._answered_for[key] != (method, path, params):
+                self.calls.append(Call(method, path, key, params, False))
+                return 400, {"error": {"type": "idempotency_error", "message": (
+                    "Keys for idempotent requests can only be used with the same parameters they were first "
+                    f"used with. Try using a key other than '{key}'.")}}
             self.calls.append(Call(method, path, key, params, replay is not None))
             if replay is not None:
                 return replay
@@ -198,7 +206,8 @@ class FakeStripePayments:
             # Stripe keeps the result of a request that ran (5xx included) for its idempotency key;
             # a rate-limited one was refused before it ran: nothing is kept, the key may be sent again.
             if key and method == "POST" and answer[0] != 429:
-                self._answers[f"{method} {path} {key}"] = answer
+                self._answers[key] = answer
+                self._answered_for[key] = (method, path, params)
             return answer
 
     def _route(self, method: str, path: str, params: dict[str, str]) -> Answer:

@@ -1,0 +1,79 @@
+"""The retry path against Stripe answers the fake could not give before: a key reused for another
+request (Stripe's 400 ``idempotency_error``) and a 429 that names no Retry-After."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import stripe
+
+from app.payments.pay import retry_payment
+from app.payments.retries import claim_due
+from app.payments.stripe_client import make_stripe_client
+from tasks.failures import FailureKind, TaskFailure
+from tests.fakes import fake_stripe as outcomes
+from tests.integration.dunning_setup import failed_invoice, retries
+
+
+def test_the_fake_refuses_a_key_reused_for_another_request_as_stripe_does(runtime, fake_stripe):
+    """Stripe's keys are the account's: the same key for another invoice or other parameters is a 400
+    idempotency_error, nothing run; the same request again replays the first answer."""
+    client = make_stripe_client(runtime.settings)
+    client.v1.invoices.pay("in_fake_a", {}, {"idempotency_key": "k1"})
+    for invoice, params in (("in_fake_b", {}), ("in_fake_a", {"payment_method": "pm_other"})):
+        with pytest.raises(stripe.IdempotencyError):
+            client.v1.invoices.pay(invoice, params, {"idempotency_key": "k1"})  # type: ignore[arg-type]
+    client.v1.invoices.pay("in_fake_a", {}, {"idempotency_key": "k1"})
+    assert fake_stripe.charges == [("in_fake_a", "k1")]
+    assert [r.replayed for r in fake_stripe.pay_requests()] == [False, False, False, True]
+
+
+def test_a_retry_whose_key_stripe_refuses_for_other_parameters_is_refused_not_charged(client, accounts, engine, worker,
+                                                                                       runtime, fake_stripe):
+    """A key Stripe already saw with other parameters: nothing ran, so the attempt is refused (an
+    operator looks at it, compute backs off) rather than counted as sent or retried forever."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    key = retries(engine, account)[0]["idempotency_key"]
+    stripe_client = make_stripe_client(runtime.settings)
+    stripe_client.v1.invoices.pay(invoice, {"payment_method": "pm_someone_else"}, {"idempotency_key": key})
+    charged_before = list(fake_stripe.charges)
+
+    result = retry_payment(engine, stripe_client, retry_id, datetime.now(UTC))
+
+    assert result.outcome == "refused" and "IdempotencyError" in (result.detail or ""), result
+    assert fake_stripe.charges == charged_before  # the refused request ran nothing
+    assert [r["state"] for r in retries(engine, account)] == ["refused"]
+
+
+def test_a_rate_limit_without_retry_after_leaves_the_retry_to_the_policy_backoff(client, accounts, engine, worker,
+                                                                                 runtime, fake_stripe):
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.rate_limit(retry_after=None))
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+
+    with pytest.raises(TaskFailure) as failed:
+        retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+
+    assert failed.value.kind == FailureKind.RATE_LIMITED and failed.value.retry_after is None
+    assert fake_stripe.charges == []
+    assert [r["state"] for r in retries(engine, account)] == ["dispatched"]  # charged nothing: claimable again
+
+
+def test_the_payments_fake_refuses_a_key_reused_on_another_endpoint_or_amount(runtime, stripe_fake):
+    """Keys are not per endpoint at Stripe: a key first used to create an intent, sent to cancel one or
+    with another amount, is a 400 idempotency_error and creates nothing."""
+    client = make_stripe_client(runtime.settings)
+    params: dict[str, Any] = {"amount": 500, "currency": "usd", "customer": "cus_fake"}
+    first = client.v1.payment_intents.create(params, {"idempotency_key": "k2"})  # type: ignore[arg-type]
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.payment_intents.create({**params, "amount": 600}, {"idempotency_key": "k2"})  # type: ignore[typeddict-item]
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.payment_intents.cancel(first.id, {}, {"idempotency_key": "k2"})
+    again = client.v1.payment_intents.create(params, {"idempotency_key": "k2"})  # type: ignore[arg-type]
+    assert again.id == first.id and list(stripe_fake.intents) == [first.id]
+    assert stripe_fake.intents[first.id]["status"] == "succeeded"  # the refused cancel ran nothing
