@@ -121,6 +121,10 @@ MIRRORED_AS = {"paid": "invoice.paid", "void": "invoice.voided", "uncollectible"
 AWAITING_AUTHENTICATION = frozenset({"invoice_payment_intent_requires_action"})
 
 DUE_SLACK = timedelta(minutes=2)  # beat may run the dispatch a little before a worker picks it up
+# Stripe keeps an idempotency key's answer for at least 24 hours, then may prune it: a request sent
+# again after that runs afresh instead of replaying. A retry is never sent again past it, whatever
+# the guard window (the policy allows up to a week).
+STRIPE_KEY_LIFETIME = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -183,8 +187,8 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
         # a scheduled retry on the default, and gives a new card its immediate free retry. A free
         # retry is on a new card that need not be the default: only a change since its claim stops it.
         return "the customer's default payment method is another one than the claimed; compute plans afresh"
-    if now - created_at > guard:
-        return "dispatched longer ago than the guard window; compute plans afresh"
+    if now - created_at > min(guard, STRIPE_KEY_LIFETIME):
+        return "dispatched longer ago than the guard window (or than Stripe keeps its key); compute plans afresh"
     planned_here = retry_invoice == invoice and next_retry_at is not None and next_retry_at <= now + DUE_SLACK
     # Once dispatched, compute sees the retry as in flight and clears next_retry_at for it.
     in_flight_here = any(r.get("rule") == "retry.in_flight" and (r.get("facts") or {}).get("invoice") == invoice

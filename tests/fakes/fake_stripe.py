@@ -136,6 +136,13 @@ class FakeStripe:
         with self._lock:
             self.invoices[invoice_id] = invoice
 
+    def expire_keys(self) -> None:
+        """Forget every saved answer, as Stripe prunes a key once it is more than 24 hours old: the same
+        key then runs its request afresh."""
+        with self._lock:
+            self._saved.clear()
+            self._saved_for.clear()
+
     def pay_requests(self, invoice_id: str | None = None) -> list[PayRequest]:
         with self._lock:
             return [r for r in self.requests if invoice_id is None or r.invoice_id == invoice_id]

@@ -3,7 +3,7 @@ request (Stripe's 400 ``idempotency_error``) and a 429 that names no Retry-After
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -77,3 +77,27 @@ def test_the_payments_fake_refuses_a_key_reused_on_another_endpoint_or_amount(ru
     again = client.v1.payment_intents.create(params, {"idempotency_key": "k2"})  # type: ignore[arg-type]
     assert again.id == first.id and list(stripe_fake.intents) == [first.id]
     assert stripe_fake.intents[first.id]["status"] == "succeeded"  # the refused cancel ran nothing
+
+
+def test_an_unanswered_retry_is_not_sent_again_once_stripe_may_have_forgotten_its_key(client, accounts, engine,
+                                                                                      worker, runtime, fake_stripe):
+    """The charge ran at Stripe, its answer was lost; the row stays charging. With a guard window
+    longer than a day (the policy allows a week), a delivery 25 hours later must not send the key
+    again: Stripe keeps a key's answer for 24 hours only, after which the request would run afresh,
+    an attempt on the invoice nobody counted. The row is counted as sent instead."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.lost_answer())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    stripe_client = make_stripe_client(runtime.settings)
+    two_days = 2 * 24 * 60
+    with pytest.raises(TaskFailure):
+        retry_payment(engine, stripe_client, retry_id, datetime.now(UTC), guard_minutes=two_days)
+    fake_stripe.expire_keys()  # a day later at Stripe
+
+    later = retry_payment(engine, stripe_client, retry_id, datetime.now(UTC) + timedelta(hours=25),
+                          guard_minutes=two_days)
+
+    assert later.outcome == "skipped", later
+    assert len(fake_stripe.charges) == 1 and len(fake_stripe.pay_requests(invoice)) == 1
+    assert [r["state"] for r in retries(engine, account)] == ["sent"]  # it may have charged: stays counted
