@@ -259,7 +259,15 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         # Stripe pays an invoice marked uncollectible when asked (it refuses only a paid or void one):
         # marked at Stripe before its webhook came, the retry would collect a written-off debt through
         # the regular path. Asked first, not on a row left charging: an earlier try may have paid it.
-        closed = _uncollectible_at_stripe(client, c.invoice_id)
+        try:
+            closed = _uncollectible_at_stripe(client, c.invoice_id)
+        except stripe.StripeError as exc:
+            # Not sent: the row goes back to dispatched and the task asks again with its backoff.
+            _set_state(engine, retry_id, c.prior_state, f"invoice not shown by Stripe: {exc.__class__.__name__}")
+            limited = isinstance(exc, stripe.RateLimitError)
+            raise TaskFailure(FailureKind.RATE_LIMITED if limited else FailureKind.REMOTE_UNAVAILABLE,
+                              f"Stripe could not show invoice {c.invoice_id} before the charge",
+                              retry_after=retry_after_seconds(exc.headers) if limited else None) from exc
         if closed is not None:
             detail = f"not due: invoice {closed['status']} at Stripe when charged"
             _skip_closed(engine, retry_id, c.account_id, closed, detail)
@@ -345,8 +353,19 @@ def _closed_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str,
 
 def _uncollectible_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
     """Before a retry: its invoice when uncollectible there (Stripe refuses a paid or void invoice
-    itself, see _charge, but pays an uncollectible one)."""
-    return _at_stripe(client, invoice_id, ("uncollectible",))
+    itself, see _charge, but pays an uncollectible one). Raises the StripeError when Stripe could
+    not show it for now (a rate limit, no answer, a 5xx): paid blind, a written-off debt would be
+    collected. Any other error (an invoice Stripe does not show, a key it refuses) goes on to the
+    charge, which Stripe refuses in turn."""
+    try:
+        invoice = client.v1.invoices.retrieve(invoice_id)
+    except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError):
+        raise
+    except stripe.StripeError as exc:
+        log.warning("could not read invoice %s at Stripe: %s", invoice_id, exc.__class__.__name__)
+        return None
+    found: dict[str, Any] = invoice.to_dict()
+    return found if found.get("status") == "uncollectible" else None
 
 
 def _skip_closed(engine: Engine, retry_id: int, account_id: str, invoice: dict[str, Any], detail: str) -> None:

@@ -28,6 +28,9 @@ class StripeWithUncollectible(FakeStripe):
     an invoice (only a paid or void one is refused) and answers it on GET /v1/invoices/<id>."""
 
     uncollectible: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # GET /v1/invoices/<id> answers this status with Stripe's error body (a 503 api_error, a 429
+    # rate_limit) while set: Stripe cannot show the invoice right now.
+    read_failure: int | None = None
 
     def mark_uncollectible(self, invoice_id: str, customer: str, amount: int) -> None:
         invoice = resource("invoice")
@@ -38,7 +41,12 @@ class StripeWithUncollectible(FakeStripe):
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
         parts = path.split("?")[0].strip("/").split("/")
-        if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "invoices"] and parts[2] in self.uncollectible:
+        reading = method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "invoices"]
+        if reading and self.read_failure is not None:
+            kind, code = ("rate_limit_error", "rate_limit") if self.read_failure == 429 else ("api_error", None)
+            return self.read_failure, {"Request-Id": "req_fake"}, {"error": {"type": kind, "code": code,
+                                                                            "message": "try again later"}}
+        if reading and parts[2] in self.uncollectible:
             return 200, {"Request-Id": "req_fake"}, self.uncollectible[parts[2]]
         return super()._handle(method, path, headers, body)
 
@@ -72,6 +80,31 @@ def test_a_retry_of_an_invoice_marked_uncollectible_at_stripe_before_its_webhook
         status = conn.exec_driver_sql("SELECT status FROM stripe_invoice WHERE id = %(i)s", {"i": invoice}).scalar()
     assert status == "uncollectible"
     assert dunning_row(engine, account)["retry_invoice_id"] == invoice  # the recompute requested decides
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_retry_whose_invoice_stripe_cannot_show_is_not_charged_blind(
+        client, accounts, engine, runtime, worker, stripe_uncollectible, status):
+    """The read before the charge (is the invoice written off at Stripe?) failed: a 5xx, a rate limit.
+    Paying anyway could collect a written-off debt through the regular path; the retry is not sent,
+    goes back to dispatched with a failure its task retries, and the next try reads again."""
+    from tasks.failures import TaskFailure
+
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    stripe_uncollectible.mark_uncollectible(invoice, customer, 5000)
+    stripe_uncollectible.read_failure = status
+
+    with pytest.raises(TaskFailure):
+        retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+    assert stripe_uncollectible.pay_requests(invoice) == [] and stripe_uncollectible.charges == []
+    assert [r["state"] for r in retries(engine, account)] == ["dispatched"]
+
+    stripe_uncollectible.read_failure = None  # Stripe answers again: the invoice is written off
+    result = retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+    assert (result.outcome, result.detail) == ("skipped", "not due: invoice uncollectible at Stripe when charged")
+    assert stripe_uncollectible.pay_requests(invoice) == []
 
 
 def test_a_retry_skipped_for_the_account_a_customer_left_is_charged_for_the_account_it_joined(
