@@ -337,7 +337,7 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]],
     count whenever they were settled."""
     stored = snapshot.stored
     unpaid_since = stored.unpaid_since if stored is not None else None
-    since = max(since, unpaid_since) if since is not None and unpaid_since is not None else since or unpaid_since
+    since = max((t for t in (since, unpaid_since) if t is not None), default=None)
     # The invoices that were debt (failed, overdue or marked uncollectible) and are settled since:
     # an unrelated invoice paid on time meanwhile says nothing of how the debt ended.
     settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)
@@ -477,10 +477,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     for a in assessed:
         reasons.extend(a.reasons)
 
-    regular = [a for a in assessed if not a.invoice.is_upgrade]
-    level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
-    suspended = [a for a in regular if a.level == Level.SUSPENDED]
-    status = Status.BAD_DEBT if suspended else (Status.PAST_DUE if assessed else Status.CURRENT)
+    level, suspended, status = _standing(assessed)
 
     # Payment-flow guard: never put bad-debt consequences over a payment in flight.
     held_until: datetime | None = None  # when a guard's hold ends, if one holds
@@ -497,12 +494,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                               "held until its outcome",
                               {"payments": sorted({covered[i].id for i in held_elsewhere}),
                                "held_levels": {invoice: lv.value for invoice, lv in held_elsewhere.items()}}))
-        assessed = [_with_level(a, held_elsewhere[a.invoice.id]) if a.invoice.id in held_elsewhere else a
-                    for a in assessed]
-        regular = [a for a in assessed if not a.invoice.is_upgrade]
-        level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
-        suspended = [a for a in regular if a.level == Level.SUSPENDED]
-        status = Status.BAD_DEBT if suspended else Status.PAST_DUE
+        assessed = _held_at(assessed, held_elsewhere)
+        level, suspended, status = _standing(assessed)
     in_flight = _in_flight_payment(snapshot)
     lifting_since = None
     if in_flight is not None and status == Status.BAD_DEBT:
@@ -524,11 +517,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                                   {"since": iso(started), "until": iso(held_until),
                                    "window_minutes": policy.guard_window_minutes,
                                    "held_levels": {invoice: lv.value for invoice, lv in held.items()}}))
-            assessed = [_with_level(a, held[a.invoice.id]) if a.invoice.id in held else a for a in assessed]
-            regular = [a for a in assessed if not a.invoice.is_upgrade]
-            suspended = []
-            level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
-            status = Status.PAST_DUE
+            assessed = _held_at(assessed, held)
+            level, suspended, status = _standing(assessed)  # every held level is below suspended
     failed_payment = _latest_bad_debt_failure(snapshot)
     if failed_payment is not None and status == Status.BAD_DEBT:
         reasons.append(Reason("bad_debt.payment_failed", "the bad-debt payment failed; the account stays in bad debt",
@@ -693,6 +683,20 @@ def _holds_end(snapshot: Snapshot, unpaid: list[Invoice], unpaid_attempts: list[
     ends += [r.created_at + guard for r in snapshot.retries
              if r.invoice_id in unpaid_ids and r.state in IN_FLIGHT_RETRY_STATES and now - r.created_at < guard]
     return ends
+
+
+def _standing(assessed: list[InvoiceAssessment]) -> tuple[Level, list[InvoiceAssessment], Status]:
+    """What the assessments make of the account: its level (the most severe), its regular (not
+    upgrade) invoices suspended, and its status (an upgrade never makes bad debt)."""
+    level = max((a.level for a in assessed), key=lambda lv: lv.rank, default=Level.NONE)
+    suspended = [a for a in assessed if not a.invoice.is_upgrade and a.level == Level.SUSPENDED]
+    status = Status.BAD_DEBT if suspended else (Status.PAST_DUE if assessed else Status.CURRENT)
+    return level, suspended, status
+
+
+def _held_at(assessed: list[InvoiceAssessment], held: dict[str, Level]) -> list[InvoiceAssessment]:
+    """The assessments with each invoice a guard holds at its held level."""
+    return [_with_level(a, held[a.invoice.id]) if a.invoice.id in held else a for a in assessed]
 
 
 def _balances(unpaid: list[Invoice]) -> dict[str, int]:

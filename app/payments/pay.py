@@ -261,7 +261,7 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         # the regular path. Asked first, not on a row left charging: an earlier try may have paid it.
         try:
             closed = _uncollectible_at_stripe(client, c.invoice_id)
-        except stripe.StripeError as exc:
+        except NOT_SHOWN_NOW as exc:
             # Not sent: the row goes back to dispatched and the task asks again with its backoff.
             _set_state(engine, retry_id, c.prior_state, f"invoice not shown by Stripe: {exc.__class__.__name__}")
             limited = isinstance(exc, stripe.RateLimitError)
@@ -334,12 +334,20 @@ def _attempt_failed(engine: Engine, retry_id: int, c: Claimed, detail: str) -> P
     return PayResult(retry_id, "failed", c.account_id, c.failure_class, detail)
 
 
-def _at_stripe(client: stripe.StripeClient, invoice_id: str, statuses: Collection[str]) -> dict[str, Any] | None:
+# Errors that say nothing of the invoice, only that Stripe could not show it for now.
+NOT_SHOWN_NOW = (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError)
+
+
+def _at_stripe(client: stripe.StripeClient, invoice_id: str, statuses: Collection[str],
+               raise_not_shown: bool = False) -> dict[str, Any] | None:
     """Stripe's invoice when its status there is one of ``statuses``; None when it is not, or Stripe
-    did not say (the caller then goes on as it would have)."""
+    did not say (the caller then goes on as it would have). With ``raise_not_shown``, an error of
+    NOT_SHOWN_NOW (a rate limit, no answer, a 5xx) is raised instead."""
     try:
         invoice = client.v1.invoices.retrieve(invoice_id)
     except stripe.StripeError as exc:
+        if raise_not_shown and isinstance(exc, NOT_SHOWN_NOW):
+            raise
         log.warning("could not read invoice %s at Stripe: %s", invoice_id, exc.__class__.__name__)
         return None
     found: dict[str, Any] = invoice.to_dict()
@@ -357,15 +365,7 @@ def _uncollectible_at_stripe(client: stripe.StripeClient, invoice_id: str) -> di
     not show it for now (a rate limit, no answer, a 5xx): paid blind, a written-off debt would be
     collected. Any other error (an invoice Stripe does not show, a key it refuses) goes on to the
     charge, which Stripe refuses in turn."""
-    try:
-        invoice = client.v1.invoices.retrieve(invoice_id)
-    except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError):
-        raise
-    except stripe.StripeError as exc:
-        log.warning("could not read invoice %s at Stripe: %s", invoice_id, exc.__class__.__name__)
-        return None
-    found: dict[str, Any] = invoice.to_dict()
-    return found if found.get("status") == "uncollectible" else None
+    return _at_stripe(client, invoice_id, ("uncollectible",), raise_not_shown=True)
 
 
 def _skip_closed(engine: Engine, retry_id: int, account_id: str, invoice: dict[str, Any], detail: str) -> None:
