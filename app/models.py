@@ -156,17 +156,23 @@ class StripeEvent(Base):
     id: Mapped[str] = mapped_column(Text, primary_key=True)
     type: Mapped[str] = mapped_column(Text)
     stripe_created: Mapped[int] = mapped_column(BigInteger)
-    stripe_customer_id: Mapped[str | None] = mapped_column(Text, index=True)
-    account_id: Mapped[str | None] = mapped_column(Text, index=True)
+    stripe_customer_id: Mapped[str | None] = mapped_column(Text)
+    account_id: Mapped[str | None] = mapped_column(Text)
     trigger: Mapped[str | None] = mapped_column(Text)
     # accepted: routed and a recompute requested; unroutable: no account for its customer yet
     # (re-driven by beat when the mapping appears); ignored: type this product does not act on.
     state: Mapped[str] = mapped_column(Text)
-    raw_body: Mapped[str] = mapped_column(Text)
+    raw_body: Mapped[str] = mapped_column(Text)  # STORAGE MAIN: compressed, in the row
     received_at: Mapped[datetime] = mapped_column(server_default=NOW)
     processed_at: Mapped[datetime | None]
 
-    __table_args__ = (Index("ix_stripe_event_unroutable", "state", postgresql_where=text("state = 'unroutable'")),)
+    # Every webhook writes a row: indexed only where something looks events up, in the two states
+    # that are re-driven (app/migrations/versions/stripe_event_lean_writes.py).
+    __table_args__ = (
+        Index("ix_stripe_event_unroutable_customer", "stripe_customer_id",
+              postgresql_where=text("state = 'unroutable'")),
+        Index("ix_stripe_event_enqueue_failed", "account_id", postgresql_where=text("state = 'enqueue_failed'")),
+    )
 
 
 class RecomputeRequest(Base):

@@ -23,6 +23,9 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         # Two processes starting at once (web and worker) must not both migrate.
         connection.exec_driver_sql("SELECT pg_advisory_lock(7281001)")
+        # A session lock: it outlives this commit, which leaves the transaction to Alembic (a
+        # migration's autocommit_block needs Alembic to own it).
+        connection.commit()
         try:
             context.configure(connection=connection, target_metadata=target_metadata)
             with context.begin_transaction():

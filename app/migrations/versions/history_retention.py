@@ -23,8 +23,14 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
-    op.create_index('ix_outbox_done', 'outbox', ['delivered_at'], postgresql_where=sa.text("delivered_at IS NOT NULL"))
-    op.create_index('ix_sweep_error_at', 'sweep_error', ['at'])
+    # CONCURRENTLY: the outbox is written by every recompute; a plain build would hold those writes
+    # for the length of its scan. An index left invalid by an interrupted build is built again.
+    with op.get_context().autocommit_block():
+        op.drop_index('ix_outbox_done', table_name='outbox', postgresql_concurrently=True, if_exists=True)
+        op.create_index('ix_outbox_done', 'outbox', ['delivered_at'], postgresql_where=sa.text("delivered_at IS NOT NULL"),
+                        postgresql_concurrently=True)
+        op.drop_index('ix_sweep_error_at', table_name='sweep_error', postgresql_concurrently=True, if_exists=True)
+        op.create_index('ix_sweep_error_at', 'sweep_error', ['at'], postgresql_concurrently=True)
 
 
 def downgrade() -> None:
