@@ -38,9 +38,12 @@ DECLINE_CODES: dict[str, FailureClass] = {
     "account_closed": PERMANENT,
     # the customer must act
     "authentication_required": ACTION,
+    "authentication_not_handled": ACTION,
+    "mobile_device_authentication_required": ACTION,
     "incorrect_cvc": ACTION,
     "invalid_cvc": ACTION,
     "incorrect_zip": ACTION,
+    "incorrect_address": ACTION,
     "incorrect_pin": ACTION,
     "invalid_pin": ACTION,
     "offline_pin_required": ACTION,

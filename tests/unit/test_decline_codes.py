@@ -37,6 +37,11 @@ from app.domain.state import FailureClass as FC
         ("issuer_not_available", None, None, FC.TRANSIENT),
         ("withdrawal_count_limit_exceeded", None, None, FC.TRANSIENT),
         ("reenter_transaction", None, None, FC.TRANSIENT),
+        # card decline codes Stripe documents beside DESIGN's list: the customer must act (complete
+        # 3-D Secure, fix the billing address), which no automatic retry of an off-session charge does
+        ("authentication_not_handled", None, None, FC.ACTION_REQUIRED),
+        ("mobile_device_authentication_required", None, None, FC.ACTION_REQUIRED),
+        ("incorrect_address", None, None, FC.ACTION_REQUIRED),
         # the network's advice tightens what the decline code suggests, never loosens it
         ("generic_decline", None, "do_not_try_again", FC.PERMANENT),
         ("insufficient_funds", None, "confirm_card_data", FC.ACTION_REQUIRED),
