@@ -150,7 +150,9 @@ def _assess(
     now: datetime,
 ) -> InvoiceAssessment:
     failures = [a for a in attempts if a.failed]
-    last_failure = failures[-1] if failures else None
+    # The latest failure by when it happened: an attempt row's own time moves with any later event
+    # about its intent (a cancellation), which must not make an older decline the latest.
+    last_failure = max(failures, key=lambda a: (failure_time(a), a.attempted_at, a.id)) if failures else None
     first_failure = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
                          if t is not None), default=None)
     unpaid_since = _unpaid_since(invoice, first_failure, now)
@@ -635,7 +637,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
 def _latest_class(assessed: Iterable[InvoiceAssessment]) -> FailureClass | None:
     """The failure class of the invoice that failed last (unpaid last, of those with no failure)."""
-    classes = [(a.last_failure.attempted_at if a.last_failure else a.unpaid_since, a.failure_class)
+    classes = [(failure_time(a.last_failure) if a.last_failure else a.unpaid_since, a.failure_class)
                for a in assessed if a.failure_class is not None]
     return max(classes, key=lambda c: c[0])[1] if classes else None
 
