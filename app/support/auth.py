@@ -2,13 +2,16 @@
 
 The session keeps the actor and a digest of the token, never the token itself; on every request the
 digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
-sessions. Tokens and digests are compared in constant time (app.auth.match_token).
+sessions. Tokens and digests are compared in constant time (app.auth.match_token). A session lasts
+SESSION_MAX_AGE from its sign-in, however it is used: the cookie is signed, not stored, so a copy of
+it would otherwise last as long as the token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
@@ -22,6 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 SESSION_KEY = "support"
 CSRF_HEADER = "X-Support-CSRF"
+SESSION_MAX_AGE = 12 * 3600  # seconds: a working day; then the support form asks for the token again
 
 
 def _digest(token: str) -> str:
@@ -41,12 +45,20 @@ def actor_for_token(token: str | None) -> str | None:
 
 def _session_actor() -> str | None:
     held = session.get(SESSION_KEY)
-    if not isinstance(held, dict) or not isinstance(held.get("digest"), str):
+    if not isinstance(held, dict) or not isinstance(held.get("digest"), str) or not _fresh(held.get("at")):
         return None
     tokens = _tokens()
     by_digest = {_digest(t): t for t in tokens}
     found = match_token(held["digest"], by_digest)
     return tokens[by_digest[found]] if found is not None else None
+
+
+def _fresh(signed_in_at: object) -> bool:
+    """Signed in less than SESSION_MAX_AGE ago (a session without the time predates it: not fresh)."""
+    if not isinstance(signed_in_at, int) or isinstance(signed_in_at, bool):
+        return False
+    # A minute the other way: the web processes' clocks (on several hosts) may differ that much.
+    return -60 <= time.time() - signed_in_at < SESSION_MAX_AGE
 
 
 def sign_in(token: str) -> str | None:
@@ -55,7 +67,8 @@ def sign_in(token: str) -> str | None:
     if actor is None:
         return None
     session.clear()
-    session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24)}
+    session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24),
+                            "at": int(time.time())}
     return actor
 
 

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 from flask.testing import FlaskClient
+from freezegun import freeze_time
 from sqlalchemy import Engine
 
 from tests.conftest import SUPPORT_ACTOR, SUPPORT_TOKEN, Accounts, post_event, wait_for
@@ -157,6 +158,26 @@ def test_sign_in_keeps_a_session_and_cookie_writes_need_the_csrf_header(flask_ap
                                                                       (SUPPORT_ACTOR, "recompute")]
     client.post("/support/logout")
     assert client.get(f"/support/accounts/{account}").status_code == 401
+
+
+def test_a_session_lasts_twelve_hours_from_its_sign_in_however_it_is_used(flask_app, accounts):
+    # The cookie is signed, not stored: without an age of its own a copy of it lasted as long as the token.
+    client = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    with freeze_time("2026-12-01 08:00:00") as clock:
+        assert client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+        clock.tick(6 * 3600)
+        assert client.get(page).status_code == 200  # in use meanwhile: it does not extend the session
+        clock.tick(6 * 3600 - 1)
+        assert client.get(page).status_code == 200
+        clock.tick(1)
+        expired = client.get(page)
+        assert expired.status_code == 401 and 'name="token"' in expired.get_data(as_text=True)
+        assert client.post(f"/support/accounts/{account}/recompute").status_code == 401
+        # Signing in again starts a new one.
+        assert client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+        assert client.get(page).status_code == 200
 
 
 def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, accounts):
