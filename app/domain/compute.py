@@ -327,7 +327,7 @@ def _recent_attempt_in_flight(snapshot: Snapshot, policy: Policy, now: datetime,
 
 
 def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]],
-                since: datetime | None = None, debts: frozenset[str] = frozenset()) -> str:
+                since: datetime | None = None, debts: frozenset[str] | None = None) -> str:
     """How the last unpaid invoices were settled: customer money ("paid") or otherwise.
 
     "paid" only when the customer's money paid every debt settled in the episode (each labelled
@@ -335,20 +335,49 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]],
     without the customer paying in full, "resolved", whichever was settled first (a newer invoice
     paid by card while the bad debt's own invoice was then voided is no paid bad debt).
 
-    The episode: since the stored unpaid_since (dunning), or since ``since`` when later; ``debts``
-    count whenever they were settled."""
+    The episode: since the stored unpaid_since (dunning), or since ``since`` when later, and after
+    the debts settled before the dunning began (stored prior_settled_at): a failure learned late
+    dates unpaid_since back over an earlier dunning's void, which that dunning's DunningResolved
+    already said. ``debts`` (by default those the last decision found unpaid) count whenever they
+    were settled."""
     stored = snapshot.stored
+    if debts is None:
+        debts = _last_debts(stored)
     unpaid_since = stored.unpaid_since if stored is not None else None
     since = max((t for t in (since, unpaid_since) if t is not None), default=None)
+    after = stored.prior_settled_at if stored is not None else None
     # The invoices that were debt (failed, overdue or marked uncollectible) and are settled since:
     # an unrelated invoice paid on time meanwhile says nothing of how the debt ended.
     settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)
-               and (since is None or i.id in debts or (i.paid_at or i.voided_at or i.created) >= since)]
+               and (i.id in debts or ((since is None or _settled_at(i) >= since)
+                                      and (after is None or _settled_at(i) > after)))]
     from app.domain.billing_history import Label, label
 
     if settled and all(label(i, grouped.get(i.id, ())) == Label.PAID for i in settled):
         return "paid"
     return "resolved"
+
+
+def _settled_at(invoice: Invoice) -> datetime:
+    return invoice.paid_at or invoice.voided_at or invoice.created
+
+
+def _last_debts(stored: DunningState | None) -> frozenset[str]:
+    """The invoices the last decision (the stored one) found unpaid: its level reasons name them."""
+    return frozenset(str(r.facts["invoice"]) for r in (stored.reasons if stored is not None else ())
+                     if r.rule.startswith("level.") and r.facts.get("invoice"))
+
+
+def _prior_settled_at(snapshot: Snapshot, status: Status) -> datetime | None:
+    """DunningState.prior_settled_at: set when the account enters dunning from current (the latest
+    settlement of the debts settled by then), kept while it stays in dunning, None when current."""
+    if status == Status.CURRENT:
+        return None
+    stored = snapshot.stored
+    if stored is not None and stored.status != Status.CURRENT:
+        return stored.prior_settled_at
+    return max((_settled_at(i) for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)),
+               default=None)
 
 
 def _bad_debt_resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]]) -> str:
@@ -357,10 +386,7 @@ def _bad_debt_resolution(snapshot: Snapshot, grouped: dict[str | None, list[Atte
     the episode's row was written, its webhook late). A debt of the dunning before it, settled
     before (voided while another invoice went on to bad debt that the customer then paid), is no
     part of how the bad debt ended: DunningResolved says it, BadDebtExited does not."""
-    stored = snapshot.stored
-    debts = frozenset(str(r.facts["invoice"]) for r in (stored.reasons if stored is not None else ())
-                      if r.rule.startswith("level.") and r.facts.get("invoice"))
-    return _resolution(snapshot, grouped, since=snapshot.open_episode_entered_at, debts=debts)
+    return _resolution(snapshot, grouped, since=snapshot.open_episode_entered_at)
 
 
 def _leaves_bad_debt(snapshot: Snapshot, status: Status) -> bool:
@@ -606,6 +632,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         entitlements=entitlements(snapshot.subscriptions, [(a.invoice, a.level) for a in assessed], policy),
         actions_requested=tuple(sorted(actions)),
         policy_version=policy.version,
+        prior_settled_at=_prior_settled_at(snapshot, status),
     )
     bad_debt_products: tuple[str, ...] = ()
     bad_debt_reason = None

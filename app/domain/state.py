@@ -122,6 +122,12 @@ class DunningState:
     actions_requested: tuple[str, ...] = ()
     policy_version: str | None = None
     next_review_at: datetime | None = None  # when time alone would change this decision
+    # The latest settlement (paid_at, else voided_at) of the debts already settled when the account
+    # entered its current dunning from current: those were earlier dunnings' debts, whatever
+    # unpaid_since says (a failure learned late dates it back over them). None while current, when
+    # none was settled, and in rows from before it was kept (compute._resolution then goes by
+    # unpaid_since alone).
+    prior_settled_at: datetime | None = None
 
     def changed_fields(self, other: DunningState | None) -> list[str]:
         """Names of the fields where ``other`` (the stored state) differs from this one."""
@@ -171,6 +177,7 @@ class DunningState:
             actions_requested=tuple(row["actions_requested"] or ()),
             policy_version=row["policy_version"],
             next_review_at=row.get("next_review_at"),
+            prior_settled_at=row.get("prior_settled_at"),
         )
 
 

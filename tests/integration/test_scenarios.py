@@ -175,3 +175,41 @@ def test_a_bad_debt_the_customer_paid_exits_paid_though_an_invoice_was_voided_be
         exit_how = conn.exec_driver_sql("SELECT exit_how FROM bad_debt_episode WHERE account_id = %(a)s",
                                         {"a": account}).scalar_one()
     assert (exited, exit_how) == ("paid", "paid")
+
+
+def test_a_dunning_paid_in_full_resolves_paid_though_a_late_failure_dates_it_back_over_a_void(
+        client, accounts: Accounts, engine, worker):
+    """Dunning 1: an invoice fails and is voided (support forgave it): DunningResolved "resolved".
+    Then a renewal's failure arrives three days after it happened (Stripe retries a delivery for
+    days): dunning 2 is unpaid since before that void. The customer pays the renewal in full:
+    dunning 2's DunningResolved says "paid", as the renewal's label does; it said "resolved", the
+    void of dunning 1 counted again because unpaid_since was dated back over it."""
+    account, customer = accounts.create()
+    forgiven, renewal, now = unique("in"), unique("in"), int(time.time())
+    post_event(client, failed(customer, forgiven, now - 2 * DAY))
+    wait_for(lambda: dunning(client, account)["status"] == "past_due", message="past_due")
+    post_event(client, event("invoice.voided", id=forgiven, customer=customer, created=now - 120))
+    wait_for(lambda: dunning(client, account)["status"] == "current", message="the forgiven invoice voided")
+    post_event(client, failed(customer, renewal, now - 3 * DAY))
+    state = wait_for(lambda: (s := dunning(client, account))["status"] == "past_due" and s, message="dunning 2")
+    assert datetime.fromisoformat(state["unpaid_since"]) == datetime.fromtimestamp(now - 3 * DAY, UTC)
+    with engine.connect() as conn:
+        prior, voided_at = conn.exec_driver_sql(
+            "SELECT d.prior_settled_at, i.voided_at FROM subs_dunning d, stripe_invoice i "
+            "WHERE d.account_id = %(a)s AND i.id = %(i)s", {"a": account, "i": forgiven}).one()
+    post_event(client, event("invoice.paid", id=renewal, customer=customer, created=now - 60,
+                             amount_due=5000, amount_paid=5000, amount_remaining=0))
+    wait_for(lambda: dunning(client, account)["status"] == "current", message="the renewal paid")
+    with engine.connect() as conn:
+        hows = [r[0] for r in conn.exec_driver_sql(
+            "SELECT payload->>'how' FROM outbox WHERE account_id = %(a)s AND event_type = 'DunningResolved' "
+            "ORDER BY id", {"a": account})]
+        prior_after = conn.exec_driver_sql("SELECT prior_settled_at FROM subs_dunning WHERE account_id = %(a)s",
+                                           {"a": account}).scalar_one()
+    assert hows == ["resolved", "paid"]
+    # Dunning 2 began after the void (kept from its start, read back by gather), and ended.
+    assert prior is not None and prior == voided_at > datetime.fromtimestamp(now - 3 * DAY, UTC)
+    assert prior_after is None
+    labels = {i["id"]: i["label"] for i in client.get(f"/accounts/{account}/billing-history",
+                                                      headers=service_headers()).json["invoices"]}
+    assert labels == {forgiven: "Resolved", renewal: "Paid"}

@@ -342,3 +342,35 @@ def test_a_bad_debt_paid_just_before_its_episode_was_recorded_exits_paid():
     after = compute(replace(snap, stored=in_debt, open_episode_entered_at=days(0.5)), POLICY, NOW)
     events = {e.name: e.payload() for e in derive_events(in_debt, after, NOW, days(0.5))}
     assert events["BadDebtExited"]["how"] == "paid"
+
+
+def test_a_dunning_paid_in_full_is_paid_though_a_late_failure_backdates_it_over_an_earlier_void():
+    """Dunning 1: in_a fails and is voided; the account is current again (DunningResolved "resolved").
+    in_b had failed before that void, but its invoice.payment_failed came three days late (Stripe
+    retries a delivery for days): the mirror dates the failure by the event (first_failed_at), so
+    dunning 2, entered when it came, is unpaid since before in_a's void. The customer pays in_b in
+    full: dunning 2 is "paid", as in_b's label says; in_a's void was dunning 1's, already announced."""
+    in_a = replace(invoice("in_a", failed_days_ago=10), created=days(11))
+    failed_a = attempt("pi_a", "in_a", days_ago=10)
+    dunning_1 = compute(snapshot(in_a, attempts=(failed_a,)), POLICY, days(9.9))
+    assert dunning_1.state.status == "past_due"
+    voided = replace(in_a, status="void", amount_remaining=0, voided_at=days(5))
+    in_b_open = replace(invoice("in_b", failed_days_ago=None), created=days(7))  # its failure not heard of yet
+    closed = compute(replace(snapshot(voided, in_b_open, attempts=(failed_a,)), stored=dunning_1.state),
+                     POLICY, days(4.9))
+    assert closed.state.status == "current"
+    assert {e.name: e.payload() for e in derive_events(dunning_1.state, closed, days(4.9))}["DunningResolved"] \
+        == {"how": "resolved"}
+    in_b = replace(invoice("in_b", failed_days_ago=6), created=days(7))
+    failed_b = attempt("pi_b", "in_b", days_ago=6)
+    dunning_2 = compute(replace(snapshot(voided, in_b, attempts=(failed_a, failed_b)), stored=closed.state),
+                        POLICY, days(3))
+    assert dunning_2.state.status == "past_due" and dunning_2.state.unpaid_since == days(6) < voided.voided_at
+    paid_b = replace(in_b, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(1))
+    card = replace(failed_b, status="succeeded", attempted_at=days(1), decline_code=None, amount=5000)
+    snap = snapshot(voided, paid_b, attempts=(failed_a, card))
+    after = compute(replace(snap, stored=dunning_2.state), POLICY, NOW)
+    assert after.state.status == "current"
+    assert {e.name: e.payload() for e in derive_events(dunning_2.state, after, NOW)}["DunningResolved"] \
+        == {"how": "paid"}
+    assert {row.invoice.id: row.label for row in history(snap, NOW)} == {"in_a": Label.RESOLVED, "in_b": Label.PAID}
