@@ -567,4 +567,14 @@ class AuditLog(Base):
                             postgresql_where=text("action = 'recompute'")),)
 
 
+class SupportSessionEnded(Base):
+    """A support session signed out of: refused from then on, whoever holds a copy of its cookie
+    (app/support/auth.py). Kept while the session could still be within its lifetime."""
+
+    __tablename__ = "support_session_ended"
+
+    session_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    ended_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
 tables = Base.metadata.tables

@@ -3,8 +3,10 @@
 The session keeps the actor and a digest of the token, never the token itself; on every request the
 digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
 sessions. Tokens and digests are compared in constant time (app.auth.match_token). A session lasts
-SESSION_MAX_AGE from its sign-in, however it is used: the cookie is signed, not stored, so a copy of
-it would otherwise last as long as the token.
+SESSION_MAX_AGE from its sign-in, however it is used, and ends when it signs out: the cookie is
+signed, not stored, so the server remembers the random ids of sessions signed out of
+(support_session_ended) for as long as they could otherwise last, and a copy of an ended session's
+cookie is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 from flask import g, jsonify, request, session
 
 from app.auth import bearer_token, match_token, unauthorized
+from app.db import unit_of_work
 from app.web import runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,7 +53,18 @@ def _session_actor() -> str | None:
     tokens = _tokens()
     by_digest = {_digest(t): t for t in tokens}
     found = match_token(held["digest"], by_digest)
-    return tokens[by_digest[found]] if found is not None else None
+    if found is None or _ended(held.get("sid")):
+        return None
+    return tokens[by_digest[found]]
+
+
+def _ended(session_id: object) -> bool:
+    """Signed out of (or without an id: from before sessions had one)."""
+    if not isinstance(session_id, str) or not session_id:
+        return True
+    with runtime().engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT 1 FROM support_session_ended WHERE session_id = %(sid)s",
+                                    {"sid": session_id}).first() is not None
 
 
 def _fresh(signed_in_at: object) -> bool:
@@ -68,12 +82,25 @@ def sign_in(token: str) -> str | None:
         return None
     session.clear()
     session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24),
-                            "at": int(time.time())}
+                            "at": int(time.time()), "sid": secrets.token_urlsafe(18)}
     return actor
 
 
-def sign_out() -> None:
-    session.pop(SESSION_KEY, None)
+def sign_out() -> str | None:
+    """End this browser's session, everywhere a copy of its cookie is: the actor it was, else None
+    (no session, or one already over)."""
+    actor = _session_actor()
+    held = session.pop(SESSION_KEY, None)
+    if actor is None or not isinstance(held, dict):
+        return None
+    with unit_of_work(runtime().engine) as conn:
+        conn.exec_driver_sql("INSERT INTO support_session_ended (session_id) VALUES (%(sid)s) ON CONFLICT DO NOTHING",
+                             {"sid": held["sid"]})
+        # Only sessions that could still be within their lifetime need remembering (a minute of
+        # clock difference between web hosts on top, as _fresh allows).
+        conn.exec_driver_sql("DELETE FROM support_session_ended "
+                             "WHERE ended_at < now() - make_interval(secs => %(age)s)", {"age": SESSION_MAX_AGE + 60})
+    return actor
 
 
 def csrf_token() -> str | None:

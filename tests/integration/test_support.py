@@ -180,6 +180,29 @@ def test_a_session_lasts_twelve_hours_from_its_sign_in_however_it_is_used(flask_
         assert client.get(page).status_code == 200
 
 
+def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(flask_app, engine, accounts):
+    # The cookie is signed, not stored: signing out only dropped the browser's copy, and a copy
+    # taken before (another tab's, or a stolen one) went on working.
+    browser = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    copied = browser.get_cookie("session")
+    assert copied is not None
+    other = flask_app.test_client()
+    other.set_cookie("session", copied.value)
+    assert other.get(page).status_code == 200
+    assert browser.post("/support/logout").status_code == 303
+    assert browser.get(page).status_code == 401
+    assert other.get(page).status_code == 401
+    assert other.post("/support/logout").status_code == 303  # signing out of an ended session: nothing to do
+    assert [(r["actor"], r["action"]) for r in audit_rows(engine)] == [(SUPPORT_ACTOR, "sign_in"),
+                                                                      (SUPPORT_ACTOR, "sign_out")]
+    # A new sign-in is a new session.
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    assert browser.get(page).status_code == 200 and other.get(page).status_code == 401
+
+
 def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, accounts):
     # secrets.compare_digest raised TypeError on a str with non-ASCII characters: a 500.
     client = flask_app.test_client()
