@@ -25,6 +25,13 @@ GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCL
 TIE = "({t}.source_created, {t}.source_rank) = (EXCLUDED.source_created, EXCLUDED.source_rank)"
 # A payment attempt's failure that made no charge (3-D Secure failed): webhooks/mirror.py names none.
 CHARGELESS = "({t}.status = 'failed' AND {t}.charge_id IS NULL)"
+# Two outcomes of one payment intent in the same second and rank, about different charges: the event
+# time cannot tell which came later (a reused intent's decline and its next confirmation's failed
+# 3-D Secure), and the last delivered must not win. The stored one stays when it made no charge (a
+# failure that made none on a reused intent follows the charge its latest_charge still names), or
+# when its charge is the greater id; else the incoming one replaces it. The same in either order.
+TIE_KEEPS = (f"({CHARGELESS} OR (NOT {CHARGELESS.replace('{t}', 'EXCLUDED')} "
+             "AND EXCLUDED.charge_id < {t}.charge_id))")
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
 Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]  # table, columns, merge rules
@@ -56,17 +63,27 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
             # missing, like coalesce, and in the same second and rank both ways alike (the greater
             # where both speak, so that the order of delivery does not pick one).
             # An older event about another charge (delivered late) changes nothing of the newer one.
+            # Two failures of one reused intent in the same second and rank (about different charges,
+            # or one that made none) are ordered by TIE_KEEPS, as outcome_charge orders them.
             other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
                             f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
-            sets.append(f"{col} = CASE WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
+            tie = TIE.format(t=table)
+            both_chargeless = f"({CHARGELESS.format(t='EXCLUDED')} AND {CHARGELESS.format(t=table)})"
+            sets.append(f"{col} = CASE WHEN {tie} AND {both_chargeless} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                        f"WHEN {guard} AND {other_charge} AND NOT ({tie} AND {TIE_KEEPS.format(t=table)}) "
+                        f"THEN EXCLUDED.{col} "
                         f"WHEN {other_charge} THEN {table}.{col} "
                         f"WHEN {TIE.format(t=table)} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
                         f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
         elif kind == "outcome_charge":
             # The charge per_charge compares with: like coalesce, but a newer failure that made no
-            # charge clears it, and no older event names one after such a failure.
-            sets.append(f"{col} = CASE WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
+            # charge clears it, and no older event names one after such a failure. In a tie the
+            # failure that made none stays, else the greater charge (TIE_KEEPS).
+            tie = TIE.format(t=table)
+            sets.append(f"{col} = CASE WHEN {tie} AND {CHARGELESS.format(t=table)} THEN NULL "
+                        f"WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
+                        f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
                         f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                         f"WHEN {CHARGELESS.format(t=table)} THEN NULL "
                         f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")

@@ -1,0 +1,206 @@
+"""Property: the mirror rows of one invoice, its payment intent, its customer and payment method do
+not depend on the order Stripe delivers their events in, nor on redeliveries.
+
+Stripe sends several events of one object in the same second (invoice.finalized and
+invoice.payment_failed of an invoice charged at finalisation; charge.failed and
+payment_intent.payment_failed; invoice.paid, invoice.payment_succeeded and invoice_payment.paid),
+retries an invoice on the same payment intent (its charges, a 3-D Secure failure that makes none),
+and ends an invoice paid, void, or uncollectible and then paid. Each generated history is ingested
+(webhooks/store.ingest_events, the real statement on the real database, one event per delivery as
+the webhook does) once in order and once shuffled with redeliveries; the rows must be equal.
+The per-order tests of tests/integration/test_order_independence.py pin single cases through the
+whole recompute; this one covers the merge rules' combinations at the mirror.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Connection
+
+from tests.stripe_events import event, unique, with_product
+from webhooks import store
+from webhooks.mirror import extract
+
+DAY = 86400
+BASE = int(time.time()) - 30 * DAY
+DECLINES = ["insufficient_funds", "expired_card", "do_not_honor", "lost_card", "a_code_from_the_future"]
+ADVICE = [None, "try_again_later", "do_not_try_again"]
+ENDINGS = ["open", "paid", "void", "uncollectible", "uncollectible_then_paid"]
+Step = tuple[str, int, dict[str, Any]]  # (event type, created, parameters)
+
+
+@st.composite
+def histories(draw: Any) -> list[Step]:
+    """One invoice of one customer and the attempts on its one payment intent, in Stripe's order;
+    ties in the same second are common by construction."""
+    steps: list[Step] = []
+    t = BASE
+    steps.append(("invoice.finalized", t, {}))
+    method, last_charge = "pm_a", None
+    for k in range(draw(st.integers(1, 3))):
+        if k:  # the next confirmation on the intent: after every event of the one before, or in its second
+            t = max(created for _, created, _ in steps) + draw(st.sampled_from([0, 1, DAY, 2 * DAY]))
+        steps.append(("invoice.payment_failed", t, {"attempt_count": k + 1}))
+        if draw(st.integers(0, 4)) == 0:  # 3-D Secure failed: no charge; latest_charge names the previous one
+            steps.append(("payment_intent.payment_failed", t + draw(st.integers(0, 1)),
+                          {"charge": last_charge, "names_charge": False, "pm": method,
+                           "code": "payment_intent_authentication_failure", "decline": None, "advice": None}))
+            continue
+        charge = last_charge = f"ch{k}"
+        decline, advice = draw(st.sampled_from(DECLINES)), draw(st.sampled_from(ADVICE))
+        steps.append(("charge.failed", t + draw(st.integers(0, 1)),
+                      {"charge": charge, "pm": method, "decline": decline, "advice": advice,
+                       "blocked": draw(st.booleans())}))
+        # The intent's view of the same decline: in the same second or a little later; its codes may
+        # differ from the charge's (Radar's reason on the charge, the issuer's on the intent).
+        steps.append(("payment_intent.payment_failed", t + draw(st.integers(0, 2)),
+                      {"charge": charge, "names_charge": draw(st.booleans()), "pm": method,
+                       "code": "card_declined", "decline": draw(st.sampled_from([decline, *DECLINES])),
+                       "advice": advice}))
+        if draw(st.booleans()):  # the customer attaches another card and makes it the default
+            t += draw(st.sampled_from([1, DAY]))
+            method = f"pm_{k}"
+            steps.append(("payment_method.attached", t, {"pm": method}))
+            steps.append(("customer.updated", t + draw(st.integers(0, 1)), {"pm": method, "changed": True}))
+        if draw(st.booleans()):  # the delinquent flag: a customer.updated that changes no method
+            steps.append(("customer.updated", t + draw(st.integers(0, 1)), {"pm": method, "changed": False}))
+    ending = draw(st.sampled_from(ENDINGS))
+    t += draw(st.sampled_from([1, DAY]))
+    if ending.startswith("uncollectible"):
+        steps.append(("invoice.marked_uncollectible", t, {}))
+        t += draw(st.sampled_from([1, DAY]))
+    if ending.endswith("paid"):
+        for kind in ("invoice.paid", "invoice.payment_succeeded", "invoice_payment.paid"):
+            steps.append((kind, t, {}))
+    elif ending == "void":
+        steps.append(("invoice.voided", t, {}))
+    steps.sort(key=lambda s: s[1])
+    return steps
+
+
+def render(kind: str, t: int, p: dict[str, Any], n: int, s: str) -> dict[str, Any]:
+    """The event of a step, with ids unique to one delivery order (suffix ``s``)."""
+    eid, customer, invoice, intent = f"evt{n}_{s}", f"cus_{s}", f"in_{s}", f"pi_{s}"
+    if kind.startswith("invoice."):
+        paid = kind in ("invoice.paid", "invoice.payment_succeeded")
+        evt = event(kind, event_id=eid, created=t, id=invoice, customer=customer,
+                    billing_reason="subscription_cycle", amount_due=5000, amount_paid=5000 if paid else 0,
+                    amount_remaining=0 if paid else 5000, attempt_count=p.get("attempt_count", 0),
+                    paths={"created": BASE - DAY})
+        return with_product(evt, "prod_core", 5000)
+    if kind == "invoice_payment.paid":
+        return event(kind, event_id=eid, created=t, invoice=invoice, amount_paid=5000,
+                     paths={"payment.payment_intent": intent, "created": t})
+    if kind == "charge.failed":
+        outcome = {"type": "blocked", "reason": "highest_risk_level"} if p["blocked"] else \
+            {"type": "issuer_declined", "reason": p["decline"]}
+        return event(kind, event_id=eid, created=t, id=f"{p['charge']}_{s}", customer=customer,
+                     payment_intent=intent, payment_method=f"{p['pm']}_{s}", amount=5000,
+                     failure_code="card_declined",
+                     paths={"created": t, "outcome.advice_code": p["advice"],
+                            **{f"outcome.{k}": v for k, v in outcome.items()}})
+    if kind == "payment_intent.payment_failed":
+        charge = f"{p['charge']}_{s}" if p["charge"] else None
+        error = {"code": p["code"], "decline_code": p["decline"], "advice_code": p["advice"],
+                 "payment_method": {"id": f"{p['pm']}_{s}"}}
+        if p["names_charge"]:
+            error["charge"] = charge
+        return event(kind, event_id=eid, created=t, id=intent, customer=customer, latest_charge=charge,
+                     amount=5000, paths={f"last_payment_error.{k}": v for k, v in error.items()})
+    if kind == "payment_method.attached":
+        return event(kind, event_id=eid, created=t, id=f"{p['pm']}_{s}", customer=customer)
+    assert kind == "customer.updated"
+    evt = event(kind, event_id=eid, created=t, id=customer,
+                paths={"invoice_settings.default_payment_method": f"{p['pm']}_{s}"})
+    evt["data"]["previous_attributes"] = (
+        {"invoice_settings": {"default_payment_method": None}} if p["changed"] else {"delinquent": False})
+    return evt
+
+
+SUCCEEDED_UNREAD = ("charge_id", "decline_code", "failure_code", "advice_code", "payment_method_id")
+ROWS = {
+    "stripe_invoice": "id = %(s)s",
+    "stripe_payment_attempt": "id = %(s)s",
+    "stripe_payment_method": "id LIKE %(like)s",
+    "stripe_customer_state": "stripe_customer_id = %(s)s",
+}
+
+
+def mirror(conn: Connection, s: str) -> str:
+    keys = {"stripe_invoice": f"in_{s}", "stripe_payment_attempt": f"pi_{s}",
+            "stripe_customer_state": f"cus_{s}"}
+    out = {}
+    for table, where in ROWS.items():
+        rows = conn.exec_driver_sql(f"SELECT * FROM {table} WHERE {where} ORDER BY 1",
+                                    {"s": keys.get(table), "like": f"%\\_{s}"}).mappings().all()
+        # source_event_id names the event that last wrote the row, one of a second's events on a tie;
+        # nothing reads it.
+        # A succeeded attempt's outcome codes, the charge they are about and its method are no
+        # failure's: compute and the mandates read failed attempts' only (a charge's method is read
+        # from charges). Once invoice_payment.paid (which names neither charge nor method) is in,
+        # an older failure delivered late can still fill them: which one depends on the order.
+        out[table] = [{k: v for k, v in r.items() if k != "source_event_id" and not (
+            r.get("status") == "succeeded" and k in SUCCEEDED_UNREAD)} for r in rows]
+    return json.dumps(out, default=str, sort_keys=True).replace(s, "S")
+
+
+def deliver(conn: Connection, evt: dict[str, Any]) -> None:
+    raw = json.dumps(evt)
+    store.ingest_events(conn, [(extract(json.loads(raw)), raw)])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=histories(), data=st.data())
+def test_mirror_rows_do_not_depend_on_delivery_order_or_redelivery(history, data, conn):
+    order = data.draw(st.permutations(range(len(history))))
+    deliveries = list(order)
+    for again in data.draw(st.lists(st.integers(0, len(history) - 1), max_size=4)):
+        deliveries.insert(data.draw(st.integers(0, len(deliveries))), again)
+    finals = []
+    for sequence in (range(len(history)), deliveries):
+        s = unique("o")
+        for n in sequence:
+            kind, t, params = history[n]
+            deliver(conn, render(kind, t, params, n, s))
+        finals.append(mirror(conn, s))
+    a, b = json.loads(finals[0]), json.loads(finals[1])
+    differ = {t: [(k, x.get(k), y.get(k)) for x, y in zip(a[t], b[t], strict=False) for k in x if x[k] != y.get(k)]
+              for t in a if a[t] != b[t]}
+    assert finals[1] == finals[0], (differ, [history[n][:2] for n in deliveries])
+
+
+def test_a_3ds_failure_in_the_same_second_as_the_intents_previous_decline_wins_in_any_order(conn):
+    """A reused intent: its charge ch0 declined (the charge's event and the intent's), and the next
+    confirmation on the intent failed 3-D Secure in the same second as the intent's decline event
+    (no charge; latest_charge still names ch0, so it came after ch0). The two failures tie on the
+    ordering key: the stored outcome must not be whichever was delivered last. The failure that
+    made no charge wins (the customer must act), as it does a second later."""
+    t = BASE + DAY
+    history: list[Step] = [
+        ("charge.failed", t, {"charge": "ch0", "pm": "pm_a", "decline": "insufficient_funds", "advice": None,
+                              "blocked": False}),
+        ("payment_intent.payment_failed", t + 1, {"charge": "ch0", "names_charge": False, "pm": "pm_a",
+                                                  "code": "card_declined", "decline": "insufficient_funds",
+                                                  "advice": None}),
+        ("payment_intent.payment_failed", t + 1, {"charge": "ch0", "names_charge": False, "pm": "pm_a",
+                                                  "code": "payment_intent_authentication_failure",
+                                                  "decline": None, "advice": None}),
+    ]
+    for order in itertools.permutations(range(len(history))):
+        s = unique("o")
+        for n in order:
+            kind, created, params = history[n]
+            deliver(conn, render(kind, created, params, n, s))
+        row = conn.exec_driver_sql(
+            "SELECT status, charge_id, decline_code, failure_code, advice_code, failed_at FROM stripe_payment_attempt "
+            "WHERE id = %(p)s", {"p": f"pi_{s}"}).mappings().one()
+        assert dict(row) == {"status": "failed", "charge_id": None, "decline_code": None,
+                             "failure_code": "payment_intent_authentication_failure", "advice_code": None,
+                             "failed_at": datetime.fromtimestamp(t + 1, UTC)}, order
