@@ -2,7 +2,8 @@
 
 ``Paid`` means customer money was collected and kept; ``Resolved`` means the invoice was closed
 without that (voided, credited, written off, paid out of band, refunded). Support and customers
-read these labels, so a credited invoice must never say "Paid".
+read these labels, so a credited invoice must never say "Paid". An invoice that asked for nothing
+(a trial's $0 invoice) is ``Paid``: nothing was forgiven or credited.
 """
 
 from __future__ import annotations
@@ -63,13 +64,19 @@ def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | No
     if invoice.status == "uncollectible":
         return Label.UNCOLLECTIBLE
     if invoice.status == "paid":
+        if invoice.total is not None and invoice.total <= 0 and invoice.amount_due <= 0:
+            return Label.PAID  # nothing was owed (a trial's $0 invoice): nothing forgiven or credited
         collected = invoice.amount_paid
-        refunded = sum(a.amount_refunded for a in attempts if a.status in ("succeeded", "refunded"))
         if collected <= 0 or collected < invoice.amount_due:
             return Label.RESOLVED  # credited, forgiven or paid out of band: not the customer's money
-        # The money went back, refunded or credited after payment (a credit note that refunds counts
-        # in both, hence the larger, not the sum); a partial return still leaves it Paid.
-        if max(refunded, invoice.credited_amount) >= collected:
+        # The money went back, credited after payment or refunded (a credit note that refunds counts
+        # in both); a partial return still leaves it Paid. Each payment on its own: an invoice paid
+        # twice (the customer's card and our bad-debt payment) stays Paid while one of the two is kept.
+        # A payment counts as returned once the invoice's share of it is (a bad-debt payment may
+        # cover several invoices: all of its refund counts against the one its intent is filed under).
+        money = [a for a in attempts if a.status in ("succeeded", "refunded")]
+        if invoice.credited_amount >= collected or (
+                money and all(a.amount_refunded >= min(a.amount or collected, collected) for a in money)):
             return Label.RESOLVED
         return Label.PAID
     if invoice.status != "open":
