@@ -30,7 +30,8 @@ ATTEMPT_MERGE = {
     "invoice_id": "coalesce",
     # The charge the row's outcome codes are about (none for a failure that made no charge).
     "charge_id": "outcome_charge",
-    "payment_method_id": "coalesce",
+    # The outcome charge's method (charges keeps each charge's), else whichever event named one.
+    "payment_method_id": "outcome_method",
     # An attempt's outcome codes belong to its charge: the next charge on the same intent, or a
     # failure that made none (3-D Secure failed), must not inherit the previous one's advice
     # (do_not_try_again) or decline code. The two events of one charge (its own and its intent's)

@@ -44,64 +44,72 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
     In ON CONFLICT DO UPDATE every {table}.col is the stored row's old value, so each CASE compares
     against the stored ordering key, including the ones updating source_* themselves.
     """
-    guard = GUARD.format(t=table)
     merges = dict(merge)
-    sets = []
-    for col in columns:
-        kind = merges.get(col)
-        if kind == "least":
-            sets.append(f"{col} = LEAST({table}.{col}, EXCLUDED.{col})")
-        elif kind == "greatest":
-            sets.append(f"{col} = GREATEST({table}.{col}, EXCLUDED.{col})")
-        elif kind == "coalesce":
-            sets.append(f"{col} = CASE WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
-                        f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
-        elif kind == "per_charge":
-            # The outcome of one charge: a newer event about another charge (the next attempt on the
-            # same payment intent), or a failure that made none (charge_id null), replaces it whole,
-            # nulls included; about the same charge (its payment intent's event) it fills what is
-            # missing, like coalesce, and in the same second and rank both ways alike (the greater
-            # where both speak, so that the order of delivery does not pick one).
-            # An older event about another charge (delivered late) changes nothing of the newer one.
-            # Two failures of one reused intent in the same second and rank (about different charges,
-            # or one that made none) are ordered by TIE_KEEPS, as outcome_charge orders them.
-            other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
-                            f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
-            tie = TIE.format(t=table)
-            both_chargeless = f"({CHARGELESS.format(t='EXCLUDED')} AND {CHARGELESS.format(t=table)})"
-            sets.append(f"{col} = CASE WHEN {tie} AND {both_chargeless} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
-                        f"WHEN {guard} AND {other_charge} AND NOT ({tie} AND {TIE_KEEPS.format(t=table)}) "
-                        f"THEN EXCLUDED.{col} "
-                        f"WHEN {other_charge} THEN {table}.{col} "
-                        f"WHEN {TIE.format(t=table)} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
-                        f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
-                        f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
-        elif kind == "outcome_charge":
-            # The charge per_charge compares with: like coalesce, but a newer failure that made no
-            # charge clears it, and no older event names one after such a failure. In a tie the
-            # failure that made none stays, else the greater charge (TIE_KEEPS).
-            tie = TIE.format(t=table)
-            sets.append(f"{col} = CASE WHEN {tie} AND {CHARGELESS.format(t=table)} THEN NULL "
-                        f"WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
-                        f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
-                        f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
-                        f"WHEN {CHARGELESS.format(t=table)} THEN NULL "
-                        f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
-        elif kind == "charges":
-            # A union of the charges either side knows, in any order of delivery: per charge the
-            # earliest time (a charge's own event is exact, its intent's comes later) and the
-            # method whichever event named it.
-            sets.append(f"{col} = CASE WHEN EXCLUDED.{col} = '{{}}' THEN {table}.{col} ELSE ("
-                        "SELECT jsonb_object_agg(k, jsonb_build_object('pm', pm, 'at', at)) FROM ("
-                        "SELECT k, max(v->>'pm') AS pm, min((v->>'at')::bigint) AS at FROM ("
-                        f"SELECT * FROM jsonb_each({table}.{col}) UNION ALL SELECT * FROM jsonb_each(EXCLUDED.{col})"
-                        ") AS c(k, v) GROUP BY k) AS u) END")
-        else:
-            sets.append(f"{col} = CASE WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
+    sets = [f"{col} = {_merged(merges.get(col), col, table)}" for col in columns]
     key = KEYS.get(table, "id")
     return (f"INSERT INTO {table} ({key}, {', '.join(columns)}) {select} "
             f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}")
 
+
+def _merged(kind: str | None, col: str, table: str) -> str:
+    """The value ``col`` of ``table`` takes on conflict, by its merge rule ``kind`` (None: the guard's)."""
+    guard = GUARD.format(t=table)
+    tie = TIE.format(t=table)
+    if kind == "least":
+        return f"LEAST({table}.{col}, EXCLUDED.{col})"
+    if kind == "greatest":
+        return f"GREATEST({table}.{col}, EXCLUDED.{col})"
+    if kind == "coalesce":
+        return (f"CASE WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
+                f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
+    if kind == "per_charge":
+        # The outcome of one charge: a newer event about another charge (the next attempt on the
+        # same payment intent), or a failure that made none (charge_id null), replaces it whole,
+        # nulls included; about the same charge (its payment intent's event) it fills what is
+        # missing, like coalesce, and in the same second and rank both ways alike (the greater
+        # where both speak, so that the order of delivery does not pick one).
+        # An older event about another charge (delivered late) changes nothing of the newer one.
+        # Two failures of one reused intent in the same second and rank (about different charges,
+        # or one that made none) are ordered by TIE_KEEPS, as outcome_charge orders them.
+        other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
+                        f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
+        both_chargeless = f"({CHARGELESS.format(t='EXCLUDED')} AND {CHARGELESS.format(t=table)})"
+        return (f"CASE WHEN {tie} AND {both_chargeless} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {guard} AND {other_charge} AND NOT ({tie} AND {TIE_KEEPS.format(t=table)}) "
+                f"THEN EXCLUDED.{col} "
+                f"WHEN {other_charge} THEN {table}.{col} "
+                f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
+                f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
+    if kind == "outcome_charge":
+        # The charge per_charge compares with: like coalesce, but a newer failure that made no
+        # charge clears it, and no older event names one after such a failure. In a tie the
+        # failure that made none stays, else the greater charge (TIE_KEEPS).
+        return (f"CASE WHEN {tie} AND {CHARGELESS.format(t=table)} THEN NULL "
+                f"WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
+                f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {CHARGELESS.format(t=table)} THEN NULL "
+                f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
+    if kind == "outcome_method":
+        # The method of the outcome charge (charge_id) as the merged charges know it: a charge's own
+        # event always names its method, its intent's failure often none (the intent's
+        # payment_method is null after a failure). Coalesce alone kept an older charge's method when
+        # the newest charge's event came after its intent's. Where the outcome made no charge (a
+        # failed 3-D Secure) or its method is unknown: coalesce.
+        charges = _merged("charges", "charges", table)
+        charge = _merged("outcome_charge", "charge_id", table)
+        return f"COALESCE(({charges}) -> ({charge}) ->> 'pm', {_merged('coalesce', col, table)})"
+    if kind == "charges":
+        # A union of the charges either side knows, in any order of delivery: per charge the
+        # earliest time (a charge's own event is exact, its intent's comes later) and the
+        # method whichever event named it.
+        return (f"CASE WHEN EXCLUDED.{col} = '{{}}' THEN {table}.{col} ELSE ("
+                "SELECT jsonb_object_agg(k, jsonb_build_object('pm', pm, 'at', at)) FROM ("
+                "SELECT k, max(v->>'pm') AS pm, min((v->>'at')::bigint) AS at FROM ("
+                f"SELECT * FROM jsonb_each({table}.{col}) UNION ALL SELECT * FROM jsonb_each(EXCLUDED.{col})"
+                ") AS c(k, v) GROUP BY k) AS u) END")
+    return f"CASE WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END"
 
 def _named(prefix: str, sql: str, types: tuple[str, ...] = ()) -> Prepared:
     return Prepared(f"{prefix}_{hashlib.sha1(sql.encode()).hexdigest()[:12]}", sql, types)

@@ -50,7 +50,7 @@ def histories(draw: Any) -> list[Step]:
         steps.append(("invoice.payment_failed", t, {"attempt_count": k + 1}))
         if draw(st.integers(0, 4)) == 0:  # 3-D Secure failed: no charge; latest_charge names the previous one
             steps.append(("payment_intent.payment_failed", t + draw(st.integers(0, 1)),
-                          {"charge": last_charge, "names_charge": False, "pm": method,
+                          {"charge": last_charge, "names_charge": False, "pm": draw(st.sampled_from([method, None])),
                            "code": "payment_intent_authentication_failure", "decline": None, "advice": None}))
             continue
         charge = last_charge = f"ch{k}"
@@ -61,7 +61,8 @@ def histories(draw: Any) -> list[Step]:
         # The intent's view of the same decline: in the same second or a little later; its codes may
         # differ from the charge's (Radar's reason on the charge, the issuer's on the intent).
         steps.append(("payment_intent.payment_failed", t + draw(st.integers(0, 2)),
-                      {"charge": charge, "names_charge": draw(st.booleans()), "pm": method,
+                      {"charge": charge, "names_charge": draw(st.booleans()),
+                       "pm": draw(st.sampled_from([method, None])),
                        "code": "card_declined", "decline": draw(st.sampled_from([decline, *DECLINES])),
                        "advice": advice}))
         if draw(st.booleans()):  # the customer attaches another card and makes it the default
@@ -108,8 +109,9 @@ def render(kind: str, t: int, p: dict[str, Any], n: int, s: str) -> dict[str, An
                             **{f"outcome.{k}": v for k, v in outcome.items()}})
     if kind == "payment_intent.payment_failed":
         charge = f"{p['charge']}_{s}" if p["charge"] else None
-        error = {"code": p["code"], "decline_code": p["decline"], "advice_code": p["advice"],
-                 "payment_method": {"id": f"{p['pm']}_{s}"}}
+        error: dict[str, Any] = {"code": p["code"], "decline_code": p["decline"], "advice_code": p["advice"]}
+        if p["pm"]:  # else as the fixture's stub, and the intent's own payment_method null after a failure
+            error["payment_method"] = {"id": f"{p['pm']}_{s}"}
         if p["names_charge"]:
             error["charge"] = charge
         return event(kind, event_id=eid, created=t, id=intent, customer=customer, latest_charge=charge,
@@ -204,3 +206,32 @@ def test_a_3ds_failure_in_the_same_second_as_the_intents_previous_decline_wins_i
         assert dict(row) == {"status": "failed", "charge_id": None, "decline_code": None,
                              "failure_code": "payment_intent_authentication_failure", "advice_code": None,
                              "failed_at": datetime.fromtimestamp(t + 1, UTC)}, order
+
+
+def test_a_declined_charges_method_is_the_attempts_in_any_order_where_its_intent_names_none(conn):
+    """A reused intent: ch0 declined on pm_a, a day later ch1 on pm_b (the customer's new card). The
+    intent's failure events name the declined charge (latest_charge, it has a decline_code) but no
+    method (the fixture's last_payment_error is a stub; the intent's own payment_method is null
+    after a failure). The attempt's method is its latest failure's, pm_b, in every order: the
+    mandates and the retry after a card change read it (a decline on pm_b attributed to pm_a made
+    pm_b look fresh)."""
+    t = BASE + DAY
+    ch = {"decline": "insufficient_funds", "advice": None, "blocked": False}
+    history: list[Step] = [
+        ("charge.failed", t, {"charge": "ch0", "pm": "pm_a", **ch}),
+        ("payment_intent.payment_failed", t + 2, {"charge": "ch0", "names_charge": False, "pm": None,
+                                                  "code": "card_declined", "decline": "insufficient_funds",
+                                                  "advice": None}),
+        ("charge.failed", t + DAY, {"charge": "ch1", "pm": "pm_b", **ch}),
+        ("payment_intent.payment_failed", t + DAY + 2, {"charge": "ch1", "names_charge": False, "pm": None,
+                                                        "code": "card_declined", "decline": "insufficient_funds",
+                                                        "advice": None}),
+    ]
+    for order in itertools.permutations(range(len(history))):
+        s = unique("o")
+        for n in order:
+            kind, created, params = history[n]
+            deliver(conn, render(kind, created, params, n, s))
+        row = conn.exec_driver_sql("SELECT status, charge_id, payment_method_id FROM stripe_payment_attempt "
+                                   "WHERE id = %(p)s", {"p": f"pi_{s}"}).mappings().one()
+        assert dict(row) == {"status": "failed", "charge_id": f"ch1_{s}", "payment_method_id": f"pm_b_{s}"}, order
