@@ -19,7 +19,7 @@ Every step that decides something adds a Reason naming the rule and the facts it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -369,13 +369,18 @@ def _last_debts(stored: DunningState | None) -> frozenset[str]:
 
 
 def _prior_settled_at(snapshot: Snapshot, status: Status) -> datetime | None:
-    """DunningState.prior_settled_at: set when the account enters dunning from current (the latest
-    settlement of the debts settled by then), kept while it stays in dunning, None when current."""
-    if status == Status.CURRENT:
-        return None
+    """DunningState.prior_settled_at: while current, the latest settlement of the debts settled by
+    then; kept from the last decision in current (the stored one) when the account enters dunning,
+    and while it stays in dunning. Not the snapshot's on entry: a debt that failed and was settled
+    unseen, in the recompute that also sees the new failure, is this dunning's (no decision said it
+    ended), not an earlier one's."""
     stored = snapshot.stored
-    if stored is not None and stored.status != Status.CURRENT:
-        return stored.prior_settled_at
+    if status == Status.CURRENT:
+        return _latest_settled_debt(snapshot)
+    return stored.prior_settled_at if stored is not None else None
+
+
+def _latest_settled_debt(snapshot: Snapshot) -> datetime | None:
     return max((_settled_at(i) for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)),
                default=None)
 
@@ -434,8 +439,10 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
                 lifting_since=None, assessments=()))
         return decision
     settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
+    state = _plain_state(key, subscriptions, policy)
+    prior = _latest_settled_debt(snapshot) if settled else None
     return Decision(
-        state=_plain_state(key, subscriptions, policy),
+        state=state if prior is None else replace(state, prior_settled_at=prior),
         mandates=mandates(snapshot, now) if snapshot.payment_methods else (),
         bad_debt=False,
         resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",

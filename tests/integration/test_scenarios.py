@@ -204,12 +204,14 @@ def test_a_dunning_paid_in_full_resolves_paid_though_a_late_failure_dates_it_bac
         hows = [r[0] for r in conn.exec_driver_sql(
             "SELECT payload->>'how' FROM outbox WHERE account_id = %(a)s AND event_type = 'DunningResolved' "
             "ORDER BY id", {"a": account})]
-        prior_after = conn.exec_driver_sql("SELECT prior_settled_at FROM subs_dunning WHERE account_id = %(a)s",
-                                           {"a": account}).scalar_one()
+        prior_after, paid_at = conn.exec_driver_sql(
+            "SELECT d.prior_settled_at, i.paid_at FROM subs_dunning d, stripe_invoice i "
+            "WHERE d.account_id = %(a)s AND i.id = %(i)s", {"a": account, "i": renewal}).one()
     assert hows == ["resolved", "paid"]
-    # Dunning 2 began after the void (kept from its start, read back by gather), and ended.
+    # Dunning 2 began after the void (marked while current, kept from its start, read back by
+    # gather), and ended: current again, the mark is the renewal's payment, for the next dunning.
     assert prior is not None and prior == voided_at > datetime.fromtimestamp(now - 3 * DAY, UTC)
-    assert prior_after is None
+    assert prior_after is not None and prior_after == paid_at
     labels = {i["id"]: i["label"] for i in client.get(f"/accounts/{account}/billing-history",
                                                       headers=service_headers()).json["invoices"]}
     assert labels == {forgiven: "Resolved", renewal: "Paid"}

@@ -374,3 +374,27 @@ def test_a_dunning_paid_in_full_is_paid_though_a_late_failure_backdates_it_over_
     assert {e.name: e.payload() for e in derive_events(dunning_2.state, after, NOW)}["DunningResolved"] \
         == {"how": "paid"}
     assert {row.invoice.id: row.label for row in history(snap, NOW)} == {"in_a": Label.RESOLVED, "in_b": Label.PAID}
+
+
+def test_a_void_seen_with_the_new_failure_at_once_is_this_dunnings_debt():
+    """in_a fails and is voided while in_b has failed too, and one recompute (coalesced events, or the
+    sweep after a dead one) sees all of it while the account was current: no decision ever said
+    in_a's dunning ended, so its void is this dunning's. The customer then pays in_b: "resolved"
+    (in_a was voided, not paid), as before prior_settled_at; that mark comes from the last decision
+    in current, not from the snapshot that enters dunning."""
+    current = compute(snapshot(), POLICY, days(12)).state
+    assert current.status == "current"
+    in_a = replace(invoice("in_a", failed_days_ago=10), created=days(11))
+    failed_a = attempt("pi_a", "in_a", days_ago=10)
+    voided = replace(in_a, status="void", amount_remaining=0, voided_at=days(5))
+    in_b = replace(invoice("in_b", failed_days_ago=6), created=days(7))
+    failed_b = attempt("pi_b", "in_b", days_ago=6)
+    entered = compute(replace(snapshot(voided, in_b, attempts=(failed_a, failed_b)), stored=current), POLICY, days(3))
+    assert entered.state.status == "past_due"
+    paid_b = replace(in_b, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(1))
+    card = replace(failed_b, status="succeeded", attempted_at=days(1), decline_code=None, amount=5000)
+    after = compute(replace(snapshot(voided, paid_b, attempts=(failed_a, card)), stored=entered.state), POLICY, NOW)
+    assert after.state.status == "current"
+    assert {e.name: e.payload() for e in derive_events(entered.state, after, NOW)}["DunningResolved"] \
+        == {"how": "resolved"}
+    assert after.state.prior_settled_at == days(1)  # current: the latest settled debt, for the next dunning
