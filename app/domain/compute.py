@@ -151,8 +151,9 @@ def _assess(
 ) -> InvoiceAssessment:
     failures = [a for a in attempts if a.failed]
     # The latest failure by when it happened: an attempt row's own time moves with any later event
-    # about its intent (a cancellation), which must not make an older decline the latest.
-    last_failure = max(failures, key=lambda a: (failure_time(a), a.attempted_at, a.id)) if failures else None
+    # about its intent (a cancellation), which must not make an older decline the latest, nor pick
+    # between two failures of the same moment (then the greater id, as for the account's latest).
+    last_failure = max(failures, key=_failure_order) if failures else None
     first_failure = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
                          if t is not None), default=None)
     unpaid_since = _unpaid_since(invoice, first_failure, now)
@@ -616,7 +617,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     paying_it = [f for f in bad_debt_intents(snapshot) if debt_since is not None and failure_time(f) >= debt_since]
     failures = list({f.id: f for f in (*(f for a in assessed for f in own.get(a.invoice.id, ())),
                                        *paying_it) if f.failed}.values())
-    latest_failure = max(failures, key=lambda f: (failure_time(f), f.id)) if failures else None
+    latest_failure = max(failures, key=_failure_order) if failures else None
     current_class = _latest_class(assessed)
 
     state = DunningState(
@@ -671,9 +672,14 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
 
 def _latest_class(assessed: Iterable[InvoiceAssessment]) -> FailureClass | None:
     """The failure class of the invoice that failed last (unpaid last, of those with no failure)."""
-    classes = [(failure_time(a.last_failure) if a.last_failure else a.unpaid_since, a.failure_class)
-               for a in assessed if a.failure_class is not None]
+    classes = [((failure_time(a.last_failure), a.last_failure.id) if a.last_failure else (a.unpaid_since, ""),
+                a.failure_class) for a in assessed if a.failure_class is not None]
     return max(classes, key=lambda c: c[0])[1] if classes else None
+
+
+def _failure_order(attempt: Attempt) -> tuple[datetime, str]:
+    """Which failure is the latest: by when it happened, then (the same moment) by attempt id."""
+    return failure_time(attempt), attempt.id
 
 
 def _stored_failure_at(snapshot: Snapshot, latest: Attempt | None) -> datetime | None:
