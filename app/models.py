@@ -99,8 +99,9 @@ class Dunning(Base):
     # When time alone would change the decision (a level's day threshold, a guard window's end): beat
     # recomputes the account then, as no event may come (a permanent decline has no retries).
     next_review_at: Mapped[datetime | None] = mapped_column(index=True)
-    # The latest settlement of the debts already settled when the current dunning began (NULL while
-    # current): an earlier dunning's, whatever a backdated unpaid_since says (DunningResolved).
+    # The latest settlement of the debts settled as the last decision in current saw them (set while
+    # current, kept through a dunning): an earlier dunning's, whatever a backdated unpaid_since says
+    # (DunningResolved).
     prior_settled_at: Mapped[datetime | None]
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     last_trigger: Mapped[str | None] = mapped_column(Text)

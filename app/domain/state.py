@@ -122,11 +122,12 @@ class DunningState:
     actions_requested: tuple[str, ...] = ()
     policy_version: str | None = None
     next_review_at: datetime | None = None  # when time alone would change this decision
-    # The latest settlement (paid_at, else voided_at) of the debts already settled when the account
-    # entered its current dunning from current: those were earlier dunnings' debts, whatever
-    # unpaid_since says (a failure learned late dates it back over them). None while current, when
-    # none was settled, and in rows from before it was kept (compute._resolution then goes by
-    # unpaid_since alone).
+    # The latest settlement (paid_at, else voided_at) of the debts settled as the last decision in
+    # current saw them: set while current, kept from there when the account enters dunning and while
+    # it stays in it. Those were earlier dunnings' debts, whatever unpaid_since says (a failure
+    # learned late dates it back over them); a debt failed and settled unseen, learned with the new
+    # failure, is the new dunning's. None when none was settled, and in rows from before it was kept
+    # (compute._resolution then goes by unpaid_since alone).
     prior_settled_at: datetime | None = None
 
     def changed_fields(self, other: DunningState | None) -> list[str]:
