@@ -51,7 +51,8 @@ ATTEMPT_MERGE = {
     # counts charges, and a reused intent's row alone would be one however many retries ran on it.
     "charges": "charges",
 }
-CUSTOMER_MERGE = {"changed_at": "greatest"}
+# The default method: the guard's, but a same-second tie goes to the event that reports its change.
+CUSTOMER_MERGE = {"changed_at": "greatest", "default_payment_method_id": "default_method"}
 # charge.outcome.type of a payment the issuer never declined: Radar blocked it (outcome.reason is
 # Radar's: highest_risk_level, rule, ...), Stripe never sent it (invalid), or it went through. Its
 # reason is no decline code. Only issuer_declined is documented to carry one; a type Stripe does not

@@ -100,6 +100,19 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         charges = _merged("charges", "charges", table)
         charge = _merged("outcome_charge", "charge_id", table)
         return f"COALESCE(({charges}) -> ({charge}) ->> 'pm', {_merged('coalesce', col, table)})"
+    if kind == "default_method":
+        # A customer's default method: customer.updated comes for any change (the delinquent flag
+        # after a failed payment too), several in one second, and each shows the whole customer.
+        # In a tie the event that reports a change of the default (changed_at, set at its own
+        # second) wins: it shows the state after the change, an event of the same second that
+        # does not report it may be from just before. Two changes, or none: the greater.
+        changed_here = f"{table}.changed_at >= to_timestamp({table}.source_created)"
+        return (f"CASE WHEN {tie} AND EXCLUDED.changed_at IS NOT NULL AND {changed_here} "
+                f"THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {tie} AND EXCLUDED.changed_at IS NOT NULL THEN EXCLUDED.{col} "
+                f"WHEN {tie} AND {changed_here} THEN {table}.{col} "
+                f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     if kind == "charges":
         # A union of the charges either side knows, in any order of delivery: per charge the
         # earliest time (a charge's own event is exact, its intent's comes later) and the

@@ -65,13 +65,19 @@ def histories(draw: Any) -> list[Step]:
                        "pm": draw(st.sampled_from([method, None])),
                        "code": "card_declined", "decline": draw(st.sampled_from([decline, *DECLINES])),
                        "advice": advice}))
+        shown, changed = method, None
         if draw(st.booleans()):  # the customer attaches another card and makes it the default
             t += draw(st.sampled_from([1, DAY]))
             method = f"pm_{k}"
+            changed = t + draw(st.integers(0, 1))
             steps.append(("payment_method.attached", t, {"pm": method}))
-            steps.append(("customer.updated", t + draw(st.integers(0, 1)), {"pm": method, "changed": True}))
+            steps.append(("customer.updated", changed, {"pm": method, "changed": True}))
         if draw(st.booleans()):  # the delinquent flag: a customer.updated that changes no method
-            steps.append(("customer.updated", t + draw(st.integers(0, 1)), {"pm": method, "changed": False}))
+            at = t + draw(st.integers(0, 1))
+            # in the second of a change it may be from just before it, showing the previous default
+            pm = draw(st.sampled_from([method, shown])) if at == changed else method if changed is None or \
+                at > changed else shown
+            steps.append(("customer.updated", at, {"pm": pm, "changed": False}))
     ending = draw(st.sampled_from(ENDINGS))
     t += draw(st.sampled_from([1, DAY]))
     if ending.startswith("uncollectible"):
@@ -235,3 +241,23 @@ def test_a_declined_charges_method_is_the_attempts_in_any_order_where_its_intent
         row = conn.exec_driver_sql("SELECT status, charge_id, payment_method_id FROM stripe_payment_attempt "
                                    "WHERE id = %(p)s", {"p": f"pi_{s}"}).mappings().one()
         assert dict(row) == {"status": "failed", "charge_id": f"ch1_{s}", "payment_method_id": f"pm_b_{s}"}, order
+
+
+def test_a_default_method_change_wins_a_same_second_customer_update_in_any_order(conn):
+    """The customer makes pm_new the default (customer.updated naming it in previous_attributes) in
+    the same second as another customer.updated (the delinquent flag) sent just before it, which
+    still shows pm_old. Same second, same rank: the last delivered must not decide the default
+    the retry after a card change goes by. The event that reports the change shows the state
+    after it, so it wins the tie."""
+    t = BASE + DAY
+    history: list[Step] = [("customer.updated", t, {"pm": "pm_old", "changed": False}),
+                           ("customer.updated", t, {"pm": "pm_new", "changed": True})]
+    for order in itertools.permutations(range(len(history))):
+        s = unique("o")
+        for n in order:
+            kind, created, params = history[n]
+            deliver(conn, render(kind, created, params, n, s))
+        row = conn.exec_driver_sql("SELECT default_payment_method_id, changed_at FROM stripe_customer_state "
+                                   "WHERE stripe_customer_id = %(c)s", {"c": f"cus_{s}"}).mappings().one()
+        assert dict(row) == {"default_payment_method_id": f"pm_new_{s}",
+                             "changed_at": datetime.fromtimestamp(t, UTC)}, order
