@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extras import Json
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from app import metrics
 from app.db import Conflict, is_connection_error, unit_of_work
@@ -129,6 +130,42 @@ def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, KombuOperationalError | ConnectionError):
         return FailureKind.BROKER_UNAVAILABLE
     return FailureKind.UNEXPECTED
+
+
+def describe(exc: BaseException) -> str:
+    """The error as a stuck row shows it (to ops and on the support page): its type and message; for
+    a database error its SQLSTATE, PostgreSQL's primary message and the statement, never the values
+    the statement carried. SQLAlchemy's text adds ``[parameters: ...]``; the driver's quotes the
+    statement with its values inlined (``LINE 1: ...``) and the row in its ``DETAIL`` (a unique
+    key, a failing row); a data exception's message quotes the value refused, which is left out too.
+    The worker log keeps the whole error."""
+    name = exc.__class__.__name__
+    statement = exc.statement if isinstance(exc, StatementError) else None
+    if isinstance(exc, StatementError):
+        driver: BaseException | None = exc.orig
+    elif isinstance(exc, psycopg2.Error):
+        driver = exc
+    else:  # our own names for the hot paths' driver errors (app/db.py) carry its text: the cause's is shown
+        driver = exc.__cause__ if isinstance(exc.__cause__, psycopg2.Error) else None
+    if isinstance(driver, psycopg2.Error):
+        text = f"{name}: {_driver_message(driver)}"
+    elif isinstance(exc, StatementError):  # a Python error binding a parameter: its type only
+        text = f"{name}: {driver.__class__.__name__ if driver is not None else 'statement error'}"
+    else:
+        text = f"{name}: {exc}"
+    if statement:
+        text += f"\n[SQL: {statement}]"
+    return text
+
+
+def _driver_message(err: psycopg2.Error) -> str:
+    code = getattr(err, "pgcode", None)
+    primary = getattr(getattr(err, "diag", None), "message_primary", None)
+    if not primary:  # no answer from the server (a lost connection): the driver's first line
+        primary = next(iter(str(err).strip().splitlines()), "")
+    if code and code.startswith("22"):  # data exception: 'invalid input syntax for type integer: "<value>"'
+        primary = re.sub(r'"[^"]*"', '"..."', primary)
+    return f"{err.__class__.__name__} {code}: {primary}" if code else f"{err.__class__.__name__}: {primary}"
 
 
 def _driver_connection_lost(exc: BaseException | None) -> bool:

@@ -7,10 +7,20 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from app.recompute.observe import observe, observe_failure
 from app.recompute.service import run_recompute
-from tasks.failures import MAX_COUNTDOWN, PASSING, POLICIES, classify, count_failure, record_stuck, resolve_stuck
+from tasks.failures import (
+    MAX_COUNTDOWN,
+    PASSING,
+    POLICIES,
+    classify,
+    count_failure,
+    describe,
+    record_stuck,
+    resolve_stuck,
+)
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -29,7 +39,7 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     policy = POLICIES[kind]
     retries = task.request.retries
     engine = runtime_for(task.app).engine
-    error = f"{exc.__class__.__name__}: {exc}"
+    error = describe(exc)  # what the stuck row shows: no statement's values (the log below has the whole error)
     if policy.retry and retries < policy.max_retries:
         if retries >= 1:  # a second failure in a row becomes visible while it keeps retrying
             record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying",
@@ -37,7 +47,17 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
         countdown = policy.countdown(retries, getattr(exc, "retry_after", None))
         count_failure(task.name, kind, "retry")
         log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
-        raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
+        try:
+            raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
+        except Reject as not_sent:
+            # Celery could not publish the retry (the broker refused it) and has the worker drop this
+            # message: the work is kept as a retrying row for beat to re-drive (the first failure has
+            # none yet), or, with nowhere to write one either, the message goes back on the queue.
+            recorded = record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying",
+                                    per_args=per_args)
+            log.error("%s for %s: its retry was not sent (%s): %s", task.name, account_id, not_sent.reason,
+                      "left for beat" if recorded else "requeued")
+            raise Reject(not_sent.reason, requeue=not recorded) from exc
     # Its own retries are over. A passing failure (a database outage longer than the backoff) stays
     # "retrying": beat re-drives it until it succeeds. What will not heal by waiting (invalid data, a
     # refused API call, an unexpected error) is "dead", for an operator.
@@ -50,9 +70,13 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
         count_failure(task.name, kind, "retry")
         log.error("%s for %s gave up its own retries (%s) and could not record it: retrying in %ds",
                   task.name, account_id, kind, MAX_COUNTDOWN)
-        raise task.retry(exc=exc, countdown=MAX_COUNTDOWN, max_retries=retries + 1)  # (None: the task's default)
+        try:
+            raise task.retry(exc=exc, countdown=MAX_COUNTDOWN, max_retries=retries + 1)  # (None: the task's default)
+        except Reject as not_sent:  # nor could the retry be sent (the broker): the message goes back on the queue
+            raise Reject(not_sent.reason, requeue=True) from exc
     count_failure(task.name, kind, state)
-    log.error("%s for %s gave up its own retries (%s, %s): %s", task.name, account_id, kind, state, error)
+    log.error("%s for %s gave up its own retries (%s, %s): %s: %s", task.name, account_id, kind, state,
+              exc.__class__.__name__, exc)
     raise exc
 
 
