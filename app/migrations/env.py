@@ -1,9 +1,10 @@
 """Alembic environment: the URL comes from the caller (``dunning db upgrade``)."""
 
 import contextlib
+import time
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Connection, create_engine, pool
 
 from app.models import Base
 
@@ -18,14 +19,29 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+LOCK_POLL_SECONDS = 0.5
+
+
+def _lock(connection: Connection) -> None:
+    """Take the migration lock (a session lock: it outlives the commits, which leave the transaction
+    to Alembic, as a migration's autocommit_block needs), waiting for another process that holds it.
+
+    Waited for by trying, between transactions, not by a blocking pg_advisory_lock: a statement
+    waiting holds its snapshot, and the holder's CREATE INDEX CONCURRENTLY waits for every older
+    snapshot to end, so the two would deadlock and PostgreSQL would fail one of the migrations."""
+    while True:
+        got = connection.exec_driver_sql("SELECT pg_try_advisory_lock(7281001)").scalar()
+        connection.commit()
+        if got:
+            return
+        time.sleep(LOCK_POLL_SECONDS)
+
+
 def run_migrations_online() -> None:
     engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
     with engine.connect() as connection:
         # Two processes starting at once (web and worker) must not both migrate.
-        connection.exec_driver_sql("SELECT pg_advisory_lock(7281001)")
-        # A session lock: it outlives this commit, which leaves the transaction to Alembic (a
-        # migration's autocommit_block needs Alembic to own it).
-        connection.commit()
+        _lock(connection)
         try:
             context.configure(connection=connection, target_metadata=target_metadata)
             with context.begin_transaction():
