@@ -19,6 +19,7 @@
   function refresh() {
     return fetch(page, {headers: {"Accept": "text/html"}, credentials: "same-origin"})
       .then(function (r) {
+        if (r.status === 401) { throw new SessionEnded(); }
         if (!r.ok) { throw new Error("the page answered " + r.status); }
         return r.text();
       })
@@ -38,6 +39,20 @@
     button.disabled = false;
   }
 
+  // The session ended (signed out, in another tab too, or its 12 hours over): the API's 401 speaks
+  // of bearer tokens, which a support person signed in by the form never uses.
+  function SessionEnded() {}
+
+  function signedOut() {
+    taskState.textContent = "your session has ended: ";
+    var link = document.createElement("a");
+    link.href = "/support/login?next=" + encodeURIComponent(page);
+    link.textContent = "sign in again";
+    taskState.appendChild(link);
+    taskState.className = "error";
+    button.disabled = false;
+  }
+
   function later(deadline, seconds, then) {
     if (Date.now() > deadline) { return fail("the task did not finish in time; refresh later"); }
     return setTimeout(then, seconds * 1000);
@@ -53,6 +68,7 @@
         taskState.textContent = "waiting for the task's status";
         return later(deadline, Math.min(Number(res.retryAfter) || 1, 10), function () { poll(url, deadline); });
       }
+      if (res.status === 401) { return signedOut(); }
       if (res.status !== 200) { return fail("no task status: " + (t.reason || res.status)); }
       taskState.textContent = "task " + t.state.toLowerCase();
       if (!t.done) { return later(deadline, 0.3, function () { poll(url, deadline); }); }
@@ -62,7 +78,7 @@
         taskState.className = "done";
         button.disabled = false;
       });
-    }).catch(function (e) { fail("error: " + e); });
+    }).catch(function (e) { return e instanceof SessionEnded ? signedOut() : fail("error: " + e); });
   }
 
   button.addEventListener("click", function () {
@@ -72,6 +88,7 @@
     fetch(page + "/recompute", {method: "POST", headers: headers, credentials: "same-origin"})
       .then(function (r) { return r.json().then(function (body) { return {status: r.status, body: body}; }); })
       .then(function (res) {
+        if (res.status === 401) { return signedOut(); }
         if (res.status !== 202) { return fail("not queued: " + (res.body.reason || res.status)); }
         poll(res.body.status_url, Date.now() + 60000);
       })

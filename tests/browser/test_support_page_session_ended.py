@@ -1,0 +1,49 @@
+"""The support page after its session ended (signed out in another tab, or its 12 hours over): the
+Recompute button says to sign in again and links to the sign-in form that comes back to this page,
+not the API's "a valid bearer token for support is required", which a support person never uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import SUPPORT_TOKEN, Accounts
+
+pytestmark = [pytest.mark.browser]
+
+
+def test_recompute_after_the_session_ended_asks_to_sign_in_again(browser: Any, live_server: str,
+                                                                  accounts: Accounts) -> None:
+    account, _ = accounts.create()
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(f"{live_server}/support/accounts/{account}")
+        page.fill("#token", SUPPORT_TOKEN)
+        page.click("#sign-in")
+        page.wait_for_selector("#recompute")
+
+        other = context.new_page()  # another tab of the same browser signs out
+        other.goto(f"{live_server}/support/accounts/{account}")
+        other.click("text=Sign out")
+        other.wait_for_selector("#token")
+        other.close()
+
+        page.click("#recompute")
+        page.wait_for_selector("#task-state.error")
+        shown = page.text_content("#task-state") or ""
+        assert "sign in again" in shown
+        assert "bearer" not in shown
+        link = page.get_attribute("#task-state a", "href")
+        assert link is not None and link.startswith("/support/login?next=")
+        assert page.is_enabled("#recompute")
+
+        page.click("#task-state a")
+        page.wait_for_selector("#token")
+        page.fill("#token", SUPPORT_TOKEN)
+        page.click("#sign-in")
+        page.wait_for_selector("#recompute")
+        assert page.url.endswith(f"/support/accounts/{account}")
+    finally:
+        context.close()
