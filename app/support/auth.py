@@ -90,8 +90,9 @@ def sign_out() -> str | None:
     """End this browser's session, everywhere a copy of its cookie is: the actor it was, else None
     (no session, or one already over)."""
     actor = _session_actor()
-    held = session.pop(SESSION_KEY, None)
+    held = session.get(SESSION_KEY)
     if actor is None or not isinstance(held, dict):
+        session.pop(SESSION_KEY, None)
         return None
     with unit_of_work(runtime().engine) as conn:
         conn.exec_driver_sql("INSERT INTO support_session_ended (session_id) VALUES (%(sid)s) ON CONFLICT DO NOTHING",
@@ -100,6 +101,9 @@ def sign_out() -> str | None:
         # clock difference between web hosts on top, as _fresh allows).
         conn.exec_driver_sql("DELETE FROM support_session_ended "
                              "WHERE ended_at < now() - make_interval(secs => %(age)s)", {"age": SESSION_MAX_AGE + 60})
+    # Dropped once recorded: had the database refused, the browser keeps its session to sign out of
+    # again (dropped first, signing out again found nothing while a copy of the cookie went on).
+    session.pop(SESSION_KEY, None)
     return actor
 
 

@@ -203,6 +203,29 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(flask_app, en
     assert browser.get(page).status_code == 200 and other.get(page).status_code == 401
 
 
+def test_a_sign_out_the_database_refused_keeps_the_session_so_signing_out_again_ends_it(flask_app, engine,
+                                                                                         accounts):
+    # The browser's copy was dropped before the sign-out was recorded: after the 503, signing out
+    # again found no session and said nothing, while a copy of the cookie went on working.
+    browser = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    copied = browser.get_cookie("session")
+    assert copied is not None
+    other = flask_app.test_client()
+    other.set_cookie("session", copied.value)
+    with engine.connect() as holder:
+        # Reads go on (the session is checked); the sign-out's INSERT waits, then times out.
+        holder.exec_driver_sql("LOCK TABLE support_session_ended IN SHARE MODE")
+        assert browser.post("/support/logout").status_code == 503
+        holder.rollback()
+    assert browser.get(page).status_code == 200  # still signed in: the sign-out did not happen
+    assert browser.post("/support/logout").status_code == 303
+    assert other.get(page).status_code == 401
+    assert browser.get(page).status_code == 401
+
+
 def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, accounts):
     # secrets.compare_digest raised TypeError on a str with non-ASCII characters: a 500.
     client = flask_app.test_client()
