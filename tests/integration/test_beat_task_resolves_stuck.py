@@ -1,0 +1,48 @@
+"""A beat task given up (a dead or retrying subs_stuck_events row, under no account) is resolved by
+its next tick that succeeds: the tick does the same work whole, so the row had nothing left to do.
+Only a re-drive of that very row resolved it (a retrying row's, up to 5 minutes later), and a dead
+row is never re-driven by beat: ops and the
+support page listed the relay's failure of last week as dead stuck work for as long as the history
+kept it (DESIGN section 8: a row resolved when the work later succeeds)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine
+
+from app.db import DatabaseUnavailable
+from app.dispatch import send
+from tasks.failures import POLICIES, classify
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.worker
+
+
+def states(engine: Engine, task: str) -> list[str]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql(
+            "SELECT state FROM subs_stuck_events WHERE task_name = %(t)s ORDER BY id", {"t": task})]
+
+
+def give_up(celery_app, task_name: str, exc: Exception) -> None:
+    """The task's last own retry failing, as the worker runs it."""
+    from tasks.recompute import handle_failure
+
+    task = celery_app.tasks[task_name]
+    task.push_request(retries=POLICIES[classify(exc)].max_retries, id=f"given-up-{task_name}")
+    try:
+        with pytest.raises(type(exc)):
+            handle_failure(task, exc, None, {})
+    finally:
+        task.pop_request()
+
+
+@pytest.mark.parametrize("task_name", ["tasks.relay_outbox", "tasks.dispatch_due_retries"])
+@pytest.mark.parametrize(("exc", "state"), [(AttributeError("a bug, since fixed"), "dead"),
+                                            (DatabaseUnavailable("database connection lost"), "retrying")])
+def test_the_next_tick_that_succeeds_resolves_a_beat_tasks_stuck_row(celery_app, engine, clean, worker, task_name,
+                                                                     exc, state):
+    give_up(celery_app, task_name, exc)
+    assert states(engine, task_name) == [state]
+    send(celery_app, task_name)  # beat's next tick, on the real broker and worker
+    wait_for(lambda: states(engine, task_name) == ["resolved"], message=f"{task_name}'s row resolved")
