@@ -22,6 +22,7 @@ from flask import g, jsonify, request, session
 
 from app.auth import bearer_token, match_token, unauthorized
 from app.db import unit_of_work
+from app.support import audit
 from app.web import runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,8 +88,8 @@ def sign_in(token: str) -> str | None:
 
 
 def sign_out() -> str | None:
-    """End this browser's session, everywhere a copy of its cookie is: the actor it was, else None
-    (no session, or one already over)."""
+    """End this browser's session, everywhere a copy of its cookie is, and audit it (sign_out) in
+    the same transaction: the actor it was, else None (no session, or one already over)."""
     actor = _session_actor()
     held = session.get(SESSION_KEY)
     if actor is None or not isinstance(held, dict):
@@ -101,6 +102,7 @@ def sign_out() -> str | None:
         # clock difference between web hosts on top, as _fresh allows).
         conn.exec_driver_sql("DELETE FROM support_session_ended "
                              "WHERE ended_at < now() - make_interval(secs => %(age)s)", {"age": SESSION_MAX_AGE + 60})
+        audit.record(conn, actor, "sign_out", None, {"remote_addr": request.remote_addr})
     # Dropped once recorded: had the database refused, the browser keeps its session to sign out of
     # again (dropped first, signing out again found nothing while a copy of the cookie went on).
     session.pop(SESSION_KEY, None)

@@ -219,8 +219,5 @@ def login() -> ResponseReturnValue:
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
     # No CSRF check: another site making a browser sign out costs a sign-in, nothing more.
-    actor = sign_out()
-    if actor is not None:
-        with unit_of_work(runtime().engine) as conn:
-            audit.record(conn, actor, "sign_out", None, {"remote_addr": request.remote_addr})
+    sign_out()  # audited with the session's end, in one transaction
     return redirect("/support/login", code=303)

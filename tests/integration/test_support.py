@@ -226,6 +226,29 @@ def test_a_sign_out_the_database_refused_keeps_the_session_so_signing_out_again_
     assert browser.get(page).status_code == 401
 
 
+def test_a_sign_out_whose_audit_the_database_refused_did_not_happen(flask_app, engine, accounts):
+    # The end was recorded and the cookie dropped in one transaction, the audit row in another: a
+    # refused audit left a session ended (and the cookie gone) that the audit log never showed.
+    browser = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    copied = browser.get_cookie("session")
+    assert copied is not None
+    other = flask_app.test_client()
+    other.set_cookie("session", copied.value)
+    with engine.connect() as holder:
+        holder.exec_driver_sql("LOCK TABLE audit_log IN SHARE MODE")  # its INSERT waits, then times out
+        assert browser.post("/support/logout").status_code == 503
+        holder.rollback()
+    assert other.get(page).status_code == 200 and browser.get(page).status_code == 200
+    assert [r["action"] for r in audit_rows(engine)] == ["sign_in"]
+    assert browser.post("/support/logout").status_code == 303
+    assert other.get(page).status_code == 401
+    assert [(r["actor"], r["action"]) for r in audit_rows(engine)] == [(SUPPORT_ACTOR, "sign_in"),
+                                                                      (SUPPORT_ACTOR, "sign_out")]
+
+
 def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, accounts):
     # secrets.compare_digest raised TypeError on a str with non-ASCII characters: a 500.
     client = flask_app.test_client()
