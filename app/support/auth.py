@@ -3,7 +3,8 @@
 The session keeps the actor and a digest of the token, never the token itself; on every request the
 digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
 sessions. Tokens and digests are compared in constant time (app.auth.match_token). A session lasts
-SESSION_MAX_AGE from its sign-in, however it is used, and ends when it signs out: the cookie is
+SESSION_MAX_AGE from its sign-in, however it is used, and ends when it signs out (or signs in again,
+which replaces it): the cookie is
 signed, not stored, so the server remembers the random ids of sessions signed out of
 (support_session_ended) for as long as they could otherwise last, and a copy of an ended session's
 cookie is refused.
@@ -19,6 +20,7 @@ from functools import wraps
 from typing import Any, TypeVar
 
 from flask import g, jsonify, request, session
+from sqlalchemy import Connection
 
 from app.auth import bearer_token, match_token, unauthorized
 from app.db import unit_of_work
@@ -81,6 +83,11 @@ def sign_in(token: str) -> str | None:
     actor = actor_for_token(token)
     if actor is None:
         return None
+    held = session.get(SESSION_KEY)
+    if _session_actor() is not None and isinstance(held, dict):
+        # The session this one replaces ends too: signing out later would end only the new one.
+        with unit_of_work(runtime().engine) as conn:
+            _end(conn, held["sid"])
     session.clear()
     session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24),
                             "at": int(time.time()), "sid": secrets.token_urlsafe(18)}
@@ -96,17 +103,22 @@ def sign_out() -> str | None:
         session.pop(SESSION_KEY, None)
         return None
     with unit_of_work(runtime().engine) as conn:
-        conn.exec_driver_sql("INSERT INTO support_session_ended (session_id) VALUES (%(sid)s) ON CONFLICT DO NOTHING",
-                             {"sid": held["sid"]})
-        # Only sessions that could still be within their lifetime need remembering (a minute of
-        # clock difference between web hosts on top, as _fresh allows).
-        conn.exec_driver_sql("DELETE FROM support_session_ended "
-                             "WHERE ended_at < now() - make_interval(secs => %(age)s)", {"age": SESSION_MAX_AGE + 60})
+        _end(conn, held["sid"])
         audit.record(conn, actor, "sign_out", None, {"remote_addr": request.remote_addr})
     # Dropped once recorded: had the database refused, the browser keeps its session to sign out of
     # again (dropped first, signing out again found nothing while a copy of the cookie went on).
     session.pop(SESSION_KEY, None)
     return actor
+
+
+def _end(conn: Connection, session_id: str) -> None:
+    """Record the session as ended: refused from then on, whoever holds a copy of its cookie."""
+    conn.exec_driver_sql("INSERT INTO support_session_ended (session_id) VALUES (%(sid)s) ON CONFLICT DO NOTHING",
+                         {"sid": session_id})
+    # Only sessions that could still be within their lifetime need remembering (a minute of clock
+    # difference between web hosts on top, as _fresh allows).
+    conn.exec_driver_sql("DELETE FROM support_session_ended "
+                         "WHERE ended_at < now() - make_interval(secs => %(age)s)", {"age": SESSION_MAX_AGE + 60})
 
 
 def csrf_token() -> str | None:

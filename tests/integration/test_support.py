@@ -249,6 +249,23 @@ def test_a_sign_out_whose_audit_the_database_refused_did_not_happen(flask_app, e
                                                                       (SUPPORT_ACTOR, "sign_out")]
 
 
+def test_signing_in_again_ends_the_session_it_replaces(flask_app, engine, accounts):
+    # The new sign-in replaced the browser's session without ending it: signing out then ended the
+    # new one only, and a copy of the first cookie went on working for the rest of its 12 hours.
+    browser = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    copied = browser.get_cookie("session")
+    assert copied is not None
+    other = flask_app.test_client()
+    other.set_cookie("session", copied.value)
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    assert browser.post("/support/logout").status_code == 303
+    assert browser.get(page).status_code == 401
+    assert other.get(page).status_code == 401
+
+
 def test_a_cookie_write_with_a_non_ascii_csrf_header_is_403(flask_app, engine, accounts):
     # secrets.compare_digest raised TypeError on a str with non-ASCII characters: a 500.
     client = flask_app.test_client()
