@@ -4,10 +4,9 @@ The session keeps the actor and a digest of the token, never the token itself; o
 digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
 sessions. Tokens and digests are compared in constant time (app.auth.match_token). A session lasts
 SESSION_MAX_AGE from its sign-in, however it is used, and ends when it signs out (or signs in again,
-which replaces it): the cookie is
-signed, not stored, so the server remembers the random ids of sessions signed out of
-(support_session_ended) for as long as they could otherwise last, and a copy of an ended session's
-cookie is refused.
+which replaces it): the cookie is signed, not stored, so the server remembers the random ids of
+sessions ended (support_session_ended) for as long as they could otherwise last, and a copy of an
+ended session's cookie is refused.
 """
 
 from __future__ import annotations
