@@ -199,7 +199,8 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
                  stripe_event_id: str | None = None, per_args: bool = False,
                  park_request: datetime | None = None) -> bool:
     """One row per (task, account) that is not resolved, or per (task, account, args) with
-    ``per_args`` (one payment's failure is not another's): updated on every new failure.
+    ``per_args`` (one payment's failure is not another's): updated on every new failure, also by
+    a give-up at the same moment (the writers of a task and account take turns).
     ``park_request``: the touched_at of the account's recompute request the failed run had taken,
     parked in the same transaction if still that version (see PARK_REQUEST). False when the row
     could not be written for a reason that passes (the database down or busy: often the very failure
@@ -207,6 +208,10 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
     error = error.replace("\x00", "")  # an exception's text may hold what PostgreSQL's text cannot
     try:
         with unit_of_work(engine) as conn:
+            # One writer at a time per task and account: two give-ups at once (two workers, a
+            # database blip) each found no row (the other's not yet committed) and both inserted.
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))",
+                                 {"key": f"subs_stuck_events:{task_name}:{account_id or ''}"})
             if park_request is not None and account_id is not None:
                 conn.exec_driver_sql(PARK_REQUEST, {"account": account_id, "touched": park_request})
             updated = conn.exec_driver_sql(
