@@ -163,8 +163,12 @@ def _driver_message(err: psycopg2.Error) -> str:
     primary = getattr(getattr(err, "diag", None), "message_primary", None)
     if not primary:  # no answer from the server (a lost connection): the driver's first line
         primary = next(iter(str(err).strip().splitlines()), "")
-    if code and code.startswith("22"):  # data exception: 'invalid input syntax for type integer: "<value>"'
-        primary = re.sub(r'"[^"]*"', '"..."', primary)
+    # A data exception quotes the value refused ('invalid input syntax for type integer: "<value>"'),
+    # a syntax error the token it stopped at, which is a value when the statement went wrong at a
+    # parameter (psycopg2 inlines them: 'syntax error at or near "'<value>'"'). PostgreSQL does not
+    # escape a quote inside: everything from the first quote to the last goes.
+    if code and (code.startswith("22") or code == "42601"):
+        primary = re.sub(r'".*"', '"..."', primary, flags=re.DOTALL)
     return f"{err.__class__.__name__} {code}: {primary}" if code else f"{err.__class__.__name__}: {primary}"
 
 
