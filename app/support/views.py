@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlparse
 
+import psycopg2
+import psycopg2.errors
 from celery.result import AsyncResult
 from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
@@ -134,6 +136,19 @@ def _task_outcome(task_id: str) -> dict[str, Any]:
     return body
 
 
+# SQLAlchemy's first line names the driver's error: "(psycopg2.errors.InvalidTextRepresentation) ...".
+_DRIVER_ERROR = re.compile(r"\(psycopg2\.errors\.(\w+)\)")
+
+
+def _quotes_a_value(first: str) -> bool:
+    """A data exception (SQLSTATE class 22) quotes the value refused ('invalid input syntax for type
+    integer: "<value>"'), a syntax error the token it stopped at, a value's literal when the statement
+    went wrong at a parameter (psycopg2 inlines them): as in the Stuck work row (tasks.failures.describe)."""
+    driver = _DRIVER_ERROR.match(first)
+    cls = getattr(psycopg2.errors, driver.group(1), None) if driver else None
+    return isinstance(cls, type) and issubclass(cls, psycopg2.DataError | psycopg2.errors.SyntaxError)
+
+
 # How Celery hands back an exception it cannot rebuild (SQLAlchemy's need more than a message):
 # Exception("<class 'sqlalchemy.exc.ProgrammingError'>(['message'])").
 _UNREBUILT = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>\((.*)\)", re.DOTALL)
@@ -153,6 +168,8 @@ def _error_shown(exc: object) -> str:
                 args = ast.literal_eval(message)  # the exception's args, as Celery stored their repr
                 message = str(args[0]) if isinstance(args, list | tuple) and args else str(args)
     first = message.strip().split("\n", 1)[0].split("[SQL:", 1)[0].strip()
+    if _quotes_a_value(first):  # from its first quote to its last: PostgreSQL does not escape one inside
+        first = re.sub(r'".*"', '"..."', first)
     shown = f"{name}: {first}" if first else name
     return shown if len(shown) <= ERROR_SHOWN_LIMIT else shown[:ERROR_SHOWN_LIMIT - 3] + "..."
 

@@ -75,6 +75,26 @@ def test_a_recompute_that_failed_on_a_database_error_is_reported_without_its_sql
     assert body["error"] == 'ProgrammingError: (psycopg2.errors.UndefinedColumn) column "no_such_column" does not exist'
 
 
+@pytest.mark.parametrize(("statement", "shown"), [
+    ("SELECT %(v)s::int", 'DataError: (psycopg2.errors.InvalidTextRepresentation) invalid input syntax for type '
+                          'integer: "..."'),
+    ("SELECT 'x' %(v)s", 'ProgrammingError: (psycopg2.errors.SyntaxError) syntax error at or near "..."'),
+])
+def test_a_recompute_that_failed_on_a_value_postgresql_quotes_is_reported_without_it(client, engine, accounts,
+                                                                                     celery_app, statement, shown):
+    """A data exception's first line quotes the value refused, a syntax error's the token it stopped
+    at (psycopg2 inlines the values): as the Stuck work row (tasks.failures.describe), the poll leaves
+    the value out, also one holding a double quote (PostgreSQL does not escape it)."""
+    account, _ = accounts.create()
+    task_id = _support_task(engine, account)
+    value = 'ana" ana.secret@example.com "x'
+    with pytest.raises(DBAPIError) as failed, engine.connect() as conn:
+        conn.exec_driver_sql(statement, {"v": value})
+    celery_app.backend.mark_as_failure(task_id, failed.value)
+    body = client.get(f"/support/tasks/{task_id}", headers=SUPPORT).json
+    assert body["error"] == shown
+
+
 def test_a_recompute_that_failed_on_a_plain_error_keeps_its_message(client, engine, accounts, celery_app):
     account, _ = accounts.create()
     task_id = _support_task(engine, account)
