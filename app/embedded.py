@@ -172,8 +172,23 @@ def _pgserver() -> Any:
         patched = _socket_dir_without_spaces(pg_module.find_suitable_socket_dir)
         setattr(pg_module, "find_suitable_socket_dir", patched)  # noqa: B010
         setattr(pg_module, "pgexec", _patient_start(pg_module.pgexec))  # noqa: B010
+        setattr(pg_module.PostgresServer, "__init__", _lock_in_data_folder(pg_module))  # noqa: B010
         setattr(pg_module, "_dunning_patched", True)  # noqa: B010
     return pgserver
+
+
+def _lock_in_data_folder(pg_module: Any) -> Callable[..., None]:
+    """pgserver's ``PostgresServer.__init__``, with the server's start/stop lock in its data folder
+    (``pgserver.lock`` beside ``pg``). pgserver's own is one file for every user of the machine
+    ($XDG_RUNTIME_DIR/python_PostgresServer/.lockfile, else /tmp/.lockfile): once another user made
+    it, this user's make run could not open it and the private server did not start."""
+    init = pg_module.PostgresServer.__init__
+
+    def locked_here(self: Any, pgdata: Path, **kwargs: Any) -> None:
+        init(self, pgdata, **kwargs)
+        self._lock = pg_module.fasteners.InterProcessLock(Path(pgdata).parent / "pgserver.lock")
+
+    return locked_here
 
 
 def _patient_start(pgexec: Callable[..., str]) -> Callable[..., str]:

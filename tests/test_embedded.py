@@ -347,3 +347,23 @@ def test_a_postgres_slow_to_accept_connections_is_waited_for(tmp_path: Path) -> 
         assert sql(pg.start(), "SELECT v FROM kept") == "recovered"
     finally:
         pg.stop()
+
+
+def test_postgres_starts_when_pgservers_machine_wide_lock_file_is_not_this_users(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pgserver serialises its starts and stops with one lock file for every user of the machine
+    ($XDG_RUNTIME_DIR/python_PostgresServer/.lockfile, else /tmp/.lockfile). Once another user (root
+    running the tests, a colleague's make run) has made it, an ordinary user's make run failed:
+    'the embedded PostgreSQL did not start ([Errno 13] Permission denied: b'/tmp/.lockfile')'.
+    The lock of a private server is its data folder's, which this user can write."""
+    pg_module = _pgserver().postgres_server
+    unusable = tmp_path / "shared-runtime"
+    unusable.mkdir()  # a path this process cannot open as a file, as root cannot either
+    monkeypatch.setattr(pg_module.PostgresServer, "_lock", pg_module.fasteners.InterProcessLock(unusable))
+    data_dir = tmp_path / "data"
+    pg = EmbeddedPostgres(data_dir)
+    try:
+        assert sql(pg.start(), "SELECT 1") == 1
+    finally:
+        pg.stop()
+    assert (data_dir / "pgserver.lock").exists()
