@@ -469,7 +469,7 @@ class Launcher:
         url = env.get("CELERY_BROKER_URL", "").strip()
         if url:
             check_broker_url(url)  # fail early on a malformed one, as the database's
-            say("Redis: the broker CELERY_BROKER_URL names")
+            say("broker: the server CELERY_BROKER_URL names")
             return url
         from app.embedded import EmbeddedRedis
 

@@ -254,6 +254,15 @@ def test_a_broker_url_set_for_the_fleet_is_checked_before_anything_starts(tmp_pa
         launcher.Launcher(tmp_path, {})._broker({"CELERY_BROKER_URL": "redis://127.0.0.1:abc/0"})
 
 
+def test_a_configured_broker_is_named_for_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RabbitMQ works as the broker: make run said 'Redis: the broker CELERY_BROKER_URL names' for it."""
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    assert launcher.Launcher(tmp_path, {})._broker({"CELERY_BROKER_URL": url}) == url
+    said = capsys.readouterr().out
+    assert said == "dunning run | broker: the server CELERY_BROKER_URL names\n"
+    assert not (tmp_path / "redis").exists()
+
+
 def test_the_procfile_follows_the_contract() -> None:
     procs = launcher.procfile_processes({})
     assert list(procs) == ["web", "worker", "beat", "flower"]
