@@ -46,3 +46,27 @@ def test_the_next_tick_that_succeeds_resolves_a_beat_tasks_stuck_row(celery_app,
     assert states(engine, task_name) == [state]
     send(celery_app, task_name)  # beat's next tick, on the real broker and worker
     wait_for(lambda: states(engine, task_name) == ["resolved"], message=f"{task_name}'s row resolved")
+
+
+def test_a_task_run_without_arguments_that_beat_does_not_send_leaves_the_rows_alone(celery_app, engine, clean):
+    """Only a beat task's tick does its given-up tick's work again. tasks.noop (the canary an operator
+    sends through a queue, and the benchmarks' baseline) also runs without arguments: its success
+    wrote to the database, so the canary touched the database on every call (and logged a failure
+    while the database was down), and it resolved the dead row its killed run left."""
+    from tasks.stuck import _resolve_redriven
+
+    celery_app.loader.import_default_modules()  # the worker's task modules, as a worker imports them
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_stuck_events (task_name, task_args, error_class, error, state) "
+                             "VALUES ('tasks.noop', '{}', 'killed', 'WorkerLostError', 'dead')")
+    give_up(celery_app, "tasks.relay_outbox", AttributeError("a bug, since fixed"))
+    for name in ("tasks.noop", "tasks.relay_outbox"):
+        task = celery_app.tasks[name]
+        task.push_request(id=f"tick-{name}", args=[], kwargs={})
+        try:
+            _resolve_redriven(sender=task, result=None)  # task_success, as the worker sends it
+        finally:
+            task.pop_request()
+    assert states(engine, "tasks.noop") == ["dead"]
+    assert states(engine, "tasks.relay_outbox") == ["resolved"]  # a beat task's tick still resolves its rows
