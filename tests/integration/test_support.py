@@ -180,9 +180,9 @@ def test_a_session_lasts_twelve_hours_from_its_sign_in_however_it_is_used(flask_
         assert client.get(page).status_code == 200
 
 
-def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(flask_app, engine, accounts):
-    # The cookie is signed, not stored: signing out only dropped the browser's copy, and a copy
-    # taken before (another tab's, or a stolen one) went on working.
+def _signed_in_with_a_copy(flask_app, accounts) -> tuple[FlaskClient, FlaskClient, str]:
+    """A browser signed in on an account's page, another client holding a copy of its session
+    cookie (another tab's, or a stolen one), and the page."""
     browser = flask_app.test_client()
     account, _ = accounts.create()
     page = f"/support/accounts/{account}"
@@ -191,6 +191,13 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(flask_app, en
     assert copied is not None
     other = flask_app.test_client()
     other.set_cookie("session", copied.value)
+    return browser, other, page
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(flask_app, engine, accounts):
+    # The cookie is signed, not stored: signing out only dropped the browser's copy, and a copy
+    # taken before (another tab's, or a stolen one) went on working.
+    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
     assert other.get(page).status_code == 200
     assert browser.post("/support/logout").status_code == 303
     assert browser.get(page).status_code == 401
@@ -207,14 +214,7 @@ def test_a_sign_out_the_database_refused_keeps_the_session_so_signing_out_again_
                                                                                          accounts):
     # The browser's copy was dropped before the sign-out was recorded: after the 503, signing out
     # again found no session and said nothing, while a copy of the cookie went on working.
-    browser = flask_app.test_client()
-    account, _ = accounts.create()
-    page = f"/support/accounts/{account}"
-    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
-    copied = browser.get_cookie("session")
-    assert copied is not None
-    other = flask_app.test_client()
-    other.set_cookie("session", copied.value)
+    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
     with engine.connect() as holder:
         # Reads go on (the session is checked); the sign-out's INSERT waits, then times out.
         holder.exec_driver_sql("LOCK TABLE support_session_ended IN SHARE MODE")
@@ -229,14 +229,7 @@ def test_a_sign_out_the_database_refused_keeps_the_session_so_signing_out_again_
 def test_a_sign_out_whose_audit_the_database_refused_did_not_happen(flask_app, engine, accounts):
     # The end was recorded and the cookie dropped in one transaction, the audit row in another: a
     # refused audit left a session ended (and the cookie gone) that the audit log never showed.
-    browser = flask_app.test_client()
-    account, _ = accounts.create()
-    page = f"/support/accounts/{account}"
-    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
-    copied = browser.get_cookie("session")
-    assert copied is not None
-    other = flask_app.test_client()
-    other.set_cookie("session", copied.value)
+    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
     with engine.connect() as holder:
         holder.exec_driver_sql("LOCK TABLE audit_log IN SHARE MODE")  # its INSERT waits, then times out
         assert browser.post("/support/logout").status_code == 503
@@ -252,14 +245,7 @@ def test_a_sign_out_whose_audit_the_database_refused_did_not_happen(flask_app, e
 def test_signing_in_again_ends_the_session_it_replaces(flask_app, engine, accounts):
     # The new sign-in replaced the browser's session without ending it: signing out then ended the
     # new one only, and a copy of the first cookie went on working for the rest of its 12 hours.
-    browser = flask_app.test_client()
-    account, _ = accounts.create()
-    page = f"/support/accounts/{account}"
-    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
-    copied = browser.get_cookie("session")
-    assert copied is not None
-    other = flask_app.test_client()
-    other.set_cookie("session", copied.value)
+    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
     assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
     assert browser.post("/support/logout").status_code == 303
     assert browser.get(page).status_code == 401
