@@ -32,7 +32,9 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
     now, guard = datetime.now(UTC), rt.policy.guard_window_minutes
     try:
         expired = expire_unsent(rt.engine, now, guard_minutes=guard)
-        ids = claim_due(rt.engine, now, guard_minutes=guard)
+        # Without a key (make run's default) nothing can be charged: the due retries stay planned,
+        # unclaimed, rather than each asking Stripe with no key and failing for hours.
+        ids = claim_due(rt.engine, now, guard_minutes=guard) if rt.settings.stripe_api_key else []
     except Exception as exc:
         handle_failure(self, exc, None, {})
         raise
@@ -48,6 +50,9 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
             sent += 1
         except BrokerUnavailable as exc:  # the row stays dispatched; the next tick sends it again
             log.warning("could not queue retry %s: %s", retry_id, exc)
+    if not rt.settings.stripe_api_key:
+        log.warning("payment retries are not dispatched: STRIPE_API_KEY is not set")
+        return {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set"}
     return {"claimed": len(ids), "sent": sent}
 
 
@@ -57,6 +62,12 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
     # Stuck rows under the account, so support sees them on its page, and one per retry: two retries
     # of an account failing at once are re-driven each, and one's success resolves only its own.
     args = {"retry_id": int(retry_id)}
+    if not rt.settings.stripe_api_key:
+        # Sent before the key was removed: not charged. The row stays claimed and unsent; the
+        # dispatcher skips it once the guard window has passed (expire_unsent) and the account's
+        # recompute plans it again.
+        log.warning("retry %s not charged: STRIPE_API_KEY is not set", retry_id)
+        return {"retry_id": int(retry_id), "outcome": "not_sent", "detail": "STRIPE_API_KEY is not set"}
     try:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
                            guard_minutes=rt.policy.guard_window_minutes)

@@ -377,3 +377,26 @@ def test_an_attempt_already_charged_holds_back_no_other_account_until_its_recomp
     (b_retry,) = claim_due(engine, now, limit=1)
     assert [r["id"] for r in retries(engine, b)] == [b_retry]
     assert [r["id"] for r in retries(engine, a)] == [a_retry]
+
+
+def test_without_a_stripe_key_due_retries_stay_planned_and_nothing_asks_stripe(
+        client, accounts, engine, worker, celery_app, runtime, fake_stripe, monkeypatch):
+    """make run's default has no STRIPE_API_KEY: a due retry asked Stripe with an empty key, failed
+    as Stripe unreachable and was retried for hours. Now it waits, unclaimed, until a key is set."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    assert dunning_row(engine, account)["next_retry_at"] <= datetime.now(UTC)
+    with_key = runtime.settings
+    monkeypatch.setattr(runtime, "settings", with_key.with_overrides(stripe_api_key=""))
+    dispatch_task = celery_app.tasks["tasks.dispatch_due_retries"]
+    assert dispatch_task.apply().get() == {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set"}
+    assert retries(engine, account) == []
+    (claimed,) = claim_due(engine, datetime.now(UTC))  # as if claimed and sent before the key was removed
+    assert celery_app.tasks["tasks.retry_payment"].apply([claimed]).get()["outcome"] == "not_sent"
+    assert fake_stripe.pay_requests(invoice) == []
+    assert [r["state"] for r in retries(engine, account)] == ["dispatched"]  # left for the guard window's expiry
+
+    monkeypatch.setattr(runtime, "settings", with_key)  # the key is set: the claimed retry goes out
+    celery_app.tasks["tasks.retry_payment"].apply([claimed]).get()
+    assert [r["state"] for r in retries(engine, account)] == ["sent"]
+    assert len(fake_stripe.pay_requests(invoice)) == 1
