@@ -263,6 +263,11 @@ class StripePaymentAttempt(Base):
     # event time of those failures only (later events about the intent, its charges' and its
     # cancellation's, leave it). NULL while it had none. Such a failure has no charge time to go by.
     failed_at: Mapped[datetime | None]
+    # What that newest failure that made no charge named: the intent's latest_charge when it failed
+    # (the charges made before it: its place in a same-second tie with a charge's failure), and its
+    # card (NULL where it named none: then the card is that charge's). NULL while it had none.
+    failed_after_charge: Mapped[str | None] = mapped_column(Text)
+    failed_method: Mapped[str | None] = mapped_column(Text)
     # charge id -> {"pm": payment method, "at": epoch seconds}: every charge made on the intent.
     charges: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
     source_created: Mapped[int] = mapped_column(BigInteger)

@@ -47,6 +47,10 @@ ATTEMPT_MERGE = {
     # has no charge time to go by, and attempted_at moves with later events about the intent. Set by
     # those failures' events only (NULL in every other row, which GREATEST ignores).
     "failed_at": "greatest",
+    # What the newest of those failures named: the intent's latest_charge when it failed (the charges
+    # made before it, so its place among a same-second tie's), and its card.
+    "failed_after_charge": "chargeless_fact",
+    "failed_method": "chargeless_fact",
     # Every charge made on the intent, each with its method and time: the card networks' cap
     # counts charges, and a reused intent's row alone would be one however many retries ran on it.
     "charges": "charges",
@@ -252,6 +256,8 @@ def _attempt_from_charge(created: int, charge: Mapping[str, Any]) -> MirrorRow:
         "advice_code": outcome.get("advice_code"),
         "attempted_at": charged_at,
         "failed_at": None,  # a failed charge is timed by its own time (charges)
+        "failed_after_charge": None,
+        "failed_method": None,
         "charges": _charges(charge.get("id"), _id(charge.get("payment_method")),
                             int(charged_at.timestamp()) if charged_at else created),
         "source_created": created,
@@ -277,6 +283,7 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
     # The charge the event's outcome is about: a failed payment's (none where it made no charge);
     # otherwise the intent's latest charge.
     outcome_charge = charge[0] if failed else _id(intent.get("latest_charge"))
+    chargeless = failed and charge[0] is None
     values = {
         "stripe_customer_id": _id(intent.get("customer")),
         "invoice_id": _id(intent.get("invoice")),
@@ -291,7 +298,10 @@ def _attempt_from_intent(created: int, intent: Mapping[str, Any]) -> MirrorRow:
         # The event's time, not the intent's creation: a reused intent was created at its first attempt.
         "attempted_at": ts(created),
         # A failure that made no charge (or names none) is timed by the event that reported it.
-        "failed_at": ts(created) if failed and charge[0] is None else None,
+        "failed_at": ts(created) if chargeless else None,
+        # What such a failure names: the intent's latest charge at the time (made before it), its card.
+        "failed_after_charge": _id(intent.get("latest_charge")) if chargeless else None,
+        "failed_method": charge[1] if chargeless else None,
         # At the event's time: the intent does not say when the charge was made (the charge's own
         # event, when it comes, brings the earlier, exact time).
         "charges": _charges(charge[0], charge[1], created),
@@ -347,6 +357,8 @@ def _invoice_payment_link(created: int, payment: Mapping[str, Any]) -> MirrorRow
         "advice_code": None,
         "attempted_at": ts(payment.get("created")) or ts(created),
         "failed_at": None,
+        "failed_after_charge": None,
+        "failed_method": None,
         "charges": {},
         "source_created": created,
         "source_rank": ATTEMPT_RANK["succeeded"],

@@ -27,11 +27,19 @@ TIE = "({t}.source_created, {t}.source_rank) = (EXCLUDED.source_created, EXCLUDE
 CHARGELESS = "({t}.status = 'failed' AND {t}.charge_id IS NULL)"
 # Two outcomes of one payment intent in the same second and rank, about different charges: the event
 # time cannot tell which came later (a reused intent's decline and its next confirmation's failed
-# 3-D Secure), and the last delivered must not win. The stored one stays when it made no charge (a
-# failure that made none on a reused intent follows the charge its latest_charge still names), or
-# when its charge is the greater id; else the incoming one replaces it. The same in either order.
-TIE_KEEPS = (f"({CHARGELESS} OR (NOT {CHARGELESS.replace('{t}', 'EXCLUDED')} "
-             "AND EXCLUDED.charge_id < {t}.charge_id))")
+# 3-D Secure), and the last delivered must not win. Each side's place in the second (TIE_PLACE): a
+# charge by its id (of two charges the greater is taken for the later), a failure that made none
+# just after the charge its latest_charge named when it failed (failed_after_charge; Stripe's
+# latest_charge is the intent's latest charge at that moment, so a charge it does not name, or a
+# null, means that charge came after it). The side with the greater place is the outcome, in either
+# order; equal places are about one charge (or two failures after the same one): both sides alike.
+TIE_PLACE = ("(CASE WHEN {c} THEN COALESCE({t}.failed_after_charge, '') ELSE COALESCE({t}.charge_id, '') END, {c})")
+
+
+def _place(table: str) -> str:
+    return TIE_PLACE.format(t=table, c=CHARGELESS.format(t=table))
+
+
 KEYS = {"stripe_customer_state": "stripe_customer_id"}
 
 Shape = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]  # table, columns, merge rules
@@ -66,40 +74,62 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         # The outcome of one charge: a newer event about another charge (the next attempt on the
         # same payment intent), or a failure that made none (charge_id null), replaces it whole,
         # nulls included; about the same charge (its payment intent's event) it fills what is
-        # missing, like coalesce, and in the same second and rank both ways alike (the greater
-        # where both speak, so that the order of delivery does not pick one).
-        # An older event about another charge (delivered late) changes nothing of the newer one.
-        # Two failures of one reused intent in the same second and rank (about different charges,
-        # or one that made none) are ordered by TIE_KEEPS, as outcome_charge orders them.
+        # missing, like coalesce. An older event about another charge (delivered late) changes
+        # nothing of the newer one. In the same second and rank the side with the greater place
+        # (TIE_PLACE) is the outcome, whole, as outcome_charge decides it; equal places (one
+        # charge's two events, or two failures after the same charge) both ways alike: the greater
+        # where both speak, so that the order of delivery does not pick one.
         other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
                         f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
-        both_chargeless = f"({CHARGELESS.format(t='EXCLUDED')} AND {CHARGELESS.format(t=table)})"
-        return (f"CASE WHEN {tie} AND {both_chargeless} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
-                f"WHEN {guard} AND {other_charge} AND NOT ({tie} AND {TIE_KEEPS.format(t=table)}) "
-                f"THEN EXCLUDED.{col} "
+        mine, theirs = _place(table), _place("EXCLUDED")
+        return (f"CASE WHEN {tie} AND {theirs} = {mine} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {tie} AND {theirs} > {mine} THEN EXCLUDED.{col} "
+                f"WHEN {tie} THEN {table}.{col} "
+                f"WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
                 f"WHEN {other_charge} THEN {table}.{col} "
-                f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
                 f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                 f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
     if kind == "outcome_charge":
         # The charge per_charge compares with: like coalesce, but a newer failure that made no
-        # charge clears it, and no older event names one after such a failure. In a tie the
-        # failure that made none stays, else the greater charge (TIE_KEEPS).
-        return (f"CASE WHEN {tie} AND {CHARGELESS.format(t=table)} THEN NULL "
+        # charge clears it, and no older event names one after such a failure. In a tie the side
+        # with the greater place (TIE_PLACE); equal places: the greater.
+        mine, theirs = _place(table), _place("EXCLUDED")
+        return (f"CASE WHEN {tie} AND {theirs} = {mine} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {tie} AND {theirs} > {mine} THEN EXCLUDED.{col} "
+                f"WHEN {tie} THEN {table}.{col} "
                 f"WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
-                f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
                 f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                 f"WHEN {CHARGELESS.format(t=table)} THEN NULL "
                 f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")
+    if kind == "chargeless_fact":
+        # What the attempt's newest failure that made no charge said (the latest_charge it named,
+        # the card it named): by failed_at (set by those failures only), in the same second by its
+        # place (the one after the greater charge), else the greater. The same in any order.
+        after = "COALESCE({t}.failed_after_charge, '')"
+        return (f"CASE WHEN EXCLUDED.failed_at IS NULL THEN {table}.{col} "
+                f"WHEN {table}.failed_at IS NULL OR EXCLUDED.failed_at > {table}.failed_at THEN EXCLUDED.{col} "
+                f"WHEN EXCLUDED.failed_at < {table}.failed_at THEN {table}.{col} "
+                f"WHEN {after.format(t='EXCLUDED')} > {after.format(t=table)} THEN EXCLUDED.{col} "
+                f"WHEN {after.format(t='EXCLUDED')} < {after.format(t=table)} THEN {table}.{col} "
+                f"ELSE GREATEST(EXCLUDED.{col}, {table}.{col}) END")
     if kind == "outcome_method":
         # The method of the outcome charge (charge_id) as the merged charges know it: a charge's own
         # event always names its method, its intent's failure often none (the intent's
         # payment_method is null after a failure). Coalesce alone kept an older charge's method when
         # the newest charge's event came after its intent's. Where the outcome made no charge (a
-        # failed 3-D Secure) or its method is unknown: coalesce.
+        # failed 3-D Secure): the card that failure named, else the card of the charge its
+        # latest_charge named (the card in use when it failed): coalesce kept whichever card was
+        # stored when it arrived (an older charge's), or the last delivered of a same-second tie.
+        # Where neither is known: coalesce.
         charges = _merged("charges", "charges", table)
         charge = _merged("outcome_charge", "charge_id", table)
-        return f"COALESCE(({charges}) -> ({charge}) ->> 'pm', {_merged('coalesce', col, table)})"
+        status = _merged(None, "status", table)
+        named = _merged("chargeless_fact", "failed_method", table)
+        after = _merged("chargeless_fact", "failed_after_charge", table)
+        own = (f"CASE WHEN ({status}) = 'failed' AND ({charge}) IS NULL "
+               f"THEN COALESCE({named}, ({charges}) -> ({after}) ->> 'pm') "
+               f"ELSE ({charges}) -> ({charge}) ->> 'pm' END")
+        return f"COALESCE({own}, {_merged('coalesce', col, table)})"
     if kind == "default_method":
         # A customer's default method: customer.updated comes for any change (the delinquent flag
         # after a failed payment too), several in one second, and each shows the whole customer.

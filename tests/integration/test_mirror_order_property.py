@@ -261,3 +261,84 @@ def test_a_default_method_change_wins_a_same_second_customer_update_in_any_order
                                    "WHERE stripe_customer_id = %(c)s", {"c": f"cus_{s}"}).mappings().one()
         assert dict(row) == {"default_payment_method_id": f"pm_new_{s}",
                              "changed_at": datetime.fromtimestamp(t, UTC)}, order
+
+
+def _attempt_in_every_order(conn: Connection, history: list[Step]) -> dict[tuple[int, ...], dict[str, Any]]:
+    """The attempt row's outcome and card after each delivery order of ``history`` (ids unsuffixed)."""
+    seen = {}
+    for order in itertools.permutations(range(len(history))):
+        s = unique("o")
+        for n in order:
+            kind, created, params = history[n]
+            deliver(conn, render(kind, created, params, n, s))
+        row = conn.exec_driver_sql(
+            "SELECT charge_id, failure_code, decline_code, payment_method_id FROM stripe_payment_attempt "
+            "WHERE id = %(p)s", {"p": f"pi_{s}"}).mappings().one()
+        seen[order] = {k: v.replace(f"_{s}", "") if isinstance(v, str) else v for k, v in row.items()}
+    return seen
+
+
+def test_a_3ds_failure_on_a_new_card_in_the_second_of_the_old_cards_decline_keeps_its_card_in_any_order(conn):
+    """A reused intent: ch0 declined on pm_a; the customer enters pm_b, whose 3-D Secure fails (no
+    charge; latest_charge still ch0) in the same second as the intent's event about ch0's decline.
+    The failure that made no charge wins the tie, and with it the card it names: pm_b in every order
+    (the retry after a card change reads the attempt's card: pm_a blamed for the failed
+    authentication made pm_b look untried, and earned it a free retry that fails the same way)."""
+    t = BASE + DAY
+    history: list[Step] = [
+        ("charge.failed", t, {"charge": "ch0", "pm": "pm_a", "decline": "insufficient_funds", "advice": None,
+                              "blocked": False}),
+        ("payment_intent.payment_failed", t + 1, {"charge": "ch0", "names_charge": False, "pm": "pm_a",
+                                                  "code": "card_declined", "decline": "insufficient_funds",
+                                                  "advice": None}),
+        ("payment_intent.payment_failed", t + 1, {"charge": "ch0", "names_charge": False, "pm": "pm_b",
+                                                  "code": "payment_intent_authentication_failure",
+                                                  "decline": None, "advice": None}),
+    ]
+    for order, row in _attempt_in_every_order(conn, history).items():
+        assert row == {"charge_id": None, "failure_code": "payment_intent_authentication_failure",
+                       "decline_code": None, "payment_method_id": "pm_b"}, order
+
+
+def test_a_3ds_failure_before_the_intents_first_charge_in_the_same_second_loses_to_it_in_any_order(conn):
+    """The intent's first confirmation fails 3-D Secure (no charge: latest_charge null), the next one
+    is declined (ch1) in the same second; ch1's own charge.failed comes a second later (Radar blocked
+    it: its reason is no decline code, the intent's event has the issuer's). The failure that made
+    none came first (its latest_charge is not ch1): ch1's decline is the outcome, with the intent's
+    decline code, in every order."""
+    t = BASE + DAY
+    history: list[Step] = [
+        ("payment_intent.payment_failed", t, {"charge": None, "names_charge": False, "pm": "pm_a",
+                                              "code": "payment_intent_authentication_failure", "decline": None,
+                                              "advice": None}),
+        ("payment_intent.payment_failed", t, {"charge": "ch1", "names_charge": False, "pm": "pm_a",
+                                              "code": "card_declined", "decline": "insufficient_funds",
+                                              "advice": None}),
+        ("charge.failed", t + 1, {"charge": "ch1", "pm": "pm_a", "decline": "insufficient_funds", "advice": None,
+                                  "blocked": True}),
+    ]
+    for order, row in _attempt_in_every_order(conn, history).items():
+        assert row == {"charge_id": "ch1", "failure_code": "card_declined", "decline_code": "insufficient_funds",
+                       "payment_method_id": "pm_a"}, order
+
+
+def test_a_3ds_failure_naming_no_card_takes_the_card_of_the_charge_before_it_in_any_order(conn):
+    """ch0 declined on pm_a, a day later ch1 on pm_b (the customer's new card), then a confirmation
+    fails 3-D Secure naming no card (latest_charge ch1). The attempt's card is ch1's, pm_b, as in
+    Stripe's order, also when the failure is delivered before ch1's events (it kept pm_a, and ch1's
+    older events could not correct it)."""
+    t = BASE + DAY
+    ch = {"decline": "insufficient_funds", "advice": None, "blocked": False}
+    history: list[Step] = [
+        ("charge.failed", t, {"charge": "ch0", "pm": "pm_a", **ch}),
+        ("charge.failed", t + DAY, {"charge": "ch1", "pm": "pm_b", **ch}),
+        ("payment_intent.payment_failed", t + DAY, {"charge": "ch1", "names_charge": True, "pm": "pm_b",
+                                                    "code": "card_declined", "decline": "insufficient_funds",
+                                                    "advice": None}),
+        ("payment_intent.payment_failed", t + 2 * DAY, {"charge": "ch1", "names_charge": False, "pm": None,
+                                                        "code": "payment_intent_authentication_failure",
+                                                        "decline": None, "advice": None}),
+    ]
+    for order, row in _attempt_in_every_order(conn, history).items():
+        assert row == {"charge_id": None, "failure_code": "payment_intent_authentication_failure",
+                       "decline_code": None, "payment_method_id": "pm_b"}, order
