@@ -166,7 +166,7 @@ class StripeEvent(Base):
     # accepted: routed and a recompute requested; unroutable: no account for its customer yet
     # (re-driven by beat when the mapping appears); ignored: type this product does not act on.
     state: Mapped[str] = mapped_column(Text)
-    raw_body: Mapped[str] = mapped_column(Text)  # STORAGE MAIN: compressed, in the row
+    raw_body: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(server_default=NOW)
     processed_at: Mapped[datetime | None]
 

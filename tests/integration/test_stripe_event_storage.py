@@ -1,6 +1,6 @@
-"""How stripe_event stores what every webhook writes (app/migrations/versions/stripe_event_lean_writes.py):
-the raw body compressed in the row rather than in TOAST chunks, and indexes only for the states the
-re-drives look up."""
+"""How stripe_event stores what every webhook writes (app/migrations/versions/stripe_event_lean_writes.py,
+raw_body_storage_extended.py): only the raw body ever leaves the row, and indexes only for the states
+the re-drives look up."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.stripe_events import event, unique
 from webhooks import store
 from webhooks.mirror import extract
 
-REVISION_BEFORE = "history_retention"
+REVISION_BEFORE = "history_retention"  # before stripe_event_lean_writes
 
 
 @pytest.fixture
@@ -29,19 +29,22 @@ def migrated(empty_database: str) -> Iterator[tuple[str, Engine]]:
         engine.dispose()
 
 
-def _ingest(engine: Engine, customer: str) -> tuple[str, str]:
+def _ingest(engine: Engine, customer: str, event_id: str | None = None) -> tuple[str, str]:
     """Store one invoice.payment_failed event through the ingest statement: (event id, raw body)."""
-    raw = json.dumps(event("invoice.payment_failed", id=unique("in"), customer=customer))
+    raw = json.dumps(event("invoice.payment_failed", event_id=event_id, id=unique("in"), customer=customer))
     ex = extract(json.loads(raw))
     with engine.begin() as conn:
         store.ingest_events(conn, [(ex, raw)])
     return ex.event_id, raw
 
 
-def _toast_bytes(engine: Engine) -> int:
+def _toasted_value_sizes(engine: Engine) -> list[int]:
+    """The size of each value stripe_event keeps out of its rows (its chunks added up)."""
     with engine.connect() as conn:
-        return int(conn.exec_driver_sql(
-            "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'stripe_event'").scalar_one())
+        toast = conn.exec_driver_sql(
+            "SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = 'stripe_event'").scalar_one()
+        return [int(n) for (n,) in conn.exec_driver_sql(
+            f"SELECT sum(length(chunk_data)) FROM {toast} GROUP BY chunk_id").all()]
 
 
 def _indexes(engine: Engine) -> dict[str, str]:
@@ -50,14 +53,23 @@ def _indexes(engine: Engine) -> dict[str, str]:
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'stripe_event'").all())
 
 
-def test_a_raw_body_is_kept_compressed_in_its_row_not_in_toast_chunks(migrated: tuple[str, Engine]) -> None:
+def test_only_the_raw_body_ever_leaves_the_row_and_an_event_id_stays_in_it(migrated: tuple[str, Engine]) -> None:
+    # With the raw body STORAGE MAIN (stripe_event_lean_writes), the toaster moved every other text
+    # column longer than a TOAST pointer out of the row first: a Stripe-length event id (28
+    # characters) went to the TOAST table as a chunk of its own on every webhook.
     _url, engine = migrated
-    stored = [_ingest(engine, unique("cus")) for _ in range(5)]
-    assert all(len(raw) > 4000 for _, raw in stored)  # the size a real event has: beyond what fits uncompressed
-    assert _toast_bytes(engine) == 0
+    ids = ["evt_1NG8Du2eZvKYlo2CUI79vXW" + str(n) for n in range(5)]  # Stripe's own length
+    stored = [_ingest(engine, "cus_" + "N" * 24 + str(n), event_id) for n, event_id in enumerate(ids)]
+    assert all(len(raw) > 4000 for _, raw in stored)  # the size of a real event
+    toasted = _toasted_value_sizes(engine)
+    assert len(toasted) <= len(stored) and all(size > 1000 for size in toasted), toasted  # bodies only, never an id
     with engine.connect() as conn:
         bodies: dict[str, str] = dict(conn.exec_driver_sql("SELECT id, raw_body FROM stripe_event").all())
+        storage = conn.exec_driver_sql(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = 'stripe_event'::regclass "
+            "AND attname = 'raw_body'").scalar_one()
     assert bodies == dict(stored)  # byte for byte as it came
+    assert storage == "x"  # extended: compressed first, and out of the row alone when still large
 
 
 def test_stripe_event_is_indexed_only_for_the_re_driven_states(migrated: tuple[str, Engine]) -> None:

@@ -14,7 +14,8 @@ as well and cost an ingest nothing (an accepted event is in neither).
 A raw body (4-5 KB of JSON, about 2.7 KB once lz4 has compressed it) was moved out of the row into
 the TOAST table in two chunks, each a row and an index entry there. STORAGE MAIN keeps it compressed
 in the row unless the row could not fit in a page otherwise. Existing rows keep their storage; both
-are read alike.
+are read alike. (Undone by raw_body_storage_extended: with the body MAIN, the toaster moved the
+row's other text columns, the event id included, out of line first.)
 
 The indexes are built and dropped CONCURRENTLY: stripe_event is the largest table and webhook ingest
 writes it all the time, so a plain build's lock would hold webhooks for the length of the scan.
