@@ -59,6 +59,16 @@ def _upsert_sql(table: str, columns: tuple[str, ...], merge: tuple[tuple[str, st
             f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(sets)}")
 
 
+def _tie_cases(col: str, table: str) -> str:
+    """The WHEN branches of an outcome column in a same-second, same-rank tie: the side with the
+    greater place (TIE_PLACE) is the outcome; equal places (one charge's two events, or two failures
+    after the same charge) both ways alike, the greater where both speak."""
+    tie, mine, theirs = TIE.format(t=table), _place(table), _place("EXCLUDED")
+    return (f"WHEN {tie} AND {theirs} = {mine} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+            f"WHEN {tie} AND {theirs} > {mine} THEN EXCLUDED.{col} "
+            f"WHEN {tie} THEN {table}.{col}")
+
+
 def _merged(kind: str | None, col: str, table: str) -> str:
     """The value ``col`` of ``table`` takes on conflict, by its merge rule ``kind`` (None: the guard's)."""
     guard = GUARD.format(t=table)
@@ -81,10 +91,7 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         # where both speak, so that the order of delivery does not pick one.
         other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
                         f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
-        mine, theirs = _place(table), _place("EXCLUDED")
-        return (f"CASE WHEN {tie} AND {theirs} = {mine} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
-                f"WHEN {tie} AND {theirs} > {mine} THEN EXCLUDED.{col} "
-                f"WHEN {tie} THEN {table}.{col} "
+        return (f"CASE {_tie_cases(col, table)} "
                 f"WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
                 f"WHEN {other_charge} THEN {table}.{col} "
                 f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
@@ -93,10 +100,7 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         # The charge per_charge compares with: like coalesce, but a newer failure that made no
         # charge clears it, and no older event names one after such a failure. In a tie the side
         # with the greater place (TIE_PLACE); equal places: the greater.
-        mine, theirs = _place(table), _place("EXCLUDED")
-        return (f"CASE WHEN {tie} AND {theirs} = {mine} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
-                f"WHEN {tie} AND {theirs} > {mine} THEN EXCLUDED.{col} "
-                f"WHEN {tie} THEN {table}.{col} "
+        return (f"CASE {_tie_cases(col, table)} "
                 f"WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
                 f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                 f"WHEN {CHARGELESS.format(t=table)} THEN NULL "

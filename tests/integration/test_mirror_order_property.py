@@ -201,17 +201,11 @@ def test_a_3ds_failure_in_the_same_second_as_the_intents_previous_decline_wins_i
                                                   "code": "payment_intent_authentication_failure",
                                                   "decline": None, "advice": None}),
     ]
-    for order in itertools.permutations(range(len(history))):
-        s = unique("o")
-        for n in order:
-            kind, created, params = history[n]
-            deliver(conn, render(kind, created, params, n, s))
-        row = conn.exec_driver_sql(
-            "SELECT status, charge_id, decline_code, failure_code, advice_code, failed_at FROM stripe_payment_attempt "
-            "WHERE id = %(p)s", {"p": f"pi_{s}"}).mappings().one()
-        assert dict(row) == {"status": "failed", "charge_id": None, "decline_code": None,
-                             "failure_code": "payment_intent_authentication_failure", "advice_code": None,
-                             "failed_at": datetime.fromtimestamp(t + 1, UTC)}, order
+    columns = ("status", "charge_id", "decline_code", "failure_code", "advice_code", "failed_at")
+    for order, row in _attempt_in_every_order(conn, history, columns).items():
+        assert row == {"status": "failed", "charge_id": None, "decline_code": None,
+                       "failure_code": "payment_intent_authentication_failure", "advice_code": None,
+                       "failed_at": datetime.fromtimestamp(t + 1, UTC)}, order
 
 
 def test_a_declined_charges_method_is_the_attempts_in_any_order_where_its_intent_names_none(conn):
@@ -263,17 +257,19 @@ def test_a_default_method_change_wins_a_same_second_customer_update_in_any_order
                              "changed_at": datetime.fromtimestamp(t, UTC)}, order
 
 
-def _attempt_in_every_order(conn: Connection, history: list[Step]) -> dict[tuple[int, ...], dict[str, Any]]:
-    """The attempt row's outcome and card after each delivery order of ``history`` (ids unsuffixed)."""
+def _attempt_in_every_order(conn: Connection, history: list[Step],
+                            columns: tuple[str, ...] = ("charge_id", "failure_code", "decline_code",
+                                                        "payment_method_id")) -> dict[tuple[int, ...], dict[str, Any]]:
+    """The attempt row's ``columns`` (by default its outcome and card) after each delivery order of
+    ``history`` (ids unsuffixed)."""
     seen = {}
     for order in itertools.permutations(range(len(history))):
         s = unique("o")
         for n in order:
             kind, created, params = history[n]
             deliver(conn, render(kind, created, params, n, s))
-        row = conn.exec_driver_sql(
-            "SELECT charge_id, failure_code, decline_code, payment_method_id FROM stripe_payment_attempt "
-            "WHERE id = %(p)s", {"p": f"pi_{s}"}).mappings().one()
+        row = conn.exec_driver_sql(f"SELECT {', '.join(columns)} FROM stripe_payment_attempt WHERE id = %(p)s",
+                                   {"p": f"pi_{s}"}).mappings().one()
         seen[order] = {k: v.replace(f"_{s}", "") if isinstance(v, str) else v for k, v in row.items()}
     return seen
 
