@@ -502,6 +502,18 @@ UPDATE bad_debt_payment
 """
 
 
+def _refuse_without_key(rt: Runtime) -> None:
+    """Without STRIPE_API_KEY (make run's default) nothing can be charged: a 503 that names the
+    setting, before Stripe is asked anything (with an empty key api.stripe.com answers 401, which
+    read as "Stripe refuses our key") and before anything is stored under the Idempotency-Key."""
+    if rt.settings.stripe_api_key:
+        return
+    log.error("bad-debt payments: STRIPE_API_KEY is not set: no customer can pay their bad debt until it is")
+    raise Refused(503, "payment_provider_unavailable", "STRIPE_API_KEY is not set on this service: nothing was "
+                  "charged; send the same request again once it is configured",
+                  {"Retry-After": str(RETRY_AFTER_CAP)})
+
+
 def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str | None,
                  now: datetime | None = None) -> Answer:
     from webhooks.store import request_recompute
@@ -512,6 +524,7 @@ def pay_bad_debt(rt: Runtime, celery_app: Any, body: Any, idempotency_key: str |
             replayed = _replay(conn, req)
         if replayed is not None:
             return replayed
+        _refuse_without_key(rt)
         with rt.engine.connect() as conn:
             try:
                 debt = _debt(conn, rt, req, now or datetime.now(UTC))

@@ -268,3 +268,23 @@ def test_a_key_whose_payment_stripe_did_not_run_is_removed_under_a_conflicting_r
     again = pay(flask_app.test_client(), body(other), idem)
     assert again.status_code == 202, again.json
     assert [p["state"] for p in payments(engine, other.account)] == ["pending"]
+
+
+def test_without_a_stripe_key_a_payment_is_a_503_naming_the_key_and_nothing_asks_stripe(
+        client, engine, runtime, debtor, stripe_fake, monkeypatch, caplog):
+    """make run's default has no STRIPE_API_KEY: the payment was asked of Stripe with an empty key
+    (at api.stripe.com: a 401 read as 'Stripe refuses our key', or no connection at all). It is a
+    503 that names the missing setting, and nothing is asked or stored."""
+    with_key = runtime.settings
+    monkeypatch.setattr(runtime, "settings", with_key.with_overrides(stripe_api_key=""))
+    idem = key()
+    with caplog.at_level(logging.ERROR, logger="app.payments.bad_debt"):
+        refused = pay(client, body(debtor), idem)
+    assert (refused.status_code, refused.json["error"]) == (503, "payment_provider_unavailable"), refused.json
+    assert "STRIPE_API_KEY is not set" in refused.json["reason"]
+    assert refused.headers["Retry-After"] == "60"
+    assert stripe_fake.calls == [] and payments(engine, debtor.account) == []
+    assert any(r.levelno == logging.ERROR and "STRIPE_API_KEY" in r.getMessage() for r in caplog.records), caplog.text
+
+    monkeypatch.setattr(runtime, "settings", with_key)  # the key set: the same Idempotency-Key pays
+    assert pay(client, body(debtor), idem).status_code == 202
