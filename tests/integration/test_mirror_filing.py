@@ -201,3 +201,55 @@ def test_the_failed_at_migration_keeps_the_time_of_failures_without_a_charge(emp
         upgrade(url)
     finally:
         engine.dispose()
+
+
+def test_the_chargeless_facts_migration_keeps_what_existing_failures_show_and_goes_back_down(empty_database: str):
+    """attempt_chargeless_facts: an attempt whose outcome is a failure that made no charge gets the
+    charge its row knows as the latest (by time, then id) and the card it shows; every other row,
+    a failure made before a later charge's outcome included, none. The downgrade drops both."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    from app.migrate import alembic_config, downgrade, upgrade
+
+    url = empty_database
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("attempt_chargeless_facts").down_revision
+    assert isinstance(before, str)
+    upgrade(url, before)
+    engine = create_engine(url)
+    at = "2026-11-20T10:00:00+00:00"
+    rows = {  # id: (status, charge_id, payment_method_id, failed_at, charges)
+        "pi_3ds_first": ("failed", None, "pm_a", at, {}),
+        "pi_3ds_reused": ("failed", None, "pm_b", at,
+                          {"ch_1": {"pm": "pm_x", "at": 9}, "ch_3": {"pm": "pm_x", "at": 5},
+                           "ch_2": {"pm": "pm_x", "at": 9}}),
+        "pi_declined_after": ("failed", "ch_4", "pm_c", at, {"ch_4": {"pm": "pm_c", "at": 7}}),
+        "pi_paid_after": ("succeeded", "ch_5", "pm_d", at, {"ch_5": {"pm": "pm_d", "at": 7}}),
+        "pi_cancelled": ("failed", None, "pm_e", None, {}),
+    }
+    columns = ("SELECT count(*) FROM information_schema.columns WHERE table_name = 'stripe_payment_attempt' "
+               "AND column_name IN ('failed_after_charge', 'failed_method')")
+    try:
+        with engine.begin() as conn:
+            for pi, (status, charge, method, failed_at, charges) in rows.items():
+                conn.exec_driver_sql(
+                    "INSERT INTO stripe_payment_attempt (id, status, charge_id, payment_method_id, failed_at, charges, "
+                    "attempted_at, source_created, source_rank) VALUES (%(id)s, %(s)s, %(ch)s, %(pm)s, %(f)s, "
+                    "%(c)s::jsonb, %(at)s, 1, 1)",
+                    {"id": pi, "s": status, "ch": charge, "pm": method, "f": failed_at, "c": json.dumps(charges),
+                     "at": at})
+        upgrade(url)
+        with engine.connect() as conn:
+            facts = {r[0]: (r[1], r[2]) for r in conn.exec_driver_sql(
+                "SELECT id, failed_after_charge, failed_method FROM stripe_payment_attempt").all()}
+        assert facts == {"pi_3ds_first": (None, "pm_a"), "pi_3ds_reused": ("ch_2", "pm_b"),
+                         "pi_declined_after": (None, None), "pi_paid_after": (None, None),
+                         "pi_cancelled": (None, None)}
+        downgrade(url, before)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(columns).scalar_one() == 0
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(columns).scalar_one() == 2
+    finally:
+        engine.dispose()
