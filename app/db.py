@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -34,6 +35,15 @@ LOCK_TIMEOUT = "5s"
 # SQLSTATEs of a statement cancelled for taking too long: lock_not_available (lock_timeout),
 # query_canceled (statement_timeout, or a cancel request).
 TIMED_OUT_CODES = ("55P03", "57014")
+
+
+def without_quoted_value(message: str) -> str:
+    """PostgreSQL's message of a data exception (SQLSTATE class 22) quotes the value refused
+    ('invalid input syntax for type integer: "<value>"'), a syntax error the token it stopped at,
+    which is a value when the statement went wrong at a parameter (psycopg2 inlines them). For what
+    ops and support see: everything from the first quote to the last goes, as PostgreSQL does not
+    escape a quote inside the value."""
+    return re.sub(r'".*"', '"..."', message, flags=re.DOTALL)
 
 
 def is_timed_out(exc: BaseException) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from app import metrics
-from app.db import Conflict, is_connection_error, unit_of_work
+from app.db import Conflict, is_connection_error, unit_of_work, without_quoted_value
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +162,8 @@ def _driver_message(err: psycopg2.Error) -> str:
     primary = getattr(getattr(err, "diag", None), "message_primary", None)
     if not primary:  # no answer from the server (a lost connection): the driver's first line
         primary = next(iter(str(err).strip().splitlines()), "")
-    # A data exception quotes the value refused ('invalid input syntax for type integer: "<value>"'),
-    # a syntax error the token it stopped at, which is a value when the statement went wrong at a
-    # parameter (psycopg2 inlines them: 'syntax error at or near "'<value>'"'). PostgreSQL does not
-    # escape a quote inside: everything from the first quote to the last goes.
-    if code and (code.startswith("22") or code == "42601"):
-        primary = re.sub(r'".*"', '"..."', primary, flags=re.DOTALL)
+    if code and (code.startswith("22") or code == "42601"):  # a data exception, a syntax error
+        primary = without_quoted_value(primary)
     return f"{err.__class__.__name__} {code}: {primary}" if code else f"{err.__class__.__name__}: {primary}"
 
 

@@ -30,11 +30,12 @@ RETRY_PAYMENT = "tasks.retry_payment"
 def dispatch_due_retries(self: Task) -> dict[str, Any]:
     rt = runtime_for(self.app)
     now, guard = datetime.now(UTC), rt.policy.guard_window_minutes
+    # Without a key (make run's default) nothing can be charged: the due retries stay planned,
+    # unclaimed, rather than each asking Stripe with no key and failing for hours.
+    keyed = bool(rt.settings.stripe_api_key)
     try:
         expired = expire_unsent(rt.engine, now, guard_minutes=guard)
-        # Without a key (make run's default) nothing can be charged: the due retries stay planned,
-        # unclaimed, rather than each asking Stripe with no key and failing for hours.
-        ids = claim_due(rt.engine, now, guard_minutes=guard) if rt.settings.stripe_api_key else []
+        ids = claim_due(rt.engine, now, guard_minutes=guard) if keyed else []
     except Exception as exc:
         handle_failure(self, exc, None, {})
         raise
@@ -43,6 +44,9 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
             enqueue_recompute(self.app, account_id, Trigger.STATE_REFRESH.value, "retry:never_sent")
         except BrokerUnavailable as exc:  # the request row stays: beat's stale-request re-drive sends it
             log.warning("could not queue the recompute of %s: %s", account_id, exc)
+    if not keyed:
+        log.warning("payment retries are not dispatched: STRIPE_API_KEY is not set")
+        return {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set"}
     sent = 0
     for retry_id in ids:
         try:
@@ -50,9 +54,6 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
             sent += 1
         except BrokerUnavailable as exc:  # the row stays dispatched; the next tick sends it again
             log.warning("could not queue retry %s: %s", retry_id, exc)
-    if not rt.settings.stripe_api_key:
-        log.warning("payment retries are not dispatched: STRIPE_API_KEY is not set")
-        return {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set"}
     return {"claimed": len(ids), "sent": sent}
 
 

@@ -24,7 +24,7 @@ from celery.result import AsyncResult
 from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
 
-from app.db import unit_of_work
+from app.db import unit_of_work, without_quoted_value
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
 from app.support import audit
@@ -168,8 +168,8 @@ def _error_shown(exc: object) -> str:
                 args = ast.literal_eval(message)  # the exception's args, as Celery stored their repr
                 message = str(args[0]) if isinstance(args, list | tuple) and args else str(args)
     first = message.strip().split("\n", 1)[0].split("[SQL:", 1)[0].strip()
-    if _quotes_a_value(first):  # from its first quote to its last: PostgreSQL does not escape one inside
-        first = re.sub(r'".*"', '"..."', first)
+    if _quotes_a_value(first):
+        first = without_quoted_value(first)
     shown = f"{name}: {first}" if first else name
     return shown if len(shown) <= ERROR_SHOWN_LIMIT else shown[:ERROR_SHOWN_LIMIT - 3] + "..."
 
