@@ -24,7 +24,7 @@ from celery.result import AsyncResult
 from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
 from flask.typing import ResponseReturnValue
 
-from app.db import unit_of_work, without_quoted_value
+from app.db import ValueRejected, unit_of_work, without_quoted_value
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
 from app.support import audit
@@ -140,10 +140,13 @@ def _task_outcome(task_id: str) -> dict[str, Any]:
 _DRIVER_ERROR = re.compile(r"\(psycopg2\.errors\.(\w+)\)")
 
 
-def _quotes_a_value(first: str) -> bool:
+def _quotes_a_value(name: str, first: str) -> bool:
     """A data exception (SQLSTATE class 22) quotes the value refused ('invalid input syntax for type
     integer: "<value>"'), a syntax error the token it stopped at, a value's literal when the statement
-    went wrong at a parameter (psycopg2 inlines them): as in the Stuck work row (tasks.failures.describe)."""
+    went wrong at a parameter (psycopg2 inlines them): as in the Stuck work row (tasks.failures.describe).
+    The hot paths' ValueRejected (app/db.py) carries a data exception's message without its class."""
+    if name == ValueRejected.__name__:
+        return True
     driver = _DRIVER_ERROR.match(first)
     cls = getattr(psycopg2.errors, driver.group(1), None) if driver else None
     return isinstance(cls, type) and issubclass(cls, psycopg2.DataError | psycopg2.errors.SyntaxError)
@@ -168,7 +171,7 @@ def _error_shown(exc: object) -> str:
                 args = ast.literal_eval(message)  # the exception's args, as Celery stored their repr
                 message = str(args[0]) if isinstance(args, list | tuple) and args else str(args)
     first = message.strip().split("\n", 1)[0].split("[SQL:", 1)[0].strip()
-    if _quotes_a_value(first):
+    if _quotes_a_value(name, first):
         first = without_quoted_value(first)
     shown = f"{name}: {first}" if first else name
     return shown if len(shown) <= ERROR_SHOWN_LIMIT else shown[:ERROR_SHOWN_LIMIT - 3] + "..."

@@ -101,3 +101,20 @@ def test_a_recompute_that_failed_on_a_plain_error_keeps_its_message(client, engi
     celery_app.backend.mark_as_failure(task_id, LookupError("account has no Stripe customer"))
     body = client.get(f"/support/tasks/{task_id}", headers=SUPPORT).json
     assert body["error"] == "LookupError: account has no Stripe customer"
+
+
+def test_a_recompute_that_failed_on_a_value_the_hot_path_refused_is_reported_without_it(client, engine, accounts,
+                                                                                       celery_app):
+    """The hot paths' statements (app/db.py fetch_prepared_row) name a refused value ValueRejected,
+    with the driver's message: the poll leaves the value out of it too."""
+    from app.db import Prepared, ValueRejected, fetch_prepared_row
+
+    account, _ = accounts.create()
+    task_id = _support_task(engine, account)
+    value = 'ana" ana.secret@example.com "x'
+    with pytest.raises(ValueRejected) as refused, engine.connect() as conn:
+        fetch_prepared_row(conn, (Prepared("test_value_as_int", "SELECT $1::int"), (value,)))
+    celery_app.backend.mark_as_failure(task_id, refused.value)
+    body = client.get(f"/support/tasks/{task_id}", headers=SUPPORT).json
+    assert "secret" not in body["error"] and "ana" not in body["error"]
+    assert body["error"] == 'ValueRejected: invalid input syntax for type integer: "..."'
