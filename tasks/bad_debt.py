@@ -28,6 +28,7 @@ RECONCILE = "tasks.reconcile_bad_debt_payment"
 OVERPAID = OVERPAID_TASK
 REFUNDED_AFTER_SETTLEMENT = REFUNDED_AFTER_SETTLEMENT_TASK
 BUSY_COUNTDOWN, BUSY_RETRIES = 5, 24
+NO_KEY = "STRIPE_API_KEY is not set"
 
 
 def _as_failure(exc: Exception) -> Exception:
@@ -40,6 +41,16 @@ def _as_failure(exc: Exception) -> Exception:
     if isinstance(exc, stripe.StripeError | NotSettled | NotReconciled):
         return TaskFailure(FailureKind.PERMANENT_API_ERROR, f"{exc.__class__.__name__}: {exc}")
     return exc
+
+
+def _not_sent(task: str, payment_id: int) -> dict[str, Any]:
+    """Without STRIPE_API_KEY (make run's default) nothing is asked of Stripe: with an empty key
+    api.stripe.com answers 401, which failed the task for good (a dead stuck row, which the
+    settlement sweep then passes over even once a key is set). Nothing is changed: the payment
+    stays pending, for the beat sweeps once a key is set. Deferred: a re-driven stuck row stays."""
+    what = "settled" if task == SETTLE else "reconciled with Stripe"
+    log.warning("bad-debt payment %s not %s: %s", payment_id, what, NO_KEY)
+    return {"payment_id": payment_id, "outcome": "not_sent", "detail": NO_KEY, DEFERRED: True}
 
 
 def _recompute(app: Any, account_id: str, payment_id: int) -> None:
@@ -66,6 +77,8 @@ def _send_each(app: Any, task: str, payment_ids: list[int]) -> int:
 def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dict[str, Any]:
     rt = runtime_for(self.app)
     args = {"payment_id": int(payment_id)}
+    if not rt.settings.stripe_api_key:
+        return _not_sent(SETTLE, int(payment_id))
     try:
         result = settle(rt, int(payment_id))
     except Exception as exc:
@@ -103,7 +116,11 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
 
 @shared_task(name="tasks.settle_unsettled_bad_debt_payments", bind=True, ignore_result=True)
 def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
-    ids = unsettled(runtime_for(self.app))
+    rt = runtime_for(self.app)
+    if not rt.settings.stripe_api_key:
+        log.warning("bad-debt payments are not settled: %s", NO_KEY)
+        return {"found": 0, "sent": 0, "skipped": NO_KEY}
+    ids = unsettled(rt)
     return {"found": len(ids), "sent": _send_each(self.app, SETTLE, ids)}
 
 
@@ -111,6 +128,8 @@ def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
 def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
     rt = runtime_for(self.app)
     args = {"payment_id": int(payment_id)}
+    if not rt.settings.stripe_api_key:
+        return _not_sent(RECONCILE, int(payment_id))
     try:
         result = reconcile(rt, int(payment_id), datetime.now(UTC))
     except Exception as exc:
@@ -133,7 +152,11 @@ def reconcile_bad_debt_payment(self: Task, payment_id: int) -> dict[str, Any]:
 def reconcile_bad_debt_payments(self: Task) -> dict[str, Any]:
     """Payments pending past the guard window, each due its next check: one task each. A claim
     whose task was never queued is checked again at its next due time."""
-    ids = due(runtime_for(self.app), datetime.now(UTC))
+    rt = runtime_for(self.app)
+    if not rt.settings.stripe_api_key:  # claimed, each check would move the payment's next one on
+        log.warning("bad-debt payments are not reconciled with Stripe: %s", NO_KEY)
+        return {"due": 0, "sent": 0, "skipped": NO_KEY}
+    ids = due(rt, datetime.now(UTC))
     return {"due": len(ids), "sent": _send_each(self.app, RECONCILE, ids)}
 
 

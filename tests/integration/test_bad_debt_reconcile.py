@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from tests.integration.bad_debt_setup import (
     payments,
     recompute,
     refund,
+    take_queued,
     take_queued_settlements,
 )
 
@@ -405,3 +407,82 @@ def test_a_declined_new_payment_queues_the_settlement_of_the_one_charged_while_i
     assert declined.status_code == 402
     assert {p["id"]: p["state"] for p in payments(engine, debtor.account)}[first] == "pending"
     assert take_queued_settlements(settings) == [first]
+
+
+def stuck_of(engine: Engine, task: str, account: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT state FROM subs_stuck_events WHERE task_name = %(t)s "
+                                         "AND account_id = %(a)s", {"t": task, "a": account}).scalars())
+
+
+NO_KEY = "STRIPE_API_KEY is not set"
+
+
+def test_without_a_stripe_key_a_charged_payment_waits_for_its_settlement_and_nothing_asks_stripe(
+        client, engine, runtime, debtor, stripe_fake, celery_app, settings, monkeypatch, caplog):
+    """make run's default has no STRIPE_API_KEY. The settlement asked Stripe to pay the invoices
+    out of band with an empty key: at api.stripe.com a 401, filed as dead stuck work, which the
+    settlement sweep then passes over even once a key is set (a Stripe that takes any key, the
+    fake, was asked). Now the sweep and the task skip: nothing asked, nothing changed, settled once
+    the key is set."""
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id = response.json["payment_id"]
+    evt = intent_event("succeeded", debtor, response.json["stripe_payment_intent_id"], payment_id)
+    assert post_event(client, evt).status_code == 200
+    take_queued_settlements(settings)  # the webhook's
+    with engine.begin() as conn:  # charged a while ago: the sweep's to settle
+        conn.exec_driver_sql("UPDATE bad_debt_payment SET updated_at = updated_at - interval '5 minutes' "
+                             "WHERE id = %(id)s", {"id": payment_id})
+    with_key = runtime.settings
+    monkeypatch.setattr(runtime, "settings", with_key.with_overrides(stripe_api_key=""))
+    sweep, task = celery_app.tasks["tasks.settle_unsettled_bad_debt_payments"], celery_app.tasks[SETTLE]
+
+    with caplog.at_level(logging.WARNING):
+        assert sweep.apply().get() == {"found": 0, "sent": 0, "skipped": NO_KEY}
+        assert take_queued_settlements(settings) == []
+        skipped = task.apply([payment_id]).get()
+    assert (skipped["outcome"], skipped["detail"]) == ("not_sent", NO_KEY)
+    assert any(NO_KEY in r.getMessage() and "settle" in r.getMessage() for r in caplog.records), caplog.text
+    assert stripe_fake.invoice_payments() == []
+    [row] = payments(engine, debtor.account)
+    assert (row["state"], row["settle_sent"] or {}) == ("pending", {})
+    assert stuck_of(engine, SETTLE, debtor.account) == []
+
+    monkeypatch.setattr(runtime, "settings", with_key)  # the key is set: the sweep settles it
+    assert sweep.apply().get() == {"found": 1, "sent": 1}
+    assert take_queued_settlements(settings) == [payment_id]
+    assert task.apply([payment_id]).get()["outcome"] == "settled"
+    assert payments(engine, debtor.account)[0]["state"] == "succeeded"
+
+
+def test_without_a_stripe_key_a_payment_whose_outcome_never_came_is_not_checked_and_nothing_asks_stripe(
+        client, engine, runtime, debtor, stripe_fake, celery_app, settings, monkeypatch, caplog):
+    """make run's default has no STRIPE_API_KEY. The reconciliation claimed the payment's check
+    (moving its next one on) and asked Stripe with an empty key: at api.stripe.com a 401, a dead
+    stuck row at every check, the account lifting all along (a Stripe that takes any key, the fake,
+    was asked). Now the sweep claims nothing and the task asks nothing; checked once the key is set."""
+    stripe_fake.intent_outcome = "processing"
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    payment_id = response.json["payment_id"]
+    backdate(engine, payment_id, LATER)
+    with_key = runtime.settings
+    monkeypatch.setattr(runtime, "settings", with_key.with_overrides(stripe_api_key=""))
+    sweep, task = celery_app.tasks["tasks.reconcile_bad_debt_payments"], celery_app.tasks[RECONCILE]
+    calls = len(stripe_fake.calls)
+
+    with caplog.at_level(logging.WARNING):
+        assert sweep.apply().get() == {"due": 0, "sent": 0, "skipped": NO_KEY}
+        assert take_queued(settings, RECONCILE) == []
+        skipped = task.apply([payment_id]).get()
+    assert (skipped["outcome"], skipped["detail"]) == ("not_sent", NO_KEY)
+    assert any(NO_KEY in r.getMessage() and "reconcil" in r.getMessage() for r in caplog.records), caplog.text
+    assert len(stripe_fake.calls) == calls
+    [row] = payments(engine, debtor.account)
+    assert (row["state"], row["reconcile_checks"], row["reconcile_after"], row["not_found_since"],
+            row["stripe_status"]) == ("pending", 0, None, None, None)
+    assert stuck_of(engine, RECONCILE, debtor.account) == []
+
+    monkeypatch.setattr(runtime, "settings", with_key)  # the key is set: checked at once
+    assert sweep.apply().get() == {"due": 1, "sent": 1}
+    assert [args for _id, args in take_queued(settings, RECONCILE)] == [[payment_id]]
+    assert task.apply([payment_id]).get()["outcome"] == "processing"
