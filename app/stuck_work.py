@@ -113,6 +113,28 @@ def resolve_beat_task(engine: Engine, task_name: str) -> None:
         conn.exec_driver_sql(RESOLVE_BEAT_SQL, {"task": task_name})
 
 
+# The stuck rows of a task that works on one account, for these accounts: a later run of the task's
+# work for the account did it whole. Indexed on account_id.
+RESOLVE_ACCOUNTS_SQL = """
+UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now(), next_redrive_at = NULL
+ WHERE task_name = %(task)s AND account_id = ANY(%(accounts)s) AND state <> 'resolved'
+"""
+
+
+def resolve_account_task(engine: Engine, task_name: str, account_ids: list[str]) -> None:
+    """``task_name``'s stuck rows (dead or retrying, whatever their arguments) of these accounts are
+    resolved: their work was done since by another run. A failure to write it is logged, not raised
+    (the work is done; the next run resolves them)."""
+    if not account_ids:
+        return
+    try:
+        with unit_of_work(engine) as conn:
+            conn.exec_driver_sql(RESOLVE_ACCOUNTS_SQL, {"task": task_name, "accounts": sorted(set(account_ids))})
+    except Exception:
+        log.warning("could not resolve the stuck rows of %s for %d account(s)", task_name, len(account_ids),
+                    exc_info=True)
+
+
 def counts(conn: Connection) -> dict[str, int]:
     found = {state: int(n) for state, n in conn.exec_driver_sql(COUNTS_SQL)}
     out = {state: found.get(state, 0) for state in STATES}

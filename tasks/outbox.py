@@ -9,7 +9,7 @@ import requests
 from celery import Task, shared_task
 
 from app.outbox.backlog import backlog
-from app.outbox.relay import deliver_account, relay
+from app.outbox.relay import DELIVER_TASK, deliver_account, relay
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -35,10 +35,12 @@ def relay_outbox(self: Task) -> dict[str, Any]:
     return {**report.to_json(), "backlog": stats["backlog"]}
 
 
-@shared_task(name="tasks.deliver_account_outbox", bind=True, ignore_result=True)
+@shared_task(name=DELIVER_TASK, bind=True, ignore_result=True)
 def deliver_account_outbox(self: Task, account_id: str) -> dict[str, Any]:
     """One account's rows, in order, within the same budget as a beat pass: what is left then goes
-    with tasks.relay_outbox (the account is ready as soon as its next row is)."""
+    with tasks.relay_outbox (the account is ready as soon as its next row is). Its stuck rows are
+    resolved by any later relay of the account that runs through, this task's or a beat pass's
+    (app.outbox.relay.deliver_account)."""
     rt = runtime_for(self.app)
     deadline = time.monotonic() + RELAY_BUDGET_SECONDS
     base = rt.settings.account_management_url

@@ -54,9 +54,15 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from app.db import unit_of_work
 from app.outbox.answers import EXCERPT_LIMIT, masked, reason, refused_as_wrong
+from app.stuck_work import resolve_account_task
 from tasks.failures import retry_after_seconds
 
 log = logging.getLogger(__name__)
+
+# The task that relays one account (tasks/outbox.py). Its stuck rows (a run given up, or killed) are
+# resolved by any later relay of the account that runs through, the beat pass's too: the relay sends
+# the account's rows whole, in order, from where they stand, so the failed run has nothing left to do.
+DELIVER_TASK = "tasks.deliver_account_outbox"
 
 TIMEOUT = (2.0, 5.0)  # connect, read: a slow Account Management costs a relay seconds, never minutes
 BACKOFF_BASE = 2.0
@@ -363,6 +369,7 @@ class RelayReport:
     throttled: bool = False  # Account Management asked us to wait (Retry-After): the pass ends
     busy: bool = False  # another pass was running: this one left the work to it
     errors: list[str] = field(default_factory=list)
+    relayed: list[str] = field(default_factory=list)  # accounts whose rows were gone through without an error
 
     def to_json(self) -> dict[str, Any]:
         return {"accounts": self.accounts, "delivered": self.delivered, "superseded": self.superseded,
@@ -562,9 +569,12 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
 def deliver_account(engine: Engine, session: requests.Session, base_url: str, account_id: str,
                     now_fn: Callable[[], datetime] | None = None, max_rows: int = 200,
                     report: RelayReport | None = None, timeout: tuple[float, float] = TIMEOUT,
-                    deadline: float | None = None) -> RelayReport:
+                    deadline: float | None = None, resolve_stuck: bool = True) -> RelayReport:
     """Deliver one account's rows in order, until one fails or ``deadline`` (time.monotonic) passes:
-    a slow Account Management must not pin the task for minutes on one account's backlog."""
+    a slow Account Management must not pin the task for minutes on one account's backlog. A run that
+    goes through without an error (a row Account Management did not take included: the row keeps its
+    own failure and backoff) resolves the account's stuck relay work (``DELIVER_TASK``); with
+    ``resolve_stuck`` false the caller does it (the beat pass: once for all its accounts)."""
     now_fn = now_fn or (lambda: datetime.now(UTC))
     report = report or RelayReport()
     with account_lock(engine, account_id) as got:
@@ -620,6 +630,9 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 report.superseded += 1
             else:
                 report.delivered += 1
+        report.relayed.append(account_id)
+    if resolve_stuck:
+        resolve_account_task(engine, DELIVER_TASK, [account_id])
     return report
 
 
@@ -689,7 +702,7 @@ def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], bu
                 break
             try:
                 deliver_account(engine, session, base_url, account_id, now_fn=clock, report=report,
-                                timeout=timeout, deadline=deadline)
+                                timeout=timeout, deadline=deadline, resolve_stuck=False)
             except SoftTimeLimitExceeded:
                 raise  # the task's own time is up: not this account's fault
             except Exception as exc:
@@ -700,3 +713,4 @@ def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], bu
     finally:
         if own_session:
             session.close()
+    resolve_account_task(engine, DELIVER_TASK, report.relayed)
