@@ -17,6 +17,7 @@ from app.payments.pay import PayResult
 from app.payments.pay import retry_payment as pay_retry
 from app.payments.retries import claim_due, expire_unsent
 from app.payments.stripe_client import make_stripe_client
+from app.stuck_work import DEFERRED
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
@@ -66,9 +67,11 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
     if not rt.settings.stripe_api_key:
         # Sent before the key was removed: not charged. The row stays claimed and unsent; the
         # dispatcher skips it once the guard window has passed (expire_unsent) and the account's
-        # recompute plans it again.
+        # recompute plans it again. Deferred: a re-driven stuck row (a row left charging, which only
+        # its re-drive sends again) stays for a run with the key.
         log.warning("retry %s not charged: STRIPE_API_KEY is not set", retry_id)
-        return {"retry_id": int(retry_id), "outcome": "not_sent", "detail": "STRIPE_API_KEY is not set"}
+        return {"retry_id": int(retry_id), "outcome": "not_sent", "detail": "STRIPE_API_KEY is not set",
+                DEFERRED: True}
     try:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
                            guard_minutes=rt.policy.guard_window_minutes)

@@ -400,3 +400,32 @@ def test_without_a_stripe_key_due_retries_stay_planned_and_nothing_asks_stripe(
     celery_app.tasks["tasks.retry_payment"].apply([claimed]).get()
     assert [r["state"] for r in retries(engine, account)] == ["sent"]
     assert len(fake_stripe.pay_requests(invoice)) == 1
+
+
+@pytest.mark.parametrize("task_name, args", [
+    ("tasks.retry_payment", {"retry_id": 2_000_000_001}),
+    ("tasks.settle_bad_debt_payment", {"payment_id": 2_000_000_001}),
+    ("tasks.reconcile_bad_debt_payment", {"payment_id": 2_000_000_001}),
+])
+def test_without_a_stripe_key_a_redriven_payment_task_leaves_its_stuck_row_for_when_the_key_is_set(
+        accounts, engine, celery_app, runtime, monkeypatch, task_name, args):
+    """A run that asked Stripe nothing did none of the stuck row's work: the retry (left charging
+    by a connection error, say) must be sent again once a key is set. A re-drive without the key
+    resolved the row, and nothing sent the retry again."""
+    from app.stuck_work import task_id_for
+    from tasks import bad_debt, payments, stuck  # noqa: F401  registers the tasks; a re-driven task's success resolves its row
+    from tasks.failures import FailureKind, record_stuck
+
+    account, _customer = accounts.create()
+    assert record_stuck(engine, task_name, args, account, FailureKind.REMOTE_UNAVAILABLE, "Stripe unavailable", 5,
+                        "retrying", per_args=True)
+    with engine.connect() as conn:
+        stuck_id = conn.exec_driver_sql("SELECT id FROM subs_stuck_events WHERE task_name = %(t)s "
+                                        "AND account_id = %(a)s", {"t": task_name, "a": account}).scalar_one()
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_key=""))
+    result = celery_app.tasks[task_name].apply(kwargs=args, task_id=task_id_for(stuck_id)).get()
+    assert result["outcome"] == "not_sent"
+    with engine.connect() as conn:
+        state = conn.exec_driver_sql("SELECT state FROM subs_stuck_events WHERE id = %(id)s",
+                                     {"id": stuck_id}).scalar_one()
+    assert state == "retrying"
