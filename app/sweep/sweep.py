@@ -4,9 +4,10 @@ Per batch: one gather statement for a keyset page of accounts (batch_read.py) ->
 compute as recompute -> drift. An account whose recompute is already on its way (a request pending,
 queued or in flight, or its review due: gather_batch.Pending) is not drift: its stored state lags by
 design until that recompute runs, and a remediation would only take that recompute's place; it is
-counted as ``pending``, nothing more. A drifted account with a payment in flight is left alone
-("guarded"); one inside the rollout stage gets a DRIFT_DETECTED recompute (the recompute task is
-still the only writer of dunning state), requested as every producer requests one (a
+counted as ``pending``, nothing more; so is one whose stored state a recompute replaced since the
+page was read (its version or bad-debt flag no longer the one read). A drifted account with a
+payment in flight is left alone ("guarded"); one inside the rollout stage gets a DRIFT_DETECTED
+recompute (the recompute task is still the only writer of dunning state), requested as every producer requests one (a
 recompute_request row, then the task sent coalesced), so the next sweep sees it pending while it
 waits on the queue; one outside is recorded only. Counts, the cursor, the
 drift records and the errors are written once per batch, so memory stays flat whatever the number
@@ -289,10 +290,32 @@ class Sweeper:
                 continue
             action = _classify(account_id, payment_in_flight(snapshot, self.policy, now), report.stage, named)
             found.append(Found(account_id, drifted, action, False))
+        if found:
+            found = self._as_read(report, found, gathered)
         if not self.dry_run:
             found = self._remediate(report, found, pending)
         report.timings["compute"] += time.perf_counter() - t2
         return found
+
+    def _as_read(self, report: SweepReport, found: list[Found],
+                 gathered: dict[str, tuple[Snapshot, int]]) -> list[Found]:
+        """The drifted accounts whose stored state is still the one the page read. A recompute that
+        committed since (a webhook's, taking its request with it: nothing pending any more) replaced
+        the stored state this drift was measured on and decided afresh: recorded, it would report
+        values no longer stored, and remediated, a recompute more the gate counts as a remediation.
+        Such an account is counted as pending (its recompute came), an account gone is left out."""
+        with unit_of_work(self.engine) as conn:
+            now_stored = {r[0]: (bool(r[1]), int(r[2])) for r in conn.exec_driver_sql(
+                STORED_NOW, {"ids": [f.account_id for f in found]})}
+        out = []
+        for f in found:
+            snapshot, version = gathered[f.account_id]
+            current = now_stored.get(f.account_id)
+            if current == (snapshot.stored_bad_debt_flag, version):
+                out.append(f)
+            elif current is not None:
+                report.pending += 1
+        return out
 
     # --- remediation: a request, as every producer of recomputes makes one ------------------------
 
@@ -419,6 +442,12 @@ class Sweeper:
             if not failed:
                 raise
             log.exception("drift sweep %s: could not record the failure", report.run_id)
+
+
+# What a page's drift was measured on, as it is stored now: the subs_account flag and the state's
+# version (every write of subs_dunning bumps it; no row: 0, as the page reads it).
+STORED_NOW = ("SELECT a.account_id, a.bad_debt, coalesce(d.version, 0) FROM subs_account a "
+              "LEFT JOIN subs_dunning d USING (account_id) WHERE a.account_id = ANY(%(ids)s)")
 
 
 def _failed(report: SweepReport, kind: str, account_id: str | None = None) -> None:

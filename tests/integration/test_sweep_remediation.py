@@ -15,14 +15,17 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
+from app.domain.snapshot import Snapshot
+from app.recompute.gather_batch import Pending
 from app.recompute.service import run_recompute
 from app.rollout.gate import check_gate
-from app.sweep.sweep import Sweeper
+from app.sweep.sweep import Found, Sweeper, SweepReport
 from tests.conftest import Accounts
 from tests.integration.test_sweep import (  # noqa: F401
     Recorder,
     dunning,
     parked_request,
+    refuse,
     rollout_off,
     set_stage,
     settle,
@@ -81,10 +84,10 @@ class _WebhookFirst(Sweeper):
         super().__init__(*args, **kwargs)
         self.webhook_account = ""
 
-    def _request(self, run_id: int | None, account_ids: list[str]) -> set[str] | None:
+    def _request(self, report: SweepReport, account_ids: list[str]) -> tuple[set[str], set[str]] | None:
         sql(self.engine, "INSERT INTO recompute_request (account_id, trigger, cause) "
                          "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1')", a=self.webhook_account)
-        return super()._request(run_id, account_ids)
+        return super()._request(report, account_ids)
 
 
 def test_a_request_made_since_the_read_is_left_to_its_producer(accounts: Accounts, runtime, engine: Engine,
@@ -152,3 +155,50 @@ def test_a_remediation_whose_recompute_keeps_failing_is_found_drifted_again_and_
     _decision, health, _state = check_gate(engine, runtime.policy, t0)
     assert (second.drifted, second.pending, second.enqueued) == (1, 0, 1)
     assert (health.remediations, health.reverted) == (2, 1)
+
+
+class _RecomputedSinceTheRead(Sweeper):
+    """A webhook's recompute runs, and commits, between the sweep's read of a page and its decision:
+    the request it took is gone by the time the sweep asks for the account, and its stored state is
+    no longer the one the sweep compared."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.racing_account = ""
+
+    def _batch(self, report: SweepReport, ids: list[str], gathered: dict[str, tuple[Snapshot, int]],
+               pending: Pending, named: tuple[str, ...]) -> list[Found]:
+        if self.racing_account in gathered:
+            result = run_recompute(self.engine, self.policy, self.racing_account, "PAYMENT_FAILED",
+                                   datetime.now(UTC))
+            assert result.outcome == "changed"
+        return super()._batch(report, ids, gathered, pending, named)
+
+
+def test_an_account_recomputed_since_the_read_is_neither_drift_nor_remediated(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    """Before, the sweep recorded the drift it read (the stored values a webhook's recompute had just
+    replaced), created a new request and sent a DRIFT_DETECTED recompute, counted by the gate as a
+    remediation."""
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    set_stage(engine, "100")
+    recorder = Recorder()
+    sweeper = _RecomputedSinceTheRead(engine, runtime.policy, recorder)
+    sweeper.racing_account = account
+    report = sweeper.start()
+    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
+    assert recorder.sent == []
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 0
+    assert dunning(engine, account)[0] == "current"
+
+
+def test_an_out_of_stage_account_recomputed_since_the_read_is_not_recorded_as_drift(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    sweeper = _RecomputedSinceTheRead(engine, runtime.policy, refuse)
+    sweeper.racing_account = account
+    report = sweeper.start()
+    assert (report.drifted, report.pending) == (0, 1), report.drifted_accounts
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert sql(engine, "SELECT drifted FROM sweep_run")[0][0] == 0
