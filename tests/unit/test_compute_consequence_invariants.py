@@ -1,0 +1,147 @@
+"""More properties of compute's graduated consequences (DESIGN section 4), over the generated
+multi-invoice accounts of test_compute_multi_invoice_properties:
+
+- an unpaid upgrade acts on its own products only: taking it out of an account changes no regular
+  invoice's level, no bad debt, no cancellation and no other product's access, also with the
+  decision before it stored (as the fleet runs it);
+- a time is a moment: the same snapshot with every time in another UTC offset decides the same;
+- whatever a valid policy file says (rules, small-balance threshold, upgrade cap), an upgrade stays
+  at or under its cap and alone never makes bad debt, small balances stay at notice at most, only
+  the unpaid invoices' products are touched, bad debt comes only from a suspended regular invoice,
+  and time alone never eases the level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.domain.compute import compute
+from app.domain.policy import Policy, parse_policy
+from app.domain.snapshot import Snapshot
+from app.domain.state import Access, Level, Status
+from tests.unit.builders import NOW, policy
+from tests.unit.test_compute_multi_invoice_properties import SETTINGS, accounts, products_of, unpaid_ids
+
+POLICY = policy()
+DEFAULT_FILE = tomllib.loads((Path(__file__).parents[2] / "app" / "policy" / "default.toml").read_text())
+CLASSES = ["permanent", "action_required", "transient", "unknown"]
+
+
+def without_upgrade(snap: Snapshot) -> Snapshot:
+    return dataclasses.replace(snap, invoices=tuple(i for i in snap.invoices if i.id != "in_up"),
+                               attempts=tuple(a for a in snap.attempts if a.invoice_id != "in_up"),
+                               retries=tuple(r for r in snap.retries if r.invoice_id != "in_up"))
+
+
+def stored_then(snap: Snapshot, back: float):
+    """The decision ``back`` days ago stored (its bad-debt episode opened then), then today's."""
+    earlier = NOW - timedelta(days=back)
+    first = compute(snap, POLICY, earlier)
+    snap = dataclasses.replace(snap, stored=first.state, stored_bad_debt_flag=first.bad_debt,
+                               open_episode_entered_at=earlier if first.bad_debt else None)
+    return compute(snap, POLICY, NOW)
+
+
+@SETTINGS
+@given(account=accounts(upgrade=True), back=st.none() | st.floats(0.01, 20))
+def test_an_unpaid_upgrade_changes_nothing_of_the_regular_invoices(account, back):
+    snap = account.snapshot
+    if any(a.invoice_id is None for a in snap.attempts):
+        return  # which invoice an unlinked attempt paid is a guess, and the upgrade is a candidate
+    if back is None:
+        with_it, without = compute(snap, POLICY, NOW), compute(without_upgrade(snap), POLICY, NOW)
+    else:
+        with_it, without = stored_then(snap, back), stored_then(without_upgrade(snap), back)
+    assert with_it.bad_debt == without.bad_debt
+    assert with_it.bad_debt_products == without.bad_debt_products
+    assert [a for a in with_it.state.actions_requested if not a.startswith("revert:")] == list(
+        without.state.actions_requested)
+    assert {a.invoice.id: a.level for a in with_it.assessments if a.invoice.id != "in_up"} == {
+        a.invoice.id: a.level for a in without.assessments}
+    upgrade = next(i for i in snap.invoices if i.id == "in_up")
+    for product, allowed in without.state.entitlements["products"].items():
+        if product not in upgrade.products and product not in upgrade.credited_products:
+            assert with_it.state.entitlements["products"][product] == allowed, product
+
+
+def shifted(value: Any, tz: timezone) -> Any:
+    """``value`` with every time in it expressed in ``tz``."""
+    if isinstance(value, datetime):
+        return value.astimezone(tz)
+    if isinstance(value, tuple):
+        return tuple(shifted(v, tz) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: shifted(getattr(value, f.name), tz)
+                                             for f in dataclasses.fields(value) if f.init and f.name != "extra"})
+    return value
+
+
+@SETTINGS
+@given(account=accounts(), minutes=st.integers(-12 * 60, 14 * 60), later=st.floats(0, 30))
+def test_the_decision_does_not_depend_on_the_utc_offset_of_its_times(account, minutes, later):
+    tz = timezone(timedelta(minutes=minutes))
+    now = NOW + timedelta(days=later)
+    utc = compute(account.snapshot, POLICY, now)
+    other = compute(shifted(account.snapshot, tz), POLICY, now.astimezone(tz))
+    for name in ("status", "level", "actions_requested", "entitlements", "unpaid_since", "next_review_at",
+                 "next_retry_at", "retries_used", "outstanding_amount"):
+        assert getattr(utc.state, name) == getattr(other.state, name), name
+    assert [r.rule for r in utc.reasons] == [r.rule for r in other.reasons]
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> Policy:
+    """A valid policy file: rules from the most severe level down, any conditions."""
+    rules = []
+    for level in ("suspended", "limited", "restrict_premium", "notice"):
+        for _ in range(draw(st.integers(0, 2))):
+            when: dict[str, Any] = {}
+            if level == "suspended":
+                when[draw(st.sampled_from(["retries_exhausted", "marked_uncollectible"]))] = True
+            if draw(st.booleans()):
+                when["min_days"] = draw(st.integers(0, 30))
+            if draw(st.booleans()):
+                when["failure_classes"] = draw(st.lists(st.sampled_from(CLASSES), unique=True))
+            if draw(st.booleans()):
+                when["min_attempts"] = draw(st.integers(0, 5))
+            if draw(st.booleans()):
+                when["min_balance"] = draw(st.integers(0, 20_000))
+            rules.append({"level": level, "when": when})
+    consequences = {"small_balance_threshold": draw(st.integers(0, 3000)),
+                    "upgrade_max_level": draw(st.sampled_from(["none", "notice", "restrict_premium", "limited"])),
+                    "rules": rules or [{"level": "notice", "when": {}}]}
+    return parse_policy({**DEFAULT_FILE, "consequences": consequences})
+
+
+@SETTINGS
+@given(account=accounts(), pol=policies(), later=st.floats(0.01, 30))
+def test_the_rules_of_design_4_hold_under_any_valid_policy(account, pol, later):
+    decision = compute(account.snapshot, pol, NOW)
+    state = decision.state
+    regular = [a for a in decision.assessments if not a.invoice.is_upgrade]
+    if not regular:
+        assert not decision.bad_debt and state.status in (Status.CURRENT, Status.PAST_DUE)
+    balance: dict[str, int] = {}
+    for a in regular:
+        balance[a.invoice.currency] = balance.get(a.invoice.currency, 0) + a.invoice.amount_remaining
+    for a in decision.assessments:
+        if a.invoice.is_upgrade:
+            assert a.level.rank <= pol.upgrade_max_level.rank, a
+        elif balance[a.invoice.currency] < pol.small_balance_threshold:
+            assert a.level.rank <= Level.NOTICE.rank, a
+    if decision.bad_debt:
+        assert any(a.level == Level.SUSPENDED for a in regular)
+    unpaid = unpaid_ids(decision)
+    on_unpaid = products_of(account.snapshot, lambda i: i.id in unpaid)
+    for product, allowed in state.entitlements["products"].items():
+        if product not in on_unpaid:
+            assert allowed == Access.FULL, product
+    later_state = compute(account.snapshot, pol, NOW + timedelta(days=later)).state
+    assert Level(later_state.level).rank >= Level(state.level).rank, (state, later_state)
