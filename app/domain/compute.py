@@ -31,6 +31,7 @@ from app.domain.policy import LevelRule, Policy
 from app.domain.retry_cadence import (
     IN_FLIGHT_RETRY_STATES,
     PROCESSING_HORIZON,
+    _invoice_charges,
     attempt_in_flight,
     plan_retry,
 )
@@ -168,7 +169,10 @@ def _assess(
         # invoice.payment_failed arrived before the attempt's detail: unknown until it does.
         failure_class = FailureClass.UNKNOWN if invoice.first_failed_at is not None else None
 
-    attempts_used = max(len(attempts), invoice.attempt_count)
+    # Every attempt to charge the invoice, for a rule's min_attempts: our retries confirm its payment
+    # intent again (one attempt row, a charge each) and Stripe's attempt_count counts only its own.
+    own_retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
+    attempts_used = max(len(attempts), invoice.attempt_count, _invoice_charges(invoice, attempts, own_retries))
     days = max(0, (now - unpaid_since).days)
     uncollectible = invoice.status == "uncollectible"
     # The retry schedule counts days from the first failure. An invoice with none (overdue, sent for

@@ -19,14 +19,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from app.domain.compute import compute
-from app.domain.policy import Policy, parse_policy
-from app.domain.snapshot import Snapshot
+from app.domain.policy import LevelRule, Policy, parse_policy
+from app.domain.snapshot import Charge, Snapshot
 from app.domain.state import Access, Level, Status
-from tests.unit.builders import NOW, policy
+from tests.unit.builders import NOW, attempt, invoice, policy, retry, snapshot
 from tests.unit.test_compute_multi_invoice_properties import SETTINGS, accounts, products_of, unpaid_ids
 
 POLICY = policy()
@@ -145,3 +146,35 @@ def test_the_rules_of_design_4_hold_under_any_valid_policy(account, pol, later):
             assert allowed == Access.FULL, product
     later_state = compute(account.snapshot, pol, NOW + timedelta(days=later)).state
     assert Level(later_state.level).rank >= Level(state.level).rank, (state, later_state)
+
+
+# --- a rule's min_attempts ----------------------------------------------------------------------
+
+
+def _retried(charges: int) -> Snapshot:
+    """An invoice that failed 6 days ago and was charged ``charges`` times on its one payment intent:
+    the first attempt and our retries, which Stripe confirms on the same intent (one attempt row,
+    a charge each) and does not count in its attempt_count (that counts its own retries only)."""
+    first = NOW - timedelta(days=6)
+    sent = [1, 3, 5][:charges - 1]
+    inv = invoice("in_1", failed_days_ago=6)
+    att = attempt("pi_1", "in_1", days_ago=6 - (sent[-1] if sent else 0),
+                  charges=(Charge("ch_0", "pm_1", first),
+                           *(Charge(f"ch_{d}", "pm_1", first + timedelta(days=d)) for d in sent)))
+    return snapshot(inv, attempts=(att,),
+                    retries=tuple(retry("in_1", n, days_ago=6 - d, state="failed") for n, d in enumerate(sent, 1)))
+
+
+@pytest.mark.parametrize(("charges", "level"), [(3, Level.NOTICE), (4, Level.LIMITED)])
+def test_a_rules_min_attempts_counts_every_charge_of_the_invoice(charges, level):
+    """A policy rule ``min_attempts`` counts the invoice's attempts, our retries included. Before,
+    it read Stripe's attempt_count (which our POST /v1/invoices/<id>/pay retries never raise) and the
+    number of attempt rows (one per payment intent, which every retry reuses): 1 however many
+    times the invoice was charged, so a rule on attempts never matched."""
+    suspended = [r for r in POLICY.rules if r.level == Level.SUSPENDED]
+    below = [r for r in POLICY.rules if r.level != Level.SUSPENDED]
+    pol = dataclasses.replace(POLICY, rules=(*suspended, LevelRule(Level.LIMITED, min_attempts=4), *below))
+    decision = compute(_retried(charges), pol, NOW)
+    [assessed] = decision.assessments
+    assert assessed.attempts == charges
+    assert decision.state.level == level
