@@ -28,6 +28,8 @@
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
   ``set_status`` moves an intent on, as Stripe would.
 
+``key_revoked`` answers every request with Stripe's 401 for a rolled or revoked API key, running nothing.
+
 Every 429 carries ``Retry-After: <rate_limit_retry_after>`` (None: no such header). ``on_request``,
 when set, is called with the method and path of each request before it is answered.
 
@@ -81,6 +83,11 @@ class FakeStripePayments:
         self.invoice_payments_down = False  # listing them answers 500
         self.invoice_payments_rate_limited = False  # listing them answers 429
         self.unknown_invoices: set[str] = set()  # listing theirs answers 404
+        # The API key was rolled or revoked in the Dashboard: every request is refused with Stripe's
+        # 401 before it runs (nothing created, nothing kept for its idempotency key), as Stripe
+        # authenticates before anything else. Each is recorded in ``refused`` (method, path), not ``calls``.
+        self.key_revoked = False
+        self.refused: list[tuple[str, str]] = []
         self.invoices: dict[str, dict[str, Any]] = {}
         self.calls: list[Call] = []
         self._answers: dict[str, Answer] = {}
@@ -106,6 +113,11 @@ class FakeStripePayments:
         key = headers.get("idempotency-key")
         if self.on_request is not None:
             self.on_request(method, path)
+        if self.key_revoked:
+            with self._lock:
+                self.refused.append((method, path))
+            return 401, {"Request-Id": unique("req")}, {"error": {
+                "type": "invalid_request_error", "message": "Expired API Key provided: sk_test_********cdef"}}
         status, payload = self.handle(method, path, key, params)
         answer_headers = {"Request-Id": unique("req")}
         if status == 429 and self.rate_limit_retry_after is not None:

@@ -86,3 +86,34 @@ def test_a_charge_refunded_after_a_refused_settlement_call_names_no_invoice_as_m
     assert settle(runtime, payment_id).outcome == "refunded"
     assert payments(engine, debtor.account)[0]["state"] == "failed"
     assert overpaid_alerts(engine) == []  # refunded in full, nothing paid out of band: nothing to look at
+
+
+def test_a_settlement_refused_for_a_revoked_api_key_waits_for_a_working_key_not_for_an_operator(
+        client, engine, runtime, debtor, stripe_fake, celery_app, settings):
+    """The key was rolled in Stripe's Dashboard while a charged payment waited to be settled: every
+    call is a 401. That is no fault of the payment's: it was filed as a refused API call (dead stuck
+    work), which the settlement sweep passes over, so the customer's payment stayed unsettled (the
+    account lifting) even once the key was replaced, until an operator re-drove it. It is now a
+    failure that passes (retrying), and the sweep settles the payment once Stripe takes the key."""
+    from tasks.bad_debt import SETTLE
+    from tests.integration.bad_debt_setup import payments
+    from tests.integration.test_bad_debt_reconcile import stuck_of, take_queued_settlements
+
+    payment_id = charged_payment(client, debtor)
+    take_queued_settlements(settings)  # the webhook's: run here instead
+    stripe_fake.key_revoked = True
+    result = celery_app.tasks[SETTLE].apply([payment_id])
+    assert result.failed() and "Stripe refused our API key" in str(result.result)
+    assert stripe_fake.refused and stripe_fake.invoice_payments() == []
+    assert stuck_of(engine, SETTLE, debtor.account) == ["retrying"]
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
+
+    stripe_fake.key_revoked = False  # a working key is configured
+    with engine.begin() as conn:  # charged a while ago: the sweep's to settle
+        conn.exec_driver_sql("UPDATE bad_debt_payment SET updated_at = updated_at - interval '5 minutes' "
+                             "WHERE id = %(id)s", {"id": payment_id})
+    assert celery_app.tasks["tasks.settle_unsettled_bad_debt_payments"].apply().get() == {"found": 1, "sent": 1}
+    assert take_queued_settlements(settings) == [payment_id]
+    assert celery_app.tasks[SETTLE].apply([payment_id]).get()["outcome"] == "settled"
+    assert payments(engine, debtor.account)[0]["state"] == "succeeded"
+    assert stuck_of(engine, SETTLE, debtor.account) == ["resolved"]
