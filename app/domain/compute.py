@@ -191,6 +191,11 @@ def _assess(
         "retries_exhausted": exhausted,
         "marked_uncollectible": uncollectible,
     }
+    # The facts a custom rule's other conditions matched on (the default policy's rules read neither).
+    if rule is not None and rule.min_attempts is not None:
+        rule_facts["attempts"] = attempts_used
+    if rule is not None and rule.min_balance is not None:
+        rule_facts.update(balance=balance, currency=invoice.currency)
     rule_name = "level." + level.value
     reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
                           {**rule_facts, "rule": rule.describe() if rule else {}}))

@@ -178,3 +178,20 @@ def test_a_rules_min_attempts_counts_every_charge_of_the_invoice(charges, level)
     [assessed] = decision.assessments
     assert assessed.attempts == charges
     assert decision.state.level == level
+
+
+def test_a_rule_matched_on_attempts_or_balance_names_them_in_its_reason():
+    """Every decision carries its reasons, which rule matched on which facts: a rule's min_attempts
+    or min_balance matched on the invoice's attempts or its currency's balance, which its reason
+    now names (it named the rule's conditions, and neither fact)."""
+    suspended = [r for r in POLICY.rules if r.level == Level.SUSPENDED]
+    below = [r for r in POLICY.rules if r.level != Level.SUSPENDED]
+    on_attempts = dataclasses.replace(POLICY, rules=(*suspended, LevelRule(Level.LIMITED, min_attempts=4), *below))
+    [reason] = [r for r in compute(_retried(4), on_attempts, NOW).reasons if r.rule.startswith("level.")]
+    assert (reason.rule, reason.facts["attempts"]) == ("level.limited", 4)
+    on_balance = dataclasses.replace(POLICY, rules=(*suspended, LevelRule(Level.LIMITED, min_balance=4000), *below))
+    [reason] = [r for r in compute(_retried(1), on_balance, NOW).reasons if r.rule.startswith("level.")]
+    assert (reason.rule, reason.facts["balance"], reason.facts["currency"]) == ("level.limited", 5000, "usd")
+    # The default policy's rules read neither: their reasons stay as they were.
+    [reason] = [r for r in compute(_retried(4), POLICY, NOW).reasons if r.rule.startswith("level.")]
+    assert "attempts" not in reason.facts and "balance" not in reason.facts
