@@ -149,10 +149,18 @@ def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None,
     reason = _required(reason, "a reason")
     cleaned = sorted({a.strip() for a in accounts if a.strip()})
     before = read_state(conn, for_update=True)
-    conn.exec_driver_sql("UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s WHERE id = 1",
-                         {"named": Json(cleaned), "now": now})
-    _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now,
-           {"named_accounts": cleaned, "before": list(before.named_accounts)}, requested_by)
+    # The named stage with nobody named has tested nothing (the gate holds it there): it starts when
+    # its first accounts are named, soak and health with it. Else the soak run with nobody in it, and
+    # the sweeps that ran then, let the gate widen to 5% at its next check after the naming.
+    starts = before.stage == "named" and not before.named_accounts and bool(cleaned)
+    conn.exec_driver_sql(
+        "UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s, "
+        "stage_entered_at = CASE WHEN %(starts)s THEN %(now)s ELSE stage_entered_at END WHERE id = 1",
+        {"named": Json(cleaned), "now": now, "starts": starts})
+    detail: dict[str, Any] = {"named_accounts": cleaned, "before": list(before.named_accounts)}
+    if starts:
+        detail["stage_entered_at"] = now.isoformat()
+    _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now, detail, requested_by)
     return read_state(conn)
 
 

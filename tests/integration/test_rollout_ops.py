@@ -501,3 +501,29 @@ def test_cli_sweep_refuses_a_batch_size_that_is_not_a_positive_number(bad: str, 
         main(["sweep", "--dry-run", "--batch-size", bad])
     assert exit_.value.code == 2
     assert f"--batch-size: must be a whole number of accounts, 1 or more (got {bad!r})" in capsys.readouterr().err
+
+
+def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, engine: Engine, rollout_off: None):
+    """The named stage with nobody named has remediated no one (the gate holds it). Before, naming the
+    first accounts there let the gate widen to 5% of real customers at its next check, 5 minutes
+    later: the soak had run since the stage began, and the sweeps that vouched for it ran with
+    nobody in it."""
+    from app.db import unit_of_work
+    from app.rollout.store import set_named_accounts
+
+    set_stage(engine, "named", entered=NOW - timedelta(days=3))
+    finished_sweep(engine, NOW - timedelta(hours=2))
+    decision, _health, state = check_gate(engine, runtime.policy, NOW - timedelta(hours=1))
+    assert decision.action == "hold" and state.stage == "named"
+
+    with unit_of_work(engine) as conn:
+        set_named_accounts(conn, ["acct_pilot"], "ops", "pilot accounts", NOW - timedelta(minutes=5))
+    decision, _health, state = check_gate(engine, runtime.policy, NOW)
+    assert (decision.action, state.stage) == ("hold", "named"), decision
+    assert state.stage_entered_at == NOW - timedelta(minutes=5)
+
+    # The soak runs from the naming, and a sweep with the named accounts in it vouches for the stage.
+    later = NOW + timedelta(hours=24)
+    finished_sweep(engine, NOW + timedelta(hours=1))
+    decision, _health, state = check_gate(engine, runtime.policy, later)
+    assert (decision.action, state.stage) == ("advance", "5"), decision
