@@ -31,8 +31,8 @@ from app.domain.policy import LevelRule, Policy
 from app.domain.retry_cadence import (
     IN_FLIGHT_RETRY_STATES,
     PROCESSING_HORIZON,
-    _invoice_charges,
     attempt_in_flight,
+    invoice_charges,
     plan_retry,
 )
 from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot, Subscription
@@ -172,7 +172,7 @@ def _assess(
     # Every attempt to charge the invoice, for a rule's min_attempts: our retries confirm its payment
     # intent again (one attempt row, a charge each) and Stripe's attempt_count counts only its own.
     own_retries = [r for r in snapshot.retries if r.invoice_id == invoice.id]
-    attempts_used = max(len(attempts), invoice.attempt_count, _invoice_charges(invoice, attempts, own_retries))
+    attempts_used = max(len(attempts), invoice.attempt_count, invoice_charges(invoice, attempts, own_retries))
     days = max(0, (now - unpaid_since).days)
     uncollectible = invoice.status == "uncollectible"
     # The retry schedule counts days from the first failure. An invoice with none (overdue, sent for

@@ -173,7 +173,7 @@ def plan_retry(
     # challenge open): another charge now could collect twice.
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
     # The per-invoice cap counts every charge of the invoice, whoever made it.
-    charged = max(attempts_used, _invoice_charges(invoice, attempts, retries))
+    charged = max(attempts_used, invoice_charges(invoice, attempts, retries))
     planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
                     retries, charged, retries_used, stays_run_out)
     refused = max((r.created_at for r in retries if r.state == "refused"), default=None)
@@ -193,7 +193,7 @@ def plan_retry(
     return planned
 
 
-def _invoice_charges(invoice: Invoice, attempts: list[Attempt], retries: list[Retry]) -> int:
+def invoice_charges(invoice: Invoice, attempts: list[Attempt], retries: list[Retry]) -> int:
     """How many times the invoice was charged, for its hard cap. Stripe confirms the invoice's payment
     intent again for each retry, so one attempt row carries them all (each charge counts; an attempt
     with none known, a 3-D Secure failure, once), and Stripe's attempt_count counts only its own
@@ -220,7 +220,7 @@ def _plan(
     stays_run_out: bool,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """plan_retry once no payment of the invoice is in flight. ``attempts_used``: every charge of the
-    invoice (_invoice_charges), which the per-invoice cap counts whoever made it, free retries too."""
+    invoice (invoice_charges), which the per-invoice cap counts whoever made it, free retries too."""
     reasons: list[Reason] = []
     if invoice.status == "uncollectible":
         reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
