@@ -4,7 +4,9 @@ tasks.refile_mirror, which keeps the Stripe mirror filed by account for the swee
 A sweep runs in segments of at most half the tasks' soft time limit; when accounts remain, the
 segment chains tasks.sweep_batch with the sweep id (the cursor is in sweep_run), so no single task
 comes near the timeout that would make Redis deliver it twice. A segment that finds the sweep lock
-taken sends itself again a little later: the chain is the only thing that carries a sweep on.
+taken sends itself again a little later: the chain is the only thing that carries a sweep on. A
+drift_sweep sent again after its worker was lost chains the next segment of the sweep its lost run
+began (run_was_lost), rather than skipping it as 'still running'.
 """
 
 from __future__ import annotations
@@ -57,9 +59,34 @@ def drift_sweep(self: Task) -> dict[str, Any]:
     try:
         report = sweeper.start(max_seconds=segment)
     except SweepBusy as exc:
+        if exc.run_id is not None and run_was_lost(self.request):
+            return _resume_lost(self, exc.run_id, exc)
         log.info("drift sweep not started: %s", exc)
         return {"skipped": str(exc)}
     return _after(self, report)
+
+
+def run_was_lost(request: Any) -> bool:
+    """Whether this drift_sweep is one sent again after the run before it was lost: a retry (the
+    only one it makes: task_retry_on_worker_lost, a pool child lost) or a message the broker
+    delivered again (the whole worker killed, its unacknowledged message restored)."""
+    return bool(request.retries) or bool((request.delivery_info or {}).get("redelivered"))
+
+
+def _resume_lost(task: Task, run_id: int, busy: SweepBusy) -> dict[str, Any]:
+    """drift_sweep sent again after its worker was lost finds the sweep its lost run began still
+    'running', with no segment chained (that comes after a segment returns) and none holding the
+    lock: it chains the next segment, which resumes from the cursor. Skipped, nothing carried the
+    sweep on until beat abandoned it and started over from the first account. Should the lost run
+    have chained it after all, the two segments take turns on the lock and the cursor: no account is
+    walked twice."""
+    try:
+        send(task.app, "tasks.sweep_batch", [run_id])
+    except BrokerUnavailable as exc:  # beat's drift_sweep starts over once the heartbeat is stale
+        log.warning("drift sweep %s: its lost first segment not resumed: %s", run_id, exc)
+        return {"skipped": str(busy)}
+    log.warning("drift sweep %s: resumed after its worker was lost", run_id)
+    return {"skipped": str(busy), "resumed": run_id}
 
 
 @shared_task(name="tasks.sweep_batch", bind=True)

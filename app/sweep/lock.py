@@ -18,7 +18,13 @@ SWEEP_LOCK_KEY = 0x5EEB_D21F7
 
 
 class SweepBusy(Exception):
-    """Another sweep is running; this one did nothing."""
+    """Another sweep is running; this one did nothing. ``run_id``: the sweep found 'running' while
+    no segment of it held the lock (between two segments, or its segment's worker lost); None when
+    the lock itself was taken."""
+
+    def __init__(self, message: str, run_id: int | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 @contextmanager

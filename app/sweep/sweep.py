@@ -210,7 +210,7 @@ class Sweeper:
             for row in running:
                 if row.updated_at > self.clock() - self.stale_after:
                     raise SweepBusy(f"sweep {row.id} is still running (at account {row.cursor or '-'}); "
-                                    "not starting a second one")
+                                    "not starting a second one", run_id=int(row.id))
                 conn.exec_driver_sql(
                     "UPDATE sweep_run SET state = 'abandoned', finished_at = %(now)s, "
                     "note = 'no progress since ' || updated_at::text WHERE id = %(id)s",

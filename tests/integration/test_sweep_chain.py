@@ -85,3 +85,44 @@ def test_a_segment_that_waited_its_turns_or_whose_sweep_ended_is_dropped(
         ended = _segment(celery_app, run_id)
     assert "again_in" not in ended
     assert _sweeps_queue(settings) == []
+
+
+def test_a_first_segment_whose_worker_was_lost_is_resumed_by_its_retry(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings):
+    """The worker running tasks.drift_sweep's first segment is lost (out of memory, killed): its
+    sweep_run is 'running', heartbeat fresh, cursor where the last page was recorded, and no segment
+    was chained. Celery sends the task again as a retry (task_retry_on_worker_lost). Before, the
+    retry found that sweep 'still running' and skipped: nothing carried it on, it sat until beat
+    abandoned it (15 minutes without a heartbeat) and a later beat started over from the first
+    account. Now the retry chains the sweep's next segment, which resumes from the cursor."""
+    run_id = _first_segment(engine, runtime)  # the killed segment's work, recorded up to its cursor
+    celery_app.loader.import_default_modules()
+    result = celery_app.tasks["tasks.drift_sweep"].apply(retries=1).get()
+    assert result.get("resumed") == run_id, result
+    [again] = _sweeps_queue(settings)
+    assert (again["task"], again["args"]) == ("tasks.sweep_batch", [run_id])
+    done = _segment(celery_app, run_id)
+    assert done["finished"] and done["scanned"] == 6
+    assert sql(engine, "SELECT count(*) FROM sweep_run")[0][0] == 1
+
+
+def test_beats_drift_sweep_leaves_a_sweep_between_its_segments_alone(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings):
+    """Not a retry: a sweep 'running' between two segments has its next segment on the queue."""
+    _first_segment(engine, runtime)
+    celery_app.loader.import_default_modules()
+    result = celery_app.tasks["tasks.drift_sweep"].apply().get()
+    assert "still running" in result["skipped"] and "resumed" not in result
+    assert _sweeps_queue(settings) == []
+
+
+def test_a_drift_sweep_delivered_again_after_its_worker_was_killed_counts_as_lost():
+    """The whole worker killed: Redis restores its unacknowledged message (redelivered, no retry)."""
+    from types import SimpleNamespace
+
+    from tasks.sweeps import run_was_lost
+
+    assert run_was_lost(SimpleNamespace(retries=1, delivery_info={}))
+    assert run_was_lost(SimpleNamespace(retries=0, delivery_info={"redelivered": True}))
+    assert not run_was_lost(SimpleNamespace(retries=0, delivery_info={"redelivered": False}))
+    assert not run_was_lost(SimpleNamespace(retries=0, delivery_info=None))
