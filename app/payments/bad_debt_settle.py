@@ -328,13 +328,15 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
         reopened = mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})",
                                None)
-        if problems:
-            raise_alert(conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},
-                        f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
-                        f"settled, and failed; {'; '.join(problems)}")
+        # A run again (its message redelivered, the intent's second success webhook) finds the alert
+        # open: the same overpayment, not counted again (dunning_bad_debt_overpaid_total).
+        alerted = bool(problems) and raise_alert(
+            conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},
+            f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
+            f"settled, and failed; {'; '.join(problems)}")
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)
-    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=bool(problems), reopened=reopened,
+    return Settlement(payment_id, account_id, "refunded", enqueue=created, alerted=alerted, reopened=reopened,
                       owners_to_enqueue=owners)
 
 
