@@ -61,6 +61,7 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
 
 def cmd_recompute(args: argparse.Namespace) -> int:
     from app.db import is_timed_out
+    from app.recompute.observe import observe
     from app.recompute.service import AccountNotFound, run_recompute
 
     rt = cli_runtime()
@@ -75,6 +76,9 @@ def cmd_recompute(args: argparse.Namespace) -> int:
             raise
         print(f"error: {_busy_account(args.account_id, exc)}", file=sys.stderr)
         return BUSY
+    # Counted as the task counts its runs (bad-debt entries and exits, time in bad debt, events): in
+    # the folder PROMETHEUS_MULTIPROC_DIR names, when set (the worker's, for its endpoint to show).
+    observe(result)
     summary = result.summary()
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

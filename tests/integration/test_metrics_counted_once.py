@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
@@ -34,3 +37,38 @@ def test_a_refunded_payments_settlement_run_again_counts_no_second_overpayment(
     assert celery_app.tasks[SETTLE].apply([payment_id]).get()["outcome"] == "refunded"  # delivered again
     assert len(overpaid_alerts(engine)) == 1
     assert value(metrics(client), OVERPAID) == value(once, OVERPAID)
+
+
+def test_a_cli_recompute_counts_its_bad_debt_entry_where_the_metrics_directory_points(
+        client: FlaskClient, accounts, database_url: str, tmp_path: Path):
+    """`dunning recompute ACCOUNT` is a recompute like the task's: it applies and emits the same
+    events (here the account enters bad debt), so it counts them the same way. It counted nothing:
+    an entry into (or exit from) bad debt made from the command line was missing from
+    dunning_bad_debt_entries_total / _exits_total / _duration_seconds and from the recomputes by
+    trigger, even with PROMETHEUS_MULTIPROC_DIR naming the folder the worker's endpoint aggregates."""
+    import time
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from tests.conftest import post_event
+    from tests.integration.test_cli_recompute import dunning
+    from tests.stripe_events import event, with_product
+
+    account, customer = accounts.create()
+    created = int(time.time()) - 30 * 86400
+    uncollectible = with_product(event("invoice.marked_uncollectible", customer=customer, created=created,
+                                       amount_due=1000, amount_remaining=1000, amount_paid=0, total=1000,
+                                       paths={"created": created - 86400}), "prod_premium", 1000)
+    assert post_event(client, uncollectible).status_code == 200
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    done = dunning("recompute", account, "--json", database_url=database_url, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "bad_debt"
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(folder))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in registry.collect() for s in f.samples}
+    assert samples.get(("dunning_bad_debt_entries_total",
+                        (("product", "prod_premium"), ("reason", "marked_uncollectible")))) == 1
+    assert samples.get(("dunning_recomputes_total", (("outcome", "changed"), ("trigger", "MANUAL")))) == 1
