@@ -222,6 +222,11 @@ class StripeInvoice(Base):
     attempt_count: Mapped[int] = mapped_column(Integer, server_default="0")
     # [{"product": str, "amount": int, "item": subscription item id or null}] from the invoice lines
     lines: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    # The event's lines.has_more: ``lines`` holds the first lines only. Beat fetches the whole list
+    # (app/payments/invoice_lines.py) and clears it; a later event does not set it again.
+    lines_incomplete: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # When Stripe last refused to list the lines (asked again an hour later).
+    lines_asked_at: Mapped[datetime | None]
     created: Mapped[datetime]
     due_date: Mapped[datetime | None]
     first_failed_at: Mapped[datetime | None]
@@ -237,7 +242,8 @@ class StripeInvoice(Base):
     detail_asked_for: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_stripe_invoice_failed_open", "last_failed_at",
-                            postgresql_where=text("status = 'open' AND last_failed_at IS NOT NULL")),)
+                            postgresql_where=text("status = 'open' AND last_failed_at IS NOT NULL")),
+                      Index("ix_stripe_invoice_lines_incomplete", "id", postgresql_where=text("lines_incomplete")))
 
 
 class StripePaymentAttempt(Base):

@@ -12,6 +12,7 @@ ROUTES = {
     "tasks.dispatch_due_retries": {"queue": PAYMENTS},
     "tasks.retry_payment": {"queue": PAYMENTS},
     "tasks.fetch_attempt_detail": {"queue": PAYMENTS},
+    "tasks.fetch_invoice_lines": {"queue": PAYMENTS},
     "tasks.settle_bad_debt_payment": {"queue": PAYMENTS},
     "tasks.settle_unsettled_bad_debt_payments": {"queue": PAYMENTS},
     "tasks.reconcile_bad_debt_payment": {"queue": PAYMENTS},

@@ -18,6 +18,8 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "dispatch-due-retries": {"task": "tasks.dispatch_due_retries", "schedule": 30.0, "options": {"expires": 25}},
     # Failed invoices no webhook explained (no decline code) a few minutes on: Stripe is asked why.
     "fetch-attempt-detail": {"task": "tasks.fetch_attempt_detail", "schedule": 60.0, "options": {"expires": 50}},
+    # Unpaid invoices whose event carried their first lines only (has_more): their whole list from Stripe.
+    "fetch-invoice-lines": {"task": "tasks.fetch_invoice_lines", "schedule": 60.0, "options": {"expires": 50}},
     "relay-outbox": {"task": "tasks.relay_outbox", "schedule": 5.0, "options": {"expires": 20}},
     "redrive-stuck": {"task": "tasks.redrive_stuck", "schedule": 60.0, "options": {"expires": 50}},
     # Drift sweep (a sweep already running makes the next one exit at once) and the rollout gate.

@@ -176,9 +176,20 @@ def invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
 
 
 def _invoice_lines(invoice: Mapping[str, Any]) -> list[dict[str, Any]]:
-    fallback = invoice_subscription(invoice)
+    return invoice_lines(_list(_obj(invoice.get("lines")).get("data")), invoice_subscription(invoice))
+
+
+def lines_incomplete(invoice: Mapping[str, Any]) -> bool:
+    """Whether the invoice object carries only its first lines (Stripe's list ``has_more``): the
+    whole list is at GET /v1/invoices/<id>/lines (app/payments/invoice_lines.py fetches it)."""
+    return _obj(invoice.get("lines")).get("has_more") is True
+
+
+def invoice_lines(lines: list[Any], fallback: str | None) -> list[dict[str, Any]]:
+    """The mirror's lines of Stripe line items (an event's first ones, or the whole list fetched):
+    a line naming no product is its subscription's (``fallback``), else the account's."""
     out = []
-    for line in _list(_obj(invoice.get("lines")).get("data")):
+    for line in lines:
         if not isinstance(line, Mapping):
             continue
         product = _line_product(line) or (f"subscription:{fallback}" if fallback else "account")
@@ -212,6 +223,7 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
         "credited_amount": _int(inv.get("post_payment_credit_notes_amount")),
         "attempt_count": _int(inv.get("attempt_count")),
         "lines": _invoice_lines(inv),
+        "lines_incomplete": lines_incomplete(inv),
         "created": ts(inv.get("created")) or event_time,
         # Stripe: null where collection_method is charge_automatically; kept null whatever a payload says.
         "due_date": None if inv.get("collection_method") == "charge_automatically" else ts(inv.get("due_date")),
@@ -226,8 +238,10 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
         "source_event_id": event_id,
     }
     # A mark as uncollectible is a fact the later payment does not undo (how the debt ended reads it).
+    # A finalized invoice's whole list of lines (fetched, or all in its event) is never replaced by
+    # an event's first lines (webhooks/store.py "lines").
     merge = {"first_failed_at": "least", "last_failed_at": "greatest", "attempt_count": "greatest",
-             "marked_uncollectible_at": "least"}
+             "marked_uncollectible_at": "least", "lines": "lines", "lines_incomplete": "lines"}
     return MirrorRow("stripe_invoice", str(inv["id"]), values, merge)
 
 

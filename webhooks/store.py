@@ -147,6 +147,17 @@ def _merged(kind: str | None, col: str, table: str) -> str:
                 f"WHEN {tie} AND {changed_here} THEN {table}.{col} "
                 f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
                 f"WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
+    if kind == "lines":
+        # An invoice's lines and whether they are all there (lines_incomplete: the event's has_more),
+        # taken together from one side. Once finalized an invoice's lines no longer change, so its
+        # whole list (fetched by beat, app/payments/invoice_lines.py, or all in its event) stays
+        # whatever comes later or late: an event carrying the first lines only neither replaces it
+        # nor marks it incomplete again, and it replaces a first page in any order of delivery.
+        # A draft's lines may still change: otherwise the ordering guard's.
+        whole = "({t}.status <> 'draft' AND NOT {t}.lines_incomplete)"
+        return (f"CASE WHEN {whole.format(t=table)} THEN {table}.{col} "
+                f"WHEN {whole.format(t='EXCLUDED')} THEN EXCLUDED.{col} "
+                f"WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     if kind == "charges":
         # A union of the charges either side knows, in any order of delivery: per charge the
         # earliest time (a charge's own event is exact, its intent's comes later) and the

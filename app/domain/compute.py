@@ -199,6 +199,12 @@ def _assess(
     rule_name = "level." + level.value
     reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
                           {**rule_facts, "rule": rule.describe() if rule else {}}))
+    if invoice.lines_incomplete:
+        # Stripe's event carried the invoice's first lines only; until beat has fetched the rest, the
+        # products on them get no consequences (support sees why one is not restricted yet).
+        reasons.append(Reason("lines.incomplete", "the invoice's lines are not all known yet (its event carried "
+                              "the first ones): products on the others get no consequences until they are "
+                              "fetched from Stripe", {"invoice": invoice.id, "products_known": list(invoice.products)}))
 
     revert_due = invoice.is_upgrade and level == Level.SUSPENDED
     if invoice.is_upgrade and level.rank > policy.upgrade_max_level.rank:

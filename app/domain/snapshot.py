@@ -45,6 +45,9 @@ class Invoice:
     # The Stripe customer it bills (an account may have several): only that customer's payment
     # methods can pay it. None in hand-built snapshots that do not say (any method of the account).
     stripe_customer_id: str | None = None
+    # Its lines are the first ones only (the event's has_more), until beat fetches the whole list:
+    # products on its other lines are not known yet.
+    lines_incomplete: bool = False
 
     @property
     def is_upgrade(self) -> bool:

@@ -44,7 +44,7 @@ SELECT
   (SELECT json_agg(json_build_array(i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
           i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
-          i.marked_uncollectible_at, i.stripe_customer_id) ORDER BY i.id)
+          i.marked_uncollectible_at, i.stripe_customer_id, i.lines_incomplete) ORDER BY i.id)
      FROM stripe_invoice i
     WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS invoices,
@@ -176,7 +176,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
             lines=invoice_lines(i[8]),
             currency=i[9], total=i[10], credited_amount=i[11], attempt_count=i[12], due_date=_t(i[13]),
             first_failed_at=_t(i[14]), last_failed_at=_t(i[15]), paid_at=_t(i[16]), voided_at=_t(i[17]),
-            marked_uncollectible_at=_t(i[18]), stripe_customer_id=i[19],
+            marked_uncollectible_at=_t(i[18]), stripe_customer_id=i[19], lines_incomplete=bool(i[20]),
         )
         for i in (m["invoices"] or ())
     )

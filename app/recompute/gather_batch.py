@@ -75,7 +75,7 @@ _MIRROR = {  # table alias -> (table, the columns read)
     "i": ("stripe_invoice", "id, status, billing_reason, subscription_id, amount_due, amount_paid, "
                             "amount_remaining, created, lines, currency, total, credited_amount, attempt_count, "
                             "due_date, first_failed_at, last_failed_at, paid_at, voided_at, marked_uncollectible_at, "
-                            "stripe_customer_id"),
+                            "stripe_customer_id, lines_incomplete"),
     "p": ("stripe_payment_attempt", "id, invoice_id, payment_method_id, status, attempted_at, amount, amount_refunded, "
                                     "decline_code, failure_code, advice_code, charges, failed_at"),
     "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4, "
@@ -148,7 +148,7 @@ SELECT
   (SELECT json_agg(json_build_array(i.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
           i.attempt_count, i.due_date, i.first_failed_at, i.last_failed_at, i.paid_at, i.voided_at,
-          i.marked_uncollectible_at, i.stripe_customer_id) ORDER BY i.account_id, i.id)
+          i.marked_uncollectible_at, i.stripe_customer_id, i.lines_incomplete) ORDER BY i.account_id, i.id)
      FROM inv i),
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
           p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at)
@@ -230,7 +230,7 @@ def _invoice(i: Any) -> Invoice:
         "lines": invoice_lines(i[9]),
         "currency": i[10], "total": i[11], "credited_amount": i[12], "attempt_count": i[13], "due_date": _t(i[14]),
         "first_failed_at": _t(i[15]), "last_failed_at": _t(i[16]), "paid_at": _t(i[17]), "voided_at": _t(i[18]),
-        "marked_uncollectible_at": _t(i[19]), "stripe_customer_id": i[20]})
+        "marked_uncollectible_at": _t(i[19]), "stripe_customer_id": i[20], "lines_incomplete": bool(i[21])})
 
 
 def _attempt(p: Any) -> Attempt:

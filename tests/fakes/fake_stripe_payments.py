@@ -18,6 +18,10 @@
   the issuer declined). ``invoice_payments_down`` answers the listing with a 500,
   ``invoice_payments_rate_limited`` with a 429, and for an invoice in ``unknown_invoices`` it is a 404
   ``resource_missing``, as for an invoice Stripe does not have.
+* ``GET /v1/invoices/<id>/lines`` lists the lines ``set_lines`` gave an invoice (the real line_item
+  fixture, ids and values overridden), paginated as Stripe does: ``limit`` (10 by default, at most
+  100), ``starting_after`` a line's id, ``has_more``. ``invoice_lines_down`` answers it with a 500,
+  ``invoice_lines_rate_limited`` with a 429; an invoice it has no lines for is a 404 ``resource_missing``.
 * ``credit_note`` issues a credit note on an invoice, as the business would in the Dashboard: its
   pre-payment part lowers amount_due and amount_remaining (not below zero) and adds to
   pre_payment_credit_notes_amount, the rest adds to post_payment_credit_notes_amount; no invoice
@@ -83,6 +87,9 @@ class FakeStripePayments:
         self.invoice_payments_down = False  # listing them answers 500
         self.invoice_payments_rate_limited = False  # listing them answers 429
         self.unknown_invoices: set[str] = set()  # listing theirs answers 404
+        self.lines_by_invoice: dict[str, list[dict[str, Any]]] = {}
+        self.invoice_lines_down = False  # listing an invoice's lines answers 500
+        self.invoice_lines_rate_limited = False  # listing an invoice's lines answers 429
         # The API key was rolled or revoked in the Dashboard: every request is refused with Stripe's
         # 401 before it runs (nothing created, nothing kept for its idempotency key), as Stripe
         # authenticates before anything else. Each is recorded in ``refused`` (method, path), not ``calls``.
@@ -195,6 +202,20 @@ class FakeStripePayments:
         self.payments_by_invoice.setdefault(invoice_id, []).append(payment)
         return pi
 
+    def set_lines(self, invoice_id: str, lines: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """Stripe's whole list of the invoice's line items, each (product, amount) in this order, on
+        the subscription's items (line_item's parent shape). The lines, as Stripe lists them."""
+        made = []
+        for product, amount in lines:
+            line = resource("line_item")
+            line.update(id=unique("il"), invoice=invoice_id, amount=amount,
+                        pricing={"type": "price_details", "unit_amount_decimal": None,
+                                 "price_details": {"price": f"price_{product}", "product": product}})
+            line["parent"]["subscription_item_details"]["subscription_item"] = unique("si")
+            made.append(line)
+        self.lines_by_invoice[invoice_id] = made
+        return made
+
     def intents_created(self) -> list[Call]:
         return [c for c in self.calls if c.path == "/v1/payment_intents" and not c.replayed]
 
@@ -243,6 +264,8 @@ class FakeStripePayments:
                 return 200, self.intents[parts[2]]
             if method == "POST" and parts[3:] == ["cancel"]:
                 return self._cancel_intent(parts[2], params)
+        if method == "GET" and len(parts) == 4 and parts[:2] == ["v1", "invoices"] and parts[3] == "lines":
+            return self._list_lines(parts[2], params)
         if len(parts) >= 3 and parts[:2] == ["v1", "invoices"] and parts[2] in self.invoices:
             if method == "GET" and len(parts) == 3:
                 return 200, self.invoices[parts[2]]
@@ -268,6 +291,30 @@ class FakeStripePayments:
         limit = int(params.get("limit", 10))
         return 200, {"object": "list", "url": "/v1/payment_intents", "has_more": len(found) > limit,
                      "data": found[:limit]}
+
+    def _list_lines(self, invoice_id: str, params: dict[str, str]) -> Answer:
+        if self.invoice_lines_down:
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
+        if self.invoice_lines_rate_limited:
+            return RATE_LIMITED
+        if invoice_id not in self.lines_by_invoice:
+            return 404, {"error": {"type": "invalid_request_error", "code": "resource_missing",
+                                   "message": f"No such invoice: '{invoice_id}'", "param": "invoice"}}
+        lines = self.lines_by_invoice[invoice_id]
+        limit = int(params.get("limit", 10))
+        if not 1 <= limit <= 100:
+            return 400, {"error": {"type": "invalid_request_error", "param": "limit",
+                                   "message": "This value must be less than or equal to 100."}}
+        start = 0
+        if "starting_after" in params:
+            ids = [line["id"] for line in lines]
+            if params["starting_after"] not in ids:
+                return 400, {"error": {"type": "invalid_request_error", "param": "starting_after",
+                                       "message": f"Invalid starting_after id: {params['starting_after']}"}}
+            start = ids.index(params["starting_after"]) + 1
+        page = lines[start:start + limit]
+        return 200, {"object": "list", "url": f"/v1/invoices/{invoice_id}/lines",
+                     "has_more": start + limit < len(lines), "data": page}
 
     def _cancel_intent(self, intent_id: str, params: dict[str, str]) -> Answer:
         intent = self.intents[intent_id]

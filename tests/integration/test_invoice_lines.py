@@ -1,0 +1,179 @@
+"""An invoice whose webhook carried its first lines only: beat fetches the whole list from Stripe
+(app/payments/invoice_lines.py) and the products on its later lines get their consequences.
+
+Stripe's invoice object in an event carries the first handful of its line items (``lines.has_more``);
+the mirror took them for all of them, so a product on a later line of an unpaid invoice kept full
+access (DESIGN section 4: consequences apply to the products on the unpaid invoices). The fake Stripe
+lists the lines as Stripe does (the real line_item fixture, paginated), failures included.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from app.payments.invoice_lines import fetch_incomplete_lines
+from app.recompute.service import run_recompute
+from app.stuck_work import DEFERRED
+from tests.conftest import post_event
+from tests.integration.dunning_setup import dunning_row
+from tests.stripe_events import event, unique, with_product
+
+DAYS_AGO = 8  # past the restrict_premium rule's 7 days
+# Stripe's whole list: more lines than a page (100), the premium product on the last one only.
+WHOLE = [("prod_core", 50)] * 100 + [("prod_premium", 2000)]
+
+
+def first_lines_failed(client, customer: str, event_type: str = "invoice.payment_failed",
+                       invoice: str | None = None, created: int | None = None,
+                       event_id: str | None = None) -> dict[str, Any]:
+    """The invoice's event carrying its first line (prod_core) and has_more, as Stripe sends an
+    invoice with more lines than the event holds."""
+    t = created if created is not None else int(time.time() - DAYS_AGO * 86400)
+    evt = event(event_type, event_id=event_id, id=invoice or unique("in"), customer=customer, created=t,
+                amount_due=7000, amount_remaining=7000, amount_paid=0, attempt_count=1,
+                billing_reason="subscription_cycle", paths={"created": t - 86400, "lines.has_more": True})
+    evt = with_product(evt, "prod_core", 50)
+    assert post_event(client, evt).status_code == 200
+    return evt
+
+
+def recompute(engine, runtime, account: str) -> dict[str, Any]:
+    run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
+    return dunning_row(engine, account)
+
+
+def products(row: dict[str, Any]) -> dict[str, str]:
+    return dict(row["entitlements"]["products"])
+
+
+def incomplete_reasons(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in row["reasons"] if r["rule"] == "lines.incomplete"]
+
+
+def mirrored(engine, invoice: str) -> tuple[list[str], bool]:
+    with engine.connect() as conn:
+        lines, incomplete = conn.exec_driver_sql(
+            "SELECT lines, lines_incomplete FROM stripe_invoice WHERE id = %(i)s", {"i": invoice}).one()
+    return [ln["product"] for ln in lines], incomplete
+
+
+def lines_asked(stripe_fake) -> list[str]:
+    return [c.path for c in stripe_fake.calls if c.method == "GET" and c.path.split("?")[0].endswith("/lines")]
+
+
+def test_a_product_only_on_a_later_line_is_restricted_once_the_whole_list_is_fetched(
+        client, engine, runtime, accounts, stripe_fake, celery_app):
+    account, customer = accounts.create()
+    invoice = first_lines_failed(client, customer)["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+
+    before = recompute(engine, runtime, account)
+    assert before["level"] == "restrict_premium"
+    # Only the event's first line is known: the premium product on a later one keeps full access,
+    # and the reasons say why.
+    assert products(before).get("prod_premium", "full") == "full"
+    [reason] = incomplete_reasons(before)
+    assert reason["facts"] == {"invoice": invoice, "products_known": ["prod_core"]}
+    assert mirrored(engine, invoice) == (["prod_core"], True)
+
+    report = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert (report.asked, report.fetched, report.errors) == (1, [invoice], 0)
+    # Every page, as Stripe paginates: 100 a page, then from the last line of the first.
+    assert [p.split("?")[0] for p in lines_asked(stripe_fake)] == [f"/v1/invoices/{invoice}/lines"] * 2
+    assert "starting_after=" in lines_asked(stripe_fake)[1]
+    assert mirrored(engine, invoice) == ([p for p, _ in WHOLE], False)
+    with engine.connect() as conn:  # the account's recompute is requested with it
+        cause = conn.exec_driver_sql("SELECT cause FROM recompute_request WHERE account_id = %(a)s",
+                                     {"a": account}).scalar()
+    assert cause == f"invoice_lines:{invoice}"
+
+    after = recompute(engine, runtime, account)
+    assert after["level"] == "restrict_premium"
+    assert products(after)["prod_premium"] == "revoked" and products(after)["prod_core"] == "full"
+    assert incomplete_reasons(after) == []
+    # Asked once: the invoice's lines are whole now.
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).asked == 0
+
+
+def test_a_later_event_with_the_first_lines_does_not_undo_the_whole_list(client, engine, runtime, accounts,
+                                                                        stripe_fake, celery_app):
+    account, customer = accounts.create()
+    first = first_lines_failed(client, customer)
+    invoice = first["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
+
+    # The same event redelivered; Stripe's next failure of the invoice (a newer event), and an older
+    # one delivered late: each carries the first line only, with has_more.
+    assert post_event(client, first).status_code == 200
+    first_lines_failed(client, customer, invoice=invoice, created=int(time.time()) - 60)
+    first_lines_failed(client, customer, event_type="invoice.finalized", invoice=invoice,
+                       created=first["created"] - 3600)
+
+    assert mirrored(engine, invoice) == ([p for p, _ in WHOLE], False)
+    row = recompute(engine, runtime, account)
+    assert products(row)["prod_premium"] == "revoked" and incomplete_reasons(row) == []
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).asked == 0
+
+
+def test_a_stripe_5xx_leaves_the_invoice_for_the_next_pass(client, engine, runtime, accounts, stripe_fake,
+                                                           celery_app):
+    account, customer = accounts.create()
+    invoice = first_lines_failed(client, customer)["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    stripe_fake.invoice_lines_down = True
+    down = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert (down.asked, down.fetched, down.errors) == (1, [], 1)
+    assert mirrored(engine, invoice) == (["prod_core"], True)
+    assert len(incomplete_reasons(recompute(engine, runtime, account))) == 1
+
+    stripe_fake.invoice_lines_down = False
+    back = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert back.fetched == [invoice]
+    assert products(recompute(engine, runtime, account))["prod_premium"] == "revoked"
+
+
+def test_a_rate_limit_ends_the_pass_and_leaves_the_rest_for_the_next(client, engine, runtime, accounts,
+                                                                     stripe_fake, celery_app):
+    invoices = []
+    for _ in range(2):
+        _, customer = accounts.create()
+        invoice = first_lines_failed(client, customer)["data"]["object"]["id"]
+        stripe_fake.set_lines(invoice, WHOLE)
+        invoices.append(invoice)
+    stripe_fake.invoice_lines_rate_limited = True
+    limited = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert (limited.asked, limited.errors) == (1, 1) and len(lines_asked(stripe_fake)) == 1
+    stripe_fake.invoice_lines_rate_limited = False
+    assert sorted(fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched) == sorted(invoices)
+
+
+def test_lines_stripe_refuses_to_list_are_asked_for_again_an_hour_later(client, engine, runtime, accounts,
+                                                                         stripe_fake, celery_app):
+    _, customer = accounts.create()
+    invoice = first_lines_failed(client, customer)["data"]["object"]["id"]  # none at the fake: a 404
+    now = datetime.now(UTC)
+    refused = fetch_incomplete_lines(runtime, celery_app, now)
+    assert (refused.asked, refused.errors) == (1, 1)
+    assert fetch_incomplete_lines(runtime, celery_app, now).asked == 0
+    stripe_fake.set_lines(invoice, WHOLE)
+    from app.payments.invoice_lines import REFUSED_AGAIN
+
+    assert fetch_incomplete_lines(runtime, celery_app, now + REFUSED_AGAIN).fetched == [invoice]
+
+
+def test_nothing_is_asked_without_a_stripe_key(client, engine, runtime, accounts, stripe_fake, celery_app,
+                                               monkeypatch):
+    from tasks import payments  # noqa: F401  registers the task with the app
+
+    account, customer = accounts.create()
+    invoice = first_lines_failed(client, customer)["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_key=""))
+    assert celery_app.tasks["tasks.fetch_invoice_lines"].apply().get() == {
+        "skipped": "STRIPE_API_KEY is not set", DEFERRED: True}
+    assert stripe_fake.calls == []
+    assert mirrored(engine, invoice) == (["prod_core"], True)
+    assert len(incomplete_reasons(recompute(engine, runtime, account))) == 1
