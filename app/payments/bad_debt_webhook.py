@@ -50,9 +50,14 @@ UPDATE bad_debt_payment SET state = 'failed', failure_reason = %(reason)s, updat
        stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s)
  WHERE id = %(id)s AND state = 'pending'
 """
+# Not a payment whose charge went back (its settlement failed it for the refund; Stripe may deliver
+# the success again, or late): a charge refunded pays no debt, as REOPEN_CHARGED holds too.
 REOPEN = """
-UPDATE bad_debt_payment SET state = 'pending', failure_reason = NULL, updated_at = now()
- WHERE id = %(id)s AND state = 'failed'
+UPDATE bad_debt_payment b SET state = 'pending', failure_reason = NULL, updated_at = now()
+ WHERE b.id = %(id)s AND b.state = 'failed'
+   AND NOT EXISTS (SELECT 1 FROM stripe_payment_attempt a
+                    WHERE a.id = b.stripe_payment_intent_id AND a.amount_refunded > 0)
+RETURNING b.id
 """
 # Once the account's in-flight slot is free again (the payment holding it just failed, in this
 # transaction), a failed payment whose charge succeeded after all takes it: the oldest one.
@@ -186,9 +191,12 @@ def _apply_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         # it turned up): the customer's money pays the debt. In flight again until it is settled, so
         # the account is lifting and no second payment can charge the same debt; unless another
         # payment is in flight already (its settlement will find the debt paid: an overpayment).
-        with contextlib.suppress(IntegrityError), conn.begin_nested():
-            conn.exec_driver_sql(REOPEN, {"id": payment_id})
-        return payment_id
+        try:
+            with conn.begin_nested():
+                reopened = conn.exec_driver_sql(REOPEN, {"id": payment_id}).scalar()
+        except IntegrityError:  # the in-flight slot is taken: settled all the same, as said above
+            return payment_id
+        return None if reopened is None else payment_id  # None: its charge was refunded
     return payment_id if state == "pending" else None
 
 

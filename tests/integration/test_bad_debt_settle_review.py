@@ -117,3 +117,28 @@ def test_a_settlement_refused_for_a_revoked_api_key_waits_for_a_working_key_not_
     assert celery_app.tasks[SETTLE].apply([payment_id]).get()["outcome"] == "settled"
     assert payments(engine, debtor.account)[0]["state"] == "succeeded"
     assert stuck_of(engine, SETTLE, debtor.account) == ["resolved"]
+
+
+def test_a_late_success_of_a_payment_failed_for_its_refund_does_not_put_it_back_in_flight(
+        client, engine, runtime, debtor, stripe_fake, settings, celery_app):
+    """A bad-debt payment refunded before it settled is failed by its settlement (the money went
+    back; an operator is alerted). Stripe's payment_intent.succeeded for it delivered again, or late,
+    reopened it as a charge that succeeded after all: the account went back to lifting (held below
+    bad debt, entitlements eased) and its settlement ran again only to fail it once more. A charge
+    refunded is no payment of the debt: the payment stays failed, the account in bad debt."""
+    from tasks.bad_debt import SETTLE
+    from tests.integration.bad_debt_setup import payments, refund
+    from tests.integration.test_bad_debt_reconcile import take_queued_settlements
+
+    payment_id = charged_payment(client, debtor)
+    take_queued_settlements(settings)  # the webhook's: run here instead
+    [row] = payments(engine, debtor.account)
+    refund(client, debtor, row["stripe_payment_intent_id"])
+    assert celery_app.tasks[SETTLE].apply([payment_id]).get()["outcome"] == "refunded"
+    assert payments(engine, debtor.account)[0]["state"] == "failed"
+
+    late = intent_event("succeeded", debtor, row["stripe_payment_intent_id"], payment_id)
+    late["id"] = late["id"] + "_late"  # another delivery of the outcome (Stripe may send an event twice)
+    assert post_event(client, late).status_code == 200
+    assert payments(engine, debtor.account)[0]["state"] == "failed"
+    assert take_queued_settlements(settings) == []
