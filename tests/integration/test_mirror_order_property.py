@@ -5,7 +5,10 @@ Stripe sends several events of one object in the same second (invoice.finalized 
 invoice.payment_failed of an invoice charged at finalisation; charge.failed and
 payment_intent.payment_failed; invoice.paid, invoice.payment_succeeded and invoice_payment.paid),
 retries an invoice on the same payment intent (its charges, a 3-D Secure failure that makes none),
-and ends an invoice paid, void, or uncollectible and then paid. Each generated history is ingested
+and ends an invoice paid, void, or uncollectible and then paid. An invoice event may carry its first
+lines only (``lines.has_more``), a draft's event (drafted earlier, or in the finalisation's second)
+other lines than the final ones, and beat's fetch of the whole list (app/payments/invoice_lines.py
+STORE) may land anywhere among the deliveries: the whole list wins in any order. Each generated history is ingested
 (webhooks/store.ingest_events, the real statement on the real database, one event per delivery as
 the webhook does) once in order and once shuffled with redeliveries; the rows must be equal.
 The per-order tests of tests/integration/test_order_independence.py pin single cases through the
@@ -22,11 +25,13 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg2.extras import Json
 from sqlalchemy import Connection
 
+from app.payments.invoice_lines import STORE
 from tests.stripe_events import event, unique, with_product
 from webhooks import store
-from webhooks.mirror import extract
+from webhooks.mirror import extract, invoice_lines
 
 DAY = 86400
 BASE = int(time.time()) - 30 * DAY
@@ -34,6 +39,11 @@ DECLINES = ["insufficient_funds", "expired_card", "do_not_honor", "lost_card", "
 ADVICE = [None, "try_again_later", "do_not_try_again"]
 ENDINGS = ["open", "paid", "void", "uncollectible", "uncollectible_then_paid"]
 Step = tuple[str, int, dict[str, Any]]  # (event type, created, parameters)
+# The invoice's whole list of lines (product, amount) and what a draft of it held before finalisation.
+WHOLE = [("prod_core", 3000), ("prod_premium", 1500), ("prod_addon", 500)]
+DRAFT = [("prod_core", 3000)]
+FIRST = 1  # lines in an event that carries the first ones only (has_more)
+LINES = ["whole", "first", "mixed"]  # what the finalised invoice's events carry
 
 
 @st.composite
@@ -42,12 +52,19 @@ def histories(draw: Any) -> list[Step]:
     ties in the same second are common by construction."""
     steps: list[Step] = []
     t = BASE
-    steps.append(("invoice.finalized", t, {}))
+    lines = draw(st.sampled_from(LINES))
+
+    def more() -> bool:
+        return lines == "first" or (lines == "mixed" and draw(st.booleans()))
+
+    if draw(st.booleans()):  # its draft (invoice.created/updated), in the finalisation's second or before
+        steps.append(("invoice.draft", t - draw(st.sampled_from([0, 1, DAY])), {"more": draw(st.booleans())}))
+    steps.append(("invoice.finalized", t, {"more": more()}))
     method, last_charge = "pm_a", None
     for k in range(draw(st.integers(1, 3))):
         if k:  # the next confirmation on the intent: after every event of the one before, or in its second
             t = max(created for _, created, _ in steps) + draw(st.sampled_from([0, 1, DAY, 2 * DAY]))
-        steps.append(("invoice.payment_failed", t, {"attempt_count": k + 1}))
+        steps.append(("invoice.payment_failed", t, {"attempt_count": k + 1, "more": more()}))
         if draw(st.integers(0, 4)) == 0:  # 3-D Secure failed: no charge; latest_charge names the previous one
             steps.append(("payment_intent.payment_failed", t + draw(st.integers(0, 1)),
                           {"charge": last_charge, "names_charge": False, "pm": draw(st.sampled_from([method, None])),
@@ -81,13 +98,13 @@ def histories(draw: Any) -> list[Step]:
     ending = draw(st.sampled_from(ENDINGS))
     t += draw(st.sampled_from([1, DAY]))
     if ending.startswith("uncollectible"):
-        steps.append(("invoice.marked_uncollectible", t, {}))
+        steps.append(("invoice.marked_uncollectible", t, {"more": more()}))
         t += draw(st.sampled_from([1, DAY]))
     if ending.endswith("paid"):
         for kind in ("invoice.paid", "invoice.payment_succeeded", "invoice_payment.paid"):
-            steps.append((kind, t, {}))
+            steps.append((kind, t, {"more": more()}))
     elif ending == "void":
-        steps.append(("invoice.voided", t, {}))
+        steps.append(("invoice.voided", t, {"more": more()}))
     steps.sort(key=lambda s: s[1])
     return steps
 
@@ -97,11 +114,18 @@ def render(kind: str, t: int, p: dict[str, Any], n: int, s: str) -> dict[str, An
     eid, customer, invoice, intent = f"evt{n}_{s}", f"cus_{s}", f"in_{s}", f"pi_{s}"
     if kind.startswith("invoice."):
         paid = kind in ("invoice.paid", "invoice.payment_succeeded")
-        evt = event(kind, event_id=eid, created=t, id=invoice, customer=customer,
+        # A draft's event: no derived fixture of invoice.created/updated, so invoice.finalized's
+        # shape with the draft's status and lines.
+        draft = kind == "invoice.draft"
+        evt = event("invoice.finalized" if draft else kind, event_id=eid, created=t, id=invoice, customer=customer,
                     billing_reason="subscription_cycle", amount_due=5000, amount_paid=5000 if paid else 0,
                     amount_remaining=0 if paid else 5000, attempt_count=p.get("attempt_count", 0),
-                    paths={"created": BASE - DAY})
-        return with_product(evt, "prod_core", 5000)
+                    paths={"created": BASE - DAY, **({"status": "draft"} if draft else {})})
+        evt = with_product(evt, "prod_core", 5000)
+        items = line_items(evt, invoice, DRAFT if draft else WHOLE)
+        evt["data"]["object"]["lines"].update(data=items[:FIRST] if p.get("more") else items,
+                                              has_more=bool(p.get("more")))
+        return evt
     if kind == "invoice_payment.paid":
         return event(kind, event_id=eid, created=t, invoice=invoice, amount_paid=5000,
                      paths={"payment.payment_intent": intent, "created": t})
@@ -130,6 +154,30 @@ def render(kind: str, t: int, p: dict[str, Any], n: int, s: str) -> dict[str, An
     evt["data"]["previous_attributes"] = (
         {"invoice_settings": {"default_payment_method": None}} if p["changed"] else {"delinquent": False})
     return evt
+
+
+def line_items(evt: dict[str, Any], invoice: str, lines: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The invoice's line items (the event's first line's shape), each (product, amount), ids stable
+    per invoice so that every event and beat's fetch list the same lines."""
+    first = evt["data"]["object"]["lines"]["data"][0]
+    items = []
+    for n, (product, amount) in enumerate(lines):
+        item = json.loads(json.dumps(first))
+        item.update(id=f"il{n}_{invoice}", invoice=invoice, amount=amount,
+                    pricing={"type": "price_details", "unit_amount_decimal": None,
+                             "price_details": {"price": f"price_{product}", "product": product}})
+        items.append(item)
+    return items
+
+
+def fetch_lines(conn: Connection, s: str) -> None:
+    """Beat's pass storing the whole list Stripe lists for the invoice (its STORE statement)."""
+    invoice = f"in_{s}"
+    evt = render("invoice.finalized", BASE, {}, -1, s)
+    subscription = conn.exec_driver_sql("SELECT subscription_id FROM stripe_invoice WHERE id = %(i)s",
+                                        {"i": invoice}).scalar()
+    lines = invoice_lines(line_items(evt, invoice, WHOLE), subscription)
+    conn.exec_driver_sql(STORE, {"id": invoice, "lines": Json(lines)})
 
 
 SUCCEEDED_UNREAD = ("charge_id", "decline_code", "failure_code", "advice_code", "payment_method_id")
@@ -171,17 +219,36 @@ def test_mirror_rows_do_not_depend_on_delivery_order_or_redelivery(history, data
     deliveries = list(order)
     for again in data.draw(st.lists(st.integers(0, len(history) - 1), max_size=4)):
         deliveries.insert(data.draw(st.integers(0, len(deliveries))), again)
+    # Beat's fetch of the whole list: after every delivery in Stripe's order; anywhere among the
+    # shuffled ones (before the invoice is mirrored it stores nothing), and again at the end, as its
+    # next pass does while the invoice is incomplete.
+    fetched = data.draw(st.booleans())
+    FETCH = -1
+    if fetched:
+        deliveries.insert(data.draw(st.integers(0, len(deliveries))), FETCH)
     finals = []
     for sequence in (range(len(history)), deliveries):
         s = unique("o")
         for n in sequence:
+            if n == FETCH:
+                fetch_lines(conn, s)
+                continue
             kind, t, params = history[n]
             deliver(conn, render(kind, t, params, n, s))
+        if fetched:
+            fetch_lines(conn, s)
         finals.append(mirror(conn, s))
     a, b = json.loads(finals[0]), json.loads(finals[1])
     differ = {t: [(k, x.get(k), y.get(k)) for x, y in zip(a[t], b[t], strict=False) for k in x if x[k] != y.get(k)]
               for t in a if a[t] != b[t]}
-    assert finals[1] == finals[0], (differ, [history[n][:2] for n in deliveries])
+    assert finals[1] == finals[0], (differ, [history[n][:2] if n >= 0 else "fetch" for n in deliveries])
+    # The whole list once a finalised event carried it or beat fetched it; else the first lines of
+    # the finalised invoice's events (never the draft's), incomplete.
+    final = json.loads(finals[0])["stripe_invoice"][0]
+    whole = fetched or any(not p.get("more") for kind, _, p in history
+                           if kind.startswith("invoice.") and kind != "invoice.draft")
+    assert ([ln["product"] for ln in final["lines"]], final["lines_incomplete"]) == (
+        ([p for p, _ in WHOLE], False) if whole else ([p for p, _ in WHOLE[:FIRST]], True)), history
 
 
 def test_a_3ds_failure_in_the_same_second_as_the_intents_previous_decline_wins_in_any_order(conn):
