@@ -315,7 +315,7 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
     """The payment fails: the debt stays. Refunded in part, the customer paid the rest for nothing:
     an operator returns it (the overpayment alert). If an earlier run had already asked Stripe to
     pay invoices out of band, they may be closed with no money in: an operator must look too."""
-    from app.payments.bad_debt_webhook import mark_failed
+    from app.payments.bad_debt_webhook import REFUND_FAILURE, mark_failed
     from webhooks.store import request_recompute
 
     kept = max(amount - refunded, 0)
@@ -326,8 +326,7 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
     with unit_of_work(rt.engine) as conn:
         owners = request_owners_now(conn, payment_id, account_id, f"bad_debt_payment:{payment_id}")
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        reopened = mark_failed(conn, account_id, payment_id, f"refunded before settlement ({refunded} of {amount})",
-                               None)
+        reopened = mark_failed(conn, account_id, payment_id, f"{REFUND_FAILURE} ({refunded} of {amount})", None)
         # A run again (its message redelivered, the intent's second success webhook) finds the alert
         # open: the same overpayment, not counted again (dunning_bad_debt_overpaid_total).
         alerted = bool(problems) and raise_alert(

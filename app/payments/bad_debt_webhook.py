@@ -50,13 +50,17 @@ UPDATE bad_debt_payment SET state = 'failed', failure_reason = %(reason)s, updat
        stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s)
  WHERE id = %(id)s AND state = 'pending'
 """
-# Not a payment whose charge went back (its settlement failed it for the refund; Stripe may deliver
-# the success again, or late): a charge refunded pays no debt, as REOPEN_CHARGED holds too.
+# The failure_reason of a payment its settlement failed because its charge was refunded first
+# (bad_debt_settle._refunded, which alerted an operator to what the customer is owed).
+REFUND_FAILURE = "refunded before settlement"
+# Not a payment its settlement failed for its refund (Stripe may deliver the success again, or late):
+# that settlement said all there is to say. A payment failed for another reason (the reconciliation
+# found no intent) whose charge turned up refunded, in part or whole, is reopened all the same: its
+# settlement fails it for the refund and names what the customer is owed (money kept unseen else).
 REOPEN = """
 UPDATE bad_debt_payment b SET state = 'pending', failure_reason = NULL, updated_at = now()
  WHERE b.id = %(id)s AND b.state = 'failed'
-   AND NOT EXISTS (SELECT 1 FROM stripe_payment_attempt a
-                    WHERE a.id = b.stripe_payment_intent_id AND a.amount_refunded > 0)
+   AND NOT starts_with(COALESCE(b.failure_reason, ''), %(refund_failure)s)
 RETURNING b.id
 """
 # Once the account's in-flight slot is free again (the payment holding it just failed, in this
@@ -193,10 +197,10 @@ def _apply_outcome(conn: Connection, event_type: str, account_id: str, payment_i
         # payment is in flight already (its settlement will find the debt paid: an overpayment).
         try:
             with conn.begin_nested():
-                reopened = conn.exec_driver_sql(REOPEN, {"id": payment_id}).scalar()
+                reopened = conn.exec_driver_sql(REOPEN, {"id": payment_id, "refund_failure": REFUND_FAILURE}).scalar()
         except IntegrityError:  # the in-flight slot is taken: settled all the same, as said above
             return payment_id
-        return None if reopened is None else payment_id  # None: its charge was refunded
+        return None if reopened is None else payment_id  # None: its settlement failed it for its refund
     return payment_id if state == "pending" else None
 
 

@@ -142,3 +142,30 @@ def test_a_late_success_of_a_payment_failed_for_its_refund_does_not_put_it_back_
     assert post_event(client, late).status_code == 200
     assert payments(engine, debtor.account)[0]["state"] == "failed"
     assert take_queued_settlements(settings) == []
+
+
+def test_a_late_success_of_a_payment_failed_unseen_whose_charge_was_refunded_in_part_alerts_the_overpayment(
+        client, engine, runtime, debtor, stripe_fake, settings, celery_app):
+    """The reconciliation failed a payment as never created (Stripe's listing did not show it) that
+    had charged all the same; part of that charge was refunded (at Stripe, by support) and its
+    charge.refunded came in before the intent's late payment_intent.succeeded (Stripe does not keep
+    their order). The customer paid the rest for nothing: the settlement of the late success names
+    it for an operator. Passing over every failed payment whose charge was refunded (as one failed
+    for its refund is) left the payment failed with no alert, the money kept unseen."""
+    from tasks.bad_debt import SETTLE
+    from tests.integration.bad_debt_setup import payments, refund
+    from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge, take_queued_settlements
+
+    payment_id, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    take_queued_settlements(settings)
+    refund(client, debtor, charged["id"], amount=debtor.amount // 2)
+    late = intent_event("succeeded", debtor, charged["id"], payment_id)
+    assert post_event(client, late).status_code == 200
+    for queued in take_queued_settlements(settings):
+        celery_app.tasks[SETTLE].apply([queued]).get()
+
+    [row] = payments(engine, debtor.account)
+    assert row["state"] == "failed"
+    [alert] = overpaid_alerts(engine)
+    assert alert["task_args"] == {"payment_id": payment_id}
+    assert f"owed the other {debtor.amount - debtor.amount // 2}" in alert["error"]
