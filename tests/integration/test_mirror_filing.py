@@ -253,3 +253,91 @@ def test_the_chargeless_facts_migration_keeps_what_existing_failures_show_and_go
             assert conn.exec_driver_sql(columns).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+def _invoice_event(event_id: str, invoice_id: str, has_more: bool) -> str:
+    """The raw body of an invoice event carrying the invoice's lines, with ``has_more``."""
+    from tests.stripe_events import event
+
+    evt = event("invoice.payment_failed", event_id=event_id, id=invoice_id, paths={"lines.has_more": has_more})
+    return json.dumps(evt, indent=2)  # as Stripe sends it: "has_more": true over whitespace
+
+
+def test_the_invoice_lines_migration_marks_the_debt_whose_latest_event_carried_first_lines_only(empty_database: str):
+    """invoice_lines_incomplete: an open or uncollectible invoice whose stored row came from an event
+    saying lines.has_more is marked incomplete (beat fetches its whole list); not one whose latest
+    event carried them all although an earlier one did not, nor a paid one, nor one whose body says
+    has_more elsewhere only. The backfill reads the events without holding stripe_invoice's
+    exclusive lock (every webhook and every recompute reads stripe_invoice: held while the raw
+    bodies were read, they waited for it, the webhooks past their lock timeout). The downgrade drops
+    both columns and the index."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine, event
+
+    from app.migrate import alembic_config, downgrade, upgrade
+
+    url = empty_database
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("invoice_lines_incomplete").down_revision
+    assert isinstance(before, str)
+    upgrade(url, before)
+    engine = create_engine(url)
+    other_line = json.loads(_invoice_event("evt_x", "in_x", False))
+    other_line["data"]["object"]["discounts"] = {"object": "list", "data": [], "has_more": True}
+    bodies = {  # event id: raw body
+        "evt_open_more": _invoice_event("evt_open_more", "in_open_more", True),
+        "evt_uncollectible_more": _invoice_event("evt_uncollectible_more", "in_uncollectible_more", True),
+        "evt_earlier_more": _invoice_event("evt_earlier_more", "in_whole_at_last", True),
+        "evt_latest_whole": _invoice_event("evt_latest_whole", "in_whole_at_last", False),
+        "evt_paid_more": _invoice_event("evt_paid_more", "in_paid_more", True),
+        "evt_elsewhere": json.dumps(other_line),
+        "evt_nan": _invoice_event("evt_nan", "in_nan", True).replace('"amount_due": 1000', '"amount_due": NaN'),
+    }
+    invoices = {  # id: (status, the event its row came from)
+        "in_open_more": ("open", "evt_open_more"),
+        "in_uncollectible_more": ("uncollectible", "evt_uncollectible_more"),
+        "in_whole_at_last": ("open", "evt_latest_whole"),
+        "in_paid_more": ("paid", "evt_paid_more"),
+        "in_elsewhere": ("open", "evt_elsewhere"),
+        "in_nan": ("open", "evt_nan"),
+    }
+    locked = []
+
+    def held_exclusively(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "has_more" in statement:  # the backfill reading the events: is stripe_invoice locked meanwhile?
+            with engine.connect() as probe:
+                locked.append(probe.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks WHERE relation = 'stripe_invoice'::regclass "
+                    "AND mode = 'AccessExclusiveLock' AND granted").scalar_one())
+
+    columns = ("SELECT count(*) FROM information_schema.columns WHERE table_name = 'stripe_invoice' "
+               "AND column_name IN ('lines_incomplete', 'lines_asked_at')")
+    try:
+        with engine.begin() as conn:
+            for eid, body in bodies.items():
+                conn.exec_driver_sql(
+                    "INSERT INTO stripe_event (id, type, stripe_created, state, raw_body) "
+                    "VALUES (%(id)s, 'invoice.payment_failed', 1, 'accepted', %(b)s)", {"id": eid, "b": body})
+            for iid, (status, eid) in invoices.items():
+                conn.exec_driver_sql(
+                    "INSERT INTO stripe_invoice (id, stripe_customer_id, status, created, source_created, source_rank, "
+                    "source_event_id) VALUES (%(id)s, 'cus_1', %(s)s, now(), 1, 1, %(e)s)",
+                    {"id": iid, "s": status, "e": eid})
+        event.listen(Engine, "before_cursor_execute", held_exclusively)
+        try:
+            upgrade(url)
+        finally:
+            event.remove(Engine, "before_cursor_execute", held_exclusively)
+        with engine.connect() as conn:
+            marked = {r[0] for r in conn.exec_driver_sql(
+                "SELECT id FROM stripe_invoice WHERE lines_incomplete AND lines_asked_at IS NULL").all()}
+        assert marked == {"in_open_more", "in_uncollectible_more", "in_nan"}
+        assert locked and not any(locked), locked
+        downgrade(url, before)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(columns).scalar_one() == 0
+            assert conn.exec_driver_sql("SELECT to_regclass('ix_stripe_invoice_lines_incomplete')").scalar() is None
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(columns).scalar_one() == 2
+    finally:
+        engine.dispose()

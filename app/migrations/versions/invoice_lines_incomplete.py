@@ -26,13 +26,25 @@ branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
 
-# The invoices that may be debt, mirrored from an event whose raw body says has_more somewhere (the
-# regular expression only narrows the search: the body is read in Python, which parses every body
-# ingest took, NaN included, where a jsonb cast would stop the migration).
+# The invoices that may be debt, with the raw body of the event their row came from where it says
+# has_more somewhere (the regular expression only narrows the search: the body is read in Python,
+# which parses every body ingest took, NaN included, where a jsonb cast would stop the migration).
+# The body is looked up per invoice by the event's primary key: a join left the planner free to scan
+# every stored event's body with the expression.
 CANDIDATES = r"""
-SELECT i.id, e.raw_body FROM stripe_invoice i JOIN stripe_event e ON e.id = i.source_event_id
- WHERE i.status IN ('open', 'uncollectible') AND e.raw_body ~ '"has_more"\s*:\s*true'
+SELECT i.id, i.source_event_id,
+       (SELECT e.raw_body FROM stripe_event e
+         WHERE e.id = i.source_event_id AND e.raw_body ~ '"has_more"\s*:\s*true') AS raw_body
+  FROM stripe_invoice i
+ WHERE i.status IN ('open', 'uncollectible')
 """
+# Only while the row still comes from the event read: one a webhook wrote meanwhile says for itself.
+MARK = """
+UPDATE stripe_invoice i SET lines_incomplete = true
+  FROM unnest(%(ids)s::text[], %(events)s::text[]) AS u(id, source_event_id)
+ WHERE i.id = u.id AND i.source_event_id = u.source_event_id
+"""
+BATCH = 1000
 
 
 def upgrade() -> None:
@@ -41,12 +53,18 @@ def upgrade() -> None:
                                               nullable=False))
     op.add_column('stripe_invoice', sa.Column('lines_asked_at', sa.DateTime(timezone=True), nullable=True))
     # Invoices mirrored before: those whose latest event carried the first lines only are marked, so
-    # that beat fetches them (and a later event's first page does not count as the whole list).
-    conn = op.get_bind()
-    incomplete = [row[0] for row in conn.exec_driver_sql(CANDIDATES) if _has_more(row[1])]
-    if incomplete:
-        conn.exec_driver_sql("UPDATE stripe_invoice SET lines_incomplete = true WHERE id = ANY(%(ids)s)",
-                             {"ids": incomplete})
+    # that beat fetches them (and a later event's first page does not count as the whole list). Read
+    # and marked after the new columns are committed: ADD COLUMN holds stripe_invoice's exclusive
+    # lock to the end of its transaction, and every webhook and every recompute reads stripe_invoice
+    # (the webhooks waited past their lock timeout while the raw bodies were read). Each batch of
+    # marks is a transaction of its own, locking its rows only.
+    with op.get_context().autocommit_block():
+        conn = op.get_bind()
+        found = [(row[0], row[1]) for row in conn.exec_driver_sql(CANDIDATES)
+                 if row[2] is not None and _has_more(row[2])]
+        for start in range(0, len(found), BATCH):
+            batch = found[start:start + BATCH]
+            conn.exec_driver_sql(MARK, {"ids": [b[0] for b in batch], "events": [b[1] for b in batch]})
     with op.get_context().autocommit_block():
         op.drop_index('ix_stripe_invoice_lines_incomplete', table_name='stripe_invoice',
                       postgresql_concurrently=True, if_exists=True)
