@@ -223,8 +223,10 @@ class StripeInvoice(Base):
     # [{"product": str, "amount": int, "item": subscription item id or null}] from the invoice lines
     lines: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     # The event's lines.has_more: ``lines`` holds the first lines only. Beat fetches the whole list
-    # (app/payments/invoice_lines.py) and clears it; a later event does not set it again.
-    lines_incomplete: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # (app/payments/invoice_lines.py) and clears it; a later event does not set it again. Null: not
+    # known (written before the column, or by the previous release during a deploy): the next event
+    # decides, as for a draft.
+    lines_incomplete: Mapped[bool | None] = mapped_column(Boolean)
     # When Stripe last refused to list the lines (asked again an hour later).
     lines_asked_at: Mapped[datetime | None]
     created: Mapped[datetime]

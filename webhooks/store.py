@@ -153,7 +153,8 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         # whole list (fetched by beat, app/payments/invoice_lines.py, or all in its event) stays
         # whatever comes later or late: an event carrying the first lines only neither replaces it
         # nor marks it incomplete again, and it replaces a first page in any order of delivery.
-        # A draft's lines may still change: otherwise the ordering guard's.
+        # A draft's lines may still change, and a row whose lines_incomplete is null (mirrored
+        # before it was kept) may hold a first page: otherwise the ordering guard's.
         whole = "({t}.status <> 'draft' AND NOT {t}.lines_incomplete)"
         return (f"CASE WHEN {whole.format(t=table)} THEN {table}.{col} "
                 f"WHEN {whole.format(t='EXCLUDED')} THEN EXCLUDED.{col} "

@@ -177,3 +177,27 @@ def test_nothing_is_asked_without_a_stripe_key(client, engine, runtime, accounts
     assert stripe_fake.calls == []
     assert mirrored(engine, invoice) == (["prod_core"], True)
     assert len(incomplete_reasons(recompute(engine, runtime, account))) == 1
+
+
+def test_an_invoice_the_previous_release_mirrored_is_marked_by_its_next_event(client, engine, runtime, accounts,
+                                                                              stripe_fake, celery_app):
+    """A row written without lines_incomplete (by the previous release, still running while the
+    migration runs, or by a writer whose source event the backfill cannot read): whether its lines
+    are whole is not known, so the next event carrying the first lines only marks it incomplete and
+    beat fetches the whole list. Counted as whole, the row kept its first page for good: the product
+    on a later line never got its consequences."""
+    account, customer = accounts.create()
+    invoice = unique("in")
+    t = int(time.time() - DAYS_AGO * 86400)
+    with engine.begin() as conn:  # as the previous release's upsert wrote it: its event's first line
+        conn.exec_driver_sql(
+            "INSERT INTO stripe_invoice (id, stripe_customer_id, status, billing_reason, amount_due, "
+            "amount_remaining, lines, created, source_created, source_rank, source_event_id) "
+            "VALUES (%(i)s, %(c)s, 'open', 'subscription_cycle', 7000, 7000, "
+            "'[{\"product\": \"prod_core\", \"amount\": 50, \"item\": null}]', to_timestamp(%(t)s), %(t)s, 1, "
+            "'evt_previous_release')", {"i": invoice, "c": customer, "t": t - 60})
+    first_lines_failed(client, customer, invoice=invoice, created=t)
+    assert mirrored(engine, invoice) == (["prod_core"], True)
+    stripe_fake.set_lines(invoice, WHOLE)
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
+    assert products(recompute(engine, runtime, account))["prod_premium"] == "revoked"

@@ -3,7 +3,8 @@
 Stripe's invoice object in a webhook carries the first handful of its line items (``lines`` is a list
 object with ``has_more``); the whole list is at ``GET /v1/invoices/<id>/lines``. The mirror kept the
 first page as if it were all of them, so the products on the later lines of an unpaid invoice got no
-consequences. ``lines_incomplete`` is the event's ``has_more``; beat (tasks.fetch_invoice_lines,
+consequences. ``lines_incomplete`` is the event's ``has_more`` (null: not known, a row no event of
+this release wrote; the next event decides); beat (tasks.fetch_invoice_lines,
 app/payments/invoice_lines.py) fetches the whole list of such an invoice while it is debt and
 clears it. ``lines_asked_at``: when Stripe last refused to list them (asked again an hour later).
 The partial index keeps beat's search to the few incomplete invoices; built CONCURRENTLY, as every
@@ -48,9 +49,11 @@ BATCH = 1000
 
 
 def upgrade() -> None:
-    # A constant default: no table rewrite (PostgreSQL 11 and later).
-    op.add_column('stripe_invoice', sa.Column('lines_incomplete', sa.Boolean(), server_default=sa.text('false'),
-                                              nullable=False))
+    # Null: not known (no table rewrite). The rows mirrored before, and those the previous release
+    # writes while it still runs, say nothing about has_more: counted as whole (a default false), a
+    # first page kept whatever the invoice's next event said (webhooks/store.py "lines"). Unknown,
+    # the next event decides under the ordering guard; the mirror always writes true or false.
+    op.add_column('stripe_invoice', sa.Column('lines_incomplete', sa.Boolean(), nullable=True))
     op.add_column('stripe_invoice', sa.Column('lines_asked_at', sa.DateTime(timezone=True), nullable=True))
     # Invoices mirrored before: those whose latest event carried the first lines only are marked, so
     # that beat fetches them (and a later event's first page does not count as the whole list). Read
