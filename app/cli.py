@@ -196,6 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+METRICS_FOLDER = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _unusable_metrics_folder_left_out() -> None:
+    """A command counts what it does (`dunning recompute` its run, the sweep and the prune theirs)
+    into the folder PROMETHEUS_MULTIPROC_DIR names, where prometheus_client opens its files as soon
+    as app.metrics is imported (building the parser imports it). A folder this command cannot write
+    (a typo, the worker's folder on a host without it, or owned by the worker's user) failed every
+    command with a traceback before it did anything: the command's work matters more than its count.
+    Such a setting is said on stderr and left out of this process (counted in memory only, as when
+    unset). Empty counts as unset (app.metrics.registry reads it so; prometheus_client would write
+    into the working directory). Before prometheus_client is imported, which reads it once."""
+    names = [n for n in (METRICS_FOLDER, METRICS_FOLDER.lower()) if n in os.environ]
+    if not names:
+        return
+    folder = os.environ[names[0]]
+    if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+        return
+    for name in names:
+        del os.environ[name]
+    if folder:
+        print(f"warning: {METRICS_FOLDER}={folder!r} is not a folder this command can write: "
+              "its metrics are not counted there", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     for n, arg in enumerate(arguments, 1):
@@ -206,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: argument {n} ({shown!r}) is not UTF-8 text (account ids, names and reasons are UTF-8)",
                   file=sys.stderr)
             return 2
+    _unusable_metrics_folder_left_out()
     parser = build_parser()
     args = parser.parse_args(arguments)
     handler: Handler = args.handler

@@ -155,3 +155,31 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(client, accounts: Acco
         os.close(write_end)
     assert done.returncode == 141, done.stderr
     assert done.stderr == ""
+
+
+def test_a_metrics_folder_it_cannot_write_does_not_stop_the_recompute(client, accounts: Accounts, database_url,
+                                                                     engine, tmp_path: Path):
+    """`dunning recompute` counts its run into PROMETHEUS_MULTIPROC_DIR (da6a62a). Before, a folder it
+    could not write (a typo, the worker's folder on a host without it, one owned by the worker's user)
+    failed the command with a traceback before it recomputed anything (prometheus_client opens its
+    files when app.metrics is imported, which building the command's parser does). The recompute is
+    the command's work: it runs, prints its decision, and says its run was not counted. (A path under a regular file stands for any folder the command cannot write: the tests
+    may run as root, whom a read-only mode does not stop.)"""
+    account, customer = accounts.create()
+    post_event(client, event("invoice.payment_failed", customer=customer, created=int(time.time()) - 8 * 86400))
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    done = dunning("recompute", account, "--json", database_url=database_url,
+                   PROMETHEUS_MULTIPROC_DIR=str(not_a_folder / "metrics"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"] == "changed"
+    assert "Traceback" not in done.stderr
+    assert "not counted" in done.stderr and "PROMETHEUS_MULTIPROC_DIR" in done.stderr
+
+    # Unset: counted in the command's own process only; no error, and no metrics files.
+    env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+    again = subprocess.run([sys.executable, "-m", "app.cli", "recompute", account, "--json"], capture_output=True,
+                           text=True, env={**env, "DATABASE_URL": database_url}, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert json.loads(again.stdout)["outcome"] == "unchanged"
+    assert [p for p in tmp_path.iterdir() if p.suffix == ".db"] == []
