@@ -41,8 +41,9 @@ def _as_failure(exc: Exception) -> Exception:
     if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
         # Our key, rolled or revoked (or lacking a permission): no fault of the payment's, and it
         # passes once a working key is configured. Dead stuck work would keep the settlement sweep
-        # off the customer's charged payment until an operator re-drove it.
-        return TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe refused our API key: {exc.__class__.__name__} "
+        # off the customer's charged payment until an operator re-drove it. Not retried within the
+        # run (the worker's key stays the one refused): a retrying row that names it, for beat.
+        return TaskFailure(FailureKind.CREDENTIALS_REFUSED, f"Stripe refused our API key: {exc.__class__.__name__} "
                            f"{exc.http_status or ''}".strip())
     if isinstance(exc, stripe.StripeError | NotSettled | NotReconciled):
         return TaskFailure(FailureKind.PERMANENT_API_ERROR, f"{exc.__class__.__name__}: {exc}")

@@ -37,6 +37,10 @@ class FailureKind(StrEnum):
     RATE_LIMITED = "rate_limited"
     INVALID_DATA = "invalid_data"
     PERMANENT_API_ERROR = "permanent_api_error"
+    # A remote side refused our credentials (Stripe's 401/403: a key rolled, revoked, lacking a
+    # permission). It passes once an operator configures a working key (read at the worker's start),
+    # never by retrying within the run: beat re-drives the row, one call each time.
+    CREDENTIALS_REFUSED = "credentials_refused"
     UNEXPECTED = "unexpected"
     KILLED = "killed"  # the task's process died under it, or was killed at the hard time limit (tasks/killed.py)
 
@@ -64,6 +68,7 @@ POLICIES: dict[FailureKind, FailurePolicy] = {
     FailureKind.RATE_LIMITED: FailurePolicy(True, 8, 2.0),
     FailureKind.INVALID_DATA: FailurePolicy(False, 0, 0),
     FailureKind.PERMANENT_API_ERROR: FailurePolicy(False, 0, 0),
+    FailureKind.CREDENTIALS_REFUSED: FailurePolicy(False, 0, 2.0),  # (its base is never used: no retry)
     FailureKind.UNEXPECTED: FailurePolicy(True, 3, 5.0),
     # Never raised inside a task: Celery retries a lost child's task itself (tasks/factory.py).
     FailureKind.KILLED: FailurePolicy(False, 0, 0),
@@ -75,7 +80,7 @@ POLICIES: dict[FailureKind, FailurePolicy] = {
 # a refused API call, an unexpected error: a bug) waits for an operator.
 PASSING: frozenset[FailureKind] = frozenset({
     FailureKind.DATABASE_UNAVAILABLE, FailureKind.LOCK_CONTENTION, FailureKind.BROKER_UNAVAILABLE,
-    FailureKind.REMOTE_UNAVAILABLE, FailureKind.RATE_LIMITED,
+    FailureKind.REMOTE_UNAVAILABLE, FailureKind.RATE_LIMITED, FailureKind.CREDENTIALS_REFUSED,
 })
 
 

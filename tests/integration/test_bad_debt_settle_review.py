@@ -169,3 +169,36 @@ def test_a_late_success_of_a_payment_failed_unseen_whose_charge_was_refunded_in_
     [alert] = overpaid_alerts(engine)
     assert alert["task_args"] == {"payment_id": payment_id}
     assert f"owed the other {debtor.amount - debtor.amount // 2}" in alert["error"]
+
+
+@pytest.mark.parametrize("task_name", ["tasks.settle_bad_debt_payment", "tasks.reconcile_bad_debt_payment"])
+def test_a_revoked_api_key_is_asked_once_a_run_and_named_on_the_stuck_row(
+        client, engine, runtime, debtor, stripe_fake, celery_app, settings, task_name):
+    """A key Stripe refuses (401: rolled or revoked) stays refused for the worker's life: the key is
+    read at its start. Filed as remote_unavailable, each run retried itself 8 times (each a 401 at
+    Stripe, a warning in the log), every beat sweep and re-drive again, and the row read like a
+    Stripe outage. A run asks once and leaves its row retrying (beat re-drives it), under a class
+    of its own that says what an operator must fix."""
+    from datetime import timedelta
+
+    from tests.integration.bad_debt_setup import payments
+    from tests.integration.test_bad_debt_reconcile import backdate, take_queued_settlements
+
+    if task_name == "tasks.settle_bad_debt_payment":
+        payment_id = charged_payment(client, debtor)
+        take_queued_settlements(settings)
+    else:
+        stripe_fake.intent_outcome = "processing"
+        payment_id = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json["payment_id"]
+        backdate(engine, payment_id, timedelta(minutes=31))
+    stripe_fake.key_revoked = True
+
+    result = celery_app.tasks[task_name].apply([payment_id])
+    assert result.failed() and "Stripe refused our API key" in str(result.result)
+    assert len(stripe_fake.refused) == 1
+    with engine.connect() as conn:
+        [(state, error_class)] = conn.exec_driver_sql(
+            "SELECT state, error_class FROM subs_stuck_events WHERE task_name = %(t)s AND account_id = %(a)s",
+            {"t": task_name, "a": debtor.account}).fetchall()
+    assert (state, error_class) == ("retrying", "credentials_refused")
+    assert payments(engine, debtor.account)[0]["state"] == "pending"
