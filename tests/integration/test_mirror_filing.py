@@ -344,3 +344,31 @@ def test_the_invoice_lines_migration_marks_the_debt_whose_latest_event_carried_f
             assert conn.exec_driver_sql(columns).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+def test_the_invoice_lines_migration_runs_again_after_it_stopped_past_its_first_commit(empty_database: str):
+    """invoice_lines_incomplete commits its columns before the backfill and builds its index
+    concurrently: stopped past that commit (a failed or cancelled CREATE INDEX CONCURRENTLY leaves
+    an invalid index; the backfill interrupted), the columns are there and alembic_version still
+    names the revision before. Running it again finishes it (it stopped on "column already exists")."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    from app.migrate import alembic_config, upgrade
+
+    url = empty_database
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("invoice_lines_incomplete").down_revision
+    assert isinstance(before, str)
+    upgrade(url, before)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:  # what the stopped run left
+            conn.exec_driver_sql("ALTER TABLE stripe_invoice ADD COLUMN lines_incomplete boolean, "
+                                 "ADD COLUMN lines_asked_at timestamp with time zone")
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() != before
+            assert conn.exec_driver_sql("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                                        "to_regclass('ix_stripe_invoice_lines_incomplete')").scalar_one()
+    finally:
+        engine.dispose()

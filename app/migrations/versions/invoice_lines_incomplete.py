@@ -53,8 +53,10 @@ def upgrade() -> None:
     # writes while it still runs, say nothing about has_more: counted as whole (a default false), a
     # first page kept whatever the invoice's next event said (webhooks/store.py "lines"). Unknown,
     # the next event decides under the ordering guard; the mirror always writes true or false.
-    op.add_column('stripe_invoice', sa.Column('lines_incomplete', sa.Boolean(), nullable=True))
-    op.add_column('stripe_invoice', sa.Column('lines_asked_at', sa.DateTime(timezone=True), nullable=True))
+    # IF NOT EXISTS: the columns are committed before the backfill and the index (below), so a run
+    # stopped past that commit (an index build cancelled or failed) is run again from here.
+    op.execute("ALTER TABLE stripe_invoice ADD COLUMN IF NOT EXISTS lines_incomplete boolean, "
+               "ADD COLUMN IF NOT EXISTS lines_asked_at timestamp with time zone")
     # Invoices mirrored before: those whose latest event carried the first lines only are marked, so
     # that beat fetches them (and a later event's first page does not count as the whole list). Read
     # and marked after the new columns are committed: ADD COLUMN holds stripe_invoice's exclusive
