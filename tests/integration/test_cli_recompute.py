@@ -163,8 +163,9 @@ def test_a_metrics_folder_it_cannot_write_does_not_stop_the_recompute(client, ac
     could not write (a typo, the worker's folder on a host without it, one owned by the worker's user)
     failed the command with a traceback before it recomputed anything (prometheus_client opens its
     files when app.metrics is imported, which building the command's parser does). The recompute is
-    the command's work: it runs, prints its decision, and says its run was not counted. (A path under a regular file stands for any folder the command cannot write: the tests
-    may run as root, whom a read-only mode does not stop.)"""
+    the command's work: it runs, prints its decision, and says its run was not counted. (A path
+    under a regular file stands for any folder the command cannot write: the tests may run as root,
+    whom a read-only mode does not stop.)"""
     account, customer = accounts.create()
     post_event(client, event("invoice.payment_failed", customer=customer, created=int(time.time()) - 8 * 86400))
     not_a_folder = tmp_path / "file"
