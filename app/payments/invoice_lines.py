@@ -61,7 +61,11 @@ SELECT i.id, i.subscription_id FROM stripe_invoice i
 STORE = """
 UPDATE stripe_invoice SET lines = %(lines)s, lines_incomplete = false, lines_asked_at = NULL
  WHERE id = %(id)s AND lines_incomplete AND status <> 'draft'
-RETURNING (SELECT c.account_id FROM subs_customer c WHERE c.stripe_customer_id = stripe_invoice.stripe_customer_id)
+"""
+# The account the invoice's customer maps to (none: its events wait unroutable, and their re-drive
+# recomputes it once mapped, reading the lines stored here).
+ACCOUNT = """
+SELECT c.account_id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id) WHERE i.id = %(id)s
 """
 REFUSED = "UPDATE stripe_invoice SET lines_asked_at = %(at)s WHERE id = %(id)s"
 LOCK = "invoice_lines"
@@ -124,13 +128,16 @@ def _fetch(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice
     trigger = Trigger.STATE_REFRESH.value
     from webhooks.store import request_recompute
 
-    account = None
     created = False
     with unit_of_work(rt.engine) as conn:
-        row = conn.exec_driver_sql(STORE, {"id": invoice_id, "lines": Json(stored)}).first()
-        if row is not None and row[0] is not None:
-            account = str(row[0])
+        # The request row first, then the mirror row: the order webhook ingest locks them in (the
+        # other order deadlocked with a webhook of the same account). Stored nothing (another
+        # writer was first), the request costs a recompute more.
+        found = conn.exec_driver_sql(ACCOUNT, {"id": invoice_id}).scalar()
+        account = str(found) if found is not None else None
+        if account is not None:
             created = request_recompute(conn, account, trigger, cause)
+        conn.exec_driver_sql(STORE, {"id": invoice_id, "lines": Json(stored)})
     report.fetched.append(invoice_id)
     metrics.INVOICE_LINES.labels("fetched").inc()
     log.info("lines of invoice %s from Stripe: %d", invoice_id, len(stored))

@@ -201,3 +201,51 @@ def test_an_invoice_the_previous_release_mirrored_is_marked_by_its_next_event(cl
     stripe_fake.set_lines(invoice, WHOLE)
     assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
     assert products(recompute(engine, runtime, account))["prod_premium"] == "revoked"
+
+
+def test_the_beat_store_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_deadlock(
+        client, engine, runtime, accounts, stripe_fake, celery_app):
+    """Webhook ingest locks the account's recompute request and then the invoice's mirror row (as
+    every writer of both does: pay.py, bad_debt_settle.py). Beat's pass storing the whole list
+    locked them the other way round (the invoice, then the request): a webhook of the invoice's
+    account arriving meanwhile deadlocked with it, and PostgreSQL aborted one of them."""
+    import threading
+
+    from app.embedded import poll_until
+    from tests.integration.test_mirror_filing import waiting_on_a_lock
+    from webhooks.mirror import extract
+    from webhooks.store import request_recompute, upsert_row
+
+    account, customer = accounts.create()
+    first = first_lines_failed(client, customer)
+    invoice = first["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    again = event("invoice.payment_failed", id=invoice, customer=customer, created=first["created"] + 60,
+                  amount_due=7000, amount_remaining=7000, amount_paid=0, attempt_count=2,
+                  billing_reason="subscription_cycle", paths={"created": first["created"] - 86400,
+                                                              "lines.has_more": True})
+    rows = [r for r in extract(with_product(again, "prod_core", 50)).rows if r.table == "stripe_invoice"]
+    errors: list[BaseException] = []
+
+    def beat() -> None:
+        try:
+            fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    webhook = engine.connect()
+    pass_ = threading.Thread(target=beat)
+    try:
+        with webhook.begin():  # the ingest statement's order: the request, then the mirror row
+            request_recompute(webhook, account, "PAYMENT_FAILED", again["id"])
+            pass_.start()
+            assert poll_until(lambda: waiting_on_a_lock(engine, "%dunning_request_recompute"), timeout=10)
+            for row in rows:
+                upsert_row(webhook, row)
+    except BaseException as exc:  # reported below
+        errors.append(exc)
+    finally:
+        webhook.close()
+        pass_.join(timeout=30)
+    assert not errors, errors
+    assert mirrored(engine, invoice) == ([p for p, _ in WHOLE], False)
