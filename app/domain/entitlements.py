@@ -35,8 +35,10 @@ def upgrade_access(level: Level, invoice: Invoice, product: str) -> Access:
     subscription held before) was already the customer's: a seat or quantity increase keeps it in
     full. A product that replaced one the invoice credits and no longer charges (a plan swap,
     core -> premium) keeps the access held before: ``premium_off``, DESIGN's restrict_premium (premium
-    features off, core kept). Anything else is new (an add-on): withheld."""
-    if level.rank < Level.RESTRICT_PREMIUM.rank:
+    features off, core kept). Anything else is new (an add-on): withheld. While the invoice's lines
+    are not all known (its event carried the first ones: compute's lines.incomplete reason), its
+    credits may be on the others: nothing is withheld until beat has fetched them."""
+    if level.rank < Level.RESTRICT_PREMIUM.rank or invoice.lines_incomplete:
         return Access.FULL
     if product in invoice.credited_products:
         return Access.FULL

@@ -249,3 +249,27 @@ def test_the_beat_store_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_d
         pass_.join(timeout=30)
     assert not errors, errors
     assert mirrored(engine, invoice) == ([p for p, _ in WHOLE], False)
+
+
+def test_an_upgrade_whose_credit_lines_are_not_known_yet_withholds_nothing_the_customer_may_have_held(
+        client, engine, runtime, accounts, stripe_fake, celery_app):
+    """An unpaid upgrade withholds what it added only: a product it also credits (Stripe's proration
+    credit for the unused time of what the subscription held) was the customer's before. Its event
+    carried the first lines only, the charge for more seats of prod_seats, and its credit is on a
+    later line: until the whole list is known the product cannot be told from an add-on, and it
+    was withheld (a product the customer held before, taken away by an unpaid upgrade)."""
+    account, customer = accounts.create()
+    t = int(time.time() - DAYS_AGO * 86400)
+    evt = event("invoice.payment_failed", id=unique("in"), customer=customer, created=t, amount_due=7000,
+                amount_remaining=7000, amount_paid=0, attempt_count=1, billing_reason="subscription_update",
+                paths={"created": t - 86400, "lines.has_more": True})
+    assert post_event(client, with_product(evt, "prod_seats", 9000)).status_code == 200
+    invoice = evt["data"]["object"]["id"]
+    before = recompute(engine, runtime, account)
+    assert before["level"] != "none" and len(incomplete_reasons(before)) == 1
+    assert products(before)["prod_seats"] == "full"
+
+    stripe_fake.set_lines(invoice, [("prod_seats", 9000), ("prod_seats", -2000)])
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
+    after = recompute(engine, runtime, account)
+    assert products(after)["prod_seats"] == "full" and incomplete_reasons(after) == []
