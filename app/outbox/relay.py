@@ -572,9 +572,10 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                     deadline: float | None = None, resolve_stuck: bool = True) -> RelayReport:
     """Deliver one account's rows in order, until one fails or ``deadline`` (time.monotonic) passes:
     a slow Account Management must not pin the task for minutes on one account's backlog. A run that
-    goes through without an error (a row Account Management did not take included: the row keeps its
-    own failure and backoff) resolves the account's stuck relay work (``DELIVER_TASK``); with
-    ``resolve_stuck`` false the caller does it (the beat pass: once for all its accounts)."""
+    goes through the account's rows without an error, up to the end or to a row Account Management
+    did not take (that row keeps its own failure and backoff), resolves the account's stuck relay
+    work (``DELIVER_TASK``); with ``resolve_stuck`` false the caller does it (the beat pass: once for
+    all its accounts)."""
     now_fn = now_fn or (lambda: datetime.now(UTC))
     report = report or RelayReport()
     with account_lock(engine, account_id) as got:
@@ -584,11 +585,16 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
         report.accounts += 1
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(PENDING_SQL, {"account": account_id, "limit": max_rows}).fetchall()
+        # Cut short before the account's rows were gone through (a head row backing off or held, the
+        # deadline): the row a failed run broke on may be one not reached, so its stuck work stays.
+        cut = False
         for row_id, version, event_type, payload, attempts, next_attempt_at, created_at, blocked_at in rows:
             now = now_fn()
             if next_attempt_at > now:
+                cut = True
                 break  # the head of the line is backing off: so is everything behind it
             if deadline is not None and time.monotonic() > deadline:
+                cut = True
                 break  # the rest waits for the next pass, still in order
             skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
                     or _superseded_now(engine, account_id, event_type, payload or {}, created_at))
@@ -599,6 +605,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                                                     "next": now + timedelta(seconds=HOLD_SECONDS)})
                 log.info("outbox %s (%s v%s) for %s waits: %s", row_id, event_type, version, account_id, held)
                 report.held += 1
+                cut = True
                 break  # the rows behind it wait, in order
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
             answer = _send(session, base_url, call, timeout, now) if call is not None else None
@@ -630,8 +637,9 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 report.superseded += 1
             else:
                 report.delivered += 1
-        report.relayed.append(account_id)
-    if resolve_stuck:
+        if not cut:
+            report.relayed.append(account_id)
+    if resolve_stuck and not cut:
         resolve_account_task(engine, DELIVER_TASK, [account_id])
     return report
 

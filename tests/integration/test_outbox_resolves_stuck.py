@@ -94,3 +94,22 @@ def test_a_relay_that_fails_on_the_account_or_never_gets_to_it_leaves_the_row(ac
         skipped = deliver_account(engine, session, fake_am.url, locked)
     assert skipped.skipped_locked == 1
     assert stuck(engine, locked)[DELIVER] == ["dead", "dead"]
+
+
+@pytest.mark.parametrize("cut", ["backing_off", "deadline"])
+def test_a_relay_cut_short_before_the_accounts_rows_leaves_the_row(accounts, engine, fake_am, cut):
+    """A run that stopped before it went through the account's rows (its head row still backing off,
+    the pass's deadline passed) did not do what the failed run left: the row that broke it may be the
+    one not reached. Its stuck row stays."""
+    account, _ = accounts.create()
+    gave_up(engine, account)
+    write_events(engine, account, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    now = datetime.now(UTC) + LATER
+    with requests.Session() as session:
+        if cut == "backing_off":
+            report = deliver_account(engine, session, fake_am.url, account, now_fn=lambda: now - 2 * LATER)
+        else:
+            report = deliver_account(engine, session, fake_am.url, account, now_fn=lambda: now, deadline=0.0)
+    assert (report.delivered, report.failed) == (0, 0)
+    assert outbox(engine, account)[0]["state"] == "pending"
+    assert stuck(engine, account)[DELIVER] == ["dead", "dead"]
