@@ -208,7 +208,13 @@ def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, fai
     trigger = Trigger.PAYMENT_FAILED.value
     cause = f"stripe_api:{intent['id']}" if intent is not None else None
     created = False
+    account = None
     with unit_of_work(rt.engine) as conn:
+        if intent is not None:
+            # The request row first, then the mirror rows: the order webhook ingest locks them in (the
+            # other order deadlocked with a webhook of the invoice arriving meanwhile).
+            account = conn.exec_driver_sql(ACCOUNT_OF, {"customer": customer}).scalar()
+            created = account is not None and request_recompute(conn, account, trigger, cause)
         conn.exec_driver_sql(MARK_ASKED, {"id": invoice_id, "at": failed_at})
         if intent is None:
             return
@@ -220,8 +226,6 @@ def _record(rt: Runtime, celery_app: Celery, invoice_id: str, customer: str, fai
                 row.values["invoice_id"] = invoice_id  # the link Stripe's intent no longer carries
                 row.values["stripe_customer_id"] = row.values.get("stripe_customer_id") or customer
                 upsert_row(conn, row)
-        account = conn.exec_driver_sql(ACCOUNT_OF, {"customer": customer}).scalar()
-        created = account is not None and request_recompute(conn, account, trigger, cause)
     log.info("attempt detail of invoice %s from Stripe: %s, %s", invoice_id, intent["id"],
              (intent.get("last_payment_error") or {}).get("decline_code") or "no decline code")
     if created:
