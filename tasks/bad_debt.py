@@ -126,7 +126,7 @@ def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
     rt = runtime_for(self.app)
     if not rt.settings.stripe_api_key:
         log.warning("bad-debt payments are not settled: %s", NO_KEY)
-        return {"found": 0, "sent": 0, "skipped": NO_KEY}
+        return {"found": 0, "sent": 0, "skipped": NO_KEY, DEFERRED: True}
     ids = unsettled(rt)
     return {"found": len(ids), "sent": _send_each(self.app, SETTLE, ids)}
 
@@ -162,7 +162,7 @@ def reconcile_bad_debt_payments(self: Task) -> dict[str, Any]:
     rt = runtime_for(self.app)
     if not rt.settings.stripe_api_key:  # claimed, each check would move the payment's next one on
         log.warning("bad-debt payments are not reconciled with Stripe: %s", NO_KEY)
-        return {"due": 0, "sent": 0, "skipped": NO_KEY}
+        return {"due": 0, "sent": 0, "skipped": NO_KEY, DEFERRED: True}
     ids = due(rt, datetime.now(UTC))
     return {"due": len(ids), "sent": _send_each(self.app, RECONCILE, ids)}
 

@@ -48,7 +48,7 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
             log.warning("could not queue the recompute of %s: %s", account_id, exc)
     if not keyed:
         log.warning("payment retries are not dispatched: STRIPE_API_KEY is not set")
-        return {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set"}
+        return {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set", DEFERRED: True}
     sent = 0
     for retry_id in ids:
         try:
@@ -113,7 +113,7 @@ def fetch_attempt_detail(self: Task) -> dict[str, Any]:
     """Beat: ask Stripe why a failed invoice failed when no webhook said (app/payments/attempt_detail.py)."""
     rt = runtime_for(self.app)
     if not rt.settings.stripe_api_key:  # nothing to ask with (make run's default): not a failure
-        return {"skipped": "STRIPE_API_KEY is not set"}
+        return {"skipped": "STRIPE_API_KEY is not set", DEFERRED: True}
     try:
         report = fetch_missing_detail(rt, self.app, datetime.now(UTC))
     except Exception as exc:

@@ -70,3 +70,18 @@ def test_a_task_run_without_arguments_that_beat_does_not_send_leaves_the_rows_al
             task.pop_request()
     assert states(engine, "tasks.noop") == ["dead"]
     assert states(engine, "tasks.relay_outbox") == ["resolved"]  # a beat task's tick still resolves its rows
+
+
+@pytest.mark.parametrize("task_name", ["tasks.dispatch_due_retries", "tasks.fetch_attempt_detail",
+                                       "tasks.settle_unsettled_bad_debt_payments",
+                                       "tasks.reconcile_bad_debt_payments"])
+def test_a_tick_skipped_for_want_of_a_stripe_key_leaves_the_row_of_the_tick_that_failed(
+        celery_app, engine, clean, runtime, monkeypatch, task_name):
+    """Without STRIPE_API_KEY these ticks do nothing (nothing asked, nothing claimed): the work the
+    given-up tick left is still to do, so its row stays for the tick that does it."""
+    celery_app.loader.import_default_modules()
+    give_up(celery_app, task_name, DatabaseUnavailable("database connection lost"))
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(stripe_api_key=""))
+    result = celery_app.tasks[task_name].apply().get()
+    assert "STRIPE_API_KEY" in str(result.get("skipped"))
+    assert states(engine, task_name) == ["retrying"]

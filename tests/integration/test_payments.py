@@ -389,7 +389,8 @@ def test_without_a_stripe_key_due_retries_stay_planned_and_nothing_asks_stripe(
     with_key = runtime.settings
     monkeypatch.setattr(runtime, "settings", with_key.with_overrides(stripe_api_key=""))
     dispatch_task = celery_app.tasks["tasks.dispatch_due_retries"]
-    assert dispatch_task.apply().get() == {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set"}
+    assert dispatch_task.apply().get() == {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set",
+                                         "deferred": True}
     assert retries(engine, account) == []
     (claimed,) = claim_due(engine, datetime.now(UTC))  # as if claimed and sent before the key was removed
     assert celery_app.tasks["tasks.retry_payment"].apply([claimed]).get()["outcome"] == "not_sent"
