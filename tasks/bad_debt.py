@@ -16,6 +16,7 @@ from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
 from app.payments.bad_debt_webhook import REFUNDED_AFTER_SETTLEMENT_TASK, enqueue_settlement
+from app.payments.stripe_client import NO_KEY
 from app.stuck_work import DEFERRED, stuck_id_of, task_id_for
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck, retry_after_seconds
 from tasks.recompute import handle_failure
@@ -28,7 +29,6 @@ RECONCILE = "tasks.reconcile_bad_debt_payment"
 OVERPAID = OVERPAID_TASK
 REFUNDED_AFTER_SETTLEMENT = REFUNDED_AFTER_SETTLEMENT_TASK
 BUSY_COUNTDOWN, BUSY_RETRIES = 5, 24
-NO_KEY = "STRIPE_API_KEY is not set"
 
 
 def _as_failure(exc: Exception) -> Exception:

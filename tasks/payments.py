@@ -17,7 +17,7 @@ from app.payments.invoice_lines import fetch_incomplete_lines
 from app.payments.pay import PayResult
 from app.payments.pay import retry_payment as pay_retry
 from app.payments.retries import claim_due, expire_unsent
-from app.payments.stripe_client import make_stripe_client
+from app.payments.stripe_client import NO_KEY, make_stripe_client
 from app.stuck_work import DEFERRED
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck
 from tasks.recompute import handle_failure
@@ -47,8 +47,8 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
         except BrokerUnavailable as exc:  # the request row stays: beat's stale-request re-drive sends it
             log.warning("could not queue the recompute of %s: %s", account_id, exc)
     if not keyed:
-        log.warning("payment retries are not dispatched: STRIPE_API_KEY is not set")
-        return {"claimed": 0, "sent": 0, "skipped": "STRIPE_API_KEY is not set", DEFERRED: True}
+        log.warning("payment retries are not dispatched: %s", NO_KEY)
+        return {"claimed": 0, "sent": 0, "skipped": NO_KEY, DEFERRED: True}
     sent = 0
     for retry_id in ids:
         try:
@@ -70,8 +70,8 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         # dispatcher skips it once the guard window has passed (expire_unsent) and the account's
         # recompute plans it again. Deferred: a re-driven stuck row (a row left charging, which only
         # its re-drive sends again) stays for a run with the key.
-        log.warning("retry %s not charged: STRIPE_API_KEY is not set", retry_id)
-        return {"retry_id": int(retry_id), "outcome": "not_sent", "detail": "STRIPE_API_KEY is not set",
+        log.warning("retry %s not charged: %s", retry_id, NO_KEY)
+        return {"retry_id": int(retry_id), "outcome": "not_sent", "detail": NO_KEY,
                 DEFERRED: True}
     try:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
@@ -113,7 +113,7 @@ def fetch_attempt_detail(self: Task) -> dict[str, Any]:
     """Beat: ask Stripe why a failed invoice failed when no webhook said (app/payments/attempt_detail.py)."""
     rt = runtime_for(self.app)
     if not rt.settings.stripe_api_key:  # nothing to ask with (make run's default): not a failure
-        return {"skipped": "STRIPE_API_KEY is not set", DEFERRED: True}
+        return {"skipped": NO_KEY, DEFERRED: True}
     try:
         report = fetch_missing_detail(rt, self.app, datetime.now(UTC))
     except Exception as exc:
@@ -132,8 +132,8 @@ def fetch_invoice_lines(self: Task) -> dict[str, Any]:
     if not rt.settings.stripe_api_key:
         # Nothing to ask with (make run's default): the invoices stay incomplete (compute's reasons
         # say so) until a key is set. Deferred: a stuck row of an earlier tick stays for one that ran.
-        log.warning("invoice lines are not fetched from Stripe: STRIPE_API_KEY is not set")
-        return {"skipped": "STRIPE_API_KEY is not set", DEFERRED: True}
+        log.warning("invoice lines are not fetched from Stripe: %s", NO_KEY)
+        return {"skipped": NO_KEY, DEFERRED: True}
     try:
         report = fetch_incomplete_lines(rt, self.app, datetime.now(UTC))
     except Exception as exc:

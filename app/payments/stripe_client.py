@@ -10,6 +10,8 @@ from app.config import Settings
 # Short: a retry task must not hold a worker; the task's failure policy retries a timeout.
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 20.0
+# Why a task asked Stripe nothing (make run's default has no key): in its answer and its log line.
+NO_KEY = "STRIPE_API_KEY is not set"
 
 
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:
