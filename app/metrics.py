@@ -62,7 +62,8 @@ ATTEMPT_DETAIL = Counter("dunning_attempt_detail_asked_total",
                          ["outcome"])
 INVOICE_LINES = Counter("dunning_invoice_lines_fetched_total",
                         "Invoices whose event carried their first lines only, whose whole list Stripe's API "
-                        "was asked for, by what it gave (fetched, error)", ["outcome"])
+                        "was asked for, by what came of it (fetched: stored; not_stored: another writer stored "
+                        "the whole list first; error)", ["outcome"])
 HISTORY_PRUNED = Counter("dunning_history_pruned_total", "History rows older than HISTORY_RETENTION_DAYS removed, "
                          "by table (app/history/prune.py)", ["table"])
 TASK_FAILURES = Counter("dunning_task_failures_total", "Task failures by task and failure class",

@@ -229,6 +229,8 @@ class StripeInvoice(Base):
     lines_incomplete: Mapped[bool | None] = mapped_column(Boolean)
     # When Stripe last refused to list the lines (asked again an hour later).
     lines_asked_at: Mapped[datetime | None]
+    # When beat last asked Stripe for the lines, whatever came of it: the least recently asked go first.
+    lines_tried_at: Mapped[datetime | None]
     created: Mapped[datetime]
     due_date: Mapped[datetime | None]
     first_failed_at: Mapped[datetime | None]

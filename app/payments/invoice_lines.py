@@ -18,8 +18,12 @@ Beat (tasks.fetch_invoice_lines) then, for each such invoice that is debt (what 
 
 A passing error (no answer, a 5xx) leaves the invoice for the next pass; a rate limit or a key
 Stripe refuses ends the pass; Stripe refusing to list one invoice's lines (a 4xx about it) is
-asked again an hour later (``lines_asked_at``). One pass at a time (an advisory lock), within a
-time budget.
+asked again an hour later (``lines_asked_at``). Any other error about one invoice (a page or a line
+that cannot be read) costs that invoice only: logged, asked again later, the pass goes on; a
+database error fails the pass. Every ask is noted (``lines_tried_at``, before asking) and a pass
+takes the invoices never asked first, then the least recently asked: an invoice that keeps failing
+goes behind the others instead of taking a place in every pass. One pass at a time (an advisory
+lock), within a time budget.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg2
 import stripe
 from celery import Celery
 from psycopg2.extras import Json
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import metrics
 from app.db import session_lock, unit_of_work
@@ -54,13 +60,18 @@ SELECT i.id, i.subscription_id FROM stripe_invoice i
  WHERE i.lines_incomplete AND i.status IN ('open', 'uncollectible') AND i.amount_remaining > 0
    AND (i.status = 'uncollectible' OR i.first_failed_at IS NOT NULL OR i.due_date <= %(now)s)
    AND (i.lines_asked_at IS NULL OR i.lines_asked_at <= %(again)s)
- ORDER BY i.lines_asked_at NULLS FIRST, i.id LIMIT %(limit)s
+ ORDER BY i.lines_tried_at NULLS FIRST, i.id LIMIT %(limit)s
 """
+# Noted before each ask, whatever comes of it (a 5xx, an error, the pass failing): the next pass
+# takes the invoices asked least recently first, so one that keeps failing cannot hold the others
+# back (more than ``limit`` such invoices took every pass's places).
+TRIED = "UPDATE stripe_invoice SET lines_tried_at = %(at)s WHERE id = %(id)s"
 # Only while still incomplete and finalized (a draft's lines may change; an invoice never goes back
 # to draft): a pass that raced another writer stores nothing twice.
 STORE = """
 UPDATE stripe_invoice SET lines = %(lines)s, lines_incomplete = false, lines_asked_at = NULL
  WHERE id = %(id)s AND lines_incomplete AND status <> 'draft'
+RETURNING id
 """
 # The account the invoice's customer maps to (none: its events wait unroutable, and their re-drive
 # recomputes it once mapped, reading the lines stored here).
@@ -73,13 +84,15 @@ LOCK = "invoice_lines"
 PASSING = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
 # Errors that no other invoice would escape either: the pass ends.
 ENDS_PASS = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
+# Errors of the database: the pass fails (a stuck row, retried), as no other invoice would be stored.
+DATABASE = (SQLAlchemyError, psycopg2.Error)
 
 
 @dataclass
 class LinesReport:
     asked: int = 0
-    fetched: list[str] = field(default_factory=list)  # invoices whose whole list is stored now
-    errors: int = 0  # Stripe did not give them
+    fetched: list[str] = field(default_factory=list)  # invoices whose whole list this pass stored
+    errors: int = 0  # Stripe did not give them, or they could not be read
     busy: bool = False  # another pass was running
 
     def to_json(self) -> dict[str, Any]:
@@ -109,8 +122,26 @@ def fetch_incomplete_lines(rt: Runtime, celery_app: Celery, now: datetime, limit
 
 def _fetch(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice_id: str,
            subscription_id: str | None, now: datetime, report: LinesReport) -> bool:
-    """Fetch and store one invoice's lines; False when the pass must end."""
+    """Fetch and store one invoice's lines; False when the pass must end. An error about this
+    invoice alone (not Stripe's, not the database's: a page or a line that cannot be read) is
+    logged and costs this invoice only: asked again later, the pass goes on."""
     report.asked += 1
+    with unit_of_work(rt.engine) as conn:
+        conn.exec_driver_sql(TRIED, {"id": invoice_id, "at": now})
+    try:
+        return _fetch_one(rt, celery_app, client, invoice_id, subscription_id, now, report)
+    except DATABASE:
+        raise
+    except Exception:
+        report.errors += 1
+        metrics.INVOICE_LINES.labels("error").inc()
+        log.exception("the lines of invoice %s could not be fetched or stored: skipped, asked again in a "
+                      "later pass; the pass goes on", invoice_id)
+        return True
+
+
+def _fetch_one(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice_id: str,
+               subscription_id: str | None, now: datetime, report: LinesReport) -> bool:
     try:
         lines = all_lines(client, invoice_id)
     except stripe.StripeError as exc:
@@ -137,10 +168,14 @@ def _fetch(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice
         account = str(found) if found is not None else None
         if account is not None:
             created = request_recompute(conn, account, trigger, cause)
-        conn.exec_driver_sql(STORE, {"id": invoice_id, "lines": Json(stored)})
-    report.fetched.append(invoice_id)
-    metrics.INVOICE_LINES.labels("fetched").inc()
-    log.info("lines of invoice %s from Stripe: %d", invoice_id, len(stored))
+        wrote = conn.exec_driver_sql(STORE, {"id": invoice_id, "lines": Json(stored)}).first() is not None
+    if wrote:
+        report.fetched.append(invoice_id)
+        metrics.INVOICE_LINES.labels("fetched").inc()
+        log.info("lines of invoice %s from Stripe: %d", invoice_id, len(stored))
+    else:  # its whole list was stored meanwhile (an event carrying all of it, another pass)
+        metrics.INVOICE_LINES.labels("not_stored").inc()
+        log.info("lines of invoice %s from Stripe not stored: the invoice is no longer incomplete", invoice_id)
     if created and account is not None:
         try:
             enqueue_recompute(celery_app, account, trigger, cause)

@@ -21,7 +21,8 @@
 * ``GET /v1/invoices/<id>/lines`` lists the lines ``set_lines`` gave an invoice (the real line_item
   fixture, ids and values overridden), paginated as Stripe does: ``limit`` (10 by default, at most
   100), ``starting_after`` a line's id, ``has_more``. ``invoice_lines_down`` answers it with a 500,
-  ``invoice_lines_rate_limited`` with a 429; an invoice it has no lines for is a 404 ``resource_missing``.
+  ``invoice_lines_rate_limited`` with a 429, and for an invoice in ``invoice_lines_down_for`` it is a 500;
+  an invoice it has no lines for is a 404 ``resource_missing``.
 * ``credit_note`` issues a credit note on an invoice, as the business would in the Dashboard: its
   pre-payment part lowers amount_due and amount_remaining (not below zero) and adds to
   pre_payment_credit_notes_amount, the rest adds to post_payment_credit_notes_amount; no invoice
@@ -90,6 +91,7 @@ class FakeStripePayments:
         self.lines_by_invoice: dict[str, list[dict[str, Any]]] = {}
         self.invoice_lines_down = False  # listing an invoice's lines answers 500
         self.invoice_lines_rate_limited = False  # listing an invoice's lines answers 429
+        self.invoice_lines_down_for: set[str] = set()  # listing these invoices' lines answers 500
         # The API key was rolled or revoked in the Dashboard: every request is refused with Stripe's
         # 401 before it runs (nothing created, nothing kept for its idempotency key), as Stripe
         # authenticates before anything else. Each is recorded in ``refused`` (method, path), not ``calls``.
@@ -293,7 +295,7 @@ class FakeStripePayments:
                      "data": found[:limit]}
 
     def _list_lines(self, invoice_id: str, params: dict[str, str]) -> Answer:
-        if self.invoice_lines_down:
+        if self.invoice_lines_down or invoice_id in self.invoice_lines_down_for:
             return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
         if self.invoice_lines_rate_limited:
             return RATE_LIMITED

@@ -273,3 +273,89 @@ def test_an_upgrade_whose_credit_lines_are_not_known_yet_withholds_nothing_the_c
     assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
     after = recompute(engine, runtime, account)
     assert products(after)["prod_seats"] == "full" and incomplete_reasons(after) == []
+
+
+def lines_fetched_metric(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("dunning_invoice_lines_fetched_total", {"outcome": outcome}) or 0.0
+
+
+def test_an_invoice_whose_lines_cannot_be_read_costs_that_invoice_only(client, engine, runtime, accounts,
+                                                                       stripe_fake, celery_app, caplog):
+    """Stripe answered 200 with a line the mirror cannot read (an amount out of range). The error was
+    not Stripe's, so it failed the whole pass; the invoice sorted first again next tick, and the
+    invoices behind it were never fetched. Now it costs that invoice only: logged, asked again in a
+    later pass, the others fetched."""
+    ids = sorted(unique("in") for _ in range(2))
+    bad, good = ids  # the bad one first, as the pass takes them
+    for invoice in ids:
+        _, customer = accounts.create()
+        first_lines_failed(client, customer, invoice=invoice)
+        stripe_fake.set_lines(invoice, WHOLE)
+    stripe_fake.lines_by_invoice[bad][-1]["amount"] = float("nan")  # answered as NaN, read as nan
+
+    report = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert (report.asked, report.fetched, report.errors) == (2, [good], 1)
+    assert mirrored(engine, bad) == (["prod_core"], True)
+    assert mirrored(engine, good) == ([p for p, _ in WHOLE], False)
+    assert any(bad in r.getMessage() and "the pass goes on" in r.getMessage() for r in caplog.records)
+    # Asked again later, the same way.
+    again = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert (again.asked, again.fetched, again.errors) == (1, [], 1)
+
+
+def test_an_invoice_stripe_keeps_failing_for_does_not_starve_the_others(client, engine, runtime, accounts,
+                                                                        stripe_fake, celery_app):
+    """A 5xx for one invoice left nothing noted, so it sorted first again every pass: with ``limit``
+    such invoices no other one was ever asked. Every ask is noted now and the least recently asked
+    go first, an invoice never asked before any; a 5xx is still asked again at the next pass."""
+    ids = sorted(unique("in") for _ in range(3))
+    failing, waiting, new = ids
+    for invoice in (failing, waiting):
+        _, customer = accounts.create()
+        first_lines_failed(client, customer, invoice=invoice)
+        stripe_fake.set_lines(invoice, WHOLE)
+    stripe_fake.invoice_lines_down_for.add(failing)
+
+    first = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC), limit=1)
+    assert (first.asked, first.fetched, first.errors) == (1, [], 1)
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC), limit=1).fetched == [waiting]
+
+    _, customer = accounts.create()  # a new one is asked before the one asked already
+    first_lines_failed(client, customer, invoice=new)
+    stripe_fake.set_lines(new, WHOLE)
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC), limit=1).fetched == [new]
+    # The failing one is not held back an hour: asked again at the next pass.
+    retried = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC), limit=1)
+    assert (retried.asked, retried.errors) == (1, 1)
+    stripe_fake.invoice_lines_down_for.clear()
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC), limit=1).fetched == [failing]
+
+
+def test_lines_another_writer_stored_first_are_not_counted_as_fetched(client, engine, runtime, accounts,
+                                                                      stripe_fake, celery_app):
+    """While the pass asked Stripe, the invoice's event carrying its whole list (no has_more) came in:
+    STORE writes nothing then, and the pass counted the invoice fetched all the same."""
+    _, customer = accounts.create()
+    first = first_lines_failed(client, customer)
+    invoice = first["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    whole = event("invoice.payment_failed", id=invoice, customer=customer, created=first["created"] + 60,
+                  amount_due=7000, amount_remaining=7000, amount_paid=0, attempt_count=2,
+                  billing_reason="subscription_cycle", paths={"created": first["created"] - 86400})
+    whole = with_product(whole, "prod_premium", 2000)
+    posted: list[int] = []
+
+    def the_whole_list_arrives_meanwhile(method: str, path: str) -> None:
+        if not posted and path.split("?")[0].endswith(f"/{invoice}/lines"):
+            posted.append(post_event(client, whole).status_code)
+
+    stripe_fake.on_request = the_whole_list_arrives_meanwhile
+    fetched_before = lines_fetched_metric("fetched")
+    report = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    assert posted == [200]
+    assert (report.asked, report.fetched, report.errors) == (1, [], 0)
+    assert report.to_json()["fetched"] == 0
+    assert lines_fetched_metric("fetched") == fetched_before
+    assert mirrored(engine, invoice) == (["prod_premium"], False)
