@@ -84,6 +84,12 @@ SELECT id, invoice_ids FROM bad_debt_payment
 # An overpayment, for an operator: a dead stuck row under a task of its own (re-driven once the
 # refund is made, which resolves it), one per payment.
 OVERPAID_TASK = "tasks.bad_debt_overpayment_refunded"
+# The failure_reason of a payment failed before its settlement found its charge refunded.
+REFUND_REASON = """
+UPDATE bad_debt_payment SET failure_reason = %(reason)s, updated_at = now() WHERE id = %(id)s AND state = 'failed'
+"""
+
+
 class NotSettled(Exception):
     """Stripe refused to mark an invoice paid and it is not paid or void either."""
 
@@ -326,7 +332,12 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
     with unit_of_work(rt.engine) as conn:
         owners = request_owners_now(conn, payment_id, account_id, f"bad_debt_payment:{payment_id}")
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        reopened = mark_failed(conn, account_id, payment_id, f"{REFUND_FAILURE} ({refunded} of {amount})", None)
+        reason = f"{REFUND_FAILURE} ({refunded} of {amount})"
+        # Failed already (its charge turned up while another payment held the in-flight slot, and it
+        # was settled as it was): MARK_FAILED changes only a pending payment, and REOPEN tells one
+        # failed for its refund by this reason. Its earlier reason (never charged, say) was wrong.
+        conn.exec_driver_sql(REFUND_REASON, {"reason": reason, "id": payment_id})
+        reopened = mark_failed(conn, account_id, payment_id, reason, None)
         # A run again (its message redelivered, the intent's second success webhook) finds the alert
         # open: the same overpayment, not counted again (dunning_bad_debt_overpaid_total).
         alerted = bool(problems) and raise_alert(

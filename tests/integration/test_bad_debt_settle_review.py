@@ -171,6 +171,39 @@ def test_a_late_success_of_a_payment_failed_unseen_whose_charge_was_refunded_in_
     assert f"owed the other {debtor.amount - debtor.amount // 2}" in alert["error"]
 
 
+def test_a_payment_failed_unseen_settled_for_its_refund_while_another_was_in_flight_stays_failed(
+        client, engine, runtime, debtor, stripe_fake, settings, celery_app):
+    """The late success of a payment the reconciliation failed as never created came while the
+    customer's next payment held the in-flight slot: it is settled as it is, failed, and its
+    settlement finds the charge refunded in part (an operator is alerted). Its failure_reason stayed
+    the reconciliation's (MARK_FAILED changes only a pending payment), and REOPEN tells a payment
+    failed for its refund by that text only: once the slot was free, the success delivered again
+    put it back in flight (the account lifting) for a settlement that could only fail it again."""
+    from tasks.bad_debt import SETTLE
+    from tests.integration.bad_debt_setup import payments, refund
+    from tests.integration.test_bad_debt_reconcile import failed_with_a_hidden_charge, take_queued_settlements
+
+    payment_id, charged = failed_with_a_hidden_charge(client, engine, runtime, debtor, stripe_fake)
+    take_queued_settlements(settings)
+    stripe_fake.intent_outcome = "processing"
+    second = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key()).json
+    refund(client, debtor, charged["id"], amount=debtor.amount // 2)
+    late = intent_event("succeeded", debtor, charged["id"], payment_id)
+    assert post_event(client, late).status_code == 200
+    assert take_queued_settlements(settings) == [payment_id]  # settled as it is: the slot is taken
+    assert celery_app.tasks[SETTLE].apply([payment_id]).get()["outcome"] == "refunded"
+    assert len(overpaid_alerts(engine)) == 1
+
+    declined = intent_event("payment_failed", debtor, second["stripe_payment_intent_id"], second["payment_id"],
+                            decline="insufficient_funds")
+    assert post_event(client, declined).status_code == 200  # the slot is free again
+    again = intent_event("succeeded", debtor, charged["id"], payment_id)
+    again["id"] = again["id"] + "_again"  # Stripe delivers an event more than once
+    assert post_event(client, again).status_code == 200
+    assert [p["state"] for p in payments(engine, debtor.account)] == ["failed", "failed"]
+    assert take_queued_settlements(settings) == []
+
+
 @pytest.mark.parametrize("task_name", ["tasks.settle_bad_debt_payment", "tasks.reconcile_bad_debt_payment"])
 def test_a_revoked_api_key_is_asked_once_a_run_and_named_on_the_stuck_row(
         client, engine, runtime, debtor, stripe_fake, celery_app, settings, task_name):
