@@ -91,9 +91,12 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
     # An unpaid swap keeps what the customer held before it (premium_off: core kept), and no more than
     # that: the plan it replaced may be on an unpaid regular invoice too (a renewal read-only at
     # limited, revoked in bad debt), and upgrading must not give that access back. Invoices are
-    # oldest first, so a swap of a swapped-in product inherits in turn.
+    # oldest first, so a swap of a swapped-in product inherits in turn. Not while the upgrade's
+    # lines are not all known: a product it credits on a later line was held before, and read from
+    # the first lines it may look like the replacement of another (as upgrade_access withholds
+    # nothing then, nothing is passed on).
     for invoice, _level in unpaid:
-        if invoice.is_upgrade:
+        if invoice.is_upgrade and not invoice.lines_incomplete:
             for product, held in _replaced(invoice).items():
                 products[product] = max((products[product], *(products.get(p, Access.FULL) for p in held)),
                                         key=ACCESS_SEVERITY.index)

@@ -359,3 +359,47 @@ def test_lines_another_writer_stored_first_are_not_counted_as_fetched(client, en
     assert report.to_json()["fetched"] == 0
     assert lines_fetched_metric("fetched") == fetched_before
     assert mirrored(engine, invoice) == (["prod_premium"], False)
+
+
+def test_an_upgrade_whose_lines_are_not_all_known_does_not_pass_on_a_dropped_products_access(
+        client, engine, runtime, accounts, stripe_fake, celery_app):
+    """An unpaid swap keeps what the customer held before it and no more: a product that replaced one
+    the upgrade credits and no longer charges takes that product's access (entitlements' second
+    loop). Told from the first lines only, a product the upgrade also credits on a later line (held
+    before: more seats of both) looked like the replacement of one credited on the first: it took
+    that product's access from another unpaid invoice (read-only at limited), a product the
+    customer held before taken away while the lines were not known (55107a2 withholds nothing then)."""
+    import copy
+
+    account, customer = accounts.create()
+    days = 15  # limited: a core product read-only
+    t = int(time.time() - days * 86400)
+    renewal = event("invoice.payment_failed", id=unique("in"), customer=customer, created=t, amount_due=7000,
+                    amount_remaining=7000, amount_paid=0, attempt_count=1, billing_reason="subscription_cycle",
+                    paths={"created": t - 86400})
+    assert post_event(client, with_product(renewal, "prod_core", 7000)).status_code == 200
+    upgrade = event("invoice.payment_failed", id=unique("in"), customer=customer, created=t, amount_due=1500,
+                    amount_remaining=1500, amount_paid=0, attempt_count=1, billing_reason="subscription_update",
+                    paths={"created": t - 86400, "lines.has_more": True})
+    upgrade = with_product(upgrade, "prod_core", -1000)  # the first lines: a credit for prod_core...
+    lines = upgrade["data"]["object"]["lines"]["data"]
+    charge = copy.deepcopy(lines[0])  # ... and a charge for prod_seats, on an item of its own
+    charge.update(id=unique("il"), amount=3000, pricing={"type": "price_details", "unit_amount_decimal": None,
+                                                         "price_details": {"price": "price_prod_seats",
+                                                                           "product": "prod_seats"}})
+    charge["parent"]["subscription_item_details"]["subscription_item"] = unique("si")
+    lines[:] = [lines[0], charge]
+    assert post_event(client, upgrade).status_code == 200
+    invoice = upgrade["data"]["object"]["id"]
+
+    before = recompute(engine, runtime, account)
+    assert before["level"] == "limited" and len(incomplete_reasons(before)) == 1
+    assert products(before)["prod_core"] == "read_only"
+    assert products(before)["prod_seats"] == "full"
+
+    # The whole list: more seats of both products (each credited and charged), nothing swapped.
+    stripe_fake.set_lines(invoice, [("prod_core", -1000), ("prod_seats", 3000), ("prod_seats", -2000),
+                                    ("prod_core", 1500)])
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
+    after = recompute(engine, runtime, account)
+    assert products(after)["prod_seats"] == "full" and products(after)["prod_core"] == "read_only"
