@@ -10,6 +10,7 @@ from celery import Task, shared_task
 
 from app.outbox.backlog import backlog
 from app.outbox.relay import DELIVER_TASK, deliver_account, relay
+from app.stuck_work import DEFERRED
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -44,12 +45,14 @@ def deliver_account_outbox(self: Task, account_id: str) -> dict[str, Any]:
     rt = runtime_for(self.app)
     deadline = time.monotonic() + RELAY_BUDGET_SECONDS
     base = rt.settings.account_management_url
-    if not base:
-        return {"account_id": account_id, "delivered": 0}
+    if not base:  # nothing relayed: a re-driven stuck row stays
+        return {"account_id": account_id, "delivered": 0, DEFERRED: True}
     try:
         with requests.Session() as session:
             report = deliver_account(rt.engine, session, base, account_id, deadline=deadline)
     except Exception as exc:
         handle_failure(self, exc, account_id, {"account_id": account_id})
         raise
-    return {"account_id": account_id, **report.to_json()}
+    # A run that did not go through the account's rows (cut short, or another relay holds the
+    # account) leaves its stuck rows, a re-driven one included: its success alone would resolve it.
+    return {"account_id": account_id, **report.to_json(), DEFERRED: account_id not in report.relayed}

@@ -370,6 +370,10 @@ class RelayReport:
     busy: bool = False  # another pass was running: this one left the work to it
     errors: list[str] = field(default_factory=list)
     relayed: list[str] = field(default_factory=list)  # accounts whose rows were gone through without an error
+    # Accounts whose run reached their head row without an error and held it (a payment in flight):
+    # the rows wait by design. Their relay works: a failure that passes (retrying) is over; a dead
+    # row may be the held row's own fault, whose send is not reached while it is held.
+    waiting: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"accounts": self.accounts, "delivered": self.delivered, "superseded": self.superseded,
@@ -605,6 +609,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                                                     "next": now + timedelta(seconds=HOLD_SECONDS)})
                 log.info("outbox %s (%s v%s) for %s waits: %s", row_id, event_type, version, account_id, held)
                 report.held += 1
+                report.waiting.append(account_id)
                 cut = True
                 break  # the rows behind it wait, in order
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
@@ -641,6 +646,8 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             report.relayed.append(account_id)
     if resolve_stuck and not cut:
         resolve_account_task(engine, DELIVER_TASK, [account_id])
+    elif resolve_stuck and account_id in report.waiting:
+        resolve_account_task(engine, DELIVER_TASK, [account_id], retrying_only=True)
     return report
 
 
@@ -722,3 +729,4 @@ def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], bu
         if own_session:
             session.close()
     resolve_account_task(engine, DELIVER_TASK, report.relayed)
+    resolve_account_task(engine, DELIVER_TASK, report.waiting, retrying_only=True)

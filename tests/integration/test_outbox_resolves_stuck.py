@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 import app.outbox.relay as relay_module
 import tasks.outbox  # noqa: F401  (registers the task on the test's Celery app)
-from app.domain.events import EntitlementsChanged
+from app.domain.events import EntitlementsChanged, UpgradeRevertRequested
 from app.outbox.relay import deliver_account, relay
 from tasks.failures import FailureKind, record_stuck
 from tests.integration.test_outbox_relay import LATER, outbox, write_events
@@ -112,4 +112,63 @@ def test_a_relay_cut_short_before_the_accounts_rows_leaves_the_row(accounts, eng
             report = deliver_account(engine, session, fake_am.url, account, now_fn=lambda: now, deadline=0.0)
     assert (report.delivered, report.failed) == (0, 0)
     assert outbox(engine, account)[0]["state"] == "pending"
+    assert stuck(engine, account)[DELIVER] == ["dead", "dead"]
+
+
+@pytest.mark.parametrize("path", ["task", "beat_pass"])
+def test_a_relay_that_finds_the_head_row_held_for_a_payment_resolves_a_retrying_row_not_a_dead_one(
+        accounts, engine, fake_am, path):
+    """The account's relay task gave up on a database outage (retrying: beat re-drives it) and, in
+    another run, as dead; since, its head row, a lifecycle request, waits for a bad-debt payment in
+    flight, which may take days (a bank debit). A run that reaches that row and holds it went through
+    all the failed run had to do up to it and worked: the database answers, the rows wait in order by
+    design and go once the payment ends. Left retrying (f8f7bec: held counted as cut short), the row
+    was re-driven every 5 minutes and listed as stuck work for as long as the payment ran, with
+    nothing broken. A dead row may be the held row's own fault (its send is not reached while it is
+    held): it stays for an operator."""
+    from tests.integration.test_outbox_relay import requesting
+    from tests.integration.test_outbox_stale_entitlements import pay_bad_debt
+
+    account, _ = accounts.create()
+    assert record_stuck(engine, DELIVER, {"account_id": account}, account, FailureKind.DATABASE_UNAVAILABLE,
+                        "OperationalError: the database is down", 11, "retrying")
+    assert record_stuck(engine, DELIVER, {"account_id": account, "n": 1}, account, FailureKind.KILLED,
+                        "WorkerLostError: killed", 1, "dead", per_args=True)
+    requesting(engine, account, "revert:in_up")
+    write_events(engine, account, 1, [UpgradeRevertRequested(invoice_id="in_up", subscription_id="sub_1")])
+    pay_bad_debt(engine, account)
+
+    now = datetime.now(UTC) + LATER
+    if path == "task":
+        with requests.Session() as session:
+            report = deliver_account(engine, session, fake_am.url, account, now_fn=lambda: now)
+    else:
+        report = relay(engine, fake_am.url, now=now)
+    assert (report.delivered, report.failed, report.held) == (0, 0, 1)
+    assert fake_am.for_account(account) == []
+    assert stuck(engine, account)[DELIVER] == ["resolved", "dead"]
+
+
+def test_a_redrive_of_the_row_whose_run_is_cut_short_leaves_it(accounts, engine, celery_app, fake_am):
+    """An operator re-drives the dead row (or beat a retrying one) while the account's head row backs
+    off (Account Management refused it a moment ago): the run goes through nothing, as f8f7bec has a
+    cut-short run leave the account's stuck rows. But the re-drive's own success resolved its row
+    all the same (tasks/stuck.py resolves a re-driven row whose task succeeds unless it says it is
+    deferred), and the fault vanished from the stuck list with the row that breaks the relay not
+    reached."""
+    import tasks.stuck  # noqa: F401  (resolves a re-driven row when its task succeeds, as in the worker)
+    from app.stuck_work import task_id_for
+
+    account, _ = accounts.create()
+    gave_up(engine, account)
+    write_events(engine, account, 1, [EntitlementsChanged(entitlements={"v": 1})])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE outbox SET next_attempt_at = now() + interval '1 hour' "
+                             "WHERE account_id = %(a)s", {"a": account})
+        dead = conn.exec_driver_sql("SELECT id FROM subs_stuck_events WHERE task_name = %(t)s AND account_id = %(a)s "
+                                    "ORDER BY id LIMIT 1", {"t": DELIVER, "a": account}).scalar_one()
+
+    result = celery_app.tasks[DELIVER].apply(args=[account], task_id=task_id_for(dead)).get()
+
+    assert result["delivered"] == 0
     assert stuck(engine, account)[DELIVER] == ["dead", "dead"]
