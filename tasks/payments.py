@@ -87,9 +87,12 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         _recompute(self.app, result.account_id, result)
     if result.outcome == "refused":
         # Stripe turned the request down (a revoked key, a missing permission): dead stuck work for
-        # an operator, now that the recompute that applies the refused backoff is on its way.
-        refused = TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {result.detail}")
-        handle_failure(self, refused, result.account_id, args, per_args=True)
+        # an operator, now that the recompute that applies the refused backoff is on its way. Our
+        # key refused is named as the bad-debt tasks name it (credentials_refused), dead all the
+        # same: the retry is over, and its re-drive would charge nothing.
+        kind = FailureKind.CREDENTIALS_REFUSED if result.credentials_refused else FailureKind.PERMANENT_API_ERROR
+        refused = TaskFailure(kind, f"Stripe refused the request: {result.detail}")
+        handle_failure(self, refused, result.account_id, args, per_args=True, dead=True)
         raise refused  # handle_failure always raises; this keeps type checkers honest
     if result.account_id and self.request.retries:
         resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id, args)

@@ -29,11 +29,12 @@ NAME = "tasks.recompute_account"
 
 
 def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dict[str, Any],
-                   per_args: bool = False, taken_request: datetime | None = None) -> None:
+                   per_args: bool = False, taken_request: datetime | None = None, dead: bool = False) -> None:
     """Retry by failure class, or give up into subs_stuck_events (one row per account, or per
     account and ``args`` with ``per_args``); counted in dunning_task_failures_total either way.
     ``taken_request``: the touched_at of the account's recompute request the failed run had taken;
-    a give-up as dead parks it, if nobody touched it since (tasks.failures.PARK_REQUEST). Always
+    a give-up as dead parks it, if nobody touched it since (tasks.failures.PARK_REQUEST). ``dead``:
+    given up as dead whatever its class (its work is over, a re-drive would do nothing). Always
     raises."""
     kind = classify(exc)
     policy = POLICIES[kind]
@@ -61,7 +62,7 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     # Its own retries are over. A passing failure (a database outage longer than the backoff) stays
     # "retrying": beat re-drives it until it succeeds. What will not heal by waiting (invalid data, a
     # refused API call, an unexpected error) is "dead", for an operator.
-    state = "retrying" if kind in PASSING else "dead"
+    state = "retrying" if kind in PASSING and not dead else "dead"
     if not record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args,
                         park_request=taken_request if state == "dead" else None):
         # Nowhere to record the give-up (the database is down). Raising now would have the message

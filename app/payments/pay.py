@@ -137,6 +137,8 @@ class PayResult:
     # A recompute request row was committed with the outcome (refused): beat re-drives it if its
     # message is lost, and the message is a coalesced one.
     requested: bool = False
+    # Refused for our API key (401/403: rolled, revoked, lacking a permission), not for the request.
+    credentials_refused: bool = False
 
     @property
     def recompute(self) -> bool:
@@ -322,7 +324,8 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         # one, and the task still fails, for an operator, once it has sent the recompute.
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
         _refuse(engine, retry_id, c.account_id, detail)
-        return PayResult(retry_id, "refused", c.account_id, c.failure_class, detail, requested=True)
+        return PayResult(retry_id, "refused", c.account_id, c.failure_class, detail, requested=True,
+                         credentials_refused=isinstance(exc, stripe.AuthenticationError | stripe.PermissionError))
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
 

@@ -79,6 +79,12 @@ def invalid() -> Outcome:
     return Outcome("invalid")
 
 
+def key_refused() -> Outcome:
+    """Stripe's 401 for an API key rolled or revoked: turned away before anything runs (nothing
+    charged, nothing saved for the key), as fake_stripe_payments' ``key_revoked``."""
+    return Outcome("key_refused")
+
+
 def in_progress() -> Outcome:
     """Stripe's 409 while another request with the same idempotency key is still running."""
     return Outcome("in_progress")
@@ -187,7 +193,7 @@ class FakeStripe:
         with self._lock:
             # Like Stripe, a request that never started running (rate limited, or refused because
             # another with the same key is running) is neither a charge nor saved for the key.
-            if outcome.kind not in ("rate_limit", "in_progress"):
+            if outcome.kind not in ("rate_limit", "in_progress", "key_refused"):
                 self.charges.append((invoice_id, key))
                 if key is not None:
                     self._saved[key] = answer
@@ -219,6 +225,9 @@ class FakeStripe:
                                    "using this Stripe-Idempotency-Key. Please try again later.")
         if outcome.kind == "invalid":
             return 400, {}, _error("invalid_request_error", "invoice_not_open", "Invoice is already paid.")
+        if outcome.kind == "key_refused":
+            return 401, {"Request-Id": "req_fake"}, _error(
+                "invalid_request_error", None, "Expired API Key provided: sk_test_********cdef")
         raise ValueError(outcome.kind)
 
     def __enter__(self) -> FakeStripe:

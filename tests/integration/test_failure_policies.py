@@ -407,3 +407,27 @@ def test_an_attempt_still_running_at_stripe_is_retried_with_the_same_key(client,
     assert len(requests) == 2 and len({r.idempotency_key for r in requests}) == 1
     assert len(fake_stripe.charges) == 1
     assert [r["state"] for r in retries(engine, account)] == ["sent"]
+
+
+def test_a_retry_refused_for_our_api_key_is_dead_under_credentials_refused(client, accounts, engine, celery_app,
+                                                                          worker, fake_stripe):
+    """Stripe refuses a payment retry for our API key (401: rolled or revoked), as it refuses the
+    bad-debt settlement's, which b9739b8 files as credentials_refused (the class README asks
+    operators to watch). The retry's refusal was filed as permanent_api_error: a revoked key, which
+    shows first on retries (far more of them than bad-debt payments), raised no such alert. The retry
+    row is refused and the account waits the refused backoff, as before; its stuck row stays dead for
+    an operator (a re-drive of a refused retry charges nothing), under the key's class."""
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    labels = {"task": "tasks.retry_payment", "failure_class": "credentials_refused", "action": "dead"}
+    before = REGISTRY.get_sample_value("dunning_task_failures_total", labels) or 0.0
+    fake_stripe.script(outcomes.key_refused())
+
+    assert celery_app.tasks["tasks.retry_payment"].apply(args=[retry_id]).failed()
+
+    (row,) = stuck(engine, account_id=account)
+    assert (row["state"], row["error_class"]) == ("dead", "credentials_refused"), row
+    assert "AuthenticationError" in row["error"]
+    assert [r["state"] for r in retries(engine, account)] == ["refused"]
+    assert REGISTRY.get_sample_value("dunning_task_failures_total", labels) == before + 1
