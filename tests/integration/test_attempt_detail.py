@@ -347,12 +347,8 @@ def test_the_pass_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_deadloc
     round (the invoice, marked asked, then the request): a webhook of the invoice arriving meanwhile
     (its retry's invoice.payment_failed) deadlocked with it, and PostgreSQL aborted one of them: the
     webhook answered 503, or the pass failed and asked Stripe again next time."""
-    import threading
-
-    from app.embedded import poll_until
-    from tests.integration.test_mirror_filing import waiting_on_a_lock
+    from tests.integration.lock_order import pass_during_a_webhook
     from webhooks.mirror import extract
-    from webhooks.store import request_recompute, upsert_row
 
     account, customer = accounts.create()
     invoice = unexplained_failure(client, stripe_fake, customer, "expired_card")
@@ -361,28 +357,8 @@ def test_the_pass_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_deadloc
                   amount_remaining=5000, amount_paid=0, attempt_count=2, billing_reason="subscription_cycle",
                   paths={"created": t - 86400})
     rows = [r for r in extract(with_product(again, "prod_core", 5000)).rows if r.table == "stripe_invoice"]
-    errors: list[BaseException] = []
-
-    def beat() -> None:
-        try:
-            fetch_missing_detail(runtime, celery_app, now())
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    webhook = engine.connect()
-    pass_ = threading.Thread(target=beat)
-    try:
-        with webhook.begin():  # the ingest statement's order: the request, then the mirror row
-            request_recompute(webhook, account, "PAYMENT_FAILED", again["id"])
-            pass_.start()
-            assert poll_until(lambda: waiting_on_a_lock(engine, "%dunning_request_recompute"), timeout=10)
-            for row in rows:
-                upsert_row(webhook, row)
-    except BaseException as exc:  # reported below
-        errors.append(exc)
-    finally:
-        webhook.close()
-        pass_.join(timeout=30)
+    errors = pass_during_a_webhook(engine, account, again["id"], rows,
+                                   lambda: fetch_missing_detail(runtime, celery_app, now()))
     assert not errors, errors
     [attempt] = attempt_rows(engine, customer)
     assert (attempt["invoice_id"], attempt["decline_code"]) == (invoice, "expired_card")

@@ -209,12 +209,8 @@ def test_the_beat_store_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_d
     every writer of both does: pay.py, bad_debt_settle.py). Beat's pass storing the whole list
     locked them the other way round (the invoice, then the request): a webhook of the invoice's
     account arriving meanwhile deadlocked with it, and PostgreSQL aborted one of them."""
-    import threading
-
-    from app.embedded import poll_until
-    from tests.integration.test_mirror_filing import waiting_on_a_lock
+    from tests.integration.lock_order import pass_during_a_webhook
     from webhooks.mirror import extract
-    from webhooks.store import request_recompute, upsert_row
 
     account, customer = accounts.create()
     first = first_lines_failed(client, customer)
@@ -225,28 +221,8 @@ def test_the_beat_store_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_d
                   billing_reason="subscription_cycle", paths={"created": first["created"] - 86400,
                                                               "lines.has_more": True})
     rows = [r for r in extract(with_product(again, "prod_core", 50)).rows if r.table == "stripe_invoice"]
-    errors: list[BaseException] = []
-
-    def beat() -> None:
-        try:
-            fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    webhook = engine.connect()
-    pass_ = threading.Thread(target=beat)
-    try:
-        with webhook.begin():  # the ingest statement's order: the request, then the mirror row
-            request_recompute(webhook, account, "PAYMENT_FAILED", again["id"])
-            pass_.start()
-            assert poll_until(lambda: waiting_on_a_lock(engine, "%dunning_request_recompute"), timeout=10)
-            for row in rows:
-                upsert_row(webhook, row)
-    except BaseException as exc:  # reported below
-        errors.append(exc)
-    finally:
-        webhook.close()
-        pass_.join(timeout=30)
+    errors = pass_during_a_webhook(engine, account, again["id"], rows,
+                                   lambda: fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)))
     assert not errors, errors
     assert mirrored(engine, invoice) == ([p for p, _ in WHOLE], False)
 
