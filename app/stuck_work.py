@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from app import metrics
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, send
+from tasks.failures import PASSING
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +119,23 @@ def resolve_beat_task(engine: Engine, task_name: str) -> None:
 RESOLVE_ACCOUNTS_SQL = """
 UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now(), next_redrive_at = NULL
  WHERE task_name = %(task)s AND account_id = ANY(%(accounts)s) AND state <> 'resolved'
-   AND (NOT %(retrying_only)s OR state = 'retrying')
+   AND (NOT %(retrying_only)s OR (state = 'retrying' AND error_class = ANY(%(passing)s)))
 """
 
 
 def resolve_account_task(engine: Engine, task_name: str, account_ids: list[str], retrying_only: bool = False) -> None:
     """``task_name``'s stuck rows (dead or retrying, whatever their arguments; ``retrying_only``: the
-    retrying ones, given up on a failure that passes) of these accounts are resolved: their work was
-    done since by another run. A failure to write it is logged, not raised (the work is done; the
-    next run resolves them)."""
+    retrying ones given up on a failure that passes, by their class: an operator's re-drive makes a
+    dead row retrying, and a retrying row may be an unexpected error still within its retries) of
+    these accounts are resolved: their work was done since by another run. A failure to write it is
+    logged, not raised (the work is done; the next run resolves them)."""
     if not account_ids:
         return
     try:
         with unit_of_work(engine) as conn:
             conn.exec_driver_sql(RESOLVE_ACCOUNTS_SQL, {"task": task_name, "accounts": sorted(set(account_ids)),
-                                                        "retrying_only": retrying_only})
+                                                        "retrying_only": retrying_only,
+                                                        "passing": sorted(kind.value for kind in PASSING)})
     except Exception:
         log.warning("could not resolve the stuck rows of %s for %d account(s)", task_name, len(account_ids),
                     exc_info=True)

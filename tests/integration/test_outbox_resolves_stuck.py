@@ -172,3 +172,34 @@ def test_a_redrive_of_the_row_whose_run_is_cut_short_leaves_it(accounts, engine,
 
     assert result["delivered"] == 0
     assert stuck(engine, account)[DELIVER] == ["dead", "dead"]
+
+
+def test_an_operators_redrive_of_a_dead_row_that_finds_the_head_row_held_leaves_it(accounts, engine, celery_app,
+                                                                                    fake_am):
+    """The account's relay task given up as dead (a bug: it may be the head row's own fault, whose send
+    is not reached while the row is held for a bad-debt payment in flight). An operator re-drives it:
+    the re-drive sets the row retrying (app/stuck_work.ONE_SQL), and the run, finding the head row
+    held, resolved the account's retrying rows (64f46c4), that one included: the dead row an operator
+    was asked to look at vanished with its fault not reached. Only a row retrying on a failure that
+    passes (the database) is over once a run holds the head row."""
+    import tasks.stuck  # noqa: F401  (resolves a re-driven row when its task succeeds, as in the worker)
+    from app.stuck_work import ONE_SQL, REDRIVE_EVERY_SECONDS, task_id_for
+    from tests.integration.test_outbox_relay import requesting
+    from tests.integration.test_outbox_stale_entitlements import pay_bad_debt
+
+    account, _ = accounts.create()
+    assert record_stuck(engine, DELIVER, {"account_id": account}, account, FailureKind.UNEXPECTED,
+                        "AttributeError: a bug", 4, "dead")
+    requesting(engine, account, "revert:in_up")
+    write_events(engine, account, 1, [UpgradeRevertRequested(invoice_id="in_up", subscription_id="sub_1")])
+    pay_bad_debt(engine, account)
+    with engine.begin() as conn:
+        dead = conn.exec_driver_sql("SELECT id FROM subs_stuck_events WHERE task_name = %(t)s AND account_id = %(a)s",
+                                    {"t": DELIVER, "a": account}).scalar_one()
+        assert conn.exec_driver_sql(ONE_SQL, {"id": dead, "every": REDRIVE_EVERY_SECONDS}).first() is not None
+
+    result = celery_app.tasks[DELIVER].apply(args=[account], task_id=task_id_for(dead)).get()
+
+    assert (result["delivered"], result["held"]) == (0, 1)
+    assert fake_am.for_account(account) == []
+    assert stuck(engine, account)[DELIVER] == ["retrying"]
