@@ -167,6 +167,13 @@ class FakeStripe:
         key = headers.get("idempotency-key")
         params = parse_qs(body.decode())
         with self._lock:
+            # Stripe authenticates a request before anything else: a refused API key is a 401 even
+            # for an idempotency key whose answer is saved, or an invoice already paid; nothing is
+            # run, replayed or saved.
+            if (self._script[0] if self._script else self.default).kind == "key_refused":
+                refused = self._script.popleft() if self._script else self.default
+                self.requests.append(PayRequest(invoice_id, key, params, replayed=False))
+                return self._answer(refused, invoice_id, params)
             # Stripe's rate limiter turns a request away before it looks at the key: a scripted 429
             # is answered even for a key whose answer is saved.
             limited = self._script[0].kind == "rate_limit" if self._script else False
@@ -193,7 +200,7 @@ class FakeStripe:
         with self._lock:
             # Like Stripe, a request that never started running (rate limited, or refused because
             # another with the same key is running) is neither a charge nor saved for the key.
-            if outcome.kind not in ("rate_limit", "in_progress", "key_refused"):
+            if outcome.kind not in ("rate_limit", "in_progress"):
                 self.charges.append((invoice_id, key))
                 if key is not None:
                     self._saved[key] = answer

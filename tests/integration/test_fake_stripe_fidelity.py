@@ -101,3 +101,21 @@ def test_an_unanswered_retry_is_not_sent_again_once_stripe_may_have_forgotten_it
     assert later.outcome == "skipped", later
     assert len(fake_stripe.charges) == 1 and len(fake_stripe.pay_requests(invoice)) == 1
     assert [r["state"] for r in retries(engine, account)] == ["sent"]  # it may have charged: stays counted
+
+
+def test_the_fake_turns_a_refused_key_away_before_it_looks_at_the_idempotency_key(runtime, fake_stripe):
+    """Stripe authenticates a request before anything else: with our API key refused (rolled or
+    revoked) a request is a 401 even for an idempotency key whose answer is saved, and nothing is
+    replayed, run or saved; once the key works again the same idempotency key replays its answer.
+    The fake's key_refused (d5b8a27) was answered only after its replay, so a retry sent again with
+    its key after our key was revoked got the saved answer instead of Stripe's 401."""
+    client = make_stripe_client(runtime.settings)
+    client.v1.invoices.pay("in_fake_a", {}, {"idempotency_key": "k1"})
+    fake_stripe.script(outcomes.key_refused())
+
+    with pytest.raises(stripe.AuthenticationError):
+        client.v1.invoices.pay("in_fake_a", {}, {"idempotency_key": "k1"})
+    client.v1.invoices.pay("in_fake_a", {}, {"idempotency_key": "k1"})
+
+    assert fake_stripe.charges == [("in_fake_a", "k1")]
+    assert [r.replayed for r in fake_stripe.pay_requests()] == [False, False, True]
