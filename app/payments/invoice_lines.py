@@ -37,6 +37,7 @@ from typing import Any
 import psycopg2
 import stripe
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from psycopg2.extras import Json
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -130,7 +131,7 @@ def _fetch(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice
         conn.exec_driver_sql(TRIED, {"id": invoice_id, "at": now})
     try:
         return _fetch_one(rt, celery_app, client, invoice_id, subscription_id, now, report)
-    except DATABASE:
+    except (*DATABASE, SoftTimeLimitExceeded):  # the database's fault, or the task's time is up: the pass's
         raise
     except Exception:
         report.errors += 1

@@ -13,6 +13,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from app.payments.invoice_lines import fetch_incomplete_lines
 from app.recompute.service import run_recompute
 from app.stuck_work import DEFERRED
@@ -379,3 +381,28 @@ def test_an_upgrade_whose_lines_are_not_all_known_does_not_pass_on_a_dropped_pro
     assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
     after = recompute(engine, runtime, account)
     assert products(after)["prod_seats"] == "full" and products(after)["prod_core"] == "read_only"
+
+
+def test_the_tasks_time_running_out_ends_the_pass_and_blames_no_invoice(client, engine, runtime, accounts,
+                                                                        stripe_fake, celery_app, monkeypatch):
+    """Celery's soft time limit strikes inside a Stripe call (a slow Stripe): the task's time is up,
+    not the invoice's fault. It was caught as an error about that invoice (logged at ERROR, counted,
+    the pass going on past the limit toward the hard kill); it ends the pass, and the invoice is
+    fetched by the next one."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    import app.payments.invoice_lines as invoice_lines
+
+    _, customer = accounts.create()
+    invoice = first_lines_failed(client, customer)["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    ask = invoice_lines.all_lines
+
+    def time_is_up(*args: Any) -> Any:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(invoice_lines, "all_lines", time_is_up)
+    with pytest.raises(SoftTimeLimitExceeded):
+        fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
+    monkeypatch.setattr(invoice_lines, "all_lines", ask)
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
