@@ -26,7 +26,6 @@ the pass. One pass at a time (an advisory lock), within a time budget.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,11 +34,11 @@ import stripe
 from celery import Celery
 
 from app import metrics
-from app.db import session_lock, unit_of_work
+from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import mirror_rows
-from app.payments.stripe_client import make_stripe_client
+from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, run_pass
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -97,10 +96,6 @@ LINK = "UPDATE stripe_payment_attempt SET invoice_id = %(invoice)s WHERE id = %(
 # Asked about this failure (a newer failure of the invoice is asked about again).
 MARK_ASKED = "UPDATE stripe_invoice SET detail_asked_for = %(at)s WHERE id = %(id)s"
 LOCK = "attempt_detail"
-# Errors that say nothing about the invoice: the same question may be answered next pass.
-PASSING = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
-# Errors that no other invoice would escape either: the pass ends.
-ENDS_PASS = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
 ACCOUNT_OF = "SELECT account_id FROM subs_customer WHERE stripe_customer_id = %(customer)s"
 
 
@@ -122,19 +117,11 @@ def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: 
     """One pass: ask Stripe about up to ``limit`` unexplained failures, starting none after
     ``budget_seconds``. Raises database errors."""
     report = DetailReport()
-    with session_lock(rt.engine, LOCK) as got:
-        if not got:
-            report.busy = True
-            return report
-        with rt.engine.connect() as conn:
-            due = conn.exec_driver_sql(DUE, {"before": now - GRACE, "since": now - HORIZON, "limit": limit}).fetchall()
-        deadline = time.monotonic() + budget_seconds
-        client = make_stripe_client(rt.settings) if due else None
-        for invoice_id, customer, failed_at in due:
-            if client is None or time.monotonic() > deadline:
-                break
-            if not _ask(rt, celery_app, client, invoice_id, customer, failed_at, report):
-                break
+    report.busy = not run_pass(
+        rt, LOCK,
+        lambda conn: conn.exec_driver_sql(DUE, {"before": now - GRACE, "since": now - HORIZON,
+                                                "limit": limit}).fetchall(),
+        lambda client, row: _ask(rt, celery_app, client, row[0], row[1], row[2], report), budget_seconds)
     return report
 
 
@@ -150,7 +137,7 @@ def _ask(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice_i
         ends = isinstance(exc, ENDS_PASS)
         log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s", invoice_id,
                     exc.__class__.__name__, "; the pass ends" if ends else "")
-        if not isinstance(exc, PASSING + ENDS_PASS):  # about this invoice: not asked again
+        if about_the_invoice(exc):  # not asked again
             _record(rt, celery_app, invoice_id, customer, failed_at, None)
         return not ends
     known = _known_failure(rt, intent) if intent is not None else None

@@ -29,7 +29,6 @@ lock), within a time budget.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,10 +41,10 @@ from psycopg2.extras import Json
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import metrics
-from app.db import session_lock, unit_of_work
+from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.triggers import Trigger
-from app.payments.stripe_client import make_stripe_client
+from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, run_pass
 from app.runtime import Runtime
 from webhooks.mirror import invoice_lines
 
@@ -81,10 +80,6 @@ SELECT c.account_id FROM stripe_invoice i JOIN subs_customer c USING (stripe_cus
 """
 REFUSED = "UPDATE stripe_invoice SET lines_asked_at = %(at)s WHERE id = %(id)s"
 LOCK = "invoice_lines"
-# Errors that say nothing about the invoice: asked again next pass.
-PASSING = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
-# Errors that no other invoice would escape either: the pass ends.
-ENDS_PASS = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
 # Errors of the database: the pass fails (a stuck row, retried), as no other invoice would be stored.
 DATABASE = (SQLAlchemyError, psycopg2.Error)
 
@@ -105,19 +100,10 @@ def fetch_incomplete_lines(rt: Runtime, celery_app: Celery, now: datetime, limit
     """One pass: fetch the whole list of lines of up to ``limit`` incomplete invoices that are debt,
     starting none after ``budget_seconds``. Raises database errors."""
     report = LinesReport()
-    with session_lock(rt.engine, LOCK) as got:
-        if not got:
-            report.busy = True
-            return report
-        with rt.engine.connect() as conn:
-            due = conn.exec_driver_sql(DUE, {"now": now, "again": now - REFUSED_AGAIN, "limit": limit}).fetchall()
-        deadline = time.monotonic() + budget_seconds
-        client = make_stripe_client(rt.settings) if due else None
-        for invoice_id, subscription_id in due:
-            if client is None or time.monotonic() > deadline:
-                break
-            if not _fetch(rt, celery_app, client, invoice_id, subscription_id, now, report):
-                break
+    report.busy = not run_pass(
+        rt, LOCK,
+        lambda conn: conn.exec_driver_sql(DUE, {"now": now, "again": now - REFUSED_AGAIN, "limit": limit}).fetchall(),
+        lambda client, row: _fetch(rt, celery_app, client, row[0], row[1], now, report), budget_seconds)
     return report
 
 
@@ -151,7 +137,7 @@ def _fetch_one(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, inv
         ends = isinstance(exc, ENDS_PASS)
         log.warning("Stripe did not list the lines of invoice %s (%s)%s", invoice_id, exc.__class__.__name__,
                     "; the pass ends" if ends else "")
-        if not isinstance(exc, PASSING + ENDS_PASS):  # about this invoice: asked again later
+        if about_the_invoice(exc):  # asked again later
             with unit_of_work(rt.engine) as conn:
                 conn.exec_driver_sql(REFUSED, {"id": invoice_id, "at": now})
         return not ends
