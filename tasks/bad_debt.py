@@ -16,7 +16,7 @@ from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
 from app.payments.bad_debt_webhook import REFUNDED_AFTER_SETTLEMENT_TASK, enqueue_settlement
-from app.payments.stripe_client import NO_KEY
+from app.payments.stripe_client import KEY_REFUSED, NO_KEY
 from app.stuck_work import DEFERRED, stuck_id_of, task_id_for
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck, retry_after_seconds
 from tasks.recompute import handle_failure
@@ -38,7 +38,7 @@ def _as_failure(exc: Exception) -> Exception:
     if isinstance(exc, stripe.APIConnectionError | stripe.APIError):
         return TaskFailure(FailureKind.REMOTE_UNAVAILABLE, f"Stripe unavailable: {exc.__class__.__name__} "
                            f"{exc.http_status or ''}".strip())
-    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+    if isinstance(exc, KEY_REFUSED):
         # Our key, rolled or revoked (or lacking a permission): no fault of the payment's, and it
         # passes once a working key is configured. Dead stuck work would keep the settlement sweep
         # off the customer's charged payment until an operator re-drove it. Not retried within the

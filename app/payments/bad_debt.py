@@ -56,7 +56,7 @@ from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import NOT_RUN, customer_paid
 from app.payments.bad_debt_webhook import enqueue_settlement, reopen_charged
 from app.payments.pay import lock_account_payments, lock_customer_payments, retry_charging
-from app.payments.stripe_client import make_stripe_client
+from app.payments.stripe_client import KEY_REFUSED, make_stripe_client
 from app.recompute.gather import gather
 from app.runtime import Runtime
 from tasks.failures import retry_after_seconds
@@ -464,7 +464,7 @@ def _kind(exc: stripe.StripeError) -> str:
     """Why Stripe did not run (or answer) the request, as dunning_bad_debt_payments_not_run_total counts it."""
     if isinstance(exc, stripe.RateLimitError):
         return "rate_limited"
-    if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)):
+    if isinstance(exc, KEY_REFUSED):
         return "key_refused"
     return "no_connection" if _never_connected(exc.__cause__) else "no_answer"
 

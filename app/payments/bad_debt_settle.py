@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
 from app.payments.alerts import raise_alert
-from app.payments.stripe_client import make_stripe_client
+from app.payments.stripe_client import KEY_REFUSED, make_stripe_client
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ UPDATE bad_debt_payment
  WHERE id = %(id)s
 """
 # Refusals that come before Stripe runs a request: a rate limit, a key it does not accept.
-NOT_RUN = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
+NOT_RUN = (stripe.RateLimitError, *KEY_REFUSED)
 # The customer's own money on an invoice: Stripe's invoice payments by payment intent or charge.
 # Ours is out of band (no payment object): whoever closed the invoice, these are what was paid twice.
 CUSTOMER_PAYMENTS = ("payment_intent", "charge")

@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
+from app.payments.stripe_client import KEY_REFUSED
 from tasks.failures import FailureKind, TaskFailure, retry_after_seconds
 from webhooks.store import request_recompute, upsert_row
 
@@ -325,7 +326,7 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         detail = f"{exc.__class__.__name__}: {exc.http_status} {exc.code or ''}".strip()
         _refuse(engine, retry_id, c.account_id, detail)
         return PayResult(retry_id, "refused", c.account_id, c.failure_class, detail, requested=True,
-                         credentials_refused=isinstance(exc, stripe.AuthenticationError | stripe.PermissionError))
+                         credentials_refused=isinstance(exc, KEY_REFUSED))
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
 

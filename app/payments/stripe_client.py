@@ -12,6 +12,8 @@ CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 20.0
 # Why a task asked Stripe nothing (make run's default has no key): in its answer and its log line.
 NO_KEY = "STRIPE_API_KEY is not set"
+# Stripe refusing our key, not the request (401: rolled or revoked; 403: lacking a permission).
+KEY_REFUSED = (stripe.AuthenticationError, stripe.PermissionError)
 
 
 def make_stripe_client(settings: Settings) -> stripe.StripeClient:

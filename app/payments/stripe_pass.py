@@ -13,13 +13,13 @@ import stripe
 from sqlalchemy import Connection
 
 from app.db import session_lock
-from app.payments.stripe_client import make_stripe_client
+from app.payments.stripe_client import KEY_REFUSED, make_stripe_client
 from app.runtime import Runtime
 
 # Errors that say nothing about the invoice: the same question may be answered next pass.
 PASSING = (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError)
 # Errors that no other invoice would escape either: the pass ends.
-ENDS_PASS = (stripe.RateLimitError, stripe.AuthenticationError, stripe.PermissionError)
+ENDS_PASS = (stripe.RateLimitError, *KEY_REFUSED)
 
 
 def about_the_invoice(exc: stripe.StripeError) -> bool:
