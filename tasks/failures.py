@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 MAX_COUNTDOWN = 60  # seconds; far below the 300 s default visibility timeout
 
 
+RETRY_AFTER_SPREAD = 1.2  # a Retry-After of n seconds retries between n and 1.2 n
+
+
 class FailureKind(StrEnum):
     DATABASE_UNAVAILABLE = "database_unavailable"
     LOCK_CONTENTION = "lock_contention"
@@ -53,8 +56,12 @@ class FailurePolicy:
     cap: float = MAX_COUNTDOWN
 
     def countdown(self, retries: int, hint: float | None = None) -> float:
-        if hint is not None:  # Retry-After from the remote side wins, within the cap
-            return min(max(hint, 1.0), self.cap)
+        if hint is not None:
+            # Retry-After from the remote side wins, within the cap: never sooner than it asks, and
+            # up to a fifth later, so that the tasks one rate limit refused together (a beat pass's
+            # retries, a burst of bad-debt payments) do not all come back in the same second.
+            wait = max(hint, 1.0)
+            return min(random.uniform(wait, wait * RETRY_AFTER_SPREAD), self.cap)
         # Exponential backoff with jitter, the first retry included: tasks that failed together (a
         # database failover) must not all come back at the same moment.
         return min(self.cap, random.uniform(self.base, self.base * (2 ** (retries + 1))))

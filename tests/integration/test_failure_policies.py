@@ -19,6 +19,7 @@ from app.payments.stripe_client import make_stripe_client
 from tasks.failures import (
     MAX_COUNTDOWN,
     POLICIES,
+    RETRY_AFTER_SPREAD,
     FailureKind,
     TaskFailure,
     classify,
@@ -46,8 +47,18 @@ def test_every_countdown_stays_far_below_the_visibility_timeout(settings):
             assert policy.countdown(attempt) <= MAX_COUNTDOWN, kind
         assert policy.countdown(0, hint=3600) <= MAX_COUNTDOWN  # even a huge Retry-After is capped
     assert settings.visibility_timeout >= MAX_COUNTDOWN * 4
-    assert POLICIES[FailureKind.RATE_LIMITED].countdown(5, hint=7) == 7  # Retry-After wins
     assert not POLICIES[FailureKind.INVALID_DATA].retry and not POLICIES[FailureKind.PERMANENT_API_ERROR].retry
+
+
+def test_retry_after_wins_and_is_spread():
+    """A Retry-After is honoured (never sooner, whatever the attempt's own backoff would be), and the
+    tasks one rate limit refused together are spread over the next fifth of it, not all sent again
+    in the same second."""
+    policy = POLICIES[FailureKind.RATE_LIMITED]
+    countdowns = [policy.countdown(5, hint=7) for _ in range(50)]
+    assert all(7 <= c <= 7 * RETRY_AFTER_SPREAD for c in countdowns)
+    assert len(set(countdowns)) > 1
+    assert all(1 <= policy.countdown(0, hint=0) <= RETRY_AFTER_SPREAD for _ in range(20))  # "0" is not "now"
 
 
 @pytest.mark.parametrize(("headers", "seconds"), [
