@@ -57,6 +57,7 @@ class FakeServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
+        assert isinstance(host, str)  # socketserver types it str | bytes (for AF_UNIX); ours is TCP
         return f"http://{host}:{port}"
 
     def start(self) -> FakeServer:
