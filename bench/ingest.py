@@ -253,8 +253,9 @@ def main() -> int:
             batches0 = batch_stats(port)
             for r in range(args.repeat):
                 mine = signed[warm + r * n: warm + (r + 1) * n]
-                work = {"trivial": [("GET", "/healthz", b"", {})] * n, "ingest": mine,
-                        "ceiling": [("POST", "/bench/verify-only", body, headers) for _, _, body, headers in mine]}
+                work: dict[str, list[tuple[str, str, bytes, dict[str, str]]]] = {
+                    "trivial": [("GET", "/healthz", b"", {})] * n, "ingest": mine,
+                    "ceiling": [("POST", "/bench/verify-only", body, headers) for _, _, body, headers in mine]}
                 for key, _ in ENDPOINTS:
                     runs[key].append(measured(port, work[key], args.clients, web.pid, db_url, broker))
             batches1 = batch_stats(port)

@@ -66,7 +66,7 @@ def read_swept_rows(engine: Engine, batch: int) -> PlainRead:
         started = time.perf_counter()
         for n, (table, sql) in enumerate(SWEPT_ROWS):
             cursor = raw.cursor(name=f"plain_{n}")  # named: a server-side cursor
-            cursor.itersize = batch
+            cursor.itersize = batch  # type: ignore[attr-defined]  # psycopg2's named cursor has it; DBAPI's does not
             cursor.execute(sql)
             count = 0
             while part := cursor.fetchmany(batch):
