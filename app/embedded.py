@@ -9,7 +9,8 @@ ships, run as our own child process on a free 127.0.0.1 port. Layout under ``dat
     pg.initializing present while the first start creates PGDATA (initdb); left behind, it marks a
                     cluster that was never finished, which the next start removes and makes again
     postgres.pid    who started the PostgreSQL server (JSON)
-    redis/          Redis working directory: dump.rdb, redis.log
+    redis/          Redis working directory (0700): dump.rdb, redis.log, redis.conf (0600: the
+                    password every client must give, generated once)
     redis.pid       the Redis server and who started it (JSON)
 
 The pid files let a later start recognise a server left behind by an owner that died without
@@ -25,6 +26,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -521,6 +524,10 @@ def _die_with_parent() -> None:
 class EmbeddedRedis(_ServerContext):
     """A private Redis server on 127.0.0.1, working directory ``data_dir/redis``.
 
+    A 127.0.0.1 port is open to every user of the machine, so the server requires a password
+    (``requirepass``, in ``redis/redis.conf``, 0600 in a 0700 folder; generated once, kept for
+    later runs); ``start()`` returns ``redis://:PASSWORD@127.0.0.1:PORT/0``.
+
     It runs as our child process in its own session (a Ctrl-C in the terminal reaches the launcher,
     which stops it after everything that uses it); on Linux it also dies with its parent. RDB
     snapshots in the data folder keep queued work across runs.
@@ -531,10 +538,12 @@ class EmbeddedRedis(_ServerContext):
         self.dir = self.data_dir / "redis"
         self.pidfile = self.data_dir / "redis.pid"
         self.log = self.dir / "redis.log"
+        self.config = self.dir / "redis.conf"
         self.requested_port = port
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
+        self._password: str | None = None
 
     @property
     def url(self) -> str:
@@ -549,8 +558,10 @@ class EmbeddedRedis(_ServerContext):
     def start(self) -> str:
         if self._url is not None:
             return self._url
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)  # made by an earlier release with the umask's mode: its snapshot
         self._stop_leftover(_check_owner(self.pidfile, "the embedded Redis"))
+        self._password = self._keep_password()
         attempts = 1 if self.requested_port else 3
         for attempt in range(attempts):
             port = self.requested_port or free_port()
@@ -592,6 +603,23 @@ class EmbeddedRedis(_ServerContext):
 
     # internals
 
+    def _keep_password(self) -> str:
+        """The password in ``redis.conf``, made now when there is none. In a file only this user
+        may read, not on the command line, which every local user can read (ps)."""
+        with contextlib.suppress(OSError):
+            found = re.search(r"^requirepass ([0-9a-f]{32,})$", self.config.read_text(), re.MULTILINE)
+            if found:
+                os.chmod(self.config, 0o600)
+                return found.group(1)
+        password = secrets.token_hex(32)
+        tmp = self.config.with_name(self.config.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"# made by dunning run: the password of the private Redis\nrequirepass {password}\n")
+        tmp.replace(self.config)
+        return password
+
     def _stop_leftover(self, record: dict[str, Any]) -> None:
         leftover = live_process(record.get("server_pid"), record.get("server_started"))
         with contextlib.suppress(psutil.Error):
@@ -601,8 +629,11 @@ class EmbeddedRedis(_ServerContext):
                 _terminate(leftover)
 
     def _start_on(self, port: int) -> str:
+        password = self._password
+        assert password is not None
         cmd = [
             str(redis_executable()),
+            str(self.config),  # requirepass
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--protected-mode", "yes",
@@ -628,7 +659,7 @@ class EmbeddedRedis(_ServerContext):
 
         def ready() -> bool:
             # Our server answers (not another one on the same port), or it exited.
-            return proc.poll() is not None or _server_pid(port) == proc.pid
+            return proc.poll() is not None or _server_pid(port, password) == proc.pid
 
         try:
             wait_for(ready, START_TIMEOUT, f"Redis on 127.0.0.1:{port}")
@@ -649,7 +680,7 @@ class EmbeddedRedis(_ServerContext):
                 f"the embedded Redis exited at start; log: {self.log}\n{tail}"
             )
         self.port = port
-        self._url = f"redis://127.0.0.1:{port}/0"
+        self._url = f"redis://:{password}@127.0.0.1:{port}/0"
         return self._url
 
 
@@ -657,20 +688,18 @@ class _PortTaken(Exception):
     pass
 
 
-def _server_pid(port: int) -> int | None:
-    """The pid of the Redis server answering on ``port`` (from INFO), None if none answers."""
+def _server_pid(port: int, password: str) -> int | None:
+    """The pid of the Redis server answering on ``port`` to ``password`` (from INFO), None if none
+    answers (or one that does not know the password: not ours)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(host="127.0.0.1", port=port, password=password, retry=Retry(NoBackoff(), 0),
+                         socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"INFO server\r\n")
-            data = b""
-            while b"process_id:" not in data or not data.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, OSError, KeyError, ValueError, TypeError):
         return None
-    for line in data.decode(errors="replace").splitlines():
-        if line.startswith("process_id:"):
-            return int(line.partition(":")[2])
-    return None
+    finally:
+        client.close()

@@ -476,7 +476,8 @@ class Launcher:
         redis = EmbeddedRedis(self.data_dir)
         self.servers.append(redis)
         url = redis.start()
-        say(f"Redis: private server in {redis.dir} ({url})")
+        # The URL holds the server's password: not printed (terminals' scrollback, `| tee` logs).
+        say(f"Redis: private server in {redis.dir} (127.0.0.1:{redis.port}, password in {redis.config})")
         return url
 
     def _run_fleet(self, processes: dict[str, str], env: dict[str, str],

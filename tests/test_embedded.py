@@ -14,6 +14,8 @@ from typing import Any
 import psutil
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlalchemy import create_engine, text
 
 from app.config import normalize_database_url
@@ -78,7 +80,8 @@ def test_both_servers_start_stop_and_reuse_the_folder(tmp_path: Path) -> None:
     try:
         assert url.startswith("postgresql://")
         assert url == pg.url
-        assert broker == rd.url == f"redis://127.0.0.1:{rd.port}/0"
+        assert broker == rd.url
+        assert broker.startswith("redis://:") and broker.endswith(f"@127.0.0.1:{rd.port}/0")
         sql(url, "CREATE TABLE kept (v text)")
         sql(url, "INSERT INTO kept VALUES ('survives a restart')")
         client = redis.Redis.from_url(broker)
@@ -186,6 +189,42 @@ def test_redis_on_a_taken_port_fails_clearly(tmp_path: Path) -> None:
         with pytest.raises(EmbeddedServerError, match="port in use"):
             EmbeddedRedis(tmp_path / "b", port=first.port).start()
         assert not (tmp_path / "b" / "redis.pid").exists()
+
+
+def test_the_private_redis_lets_in_only_clients_that_know_its_password(tmp_path: Path) -> None:
+    """It listens on a 127.0.0.1 port, which every user of the machine can reach: without a
+    password any of them could read the queued tasks or queue tasks.retry_payment. The password
+    is generated once and kept in a file only this user can read, never on the command line (ps)."""
+    data_dir = tmp_path / "data dir"
+    rd = EmbeddedRedis(data_dir)
+    url = rd.start()
+    try:
+        assert rd.port is not None
+        stranger = redis.Redis(host="127.0.0.1", port=rd.port, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(redis.AuthenticationError):
+            stranger.ping()
+        stranger.close()
+        password = redis.connection.parse_url(url).get("password")
+        assert password and len(password) >= 32
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        client.close()
+        assert rd.pid is not None
+        assert password not in " ".join(psutil.Process(rd.pid).cmdline())
+        keeper = [path for path in data_dir.rglob("*")
+                  if path.is_file() and password in path.read_text(errors="replace")]
+        assert keeper, "the password is kept in the data folder"
+        for path in keeper:
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert (data_dir / "redis").stat().st_mode & 0o777 == 0o700
+    finally:
+        rd.stop()
+    # A later run keeps it (anything configured with it, a redis-cli, keeps working).
+    again = EmbeddedRedis(data_dir)
+    try:
+        assert redis.connection.parse_url(again.start()).get("password") == password
+    finally:
+        again.stop()
 
 
 def test_postgres_runs_in_a_data_folder_whose_path_has_a_space(tmp_path: Path) -> None:

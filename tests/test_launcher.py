@@ -263,6 +263,21 @@ def test_a_configured_broker_is_named_for_what_it_is(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "redis").exists()
 
 
+def test_the_private_brokers_password_is_never_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """make run's output lands in terminals' scrollback, `make run | tee run.log`, CI logs: it names
+    the private Redis and where its password is kept, not the password."""
+    run = launcher.Launcher(tmp_path, {})
+    try:
+        url = run._broker({})
+        said = capsys.readouterr().out
+    finally:
+        run._stop_servers()
+    password = url.partition("://:")[2].partition("@")[0]
+    assert len(password) >= 32
+    assert password not in said
+    assert "Redis: private server" in said and str(tmp_path / "redis" / "redis.conf") in said
+
+
 def test_the_procfile_follows_the_contract() -> None:
     procs = launcher.procfile_processes({})
     assert list(procs) == ["web", "worker", "beat", "flower"]
