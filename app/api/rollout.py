@@ -1,7 +1,8 @@
 """Operators' view of the staged remediation rollout and the payment-flow guard (SERVICE_TOKENS).
 
 GET  /ops/rollout   stage, hold, last gate decision, health, history
-POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "..."}
+POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "...",
+                     "from_stage": "..."}  (the stage the change was decided from; required to advance)
                     or {"action": "name", "accounts": [...], "reason": "...", "actor": "..."}
 GET  /ops/lifting   accounts in lifting longer than the guard window
 
@@ -100,7 +101,12 @@ def rollout_change() -> ResponseReturnValue:
                     return _bad(f"accounts must be account ids: one {unfit}")
                 store.set_named_accounts(conn, accounts, actor, reason, now, requested_by)
             else:
-                store.change(conn, action, actor, reason, now, requested_by=requested_by)
+                # The stage the caller decided from (GET's "stage" or "stage_label"): the change is made
+                # only from it, so an advance racing the gate's (or another one) widens once, not twice.
+                from_stage = body.get("from_stage")
+                if from_stage is not None and not isinstance(from_stage, str):
+                    return _bad("from_stage must be a stage, as GET /ops/rollout shows it (e.g. \"5\")")
+                store.change(conn, action, actor, reason, now, requested_by=requested_by, from_stage=from_stage)
             view = _view(conn, now)
     except store.RolloutInputError as exc:  # the store's own input checks (a reason too long)
         return _bad(str(exc))

@@ -80,7 +80,8 @@ def check_gate(engine: Engine, policy: Policy, now: datetime) -> tuple[GateDecis
         health = measure(conn, health_since(state.status, limits, now), state.stage)
         decision = evaluate_gate(state.status, health, limits, now)
         if decision.action in ("advance", "rollback"):
-            change(conn, decision.action, "gate", decision.reason, now, health.to_json())
+            # decided from the stage read under this lock: never a second step from a stage left meanwhile
+            change(conn, decision.action, "gate", decision.reason, now, health.to_json(), from_stage=state.stage)
             log.warning("rollout gate: %s %s -> %s: %s", decision.action, state.stage, decision.to_stage,
                         decision.reason)
         record_gate(conn, decision.action, decision.reason, now)

@@ -1,7 +1,9 @@
 """rollout_state (one row, id = 1) and rollout_history: read, change, audit.
 
 Every change writes a rollout_history row (from, to, actor, reason, health) and an audit_log row in
-the same transaction. Changes lock the state row so an operator and the gate never interleave.
+the same transaction. Changes lock the state row so an operator and the gate never interleave, and
+a change that names the stage it was decided from (an advance always does) is made from that stage
+only: the second of two advances decided from one stage changes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
-from app.domain.rollout import RolloutStatus, label, next_stage, previous_stage
+from app.domain.rollout import STAGES, RolloutStatus, label, next_stage, previous_stage
 
 ACTIONS = ("advance", "hold", "rollback", "resume")
 
@@ -88,10 +90,43 @@ def _required(value: str | None, what: str) -> str:
     return text
 
 
+def parse_stage(text: str | None, what: str = "from_stage") -> str:
+    """A stage as an operator writes it: its name (off, named, 5 ... 100) or its label (5%, named
+    accounts), as `rollout status` and GET /ops/rollout show them. RolloutInputError otherwise."""
+    raw = (text or "").strip().lower()
+    stage = {"named accounts": "named"}.get(raw, raw.removesuffix("%").strip())
+    if stage not in STAGES:
+        raise RolloutInputError(f"{what} must be a stage ({', '.join(label(s) for s in STAGES)}), "
+                                f"got {text!r}")
+    return stage
+
+
+def _last_change(conn: Connection) -> str:
+    row = conn.exec_driver_sql(
+        "SELECT at, action, actor FROM rollout_history WHERE from_stage <> to_stage ORDER BY id DESC LIMIT 1").first()
+    return "" if row is None else f" ({row.action} by {row.actor} at {row.at.isoformat()})"
+
+
+def _new_health(conn: Connection) -> None:
+    """The stage starts its health afresh: every sweep error so far is the one before's (a sweep
+    running across the change brings none of it in, even one stamped just after the change's clock
+    read). A page writing its errors holds the rollout row shared (sweep.py): they are committed
+    before this marks them, or written after it as the stage before's."""
+    conn.exec_driver_sql("UPDATE sweep_error SET before_stage = true WHERE NOT before_stage")
+    conn.exec_driver_sql("UPDATE sweep_run SET errors_before_stage = errors WHERE errors <> errors_before_stage")
+
+
 def change(conn: Connection, action: str, actor: str | None, reason: str | None, now: datetime,
-           health: dict[str, Any] | None = None, requested_by: str | None = None) -> tuple[RolloutRow, RolloutRow]:
+           health: dict[str, Any] | None = None, requested_by: str | None = None,
+           from_stage: str | None = None) -> tuple[RolloutRow, RolloutRow]:
     """Apply an operator's (or the gate's) action. -> (before, after). Raises RolloutInputError for
     bad input, RolloutError for a change the current state does not allow.
+
+    ``from_stage`` is the stage the change was decided from (compare-and-set under the row lock):
+    when the rollout is at another stage by the time the change holds the row (the gate, or another
+    operator, changed it meanwhile), nothing changes and RolloutError (409) says so. An advance must
+    give it: two advances decided from the same stage (an operator's and the gate's, or two
+    operators') otherwise widened the rollout two stages, skipping the soak of the one between.
 
     ``actor`` is who made the change as far as the system knows (the authenticated principal);
     ``requested_by``, when given, is a name the caller stated for itself, kept in the audit_log
@@ -107,7 +142,15 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         raise RolloutInputError(f"action must be one of {', '.join(ACTIONS)}")
     actor = _required(actor, "actor")
     reason = _required(reason, "a reason")
+    expected = None if from_stage is None else parse_stage(from_stage)
+    if action == "advance" and expected is None:
+        raise RolloutInputError("an advance must say the stage it was decided from (from_stage, or --from "
+                                "on the command line), so that two advances from one stage widen it once")
     before = read_state(conn, for_update=True)
+    if expected is not None and before.stage != expected:
+        raise RolloutError(f"the rollout is at {label(before.stage)} now, not {label(expected)} as this {action} "
+                           f"was decided from{_last_change(conn)}; nothing changed: look at the rollout again "
+                           "and decide from where it is")
     stage, held, entered = before.stage, before.held, before.stage_entered_at
     if action == "advance":
         target = next_stage(stage)
@@ -133,12 +176,7 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         {"stage": stage, "held": held, "entered": entered, "now": now},
     )
     if stage != before.stage:
-        # Every sweep error so far is the old stage's: a sweep running across the change brings none of
-        # it into the new stage's health, even one stamped just after the gate read its clock. A page
-        # writing its errors holds this row shared (sweep.py): they are committed before this marks
-        # them, or written after it as the stage before's.
-        conn.exec_driver_sql("UPDATE sweep_error SET before_stage = true WHERE NOT before_stage")
-        conn.exec_driver_sql("UPDATE sweep_run SET errors_before_stage = errors WHERE errors <> errors_before_stage")
+        _new_health(conn)
     _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by)
     return before, read_state(conn)
 

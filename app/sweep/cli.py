@@ -104,7 +104,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 named = store.set_named_accounts(conn, args.accounts, args.actor, args.reason, now).named_accounts
                 print(f"named accounts: {', '.join(named) or '-'}; recorded by {args.actor}")
             elif action != "status":
-                before, after = store.change(conn, action, args.actor, args.reason, now)
+                before, after = store.change(conn, action, args.actor, args.reason, now, from_stage=args.from_stage)
                 print(f"{action}: {label(before.stage)} -> {label(after.stage)}"
                       f"{' (held)' if after.held else ''}; recorded by {args.actor}")
             state = store.read_state(conn)
@@ -158,6 +158,10 @@ def add_commands(sub: Any) -> None:
         p = rsub.add_parser(name, help=text)
         p.add_argument("--reason", help="why (required; recorded in the history and the audit log)")
         p.add_argument("--actor", default=_default_actor(), help="who (default: the login name)")
+        p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                       help="the stage you decided from, as `rollout status` shows it (5, 5%%, named ...): "
+                            "nothing changes if the rollout is elsewhere by then" +
+                            ("; required" if name == "advance" else ""))
         p.set_defaults(handler=cmd_rollout, history=10, json=False)
     named = rsub.add_parser("name", help="set the accounts of the 'named accounts' stage")
     named.add_argument("accounts", nargs="*")

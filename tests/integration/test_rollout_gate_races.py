@@ -6,8 +6,11 @@ between a sweep page's remediation requests and its drift records."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from flask import Flask
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Engine
@@ -16,7 +19,7 @@ from app.domain.rollout import STAGES, Health, RolloutPolicy, RolloutStatus, eva
 from app.rollout.gate import check_gate
 from app.rollout.store import change
 from app.sweep.sweep import Sweeper
-from tests.conftest import wait_for
+from tests.conftest import service_headers, wait_for
 from tests.integration.test_rollout_ops import finished_sweep, history, remediation
 from tests.integration.test_sweep import Recorder, corrupted, rollout_off, set_stage, sql  # noqa: F401
 
@@ -71,6 +74,88 @@ def _blocked_behind_the_rollout_row(engine: Engine, calls: list, waiters: int) -
     for t in threads:
         t.join(60)
     return results
+
+
+def _in_turn_behind_the_rollout_row(engine: Engine, calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``calls`` in threads while the rollout row is held, each one queued on the row only once
+    the one before waits on it, and let go: PostgreSQL grants a row lock to its waiters in turn, so
+    they take the row in the order given, each only after the one before committed."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # reported by the assertions of the test
+            results[i] = exc
+
+    with engine.connect() as holder:
+        tx = holder.begin()
+        holder.exec_driver_sql("SELECT 1 FROM rollout_state WHERE id = 1 FOR UPDATE")
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for n, t in enumerate(threads, 1):
+            t.start()
+            wait_for(lambda n=n: _lock_waiters(engine) >= n, message=f"call {n} waiting on the rollout row")
+        tx.commit()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def _advance_from(flask_app: Flask, stage: str, actor: str = "dana") -> Callable[[], Any]:
+    """An operator's advance through POST /ops/rollout, decided from ``stage``."""
+    def post() -> Any:
+        with flask_app.test_client() as client:
+            return client.post("/ops/rollout", headers=service_headers(),
+                               json={"action": "advance", "from_stage": stage, "reason": "looks fine", "actor": actor})
+    return post
+
+
+def test_an_operators_advance_after_the_gates_from_the_same_stage_is_a_conflict_not_a_second_stage(
+        runtime, engine: Engine, flask_app: Flask, rollout_off: None):
+    """The gate, soaked and healthy at 5%, advances; the operator, who saw 5% and decided to widen,
+    waits on the same row meanwhile. Both were decisions from 5%: the fleet goes to 10% once. Before,
+    the operator's advance took the row after the gate's and widened 10% -> 25% with no soak at 10%
+    (both audited, one stage skipped); now it changes nothing and answers 409 with why."""
+    set_stage(engine, "5", entered=NOW - timedelta(hours=25))
+    finished_sweep(engine, NOW - timedelta(hours=1))
+    gate, operator = _in_turn_behind_the_rollout_row(
+        engine, [lambda: check_gate(engine, runtime.policy, NOW), _advance_from(flask_app, "5")])
+    assert not isinstance(gate, Exception) and gate[0].action == "advance", gate
+    assert operator.status_code == 409, operator.json
+    assert operator.json["error"] == "conflict"
+    assert "at 10% now, not 5%" in operator.json["reason"] and "advance by gate" in operator.json["reason"]
+    assert [(h.action, h.from_stage, h.to_stage, h.actor) for h in history(engine)] == [
+        ("advance", "5", "10", "gate")]
+    assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "10"
+    assert sql(engine, "SELECT count(*) FROM audit_log WHERE action = 'rollout.advance'")[0][0] == 1
+
+
+def test_the_gates_advance_after_an_operators_from_the_same_stage_changes_nothing(
+        runtime, engine: Engine, flask_app: Flask, rollout_off: None):
+    """The other order: the operator's advance takes the row first; the gate then decides from the
+    stage it finds (10%, entered just now) and leaves it."""
+    set_stage(engine, "5", entered=NOW - timedelta(hours=25))
+    finished_sweep(engine, NOW - timedelta(hours=1))
+    operator, gate = _in_turn_behind_the_rollout_row(
+        engine, [_advance_from(flask_app, "5"), lambda: check_gate(engine, runtime.policy, NOW)])
+    assert operator.status_code == 200 and operator.json["stage"] == "10", operator.json
+    assert not isinstance(gate, Exception) and gate[0].action == "hold" and gate[2].stage == "10", gate
+    assert [(h.action, h.from_stage, h.to_stage, h.actor) for h in history(engine)] == [
+        ("advance", "5", "10", "service")]
+
+
+def test_two_operators_advancing_from_the_same_stage_at_once_widen_it_once(
+        runtime, engine: Engine, flask_app: Flask, rollout_off: None):
+    """Two operators both saw 5% and both advance: whichever takes the row first widens to 10%, the
+    other is told the rollout is at 10% now (409), whatever order they meet in."""
+    set_stage(engine, "5", entered=NOW - timedelta(hours=2))
+    results = _blocked_behind_the_rollout_row(
+        engine, [_advance_from(flask_app, "5", "dana"), _advance_from(flask_app, "5%", "erin")], 2)
+    assert sorted(r.status_code for r in results) == [200, 409], results
+    [conflict] = [r for r in results if r.status_code == 409]
+    assert "at 10% now, not 5%" in conflict.json["reason"]
+    assert [(h.action, h.from_stage, h.to_stage) for h in history(engine)] == [("advance", "5", "10")]
+    assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "10"
 
 
 def test_two_gate_checks_at_once_advance_once(runtime, engine: Engine, rollout_off: None):

@@ -298,10 +298,20 @@ def test_cli_rollout_changes_need_a_reason_and_are_audited(cli_env: None, engine
     assert main(["rollout", "advance", "--reason", "  "]) == 2
     assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "off"
 
-    assert main(["rollout", "advance", "--reason", "start with our own accounts", "--actor", "bob"]) == 0
+    # an advance says the stage it was decided from, and changes nothing from any other
+    assert main(["rollout", "advance", "--reason", "start", "--actor", "bob"]) == 2
+    assert "an advance must say the stage it was decided from" in capsys.readouterr().err
+    assert main(["rollout", "advance", "--from", "named", "--reason", "start", "--actor", "bob"]) == 2
+    assert "the rollout is at off now, not named accounts as this advance was decided from" in capsys.readouterr().err
+    assert main(["rollout", "advance", "--from", "fifty", "--reason", "start", "--actor", "bob"]) == 2
+    assert "from_stage must be a stage (off, named accounts, 5%" in capsys.readouterr().err
+    assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "off" and history(engine) == []
+
+    assert main(["rollout", "advance", "--from", "off", "--reason", "start with our own accounts",
+                 "--actor", "bob"]) == 0
     assert "advance: off -> named accounts; recorded by bob" in capsys.readouterr().out
     # a manual advance does not wait for the soak time
-    assert main(["rollout", "advance", "--reason", "looks fine", "--actor", "bob"]) == 0
+    assert main(["rollout", "advance", "--from", "named accounts", "--reason", "looks fine", "--actor", "bob"]) == 0
     assert main(["rollout", "hold", "--reason", "incident 42", "--actor", "carol"]) == 0
     assert main(["rollout", "hold", "--reason", "again", "--actor", "carol"]) == 2
     assert "already held" in capsys.readouterr().err
@@ -423,8 +433,16 @@ def test_ops_rollout_steers_and_shows_the_rollout(client, engine: Engine, rollou
                         json={"action": "name", "accounts": ["acct_b", "acct_a", "acct_a"], "reason": "pilot",
                               "actor": "dana"})
     assert named.status_code == 200 and named.json["named_accounts"] == ["acct_a", "acct_b"]
+    unsaid = client.post("/ops/rollout", headers=service_headers(),
+                         json={"action": "advance", "reason": "pilot accounts", "actor": "dana"})
+    assert unsaid.status_code == 400 and "must say the stage it was decided from" in unsaid.json["reason"]
+    assert client.post("/ops/rollout", headers=service_headers(), json={
+        "action": "advance", "from_stage": 5, "reason": "x"}).status_code == 400
+    elsewhere = client.post("/ops/rollout", headers=service_headers(),
+                            json={"action": "hold", "from_stage": "5%", "reason": "x"})
+    assert elsewhere.status_code == 409 and "at off now, not 5%" in elsewhere.json["reason"]
     advanced = client.post("/ops/rollout", headers=service_headers(),
-                           json={"action": "advance", "reason": "pilot accounts", "actor": "dana"})
+                           json={"action": "advance", "from_stage": "off", "reason": "pilot accounts", "actor": "dana"})
     assert advanced.status_code == 200
     assert advanced.json["stage"] == "named" and advanced.json["stage_label"] == "named accounts"
     client.post("/ops/rollout", headers=service_headers(), json={"action": "hold", "reason": "weekend"})
@@ -442,7 +460,7 @@ def test_ops_rollout_records_the_authenticated_principal_and_keeps_a_stated_acto
     # The audit took the body's "actor" for who made the change: any holder of a service token could
     # write any name into rollout_history and audit_log, and the principal was lost.
     steps = [{"action": "name", "accounts": ["acct_a"], "reason": "pilot", "actor": "mallory"},
-             {"action": "advance", "reason": "go", "actor": " dana "},
+             {"action": "advance", "from_stage": "off", "reason": "go", "actor": " dana "},
              {"action": "hold", "reason": "wait", "actor": "service"},
              {"action": "resume", "reason": "on"}]
     for body in steps:
@@ -527,3 +545,4 @@ def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, e
     finished_sweep(engine, NOW + timedelta(hours=1))
     decision, _health, state = check_gate(engine, runtime.policy, later)
     assert (decision.action, state.stage) == ("advance", "5"), decision
+
