@@ -187,16 +187,24 @@ def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None,
     reason = _required(reason, "a reason")
     cleaned = sorted({a.strip() for a in accounts if a.strip()})
     before = read_state(conn, for_update=True)
-    # The named stage with nobody named has tested nothing (the gate holds it there): it starts when
-    # its first accounts are named, soak and health with it. Else the soak run with nobody in it, and
-    # the sweeps that ran then, let the gate widen to 5% at its next check after the naming.
-    starts = before.stage == "named" and not before.named_accounts and bool(cleaned)
+    # At the named stage, naming an account not named before is new exposure: the stage starts again,
+    # soak and health with it. Else the soak run without it, and the sweeps that ran then, let the
+    # gate widen to 5% at its next check after the naming, the new accounts remediated for minutes.
+    # Naming the first accounts (the stage with nobody named has tested nothing; the gate holds it
+    # there) is one case of it. The same accounts again, or only some of them taken out, expose no
+    # one new: what soaked so far still vouches for those left, and the soak goes on. At a percentage
+    # stage the named accounts are a handful beside the share: naming more does not restart it.
+    added = sorted(set(cleaned) - set(before.named_accounts))
+    removed = sorted(set(before.named_accounts) - set(cleaned))
+    starts = before.stage == "named" and bool(added)
     conn.exec_driver_sql(
         "UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s, "
         "stage_entered_at = CASE WHEN %(starts)s THEN %(now)s ELSE stage_entered_at END WHERE id = 1",
         {"named": Json(cleaned), "now": now, "starts": starts})
-    detail: dict[str, Any] = {"named_accounts": cleaned, "before": list(before.named_accounts)}
+    detail: dict[str, Any] = {"named_accounts": cleaned, "before": list(before.named_accounts),
+                              "added": added, "removed": removed}
     if starts:
+        _new_health(conn)
         detail["stage_entered_at"] = now.isoformat()
     _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now, detail, requested_by)
     return read_state(conn)

@@ -546,3 +546,45 @@ def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, e
     decision, _health, state = check_gate(engine, runtime.policy, later)
     assert (decision.action, state.stage) == ("advance", "5"), decision
 
+
+def test_naming_other_accounts_at_the_named_stage_restarts_its_soak_the_same_or_fewer_do_not(
+        runtime, engine: Engine, rollout_off: None):
+    """A named account not named before is new exposure: the stage starts again from the naming,
+    as naming the first accounts does. Before, replacing a non-empty list kept the old soak, and the
+    gate widened to 5% at its next check with the new accounts remediated for minutes. The same
+    accounts again, or some of them taken out, expose no one new: the soak goes on. At a percentage
+    stage naming does not restart it."""
+    from app.db import unit_of_work
+    from app.rollout.store import set_named_accounts
+
+    def name(accounts: list[str], at: datetime) -> datetime:
+        with unit_of_work(engine) as conn:
+            return set_named_accounts(conn, accounts, "ops", "pilot", at).stage_entered_at
+
+    set_stage(engine, "named", ["acct_a"], entered=NOW - timedelta(days=3))
+    finished_sweep(engine, NOW - timedelta(hours=2))
+    restarted = NOW - timedelta(minutes=5)
+    assert name(["acct_b", "acct_a"], restarted) == restarted
+    decision, _health, state = check_gate(engine, runtime.policy, NOW)
+    assert (decision.action, state.stage) == ("hold", "named") and "soaking" in decision.reason, decision
+    assert name(["acct_a", "acct_b", " acct_a "], NOW - timedelta(minutes=4)) == restarted  # the same set
+    assert name(["acct_b"], NOW - timedelta(minutes=3)) == restarted  # one taken out
+    again = NOW - timedelta(minutes=2)
+    # errors of the sweeps before, stamped after the naming by a host whose clock runs ahead: not the
+    # new soak's, as a stage change marks them
+    sweep_errors(engine, finished_sweep(engine, NOW - timedelta(minutes=30)), again + timedelta(minutes=1),
+                 [f"acct_failed_{n}" for n in range(6)])
+    assert name(["acct_c"], again) == again  # one taken out, another named
+    assert [(h.health["added"], h.health["removed"], h.health.get("stage_entered_at")) for h in history(engine)] == [
+        (["acct_b"], [], restarted.isoformat()), ([], [], None), ([], ["acct_a"], None),
+        (["acct_c"], ["acct_b"], again.isoformat())]
+
+    # The soak runs from the last naming that exposed someone new, and a sweep since vouches for it.
+    finished_sweep(engine, NOW + timedelta(hours=1))
+    decision, _health, state = check_gate(engine, runtime.policy, again + timedelta(hours=23, minutes=59))
+    assert (decision.action, state.stage) == ("hold", "named"), decision
+    decision, _health, state = check_gate(engine, runtime.policy, again + timedelta(hours=24))
+    assert (decision.action, state.stage) == ("advance", "5"), decision
+
+    set_stage(engine, "10", ["acct_c"], entered=NOW - timedelta(hours=30))
+    assert name(["acct_c", "acct_d"], NOW) == NOW - timedelta(hours=30)
