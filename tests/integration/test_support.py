@@ -242,6 +242,35 @@ def test_a_sign_out_whose_audit_the_database_refused_did_not_happen(flask_app, e
                                                                       (SUPPORT_ACTOR, "sign_out")]
 
 
+def test_a_sign_in_whose_audit_the_database_refused_did_not_happen(flask_app, engine, accounts):
+    # The session was put in the cookie before the sign_in audit row was written, in its own
+    # transaction: a refused audit answered 503 and still signed the browser in, unaudited.
+    browser = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    with engine.connect() as holder:
+        holder.exec_driver_sql("LOCK TABLE audit_log IN SHARE MODE")  # its INSERT waits, then times out
+        refused = browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page})
+        holder.rollback()
+    assert refused.status_code == 503
+    assert browser.get_cookie("session") is None and browser.get(page).status_code == 401
+    assert audit_rows(engine) == []
+    assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    assert browser.get(page).status_code == 200
+    assert [(r["actor"], r["action"]) for r in audit_rows(engine)] == [(SUPPORT_ACTOR, "sign_in")]
+
+
+def test_a_sign_in_replacing_a_session_whose_audit_was_refused_keeps_the_old_one(flask_app, engine, accounts):
+    # Ending the replaced session and auditing the new sign-in are one transaction: neither happened.
+    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
+    with engine.connect() as holder:
+        holder.exec_driver_sql("LOCK TABLE audit_log IN SHARE MODE")
+        assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 503
+        holder.rollback()
+    assert browser.get(page).status_code == 200 and other.get(page).status_code == 200
+    assert [r["action"] for r in audit_rows(engine)] == ["sign_in"]
+
+
 def test_signing_in_again_ends_the_session_it_replaces(flask_app, engine, accounts):
     # The new sign-in replaced the browser's session without ending it: signing out then ended the
     # new one only, and a copy of the first cookie went on working for the rest of its 12 hours.
