@@ -194,12 +194,25 @@ def _lock_in_data_folder(pg_module: Any) -> Callable[..., None]:
     return locked_here
 
 
+# Passed to postgres by pg_ctl start. The socket lets anyone who connects in as superuser with no
+# password (pgserver's trust): only its owner may connect. When it cannot be in PGDATA (0700) it is
+# in a folder under /tmp or the runtime folder that pgserver makes with the umask's mode, or chmods
+# 0777 as root (its postgres user must write there); root, whom that user serves, passes any mode.
+POSTGRES_OPTIONS = "-c unix_socket_permissions=0700"
+
+
 def _patient_start(pgexec: Callable[..., str]) -> Callable[..., str]:
     """pgserver's ``pgexec``, with ``pg_ctl start`` waiting up to PG_START_TIMEOUT (its own ``-t``
-    and the subprocess's timeout) instead of pgserver's 10 s."""
+    and the subprocess's timeout) instead of pgserver's 10 s, and giving postgres POSTGRES_OPTIONS."""
 
     def run(command: str, args: Sequence[str], bin_path: Path, **kwargs: Any) -> str:
         if command == "pg_ctl" and "start" in args:
+            args = list(args)
+            if "-o" in args:
+                at = args.index("-o") + 1
+                args[at] = f"{args[at]} {POSTGRES_OPTIONS}"
+            else:
+                args[:0] = ["-o", POSTGRES_OPTIONS]
             args = ("-t", str(PG_START_TIMEOUT), *args)
             kwargs["timeout"] = PG_START_TIMEOUT + 30
         return pgexec(command, args, bin_path, **kwargs)

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import psutil
 import pytest
@@ -236,6 +237,25 @@ def test_postgres_runs_in_a_data_folder_whose_path_has_a_space(tmp_path: Path) -
         assert " " not in url
         assert sql(url, "SELECT 1") == 1
         assert (tmp_path / "my data" / "pg" / "PG_VERSION").exists()
+    finally:
+        pg.stop()
+
+
+@pytest.mark.parametrize("where", ["a space", "a long path"])
+def test_the_private_postgres_socket_outside_its_folder_lets_in_only_this_user(tmp_path: Path, where: str) -> None:
+    """Its socket lets anyone who can connect in as superuser, with no password (trust). When it
+    cannot be in PGDATA (0700: a path with a space, or one too long for a socket name), it goes to
+    a folder in /tmp, which pgserver makes (or, as root, chmods) 0777: the socket itself must let
+    only its owner connect (root, whom pgserver's postgres user serves, passes any mode)."""
+    data_dir = tmp_path / ("my data" if where == "a space" else "d" * 100)
+    pg = EmbeddedPostgres(data_dir)
+    url = pg.start()
+    try:
+        socket_dir = Path(unquote(url.partition("host=")[2].partition("&")[0]))
+        assert not socket_dir.is_relative_to(data_dir)
+        (sock,) = socket_dir.glob(".s.PGSQL.*[0-9]")
+        assert sock.stat().st_mode & 0o077 == 0, oct(sock.stat().st_mode)
+        assert sql(url, "SELECT 1") == 1
     finally:
         pg.stop()
 
