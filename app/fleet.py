@@ -239,7 +239,7 @@ class FleetManager(Manager):
             if name not in self._seen_dead:
                 self._seen_dead.add(name)
                 continue
-            p["returncode"] = helper.exitcode if helper.exitcode else -1
+            p["returncode"] = helper.exitcode if helper.exitcode else 1  # a failure: not 0, no signal
             self._unsignalled.discard(name)
             self._system_print(f"{name}: its output helper exited (rc={helper.exitcode}) without "
                                "reporting the program's end; counted as stopped\n")

@@ -499,7 +499,8 @@ class Launcher:
             self.stop_signal = manager.stop_signal
             return 0
         say("a process of the fleet exited (see above), so everything was stopped")
-        return manager.returncode or 1
+        code = manager.returncode or 1
+        return 128 - code if code < 0 else code  # killed by signal N (-N): 128 + N, as a shell says
 
     def _stop_servers(self) -> None:
         for server in reversed(self.servers):

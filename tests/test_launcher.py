@@ -445,6 +445,29 @@ def test_a_second_signal_kills_what_ignores_the_first(tmp_path: Path) -> None:
         finish(proc, marker)
 
 
+def test_a_program_killed_by_a_signal_ends_the_run_with_the_shells_status_for_it(tmp_path: Path) -> None:
+    """A program of the fleet killed outright (the OOM killer's SIGKILL) stops the rest, and the run
+    exits 128 + the signal's number, as a shell reports it: it exited 247 (honcho's -9 given to
+    sys.exit), a status no operator or supervisor reads as SIGKILL."""
+    marker = f"3600.{uuid.uuid4().int % 10**9}"
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"one: exec sleep {marker}\ntwo: kill -KILL $$\n")
+    try:
+        run = subprocess.run(
+            [*dunning_command(), "run", "--data-dir", str(tmp_path / "data")], cwd=REPO,
+            capture_output=True, text=True, timeout=120,
+            env=fleet_env(DUNNING_PROCFILE=str(procfile)),
+        )
+        assert "two stopped (rc=-9)" in run.stdout, run.stdout + run.stderr
+        assert run.returncode == 128 + signal.SIGKILL, run.stdout + run.stderr
+        assert not programs(marker)
+        assert not (tmp_path / "data" / "postgres.pid").exists()
+        assert not (tmp_path / "data" / "redis.pid").exists()
+    finally:
+        for p in programs(marker):
+            p.kill()
+
+
 # --- what a launcher killed outright leaves behind ---------------------------------------------
 
 ZOMBIE_LEADER = textwrap.dedent("""
