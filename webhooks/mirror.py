@@ -102,6 +102,9 @@ class Extracted:
     rows: tuple[MirrorRow, ...]
     payment_intent: str | None = None
     invoice_id: str | None = None
+    # A payment method's event: routed by the customer its row knows when the event names none (a
+    # detached method's object has customer null, and its previous_attributes may be absent).
+    payment_method: str | None = None
 
 
 def ts(epoch: Any) -> datetime | None:
@@ -490,6 +493,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
     customer: str | None = None
     payment_intent: str | None = None
     invoice_id: str | None = None
+    payment_method: str | None = None
 
     def need_id() -> str:
         if not isinstance(obj.get("id"), str):
@@ -539,6 +543,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         row = _payment_method_row(event_type, created, obj, _obj(data.get("previous_attributes")))
         rows.append(row)
         customer = row.values["stripe_customer_id"]
+        payment_method = row.key
         if event_type == "payment_method.detached":
             # A detached method carries no customer any more; the previous one says whose it was.
             customer = _id(_obj(data.get("previous_attributes")).get("customer"))
@@ -557,4 +562,5 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         rows=tuple(rows),
         payment_intent=payment_intent,
         invoice_id=invoice_id,
+        payment_method=payment_method,
     )

@@ -222,8 +222,14 @@ WITH owner AS MATERIALIZED (
         (SELECT c.account_id FROM stripe_payment_attempt a JOIN subs_customer c USING (stripe_customer_id)
           WHERE a.id = x.payment_intent)
     ) AS account_id
-    FROM json_to_recordset($1::json) AS x(n int, id text, type text, created bigint, customer text,
-                                          invoice_id text, payment_intent text, trigger text)
+    FROM (SELECT r.n, r.id, r.type, r.created, r.invoice_id, r.payment_intent, r.trigger,
+                 -- A payment method's event naming no customer (payment_method.detached whose
+                 -- previous_attributes are absent): the customer the method's row knows.
+                 COALESCE(r.customer, (SELECT m.stripe_customer_id FROM stripe_payment_method m
+                                        WHERE m.id = r.payment_method)) AS customer
+            FROM json_to_recordset($1::json) AS r(n int, id text, type text, created bigint, customer text,
+                                                  invoice_id text, payment_intent text, trigger text,
+                                                  payment_method text)) AS x
 ), event AS (
     INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body)
     SELECT id, type, created, customer, account_id, trigger,
@@ -349,7 +355,8 @@ def _statement(items: list[Item]) -> tuple[Prepared, tuple[Any, ...]]:
     exs = [ex for ex, _ in items]
     events = [{"n": n, "id": ex.event_id, "type": ex.type, "created": ex.created, "customer": ex.customer,
                "invoice_id": ex.invoice_id, "payment_intent": ex.payment_intent,
-               "trigger": ex.trigger.value if ex.trigger else None} for n, ex in enumerate(exs, 1)]
+               "trigger": ex.trigger.value if ex.trigger else None, "payment_method": ex.payment_method}
+              for n, ex in enumerate(exs, 1)]
     params: list[Any] = [_json(events), [raw for _, raw in items]]
     by_table: dict[str, list[tuple[str, MirrorRow]]] = {}
     for ex in exs:

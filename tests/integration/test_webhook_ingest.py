@@ -397,6 +397,26 @@ def test_a_detached_card_stays_its_customers_when_the_event_does_not_say_whose_i
     assert tuple(row) == (customer, False)
 
 
+def test_a_detached_card_whose_event_names_no_customer_recomputes_the_account_it_was_on(client, accounts, engine):
+    """The same event (customer null, no previous_attributes) must also reach the account: routed by
+    the event's customer only, it was stored unroutable, no recompute was requested (the dunning
+    state kept planning retries on the removed card), and it was never re-driven (the re-drive looks
+    unroutable events up by a customer it did not have). The customer the card's row knows routes it."""
+    account, customer = accounts.create()
+    pm, now = unique("pm"), int(time.time())
+    post_event(client, event("payment_method.attached", id=pm, customer=customer, created=now - 30 * DAY))
+    detached = retyped("payment_method.detached", "payment_method.attached", id=pm, customer=None)
+    detached["created"] = now - 60
+    detached["data"].pop("previous_attributes", None)
+    response = post_event(client, detached)
+    assert response.status_code == 200
+    assert (response.json["state"], response.json["account_id"]) == ("accepted", account)
+    with engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT state, account_id, stripe_customer_id FROM stripe_event WHERE id = %(e)s",
+                                      {"e": detached["id"]}).one()
+    assert tuple(stored) == ("accepted", account, customer)
+
+
 def test_an_attempt_in_flight_and_a_new_subscription_are_mirrored_and_recomputed(client, accounts, engine):
     """Retries and bad debt wait for an attempt without outcome, which only works if the mirror
     knows of it; and a subscription active from its creation is in the entitlements at once."""
