@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from app import metrics
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, send
+from app.support import audit
 from tasks.failures import PASSING
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,22 @@ def redrive_due(engine: Engine, celery_app: Celery, now: datetime, limit: int = 
     return {"due": len(rows), "sent": sent}
 
 
-def redrive_one(engine: Engine, celery_app: Celery, stuck_id: int) -> str | None:
-    """Re-drive one row now (dead ones too, after an operator fixed the cause) -> the task id."""
+BEFORE_SQL = "SELECT account_id, state FROM subs_stuck_events WHERE id = %(id)s FOR UPDATE"
+
+
+def redrive_one(engine: Engine, celery_app: Celery, stuck_id: int, actor: str | None = None) -> str | None:
+    """Re-drive one row now (dead ones too, after an operator fixed the cause) -> the task id.
+    ``actor``: who asked (the authenticated principal), audited (stuck.redrive) in the transaction
+    that sets the row retrying, before the task is sent."""
+    task_id = task_id_for(stuck_id)
     with unit_of_work(engine) as conn:
+        before = conn.exec_driver_sql(BEFORE_SQL, {"id": stuck_id}).first() if actor is not None else None
         row = conn.exec_driver_sql(ONE_SQL, {"id": stuck_id, "every": REDRIVE_EVERY_SECONDS}).first()
+        if row is not None and before is not None and actor is not None:
+            audit.record(conn, actor, "stuck.redrive", before[0], {"stuck_id": stuck_id, "task_name": row[1],
+                                                                   "state_before": before[1], "task_id": task_id})
     if row is None:
         return None
-    task_id = task_id_for(stuck_id)
     send(celery_app, row[1], [], dict(row[2] or {}), task_id=task_id, ignore_result=True)
     return task_id
 

@@ -1,13 +1,14 @@
 """Operator views of work that is behind or failed (SERVICE_TOKENS):
 
 * ``GET /ops/stuck-events?state=retrying|dead|resolved&account_id=&limit=``: stuck work and counts;
-* ``POST /ops/stuck-events/<id>/redrive``: send a stuck (even dead) task again now;
+* ``POST /ops/stuck-events/<id>/redrive``: send a stuck (even dead) task again now, audited with the
+  principal (stuck.redrive);
 * ``GET /ops/outbox``: the relay's backlog, its oldest pending age and the oldest rows.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app import stuck_work
@@ -49,7 +50,7 @@ def stuck_events() -> ResponseReturnValue:
 @require_service_token
 def redrive(stuck_id: int) -> ResponseReturnValue:
     try:
-        task_id = stuck_work.redrive_one(runtime().engine, celery_app(), stuck_id)
+        task_id = stuck_work.redrive_one(runtime().engine, celery_app(), stuck_id, actor=g.actor)
     except BrokerUnavailable:
         return jsonify(error="unavailable", reason="the broker did not accept the task; retry later"), 503
     if task_id is None:

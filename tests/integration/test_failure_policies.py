@@ -405,6 +405,24 @@ def test_beat_redrives_retrying_work_and_an_operator_redrives_dead_work(client, 
     assert client.post("/ops/stuck-events/999999/redrive", headers=service_headers()).status_code == 404
 
 
+def test_an_operators_redrive_is_audited_with_the_authenticated_principal(client, accounts, engine, clean):
+    # A re-drive by hand (a dead row too: work that was given up on runs again) named no one: the
+    # audit log, which records the rollout changes and outbox skips with their actor, had no row.
+    account, _ = accounts.create()
+    record_stuck(engine, "tasks.recompute_account", {"account_id": account, "trigger": "MANUAL", "cause": "ops"},
+                 account, FailureKind.INVALID_DATA, "AccountNotFound", 1, "dead")
+    (dead,) = stuck(engine, state="dead")
+    response = client.post(f"/ops/stuck-events/{dead['id']}/redrive", headers=service_headers())
+    assert response.status_code == 202
+    assert client.post("/ops/stuck-events/999999/redrive", headers=service_headers()).status_code == 404
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.exec_driver_sql(
+            "SELECT actor, action, account_id, detail FROM audit_log ORDER BY id").mappings()]
+    assert rows == [{"actor": "service", "action": "stuck.redrive", "account_id": account,
+                     "detail": {"stuck_id": dead["id"], "task_name": "tasks.recompute_account",
+                                "state_before": "dead", "task_id": response.json["task_id"]}}]
+
+
 def test_an_attempt_still_running_at_stripe_is_retried_with_the_same_key(client, accounts, engine, worker,
                                                                        celery_app, fake_stripe):
     """A redelivered retry can reach Stripe while the killed worker's request with the same key is
