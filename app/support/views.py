@@ -217,7 +217,10 @@ def _here() -> str:
 
 def _safe_next(target: str | None) -> str:
     # Only back into the support pages: never an open redirect.
-    parsed = urlparse(target or "")
+    try:
+        parsed = urlparse(target or "")
+    except ValueError:  # "Invalid IPv6 URL": a '[' or ']' in what would be the host
+        return "/support/login"
     if parsed.scheme or parsed.netloc or not parsed.path.startswith("/support/"):
         return "/support/login"
     return parsed.path

@@ -314,6 +314,17 @@ def test_sign_in_never_redirects_off_the_support_pages(flask_app, clean):
     assert response.status_code == 303 and response.headers["Location"].endswith("/support/login")
 
 
+@pytest.mark.parametrize("target", ["//[/support/x", "http://[::1/support/x", "//a]/support/x"])
+def test_a_next_that_is_no_url_goes_to_the_sign_in_form_not_a_500(flask_app, clean, target):
+    # urlparse raises ValueError ("Invalid IPv6 URL") on an unclosed '[': the form and the sign-in
+    # answered 500.
+    client = flask_app.test_client()
+    form = client.get("/support/login", query_string={"next": target})
+    assert form.status_code == 200 and 'name="next" value="/support/login"' in form.get_data(as_text=True)
+    response = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": target})
+    assert response.status_code == 303 and response.headers["Location"].endswith("/support/login")
+
+
 def test_webhook_fed_account_appears_on_the_json_view(client, accounts):
     account, customer = accounts.create()
     assert post_event(client, event("invoice.payment_failed", customer=customer)).status_code == 200
