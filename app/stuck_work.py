@@ -95,12 +95,19 @@ def redrive_one(engine: Engine, celery_app: Celery, stuck_id: int, actor: str | 
     with unit_of_work(engine) as conn:
         before = conn.exec_driver_sql(BEFORE_SQL, {"id": stuck_id}).first() if actor is not None else None
         row = conn.exec_driver_sql(ONE_SQL, {"id": stuck_id, "every": REDRIVE_EVERY_SECONDS}).first()
+        audit_id = 0
         if row is not None and before is not None and actor is not None:
-            audit.record(conn, actor, "stuck.redrive", before[0], {"stuck_id": stuck_id, "task_name": row[1],
-                                                                   "state_before": before[1], "task_id": task_id})
+            audit_id = audit.record(conn, actor, "stuck.redrive", before[0], {
+                "stuck_id": stuck_id, "task_name": row[1], "state_before": before[1], "task_id": task_id})
     if row is None:
         return None
-    send(celery_app, row[1], [], dict(row[2] or {}), task_id=task_id, ignore_result=True)
+    try:
+        send(celery_app, row[1], [], dict(row[2] or {}), task_id=task_id, ignore_result=True)
+    except BrokerUnavailable:
+        if audit_id:  # the row is retrying: beat sends it later, under a task id of its own
+            with unit_of_work(engine) as conn:
+                audit.add_detail(conn, audit_id, {"queued": False})
+        raise
     return task_id
 
 

@@ -12,7 +12,8 @@ from sqlalchemy import Engine
 
 from app.config import Settings
 from app.runtime import Runtime
-from tests.conftest import SUPPORT_TOKEN, Accounts, post_event
+from tasks.failures import FailureKind, record_stuck
+from tests.conftest import SUPPORT_TOKEN, Accounts, post_event, service_headers
 from tests.stripe_events import event
 
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
@@ -54,6 +55,24 @@ def test_the_support_button_with_an_unreadable_broker_is_a_503_and_its_audit_say
     response = app.test_client().post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
     assert response.headers["Retry-After"] and "nothing was queued" in response.json["reason"]
+
+
+def test_an_operators_redrive_with_an_unreadable_broker_is_a_503_and_its_audit_says_not_queued(
+        settings, runtime, engine, accounts: Accounts):
+    # The row is set retrying (beat sends it later, under another task id): the audit row must not
+    # name a task that never went, as the support button's says.
+    app = app_with_broker(settings, runtime, UNREADABLE_BROKER)
+    account, _customer = accounts.create()
+    record_stuck(engine, "tasks.recompute_account", {"account_id": account, "trigger": "MANUAL", "cause": "ops"},
+                 account, FailureKind.INVALID_DATA, "AccountNotFound", 1, "dead")
+    with engine.connect() as conn:
+        stuck_id = conn.exec_driver_sql("SELECT id FROM subs_stuck_events").scalar_one()
+    response = app.test_client().post(f"/ops/stuck-events/{stuck_id}/redrive", headers=service_headers())
+    assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    with engine.connect() as conn:
+        (detail,) = conn.exec_driver_sql("SELECT detail FROM audit_log WHERE action = 'stuck.redrive'").scalars()
+        state = conn.exec_driver_sql("SELECT state FROM subs_stuck_events").scalar_one()
+    assert detail["queued"] is False and detail["state_before"] == "dead" and state == "retrying"
 
 
 def test_the_support_button_whose_result_store_cannot_watch_the_task_says_it_was_queued(
