@@ -33,7 +33,9 @@ class InvoiceHistory:
 
 
 def history(snapshot: Snapshot, now: datetime | None = None) -> list[InvoiceHistory]:
-    """Every invoice, newest first, with its label and its number of payment attempts. A bad-debt
+    """Every invoice but drafts, newest first, with its label and its number of payment attempts. A
+    draft is no bill yet (the customer was sent nothing, and it may still be edited or deleted:
+    Stripe deletes only drafts, and invoice.deleted is not mirrored). A bad-debt
     payment's intent that attempts._owner filed under an invoice is no attempt of it: its decline
     does not make the invoice past due and it does not count as its attempt; its refunds still count
     against the invoice's Paid."""
@@ -43,6 +45,7 @@ def history(snapshot: Snapshot, now: datetime | None = None) -> list[InvoiceHist
         InvoiceHistory(invoice=inv, label=label(inv, grouped.get(inv.id, ()), now, bad_debt_intent_ids=intents),
                        attempts=attempt_count(a for a in grouped.get(inv.id, ()) if a.id not in intents))
         for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id), reverse=True)
+        if inv.status != "draft"
     ]
 
 

@@ -64,3 +64,19 @@ def test_a_refund_labels_the_invoice_whichever_webhook_comes_first(client, accou
     for evt in order:
         assert post_event(client, evt).status_code == 200
     assert labels(client, account) == {invoice: expected}
+
+
+def test_a_draft_invoice_is_not_in_the_billing_history_until_it_is_finalized(client, accounts: Accounts):
+    """A draft is no bill yet: Stripe sends the customer nothing, and it may still be edited or
+    deleted (a deleted draft's webhook is invoice.deleted, which nothing mirrors). Listed, it read
+    "Open" for the hour before a renewal is finalized, and for good once deleted."""
+    account, customer = accounts.create()
+    invoice, at = unique("in"), int(time.time()) - 600
+    draft = event("invoice.finalized", id=invoice, customer=customer, status="draft", created=at,
+                  paths={"created": at - 3600})
+    draft["type"] = "invoice.updated"  # the same invoice object, before finalization
+    assert post_event(client, draft).status_code == 200
+    assert labels(client, account) == {}
+    finalized = event("invoice.finalized", id=invoice, customer=customer, created=at + 60, paths={"created": at - 3600})
+    assert post_event(client, finalized).status_code == 200
+    assert labels(client, account) == {invoice: "Open"}
