@@ -21,7 +21,8 @@ from urllib.parse import quote, urlparse
 import psycopg2
 import psycopg2.errors
 from celery.result import AsyncResult
-from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
+from flask import Blueprint, Flask, Response, g, has_request_context, jsonify, redirect, render_template, request
+from flask.sessions import SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 
 from app.db import ValueRejected, unit_of_work, without_quoted_value
@@ -37,12 +38,23 @@ bp = Blueprint("support", __name__, url_prefix="/support")
 log = logging.getLogger(__name__)
 
 
+class _SecureOverHttps(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with the cookie marked Secure whenever the request came over
+    https (or through a proxy gunicorn trusts to say so: its forwarded_allow_ips): sent over plain
+    http it could be read on the way. A plain-http deployment (make run on localhost) still works,
+    which a fixed SESSION_COOKIE_SECURE would break."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return super().get_cookie_secure(app) or (has_request_context() and request.is_secure)
+
+
 @bp.record_once
 def _cookie_policy(state: Any) -> None:
     # The session cookie authenticates support writes: never send it on cross-site requests.
     if not state.app.config.get("SESSION_COOKIE_SAMESITE"):
         state.app.config["SESSION_COOKIE_SAMESITE"] = "Strict"
     state.app.config["SESSION_COOKIE_HTTPONLY"] = True
+    state.app.session_interface = _SecureOverHttps()
 
 
 # The page runs only its own script (support.js) and styles inline; nothing of it is framed by another

@@ -138,6 +138,19 @@ def test_page_shows_state_invoices_with_labels_episodes_and_stuck_work(client, e
     assert client.get("/static/support.js").status_code == 200
 
 
+@pytest.mark.parametrize(("base_url", "secure"), [("https://support.example", True), ("http://localhost", False)])
+def test_the_session_cookie_is_secure_when_signed_in_over_https(flask_app, accounts, base_url, secure):
+    """Signed in over https (or behind a proxy gunicorn trusts to say so), the cookie is never sent
+    over plain http, where anyone on the path could take the session; over plain http (make run on
+    localhost) a Secure cookie would never come back, so it is not marked."""
+    client = flask_app.test_client()
+    account, _ = accounts.create()
+    ok = client.post("/support/login", base_url=base_url,
+                     data={"token": SUPPORT_TOKEN, "next": f"/support/accounts/{account}"})
+    assert ok.status_code == 303
+    assert ("; Secure" in ok.headers["Set-Cookie"]) is secure
+
+
 def test_sign_in_keeps_a_session_and_cookie_writes_need_the_csrf_header(flask_app, engine, accounts):
     client = flask_app.test_client()
     account, _ = accounts.create()
