@@ -462,10 +462,26 @@ class EmbeddedPostgres(_ServerContext):
         nothing listens, and a file cut short (the postmaster killed while writing it) fails its
         assertion: every start failed. With no process of the cluster left, the file is stale."""
         pidfile = self.pgdata / "postmaster.pid"
-        if not pidfile.exists() or self._postmaster() is not None or self._cluster_in_use():
+        # Its socket's lock file too (.s.PGSQL.5432.lock, the postmaster's pid): naming a live
+        # process of the server's user, it makes PostgreSQL refuse to start. Also alone: a start
+        # that failed on it had already removed postmaster.pid.
+        stale = [path for path in (pidfile, *self._socket_lock_files()) if path.exists()]
+        if not stale or self._postmaster() is not None or self._cluster_in_use():
             return
-        print(f"removing {pidfile}, left by a PostgreSQL that no longer runs", file=sys.stderr)
-        pidfile.unlink(missing_ok=True)
+        for path in stale:
+            print(f"removing {path}, left by a PostgreSQL that no longer runs", file=sys.stderr)
+            path.unlink(missing_ok=True)
+
+    def _socket_lock_files(self) -> list[Path]:
+        """The socket lock files of the folders this cluster's socket may be in: PGDATA, or the
+        one pgserver chooses for it (a path too long or with a space: /tmp, the runtime folder)."""
+        if not self.pgdata.is_dir():
+            return []
+        folders = {self.pgdata}
+        with contextlib.suppress(Exception):
+            module = _pgserver().postgres_server
+            folders.add(module.find_suitable_socket_dir(self.pgdata, module.PostgresServer.runtime_path))
+        return [lock for folder in folders for lock in folder.glob(".s.PGSQL.*.lock")]
 
     def _cluster_in_use(self) -> bool:
         """Whether a process still works on ``pgdata``. The postmaster and every backend work in the

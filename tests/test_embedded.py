@@ -388,6 +388,35 @@ def test_a_stale_postmaster_pid_does_not_keep_postgres_from_starting(tmp_path: P
         other.wait()
 
 
+@pytest.mark.parametrize("postmaster_pid", ["left too", "removed by a start that failed"])
+def test_a_stale_socket_lock_file_does_not_keep_postgres_from_starting(tmp_path: Path, postmaster_pid: str) -> None:
+    """Beside postmaster.pid, a postmaster killed outright leaves its socket's lock file
+    (.s.PGSQL.5432.lock, with its pid). Once that pid names a live process of the server's user (the
+    launcher itself after a container restart, for an ordinary user), PostgreSQL refuses to start
+    ("lock file already exists"): postmaster.pid was discarded, the socket's lock was not, and every
+    `make run` failed."""
+    with EmbeddedPostgres(tmp_path):  # a cluster made, then stopped cleanly
+        pass
+    pgdata = tmp_path / "pg"
+    server_user = {"user": "pgserver"} if os.geteuid() == 0 else {}  # whom pgserver runs postgres as
+    other = subprocess.Popen(["sleep", "300"], **server_user)  # holds the pid the stale files name
+    try:
+        (pgdata / ".s.PGSQL.5432.lock").write_text(f"{other.pid}\n{pgdata}\n1700000000\n5432\n{pgdata}\n")
+        if postmaster_pid == "left too":
+            (pgdata / "postmaster.pid").write_text(
+                f"{other.pid}\n{pgdata}\n1700000000\n5432\n{pgdata}\n\n  5432001  32768\nready\n")
+        pg = EmbeddedPostgres(tmp_path)
+        try:
+            url = pg.start()
+            assert sql(url, "SELECT 1") == 1
+        finally:
+            pg.stop()
+        assert other.poll() is None, "the process the stale files named was stopped"
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_postgres_slow_to_accept_connections_is_waited_for(tmp_path: Path) -> None:
     """After an unclean stop PostgreSQL replays its WAL before it accepts connections, which may take
     longer than the 10 s pgserver gives pg_ctl: the start failed, the launcher stopped the server
