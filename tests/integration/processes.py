@@ -94,7 +94,7 @@ def web_process(settings: Settings, data_dir: Path, **env: str) -> Iterator[WebP
     port = free_port()
     proc = subprocess.Popen([DUNNING, "process", "web"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env_for(settings, PORT=str(port), DUNNING_DATA_DIR=str(data_dir), **env))
+                            env={**env_for(settings, PORT=str(port), DUNNING_DATA_DIR=str(data_dir)), **env})
     web = WebProcess(f"http://127.0.0.1:{port}")
     try:
         wait_for(lambda: answers(f"{web.base}/healthz") or proc.poll() is not None, timeout=60,

@@ -25,6 +25,7 @@ PER_MESSAGE = {"delivery_tag"}
 def _pop_envelope(client: redis.Redis, settings: Settings, queue: str) -> dict[str, Any]:
     raw = client.rpop(f"{settings.broker_key_prefix}{queue}")
     assert raw is not None, f"nothing on {queue}"
+    assert isinstance(raw, bytes)
     envelope: dict[str, Any] = json.loads(raw)
     for name in PER_MESSAGE:
         envelope["properties"].pop(name)

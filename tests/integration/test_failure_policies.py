@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg2
 import pytest
@@ -173,7 +174,8 @@ class DyingRecompute:
     def __init__(self, celery_app, monkeypatch, account: str, coalesced: bool) -> None:
         import app.recompute.service as service
 
-        self.inside, self.go, self.out = threading.Event(), threading.Event(), {}
+        self.inside, self.go = threading.Event(), threading.Event()
+        self.out: dict[str, Any] = {}
         self.real_compute = service.compute
 
         def dying_compute(*args, **kwargs):

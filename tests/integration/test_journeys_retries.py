@@ -66,15 +66,21 @@ def test_insufficient_funds_recovers_on_the_third_retry(client, accounts: Accoun
             assert datetime.fromisoformat(state["next_retry_at"]) <= at, (n, state)
             fake_stripe.script(outcomes.success() if n == 3 else outcomes.decline("insufficient_funds"))
             celery_app.send_task("tasks.dispatch_due_retries")
-            wait_for(lambda n=n: len(fake_stripe.pay_requests(invoice)) == n, message=f"retry {n} charged")
+            def charged(n: int = n) -> bool:
+                return len(fake_stripe.pay_requests(invoice)) == n
+
+            wait_for(charged, message=f"retry {n} charged")
             now = int(at.timestamp())
             if n < 3:
                 late = [invoice_event("invoice.payment_failed", customer, invoice, now + 2, ts - 3600,
                                       attempts=n + 1), charge_failed(customer, now + 1, "insufficient_funds", card)]
                 for evt in reversed(late):  # the charge's detail before its invoice event
                     post_event(client, evt)
-                wait_for(lambda n=n: (s := dunning(client, account))["retries_used"] == n
-                         and s["next_retry_at"] is not None, message=f"retry {n} failed, next planned")
+                def failed_and_planned(n: int = n) -> bool:
+                    s = dunning(client, account)
+                    return s["retries_used"] == n and s["next_retry_at"] is not None
+
+                wait_for(failed_and_planned, message=f"retry {n} failed, next planned")
             else:
                 post_event(client, invoice_event("invoice.paid", customer, invoice, now + 2, ts - 3600,
                                                  attempts=n + 1, paid=True))
@@ -178,11 +184,17 @@ def test_an_upgrade_whose_proration_never_pays_is_reverted_never_bad_debt(client
                 continue
             n += 1
             celery_app.send_task("tasks.dispatch_due_retries")
-            wait_for(lambda n=n: len(fake_stripe.pay_requests(upgrade)) == n, message=f"upgrade retry {n}")
+            def upgrade_charged(n: int = n) -> bool:
+                return len(fake_stripe.pay_requests(upgrade)) == n
+
+            wait_for(upgrade_charged, message=f"upgrade retry {n}")
             now = int(at.timestamp())
             post_event(client, upgrade_event("invoice.payment_failed", now + 2, n + 1))
             post_event(client, charge_failed(customer, now + 1, "insufficient_funds", card))
-            wait_for(lambda n=n: dunning(client, account)["retries_used"] == n, message=f"retry {n} failed")
+            def upgrade_failed(n: int = n) -> bool:
+                return dunning(client, account)["retries_used"] == n
+
+            wait_for(upgrade_failed, message=f"retry {n} failed")
 
     day30 = t0 + timedelta(days=30)
     n30 = int(day30.timestamp())

@@ -32,8 +32,8 @@ def keys(engine: Engine, customer: str) -> tuple[Any, list[Any]]:
     with engine.connect() as conn:
         filed = conn.exec_driver_sql("SELECT account_key FROM mirror_customer WHERE stripe_customer_id = %(c)s",
                                      {"c": customer}).scalar_one_or_none()
-        rows = conn.exec_driver_sql("SELECT DISTINCT account_key FROM stripe_invoice WHERE stripe_customer_id = %(c)s",
-                                    {"c": customer}).scalars().all()
+        rows = list(conn.exec_driver_sql("SELECT DISTINCT account_key FROM stripe_invoice "
+                                         "WHERE stripe_customer_id = %(c)s", {"c": customer}).scalars())
     return filed, rows
 
 
@@ -145,8 +145,9 @@ def test_the_migration_files_what_was_mirrored_before_it_and_goes_back_down(empt
             invoice(conn, "in_m0", "cus_m0")  # mirrored, but no account maps its customer
         upgrade(url)
         with engine.connect() as conn:
-            filed = dict(conn.exec_driver_sql("SELECT stripe_customer_id, account_key FROM mirror_customer").all())
-            rows = dict(conn.exec_driver_sql("SELECT id, account_key FROM stripe_invoice").all())
+            filed: dict[str, Any] = dict(
+                conn.exec_driver_sql("SELECT stripe_customer_id, account_key FROM mirror_customer").all())
+            rows: dict[str, Any] = dict(conn.exec_driver_sql("SELECT id, account_key FROM stripe_invoice").all())
         assert filed == {"cus_m1": "acct_m1", "cus_m2": "acct_m2", "cus_m0": None}
         assert rows == {"in_m1": "acct_m1", "in_m0": None}
         downgrade(url, "sweep_counts_and_gate")
@@ -189,7 +190,7 @@ def test_the_failed_at_migration_keeps_the_time_of_failures_without_a_charge(emp
                     {"id": pi, "s": status, "ch": charge, "f": code, "c": json.dumps(charges)})
         upgrade(url)
         with engine.connect() as conn:
-            failed_at = dict(conn.exec_driver_sql(
+            failed_at: dict[str, Any] = dict(conn.exec_driver_sql(
                 "SELECT id, failed_at FROM stripe_payment_attempt WHERE failed_at IS NOT NULL").all())
         at = datetime(2026, 11, 20, 10, tzinfo=UTC)
         assert failed_at == {"pi_3ds": at, "pi_3ds_reused": at}

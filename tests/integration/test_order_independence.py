@@ -196,8 +196,8 @@ def deliver_in_every_order(client: Any, accounts: Accounts, engine: Any, runtime
     out = []
     for order in itertools.permutations(range(events)):
         account, customer = accounts.create()
-        invoice, events, intent = history(customer)
-        for evt in (invoice, *(events[i] for i in order)):
+        invoice, attempt_events, intent = history(customer)
+        for evt in (invoice, *(attempt_events[i] for i in order)):
             assert post_event(client, evt).status_code == 200
         run_recompute(engine, runtime.policy, account, "STATE_REFRESH",
                       datetime.fromtimestamp(t, UTC) + timedelta(days=1))

@@ -131,7 +131,11 @@ def test_a_long_answer_costs_the_relay_no_time(accounts, engine, fake_am, body, 
 
     read: list[int] = []
     mask = answers.masked
-    monkeypatch.setattr(answers, "masked", lambda text: read.append(len(text)) or mask(text))
+    def counting_mask(text: str) -> str:
+        read.append(len(text))
+        return mask(text)
+
+    monkeypatch.setattr(answers, "masked", counting_mask)
     account, _ = accounts.create()
     other, _ = accounts.create()
     entitlements(engine, account, 1, prod_core="full")
@@ -267,6 +271,7 @@ def test_downgrade_and_upgrade_again_keep_skipped_rows_skipped(empty_database):
         with engine.begin() as conn:
             ids = [conn.exec_driver_sql(insert, dict(zip(("v", "at", "error", "state", "status", "blocked"), r,
                                                          strict=True))).scalar() for r in rows]
+        assert ids[4] is not None
         operator.skip(engine, ids[4], "alice", "AM refuses it", datetime.now(UTC))
         downgrade(empty_database, "sweep_error")
         upgrade(empty_database)

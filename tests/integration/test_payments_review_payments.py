@@ -52,7 +52,7 @@ class StripeWithUncollectible(FakeStripe):
 
 
 @pytest.fixture
-def stripe_uncollectible(runtime, monkeypatch):  # type: ignore[no-untyped-def]
+def stripe_uncollectible(runtime, monkeypatch):
     with StripeWithUncollectible() as fake:
         point_stripe_at(runtime, monkeypatch, fake.url)
         yield fake

@@ -77,7 +77,7 @@ class CountingCursor(psycopg2.extensions.cursor):
 
     sent: list[str] = []
 
-    def execute(self, query, vars=None):  # type: ignore[no-untyped-def]
+    def execute(self, query, vars=None):
         CountingCursor.sent.append(query if isinstance(query, str) else query.decode())
         return super().execute(query, vars)
 

@@ -94,7 +94,10 @@ def _in_turn_behind_the_rollout_row(engine: Engine, calls: list[Callable[[], Any
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
         for n, t in enumerate(threads, 1):
             t.start()
-            wait_for(lambda n=n: _lock_waiters(engine) >= n, message=f"call {n} waiting on the rollout row")
+            def waiting(n: int = n) -> bool:
+                return _lock_waiters(engine) >= n
+
+            wait_for(waiting, message=f"call {n} waiting on the rollout row")
         tx.commit()
     for t in threads:
         t.join(60)
@@ -243,6 +246,7 @@ def test_a_sweep_of_one_account_pages_in_segments_requests_each_in_stage_account
     report = sweeper.start(max_seconds=0)
     segments = 1
     while not report.finished:
+        assert report.run_id is not None
         report = sweeper.resume(report.run_id, max_seconds=0)
         segments += 1
     assert segments >= 6 and (report.scanned, report.drifted, report.in_stage, report.enqueued) == (6, 3, 2, 2)

@@ -247,6 +247,7 @@ def test_errors_of_a_sweep_that_spans_a_step_back_do_not_step_back_again(runtime
     first = Sweeper(engine, policy, broken, batch_size=5,
                     clock=lambda: NOW - timedelta(minutes=10)).start(max_seconds=0)
     assert not first.finished and first.errors >= 2
+    assert first.run_id is not None
     decision, health, state = check_gate(engine, policy, NOW - timedelta(minutes=9))
     assert decision.action == "rollback" and health.errors == first.errors
     assert (state.stage, state.held) == ("5", True)

@@ -198,6 +198,7 @@ def test_a_sweep_never_overlaps_a_running_one(runtime, engine: Engine, corrupted
     set_stage(engine, "100")
     first = Sweeper(engine, runtime.policy, recorder, batch_size=2).start(max_seconds=0)
     assert not first.finished and first.scanned == 2 and first.cursor
+    assert first.run_id is not None
     with pytest.raises(SweepBusy, match=f"sweep {first.run_id} is still running"):
         Sweeper(engine, runtime.policy, recorder).start()
     rest = Sweeper(engine, runtime.policy, recorder, batch_size=2).resume(first.run_id)

@@ -30,6 +30,7 @@ def test_a_permanent_decline_escalates_on_time_with_no_further_event(client, acc
     assert post_event(client, charge).status_code == 200
     now = datetime.now(UTC)
     first = run_recompute(engine, runtime.policy, account, "PAYMENT_FAILED", now)
+    assert first.decision is not None
     assert first.decision.state.level == "notice" and first.decision.state.next_retry_at is None
     stored = dunning_row(engine, account)
     # permanent for 3 days: restrict_premium (the next threshold of the default policy's rules)
@@ -39,10 +40,13 @@ def test_a_permanent_decline_escalates_on_time_with_no_further_event(client, acc
     due = stored["next_review_at"] + timedelta(seconds=1)
     assert redrive(engine, celery_app, now=due)["reviewed"] == 1
     reviewed = run_recompute(engine, runtime.policy, account, "STATE_REFRESH", due)
+    assert reviewed.decision is not None
     assert reviewed.decision.state.level == "restrict_premium"
     after = dunning_row(engine, account)
     assert after["level"] == "restrict_premium"
     assert after["next_review_at"] == datetime.fromtimestamp(failed_at, UTC) + timedelta(days=7)
     # and on to bad debt at day 21, where the design puts it (retries exhausted: none are tried)
     day_21 = datetime.fromtimestamp(failed_at, UTC) + timedelta(days=21, seconds=1)
-    assert run_recompute(engine, runtime.policy, account, "STATE_REFRESH", day_21).decision.state.status == "bad_debt"
+    at_day_21 = run_recompute(engine, runtime.policy, account, "STATE_REFRESH", day_21)
+    assert at_day_21.decision is not None
+    assert at_day_21.decision.state.status == "bad_debt"

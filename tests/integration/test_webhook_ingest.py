@@ -484,6 +484,7 @@ def test_no_database_connection_free_in_time_answers_503(settings, celery_app, a
         response = app.test_client().get(f"/accounts/{account}/dunning", headers=service_headers())
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
+    assert response.json is not None
     assert "busy" in response.json["reason"]
     assert app.test_client().get(f"/accounts/{account}/dunning", headers=service_headers()).status_code == 200
     runtime.engine.dispose()

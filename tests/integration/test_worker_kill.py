@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -59,7 +59,8 @@ def let_the_visibility_timeout_pass(settings: Settings) -> int:
     client = redis.Redis.from_url(settings.broker_url)
     try:
         key = f"{settings.broker_key_prefix}unacked_index"
-        entries = client.zrange(key, 0, -1, withscores=True)
+        # redis-py types a synchronous client's answers as ResponseT: with scores, (member, score) pairs
+        entries = cast(list[tuple[bytes, float]], client.zrange(key, 0, -1, withscores=True))
         if entries:
             client.zadd(key, {member: score - VISIBILITY_TIMEOUT for member, score in entries})
         return len(entries)

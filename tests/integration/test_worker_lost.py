@@ -63,8 +63,10 @@ def test_a_task_that_kills_every_child_that_runs_it_becomes_dead_stuck_work(acco
                     (child,) = wait_for(main.children, message="the pool child")
                     child.send_signal(signal.SIGKILL)
                     killed.append(child.pid)
-                    wait_for(lambda pid=child.pid: not psutil.pid_exists(pid) or psutil.Process(pid).status()
-                             == psutil.STATUS_ZOMBIE, message="the child gone")
+                    def gone(pid: int = child.pid) -> bool:
+                        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+                    wait_for(gone, message="the child gone")
                     assert len(killed) <= LOST_WORKER_RETRIES + 1, "sent again more often than its retries allow"
                 [row] = stuck(engine, account)
                 broker = redis.Redis.from_url(settings.broker_url)

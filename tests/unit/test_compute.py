@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
@@ -978,7 +979,7 @@ def _bad_debt_paid_on_a_second_try(c):
     ok = attempt("pi_bd2", None, days_ago=3, status="succeeded", amount=10000)
     ok_pay = BadDebtPayment(id=2, state="succeeded", amount=10000, created_at=days(3), updated_at=days(3),
                             stripe_payment_intent_id="pi_bd2")
-    paid = {"status": "paid", "amount_paid": 5000, "amount_remaining": 0, "paid_at": days(3)}
+    paid: dict[str, Any] = {"status": "paid", "amount_paid": 5000, "amount_remaining": 0, "paid_at": days(3)}
     return snapshot(replace(a, **paid), replace(b, **paid), c, attempts=(*first, declined, ok),
                     bad_debt_payments=(failed_pay, ok_pay), subscriptions=TWO_SUBSCRIPTIONS)
 

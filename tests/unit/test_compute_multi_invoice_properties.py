@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from app.domain.compute import compute
 from app.domain.decline_codes import DECLINE_CODES, classify
 from app.domain.snapshot import Attempt, Charge, Invoice, InvoiceLine, PaymentMethod, Retry, Snapshot, Subscription
-from app.domain.state import Access, FailureClass, Level, Status
+from app.domain.state import Access, DunningState, FailureClass, Level, Status
 from tests.unit.builders import NOW, days, policy
 from tests.unit.test_compute_properties import beat_until
 
@@ -32,7 +32,15 @@ POLICY = policy()
 SETTINGS = settings(max_examples=int(os.environ.get("PROP_N", "60")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 STATUS_RANK = {Status.CURRENT: 0, Status.PAST_DUE: 1, Status.LIFTING: 2, Status.BAD_DEBT: 2}
-BAD_DEBT_DAYS = next(r.min_days for r in POLICY.rules if r.level == Level.SUSPENDED and r.retries_exhausted)
+
+
+def _bad_debt_days() -> int:
+    min_days = next(r.min_days for r in POLICY.rules if r.level == Level.SUSPENDED and r.retries_exhausted)
+    assert min_days is not None
+    return min_days
+
+
+BAD_DEBT_DAYS = _bad_debt_days()
 
 DECLINES = st.sampled_from([*sorted(DECLINE_CODES), "a_code_stripe_adds_next_year"])
 AGES = st.one_of(st.floats(0.05, 60), st.sampled_from([2.99, 3.0, 6.99, 7.0, 13.99, 14.0, 20.99, 21.0, 21.01, 90.0]))
@@ -148,7 +156,9 @@ def accounts(draw: st.DrawFn, renewal: bool | None = None, upgrade: bool | None 
         unpaid = draw(unpaid_invoices())
         lines = tuple(InvoiceLine(p, unpaid.amount // len(core_products)) for p in core_products)
         built = build_invoice("in_cycle", "sub_core", lines, unpaid, "subscription_cycle")
-        invoices.append(built[0]), attempts.append(built[1]), retries.extend(built[2])
+        invoices.append(built[0])
+        attempts.append(built[1])
+        retries.extend(built[2])
     kind = None
     if upgrade if upgrade is not None else draw(st.booleans()):
         kind = draw(st.sampled_from([*sorted(UPGRADE_LINES), "core_swap"]))
@@ -163,21 +173,26 @@ def accounts(draw: st.DrawFn, renewal: bool | None = None, upgrade: bool | None 
             subs.append(Subscription("sub_up", "active", UPGRADE_PRODUCTS[kind]))
         built = build_invoice("in_up", sub, lines, replace(unpaid, amount=sum(ln.amount for ln in lines)),
                               "subscription_update")
-        invoices.append(built[0]), attempts.append(built[1]), retries.extend(built[2])
+        invoices.append(built[0])
+        attempts.append(built[1])
+        retries.extend(built[2])
     if small if small is not None else draw(st.booleans()):
         unpaid = draw(unpaid_invoices(st.integers(1, 499)))
         built = build_invoice("in_small", "sub_small", (InvoiceLine("prod_small", unpaid.amount),), unpaid,
                               "subscription_cycle")
         # maybe billed in another currency (an account's other Stripe customer): its balance is its own
         invoices.append(replace(built[0], currency=draw(CURRENCIES)))
-        attempts.append(built[1]), retries.extend(built[2])
+        attempts.append(built[1])
+        retries.extend(built[2])
         subs.append(Subscription("sub_small", "active", ("prod_small",)))
     if others and draw(st.booleans()):
         # a second renewal of sub_core, unpaid beside the first (a month later)
         unpaid = draw(unpaid_invoices())
         built = build_invoice("in_cycle2", "sub_core", (InvoiceLine("prod_core", unpaid.amount),), unpaid,
                               "subscription_cycle")
-        invoices.append(built[0]), attempts.append(built[1]), retries.extend(built[2])
+        invoices.append(built[0])
+        attempts.append(built[1])
+        retries.extend(built[2])
     if others and draw(st.booleans()):
         # sent for payment (the customer pays by invoice): debt from its due date, past or to come
         due = days(draw(st.floats(-20, 40)))
@@ -346,9 +361,9 @@ def test_the_decision_does_not_depend_on_the_order_of_the_snapshot(account, seed
     rng = random.Random(seed)
 
     def shuffled(items: tuple) -> tuple:
-        items = list(items)
-        rng.shuffle(items)
-        return tuple(items)
+        as_list = list(items)
+        rng.shuffle(as_list)
+        return tuple(as_list)
 
     snap = account.snapshot
     other = replace(snap, invoices=shuffled(snap.invoices), attempts=shuffled(snap.attempts),
@@ -410,9 +425,9 @@ class MultiRun:
         self.subs = {"sub_core": Subscription("sub_core", "active", ("prod_core",)),
                      "sub_annual": Subscription("sub_annual", "active", ("prod_annual",))}
         self.annual = settled_invoice("in_annual", "sub_annual", "prod_annual", "paid", 100)
-        self.stored = None
+        self.stored: DunningState | None = None
         self.bad_debt = False
-        self.episode = None
+        self.episode: datetime | None = None
         self.customer_acted = False
         self.history: list[tuple] = []
 

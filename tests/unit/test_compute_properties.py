@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from app.domain.compute import compute
 from app.domain.decline_codes import classify
 from app.domain.snapshot import Attempt, Charge, Invoice, InvoiceLine, PaymentMethod, Retry, Snapshot, Subscription
-from app.domain.state import FailureClass, Level, Status
+from app.domain.state import DunningState, FailureClass, Level, Status
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
 
 POLICY = policy()
@@ -119,9 +119,9 @@ class Run:
         self.methods = [PaymentMethod("pm_1", "card", True, T0 - timedelta(days=300))]
         self.default, self.default_at = "pm_1", T0 - timedelta(days=300)
         self.retries: list[Retry] = []
-        self.stored = None
+        self.stored: DunningState | None = None
         self.bad_debt = False
-        self.episode = None
+        self.episode: datetime | None = None
         self.customer_acted = False
         self.history: list[tuple] = []
 

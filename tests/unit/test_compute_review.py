@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from app.domain.compute import Decision, compute
-from app.domain.events import derive_events
+from app.domain.events import BadDebtEntered, derive_events
 from app.domain.snapshot import Charge, Snapshot, Subscription
 from app.domain.state import Status
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
@@ -283,4 +283,5 @@ def test_bad_debt_entered_by_the_latest_failing_of_several_suspended_invoices():
                     subscriptions=THREE_SUBSCRIPTIONS)
     decision = compute(snap, POLICY, NOW)
     [entered] = [e for e in derive_events(None, decision, NOW) if e.name == "BadDebtEntered"]
+    assert isinstance(entered, BadDebtEntered)
     assert (entered.reason, entered.failure_class) == ("marked_uncollectible", "action_required")

@@ -60,6 +60,7 @@ def test_stored_equal_to_desired_is_not_drift_even_with_other_wording_or_policy_
     s = settled(snap(unpaid_invoice(8)))
     decision = compute(s, POLICY, NOW)
     assert drift_of(s, decision) is None
+    assert s.stored is not None
     reworded = replace(s.stored, reasons=(Reason("x", "other words"),), policy_version="old")
     assert drift(reworded, s.stored_bad_debt_flag, decision.state, decision.bad_debt) is None
 
@@ -95,6 +96,7 @@ def test_only_the_flag_drifted():
 
 def test_time_values_are_json():
     s = settled(snap(unpaid_invoice(2)))
+    assert s.stored is not None
     corrupt = replace(s, stored=replace(s.stored, unpaid_since=NOW))
     found = drift_of(corrupt, compute(corrupt, POLICY, NOW))
     assert found is not None and found.stored["unpaid_since"] == NOW.isoformat()

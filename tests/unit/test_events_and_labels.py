@@ -365,6 +365,7 @@ def test_a_dunning_paid_in_full_is_paid_though_a_late_failure_backdates_it_over_
     failed_b = attempt("pi_b", "in_b", days_ago=6)
     dunning_2 = compute(replace(snapshot(voided, in_b, attempts=(failed_a, failed_b)), stored=closed.state),
                         POLICY, days(3))
+    assert voided.voided_at is not None
     assert dunning_2.state.status == "past_due" and dunning_2.state.unpaid_since == days(6) < voided.voided_at
     paid_b = replace(in_b, status="paid", amount_paid=5000, amount_remaining=0, paid_at=days(1))
     card = replace(failed_b, status="succeeded", attempted_at=days(1), decline_code=None, amount=5000)
