@@ -93,6 +93,7 @@ def test_a_value_postgresql_refuses_as_data_is_a_422_with_the_reason(engine: Eng
 
     response = app.test_client().post("/store")
     assert response.status_code == 422, (response.status_code, response.get_data(as_text=True))
+    assert response.json is not None
     assert response.json["error"] == "unprocessable" and reason in response.json["reason"]
     assert "SELECT" not in response.json["reason"]
 

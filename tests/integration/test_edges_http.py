@@ -54,6 +54,7 @@ def test_the_support_button_with_an_unreadable_broker_is_a_503_and_its_audit_say
     account, _customer = accounts.create()
     response = app.test_client().post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.json is not None
     assert response.headers["Retry-After"] and "nothing was queued" in response.json["reason"]
 
 
@@ -88,6 +89,7 @@ def test_the_support_button_whose_result_store_cannot_watch_the_task_says_it_was
     account, _customer = accounts.create()
     response = app.test_client().post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 202, (response.status_code, response.get_data(as_text=True))
+    assert response.json is not None
     assert response.json["task_id"]
 
 
@@ -107,6 +109,7 @@ def test_a_support_task_polled_while_the_result_store_is_down_is_a_503_with_retr
     app = app_with_broker(settings, runtime, "redis://127.0.0.1:1/0")  # the result backend is the broker's Redis
     response = app.test_client().get(f"/support/tasks/{task_id}", headers=SUPPORT)
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.json is not None
     assert response.headers["Retry-After"] and response.json["reason"] == (
         "the task result store is unreachable; retry later")
 
@@ -162,8 +165,12 @@ def test_a_batch_that_waited_past_lock_timeout_holds_back_only_the_blocked_accou
     assert post_event(client, event("invoice.payment_failed", customer=customer)).status_code == 200  # its request row
     runs: list[int] = []
     ingest_events = store.ingest_events
-    monkeypatch.setattr(store, "ingest_events",
-                        lambda conn, items: runs.append(len(items)) or ingest_events(conn, items))
+
+    def counted(conn: Any, items: Any) -> Any:
+        runs.append(len(items))
+        return ingest_events(conn, items)
+
+    monkeypatch.setattr(store, "ingest_events", counted)
     events = [event("invoice.payment_failed", customer=c) for c in (customer, other_customer)]
     ingestor = Ingestor(quick, celery_app)
     holder = engine.connect()
@@ -213,6 +220,7 @@ def test_a_statement_sqlalchemy_ran_that_timed_out_is_a_503_with_retry_after(eng
             holder.exec_driver_sql("SELECT pg_advisory_unlock(%(key)s)", {"key": key})
             holder.commit()
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.json is not None
     assert response.headers["Retry-After"] == "5" and "SELECT" not in response.json["reason"]
 
 
@@ -243,6 +251,7 @@ def test_a_statement_sqlalchemy_ran_that_lost_a_race_is_a_503_with_retry_after(e
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE edge_race")
     assert response.status_code == 503, (response.status_code, response.get_data(as_text=True))
+    assert response.json is not None
     assert response.headers["Retry-After"] == "1" and "UPDATE" not in response.json["reason"]
 
 

@@ -280,6 +280,7 @@ def test_a_decline_saved_while_its_webhook_is_being_stored_does_not_deadlock(eng
             ex = extract(evt)
             with unit_of_work(engine) as conn:
                 stored = store.ingest_events(conn, [(ex, json.dumps(evt))])[0]
+                assert stored is not None and stored.account_id is not None and ex.payment_intent is not None
                 holding.set()
                 go.wait(20)
                 bad_debt_webhook.record_outcome(conn, ex.type, stored.account_id, ex.payment_intent, evt)
@@ -953,7 +954,7 @@ def test_a_debt_paid_by_a_concurrent_request_with_another_key_is_not_charged_aga
     insert = bad_debt._insert
     others: list[str] = []
 
-    def another_request_pays_first(rt, req, debt):  # type: ignore[no-untyped-def]
+    def another_request_pays_first(rt, req, debt):
         if not others:  # B runs between A's quote and A's insert (A's own call, once)
             others.append("B")
             first = pay(client, body, key())

@@ -21,7 +21,7 @@ WRONG = {"none": None, "empty bearer": "Bearer ", "lowercase scheme, empty": "be
 
 def _routes(app: Flask) -> list[tuple[str, str, str]]:
     """(method, path with sample values, realm) for every route that is not open."""
-    routes = []
+    routes: list[tuple[str, str, str]] = []
     for rule in app.url_map.iter_rules():
         if rule.rule in OPEN:
             continue
@@ -29,7 +29,7 @@ def _routes(app: Flask) -> list[tuple[str, str, str]]:
         path = rule.rule
         for name in rule.arguments:
             path = path.replace(f"<{name}>", SAMPLE[name]).replace(f"<int:{name}>", SAMPLE[name])
-        routes.extend((method, path, realm) for method in sorted(rule.methods - {"HEAD", "OPTIONS"}))
+        routes.extend((method, path, realm) for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
     return routes
 
 

@@ -60,7 +60,7 @@ def test_a_session_lock_interrupted_while_released_does_not_go_back_to_the_pool(
 
     locking = make_engine(database_url, pool_size=1, max_overflow=0)
 
-    def interrupt_the_unlock(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+    def interrupt_the_unlock(conn, cursor, statement, *args):
         if "pg_advisory_unlock" in statement:
             raise Interrupted()
 

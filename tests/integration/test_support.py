@@ -19,6 +19,12 @@ from tests.stripe_events import event, unique
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
 
 
+def json_of(response: Any) -> Any:
+    """A JSON answer's body (the test client types it as possibly None)."""
+    assert response.json is not None, response.get_data(as_text=True)
+    return response.json
+
+
 def audit_rows(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT actor, action, account_id, detail FROM audit_log ORDER BY id").mappings()
@@ -30,6 +36,7 @@ def audit_rows(engine: Engine) -> list[dict[str, Any]]:
 def test_no_or_wrong_token_is_401_and_nothing_is_queued_or_audited(client: FlaskClient, engine, accounts, headers):
     account, _ = accounts.create()
     response = client.post(f"/support/accounts/{account}/recompute", headers=headers)
+    assert response.json is not None
     assert response.status_code == 401 and response.json["reason"]
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert client.get(f"/support/accounts/{account}/state", headers=headers).status_code == 401
@@ -85,6 +92,7 @@ def test_recompute_button_queues_a_ninjapanel_recompute_audits_the_actor_and_rep
             "now() - interval '1 day', 1, 1, 'evt_x')", {"i": unique("in"), "c": customer})
     response = client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 202
+    assert response.json is not None
     task_id = response.json["task_id"]
     assert response.json["status_url"] == f"/support/tasks/{task_id}"
 
@@ -95,20 +103,21 @@ def test_recompute_button_queues_a_ninjapanel_recompute_audits_the_actor_and_rep
     def done() -> Any:
         status = client.get(f"/support/tasks/{task_id}", headers=SUPPORT)
         assert status.status_code == 200
+        assert status.json is not None
         return status.json if status.json["done"] else None
 
     status = wait_for(done, message="support recompute task")
     assert status["state"] == "SUCCESS" and status["account_id"] == account
     assert status["result"]["trigger"] == "NINJAPANEL_BUTTON" and status["result"]["outcome"] == "changed"
     assert status["result"]["status"] == "past_due" and status["result"]["cause"] == f"support:{SUPPORT_ACTOR}"
-    view = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
+    view = json_of(client.get(f"/support/accounts/{account}/state", headers=SUPPORT))
     assert view["dunning"]["status"] == "past_due" and view["dunning"]["last_trigger"] == "NINJAPANEL_BUTTON"
 
     # Pressed again with nothing new: still a forced run (not coalesced away), and it changes nothing.
-    again = client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT).json["task_id"]
-    wait_for(lambda: client.get(f"/support/tasks/{again}", headers=SUPPORT).json["state"] == "SUCCESS",
+    again = json_of(client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT))["task_id"]
+    wait_for(lambda: json_of(client.get(f"/support/tasks/{again}", headers=SUPPORT))["state"] == "SUCCESS",
              message="second press")
-    assert client.get(f"/support/tasks/{again}", headers=SUPPORT).json["result"]["outcome"] == "unchanged"
+    assert json_of(client.get(f"/support/tasks/{again}", headers=SUPPORT))["result"]["outcome"] == "unchanged"
     assert [r["action"] for r in audit_rows(engine)] == ["recompute", "recompute"]
 
 
