@@ -210,6 +210,7 @@ def _patient_start(pgexec: Callable[..., str]) -> Callable[..., str]:
             args = list(args)
             if "-o" in args:
                 at = args.index("-o") + 1
+                _private_socket_folder(args[at], kwargs.get("user"))
                 args[at] = f"{args[at]} {POSTGRES_OPTIONS}"
             else:
                 args[:0] = ["-o", POSTGRES_OPTIONS]
@@ -218,6 +219,40 @@ def _patient_start(pgexec: Callable[..., str]) -> Callable[..., str]:
         return pgexec(command, args, bin_path, **kwargs)
 
     return run
+
+
+def _private_socket_folder(options: str, server_user: str | None) -> None:
+    """The folder postgres makes its socket in (``-k DIR`` of its options), made the server user's
+    alone (0700) just before it starts. Outside PGDATA (a path too long, or one with a space) it is
+    a folder under /tmp or the runtime folder, whose name `ps` shows: pgserver takes it as it finds
+    it (another user may have made it first) and, as root, makes it 0777 for its postgres user to
+    write in. Anyone who may write there may put a socket of their own in the server's place, and
+    be the database the fleet sends everything to."""
+    import pwd
+
+    found = re.search(r"(?:^|\s)-k (\S+)", options)
+    if not found:
+        return
+    folder = Path(found.group(1))
+    try:  # the folder itself, never through a symlink put in its place
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise EmbeddedServerError(f"the PostgreSQL socket folder {folder} cannot be used: "
+                                  f"{exc.strerror} (a symlink?)") from exc
+    try:
+        info = os.fstat(fd)
+        if server_user is not None and os.geteuid() == 0:
+            account = pwd.getpwnam(server_user)
+            os.fchown(fd, account.pw_uid, account.pw_gid)
+        elif info.st_uid != os.geteuid():
+            raise EmbeddedServerError(
+                f"the PostgreSQL socket folder {folder} belongs to another user (uid {info.st_uid}); "
+                "choose another data folder (a shorter path, with no space)")
+        os.fchmod(fd, 0o700)
+        if os.lstat(folder).st_ino != info.st_ino:  # swapped meanwhile
+            raise EmbeddedServerError(f"the PostgreSQL socket folder {folder} was replaced while it was made private")
+    finally:
+        os.close(fd)
 
 
 SocketDirChooser = Callable[[Path, Path], Path]

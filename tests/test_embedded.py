@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,8 +257,42 @@ def test_the_private_postgres_socket_outside_its_folder_lets_in_only_this_user(t
         (sock,) = socket_dir.glob(".s.PGSQL.*[0-9]")
         assert sock.stat().st_mode & 0o077 == 0, oct(sock.stat().st_mode)
         assert sql(url, "SELECT 1") == 1
+        # Nor may anyone else put a socket of their own in its place (the folder's mode).
+        assert_private_socket_folder(socket_dir)
     finally:
         pg.stop()
+
+
+def assert_private_socket_folder(folder: Path) -> None:
+    """Only the server's user may enter the folder (root, whom pgserver's postgres user serves,
+    passes any mode)."""
+    import pwd
+    import stat
+
+    info = folder.lstat()
+    assert stat.S_ISDIR(info.st_mode)
+    server_uid = pwd.getpwnam("pgserver").pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert (info.st_uid, info.st_mode & 0o777) == (server_uid, 0o700), (info.st_uid, oct(info.st_mode))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder another user's takes root")
+def test_a_socket_folder_another_user_made_first_is_taken_back(tmp_path: Path) -> None:
+    """The socket folder's name under /tmp shows in `ps` (postgres -k ...) and outlives a /tmp
+    cleanup: another user could make it first, and own the folder the fleet's socket is in."""
+    pg = EmbeddedPostgres(tmp_path / "my data")
+    url = pg.start()
+    pg.stop()
+    socket_dir = Path(unquote(url.partition("host=")[2].partition("&")[0]))
+    shutil.rmtree(socket_dir)
+    socket_dir.mkdir()
+    os.chown(socket_dir, 65534, 65534)  # nobody's
+    socket_dir.chmod(0o777)
+    again = EmbeddedPostgres(tmp_path / "my data")
+    try:
+        assert again.start() == url
+        assert_private_socket_folder(socket_dir)
+    finally:
+        again.stop()
 
 
 def pgdata_processes(pgdata: Path) -> list[psutil.Process]:
