@@ -6,6 +6,7 @@ runs here; these tests read the files."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,32 @@ def test_compose_has_no_default_for_a_login_secret(name: str) -> None:
     text = (DEPLOY / "docker-compose.yml").read_text()
     assert f"${{{name}:?" in text
     assert f"${{{name}:-" not in text and f"${{{name}-" not in text and f"${{{name}}}" not in text
+
+
+def _seconds(duration: str) -> int:
+    """A compose duration ("60s", "3m", "2m30s") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and any(parts.groups()), duration
+    h, m, s = (int(p or 0) for p in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+def _hard_time_limit(env: dict[str, str]) -> int:
+    from app.config import DEFAULT_VISIBILITY_TIMEOUT, task_time_limits
+
+    return task_time_limits(int(env.get("CELERY_VISIBILITY_TIMEOUT") or DEFAULT_VISIBILITY_TIMEOUT))[0]
+
+
+def test_a_stopped_worker_is_given_longer_than_a_task_may_run() -> None:
+    """SIGTERM starts the worker's warm shutdown: its running tasks finish. Killed before (compose's
+    stop_grace_period, Kubernetes' terminationGracePeriodSeconds), a task still within its hard time
+    limit dies mid-run and, acked late, runs again from the start on another worker. Compose gave 60 s
+    against a hard limit of 117 s."""
+    compose = _compose()["worker"]
+    compose_env = {k: str(v) for k, v in compose["environment"].items()}
+    assert _seconds(compose["stop_grace_period"]) > _hard_time_limit(compose_env)
+    config = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())["data"]
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "worker.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > _hard_time_limit({**config, **_k8s_env(_k8s_container("worker"))})
