@@ -115,3 +115,20 @@ def test_a_stopped_worker_is_given_longer_than_a_task_may_run() -> None:
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > _hard_time_limit({**config, **_k8s_env(_k8s_container("worker"))})
+
+
+@pytest.mark.parametrize("name", ["web", "worker"])
+def test_kubernetes_starts_web_and_worker_only_on_a_migrated_database(name: str) -> None:
+    """`kubectl apply -k` creates the migration Job and the Deployments together: nothing held web
+    and worker back until it finished, so a release's pods ran its code on the previous schema (on
+    a first install, on no tables at all: /readyz only asks for SELECT 1, so web took traffic).
+    Each pod runs `dunning db upgrade` first, in an init container; replicas doing so at once wait
+    for one another's advisory lock (tests/integration/test_migrate_concurrently.py)."""
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / f"{name}.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (init,) = pod.get("initContainers", [])
+    assert init["command"] == ["dunning", "db", "upgrade"] and "args" not in init
+    assert init["image"] == container["image"]
+    assert init["envFrom"] == container["envFrom"]
