@@ -132,3 +132,28 @@ def test_kubernetes_starts_web_and_worker_only_on_a_migrated_database(name: str)
     assert init["command"] == ["dunning", "db", "upgrade"] and "args" not in init
     assert init["image"] == container["image"]
     assert init["envFrom"] == container["envFrom"]
+
+
+def test_the_kubernetes_worker_sizes_its_pool_to_the_pod_not_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --concurrency Celery starts one prefork child per CPU it may run on: in a pod that is
+    every CPU of the node (no cpuset; the pod asks 500m), 32 or 64 children of ~50 MB each against a
+    1 GiB memory limit (an OOM kill, then a restart loop) and as many database pools. The worker
+    Deployment sets CELERY_WORKER_CONCURRENCY, which `celery worker` reads as its --concurrency."""
+    from celery.bin import worker as worker_command
+    from celery.bin.celery import celery
+
+    env = _k8s_env(_k8s_container("worker"))
+    assert 1 <= int(env["CELERY_WORKER_CONCURRENCY"]) <= 8
+
+    seen: dict[str, Any] = {}
+
+    def started(*_: Any, **options: Any) -> None:
+        seen.update(options)
+
+    monkeypatch.setattr(worker_command.worker, "callback", started)
+    monkeypatch.setenv("CELERY_WORKER_CONCURRENCY", env["CELERY_WORKER_CONCURRENCY"])
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")  # read, never connected to
+    with pytest.raises(SystemExit) as ended:  # (click's standalone mode)
+        celery.main(["-A", "tasks", "worker"], prog_name="celery", auto_envvar_prefix="CELERY")
+    assert ended.value.code == 0
+    assert seen["concurrency"] == int(env["CELERY_WORKER_CONCURRENCY"])
