@@ -225,7 +225,7 @@ class Sweeper:
     def _walk(self, report: SweepReport, cursor: str, named: tuple[str, ...],
               max_seconds: float | None) -> SweepReport:
         started = time.perf_counter()
-        failed = False
+        failed = interrupted = False
         try:
             with fewer_collections(), PageReader(self.engine, cursor, self.batch_size) as reader:
                 try:
@@ -233,12 +233,17 @@ class Sweeper:
                 finally:
                     report.timings["wait"] += reader.waited
                     report.timings["gather"] -= reader.waited
+        except KeyboardInterrupt:
+            # An operator's Ctrl-C of `dunning sweep`: stopped, not failed. A failed sweep is an error
+            # the rollout gate counts against the stage; an interruption says nothing about its health.
+            interrupted = True
+            raise
         except BaseException:
             failed = True
             raise
         finally:
             report.seconds += time.perf_counter() - started
-            self._close(report, failed)
+            self._close(report, failed, interrupted)
         return report
 
     def _pages(self, report: SweepReport, reader: PageReader, named: tuple[str, ...], started: float,
@@ -422,11 +427,12 @@ class Sweeper:
             )
         report.unrecorded.clear()
 
-    def _close(self, report: SweepReport, failed: bool) -> None:
-        """Finished, failed (a later sweep starts from scratch), or still running (a segment follows)."""
+    def _close(self, report: SweepReport, failed: bool, interrupted: bool = False) -> None:
+        """Finished, failed or interrupted (a later sweep starts from scratch), or still running (a
+        segment follows)."""
         if self.dry_run or report.run_id is None:
             return
-        state = "failed" if failed else ("finished" if report.finished else "running")
+        state = "failed" if failed else "interrupted" if interrupted else "finished" if report.finished else "running"
         if failed:
             _failed(report, "failed")
         try:
@@ -439,7 +445,7 @@ class Sweeper:
                 )
             report.unrecorded.clear()
         except Exception:
-            if not failed:
+            if not (failed or interrupted):
                 raise
             log.exception("drift sweep %s: could not record the failure", report.run_id)
 
