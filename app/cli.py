@@ -263,9 +263,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         if is_connection_error(exc):
-            print(f"error: database unreachable ({exc.__class__.__name__}); check DATABASE_URL", file=sys.stderr)
+            print(f"error: database unreachable ({_unreachable_reason(exc)}); check DATABASE_URL", file=sys.stderr)
             return 3
         raise
+
+
+def _unreachable_reason(exc: Exception) -> str:
+    """libpq's reason for a connection that failed (refused, no such host, and when the server
+    answered: no such database or role, authentication failed), which names what to fix, else the
+    exception's class. libpq's words name the host, port, user and database, never the password."""
+    import psycopg2
+    from sqlalchemy.exc import DBAPIError
+
+    driver = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(driver, psycopg2.OperationalError) or getattr(driver, "pgcode", None) is not None:
+        return exc.__class__.__name__
+    reason = " ".join(str(driver).split())
+    if not reason:
+        return exc.__class__.__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
 def _known_problem(exc: Exception) -> str | None:

@@ -82,3 +82,19 @@ def test_a_procfile_that_is_not_utf8_is_an_error_naming_dunning_procfile(tmp_pat
     assert done.returncode == (1 if command == ("run",) else 2), done.stderr[-400:]
     assert f"error: DUNNING_PROCFILE names {procfile}, which cannot be read: it is not UTF-8 text" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("recompute", "acct_x")])
+def test_a_database_that_does_not_exist_is_named_with_libpqs_reason_not_only_unreachable(database_url, command):
+    """The server answered, but the database in DATABASE_URL does not exist (a typo, not created
+    yet): the message said only `database unreachable (OperationalError)`, which sends the operator
+    to the network. It carries libpq's reason (never the password, which libpq does not repeat)."""
+    from sqlalchemy.engine import make_url
+
+    missing = make_url(database_url).set(database="dunning_no_such_db", password=PASSWORD)
+    done = dunning(*command, database_url=missing.render_as_string(hide_password=False))
+    assert done.returncode == 3, done.stderr[-400:]
+    assert done.stderr.startswith("error: database unreachable ("), done.stderr
+    assert 'database "dunning_no_such_db" does not exist' in done.stderr
+    assert done.stderr.rstrip().endswith("; check DATABASE_URL")
+    assert PASSWORD not in done.stderr and "Traceback" not in done.stderr
