@@ -4,8 +4,9 @@ transient and unknown failures follow their schedule (days after the first failu
 action_required ones are not retried on the same method; an invoice that never failed, or that is sent
 for payment (the customer pays by invoice), is never retried; a new or updated payment method earns one
 immediate retry that does not count against the budget, until it is tried on the invoice; no retry is
-planned on a method the customer detached; 8 attempts per invoice and 15 per payment method in 30 days
-hold whatever the policy says. Pure: the decision's ``now`` is passed in.
+planned on a method the customer detached, nor on a card expired by the retry's day; 8 attempts per
+invoice and 15 per payment method in 30 days hold whatever the policy says. Pure: the decision's
+``now`` is passed in.
 """
 
 from __future__ import annotations
@@ -83,16 +84,17 @@ def _methods_of(snapshot: Snapshot, invoice: Invoice) -> list[PaymentMethod]:
 
 
 def _new_method(snapshot: Snapshot, invoice: Invoice, attempts: list[Attempt], retries: list[Retry],
-                start: datetime) -> tuple[PaymentMethod, datetime] | None:
+                start: datetime, now: datetime) -> tuple[PaymentMethod, datetime] | None:
     """(the payment method, when it changed) of the invoice's customer that earns the free retry: one
     attached, updated or made its default after ``start`` (the invoice's first failure, where its
     schedule starts) and not tried on the invoice since. Counted from the first failure and not from
     the last one: a retry queued on the old card may charge it (and fail) after the customer changed
-    cards, and the new card must not lose its retry for that."""
+    cards, and the new card must not lose its retry for that. A card expired by ``now`` (its immediate
+    retry's time) earns none: Stripe would decline it."""
     default_id, default_changed = _default_of(snapshot, invoice)
     changed: list[tuple[PaymentMethod, datetime]] = []
     for pm in _methods_of(snapshot, invoice):
-        if not pm.attached:
+        if not pm.attached or _card_expired(pm, now):
             continue
         at = pm.changed_at
         if pm.id == default_id and default_changed is not None and default_changed > at:
@@ -135,6 +137,18 @@ def _detached(snapshot: Snapshot, method: str) -> bool:
     """Whether the mirror knows ``method`` as detached. One it does not know at all (an older
     customer's, whose method events were never seen) is taken as usable."""
     return any(pm.id == method and not pm.attached for pm in snapshot.payment_methods)
+
+
+def _card_expired(pm: PaymentMethod, at: datetime) -> bool:
+    """Whether the card is expired at ``at`` by the expiry the mirror has for it (valid through the
+    last day of its month, UTC, as compute's mandates read it). Stripe declines it (expired_card,
+    permanent); a card the network updated comes back with its new expiry
+    (payment_method.automatically_updated), and then earns its free retry."""
+    return pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (at.year, at.month)
+
+
+def _expired(snapshot: Snapshot, method: str, at: datetime) -> bool:
+    return any(pm.id == method and _card_expired(pm, at) for pm in snapshot.payment_methods)
 
 
 def plan_retry(
@@ -241,7 +255,7 @@ def _plan(
 
     # A new or updated payment method not tried since: one immediate free retry on it.
     since = last_failure.attempted_at if last_failure else schedule_start
-    found = (_new_method(snapshot, invoice, attempts, retries, schedule_start)
+    found = (_new_method(snapshot, invoice, attempts, retries, schedule_start, now)
              if policy.immediate_retry_on_new_method else None)
     if found is not None:
         new_method, changed_at = found
@@ -340,19 +354,6 @@ def _scheduled(
                                "retries_used": retries_used}))
         return None, None, False, True, retries_used, reasons
 
-    default_id = _default_of(snapshot, invoice)[0]
-    named = list(dict.fromkeys(m for m in (default_id, failed_method) if m is not None))
-    usable = [m for m in named if not _detached(snapshot, m)]
-    if named and not usable:
-        # Stripe refuses to charge a detached method, and a refusal spends no budget: a retry planned
-        # there would be refused every REFUSED_BACKOFF and the dunning never run out. Waiting for the
-        # customer, as after a permanent decline: a method they add earns the free retry.
-        reasons.append(Reason("retry.none_no_method", "no payment method left that can pay: no automatic "
-                              "retry; waiting for the customer to add one",
-                              {"invoice": invoice.id, "detached": named}))
-        return None, None, False, True, retries_used, reasons
-    method = usable[0] if usable else None
-
     due = schedule_start + timedelta(days=schedule[retries_used])
     facts = {"invoice": invoice.id, "failure_class": failure_class.value, "day": schedule[retries_used],
              "counted_from": iso(schedule_start)}
@@ -364,6 +365,25 @@ def _scheduled(
     if last_charge is not None and last_charge + gap > due:
         due = last_charge + gap
         facts["after_last_charge"] = iso(last_charge)
+
+    default_id = _default_of(snapshot, invoice)[0]
+    named = list(dict.fromkeys(m for m in (default_id, failed_method) if m is not None))
+    # A card expired by the time the retry is charged (not only now: nothing recomputes the plan on
+    # its day) is declined by Stripe, a charge spent on the invoice's cap and the card's for nothing.
+    charged_at = max(due, now)
+    detached = [m for m in named if _detached(snapshot, m)]
+    expired = [m for m in named if m not in detached and _expired(snapshot, m, charged_at)]
+    usable = [m for m in named if m not in detached and m not in expired]
+    if named and not usable:
+        # Stripe refuses to charge a detached method, and a refusal spends no budget: a retry planned
+        # there would be refused every REFUSED_BACKOFF and the dunning never run out. Waiting for the
+        # customer, as after a permanent decline: a method they add earns the free retry.
+        reasons.append(Reason("retry.none_no_method", "no payment method left that can pay: no automatic "
+                              "retry; waiting for the customer to add one",
+                              {"invoice": invoice.id, "detached": detached,
+                               **({"expired": expired} if expired else {})}))
+        return None, None, False, True, retries_used, reasons
+    method = usable[0] if usable else None
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
     reasons.append(Reason("retry.scheduled", detail, facts))
     return _cap_method(snapshot, due, method, False, retries_used, reasons, policy, now, invoice)

@@ -1,0 +1,75 @@
+"""No automatic retry is planned on a card the mirror knows to be expired when the retry would charge
+it (DESIGN section 4: an expired card is a permanent decline, the same method will not work again).
+
+Found by review: compute's mandates said "expired" but retry_cadence planned scheduled and free
+retries on such a card all the same. Stripe declines it (expired_card): a charge spent for nothing
+on the invoice's 8 and the card's 15 in 30 days, and a permanent class for a failure that was
+transient. A card is valid through the last day of its expiry month (UTC).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from app.domain.compute import compute
+from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
+
+POLICY = policy()  # transient schedule: days 1, 3, 5, 7, 10, 14
+
+
+def rules(decision) -> list[str]:
+    return [r.rule for r in decision.reasons]
+
+
+def test_no_scheduled_retry_on_a_card_that_expired_since_the_failure():
+    """Declined for insufficient funds on 31 October on a card expiring 10/2026: on 2 November its
+    day-1 retry is not charged on it (expired), the customer is waited for."""
+    failed = attempt("pi_1", "in_1", days_ago=21, pm="pm_1")
+    expired = method("pm_1", changed_days_ago=100, exp_month=10, exp_year=2026)
+    decision = compute(snapshot(invoice(failed_days_ago=21), attempts=(failed,), payment_methods=(expired,),
+                                default_payment_method_id="pm_1", default_payment_method_changed_at=days(100)),
+                       POLICY, days(19))
+    assert decision.state.next_retry_at is None, rules(decision)
+    assert "retry.none_no_method" in rules(decision)
+
+
+def test_an_expired_default_gives_way_to_the_failed_card_still_valid():
+    failed = attempt("pi_1", "in_1", days_ago=2, pm="pm_1")
+    methods = (method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2027),
+               method("pm_2", changed_days_ago=100, exp_month=10, exp_year=2026))
+    decision = compute(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=methods,
+                                default_payment_method_id="pm_2", default_payment_method_changed_at=days(100)),
+                       POLICY, NOW)
+    assert decision.state.retry_payment_method_id == "pm_1" and "retry.scheduled" in rules(decision)
+
+
+def test_no_scheduled_retry_due_after_the_card_expires():
+    """Valid in November, expired by the retry's day: first failure 21 November, four retries sent;
+    the fifth is due on day 10, 1 December, and the card expires at the end of November."""
+    failed = attempt("pi_1", "in_1", days_ago=0, pm="pm_1")
+    sent = tuple(retry("in_1", n + 1, days_ago=-d, pm="pm_1") for n, d in enumerate((1, 3, 5, 7)))
+    card = method("pm_1", changed_days_ago=100, exp_month=11, exp_year=2026)
+    snap = snapshot(invoice(failed_days_ago=0), attempts=(failed,), payment_methods=(card,), retries=sent,
+                    default_payment_method_id="pm_1", default_payment_method_changed_at=days(100))
+    decision = compute(snap, POLICY, NOW + timedelta(days=8))
+    assert decision.state.next_retry_at is None, (decision.state.next_retry_at, rules(decision))
+    assert "retry.none_no_method" in rules(decision)
+    # The same card still valid on its day: the retry is planned as before.
+    valid = method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2026)
+    planned = compute(snapshot(invoice(failed_days_ago=0), attempts=(failed,), payment_methods=(valid,),
+                               retries=sent, default_payment_method_id="pm_1",
+                               default_payment_method_changed_at=days(100)), POLICY, NOW + timedelta(days=8))
+    assert planned.state.next_retry_at == NOW + timedelta(days=10), rules(planned)
+
+
+def test_an_expired_card_updated_earns_no_free_retry():
+    """A payment_method.updated on an expired card (its billing address edited): no immediate
+    retry on it; the failed card's schedule goes on."""
+    failed = attempt("pi_1", "in_1", days_ago=2, pm="pm_1")
+    methods = (method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2027),
+               method("pm_old", changed_days_ago=0.1, exp_month=3, exp_year=2025))
+    decision = compute(snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=methods,
+                                default_payment_method_id="pm_1", default_payment_method_changed_at=days(100)),
+                       POLICY, NOW)
+    assert "retry.new_method" not in rules(decision)
+    assert (decision.state.retry_payment_method_id, decision.state.retry_free) == ("pm_1", False)
