@@ -81,7 +81,20 @@ FAILURE_CODES: dict[str, FailureClass] = {
     "no_account": PERMANENT,
     "debit_not_authorized": PERMANENT,
     "bank_account_restricted": PERMANENT,
+    # A bank account or mandate the debit can never be taken from again (Stripe's error codes; the
+    # bank debit's invalid_account): presented again, it fails again, and its bank returns cost fees.
+    "account_number_invalid": PERMANENT,
+    "routing_number_invalid": PERMANENT,
+    "bank_account_unusable": PERMANENT,  # blocked by Stripe after a return: fails until re-verified
+    "bank_account_declined": PERMANENT,
+    "payment_method_bank_account_blocked": PERMANENT,
+    "payment_intent_mandate_invalid": PERMANENT,
+    "billing_invalid_mandate": PERMANENT,
+    "sepa_unsupported_account": PERMANENT,
     "authentication_required": ACTION,
+    # The payment waits for the customer's authentication (3-D Secure on an off-session charge).
+    "payment_intent_action_required": ACTION,
+    "invoice_payment_intent_requires_action": ACTION,
     "incorrect_cvc": ACTION,
     "invalid_cvc": ACTION,
     "incorrect_zip": ACTION,

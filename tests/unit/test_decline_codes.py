@@ -85,3 +85,33 @@ def test_the_deciding_code_is_the_one_whose_class_won():
     assert deciding("expired_card", "card_declined") == (FC.PERMANENT, "expired_card")
     assert deciding("insufficient_funds", None, "do_not_try_again") == (FC.PERMANENT, "do_not_try_again")
     assert deciding("a_code_stripe_adds_in_2027") == (FC.UNKNOWN, None)
+
+
+# Stripe's error codes (stripe-python's LastPaymentError.code enum) for a bank account or mandate the
+# payment can never be taken from again: the bank debit's "invalid_account" (DESIGN 4: permanent, the
+# same method will not work again). Unknown, they were retried on the unknown schedule (days 2, 5, 9),
+# a debit presented again on a closed, blocked or unmandated account, and no "permanent >= 3 days" rule.
+@pytest.mark.parametrize("code", ["account_number_invalid", "routing_number_invalid", "bank_account_unusable",
+                                  "bank_account_declined", "payment_method_bank_account_blocked",
+                                  "payment_intent_mandate_invalid", "billing_invalid_mandate",
+                                  "sepa_unsupported_account"])
+def test_a_bank_account_or_mandate_that_is_gone_is_permanent(code):
+    assert classify(None, code, None) == FC.PERMANENT
+    assert classify("generic_decline", code, None) == FC.PERMANENT  # beside the intent's generic decline
+
+
+@pytest.mark.parametrize("code", ["payment_intent_action_required", "invoice_payment_intent_requires_action"])
+def test_a_payment_waiting_for_the_customers_authentication_is_action_required(code):
+    assert classify(None, code, None) == FC.ACTION_REQUIRED
+
+
+def test_a_bank_debit_whose_mandate_is_invalid_is_not_retried_and_restricts_after_3_days():
+    from app.domain.compute import compute
+    from tests.unit.builders import NOW, attempt, invoice, policy, snapshot
+
+    inv = invoice("in_1", failed_days_ago=4)
+    failed = attempt("pi_1", "in_1", days_ago=4, decline=None, failure_code="payment_intent_mandate_invalid")
+    decision = compute(snapshot(inv, attempts=(failed,)), policy(), NOW)
+    assert decision.state.failure_class == "permanent"
+    assert decision.state.next_retry_at is None
+    assert decision.state.level == "restrict_premium"
