@@ -47,14 +47,20 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
     if method is None:
         return []
     recorded = [at for at in _charge_times(snapshot.attempts, method) if now - WINDOW_30D < at <= now]
-    latest = max(recorded, default=None)
     invoices = {i.id: i for i in snapshot.invoices}
+
+    def mirrored(r: Retry) -> bool:
+        # Its charge is on its own invoice's intent (or one the mirror has not linked to an invoice
+        # yet): another invoice charged on the card after it says nothing of whether it is mirrored.
+        return any(at >= r.created_at for at in _charge_times(
+            tuple(a for a in snapshot.attempts if a.invoice_id in (r.invoice_id, None)), method))
+
     # Every retry that reached the card (r.charged), a declined one too: Stripe's decline marks it
     # failed at once, and the recompute that follows runs before the charge's webhook comes.
     unrecorded = [r.created_at for r in snapshot.retries
                   if r.charged and now - r.created_at < guard
                   and (r.payment_method_id or _default_of(snapshot, invoices.get(r.invoice_id))[0]) == method
-                  and (latest is None or r.created_at > latest)]
+                  and not mirrored(r)]
     return sorted(recorded + unrecorded)
 
 

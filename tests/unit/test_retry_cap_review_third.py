@@ -55,3 +55,23 @@ def test_once_mirrored_the_declined_retry_counts_once():
     # 11 + 2 + 1 = 14 charges: in_b's retry is the 15th, allowed now.
     assert "retry.cap_method_30d" not in rules(decision)
     assert decision.state.next_retry_at is not None and decision.state.next_retry_at <= NOW
+
+
+def test_a_declined_retry_not_mirrored_yet_counts_when_another_invoices_charge_on_the_card_came_after_it():
+    """The card's cap counted a retry not mirrored yet only when it was later than the card's latest
+    mirrored charge on any invoice: another invoice charged on the same card after it (its own Stripe
+    retry, a renewal) hid it, and the card's 16th charge in 30 days was planned."""
+    # pm_1: 11 charges on other invoices, in_a and in_b failed on it, then in_a's retry was declined a
+    # minute ago (not mirrored yet), then in_c's first attempt on pm_1, 30 seconds ago, is mirrored: 15.
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i) for i in range(11))
+    first_a = attempt("pi_a", "in_a", days_ago=3)
+    first_b = attempt("pi_b", "in_b", days_ago=1)
+    first_c = attempt("pi_c", "in_c", days_ago=0.5 / 1440)
+    declined = retry("in_a", 1, days_ago=1 / 1440, state="failed", pm="pm_1")
+    snap = snapshot(invoice("in_a", failed_days_ago=3), invoice("in_b", failed_days_ago=1),
+                    invoice("in_c", failed_days_ago=0.5 / 1440),
+                    attempts=(*others, first_a, first_b, first_c), retries=(declined,))
+    decision = compute(snap, POLICY, NOW)
+    # in_b's day-1 retry (due now) would be the 16th: it waits for the oldest charge to leave the window.
+    assert "retry.cap_method_30d" in rules(decision)
+    assert decision.state.next_retry_at == days(20) + timedelta(days=30)
