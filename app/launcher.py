@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import ipaddress
 import json
@@ -177,14 +178,27 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return port
 
 
+class CannotListen(Exception):
+    """Not a port in use: the address is none of this machine's, the name does not resolve, the
+    port is privileged, the address family is off. The message says which."""
+
+
 def _port_in_use(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # IPv6 off in this kernel
+        raise CannotListen(exc.strerror or exc.__class__.__name__) from None
+    with sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn and tornado do
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
+        except socket.gaierror as exc:
+            raise CannotListen(f"no such address: {exc.strerror}") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise CannotListen(exc.strerror or exc.__class__.__name__) from None
     return False
 
 
@@ -391,10 +405,19 @@ class Launcher:
                       if "flower" in processes else {})
         check_settings(env)
         patience = PORT_WAIT if left_behind else 0.0
-        if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):
-            raise LaunchError(f"port {port} is in use; choose another with PORT=...")
-        if "flower" in processes and not _port_free_soon(flower_host, flower_port, patience):
-            raise LaunchError(f"port {flower_port} is in use; choose another with FLOWER_PORT=...")
+        try:
+            if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):
+                raise LaunchError(f"port {port} is in use; choose another with PORT=...")
+        except CannotListen as exc:
+            raise LaunchError(f"the web app cannot listen on 0.0.0.0:{port} ({exc}); choose another PORT") from None
+        try:
+            if "flower" in processes and not _port_free_soon(flower_host, flower_port, patience):
+                raise LaunchError(f"port {flower_port} is in use; choose another with FLOWER_PORT=...")
+        except CannotListen as exc:
+            shown = f"[{flower_host}]" if ":" in flower_host else flower_host
+            raise LaunchError(
+                f"Flower cannot listen on {shown}:{flower_port} ({exc}): set FLOWER_ADDRESS to an address of "
+                "this machine (unset, 127.0.0.1), or choose another FLOWER_PORT") from None
         say(f"data folder: {self.data_dir}")
 
         try:

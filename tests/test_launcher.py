@@ -596,6 +596,29 @@ def test_make_run_refuses_an_open_flower_api_on_every_address(tmp_path: Path) ->
             proc.wait(STOP_TIMEOUT)
 
 
+@pytest.mark.parametrize("address", ["203.0.113.7", "flower.invalid"])
+def test_a_flower_address_this_machine_cannot_listen_on_is_named_for_what_it_is(
+    tmp_path: Path, address: str,
+) -> None:
+    """An address of no interface here (another machine's, a typo) or a name that does not resolve:
+    make run said "port 5555 is in use; choose another with FLOWER_PORT", sending the user after
+    the wrong setting."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("flower: exec sleep 1\n")
+    flower_port = free_port()
+    run = subprocess.run(
+        [*dunning_command(), "run", "--data-dir", str(tmp_path / "data")], cwd=REPO,
+        capture_output=True, text=True, timeout=60,
+        env=fleet_env(DUNNING_PROCFILE=str(procfile), FLOWER_ADDRESS=address, FLOWER_BASIC_AUTH="ops:secret",
+                      FLOWER_PORT=str(flower_port)),
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "in use" not in run.stderr
+    assert f"Flower cannot listen on {address}:{flower_port}" in run.stderr
+    assert "FLOWER_ADDRESS" in run.stderr
+    assert not (tmp_path / "data" / "pg").exists()  # refused before the private servers started
+
+
 def test_the_procfile_opens_flowers_api_only_on_loopback() -> None:
     """The Procfile's default, for every runner of it (`dunning process flower`, honcho, foreman)."""
     command = launcher.procfile_processes({})["flower"].replace(
