@@ -261,6 +261,8 @@ def test_the_private_postgres_socket_outside_its_folder_lets_in_only_this_user(t
         assert_private_socket_folder(socket_dir)
     finally:
         pg.stop()
+        if "socket_dir" in locals():
+            shutil.rmtree(socket_dir, ignore_errors=True)  # under /tmp, not tmp_path
 
 
 def assert_private_socket_folder(folder: Path) -> None:
@@ -293,6 +295,7 @@ def test_a_socket_folder_another_user_made_first_is_taken_back(tmp_path: Path) -
         assert_private_socket_folder(socket_dir)
     finally:
         again.stop()
+        shutil.rmtree(socket_dir, ignore_errors=True)  # under /tmp, not tmp_path
 
 
 def pgdata_processes(pgdata: Path) -> list[psutil.Process]:
