@@ -77,15 +77,26 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
     """Every product the account has, at the access its unpaid invoices' levels allow; products
     on no unpaid invoice keep full access (an annual product already paid stays untouched)."""
     products: dict[str, Access] = {}
+    subscriptions = list(subscriptions)
     for sub in subscriptions:
         if sub.status not in INACTIVE_SUBSCRIPTIONS:
             for product in sub.products:
                 products.setdefault(product, Access.FULL)
+    # A subscription canceled (or expired) while its invoice is unpaid grants nothing any more: its
+    # products are revoked, not the level's access (full at notice would give back, to a customer who
+    # did not pay, what the cancellation ended). A product another, active subscription also carries
+    # keeps that one's access under the level, as does the product of an invoice of no subscription
+    # or of one the snapshot does not know.
+    ended = {sub.id for sub in subscriptions if sub.status in INACTIVE_SUBSCRIPTIONS}
+    active = set(products)
     unpaid = list(unpaid)
     for invoice, level in unpaid:
         for product in invoice.products:
-            allowed = (upgrade_access(level, invoice, product) if invoice.is_upgrade
-                       else access(level, policy.tier(product)))
+            if invoice.subscription_id in ended and product not in active:
+                allowed = Access.REVOKED
+            else:
+                allowed = (upgrade_access(level, invoice, product) if invoice.is_upgrade
+                           else access(level, policy.tier(product)))
             current = products.get(product, Access.FULL)
             products[product] = max(current, allowed, key=ACCESS_SEVERITY.index)
     # An unpaid swap keeps what the customer held before it (premium_off: core kept), and no more than

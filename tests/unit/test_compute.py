@@ -169,6 +169,29 @@ def test_cancellation_is_not_requested_for_a_subscription_already_canceled():
     assert decision.state.actions_requested == ()
 
 
+@pytest.mark.parametrize("status", ["canceled", "incomplete_expired"])
+@pytest.mark.parametrize("days_unpaid", [1, 8, 15])
+def test_a_subscription_ended_while_its_invoice_is_unpaid_grants_nothing(status, days_unpaid):
+    """The customer canceled mid-dunning (Stripe voids nothing on a cancel: the invoice is still owed).
+    Entitlements are the full desired set Account Management applies: the ended subscription's
+    product must not come back in full (notice) or read-only (limited) because its invoice is unpaid.
+    A product an active subscription also carries keeps that one's access under the level."""
+    subs = (Subscription("sub_1", status, ("prod_core", "prod_shared")),
+            Subscription("sub_2", "active", ("prod_other", "prod_shared")))
+    inv = replace(invoice(failed_days_ago=days_unpaid),
+                  lines=invoice().lines + invoice(product="prod_shared").lines)
+    decision = decide(snapshot(inv, subscriptions=subs,
+                               attempts=(attempt("pi_1", "in_1", days_ago=days_unpaid),)))
+    level = Level(decision.state.level)
+    shared = {Level.NOTICE: "full", Level.RESTRICT_PREMIUM: "full", Level.LIMITED: "read_only"}[level]
+    assert decision.state.entitlements["products"] == {"prod_core": "revoked", "prod_other": "full",
+                                                       "prod_shared": shared}
+    # Paid, the ended subscription's product is no product of the account at all.
+    paid = decide(snapshot(replace(inv, status="paid", amount_paid=5000, amount_remaining=0, paid_at=NOW),
+                           subscriptions=subs))
+    assert "prod_core" not in paid.state.entitlements["products"]
+
+
 def test_expired_card_last_week_and_six_months_unpaid_are_treated_differently():
     last_week = decide(snapshot(invoice(failed_days_ago=7),
                                 attempts=(attempt("pi_1", "in_1", days_ago=7, decline="expired_card"),)))
