@@ -50,7 +50,9 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        -- The claimed card as the mirror knows it: detached (Stripe refuses to charge it).
        EXISTS (SELECT 1 FROM stripe_payment_method m WHERE m.id = r.payment_method_id AND NOT m.attached),
        -- The account that owns the invoice now: another team may have moved its customer since the claim.
-       (SELECT c.account_id FROM subs_customer c WHERE c.stripe_customer_id = i.stripe_customer_id)
+       (SELECT c.account_id FROM subs_customer c WHERE c.stripe_customer_id = i.stripe_customer_id),
+       -- The policy version the stored decision was made under.
+       d.policy_version
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
@@ -162,10 +164,12 @@ class Claimed:
     prior_state: str
 
 
-def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
-    """Why a dispatched retry must not be charged any more, or None when it still should be."""
-    (account, invoice, method, _, _, created_at, free, inv_status, remaining, d_status, next_retry_at, retry_invoice,
-     reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner) = row
+def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: str | None = None) -> str | None:
+    """Why a dispatched retry must not be charged any more, or None when it still should be.
+    ``policy_version``: the version of the policy file in force (None: not checked)."""
+    (account, invoice, method, _, state, created_at, free, inv_status, remaining, d_status, next_retry_at,
+     retry_invoice, reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner,
+     decided_under) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
@@ -192,6 +196,14 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta) -> str | None:
         return "the customer's default payment method is another one than the claimed; compute plans afresh"
     if now - created_at > min(guard, STRIPE_KEY_LIFETIME):
         return "dispatched longer ago than the guard window (or than Stripe keeps its key); compute plans afresh"
+    if state == "dispatched" and policy_version is not None and decided_under is not None \
+            and decided_under != policy_version:
+        # The policy file changed since the decision (a shorter schedule, a lower cap, no free retry):
+        # a retry planned under the old one is not charged before compute has planned it under the
+        # new one. Skipped unsent, the account recomputed; the same attempt, planned again, is re-armed
+        # under its key. (A row left charging may have reached Stripe: it is sent again with its key.)
+        return (f"the stored decision was made under policy {decided_under}, not {policy_version} in force; "
+                "compute plans afresh")
     planned_here = retry_invoice == invoice and next_retry_at is not None and next_retry_at <= now + DUE_SLACK
     # Once dispatched, compute sees the retry as in flight and clears next_retry_at for it.
     in_flight_here = any(r.get("rule") == "retry.in_flight" and (r.get("facts") or {}).get("invoice") == invoice
@@ -220,14 +232,15 @@ def _refuse(engine: Engine, retry_id: int, account_id: str, detail: str) -> None
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "refused", "error": detail})
 
 
-def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> Claimed | PayResult:
+def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta,
+           policy_version: str | None = None) -> Claimed | PayResult:
     row = conn.exec_driver_sql(ROW_SQL, {"id": retry_id}).first()
     if row is None:
         return PayResult(retry_id, "missing")
     account, invoice, method, key, state = row[0], row[1], row[2], row[3], row[4]
     if state not in ("dispatched", "charging"):
         return PayResult(retry_id, "done", account, detail=state)
-    reason = not_due_reason(row, now, guard)
+    reason = not_due_reason(row, now, guard, policy_version)
     if reason is None:
         lock_account_payments(conn, account)
         # Known to the mirror, or not_due_reason would have said so.
@@ -246,12 +259,13 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta) -> 
 
 
 def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, now: datetime,
-                  guard_minutes: int = 30) -> PayResult:
+                  guard_minutes: int = 30, policy_version: str | None = None) -> PayResult:
+    """``policy_version``: the policy file in force; a retry planned under another is not charged."""
     with retry_lock(engine, retry_id) as got:
         if not got:
             return PayResult(retry_id, "busy", detail="another worker is charging this retry")
         with unit_of_work(engine) as conn:
-            claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes))
+            claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes), policy_version)
         if isinstance(claimed, PayResult):
             return claimed
         return _charge(engine, client, retry_id, claimed)

@@ -383,8 +383,8 @@ def test_a_payment_quoted_before_the_move_waits_for_the_new_accounts_retry_being
     claimed, go = threading.Event(), threading.Event()
     claim, insert = paying._claim, bad_debt._insert
 
-    def held_before_its_commit(conn, retry_id, now, guard):
-        found = claim(conn, retry_id, now, guard)
+    def held_before_its_commit(conn, retry_id, now, guard, *rest):
+        found = claim(conn, retry_id, now, guard, *rest)
         claimed.set()
         go.wait(20)
         return found
