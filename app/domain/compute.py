@@ -591,7 +591,11 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # invoice bad debt (retries exhausted and old enough, or marked uncollectible), not as soon as
     # no retry is planned: a permanent or action_required decline (3-D Secure) plans none on day 0,
     # and the customer is being asked to act. A payment in flight holds it, as it holds bad debt.
-    reverting = [a for a in assessed if a.revert_due]
+    # Not the upgrade of a subscription that has ended (canceled meanwhile by the customer): there is
+    # nothing left to revert, as there is nothing left to cancel.
+    reverting = [a for a in assessed if a.revert_due
+                 and (a.invoice.subscription_id is None or a.invoice.subscription_id in active_subs
+                      or a.invoice.subscription_id not in known_subs)]
     attempt_hold = _recent_attempt_in_flight(snapshot, policy, now, unpaid_attempts, own) if reverting else None
     paying = bool(reverting) and (in_flight is not None or attempt_hold is not None)
     # The attempt's hold ends with the guard window (a bank debit's with its processing horizon),

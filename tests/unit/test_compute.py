@@ -274,6 +274,21 @@ def test_uncollectible_upgrade_is_reverted_not_bad_debt():
     assert decision.state.status == Status.PAST_DUE and decision.state.actions_requested == ("revert:in_up",)
 
 
+@pytest.mark.parametrize("status", ["canceled", "incomplete_expired"])
+def test_the_upgrade_of_a_subscription_that_ended_is_not_reverted(status):
+    """The customer canceled the subscription while its upgrade was unpaid: once the upgrade's dunning
+    runs out, no revert goes to the lifecycle workflow for a subscription that no longer exists (as no
+    cancellation does); the upgrade stays capped below bad debt."""
+    upgrade = invoice("in_up", status="uncollectible", failed_days_ago=30, billing_reason="subscription_update")
+    ended = decide(snapshot(upgrade, subscriptions=(Subscription("sub_1", status, ("prod_core",)),)))
+    assert ended.state.status == Status.PAST_DUE and ended.state.actions_requested == ()
+    assert "upgrade.revert" not in rules(ended)
+    assert not [e for e in derive_events(None, ended, NOW) if e.name == "UpgradeRevertRequested"]
+    # Still active (or a subscription the snapshot does not know): reverted.
+    for subs in ((Subscription("sub_1", "active", ("prod_core",)),), ()):
+        assert decide(snapshot(upgrade, subscriptions=subs)).state.actions_requested == ("revert:in_up",)
+
+
 @pytest.mark.parametrize(("days_unpaid", "reverted"), [(1 / 24, False), (5, False), (20.9, False), (21, True)])
 def test_an_upgrade_needing_3ds_is_reverted_only_when_its_dunning_has_run_out(days_unpaid, reverted):
     # No retry is planned for action_required on day 0 (the customer is asked to authenticate), which
