@@ -16,7 +16,7 @@ from celery import Celery
 
 from app.ids import uuid4_str
 from app.redis_lane import TaskCall, lane_for
-from tasks.broker import TRANSPORT
+from tasks.broker import is_plain_redis
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
     All or nothing as far as the caller knows: raises BrokerUnavailable if any may be missing."""
     if not calls:
         return
-    if celery_app.conf.broker_transport != TRANSPORT:  # not the product's Redis: Celery's own path
+    if not is_plain_redis(celery_app.conf.broker_url):  # not the product's Redis: Celery's own path
         for call in calls:
             _send_task(celery_app, call)
         return

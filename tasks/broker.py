@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 
 
@@ -38,3 +39,22 @@ class SentinelTransport(kombu_redis.SentinelTransport):
 
 
 TRANSPORT = "tasks.broker:Transport"
+SCHEMES = ("redis", "rediss")
+
+
+def is_plain_redis(broker_url: str) -> bool:
+    """A Redis broker this transport serves (not Sentinel, not a unix socket URL)."""
+    return broker_url.startswith(tuple(f"{scheme}://" for scheme in SCHEMES))
+
+
+def serve_redis_urls() -> None:
+    """Make this transport the one kombu picks for redis:// and rediss:// URLs in this process.
+
+    Not ``broker_transport``: a connection named by a transport's path calls itself by that path
+    (``tasks.broker:Transport://host``), and Flower, which knows a Redis broker by its URL's scheme,
+    answered its Broker page and queue lengths with 404 "broker is not supported". Under the scheme's
+    own alias the URL stays redis://. kombu resolves an alias once per process (its cache), so the
+    alias is replaced before any connection is made and the cache entry dropped in case one was."""
+    for scheme in SCHEMES:
+        kombu.transport.TRANSPORT_ALIASES[scheme] = TRANSPORT
+        kombu.transport._transport_cache.pop(scheme, None)

@@ -12,6 +12,7 @@ from app.config import Settings, task_time_limits
 from app.history.prune import check_retention
 from app.policy_file import load_policy
 from tasks import queues
+from tasks.broker import is_plain_redis, serve_redis_urls
 from tasks.schedule import BEAT_SCHEDULE
 
 # Imported by every worker at start (tasks.killed holds no task: its signal handlers run in the
@@ -31,7 +32,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     vt = settings.visibility_timeout
     hard_limit, soft_limit = task_time_limits(vt)
     broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
-    plain_redis = settings.broker_url.startswith(("redis://", "rediss://"))
     backend = settings.result_backend or (settings.broker_url if broker_is_redis else "db+" + settings.database_url)
     transport: dict[str, Any] = {"visibility_timeout": vt}
     if broker_is_redis:
@@ -43,13 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport["socket_connect_timeout"] = 3
         if settings.broker_key_prefix:
             transport["global_keyprefix"] = settings.broker_key_prefix
-    extra: dict[str, Any] = {}
-    if plain_redis:
-        from tasks.broker import TRANSPORT
-
-        extra["broker_transport"] = TRANSPORT
     return {
-        **extra,
         "broker_url": settings.broker_url,
         "result_backend": backend,
         "broker_transport_options": transport,
@@ -91,6 +85,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     # key, instead of failing its first task. So does a history retention shorter than its rollout
     # gate reads.
     check_retention(settings.history_retention_days, load_policy(settings.policy_path))
+    if is_plain_redis(settings.broker_url):
+        serve_redis_urls()  # the product's Redis transport (tasks/broker.py), under redis:// itself
     app = Celery("dunning", include=TASK_MODULES, set_as_current=False)
     app.conf.update(celery_config(settings))
     app.dunning_settings = settings

@@ -59,6 +59,13 @@ def test_flower_shows_a_retrying_task_with_retries_and_exception(client, account
                               timeout=30).json()  # an answer that must come: far off
         assert listed[task_id]["retries"] >= 1
 
+        # The broker's queue lengths (Flower's Broker page and API): Flower reads the broker's URL
+        # scheme to know it is Redis. The worker's queue is listed, with what waits in it.
+        lengths = wait_for(lambda: (r := requests.get(f"{base}/api/queues/length", timeout=10)).status_code == 200
+                           and queue in {q["name"] for q in r.json()["active_queues"]} and r.json(),
+                           timeout=30, message="Flower reads the queue lengths")
+        assert all(q["messages"] >= 0 for q in lengths["active_queues"])
+
         done = wait_for(lambda: (t := flower_task(base, task_id)) and t.get("state") == "SUCCESS" and t,
                         timeout=90, message="the retried task succeeds")
         assert done["retries"] == 4
