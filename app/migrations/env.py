@@ -4,7 +4,7 @@ import contextlib
 import time
 
 from alembic import context
-from sqlalchemy import Connection, create_engine, pool
+from sqlalchemy import Connection, create_engine, make_url, pool
 
 from app.models import Base
 
@@ -37,8 +37,16 @@ def _lock(connection: Connection) -> None:
         time.sleep(LOCK_POLL_SECONDS)
 
 
+# As the runtime's engine (app.db.make_engine): without it, libpq waits for a server that takes the
+# connection and never answers (hung, or a firewall dropping after the handshake) for ever, and
+# `dunning db upgrade` with it. A connect_timeout in DATABASE_URL is kept.
+CONNECT_TIMEOUT_SECONDS = 3
+
+
 def run_migrations_online() -> None:
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    url = make_url(config.get_main_option("sqlalchemy.url") or "")
+    connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    engine = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
     with engine.connect() as connection:
         # Two processes starting at once (web and worker) must not both migrate.
         _lock(connection)

@@ -109,6 +109,23 @@ def test_a_database_that_takes_the_connection_and_never_answers_fails_the_comman
     assert "database unreachable" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_db_upgrade_against_a_database_that_never_answers_fails_in_seconds_not_never():
+    """`dunning db upgrade` (a release step, an init container) connects through Alembic's engine,
+    which had no connect timeout: against a server that takes the connection and never answers it
+    waited forever. It is bound as every other command is, and says the database is unreachable."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/x"
+        upgrade = dunning("db", "upgrade", database_url=url)  # before: subprocess.TimeoutExpired (120 s)
+        downgrade = dunning("db", "downgrade", "-1", database_url=url)
+    for done in (upgrade, downgrade):
+        assert done.returncode == 3, done.stderr[-400:]
+        assert "database unreachable" in done.stderr and "timeout expired" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_a_database_older_than_the_code_says_to_upgrade_it(empty_database):
     """After a downgrade (or an upgrade that was skipped) a query names a column the database does not
     have yet (UndefinedColumn, 42703): a message saying what to run, not a traceback."""
@@ -186,3 +203,4 @@ def test_a_metrics_folder_it_cannot_write_does_not_stop_the_recompute(client, ac
     assert again.returncode == 0 and again.stderr == "", again.stderr
     assert json.loads(again.stdout)["outcome"] == "unchanged"
     assert [p for p in tmp_path.iterdir() if p.suffix == ".db"] == []
+
