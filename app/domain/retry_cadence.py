@@ -374,25 +374,30 @@ def _scheduled(
 
     default_id = _default_of(snapshot, invoice)[0]
     named = list(dict.fromkeys(m for m in (default_id, failed_method) if m is not None))
-    # A card expired by the time the retry is charged (not only now: nothing recomputes the plan on
-    # its day) is declined by Stripe, a charge spent on the invoice's cap and the card's for nothing.
-    charged_at = max(due, now)
-    detached = [m for m in named if _detached(snapshot, m)]
-    expired = [m for m in named if m not in detached and _expired(snapshot, m, charged_at)]
-    usable = [m for m in named if m not in detached and m not in expired]
-    if named and not usable:
-        # Stripe refuses to charge a detached method, and a refusal spends no budget: a retry planned
-        # there would be refused every REFUSED_BACKOFF and the dunning never run out. Waiting for the
-        # customer, as after a permanent decline: a method they add earns the free retry.
-        reasons.append(Reason("retry.none_no_method", "no payment method left that can pay: no automatic "
-                              "retry; waiting for the customer to add one",
-                              {"invoice": invoice.id, "detached": detached,
-                               **({"expired": expired} if expired else {})}))
-        return None, None, False, True, retries_used, reasons
-    method = usable[0] if usable else None
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
-    reasons.append(Reason("retry.scheduled", detail, facts))
-    return _cap_method(snapshot, due, method, False, retries_used, reasons, policy, now, invoice)
+    scheduled = Reason("retry.scheduled", detail, facts)
+    if not named:
+        reasons.append(scheduled)
+        return _cap_method(snapshot, due, None, False, retries_used, reasons, policy, now, invoice)
+    detached = [m for m in named if _detached(snapshot, m)]
+    expired: list[str] = []
+    for method in (m for m in named if m not in detached):
+        planned = _cap_method(snapshot, due, method, False, retries_used, [*reasons, scheduled], policy, now, invoice)
+        # A card expired by the time the retry is charged (its day, or the later one the card's cap
+        # defers it to; not only now: nothing recomputes the plan then) is declined by Stripe, a
+        # charge spent on the invoice's cap and the card's for nothing.
+        if planned[0] is not None and _expired(snapshot, method, max(planned[0], now)):
+            expired.append(method)
+            continue
+        return planned
+    # Stripe refuses to charge a detached method, and a refusal spends no budget: a retry planned
+    # there would be refused every REFUSED_BACKOFF and the dunning never run out. Waiting for the
+    # customer, as after a permanent decline: a method they add earns the free retry.
+    reasons.append(Reason("retry.none_no_method", "no payment method left that can pay: no automatic "
+                          "retry; waiting for the customer to add one",
+                          {"invoice": invoice.id, "detached": detached,
+                           **({"expired": expired} if expired else {})}))
+    return None, None, False, True, retries_used, reasons
 
 
 def _last_retry_charge(attempts: list[Attempt], retries: list[Retry]) -> datetime | None:

@@ -9,6 +9,7 @@ transient. A card is valid through the last day of its expiry month (UTC).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from app.domain.compute import compute
@@ -73,3 +74,20 @@ def test_an_expired_card_updated_earns_no_free_retry():
                        POLICY, NOW)
     assert "retry.new_method" not in rules(decision)
     assert (decision.state.retry_payment_method_id, decision.state.retry_free) == ("pm_1", False)
+
+
+def test_no_retry_deferred_by_the_cards_cap_past_its_expiry():
+    """The card's 15 charges in 30 days defer the retry to 1 December, when the card (11/2026) has
+    expired: not planned on it (the day it would be charged is the deferred one)."""
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i) for i in range(14))  # 1..14 November
+    failed = attempt("pi_1", "in_1", days_ago=1, pm="pm_1")
+    card = method("pm_1", changed_days_ago=100, exp_month=11, exp_year=2026)
+    snap = snapshot(invoice(failed_days_ago=1), attempts=(*others, failed), payment_methods=(card,),
+                    default_payment_method_id="pm_1", default_payment_method_changed_at=days(100))
+    decision = compute(snap, POLICY, NOW)
+    assert decision.state.next_retry_at is None, (decision.state.next_retry_at, rules(decision))
+    assert "retry.none_no_method" in rules(decision)
+    # Valid in December, the deferred retry is planned on it as before.
+    valid = method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2026)
+    planned = compute(replace(snap, payment_methods=(valid,)), POLICY, NOW)
+    assert planned.state.next_retry_at == days(20) + timedelta(days=30), rules(planned)
