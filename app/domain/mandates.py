@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from app.domain.decline_codes import deciding
 from app.domain.snapshot import Snapshot
@@ -19,8 +19,8 @@ def mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
         if not pm.attached:
             status, reason = "detached", "detached from the customer"
         elif pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (
-            now.year,
-            now.month,
+            now.astimezone(UTC).year,  # valid through the last day of its month, in UTC
+            now.astimezone(UTC).month,
         ):
             status, reason = "expired", f"card expired {pm.exp_month:02d}/{pm.exp_year}"
         elif last is not None:

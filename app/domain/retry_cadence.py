@@ -12,7 +12,7 @@ invoice and 15 per payment method in 30 days hold whatever the policy says. Pure
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from app.domain.attempts import failure_time
 from app.domain.policy import Policy
@@ -150,7 +150,8 @@ def _card_expired(pm: PaymentMethod, at: datetime) -> bool:
     last day of its month, UTC, as compute's mandates read it). Stripe declines it (expired_card,
     permanent); a card the network updated comes back with its new expiry
     (payment_method.automatically_updated), and then earns its free retry."""
-    return pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (at.year, at.month)
+    utc = at.astimezone(UTC)
+    return pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (utc.year, utc.month)
 
 
 def _expired(snapshot: Snapshot, method: str, at: datetime) -> bool:

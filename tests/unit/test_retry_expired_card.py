@@ -10,9 +10,10 @@ transient. A card is valid through the last day of its expiry month (UTC).
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from app.domain.compute import compute
+from app.domain.mandates import mandates
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, retry, snapshot
 
 POLICY = policy()  # transient schedule: days 1, 3, 5, 7, 10, 14
@@ -91,3 +92,24 @@ def test_no_retry_deferred_by_the_cards_cap_past_its_expiry():
     valid = method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2026)
     planned = compute(replace(snap, payment_methods=(valid,)), POLICY, NOW)
     assert planned.state.next_retry_at == days(20) + timedelta(days=30), rules(planned)
+
+
+def test_a_cards_month_is_read_in_utc_whatever_offset_the_times_carry():
+    """30 November 22:30 UTC is 1 December at +02:00: a card valid through November is still valid."""
+    failed = attempt("pi_1", "in_1", days_ago=2, pm="pm_1")
+    card = method("pm_1", changed_days_ago=100, exp_month=11, exp_year=2026)
+    snap = snapshot(invoice(failed_days_ago=2), attempts=(failed,), payment_methods=(card,),
+                    default_payment_method_id="pm_1", default_payment_method_changed_at=days(100))
+    late_november = datetime(2026, 12, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))
+    decision = compute(snap, POLICY, late_november)
+    assert decision.state.retry_payment_method_id == "pm_1" and "retry.scheduled" in rules(decision), rules(decision)
+
+
+def test_a_mandates_expiry_is_read_in_utc_too():
+    card = method("pm_1", changed_days_ago=100, exp_month=11, exp_year=2026)
+    late_november = datetime(2026, 12, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))
+    snap = snapshot(invoice(failed_days_ago=2), payment_methods=(card,))
+    [mandate] = mandates(snap, late_november)
+    assert mandate.status == "usable", mandate
+    [expired] = mandates(snap, late_november + timedelta(hours=2))  # 1 December 00:30 UTC
+    assert expired.status == "expired"
