@@ -21,8 +21,26 @@ def alembic_config(database_url: str) -> Config:
     return cfg
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head") -> list[str]:
+    """Migrates to ``revision``. To the newest ("head"), a database at revisions this code does not
+    have is left as it is and they are returned (a newer release migrated it, and this code runs
+    again: a rollback, whose migrate step must not stop its pods from starting, as every other
+    command runs on a newer schema); [] otherwise."""
+    if revision in ("head", "heads"):
+        from alembic.runtime.migration import MigrationContext
+        from sqlalchemy import create_engine, make_url, pool
+
+        url = make_url(database_url)
+        connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": 3}  # as migrations/env.py
+        engine = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+        try:
+            with engine.connect() as conn:
+                if revisions_missing(conn) is None:
+                    return sorted(MigrationContext.configure(conn).get_current_heads())
+        finally:
+            engine.dispose()
     command.upgrade(alembic_config(database_url), revision)
+    return []
 
 
 def downgrade(database_url: str, revision: str) -> None:

@@ -204,3 +204,29 @@ def test_a_metrics_folder_it_cannot_write_does_not_stop_the_recompute(client, ac
     assert json.loads(again.stdout)["outcome"] == "unchanged"
     assert [p for p in tmp_path.iterdir() if p.suffix == ".db"] == []
 
+
+
+def test_db_upgrade_of_a_database_a_newer_release_migrated_leaves_it_and_succeeds(empty_database):
+    """A rollback: the older release's `dunning db upgrade` (the migrate Job, the web and worker pods'
+    init container) meets a database at a revision only the newer code has. Every other command
+    runs on it (a newer schema is not this code's to judge, app/migrate.revisions_missing), but the
+    upgrade failed with Alembic's "Can't locate revision" (status 2): the rolled-back pods never
+    started. It leaves the database as it is, says so, and succeeds; naming a revision still fails."""
+    from sqlalchemy import create_engine
+
+    assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
+    probe = create_engine(empty_database)
+    with probe.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'f00dfeed0001'")
+    done = dunning("db", "upgrade", database_url=empty_database)
+    assert done.returncode == 0, done.stderr
+    assert ("the database is at revision f00dfeed0001, which this code does not have (a newer release "
+            "migrated it): left as it is") in done.stderr
+    assert "Traceback" not in done.stderr
+    named = dunning("db", "upgrade", "head", database_url=empty_database)
+    assert named.returncode == 0, named.stderr
+    explicit = dunning("db", "upgrade", "+1", database_url=empty_database)
+    assert explicit.returncode == 2 and "f00dfeed0001" in explicit.stderr, explicit.stderr
+    with probe.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "f00dfeed0001"
+    probe.dispose()
