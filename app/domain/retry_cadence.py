@@ -52,7 +52,8 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
     def mirrored(r: Retry) -> bool:
         # Its charge is on its own invoice's intent (or one the mirror has not linked to an invoice
         # yet): another invoice charged on the card after it says nothing of whether it is mirrored.
-        return any(at >= r.created_at for at in _charge_times(
+        # Only a charge the window counts stands for it (one timed after now by Stripe's clock does not).
+        return any(r.created_at <= at <= now for at in _charge_times(
             tuple(a for a in snapshot.attempts if a.invoice_id in (r.invoice_id, None)), method))
 
     # Every retry that reached the card (r.charged), a declined one too: Stripe's decline marks it

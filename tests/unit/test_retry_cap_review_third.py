@@ -75,3 +75,18 @@ def test_a_declined_retry_not_mirrored_yet_counts_when_another_invoices_charge_o
     # in_b's day-1 retry (due now) would be the 16th: it waits for the oldest charge to leave the window.
     assert "retry.cap_method_30d" in rules(decision)
     assert decision.state.next_retry_at == days(20) + timedelta(days=30)
+
+
+def test_a_declined_retry_counts_while_its_charge_is_timed_after_now_by_stripes_clock():
+    """Stripe's clock a second ahead of ours: the retry's charge.failed is in, timed a second after the
+    decision's now, and the window (up to now) leaves it out. The retry still counts as that charge."""
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i) for i in range(12))
+    charges = (Charge("ch_a1", "pm_1", days(3)), Charge("ch_a2", "pm_1", NOW + timedelta(seconds=1)))
+    first_a = replace(attempt("pi_a", "in_a", days_ago=3), charges=charges)
+    first_b = attempt("pi_b", "in_b", days_ago=1)
+    declined = retry("in_a", 1, days_ago=1 / 86400, state="failed", pm="pm_1")
+    snap = snapshot(invoice("in_a", failed_days_ago=3), invoice("in_b", failed_days_ago=1, sub="sub_1"),
+                    attempts=(*others, first_a, first_b), retries=(declined,))
+    decision = compute(snap, POLICY, NOW)
+    # 12 + 2 + the retry = 15: in_b's retry would be the 16th.
+    assert "retry.cap_method_30d" in rules(decision)
