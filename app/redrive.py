@@ -18,14 +18,22 @@ log = logging.getLogger(__name__)
 
 SEND_CHUNK = 500
 
+# At most ``limit`` events a tick (any of those a mapping routes now; the others are routed by the
+# next ticks): a bulk mapping by another team must not make one tick as long as its backlog, holding
+# every routed account's request row until it commits and running past the task's time limit, to be
+# rolled back and tried the same way on every tick before the stale requests and due reviews.
+# SKIP LOCKED: an event another tick is routing is that tick's.
 # The accounts come back in their order (the database's collation), as every query here returns
 # them: their request rows are then locked in the order webhook ingest locks them in (its statement
 # takes a batch's in account order), so a re-drive and a batch of webhooks cannot deadlock.
 ROUTE_UNROUTABLE = """
 WITH routed AS (
-    UPDATE stripe_event e SET account_id = c.account_id, state = 'accepted'
-      FROM subs_customer c
-     WHERE e.state = 'unroutable' AND c.stripe_customer_id = e.stripe_customer_id
+    UPDATE stripe_event e SET account_id = p.account_id, state = 'accepted'
+      FROM (SELECT u.id, c.account_id FROM stripe_event u
+              JOIN subs_customer c ON c.stripe_customer_id = u.stripe_customer_id
+             WHERE u.state = 'unroutable'
+             LIMIT %(limit)s FOR UPDATE OF u SKIP LOCKED) p
+     WHERE e.id = p.id
     RETURNING e.account_id, e.trigger, e.id
 )
 SELECT account_id, trigger, id FROM routed ORDER BY account_id, id
@@ -74,10 +82,13 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
     routed = reviewed = 0
     to_send: list[tuple[str, str, str | None]] = []
     with unit_of_work(engine) as conn:
-        for account_id, trigger, event_id in conn.exec_driver_sql(ROUTE_UNROUTABLE).fetchall():
+        first: dict[str, tuple[str, str]] = {}  # per account, in account order: its first event, as ingest does
+        for account_id, trigger, event_id in conn.exec_driver_sql(ROUTE_UNROUTABLE, {"limit": limit}).fetchall():
             routed += 1
-            if store.request_recompute(conn, account_id, trigger or "STATE_REFRESH", event_id):
-                to_send.append((account_id, trigger or "STATE_REFRESH", event_id))
+            first.setdefault(account_id, (trigger or "STATE_REFRESH", event_id))
+        for account_id, (trigger, event_id) in first.items():  # one request each
+            if store.request_recompute(conn, account_id, trigger, event_id):
+                to_send.append((account_id, trigger, event_id))
     with unit_of_work(engine) as conn:
         # A request each, as for an event: coalesced with one already pending, re-driven if lost.
         due = conn.exec_driver_sql(DUE_REVIEWS, {"limit": limit, "now": now or datetime.now(UTC)}).fetchall()
