@@ -236,8 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     _unusable_metrics_folder_left_out()
-    parser = build_parser()
-    args = parser.parse_args(arguments)
+    try:
+        parser = build_parser()  # most of the command's start: it imports Celery and the rest
+        args = parser.parse_args(arguments)
+    except KeyboardInterrupt:  # Ctrl-C right away: as during the command, no traceback
+        return 130
     handler: Handler = args.handler
     try:
         code = handler(args)

@@ -98,3 +98,27 @@ def test_a_database_that_does_not_exist_is_named_with_libpqs_reason_not_only_unr
     assert 'database "dunning_no_such_db" does not exist' in done.stderr
     assert done.stderr.rstrip().endswith("; check DATABASE_URL")
     assert PASSWORD not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback():
+    """Ctrl-C in the first second, while the command builds its parser (importing Celery and the
+    rest takes most of its start): it was caught only around the command's own work, so it printed
+    a KeyboardInterrupt traceback. A real SIGINT, raised at that moment."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.test_cli_recompute import ROOT
+
+    script = ("import signal, sys\n"
+              "from app import cli\n"
+              "build = cli.build_parser\n"
+              "def interrupted():\n"
+              "    signal.raise_signal(signal.SIGINT)\n"
+              "    return build()\n"
+              "cli.build_parser = interrupted\n"
+              "sys.exit(cli.main(['rollout', 'status']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"})
+    assert done.returncode == 130, done.stderr[-400:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
