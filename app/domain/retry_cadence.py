@@ -53,7 +53,7 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
         # Its charge is on its own invoice's intent (or one the mirror has not linked to an invoice
         # yet): another invoice charged on the card after it says nothing of whether it is mirrored.
         # Only a charge the window counts stands for it (one timed after now by Stripe's clock does not).
-        return any(r.created_at <= at <= now for at in _charge_times(
+        return any(_claimed_second(r) <= at <= now for at in _charge_times(
             tuple(a for a in snapshot.attempts if a.invoice_id in (r.invoice_id, None)), method))
 
     # Every retry that reached the card (r.charged), a declined one too: Stripe's decline marks it
@@ -63,6 +63,12 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
                   and (r.payment_method_id or _default_of(snapshot, invoices.get(r.invoice_id))[0]) == method
                   and not mirrored(r)]
     return sorted(recorded + unrecorded)
+
+
+def _claimed_second(r: Retry) -> datetime:
+    """The retry's claim time to Stripe's precision: Stripe times a charge in whole seconds, so the
+    charge of a retry claimed at 12:00:00.400 and made in that second is timed 12:00:00."""
+    return r.created_at.replace(microsecond=0)
 
 
 def _charge_times(attempts: tuple[Attempt, ...], method: str) -> Iterator[datetime]:
@@ -195,7 +201,7 @@ def plan_retry(
     # challenge open): another charge now could collect twice.
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
     # The per-invoice cap counts every charge of the invoice, whoever made it.
-    charged = max(attempts_used, invoice_charges(invoice, attempts, retries))
+    charged = max(attempts_used, invoice_charges(invoice, attempts, retries, now, guard))
     planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
                     retries, charged, retries_used, stays_run_out)
     refused = max((r.created_at for r in retries if r.state == "refused"), default=None)
@@ -215,16 +221,25 @@ def plan_retry(
     return planned
 
 
-def invoice_charges(invoice: Invoice, attempts: list[Attempt], retries: list[Retry]) -> int:
+def invoice_charges(invoice: Invoice, attempts: list[Attempt], retries: list[Retry], now: datetime | None = None,
+                    guard: timedelta | None = None) -> int:
     """How many times the invoice was charged, for its hard cap. Stripe confirms the invoice's payment
     intent again for each retry, so one attempt row carries them all (each charge counts; an attempt
     with none known, a 3-D Secure failure, once), and Stripe's attempt_count counts only its own
     automatic retries, never our POST /v1/invoices/<id>/pay. Our retries that reached Stripe are
     charges too, with the failure before the first of them, while the mirror has not heard of all."""
     mirrored = sum(max(1, len(a.charges)) for a in attempts)
-    ours = [r.created_at for r in retries if r.charged]
+    latest = max((t for a in attempts for t in ([c.charged_at for c in a.charges] if a.charges else [a.attempted_at])),
+                 default=None)
+    charged = [r for r in retries if r.charged]
+    # With ``now`` and ``guard``: ours not mirrored yet (claimed within the guard window, after the
+    # invoice's latest mirrored charge) come on top of the mirrored ones, which may hold Stripe's own
+    # automatic retries besides ours, as the card's window counts them.
+    unmirrored = 0 if now is None or guard is None else sum(
+        1 for r in charged if now - r.created_at < guard and (latest is None or _claimed_second(r) > latest))
+    ours = [r.created_at for r in charged]
     failed_before = invoice.first_failed_at is not None and (not ours or invoice.first_failed_at < min(ours))
-    return max(mirrored, len(ours) + int(failed_before))
+    return max(mirrored + unmirrored, len(ours) + int(failed_before))
 
 
 def _plan(
