@@ -77,6 +77,20 @@ SELECT account_id FROM (
 """
 
 
+# Events whose recompute the broker did not take at ingest (enqueue_failed) that no longer wait for
+# one: their account's request is queued now (``ids``: only the accounts whose send succeeded, the
+# others' events still wait), or it is gone: a run took it (the support button, a retry, a re-driven
+# stuck recompute) before any re-drive queued it, and every run that takes a request an event created
+# or touched gathers after that event committed. A pending request that a run is taking right now is
+# still seen (its delete is not committed). Few rows: the partial index on the state.
+NO_LONGER_WAITING = """
+UPDATE stripe_event e SET state = 'accepted'
+ WHERE e.state = 'enqueue_failed'
+   AND (e.account_id = ANY(%(ids)s)
+        OR NOT EXISTS (SELECT 1 FROM recompute_request q WHERE q.account_id = e.account_id))
+"""
+
+
 def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, limit: int = 5000,
             now: datetime | None = None) -> dict[str, int]:
     routed = reviewed = 0
@@ -109,9 +123,6 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
         except BrokerUnavailable as exc:
             failed += len(chunk)
             log.warning("redrive could not queue %d recomputes: %s", len(chunk), exc)
-    if sent:  # only the accounts whose recompute is queued now: the others' events still wait for one
-        with unit_of_work(engine) as conn:
-            conn.exec_driver_sql(
-                "UPDATE stripe_event SET state = 'accepted' WHERE state = 'enqueue_failed' "
-                "AND account_id = ANY(%(ids)s)", {"ids": sent})
+    with unit_of_work(engine) as conn:
+        conn.exec_driver_sql(NO_LONGER_WAITING, {"ids": sent})
     return {"routed": routed, "reviewed": reviewed, "sent": len(sent), "failed": failed}
