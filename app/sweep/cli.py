@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -45,11 +46,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         enqueue = celery_enqueuer(make_celery(rt.settings))
     sweeper = Sweeper(rt.engine, rt.policy, enqueue, dry_run=args.dry_run, batch_size=args.batch_size or BATCH_SIZE,
                       keep=args.show)
+    # SIGTERM (`timeout`, a job past its deadline, a stopped container) ends the sweep as Ctrl-C does:
+    # its run is closed 'interrupted'. Killed outright, the run stayed 'running' with a fresh
+    # heartbeat, and every sweep was refused as still running until it went stale (15 minutes).
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         report = sweeper.start()
     except SweepBusy as exc:
         print(f"not swept: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        return 128 + signal.SIGTERM  # the shell's status for a program SIGTERM ended
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # Errors (compute failures, remediations not enqueued) fail the command in either output format:
     # scripts read the status, whatever they parse.
     status = 0 if report.errors == 0 else 1
@@ -69,6 +78,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                 for f in found["fields"])
             print(f"  {found['account_id']}  [{found['action']}]  {changes}")
     return status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a sweep: an interruption, as Ctrl-C (Sweeper closes the run 'interrupted')."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
 
 
 def _print_state(state: dict[str, Any], history: list[dict[str, Any]]) -> None:

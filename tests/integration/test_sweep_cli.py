@@ -78,3 +78,35 @@ def test_ctrl_c_during_a_sweep_exits_130_and_is_no_error_for_the_rollout_gate(
                          rollout.stage)
     assert (state, errors, kinds) == ("interrupted", 0, [])
     assert health.errors == 0
+
+
+def test_a_terminated_sweep_closes_its_run_and_the_next_sweep_starts(
+        cli_env: None, engine: Engine, corrupted: dict[str, str], capsys: pytest.CaptureFixture[str]):
+    """SIGTERM (`timeout`, a CronJob past its deadline, a container stopped) killed `dunning sweep`
+    outright: its run stayed 'running' with a fresh heartbeat, and every sweep for the next 15
+    minutes was refused as 'still running' (status 1) though nothing ran. It is closed as Ctrl-C
+    closes it ('interrupted'), with the shell's status for SIGTERM (143), and the next one runs."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.test_cli_recompute import ROOT
+
+    script = ("import signal, sys\n"
+              "from app.cli import main\n"
+              "from app.sweep import sweep\n"
+              "real, calls = sweep.compute, []\n"
+              "def terminated_on_the_second_page(snapshot, policy, now):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 3:\n"
+              "        signal.raise_signal(signal.SIGTERM)\n"
+              "    return real(snapshot, policy, now)\n"
+              "sweep.compute = terminated_on_the_second_page\n"
+              "sys.exit(main(['sweep', '--batch-size', '2']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ))
+    assert done.returncode == 143, done.stderr[-400:]
+    assert "Traceback" not in done.stderr
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT state FROM sweep_run").scalar_one() == "interrupted"
+    assert main(["sweep"]) == 0, capsys.readouterr().err
