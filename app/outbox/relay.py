@@ -52,7 +52,7 @@ from sqlalchemy import Connection, Engine
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from app.db import unit_of_work
+from app.db import session_lock, unit_of_work
 from app.outbox.answers import EXCERPT_LIMIT, masked, reason, refused_as_wrong
 from app.stuck_work import resolve_account_task
 from tasks.failures import retry_after_seconds
@@ -71,11 +71,10 @@ RETRY_AFTER_CAP = 3600.0  # the most a Retry-After holds a row back: a wrong hea
 THROTTLED = (429, 503)  # answers whose Retry-After says when to ask again
 ERROR_LIMIT = 2000  # characters of last_error kept
 
-LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox:' || %(account)s, 0))"
-UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('outbox:' || %(account)s, 0))"
-# One relay pass at a time, fleet-wide (no colon: never an account's key above).
-PASS_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtextextended('outbox-relay', 0))"
-PASS_UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtextextended('outbox-relay', 0))"
+# The session advisory locks' names (app.db.session_lock: hashtextextended(name, 0)): an account's,
+# and one relay pass at a time, fleet-wide (no colon: never an account's key).
+ACCOUNT_LOCK_PREFIX = "outbox:"
+PASS_LOCK = "outbox-relay"
 
 # An account is ready when its *first* undelivered row may be tried now; rows behind a failed one
 # wait for it, whatever their own next_attempt_at says.
@@ -381,22 +380,11 @@ class RelayReport:
                 "skipped_locked": self.skipped_locked, "busy": self.busy}
 
 
-@contextmanager
-def _session_lock(engine: Engine, lock_sql: str, unlock_sql: str, params: dict[str, Any]) -> Iterator[bool]:
-    """A session advisory lock tried without waiting, held on its own connection through the block."""
-    with engine.connect() as conn:
-        got = bool(conn.exec_driver_sql(lock_sql, params).scalar())
-        conn.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                conn.exec_driver_sql(unlock_sql, params)
-                conn.commit()
-
-
 def account_lock(engine: Engine, account_id: str) -> AbstractContextManager[bool]:
-    return _session_lock(engine, LOCK_SQL, UNLOCK_SQL, {"account": account_id})
+    """Held while the account's rows are sent (or skipped). app.db.session_lock: a lock that may be
+    held when its taking or its release is interrupted (the task's soft time limit) goes with its
+    connection, never back to the pool, where it kept the account from every other worker."""
+    return session_lock(engine, ACCOUNT_LOCK_PREFIX + account_id)
 
 
 def pass_lock(engine: Engine) -> AbstractContextManager[bool]:
@@ -404,7 +392,7 @@ def pass_lock(engine: Engine) -> AbstractContextManager[bool]:
     slow, a pass takes its whole budget: passes that ran side by side each held a worker process
     waiting on Account Management, up to budget / interval of them, and filled the pool recomputes
     need. A pass that finds another running leaves the work to it."""
-    return _session_lock(engine, PASS_LOCK_SQL, PASS_UNLOCK_SQL, {})
+    return session_lock(engine, PASS_LOCK)
 
 
 @dataclass(frozen=True)
