@@ -20,7 +20,7 @@ import logging
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import stripe
@@ -40,11 +40,12 @@ ROW_SQL = """
 SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.state, r.created_at, r.free,
        i.status, i.amount_remaining, d.status, d.next_retry_at, d.retry_invoice_id, d.reasons, d.failure_class,
        (SELECT max(a.attempted_at) FROM stripe_payment_attempt a WHERE a.invoice_id = r.invoice_id),
-       -- The customer's default card as the mirror has it now, unless the mirror knows it removed;
-       -- and whether it changed since the claim (Stripe times events to the second: a change in the
-       -- claim's own second may be after it).
+       -- The customer's default card as the mirror has it now, unless the mirror knows it removed or
+       -- expired (compute plans on another card then: retry_cadence); and whether it changed since the
+       -- claim (Stripe times events to the second: a change in the claim's own second may be after it).
        CASE WHEN NOT EXISTS (SELECT 1 FROM stripe_payment_method m
-                              WHERE m.id = s.default_payment_method_id AND NOT m.attached)
+                              WHERE m.id = s.default_payment_method_id
+                                AND (NOT m.attached OR (m.exp_year, m.exp_month) < (%(year)s, %(month)s)))
             THEN s.default_payment_method_id END,
        s.changed_at >= date_trunc('second', r.created_at),
        -- The claimed card as the mirror knows it: detached (Stripe refuses to charge it).
@@ -234,7 +235,8 @@ def _refuse(engine: Engine, retry_id: int, account_id: str, detail: str) -> None
 
 def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta,
            policy_version: str | None = None) -> Claimed | PayResult:
-    row = conn.exec_driver_sql(ROW_SQL, {"id": retry_id}).first()
+    utc = now.astimezone(UTC)  # a card is valid through the last day of its expiry month, in UTC
+    row = conn.exec_driver_sql(ROW_SQL, {"id": retry_id, "year": utc.year, "month": utc.month}).first()
     if row is None:
         return PayResult(retry_id, "missing")
     account, invoice, method, key, state = row[0], row[1], row[2], row[3], row[4]
