@@ -15,7 +15,7 @@ from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_reconcile import NotReconciled, due, reconcile
 from app.payments.bad_debt_settle import ACCOUNT, OVERPAID_TASK, NotSettled, settle, unsettled
-from app.payments.bad_debt_webhook import REFUNDED_AFTER_SETTLEMENT_TASK, enqueue_settlement
+from app.payments.bad_debt_webhook import DISPUTED_TASK, REFUNDED_AFTER_SETTLEMENT_TASK, enqueue_settlement
 from app.payments.stripe_client import KEY_REFUSED, NO_KEY
 from app.stuck_work import DEFERRED, stuck_id_of, task_id_for
 from tasks.failures import FailureKind, TaskFailure, account_of, resolve_stuck, retry_after_seconds
@@ -28,6 +28,7 @@ SETTLE = "tasks.settle_bad_debt_payment"
 RECONCILE = "tasks.reconcile_bad_debt_payment"
 OVERPAID = OVERPAID_TASK
 REFUNDED_AFTER_SETTLEMENT = REFUNDED_AFTER_SETTLEMENT_TASK
+DISPUTED = DISPUTED_TASK
 BUSY_COUNTDOWN, BUSY_RETRIES = 5, 24
 
 
@@ -181,4 +182,13 @@ def bad_debt_refund_after_settlement_reviewed(self: Task, payment_id: int) -> di
     """The alert of a bad-debt payment refunded after it settled the debt: an operator billed it
     again (or wrote it off) and re-drives the row; this task, which changes nothing, resolves it."""
     log.info("refund after settlement of bad-debt payment %s reviewed by an operator", payment_id)
+    return {"payment_id": int(payment_id), "acknowledged": True}
+
+
+@shared_task(name=DISPUTED, bind=True)
+def bad_debt_dispute_reviewed(self: Task, payment_id: int) -> dict[str, Any]:
+    """The alert of a bad-debt payment whose charge is disputed: an operator answered the dispute
+    (and, if it was lost, billed the debt again or wrote it off) and re-drives the row; this task,
+    which changes nothing, resolves it."""
+    log.info("dispute of bad-debt payment %s reviewed by an operator", payment_id)
     return {"payment_id": int(payment_id), "acknowledged": True}

@@ -19,6 +19,7 @@ ROUTES = {
     "tasks.reconcile_bad_debt_payments": {"queue": PAYMENTS},
     "tasks.bad_debt_overpayment_refunded": {"queue": PAYMENTS},
     "tasks.bad_debt_refund_after_settlement_reviewed": {"queue": PAYMENTS},
+    "tasks.bad_debt_dispute_reviewed": {"queue": PAYMENTS},
     "tasks.relay_outbox": {"queue": OUTBOX},
     "tasks.deliver_account_outbox": {"queue": OUTBOX},
     "tasks.drift_sweep": {"queue": SWEEPS},

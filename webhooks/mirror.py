@@ -526,6 +526,13 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         rows.append(row)
         customer = row.values["stripe_customer_id"]
         payment_intent = row.key
+    elif kind == "dispute" and event_type.startswith("charge.dispute."):
+        # A chargeback: nothing mirrored, only routed by the disputed charge's intent (its attempt
+        # names the customer). It is put before an operator when it disputes a bad-debt payment's
+        # charge (app/payments/bad_debt_webhook.py).
+        need_id()
+        disputed = _id(obj.get("payment_intent"))
+        payment_intent = _routed_id(disputed) if disputed else None
     elif kind == "invoice_payment":
         link = _invoice_payment_link(created, obj)
         if link is not None:

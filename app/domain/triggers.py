@@ -35,6 +35,7 @@ STATE_REFRESH_EVENTS = frozenset({
     "customer.subscription.updated",
     "customer.subscription.deleted",
     "charge.refunded",
+    "charge.dispute.created",  # a chargeback: a bad-debt payment's is put before an operator
     "charge.succeeded",
     "payment_intent.succeeded",
     "payment_intent.canceled",  # an attempt ended with no money: what waited for its outcome goes on

@@ -135,11 +135,15 @@ INTENT_OUTCOMES = ("payment_intent.succeeded", *FAILED_OUTCOMES)
 REFUNDED = "charge.refunded"
 # The alert of a payment refunded after it settled; its task only acknowledges (tasks/bad_debt.py).
 REFUNDED_AFTER_SETTLEMENT_TASK = "tasks.bad_debt_refund_after_settlement_reviewed"
+# A chargeback of the payment's charge: the bank may take the money back while the invoices it paid
+# out of band stay paid. Its alert's task only acknowledges, too.
+DISPUTED = "charge.dispute.created"
+DISPUTED_TASK = "tasks.bad_debt_dispute_reviewed"
 
 
 def concerns(event_type: str, payment_intent: str | None) -> bool:
     """Whether the event may be about a bad-debt payment's outcome (record_outcome must see it)."""
-    return event_type in (*INTENT_OUTCOMES, REFUNDED) and bool(payment_intent)
+    return event_type in (*INTENT_OUTCOMES, REFUNDED, DISPUTED) and bool(payment_intent)
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,9 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
 def _apply_outcome(conn: Connection, event_type: str, account_id: str, payment_id: int, state: str, amount: int,
                    invoices: list[str], payment_intent: str | None, intent: Mapping[str, Any]) -> int | None:
     """Record the event on the payment (locked) of ``account_id``; a payment to settle, or None."""
+    if event_type == DISPUTED:
+        disputed(conn, account_id, payment_id, amount, state, invoices, intent)
+        return None
     if event_type == REFUNDED:
         # Settled already: an operator must look. Before or while it settles, the settlement sees the
         # refund (bad_debt_settle: it reads the charge first, and again under this row's lock at the end).
@@ -215,6 +222,22 @@ def refunded_after_settlement(conn: Connection, account_id: str, payment_id: int
                    f"({refunded}) after it paid invoice(s) {', '.join(invoices)} out of band; the debt is "
                    "cleared with no money in: bill it again, or confirm it is written off"):
         log.error("bad-debt payment %s of %s refunded after settlement", payment_id, account_id)
+
+
+def disputed(conn: Connection, account_id: str, payment_id: int, amount: int, state: str, invoices: list[str],
+             dispute: Mapping[str, Any]) -> None:
+    """The payment's charge is disputed: the customer's bank may take the money back (a lost
+    dispute), and the invoices the payment pays out of band stay paid with nothing in, as after a
+    refund. An operator answers the dispute at Stripe and, if it is lost, bills the debt again or
+    writes it off; then re-drives the row. Whatever the payment's state: settlement goes on (a
+    dispute may be won), and what it does is said."""
+    done = "paid" if state == "succeeded" else "pays (once settled)"
+    if raise_alert(conn, account_id, DISPUTED_TASK, {"payment_id": payment_id},
+                   f"disputed: the charge of bad-debt payment {payment_id} ({amount}, {state}) is disputed "
+                   f"({dispute.get('amount')}, reason {dispute.get('reason')}); it {done} invoice(s) "
+                   f"{', '.join(invoices)} out of band: if the dispute is lost the debt is cleared with no money "
+                   "in: answer it at Stripe, and bill the debt again or confirm it is written off"):
+        log.error("bad-debt payment %s of %s disputed", payment_id, account_id)
 
 
 def after_commit(celery_app: Any, recorded: Recorded) -> None:
