@@ -161,6 +161,16 @@ def _card_expired(pm: PaymentMethod, at: datetime) -> bool:
     return pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (utc.year, utc.month)
 
 
+def _expiry_end(snapshot: Snapshot, method: str) -> datetime | None:
+    """The first moment (UTC) the card is expired, by the expiry the mirror has for it."""
+    for pm in snapshot.payment_methods:
+        if pm.id == method and pm.exp_year is not None and pm.exp_month is not None and 1 <= pm.exp_month <= 12 \
+                and 1 <= pm.exp_year < 9999:
+            year, month = (pm.exp_year + 1, 1) if pm.exp_month == 12 else (pm.exp_year, pm.exp_month + 1)
+            return datetime(year, month, 1, tzinfo=UTC)
+    return None
+
+
 def _expired(snapshot: Snapshot, method: str, at: datetime) -> bool:
     return any(pm.id == method and _card_expired(pm, at) for pm in snapshot.payment_methods)
 
@@ -392,19 +402,26 @@ def _scheduled(
     default_id = _default_of(snapshot, invoice)[0]
     named = list(dict.fromkeys(m for m in (default_id, failed_method) if m is not None))
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
-    scheduled = Reason("retry.scheduled", detail, facts)
     if not named:
-        reasons.append(scheduled)
+        reasons.append(Reason("retry.scheduled", detail, facts))
         return _cap_method(snapshot, due, None, False, retries_used, reasons, policy, now, invoice)
     detached = [m for m in named if _detached(snapshot, m)]
     expired: list[str] = []
+    not_before = due
     for method in (m for m in named if m not in detached):
-        planned = _cap_method(snapshot, due, method, False, retries_used, [*reasons, scheduled], policy, now, invoice)
+        scheduled = Reason("retry.scheduled", detail,
+                           {**facts, "after_expiry_of": list(expired)} if not_before > due else facts)
+        planned = _cap_method(snapshot, not_before, method, False, retries_used, [*reasons, scheduled], policy, now,
+                              invoice)
         # A card expired by the time the retry is charged (its day, or the later one the card's cap
         # defers it to; not only now: nothing recomputes the plan then) is declined by Stripe, a
         # charge spent on the invoice's cap and the card's for nothing.
         if planned[0] is not None and _expired(snapshot, method, max(planned[0], now)):
             expired.append(method)
+            # Until it has expired it is still the customer's card (the default, before the failed
+            # one): the payment path charges no other card while the default can pay, so the next
+            # card's retry waits for its expiry.
+            not_before = max(not_before, _expiry_end(snapshot, method) or not_before)
             continue
         return planned
     # Stripe refuses to charge a detached method, and a refusal spends no budget: a retry planned

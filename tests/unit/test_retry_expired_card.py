@@ -10,7 +10,7 @@ transient. A card is valid through the last day of its expiry month (UTC).
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 from app.domain.compute import compute
 from app.domain.mandates import mandates
@@ -113,3 +113,19 @@ def test_a_mandates_expiry_is_read_in_utc_too():
     assert mandate.status == "usable", mandate
     [expired] = mandates(snap, late_november + timedelta(hours=2))  # 1 December 00:30 UTC
     assert expired.status == "expired"
+
+
+def test_the_failed_card_waits_for_a_capped_default_to_expire():
+    """The default pm_2 (11/2026) has its 15 charges in 30 days: its retry would wait until 1 December
+    12:00, past its expiry. The failed card pm_1 takes the retry, but not before pm_2 has expired: until
+    then pm_2 is the customer's card, and the payment path charges no other while it is the default
+    (a retry planned on pm_1 now would be skipped at every claim)."""
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i, pm="pm_2") for i in range(15))
+    failed = attempt("pi_1", "in_1", days_ago=1, pm="pm_1")
+    cards = (method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2030),
+             method("pm_2", changed_days_ago=100, exp_month=11, exp_year=2026))
+    snap = snapshot(invoice(failed_days_ago=1), attempts=(*others, failed), payment_methods=cards,
+                    default_payment_method_id="pm_2", default_payment_method_changed_at=days(100))
+    decision = compute(snap, POLICY, NOW)
+    assert decision.state.retry_payment_method_id == "pm_1", rules(decision)
+    assert decision.state.next_retry_at == datetime(2026, 12, 1, tzinfo=UTC), rules(decision)
