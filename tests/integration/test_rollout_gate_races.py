@@ -53,33 +53,12 @@ def _lock_waiters(engine: Engine) -> int:
                            "AND query LIKE '%%rollout_state%%'")[0][0])
 
 
-def _blocked_behind_the_rollout_row(engine: Engine, calls: list, waiters: int) -> list:
-    """Run ``calls`` in threads while the rollout row is held, let go once all of them wait on it."""
-    results: list = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = calls[i]()
-        except Exception as exc:  # reported by the assertions of the test
-            results[i] = exc
-
-    with engine.connect() as holder:
-        tx = holder.begin()
-        holder.exec_driver_sql("SELECT 1 FROM rollout_state WHERE id = 1 FOR UPDATE")
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-        for t in threads:
-            t.start()
-        wait_for(lambda: _lock_waiters(engine) >= waiters, message="the calls waiting on the rollout row")
-        tx.commit()
-    for t in threads:
-        t.join(60)
-    return results
-
-
-def _in_turn_behind_the_rollout_row(engine: Engine, calls: list[Callable[[], Any]]) -> list[Any]:
-    """Run ``calls`` in threads while the rollout row is held, each one queued on the row only once
-    the one before waits on it, and let go: PostgreSQL grants a row lock to its waiters in turn, so
-    they take the row in the order given, each only after the one before committed."""
+def _blocked_behind_the_rollout_row(engine: Engine, calls: list[Callable[[], Any]], waiters: int | None = None,
+                                    *, in_turn: bool = False) -> list[Any]:
+    """Run ``calls`` in threads while the rollout row is held, and let go once ``waiters`` of them
+    wait on it (all of them by default). ``in_turn``: each call is started only once the one before
+    waits on the row; PostgreSQL grants a row lock to its waiters in turn, so they take the row in
+    the order given, each only after the one before committed."""
     results: list[Any] = [None] * len(calls)
 
     def run(i: int) -> None:
@@ -88,16 +67,18 @@ def _in_turn_behind_the_rollout_row(engine: Engine, calls: list[Callable[[], Any
         except Exception as exc:  # reported by the assertions of the test
             results[i] = exc
 
+    def waiting(n: int) -> Callable[[], bool]:
+        return lambda: _lock_waiters(engine) >= n
+
     with engine.connect() as holder:
         tx = holder.begin()
         holder.exec_driver_sql("SELECT 1 FROM rollout_state WHERE id = 1 FOR UPDATE")
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
         for n, t in enumerate(threads, 1):
             t.start()
-            def waiting(n: int = n) -> bool:
-                return _lock_waiters(engine) >= n
-
-            wait_for(waiting, message=f"call {n} waiting on the rollout row")
+            if in_turn:
+                wait_for(waiting(n), message=f"call {n} waiting on the rollout row")
+        wait_for(waiting(len(calls) if waiters is None else waiters), message="the calls waiting on the rollout row")
         tx.commit()
     for t in threads:
         t.join(60)
@@ -121,8 +102,8 @@ def test_an_operators_advance_after_the_gates_from_the_same_stage_is_a_conflict_
     (both audited, one stage skipped); now it changes nothing and answers 409 with why."""
     set_stage(engine, "5", entered=NOW - timedelta(hours=25))
     finished_sweep(engine, NOW - timedelta(hours=1))
-    gate, operator = _in_turn_behind_the_rollout_row(
-        engine, [lambda: check_gate(engine, runtime.policy, NOW), _advance_from(flask_app, "5")])
+    gate, operator = _blocked_behind_the_rollout_row(
+        engine, [lambda: check_gate(engine, runtime.policy, NOW), _advance_from(flask_app, "5")], in_turn=True)
     assert not isinstance(gate, Exception) and gate[0].action == "advance", gate
     assert operator.status_code == 409, operator.json
     assert operator.json["error"] == "conflict"
@@ -139,8 +120,8 @@ def test_the_gates_advance_after_an_operators_from_the_same_stage_changes_nothin
     stage it finds (10%, entered just now) and leaves it."""
     set_stage(engine, "5", entered=NOW - timedelta(hours=25))
     finished_sweep(engine, NOW - timedelta(hours=1))
-    operator, gate = _in_turn_behind_the_rollout_row(
-        engine, [_advance_from(flask_app, "5"), lambda: check_gate(engine, runtime.policy, NOW)])
+    operator, gate = _blocked_behind_the_rollout_row(
+        engine, [_advance_from(flask_app, "5"), lambda: check_gate(engine, runtime.policy, NOW)], in_turn=True)
     assert operator.status_code == 200 and operator.json["stage"] == "10", operator.json
     assert not isinstance(gate, Exception) and gate[0].action == "hold" and gate[2].stage == "10", gate
     assert [(h.action, h.from_stage, h.to_stage, h.actor) for h in history(engine)] == [
