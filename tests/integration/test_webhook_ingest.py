@@ -379,17 +379,24 @@ def test_a_payment_method_update_of_metadata_alone_is_no_change(client, accounts
     assert changed_at() == datetime.fromtimestamp(now - 60, UTC)
 
 
+def _attached_then_detached_naming_no_customer(client: Any, customer: str) -> tuple[str, dict[str, Any]]:
+    """A card attached to ``customer`` 30 days ago (posted), and its payment_method.detached of a
+    minute ago (not posted) as Stripe may send it: customer null, no previous_attributes."""
+    pm, now = unique("pm"), int(time.time())
+    post_event(client, event("payment_method.attached", id=pm, customer=customer, created=now - 30 * DAY))
+    detached = retyped("payment_method.detached", "payment_method.attached", id=pm, customer=None)
+    detached["created"] = now - 60
+    detached["data"].pop("previous_attributes", None)
+    return pm, detached
+
+
 def test_a_detached_card_stays_its_customers_when_the_event_does_not_say_whose_it_was(client, accounts, engine):
     """payment_method.detached carries the object with customer null; previous_attributes may name
     the customer or be absent (Stripe documents them for *.updated events). Absent, the newer row
     erased the card's customer: the card left the account's mirror, and compute, no longer knowing
     it as detached, planned retries on it. The customer a row knows is kept when an event names none."""
     _, customer = accounts.create()
-    pm, now = unique("pm"), int(time.time())
-    post_event(client, event("payment_method.attached", id=pm, customer=customer, created=now - 30 * DAY))
-    detached = retyped("payment_method.detached", "payment_method.attached", id=pm, customer=None)
-    detached["created"] = now - 60
-    detached["data"].pop("previous_attributes", None)
+    pm, detached = _attached_then_detached_naming_no_customer(client, customer)
     assert post_event(client, detached).status_code == 200
     with engine.connect() as conn:
         row = conn.exec_driver_sql("SELECT stripe_customer_id, attached FROM stripe_payment_method WHERE id = %(p)s",
@@ -403,11 +410,7 @@ def test_a_detached_card_whose_event_names_no_customer_recomputes_the_account_it
     state kept planning retries on the removed card), and it was never re-driven (the re-drive looks
     unroutable events up by a customer it did not have). The customer the card's row knows routes it."""
     account, customer = accounts.create()
-    pm, now = unique("pm"), int(time.time())
-    post_event(client, event("payment_method.attached", id=pm, customer=customer, created=now - 30 * DAY))
-    detached = retyped("payment_method.detached", "payment_method.attached", id=pm, customer=None)
-    detached["created"] = now - 60
-    detached["data"].pop("previous_attributes", None)
+    _, detached = _attached_then_detached_naming_no_customer(client, customer)
     response = post_event(client, detached)
     assert response.status_code == 200
     assert (response.json["state"], response.json["account_id"]) == ("accepted", account)
