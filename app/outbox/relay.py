@@ -70,6 +70,9 @@ BACKOFF_CAP = 300.0
 RETRY_AFTER_CAP = 3600.0  # the most a Retry-After holds a row back: a wrong header never parks it for good
 THROTTLED = (429, 503)  # answers whose Retry-After says when to ask again
 ERROR_LIMIT = 2000  # characters of last_error kept
+# Bytes of an answer's body read, at most: a JSON error whole, with room to spare (its reason is 200
+# characters of it); the rest of a longer answer is never read.
+ANSWER_READ_LIMIT = 64 * 1024
 
 # The session advisory locks' names (app.db.session_lock: hashtextextended(name, 0)): an account's,
 # and one relay pass at a time, fleet-wide (no colon: never an account's key).
@@ -523,6 +526,28 @@ def _call_limit(seconds: float) -> Iterator[threading.Event]:
         watchdog.join()
 
 
+def _body_start(response: requests.Response) -> bytes:
+    """At most ``ANSWER_READ_LIMIT`` bytes of the answer's body, decompressed: all a refusal's reason
+    reads (a 2xx's body is not read for anything). Read whole, an answer (a proxy's page, an echo,
+    a small gzip inflating to gigabytes) was held in the worker's memory however large it was."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(16 * 1024):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > ANSWER_READ_LIMIT:
+            break  # the rest is never read: the connection is closed, not reused
+    return b"".join(chunks)[:ANSWER_READ_LIMIT]
+
+
+def _text(body: bytes, encoding: str | None) -> str:
+    """The body as text, in the charset its answer names (UTF-8 when it names none, or one unknown)."""
+    try:
+        return str(body, encoding or "utf-8", errors="replace")
+    except LookupError:
+        return str(body, "utf-8", errors="replace")
+
+
 def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float],
           now: datetime) -> Taken | Failure:
     """Taken when Account Management took it (2xx), else the failure to record. The whole call, its
@@ -535,7 +560,11 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
             # body, and that GET's 200 would mark a cancellation delivered that nobody received.
             response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
                                        headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout,
-                                       allow_redirects=False)
+                                       allow_redirects=False, stream=True)
+            try:
+                body = _body_start(response)
+            finally:
+                response.close()  # a body read to its end keeps the connection for the next call
         except requests.RequestException as exc:
             if expired.is_set():
                 return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
@@ -551,7 +580,7 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
         location = storable(masked(response.headers.get("Location", "")), 500)
         return Failure(f"HTTP {status}: redirected to {location!r}, not followed "
                        f"(check ACCOUNT_MANAGEMENT_URL)", status=status)
-    said = reason(response.text) or masked(str(response.reason or ""))  # an empty body: the status line's words
+    said = reason(_text(body, response.encoding)) or masked(str(response.reason or ""))  # empty: the status line's
     error = f"HTTP {status}: {storable(said, EXCERPT_LIMIT)}"
     if status in THROTTLED:
         return Failure(error, _retry_after(response.headers, now), status)

@@ -1,9 +1,13 @@
-"""The outbox relay, audited: its advisory locks never stay behind on a pooled connection."""
+"""The outbox relay, audited: its advisory locks never stay behind on a pooled connection, and an
+answer's body is read only as far as the relay needs it."""
 
 from __future__ import annotations
 
+import gzip
+import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -11,7 +15,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, event
 
 from app.db import make_engine
-from app.outbox.relay import account_lock, pass_lock
+from app.domain.events import EntitlementsChanged
+from app.outbox.answers import EXCERPT_LIMIT
+from app.outbox.relay import account_lock, pass_lock, relay
+from tests.conftest import wait_for
+from tests.integration.test_outbox_relay import LATER, outbox, write_events
 
 LOCKS: dict[str, Callable[[Engine], AbstractContextManager[bool]]] = {
     "account": lambda engine: account_lock(engine, "acct_lock_audit"),
@@ -56,8 +64,45 @@ def test_a_relay_lock_interrupted_is_not_kept_on_a_pooled_connection(locking, en
             pass
     finally:
         event.remove(locking, when, interrupt)
-    with LOCKS[lock](engine) as elsewhere:  # another worker's session
-        assert elsewhere, "the lock stayed held on the interrupted worker's pooled connection"
+    # Another worker's session takes it once the interrupted session has ended (closing a connection
+    # does not wait for its server process to go).
+    wait_for(lambda: _free(LOCKS[lock], engine), message="the lock to be free for another worker")
     with LOCKS[lock](locking) as again:  # and the interrupted worker takes it again too
         assert again
 
+
+def _free(lock: Callable[[Engine], AbstractContextManager[bool]], engine: Engine) -> bool:
+    with lock(engine) as got:
+        return got
+
+
+@pytest.mark.parametrize("status", [200, 422])
+def test_an_answers_body_is_read_only_as_far_as_the_relay_needs(accounts, engine, fake_am, status):
+    """The whole body of every answer was read into memory, decompressed: a proxy's page, an echo,
+    or a small gzip that inflates to gigabytes held that much in the worker (its pod has 1 GiB) for
+    every row it answered, and the row came first again at every pass. A 2xx needs no body at all,
+    a refusal its first words; what is read is bounded whatever the answer (asserted by the memory
+    the pass takes rather than timed: tests time nothing)."""
+    account, _ = accounts.create()
+    other, _ = accounts.create()
+    write_events(engine, account, 1, [EntitlementsChanged(entitlements={"prod_core": "full"})])
+    write_events(engine, other, 1, [EntitlementsChanged(entitlements={"prod_core": "full"})])
+    inflated = 48 * 1024 * 1024
+    fake_am.answer_raw(account, status, gzip.compress(b"x" * inflated), headers={"Content-Encoding": "gzip"})
+
+    tracemalloc.start()
+    try:
+        report = relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"the pass took {peak / 2**20:.0f} MiB"
+    (row,) = outbox(engine, account)
+    if status == 200:
+        assert (report.delivered, report.failed) == (2, 0)
+        assert row["state"] == "delivered" and row["last_status"] == 200
+    else:
+        assert (report.delivered, report.failed) == (1, 1)
+        assert row["last_status"] == 422 and row["blocked_at"] is not None
+        assert row["last_error"] == "HTTP 422: " + "x" * EXCERPT_LIMIT
+    assert [r.body["dunning_version"] for r in fake_am.entitlements(other)] == [1]
