@@ -436,8 +436,8 @@ def test_a_stale_socket_lock_file_does_not_keep_postgres_from_starting(tmp_path:
     with EmbeddedPostgres(tmp_path):  # a cluster made, then stopped cleanly
         pass
     pgdata = tmp_path / "pg"
-    server_user = {"user": "pgserver"} if os.geteuid() == 0 else {}  # whom pgserver runs postgres as
-    other = subprocess.Popen(["sleep", "300"], **server_user)  # holds the pid the stale files name
+    # Whom pgserver runs postgres as: holds the pid the stale files name.
+    other = subprocess.Popen(["sleep", "300"], user="pgserver" if os.geteuid() == 0 else None)
     try:
         (pgdata / ".s.PGSQL.5432.lock").write_text(f"{other.pid}\n{pgdata}\n1700000000\n5432\n{pgdata}\n")
         if postmaster_pid == "left too":

@@ -32,6 +32,13 @@ START_TIMEOUT = 45.0
 STOP_TIMEOUT = 20.0
 
 
+def started_before(pid: int, seconds: float) -> float:
+    """A start time ``seconds`` before the process's own: another process that had that pid."""
+    started = create_time(pid)
+    assert started is not None, pid
+    return started - seconds
+
+
 def gone(proc: psutil.Process) -> bool:
     try:
         return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
@@ -337,7 +344,7 @@ def test_a_launcher_killed_outright_leaves_no_output_helper_behind_the_next_run(
     try:
         write_pidfile(tmp_path / launcher.FLEET_FILE, {
             "owner_pid": dead_owner.pid, "owner_started": 0.0, "groups": [],
-            "helpers": [[stuck.pid, create_time(stuck.pid)], [other.pid, create_time(other.pid) - 100]],
+            "helpers": [[stuck.pid, create_time(stuck.pid)], [other.pid, started_before(other.pid, 100)]],
         })
         launcher.claim_data_dir(tmp_path)
         assert stuck.wait(STOP_TIMEOUT) == -signal.SIGKILL

@@ -59,7 +59,7 @@ def test_ctrl_c_during_a_sweep_exits_130_and_is_no_error_for_the_rollout_gate(
     real_compute = sweep_module.compute
     calls: list[str] = []
 
-    def interrupted_on_the_second_page(snapshot, policy, now):  # type: ignore[no-untyped-def]
+    def interrupted_on_the_second_page(snapshot, policy, now):
         calls.append(snapshot.account_id)
         if len(calls) == 3:  # the first account of the second page (pages of 2)
             signal.raise_signal(signal.SIGINT)  # Ctrl-C: Python raises KeyboardInterrupt here
