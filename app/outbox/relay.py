@@ -115,9 +115,23 @@ SELECT id, dunning_version, event_type FROM outbox
  LIMIT 1
 """
 
+# %(counted)s: the attempt was counted before the call went (a lifecycle request, SENDING_SQL).
 DELIVERED_SQL = """
-UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + 1, last_error = NULL, last_status = %(status)s,
-       state = 'delivered'
+UPDATE outbox SET delivered_at = %(now)s, attempts = attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END,
+       last_error = NULL, last_status = %(status)s, state = 'delivered'
+ WHERE id = %(id)s AND delivered_at IS NULL
+"""
+
+# A lifecycle request is counted as sent, and committed, before it goes: a worker that dies (killed,
+# its node lost) or a database that fails once Account Management has it leaves the row reading as
+# sent without an answer, so that superseded later (the customer paid) it says Account Management
+# may have acted on it, as after a timeout or a 5xx, instead of 'no longer requested' alone.
+SENDING_SQL = """
+UPDATE outbox SET attempts = attempts + 1,
+       last_error = left('sent at ' || %(now)s
+                         || ', no answer recorded (none yet, or the relay stopped during the call)'
+                         || CASE WHEN last_error IS NULL THEN '' ELSE '; the answer before: ' || last_error END,
+                         %(limit)s)
  WHERE id = %(id)s AND delivered_at IS NULL
 """
 
@@ -135,7 +149,8 @@ RETURNING last_error, %(lifecycle)s AND attempts > 0 AND blocked_at IS NULL
 
 # blocked_at stays from the first refusal on: a 503 after a 404 says nothing about the request.
 FAILED_SQL = """
-UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %(next)s, last_error = %(error)s,
+UPDATE outbox SET attempts = attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END, next_attempt_at = %(next)s,
+       last_error = %(error)s,
        last_status = %(status)s,
        blocked_at = CASE WHEN %(refused)s THEN COALESCE(blocked_at, %(now)s) ELSE blocked_at END
  WHERE id = %(id)s AND delivered_at IS NULL
@@ -630,6 +645,10 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 cut = True
                 break  # the rows behind it wait, in order
             call = None if skip else call_for(row_id, account_id, version, event_type, payload or {})
+            counted = call is not None and event_type in ACTIONS
+            if counted:
+                with unit_of_work(engine) as conn:
+                    conn.exec_driver_sql(SENDING_SQL, {"id": row_id, "now": now.isoformat(), "limit": ERROR_LIMIT})
             answer = _send(session, base_url, call, timeout, now) if call is not None else None
             failure = answer if isinstance(answer, Failure) else None
             with unit_of_work(engine) as conn:
@@ -642,10 +661,10 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                     log.log(logging.WARNING if maybe_sent else logging.INFO, "outbox %s (%s v%s) for %s not sent: %s",
                             row_id, event_type, version, account_id, done[0] if done is not None else skip)
                 elif failure is None:
-                    conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn(),
+                    conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn(), "counted": counted,
                                                          "status": answer.status if answer else None})
                 else:
-                    _record_failure(conn, row_id, attempts, failure, now_fn())
+                    _record_failure(conn, row_id, attempts, failure, now_fn(), counted)
             if failure is not None:
                 report.failed += 1
                 report.errors.append(failure.error)
@@ -672,11 +691,13 @@ BLOCKED_NOTE = (" and blocked (refused as wrong: the account's later rows wait; 
                 "`dunning outbox skip`)")
 
 
-def _record_failure(conn: Connection, row_id: int, attempts: int, failure: Failure, now: datetime) -> None:
-    """The row's last answer, and when it is tried again: its backoff, or what Account Management asked."""
+def _record_failure(conn: Connection, row_id: int, attempts: int, failure: Failure, now: datetime,
+                    counted: bool = False) -> None:
+    """The row's last answer, and when it is tried again: its backoff, or what Account Management asked.
+    ``attempts``: the row's before this try; ``counted``: this try was counted before it went."""
     conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": now + timedelta(seconds=_wait(attempts, failure)),
                                       "error": storable(failure.error), "status": failure.status,
-                                      "refused": failure.refused, "now": now})
+                                      "refused": failure.refused, "now": now, "counted": counted})
 
 
 def set_aside(engine: Engine, account_id: str, exc: Exception, now_fn: Callable[[], datetime],

@@ -1,9 +1,11 @@
-"""The outbox relay, audited: its advisory locks never stay behind on a pooled connection, and an
-answer's body is read only as far as the relay needs it."""
+"""The outbox relay, audited: its advisory locks never stay behind on a pooled connection, an
+answer's body is read only as far as the relay needs it, and a lifecycle request sent by a worker
+that died before its answer was recorded still counts as sent."""
 
 from __future__ import annotations
 
 import gzip
+import logging
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, suppress
@@ -11,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import requests
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, event
 
@@ -19,7 +22,8 @@ from app.domain.events import EntitlementsChanged
 from app.outbox.answers import EXCERPT_LIMIT
 from app.outbox.relay import account_lock, pass_lock, relay
 from tests.conftest import wait_for
-from tests.integration.test_outbox_relay import LATER, outbox, write_events
+from tests.integration.test_outbox_relay import LATER, outbox, requesting, write_events
+from tests.integration.test_outbox_stale_entitlements import cancellation_in_bad_debt
 
 LOCKS: dict[str, Callable[[Engine], AbstractContextManager[bool]]] = {
     "account": lambda engine: account_lock(engine, "acct_lock_audit"),
@@ -106,3 +110,50 @@ def test_an_answers_body_is_read_only_as_far_as_the_relay_needs(accounts, engine
         assert row["last_status"] == 422 and row["blocked_at"] is not None
         assert row["last_error"] == "HTTP 422: " + "x" * EXCERPT_LIMIT
     assert [r.body["dunning_version"] for r in fake_am.entitlements(other)] == [1]
+
+
+class _DiesOnceSent(requests.Session):
+    """The worker's process ends (killed for its memory, its node lost, a stop without grace) once
+    Account Management has the request, before its answer is recorded."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        super().request(*args, **kwargs)
+        raise SystemExit("the worker was killed")
+
+
+def test_a_cancellation_sent_by_a_worker_that_died_before_its_answer_says_it_may_have_gone(
+        accounts, engine, fake_am, caplog):
+    """Account Management cancelled the subscription, but the worker died before the 2xx was
+    recorded: the row read as never tried. The customer then paid and the request was superseded as
+    'no longer requested', an INFO line: nobody was told to check a subscription cancelled under a
+    customer who paid. A lifecycle request is counted as sent before it goes, so its reason and the
+    warning say Account Management may have acted on it (as after a timeout or a 5xx)."""
+    account, _ = accounts.create()
+    cancellation_in_bad_debt(engine, account)
+    with pytest.raises(SystemExit), _DiesOnceSent() as session:
+        relay(engine, fake_am.url, session=session)
+    assert [r.kind for r in fake_am.for_account(account)] == ["cancellations"]  # it went
+
+    requesting(engine, account)  # paid: the cancellation is no longer requested
+    with caplog.at_level(logging.INFO, logger="app.outbox.relay"):
+        assert relay(engine, fake_am.url).superseded == 1
+    (row,) = outbox(engine, account)
+    assert row["state"] == "superseded" and "sent 1 time(s) before" in row["last_error"]
+    assert "may have acted on it" in row["last_error"]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "may have acted" in r.getMessage()]
+    assert len(warned) == 1
+    assert len(fake_am.for_account(account)) == 1  # not sent again
+
+
+def test_a_lifecycle_request_answered_counts_one_attempt(accounts, engine, fake_am):
+    """Counted before it goes, a request is not counted again with its answer: one per call."""
+    account, _ = accounts.create()
+    cancellation_in_bad_debt(engine, account)
+    fake_am.mode = "failing"
+    assert relay(engine, fake_am.url).failed == 1
+    (row,) = outbox(engine, account)
+    assert (row["attempts"], row["last_status"]) == (1, 503) and row["last_error"].startswith("HTTP 503")
+    fake_am.mode = "up"
+    assert relay(engine, fake_am.url, now=datetime.now(UTC) + LATER).delivered == 1
+    (row,) = outbox(engine, account)
+    assert (row["attempts"], row["state"], row["last_error"]) == (2, "delivered", None)
