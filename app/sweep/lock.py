@@ -1,8 +1,8 @@
 """One sweep at a time: a PostgreSQL session advisory lock, taken with try-lock.
 
 The lock lives on a connection of its own for as long as the sweep (or one chained segment of it)
-runs. It is released explicitly before the connection goes back to the pool; if that fails, the
-connection is invalidated so the lock dies with the session.
+runs. It is released explicitly before the connection goes back to the pool; if taking or releasing it
+fails, the connection is invalidated so the lock dies with the session.
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ class SweepBusy(Exception):
 def sweep_lock(engine: Engine) -> Iterator[None]:
     conn = engine.connect()
     try:
-        got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(k)s)", {"k": SWEEP_LOCK_KEY}).scalar_one()
-        conn.commit()
+        try:
+            got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(k)s)", {"k": SWEEP_LOCK_KEY}).scalar_one()
+            conn.commit()
+        except BaseException:
+            # Interrupted after the server may have granted it (the task's soft time limit): closed,
+            # not back to the pool holding it, where every later sweep would find the lock taken.
+            conn.invalidate()
+            raise
         if not got:
             raise SweepBusy("another drift sweep holds the sweep lock; not starting a second one")
         try:
