@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from app.domain.decline_codes import deciding
 from app.domain.snapshot import Snapshot
@@ -18,10 +18,7 @@ def mandates(snapshot: Snapshot, now: datetime) -> tuple[MandateState, ...]:
         status, reason = "usable", None
         if not pm.attached:
             status, reason = "detached", "detached from the customer"
-        elif pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (
-            now.astimezone(UTC).year,  # valid through the last day of its month, in UTC
-            now.astimezone(UTC).month,
-        ):
+        elif pm.expired(now):
             status, reason = "expired", f"card expired {pm.exp_month:02d}/{pm.exp_year}"
         elif last is not None:
             cls, deciding_code = deciding(last.decline_code, last.failure_code, last.advice_code)

@@ -12,7 +12,7 @@ invoice and 15 per payment method in 30 days hold whatever the policy says. Pure
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from app.domain.attempts import failure_time
 from app.domain.policy import Policy
@@ -107,7 +107,7 @@ def _new_method(snapshot: Snapshot, invoice: Invoice, attempts: list[Attempt], r
     default_id, default_changed = _default_of(snapshot, invoice)
     changed: list[tuple[PaymentMethod, datetime]] = []
     for pm in _methods_of(snapshot, invoice):
-        if not pm.attached or _card_expired(pm, now):
+        if not pm.attached or pm.expired(now):
             continue
         at = pm.changed_at
         if pm.id == default_id and default_changed is not None and default_changed > at:
@@ -152,27 +152,15 @@ def _detached(snapshot: Snapshot, method: str) -> bool:
     return any(pm.id == method and not pm.attached for pm in snapshot.payment_methods)
 
 
-def _card_expired(pm: PaymentMethod, at: datetime) -> bool:
-    """Whether the card is expired at ``at`` by the expiry the mirror has for it (valid through the
-    last day of its month, UTC, as compute's mandates read it). Stripe declines it (expired_card,
+def _expired(snapshot: Snapshot, method: str, at: datetime) -> bool:
+    """Whether the mirror knows the card to be expired at ``at``. Stripe declines it (expired_card,
     permanent); a card the network updated comes back with its new expiry
     (payment_method.automatically_updated), and then earns its free retry."""
-    utc = at.astimezone(UTC)
-    return pm.exp_year is not None and pm.exp_month is not None and (pm.exp_year, pm.exp_month) < (utc.year, utc.month)
+    return any(pm.id == method and pm.expired(at) for pm in snapshot.payment_methods)
 
 
 def _expiry_end(snapshot: Snapshot, method: str) -> datetime | None:
-    """The first moment (UTC) the card is expired, by the expiry the mirror has for it."""
-    for pm in snapshot.payment_methods:
-        if pm.id == method and pm.exp_year is not None and pm.exp_month is not None and 1 <= pm.exp_month <= 12 \
-                and 1 <= pm.exp_year < 9999:
-            year, month = (pm.exp_year + 1, 1) if pm.exp_month == 12 else (pm.exp_year, pm.exp_month + 1)
-            return datetime(year, month, 1, tzinfo=UTC)
-    return None
-
-
-def _expired(snapshot: Snapshot, method: str, at: datetime) -> bool:
-    return any(pm.id == method and _card_expired(pm, at) for pm in snapshot.payment_methods)
+    return next((pm.expires_at() for pm in snapshot.payment_methods if pm.id == method), None)
 
 
 def plan_retry(

@@ -6,7 +6,7 @@ Gather builds it from the stores; tests build it by hand. Times are timezone-awa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from app.domain.state import DunningState, MandateState
@@ -112,6 +112,21 @@ class PaymentMethod:
     card_brand: str | None = None
     card_last4: str | None = None
     stripe_customer_id: str | None = None  # the Stripe customer it is attached to (None: not said)
+
+    def expires_at(self) -> datetime | None:
+        """The first moment (UTC) the card is expired: a card is valid through the last day of its
+        expiry month, in UTC. None when the mirror has no (readable) expiry for it."""
+        month, year = self.exp_month, self.exp_year
+        if month is None or year is None or not 1 <= month <= 12 or not 1 <= year < 9999:
+            return None
+        return datetime(year + 1, 1, 1, tzinfo=UTC) if month == 12 else datetime(year, month + 1, 1, tzinfo=UTC)
+
+    def expired(self, at: datetime) -> bool:
+        """Whether the card is expired at ``at`` (Stripe declines it: expired_card), by the expiry
+        the mirror has for it."""
+        utc = at.astimezone(UTC)
+        return self.exp_year is not None and self.exp_month is not None and (
+            (self.exp_year, self.exp_month) < (utc.year, utc.month))
 
 
 @dataclass(frozen=True)
