@@ -298,7 +298,7 @@ class Sweeper:
         if found:
             found = self._as_read(report, found, gathered)
         if not self.dry_run:
-            found = self._remediate(report, found, pending)
+            found = self._remediate(report, found, pending, gathered)
         report.timings["compute"] += time.perf_counter() - t2
         return found
 
@@ -324,7 +324,8 @@ class Sweeper:
 
     # --- remediation: a request, as every producer of recomputes makes one ------------------------
 
-    def _remediate(self, report: SweepReport, found: list[Found], pending: Pending) -> list[Found]:
+    def _remediate(self, report: SweepReport, found: list[Found], pending: Pending,
+                   gathered: dict[str, tuple[Snapshot, int]]) -> list[Found]:
         """Request the DRIFT_DETECTED recompute of the page's accounts to remediate (one transaction),
         then send the requests this created. Through a request, as webhooks and the re-drive do: the
         run takes it (coalesced), a later sweep sees the account pending while it is queued (not the
@@ -333,7 +334,8 @@ class Sweeper:
         todo = [f.account_id for f in found if f.action == "remediate"]
         if not todo:
             return found
-        requested = self._request(report, todo)
+        requested = self._request(report, todo, {a: (gathered[a][0].stored_bad_debt_flag, gathered[a][1])
+                                                 for a in todo})
         if requested is None:  # could not store the requests: one error, of the page, not of its accounts
             _failed(report, "request")
         out: list[Found] = []
@@ -344,6 +346,8 @@ class Sweeper:
                 out.append(replace(f, action="error"))
             elif f.account_id not in requested[0]:  # the stage narrowed since the segment began
                 out.append(replace(f, action="out_of_stage"))
+            elif f.account_id in requested[2]:  # recomputed since the check as read: as _as_read finds it
+                report.pending += 1
             elif f.account_id not in requested[1] and f.account_id not in pending.stalled:
                 # Requested since the page was read (a webhook, a review): that recompute is on its way
                 # and will repair this too; its producer sends it.
@@ -352,19 +356,37 @@ class Sweeper:
                 out.append(self._send(report, f))
         return out
 
-    def _request(self, report: SweepReport, account_ids: list[str]) -> tuple[set[str], set[str]] | None:
-        """-> (the accounts still inside the rollout stage, those whose request this created); None:
-        the transaction failed. The stage is read again in the transaction that makes the requests:
-        a segment walks for up to a minute (`dunning sweep`, every account), and an operator's
-        rollback, the gate's step back or an account taken off the named list since it began must
-        stop the remediations not requested yet, not only those of the next segment."""
+    def _request(self, report: SweepReport, account_ids: list[str], read: dict[str, tuple[bool, int]]
+                 ) -> tuple[set[str], set[str], set[str]] | None:
+        """-> (the accounts still inside the rollout stage, those whose request this created, those
+        a recompute changed since the page was read); None: the transaction failed. The stage is read
+        again in the transaction that makes the requests: a segment walks for up to a minute
+        (`dunning sweep`, every account), and an operator's rollback, the gate's step back or an
+        account taken off the named list since it began must stop the remediations not requested
+        yet, not only those of the next segment.
+
+        ``read``: each account's bad-debt flag and version as the page read them. They are compared
+        again once the requests are stored: _as_read compared them before, and a recompute that
+        committed since (a webhook's, which took its request: this one is then new), or that held
+        the request row this one waited for, replaced the state the drift was measured on. Such an
+        account's new request is taken back and nothing is sent: it counts as pending, as in
+        _as_read."""
         try:
             with unit_of_work(self.engine) as conn:
                 rollout = read_state(conn)
                 report.stage = rollout.stage  # the later pages are classified (and recorded) at it
                 inside = [a for a in account_ids if in_stage(a, rollout.stage, rollout.named_accounts)]
-                return set(inside), {a for a in inside if request_recompute(
+                created = {a for a in inside if request_recompute(
                     conn, a, REMEDIATION_TRIGGER, remediation_cause(report.run_id))}
+                changed: set[str] = set()
+                if inside:
+                    now_stored = {r[0]: (bool(r[1]), int(r[2])) for r in conn.exec_driver_sql(
+                        STORED_NOW, {"ids": inside})}
+                    changed = {a for a in inside if now_stored.get(a, read.get(a)) != read.get(a)}
+                if changed & created:  # ours, made in this transaction: nobody else has seen them
+                    conn.exec_driver_sql("DELETE FROM recompute_request WHERE account_id = ANY(%(ids)s)",
+                                         {"ids": sorted(changed & created)})
+                return set(inside), created - changed, changed
         except Exception:
             log.exception("drift sweep: could not request the recompute of %d accounts", len(account_ids))
             return None

@@ -12,6 +12,7 @@ request that appeared since the page was read belongs to its producer: the accou
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -84,10 +85,11 @@ class _WebhookFirst(Sweeper):
         super().__init__(*args, **kwargs)
         self.webhook_account = ""
 
-    def _request(self, report: SweepReport, account_ids: list[str]) -> tuple[set[str], set[str]] | None:
+    def _request(self, report: SweepReport, account_ids: list[str], read: dict[str, tuple[bool, int]]
+                 ) -> tuple[set[str], set[str], set[str]] | None:
         sql(self.engine, "INSERT INTO recompute_request (account_id, trigger, cause) "
                          "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1')", a=self.webhook_account)
-        return super()._request(report, account_ids)
+        return super()._request(report, account_ids, read)
 
 
 def test_a_request_made_since_the_read_is_left_to_its_producer(accounts: Accounts, runtime, engine: Engine,
@@ -202,3 +204,40 @@ def test_an_out_of_stage_account_recomputed_since_the_read_is_not_recorded_as_dr
     assert (report.drifted, report.pending) == (0, 1), report.drifted_accounts
     assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
     assert sql(engine, "SELECT drifted FROM sweep_run")[0][0] == 0
+
+
+class _RecomputedWhileRequesting(Sweeper):
+    """A webhook's request is taken by its recompute, which commits after the sweep checked the page's
+    accounts as read and before the sweep's own request is stored (or while that request waits for the
+    row the recompute is deleting): the sweep's request is then a new one, not the webhook's."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.racing_account = ""
+
+    def _request(self, report: SweepReport, account_ids: list[str], *args: Any) -> Any:
+        if self.racing_account in account_ids:
+            sql(self.engine, "INSERT INTO recompute_request (account_id, trigger, cause) "
+                             "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1')", a=self.racing_account)
+            result = run_recompute(self.engine, self.policy, self.racing_account, "PAYMENT_FAILED",
+                                   datetime.now(UTC), coalesced=True)
+            assert result.outcome == "changed"
+        return super()._request(report, account_ids, *args)
+
+
+def test_an_account_recomputed_after_the_as_read_check_is_not_remediated(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    """Before, the check of ef7fc2a ran before the requests were made: a recompute committing between
+    the two left no request behind, so the sweep created one, recorded the stale drift and sent a
+    DRIFT_DETECTED recompute (a no-op) that the rollout gate counted as a remediation."""
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    set_stage(engine, "100")
+    recorder = Recorder()
+    sweeper = _RecomputedWhileRequesting(engine, runtime.policy, recorder)
+    sweeper.racing_account = account
+    report = sweeper.start()
+    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
+    assert recorder.sent == []
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 0
+    assert dunning(engine, account)[0] == "current"
