@@ -134,7 +134,11 @@ def derive_events(
     elif new_rank < old_rank:
         events.append(ConsequenceEased(from_level=before.level, to_level=desired.level))
 
-    if desired.status == Status.BAD_DEBT and before.status not in (Status.BAD_DEBT, Status.LIFTING):
+    # Entering bad debt, also straight into lifting: a bad-debt payment still in flight (of an earlier
+    # episode, whose debts were settled otherwise) makes a new bad debt "lifting" at once. Its failure
+    # later (lifting -> bad_debt) is no entry, so this is the only one.
+    if (desired.status in (Status.BAD_DEBT, Status.LIFTING)
+            and before.status not in (Status.BAD_DEBT, Status.LIFTING)):
         events.append(BadDebtEntered(
             reason=entry_reason(decision),
             # The failure that made the bad debt, not the account's latest (maybe another invoice's).

@@ -86,7 +86,9 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
     """Open or close the account's bad-debt episode: ("opened" | "closed" | None, its products)."""
     before = snapshot.stored.status if snapshot.stored else Status.CURRENT
     after = decision.state.status
-    if after == Status.BAD_DEBT and before not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is None:
+    # Entering bad debt, also straight into lifting (a bad-debt payment still in flight: derive_events'
+    # BadDebtEntered says the same).
+    if after in BAD_DEBT_STATES and before not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is None:
         conn.exec_driver_sql(
             "INSERT INTO bad_debt_episode (account_id, entered_at, reason, failure_class, products) "
             "VALUES (%(account)s, %(now)s, %(reason)s, %(class)s, %(products)s)",
