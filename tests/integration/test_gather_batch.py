@@ -9,6 +9,7 @@ episodes open and closed, stored rows with reasons / entitlements / actions, no 
 from __future__ import annotations
 
 import random
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +31,12 @@ def insert(conn: Connection, table: str, **values: Any) -> None:
                          {k: Json(v) if isinstance(v, list | dict) else v for k, v in values.items()})
 
 
+def pick(key: str, choices: list[Any]) -> Any:
+    """A choice fixed by ``key``, drawing nothing from the generator's rng (whose sequence the shapes
+    asserted below depend on)."""
+    return choices[zlib.crc32(key.encode()) % len(choices)]
+
+
 def at(rng: random.Random) -> datetime:
     return NOW - timedelta(days=rng.randint(0, 60), seconds=rng.randint(0, 86_400), microseconds=rng.randint(0, 999))
 
@@ -49,7 +56,8 @@ def stripe_side(conn: Connection, rng: random.Random, n: int, customer: str) -> 
                created=at(rng), due_date=rng.choice([None, at(rng)]), first_failed_at=rng.choice([None, at(rng)]),
                last_failed_at=rng.choice([None, at(rng)]), paid_at=rng.choice([None, at(rng)]),
                voided_at=rng.choice([None, at(rng)]), marked_uncollectible_at=rng.choice([None, at(rng)]),
-               source_created=1, source_rank=1, source_event_id="evt_x")
+               source_created=1, source_rank=1, source_event_id="evt_x",
+               lines_incomplete=pick(invoice, [None, False, True]))
         for j in range(rng.randint(0, 3)):
             linked = rng.random() < 0.3  # known only through the invoice (no customer on the attempt)
             insert(conn, "stripe_payment_attempt", id=f"pi_{invoice}_{j}",
@@ -90,7 +98,9 @@ def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> 
                                    [{"rule": "level.notice", "detail": "x", "facts": {"invoice": f"in_{n}"}}]]),
                entitlements=rng.choice([{}, {"products": {"prod_core": "full"}, "plan_changes": True}]),
                actions_requested=rng.choice([[], [f"cancel:sub_{n}"]]), policy_version="v1",
-               version=rng.randint(1, 9))
+               version=rng.randint(1, 9), retry_payment_method_id=pick(account, [None, f"pm_{n}_a"]),
+               next_review_at=pick(account + "r", [None, NOW + timedelta(days=3, microseconds=7)]),
+               prior_settled_at=pick(account + "p", [None, NOW - timedelta(days=40, microseconds=11)]))
     for k in range(rng.randint(0, 2)):
         # Mostly claimed by the account, on its first customer's invoices; some on its second's, some
         # claimed by another account (before another team moved the customer), some on no invoice.
@@ -199,6 +209,11 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert any(a.failed_at for s in snapshots for a in s.attempts)
     assert any(a.failed_at is None for s in snapshots for a in s.attempts)
     assert any(len(s.retries) > 1 for s in snapshots)
+    # every stored column and mirror field reaches the snapshot, each value both ways
+    assert {i.lines_incomplete for s in snapshots for i in s.invoices} == {True, False}
+    assert {s.stored.next_review_at is None for s in snapshots if s.stored} == {True, False}
+    assert {s.stored.prior_settled_at is None for s in snapshots if s.stored} == {True, False}
+    assert {s.stored.retry_payment_method_id is None for s in snapshots if s.stored} == {True, False}
     # retries follow their invoice: claimed by another account (a customer moved), read for its owner
     elsewhere = retries_claimed_elsewhere(engine)
     assert len({owner for owner, _ in elsewhere}) > 3, elsewhere
