@@ -418,7 +418,13 @@ class EmbeddedPostgres(_ServerContext):
         if self.initializing.exists() and self.pgdata.exists():
             print(f"removing the unfinished PostgreSQL cluster in {self.pgdata} (its creation "
                   "was interrupted); creating it again", file=sys.stderr)
-            shutil.rmtree(self.pgdata)
+            # A file may go while the folder is removed: the interrupted initdb's backend, exiting,
+            # removes its own postmaster.pid (rmtree listed it, then found it gone). Again then.
+            for _ in range(5):
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(self.pgdata)
+                if not self.pgdata.exists():
+                    break
         self.initializing.touch()
 
     def _pgdata_processes(self) -> list[psutil.Process]:
