@@ -1,4 +1,5 @@
-"""Fixtures of the bad-debt payment's tests: the fake Stripe they pay through, an account in bad debt."""
+"""Fixtures of the integration tests: the fake Stripe the bad-debt payment's tests pay through, an
+account in bad debt, a worker's engine of one pooled connection."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
+from app.db import make_engine
 from app.runtime import Runtime
 from tests.conftest import Accounts, point_stripe_at
 from tests.fakes.fake_stripe_payments import FakeStripePayments
@@ -38,3 +40,14 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, settings) -> None:
     monkeypatch.setenv("CELERY_BROKER_URL", settings.broker_url)
     monkeypatch.setenv("CELERY_BROKER_KEY_PREFIX", settings.broker_key_prefix or "")
     monkeypatch.delenv("DUNNING_POLICY", raising=False)
+
+
+@pytest.fixture
+def locking(database_url: str) -> Iterator[Engine]:
+    """One worker's engine: a pool of one connection, as a prefork child keeps it between tasks (a
+    session lock left on it would be kept for the worker's next task)."""
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

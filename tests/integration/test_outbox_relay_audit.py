@@ -7,7 +7,7 @@ from __future__ import annotations
 import gzip
 import logging
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +17,6 @@ import requests
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, event
 
-from app.db import make_engine
 from app.domain.events import EntitlementsChanged
 from app.outbox.answers import EXCERPT_LIMIT
 from app.outbox.relay import account_lock, pass_lock, relay
@@ -29,16 +28,6 @@ LOCKS: dict[str, Callable[[Engine], AbstractContextManager[bool]]] = {
     "account": lambda engine: account_lock(engine, "acct_lock_audit"),
     "pass": pass_lock,
 }
-
-
-@pytest.fixture
-def locking(database_url: str) -> Iterator[Engine]:
-    """One worker's engine: a pool of one connection, as a prefork child keeps it between tasks."""
-    engine = make_engine(database_url, pool_size=1, max_overflow=0)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _interrupt(when: str, statement_part: str) -> Callable[..., None]:

@@ -3,7 +3,6 @@ releases its lock (the task's soft time limit) leaves the lock to the next sweep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
@@ -11,19 +10,8 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Engine, event
 
-from app.db import make_engine
 from app.sweep.lock import SweepBusy, sweep_lock
 from tests.conftest import wait_for
-
-
-@pytest.fixture
-def locking(database_url: str) -> Iterator[Engine]:
-    """One worker's engine: a pool of one connection, as a prefork child keeps it between tasks."""
-    engine = make_engine(database_url, pool_size=1, max_overflow=0)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _free(engine: Engine) -> bool:

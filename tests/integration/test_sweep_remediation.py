@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 
 from app.domain.snapshot import Snapshot
@@ -177,24 +178,6 @@ class _RecomputedSinceTheRead(Sweeper):
         return super()._batch(report, ids, gathered, pending, named)
 
 
-def test_an_account_recomputed_since_the_read_is_neither_drift_nor_remediated(
-        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
-    """Before, the sweep recorded the drift it read (the stored values a webhook's recompute had just
-    replaced), created a new request and sent a DRIFT_DETECTED recompute, counted by the gate as a
-    remediation."""
-    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
-    set_stage(engine, "100")
-    recorder = Recorder()
-    sweeper = _RecomputedSinceTheRead(engine, runtime.policy, recorder)
-    sweeper.racing_account = account
-    report = sweeper.start()
-    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
-    assert recorder.sent == []
-    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
-    assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 0
-    assert dunning(engine, account)[0] == "current"
-
-
 def test_an_out_of_stage_account_recomputed_since_the_read_is_not_recorded_as_drift(
         accounts: Accounts, runtime, engine: Engine, rollout_off: None):
     account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
@@ -225,15 +208,20 @@ class _RecomputedWhileRequesting(Sweeper):
         return super()._request(report, account_ids, *args)
 
 
-def test_an_account_recomputed_after_the_as_read_check_is_not_remediated(
-        accounts: Accounts, runtime, engine: Engine, rollout_off: None):
-    """Before, the check of ef7fc2a ran before the requests were made: a recompute committing between
-    the two left no request behind, so the sweep created one, recorded the stale drift and sent a
-    DRIFT_DETECTED recompute (a no-op) that the rollout gate counted as a remediation."""
+@pytest.mark.parametrize("sweeper_class", [_RecomputedSinceTheRead, _RecomputedWhileRequesting],
+                         ids=["before_the_as_read_check", "after_the_as_read_check"])
+def test_an_account_recomputed_since_the_read_is_neither_drift_nor_remediated(
+        accounts: Accounts, runtime, engine: Engine, rollout_off: None,
+        sweeper_class: type[_RecomputedSinceTheRead] | type[_RecomputedWhileRequesting]):
+    """Before, the sweep recorded the drift it read (the stored values a webhook's recompute had just
+    replaced), created a new request and sent a DRIFT_DETECTED recompute, counted by the gate as a
+    remediation: when the recompute committed before the sweep's check of the page as read, and
+    (until the check was made again once the requests are stored) when it committed between that
+    check and the sweep's own request, which then was a new one."""
     account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
     set_stage(engine, "100")
     recorder = Recorder()
-    sweeper = _RecomputedWhileRequesting(engine, runtime.policy, recorder)
+    sweeper = sweeper_class(engine, runtime.policy, recorder)
     sweeper.racing_account = account
     report = sweeper.start()
     assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
