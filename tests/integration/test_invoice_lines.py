@@ -41,6 +41,17 @@ def first_lines_failed(client, customer: str, event_type: str = "invoice.payment
     return evt
 
 
+def retried(first: dict[str, Any], customer: str, *, has_more: bool = False) -> dict[str, Any]:
+    """The invoice of ``first`` failing again a minute later (not posted); its lines are the
+    fixture's, and say has_more only when asked."""
+    paths: dict[str, Any] = {"created": first["created"] - 86400}
+    if has_more:
+        paths["lines.has_more"] = True
+    return event("invoice.payment_failed", id=first["data"]["object"]["id"], customer=customer,
+                 created=first["created"] + 60, amount_due=7000, amount_remaining=7000, amount_paid=0,
+                 attempt_count=2, billing_reason="subscription_cycle", paths=paths)
+
+
 def recompute(engine, runtime, account: str) -> dict[str, Any]:
     run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
     return dunning_row(engine, account)
@@ -218,10 +229,7 @@ def test_the_beat_store_and_a_webhook_of_the_invoice_at_the_same_moment_do_not_d
     first = first_lines_failed(client, customer)
     invoice = first["data"]["object"]["id"]
     stripe_fake.set_lines(invoice, WHOLE)
-    again = event("invoice.payment_failed", id=invoice, customer=customer, created=first["created"] + 60,
-                  amount_due=7000, amount_remaining=7000, amount_paid=0, attempt_count=2,
-                  billing_reason="subscription_cycle", paths={"created": first["created"] - 86400,
-                                                              "lines.has_more": True})
+    again = retried(first, customer, has_more=True)
     rows = [r for r in extract(with_product(again, "prod_core", 50)).rows if r.table == "stripe_invoice"]
     errors = pass_during_a_webhook(engine, account, again["id"], rows,
                                    lambda: fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)))
@@ -319,9 +327,7 @@ def test_lines_another_writer_stored_first_are_not_counted_as_fetched(client, en
     first = first_lines_failed(client, customer)
     invoice = first["data"]["object"]["id"]
     stripe_fake.set_lines(invoice, WHOLE)
-    whole = event("invoice.payment_failed", id=invoice, customer=customer, created=first["created"] + 60,
-                  amount_due=7000, amount_remaining=7000, amount_paid=0, attempt_count=2,
-                  billing_reason="subscription_cycle", paths={"created": first["created"] - 86400})
+    whole = retried(first, customer)
     whole = with_product(whole, "prod_premium", 2000)
     posted: list[int] = []
 
