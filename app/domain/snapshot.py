@@ -124,9 +124,14 @@ class PaymentMethod:
     def expired(self, at: datetime) -> bool:
         """Whether the card is expired at ``at`` (Stripe declines it: expired_card), by the expiry
         the mirror has for it."""
-        utc = at.astimezone(UTC)
-        return self.exp_year is not None and self.exp_month is not None and (
-            (self.exp_year, self.exp_month) < (utc.year, utc.month))
+        return card_expired(self.exp_year, self.exp_month, at)
+
+
+def card_expired(exp_year: int | None, exp_month: int | None, at: datetime) -> bool:
+    """Whether a card of that expiry is expired at ``at``: valid through the last day of its expiry
+    month, in UTC (PaymentMethod.expired; the payment path checks the card it charges with it)."""
+    utc = at.astimezone(UTC)
+    return exp_year is not None and exp_month is not None and (exp_year, exp_month) < (utc.year, utc.month)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ import stripe
 from sqlalchemy import Connection, Engine
 
 from app.db import session_lock, unit_of_work
+from app.domain.snapshot import card_expired
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
 from app.payments.stripe_client import KEY_REFUSED
@@ -53,11 +54,15 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        -- The account that owns the invoice now: another team may have moved its customer since the claim.
        (SELECT c.account_id FROM subs_customer c WHERE c.stripe_customer_id = i.stripe_customer_id),
        -- The policy version the stored decision was made under.
-       d.policy_version
+       d.policy_version,
+       -- The expiry the mirror has for the card the charge goes to: the claimed one, else the customer's
+       -- default (Stripe charges that one). Checked at the claim and again at the charge's own time.
+       cm.exp_year, cm.exp_month
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
   LEFT JOIN stripe_customer_state s ON s.stripe_customer_id = i.stripe_customer_id
+  LEFT JOIN stripe_payment_method cm ON cm.id = coalesce(r.payment_method_id, s.default_payment_method_id)
  WHERE r.id = %(id)s
  FOR UPDATE OF r
 """
@@ -163,6 +168,13 @@ class Claimed:
     failure_class: str | None
     # dispatched, or charging: an earlier try got no answer and may have charged.
     prior_state: str
+    # The expiry the mirror has for the card charged (the claimed one, else the customer's default):
+    # checked again at the charge's own time, which may be past midnight UTC of its last valid day.
+    card_exp_year: int | None = None
+    card_exp_month: int | None = None
+
+    def card_expired_at(self, at: datetime) -> bool:
+        return card_expired(self.card_exp_year, self.card_exp_month, at)
 
 
 def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: str | None = None) -> str | None:
@@ -170,7 +182,7 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
     ``policy_version``: the version of the policy file in force (None: not checked)."""
     (account, invoice, method, _, state, created_at, free, inv_status, remaining, d_status, next_retry_at,
      retry_invoice, reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner,
-     decided_under) = row
+     decided_under, card_exp_year, card_exp_month) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
@@ -188,6 +200,10 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
         # The customer removed the card since the claim (its webhook is in, the recompute that
         # replans not yet): Stripe would refuse it, filed as dead work for an operator.
         return "the claimed payment method is detached; compute plans afresh"
+    if card_expired(card_exp_year, card_exp_month, now):
+        # Valid when compute planned it (on its day) and maybe when it was claimed, expired by now
+        # (Stripe declines it: expired_card, a charge spent for nothing). Compute plans no retry on it.
+        return _expired_reason(card_exp_year, card_exp_month)
     if method is not None and default_method is not None and default_method != method \
             and (not free or default_changed_since):
         # Another card is the customer's default now: the card it replaced is not charged, whenever
@@ -212,6 +228,11 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
     if not (planned_here or in_flight_here):
         return "the stored decision no longer plans this retry"
     return None
+
+
+def _expired_reason(exp_year: int | None, exp_month: int | None) -> str:
+    return (f"the card charged is expired (valid through {exp_month:02d}/{exp_year}, UTC); "
+            "compute plans afresh") if exp_year is not None and exp_month is not None else "the card charged is expired"
 
 
 def retry_lock(engine: Engine, retry_id: int) -> AbstractContextManager[bool]:
@@ -257,12 +278,18 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta,
         # in flight), the claiming account unless the customer moved since.
         return PayResult(retry_id, "skipped", row[18] or account, row[13], detail=reason)
     conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "charging", "error": None})
-    return Claimed(account, invoice, method, key, row[13], state)
+    return Claimed(account, invoice, method, key, row[13], state, row[20], row[21])
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, now: datetime,
-                  guard_minutes: int = 30, policy_version: str | None = None) -> PayResult:
-    """``policy_version``: the policy file in force; a retry planned under another is not charged."""
+                  guard_minutes: int = 30, policy_version: str | None = None,
+                  clock: Callable[[], datetime] = _utc_now) -> PayResult:
+    """``policy_version``: the policy file in force; a retry planned under another is not charged.
+    ``now``: when the task started (the claim's checks); ``clock`` gives the charge's own time."""
     with retry_lock(engine, retry_id) as got:
         if not got:
             return PayResult(retry_id, "busy", detail="another worker is charging this retry")
@@ -270,10 +297,11 @@ def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, no
             claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes), policy_version)
         if isinstance(claimed, PayResult):
             return claimed
-        return _charge(engine, client, retry_id, claimed)
+        return _charge(engine, client, retry_id, claimed, clock)
 
 
-def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claimed) -> PayResult:
+def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claimed,
+            clock: Callable[[], datetime] = _utc_now) -> PayResult:
     if c.prior_state == "dispatched":
         # Stripe pays an invoice marked uncollectible when asked (it refuses only a paid or void one):
         # marked at Stripe before its webhook came, the retry would collect a written-off debt through
@@ -291,6 +319,13 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
             detail = f"not due: invoice {closed['status']} at Stripe when charged"
             _skip_closed(engine, retry_id, c.account_id, closed, detail)
             return PayResult(retry_id, "skipped", c.account_id, c.failure_class, detail, requested=True)
+    if c.card_expired_at(clock()):
+        # The card expired since the claim (midnight UTC of its last valid day passed while the
+        # invoice was read at Stripe): not charged, as at the claim, by the charge's own clock. A row
+        # claimed from charging may have reached Stripe: it stays counted (sent), as not_due_reason's.
+        reason = _expired_reason(c.card_exp_year, c.card_exp_month)
+        _set_state(engine, retry_id, "skipped" if c.prior_state == "dispatched" else "sent", "not due: " + reason)
+        return PayResult(retry_id, "skipped", c.account_id, c.failure_class, detail=reason)
     params: dict[str, Any] = {"payment_method": c.payment_method_id} if c.payment_method_id else {}
     try:
         client.v1.invoices.pay(c.invoice_id, params,  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -117,6 +118,9 @@ class FakeStripe:
     _release: threading.Event = field(default_factory=threading.Event)
     _held: threading.Event = field(default_factory=threading.Event)  # set: held requests go on
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)  # paid elsewhere, by id
+    # Called with the invoice id on each GET /v1/invoices/<id>, before it is answered: a test moves its
+    # frozen clock there, as the time a real read takes passes between a retry's claim and its charge.
+    on_invoice_read: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         self.server = FakeServer(self._handle)
@@ -156,6 +160,8 @@ class FakeStripe:
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
         parts = path.split("?")[0].strip("/").split("/")
         if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "invoices"]:
+            if self.on_invoice_read is not None:
+                self.on_invoice_read(parts[2])
             with self._lock:
                 found = self.invoices.get(parts[2])
             if found is None:
