@@ -75,7 +75,7 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
                 DEFERRED: True}
     try:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
-                           guard_minutes=rt.policy.guard_window_minutes, policy_version=rt.policy.version)
+                           guard_minutes=rt.policy.guard_window_minutes, policy=rt.policy)
     except Exception as exc:
         account = account_of(rt.engine, "SELECT account_id FROM payment_retry WHERE id = %(id)s", retry_id)
         if isinstance(exc, TaskFailure):

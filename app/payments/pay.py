@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,10 +27,14 @@ import stripe
 from sqlalchemy import Connection, Engine
 
 from app.db import session_lock, unit_of_work
+from app.domain.compute import compute
+from app.domain.policy import Policy
 from app.domain.snapshot import card_expired
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
+from app.payments.retries import DueRetry, idempotency_key
 from app.payments.stripe_client import KEY_REFUSED
+from app.recompute.gather import gather
 from tasks.failures import FailureKind, TaskFailure, retry_after_seconds
 from webhooks.store import request_recompute, upsert_row
 
@@ -57,7 +61,8 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        d.policy_version,
        -- The expiry the mirror has for the card the charge goes to: the claimed one, else the customer's
        -- default (Stripe charges that one). Checked at the claim and again at the charge's own time.
-       cm.exp_year, cm.exp_month
+       cm.exp_year, cm.exp_month,
+       r.scheduled_for
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
@@ -177,12 +182,14 @@ class Claimed:
         return card_expired(self.card_exp_year, self.card_exp_month, at)
 
 
-def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: str | None = None) -> str | None:
+def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: str | None = None,
+                   plans_it: Callable[[], bool] | None = None) -> str | None:
     """Why a dispatched retry must not be charged any more, or None when it still should be.
-    ``policy_version``: the version of the policy file in force (None: not checked)."""
+    ``policy_version``: the version of the policy file in force (None: not checked); ``plans_it``:
+    whether that policy plans this very attempt now (asked only of a decision made under another)."""
     (account, invoice, method, _, state, created_at, free, inv_status, remaining, d_status, next_retry_at,
      retry_invoice, reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner,
-     decided_under, card_exp_year, card_exp_month) = row
+     decided_under, card_exp_year, card_exp_month, _) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
@@ -214,13 +221,17 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
     if now - created_at > min(guard, STRIPE_KEY_LIFETIME):
         return "dispatched longer ago than the guard window (or than Stripe keeps its key); compute plans afresh"
     if state == "dispatched" and policy_version is not None and decided_under is not None \
-            and decided_under != policy_version:
+            and decided_under != policy_version and not (plans_it is not None and plans_it()):
         # The policy file changed since the decision (a shorter schedule, a lower cap, no free retry):
-        # a retry planned under the old one is not charged before compute has planned it under the
-        # new one. Skipped unsent, the account recomputed; the same attempt, planned again, is re-armed
-        # under its key. (A row left charging may have reached Stripe: it is sent again with its key.)
-        return (f"the stored decision was made under policy {decided_under}, not {policy_version} in force; "
-                "compute plans afresh")
+        # a retry planned under the old one is not charged unless the one in force plans that very
+        # attempt (same invoice, due time, card and kind: what a recompute would re-arm under the same
+        # key). Otherwise skipped unsent and the account recomputed under the policy in force. During a
+        # rolling deploy two files run at once and neither worker knows which is newer: each charges
+        # the other's retry when both plan it alike, and only an attempt they disagree on waits for the
+        # decision of a worker that plans it. (A row left charging may have reached Stripe: it is sent
+        # again with its key.)
+        return (f"the stored decision was made under policy {decided_under}, not {policy_version} in force, "
+                "which plans another retry; compute plans afresh")
     planned_here = retry_invoice == invoice and next_retry_at is not None and next_retry_at <= now + DUE_SLACK
     # Once dispatched, compute sees the retry as in flight and clears next_retry_at for it.
     in_flight_here = any(r.get("rule") == "retry.in_flight" and (r.get("facts") or {}).get("invoice") == invoice
@@ -254,8 +265,29 @@ def _refuse(engine: Engine, retry_id: int, account_id: str, detail: str) -> None
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "refused", "error": detail})
 
 
+def plans_same_attempt(conn: Connection, row: Any, policy: Policy, now: datetime) -> bool:
+    """Whether ``policy`` plans, now, the very attempt the dispatched retry of ``row`` (ROW_SQL) makes:
+    the account's decision computed under it, read-only, from the account's snapshot without this
+    retry (which compute would otherwise see in flight), names its invoice, card and kind, and is due
+    at its time (the time names the attempt: idempotency_key)."""
+    account, invoice, method, free, scheduled_for = row[0], row[1], row[2], bool(row[6]), row[22]
+    gathered = gather(conn, account)
+    if gathered is None:
+        return False
+    snapshot = gathered[0]
+    others = tuple(r for r in snapshot.retries
+                   if not (r.invoice_id == invoice and r.scheduled_for == scheduled_for and r.free == free
+                           and r.state == "dispatched" and r.created_at == row[5]))
+    planned = compute(replace(snapshot, retries=others), policy, now).state
+    if planned.retry_invoice_id != invoice or planned.next_retry_at is None or planned.next_retry_at > now + DUE_SLACK:
+        return False
+    return (planned.retry_free == free and planned.retry_payment_method_id == method
+            and idempotency_key(DueRetry(account, invoice, method, free, planned.next_retry_at))
+            == idempotency_key(DueRetry(account, invoice, method, free, scheduled_for)))
+
+
 def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta,
-           policy_version: str | None = None) -> Claimed | PayResult:
+           policy_version: str | None = None, policy: Policy | None = None) -> Claimed | PayResult:
     utc = now.astimezone(UTC)  # a card is valid through the last day of its expiry month, in UTC
     row = conn.exec_driver_sql(ROW_SQL, {"id": retry_id, "year": utc.year, "month": utc.month}).first()
     if row is None:
@@ -263,7 +295,8 @@ def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta,
     account, invoice, method, key, state = row[0], row[1], row[2], row[3], row[4]
     if state not in ("dispatched", "charging"):
         return PayResult(retry_id, "done", account, detail=state)
-    reason = not_due_reason(row, now, guard, policy_version)
+    plans_it = (lambda: plans_same_attempt(conn, row, policy, now)) if policy is not None else None
+    reason = not_due_reason(row, now, guard, policy_version, plans_it)
     if reason is None:
         lock_account_payments(conn, account)
         # Known to the mirror, or not_due_reason would have said so.
@@ -287,14 +320,17 @@ def _utc_now() -> datetime:
 
 def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, now: datetime,
                   guard_minutes: int = 30, policy_version: str | None = None,
-                  clock: Callable[[], datetime] = _utc_now) -> PayResult:
-    """``policy_version``: the policy file in force; a retry planned under another is not charged.
+                  clock: Callable[[], datetime] = _utc_now, policy: Policy | None = None) -> PayResult:
+    """``policy_version``: the policy file in force (``policy``'s when given); a retry planned under
+    another is not charged, unless ``policy`` plans that very attempt (plans_same_attempt).
     ``now``: when the task started (the claim's checks); ``clock`` gives the charge's own time."""
+    if policy is not None and policy_version is None:
+        policy_version = policy.version
     with retry_lock(engine, retry_id) as got:
         if not got:
             return PayResult(retry_id, "busy", detail="another worker is charging this retry")
         with unit_of_work(engine) as conn:
-            claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes), policy_version)
+            claimed = _claim(conn, retry_id, now, timedelta(minutes=guard_minutes), policy_version, policy)
         if isinstance(claimed, PayResult):
             return claimed
         return _charge(engine, client, retry_id, claimed, clock)
