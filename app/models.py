@@ -513,6 +513,9 @@ class DriftRecord(Base):
     fields: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
     remediated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     stage: Mapped[str | None] = mapped_column(Text)
+    # The stage visit (rollout_state.stage_revision) its remediation was requested at: a stage left and
+    # come back to is another visit, whose health this row is not part of. NULL before it was kept.
+    stage_revision: Mapped[int | None] = mapped_column(BigInteger)
     skipped: Mapped[str | None] = mapped_column(Text)  # out_of_stage | guarded:<why> | dry_run | error
 
     __table_args__ = (Index("ix_drift_record_found_at", "found_at"),)
@@ -553,6 +556,12 @@ class RolloutState(Base):
     last_gate_at: Mapped[datetime | None]
     last_gate_action: Mapped[str | None] = mapped_column(Text)
     last_gate_reason: Mapped[str | None] = mapped_column(Text)
+    # One more at every audited change (advance, rollback, hold, resume, naming accounts): a change
+    # decided at a revision is made only at it (app/rollout/store.py change).
+    revision: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The revision the current stage visit began at (a stage change, or a naming that restarted the
+    # named stage): a stage left and come back to is another visit, with another stage_revision.
+    stage_revision: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class RolloutHistory(Base):
@@ -566,6 +575,7 @@ class RolloutHistory(Base):
     actor: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text)
     health: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
+    revision: Mapped[int | None] = mapped_column(BigInteger)  # the rollout's revision this change made
 
 
 class AuditLog(Base):

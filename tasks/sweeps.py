@@ -122,7 +122,8 @@ def check_rollout_gate(self: Task) -> dict[str, Any]:
     decision, health, state = check_gate(rt.engine, rt.policy, now)
     with unit_of_work(rt.engine) as conn:
         stuck = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
-    return {"action": decision.action, "reason": decision.reason, "stage": state.stage, "held": state.held,
+    return {"action": decision.action, "reason": decision.reason, "decided_at_revision": decision.revision,
+            "stage": state.stage, "held": state.held, "revision": state.revision,
             "health": health.to_json(), "stuck_in_lifting": stuck}
 
 

@@ -2,7 +2,8 @@
 
 GET  /ops/rollout   stage, hold, last gate decision, health, history
 POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "...",
-                     "from_stage": "..."}  (the stage the change was decided from; required to advance)
+                     "from_stage": "...", "revision": N}  (the stage the change was decided from, required to
+                     advance; the revision GET showed, the change then made at that revision only)
                     or {"action": "name", "accounts": [...], "reason": "...", "actor": "..."}
 GET  /ops/lifting   accounts in lifting longer than the guard window
 
@@ -54,7 +55,8 @@ def _text_problem(value: str) -> str | None:
 
 def _view(conn: Any, now: datetime) -> dict[str, Any]:
     state = store.read_state(conn)
-    health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now), state.stage)
+    health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now), state.stage,
+                     state.stage_revision)
     return {**state.to_json(), "health": health.to_json(), "history": store.history(conn, 20)}
 
 
@@ -106,7 +108,12 @@ def rollout_change() -> ResponseReturnValue:
                 from_stage = body.get("from_stage")
                 if from_stage is not None and not isinstance(from_stage, str):
                     return _bad("from_stage must be a stage, as GET /ops/rollout shows it (e.g. \"5\")")
-                store.change(conn, action, actor, reason, now, requested_by=requested_by, from_stage=from_stage)
+                revision = body.get("revision")
+                if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int)):
+                    return _bad("revision must be the rollout's revision as GET /ops/rollout shows it (a whole "
+                                "number)")
+                store.change(conn, action, actor, reason, now, requested_by=requested_by, from_stage=from_stage,
+                             revision=revision)
             view = _view(conn, now)
     except store.RolloutInputError as exc:  # the store's own input checks (a reason too long)
         return _bad(str(exc))

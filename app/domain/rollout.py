@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -150,6 +150,8 @@ class RolloutStatus:
     held: bool
     stage_entered_at: datetime
     named_accounts: tuple[str, ...] = ()
+    # The rollout's revision (one more at every audited change): a decision is about this one only.
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,9 @@ class GateDecision:
     action: str  # advance | hold | rollback | none
     reason: str
     to_stage: str | None = None
+    # The revision of the rollout it was decided at: its change is made at that revision only, never
+    # on a later visit of the same stage (store.change).
+    revision: int | None = None
 
 
 def health_since(state: RolloutStatus, policy: RolloutPolicy, now: datetime) -> datetime:
@@ -198,6 +203,11 @@ def breaches(health: Health, policy: RolloutPolicy) -> list[str]:
 
 
 def evaluate_gate(state: RolloutStatus, health: Health, policy: RolloutPolicy, now: datetime) -> GateDecision:
+    """What the gate does with ``state`` (at its revision, which the decision carries)."""
+    return replace(_evaluate(state, health, policy, now), revision=state.revision)
+
+
+def _evaluate(state: RolloutStatus, health: Health, policy: RolloutPolicy, now: datetime) -> GateDecision:
     if state.stage == "off":
         return GateDecision("none", "remediation is off; an operator starts the rollout")
     # Breaches come before the hold: a held stage still remediates, and hold only stops the gate

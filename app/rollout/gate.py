@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 HEALTH_SQL = """
 SELECT
   (SELECT count(*) FROM drift_record e WHERE e.remediated AND e.found_at >= %(since)s
-     AND (%(stage)s IS NULL OR e.stage = %(stage)s)) AS remediations,
+     AND (%(stage)s IS NULL OR e.stage = %(stage)s)
+     AND (%(visit)s IS NULL OR e.stage_revision IS NULL OR e.stage_revision = %(visit)s)) AS remediations,
   (SELECT count(*) FROM drift_record e
     WHERE e.remediated AND e.found_at >= %(since)s AND (%(stage)s IS NULL OR e.stage = %(stage)s)
+      AND (%(visit)s IS NULL OR e.stage_revision IS NULL OR e.stage_revision = %(visit)s)
       AND (EXISTS (SELECT 1 FROM drift_record l
                     WHERE l.account_id = e.account_id AND l.found_at > e.found_at
                       AND l.sweep_id IS DISTINCT FROM e.sweep_id
@@ -60,13 +62,15 @@ SELECT
 """
 
 
-def measure(conn: Connection, since: datetime, stage: str | None = None) -> Health:
+def measure(conn: Connection, since: datetime, stage: str | None = None, stage_revision: int | None = None) -> Health:
     """Health since ``since``; with ``stage``, of the remediations requested at that stage only
     (drift_record.stage, the stage read in the transaction that requested them): those a page
     requested at the stage before a change, and recorded just after it (or stamped after it by a
     sweep host whose clock runs ahead of the gate's), are the stage before's, and must not step
-    the new stage back again."""
-    row = conn.exec_driver_sql(HEALTH_SQL, {"since": since, "stage": stage}).one()
+    the new stage back again. With ``stage_revision``, of that visit of the stage only: a page that
+    requested them on an earlier visit of the same stage (10% -> 25% -> 10% meanwhile) is the earlier
+    visit's (rows recorded before drift_record.stage_revision was kept go by the stage's name)."""
+    row = conn.exec_driver_sql(HEALTH_SQL, {"since": since, "stage": stage, "visit": stage_revision}).one()
     return Health(remediations=int(row.remediations), reverted=int(row.reverted), errors=int(row.errors),
                   sweeps=int(row.sweeps))
 
@@ -77,11 +81,13 @@ def check_gate(engine: Engine, policy: Policy, now: datetime) -> tuple[GateDecis
     limits = rollout_policy(policy.extra)
     with unit_of_work(engine) as conn:
         state = read_state(conn, for_update=True)
-        health = measure(conn, health_since(state.status, limits, now), state.stage)
+        health = measure(conn, health_since(state.status, limits, now), state.stage, state.stage_revision)
         decision = evaluate_gate(state.status, health, limits, now)
         if decision.action in ("advance", "rollback"):
-            # decided from the stage read under this lock: never a second step from a stage left meanwhile
-            change(conn, decision.action, "gate", decision.reason, now, health.to_json(), from_stage=state.stage)
+            # decided at the revision read under this lock: never a second step from a stage left
+            # meanwhile, nor a step on a later visit of the same stage
+            change(conn, decision.action, "gate", decision.reason, now, health.to_json(), from_stage=state.stage,
+                   revision=decision.revision)
             log.warning("rollout gate: %s %s -> %s: %s", decision.action, state.stage, decision.to_stage,
                         decision.reason)
         record_gate(conn, decision.action, decision.reason, now)

@@ -3,7 +3,9 @@
 Every change writes a rollout_history row (from, to, actor, reason, health) and an audit_log row in
 the same transaction. Changes lock the state row so an operator and the gate never interleave, and
 a change that names the stage it was decided from (an advance always does) is made from that stage
-only: the second of two advances decided from one stage changes nothing.
+only: the second of two advances decided from one stage changes nothing. Every change adds one to
+the rollout's revision; a change that names the revision it was decided at (the gate's always do) is
+made at that revision only, so never on a later visit of the same stage (left and come back to).
 """
 
 from __future__ import annotations
@@ -40,23 +42,27 @@ class RolloutRow:
     last_gate_at: datetime | None = None
     last_gate_action: str | None = None
     last_gate_reason: str | None = None
+    revision: int = 0  # one more at every audited change
+    stage_revision: int = 0  # the revision the current stage visit began at
 
     @property
     def status(self) -> RolloutStatus:
-        return RolloutStatus(self.stage, self.held, self.stage_entered_at, self.named_accounts)
+        return RolloutStatus(self.stage, self.held, self.stage_entered_at, self.named_accounts, self.revision)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "stage": self.stage, "stage_label": label(self.stage), "held": self.held,
             "named_accounts": list(self.named_accounts), "stage_entered_at": self.stage_entered_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(), "revision": self.revision,
+            "stage_revision": self.stage_revision,
             "last_gate": None if self.last_gate_at is None else {
                 "at": self.last_gate_at.isoformat(), "action": self.last_gate_action, "reason": self.last_gate_reason},
         }
 
 
 SELECT_STATE = """
-SELECT stage, held, named_accounts, stage_entered_at, updated_at, last_gate_at, last_gate_action, last_gate_reason
+SELECT stage, held, named_accounts, stage_entered_at, updated_at, last_gate_at, last_gate_action, last_gate_reason,
+       revision, stage_revision
   FROM rollout_state WHERE id = 1
 """
 
@@ -70,15 +76,16 @@ def read_state(conn: Connection, for_update: bool = False) -> RolloutRow:
     return RolloutRow(stage=m["stage"], held=bool(m["held"]), named_accounts=tuple(m["named_accounts"] or ()),
                       stage_entered_at=m["stage_entered_at"], updated_at=m["updated_at"],
                       last_gate_at=m["last_gate_at"], last_gate_action=m["last_gate_action"],
-                      last_gate_reason=m["last_gate_reason"])
+                      last_gate_reason=m["last_gate_reason"], revision=int(m["revision"]),
+                      stage_revision=int(m["stage_revision"]))
 
 
 def history(conn: Connection, limit: int = 20) -> list[dict[str, Any]]:
     rows = conn.exec_driver_sql(
-        "SELECT at, action, from_stage, to_stage, actor, reason, health FROM rollout_history "
+        "SELECT at, action, from_stage, to_stage, actor, reason, health, revision FROM rollout_history "
         "ORDER BY id DESC LIMIT %(limit)s", {"limit": limit}).fetchall()
     return [{"at": r.at.isoformat(), "action": r.action, "from_stage": r.from_stage, "to_stage": r.to_stage,
-             "actor": r.actor, "reason": r.reason, "health": r.health} for r in rows]
+             "actor": r.actor, "reason": r.reason, "health": r.health, "revision": r.revision} for r in rows]
 
 
 def _required(value: str | None, what: str) -> str:
@@ -107,6 +114,75 @@ def _last_change(conn: Connection) -> str:
     return "" if row is None else f" ({row.action} by {row.actor} at {row.at.isoformat()})"
 
 
+def parse_revision(value: Any, what: str = "revision") -> int:
+    """A revision as `rollout status` and GET /ops/rollout show it: a whole number, 0 or more."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise RolloutInputError(f"{what} must be the rollout's revision as `dunning rollout status` or "
+                                f"GET /ops/rollout shows it (a whole number), got {value!r}")
+    return value
+
+
+def _step(r: Any) -> str:
+    """One history entry, said briefly: 'advance 10% -> 25% by gate at ...', 'hold at 10% by carol at ...'."""
+    where = (f"{label(r.from_stage)} -> {label(r.to_stage)}" if r.from_stage != r.to_stage
+             else f"at {label(r.from_stage)}")
+    return f"{r.action} {where} by {r.actor} at {r.at.isoformat()}"
+
+
+def _changed_since(conn: Connection, before: RolloutRow, action: str, revision: int) -> str:
+    """Why a change decided at ``revision`` is not made at ``before.revision``, naming what changed."""
+    look = "nothing changed: look at the rollout again (dunning rollout status) and decide from where it is"
+    now_at = f"{label(before.stage)}{' (held)' if before.held else ''}, revision {before.revision}"
+    if revision > before.revision:
+        return (f"this {action} was decided at revision {revision}, which the rollout has not had: it is at "
+                f"{now_at}; {look}")
+    rows = conn.exec_driver_sql(
+        "SELECT at, action, from_stage, to_stage, actor FROM rollout_history WHERE revision > %(r)s ORDER BY id",
+        {"r": revision}).fetchall()
+    shown = "; ".join(_step(r) for r in rows[-5:])
+    since = (f" ({'...; ' if len(rows) > 5 else ''}{shown})" if rows else "")
+    if before.stage_revision <= revision:  # the same visit: held, resumed or named meanwhile
+        return (f"the rollout changed since revision {revision} this {action} was decided at{since}: it is at "
+                f"{now_at}; {look}")
+    decided = rows[0].from_stage if rows else None
+    if decided is not None and decided != before.stage:
+        return (f"the rollout is at {label(before.stage)} now, not {label(decided)} as at revision {revision} this "
+                f"{action} was decided at{since}; {look}")
+    visit = (f"another visit of {label(before.stage)}, begun at {before.stage_entered_at.isoformat()} "
+             f"(revision {before.stage_revision}), with a soak and health of its own")
+    if decided is not None and any(r.from_stage != r.to_stage for r in rows):
+        return (f"the rollout left {label(before.stage)} and came back to it since revision {revision} this {action} "
+                f"was decided at{since}: this is {visit}; {look}")
+    return (f"the {label(before.stage)} stage started again since revision {revision} this {action} was decided "
+            f"at{since}: this is {visit}; {look}")
+
+
+# Changes that let the rollout widen: decided on an earlier visit of the stage, they skip this one's soak.
+WIDENING = ("advance", "resume")
+
+
+def _left_and_back(conn: Connection, before: RolloutRow, action: str) -> str | None:
+    """Why a widening change naming its stage alone cannot be made: the stage was left and come back to,
+    so the name does not say which visit it was decided on (None when this is the stage's only visit)."""
+    left = conn.exec_driver_sql(
+        "SELECT at, action, from_stage, to_stage, actor FROM rollout_history "
+        "WHERE from_stage = %(s)s AND to_stage <> %(s)s ORDER BY id DESC LIMIT 1", {"s": before.stage}).first()
+    if left is None:
+        return None
+    back = conn.exec_driver_sql(
+        "SELECT at, action, from_stage, to_stage, actor FROM rollout_history "
+        "WHERE to_stage = %(s)s AND from_stage <> %(s)s ORDER BY id DESC LIMIT 1", {"s": before.stage}).first()
+    came_back = f"; {_step(back)}" if back is not None else ""
+    return (f"the rollout left {label(before.stage)} and came back to it ({_step(left)}{came_back}): the stage "
+            f"alone does not say which visit of {label(before.stage)} this {action} was decided on, and one decided "
+            f"on the earlier visit would skip the soak of this one (begun at {before.stage_entered_at.isoformat()}); "
+            f"nothing changed: look at the rollout again (dunning rollout status) and, if you decided on this visit, "
+            f"give its revision too: --revision {before.revision} "
+            f"(\"revision\": {before.revision} in POST /ops/rollout)")
+
+
 def _new_health(conn: Connection) -> None:
     """The stage starts its health afresh: every sweep error so far is the one before's (a sweep
     running across the change brings none of it in, even one stamped just after the change's clock
@@ -118,7 +194,7 @@ def _new_health(conn: Connection) -> None:
 
 def change(conn: Connection, action: str, actor: str | None, reason: str | None, now: datetime,
            health: dict[str, Any] | None = None, requested_by: str | None = None,
-           from_stage: str | None = None) -> tuple[RolloutRow, RolloutRow]:
+           from_stage: str | None = None, revision: int | None = None) -> tuple[RolloutRow, RolloutRow]:
     """Apply an operator's (or the gate's) action. -> (before, after). Raises RolloutInputError for
     bad input, RolloutError for a change the current state does not allow.
 
@@ -127,6 +203,13 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     operator, changed it meanwhile), nothing changes and RolloutError (409) says so. An advance must
     give it: two advances decided from the same stage (an operator's and the gate's, or two
     operators') otherwise widened the rollout two stages, skipping the soak of the one between.
+
+    ``revision`` is the rollout's revision the change was decided at (as status shows it; the gate's
+    decisions carry it): when anything changed since (above all, the stage was left and come back
+    to: another visit, whose soak an advance decided on the earlier one would skip), nothing changes
+    and RolloutError says what changed. A widening change (advance, resume) that gives its stage
+    alone is refused once that stage has been left and come back to: its name no longer says which
+    visit it was decided on, and the error gives the revision to add.
 
     ``actor`` is who made the change as far as the system knows (the authenticated principal);
     ``requested_by``, when given, is a name the caller stated for itself, kept in the audit_log
@@ -143,6 +226,7 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     actor = _required(actor, "actor")
     reason = _required(reason, "a reason")
     expected = None if from_stage is None else parse_stage(from_stage)
+    decided_at = None if revision is None else parse_revision(revision)
     if action == "advance" and expected is None:
         raise RolloutInputError("an advance must say the stage it was decided from (from_stage, or --from "
                                 "on the command line), so that two advances from one stage widen it once")
@@ -151,6 +235,12 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         raise RolloutError(f"the rollout is at {label(before.stage)} now, not {label(expected)} as this {action} "
                            f"was decided from{_last_change(conn)}; nothing changed: look at the rollout again "
                            "and decide from where it is")
+    if decided_at is not None and decided_at != before.revision:
+        raise RolloutError(_changed_since(conn, before, action, decided_at))
+    if decided_at is None and expected is not None and action in WIDENING:
+        refused = _left_and_back(conn, before, action)
+        if refused is not None:
+            raise RolloutError(refused)
     stage, held, entered = before.stage, before.held, before.stage_entered_at
     if action == "advance":
         target = next_stage(stage)
@@ -170,14 +260,16 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         if not held:
             raise RolloutError(f"not held: the gate is already running at {label(stage)}")
         held = False
-    conn.exec_driver_sql(
+    made = int(conn.exec_driver_sql(
         "UPDATE rollout_state SET stage = %(stage)s, held = %(held)s, stage_entered_at = %(entered)s, "
-        "updated_at = %(now)s WHERE id = 1",
-        {"stage": stage, "held": held, "entered": entered, "now": now},
-    )
+        "updated_at = %(now)s, revision = revision + 1, "
+        "stage_revision = CASE WHEN %(new_visit)s THEN revision + 1 ELSE stage_revision END WHERE id = 1 "
+        "RETURNING revision",
+        {"stage": stage, "held": held, "entered": entered, "now": now, "new_visit": stage != before.stage},
+    ).scalar_one())
     if stage != before.stage:
         _new_health(conn)
-    _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by)
+    _audit(conn, action, before.stage, stage, actor, reason, now, health, requested_by, made)
     return before, read_state(conn)
 
 
@@ -197,16 +289,18 @@ def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None,
     added = sorted(set(cleaned) - set(before.named_accounts))
     removed = sorted(set(before.named_accounts) - set(cleaned))
     starts = before.stage == "named" and bool(added)
-    conn.exec_driver_sql(
-        "UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s, "
-        "stage_entered_at = CASE WHEN %(starts)s THEN %(now)s ELSE stage_entered_at END WHERE id = 1",
-        {"named": Json(cleaned), "now": now, "starts": starts})
+    made = int(conn.exec_driver_sql(
+        "UPDATE rollout_state SET named_accounts = %(named)s, updated_at = %(now)s, revision = revision + 1, "
+        "stage_entered_at = CASE WHEN %(starts)s THEN %(now)s ELSE stage_entered_at END, "
+        "stage_revision = CASE WHEN %(starts)s THEN revision + 1 ELSE stage_revision END WHERE id = 1 "
+        "RETURNING revision",
+        {"named": Json(cleaned), "now": now, "starts": starts}).scalar_one())
     detail: dict[str, Any] = {"named_accounts": cleaned, "before": list(before.named_accounts),
                               "added": added, "removed": removed}
     if starts:
         _new_health(conn)
         detail["stage_entered_at"] = now.isoformat()
-    _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now, detail, requested_by)
+    _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now, detail, requested_by, made)
     return read_state(conn)
 
 
@@ -219,15 +313,16 @@ def record_gate(conn: Connection, action: str, reason: str, now: datetime) -> No
 
 
 def _audit(conn: Connection, action: str, from_stage: str, to_stage: str, actor: str, reason: str, now: datetime,
-           health: dict[str, Any] | None, requested_by: str | None = None) -> None:
-    detail: dict[str, Any] = {"from_stage": from_stage, "to_stage": to_stage, "reason": reason}
+           health: dict[str, Any] | None, requested_by: str | None = None, revision: int | None = None) -> None:
+    detail: dict[str, Any] = {"from_stage": from_stage, "to_stage": to_stage, "reason": reason,
+                              "revision": revision}
     if requested_by is not None:
         detail["requested_by"] = requested_by
     conn.exec_driver_sql(
-        "INSERT INTO rollout_history (at, action, from_stage, to_stage, actor, reason, health) "
-        "VALUES (%(now)s, %(action)s, %(from)s, %(to)s, %(actor)s, %(reason)s, %(health)s)",
+        "INSERT INTO rollout_history (at, action, from_stage, to_stage, actor, reason, health, revision) "
+        "VALUES (%(now)s, %(action)s, %(from)s, %(to)s, %(actor)s, %(reason)s, %(health)s, %(revision)s)",
         {"now": now, "action": action, "from": from_stage, "to": to_stage, "actor": actor, "reason": reason,
-         "health": Json(health or {})},
+         "health": Json(health or {}), "revision": revision},
     )
     conn.exec_driver_sql(
         "INSERT INTO audit_log (at, actor, action, detail) VALUES (%(now)s, %(actor)s, %(action)s, %(detail)s)",

@@ -90,7 +90,8 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 def _print_state(state: dict[str, Any], history: list[dict[str, Any]]) -> None:
     held = " (held)" if state["held"] else ""
-    print(f"stage: {state['stage_label']}{held} since {state['stage_entered_at']}")
+    print(f"stage: {state['stage_label']}{held} since {state['stage_entered_at']}, revision {state['revision']}")
+    print(f"change it from here with: --from {state['stage']} --revision {state['revision']}")
     named = state["named_accounts"]
     print(f"named accounts: {', '.join(named) if named else '-'}")
     gate = state.get("last_gate")
@@ -121,12 +122,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 named = store.set_named_accounts(conn, args.accounts, args.actor, args.reason, now).named_accounts
                 print(f"named accounts: {', '.join(named) or '-'}; recorded by {args.actor}")
             elif action != "status":
-                before, after = store.change(conn, action, args.actor, args.reason, now, from_stage=args.from_stage)
+                before, after = store.change(conn, action, args.actor, args.reason, now, from_stage=args.from_stage,
+                                             revision=args.revision)
                 print(f"{action}: {label(before.stage)} -> {label(after.stage)}"
-                      f"{' (held)' if after.held else ''}; recorded by {args.actor}")
+                      f"{' (held)' if after.held else ''}; recorded by {args.actor}; revision {after.revision}")
             state = store.read_state(conn)
             history = store.history(conn, args.history)
-            health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now), state.stage)
+            health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now), state.stage,
+                             state.stage_revision)
     except store.RolloutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +157,17 @@ def _count(raw: str) -> int:
     return value
 
 
+def _revision(raw: str) -> int:
+    """A revision as `rollout status` shows it (argparse names the flag when this refuses)."""
+    from app.rollout.store import RolloutInputError, parse_revision
+
+    try:
+        return parse_revision(raw)
+    except RolloutInputError:
+        raise argparse.ArgumentTypeError(f"must be the rollout's revision as `dunning rollout status` shows it "
+                                         f"(a whole number), got {raw!r}") from None
+
+
 def add_commands(sub: Any) -> None:
     sweep = sub.add_parser("sweep", help="run one drift sweep now and print what it found and enqueued")
     sweep.add_argument("--dry-run", action="store_true", help="find drift only: write nothing, enqueue nothing")
@@ -179,6 +193,9 @@ def add_commands(sub: Any) -> None:
                        help="the stage you decided from, as `rollout status` shows it (5, 5%%, named ...): "
                             "nothing changes if the rollout is elsewhere by then" +
                             ("; required" if name == "advance" else ""))
+        p.add_argument("--revision", type=_revision, metavar="N",
+                       help="the rollout's revision you decided at, as `rollout status` shows it: nothing changes "
+                            "if the rollout changed since (the stage left and come back to included)")
         p.set_defaults(handler=cmd_rollout, history=10, json=False)
     named = rsub.add_parser("name", help="set the accounts of the 'named accounts' stage")
     named.add_argument("accounts", nargs="*")

@@ -17,8 +17,9 @@ An error is a sweep_error row about the account it concerns (its rows cannot be 
 snapshot, its compute failed, its recompute could not be sent), at most one per account and sweep,
 or about none (a page whose requests could not be stored, the sweep failed). The rollout gate
 counts the accounts, so one account that fails every sweep is one error, not one per sweep. A
-page's errors are its stage's: written after the stage changed from the one the page worked at,
-they are marked before_stage, as the change marks those written before it.
+page's errors are its stage visit's: written after the stage changed from the one the page worked at
+(or was left and come back to: rollout_state.stage_revision), they are marked before_stage, as the
+change marks those written before it; its drift records keep that visit (drift_record.stage_revision).
 
 A sweep may be split into segments (one Celery task each, chained by the cursor in sweep_run) so
 no task runs close to the broker's visibility timeout. The advisory lock keeps two segments from
@@ -47,7 +48,7 @@ from app.domain.rollout import in_stage
 from app.domain.snapshot import Snapshot
 from app.domain.triggers import Trigger
 from app.recompute.gather_batch import Pending
-from app.rollout.store import read_state
+from app.rollout.store import RolloutRow, read_state
 from app.sweep.batch_read import PageReader
 from app.sweep.collector import fewer_collections
 from app.sweep.lock import SweepBusy, sweep_lock
@@ -103,6 +104,9 @@ class SweepReport:
                                                                "record": 0.0})
     drifted_accounts: list[dict[str, Any]] = field(default_factory=list)  # the first ``keep`` only
     unrecorded: list[SweepError] = field(default_factory=list)  # errors not yet written (this page's)
+    # The visit of the stage the sweep works at (rollout_state.stage_revision, read with ``stage``): a
+    # stage left and come back to is another visit, and what a page did on the earlier one is not its.
+    stage_revision: int | None = None
 
     @property
     def out_of_stage(self) -> int:
@@ -170,9 +174,9 @@ class Sweeper:
     def start(self, max_seconds: float | None = None) -> SweepReport:
         """A new sweep from the first account. Raises SweepBusy when one is running."""
         with sweep_lock(self.engine):
-            run_id, stage, named = self._begin()
-            report = SweepReport(run_id, stage, self.dry_run)
-            return self._walk(report, "", named, max_seconds)
+            run_id, rollout = self._begin()
+            report = SweepReport(run_id, rollout.stage, self.dry_run, stage_revision=rollout.stage_revision)
+            return self._walk(report, "", rollout.named_accounts, max_seconds)
 
     def resume(self, run_id: int, max_seconds: float | None = None) -> SweepReport:
         """The next segment of a chained sweep. Raises SweepBusy when another segment runs."""
@@ -188,7 +192,7 @@ class Sweeper:
                                      {"id": run_id, "stage": rollout.stage})
             report = SweepReport(run_id, rollout.stage, False, scanned=row.scanned, drifted=row.drifted,
                                  in_stage=row.in_stage, guarded=row.guarded, enqueued=row.enqueued, errors=row.errors,
-                                 cursor=row.cursor or "")
+                                 cursor=row.cursor or "", stage_revision=rollout.stage_revision)
             return self._walk(report, row.cursor or "", rollout.named_accounts, max_seconds)
 
     def is_running(self, run_id: int) -> bool:
@@ -199,11 +203,11 @@ class Sweeper:
 
     # --- the walk ----------------------------------------------------------------------------
 
-    def _begin(self) -> tuple[int | None, str, tuple[str, ...]]:
+    def _begin(self) -> tuple[int | None, RolloutRow]:
         with unit_of_work(self.engine) as conn:
             rollout = read_state(conn)
             if self.dry_run:
-                return None, rollout.stage, rollout.named_accounts
+                return None, rollout
             running = conn.exec_driver_sql(
                 "SELECT id, cursor, updated_at FROM sweep_run WHERE state = 'running' ORDER BY id FOR UPDATE"
             ).fetchall()
@@ -220,7 +224,7 @@ class Sweeper:
                 "INSERT INTO sweep_run (started_at, updated_at, dry_run, stage, state) "
                 "VALUES (%(now)s, %(now)s, false, %(stage)s, 'running') RETURNING id",
                 {"now": self.clock(), "stage": rollout.stage}).scalar_one()
-        return int(run_id), rollout.stage, rollout.named_accounts
+        return int(run_id), rollout
 
     def _walk(self, report: SweepReport, cursor: str, named: tuple[str, ...],
               max_seconds: float | None) -> SweepReport:
@@ -375,6 +379,7 @@ class Sweeper:
             with unit_of_work(self.engine) as conn:
                 rollout = read_state(conn)
                 report.stage = rollout.stage  # the later pages are classified (and recorded) at it
+                report.stage_revision = rollout.stage_revision
                 inside = [a for a in account_ids if in_stage(a, rollout.stage, rollout.named_accounts)]
                 created = {a for a in inside if request_recompute(
                     conn, a, REMEDIATION_TRIGGER, remediation_cause(report.run_id))}
@@ -432,11 +437,11 @@ class Sweeper:
             if found:
                 conn.exec_driver_sql(
                     "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, "
-                    "stage, skipped) VALUES (%(sweep)s, %(account)s, %(now)s, %(stored)s, %(desired)s, %(fields)s, "
-                    "%(remediated)s, %(stage)s, %(skipped)s)",
+                    "stage, stage_revision, skipped) VALUES (%(sweep)s, %(account)s, %(now)s, %(stored)s, %(desired)s, "
+                    "%(fields)s, %(remediated)s, %(stage)s, %(stage_revision)s, %(skipped)s)",
                     [{"sweep": report.run_id, "account": f.account_id, "now": now, "stored": Json(f.drift.stored),
                       "desired": Json(f.drift.desired), "fields": Json(list(f.drift.fields)),
-                      "remediated": f.remediated, "stage": report.stage,
+                      "remediated": f.remediated, "stage": report.stage, "stage_revision": report.stage_revision,
                       "skipped": None if f.remediated else f.action} for f in found],
                 )
             conn.exec_driver_sql(
@@ -484,10 +489,11 @@ def _failed(report: SweepReport, kind: str, account_id: str | None = None) -> No
     metrics.SWEEP_ERRORS.labels(kind).inc()
 
 
-# The stage, with the rollout row held shared until the errors commit: a stage change (which holds it
-# for update) either waits for them and marks them before_stage, or went first, and its stage is
-# then no longer the one the page worked at.
-STAGE_SHARED = "SELECT stage FROM rollout_state WHERE id = 1 FOR SHARE"
+# The stage visit, with the rollout row held shared until the errors commit: a stage change (which
+# holds it for update) either waits for them and marks them before_stage, or went first, and its
+# visit is then no longer the one the page worked at: by its revision, not the stage's name, as a
+# stage left and come back to (10% -> 25% -> 10%) has the same name on another visit.
+STAGE_SHARED = "SELECT stage, stage_revision FROM rollout_state WHERE id = 1 FOR SHARE"
 
 
 def _record_errors(conn: Connection, report: SweepReport, now: datetime) -> None:
@@ -495,7 +501,8 @@ def _record_errors(conn: Connection, report: SweepReport, now: datetime) -> None
     (before_stage): a sweep running across a stage change brings none into the new stage's health."""
     if not report.unrecorded:
         return
-    before_stage = conn.exec_driver_sql(STAGE_SHARED).scalar() != report.stage
+    now_at = conn.exec_driver_sql(STAGE_SHARED).one()
+    before_stage = (now_at.stage, now_at.stage_revision) != (report.stage, report.stage_revision)
     conn.exec_driver_sql(
         "INSERT INTO sweep_error (sweep_id, account_id, kind, at, before_stage) VALUES (%(sweep)s, %(account)s, "
         "%(kind)s, %(now)s, %(before)s) ON CONFLICT DO NOTHING",
