@@ -97,17 +97,19 @@ def _methods_of(snapshot: Snapshot, invoice: Invoice) -> list[PaymentMethod]:
 
 
 def _new_method(snapshot: Snapshot, invoice: Invoice, attempts: list[Attempt], retries: list[Retry],
-                start: datetime, now: datetime) -> tuple[PaymentMethod, datetime] | None:
+                start: datetime, now: datetime,
+                passed_over: frozenset[str] = frozenset()) -> tuple[PaymentMethod, datetime] | None:
     """(the payment method, when it changed) of the invoice's customer that earns the free retry: one
     attached, updated or made its default after ``start`` (the invoice's first failure, where its
     schedule starts) and not tried on the invoice since. Counted from the first failure and not from
     the last one: a retry queued on the old card may charge it (and fail) after the customer changed
     cards, and the new card must not lose its retry for that. A card expired by ``now`` (its immediate
-    retry's time) earns none: Stripe would decline it."""
+    retry's time) earns none: Stripe would decline it. ``passed_over``: methods not to consider (a
+    card whose capped retry would come after its expiry)."""
     default_id, default_changed = _default_of(snapshot, invoice)
     changed: list[tuple[PaymentMethod, datetime]] = []
     for pm in _methods_of(snapshot, invoice):
-        if not pm.attached or pm.expired(now):
+        if not pm.attached or pm.expired(now) or pm.id in passed_over:
             continue
         at = pm.changed_at
         if pm.id == default_id and default_changed is not None and default_changed > at:
@@ -278,36 +280,45 @@ def _plan(
     since = last_failure.attempted_at if last_failure else schedule_start
     found = (_new_method(snapshot, invoice, attempts, retries, schedule_start, now)
              if policy.immediate_retry_on_new_method else None)
-    if found is not None:
+    passed_over: set[str] = set()
+    while found is not None:
         new_method, changed_at = found
         # A free retry skipped unsent (dispatched too long ago, say) was not used.
         used_free = any(r.free and r.charged and r.created_at >= changed_at for r in retries)
-        if not used_free:
-            due = max(changed_at, since)
-            reasons.append(Reason("retry.new_method", "payment method changed after the failure: one immediate retry "
-                                  "that does not count against the budget",
-                                  {"invoice": invoice.id, "payment_method": new_method.id,
-                                   "changed_at": iso(changed_at)}))
-            # Whether the invoice's dunning has run out stays mostly what it was: a card is no money.
-            # (An invoice run out and old enough is bad debt, which a free retry must not lift:
-            # compute then drops it. An upgrade's free retry holds its revert, as before.)
-            run_out = False if invoice.is_upgrade else _scheduled(
-                snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now, retries,
-                retries_used, [], stays_run_out)[3]
-            # But a method already there at the last failure, and never tried, was the dunning's next
-            # step: that failure, on another method, did not run it out. (Timed by the failure itself:
-            # an attempt's own time moves with later events about its intent.)
-            failed_at = failure_time(last_failure) if last_failure else None
-            if run_out and failed_at is not None and changed_at < failed_at \
-                    and _may_keep_dunning(snapshot, new_method.id, changed_at, retries):
-                run_out = False
-                reasons.append(Reason("retry.untried_method", "a payment method changed before the last failure "
-                                      "was never tried: the dunning has not run out",
-                                      {"invoice": invoice.id, "payment_method": new_method.id,
-                                       "changed_at": iso(changed_at), "last_failure_at": iso(failed_at),
-                                       "failed_method": failed_method}))
-            free = _cap_method(snapshot, due, new_method.id, True, retries_used, reasons, policy, now, invoice)
-            return (*free[:3], run_out, *free[4:])
+        if used_free:
+            break
+        due = max(changed_at, since)
+        free_reasons = [*reasons, Reason("retry.new_method", "payment method changed after the failure: one "
+                                         "immediate retry that does not count against the budget",
+                                         {"invoice": invoice.id, "payment_method": new_method.id,
+                                          "changed_at": iso(changed_at)})]
+        # Whether the invoice's dunning has run out stays mostly what it was: a card is no money.
+        # (An invoice run out and old enough is bad debt, which a free retry must not lift:
+        # compute then drops it. An upgrade's free retry holds its revert, as before.)
+        run_out = False if invoice.is_upgrade else _scheduled(
+            snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now, retries,
+            retries_used, [], stays_run_out)[3]
+        # But a method already there at the last failure, and never tried, was the dunning's next
+        # step: that failure, on another method, did not run it out. (Timed by the failure itself:
+        # an attempt's own time moves with later events about its intent.)
+        failed_at = failure_time(last_failure) if last_failure else None
+        if run_out and failed_at is not None and changed_at < failed_at \
+                and _may_keep_dunning(snapshot, new_method.id, changed_at, retries):
+            run_out = False
+            free_reasons.append(Reason("retry.untried_method", "a payment method changed before the last failure "
+                                       "was never tried: the dunning has not run out",
+                                       {"invoice": invoice.id, "payment_method": new_method.id,
+                                        "changed_at": iso(changed_at), "last_failure_at": iso(failed_at),
+                                        "failed_method": failed_method}))
+        free = _cap_method(snapshot, due, new_method.id, True, retries_used, free_reasons, policy, now, invoice)
+        if free[0] is not None and _expired(snapshot, new_method.id, max(free[0], now)):
+            # The card's 15 charges in 30 days defer its retry past its expiry: Stripe would decline
+            # it then, as any card expired by the day its retry is charged (see _scheduled). It earns
+            # no free retry; another new method may, else the schedule goes on.
+            passed_over.add(new_method.id)
+            found = _new_method(snapshot, invoice, attempts, retries, schedule_start, now, frozenset(passed_over))
+            continue
+        return (*free[:3], run_out, *free[4:])
     return _scheduled(snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now,
                       retries, retries_used, reasons, stays_run_out)
 

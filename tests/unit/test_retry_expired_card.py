@@ -129,3 +129,28 @@ def test_the_failed_card_waits_for_a_capped_default_to_expire():
     decision = compute(snap, POLICY, NOW)
     assert decision.state.retry_payment_method_id == "pm_1", rules(decision)
     assert decision.state.next_retry_at == datetime(2026, 12, 1, tzinfo=UTC), rules(decision)
+
+
+def test_no_free_retry_deferred_by_the_cards_cap_past_its_expiry():
+    """pm_2 (11/2026), the customer's card for months, made the default after the failure: a new method,
+    but its 15 charges in 30 days (on other invoices) defer its free retry to 1 December 12:00, when it
+    has expired. Found by review: the free retry was planned on it all the same (the expiry was checked
+    at the retry's immediate time only, not at the day the cap defers it to, as a scheduled retry's is):
+    the retry payment path charged it on the expired card (skipped at its claim since 4b2757f, and only
+    then did compute plan the failed card).
+    Now it earns no free retry: the schedule goes on, on the failed card once pm_2 has expired."""
+    others = tuple(attempt(f"pi_o{i}", f"in_o{i}", days_ago=20 - i, pm="pm_2") for i in range(15))
+    failed = attempt("pi_1", "in_1", days_ago=1, pm="pm_1")
+    cards = (method("pm_1", changed_days_ago=100, exp_month=12, exp_year=2030),
+             method("pm_2", changed_days_ago=100, exp_month=11, exp_year=2026))
+    snap = snapshot(invoice(failed_days_ago=1), attempts=(*others, failed), payment_methods=cards,
+                    default_payment_method_id="pm_2", default_payment_method_changed_at=days(0.1))
+    decision = compute(snap, POLICY, NOW)
+    assert "retry.new_method" not in rules(decision), rules(decision)
+    assert (decision.state.retry_payment_method_id, decision.state.retry_free) == ("pm_1", False), rules(decision)
+    assert decision.state.next_retry_at == datetime(2026, 12, 1, tzinfo=UTC), rules(decision)
+    # Valid in December, its deferred free retry is planned on it as before.
+    valid = replace(snap, payment_methods=(cards[0], replace(cards[1], exp_month=12)))
+    planned = compute(valid, POLICY, NOW)
+    assert (planned.state.retry_payment_method_id, planned.state.retry_free) == ("pm_2", True), rules(planned)
+    assert planned.state.next_retry_at == days(20) + timedelta(days=30), rules(planned)
