@@ -146,13 +146,16 @@ def _changed_since(conn: Connection, before: RolloutRow, action: str, revision: 
     if before.stage_revision <= revision:  # the same visit: held, resumed or named meanwhile
         return (f"the rollout changed since revision {revision} this {action} was decided at{since}: it is at "
                 f"{now_at}; {look}")
-    decided = rows[0].from_stage if rows else None
-    if decided is not None and decided != before.stage:
+    if not rows:  # its history is gone: what changed cannot be said, only that something did
+        return (f"the rollout changed since revision {revision} this {action} was decided at: it is at {now_at}, "
+                f"on a visit of {label(before.stage)} begun at {before.stage_entered_at.isoformat()}; {look}")
+    decided = rows[0].from_stage
+    if decided != before.stage:
         return (f"the rollout is at {label(before.stage)} now, not {label(decided)} as at revision {revision} this "
                 f"{action} was decided at{since}; {look}")
     visit = (f"another visit of {label(before.stage)}, begun at {before.stage_entered_at.isoformat()} "
              f"(revision {before.stage_revision}), with a soak and health of its own")
-    if decided is not None and any(r.from_stage != r.to_stage for r in rows):
+    if any(r.from_stage != r.to_stage for r in rows):
         return (f"the rollout left {label(before.stage)} and came back to it since revision {revision} this {action} "
                 f"was decided at{since}: this is {visit}; {look}")
     return (f"the {label(before.stage)} stage started again since revision {revision} this {action} was decided "

@@ -158,3 +158,24 @@ def test_a_sweep_page_across_a_round_trip_brings_nothing_into_the_new_visit_the_
     gate = celery_app.send_task("tasks.check_rollout_gate").get(timeout=30)
     assert gate["stage"] == "10" and gate["held"], gate
     assert (gate["health"]["remediations"], gate["health"]["errors"]) == (0, 0), gate
+
+
+def test_an_advance_decided_before_a_colleagues_hold_on_the_same_visit_says_what_changed(
+        cli_env: None, engine: Engine, rollout_off: None, capsys: pytest.CaptureFixture[str]):
+    """The same visit, but carol held it after alice looked: alice's advance (which clears a hold)
+    decided at the revision before is refused, naming the hold; the stage alone would take it."""
+    set_stage(engine, "10", entered=NOW - timedelta(hours=25))
+    seen = _status(capsys)
+    assert main(["rollout", "hold", "--from", "10", "--reason", "incident 42", "--actor", "carol"]) == 0
+    capsys.readouterr()
+    assert main(["rollout", "advance", "--from", "10", "--revision", str(seen["revision"]), "--reason", "soaked",
+                 "--actor", "alice"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: the rollout changed since revision {seen['revision']} this advance was decided at "
+            "(hold at 10% by carol at ") in err, err
+    assert f"it is at 10% (held), revision {int(str(seen['revision'])) + 1}; nothing changed" in err
+    assert sql(engine, "SELECT stage, held FROM rollout_state")[0] == ("10", True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["rollout", "advance", "--from", "10", "--revision", "-1", "--reason", "x"])
+    assert exit_.value.code == 2
+    assert "argument --revision: must be the rollout's revision" in capsys.readouterr().err
