@@ -163,12 +163,18 @@ class StripeEvent(Base):
     stripe_customer_id: Mapped[str | None] = mapped_column(Text)
     account_id: Mapped[str | None] = mapped_column(Text)
     trigger: Mapped[str | None] = mapped_column(Text)
-    # accepted: routed and a recompute requested; unroutable: no account for its customer yet
+    # accepted: routed and a recompute requested; unroutable: no account for its customer yet, or
+    # (an event naming no customer) no mirror row of its invoice or payment intent filed under one
     # (re-driven by beat when the mapping appears); ignored: type this product does not act on.
     state: Mapped[str] = mapped_column(Text)
     raw_body: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(server_default=NOW)
     processed_at: Mapped[datetime | None]
+    # Of an event stored unroutable only (NULL for one routed at ingest): the invoice and the payment
+    # intent it names, which the re-drive routes it by once the mirror files them under a customer
+    # that maps to an account (migration event_route_ids).
+    route_invoice_id: Mapped[str | None] = mapped_column(Text)
+    route_payment_intent_id: Mapped[str | None] = mapped_column(Text)
 
     # Every webhook writes a row: indexed only where something looks events up, in the two states
     # that are re-driven (app/migrations/versions/stripe_event_lean_writes.py).

@@ -26,11 +26,24 @@ SEND_CHUNK = 500
 # The accounts come back in their order (the database's collation), as every query here returns
 # them: their request rows are then locked in the order webhook ingest locks them in (its statement
 # takes a batch's in account order), so a re-drive and a batch of webhooks cannot deadlock.
+# An event is routed by its customer, as at ingest; one that names none (invoice_payment.paid names
+# its invoice, a dispute its payment intent) by the customer of what ingest looked it up by
+# (stripe_event.route_*: kept for the events it stored unroutable), once the mirror has it: the
+# invoice's row, the intent's attempt, else the invoice that attempt is linked to (an attempt known
+# only through invoice_payment.paid names no customer). Their mirror rows were written at ingest
+# under the ordering guard (the event was neither refused nor ignored); routing requests the
+# recompute that reads them. The event then names the customer it was routed by.
 ROUTE_UNROUTABLE = """
 WITH routed AS (
-    UPDATE stripe_event e SET account_id = p.account_id, state = 'accepted'
-      FROM (SELECT u.id, c.account_id FROM stripe_event u
-              JOIN subs_customer c ON c.stripe_customer_id = u.stripe_customer_id
+    UPDATE stripe_event e SET account_id = p.account_id, state = 'accepted',
+                              stripe_customer_id = p.stripe_customer_id
+      FROM (SELECT u.id, c.stripe_customer_id, c.account_id FROM stripe_event u
+              JOIN subs_customer c ON c.stripe_customer_id = COALESCE(
+                   u.stripe_customer_id,
+                   (SELECT i.stripe_customer_id FROM stripe_invoice i WHERE i.id = u.route_invoice_id),
+                   (SELECT a.stripe_customer_id FROM stripe_payment_attempt a WHERE a.id = u.route_payment_intent_id),
+                   (SELECT i.stripe_customer_id FROM stripe_payment_attempt a
+                      JOIN stripe_invoice i ON i.id = a.invoice_id WHERE a.id = u.route_payment_intent_id))
              WHERE u.state = 'unroutable'
              LIMIT %(limit)s FOR UPDATE OF u SKIP LOCKED) p
      WHERE e.id = p.id

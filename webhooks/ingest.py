@@ -225,7 +225,8 @@ def _outcome(ex: Extracted, stored: store.Stored | BaseException | None) -> tupl
         return Ingested(ex.event_id, ex.type, "duplicate"), None
     if stored.state != "accepted" or stored.account_id is None:
         # ignored: nothing to act on. unroutable: kept with its mirror row, visible, and re-driven
-        # by beat once subs_customer maps the customer.
+        # by beat once subs_customer maps the customer (for an event naming none: the customer of
+        # the invoice or payment intent it names, once the mirror has them; app/redrive.py).
         return Ingested(ex.event_id, ex.type, stored.state), None
     if not stored.created or stored.trigger is None:
         return Ingested(ex.event_id, ex.type, stored.state, stored.account_id, coalesced=True), None

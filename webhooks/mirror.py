@@ -538,7 +538,9 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         if link is not None:
             rows.append(link)
             payment_intent = link.key
-            invoice_id = str(link.values["invoice_id"])
+        # Routed through its invoice (it names no customer), also when it names no payment intent to
+        # link (paid by a payment record, out of band): the invoice's account is refreshed.
+        invoice_id = _id(obj.get("invoice"))
     elif kind == "subscription" and event_type.startswith("customer.subscription."):
         need_id()
         row = _subscription_row(event_type, created, obj)

@@ -231,10 +231,16 @@ WITH owner AS MATERIALIZED (
                                                   invoice_id text, payment_intent text, trigger text,
                                                   payment_method text)) AS x
 ), event AS (
-    INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body)
+    -- An event stored unroutable keeps the invoice and the payment intent it was looked up by: beat's
+    -- re-drive routes it by them once their mirror rows are filed under an account (app/redrive.py).
+    -- NULL for every event routed here, so the common path writes nothing more.
+    INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body,
+                              route_invoice_id, route_payment_intent_id)
     SELECT id, type, created, customer, account_id, trigger,
            CASE WHEN trigger IS NULL THEN 'ignored' WHEN account_id IS NULL THEN 'unroutable' ELSE 'accepted' END,
-           raw
+           raw,
+           CASE WHEN trigger IS NOT NULL AND account_id IS NULL THEN invoice_id END,
+           CASE WHEN trigger IS NOT NULL AND account_id IS NULL THEN payment_intent END
       FROM owner ORDER BY n
     ON CONFLICT (id) DO NOTHING
     RETURNING id, account_id, state
