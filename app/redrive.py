@@ -104,18 +104,24 @@ UPDATE stripe_event e SET state = 'accepted'
 """
 
 
+NOT_QUEUED = "UPDATE stripe_event SET state = 'enqueue_failed' WHERE id = ANY(%(ids)s) AND state = 'accepted'"
+
+
 def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, limit: int = 5000,
             now: datetime | None = None) -> dict[str, int]:
     routed = reviewed = 0
     to_send: list[tuple[str, str, str | None]] = []
+    routed_events: dict[str, list[str]] = {}  # the events routed, by account
     with unit_of_work(engine) as conn:
         first: dict[str, tuple[str, str]] = {}  # per account, in account order: its first event, as ingest does
         for account_id, trigger, event_id in conn.exec_driver_sql(ROUTE_UNROUTABLE, {"limit": limit}).fetchall():
             routed += 1
             first.setdefault(account_id, (trigger or "STATE_REFRESH", event_id))
+            routed_events.setdefault(account_id, []).append(event_id)
         for account_id, (trigger, event_id) in first.items():  # one request each
             if store.request_recompute(conn, account_id, trigger, event_id):
                 to_send.append((account_id, trigger, event_id))
+    requested = {account_id for account_id, _, _ in to_send}  # the requests routing created
     with unit_of_work(engine) as conn:
         # A request each, as for an event: coalesced with one already pending, re-driven if lost.
         due = conn.exec_driver_sql(DUE_REVIEWS, {"limit": limit, "now": now or datetime.now(UTC)}).fetchall()
@@ -136,6 +142,11 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
         except BrokerUnavailable as exc:
             failed += len(chunk)
             log.warning("redrive could not queue %d recomputes: %s", len(chunk), exc)
+    # The routed events whose request this created and the broker did not take wait for the stale
+    # re-drive, as an event ingest could not enqueue does (not "accepted": nothing is queued yet).
+    unsent = [e for account_id in sorted(requested - set(sent)) for e in routed_events[account_id]]
     with unit_of_work(engine) as conn:
+        if unsent:
+            conn.exec_driver_sql(NOT_QUEUED, {"ids": unsent})
         conn.exec_driver_sql(NO_LONGER_WAITING, {"ids": sent})
     return {"routed": routed, "reviewed": reviewed, "sent": len(sent), "failed": failed}

@@ -41,3 +41,26 @@ def test_an_event_whose_request_another_run_took_no_longer_shows_waiting_for_its
     assert report["sent"] == 0
     assert _state(engine, evt["id"]) == "accepted"
     assert _state(engine, other["id"]) == "enqueue_failed"  # still waiting: its request is pending
+
+
+def test_an_event_the_re_drive_routed_shows_its_recompute_not_queued_while_the_broker_is_down(
+        settings, client, celery_app, accounts: Accounts, engine: Engine) -> None:
+    """Routing marked an unroutable event accepted before its recompute was sent: with the broker
+    down it showed accepted (queued) while its account's request waited for the stale-request
+    re-drive, unlike an event ingest could not enqueue (enqueue_failed). It now shows enqueue_failed
+    until a re-drive queues the request."""
+    from tasks.factory import make_celery
+
+    dead_broker = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
+    customer = unique("cus")
+    evt = event("invoice.payment_failed", id=unique("in"), customer=customer)
+    assert post_event(client, evt).json["state"] == "unroutable"
+    accounts.create(customer=customer)
+
+    report = redrive(engine, dead_broker)
+    assert report["routed"] == 1 and report["failed"] == 1
+    assert _state(engine, evt["id"]) == "enqueue_failed"
+
+    report = redrive(engine, celery_app, stale_after_seconds=0)  # the broker back: the request is sent
+    assert report["sent"] == 1
+    assert _state(engine, evt["id"]) == "accepted"
