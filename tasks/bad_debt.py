@@ -128,7 +128,11 @@ def settle_unsettled_bad_debt_payments(self: Task) -> dict[str, Any]:
     if not rt.settings.stripe_api_key:
         log.warning("bad-debt payments are not settled: %s", NO_KEY)
         return {"found": 0, "sent": 0, "skipped": NO_KEY, DEFERRED: True}
-    ids = unsettled(rt)
+    try:
+        ids = unsettled(rt)
+    except Exception as exc:
+        handle_failure(self, exc, None, {})
+        raise
     return {"found": len(ids), "sent": _send_each(self.app, SETTLE, ids)}
 
 
@@ -164,7 +168,11 @@ def reconcile_bad_debt_payments(self: Task) -> dict[str, Any]:
     if not rt.settings.stripe_api_key:  # claimed, each check would move the payment's next one on
         log.warning("bad-debt payments are not reconciled with Stripe: %s", NO_KEY)
         return {"due": 0, "sent": 0, "skipped": NO_KEY, DEFERRED: True}
-    ids = due(rt, datetime.now(UTC))
+    try:
+        ids = due(rt, datetime.now(UTC))
+    except Exception as exc:
+        handle_failure(self, exc, None, {})
+        raise
     return {"due": len(ids), "sent": _send_each(self.app, RECONCILE, ids)}
 
 

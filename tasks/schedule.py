@@ -7,7 +7,9 @@ from typing import Any
 BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # Requests stored but never queued (broker down at ingest), lost messages, and events whose
     # customer had no account yet.
-    "redrive-recompute-requests": {"task": "tasks.redrive_requests", "schedule": 30.0},
+    # (Every tick expires: a tick that retries by its failure class, e.g. while the database is down,
+    # is dropped once the next ticks have come, rather than piling up retries for as long as it lasts.)
+    "redrive-recompute-requests": {"task": "tasks.redrive_requests", "schedule": 30.0, "options": {"expires": 25}},
     # Bad-debt payments charged but not settled (settlement never queued or lost).
     "settle-bad-debt-payments": {"task": "tasks.settle_unsettled_bad_debt_payments", "schedule": 60.0,
                                  "options": {"expires": 50}},

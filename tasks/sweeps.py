@@ -25,6 +25,7 @@ from app.sweep.lifting import count_stuck_in_lifting
 from app.sweep.refile import RECOMPUTE_TRIGGER, refile_customers
 from app.sweep.remediate import celery_enqueuer
 from app.sweep.sweep import SweepBusy, Sweeper, SweepReport
+from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,13 @@ def _again_later(task: Task, run_id: int, waited: int, busy: SweepBusy) -> dict[
 def check_rollout_gate(self: Task) -> dict[str, Any]:
     rt = runtime_for(self.app)
     now = datetime.now(UTC)
-    decision, health, state = check_gate(rt.engine, rt.policy, now)
-    with unit_of_work(rt.engine) as conn:
-        stuck = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
+    try:
+        decision, health, state = check_gate(rt.engine, rt.policy, now)
+        with unit_of_work(rt.engine) as conn:
+            stuck = count_stuck_in_lifting(conn, rt.policy.guard_window_minutes, now)
+    except Exception as exc:  # by failure class, as every beat task (a tick given up: a row its next tick resolves)
+        handle_failure(self, exc, None, {})
+        raise
     return {"action": decision.action, "reason": decision.reason, "decided_at_revision": decision.revision,
             "stage": state.stage, "held": state.held, "revision": state.revision,
             "health": health.to_json(), "stuck_in_lifting": stuck}
@@ -130,7 +135,11 @@ def check_rollout_gate(self: Task) -> dict[str, Any]:
 @shared_task(name="tasks.refile_mirror", bind=True)
 def refile_mirror(self: Task) -> dict[str, Any]:
     """File the customers subs_customer maps differently from their mirror rows (app/sweep/refile.py)."""
-    done = refile_customers(runtime_for(self.app).engine)
+    try:
+        done = refile_customers(runtime_for(self.app).engine)
+    except Exception as exc:  # lock contention on mirror_customer under a webhook burst, say: retried by its class
+        handle_failure(self, exc, None, {})
+        raise
     if done.filed:
         log.info("filed the mirror rows of %d customers under their accounts", done.filed)
     sent = 0

@@ -94,3 +94,70 @@ def test_the_first_retry_has_jitter_too():
         first = {policy.countdown(0) for _ in range(50)}
         assert len(first) > 1, kind
         assert all(policy.base <= c <= policy.cap for c in first), kind
+
+
+# The beat tasks that had no failure handling of their own: a failure failed the tick (acknowledged,
+# never retried), counted nowhere and written nowhere, whatever its class.
+UNHANDLED_BEAT_TASKS = ("tasks.redrive_requests", "tasks.settle_unsettled_bad_debt_payments",
+                        "tasks.reconcile_bad_debt_payments", "tasks.check_rollout_gate", "tasks.refile_mirror")
+
+
+def failures_counted(task: str, kind: FailureKind, action: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("dunning_task_failures_total",
+                                     {"task": task, "failure_class": kind.value, "action": action}) or 0.0
+
+
+@pytest.mark.parametrize("task_name", UNHANDLED_BEAT_TASKS)
+def test_a_beat_tick_the_database_fails_retries_with_its_class_backoff_and_is_counted(database_down_app, task_name):
+    """DESIGN 8: a database outage retries with its class's backoff and jitter, and every failure
+    counts in dunning_task_failures_total. These ticks raised the driver's error: the message was
+    acknowledged with no retry, and the outage was in no metric (a tick failing for ever, the
+    re-drive of lost recomputes or the rollout gate's, showed nowhere but the worker log)."""
+    database_down_app.loader.import_default_modules()  # the worker's task modules, as a worker imports them
+    kind = FailureKind.DATABASE_UNAVAILABLE
+    before = failures_counted(task_name, kind, "retry")
+    with pytest.raises(Retry) as retried:
+        run_as_worker(database_down_app.tasks[task_name], [])
+    assert POLICIES[kind].base <= retried.value.when <= POLICIES[kind].base * 2
+    assert failures_counted(task_name, kind, "retry") == before + 1
+
+
+@pytest.mark.worker
+def test_a_refile_held_by_a_lock_retries_and_its_give_up_is_stuck_work_its_next_tick_resolves(
+        celery_app, engine, locking, accounts, worker):
+    """tasks.refile_mirror locks mirror_customer (SHARE ROW EXCLUSIVE), which every mirror write holds
+    (ROW EXCLUSIVE): under a webhook burst it waits past lock_timeout. It failed for good each time,
+    and the customers moved stayed unfiled, their accounts not recomputed, with nothing to show it.
+    Lock contention now retries with its own short backoff; once its retries are over the tick is a
+    retrying stuck row (no account, no arguments), which its next tick that succeeds resolves."""
+    from app.dispatch import send
+    from tests.conftest import wait_for
+    from tests.integration.test_beat_task_resolves_stuck import states
+
+    celery_app.loader.import_default_modules()
+    accounts.create()  # a customer never filed: a candidate
+    task = celery_app.tasks["tasks.refile_mirror"]
+    kind = FailureKind.LOCK_CONTENTION
+    with locking.connect() as writer:  # a mirror write in flight
+        writer.exec_driver_sql("BEGIN; LOCK TABLE mirror_customer IN ROW EXCLUSIVE MODE")
+        with pytest.raises(Retry) as retried:
+            run_as_worker(task, [])
+        assert retried.value.when <= POLICIES[kind].cap
+        with pytest.raises(Exception, match="lock timeout"):
+            run_as_worker(task, [], retries=POLICIES[kind].max_retries)
+        writer.exec_driver_sql("ROLLBACK")
+    assert states(engine, "tasks.refile_mirror") == ["retrying"]
+    send(celery_app, "tasks.refile_mirror")  # beat's next tick, on the real broker and worker
+    wait_for(lambda: states(engine, "tasks.refile_mirror") == ["resolved"], message="the tick's row resolved")
+
+
+def test_every_beat_tick_expires_so_its_retries_do_not_pile_up():
+    """A beat task retries by failure class; one that cannot record its give-up (the database is down)
+    keeps retrying at the longest countdown. Its next ticks do the same work, so a tick that has not
+    run by then is dropped (Celery keeps a message's expiry on its retries) rather than joined by a
+    new retrying tick every period for as long as the outage lasts."""
+    from tasks.schedule import BEAT_SCHEDULE
+
+    assert [name for name, entry in BEAT_SCHEDULE.items() if not entry.get("options", {}).get("expires")] == []
