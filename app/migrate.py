@@ -21,6 +21,17 @@ def alembic_config(database_url: str) -> Config:
     return cfg
 
 
+def _named(revision: str) -> str:
+    """``revision`` when it names one; alembic's CommandError (the CLI's `error: migration: ...`)
+    when it is empty, or empty after a branch's '@' ("", "@", "head@"): alembic resolves those with a
+    bare assert, an AssertionError traceback instead of its "Can't locate revision" for any other."""
+    from alembic.util import CommandError
+
+    if not revision.rpartition("@")[2]:
+        raise CommandError(f"{revision!r} names no revision (give one: head, base, an id, +1, -1)")
+    return revision
+
+
 def upgrade(database_url: str, revision: str = "head") -> list[str]:
     """Migrates to ``revision``. To the newest ("head"), a database at revisions this code does not
     have is left as it is and they are returned (a newer release migrated it, and this code runs
@@ -39,12 +50,12 @@ def upgrade(database_url: str, revision: str = "head") -> list[str]:
                     return sorted(MigrationContext.configure(conn).get_current_heads())
         finally:
             engine.dispose()
-    command.upgrade(alembic_config(database_url), revision)
+    command.upgrade(alembic_config(database_url), _named(revision))
     return []
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+    command.downgrade(alembic_config(database_url), _named(revision))
 
 
 def current(database_url: str) -> None:

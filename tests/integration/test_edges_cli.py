@@ -122,3 +122,16 @@ def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback():
                           env={**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"})
     assert done.returncode == 130, done.stderr[-400:]
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+
+
+@pytest.mark.parametrize(("command", "revision"), [
+    ("upgrade", ""), ("upgrade", "@"), ("downgrade", ""), ("downgrade", "@"), ("downgrade", "head@"),
+])
+def test_a_revision_that_names_none_is_an_error_not_an_assertion_traceback(empty_database, command, revision):
+    """Alembic resolves an empty revision (nothing, or nothing after a branch's '@') with a bare
+    assert: `dunning db upgrade ""` (an unset variable in a deploy script) was an AssertionError
+    traceback, where any other unknown revision is one line naming it."""
+    done = dunning("db", command, revision, database_url=empty_database)
+    assert done.returncode == 2, done.stderr[-400:]
+    assert done.stderr.startswith("error: migration: ") and "names no revision" in done.stderr, done.stderr[-400:]
+    assert "Traceback" not in done.stderr
