@@ -202,15 +202,12 @@ def plan_retry(
     in_flight += [a.attempted_at for a in attempts if attempt_in_flight(a, now, guard)]
     # The per-invoice cap counts every charge of the invoice, whoever made it.
     charged = max(attempts_used, invoice_charges(invoice, attempts, retries, now, guard))
-    planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
-                    retries, charged, retries_used, stays_run_out)
+    # Stripe turned the last one down unsent (a revoked key, say): it spent no budget, and asking
+    # again at once would only be turned down again. The wait is part of the retry's day, before a
+    # card is chosen for it: a card valid at the planned day may have expired when the wait ends.
     refused = max((r.created_at for r in retries if r.state == "refused"), default=None)
-    if planned[0] is not None and refused is not None and planned[0] < refused + REFUSED_BACKOFF:
-        # Stripe turned the last one down (a revoked key, say): it spent no budget, and asking again
-        # at once would only be turned down again.
-        reasons = [*planned[5], Reason("retry.refused_backoff", "Stripe refused the last retry unsent; "
-                                       "the next one waits", {"invoice": invoice.id, "refused_at": iso(refused)})]
-        planned = (refused + REFUSED_BACKOFF, *planned[1:5], reasons)
+    planned = _plan(snapshot, invoice, attempts, failure_class, last_failure, schedule_start, policy, now,
+                    retries, charged, retries_used, stays_run_out, refused)
     if in_flight:
         # No retry while it runs; but whether the invoice's dunning has run out stays as planned: a
         # payment in flight must not lift bad debt (or ease anything) before any money arrives. The
@@ -255,9 +252,11 @@ def _plan(
     attempts_used: int,
     retries_used: int,
     stays_run_out: bool,
+    refused: datetime | None = None,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
     """plan_retry once no payment of the invoice is in flight. ``attempts_used``: every charge of the
-    invoice (invoice_charges), which the per-invoice cap counts whoever made it, free retries too."""
+    invoice (invoice_charges), which the per-invoice cap counts whoever made it, free retries too.
+    ``refused``: when Stripe last refused a retry of the invoice unsent (the next waits REFUSED_BACKOFF)."""
     reasons: list[Reason] = []
     if invoice.status == "uncollectible":
         reasons.append(Reason("retry.none_uncollectible", "invoice marked uncollectible: no more retries",
@@ -292,12 +291,15 @@ def _plan(
                                          "immediate retry that does not count against the budget",
                                          {"invoice": invoice.id, "payment_method": new_method.id,
                                           "changed_at": iso(changed_at)})]
+        if refused is not None and due < refused + REFUSED_BACKOFF:
+            due = refused + REFUSED_BACKOFF
+            free_reasons.append(_refused_backoff(invoice, refused))
         # Whether the invoice's dunning has run out stays mostly what it was: a card is no money.
         # (An invoice run out and old enough is bad debt, which a free retry must not lift:
         # compute then drops it. An upgrade's free retry holds its revert, as before.)
         run_out = False if invoice.is_upgrade else _scheduled(
             snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now, retries,
-            retries_used, [], stays_run_out)[3]
+            retries_used, [], stays_run_out, refused)[3]
         # But a method already there at the last failure, and never tried, was the dunning's next
         # step: that failure, on another method, did not run it out. (Timed by the failure itself:
         # an attempt's own time moves with later events about its intent.)
@@ -320,7 +322,12 @@ def _plan(
             continue
         return (*free[:3], run_out, *free[4:])
     return _scheduled(snapshot, invoice, attempts, failure_class, failed_method, schedule_start, policy, now,
-                      retries, retries_used, reasons, stays_run_out)
+                      retries, retries_used, reasons, stays_run_out, refused)
+
+
+def _refused_backoff(invoice: Invoice, refused: datetime) -> Reason:
+    return Reason("retry.refused_backoff", "Stripe refused the last retry unsent; the next one waits",
+                  {"invoice": invoice.id, "refused_at": iso(refused)})
 
 
 def _nothing_to_retry(invoice: Invoice, last_failure: Attempt | None) -> Reason | None:
@@ -361,8 +368,9 @@ def _scheduled(
     retries_used: int,
     reasons: list[Reason],
     stays_run_out: bool = False,
+    refused: datetime | None = None,
 ) -> tuple[datetime | None, str | None, bool, bool, int, list[Reason]]:
-    """The plan by failure class, with no payment-method change to act on."""
+    """The plan by failure class, with no payment-method change to act on. ``refused``: as _plan's."""
     if failure_class in (FailureClass.PERMANENT, FailureClass.ACTION_REQUIRED):
         reasons.append(Reason("retry.none_" + failure_class.value,
                               "no automatic retry on the same method; waiting for the customer to act",
@@ -397,12 +405,16 @@ def _scheduled(
     if last_charge is not None and last_charge + gap > due:
         due = last_charge + gap
         facts["after_last_charge"] = iso(last_charge)
+    backoff: list[Reason] = []
+    if refused is not None and due < refused + REFUSED_BACKOFF:
+        due = refused + REFUSED_BACKOFF
+        backoff.append(_refused_backoff(invoice, refused))
 
     default_id = _default_of(snapshot, invoice)[0]
     named = list(dict.fromkeys(m for m in (default_id, failed_method) if m is not None))
     detail = f"{failure_class.value} failure: retry {retries_used + 1} of {len(schedule)}"
     if not named:
-        reasons.append(Reason("retry.scheduled", detail, facts))
+        reasons.extend([Reason("retry.scheduled", detail, facts), *backoff])
         return _cap_method(snapshot, due, None, False, retries_used, reasons, policy, now, invoice)
     detached = [m for m in named if _detached(snapshot, m)]
     expired: list[str] = []
@@ -410,8 +422,8 @@ def _scheduled(
     for method in (m for m in named if m not in detached):
         scheduled = Reason("retry.scheduled", detail,
                            {**facts, "after_expiry_of": list(expired)} if not_before > due else facts)
-        planned = _cap_method(snapshot, not_before, method, False, retries_used, [*reasons, scheduled], policy, now,
-                              invoice)
+        planned = _cap_method(snapshot, not_before, method, False, retries_used, [*reasons, scheduled, *backoff],
+                              policy, now, invoice)
         # A card expired by the time the retry is charged (its day, or the later one the card's cap
         # defers it to; not only now: nothing recomputes the plan then) is declined by Stripe, a
         # charge spent on the invoice's cap and the card's for nothing.
