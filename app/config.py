@@ -187,6 +187,39 @@ def _check_broker_address(url: str, redis: bool, name: str = "CELERY_BROKER_URL"
         raise ConfigError(f"{name} cannot be read: {exc}") from None
 
 
+_URL_NOT_SHOWN = "(the value is not shown: it may hold a password)"
+
+
+def _base_url(env: Mapping[str, str], name: str) -> str | None:
+    """An http(s) base URL the product appends paths to (``/accounts/<id>/entitlements``, ``/v1/...``),
+    None when blank. Refused at start, as the other URLs are, when no request could use it: the calls
+    failed one by one instead (requests' MissingSchema or InvalidURL, taken for "no answer" and
+    retried for ever; every bad-debt payment a 503). The error never quotes the value."""
+    from urllib.parse import urlsplit
+
+    url = env.get(name, "").strip()
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": a '[' never closed
+        raise ConfigError(f"{name} cannot be read: a '[' is never closed {_URL_NOT_SHOWN}") from None
+    if parts.scheme.lower() not in ("http", "https") or not url.partition("://")[1]:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, {_scheme_shown(url)}")
+    if not parts.hostname:
+        raise ConfigError(f"{name} names no host {_URL_NOT_SHOWN}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range: its message quotes it
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"{name}'s port must be a number from 1 to 65535 {_URL_NOT_SHOWN}")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(f"{name} must be a base URL without a query or fragment: paths are appended to it "
+                          f"{_URL_NOT_SHOWN}")
+    return url
+
+
 UNNAMED_SERVICE = "service"
 
 
@@ -322,8 +355,8 @@ class Settings:
             result_backend=check_result_backend(env.get("CELERY_RESULT_BACKEND", "").strip() or None),
             stripe_webhook_secret=_secret(env, "STRIPE_WEBHOOK_SECRET"),
             stripe_api_key=_secret(env, "STRIPE_API_KEY"),
-            stripe_api_base=env.get("STRIPE_API_BASE", "").strip() or None,
-            account_management_url=env.get("ACCOUNT_MANAGEMENT_URL", "").strip() or None,
+            stripe_api_base=_base_url(env, "STRIPE_API_BASE"),
+            account_management_url=_base_url(env, "ACCOUNT_MANAGEMENT_URL"),
             service_tokens=service_tokens,
             support_tokens=support_tokens,
             policy_path=env.get("DUNNING_POLICY", "").strip() or None,

@@ -1,6 +1,6 @@
-"""DATABASE_URL and CELERY_BROKER_URL: a malformed URL is a ConfigError at start that names the
-variable and what is wrong, never a traceback on first use, and never quotes the URL (it holds the
-password)."""
+"""DATABASE_URL, CELERY_BROKER_URL, CELERY_RESULT_BACKEND, ACCOUNT_MANAGEMENT_URL and STRIPE_API_BASE:
+a malformed URL is a ConfigError at start that names the variable and what is wrong, never a
+traceback or a failure on first use, and never quotes the URL (it may hold a password)."""
 
 from __future__ import annotations
 
@@ -138,3 +138,34 @@ def test_a_redis_result_backend_redis_py_cannot_read_is_refused_at_start(url, re
 def test_result_backends_celery_reads_are_taken_as_they_are(url):
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_RESULT_BACKEND": url})
     assert settings.result_backend == url
+
+
+@pytest.mark.parametrize("name", ["ACCOUNT_MANAGEMENT_URL", "STRIPE_API_BASE"])
+@pytest.mark.parametrize(("url", "reason"), [
+    ("account-management.internal", "must be an http:// or https:// URL"),  # no scheme: requests' MissingSchema
+    ("ftp://account-management.internal", "must be an http:// or https:// URL, got the scheme 'ftp'"),
+    (f"am:{PASSWORD}@account-management.internal", "must be an http:// or https:// URL, but it has no scheme"),
+    ("http://", "names no host"),
+    (f"http://am:{PASSWORD}@:8080/", "names no host"),
+    (f"http://am:{PASSWORD}@account-management.internal:99999", "port must be a number from 1 to 65535"),
+    ("http://account-management.internal:eighty", "port must be a number from 1 to 65535"),
+    (f"http://am:{PASSWORD}@[::1", "cannot be read"),
+    ("http://account-management.internal/?tenant=1", "without a query or fragment"),
+    ("http://account-management.internal/#x", "without a query or fragment"),
+])
+def test_a_base_url_no_request_could_use_is_refused_at_start(name, url, reason):
+    """Each was taken as it was: every call to Account Management then failed (requests'
+    MissingSchema or InvalidURL, recorded as 'no answer' and retried for ever), and every bad-debt
+    payment answered 503 'Stripe could not be asked (no answer)'."""
+    message = refused(**{name: url})
+    assert message.startswith(name) and reason in message, message
+    assert PASSWORD not in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "https://account-management.example.internal/",
+                                 f"http://am:{PASSWORD}@am.internal:443/base", "http://[::1]:12111",
+                                 " http://am.internal\n"])
+def test_base_urls_a_request_can_use_are_taken_as_they_are(url):
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "ACCOUNT_MANAGEMENT_URL": url,
+                                  "STRIPE_API_BASE": url})
+    assert settings.account_management_url == url.strip() == settings.stripe_api_base
