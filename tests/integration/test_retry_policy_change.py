@@ -25,7 +25,7 @@ import pytest
 
 from app.payments.retries import claim_due
 from tests.conftest import wait_for
-from tests.integration.dunning_setup import dunning_row, failed_invoice, retries
+from tests.integration.dunning_setup import dunning_row, failed_invoice, method_attached, retries
 
 pytestmark = pytest.mark.worker
 
@@ -85,3 +85,31 @@ def test_during_a_rolling_deploy_a_retry_both_policies_plan_alike_is_charged_at_
     (request,) = fake_stripe.pay_requests(invoice)
     (row,) = retries(engine, account)
     assert row["state"] == "sent" and request.idempotency_key == row["idempotency_key"]
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_a_free_retry_planned_under_another_policy_is_charged_only_if_the_policy_in_force_gives_it(
+        client, accounts, engine, worker, celery_app, runtime, fake_stripe, monkeypatch, immediate):
+    """A new card's free retry, planned under the previous file: charged at once when the file in force
+    gives a new card its free retry too; skipped unsent, and not given, when it does not."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "expired_card", days_ago=2)
+    version = dunning_row(engine, account)["version"]
+    pm = method_attached(client, customer)
+    state = wait_for(lambda: (d := dunning_row(engine, account))["version"] > version and d, message="new method")
+    assert state["retry_free"] is True and state["retry_payment_method_id"] == pm
+    monkeypatch.setattr(runtime, "policy", replace(runtime.policy, version=OTHER_POLICY,
+                                                   immediate_retry_on_new_method=immediate))
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+
+    result = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
+    if immediate:
+        assert result["outcome"] == "sent", result
+        (request,) = fake_stripe.pay_requests(invoice)
+        assert request.params["payment_method"] == [pm] and request.idempotency_key.startswith(f"free:{invoice}:{pm}:")
+        return
+    assert result["outcome"] == "skipped" and "which plans another retry" in result["detail"], result
+    assert fake_stripe.pay_requests(invoice) == []
+    replanned = wait_for(lambda: (s := dunning_row(engine, account))["policy_version"] == OTHER_POLICY and s,
+                         message="recomputed under the policy in force")
+    assert replanned["next_retry_at"] is None and not replanned["retry_free"], replanned
