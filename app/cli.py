@@ -137,7 +137,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             # arguments and results to anyone who can reach it (its API is closed by the Procfile).
             port = os.environ.get("FLOWER_PORT", "").strip()  # for the message only
             flower_api_env(os.environ, os.environ.get("FLOWER_ADDRESS") or "127.0.0.1",
-                           int(port) if port.isdigit() else 5555)
+                           int(port) if port.isascii() and port.isdigit() else 5555)  # '²' is no int()
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

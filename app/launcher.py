@@ -243,7 +243,8 @@ def _worker_metrics_port(env: Mapping[str, str]) -> dict[str, int]:
     raw = env.get("WORKER_METRICS_PORT", "").strip()
     if not raw:
         return {"WORKER_METRICS_PORT": DEFAULT_WORKER_METRICS_PORT}
-    return {"WORKER_METRICS_PORT": int(raw)} if raw.isdigit() and 0 < int(raw) < 65536 else {}
+    # ASCII digits: str.isdigit() also takes '²', which int() refuses (a ValueError traceback from make run).
+    return {"WORKER_METRICS_PORT": int(raw)} if raw.isascii() and raw.isdigit() and 0 < int(raw) < 65536 else {}
 
 
 def check_ports(processes: Mapping[str, str], ports: Mapping[str, int]) -> None:

@@ -659,7 +659,7 @@ def test_a_worker_metrics_port_the_worker_does_not_serve_on_is_no_clash() -> Non
     """0 (any free port) or a value that is no port: the worker serves on no fixed port (it logs a bad
     value), so there is nothing to clash with; make run does not refuse it."""
     processes = launcher.procfile_processes({})
-    for raw in ("0", "off"):
+    for raw in ("0", "off", "\u00b2"):  # '²' is a digit to str.isdigit(), not to int(): was a ValueError traceback
         ports = {"PORT": 5000, "FLOWER_PORT": 5555, **launcher._worker_metrics_port({"WORKER_METRICS_PORT": raw})}
         launcher.check_ports(processes, ports)
     assert launcher._worker_metrics_port({}) == {"WORKER_METRICS_PORT": launcher.DEFAULT_WORKER_METRICS_PORT}

@@ -20,6 +20,16 @@ def test_a_name_the_procfile_lacks_is_refused_with_the_names_it_has() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_flower_beyond_loopback_with_a_port_that_is_no_number_is_refused_for_want_of_a_login() -> None:
+    """The port is only named in the message: one that str.isdigit() takes and int() does not ('²')
+    was a ValueError traceback in place of the refusal."""
+    env = {"PATH": "/usr/bin:/bin", "FLOWER_ADDRESS": "0.0.0.0", "FLOWER_PORT": "\u00b2"}
+    done = subprocess.run([DUNNING, "process", "flower"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr[-400:]
+    assert done.stderr.startswith("error: FLOWER_ADDRESS=0.0.0.0") and "FLOWER_BASIC_AUTH" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_line_runs_in_place_of_the_command(tmp_path: Path) -> None:
     procfile = tmp_path / "Procfile"
     procfile.write_text("hello: exec \"$PYTHON\" -c 'import os; print(os.getpid(), os.environ[\"GREETING\"])'\n")
