@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from app.config import ConfigError, Settings
 from app.policy_file import PolicyFileError
@@ -63,6 +63,13 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owed(outstanding: list[dict[str, Any]] | None) -> str:
+    """What the account owes, per currency ("1000 eur, 1000 usd"): amounts never summed across them."""
+    if outstanding is None:
+        return "not known"
+    return ", ".join(f"{o['amount']} {o['currency']}" for o in outstanding) or "nothing"
+
+
 def cmd_recompute(args: argparse.Namespace) -> int:
     from app.db import is_timed_out
     from app.recompute.observe import observe
@@ -89,6 +96,7 @@ def cmd_recompute(args: argparse.Namespace) -> int:
         return 0
     print(f"account {summary['account_id']}: {summary['status']} / level {summary['level']}"
           f" (failure class {summary['failure_class'] or '-'}, next retry {summary['next_retry_at'] or '-'})")
+    print(f"outstanding: {_owed(summary.get('outstanding'))}")
     changed = summary.get("changed_fields") or []
     print(f"outcome: {result.outcome}; version {summary.get('version')}; "
           f"changed: {', '.join(changed) or 'nothing'}; events: {', '.join(summary.get('events') or []) or 'none'}")

@@ -87,7 +87,11 @@ class Dunning(Base):
     retry_payment_method_id: Mapped[str | None] = mapped_column(Text)
     retry_free: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     retries_used: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The sum of the unpaid invoices' amounts, whatever their currencies: an amount only when
+    # ``outstanding`` holds one currency. ``outstanding`` is what is owed per currency
+    # ([{"currency", "amount"}, ...]); NULL in rows stored before it was kept.
     outstanding_amount: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    outstanding: Mapped[list[Any] | None]
     unpaid_since: Mapped[datetime | None]
     last_failure_id: Mapped[str | None] = mapped_column(Text)
     reasons: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)

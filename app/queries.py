@@ -9,11 +9,12 @@ from sqlalchemy import Connection
 from app.domain.billing_history import history
 from app.domain.entitlements import full_entitlements
 from app.domain.snapshot import Subscription
+from app.domain.state import outstanding_fields, outstanding_of
 from app.recompute.gather import gather
 
 DUNNING_SQL = """
 SELECT a.account_id, a.bad_debt, d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id,
-       d.retries_used, d.outstanding_amount, d.unpaid_since, d.reasons, d.entitlements, d.version,
+       d.retries_used, d.outstanding_amount, d.outstanding, d.unpaid_since, d.reasons, d.entitlements, d.version,
        d.policy_version, d.changed_at, d.last_trigger,
        -- No stored state yet: the subscriptions, for the entitlements that stand for it.
        CASE WHEN d.account_id IS NULL THEN
@@ -54,7 +55,8 @@ def dunning_view(conn: Connection, account_id: str) -> dict[str, Any] | None:
         "next_retry_at": _iso(row["next_retry_at"]),
         "retry_invoice_id": row["retry_invoice_id"],
         "retries_used": row["retries_used"] or 0,
-        "outstanding_amount": row["outstanding_amount"] or 0,
+        # Per currency (amounts in different currencies never add up); outstanding_amount only in one.
+        **outstanding_fields(outstanding_of(row["outstanding"], row["outstanding_amount"] or 0)),
         "unpaid_since": _iso(row["unpaid_since"]),
         "bad_debt": bool(row["bad_debt"]),
         "reasons": row["reasons"] or [],

@@ -653,6 +653,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         retry_free=retry.retry_free if retry else False,
         retries_used=sum(a.retries_used for a in assessed),
         outstanding_amount=sum(a.invoice.amount_remaining for a in assessed),
+        outstanding=outstanding_by_currency(a.invoice for a in assessed),
         unpaid_since=min((a.unpaid_since for a in assessed), default=None),
         last_failure_id=failure_marker(latest_failure.id, failure_time(latest_failure)) if latest_failure else None,
         reasons=tuple(reasons),
@@ -758,6 +759,15 @@ def _standing(assessed: list[InvoiceAssessment]) -> tuple[Level, list[InvoiceAss
 def _held_at(assessed: list[InvoiceAssessment], held: dict[str, Level]) -> list[InvoiceAssessment]:
     """The assessments with each invoice a guard holds at its held level."""
     return [_with_level(a, held[a.invoice.id]) if a.invoice.id in held else a for a in assessed]
+
+
+def outstanding_by_currency(invoices: Iterable[Invoice]) -> tuple[tuple[str, int], ...]:
+    """What the unpaid invoices owe, per currency (sorted by currency): amounts in different
+    currencies never add up, so there is one amount per currency, upgrades included."""
+    owed: dict[str, int] = {}
+    for inv in invoices:
+        owed[inv.currency] = owed.get(inv.currency, 0) + inv.amount_remaining
+    return tuple(sorted(owed.items()))
 
 
 def _balances(unpaid: list[Invoice]) -> dict[str, int]:

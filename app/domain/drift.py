@@ -24,7 +24,8 @@ from app.domain.state import DunningState, Status, _normal
 
 COMPARED_FIELDS: tuple[str, ...] = (
     "status", "level", "failure_class", "next_retry_at", "retry_invoice_id", "retry_payment_method_id",
-    "retry_free", "retries_used", "outstanding_amount", "unpaid_since", "entitlements", "actions_requested",
+    "retry_free", "retries_used", "outstanding_amount", "outstanding", "unpaid_since", "entitlements",
+    "actions_requested",
 )
 _compared = attrgetter(*COMPARED_FIELDS)
 BAD_DEBT_FLAG = "bad_debt_flag"
@@ -77,6 +78,8 @@ def drift(stored: DunningState | None, stored_bad_debt_flag: bool, desired: Dunn
     compare_to = stored if stored is not None else FRESH
     for name in COMPARED_FIELDS:
         was, now = getattr(compare_to, name), getattr(desired, name)
+        if name == "outstanding" and was is None:
+            continue  # stored before it was kept: not known, so no drift (its next recompute writes it)
         # Equal values are equal once normalised too; only unequal ones need the normalised
         # comparison DunningState.changed_fields makes (a list against a tuple is no change).
         if was == now or _normal(was) == _normal(now):

@@ -114,7 +114,13 @@ class DunningState:
     retry_payment_method_id: str | None = None
     retry_free: bool = False
     retries_used: int = 0
+    # The sum of the unpaid invoices' amount_remaining, whatever their currencies: kept for the
+    # staleness check of the bad-debt payment and the callers that read the column; it means an amount
+    # only when ``outstanding`` has one currency. What is shown is ``outstanding``.
     outstanding_amount: int = 0
+    # What is owed per currency: ((currency, amount), ...) sorted by currency, () when nothing is.
+    # None: stored before it was kept (the row's next recompute writes it), not known.
+    outstanding: tuple[tuple[str, int], ...] | None = ()
     unpaid_since: datetime | None = None
     last_failure_id: str | None = None  # the latest failure: failure_marker(attempt id, when)
     reasons: tuple[Reason, ...] = ()
@@ -156,6 +162,8 @@ class DunningState:
                 value = dict(value)
             elif f.name == "actions_requested":
                 value = list(value)
+            elif f.name == "outstanding":
+                value = outstanding_json(value)
             out[f.name] = value
         return out
 
@@ -171,6 +179,7 @@ class DunningState:
             retry_free=bool(row["retry_free"]),
             retries_used=int(row["retries_used"]),
             outstanding_amount=int(row["outstanding_amount"]),
+            outstanding=outstanding_of(row.get("outstanding"), int(row["outstanding_amount"])),
             unpaid_since=row["unpaid_since"],
             last_failure_id=row["last_failure_id"],
             reasons=tuple(Reason.from_json(r) for r in (row["reasons"] or [])),
@@ -180,6 +189,43 @@ class DunningState:
             next_review_at=row.get("next_review_at"),
             prior_settled_at=row.get("prior_settled_at"),
         )
+
+
+def outstanding_json(value: tuple[tuple[str, int], ...] | None) -> list[dict[str, Any]] | None:
+    """The per-currency balance as stored and shown: [{"currency", "amount"}, ...], or None."""
+    if value is None:
+        return None
+    return [{"currency": currency, "amount": amount} for currency, amount in value]
+
+
+def outstanding_of(value: Any, amount: int) -> tuple[tuple[str, int], ...] | None:
+    """The stored per-currency balance (outstanding_json's form) beside the stored outstanding_amount.
+    A row stored before it was kept (NULL) owes nothing when its amount is 0, and is not known (None)
+    otherwise."""
+    if value is None:
+        return () if amount == 0 else None
+    return tuple(sorted((str(item["currency"]), int(item["amount"])) for item in value))
+
+
+def outstanding_fields(outstanding: tuple[tuple[str, int], ...] | None) -> dict[str, Any]:
+    """What is owed as the API, the support page and the CLI show it. ``outstanding``: one amount per
+    currency. ``outstanding_amount``, kept for the callers that read it, is an amount only in one
+    currency: 0 when nothing is owed, the amount when one currency is, and null when several are (no
+    sum of them means anything) or when it is not known; ``outstanding_amount_reason`` says why it is
+    null. ``outstanding_currency`` is the currency of ``outstanding_amount``."""
+    if outstanding is None:
+        return {"outstanding_amount": None, "outstanding_currency": None, "outstanding": None,
+                "outstanding_amount_reason": "not known yet: the decision was stored before amounts were kept "
+                                             "per currency; the account's next recompute stores them"}
+    amount = outstanding[0][1] if len(outstanding) == 1 else 0 if not outstanding else None
+    return {
+        "outstanding_amount": amount,
+        "outstanding_currency": outstanding[0][0] if len(outstanding) == 1 else None,
+        "outstanding": outstanding_json(outstanding),
+        "outstanding_amount_reason": None if amount is not None else (
+            f"owed in several currencies ({', '.join(c for c, _ in outstanding)}), which do not add up: "
+            "see outstanding for each one"),
+    }
 
 
 def _normal(value: Any) -> Any:

@@ -219,14 +219,15 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     if len(currencies) != 1 or len(customers) != 1:
         raise Refused(409, "mixed_debt", "the debt spans several currencies or Stripe customers; "
                       "settle it through support")
+    currency = next(iter(currencies))
     if req.amount != balance:
-        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance})",
-                      outstanding_amount=balance)
+        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance} "
+                      f"{currency})", outstanding_amount=balance, outstanding_currency=currency)
     method = _method_to_charge(snapshot, customers[0])
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
     newest = max((p.id for p in snapshot.bad_debt_payments), default=0)
-    return Debt(balance, currencies.pop(), ids, customers[0], method, newest_payment=newest)
+    return Debt(balance, currency, ids, customers[0], method, newest_payment=newest)
 
 
 def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:

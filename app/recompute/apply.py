@@ -18,7 +18,7 @@ from app.domain.snapshot import Snapshot
 from app.domain.state import DunningState, MandateState, Status
 from app.recompute.emit import outbox_insert
 
-JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested"})
+JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested", "outstanding"})
 BAD_DEBT_STATES = (Status.BAD_DEBT, Status.LIFTING)
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from app.db import unit_of_work
 from app.domain.compute import Decision, compute
 from app.domain.policy import Policy
+from app.domain.state import outstanding_fields
 from app.recompute.apply import Applied, apply
 from app.recompute.gather import gather
 
@@ -54,6 +55,7 @@ class RecomputeResult:
             state = self.decision.state
             out.update(status=state.status, level=state.level, failure_class=state.failure_class,
                        next_retry_at=state.next_retry_at.isoformat() if state.next_retry_at else None,
+                       **outstanding_fields(state.outstanding),
                        reasons=[r.to_json() for r in state.reasons])
         if self.applied is not None:
             out.update(changed_fields=self.applied.changed_fields, version=self.applied.version,

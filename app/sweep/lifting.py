@@ -17,7 +17,8 @@ from app import metrics
 
 STUCK_LIFTING_SQL = """
 SELECT d.account_id, d.changed_at, min(b.created_at) AS payment_since, min(b.id) AS payment_id,
-       min(b.amount) AS amount, min(b.stripe_status) AS stripe_status, min(b.reconcile_checks) AS checks,
+       min(b.amount) AS amount, min(b.currency) AS currency, min(b.stripe_status) AS stripe_status,
+       min(b.reconcile_checks) AS checks,
        min(b.reconcile_after) AS next_check, min(b.not_found_since) AS not_found_since
   FROM subs_dunning d
   LEFT JOIN bad_debt_payment b ON b.account_id = d.account_id AND b.state = 'pending'
@@ -39,7 +40,7 @@ def stuck_in_lifting(conn: Connection, guard_minutes: int, now: datetime, limit:
         since = r.payment_since or r.changed_at
         out.append({"account_id": r.account_id, "lifting_since": since.isoformat(),
                     "minutes": int((now - since).total_seconds() // 60), "payment_id": r.payment_id,
-                    "amount": r.amount,
+                    "amount": r.amount, "currency": r.currency,
                     # one pending payment per account: its reconciliation with Stripe so far
                     "reconciliation": None if r.payment_id is None else {
                         "checks": r.checks, "stripe_status": r.stripe_status,

@@ -1,0 +1,134 @@
+"""What an account owes, per currency: amounts in different currencies never add up.
+
+An account of several Stripe customers may be billed in several currencies. 1000 USD and 1000 EUR
+owed is no "2000": ``outstanding`` lists each currency's amount, and ``outstanding_amount`` (kept
+for the callers that read it) is given only when the debt is in one currency (0 when nothing is
+owed), else null with ``outstanding_amount_reason`` saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import UTC, datetime
+
+from app.recompute.service import run_recompute
+from tests.conftest import SUPPORT_TOKEN, Accounts, post_event, service_headers
+from tests.integration.test_cli_recompute import dunning
+from tests.stripe_events import event, unique, with_product
+
+DAY = 86400
+SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
+
+
+def failed_in(client, customer: str, currency: str, amount: int, days_ago: int = 4) -> str:
+    t = int(time.time()) - days_ago * DAY
+    invoice = unique("in")
+    evt = with_product(event("invoice.payment_failed", id=invoice, customer=customer, created=t, currency=currency,
+                             amount_due=amount, amount_remaining=amount, amount_paid=0, total=amount,
+                             attempt_count=1, billing_reason="subscription_cycle", paths={"created": t - DAY}),
+                       "prod_core", amount)
+    assert post_event(client, evt).status_code == 200
+    return invoice
+
+
+def recomputed(engine, runtime, account: str) -> None:
+    run_recompute(engine, runtime.policy, account, "MANUAL", datetime.now(UTC))
+
+
+def view(client, account: str) -> dict:
+    response = client.get(f"/accounts/{account}/dunning", headers=service_headers())
+    assert response.status_code == 200
+    return response.json
+
+
+def test_a_debt_in_two_currencies_has_no_single_amount_but_one_per_currency(client, engine, runtime,
+                                                                          accounts: Accounts):
+    account, customer = accounts.create()
+    failed_in(client, customer, "usd", 1000)
+    failed_in(client, customer, "eur", 1000)
+    recomputed(engine, runtime, account)
+
+    body = view(client, account)
+    assert body["status"] == "past_due"
+    assert body["outstanding_amount"] is None  # never 2000: there is no such sum
+    assert body["outstanding_currency"] is None
+    assert body["outstanding"] == [{"currency": "eur", "amount": 1000}, {"currency": "usd", "amount": 1000}]
+    assert "several currencies" in body["outstanding_amount_reason"]
+
+    state = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
+    assert state["dunning"]["outstanding"] == body["outstanding"]
+    page = client.get(f"/support/accounts/{account}", headers=SUPPORT).get_data(as_text=True)
+    shown = re.search(r'<dd id="outstanding">(.*?)</dd>', page, re.DOTALL)
+    assert shown is not None
+    assert "2000" not in shown.group(1)
+    assert "1000 eur" in shown.group(1) and "1000 usd" in shown.group(1)
+    # Each invoice's amounts are in its own currency.
+    assert re.search(r">1000 eur<", page) and re.search(r">1000 usd<", page)
+
+
+def test_a_debt_in_one_currency_keeps_its_amount_and_says_its_currency(client, engine, runtime, accounts: Accounts):
+    account, customer = accounts.create()
+    failed_in(client, customer, "eur", 700)
+    failed_in(client, customer, "eur", 300)
+    recomputed(engine, runtime, account)
+
+    body = view(client, account)
+    assert body["outstanding_amount"] == 1000
+    assert body["outstanding_currency"] == "eur"
+    assert body["outstanding"] == [{"currency": "eur", "amount": 1000}]
+    assert body["outstanding_amount_reason"] is None
+    page = client.get(f"/support/accounts/{account}", headers=SUPPORT).get_data(as_text=True)
+    assert re.search(r'<dd id="outstanding">\s*1000 eur\s*</dd>', page)
+
+
+def test_nothing_owed_is_zero_in_no_currency(client, engine, runtime, accounts: Accounts):
+    account, _customer = accounts.create()
+    never = view(client, account)  # never recomputed: nothing stored, nothing owed
+    recomputed(engine, runtime, account)
+    body = view(client, account)
+    for answer in (never, body):
+        assert answer["outstanding_amount"] == 0
+        assert answer["outstanding"] == []
+        assert answer["outstanding_currency"] is None and answer["outstanding_amount_reason"] is None
+
+
+def test_cli_recompute_prints_the_debt_per_currency(client, accounts: Accounts, database_url, engine):
+    account, customer = accounts.create()
+    failed_in(client, customer, "usd", 1000)
+    failed_in(client, customer, "eur", 1000)
+    done = dunning("recompute", account, database_url=database_url)
+    assert done.returncode == 0, done.stderr
+    assert "outstanding: 1000 eur, 1000 usd" in done.stdout
+    again = json.loads(dunning("recompute", account, "--json", database_url=database_url).stdout)
+    assert again["outstanding"] == [{"currency": "eur", "amount": 1000}, {"currency": "usd", "amount": 1000}]
+    assert again["outstanding_amount"] is None
+
+
+def test_a_bad_debt_amount_refused_names_the_balance_with_its_currency(client, debtor, stripe_fake):
+    from tests.integration.bad_debt_setup import key, pay
+
+    body = view(client, debtor.account)
+    assert (body["outstanding_amount"], body["outstanding_currency"]) == (debtor.amount, "usd")
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount + 1}, key())
+    assert (response.status_code, response.json["error"]) == (422, "amount_mismatch")
+    assert response.json["outstanding_amount"] == debtor.amount
+    assert response.json["outstanding_currency"] == "usd" and f"{debtor.amount} usd" in response.json["reason"]
+
+
+def test_a_payment_stuck_in_lifting_is_listed_with_its_currency(client, engine, accounts: Accounts):
+    from datetime import timedelta
+
+    account, _ = accounts.create()
+    since = datetime.now(UTC) - timedelta(minutes=45)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, status, level, changed_at) "
+                             "VALUES (%(a)s, 'lifting', 'suspended', %(t)s)", {"a": account, "t": since})
+        conn.exec_driver_sql("INSERT INTO bad_debt_payment (account_id, idempotency_key, request_fingerprint, amount, "
+                             "currency, created_at) VALUES (%(a)s, %(k)s, 'x', 5000, 'eur', %(t)s)",
+                             {"a": account, "k": f"key-{account}", "t": since})
+    listing = client.get("/support/lifting", headers=SUPPORT).get_data(as_text=True)
+    assert re.search(r"<td>5000 eur</td>", listing)
+    [item] = client.get("/ops/lifting", headers=service_headers()).json["accounts"]
+    assert (item["amount"], item["currency"]) == (5000, "eur")
