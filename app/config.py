@@ -154,10 +154,21 @@ def check_broker_url(url: str) -> str:
 
 
 def check_result_backend(url: str | None) -> str | None:
-    """``url`` (CELERY_RESULT_BACKEND) when, naming a Redis server, it is one redis-py can address;
-    ConfigError otherwise. Celery's other backends (db+..., rpc://) are Celery's to read."""
+    """``url`` (CELERY_RESULT_BACKEND) when, naming a Redis server, it is one redis-py can address,
+    and otherwise one Celery has a backend for; ConfigError otherwise. The rest of Celery's other
+    backends (db+..., rpc://) is Celery's to read."""
     if url is not None and url.partition("://")[0] in ("redis", "rediss"):
         _check_broker_address(url, redis=True, name="CELERY_RESULT_BACKEND")
+    elif url is not None:
+        from celery.app.backends import by_url
+
+        try:
+            by_url(url)  # the backend's class, by the URL's scheme (imports its module; connects to nothing)
+        except Exception:  # ImproperlyConfigured (no such alias), ImportError (nor a module of that name)
+            # Every worker failed at its start with Celery's traceback, and the support page's task
+            # results were never kept (its status answered 503 "unreachable" for ever).
+            raise ConfigError(f"CELERY_RESULT_BACKEND names no result backend Celery has, {_scheme_shown(url)}"
+                              " (e.g. redis://host:6379/1, db+postgresql://...)") from None
     return url
 
 

@@ -169,3 +169,18 @@ def test_base_urls_a_request_can_use_are_taken_as_they_are(url):
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "ACCOUNT_MANAGEMENT_URL": url,
                                   "STRIPE_API_BASE": url})
     assert settings.account_management_url == url.strip() == settings.stripe_api_base
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("results", "names no result backend Celery has, but it has no scheme"),
+    (f"resdis://:{PASSWORD}@redis:6379/1", "names no result backend Celery has, got the scheme 'resdis'"),
+    (f"postgresql://u:{PASSWORD}@db/results", "names no result backend Celery has, got the scheme 'postgresql'"),
+    (f"u:{PASSWORD}@redis:6379", "names no result backend Celery has, but it has no scheme"),
+])
+def test_a_result_backend_celery_has_no_backend_for_is_refused_at_start(url, reason):
+    """Taken as it was: every worker then failed at its start (Celery's ImproperlyConfigured or
+    ModuleNotFoundError traceback), the support button's result was never watched and its status
+    answered 503 'unreachable' for ever."""
+    message = refused(CELERY_RESULT_BACKEND=url)
+    assert message.startswith("CELERY_RESULT_BACKEND") and reason in message, message
+    assert PASSWORD not in message
