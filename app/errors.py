@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
+from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
@@ -25,6 +26,13 @@ def register(app: Flask) -> None:
             if name.lower() != "content-type":
                 response.headers.add(name, value)
         return response, exc.code or 500
+
+    @app.errorhandler(ParseException)
+    def unreadable_body(exc: ParseException) -> ResponseReturnValue:
+        # gunicorn reads a chunked body as the view reads it (request.get_json, request.form), and
+        # raises its own exception for a chunk it cannot parse (a size that is no hex number, a chunk
+        # without its CRLF): the caller's malformed request, not an error of ours.
+        return jsonify(error="bad_request", reason=unreadable_reason(exc)), 400
 
     @app.errorhandler(DatabaseUnavailable)
     def db_down(exc: DatabaseUnavailable) -> ResponseReturnValue:
@@ -95,6 +103,10 @@ def register(app: Flask) -> None:
     def unexpected(exc: Exception) -> ResponseReturnValue:
         log.exception("unhandled error")
         return jsonify(error="internal_error", reason="unexpected error; nothing was accepted"), 500
+
+
+def unreadable_reason(exc: ParseException) -> str:
+    return f"the request body cannot be read: its chunked transfer encoding is malformed ({type(exc).__name__})"
 
 
 def _lost_a_race(exc: DBAPIError) -> bool:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import orjson
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
+from gunicorn.http.errors import ParseException
 
 from app import metrics
 from app.db import ValueRejected
+from app.errors import unreadable_reason
 from app.web import runtime
 from webhooks.ingest import Ingestor
 from webhooks.mirror import NotAStripeEvent
@@ -29,8 +31,8 @@ def stripe_webhook() -> ResponseReturnValue:
     if (request.content_length or 0) > MAX_BODY:
         metrics.WEBHOOKS_REJECTED.labels("too_large").inc()
         return jsonify(error="bad_request", reason="body too large for a Stripe event"), 413
-    body = _body()
     try:
+        body = _body()
         event, text = verify_and_parse(body, request.headers.get("Stripe-Signature"),
                                        runtime().settings.stripe_webhook_secret)
         result = current_app.extensions["webhook_ingest"].ingest(event, text)
@@ -61,8 +63,12 @@ def _body() -> bytes:
     """The request body. With a Content-Length (Stripe always sends one, checked above against
     MAX_BODY) it is read straight from the server's input: werkzeug's limited-stream wrapper cost
     about as much CPU as the read itself (11 of 25 µs a webhook). A chunked body has no length to
-    check first, so werkzeug reads it, stopping at MAX_CONTENT_LENGTH (413)."""
+    check first, so werkzeug reads it, stopping at MAX_CONTENT_LENGTH (413); a chunk gunicorn cannot
+    parse is a BadWebhook (400, counted as malformed)."""
     if request.content_length is None:
-        return request.get_data(cache=False)
+        try:
+            return request.get_data(cache=False)
+        except ParseException as exc:  # gunicorn's, for a chunk it cannot parse (app.errors for other routes)
+            raise BadWebhook(unreadable_reason(exc), "malformed") from None
     body: bytes = request.environ["wsgi.input"].read(request.content_length)
     return body

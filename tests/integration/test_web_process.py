@@ -201,3 +201,37 @@ def test_a_support_sign_in_holds_on_every_worker_when_secret_key_is_unset(runtim
         wait_for(lambda: len(_workers_now(ctl) - before) == 2, timeout=60, interval=0.2,
                  message="two new workers in place of the dead ones")
         assert [requests.get(page, cookies=cookies, timeout=10).status_code for _ in range(10)] == [200] * 10
+
+
+def _raw(base: str, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` as it is and read the whole answer: (status, body)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_a_chunked_body_gunicorn_cannot_read_is_a_400_naming_it_on_every_route_that_reads_one(
+        runtime: Any, tmp_path: Path) -> None:
+    """A chunk size that is no hex number, or a chunk without its CRLF: gunicorn raises its own
+    ParseException from the body's read (werkzeug turns an OSError into a 400, not this), and every
+    route that reads a body answered 500 'unexpected error'."""
+    service = "svc-chunked-" + os.urandom(6).hex()
+    json = b"Content-Type: application/json\r\n"
+    webhook = b"POST /webhooks/stripe HTTP/1.1\r\nStripe-Signature: t=1,v1=00\r\n" + json
+    pay = f"POST /pay-bad-debt HTTP/1.1\r\nAuthorization: Bearer {service}\r\nIdempotency-Key: k\r\n".encode() + json
+    rollout = f"POST /ops/rollout HTTP/1.1\r\nAuthorization: Bearer {service}\r\n".encode() + json
+    login = b"POST /support/login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+    with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="1", SERVICE_TOKENS=service) as web:
+        for start in (webhook, pay, rollout, login):
+            for chunks in (b"zz\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX0\r\n\r\n"):
+                request = start + b"Host: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks
+                status, body = _raw(web.base, request)
+                assert status == 400, (start, chunks, status, body[:300])
+                assert b"chunked" in body, body[:300]
+        scraped = requests.get(f"{web.base}/metrics", timeout=5).text
+    assert 'dunning_webhooks_rejected_total{reason="malformed"} 2.0' in scraped
