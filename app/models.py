@@ -111,6 +111,10 @@ class Dunning(Base):
     last_trigger: Mapped[str | None] = mapped_column(Text)
     changed_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
+    # The few accounts lifting (a bad-debt payment in flight), which every /metrics scrape counts
+    # (app/metrics_db.py) and /ops/lifting lists: never a read of every account.
+    __table_args__ = (Index("ix_subs_dunning_lifting", "account_id", postgresql_where=text("status = 'lifting'")),)
+
 
 class Mandate(Base):
     """Payment methods on file as dunning sees them (usable, blocked, expired, detached)."""
@@ -415,6 +419,12 @@ class PaymentRetry(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+    # The rows claimed and not yet charged, which dispatch looks for every tick (app/payments/retries.py):
+    # never a read of every retry ever made (the table is never pruned).
+    __table_args__ = (
+        Index("ix_payment_retry_dispatched", "created_at", postgresql_where=text("state = 'dispatched'")),
+    )
 
 
 class BadDebtPayment(Base):
