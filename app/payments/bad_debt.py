@@ -209,8 +209,11 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     decision = compute(snapshot, rt.policy, now)
     invoices = [a.invoice for a in decision.assessments]
     balance = sum(inv.amount_remaining for inv in invoices)
-    if decision.state.status != Status.BAD_DEBT.value or balance != stored.outstanding_amount:
+    if decision.state.status != Status.BAD_DEBT.value or balance != stored.outstanding_amount or (
+            stored.outstanding is not None and decision.state.outstanding != stored.outstanding):
         # Something arrived since the last recompute (which is on its way): the stored balance is stale.
+        # Per currency too: the caller quoted the stored amount in its currency (the body names none),
+        # and the same number owed in another currency is another balance.
         raise Refused(409, "balance_changing", "the account's balance is being recomputed; retry in a moment")
     # Before the amount: a sum across currencies is no balance anyone could pay.
     currencies = {inv.currency for inv in invoices}

@@ -132,3 +132,26 @@ def test_a_payment_stuck_in_lifting_is_listed_with_its_currency(client, engine, 
     assert re.search(r"<td>5000 eur</td>", listing)
     [item] = client.get("/ops/lifting", headers=service_headers()).json["accounts"]
     assert (item["amount"], item["currency"]) == (5000, "eur")
+
+
+def test_a_bad_debt_now_owed_in_another_currency_is_not_paid_on_the_stored_amount(client, engine, debtor,
+                                                                               stripe_fake):
+    """/pay-bad-debt takes an amount, no currency: the caller quotes outstanding_amount (and its
+    currency) as stored. Its debt in USD voided and as much now owed in EUR, the recompute not run
+    yet: the same number is no longer the same balance, so the request is refused as stale instead of
+    charging 1000 EUR for a quote of 1000 USD."""
+    from tests.integration.bad_debt_setup import key, pay
+
+    assert view(client, debtor.account)["outstanding"] == [{"currency": "usd", "amount": debtor.amount}]
+    t = int(time.time()) - 30 * DAY
+    voided = event("invoice.voided", id=debtor.invoice, customer=debtor.customer, amount_remaining=0,
+                   created=int(time.time()))
+    assert post_event(client, voided).status_code == 200
+    euros = with_product(event("invoice.marked_uncollectible", id=unique("in"), customer=debtor.customer, created=t,
+                               amount_due=debtor.amount, amount_remaining=debtor.amount, amount_paid=0,
+                               total=debtor.amount, currency="eur", paths={"created": t - DAY}),
+                         "prod_premium", debtor.amount)
+    assert post_event(client, euros).status_code == 200
+    response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert (response.status_code, response.json["error"]) == (409, "balance_changing")
+    assert stripe_fake.intents_created() == []
