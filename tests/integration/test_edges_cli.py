@@ -135,3 +135,41 @@ def test_a_revision_that_names_none_is_an_error_not_an_assertion_traceback(empty
     assert done.returncode == 2, done.stderr[-400:]
     assert done.stderr.startswith("error: migration: ") and "names no revision" in done.stderr, done.stderr[-400:]
     assert "Traceback" not in done.stderr
+
+
+HOSTILE_ARGUMENTS = [
+    ["recompute", ""], ["recompute", "x" * 100_000], ["recompute", "acct_\u00e9"],
+    ["report", "bad-debt", "--since", "9999-12-31"], ["report", "bad-debt", "--since", "2026-02-30"],
+    ["report", "bad-debt", "--since", "2026-01-01", "--until", "2025-12-31"],
+    ["sweep", "--dry-run", "--batch-size", "9" * 5000], ["sweep", "--dry-run", "--batch-size", "\u00b2"],
+    ["sweep", "--dry-run", "--show", "-1"],
+    ["rollout", "status", "--history", "\u00b2"], ["rollout", "hold", "--reason", " "],
+    ["rollout", "hold", "--reason", "r", "--actor", ""], ["rollout", "hold", "--reason", "r" * 3000],
+    ["rollout", "hold", "--reason", "r", "--from", "x" * 10_000],
+    ["rollout", "hold", "--reason", "r", "--revision", "-1"],
+    ["rollout", "advance", "--reason", "r"], ["rollout", "name", "--reason", "r", "--actor", " ", "a" * 50_000],
+    ["outbox", "list", "--limit", "9" * 5000], ["outbox", "list", "--account", "x" * 100_000],
+    ["outbox", "skip", "9" * 5000, "--actor", "a", "--reason", "r"],
+    ["outbox", "skip", "1", "--actor", " ", "--reason", "r"],
+    ["db", "upgrade", ""], ["db", "upgrade", "@"], ["db", "upgrade", "a:b"], ["db", "downgrade", "x" * 1000],
+    ["db", "downgrade", "head@"], ["process", ""],
+]
+
+
+@pytest.mark.parametrize("arguments", HOSTILE_ARGUMENTS, ids=lambda a: " ".join(x[:12] for x in a))
+def test_hostile_arguments_are_a_message_and_a_status_never_a_traceback(cli_env, clean, request, monkeypatch, capsys,
+                                                                      arguments):
+    """Every command, in process, with the arguments an operator or a script can get wrong: an
+    argparse usage error (status 2) or the command's own `error:` line, never an exception."""
+    from app.cli import main
+
+    if arguments[0] == "db":  # nothing to migrate by mistake: a database of its own
+        monkeypatch.setenv("DATABASE_URL", request.getfixturevalue("empty_database"))
+    status: int | str | None
+    try:
+        status = main(arguments)
+    except SystemExit as usage:  # argparse: its usage line and the argument it refused
+        status = usage.code
+    err = capsys.readouterr().err
+    assert status in (0, 1, 2), (status, err[-400:])
+    assert "Traceback" not in err and (status == 0 or "error" in err), err[-400:]
