@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.domain.attempts import attempts_by_invoice, bad_debt_intents, failure_time, without_bad_debt_payments
@@ -456,6 +456,12 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
         return decision
     settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
     state = _plain_state(key, subscriptions, policy)
+    if snapshot.payment_methods:
+        # With nothing unpaid, a card's expiry is the only moment time alone changes the decision
+        # (its mandate turns expired): the earliest one is the review.
+        last = _last_valid_month(snapshot, now)
+        if last is not None:
+            state = _reviewed_state(state, key, last)
     prior = _latest_settled_debt(snapshot) if settled else None
     return Decision(
         state=state if prior is None else replace(state, prior_settled_at=prior),
@@ -476,6 +482,7 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
 # memory stays flat; tests/unit/test_compute_fast_path.py checks the shared decisions too.
 _PLAIN_STATES: dict[Any, DunningState] = {}
 _PLAIN_DECISIONS: dict[Any, Decision] = {}
+_REVIEWED_STATES: dict[Any, DunningState] = {}  # (key, a card's expiry month): _reviewed_state
 PLAIN_CACHE_SIZE = 1024
 
 
@@ -484,6 +491,18 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
         cache.clear()
     cache[key] = value
     return value
+
+
+def _reviewed_state(state: DunningState, key: Any, card: tuple[int, int]) -> DunningState:
+    """The plain state of ``key`` reviewed when a card of ``card`` (exp_year, exp_month) expires,
+    shared like the plain states: cards expire at the start of a few months, so most accounts with a
+    card share one (and the drift sweep compares each distinct pair of states once per page)."""
+    shared = _REVIEWED_STATES.get((key, card))
+    if shared is not None:
+        return shared
+    review = _month_after(card)
+    return _remember(_REVIEWED_STATES, (key, card),
+                     state if review is None else replace(state, next_review_at=review))
 
 
 def _plain_state(key: Any, subscriptions: tuple[Subscription, ...], policy: Policy) -> DunningState:
@@ -643,7 +662,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         next_review_at=_next_review(assessed, policy, now,
                                     [held_until, revert_held_until,
                                      *_holds_end(snapshot, unpaid, unpaid_attempts, policy, now),
-                                     *_coming_due(snapshot, now)]),
+                                     *_coming_due(snapshot, now), _next_card_expiry(snapshot, now)]),
         status=status.value,
         level=level.value,
         failure_class=current_class.value if current_class else None,
@@ -719,13 +738,47 @@ def _stored_failure_at(snapshot: Snapshot, latest: Attempt | None) -> datetime |
 def _next_review(assessed: list[InvoiceAssessment], policy: Policy, now: datetime,
                  holds_end: list[datetime | None]) -> datetime | None:
     """When time alone would change this decision: the next day threshold of a level rule for an
-    unpaid invoice, an invoice's due date, or the end of a hold (the payment-flow guard's over bad
-    debt or over an upgrade's revert, a payment in flight holding retries). No event may come before
-    then (a permanent decline has no retries), so beat recomputes the account at that moment."""
+    unpaid invoice, an invoice's due date, the end of a hold (the payment-flow guard's over bad
+    debt or over an upgrade's revert, a payment in flight holding retries), or an attached card's
+    expiry (_next_card_expiry). No event may come before then (a permanent decline has no retries),
+    so beat recomputes the account at that moment."""
     moments = [a.unpaid_since + timedelta(days=rule.min_days) for a in assessed for rule in policy.rules
                if rule.min_days is not None]
     moments += [t for t in holds_end if t is not None]
     return min((t for t in moments if t > now), default=None)
+
+
+def _next_card_expiry(snapshot: Snapshot, now: datetime) -> datetime | None:
+    """The first moment an attached card still valid at ``now`` is no longer valid (card_expired: valid
+    through the last day of its expiry month, UTC), the earliest of them; None when there is none.
+
+    Its mandate turns ``expired`` then, and whatever the decision planned on it as of ``now`` (a retry
+    due but not sent, a new card's free retry, a card never tried keeping the dunning going) no longer
+    holds: no event comes, so it is a review moment."""
+    last = _last_valid_month(snapshot, now)
+    return _month_after(last) if last is not None else None
+
+
+def _last_valid_month(snapshot: Snapshot, now: datetime) -> tuple[int, int] | None:
+    """The earliest (exp_year, exp_month) of the attached cards not expired at ``now``: one pass over
+    the cards, no time built (compute's shortcut for accounts with nothing unpaid runs it too)."""
+    utc = now if now.tzinfo is UTC else now.astimezone(UTC)
+    current = (utc.year, utc.month)
+    last = None
+    for pm in snapshot.payment_methods:
+        if pm.attached and pm.exp_year is not None and pm.exp_month is not None:
+            card = (pm.exp_year, pm.exp_month)
+            if card >= current and (last is None or card < last):  # card_expired: card < current
+                last = card
+    return last
+
+
+def _month_after(card: tuple[int, int]) -> datetime | None:
+    """The first moment of the first month after a card's (exp_year, exp_month), as card_expired compares
+    them; None past the last year a time holds."""
+    year, month = card
+    year, month = (year + 1, 1) if month >= 12 else (year, max(month, 0) + 1)
+    return datetime(year, month, 1, tzinfo=UTC) if year <= 9999 else None
 
 
 def _coming_due(snapshot: Snapshot, now: datetime) -> list[datetime]:

@@ -1,0 +1,93 @@
+"""Migration card_expiry_reviews: a decision stored before card expiries were review moments gets one.
+
+Found by an audit: subs_mandate said `expired` only once something recomputed the account after the
+card's expiry month had ended; compute now stores the card's expiry as a review moment, but a
+decision stored before has none. An account whose card already expired while stored `usable` is
+reviewed once, now; one whose card expires later is reviewed then (unless an earlier review is
+stored). Detached and expired mandates give no review.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from alembic.script import ScriptDirectory
+
+from app.db import make_engine
+from app.migrate import alembic_config, upgrade
+from app.policy_file import load_policy
+from app.recompute.service import run_recompute
+from app.redrive import DUE_REVIEWS
+
+# The migration reads the database's now(), which no frozen clock moves: months around this run's.
+TODAY = datetime.now(UTC)
+LAST_MONTH = (TODAY.year, TODAY.month - 1) if TODAY.month > 1 else (TODAY.year - 1, 12)
+NEXT_MONTH = (TODAY.year, TODAY.month + 1) if TODAY.month < 12 else (TODAY.year + 1, 1)
+# A card of NEXT_MONTH is valid through it: expired from the first of the month after.
+NEXT_MONTH_ENDS = datetime(NEXT_MONTH[0] + NEXT_MONTH[1] // 12, NEXT_MONTH[1] % 12 + 1, 1, tzinfo=UTC)
+SOON = TODAY.replace(microsecond=0) + timedelta(days=1)
+
+
+def _review(engine, account: str):
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT next_review_at FROM subs_dunning WHERE account_id = %(a)s",
+                                    {"a": account}).scalar()
+
+
+def _due(engine, now: datetime) -> list[str]:
+    with engine.connect() as conn:
+        return [r[0] for r in conn.exec_driver_sql(DUE_REVIEWS, {"limit": 100, "now": now})]
+
+
+def test_stored_decisions_get_their_cards_expiry_as_a_review(empty_database: str):
+    url = empty_database
+    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("card_expiry_reviews").down_revision
+    assert isinstance(before, str)
+    upgrade(url, before)
+    engine = make_engine(url)
+    policy = load_policy()
+    try:
+        with engine.begin() as conn:
+            # account: (its card's mandate status as stored, (exp year, month), mirror attached, review stored)
+            for account, status, (year, month), attached, review in (
+                    ("acct_expired", "usable", LAST_MONTH, True, None),
+                    ("acct_blocked", "blocked", LAST_MONTH, True, None),
+                    ("acct_later", "usable", NEXT_MONTH, True, None),
+                    ("acct_reviewed_sooner", "usable", NEXT_MONTH, True, SOON),
+                    ("acct_detached", "detached", LAST_MONTH, False, None),
+                    ("acct_shown_expired", "expired", LAST_MONTH, True, None)):
+                customer, card = f"cus_{account}", f"pm_{account}"
+                conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES (%(a)s)", {"a": account})
+                conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) "
+                                     "VALUES (%(c)s, %(a)s)", {"c": customer, "a": account})
+                conn.exec_driver_sql(
+                    "INSERT INTO stripe_payment_method (id, stripe_customer_id, type, attached, exp_month, "
+                    "exp_year, changed_at, source_created, source_rank) VALUES (%(p)s, %(c)s, 'card', "
+                    "%(attached)s, %(m)s, %(y)s, now() - interval '400 days', 1, 1)",
+                    {"p": card, "c": customer, "attached": attached, "m": month, "y": year})
+                # As the code before card expiries were review moments stored it: current, no review
+                # (or one stored for another reason), the card's mandate as it was then.
+                conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, status, level, version, next_review_at) "
+                                     "VALUES (%(a)s, 'current', 'none', 1, %(r)s)", {"a": account, "r": review})
+                conn.exec_driver_sql(
+                    "INSERT INTO subs_mandate (payment_method_id, account_id, status, exp_month, exp_year) "
+                    "VALUES (%(p)s, %(a)s, %(s)s, %(m)s, %(y)s)",
+                    {"p": card, "a": account, "s": status, "m": month, "y": year})
+        assert _due(engine, TODAY + timedelta(days=400)) == ["acct_reviewed_sooner"]  # nobody else, ever
+
+        upgrade(url)
+        assert _due(engine, datetime.now(UTC)) == ["acct_blocked", "acct_expired"]  # once, at once
+        assert _review(engine, "acct_later") == NEXT_MONTH_ENDS
+        assert _review(engine, "acct_reviewed_sooner") == SOON
+        assert _review(engine, "acct_detached") is None and _review(engine, "acct_shown_expired") is None
+
+        for account in ("acct_expired", "acct_blocked"):
+            run_recompute(engine, policy, account, "STATE_REFRESH")
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SELECT status FROM subs_mandate WHERE account_id = %(a)s",
+                                            {"a": account}).scalar() == "expired"
+            assert _review(engine, account) is None  # no card left to expire: nothing due again
+        run_recompute(engine, policy, "acct_later", "STATE_REFRESH")
+        assert _review(engine, "acct_later") == NEXT_MONTH_ENDS  # what compute stores itself
+    finally:
+        engine.dispose()
