@@ -50,6 +50,7 @@ from urllib.parse import quote
 import requests
 from celery.exceptions import SoftTimeLimitExceeded
 from requests.adapters import HTTPAdapter
+from requests.utils import requote_uri
 from sqlalchemy import Connection, Engine
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -212,11 +213,20 @@ class Call:
     idempotency_key: str
 
 
+def path_segment(account_id: str) -> str:
+    """The account id as one path segment: percent-encoded whole ('/' included), and "." or ".." as
+    %2E: as they are they would be dot segments, which every client, proxy and server resolves
+    (``/accounts/../entitlements`` is ``/entitlements``)."""
+    if account_id in (".", ".."):
+        return account_id.replace(".", "%2E")
+    return quote(account_id, safe="")
+
+
 def call_for(row_id: int, account_id: str, version: int, event_type: str, payload: dict[str, Any]) -> Call | None:
     """The Account Management call for one domain event; None for the events that are only
     informational (DunningEntered, PaymentFailed, ConsequenceEscalated...): Account Management acts
     on the entitlements and on cancellation requests, and learns the rest from the entitlements."""
-    account = quote(account_id, safe="")
+    account = path_segment(account_id)
     key = f"outbox-{row_id}"
     if event_type == "EntitlementsChanged":
         return Call("PUT", f"/accounts/{account}/entitlements",
@@ -585,6 +595,24 @@ def _text(body: bytes, encoding: str | None) -> str:
         return str(body, "utf-8", errors="replace")
 
 
+def _request(session: requests.Session, call: Call, base_url: str,
+             timeout: tuple[float, float]) -> requests.Response:
+    """``session.request``, with the call's path sent as it was encoded: requests decodes every
+    %-escape of an unreserved character (requote_uri), so an account "..", sent as %2E%2E, would go
+    out as a ".." segment that Account Management (or a proxy before it) resolves to another path."""
+    prepared = session.prepare_request(requests.Request(call.method, base_url.rstrip("/") + call.path,
+                                                        json=call.body,
+                                                        headers={"Idempotency-Key": call.idempotency_key}))
+    assert prepared.url is not None
+    requoted = requote_uri(call.path)
+    if requoted != call.path and prepared.url.endswith(requoted):
+        prepared.url = prepared.url[:-len(requoted)] + call.path
+    settings = session.merge_environment_settings(prepared.url, {}, True, None, None)
+    # Redirects are not followed: requests would turn a 301/302 POST into a GET without its
+    # body, and that GET's 200 would mark a cancellation delivered that nobody received.
+    return session.send(prepared, timeout=timeout, allow_redirects=False, **settings)
+
+
 def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float],
           now: datetime) -> Taken | Failure:
     """Taken when Account Management took it (2xx), else the failure to record. The whole call, its
@@ -593,11 +621,7 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
     _watched(session)
     with _call_limit(limit) as expired:
         try:
-            # Redirects are not followed: requests would turn a 301/302 POST into a GET without its
-            # body, and that GET's 200 would mark a cancellation delivered that nobody received.
-            response = session.request(call.method, base_url.rstrip("/") + call.path, json=call.body,
-                                       headers={"Idempotency-Key": call.idempotency_key}, timeout=timeout,
-                                       allow_redirects=False, stream=True)
+            response = _request(session, call, base_url, timeout)
             try:
                 body = _body_start(response)
             finally:

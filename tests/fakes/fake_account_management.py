@@ -11,6 +11,11 @@ answers that account's requests a 200 whose headers come a byte every ``trickle_
 without end (a proxy that holds the answer open), until the fake stops. ``before_answer(request)``,
 when set, runs while a request waits for its answer: what happens elsewhere while Account Management
 takes its time. It records every request it answered 2xx, in arrival order, with its Idempotency-Key.
+
+It routes a request as an HTTP server or a proxy in front of one does: a path's dot segments ("." and
+".." as they are, RFC 3986 section 5.2.4) are removed first, so ``/accounts/../entitlements`` is
+``/entitlements`` (not found); ``%2E%2E`` is no dot segment and names the account "..". ``paths``
+keeps every request's path as it arrived.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class FakeAccountManagement:
     trickled: set[str] = field(default_factory=set)  # accounts answered a header byte at a time
     trickle_interval: float = 0.5
     before_answer: Callable[[Received], None] | None = None
+    paths: list[str] = field(default_factory=list)  # every request's path as it arrived
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
 
@@ -108,7 +114,7 @@ class FakeAccountManagement:
         return server
 
     def _account_of(self, path: str) -> str | None:
-        parts = path.strip("/").split("/")
+        parts = _without_dot_segments(path).strip("/").split("/")
         return unquote(parts[1]) if len(parts) == 3 else None
 
     def _raw_answer(self, path: str) -> tuple[int, bytes, dict[str, str]] | None:
@@ -124,7 +130,9 @@ class FakeAccountManagement:
             return self.trickle_interval if account in self.trickled and not self._release.is_set() else None
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
-        parts = path.strip("/").split("/")
+        with self._lock:
+            self.paths.append(path)
+        parts = _without_dot_segments(path).strip("/").split("/")
         valid = (len(parts) == 3 and parts[0] == "accounts"
                  and ((method == "PUT" and parts[2] == "entitlements")
                       or (method == "POST" and parts[2] == "cancellations")))
@@ -155,6 +163,19 @@ class FakeAccountManagement:
         self._release.set()
         if self.mode != "down":
             self.server.stop()
+
+
+def _without_dot_segments(path: str) -> str:
+    """The path with its "." and ".." segments resolved (RFC 3986 section 5.2.4), as a server would."""
+    out: list[str] = []
+    for segment in path.split("?", 1)[0].split("/")[1:]:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    trailing = path.split("?", 1)[0].rsplit("/", 1)[-1] in (".", "..")
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
 def _raw_capable(handler: Any, raw_for: Callable[[str], tuple[int, bytes, dict[str, str]] | None],

@@ -105,8 +105,8 @@ class _DiesOnceSent(requests.Session):
     """The worker's process ends (killed for its memory, its node lost, a stop without grace) once
     Account Management has the request, before its answer is recorded."""
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        super().request(*args, **kwargs)
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        super().send(*args, **kwargs)
         raise SystemExit("the worker was killed")
 
 
