@@ -201,10 +201,13 @@ def outstanding_json(value: tuple[tuple[str, int], ...] | None) -> list[dict[str
 def outstanding_of(value: Any, amount: int) -> tuple[tuple[str, int], ...] | None:
     """The stored per-currency balance (outstanding_json's form) beside the stored outstanding_amount.
     A row stored before it was kept (NULL) owes nothing when its amount is 0, and is not known (None)
-    otherwise."""
-    if value is None:
+    otherwise. So is a list that does not add up to the stored amount: the previous release, during a
+    deploy, writes outstanding_amount and not the list it does not know, which is then the decision
+    before's."""
+    owed = None if value is None else tuple(sorted((str(item["currency"]), int(item["amount"])) for item in value))
+    if owed is None or sum(a for _, a in owed) != amount:
         return () if amount == 0 else None
-    return tuple(sorted((str(item["currency"]), int(item["amount"])) for item in value))
+    return owed
 
 
 def outstanding_fields(outstanding: tuple[tuple[str, int], ...] | None) -> dict[str, Any]:
