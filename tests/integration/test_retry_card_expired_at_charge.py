@@ -67,10 +67,13 @@ def test_a_retry_claimed_before_its_card_expired_and_run_after_is_not_charged(cl
         (retry_id,) = claim_due(engine, datetime.now(UTC))  # the card is still valid
 
     # Its message is picked up a minute later, in January.
+    reads: list[str] = []
+    fake_stripe.on_invoice_read = reads.append
     with freeze_time(EXPIRY + timedelta(seconds=30), tick=True):
         result = celery_app.send_task("tasks.retry_payment", [retry_id]).get(timeout=20)
         assert result["outcome"] == "skipped" and "expired" in result["detail"], result
         assert fake_stripe.pay_requests(invoice) == []
+        assert reads == []  # skipped at its claim: Stripe not even asked for the invoice before the charge
         assert [r["state"] for r in retries(engine, account)] == ["skipped"]
         # Recomputed: as for any retry planned on a card expired by its day, none is planned on it.
         state = wait_for(lambda: (d := dunning_row(engine, account))["next_retry_at"] is None and d,
