@@ -8,7 +8,14 @@ pass of 15 s) whatever Account Management could take.
 
 from __future__ import annotations
 
+import signal
 import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from freezegun import freeze_time
 
 from app.domain.events import DunningEntered, EntitlementsChanged
 from app.outbox.relay import relay
@@ -79,3 +86,58 @@ def test_a_pass_throttled_takes_no_further_account_nor_row(accounts, engine, fak
     for account in created:
         rows = outbox(engine, account)
         assert all(r["delivered_at"] is None for r in rows)  # the informational v2 waits behind v1
+
+
+def test_a_pass_ended_by_the_soft_time_limit_leaves_its_accounts_locked_until_its_threads_are_done(
+        accounts, engine, fake_am):
+    """Celery's soft time limit raises in the main thread only (a signal), here while it waits for the
+    pass's threads: the task ends and the pass lock goes with it, while each thread still has its
+    call under way. A pass started then (beat's next) relays the other accounts and skips those
+    calls' accounts, whose locks their threads hold: no account is relayed by two passes at once, and
+    no row is sent twice. The cut pass's threads end with their call: past their budget (the soft
+    limit comes well after it), they take no other account."""
+    created = [accounts.create()[0] for _ in range(2 * AT_ONCE)]
+    with freeze_time(datetime.now(UTC) + timedelta(minutes=1)) as clock:
+        for account in created:
+            write_events(engine, account, 1, [entitlements("read_only")])
+        under_way: list[str] = []
+        taking = threading.Lock()
+        answer = threading.Event()
+        main = threading.main_thread().ident
+        assert main == threading.get_ident()
+
+        def hold(request: Any) -> None:
+            with taking:
+                under_way.append(request.account_id)
+                if len(under_way) == AT_ONCE:  # the pass's threads each wait on a call: time is up
+                    signal.pthread_kill(main, signal.SIGUSR1)
+            answer.wait(60)
+
+        def soft_time_limit(_signum: int, _frame: Any) -> None:
+            raise SoftTimeLimitExceeded()  # as billiard's handler in a prefork child
+
+        fake_am.before_answer = hold
+        previous = signal.signal(signal.SIGUSR1, soft_time_limit)
+        try:
+            with pytest.raises(SoftTimeLimitExceeded):
+                relay(engine, fake_am.url)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        cut = [t for t in threading.enumerate() if t.name.startswith("outbox-relay")]
+        assert len(cut) == AT_ONCE and len(under_way) == AT_ONCE  # still in their calls
+
+        fake_am.before_answer = None
+        clock.tick(timedelta(seconds=60))  # the next pass comes after the cut one's budget
+        second = relay(engine, fake_am.url)
+        assert not second.busy  # the cut pass's lock went with its task
+        assert second.skipped_locked == AT_ONCE and second.delivered == AT_ONCE
+        assert sorted(r.account_id for r in fake_am.received) == sorted(set(created) - set(under_way))
+
+        answer.set()
+        for thread in cut:
+            thread.join(60)
+        assert not any(t.is_alive() for t in cut)
+    assert sorted(r.account_id for r in fake_am.received) == sorted(created)  # each once
+    for account in created:
+        (row,) = outbox(engine, account)
+        assert row["state"] == "delivered" and row["attempts"] == 1
