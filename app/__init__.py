@@ -9,6 +9,7 @@ from flask import Flask
 
 def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) -> Flask:
     from app import errors
+    from app.account_urls import AccountIdConverter
     from app.api import accounts, health
     from app.api import bad_debt as bad_debt_api
     from app.api import metrics as metrics_api
@@ -29,6 +30,7 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.extensions["dunning"] = runtime = runtime or Runtime.build(settings)  # validates the policy file
     app.extensions["celery"] = celery = celery or make_celery(settings)
+    app.url_map.converters["account"] = AccountIdConverter  # before the routes that name an account
     app.register_blueprint(health.bp)
     webhooks.init_app(app, Ingestor(runtime.engine, celery))
     app.register_blueprint(accounts.bp)

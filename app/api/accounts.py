@@ -18,7 +18,7 @@ def _not_found(account_id: str) -> ResponseReturnValue:
     return jsonify(error="not_found", reason=f"no account {account_id!r}"), 404
 
 
-@bp.get("/accounts/<account_id>/dunning")
+@bp.get("/accounts/<account:account_id>/dunning", merge_slashes=False)  # any id: app/account_urls.py
 @require_service_token
 def dunning(account_id: str) -> ResponseReturnValue:
     with runtime().engine.connect() as conn:
@@ -26,7 +26,7 @@ def dunning(account_id: str) -> ResponseReturnValue:
     return jsonify(view) if view is not None else _not_found(account_id)
 
 
-@bp.get("/accounts/<account_id>/billing-history")
+@bp.get("/accounts/<account:account_id>/billing-history", merge_slashes=False)
 @require_service_token
 def billing_history(account_id: str) -> ResponseReturnValue:
     with runtime().engine.connect() as conn:

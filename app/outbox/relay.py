@@ -45,7 +45,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from functools import cache
 from typing import Any
-from urllib.parse import quote
 
 import requests
 from celery.exceptions import SoftTimeLimitExceeded
@@ -55,6 +54,7 @@ from sqlalchemy import Connection, Engine
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from app.account_urls import segment
 from app.db import session_lock, unit_of_work
 from app.outbox.answers import EXCERPT_LIMIT, masked, reason, refused_as_wrong
 from app.stuck_work import resolve_account_task
@@ -213,20 +213,11 @@ class Call:
     idempotency_key: str
 
 
-def path_segment(account_id: str) -> str:
-    """The account id as one path segment: percent-encoded whole ('/' included), and "." or ".." as
-    %2E: as they are they would be dot segments, which every client, proxy and server resolves
-    (``/accounts/../entitlements`` is ``/entitlements``)."""
-    if account_id in (".", ".."):
-        return account_id.replace(".", "%2E")
-    return quote(account_id, safe="")
-
-
 def call_for(row_id: int, account_id: str, version: int, event_type: str, payload: dict[str, Any]) -> Call | None:
     """The Account Management call for one domain event; None for the events that are only
     informational (DunningEntered, PaymentFailed, ConsequenceEscalated...): Account Management acts
     on the entitlements and on cancellation requests, and learns the rest from the entitlements."""
-    account = path_segment(account_id)
+    account = segment(account_id)  # one path segment, '/' and dot segments included
     key = f"outbox-{row_id}"
     if event_type == "EntitlementsChanged":
         return Call("PUT", f"/accounts/{account}/entitlements",

@@ -5,8 +5,9 @@
   var button = document.getElementById("recompute");
   var taskState = document.getElementById("task-state");
   if (!section || !button) { return; }
-  var account = section.dataset.account;
-  var page = "/support/accounts/" + encodeURIComponent(account);
+  // The page's own URL, as the server built it for this account id (app/account_urls.py: '/' as %2F,
+  // "." and ".." as %2E): the Recompute POST and the refresh go to it, and the sign-in comes back to it.
+  var page = section.dataset.page;
   var headers = {"Accept": "application/json"};
   headers[section.dataset.csrfHeader] = section.dataset.csrf;
   // Everything a recompute may change, by id: the state (lifting included), its reasons, and the

@@ -21,10 +21,22 @@ from urllib.parse import quote, urlparse
 import psycopg2
 import psycopg2.errors
 from celery.result import AsyncResult
-from flask import Blueprint, Flask, Response, g, has_request_context, jsonify, redirect, render_template, request
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    g,
+    has_request_context,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask.sessions import SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 
+from app.account_urls import raw_path, routed_suffix
 from app.db import ValueRejected, unit_of_work, without_quoted_value
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
@@ -87,9 +99,11 @@ def _account_exists(account_id: str) -> bool:
                                     {"a": account_id}).first() is not None
 
 
-@bp.post("/accounts/<account_id>/recompute")
+@bp.post("/accounts/<account:account_id>/recompute", merge_slashes=False)  # any id: app/account_urls.py
 @require_support_token
 def recompute(account_id: str) -> ResponseReturnValue:
+    if not routed_suffix("recompute"):  # "x%2Frecompute": a POST to the page of the account "x/recompute"
+        return jsonify(error="method_not_allowed", reason="the account page takes no POST"), 405
     if not _account_exists(account_id):
         return _not_found(account_id)
     actor: str = g.actor
@@ -189,14 +203,20 @@ def _error_shown(exc: object) -> str:
     return shown if len(shown) <= ERROR_SHOWN_LIMIT else shown[:ERROR_SHOWN_LIMIT - 3] + "..."
 
 
-@bp.get("/accounts/<account_id>/state")
-@require_support_token
+@bp.get("/accounts/<account:account_id>/state", merge_slashes=False)
 def account_state(account_id: str) -> ResponseReturnValue:
+    if not routed_suffix("state"):  # "x%2Fstate": the page of the account "x/state", not the state of "x"
+        return account_page(f"{account_id}/state")
+    return _account_state(account_id)
+
+
+@require_support_token
+def _account_state(account_id: str) -> ResponseReturnValue:
     view = account_view_of(runtime().engine, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     return jsonify(view) if view is not None else _not_found(account_id)
 
 
-@bp.get("/accounts/<account_id>")
+@bp.get("/accounts/<account:account_id>", merge_slashes=False)
 def account_page(account_id: str) -> ResponseReturnValue:
     actor, _ = authenticate()
     if actor is None:
@@ -205,6 +225,7 @@ def account_page(account_id: str) -> ResponseReturnValue:
     if view is None:
         return render_template("support_missing.html", account_id=account_id, actor=actor), 404
     return render_template("support_account.html", account_id=account_id, actor=actor, view=view,
+                           page_url=url_for("support.account_page", account_id=account_id),
                            csrf=csrf_token() or "", csrf_header=CSRF_HEADER)
 
 
@@ -222,9 +243,10 @@ def lifting_page() -> ResponseReturnValue:
 
 
 def _here() -> str:
-    """This page's path as a URL (request.path is decoded: an account id holding '#', '?' or '%'
-    would come back from the sign-in form as another page)."""
-    return quote(request.path)
+    """This page's path as a URL, as the client sent it: request.path is decoded, so an account id
+    holding '#', '?' or '%' would come back from the sign-in form as another page, and one holding
+    '/' ("x/state", its %2F decoded) as another route."""
+    return raw_path() or quote(request.path)
 
 
 def _safe_next(target: str | None) -> str:

@@ -3,6 +3,8 @@ added without its decorator fails here, as does one a token of the other realm o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from flask import Flask
 
@@ -26,9 +28,7 @@ def _routes(app: Flask) -> list[tuple[str, str, str]]:
         if rule.rule in OPEN:
             continue
         realm = "support" if rule.rule.startswith("/support/") else "service"
-        path = rule.rule
-        for name in rule.arguments:
-            path = path.replace(f"<{name}>", SAMPLE[name]).replace(f"<int:{name}>", SAMPLE[name])
+        path = re.sub(r"<(?:\w+:)?(\w+)>", lambda m: SAMPLE[m.group(1)], rule.rule)  # any converter
         routes.extend((method, path, realm) for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
     return routes
 
