@@ -221,7 +221,10 @@ def readme_commands(line: str, parser: argparse.ArgumentParser) -> tuple[list[tu
             problems.append(f"{line!r}: no command {' '.join(level[0][0] + (unknown[0],))!r}")
             return paths, problems
         level = [((*level[0][0], c), subs[c]) for c in choices]
-    options = [w.split("=", 1)[0] for w in words[i:] if w.startswith("--")]
+    # A bare "--" ends the options (argparse's own marker): what follows is positional.
+    rest = words[i:]
+    rest = rest[:rest.index("--")] if "--" in rest else rest
+    options = [w.split("=", 1)[0] for w in rest if w.startswith("--")]
     for path, leaf in level:
         paths.append(path)
         for option in options:
