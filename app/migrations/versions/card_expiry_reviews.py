@@ -29,15 +29,19 @@ depends_on: str | Sequence[str] | None = None
 
 BATCH = 5000
 
-# One batch of accounts (by account id, after ``after``): the review each card gives, as compute's
-# _next_card_expiry computes it (the first month after (exp_year, exp_month), compared as card_expired
-# compares them), now() for a card already expired. Returns the batch's last account (NULL: done).
+# One batch of accounts (by account id, after ``after``): its first and last account (NULL: done).
+PAGE = """
+SELECT min(account_id), max(account_id)
+  FROM (SELECT account_id FROM subs_dunning WHERE %(after)s::text IS NULL OR account_id > %(after)s
+         ORDER BY account_id LIMIT %(batch)s) p
+"""
+
+# The batch's accounts (%(lo)s to %(hi)s, as values: bounds read from the page in the same statement are
+# unknown when it is planned, estimated at a ninth of the table, and every batch read subs_dunning
+# whole) get the review each card gives, as compute's _next_card_expiry computes it (the first month
+# after (exp_year, exp_month), compared as card_expired compares them), now() for a card already expired.
 REVIEW_BATCH = """
-WITH page AS (
-    SELECT min(account_id) AS lo, max(account_id) AS hi
-      FROM (SELECT account_id FROM subs_dunning WHERE %(after)s::text IS NULL OR account_id > %(after)s
-             ORDER BY account_id LIMIT %(batch)s) p
-), month_now AS (
+WITH month_now AS (
     SELECT extract(year FROM now() AT TIME ZONE 'UTC')::int AS y,
            extract(month FROM now() AT TIME ZONE 'UTC')::int AS m
 ), cards AS (
@@ -46,19 +50,18 @@ WITH page AS (
                     WHEN m.exp_month >= 12 THEN make_timestamptz(m.exp_year + 1, 1, 1, 0, 0, 0, 'UTC')
                     ELSE make_timestamptz(m.exp_year, greatest(m.exp_month, 0) + 1, 1, 0, 0, 0, 'UTC')
                END) AS review
-      FROM subs_mandate m CROSS JOIN page CROSS JOIN month_now n
-     WHERE m.account_id BETWEEN page.lo AND page.hi
+      FROM subs_mandate m CROSS JOIN month_now n
+     WHERE m.account_id BETWEEN %(lo)s AND %(hi)s
        AND m.status NOT IN ('detached', 'expired')
        AND m.exp_year IS NOT NULL AND m.exp_month IS NOT NULL
        -- an expiry no timestamp holds is none (compute's too)
        AND ((m.exp_year, m.exp_month) < (n.y, n.m) OR m.exp_year + (m.exp_month >= 12)::int <= 9999)
      GROUP BY m.account_id
-), reviewed AS (
-    UPDATE subs_dunning d SET next_review_at = c.review
-      FROM cards c
-     WHERE d.account_id = c.account_id AND (d.next_review_at IS NULL OR d.next_review_at > c.review)
 )
-SELECT hi FROM page
+UPDATE subs_dunning d SET next_review_at = c.review
+  FROM cards c
+ WHERE d.account_id BETWEEN %(lo)s AND %(hi)s
+   AND d.account_id = c.account_id AND (d.next_review_at IS NULL OR d.next_review_at > c.review)
 """
 
 
@@ -67,10 +70,11 @@ def upgrade() -> None:
         conn = op.get_bind()
         after: str | None = None
         while True:
-            last = conn.exec_driver_sql(REVIEW_BATCH, {"after": after, "batch": BATCH}).scalar()
-            if last is None:
+            lo, hi = conn.exec_driver_sql(PAGE, {"after": after, "batch": BATCH}).one()
+            if hi is None:
                 return
-            after = last
+            conn.exec_driver_sql(REVIEW_BATCH, {"lo": lo, "hi": hi})
+            after = hi
 
 
 def downgrade() -> None:
