@@ -190,7 +190,27 @@ class StripeEvent(Base):
         Index("ix_stripe_event_unroutable_customer", "stripe_customer_id",
               postgresql_where=text("state = 'unroutable'")),
         Index("ix_stripe_event_enqueue_failed", "account_id", postgresql_where=text("state = 'enqueue_failed'")),
+        # The re-drive's routing reads the unroutable events by these, never all of them (migration
+        # unroutable_routing_cursor, app/redrive.py).
+        Index("ix_stripe_event_unroutable_received", "received_at", "id",
+              postgresql_where=text("state = 'unroutable'")),
+        Index("ix_stripe_event_unroutable_invoice", "route_invoice_id",
+              postgresql_where=text("state = 'unroutable' AND route_invoice_id IS NOT NULL")),
+        Index("ix_stripe_event_unroutable_intent", "route_payment_intent_id",
+              postgresql_where=text("state = 'unroutable' AND route_payment_intent_id IS NOT NULL")),
     )
+
+
+class RedriveCursor(Base):
+    """Where the re-drive's routing of unroutable events got to (app/redrive.py): ``mapped_customers``,
+    the (created_at, stripe_customer_id) of the last subs_customer row it took (those after it are new
+    to it), and ``unroutable_walk``, the (received_at, id) of the last event its walk read."""
+
+    __tablename__ = "redrive_cursor"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    at: Mapped[datetime]
+    after_id: Mapped[str] = mapped_column(Text)
 
 
 class RecomputeRequest(Base):

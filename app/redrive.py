@@ -5,10 +5,10 @@ changes now (their next review is due)."""
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
@@ -17,6 +17,84 @@ from webhooks import store
 log = logging.getLogger(__name__)
 
 SEND_CHUNK = 500
+
+# Routing the unroutable events. Many never route (another product's customers, whom this fleet never
+# maps) and stripe_event is never pruned, so a tick does not read them all: it looks only at
+# * the events of the customers subs_customer mapped since the previous tick (MAPPED: by created_at,
+#   at most MAPPED_PER_TICK customers a tick, so a bulk mapping is gone through over a few ticks),
+#   and of the newest MAPPED_RECHECK of those mapped in the last MAPPED_OVERLAP that the cursor had
+#   passed (created_at is the inserting transaction's start: a row committed after a tick looked may
+#   come in behind it); whether they name the customer or an invoice or payment intent filed under it
+#   (NEWLY_MAPPED);
+# * the newest unroutable events naming no customer, received in the last RECENT_WINDOW: an invoice
+#   or payment intent the mirror files after the event that names it (Stripe's order) routes them
+#   (RECENT);
+# * the next WALK_PER_TICK of all the unroutable events, by a cursor going round (WALK): what the
+#   above miss (a mapping inserted with an older created_at, a mirror row filed later than the window)
+#   is routed when the walk comes by.
+# The cursors (redrive_cursor) move with the routing's commit, and stay where they were when a tick
+# routed ``limit`` events (the rest come next tick). The routing runs in its own transaction and a
+# failure of it does not stop the stale-request and due-review re-drives of the tick (redrive()).
+MAPPED_PER_TICK = 5000
+MAPPED_RECHECK = 1000
+MAPPED_OVERLAP = timedelta(minutes=10)
+RECENT_WINDOW = timedelta(hours=1)
+RECENT_PER_TICK = 1000
+WALK_PER_TICK = 2000
+NEG_INFINITY = datetime.min.replace(tzinfo=UTC)  # before any event
+
+# One routing tick at a time: a second one (a tick run by hand beside beat's) skips its routing.
+# The first tick (after the migration) takes the mappings from then on (and rechecks the last
+# MAPPED_OVERLAP's), and walks from the first event.
+START_CURSORS = """
+INSERT INTO redrive_cursor (name, at, after_id)
+VALUES ('mapped_customers', now(), ''), ('unroutable_walk', '0001-01-01 00:00:00+00', '')
+ON CONFLICT (name) DO NOTHING
+"""
+LOCK_CURSORS = "SELECT name, at, after_id FROM redrive_cursor ORDER BY name FOR UPDATE SKIP LOCKED"
+SAVE_CURSOR = "UPDATE redrive_cursor SET at = %(at)s, after_id = %(after_id)s WHERE name = %(name)s"
+
+# subs_customer (another team's table) has no index on created_at: this reads it sequentially, a cost
+# that grows with the customers mapped, not with the events that never route. ``next``: the page past
+# the cursor, in order; the others: the recheck.
+MAPPED = """
+(SELECT true AS next, c.created_at, c.stripe_customer_id FROM subs_customer c
+  WHERE (c.created_at, c.stripe_customer_id) > (%(at)s, %(after_id)s)
+  ORDER BY c.created_at, c.stripe_customer_id LIMIT %(page)s)
+UNION ALL
+(SELECT false, c.created_at, c.stripe_customer_id FROM subs_customer c
+  WHERE c.created_at >= %(recheck_since)s AND (c.created_at, c.stripe_customer_id) <= (%(at)s, %(after_id)s)
+  ORDER BY c.created_at DESC LIMIT %(recheck)s)
+"""
+
+# The unroutable events of ``customers``: naming one, or an invoice or payment intent filed under one.
+NEWLY_MAPPED = """
+WITH mapped AS MATERIALIZED (SELECT unnest(%(customers)s::text[]) AS stripe_customer_id),
+invoices AS MATERIALIZED (
+    SELECT i.id FROM stripe_invoice i JOIN mapped m ON m.stripe_customer_id = i.stripe_customer_id),
+intents AS MATERIALIZED (
+    SELECT a.id FROM stripe_payment_attempt a JOIN mapped m ON m.stripe_customer_id = a.stripe_customer_id
+    UNION ALL SELECT a.id FROM stripe_payment_attempt a JOIN invoices i ON a.invoice_id = i.id)
+SELECT e.id FROM stripe_event e JOIN mapped m ON e.stripe_customer_id = m.stripe_customer_id
+ WHERE e.state = 'unroutable'
+UNION ALL SELECT e.id FROM stripe_event e JOIN invoices i ON e.route_invoice_id = i.id WHERE e.state = 'unroutable'
+UNION ALL SELECT e.id FROM stripe_event e JOIN intents a ON e.route_payment_intent_id = a.id
+ WHERE e.state = 'unroutable'
+LIMIT %(limit)s
+"""
+
+RECENT = """
+SELECT id FROM (SELECT e.id, e.stripe_customer_id FROM stripe_event e
+                 WHERE e.state = 'unroutable' AND e.received_at >= %(since)s
+                 ORDER BY e.received_at DESC LIMIT %(limit)s) r
+ WHERE r.stripe_customer_id IS NULL
+"""
+
+WALK = """
+SELECT e.received_at, e.id FROM stripe_event e
+ WHERE e.state = 'unroutable' AND (e.received_at, e.id) > (%(at)s, %(after_id)s)
+ ORDER BY e.received_at, e.id LIMIT %(limit)s
+"""
 
 # At most ``limit`` events a tick (any of those a mapping routes now; the others are routed by the
 # next ticks): a bulk mapping by another team must not make one tick as long as its backlog, holding
@@ -33,6 +111,7 @@ SEND_CHUNK = 500
 # only through invoice_payment.paid names no customer). Their mirror rows were written at ingest
 # under the ordering guard (the event was neither refused nor ignored); routing requests the
 # recompute that reads them. The event then names the customer it was routed by.
+# ``ids``: the candidates above; only they are read.
 ROUTE_UNROUTABLE = """
 WITH routed AS (
     UPDATE stripe_event e SET account_id = p.account_id, state = 'accepted',
@@ -44,7 +123,7 @@ WITH routed AS (
                    (SELECT a.stripe_customer_id FROM stripe_payment_attempt a WHERE a.id = u.route_payment_intent_id),
                    (SELECT i.stripe_customer_id FROM stripe_payment_attempt a
                       JOIN stripe_invoice i ON i.id = a.invoice_id WHERE a.id = u.route_payment_intent_id))
-             WHERE u.state = 'unroutable'
+             WHERE u.id = ANY(%(ids)s) AND u.state = 'unroutable'
              LIMIT %(limit)s FOR UPDATE OF u SKIP LOCKED) p
      WHERE e.id = p.id
     RETURNING e.account_id, e.trigger, e.id
@@ -107,20 +186,63 @@ UPDATE stripe_event e SET state = 'accepted'
 NOT_QUEUED = "UPDATE stripe_event SET state = 'enqueue_failed' WHERE id = ANY(%(ids)s) AND state = 'accepted'"
 
 
+def route_unroutable(conn: Connection, limit: int) -> list[tuple[str, str, str]]:
+    """Route, in the caller's transaction, what may have become routable since the previous tick (see
+    "Routing the unroutable events" above): the (account, trigger, event) of each event routed, in
+    account order; the cursors moved on with it."""
+    conn.exec_driver_sql(START_CURSORS)
+    cursors = {name: (at, after_id) for name, at, after_id in conn.exec_driver_sql(LOCK_CURSORS)}
+    if len(cursors) < 2:  # another tick is routing
+        return []
+    now = conn.exec_driver_sql("SELECT now()").scalar_one()
+    mapped_at, mapped_after = cursors["mapped_customers"]
+    walk_at, walk_after = cursors["unroutable_walk"]
+    customers = conn.exec_driver_sql(MAPPED, {"at": mapped_at, "after_id": mapped_after, "page": MAPPED_PER_TICK,
+                                              "recheck_since": now - MAPPED_OVERLAP,
+                                              "recheck": MAPPED_RECHECK}).fetchall()
+    candidates: set[str] = set()
+    if customers:
+        candidates.update(r[0] for r in conn.exec_driver_sql(NEWLY_MAPPED, {"customers": [c[2] for c in customers],
+                                                                             "limit": limit}))
+    candidates.update(r[0] for r in conn.exec_driver_sql(RECENT, {"since": now - RECENT_WINDOW,
+                                                                   "limit": RECENT_PER_TICK}))
+    walked = conn.exec_driver_sql(WALK, {"at": walk_at, "after_id": walk_after, "limit": WALK_PER_TICK}).fetchall()
+    candidates.update(r[1] for r in walked)
+    routed = [(r[0], r[1], r[2]) for r in
+              conn.exec_driver_sql(ROUTE_UNROUTABLE, {"ids": sorted(candidates), "limit": limit}).fetchall()]
+    if len(routed) < limit:  # else the cursors stay: the rest is routed by the next ticks
+        page = [c for c in customers if c[0]]
+        if page:
+            conn.exec_driver_sql(SAVE_CURSOR, {"name": "mapped_customers", "at": page[-1][1], "after_id": page[-1][2]})
+        # Round again from the first event once the walk has come to the last.
+        last = walked[-1] if len(walked) == WALK_PER_TICK else (NEG_INFINITY, "")
+        conn.exec_driver_sql(SAVE_CURSOR, {"name": "unroutable_walk", "at": last[0], "after_id": last[1]})
+    return routed
+
+
 def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, limit: int = 5000,
             now: datetime | None = None) -> dict[str, int]:
+    """Route the unroutable events that may route now, then request the due reviews and send the stale
+    requests again. The routing fails alone: its error is raised once the rest of the tick is done
+    (the tick is then a stuck row, as any beat task's failure), so it never holds the others up."""
     routed = reviewed = 0
     to_send: list[tuple[str, str, str | None]] = []
     routed_events: dict[str, list[str]] = {}  # the events routed, by account
-    with unit_of_work(engine) as conn:
-        first: dict[str, tuple[str, str]] = {}  # per account, in account order: its first event, as ingest does
-        for account_id, trigger, event_id in conn.exec_driver_sql(ROUTE_UNROUTABLE, {"limit": limit}).fetchall():
-            routed += 1
-            first.setdefault(account_id, (trigger or "STATE_REFRESH", event_id))
-            routed_events.setdefault(account_id, []).append(event_id)
-        for account_id, (trigger, event_id) in first.items():  # one request each
-            if store.request_recompute(conn, account_id, trigger, event_id):
-                to_send.append((account_id, trigger, event_id))
+    routing_error: Exception | None = None
+    try:
+        with unit_of_work(engine) as conn:
+            first: dict[str, tuple[str, str]] = {}  # per account, in account order: its first event, as ingest does
+            for account_id, trigger, event_id in route_unroutable(conn, limit):
+                routed += 1
+                first.setdefault(account_id, (trigger or "STATE_REFRESH", event_id))
+                routed_events.setdefault(account_id, []).append(event_id)
+            for account_id, (trigger, event_id) in first.items():  # one request each
+                if store.request_recompute(conn, account_id, trigger, event_id):
+                    to_send.append((account_id, trigger, event_id))
+    except Exception as exc:  # rolled back whole: its events stay unroutable, its cursors where they were
+        log.warning("redrive could not route the unroutable events: %s", exc)
+        routing_error = exc
+        routed, to_send, routed_events = 0, [], {}
     requested = {account_id for account_id, _, _ in to_send}  # the requests routing created
     with unit_of_work(engine) as conn:
         # A request each, as for an event: coalesced with one already pending, re-driven if lost.
@@ -149,4 +271,6 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
         if unsent:
             conn.exec_driver_sql(NOT_QUEUED, {"ids": unsent})
         conn.exec_driver_sql(NO_LONGER_WAITING, {"ids": sent})
+    if routing_error is not None:
+        raise routing_error
     return {"routed": routed, "reviewed": reviewed, "sent": len(sent), "failed": failed}

@@ -10,7 +10,8 @@ INSERT ... SELECT generate_series (scale 1):
   open failed invoice each), 2,000 due now; one in 1,000 of them lifting;
 * the outbox after an Account Management outage: 200,000 undelivered rows over 50,000 accounts (each
   ready: its backoff over), beside 3,000,000 delivered (2,500,000 past HISTORY_RETENTION_DAYS);
-* 5,000,000 stripe_event rows, 1% unroutable (customers no account maps) and 1% enqueue_failed;
+* 5,000,000 stripe_event rows, 1% unroutable (customers no account maps; --unroutable-percent) and 1%
+  enqueue_failed;
 * 100,000 subs_stuck_events (60% resolved, 30% retrying, 10% dead), 20,000 recompute requests;
 * 2,000,000 payment_retry rows of history (never pruned), 1,000 of them claimed recently;
 * 2,000,000 drift_record rows past retention; 200,000 bad-debt payments (300 pending).
@@ -54,8 +55,9 @@ from tests.fakes.fake_account_management import FakeAccountManagement
 FILL = """
 SET statement_timeout = 0;
 INSERT INTO subs_account (account_id) SELECT 'acct_' || lpad(g::text, 8, '0') FROM generate_series(1, %(accounts)s) g;
-INSERT INTO subs_customer (stripe_customer_id, account_id)
-SELECT 'cus_' || lpad(g::text, 8, '0'), 'acct_' || lpad(g::text, 8, '0') FROM generate_series(1, %(accounts)s) g;
+INSERT INTO subs_customer (stripe_customer_id, account_id, created_at)
+SELECT 'cus_' || lpad(g::text, 8, '0'), 'acct_' || lpad(g::text, 8, '0'), now() - make_interval(mins => g)
+  FROM generate_series(1, %(accounts)s) g;
 INSERT INTO stripe_invoice (id, stripe_customer_id, status, billing_reason, total, amount_due, amount_paid,
        amount_remaining, attempt_count, lines, created, first_failed_at, last_failed_at, source_created, source_rank,
        source_event_id)
@@ -97,11 +99,13 @@ SELECT 'acct_' || lpad((g %% %(backlog_accounts)s + 1)::text, 8, '0'), 10 + g / 
 INSERT INTO stripe_event (id, type, stripe_created, stripe_customer_id, account_id, trigger, state, raw_body,
                           received_at, processed_at)
 SELECT 'evt_' || lpad(g::text, 10, '0'), 'invoice.payment_failed', 1700000000 + g,
-       CASE WHEN g %% 100 = 0 THEN 'cus_unknown_' || (g %% 20000)
+       CASE WHEN g %% 100 >= 100 - %(unroutable_percent)s THEN 'cus_unknown_' || (g %% 20000)
             ELSE 'cus_' || lpad((g %% %(accounts)s + 1)::text, 8, '0') END,
-       CASE WHEN g %% 100 = 0 THEN NULL ELSE 'acct_' || lpad((g %% %(accounts)s + 1)::text, 8, '0') END,
+       CASE WHEN g %% 100 >= 100 - %(unroutable_percent)s THEN NULL
+            ELSE 'acct_' || lpad((g %% %(accounts)s + 1)::text, 8, '0') END,
        'PAYMENT_FAILED',
-       CASE WHEN g %% 100 = 0 THEN 'unroutable' WHEN g %% 100 = 1 THEN 'enqueue_failed' ELSE 'accepted' END,
+       CASE WHEN g %% 100 >= 100 - %(unroutable_percent)s THEN 'unroutable' WHEN g %% 100 = 1 THEN 'enqueue_failed'
+            ELSE 'accepted' END,
        repeat('x', 300), now() - make_interval(secs => (%(events)s - g) * 3), now()
   FROM generate_series(1, %(events)s) g;
 INSERT INTO recompute_request (account_id, trigger, cause, requested_at, touched_at)
@@ -145,7 +149,21 @@ def statements(now: datetime) -> dict[str, tuple[str, dict[str, Any] | None]]:
         "backlog (GET /ops/outbox, tasks.relay_outbox)": (backlog.BACKLOG_SQL, None),
         "/metrics database gauges": (metrics_db.GAUGES_SQL, {"guard": 30}),
         "/ops/lifting": (lifting.STUCK_LIFTING_SQL, {"before": now - timedelta(minutes=30), "limit": 100}),
-        "re-drive: route unroutable": (redrive.ROUTE_UNROUTABLE, {"limit": 5000}),
+        # A tick's routing: the customers mapped since the last tick and the recheck of the last minutes'
+        # (FILL's one a minute: 10), the events of 1,000 customers, the newest events naming
+        # no customer, a walk's share of the unroutable events, and routing what those found (a walk's
+        # share of the never-routed events: the FILL's unroutable ids include those ending in 99).
+        "re-drive: route, mapped customers": (redrive.MAPPED, {
+            "at": now - timedelta(minutes=1), "after_id": "", "page": redrive.MAPPED_PER_TICK,
+            "recheck_since": now - redrive.MAPPED_OVERLAP, "recheck": redrive.MAPPED_RECHECK}),
+        "re-drive: route, their events": (redrive.NEWLY_MAPPED, {
+            "customers": [f"cus_{g:08d}" for g in range(1, 1001)], "limit": 5000}),
+        "re-drive: route, newest": (redrive.RECENT, {"since": now - redrive.RECENT_WINDOW,
+                                                     "limit": redrive.RECENT_PER_TICK}),
+        "re-drive: route, walk": (redrive.WALK, {"at": redrive.NEG_INFINITY, "after_id": "",
+                                                 "limit": redrive.WALK_PER_TICK}),
+        "re-drive: route unroutable": (redrive.ROUTE_UNROUTABLE, {
+            "ids": [f"evt_{g:010d}" for g in range(99, 100 * redrive.WALK_PER_TICK, 100)], "limit": 5000}),
         "re-drive: due reviews": (redrive.DUE_REVIEWS, {"limit": 5000, "now": now}),
         "re-drive: stale requests": (redrive.STALE_REQUESTS, {"age": 60, "limit": 5000}),
         "re-drive stuck: due rows": (stuck_work.DUE_SQL, {"now": now, "every": 300, "limit": 200}),
@@ -201,6 +219,14 @@ def ticks(engine: Engine) -> None:
     class NoBroker:  # the re-drive's sends are not measured: its statements are
         pass
 
+    for run in (1, 2):  # the routing alone, rolled back (its cursors stay at the start)
+        with engine.connect() as conn:
+            start = time.perf_counter()
+            with conn.begin() as tx:
+                routed = redrive.route_unroutable(conn, 5000)
+                seconds = time.perf_counter() - start
+                tx.rollback()
+        print(f"  re-drive routing {run}: {seconds:.3f} s, {len(routed)} routed")
     real_send = redrive.send_many
     redrive.send_many = lambda *_: None
     try:
@@ -253,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="every volume times this (1)")
     parser.add_argument("--passes", type=int, default=2, help="relay passes of each kind (2)")
+    parser.add_argument("--unroutable-percent", type=int, default=1, choices=range(1, 99), metavar="1-98",
+                        help="share of the events that never route, in percent (1)")
     args = parser.parse_args(argv)
     sizes = {k: max(1, int(v * args.scale)) for k, v in SIZES.items()}
     with servers.postgres_admin_url() as admin, servers.test_database(admin) as url:
@@ -260,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(url, pool_size=9, max_overflow=1)
         start = time.perf_counter()
         with engine.begin() as conn:
-            conn.exec_driver_sql(FILL, sizes)
+            conn.exec_driver_sql(FILL, {**sizes, "unroutable_percent": args.unroutable_percent})
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
         print(f"filled in {time.perf_counter() - start:.0f} s: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()),

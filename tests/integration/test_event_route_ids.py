@@ -1,6 +1,6 @@
 """Migration event_route_ids: the events stored unroutable before it are given the invoice and the
 payment intent their bodies name, so that beat's re-drive routes those whose invoice or intent the
-mirror has filed under an account since (app/redrive.py ROUTE_UNROUTABLE)."""
+mirror has filed under an account since (app/redrive.py route_unroutable)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, create_engine
 
 from app.migrate import downgrade, upgrade
-from app.redrive import ROUTE_UNROUTABLE
+from app.redrive import route_unroutable
 from tests.integration.test_bad_debt_dispute import dispute_event
 from tests.stripe_events import event, unique
 from webhooks import store
@@ -63,5 +63,5 @@ def test_the_events_stored_unroutable_before_are_routed_once_their_invoice_or_in
                              "'acct_route')")
         paid = event("invoice.paid", id=invoice_id, customer="cus_route")
         store.ingest_events(conn, [(extract(paid), json.dumps(paid))])
-        routed = conn.exec_driver_sql(ROUTE_UNROUTABLE, {"limit": 10}).all()
+        routed = route_unroutable(conn, 10)
     assert [(account, event_id) for account, _trigger, event_id in routed] == [("acct_route", link)]

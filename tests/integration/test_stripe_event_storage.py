@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, create_engine
 
 from app.migrate import downgrade, upgrade
-from app.redrive import ROUTE_UNROUTABLE
+from app.redrive import NEWLY_MAPPED, route_unroutable
 from tests.stripe_events import event, unique
 from webhooks import store
 from webhooks.mirror import extract
@@ -75,9 +75,15 @@ def test_only_the_raw_body_ever_leaves_the_row_and_an_event_id_stays_in_it(migra
 def test_stripe_event_is_indexed_only_for_the_re_driven_states(migrated: tuple[str, Engine]) -> None:
     _url, engine = migrated
     indexes = _indexes(engine)
-    assert set(indexes) == {"pk_stripe_event", "ix_stripe_event_unroutable_customer", "ix_stripe_event_enqueue_failed"}
+    assert set(indexes) == {"pk_stripe_event", "ix_stripe_event_unroutable_customer", "ix_stripe_event_enqueue_failed",
+                            # the routing's (migration unroutable_routing_cursor)
+                            "ix_stripe_event_unroutable_received", "ix_stripe_event_unroutable_invoice",
+                            "ix_stripe_event_unroutable_intent"}
     assert "(stripe_customer_id) WHERE (state = 'unroutable'::text)" in indexes["ix_stripe_event_unroutable_customer"]
     assert "(account_id) WHERE (state = 'enqueue_failed'::text)" in indexes["ix_stripe_event_enqueue_failed"]
+    assert "(received_at, id) WHERE (state = 'unroutable'::text)" in indexes["ix_stripe_event_unroutable_received"]
+    for name in ("ix_stripe_event_unroutable_invoice", "ix_stripe_event_unroutable_intent"):  # none for a routed event
+        assert "WHERE ((state = 'unroutable'::text) AND " in indexes[name], indexes[name]
 
 
 def test_the_unroutable_re_drive_finds_its_events_through_the_partial_index(migrated: tuple[str, Engine]) -> None:
@@ -86,12 +92,14 @@ def test_the_unroutable_re_drive_finds_its_events_through_the_partial_index(migr
     event_id, _raw = _ingest(engine, customer)  # no account maps the customer yet: unroutable
     with engine.begin() as conn:
         conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # as on a table too large to scan
-        plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + ROUTE_UNROUTABLE, {"limit": 5000}).all())
+        plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + NEWLY_MAPPED,
+                                                             {"customers": [customer], "limit": 5000}).all())
         conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES ('acct_lean')")
         conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) VALUES (%s, 'acct_lean')",
                              (customer,))
-        routed = conn.exec_driver_sql(ROUTE_UNROUTABLE, {"limit": 5000}).all()
-    assert "ix_stripe_event_unroutable_customer" in plan
+        routed = route_unroutable(conn, 5000)
+    scans = [line for line in plan.splitlines() if " on stripe_event " in line]
+    assert scans and all("using ix_stripe_event_unroutable_" in line for line in scans), plan  # unroutable ones only
     assert [(account, event) for account, _trigger, event in routed] == [("acct_lean", event_id)]
 
 
