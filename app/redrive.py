@@ -8,6 +8,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import Connection, Engine
 
 from app.db import unit_of_work
@@ -239,6 +240,8 @@ def redrive(engine: Engine, celery_app: Celery, stale_after_seconds: int = 60, l
             for account_id, (trigger, event_id) in first.items():  # one request each
                 if store.request_recompute(conn, account_id, trigger, event_id):
                     to_send.append((account_id, trigger, event_id))
+    except SoftTimeLimitExceeded:
+        raise  # the task's time is up, not the routing's failure: the hard limit comes next
     except Exception as exc:  # rolled back whole: its events stay unroutable, its cursors where they were
         log.warning("redrive could not route the unroutable events: %s", exc)
         routing_error = exc
