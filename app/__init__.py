@@ -8,6 +8,8 @@ from flask import Flask
 
 
 def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) -> Flask:
+    from flask.logging import default_handler as flask_log_handler
+
     from app import errors
     from app.account_urls import AccountIdConverter
     from app.api import accounts, health
@@ -17,6 +19,7 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     from app.api import rollout as rollout_api
     from app.config import Settings
     from app.green import cooperate_if_gevent
+    from app.log_safety import install as install_log_safety
     from app.runtime import Runtime
     from app.support import views as support_views
     from tasks.factory import make_celery
@@ -24,6 +27,10 @@ def create_app(settings: Any = None, runtime: Any = None, celery: Any = None) ->
     from webhooks.ingest import Ingestor
 
     cooperate_if_gevent()  # before anything connects: see app/green.py
+    # Values interpolated into a log record escaped and capped (app/log_safety.py), on the handlers
+    # the web process writes with: Flask's (the "app" logger's once it is used), gunicorn's error log
+    # (set up before the app is loaded), the root logger's (a --log-config), Python's last resort.
+    install_log_safety(handlers=[flask_log_handler], loggers=["", "gunicorn.error"])
     settings = settings or (runtime.settings if runtime is not None else Settings.from_env())
     app = Flask(__name__)
     app.config["SECRET_KEY"] = settings.secret_key

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.config import ConfigError, Settings
+from app.log_safety import install as install_log_safety
 from app.policy_file import PolicyFileError
 
 if TYPE_CHECKING:
@@ -250,6 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C right away: as during the command, no traceback
         return 130
     handler: Handler = args.handler
+    # The command's log (Python's last-resort handler: warnings and errors, to stderr): values
+    # interpolated into a record escaped and capped (app/log_safety.py).
+    install_log_safety(loggers=[""])
     try:
         code = handler(args)
         sys.stdout.flush()  # here, so that a closed pipe (`| head`) is handled below, not at exit

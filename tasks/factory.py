@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 from kombu import Queue
 
 from app.config import Settings, task_time_limits
 from app.history.prune import check_retention
+from app.log_safety import install as install_log_safety
 from app.policy_file import load_policy
 from tasks import queues
 from tasks.broker import is_plain_redis, serve_redis_urls
@@ -99,3 +100,13 @@ def _reset_after_fork(**_: Any) -> None:
     from tasks.runtime import reset_after_fork
 
     reset_after_fork()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _escape_logged_values(logger: Any = None, **_: Any) -> None:
+    # Worker and beat (`celery -A tasks worker|beat`) once Celery has set up their logging: the
+    # values interpolated into a record are escaped and capped on its handlers (app/log_safety.py).
+    from celery.utils.log import get_multiprocessing_logger
+
+    install_log_safety(loggers=[get_multiprocessing_logger(), *([logger] if logger is not None else [])])
