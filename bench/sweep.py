@@ -94,7 +94,9 @@ def run(admin_url: str, n: int, batch: int, repeat: int) -> dict[str, Any]:
     policy = load_policy()
     with servers.test_database(admin_url) as url:
         upgrade(url)
-        engine = make_engine(url, pool_size=2, max_overflow=0)
+        # The sweep lock's connection, two page readers' and the sweep's own (the as-read check of a page
+        # with drift): with 2 the as-read check waited for a connection until the pool's timeout.
+        engine = make_engine(url, pool_size=4, max_overflow=0)
         # The bench fills a million rows in one statement batch; the app's 10 s statement timeout
         # is for its own queries, not this.
         with engine.begin() as conn:
