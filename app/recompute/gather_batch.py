@@ -104,11 +104,17 @@ def _mirror_rows(alias: str) -> str:
 #   request a dead recompute had taken, which nothing re-sends (app/redrive.py STALE_REQUESTS);
 # * the review times (subs_dunning.next_review_at): once due, beat's re-drive requests the account
 #   within a tick, except after a dead recompute since the review came due (redrive.DUE_REVIEWS);
-# * the accounts with an unroutable event of a customer subs_customer now maps to them (beat's
-#   re-drive routes it and requests the recompute). Looked for among the range's unfiled customers
-#   only, an index probe each: a customer mapped since its first mirror row arrived stays unfiled
-#   until tasks.refile_mirror (every 5 minutes) files it, and the re-drive (every 30 s) has routed
-#   its events long before, almost always.
+# * the accounts an unroutable event now routes to (beat's re-drive, every 30 s, routes it and
+#   requests the recompute: app/redrive.py ROUTE_UNROUTABLE), by
+#   - its customer, once subs_customer maps it. Looked for among the range's unfiled customers only,
+#     an index probe each: a customer mapped since its first mirror row arrived stays unfiled until
+#     tasks.refile_mirror (every 5 minutes) files it, and the re-drive has routed its events long
+#     before, almost always;
+#   - the invoice or payment intent it names when it names no customer (stripe_event.route_invoice_id
+#     / route_payment_intent_id: invoice_payment.paid, a dispute, stored before the mirror filed what
+#     they name under a customer), once the range's invoices / attempts have it: one probe per invoice
+#     and attempt of the range into the partial indexes of the unroutable events by those columns
+#     (migration unroutable_routing_cursor), which hold no entry for an event routed at ingest.
 _PENDING = """
   (SELECT json_agg(json_build_array(q.account_id,
           -- stalled: parked by a dead recompute (nothing re-sends it), or its recompute failing
@@ -125,9 +131,22 @@ _PENDING = """
       AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
                        WHERE s.account_id = d.account_id AND s.task_name = 'tasks.recompute_account'
                          AND s.state = 'dead' AND s.last_failed_at >= d.next_review_at)),
-  (SELECT json_agg(DISTINCT u.account_id) FROM unfiled u
-    WHERE EXISTS (SELECT 1 FROM stripe_event e
-                   WHERE e.stripe_customer_id = u.stripe_customer_id AND e.state = 'unroutable'))"""
+  (SELECT json_agg(DISTINCT x.account_id) FROM (
+     SELECT u.account_id FROM unfiled u
+      WHERE EXISTS (SELECT 1 FROM stripe_event e
+                     WHERE e.stripe_customer_id = u.stripe_customer_id AND e.state = 'unroutable')
+     UNION ALL
+     SELECT i.account_id FROM inv i
+      WHERE EXISTS (SELECT 1 FROM stripe_event e
+                     WHERE e.route_invoice_id = i.id AND e.state = 'unroutable' AND e.stripe_customer_id IS NULL)
+     UNION ALL
+     SELECT p.account_id FROM att p
+      WHERE EXISTS (SELECT 1 FROM stripe_event e
+                     WHERE e.route_payment_intent_id = p.id AND e.state = 'unroutable'
+                       AND e.stripe_customer_id IS NULL
+                       -- the re-drive takes the invoice's customer first, when the mirror has one
+                       AND NOT EXISTS (SELECT 1 FROM stripe_invoice ri WHERE ri.id = e.route_invoice_id
+                                          AND ri.stripe_customer_id IS NOT NULL))) x)"""
 
 DETAILS = Prepared("dunning_batch_details", f"""
 WITH c AS MATERIALIZED (  -- the range's customers (subs_customer: the truth)
@@ -143,7 +162,14 @@ unfiled AS MATERIALIZED (
 moved AS MATERIALIZED (
   SELECT ARRAY(SELECT f_customer FROM differ WHERE f_customer IS NOT NULL) AS ids),
 inv AS MATERIALIZED (  -- read once: listed, and the way to their retries and the attempts known only through them
-  {_mirror_rows("i")})
+  {_mirror_rows("i")}),
+att AS MATERIALIZED (  -- read once: listed, and the payment intents unroutable events may route through
+  {_mirror_rows("p")}
+  UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
+  SELECT i.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at, p.amount,
+         p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at
+    FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
+          WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p)
 SELECT
   (SELECT json_agg(json_build_array(i.account_id, i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
@@ -153,12 +179,7 @@ SELECT
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
           p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at)
           ORDER BY p.account_id, p.id)
-     FROM ({_mirror_rows("p")}
-           UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
-           SELECT i.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at, p.amount,
-                  p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at
-             FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
-                   WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p) p),
+     FROM att p),
   (SELECT json_agg(json_build_array(m.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
           m.card_brand, m.card_last4, m.stripe_customer_id) ORDER BY m.account_id, m.id)
      FROM ({_mirror_rows("m")}) m),

@@ -18,8 +18,10 @@ from freezegun import freeze_time
 from sqlalchemy import Engine
 
 from app.recompute.service import run_recompute
+from app.redrive import redrive
 from app.sweep.sweep import Sweeper
 from tests.conftest import Accounts, post_event
+from tests.integration.test_bad_debt_dispute import dispute_event
 from tests.integration.test_sweep import (  # noqa: F401
     Recorder,
     dunning,
@@ -137,6 +139,84 @@ def test_an_account_whose_request_is_parked_by_a_dead_recompute_is_drift(account
     settle(engine, runtime.policy, account, datetime.now(UTC))
     sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
     parked_request(engine, account)
+
+    report = Sweeper(engine, runtime.policy, refuse).start()
+    assert (report.drifted, report.pending) == (1, 0)
+    assert report.drifted_accounts[0]["account_id"] == account
+
+
+def test_an_account_whose_unroutable_payment_routes_to_it_through_its_invoice_is_pending(
+        client, accounts: Accounts, runtime, engine: Engine, rollout_off: None, celery_app):
+    """invoice_payment.paid names its invoice, not its customer: delivered before the invoice's own
+    event (Stripe's order; two web processes' statements), it is stored unroutable with
+    route_invoice_id, and beat's re-drive (every 30 s) routes it through the invoice's mirror row, now
+    filed under the account's customer, and requests the account's recompute: that recompute is on
+    its way. Before, the pending check looked at the events' customers only, so the sweep recorded
+    such an account as drifted and remediated it up to a tick before the re-drive, a remediation the
+    rollout gate counts in the stage's health."""
+    account, customer = accounts.create()
+    invoice_id, intent = unique("in"), unique("pi")
+    now = int(time.time())
+    link = event("invoice_payment.paid", created=now, invoice=invoice_id, amount_paid=5000, amount_requested=5000,
+                 paths={"payment.payment_intent": intent})
+    assert post_event(client, link).json["state"] == "unroutable"
+    failed = event("invoice.payment_failed", id=invoice_id, customer=customer, created=now - 60)
+    assert post_event(client, failed).json["account_id"] == account
+    assert sql(engine, "SELECT state, stripe_customer_id, route_invoice_id FROM stripe_event WHERE id = %(e)s",
+               e=link["id"])[0] == ("unroutable", None, invoice_id)
+    settle(engine, runtime.policy, account, datetime.now(UTC))  # the invoice's recompute: it took the request
+    assert _requests(engine, account) == []
+    # Its stored state lags what compute decides now (drift made by hand, as in the tests above).
+    sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
+
+    set_stage(engine, "100")
+    recorder = Recorder()
+    report = Sweeper(engine, runtime.policy, recorder).start()
+    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
+    assert recorder.sent == []
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert redrive(engine, celery_app)["routed"] == 1  # what the sweep waited for
+    assert [cause for _, cause in _requests(engine, account)] == [link["id"]]
+
+
+def test_an_account_whose_unroutable_dispute_routes_to_it_through_its_payment_is_pending(
+        client, accounts: Accounts, runtime, engine: Engine, rollout_off: None, celery_app):
+    """A dispute names its payment intent only; an attempt mirrored by invoice_payment.paid names no
+    customer, so a dispute of it is stored unroutable with route_payment_intent_id and routed by the
+    next re-drive through the invoice the attempt is linked to: pending, as above."""
+    account, customer = accounts.create()
+    invoice_id, intent = unique("in"), unique("pi")
+    assert post_event(client, event("invoice.paid", id=invoice_id, customer=customer)).json["account_id"] == account
+    link = event("invoice_payment.paid", invoice=invoice_id, paths={"payment.payment_intent": intent})
+    assert post_event(client, link).json["account_id"] == account
+    dispute = dispute_event(intent, unique("ch"), 1000)
+    assert post_event(client, dispute).json["state"] == "unroutable"
+    settle(engine, runtime.policy, account, datetime.now(UTC))  # takes the invoice's request
+    assert _requests(engine, account) == []
+    sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
+
+    set_stage(engine, "100")
+    recorder = Recorder()
+    report = Sweeper(engine, runtime.policy, recorder).start()
+    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
+    assert recorder.sent == []
+    assert redrive(engine, celery_app)["routed"] == 1
+    assert [cause for _, cause in _requests(engine, account)] == [dispute["id"]]
+
+
+def test_an_unroutable_event_whose_invoice_is_another_accounts_leaves_this_one_drift(
+        client, accounts: Accounts, runtime, engine: Engine, rollout_off: None):
+    """Only the account the event routes to waits for it: a neighbour's drift is still drift."""
+    account, _customer = accounts.create()
+    other, other_customer = accounts.create()
+    invoice_id = unique("in")
+    link = event("invoice_payment.paid", invoice=invoice_id, paths={"payment.payment_intent": unique("pi")})
+    assert post_event(client, link).json["state"] == "unroutable"
+    assert post_event(client, event("invoice.paid", id=invoice_id, customer=other_customer)).json["account_id"] == \
+        other
+    for a in (account, other):
+        settle(engine, runtime.policy, a, datetime.now(UTC))
+    sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
 
     report = Sweeper(engine, runtime.policy, refuse).start()
     assert (report.drifted, report.pending) == (1, 0)
