@@ -12,14 +12,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, event
 
 from app.db import make_engine
-from app.migrate import alembic_config, upgrade
+from app.migrate import upgrade
 from app.policy_file import load_policy
 from app.recompute.service import run_recompute
-from app.redrive import DUE_REVIEWS
+from tests.integration.migration_setup import due_reviews, upgrade_to_before
 
 # The migration reads the database's now(), which no frozen clock moves: months around this run's.
 TODAY = datetime.now(UTC)
@@ -36,16 +35,9 @@ def _review(engine, account: str):
                                     {"a": account}).scalar()
 
 
-def _due(engine, now: datetime) -> list[str]:
-    with engine.connect() as conn:
-        return [r[0] for r in conn.exec_driver_sql(DUE_REVIEWS, {"limit": 100, "now": now})]
-
-
 def test_stored_decisions_get_their_cards_expiry_as_a_review(empty_database: str):
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("card_expiry_reviews").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    upgrade_to_before(url, "card_expiry_reviews")
     engine = make_engine(url)
     policy = load_policy()
     try:
@@ -75,10 +67,10 @@ def test_stored_decisions_get_their_cards_expiry_as_a_review(empty_database: str
                     "INSERT INTO subs_mandate (payment_method_id, account_id, status, exp_month, exp_year) "
                     "VALUES (%(p)s, %(a)s, %(s)s, %(m)s, %(y)s)",
                     {"p": card, "a": account, "s": status, "m": month, "y": year})
-        assert _due(engine, TODAY + timedelta(days=400)) == ["acct_reviewed_sooner"]  # nobody else, ever
+        assert due_reviews(engine, TODAY + timedelta(days=400)) == ["acct_reviewed_sooner"]  # nobody else, ever
 
         upgrade(url)
-        assert _due(engine, datetime.now(UTC)) == ["acct_blocked", "acct_expired"]  # once, at once
+        assert due_reviews(engine, datetime.now(UTC)) == ["acct_blocked", "acct_expired"]  # once, at once
         assert _review(engine, "acct_later") == NEXT_MONTH_ENDS
         assert _review(engine, "acct_reviewed_sooner") == SOON
         assert _review(engine, "acct_detached") is None and _review(engine, "acct_shown_expired") is None

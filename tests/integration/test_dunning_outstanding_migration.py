@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from alembic.script import ScriptDirectory
-
 from app import queries
 from app.db import make_engine
 from app.domain.compute import compute
 from app.domain.drift import drift_of
-from app.migrate import alembic_config, upgrade
+from app.migrate import upgrade
 from app.policy_file import load_policy
 from app.recompute.gather import gather
 from app.recompute.service import run_recompute
-from app.redrive import DUE_REVIEWS
+from tests.integration.migration_setup import due_reviews, upgrade_to_before
 
 AT = datetime.now(UTC).replace(microsecond=0) - timedelta(days=5)
 
@@ -31,16 +29,9 @@ def _row(engine, account: str):
                                     "WHERE account_id = %(a)s", {"a": account}).one()
 
 
-def _due(engine) -> list[str]:
-    with engine.connect() as conn:
-        return [r[0] for r in conn.exec_driver_sql(DUE_REVIEWS, {"limit": 100, "now": datetime.now(UTC)})]
-
-
 def test_rows_stored_before_are_filled_in_in_one_currency_and_reviewed_in_several(empty_database: str):
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("dunning_outstanding").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    upgrade_to_before(url, "dunning_outstanding")
     engine = make_engine(url)
     policy = load_policy()
     try:
@@ -71,7 +62,7 @@ def test_rows_stored_before_are_filled_in_in_one_currency_and_reviewed_in_severa
         assert _row(engine, "acct_one") == ([{"currency": "usd", "amount": 1500}], 1500)
         assert _row(engine, "acct_two") == (None, 2000)
         assert _row(engine, "acct_none") == (None, 0)
-        assert _due(engine) == ["acct_two"]  # once, at once
+        assert due_reviews(engine, datetime.now(UTC)) == ["acct_two"]  # once, at once
 
         with engine.connect() as conn:
             two = queries.dunning_view(conn, "acct_two")

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from app.embedded import poll_until
 from app.sweep.refile import refile_customers
 from tests.conftest import Accounts
+from tests.integration.migration_setup import upgrade_to_before
 
 
 def invoice(conn: Any, invoice_id: str, customer: str, subscription: str | None = None) -> None:
@@ -163,15 +164,12 @@ def test_the_failed_at_migration_keeps_the_time_of_failures_without_a_charge(emp
     from then on fixed. A failed authentication beside earlier charges gets it too (it was timed by
     the earlier charge: never announced); a charge's failure, or a bank debit's read as chargeless
     beside its own charge, stays timed by its charges."""
-    from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-    from app.migrate import alembic_config, downgrade, upgrade
+    from app.migrate import downgrade, upgrade
 
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("attempt_failed_at").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    before = upgrade_to_before(url, "attempt_failed_at")
     engine = create_engine(url)
     rows = {  # id: (status, charge_id, failure_code, charges)
         "pi_3ds": ("failed", None, "payment_intent_authentication_failure", {}),
@@ -208,15 +206,12 @@ def test_the_chargeless_facts_migration_keeps_what_existing_failures_show_and_go
     """attempt_chargeless_facts: an attempt whose outcome is a failure that made no charge gets the
     charge its row knows as the latest (by time, then id) and the card it shows; every other row,
     a failure made before a later charge's outcome included, none. The downgrade drops both."""
-    from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-    from app.migrate import alembic_config, downgrade, upgrade
+    from app.migrate import downgrade, upgrade
 
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("attempt_chargeless_facts").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    before = upgrade_to_before(url, "attempt_chargeless_facts")
     engine = create_engine(url)
     at = "2026-11-20T10:00:00+00:00"
     rows = {  # id: (status, charge_id, payment_method_id, failed_at, charges)
@@ -272,15 +267,12 @@ def test_the_invoice_lines_migration_marks_the_debt_whose_latest_event_carried_f
     exclusive lock (every webhook and every recompute reads stripe_invoice: held while the raw
     bodies were read, they waited for it, the webhooks past their lock timeout). The downgrade drops
     both columns and the index."""
-    from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine, event
 
-    from app.migrate import alembic_config, downgrade, upgrade
+    from app.migrate import downgrade, upgrade
 
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("invoice_lines_incomplete").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    before = upgrade_to_before(url, "invoice_lines_incomplete")
     engine = create_engine(url)
     other_line = json.loads(_invoice_event("evt_x", "in_x", False))
     other_line["data"]["object"]["discounts"] = {"object": "list", "data": [], "has_more": True}
@@ -352,15 +344,12 @@ def test_the_invoice_lines_migration_runs_again_after_it_stopped_past_its_first_
     concurrently: stopped past that commit (a failed or cancelled CREATE INDEX CONCURRENTLY leaves
     an invalid index; the backfill interrupted), the columns are there and alembic_version still
     names the revision before. Running it again finishes it (it stopped on "column already exists")."""
-    from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-    from app.migrate import alembic_config, upgrade
+    from app.migrate import upgrade
 
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("invoice_lines_incomplete").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    before = upgrade_to_before(url, "invoice_lines_incomplete")
     engine = create_engine(url)
     try:
         with engine.begin() as conn:  # what the stopped run left

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from alembic.script import ScriptDirectory
 from freezegun import freeze_time
 
 from app.db import make_engine
-from app.migrate import alembic_config, upgrade
+from app.migrate import upgrade
 from app.policy_file import load_policy
 from app.recompute.service import run_recompute
-from app.redrive import DUE_REVIEWS
+from tests.integration.migration_setup import due_reviews, upgrade_to_before
 
 # The migration marks its accounts due at the database's now(), which no frozen clock moves: the
 # invoice was sent two days before this run, due in 30 days.
@@ -32,16 +31,9 @@ def _review(engine, account: str):
                                     {"a": account}).one()
 
 
-def _due(engine, now: datetime) -> list[str]:
-    with engine.connect() as conn:
-        return [r[0] for r in conn.exec_driver_sql(DUE_REVIEWS, {"limit": 100, "now": now})]
-
-
 def test_an_account_stored_without_its_due_date_is_reviewed_and_enters_dunning_when_due(empty_database: str):
     url = empty_database
-    before = ScriptDirectory.from_config(alembic_config(url)).get_revision("review_due_dates").down_revision
-    assert isinstance(before, str)
-    upgrade(url, before)
+    upgrade_to_before(url, "review_due_dates")
     engine = make_engine(url)
     policy = load_policy()
     try:
@@ -64,10 +56,10 @@ def test_an_account_stored_without_its_due_date_is_reviewed_and_enters_dunning_w
                 # current, nothing unpaid, no review.
                 conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, status, level, version) "
                                      "VALUES (%(a)s, 'current', 'none', 1)", {"a": account})
-        assert _due(engine, DUE_AT + timedelta(days=5)) == []  # past their due dates, nobody recomputes them
+        assert due_reviews(engine, DUE_AT + timedelta(days=5)) == []  # past their due dates, nobody recomputes them
 
         upgrade(url)
-        assert _due(engine, datetime.now(UTC)) == ["acct_overdue", "acct_terms"]  # once, at once
+        assert due_reviews(engine, datetime.now(UTC)) == ["acct_overdue", "acct_terms"]  # once, at once
         assert _review(engine, "acct_paid")[0] is None
         for account in ("acct_terms", "acct_overdue"):
             run_recompute(engine, policy, account, "STATE_REFRESH")
@@ -75,7 +67,7 @@ def test_an_account_stored_without_its_due_date_is_reviewed_and_enters_dunning_w
         assert _review(engine, "acct_overdue") == (SENT_AT + timedelta(days=4), "past_due")
 
         with freeze_time(DUE_AT + timedelta(minutes=1)):
-            assert "acct_terms" in _due(engine, datetime.now(UTC))
+            assert "acct_terms" in due_reviews(engine, datetime.now(UTC))
             run_recompute(engine, policy, "acct_terms", "STATE_REFRESH")
         assert _review(engine, "acct_terms")[1] == "past_due"
     finally:
