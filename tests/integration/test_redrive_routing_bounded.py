@@ -184,14 +184,7 @@ def test_the_routing_failing_does_not_stop_the_stale_requests_nor_the_due_review
     stale-request and due-review re-drives of the same task: a lost recompute would never be sent
     again while it kept failing. They now run; the tick still fails (a stuck row, as any beat task's
     failure), once they are done."""
-    stale_account, _ = accounts.create()
-    due_account, _ = accounts.create()
-    with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger, cause, requested_at, touched_at) "
-                             "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_lost', now() - interval '10 minutes', "
-                             "        now() - interval '10 minutes')", {"a": stale_account})
-        conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, next_review_at) "
-                             "VALUES (%(a)s, now() - interval '1 minute')", {"a": due_account})
+    stale_account, due_account = a_stale_request_and_a_due_review(accounts, engine)
     monkeypatch.setattr(redrive_module, "ROUTE_UNROUTABLE",
                         "DO $$ BEGIN RAISE query_canceled USING MESSAGE = "
                         "'canceling statement due to statement timeout'; END $$")
@@ -204,3 +197,17 @@ def test_the_routing_failing_does_not_stop_the_stale_requests_nor_the_due_review
                          "AND requested_at > now() - interval '1 minute'", a=stale_account) == 1
     assert count(engine, "SELECT count(*) FROM recompute_request WHERE account_id = %(a)s "
                          "AND cause = 'review_due'", a=due_account) == 1
+
+
+def a_stale_request_and_a_due_review(accounts: Accounts, engine: Engine) -> tuple[str, str]:
+    """Two accounts for the tick's other re-drives: one whose request was lost 10 minutes ago, one
+    whose review came due a minute ago."""
+    stale_account, _ = accounts.create()
+    due_account, _ = accounts.create()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger, cause, requested_at, touched_at) "
+                             "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_lost', now() - interval '10 minutes', "
+                             "        now() - interval '10 minutes')", {"a": stale_account})
+        conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, next_review_at) "
+                             "VALUES (%(a)s, now() - interval '1 minute')", {"a": due_account})
+    return stale_account, due_account

@@ -19,19 +19,13 @@ from sqlalchemy import Engine, event
 
 from app.redrive import redrive
 from tests.conftest import Accounts
+from tests.integration.test_redrive_routing_bounded import a_stale_request_and_a_due_review
 from tests.integration.test_webhook_ingest import count, queued
 
 
 def test_the_soft_time_limit_during_the_routing_ends_the_tick_there(
         accounts: Accounts, engine: Engine, settings, celery_app) -> None:
-    stale_account, _ = accounts.create()
-    due_account, _ = accounts.create()
-    with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger, cause, requested_at, touched_at) "
-                             "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_lost', now() - interval '10 minutes', "
-                             "        now() - interval '10 minutes')", {"a": stale_account})
-        conn.exec_driver_sql("INSERT INTO subs_dunning (account_id, next_review_at) "
-                             "VALUES (%(a)s, now() - interval '1 minute')", {"a": due_account})
+    _stale, due_account = a_stale_request_and_a_due_review(accounts, engine)
 
     def soft_time_limit(_signum: int, _frame: Any) -> None:
         raise SoftTimeLimitExceeded()  # as billiard's handler in a prefork child
