@@ -145,6 +145,19 @@ def test_an_account_whose_request_is_parked_by_a_dead_recompute_is_drift(account
     assert report.drifted_accounts[0]["account_id"] == account
 
 
+def _pending_until_the_redrive_routes(engine: Engine, policy, celery_app, account: str, event_id: str) -> None:
+    """At stage 100 the sweep counts the account pending (no drift recorded, nothing sent); the next
+    re-drive routes the event and requests the account's recompute for it."""
+    set_stage(engine, "100")
+    recorder = Recorder()
+    report = Sweeper(engine, policy, recorder).start()
+    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
+    assert recorder.sent == []
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert redrive(engine, celery_app)["routed"] == 1  # what the sweep waited for
+    assert [cause for _, cause in _requests(engine, account)] == [event_id]
+
+
 def test_an_account_whose_unroutable_payment_routes_to_it_through_its_invoice_is_pending(
         client, accounts: Accounts, runtime, engine: Engine, rollout_off: None, celery_app):
     """invoice_payment.paid names its invoice, not its customer: delivered before the invoice's own
@@ -169,14 +182,7 @@ def test_an_account_whose_unroutable_payment_routes_to_it_through_its_invoice_is
     # Its stored state lags what compute decides now (drift made by hand, as in the tests above).
     sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
 
-    set_stage(engine, "100")
-    recorder = Recorder()
-    report = Sweeper(engine, runtime.policy, recorder).start()
-    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
-    assert recorder.sent == []
-    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
-    assert redrive(engine, celery_app)["routed"] == 1  # what the sweep waited for
-    assert [cause for _, cause in _requests(engine, account)] == [link["id"]]
+    _pending_until_the_redrive_routes(engine, runtime.policy, celery_app, account, link["id"])
 
 
 def test_an_account_whose_unroutable_dispute_routes_to_it_through_its_payment_is_pending(
@@ -195,13 +201,7 @@ def test_an_account_whose_unroutable_dispute_routes_to_it_through_its_payment_is
     assert _requests(engine, account) == []
     sql(engine, "UPDATE subs_dunning SET status = 'bad_debt' WHERE account_id = %(a)s", a=account)
 
-    set_stage(engine, "100")
-    recorder = Recorder()
-    report = Sweeper(engine, runtime.policy, recorder).start()
-    assert (report.drifted, report.pending, report.enqueued) == (0, 1, 0), report.drifted_accounts
-    assert recorder.sent == []
-    assert redrive(engine, celery_app)["routed"] == 1
-    assert [cause for _, cause in _requests(engine, account)] == [dispute["id"]]
+    _pending_until_the_redrive_routes(engine, runtime.policy, celery_app, account, dispute["id"])
 
 
 def test_an_unroutable_event_whose_invoice_is_another_accounts_leaves_this_one_drift(
