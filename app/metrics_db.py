@@ -7,6 +7,7 @@ multiprocess mode the newest write wins ("mostrecent", app/metrics.FLEET).
 from __future__ import annotations
 
 import logging
+import threading
 
 from prometheus_client import Gauge
 from sqlalchemy import Engine
@@ -61,15 +62,32 @@ def refresh(engine: Engine, guard_window_minutes: int) -> None:
     BAD_DEBT_PAYMENTS_PENDING.set(row["pending_payments"])
 
 
+# One read of the gauges at a time in a process. /metrics is open (no token): without this, every
+# scrape arriving while one reads held a database connection of its own, and whoever kept enough
+# requests open held the whole pool, the webhooks and /pay-bad-debt waiting behind them.
+_reading = threading.Lock()  # taken without waiting: as safe between gevent greenlets as between threads
+_last_ok = False
+
+
 def refresh_for_scrape(engine: Engine, guard_window_minutes: int) -> bool:
     """Before a scrape (the web's /metrics and the worker's): the gauges from the database, or, when
-    it cannot be read, their last values kept and dunning_metrics_db_refresh_ok 0. Never raises: the
-    process's counters are served either way."""
+    it cannot be read, their last values kept and dunning_metrics_db_refresh_ok 0. A scrape that
+    arrives while another one of this process is reading them serves the values as they are (that
+    read sets them a moment later) and asks the database nothing. Never raises: the process's
+    counters are served either way."""
+    global _last_ok
+    if not _reading.acquire(blocking=False):
+        return _last_ok
     try:
-        refresh(engine, guard_window_minutes)
-    except Exception as exc:
-        log.warning("metrics: database gauges not refreshed (%s)", exc.__class__.__name__)
-        REFRESH_OK.set(0)
-        return False
-    REFRESH_OK.set(1)
-    return True
+        try:
+            refresh(engine, guard_window_minutes)
+        except Exception as exc:
+            log.warning("metrics: database gauges not refreshed (%s)", exc.__class__.__name__)
+            REFRESH_OK.set(0)
+            _last_ok = False
+            return False
+        REFRESH_OK.set(1)
+        _last_ok = True
+        return True
+    finally:
+        _reading.release()
