@@ -208,6 +208,9 @@ class Snapshot:
     stored_mandates: tuple[MandateState, ...] = ()
     open_stuck_events: int = 0
     open_episode_entered_at: datetime | None = None
+    # When the stored decision was made (subs_dunning.changed_at): no decision about the account is
+    # computed at an earlier moment (decision_moment), whatever a host's clock says.
+    stored_changed_at: datetime | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def default_of(self, customer: str | None) -> tuple[str | None, datetime | None]:
@@ -240,3 +243,13 @@ def trusted(cls: type[T], values: dict[str, Any]) -> T:
     instance = object.__new__(cls)
     object.__setattr__(instance, "__dict__", values)
     return instance
+
+
+def decision_moment(snapshot: Snapshot, now: datetime) -> datetime:
+    """The moment to decide about the account at: ``now`` (a host's clock), but never before the
+    stored decision was made. Worker hosts' clocks differ (NTP drift, a paused VM): at a level's
+    boundary a host behind would otherwise ease what a host ahead just escalated, and the next run
+    escalate it again, each time with events for what never happened. Pure: the caller reads the
+    clock, the snapshot carries the stored decision's time."""
+    decided = snapshot.stored_changed_at
+    return decided if decided is not None and decided > now else now

@@ -39,7 +39,7 @@ SELECT
   (SELECT json_build_array(d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id,
           d.retry_payment_method_id, d.retry_free, d.retries_used, d.outstanding_amount, d.unpaid_since,
           d.last_failure_id, d.reasons, d.entitlements, d.actions_requested, d.policy_version, d.next_review_at,
-          d.prior_settled_at, d.outstanding, d.version)
+          d.prior_settled_at, d.outstanding, d.version, d.changed_at)
      FROM subs_dunning d WHERE d.account_id = a.account_id) AS dunning,
   (SELECT json_agg(json_build_array(i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
@@ -120,10 +120,11 @@ DUNNING_COLUMNS = ("status", "level", "failure_class", "next_retry_at", "retry_i
                    "next_review_at", "prior_settled_at", "outstanding")
 
 
-def _stored(row: list[Any] | None) -> tuple[DunningState | None, int]:
+def _stored(row: list[Any] | None) -> tuple[DunningState | None, int, datetime | None]:
+    """(stored state, version, when it was decided: changed_at) of the dunning column."""
     if row is None:
-        return None, 0
-    return stored_state(row), int(row[len(DUNNING_COLUMNS)])
+        return None, 0, None
+    return stored_state(row), int(row[len(DUNNING_COLUMNS)]), _t(row[len(DUNNING_COLUMNS) + 1])
 
 
 def stored_state(values: list[Any]) -> DunningState:
@@ -168,7 +169,7 @@ def bad_debt_payment(b: list[Any]) -> BadDebtPayment:
 
 def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     """One row of the gather statement, by column name -> (snapshot, stored version)."""
-    stored, version = _stored(m["dunning"])
+    stored, version, decided_at = _stored(m["dunning"])
     invoices = tuple(
         Invoice(
             id=i[0], status=i[1], billing_reason=i[2], subscription_id=i[3], amount_due=i[4], amount_paid=i[5],
@@ -225,6 +226,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
         stored_mandates=mandates,
         open_stuck_events=int(m["stuck"]),
         open_episode_entered_at=m["episode_entered_at"],
+        stored_changed_at=decided_at,
     )
     return snapshot, version
 

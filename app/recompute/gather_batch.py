@@ -40,8 +40,10 @@ from app.recompute.gather import DUNNING_COLUMNS, charges, invoice_lines, stored
 # JSON array (NULL without a subs_dunning row). One text value instead of fifteen columns: psycopg2
 # converts one value per row instead of fifteen, and equal states (most accounts: "current, nothing
 # unpaid" with the same reasons and entitlements) are recognised by one string, parsed once per page.
+# Then when the stored state was decided (changed_at: no decision is computed at an earlier moment),
+# apart, so that equal states stay one string.
 _DUNNING = ("a.account_id, a.bad_debt, d.version, CASE WHEN d.account_id IS NOT NULL THEN json_build_array("
-            + ", ".join(f"d.{c}" for c in DUNNING_COLUMNS) + ")::text END "
+            + ", ".join(f"d.{c}" for c in DUNNING_COLUMNS) + ")::text END, d.changed_at "
             "FROM subs_account a LEFT JOIN subs_dunning d ON d.account_id = a.account_id ")
 
 # The keyset page and its stored state in one statement (the sweep's walk).
@@ -355,6 +357,7 @@ def build_snapshots(accounts: list[Any], details: Any) -> dict[str, tuple[Snapsh
             "stored_mandates": mandates.get(account_id, EMPTY),
             "open_stuck_events": stuck.get(account_id, 0),
             "open_episode_entered_at": _tt(episode) if episode is not None else None,
+            "stored_changed_at": r[4],
             "extra": {},
         }), int(r[2] or 0))
     return out

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from app.db import unit_of_work
 from app.domain.compute import Decision, compute
 from app.domain.policy import Policy
+from app.domain.snapshot import decision_moment
 from app.domain.state import outstanding_fields
 from app.recompute.apply import Applied, apply
 from app.recompute.gather import gather
@@ -73,8 +74,9 @@ def run_recompute(
     taken: list[datetime] | None = None,
 ) -> RecomputeResult:
     """``now``: the moment to compute at; None (the task) reads the wall clock once the account's
-    lock is held. ``coalesced``: the run came from a pending request (webhooks); when another run
-    already took that request there is nothing new to see and the run stops early. ``taken``:
+    lock is held. Either way never before the stored decision's time (decision_moment).
+    ``coalesced``: the run came from a pending request (webhooks); when another run already took
+    that request there is nothing new to see and the run stops early. ``taken``:
     appended with the touched_at of the pending request the run took, if any, so that a caller
     whose run fails knows which version of the request it failed on (its delete is rolled back)."""
     timings: dict[str, float] = {}
@@ -95,6 +97,10 @@ def run_recompute(
         if gathered is None:
             raise AccountNotFound(f"account {account_id!r} does not exist")
         snapshot, version = gathered
+        # Nor at a moment older than the stored decision (its changed_at, read by gather): that run
+        # may have been on a host whose clock is ahead of this one's (clock skew between hosts).
+        # The decision, its events and its changed_at then never go back in time.
+        now = decision_moment(snapshot, now)
         t1 = time.perf_counter()
         decision = compute(snapshot, policy, now)
         t2 = time.perf_counter()

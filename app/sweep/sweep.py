@@ -45,7 +45,7 @@ from app.domain.compute import Decision, compute
 from app.domain.drift import Drift, drift, payment_in_flight
 from app.domain.policy import Policy
 from app.domain.rollout import in_stage
-from app.domain.snapshot import Snapshot
+from app.domain.snapshot import Snapshot, decision_moment
 from app.domain.triggers import Trigger
 from app.recompute.gather_batch import Pending
 from app.rollout.store import RolloutRow, read_state
@@ -286,7 +286,9 @@ class Sweeper:
                 continue
             snapshot, _version = gathered[account_id]
             try:
-                decision = compute(snapshot, self.policy, now)
+                # At the moment the account's own recompute would compute at: a sweep host whose clock
+                # is behind the host that made the stored decision sees no drift from the skew alone.
+                decision = compute(snapshot, self.policy, decision_moment(snapshot, now))
             except Exception:
                 log.exception("drift sweep: compute failed for %s", account_id)
                 _failed(report, "compute", account_id)
