@@ -6,7 +6,7 @@ Gather builds it from the stores; tests build it by hand. Times are timezone-awa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from app.domain.state import DunningState, MandateState
@@ -245,11 +245,21 @@ def trusted(cls: type[T], values: dict[str, Any]) -> T:
     return instance
 
 
+# How far ahead of a host's clock a stored decision's time is still taken for skew between hosts.
+# Beyond it the deciding host's clock was wrong (a clock set hours or days ahead): following it
+# would keep every host deciding in that host's future, escalations included, until real time caught
+# up; the host's own clock decides instead, and undoes what the broken clock escalated.
+MAX_CLOCK_LEAD = timedelta(minutes=5)
+
+
 def decision_moment(snapshot: Snapshot, now: datetime) -> datetime:
     """The moment to decide about the account at: ``now`` (a host's clock), but never before the
     stored decision was made. Worker hosts' clocks differ (NTP drift, a paused VM): at a level's
     boundary a host behind would otherwise ease what a host ahead just escalated, and the next run
-    escalate it again, each time with events for what never happened. Pure: the caller reads the
-    clock, the snapshot carries the stored decision's time."""
+    escalate it again, each time with events for what never happened. A stored time more than
+    MAX_CLOCK_LEAD ahead is no skew but a broken clock, and is not followed. Pure: the caller reads
+    the clock, the snapshot carries the stored decision's time."""
     decided = snapshot.stored_changed_at
-    return decided if decided is not None and decided > now else now
+    if decided is None or decided <= now or decided - now > MAX_CLOCK_LEAD:
+        return now
+    return decided

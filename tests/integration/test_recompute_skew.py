@@ -89,3 +89,19 @@ def test_a_sweep_host_behind_sees_no_drift_from_the_skew_alone(client, accounts,
 
     assert report.scanned >= 1
     assert report.drifted == 0, report.drifted_accounts
+
+
+def test_a_decision_made_by_a_clock_far_ahead_is_undone_by_the_hosts_clock(
+        client, accounts, engine, runtime, celery_app):
+    """A host whose clock was set hours ahead (not skew: a broken clock) escalated the account. The
+    other hosts do not follow it into its future: the next recompute decides at its own clock and
+    eases the level back, as before the skew rule."""
+    account, unpaid_since = unpaid_since_days_ago(client, engine, runtime, accounts, 6, "insufficient_funds")
+    boundary = unpaid_since + timedelta(days=7)
+    with freeze_time(boundary + timedelta(hours=3)):  # the broken host
+        recompute_on_a_host(celery_app, account)
+    assert stored_state(engine, account) == ("past_due", "restrict_premium")
+
+    with freeze_time(boundary - timedelta(hours=1)):  # the others: hours behind it, no skew
+        assert recompute_on_a_host(celery_app, account)["outcome"] == "changed"
+    assert stored_state(engine, account) == ("past_due", "notice")
