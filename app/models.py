@@ -571,6 +571,9 @@ class SweepError(Base):
     sweep_id: Mapped[int] = mapped_column(BigInteger)
     account_id: Mapped[str | None] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(Text)  # unreadable | compute | request | enqueue | failed
+    # A failed sweep's failure class (tasks/failures.py FailureKind): a transient one that outlasted
+    # its retries, or one that never retries. NULL for the other kinds.
+    failure_class: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(server_default=NOW)
     # Recorded before the rollout stage last changed: an earlier stage's (the gate counts the rest).
     before_stage: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))

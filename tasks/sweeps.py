@@ -7,6 +7,14 @@ comes near the timeout that would make Redis deliver it twice. A segment that fi
 taken sends itself again a little later: the chain is the only thing that carries a sweep on. A
 drift_sweep sent again after its worker was lost chains the next segment of the sweep its lost run
 began (run_was_lost), rather than skipping it as 'still running'.
+
+A segment that fails on a failure that passes (the database or broker connection, lock contention:
+app.sweep.sweep.RETRIED) is sent again with its class's backoff and jitter (tasks/failures.py
+POLICIES), as tasks.sweep_batch with ``failures`` counting its failures in a row (a segment that
+recorded a page starts them over), and resumes from the cursor of the last page recorded; its run
+stays 'running' and nothing counts against the rollout stage. Once that class's retries are over,
+the segment runs without retrying and a failure fails the sweep: 'failed', one sweep_error naming
+its class, counted by the gate as before.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from app.rollout.gate import check_gate
 from app.sweep.lifting import count_stuck_in_lifting
 from app.sweep.refile import RECOMPUTE_TRIGGER, refile_customers
 from app.sweep.remediate import celery_enqueuer
-from app.sweep.sweep import SweepBusy, Sweeper, SweepReport
+from app.sweep.sweep import RETRIED, SweepBusy, Sweeper, SweepReport, SweepRetry, retry_within
+from tasks.failures import POLICIES, FailureKind, classify, count_failure
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
 
@@ -39,10 +48,31 @@ BUSY_COUNTDOWN = 30
 BUSY_RETRIES = 20
 
 
-def _sweeper(task: Task) -> tuple[Sweeper, float]:
+SWEEP_BATCH = "tasks.sweep_batch"
+
+
+def _sweeper(task: Task, failures: int = 0) -> tuple[Sweeper, float]:
     rt = runtime_for(task.app)
     segment = max(10.0, task_time_limits(rt.settings.visibility_timeout)[1] / 2)  # half the soft limit
-    return Sweeper(rt.engine, rt.policy, celery_enqueuer(task.app)), segment
+    return Sweeper(rt.engine, rt.policy, celery_enqueuer(task.app), retry=retry_within(failures)), segment
+
+
+def _retry_later(task: Task, run_id: int, kind: FailureKind, failures: int, progressed: bool) -> dict[str, Any]:
+    """The segment of sweep ``run_id`` that failed on ``kind`` (a failure that passes), sent again
+    with that class's backoff and jitter; it resumes from the cursor. Not sent (the broker refuses
+    it), nothing carries the sweep on: beat's drift_sweep abandons it once its heartbeat is stale and
+    starts over, as for a segment lost any other way."""
+    in_a_row = 0 if progressed else failures
+    countdown = POLICIES[kind].countdown(in_a_row)
+    count_failure(task.name, kind, "retry")
+    try:
+        task.app.tasks[SWEEP_BATCH].apply_async([run_id], {"failures": in_a_row + 1}, countdown=countdown)
+    except Exception as exc:  # kombu's connection errors
+        log.warning("drift sweep %s: failed segment (%s) not sent again: %s", run_id, kind.value, exc)
+        return {"failed": kind.value, "run_id": run_id}
+    log.warning("drift sweep %s: segment failed (%s), sent again in %.1f s (failure %d in a row)", run_id,
+                kind.value, countdown, in_a_row + 1)
+    return {"failed": kind.value, "run_id": run_id, "again_in": round(countdown, 3), "failures": in_a_row + 1}
 
 
 def _after(task: Task, report: SweepReport) -> dict[str, Any]:
@@ -64,6 +94,8 @@ def drift_sweep(self: Task) -> dict[str, Any]:
             return _resume_lost(self, exc.run_id, exc)
         log.info("drift sweep not started: %s", exc)
         return {"skipped": str(exc)}
+    except SweepRetry as exc:
+        return _retry_later(self, exc.run_id, exc.kind, 0, exc.progressed)
     return _after(self, report)
 
 
@@ -91,24 +123,36 @@ def _resume_lost(task: Task, run_id: int, busy: SweepBusy) -> dict[str, Any]:
 
 
 @shared_task(name="tasks.sweep_batch", bind=True)
-def sweep_batch(self: Task, run_id: int, waited: int = 0) -> dict[str, Any]:
-    sweeper, segment = _sweeper(self)
+def sweep_batch(self: Task, run_id: int, waited: int = 0, failures: int = 0) -> dict[str, Any]:
+    """``failures``: the segments of this sweep that failed in a row before this one, on a failure
+    that passes (sent again by _retry_later)."""
+    sweeper, segment = _sweeper(self, failures)
     try:
         report = sweeper.resume(run_id, max_seconds=segment)
     except SweepBusy as exc:
         if waited < BUSY_RETRIES and sweeper.is_running(run_id):
-            return _again_later(self, run_id, waited, exc)
+            return _again_later(self, run_id, waited, exc, failures)
         log.info("drift sweep segment not run: %s", exc)
         return {"skipped": str(exc)}
+    except SweepRetry as exc:
+        return _retry_later(self, run_id, exc.kind, failures, exc.progressed)
+    except Exception as exc:
+        # Before the walk (the sweep lock, the run's row): the database down as the segment starts.
+        # Sent again as a failure mid-walk is; dropped, nothing would carry the sweep on.
+        kind = classify(exc)
+        if kind in RETRIED and failures < POLICIES[kind].max_retries:
+            return _retry_later(self, run_id, kind, failures, False)
+        raise
     return _after(self, report)
 
 
-def _again_later(task: Task, run_id: int, waited: int, busy: SweepBusy) -> dict[str, Any]:
+def _again_later(task: Task, run_id: int, waited: int, busy: SweepBusy, failures: int = 0) -> dict[str, Any]:
     """The segment of a running sweep that met the lock, sent again: dropped, nothing would carry the
     sweep on, and beat would start it over from the first account once its heartbeat went stale. A
     task of its own (as tasks.bad_debt's busy settlements), counting how often it waited."""
     try:
-        task.apply_async([run_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN)
+        kwargs = {"waited": waited + 1, **({"failures": failures} if failures else {})}
+        task.apply_async([run_id], kwargs, countdown=BUSY_COUNTDOWN)
     except Exception as exc:  # kombu's connection errors: beat's drift_sweep starts over when it goes stale
         log.warning("drift sweep %s: segment not sent again: %s", run_id, exc)
         return {"skipped": str(busy)}

@@ -6,10 +6,15 @@ import argparse
 import json
 import signal
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.domain.rollout import label
+
+if TYPE_CHECKING:
+    from app.sweep.sweep import Sweeper, SweepReport
 
 
 def _runtime() -> Any:
@@ -36,7 +41,7 @@ def _positive(text: str) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from app.sweep.remediate import celery_enqueuer
-    from app.sweep.sweep import BATCH_SIZE, SweepBusy, Sweeper
+    from app.sweep.sweep import BATCH_SIZE, SweepBusy, Sweeper, retry_within
 
     rt = _runtime()
     enqueue = None
@@ -45,13 +50,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         enqueue = celery_enqueuer(make_celery(rt.settings))
     sweeper = Sweeper(rt.engine, rt.policy, enqueue, dry_run=args.dry_run, batch_size=args.batch_size or BATCH_SIZE,
-                      keep=args.show)
+                      keep=args.show, retry=retry_within(0))
     # SIGTERM (`timeout`, a job past its deadline, a stopped container) ends the sweep as Ctrl-C does:
     # its run is closed 'interrupted'. Killed outright, the run stayed 'running' with a fresh
     # heartbeat, and every sweep was refused as still running until it went stale (15 minutes).
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        report = sweeper.start()
+        report = _sweep(sweeper)
     except SweepBusy as exc:
         print(f"not swept: {exc}", file=sys.stderr)
         return 1
@@ -78,6 +83,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                 for f in found["fields"])
             print(f"  {found['account_id']}  [{found['action']}]  {changes}")
     return status
+
+
+def _sweep(sweeper: Sweeper, sleep: Callable[[float], None] | None = None) -> SweepReport:
+    """The sweep, its failures that pass (the database's connection, lock contention) retried in this
+    process as a task's are: after its class's backoff and jitter, reading on from the cursor of the
+    last page recorded, while the class's retries in a row last. Interrupted while it waits (Ctrl-C,
+    SIGTERM), its run is closed 'interrupted', as during a page."""
+    from app.sweep.sweep import SweepRetry, retry_within
+    from tasks.failures import POLICIES
+
+    failures = 0
+    try:
+        return sweeper.start()
+    except SweepRetry as exc:
+        retry = exc
+    while True:
+        failures = 0 if retry.progressed else failures
+        wait = POLICIES[retry.kind].countdown(failures)
+        failures += 1
+        print(f"sweep {retry.run_id}: failed ({retry.kind.value}); reading on from its cursor in {wait:.1f}s "
+              f"(failure {failures} in a row)", file=sys.stderr)
+        try:
+            (sleep or time.sleep)(wait)
+        except KeyboardInterrupt:
+            sweeper.interrupt(retry.run_id)
+            raise
+        sweeper.retry = retry_within(failures)
+        try:
+            return sweeper.resume(retry.run_id)
+        except SweepRetry as exc:
+            retry = exc
 
 
 class Terminated(KeyboardInterrupt):

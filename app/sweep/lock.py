@@ -41,14 +41,21 @@ def sweep_lock(engine: Engine) -> Iterator[None]:
             raise
         if not got:
             raise SweepBusy("another drift sweep holds the sweep lock; not starting a second one")
+        failing = False
         try:
             yield
+        except BaseException:
+            failing = True
+            raise
         finally:
             try:
                 conn.exec_driver_sql("SELECT pg_advisory_unlock(%(k)s)", {"k": SWEEP_LOCK_KEY})
                 conn.commit()
             except Exception:
                 conn.invalidate()
-                raise
+                # The sweep's own failure (a database blip it is to be retried on, a bug) is the one
+                # that goes on, not the unlock's: the lock went with the invalidated session anyway.
+                if not failing:
+                    raise
     finally:
         conn.close()

@@ -22,9 +22,14 @@ page's errors are its stage visit's: written after the stage changed from the on
 change marks those written before it; its drift records keep that visit (drift_record.stage_revision).
 
 A sweep may be split into segments (one Celery task each, chained by the cursor in sweep_run) so
-no task runs close to the broker's visibility timeout. The advisory lock keeps two segments from
-running at once; a fresh ``running`` sweep_run row (heartbeat ``updated_at``) keeps a new sweep from
-starting between two segments of the previous one.
+no task runs close to the broker's visibility timeout. A segment that fails on a failure that passes
+(tasks/failures.py: the database or broker connection, lock contention) while its task may still
+retry (``retry``) leaves its run 'running' at the cursor of the last page it recorded and raises
+SweepRetry: the task sends the segment again with that class's backoff and jitter, and the page is
+read again from there. Only a sweep that fails otherwise (its retries over, bad data, a bug) is
+'failed', with a sweep_error naming its failure class, which the rollout gate counts. The advisory
+lock keeps two segments from running at once; a fresh ``running`` sweep_run row (heartbeat
+``updated_at``) keeps a new sweep from starting between two segments of the previous one.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from app.rollout.store import RolloutRow, read_state
 from app.sweep.batch_read import PageReader
 from app.sweep.collector import fewer_collections
 from app.sweep.lock import SweepBusy, sweep_lock
+from tasks.failures import POLICIES, FailureKind, classify
 from webhooks.store import request_recompute
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,37 @@ Enqueue = Callable[[str, int | None], str]
 REMEDIATION_TRIGGER = Trigger.DRIFT_DETECTED.value
 
 
+# The failure classes a sweep segment is sent again on (its own backoff and jitter: tasks/failures.py
+# POLICIES), resuming from the cursor: they pass with time and say nothing about the sweep's accounts.
+RETRIED: frozenset[FailureKind] = frozenset({
+    FailureKind.DATABASE_UNAVAILABLE, FailureKind.LOCK_CONTENTION, FailureKind.BROKER_UNAVAILABLE,
+})
+
+# (failure class, whether this walk recorded a page before it failed) -> whether the segment is sent
+# again (its task's retries for that class not over) rather than the sweep failing.
+Retry = Callable[[FailureKind, bool], bool]
+
+
+def retry_within(failures: int) -> Retry:
+    """A segment after ``failures`` failures in a row may be sent again on a failure of a class whose
+    retries (tasks/failures.py POLICIES) are not over, or whenever it recorded a page first (its
+    failures in a row start over: a sweep that moves on between blips is never failed by them)."""
+    return lambda kind, progressed: progressed or failures < POLICIES[kind].max_retries
+
+
+class SweepRetry(Exception):
+    """A segment of sweep ``run_id`` failed on a failure that passes (``kind``) and is to be sent again:
+    its run is left 'running' at the cursor of the last page it recorded, and nothing counts against
+    the rollout stage. ``progressed``: it recorded a page first (its failures in a row start over)."""
+
+    def __init__(self, run_id: int, kind: FailureKind, progressed: bool, cause: BaseException) -> None:
+        super().__init__(f"drift sweep {run_id}: segment failed ({kind.value}), to be retried from its cursor: "
+                         f"{cause.__class__.__name__}")
+        self.run_id = run_id
+        self.kind = kind
+        self.progressed = progressed
+
+
 def remediation_cause(run_id: int | None) -> str:
     return f"drift_sweep:{run_id}"
 
@@ -80,6 +117,7 @@ def utcnow() -> datetime:
 class SweepError:
     kind: str  # unreadable | compute | request | enqueue | failed
     account_id: str | None = None  # None: not about one account (a page's requests, the sweep itself)
+    failure_class: str | None = None  # a failed sweep's (tasks/failures.py FailureKind)
 
 
 @dataclass
@@ -107,6 +145,7 @@ class SweepReport:
     # The visit of the stage the sweep works at (rollout_state.stage_revision, read with ``stage``): a
     # stage left and come back to is another visit, and what a page did on the earlier one is not its.
     stage_revision: int | None = None
+    recorded_pages: int = 0  # pages this segment recorded (their counts and cursor committed)
 
     @property
     def out_of_stage(self) -> int:
@@ -157,7 +196,7 @@ class _PageDrifts:
 class Sweeper:
     def __init__(self, engine: Engine, policy: Policy, enqueue: Enqueue | None, *, dry_run: bool = False,
                  batch_size: int = BATCH_SIZE, clock: Callable[[], datetime] = utcnow, keep: int = 20,
-                 stale_after: timedelta = timedelta(minutes=15)) -> None:
+                 stale_after: timedelta = timedelta(minutes=15), retry: Retry | None = None) -> None:
         if enqueue is None and not dry_run:
             raise ValueError("a sweep that remediates needs a way to enqueue recomputes")
         self.engine = engine
@@ -168,6 +207,10 @@ class Sweeper:
         self.clock = clock
         self.keep = keep
         self.stale_after = stale_after
+        # Whether a failure that passes (RETRIED) is retried from the cursor (SweepRetry, for the caller
+        # to send the segment again: tasks.sweep_batch, or `dunning sweep` in its process). None: any
+        # failure fails the sweep.
+        self.retry = retry
 
     # --- entry points ------------------------------------------------------------------------
 
@@ -194,6 +237,14 @@ class Sweeper:
                                  in_stage=row.in_stage, guarded=row.guarded, enqueued=row.enqueued, errors=row.errors,
                                  cursor=row.cursor or "", stage_revision=rollout.stage_revision)
             return self._walk(report, row.cursor or "", rollout.named_accounts, max_seconds)
+
+    def interrupt(self, run_id: int) -> None:
+        """Close sweep ``run_id``, left 'running' by a failed segment waiting for its retry, as an
+        operator's Ctrl-C closes a segment: 'interrupted', nothing counted against the stage."""
+        with unit_of_work(self.engine) as conn:
+            conn.exec_driver_sql(
+                "UPDATE sweep_run SET state = 'interrupted', updated_at = %(now)s, finished_at = %(now)s "
+                "WHERE id = %(id)s AND state = 'running'", {"now": self.clock(), "id": run_id})
 
     def is_running(self, run_id: int) -> bool:
         """Whether sweep ``run_id`` still has accounts to walk (a segment to come), lock or no lock."""
@@ -229,7 +280,8 @@ class Sweeper:
     def _walk(self, report: SweepReport, cursor: str, named: tuple[str, ...],
               max_seconds: float | None) -> SweepReport:
         started = time.perf_counter()
-        failed = interrupted = False
+        failed: FailureKind | None = None
+        interrupted = retrying = False
         try:
             with fewer_collections(), PageReader(self.engine, cursor, self.batch_size) as reader:
                 try:
@@ -242,13 +294,26 @@ class Sweeper:
             # the rollout gate counts against the stage; an interruption says nothing about its health.
             interrupted = True
             raise
-        except BaseException:
-            failed = True
+        except BaseException as exc:
+            kind = classify(exc)
+            progressed = report.recorded_pages > 0
+            if self._retried(report, kind) and report.run_id is not None:
+                log.warning("drift sweep %s: segment failed at cursor %s (%s: %s); sent again from there",
+                            report.run_id, report.cursor or "-", kind.value, exc.__class__.__name__)
+                retrying = True
+                raise SweepRetry(report.run_id, kind, progressed, exc) from exc
+            failed = kind
             raise
         finally:
             report.seconds += time.perf_counter() - started
-            self._close(report, failed, interrupted)
+            self._close(report, failed, interrupted, retrying)
         return report
+
+    def _retried(self, report: SweepReport, kind: FailureKind) -> bool:
+        """Whether a failure of class ``kind`` sends the segment again (SweepRetry) rather than fail the
+        sweep or count as an error."""
+        return (kind in RETRIED and self.retry is not None and not self.dry_run and report.run_id is not None
+                and self.retry(kind, report.recorded_pages > 0))
 
     def _pages(self, report: SweepReport, reader: PageReader, named: tuple[str, ...], started: float,
                max_seconds: float | None) -> None:
@@ -394,7 +459,9 @@ class Sweeper:
                     conn.exec_driver_sql("DELETE FROM recompute_request WHERE account_id = ANY(%(ids)s)",
                                          {"ids": sorted(changed & created)})
                 return set(inside), created - changed, changed
-        except Exception:
+        except Exception as exc:
+            if self._retried(report, classify(exc)):  # a database blip: the page is read again, requests and all
+                raise
             log.exception("drift sweep: could not request the recompute of %d accounts", len(account_ids))
             return None
 
@@ -432,6 +499,7 @@ class Sweeper:
                                                 "desired": f.drift.desired})
         if self.dry_run or report.run_id is None:
             report.unrecorded.clear()
+            report.recorded_pages += 1
             return
         now = self.clock()
         with unit_of_work(self.engine) as conn:
@@ -455,15 +523,20 @@ class Sweeper:
                  "cursor": report.cursor, "now": now, "id": report.run_id},
             )
         report.unrecorded.clear()
+        report.recorded_pages += 1
 
-    def _close(self, report: SweepReport, failed: bool, interrupted: bool = False) -> None:
+    def _close(self, report: SweepReport, failed: FailureKind | None, interrupted: bool = False,
+               retrying: bool = False) -> None:
         """Finished, failed or interrupted (a later sweep starts from scratch), or still running (a
-        segment follows)."""
+        segment follows, or the failed one is sent again)."""
         if self.dry_run or report.run_id is None:
+            return
+        if retrying:
+            self._keep_running(report)
             return
         state = "failed" if failed else "interrupted" if interrupted else "finished" if report.finished else "running"
         if failed:
-            _failed(report, "failed")
+            _failed(report, "failed", failure_class=failed.value)
         try:
             with unit_of_work(self.engine) as conn:
                 _record_errors(conn, report, self.clock())
@@ -478,6 +551,20 @@ class Sweeper:
                 raise
             log.exception("drift sweep %s: could not record the failure", report.run_id)
 
+    def _keep_running(self, report: SweepReport) -> None:
+        """A segment to be sent again: its run stays 'running' at the cursor and counts of the last page
+        it recorded (what a later segment resumes from). The errors of the page that failed are not
+        written: that page is read again, and finds them again. The heartbeat is renewed when the
+        database answers (it may be what failed: the run's row is then as the last page left it)."""
+        report.unrecorded.clear()
+        try:
+            with unit_of_work(self.engine) as conn:
+                conn.exec_driver_sql(
+                    "UPDATE sweep_run SET updated_at = %(now)s WHERE id = %(id)s AND state = 'running'",
+                    {"now": self.clock(), "id": report.run_id})
+        except Exception as exc:
+            log.warning("drift sweep %s: heartbeat not renewed: %s", report.run_id, exc.__class__.__name__)
+
 
 # What a page's drift was measured on, as it is stored now: the subs_account flag and the state's
 # version (every write of subs_dunning bumps it; no row: 0, as the page reads it).
@@ -485,9 +572,9 @@ STORED_NOW = ("SELECT a.account_id, a.bad_debt, coalesce(d.version, 0) FROM subs
               "LEFT JOIN subs_dunning d USING (account_id) WHERE a.account_id = ANY(%(ids)s)")
 
 
-def _failed(report: SweepReport, kind: str, account_id: str | None = None) -> None:
+def _failed(report: SweepReport, kind: str, account_id: str | None = None, failure_class: str | None = None) -> None:
     report.errors += 1
-    report.unrecorded.append(SweepError(kind, account_id))
+    report.unrecorded.append(SweepError(kind, account_id, failure_class))
     metrics.SWEEP_ERRORS.labels(kind).inc()
 
 
@@ -506,11 +593,11 @@ def _record_errors(conn: Connection, report: SweepReport, now: datetime) -> None
     now_at = conn.exec_driver_sql(STAGE_SHARED).one()
     before_stage = (now_at.stage, now_at.stage_revision) != (report.stage, report.stage_revision)
     conn.exec_driver_sql(
-        "INSERT INTO sweep_error (sweep_id, account_id, kind, at, before_stage) VALUES (%(sweep)s, %(account)s, "
-        "%(kind)s, %(now)s, %(before)s) ON CONFLICT DO NOTHING",
-        [{"sweep": report.run_id, "account": e.account_id, "kind": e.kind, "now": now, "before": before_stage}
-         for e in report.unrecorded],
+        "INSERT INTO sweep_error (sweep_id, account_id, kind, failure_class, at, before_stage) VALUES (%(sweep)s, "
+        "%(account)s, %(kind)s, %(class)s, %(now)s, %(before)s) ON CONFLICT DO NOTHING",
+        [{"sweep": report.run_id, "account": e.account_id, "kind": e.kind, "class": e.failure_class, "now": now,
+          "before": before_stage} for e in report.unrecorded],
     )
 
 
-__all__ = ["SweepBusy", "SweepReport", "Sweeper"]
+__all__ = ["RETRIED", "SweepBusy", "SweepReport", "SweepRetry", "Sweeper", "retry_within"]
