@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from freezegun import freeze_time
+from sqlalchemy import Engine
 
+from app.db import make_engine
 from app.domain.events import DunningEntered, EntitlementsChanged
 from app.outbox.relay import relay
 from tests.integration.test_outbox_relay import outbox, write_events
@@ -89,7 +91,7 @@ def test_a_pass_throttled_takes_no_further_account_nor_row(accounts, engine, fak
 
 
 def test_a_pass_ended_by_the_soft_time_limit_leaves_its_accounts_locked_until_its_threads_are_done(
-        accounts, engine, fake_am):
+        accounts, engine, settings, fake_am):
     """Celery's soft time limit raises in the main thread only (a signal), here while it waits for the
     pass's threads: the task ends and the pass lock goes with it, while each thread still has its
     call under way. A pass started then (beat's next) relays the other accounts and skips those
@@ -97,6 +99,17 @@ def test_a_pass_ended_by_the_soft_time_limit_leaves_its_accounts_locked_until_it
     no row is sent twice. The cut pass's threads end with their call: past their budget (the soft
     limit comes well after it), they take no other account."""
     created = [accounts.create()[0] for _ in range(2 * AT_ONCE)]
+    # The passes get an engine of their own: the cut pass's threads hold two connections each until
+    # the test lets their calls end, and the second pass needs as many again. The suite's engine is
+    # shared with the in-process worker and earlier tests, so its pool of 10 may not have them all.
+    passes = make_engine(settings.database_url, pool_size=4 * AT_ONCE + 2, max_overflow=0)
+    try:
+        _cut_pass_then_a_second(engine, passes, fake_am, created)
+    finally:
+        passes.dispose()
+
+
+def _cut_pass_then_a_second(engine: Engine, passes: Engine, fake_am, created: list[str]) -> None:
     with freeze_time(datetime.now(UTC) + timedelta(minutes=1)) as clock:
         for account in created:
             write_events(engine, account, 1, [entitlements("read_only")])
@@ -120,7 +133,7 @@ def test_a_pass_ended_by_the_soft_time_limit_leaves_its_accounts_locked_until_it
         previous = signal.signal(signal.SIGUSR1, soft_time_limit)
         try:
             with pytest.raises(SoftTimeLimitExceeded):
-                relay(engine, fake_am.url)
+                relay(passes, fake_am.url)
         finally:
             signal.signal(signal.SIGUSR1, previous)
         cut = [t for t in threading.enumerate() if t.name.startswith("outbox-relay")]
@@ -128,7 +141,7 @@ def test_a_pass_ended_by_the_soft_time_limit_leaves_its_accounts_locked_until_it
 
         fake_am.before_answer = None
         clock.tick(timedelta(seconds=60))  # the next pass comes after the cut one's budget
-        second = relay(engine, fake_am.url)
+        second = relay(passes, fake_am.url)
         assert not second.busy  # the cut pass's lock went with its task
         assert second.skipped_locked == AT_ONCE and second.delivered == AT_ONCE
         assert sorted(r.account_id for r in fake_am.received) == sorted(set(created) - set(under_way))
