@@ -22,6 +22,7 @@ from app.payments.retries import claim_due
 from app.payments.stripe_client import make_stripe_client
 from tests.conftest import post_event, wait_for
 from tests.integration.dunning_setup import dunning_row, retries
+from tests.integration.test_retry_expired_default import attach_as_default
 from tests.stripe_events import event, unique, with_product
 
 pytestmark = pytest.mark.worker
@@ -37,13 +38,7 @@ def _planned_on_a_card_expiring_tonight(client, engine, account: str, customer: 
     with freeze_time(EXPIRY - timedelta(hours=2), tick=True):
         t = int((EXPIRY - timedelta(hours=2)).timestamp()) - 2 * DAY
         card = unique("pm")
-        attached = event("payment_method.attached", id=card, customer=customer, created=t - 30 * DAY,
-                         paths={"card.exp_month": 12, "card.exp_year": 2026})
-        assert post_event(client, attached).status_code == 200
-        default = event("customer.updated", id=customer, created=t - 30 * DAY,
-                        paths={"invoice_settings.default_payment_method": card})
-        default["data"]["previous_attributes"] = {"invoice_settings": {"default_payment_method": None}}
-        assert post_event(client, default).status_code == 200
+        attach_as_default(client, customer, card, t - 30 * DAY, 12, 2026)
         invoice = unique("in")
         failed = event("invoice.payment_failed", id=invoice, customer=customer, created=t, amount_due=5000,
                        amount_remaining=5000, amount_paid=0, attempt_count=1, billing_reason="subscription_cycle",

@@ -25,19 +25,24 @@ pytestmark = pytest.mark.worker
 DAY = 86400
 
 
+def attach_as_default(client, customer: str, card: str, created: int, exp_month: int, exp_year: int) -> None:
+    """The card attached to the customer and made its default (invoice_settings), at ``created``."""
+    attached = event("payment_method.attached", id=card, customer=customer, created=created,
+                     paths={"card.exp_month": exp_month, "card.exp_year": exp_year})
+    assert post_event(client, attached).status_code == 200
+    default = event("customer.updated", id=customer, created=created,
+                    paths={"invoice_settings.default_payment_method": card})
+    default["data"]["previous_attributes"] = {"invoice_settings": {"default_payment_method": None}}
+    assert post_event(client, default).status_code == 200
+
+
 def test_a_retry_on_the_failed_card_beside_an_expired_default_is_charged(client, accounts, engine, worker,
                                                                           celery_app, fake_stripe):
     account, customer = accounts.create()
     t = int(time.time()) - 2 * DAY
     # The customer's default since a month ago: a card that expired in 2024.
     old_card = unique("pm")
-    attached = event("payment_method.attached", id=old_card, customer=customer, created=t - 30 * DAY,
-                     paths={"card.exp_month": 4, "card.exp_year": 2024})
-    assert post_event(client, attached).status_code == 200
-    default = event("customer.updated", id=customer, created=t - 30 * DAY,
-                    paths={"invoice_settings.default_payment_method": old_card})
-    default["data"]["previous_attributes"] = {"invoice_settings": {"default_payment_method": None}}
-    assert post_event(client, default).status_code == 200
+    attach_as_default(client, customer, old_card, t - 30 * DAY, 4, 2024)
     # The renewal was declined (insufficient funds) on another card, valid.
     card = unique("pm")
     invoice = unique("in")
