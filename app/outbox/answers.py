@@ -11,8 +11,11 @@ EXCERPT_LIMIT = 200  # characters of an answer's body kept as the reason
 # Characters of an answer read for the reason: an answer may be megabytes (a proxy's page, an echo),
 # and the reason is its beginning anyway.
 SCAN_LIMIT = 20 * EXCERPT_LIMIT
-# 4xx answers that say "not now" (the request timed out, or the client is throttled), not "wrong".
-NOT_NOW = frozenset({408, 429})
+# 4xx answers that say "not now", not "wrong": the request timed out (408), conflicts with one still
+# being processed (409: both calls are idempotent, and its usual cause is a request under the same
+# Idempotency-Key still under way, one the relay gave up on), was sent too early to be safe from replay
+# (425), or the client is throttled (429). Sent again later, it is taken (DESIGN 11: retried with backoff).
+NOT_NOW = frozenset({408, 409, 425, 429})
 # The fields of a JSON error body that say what was wrong, in the order they are shown; those of an
 # error object nested under "error" (``{"error": {"type", "code", "message"}}``).
 REASON_FIELDS = ("error", "code", "message", "detail", "reason", "title")
@@ -40,9 +43,9 @@ _SECRETS = (
 
 
 def refused_as_wrong(status: int | None) -> bool:
-    """A 4xx other than 408/429: Account Management says the request itself is wrong (an account
-    it does not know, a body it rejects). Sent again unchanged it will be refused again, and the
-    account's later rows wait behind it."""
+    """A 4xx other than 408/409/425/429 (``NOT_NOW``): Account Management says the request itself is
+    wrong (an account it does not know, a body it rejects). Sent again unchanged it will be refused
+    again, and the account's later rows wait behind it."""
     return status is not None and 400 <= status < 500 and status not in NOT_NOW
 
 

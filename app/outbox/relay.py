@@ -23,7 +23,7 @@ whatever the reply held), and an account whose delivery raises something unfores
 with backoff while the pass goes on with the others: one poison account never starves the rest.
 
 Each row keeps its last answer: the HTTP status (``last_status``, None when there was none) and a
-short reason (``last_error``). A row refused as wrong (a 4xx other than 408/429) is blocked from
+short reason (``last_error``). A row refused as wrong (a 4xx other than 408/409/425/429) is blocked from
 then on (``blocked_at``, gauge dunning_outbox_blocked) until it is delivered or an operator skips
 it (``dunning outbox skip``, app/outbox/operator.py), or, an EntitlementsChanged, superseded by a
 newer one at its next try: it is still retried, and holds back its account's later rows meanwhile.

@@ -11,6 +11,10 @@ answers that account's requests a 200 whose headers come a byte every ``trickle_
 without end (a proxy that holds the answer open), until the fake stops. ``before_answer(request)``,
 when set, runs while a request waits for its answer: what happens elsewhere while Account Management
 takes its time. It records every request it answered 2xx, in arrival order, with its Idempotency-Key.
+Like an idempotent API (IETF draft "The Idempotency-Key HTTP Header Field", section 2.6), a request
+whose Idempotency-Key is still being processed (a first request Account Management has not answered
+yet: the relay gave up on it, the fake still holds it in ``before_answer`` or ``slow``) is answered
+409 ``IN_PROGRESS``; ``settled(timeout)`` waits until no request is being processed.
 
 It routes a request as an HTTP server or a proxy in front of one does: a path's dot segments ("." and
 ".." as they are, RFC 3986 section 5.2.4) are removed first, so ``/accounts/../entitlements`` is
@@ -29,6 +33,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from tests.fakes.server import Answer, FakeServer
+
+IN_PROGRESS = {"error": "idempotency_key_in_use",
+               "message": "a request with this Idempotency-Key is still being processed"}
 
 
 @dataclass
@@ -56,6 +63,9 @@ class FakeAccountManagement:
     paths: list[str] = field(default_factory=list)  # every request's path as it arrived
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release: threading.Event = field(default_factory=threading.Event)
+    # Idempotency-Keys of the requests being processed (received, not answered yet).
+    _in_progress: set[str] = field(default_factory=set)
+    _settled: threading.Condition = field(default_factory=threading.Condition)
 
     def __post_init__(self) -> None:
         self.server = self._server()
@@ -107,6 +117,11 @@ class FakeAccountManagement:
         with self._lock:
             return [r for r in self.received if r.account_id == account_id]
 
+    def settled(self, timeout: float = 30.0) -> bool:
+        """Wait until no request is being processed (each one answered): whether it came to that."""
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._in_progress, timeout)
+
     def _server(self, port: int = 0) -> FakeServer:
         server = FakeServer(self._handle, port=port)
         server.httpd.RequestHandlerClass = _raw_capable(server.httpd.RequestHandlerClass, self._raw_answer,
@@ -140,6 +155,21 @@ class FakeAccountManagement:
             return 404, {}, {"error": "not_found"}
         request = Received(method, unquote(parts[1]), parts[2], json.loads(body or b"{}"),
                            headers.get("idempotency-key"))
+        key = request.idempotency_key
+        if key is None:
+            return self._process(request)
+        with self._settled:
+            if key in self._in_progress:
+                return 409, {}, IN_PROGRESS
+            self._in_progress.add(key)
+        try:
+            return self._process(request)
+        finally:
+            with self._settled:
+                self._in_progress.discard(key)
+                self._settled.notify_all()
+
+    def _process(self, request: Received) -> Answer:
         if self.before_answer is not None:
             self.before_answer(request)
         if self.mode == "slow":

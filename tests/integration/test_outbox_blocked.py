@@ -1,4 +1,4 @@
-"""Rows Account Management refuses as wrong (a 4xx other than 408/429), against the fake Account
+"""Rows Account Management refuses as wrong (a 4xx other than 408/409/425/429), against the fake Account
 Management: each row keeps its last answer (status and a short, secret-free reason), a refused row
 counts as blocked (gauge dunning_outbox_blocked) and is still retried, never dropped; an operator
 lists the rows that wait (`dunning outbox list`) and skips one (`dunning outbox skip`), audited,
@@ -7,6 +7,7 @@ after which the account's later rows are delivered. The skipped row is kept, in 
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -33,7 +34,7 @@ def audit(engine, action: str) -> list[dict]:
         return [dict(r) for r in rows.mappings()]
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 409, 422])
+@pytest.mark.parametrize("status", [400, 401, 404, 410, 422])
 def test_a_row_refused_as_wrong_keeps_its_answer_counts_as_blocked_and_is_still_retried(
         client, accounts, engine, fake_am, status):
     refused, _ = accounts.create()
@@ -73,7 +74,9 @@ def test_a_row_refused_as_wrong_keeps_its_answer_counts_as_blocked_and_is_still_
     assert value(metrics(client), "dunning_outbox_blocked") == 0
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 503])
+# 409 and 425: both calls are idempotent (DESIGN 11), so a conflict (a request under the same key still
+# being processed) or Too Early says "not now" too, not that the request is wrong.
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 503])
 def test_an_answer_that_says_not_now_is_recorded_but_does_not_block(client, accounts, engine, fake_am, status):
     account, _ = accounts.create()
     entitlements(engine, account, 1, prod_core="full")
@@ -82,6 +85,39 @@ def test_an_answer_that_says_not_now_is_recorded_but_does_not_block(client, acco
     (row,) = outbox(engine, account)
     assert (row["last_status"], row["last_error"], row["blocked_at"]) == (status, f"HTTP {status}: try_later", None)
     assert value(metrics(client), "dunning_outbox_blocked") == 0
+
+
+def test_a_retry_meeting_its_first_request_still_in_progress_is_not_blocked_and_goes_later(
+        client, accounts, engine, fake_am):
+    """The relay gave up on a call (its time limit) that Account Management goes on processing: the
+    retry, under the same Idempotency-Key, is answered 409 while it does. That is "not now": the row
+    is retried with backoff, not blocked, and once the first request is done the retry is delivered
+    and the account's later rows go."""
+    account, _ = accounts.create()
+    entitlements(engine, account, 1, prod_core="full")
+    write_events(engine, account, 2, [DunningEntered(unpaid_since=None, failure_class="transient")])
+    done = threading.Event()
+    fake_am.before_answer = lambda _request: done.wait(30)  # the first request is processed until done
+    now = datetime.now(UTC) + LATER
+    try:
+        relay(engine, fake_am.url, now=now, timeout=(0.5, 0.5))
+        assert "Timeout" in outbox(engine, account)[0]["last_error"]  # no answer in time
+
+        report = relay(engine, fake_am.url, now=now + LATER)
+        assert (report.delivered, report.failed) == (0, 1)
+        first, second = outbox(engine, account)
+        assert (first["attempts"], first["last_status"], first["blocked_at"]) == (2, 409, None)
+        assert first["last_error"].startswith("HTTP 409: idempotency_key_in_use")
+        assert first["next_attempt_at"] > now + LATER and second["attempts"] == 0  # backs off, the rest waits
+        assert value(metrics(client), "dunning_outbox_blocked") == 0
+    finally:
+        done.set()
+    assert fake_am.settled()
+
+    assert relay(engine, fake_am.url, now=now + 2 * LATER).delivered == 2
+    assert [r["state"] for r in outbox(engine, account)] == ["delivered", "delivered"]
+    keys = {r.idempotency_key for r in fake_am.entitlements(account)}
+    assert keys == {f"outbox-{first['id']}"}  # one request to Account Management, sent twice
 
 
 def test_no_answer_leaves_no_status(accounts, engine, fake_am):

@@ -166,7 +166,7 @@ def _blocked_cancellation(engine, fake_am, account: str) -> dict:
     bad_debt_episode(engine, account, episode)
     write_events(engine, account, 1, [CancellationRequested(subscription_id="sub_1", reason="retries_exhausted",
                                                             episode=episode)])
-    fake_am.refuse(account, 409, {"error": "conflict", "message": "subscription in another workflow"})
+    fake_am.refuse(account, 422, {"error": "invalid_request", "message": "subscription not cancellable"})
     relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
     (row,) = outbox(engine, account)
     assert row["blocked_at"] is not None
@@ -196,7 +196,7 @@ def test_skipping_a_cancellation_must_be_asked_for_by_name(cli_env, accounts, en
     out = capsys.readouterr().out
     assert "sub_1" in out and "not cancel" in out
     (entry,) = audit(engine, "outbox.skip")
-    assert entry["detail"]["event_type"] == "CancellationRequested" and entry["detail"]["last_status"] == 409
+    assert entry["detail"]["event_type"] == "CancellationRequested" and entry["detail"]["last_status"] == 422
     assert outbox(engine, account)[0]["state"] == "skipped"
 
 
