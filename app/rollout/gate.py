@@ -11,7 +11,8 @@ Health is measured since the later of the stage start and the window start:
   and says nothing about the remediation being wrong; should it never take, the next sweep finds
   the account drifted the same way, which counts);
 * errors: the distinct accounts a sweep failed on in the window (rows that cannot be read, compute
-  failures, recomputes that could not be sent), plus each error not about one account (a page
+  failures, recomputes that could not be sent other than by the broker's refusal, which defers the
+  remediation to the re-drive: a remediation, no error), plus each error not about one account (a page
   whose requests could not be stored, a sweep that failed): sweep_error rows recorded since, not
   before_stage (every stage change marks those so far, rollout/store.py). One account that fails
   every sweep is one error, however many sweeps ran: visible, and no step back on its own;

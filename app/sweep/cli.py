@@ -64,8 +64,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 128 + signal.SIGTERM  # the shell's status for a program SIGTERM ended
     finally:
         signal.signal(signal.SIGTERM, previous)
-    # Errors (compute failures, remediations not enqueued) fail the command in either output format:
-    # scripts read the status, whatever they parse.
+    # Errors (compute failures, unreadable rows) fail the command in either output format: scripts
+    # read the status, whatever they parse. A remediation the broker refused is no error: deferred,
+    # its request waits for beat's re-drive.
     status = 0 if report.errors == 0 else 1
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
@@ -74,7 +75,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{kind} at stage {label(report.stage)} in {report.seconds:.1f}s")
     print(f"scanned {report.scanned}  drifted {report.drifted}  in stage {report.in_stage}  "
           f"out of stage {report.out_of_stage}  guarded {report.guarded}  enqueued {report.enqueued}  "
-          f"errors {report.errors}  pending {report.pending}")
+          f"deferred {report.deferred}  errors {report.errors}  pending {report.pending}")
     if report.drifted_accounts:
         shown = len(report.drifted_accounts)
         print(f"drifted accounts (first {shown} of {report.drifted}):")

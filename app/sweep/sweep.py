@@ -14,9 +14,14 @@ drift records and the errors are written once per batch, so memory stays flat wh
 of accounts.
 
 An error is a sweep_error row about the account it concerns (its rows cannot be built into a
-snapshot, its compute failed, its recompute could not be sent), at most one per account and sweep,
+snapshot, its compute failed, its recompute could not be sent for a reason other than the broker),
+at most one per account and sweep,
 or about none (a page whose requests could not be stored, the sweep failed). The rollout gate
 counts the accounts, so one account that fails every sweep is one error, not one per sweep. A
+remediation whose send the broker refused is no error: its request is stored, and beat's
+stale-request re-drive sends it once the broker takes it (late, not lost); it is a remediation,
+"deferred", whose outcome the gate counts as any other's. A broker outage says nothing about
+whether remediating was right, and counted per account it stepped the rollout back. A
 page's errors are its stage visit's: written after the stage changed from the one the page worked at
 (or was left and come back to: rollout_state.stage_revision), they are marked before_stage, as the
 change marks those written before it; its drift records keep that visit (drift_record.stage_revision).
@@ -46,6 +51,7 @@ from sqlalchemy import Connection, Engine
 
 from app import metrics
 from app.db import unit_of_work
+from app.dispatch import BrokerUnavailable
 from app.domain.compute import Decision, compute
 from app.domain.drift import Drift, drift, payment_in_flight
 from app.domain.policy import Policy
@@ -130,6 +136,9 @@ class SweepReport:
     in_stage: int = 0  # drifted, not guarded, inside the stage: remediated (or would be, in a dry run)
     guarded: int = 0
     enqueued: int = 0
+    # remediated, but the broker refused the send: the request waits for beat's stale-request re-drive.
+    # Counted by this segment only, as ``pending``.
+    deferred: int = 0
     errors: int = 0  # this sweep's sweep_error rows
     # drifted as read, but their recompute already on its way: not drift, not recorded. Counted by this
     # segment only (sweep_run has no column for it; the CLI's sweep is one segment).
@@ -154,7 +163,8 @@ class SweepReport:
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "stage": self.stage, "dry_run": self.dry_run, "scanned": self.scanned,
                 "drifted": self.drifted, "in_stage": self.in_stage, "out_of_stage": self.out_of_stage,
-                "guarded": self.guarded, "enqueued": self.enqueued, "errors": self.errors, "pending": self.pending,
+                "guarded": self.guarded, "enqueued": self.enqueued, "deferred": self.deferred, "errors": self.errors,
+                "pending": self.pending,
                 "finished": self.finished, "cursor": self.cursor, "seconds": round(self.seconds, 3),
                 "drifted_accounts": self.drifted_accounts}
 
@@ -163,8 +173,12 @@ class SweepReport:
 class Found:
     account_id: str
     drift: Drift
-    action: str  # remediate | out_of_stage | guarded:<why> | error
+    action: str  # remediate | deferred | out_of_stage | guarded:<why> | error
     remediated: bool
+
+
+# Drifted inside the stage: remediated (sent, or deferred to the re-drive), or failed to be.
+IN_STAGE_ACTIONS = ("remediate", "deferred", "error")
 
 
 def _classify(account_id: str, guard: str | None, stage: str, named: tuple[str, ...]) -> str:
@@ -470,8 +484,15 @@ class Sweeper:
         try:
             self.enqueue(f.account_id, report.run_id)
         except Exception as exc:
-            # The request stays: beat's stale-request re-drive sends it within a minute or two. Still an
-            # error (the broker refused), and not counted as a remediation of this sweep.
+            if _broker_refused(exc):
+                # The request stays (trigger DRIFT_DETECTED, this sweep's cause): beat's stale-request
+                # re-drive sends it once the broker takes it. Late, not lost, and no evidence against
+                # remediating: a remediation, whose outcome the gate counts, not an error.
+                log.warning("drift sweep: the broker refused the recompute of %s (%s); the re-drive sends it",
+                            f.account_id, exc.__class__.__name__)
+                return replace(f, action="deferred", remediated=True)
+            # Refused otherwise (a bug in sending it): an error. The request stays, and the re-drive
+            # sends it as well.
             log.warning("drift sweep: could not enqueue the recompute of %s: %s", f.account_id,
                         exc.__class__.__name__)
             _failed(report, "enqueue", f.account_id)
@@ -480,16 +501,17 @@ class Sweeper:
 
     def _record(self, report: SweepReport, found: list[Found], scanned: int) -> None:
         batch = {"scanned": scanned, "drifted": len(found),
-                 "in_stage": sum(1 for f in found if f.action in ("remediate", "error")),
+                 "in_stage": sum(1 for f in found if f.action in IN_STAGE_ACTIONS),
                  "guarded": sum(1 for f in found if f.action.startswith("guarded")),
-                 "enqueued": sum(1 for f in found if f.remediated)}
+                 "enqueued": sum(1 for f in found if f.remediated and f.action != "deferred")}
         report.scanned += scanned
         report.drifted += batch["drifted"]
         report.in_stage += batch["in_stage"]
         report.guarded += batch["guarded"]
         report.enqueued += batch["enqueued"]
+        report.deferred += sum(1 for f in found if f.action == "deferred")
         for f in found:
-            in_stage_label = "true" if f.action in ("remediate", "error") else "false"
+            in_stage_label = "true" if f.action in IN_STAGE_ACTIONS else "false"
             metrics.DRIFT_FOUND.labels(in_stage_label).inc()
             if f.remediated:
                 metrics.DRIFT_REMEDIATED.inc()
@@ -570,6 +592,12 @@ class Sweeper:
 # version (every write of subs_dunning bumps it; no row: 0, as the page reads it).
 STORED_NOW = ("SELECT a.account_id, a.bad_debt, coalesce(d.version, 0) FROM subs_account a "
               "LEFT JOIN subs_dunning d USING (account_id) WHERE a.account_id = ANY(%(ids)s)")
+
+
+def _broker_refused(exc: BaseException) -> bool:
+    """The broker did not take the message (app.dispatch wraps every failure to send in
+    BrokerUnavailable; an enqueuer of another make may raise kombu's or a connection error)."""
+    return isinstance(exc, BrokerUnavailable) or classify(exc) is FailureKind.BROKER_UNAVAILABLE
 
 
 def _failed(report: SweepReport, kind: str, account_id: str | None = None, failure_class: str | None = None) -> None:

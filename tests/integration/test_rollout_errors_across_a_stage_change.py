@@ -4,9 +4,10 @@
 A page's errors are written with its records, in the page's own transaction, while the gate (or an
 operator) may be changing the stage in another. The change marks every error so far before_stage;
 an error written by a page that worked at the old stage must not come into the new stage's health
-either way the two transactions meet: else the errors that stepped the rollout back (a broker
-outage: every remediation of the page an error) step it back again from the stage below, and on
-down to off.
+either way the two transactions meet: else the errors that stepped the rollout back (a send that
+fails for every remediation of the page) step it back again from the stage below, and on down to
+off. (A send the broker refuses is no error: test_rollout_broker_refused_remediation.py; these
+sends fail otherwise, as a bug in sending would.)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def at_10_percent(engine: Engine, corrupted: dict[str, str]) -> None:
 
 def rollback(engine: Engine) -> None:
     with engine.begin() as conn:
-        change(conn, "rollback", "ops", "the broker is refusing the remediations", NOW)
+        change(conn, "rollback", "ops", "the remediations cannot be sent", NOW)
 
 
 def errors_now(engine: Engine) -> int:
@@ -56,18 +57,18 @@ def waiting_on_locks(engine: Engine) -> int:
 
 def test_errors_of_a_page_whose_stage_changed_before_they_were_written_are_the_old_stages(
         runtime, engine: Engine, corrupted: dict[str, str]):
-    """The page's remediations were requested at 10%; the rollback commits while the broker refuses
-    them; the page's errors are written after it."""
+    """The page's remediations were requested at 10%; the rollback commits while their sends fail;
+    the page's errors are written after it."""
     at_10_percent(engine, corrupted)
     refused: list[str] = []
 
-    def broker_down(account_id: str, run_id: int | None) -> str:
+    def send_fails(account_id: str, run_id: int | None) -> str:
         if not refused:
             rollback(engine)
         refused.append(account_id)
-        raise ConnectionError("broker down")
+        raise TypeError("Object of type Decimal is not JSON serializable")
 
-    report = Sweeper(engine, runtime.policy, broker_down, clock=lambda: NOW + timedelta(seconds=1)).start()
+    report = Sweeper(engine, runtime.policy, send_fails, clock=lambda: NOW + timedelta(seconds=1)).start()
     assert report.finished and report.errors == 3 and len(refused) == 3
     assert sql(engine, "SELECT stage FROM rollout_state")[0][0] == "5"
     assert len(sql(engine, "SELECT 1 FROM sweep_error")) == 3  # recorded, for the sweep's record
@@ -86,12 +87,12 @@ def test_errors_written_while_the_stage_changes_are_the_old_stages(runtime, engi
     holder = engine.connect()
     holder.begin()
 
-    def broker_down(account_id: str, run_id: int | None) -> str:
+    def send_fails(account_id: str, run_id: int | None) -> str:
         # Someone holds the sweep's row for a moment: the page's transaction will wait on it.
         holder.exec_driver_sql("SELECT 1 FROM sweep_run WHERE id = %(id)s FOR UPDATE", {"id": run_id})
-        raise ConnectionError("broker down")
+        raise TypeError("Object of type Decimal is not JSON serializable")
 
-    sweeper = Sweeper(engine, runtime.policy, broker_down, clock=lambda: NOW + timedelta(seconds=1))
+    sweeper = Sweeper(engine, runtime.policy, send_fails, clock=lambda: NOW + timedelta(seconds=1))
     outcome: dict[str, Any] = {}
 
     def sweep() -> None:

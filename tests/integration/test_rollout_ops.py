@@ -241,7 +241,7 @@ def test_errors_of_a_sweep_that_spans_a_step_back_do_not_step_back_again(runtime
               entered=NOW - timedelta(hours=30))
 
     def broken(account_id: str, run_id: int | None) -> str:
-        raise ConnectionError("broker down")
+        raise TypeError("Object of type Decimal is not JSON serializable")  # (not the broker: no deferral)
 
     # The first segment (5 of the 6 accounts, at least 2 of them drifted) cannot enqueue anything.
     first = Sweeper(engine, policy, broken, batch_size=5,
@@ -252,13 +252,13 @@ def test_errors_of_a_sweep_that_spans_a_step_back_do_not_step_back_again(runtime
     assert decision.action == "rollback" and health.errors == first.errors
     assert (state.stage, state.held) == ("5", True)
 
-    # The broker is back: the sweep's last segment (at 5%) has no error, and the sweep finishes.
+    # Fixed: the sweep's last segment (at 5%) has no error, and the sweep finishes.
     rest = Sweeper(engine, policy, Recorder(), batch_size=5,
                    clock=lambda: NOW - timedelta(minutes=8)).resume(first.run_id)
     assert rest.finished and rest.errors == first.errors
     assert sql(engine, "SELECT state, errors FROM sweep_run")[0] == ("finished", first.errors)
     with engine.begin() as conn:
-        change(conn, "resume", "ops", "broker outage understood", NOW - timedelta(minutes=5))
+        change(conn, "resume", "ops", "the sending bug is understood", NOW - timedelta(minutes=5))
 
     again, health, state = check_gate(engine, policy, NOW)
     assert health.errors == 0, health
@@ -340,7 +340,7 @@ def test_cli_sweep_dry_run_prints_counts_and_the_drifted_accounts(cli_env: None,
     assert main(["sweep", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run (nothing written, nothing enqueued) at stage named accounts" in out
-    assert "scanned 6  drifted 3  in stage 1  out of stage 2  guarded 0  enqueued 0  errors 0" in out
+    assert "scanned 6  drifted 3  in stage 1  out of stage 2  guarded 0  enqueued 0  deferred 0  errors 0" in out
     assert f"{corrupted['paid']}  [remediate]  status: 'bad_debt' -> 'current'" in out
     assert f"{corrupted['unpaid']}  [out_of_stage]  level: 'suspended' -> 'restrict_premium'" in out
     assert f"{corrupted['flagged']}  [out_of_stage]  bad_debt_flag: True -> False" in out
@@ -352,7 +352,7 @@ def test_cli_sweep_enqueues_and_says_so(cli_env: None, engine: Engine, corrupted
     set_stage(engine, "100")
     assert main(["sweep", "--show", "1"]) == 0
     out = capsys.readouterr().out
-    assert "scanned 6  drifted 3  in stage 3  out of stage 0  guarded 0  enqueued 3  errors 0" in out
+    assert "scanned 6  drifted 3  in stage 3  out of stage 0  guarded 0  enqueued 3  deferred 0  errors 0" in out
     assert "drifted accounts (first 1 of 3):" in out
     queue = redis.Redis.from_url(settings.broker_url)
     try:  # the three DRIFT_DETECTED recomputes are on the queue

@@ -132,7 +132,7 @@ def test_ops_rollout_takes_the_revision_and_refuses_a_stale_one(
 def test_a_sweep_page_across_a_round_trip_brings_nothing_into_the_new_visit_the_gate_task_measures(
         runtime, engine: Engine, corrupted: dict[str, str], celery_app: Celery, worker: Any):
     """A sweep page at 10% requests its remediations; before it records them (and the error of the
-    one the broker refused), the rollout goes 10% -> 25% -> 10%. Those are the earlier visit's, as
+    one whose send failed), the rollout goes 10% -> 25% -> 10%. Those are the earlier visit's, as
     they would be the stage before's at any other stage change. Tied to the stage by its name, the
     page's remediations counted in the new visit's health (its reverted share could step it back,
     its count vouch for min_remediations) and its error was not marked before_stage."""
@@ -148,7 +148,7 @@ def test_a_sweep_page_across_a_round_trip_brings_nothing_into_the_new_visit_the_
                 trips.append(change(conn, "rollback", "ops:bob", "too soon", NOW + timedelta(seconds=1),
                                     from_stage="25")[1].stage)
         if account_id == corrupted["unpaid"]:
-            raise ConnectionError("broker down")
+            raise TypeError("Object of type Decimal is not JSON serializable")  # not the broker: an error
         return "task"
 
     clock = iter([NOW + timedelta(seconds=s) for s in range(2, 100)])

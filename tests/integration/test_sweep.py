@@ -220,10 +220,11 @@ def test_a_stale_running_sweep_is_abandoned(runtime, engine: Engine, corrupted: 
 
 
 def test_failed_enqueue_counts_as_an_error_and_is_recorded(runtime, engine: Engine, corrupted: dict[str, str]):
+    """A send failing otherwise than by the broker (which defers it: test_rollout_broker_refused_remediation.py)."""
     set_stage(engine, "100")
 
     def broken(account_id: str, run_id: int | None) -> str:
-        raise ConnectionError("broker down")
+        raise TypeError("Object of type Decimal is not JSON serializable")
 
     report = Sweeper(engine, runtime.policy, broken).start()
     assert report.errors == 3 and report.enqueued == 0

@@ -1,9 +1,9 @@
 # ruff: noqa: F811
 """`dunning sweep`: the exit status says whether the sweep had errors, whatever the output format.
 
-Rule: a sweep with errors (compute failures, remediations the broker refused) exits 1, with
-``--json`` as without it (before, ``--json`` exited 0: a script reading JSON took a failed sweep
-for a clean one).
+Rule: a sweep with errors (compute failures, unreadable rows) exits 1, with ``--json`` as without
+it (before, ``--json`` exited 0: a script reading JSON took a failed sweep for a clean one). A
+remediation the broker refused is no error: deferred, its request waits for beat's re-drive.
 """
 
 from __future__ import annotations
@@ -23,15 +23,36 @@ def test_a_sweep_with_errors_exits_1_in_either_output_format(cli_env: None, engi
                                                              corrupted: dict[str, str], output: list[str],
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]):
+    from app.sweep import sweep as sweep_module
+
     set_stage(engine, "100")
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")  # broker down: every enqueue fails
+
+    def compute_fails(*args, **kwargs):
+        raise RuntimeError("a bug in compute")
+
+    monkeypatch.setattr(sweep_module, "compute", compute_fails)  # every account an error
     assert main(["sweep", *output]) == 1
     out = capsys.readouterr().out
     if output:
         report = json.loads(out)
-        assert (report["errors"], report["enqueued"]) == (3, 0)
+        assert (report["errors"], report["enqueued"]) == (6, 0)
     else:
-        assert "enqueued 0  errors 3" in out
+        assert "enqueued 0  deferred 0  errors 6" in out
+
+
+@pytest.mark.parametrize("output", [["--json"], []], ids=["json", "text"])
+def test_a_sweep_whose_remediations_the_broker_refused_says_deferred_and_exits_0(
+        cli_env: None, engine: Engine, corrupted: dict[str, str], output: list[str],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    set_stage(engine, "100")
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")  # broker down: every send refused
+    assert main(["sweep", *output]) == 0
+    out = capsys.readouterr().out
+    if output:
+        report = json.loads(out)
+        assert (report["errors"], report["enqueued"], report["deferred"]) == (0, 0, 3)
+    else:
+        assert "enqueued 0  deferred 3  errors 0" in out
 
 
 def test_a_clean_sweep_exits_0_with_json(cli_env: None, engine: Engine, corrupted: dict[str, str],
