@@ -12,6 +12,11 @@ is their text), so an id may hold '/', '?', '#', '%', spaces, '+', any unicode, 
 * ``routed_suffix``: where one route is another's with a suffix (``/support/accounts/<id>`` and
   ``.../<id>/state``), the decoded path cannot tell the page of "x/state" from the state of "x"; the
   raw request path (gunicorn's ``RAW_URI``, werkzeug's ``REQUEST_URI``) can: "x%2Fstate" is an id.
+* ``query(id)``: the id as the query ``id=...`` of the support pages' query form (``/support/account?id=``),
+  the one form that reaches every account from a browser: browsers resolve the dot segments "." and
+  ".." before they send a request, escaped ones (%2E) too, so no path reaches the page of "." or ".."
+  there; a query they send as it is. The support pages' own links, the page's Recompute POST and its
+  refresh use this form, for every account; the path form still answers as before.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ def segment(account_id: str) -> str:
     if account_id in (".", ".."):
         return account_id.replace(".", "%2E")
     return quote(account_id, safe="")
+
+
+def query(account_id: str) -> str:
+    """The account id as the query ``id=...``: percent-encoded whole ('+' as %2B, space as %20),
+    read back by any form decoder as it was. An empty id ("") is an account id too."""
+    return "id=" + quote(account_id, safe="")
 
 
 class AccountIdConverter(BaseConverter):

@@ -5,9 +5,11 @@
   var button = document.getElementById("recompute");
   var taskState = document.getElementById("task-state");
   if (!section || !button) { return; }
-  // The page's own URL, as the server built it for this account id (app/account_urls.py: '/' as %2F,
-  // "." and ".." as %2E): the Recompute POST and the refresh go to it, and the sign-in comes back to it.
+  // The page's own URL and its Recompute's, as the server built them for this account id, in the
+  // query form (app/account_urls.py: /support/account?id=<id>, which a browser sends as it is, for
+  // "." and ".." too): the refresh goes to the page, and the sign-in comes back to it.
   var page = section.dataset.page;
+  var recomputeUrl = section.dataset.recompute;
   var headers = {"Accept": "application/json"};
   headers[section.dataset.csrfHeader] = section.dataset.csrf;
   // Everything a recompute may change, by id: the state (lifting included), its reasons, and the
@@ -86,7 +88,7 @@
     button.disabled = true;
     taskState.className = "muted";
     taskState.textContent = "queued";
-    fetch(page + "/recompute", {method: "POST", headers: headers, credentials: "same-origin"})
+    fetch(recomputeUrl, {method: "POST", headers: headers, credentials: "same-origin"})
       .then(function (r) { return r.json().then(function (body) { return {status: r.status, body: body}; }); })
       .then(function (res) {
         if (res.status === 401) { return signedOut(); }

@@ -4,6 +4,9 @@
   forced (not coalesced) and with its result kept for polling; audited with the actor.
 * ``GET /support/tasks/<task_id>`` -> the task's state and, when done, its result summary.
 * ``GET /support/accounts/<id>`` -> the HTML page; ``GET /support/accounts/<id>/state`` the same as JSON.
+* The same three in the query form, for every account id a browser can open ("." and ".." included:
+  app/account_urls.py): ``GET /support/account?id=<id>``, ``GET /support/account/state?id=<id>``,
+  ``POST /support/account/recompute?id=<id>``. The page's own links, POST and refresh use this form.
 * ``GET|POST /support/login``, ``POST /support/logout``: the sign-in form for browsers.
 """
 
@@ -36,7 +39,7 @@ from flask import (
 from flask.sessions import SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 
-from app.account_urls import raw_path, routed_suffix
+from app.account_urls import query, raw_path, routed_suffix
 from app.db import ValueRejected, unit_of_work, without_quoted_value
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
@@ -99,11 +102,43 @@ def _account_exists(account_id: str) -> bool:
                                     {"a": account_id}).first() is not None
 
 
+def _queried_account() -> str | None:
+    """The account the query form names (``?id=<id>``, percent-encoded; "" is an id too), or None
+    unless it names exactly one."""
+    named = request.args.getlist("id")
+    return named[0] if len(named) == 1 else None
+
+
+def _no_account_named() -> ResponseReturnValue:
+    return jsonify(error="bad_request", reason="name the account once, as ?id=<account id> (percent-encoded)"), 400
+
+
+def page_url(account_id: str) -> str:
+    """The account's support page, in the form that every browser sends as it is (app/account_urls.py)."""
+    return f"{url_for('support.account_page_by_query')}?{query(account_id)}"
+
+
+@bp.app_template_global("support_page_url")
+def _support_page_url(account_id: str) -> str:
+    return page_url(account_id)
+
+
 @bp.post("/accounts/<account:account_id>/recompute", merge_slashes=False)  # any id: app/account_urls.py
 @require_support_token
 def recompute(account_id: str) -> ResponseReturnValue:
     if not routed_suffix("recompute"):  # "x%2Frecompute": a POST to the page of the account "x/recompute"
         return jsonify(error="method_not_allowed", reason="the account page takes no POST"), 405
+    return _recompute(account_id)
+
+
+@bp.post("/account/recompute")
+@require_support_token
+def recompute_by_query() -> ResponseReturnValue:
+    account_id = _queried_account()
+    return _no_account_named() if account_id is None else _recompute(account_id)
+
+
+def _recompute(account_id: str) -> ResponseReturnValue:
     if not _account_exists(account_id):
         return _not_found(account_id)
     actor: str = g.actor
@@ -216,16 +251,41 @@ def _account_state(account_id: str) -> ResponseReturnValue:
     return jsonify(view) if view is not None else _not_found(account_id)
 
 
+@bp.get("/account/state")
+@require_support_token
+def account_state_by_query() -> ResponseReturnValue:
+    account_id = _queried_account()
+    return _no_account_named() if account_id is None else _account_state(account_id)
+
+
 @bp.get("/accounts/<account:account_id>", merge_slashes=False)
 def account_page(account_id: str) -> ResponseReturnValue:
     actor, _ = authenticate()
     if actor is None:
         return render_template("support_login.html", next=_here(), error=None), 401
+    return _account_page(account_id, actor)
+
+
+@bp.get("/account")
+def account_page_by_query() -> ResponseReturnValue:
+    account_id = _queried_account()
+    actor, _ = authenticate()
+    if actor is None:
+        # The sign-in comes back to this account's page, its address built again from the id.
+        back = page_url(account_id) if account_id is not None else url_for("support.account_page_by_query")
+        return render_template("support_login.html", next=back, error=None), 401
+    return _no_account_named() if account_id is None else _account_page(account_id, actor)
+
+
+def _account_page(account_id: str, actor: str) -> ResponseReturnValue:
     view = account_view_of(runtime().engine, account_id, datetime.now(UTC), runtime().policy.guard_window_minutes)
     if view is None:
         return render_template("support_missing.html", account_id=account_id, actor=actor), 404
+    # The script POSTs and refreshes at URLs the server builds, in the query form: from a page opened
+    # at /support/accounts/<id> too, and whatever the id ("." and ".." have no path a browser sends).
     return render_template("support_account.html", account_id=account_id, actor=actor, view=view,
-                           page_url=url_for("support.account_page", account_id=account_id),
+                           page_url=page_url(account_id),
+                           recompute_url=f"{url_for('support.recompute_by_query')}?{query(account_id)}",
                            csrf=csrf_token() or "", csrf_header=CSRF_HEADER)
 
 
@@ -257,7 +317,8 @@ def _safe_next(target: str | None) -> str:
         return "/support/login"
     if parsed.scheme or parsed.netloc or not parsed.path.startswith("/support/"):
         return "/support/login"
-    return parsed.path
+    # The query stays: the query form's page names its account there (/support/account?id=..).
+    return f"{parsed.path}?{parsed.query}" if parsed.query else parsed.path
 
 
 @bp.route("/login", methods=["GET", "POST"])

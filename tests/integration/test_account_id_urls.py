@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from app.account_urls import segment
+from app.account_urls import query, segment
 from tests.conftest import SUPPORT_TOKEN, Accounts, service_headers
 from tests.integration.bad_debt_setup import key, pay
 from tests.integration.processes import web_process
@@ -52,9 +52,12 @@ def test_the_support_routes_answer_for_the_account_named(client, accounts: Accou
     accounts.create(account_id="x")
     page = client.get(f"/support/accounts/{segment(account)}", headers=SUPPORT)
     assert page.status_code == 200 and shown(account) in page.get_data(as_text=True)
-    # The page's script takes its URLs from the page: the server built them for this id.
+    # The page's script takes its URLs from the page: the server built them for this id, in the query
+    # form (which a browser sends as it is, for "." and ".." too).
     [data_page] = re.findall(r'data-page="([^"]*)"', page.get_data(as_text=True))
-    assert html.unescape(data_page) == f"/support/accounts/{segment(account)}"
+    assert html.unescape(data_page) == f"/support/account?{query(account)}"
+    [data_recompute] = re.findall(r'data-recompute="([^"]*)"', page.get_data(as_text=True))
+    assert html.unescape(data_recompute) == f"/support/account/recompute?{query(account)}"
     state = client.get(f"/support/accounts/{segment(account)}/state", headers=SUPPORT)
     assert state.status_code == 200 and state.json["dunning"]["account_id"] == account
     queued = client.post(f"/support/accounts/{segment(account)}/recompute", headers=SUPPORT)
@@ -62,6 +65,56 @@ def test_the_support_routes_answer_for_the_account_named(client, accounts: Accou
     with engine.connect() as conn:
         audited = conn.exec_driver_sql("SELECT account_id FROM audit_log WHERE action = 'recompute'").scalars().all()
     assert audited == [account]
+
+
+@pytest.mark.parametrize("account", [*ODD_IDS, ""], ids=_id)
+def test_the_query_form_answers_for_the_account_named(client, accounts: Accounts, engine, account):
+    """/support/account?id=<id>: the form the page's own links use, which reaches every id ("" too)."""
+    with engine.begin() as conn:  # accounts.create takes "" for "make one up"
+        conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES (%(a)s)", {"a": account})
+    accounts.create(account_id="x")
+    page = client.get(f"/support/account?{query(account)}", headers=SUPPORT)
+    assert page.status_code == 200 and shown(account) in page.get_data(as_text=True)
+    [data_page] = re.findall(r'data-page="([^"]*)"', page.get_data(as_text=True))
+    assert client.get(html.unescape(data_page), headers=SUPPORT).get_data() == page.get_data()
+    # A form decoder's spelling of the id ('+' for a space) names it as well.
+    assert client.get("/support/account", query_string={"id": account}, headers=SUPPORT).status_code == 200
+    state = client.get(f"/support/account/state?{query(account)}", headers=SUPPORT)
+    assert state.status_code == 200 and state.json["dunning"]["account_id"] == account
+    [data_recompute] = re.findall(r'data-recompute="([^"]*)"', page.get_data(as_text=True))
+    queued = client.post(html.unescape(data_recompute), headers=SUPPORT)
+    assert queued.status_code == 202 and queued.json["account_id"] == account
+    missing = client.get(f"/support/account/state?{query(account + '/none')}", headers=SUPPORT)
+    assert missing.status_code == 404
+    with engine.connect() as conn:
+        audited = conn.exec_driver_sql("SELECT account_id FROM audit_log WHERE action = 'recompute'").scalars().all()
+    assert audited == [account]
+
+
+@pytest.mark.parametrize("path", ["/support/account", "/support/account/state", "/support/account/recompute"])
+@pytest.mark.parametrize("named", ["", "?x=1", "?id=a&id=b"], ids=["no query", "no id", "two ids"])
+def test_the_query_form_names_one_account_or_is_a_400(client, accounts: Accounts, path, named):
+    accounts.create(account_id="a")
+    method = "POST" if path.endswith("recompute") else "GET"
+    assert client.open(path + named, method=method).status_code == 401
+    response = client.open(path + named, method=method, headers=SUPPORT)
+    assert response.status_code == 400 and "?id=" in response.json["reason"]
+
+
+@pytest.mark.parametrize("account", ["..", ".", "", "acct?x=1#y%2F \u00e9+", "/acct"], ids=_id)
+def test_sign_in_comes_back_to_the_query_form_page_of_the_account_named(flask_app, engine, clean, account):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES (%(a)s), ('x')", {"a": account})
+    client = flask_app.test_client()
+    path = f"/support/account?{query(account)}"
+    form = client.get(path)
+    assert form.status_code == 401
+    target = re.search(r'name="next" value="([^"]*)"', form.get_data(as_text=True))
+    assert target and html.unescape(target.group(1)) == path
+    signed_in = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": html.unescape(target.group(1))})
+    assert signed_in.status_code == 303 and signed_in.headers["Location"].endswith(path)
+    page = client.get(signed_in.headers["Location"])
+    assert page.status_code == 200 and shown(account) in page.get_data(as_text=True)
 
 
 def test_the_page_of_an_id_ending_in_a_routes_suffix_is_that_accounts_page(client, accounts: Accounts):
@@ -100,10 +153,10 @@ def test_the_lifting_listing_links_each_account_to_its_own_page(client, accounts
         lifting_since(engine, account, 45)
     accounts.create(account_id="x")
     text = client.get("/support/lifting", headers=SUPPORT).get_data(as_text=True)
-    hrefs = re.findall(r'href="(/support/accounts/[^"]*)"', text)
+    hrefs = re.findall(r'href="(/support/account\?id=[^"]*)"', text)
     assert len(hrefs) == len(odd)
     for href in hrefs:
-        assert href.count("/") == 3, href  # one segment: the id's '/' encoded
+        assert href.count("/") == 2 and href.count("?") == 1, href  # the id whole in the query: '/', '?' encoded
     pages = {href: client.get(html.unescape(href), headers=SUPPORT).get_data(as_text=True) for href in hrefs}
     assert sorted(next(a for a in odd if shown(a) in page) for page in pages.values()) == sorted(odd)
 
@@ -151,3 +204,8 @@ def test_the_web_process_routes_each_id_as_its_client_sent_it(runtime, accounts:
         assert status == 200 and json.loads(body)["dunning"]["account_id"] == "x"
         status, body = get("/support/accounts/%2E%2E", support)
         assert status == 200 and shown("..") in body
+        for path in ("/support/account?id=..", "/support/account?id=%2E%2E"):  # the form browsers can send
+            status, body = get(path, support)
+            assert status == 200 and shown("..") in body
+        status, body = get("/support/account?id=x%2Fstate", support)
+        assert status == 200 and shown("x/state") in body
