@@ -21,6 +21,9 @@ SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
     ("POST", "/pay-bad-debt", "service", {"account_id": "\u0000", "amount": 100}),
     ("POST", "/support/accounts/%00/recompute", "support", None),
     ("GET", "/support/accounts/%00/state", "support", None),
+    ("GET", "/support/account?id=%00", "support", None),
+    ("GET", "/support/account/state?id=a%00b", "support", None),
+    ("POST", "/support/account/recompute?id=%00", "support", None),
 ])
 def test_a_nul_character_is_a_400_with_a_reason(client, method, path, headers, body):
     h = dict(service_headers() if headers == "service" else SUPPORT)
