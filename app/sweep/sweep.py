@@ -424,6 +424,7 @@ class Sweeper:
         if requested is None:  # could not store the requests: one error, of the page, not of its accounts
             _failed(report, "request")
         out: list[Found] = []
+        refused = 0  # the page's sends deferred since the broker refused one
         for f in found:
             if f.action != "remediate":
                 out.append(f)
@@ -437,8 +438,19 @@ class Sweeper:
                 # Requested since the page was read (a webhook, a review): that recompute is on its way
                 # and will repair this too; its producer sends it.
                 report.pending += 1
+            elif refused:
+                # The broker refused this page's previous send: the rest wait for the re-drive as well,
+                # untried. A broker that does not answer costs each send its connect timeouts, and tried
+                # for every remediation of a wide stage's page, the segment ran past its soft time limit
+                # and the sweep failed (an error the gate counts) before it recorded the page.
+                refused += 1
+                out.append(replace(f, action="deferred", remediated=True))
             else:  # our request, or a stalled one we touched (touched, the re-drive would send it too)
-                out.append(self._send(report, f))
+                sent = self._send(report, f)
+                refused = int(sent.action == "deferred")
+                out.append(sent)
+        if refused > 1:
+            log.warning("drift sweep: %d more remediations of the page deferred to the re-drive untried", refused - 1)
         return out
 
     def _request(self, report: SweepReport, account_ids: list[str], read: dict[str, tuple[bool, int]]

@@ -77,3 +77,26 @@ def test_an_enqueue_that_fails_otherwise_is_still_an_error(runtime, engine: Engi
     assert {tuple(r) for r in sql(engine, "SELECT remediated, skipped FROM drift_record WHERE skipped IS DISTINCT "
                                           "FROM 'out_of_stage'")} == {(False, "error")}
     assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 3
+
+
+def test_after_the_broker_refused_a_send_the_rest_of_the_page_is_deferred_without_trying(
+        runtime, engine: Engine, corrupted: dict[str, str]):
+    """A broker that does not answer (a host gone, a network partition) costs each send its connect
+    timeouts (two attempts of 3 s): tried for every drifted account of a page, a page of a wide stage
+    ran past the task's soft time limit, and the sweep failed, an error the gate counts. After one
+    refusal the page's other remediations are deferred at once; the next page tries again."""
+    from app.dispatch import BrokerUnavailable
+
+    set_stage(engine, "100")
+    tried: list[str] = []
+
+    def unreachable(account_id: str, run_id: int | None) -> str:
+        tried.append(account_id)
+        raise BrokerUnavailable("broker did not accept tasks.recompute_account: TimeoutError")
+
+    # pages of 3 accounts in id order: flagged, ok_current, ok_other | ok_unpaid, paid, unpaid
+    report = Sweeper(engine, runtime.policy, unreachable, batch_size=3).start()
+    assert (report.in_stage, report.enqueued, report.deferred, report.errors) == (3, 0, 3, 0), report.to_json()
+    assert tried == [corrupted["flagged"], corrupted["paid"]]  # one try per page with drift
+    assert sql(engine, "SELECT count(*) FROM drift_record WHERE remediated")[0][0] == 3
+    assert sql(engine, "SELECT count(*) FROM recompute_request WHERE trigger = 'DRIFT_DETECTED'")[0][0] == 3
