@@ -259,7 +259,13 @@ def decision_moment(snapshot: Snapshot, now: datetime) -> datetime:
     escalate it again, each time with events for what never happened. A stored time more than
     MAX_CLOCK_LEAD ahead is no skew but a broken clock, and is not followed. Pure: the caller reads
     the clock, the snapshot carries the stored decision's time."""
-    decided = snapshot.stored_changed_at
-    if decided is None or decided <= now or decided - now > MAX_CLOCK_LEAD:
+    return not_before(snapshot.stored_changed_at, now)
+
+
+def not_before(stored: datetime | None, now: datetime) -> datetime:
+    """decision_moment's rule for any time another host stored with a judgement about the account (a
+    decision's changed_at, the claim of a due retry): ``stored`` when it is later than ``now`` (a host's
+    clock) by at most MAX_CLOCK_LEAD, else ``now``."""
+    if stored is None or stored <= now or stored - now > MAX_CLOCK_LEAD:
         return now
-    return decided
+    return stored

@@ -50,7 +50,7 @@ from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.compute import compute
 from app.domain.retry_cadence import attempt_in_flight
-from app.domain.snapshot import Snapshot
+from app.domain.snapshot import Snapshot, decision_moment
 from app.domain.state import Status
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import NOT_RUN, customer_paid
@@ -193,6 +193,11 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
     if gathered is None:
         raise Refused(404, "not_found", f"no account {req.account_id!r}")
     snapshot, _ = gathered
+    # Judged at the moment a recompute of the account would decide at, never before the stored
+    # decision quoted here: on a web host whose clock is behind the worker's that put the account in
+    # bad debt at its boundary, its own clock alone sees no bad debt yet and refuses a balance that
+    # is not changing, with no recompute on its way.
+    now = decision_moment(snapshot, now)
     stored = snapshot.stored
     status = stored.status if stored is not None else Status.CURRENT.value
     if status == Status.LIFTING.value or any(p.state == "pending" for p in snapshot.bad_debt_payments):

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine
 from app.db import session_lock, unit_of_work
 from app.domain.compute import compute
 from app.domain.policy import Policy
-from app.domain.snapshot import card_expired
+from app.domain.snapshot import card_expired, not_before
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
 from app.payments.retries import DueRetry, idempotency_key
@@ -70,6 +70,16 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
   LEFT JOIN stripe_payment_method cm ON cm.id = coalesce(r.payment_method_id, s.default_payment_method_id)
  WHERE r.id = %(id)s
  FOR UPDATE OF r
+"""
+
+# The times other hosts stored judgements about the retry at: the account's decision that planned it
+# (subs_dunning.changed_at) and the dispatch that claimed it due (payment_retry.created_at). The claim
+# judges at a moment no older than either (claim_moment); read first, since ROW_SQL's card expiry
+# is judged at that moment too.
+CLAIM_TIMES_SQL = """
+SELECT r.created_at, d.changed_at
+  FROM payment_retry r LEFT JOIN subs_dunning d ON d.account_id = r.account_id
+ WHERE r.id = %(id)s
 """
 
 SET_STATE_SQL = "UPDATE payment_retry SET state = %(state)s, error = %(error)s, updated_at = now() WHERE id = %(id)s"
@@ -265,11 +275,24 @@ def _refuse(engine: Engine, retry_id: int, account_id: str, detail: str) -> None
         conn.exec_driver_sql(SET_STATE_SQL, {"id": retry_id, "state": "refused", "error": detail})
 
 
+def claim_moment(conn: Connection, retry_id: int, now: datetime) -> datetime:
+    """The moment a claim judges the retry at: ``now`` (the worker's clock), but never before the
+    account's stored decision that planned it, nor before the dispatch that claimed it due, each
+    within MAX_CLOCK_LEAD (decision_moment's rule). Hosts' clocks differ: a worker behind either
+    would find the retry not due yet, skip it unsent and have the account recomputed, and the next
+    dispatch re-arm the same attempt, until its clock caught up."""
+    times = conn.exec_driver_sql(CLAIM_TIMES_SQL, {"id": retry_id}).first()
+    if times is None:
+        return now
+    return max(not_before(times[0], now), not_before(times[1], now))
+
+
 def plans_same_attempt(conn: Connection, row: Any, policy: Policy, now: datetime) -> bool:
     """Whether ``policy`` plans, now, the very attempt the dispatched retry of ``row`` (ROW_SQL) makes:
     the account's decision computed under it, read-only, from the account's snapshot without this
     retry (which compute would otherwise see in flight), names its invoice, card and kind, and is due
-    at its time (the time names the attempt: idempotency_key)."""
+    at its time (the time names the attempt: idempotency_key). ``now``: the claim's moment
+    (claim_moment), no older than the stored decision this is asked instead of."""
     account, invoice, method, free, scheduled_for = row[0], row[1], row[2], bool(row[6]), row[22]
     gathered = gather(conn, account)
     if gathered is None:
@@ -288,6 +311,8 @@ def plans_same_attempt(conn: Connection, row: Any, policy: Policy, now: datetime
 
 def _claim(conn: Connection, retry_id: int, now: datetime, guard: timedelta,
            policy_version: str | None = None, policy: Policy | None = None) -> Claimed | PayResult:
+    # Every check below judges at this moment, not the worker's clock alone (claim_moment).
+    now = claim_moment(conn, retry_id, now)
     utc = now.astimezone(UTC)  # a card is valid through the last day of its expiry month, in UTC
     row = conn.exec_driver_sql(ROW_SQL, {"id": retry_id, "year": utc.year, "month": utc.month}).first()
     if row is None:
@@ -323,7 +348,8 @@ def retry_payment(engine: Engine, client: stripe.StripeClient, retry_id: int, no
                   clock: Callable[[], datetime] = _utc_now, policy: Policy | None = None) -> PayResult:
     """``policy_version``: the policy file in force (``policy``'s when given); a retry planned under
     another is not charged, unless ``policy`` plans that very attempt (plans_same_attempt).
-    ``now``: when the task started (the claim's checks); ``clock`` gives the charge's own time."""
+    ``now``: when the task started (the claim's checks, at no older a moment than the stored decision
+    or the dispatch: claim_moment); ``clock`` gives the charge's own time."""
     if policy is not None and policy_version is None:
         policy_version = policy.version
     with retry_lock(engine, retry_id) as got:
