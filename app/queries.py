@@ -8,7 +8,7 @@ from sqlalchemy import Connection
 
 from app.domain.billing_history import history
 from app.domain.entitlements import full_entitlements
-from app.domain.snapshot import Subscription
+from app.domain.snapshot import Subscription, decision_moment
 from app.domain.state import outstanding_fields, outstanding_of
 from app.recompute.gather import gather
 
@@ -74,7 +74,10 @@ def billing_history(conn: Connection, account_id: str, now: Any = None) -> list[
         return None
     snapshot, _ = gathered
     out = []
-    for row in history(snapshot, now):
+    # Labelled at the stored decision's moment when it is ahead of this host's clock (decision_moment):
+    # shown beside that decision (the support page, GET /dunning), an invoice past due by it must not
+    # read Open on a host whose clock is behind the one that decided.
+    for row in history(snapshot, decision_moment(snapshot, now) if now is not None else None):
         inv = row.invoice
         out.append({
             "id": inv.id,

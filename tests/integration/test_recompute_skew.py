@@ -10,15 +10,19 @@ with one computed at that moment too, so a sweep host behind sees no drift from 
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from freezegun import freeze_time
 from sqlalchemy import Engine
 
+from app.recompute.service import run_recompute
 from app.sweep.sweep import Sweeper
+from tests.conftest import post_event, service_headers
 from tests.integration.dunning_setup import dunning_row
 from tests.integration.test_recompute_clock import outbox_events, stored_state, unpaid_since_days_ago
+from tests.stripe_events import event, unique, with_product
 
 SKEW = timedelta(seconds=1)
 
@@ -105,3 +109,24 @@ def test_a_decision_made_by_a_clock_far_ahead_is_undone_by_the_hosts_clock(
     with freeze_time(boundary - timedelta(hours=1)):  # the others: hours behind it, no skew
         assert recompute_on_a_host(celery_app, account)["outcome"] == "changed"
     assert stored_state(engine, account) == ("past_due", "notice")
+
+
+def test_billing_history_on_a_host_behind_labels_as_the_stored_decision_decided(client, accounts, engine, runtime):
+    """An invoice sent for payment is past due from its due date. Host A decided a second past it (the
+    account in dunning); GET /accounts/<id>/billing-history on a web host 4 minutes behind A labels the
+    invoice Past due as well, not Open beside a dunning state that says past due."""
+    account, customer = accounts.create()
+    invoice, due = unique("in"), int(time.time()) - 3600
+    sent = event("invoice.finalized", id=invoice, customer=customer, created=due - 30 * 86400, amount_due=5000,
+                 amount_remaining=5000, amount_paid=0, paths={"created": due - 30 * 86400})
+    sent["data"]["object"].update(collection_method="send_invoice", due_date=due)
+    decided_at = datetime.fromtimestamp(due, UTC) + SKEW
+    with freeze_time(decided_at):  # A is the first to decide (a worker running the webhook's recompute too)
+        assert post_event(client, with_product(sent, "prod_core", 5000)).status_code == 200
+        run_recompute(engine, runtime.policy, account, "STATE_REFRESH")
+    assert stored_state(engine, account)[0] == "past_due" and dunning_row(engine, account)["changed_at"] == decided_at
+
+    with freeze_time(decided_at - timedelta(minutes=4)):
+        body = client.get(f"/accounts/{account}/billing-history", headers=service_headers()).json
+
+    assert [(i["id"], i["label"]) for i in body["invoices"]] == [(invoice, "Past due")], body
