@@ -4,7 +4,9 @@ Per account, undelivered rows go strictly in id order (ids follow dunning versio
 stops at the first one that fails, so Account Management never sees version N+1 before N. Only one
 relay works on an account at a time (a session advisory lock, tried without waiting: another
 relay simply takes other accounts), and one beat pass runs at a time (``pass_lock``), relaying
-``PASS_CONCURRENCY`` accounts at once (threads of its one worker process). A failed row
+``PASS_CONCURRENCY`` accounts at once (threads of its one worker process). A pass cut (its task's
+soft time limit) cuts its threads' calls and waits for them to give back their locks and database
+connections before it ends (``_run_threads``). A failed row
 waits ``next_attempt_at`` (backoff with jitter, or the Retry-After asked); no Celery countdown holds
 it, and no call outlasts its timeouts (``_call_limit``). Recompute only writes rows, so Account
 Management being down, slow or failing never slows it: the backlog grows and drains when it returns.
@@ -38,8 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -81,10 +82,15 @@ ANSWER_READ_LIMIT = 64 * 1024
 # and one relay pass at a time, fleet-wide (no colon: never an account's key).
 ACCOUNT_LOCK_PREFIX = "outbox:"
 PASS_LOCK = "outbox-relay"
-# Accounts a pass relays at once (threads of the one worker process the pass holds). Each holds two
-# database connections (its account's lock and its statements): with the pass lock's, 9 of the
-# engine's pool of 10 (app.db.make_engine).
+# Accounts a pass relays at once (threads of the one worker process the pass holds). Each holds one
+# database connection through its calls (its account's lock) and a second one for its statements
+# between them: with the pass lock's, 9 of the engine's pool of 10 (app.db.make_engine).
 PASS_CONCURRENCY = 4
+# How long a cut pass (its task's soft time limit, the process told to stop) waits for its threads,
+# their calls cut at once, to record them and give back their locks and connections before it ends
+# anyway: well within the soft limit's headroom before the hard one (app.config).
+CUT_GRACE = 5.0
+CUT_ERROR = "Cut: the relay pass ended during the call (its task stopped); no answer taken"
 # Accounts a pass lists (its budget ends it sooner when Account Management is slow): 500 were done
 # in under 4 s, and the pass then waited for beat's next one with most of its budget left.
 PASS_ACCOUNTS = 5000
@@ -533,16 +539,50 @@ def _watched(session: requests.Session) -> None:
         session.mount("https://", adapter)
 
 
+class PassCut:
+    """Set once a relay pass is cut: the calls its threads have under way are cut at once (their
+    ``_call_limit`` reached), and so is one begun after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._calls: set[threading.Event] = set()  # each call's watchdog's wake-up
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            calls = list(self._calls)
+        for wake in calls:
+            wake.set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    @contextmanager
+    def watching(self, wake: threading.Event) -> Iterator[None]:
+        with self._lock:
+            self._calls.add(wake)
+            if self._set:
+                wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.discard(wake)
+
+
 @contextmanager
-def _call_limit(seconds: float) -> Iterator[threading.Event]:
-    """Cut the connections the call in the block sends on once it has taken ``seconds``: its
-    socket is shut, so the read waiting on it ends. The event says whether the limit was reached:
-    whatever answer the call then returns is incomplete (a 200 cut in its headers looks whole)."""
+def _call_limit(seconds: float, pass_cut: PassCut | None = None) -> Iterator[threading.Event]:
+    """Cut the connections the call in the block sends on once it has taken ``seconds``, or once
+    ``pass_cut`` is set: its socket is shut, so the read waiting on it ends. The event says whether
+    it was cut: whatever answer the call then returns is incomplete (a 200 cut in its headers looks
+    whole)."""
     conns: list[HTTPConnection] = []
-    done, expired = threading.Event(), threading.Event()
+    done, expired, wake = threading.Event(), threading.Event(), threading.Event()
 
     def cut() -> None:
-        if done.wait(seconds):
+        wake.wait(seconds)  # set when the call is done, or its pass cut
+        if done.is_set():
             return
         expired.set()
         while not done.is_set():  # again until the call gives up: its connect may be under way
@@ -557,10 +597,12 @@ def _call_limit(seconds: float) -> Iterator[threading.Event]:
     _WATCH.conns = conns
     watchdog.start()
     try:
-        yield expired
+        with pass_cut.watching(wake) if pass_cut is not None else nullcontext():
+            yield expired
     finally:
         _WATCH.conns = None
         done.set()
+        wake.set()
         watchdog.join()
 
 
@@ -605,12 +647,19 @@ def _request(session: requests.Session, call: Call, base_url: str,
 
 
 def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float],
-          now: datetime) -> Taken | Failure:
+          now: datetime, pass_cut: PassCut | None = None) -> Taken | Failure:
     """Taken when Account Management took it (2xx), else the failure to record. The whole call, its
-    answer read in full, takes at most the connect and read timeouts together."""
+    answer read in full, takes at most the connect and read timeouts together, and ends at once when
+    ``pass_cut`` is set."""
     limit = sum(timeout)
     _watched(session)
-    with _call_limit(limit) as expired:
+
+    def incomplete() -> Failure:
+        if pass_cut is not None and pass_cut.is_set():
+            return Failure(CUT_ERROR)
+        return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
+
+    with _call_limit(limit, pass_cut) as expired:
         try:
             response = _request(session, call, base_url, timeout)
             try:
@@ -619,10 +668,10 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
                 response.close()  # a body read to its end keeps the connection for the next call
         except requests.RequestException as exc:
             if expired.is_set():
-                return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
+                return incomplete()
             return Failure(f"{exc.__class__.__name__}: no answer from Account Management")
     if expired.is_set():
-        return Failure(f"Timeout: no complete answer from Account Management within {limit:g} s")
+        return incomplete()
     status = response.status_code
     if 200 <= status < 300:
         return Taken(status)
@@ -643,13 +692,14 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                     now_fn: Callable[[], datetime] | None = None, max_rows: int = 200,
                     report: RelayReport | None = None, timeout: tuple[float, float] = TIMEOUT,
                     deadline: float | None = None, resolve_stuck: bool = True,
-                    stop: Callable[[], bool] | None = None) -> RelayReport:
+                    stop: Callable[[], bool] | None = None, pass_cut: PassCut | None = None) -> RelayReport:
     """Deliver one account's rows in order, until one fails or ``deadline`` (time.monotonic) passes:
     a slow Account Management must not pin the task for minutes on one account's backlog. A run that
     goes through the account's rows without an error, up to the end or to a row Account Management
     did not take (that row keeps its own failure and backoff), resolves the account's stuck relay
     work (``DELIVER_TASK``); with ``resolve_stuck`` false the caller does it (the beat pass: once for
-    all its accounts); ``stop`` true ends it too, before its next row (the pass was throttled)."""
+    all its accounts); ``stop`` true ends it too, before its next row (the pass was throttled), and
+    ``pass_cut`` set ends its call under way at once too (the pass was cut)."""
     now_fn = now_fn or (lambda: datetime.now(UTC))
     report = report or RelayReport()
     with account_lock(engine, account_id) as got:
@@ -667,7 +717,8 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             if next_attempt_at > now:
                 cut = True
                 break  # the head of the line is backing off: so is everything behind it
-            if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop()):
+            if ((deadline is not None and time.monotonic() > deadline) or (stop is not None and stop())
+                    or (pass_cut is not None and pass_cut.is_set())):
                 cut = True
                 break  # the rest waits for the next pass, still in order
             skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
@@ -687,7 +738,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             if counted:
                 with unit_of_work(engine) as conn:
                     conn.exec_driver_sql(SENDING_SQL, {"id": row_id, "now": now.isoformat(), "limit": ERROR_LIMIT})
-            answer = _send(session, base_url, call, timeout, now) if call is not None else None
+            answer = _send(session, base_url, call, timeout, now, pass_cut) if call is not None else None
             failure = answer if isinstance(answer, Failure) else None
             with unit_of_work(engine) as conn:
                 if skip:
@@ -781,6 +832,50 @@ def relay(engine: Engine, base_url: str | None, now: datetime | None = None, bud
     return report
 
 
+def _run_threads(count: int, run: Callable[[], None], pass_cut: PassCut) -> None:
+    """``run`` in ``count`` threads, until each is done; what ended one (a database failing, the process
+    told to exit) then ends the pass. A pass cut while it waits (in the main thread: the task's soft
+    time limit is a signal, or the process told to stop) sets ``pass_cut``: its threads' calls are cut
+    (their rows record it and back off; sent again, the same request under the same key) and they take
+    no further row. It waits for them, up to CUT_GRACE, to give back what they hold: on their own they
+    went on with their calls and their accounts' locks (a connection each, a second to record the
+    answer) into the worker process's next tasks, a next pass among them needing 9 of its pool's 10."""
+    errors: list[BaseException] = []
+    # Set as each thread ends, whatever ended it. Waited on rather than the threads joined: a join
+    # that a signal handler's exception interrupts marks its thread stopped while it still runs
+    # (threading's bpo-45274 handling, Python 3.11), and a second join of it returned at once while
+    # the thread still held its connections (seen in the test about 1 run in 8).
+    ended = [threading.Event() for _ in range(count)]
+
+    def thread(end: threading.Event) -> None:
+        try:
+            run()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            end.set()
+
+    threads = [threading.Thread(target=thread, args=(end,), name=f"outbox-relay_{n}", daemon=True)
+               for n, end in enumerate(ended)]
+    try:
+        for t in threads:
+            t.start()
+        for end in ended:
+            end.wait()
+    except BaseException:
+        pass_cut.set()
+        grace_end = time.monotonic() + CUT_GRACE
+        for t, end in zip(threads, ended, strict=True):
+            if t.ident is not None:  # started
+                end.wait(max(grace_end - time.monotonic(), 0.0))
+                t.join(max(grace_end - time.monotonic(), 0.0))
+        raise
+    for t in threads:
+        t.join()  # ended: about to exit
+    if errors:
+        raise errors[0]
+
+
 def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], budget_seconds: float, limit: int,
                 session: requests.Session | None, timeout: tuple[float, float], report: RelayReport,
                 concurrency: int = PASS_CONCURRENCY) -> None:
@@ -789,10 +884,11 @@ def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], bu
     deadline = time.monotonic() + budget_seconds
     ready = iter(accounts)
     taking = threading.Lock()
+    pass_cut = PassCut()
 
     def next_account() -> str | None:
         with taking:
-            if time.monotonic() > deadline or report.throttled:
+            if time.monotonic() > deadline or report.throttled or pass_cut.is_set():
                 return None
             return next(ready, None)
 
@@ -804,7 +900,7 @@ def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], bu
                 # too. Calls already under way when it came are answered as they come.
                 deliver_account(engine, session, base_url, account_id, now_fn=clock, report=own,
                                 timeout=timeout, deadline=deadline, resolve_stuck=False,
-                                stop=lambda: report.throttled)
+                                stop=lambda: report.throttled, pass_cut=pass_cut)
             except SoftTimeLimitExceeded:
                 raise  # the task's own time is up: not this account's fault
             except Exception as exc:
@@ -829,9 +925,6 @@ def _relay_pass(engine: Engine, base_url: str, clock: Callable[[], datetime], bu
     else:
         # Accounts at once, each account's rows in order under its own lock: the drain goes at
         # Account Management's pace, not at one call's round trip plus the account's statements.
-        with ThreadPoolExecutor(workers, thread_name_prefix="outbox-relay") as pool:
-            futures = [pool.submit(with_session, relay_accounts) for _ in range(workers)]
-        for future in futures:
-            future.result()  # what ended a thread (a database failing, the process told to exit) ends the pass
+        _run_threads(workers, lambda: with_session(relay_accounts), pass_cut)
     resolve_account_task(engine, DELIVER_TASK, report.relayed)
     resolve_account_task(engine, DELIVER_TASK, report.waiting, retrying_only=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import signal
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from freezegun import freeze_time
 from sqlalchemy import Engine
+from sqlalchemy.pool import QueuePool
 
 from app.db import make_engine
 from app.domain.events import DunningEntered, EntitlementsChanged
@@ -90,26 +91,25 @@ def test_a_pass_throttled_takes_no_further_account_nor_row(accounts, engine, fak
         assert all(r["delivered_at"] is None for r in rows)  # the informational v2 waits behind v1
 
 
-def test_a_pass_ended_by_the_soft_time_limit_leaves_its_accounts_locked_until_its_threads_are_done(
+def test_a_pass_cut_by_the_soft_time_limit_gives_back_what_it_holds_before_it_ends(
         accounts, engine, settings, fake_am):
     """Celery's soft time limit raises in the main thread only (a signal), here while it waits for the
-    pass's threads: the task ends and the pass lock goes with it, while each thread still has its
-    call under way. A pass started then (beat's next) relays the other accounts and skips those
-    calls' accounts, whose locks their threads hold: no account is relayed by two passes at once, and
-    no row is sent twice. The cut pass's threads end with their call: past their budget (the soft
-    limit comes well after it), they take no other account."""
+    pass's threads, each with a call under way that Account Management holds. The threads went on
+    with their calls, holding their account's lock (a connection each), then a second connection
+    each to record the answer, into the worker process's next tasks (a next pass needs 9 of the
+    pool's 10). Cut, the pass cuts its threads' calls and ends once they have recorded them: no
+    connection of the pool is held and no thread is left. Each cut row says why, unblocked; its
+    retry meets Account Management still processing the first request (409, the same key: not
+    now), and once that is done the next pass delivers it."""
     created = [accounts.create()[0] for _ in range(2 * AT_ONCE)]
-    # The passes get an engine of their own: the cut pass's threads hold two connections each until
-    # the test lets their calls end, and the second pass needs as many again. The suite's engine is
-    # shared with the in-process worker and earlier tests, so its pool of 10 may not have them all.
-    passes = make_engine(settings.database_url, pool_size=4 * AT_ONCE + 2, max_overflow=0)
+    passes = make_engine(settings.database_url)  # a worker process's pool of 10, the passes' own
     try:
-        _cut_pass_then_a_second(engine, passes, fake_am, created)
+        _cut_pass(engine, passes, fake_am, created)
     finally:
         passes.dispose()
 
 
-def _cut_pass_then_a_second(engine: Engine, passes: Engine, fake_am, created: list[str]) -> None:
+def _cut_pass(engine: Engine, passes: Engine, fake_am, created: list[str]) -> None:
     with freeze_time(datetime.now(UTC) + timedelta(minutes=1)) as clock:
         for account in created:
             write_events(engine, account, 1, [entitlements("read_only")])
@@ -136,21 +136,35 @@ def _cut_pass_then_a_second(engine: Engine, passes: Engine, fake_am, created: li
                 relay(passes, fake_am.url)
         finally:
             signal.signal(signal.SIGUSR1, previous)
-        cut = [t for t in threading.enumerate() if t.name.startswith("outbox-relay")]
-        assert len(cut) == AT_ONCE and len(under_way) == AT_ONCE  # still in their calls
+        try:
+            assert len(under_way) == AT_ONCE
+            assert cast(QueuePool, passes.pool).checkedout() == 0
+            assert not [t for t in threading.enumerate() if t.name.startswith("outbox-relay") and t.is_alive()]
+            for account in created:
+                (row,) = outbox(engine, account)
+                if account in under_way:
+                    assert (row["state"], row["attempts"], row["last_status"], row["blocked_at"]) == (
+                        "pending", 1, None, None)
+                    assert row["last_error"].startswith("Cut: the relay pass ended during the call")
+                else:
+                    assert (row["state"], row["attempts"]) == ("pending", 0)  # never taken
 
-        fake_am.before_answer = None
-        clock.tick(timedelta(seconds=60))  # the next pass comes after the cut one's budget
-        second = relay(passes, fake_am.url)
-        assert not second.busy  # the cut pass's lock went with its task
-        assert second.skipped_locked == AT_ONCE and second.delivered == AT_ONCE
-        assert sorted(r.account_id for r in fake_am.received) == sorted(set(created) - set(under_way))
+            fake_am.before_answer = None
+            clock.tick(timedelta(seconds=60))  # beat's next pass, past the cut rows' backoff
+            second = relay(passes, fake_am.url)
+            assert not second.busy and second.skipped_locked == 0
+            assert (second.delivered, second.failed) == (AT_ONCE, AT_ONCE)
+            for account in under_way:
+                (row,) = outbox(engine, account)
+                assert (row["attempts"], row["last_status"], row["blocked_at"]) == (2, 409, None)
+        finally:
+            answer.set()
+        assert fake_am.settled()
 
-        answer.set()
-        for thread in cut:
-            thread.join(60)
-        assert not any(t.is_alive() for t in cut)
-    assert sorted(r.account_id for r in fake_am.received) == sorted(created)  # each once
+        clock.tick(timedelta(hours=1))
+        assert relay(passes, fake_am.url).delivered == AT_ONCE
     for account in created:
         (row,) = outbox(engine, account)
-        assert row["state"] == "delivered" and row["attempts"] == 1
+        assert row["state"] == "delivered" and row["attempts"] == (3 if account in under_way else 1)
+        # One request per row, whichever times Account Management received it.
+        assert {r.idempotency_key for r in fake_am.entitlements(account)} == {f"outbox-{row['id']}"}
