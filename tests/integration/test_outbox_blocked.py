@@ -96,12 +96,18 @@ def test_a_retry_meeting_its_first_request_still_in_progress_is_not_blocked_and_
     account, _ = accounts.create()
     entitlements(engine, account, 1, prod_core="full")
     write_events(engine, account, 2, [DunningEntered(unpaid_since=None, failure_class="transient")])
-    done = threading.Event()
-    fake_am.before_answer = lambda _request: done.wait(30)  # the first request is processed until done
+    arrived, done = threading.Event(), threading.Event()
+
+    def processing(_request) -> None:  # the first request is processed until done
+        arrived.set()
+        done.wait(30)
+
+    fake_am.before_answer = processing
     now = datetime.now(UTC) + LATER
     try:
         relay(engine, fake_am.url, now=now, timeout=(0.5, 0.5))
         assert "Timeout" in outbox(engine, account)[0]["last_error"]  # no answer in time
+        assert arrived.wait(30)  # and Account Management has it
 
         report = relay(engine, fake_am.url, now=now + LATER)
         assert (report.delivered, report.failed) == (0, 1)
