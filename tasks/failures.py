@@ -91,6 +91,15 @@ PASSING: frozenset[FailureKind] = frozenset({
 })
 
 
+# Failures of our own infrastructure (the database, the broker, lock contention): they pass with
+# time and say nothing about the work that met them. A drift sweep's segment is sent again on them
+# (app/sweep/sweep.py RETRIED), and a remediation's recompute re-driven after one is still on its way
+# for a while (app/recompute/gather_batch.py REDRIVE_GRACE), not a remediation that failed.
+INFRASTRUCTURE: frozenset[FailureKind] = frozenset({
+    FailureKind.DATABASE_UNAVAILABLE, FailureKind.LOCK_CONTENTION, FailureKind.BROKER_UNAVAILABLE,
+})
+
+
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """The seconds a remote side's ``Retry-After`` header asks for; None when absent, or not a
     number of seconds (an HTTP date, garbage, NaN)."""

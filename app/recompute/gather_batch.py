@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection
@@ -35,6 +35,7 @@ from app.domain.snapshot import (
 )
 from app.domain.state import DunningState, MandateState
 from app.recompute.gather import DUNNING_COLUMNS, charges, invoice_lines, stored_state
+from tasks.failures import INFRASTRUCTURE
 
 # Per account: its id, bad-debt flag, stored version and stored state, the state as the text of one
 # JSON array (NULL without a subs_dunning row). One text value instead of fifteen columns: psycopg2
@@ -98,6 +99,17 @@ def _mirror_rows(alias: str) -> str:
             f"WHERE {alias}.stripe_customer_id = u.stripe_customer_id OFFSET 0) {alias}")
 
 
+# How long a recompute failing on an infrastructure failure (tasks/failures.py INFRASTRUCTURE: the
+# database, the broker, lock contention) counts as on its way: beat re-drives it every 5 minutes
+# (app/stuck_work.py), and such a failure says nothing about the recompute. Past it (twelve re-drives,
+# about four sweeps at beat's 15 minutes, or two when a sweep takes longer than that) the account is
+# drift again, which the rollout gate counts as a reverted remediation: a recompute that keeps
+# failing. Without it, a remediation held up by an outage of a few minutes around a sweep counted as
+# reverted, and stepped the rollout back as if remediating were wrong.
+REDRIVE_GRACE = timedelta(hours=1)
+_GRACE_SECONDS = int(REDRIVE_GRACE.total_seconds())
+_INFRASTRUCTURE = ", ".join(f"'{kind.value}'" for kind in sorted(INFRASTRUCTURE))
+
 # The recomputes already on their way for the range's accounts (not part of a snapshot: the sweep's
 # business, app/sweep/sweep.py). Read in the range's own snapshot, so a stored state and whether its
 # account awaits a recompute are one view: a recompute in flight deletes the request only in its own
@@ -117,15 +129,19 @@ def _mirror_rows(alias: str) -> str:
 #     they name under a customer), once the range's invoices / attempts have it: one probe per invoice
 #     and attempt of the range into the partial indexes of the unroutable events by those columns
 #     (migration unroutable_routing_cursor), which hold no entry for an event routed at ingest.
-_PENDING = """
+_PENDING = f"""
   (SELECT json_agg(json_build_array(q.account_id,
           -- stalled: parked by a dead recompute (nothing re-sends it), or its recompute failing
-          -- (retrying: beat re-drives it, maybe for ever); either way no run is sure to come
+          -- (retrying: beat re-drives it, maybe for ever); either way no run is sure to come. Not yet
+          -- a recompute that an infrastructure failure has kept failing for less than REDRIVE_GRACE
+          -- (by the database's clock, which wrote first_failed_at): the re-drive sends it.
           (q.parked_touch IS NOT DISTINCT FROM q.touched_at AND EXISTS (
             SELECT 1 FROM subs_stuck_events s WHERE s.account_id = q.account_id
                AND s.task_name = 'tasks.recompute_account' AND s.state = 'dead'))
           OR EXISTS (SELECT 1 FROM subs_stuck_events s WHERE s.account_id = q.account_id
-                        AND s.task_name = 'tasks.recompute_account' AND s.state = 'retrying')))
+                        AND s.task_name = 'tasks.recompute_account' AND s.state = 'retrying'
+                        AND NOT (s.error_class IN ({_INFRASTRUCTURE})
+                                 AND s.first_failed_at > now() - interval '{_GRACE_SECONDS} seconds'))))
      FROM recompute_request q WHERE q.account_id >= $1 AND q.account_id <= $2),
   (SELECT json_agg(json_build_array(d.account_id, d.next_review_at))
      FROM subs_dunning d
@@ -370,8 +386,9 @@ class Pending:
 
     requested: frozenset[str] = frozenset()  # a live request, or an unroutable event to route to them
     # A request no run is sure to take: parked by a dead recompute (nothing re-sends it), or whose
-    # recompute keeps failing (retrying). Its drift is drift: recorded, remediated, and should it
-    # never take, found again by the next sweep, which the rollout gate counts as reverted.
+    # recompute keeps failing (retrying; on an infrastructure failure, for longer than REDRIVE_GRACE:
+    # until then it is requested, the re-drive sends it). Its drift is drift: recorded, remediated,
+    # and should it never take, found again by the next sweep, which the rollout gate counts as reverted.
     stalled: frozenset[str] = frozenset()
     reviews: dict[str, datetime] = field(default_factory=dict)  # next_review_at (no dead run since)
 

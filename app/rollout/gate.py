@@ -8,8 +8,10 @@ Health is measured since the later of the stage start and the window start:
   DRIFT_DETECTED recompute failed: its subs_stuck_events row is 'dead' (given up, for an operator).
   Not 'resolved' (it retried, then succeeded: the remediation took) nor 'retrying' (a passing
   failure, an outage or lock contention, that beat re-drives until it succeeds: not failed yet,
-  and says nothing about the remediation being wrong; should it never take, the next sweep finds
-  the account drifted the same way, which counts);
+  and says nothing about the remediation being wrong; should it never take, a later sweep finds
+  the account drifted the same way, which counts: the next one, or for a failure of the
+  infrastructure (database, broker, lock contention) the first once it has failed for longer than
+  gather_batch.REDRIVE_GRACE, the sweeps before counting the account pending, its recompute on its way);
 * errors: the distinct accounts a sweep failed on in the window (rows that cannot be read, compute
   failures, recomputes that could not be sent other than by the broker's refusal, which defers the
   remediation to the re-drive: a remediation, no error), plus each error not about one account (a page

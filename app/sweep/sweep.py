@@ -63,7 +63,7 @@ from app.rollout.store import RolloutRow, read_state
 from app.sweep.batch_read import PageReader
 from app.sweep.collector import fewer_collections
 from app.sweep.lock import SweepBusy, sweep_lock
-from tasks.failures import POLICIES, FailureKind, classify
+from tasks.failures import INFRASTRUCTURE, POLICIES, FailureKind, classify
 from webhooks.store import request_recompute
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,7 @@ REMEDIATION_TRIGGER = Trigger.DRIFT_DETECTED.value
 
 # The failure classes a sweep segment is sent again on (its own backoff and jitter: tasks/failures.py
 # POLICIES), resuming from the cursor: they pass with time and say nothing about the sweep's accounts.
-RETRIED: frozenset[FailureKind] = frozenset({
-    FailureKind.DATABASE_UNAVAILABLE, FailureKind.LOCK_CONTENTION, FailureKind.BROKER_UNAVAILABLE,
-})
+RETRIED: frozenset[FailureKind] = INFRASTRUCTURE
 
 # (failure class, whether this walk recorded a page before it failed) -> whether the segment is sent
 # again (its task's retries for that class not over) rather than the sweep failing.

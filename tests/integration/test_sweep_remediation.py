@@ -141,7 +141,9 @@ def test_a_remediation_whose_recompute_keeps_failing_is_found_drifted_again_and_
     """A remediation's recompute failing with a passing failure (lock contention, a statement
     timeout) past its own retries stays 'retrying' with its request live, re-driven maybe for ever.
     The gate does not count 'retrying' rows as reverted because the next sweep finds such an account
-    drifted the same way: so that sweep must not take its live request for a recompute on its way."""
+    drifted the same way: so that sweep must not take its live request for a recompute on its way.
+    (Failing for two hours: within gather_batch.REDRIVE_GRACE of its first failure, an infrastructure
+    failure's recompute is on its way, test_rollout_remediation_redriven.py.)"""
     from app.rollout.gate import check_gate
 
     t0 = datetime.now(UTC)
@@ -150,9 +152,10 @@ def test_a_remediation_whose_recompute_keeps_failing_is_found_drifted_again_and_
     first = Sweeper(engine, runtime.policy, Recorder(), clock=lambda: t0 - timedelta(minutes=40)).start()
     assert first.enqueued == 1
     sql(engine, "INSERT INTO subs_stuck_events (task_name, account_id, task_args, error_class, error, attempts, "
-                "state, last_failed_at, next_redrive_at) VALUES ('tasks.recompute_account', %(a)s, "
+                "state, first_failed_at, last_failed_at, next_redrive_at) VALUES ('tasks.recompute_account', %(a)s, "
                 "jsonb_build_object('account_id', %(a)s, 'trigger', 'DRIFT_DETECTED'), 'lock_contention', "
-                "'TimedOut: canceling statement due to statement timeout', 9, 'retrying', now(), now())", a=account)
+                "'TimedOut: canceling statement due to statement timeout', 9, 'retrying', now() - interval '2 hours', "
+                "now(), now())", a=account)
     assert sql(engine, "SELECT count(*) FROM recompute_request WHERE account_id = %(a)s", a=account)[0][0] == 1
 
     second = Sweeper(engine, runtime.policy, Recorder(), clock=lambda: t0 - timedelta(minutes=20)).start()
