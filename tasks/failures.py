@@ -125,7 +125,13 @@ class TaskFailure(Exception):
 def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, TaskFailure):
         return exc.kind
+    from app.dispatch import BrokerUnavailable
     from app.recompute.service import AccountNotFound
+
+    # app.dispatch's name for every failure to publish (redis-py's, kombu's): the broker's outage as
+    # each caller of send meets it. Unexpected, it was retried as a bug would be, then dead.
+    if isinstance(exc, BrokerUnavailable):
+        return FailureKind.BROKER_UNAVAILABLE
 
     # Our own names for database failures (raised by the hot paths that use the driver directly):
     # before ValueError, which ValueRejected is.

@@ -51,7 +51,6 @@ from sqlalchemy import Connection, Engine
 
 from app import metrics
 from app.db import unit_of_work
-from app.dispatch import BrokerUnavailable
 from app.domain.compute import Decision, compute
 from app.domain.drift import Drift, drift, payment_in_flight
 from app.domain.policy import Policy
@@ -606,8 +605,9 @@ STORED_NOW = ("SELECT a.account_id, a.bad_debt, coalesce(d.version, 0) FROM subs
 
 def _broker_refused(exc: BaseException) -> bool:
     """The broker did not take the message (app.dispatch wraps every failure to send in
-    BrokerUnavailable; an enqueuer of another make may raise kombu's or a connection error)."""
-    return isinstance(exc, BrokerUnavailable) or classify(exc) is FailureKind.BROKER_UNAVAILABLE
+    BrokerUnavailable; an enqueuer of another make may raise kombu's or a connection error): the
+    broker's failure class, as classify names each of them."""
+    return classify(exc) is FailureKind.BROKER_UNAVAILABLE
 
 
 def _failed(report: SweepReport, kind: str, account_id: str | None = None, failure_class: str | None = None) -> None:

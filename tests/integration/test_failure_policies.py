@@ -90,11 +90,13 @@ def test_failures_are_classified_by_what_failed():
 def test_a_passing_failure_that_outlasts_its_retries_is_left_for_beat_not_dead(celery_app, accounts, engine):
     """A database outage longer than the task's own backoff: beat re-drives the work once it is over.
     Only what waiting will not heal (invalid data) is dead, for an operator."""
+    from app.dispatch import BrokerUnavailable
     from tasks.recompute import handle_failure
 
     account, _ = accounts.create()
     task = celery_app.tasks["tasks.recompute_account"]
     for exc, expected in ((DatabaseUnavailable("database connection lost"), "retrying"),
+                          (BrokerUnavailable("broker did not accept tasks.sweep_batch: ConnectionError"), "retrying"),
                           (ValueRejected("integer out of range"), "dead"),
                           (AttributeError("a bug"), "dead")):  # unexpected: retried, then for an operator
         task.push_request(retries=POLICIES[classify(exc)].max_retries, id=f"t-{expected}")
