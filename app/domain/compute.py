@@ -212,10 +212,12 @@ def _assess(
                               "becomes bad debt", {"invoice": invoice.id, "capped_to": policy.upgrade_max_level.value,
                                                    "would_be": level.value}))
         level = policy.upgrade_max_level
-    if not invoice.is_upgrade and balance < policy.small_balance_threshold and level.rank > Level.NOTICE.rank:
+    # In the invoice's currency's own terms: 500 minor units are $5.00 but 5.00 rupiah (policy.py).
+    threshold = policy.small_balance_threshold_in(invoice.currency)
+    if not invoice.is_upgrade and balance < threshold and level.rank > Level.NOTICE.rank:
         reasons.append(Reason("balance.small", "balance below the small-balance threshold: capped at notice",
                               {"invoice": invoice.id, "balance": balance, "currency": invoice.currency,
-                               "threshold": policy.small_balance_threshold, "would_be": level.value}))
+                               "threshold": threshold, "would_be": level.value}))
         level = Level.NOTICE
     if level == Level.SUSPENDED and free and not invoice.is_upgrade:
         # Its dunning has run out (a new card does not change that): bad debt, which is paid through

@@ -72,7 +72,10 @@ class Policy:
     # Free immediate retry after the customer changes the payment method.
     immediate_retry_on_new_method: bool = True
     rules: tuple[LevelRule, ...] = ()
+    # Minor units of the invoice's currency: the threshold of a currency not in
+    # ``small_balance_thresholds`` (one number of minor units is no threshold in every currency).
     small_balance_threshold: int = 0
+    small_balance_thresholds: Mapping[str, int] = field(default_factory=dict)  # currency code -> minor units
     upgrade_max_level: Level = Level.RESTRICT_PREMIUM
     products: Mapping[str, str] = field(default_factory=dict)  # product id -> "core" | "premium"
     default_product_tier: str = "core"
@@ -89,6 +92,11 @@ class Policy:
 
     def tier(self, product: str) -> str:
         return self.products.get(product, self.default_product_tier)
+
+    def small_balance_threshold_in(self, currency: str) -> int:
+        """The small-balance threshold of ``currency``, in its minor units: its own, else the default.
+        Stripe writes currency codes in lower case; any case is read as one."""
+        return self.small_balance_thresholds.get(currency.strip().lower(), self.small_balance_threshold)
 
 
 def _expect(cond: bool, key: str, problem: str) -> None:
@@ -128,6 +136,21 @@ def _days(data: Mapping[str, Any], key: str, path: str, default: tuple[int, ...]
     _expect(len(value) < HARD_CAP_ATTEMPTS_PER_INVOICE, full,
             f"at most {HARD_CAP_ATTEMPTS_PER_INVOICE - 1} retries fit the per-invoice cap")
     return tuple(value)
+
+
+def _thresholds(data: Mapping[str, Any], key: str, path: str) -> dict[str, int]:
+    """Per-currency amounts: a table of ISO currency code (any case) = whole number of minor units."""
+    value = data.get(key, {})
+    full = f"{path}.{key}"
+    _expect(isinstance(value, Mapping), full, "must be a table of currency code = amount in minor units")
+    out: dict[str, int] = {}
+    for code in value:
+        currency = str(code).strip().lower()
+        _expect(len(currency) == 3 and currency.isascii() and currency.isalpha(), f"{full}.{code}",
+                "must be a three-letter currency code (usd, jpy, ...)")
+        _expect(currency not in out, f"{full}.{code}", f"names the currency {currency} twice")
+        out[currency] = _int(value, code, full, 0, MAX_AMOUNT)
+    return out
 
 
 def _rule(raw: Any, index: int) -> LevelRule:
@@ -204,7 +227,8 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     _only(data, "", {"version", "retry", "consequences", "products", "guard", "rollout"})
     _only(retry, "retry", {"transient_schedule_days", "unknown_schedule_days", "max_attempts_per_invoice",
                            "max_attempts_per_method_30d", "immediate_retry_on_new_method"})
-    _only(consequences, "consequences", {"small_balance_threshold", "upgrade_max_level", "rules"})
+    _only(consequences, "consequences", {"small_balance_threshold", "small_balance_thresholds", "upgrade_max_level",
+                                         "rules"})
     _only(products_section, "products", {"default_tier", "catalog"})
     _only(guard, "guard", {"window_minutes"})
     known = {"version", "retry", "consequences", "products", "guard"}
@@ -220,6 +244,7 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
         immediate_retry_on_new_method=immediate,
         rules=rules,
         small_balance_threshold=_int(consequences, "small_balance_threshold", "consequences", 0, MAX_AMOUNT),
+        small_balance_thresholds=_thresholds(consequences, "small_balance_thresholds", "consequences"),
         upgrade_max_level=Level(upgrade_max),
         products=dict(catalog),
         default_product_tier=default_tier,

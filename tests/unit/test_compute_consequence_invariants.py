@@ -135,7 +135,7 @@ def test_the_rules_of_design_4_hold_under_any_valid_policy(account, pol, later):
     for a in decision.assessments:
         if a.invoice.is_upgrade:
             assert a.level.rank <= pol.upgrade_max_level.rank, a
-        elif balance[a.invoice.currency] < pol.small_balance_threshold:
+        elif balance[a.invoice.currency] < pol.small_balance_threshold_in(a.invoice.currency):
             assert a.level.rank <= Level.NOTICE.rank, a
     if decision.bad_debt:
         assert any(a.level == Level.SUSPENDED for a in regular)

@@ -136,7 +136,7 @@ class Account:
         return [i for i in self.snapshot.invoices if i.status in ("open", "uncollectible") and not i.is_upgrade]
 
 
-CURRENCIES = st.sampled_from(["usd", "eur"])
+CURRENCIES = st.sampled_from(["usd", "eur", "krw"])  # krw: a threshold of its own (policy)
 
 
 @st.composite
@@ -308,7 +308,7 @@ def test_small_balances_cap_at_notice(account):
     snap = account.snapshot
     decision = compute(snap, POLICY, NOW)
     # the account's balance in every currency it is billed in under the threshold
-    if all(b < POLICY.small_balance_threshold for b in balances(decision).values()):
+    if all(b < POLICY.small_balance_threshold_in(c) for c, b in balances(decision).items()):
         assert Level(decision.state.level).rank <= Level.NOTICE.rank, decision.state
         assert decision.state.status != Status.BAD_DEBT
         assert all(v == Access.FULL for v in decision.state.entitlements["products"].values())
@@ -332,7 +332,7 @@ def test_each_invoice_gets_the_first_matching_rule_from_the_most_severe_down(acc
             expected = Level.NOTICE
         if a.invoice.is_upgrade:
             expected = min(expected, POLICY.upgrade_max_level, key=lambda lv: lv.rank)
-        elif balance[a.invoice.currency] < POLICY.small_balance_threshold:  # its own currency's balance
+        elif balance[a.invoice.currency] < POLICY.small_balance_threshold_in(a.invoice.currency):  # its own currency
             expected = min(expected, Level.NOTICE, key=lambda lv: lv.rank)
         assert a.level == expected, (a, expected)
         rule_reasons = [r for r in a.reasons if r.rule.startswith("level.")]
