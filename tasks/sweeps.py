@@ -6,7 +6,11 @@ segment chains tasks.sweep_batch with the sweep id (the cursor is in sweep_run),
 comes near the timeout that would make Redis deliver it twice. A segment that finds the sweep lock
 taken sends itself again a little later: the chain is the only thing that carries a sweep on. A
 drift_sweep sent again after its worker was lost chains the next segment of the sweep its lost run
-began (run_was_lost), rather than skipping it as 'still running'.
+began (run_was_lost), rather than skipping it as 'still running'. A link of the chain the broker
+refuses (the next segment, a segment sent again) leaves the sweep for beat's next drift_sweep
+(app.sweep.sweep.leave_for_beat), which chains it the same way; the segment returns as it would
+have. Raised, the task failed and the sweep sat 'running' until beat abandoned it (15 minutes
+without a heartbeat, up to 30 in all) and started over from the first account.
 
 A segment that fails on a failure that passes (the database or broker connection, lock contention:
 app.sweep.sweep.RETRIED) is sent again with its class's backoff and jitter (tasks/failures.py
@@ -32,7 +36,7 @@ from app.rollout.gate import check_gate
 from app.sweep.lifting import count_stuck_in_lifting
 from app.sweep.refile import RECOMPUTE_TRIGGER, refile_customers
 from app.sweep.remediate import celery_enqueuer
-from app.sweep.sweep import RETRIED, SweepBusy, Sweeper, SweepReport, SweepRetry, retry_within
+from app.sweep.sweep import RETRIED, SweepBusy, Sweeper, SweepReport, SweepRetry, leave_for_beat, retry_within
 from tasks.failures import POLICIES, FailureKind, classify, count_failure
 from tasks.recompute import handle_failure
 from tasks.runtime import runtime_for
@@ -69,19 +73,34 @@ def _retry_later(task: Task, run_id: int, kind: FailureKind, failures: int, prog
         task.app.tasks[SWEEP_BATCH].apply_async([run_id], {"failures": in_a_row + 1}, countdown=countdown)
     except Exception as exc:  # kombu's connection errors
         log.warning("drift sweep %s: failed segment (%s) not sent again: %s", run_id, kind.value, exc)
-        return {"failed": kind.value, "run_id": run_id}
+        return {"failed": kind.value, "run_id": run_id, "next_segment": _unchained(task, run_id, exc)}
     log.warning("drift sweep %s: segment failed (%s), sent again in %.1f s (failure %d in a row)", run_id,
                 kind.value, countdown, in_a_row + 1)
     return {"failed": kind.value, "run_id": run_id, "again_in": round(countdown, 3), "failures": in_a_row + 1}
 
 
 def _after(task: Task, report: SweepReport) -> dict[str, Any]:
-    if not report.finished and report.run_id is not None:
-        send(task.app, "tasks.sweep_batch", [report.run_id])
     out = report.to_json()
     out.pop("drifted_accounts")
+    if not report.finished and report.run_id is not None:
+        try:
+            send(task.app, SWEEP_BATCH, [report.run_id])
+        except BrokerUnavailable as exc:  # the segment's pages are recorded; only the chain broke
+            out["next_segment"] = _unchained(task, report.run_id, exc)
     log.info("drift sweep %s: %s", report.run_id, out)
     return out
+
+
+def _unchained(task: Task, run_id: int, exc: Exception) -> str:
+    """Sweep ``run_id``'s next segment could not be sent (the broker refused it): left for beat's next
+    drift_sweep, which sends it (leave_for_beat); the broker's class counted as given up to beat."""
+    count_failure(task.name, FailureKind.BROKER_UNAVAILABLE, "retrying")
+    if leave_for_beat(runtime_for(task.app).engine, run_id):
+        log.warning("drift sweep %s: next segment not sent (%s); beat's drift_sweep resumes it", run_id, exc)
+        return "left for beat's drift_sweep"
+    log.warning("drift sweep %s: next segment not sent (%s), nor the sweep left for beat: abandoned once its "
+                "heartbeat is stale", run_id, exc)
+    return "not sent"
 
 
 @shared_task(name="tasks.drift_sweep", bind=True)
@@ -90,8 +109,8 @@ def drift_sweep(self: Task) -> dict[str, Any]:
     try:
         report = sweeper.start(max_seconds=segment)
     except SweepBusy as exc:
-        if exc.run_id is not None and run_was_lost(self.request):
-            return _resume_lost(self, exc.run_id, exc)
+        if exc.run_id is not None and (exc.unchained or run_was_lost(self.request)):
+            return _resume(self, exc.run_id, exc)
         log.info("drift sweep not started: %s", exc)
         return {"skipped": str(exc)}
     except SweepRetry as exc:
@@ -106,19 +125,21 @@ def run_was_lost(request: Any) -> bool:
     return bool(request.retries) or bool((request.delivery_info or {}).get("redelivered"))
 
 
-def _resume_lost(task: Task, run_id: int, busy: SweepBusy) -> dict[str, Any]:
-    """drift_sweep sent again after its worker was lost finds the sweep its lost run began still
-    'running', with no segment chained (that comes after a segment returns) and none holding the
-    lock: it chains the next segment, which resumes from the cursor. Skipped, nothing carried the
-    sweep on until beat abandoned it and started over from the first account. Should the lost run
-    have chained it after all, the two segments take turns on the lock and the cursor: no account is
-    walked twice."""
+def _resume(task: Task, run_id: int, busy: SweepBusy) -> dict[str, Any]:
+    """drift_sweep finds a sweep 'running' with no segment chained and none holding the lock: its next
+    segment not sent (the broker refused it: ``busy.unchained``), or this drift_sweep is the one sent
+    again after its worker was lost (no segment chained: that comes after a segment returns). It
+    chains the next segment, which resumes from the cursor. Skipped, nothing carried the sweep on
+    until beat abandoned it and started over from the first account. Should the lost run have chained
+    it after all, the two segments take turns on the lock and the cursor: no account is walked twice.
+    Not sent either, the sweep is left for beat's next drift_sweep."""
+    why = "its next segment was not sent" if busy.unchained else "its worker was lost"
     try:
-        send(task.app, "tasks.sweep_batch", [run_id])
-    except BrokerUnavailable as exc:  # beat's drift_sweep starts over once the heartbeat is stale
-        log.warning("drift sweep %s: its lost first segment not resumed: %s", run_id, exc)
-        return {"skipped": str(busy)}
-    log.warning("drift sweep %s: resumed after its worker was lost", run_id)
+        send(task.app, SWEEP_BATCH, [run_id])
+    except BrokerUnavailable as exc:
+        log.warning("drift sweep %s: not resumed (%s): %s", run_id, why, exc)
+        return {"skipped": str(busy), "next_segment": _unchained(task, run_id, exc)}
+    log.warning("drift sweep %s: resumed (%s)", run_id, why)
     return {"skipped": str(busy), "resumed": run_id}
 
 
@@ -153,9 +174,9 @@ def _again_later(task: Task, run_id: int, waited: int, busy: SweepBusy, failures
     try:
         kwargs = {"waited": waited + 1, **({"failures": failures} if failures else {})}
         task.apply_async([run_id], kwargs, countdown=BUSY_COUNTDOWN)
-    except Exception as exc:  # kombu's connection errors: beat's drift_sweep starts over when it goes stale
+    except Exception as exc:  # kombu's connection errors: left for beat's drift_sweep
         log.warning("drift sweep %s: segment not sent again: %s", run_id, exc)
-        return {"skipped": str(busy)}
+        return {"skipped": str(busy), "next_segment": _unchained(task, run_id, exc)}
     log.info("drift sweep %s: segment waits %d s for the sweep lock: %s", run_id, BUSY_COUNTDOWN, busy)
     return {"skipped": str(busy), "again_in": BUSY_COUNTDOWN}
 

@@ -20,11 +20,13 @@ SWEEP_LOCK_KEY = 0x5EEB_D21F7
 class SweepBusy(Exception):
     """Another sweep is running; this one did nothing. ``run_id``: the sweep found 'running' while
     no segment of it held the lock (between two segments, or its segment's worker lost); None when
-    the lock itself was taken."""
+    the lock itself was taken. ``unchained``: that sweep's next segment is known not sent (the broker
+    refused it): nothing carries it on unless this caller does."""
 
-    def __init__(self, message: str, run_id: int | None = None) -> None:
+    def __init__(self, message: str, run_id: int | None = None, unchained: bool = False) -> None:
         super().__init__(message)
         self.run_id = run_id
+        self.unchained = unchained
 
 
 @contextmanager

@@ -242,8 +242,8 @@ class Sweeper:
                 if row is None or row.state != "running":
                     raise SweepBusy(f"sweep {run_id} is not running ({row.state if row else 'missing'})")
                 rollout = read_state(conn)
-                conn.exec_driver_sql("UPDATE sweep_run SET updated_at = now(), stage = %(stage)s WHERE id = %(id)s",
-                                     {"id": run_id, "stage": rollout.stage})
+                conn.exec_driver_sql("UPDATE sweep_run SET updated_at = now(), stage = %(stage)s, note = NULL "
+                                     "WHERE id = %(id)s", {"id": run_id, "stage": rollout.stage})
             report = SweepReport(run_id, rollout.stage, False, scanned=row.scanned, drifted=row.drifted,
                                  in_stage=row.in_stage, guarded=row.guarded, enqueued=row.enqueued, errors=row.errors,
                                  cursor=row.cursor or "", stage_revision=rollout.stage_revision)
@@ -271,9 +271,12 @@ class Sweeper:
             if self.dry_run:
                 return None, rollout
             running = conn.exec_driver_sql(
-                "SELECT id, cursor, updated_at FROM sweep_run WHERE state = 'running' ORDER BY id FOR UPDATE"
+                "SELECT id, cursor, updated_at, note FROM sweep_run WHERE state = 'running' ORDER BY id FOR UPDATE"
             ).fetchall()
             for row in running:
+                if row.note == UNCHAINED and row.updated_at > self.clock() - UNCHAINED_WAITS:
+                    raise SweepBusy(f"sweep {row.id} is still running (at account {row.cursor or '-'}), its next "
+                                    "segment not sent; not starting a second one", run_id=int(row.id), unchained=True)
                 if row.updated_at > self.clock() - self.stale_after:
                     raise SweepBusy(f"sweep {row.id} is still running (at account {row.cursor or '-'}); "
                                     "not starting a second one", run_id=int(row.id))
@@ -597,6 +600,32 @@ class Sweeper:
             log.warning("drift sweep %s: heartbeat not renewed: %s", report.run_id, exc.__class__.__name__)
 
 
+# sweep_run.note of a running sweep whose next segment could not be sent (the broker refused it):
+# beat's next drift_sweep chains it (tasks/sweeps.py), rather than finding it 'still running' until
+# its heartbeat went stale (15 minutes), abandoning it and starting over from the first account.
+# The segment that resumes it clears the note. It waits for that up to UNCHAINED_WAITS after its last
+# page (the broker that refused the segment refuses beat's ticks too until it is back), past which it
+# is abandoned as any stale sweep: after a longer outage the next sweep starts over, and `dunning
+# sweep` run by hand without beat is kept waiting no longer than that.
+UNCHAINED = "next segment not sent (the broker refused it): beat's drift_sweep resumes the sweep"
+UNCHAINED_WAITS = timedelta(hours=1)
+
+
+def leave_for_beat(engine: Engine, run_id: int) -> bool:
+    """Mark running sweep ``run_id`` as waiting for beat's drift_sweep to send its next segment
+    (UNCHAINED). False when it could not be marked (the database failed too, or the sweep is not
+    running): it is then abandoned once its heartbeat is stale, as a segment lost any other way."""
+    try:
+        with unit_of_work(engine) as conn:
+            marked = conn.exec_driver_sql(
+                "UPDATE sweep_run SET note = %(note)s WHERE id = %(id)s AND state = 'running' RETURNING id",
+                {"note": UNCHAINED, "id": run_id}).first()
+    except Exception as exc:
+        log.warning("drift sweep %s: could not leave it for beat: %s", run_id, exc.__class__.__name__)
+        return False
+    return marked is not None
+
+
 # What a page's drift was measured on, as it is stored now: the subs_account flag and the state's
 # version (every write of subs_dunning bumps it; no row: 0, as the page reads it).
 STORED_NOW = ("SELECT a.account_id, a.bad_debt, coalesce(d.version, 0) FROM subs_account a "
@@ -638,4 +667,5 @@ def _record_errors(conn: Connection, report: SweepReport, now: datetime) -> None
     )
 
 
-__all__ = ["RETRIED", "SweepBusy", "SweepReport", "SweepRetry", "Sweeper", "retry_within"]
+__all__ = ["RETRIED", "UNCHAINED", "SweepBusy", "SweepReport", "SweepRetry", "Sweeper", "leave_for_beat",
+           "retry_within"]

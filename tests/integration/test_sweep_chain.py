@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -126,3 +127,82 @@ def test_a_drift_sweep_delivered_again_after_its_worker_was_killed_counts_as_los
     assert run_was_lost(SimpleNamespace(retries=0, delivery_info={"redelivered": True}))
     assert not run_was_lost(SimpleNamespace(retries=0, delivery_info={"redelivered": False}))
     assert not run_was_lost(SimpleNamespace(retries=0, delivery_info=None))
+
+
+def test_a_segment_whose_next_segment_the_broker_refused_leaves_the_sweep_to_beats_next_drift_sweep(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings, monkeypatch):
+    """A segment recorded its pages, then the broker refused the next segment's send. Before, the
+    BrokerUnavailable escaped the task: the sweep sat 'running' with nothing to carry it on, beat's
+    drift_sweep found it 'still running' until its heartbeat was 15 minutes stale, abandoned it and
+    started over from the first account. Now the segment returns, the sweep is left for beat's next
+    drift_sweep, which chains the next segment (within UNCHAINED_WAITS, an hour, of its last page):
+    the sweep walks on from its cursor, one sweep, no account walked twice."""
+    from tasks import sweeps
+    from tasks.factory import make_celery
+
+    run_id = _first_segment(engine, runtime)
+    chain = sweeps._sweeper
+
+    def one_page_at_a_time(task: Any, failures: int = 0) -> tuple[Sweeper, float]:
+        sweeper, _segment_seconds = chain(task, failures)
+        sweeper.batch_size = 2
+        return sweeper, 0.0  # a segment of one page: accounts remain after it
+
+    monkeypatch.setattr(sweeps, "_sweeper", one_page_at_a_time)
+    dead_broker = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0"))
+    dead_broker.loader.import_default_modules()
+    segment = dead_broker.tasks["tasks.sweep_batch"].apply(args=[run_id])
+    assert segment.successful(), segment.traceback
+    result = segment.get()
+    assert (result["finished"], result["scanned"], result["next_segment"]) == \
+        (False, 4, "left for beat's drift_sweep"), result
+    assert _sweeps_queue(settings) == []
+    assert sql(engine, "SELECT state, scanned FROM sweep_run WHERE id = %(i)s", i=run_id)[0] == ("running", 4)
+
+    # The broker back, beat's next drift_sweep (not a retry; the heartbeat stale by now) chains it.
+    sql(engine, "UPDATE sweep_run SET updated_at = now() - interval '20 minutes' WHERE id = %(i)s", i=run_id)
+    celery_app.loader.import_default_modules()
+    resumed = celery_app.tasks["tasks.drift_sweep"].apply().get()
+    assert resumed.get("resumed") == run_id, resumed
+    [again] = _sweeps_queue(settings)
+    assert (again["task"], again["args"]) == ("tasks.sweep_batch", [run_id])
+    monkeypatch.setattr(sweeps, "_sweeper", chain)
+    done = _segment(celery_app, run_id)
+    assert done["finished"] and done["scanned"] == 6
+    assert [tuple(r) for r in sql(engine, "SELECT state, scanned, note FROM sweep_run")] == [("finished", 6, None)]
+
+
+def test_a_sweep_left_for_beat_longer_than_it_waits_is_abandoned_and_the_next_starts_over(
+        runtime, engine: Engine, corrupted: dict[str, str]):
+    """After an outage longer than UNCHAINED_WAITS the sweep is stale as any other: abandoned, and a
+    sweep (beat's, or `dunning sweep` run by hand) starts over from the first account."""
+    from app.sweep.sweep import UNCHAINED_WAITS, leave_for_beat
+
+    run_id = _first_segment(engine, runtime)
+    assert leave_for_beat(engine, run_id)
+    sql(engine, "UPDATE sweep_run SET updated_at = now() - %(age)s WHERE id = %(i)s",
+        age=UNCHAINED_WAITS + timedelta(minutes=1), i=run_id)
+    again = Sweeper(engine, runtime.policy, Recorder()).start()
+    assert again.run_id != run_id and again.finished and again.scanned == 6
+    assert sql(engine, "SELECT state FROM sweep_run WHERE id = %(i)s", i=run_id)[0][0] == "abandoned"
+
+
+def test_a_segment_that_met_the_lock_and_could_not_be_sent_again_leaves_the_sweep_to_beat(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings):
+    """Every link of the chain: the segment sent again after meeting the lock, refused by the broker."""
+    from tasks.factory import make_celery
+
+    run_id = _first_segment(engine, runtime)
+    # The broker refuses; its result store answers (a store down too holds apply_async in Celery's
+    # reconnection to it for 20 s before the refusal, the same refusal).
+    dead_broker = make_celery(settings.with_overrides(broker_url="redis://127.0.0.1:1/0",
+                                                      result_backend=settings.result_backend or settings.broker_url))
+    dead_broker.loader.import_default_modules()
+    with sweep_lock(engine):
+        segment = dead_broker.tasks["tasks.sweep_batch"].apply(args=[run_id])
+    assert segment.successful(), segment.traceback
+    assert segment.get()["next_segment"] == "left for beat's drift_sweep", segment.get()
+    celery_app.loader.import_default_modules()
+    assert celery_app.tasks["tasks.drift_sweep"].apply().get().get("resumed") == run_id
+    [again] = _sweeps_queue(settings)
+    assert (again["task"], again["args"]) == ("tasks.sweep_batch", [run_id])
