@@ -207,15 +207,33 @@ def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_b
     return f"{invoice['id']} was closed some other way before this payment settled it" if closed_by_other else None
 
 
+# The invoice's status_transitions field that says when Stripe moved it to each closed status.
+STATUS_TRANSITIONS = {"paid": "paid_at", "void": "voided_at", "uncollectible": "marked_uncollectible_at"}
+
+
 def mirror_rows(event_type: str, source: str, obj: dict[str, Any], created: int | None = None) -> list[Any]:
     """An API object Stripe returned, mapped by the webhook mirror's own code (same columns, same
     ordering guard) as if it came in an event of ``event_type``, stamped ``created`` (epoch
-    seconds; now by default)."""
+    seconds; by default stripe_time)."""
     from webhooks.mirror import extract
 
     envelope = {"object": "event", "id": f"{source}_{obj['id']}", "type": event_type,
-                "created": int(time.time()) if created is None else created, "data": {"object": obj}}
+                "created": stripe_time(obj) if created is None else created, "data": {"object": obj}}
     return list(extract(envelope).rows)
+
+
+def stripe_time(obj: dict[str, Any]) -> int:
+    """When Stripe made ``obj`` what it is, by Stripe's clock: for an invoice closed (paid, void,
+    uncollectible), its status transition's time, the ``created`` of the event Stripe sends about
+    it. The ordering guard compares a mirror row's time with the events' (Stripe's clock): stamped
+    by a host whose clock is ahead, the row would outrank every event of the next minutes about the
+    object and have them dropped as older (a payment of an invoice marked uncollectible, say). Else
+    this host's clock."""
+    if obj.get("object") == "invoice":
+        at = (obj.get("status_transitions") or {}).get(STATUS_TRANSITIONS.get(str(obj.get("status")), ""))
+        if isinstance(at, int) and not isinstance(at, bool) and at > 0:
+            return at
+    return int(time.time())
 
 
 def settle(rt: Runtime, payment_id: int) -> Settlement:

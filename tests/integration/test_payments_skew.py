@@ -11,6 +11,7 @@ minutes behind the host that planned the retry due (or behind beat's, which clai
 and skipped again, until the worker's clock caught up. /pay-bad-debt quoted the debt at the web host's
 clock: behind the host that put the account in bad debt at the 21-day boundary, its own decision was
 no bad debt and the customer was told the balance was being recomputed (409) with nothing on its way.
+An invoice a payment path reads at Stripe and mirrors itself is timed by Stripe's clock, not its host's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.conftest import Accounts, post_event
 from tests.integration.bad_debt_setup import key, pay, payments
 from tests.integration.dunning_setup import dunning_row, retries
 from tests.integration.test_outbox_cancellation_body import declined_charge, failed_invoice
-from tests.stripe_events import event, unique
+from tests.stripe_events import event, resource, unique, with_product
 
 DAY = 86400
 AHEAD = timedelta(minutes=4)  # the deciding host's lead: skew, within MAX_CLOCK_LEAD
@@ -150,3 +151,47 @@ def test_a_web_host_behind_the_host_that_put_the_account_in_bad_debt_quotes_its_
     assert payment["state"] == "pending" and payment["amount"] == 5000 and payment["invoice_ids"] == [invoice]
     [call] = stripe_fake.intents_created()
     assert call.params["amount"] == "5000" and call.params["payment_method"] == "card_old"
+
+
+def customer_of(engine: Engine, account: str) -> str:
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql("SELECT stripe_customer_id FROM subs_customer WHERE account_id = %(a)s",
+                                        {"a": account}).scalar_one())
+
+
+def invoice_row(engine: Engine, invoice: str) -> tuple[str, int]:
+    with engine.connect() as conn:
+        status, created = conn.exec_driver_sql("SELECT status, source_created FROM stripe_invoice WHERE id = %(i)s",
+                                               {"i": invoice}).one()
+    return status, int(created)
+
+
+def test_an_invoice_a_worker_ahead_mirrors_from_stripe_is_timed_by_stripe_not_by_the_worker(
+        client, accounts, engine, runtime, celery_app, fake_stripe):
+    """A retry finds its invoice marked uncollectible at Stripe before the webhook came, and mirrors it
+    as Stripe has it. Stamped with its worker's clock, 4 minutes ahead of Stripe's, the row outranked
+    every event Stripe sent about the invoice in those 4 minutes: the customer's payment a minute later
+    (invoice.paid) was taken for an older event and dropped, the account left in dunning though paid.
+    Stamped with Stripe's own time of the change (status_transitions), the payment is mirrored."""
+    account, invoice, _ = failed_before(client, accounts, -timedelta(minutes=1))
+    customer = customer_of(engine, account)
+    run_recompute(engine, runtime.policy, account, "PAYMENT_FAILED", datetime.now(UTC))
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    marked = int(time.time())
+    at_stripe = resource("invoice")
+    at_stripe.update(id=invoice, customer=customer, status="uncollectible", amount_due=5000, amount_paid=0,
+                     amount_remaining=5000)
+    at_stripe["status_transitions"]["marked_uncollectible_at"] = marked
+    fake_stripe.invoices[invoice] = at_stripe
+
+    with freeze_time(datetime.fromtimestamp(marked, UTC) + AHEAD, tick=True):
+        result = retry_on_a_host(celery_app, retry_id)
+    assert result["outcome"] == "skipped" and "uncollectible" in result["detail"], result
+    assert invoice_row(engine, invoice)[0] == "uncollectible"
+
+    paid = event("invoice.paid", id=invoice, customer=customer, created=marked + 60, amount_due=5000,
+                 amount_remaining=0, amount_paid=5000)
+    assert post_event(client, with_product(paid, "prod_core", 5000)).status_code == 200
+    assert invoice_row(engine, invoice) == ("paid", marked + 60)
+    after = run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
+    assert after.decision is not None and after.decision.state.status == "current", after.summary()
