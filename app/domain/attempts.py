@@ -32,6 +32,19 @@ def failure_time(attempt: Attempt) -> datetime:
     return max(times) if times else attempt.attempted_at
 
 
+def first_failure_time(attempt: Attempt, invoice: Invoice) -> datetime:
+    """When a failed attempt of ``invoice`` first failed: its first charge (Stripe confirms the
+    invoice's intent again for each retry, so one row carries the first attempt and every retry after
+    it), else its own time. Not its own time alone: that moves with each later event about the intent,
+    and read as the first failure it would restart the invoice's retry schedule and its days unpaid at
+    the latest retry. A charge before the invoice was created is none of its failures (an older intent
+    that ``_owner`` filed under it by a later event's time): it never dates the invoice's debt back."""
+    times = [c.charged_at for c in attempt.charges]
+    if attempt.failed_at is not None:
+        times.append(attempt.failed_at)
+    return min((t for t in times if t >= invoice.created), default=attempt.attempted_at)
+
+
 def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
     """Attempts grouped by invoice. An attempt Stripe did not link to an invoice (charge.failed
     carries no invoice since API 2025-03-31) goes to an invoice it could have been paying (see

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from app.domain.attempts import attempts_by_invoice, bad_debt_intents, failure_time, without_bad_debt_payments
+from app.domain.attempts import (
+    attempts_by_invoice,
+    bad_debt_intents,
+    failure_time,
+    first_failure_time,
+    without_bad_debt_payments,
+)
 from app.domain.decline_codes import classify
 from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, entitlements, full_entitlements
 from app.domain.mandates import mandates
@@ -155,7 +161,10 @@ def _assess(
     # about its intent (a cancellation), which must not make an older decline the latest, nor pick
     # between two failures of the same moment (then the greater id, as for the account's latest).
     last_failure = max(failures, key=_failure_order) if failures else None
-    first_failure = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
+    # The invoice's first failure (its retry schedule and its days unpaid count from it): what Stripe's
+    # invoice.payment_failed said, or the first charge of a failed attempt where that event is not
+    # mirrored yet (an attempt row's own time moves with later events about its intent).
+    first_failure = min((t for t in (invoice.first_failed_at, *(first_failure_time(f, invoice) for f in failures))
                          if t is not None), default=None)
     unpaid_since = _unpaid_since(invoice, first_failure, now)
     failure_class: FailureClass | None
