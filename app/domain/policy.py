@@ -96,7 +96,7 @@ class Policy:
     def small_balance_threshold_in(self, currency: str) -> int:
         """The small-balance threshold of ``currency``, in its minor units: its own, else the default.
         Stripe writes currency codes in lower case; any case is read as one."""
-        return self.small_balance_thresholds.get(currency.strip().lower(), self.small_balance_threshold)
+        return self.small_balance_thresholds.get(str(currency or "").strip().lower(), self.small_balance_threshold)
 
 
 def _expect(cond: bool, key: str, problem: str) -> None:
@@ -224,6 +224,13 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     immediate = retry.get("immediate_retry_on_new_method", True)
     _expect(isinstance(immediate, bool), "retry.immediate_retry_on_new_method", "must be true or false")
 
+    transient_days = _days(retry, "transient_schedule_days", "retry", Policy.transient_schedule_days)
+    unknown_days = _days(retry, "unknown_schedule_days", "retry", Policy.unknown_schedule_days)
+    # DESIGN 4: unknown is "treated as transient with a smaller budget" (none at all is smaller too).
+    _expect(not unknown_days or len(unknown_days) < len(transient_days), "retry.unknown_schedule_days",
+            f"must have fewer retries than retry.transient_schedule_days ({len(transient_days)}): an unknown "
+            "decline is retried like a transient one with a smaller budget")
+
     _only(data, "", {"version", "retry", "consequences", "products", "guard", "rollout"})
     _only(retry, "retry", {"transient_schedule_days", "unknown_schedule_days", "max_attempts_per_invoice",
                            "max_attempts_per_method_30d", "immediate_retry_on_new_method"})
@@ -234,8 +241,8 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     known = {"version", "retry", "consequences", "products", "guard"}
     return Policy(
         version=str(version).strip(),
-        transient_schedule_days=_days(retry, "transient_schedule_days", "retry", Policy.transient_schedule_days),
-        unknown_schedule_days=_days(retry, "unknown_schedule_days", "retry", Policy.unknown_schedule_days),
+        transient_schedule_days=transient_days,
+        unknown_schedule_days=unknown_days,
         max_attempts_per_invoice=_int(retry, "max_attempts_per_invoice", "retry", HARD_CAP_ATTEMPTS_PER_INVOICE,
                                       HARD_CAP_ATTEMPTS_PER_INVOICE, 1, " (the card networks' cap)"),
         max_attempts_per_method_30d=_int(retry, "max_attempts_per_method_30d", "retry",
