@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.domain.attempts import (
+    SAME_ATTEMPT,
     attempts_by_invoice,
     bad_debt_intents,
     failure_time,
@@ -161,11 +162,7 @@ def _assess(
     # about its intent (a cancellation), which must not make an older decline the latest, nor pick
     # between two failures of the same moment (then the greater id, as for the account's latest).
     last_failure = max(failures, key=_failure_order) if failures else None
-    # The invoice's first failure (its retry schedule and its days unpaid count from it): what Stripe's
-    # invoice.payment_failed said, or the first charge of a failed attempt where that event is not
-    # mirrored yet (an attempt row's own time moves with later events about its intent).
-    first_failure = min((t for t in (invoice.first_failed_at, *(first_failure_time(f, invoice) for f in failures))
-                         if t is not None), default=None)
+    first_failure = _first_failure(invoice, failures)
     unpaid_since = _unpaid_since(invoice, first_failure, now)
     failure_class: FailureClass | None
     if last_failure is not None:
@@ -253,6 +250,22 @@ def _assess(
         reasons=tuple(reasons),
         revert_due=revert_due,
     )
+
+
+def _first_failure(invoice: Invoice, failures: list[Attempt]) -> datetime | None:
+    """The invoice's first failure, where its retry schedule and its days unpaid count from: the earliest
+    of what Stripe's invoice.payment_failed said and its first failed attempt's time, unless a failed
+    attempt's first charge is earlier by more than the moments of one attempt (SAME_ATTEMPT): then that
+    charge. An attempt row's own time moves with each later event about its intent, which Stripe
+    confirms again for each retry: while the first invoice.payment_failed is not mirrored (webhooks
+    come late, in no set order), it read as the latest retry. Within SAME_ATTEMPT the events'
+    seconds apart decide as before, so the decisions stored stay as they are (no drift on deploy)."""
+    said = min((t for t in (invoice.first_failed_at, failures[0].attempted_at if failures else None)
+                if t is not None), default=None)
+    charged = min((first_failure_time(f, invoice) for f in failures), default=None)
+    if charged is not None and (said is None or charged < said - SAME_ATTEMPT):
+        return charged
+    return said
 
 
 def _failed_again_in_bad_debt(snapshot: Snapshot, invoice: Invoice, failures: list[Attempt], policy: Policy,

@@ -54,3 +54,12 @@ def test_a_charge_from_before_the_invoice_never_dates_its_debt_back():
     decision = compute(snapshot(inv, attempts=(old,)), POLICY, NOW)
     assert decision.state.unpaid_since == days(2)
     assert decision.state.level == Level.NOTICE
+
+
+def test_the_events_of_one_attempt_seconds_apart_keep_the_start_as_it_was():
+    """The charge is made seconds before Stripe's invoice.payment_failed: the start stays the earliest
+    of that event and the attempt's time, as decisions already stored say (no drift on deploy)."""
+    inv = invoice(failed_days_ago=2)
+    intent = attempt("pi_1", "in_1", days_ago=2 - 1 / 86400,
+                     charges=(Charge("ch_1", "pm_1", days(2) - timedelta(seconds=5)),))
+    assert compute(snapshot(inv, attempts=(intent,)), POLICY, NOW).state.unpaid_since == days(2)
