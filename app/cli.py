@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError, Settings
 from app.log_safety import install as install_log_safety
@@ -64,15 +64,9 @@ def cmd_db_downgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _owed(outstanding: list[dict[str, Any]] | None) -> str:
-    """What the account owes, per currency ("1000 eur, 1000 usd"): amounts never summed across them."""
-    if outstanding is None:
-        return "not known"
-    return ", ".join(f"{o['amount']} {o['currency']}" for o in outstanding) or "nothing"
-
-
 def cmd_recompute(args: argparse.Namespace) -> int:
     from app.db import is_timed_out
+    from app.money import facts_shown, owed
     from app.recompute.observe import observe
     from app.recompute.service import AccountNotFound, run_recompute
 
@@ -97,13 +91,14 @@ def cmd_recompute(args: argparse.Namespace) -> int:
         return 0
     print(f"account {summary['account_id']}: {summary['status']} / level {summary['level']}"
           f" (failure class {summary['failure_class'] or '-'}, next retry {summary['next_retry_at'] or '-'})")
-    print(f"outstanding: {_owed(summary.get('outstanding'))}")
+    # In major units of each currency (app/money.py); --json keeps Stripe's integer minor units.
+    print(f"outstanding: {owed(summary.get('outstanding'))}")
     changed = summary.get("changed_fields") or []
     print(f"outcome: {result.outcome}; version {summary.get('version')}; "
           f"changed: {', '.join(changed) or 'nothing'}; events: {', '.join(summary.get('events') or []) or 'none'}")
     print("reasons:")
     for reason in summary["reasons"]:
-        facts = ", ".join(f"{k}={v}" for k, v in reason["facts"].items() if k != "rule")
+        facts = ", ".join(f"{k}={v}" for k, v in facts_shown(reason["facts"]).items() if k != "rule")
         print(f"  - {reason['rule']}: {reason['detail']}" + (f" [{facts}]" if facts else ""))
     return 0
 

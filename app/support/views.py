@@ -43,6 +43,7 @@ from app.account_urls import query, raw_path, routed_suffix
 from app.db import ValueRejected, unit_of_work, without_quoted_value
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
+from app.money import facts_shown, money, owed
 from app.support import audit
 from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
 from app.support.queries import account_view_of
@@ -121,6 +122,12 @@ def page_url(account_id: str) -> str:
 @bp.app_template_global("support_page_url")
 def _support_page_url(account_id: str) -> str:
     return page_url(account_id)
+
+
+# Amounts as support reads them (app/money.py): "50.00 USD", never Stripe's "5000 usd".
+bp.add_app_template_global(money, "money")
+bp.add_app_template_global(owed, "owed")
+bp.add_app_template_global(facts_shown, "facts_shown")
 
 
 @bp.post("/accounts/<account:account_id>/recompute", merge_slashes=False)  # any id: app/account_urls.py

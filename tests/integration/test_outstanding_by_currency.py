@@ -62,10 +62,12 @@ def test_a_debt_in_two_currencies_has_no_single_amount_but_one_per_currency(clie
     page = client.get(f"/support/accounts/{account}", headers=SUPPORT).get_data(as_text=True)
     shown = re.search(r'<dd id="outstanding">(.*?)</dd>', page, re.DOTALL)
     assert shown is not None
-    assert "2000" not in shown.group(1)
-    assert "1000 eur" in shown.group(1) and "1000 usd" in shown.group(1)
+    assert "20.00" not in shown.group(1) and "2000" not in shown.group(1)
+    # In major units of each currency (app/money.py): 1000 minor units are 10.00, never "1000 usd".
+    assert "10.00 EUR" in shown.group(1) and "10.00 USD" in shown.group(1)
+    assert "1000" not in shown.group(1)
     # Each invoice's amounts are in its own currency.
-    assert re.search(r">1000 eur<", page) and re.search(r">1000 usd<", page)
+    assert re.search(r">10\.00 EUR<", page) and re.search(r">10\.00 USD<", page)
 
 
 def test_a_debt_in_one_currency_keeps_its_amount_and_says_its_currency(client, engine, runtime, accounts: Accounts):
@@ -80,7 +82,7 @@ def test_a_debt_in_one_currency_keeps_its_amount_and_says_its_currency(client, e
     assert body["outstanding"] == [{"currency": "eur", "amount": 1000}]
     assert body["outstanding_amount_reason"] is None
     page = client.get(f"/support/accounts/{account}", headers=SUPPORT).get_data(as_text=True)
-    assert re.search(r'<dd id="outstanding">\s*1000 eur\s*</dd>', page)
+    assert re.search(r'<dd id="outstanding">\s*10\.00 EUR\s*</dd>', page)
 
 
 def test_nothing_owed_is_zero_in_no_currency(client, engine, runtime, accounts: Accounts):
@@ -100,7 +102,7 @@ def test_cli_recompute_prints_the_debt_per_currency(client, accounts: Accounts, 
     failed_in(client, customer, "eur", 1000)
     done = dunning("recompute", account, database_url=database_url)
     assert done.returncode == 0, done.stderr
-    assert "outstanding: 1000 eur, 1000 usd" in done.stdout
+    assert "outstanding: 10.00 EUR, 10.00 USD" in done.stdout  # the JSON below keeps the minor units
     again = json.loads(dunning("recompute", account, "--json", database_url=database_url).stdout)
     assert again["outstanding"] == [{"currency": "eur", "amount": 1000}, {"currency": "usd", "amount": 1000}]
     assert again["outstanding_amount"] is None
@@ -129,7 +131,7 @@ def test_a_payment_stuck_in_lifting_is_listed_with_its_currency(client, engine, 
                              "currency, created_at) VALUES (%(a)s, %(k)s, 'x', 5000, 'eur', %(t)s)",
                              {"a": account, "k": f"key-{account}", "t": since})
     listing = client.get("/support/lifting", headers=SUPPORT).get_data(as_text=True)
-    assert re.search(r"<td>5000 eur</td>", listing)
+    assert re.search(r"<td>50\.00 EUR</td>", listing)
     [item] = client.get("/ops/lifting", headers=service_headers()).json["accounts"]
     assert (item["amount"], item["currency"]) == (5000, "eur")
 
@@ -155,3 +157,39 @@ def test_a_bad_debt_now_owed_in_another_currency_is_not_paid_on_the_stored_amoun
     response = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
     assert (response.status_code, response.json["error"]) == (409, "balance_changing")
     assert stripe_fake.intents_created() == []
+
+
+def test_the_page_shows_each_currency_with_its_own_exponent_and_the_api_keeps_minor_units(client, engine, runtime,
+                                                                                         accounts: Accounts):
+    """Stripe's 5000 is ¥5000 in JPY (zero-decimal), 1500 is 1.500 KWD (three-decimal): the page says so,
+    where it said "5000 jpy" beside "1500 kwd" as if both were minor units of two decimals."""
+    account, customer = accounts.create()
+    failed_in(client, customer, "jpy", 5000)
+    failed_in(client, customer, "kwd", 1500)
+    recomputed(engine, runtime, account)
+
+    page = client.get(f"/support/accounts/{account}", headers=SUPPORT).get_data(as_text=True)
+    shown = re.search(r'<dd id="outstanding">(.*?)</dd>', page, re.DOTALL)
+    assert shown is not None and shown.group(1).strip() == "5000 JPY, 1.500 KWD"
+    assert re.search(r">5000 JPY<", page) and re.search(r">1\.500 KWD<", page)
+    state = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
+    assert state["dunning"]["outstanding"] == [{"currency": "jpy", "amount": 5000}, {"currency": "kwd", "amount": 1500}]
+    assert sorted(i["amount_due"] for i in state["invoices"]) == [1500, 5000]
+
+
+def test_a_reasons_balance_and_threshold_are_shown_in_the_invoices_currency(client, engine, runtime,
+                                                                           accounts: Accounts, database_url):
+    """The small-balance cap's reason compares the balance with the policy's threshold (500 minor units
+    by default): the page and `dunning recompute` show both in major units; the API keeps the integers."""
+    account, customer = accounts.create()
+    failed_in(client, customer, "usd", 450, days_ago=10)
+    recomputed(engine, runtime, account)
+
+    [small] = [r for r in view(client, account)["reasons"] if r["rule"] == "balance.small"]
+    assert (small["facts"]["balance"], small["facts"]["threshold"], small["facts"]["currency"]) == (450, 500, "usd")
+    page = client.get(f"/support/accounts/{account}", headers=SUPPORT).get_data(as_text=True)
+    assert "balance=4.50 USD" in page and "threshold=5.00 USD" in page and "balance=450" not in page
+    done = dunning("recompute", account, database_url=database_url)
+    assert done.returncode == 0, done.stderr
+    assert "outstanding: 4.50 USD" in done.stdout
+    assert "balance=4.50 USD" in done.stdout and "threshold=5.00 USD" in done.stdout
