@@ -75,7 +75,8 @@
       if (res.status !== 200) { return fail("no task status: " + (t.reason || res.status)); }
       taskState.textContent = "task " + t.state.toLowerCase();
       if (!t.done) { return later(deadline, 0.3, function () { poll(url, deadline); }); }
-      if (t.state !== "SUCCESS") { return fail("recompute failed: " + (t.error || t.state)); }
+      // EXPIRED, NOT_QUEUED: no failure of the recompute; the answer says what became of it.
+      if (t.state !== "SUCCESS") { return fail(t.reason || "recompute failed: " + (t.error || t.state)); }
       return refresh().then(function () {
         taskState.textContent = "recomputed: " + t.result.outcome;
         taskState.className = "done";

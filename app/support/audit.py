@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg2.extras import Json
@@ -24,11 +26,22 @@ def add_detail(conn: Connection, entry: int, detail: dict[str, Any]) -> None:
 
 
 # Its expression and condition are those of the index ix_audit_log_recompute_task.
-TASK_ACCOUNT_SQL = ("SELECT account_id FROM audit_log WHERE action = 'recompute' AND detail->>'task_id' = %(task)s "
-                    "LIMIT 1")
+TASK_ACCOUNT_SQL = ("SELECT account_id, at, detail->>'queued' = 'false' AS refused FROM audit_log "
+                    "WHERE action = 'recompute' AND detail->>'task_id' = %(task)s LIMIT 1")
 
 
-def recompute_task_account(conn: Connection, task_id: str) -> str | None:
-    """The account of a recompute that support started, or None for a task support never started."""
+@dataclass(frozen=True)
+class SupportTask:
+    """A recompute support started, as its audit row tells: whose, when, and whether the broker took it."""
+
+    account_id: str
+    requested_at: datetime
+    queued: bool
+
+
+def recompute_task(conn: Connection, task_id: str) -> SupportTask | None:
+    """The recompute that support started with this task id, or None for a task support never started."""
     row = conn.exec_driver_sql(TASK_ACCOUNT_SQL, {"task": task_id}).first()
-    return str(row[0]) if row is not None else None
+    if row is None:
+        return None
+    return SupportTask(account_id=str(row.account_id), requested_at=row.at, queued=not row.refused)

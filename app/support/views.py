@@ -2,7 +2,8 @@
 
 * ``POST /support/accounts/<id>/recompute`` -> 202 {"task_id"}: a NINJAPANEL_BUTTON recompute,
   forced (not coalesced) and with its result kept for polling; audited with the actor.
-* ``GET /support/tasks/<task_id>`` -> the task's state and, when done, its result summary.
+* ``GET /support/tasks/<task_id>`` -> the task's state and, when done, its result summary; EXPIRED
+  (done) once its result is no longer kept, NOT_QUEUED (done) when the broker refused it.
 * ``GET /support/accounts/<id>`` -> the HTML page; ``GET /support/accounts/<id>/state`` the same as JSON.
 * The same three in the query form, for every account id a browser can open ("." and ".." included:
   app/account_urls.py): ``GET /support/account?id=<id>``, ``GET /support/account/state?id=<id>``,
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlparse
 
@@ -180,16 +181,45 @@ def task_status(task_id: str) -> ResponseReturnValue:
         return jsonify(error="not_found", reason="not a task id"), 404
     # Only tasks support started can be read here (Celery cannot tell an unknown id from a queued one).
     with runtime().engine.connect() as conn:
-        account_id = audit.recompute_task_account(conn, task_id)
-    if account_id is None:
+        task = audit.recompute_task(conn, task_id)
+    if task is None:
         return jsonify(error="not_found", reason=f"no support task {task_id}"), 404
+    if not task.queued:  # the button answered 503: nothing was queued, nothing will run
+        return jsonify(task_id=task_id, account_id=task.account_id, state="NOT_QUEUED", done=True,
+                       reason="the task queue was unreachable when it was requested: it never ran")
     try:
         body = _task_outcome(task_id)
     except Exception as exc:  # redis-py's ConnectionError or TimeoutError, kombu's, a backend not even built
         # The page polls right after the button, which answers 503 when Redis is down: so does this.
         log.warning("support task %s: the result backend did not answer: %s", task_id, exc.__class__.__name__)
         return _unavailable("the task result store is unreachable; retry later")
-    return jsonify(task_id=task_id, account_id=account_id, **body)
+    if body["state"] == "PENDING" and _past_result_retention(task.requested_at, datetime.now(UTC)):
+        body = _expired(task.requested_at)
+    return jsonify(task_id=task_id, account_id=task.account_id, **body)
+
+
+def _result_retention() -> timedelta | None:
+    """How long the result backend keeps a task's result (Celery's result_expires: 24 h in
+    tasks/factory.py), or None when kept for ever."""
+    expires = celery_app().conf.result_expires
+    if expires is None:
+        return None
+    return expires if isinstance(expires, timedelta) else timedelta(seconds=float(expires))
+
+
+def _past_result_retention(requested_at: datetime, now: datetime) -> bool:
+    retention = _result_retention()
+    return retention is not None and now - requested_at > retention
+
+
+def _expired(requested_at: datetime) -> dict[str, Any]:
+    """A task whose result the backend no longer has, requested longer ago than results are kept:
+    Celery answers PENDING for it, as for one still queued, which it is not (the page would wait for
+    ever). What it did is in the account's state and reasons, its failure in the Stuck work table."""
+    hours = (_result_retention() or timedelta(0)).total_seconds() / 3600
+    return {"state": "EXPIRED", "done": True, "requested_at": requested_at.isoformat(),
+            "reason": f"requested more than {hours:g} h ago: its result is no longer kept (the account's page "
+                      "shows what it is now)"}
 
 
 def _task_outcome(task_id: str) -> dict[str, Any]:

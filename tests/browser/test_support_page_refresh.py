@@ -93,3 +93,34 @@ def test_a_poll_answered_503_is_retried_until_the_task_is_done(
         assert page.text_content("#status") == "bad_debt"
     finally:
         context.close()
+
+
+def test_a_task_whose_result_is_no_longer_kept_says_so_not_that_the_recompute_failed(
+        browser: Any, live_server: str, flask_app: Any, engine: Engine, accounts: Accounts, worker: Any) -> None:
+    # GET /support/tasks/<id> answers EXPIRED (done) for a task requested longer ago than results are
+    # kept (tests/integration/test_support_task_status.py); the page said "recompute failed: EXPIRED".
+    from datetime import timedelta
+
+    from freezegun import freeze_time
+
+    from tests.integration.test_support_task_status import RETENTION, audited_request, requested_at
+
+    account, customer = accounts.create()
+    uncollectible_invoice_in_mirror_only(engine, customer)
+    old_task = audited_request(engine, account)
+    with freeze_time(requested_at(engine, old_task) + RETENTION + timedelta(minutes=1)):
+        answer = flask_app.test_client().get(f"/support/tasks/{old_task}",
+                                             headers={"Authorization": f"Bearer {SUPPORT_TOKEN}"})
+    assert answer.json["state"] == "EXPIRED"
+    context, page = signed_in_page(browser, live_server, account)
+    try:
+        # The page's poll gets the server's own EXPIRED answer (the page cannot wait a day).
+        page.route("**/support/tasks/*", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                     body=answer.get_data(as_text=True)))
+        page.click("#recompute")
+        page.wait_for_selector("#task-state.error", timeout=30000)
+        assert page.text_content("#task-state") == answer.json["reason"]
+        assert "failed" not in page.text_content("#task-state")
+        assert page.is_enabled("#recompute")
+    finally:
+        context.close()
