@@ -155,21 +155,47 @@ def check_broker_url(url: str) -> str:
 
 def check_result_backend(url: str | None) -> str | None:
     """``url`` (CELERY_RESULT_BACKEND) when, naming a Redis server, it is one redis-py can address,
-    and otherwise one Celery has a backend for; ConfigError otherwise. The rest of Celery's other
-    backends (db+..., rpc://) is Celery's to read."""
+    and otherwise one Celery has a backend for that every process can read; ConfigError otherwise.
+    The rest of Celery's other backends (db+..., ...) is Celery's to read."""
     if url is not None and url.partition("://")[0] in ("redis", "rediss"):
         _check_broker_address(url, redis=True, name="CELERY_RESULT_BACKEND")
     elif url is not None:
         from celery.app.backends import by_url
 
         try:
-            by_url(url)  # the backend's class, by the URL's scheme (imports its module; connects to nothing)
+            # The backend's class, by the URL's scheme (imports its module; connects to nothing), and
+            # the URL it is given (cache+memory:// -> memory://).
+            backend, backend_url = by_url(url)
         except Exception:  # ImproperlyConfigured (no such alias), ImportError (nor a module of that name)
             # Every worker failed at its start with Celery's traceback, and the support page's task
             # results were never kept (its status answered 503 "unreachable" for ever).
             raise ConfigError(f"CELERY_RESULT_BACKEND names no result backend Celery has, {_scheme_shown(url)}"
                               " (e.g. redis://host:6379/1, db+postgresql://...)") from None
+        unshared = _unshared_result_backend(backend, backend_url)
+        if unshared is not None:
+            raise ConfigError(f"CELERY_RESULT_BACKEND {unshared}: the support page asks a task's state from "
+                              "whichever web process serves the poll, so its Recompute stayed PENDING for ever. "
+                              "Use a store every process reads (redis://host:6379/1, db+postgresql://...), or "
+                              "leave it unset (the broker when it is Redis, else the database)")
     return url
+
+
+def _unshared_result_backend(backend: type, url: str) -> str | None:
+    """Why a result backend's results cannot be read by another process than the worker's or the
+    sender's, or None when they can."""
+    from celery.backends.base import DisabledBackend
+    from celery.backends.cache import CacheBackend
+    from celery.backends.rpc import RPCBackend
+
+    if issubclass(backend, RPCBackend):
+        # A result is a message to the reply queue of the process that sent the task, consumed by it
+        # alone (and lost with it): another web process polling the task sees PENDING for ever.
+        return "rpc:// sends a task's result to the process that sent the task only"
+    if issubclass(backend, DisabledBackend):
+        return "disabled:// keeps no result"
+    if issubclass(backend, CacheBackend) and url.startswith("memory"):
+        return "cache+memory:// keeps results in the memory of the process that stored them only"
+    return None
 
 
 def _check_broker_address(url: str, redis: bool, name: str = "CELERY_BROKER_URL") -> None:

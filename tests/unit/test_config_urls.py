@@ -134,7 +134,8 @@ def test_a_redis_result_backend_redis_py_cannot_read_is_refused_at_start(url, re
     assert PASSWORD not in message
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/1", "db+postgresql://u@h/results", "rpc://"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/1", "db+postgresql://u@h/results",
+                                 "cache+memcached://127.0.0.1:11211/"])
 def test_result_backends_celery_reads_are_taken_as_they_are(url):
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_RESULT_BACKEND": url})
     assert settings.result_backend == url
@@ -184,3 +185,28 @@ def test_a_result_backend_celery_has_no_backend_for_is_refused_at_start(url, rea
     message = refused(CELERY_RESULT_BACKEND=url)
     assert message.startswith("CELERY_RESULT_BACKEND") and reason in message, message
     assert PASSWORD not in message
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("rpc://", "rpc:// sends a task's result to the process that sent the task only"),
+    (f"rpc://guest:{PASSWORD}@rabbit:5672//", "rpc:// sends a task's result to the process that sent the task only"),
+    ("celery.backends.rpc:RPCBackend://", "rpc:// sends a task's result to the process that sent the task only"),
+    ("disabled://", "disabled:// keeps no result"),
+    ("cache+memory://", "cache+memory:// keeps results in the memory of the process that stored them only"),
+])
+def test_a_result_backend_other_processes_cannot_read_is_refused_at_start(url, reason):
+    """With rpc:// a task's result goes to the reply queue of the web process that sent it: the support
+    page's poll, served by another web worker (or the same one after a restart), saw PENDING for ever.
+    Refused at start, naming the setting, why, and what to use instead."""
+    message = refused(CELERY_RESULT_BACKEND=url)
+    assert message.startswith("CELERY_RESULT_BACKEND") and reason in message, message
+    assert "PENDING" in message and "redis://host:6379/1" in message and "leave it unset" in message
+    assert PASSWORD not in message
+
+
+def test_the_launcher_refuses_an_rpc_result_backend_before_anything_starts():
+    """`dunning run` checks every process's settings once, before the private servers and the fleet."""
+    from app.launcher import check_settings
+
+    with pytest.raises(ConfigError, match="CELERY_RESULT_BACKEND rpc://"):
+        check_settings({"CELERY_RESULT_BACKEND": "rpc://"})
