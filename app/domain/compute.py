@@ -146,7 +146,9 @@ def _match_level(
         if rule.min_balance is not None and balance < rule.min_balance:
             continue
         return rule.level, rule
-    return Level.NONE, None
+    # DESIGN 4: none is "nothing unpaid". An unpaid invoice no rule matched (a policy whose notice rule
+    # waits a day, say) is at the mildest level that owes: notice, full access and the customer told.
+    return Level.NOTICE, None
 
 
 def _assess(
@@ -203,7 +205,8 @@ def _assess(
     if rule is not None and rule.min_balance is not None:
         rule_facts.update(balance=balance, currency=invoice.currency)
     rule_name = "level." + level.value
-    reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule",
+    reasons.append(Reason(rule_name, f"invoice matched the {level.value} rule" if rule else
+                          "no rule matched: an unpaid invoice is at least at notice (the customer is told)",
                           {**rule_facts, "rule": rule.describe() if rule else {}}))
     if invoice.lines_incomplete:
         # Stripe's event carried the invoice's first lines only; until beat has fetched the rest, the
