@@ -420,8 +420,9 @@ PAYMENT_METHOD_MERGE = {"changed_at": "greatest", "stripe_customer_id": "coalesc
 # How far along its life on the customer a method's event is, for events of the same second: an
 # update of an attached method (its object names the customer) comes after the attach, so a card
 # attached and updated in one second (a new expiry) keeps the update in either order of delivery;
-# a detach ends it. Two updates in one second still tie: the last delivered wins (nothing in them
-# says which came later).
+# an update naming no customer came before it (a method is attached once), so it never marks a card
+# attached in its second as not attached; a detach ends it. Two updates in one second still tie:
+# the last delivered wins (nothing in them says which came later).
 PAYMENT_METHOD_RANK = {"payment_method.attached": 0, "payment_method.detached": 2}
 
 
@@ -444,7 +445,7 @@ def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any],
         "fingerprint": card.get("fingerprint"),
         "changed_at": ts(created) if changed else NOT_CHANGED,
         "source_created": created,
-        "source_rank": PAYMENT_METHOD_RANK.get(event_type, 1 if pm.get("customer") is not None else 0),
+        "source_rank": PAYMENT_METHOD_RANK.get(event_type, 1 if pm.get("customer") is not None else -1),
     }
     return MirrorRow("stripe_payment_method", str(pm["id"]), values, PAYMENT_METHOD_MERGE)
 
