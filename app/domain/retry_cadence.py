@@ -11,7 +11,7 @@ invoice and 15 per payment method in 30 days hold whatever the policy says. Pure
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime, timedelta
 
 from app.domain.attempts import failure_time
@@ -46,7 +46,9 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
     sent to Stripe whose attempt the mirror does not hold yet: the cap counts charges, not webhooks."""
     if method is None:
         return []
-    recorded = [at for at in _charge_times(snapshot.attempts, method) if now - WINDOW_30D < at <= now]
+    # Card networks count per card: every payment method id holding the same card (added again) counts.
+    card = same_card(snapshot, method)
+    recorded = [at for at in _charge_times(snapshot.attempts, card) if now - WINDOW_30D < at <= now]
     invoices = {i.id: i for i in snapshot.invoices}
 
     def mirrored(r: Retry) -> bool:
@@ -54,13 +56,13 @@ def _method_attempts_in_window(snapshot: Snapshot, method: str | None, now: date
         # yet): another invoice charged on the card after it says nothing of whether it is mirrored.
         # Only a charge the window counts stands for it (one timed after now by Stripe's clock does not).
         return any(_claimed_second(r) <= at <= now for at in _charge_times(
-            tuple(a for a in snapshot.attempts if a.invoice_id in (r.invoice_id, None)), method))
+            tuple(a for a in snapshot.attempts if a.invoice_id in (r.invoice_id, None)), card))
 
     # Every retry that reached the card (r.charged), a declined one too: Stripe's decline marks it
     # failed at once, and the recompute that follows runs before the charge's webhook comes.
     unrecorded = [r.created_at for r in snapshot.retries
                   if r.charged and now - r.created_at < guard
-                  and (r.payment_method_id or _default_of(snapshot, invoices.get(r.invoice_id))[0]) == method
+                  and (r.payment_method_id or _default_of(snapshot, invoices.get(r.invoice_id))[0]) in card
                   and not mirrored(r)]
     return sorted(recorded + unrecorded)
 
@@ -71,17 +73,26 @@ def _claimed_second(r: Retry) -> datetime:
     return r.created_at.replace(microsecond=0)
 
 
-def _charge_times(attempts: tuple[Attempt, ...], method: str) -> Iterator[datetime]:
-    """When each charge on ``method`` was made. An intent counts each of its charges (the first
+def same_card(snapshot: Snapshot, method: str) -> frozenset[str]:
+    """``method`` and every payment method of the account holding the same card (Stripe's card
+    fingerprint): a card removed and added again gets a new id, and is still the card networks' card."""
+    fingerprint = next((pm.fingerprint for pm in snapshot.payment_methods if pm.id == method), None)
+    if not fingerprint:
+        return frozenset((method,))
+    return frozenset((method, *(pm.id for pm in snapshot.payment_methods if pm.fingerprint == fingerprint)))
+
+
+def _charge_times(attempts: tuple[Attempt, ...], methods: Collection[str]) -> Iterator[datetime]:
+    """When each charge on one of ``methods`` was made. An intent counts each of its charges (the first
     attempt and every retry confirmed on it); an attempt whose charges the mirror never heard of
     (an older row, an intent known only through its invoice) counts once, at its own time."""
     for a in attempts:
         if not a.charges:
-            if a.payment_method_id == method:
+            if a.payment_method_id in methods:
                 yield a.attempted_at
             continue
         for charge in a.charges:
-            if (charge.payment_method_id or a.payment_method_id) == method:
+            if (charge.payment_method_id or a.payment_method_id) in methods:
                 yield charge.charged_at
 
 
@@ -111,6 +122,8 @@ def _new_method(snapshot: Snapshot, invoice: Invoice, attempts: list[Attempt], r
     for pm in _methods_of(snapshot, invoice):
         if not pm.attached or pm.expired(now) or pm.id in passed_over:
             continue
+        if _readded(snapshot, pm, start, attempts, retries):
+            continue
         at = pm.changed_at
         if pm.id == default_id and default_changed is not None and default_changed > at:
             at = default_changed
@@ -124,11 +137,23 @@ def _new_method(snapshot: Snapshot, invoice: Invoice, attempts: list[Attempt], r
     return max(changed, key=lambda c: (c[0].id == default_id, c[1]))
 
 
+def _readded(snapshot: Snapshot, pm: PaymentMethod, start: datetime, attempts: list[Attempt],
+             retries: list[Retry]) -> bool:
+    """Whether ``pm`` is a card already tried on the invoice since ``start`` under another payment
+    method id, with the same expiry: removed and added again, it is no new method (Stripe's decline
+    stands: a lost, stolen or do_not_try_again card is never charged again at once). A reissued card
+    (the same number with a new expiry, after expired_card) is an updated one, and earns its retry."""
+    return any(other.id != pm.id and other.id in same_card(snapshot, pm.id)
+               and (other.exp_month, other.exp_year) == (pm.exp_month, pm.exp_year)
+               and _tried_since(other.id, start, attempts, retries)
+               for other in snapshot.payment_methods)
+
+
 def _tried_since(method: str, since: datetime, attempts: list[Attempt], retries: list[Retry]) -> bool:
     """Whether ``method`` was tried on the invoice from ``since`` on: a charge on it (Stripe's own
     retries included), an attempt on it failing, or one of our retries on it that reached Stripe
     (its outcome maybe not mirrored yet)."""
-    return (any(at >= since for at in _charge_times(tuple(attempts), method))
+    return (any(at >= since for at in _charge_times(tuple(attempts), (method,)))
             or any(a.failed and a.payment_method_id == method and failure_time(a) >= since for a in attempts)
             or any(r.charged and r.payment_method_id == method and r.created_at >= since for r in retries))
 

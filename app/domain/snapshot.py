@@ -112,6 +112,9 @@ class PaymentMethod:
     card_brand: str | None = None
     card_last4: str | None = None
     stripe_customer_id: str | None = None  # the Stripe customer it is attached to (None: not said)
+    # Stripe's card.fingerprint: the same card number under every payment method id (a card removed
+    # and added again gets a new id). Card networks count per card. None: not a card, or not known.
+    fingerprint: str | None = None
 
     def expires_at(self) -> datetime | None:
         """The first moment (UTC) the card is expired: a card is valid through the last day of its

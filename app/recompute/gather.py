@@ -59,7 +59,7 @@ SELECT
              JOIN subs_customer c ON c.stripe_customer_id = i.stripe_customer_id
             WHERE p.stripe_customer_id IS NULL AND c.account_id = a.account_id) p) AS attempts,
   (SELECT json_agg(json_build_array(m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
-          m.card_brand, m.card_last4, m.stripe_customer_id) ORDER BY m.id)
+          m.card_brand, m.card_last4, m.stripe_customer_id, m.fingerprint) ORDER BY m.id)
      FROM stripe_payment_method m
     WHERE m.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS payment_methods,
@@ -189,7 +189,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     )
     methods = tuple(
         PaymentMethod(id=p[0], type=p[1], attached=p[2], changed_at=_tt(p[3]), exp_month=p[4], exp_year=p[5],
-                      card_brand=p[6], card_last4=p[7], stripe_customer_id=p[8])
+                      card_brand=p[6], card_last4=p[7], stripe_customer_id=p[8], fingerprint=p[9])
         for p in (m["payment_methods"] or ())
     )
     customer_defaults = tuple(CustomerDefault(stripe_customer_id=s[2], payment_method_id=s[0], changed_at=_t(s[1]))

@@ -82,7 +82,7 @@ _MIRROR = {  # table alias -> (table, the columns read)
     "p": ("stripe_payment_attempt", "id, invoice_id, payment_method_id, status, attempted_at, amount, amount_refunded, "
                                     "decline_code, failure_code, advice_code, charges, failed_at"),
     "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4, "
-                                   "stripe_customer_id"),
+                                   "stripe_customer_id, fingerprint"),
     "s": ("stripe_customer_state", "default_payment_method_id, changed_at, source_created, stripe_customer_id"),
     "b": ("stripe_subscription", "id, status, products"),
 }
@@ -199,7 +199,7 @@ SELECT
           ORDER BY p.account_id, p.id)
      FROM att p),
   (SELECT json_agg(json_build_array(m.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
-          m.card_brand, m.card_last4, m.stripe_customer_id) ORDER BY m.account_id, m.id)
+          m.card_brand, m.card_last4, m.stripe_customer_id, m.fingerprint) ORDER BY m.account_id, m.id)
      FROM ({_mirror_rows("m")}) m),
   (SELECT json_agg(json_build_array(s.account_id, s.default_payment_method_id, s.changed_at, s.stripe_customer_id)
           ORDER BY s.account_id, s.source_created DESC, s.stripe_customer_id)
@@ -281,7 +281,7 @@ def _attempt(p: Any) -> Attempt:
 
 def _method(p: Any) -> PaymentMethod:
     return PaymentMethod(id=p[1], type=p[2], attached=p[3], changed_at=_tt(p[4]), exp_month=p[5], exp_year=p[6],
-                         card_brand=p[7], card_last4=p[8], stripe_customer_id=p[9])
+                         card_brand=p[7], card_last4=p[8], stripe_customer_id=p[9], fingerprint=p[10])
 
 
 def _customer_default(s: Any) -> CustomerDefault:
