@@ -18,14 +18,11 @@ from app.domain.snapshot import Charge
 from tests.unit.builders import NOW, attempt, days, invoice, method, policy, snapshot
 
 POLICY = policy()
-CARD = {"exp_month": 12, "exp_year": 2030}
-
-
-def readded(decline: str, *, fingerprint: str = "fp_A", **card: int):
+def readded(decline: str, *, fingerprint: str = "fp_A", exp_year: int = 2030):
     """in_1 declined on pm_1 two days ago; the customer then added pm_2 as the default: the same card
     (``fingerprint`` fp_A) or another one."""
-    pm_1 = method("pm_1", changed_days_ago=100, attached=False, fingerprint="fp_A", **CARD)
-    pm_2 = method("pm_2", changed_days_ago=0.01, fingerprint=fingerprint, **{**CARD, **card})
+    pm_1 = method("pm_1", changed_days_ago=100, attached=False, fingerprint="fp_A", exp_month=12, exp_year=2030)
+    pm_2 = method("pm_2", changed_days_ago=0.01, fingerprint=fingerprint, exp_month=12, exp_year=exp_year)
     return snapshot(invoice(failed_days_ago=2), attempts=(attempt("pi_1", "in_1", days_ago=2, decline=decline),),
                     payment_methods=(pm_1, pm_2), default_payment_method_id="pm_2",
                     default_payment_method_changed_at=days(0.01))
