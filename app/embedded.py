@@ -305,6 +305,8 @@ class EmbeddedPostgres(_ServerContext):
     directory in its query string (``?host=/path``), which psycopg2 and SQLAlchemy accept.
     """
 
+    label = "PostgreSQL"
+
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.pgdata = self.data_dir / "pg"
@@ -312,6 +314,7 @@ class EmbeddedPostgres(_ServerContext):
         self._url: str | None = None
         self._server: Any = None
         self._pid: int | None = None
+        self._started: float | None = None  # the postmaster's start time (its pid may be reused)
 
     @property
     def url(self) -> str:
@@ -352,14 +355,27 @@ class EmbeddedPostgres(_ServerContext):
             ) from exc
         self.initializing.unlink(missing_ok=True)
         self._pid = info.pid
+        self._started = create_time(info.pid)
         write_pidfile(self.pidfile, {**owner_record(), "server_pid": info.pid,
-                                     "server_started": create_time(info.pid)})
+                                     "server_started": self._started})
         if info.socket_dir is not None:
             host = quote(str(info.socket_dir), safe="/")
             self._url = f"postgresql://postgres@/postgres?host={host}&port={info.port}"
         else:  # Windows: pgserver listens on TCP there
             self._url = f"postgresql://postgres@{info.hostname}:{info.port}/postgres"
         return self._url
+
+    def exited(self) -> int | None:
+        """1 once the postmaster this object started has ended without being told to (killed, the
+        OOM killer): pg_ctl daemonizes it, so its status is not this process's to read. None while
+        it runs, and when none was started."""
+        if self._pid is None or live_process(self._pid, self._started) is not None:
+            return None
+        return 1
+
+    @property
+    def log(self) -> Path:
+        return self.pgdata / "log"
 
     def stop_leftover(self) -> None:
         """Stop a server of this data folder whose starter is gone (killed outright); a server
@@ -394,6 +410,7 @@ class EmbeddedPostgres(_ServerContext):
             self.pidfile.unlink(missing_ok=True)
         self._url = None
         self._pid = None
+        self._started = None
 
     # internals
 
@@ -603,6 +620,8 @@ class EmbeddedRedis(_ServerContext):
     snapshots in the data folder keep queued work across runs.
     """
 
+    label = "Redis"
+
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.dir = self.data_dir / "redis"
@@ -624,6 +643,12 @@ class EmbeddedRedis(_ServerContext):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def exited(self) -> int | None:
+        """The status of the server this object started once it has ended without being told to
+        (negative: killed by that signal, as subprocess gives it); None while it runs, and when none
+        was started."""
+        return self._proc.poll() if self._proc is not None and self._url is not None else None
 
     def start(self) -> str:
         if self._url is not None:

@@ -32,6 +32,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FLEET_FILE = "fleet.pid"  # this launcher and the process groups of its fleet
 LOCK_FILE = "run.lock"  # locked by the launcher that uses the data folder, for as long as it runs
 READY_TIMEOUT = 120.0
+WATCH_INTERVAL = 0.5  # seconds between two looks at what the fleet needs beside its programs
 
 
 class LaunchError(Exception):
@@ -127,6 +128,8 @@ class FleetManager(Manager):
       ``KILL_WAIT`` seconds after the stop began is killed too.
     - A helper that dies without reporting its program's end counts as stopped (the loop would
       otherwise wait for it for ever); its program's process group is killed afterwards.
+    - What the programs need beside them (the private servers) ending stops the fleet too, as a
+      program exiting does: the programs would otherwise run on against a server that is gone.
     """
 
     def __init__(self, watcher: ReadyWatcher | None, fleet_file: Path) -> None:
@@ -139,10 +142,14 @@ class FleetManager(Manager):
         self._unsignalled: set[str] = set()  # told to stop before they reported their pid
         self._notes: list[str] = []  # what the signal handler has to say
         self._seen_dead: set[str] = set()
+        self.ended: str | None = None  # what ``needed`` reported ended, when that stopped the fleet
 
-    def loop(self, stopped_before: Callable[[], str | None] = lambda: None) -> None:
+    def loop(self, stopped_before: Callable[[], str | None] = lambda: None,
+             needed: Callable[[], tuple[str, int] | None] = lambda: None) -> None:
         """Start the programs; return once every one has stopped. ``stopped_before`` names a
-        stop signal that came before this loop's handlers were in place: then nothing starts."""
+        stop signal that came before this loop's handlers were in place: then nothing starts.
+        ``needed`` says what the programs need that has ended (and its status, as honcho gives a
+        program's), or None while it all runs: then the fleet is stopped."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         self.stop_signal = self.stop_signal or stopped_before()
@@ -150,6 +157,7 @@ class FleetManager(Manager):
             return
         self._start()
         done = False
+        next_look = time.monotonic()
         while True:
             self._say_notes()
             try:
@@ -160,6 +168,9 @@ class FleetManager(Manager):
                 self._count_silent_helpers()
             else:
                 self._handle(msg)
+            if self._stopping_since is None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + WATCH_INTERVAL
+                self._look_at(needed)
             if self._all_started() and self._all_stopped():
                 done = True
             elif self._any_stopped():
@@ -199,6 +210,16 @@ class FleetManager(Manager):
             self._system_print(f"{msg.name} stopped (rc={p['returncode']})\n")
             if self.returncode is None:
                 self.returncode = p["returncode"]
+
+    def _look_at(self, needed: Callable[[], tuple[str, int] | None]) -> None:
+        found = needed()
+        if found is None:
+            return
+        self.ended, code = found
+        self._system_print(f"{self.ended}: stopping the fleet\n")
+        if self.returncode is None:
+            self.returncode = code
+        self.terminate()
 
     def _killall(self, force: bool = False) -> None:
         self._forced = self._forced or force

@@ -14,8 +14,10 @@
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) stops every process of the fleet, then the
 private servers, at whatever point of the start it lands; a second one while the fleet stops kills
-what is still running. A second run reuses the data folder (database, queued work, beat schedule,
-local credentials); what a run killed outright (SIGKILL) left running is stopped by the next one.
+what is still running. A program of the fleet or a private server that ends on its own stops the
+rest, and the run exits with its status (1 for PostgreSQL, which is not the launcher's child). A
+second run reuses the data folder (database, queued work, beat schedule, local credentials); what a
+run killed outright (SIGKILL) left running is stopped by the next one.
 """
 
 from __future__ import annotations
@@ -512,7 +514,8 @@ class Launcher:
             manager.add_process(name, cmd, env=env, cwd=os.getcwd())
         self._checkpoint()
         try:
-            manager.loop(lambda: self.stop_signal)  # returns once every process has stopped
+            # returns once every process has stopped
+            manager.loop(lambda: self.stop_signal, self._server_ended)
         finally:
             if watcher is not None:
                 watcher.stopped.set()
@@ -522,9 +525,23 @@ class Launcher:
         if manager.stop_signal is not None:
             self.stop_signal = manager.stop_signal
             return 0
-        say("a process of the fleet exited (see above), so everything was stopped")
+        what = manager.ended or "a process of the fleet exited (see above)"
+        say(f"{what}, so everything was stopped")
         code = manager.returncode or 1
         return 128 - code if code < 0 else code  # killed by signal N (-N): 128 + N, as a shell says
+
+    def _server_ended(self) -> tuple[str, int] | None:
+        """A private server that ended while the fleet runs (the OOM killer, a stray kill): what to
+        say, and its status as honcho gives a program's (-N: killed by signal N)."""
+        for server in self.servers:
+            code = server.exited()
+            if code is None:
+                continue
+            # pg_ctl daemonizes PostgreSQL: its status is not this process's to know
+            status = "" if server.label == "PostgreSQL" else (
+                f"rc={code}; " if code >= 0 else f"killed by {_signal_name(-code)}; ")
+            return f"the private {server.label} exited ({status}its log: {server.log})", code
+        return None
 
     def _stop_servers(self) -> None:
         for server in reversed(self.servers):
@@ -535,6 +552,13 @@ class Launcher:
             except Exception as exc:
                 print(f"error: could not stop the private {name} ({exc})", file=sys.stderr)
         self.servers.clear()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def data_dir_from(args: argparse.Namespace, env: Mapping[str, str]) -> Path:

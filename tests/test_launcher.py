@@ -475,6 +475,41 @@ def test_a_program_killed_by_a_signal_ends_the_run_with_the_shells_status_for_it
             p.kill()
 
 
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+def test_a_private_server_that_dies_stops_the_fleet(tmp_path: Path, server: str) -> None:
+    """The private Redis or PostgreSQL killed under a running fleet (the OOM killer, a stray kill):
+    the launcher watched only the Procfile's programs, so the fleet ran on for ever against a server
+    that was gone, logging connection errors. It must stop the rest and exit non-zero, as when a
+    program of the fleet exits on its own."""
+    marker = f"3600.{uuid.uuid4().int % 10**9}"
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"one: exec sleep {marker}\n")
+    data_dir, log = tmp_path / "data", tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*dunning_command(), "run", "--data-dir", str(data_dir)], cwd=REPO, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True, env=fleet_env(DUNNING_PROCFILE=str(procfile)),
+        )
+    try:
+        wait_for(lambda: "one started" in log.read_text() or proc.poll() is not None, START_TIMEOUT,
+                 "the fleet to start")
+        assert proc.poll() is None, log.read_text()
+        server_pid = read_pidfile(data_dir / f"{server}.pid")["server_pid"]
+        os.kill(server_pid, signal.SIGKILL)
+        proc.wait(STOP_TIMEOUT)
+        output = log.read_text()
+        name = {"redis": "Redis", "postgres": "PostgreSQL"}[server]
+        assert f"the private {name} exited" in output
+        assert proc.returncode == (128 + signal.SIGKILL if server == "redis" else 1), output
+        assert not programs(marker)
+        assert not (data_dir / "postgres.pid").exists() and not (data_dir / "redis.pid").exists()
+    finally:
+        finish(proc, marker)
+        from app.embedded import EmbeddedPostgres
+
+        EmbeddedPostgres(data_dir).stop_leftover()  # a launcher the test killed left it running
+
+
 # --- what a launcher killed outright leaves behind ---------------------------------------------
 
 ZOMBIE_LEADER = textwrap.dedent("""
