@@ -53,6 +53,7 @@ from app.domain.retry_cadence import attempt_in_flight
 from app.domain.snapshot import Snapshot, decision_moment
 from app.domain.state import Status
 from app.domain.triggers import Trigger
+from app.money import money
 from app.payments.bad_debt_settle import NOT_RUN, customer_paid
 from app.payments.bad_debt_webhook import enqueue_settlement, reopen_charged
 from app.payments.pay import lock_account_payments, lock_customer_payments, retry_charging
@@ -229,8 +230,12 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
                       "settle it through support")
     currency = next(iter(currencies))
     if req.amount != balance:
-        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly ({balance} "
-                      f"{currency})", outstanding_amount=balance, outstanding_currency=currency)
+        # The reason is prose for a person (major units, app/money.py); it names the integer to send
+        # too, as the body's amount is in minor units. The fields stay the integers the API takes.
+        raise Refused(422, "amount_mismatch", f"amount must equal the outstanding balance exactly: "
+                      f"{money(balance, currency)}, that is amount {balance} in the currency's minor units; "
+                      f"{money(req.amount, currency)} was sent", outstanding_amount=balance,
+                      outstanding_currency=currency)
     method = _method_to_charge(snapshot, customers[0])
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")

@@ -36,6 +36,7 @@ import stripe
 
 from app.db import unit_of_work
 from app.domain.triggers import Trigger
+from app.money import money
 from app.payments.bad_debt_settle import mirror_rows, request_owners_now
 from app.payments.bad_debt_webhook import NOTE_INTENT, failure_reason, mark_failed
 from app.payments.stripe_client import make_stripe_client
@@ -172,8 +173,12 @@ def _find(client: stripe.StripeClient, row: Any) -> dict[str, Any] | None:
         raise NotReconciled(f"Stripe holds {len(matches)} payment intents for bad-debt payment {payment_id}")
     [intent] = matches
     if intent.get("amount") != row["amount"] or intent.get("currency") != row["currency"]:
-        raise NotReconciled(f"payment intent {intent.get('id')} is for {intent.get('amount')} {intent.get('currency')},"
-                            f" bad-debt payment {payment_id} for {row['amount']} {row['currency']}")
+        # Stuck work's error, read by an operator: major units (app/money.py shows an intent's amount
+        # that is no integer, or a currency it does not know, as it is; money takes a currency as text).
+        theirs = intent.get("currency")
+        raise NotReconciled(f"payment intent {intent.get('id')} is for "
+                            f"{money(intent.get('amount'), theirs if isinstance(theirs, str) else repr(theirs))}, "
+                            f"bad-debt payment {payment_id} for {money(row['amount'], row['currency'])}")
     return intent
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import Connection
 
 from app.db import session_lock, unit_of_work
 from app.domain.triggers import Trigger
+from app.money import money
 from app.payments.alerts import raise_alert
 from app.payments.stripe_client import KEY_REFUSED, make_stripe_client
 from app.runtime import Runtime
@@ -30,7 +31,7 @@ SETTLED_STATUSES = ("paid", "void")
 
 LOAD = """
 SELECT b.account_id, b.state, b.invoice_ids, b.invoices_paid_before, b.invoices_quoted, b.settle_sent, b.amount,
-       b.stripe_payment_intent_id,
+       b.currency, b.stripe_payment_intent_id,
        a.status AS charge_status, a.amount_refunded
   FROM bad_debt_payment b LEFT JOIN stripe_payment_attempt a ON a.id = b.stripe_payment_intent_id
  WHERE b.id = %(id)s
@@ -200,8 +201,9 @@ def _paid_elsewhere(client: stripe.StripeClient, invoice: dict[str, Any], paid_b
     currency = invoice.get("currency")
     extra = customer_paid(client, str(invoice["id"])) - paid_before
     credited = credited_since(invoice, quoted)
-    parts = ([f"{extra} {currency} paid by the customer"] if extra > 0 else []) + \
-        ([f"{credited} {currency} credited by a credit note"] if credited > 0 else [])
+    # Read by support (the settlement's details, the overpaid alert): major units, as app/money.py says.
+    parts = ([f"{money(extra, currency)} paid by the customer"] if extra > 0 else []) + \
+        ([f"{money(credited, currency)} credited by a credit note"] if credited > 0 else [])
     if parts:
         return f"{invoice['id']}: {', '.join(parts)}"
     return f"{invoice['id']} was closed some other way before this payment settled it" if closed_by_other else None
@@ -267,8 +269,8 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         return Settlement(payment_id, account_id, "not_charged")
     if row["amount_refunded"]:
         # Refunded before it settled: the money is not (all) in.
-        return _refunded(rt, payment_id, account_id, int(row["amount"]), int(row["amount_refunded"]),
-                         sorted(row["settle_sent"] or {}))
+        return _refunded(rt, payment_id, account_id, int(row["amount"]), str(row["currency"]),
+                         int(row["amount_refunded"]), sorted(row["settle_sent"] or {}))
     client = make_stripe_client(rt.settings)
     settled = [_pay_out_of_band(rt, client, payment_id, str(inv)) for inv in row["invoice_ids"] or []]
     paid = [invoice for invoice, _ in settled]
@@ -307,12 +309,13 @@ def _settle(rt: Runtime, payment_id: int) -> Settlement:
         if refunded:
             # Refunded while the invoices were being paid: its webhook found the payment pending and
             # left it to this run, which had read the charge before. The invoices are paid all the same.
-            refunded_after_settlement(conn, account_id, payment_id, int(row["amount"]),
+            refunded_after_settlement(conn, account_id, payment_id, int(row["amount"]), str(row["currency"]),
                                        [str(i) for i in row["invoice_ids"] or []], {"amount_refunded": refunded})
         details = "; ".join(detail for _, detail in also)
         if also:  # in the same transaction: a worker dying after the commit cannot lose it
             raise_alert(conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},
-                        f"overpaid: bad-debt payment {payment_id} ({row['amount']}) also covered invoices "
+                        f"overpaid: bad-debt payment {payment_id} ({money(row['amount'], row['currency'])}) "
+                        "also covered invoices "
                         f"settled some other way while it ran ({details}); the customer is owed a refund")
     if also:
         log.error("bad-debt payment %s of %s for %s covered invoices settled some other way: %s",
@@ -334,7 +337,7 @@ def request_owners_now(conn: Connection, payment_id: int, account_id: str, cause
     return tuple(a for a in owners if request_recompute(conn, a, Trigger.BAD_DEBT_PAID.value, cause))
 
 
-def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refunded: int,
+def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, currency: str, refunded: int,
               sent: list[str]) -> Settlement:
     """The payment fails: the debt stays. Refunded in part, the customer paid the rest for nothing:
     an operator returns it (the overpayment alert). If an earlier run had already asked Stripe to
@@ -343,14 +346,15 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
     from webhooks.store import request_recompute
 
     kept = max(amount - refunded, 0)
-    problems = [f"the customer is owed the other {kept}"] if kept else []
+    problems = [f"the customer is owed the other {money(kept, currency)}"] if kept else []
     if sent:
         problems.append(f"invoice(s) {', '.join(sent)} may have been paid out of band already: "
                         "reopen them at Stripe, or the debt is cleared with no money")
     with unit_of_work(rt.engine) as conn:
         owners = request_owners_now(conn, payment_id, account_id, f"bad_debt_payment:{payment_id}")
         created = request_recompute(conn, account_id, Trigger.BAD_DEBT_PAID.value, f"bad_debt_payment:{payment_id}")
-        reason = f"{REFUND_FAILURE} ({refunded} of {amount})"
+        # REOPEN tells it by its prefix only: the amounts are for the person reading it (major units).
+        reason = f"{REFUND_FAILURE} ({money(refunded, currency)} of {money(amount, currency)})"
         # Failed already (its charge turned up while another payment held the in-flight slot, and it
         # was settled as it was): MARK_FAILED changes only a pending payment, and REOPEN tells one
         # failed for its refund by this reason. Its earlier reason (never charged, say) was wrong.
@@ -360,7 +364,8 @@ def _refunded(rt: Runtime, payment_id: int, account_id: str, amount: int, refund
         # open: the same overpayment, not counted again (dunning_bad_debt_overpaid_total).
         alerted = bool(problems) and raise_alert(
             conn, account_id, OVERPAID_TASK, {"payment_id": payment_id},
-            f"overpaid: bad-debt payment {payment_id} ({amount}) was refunded {refunded} before it "
+            f"overpaid: bad-debt payment {payment_id} ({money(amount, currency)}) was refunded "
+            f"{money(refunded, currency)} before it "
             f"settled, and failed; {'; '.join(problems)}")
     log.warning("bad-debt payment %s of %s was refunded (%s of %s) before it settled anything", payment_id,
                 account_id, refunded, amount)

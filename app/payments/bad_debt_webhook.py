@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
+from app.money import money
 from app.payments.alerts import raise_alert
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ SELECT id, account_id FROM bad_debt_payment
         AND (stripe_customer_id IS NULL OR stripe_customer_id = %(customer)s))
  ORDER BY id LIMIT 1
 """
-LOCK = "SELECT state, amount, invoice_ids FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE"
+LOCK = "SELECT state, amount, currency, invoice_ids FROM bad_debt_payment WHERE id = %(id)s FOR UPDATE"
 MARK_FAILED = """
 UPDATE bad_debt_payment SET state = 'failed', failure_reason = %(reason)s, updated_at = now(),
        stripe_payment_intent_id = COALESCE(stripe_payment_intent_id, %(pi)s)
@@ -176,23 +177,24 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
     cause = f"bad_debt_payment:{payment_id}"
     # The payer's request row before the payment row, the order every writer of the payment takes.
     requested = owner != account_id and request_recompute(conn, owner, Trigger.BAD_DEBT_PAID.value, cause)
-    state, amount, invoices = conn.exec_driver_sql(LOCK, {"id": payment_id}).one()
-    settle = _apply_outcome(conn, event_type, owner, payment_id, str(state), int(amount), invoices or [],
-                            payment_intent, intent)
+    state, amount, currency, invoices = conn.exec_driver_sql(LOCK, {"id": payment_id}).one()
+    settle = _apply_outcome(conn, event_type, owner, payment_id, str(state), int(amount), str(currency),
+                            invoices or [], payment_intent, intent)
     return Recorded(settle, owner if requested else None, cause)
 
 
 def _apply_outcome(conn: Connection, event_type: str, account_id: str, payment_id: int, state: str, amount: int,
-                   invoices: list[str], payment_intent: str | None, intent: Mapping[str, Any]) -> int | None:
+                   currency: str, invoices: list[str], payment_intent: str | None,
+                   intent: Mapping[str, Any]) -> int | None:
     """Record the event on the payment (locked) of ``account_id``; a payment to settle, or None."""
     if event_type == DISPUTED:
-        disputed(conn, account_id, payment_id, amount, state, invoices, intent)
+        disputed(conn, account_id, payment_id, amount, currency, state, invoices, intent)
         return None
     if event_type == REFUNDED:
         # Settled already: an operator must look. Before or while it settles, the settlement sees the
         # refund (bad_debt_settle: it reads the charge first, and again under this row's lock at the end).
         if state == "succeeded":
-            refunded_after_settlement(conn, account_id, payment_id, amount, invoices, intent)
+            refunded_after_settlement(conn, account_id, payment_id, amount, currency, invoices, intent)
         return None
     if event_type in FAILED_OUTCOMES:
         return mark_failed(conn, account_id, payment_id, failure_reason(intent), payment_intent)
@@ -211,30 +213,33 @@ def _apply_outcome(conn: Connection, event_type: str, account_id: str, payment_i
     return payment_id if state == "pending" else None
 
 
-def refunded_after_settlement(conn: Connection, account_id: str, payment_id: int, amount: int,
+def refunded_after_settlement(conn: Connection, account_id: str, payment_id: int, amount: int, currency: str,
                                invoices: list[str], charge: Mapping[str, Any]) -> None:
     """The invoices were paid out of band with money that went back: the debt is cleared with
     nothing in. Stripe cannot reopen a paid invoice, so an operator decides (bill again, or let it
     go); the payment stays succeeded, as it happened."""
     refunded = charge.get("amount_refunded")
     if raise_alert(conn, account_id, REFUNDED_AFTER_SETTLEMENT_TASK, {"payment_id": payment_id},
-                   f"refunded after settlement: bad-debt payment {payment_id} ({amount}) was refunded "
-                   f"({refunded}) after it paid invoice(s) {', '.join(invoices)} out of band; the debt is "
-                   "cleared with no money in: bill it again, or confirm it is written off"):
+                   f"refunded after settlement: bad-debt payment {payment_id} ({money(amount, currency)}) was "
+                   f"refunded ({money(refunded, currency)}) after it paid invoice(s) {', '.join(invoices)} out of "
+                   "band; the debt is cleared with no money in: bill it again, or confirm it is written off"):
         log.error("bad-debt payment %s of %s refunded after settlement", payment_id, account_id)
 
 
-def disputed(conn: Connection, account_id: str, payment_id: int, amount: int, state: str, invoices: list[str],
-             dispute: Mapping[str, Any]) -> None:
+def disputed(conn: Connection, account_id: str, payment_id: int, amount: int, currency: str, state: str,
+             invoices: list[str], dispute: Mapping[str, Any]) -> None:
     """The payment's charge is disputed: the customer's bank may take the money back (a lost
     dispute), and the invoices the payment pays out of band stay paid with nothing in, as after a
     refund. An operator answers the dispute at Stripe and, if it is lost, bills the debt again or
     writes it off; then re-drives the row. Whatever the payment's state: settlement goes on (a
     dispute may be won), and what it does is said."""
     done = "paid" if state == "succeeded" else "pays (once settled)"
+    # The amount the bank may take back, in the dispute's own currency (the charge's, as a rule).
+    theirs = dispute.get("currency")
+    at_stake = money(dispute.get("amount"), theirs if isinstance(theirs, str) else currency)
     if raise_alert(conn, account_id, DISPUTED_TASK, {"payment_id": payment_id},
-                   f"disputed: the charge of bad-debt payment {payment_id} ({amount}, {state}) is disputed "
-                   f"({dispute.get('amount')}, reason {dispute.get('reason')}); it {done} invoice(s) "
+                   f"disputed: the charge of bad-debt payment {payment_id} ({money(amount, currency)}, {state}) "
+                   f"is disputed ({at_stake}, reason {dispute.get('reason')}); it {done} invoice(s) "
                    f"{', '.join(invoices)} out of band: if the dispute is lost the debt is cleared with no money "
                    "in: answer it at Stripe, and bill the debt again or confirm it is written off"):
         log.error("bad-debt payment %s of %s disputed", payment_id, account_id)

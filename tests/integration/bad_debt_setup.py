@@ -49,15 +49,16 @@ def recompute(engine: Engine, runtime: Runtime, account: str, trigger: str = "MA
 
 
 def into_bad_debt(client: FlaskClient, engine: Engine, runtime: Runtime, accounts: Accounts,
-                  product: str = "prod_premium", amount: int = 1000, days_ago: int = 30, paid: int = 0) -> InBadDebt:
-    """An invoice of ``amount`` (``paid`` of it paid) marked uncollectible ``days_ago``, a default
-    card on file, recomputed: bad debt of the rest."""
+                  product: str = "prod_premium", amount: int = 1000, days_ago: int = 30, paid: int = 0,
+                  currency: str = "usd") -> InBadDebt:
+    """An invoice of ``amount`` (``paid`` of it paid; minor units of ``currency``) marked
+    uncollectible ``days_ago``, a default card on file, recomputed: bad debt of the rest."""
     account, customer = accounts.create()
     t = int(time.time()) - days_ago * DAY
     invoice = unique("in")
     evt = with_product(event("invoice.marked_uncollectible", id=invoice, customer=customer, created=t,
                              amount_due=amount, amount_remaining=amount - paid, amount_paid=paid, total=amount,
-                             paths={"created": t - DAY}), product, amount)
+                             currency=currency, paths={"created": t - DAY}), product, amount)
     assert post_event(client, evt).status_code == 200
     pm = unique("pm")
     updated = event("customer.updated", id=customer, created=t, paths={"invoice_settings.default_payment_method": pm})
@@ -90,7 +91,7 @@ def intent_event(kind: str, debt: InBadDebt, intent_id: str, payment_id: int, de
     """payment_intent.succeeded / payment_failed for the bad-debt intent. The fixtures hold only the
     payment_failed envelope: the success is that same shape with its type and status values changed."""
     evt = event("payment_intent.payment_failed", id=intent_id, customer=debt.customer, amount=debt.amount,
-                payment_method=debt.payment_method,
+                currency=debt.invoice_object.get("currency", "usd"), payment_method=debt.payment_method,
                 metadata={"account_id": debt.account, "bad_debt_payment_id": str(payment_id)},
                 paths={"last_payment_error.decline_code": decline} if decline else None)
     if kind == "succeeded":
@@ -102,7 +103,8 @@ def intent_event(kind: str, debt: InBadDebt, intent_id: str, payment_id: int, de
 def refund(client: FlaskClient, debt: InBadDebt, intent_id: str, amount: int | None = None) -> None:
     """Stripe's charge.refunded for the bad-debt payment's charge (an operator refunded it)."""
     refunded = event("charge.refunded", id=unique("ch"), customer=debt.customer, payment_intent=intent_id,
-                     amount=debt.amount, amount_refunded=debt.amount if amount is None else amount)
+                     amount=debt.amount, amount_refunded=debt.amount if amount is None else amount,
+                     currency=debt.invoice_object.get("currency", "usd"))
     assert post_event(client, refunded).status_code == 200
 
 

@@ -78,7 +78,7 @@ def test_a_partial_credit_note_while_a_bank_debit_processed_is_an_overpayment(cl
     assert alert["account_id"] == debtor.account and alert["state"] == "dead"
     assert alert["task_args"] == {"payment_id": payment["payment_id"]}
     assert alert["error"].startswith("overpaid:")
-    assert f"{debtor.invoice}: 300 usd credited by a credit note" in alert["error"]
+    assert f"{debtor.invoice}: 3.00 USD credited by a credit note" in alert["error"]
     wait_for(lambda: overpaid_total() == before + 1, message="counted")
     assert payments(engine, debtor.account)[0]["state"] == "succeeded"  # the debt is settled all the same
 
@@ -122,7 +122,7 @@ def test_a_credit_note_for_the_whole_balance_is_one_overpayment_naming_the_credi
     assert stripe_fake.invoices[debtor.invoice]["status"] == "paid"
     settled = settle(runtime, payment_id)
     assert settled.settled_elsewhere == (debtor.invoice,)
-    assert settled.details == (f"{debtor.invoice}: 1000 usd credited by a credit note",)
+    assert settled.details == (f"{debtor.invoice}: 10.00 USD credited by a credit note",)
     [alert] = alerts(engine)
     assert alert["error"].startswith("overpaid:") and "closed some other way" not in alert["error"]
 
@@ -137,7 +137,7 @@ def test_a_credit_note_and_a_payment_of_the_customers_on_one_invoice_are_one_det
     stripe_fake.credit_note(debtor.invoice, 200)
     stripe_fake.pay_elsewhere(debtor.invoice, amount=300)
     settled = settle(runtime, payment_id)
-    assert settled.details == (f"{debtor.invoice}: 300 usd paid by the customer, 200 usd credited by a credit note",)
+    assert settled.details == (f"{debtor.invoice}: 3.00 USD paid by the customer, 2.00 USD credited by a credit note",)
     [alert] = alerts(engine)
     assert alert["error"].count(debtor.invoice) == 1
 
@@ -158,7 +158,7 @@ def test_a_settlement_retried_after_its_call_paid_the_invoice_still_sees_the_cre
         settle(runtime, payment_id)
     stripe_fake.pay_outcome, stripe_fake.invoice_payments_down = "paid", False
     settled = settle(runtime, payment_id)
-    assert settled.details == (f"{debtor.invoice}: 300 usd credited by a credit note",)
+    assert settled.details == (f"{debtor.invoice}: 3.00 USD credited by a credit note",)
 
 
 def test_a_payment_quoted_before_credit_notes_were_kept_settles_as_before(client, engine, runtime, debtor,
@@ -199,7 +199,7 @@ def test_a_late_charge_of_a_debt_another_payment_settled_names_that_payment_only
         stripe_fake.credit_note(debtor.invoice, 300)
     succeeded(client, debtor, dict(second.json))
     told = settle(runtime, second.json["payment_id"]).details
-    assert told == ((f"{debtor.invoice}: 300 usd credited by a credit note",) if credited == "while_the_second_ran"
+    assert told == ((f"{debtor.invoice}: 3.00 USD credited by a credit note",) if credited == "while_the_second_ran"
                     else ())
 
     assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200

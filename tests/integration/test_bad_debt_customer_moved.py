@@ -212,7 +212,7 @@ def test_a_late_charge_of_a_debt_the_account_it_moved_to_settled_names_that_paym
     stripe_fake.credit_note(debtor.invoice, 300)
     succeeded(client, debtor, dict(second.json))
     told = settle(runtime, second.json["payment_id"]).details
-    assert told == (f"{debtor.invoice}: 300 usd credited by a credit note",)
+    assert told == (f"{debtor.invoice}: 3.00 USD credited by a credit note",)
 
     assert post_event(client, intent_event("succeeded", debtor, late["id"], first)).status_code == 200
     settled = settle(runtime, first)

@@ -9,6 +9,7 @@ import stripe
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
+from app.money import money
 from tests.conftest import post_event
 from tests.integration.bad_debt_setup import InBadDebt, intent_event, key, pay
 
@@ -168,7 +169,7 @@ def test_a_late_success_of_a_payment_failed_unseen_whose_charge_was_refunded_in_
     assert row["state"] == "failed"
     [alert] = overpaid_alerts(engine)
     assert alert["task_args"] == {"payment_id": payment_id}
-    assert f"owed the other {debtor.amount - debtor.amount // 2}" in alert["error"]
+    assert f"owed the other {money(debtor.amount - debtor.amount // 2, 'usd')}" in alert["error"]
 
 
 def test_a_payment_failed_unseen_settled_for_its_refund_while_another_was_in_flight_stays_failed(

@@ -12,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import Engine
 
+from app.money import money
 from app.stuck_work import redrive_one
 from tasks.failures import FailureKind, record_stuck, resolve_stuck
 from tests.conftest import post_event, service_headers, wait_for
@@ -597,7 +598,8 @@ def test_an_invoice_paid_elsewhere_before_a_settlement_call_that_timed_out_is_pa
     stripe_fake.pay_elsewhere(debtor.invoice)
     stripe_fake.pay_outcome = "server_error"  # our call's outcome is unknown; the invoice was paid anyway
     settled = settle(runtime, payment_id)
-    assert settled.settled_elsewhere == (debtor.invoice,) and f"{debtor.amount} usd paid" in settled.details[0]
+    assert settled.settled_elsewhere == (debtor.invoice,)
+    assert f"{money(debtor.amount, 'usd')} paid by the customer" in settled.details[0]  # 10.00 USD: major units
     # in the settlement's own transaction: a worker dying after it cannot lose the alert
     [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
     assert alert["account_id"] == debtor.account and alert["task_args"] == {"payment_id": payment_id}
@@ -610,9 +612,9 @@ def test_an_invoice_partly_paid_elsewhere_is_paid_twice_for_that_part(client, en
     payment_id = charged_payment(client, debtor)
     stripe_fake.pay_elsewhere(debtor.invoice, amount=400)  # the invoice stays open: 600 remain
     settled = settle(runtime, payment_id)
-    assert settled.settled_elsewhere == (debtor.invoice,) and "400 usd paid by the customer" in settled.details[0]
+    assert settled.settled_elsewhere == (debtor.invoice,) and "4.00 USD paid by the customer" in settled.details[0]
     [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
-    assert "400 usd" in alert["error"]
+    assert "4.00 USD" in alert["error"]
 
 
 def test_a_call_that_timed_out_and_ran_later_is_no_overpayment(client, engine, runtime, debtor, stripe_fake):
@@ -709,7 +711,7 @@ def test_an_invoice_paid_in_part_before_the_quote_is_not_paid_twice(client, engi
     second = charged_payment(client, debt2)
     stripe_fake.pay_elsewhere(debt2.invoice, amount=300)
     settled = settle(runtime, second)
-    assert settled.settled_elsewhere == (debt2.invoice,) and "300 usd paid by the customer" in settled.details[0]
+    assert settled.settled_elsewhere == (debt2.invoice,) and "3.00 USD paid by the customer" in settled.details[0]
 
 
 def test_an_earlier_payment_recorded_out_of_band_does_not_hide_a_card_payment(client, engine, runtime, accounts,
@@ -723,7 +725,7 @@ def test_an_earlier_payment_recorded_out_of_band_does_not_hide_a_card_payment(cl
     payment_id = charged_payment(client, debt)
     stripe_fake.pay_elsewhere(debt.invoice, amount=300)
     settled = settle(runtime, payment_id)
-    assert settled.settled_elsewhere == (debt.invoice,) and "300 usd paid by the customer" in settled.details[0]
+    assert settled.settled_elsewhere == (debt.invoice,) and "3.00 USD paid by the customer" in settled.details[0]
 
 
 def earlier_payment_of_400(client: FlaskClient, engine: Engine, runtime: Any, accounts: Any,
@@ -823,7 +825,8 @@ def test_a_charge_refunded_in_part_before_settlement_leaves_the_rest_owed_to_the
     assert settle(runtime, response.json["payment_id"]).outcome == "refunded"
     assert payments(engine, debtor.account)[0]["state"] == "failed"
     [alert] = stuck_rows(engine, "tasks.bad_debt_overpayment_refunded")
-    assert alert["account_id"] == debtor.account and f"owed the other {debtor.amount - 100}" in alert["error"]
+    assert alert["account_id"] == debtor.account
+    assert f"owed the other {money(debtor.amount - 100, 'usd')}" in alert["error"]  # 9.00 USD: major units
 
 
 def test_a_refunded_charge_does_not_take_a_freed_slot(client, engine, runtime, debtor, stripe_fake):
