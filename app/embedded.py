@@ -31,6 +31,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -176,8 +177,23 @@ def _pgserver() -> Any:
         setattr(pg_module, "find_suitable_socket_dir", patched)  # noqa: B010
         setattr(pg_module, "pgexec", _patient_start(pg_module.pgexec))  # noqa: B010
         setattr(pg_module.PostgresServer, "__init__", _lock_in_data_folder(pg_module))  # noqa: B010
+        if hasattr(pg_module, "ensure_prefix_permissions"):  # imported there on POSIX only
+            setattr(pg_module, "ensure_prefix_permissions", _passable_prefix)  # noqa: B010
         setattr(pg_module, "_dunning_patched", True)  # noqa: B010
     return pgserver
+
+
+def _passable_prefix(path: Path) -> None:
+    """pgserver's ``ensure_prefix_permissions``, granting passage only. As root, pgserver runs
+    PostgreSQL as its own user, which must reach the data folder (and the socket folder, and the
+    server's programs) through every folder above it; pgserver made each of them readable by
+    everyone too (g+rx,o+rx), so `make run` as root in a checkout under /root let every local user
+    list /root. Passing through a folder needs its x bit alone."""
+    passage = stat.S_IXGRP | stat.S_IXOTH
+    for prefix in Path(path).parents:
+        mode = prefix.stat().st_mode
+        if mode & passage != passage:
+            prefix.chmod(stat.S_IMODE(mode) | passage)
 
 
 def _lock_in_data_folder(pg_module: Any) -> Callable[..., None]:

@@ -242,6 +242,21 @@ def test_postgres_runs_in_a_data_folder_whose_path_has_a_space(tmp_path: Path) -
         pg.stop()
 
 
+def test_the_private_postgres_opens_no_folder_above_its_data_folder_to_listing(tmp_path: Path) -> None:
+    """As root, pgserver runs PostgreSQL as its own user and made every folder above the data folder
+    readable by everyone (g+rx,o+rx) for that user to reach it: `make run` as root in a checkout
+    under /root let every local user list /root. The server's user needs to pass through them only."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    pg = EmbeddedPostgres(home / "checkout" / ".dunning")
+    url = pg.start()
+    try:
+        assert sql(url, "SELECT 1") == 1
+    finally:
+        pg.stop()
+    assert home.stat().st_mode & 0o044 == 0, oct(home.stat().st_mode)
+
+
 @pytest.mark.parametrize("where", ["a space", "a long path"])
 def test_the_private_postgres_socket_outside_its_folder_lets_in_only_this_user(tmp_path: Path, where: str) -> None:
     """Its socket lets anyone who can connect in as superuser, with no password (trust). When it
