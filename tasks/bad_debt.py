@@ -102,8 +102,11 @@ def settle_bad_debt_payment(self: Task, payment_id: int, waited: int = 0) -> dic
         # the run that settles resolves it.
         stuck_id = stuck_id_of(self.request.id)
         try:
+            # Without a result, as every send nobody reads (tasks/sweeps.py): told to keep one,
+            # Celery's Redis result backend subscribes before the broker is tried, and with Redis
+            # down the send waited out the backend's reconnection (about 20 s) first.
             self.apply_async([payment_id], {"waited": waited + 1}, countdown=BUSY_COUNTDOWN,
-                             task_id=None if stuck_id is None else task_id_for(stuck_id))
+                             task_id=None if stuck_id is None else task_id_for(stuck_id), ignore_result=True)
         except Exception as exc:  # kombu's connection errors: the beat sweep comes back for it
             log.warning("settlement of bad-debt payment %s not sent again: %s", payment_id, exc)
     if not deferred:

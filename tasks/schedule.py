@@ -32,3 +32,11 @@ BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     # History rows older than HISTORY_RETENTION_DAYS that nothing reads any more (app/history/prune.py).
     "prune-history": {"task": "tasks.prune_history", "schedule": 3600.0, "options": {"expires": 1800}},
 }
+
+# Nobody reads a tick's result: each is sent with ignore_result. Told to keep one, Celery's Redis
+# result backend subscribes beat to the tick's result channel before the broker is tried (with Redis
+# down, every tick waited out the backend's reconnection, about 20 s, before the broker's refusal),
+# and beat, which never reads them, kept every subscription. Flower shows a tick's states and return
+# value all the same (they come from the task events).
+for _entry in BEAT_SCHEDULE.values():
+    _entry["options"]["ignore_result"] = True

@@ -53,6 +53,11 @@ BUSY_RETRIES = 20
 
 
 SWEEP_BATCH = "tasks.sweep_batch"
+# A segment sent again (apply_async, for its countdown) is sent with ignore_result, as app/dispatch.py
+# sends every segment: nobody reads one, and Celery's Redis result backend, told to keep a result,
+# subscribes to its channel before the broker is tried: with Redis down, the send sat in the
+# backend's reconnection (about 20 s) before the broker's refusal came. Flower shows the segment's
+# states and return value all the same (they come from the task events).
 
 
 def _sweeper(task: Task, failures: int = 0) -> tuple[Sweeper, float]:
@@ -70,7 +75,8 @@ def _retry_later(task: Task, run_id: int, kind: FailureKind, failures: int, prog
     countdown = POLICIES[kind].countdown(in_a_row)
     count_failure(task.name, kind, "retry")
     try:
-        task.app.tasks[SWEEP_BATCH].apply_async([run_id], {"failures": in_a_row + 1}, countdown=countdown)
+        task.app.tasks[SWEEP_BATCH].apply_async([run_id], {"failures": in_a_row + 1}, countdown=countdown,
+                                                ignore_result=True)
     except Exception as exc:  # kombu's connection errors
         log.warning("drift sweep %s: failed segment (%s) not sent again: %s", run_id, kind.value, exc)
         return {"failed": kind.value, "run_id": run_id, "next_segment": _unchained(task, run_id, exc)}
@@ -173,7 +179,7 @@ def _again_later(task: Task, run_id: int, waited: int, busy: SweepBusy, failures
     task of its own (as tasks.bad_debt's busy settlements), counting how often it waited."""
     try:
         kwargs = {"waited": waited + 1, **({"failures": failures} if failures else {})}
-        task.apply_async([run_id], kwargs, countdown=BUSY_COUNTDOWN)
+        task.apply_async([run_id], kwargs, countdown=BUSY_COUNTDOWN, ignore_result=True)
     except Exception as exc:  # kombu's connection errors: left for beat's drift_sweep
         log.warning("drift sweep %s: segment not sent again: %s", run_id, exc)
         return {"skipped": str(busy), "next_segment": _unchained(task, run_id, exc)}
