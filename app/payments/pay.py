@@ -31,6 +31,7 @@ from app.domain.compute import compute
 from app.domain.policy import Policy
 from app.domain.snapshot import card_expired, not_before
 from app.domain.triggers import Trigger
+from app.money import money
 from app.payments.bad_debt_settle import SETTLED_STATUSES, mirror_rows
 from app.payments.retries import DueRetry, idempotency_key
 from app.payments.stripe_client import KEY_REFUSED
@@ -62,7 +63,7 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        -- The expiry the mirror has for the card the charge goes to: the claimed one, else the customer's
        -- default (Stripe charges that one). Checked at the claim and again at the charge's own time.
        cm.exp_year, cm.exp_month,
-       r.scheduled_for
+       r.scheduled_for, i.currency
   FROM payment_retry r
   LEFT JOIN stripe_invoice i ON i.id = r.invoice_id
   LEFT JOIN subs_dunning d ON d.account_id = r.account_id
@@ -199,11 +200,12 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
     whether that policy plans this very attempt now (asked only of a decision made under another)."""
     (account, invoice, method, _, state, created_at, free, inv_status, remaining, d_status, next_retry_at,
      retry_invoice, reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner,
-     decided_under, card_exp_year, card_exp_month, _) = row
+     decided_under, card_exp_year, card_exp_month, _, currency) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
     if inv_status != "open" or (remaining or 0) <= 0:
-        return f"invoice is {inv_status} with {remaining} remaining"
+        # The retry row's error, read by support: major units (app/money.py).
+        return f"invoice is {inv_status} with {money(remaining, currency)} remaining"
     if owner != account:
         # Its customer moved: the claiming account's decision predates it, and its lock and bad-debt
         # payment are not the owner's. The owner's dispatch re-arms the attempt if it plans it.

@@ -167,3 +167,29 @@ def test_a_dispute_is_said_in_major_units(client, engine, runtime, accounts, str
     [alert] = stuck(engine, DISPUTED)
     assert alert["error"].startswith(f"disputed: the charge of bad-debt payment {payment_id} ({debt_read}, succeeded) "
                                      f"is disputed ({three_hundred_read}, reason ")
+
+
+@pytest.mark.worker
+def test_a_retry_of_an_invoice_closed_meanwhile_says_what_it_still_owed_in_major_units(client, accounts, engine, worker,
+                                                                                      runtime, fake_stripe):
+    """Claimed, then the invoice is marked uncollectible with 5000 (cents) still owed: the retry is
+    skipped unsent, and its reason (the retry row's error) reads 50.00 USD, not 5000."""
+    from datetime import UTC, datetime
+
+    from app.payments.pay import retry_payment
+    from app.payments.retries import claim_due
+    from app.payments.stripe_client import make_stripe_client
+    from tests.integration.dunning_setup import failed_invoice, retries
+    from tests.stripe_events import event, with_product
+
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2, amount=5000)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    closed = event("invoice.marked_uncollectible", id=invoice, customer=customer, amount_due=5000,
+                   amount_remaining=5000, amount_paid=0, total=5000)
+    assert post_event(client, with_product(closed, "prod_core", 5000)).status_code == 200
+    result = retry_payment(engine, make_stripe_client(runtime.settings), retry_id, datetime.now(UTC))
+    assert (result.outcome, result.detail) == ("skipped", "invoice is uncollectible with 50.00 USD remaining")
+    assert [(r["state"], r["error"]) for r in retries(engine, account)] == [
+        ("skipped", "not due: invoice is uncollectible with 50.00 USD remaining")]
+    assert fake_stripe.pay_requests() == []
