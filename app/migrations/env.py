@@ -1,6 +1,7 @@
 """Alembic environment: the URL comes from the caller (``dunning db upgrade``)."""
 
 import contextlib
+import sys
 import time
 
 from alembic import context
@@ -20,6 +21,13 @@ def run_migrations_offline() -> None:
 
 
 LOCK_POLL_SECONDS = 0.5
+# The backend holding the migration lock (pg_advisory_lock(7281001): one bigint key, objid its low 32 bits).
+LOCK_HOLDER = """
+SELECT pid FROM pg_locks
+ WHERE locktype = 'advisory' AND classid = 0 AND objid = 7281001 AND objsubid = 1 AND granted
+   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ LIMIT 1
+"""
 
 
 def _lock(connection: Connection) -> None:
@@ -29,11 +37,20 @@ def _lock(connection: Connection) -> None:
     Waited for by trying, between transactions, not by a blocking pg_advisory_lock: a statement
     waiting holds its snapshot, and the holder's CREATE INDEX CONCURRENTLY waits for every older
     snapshot to end, so the two would deadlock and PostgreSQL would fail one of the migrations."""
+    said = False
     while True:
         got = connection.exec_driver_sql("SELECT pg_try_advisory_lock(7281001)").scalar()
+        holder = None if got or said else connection.exec_driver_sql(LOCK_HOLDER).scalar()
         connection.commit()
         if got:
             return
+        if not said:
+            # Else `make run` or `dunning db upgrade` says "migrating" and then nothing for as long as
+            # the other holds the lock (a deploy's migrate job, a stuck session): it looks hung.
+            who = f" (PostgreSQL backend pid {holder})" if holder else ""
+            print(f"waiting for another migration of this database to finish: it holds the migration lock{who}",
+                  file=sys.stderr, flush=True)
+            said = True
         time.sleep(LOCK_POLL_SECONDS)
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 from sqlalchemy import Connection, create_engine, pool
 
+from app.embedded import poll_until
 from app.migrate import revisions_missing, upgrade
 
 # The lock env.py takes (pg_advisory_lock(7281001): one bigint key, objid its low 32 bits).
@@ -63,4 +65,39 @@ def test_two_processes_migrating_at_once_both_succeed_through_the_concurrent_ind
         assert revisions_missing(conn) == []
         invalid = conn.exec_driver_sql("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid").all()
         assert invalid == []
+    engine.dispose()
+
+
+
+def test_a_migration_waiting_for_another_says_so(empty_database: str) -> None:
+    """`make run` (or `dunning db upgrade`) said "migrating the database to the newest schema" and then
+    nothing for as long as another migration held the lock (a deploy's migrate job on the same
+    database, a stuck session holding it): it looked hung. It says what it waits for, once."""
+    engine = create_engine(empty_database, poolclass=pool.NullPool)
+    lines: list[str] = []
+    with engine.connect() as holder:
+        holder.exec_driver_sql("SELECT pg_advisory_lock(7281001)")
+        holder.commit()
+        holder_pid = holder.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        holder.commit()
+        proc = subprocess.Popen([sys.executable, "-c", MIGRATE, empty_database],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True)
+        reader.start()
+        try:
+            # It waits for the lock either way: until it says so, or for 30 s.
+            poll_until(lambda: bool(lines) or proc.poll() is not None, 30)
+            said = "".join(lines)
+        finally:
+            holder.exec_driver_sql("SELECT pg_advisory_unlock(7281001)")
+            holder.commit()
+        proc.wait(300)
+        reader.join(30)
+    assert proc.returncode == 0, "".join(lines)
+    assert said.startswith("waiting for another migration of this database to finish"), "".join(lines)
+    assert f"PostgreSQL backend pid {holder_pid}" in said
+    assert "".join(lines).count("waiting for another migration") == 1
+    with engine.connect() as conn:
+        assert revisions_missing(conn) == []
     engine.dispose()
