@@ -3,8 +3,9 @@
 Stripe (and every store and JSON API of this product) keeps an amount as an integer of the
 currency's smallest unit: ``5000`` ``usd`` is $50.00, ``5000`` ``jpy`` is ¥5000, ``5000`` ``kwd`` is
 5.000 KWD. Shown as "5000 usd" a support person reads five thousand dollars. Everything a person
-reads (the support pages, the ``dunning`` command's text output) goes through ``money``; the JSON
-APIs keep the integers (the contract).
+reads (the support pages, the ``dunning`` command's text output, the bad-debt alerts and
+settlement details, stored reasons, /pay-bad-debt's refusal reason) goes through ``money``; the
+JSON APIs keep the integers (the contract).
 
 Pure: no I/O, no locale. No thousands separators: the pages list amounts separated by ", ".
 """

@@ -123,7 +123,8 @@ def parse(body: Any, idempotency_key: str | None) -> Request:
     if not isinstance(account_id, str) or not account_id.strip():
         raise Refused(400, "invalid_account_id", "account_id must be a non-empty string")
     if not isinstance(amount, int) or isinstance(amount, bool):
-        raise Refused(400, "invalid_amount", "amount must be an integer in the currency's minor unit (cents)")
+        raise Refused(400, "invalid_amount",
+                      "amount must be an integer in the currency's minor unit (cents for usd, yen for jpy)")
     if amount <= 0:
         raise Refused(400, "invalid_amount", "amount must be positive")
     unknown = sorted(set(body) - {"account_id", "amount"})
