@@ -323,10 +323,18 @@ def load_local_credentials(env: Mapping[str, str], data_dir: Path) -> tuple[dict
             made.append(name)
     if made:
         merged = {**stored, **chosen}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(merged, fh, indent=2)
-            fh.write("\n")
+        # Written beside it, then put in its place: the kept credentials survive a write that fails
+        # half-way (a full disk, a stop signal).
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(merged, fh, indent=2)
+                fh.write("\n")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return chosen, made
 
 

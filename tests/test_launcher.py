@@ -314,6 +314,25 @@ def test_local_credentials_are_generated_once_and_never_replace_configured_ones(
     assert set(configured) == {"STRIPE_WEBHOOK_SECRET", "SUPPORT_TOKENS"}
 
 
+def test_local_credentials_kept_survive_a_write_that_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A credential made later (one the user stopped configuring) is written beside the kept ones. The
+    file was emptied first and written after: a full disk (or a stop signal) between the two lost every
+    kept credential, and the next run made and printed new ones (scripts holding the old token refused)."""
+    kept = launcher.local_credentials({"SERVICE_TOKENS": "mine"}, tmp_path)
+    before = (tmp_path / launcher.SECRETS_FILE).read_text()
+
+    def disk_full(obj: Any, fh: Any, **kwargs: Any) -> None:
+        fh.write("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(launcher.json, "dump", disk_full)
+    with pytest.raises(OSError):
+        launcher.local_credentials({}, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / launcher.SECRETS_FILE).read_text() == before
+    assert {k: v for k, v in launcher.local_credentials({}, tmp_path).items() if k in kept} == kept
+
+
 def test_a_second_launcher_on_the_same_data_folder_is_refused(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
