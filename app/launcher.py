@@ -249,6 +249,23 @@ def _worker_metrics_port(env: Mapping[str, str]) -> dict[str, int]:
     return {"WORKER_METRICS_PORT": int(raw)} if raw.isascii() and raw.isdigit() and 0 < int(raw) < 65536 else {}
 
 
+def check_worker_metrics_port(env: Mapping[str, str], patience: float) -> None:
+    """The worker's metrics port taken (another `make run`'s worker, on another data folder): the
+    worker would start, log an error and serve no metrics. Refused here, as the web's and Flower's."""
+    port = _worker_metrics_port(env).get("WORKER_METRICS_PORT")
+    if port is None:
+        return
+    host = env.get("WORKER_METRICS_ADDR", "").strip() or "0.0.0.0"  # tasks/metrics.py's default
+    try:
+        if not _port_free_soon(host, port, patience):
+            raise LaunchError(f"port {port} is in use; choose another with WORKER_METRICS_PORT=... "
+                              "(the worker's metrics)")
+    except CannotListen as exc:
+        raise LaunchError(
+            f"the worker's metrics cannot listen on {host}:{port} ({exc}): set WORKER_METRICS_ADDR to an "
+            "address of this machine (unset, 0.0.0.0), or choose another WORKER_METRICS_PORT") from None
+
+
 def check_ports(processes: Mapping[str, str], ports: Mapping[str, int]) -> None:
     """Two of the fleet's servers on one port: the second would fail to start."""
     users = {"PORT": "web", "FLOWER_PORT": "flower", "WORKER_METRICS_PORT": "worker"}
@@ -429,6 +446,8 @@ class Launcher:
             raise LaunchError(
                 f"Flower cannot listen on {shown}:{flower_port} ({exc}): set FLOWER_ADDRESS to an address of "
                 "this machine (unset, 127.0.0.1), or choose another FLOWER_PORT") from None
+        if "worker" in processes:
+            check_worker_metrics_port(env, patience)
         say(f"data folder: {self.data_dir}")
 
         try:

@@ -58,6 +58,8 @@ def fleet_env(**extra: str) -> dict[str, str]:
         "DUNNING_DATA_DIR", "DUNNING_PROCFILE", "FLOWER_ADDRESS", "PORT", "FLOWER_PORT",
         "FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_UNAUTHENTICATED_API", "WORKER_METRICS_PORT",
     }}
+    # Not the default 9808: make run refuses a worker metrics port in use (another fleet's, here or a test's).
+    env["WORKER_METRICS_PORT"] = str(free_port())
     env.update(extra)
     return env
 
@@ -720,3 +722,27 @@ def test_a_worker_metrics_port_the_worker_does_not_serve_on_is_no_clash() -> Non
     with pytest.raises(launcher.LaunchError, match="WORKER_METRICS_PORT"):
         launcher.check_ports(processes, {"PORT": 5000, "FLOWER_PORT": 5555,
                                          **launcher._worker_metrics_port({"WORKER_METRICS_PORT": "5000"})})
+
+
+def test_a_worker_metrics_port_in_use_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    """A second `make run` (another data folder) found 9808 taken by the first run's worker: it started,
+    and its worker logged an error and served no metrics. Refused at the start now, as PORT and
+    FLOWER_PORT are, naming the setting; before the private servers start."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("worker: exec sleep 1\n")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [*dunning_command(), "run", "--data-dir", str(tmp_path / "data")], cwd=REPO,
+            capture_output=True, text=True, timeout=60,
+            env=fleet_env(DUNNING_PROCFILE=str(procfile), WORKER_METRICS_PORT=str(port)),
+        )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f"port {port} is in use; choose another with WORKER_METRICS_PORT=" in run.stderr
+    assert not (tmp_path / "data" / "pg").exists()
+    # An address of no interface here is named for what it is, not as a port in use.
+    with pytest.raises(launcher.LaunchError, match=r"cannot listen on 203\.0\.113\.7:.*set WORKER_METRICS_ADDR"):
+        launcher.check_worker_metrics_port({"WORKER_METRICS_ADDR": "203.0.113.7",
+                                            "WORKER_METRICS_PORT": str(free_port())}, 0.0)
