@@ -123,10 +123,9 @@ def derive_events(
             unpaid_since=desired.unpaid_since.isoformat() if desired.unpaid_since else None,
             failure_class=desired.failure_class,
         ))
-    if desired.last_failure_id and _newer_failure(desired.last_failure_id, before.last_failure_id,
-                                                  decision.stored_failure_at):
-        attempt_id, _ = parse_failure_marker(desired.last_failure_id)
-        events.append(PaymentFailed(attempt_id=attempt_id, failure_class=decision.last_failure_class))
+    for marker, failure_class in _unannounced_failures(before.last_failure_id, decision):
+        attempt_id, _ = parse_failure_marker(marker)
+        events.append(PaymentFailed(attempt_id=attempt_id, failure_class=failure_class))
 
     old_rank, new_rank = Level(before.level).rank, Level(desired.level).rank
     if new_rank > old_rank:
@@ -172,6 +171,23 @@ def derive_events(
             sub = next((a.invoice.subscription_id for a in decision.assessments if a.invoice.id == ref), None)
             events.append(UpgradeRevertRequested(invoice_id=ref, subscription_id=sub))
     return events
+
+
+def _unannounced_failures(stored: str | None, decision: Decision) -> list[tuple[str, str | None]]:
+    """The failures to announce, oldest first: (failure_marker, class). None unless the latest is
+    newer than the one stored (announced last); then every failure newer than that one, since one
+    recompute may first see several (renewals of two subscriptions declined together, their
+    webhooks coalesced), and the next compares with the latest only. A stored plain attempt id
+    (written before markers carried a time) announces the latest only, as before."""
+    latest = decision.state.last_failure_id
+    if not latest or not _newer_failure(latest, stored, decision.stored_failure_at):
+        return []
+    if stored is not None and parse_failure_marker(stored)[1] is None:
+        return [(latest, decision.last_failure_class)]
+    found: list[tuple[str, str | None]] = [(m, c) for m, c in decision.failures
+                                           if _newer_failure(m, stored, decision.stored_failure_at)]
+    # A decision built without its failures (hand-made in a test) still announces its latest.
+    return found if any(m == latest for m, _ in found) else [(latest, decision.last_failure_class)]
 
 
 def _newer_failure(desired: str, stored: str | None, stored_failure_at: datetime | None) -> bool:
