@@ -439,6 +439,11 @@ class PaymentRetry(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # What the mirror held at the claim, by Stripe's clock: the invoice's latest attempt, and when its
+    # customer's default payment method last changed (NULL: none). The charge is stopped by a later
+    # one (app/payments/pay.py ROW_SQL): Stripe's times are compared with Stripe's, not with created_at.
+    attempts_seen_until: Mapped[datetime | None]
+    default_change_seen_at: Mapped[datetime | None]
 
     # The rows claimed and not yet charged, which dispatch looks for every tick (app/payments/retries.py):
     # never a read of every retry ever made (the table is never pruned).

@@ -45,15 +45,20 @@ log = logging.getLogger(__name__)
 ROW_SQL = """
 SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.state, r.created_at, r.free,
        i.status, i.amount_remaining, d.status, d.next_retry_at, d.retry_invoice_id, d.reasons, d.failure_class,
-       (SELECT max(a.attempted_at) FROM stripe_payment_attempt a WHERE a.invoice_id = r.invoice_id),
+       -- Whether the mirror holds an attempt on the invoice later than the latest it held at the claim.
+       -- Stripe's times against Stripe's (see CLAIM_SQL): never against the claim's own time, which
+       -- is beat's clock, not Stripe's.
+       EXISTS (SELECT 1 FROM stripe_payment_attempt a
+                WHERE a.invoice_id = r.invoice_id
+                  AND (r.attempts_seen_until IS NULL OR a.attempted_at > r.attempts_seen_until)),
        -- The customer's default card as the mirror has it now, unless the mirror knows it removed or
        -- expired (compute plans on another card then: retry_cadence); and whether it changed since the
-       -- claim (Stripe times events to the second: a change in the claim's own second may be after it).
+       -- claim: a change later than the latest the mirror held at the claim, both by Stripe's clock.
        CASE WHEN NOT EXISTS (SELECT 1 FROM stripe_payment_method m
                               WHERE m.id = s.default_payment_method_id
                                 AND (NOT m.attached OR (m.exp_year, m.exp_month) < (%(year)s, %(month)s)))
             THEN s.default_payment_method_id END,
-       s.changed_at >= date_trunc('second', r.created_at),
+       coalesce(s.changed_at > coalesce(r.default_change_seen_at, '-infinity'), false),
        -- The claimed card as the mirror knows it: detached (Stripe refuses to charge it).
        EXISTS (SELECT 1 FROM stripe_payment_method m WHERE m.id = r.payment_method_id AND NOT m.attached),
        -- The account that owns the invoice now: another team may have moved its customer since the claim.
@@ -199,7 +204,7 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
     ``policy_version``: the version of the policy file in force (None: not checked); ``plans_it``:
     whether that policy plans this very attempt now (asked only of a decision made under another)."""
     (account, invoice, method, _, state, created_at, free, inv_status, remaining, d_status, next_retry_at,
-     retry_invoice, reasons, _, last_attempt_at, default_method, default_changed_since, method_detached, owner,
+     retry_invoice, reasons, _, newer_attempt, default_method, default_changed_since, method_detached, owner,
      decided_under, card_exp_year, card_exp_month, _, currency) = row
     if inv_status is None:
         return "invoice unknown to the mirror"
@@ -211,7 +216,9 @@ def not_due_reason(row: Any, now: datetime, guard: timedelta, policy_version: st
         # payment are not the owner's. The owner's dispatch re-arms the attempt if it plans it.
         return (f"the invoice belongs to another account now ({owner or 'none'}); its owner's decision plans "
                 "its retries")
-    if last_attempt_at is not None and last_attempt_at > created_at:
+    if newer_attempt:
+        # The mirror heard of an attempt since the claim (the customer on the hosted page, Stripe's own
+        # retry): charging now would come right after it. Compute plans afresh, knowing it.
         return "a newer payment attempt was made on the invoice"
     if d_status in (None, "current", "lifting"):
         return f"account status is {d_status}"
