@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -523,16 +523,12 @@ class Sweeper:
         report.enqueued += batch["enqueued"]
         report.deferred += sum(1 for f in found if f.action == "deferred")
         for f in found:
-            in_stage_label = "true" if f.action in IN_STAGE_ACTIONS else "false"
-            metrics.DRIFT_FOUND.labels(in_stage_label).inc()
-            if f.remediated:
-                metrics.DRIFT_REMEDIATED.inc()
             if len(report.drifted_accounts) < self.keep:
                 report.drifted_accounts.append({"account_id": f.account_id, "fields": list(f.drift.fields),
                                                 "action": f.action, "stored": f.drift.stored,
                                                 "desired": f.drift.desired})
         if self.dry_run or report.run_id is None:
-            report.unrecorded.clear()
+            _counted(report, found)
             report.recorded_pages += 1
             return
         now = self.clock()
@@ -556,7 +552,7 @@ class Sweeper:
                  "guarded": report.guarded, "enqueued": report.enqueued, "errors": report.errors,
                  "cursor": report.cursor, "now": now, "id": report.run_id},
             )
-        report.unrecorded.clear()
+        _counted(report, found)
         report.recorded_pages += 1
 
     def _close(self, report: SweepReport, failed: FailureKind | None, interrupted: bool = False,
@@ -564,6 +560,7 @@ class Sweeper:
         """Finished, failed or interrupted (a later sweep starts from scratch), or still running (a
         segment follows, or the failed one is sent again)."""
         if self.dry_run or report.run_id is None:
+            _counted(report)
             return
         if retrying:
             self._keep_running(report)
@@ -579,10 +576,11 @@ class Sweeper:
                     "finished_at = CASE WHEN %(state)s = 'running' THEN NULL ELSE %(now)s END WHERE id = %(id)s",
                     {"errors": report.errors, "now": self.clock(), "state": state, "id": report.run_id},
                 )
-            report.unrecorded.clear()
+            _counted(report)
         except Exception:
             if not (failed or interrupted):
                 raise
+            _counted(report)  # no page of this run is read again: they happened, recorded or not
             log.exception("drift sweep %s: could not record the failure", report.run_id)
 
     def _keep_running(self, report: SweepReport) -> None:
@@ -642,7 +640,19 @@ def _broker_refused(exc: BaseException) -> bool:
 def _failed(report: SweepReport, kind: str, account_id: str | None = None, failure_class: str | None = None) -> None:
     report.errors += 1
     report.unrecorded.append(SweepError(kind, account_id, failure_class))
-    metrics.SWEEP_ERRORS.labels(kind).inc()
+
+
+def _counted(report: SweepReport, found: Iterable[Found] = ()) -> None:
+    """The page's drift and errors counted in the metrics, once its record committed (or in a dry run,
+    which records nothing): a page whose record failed is read again by the segment sent again
+    (_keep_running drops them uncounted), and its second reading counted them again."""
+    for f in found:
+        metrics.DRIFT_FOUND.labels("true" if f.action in IN_STAGE_ACTIONS else "false").inc()
+        if f.remediated:
+            metrics.DRIFT_REMEDIATED.inc()
+    for e in report.unrecorded:
+        metrics.SWEEP_ERRORS.labels(e.kind).inc()
+    report.unrecorded.clear()
 
 
 # The stage visit, with the rollout row held shared until the errors commit: a stage change (which

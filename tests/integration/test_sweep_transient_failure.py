@@ -287,3 +287,32 @@ def test_the_sweeps_own_failure_goes_on_when_its_lock_connection_is_lost_too(eng
         raise RuntimeError("the sweep's own failure")
     with sweep_lock(engine):  # free again
         pass
+
+
+def test_a_page_whose_record_fails_counts_its_drift_once_when_read_again(
+        runtime, engine: Engine, corrupted: dict[str, str], celery_app, settings,
+        monkeypatch: pytest.MonkeyPatch):
+    """DESIGN 9's drift found: the page's drifted accounts were counted before its record committed. A
+    blip in that write sends the segment again, which reads the page again and finds them again: each
+    drift counted twice (the sweep_run's drifted, written with the record, once)."""
+    from app import metrics
+    from app.sweep import sweep
+
+    real = sweep._record_errors
+    calls: list[int] = []
+
+    def record_errors(conn, report, now):
+        calls.append(1)
+        if len(calls) == 1:
+            raise connection_reset()
+        return real(conn, report, now)
+
+    monkeypatch.setattr(sweep, "_record_errors", record_errors)
+    found = metrics.DRIFT_FOUND.labels("false")  # the stage is off: found, none in stage
+    before = found._value.get()
+    celery_app.loader.import_default_modules()
+    result = celery_app.tasks["tasks.drift_sweep"].apply().get()
+    assert (result["failed"], result["failures"]) == ("database_unavailable", 1), result
+    assert _segment(celery_app, result["run_id"], failures=1)["finished"]
+    assert sql(engine, "SELECT state, drifted FROM sweep_run") == [("finished", 3)]
+    assert found._value.get() - before == 3
