@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg2.extras import Json
@@ -26,7 +26,8 @@ def add_detail(conn: Connection, entry: int, detail: dict[str, Any]) -> None:
 
 
 # Its expression and condition are those of the index ix_audit_log_recompute_task.
-TASK_ACCOUNT_SQL = ("SELECT account_id, at, detail->>'queued' = 'false' AS refused FROM audit_log "
+# Its age by the database's clock, which wrote ``at``: web hosts' clocks differ from it and each other.
+TASK_ACCOUNT_SQL = ("SELECT account_id, at, now() - at AS age, detail->>'queued' = 'false' AS refused FROM audit_log "
                     "WHERE action = 'recompute' AND detail->>'task_id' = %(task)s LIMIT 1")
 
 
@@ -36,6 +37,7 @@ class SupportTask:
 
     account_id: str
     requested_at: datetime
+    age: timedelta  # since it was requested, by the database's clock
     queued: bool
 
 
@@ -44,4 +46,4 @@ def recompute_task(conn: Connection, task_id: str) -> SupportTask | None:
     row = conn.exec_driver_sql(TASK_ACCOUNT_SQL, {"task": task_id}).first()
     if row is None:
         return None
-    return SupportTask(account_id=str(row.account_id), requested_at=row.at, queued=not row.refused)
+    return SupportTask(account_id=str(row.account_id), requested_at=row.at, age=row.age, queued=not row.refused)

@@ -193,7 +193,7 @@ def task_status(task_id: str) -> ResponseReturnValue:
         # The page polls right after the button, which answers 503 when Redis is down: so does this.
         log.warning("support task %s: the result backend did not answer: %s", task_id, exc.__class__.__name__)
         return _unavailable("the task result store is unreachable; retry later")
-    if body["state"] == "PENDING" and _past_result_retention(task.requested_at, datetime.now(UTC)):
+    if body["state"] == "PENDING" and _past_result_retention(task.age):
         body = _expired(task.requested_at)
     return jsonify(task_id=task_id, account_id=task.account_id, **body)
 
@@ -207,9 +207,9 @@ def _result_retention() -> timedelta | None:
     return expires if isinstance(expires, timedelta) else timedelta(seconds=float(expires))
 
 
-def _past_result_retention(requested_at: datetime, now: datetime) -> bool:
+def _past_result_retention(age: timedelta) -> bool:
     retention = _result_retention()
-    return retention is not None and now - requested_at > retention
+    return retention is not None and age > retention
 
 
 def _expired(requested_at: datetime) -> dict[str, Any]:
