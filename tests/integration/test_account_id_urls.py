@@ -12,6 +12,7 @@ import os
 import re
 
 import pytest
+from flask.testing import FlaskClient
 
 from app.account_urls import query, segment
 from tests.conftest import SUPPORT_TOKEN, Accounts, service_headers
@@ -105,16 +106,7 @@ def test_the_query_form_names_one_account_or_is_a_400(client, accounts: Accounts
 def test_sign_in_comes_back_to_the_query_form_page_of_the_account_named(flask_app, engine, clean, account):
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES (%(a)s), ('x')", {"a": account})
-    client = flask_app.test_client()
-    path = f"/support/account?{query(account)}"
-    form = client.get(path)
-    assert form.status_code == 401
-    target = re.search(r'name="next" value="([^"]*)"', form.get_data(as_text=True))
-    assert target and html.unescape(target.group(1)) == path
-    signed_in = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": html.unescape(target.group(1))})
-    assert signed_in.status_code == 303 and signed_in.headers["Location"].endswith(path)
-    page = client.get(signed_in.headers["Location"])
-    assert page.status_code == 200 and shown(account) in page.get_data(as_text=True)
+    signs_in_back_to(flask_app.test_client(), f"/support/account?{query(account)}", account)
 
 
 def test_the_page_of_an_id_ending_in_a_routes_suffix_is_that_accounts_page(client, accounts: Accounts):
@@ -134,8 +126,12 @@ def test_the_page_of_an_id_ending_in_a_routes_suffix_is_that_accounts_page(clien
 def test_sign_in_comes_back_to_the_page_of_the_account_named(flask_app, accounts: Accounts, account):
     accounts.create(account_id=account)
     accounts.create(account_id="x")
-    client = flask_app.test_client()
-    path = f"/support/accounts/{segment(account)}"
+    signs_in_back_to(flask_app.test_client(), f"/support/accounts/{segment(account)}", account)
+
+
+def signs_in_back_to(client: FlaskClient, path: str, account: str) -> None:
+    """Without a session, ``path`` (the page of ``account``) answers the sign-in form, whose way back
+    is ``path`` itself; signing in there comes back to that account's page."""
     form = client.get(path)
     assert form.status_code == 401
     target = re.search(r'name="next" value="([^"]*)"', form.get_data(as_text=True))
