@@ -59,6 +59,11 @@ def dispatch_due_retries(self: Task) -> dict[str, Any]:
     return {"claimed": len(ids), "sent": sent}
 
 
+# Outcomes of a message delivered again, not of a retry (dunning_payment_retries_total counts each
+# retry once): done (its outcome is in), busy (another worker is charging it), missing.
+NOT_A_RETRY = frozenset({"busy", "done", "missing"})
+
+
 @shared_task(name=RETRY_PAYMENT, bind=True)
 def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
     rt = runtime_for(self.app)
@@ -77,12 +82,13 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         result = pay_retry(rt.engine, make_stripe_client(rt.settings), int(retry_id), datetime.now(UTC),
                            guard_minutes=rt.policy.guard_window_minutes, policy=rt.policy)
     except Exception as exc:
+        # An attempt that met a failure is counted in dunning_task_failures_total; the retry counts
+        # once it has an outcome.
         account = account_of(rt.engine, "SELECT account_id FROM payment_retry WHERE id = %(id)s", retry_id)
-        if isinstance(exc, TaskFailure):
-            metrics.RETRIES.labels(failure_class="-", outcome=exc.kind.value).inc()
         handle_failure(self, exc, account, args, per_args=True)
         raise
-    metrics.RETRIES.labels(failure_class=result.failure_class or "-", outcome=result.outcome).inc()
+    if result.outcome not in NOT_A_RETRY:
+        metrics.RETRIES.labels(failure_class=result.failure_class or "-", outcome=result.outcome).inc()
     if result.recompute and result.account_id:
         _recompute(self.app, result.account_id, result)
     if result.outcome == "refused":

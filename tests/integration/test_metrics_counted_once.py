@@ -72,3 +72,37 @@ def test_a_cli_recompute_counts_its_bad_debt_entry_where_the_metrics_directory_p
     assert samples.get(("dunning_bad_debt_entries_total",
                         (("product", "prod_premium"), ("reason", "marked_uncollectible")))) == 1
     assert samples.get(("dunning_recomputes_total", (("outcome", "changed"), ("trigger", "MANUAL")))) == 1
+
+
+RETRIES = "dunning_payment_retries_total"
+
+
+def _retries_counted(samples: dict) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: n for (name, labels), n in samples.items() if name == RETRIES}
+
+
+def test_a_payment_retry_is_counted_once_whatever_its_task_attempts_and_deliveries(
+        client: FlaskClient, accounts, engine: Engine, celery_app, worker, fake_stripe):
+    """DESIGN 9's retries by failure class: one payment retry, one count, by its outcome. Each task
+    attempt that met a passing failure (a 429, already in dunning_task_failures_total) counted as well,
+    under failure class "-", and so did the message delivered again once the retry was done ("done"):
+    a retry rate limited twice and delivered twice counted four."""
+    from datetime import UTC, datetime
+
+    from app.payments.retries import claim_due
+    from tests.fakes import fake_stripe as outcomes
+    from tests.integration.dunning_setup import failed_invoice
+
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.rate_limit(retry_after=1), outcomes.rate_limit(retry_after=1))
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    task = celery_app.tasks["tasks.retry_payment"]
+    before = _retries_counted(metrics(client))
+
+    assert task.apply(args=[retry_id]).get()["outcome"] == "sent"  # its two retries run at once (eager)
+    assert task.apply(args=[retry_id]).get()["outcome"] == "done"  # the message delivered again
+
+    after = _retries_counted(metrics(client))
+    moved = {labels: n - before.get(labels, 0.0) for labels, n in after.items() if n != before.get(labels, 0.0)}
+    assert moved == {(("failure_class", "transient"), ("outcome", "sent")): 1.0}, moved
