@@ -162,6 +162,7 @@ def _assess(
     balance: int,
     policy: Policy,
     now: datetime,
+    in_bad_debt: InBadDebt | None,
 ) -> InvoiceAssessment:
     failures = [a for a in attempts if a.failed]
     # The latest failure by when it happened: an attempt row's own time moves with any later event
@@ -192,7 +193,7 @@ def _assess(
     next_retry, method, free, exhausted, retries_used, reasons = plan_retry(
         snapshot, invoice, attempts, failure_class or FailureClass.UNKNOWN, last_failure,
         first_failure or unpaid_since, policy, now,
-        stays_run_out=_failed_again_in_bad_debt(snapshot, invoice, failures, policy, days, failure_class,
+        stays_run_out=_failed_again_in_bad_debt(in_bad_debt, invoice, failures, policy, days, failure_class,
                                                 attempts_used, balance),
     )
     level, rule = _match_level(policy.rules, days, failure_class, exhausted, uncollectible, attempts_used, balance)
@@ -275,12 +276,58 @@ def _first_failure(invoice: Invoice, failures: list[Attempt]) -> datetime | None
     return said
 
 
-def _failed_again_in_bad_debt(snapshot: Snapshot, invoice: Invoice, failures: list[Attempt], policy: Policy,
-                              days: int, failure_class: FailureClass | None, attempts_used: int, balance: int) -> bool:
+@dataclass(frozen=True)
+class InBadDebt:
+    """The account is in bad debt, for _failed_again_in_bad_debt: since ``began`` in Stripe's time
+    (None: its start is unknown, an episode row missing)."""
+
+    began: datetime | None
+
+
+def _stored_bad_debt(snapshot: Snapshot) -> InBadDebt | None:
+    """The bad debt the last decision (the stored one) holds, dated as _bad_debt_began says."""
+    stored = snapshot.stored
+    if stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING):
+        return None
+    entered = snapshot.open_episode_entered_at
+    return InBadDebt(_bad_debt_began(snapshot, entered) if entered is not None else None)
+
+
+def _bad_debt_began(snapshot: Snapshot, at: datetime) -> datetime:
+    """When, in Stripe's time, the bad debt the account is in at ``at`` began, as far as its invoices'
+    markings tell: the earliest marked_uncollectible_at of a regular invoice uncollectible from then
+    on to ``at`` (one marked while another still was extends it back), else ``at``.
+
+    ``at`` is the episode's row (entered_at: when a recompute first put the account in bad debt) or,
+    for the recompute entering bad debt, its own moment. Stripe redelivers an event for days when our
+    endpoint was down: invoice.marked_uncollectible delivered late opens the row late, while the
+    invoice was uncollectible in Stripe since its marking. A failure after the marking is one in bad
+    debt whatever the delivery. A marking settled before ``at`` (paid or voided since, in Stripe's
+    time) no longer held the bad debt then. A bad debt of the retries-exhausted rule keeps its row's
+    time: when the rule matched is not a fact Stripe dates."""
+    began = at
+    marked = sorted(((i.marked_uncollectible_at, i) for i in snapshot.invoices
+                     if i.marked_uncollectible_at is not None and not i.is_upgrade),
+                    key=lambda m: m[0], reverse=True)
+    for marked_at, inv in marked:
+        if marked_at >= began:
+            continue
+        if inv.status == "uncollectible" and inv.amount_remaining > 0:
+            began = marked_at
+        elif inv.status in SETTLED_STATUSES:
+            settled = inv.paid_at or inv.voided_at
+            if settled is not None and settled >= began:
+                began = marked_at
+    return began
+
+
+def _failed_again_in_bad_debt(in_bad_debt: InBadDebt | None, invoice: Invoice, failures: list[Attempt],
+                              policy: Policy, days: int, failure_class: FailureClass | None, attempts_used: int,
+                              balance: int) -> bool:
     """Whether the invoice's dunning stays run out because it failed again in bad debt (plan_retry's
-    ``stays_run_out``): the account is in bad debt (stored), the invoice failed since its episode
-    began (any failure, when the episode's start is unknown), and it is old enough for the bad-debt
-    rule were its dunning run out.
+    ``stays_run_out``): the account is in bad debt (stored, or this decision enters it: _compute_full),
+    the invoice failed since the bad debt began in Stripe's time (_bad_debt_began; any failure, when
+    its start is unknown), and it is old enough for the bad-debt rule were its dunning run out.
 
     A failure in bad debt (the customer's card declined on the hosted invoice page, a Stripe Smart
     Retry) changes the invoice's latest failure class and attempt count, which would reopen its
@@ -292,11 +339,10 @@ def _failed_again_in_bad_debt(snapshot: Snapshot, invoice: Invoice, failures: li
     from before the episode already decided, and a card changed before it and never tried still
     keeps the dunning going (retry_cadence's untried-method rule). An upgrade never makes bad debt.
     An invoice too young for the bad-debt rule keeps its schedule."""
-    stored = snapshot.stored
-    if invoice.is_upgrade or not failures or stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING):
+    if invoice.is_upgrade or not failures or in_bad_debt is None:
         return False
-    entered = snapshot.open_episode_entered_at
-    if entered is not None and not any(failure_time(f) >= entered for f in failures):
+    began = in_bad_debt.began
+    if began is not None and not any(failure_time(f) >= began for f in failures):
         return False
     level, _ = _match_level(policy.rules, days, failure_class, True, invoice.status == "uncollectible",
                             attempts_used, balance)
@@ -572,13 +618,25 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     ]
     balances = _balances(unpaid)
     unpaid_attempts = [a for inv in unpaid for a in own.get(inv.id, ())]
-    assessed = [_assess(snapshot, inv, own.get(inv.id, []), balances.get(inv.currency, 0), policy, now)
-                for inv in unpaid]
+    stored_bad_debt = _stored_bad_debt(snapshot)
+    assessed = [_assess(snapshot, inv, own.get(inv.id, []), balances.get(inv.currency, 0), policy, now,
+                        stored_bad_debt) for inv in unpaid]
+    level, suspended, status = _standing(assessed)
+    if stored_bad_debt is None and status == Status.BAD_DEBT:
+        # Entering bad debt, with a marking learned late (Stripe's time before ``now``): a failure since
+        # the marking is one in bad debt already, as the next recompute (the episode's row open) reads
+        # it. Deciding it here too keeps the recompute after this one a no-op.
+        began = _bad_debt_began(snapshot, now)
+        if began < now:
+            entering = [_assess(snapshot, inv, own.get(inv.id, []), balances.get(inv.currency, 0), policy, now,
+                                InBadDebt(began)) for inv in unpaid]
+            # A policy whose rules read a run-out dunning otherwise could leave bad debt this way.
+            if _standing(entering)[2] == Status.BAD_DEBT:
+                assessed = entering
+                level, suspended, status = _standing(assessed)
     reasons: list[Reason] = []
     for a in assessed:
         reasons.extend(a.reasons)
-
-    level, suspended, status = _standing(assessed)
 
     # Payment-flow guard: never put bad-debt consequences over a payment in flight.
     held_until: datetime | None = None  # when a guard's hold ends, if one holds
