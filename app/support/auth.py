@@ -3,8 +3,9 @@
 The session keeps the actor and a digest of the token, never the token itself; on every request the
 digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
 sessions. Tokens and digests are compared in constant time (app.auth.match_token). A session lasts
-SESSION_MAX_AGE from its sign-in, however it is used, and ends when it signs out (or signs in again,
-which replaces it): the cookie is signed, not stored, so the server remembers the random ids of
+SESSION_MAX_AGE from its sign-in at most (CLOCK_LEAD less by the clock of the host that signed it in:
+see _fresh), however it is used, and ends when it signs out (or signs in again, which replaces it):
+the cookie is signed, not stored, so the server remembers the random ids of
 sessions ended (support_session_ended) for as long as they could otherwise last, and a copy of an
 ended session's cookie is refused.
 """
@@ -23,6 +24,7 @@ from sqlalchemy import Connection
 
 from app.auth import bearer_token, match_token, unauthorized
 from app.db import unit_of_work
+from app.domain.snapshot import MAX_CLOCK_LEAD
 from app.support import audit
 from app.web import runtime
 
@@ -31,6 +33,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 SESSION_KEY = "support"
 CSRF_HEADER = "X-Support-CSRF"
 SESSION_MAX_AGE = 12 * 3600  # seconds: a working day; then the support form asks for the token again
+# How far ahead of a web host's clock another's may run (the fleet's rule between its own hosts): a
+# session signed in on a host ahead is dated in the future on the others.
+CLOCK_LEAD = int(MAX_CLOCK_LEAD.total_seconds())
 
 
 def _digest(token: str) -> str:
@@ -73,8 +78,13 @@ def _fresh(signed_in_at: object) -> bool:
     """Signed in less than SESSION_MAX_AGE ago (a session without the time predates it: not fresh)."""
     if not isinstance(signed_in_at, int) or isinstance(signed_in_at, bool):
         return False
-    # A minute the other way: the web processes' clocks (on several hosts) may differ that much.
-    return -60 <= time.time() - signed_in_at < SESSION_MAX_AGE
+    # The web processes' clocks (on several hosts) may differ by up to CLOCK_LEAD: a sign-in dated that
+    # much in the future holds. Its end is brought forward as much, so that no host's lead makes a
+    # session last longer than SESSION_MAX_AGE (nor a copy of its cookie replayed later): dated by a
+    # host CLOCK_LEAD ahead it ends SESSION_MAX_AGE after it really began, on a host as far behind it
+    # ends CLOCK_LEAD earlier, and on the host that signed it in at SESSION_MAX_AGE - CLOCK_LEAD.
+    age = time.time() - signed_in_at
+    return -CLOCK_LEAD <= age < SESSION_MAX_AGE - CLOCK_LEAD
 
 
 def sign_in(token: str) -> str | None:
@@ -119,10 +129,11 @@ def _end(conn: Connection, session_id: str) -> None:
     """Record the session as ended: refused from then on, whoever holds a copy of its cookie."""
     conn.exec_driver_sql("INSERT INTO support_session_ended (session_id) VALUES (%(sid)s) ON CONFLICT DO NOTHING",
                          {"sid": session_id})
-    # Only sessions that could still be within their lifetime need remembering (a minute of clock
-    # difference between web hosts on top, as _fresh allows).
+    # Only sessions that could still be within their lifetime need remembering (the database's clock
+    # may differ from the web hosts' by CLOCK_LEAD: that much on top).
     conn.exec_driver_sql("DELETE FROM support_session_ended "
-                         "WHERE ended_at < now() - make_interval(secs => %(age)s)", {"age": SESSION_MAX_AGE + 60})
+                         "WHERE ended_at < now() - make_interval(secs => %(age)s)",
+                         {"age": SESSION_MAX_AGE + CLOCK_LEAD})
 
 
 def csrf_token() -> str | None:

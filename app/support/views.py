@@ -37,7 +37,6 @@ from flask import (
     request,
     url_for,
 )
-from flask.sessions import SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 
 from app.account_urls import query, raw_path, routed_suffix
@@ -48,6 +47,7 @@ from app.money import facts_shown, money, owed
 from app.support import audit
 from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
 from app.support.queries import account_view_of
+from app.support.session_cookie import SkewTolerantSessionInterface
 from app.sweep.lifting import stuck_in_lifting
 from app.web import celery_app, runtime
 
@@ -55,11 +55,12 @@ bp = Blueprint("support", __name__, url_prefix="/support")
 log = logging.getLogger(__name__)
 
 
-class _SecureOverHttps(SecureCookieSessionInterface):
+class _SecureOverHttps(SkewTolerantSessionInterface):
     """Flask's signed-cookie sessions, with the cookie marked Secure whenever the request came over
     https (or through a proxy gunicorn trusts to say so: its forwarded_allow_ips): sent over plain
     http it could be read on the way. A plain-http deployment (make run on localhost) still works,
-    which a fixed SESSION_COOKIE_SECURE would break."""
+    which a fixed SESSION_COOKIE_SECURE would break. A cookie signed on a web host a little ahead of
+    this one holds (app/support/session_cookie.py)."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return super().get_cookie_secure(app) or (has_request_context() and request.is_secure)
