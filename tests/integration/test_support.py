@@ -79,17 +79,22 @@ def test_the_button_is_audited_before_anything_is_queued_and_a_broker_outage_say
     assert row["detail"]["queued"] is False and row["detail"]["task_id"]
 
 
-@pytest.mark.worker
-def test_recompute_button_queues_a_ninjapanel_recompute_audits_the_actor_and_reports_the_result(
-        client: FlaskClient, engine: Engine, accounts: Accounts, worker):
-    account, customer = accounts.create()
-    # The mirror knows of a failed invoice that this account's stored state does not show yet.
+def failed_invoice_mirrored(engine: Engine, customer: str) -> None:
+    """An open invoice of 5000 that failed a day ago, as the mirror files it, for ``customer``."""
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO stripe_invoice (id, stripe_customer_id, status, amount_due, amount_remaining, created, "
             "first_failed_at, last_failed_at, source_created, source_rank, source_event_id) "
             "VALUES (%(i)s, %(c)s, 'open', 5000, 5000, now() - interval '2 days', now() - interval '1 day', "
             "now() - interval '1 day', 1, 1, 'evt_x')", {"i": unique("in"), "c": customer})
+
+
+@pytest.mark.worker
+def test_recompute_button_queues_a_ninjapanel_recompute_audits_the_actor_and_reports_the_result(
+        client: FlaskClient, engine: Engine, accounts: Accounts, worker):
+    account, customer = accounts.create()
+    # The mirror knows of a failed invoice that this account's stored state does not show yet.
+    failed_invoice_mirrored(engine, customer)
     response = client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 202
     assert response.json is not None

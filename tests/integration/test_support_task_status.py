@@ -21,7 +21,7 @@ from freezegun import freeze_time
 from sqlalchemy import Engine
 
 from tests.conftest import SUPPORT_ACTOR, SUPPORT_TOKEN, Accounts, wait_for
-from tests.stripe_events import unique
+from tests.integration.test_support import failed_invoice_mirrored
 
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
 RETENTION = timedelta(hours=24)  # tasks/factory.py: result_expires
@@ -61,12 +61,7 @@ def test_celery_keeps_results_for_the_retention_the_route_reads(celery_app: Cele
 def test_a_task_whose_result_expired_is_expired_not_pending(client: FlaskClient, engine: Engine, accounts: Accounts,
                                                             celery_app: Celery, worker):
     account, customer = accounts.create()
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "INSERT INTO stripe_invoice (id, stripe_customer_id, status, amount_due, amount_remaining, created, "
-            "first_failed_at, last_failed_at, source_created, source_rank, source_event_id) "
-            "VALUES (%(i)s, %(c)s, 'open', 5000, 5000, now() - interval '2 days', now() - interval '1 day', "
-            "now() - interval '1 day', 1, 1, 'evt_x')", {"i": unique("in"), "c": customer})
+    failed_invoice_mirrored(engine, customer)
     response = client.post(f"/support/accounts/{account}/recompute", headers=SUPPORT)
     assert response.status_code == 202 and response.json is not None
     task_id = response.json["task_id"]
