@@ -444,6 +444,8 @@ class PaymentRetry(Base):
     # one (app/payments/pay.py ROW_SQL): Stripe's times are compared with Stripe's, not with created_at.
     attempts_seen_until: Mapped[datetime | None]
     default_change_seen_at: Mapped[datetime | None]
+    # And when the claimed card last changed (compute: a retry claimed knowing of it tried the card after).
+    method_change_seen_at: Mapped[datetime | None]
 
     # The rows claimed and not yet charged, which dispatch looks for every tick (app/payments/retries.py):
     # never a read of every retry ever made (the table is never pruned).

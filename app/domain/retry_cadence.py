@@ -152,10 +152,16 @@ def _readded(snapshot: Snapshot, pm: PaymentMethod, start: datetime, attempts: l
 def _tried_since(method: str, since: datetime, attempts: list[Attempt], retries: list[Retry]) -> bool:
     """Whether ``method`` was tried on the invoice from ``since`` on: a charge on it (Stripe's own
     retries included), an attempt on it failing, or one of our retries on it that reached Stripe
-    (its outcome maybe not mirrored yet)."""
+    (its outcome maybe not mirrored yet): claimed from ``since`` on, or knowing of a change of the
+    card at ``since`` or later. ``since`` is Stripe's time and a claim's is beat's: on a beat host
+    behind Stripe a retry claimed after the card's update (its webhook in) is timed before it, and
+    the card it just charged would earn a free retry at once."""
     return (any(at >= since for at in _charge_times(tuple(attempts), (method,)))
             or any(a.failed and a.payment_method_id == method and failure_time(a) >= since for a in attempts)
-            or any(r.charged and r.payment_method_id == method and r.created_at >= since for r in retries))
+            or any(r.charged and r.payment_method_id == method
+                   and (r.created_at >= since
+                        or (r.method_change_seen_at is not None and r.method_change_seen_at >= since))
+                   for r in retries))
 
 
 def _may_keep_dunning(snapshot: Snapshot, method: str, changed_at: datetime, retries: list[Retry]) -> bool:

@@ -163,7 +163,11 @@ class Retry:
     free: bool
     state: str  # dispatched | charging | sent | skipped | failed | refused
     scheduled_for: datetime
-    created_at: datetime
+    created_at: datetime  # the claim, by the clock of the beat host that made it
+    # When its card last changed as the mirror held it at the claim (Stripe's clock; None: not known,
+    # or no card named). A retry claimed knowing of a change was charged after it, whichever clock
+    # beat's runs by against Stripe's (retry_cadence._tried_since).
+    method_change_seen_at: datetime | None = None
 
     @property
     def charged(self) -> bool:

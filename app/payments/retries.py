@@ -64,20 +64,23 @@ SELECT count(*) FROM payment_retry
 # attempt and its customer's latest default-card change. The worker stops the charge when the mirror
 # holds a later one (app/payments/pay.py ROW_SQL): compared with the claim's own time (beat's clock),
 # a payment or card change Stripe made just after the claim looked older on a beat host ahead of Stripe.
+# And the claimed card's latest change: a retry claimed knowing of it tried the card after it
+# (app/domain/retry_cadence.py _tried_since), whichever way beat's clock is off Stripe's.
 CLAIM_SQL = """
 INSERT INTO payment_retry (account_id, invoice_id, payment_method_id, retry_number, free, idempotency_key,
                            scheduled_for, state, created_at, updated_at, attempts_seen_until,
-                           default_change_seen_at)
+                           default_change_seen_at, method_change_seen_at)
 VALUES (%(account)s, %(invoice)s, %(method)s, %(number)s, %(free)s, %(key)s, %(scheduled)s, 'dispatched',
         %(now)s, %(now)s,
         (SELECT max(a.attempted_at) FROM stripe_payment_attempt a WHERE a.invoice_id = %(invoice)s),
         (SELECT s.changed_at FROM stripe_invoice i JOIN stripe_customer_state s USING (stripe_customer_id)
-          WHERE i.id = %(invoice)s))
+          WHERE i.id = %(invoice)s),
+        (SELECT m.changed_at FROM stripe_payment_method m WHERE m.id = %(method)s))
 ON CONFLICT (idempotency_key) DO UPDATE
    SET state = 'dispatched', error = NULL, account_id = EXCLUDED.account_id, scheduled_for = EXCLUDED.scheduled_for,
        payment_method_id = EXCLUDED.payment_method_id, created_at = EXCLUDED.created_at,
        updated_at = EXCLUDED.updated_at, attempts_seen_until = EXCLUDED.attempts_seen_until,
-       default_change_seen_at = EXCLUDED.default_change_seen_at
+       default_change_seen_at = EXCLUDED.default_change_seen_at, method_change_seen_at = EXCLUDED.method_change_seen_at
  WHERE payment_retry.state = 'skipped'
 RETURNING id
 """

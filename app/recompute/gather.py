@@ -76,7 +76,7 @@ SELECT
   -- history (schedule position, free retry, the per-invoice cap) follows it when another team moves
   -- its customer to another account.
   (SELECT json_agg(json_build_array(r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
-          r.scheduled_for, r.created_at) ORDER BY r.id)
+          r.scheduled_for, r.created_at, r.method_change_seen_at) ORDER BY r.id)
      FROM payment_retry r
     WHERE r.invoice_id IN (SELECT i.id FROM stripe_invoice i
                             WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
@@ -200,7 +200,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     )
     retries = tuple(
         Retry(invoice_id=r[0], payment_method_id=r[1], retry_number=r[2], free=r[3], state=r[4],
-              scheduled_for=_tt(r[5]), created_at=_tt(r[6]))
+              scheduled_for=_tt(r[5]), created_at=_tt(r[6]), method_change_seen_at=_t(r[7]))
         for r in (m["retries"] or ())
     )
     payments = tuple(bad_debt_payment(b) for b in (m["bad_debt_payments"] or ()))

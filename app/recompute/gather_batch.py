@@ -207,7 +207,7 @@ SELECT
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.status, b.products) ORDER BY b.account_id, b.id)
      FROM ({_mirror_rows("b")}) b),
   (SELECT json_agg(json_build_array(i.account_id, r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
-          r.scheduled_for, r.created_at) ORDER BY i.account_id, r.id)
+          r.scheduled_for, r.created_at, r.method_change_seen_at) ORDER BY i.account_id, r.id)
      FROM inv i, LATERAL (SELECT * FROM payment_retry r WHERE r.invoice_id = i.id OFFSET 0) r),
   (SELECT json_agg(json_build_array(b.account_id, b.id, b.state, b.amount, b.created_at, b.updated_at,
           b.failure_reason, b.stripe_payment_intent_id, b.invoice_ids) ORDER BY b.account_id, b.id)
@@ -290,7 +290,7 @@ def _customer_default(s: Any) -> CustomerDefault:
 
 def _retry(x: Any) -> Retry:
     return Retry(invoice_id=x[1], payment_method_id=x[2], retry_number=x[3], free=x[4], state=x[5],
-                 scheduled_for=_tt(x[6]), created_at=_tt(x[7]))
+                 scheduled_for=_tt(x[6]), created_at=_tt(x[7]), method_change_seen_at=_t(x[8]))
 
 
 def _payment(b: Any) -> BadDebtPayment:

@@ -22,6 +22,7 @@ from celery import Celery
 from freezegun import freeze_time
 
 from app.payments.retries import claim_due
+from app.recompute.gather import gather
 from app.recompute.service import run_recompute
 from tests.conftest import Accounts, post_event
 from tests.integration.dunning_setup import dunning_row, method_attached, retries
@@ -88,6 +89,14 @@ def test_a_default_card_changed_just_after_the_claim_stops_the_free_retry_on_a_h
     assert stored["retry_free"] and stored["retry_payment_method_id"] == card, stored
     claimed_at = stored["next_retry_at"] + timedelta(minutes=1)
     (retry_id,) = claim_due(engine, claimed_at)
+    # The claim holds the card's change as the mirror had it (Stripe's clock), and compute reads it
+    # (test_retry_tried_since_stripe_clock.py).
+    (row,) = retries(engine, account)
+    assert row["method_change_seen_at"] == datetime.fromtimestamp(added_at, UTC), row
+    with engine.connect() as conn:
+        gathered = gather(conn, account)
+    assert gathered is not None
+    assert [r.method_change_seen_at for r in gathered[0].retries] == [row["method_change_seen_at"]]
 
     changed_at = int((claimed_at - BEAT_AHEAD + timedelta(seconds=30)).timestamp())
     other = unique("pm")
