@@ -114,6 +114,12 @@ def sign_out() -> str | None:
     actor = _session_actor()
     held = session.get(SESSION_KEY)
     if actor is None or not isinstance(held, dict):
+        sid = held.get("sid") if isinstance(held, dict) else None
+        if isinstance(sid, str) and sid:
+            # Over by this host's clock, it may not be by another's (up to CLOCK_LEAD behind: _fresh),
+            # where a copy of the cookie would go on working: ended there too (nothing to audit here).
+            with unit_of_work(runtime().engine) as conn:
+                _end(conn, sid)
         session.pop(SESSION_KEY, None)
         return None
     with unit_of_work(runtime().engine) as conn:
