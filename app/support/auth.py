@@ -87,17 +87,26 @@ def _fresh(signed_in_at: object) -> bool:
     return -CLOCK_LEAD <= age < SESSION_MAX_AGE - CLOCK_LEAD
 
 
+def _held_session_id() -> str | None:
+    """The id of the session this browser's (signed) cookie holds, valid here or not: one over by
+    this host's clock may not be by another's (up to CLOCK_LEAD behind: _fresh), where a copy of the
+    cookie would go on working. Signing out or in again ends it whatever this host thinks of it."""
+    held = session.get(SESSION_KEY)
+    sid = held.get("sid") if isinstance(held, dict) else None
+    return sid if isinstance(sid, str) and sid else None
+
+
 def sign_in(token: str) -> str | None:
     """Start a session for a valid support token, audited (sign_in) in the transaction that ends
     the session it replaces: the actor, else None."""
     actor = actor_for_token(token)
     if actor is None:
         return None
-    held = session.get(SESSION_KEY)
-    replaced = held["sid"] if _session_actor() is not None and isinstance(held, dict) else None
+    replaced = _held_session_id()
     with unit_of_work(runtime().engine) as conn:
         if replaced is not None:
             # The session this one replaces ends too: signing out later would end only the new one.
+            # Also when over by this host's clock (_held_session_id).
             _end(conn, replaced)
         audit.record(conn, actor, "sign_in", None, {"remote_addr": request.remote_addr})
     # Set once recorded: had the database refused, the browser would be signed in (the cookie goes
@@ -114,12 +123,10 @@ def sign_out() -> str | None:
     actor = _session_actor()
     held = session.get(SESSION_KEY)
     if actor is None or not isinstance(held, dict):
-        sid = held.get("sid") if isinstance(held, dict) else None
-        if isinstance(sid, str) and sid:
-            # Over by this host's clock, it may not be by another's (up to CLOCK_LEAD behind: _fresh),
-            # where a copy of the cookie would go on working: ended there too (nothing to audit here).
+        over = _held_session_id()
+        if over is not None:  # over by this host's clock, perhaps not by others' (_held_session_id)
             with unit_of_work(runtime().engine) as conn:
-                _end(conn, sid)
+                _end(conn, over)  # nothing to audit: no session was signed out of here
         session.pop(SESSION_KEY, None)
         return None
     with unit_of_work(runtime().engine) as conn:

@@ -40,3 +40,24 @@ def test_a_sign_out_reaching_a_host_where_the_session_just_ended_ends_it_on_the_
         assert browser.post("/support/logout").status_code == 303
     with freeze_time(ENDS_HERE + timedelta(seconds=1) - behind):  # the host behind, at the same moment
         assert other.get(page).status_code == 401
+
+
+def test_signing_in_again_where_the_session_just_ended_ends_it_on_the_hosts_behind(flask_app, accounts):
+    """Signing in again replaces the browser's session, which ends (auth.sign_in): also when the sign-in
+    reaches a host where it is already over by its clock."""
+    browser = flask_app.test_client()
+    account, _ = accounts.create()
+    page = f"/support/accounts/{account}"
+    with freeze_time(SIGNED_IN):
+        assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+    copied = browser.get_cookie("session")
+    assert copied is not None
+    other = flask_app.test_client()
+    other.set_cookie("session", copied.value)
+    behind = timedelta(minutes=2)
+    with freeze_time(ENDS_HERE + timedelta(seconds=1)):  # asked for the token again there: signs in again
+        assert browser.get(page).status_code == 401
+        assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
+        assert browser.get(page).status_code == 200
+    with freeze_time(ENDS_HERE + timedelta(seconds=1) - behind):
+        assert other.get(page).status_code == 401
