@@ -710,8 +710,18 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # outcome or not (a success whose invoice.paid never comes): time alone then changes the
     # decision, so it is a review moment.
     revert_held_until = attempt_hold[1] if attempt_hold is not None else None
+    # The cancellation of a subscription supersedes reverting its upgrade: Account Management would
+    # get a revert of a subscription it is cancelling (and may refuse it, blocking the account's
+    # later rows). A revert requested before is no longer requested: a row of it still waiting is
+    # superseded by the relay. Should the bad debt end with the subscription kept and the upgrade
+    # still unpaid, the revert is requested again (the same request: one key per upgrade invoice).
+    cancelling = {action.partition(":")[2] for action in actions}
     for a in reverting:
-        if paying or a.invoice.id in covered:
+        if a.invoice.subscription_id in cancelling:
+            reasons.append(Reason("upgrade.revert_superseded", "upgrade unpaid and its dunning run out, but its "
+                                  "subscription is being cancelled: no revert",
+                                  {"invoice": a.invoice.id, "subscription": a.invoice.subscription_id}))
+        elif paying or a.invoice.id in covered:
             reasons.append(Reason("guard.revert_held", "a payment is in flight: the upgrade's revert waits for it",
                                   {"invoice": a.invoice.id}))
         else:
