@@ -101,16 +101,14 @@ def test_a_task_whose_result_is_no_longer_kept_says_so_not_that_the_recompute_fa
     # kept (tests/integration/test_support_task_status.py); the page said "recompute failed: EXPIRED".
     from datetime import timedelta
 
-    from freezegun import freeze_time
-
-    from tests.integration.test_support_task_status import RETENTION, audited_request, requested_at
+    from tests.integration.test_support_task_status import RETENTION, audited_request, requested_ago
 
     account, customer = accounts.create()
     uncollectible_invoice_in_mirror_only(engine, customer)
     old_task = audited_request(engine, account)
-    with freeze_time(requested_at(engine, old_task) + RETENTION + timedelta(minutes=1)):
-        answer = flask_app.test_client().get(f"/support/tasks/{old_task}",
-                                             headers={"Authorization": f"Bearer {SUPPORT_TOKEN}"})
+    requested_ago(engine, old_task, RETENTION + timedelta(minutes=1))
+    answer = flask_app.test_client().get(f"/support/tasks/{old_task}",
+                                         headers={"Authorization": f"Bearer {SUPPORT_TOKEN}"})
     assert answer.json["state"] == "EXPIRED"
     context, page = signed_in_page(browser, live_server, account)
     try:
