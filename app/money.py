@@ -67,7 +67,10 @@ def money(amount: Any, currency: str | None) -> str:
     decimals = exponent(currency)
     code = _code_shown(currency)
     if isinstance(amount, bool) or not isinstance(amount, int):
-        return f"{amount} {code} (minor units)"
+        # Quoted when it holds anything but printable text: the words end up in stored alerts and a
+        # terminal, where a control character must not act.
+        shown = str(amount)
+        return f"{shown if shown.isprintable() else ascii(shown)} {code} (minor units)"
     if decimals is None:
         return f"{amount} {code} (minor units)"
     sign = "-" if amount < 0 else ""

@@ -59,6 +59,13 @@ def test_an_amount_that_is_no_integer_is_shown_as_it_is_never_raising(amount):
     assert shown == f"{amount} USD (minor units)"
 
 
+def test_an_amount_holding_control_characters_is_quoted_never_passed_on():
+    # Alerts store the text and the CLI prints it: an escape sequence must not reach a terminal as one.
+    shown = money("50\x1b[31m\n", "usd")
+    assert "\x1b" not in shown and "\n" not in shown
+    assert shown == "'50\\x1b[31m\\n' USD (minor units)"
+
+
 def test_stripes_special_currencies_have_their_exponents():
     assert [exponent(c) for c in STRIPE_ZERO_DECIMAL] == [0] * len(STRIPE_ZERO_DECIMAL)
     assert [exponent(c) for c in STRIPE_THREE_DECIMAL] == [3] * len(STRIPE_THREE_DECIMAL)
