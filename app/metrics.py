@@ -78,8 +78,9 @@ STUCK_IN_LIFTING = Gauge("dunning_stuck_in_lifting", "Accounts in lifting longer
                          multiprocess_mode=FLEET)
 OUTBOX_BACKLOG = Gauge("dunning_outbox_backlog", "Domain events not yet delivered", multiprocess_mode=FLEET)
 OUTBOX_BLOCKED = Gauge("dunning_outbox_blocked", "Domain events not yet delivered that Account Management refused "
-                       "as wrong (a 4xx other than 408/409/425/429): each holds back its account's later events until "
-                       "delivered or skipped (dunning outbox list --blocked)", multiprocess_mode=FLEET)
+                       "as wrong (a 4xx other than 408/409/425/429, or a 409 for over 1 h): each holds back its "
+                       "account's later events until delivered or skipped (dunning outbox list --blocked)",
+                       multiprocess_mode=FLEET)
 STUCK_EVENTS = Gauge("dunning_stuck_events", "Stuck work by state", ["state"], multiprocess_mode=FLEET)
 ROLLOUT_STAGE = Gauge("dunning_rollout_stage", "Remediation rollout stage index (0 = off)", multiprocess_mode=FLEET)
 

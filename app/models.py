@@ -407,8 +407,11 @@ class Outbox(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=NOW)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_status: Mapped[int | None] = mapped_column(Integer)  # HTTP status of the last answer, None: no answer
-    # First refused as wrong (a 4xx other than 408/409/425/429): blocked until delivered or skipped.
+    # First refused as wrong (a 4xx other than 408/409/425/429, or a 409 that lasts): blocked until
+    # delivered or skipped.
     blocked_at: Mapped[datetime | None]
+    # The first 409 of the row's current streak of them (None: none); a streak that lasts blocks it.
+    conflict_since: Mapped[datetime | None]
     state: Mapped[str] = mapped_column(Text, server_default="pending")  # pending | delivered | superseded | skipped
 
     __table_args__ = (

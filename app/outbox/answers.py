@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from typing import Any
 
 EXCERPT_LIMIT = 200  # characters of an answer's body kept as the reason
@@ -16,6 +17,13 @@ SCAN_LIMIT = 20 * EXCERPT_LIMIT
 # Idempotency-Key still under way, one the relay gave up on), was sent too early to be safe from replay
 # (425), or the client is throttled (429). Sent again later, it is taken (DESIGN 11: retried with backoff).
 NOT_NOW = frozenset({408, 409, 425, 429})
+# A 409 that lasts longer than this is no request still under way under the same Idempotency-Key (the
+# relay gives up on a call within seconds, and Account Management processes one in minutes at most) but
+# a conflict that does not pass (the subscription in another workflow): refused as wrong, so blocked
+# and seen by operators. Measured from the first 409 of the row's current streak (outbox.conflict_since).
+CONFLICT = 409
+LASTING_CONFLICT = timedelta(hours=1)
+LASTING_CONFLICT_NOTE = f"409 for over {LASTING_CONFLICT.total_seconds() / 3600:g} h: a lasting conflict"
 # The fields of a JSON error body that say what was wrong, in the order they are shown; those of an
 # error object nested under "error" (``{"error": {"type", "code", "message"}}``).
 REASON_FIELDS = ("error", "code", "message", "detail", "reason", "title")
@@ -45,8 +53,16 @@ _SECRETS = (
 def refused_as_wrong(status: int | None) -> bool:
     """A 4xx other than 408/409/425/429 (``NOT_NOW``): Account Management says the request itself is
     wrong (an account it does not know, a body it rejects). Sent again unchanged it will be refused
-    again, and the account's later rows wait behind it."""
+    again, and the account's later rows wait behind it. (A 409 that lasts is refused too: the relay
+    tells it by the row's streak, ``LASTING_CONFLICT``.)"""
     return status is not None and 400 <= status < 500 and status not in NOT_NOW
+
+
+def keeps_conflict(status: int | None) -> bool:
+    """Whether an answer leaves a streak of 409s going: it says nothing about the request's conflict
+    (no answer, a 5xx, or another "not now": Account Management did not get to the request). Any
+    other answer (a 2xx, a 3xx, another 4xx) ends it."""
+    return status is None or status >= 500 or status in NOT_NOW
 
 
 def reason(body: str) -> str:

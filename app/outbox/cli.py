@@ -115,7 +115,8 @@ def add_commands(sub: Any) -> None:
     osub = outbox.add_subparsers(dest="outbox_command", required=True)
     listing = osub.add_parser("list", help="undelivered rows, oldest first: attempts, last answer, age, blocked")
     listing.add_argument("--blocked", action="store_true",
-                         help="only rows Account Management refused as wrong (a 4xx other than 408/409/425/429)")
+                         help="only rows Account Management refused as wrong "
+                              "(a 4xx other than 408/409/425/429, or a 409 for over 1 h)")
     listing.add_argument("--account", default=None, help="only this account's rows")
     listing.add_argument("--limit", default="50", help="how many rows to show (50)")
     listing.add_argument("--json", action="store_true")

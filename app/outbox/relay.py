@@ -25,7 +25,9 @@ whatever the reply held), and an account whose delivery raises something unfores
 with backoff while the pass goes on with the others: one poison account never starves the rest.
 
 Each row keeps its last answer: the HTTP status (``last_status``, None when there was none) and a
-short reason (``last_error``). A row refused as wrong (a 4xx other than 408/409/425/429) is blocked from
+short reason (``last_error``). A row refused as wrong (a 4xx other than 408/409/425/429, or a 409
+answered for over LASTING_CONFLICT since the first of its streak: no request under the same key lasts
+that long, so the conflict does, app/outbox/answers.py) is blocked from
 then on (``blocked_at``, gauge dunning_outbox_blocked) until it is delivered or an operator skips
 it (``dunning outbox skip``, app/outbox/operator.py), or, an EntitlementsChanged, superseded by a
 newer one at its next try: it is still retried, and holds back its account's later rows meanwhile.
@@ -57,7 +59,16 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from app.account_urls import segment
 from app.db import session_lock, unit_of_work
-from app.outbox.answers import EXCERPT_LIMIT, masked, reason, refused_as_wrong
+from app.outbox.answers import (
+    CONFLICT,
+    EXCERPT_LIMIT,
+    LASTING_CONFLICT,
+    LASTING_CONFLICT_NOTE,
+    keeps_conflict,
+    masked,
+    reason,
+    refused_as_wrong,
+)
 from app.stuck_work import resolve_account_task
 from tasks.failures import retry_after_seconds
 
@@ -164,12 +175,20 @@ RETURNING last_error, %(lifecycle)s AND attempts > 0 AND blocked_at IS NULL
 """
 
 # blocked_at stays from the first refusal on: a 503 after a 404 says nothing about the request.
+# conflict_since: the first 409 of the current streak, kept through answers that say nothing about the
+# request (%(keeps)s); a 409 whose streak began before %(lasting_from)s is a lasting conflict, refused
+# as wrong (SET reads the row as it was: the streak's start before this answer). Returns whether it was.
 FAILED_SQL = """
 UPDATE outbox SET attempts = attempts + CASE WHEN %(counted)s THEN 0 ELSE 1 END, next_attempt_at = %(next)s,
-       last_error = %(error)s,
+       last_error = CASE WHEN %(conflict)s AND conflict_since < %(lasting_from)s
+                         THEN left(%(lasting)s || '; ' || %(error)s, %(limit)s) ELSE %(error)s END,
        last_status = %(status)s,
-       blocked_at = CASE WHEN %(refused)s THEN COALESCE(blocked_at, %(now)s) ELSE blocked_at END
+       blocked_at = CASE WHEN %(refused)s OR (%(conflict)s AND conflict_since < %(lasting_from)s)
+                         THEN COALESCE(blocked_at, %(now)s) ELSE blocked_at END,
+       conflict_since = CASE WHEN %(conflict)s THEN COALESCE(conflict_since, %(now)s)
+                             WHEN %(keeps)s THEN conflict_since END
  WHERE id = %(id)s AND delivered_at IS NULL
+RETURNING %(conflict)s AND conflict_since < %(lasting_from)s
 """
 
 # A bad-debt payment in flight: POST /pay-bad-debt commits it before charging the customer, and the
@@ -740,6 +759,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                     conn.exec_driver_sql(SENDING_SQL, {"id": row_id, "now": now.isoformat(), "limit": ERROR_LIMIT})
             answer = _send(session, base_url, call, timeout, now, pass_cut) if call is not None else None
             failure = answer if isinstance(answer, Failure) else None
+            lasting = False  # a 409 that lasts: blocked
             with unit_of_work(engine) as conn:
                 if skip:
                     # Done with, not sent: the reason stays on the row (GET /ops/outbox shows it).
@@ -753,7 +773,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                     conn.exec_driver_sql(DELIVERED_SQL, {"id": row_id, "now": now_fn(), "counted": counted,
                                                          "status": answer.status if answer else None})
                 else:
-                    _record_failure(conn, row_id, attempts, failure, now_fn(), counted)
+                    lasting = _record_failure(conn, row_id, attempts, failure, now_fn(), counted)
             if failure is not None:
                 report.failed += 1
                 report.errors.append(failure.error)
@@ -761,7 +781,8 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 # sooner for other accounts either (a 429 limits the relay, not one account).
                 report.throttled = report.throttled or bool(failure.retry_after)
                 log.warning("outbox %s (%s v%s) for %s not delivered%s: %s", row_id, event_type, version,
-                            account_id, BLOCKED_NOTE if failure.refused else "", failure.error)
+                            account_id, BLOCKED_NOTE if failure.refused or lasting else "",
+                            f"{LASTING_CONFLICT_NOTE}; {failure.error}" if lasting else failure.error)
                 break  # never deliver a later version before this one
             if skip:
                 report.superseded += 1
@@ -781,12 +802,16 @@ BLOCKED_NOTE = (" and blocked (refused as wrong: the account's later rows wait; 
 
 
 def _record_failure(conn: Connection, row_id: int, attempts: int, failure: Failure, now: datetime,
-                    counted: bool = False) -> None:
+                    counted: bool = False) -> bool:
     """The row's last answer, and when it is tried again: its backoff, or what Account Management asked.
-    ``attempts``: the row's before this try; ``counted``: this try was counted before it went."""
-    conn.exec_driver_sql(FAILED_SQL, {"id": row_id, "next": now + timedelta(seconds=_wait(attempts, failure)),
-                                      "error": storable(failure.error), "status": failure.status,
-                                      "refused": failure.refused, "now": now, "counted": counted})
+    ``attempts``: the row's before this try; ``counted``: this try was counted before it went. True
+    when the answer is a 409 that has lasted (LASTING_CONFLICT): the row is blocked."""
+    lasting = conn.exec_driver_sql(FAILED_SQL, {
+        "id": row_id, "next": now + timedelta(seconds=_wait(attempts, failure)),
+        "error": storable(failure.error), "status": failure.status, "refused": failure.refused, "now": now,
+        "counted": counted, "conflict": failure.status == CONFLICT, "keeps": keeps_conflict(failure.status),
+        "lasting_from": now - LASTING_CONFLICT, "lasting": LASTING_CONFLICT_NOTE, "limit": ERROR_LIMIT}).scalar()
+    return bool(lasting)
 
 
 def set_aside(engine: Engine, account_id: str, exc: Exception, now_fn: Callable[[], datetime],

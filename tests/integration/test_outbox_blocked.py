@@ -1,6 +1,6 @@
-"""Rows Account Management refuses as wrong (a 4xx other than 408/409/425/429), against the fake Account
-Management: each row keeps its last answer (status and a short, secret-free reason), a refused row
-counts as blocked (gauge dunning_outbox_blocked) and is still retried, never dropped; an operator
+"""Rows Account Management refuses as wrong (a 4xx other than 408/409/425/429, or a 409 that lasts),
+against the fake Account Management: each row keeps its last answer (status and a short, secret-free
+reason), a refused row counts as blocked (gauge dunning_outbox_blocked) and is still retried, never dropped; an operator
 lists the rows that wait (`dunning outbox list`) and skips one (`dunning outbox skip`), audited,
 after which the account's later rows are delivered. The skipped row is kept, in state skipped."""
 
@@ -17,6 +17,7 @@ from app.cli import main
 from app.domain.events import DunningEntered, EntitlementsChanged
 from app.outbox.relay import account_lock, relay
 from tests.conftest import service_headers
+from tests.fakes.fake_account_management import IN_PROGRESS
 from tests.integration.dunning_setup import dunning_row, failed_invoice, paid
 from tests.integration.test_metrics import metrics, value
 from tests.integration.test_outbox_relay import LATER, outbox, write_events
@@ -124,6 +125,84 @@ def test_a_retry_meeting_its_first_request_still_in_progress_is_not_blocked_and_
     assert [r["state"] for r in outbox(engine, account)] == ["delivered", "delivered"]
     keys = {r.idempotency_key for r in fake_am.entitlements(account)}
     assert keys == {f"outbox-{first['id']}"}  # one request to Account Management, sent twice
+
+
+def test_a_409_that_lasts_is_a_lasting_conflict_and_blocks(client, cli_env, accounts, engine, fake_am, capsys):
+    """A 409 answered for longer than any request under the same Idempotency-Key can still be under
+    way (CONFLICT_LASTING) is no request in progress but a conflict that lasts (the subscription in
+    another workflow): the row is blocked like any refusal, and says why. Answers that say nothing
+    about the request (a 503) do not end the streak of 409s."""
+    account, _ = accounts.create()
+    entitlements(engine, account, 1, prod_core="full")
+    fake_am.refuse(account, 409, {"error": "subscription_locked", "message": "in another workflow"})
+    start = datetime.now(UTC) + LATER
+
+    with freeze_time(start, tick=True):
+        relay(engine, fake_am.url)
+    with freeze_time(start + timedelta(minutes=30), tick=True):
+        relay(engine, fake_am.url)
+    (row,) = outbox(engine, account)
+    assert (row["attempts"], row["last_status"], row["blocked_at"]) == (2, 409, None)  # maybe still in progress
+    fake_am.mode = "failing"
+    with freeze_time(start + timedelta(minutes=45), tick=True):
+        relay(engine, fake_am.url)
+    assert outbox(engine, account)[0]["last_status"] == 503
+    assert value(metrics(client), "dunning_outbox_blocked") == 0
+
+    fake_am.mode = "up"
+    blocked_from = start + timedelta(hours=1, minutes=1)
+    with freeze_time(blocked_from, tick=True):
+        report = relay(engine, fake_am.url)
+        assert main(["outbox", "list", "--blocked"]) == 0
+    assert report.failed == 1
+    (row,) = outbox(engine, account)
+    assert (row["attempts"], row["last_status"], row["state"]) == (4, 409, "pending")
+    assert row["blocked_at"] is not None and row["blocked_at"] >= blocked_from
+    assert row["last_error"] == ("409 for over 1 h: a lasting conflict; "
+                                 "HTTP 409: subscription_locked: in another workflow")
+    assert value(metrics(client), "dunning_outbox_blocked") == 1
+    assert any(line.split()[:1] == [str(row["id"])] for line in capsys.readouterr().out.splitlines())
+
+    # Still retried, as any blocked row: once the conflict is gone it is delivered.
+    fake_am.accept(account)
+    with freeze_time(start + 3 * LATER, tick=True):
+        assert relay(engine, fake_am.url).delivered == 1
+    assert outbox(engine, account)[0]["state"] == "delivered"
+    assert value(metrics(client), "dunning_outbox_blocked") == 0
+
+
+def test_a_409_streak_that_ends_in_a_2xx_never_blocks(client, accounts, engine, fake_am):
+    """The first request under the key finishes: the retry is taken (2xx), however long ago the first
+    409 was, and the next row's 409s are a streak of their own."""
+    account, _ = accounts.create()
+    entitlements(engine, account, 1, prod_core="full")
+    write_events(engine, account, 2, [DunningEntered(unpaid_since=None, failure_class="transient")])
+    fake_am.refuse(account, 409, IN_PROGRESS)
+    start = datetime.now(UTC) + LATER
+
+    with freeze_time(start, tick=True):
+        relay(engine, fake_am.url)
+    with freeze_time(start + timedelta(minutes=50), tick=True):
+        relay(engine, fake_am.url)
+    first, _ = outbox(engine, account)
+    assert (first["attempts"], first["last_status"], first["blocked_at"]) == (2, 409, None)
+
+    fake_am.accept(account)
+    with freeze_time(start + 2 * LATER, tick=True):
+        assert relay(engine, fake_am.url).delivered == 2
+    rows = outbox(engine, account)
+    assert [(r["state"], r["blocked_at"]) for r in rows] == [("delivered", None)] * 2
+    assert rows[0]["last_status"] == 200
+    assert value(metrics(client), "dunning_outbox_blocked") == 0
+
+    # A later row answered 409 for the first time is not blocked by the earlier row's streak.
+    entitlements(engine, account, 3, prod_core="restricted")
+    fake_am.refuse(account, 409, IN_PROGRESS)
+    with freeze_time(start + 3 * LATER, tick=True):
+        relay(engine, fake_am.url)
+    third = outbox(engine, account)[2]
+    assert (third["last_status"], third["blocked_at"]) == (409, None)
+    assert value(metrics(client), "dunning_outbox_blocked") == 0
 
 
 def test_no_answer_leaves_no_status(accounts, engine, fake_am):
