@@ -12,12 +12,12 @@ import os
 import re
 
 import pytest
-from flask.testing import FlaskClient
 
 from app.account_urls import query, segment
 from tests.conftest import SUPPORT_TOKEN, Accounts, service_headers
 from tests.integration.bad_debt_setup import key, pay
 from tests.integration.processes import web_process
+from tests.integration.test_support import signs_in_back_to
 from tests.integration.test_support_lifting import lifting_since
 
 SUPPORT = {"Authorization": f"Bearer {SUPPORT_TOKEN}"}
@@ -127,19 +127,6 @@ def test_sign_in_comes_back_to_the_page_of_the_account_named(flask_app, accounts
     accounts.create(account_id=account)
     accounts.create(account_id="x")
     signs_in_back_to(flask_app.test_client(), f"/support/accounts/{segment(account)}", account)
-
-
-def signs_in_back_to(client: FlaskClient, path: str, account: str) -> None:
-    """Without a session, ``path`` (the page of ``account``) answers the sign-in form, whose way back
-    is ``path`` itself; signing in there comes back to that account's page."""
-    form = client.get(path)
-    assert form.status_code == 401
-    target = re.search(r'name="next" value="([^"]*)"', form.get_data(as_text=True))
-    assert target and html.unescape(target.group(1)) == path
-    signed_in = client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": html.unescape(target.group(1))})
-    assert signed_in.status_code == 303 and signed_in.headers["Location"].endswith(path)
-    page = client.get(signed_in.headers["Location"])
-    assert page.status_code == 200 and shown(account) in page.get_data(as_text=True)
 
 
 def test_the_lifting_listing_links_each_account_to_its_own_page(client, accounts: Accounts, engine):

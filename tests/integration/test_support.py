@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from freezegun import freeze_time
 from sqlalchemy import Engine
@@ -209,7 +210,7 @@ def test_a_session_lasts_twelve_hours_from_its_sign_in_however_it_is_used(flask_
         assert client.get(page).status_code == 200
 
 
-def _signed_in_with_a_copy(flask_app, accounts) -> tuple[FlaskClient, FlaskClient, str]:
+def signed_in_with_a_copy(flask_app: Flask, accounts: Accounts) -> tuple[FlaskClient, FlaskClient, str]:
     """A browser signed in on an account's page, another client holding a copy of its session
     cookie (another tab's, or a stolen one), and the page."""
     browser = flask_app.test_client()
@@ -226,7 +227,7 @@ def _signed_in_with_a_copy(flask_app, accounts) -> tuple[FlaskClient, FlaskClien
 def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(flask_app, engine, accounts):
     # The cookie is signed, not stored: signing out only dropped the browser's copy, and a copy
     # taken before (another tab's, or a stolen one) went on working.
-    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
+    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     assert other.get(page).status_code == 200
     assert browser.post("/support/logout").status_code == 303
     assert browser.get(page).status_code == 401
@@ -243,7 +244,7 @@ def test_a_sign_out_the_database_refused_keeps_the_session_so_signing_out_again_
                                                                                          accounts):
     # The browser's copy was dropped before the sign-out was recorded: after the 503, signing out
     # again found no session and said nothing, while a copy of the cookie went on working.
-    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
+    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     with engine.connect() as holder:
         # Reads go on (the session is checked); the sign-out's INSERT waits, then times out.
         holder.exec_driver_sql("LOCK TABLE support_session_ended IN SHARE MODE")
@@ -258,7 +259,7 @@ def test_a_sign_out_the_database_refused_keeps_the_session_so_signing_out_again_
 def test_a_sign_out_whose_audit_the_database_refused_did_not_happen(flask_app, engine, accounts):
     # The end was recorded and the cookie dropped in one transaction, the audit row in another: a
     # refused audit left a session ended (and the cookie gone) that the audit log never showed.
-    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
+    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     with engine.connect() as holder:
         holder.exec_driver_sql("LOCK TABLE audit_log IN SHARE MODE")  # its INSERT waits, then times out
         assert browser.post("/support/logout").status_code == 503
@@ -291,7 +292,7 @@ def test_a_sign_in_whose_audit_the_database_refused_did_not_happen(flask_app, en
 
 def test_a_sign_in_replacing_a_session_whose_audit_was_refused_keeps_the_old_one(flask_app, engine, accounts):
     # Ending the replaced session and auditing the new sign-in are one transaction: neither happened.
-    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
+    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     with engine.connect() as holder:
         holder.exec_driver_sql("LOCK TABLE audit_log IN SHARE MODE")
         assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 503
@@ -303,7 +304,7 @@ def test_a_sign_in_replacing_a_session_whose_audit_was_refused_keeps_the_old_one
 def test_signing_in_again_ends_the_session_it_replaces(flask_app, engine, accounts):
     # The new sign-in replaced the browser's session without ending it: signing out then ended the
     # new one only, and a copy of the first cookie went on working for the rest of its 12 hours.
-    browser, other, page = _signed_in_with_a_copy(flask_app, accounts)
+    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
     assert browser.post("/support/logout").status_code == 303
     assert browser.get(page).status_code == 401
@@ -326,7 +327,12 @@ def test_sign_in_comes_back_to_the_page_of_an_account_whose_id_needs_escaping(fl
     # The form's next held the decoded path: signing in from acct#1?x%2F's page led to "acct".
     client = flask_app.test_client()
     account, _ = accounts.create(account_id=unique("acct") + "#1?x%2F \u00e9")
-    path = "/support/accounts/" + quote(account)
+    signs_in_back_to(client, "/support/accounts/" + quote(account), account)
+
+
+def signs_in_back_to(client: FlaskClient, path: str, account: str) -> None:
+    """Without a session, ``path`` (the page of ``account``) answers the sign-in form, whose way back
+    is ``path`` itself; signing in there comes back to that account's page."""
     form = client.get(path)
     assert form.status_code == 401
     target = re.search(r'name="next" value="([^"]*)"', form.get_data(as_text=True))

@@ -12,36 +12,21 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from flask import Flask
-from flask.testing import FlaskClient
 from freezegun import freeze_time
 
 from app.domain.snapshot import MAX_CLOCK_LEAD
 from app.support.auth import SESSION_MAX_AGE
-from tests.conftest import SUPPORT_TOKEN, Accounts
+from tests.conftest import SUPPORT_TOKEN
+from tests.integration.test_support import signed_in_with_a_copy
 
 SIGNED_IN = datetime(2026, 12, 1, 8, 0, 0)  # by the clock of the host the sign-in reached
 # When the session ends by that host's clock (auth._fresh: the lead taken off its end).
 ENDS_HERE = SIGNED_IN + timedelta(seconds=SESSION_MAX_AGE) - MAX_CLOCK_LEAD
 
 
-def signed_in_with_a_copy(flask_app: Flask, accounts: Accounts) -> tuple[FlaskClient, FlaskClient, str]:
-    """A browser signed in at SIGNED_IN, another client holding a copy of its session cookie, and an
-    account's page both ask for."""
-    browser = flask_app.test_client()
-    account, _ = accounts.create()
-    page = f"/support/accounts/{account}"
-    with freeze_time(SIGNED_IN):
-        assert browser.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
-    copied = browser.get_cookie("session")
-    assert copied is not None
-    other = flask_app.test_client()
-    other.set_cookie("session", copied.value)
-    return browser, other, page
-
-
 def test_a_sign_out_reaching_a_host_where_the_session_just_ended_ends_it_on_the_hosts_behind(flask_app, accounts):
-    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
+    with freeze_time(SIGNED_IN):
+        browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     behind = timedelta(minutes=2)  # a host within the skew rule
     with freeze_time(ENDS_HERE - behind):  # the host behind: the session still holds there
         assert other.get(page).status_code == 200
@@ -54,7 +39,8 @@ def test_a_sign_out_reaching_a_host_where_the_session_just_ended_ends_it_on_the_
 def test_signing_in_again_where_the_session_just_ended_ends_it_on_the_hosts_behind(flask_app, accounts):
     """Signing in again replaces the browser's session, which ends (auth.sign_in): also when the sign-in
     reaches a host where it is already over by its clock."""
-    browser, other, page = signed_in_with_a_copy(flask_app, accounts)
+    with freeze_time(SIGNED_IN):
+        browser, other, page = signed_in_with_a_copy(flask_app, accounts)
     behind = timedelta(minutes=2)
     with freeze_time(ENDS_HERE + timedelta(seconds=1)):  # asked for the token again there: signs in again
         assert browser.get(page).status_code == 401
