@@ -160,6 +160,10 @@ def _rule(raw: Any, index: int) -> LevelRule:
     level_name = raw.get("level")
     _expect(_named(level_name, {lvl.value for lvl in Level}), f"{path}.level",
             f"must be one of {', '.join(lvl.value for lvl in Level)}")
+    # DESIGN 4: none is "nothing unpaid". A rule at none left an account that owes at none: past due,
+    # full access and nobody told (an invoice no rule matches is at notice: compute._match_level).
+    _expect(level_name != Level.NONE.value, f"{path}.level",
+            "must not be none: none is the level of nothing unpaid, a rule's level is notice or above")
     when = raw.get("when", {})
     _expect(isinstance(when, Mapping), f"{path}.when", "must be a table")
     unknown = set(when) - RULE_CONDITIONS
@@ -169,6 +173,9 @@ def _rule(raw: Any, index: int) -> LevelRule:
         valid = {c.value for c in FailureClass}
         _expect(isinstance(classes, list) and all(_named(c, valid) for c in classes),
                 f"{path}.when.failure_classes", f"must list classes among {sorted(valid)}")
+        # An empty list matches no invoice at all: the rule would be there and never apply.
+        _expect(bool(classes), f"{path}.when.failure_classes",
+                f"must list at least one class among {sorted(valid)} (leave it out to match any)")
     for flag in ("retries_exhausted", "marked_uncollectible"):
         if flag in when:
             _expect(isinstance(when[flag], bool), f"{path}.when.{flag}", "must be true or false")
@@ -191,6 +198,40 @@ def _rule(raw: Any, index: int) -> LevelRule:
     )
 
 
+def _always_first(earlier: LevelRule, later: LevelRule) -> bool:
+    """Whether every invoice ``later`` matches is matched by ``earlier`` too (so, tried first, it wins).
+    Conservative: a condition of ``earlier`` that ``later`` does not imply (or leaves out) says no. A
+    number of 0 always holds (days, attempts and balances are never negative): no condition."""
+    for name in ("min_days", "min_attempts", "min_balance"):
+        bound, theirs = getattr(earlier, name), getattr(later, name)
+        if bound and (theirs is None or theirs < bound):
+            return False
+    if earlier.failure_classes is not None and (later.failure_classes is None
+                                                or not later.failure_classes <= earlier.failure_classes):
+        return False
+    for flag in ("retries_exhausted", "marked_uncollectible"):
+        if getattr(earlier, flag) is not None and getattr(earlier, flag) != getattr(later, flag):
+            return False
+    return True
+
+
+def _check_reachable(rules: tuple[LevelRule, ...]) -> None:
+    """DESIGN 4's levels are graduated: a less severe rule that a more severe one always matches
+    before it never applies (restrict_premium from day 20 under limited from day 14: every customer
+    goes from notice straight to limited). Suspended rules are left out as the earlier one: the
+    payment-flow guard holds a suspended invoice at its first matching rule below suspended
+    (compute._held_level), where a later rule is still used."""
+    for i, later in enumerate(rules):
+        for j, earlier in enumerate(rules[:i]):
+            if earlier.level == Level.SUSPENDED or earlier.level.rank <= later.level.rank:
+                continue
+            _expect(not _always_first(earlier, later), f"consequences.rules[{i}]",
+                    f"can never match: consequences.rules[{j}] ({earlier.level.value}, {earlier.describe()}) "
+                    f"matches every invoice this {later.level.value} rule ({later.describe()}) does, and is tried "
+                    "first; a less severe level needs a lower threshold (or a condition the more severe one "
+                    "lacks)")
+
+
 def parse_policy(data: Mapping[str, Any]) -> Policy:
     version = data.get("version")
     _expect(isinstance(version, str) and bool(version.strip()), "version", "must be a non-empty string")
@@ -206,6 +247,7 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
     ranks = [r.level.rank for r in rules]
     _expect(ranks == sorted(ranks, reverse=True), "consequences.rules",
             "must be ordered from the most severe level down (first match wins)")
+    _check_reachable(rules)
     upgrade_max = consequences.get("upgrade_max_level", Level.RESTRICT_PREMIUM.value)
     _expect(_named(upgrade_max, {lvl.value for lvl in Level}) and upgrade_max != Level.SUSPENDED.value,
             "consequences.upgrade_max_level", "must be a level below suspended (an upgrade never makes bad debt)")
