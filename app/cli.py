@@ -149,9 +149,25 @@ def cmd_process(args: argparse.Namespace) -> int:
     if command is None:
         print(f"error: the Procfile has no process {args.name!r} (it has {', '.join(processes)})", file=sys.stderr)
         return 2
+    if args.name in FLEET_PROCESSES:
+        # Each reads the settings and the policy file at its start: checked here, as `dunning run`
+        # does, a wrong one is one line naming it (ConfigError, PolicyFileError: main), not the end
+        # of a gunicorn or Celery traceback (gunicorn's once per worker, then "Worker failed to boot").
+        _check_process_settings()
     env = {**os.environ, "PATH": programs_path(os.environ.get("PATH", ""))}
     sys.stdout.flush()
     os.execvpe("sh", ["sh", "-c", command], env)  # the line itself execs its program: signals reach it
+
+
+FLEET_PROCESSES = ("web", "worker", "beat", "flower")  # the Procfile's, each builds the Celery app
+
+
+def _check_process_settings() -> None:
+    from app.history.prune import check_retention
+    from app.policy_file import load_policy
+
+    settings = _settings()
+    check_retention(settings.history_retention_days, load_policy(settings.policy_path))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

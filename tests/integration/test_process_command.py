@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
+from app.policy_file import DEFAULT_POLICY
 from tests.integration.processes import DUNNING, web_process
 
 
@@ -55,3 +57,19 @@ def test_the_web_process_shares_metrics_across_its_workers_and_stops_on_sigterm(
         assert scraped.status_code == 200
         assert 'dunning_webhooks_rejected_total{reason="signature"} 6.0' in scraped.text  # both workers' counts
     assert web.returncode == 0  # gunicorn itself got the SIGTERM and shut down cleanly
+
+
+@pytest.mark.parametrize("name", ["web", "worker"])
+def test_a_bad_policy_file_stops_the_process_naming_the_key_without_a_traceback(name, settings,
+                                                                                 tmp_path: Path) -> None:
+    """What the images run (deploy/k8s: `dunning process NAME`) checks the settings and the policy
+    file as `dunning run` does, before the Procfile's program starts: gunicorn and Celery showed the
+    key's error at the end of a traceback (gunicorn's once per worker, then 'Worker failed to boot')."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(DEFAULT_POLICY.read_text().replace("window_minutes = 30", "window_minutes = 0"))
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url, "DUNNING_POLICY": str(policy),
+           "DUNNING_DATA_DIR": str(tmp_path / "data"), "PORT": "0"}
+    done = subprocess.run([DUNNING, "process", name], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-800:]
+    assert done.stderr.startswith(f"error: policy file {policy}: policy key 'guard.window_minutes': must be at least 1")
+    assert "Traceback" not in done.stderr

@@ -18,6 +18,10 @@ def execs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     monkeypatch.setattr(cli.os, "execvpe", lambda *a: calls.append(a))
     for name in ("FLOWER_ADDRESS", "FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_UNAUTHENTICATED_API"):
         monkeypatch.delenv(name, raising=False)
+    # Flower builds the Celery app, which reads the settings: `dunning process` checks them first
+    # (nothing connects to it).
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1/postgres")
+    monkeypatch.delenv("DUNNING_POLICY", raising=False)
     return calls
 
 
