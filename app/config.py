@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -272,9 +273,13 @@ def parse_support_tokens(raw: str) -> dict[str, str]:
     return _parse_tokens(raw, "SUPPORT_TOKENS")
 
 
+def _control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
+
+
 def _parse_tokens(raw: str, name: str, default_actor: str | None = None) -> dict[str, str]:
     tokens: dict[str, str] = {}
-    for item in raw.split(","):
+    for entry, item in enumerate(raw.split(","), start=1):
         item = item.strip()
         if not item:
             continue
@@ -285,6 +290,17 @@ def _parse_tokens(raw: str, name: str, default_actor: str | None = None) -> dict
         if not actor or not token:
             raise ConfigError(f"{name} entries must look like actor:token"
                               + (" or token" if default_actor is not None else ""))
+        # Tokens one per line, or separated by spaces, were read as one token holding line breaks
+        # or spaces, which no request can send (a header holds no line break, a bearer token no
+        # space): every request was a 401. Never shown: the actor too when it holds a line break
+        # (what reads as the actor may be a token, the entry's first line).
+        if _control(actor):
+            raise ConfigError(f"{name} entry {entry} holds a line break or another control character: "
+                              "separate the entries with commas")
+        if _control(token) or any(c.isspace() for c in token):
+            raise ConfigError(f"{name} entry {entry} (the token of {actor!r}) holds a space, a line break or "
+                              "another control character, which no bearer token does: separate the entries "
+                              "with commas")
         other = tokens.get(token)
         if other is not None and other != actor:
             raise ConfigError(f"{name} gives {other!r} and {actor!r} the same token: each actor needs a token "
