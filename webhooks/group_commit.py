@@ -13,6 +13,12 @@ has patched the process, the locks below are gevent's.
 
 Each waiting request sleeps on a lock of its own and is woken once, when its result is ready or
 when it is to lead the next flush: no condition variable waking every waiter after each flush.
+
+A request can end while it waits or leads: under gevent its greenlet is killed (``GreenletExit``) or
+a ``gevent.Timeout`` fires in it. The lead then passes on all the same, and the other requests of a
+batch its leader ended in the middle of are answered ``interrupted()`` (whether their items were
+flushed is not known). Otherwise the group stayed busy with no leader, and every request of the
+process after it waited for ever.
 """
 
 from __future__ import annotations
@@ -29,21 +35,28 @@ R = TypeVar("R")
 Flush = Callable[[list[T]], Sequence["R | BaseException"]]
 
 
+class FlushInterrupted(Exception):
+    """The request leading a flush ended in the middle of it: this item may or may not be flushed."""
+
+
 class _Slot(Generic[T, R]):
-    __slots__ = ("done", "item", "outcome", "wake")
+    __slots__ = ("done", "handed", "item", "outcome", "wake")
 
     def __init__(self, item: T) -> None:
         self.item = item
         self.done = False
+        self.handed = False  # woken to lead the next flush
         self.outcome: R | BaseException | None = None
         self.wake = threading.Lock()
         self.wake.acquire()  # released once: result ready, or lead the next flush
 
 
 class GroupCommit(Generic[T, R]):
-    def __init__(self, flush: Flush[T, R], max_batch: int = 64) -> None:
+    def __init__(self, flush: Flush[T, R], max_batch: int = 64,
+                 interrupted: Callable[[], BaseException] = FlushInterrupted) -> None:
         self.flush = flush
         self.max_batch = max_batch
+        self.interrupted = interrupted  # what the others of a batch raise when its leader ended mid-flush
         self.lock = threading.Lock()
         self.queue: list[_Slot[T, R]] = []
         self.busy = False  # a leader is flushing, or has been chosen
@@ -56,7 +69,11 @@ class GroupCommit(Generic[T, R]):
             lead = not self.busy
             self.busy = True
         if not lead:
-            slot.wake.acquire()  # woken once: with the result, or to lead
+            try:
+                slot.wake.acquire()  # woken once: with the result, or to lead
+            except BaseException:  # this request ended while it waited (gevent: killed, a Timeout)
+                self._leave(slot)
+                raise
         if not slot.done:
             self._lead(slot)
         if isinstance(slot.outcome, BaseException):
@@ -66,31 +83,61 @@ class GroupCommit(Generic[T, R]):
     def _lead(self, own: _Slot[T, R]) -> None:
         """Flush the oldest waiting items until ``own`` is done (it is in the first batch unless more
         than a batch arrived before it), waking each other request of a batch with its result; then
-        pass the lead to the oldest request still waiting, if any."""
-        while not own.done:
-            # Yield once before taking the batch: under gevent (the Procfile's web workers; time.sleep
-            # is gevent's there) the requests of this worker that are ready to run, read and being
-            # verified, reach the queue and join this flush instead of waiting for the next. It adds
-            # no timer and no wait when nothing else is ready. Under threads it lets go of the GIL.
-            time.sleep(0)
+        pass the lead to the oldest request still waiting, if any: also when this request ends while
+        it leads (gevent: its greenlet killed, a Timeout), or no one would ever lead again."""
+        try:
+            while not own.done:
+                # Yield once before taking the batch: under gevent (the Procfile's web workers; time.sleep
+                # is gevent's there) the requests of this worker that are ready to run, read and being
+                # verified, reach the queue and join this flush instead of waiting for the next. It adds
+                # no timer and no wait when nothing else is ready. Under threads it lets go of the GIL.
+                time.sleep(0)
+                with self.lock:
+                    batch, self.queue = self.queue[:self.max_batch], self.queue[self.max_batch:]
+                try:
+                    outcomes = self._run(batch)
+                except BaseException:  # this request ended mid-flush: the others of its batch are answered
+                    for each in batch:
+                        if each is not own:
+                            each.outcome, each.done = self.interrupted(), True
+                            each.wake.release()
+                    raise
+                for each, outcome in zip(batch, outcomes, strict=True):
+                    each.outcome, each.done = outcome, True
+                for each in batch:
+                    if each is not own:
+                        each.wake.release()
+        finally:
             with self.lock:
-                batch, self.queue = self.queue[:self.max_batch], self.queue[self.max_batch:]
-            outcomes = self._run(batch)
-            for each, outcome in zip(batch, outcomes, strict=True):
-                each.outcome, each.done = outcome, True
-            for each in batch:
-                if each is not own:
-                    each.wake.release()
+                if not own.done and own in self.queue:  # ended before its batch was taken: not flushed
+                    self.queue.remove(own)
+                successor = self._hand_on()
+            if successor is not None:
+                successor.wake.release()
+
+    def _leave(self, slot: _Slot[T, R]) -> None:
+        """A waiting request that ended: its item is not flushed unless a batch has taken it already,
+        and a lead handed to it passes on."""
         with self.lock:
-            successor = self.queue[0] if self.queue else None
-            self.busy = successor is not None
+            if slot in self.queue:
+                self.queue.remove(slot)
+            successor = self._hand_on() if slot.handed and not slot.done else None
         if successor is not None:
             successor.wake.release()
+
+    def _hand_on(self) -> _Slot[T, R] | None:
+        """Under the lock: the oldest waiting request, which is to lead the next flush (to be woken
+        once the lock is let go), or None, and the group is idle."""
+        successor = self.queue[0] if self.queue else None
+        self.busy = successor is not None
+        if successor is not None:
+            successor.handed = True
+        return successor
 
     def _run(self, batch: list[_Slot[T, R]]) -> Sequence[R | BaseException]:
         try:
             outcomes = self.flush([slot.item for slot in batch])
-        except BaseException as exc:  # the whole flush failed: every request in it fails the same way
+        except Exception as exc:  # the whole flush failed: every request in it fails the same way
             return [exc] * len(batch)
         if len(outcomes) != len(batch):
             return [RuntimeError("group commit: flush returned a wrong number of results")] * len(batch)

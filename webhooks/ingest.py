@@ -19,7 +19,7 @@ from celery import Celery
 from sqlalchemy import Connection, Engine
 
 from app import metrics
-from app.db import LOCK_TIMEOUT, Conflict, TimedOut, ValueRejected, unit_of_work
+from app.db import LOCK_TIMEOUT, Conflict, DatabaseUnavailable, TimedOut, ValueRejected, unit_of_work
 from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
@@ -36,6 +36,17 @@ BRIEF_LOCK_WAIT = "250ms"
 
 class EventNotStorable(ValueRejected):
     """A genuine event holding a value the database cannot take (out of range, a NUL character)."""
+
+
+class BatchInterrupted(DatabaseUnavailable):
+    """The request leading this event's group commit ended in the middle of it (its greenlet killed,
+    a gevent Timeout): whether the event was stored is not known. 503, as for a database gone: Stripe
+    redelivers; a stored event's redelivery is a duplicate, and its request, if the flush ended
+    before enqueueing it, is sent by beat's stale-request re-drive."""
+
+
+def _interrupted() -> BatchInterrupted:
+    return BatchInterrupted("the group commit this webhook was in ended in the middle (its leading request ended)")
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class Ingestor:
     def __init__(self, engine: Engine, celery_app: Celery, max_batch: int = MAX_BATCH) -> None:
         self.engine = engine
         self.celery_app = celery_app
-        self.group: GroupCommit[store.Item, Ingested] = GroupCommit(self._flush, max_batch)
+        self.group: GroupCommit[store.Item, Ingested] = GroupCommit(self._flush, max_batch, _interrupted)
         self.connection: Connection | None = None
 
     def ingest(self, event: dict[str, Any], raw: str) -> Ingested:

@@ -336,3 +336,15 @@ def test_an_ingestor_dropped_without_closing_leaves_no_autocommit_connection_in_
             assert conn.exec_driver_sql("SELECT now() = statement_timestamp()").scalar() is False
     finally:
         engine.dispose()
+
+
+def test_the_others_of_a_batch_whose_leader_ended_mid_flush_answer_503(flask_app: Flask, engine, celery_app):
+    """What webhooks/group_commit.py raises in the other requests of a batch whose leading request ended
+    in the middle of its flush (tests/unit/test_group_commit.py): whether their events were stored is
+    not known, so 503 with Retry-After (Stripe redelivers; a stored event's redelivery is a duplicate),
+    never the leader's GreenletExit, which gunicorn drops without an answer."""
+    raised = Ingestor(engine, celery_app).group.interrupted()
+    assert isinstance(raised, Exception)  # what the app's error handlers answer
+    with flask_app.test_request_context("/webhooks/stripe", method="POST"):
+        response = flask_app.make_response(flask_app.handle_user_exception(raised))
+    assert response.status_code == 503 and response.headers["Retry-After"]

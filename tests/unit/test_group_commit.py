@@ -135,3 +135,122 @@ def test_under_gevent_the_requests_ready_to_run_join_the_leaders_batch() -> None
     done = subprocess.run([sys.executable, "-c", GREENLETS], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[5]"]
+
+
+def _in_a_gevent_process(script: str) -> list[str]:
+    """``script`` run in a process gevent has patched, as a gunicorn gevent worker is; its output's
+    words. A greenlet left waiting for ever ends the script with gevent's LoopExit."""
+    import subprocess
+    import sys
+
+    from tests.integration.processes import ROOT
+
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+KILLED = """
+from gevent import monkey
+monkey.patch_all()
+import gevent, gevent.event
+from webhooks.group_commit import FlushInterrupted, GroupCommit
+
+flushing, release, batches = gevent.event.Event(), gevent.event.Event(), []
+
+def flush(items):
+    batches.append(sorted(items))
+    if len(batches) == 1:
+        flushing.set()
+        release.wait()
+    return [i * 10 for i in items]
+
+def outcome(greenlet):
+    value = greenlet.value
+    return type(value).__name__ if isinstance(value, BaseException) else value
+
+def submit(i):
+    try:
+        return group.submit(i)
+    except FlushInterrupted as exc:
+        return exc
+
+group = GroupCommit(flush)
+"""
+
+# The request next in line to lead ends while it waits (its greenlet killed: a client gone under a
+# gevent timeout, a worker's graceful timeout killing its handlers): the one behind it must still
+# be served, and so must every later request.
+A_WAITING_REQUEST_ENDS = KILLED + """
+leader = gevent.spawn(submit, 0)
+flushing.wait()
+next_in_line, behind = gevent.spawn(submit, 1), gevent.spawn(submit, 2)
+gevent.sleep(0)  # both wait behind the held flush
+gevent.kill(next_in_line)
+release.set()
+gevent.joinall([leader, behind])
+later = gevent.spawn(submit, 3)
+later.join()
+print(outcome(leader), outcome(behind), outcome(later), batches)
+"""
+
+
+def test_a_request_that_ends_while_it_waits_leaves_the_others_served() -> None:
+    """Before, the lead was handed to the ended request's slot, which nobody woke to: the group stayed
+    busy with no leader and every later webhook of that worker waited for ever."""
+    assert _in_a_gevent_process(A_WAITING_REQUEST_ENDS) == ["0", "20", "30", "[[0],", "[2],", "[3]]"]
+
+
+# The leader ends in the middle of its flush: the others of its batch get an answer (not the
+# leader's GreenletExit raised in their greenlets, which gunicorn drops without a response), the
+# leader's own end goes on (it is not swallowed), and later requests are served.
+THE_LEADER_ENDS_MID_FLUSH = KILLED + """
+first = [gevent.spawn(submit, i) for i in range(3)]  # the leader's yield lets 1 and 2 join its batch
+flushing.wait()
+queued = gevent.spawn(submit, 3)
+gevent.sleep(0)
+gevent.kill(first[0])
+gevent.joinall([*first, queued])
+later = gevent.spawn(submit, 4)
+later.join()
+print(*(outcome(g) for g in [*first, queued, later]), first[0].successful(), batches)
+"""
+
+
+def test_a_leader_that_ends_mid_flush_answers_its_batch_and_hands_on_the_lead() -> None:
+    words = _in_a_gevent_process(THE_LEADER_ENDS_MID_FLUSH)
+    assert words[:5] == ["GreenletExit", "FlushInterrupted", "FlushInterrupted", "30", "40"], words
+    assert " ".join(words[6:]) == "[[0, 1, 2], [3], [4]]"
+
+
+# The leader ends at its yield before taking a batch (a kill or a Timeout delivered there): it is
+# not flushed, and the request waiting behind it leads instead. The kill is delivered by the yield
+# itself here, as gevent's scheduling puts it there only by chance.
+THE_LEADER_ENDS_AT_ITS_YIELD = KILLED + """
+import time
+import webhooks.group_commit as group_commit
+
+class Yield:
+    victim = None
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        if gevent.getcurrent() is self.victim:
+            raise gevent.GreenletExit
+
+group_commit.time = clock = Yield()
+leader = gevent.spawn(submit, 0)
+flushing.wait()
+next_in_line, behind = gevent.spawn(submit, 1), gevent.spawn(submit, 2)
+gevent.sleep(0)
+clock.victim = next_in_line  # handed the lead once the held flush ends, it ends at its yield
+release.set()
+gevent.joinall([leader, next_in_line, behind])
+later = gevent.spawn(submit, 3)
+later.join()
+print(outcome(leader), outcome(next_in_line), outcome(behind), outcome(later), batches)
+"""
+
+
+def test_a_leader_that_ends_before_taking_its_batch_hands_on_the_lead() -> None:
+    assert _in_a_gevent_process(THE_LEADER_ENDS_AT_ITS_YIELD) == [
+        "0", "GreenletExit", "20", "30", "[[0],", "[2],", "[3]]"]
