@@ -11,7 +11,8 @@ recompute (the recompute task is still the only writer of dunning state), reques
 recompute_request row, then the task sent coalesced), so the next sweep sees it pending while it
 waits on the queue; one outside is recorded only. Counts, the cursor, the
 drift records and the errors are written once per batch, so memory stays flat whatever the number
-of accounts.
+of accounts; a batch's remediations are recorded (and counted) with their requests, before they are
+sent, so that a batch whose record then fails, read again, has lost none of them.
 
 An error is a sweep_error row about the account it concerns (its rows cannot be built into a
 snapshot, its compute failed, its recompute could not be sent for a reason other than the broker),
@@ -172,6 +173,9 @@ class Found:
     drift: Drift
     action: str  # remediate | deferred | out_of_stage | guarded:<why> | error
     remediated: bool
+    # Its drift_record row (and its sweep_run counts) committed with its remediation's request
+    # (_request), before the send: not written again with the page's record.
+    recorded: bool = False
 
 
 # Drifted inside the stage: remediated (sent, or deferred to the re-drive), or failed to be.
@@ -420,11 +424,12 @@ class Sweeper:
         if not todo:
             return found
         requested = self._request(report, todo, {a: (gathered[a][0].stored_bad_debt_flag, gathered[a][1])
-                                                 for a in todo})
+                                                 for a in todo}, {f.account_id: f for f in found}, pending.stalled)
         if requested is None:  # could not store the requests: one error, of the page, not of its accounts
             _failed(report, "request")
         out: list[Found] = []
         refused = 0  # the page's sends deferred since the broker refused one
+        recorded = report.run_id is not None  # those sent were recorded with their requests (_request)
         for f in found:
             if f.action != "remediate":
                 out.append(f)
@@ -444,17 +449,17 @@ class Sweeper:
                 # for every remediation of a wide stage's page, the segment ran past its soft time limit
                 # and the sweep failed (an error the gate counts) before it recorded the page.
                 refused += 1
-                out.append(replace(f, action="deferred", remediated=True))
+                out.append(_sent(replace(f, action="deferred", remediated=True, recorded=recorded)))
             else:  # our request, or a stalled one we touched (touched, the re-drive would send it too)
-                sent = self._send(report, f)
+                sent = _sent(self._send(report, replace(f, recorded=recorded)))
                 refused = int(sent.action == "deferred")
                 out.append(sent)
         if refused > 1:
             log.warning("drift sweep: %d more remediations of the page deferred to the re-drive untried", refused - 1)
         return out
 
-    def _request(self, report: SweepReport, account_ids: list[str], read: dict[str, tuple[bool, int]]
-                 ) -> tuple[set[str], set[str], set[str]] | None:
+    def _request(self, report: SweepReport, account_ids: list[str], read: dict[str, tuple[bool, int]],
+                 found: dict[str, Found], stalled: frozenset[str]) -> tuple[set[str], set[str], set[str]] | None:
         """-> (the accounts still inside the rollout stage, those whose request this created, those
         a recompute changed since the page was read); None: the transaction failed. The stage is read
         again in the transaction that makes the requests: a segment walks for up to a minute
@@ -467,7 +472,14 @@ class Sweeper:
         committed since (a webhook's, which took its request: this one is then new), or that held
         the request row this one waited for, replaced the state the drift was measured on. Such an
         account's new request is taken back and nothing is sent: it counts as pending, as in
-        _as_read."""
+        _as_read.
+
+        The remediations this requests (``found``: the page's drifts; ``stalled``: the accounts whose
+        request no run is sure to take, which are sent too) are recorded in the same transaction:
+        their drift_record rows and their counts in sweep_run. Should the page's own record fail
+        after they were sent, the page is read again and finds them pending (their requests), never
+        drifted again: recorded only with the page, they were lost, from the rollout gate's health
+        (a reverted remediation unseen) and from the counts."""
         try:
             with unit_of_work(self.engine) as conn:
                 rollout = read_state(conn)
@@ -484,6 +496,10 @@ class Sweeper:
                 if changed & created:  # ours, made in this transaction: nobody else has seen them
                     conn.exec_driver_sql("DELETE FROM recompute_request WHERE account_id = ANY(%(ids)s)",
                                          {"ids": sorted(changed & created)})
+                # Those _remediate sends (or defers to the re-drive): ours, or a stalled one touched.
+                sending = [found[a] for a in inside if a not in changed and (a in created or a in stalled)]
+                if sending and report.run_id is not None:
+                    _record_remediations(conn, report, sending, self.clock())
                 return set(inside), created - changed, changed
         except Exception as exc:
             if self._retried(report, classify(exc)):  # a database blip: the page is read again, requests and all
@@ -532,9 +548,18 @@ class Sweeper:
             report.recorded_pages += 1
             return
         now = self.clock()
+        unrecorded = [f for f in found if not f.recorded]
+        # Recorded with their requests as remediated; a send that failed otherwise than by the broker
+        # is an error, as when recorded here (the request stays: the re-drive sends it).
+        failed_sends = sorted(f.account_id for f in found if f.recorded and not f.remediated)
         with unit_of_work(self.engine) as conn:
             _record_errors(conn, report, now)
-            if found:
+            if failed_sends:
+                conn.exec_driver_sql(
+                    "UPDATE drift_record SET remediated = false, skipped = 'error' "
+                    "WHERE sweep_id = %(sweep)s AND account_id = ANY(%(ids)s) AND remediated",
+                    {"sweep": report.run_id, "ids": failed_sends})
+            if unrecorded:
                 conn.exec_driver_sql(
                     "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, "
                     "stage, stage_revision, skipped) VALUES (%(sweep)s, %(account)s, %(now)s, %(stored)s, %(desired)s, "
@@ -542,7 +567,7 @@ class Sweeper:
                     [{"sweep": report.run_id, "account": f.account_id, "now": now, "stored": Json(f.drift.stored),
                       "desired": Json(f.drift.desired), "fields": Json(list(f.drift.fields)),
                       "remediated": f.remediated, "stage": report.stage, "stage_revision": report.stage_revision,
-                      "skipped": None if f.remediated else f.action} for f in found],
+                      "skipped": None if f.remediated else f.action} for f in unrecorded],
                 )
             conn.exec_driver_sql(
                 "UPDATE sweep_run SET scanned = %(scanned)s, drifted = %(drifted)s, in_stage = %(in_stage)s, "
@@ -642,11 +667,44 @@ def _failed(report: SweepReport, kind: str, account_id: str | None = None, failu
     report.unrecorded.append(SweepError(kind, account_id, failure_class))
 
 
+def _record_remediations(conn: Connection, report: SweepReport, sending: list[Found], now: datetime) -> None:
+    """The page's remediations, recorded in the transaction that requests them (Sweeper._request):
+    remediated at the stage visit read there, and counted in sweep_run as drifted, in stage and
+    enqueued. The page's record (Sweeper._record) writes the run's counts whole, as the segment
+    counted them (a send the broker refused is no enqueue, one failing otherwise no remediation);
+    should it fail, what is written here stays, and the segment sent again resumes from it."""
+    conn.exec_driver_sql(
+        "INSERT INTO drift_record (sweep_id, account_id, found_at, stored, desired, fields, remediated, "
+        "stage, stage_revision, skipped) VALUES (%(sweep)s, %(account)s, %(now)s, %(stored)s, %(desired)s, "
+        "%(fields)s, true, %(stage)s, %(stage_revision)s, NULL)",
+        [{"sweep": report.run_id, "account": f.account_id, "now": now, "stored": Json(f.drift.stored),
+          "desired": Json(f.drift.desired), "fields": Json(list(f.drift.fields)), "stage": report.stage,
+          "stage_revision": report.stage_revision} for f in sending],
+    )
+    conn.exec_driver_sql(
+        "UPDATE sweep_run SET drifted = drifted + %(n)s, in_stage = in_stage + %(n)s, enqueued = enqueued + %(n)s, "
+        "updated_at = %(now)s WHERE id = %(id)s", {"n": len(sending), "now": now, "id": report.run_id})
+
+
+def _sent(f: Found) -> Found:
+    """A remediation recorded with its request, counted in the metrics once sent (or deferred, or
+    failed to be): it is never found drifted again by a second reading of its page (its request
+    is pending), so counted with the page's record, after it, it went uncounted when that failed."""
+    if f.recorded:
+        metrics.DRIFT_FOUND.labels("true").inc()
+        if f.remediated:
+            metrics.DRIFT_REMEDIATED.inc()
+    return f
+
+
 def _counted(report: SweepReport, found: Iterable[Found] = ()) -> None:
     """The page's drift and errors counted in the metrics, once its record committed (or in a dry run,
     which records nothing): a page whose record failed is read again by the segment sent again
-    (_keep_running drops them uncounted), and its second reading counted them again."""
+    (_keep_running drops them uncounted), and its second reading counted them again. Remediations
+    recorded with their requests were counted once sent (_sent)."""
     for f in found:
+        if f.recorded:
+            continue
         metrics.DRIFT_FOUND.labels("true" if f.action in IN_STAGE_ACTIONS else "false").inc()
         if f.remediated:
             metrics.DRIFT_REMEDIATED.inc()

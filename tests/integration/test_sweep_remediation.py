@@ -86,11 +86,11 @@ class _WebhookFirst(Sweeper):
         super().__init__(*args, **kwargs)
         self.webhook_account = ""
 
-    def _request(self, report: SweepReport, account_ids: list[str], read: dict[str, tuple[bool, int]]
+    def _request(self, report: SweepReport, account_ids: list[str], *args: Any
                  ) -> tuple[set[str], set[str], set[str]] | None:
         sql(self.engine, "INSERT INTO recompute_request (account_id, trigger, cause) "
                          "VALUES (%(a)s, 'PAYMENT_FAILED', 'evt_1')", a=self.webhook_account)
-        return super()._request(report, account_ids, read)
+        return super()._request(report, account_ids, *args)
 
 
 def test_a_request_made_since_the_read_is_left_to_its_producer(accounts: Accounts, runtime, engine: Engine,

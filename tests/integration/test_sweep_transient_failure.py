@@ -316,3 +316,42 @@ def test_a_page_whose_record_fails_counts_its_drift_once_when_read_again(
     assert _segment(celery_app, result["run_id"], failures=1)["finished"]
     assert sql(engine, "SELECT state, drifted FROM sweep_run") == [("finished", 3)]
     assert found._value.get() - before == 3
+
+
+def test_remediations_sent_by_a_page_whose_record_fails_are_recorded_and_counted_once(
+        runtime, engine: Engine, corrupted: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """DESIGN 6 and 9: the gate judges remediations by their drift_record rows. A page's remediations
+    were recorded only with the page, after they were sent: a blip in that write sent the segment
+    again, whose second reading of the page found them pending (their requests), not drifted, so
+    they were sent but never recorded (a reverted one unseen by the gate), counted nowhere (sweep_run,
+    dunning_drift_remediated_total). Now they are recorded with their requests, and counted once."""
+    from app import metrics
+    from app.sweep import sweep
+    from app.sweep.sweep import Sweeper, SweepRetry, retry_within
+    from tests.integration.test_sweep import Recorder, set_stage
+
+    in_stage = sorted([corrupted["paid"], corrupted["flagged"]])
+    set_stage(engine, "named", in_stage)
+    real = sweep._record_errors
+    calls: list[int] = []
+
+    def record_errors(conn, report, now):
+        calls.append(1)
+        if len(calls) == 1:  # the first page's record
+            raise connection_reset()
+        return real(conn, report, now)
+
+    monkeypatch.setattr(sweep, "_record_errors", record_errors)
+    found, remediated = metrics.DRIFT_FOUND.labels("true"), metrics.DRIFT_REMEDIATED
+    before = (found._value.get(), remediated._value.get())
+    sent = Recorder()
+    sweeper = Sweeper(engine, runtime.policy, sent, retry=retry_within(0))
+    with pytest.raises(SweepRetry) as retried:
+        sweeper.start()
+    assert sweeper.resume(retried.value.run_id).finished
+    assert sorted(account for account, _ in sent.sent) == in_stage  # each sent once
+    assert sql(engine, "SELECT account_id, remediated, skipped, stage FROM drift_record ORDER BY account_id") == [
+        (in_stage[0], True, None, "named"), (in_stage[1], True, None, "named"),
+        (corrupted["unpaid"], False, "out_of_stage", "named")]
+    assert sql(engine, "SELECT state, drifted, in_stage, enqueued, errors FROM sweep_run") == [("finished", 3, 2, 2, 0)]
+    assert (found._value.get() - before[0], remediated._value.get() - before[1]) == (2, 2)
