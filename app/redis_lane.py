@@ -10,8 +10,9 @@ per-message copies and the channel's publish machinery cost about three times th
 trip itself, on every webhook (bench/ingest.py).
 
 Key names follow kombu's Redis channel: the queue is a list named after it (priority 0), events go
-to the fanout topic ``/{db}.celeryev/task.sent`` (kombu's literal prefix), and the transport's
-``global_keyprefix`` comes in front of both.
+to the fanout topic ``/<db>.celeryev/task.sent`` (kombu's prefix ``/{db}.`` with the broker's database
+number put in, as kombu 5.4 and later do; event receivers such as Flower's subscribe there), and the
+transport's ``global_keyprefix`` comes in front of both.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ class TaskCall:
     ignore_result: bool = True
 
 
-def _fanout_topic(options: dict[str, Any], exchange: str, routing_key: str) -> str:
-    """The PUB/SUB channel kombu's Redis channel publishes a fanout message to."""
+def _fanout_topic(options: dict[str, Any], exchange: str, routing_key: str, db: int) -> str:
+    """The PUB/SUB channel kombu's Redis channel publishes a fanout message to, on database ``db``."""
     fanout = options.get("fanout_prefix", Channel.fanout_prefix)
-    prefix = fanout if isinstance(fanout, str) else (Channel.keyprefix_fanout if fanout else "")
+    # kombu puts the database number into the prefix when it builds its connection pool (_get_pool).
+    prefix = (fanout if isinstance(fanout, str) else (Channel.keyprefix_fanout if fanout else "")).format(db=db)
     if options.get("fanout_patterns", Channel.fanout_patterns):
         return f"{prefix}{exchange}/{routing_key}"
     return f"{prefix}{exchange}"
@@ -98,7 +100,8 @@ class RedisLane:
         # Connects on first use (and again after an error); redis-py handles TLS, AUTH and SELECT.
         self.connection = pool.make_connection()
         self.events = celery_app.events.Dispatcher(enabled=False)
-        self.event_topic = self.prefix + _fanout_topic(options, self.events.exchange.name, "task.sent")
+        db = int(pool.connection_kwargs.get("db") or 0)  # as kombu reads the URL's path: none is 0
+        self.event_topic = self.prefix + _fanout_topic(options, self.events.exchange.name, "task.sent", db)
         self.event_headers = dict(self.events.headers)
         self.event_properties = {"delivery_mode": self.events.delivery_mode, "priority": 0, "body_encoding": "base64"}
         self.event_delivery_info = {"exchange": self.events.exchange.name, "routing_key": "task.sent"}

@@ -82,6 +82,43 @@ def test_the_task_sent_event_reaches_event_consumers(settings, celery_app, broke
     assert body["args"] == repr(["acct_9", "STATE_REFRESH", None])
 
 
+def test_a_celery_event_receiver_hears_the_task_sent_event(settings, celery_app, broker):
+    """Flower and `celery events` listen through Celery's own event receiver, which kombu (5.4 and
+    later) subscribes to the topic of the broker's database number (/0.celeryev/...). The lane
+    published to kombu's prefix unformatted (/{db}.celeryev/...), which no receiver hears: Flower
+    never showed a task a webhook or a re-drive sent until a worker took it."""
+    heard: list[dict[str, Any]] = []
+    receiver: Any = None
+    listening = threading.Event()
+
+    def listen() -> None:
+        nonlocal receiver
+        with celery_app.connection_for_read() as conn:
+            receiver = celery_app.events.Receiver(conn, handlers={"task-sent": heard.append})
+            listening.set()
+            for _ in receiver.itercapture(timeout=60):
+                pass
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert listening.wait(10)
+    sent: set[str] = set()
+
+    def sent_and_heard() -> bool:
+        # Sent until one is heard: the receiver's subscription is in place only once it consumes.
+        sent.add(send(celery_app, "tasks.recompute_account", ["acct_events", "STATE_REFRESH", None]))
+        return any(event["uuid"] in sent for event in heard)
+
+    try:
+        wait_for(sent_and_heard, interval=0.5, message="a task-sent event heard by Celery's event receiver")
+    finally:
+        receiver.should_stop = True
+        thread.join(10)
+        broker.delete(f"{settings.broker_key_prefix}{queues.RECOMPUTE}")
+    event = next(event for event in heard if event["uuid"] in sent)
+    assert event["name"] == "tasks.recompute_account" and event["queue"] == queues.RECOMPUTE
+
+
 def test_a_broker_that_is_down_is_reported_after_one_retry(settings):
     """A webhook waits on this: one retry (SEND_RETRY_POLICY), then BrokerUnavailable, not kombu's
     own reconnect loop. The "broker" accepts connections and drops them at once."""
