@@ -52,7 +52,7 @@ def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
     All or nothing as far as the caller knows: raises BrokerUnavailable if any may be missing."""
     if not calls:
         return
-    if not is_plain_redis(celery_app.conf.broker_url):  # not the product's Redis: Celery's own path
+    if not _lane_serves(celery_app.conf.broker_url):  # not the product's Redis: Celery's own path
         for call in calls:
             _send_task(celery_app, call)
         return
@@ -74,6 +74,13 @@ def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
             except Exception as exc:  # the task is queued all the same: its caller must not hear otherwise
                 log.warning("result backend does not watch task %s (%s); its result may not be seen",
                             call.task_id, exc.__class__.__name__)
+
+
+def _lane_serves(broker_url: str) -> bool:
+    """One Redis server the lane can write to. Not a failover list of brokers (';'-separated, which
+    kombu goes through in turn): redis-py reads the first address of it only and no database number
+    ('/1;redis://...' is none, so database 0), so the lane wrote where no worker reads."""
+    return is_plain_redis(broker_url) and ";" not in broker_url
 
 
 def _send_task(celery_app: Celery, call: TaskCall) -> None:

@@ -149,6 +149,35 @@ def test_a_broker_that_is_down_is_reported_after_one_retry(settings):
     assert attempts == 1 + SEND_RETRY_POLICY["max_retries"]
 
 
+def test_a_failover_list_of_redis_brokers_takes_celerys_own_path(settings):
+    """kombu takes several brokers, ';'-separated, and fails over between them (app/config.py accepts
+    such a list). redis-py reads the first address of it only, and no database number ('/1;redis://...'
+    is no number: database 0): the lane put every task in a database no worker reads, answered
+    "enqueued", and never failed over. Celery's own path publishes where the workers consume."""
+    from urllib.parse import urlsplit
+
+    first = urlsplit(settings.broker_url)._replace(path="/1").geturl()
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: the failover's second broker is down
+    try:
+        app = make_celery(settings.with_overrides(broker_url=f"{first};redis://127.0.0.1:{dead.getsockname()[1]}/1",
+                                                  result_backend=settings.broker_url))
+        task_id = send(app, "tasks.recompute_account", ["acct_failover", "STATE_REFRESH", None])
+    finally:
+        dead.close()
+    queue = f"{settings.broker_key_prefix}{queues.RECOMPUTE}"
+    client, db0 = redis.Redis.from_url(first), redis.Redis.from_url(urlsplit(first)._replace(path="/0").geturl())
+    try:
+        raw = client.rpop(queue)
+        assert isinstance(raw, bytes), "nothing in the queue of the database the workers consume"
+        assert json.loads(raw)["headers"]["id"] == task_id
+    finally:
+        client.delete(queue)
+        db0.delete(queue)
+        client.close()
+        db0.close()
+
+
 def test_other_brokers_take_celerys_own_path(settings):
     """Not the product's broker, but a supported one: send() must still deliver there. kombu's
     in-memory transport, like RabbitMQ's, has no publish batch, so it takes the same path."""
