@@ -18,7 +18,9 @@ class PolicyFileError(Exception):
 def load_policy(path: str | Path | None = None) -> Policy:
     file = Path(path) if path else DEFAULT_POLICY
     try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM (Notepad and other Windows editors write one) is read as none, where TOML
+        # saw a stray character: "Invalid statement (at line 1, column 1)" for a file that looks right.
+        data = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except FileNotFoundError as exc:
         raise PolicyFileError(f"policy file {file} (DUNNING_POLICY) does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8 text

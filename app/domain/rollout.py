@@ -102,6 +102,10 @@ class RolloutPolicy:
 
 
 MAX_ROLLOUT_HOURS = 365 * 24  # a soak or health window longer than a year is a typo
+# The shortest soak: the drift sweep runs every 15 minutes (tasks/schedule.py) and a remediation shows
+# as reverted only at a later sweep, so an hour is four sweeps. Shorter (0 above all), the gate
+# widened at each check that followed a sweep: off -> 100% in about as many sweeps as stages.
+MIN_SOAK_HOURS = 1
 MAX_ROLLOUT_COUNT = 1_000_000
 
 
@@ -131,8 +135,13 @@ def rollout_policy(extra: Mapping[str, Any]) -> RolloutPolicy:
     window = _number(section, "health_window_hours", RolloutPolicy.health_window_hours, MAX_ROLLOUT_HOURS)
     if window <= 0:
         raise PolicyError("rollout.health_window_hours", "must be more than 0")
+    soak = _number(section, "soak_hours", RolloutPolicy.soak_hours, MAX_ROLLOUT_HOURS)
+    if soak < MIN_SOAK_HOURS:
+        raise PolicyError("rollout.soak_hours", f"must be at least {MIN_SOAK_HOURS} hour, got {soak:g}: a stage "
+                          "advances only after its soak with health inside the limits, and a reverted remediation "
+                          "shows only at a later drift sweep (every 15 minutes)")
     return RolloutPolicy(
-        soak_hours=_number(section, "soak_hours", RolloutPolicy.soak_hours, MAX_ROLLOUT_HOURS),
+        soak_hours=soak,
         max_reverted_ratio=_number(section, "max_reverted_ratio", RolloutPolicy.max_reverted_ratio, 1),
         max_errors=int(_number(section, "max_errors", RolloutPolicy.max_errors, MAX_ROLLOUT_COUNT, whole=True)),
         health_window_hours=window,
