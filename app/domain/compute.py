@@ -135,6 +135,7 @@ def _match_level(
     uncollectible: bool,
     attempts: int,
     balance: int,
+    currency: str,
 ) -> tuple[Level, LevelRule | None]:
     for rule in rules:
         if rule.min_days is not None and days < rule.min_days:
@@ -147,7 +148,7 @@ def _match_level(
             continue
         if rule.min_attempts is not None and attempts < rule.min_attempts:
             continue
-        if rule.min_balance is not None and balance < rule.min_balance:
+        if not rule.balance_meets(balance, currency):  # in the invoice's currency's own terms (policy.py)
             continue
         return rule.level, rule
     # DESIGN 4: none is "nothing unpaid". An unpaid invoice no rule matched (a policy whose notice rule
@@ -196,7 +197,8 @@ def _assess(
         stays_run_out=_failed_again_in_bad_debt(in_bad_debt, invoice, failures, policy, days, failure_class,
                                                 attempts_used, balance),
     )
-    level, rule = _match_level(policy.rules, days, failure_class, exhausted, uncollectible, attempts_used, balance)
+    level, rule = _match_level(policy.rules, days, failure_class, exhausted, uncollectible, attempts_used, balance,
+                               invoice.currency)
     rule_facts: dict[str, Any] = {
         "invoice": invoice.id,
         "unpaid_since": iso(unpaid_since),
@@ -345,7 +347,7 @@ def _failed_again_in_bad_debt(in_bad_debt: InBadDebt | None, invoice: Invoice, f
     if began is not None and not any(failure_time(f) >= began for f in failures):
         return False
     level, _ = _match_level(policy.rules, days, failure_class, True, invoice.status == "uncollectible",
-                            attempts_used, balance)
+                            attempts_used, balance, invoice.currency)
     return level == Level.SUSPENDED
 
 
@@ -944,7 +946,7 @@ def _held_level(a: InvoiceAssessment, balance: int, policy: Policy, now: datetim
     below = [rule for rule in policy.rules if rule.level != Level.SUSPENDED]
     days = max(0, (now - a.unpaid_since).days)
     level, _ = _match_level(below, days, a.failure_class, a.exhausted, a.invoice.status == "uncollectible",
-                            a.attempts, balance)
+                            a.attempts, balance, a.invoice.currency)
     return level
 
 

@@ -51,15 +51,28 @@ class LevelRule:
     retries_exhausted: bool | None = None
     marked_uncollectible: bool | None = None
     min_attempts: int | None = None
-    min_balance: int | None = None
+    # Currency code -> minor units of that currency: one number of minor units is no amount in every
+    # currency (500 is $5.00, but 5.00 rupiah or 500 yen). A currency it does not name does not meet
+    # the condition: the rule does not match, and a rule below it (less severe) is tried.
+    min_balance: Mapping[str, int] | None = field(default=None, hash=False)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in sorted(RULE_CONDITIONS):
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, Mapping):
+                out[name] = dict(sorted(value.items()))
+            elif value is not None:
                 out[name] = sorted(value) if isinstance(value, frozenset) else value
         return out
+
+    def balance_meets(self, balance: int, currency: str) -> bool:
+        """Whether ``balance``, in ``currency``'s minor units, meets the rule's min_balance: always
+        without one; never in a currency the rule names no amount for."""
+        if self.min_balance is None:
+            return True
+        bound = self.min_balance.get(currency_code(currency))
+        return bound is not None and balance >= bound
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,12 @@ class Policy:
     def small_balance_threshold_in(self, currency: str) -> int:
         """The small-balance threshold of ``currency``, in its minor units: its own, else the default.
         Stripe writes currency codes in lower case; any case is read as one."""
-        return self.small_balance_thresholds.get(str(currency or "").strip().lower(), self.small_balance_threshold)
+        return self.small_balance_thresholds.get(currency_code(currency), self.small_balance_threshold)
+
+
+def currency_code(currency: str | None) -> str:
+    """A currency as the policy's tables name it: Stripe writes codes in lower case; any case is one."""
+    return str(currency or "").strip().lower()
 
 
 def _expect(cond: bool, key: str, problem: str) -> None:
@@ -179,10 +197,10 @@ def _rule(raw: Any, index: int) -> LevelRule:
     for flag in ("retries_exhausted", "marked_uncollectible"):
         if flag in when:
             _expect(isinstance(when[flag], bool), f"{path}.when.{flag}", "must be true or false")
-    for number, maximum in (("min_days", MAX_RULE_DAYS), ("min_attempts", MAX_RULE_ATTEMPTS),
-                            ("min_balance", MAX_AMOUNT)):
+    for number, maximum in (("min_days", MAX_RULE_DAYS), ("min_attempts", MAX_RULE_ATTEMPTS)):
         if number in when:
             _int(when, number, f"{path}.when", 0, maximum)
+    min_balance = _min_balance(when, f"{path}.when") if "min_balance" in when else None
     if level_name == Level.SUSPENDED.value:
         # Bad debt cancels the subscription: never for being unpaid alone, whatever the days (DESIGN 4).
         _expect(when.get("retries_exhausted") is True or when.get("marked_uncollectible") is True, f"{path}.when",
@@ -194,18 +212,38 @@ def _rule(raw: Any, index: int) -> LevelRule:
         retries_exhausted=when.get("retries_exhausted"),
         marked_uncollectible=when.get("marked_uncollectible"),
         min_attempts=when.get("min_attempts"),
-        min_balance=when.get("min_balance"),
+        min_balance=min_balance,
     )
+
+
+def _min_balance(when: Mapping[str, Any], path: str) -> dict[str, int]:
+    """A rule's min_balance: per currency, as the small-balance thresholds. One number was the same
+    count of minor units in every currency: "at least $50" (5000) was 50 rupiah, or 5000 yen ($33)."""
+    value = when["min_balance"]
+    _expect(isinstance(value, Mapping), f"{path}.min_balance",
+            "must be a table of currency code = amount in that currency's minor units, e.g. "
+            "{ usd = 5000, eur = 5000, jpy = 7500 }: one number of minor units is no amount in every currency "
+            "(500 is $5.00, but 5.00 rupiah or 500 yen); a currency the table does not name does not meet "
+            "the condition")
+    _expect(bool(value), f"{path}.min_balance",
+            "must name at least one currency (leave min_balance out to match any balance)")
+    return _thresholds(when, "min_balance", path)
 
 
 def _always_first(earlier: LevelRule, later: LevelRule) -> bool:
     """Whether every invoice ``later`` matches is matched by ``earlier`` too (so, tried first, it wins).
     Conservative: a condition of ``earlier`` that ``later`` does not imply (or leaves out) says no. A
-    number of 0 always holds (days, attempts and balances are never negative): no condition."""
-    for name in ("min_days", "min_attempts", "min_balance"):
+    number of 0 always holds (days and attempts are never negative): no condition. A min_balance
+    table holds in the currencies it names only: ``later``'s must name no other, each with as much."""
+    for name in ("min_days", "min_attempts"):
         bound, theirs = getattr(earlier, name), getattr(later, name)
         if bound and (theirs is None or theirs < bound):
             return False
+    if earlier.min_balance is not None and (
+            later.min_balance is None
+            or not all(c in earlier.min_balance and amount >= earlier.min_balance[c]
+                       for c, amount in later.min_balance.items())):
+        return False
     if earlier.failure_classes is not None and (later.failure_classes is None
                                                 or not later.failure_classes <= earlier.failure_classes):
         return False

@@ -113,7 +113,8 @@ def policies(draw: st.DrawFn) -> Policy:
             if draw(st.booleans()):
                 when["min_attempts"] = draw(st.integers(0, 5))
             if draw(st.booleans()):
-                when["min_balance"] = draw(st.integers(0, 20_000))
+                when["min_balance"] = draw(st.dictionaries(st.sampled_from(["usd", "eur", "krw", "jpy"]),
+                                                           st.integers(0, 20_000), min_size=1))
             rules.append({"level": level, "when": when})
     consequences = {"small_balance_threshold": draw(st.integers(0, 3000)),
                     "upgrade_max_level": draw(st.sampled_from(["none", "notice", "restrict_premium", "limited"])),
@@ -197,7 +198,8 @@ def test_a_rule_matched_on_attempts_or_balance_names_them_in_its_reason():
     on_attempts = dataclasses.replace(POLICY, rules=(*suspended, LevelRule(Level.LIMITED, min_attempts=4), *below))
     [reason] = [r for r in compute(_retried(4), on_attempts, NOW).reasons if r.rule.startswith("level.")]
     assert (reason.rule, reason.facts["attempts"]) == ("level.limited", 4)
-    on_balance = dataclasses.replace(POLICY, rules=(*suspended, LevelRule(Level.LIMITED, min_balance=4000), *below))
+    on_balance = dataclasses.replace(POLICY, rules=(*suspended, LevelRule(Level.LIMITED, min_balance={"usd": 4000}),
+                                                    *below))
     [reason] = [r for r in compute(_retried(1), on_balance, NOW).reasons if r.rule.startswith("level.")]
     assert (reason.rule, reason.facts["balance"], reason.facts["currency"]) == ("level.limited", 5000, "usd")
     # The default policy's rules read neither: their reasons stay as they were.

@@ -67,8 +67,8 @@ TOO_BIG = [
      "at most 3650"),
     (lambda d: d["consequences"]["rules"][2]["when"].update(min_attempts=10**9),
      "consequences.rules[2].when.min_attempts", "at most"),
-    (lambda d: d["consequences"]["rules"][2]["when"].update(min_balance=2**63 - 1),
-     "consequences.rules[2].when.min_balance", "at most"),
+    (lambda d: d["consequences"]["rules"][2]["when"].update(min_balance={"usd": 2**63 - 1}),
+     "consequences.rules[2].when.min_balance.usd", "at most"),
     (lambda d: d["consequences"].update(small_balance_threshold=2**63 - 1), "consequences.small_balance_threshold",
      "at most"),
 ]

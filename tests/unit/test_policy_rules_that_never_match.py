@@ -64,7 +64,7 @@ def test_a_rule_a_more_severe_one_always_matches_first_is_refused(mutate, key, s
         # a stricter condition on the more severe rule: the later one still matches what it does not
         lambda d: rules(d)[2]["when"].update(failure_classes=["permanent"]),
         lambda d: rules(d)[2]["when"].update(min_attempts=3),
-        lambda d: rules(d)[2]["when"].update(min_balance=10_000),
+        lambda d: rules(d)[2]["when"].update(min_balance={"usd": 10_000}),
         # the same level twice: whichever matches, the level is the same
         lambda d: rules(d).insert(4, {"level": "restrict_premium", "when": {"min_days": 9}}),
         # under a suspended rule: the payment-flow guard holds a suspended invoice at its first rule
