@@ -106,6 +106,11 @@ MAX_ROLLOUT_HOURS = 365 * 24  # a soak or health window longer than a year is a 
 # as reverted only at a later sweep, so an hour is four sweeps. Shorter (0 above all), the gate
 # widened at each check that followed a sweep: off -> 100% in about as many sweeps as stages.
 MIN_SOAK_HOURS = 1
+# The shortest health window, for the same sweeps: a remediation's revert is found by a sweep up to
+# 15 minutes (or a sweep's length) later, and counts only while the remediation is inside the window.
+# Shorter, a revert was forgotten before it was found (the gate never stepped back on reverts), and a
+# sweep longer than the window never counted as a complete one (the gate never advanced).
+MIN_HEALTH_WINDOW_HOURS = 1
 MAX_ROLLOUT_COUNT = 1_000_000
 
 
@@ -133,8 +138,10 @@ def rollout_policy(extra: Mapping[str, Any]) -> RolloutPolicy:
     if unknown:
         raise PolicyError("rollout", f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     window = _number(section, "health_window_hours", RolloutPolicy.health_window_hours, MAX_ROLLOUT_HOURS)
-    if window <= 0:
-        raise PolicyError("rollout.health_window_hours", "must be more than 0")
+    if window < MIN_HEALTH_WINDOW_HOURS:
+        raise PolicyError("rollout.health_window_hours", f"must be at least {MIN_HEALTH_WINDOW_HOURS} hour, got "
+                          f"{window:g}: a remediation counts as reverted when a later drift sweep (every 15 "
+                          "minutes) finds it drifted again, and only while it is inside the window")
     soak = _number(section, "soak_hours", RolloutPolicy.soak_hours, MAX_ROLLOUT_HOURS)
     if soak < MIN_SOAK_HOURS:
         raise PolicyError("rollout.soak_hours", f"must be at least {MIN_SOAK_HOURS} hour, got {soak:g}: a stage "

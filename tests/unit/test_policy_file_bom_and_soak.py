@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from app.domain.policy import PolicyError
-from app.domain.rollout import Health, RolloutStatus, evaluate_gate, rollout_policy
+from app.domain.rollout import Health, RolloutPolicy, RolloutStatus, evaluate_gate, health_since, rollout_policy
 from app.policy_file import DEFAULT_POLICY, PolicyFileError, load_policy
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -61,3 +61,22 @@ def test_an_hour_is_the_shortest_soak_and_the_gate_waits_it_out():
     entered = RolloutStatus(stage="5", held=False, stage_entered_at=NOW - timedelta(minutes=30), revision=4)
     assert evaluate_gate(entered, healthy, limits, NOW).action == "hold"
     assert evaluate_gate(entered, healthy, limits, NOW + timedelta(minutes=30)).action == "advance"
+
+
+@pytest.mark.parametrize("window", [0.01, 0.25, 0.99])
+def test_a_health_window_under_an_hour_stops_start_up_naming_the_key(window: float):
+    """Health counts the remediations inside the window, and a revert is found by a later sweep (every
+    15 minutes): with a window of minutes the remediation had left it by then, the revert was never
+    counted and the gate never stepped back on reverts (nor did a sweep longer than the window ever
+    count as a complete one). 0 was already refused."""
+    with pytest.raises(PolicyError) as info:
+        rollout_policy({"rollout": {"health_window_hours": window}})
+    assert info.value.key == "rollout.health_window_hours"
+    assert "must be at least 1 hour" in info.value.problem
+
+
+def test_an_hour_of_health_window_still_holds_a_remediation_when_the_next_sweep_finds_it_reverted():
+    remediated, found_again = NOW - timedelta(minutes=20), NOW  # the sweep after the next
+    stage = RolloutStatus(stage="10", held=False, stage_entered_at=NOW - timedelta(hours=5), revision=7)
+    assert health_since(stage, rollout_policy({"rollout": {"health_window_hours": 1}}), found_again) <= remediated
+    assert health_since(stage, RolloutPolicy(health_window_hours=0.1), found_again) > remediated  # was accepted
