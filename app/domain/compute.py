@@ -32,7 +32,7 @@ from app.domain.attempts import (
     without_bad_debt_payments,
 )
 from app.domain.decline_codes import classify
-from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, entitlements, full_entitlements
+from app.domain.entitlements import INACTIVE_SUBSCRIPTIONS, billed_products, entitlements, full_entitlements
 from app.domain.mandates import mandates
 from app.domain.policy import LevelRule, Policy
 from app.domain.retry_cadence import (
@@ -524,8 +524,9 @@ def compute(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
 def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     """_compute_full with no unpaid invoice: no assessment, so no level, retry, guard or action."""
     subscriptions = snapshot.subscriptions
-    # Here the state depends on the policy version and the subscriptions' status and products only.
-    key = (policy.version, *[(s.status, s.products) for s in subscriptions]) if subscriptions else policy.version
+    # Here the state depends only on the policy version, the subscriptions' status and products, and
+    # the products only the invoices show (billed_products).
+    key: Any = (policy.version, *[(s.status, s.products) for s in subscriptions]) if subscriptions else policy.version
     if not snapshot.invoices and not snapshot.payment_methods:
         decision = _PLAIN_DECISIONS.get(key)
         if decision is None:
@@ -533,8 +534,11 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
                 state=_plain_state(key, subscriptions, policy), mandates=(), bad_debt=False, resolution="resolved",
                 lifting_since=None, assessments=()))
         return decision
+    billed = billed_products(subscriptions, snapshot.invoices)
+    if billed:
+        key = (key, "billed", billed)
     settled = any(i.status in SETTLED_STATUSES for i in snapshot.invoices)
-    state = _plain_state(key, subscriptions, policy)
+    state = _plain_state(key, subscriptions, policy, billed)
     if snapshot.payment_methods:
         # With nothing unpaid, a card's expiry is the only moment time alone changes the decision
         # (its mandate turns expired): the earliest one is the review.
@@ -584,7 +588,8 @@ def _reviewed_state(state: DunningState, key: Any, card: tuple[int, int]) -> Dun
                      state if review is None else replace(state, next_review_at=review))
 
 
-def _plain_state(key: Any, subscriptions: tuple[Subscription, ...], policy: Policy) -> DunningState:
+def _plain_state(key: Any, subscriptions: tuple[Subscription, ...], policy: Policy,
+                 billed: tuple[str, ...] = ()) -> DunningState:
     state = _PLAIN_STATES.get(key)
     if state is not None:
         return state
@@ -601,7 +606,7 @@ def _plain_state(key: Any, subscriptions: tuple[Subscription, ...], policy: Poli
         unpaid_since=None,
         last_failure_id=None,
         reasons=(Reason("status.current", "nothing unpaid", {}),),
-        entitlements=full_entitlements(subscriptions),
+        entitlements=full_entitlements(subscriptions, billed),
         actions_requested=(),
         policy_version=policy.version,
     ))
@@ -777,7 +782,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         unpaid_since=min((a.unpaid_since for a in assessed), default=None),
         last_failure_id=failure_marker(latest_failure.id, failure_time(latest_failure)) if latest_failure else None,
         reasons=tuple(reasons),
-        entitlements=entitlements(snapshot.subscriptions, [(a.invoice, a.level) for a in assessed], policy),
+        entitlements=entitlements(snapshot.subscriptions, [(a.invoice, a.level) for a in assessed], policy,
+                                  billed_products(snapshot.subscriptions, snapshot.invoices)),
         actions_requested=tuple(sorted(actions)),
         policy_version=policy.version,
         prior_settled_at=_prior_settled_at(snapshot, status),

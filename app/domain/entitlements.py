@@ -72,16 +72,58 @@ def _replaced(invoice: Invoice) -> dict[str, tuple[str, ...]]:
 ACCESS_SEVERITY = [Access.FULL, Access.PREMIUM_OFF, Access.READ_ONLY, Access.WITHHELD, Access.REVOKED]
 
 
+# Invoices that bill nothing: a draft is not issued yet (it may be deleted), a voided one is cancelled.
+NOT_BILLED = frozenset({"draft", "void"})
+
+
+def billed_products(subscriptions: Iterable[Subscription], invoices: Iterable[Invoice]) -> tuple[str, ...]:
+    """The products the account's invoices bill that no subscription the snapshot knows speaks for:
+    those of invoices of no subscription (a one-off purchase), and those of a subscription the
+    mirror does not know (its events not received), whatever the invoices' status. Entitlements are
+    sent whole: a product that only such an invoice shows must stay in them once the invoice is
+    paid, or Account Management takes away what the customer has just paid for.
+
+    A subscription's products as its invoices bill them: those of its latest invoice that is not an
+    upgrade (a renewal or its first invoice bills every item), with what the upgrades since then
+    charge, less what they credit and no longer charge (a product swapped out). An invoice whose
+    lines are not all known only adds (what its other lines charge or credit is not known). Draft
+    and void invoices bill nothing. Known subscriptions' own items decide for them (an ended one
+    grants nothing). Pure and in a set order (invoices by created, then id)."""
+    known = {sub.id for sub in subscriptions}
+    out: dict[str, None] = {}
+    held: dict[str, dict[str, None]] = {}
+    for inv in sorted(invoices, key=lambda i: (i.created, i.id)):
+        if inv.status in NOT_BILLED or (inv.subscription_id is not None and inv.subscription_id in known):
+            continue
+        if inv.subscription_id is None:
+            out.update(dict.fromkeys(inv.products))
+            continue
+        sub = held.setdefault(inv.subscription_id, {})
+        if not inv.is_upgrade and not inv.lines_incomplete:
+            sub.clear()
+        sub.update(dict.fromkeys(inv.products))
+        if inv.is_upgrade and not inv.lines_incomplete:
+            for product in inv.credited_products:
+                if product not in inv.products:
+                    sub.pop(product, None)
+    for sub_products in held.values():
+        out.update(sub_products)
+    return tuple(out)
+
+
 def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[Invoice, Level]],
-                 policy: Policy) -> dict[str, Any]:
+                 policy: Policy, billed: Iterable[str] = ()) -> dict[str, Any]:
     """Every product the account has, at the access its unpaid invoices' levels allow; products
-    on no unpaid invoice keep full access (an annual product already paid stays untouched)."""
+    on no unpaid invoice keep full access (an annual product already paid stays untouched).
+    ``billed``: the products only its invoices show (``billed_products``), the account's as well."""
     products: dict[str, Access] = {}
     subscriptions = list(subscriptions)
     for sub in subscriptions:
         if sub.status not in INACTIVE_SUBSCRIPTIONS:
             for product in sub.products:
                 products.setdefault(product, Access.FULL)
+    for product in billed:
+        products.setdefault(product, Access.FULL)
     # A subscription canceled (or expired) while its invoice is unpaid grants nothing any more: its
     # products are revoked, not the level's access (full at notice would give back, to a customer who
     # did not pay, what the cancellation ended). A product another, active subscription also carries
@@ -115,11 +157,14 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
     return {"products": {p: products[p].value for p in sorted(products)}, "plan_changes": plan_changes}
 
 
-def full_entitlements(subscriptions: Iterable[Subscription]) -> dict[str, Any]:
-    """``entitlements`` with nothing unpaid: every product of an active subscription in full."""
+def full_entitlements(subscriptions: Iterable[Subscription], billed: Iterable[str] = ()) -> dict[str, Any]:
+    """``entitlements`` with nothing unpaid: every product of an active subscription, and every one
+    only the invoices show (``billed``), in full."""
     products: dict[str, None] = {}
     for sub in subscriptions:
         if sub.status not in INACTIVE_SUBSCRIPTIONS:
             for product in sub.products:
                 products[product] = None
+    for product in billed:
+        products[product] = None
     return {"products": {p: Access.FULL.value for p in sorted(products)}, "plan_changes": True}
