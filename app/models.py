@@ -421,6 +421,10 @@ class Outbox(Base):
         Index("ix_outbox_pending_by_id", "id", postgresql_where=text("delivered_at IS NULL")),
         # Retention removes the rows done with, oldest first (app/history/prune.py).
         Index("ix_outbox_done", "delivered_at", postgresql_where=text("delivered_at IS NOT NULL")),
+        # The relay sends no upgrade revert after a delivered cancellation of its subscription
+        # (app/outbox/relay.py, _after_cancellation).
+        Index("ix_outbox_cancellations_delivered", "account_id",
+              postgresql_where=text("event_type = 'CancellationRequested' AND state = 'delivered'")),
     )
 
 

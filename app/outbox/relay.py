@@ -13,9 +13,11 @@ Management being down, slow or failing never slows it: the backlog grows and dra
 
 A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
 before it is sent: one no longer requested, or a cancellation from a bad-debt episode that has ended,
-is marked superseded instead (the reason stays on the row). So is an EntitlementsChanged whose account's
-next call is a newer one, and a blocked one (below) once a newer one of the account waits: entitlements
-are sent whole, the newer one says it all, and a backlog ends in one call with the newest. A
+is marked superseded instead (the reason stays on the row), as is an upgrade revert of a subscription
+whose cancellation Account Management has taken (``_after_cancellation``). So is an EntitlementsChanged
+whose account's next call is a newer one, and a blocked one (below) once a newer one of the account
+waits: entitlements are sent whole, the newer one says it all, and a backlog ends in one call with the
+newest. A
 lifecycle request of an account paying its bad debt right now waits (``_held_now``) until the payment's
 outcome: the recompute that takes it away runs after the charge has begun.
 
@@ -348,6 +350,39 @@ def _replaced_by_newer_entitlements(engine: Engine, account_id: str, row_id: int
     if blocked:
         return f"superseded: refused as wrong, and {newest} replace it"
     return f"superseded: {newest} are next and replace it"
+
+
+# The account's latest cancellation of a subscription that Account Management took (a 2xx), read from
+# the partial index of delivered cancellations (ix_outbox_cancellations_delivered): no other history.
+CANCELLATION_DELIVERED_SQL = """
+SELECT id, delivered_at FROM outbox
+ WHERE account_id = %(account)s AND event_type = 'CancellationRequested' AND state = 'delivered'
+   AND payload->>'subscription_id' = %(subscription)s
+ ORDER BY id DESC
+ LIMIT 1
+"""
+
+
+def _after_cancellation(engine: Engine, account_id: str, event_type: str, payload: dict[str, Any]) -> str | None:
+    """Why an upgrade's revert must not be sent, or None: Account Management has taken a cancellation
+    of its subscription. compute never asks for both at once (the cancellation supersedes the
+    revert: upgrade.revert_superseded), but the account asks for the revert again when its bad debt
+    ends otherwise (an invoice voided) while the upgrade is still unpaid and the mirror still shows
+    the subscription active (Stripe's subscription.deleted comes once the workflow has cancelled it).
+    A revert of a subscription being cancelled is meaningless, and Account Management may refuse it,
+    blocking the account's later rows. Superseded, not held: nothing undoes a delivered cancellation.
+    Delivered rows are kept HISTORY_RETENTION_DAYS: a cancellation older than that is not seen."""
+    subscription = payload.get("subscription_id")
+    if event_type != "UpgradeRevertRequested" or not subscription:
+        return None
+    with engine.connect() as conn:
+        cancelled = conn.exec_driver_sql(CANCELLATION_DELIVERED_SQL, {
+            "account": account_id, "subscription": str(subscription)}).first()
+    if cancelled is None:
+        return None
+    return (f"superseded: revert:{payload.get('invoice_id')} follows the cancellation of {subscription} "
+            f"delivered at {cancelled[1].isoformat()} (outbox {cancelled[0]}): the subscription is being "
+            f"cancelled, no upgrade of it is reverted")
 
 
 def _held_now(engine: Engine, account_id: str, event_type: str, payload: dict[str, Any]) -> str | None:
@@ -741,7 +776,8 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
                 cut = True
                 break  # the rest waits for the next pass, still in order
             skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
-                    or _superseded_now(engine, account_id, event_type, payload or {}, created_at))
+                    or _superseded_now(engine, account_id, event_type, payload or {}, created_at)
+                    or _after_cancellation(engine, account_id, event_type, payload or {}))
             held = None if skip else _held_now(engine, account_id, event_type, payload or {})
             if held:
                 with unit_of_work(engine) as conn:

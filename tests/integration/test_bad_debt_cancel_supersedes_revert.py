@@ -103,3 +103,49 @@ def test_a_revert_delivered_before_the_cancellation_is_not_sent_again(client, ac
     assert outbox(engine, account).count("UpgradeRevertRequested") == 1
     relay(engine, fake_am.url)
     assert requests(fake_am, account) == [("revert_upgrade", upgrade_invoice), ("cancel", subscription)]
+
+
+def voided(customer: str, subscription: str, invoice: str, at: int) -> dict[str, Any]:
+    evt = event("invoice.voided", id=invoice, customer=customer, created=at, billing_reason="subscription_cycle",
+                status="void", amount_due=1000, amount_remaining=0, amount_paid=0, total=1000,
+                paths={"created": at - 30 * DAY, "parent.subscription_details.subscription": subscription})
+    return with_product(evt, "prod_core", 1000)
+
+
+def test_a_revert_requested_after_the_cancellation_was_delivered_is_not_sent(
+        client, accounts, engine, runtime, fake_am):
+    """The cancellation of the subscription went to Account Management; then the bad debt ended
+    otherwise (its invoice voided) with the subscription not yet cancelled at Stripe and its upgrade
+    still unpaid, so the account asks for the revert again. A revert of a subscription Account
+    Management has been asked to cancel is meaningless (and may be refused, blocking the account's
+    rows): it is superseded with a note naming the cancellation, never sent."""
+    account, customer = accounts.create()
+    subscription, now = unique("sub"), int(time.time())
+    regular_invoice, regular_evt = regular(customer, subscription, now - 30 * DAY)
+    _, upgrade_evt = upgrade(customer, subscription, now - 25 * DAY)
+    for evt in (regular_evt, upgrade_evt):
+        assert post_event(client, evt).status_code == 200
+    assert recompute(engine, runtime, account)["status"] == "bad_debt"
+    relay(engine, fake_am.url)
+    assert requests(fake_am, account) == [("cancel", subscription)]
+
+    assert post_event(client, voided(customer, subscription, regular_invoice, now)).status_code == 200
+    assert recompute(engine, runtime, account)["status"] == "past_due"
+    assert outbox(engine, account).count("UpgradeRevertRequested") == 1  # the account asks for it again
+    report = relay(engine, fake_am.url)
+    assert requests(fake_am, account) == [("cancel", subscription)]
+    assert report.superseded >= 1
+    with engine.connect() as conn:
+        revert = conn.exec_driver_sql("SELECT state, attempts, last_error FROM outbox WHERE account_id = %(a)s AND "
+                                      "event_type = 'UpgradeRevertRequested'", {"a": account}).one()
+    assert revert.state == "superseded" and revert.attempts == 0
+    assert f"the cancellation of {subscription}" in revert.last_error and "delivered" in revert.last_error
+
+
+def test_looking_for_a_delivered_cancellation_reads_no_other_history(engine):
+    from app.outbox.relay import CANCELLATION_DELIVERED_SQL
+    from tests.integration.test_outbox_relay import plan_over_delivered_history
+
+    plan = plan_over_delivered_history(engine, "acct_cancelled_", 50, CANCELLATION_DELIVERED_SQL,
+                                       {"account": "acct_cancelled_1", "subscription": "sub_1"})
+    assert "ix_outbox_cancellations_delivered" in plan and "Seq Scan" not in plan, plan
