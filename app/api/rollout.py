@@ -4,7 +4,8 @@ GET  /ops/rollout   stage, hold, last gate decision, health, history
 POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "...",
                      "from_stage": "...", "revision": N}  (the stage the change was decided from, required to
                      advance; the revision GET showed, the change then made at that revision only)
-                    or {"action": "name", "accounts": [...], "reason": "...", "actor": "..."}
+                    or {"action": "name", "accounts": [...], "reason": "...", "actor": "...",
+                        "from_stage": "...", "revision": N}  (both optional: the naming made there only)
 GET  /ops/lifting   accounts in lifting longer than the guard window
 
 A change is recorded with the authenticated principal as its actor (g.actor, set by
@@ -89,6 +90,16 @@ def rollout_change() -> ResponseReturnValue:
         if problem:
             return _bad(f"actor {problem}")
         requested_by = stated.strip() if stated.strip() != actor else None
+    # The stage the caller decided from (GET's "stage" or "stage_label") and the revision GET showed: the
+    # change (a naming too) is made only there, so an advance racing the gate's (or another one) widens
+    # once, not twice, and of two namings decided at one revision the second is refused, not lost.
+    from_stage = body.get("from_stage")
+    if from_stage is not None and not isinstance(from_stage, str):
+        return _bad("from_stage must be a stage, as GET /ops/rollout shows it (e.g. \"5\")")
+    revision = body.get("revision")
+    if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int)):
+        return _bad("revision must be the rollout's revision as GET /ops/rollout shows it (a whole "
+                    "number)")
     now = datetime.now(UTC)
     try:
         with unit_of_work(runtime().engine) as conn:
@@ -101,17 +112,9 @@ def rollout_change() -> ResponseReturnValue:
                 unfit = next((p for p in map(_text_problem, accounts) if p), None)
                 if unfit is not None:
                     return _bad(f"accounts must be account ids: one {unfit}")
-                store.set_named_accounts(conn, accounts, actor, reason, now, requested_by)
+                store.set_named_accounts(conn, accounts, actor, reason, now, requested_by, from_stage=from_stage,
+                                         revision=revision)
             else:
-                # The stage the caller decided from (GET's "stage" or "stage_label"): the change is made
-                # only from it, so an advance racing the gate's (or another one) widens once, not twice.
-                from_stage = body.get("from_stage")
-                if from_stage is not None and not isinstance(from_stage, str):
-                    return _bad("from_stage must be a stage, as GET /ops/rollout shows it (e.g. \"5\")")
-                revision = body.get("revision")
-                if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int)):
-                    return _bad("revision must be the rollout's revision as GET /ops/rollout shows it (a whole "
-                                "number)")
                 store.change(conn, action, actor, reason, now, requested_by=requested_by, from_stage=from_stage,
                              revision=revision)
             view = _view(conn, now)

@@ -234,12 +234,7 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
         raise RolloutInputError("an advance must say the stage it was decided from (from_stage, or --from "
                                 "on the command line), so that two advances from one stage widen it once")
     before = read_state(conn, for_update=True)
-    if expected is not None and before.stage != expected:
-        raise RolloutError(f"the rollout is at {label(before.stage)} now, not {label(expected)} as this {action} "
-                           f"was decided from{_last_change(conn)}; nothing changed: look at the rollout again "
-                           "and decide from where it is")
-    if decided_at is not None and decided_at != before.revision:
-        raise RolloutError(_changed_since(conn, before, action, decided_at))
+    _check_decided(conn, before, action, expected, decided_at)
     if decided_at is None and expected is not None and action in WIDENING:
         refused = _left_and_back(conn, before, action)
         if refused is not None:
@@ -276,12 +271,32 @@ def change(conn: Connection, action: str, actor: str | None, reason: str | None,
     return before, read_state(conn)
 
 
+def _check_decided(conn: Connection, before: RolloutRow, action: str, expected: str | None,
+                   decided_at: int | None) -> None:
+    """RolloutError when the rollout (``before``, read under the row lock) is no longer where the change
+    was decided: at another stage than ``expected``, or at another revision than ``decided_at``."""
+    if expected is not None and before.stage != expected:
+        raise RolloutError(f"the rollout is at {label(before.stage)} now, not {label(expected)} as this {action} "
+                           f"was decided from{_last_change(conn)}; nothing changed: look at the rollout again "
+                           "and decide from where it is")
+    if decided_at is not None and decided_at != before.revision:
+        raise RolloutError(_changed_since(conn, before, action, decided_at))
+
+
 def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None, reason: str | None,
-                       now: datetime, requested_by: str | None = None) -> RolloutRow:
+                       now: datetime, requested_by: str | None = None, from_stage: str | None = None,
+                       revision: int | None = None) -> RolloutRow:
+    """Set the named accounts (the whole list). ``from_stage`` and ``revision``, when given, are where
+    the naming was decided (as for ``change``): when the rollout is at another stage, or at another
+    revision, by the time the naming holds the row (the gate widened to 5% meanwhile, another operator
+    named other accounts), nothing changes and RolloutError (409) says what changed."""
     actor = _required(actor, "actor")
     reason = _required(reason, "a reason")
+    expected = None if from_stage is None else parse_stage(from_stage)
+    decided_at = None if revision is None else parse_revision(revision)
     cleaned = sorted({a.strip() for a in accounts if a.strip()})
     before = read_state(conn, for_update=True)
+    _check_decided(conn, before, "naming", expected, decided_at)
     # At the named stage, naming an account not named before is new exposure: the stage starts again,
     # soak and health with it. Else the soak run without it, and the sweeps that ran then, let the
     # gate widen to 5% at its next check after the naming, the new accounts remediated for minutes.

@@ -156,8 +156,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     try:
         with unit_of_work(rt.engine) as conn:
             if action == "name":
-                named = store.set_named_accounts(conn, args.accounts, args.actor, args.reason, now).named_accounts
-                print(f"named accounts: {', '.join(named) or '-'}; recorded by {args.actor}")
+                after = store.set_named_accounts(conn, args.accounts, args.actor, args.reason, now,
+                                                 from_stage=args.from_stage, revision=args.revision)
+                print(f"named accounts: {', '.join(after.named_accounts) or '-'}; recorded by {args.actor}; "
+                      f"revision {after.revision}")
             elif action != "status":
                 before, after = store.change(conn, action, args.actor, args.reason, now, from_stage=args.from_stage,
                                              revision=args.revision)
@@ -238,6 +240,12 @@ def add_commands(sub: Any) -> None:
     named.add_argument("accounts", nargs="*")
     named.add_argument("--reason")
     named.add_argument("--actor", default=_default_actor())
+    named.add_argument("--from", dest="from_stage", metavar="STAGE",
+                       help="the stage you decided at, as `rollout status` shows it (named, 5%% ...): nothing "
+                            "changes if the rollout is elsewhere by then (the gate widened meanwhile)")
+    named.add_argument("--revision", type=_revision, metavar="N",
+                       help="the rollout's revision you decided at, as `rollout status` shows it: nothing changes "
+                            "if the rollout changed since (another naming included)")
     named.set_defaults(handler=cmd_rollout, history=10, json=False)
 
 
