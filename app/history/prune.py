@@ -11,8 +11,13 @@ bad_debt_payment and bad_debt_episode are records of money and of decisions):
   at start to be at least that long: ``check_retention``), which keeps the errors the current
   stage's gate counts. A sweep still running keeps its rows, and so do its errors and drift.
 * ``outbox`` rows the relay is done with (``delivered_at``: delivered, superseded or skipped): the
-  relay, ``dunning outbox`` and /ops/outbox read the undelivered ones only. Their ids are never
-  reused (a sequence), so the idempotency key ``outbox-<id>`` stays unique.
+  relay, ``dunning outbox`` and /ops/outbox read the undelivered ones only, except the delivered
+  cancellations, which are kept whatever their age: before it sends an upgrade's revert the relay
+  looks for a cancellation of its subscription that Account Management took (relay.py
+  _after_cancellation), and the account may ask for that revert long after (the mirror shows the
+  subscription active until the lifecycle workflow has cancelled it, at an annual plan's end); they
+  are a few per account that was in bad debt. Ids are never reused (a sequence), so the
+  idempotency key ``outbox-<id>`` stays unique.
 * ``subs_stuck_events`` rows ``resolved`` (by ``resolved_at``): decisions read the retrying and dead
   ones (recompute's open stuck count, the re-drives, the gate's failed remediations), and an alert
   is deduplicated against the unresolved ones only. The support page lists the unresolved first.
@@ -49,6 +54,10 @@ BATCH_SIZE = 5_000
 OF_NO_RUNNING_SWEEP = "NOT EXISTS (SELECT 1 FROM sweep_run r WHERE r.id = t.sweep_id AND r.state = 'running')"
 
 
+# Delivered cancellations: the relay reads them (CANCELLATION_DELIVERED_SQL), whatever their age.
+KEPT_OUTBOX = "t.event_type = 'CancellationRequested' AND t.state = 'delivered'"
+
+
 @dataclass(frozen=True)
 class History:
     table: str
@@ -61,7 +70,8 @@ HISTORIES: tuple[History, ...] = (
     History("sweep_error", "at", OF_NO_RUNNING_SWEEP, read_by_gate=True),
     History("drift_record", "found_at", OF_NO_RUNNING_SWEEP, read_by_gate=True),
     History("sweep_run", "finished_at", "t.state <> 'running'", read_by_gate=True),
-    History("outbox", "delivered_at", "t.state IN ('delivered', 'superseded', 'skipped')", read_by_gate=False),
+    History("outbox", "delivered_at", f"t.state IN ('delivered', 'superseded', 'skipped') AND NOT ({KEPT_OUTBOX})",
+            read_by_gate=False),
     History("subs_stuck_events", "resolved_at", "t.state = 'resolved'", read_by_gate=False),
 )
 TABLES = tuple(h.table for h in HISTORIES)

@@ -371,7 +371,7 @@ def _after_cancellation(engine: Engine, account_id: str, event_type: str, payloa
     the subscription active (Stripe's subscription.deleted comes once the workflow has cancelled it).
     A revert of a subscription being cancelled is meaningless, and Account Management may refuse it,
     blocking the account's later rows. Superseded, not held: nothing undoes a delivered cancellation.
-    Delivered rows are kept HISTORY_RETENTION_DAYS: a cancellation older than that is not seen."""
+    History retention keeps the delivered cancellations whatever their age (app/history/prune.py)."""
     subscription = payload.get("subscription_id")
     if event_type != "UpgradeRevertRequested" or not subscription:
         return None
