@@ -107,6 +107,10 @@ class Dunning(Base):
     # current, kept through a dunning): an earlier dunning's, whatever a backdated unpaid_since says
     # (DunningResolved).
     prior_settled_at: Mapped[datetime | None]
+    # The failure markers PaymentFailed has announced, of the debt still unpaid (each failure is
+    # announced once, in whatever order its webhooks came). NULL: a row from before it was kept
+    # (every failure not newer than last_failure_id was announced).
+    announced_failures: Mapped[list[Any] | None]
     version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     last_trigger: Mapped[str | None] = mapped_column(Text)
     changed_at: Mapped[datetime] = mapped_column(server_default=NOW)

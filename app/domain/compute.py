@@ -761,8 +761,12 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     paying_it = [f for f in bad_debt_intents(snapshot) if debt_since is not None and failure_time(f) >= debt_since]
     failures = list({f.id: f for f in (*(f for a in assessed for f in own.get(a.invoice.id, ())),
                                        *paying_it) if f.failed}.values())
-    latest_failure = max(failures, key=_failure_order) if failures else None
+    failures.sort(key=_failure_order)
+    latest_failure = failures[-1] if failures else None
     current_class = _latest_class(assessed)
+    # Every failure of the debt, oldest first: the change storing this decision announces each one
+    # not announced yet (events.derive_events), so all of them are announced once it is stored.
+    markers = tuple(failure_marker(f.id, failure_time(f)) for f in failures)
 
     state = DunningState(
         next_review_at=_next_review(assessed, policy, now,
@@ -787,6 +791,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         actions_requested=tuple(sorted(actions)),
         policy_version=policy.version,
         prior_settled_at=_prior_settled_at(snapshot, status),
+        announced_failures=markers,
     )
     bad_debt_products: tuple[str, ...] = ()
     bad_debt_reason = None
@@ -812,9 +817,8 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         last_failure_class=classify(latest_failure.decline_code, latest_failure.failure_code,
                                     latest_failure.advice_code).value if latest_failure else None,
         stored_failure_at=_stored_failure_at(snapshot, latest_failure),
-        failures=tuple((failure_marker(f.id, failure_time(f)),
-                        classify(f.decline_code, f.failure_code, f.advice_code).value)
-                       for f in sorted(failures, key=_failure_order)),
+        failures=tuple((marker, classify(f.decline_code, f.failure_code, f.advice_code).value)
+                       for marker, f in zip(markers, failures, strict=True)),
         assessments=tuple(assessed),
     )
 

@@ -32,8 +32,10 @@ class DunningEntered(DomainEvent):
 
 @dataclass(frozen=True)
 class PaymentFailed(DomainEvent):
-    """A failed payment newer than the last one announced. ``attempt_id`` names its attempt (the
-    payment intent, which carries every retry of its invoice), ``failure_class`` is that failure's."""
+    """A failed payment not announced before, once, whatever the order its webhooks came in (an
+    older failure learned after a newer one was announced too). ``attempt_id`` names its attempt
+    (the payment intent, which carries every retry of its invoice), ``failure_class`` is that
+    failure's."""
 
     attempt_id: str
     failure_class: str | None
@@ -123,7 +125,7 @@ def derive_events(
             unpaid_since=desired.unpaid_since.isoformat() if desired.unpaid_since else None,
             failure_class=desired.failure_class,
         ))
-    for marker, failure_class in _unannounced_failures(before.last_failure_id, decision):
+    for marker, failure_class in _unannounced_failures(before, decision):
         attempt_id, _ = parse_failure_marker(marker)
         events.append(PaymentFailed(attempt_id=attempt_id, failure_class=failure_class))
 
@@ -173,12 +175,43 @@ def derive_events(
     return events
 
 
-def _unannounced_failures(stored: str | None, decision: Decision) -> list[tuple[str, str | None]]:
-    """The failures to announce, oldest first: (failure_marker, class). None unless the latest is
-    newer than the one stored (announced last); then every failure newer than that one, since one
-    recompute may first see several (renewals of two subscriptions declined together, their
-    webhooks coalesced), and the next compares with the latest only. A stored plain attempt id
-    (written before markers carried a time) announces the latest only, as before."""
+def _unannounced_failures(before: DunningState, decision: Decision) -> list[tuple[str, str | None]]:
+    """The failures to announce, oldest first: (failure_marker, class). Each failure of the decision
+    not among those the stored state announced (announced_failures), however old: one recompute may
+    first see several (renewals of two subscriptions declined together, their webhooks coalesced),
+    and an older failure may be learned after a newer one was announced (its webhooks late). A
+    failure whose invoice was settled is no failure of the decision: never announced again."""
+    announced = before.announced_failures
+    if announced is None:
+        return _newer_than_last_announced(before.last_failure_id, decision)
+    found: list[tuple[str, str | None]] = [(m, c) for m, c in decision.failures if not _announced(m, announced)]
+    latest = decision.state.last_failure_id
+    if latest and not any(m == latest for m, _ in decision.failures) and not _announced(latest, announced):
+        # A decision built without its failures (hand-made in a test) still announces its latest.
+        found.append((latest, decision.last_failure_class))
+    return found
+
+
+def _announced(marker: str, announced: tuple[str, ...]) -> bool:
+    """Whether the failure ``marker`` names was announced: its marker is in ``announced``, or one of
+    the same attempt at a later time (the attempt's row keeps its latest failure only: that failure,
+    announced, covers an earlier one of the same intent seen again)."""
+    if marker in announced:
+        return True
+    attempt_id, failed_at = parse_failure_marker(marker)
+    for other in announced:
+        other_id, other_at = parse_failure_marker(other)
+        if other_id == attempt_id and (failed_at is None or (other_at is not None and other_at >= failed_at)):
+            return True
+    return False
+
+
+def _newer_than_last_announced(stored: str | None, decision: Decision) -> list[tuple[str, str | None]]:
+    """For a row stored before announced_failures was kept: its last_failure_id was the latest failure
+    announced, and every failure not newer than it counts as announced (so none is announced twice
+    on the first recompute after the upgrade). None unless the latest is newer than the one stored;
+    then every failure newer than that one. A stored plain attempt id (written before markers
+    carried a time) announces the latest only, as before."""
     latest = decision.state.last_failure_id
     if not latest or not _newer_failure(latest, stored, decision.stored_failure_at):
         return []

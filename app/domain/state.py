@@ -135,6 +135,14 @@ class DunningState:
     # failure, is the new dunning's. None when none was settled, and in rows from before it was kept
     # (compute._resolution then goes by unpaid_since alone).
     prior_settled_at: datetime | None = None
+    # The failures PaymentFailed has announced that are still part of the debt: the failure_marker of
+    # each failure the decision sees (Decision.failures), as they are all announced by the change
+    # that stores them. A failure not in it (nor an earlier failure of an attempt in it) is news,
+    # however old: one learned late, its webhook delivered after a newer one's was announced, is
+    # announced then. Bounded by the debt's failures: a failure whose invoice is settled leaves it.
+    # None: a row from before it was kept, whose last_failure_id was the latest announced (every
+    # failure not newer than it counts as announced: events._unannounced_failures).
+    announced_failures: tuple[str, ...] | None = ()
 
     def changed_fields(self, other: DunningState | None) -> list[str]:
         """Names of the fields where ``other`` (the stored state) differs from this one."""
@@ -164,6 +172,8 @@ class DunningState:
                 value = list(value)
             elif f.name == "outstanding":
                 value = outstanding_json(value)
+            elif f.name == "announced_failures":
+                value = list(value) if value is not None else None
             out[f.name] = value
         return out
 
@@ -188,7 +198,16 @@ class DunningState:
             policy_version=row["policy_version"],
             next_review_at=row.get("next_review_at"),
             prior_settled_at=row.get("prior_settled_at"),
+            announced_failures=announced_failures_of(row.get("announced_failures"), row["last_failure_id"]),
         )
+
+
+def announced_failures_of(value: Any, last_failure_id: str | None) -> tuple[str, ...] | None:
+    """The stored announced_failures. NULL is a row from before the column: with no last_failure_id
+    nothing of its debt was announced (()), else the failures not newer than it were (None)."""
+    if value is not None:
+        return tuple(str(m) for m in value)
+    return () if last_failure_id is None else None
 
 
 def outstanding_json(value: tuple[tuple[str, int], ...] | None) -> list[dict[str, Any]] | None:

@@ -18,7 +18,7 @@ from app.domain.snapshot import Snapshot
 from app.domain.state import DunningState, MandateState, Status
 from app.recompute.emit import outbox_insert
 
-JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested", "outstanding"})
+JSON_COLUMNS = frozenset({"reasons", "entitlements", "actions_requested", "outstanding", "announced_failures"})
 BAD_DEBT_STATES = (Status.BAD_DEBT, Status.LIFTING)
 
 
@@ -29,8 +29,10 @@ class Applied:
     version: int
     mandates_changed: int = 0
     bad_debt_flag_changed: bool = False
-    episode: str | None = None  # "opened" | "closed"
-    episode_products: tuple[str, ...] = ()  # the products of the episode opened or closed
+    episode: str | None = None  # "opened" | "joined" | "closed"
+    # The products of the episode opened or closed; of one joined, the products that joined it.
+    episode_products: tuple[str, ...] = ()
+    episode_reason: str | None = None  # of an episode joined: its reason (its entry's)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -81,9 +83,28 @@ def _write_mandates(conn: Connection, account_id: str, stored: tuple[MandateStat
     return len(changed)
 
 
+# A product in bad debt that the open episode does not hold yet (another invoice suspended while the
+# account is in bad debt) joins it: the episode's products are every product in bad debt during it, as
+# its exit counts them. Returns the episode's reason and its products before (none when nothing joined).
+JOIN_EPISODE_SQL = """
+WITH ep AS (
+  SELECT id, CASE WHEN jsonb_typeof(products) = 'array' THEN products ELSE '[]'::jsonb END AS products
+    FROM bad_debt_episode WHERE account_id = %(account)s AND exited_at IS NULL FOR UPDATE
+)
+UPDATE bad_debt_episode e
+   SET products = (SELECT jsonb_agg(p ORDER BY p) FROM (
+                     SELECT jsonb_array_elements_text(ep.products)
+                     UNION SELECT jsonb_array_elements_text(%(products)s::jsonb)) AS x(p))
+  FROM ep
+ WHERE e.id = ep.id AND NOT ep.products @> %(products)s::jsonb
+RETURNING e.reason, ep.products
+"""
+
+
 def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
-             now: datetime) -> tuple[str | None, tuple[str, ...]]:
-    """Open or close the account's bad-debt episode: ("opened" | "closed" | None, its products)."""
+             now: datetime) -> tuple[str | None, tuple[str, ...], str | None]:
+    """Open, join or close the account's bad-debt episode: ("opened" | "joined" | "closed" | None,
+    its products (of "joined": the products that joined), the reason of an episode joined)."""
     before = snapshot.stored.status if snapshot.stored else Status.CURRENT
     after = decision.state.status
     # Entering bad debt, also straight into lifting (a bad-debt payment still in flight: derive_events'
@@ -95,7 +116,7 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
             {"account": snapshot.account_id, "now": now, "reason": entry_reason(decision),
              "class": decision.bad_debt_failure_class, "products": Json(list(decision.bad_debt_products))},
         )
-        return "opened", decision.bad_debt_products
+        return "opened", decision.bad_debt_products, None
     if before in BAD_DEBT_STATES and after not in BAD_DEBT_STATES and snapshot.open_episode_entered_at is not None:
         # The decision has no bad-debt products any more: the episode remembers which they were.
         closed = conn.exec_driver_sql(
@@ -106,8 +127,15 @@ def _episode(conn: Connection, snapshot: Snapshot, decision: Decision,
             {"account": snapshot.account_id, "now": now,
              "how": decision.bad_debt_resolution or decision.resolution or "recomputed"},
         ).fetchall()
-        return "closed", tuple(sorted({str(p) for (products,) in closed for p in products or ()}))
-    return None, ()
+        return "closed", tuple(sorted({str(p) for (products,) in closed for p in products or ()})), None
+    if (before in BAD_DEBT_STATES and after in BAD_DEBT_STATES and snapshot.open_episode_entered_at is not None
+            and decision.bad_debt_products):
+        joined = conn.exec_driver_sql(JOIN_EPISODE_SQL, {"account": snapshot.account_id,
+                                                         "products": Json(list(decision.bad_debt_products))}).first()
+        if joined is not None:
+            reason, held = joined
+            return "joined", tuple(sorted(set(decision.bad_debt_products) - {str(p) for p in held})), str(reason)
+    return None, (), None
 
 
 OPEN_EPISODE_REASON_SQL = """
@@ -139,11 +167,12 @@ def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: D
     events: list[DomainEvent] = []
     episode: str | None = None
     episode_products: tuple[str, ...] = ()
+    episode_reason: str | None = None
     if changed:
         version = stored_version + 1
         events = derive_events(snapshot.stored, decision, now, snapshot.open_episode_entered_at,
                                _open_episode_reason(conn, snapshot, decision))
-        episode, episode_products = _episode(conn, snapshot, decision, now)
+        episode, episode_products, episode_reason = _episode(conn, snapshot, decision, now)
         # The state and its events in one round trip: two statements in one execute (its parameters
         # agree: the same account, version and time).
         sql, params = _state_write(snapshot, decision, changed, version, trigger, now)
@@ -158,4 +187,5 @@ def apply(conn: Connection, snapshot: Snapshot, stored_version: int, decision: D
                              {"flag": decision.bad_debt, "account": snapshot.account_id})
     mandates = _write_mandates(conn, snapshot.account_id, snapshot.stored_mandates, decision.mandates, now)
     return Applied(changed_fields=changed, events=events, version=version, mandates_changed=mandates,
-                   bad_debt_flag_changed=flag_changed, episode=episode, episode_products=episode_products)
+                   bad_debt_flag_changed=flag_changed, episode=episode, episode_products=episode_products,
+                   episode_reason=episode_reason)

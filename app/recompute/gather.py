@@ -39,7 +39,7 @@ SELECT
   (SELECT json_build_array(d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id,
           d.retry_payment_method_id, d.retry_free, d.retries_used, d.outstanding_amount, d.unpaid_since,
           d.last_failure_id, d.reasons, d.entitlements, d.actions_requested, d.policy_version, d.next_review_at,
-          d.prior_settled_at, d.outstanding, d.version, d.changed_at)
+          d.prior_settled_at, d.outstanding, d.announced_failures, d.version, d.changed_at)
      FROM subs_dunning d WHERE d.account_id = a.account_id) AS dunning,
   (SELECT json_agg(json_build_array(i.id, i.status, i.billing_reason, i.subscription_id, i.amount_due,
           i.amount_paid, i.amount_remaining, i.created, i.lines, i.currency, i.total, i.credited_amount,
@@ -117,7 +117,7 @@ PREPARED_FLAG = "dunning_gather_prepared"
 DUNNING_COLUMNS = ("status", "level", "failure_class", "next_retry_at", "retry_invoice_id",
                    "retry_payment_method_id", "retry_free", "retries_used", "outstanding_amount", "unpaid_since",
                    "last_failure_id", "reasons", "entitlements", "actions_requested", "policy_version",
-                   "next_review_at", "prior_settled_at", "outstanding")
+                   "next_review_at", "prior_settled_at", "outstanding", "announced_failures")
 
 
 def _stored(row: list[Any] | None) -> tuple[DunningState | None, int, datetime | None]:

@@ -100,7 +100,8 @@ def account_side(conn: Connection, rng: random.Random, n: int, account: str) -> 
                actions_requested=rng.choice([[], [f"cancel:sub_{n}"]]), policy_version="v1",
                version=rng.randint(1, 9), retry_payment_method_id=pick(account, [None, f"pm_{n}_a"]),
                next_review_at=pick(account + "r", [None, NOW + timedelta(days=3, microseconds=7)]),
-               prior_settled_at=pick(account + "p", [None, NOW - timedelta(days=40, microseconds=11)]))
+               prior_settled_at=pick(account + "p", [None, NOW - timedelta(days=40, microseconds=11)]),
+               announced_failures=pick(account + "f", [None, [], [f"pi_{n}@2026-11-02T10:00:00+00:00"]]))
     for k in range(rng.randint(0, 2)):
         # Mostly claimed by the account, on its first customer's invoices; some on its second's, some
         # claimed by another account (before another team moved the customer), some on no invoice.
@@ -213,6 +214,8 @@ def test_gather_batch_builds_exactly_the_snapshots_of_gather_many(accounts: Acco
     assert {i.lines_incomplete for s in snapshots for i in s.invoices} == {True, False}
     assert {s.stored.next_review_at is None for s in snapshots if s.stored} == {True, False}
     assert {s.stored.prior_settled_at is None for s in snapshots if s.stored} == {True, False}
+    assert {s.stored.announced_failures for s in snapshots if s.stored} >= {None, (), tuple(
+        m for s in snapshots if s.stored for m in s.stored.announced_failures or ())[:1]}
     assert {s.stored.retry_payment_method_id is None for s in snapshots if s.stored} == {True, False}
     # retries follow their invoice: claimed by another account (a customer moved), read for its owner
     elsewhere = retries_claimed_elsewhere(engine)

@@ -18,7 +18,9 @@ database: in Stripe's order with a recompute after every delivery; shuffled with
 (older events again after newer ones) and a recompute after every delivery; and shuffled with
 redeliveries and a single recompute at the end. subs_dunning, the bad-debt flag, the mandates, the
 mirror rows and the billing-history labels must be equal (ids normalised), and a recompute right
-after any recompute writes nothing and emits nothing. The per-kind tests of
+after any recompute writes nothing and emits nothing. Each account's PaymentFailed events announce
+every failure of its final debt (whatever the order its events came in: an older failure learned
+after a newer one was announced too), and no attempt more often than its charges were declined. The per-kind tests of
 test_order_independence.py and test_mirror_order_property.py pin single cases.
 
 Not compared, by design: subs_dunning.prior_settled_at records the debts settled as the last
@@ -35,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -43,8 +46,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from app.recompute.service import run_recompute
+from app.domain.state import parse_failure_marker
+from app.recompute.service import RecomputeResult, run_recompute
 from tests.conftest import Accounts, post_event, service_headers
+from tests.integration.test_order_independence import payment_failures
 from tests.stripe_events import FIXTURES, event, unique, with_product
 
 DAY = 86400
@@ -136,7 +141,12 @@ def histories(draw: Any) -> list[Step]:
             steps.append((t, "invoice.voided", inv))
             # Stripe cancels the voided invoice's payment intent
             steps.append((t + draw(st.integers(0, 1)), "payment_intent.canceled", {**inv, "pm": card}))
-    # Stripe's order: by created; in one second, as they happened (the generated order).
+    return in_stripe_order(steps)
+
+
+def in_stripe_order(steps: list[Step]) -> list[Step]:
+    """Stripe's order: by created; in one second, as they happened (the order given). Each invoice
+    event carries the status transitions made by its time."""
     ordered = [step for _, step in sorted(enumerate(steps), key=lambda x: (x[1][0], x[0]))]
     return [(t, kind, {**p, "transitions": _transitions(ordered, n)} if kind in INVOICE_EVENTS else p)
             for n, (t, kind, p) in enumerate(ordered)]
@@ -240,7 +250,7 @@ def render(n: int, step: Step, s: str, customer: str) -> dict[str, Any]:
 STATE_SQL = """
 SELECT d.status, d.level, d.failure_class, d.next_retry_at, d.retry_invoice_id, d.retry_payment_method_id,
        d.retry_free, d.retries_used, d.outstanding_amount, d.outstanding, d.unpaid_since, d.last_failure_id,
-       d.reasons, d.entitlements, d.actions_requested, d.next_review_at, a.bad_debt,
+       d.reasons, d.entitlements, d.actions_requested, d.next_review_at, d.announced_failures, a.bad_debt,
        (SELECT json_agg(m.* ORDER BY m.payment_method_id) FROM (
             SELECT payment_method_id, type, status, status_reason, is_default, card_brand, card_last4, exp_month,
                    exp_year FROM subs_mandate WHERE account_id = a.account_id) m) AS mandates,
@@ -279,13 +289,26 @@ def outbox_count(engine: Engine, account: str) -> int:
                                         {"a": account}).scalar_one())
 
 
-def recompute_twice(engine: Engine, runtime: Any, account: str, now: datetime) -> None:
-    """A recompute at ``now``, and one right after it that writes nothing and emits nothing."""
+def recompute_twice(engine: Engine, runtime: Any, account: str, now: datetime) -> RecomputeResult:
+    """A recompute at ``now``, and one right after it that writes nothing and emits nothing (returned)."""
     run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
     emitted = outbox_count(engine, account)
     again = run_recompute(engine, runtime.policy, account, "STATE_REFRESH", now)
     assert again.outcome == "unchanged", again.applied
     assert outbox_count(engine, account) == emitted
+    return again
+
+
+def check_announced(engine: Engine, history: list[Step], account: str, s: str, final: RecomputeResult) -> None:
+    """Every failure of the final debt was announced (PaymentFailed), also one learned after a newer
+    one was announced, and no attempt more often than it failed (its charges declined)."""
+    assert final.decision is not None
+    announced = Counter(attempt for attempt, _ in payment_failures(engine, account))
+    owed = {parse_failure_marker(marker)[0] for marker, _ in final.decision.failures}
+    assert owed <= set(announced), (sorted(owed), announced)
+    tries = Counter(f"{p['pi']}_{s}" for p in {(p["pi"], p["charge"]): p for _, kind, p in history
+                                                if kind == "charge.failed"}.values())
+    assert all(n <= tries[attempt] for attempt, n in announced.items()), (announced, tries)
 
 
 def deliver(client: Any, engine: Engine, runtime: Any, accounts: Accounts, history: list[Step],
@@ -299,7 +322,7 @@ def deliver(client: Any, engine: Engine, runtime: Any, accounts: Accounts, histo
         assert response.status_code == 200, response.json
         if every:
             recompute_twice(engine, runtime, account, now)
-    recompute_twice(engine, runtime, account, now)
+    check_announced(engine, history, account, s, recompute_twice(engine, runtime, account, now))
     return final_state(client, engine, account, customer, s)
 
 
@@ -332,6 +355,32 @@ def test_every_kind_of_event_in_any_order_with_redeliveries_ends_in_the_same_sta
         assert other == in_order, "\n".join([f"every={every}", *differences(in_order, other), str(steps),
                                               str(shuffled)])
 
+
+
+def test_an_older_invoice_failure_delivered_after_a_newer_one_was_announced_is_announced(client, accounts, runtime,
+                                                                                        engine):
+    """Invoice in0 declined expired_card (permanent: the customer must act), in1 declined two days
+    later; in0's events are delivered after in1's failure was recomputed and announced (late
+    webhooks). PaymentFailed for in0 was never emitted: only a failure newer than the last one
+    announced was. Delivery order must not change what the customer is told."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = int(now.timestamp()) - 10 * DAY
+    steps: list[Step] = [(start, "payment_method.attached", {"pm": "pm0"}),
+                         (start, "customer.updated", {"pm": "pm0", "changed": True}),
+                         (start, "customer.subscription.updated", {"status": "active"})]
+    for n, (day, decline, product) in enumerate([(3, "expired_card", "prod_core"),
+                                                 (5, "insufficient_funds", "prod_premium")]):
+        t = start + day * DAY
+        inv = {"inv": f"in{n}", "pi": f"pi{n}", "product": product}
+        failed = {**inv, "charge": f"ch{n}_0", "pm": "pm0", "decline": decline}
+        steps += [(t, "invoice.finalized", inv), (t, "invoice.payment_failed", {**inv, "attempt_count": 1}),
+                  (t, "charge.failed", failed), (t + 1, "payment_intent.payment_failed", failed)]
+    history = in_stripe_order(steps)
+    in_order = deliver(client, engine, runtime, accounts, history, list(range(len(history))), now, every=True)
+    late = [n for n, (_, _, p) in enumerate(history) if p.get("inv") == "in0"]
+    shuffled = [n for n in range(len(history)) if n not in late] + late
+    for every in (True, False):
+        assert deliver(client, engine, runtime, accounts, history, shuffled, now, every=every) == in_order
 
 
 def test_a_card_attached_and_updated_in_one_second_keeps_the_update_in_either_order(client, accounts, engine,

@@ -124,7 +124,8 @@ def test_a_stored_plain_attempt_id_is_not_announced_again_after_the_upgrade():
 
     def first_run(stored_id, *snap_args, attempts):
         snap = snapshot(*snap_args, attempts=attempts)
-        old = replace(compute(snap, POLICY, NOW).state, last_failure_id=stored_id)
+        # A row from before announced_failures was kept (NULL): last_failure_id was the latest announced.
+        old = replace(compute(snap, POLICY, NOW).state, last_failure_id=stored_id, announced_failures=None)
         return recomputes([snap], stored=old)[0]
 
     assert first_run("pi_b", inv_a, inv_b, attempts=(att_a, att_b)) == []  # the same failure
