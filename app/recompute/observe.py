@@ -23,6 +23,11 @@ def observe(result: RecomputeResult) -> None:
         metrics.RECOMPUTE_DURATION.labels(result.trigger).observe(sum(result.timings.values()))
     if result.applied is None or result.decision is None:
         return
+    if result.applied.episode == "joined":
+        # Products that joined an open bad-debt episode enter bad debt too (under the episode's
+        # reason), as its exit counts them: no second BadDebtEntered, whose products are the entry's.
+        for product in result.applied.episode_products:
+            metrics.BAD_DEBT_ENTRIES.labels(result.applied.episode_reason or "-", product).inc()
     for event in result.applied.events:
         metrics.DOMAIN_EVENTS.labels(event.name).inc()
         if isinstance(event, BadDebtEntered):
