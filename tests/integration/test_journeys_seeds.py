@@ -405,3 +405,37 @@ def test_a_dunning_whose_retries_all_decline_is_cancelled_on_day_21_not_left_in_
     assert later["version"] == state["version"]
     assert [r.kind for r in relayed(engine, fake_am, account, day21 + timedelta(days=1, minutes=5))
             ].count("cancellations") == 1
+
+
+def test_a_bad_debt_paid_through_its_own_endpoint_shows_paid_in_the_billing_history(
+        client, engine, runtime, debtor, stripe_fake, fake_am):
+    """Seed 000, "Fix Billing History: Show 'Resolved' vs 'Paid' correctly. Customers and support can
+    see what actually happened" and "Isolate Bad Debt Payment". The customer pays the bad debt through
+    /pay-bad-debt: its own intent is charged, the settlement pays the invoice out of band at Stripe
+    (Stripe's invoice.paid then counts that in amount_paid) and the history says Paid, the customer's
+    money, not Resolved; the bad debt ended paid and Account Management gives the product back."""
+    from app.payments.bad_debt_settle import settle
+    from tests.integration.bad_debt_setup import intent_event, key, pay
+
+    answer = pay(client, {"account_id": debtor.account, "amount": debtor.amount}, key())
+    assert answer.status_code == 202, answer.json
+    assert recompute(engine, runtime, debtor.account, datetime.now(UTC))["status"] == "lifting"
+    succeeded = intent_event("succeeded", debtor, answer.json["stripe_payment_intent_id"], answer.json["payment_id"])
+    assert post_event(client, succeeded).status_code == 200
+    assert settle(runtime, int(answer.json["payment_id"])).outcome == "settled"
+    [paid_out_of_band] = stripe_fake.invoice_payments()
+    assert paid_out_of_band.params["paid_out_of_band"] == "true"
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    paid = with_product(event("invoice.paid", id=debtor.invoice, customer=debtor.customer,
+                              created=int(now.timestamp()), amount_due=debtor.amount, amount_paid=debtor.amount,
+                              amount_remaining=0, total=debtor.amount, status="paid",
+                              paths={"created": debtor.invoice_object["created"]}), "prod_premium", debtor.amount)
+    assert post_event(client, paid).status_code == 200
+    state = recompute(engine, runtime, debtor.account, now + timedelta(minutes=1))
+    assert (state["status"], state["level"]) == ("current", "none"), state
+    assert labels(client, debtor.account) == {debtor.invoice: "Paid"}
+    assert [p["how"] for p in payloads(engine, debtor.account, "BadDebtExited")] == ["paid"]
+    assert [p["how"] for p in payloads(engine, debtor.account, "DunningResolved")] == ["paid"]
+    told = relayed(engine, fake_am, debtor.account, now + timedelta(minutes=5))
+    assert told[-1].kind == "entitlements" and told[-1].body["entitlements"]["products"] == {"prod_premium": "full"}
