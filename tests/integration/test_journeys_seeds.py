@@ -439,3 +439,36 @@ def test_a_bad_debt_paid_through_its_own_endpoint_shows_paid_in_the_billing_hist
     assert [p["how"] for p in payloads(engine, debtor.account, "DunningResolved")] == ["paid"]
     told = relayed(engine, fake_am, debtor.account, now + timedelta(minutes=5))
     assert told[-1].kind == "entitlements" and told[-1].body["entitlements"]["products"] == {"prod_premium": "full"}
+
+
+def test_bad_debt_of_the_monthly_plan_leaves_the_paid_annual_product_and_its_subscription_alone(
+        client, accounts: Accounts, engine, runtime, fake_am):
+    """Seed 000, "Blunt Consequences" (bad_debt flag or not, ban or not) and "Graduated Consequences"
+    (consequences scale, not the whole account); DESIGN 4: consequences act on the unpaid invoices'
+    products, an annual product already paid stays untouched. The monthly core plan goes to bad debt;
+    the annual premium add-on, paid, on its own subscription, keeps full access and is not cancelled."""
+    account, customer = accounts.create()
+    monthly, annual = unique("sub"), unique("sub")
+    now = datetime.now(UTC).replace(microsecond=0)
+    t0 = int(now.timestamp()) - 60 * DAY
+    yearly = unique("in")
+    post_event(client, invoice_event("invoice.paid", customer, yearly, t0 - 100 * DAY, subscription=annual,
+                                     created=t0 - 100 * DAY - 3600, products=("prod_premium",), amount=60000,
+                                     paid=60000))
+    unpaid = unique("in")
+    post_event(client, invoice_event("invoice.payment_failed", customer, unpaid, t0, subscription=monthly,
+                                     created=t0 - 3600))
+    post_event(client, charge_failed(customer, t0 + 1, "expired_card"))
+    post_event(client, invoice_event("invoice.marked_uncollectible", customer, unpaid, t0 + 30 * DAY,
+                                     subscription=monthly, created=t0 - 3600))
+    state = recompute(engine, runtime, account, now)
+    assert (state["status"], state["level"]) == ("bad_debt", "suspended"), state
+    assert state["entitlements"]["products"] == {"prod_core": "revoked", "prod_premium": "full"}
+    assert state["actions_requested"] == [f"cancel:{monthly}"]
+    assert [p["products"] for p in payloads(engine, account, "BadDebtEntered")] == [["prod_core"]]
+
+    told = relayed(engine, fake_am, account, now + timedelta(minutes=5))
+    assert [(r.kind, r.body.get("subscription_id")) for r in told] == [("entitlements", None),
+                                                                       ("cancellations", monthly)], told
+    assert told[0].body["entitlements"]["products"] == {"prod_core": "revoked", "prod_premium": "full"}
+    assert labels(client, account) == {yearly: "Paid", unpaid: "Uncollectible"}
