@@ -381,11 +381,7 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
             closed = _uncollectible_at_stripe(client, c.invoice_id)
         except NOT_SHOWN_NOW as exc:
             # Not sent: the row goes back to dispatched and the task asks again with its backoff.
-            _set_state(engine, retry_id, c.prior_state, f"invoice not shown by Stripe: {exc.__class__.__name__}")
-            limited = isinstance(exc, stripe.RateLimitError)
-            raise TaskFailure(FailureKind.RATE_LIMITED if limited else FailureKind.REMOTE_UNAVAILABLE,
-                              f"Stripe could not show invoice {c.invoice_id} before the charge",
-                              retry_after=retry_after_seconds(exc.headers) if limited else None) from exc
+            raise _not_shown(engine, retry_id, c, exc, "before the charge") from exc
         if closed is not None:
             detail = f"not due: invoice {closed['status']} at Stripe when charged"
             _skip_closed(engine, retry_id, c.account_id, closed, detail)
@@ -438,7 +434,14 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
         # Refused before anything was charged: no attempt, so it spends none of the invoice's budget.
         # An invoice paid or voided meanwhile (the customer paid on the hosted page before its webhook
         # came) is the dunning's success: mirrored as Stripe has it, and the retry skipped.
-        closed = _closed_at_stripe(client, c.invoice_id) if isinstance(exc, stripe.InvalidRequestError) else None
+        # Stripe could not show it for now (a rate limit, no answer, a 5xx): nothing was charged and
+        # nothing said the request is wrong, so no refusal (dead work, the refused backoff) either. The
+        # row goes back to the state it was claimed in and the task asks again with its backoff; the
+        # request sent again is refused again (or replayed), and the invoice read again.
+        try:
+            closed = _closed_at_stripe(client, c.invoice_id) if isinstance(exc, stripe.InvalidRequestError) else None
+        except NOT_SHOWN_NOW as read_exc:
+            raise _not_shown(engine, retry_id, c, read_exc, "after it refused the charge") from read_exc
         if closed is not None:
             detail = f"not due: invoice {closed['status']} at Stripe when charged"
             _skip_closed(engine, retry_id, c.account_id, closed, detail)
@@ -451,6 +454,17 @@ def _charge(engine: Engine, client: stripe.StripeClient, retry_id: int, c: Claim
                          credentials_refused=isinstance(exc, KEY_REFUSED))
     _set_state(engine, retry_id, "sent")
     return PayResult(retry_id, "sent", c.account_id, c.failure_class)
+
+
+def _not_shown(engine: Engine, retry_id: int, c: Claimed, exc: stripe.StripeError, when: str) -> TaskFailure:
+    """Stripe could not show the retry's invoice (an error of NOT_SHOWN_NOW): the row goes back to the
+    state it was claimed in (nothing was charged), and the task's failure, by the error's class
+    (a rate limit with its Retry-After), to raise."""
+    _set_state(engine, retry_id, c.prior_state, f"invoice not shown by Stripe: {exc.__class__.__name__}")
+    limited = isinstance(exc, stripe.RateLimitError)
+    return TaskFailure(FailureKind.RATE_LIMITED if limited else FailureKind.REMOTE_UNAVAILABLE,
+                       f"Stripe could not show invoice {c.invoice_id} {when}",
+                       retry_after=retry_after_seconds(exc.headers) if limited else None)
 
 
 def _attempt_failed(engine: Engine, retry_id: int, c: Claimed, detail: str) -> PayResult:
@@ -481,8 +495,10 @@ def _at_stripe(client: stripe.StripeClient, invoice_id: str, statuses: Collectio
 
 
 def _closed_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
-    """After Stripe refused a retry: its invoice when paid or void there."""
-    return _at_stripe(client, invoice_id, SETTLED_STATUSES)
+    """After Stripe refused a retry: its invoice when paid or void there. Raises the StripeError when
+    Stripe could not show it for now (NOT_SHOWN_NOW): read as "not closed", the refusal of a retry of
+    an invoice the customer just paid was filed as a refused request, dead work for an operator."""
+    return _at_stripe(client, invoice_id, SETTLED_STATUSES, raise_not_shown=True)
 
 
 def _uncollectible_at_stripe(client: stripe.StripeClient, invoice_id: str) -> dict[str, Any] | None:
