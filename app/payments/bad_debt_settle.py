@@ -149,8 +149,16 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
     try:
         invoice = client.v1.invoices.pay(invoice_id, {"paid_out_of_band": True}, {"idempotency_key": key})
     except stripe.InvalidRequestError as exc:
-        # Refused: already paid or voided, or not payable.
-        invoice = client.v1.invoices.retrieve(invoice_id)
+        # Refused: already paid or voided, or not payable. Nothing was paid by this call: when Stripe
+        # cannot show the invoice now (a rate limit, no answer), the task runs again, and this call
+        # must not count as sent, or the next would look like a retry of a call that may have paid the
+        # invoice, and someone else's close of it (the customer paid twice) no overpayment. The next
+        # run asks the same question under this call's key (Stripe replays its refusal).
+        try:
+            invoice = client.v1.invoices.retrieve(invoice_id)
+        except stripe.StripeError:
+            _unsend(rt, payment_id, invoice_id, sent_before)
+            raise
         if invoice.status not in SETTLED_STATUSES:
             raise NotSettled(f"Stripe refused to pay invoice {invoice_id} out of band "
                              f"(status {invoice.status})") from exc
@@ -162,11 +170,16 @@ def _pay_out_of_band(rt: Runtime, client: stripe.StripeClient, payment_id: int,
     except NOT_RUN:
         # Counted as sent, this call would make the next one look like a retry of a call that may
         # have paid the invoice, and a refusal then (someone else closed it meanwhile) no overpayment.
-        with unit_of_work(rt.engine) as conn:
-            conn.exec_driver_sql(UNSENT, {"invoice": invoice_id, "sent": sent_before, "id": payment_id})
+        _unsend(rt, payment_id, invoice_id, sent_before)
         raise
     found: dict[str, Any] = invoice.to_dict(for_json=True)
     return found, closed_by_other
+
+
+def _unsend(rt: Runtime, payment_id: int, invoice_id: str, sent_before: int) -> None:
+    """The call just counted (SENDING) paid nothing: it is not counted (UNSENT)."""
+    with unit_of_work(rt.engine) as conn:
+        conn.exec_driver_sql(UNSENT, {"invoice": invoice_id, "sent": sent_before, "id": payment_id})
 
 
 def customer_paid(client: stripe.StripeClient, invoice_id: str) -> int:
