@@ -67,6 +67,65 @@ def signal_handlers(handler: Any) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+MAKE_WATCH_INTERVAL = 0.25  # seconds between two looks at make (MakeWatch)
+MAKE_NAMES = ("make", "gmake")
+
+
+def _caught_signals(pid: int) -> set[int] | None:
+    """The signals process ``pid`` has a handler for (Linux: SigCgt in /proc/PID/status); None
+    when that cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            try:
+                mask = int(line.split()[1], 16)
+            except (IndexError, ValueError):
+                return None
+            return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+    return None
+
+
+class MakeWatch:
+    """Under `make run` the launcher is GNU make's child. make passes a SIGTERM sent to its own pid on
+    to its children, but not a SIGINT or SIGHUP (a terminal sends those to the whole process group,
+    the launcher included): it sets the signal back to its default and waits for its children to
+    end, for ever, the fleet running on. Nothing tells the launcher either when make is killed
+    outright (SIGKILL): the fleet ran on under pid 1. So the launcher watches make: make gone, or no
+    longer catching a stop signal it caught (Linux), is that stop."""
+
+    def __init__(self, pid: int, caught: set[int]) -> None:
+        self.pid = pid
+        self.caught = [sig for sig in STOP_SIGNALS if sig in caught]
+
+    @classmethod
+    def of_parent(cls) -> MakeWatch | None:
+        """The watch of this process's parent when it is make, else None (a shell, a supervisor:
+        those pass their signals on, and a parent that ends is no stop: ``nohup dunning run &``)."""
+        import psutil
+
+        pid = os.getppid()
+        try:
+            if psutil.Process(pid).name() not in MAKE_NAMES:
+                return None
+        except psutil.Error:
+            return None
+        return cls(pid, _caught_signals(pid) or set())
+
+    def stopping(self) -> tuple[signal.Signals, str] | None:
+        """The stop signal make's state stands for, and why; None while make runs on."""
+        if os.getppid() != self.pid:
+            return signal.SIGTERM, f"make (pid {self.pid}) is gone"
+        caught = _caught_signals(self.pid)
+        if caught is not None:
+            for sig in self.caught:
+                if sig not in caught:
+                    return sig, f"make (pid {self.pid}) got {sig.name}, which it does not pass on"
+        return None
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
@@ -143,6 +202,7 @@ class FleetManager(Manager):
         self._notes: list[str] = []  # what the signal handler has to say
         self._seen_dead: set[str] = set()
         self.ended: str | None = None  # what ``needed`` reported ended, when that stopped the fleet
+        self._relayed = False  # stopping for make's signal (MakeWatch), which may reach us too
 
     def loop(self, stopped_before: Callable[[], str | None] = lambda: None,
              needed: Callable[[], tuple[str, int] | None] = lambda: None) -> None:
@@ -180,14 +240,29 @@ class FleetManager(Manager):
                 self.kill()
         self._say_notes()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def relay_stop(self, signum: int, why: str) -> None:
+        """Stop as for ``signum``, which make got and did not pass on (MakeWatch); nothing when the
+        fleet is stopping already."""
+        if self.stop_signal is not None:
+            return
+        self._notes.append(why)
+        self._on_signal(signum, None, relayed=True)
+
+    def _on_signal(self, signum: int, frame: FrameType | None, relayed: bool = False) -> None:
         name = signal.Signals(signum).name
         try:
             if self.stop_signal is None:
                 self.stop_signal = name
                 self.returncode = 128 + signum
-                self._notes.append(f"{name} received")
+                self._relayed = relayed
+                if not relayed:
+                    self._notes.append(f"{name} received")
                 self.terminate()
+            elif self._relayed:
+                # The terminal's Ctrl-C reaches make and this process at once: the one stop, not a
+                # second signal that kills the fleet.
+                self._relayed = False
+                self._notes.append(f"{name} received")
             else:
                 self._notes.append(f"{name} received again: killing what is still running")
                 self.kill()

@@ -1,23 +1,28 @@
 """`dunning run` (what `make run` does): the whole fleet on one machine.
 
 1. PostgreSQL: ``DATABASE_URL`` if set, else a private server under the data folder (app.embedded).
-2. Redis: ``CELERY_BROKER_URL`` if set, else a private server under the data folder.
+2. Redis: ``CELERY_BROKER_URL`` if set, else a private server under the data folder. A server the
+   environment names is waited for up to ``SERVER_WAIT`` seconds before anything starts (saying
+   what for); one that does not answer by then, or refuses the credentials, stops the run, named
+   with its password hidden (exit 3 for the database, as every `dunning` command's; 1 for the broker).
 3. Local credentials: ``STRIPE_WEBHOOK_SECRET``, ``SERVICE_TOKENS``, ``SUPPORT_TOKENS`` and
    ``SECRET_KEY`` when unset are generated once and kept in ``<data>/local-secrets.json``; the run
    that generates them prints them (not ``SECRET_KEY``), later runs name the file only. Nothing the
-   user configured is ever printed.
+   user configured is ever printed. So is Flower's login (``FLOWER_BASIC_AUTH``, user ``admin``)
+   unless the user gives one (or ``FLOWER_AUTH``, or ``FLOWER_UNAUTHENTICATED_API=true``): only
+   the file it is in is ever printed.
 4. Migrations to head.
 5. The Procfile's processes (web, worker, beat, flower) under honcho, with ``PORT``,
-   ``FLOWER_PORT`` and ``DUNNING_DATA_DIR`` set. Flower's API is open without login
-   (``FLOWER_UNAUTHENTICATED_API``) only while Flower listens on a loopback address; on any other
-   address ``FLOWER_BASIC_AUTH`` is required.
+   ``FLOWER_PORT`` and ``DUNNING_DATA_DIR`` set. Flower asks for its login (its API applies tasks
+   and shuts workers down); beyond a loopback address the user must give one.
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal closed) stops every process of the fleet, then the
 private servers, at whatever point of the start it lands; a second one while the fleet stops kills
-what is still running. A program of the fleet or a private server that ends on its own stops the
-rest, and the run exits with its status (1 for PostgreSQL, which is not the launcher's child). A
-second run reuses the data folder (database, queued work, beat schedule, local credentials); what a
-run killed outright (SIGKILL) left running is stopped by the next one.
+what is still running. Under `make run` so does make ending, or getting a SIGINT or SIGHUP to its
+pid alone, which make does not pass on (MakeWatch). A program of the fleet or a private server that
+ends on its own stops the rest, and the run exits with its status (1 for PostgreSQL, which is not
+the launcher's child). A second run reuses the data folder (database, queued work, beat schedule,
+local credentials); what a run killed outright (SIGKILL) left running is stopped by the next one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -37,16 +43,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, cast
+from urllib.parse import unquote
 
 from honcho.environ import parse_procfile
 
-from app.config import ConfigError, check_broker_url, normalize_database_url
+from app.config import ConfigError, _password_hidden, check_broker_url, normalize_database_url
 from app.fleet import (
     FLEET_FILE,
+    MAKE_WATCH_INTERVAL,
     STOP_SIGNALS,
     FleetManager,
     Interrupted,
     LaunchError,
+    MakeWatch,
     ReadyWatcher,
     claim_data_dir,
     kill_leftover_groups,
@@ -62,6 +71,10 @@ DEFAULT_FLOWER_PORT = 5555
 DEFAULT_WORKER_METRICS_PORT = 9808  # the Procfile's default
 PORT_WAIT = 5.0  # how long a port a previous run's leftover held may take to be free
 SECRETS_FILE = "local-secrets.json"
+FLOWER_USER = "admin"  # the user of Flower's login make run generates
+SERVER_WAIT = 30.0  # how long a server DATABASE_URL or CELERY_BROKER_URL names may take to answer
+SERVER_RETRY = 1.0  # seconds between two tries
+SERVER_CONNECT_TIMEOUT = 3  # seconds one try may take to connect
 
 # The repository's Procfile is the source of truth; this copy is used when the package is installed
 # without it (a wheel). tests/test_launcher.py checks that the two agree.
@@ -305,15 +318,153 @@ def check_settings(env: Mapping[str, str]) -> None:
     check_retention(settings.history_retention_days, load_policy(settings.policy_path))
 
 
+# --- servers the environment names --------------------------------------------------------------
+
+SERVER_NAMES = {"DATABASE_URL": "PostgreSQL", "CELERY_BROKER_URL": "the broker"}
+
+
+class ServerUnreachable(LaunchError):
+    """A server the environment names does not answer, or refuses the connection. ``status`` is the
+    run's exit status: 3 for the database, as every `dunning` command that cannot reach it."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Refused(Exception):
+    """The server answered and refused: a wrong password, no such user or database. Waiting does not
+    change that."""
+
+
+# libpq's words (after "FATAL:") for a server that answered and refused the connection for good
+_PG_REFUSALS = re.compile(r"authentication failed|no pg_hba\.conf entry|does not exist|no password supplied"
+                          r"|permission denied")
+# redis-py's and py-amqp's words for a login refused (AuthenticationError, WRONGPASS, NOAUTH,
+# "invalid username-password pair", ACCESS_REFUSED, ...), in the error or the one it wraps (kombu's)
+_BROKER_REFUSALS = re.compile(r"(?i)auth|wrongpass|password|access.refused|not.allowed")
+
+
+def _broker_refused(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 5:
+        if _BROKER_REFUSALS.search(f"{type(exc).__name__} {exc}"):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """``text`` (a client library's words) with every password of ``url`` (';'-separated URLs
+    too), as written and decoded, as ``***``."""
+    for part in url.split(";"):
+        userinfo = part.partition("://")[2].rpartition("@")[0]
+        _user, colon, password = userinfo.partition(":")
+        if colon and password:
+            for shown in {password, unquote(password)}:
+                text = text.replace(shown, "***")
+    return text
+
+
+def _hidden(url: str) -> str:
+    return ";".join(_password_hidden(part) for part in url.split(";"))
+
+
+def _try_database(url: str) -> None:
+    """Connect once to the PostgreSQL ``url`` names (as the migrations will); an exception when it
+    does not answer, :class:`_Refused` when it refuses."""
+    from sqlalchemy import create_engine, make_url, pool
+    from sqlalchemy.exc import DBAPIError
+
+    target = make_url(normalize_database_url(url))
+    connect_args = {} if "connect_timeout" in target.query else {"connect_timeout": SERVER_CONNECT_TIMEOUT}
+    engine = create_engine(target, poolclass=pool.NullPool, connect_args=connect_args)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip()
+        if _PG_REFUSALS.search(reason):
+            raise _Refused(reason) from None
+        raise RuntimeError(reason) from None
+    finally:
+        engine.dispose()
+
+
+def _try_broker(url: str) -> None:
+    """Connect once to the broker ``url`` names (kombu's connection, as the workers'; any one of a
+    ';'-separated failover list answering will do); an exception when none answers."""
+    from kombu import Connection
+
+    last: Exception | None = None
+    for part in url.split(";"):
+        connection = Connection(part, connect_timeout=SERVER_CONNECT_TIMEOUT)
+        try:
+            connection.ensure_connection(max_retries=0)
+            return
+        except Exception as exc:
+            if _broker_refused(exc):
+                raise _Refused(str(exc) or type(exc).__name__) from None
+            last = exc
+        finally:
+            connection.release()
+    raise RuntimeError(str(last) or type(last).__name__)
+
+
+def wait_for_server(name: str, url: str, patience: float) -> None:
+    """Wait up to ``patience`` seconds for the server ``name`` (DATABASE_URL, CELERY_BROKER_URL)
+    names to answer, saying once what for: it may be starting too (a compose file, a reboot).
+    LaunchError when it does not answer by then, or refuses the credentials (at once). The URL is
+    shown with its password hidden, and the client's words without it."""
+    from app.embedded import poll_until
+
+    what, shown = SERVER_NAMES[name], _hidden(url)
+    status = 3 if name == "DATABASE_URL" else 1
+    attempt = _try_database if name == "DATABASE_URL" else _try_broker
+    reason = ""
+    said = False
+
+    def answers() -> bool:
+        nonlocal reason, said
+        try:
+            attempt(url)
+            return True
+        except _Refused as exc:
+            raise ServerUnreachable(f"{what} at {shown} ({name}) refused the connection: "
+                                    f"{_scrubbed(str(exc), url)}", status) from None
+        except Exception as exc:
+            reason = _scrubbed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, url)
+        if not said:
+            said = True
+            say(f"waiting up to {patience:.0f} s for {what} at {shown} ({name}): {reason}")
+        return False
+
+    if not poll_until(answers, patience, SERVER_RETRY):
+        raise ServerUnreachable(f"{what} at {shown} ({name}) did not answer within {patience:.0f} s ({reason}); "
+                                f"start it, or correct or unset {name} (unset, make run starts a private one)", status)
+
+
 def local_credentials(env: Mapping[str, str], data_dir: Path) -> dict[str, str]:
     """Values for the credentials the environment leaves unset, kept in the data folder so a
     second run (and anything configured with them, e.g. `stripe listen`) keeps working."""
     return load_local_credentials(env, data_dir)[0]
 
 
-def load_local_credentials(env: Mapping[str, str], data_dir: Path) -> tuple[dict[str, str], list[str]]:
+def flower_login_wanted(env: Mapping[str, str], processes: Mapping[str, str]) -> bool:
+    """Whether Flower runs under a login make run keeps (or the user's ``FLOWER_BASIC_AUTH``). Its
+    API applies any task and shuts workers down; open on loopback, it is open to every local user
+    and to any web page in the developer's browser (Flower then takes cross-site requests). Not with
+    Flower's OAuth (``FLOWER_AUTH``), nor when the user asks for an open API by name."""
+    if "flower" not in processes or env.get("FLOWER_AUTH", "").strip():
+        return False
+    return env.get("FLOWER_UNAUTHENTICATED_API", "").strip().lower() not in ("true", "yes", "on", "1", "y", "t")
+
+
+def load_local_credentials(env: Mapping[str, str], data_dir: Path,
+                           flower_login: bool = False) -> tuple[dict[str, str], list[str]]:
     """:func:`local_credentials`, and the names of those made by this call (the others were in
-    the data folder already)."""
+    the data folder already). With ``flower_login``, Flower's login too, unless the user gives
+    one or uses Flower's OAuth (``FLOWER_AUTH``)."""
     path = data_dir / SECRETS_FILE
     try:
         stored = json.loads(path.read_text())
@@ -327,6 +478,8 @@ def load_local_credentials(env: Mapping[str, str], data_dir: Path) -> tuple[dict
         "SUPPORT_TOKENS": lambda: "support:sup_local_" + secrets.token_urlsafe(24),
         "SECRET_KEY": lambda: secrets.token_hex(32),
     }
+    if flower_login and not env.get("FLOWER_AUTH", "").strip():
+        makers["FLOWER_BASIC_AUTH"] = lambda: f"{FLOWER_USER}:{secrets.token_urlsafe(24)}"
     chosen: dict[str, str] = {}
     made: list[str] = []
     for name, make in makers.items():
@@ -379,25 +532,31 @@ class Launcher:
         self.servers: list[Any] = []
         self.claimed = False
         self.stop_signal: str | None = None
+        self.stop_reason: str | None = None  # what make's state meant (MakeWatch), when that stopped the run
+        self.relayed = False  # stopped for make's signal, which may reach this process too
+        self.manager: FleetManager | None = None
+        self.make_watch: MakeWatch | None = None
 
     def run(self) -> int:
         with signal_handlers(self._interrupt):
+            self._watch_make()
             try:
                 return self._run()
             except BaseException as exc:
                 if self.stop_signal is not None:
                     # the interrupt itself, or whatever it turned into on its way up (an
                     # exception raised while a library cleaned up after it)
-                    say(f"{self.stop_signal} received; stopping")
+                    say(f"{self.stop_reason or self.stop_signal + ' received'}; stopping")
                     return 0
                 if isinstance(exc, LaunchError):
                     print(f"error: {exc}", file=sys.stderr, flush=True)
-                    return 1
+                    return exc.status if isinstance(exc, ServerUnreachable) else 1
                 if isinstance(exc, OSError):
                     print(f"error: {unusable_data_dir(exc, self.data_dir)}", file=sys.stderr, flush=True)
                     return 1
                 raise
             finally:
+                self._unwatch_make()
                 for sig in STOP_SIGNALS:
                     signal.signal(sig, still_stopping)
                 self._stop_servers()
@@ -405,8 +564,45 @@ class Launcher:
                     release_data_dir(self.data_dir)
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self.relayed:
+            # The terminal's Ctrl-C reaches make and this process at once: the one stop, already
+            # under way.
+            self.relayed = False
+            return
         self.stop_signal = signal.Signals(signum).name
         raise Interrupted(self.stop_signal)
+
+    def _watch_make(self) -> None:
+        """Under make (MakeWatch): a look at make every MAKE_WATCH_INTERVAL, from a timer signal
+        (SIGALRM) in the main thread, as a stop signal is handled; no thread runs while the fleet's
+        helpers are forked."""
+        self.make_watch = MakeWatch.of_parent()
+        if self.make_watch is None:
+            return
+        signal.signal(signal.SIGALRM, self._look_at_make)
+        signal.setitimer(signal.ITIMER_REAL, MAKE_WATCH_INTERVAL, MAKE_WATCH_INTERVAL)
+
+    def _unwatch_make(self) -> None:
+        if self.make_watch is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    def _look_at_make(self, signum: int, frame: FrameType | None) -> None:
+        assert self.make_watch is not None
+        found = self.make_watch.stopping()
+        if found is None:
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)  # once
+        sig, why = found
+        # Handled as that signal would be, by whichever handler it has now; nothing once stopping.
+        handler = signal.getsignal(sig)
+        if self.manager is not None and handler == self.manager._on_signal:
+            self.manager.relay_stop(sig, why)
+        elif handler == self._interrupt and self.stop_signal is None:
+            self.stop_signal = sig.name
+            self.stop_reason = why
+            self.relayed = True
+            raise Interrupted(self.stop_signal)
 
     def _checkpoint(self) -> None:
         """Stop here if a stop signal came earlier: the exception its handler raised can be lost
@@ -450,6 +646,10 @@ class Launcher:
             check_worker_metrics_port(env, patience)
         say(f"data folder: {self.data_dir}")
 
+        for name in SERVER_NAMES:  # before a private server starts for nothing
+            if env.get(name, "").strip():
+                wait_for_server(name, env[name].strip(), SERVER_WAIT)
+                self._checkpoint()
         try:
             database_url = self._database(env)
             self._checkpoint()
@@ -457,7 +657,12 @@ class Launcher:
             self._checkpoint()
         except EmbeddedServerError as exc:
             raise LaunchError(str(exc)) from exc
-        credentials, made = load_local_credentials(env, self.data_dir)
+        flower_login = flower_login_wanted(env, processes)
+        credentials, made = load_local_credentials(env, self.data_dir, flower_login)
+        # Flower's login is for Flower alone: the other programs have no use for it.
+        flower_credentials = {name: credentials.pop(name) for name in ("FLOWER_BASIC_AUTH",) if name in credentials}
+        if flower_login:
+            flower_env["FLOWER_UNAUTHENTICATED_API"] = "false"
 
         child_env = dict(env)
         child_env.update(credentials)
@@ -474,7 +679,7 @@ class Launcher:
         })
 
         secrets_file = self.data_dir / SECRETS_FILE
-        new = [name for name in made if name != "SECRET_KEY"]
+        new = [name for name in made if name in credentials and name != "SECRET_KEY"]
         if new:
             say(f"local credentials, generated now and kept in {secrets_file} "
                 "(printed this once; later runs read them from there):")
@@ -500,9 +705,18 @@ class Launcher:
                 host = "::1"
             shown = f"[{host}]" if ":" in host else host
             checks["flower"] = f"http://{shown}:{flower_port}/healthcheck"
-            say(f"Flower:   http://{shown}:{flower_port}/")
+            if flower_credentials:  # the password only in the file: terminals' scrollback, `| tee` logs
+                user = flower_credentials["FLOWER_BASIC_AUTH"].partition(":")[0]
+                login = f" (login {user}, its password in {secrets_file}: FLOWER_BASIC_AUTH)"
+            elif env.get("FLOWER_BASIC_AUTH", "").strip():
+                login = " (the login FLOWER_BASIC_AUTH names)"
+            elif env.get("FLOWER_AUTH", "").strip():
+                login = " (Flower's OAuth login: FLOWER_AUTH)"
+            else:
+                login = " (its API open without login: FLOWER_UNAUTHENTICATED_API)"
+            say(f"Flower:   http://{shown}:{flower_port}/{login}")
         say("starting " + ", ".join(processes) + "; Ctrl-C stops everything")
-        return self._run_fleet(processes, child_env, checks)
+        return self._run_fleet(processes, child_env, checks, flower_credentials)
 
     def _database(self, env: Mapping[str, str]) -> str:
         url = env.get("DATABASE_URL", "").strip()
@@ -534,11 +748,12 @@ class Launcher:
         return url
 
     def _run_fleet(self, processes: dict[str, str], env: dict[str, str],
-                   checks: dict[str, str]) -> int:
+                   checks: dict[str, str], flower_env: Mapping[str, str]) -> int:
         watcher = ReadyWatcher(checks) if checks else None
         manager = FleetManager(watcher, self.data_dir / FLEET_FILE)
         for name, cmd in processes.items():
-            manager.add_process(name, cmd, env=env, cwd=os.getcwd())
+            manager.add_process(name, cmd, env={**env, **flower_env} if name == "flower" else env, cwd=os.getcwd())
+        self.manager = manager
         self._checkpoint()
         try:
             # returns once every process has stopped

@@ -3,6 +3,7 @@ behind. Real processes: the launcher, PostgreSQL, Redis, gunicorn, a Celery work
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,18 @@ class PipeReader(threading.Thread):
         os.close(self.read_end)
 
 
+def status(url: str, login: str | None = None) -> int:
+    """The HTTP status ``url`` answers, with ``login`` (user:password) as basic auth."""
+    request = urllib.request.Request(url)
+    if login is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_leaves: bool = False,
                        to_group: bool = False, **env: str) -> str:
     """Start `dunning run`, check every process is up, stop it with ``sig``; its output. With
@@ -128,8 +143,13 @@ def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_le
         wait_for(up, START_TIMEOUT, "the web app and Flower")
         # Beat keeps its schedule in the data folder, not in the current directory.
         wait_for(lambda: any(data_dir.glob("celerybeat-schedule*")), START_TIMEOUT, "beat's schedule file")
-        # Flower's API is open for local use (FLOWER_UNAUTHENTICATED_API).
-        assert answers(f"http://127.0.0.1:{flower_port}/api/workers?refresh=false")
+        # Flower's API (it applies tasks, shuts workers down) asks for the login kept in the data folder.
+        api = f"http://127.0.0.1:{flower_port}/api/workers?refresh=false"
+        assert status(api) == 401
+        login = env.get("FLOWER_BASIC_AUTH") or json.loads((data_dir / "local-secrets.json").read_text())[
+            "FLOWER_BASIC_AUTH"]
+        assert status(api, login.replace(":", ":not-", 1)) == 401
+        assert status(api, login) == 200
         started = everything_started(proc.pid, data_dir)
         # honcho's output helpers are on record, for a next run to stop if this one is killed outright
         helpers = [pid for pid, _ in read_pidfile(data_dir / "fleet.pid")["helpers"]]
@@ -148,6 +168,7 @@ def run_fleet_and_stop(data_dir: Path, log: Path, sig: signal.Signals, reader_le
         proc.wait(STOP_TIMEOUT)
         output = log.read_text()
         assert proc.returncode == 0, output
+        assert login.partition(":")[2] not in output
         wait_for(lambda: all(gone(p) for p in started), STOP_TIMEOUT, "every process of the fleet to exit")
         assert not (data_dir / "fleet.pid").exists()
         assert not (data_dir / "postgres.pid").exists()
@@ -170,13 +191,14 @@ def test_make_run_starts_the_fleet_and_a_signal_stops_everything(tmp_path: Path)
     assert f"STRIPE_WEBHOOK_SECRET={stored['STRIPE_WEBHOOK_SECRET']}" in first
     assert f"SERVICE_TOKENS={stored['SERVICE_TOKENS']}" in first
     assert stored["SECRET_KEY"] not in first
+    assert f"(login admin, its password in {data_dir / 'local-secrets.json'}: FLOWER_BASIC_AUTH)" in first
 
     # A second run reuses the folder: same database cluster, same local credentials, which were
     # printed once, when generated: now only where they are kept is said. A secret the user
     # configured is used and never printed.
     user_secret = "whsec_configured_by_the_user_0123456789"
     second = run_fleet_and_stop(data_dir, tmp_path / "second.log", signal.SIGTERM,
-                                STRIPE_WEBHOOK_SECRET=user_secret)
+                                STRIPE_WEBHOOK_SECRET=user_secret, FLOWER_BASIC_AUTH="ops:flower-login-of-the-user")
     assert "SIGTERM received" in second
     assert user_secret not in second
     assert "STRIPE_WEBHOOK_SECRET" not in second
