@@ -242,6 +242,14 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
 NOT_NULL_VIOLATION, CHECK_VIOLATION = "23502", "23514"
 
 
+def commit_dbapi(conn: Connection) -> None:
+    """Commit the transaction psycopg2 runs on ``conn``'s driver connection, its errors named as
+    fetch_prepared_* names them: a connection lost on the way (the COMMIT sent, its answer never
+    read: committed or not, no one knows) is DatabaseUnavailable, and the connection is invalidated."""
+    with _dbapi_errors(conn):
+        conn.connection.driver_connection.commit()  # type: ignore[union-attr]
+
+
 def _lost(exc: BaseException) -> bool:
     """The driver's message says the connection is gone."""
     message = str(exc).lower()

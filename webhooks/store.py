@@ -18,7 +18,7 @@ import orjson
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
-from app.db import Prepared, ValueRejected, execute_prepared, fetch_prepared_all
+from app.db import Prepared, ValueRejected, commit_dbapi, execute_prepared, fetch_prepared_all
 from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
@@ -413,7 +413,9 @@ def _one_transaction(conn: Connection) -> Iterator[None]:
     dbapi.autocommit = False  # type: ignore[union-attr]  # psycopg2 begins one at the next statement
     try:
         yield
-        dbapi.commit()  # type: ignore[union-attr]
+        # Named as the statements' errors are: a connection lost once the COMMIT was sent is
+        # DatabaseUnavailable (503, Stripe redelivers), not a driver error answered 500.
+        commit_dbapi(conn)
     except BaseException:
         with suppress(Exception):  # a lost connection: the caller drops it
             dbapi.rollback()  # type: ignore[union-attr]

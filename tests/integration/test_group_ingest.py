@@ -3,6 +3,7 @@ statement per event, in arrival order, means. On the real database and broker.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -348,3 +349,101 @@ def test_the_others_of_a_batch_whose_leader_ended_mid_flush_answer_503(flask_app
     with flask_app.test_request_context("/webhooks/stripe", method="POST"):
         response = flask_app.make_response(flask_app.handle_user_exception(raised))
     assert response.status_code == 503 and response.headers["Retry-After"]
+
+
+class CutAfterCommit:
+    """A TCP relay in front of PostgreSQL that, once armed, passes the client's COMMIT on to the
+    server and then ends the connection instead of relaying the server's answer: the transaction is
+    committed and the client never hears so (a network cut, a proxy or failover at that moment)."""
+
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # a simple-protocol Query message, as psycopg2 sends it
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self.target = (host, port)
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            committed = threading.Event()
+            threading.Thread(target=self._pipe, args=(client, server, committed, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, committed, False), daemon=True).start()
+
+    def _pipe(self, source: Any, sink: Any, committed: threading.Event, upstream: bool) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                if not upstream and committed.is_set():  # the server's answer to the COMMIT: dropped
+                    self.cut.set()
+                    break
+                if upstream and self.armed.is_set() and self.COMMIT in data:
+                    committed.set()  # before it is sent: its answer may come back at once
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):  # shutdown first: the other pipe's thread is blocked reading one
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_lost_after_a_batchs_commit_was_sent_answers_503_and_its_request_is_redriven(
+        flask_app: Flask, accounts: Accounts, engine, settings, celery_app):
+    """A batch of two statements (two events of one invoice) runs as one transaction, committed by
+    its own COMMIT. The connection is lost once that COMMIT is sent, before its answer: the events
+    are stored, the requests must answer 503 (Stripe redelivers), not the 500 of an unexpected
+    error. The redelivery is a duplicate and queues nothing; the request the batch created, never
+    enqueued, is sent by beat's stale-request re-drive."""
+    from urllib.parse import urlsplit
+
+    from app.redrive import redrive
+
+    account, customer = accounts.create()
+    invoice_id, now = unique("in"), int(time.time())
+    paid = event("invoice.paid", id=invoice_id, customer=customer, created=now)
+    failed = event("invoice.payment_failed", id=invoice_id, customer=customer, created=now - 60)
+    assert store.waves([item(paid), item(failed)]) == [[0], [1]]
+    db = urlsplit(settings.database_url)
+    relay = CutAfterCommit(db.hostname or "127.0.0.1", db.port or 5432)
+    relayed = make_engine(db._replace(netloc=db.netloc.replace(f":{db.port}", f":{relay.port}")).geturl())
+    ingestor = Ingestor(relayed, celery_app)
+    before = queued(settings)
+    try:
+        ingestor._connection()  # connected and set up through the relay before it is armed
+        relay.armed.set()
+        with pytest.raises(Exception) as lost:
+            ingestor._flush([item(paid), item(failed)])
+        assert relay.cut.is_set()
+    finally:
+        ingestor.close()
+        relayed.dispose()
+        relay.close()
+    with flask_app.test_request_context("/webhooks/stripe", method="POST"):
+        answer = flask_app.make_response(flask_app.handle_user_exception(lost.value))
+    assert answer.status_code == 503, answer.json
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE id = ANY(%(ids)s)",
+                 ids=[paid["id"], failed["id"]]) == 2  # committed
+    assert queued(settings) == before  # nothing enqueued
+    again = post_event(flask_app.test_client(), paid)
+    assert again.status_code == 200 and again.json["state"] == "duplicate" and not again.json["enqueued"]
+    assert queued(settings) == before
+    assert redrive(engine, celery_app, stale_after_seconds=0)["sent"] == 1
+    assert queued(settings) == before + 1
+    assert count(engine, "SELECT count(*) FROM recompute_request WHERE account_id = %(a)s", a=account) == 1
