@@ -8,7 +8,8 @@ relay simply takes other accounts), and one beat pass runs at a time (``pass_loc
 soft time limit) cuts its threads' calls and waits for them to give back their locks and database
 connections before it ends (``_run_threads``). A failed row
 waits ``next_attempt_at`` (backoff with jitter, or the Retry-After asked); no Celery countdown holds
-it, and no call outlasts its timeouts (``_call_limit``). Recompute only writes rows, so Account
+it, and no call outlasts its timeouts (``_call_limit``; its host's name resolution waits at most the
+connect timeout, ``_Resolver``). Recompute only writes rows, so Account
 Management being down, slow or failing never slows it: the backlog grows and drains when it returns.
 
 A lifecycle request (cancellation, upgrade revert) is checked against the account's state read right
@@ -38,12 +39,14 @@ newer one at its next try: it is still retried, and holds back its account's lat
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import random
 import socket
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -58,6 +61,8 @@ from requests.utils import requote_uri
 from sqlalchemy import Connection, Engine
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util.connection import allowed_gai_family
 
 from app.account_urls import segment
 from app.db import session_lock, unit_of_work
@@ -537,11 +542,162 @@ def _wait(attempts: int, failure: Failure) -> float:
 
 
 class _CallWatch(threading.local):
-    """The connections the current call of this thread sends on (``None``: no call is watched)."""
+    """The connections the current call of this thread sends on (``None``: no call is watched), the
+    name resolutions it waits on (each one's wake-up, set when the call is cut) and whether it was."""
     conns: list[HTTPConnection] | None = None
+    wakes: list[threading.Event] | None = None
+    expired: threading.Event | None = None
 
 
 _WATCH = _CallWatch()
+
+# How long an address found for Account Management's host (or a proxy's) is used before it is looked
+# up again: a relay pass makes many calls, and each would otherwise wait on the resolver once more.
+RESOLVE_CACHE = 30.0
+RESOLVE_ERROR = "Name resolution"  # how last_error names a host not resolved (no address, or no answer)
+
+_Address = tuple[socket.AddressFamily, socket.SocketKind, int, str, Any]
+
+
+@dataclass
+class _Lookup:
+    """One look-up of a host under way, shared by every call waiting for it."""
+    done: threading.Event = field(default_factory=threading.Event)
+    addresses: Sequence[_Address] = ()
+    error: BaseException | None = None
+    waiters: set[threading.Event] = field(default_factory=set)
+
+
+class _Resolver:
+    """Host names resolved with a bounded wait. urllib3's connect timeout bounds the TCP connect only:
+    the name's resolution before it (socket.getaddrinfo) waits as long as the system's resolver does,
+    a DNS server that does not answer holding the relay thread, its account's lock and a database
+    connection well beyond the call's limit and a cut pass's grace. Each host is looked up in a thread
+    of its own, one at a time (calls meanwhile wait for the same look-up: no thread piles up behind a
+    resolver that hangs), and a call waits for it at most its connect timeout, or until it is cut; the
+    look-up left running holds nothing of the relay's. Addresses found are kept RESOLVE_CACHE seconds;
+    a failure is not kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._found: dict[tuple[str, int, int], tuple[float, Sequence[_Address]]] = {}
+        self._pending: dict[tuple[str, int, int], _Lookup] = {}
+
+    def forget(self) -> None:
+        """Drop the addresses kept (tests)."""
+        with self._lock:
+            self._found.clear()
+
+    def addresses(self, host: str, port: int, family: int, wait: float) -> Sequence[_Address]:
+        """``host``'s addresses; socket.gaierror when it has none, or none came within ``wait`` seconds
+        or before the watched call was cut."""
+        if _numeric(host):  # no look-up: nothing to wait for
+            return socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        key = (host, port, int(family))
+        wake = threading.Event()
+        with self._lock:
+            found = self._found.get(key)
+            if found is not None and found[0] > time.monotonic():
+                return found[1]
+            lookup = self._pending.get(key)
+            if lookup is None:
+                lookup = self._pending[key] = _Lookup()
+                threading.Thread(target=self._look_up, args=(key, lookup), name="outbox-resolve",
+                                 daemon=True).start()
+            lookup.waiters.add(wake)
+        wakes, expired = _WATCH.wakes, _WATCH.expired
+        if wakes is not None:
+            wakes.append(wake)
+        try:
+            if expired is None or not expired.is_set():
+                wake.wait(wait)
+        finally:
+            with self._lock:
+                lookup.waiters.discard(wake)
+            if wakes is not None:
+                with suppress(ValueError):
+                    wakes.remove(wake)
+        if lookup.done.is_set():
+            if lookup.addresses:
+                return lookup.addresses
+            raise socket.gaierror(f"{lookup.error.__class__.__name__}: {lookup.error}")
+        if expired is not None and expired.is_set():
+            raise socket.gaierror(f"the call was cut while {host} was being resolved")
+        raise socket.gaierror(f"no answer from the resolver for {host} within {wait:g} s")
+
+    def _look_up(self, key: tuple[str, int, int], lookup: _Lookup) -> None:
+        host, port, family = key
+        addresses: Sequence[_Address] = ()
+        error: BaseException | None = None
+        try:
+            addresses = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+            if not addresses:
+                error = OSError("getaddrinfo returns an empty list")
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
+            error = exc
+        with self._lock:
+            if self._pending.get(key) is lookup:
+                del self._pending[key]
+            if addresses:
+                self._found[key] = (time.monotonic() + RESOLVE_CACHE, addresses)
+            lookup.addresses, lookup.error = addresses, error
+            lookup.done.set()
+            for waiter in lookup.waiters:
+                waiter.set()
+
+
+RESOLVER = _Resolver()
+
+
+def _numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 address may name its zone
+    except ValueError:
+        return False
+    return True
+
+
+def _new_conn(conn: HTTPConnection) -> socket.socket:
+    """urllib3's HTTPConnection._new_conn, its host resolved by ``RESOLVER`` (a bounded wait) and each
+    address tried in turn while the call is not cut: the same socket, options and errors."""
+    host = conn._dns_host
+    if host.startswith("["):
+        host = host.strip("[]")
+    timeout = conn.timeout
+    wait = float(timeout) if isinstance(timeout, int | float) else TIMEOUT[0]
+    try:
+        addresses = RESOLVER.addresses(host, conn.port, allowed_gai_family(), wait)
+    except socket.gaierror as e:
+        raise NameResolutionError(conn.host, conn, e) from e
+    expired = _WATCH.expired
+    error: OSError | None = None
+    try:
+        for family, kind, proto, _name, address in addresses:
+            if expired is not None and expired.is_set():
+                break  # cut: the call is over
+            sock = None
+            try:
+                sock = socket.socket(family, kind, proto)
+                for option in conn.socket_options or ():
+                    sock.setsockopt(*option)
+                if timeout is None or isinstance(timeout, int | float):
+                    sock.settimeout(timeout)
+                if conn.source_address:
+                    sock.bind(conn.source_address)
+                sock.connect(address)
+            except OSError as exc:
+                error = exc
+                if sock is not None:
+                    sock.close()
+                continue
+            sys.audit("http.client.connect", conn, conn.host, conn.port)
+            return sock
+        raise error or OSError("the call was cut before it connected")
+    except TimeoutError as e:
+        raise ConnectTimeoutError(
+            conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})") from e
+    except OSError as e:
+        raise NewConnectionError(conn, f"Failed to establish a new connection: {e}") from e
 
 
 class _WatchedHTTPConnection(HTTPConnection):
@@ -550,12 +706,18 @@ class _WatchedHTTPConnection(HTTPConnection):
             _WATCH.conns.append(self)
         super().request(*args, **kwargs)
 
+    def _new_conn(self) -> socket.socket:
+        return _new_conn(self)
+
 
 class _WatchedHTTPSConnection(HTTPSConnection):
     def request(self, *args: Any, **kwargs: Any) -> None:
         if _WATCH.conns is not None:
             _WATCH.conns.append(self)
         super().request(*args, **kwargs)
+
+    def _new_conn(self) -> socket.socket:
+        return _new_conn(self)
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
@@ -632,6 +794,7 @@ def _call_limit(seconds: float, pass_cut: PassCut | None = None) -> Iterator[thr
     it was cut: whatever answer the call then returns is incomplete (a 200 cut in its headers looks
     whole)."""
     conns: list[HTTPConnection] = []
+    resolving: list[threading.Event] = []
     done, expired, wake = threading.Event(), threading.Event(), threading.Event()
 
     def cut() -> None:
@@ -640,6 +803,8 @@ def _call_limit(seconds: float, pass_cut: PassCut | None = None) -> Iterator[thr
             return
         expired.set()
         while not done.is_set():  # again until the call gives up: its connect may be under way
+            for resolution in list(resolving):
+                resolution.set()  # its host's resolution is waited for no more
             for conn in list(conns):
                 sock = getattr(conn, "sock", None)
                 if sock is not None:
@@ -648,13 +813,13 @@ def _call_limit(seconds: float, pass_cut: PassCut | None = None) -> Iterator[thr
             done.wait(0.1)
 
     watchdog = threading.Thread(target=cut, name="outbox-call-limit", daemon=True)
-    _WATCH.conns = conns
+    _WATCH.conns, _WATCH.wakes, _WATCH.expired = conns, resolving, expired
     watchdog.start()
     try:
         with pass_cut.watching(wake) if pass_cut is not None else nullcontext():
             yield expired
     finally:
-        _WATCH.conns = None
+        _WATCH.conns, _WATCH.wakes, _WATCH.expired = None, None, None
         done.set()
         wake.set()
         watchdog.join()
@@ -700,6 +865,23 @@ def _request(session: requests.Session, call: Call, base_url: str,
     return session.send(prepared, timeout=timeout, allow_redirects=False, **settings)
 
 
+def _unresolved(exc: BaseException) -> str | None:
+    """Why the host of a call that failed was not resolved (urllib3's NameResolutionError, under
+    requests' ConnectionError and urllib3's MaxRetryError), or None when that is not why it failed."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NameResolutionError):
+            return str(e._reason)
+        todo.extend([e.__cause__, e.__context__, getattr(e, "reason", None)])
+        todo.extend(a for a in e.args if isinstance(a, BaseException))
+    return None
+
+
 def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[float, float],
           now: datetime, pass_cut: PassCut | None = None) -> Taken | Failure:
     """Taken when Account Management took it (2xx), else the failure to record. The whole call, its
@@ -723,6 +905,10 @@ def _send(session: requests.Session, base_url: str, call: Call, timeout: tuple[f
         except requests.RequestException as exc:
             if expired.is_set():
                 return incomplete()
+            unresolved = _unresolved(exc)
+            if unresolved is not None:
+                return Failure(f"{RESOLVE_ERROR}: {storable(masked(unresolved), EXCERPT_LIMIT)}: "
+                               f"no answer from Account Management")
             return Failure(f"{exc.__class__.__name__}: no answer from Account Management")
     if expired.is_set():
         return incomplete()
