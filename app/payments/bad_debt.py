@@ -361,6 +361,9 @@ def _create_intent(rt: Runtime, req: Request, debt: Debt, payment_id: int) -> tu
     params: dict[str, Any] = {
         "amount": req.amount, "currency": debt.currency, "customer": debt.customer,
         "payment_method": debt.payment_method, "confirm": True, "off_session": True,
+        # Off session there is no customer to send anywhere: without this, Stripe refuses the intent
+        # (400, a return_url required) as soon as the Dashboard enables any method that may redirect.
+        "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
         "description": f"Bad-debt payment {payment_id} for account {req.account_id}",
         "metadata": {"account_id": req.account_id, "bad_debt_payment_id": str(payment_id)},
     }

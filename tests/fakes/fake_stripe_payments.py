@@ -33,6 +33,13 @@
   succeeded or is cancelled) on every intent it created, those behind a 500 included.
   ``set_status`` moves an intent on, as Stripe would.
 
+A payment intent confirmed at creation (``confirm=true``) without a ``return_url`` is refused with
+Stripe's 400 unless it turns redirect-based payment methods away
+(``automatic_payment_methods[allow_redirects]=never``) or names its ``payment_method_types``: since
+API 2023-08-16 an intent accepts the methods enabled in the Dashboard, and any of them that may
+redirect the customer needs somewhere to send them back (``redirect_methods_enabled``, on by default,
+as on an account with such a method enabled; nothing is created).
+
 ``key_revoked`` answers every request with Stripe's 401 for a rolled or revoked API key, running nothing.
 
 Every 429 carries ``Retry-After: <rate_limit_retry_after>`` (None: no such header). ``on_request``,
@@ -62,6 +69,14 @@ Answer = tuple[int, dict[str, Any]]
 # Stripe's rate limiters answer before its idempotency layer: this body, nothing run, nothing kept.
 RATE_LIMITED: Answer = (429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
                                         "message": "Too many requests hit the API too quickly."}})
+# Stripe's refusal of an intent confirmed with no return_url while the Dashboard enables a method that
+# may redirect (nothing created).
+RETURN_URL_REQUIRED = (
+    "This PaymentIntent is configured to accept payment methods enabled in your Dashboard. Because some of "
+    "these payment methods might redirect your customer off of your page, you must provide a `return_url`. "
+    "If you don't want to accept redirect-based payment methods, set `automatic_payment_methods[enabled]` to "
+    "`true` and `automatic_payment_methods[allow_redirects]` to `never` when creating Setup Intents and "
+    "Payment Intents.")
 
 
 @dataclass
@@ -76,6 +91,7 @@ class Call:
 class FakeStripePayments:
     def __init__(self) -> None:
         self.intent_outcome = "succeeded"
+        self.redirect_methods_enabled = True  # the Dashboard has a method on that may redirect (see above)
         self.decline_code = "insufficient_funds"
         self.before_answer: Callable[[], None] | None = None
         self.before_paying: Callable[[], None] | None = None
@@ -333,6 +349,10 @@ class FakeStripePayments:
         outcome = self.intent_outcome
         if outcome == "rate_limited":
             return RATE_LIMITED
+        if (self.redirect_methods_enabled and params.get("confirm") == "true" and "return_url" not in params
+                and params.get("automatic_payment_methods[allow_redirects]") != "never"
+                and not any(k.startswith("payment_method_types") for k in params)):
+            return 400, {"error": {"type": "invalid_request_error", "message": RETURN_URL_REQUIRED}}
         if outcome == "server_error_after_charge":
             self.charged_behind_errors.append(self._intent(params, "succeeded"))
         if outcome in ("succeeded", "processing"):

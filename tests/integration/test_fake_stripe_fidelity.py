@@ -119,3 +119,19 @@ def test_the_fake_turns_a_refused_key_away_before_it_looks_at_the_idempotency_ke
 
     assert fake_stripe.charges == [("in_fake_a", "k1")]
     assert [r.replayed for r in fake_stripe.pay_requests()] == [False, False, True]
+
+
+def test_the_payments_fake_refuses_an_intent_confirmed_with_nowhere_to_return_as_stripe_does(runtime, stripe_fake):
+    """With a method enabled in the Dashboard that may redirect (Stripe's automatic payment methods,
+    the default since API 2023-08-16), an intent confirmed at creation needs a return_url unless it
+    turns redirects away: Stripe's 400, nothing created. Off session, turning them away is the answer."""
+    client = make_stripe_client(runtime.settings)
+    params: dict[str, Any] = {"amount": 500, "currency": "usd", "customer": "cus_fake", "payment_method": "pm_fake",
+                              "confirm": True, "off_session": True}
+    with pytest.raises(stripe.InvalidRequestError, match="return_url"):
+        client.v1.payment_intents.create(params, {"idempotency_key": "k3"})  # type: ignore[arg-type]
+    assert stripe_fake.intents == {}
+    intent = client.v1.payment_intents.create(
+        {**params, "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"}},  # type: ignore[typeddict-item]
+        {"idempotency_key": "k4"})
+    assert intent.status == "succeeded" and list(stripe_fake.intents) == [intent.id]

@@ -114,6 +114,9 @@ def test_a_payment_charges_the_default_method_once_and_puts_the_account_in_lifti
     [call] = stripe_fake.intents_created()
     assert call.params["amount"] == str(debtor.amount) and call.params["customer"] == debtor.customer
     assert call.params["payment_method"] == debtor.payment_method and call.params["confirm"] == "true"
+    # Off session, a method that redirects could never be completed: Stripe is told so (the fake, as
+    # Stripe, refuses an intent confirmed without it or a return_url, the Dashboard enabling one).
+    assert call.params["automatic_payment_methods[allow_redirects]"] == "never"
     assert call.params["metadata[account_id]"] == debtor.account
     assert call.params["metadata[bad_debt_payment_id]"] == str(body["payment_id"])
     assert call.idempotency_key and idem not in call.idempotency_key  # derived, not the caller's raw key
