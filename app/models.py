@@ -331,6 +331,9 @@ class StripeSubscription(Base):
     account_key: Mapped[str | None] = mapped_column(Text, index=True)
     status: Mapped[str] = mapped_column(Text)
     products: Mapped[list[Any]] = mapped_column(server_default=EMPTY_JSON_LIST)
+    # The products before the change of items the row's event reported (previous_attributes.items),
+    # NULL where it reported none: orders two events of one second (webhooks/store.py GUARDS).
+    prev_products: Mapped[list[Any] | None]
     canceled_at: Mapped[datetime | None]
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer)
@@ -369,6 +372,9 @@ class StripeCustomerState(Base):
     # When the default payment method last changed (an event's previous_attributes name it); NULL:
     # not since the mirror knows the customer.
     changed_at: Mapped[datetime | None]
+    # The default before the change the row's event reported (previous_attributes), NULL where it
+    # reported none or the customer had none: orders two changes of one second (webhooks/store.py).
+    prev_default_payment_method_id: Mapped[str | None] = mapped_column(Text)
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer, server_default="0")
 

@@ -20,8 +20,19 @@ from app.domain.triggers import Trigger, trigger_for
 
 INVOICE_RANK = {"draft": 0, "open": 1, "uncollectible": 2, "paid": 3, "void": 3}
 ATTEMPT_RANK = {"pending": 0, "processing": 0, "requires_action": 0, "failed": 1, "succeeded": 2}
-SUBSCRIPTION_RANK = {"incomplete": 0, "trialing": 1, "active": 1, "past_due": 2, "unpaid": 3, "paused": 3,
-                     "canceled": 4, "incomplete_expired": 4}
+# A subscription's events of the same second, by what can only come later. An ended subscription
+# (canceled, incomplete_expired) never becomes live again: a terminal status beats every other
+# (rank 4), and customer.subscription.deleted, Stripe's last word on it, beats a terminal update (5).
+# A live status is no step forward: a subscription past_due (unpaid, paused) becomes active again
+# when paid, maybe in the second it fell behind. By SUBSCRIPTION_LIFE, the usual way forward; an
+# event whose previous_attributes report a move back (past_due -> active) came after the event that
+# put the subscription where it moved from, and ranks just above that status. Live ranks are below
+# 0: rows stored by the previous scale (live 0 to 3, terminal 4) still lose to an ending. Two events
+# of one rank in one second (the same status, other items) go by their items (webhooks/store.py
+# GUARDS), else to the last delivered.
+SUBSCRIPTION_LIFE = {"incomplete": 0, "trialing": 1, "active": 2, "past_due": 3, "unpaid": 4, "paused": 4}
+SUBSCRIPTION_ENDED = frozenset({"canceled", "incomplete_expired"})
+SUBSCRIPTION_ENDED_RANK, SUBSCRIPTION_DELETED_RANK = 4, 5
 # The charge and the payment intent of one attempt arrive as separate events, each knowing some of
 # it: keep what either said (the newer one wins where both speak).
 ATTEMPT_MERGE = {
@@ -56,7 +67,8 @@ ATTEMPT_MERGE = {
     "charges": "charges",
 }
 # The default method: the guard's, but a same-second tie goes to the event that reports its change.
-CUSTOMER_MERGE = {"changed_at": "greatest", "default_payment_method_id": "default_method"}
+CUSTOMER_MERGE = {"changed_at": "greatest", "default_payment_method_id": "default_method",
+                  "prev_default_payment_method_id": "default_method"}
 # charge.outcome.type of a payment the issuer never declined: Radar blocked it (outcome.reason is
 # Radar's: highest_risk_level, rule, ...), Stripe never sent it (invalid), or it went through. Its
 # reason is no decline code. Only issuer_declined is documented to carry one; a type Stripe does not
@@ -390,24 +402,48 @@ def _charges(charge_id: Any, method: str | None, at: int) -> dict[str, dict[str,
     return {charge_id: {"pm": method, "at": at}}
 
 
-def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any]) -> MirrorRow:
-    status = str(sub.get("status") or "active")
-    if event_type == "customer.subscription.deleted":
-        status = "canceled"
-    items = _list(_obj(sub.get("items")).get("data"))
-    products = []
-    for item in items:
+def _subscription_products(items: Any) -> list[str]:
+    """The products of a subscription's items (a Stripe list object), each once, in item order."""
+    products: list[str] = []
+    for item in _list(_obj(items).get("data")):
         price = item.get("price") if isinstance(item, Mapping) else None
         product = _id(price.get("product")) if isinstance(price, Mapping) else None
         if product and product not in products:
             products.append(product)
+    return products
+
+
+def subscription_rank(event_type: str, status: str, previous: Mapping[str, Any]) -> int:
+    """The place of a subscription's event among those of its second (SUBSCRIPTION_LIFE above).
+    An unknown status is taken for a live one, as active."""
+    if event_type == "customer.subscription.deleted":
+        return SUBSCRIPTION_DELETED_RANK
+    if status in SUBSCRIPTION_ENDED:
+        return SUBSCRIPTION_ENDED_RANK
+    life = SUBSCRIPTION_LIFE.get(status, SUBSCRIPTION_LIFE["active"])
+    before = previous.get("status")
+    if isinstance(before, str) and SUBSCRIPTION_LIFE.get(before, -1) > life:
+        return 2 * SUBSCRIPTION_LIFE[before] - 9  # a move back: just after the status it left
+    return 2 * life - 10
+
+
+def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any],
+                      previous: Mapping[str, Any]) -> MirrorRow:
+    status = str(sub.get("status") or "active")
+    if event_type == "customer.subscription.deleted":
+        status = "canceled"
+    before = previous.get("items")
     values = {
         "stripe_customer_id": _id(sub.get("customer")),
         "status": status,
-        "products": products,
-        "canceled_at": ts(sub.get("canceled_at")) if status in ("canceled", "incomplete_expired") else None,
+        "products": _subscription_products(sub.get("items")),
+        # The products before this event's change of items (its previous_attributes.items), else
+        # none: in a tie, the event that reports the other's products as its previous ones is the
+        # later (webhooks/store.py GUARDS).
+        "prev_products": _subscription_products(before) if isinstance(before, Mapping) else None,
+        "canceled_at": ts(sub.get("canceled_at")) if status in SUBSCRIPTION_ENDED else None,
         "source_created": created,
-        "source_rank": SUBSCRIPTION_RANK.get(status, 1),
+        "source_rank": subscription_rank(event_type, status, previous),
     }
     return MirrorRow("stripe_subscription", str(sub["id"]), values)
 
@@ -456,10 +492,13 @@ def _customer_row(created: int, customer: Mapping[str, Any], previous: Mapping[s
     the delinquent flag it sets after a failed invoice payment); taking each as a change of method
     would earn an immediate retry on the card that was just declined."""
     settings = _obj(customer.get("invoice_settings"))
-    changed = "default_payment_method" in _obj(previous.get("invoice_settings"))
+    before = _obj(previous.get("invoice_settings"))
+    changed = "default_payment_method" in before
     values = {
         "default_payment_method_id": _id(settings.get("default_payment_method")),
         "changed_at": ts(created) if changed else None,
+        # The default it changed from (a change of one second naming the other's is the later).
+        "prev_default_payment_method_id": _id(before.get("default_payment_method")) if changed else None,
         "source_created": created,
         "source_rank": 0,
     }
@@ -550,7 +589,7 @@ def extract(event: Mapping[str, Any]) -> Extracted:
         invoice_id = _id(obj.get("invoice"))
     elif kind == "subscription" and event_type.startswith("customer.subscription."):
         need_id()
-        row = _subscription_row(event_type, created, obj)
+        row = _subscription_row(event_type, created, obj, _obj(data.get("previous_attributes")))
         customer = row.values["stripe_customer_id"]
         if customer is not None:  # else none to file it under (see above)
             rows.append(row)

@@ -23,6 +23,18 @@ from webhooks.mirror import Extracted, MirrorRow
 
 GUARD = "({t}.source_created, {t}.source_rank) <= (EXCLUDED.source_created, EXCLUDED.source_rank)"
 TIE = "({t}.source_created, {t}.source_rank) = (EXCLUDED.source_created, EXCLUDED.source_rank)"
+# A table's own guard, where the payload says more than the ordering key. Two events of one
+# subscription in the same second and rank (webhooks/mirror.py subscription_rank: the same status)
+# with other products: the one whose previous_attributes report the other's products as its
+# previous ones (prev_products) changed them after it, and wins in either order of delivery. The
+# stored row stays only so; else, or when each names the other's (a change undone in the second),
+# the last delivered, as before.
+GUARDS = {
+    "stripe_subscription": (
+        "(" + GUARD + " AND NOT (" + TIE + " AND {t}.products <> EXCLUDED.products"
+        " AND COALESCE({t}.prev_products = EXCLUDED.products, FALSE)"
+        " AND EXCLUDED.prev_products IS DISTINCT FROM {t}.products))"),
+}
 # A payment attempt's failure that made no charge (3-D Secure failed): webhooks/mirror.py names none.
 CHARGELESS = "({t}.status = 'failed' AND {t}.charge_id IS NULL)"
 # Two outcomes of one payment intent in the same second and rank, about different charges: the event
@@ -71,7 +83,7 @@ def _tie_cases(col: str, table: str) -> str:
 
 def _merged(kind: str | None, col: str, table: str) -> str:
     """The value ``col`` of ``table`` takes on conflict, by its merge rule ``kind`` (None: the guard's)."""
-    guard = GUARD.format(t=table)
+    guard = GUARDS.get(table, GUARD).format(t=table)
     tie = TIE.format(t=table)
     if kind == "least":
         return f"LEAST({table}.{col}, EXCLUDED.{col})"
@@ -135,17 +147,30 @@ def _merged(kind: str | None, col: str, table: str) -> str:
                f"ELSE ({charges}) -> ({charge}) ->> 'pm' END")
         return f"COALESCE({own}, {_merged('coalesce', col, table)})"
     if kind == "default_method":
-        # A customer's default method: customer.updated comes for any change (the delinquent flag
-        # after a failed payment too), several in one second, and each shows the whole customer.
-        # In a tie the event that reports a change of the default (changed_at, set at its own
-        # second) wins: it shows the state after the change, an event of the same second that
-        # does not report it may be from just before. Two changes, or none: the greater.
+        # A customer's default method (and the one it changed from, taken from the same side):
+        # customer.updated comes for any change (the delinquent flag after a failed payment too),
+        # several in one second, and each shows the whole customer. In a tie the event that reports
+        # a change of the default (changed_at, set at its own second) wins: it shows the state after
+        # the change, an event of the same second that does not report it may be from just before.
+        # Two changes: the one that changed from the other's default (its previous_attributes name
+        # it, prev_default_payment_method_id) came after it; else, or none, the greater default.
         changed_here = f"{table}.changed_at >= to_timestamp({table}.source_created)"
+        d, p = "default_payment_method_id", "prev_default_payment_method_id"
+        theirs_later = (f"(EXCLUDED.{p} IS NOT DISTINCT FROM {table}.{d} "
+                        f"AND {table}.{p} IS DISTINCT FROM EXCLUDED.{d})")
+        mine_later = (f"({table}.{p} IS NOT DISTINCT FROM EXCLUDED.{d} "
+                      f"AND EXCLUDED.{p} IS DISTINCT FROM {table}.{d})")
+        # The side with the greater default (GREATEST's, NULL the least); the same default: the greater.
+        greater = (f"CASE WHEN EXCLUDED.{d} IS NOT DISTINCT FROM {table}.{d} "
+                   f"THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                   f"WHEN {table}.{d} IS NULL OR EXCLUDED.{d} > {table}.{d} THEN EXCLUDED.{col} "
+                   f"ELSE {table}.{col} END")
         return (f"CASE WHEN {tie} AND EXCLUDED.changed_at IS NOT NULL AND {changed_here} "
-                f"THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"THEN CASE WHEN {theirs_later} THEN EXCLUDED.{col} WHEN {mine_later} THEN {table}.{col} "
+                f"ELSE {greater} END "
                 f"WHEN {tie} AND EXCLUDED.changed_at IS NOT NULL THEN EXCLUDED.{col} "
                 f"WHEN {tie} AND {changed_here} THEN {table}.{col} "
-                f"WHEN {tie} THEN GREATEST(EXCLUDED.{col}, {table}.{col}) "
+                f"WHEN {tie} THEN {greater} "
                 f"WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     if kind == "lines":
         # An invoice's lines and whether they are all there (lines_incomplete: the event's has_more),

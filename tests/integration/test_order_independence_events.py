@@ -26,10 +26,13 @@ test_order_independence.py and test_mirror_order_property.py pin single cases.
 Not compared, by design: subs_dunning.prior_settled_at records the debts settled as the last
 decision in current saw them, so it depends on which events each recompute had (a debt paid and a
 new one failed, learned in one recompute, belong to one dunning); and so do the account's emitted
-events, its bad-debt episodes opened and closed on the way, version and changed_at. Not generated,
-as nothing in Stripe's events breaks such a tie (the last delivered wins): two
-customer.subscription.updated of one subscription in one second with the same status and other
-items, and two updates of one card in one second.
+events, its bad-debt episodes opened and closed on the way, version and changed_at. A subscription's
+events of one second go by what can only come later (an ending; a move back to active that the
+update's previous_attributes report; of one status, the change of items that names the other's
+items as its previous ones). Not generated, as nothing in Stripe's events breaks such a tie (the
+last delivered wins): two updates of one card in one second, and three or more changes of one
+subscription's items in one second (each pair is ordered by its previous_attributes, a longer chain
+delivered out of order may not be).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from app.domain.state import parse_failure_marker
 from app.recompute.service import RecomputeResult, run_recompute
 from tests.conftest import Accounts, post_event, service_headers
 from tests.integration.test_order_independence import payment_failures
-from tests.stripe_events import FIXTURES, event, unique, with_product
+from tests.stripe_events import FIXTURES, event, set_path, unique, with_product
 
 DAY = 86400
 DECLINES = ["insufficient_funds", "expired_card", "incorrect_cvc", "do_not_honor", "a_code_from_the_future"]
@@ -69,6 +72,11 @@ def histories(draw: Any) -> list[Step]:
     steps.append((start, "payment_method.attached", {"pm": "pm0"}))
     steps.append((start + draw(st.integers(0, 1)), "customer.updated", {"pm": "pm0", "changed": True}))
     steps.append((start, "customer.subscription.updated", {"status": "active"}))
+    plan = "prod_core"
+    if draw(st.booleans()):  # the plan swapped in the second the subscription was updated
+        plan = "prod_premium"
+        steps.append((start, "customer.subscription.updated",
+                      {"status": "active", "product": plan, "product_before": "prod_core"}))
     card = "pm0"
     cards = 1
     updated: dict[str, int] = {}  # card -> the second of its latest update
@@ -91,7 +99,7 @@ def histories(draw: Any) -> list[Step]:
             steps.append((t + draw(st.integers(0, 2)), "payment_intent.payment_failed",
                           {**inv, "charge": charge, "pm": card, "decline": decline}))
             if k == 0 and draw(st.booleans()):
-                steps.append((t, "customer.subscription.updated", {"status": "past_due"}))
+                steps.append((t, "customer.subscription.updated", {"status": "past_due", "product": plan}))
             if draw(st.booleans()):  # Stripe's delinquent flag: a customer.updated changing no method
                 steps.append((t + draw(st.integers(0, 1)), "customer.updated", {"pm": card, "changed": False}))
             change = draw(st.sampled_from(["none", "none", "new_card", "updated", "automatically_updated"]))
@@ -100,7 +108,8 @@ def histories(draw: Any) -> list[Step]:
                 old, card = card, f"pm{cards}"
                 cards += 1
                 steps.append((t, "payment_method.attached", {"pm": card}))
-                steps.append((t + draw(st.integers(0, 1)), "customer.updated", {"pm": card, "changed": True}))
+                steps.append((t + draw(st.integers(0, 1)), "customer.updated",
+                              {"pm": card, "changed": True, "pm_before": old}))
                 if draw(st.booleans()):
                     steps.append((t + draw(st.integers(0, 1)), "payment_method.detached", {"pm": old}))
             elif change != "none":
@@ -113,7 +122,8 @@ def histories(draw: Any) -> list[Step]:
         if ending.startswith("uncollectible"):
             steps.append((t, "invoice.marked_uncollectible", inv))
             if ending == "uncollectible_canceled":
-                steps.append((t + draw(st.integers(0, 1)), "customer.subscription.deleted", {"status": "canceled"}))
+                steps.append((t + draw(st.integers(0, 1)), "customer.subscription.deleted",
+                              {"status": "canceled", "product": plan}))
             if draw(st.booleans()):  # the customer tries to pay it on the hosted page, declined
                 t += draw(st.sampled_from([0, 1, DAY]))
                 charge = f"ch{n}_hosted"
@@ -129,7 +139,8 @@ def histories(draw: Any) -> list[Step]:
                          "invoice_payment.paid"):
                 steps.append((t, kind, {**inv, "charge": charge, "pm": card}))
             if draw(st.booleans()):
-                steps.append((t + draw(st.integers(0, 1)), "customer.subscription.updated", {"status": "active"}))
+                steps.append((t + draw(st.integers(0, 1)), "customer.subscription.updated",
+                              {"status": "active", "product": plan}))
             if ending == "paid_refunded":
                 t += draw(st.sampled_from([1, DAY]))
                 steps.append((t, "charge.refunded", {**inv, "charge": charge, "pm": card,
@@ -148,8 +159,16 @@ def in_stripe_order(steps: list[Step]) -> list[Step]:
     """Stripe's order: by created; in one second, as they happened (the order given). Each invoice
     event carries the status transitions made by its time."""
     ordered = [step for _, step in sorted(enumerate(steps), key=lambda x: (x[1][0], x[0]))]
-    return [(t, kind, {**p, "transitions": _transitions(ordered, n)} if kind in INVOICE_EVENTS else p)
+    return [(t, kind, {**p, "transitions": _transitions(ordered, n)} if kind in INVOICE_EVENTS
+             else {**p, "before": _status_before(ordered, n)} if kind.startswith("customer.subscription.")
+             else p)
             for n, (t, kind, p) in enumerate(ordered)]
+
+
+def _status_before(steps: list[Step], n: int) -> str | None:
+    """The subscription's status before event ``n``: its previous event's (None before the first)."""
+    return next((p["status"] for _, kind, p in reversed(steps[:n]) if kind.startswith("customer.subscription.")),
+                None)
 
 
 INVOICE_EVENTS = ("invoice.finalized", "invoice.payment_failed", "invoice.paid", "invoice.payment_succeeded",
@@ -239,12 +258,25 @@ def render(n: int, step: Step, s: str, customer: str) -> dict[str, Any]:
     if kind == "customer.updated":
         evt = event(kind, event_id=eid, created=t, id=customer,
                     paths={"invoice_settings.default_payment_method": i("pm")})
+        # A change names the default it replaced (none for the customer's first).
         evt["data"]["previous_attributes"] = (
-            {"invoice_settings": {"default_payment_method": None}} if p["changed"] else {"delinquent": False})
+            {"invoice_settings": {"default_payment_method": i("pm_before") if p.get("pm_before") else None}}
+            if p["changed"] else {"delinquent": False})
         return evt
     assert kind.startswith("customer.subscription."), kind
-    return event(kind, event_id=eid, created=t, id=f"sub_{s}", customer=customer, status=p["status"],
-                 paths={"items.data.0.price.product": "prod_core"})
+    evt = event(kind, event_id=eid, created=t, id=f"sub_{s}", customer=customer, status=p["status"],
+                paths={"items.data.0.price.product": p.get("product", "prod_core")})
+    if kind == "customer.subscription.updated":
+        # What the update changed: the status it moved from (Stripe's previous_attributes), else
+        # something else of the subscription (its metadata), never a status it did not leave.
+        before = p.get("before")
+        evt["data"]["previous_attributes"] = (
+            {"status": before} if before is not None and before != p["status"] else {"metadata": {}})
+        if "product_before" in p:  # a change of items: Stripe's previous items list, its product then
+            items = copy.deepcopy(evt["data"]["object"]["items"])
+            set_path(items, "data.0.price.product", p["product_before"])
+            evt["data"]["previous_attributes"] = {"items": items}
+    return evt
 
 
 STATE_SQL = """
@@ -428,3 +460,106 @@ def test_a_card_updated_before_its_attach_in_the_same_second_stays_attached_in_e
         assert [(m["attached"], m["stripe_customer_id"]) for m in state["stripe_payment_method"]] == [
             (True, "CUSTOMER")], order
         assert [m["status"] for m in state["dunning"]["mandates"]] == ["usable"], (order, state["dunning"])
+
+
+# Two events of one subscription in one second, in Stripe's order, and the status they leave.
+SAME_SECOND_SUBSCRIPTION = [
+    # Fell behind and paid in that second (the retry, or the customer on the hosted page).
+    ([("customer.subscription.updated", {"status": "past_due", "before": "active"}),
+      ("customer.subscription.updated", {"status": "active", "before": "past_due"})], "active"),
+    ([("customer.subscription.updated", {"status": "unpaid", "before": "past_due"}),
+      ("customer.subscription.updated", {"status": "active", "before": "unpaid"})], "active"),
+    # Past due, then canceled by the dunning's own cancellation in that second.
+    ([("customer.subscription.updated", {"status": "past_due", "before": "active"}),
+      ("customer.subscription.deleted", {"status": "canceled"})], "canceled"),
+    # An incomplete subscription expired: its update, then Stripe's deletion of it.
+    ([("customer.subscription.updated", {"status": "incomplete_expired", "before": "incomplete"}),
+      ("customer.subscription.deleted", {"status": "incomplete_expired"})], "canceled"),
+]
+
+
+def test_two_events_of_a_subscription_in_one_second_end_in_the_same_state_in_either_order(client, accounts,
+                                                                                           engine, runtime):
+    """Two events of one subscription in the same second tie on the event time. The status that can
+    only come later must win in either order of delivery: an ending (a terminal status, the
+    deletion over a terminal update), and a move back that the update's previous_attributes report
+    (past_due -> active: the subscription was paid in the second it fell behind). The past_due one
+    kept the paid subscription past_due in the mirror in either order, and of an expired
+    subscription's update and deletion the last delivered decided its status."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    t = int(now.timestamp()) - DAY
+    for pair, status in SAME_SECOND_SUBSCRIPTION:
+        history: list[Step] = [(t - 1, "customer.subscription.updated", {"status": "active"}),
+                               *((t, kind, p) for kind, p in pair)]
+        states = []
+        for order in ([0, 1, 2], [0, 2, 1]):
+            account, customer = accounts.create()
+            s = unique("s")
+            for n in order:
+                assert post_event(client, render(n, history[n], s, customer)).status_code == 200
+            recompute_twice(engine, runtime, account, now)
+            state = final_state(client, engine, account, customer, s)
+            assert [m["status"] for m in state["stripe_subscription"]] == [status], (pair, order)
+            ended = status in ("canceled", "incomplete_expired")
+            granted = state["dunning"]["entitlements"]["products"]
+            assert ("prod_core" in granted) is not ended, (pair, order, granted)
+            states.append(state)
+        assert states[0] == states[1], differences(states[0], states[1])
+
+
+def test_two_changes_of_a_subscriptions_items_in_one_second_keep_the_later_in_either_order(client, accounts,
+                                                                                         engine, runtime):
+    """The plan swapped (prod_core -> prod_premium) and swapped again (-> prod_plus) in one second,
+    as two customer.subscription.updated of the same status: they tie on the ordering key, and the
+    last delivered decided the subscription's products until its next event (a month later), so the
+    entitlements granted prod_premium and not prod_plus. The update whose previous_attributes.items
+    name the other's products is the later one, in either order of delivery."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    t = int(now.timestamp()) - DAY
+    history: list[Step] = [
+        (t - 1, "customer.subscription.updated", {"status": "active", "product": "prod_core"}),
+        (t, "customer.subscription.updated", {"status": "active", "product": "prod_premium",
+                                              "product_before": "prod_core"}),
+        (t, "customer.subscription.updated", {"status": "active", "product": "prod_plus",
+                                              "product_before": "prod_premium"})]
+    states = []
+    for order in ([0, 1, 2], [0, 2, 1]):
+        account, customer = accounts.create()
+        s = unique("s")
+        for n in order:
+            assert post_event(client, render(n, history[n], s, customer)).status_code == 200
+        recompute_twice(engine, runtime, account, now)
+        state = final_state(client, engine, account, customer, s)
+        assert [m["products"] for m in state["stripe_subscription"]] == [["prod_plus"]], order
+        assert sorted(state["dunning"]["entitlements"]["products"]) == ["prod_plus"], order
+        states.append(state)
+    assert states[0] == states[1], differences(states[0], states[1])
+
+
+def test_two_changes_of_the_default_card_in_one_second_keep_the_later_in_either_order(client, accounts, engine,
+                                                                                    runtime):
+    """The customer's default payment method changed twice in one second (pm0 -> pm9 -> pm1: a card
+    added and made the default, then another). The two customer.updated tie, and the greater id
+    won in either order (pm9, the card replaced): retries and the default mandate stayed on it. The
+    change whose previous_attributes name the other's default is the later one."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    t = int(now.timestamp()) - DAY
+    history: list[Step] = [
+        (t - 1, "payment_method.attached", {"pm": "pm0"}),
+        (t - 1, "payment_method.attached", {"pm": "pm9"}),
+        (t - 1, "payment_method.attached", {"pm": "pm1"}),
+        (t - 1, "customer.updated", {"pm": "pm0", "changed": True}),
+        (t, "customer.updated", {"pm": "pm9", "changed": True, "pm_before": "pm0"}),
+        (t, "customer.updated", {"pm": "pm1", "changed": True, "pm_before": "pm9"})]
+    states = []
+    for order in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 5, 4]):
+        account, customer = accounts.create()
+        s = unique("s")
+        for n in order:
+            assert post_event(client, render(n, history[n], s, customer)).status_code == 200
+        recompute_twice(engine, runtime, account, now)
+        state = final_state(client, engine, account, customer, s)
+        assert [c["default_payment_method_id"] for c in state["stripe_customer_state"]] == ["pm1_S"], order
+        assert [m["payment_method_id"] for m in state["dunning"]["mandates"] if m["is_default"]] == ["pm1_S"], order
+        states.append(state)
+    assert states[0] == states[1], differences(states[0], states[1])
