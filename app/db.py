@@ -11,7 +11,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 
 
 class DatabaseUnavailable(Exception):
-    """The database could not be reached (connection refused, dropped, timed out)."""
+    """The database could not be reached (connection refused, dropped, timed out), or refuses work
+    for now (read only after a failover, out of disk, memory or connections: NOT_NOW_CODES)."""
 
 
 class ValueRejected(ValueError):
@@ -29,12 +30,30 @@ class TimedOut(Conflict):
     long again behind the same lock holder."""
 
 
+class LockNotAvailable(TimedOut):
+    """The statement waited on a lock past lock_timeout (contention: one holder, likely one account's),
+    not a statement that ran past statement_timeout (a slow database: everything waits)."""
+
+
 # How long a session's statement waits for a lock before it is cancelled (TimedOut); set on connect.
 LOCK_TIMEOUT = "5s"
 
 # SQLSTATEs of a statement cancelled for taking too long: lock_not_available (lock_timeout),
 # query_canceled (statement_timeout, or a cancel request).
 TIMED_OUT_CODES = ("55P03", "57014")
+LOCK_NOT_AVAILABLE = "55P03"
+
+# SQLSTATEs of a server that refuses work for now, not the statement's fault, answered as a database
+# unreachable is (503, a retry later): read only (25006: a standby, or a primary demoted by a failover
+# the client has not followed yet) and insufficient resources (class 53: disk full, out of memory, too
+# many connections). The connection itself is fine.
+NOT_NOW_CODES = ("25006",)
+NOT_NOW_CLASSES = ("53",)
+
+
+def refuses_for_now(pgcode: str | None) -> bool:
+    """The server's SQLSTATE says "not now" (NOT_NOW_CODES): the same work later is expected to pass."""
+    return pgcode is not None and (pgcode in NOT_NOW_CODES or pgcode.startswith(NOT_NOW_CLASSES))
 
 
 def without_quoted_value(message: str) -> str:
@@ -54,6 +73,29 @@ def is_timed_out(exc: BaseException) -> bool:
     return getattr(getattr(exc, "orig", exc), "pgcode", None) in TIMED_OUT_CODES
 
 
+# libpq connection parameters every session gets unless DATABASE_URL's query sets them itself
+# (connect_args would otherwise override the URL's). Socket options, set when connecting: no round
+# trip, no cost per statement.
+# - tcp_user_timeout (ms): data sent and left unacknowledged that long (a network cut in the middle of
+#   a query, a host gone) ends the connection, instead of the kernel's retransmissions (about 15
+#   minutes) holding the webhook group commit's leader, every request queued behind it, or a task.
+# - keepalives_*: the client's own keepalives, for a cut while it waits for an answer with nothing
+#   unacknowledged (the query sent, the server gone): probes after 30 s idle, and with
+#   tcp_user_timeout set the kernel ends the connection once they go unanswered that long (the
+#   server's keepalives, set on connect below, cover the other side).
+CONNECT_DEFAULTS: dict[str, Any] = {"connect_timeout": 3, "application_name": "dunning", "tcp_user_timeout": 30_000,
+                                    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                                    "keepalives_count": 3}
+
+
+def connect_args(database_url: str) -> dict[str, Any]:
+    """CONNECT_DEFAULTS less what the URL's query sets (``?tcp_user_timeout=60000``): the URL wins."""
+    from sqlalchemy.engine import make_url
+
+    query = make_url(database_url).query
+    return {name: value for name, value in CONNECT_DEFAULTS.items() if name not in query}
+
+
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     options: dict[str, Any] = {
         # No pre-ping: it costs a round trip on every checkout of the hot paths. A connection the
@@ -63,7 +105,7 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
         "pool_size": 5,
         "max_overflow": 5,
         "pool_recycle": 1800,
-        "connect_args": {"connect_timeout": 3, "application_name": "dunning"},
+        "connect_args": connect_args(database_url),
     }
     options.update(kwargs)
     engine = create_engine(database_url, **options)
@@ -141,6 +183,8 @@ def is_connection_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
+    if refuses_for_now(getattr(getattr(exc, "orig", exc), "pgcode", None)):  # SQLAlchemy's, or the driver's own
+        return True
     if isinstance(exc, OperationalError):
         return _lost(exc.orig if exc.orig is not None else exc)
     return False
@@ -204,8 +248,10 @@ def _dbapi_cursor(conn: Connection) -> Any:
 @contextmanager
 def _dbapi_errors(conn: Connection) -> Iterator[None]:
     """What SQLAlchemy does for its own executes, for ours on the DBAPI cursor: a lost connection
-    is taken out of the pool and reported as DatabaseUnavailable; a refused value is ValueRejected,
-    a lost race Conflict, a wait past lock_timeout (or a run past statement_timeout) TimedOut."""
+    is taken out of the pool and reported as DatabaseUnavailable, as is a server refusing work for
+    now (read only, out of resources: the connection is kept); a refused value is ValueRejected,
+    a lost race Conflict, a wait past lock_timeout LockNotAvailable, a run past statement_timeout
+    TimedOut."""
     import psycopg2
     import psycopg2.errors
     import psycopg2.extensions
@@ -227,9 +273,17 @@ def _dbapi_errors(conn: Connection) -> Iterator[None]:
         # maximum"): the input's fault, as a DataError is. The statement was rolled back and the
         # connection is fine.
         raise ValueRejected(f"value cannot be stored, too large: {exc.diag.message_primary}") from exc
+    except psycopg2.InternalError as exc:
+        if refuses_for_now(exc.pgcode):  # read only (25006)
+            raise DatabaseUnavailable(f"database refuses writes for now: SQLSTATE {exc.pgcode}") from exc
+        raise
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if exc.pgcode in TIMED_OUT_CODES:  # the server answered: the connection is fine
+        if exc.pgcode == LOCK_NOT_AVAILABLE:  # the server answered: the connection is fine
+            raise LockNotAvailable(str(exc).strip()) from exc
+        if exc.pgcode in TIMED_OUT_CODES:
             raise TimedOut(str(exc).strip()) from exc
+        if refuses_for_now(exc.pgcode):  # out of disk, memory, connections (class 53): answered, fine
+            raise DatabaseUnavailable(f"database out of resources for now: SQLSTATE {exc.pgcode}") from exc
         dbapi = conn.connection.driver_connection
         if isinstance(exc, psycopg2.InterfaceError) or getattr(dbapi, "closed", False) or _lost(exc):
             conn.invalidate(exc)

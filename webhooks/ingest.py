@@ -19,7 +19,16 @@ from celery import Celery
 from sqlalchemy import Connection, Engine
 
 from app import metrics
-from app.db import LOCK_TIMEOUT, Conflict, DatabaseUnavailable, TimedOut, ValueRejected, unit_of_work
+from app.db import (
+    LOCK_TIMEOUT,
+    Conflict,
+    DatabaseUnavailable,
+    LockNotAvailable,
+    TimedOut,
+    ValueRejected,
+    is_connection_error,
+    unit_of_work,
+)
 from app.dispatch import BrokerUnavailable, TaskCall, recompute_call, send_many
 from app.payments import bad_debt_webhook
 from webhooks import store
@@ -91,17 +100,32 @@ class Ingestor:
         except ValueRejected as exc:
             # An event's values broke the statement (nothing of it was stored): each on its own,
             # so that only that event's request fails.
-            stored = [self._store_alone(item) for item in items] if len(items) > 1 else [_not_storable(items[0], exc)]
-        except TimedOut:
+            stored = self._store_each(items) if len(items) > 1 else [_not_storable(items[0], exc)]
+        except LockNotAvailable:
             # A row of one account held past lock_timeout (a long recompute of it): nothing of the
             # batch was stored. The other accounts' events are not held back with it: each event on
             # its own, waiting only briefly for a lock (the holder is still busy), so that only the
             # blocked account's requests answer 503 (Stripe redelivers them).
+            # Not a statement past statement_timeout (TimedOut, raised on to every request of the
+            # batch): the database itself is slow, and each event alone would again be given its
+            # 10 s, holding the batch and every webhook of this process behind it for minutes.
             if len(items) == 1:
                 raise
             with self._brief_lock_waits():
-                stored = [self._store_alone(item) for item in items]
+                stored = self._store_each(items)
         return self._answer([ex for ex, _raw in items], stored)
+
+    def _store_each(self, items: list[store.Item]) -> list[store.Stored | BaseException | None]:
+        """Each event on its own, in order. Once one meets the database slow or gone (a statement
+        timeout, a connection error: nothing about the event), the rest of the batch answers the
+        same at once (503: Stripe redelivers them) instead of waiting for it again, each in turn."""
+        stored: list[store.Stored | BaseException | None] = []
+        for item in items:
+            done = self._store_alone(item)
+            stored.append(done)
+            if isinstance(done, BaseException) and _infrastructure(done):
+                return stored + [done] * (len(items) - len(stored))
+        return stored
 
     @contextlib.contextmanager
     def _brief_lock_waits(self) -> Iterator[None]:
@@ -200,17 +224,22 @@ class Ingestor:
         try:
             send_many(self.celery_app, [calls[i] for i in wanted])  # type: ignore[misc]
         except BrokerUnavailable as exc:
-            # Accepted and committed: the pending requests stay and beat re-drives them.
-            failed = [outcomes[i] for i in wanted]
-            log.warning("%d recomputes not queued, beat will re-drive: %s", len(failed), exc)
+            # Accepted and committed: the pending requests stay and beat re-drives them. Every event
+            # of the batch waiting on one of them shows it, as the re-drive marks the events it routes:
+            # the one that created its account's request, and those of the same account coalesced
+            # into it (the same request, not queued either).
+            log.warning("%d recomputes not queued, beat will re-drive: %s", len(wanted), exc)
+            accounts = {o.account_id for o in (outcomes[i] for i in wanted) if isinstance(o, Ingested)}
+            waiting = [i for i, o in enumerate(outcomes)
+                       if isinstance(o, Ingested) and o.state == "accepted" and o.account_id in accounts]
             with unit_of_work(self.engine) as conn:
                 conn.exec_driver_sql("UPDATE stripe_event SET state = 'enqueue_failed' WHERE id = ANY(%(ids)s)",
-                                     {"ids": [o.event_id for o in failed if isinstance(o, Ingested)]})
-            for i in wanted:
+                                     {"ids": [outcomes[i].event_id for i in waiting]})  # type: ignore[union-attr]
+            for i in waiting:
                 done = outcomes[i]
-                if isinstance(done, Ingested):
-                    outcomes[i] = Ingested(done.event_id, done.type, "enqueue_failed", done.account_id,
-                                           enqueue_failed=True)
+                assert isinstance(done, Ingested)
+                outcomes[i] = Ingested(done.event_id, done.type, "enqueue_failed", done.account_id,
+                                       coalesced=done.coalesced, enqueue_failed=True)
 
     def _ingest_payment_outcome(self, ex: Extracted, event: dict[str, Any], raw: str) -> Ingested:
         """A payment intent's outcome may settle the isolated bad-debt payment: recorded in the
@@ -243,6 +272,11 @@ def _outcome(ex: Extracted, stored: store.Stored | BaseException | None) -> tupl
         return Ingested(ex.event_id, ex.type, stored.state, stored.account_id, coalesced=True), None
     return (Ingested(ex.event_id, ex.type, stored.state, stored.account_id, enqueued=True),
             recompute_call(stored.account_id, stored.trigger, ex.event_id))
+
+
+def _infrastructure(exc: BaseException) -> bool:
+    """The database slow (a statement past statement_timeout) or gone: nothing about one event."""
+    return (isinstance(exc, TimedOut) and not isinstance(exc, LockNotAvailable)) or is_connection_error(exc)
 
 
 def _count(outcomes: list[Ingested | BaseException]) -> None:
