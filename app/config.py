@@ -200,7 +200,7 @@ def _unshared_result_backend(backend: type, url: str) -> str | None:
 
 
 def _check_broker_address(url: str, redis: bool, name: str = "CELERY_BROKER_URL") -> None:
-    from urllib.parse import urlsplit
+    from urllib.parse import parse_qs, urlsplit
 
     try:
         parts = urlsplit(url)
@@ -217,6 +217,11 @@ def _check_broker_address(url: str, redis: bool, name: str = "CELERY_BROKER_URL"
     if not _REDIS_DB.fullmatch(parts.path):
         # redis-py would quietly use database 0 where the workers' kombu refuses to start
         raise ConfigError(f"{name}'s path must be a Redis database number, as in /0 {_BROKER_NOT_SHOWN}")
+    if name == "CELERY_BROKER_URL" and "db" in parse_qs(parts.query):
+        # kombu passes the query's db on to redis-py's connection beside its own (a TypeError at the
+        # first connection: no worker starts), where the lane's redis-py would write to that database.
+        raise ConfigError(f"{name} gives the Redis database number as ?db=: put it in the path instead, as in "
+                          f"redis://host:6379/3 {_BROKER_NOT_SHOWN}")
     from redis.connection import parse_url
 
     try:

@@ -29,11 +29,22 @@ LOST_WORKER_DELAY = 2
 LOST_WORKER_RETRIES = 3
 
 
+def default_result_backend(broker_url: str) -> str:
+    """The result backend when CELERY_RESULT_BACKEND is unset and the broker is Redis: the broker's
+    server, or with a failover list of brokers (';'-separated, which kombu goes through in turn) its
+    first one. Celery's Redis result backend reads one URL only: given the whole list it took the
+    rest for the database number and no worker started. It does not fail over: after a failover the
+    support page's results are unreachable until the first server is back (set CELERY_RESULT_BACKEND
+    to a store of its own for that)."""
+    return broker_url.split(";", 1)[0]
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     vt = settings.visibility_timeout
     hard_limit, soft_limit = task_time_limits(vt)
     broker_is_redis = settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
-    backend = settings.result_backend or (settings.broker_url if broker_is_redis else "db+" + settings.database_url)
+    backend = settings.result_backend or (default_result_backend(settings.broker_url) if broker_is_redis
+                                          else "db+" + settings.database_url)
     transport: dict[str, Any] = {"visibility_timeout": vt}
     if broker_is_redis:
         # After a worker is killed, kombu restores its unacknowledged messages from a sweep that

@@ -97,6 +97,10 @@ def test_the_cli_names_an_option_value_libpq_refused_when_it_connected():
     ("redis://redis:6379/zero", "path must be a Redis database number"),
     ("redis://redis:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
     ("redis://redis:6379/0;redis://redis-2:port/0", "port must be a number from 1 to 65535"),
+    # kombu hands the query's db to redis-py beside its own: a TypeError at the first connection
+    ("redis://redis:6379?db=3", "put it in the path instead, as in redis://host:6379/3"),
+    (f"redis://:{PASSWORD}@redis:6379/0?db=3", "put it in the path instead"),
+    ("redis://redis:6379/0;redis://redis-2:6379?socket_timeout=5&db=1", "put it in the path instead"),
     ("memory://", "must be a Redis (redis://host:6379/0) or RabbitMQ (amqp://...) URL, got the scheme 'memory'"),
     (f"redis//:{PASSWORD}@redis:6379/0", "URL, but it has no scheme"),
     ("redis://:s3cr3t-pw@[::1/0", "a '[' is never closed"),
@@ -119,6 +123,21 @@ def test_a_broker_url_the_broker_clients_cannot_read_is_refused_at_start(url, re
 ])
 def test_broker_urls_the_product_runs_on_are_taken_as_they_are(url):
     assert Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_BROKER_URL": url}).broker_url == url
+
+
+@pytest.mark.parametrize("broker", ["redis://redis-1:6379/2;redis://redis-2:6379/2",
+                                    "rediss://:pw@redis-1:6380/0?ssl_cert_reqs=required;rediss://:pw@redis-2:6380/0"])
+def test_a_failover_list_of_redis_brokers_keeps_results_on_its_first_server(broker):
+    """With no CELERY_RESULT_BACKEND the results went to the broker's URL, the whole list, which
+    Celery's Redis result backend cannot read (it took the rest for the database number): no worker
+    started. The first server of the list keeps them; Celery builds that backend (nothing connects)."""
+    from tasks.factory import celery_config, make_celery
+
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_BROKER_URL": broker})
+    first = broker.split(";")[0]
+    assert celery_config(settings)["result_backend"] == first
+    backend = make_celery(settings).backend
+    assert (backend.connparams["host"], backend.connparams["db"]) == ("redis-1", int(first.split("/")[3][:1]))
 
 
 @pytest.mark.parametrize(("url", "reason"), [
