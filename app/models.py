@@ -353,6 +353,9 @@ class StripePaymentMethod(Base):
     exp_month: Mapped[int | None] = mapped_column(Integer)
     exp_year: Mapped[int | None] = mapped_column(Integer)
     fingerprint: Mapped[str | None] = mapped_column(Text)
+    # The card's kept fields an update changed, with their values before it (previous_attributes.card),
+    # NULL where it changed none: orders two updates of one second (webhooks/store.py GUARDS).
+    prev_card: Mapped[dict[str, Any] | None]
     # When the customer attached or updated it (or the card network updated it): a change
     # after a permanent decline earns one immediate retry.
     changed_at: Mapped[datetime]

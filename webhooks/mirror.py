@@ -457,9 +457,15 @@ PAYMENT_METHOD_MERGE = {"changed_at": "greatest", "stripe_customer_id": "coalesc
 # update of an attached method (its object names the customer) comes after the attach, so a card
 # attached and updated in one second (a new expiry) keeps the update in either order of delivery;
 # an update naming no customer came before it (a method is attached once), so it never marks a card
-# attached in its second as not attached; a detach ends it. Two updates in one second still tie:
-# the last delivered wins (nothing in them says which came later).
+# attached in its second as not attached; a detach ends it. Two updates in one second tie: the one
+# whose previous_attributes.card hold the other's values (prev_card) changed the card after it
+# (webhooks/store.py GUARDS); else the last delivered wins.
 PAYMENT_METHOD_RANK = {"payment_method.attached": 0, "payment_method.detached": 2}
+# The card's fields the mirror keeps, by Stripe's name: an update's previous_attributes.card names
+# the ones it changed, with their values before it (webhooks/store.py GUARDS orders two updates of
+# one second by them).
+CARD_COLUMNS = {"brand": "card_brand", "last4": "card_last4", "exp_month": "exp_month", "exp_year": "exp_year",
+                "fingerprint": "fingerprint"}
 
 
 def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any],
@@ -468,6 +474,8 @@ def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any],
     the card network, or updated in something but its metadata. A payment_method.updated that only
     touched metadata must not earn an immediate retry on the card just declined."""
     card = _obj(pm.get("card"))
+    card_before = _obj(previous.get("card"))
+    prev_card = {col: card_before[name] for name, col in CARD_COLUMNS.items() if name in card_before}
     detached = event_type == "payment_method.detached"
     changed = event_type != "payment_method.updated" or bool(set(previous) - {"metadata"})
     values = {
@@ -480,6 +488,8 @@ def _payment_method_row(event_type: str, created: int, pm: Mapping[str, Any],
         "exp_year": card.get("exp_year"),
         "fingerprint": card.get("fingerprint"),
         "changed_at": ts(created) if changed else NOT_CHANGED,
+        # What the event changed the card from (its kept fields only), NULL where it changed none.
+        "prev_card": prev_card or None,
         "source_created": created,
         "source_rank": PAYMENT_METHOD_RANK.get(event_type, 1 if pm.get("customer") is not None else -1),
     }

@@ -29,11 +29,19 @@ TIE = "({t}.source_created, {t}.source_rank) = (EXCLUDED.source_created, EXCLUDE
 # previous ones (prev_products) changed them after it, and wins in either order of delivery. The
 # stored row stays only so; else, or when each names the other's (a change undone in the second),
 # the last delivered, as before.
+# Two updates of one card in one second (webhooks/mirror.py PAYMENT_METHOD_RANK), the same way: the
+# one whose previous_attributes.card hold the other's values of those fields (prev_card) is later.
+CARD = ("jsonb_build_object('card_brand', {t}.card_brand, 'card_last4', {t}.card_last4, 'exp_month', "
+        "{t}.exp_month, 'exp_year', {t}.exp_year, 'fingerprint', {t}.fingerprint)")
 GUARDS = {
     "stripe_subscription": (
         "(" + GUARD + " AND NOT (" + TIE + " AND {t}.products <> EXCLUDED.products"
         " AND COALESCE({t}.prev_products = EXCLUDED.products, FALSE)"
         " AND EXCLUDED.prev_products IS DISTINCT FROM {t}.products))"),
+    "stripe_payment_method": (
+        "(" + GUARD + " AND NOT (" + TIE + " AND {t}.prev_card IS NOT NULL"
+        " AND " + CARD.replace("{t}", "EXCLUDED") + " @> {t}.prev_card"
+        " AND NOT COALESCE(" + CARD + " @> EXCLUDED.prev_card, FALSE)))"),
 }
 # A payment attempt's failure that made no charge (3-D Secure failed): webhooks/mirror.py names none.
 CHARGELESS = "({t}.status = 'failed' AND {t}.charge_id IS NULL)"

@@ -29,10 +29,10 @@ new one failed, learned in one recompute, belong to one dunning); and so do the 
 events, its bad-debt episodes opened and closed on the way, version and changed_at. A subscription's
 events of one second go by what can only come later (an ending; a move back to active that the
 update's previous_attributes report; of one status, the change of items that names the other's
-items as its previous ones). Not generated, as nothing in Stripe's events breaks such a tie (the
-last delivered wins): two updates of one card in one second, and three or more changes of one
-subscription's items in one second (each pair is ordered by its previous_attributes, a longer chain
-delivered out of order may not be).
+items as its previous ones); two updates of one card in one second by their
+previous_attributes.card the same way. Not generated: three or more changes of one subscription's
+items, or updates of one card, in one second (each pair is ordered by its previous_attributes, a
+longer chain delivered out of order may not be).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ DECLINES = ["insufficient_funds", "expired_card", "incorrect_cvc", "do_not_honor
 ENDINGS = ["open", "paid", "paid_refunded", "paid_disputed", "voided", "uncollectible",
            "uncollectible_canceled", "uncollectible_then_paid", "uncollectible_then_voided"]
 AMOUNT = 5000
+FIXTURE_EXP_YEAR = 2030  # payment_method.attached's card
 Step = tuple[int, str, dict[str, Any]]  # (created, event type, parameters)
 
 
@@ -79,7 +80,7 @@ def histories(draw: Any) -> list[Step]:
                       {"status": "active", "product": plan, "product_before": "prod_core"}))
     card = "pm0"
     cards = 1
-    updated: dict[str, int] = {}  # card -> the second of its latest update
+    updated: dict[str, tuple[int, int, int]] = {}  # card -> its latest update's second, how many then, expiry
     t = start
     for n in range(draw(st.integers(1, 2))):
         t += draw(st.integers(1, 10)) * DAY
@@ -113,10 +114,13 @@ def histories(draw: Any) -> list[Step]:
                 if draw(st.booleans()):
                     steps.append((t + draw(st.integers(0, 1)), "payment_method.detached", {"pm": old}))
             elif change != "none":
-                # Never two updates of one card in one second (see above: nothing breaks that tie).
-                t = max(t + draw(st.sampled_from([0, 1, DAY])), updated.get(card, 0) + 1)
-                updated[card] = t
-                steps.append((t, f"payment_method.{change}", {"pm": card, "exp_year": 2031 + len(steps)}))
+                # At most two updates of one card in one second (see above), each naming the expiry
+                # it replaced (the attach's is the fixture's).
+                second, count, expiry = updated.get(card, (0, 0, FIXTURE_EXP_YEAR))
+                t = max(t + draw(st.sampled_from([0, 1, DAY])), second + (count >= 2))
+                exp_year = 2031 + len(steps)
+                updated[card] = (t, count + 1 if t == second else 1, exp_year)
+                steps.append((t, f"payment_method.{change}", {"pm": card, "exp_year": exp_year, "exp_before": expiry}))
         ending = draw(st.sampled_from(ENDINGS))
         t += draw(st.sampled_from([0, 1, DAY, 5 * DAY]))
         if ending.startswith("uncollectible"):
@@ -253,7 +257,7 @@ def render(n: int, step: Step, s: str, customer: str) -> dict[str, Any]:
         if detached:
             evt["data"]["previous_attributes"] = {"customer": customer}
         elif kind != "payment_method.attached":
-            evt["data"]["previous_attributes"] = {"card": {"exp_year": p["exp_year"] - 1}}
+            evt["data"]["previous_attributes"] = {"card": {"exp_year": p.get("exp_before", p["exp_year"] - 1)}}
         return evt
     if kind == "customer.updated":
         evt = event(kind, event_id=eid, created=t, id=customer,
@@ -561,5 +565,30 @@ def test_two_changes_of_the_default_card_in_one_second_keep_the_later_in_either_
         state = final_state(client, engine, account, customer, s)
         assert [c["default_payment_method_id"] for c in state["stripe_customer_state"]] == ["pm1_S"], order
         assert [m["payment_method_id"] for m in state["dunning"]["mandates"] if m["is_default"]] == ["pm1_S"], order
+        states.append(state)
+    assert states[0] == states[1], differences(states[0], states[1])
+
+
+def test_two_updates_of_a_card_in_one_second_keep_the_later_in_either_order(client, accounts, engine, runtime):
+    """The card updater renewed the card (2025 -> 2030) and, in the same second, its expiry was
+    updated again (2030 -> 2031). The two updates tie on the ordering key (an attached card's update,
+    rank 1 both), and the last delivered decided the card's expiry: delivered out of order, 2030 (and
+    so the mandate). The update whose previous_attributes.card hold the other's expiry is the later."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    t = int(now.timestamp()) - DAY
+    history: list[Step] = [
+        (t - 1, "payment_method.attached", {"pm": "pm0", "exp_year": 2025}),
+        (t, "payment_method.automatically_updated", {"pm": "pm0", "exp_year": 2030, "exp_before": 2025}),
+        (t, "payment_method.updated", {"pm": "pm0", "exp_year": 2031, "exp_before": 2030})]
+    states = []
+    for order in ([0, 1, 2], [0, 2, 1]):
+        account, customer = accounts.create()
+        s = unique("s")
+        for n in order:
+            assert post_event(client, render(n, history[n], s, customer)).status_code == 200
+        recompute_twice(engine, runtime, account, now)
+        state = final_state(client, engine, account, customer, s)
+        assert [m["exp_year"] for m in state["stripe_payment_method"]] == [2031], order
+        assert [m["exp_year"] for m in state["dunning"]["mandates"]] == [2031], order
         states.append(state)
     assert states[0] == states[1], differences(states[0], states[1])
