@@ -254,9 +254,12 @@ def _invoice_row(event_type: str, created: int, event_id: str, inv: Mapping[str,
     }
     # A mark as uncollectible is a fact the later payment does not undo (how the debt ended reads it).
     # A finalized invoice's whole list of lines (fetched, or all in its event) is never replaced by
-    # an event's first lines (webhooks/store.py "lines").
+    # an event's first lines (webhooks/store.py "lines"). What was credited after payment only grows
+    # (Stripe voids a credit note of an open invoice only): a credit note issued in the second the
+    # invoice was paid ties with invoice.paid on the ordering key, and the greater is the later.
     merge = {"first_failed_at": "least", "last_failed_at": "greatest", "attempt_count": "greatest",
-             "marked_uncollectible_at": "least", "lines": "lines", "lines_incomplete": "lines"}
+             "marked_uncollectible_at": "least", "lines": "lines", "lines_incomplete": "lines",
+             "credited_amount": "tie_greatest"}
     return MirrorRow("stripe_invoice", str(inv["id"]), values, merge)
 
 

@@ -97,6 +97,12 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         return f"LEAST({table}.{col}, EXCLUDED.{col})"
     if kind == "greatest":
         return f"GREATEST({table}.{col}, EXCLUDED.{col})"
+    if kind == "tie_greatest":
+        # The guard's, but in a same-second, same-rank tie the greater: for a value that only grows
+        # while the row keeps its rank (an invoice's post-payment credit), where the last delivered
+        # of the two would pick one by the order of delivery.
+        return (f"CASE WHEN {tie} THEN GREATEST({table}.{col}, EXCLUDED.{col}) "
+                f"WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
     if kind == "coalesce":
         return (f"CASE WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                 f"ELSE COALESCE({table}.{col}, EXCLUDED.{col}) END")

@@ -80,3 +80,24 @@ def test_a_draft_invoice_is_not_in_the_billing_history_until_it_is_finalized(cli
     finalized = event("invoice.finalized", id=invoice, customer=customer, created=at + 60, paths={"created": at - 3600})
     assert post_event(client, finalized).status_code == 200
     assert labels(client, account) == {invoice: "Open"}
+
+
+@pytest.mark.parametrize("credit_first", [True, False])
+@pytest.mark.parametrize(("credited", "expected"), [(5000, "Resolved"), (1000, "Paid")])
+def test_a_credit_note_after_payment_in_the_second_of_the_payment_labels_it_in_either_order(
+        client, accounts: Accounts, credit_first, credited, expected):
+    """A credit note issued on a paid invoice in the second it was paid (an integration crediting
+    on payment): invoice.paid and the invoice.updated that carries post_payment_credit_notes_amount
+    tie on the ordering key (same second, both paid). A credit note on a paid invoice cannot be
+    voided (Stripe voids only an open invoice's), so the amount only grows: the tie keeps the
+    greater. The last delivered won: invoice.paid delivered after the update said Paid for an
+    invoice credited in full."""
+    account, customer = accounts.create()
+    invoice, at = unique("in"), int(time.time()) - 600
+    amounts = {"total": 5000, "amount_due": 5000, "amount_paid": 5000, "amount_remaining": 0}
+    settled = paid(customer, invoice, at, **amounts)
+    credited_note = paid(customer, invoice, at, post_payment_credit_notes_amount=credited, **amounts)
+    credited_note["type"] = "invoice.updated"  # the same paid invoice, its credit note counted
+    for evt in ([credited_note, settled] if credit_first else [settled, credited_note]):
+        assert post_event(client, evt).status_code == 200
+    assert labels(client, account) == {invoice: expected}
