@@ -96,6 +96,9 @@ def connect_args(database_url: str) -> dict[str, Any]:
     return {name: value for name, value in CONNECT_DEFAULTS.items() if name not in query}
 
 
+POOL_TIMEOUT = 5  # seconds a checkout waits for a free connection
+
+
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
     options: dict[str, Any] = {
         # No pre-ping: it costs a round trip on every checkout of the hot paths. A connection the
@@ -105,6 +108,10 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
         "pool_size": 5,
         "max_overflow": 5,
         "pool_recycle": 1800,
+        # A request waiting for a free connection (a gevent web worker serves more at once than its
+        # pool holds; the webhook group commit taking a new one) answers 503 after this, not the 30 s
+        # of SQLAlchemy's default, by which time Stripe has given up on the delivery.
+        "pool_timeout": POOL_TIMEOUT,
         "connect_args": connect_args(database_url),
     }
     options.update(kwargs)

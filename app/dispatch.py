@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 
 from app.ids import uuid4_str
@@ -47,9 +48,13 @@ def _send_one(celery_app: Celery, call: TaskCall) -> str:
     return call.task_id
 
 
-def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
+def send_many(celery_app: Celery, calls: Sequence[TaskCall], *, bound: float | None = None) -> None:
     """Publish every task with its task-sent event, in one broker round trip on Redis.
-    All or nothing as far as the caller knows: raises BrokerUnavailable if any may be missing."""
+    All or nothing as far as the caller knows: raises BrokerUnavailable if any may be missing.
+    ``bound`` (seconds): on Redis, no connect, write or read waits longer (a lane of its own), and
+    one that timed out is not tried again, so a hung broker costs the caller about ``bound``, not
+    the transport's timeouts twice (webhook ingest: its events are committed, beat re-drives them).
+    A write the broker refused at once (a connection a restart dropped) is still tried once more."""
     if not calls:
         return
     if not _lane_serves(celery_app.conf.broker_url):  # not the product's Redis: Celery's own path
@@ -61,10 +66,10 @@ def send_many(celery_app: Celery, calls: Sequence[TaskCall]) -> None:
             # The lane is built inside the try (once per process; then a lookup): a broker it cannot
             # even address (a URL redis-py cannot read) did not take the messages either, and the
             # caller must hear BrokerUnavailable: the events are committed, beat re-drives them.
-            lane_for(celery_app).publish(calls)
+            lane_for(celery_app, bound).publish(calls)
             break
         except Exception as exc:  # redis-py raises ConnectionError, TimeoutError, ResponseError, ValueError...
-            if attempt == ATTEMPTS:
+            if attempt == ATTEMPTS or (bound is not None and isinstance(exc, redis.TimeoutError)):
                 names = ", ".join(sorted({c.name for c in calls}))
                 raise BrokerUnavailable(f"broker did not accept {names}: {exc.__class__.__name__}") from exc
     for call in calls:

@@ -88,15 +88,20 @@ class _Template:
 class RedisLane:
     """Per process and Celery app (a forked child builds its own: sockets are not shared)."""
 
-    def __init__(self, celery_app: Celery) -> None:
+    def __init__(self, celery_app: Celery, timeout: float | None = None) -> None:
+        """``timeout``: the most its connect, and each write and read, may wait (seconds), when shorter
+        than the transport's own (socket_connect_timeout 3, socket_timeout 10)."""
         conf = celery_app.conf
         options = conf.broker_transport_options or {}
         self.app = celery_app
         self.prefix = options.get("global_keyprefix") or ""
+        connect_timeout, socket_timeout = options.get("socket_connect_timeout", 3), options.get("socket_timeout", 10)
+        if timeout is not None:
+            connect_timeout, socket_timeout = _shorter(connect_timeout, timeout), _shorter(socket_timeout, timeout)
         # No retries inside redis-py (6+ retries three times by default): the caller decides.
         pool = redis.ConnectionPool.from_url(
-            conf.broker_url, socket_connect_timeout=options.get("socket_connect_timeout", 3),
-            socket_timeout=options.get("socket_timeout", 10), retry=Retry(NoBackoff(), 0))
+            conf.broker_url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0))
         # Connects on first use (and again after an error); redis-py handles TLS, AUTH and SELECT.
         self.connection = pool.make_connection()
         self.events = celery_app.events.Dispatcher(enabled=False)
@@ -183,17 +188,25 @@ class RedisLane:
                 raise
 
 
+def _shorter(timeout: float | None, bound: float) -> float:
+    return bound if timeout is None else min(float(timeout), bound)
+
+
 _lanes_lock = threading.Lock()
 
 
-def lane_for(celery_app: Celery) -> RedisLane:
-    """This process's lane for ``celery_app`` (built on first use, again after a fork)."""
+def lane_for(celery_app: Celery, timeout: float | None = None) -> RedisLane:
+    """This process's lane for ``celery_app`` (built on first use, again after a fork); with
+    ``timeout``, a lane of its own (its own connection) whose every wait is bounded by it."""
     pid = os.getpid()
-    held: tuple[int, RedisLane] | None = getattr(celery_app, "dunning_redis_lane", None)
+    lanes: dict[float | None, tuple[int, RedisLane]] | None = getattr(celery_app, "dunning_redis_lanes", None)
+    held = lanes.get(timeout) if lanes is not None else None
     if held is None or held[0] != pid:
         with _lanes_lock:
-            held = getattr(celery_app, "dunning_redis_lane", None)
+            lanes = getattr(celery_app, "dunning_redis_lanes", None)
+            if lanes is None:
+                lanes = celery_app.dunning_redis_lanes = {}
+            held = lanes.get(timeout)
             if held is None or held[0] != pid:
-                held = (pid, RedisLane(celery_app))
-                celery_app.dunning_redis_lane = held
+                held = lanes[timeout] = (pid, RedisLane(celery_app, timeout))
     return held[1]

@@ -20,6 +20,7 @@ import psycopg2
 from psycopg2.extras import Json
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app import metrics
 from app.db import Conflict, is_connection_error, unit_of_work, without_quoted_value
@@ -136,6 +137,8 @@ def classify(exc: BaseException) -> FailureKind:
     # Our own names for database failures (raised by the hot paths that use the driver directly):
     # before ValueError, which ValueRejected is.
     if is_connection_error(exc):
+        return FailureKind.DATABASE_UNAVAILABLE
+    if isinstance(exc, PoolTimeout):  # no connection of the pool free in time (app.db POOL_TIMEOUT): it passes
         return FailureKind.DATABASE_UNAVAILABLE
     if isinstance(exc, Conflict):
         return FailureKind.LOCK_CONTENTION

@@ -41,6 +41,10 @@ MAX_BATCH = 64  # events per group commit; more waiting form the next one
 CONFLICT_ATTEMPTS = 3
 # After a batch timed out on one account's lock, how long each of its events alone waits for one.
 BRIEF_LOCK_WAIT = "250ms"
+# The most a flush waits for the broker (its connect, write, read; no second try after a timeout): its
+# events are committed, so a hung Redis leaves them enqueue_failed for beat's re-drive rather than
+# holding this flush, and every webhook of the process queued behind it, for the transport's 10 s twice.
+ENQUEUE_BOUND = 2.0
 
 
 class EventNotStorable(ValueRejected):
@@ -222,7 +226,7 @@ class Ingestor:
     def _enqueue(self, outcomes: list[Ingested | BaseException], calls: list[TaskCall | None]) -> None:
         wanted = [i for i, call in enumerate(calls) if call is not None]
         try:
-            send_many(self.celery_app, [calls[i] for i in wanted])  # type: ignore[misc]
+            send_many(self.celery_app, [calls[i] for i in wanted], bound=ENQUEUE_BOUND)  # type: ignore[misc]
         except BrokerUnavailable as exc:
             # Accepted and committed: the pending requests stay and beat re-drives them. Every event
             # of the batch waiting on one of them shows it, as the re-drive marks the events it routes:

@@ -240,3 +240,89 @@ def test_every_event_of_a_batch_whose_request_the_broker_refused_shows_enqueue_f
                                     {"ids": [e["id"] for e in events]}).fetchall()
     states: dict[str, str] = dict(rows)
     assert [states[e["id"]] for e in events] == ["enqueue_failed", "enqueue_failed", "accepted"]
+
+
+# --- a hung broker, a pool with no connection free: bounded waits ---------------------------------
+
+class HungRedis:
+    """A TCP server that takes connections and never answers (a Redis hung, or a network that drops
+    its answers): counts the connections made to it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.accepted.append(conn)  # held open, never read nor answered
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_hung_broker_holds_a_flush_for_the_enqueue_bound_once_and_its_events_wait_for_beat(
+        settings, accounts: Accounts, engine: Engine):
+    """The lane waited for Redis' answer its transport's 10 s, then tried again on a new connection:
+    about 20 s for the flush and every webhook of the process queued behind it. The events are
+    committed: the flush waits at most ENQUEUE_BOUND (2 s) on one connection, marks them
+    enqueue_failed and answers 200; beat's re-drive sends them. Other senders keep their timeouts."""
+    from app.dispatch import ATTEMPTS
+    from app.redis_lane import lane_for
+    from tasks.factory import make_celery
+    from webhooks.ingest import ENQUEUE_BOUND, Ingested
+
+    hung = HungRedis()
+    app = make_celery(settings.with_overrides(broker_url=f"redis://127.0.0.1:{hung.port}/0"))
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    ingestor = Ingestor(engine, app)
+    try:
+        [outcome] = ingestor._flush([item(evt)])
+    finally:
+        ingestor.close()
+        hung.close()
+    assert isinstance(outcome, Ingested) and outcome.state == "enqueue_failed" and outcome.enqueue_failed
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE id = %(i)s AND state = 'enqueue_failed'",
+                 i=evt["id"]) == 1
+    assert ATTEMPTS == 2 and len(hung.accepted) == 1  # not tried again after the timeout
+    bounded: Any = lane_for(app, ENQUEUE_BOUND).connection
+    assert ENQUEUE_BOUND <= 2 and bounded.socket_timeout == ENQUEUE_BOUND
+    assert bounded.socket_connect_timeout == ENQUEUE_BOUND
+    other: Any = lane_for(app).connection
+    assert other.socket_timeout == 10  # the others' own lane, as before
+
+
+def test_a_webhook_waiting_for_a_free_database_connection_answers_503_within_the_pool_bound(
+        settings, celery_app, accounts: Accounts):
+    """The group commit taking a new connection (and any web request) waited up to SQLAlchemy's
+    default 30 s for one to be free, past Stripe's patience for the delivery: now POOL_TIMEOUT (5 s),
+    then 503 with Retry-After. A task meeting it retries as for a database unavailable."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from app import create_app
+    from app.db import POOL_TIMEOUT
+    from app.runtime import Runtime
+
+    runtime = Runtime.build(settings)
+    runtime.engine.dispose()
+    runtime.engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        assert runtime.engine.pool.timeout() == POOL_TIMEOUT <= 5  # type: ignore[attr-defined]
+        app = create_app(settings, runtime=runtime, celery=celery_app)
+        _, customer = accounts.create()
+        with runtime.engine.connect():  # the pool's only connection, busy
+            response = post_event(app.test_client(), failed_invoice(customer))
+        assert response.status_code == 503 and response.headers["Retry-After"], response.json
+    finally:
+        runtime.engine.dispose()
+    assert classify(PoolTimeout("no connection free")) is FailureKind.DATABASE_UNAVAILABLE
