@@ -10,7 +10,9 @@ falls back to bad debt between the charge and the settlement.
 The payment is found by its PaymentIntent id, or by the metadata this product put on the intent
 (a webhook can outrun the API answer that stores the intent id), whatever account ingest routed the
 event to: it routes by the intent's customer, which another team may have moved to another account
-since the payment was made. The account that made the payment is then recomputed too.
+since the payment was made. The account that made the payment is then recomputed too. An intent
+found by its metadata only is the payment's when it is for the payment's amount in its currency
+(as the reconciliation with Stripe requires): another's outcome changes nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ SETTLE_TASK = "tasks.settle_bad_debt_payment"
 # charges the intent's customer (a customer moves, a payment's customer does not; rows from before
 # the column have none).
 FIND = """
-SELECT id, account_id FROM bad_debt_payment
+SELECT id, account_id, stripe_payment_intent_id, amount, currency FROM bad_debt_payment
  WHERE stripe_payment_intent_id = %(pi)s
     OR (id = %(meta_id)s AND account_id IN (%(meta_account)s, %(account)s)
         AND (stripe_customer_id IS NULL OR stripe_customer_id = %(customer)s))
@@ -112,6 +114,18 @@ def _customer(intent: Mapping[str, Any]) -> str | None:
     return customer if isinstance(customer, str) else None
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def _same_money(intent: Mapping[str, Any], amount: int, currency: str) -> bool:
+    """Whether the intent is for the payment's amount in its currency (Stripe writes codes in lower
+    case, as the mirror keeps the invoices' currency the payment took)."""
+    theirs = intent.get("currency")
+    return (intent.get("amount") == amount and not isinstance(intent.get("amount"), bool)
+            and isinstance(theirs, str) and theirs.strip().lower() == str(currency).strip().lower())
+
+
 def _meta_id(intent: Mapping[str, Any]) -> int:
     raw = _metadata(intent, "bad_debt_payment_id")
     # Our own metadata, but read from a webhook: ASCII digits that fit a bigint, or no payment.
@@ -174,6 +188,15 @@ def record_outcome(conn: Connection, event_type: str, account_id: str, payment_i
     if found is None:
         return None
     payment_id, owner = int(found[0]), str(found[1])
+    if event_type in INTENT_OUTCOMES and found[2] != payment_intent and not _same_money(intent, found[3], found[4]):
+        # Found by its metadata only (the create's answer, holding the intent id, never came), for
+        # another amount or currency than the payment's: not its charge (the same integer in yen is
+        # no dollar debt paid). Its outcome neither pays the debt's invoices nor ends the payment in
+        # flight; the reconciliation with Stripe refuses such an intent for an operator.
+        log.warning("payment intent %s names bad-debt payment %s but is for %s, the payment for %s: not its outcome",
+                    payment_intent, payment_id, money(intent.get("amount"), _text(intent.get("currency"))),
+                    money(found[3], found[4]))
+        return None
     cause = f"bad_debt_payment:{payment_id}"
     # The payer's request row before the payment row, the order every writer of the payment takes.
     requested = owner != account_id and request_recompute(conn, owner, Trigger.BAD_DEBT_PAID.value, cause)
