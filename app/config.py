@@ -160,6 +160,10 @@ def check_result_backend(url: str | None) -> str | None:
     The rest of Celery's other backends (db+..., ...) is Celery's to read."""
     if url is not None and url.partition("://")[0] in ("redis", "rediss"):
         _check_broker_address(url, redis=True, name="CELERY_RESULT_BACKEND")
+        if url.startswith("rediss://") and "ssl_cert_reqs=" not in url.partition("?")[2]:
+            # Celery's Redis result backend refuses it when it is built: every worker failed at its start.
+            raise ConfigError("CELERY_RESULT_BACKEND is a rediss:// URL without ssl_cert_reqs, which Celery's Redis "
+                              "result backend requires: add ?ssl_cert_reqs=required (or optional, none)")
     elif url is not None:
         from celery.app.backends import by_url
 

@@ -35,8 +35,14 @@ def default_result_backend(broker_url: str) -> str:
     first one. Celery's Redis result backend reads one URL only: given the whole list it took the
     rest for the database number and no worker started. It does not fail over: after a failover the
     support page's results are unreachable until the first server is back (set CELERY_RESULT_BACKEND
-    to a store of its own for that)."""
-    return broker_url.split(";", 1)[0]
+    to a store of its own for that).
+    Celery's Redis result backend refuses a rediss:// URL that does not say how to check the server's
+    certificate (ssl_cert_reqs), where kombu takes one as the broker: no worker started. The broker's
+    own is then the strict one, the certificate required."""
+    first = broker_url.split(";", 1)[0]
+    if first.startswith("rediss://") and "ssl_cert_reqs=" not in first.partition("?")[2]:
+        first += ("&" if "?" in first else "?") + "ssl_cert_reqs=required"
+    return first
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

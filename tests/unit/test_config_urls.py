@@ -140,6 +140,27 @@ def test_a_failover_list_of_redis_brokers_keeps_results_on_its_first_server(brok
     assert (backend.connparams["host"], backend.connparams["db"]) == ("redis-1", int(first.split("/")[3][:1]))
 
 
+@pytest.mark.parametrize(("broker", "results"), [
+    ("rediss://:pw@redis:6380/0", "rediss://:pw@redis:6380/0?ssl_cert_reqs=required"),
+    ("rediss://redis:6380/1?socket_timeout=5;rediss://redis-2:6380/1",
+     "rediss://redis:6380/1?socket_timeout=5&ssl_cert_reqs=required"),
+    ("rediss://redis:6380/0?ssl_cert_reqs=none", "rediss://redis:6380/0?ssl_cert_reqs=none"),
+])
+def test_a_tls_redis_broker_keeps_results_on_a_url_celerys_result_backend_takes(broker, results):
+    """Celery's Redis result backend refuses a rediss:// URL without ssl_cert_reqs (kombu takes it as
+    the broker): with the broker's URL as the default result backend, no worker started."""
+    from tasks.factory import celery_config, make_celery
+
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_BROKER_URL": broker})
+    assert celery_config(settings)["result_backend"] == results
+    assert make_celery(settings).backend.connparams["host"] == "redis"
+
+
+def test_a_tls_redis_result_backend_without_ssl_cert_reqs_is_refused_at_start():
+    message = refused(CELERY_RESULT_BACKEND=f"rediss://:{PASSWORD}@redis:6380/1")
+    assert message.startswith("CELERY_RESULT_BACKEND") and "ssl_cert_reqs" in message and PASSWORD not in message
+
+
 @pytest.mark.parametrize(("url", "reason"), [
     ("redis://127.0.0.1:abc/1", "port must be a number from 1 to 65535"),
     ("redis://redis:6379/results", "path must be a Redis database number"),
