@@ -78,7 +78,9 @@ class Dunning(Base):
 
     __tablename__ = "subs_dunning"
 
-    account_id: Mapped[str] = mapped_column(Text, ForeignKey("subs_account.account_id"), primary_key=True)
+    # No foreign key to subs_account: the owner deletes or renames its accounts whatever rows we keep
+    # (migration dunning_no_fk_to_shared_account).
+    account_id: Mapped[str] = mapped_column(Text, primary_key=True)
     status: Mapped[str] = mapped_column(Text, server_default="current")
     level: Mapped[str] = mapped_column(Text, server_default="none")
     failure_class: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,59 @@
+"""subs_account and subs_customer belong to other teams (DESIGN sections 2 and 11): they create accounts
+with the contract columns alone and change or delete their rows as they see fit. This product's tables
+must never block those writes, and what is left on our side must end in clear outcomes (a 404, a
+stuck row in a visible state), never a crash loop."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from app.recompute.service import AccountNotFound, run_recompute
+from tests.conftest import Accounts, post_event, service_headers
+from tests.stripe_events import event, unique
+
+
+def _count(engine, sql: str, account: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql(sql, {"a": account}).scalar_one())
+
+
+def test_the_owner_deletes_an_account_this_product_keeps_dunning_state_for(client, accounts: Accounts, runtime,
+                                                                            engine):
+    account, customer = accounts.create()
+    assert post_event(client, event("invoice.payment_failed", id=unique("in"), customer=customer)).status_code == 200
+    assert run_recompute(engine, runtime.policy, account, "PAYMENT_FAILED", datetime.now(UTC)).outcome == "changed"
+    outbox_rows = _count(engine, "SELECT count(*) FROM outbox WHERE account_id = %(a)s", account)
+    assert outbox_rows > 0
+
+    # Account Management deletes its rows: our subs_dunning row referenced subs_account (a foreign key
+    # without ON DELETE), so the owner's DELETE failed with a foreign key violation.
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM subs_customer WHERE account_id = %(a)s", {"a": account})
+        conn.exec_driver_sql("DELETE FROM subs_account WHERE account_id = %(a)s", {"a": account})
+
+    # Our history is not deleted with it (no cascade), and what is left ends clearly.
+    assert _count(engine, "SELECT count(*) FROM subs_dunning WHERE account_id = %(a)s", account) == 1
+    assert _count(engine, "SELECT count(*) FROM outbox WHERE account_id = %(a)s", account) == outbox_rows
+    with pytest.raises(AccountNotFound):
+        run_recompute(engine, runtime.policy, account, "NINJAPANEL_BUTTON", datetime.now(UTC))
+    response = client.get(f"/accounts/{account}/dunning", headers=service_headers())
+    assert response.status_code == 404 and response.json["error"] == "not_found"
+
+
+def test_the_owner_renames_an_account_this_product_keeps_dunning_state_for(accounts: Accounts, runtime, engine):
+    account = unique("acct")
+    with engine.begin() as conn:  # an account with no customer yet: the contract columns alone
+        conn.exec_driver_sql("INSERT INTO subs_account (account_id) VALUES (%(a)s)", {"a": account})
+    first = run_recompute(engine, runtime.policy, account, "NINJAPANEL_BUTTON", datetime.now(UTC))
+    assert first.decision is not None and first.decision.state.status == "current"
+    assert _count(engine, "SELECT count(*) FROM subs_dunning WHERE account_id = %(a)s", account) == 1
+
+    renamed = unique("acct")
+    with engine.begin() as conn:  # the owner's key update: blocked by our foreign key before
+        conn.exec_driver_sql("UPDATE subs_account SET account_id = %(n)s WHERE account_id = %(a)s",
+                             {"n": renamed, "a": account})
+    second = run_recompute(engine, runtime.policy, renamed, "NINJAPANEL_BUTTON", datetime.now(UTC))
+    assert second.decision is not None and second.decision.state.status == "current"
+
