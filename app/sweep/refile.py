@@ -3,8 +3,9 @@
 A customer's mirror rows carry the account they are filed under (``account_key``, migration
 mirror_account_key), so the sweep reads a range of accounts' rows with one range scan per table.
 A customer is filed when its first mirror row arrives; it needs filing again when subs_customer
-(owned by other teams) maps it only later, maps it to another account, or maps a customer that has
-no mirror rows yet (filed, such a customer is read without any probe). Until then the sweep reaches
+(owned by other teams) maps it only later, maps it to another account, no longer maps it (the
+owner deleted the row: filed under no account, and the account it left recomputed), or maps a
+customer that has no mirror rows yet (filed, such a customer is read without any probe). Until then the sweep reaches
 the customer's rows through its stripe_customer_id: filing changes how fast the sweep reads,
 never what it reads.
 
@@ -35,18 +36,33 @@ from webhooks.store import request_recompute
 MIRROR_TABLES = ("stripe_invoice", "stripe_payment_attempt", "stripe_payment_method", "stripe_customer_state",
                  "stripe_subscription")
 
-# Customers whose filing disagrees with subs_customer (never filed included).
+# Customers whose filing disagrees with subs_customer (never filed included), as (customer, account
+# filed under, account mapped to, whether the mirror knew the customer): those subs_customer maps
+# elsewhere, and those it no longer maps at all (the owner deleted the row: filed under no account).
 CANDIDATES = """
-SELECT c.stripe_customer_id, m.account_key, c.account_id
+SELECT c.stripe_customer_id, m.account_key, c.account_id, m.stripe_customer_id IS NOT NULL
   FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
  WHERE m.account_key IS DISTINCT FROM c.account_id
+UNION ALL
+SELECT m.stripe_customer_id, m.account_key, NULL, true
+  FROM mirror_customer m
+ WHERE m.account_key IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM subs_customer c WHERE c.stripe_customer_id = m.stripe_customer_id)
  LIMIT %(limit)s
 """
+
+# Of the accounts to recompute, those that still exist: the owner may have deleted the account with
+# its customer rows, and its recompute would only end as a dead stuck row (AccountNotFound).
+EXISTING = "SELECT account_id FROM subs_account WHERE account_id = ANY(%(ids)s)"
 
 REFILE = ("""
 WITH todo AS MATERIALIZED (
   SELECT c.stripe_customer_id, c.account_id FROM subs_customer c LEFT JOIN mirror_customer m USING (stripe_customer_id)
-   WHERE c.stripe_customer_id = ANY(%(ids)s) AND m.account_key IS DISTINCT FROM c.account_id),
+   WHERE c.stripe_customer_id = ANY(%(ids)s) AND m.account_key IS DISTINCT FROM c.account_id
+  UNION ALL
+  SELECT m.stripe_customer_id, NULL FROM mirror_customer m
+   WHERE m.stripe_customer_id = ANY(%(ids)s) AND m.account_key IS NOT NULL
+     AND NOT EXISTS (SELECT 1 FROM subs_customer c WHERE c.stripe_customer_id = m.stripe_customer_id)),
 """ + ",\n".join(
     f"{table} AS (UPDATE {table} t SET account_key = todo.account_id FROM todo "
     f"WHERE t.stripe_customer_id = todo.stripe_customer_id)" for table in MIRROR_TABLES) + """,
@@ -78,16 +94,22 @@ def refile_customers(engine: Engine, limit: int = 5000) -> Refiled:
     if not candidates:
         return done
     # A customer filed for the first time moved nothing: its events waited unroutable, and the
-    # re-drive routes them (app/redrive.py). A move found here but filed by someone else before the
-    # lock only costs a recompute more.
+    # re-drive routes them (app/redrive.py). A customer the mirror knew under no account may instead
+    # be one the owner unmapped and maps again (its events were routed long ago, none waits): its
+    # new account is recomputed (for a first mapping, a recompute more than the re-drive's). A
+    # customer unmapped recomputes the account it was filed under, which no longer owns its
+    # invoices. A move found here but filed by someone else before the lock only costs a recompute more.
     moved = sorted({(account, f"customer_moved:{customer}")
-                    for customer, previous, new in candidates if previous is not None for account in (previous, new)})
+                    for customer, previous, new, known in candidates if previous is not None or known
+                    for account in (previous, new) if account is not None})
     with unit_of_work(engine) as conn:
+        existing = set(conn.exec_driver_sql(EXISTING, {"ids": sorted({a for a, _ in moved})}).scalars()) \
+            if moved else set()
         # The requests first (in account order), then the mirror's lock: ingest locks an account's
         # request row and then, through its mirror trigger, mirror_customer; the other order could
         # deadlock with it.
         done.requested = [(account, cause) for account, cause in moved
-                          if request_recompute(conn, account, RECOMPUTE_TRIGGER, cause)]
+                          if account in existing and request_recompute(conn, account, RECOMPUTE_TRIGGER, cause)]
         conn.exec_driver_sql("LOCK TABLE mirror_customer IN SHARE ROW EXCLUSIVE MODE")
         done.filed = int(conn.exec_driver_sql(REFILE, {"ids": [c[0] for c in candidates]}).scalar_one())
     return done

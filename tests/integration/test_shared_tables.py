@@ -57,3 +57,52 @@ def test_the_owner_renames_an_account_this_product_keeps_dunning_state_for(accou
     second = run_recompute(engine, runtime.policy, renamed, "NINJAPANEL_BUTTON", datetime.now(UTC))
     assert second.decision is not None and second.decision.state.status == "current"
 
+
+def _bad_debt(engine, account: str) -> tuple[str | None, bool]:
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT d.status, a.bad_debt FROM subs_account a "
+                                   "LEFT JOIN subs_dunning d USING (account_id) WHERE a.account_id = %(a)s",
+                                   {"a": account}).one()
+    return row[0], bool(row[1])
+
+
+def test_a_customer_the_owner_unmaps_and_maps_again_elsewhere_recomputes_its_accounts(client, accounts: Accounts,
+                                                                                     runtime, engine):
+    """The owner deletes a customer's mapping (the account stays): the refile recomputes the account
+    that had its invoices, which then leaves the bad debt of invoices it no longer owns. Before, only a
+    customer still mapped (a move) was seen: the account kept its bad debt, subs_account.bad_debt and
+    withheld entitlements until the sweep's rollout reached it. The same customer id mapped again,
+    to another account, recomputes that account too."""
+    from app.sweep.refile import refile_customers
+
+    account, customer = accounts.create()
+    invoice = unique("in")
+    assert post_event(client, event("invoice.marked_uncollectible", id=invoice, customer=customer,
+                                    amount_remaining=5000, amount_due=5000)).status_code == 200
+    run_recompute(engine, runtime.policy, account, "MARKED_UNCOLLECTIBLE", datetime.now(UTC))
+    assert _bad_debt(engine, account) == ("bad_debt", True)
+
+    with engine.begin() as conn:  # Account Management removes the customer from the account
+        conn.exec_driver_sql("DELETE FROM subs_customer WHERE stripe_customer_id = %(c)s", {"c": customer})
+    done = refile_customers(engine)
+    assert [a for a, _ in done.requested] == [account]
+    run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
+    assert _bad_debt(engine, account) == ("current", False)
+    assert refile_customers(engine).requested == []  # once
+
+    other, _ = accounts.create()
+    with engine.begin() as conn:  # the customer id mapped again, to another account
+        conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) VALUES (%(c)s, %(a)s)",
+                             {"c": customer, "a": other})
+    done = refile_customers(engine)
+    assert [a for a, _ in done.requested] == [other]
+    run_recompute(engine, runtime.policy, other, "STATE_REFRESH", datetime.now(UTC))
+    assert _bad_debt(engine, other) == ("bad_debt", True)
+    assert _bad_debt(engine, account) == ("current", False)
+    assert refile_customers(engine).requested == []
+
+    with engine.begin() as conn:  # the owner deletes that account with its customer rows
+        conn.exec_driver_sql("DELETE FROM subs_customer WHERE account_id = %(a)s", {"a": other})
+        conn.exec_driver_sql("DELETE FROM subs_account WHERE account_id = %(a)s", {"a": other})
+    done = refile_customers(engine)  # filed under no account; no recompute of an account that is gone
+    assert done.filed == 2 and done.requested == []  # its two customers
