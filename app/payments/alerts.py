@@ -22,3 +22,15 @@ def raise_alert(conn: Connection, account_id: str, task: str, args: dict[str, An
     """In the caller's transaction; whether a new alert was written (False: one is open already)."""
     written = conn.exec_driver_sql(ALERT, {"account": account_id, "task": task, "args": Json(args), "error": error})
     return bool(written.rowcount)
+
+
+REFRESH = """
+UPDATE subs_stuck_events SET error = %(error)s, last_failed_at = now()
+ WHERE task_name = %(task)s AND task_args = %(args)s AND state <> 'resolved' AND error IS DISTINCT FROM %(error)s
+"""
+
+
+def refresh_alert(conn: Connection, task: str, args: dict[str, Any], error: str) -> bool:
+    """In the caller's transaction: the open alert of ``task`` and ``args`` says ``error`` from now
+    on (what its cause came to since it was raised); whether it said something else."""
+    return bool(conn.exec_driver_sql(REFRESH, {"task": task, "args": Json(args), "error": error}).rowcount)

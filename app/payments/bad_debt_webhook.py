@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from app.dispatch import BrokerUnavailable, enqueue_recompute, send
 from app.domain.triggers import Trigger
 from app.money import money
-from app.payments.alerts import raise_alert
+from app.payments.alerts import raise_alert, refresh_alert
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +240,34 @@ def refunded_after_settlement(conn: Connection, account_id: str, payment_id: int
                                invoices: list[str], charge: Mapping[str, Any]) -> None:
     """The invoices were paid out of band with money that went back: the debt is cleared with
     nothing in. Stripe cannot reopen a paid invoice, so an operator decides (bill again, or let it
-    go); the payment stays succeeded, as it happened."""
-    refunded = charge.get("amount_refunded")
-    if raise_alert(conn, account_id, REFUNDED_AFTER_SETTLEMENT_TASK, {"payment_id": payment_id},
-                   f"refunded after settlement: bad-debt payment {payment_id} ({money(amount, currency)}) was "
-                   f"refunded ({money(refunded, currency)}) after it paid invoice(s) {', '.join(invoices)} out of "
-                   "band; the debt is cleared with no money in: bill it again, or confirm it is written off"):
+    go); the payment stays succeeded, as it happened. One alert per payment, naming the most refunded
+    so far: a further refund while it is open says so on it (an operator billing again only the first
+    part would let the rest go with nothing in), and a late delivery of an earlier one says no less."""
+    refunded = _refunded_so_far(conn, charge)
+    error = (f"refunded after settlement: bad-debt payment {payment_id} ({money(amount, currency)}) was "
+             f"refunded ({money(refunded, currency)}) after it paid invoice(s) {', '.join(invoices)} out of "
+             "band; the debt is cleared with no money in: bill it again, or confirm it is written off")
+    args = {"payment_id": payment_id}
+    if raise_alert(conn, account_id, REFUNDED_AFTER_SETTLEMENT_TASK, args, error):
         log.error("bad-debt payment %s of %s refunded after settlement", payment_id, account_id)
+    elif refresh_alert(conn, REFUNDED_AFTER_SETTLEMENT_TASK, args, error):
+        log.error("bad-debt payment %s of %s refunded further after settlement", payment_id, account_id)
+
+
+# What the mirror's attempt row of the charge's payment intent holds refunded: the greatest amount
+# any of its events said (webhooks/mirror.py ATTEMPT_MERGE), this event's written just before in the
+# same transaction.
+REFUNDED_SO_FAR = "SELECT amount_refunded FROM stripe_payment_attempt WHERE id = %(pi)s"
+
+
+def _refunded_so_far(conn: Connection, charge: Mapping[str, Any]) -> Any:
+    """The charge's amount refunded: the event's, or more where an earlier-delivered event said more."""
+    said = charge.get("amount_refunded")
+    intent = charge.get("payment_intent")
+    kept = conn.exec_driver_sql(REFUNDED_SO_FAR, {"pi": intent}).scalar() if isinstance(intent, str) else None
+    if isinstance(kept, int) and (isinstance(said, bool) or not isinstance(said, int) or kept > said):
+        return kept
+    return said
 
 
 def disputed(conn: Connection, account_id: str, payment_id: int, amount: int, currency: str, state: str,

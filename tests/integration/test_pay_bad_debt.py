@@ -774,6 +774,29 @@ def test_a_charge_refunded_after_settlement_is_put_before_an_operator(client, en
     assert stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)[0]["state"] == "resolved"
 
 
+def test_the_open_alert_of_a_refund_after_settlement_names_the_most_refunded_so_far(client, engine, runtime, debtor,
+                                                                                   stripe_fake):
+    """Refunded in part after settlement (the alert names the part), then in full while the alert is
+    still open: still one alert, but it must say the whole payment went back. It kept the first
+    refund's amount, and an operator billing that part again let the rest of the debt go with
+    nothing in. A late delivery of the earlier, smaller refund does not bring the amount back."""
+    from app.payments.bad_debt_settle import settle
+    from tasks.bad_debt import REFUNDED_AFTER_SETTLEMENT
+
+    payment_id = charged_payment(client, debtor)
+    assert settle(runtime, payment_id).outcome == "settled"
+    intent = payments(engine, debtor.account)[0]["stripe_payment_intent_id"]
+    part = money(300, "usd")
+    refund(client, debtor, intent, amount=300)
+    [alert] = stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)
+    assert f"refunded ({part})" in alert["error"]
+    refund(client, debtor, intent)  # the rest too
+    refund(client, debtor, intent, amount=300)  # the first refund's event again, delivered late
+    [alert] = stuck_rows(engine, REFUNDED_AFTER_SETTLEMENT)
+    assert f"refunded ({money(debtor.amount, 'usd')})" in alert["error"], alert["error"]
+    assert alert["error"].startswith("refunded after settlement:") and alert["state"] == "dead"
+
+
 def test_a_charge_refunded_while_its_settlement_pays_the_invoices_is_put_before_an_operator(client, engine, runtime,
                                                                                           debtor, stripe_fake):
     """The refund's webhook comes in while the settlement is paying the invoices out of band: it sees
