@@ -106,3 +106,18 @@ def test_a_customer_the_owner_unmaps_and_maps_again_elsewhere_recomputes_its_acc
         conn.exec_driver_sql("DELETE FROM subs_account WHERE account_id = %(a)s", {"a": other})
     done = refile_customers(engine)  # filed under no account; no recompute of an account that is gone
     assert done.filed == 2 and done.requested == []  # its two customers
+
+
+def test_no_constraint_or_trigger_of_this_product_holds_the_shared_tables(engine, clean):
+    """After every migration: no foreign key from this product's tables to the shared ones (the owner's
+    DELETE or key update would fail, or cascade into our history), and no trigger of ours on them
+    (it would run in the owner's transactions)."""
+    with engine.connect() as conn:
+        references = conn.exec_driver_sql(
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint "
+            "WHERE contype = 'f' AND confrelid IN ('subs_account'::regclass, 'subs_customer'::regclass) "
+            "AND conrelid NOT IN ('subs_account'::regclass, 'subs_customer'::regclass)").fetchall()
+        triggers = conn.exec_driver_sql(
+            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger "
+            "WHERE tgrelid IN ('subs_account'::regclass, 'subs_customer'::regclass) AND NOT tgisinternal").fetchall()
+    assert references == [] and triggers == []
