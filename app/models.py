@@ -434,8 +434,11 @@ class Outbox(Base):
         # The relay's pass reads the undelivered rows in id order; delivered ones are kept (for
         # HISTORY_RETENTION_DAYS).
         Index("ix_outbox_pending_by_id", "id", postgresql_where=text("delivered_at IS NULL")),
-        # Retention removes the rows done with, oldest first (app/history/prune.py).
-        Index("ix_outbox_done", "delivered_at", postgresql_where=text("delivered_at IS NOT NULL")),
+        # Retention removes the rows done with, oldest first (app/history/prune.py), but the delivered
+        # cancellations it keeps: left out, so that a batch does not read them all again.
+        Index("ix_outbox_prunable", "delivered_at",
+              postgresql_where=text("delivered_at IS NOT NULL AND "
+                                    "NOT (event_type = 'CancellationRequested' AND state = 'delivered')")),
         # The relay sends no upgrade revert after a delivered cancellation of its subscription
         # (app/outbox/relay.py, _after_cancellation).
         Index("ix_outbox_cancellations_delivered", "account_id",

@@ -54,7 +54,9 @@ BATCH_SIZE = 5_000
 OF_NO_RUNNING_SWEEP = "NOT EXISTS (SELECT 1 FROM sweep_run r WHERE r.id = t.sweep_id AND r.state = 'running')"
 
 
-# Delivered cancellations: the relay reads them (CANCELLATION_DELIVERED_SQL), whatever their age.
+# Delivered cancellations: the relay reads them (CANCELLATION_DELIVERED_SQL), whatever their age. The
+# outbox's index by age (ix_outbox_prunable, app/models.py) leaves out the same rows, or each batch read
+# them all again before the first row it removes: keep the two alike.
 KEPT_OUTBOX = "t.event_type = 'CancellationRequested' AND t.state = 'delivered'"
 
 
