@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, cast
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from honcho.environ import parse_procfile
 
@@ -345,10 +345,21 @@ _PG_REFUSALS = re.compile(r"authentication failed|no pg_hba\.conf entry|does not
 _BROKER_REFUSALS = re.compile(r"(?i)auth|wrongpass|password|access.refused|not.allowed")
 
 
-def _broker_refused(exc: BaseException | None) -> bool:
+def _broker_refused(exc: BaseException | None, url: str = "") -> bool:
+    """Whether ``exc`` (or an error it wraps) is the broker refusing the login. The client's words
+    name the host ("Error -2 connecting to redis-auth:6379. Name or service not known."): ``url``'s
+    host is left out of them first, or a host named for auth (redis-auth, oauth-cache) that is not up
+    yet read as a refused login, and the run stopped without waiting for it."""
+    try:
+        host = urlsplit(url).hostname if url else None
+    except ValueError:  # checked at start already; nothing to leave out then
+        host = None
+    # The host as a name of its own only (not the "Auth" of AuthenticationError when the host is auth).
+    named = re.compile(rf"(?i)(?<![\w.-]){re.escape(host)}(?![\w-])") if host else None
     seen = 0
     while exc is not None and seen < 5:
-        if _BROKER_REFUSALS.search(f"{type(exc).__name__} {exc}"):
+        words = f"{type(exc).__name__} {exc}"
+        if _BROKER_REFUSALS.search(named.sub("", words) if named is not None else words):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
@@ -403,7 +414,7 @@ def _try_broker(url: str) -> None:
             connection.ensure_connection(max_retries=0)
             return
         except Exception as exc:
-            if _broker_refused(exc):
+            if _broker_refused(exc, part):
                 raise _Refused(str(exc) or type(exc).__name__) from None
             last = exc
         finally:

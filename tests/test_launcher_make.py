@@ -170,6 +170,18 @@ def test_a_server_that_refuses_the_credentials_is_not_waited_for(tmp_path: Path,
     assert "waiting" not in capsys.readouterr().out
 
 
+def test_a_broker_whose_host_name_speaks_of_auth_is_waited_for_as_any_other(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The client's words name the host ("Error -2 connecting to auth.localhost:1. Name or service not
+    known."): a broker host called redis-auth or oauth-cache that is not up yet (a compose service still
+    starting) was taken for a server refusing the credentials, and the run stopped at once."""
+    url = "redis://auth.localhost:1/0"  # a name that does not resolve, and nothing listens on port 1
+    with pytest.raises(launcher.ServerUnreachable) as err:
+        launcher.wait_for_server("CELERY_BROKER_URL", url, 1.0)
+    assert str(err.value).startswith(f"the broker at {url} (CELERY_BROKER_URL) did not answer within 1 s"), err.value
+    assert f"waiting up to 1 s for the broker at {url}" in capsys.readouterr().out
+
+
 def test_a_password_in_a_servers_words_is_hidden() -> None:
     url = "amqp://ops:pa%2Fss@rabbit:5672//;amqp://ops:other@rabbit2:5672//"
     assert launcher._scrubbed("login pa/ss and pa%2Fss and other refused", url) == "login *** and *** and *** refused"
