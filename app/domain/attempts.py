@@ -1,7 +1,8 @@
 """Attempts and the invoices they were paying, and when each failed. Pure.
 
 Since Stripe API 2025-03-31 a charge or payment intent names no invoice: ``attempts_by_invoice``
-files each unlinked attempt under the invoice it most likely paid. A bad-debt payment's own intent
+files each unlinked attempt under the invoice it most likely paid, and a one-off charge (no invoice's
+failure, nor of any invoice's amount) under none. A bad-debt payment's own intent
 is filed like any other, and ``without_bad_debt_payments`` takes it out where the regular
 collection path is decided.
 """
@@ -51,10 +52,11 @@ def attempts_by_invoice(snapshot: Snapshot) -> dict[str | None, list[Attempt]]:
     ``_owner``)."""
     grouped: dict[str | None, list[Attempt]] = {}
     by_created = sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
+    intents = {p.stripe_payment_intent_id for p in snapshot.bad_debt_payments if p.stripe_payment_intent_id}
     for attempt in snapshot.attempts:
         invoice_id = attempt.invoice_id
         if invoice_id is None:
-            owner = _owner(by_created, attempt)
+            owner = _owner(by_created, attempt, attempt.id in intents)
             invoice_id = owner.id if owner is not None else None
         grouped.setdefault(invoice_id, []).append(attempt)
     for attempts in grouped.values():
@@ -81,18 +83,34 @@ def without_bad_debt_payments(grouped: dict[str | None, list[Attempt]], snapshot
     return {invoice: [a for a in attempts if a.id not in intents] for invoice, attempts in grouped.items()}
 
 
-def _owner(by_created: list[Invoice], attempt: Attempt) -> Invoice | None:
+def _owner(by_created: list[Invoice], attempt: Attempt, bad_debt_intent: bool = False) -> Invoice | None:
     """The invoice an unlinked attempt was most likely paying: among those created before it and
     still open when it ran (not paid or voided before), the one whose last failure was at that
     moment (Stripe's invoice.payment_failed of the same attempt), else the latest of the same
-    amount, else the latest. An invoice settled before the attempt cannot have been its target: a
-    decline there would be read as this invoice's and set the wrong failure class. With none open,
-    the latest created before it, as before."""
+    amount (a hosted-page payment or our retry, POST /v1/invoices/<id>/pay, before the event that
+    links it). An invoice settled before the attempt cannot have been its target: a decline there
+    would be read as this invoice's and set the wrong failure class. With none open, the latest of
+    its amount created before it.
+
+    Any other attempt is none of the invoices': a one-off charge (a Checkout purchase, a charge made
+    in the Dashboard) whose intent no invoice names and whose failure is no invoice's. Filed under
+    the open invoice, its charge counted as a retry of it (the schedule moved on), tried a new card
+    (its free retry used up), its decline set the invoice's failure class, and its success held bad
+    debt as a payment in flight. A bad-debt payment's own intent (``bad_debt_intent``: it pays the
+    account's invoices, its amount their sum) still goes to the latest open one, else the latest
+    created before it: its refunds count for that invoice's billing-history label."""
     at = attempt.attempted_at
     earlier = [i for i in by_created if i.created <= at and i.status != "draft"]
     open_then = [i for i in earlier if not any(t is not None and t < at for t in (i.paid_at, i.voided_at))]
-    same_amount = [i for i in open_then if attempt.amount and attempt.amount in (i.amount_due, i.amount_remaining)]
+    same_amount = [i for i in open_then if _of_amount(attempt, i)]
     failed_then = [i for i in same_amount or open_then
                    if i.last_failed_at is not None and abs(i.last_failed_at - at) <= SAME_ATTEMPT]
-    pick = failed_then or same_amount or open_then or earlier
+    if bad_debt_intent:
+        pick = failed_then or same_amount or open_then or earlier
+    else:
+        pick = failed_then or same_amount or [i for i in earlier if _of_amount(attempt, i)]
     return pick[-1] if pick else None
+
+
+def _of_amount(attempt: Attempt, invoice: Invoice) -> bool:
+    return bool(attempt.amount) and attempt.amount in (invoice.amount_due, invoice.amount_remaining)
