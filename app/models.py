@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from app.shared_tables import STAND_IN_COMMENT
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -53,6 +55,8 @@ class Base(DeclarativeBase):
 
 class Account(Base):
     __tablename__ = "subs_account"
+    # Where this product creates it (no owner's table: dev, `make run`, tests): app/shared_tables.py.
+    __table_args__ = {"comment": STAND_IN_COMMENT}
 
     account_id: Mapped[str] = mapped_column(Text, primary_key=True)
     bad_debt: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -64,6 +68,7 @@ class Account(Base):
 
 class Customer(Base):
     __tablename__ = "subs_customer"
+    __table_args__ = {"comment": STAND_IN_COMMENT}
 
     stripe_customer_id: Mapped[str] = mapped_column(Text, primary_key=True)
     account_id: Mapped[str] = mapped_column(Text, ForeignKey("subs_account.account_id"), index=True)
