@@ -35,6 +35,12 @@ def written_off(currency: str, amount: int, inv_id: str = "in_1", sub: str = "su
     ("idr", 600),  # 6 rupiah
     ("krw", 300),  # 300 won, zero-decimal
     ("huf", 40_000),  # 400 forint, about $1
+    ("cop", 400_000),  # 4,000 pesos, about $1
+    ("ars", 100_000),  # 1,000 pesos, about $1
+    ("kzt", 50_000),  # 500 tenge, about $1
+    ("uzs", 1_300_000),  # 13,000 som, about $1
+    ("gnf", 8_600),  # 8,600 francs, zero-decimal, about $1
+    ("jpy", 600),  # 600 yen, zero-decimal, about $4
 ])
 def test_a_balance_of_cents_in_a_currency_of_small_units_is_a_small_balance(currency, amount):
     decision = compute(snapshot(written_off(currency, amount)), POLICY, NOW)
