@@ -68,7 +68,12 @@ def run_migrations_online() -> None:
         # Two processes starting at once (web and worker) must not both migrate.
         _lock(connection)
         try:
-            context.configure(connection=connection, target_metadata=target_metadata)
+            # A transaction per migration: each one's locks (ACCESS EXCLUSIVE on the tables it alters)
+            # end with it. In one transaction for them all, a migration waiting for its table (a long
+            # transaction on it, the shared subs_account the owner writes) held every table the ones
+            # before it altered, subs_dunning and the webhooks' mirror tables among them, as long as it
+            # waited. Each committed migration is a revision the next run starts from.
+            context.configure(connection=connection, target_metadata=target_metadata, transaction_per_migration=True)
             with context.begin_transaction():
                 context.run_migrations()
         except BaseException:
