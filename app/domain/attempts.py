@@ -98,18 +98,39 @@ def _owner(by_created: list[Invoice], attempt: Attempt, bad_debt_intent: bool = 
     (its free retry used up), its decline set the invoice's failure class, and its success held bad
     debt as a payment in flight. A bad-debt payment's own intent (``bad_debt_intent``: it pays the
     account's invoices, its amount their sum) still goes to the latest open one, else the latest
-    created before it: its refunds count for that invoice's billing-history label."""
+    created before it: its refunds count for that invoice's billing-history label.
+
+    Only an invoice of the attempt's own Stripe customer (where both say theirs: an account may
+    have several): Stripe pays an invoice with its customer's methods only, and another customer's
+    invoice of the same price is none of its."""
     at = attempt.attempted_at
-    earlier = [i for i in by_created if i.created <= at and i.status != "draft"]
+    earlier = [i for i in by_created if i.created <= at and i.status != "draft"
+               and (bad_debt_intent or _of_customer(attempt, i))]
     open_then = [i for i in earlier if not any(t is not None and t < at for t in (i.paid_at, i.voided_at))]
     same_amount = [i for i in open_then if _of_amount(attempt, i)]
-    failed_then = [i for i in same_amount or open_then
-                   if i.last_failed_at is not None and abs(i.last_failed_at - at) <= SAME_ATTEMPT]
+    failed_then = [i for i in same_amount or open_then if _failed_with(attempt, i)]
     if bad_debt_intent:
         pick = failed_then or same_amount or open_then or earlier
     else:
         pick = failed_then or same_amount or [i for i in earlier if _of_amount(attempt, i)]
     return pick[-1] if pick else None
+
+
+def _failed_with(attempt: Attempt, invoice: Invoice) -> bool:
+    """Whether the attempt failed at a moment the invoice failed (Stripe's invoice.payment_failed of
+    that very attempt): its own time, or one of its charges or its chargeless failure, within a minute
+    of the invoice's first or last failure. The invoice's own intent, which Stripe confirms again for
+    each retry, keeps the charge of its first failure when later events move its own time."""
+    failures = [t for t in (invoice.first_failed_at, invoice.last_failed_at) if t is not None]
+    times = [attempt.attempted_at, *(c.charged_at for c in attempt.charges)]
+    if attempt.failed_at is not None:
+        times.append(attempt.failed_at)
+    return any(abs(f - t) <= SAME_ATTEMPT for f in failures for t in times)
+
+
+def _of_customer(attempt: Attempt, invoice: Invoice) -> bool:
+    mine, theirs = attempt.stripe_customer_id, invoice.stripe_customer_id
+    return mine is None or theirs is None or mine == theirs
 
 
 def _of_amount(attempt: Attempt, invoice: Invoice) -> bool:

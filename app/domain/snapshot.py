@@ -95,6 +95,9 @@ class Attempt:
     # When its latest failure that made no charge (a failed 3-D Secure) was reported; None while it
     # had none (and in rows from before the mirror kept it). Later events do not move it.
     failed_at: datetime | None = None
+    # The Stripe customer whose charge or intent it is (None: not said, as an attempt known only
+    # through invoice_payment.paid): an unlinked one can only have paid that customer's invoices.
+    stripe_customer_id: str | None = None
 
     @property
     def failed(self) -> bool:

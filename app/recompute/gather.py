@@ -49,8 +49,8 @@ SELECT
     WHERE i.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS invoices,
   (SELECT json_agg(json_build_array(p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
-          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at)
-          ORDER BY p.id)
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at,
+          p.stripe_customer_id) ORDER BY p.id)
      FROM (SELECT p.* FROM stripe_payment_attempt p JOIN subs_customer c USING (stripe_customer_id)
             WHERE c.account_id = a.account_id
            UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
@@ -184,7 +184,7 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
     attempts = tuple(
         Attempt(id=p[0], invoice_id=p[1], payment_method_id=p[2], status=p[3], attempted_at=_tt(p[4]), amount=p[5],
                 amount_refunded=p[6], decline_code=p[7], failure_code=p[8], advice_code=p[9], charges=charges(p[10]),
-                failed_at=_t(p[11]))
+                failed_at=_t(p[11]), stripe_customer_id=p[12])
         for p in (m["attempts"] or ())
     )
     methods = tuple(

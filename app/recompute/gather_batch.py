@@ -80,7 +80,7 @@ _MIRROR = {  # table alias -> (table, the columns read)
                             "due_date, first_failed_at, last_failed_at, paid_at, voided_at, marked_uncollectible_at, "
                             "stripe_customer_id, lines_incomplete"),
     "p": ("stripe_payment_attempt", "id, invoice_id, payment_method_id, status, attempted_at, amount, amount_refunded, "
-                                    "decline_code, failure_code, advice_code, charges, failed_at"),
+                                    "decline_code, failure_code, advice_code, charges, failed_at, stripe_customer_id"),
     "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4, "
                                    "stripe_customer_id, fingerprint"),
     "s": ("stripe_customer_state", "default_payment_method_id, changed_at, source_created, stripe_customer_id"),
@@ -185,7 +185,7 @@ att AS MATERIALIZED (  -- read once: listed, and the payment intents unroutable 
   {_mirror_rows("p")}
   UNION ALL  -- attempts known only through their invoice (invoice_payment.paid)
   SELECT i.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at, p.amount,
-         p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at
+         p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at, p.stripe_customer_id
     FROM inv i, LATERAL (SELECT * FROM stripe_payment_attempt p
           WHERE p.invoice_id = i.id AND p.stripe_customer_id IS NULL OFFSET 0) p)
 SELECT
@@ -195,8 +195,8 @@ SELECT
           i.marked_uncollectible_at, i.stripe_customer_id, i.lines_incomplete) ORDER BY i.account_id, i.id)
      FROM inv i),
   (SELECT json_agg(json_build_array(p.account_id, p.id, p.invoice_id, p.payment_method_id, p.status, p.attempted_at,
-          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at)
-          ORDER BY p.account_id, p.id)
+          p.amount, p.amount_refunded, p.decline_code, p.failure_code, p.advice_code, p.charges, p.failed_at,
+          p.stripe_customer_id) ORDER BY p.account_id, p.id)
      FROM att p),
   (SELECT json_agg(json_build_array(m.account_id, m.id, m.type, m.attached, m.changed_at, m.exp_month, m.exp_year,
           m.card_brand, m.card_last4, m.stripe_customer_id, m.fingerprint) ORDER BY m.account_id, m.id)
@@ -276,7 +276,7 @@ def _attempt(p: Any) -> Attempt:
     return trusted(Attempt, {
         "id": p[1], "invoice_id": p[2], "payment_method_id": p[3], "status": p[4], "attempted_at": _tt(p[5]),
         "amount": p[6], "amount_refunded": p[7], "decline_code": p[8], "failure_code": p[9], "advice_code": p[10],
-        "charges": charges(p[11]), "failed_at": _t(p[12])})
+        "charges": charges(p[11]), "failed_at": _t(p[12]), "stripe_customer_id": p[13]})
 
 
 def _method(p: Any) -> PaymentMethod:

@@ -168,3 +168,28 @@ def test_the_invoices_payment_before_its_link_still_holds_bad_debt(client, engin
     state = decided(client, engine, runtime, account)
     assert "guard.payment_in_flight" in rules(state)
     assert state["status"] != "bad_debt"
+
+
+def test_another_customers_charge_of_the_invoices_price_is_no_attempt_of_it(client, engine, runtime,
+                                                                             accounts: Accounts):
+    """An account of two Stripe customers: the second one's purchase, declined, at the price of the
+    first one's open invoice. Stripe pays an invoice with its own customer's methods only."""
+    account, customer = accounts.create()
+    other = unique("cus")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO subs_customer (stripe_customer_id, account_id) VALUES (%(c)s, %(a)s)",
+                             {"c": other, "a": account})
+    now = int(time.time())
+    pm = card(client, customer, now - 10 * DAY)
+    invoice_failed(client, customer, now - 4 * DAY, "insufficient_funds", pm)
+    before = decided(client, engine, runtime, account)
+    assert before["failure_class"] == "transient"
+
+    theirs = card(client, other, now - 10 * DAY)
+    declined = event("charge.failed", id=unique("ch"), customer=other, payment_intent=unique("pi"),
+                     payment_method=theirs, failure_code="card_declined", amount=AMOUNT, created=now - 7200,
+                     paths={"created": now - 7200, "outcome.reason": "stolen_card"})
+    assert post_event(client, declined).status_code == 200
+    after = decided(client, engine, runtime, account)
+    assert after["failure_class"] == "transient"
+    assert (after["retries_used"], after["next_retry_at"]) == (before["retries_used"], before["next_retry_at"])
