@@ -27,6 +27,7 @@ TASK_MODULES = ["tasks.recompute", "tasks.redrive", "tasks.payments", "tasks.out
 # than requeued for ever. Our own failure handling always passes its own max_retries.
 LOST_WORKER_DELAY = 2
 LOST_WORKER_RETRIES = 3
+BROKER_SOCKET_TIMEOUT = 10  # seconds a Redis broker's answer is waited for (connect: 3)
 
 
 def default_result_backend(broker_url: str) -> str:
@@ -59,6 +60,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport["unacked_restore_interval"] = 10
         transport["unacked_restore_throttle"] = 1
         transport["socket_connect_timeout"] = 3
+        # A read waits at most this long (kombu's own default: for ever). Every sender that does not
+        # take the Redis lane (a failover list of brokers, app/dispatch.py _lane_serves) publishes
+        # through kombu: with a hung broker (taking connections, never answering) its publish waited
+        # for ever, and the webhook flush with it, holding every webhook of the web process queued
+        # behind it. The lane takes the same bound (app/redis_lane.py).
+        transport["socket_timeout"] = BROKER_SOCKET_TIMEOUT
         if settings.broker_key_prefix:
             transport["global_keyprefix"] = settings.broker_key_prefix
     return {

@@ -302,6 +302,51 @@ def test_a_hung_broker_holds_a_flush_for_the_enqueue_bound_once_and_its_events_w
     assert other.socket_timeout == 10  # the others' own lane, as before
 
 
+def test_a_failover_list_of_hung_brokers_does_not_hold_a_flush_for_ever(
+        settings, accounts: Accounts, engine: Engine, monkeypatch: pytest.MonkeyPatch):
+    """A failover list of Redis brokers is sent through kombu, not the lane (43649e3), and kombu's
+    Redis transport waits for an answer for ever unless told otherwise: a hung broker held the flush,
+    and every webhook of the process queued behind it, for good. Each broker's answer is waited for
+    at most the transport's socket_timeout now; then the next of the list, then enqueue_failed (the
+    events are committed: beat's re-drive sends them)."""
+    import threading
+
+    from tasks import factory
+    from webhooks.ingest import Ingested
+
+    assert make_celery_options(settings)["socket_timeout"] == factory.BROKER_SOCKET_TIMEOUT <= 10
+    monkeypatch.setattr(factory, "BROKER_SOCKET_TIMEOUT", 1)  # the same path, a shorter wait for the test
+    first, second = HungRedis(), HungRedis()
+    app = factory.make_celery(settings.with_overrides(
+        broker_url=f"redis://127.0.0.1:{first.port}/0;redis://127.0.0.1:{second.port}/0"))
+    _, customer = accounts.create()
+    evt = failed_invoice(customer)
+    ingestor = Ingestor(engine, app)
+    outcomes: list[Any] = []
+    flushing = threading.Thread(target=lambda: outcomes.extend(ingestor._flush([item(evt)])), daemon=True)
+    try:
+        flushing.start()
+        flushing.join(60)
+        assert not flushing.is_alive(), "the flush still waits on the hung brokers"
+    finally:
+        first.close()
+        second.close()
+        flushing.join()
+        ingestor.close()
+    [outcome] = outcomes
+    assert isinstance(outcome, Ingested) and outcome.state == "enqueue_failed" and outcome.enqueue_failed
+    assert count(engine, "SELECT count(*) FROM stripe_event WHERE id = %(i)s AND state = 'enqueue_failed'",
+                 i=evt["id"]) == 1
+    assert first.accepted and second.accepted  # each broker of the list was tried
+
+
+def make_celery_options(settings: Any) -> dict[str, Any]:
+    from tasks.factory import make_celery
+
+    return dict(make_celery(settings.with_overrides(
+        broker_url=settings.broker_url + ";" + settings.broker_url)).conf.broker_transport_options)
+
+
 def test_a_webhook_waiting_for_a_free_database_connection_answers_503_within_the_pool_bound(
         settings, celery_app, accounts: Accounts):
     """The group commit taking a new connection (and any web request) waited up to SQLAlchemy's
