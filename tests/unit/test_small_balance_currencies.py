@@ -41,6 +41,8 @@ def written_off(currency: str, amount: int, inv_id: str = "in_1", sub: str = "su
     ("uzs", 1_300_000),  # 13,000 som, about $1
     ("gnf", 8_600),  # 8,600 francs, zero-decimal, about $1
     ("jpy", 600),  # 600 yen, zero-decimal, about $4
+    ("tzs", 270_000),  # 2,700 shillings, about $1
+    ("lbp", 9_000_000),  # 90,000 pounds, about $1
 ])
 def test_a_balance_of_cents_in_a_currency_of_small_units_is_a_small_balance(currency, amount):
     decision = compute(snapshot(written_off(currency, amount)), POLICY, NOW)
