@@ -282,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from app.db import is_connection_error, is_timed_out
+        from app.migrate import MigrationBlocked
 
+        if isinstance(exc, MigrationBlocked):  # `db upgrade`, `make run`: a table another transaction holds
+            print(f"error: migration: {exc}", file=sys.stderr)
+            return BUSY
         if is_timed_out(exc):
             print(f"error: {TIMED_OUT}", file=sys.stderr)
             return BUSY

@@ -12,6 +12,17 @@ from app.config import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+# How long a migration's statement waits for a lock (migrations/env.py: SET LOCAL lock_timeout in each
+# migration's transaction, not in its autocommit blocks). Its ALTER TABLE takes ACCESS EXCLUSIVE;
+# queued behind a long transaction on the table, it queues every writer of that table behind it.
+MIGRATION_LOCK_TIMEOUT_SECONDS = 5.0
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a statement cancelled by lock_timeout
+
+
+class MigrationBlocked(Exception):
+    """A migration waited for a lock past MIGRATION_LOCK_TIMEOUT_SECONDS and was rolled back (those
+    before it stay committed): the message names the table and what to do, for one line of the CLI."""
+
 
 def alembic_config(database_url: str) -> Config:
     cfg = Config(str(MIGRATIONS / "alembic.ini"))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from sqlalchemy import create_engine, pool
 
+from app import migrate as migrations
 from app.config import normalize_database_url
 from app.embedded import wait_for
 from app.migrate import upgrade
@@ -31,8 +33,10 @@ SELECT c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
 
 
 def test_a_migration_waiting_for_its_table_holds_none_of_the_tables_the_migrations_before_it_altered(
-        empty_database: str) -> None:
+        empty_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
     url = empty_database
+    # Waits as long as the test looks (a migration waiting past it is rolled back: test_migrations_lock_timeout).
+    monkeypatch.setattr(migrations, "MIGRATION_LOCK_TIMEOUT_SECONDS", 600.0)
     upgrade_to_before(url, "dunning_announced_failures")
     engine = create_engine(normalize_database_url(url), poolclass=pool.NullPool)
     blocker = engine.connect()
