@@ -219,6 +219,12 @@ class FleetManager(Manager):
         done = False
         next_look = time.monotonic()
         while True:
+            # A relayed stop (relay_stop: make's state showed a signal it does not pass on) absorbs the
+            # terminal's Ctrl-C that reached this process too, and no later one: that one was sent to the
+            # group at once, before make's state could show it, so it was handled by now (Python runs a
+            # pending handler at once, SIGINT's before SIGALRM's). Left set, a signal to make's pid alone
+            # (no duplicate) made the user's next Ctrl-C, meant to kill what does not stop, do nothing.
+            self._relayed = False
             self._say_notes()
             try:
                 msg = self.events.get(timeout=0.1)

@@ -101,6 +101,39 @@ def test_a_signal_to_makes_pid_alone_stops_everything_make_run_started(
         EmbeddedPostgres(data_dir).stop_leftover()
 
 
+def test_a_ctrl_c_after_a_signal_to_makes_pid_alone_kills_what_does_not_stop(tmp_path: Path) -> None:
+    """make got SIGINT alone (`kill -INT <make's pid>`): the launcher stops the fleet for it, and the
+    flag that absorbs the terminal's duplicate Ctrl-C stayed set with no duplicate to absorb, so the
+    user's Ctrl-C, meant to kill a program that does not stop, was ignored (it died only at KILL_WAIT)."""
+    marker = f"3600.{uuid.uuid4().int % 10**9}"
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"one: trap '' TERM; exec sleep {marker}\n")  # a program that ignores the stop
+    data_dir, log = tmp_path / "data", tmp_path / "run.log"
+    make = make_run(data_dir, log, procfile)
+    started: list[psutil.Process] = []
+    try:
+        wait_for(lambda: "one started" in log.read_text() or make.poll() is not None, START_TIMEOUT,
+                 "the fleet to start")
+        assert make.poll() is None, log.read_text()
+        [run] = psutil.Process(make.pid).children()
+        started = [run, *everything_started(run.pid, data_dir)]
+        os.kill(make.pid, signal.SIGINT)
+        relayed = f"make (pid {make.pid}) got SIGINT, which it does not pass on"
+        wait_for(lambda: relayed in log.read_text() or gone(run), STOP_TIMEOUT, "the launcher to stop for make")
+        assert programs(marker), log.read_text()  # still running: it ignores SIGTERM
+        os.killpg(make.pid, signal.SIGINT)  # the terminal's Ctrl-C: make (SIGINT reset) and the launcher
+        wait_for(lambda: all(gone(p) for p in started), STOP_TIMEOUT, "every process make run started to exit")
+        output = log.read_text()
+        assert "SIGINT received again: killing what is still running" in output, output
+        assert not programs(marker)
+    finally:
+        finish(make, marker)
+        for p in started:
+            if not gone(p):
+                p.kill()
+        EmbeddedPostgres(data_dir).stop_leftover()
+
+
 # --- servers the environment names ---------------------------------------------------------------
 
 # `dunning run` waiting 1 s (not launcher.SERVER_WAIT) for a server the environment names.
