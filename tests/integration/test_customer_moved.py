@@ -78,6 +78,58 @@ def test_a_refile_and_an_ingest_in_flight_do_not_deadlock(accounts, engine):
     assert keys(engine, customer) == (new, [new])
 
 
+
+def test_a_customer_mapped_again_between_the_read_and_the_filing_recomputes_where_it_was_filed(accounts, engine):
+    """The candidates are read without a lock and filed in another transaction, which reads
+    subs_customer again. The owner maps the customer to a third account in between (here while the
+    filing waits for a mirror writer in flight): its rows were filed under that account, but only the
+    accounts read earlier were recomputed, and no later refile sees the move (the filing agrees with
+    subs_customer), so that account had none of the invoice's dunning state nor a retry of it."""
+    from app.embedded import poll_until
+    from app.sweep.refile import refile_customers
+    from tests.integration.test_mirror_filing import invoice, keys, waiting_on_a_lock
+
+    first, customer = accounts.create()
+    read, _ = accounts.create()
+    mapped, _ = accounts.create()
+    ours = [first, read, mapped]
+    with engine.begin() as conn:
+        invoice(conn, unique("in"), customer)  # filed under the first account
+        conn.exec_driver_sql("DELETE FROM recompute_request WHERE account_id = ANY(%(a)s)", {"a": ours})
+    move(engine, customer, read)
+    writer = engine.connect()  # a mirror writer in flight: the filing waits for it, after its read
+    writer.begin()
+    invoice(writer, unique("in"), customer)
+    outcome: list[object] = []
+
+    def refile() -> None:
+        try:
+            outcome.append(refile_customers(engine))
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=refile)
+    thread.start()
+    try:
+        assert poll_until(lambda: waiting_on_a_lock(engine, "LOCK TABLE mirror_customer"), timeout=10)
+        move(engine, customer, mapped)  # the owner, between the read and the filing
+    finally:
+        writer.commit()
+        writer.close()
+        thread.join(timeout=10)
+    assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), outcome
+    done: Any = outcome[0]
+    assert keys(engine, customer) == (mapped, [mapped])
+    requested = {a for a, _ in done.requested}
+    assert {first, mapped} <= requested  # the account it left and the one it was filed under
+    with engine.connect() as conn:
+        pending = set(conn.exec_driver_sql("SELECT account_id FROM recompute_request WHERE account_id = ANY(%(a)s)",
+                                           {"a": ours}).scalars())
+    assert {first, mapped} <= pending
+    assert (customer, first, mapped) in done.moves
+    from app.sweep.refile import find_candidates
+    assert [c for c in find_candidates(engine) if c[0] == customer] == []  # no later refile sees it
+
 # --- the moved invoice's payment retries ---------------------------------------------------------
 # Compute read payment_retry by account: after the move the new account saw none of the retries its
 # invoice had already used under the old one (schedule position, free retry, the per-invoice cap),
