@@ -5,6 +5,10 @@ Management. This product reads them and writes ``subs_account.bad_debt`` only.
 
 * absent (a developer's database, `make run`, the tests): the first migration creates them as a local
   stand-in, marked by ``STAND_IN_COMMENT``; downgrading that migration drops only tables so marked.
+  Absent means from the whole database, not only from the session's search_path: tables of those
+  names in a schema the search_path leaves out are the owner's, which the session would not see, and
+  ``require_reachable`` stops the upgrade naming that schema (a stand-in there would leave this
+  product reading empty tables beside the owner's: no account, no customer).
 * present (the real shared database): they are the owner's. No migration creates, alters, comments
   or indexes them; ``require_contract`` checks what this product reads is there and stops the
   upgrade with a message naming what is missing (the CLI prints it, exit 2) otherwise.
@@ -71,6 +75,42 @@ def present(conn: Connection) -> set[str]:
     return {r[0] for r in rows}
 
 
+def elsewhere(conn: Connection) -> dict[str, list[str]]:
+    """The schemas, by shared table, holding a table (or view) of that name that the search path
+    does not find: the system's schemas and other sessions' temporary ones aside."""
+    rows = conn.exec_driver_sql(
+        "SELECT c.relname, n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        " WHERE c.relname = ANY(%(names)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        "   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%' "
+        "   AND to_regclass(c.relname) IS NULL ORDER BY 2, 1",
+        {"names": list(SHARED)})
+    found: dict[str, list[str]] = {}
+    for table, schema in rows:
+        found.setdefault(table, []).append(schema)
+    return found
+
+
+def require_reachable(conn: Connection) -> None:
+    """Raises SharedTablesUnfit when the search path finds neither shared table but the database holds
+    either in another schema: the owner's, which this session would not see (and the first migration
+    would create empty stand-ins beside)."""
+    if present(conn):
+        return
+    hidden = elsewhere(conn)
+    if not hidden:
+        return
+    schemas = sorted({schema for found in hidden.values() for schema in found})
+    ours = conn.exec_driver_sql("SELECT current_schema()").scalar() or "public"
+    path = conn.exec_driver_sql("SHOW search_path").scalar()
+    where = "; ".join(f"{table} in schema {', '.join(found)}" for table, found in sorted(hidden.items()))
+    raise SharedTablesUnfit(
+        f"the shared tables subs_account and subs_customer (Account Management's) are in this database "
+        f"({where}) but not on the search_path ({path}); nothing was migrated, and dunning db upgrade "
+        f"creates no stand-in beside them: add the schema to the search_path of every session, e.g. "
+        f"`?options=-csearch_path%3D{ours},{','.join(schemas)}` in DATABASE_URL (or ALTER ROLE ... SET "
+        f"search_path), and run the upgrade again")
+
+
 def created_here(conn: Connection, table: str) -> bool:
     """Whether ``table`` is this product's stand-in (created by the first migration), by its comment."""
     comment = conn.exec_driver_sql("SELECT obj_description(to_regclass(%(t)s), 'pg_class')", {"t": table}).scalar()
@@ -82,9 +122,12 @@ def problems(conn: Connection) -> list[str]:
     found = present(conn)
     missing = [t for t in SHARED if t not in found]
     if missing:
+        hidden = elsewhere(conn)
         return [f"table {t} is missing (the other shared table, {', '.join(sorted(found))}, exists: the "
                 "shared tables are Account Management's, and this product creates neither beside the "
-                "other's; check DATABASE_URL and the search_path)" for t in missing]
+                "other's; check DATABASE_URL and the search_path"
+                + (f", which leaves out schema {', '.join(hidden[t])} holding a {t}" if t in hidden else "")
+                + ")" for t in missing]
     out = []
     types = {(t, c): ty for t, c, ty in conn.exec_driver_sql(
         "SELECT %(t1)s, a.attname, format_type(a.atttypid, NULL) FROM pg_attribute a "

@@ -159,3 +159,60 @@ def test_db_upgrade_onto_shared_tables_lacking_what_it_reads_names_it_and_migrat
     assert "Traceback" not in done.stderr, done.stderr[-1500:]
     assert done.stderr.startswith("error: the shared tables") and named in done.stderr, done.stderr
     assert tables(owner) == before  # nothing migrated, the owner's tables untouched
+
+
+def test_db_upgrade_refuses_the_owners_shared_tables_in_a_schema_the_search_path_leaves_out(
+        owner: Engine, empty_database: str):
+    """The owner's tables in their own schema, which the upgrade's session does not see: the first
+    migration created empty stand-ins in public beside them, and the product then found no account
+    and no customer. It now stops naming the schema, and the upgrade goes through once DATABASE_URL
+    puts it on the search_path."""
+    run(owner, "CREATE SCHEMA accounts")
+    theirs = create_engine(empty_database, isolation_level="AUTOCOMMIT",
+                           connect_args={"options": "-csearch_path=accounts"})
+    try:
+        run(theirs, OWNER_ACCOUNT, OWNER_CUSTOMER, OWNER_CUSTOMER_INDEX, OWNER_ROWS)
+        before = shape(theirs)
+        assert tables(owner) == set()
+
+        refused_then_migrated(owner, empty_database)
+        assert shape(theirs) == before  # the owner's tables as they were
+    finally:
+        theirs.dispose()
+
+
+def refused_then_migrated(owner: Engine, empty_database: str) -> None:
+
+    done = dunning("db", "upgrade", database_url=empty_database)
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert "Traceback" not in done.stderr, done.stderr[-1500:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: the shared tables subs_account and subs_customer"), done.stderr
+    assert "subs_account in schema accounts; subs_customer in schema accounts" in lines[0], done.stderr
+    assert "?options=-csearch_path%3Dpublic,accounts" in lines[0], done.stderr
+    assert tables(owner) == set()  # nothing created in public: no stand-in, no table of ours
+    with owner.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'accounts'").scalar() == 2
+
+    separator = "&" if "?" in empty_database else "?"
+    on_path = f"{empty_database}{separator}options=-csearch_path%3Dpublic,accounts"
+    done = dunning("db", "upgrade", database_url=on_path)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert {"subs_dunning", "stripe_event", "alembic_version"} <= tables(owner)
+    assert not {"subs_account", "subs_customer"} & tables(owner)  # the owner's, read where they are
+    recomputed = dunning("recompute", "acct_owner_1", database_url=on_path)
+    assert recomputed.returncode == 0, recomputed.stderr[-1500:]
+    assert "account acct_owner_1: current" in recomputed.stdout
+
+
+def test_db_upgrade_names_the_schema_of_a_shared_table_the_search_path_leaves_out(owner: Engine, empty_database: str):
+    """One shared table on the search_path, the other in a schema it leaves out: the message says where."""
+    run(owner, "CREATE SCHEMA accounts", OWNER_ACCOUNT,
+        OWNER_CUSTOMER.replace("subs_customer", "accounts.subs_customer"))
+
+    done = dunning("db", "upgrade", database_url=empty_database)
+    assert done.returncode == 2, done.stderr[-1500:]
+    assert "table subs_customer is missing" in done.stderr, done.stderr
+    assert "which leaves out schema accounts holding a subs_customer" in done.stderr, done.stderr
+    assert tables(owner) == {"subs_account"}

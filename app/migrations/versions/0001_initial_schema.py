@@ -5,7 +5,9 @@ shared production database) they are left exactly as they are: checked for what 
 (app/shared_tables.py: the upgrade stops, naming what is missing, otherwise), never created, altered
 or indexed, and subs_dunning gets no foreign key to subs_account. Where both are absent (a
 developer's database, `make run`, the tests) they are created as a local stand-in, marked by their
-comment; the downgrade drops only tables so marked.
+comment; the downgrade drops only tables so marked. Where the search_path finds neither but another
+schema of the database holds them, the upgrade stops naming that schema (app/shared_tables.py
+require_reachable) rather than create empty stand-ins beside the owner's.
 
 Revision ID: 0001
 Revises: 
@@ -18,7 +20,7 @@ from alembic import op
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from app.shared_tables import STAND_IN_COMMENT, created_here, present, require_contract
+from app.shared_tables import STAND_IN_COMMENT, created_here, present, require_contract, require_reachable
 
 # revision identifiers, used by Alembic.
 revision: str = '0001'
@@ -29,6 +31,8 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     """Upgrade schema."""
+    if not op.get_context().as_sql:
+        require_reachable(op.get_bind())  # the owner's tables in a schema the search_path leaves out: stop
     stand_in = op.get_context().as_sql or not present(op.get_bind())
     if not stand_in:
         require_contract(op.get_bind())  # before anything is created: a refusal leaves the database as it was
