@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -128,11 +130,21 @@ def stored(engine: Engine, events: list[dict[str, Any]]) -> int:
     return count(engine, "SELECT count(*) FROM stripe_event WHERE id = ANY(%(ids)s)", ids=[e["id"] for e in events])
 
 
-def _hold_request_row(engine: Engine, account: str) -> Any:
-    """An uncommitted request row of ``account``: ingest's upsert of it waits (the test's own lock)."""
+@contextmanager
+def behind_a_held_request(engine: Engine, celery_app: Any, account: str, session_sql: str) -> Iterator[Ingestor]:
+    """An Ingestor whose session first runs ``session_sql`` (its timeouts), while the test holds an
+    uncommitted request row of ``account`` (ingest's upsert of it waits); both let go at the end (the
+    session's timeouts go with its connection)."""
     lock = engine.connect()
     lock.exec_driver_sql("INSERT INTO recompute_request (account_id, trigger) VALUES (%(a)s, 'TEST')", {"a": account})
-    return lock
+    ingestor = Ingestor(engine, celery_app)
+    try:
+        ingestor._connection().exec_driver_sql(session_sql)
+        yield ingestor
+    finally:
+        lock.rollback()
+        lock.close()
+        ingestor._drop_connection()
 
 
 def test_a_batch_past_its_statement_timeout_answers_each_request_at_once(accounts: Accounts, engine: Engine,
@@ -146,17 +158,11 @@ def test_a_batch_past_its_statement_timeout_answers_each_request_at_once(account
     blocked, blocked_customer = accounts.create()
     _, other_customer = accounts.create()
     events = [failed_invoice(blocked_customer), failed_invoice(other_customer)]
-    lock = _hold_request_row(engine, blocked)
-    ingestor = Ingestor(engine, celery_app)
-    try:
-        ingestor._connection().exec_driver_sql("SET statement_timeout = '300ms'")  # before lock_timeout's 5 s
-        # The flush raises: the group commit hands that to every request of the batch.
-        with pytest.raises(TimedOut) as raised:
-            ingestor._flush([item(e) for e in events])
-    finally:
-        lock.rollback()
-        lock.close()
-        ingestor._drop_connection()  # its session's statement_timeout goes with it
+    # statement_timeout ends the wait before lock_timeout's 5 s would. The flush raises: the group
+    # commit hands that to every request of the batch.
+    with (behind_a_held_request(engine, celery_app, blocked, "SET statement_timeout = '300ms'") as ingestor,
+          pytest.raises(TimedOut) as raised):
+        ingestor._flush([item(e) for e in events])
     assert not isinstance(raised.value, LockNotAvailable)
     assert stored(engine, events) == 0
 
@@ -171,17 +177,11 @@ def test_a_split_batch_stops_at_the_first_event_that_meets_the_database_slow(acc
     blocked, blocked_customer = accounts.create()
     others = [accounts.create()[1] for _ in range(2)]
     events = [failed_invoice(blocked_customer), *(failed_invoice(c) for c in others)]
-    lock = _hold_request_row(engine, blocked)
-    ingestor = Ingestor(engine, celery_app)
-    try:
-        # The batch meets lock_timeout first (split); the blocked event alone meets statement_timeout
-        # before the split's brief lock wait (250 ms) ends.
-        ingestor._connection().exec_driver_sql("SET lock_timeout = '50ms'; SET statement_timeout = '150ms'")
+    # The batch meets lock_timeout first (split); the blocked event alone meets statement_timeout
+    # before the split's brief lock wait (250 ms) ends.
+    with behind_a_held_request(engine, celery_app, blocked,
+                               "SET lock_timeout = '50ms'; SET statement_timeout = '150ms'") as ingestor:
         outcomes = ingestor._flush([item(e) for e in events])
-    finally:
-        lock.rollback()
-        lock.close()
-        ingestor._drop_connection()
     assert all(isinstance(o, TimedOut) and not isinstance(o, LockNotAvailable) for o in outcomes), outcomes
     assert stored(engine, events) == 0
 
@@ -195,15 +195,8 @@ def test_a_batch_past_one_accounts_lock_timeout_still_stores_the_others(accounts
     blocked, blocked_customer = accounts.create()
     _, other_customer = accounts.create()
     events = [failed_invoice(blocked_customer), failed_invoice(other_customer)]
-    lock = _hold_request_row(engine, blocked)
-    ingestor = Ingestor(engine, celery_app)
-    try:
-        ingestor._connection().exec_driver_sql("SET lock_timeout = '50ms'")
+    with behind_a_held_request(engine, celery_app, blocked, "SET lock_timeout = '50ms'") as ingestor:
         outcomes = ingestor._flush([item(e) for e in events])
-    finally:
-        lock.rollback()
-        lock.close()
-        ingestor._drop_connection()
     assert isinstance(outcomes[0], LockNotAvailable)
     assert isinstance(outcomes[1], Ingested) and outcomes[1].state == "accepted"
 
