@@ -533,7 +533,8 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
             decision = _remember(_PLAIN_DECISIONS, key, Decision(
                 state=_plain_state(key, subscriptions, policy), mandates=(), bad_debt=False, resolution="resolved",
                 lifting_since=None, assessments=()))
-        return decision
+        kept = _announced_kept(snapshot, ())
+        return replace(decision, state=replace(decision.state, announced_failures=kept)) if kept else decision
     billed = billed_products(subscriptions, snapshot.invoices)
     if billed:
         key = (key, "billed", billed)
@@ -546,8 +547,11 @@ def _nothing_unpaid(snapshot: Snapshot, policy: Policy, now: datetime) -> Decisi
         if last is not None:
             state = _reviewed_state(state, key, last)
     prior = _latest_settled_debt(snapshot) if settled else None
+    if prior is not None:
+        state = replace(state, prior_settled_at=prior)
+    kept = _announced_kept(snapshot, ())
     return Decision(
-        state=state if prior is None else replace(state, prior_settled_at=prior),
+        state=replace(state, announced_failures=kept) if kept else state,
         mandates=mandates(snapshot, now) if snapshot.payment_methods else (),
         bad_debt=False,
         resolution=_resolution(snapshot, attempts_by_invoice(snapshot)) if settled else "resolved",
@@ -767,6 +771,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     # Every failure of the debt, oldest first: the change storing this decision announces each one
     # not announced yet (events.derive_events), so all of them are announced once it is stored.
     markers = tuple(failure_marker(f.id, failure_time(f)) for f in failures)
+    kept = _announced_kept(snapshot, markers)
 
     state = DunningState(
         next_review_at=_next_review(assessed, policy, now,
@@ -791,7 +796,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         actions_requested=tuple(sorted(actions)),
         policy_version=policy.version,
         prior_settled_at=_prior_settled_at(snapshot, status),
-        announced_failures=markers,
+        announced_failures=markers + kept,
     )
     bad_debt_products: tuple[str, ...] = ()
     bad_debt_reason = None
@@ -821,6 +826,40 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                        for marker, f in zip(markers, failures, strict=True)),
         assessments=tuple(assessed),
     )
+
+
+def _announced_kept(snapshot: Snapshot, markers: Iterable[str]) -> tuple[str, ...]:
+    """The stored announced failures to keep beside the decision's own (``markers``): every one that
+    may still come back into a debt, so that it is never announced again. A failure leaves the
+    decision when its attempt is filed under an invoice that is no debt, or when its attempt's
+    status moves on, and both change as more events come: ``_owner`` guesses the invoice of an
+    attempt no invoice names by the attempt's time, which moves with each event about the intent,
+    and by the invoices' settlement times learned so far (a decline filed under an open invoice the
+    account then turns out to have paid before it, or under one voided when its intent's late
+    payment_intent.payment_failed moves it to another open invoice); an intent's success may come
+    before its decline's event. Dropped with the debt, such a failure was announced a second time
+    when it came back. It leaves for good only with an invoice that names its attempt (Stripe's
+    link; the attempt can go to no other) once that invoice is settled, or with its attempt's row.
+    A row from before announced_failures (NULL) announced its last_failure_id."""
+    stored = snapshot.stored
+    if stored is None:
+        return ()
+    announced = stored.announced_failures
+    if announced is None:
+        announced = (stored.last_failure_id,) if stored.last_failure_id else ()
+    own = {parse_failure_marker(m)[0] for m in markers}
+    rest = [m for m in announced if parse_failure_marker(m)[0] not in own]
+    if not rest:
+        return ()
+    attempts = {a.id: a for a in snapshot.attempts}
+    settled = {i.id for i in snapshot.invoices if i.status in SETTLED_STATUSES}
+    kept = set()
+    for marker in rest:
+        attempt = attempts.get(parse_failure_marker(marker)[0])
+        if attempt is None or attempt.invoice_id in settled:
+            continue
+        kept.add(marker)
+    return tuple(sorted(kept))
 
 
 def _latest_class(assessed: Iterable[InvoiceAssessment]) -> FailureClass | None:

@@ -139,7 +139,9 @@ class DunningState:
     # each failure the decision sees (Decision.failures), as they are all announced by the change
     # that stores them. A failure not in it (nor an earlier failure of an attempt in it) is news,
     # however old: one learned late, its webhook delivered after a newer one's was announced, is
-    # announced then. Bounded by the debt's failures: a failure whose invoice is settled leaves it.
+    # announced then. Bounded by the debt's failures and those announced that may come back into it
+    # (compute._announced_kept: an attempt no invoice names, or whose invoice is still open); a failure
+    # whose attempt an invoice names leaves it once that invoice is settled.
     # None: a row from before it was kept, whose last_failure_id was the latest announced (every
     # failure not newer than it counts as announced: events._unannounced_failures).
     announced_failures: tuple[str, ...] | None = ()
