@@ -542,12 +542,7 @@ def test_a_card_attached_and_updated_in_one_second_keeps_the_update_in_either_or
         history: list[Step] = [(t, "payment_method.attached", {"pm": "pm0", "exp_year": 2025}),
                                (t, kind, {"pm": "pm0", "exp_year": 2031})]
         for order in ([0, 1], [1, 0]):
-            account, customer = accounts.create()
-            s = unique("s")
-            for n in order:
-                assert post_event(client, render(n, history[n], s, customer)).status_code == 200
-            recompute_twice(engine, runtime, account, now)
-            state = final_state(client, engine, account, customer, s)
+            state = deliver(client, engine, runtime, accounts, history, order, now, every=False)
             assert [(m["exp_year"], m["changed_at"]) for m in state["stripe_payment_method"]] == [
                 (2031, str(datetime.fromtimestamp(t, UTC)))], (kind, order)
             assert [m["exp_year"] for m in state["dunning"]["mandates"]] == [2031], (kind, order)
@@ -608,12 +603,7 @@ def test_two_events_of_a_subscription_in_one_second_end_in_the_same_state_in_eit
                                *((t, kind, p) for kind, p in pair)]
         states = []
         for order in ([0, 1, 2], [0, 2, 1]):
-            account, customer = accounts.create()
-            s = unique("s")
-            for n in order:
-                assert post_event(client, render(n, history[n], s, customer)).status_code == 200
-            recompute_twice(engine, runtime, account, now)
-            state = final_state(client, engine, account, customer, s)
+            state = deliver(client, engine, runtime, accounts, history, order, now, every=False)
             assert [m["status"] for m in state["stripe_subscription"]] == [status], (pair, order)
             ended = status in ("canceled", "incomplete_expired")
             granted = state["dunning"]["entitlements"]["products"]
@@ -639,12 +629,7 @@ def test_two_changes_of_a_subscriptions_items_in_one_second_keep_the_later_in_ei
                                               "product_before": "prod_premium"})]
     states = []
     for order in ([0, 1, 2], [0, 2, 1]):
-        account, customer = accounts.create()
-        s = unique("s")
-        for n in order:
-            assert post_event(client, render(n, history[n], s, customer)).status_code == 200
-        recompute_twice(engine, runtime, account, now)
-        state = final_state(client, engine, account, customer, s)
+        state = deliver(client, engine, runtime, accounts, history, order, now, every=False)
         assert [m["products"] for m in state["stripe_subscription"]] == [["prod_plus"]], order
         assert sorted(state["dunning"]["entitlements"]["products"]) == ["prod_plus"], order
         states.append(state)
@@ -668,12 +653,7 @@ def test_two_changes_of_the_default_card_in_one_second_keep_the_later_in_either_
         (t, "customer.updated", {"pm": "pm1", "changed": True, "pm_before": "pm9"})]
     states = []
     for order in ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 5, 4]):
-        account, customer = accounts.create()
-        s = unique("s")
-        for n in order:
-            assert post_event(client, render(n, history[n], s, customer)).status_code == 200
-        recompute_twice(engine, runtime, account, now)
-        state = final_state(client, engine, account, customer, s)
+        state = deliver(client, engine, runtime, accounts, history, order, now, every=False)
         assert [c["default_payment_method_id"] for c in state["stripe_customer_state"]] == ["pm1_S"], order
         assert [m["payment_method_id"] for m in state["dunning"]["mandates"] if m["is_default"]] == ["pm1_S"], order
         states.append(state)
@@ -693,12 +673,7 @@ def test_two_updates_of_a_card_in_one_second_keep_the_later_in_either_order(clie
         (t, "payment_method.updated", {"pm": "pm0", "exp_year": 2031, "exp_before": 2030})]
     states = []
     for order in ([0, 1, 2], [0, 2, 1]):
-        account, customer = accounts.create()
-        s = unique("s")
-        for n in order:
-            assert post_event(client, render(n, history[n], s, customer)).status_code == 200
-        recompute_twice(engine, runtime, account, now)
-        state = final_state(client, engine, account, customer, s)
+        state = deliver(client, engine, runtime, accounts, history, order, now, every=False)
         assert [m["exp_year"] for m in state["stripe_payment_method"]] == [2031], order
         assert [m["exp_year"] for m in state["dunning"]["mandates"]] == [2031], order
         states.append(state)
