@@ -118,6 +118,7 @@ class FakeStripe:
     _release: threading.Event = field(default_factory=threading.Event)
     _held: threading.Event = field(default_factory=threading.Event)  # set: held requests go on
     invoices: dict[str, dict[str, Any]] = field(default_factory=dict)  # paid elsewhere, by id
+    api_versions: list[str | None] = field(default_factory=list)  # the Stripe-Version of each request
     # Called with the invoice id on each GET /v1/invoices/<id>, before it is answered: a test moves its
     # frozen clock there, as the time a real read takes passes between a retry's claim and its charge.
     on_invoice_read: Callable[[str], None] | None = None
@@ -158,6 +159,8 @@ class FakeStripe:
             return [r for r in self.requests if invoice_id is None or r.invoice_id == invoice_id]
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer | None:
+        with self._lock:
+            self.api_versions.append(headers.get("stripe-version"))
         parts = path.split("?")[0].strip("/").split("/")
         if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "invoices"]:
             if self.on_invoice_read is not None:
