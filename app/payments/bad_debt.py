@@ -2,11 +2,13 @@
 
 Guards, in order: a valid body, the Idempotency-Key (the same key replays the first answer, the
 same key with another body is refused), an account that exists and is in bad debt, the exact
-outstanding balance, one payment in flight per account (a partial unique index, so two concurrent
-requests cannot both pass), no automatic retry being charged on the account or the invoices, and
-none of another account in flight on the invoices (made before another team moved their customer
-to this account, or by the account it moved to; both are checked under the debt's customer's lock
-as well as the account's, so two such requests cannot both pass either). Then:
+outstanding balance, a balance a card can be charged (in Stripe's three-decimal currencies a
+multiple of 10 minor units: the amount is never rounded), one payment in flight per account (a
+partial unique index, so two concurrent requests cannot both pass), no automatic retry being
+charged on the account or the invoices, and none of another account in flight on the invoices (made
+before another team moved their customer to this account, or by the account it moved to; both are
+checked under the debt's customer's lock as well as the account's, so two such requests cannot both
+pass either). Then:
 
 1. the ``bad_debt_payment`` row (pending) is committed, with a recompute request in the same
    transaction (recompute turns the account into ``lifting`` while the row is pending; the request
@@ -53,7 +55,7 @@ from app.domain.retry_cadence import attempt_in_flight
 from app.domain.snapshot import Snapshot, decision_moment
 from app.domain.state import Status
 from app.domain.triggers import Trigger
-from app.money import money
+from app.money import exponent, money
 from app.payments.bad_debt_settle import NOT_RUN, customer_paid
 from app.payments.bad_debt_webhook import enqueue_settlement, reopen_charged
 from app.payments.pay import lock_account_payments, lock_customer_payments, retry_charging
@@ -237,11 +239,24 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
                       f"{money(balance, currency)}, that is amount {balance} in the currency's minor units; "
                       f"{money(req.amount, currency)} was sent", outstanding_amount=balance,
                       outstanding_currency=currency)
+    if not chargeable_by_card(balance, currency):
+        # Stripe refuses (400) a card payment in a three-decimal currency whose minor units do not end
+        # in 0; the payment is for the balance exactly, never rounded, so no attempt could go through:
+        # refused before anything is stored or Stripe is asked anything.
+        raise Refused(409, "amount_not_chargeable", f"the outstanding balance {money(balance, currency)} cannot be "
+                      f"charged by card in {currency.upper()}: card payments in that currency must be a whole "
+                      f"multiple of {money(10, currency)}; settle it through support")
     method = _method_to_charge(snapshot, customers[0])
     if method is None:
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
     newest = max((p.id for p in snapshot.bad_debt_payments), default=0)
     return Debt(balance, currency, ids, customers[0], method, newest_payment=newest)
+
+
+def chargeable_by_card(amount: int, currency: str) -> bool:
+    """Whether Stripe takes a card payment of ``amount`` (minor units): in its three-decimal currencies
+    (bhd, jod, kwd, omr, tnd) only a multiple of 10, as card networks charge them to the hundredth."""
+    return exponent(currency) != 3 or amount % 10 == 0
 
 
 def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:

@@ -40,6 +40,11 @@ API 2023-08-16 an intent accepts the methods enabled in the Dashboard, and any o
 redirect the customer needs somewhere to send them back (``redirect_methods_enabled``, on by default,
 as on an account with such a method enabled; nothing is created).
 
+A card payment intent in a three-decimal currency (bhd, jod, kwd, omr, tnd) whose amount in minor
+units does not end in 0 is refused with Stripe's 400 invalid_request_error (param ``amount``): card
+networks charge those currencies to the hundredth, and Stripe's currencies guide asks such amounts
+rounded to the nearest ten. Every method this fake charges is a card; nothing is created.
+
 ``key_revoked`` answers every request with Stripe's 401 for a rolled or revoked API key, running nothing.
 
 Every 429 carries ``Retry-After: <rate_limit_retry_after>`` (None: no such header). ``on_request``,
@@ -77,6 +82,9 @@ RETURN_URL_REQUIRED = (
     "If you don't want to accept redirect-based payment methods, set `automatic_payment_methods[enabled]` to "
     "`true` and `automatic_payment_methods[allow_redirects]` to `never` when creating Setup Intents and "
     "Payment Intents.")
+
+# Stripe's three-decimal currencies: a card charge in one must be a multiple of 10 minor units.
+THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 
 
 @dataclass
@@ -353,6 +361,12 @@ class FakeStripePayments:
                 and params.get("automatic_payment_methods[allow_redirects]") != "never"
                 and not any(k.startswith("payment_method_types") for k in params)):
             return 400, {"error": {"type": "invalid_request_error", "message": RETURN_URL_REQUIRED}}
+        currency, amount = params.get("currency", "usd").lower(), int(params.get("amount", 0))
+        if currency in THREE_DECIMAL and amount % 10:
+            return 400, {"error": {"type": "invalid_request_error", "code": "invalid_charge_amount",
+                                   "param": "amount", "message": (
+                                       f"Card payments in {currency.upper()} must be rounded to the nearest ten "
+                                       f"minor units (the last digit 0); {amount} is not.")}}
         if outcome == "server_error_after_charge":
             self.charged_behind_errors.append(self._intent(params, "succeeded"))
         if outcome in ("succeeded", "processing"):

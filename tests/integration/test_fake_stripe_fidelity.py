@@ -135,3 +135,27 @@ def test_the_payments_fake_refuses_an_intent_confirmed_with_nowhere_to_return_as
         {**params, "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"}},  # type: ignore[typeddict-item]
         {"idempotency_key": "k4"})
     assert intent.status == "succeeded" and list(stripe_fake.intents) == [intent.id]
+
+
+@pytest.mark.parametrize("currency", ["kwd", "bhd", "jod", "omr", "tnd"])
+def test_the_payments_fake_refuses_a_three_decimal_card_amount_not_ending_in_zero_as_stripe_does(
+        runtime, stripe_fake, currency):
+    """Stripe charges a card in a three-decimal currency to the tenth of its minor unit only (its
+    currencies guide: round such amounts to the nearest ten): 1.234 KWD is a 400
+    invalid_request_error on ``amount``, nothing created; 1.230 KWD, and 1234 in a two-decimal
+    currency, are charged."""
+    client = make_stripe_client(runtime.settings)
+    params: dict[str, Any] = {"amount": 1234, "currency": currency, "customer": "cus_fake",
+                              "payment_method": "pm_fake", "confirm": True, "off_session": True,
+                              "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"}}
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        client.v1.payment_intents.create(params, {"idempotency_key": f"k5-{currency}"})  # type: ignore[arg-type]
+    assert (refused.value.http_status, refused.value.code, refused.value.param) == (400, "invalid_charge_amount",
+                                                                                    "amount")
+    assert stripe_fake.intents == {}
+    rounded = client.v1.payment_intents.create({**params, "amount": 1230},  # type: ignore[typeddict-item]
+                                               {"idempotency_key": f"k6-{currency}"})
+    two_decimal = client.v1.payment_intents.create({**params, "currency": "usd"},  # type: ignore[typeddict-item]
+                                                   {"idempotency_key": f"k7-{currency}"})
+    assert (rounded.status, two_decimal.status) == ("succeeded", "succeeded")
+    assert list(stripe_fake.intents) == [rounded.id, two_decimal.id]
