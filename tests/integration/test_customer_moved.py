@@ -6,6 +6,7 @@ only inside the rollout stage (never while it is off)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,23 +40,14 @@ def test_a_customer_moved_to_another_account_recomputes_both(client, engine, acc
     assert celery_app.tasks["tasks.refile_mirror"].apply().get() == {"filed": 0, "recomputes": 0}  # once
 
 
-def test_a_refile_and_an_ingest_in_flight_do_not_deadlock(accounts, engine):
-    """Ingest locks the account's request row, then (its mirror trigger) mirror_customer. The refile
-    took mirror_customer first and then the moved accounts' request rows: each waited for the other
-    until PostgreSQL's deadlock detector failed one. It now requests first, then locks the mirror."""
+def refile_behind(engine: Any, writer: Any, waiting_for: str, meanwhile: Callable[[], None]) -> Any:
+    """A refile in a thread of its own while ``writer`` (an open transaction) holds what it needs: once
+    it waits on a lock (its statement starting with ``waiting_for``), ``meanwhile`` runs, then the
+    writer commits. The refile's result (it raised nothing)."""
     from app.embedded import poll_until
     from app.sweep.refile import refile_customers
-    from tests.integration.test_mirror_filing import invoice, keys, move, waiting_on_a_lock
-    from webhooks.store import request_recompute
+    from tests.integration.test_mirror_filing import waiting_on_a_lock
 
-    old, customer = accounts.create()
-    new, _ = accounts.create()
-    with engine.begin() as conn:
-        invoice(conn, "in_moved_a", customer)  # filed under the old account
-    move(engine, customer, new)
-    writer = engine.connect()  # an ingest transaction in flight, for an event of the old account
-    writer.begin()
-    request_recompute(writer, old, "PAYMENT_FAILED", "evt_moved")
     outcome: list[object] = []
 
     def refile() -> None:
@@ -67,14 +59,33 @@ def test_a_refile_and_an_ingest_in_flight_do_not_deadlock(accounts, engine):
     thread = threading.Thread(target=refile)
     thread.start()
     try:
-        assert poll_until(lambda: waiting_on_a_lock(engine, "SET LOCAL enable_seqscan = off; EXECUTE "
-                                                            "dunning_request_recompute"), timeout=10)
-        invoice(writer, "in_moved_b", customer)  # the event's mirror row, after its request
+        assert poll_until(lambda: waiting_on_a_lock(engine, waiting_for), timeout=10)
+        meanwhile()
     finally:
         writer.commit()
         writer.close()
         thread.join(timeout=10)
     assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), outcome
+    return outcome[0]
+
+
+def test_a_refile_and_an_ingest_in_flight_do_not_deadlock(accounts, engine):
+    """Ingest locks the account's request row, then (its mirror trigger) mirror_customer. The refile
+    took mirror_customer first and then the moved accounts' request rows: each waited for the other
+    until PostgreSQL's deadlock detector failed one. It now requests first, then locks the mirror."""
+    from tests.integration.test_mirror_filing import invoice, keys, move
+    from webhooks.store import request_recompute
+
+    old, customer = accounts.create()
+    new, _ = accounts.create()
+    with engine.begin() as conn:
+        invoice(conn, "in_moved_a", customer)  # filed under the old account
+    move(engine, customer, new)
+    writer = engine.connect()  # an ingest transaction in flight, for an event of the old account
+    writer.begin()
+    request_recompute(writer, old, "PAYMENT_FAILED", "evt_moved")
+    refile_behind(engine, writer, "SET LOCAL enable_seqscan = off; EXECUTE dunning_request_recompute",
+                  lambda: invoice(writer, "in_moved_b", customer))  # the event's mirror row, after its request
     assert keys(engine, customer) == (new, [new])
 
 
@@ -85,9 +96,7 @@ def test_a_customer_mapped_again_between_the_read_and_the_filing_recomputes_wher
     filing waits for a mirror writer in flight): its rows were filed under that account, but only the
     accounts read earlier were recomputed, and no later refile sees the move (the filing agrees with
     subs_customer), so that account had none of the invoice's dunning state nor a retry of it."""
-    from app.embedded import poll_until
-    from app.sweep.refile import refile_customers
-    from tests.integration.test_mirror_filing import invoice, keys, waiting_on_a_lock
+    from tests.integration.test_mirror_filing import invoice, keys
 
     first, customer = accounts.create()
     read, _ = accounts.create()
@@ -100,25 +109,8 @@ def test_a_customer_mapped_again_between_the_read_and_the_filing_recomputes_wher
     writer = engine.connect()  # a mirror writer in flight: the filing waits for it, after its read
     writer.begin()
     invoice(writer, unique("in"), customer)
-    outcome: list[object] = []
-
-    def refile() -> None:
-        try:
-            outcome.append(refile_customers(engine))
-        except BaseException as exc:  # reported below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=refile)
-    thread.start()
-    try:
-        assert poll_until(lambda: waiting_on_a_lock(engine, "LOCK TABLE mirror_customer"), timeout=10)
-        move(engine, customer, mapped)  # the owner, between the read and the filing
-    finally:
-        writer.commit()
-        writer.close()
-        thread.join(timeout=10)
-    assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), outcome
-    done: Any = outcome[0]
+    # The owner maps the customer again, between the read and the filing.
+    done = refile_behind(engine, writer, "LOCK TABLE mirror_customer", lambda: move(engine, customer, mapped))
     assert keys(engine, customer) == (mapped, [mapped])
     requested = {a for a, _ in done.requested}
     assert {first, mapped} <= requested  # the account it left and the one it was filed under
