@@ -11,6 +11,9 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -51,6 +54,42 @@ def make_run(data_dir: Path, log: Path, procfile: Path) -> subprocess.Popen[byte
         )
 
 
+@dataclass
+class MakeRun:
+    make: subprocess.Popen[bytes]
+    run: psutil.Process  # the launcher (`dunning run`), make's child
+    started: list[psutil.Process]  # it and everything it started
+    marker: str  # what the stand-in program's command line holds
+    log: Path
+    data_dir: Path
+
+
+@contextmanager
+def make_run_started(tmp_path: Path, program: str) -> Iterator[MakeRun]:
+    """`make run` of a stand-in Procfile whose one process runs ``program`` (``{marker}`` in it is
+    replaced by a sleep's unique duration), once that process has started; whatever it started is gone
+    at the end, the private servers included."""
+    marker = f"3600.{uuid.uuid4().int % 10**9}"
+    procfile = tmp_path / "Procfile"
+    procfile.write_text(f"one: {program.format(marker=marker)}\n")
+    data_dir, log = tmp_path / "data", tmp_path / "run.log"
+    make = make_run(data_dir, log, procfile)
+    started: list[psutil.Process] = []
+    try:
+        wait_for(lambda: "one started" in log.read_text() or make.poll() is not None, START_TIMEOUT,
+                 "the fleet to start")
+        assert make.poll() is None, log.read_text()
+        [run] = psutil.Process(make.pid).children()
+        started.extend([run, *everything_started(run.pid, data_dir)])
+        yield MakeRun(make, run, started, marker, log, data_dir)
+    finally:
+        finish(make, marker)
+        for p in started:
+            if not gone(p):
+                p.kill()
+        EmbeddedPostgres(data_dir).stop_leftover()
+
+
 @pytest.mark.parametrize("sig, group", [
     (signal.SIGINT, False), (signal.SIGHUP, False), (signal.SIGKILL, False), (signal.SIGTERM, False),
     (signal.SIGINT, True),
@@ -63,27 +102,18 @@ def test_a_signal_to_makes_pid_alone_stops_everything_make_run_started(
     fleet and the private servers running under pid 1. Every process make run started must go. A
     terminal's Ctrl-C (``group``) reaches make and the launcher both: one stop, not a second signal
     that kills the fleet."""
-    marker = f"3600.{uuid.uuid4().int % 10**9}"
-    procfile = tmp_path / "Procfile"
-    procfile.write_text(f"one: exec sleep {marker}\n")
-    data_dir, log = tmp_path / "data", tmp_path / "run.log"
-    make = make_run(data_dir, log, procfile)
-    started: list[psutil.Process] = []
-    try:
-        wait_for(lambda: "one started" in log.read_text() or make.poll() is not None, START_TIMEOUT,
-                 "the fleet to start")
-        assert make.poll() is None, log.read_text()
-        [run] = psutil.Process(make.pid).children()
-        assert "run" in run.cmdline(), run.cmdline()
-        started = [run, *everything_started(run.pid, data_dir)]
-        assert programs(marker)
+    with make_run_started(tmp_path, "exec sleep {marker}") as fleet:
+        make = fleet.make
+        assert "run" in fleet.run.cmdline(), fleet.run.cmdline()
+        assert programs(fleet.marker)
         if group:
             os.killpg(make.pid, sig)
         else:
             os.kill(make.pid, sig)
-        wait_for(lambda: all(gone(p) for p in started), STOP_TIMEOUT, "every process make run started to exit")
+        wait_for(lambda: all(gone(p) for p in fleet.started), STOP_TIMEOUT,
+                 "every process make run started to exit")
         make.wait(STOP_TIMEOUT)
-        output = log.read_text()
+        output = fleet.log.read_text()
         assert make.returncode == -sig, output  # make ends by the signal it got, once the launcher has stopped
         assert "received again" not in output and "SIGKILL" not in output
         if group:
@@ -91,47 +121,28 @@ def test_a_signal_to_makes_pid_alone_stops_everything_make_run_started(
         elif sig != signal.SIGTERM:  # SIGTERM make passes on
             said = "is gone" if sig == signal.SIGKILL else f"got {sig.name}, which it does not pass on"
             assert f"make (pid {make.pid}) {said}" in output
-        assert not programs(marker)
-        assert not (data_dir / "postgres.pid").exists() and not (data_dir / "redis.pid").exists()
-    finally:
-        finish(make, marker)
-        for p in started:
-            if not gone(p):
-                p.kill()
-        EmbeddedPostgres(data_dir).stop_leftover()
+        assert not programs(fleet.marker)
+        assert not (fleet.data_dir / "postgres.pid").exists() and not (fleet.data_dir / "redis.pid").exists()
 
 
 def test_a_ctrl_c_after_a_signal_to_makes_pid_alone_kills_what_does_not_stop(tmp_path: Path) -> None:
     """make got SIGINT alone (`kill -INT <make's pid>`): the launcher stops the fleet for it, and the
     flag that absorbs the terminal's duplicate Ctrl-C stayed set with no duplicate to absorb, so the
     user's Ctrl-C, meant to kill a program that does not stop, was ignored (it died only at KILL_WAIT)."""
-    marker = f"3600.{uuid.uuid4().int % 10**9}"
-    procfile = tmp_path / "Procfile"
-    procfile.write_text(f"one: trap '' TERM; exec sleep {marker}\n")  # a program that ignores the stop
-    data_dir, log = tmp_path / "data", tmp_path / "run.log"
-    make = make_run(data_dir, log, procfile)
-    started: list[psutil.Process] = []
-    try:
-        wait_for(lambda: "one started" in log.read_text() or make.poll() is not None, START_TIMEOUT,
-                 "the fleet to start")
-        assert make.poll() is None, log.read_text()
-        [run] = psutil.Process(make.pid).children()
-        started = [run, *everything_started(run.pid, data_dir)]
+    # A program that ignores the stop.
+    with make_run_started(tmp_path, "trap '' TERM; exec sleep {marker}") as fleet:
+        make, log = fleet.make, fleet.log
         os.kill(make.pid, signal.SIGINT)
         relayed = f"make (pid {make.pid}) got SIGINT, which it does not pass on"
-        wait_for(lambda: relayed in log.read_text() or gone(run), STOP_TIMEOUT, "the launcher to stop for make")
-        assert programs(marker), log.read_text()  # still running: it ignores SIGTERM
+        wait_for(lambda: relayed in log.read_text() or gone(fleet.run), STOP_TIMEOUT,
+                 "the launcher to stop for make")
+        assert programs(fleet.marker), log.read_text()  # still running: it ignores SIGTERM
         os.killpg(make.pid, signal.SIGINT)  # the terminal's Ctrl-C: make (SIGINT reset) and the launcher
-        wait_for(lambda: all(gone(p) for p in started), STOP_TIMEOUT, "every process make run started to exit")
+        wait_for(lambda: all(gone(p) for p in fleet.started), STOP_TIMEOUT,
+                 "every process make run started to exit")
         output = log.read_text()
         assert "SIGINT received again: killing what is still running" in output, output
-        assert not programs(marker)
-    finally:
-        finish(make, marker)
-        for p in started:
-            if not gone(p):
-                p.kill()
-        EmbeddedPostgres(data_dir).stop_leftover()
+        assert not programs(fleet.marker)
 
 
 # --- servers the environment names ---------------------------------------------------------------
