@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 from app.config import ConfigError, Settings
 from app.log_safety import install as install_log_safety
@@ -245,8 +245,51 @@ def _unusable_metrics_folder_left_out() -> None:
               "its metrics are not counted there", file=sys.stderr)
 
 
+class OutputFailed(OSError):
+    """Standard output could not be written (a full disk, an I/O error); a closed pipe is
+    BrokenPipeError, handled quietly. An OSError still, for code that handles its output's (the
+    launcher's)."""
+
+
+class _Output:
+    """sys.stdout, its write failures (other than a closed pipe) raised as OutputFailed: told from
+    any other OSError of the command, they are said in one line instead of a traceback."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputFailed(exc.errno, exc.strerror or exc.__class__.__name__) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputFailed(exc.errno, exc.strerror or exc.__class__.__name__) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _output_lost() -> None:
+    # What is still buffered goes to /dev/null at exit, not to the failed output (which would print
+    # Python's "Exception ignored" lines and change the status).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): print() would lose it all
+        print("error: the output could not be written (standard output is closed)", file=sys.stderr)
+        return 1
     for n, arg in enumerate(arguments, 1):
         try:
             arg.encode("utf-8")
@@ -265,6 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command's log (Python's last-resort handler: warnings and errors, to stderr): values
     # interpolated into a record escaped and capped (app/log_safety.py).
     install_log_safety(loggers=[""])
+    stdout = sys.stdout
+    sys.stdout = _Output(stdout)  # its write failures told apart
+    try:
+        return _handle(handler, args)
+    finally:
+        sys.stdout = stdout  # as it was, for a caller in this process
+
+
+def _handle(handler: Handler, args: argparse.Namespace) -> int:
+    """The command, its failures that are the caller's to fix said in one line (main)."""
     try:
         code = handler(args)
         sys.stdout.flush()  # here, so that a closed pipe (`| head`) is handled below, not at exit
@@ -272,9 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`dunning ... | head -2`): stop quietly, as command-line tools do.
         # Python's own final flush of what is still buffered then writes to /dev/null, not the pipe.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _output_lost()
         return 128 + 13  # as if killed by SIGPIPE
+    except OutputFailed as exc:  # `> /dev/full`: whatever the command did is done; its report is lost
+        _output_lost()
+        print(f"error: the output could not be written ({exc.strerror})", file=sys.stderr)
+        return 1
     except (ConfigError, PolicyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

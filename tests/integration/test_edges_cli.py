@@ -173,3 +173,23 @@ def test_hostile_arguments_are_a_message_and_a_status_never_a_traceback(cli_env,
     err = capsys.readouterr().err
     assert status in (0, 1, 2), (status, err[-400:])
     assert "Traceback" not in err and (status == 0 or "error" in err), err[-400:]
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
+def test_output_that_cannot_be_written_is_one_error_line_not_a_traceback(database_url, redirect):
+    """Standard output closed (`dunning ... >&-`, a daemon's closed descriptor) was an AttributeError
+    traceback (Python leaves sys.stdout None); written to a full disk (`> /dev/full`, a cron job's
+    log file) an OSError traceback. Either is one line saying the output could not be written,
+    status 1, as a closed pipe is handled quietly."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.test_cli_recompute import ROOT
+
+    done = subprocess.run(["sh", "-c", f'exec "$@" {redirect}', "sh", sys.executable, "-m", "app.cli",
+                           "rollout", "status"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "DATABASE_URL": database_url})
+    assert done.returncode == 1, done.stderr[-600:]
+    assert done.stderr.startswith("error: the output could not be written ("), done.stderr[-600:]
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr[-600:]
