@@ -193,3 +193,43 @@ def test_output_that_cannot_be_written_is_one_error_line_not_a_traceback(databas
     assert done.returncode == 1, done.stderr[-600:]
     assert done.stderr.startswith("error: the output could not be written ("), done.stderr[-600:]
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr[-600:]
+
+
+def test_ctrl_c_while_a_statement_waits_on_a_lock_exits_130_not_try_again(database_url, engine, accounts: Accounts):
+    """Ctrl-C while `dunning recompute` waits for the account's lock (a worker mid-recompute): libpq
+    waits on in C until lock_timeout cancels the statement, and then the command stops with status
+    130, as README says of Ctrl-C, not `error: ... try again` (status 1) as if nobody had pressed it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.test_cli_recompute import ROOT
+
+    account, _customer = accounts.create()
+    holder = engine.connect()
+    try:
+        holder.exec_driver_sql("SELECT pg_advisory_lock(hashtextextended(%(a)s, 7281))", {"a": account})
+        holder.commit()
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "recompute", account], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "DATABASE_URL": database_url})
+        try:
+            waiting = 0
+            while waiting == 0 and proc.poll() is None:  # until its statement waits for the lock
+                waiting = holder.exec_driver_sql(
+                    "SELECT count(*) FROM pg_locks w JOIN pg_locks h USING (locktype, classid, objid, objsubid) "
+                    "WHERE w.locktype = 'advisory' AND NOT w.granted AND h.pid = pg_backend_pid()").scalar_one()
+                holder.commit()
+            proc.send_signal(signal.SIGINT)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        holder.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+        holder.commit()
+        holder.close()
+    assert proc.returncode == 130, err[-400:]
+    assert "try again" not in err and "Traceback" not in err, err[-400:]
