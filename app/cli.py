@@ -52,8 +52,43 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         print(f"the database is at revision {', '.join(unknown)}, which this code does not have (a newer release "
               "migrated it): left as it is", file=sys.stderr)
         return 0
+    ahead = _past(_settings().database_url, args.revision)
+    if ahead:
+        print(f"error: migration: the database is at revision {', '.join(ahead)}, past {args.revision}: "
+              f"`dunning db upgrade` only migrates forward and left it as it is (`dunning db downgrade "
+              f"{args.revision}` migrates back)", file=sys.stderr)
+        return 2
     print(f"database upgraded to {args.revision}")
     return 0
+
+
+def _past(database_url: str, revision: str) -> list[str]:
+    """The database's revisions when, after an upgrade to ``revision``, it is not at ``revision``:
+    alembic's upgrade to a revision older than the database's (`base` included) does nothing and
+    says nothing. [] when it is there, or for what names no one revision (head, +1, a branch)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+    from sqlalchemy import create_engine, make_url, pool
+
+    from app.migrate import MIGRATIONS
+
+    if revision in ("head", "heads") or "@" in revision or revision[:1] in "+-":
+        return []
+    try:
+        wanted = {script.revision for script in ScriptDirectory(str(MIGRATIONS)).get_revisions(revision)
+                  if script is not None}
+    except CommandError:
+        return []
+    url = make_url(database_url)
+    engine = create_engine(url, poolclass=pool.NullPool,
+                           connect_args={} if "connect_timeout" in url.query else {"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    finally:
+        engine.dispose()
+    return sorted(current) if current != wanted else []
 
 
 def cmd_db_downgrade(args: argparse.Namespace) -> int:

@@ -233,3 +233,19 @@ def test_ctrl_c_while_a_statement_waits_on_a_lock_exits_130_not_try_again(databa
         holder.close()
     assert proc.returncode == 130, err[-400:]
     assert "try again" not in err and "Traceback" not in err, err[-400:]
+
+
+@pytest.mark.parametrize("revision", ["base", "0001"])
+def test_db_upgrade_to_a_revision_behind_the_database_says_it_left_it_not_upgraded_to_it(database_url, revision):
+    """`dunning db upgrade base` (or any revision older than the database's) migrates nothing, since
+    alembic's upgrade only goes forward, yet it said `database upgraded to base`, status 0: a
+    rollback script meaning to go back was told it had. An error naming where the database is and
+    the command that goes back, status 2, the database as it was."""
+    from tests.integration.test_cli_recompute import dunning
+
+    done = dunning("db", "upgrade", revision, database_url=database_url)
+    assert done.returncode == 2, (done.stdout, done.stderr[-400:])
+    assert done.stderr.startswith("error: migration: the database is at revision "), done.stderr[-400:]
+    assert f"`dunning db downgrade {revision}`" in done.stderr and "Traceback" not in done.stderr
+    assert "upgraded" not in done.stdout
+    assert dunning("recompute", "acct_nobody", database_url=database_url).returncode == 2  # still at head: no account
