@@ -53,6 +53,16 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+def printable(text: str) -> str:
+    """``text`` for a terminal: every character Python would not print in a string literal escaped
+    as repr does (an ANSI escape as \\x1b, a newline as \\n), nothing cut. Other systems' and
+    callers' text (account ids, Account Management's answers, reasons) shown by the ``dunning``
+    command cannot then clear the screen or rewrite the lines shown."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class _Shown:
     """An argument as the message shows it: ``%s`` gives its escaped str(), ``%r`` its escaped
     repr() (a str's repr escapes its own), both capped."""

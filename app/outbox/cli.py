@@ -10,6 +10,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from app.log_safety import printable
 from app.outbox.operator import NotSkipped, Undelivered
 
 BAD_INPUT = 2
@@ -57,11 +58,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _line(row: Undelivered, now: datetime) -> str:
     last = str(row.last_status) if row.last_status is not None else "-"
-    answer = (row.last_error or ("not tried yet" if row.attempts == 0 else "-"))[:REASON_SHOWN]
+    answer = printable((row.last_error or ("not tried yet" if row.attempts == 0 else "-"))[:REASON_SHOWN])
     if row.blocked_at is not None:
         answer = f"[blocked {age(now - row.blocked_at)}] {answer}"
-    return (f"{row.id:<10} {row.account_id:<28} {row.event_type:<24} {row.dunning_version:>7} {row.attempts:>8} "
-            f"{last:>4} {age(now - row.created_at):>8}  {answer}")
+    return (f"{row.id:<10} {printable(row.account_id):<28} {printable(row.event_type):<24} "
+            f"{row.dunning_version:>7} {row.attempts:>8} {last:>4} {age(now - row.created_at):>8}  {answer}")
 
 
 def age(elapsed: timedelta) -> str:
@@ -94,8 +95,9 @@ def cmd_skip(args: argparse.Namespace) -> int:
     except NotSkipped as exc:
         return _error(str(exc), BUSY if exc.busy else BAD_INPUT)
     row = done.row
-    print(f"skipped outbox row {row.id} ({row.event_type} v{row.dunning_version} for account {row.account_id}, "
-          f"last answer {row.last_status or '-'}); recorded by {actor}")
+    print(f"skipped outbox row {row.id} ({row.event_type} v{row.dunning_version} for account "
+          f"{printable(row.account_id)}, "
+          f"last answer {row.last_status or '-'}); recorded by {printable(actor)}")
     if done.consequence is not None:
         print(f"{done.consequence} by dunning: Account Management's subscription-lifecycle workflow must see to it")
     print(f"the account's later rows ({done.later_rows}) go with the relay's next pass")

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from app.domain.rollout import label
+from app.log_safety import printable
 
 if TYPE_CHECKING:
     from app.sweep.sweep import Sweeper, SweepReport
@@ -82,7 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for found in report.drifted_accounts:
             changes = ", ".join(f"{f}: {found['stored'].get(f)!r} -> {found['desired'].get(f)!r}"
                                 for f in found["fields"])
-            print(f"  {found['account_id']}  [{found['action']}]  {changes}")
+            print(f"  {printable(found['account_id'])}  [{found['action']}]  {changes}")
     return status
 
 
@@ -130,15 +131,15 @@ def _print_state(state: dict[str, Any], history: list[dict[str, Any]]) -> None:
     print(f"stage: {state['stage_label']}{held} since {state['stage_entered_at']}, revision {state['revision']}")
     print(f"change it from here with: --from {state['stage']} --revision {state['revision']}")
     named = state["named_accounts"]
-    print(f"named accounts: {', '.join(named) if named else '-'}")
+    print(f"named accounts: {', '.join(printable(a) for a in named) if named else '-'}")
     gate = state.get("last_gate")
     if gate:
-        print(f"last gate check: {gate['at']}: {gate['action']}: {gate['reason']}")
+        print(f"last gate check: {gate['at']}: {gate['action']}: {printable(gate['reason'])}")
     if history:
         print("history (newest first):")
         for h in history:
             print(f"  {h['at']}  {h['action']:<13} {h['from_stage']} -> {h['to_stage']}  "
-                  f"by {h['actor']}: {h['reason']}")
+                  f"by {printable(h['actor'])}: {printable(h['reason'])}")
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
@@ -158,13 +159,15 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             if action == "name":
                 after = store.set_named_accounts(conn, args.accounts, args.actor, args.reason, now,
                                                  from_stage=args.from_stage, revision=args.revision)
-                print(f"named accounts: {', '.join(after.named_accounts) or '-'}; recorded by {args.actor}; "
+                print(f"named accounts: {', '.join(map(printable, after.named_accounts)) or '-'}; "
+                      f"recorded by {printable(args.actor)}; "
                       f"revision {after.revision}")
             elif action != "status":
                 before, after = store.change(conn, action, args.actor, args.reason, now, from_stage=args.from_stage,
                                              revision=args.revision)
                 print(f"{action}: {label(before.stage)} -> {label(after.stage)}"
-                      f"{' (held)' if after.held else ''}; recorded by {args.actor}; revision {after.revision}")
+                      f"{' (held)' if after.held else ''}; recorded by {printable(args.actor)}; "
+                      f"revision {after.revision}")
             state = store.read_state(conn)
             history = store.history(conn, args.history)
             health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now), state.stage,

@@ -395,3 +395,18 @@ def test_the_migration_gives_the_existing_rows_their_state(empty_database):
             assert conn.exec_driver_sql("SELECT count(*) FROM outbox").scalar() == 4
     finally:
         engine.dispose()
+
+
+def test_the_list_shows_control_characters_of_an_answer_escaped_not_sent_to_the_terminal(
+        cli_env, accounts, engine, fake_am, capsys):
+    """Account Management's answer is another system's text: an ANSI escape in it (a colour, a
+    clear-screen, a title change) went raw into the operator's terminal through `dunning outbox
+    list`, which can hide or rewrite the lines shown. Shown escaped (\\x1b), as the log does."""
+    account, _ = accounts.create()
+    entitlements(engine, account, 1, prod_core="full")
+    fake_am.answer_raw(account, 422, b"refused \x1b[2J\x1b]0;owned\x07 now")
+    relay(engine, fake_am.url, now=datetime.now(UTC) + LATER)
+    assert main(["outbox", "list", "--account", account]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "refused \\x1b[2J\\x1b]0;owned\\x07 now" in out, out

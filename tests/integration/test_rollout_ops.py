@@ -589,3 +589,17 @@ def test_naming_other_accounts_at_the_named_stage_restarts_its_soak_the_same_or_
 
     set_stage(engine, "10", ["acct_c"], entered=NOW - timedelta(hours=30))
     assert name(["acct_c", "acct_d"], NOW) == NOW - timedelta(hours=30)
+
+
+def test_status_shows_control_characters_of_actors_reasons_and_accounts_escaped(cli_env, clean, capsys):
+    """Reasons, actors (POST /ops/rollout's callers write them too) and named accounts (other teams'
+    ids) went raw into the operator's terminal through `dunning rollout status`: an ANSI escape in one
+    could clear the screen or rewrite the lines shown. Shown escaped (\\x1b), as the log does."""
+    from app.cli import main
+
+    assert main(["rollout", "name", "acct\x1b[2J", "--reason", "r\x1b[31mred\x07", "--actor", "a\x1b]0;t\x07"]) == 0
+    capsys.readouterr()
+    assert main(["rollout", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert "acct\\x1b[2J" in out and "r\\x1b[31mred\\x07" in out and "a\\x1b]0;t\\x07" in out, out
