@@ -227,13 +227,12 @@ def test_a_leader_that_ends_mid_flush_answers_its_batch_and_hands_on_the_lead() 
 # not flushed, and the request waiting behind it leads instead. The kill is delivered by the yield
 # itself here, as gevent's scheduling puts it there only by chance.
 THE_LEADER_ENDS_AT_ITS_YIELD = KILLED + """
-import time
 import webhooks.group_commit as group_commit
 
-class Yield:
+class Yield:  # the group commit's `time`: its leader's one yield, time.sleep(0)
     victim = None
     def sleep(self, seconds):
-        time.sleep(seconds)
+        gevent.sleep(seconds)  # what time.sleep is under gevent; the product passes 0, a yield
         if gevent.getcurrent() is self.victim:
             raise gevent.GreenletExit
 
