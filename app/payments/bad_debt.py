@@ -122,7 +122,9 @@ def parse(body: Any, idempotency_key: str | None) -> Request:
     if not isinstance(body, dict):
         raise Refused(400, "invalid_body", 'the body must be a JSON object {"account_id", "amount"}')
     account_id, amount = body.get("account_id"), body.get("amount")
-    if not isinstance(account_id, str) or not account_id.strip():
+    # The id as sent, never trimmed: account ids are other teams' text, blanks included, and " x"
+    # trimmed would be (and pay) the account "x".
+    if not isinstance(account_id, str) or not account_id:
         raise Refused(400, "invalid_account_id", "account_id must be a non-empty string")
     if not isinstance(amount, int) or isinstance(amount, bool):
         raise Refused(400, "invalid_amount",
@@ -132,7 +134,7 @@ def parse(body: Any, idempotency_key: str | None) -> Request:
     unknown = sorted(set(body) - {"account_id", "amount"})
     if unknown:
         raise Refused(400, "invalid_body", f"unknown fields: {', '.join(unknown)}")
-    return Request(account_id.strip(), amount, key)
+    return Request(account_id, amount, key)
 
 
 FIND_BY_KEY = """
