@@ -88,10 +88,13 @@ SECURITY_HEADERS = {
 }
 
 
-@bp.after_request
+@bp.after_app_request
 def _security_headers(response: Response) -> Response:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers[name] = value
+    # Every answer under /support, a 404 or 405 too: when no route matched, no support view (nor the
+    # blueprint's own after_request) ran, and the answer would go without them.
+    if request.path == bp.url_prefix or request.path.startswith(f"{bp.url_prefix}/"):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
     return response
 
 

@@ -50,6 +50,22 @@ def test_support_responses_may_not_be_framed_cached_or_sniffed(client, accounts,
     assert response.headers["Referrer-Policy"] == "same-origin"
 
 
+@pytest.mark.parametrize(("method", "path"), [("GET", "/support/nope"), ("GET", "/support/logout"),
+                                             ("PUT", "/support/login"), ("DELETE", "/support/accounts/{account}"),
+                                             ("GET", "/support"), ("GET", "/support/tasks/")])
+def test_support_answers_no_route_matched_carry_the_same_headers(client, accounts, method, path):
+    """A 404 or 405 under /support is a /support response too (README: every one carries them),
+    although no support view ran."""
+    account, _ = accounts.create()
+    response = client.open(path.format(account=account), method=method, headers=SUPPORT)
+    assert response.status_code in (404, 405) and response.is_json
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "no-store" in response.headers["Cache-Control"]
+    assert response.headers["Referrer-Policy"] == "same-origin"
+
+
 def _support_task(engine, account: str) -> str:
     from app.db import unit_of_work
     from app.support import audit
