@@ -100,7 +100,11 @@ def retry_payment(self: Task, retry_id: int) -> dict[str, Any]:
         refused = TaskFailure(kind, f"Stripe refused the request: {result.detail}")
         handle_failure(self, refused, result.account_id, args, per_args=True, dead=True)
         raise refused  # handle_failure always raises; this keeps type checkers honest
-    if result.account_id and self.request.retries:
+    if result.account_id and (self.request.retries or result.outcome not in NOT_A_RETRY):
+        # The retry has its outcome: the work of every earlier run of it that gave up (retrying, or
+        # dead: killed with its process, say) is done, also in a run sent afresh (the dispatch sends a
+        # row still dispatched again). Not a message delivered again once it was done (a refusal's
+        # dead row is for an operator), nor one that found another worker charging it.
         resolve_stuck(rt.engine, RETRY_PAYMENT, result.account_id, args)
     return {"retry_id": result.retry_id, "outcome": result.outcome, "detail": result.detail}
 

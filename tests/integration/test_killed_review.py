@@ -13,6 +13,7 @@ import tasks.killed
 import tasks.payments  # noqa: F401  (registers tasks.retry_payment)
 from app.payments.retries import claim_due
 from tasks.bad_debt import RECONCILE
+from tests.fakes import fake_stripe as outcomes
 from tests.integration.bad_debt_setup import key, pay
 from tests.integration.dunning_setup import failed_invoice
 from tests.integration.test_bad_debt_reconcile import backdate
@@ -115,3 +116,42 @@ def test_a_task_killed_at_its_hard_time_limit_is_recorded_once_with_its_attempts
     [row] = [r for r in rows(engine, "tasks.recompute_account") if r["account_id"] == account]
     assert (row["error_class"], row["state"], row["attempts"]) == ("killed", "dead", 3)
     assert dead_count() == before + 1
+
+
+def test_a_killed_payment_retry_charged_by_a_later_run_is_resolved(client, accounts, engine, worker, celery_app,
+                                                                    fake_stripe):
+    """A retry whose pool child died under it every time is a dead row. Killed before it was claimed
+    for charging, it stays dispatched, and the next dispatch sends it afresh (a new task, no retries of
+    its own): that run charged the invoice and left the dead row as it was, listed on the support
+    page and to ops as a payment retry given up, although it was charged. tasks.retry_payment
+    resolved its rows only in a run that had retried itself; a later run with an outcome of its own
+    did the work the killed one had to do, as a later reconciliation does (the test above)."""
+    account, customer = accounts.create()
+    invoice = failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    task = celery_app.tasks["tasks.retry_payment"]
+    task_failure.send(sender=task, task_id="t-lost-then-sent", exception=WorkerLostError("Worker exited prematurely"),
+                      args=[retry_id], kwargs={})
+    assert [r["state"] for r in rows(engine, "tasks.retry_payment") if r["task_args"] == {"retry_id": retry_id}] \
+        == ["dead"]
+
+    result = task.apply(args=[retry_id])  # the dispatch's send of the row still dispatched, a new task
+    assert result.get()["outcome"] == "sent" and len(fake_stripe.pay_requests(invoice)) == 1
+    assert [r["state"] for r in rows(engine, "tasks.retry_payment") if r["task_args"] == {"retry_id": retry_id}] \
+        == ["resolved"]
+
+
+def test_a_payment_retry_delivered_again_after_its_refusal_leaves_the_dead_row(client, accounts, engine, worker,
+                                                                                celery_app, fake_stripe):
+    """The refusal's dead row is for an operator (a revoked key). The same message delivered again
+    (its worker killed after the refusal was recorded, before the ack) finds the retry done: that run
+    did nothing, and the row stays dead."""
+    account, customer = accounts.create()
+    failed_invoice(client, engine, account, customer, "insufficient_funds", days_ago=2)
+    fake_stripe.script(outcomes.invalid())
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    task = celery_app.tasks["tasks.retry_payment"]
+    assert task.apply(args=[retry_id]).failed()
+    assert task.apply(args=[retry_id]).get()["outcome"] == "done"
+    assert [r["state"] for r in rows(engine, "tasks.retry_payment") if r["task_args"] == {"retry_id": retry_id}] \
+        == ["dead"]
