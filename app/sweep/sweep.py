@@ -472,7 +472,7 @@ class Sweeper:
         committed since (a webhook's, which took its request: this one is then new), or that held
         the request row this one waited for, replaced the state the drift was measured on. Such an
         account's new request is taken back and nothing is sent: it counts as pending, as in
-        _as_read.
+        _as_read. So is an account deleted since (its owner's DELETE): nothing is sent for it.
 
         The remediations this requests (``found``: the page's drifts; ``stalled``: the accounts whose
         request no run is sure to take, which are sent too) are recorded in the same transaction:
@@ -492,7 +492,10 @@ class Sweeper:
                 if inside:
                     now_stored = {r[0]: (bool(r[1]), int(r[2])) for r in conn.exec_driver_sql(
                         STORED_NOW, {"ids": inside})}
-                    changed = {a for a in inside if now_stored.get(a, read.get(a)) != read.get(a)}
+                    # An account no longer found (the owner deleted it since _as_read) is changed too:
+                    # requested, its recompute could only end as a dead stuck row (AccountNotFound),
+                    # which the rollout gate counts as a reverted remediation.
+                    changed = {a for a in inside if now_stored.get(a) != read.get(a)}
                 if changed & created:  # ours, made in this transaction: nobody else has seen them
                     conn.exec_driver_sql("DELETE FROM recompute_request WHERE account_id = ANY(%(ids)s)",
                                          {"ids": sorted(changed & created)})

@@ -233,3 +233,38 @@ def test_an_account_recomputed_since_the_read_is_neither_drift_nor_remediated(
     assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
     assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 0
     assert dunning(engine, account)[0] == "current"
+
+
+class _DeletedWhileRequesting(Sweeper):
+    """The owner (another team) deletes the account after the sweep checked its page as read and
+    before the sweep's own request is stored: subs_account has no row for it any more."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.racing_account = ""
+
+    def _request(self, report: SweepReport, account_ids: list[str], *args: Any) -> Any:
+        if self.racing_account in account_ids:
+            with self.engine.begin() as conn:  # as Account Management deletes an account (test_shared_tables.py)
+                conn.exec_driver_sql("DELETE FROM subs_customer WHERE account_id = %(a)s", {"a": self.racing_account})
+                conn.exec_driver_sql("DELETE FROM subs_account WHERE account_id = %(a)s", {"a": self.racing_account})
+        return super()._request(report, account_ids, *args)
+
+
+def test_an_account_deleted_since_the_read_is_not_remediated(accounts: Accounts, runtime, engine: Engine,
+                                                             rollout_off: None):
+    """Before, the check made again once the requests are stored took an account it no longer found
+    for one whose stored state had not changed: its DRIFT_DETECTED recompute was requested and sent,
+    ended as a dead stuck row (AccountNotFound), and the rollout gate counted that as a reverted
+    remediation. An account gone is left out, as the check as read leaves it out."""
+    account = _corrupted(accounts, runtime, engine, datetime.now(UTC))
+    set_stage(engine, "100")
+    recorder = Recorder()
+    sweeper = _DeletedWhileRequesting(engine, runtime.policy, recorder)
+    sweeper.racing_account = account
+    report = sweeper.start()
+    assert recorder.sent == []
+    assert (report.drifted, report.enqueued) == (0, 0), report.drifted_accounts
+    assert sql(engine, "SELECT count(*) FROM recompute_request")[0][0] == 0
+    assert sql(engine, "SELECT count(*) FROM drift_record")[0][0] == 0
+    assert tuple(sql(engine, "SELECT drifted, in_stage, enqueued FROM sweep_run")[0]) == (0, 0, 0)
