@@ -15,6 +15,14 @@ from app.domain.snapshot import Invoice, Subscription
 from app.domain.state import Access, Level
 
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "incomplete_expired"})
+# Subscriptions whose products are not provisioned: those that ended, and those Stripe has not started
+# or has paused. ``incomplete``: its first payment is not made yet (every subscription created with
+# payment_behavior=default_incomplete until the customer confirms it; Stripe expires it after 23 hours
+# if never paid). ``paused``: its trial ended with no payment method, and it bills nothing until resumed.
+# Granted in the entitlements, sent whole, Account Management would provision a product nobody paid
+# for. A paused subscription is still the customer's (bad debt of an earlier invoice still cancels it:
+# compute reads INACTIVE_SUBSCRIPTIONS for that); it only grants nothing while paused.
+NOT_PROVISIONED = INACTIVE_SUBSCRIPTIONS | frozenset({"incomplete", "paused"})
 
 
 def access(level: Level, tier: str) -> Access:
@@ -119,17 +127,18 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
     products: dict[str, Access] = {}
     subscriptions = list(subscriptions)
     for sub in subscriptions:
-        if sub.status not in INACTIVE_SUBSCRIPTIONS:
+        if sub.status not in NOT_PROVISIONED:
             for product in sub.products:
                 products.setdefault(product, Access.FULL)
     for product in billed:
         products.setdefault(product, Access.FULL)
     # A subscription canceled (or expired) while its invoice is unpaid grants nothing any more: its
     # products are revoked, not the level's access (full at notice would give back, to a customer who
-    # did not pay, what the cancellation ended). A product another, active subscription also carries
-    # keeps that one's access under the level, as does the product of an invoice of no subscription
-    # or of one the snapshot does not know.
-    ended = {sub.id for sub in subscriptions if sub.status in INACTIVE_SUBSCRIPTIONS}
+    # did not pay, what the cancellation ended). Nor does one not started or paused (NOT_PROVISIONED):
+    # its first invoice failing is no reason to grant it. A product another, active subscription also
+    # carries keeps that one's access under the level, as does the product of an invoice of no
+    # subscription or of one the snapshot does not know.
+    ended = {sub.id for sub in subscriptions if sub.status in NOT_PROVISIONED}
     active = set(products)
     unpaid = list(unpaid)
     for invoice, level in unpaid:
@@ -158,11 +167,11 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
 
 
 def full_entitlements(subscriptions: Iterable[Subscription], billed: Iterable[str] = ()) -> dict[str, Any]:
-    """``entitlements`` with nothing unpaid: every product of an active subscription, and every one
-    only the invoices show (``billed``), in full."""
+    """``entitlements`` with nothing unpaid: every product of a provisioned subscription (not
+    NOT_PROVISIONED), and every one only the invoices show (``billed``), in full."""
     products: dict[str, None] = {}
     for sub in subscriptions:
-        if sub.status not in INACTIVE_SUBSCRIPTIONS:
+        if sub.status not in NOT_PROVISIONED:
             for product in sub.products:
                 products[product] = None
     for product in billed:
