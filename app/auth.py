@@ -23,7 +23,18 @@ def bearer_token() -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    return token.strip()
+    return _as_sent(token.strip())
+
+
+def _as_sent(value: str) -> str:
+    """A header's text as the client wrote it. WSGI servers (gunicorn) hand a header over as the
+    latin-1 characters of its bytes, and clients send text as UTF-8: a token configured with a
+    non-ASCII character ("tökén") arrives as "tÃ¶kÃ©n" and never matched. Bytes that are no UTF-8
+    (or a value already decoded, as a test client passes it) stay as they came."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def match_token(presented: str | None, tokens: Iterable[str]) -> str | None:

@@ -51,3 +51,24 @@ def test_every_route_is_open_on_purpose_or_needs_a_token(flask_app, client, clea
 @pytest.mark.parametrize("path", sorted(OPEN - {"/static/<path:filename>", "/webhooks/stripe", "/support/logout"}))
 def test_the_open_routes_answer_without_a_token(client, clean, path):
     assert client.get(path).status_code in (200, 503)  # readyz: 503 when a dependency is down
+
+
+def _as_a_server_passes_it(header: str) -> str:
+    """A header value as WSGI hands it to the app (PEP 3333; gunicorn does so): each byte the client
+    sent as the latin-1 character of that byte, so UTF-8 text arrives as its bytes' latin-1 spelling."""
+    return header.encode("utf-8").decode("latin-1")
+
+
+@pytest.mark.parametrize(("path", "realm"), [("/ops/outbox", "service"), ("/support/lifting", "support")])
+def test_a_token_holding_non_ascii_text_opens_its_realm_as_configured(client, clean, runtime, monkeypatch, path,
+                                                                     realm):
+    """SETTINGS accept a token of any printable text (a space or a line break stops start-up); curl and
+    every HTTP library send a header's text as UTF-8. Read as the server's latin-1 spelling, no such
+    token ever matched: every request a 401, as the token configured."""
+    token = f"t\u00f6k\u00e9n-{realm}-\u20ac"
+    field = "service_tokens" if realm == "service" else "support_tokens"
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(**{field: {token: "ann"}}))
+    opened = client.get(path, headers={"Authorization": _as_a_server_passes_it(f"Bearer {token}")})
+    assert opened.status_code == 200, opened.get_data(as_text=True)
+    near = client.get(path, headers={"Authorization": _as_a_server_passes_it(f"Bearer {token[:-1]}")})
+    assert near.status_code == 401
