@@ -121,6 +121,17 @@ def drift_sweep(self: Task) -> dict[str, Any]:
         return {"skipped": str(exc)}
     except SweepRetry as exc:
         return _retry_later(self, exc.run_id, exc.kind, 0, exc.progressed)
+    except Exception as exc:
+        # The walk sends itself again on a failure that passes (SweepRetry above) and fails the sweep
+        # on anything else (a sweep_error the gate counts: raised as before, the next tick starts
+        # over). One that passes met here came before the walk (the database down as the sweep lock
+        # or the run's row is taken) or after its last page (the run's record, the lock's release): by
+        # failure class, as every beat tick (its retry resumes a run left running: run_was_lost).
+        # Raised, the tick was acknowledged with no retry, counted nowhere, and no sweep ran until
+        # the next one, 15 minutes on.
+        if classify(exc) in RETRIED:
+            handle_failure(self, exc, None, {})
+        raise
     return _after(self, report)
 
 
