@@ -52,6 +52,45 @@ def test_a_balance_of_cents_in_a_currency_of_small_units_is_a_small_balance(curr
     assert small.facts["threshold"] == POLICY.small_balance_threshold_in(currency) > POLICY.small_balance_threshold
 
 
+# Each a balance of about $1 (rough rates of late 2026), 5 to 180 times the default's 500 minor units:
+# with the default as their threshold, such a balance went to bad debt and its subscription was
+# cancelled where $1 owed in USD stays at notice.
+@pytest.mark.parametrize(("currency", "amount"), [
+    ("dop", 6_300),  # 63 Dominican pesos
+    ("uyu", 4_000),  # 40 Uruguayan pesos
+    ("mur", 4_600),  # 46 Mauritian rupees
+    ("cve", 9_500),  # 95 Cape Verdean escudos
+    ("gmd", 7_200),  # 72 dalasi
+    ("mkd", 5_300),  # 53 denars
+    ("nio", 3_700),  # 37 cordobas
+    ("hnl", 2_600),  # 26 lempiras
+    ("srd", 3_700),  # 37 Surinamese dollars
+    ("lrd", 18_000),  # 180 Liberian dollars
+    ("mdl", 1_700),  # 17 lei
+    ("tjs", 950),  # 9.50 somoni
+    ("nad", 1_800),  # 18 Namibian dollars
+    ("lsl", 1_800),  # 18 loti
+    ("szl", 1_800),  # 18 emalangeni
+    ("bwp", 1_350),  # 13.50 pula
+    ("scr", 1_450),  # 14.50 Seychellois rupees
+    ("mvr", 1_540),  # 15.40 rufiyaa
+    ("mad", 920),  # 9.20 dirhams
+    ("sbd", 830),  # 8.30 Solomon Islands dollars
+    ("mop", 800),  # 8 patacas
+    ("gtq", 770),  # 7.70 quetzales
+    ("bob", 690),  # 6.90 bolivianos
+    ("ttd", 680),  # 6.80 Trinidad and Tobago dollars
+    ("rub", 8_000),  # 80 roubles
+    ("brl", 540),  # 5.40 reais
+    ("sll", 2_300_000),  # 23,000 old leones (as sle's 23)
+])
+def test_a_balance_of_about_a_dollar_in_the_other_currencies_of_small_units_is_a_small_balance(currency, amount):
+    decision = compute(snapshot(written_off(currency, amount)), POLICY, NOW)
+    assert decision.state.level == Level.NOTICE and decision.state.status == Status.PAST_DUE
+    # and about $30 is a real debt there too
+    assert compute(snapshot(written_off(currency, amount * 30)), POLICY, NOW).state.status == Status.BAD_DEBT
+
+
 def test_a_real_debt_in_such_a_currency_still_goes_to_bad_debt():
     decision = compute(snapshot(written_off("idr", 50_000_000)), POLICY, NOW)  # 500,000 rupiah, about $30
     assert decision.state.status == Status.BAD_DEBT and decision.state.level == Level.SUSPENDED
