@@ -34,6 +34,11 @@ STATE_REFRESH_EVENTS = frozenset({
     "customer.subscription.created",
     "customer.subscription.updated",
     "customer.subscription.deleted",
+    # Stripe's pause of the subscription itself (status paused: on demand, after a payment failure, or
+    # a trial ended with no payment method) and its end: a paused subscription grants nothing
+    # (entitlements.NOT_PROVISIONED). Not pause_collection, which Stripe reports as an update.
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
     "charge.refunded",
     "charge.dispute.created",  # a chargeback: a bad-debt payment's is put before an operator
     "charge.succeeded",

@@ -42,3 +42,29 @@ def test_an_incomplete_subscription_grants_its_product_only_once_paid(client, ac
     relay(engine, fake_am.url)
     assert fake_am.entitlements(account)[-1].body["entitlements"] == {"products": {"prod_premium": "full"},
                                                                       "plan_changes": True}
+
+
+def test_a_subscription_paused_and_resumed_through_its_own_events(client, accounts, engine, runtime, fake_am):
+    """Stripe's pause (API 2026-09-30: on demand, after a payment failure, or a trial ended with no
+    payment method) is reported by customer.subscription.paused and .resumed, which carry the
+    subscription: they are mirrored and recomputed like its updates."""
+    account, customer = accounts.create()
+    sub, now = unique("sub"), int(time.time())
+    assert post_event(client, subscription(customer, sub, "active", None, now - 300)).status_code == 200
+    assert recompute(engine, runtime, account)["status"] == "current"
+    relay(engine, fake_am.url)
+    assert fake_am.entitlements(account)[-1].body["entitlements"]["products"] == {"prod_premium": "full"}
+
+    paused = subscription(customer, sub, "paused", "active", now - 200)
+    paused["type"] = "customer.subscription.paused"
+    assert post_event(client, paused).status_code == 200
+    recompute(engine, runtime, account)
+    relay(engine, fake_am.url)
+    assert fake_am.entitlements(account)[-1].body["entitlements"]["products"] == {}
+
+    resumed = subscription(customer, sub, "active", "paused", now - 100)
+    resumed["type"] = "customer.subscription.resumed"
+    assert post_event(client, resumed).status_code == 200
+    recompute(engine, runtime, account)
+    relay(engine, fake_am.url)
+    assert fake_am.entitlements(account)[-1].body["entitlements"]["products"] == {"prod_premium": "full"}
