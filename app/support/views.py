@@ -362,12 +362,46 @@ def _safe_next(target: str | None) -> str:
     return f"{parsed.path}?{parsed.query}" if parsed.query else parsed.path
 
 
+# Where a browser says a request comes from (Fetch Metadata): only these may sign in. "none" is a
+# request the person made (typed, bookmarked), "same-origin" this site's own form.
+SIGN_IN_FROM = ("same-origin", "none")
+
+
+def _from_another_origin() -> bool:
+    """A sign-in form posted by a page of another origin (login CSRF: the attacker's token, sent by
+    the victim's browser, signs it in as the attacker, whose name the victim's Recompute clicks are
+    then audited under). Browsers say where a request comes from in Sec-Fetch-Site (Chromium, Firefox,
+    Safari: all current ones); one too old to send it still sends Origin on a POST of another origin,
+    compared with the Host it was sent to (its host and port: a TLS proxy in front makes the scheme
+    differ; "null", an opaque origin, never matches). A request with neither (curl, a script) is no
+    browser's posting of another site's form: it carries the token its sender holds. As Go's
+    net/http CrossOriginProtection decides; the SameSite=Strict session cookie does not help here, as
+    a browser keeps a cookie set by the answer to a cross-site POST."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site:
+        return site.strip().lower() not in SIGN_IN_FROM
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    try:
+        host = urlparse(origin.strip()).netloc
+    except ValueError:
+        return True
+    return not host or host.lower() != request.host.lower()
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     if request.method == "GET":
         return render_template("support_login.html", next=_safe_next(request.args.get("next")), error=None)
-    actor = sign_in(request.form.get("token", ""))
     target = _safe_next(request.form.get("next"))
+    if _from_another_origin():
+        # Nothing signed in, nothing ended: the browser's own session (if any) stays as it is.
+        log.warning("support sign-in refused from %s: sent from another site's page (Sec-Fetch-Site %s, Origin %s)",
+                    request.remote_addr, request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin"))
+        return render_template("support_login.html", next=target,
+                               error="That sign-in was sent from another site's page: sign in here."), 403
+    actor = sign_in(request.form.get("token", ""))
     if actor is None:
         return render_template("support_login.html", next=target, error="That token is not valid."), 401
     return redirect(target, code=303)  # audited (sign_in) with the session's start, in one transaction
