@@ -246,6 +246,9 @@ class RecomputeRequest(Base):
     # recorded dead if nobody touched the request since (tasks.failures.PARK_REQUEST). While the two
     # are equal and the account's recompute is dead, the stale-request re-drive passes over it.
     parked_touch: Mapped[datetime | None]
+    # When it was inserted; never changed after. Equal to touched_at while no one asked for the
+    # account again (a drift remediation the sweep alone asked for: app/recompute/service.py).
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
 
 class StripeInvoice(Base):

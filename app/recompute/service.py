@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,10 +13,15 @@ from sqlalchemy import Engine
 from app.db import unit_of_work
 from app.domain.compute import Decision, compute
 from app.domain.policy import Policy
+from app.domain.rollout import in_stage
 from app.domain.snapshot import decision_moment
 from app.domain.state import outstanding_fields
+from app.domain.triggers import Trigger
 from app.recompute.apply import Applied, apply
 from app.recompute.gather import gather
+from app.rollout.store import read_state
+
+log = logging.getLogger(__name__)
 
 
 class AccountNotFound(LookupError):
@@ -29,7 +35,7 @@ class AccountNotFound(LookupError):
 # that webhook's data. (In one statement the snapshot would predate both waits.)
 LOCK_AND_TAKE_SQL = (
     "SELECT pg_advisory_xact_lock(hashtextextended(%(account)s, 7281)); "
-    "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger, touched_at"
+    "DELETE FROM recompute_request WHERE account_id = %(account)s RETURNING trigger, touched_at, cause, created_at"
 )
 
 # Stuck work of this task for the account (tasks/recompute.py: a run that kept failing, retrying or
@@ -40,12 +46,27 @@ UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now()
  WHERE task_name = 'tasks.recompute_account' AND account_id = %(account)s AND state <> 'resolved'
 """
 
+# A drift remediation (app/sweep/sweep.py) asked for by the sweep alone: its run takes the sweep's
+# request (trigger DRIFT_DETECTED, cause drift_sweep:<run>) that no one asked for again since its
+# insert (every upsert refreshes touched_at; created_at never changes). When the account is outside
+# the rollout stage by now (a rollback, the gate's step back, or the account taken off the named list
+# while it waited on the queue, or deferred by a broker that refused it until the re-drive sent it),
+# the remediation is withdrawn: nothing is computed or applied, its drift_record is no longer a
+# remediation (the stage it was requested at did not remediate it), and the stuck rows of its failed
+# runs are resolved (the stuck re-drive would run it again without a request to look at).
+REMEDIATION_CAUSE = "drift_sweep:"
+WITHDRAW_REMEDIATION_SQL = """
+UPDATE drift_record SET remediated = false, skipped = 'out_of_stage'
+ WHERE account_id = %(account)s AND sweep_id = %(sweep)s AND remediated
+"""
+RESOLVE_REMEDIATION_STUCK_SQL = RESOLVE_STUCK_SQL.strip() + " AND task_args ->> 'trigger' = %(trigger)s"
+
 
 @dataclass
 class RecomputeResult:
     account_id: str
     trigger: str
-    outcome: str  # changed | unchanged | coalesced
+    outcome: str  # changed | unchanged | coalesced | out_of_stage (a drift remediation withdrawn)
     decision: Decision | None = None
     applied: Applied | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -87,6 +108,8 @@ def run_recompute(
             taken.append(took[1])
         if coalesced and took is None:
             return RecomputeResult(account_id, trigger, "coalesced")
+        if took is not None and _withdrawn(conn, account_id, trigger, took):
+            return RecomputeResult(account_id, trigger, "out_of_stage")
         # Read after the lock, never before: a run that waited for it (up to lock_timeout) behind
         # another recompute of the account must not compute at a moment older than the one that
         # run committed (it would ease a level just escalated at a day boundary, or leave and
@@ -112,3 +135,23 @@ def run_recompute(
     timings.update(lock=t0 - started, gather=t1 - t0, compute=t2 - t1, apply=t3 - t2,
                    commit=time.perf_counter() - t3)
     return RecomputeResult(account_id, trigger, "changed" if applied.wrote else "unchanged", decision, applied, timings)
+
+
+def _withdrawn(conn: Any, account_id: str, trigger: str, took: Any) -> bool:
+    """Whether this run is a drift remediation the sweep alone asked for (``took``: the request it
+    took) of an account outside the rollout stage by now; if so it is withdrawn (see
+    WITHDRAW_REMEDIATION_SQL above), in the transaction that took the request."""
+    taken_trigger, touched_at, cause, created_at = took
+    if not (trigger == taken_trigger == Trigger.DRIFT_DETECTED.value and touched_at == created_at
+            and (cause or "").startswith(REMEDIATION_CAUSE)):
+        return False
+    rollout = read_state(conn)
+    if in_stage(account_id, rollout.stage, rollout.named_accounts):
+        return False
+    sweep = cause.removeprefix(REMEDIATION_CAUSE)
+    if sweep.isdigit():
+        conn.exec_driver_sql(WITHDRAW_REMEDIATION_SQL, {"account": account_id, "sweep": int(sweep)})
+    conn.exec_driver_sql(RESOLVE_REMEDIATION_STUCK_SQL, {"account": account_id, "trigger": trigger})
+    log.warning("recompute of %s: drift remediation withdrawn, the account is outside the rollout stage (%s) now",
+                account_id, rollout.stage)
+    return True
