@@ -1,25 +1,26 @@
 """Support authentication: a SUPPORT_TOKENS bearer token, or a session cookie from the sign-in form.
 
-The session keeps the actor and a digest of the token, never the token itself; on every request the
-digest must still match a configured token, so removing a token from SUPPORT_TOKENS ends its
-sessions. Tokens and digests are compared in constant time (app.auth.match_token). A session lasts
-SESSION_MAX_AGE from its sign-in at most (CLOCK_LEAD less by the clock of the host that signed it in:
-see _fresh), however it is used, and ends when it signs out (or signs in again, which replaces it):
-the cookie is signed, not stored, so the server remembers the random ids of
-sessions ended (support_session_ended) for as long as they could otherwise last, and a copy of an
-ended session's cookie is refused.
+The session keeps the actor and an HMAC of the token keyed with SECRET_KEY (_token_mac), never the
+token itself nor a plain hash of it; on every request it must still match a configured token, so
+removing a token from SUPPORT_TOKENS ends its sessions. Tokens and MACs are compared in constant
+time (app.auth.match_token). A session lasts SESSION_MAX_AGE from its sign-in at most (CLOCK_LEAD
+less by the clock of the host that signed it in: see _fresh), however it is used, and ends when it
+signs out (or signs in again, which replaces it): the cookie is signed, not stored, so the server
+remembers the random ids of sessions ended (support_session_ended) for as long as they could
+otherwise last, and a copy of an ended session's cookie is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import g, jsonify, request, session
+from flask import current_app, g, jsonify, request, session
 from sqlalchemy import Connection
 
 from app.auth import bearer_token, match_token, unauthorized
@@ -38,8 +39,19 @@ SESSION_MAX_AGE = 12 * 3600  # seconds: a working day; then the support form ask
 CLOCK_LEAD = int(MAX_CLOCK_LEAD.total_seconds())
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+# The session's field for the token's MAC. Sessions signed in before it held "digest", a plain SHA-256
+# of the token: they are no sessions any more (signing in again replaces them).
+TOKEN_MAC = "token_mac"
+_MAC_LABEL = b"dunning support session token\0"  # this key's one use besides signing the cookie
+
+
+def _token_mac(token: str) -> str:
+    """What the session holds for its token. The cookie is signed, not encrypted: anyone with a copy
+    reads it. A plain hash there let a leaked cookie check guesses of a weak token offline; keyed with
+    SECRET_KEY (which the cookie's holder does not have), it tells nothing about the token."""
+    key = current_app.secret_key
+    raw = key if isinstance(key, bytes) else str(key or "").encode()
+    return hmac.new(raw, _MAC_LABEL + token.encode(), hashlib.sha256).hexdigest()
 
 
 def _tokens() -> Mapping[str, str]:
@@ -55,14 +67,14 @@ def actor_for_token(token: str | None) -> str | None:
 
 def _session_actor() -> str | None:
     held = session.get(SESSION_KEY)
-    if not isinstance(held, dict) or not isinstance(held.get("digest"), str) or not _fresh(held.get("at")):
+    if not isinstance(held, dict) or not isinstance(held.get(TOKEN_MAC), str) or not _fresh(held.get("at")):
         return None
     tokens = _tokens()
-    by_digest = {_digest(t): t for t in tokens}
-    found = match_token(held["digest"], by_digest)
+    by_mac = {_token_mac(t): t for t in tokens}
+    found = match_token(held[TOKEN_MAC], by_mac)
     if found is None or _ended(held.get("sid")):
         return None
-    return tokens[by_digest[found]]
+    return tokens[by_mac[found]]
 
 
 def _ended(session_id: object) -> bool:
@@ -112,7 +124,7 @@ def sign_in(token: str) -> str | None:
     # Set once recorded: had the database refused, the browser would be signed in (the cookie goes
     # out with the error's answer too) with no sign_in in the audit log.
     session.clear()
-    session[SESSION_KEY] = {"digest": _digest(token), "actor": actor, "csrf": secrets.token_urlsafe(24),
+    session[SESSION_KEY] = {TOKEN_MAC: _token_mac(token), "actor": actor, "csrf": secrets.token_urlsafe(24),
                             "at": int(time.time()), "sid": secrets.token_urlsafe(18)}
     return actor
 
