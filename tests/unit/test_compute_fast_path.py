@@ -48,7 +48,8 @@ attempts = st.builds(
 methods = st.builds(PaymentMethod, id=METHOD_IDS, type=st.just("card"), attached=st.booleans(), changed_at=WHEN,
                     exp_month=st.none() | st.integers(1, 12), exp_year=st.none() | st.sampled_from([2025, 2027]))
 subscriptions = st.builds(Subscription, id=st.sampled_from(["sub_1", "sub_2"]),
-                          status=st.sampled_from(["active", "past_due", "canceled", "incomplete_expired"]),
+                          status=st.sampled_from(["active", "past_due", "canceled", "incomplete_expired", "incomplete",
+                                                  "paused"]),
                           products=st.lists(PRODUCTS, max_size=3).map(tuple))
 retries = st.builds(Retry, invoice_id=INVOICE_IDS, payment_method_id=st.none() | METHOD_IDS,
                     retry_number=st.integers(1, 4), free=st.booleans(),
