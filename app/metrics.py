@@ -66,6 +66,14 @@ INVOICE_LINES = Counter("dunning_invoice_lines_fetched_total",
                         "the whole list first; error)", ["outcome"])
 HISTORY_PRUNED = Counter("dunning_history_pruned_total", "History rows older than HISTORY_RETENTION_DAYS removed, "
                          "by table (app/history/prune.py)", ["table"])
+# Sign-ins at /support/login refused, by why (a fixed set: no token, actor or address in a label): "token"
+# (matches no SUPPORT_TOKENS entry), "cross_origin" (a form another site's page posted: app/support/views.py).
+SIGN_IN_FAILURE_REASONS: Final = ("token", "cross_origin")
+SUPPORT_SIGN_IN_FAILURES = Counter("dunning_support_sign_in_failures_total",
+                                   "Support sign-ins refused (token: matches no support token; cross_origin: "
+                                   "posted from another site's page)", ["reason"])
+for _reason in SIGN_IN_FAILURE_REASONS:  # each served from the start, at 0: a rate of 0 is an answer too
+    SUPPORT_SIGN_IN_FAILURES.labels(reason=_reason)
 TASK_FAILURES = Counter("dunning_task_failures_total", "Task failures by task and failure class",
                         ["task", "failure_class", "action"])
 # Gauges read from the database by the collector at scrape time (see app/api/metrics.py), and by the

@@ -43,6 +43,7 @@ from app.account_urls import query, raw_path, routed_suffix
 from app.db import ValueRejected, unit_of_work, without_quoted_value
 from app.dispatch import BrokerUnavailable, recompute_call, send_many
 from app.domain.triggers import Trigger
+from app.metrics import SUPPORT_SIGN_IN_FAILURES
 from app.money import facts_shown, money, owed
 from app.support import audit
 from app.support.auth import CSRF_HEADER, authenticate, csrf_token, require_support_token, sign_in, sign_out
@@ -397,12 +398,17 @@ def login() -> ResponseReturnValue:
     target = _safe_next(request.form.get("next"))
     if _from_another_origin():
         # Nothing signed in, nothing ended: the browser's own session (if any) stays as it is.
+        SUPPORT_SIGN_IN_FAILURES.labels(reason="cross_origin").inc()
         log.warning("support sign-in refused from %s: sent from another site's page (Sec-Fetch-Site %s, Origin %s)",
                     request.remote_addr, request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin"))
         return render_template("support_login.html", next=target,
                                error="That sign-in was sent from another site's page: sign in here."), 403
     actor = sign_in(request.form.get("token", ""))
     if actor is None:
+        # Seen, never the token: someone trying tokens shows in the log and on a dashboard.
+        SUPPORT_SIGN_IN_FAILURES.labels(reason="token").inc()
+        log.warning("support sign-in failed from %s: the token matches no support token (actor unknown)",
+                    request.remote_addr)
         return render_template("support_login.html", next=target, error="That token is not valid."), 401
     return redirect(target, code=303)  # audited (sign_in) with the session's start, in one transaction
 
