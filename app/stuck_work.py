@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
 from typing import Any
 
 from celery import Celery
@@ -31,10 +30,13 @@ REDRIVE_EVERY_SECONDS = 300
 # same stuck-row id in its task id): its success does not resolve the row.
 DEFERRED = "deferred"
 
+# By the database's clock, which set next_redrive_at (record_stuck, ONE_SQL: now() + 5 minutes): the
+# clock of the host beat's tick runs on may be off it, and a host minutes ahead re-drove a row as
+# soon as it was written, while its task was still retrying itself.
 DUE_SQL = """
-UPDATE subs_stuck_events SET next_redrive_at = %(now)s + make_interval(secs => %(every)s)
+UPDATE subs_stuck_events SET next_redrive_at = now() + make_interval(secs => %(every)s)
  WHERE id IN (SELECT id FROM subs_stuck_events
-               WHERE state = 'retrying' AND next_redrive_at <= %(now)s
+               WHERE state = 'retrying' AND next_redrive_at <= now()
                ORDER BY next_redrive_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
 RETURNING id, task_name, task_args
 """
@@ -77,9 +79,10 @@ def _send(celery_app: Celery, stuck_id: int, task_name: str, task_args: dict[str
         return False
 
 
-def redrive_due(engine: Engine, celery_app: Celery, now: datetime, limit: int = 200) -> dict[str, int]:
+def redrive_due(engine: Engine, celery_app: Celery, limit: int = 200) -> dict[str, int]:
+    """Send again the retrying rows whose re-drive time came, by the database's clock (DUE_SQL)."""
     with unit_of_work(engine) as conn:
-        rows = conn.exec_driver_sql(DUE_SQL, {"now": now, "every": REDRIVE_EVERY_SECONDS, "limit": limit}).fetchall()
+        rows = conn.exec_driver_sql(DUE_SQL, {"every": REDRIVE_EVERY_SECONDS, "limit": limit}).fetchall()
     sent = sum(1 for r in rows if _send(celery_app, int(r[0]), r[1], r[2]))
     return {"due": len(rows), "sent": sent}
 

@@ -166,7 +166,7 @@ def statements(now: datetime) -> dict[str, tuple[str, dict[str, Any] | None]]:
             "ids": [f"evt_{g:010d}" for g in range(99, 100 * redrive.WALK_PER_TICK, 100)], "limit": 5000}),
         "re-drive: due reviews": (redrive.DUE_REVIEWS, {"limit": 5000, "now": now}),
         "re-drive: stale requests": (redrive.STALE_REQUESTS, {"age": 60, "limit": 5000}),
-        "re-drive stuck: due rows": (stuck_work.DUE_SQL, {"now": now, "every": 300, "limit": 200}),
+        "re-drive stuck: due rows": (stuck_work.DUE_SQL, {"every": 300, "limit": 200}),
         "stuck: counts": (stuck_work.COUNTS_SQL, None),
         "stuck: list (GET /ops/stuck-events)": (stuck_work.LIST_SQL, {"state": None, "account": None, "limit": 100}),
         "dispatch: due retries": (retries.DUE_SQL, {"now": now, "limit": 500}),

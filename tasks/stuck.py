@@ -5,7 +5,6 @@ task's tick that succeeds resolves the rows its earlier ticks left (under no acc
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, shared_task
@@ -25,7 +24,7 @@ BEAT_TASKS = frozenset(entry["task"] for entry in BEAT_SCHEDULE.values())
 def redrive_stuck(self: Task) -> dict[str, Any]:
     rt = runtime_for(self.app)
     try:
-        report = redrive_due(rt.engine, self.app, datetime.now(UTC))
+        report = redrive_due(rt.engine, self.app)
         with rt.engine.connect() as conn:
             report.update(counts(conn))  # also sets the stuck-events gauges
     except Exception as exc:
