@@ -16,12 +16,16 @@ from flask.testing import FlaskClient
 from tests.conftest import SUPPORT_TOKEN, Accounts
 
 
+def serializer_of(app: Flask) -> Any:
+    """The app's own cookie serializer (Flask's SecureCookieSessionInterface)."""
+    return app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+
+
 def held(app: Flask, client: FlaskClient) -> dict[str, Any]:
     """What the browser's session cookie holds, as anyone holding a copy can read it."""
     cookie = client.get_cookie("session")
     assert cookie is not None
-    serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
-    data: dict[str, Any] = serializer.loads(cookie.value)
+    data: dict[str, Any] = serializer_of(app).loads(cookie.value)
     return data
 
 
@@ -65,8 +69,7 @@ def test_a_session_holding_a_plain_hash_of_the_token_needs_a_new_sign_in(flask_a
     session = held(flask_app, client)["support"]
     old = {"digest": hashlib.sha256(SUPPORT_TOKEN.encode()).hexdigest(), "actor": session["actor"],
            "csrf": session["csrf"], "at": int(time.time()), "sid": session["sid"] + "-old"}
-    serializer = flask_app.session_interface.get_signing_serializer(flask_app)  # type: ignore[attr-defined]
-    client.set_cookie("session", serializer.dumps({"support": old}))
+    client.set_cookie("session", serializer_of(flask_app).dumps({"support": old}))
     refused = client.get(page)
     assert refused.status_code == 401 and 'name="token"' in refused.get_data(as_text=True)
     assert client.post("/support/login", data={"token": SUPPORT_TOKEN, "next": page}).status_code == 303
