@@ -40,8 +40,14 @@ def stuck_events() -> ResponseReturnValue:
     limit = _limit(100)
     if limit is None:
         return _bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    # An account id is any text, "" too (README "Account ids in URLs"): ?account_id= is the account "",
+    # as the support page's ?id= is; only no account_id at all lists every account's work.
+    named = request.args.getlist("account_id")
+    if len(named) > 1:
+        return _bad_request("name the account once, as account_id=<account id> (query-encoded)")
+    account_id = named[0] if named else None
     with runtime().engine.connect() as conn:
-        items = stuck_work.list_stuck(conn, state, request.args.get("account_id") or None, limit)
+        items = stuck_work.list_stuck(conn, state, account_id, limit)
         totals = stuck_work.counts(conn)
     return jsonify(counts=totals, stuck_events=items)
 
