@@ -284,11 +284,13 @@ def account_of(engine: Engine, query: str, row_id: int) -> str | None:
 
 
 def resolve_stuck(engine: Engine, task_name: str, account_id: str | None, args: dict[str, Any] | None = None) -> None:
-    """The task's rows for the account (only those of ``args``, when given) are resolved."""
+    """The task's rows for the account (only those of ``args``, when given) are resolved. A row of
+    ``args`` may name more (a killed run's, kept by name with its bookkeeping: a settlement's
+    ``waited``): it is the same work's."""
     with unit_of_work(engine) as conn:
         conn.exec_driver_sql(
             "UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now() "
             "WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s AND state <> 'resolved' "
-            "AND (%(args)s::jsonb IS NULL OR task_args = %(args)s::jsonb)",
+            "AND (%(args)s::jsonb IS NULL OR task_args @> %(args)s::jsonb)",
             {"task": task_name, "account": account_id, "args": Json(args) if args is not None else None},
         )

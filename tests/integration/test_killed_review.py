@@ -12,7 +12,7 @@ from celery.signals import task_failure
 import tasks.killed
 import tasks.payments  # noqa: F401  (registers tasks.retry_payment)
 from app.payments.retries import claim_due
-from tasks.bad_debt import RECONCILE
+from tasks.bad_debt import RECONCILE, SETTLE
 from tests.fakes import fake_stripe as outcomes
 from tests.integration.bad_debt_setup import key, pay
 from tests.integration.dunning_setup import failed_invoice
@@ -155,3 +155,26 @@ def test_a_payment_retry_delivered_again_after_its_refusal_leaves_the_dead_row(c
     assert task.apply(args=[retry_id]).get()["outcome"] == "done"
     assert [r["state"] for r in rows(engine, "tasks.retry_payment") if r["task_args"] == {"retry_id": retry_id}] \
         == ["dead"]
+
+
+def test_a_killed_settlement_that_waited_its_turn_is_resolved_by_the_settlement_that_succeeds(
+        client, engine, debtor, stripe_fake, celery_app):
+    """A settlement that found another of its account running is sent again with how often it waited
+    (``waited``), and a run of it killed for good is a dead row keeping those arguments by name. The
+    beat sweep's settlement that settled the payment resolved only the rows named {"payment_id": id}
+    exactly: that dead row stayed, listed as a settlement given up, for a payment settled."""
+    from tests.integration.test_bad_debt_settle_review import charged_payment
+
+    payment_id = charged_payment(client, debtor)
+    task = celery_app.tasks[SETTLE]
+    task_failure.send(sender=task, task_id="t-lost-waiting", exception=WorkerLostError("Worker exited prematurely"),
+                      args=[payment_id], kwargs={"waited": 3})
+    [row] = [r for r in rows(engine, SETTLE) if r["task_args"].get("payment_id") == payment_id]
+    assert (row["task_args"], row["state"]) == ({"payment_id": payment_id, "waited": 3}, "dead")
+    try:
+        result = task.apply(args=[payment_id])  # the beat sweep's settlement, sent afresh
+        assert result.get()["outcome"] == "settled", result.get()
+    finally:
+        celery_app.control.purge()
+    assert [r["state"] for r in rows(engine, SETTLE) if r["task_args"].get("payment_id") == payment_id] \
+        == ["resolved"]
