@@ -47,9 +47,12 @@ SELECT r.account_id, r.invoice_id, r.payment_method_id, r.idempotency_key, r.sta
        i.status, i.amount_remaining, d.status, d.next_retry_at, d.retry_invoice_id, d.reasons, d.failure_class,
        -- Whether the mirror holds an attempt on the invoice later than the latest it held at the claim.
        -- Stripe's times against Stripe's (see CLAIM_SQL): never against the claim's own time, which
-       -- is beat's clock, not Stripe's.
+       -- is beat's clock, not Stripe's. An attempt linked to no invoice (charge.failed and
+       -- payment_intent.payment_failed name none since API 2025-03-31: the invoice's own intent declined
+       -- on the hosted page or by Stripe's retry) of the invoice's customer counts as the invoice's.
        EXISTS (SELECT 1 FROM stripe_payment_attempt a
-                WHERE a.invoice_id = r.invoice_id
+                WHERE (a.invoice_id = r.invoice_id
+                       OR (a.invoice_id IS NULL AND a.stripe_customer_id = i.stripe_customer_id))
                   AND (r.attempts_seen_until IS NULL OR a.attempted_at > r.attempts_seen_until)),
        -- The customer's default card as the mirror has it now, unless the mirror knows it removed or
        -- expired (compute plans on another card then: retry_cadence); and whether it changed since the

@@ -61,7 +61,10 @@ SELECT count(*) FROM payment_retry
 # decision, which no longer plans it, and skipped at every tick).
 #
 # The claim records what the mirror holds of Stripe's side, by Stripe's clock: the invoice's latest
-# attempt and its customer's latest default-card change. The worker stops the charge when the mirror
+# attempt (linked to it, or to no invoice yet: since API 2025-03-31 a charge or intent names no invoice,
+# so the invoice's own intent, declined again on the hosted page or by Stripe's own retry, is linked only
+# once paid, if ever; any unlinked attempt of the invoice's customer counts) and its customer's latest
+# default-card change. The worker stops the charge when the mirror
 # holds a later one (app/payments/pay.py ROW_SQL): compared with the claim's own time (beat's clock),
 # a payment or card change Stripe made just after the claim looked older on a beat host ahead of Stripe.
 # And the claimed card's latest change: a retry claimed knowing of it tried the card after it
@@ -72,7 +75,10 @@ INSERT INTO payment_retry (account_id, invoice_id, payment_method_id, retry_numb
                            default_change_seen_at, method_change_seen_at)
 VALUES (%(account)s, %(invoice)s, %(method)s, %(number)s, %(free)s, %(key)s, %(scheduled)s, 'dispatched',
         %(now)s, %(now)s,
-        (SELECT max(a.attempted_at) FROM stripe_payment_attempt a WHERE a.invoice_id = %(invoice)s),
+        (SELECT max(a.attempted_at) FROM stripe_payment_attempt a
+          WHERE a.invoice_id = %(invoice)s
+             OR (a.invoice_id IS NULL AND a.stripe_customer_id = (SELECT i.stripe_customer_id FROM stripe_invoice i
+                                                                   WHERE i.id = %(invoice)s))),
         (SELECT s.changed_at FROM stripe_invoice i JOIN stripe_customer_state s USING (stripe_customer_id)
           WHERE i.id = %(invoice)s),
         (SELECT m.changed_at FROM stripe_payment_method m WHERE m.id = %(method)s))

@@ -329,9 +329,10 @@ def test_two_stuck_retries_of_one_account_keep_a_stuck_row_each(client, accounts
     with engine.begin() as conn:  # another retry of the account (how it came is beside the point here)
         second = conn.exec_driver_sql(
             "INSERT INTO payment_retry (account_id, invoice_id, payment_method_id, retry_number, free, "
-            "idempotency_key, scheduled_for, state, created_at, updated_at) "
+            "idempotency_key, scheduled_for, state, created_at, updated_at, attempts_seen_until) "
             "SELECT account_id, invoice_id, payment_method_id, retry_number, free, idempotency_key || ':2', "
-            "scheduled_for, state, created_at, updated_at FROM payment_retry WHERE id = %(id)s RETURNING id",
+            "scheduled_for, state, created_at, updated_at, attempts_seen_until "
+            "FROM payment_retry WHERE id = %(id)s RETURNING id",
             {"id": first}).scalar_one()
     task = celery_app.tasks["tasks.retry_payment"]
     give_up = POLICIES[FailureKind.REMOTE_UNAVAILABLE].max_retries
