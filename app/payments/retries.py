@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 # invoice a bad-debt payment in flight covers: the account's own is held by compute already, but
 # one the old account made before the move is not the owner's to see, and both would collect the
 # invoice. Once that payment has ended, the decision, still due, is dispatched.
+#
+# Nor is a decision claimed while a recompute of its account is pending (a webhook stored since the
+# decision, not yet recomputed: a recompute backlog, the account's lock held): the mirror holds what it
+# did not know, and the claim records the mirror's latest attempt and default-card change as the ones
+# the decision saw (CLAIM_SQL), so the worker's checks would let through the customer's hosted-page
+# decline or Stripe's own retry of seconds ago, and charge the card again right after it. A skipped row
+# (the worker found such an attempt after the claim) is re-armed from the stale decision the same way at
+# the next tick otherwise. The recompute that takes the request replans (spacing its retry after that
+# charge), and the decision is claimed then if still due. A parked request (its recompute given up as
+# dead: tasks/failures.py PARK_REQUEST) holds nothing.
 DUE_SQL = """
 SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free, d.next_retry_at
   FROM subs_dunning d
@@ -43,6 +53,8 @@ SELECT d.account_id, d.retry_invoice_id, d.retry_payment_method_id, d.retry_free
                       AND r.free = d.retry_free
                       AND (NOT r.free OR r.payment_method_id IS NOT DISTINCT FROM d.retry_payment_method_id)
                       AND r.state <> 'skipped')
+   AND NOT EXISTS (SELECT 1 FROM recompute_request q
+                    WHERE q.account_id = d.account_id AND q.parked_touch IS DISTINCT FROM q.touched_at)
  ORDER BY d.next_retry_at
  LIMIT %(limit)s
 """

@@ -28,6 +28,15 @@ def retries(engine: Engine, account: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+def recompute_pending(engine: Engine, account: str) -> bool:
+    """Whether a recompute of the account is requested and not yet run (dispatch claims none of its
+    retries meanwhile: app/payments/retries.py DUE_SQL)."""
+    with engine.connect() as conn:
+        return bool(conn.exec_driver_sql(
+            "SELECT EXISTS (SELECT 1 FROM recompute_request WHERE account_id = %(a)s "
+            "AND parked_touch IS DISTINCT FROM touched_at)", {"a": account}).scalar())
+
+
 def failed_invoice(client: FlaskClient, engine: Engine, account: str, customer: str, decline: str,
                    days_ago: float = 2, amount: int = 5000) -> str:
     """An open invoice whose payment failed ``days_ago`` with ``decline``; waits for the recompute."""

@@ -15,7 +15,7 @@ from freezegun import freeze_time
 
 from tests.conftest import post_event, wait_for
 from tests.fakes import fake_stripe as outcomes
-from tests.integration.dunning_setup import dunning_row, failed_invoice, retries
+from tests.integration.dunning_setup import dunning_row, failed_invoice, recompute_pending, retries
 from tests.integration.journey_views import dunning, support_recompute
 from tests.integration.test_journeys_retries import invoice_event
 from tests.integration.test_mirror_filing import move
@@ -322,7 +322,9 @@ def test_a_retry_claimed_for_the_old_account_is_not_charged_after_the_move(clien
         assert fake_stripe.pay_requests(invoice) == []
         assert "another account" in retries(engine, old)[0]["error"]
         refile(celery_app)
-        wait_for(lambda: due(client, new, at), message="the new account plans the retry")
+        # (and the refile's recompute of it has run: dispatch claims nothing while one is pending)
+        wait_for(lambda: due(client, new, at) and not recompute_pending(engine, new),
+                 message="the new account plans the retry")
         celery_app.send_task("tasks.dispatch_due_retries")
         wait_for(lambda: [(r["id"], r["state"]) for r in retries(engine, new)] == [(claimed, "failed")],
                  message="the same attempt re-armed and charged for the new account")

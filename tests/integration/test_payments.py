@@ -16,7 +16,14 @@ from app.payments.stripe_client import make_stripe_client
 from app.recompute.service import run_recompute
 from tests.conftest import post_event, wait_for
 from tests.fakes import fake_stripe as stripe_outcomes
-from tests.integration.dunning_setup import dunning_row, failed_invoice, method_attached, paid, retries
+from tests.integration.dunning_setup import (
+    dunning_row,
+    failed_invoice,
+    method_attached,
+    paid,
+    recompute_pending,
+    retries,
+)
 from tests.stripe_events import event
 
 pytestmark = pytest.mark.worker
@@ -333,6 +340,9 @@ def test_a_claimed_retry_never_sent_within_the_guard_window_is_skipped_replanned
                              "updated_at = updated_at - interval '35 minutes' WHERE id = %(id)s", {"id": retry_id})
     assert claim_due(engine, datetime.now(UTC)) == []  # too old to send again as it was
 
+    dispatch(celery_app)  # skips it and requests the account's recompute, which nothing is claimed before
+    wait_for(lambda: [r["state"] for r in retries(engine, account)] == ["skipped"]
+             and not recompute_pending(engine, account), message="skipped and recomputed")
     dispatch(celery_app)
     (row,) = wait_for(lambda: [r for r in retries(engine, account) if r["state"] == "sent"], message="retry sent")
     assert row["id"] == retry_id and row["retry_number"] == 1

@@ -87,3 +87,40 @@ def test_a_decline_on_the_hosted_page_just_after_the_claim_stops_the_retry(clien
     assert row["state"] == "skipped" and "newer payment attempt" in row["error"], row
     assert fake_stripe.pay_requests(invoice) == []
 
+
+def test_a_retry_waits_for_the_recompute_of_a_decline_the_decision_did_not_know_of(client, accounts, engine,
+                                                                                  runtime, fake_stripe):
+    """The customer's hosted-page decline is in the mirror, its recompute still pending, when beat ticks
+    (the claim would record that attempt as one the decision saw, and the worker let it through): the
+    retry is not claimed. The recompute spaces it after that decline, and it is charged on its new day."""
+    account, customer, invoice, intent = retry_due(client, accounts, engine, runtime)
+    declined_at = int(time.time())
+    with recompute_held(engine, account):
+        assert post_event(client, declined(customer, intent, declined_at)).status_code == 200
+        claimed = claim_due(engine, datetime.now(UTC) + timedelta(seconds=30))
+        assert claimed == []
+    assert fake_stripe.pay_requests(invoice) == [] and retries(engine, account) == []
+
+    run_recompute(engine, runtime.policy, account, "STATE_REFRESH", datetime.now(UTC))
+    due = dunning_row(engine, account)["next_retry_at"]
+    assert due >= datetime.fromtimestamp(declined_at, UTC) + timedelta(days=1), due  # its gap after that charge
+    assert claim_due(engine, datetime.now(UTC) + timedelta(seconds=30)) == []
+    (retry_id,) = claim_due(engine, due + timedelta(seconds=30))
+    assert charge(engine, runtime, retry_id, due - datetime.now(UTC) + timedelta(seconds=40)) == "sent"
+    assert len(fake_stripe.pay_requests(invoice)) == 1
+
+
+def test_a_retry_skipped_for_a_newer_attempt_is_not_claimed_again_before_the_recompute(client, accounts, engine,
+                                                                                      runtime, fake_stripe):
+    """The worker skipped the claimed retry for the hosted-page decline after it; the next tick comes
+    before the account's recompute: the stale decision still says due under the same key, and the
+    skipped row is not re-armed from it (it would record the decline as seen and be charged)."""
+    account, customer, invoice, intent = retry_due(client, accounts, engine, runtime)
+    (retry_id,) = claim_due(engine, datetime.now(UTC))
+    with recompute_held(engine, account):
+        assert post_event(client, declined(customer, intent, int(time.time()) + 5)).status_code == 200
+        assert charge(engine, runtime, retry_id, timedelta(seconds=40)) == "skipped"
+        assert claim_due(engine, datetime.now(UTC) + timedelta(seconds=60)) == []
+        assert charge(engine, runtime, retry_id, timedelta(seconds=70)) == "done"
+    assert [r["state"] for r in retries(engine, account)] == ["skipped"]
+    assert fake_stripe.pay_requests(invoice) == []
