@@ -403,7 +403,9 @@ def login() -> ResponseReturnValue:
                     request.remote_addr, request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin"))
         return render_template("support_login.html", next=target,
                                error="That sign-in was sent from another site's page: sign in here."), 403
-    actor = sign_in(request.form.get("token", ""))
+    # Blanks around a pasted token dropped, as around a bearer token (app/auth.py): a configured token
+    # holds no whitespace (app/config.py refuses one), so nothing else can match.
+    actor = sign_in(request.form.get("token", "").strip())
     if actor is None:
         # Seen, never the token: someone trying tokens shows in the log and on a dashboard.
         SUPPORT_SIGN_IN_FAILURES.labels(reason="token").inc()
