@@ -40,6 +40,7 @@ from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import mirror_rows
 from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, run_pass
 from app.runtime import Runtime
+from tasks.failures import FailureKind, classify
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,24 @@ def _ask(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice_i
         if about_the_invoice(exc):  # not asked again
             _record(rt, celery_app, invoice_id, customer, failed_at, None)
         return not ends
-    known = _known_failure(rt, intent) if intent is not None else None
-    if known is not None and known.linked_to == invoice_id:
-        intent = None  # an older failure, already filed here: nothing new
-    _record(rt, celery_app, invoice_id, customer, failed_at, intent, link_only=known is not None)
+    try:
+        known = _known_failure(rt, intent) if intent is not None else None
+        if known is not None and known.linked_to == invoice_id:
+            intent = None  # an older failure, already filed here: nothing new
+        _record(rt, celery_app, invoice_id, customer, failed_at, intent, link_only=known is not None)
+    except Exception as exc:
+        # An answer the mirror cannot store (a value the database refuses, a shape it cannot read)
+        # costs this failure only: asked about once, as an invoice Stripe does not know. Raised, it
+        # failed the whole pass, and the oldest failure is asked about first at every pass: none
+        # behind it was ever explained. The database's own failures (and bugs) are the pass's.
+        if classify(exc) is not FailureKind.INVALID_DATA:
+            raise
+        report.errors += 1
+        metrics.ATTEMPT_DETAIL.labels("error").inc()
+        log.exception("the attempt detail of invoice %s from Stripe could not be stored: not asked again; "
+                      "the pass goes on", invoice_id)
+        _record(rt, celery_app, invoice_id, customer, failed_at, None)
+        return True
     if intent is None:
         report.none += 1
     else:
