@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 from app.recompute.observe import observe, observe_failure
 from app.recompute.service import run_recompute
@@ -46,16 +46,20 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
             record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying",
                          per_args=per_args)
         countdown = policy.countdown(retries, getattr(exc, "retry_after", None))
-        count_failure(task.name, kind, "retry")
         log.warning("%s for %s failed (%s), retry %d in %.1fs", task.name, account_id, kind, retries + 1, countdown)
         try:
             raise task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
+        except Retry:
+            count_failure(task.name, kind, "retry")
+            raise
         except Reject as not_sent:
             # Celery could not publish the retry (the broker refused it) and has the worker drop this
             # message: the work is kept as a retrying row for beat to re-drive (the first failure has
             # none yet), or, with nowhere to write one either, the message goes back on the queue.
             recorded = record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, "retrying",
                                     per_args=per_args)
+            # Left for beat: not a retry of the task's own (requeued, it is one all the same).
+            count_failure(task.name, kind, "retrying" if recorded else "retry")
             log.error("%s for %s: its retry was not sent (%s): %s", task.name, account_id, not_sent.reason,
                       "left for beat" if recorded else "requeued")
             raise Reject(not_sent.reason, requeue=not recorded) from exc

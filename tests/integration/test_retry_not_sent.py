@@ -78,3 +78,25 @@ def test_a_retry_not_sent_and_not_recorded_goes_back_on_the_queue(settings, acco
         with pytest.raises(Reject) as rejected:
             run_as_worker(task, ["acct-support", "NINJAPANEL_BUTTON", "support:ana"], retries=retries)
         assert rejected.value.requeue, retries
+
+
+def failures_counted(task: str, kind: FailureKind, action: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("dunning_task_failures_total",
+                                     {"task": task, "failure_class": kind.value, "action": action}) or 0.0
+
+
+def test_a_failure_whose_retry_is_not_sent_counts_as_left_for_beat(celery_app, accounts, engine, lock_contention,
+                                                                   broker_refuses):
+    """dunning_task_failures_total's action says what became of the work: ``retry`` the task retries
+    itself, ``retrying`` beat re-drives it. A retry the broker refused is not the task's own: its
+    work is a retrying row for beat. It counted as ``retry``, so an alert on work left to beat
+    missed it."""
+    account, _ = accounts.create()
+    task, kind = "tasks.recompute_account", FailureKind.LOCK_CONTENTION
+    before = {action: failures_counted(task, kind, action) for action in ("retry", "retrying")}
+    with pytest.raises(Reject):
+        run_as_worker(celery_app.tasks[task], [account, "NINJAPANEL_BUTTON", "support:ana"])
+    assert {action: failures_counted(task, kind, action) - n for action, n in before.items()} == \
+        {"retry": 0, "retrying": 1}
