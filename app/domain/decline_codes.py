@@ -52,6 +52,14 @@ DECLINE_CODES: dict[str, FailureClass] = {
     "invalid_expiry_month": ACTION,
     "invalid_expiry_year": ACTION,
     "testmode_decline": ACTION,
+    # The issuer does not allow this kind of charge on the card (online, recurring, foreign, this
+    # merchant category): Stripe's next step is the customer contacting the issuer, and the networks
+    # class them as declines never to be approved as they are (Visa's category 1, response code 57),
+    # whose retries draw penalties. Retried on a timer they fail every time; the customer must act
+    # (lift the block, or give another method).
+    "not_permitted": ACTION,
+    "service_not_allowed": ACTION,
+    "transaction_not_allowed": ACTION,
     # retry later on the same method
     "insufficient_funds": TRANSIENT,
     "processing_error": TRANSIENT,
@@ -65,9 +73,6 @@ DECLINE_CODES: dict[str, FailureClass] = {
     "call_issuer": TRANSIENT,
     "approve_with_id": TRANSIENT,
     "duplicate_transaction": TRANSIENT,
-    "not_permitted": TRANSIENT,
-    "service_not_allowed": TRANSIENT,
-    "transaction_not_allowed": TRANSIENT,
     "invalid_amount": TRANSIENT,
 }
 

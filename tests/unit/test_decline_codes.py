@@ -42,6 +42,11 @@ from app.domain.state import FailureClass as FC
         ("authentication_not_handled", None, None, FC.ACTION_REQUIRED),
         ("mobile_device_authentication_required", None, None, FC.ACTION_REQUIRED),
         ("incorrect_address", None, None, FC.ACTION_REQUIRED),
+        # the issuer does not allow this kind of charge on the card (Visa's never-approve category 1,
+        # response 57): retrying on a timer fails every time and draws network penalties
+        ("transaction_not_allowed", None, None, FC.ACTION_REQUIRED),
+        ("not_permitted", None, None, FC.ACTION_REQUIRED),
+        ("service_not_allowed", None, None, FC.ACTION_REQUIRED),
         # the network's advice tightens what the decline code suggests, never loosens it
         ("generic_decline", None, "do_not_try_again", FC.PERMANENT),
         ("insufficient_funds", None, "confirm_card_data", FC.ACTION_REQUIRED),
