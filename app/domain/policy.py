@@ -287,8 +287,12 @@ def parse_policy(data: Mapping[str, Any]) -> Policy:
             "must be ordered from the most severe level down (first match wins)")
     _check_reachable(rules)
     upgrade_max = consequences.get("upgrade_max_level", Level.RESTRICT_PREMIUM.value)
-    _expect(_named(upgrade_max, {lvl.value for lvl in Level}) and upgrade_max != Level.SUSPENDED.value,
-            "consequences.upgrade_max_level", "must be a level below suspended (an upgrade never makes bad debt)")
+    # Below suspended: an upgrade never makes bad debt. Above none, as a rule's level: an unpaid upgrade
+    # at none would be past due with full access and nobody told.
+    _expect(_named(upgrade_max, {lvl.value for lvl in Level})
+            and upgrade_max not in (Level.SUSPENDED.value, Level.NONE.value),
+            "consequences.upgrade_max_level", "must be a level from notice to limited, below suspended (an upgrade "
+            "never makes bad debt) and not none (the level of nothing unpaid: an unpaid upgrade is at least at notice)")
 
     products_section = data.get("products", {})
     _expect(isinstance(products_section, Mapping), "products", "must be a table")

@@ -117,7 +117,7 @@ def policies(draw: st.DrawFn) -> Policy:
                                                            st.integers(0, 20_000), min_size=1))
             rules.append({"level": level, "when": when})
     consequences = {"small_balance_threshold": draw(st.integers(0, 3000)),
-                    "upgrade_max_level": draw(st.sampled_from(["none", "notice", "restrict_premium", "limited"])),
+                    "upgrade_max_level": draw(st.sampled_from(["notice", "restrict_premium", "limited"])),
                     "rules": rules or [{"level": "notice", "when": {}}]}
     while True:
         try:

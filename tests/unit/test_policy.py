@@ -116,6 +116,7 @@ def test_the_bounds_admit_the_largest_sensible_values():
         (lambda d: d["consequences"]["rules"][1]["when"].update(min_dayz=3), "consequences.rules[1].when", "unknown"),
         (lambda d: d["consequences"]["rules"].reverse(), "consequences.rules", "most severe"),
         (lambda d: d["consequences"].update(upgrade_max_level="suspended"), "consequences.upgrade_max_level", "below"),
+        (lambda d: d["consequences"].update(upgrade_max_level="none"), "consequences.upgrade_max_level", "not none"),
         (lambda d: d["products"]["catalog"].update(prod_x="gold"), "products.catalog.prod_x", "core"),
         (lambda d: d["guard"].update(window_minutes=0), "guard.window_minutes", "at least 1"),
     ],
