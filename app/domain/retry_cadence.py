@@ -313,8 +313,12 @@ def _plan(
     passed_over: set[str] = set()
     while found is not None:
         new_method, changed_at = found
-        # A free retry skipped unsent (dispatched too long ago, say) was not used.
-        used_free = any(r.free and r.charged and r.created_at >= changed_at for r in retries)
+        # A free retry skipped unsent (dispatched too long ago, say) was not used. One charged since the
+        # change was (cards changed together earn one): claimed after it, or knowing of its card's change
+        # at or after it (Stripe's clock, as _tried_since reads it: on a beat host behind Stripe the free
+        # retry on the second of two cards added a minute apart was timed before the first card's change).
+        used_free = any(r.free and r.charged and (r.created_at >= changed_at or (
+            r.method_change_seen_at is not None and r.method_change_seen_at >= changed_at)) for r in retries)
         if used_free:
             break
         due = max(changed_at, since)

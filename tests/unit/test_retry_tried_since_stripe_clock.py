@@ -44,3 +44,39 @@ def test_a_retry_claimed_before_the_card_update_leaves_it_its_free_retry():
     """The claim knew only an older change of the card: the update came after it, and earns its retry."""
     decision = compute(_declined_after_the_update(seen_days_ago=100), POLICY, NOW)
     assert (decision.state.retry_payment_method_id, decision.state.retry_free) == ("pm_1", True), decision.reasons
+
+
+def _second_new_card_declined(claimed_minutes_ago: float, seen_minutes_ago: float | None = 9):
+    """Renewal declined on pm_1 two days ago; the customer added pm_a 10 minutes ago and pm_b 9 minutes
+    ago, made pm_b the default, and pm_b's free retry was declined 8.5 minutes ago (its charge mirrored,
+    Stripe's clock); beat claimed it ``claimed_minutes_ago`` by its own clock. ``seen_minutes_ago``:
+    pm_b's change the mirror held at the claim."""
+    from app.domain.snapshot import Charge
+
+    charges = (Charge("ch_1", "pm_1", days(2)), Charge("ch_2", "pm_b", days(8.5 * MINUTE)))
+    intent = attempt("pi_1", "in_1", days_ago=8.5 * MINUTE, pm="pm_b", charges=charges)
+    free = replace(retry("in_1", 1, days_ago=claimed_minutes_ago * MINUTE, free=True, state="failed", pm="pm_b"),
+                   method_change_seen_at=days(seen_minutes_ago * MINUTE) if seen_minutes_ago is not None else None)
+    cards = (method("pm_1", changed_days_ago=100), method("pm_a", changed_days_ago=10 * MINUTE),
+             method("pm_b", changed_days_ago=9 * MINUTE))
+    return snapshot(invoice(failed_days_ago=2), attempts=(intent,), retries=(free,), payment_methods=cards,
+                    default_payment_method_id="pm_b", default_payment_method_changed_at=days(9 * MINUTE))
+
+
+def test_two_cards_added_together_earn_one_free_retry_whatever_beats_clock():
+    """The free retry on pm_b was claimed after both cards were added; on a beat host 2 minutes behind
+    Stripe its claim is timed 10.5 minutes ago, "before" pm_a was added: pm_a earns no second free
+    retry right after pm_b's decline, as on a host whose clock agrees with Stripe's."""
+    for claimed in (8.6, 10.5):  # beat's clock right, then 2 minutes behind Stripe's
+        decision = compute(_second_new_card_declined(claimed), POLICY, NOW)
+        assert "retry.new_method" not in [r.rule for r in decision.reasons], (claimed, decision.reasons)
+        assert not decision.state.retry_free and decision.state.retry_payment_method_id == "pm_b", claimed
+
+
+def test_a_card_added_after_the_free_retry_was_claimed_earns_its_own():
+    """pm_a added after the claim (its change later than pm_b's that the claim knew of): its own free retry."""
+    snap = _second_new_card_declined(10.5)
+    snap = replace(snap, payment_methods=(*snap.payment_methods[:1], method("pm_a", changed_days_ago=MINUTE),
+                                          snap.payment_methods[2]))
+    decision = compute(snap, POLICY, NOW)
+    assert (decision.state.retry_payment_method_id, decision.state.retry_free) == ("pm_a", True), decision.reasons
