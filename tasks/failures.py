@@ -234,7 +234,7 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
     parked in the same transaction if still that version (see PARK_REQUEST). False when the row
     could not be written for a reason that passes (the database down or busy: often the very failure
     being recorded); the caller then keeps the work some other way. Any other error is logged."""
-    error = error.replace("\x00", "")  # an exception's text may hold what PostgreSQL's text cannot
+    error = storable_text(error)
     try:
         with unit_of_work(engine) as conn:
             # One writer at a time per task and account: two give-ups at once (two workers, a
@@ -270,6 +270,15 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
         log.exception("could not record stuck work for %s %s", task_name, account_id)
         return classify(exc) not in PASSING
     return True
+
+
+def storable_text(text: str) -> str:
+    """An error's text as PostgreSQL's text takes it: it may hold what a remote side sent (a Stripe
+    error's message, a proxy's answer before it): a NUL character, which PostgreSQL refuses, or a
+    lone surrogate (JSON's "\\ud83d", which json.loads keeps), which has no UTF-8 for psycopg2 to
+    send: the whole row was lost, and record_stuck answered "recorded" all the same. Both are kept
+    visible as escapes, as the outbox keeps an answer's (app/outbox/relay.py storable)."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def account_of(engine: Engine, query: str, row_id: int) -> str | None:

@@ -85,3 +85,28 @@ def test_a_dead_recompute_shows_the_database_error_without_the_values(celery_app
     assert "parameters" not in error and "DETAIL" not in error, error
     # what failed is still there: the driver's error and its SQLSTATE
     assert any(code in error for code in ("23505", "23502", "22P02", "42601")), error
+
+
+@pytest.mark.parametrize("text", ["a lone surrogate \ud83d from the answer", "a NUL \x00 byte in the answer"])
+def test_a_give_up_whose_error_text_the_database_cannot_take_is_still_recorded(celery_app, accounts, engine, text):
+    """An error's text holds what a remote side sent (a Stripe error's message, a proxy's answer
+    before it): a lone surrogate (JSON's "\\ud83d", which json.loads keeps) has no UTF-8, so
+    psycopg2 could not send the row, and record_stuck, taking that for a failure that does not pass,
+    answered "recorded": the task gave up as dead with no row, its work dropped, seen nowhere. The
+    text is kept with the character escaped, as the outbox keeps an answer's (app/outbox/relay.py)."""
+    import tasks.recompute  # noqa: F401  (registers the task)
+    from tasks.failures import FailureKind, TaskFailure
+    from tasks.recompute import handle_failure
+
+    account, _ = accounts.create()
+    task = celery_app.tasks["tasks.recompute_account"]
+    refused = TaskFailure(FailureKind.PERMANENT_API_ERROR, f"Stripe refused the request: {text}")
+    task.push_request(retries=0, id="t-unsendable-text")
+    try:
+        with pytest.raises(TaskFailure):
+            handle_failure(task, refused, account, {"account_id": account})
+    finally:
+        task.pop_request()
+    state, error_class, error = stuck_error(engine, account)
+    assert (state, error_class) == ("dead", "permanent_api_error")
+    assert error.startswith("TaskFailure: Stripe refused the request: a ") and "the answer" in error, error
