@@ -1,11 +1,12 @@
 """Operators' view of the staged remediation rollout and the payment-flow guard (SERVICE_TOKENS).
 
-GET  /ops/rollout   stage, hold, last gate decision, health, history
+GET  /ops/rollout   stage, hold, last gate decision, health, history, named accounts that do not exist
 POST /ops/rollout   {"action": "advance|hold|rollback|resume", "reason": "...", "actor": "...",
                      "from_stage": "...", "revision": N}  (the stage the change was decided from, required to
                      advance; the revision GET showed, the change then made at that revision only)
                     or {"action": "name", "accounts": [...], "reason": "...", "actor": "...",
-                        "from_stage": "...", "revision": N}  (both optional: the naming made there only)
+                        "from_stage": "...", "revision": N}  (both optional: the naming made there only;
+                        named ids with no account are a warning in the answer, not a refusal)
 GET  /ops/lifting   accounts in lifting longer than the guard window
 
 A change is recorded with the authenticated principal as its actor (g.actor, set by
@@ -58,7 +59,8 @@ def _view(conn: Any, now: datetime) -> dict[str, Any]:
     state = store.read_state(conn)
     health = measure(conn, health_since(state.status, rollout_policy(runtime().policy.extra), now), state.stage,
                      state.stage_revision)
-    return {**state.to_json(), "health": health.to_json(), "history": store.history(conn, 20)}
+    return {**state.to_json(), "named_accounts_missing": store.missing_accounts(conn, state.named_accounts),
+            "health": health.to_json(), "history": store.history(conn, 20)}
 
 
 @bp.get("/ops/rollout")
@@ -118,6 +120,9 @@ def rollout_change() -> ResponseReturnValue:
                 store.change(conn, action, actor, reason, now, requested_by=requested_by, from_stage=from_stage,
                              revision=revision)
             view = _view(conn, now)
+            if action == "name" and view["named_accounts_missing"]:
+                # a warning, not a refusal: an account may be created later (remediated from then on)
+                view["warnings"] = [store.missing_warning(view["named_accounts_missing"])]
     except store.RolloutInputError as exc:  # the store's own input checks (a reason too long)
         return _bad(str(exc))
     except store.RolloutError as exc:  # a change the current state does not allow

@@ -8,9 +8,10 @@ The gate decides from health measured since the current stage was entered (and w
 policy's health window): it advances after the soak time when healthy, steps back when the share
 of remediations that were reverted/re-drifted or the number of errors (distinct accounts the
 sweeps failed on, plus errors not about one account) exceeds the limits, and otherwise holds,
-always with a reason. It never widens from 'named accounts' with nobody named (that stage, like off,
-has tested nothing). A held stage (an operator's hold, or the gate's own after a step back) still
-steps back when breached; it only never advances until someone resumes.
+always with a reason. It never widens from 'named accounts' with nobody named, nor while none of
+the named accounts exists (that stage, like off, has tested nothing). A held stage (an operator's
+hold, or the gate's own after a step back) still steps back when breached; it only never advances
+until someone resumes.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def previous_stage(stage: str) -> str | None:
 def stage_index(stage: str) -> int:
     check_stage(stage)
     return STAGES.index(stage)
+
+
+def shortlist(ids: Collection[str], shown: int = 10) -> str:
+    """Account ids as a short text: the first ``shown`` in order, then how many more."""
+    ordered = sorted(ids)
+    more = len(ordered) - shown
+    return ", ".join(ordered[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def label(stage: str) -> str:
@@ -168,6 +176,8 @@ class RolloutStatus:
     named_accounts: tuple[str, ...] = ()
     # The rollout's revision (one more at every audited change): a decision is about this one only.
     revision: int = 0
+    # The named accounts with no subs_account row (a typo, an account deleted): remediated no one.
+    missing_named: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -246,6 +256,12 @@ def _evaluate(state: RolloutStatus, health: Health, policy: RolloutPolicy, now: 
         # on no evidence would start the rollout by itself, which from off only an operator does.
         return GateDecision("hold", "no named accounts: the named stage has remediated no one; "
                                     "name accounts, or advance by hand")
+    if state.stage == "named" and set(state.named_accounts) <= set(state.missing_named):
+        # Named accounts that do not exist (typos, accounts deleted) exposed no one either: zero
+        # remediations there is no health, only nobody to remediate.
+        return GateDecision("hold", f"none of the named accounts exists ({shortlist(state.missing_named)}: "
+                                    "no subs_account row): the named stage has remediated no one; "
+                                    "name existing accounts, or advance by hand")
     if health.sweeps == 0:
         return GateDecision("hold", f"no completed sweep since {label(state.stage)} began: health unknown")
     if health.remediations < policy.min_remediations:

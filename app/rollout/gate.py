@@ -25,6 +25,7 @@ Health is measured since the later of the stage start and the window start:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import Connection, Engine
@@ -33,7 +34,7 @@ from app import metrics
 from app.db import unit_of_work
 from app.domain.policy import Policy
 from app.domain.rollout import GateDecision, Health, evaluate_gate, health_since, rollout_policy, stage_index
-from app.rollout.store import RolloutRow, change, read_state, record_gate
+from app.rollout.store import RolloutRow, change, missing_accounts, read_state, record_gate
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,11 @@ def check_gate(engine: Engine, policy: Policy, now: datetime) -> tuple[GateDecis
     limits = rollout_policy(policy.extra)
     with unit_of_work(engine) as conn:
         state = read_state(conn, for_update=True)
-        health = measure(conn, health_since(state.status, limits, now), state.stage, state.stage_revision)
-        decision = evaluate_gate(state.status, health, limits, now)
+        status = state.status
+        if state.stage == "named":  # named ids with no account exposed no one: the gate holds there
+            status = replace(status, missing_named=tuple(missing_accounts(conn, state.named_accounts)))
+        health = measure(conn, health_since(status, limits, now), state.stage, state.stage_revision)
+        decision = evaluate_gate(status, health, limits, now)
         if decision.action in ("advance", "rollback"):
             # decided at the revision read under this lock: never a second step from a stage left
             # meanwhile, nor a step on a later visit of the same stage

@@ -10,6 +10,7 @@ made at that revision only, so never on a later visit of the same stage (left an
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from psycopg2.extras import Json
 from sqlalchemy import Connection
 
-from app.domain.rollout import STAGES, RolloutStatus, label, next_stage, previous_stage
+from app.domain.rollout import STAGES, RolloutStatus, label, next_stage, previous_stage, shortlist
 
 ACTIONS = ("advance", "hold", "rollback", "resume")
 
@@ -320,6 +321,26 @@ def set_named_accounts(conn: Connection, accounts: list[str], actor: str | None,
         detail["stage_entered_at"] = now.isoformat()
     _audit(conn, "name_accounts", before.stage, before.stage, actor, reason, now, detail, requested_by, made)
     return read_state(conn)
+
+
+def missing_accounts(conn: Connection, accounts: Collection[str]) -> list[str]:
+    """The ids among ``accounts`` with no subs_account row (a typo, an account deleted), sorted.
+    Named, they are remediated no one: the gate does not take the named stage's quiet for health."""
+    if not accounts:
+        return []
+    rows = conn.exec_driver_sql(
+        "SELECT n.id FROM unnest(%(ids)s::text[]) AS n(id) "
+        "WHERE NOT EXISTS (SELECT 1 FROM subs_account a WHERE a.account_id = n.id) ORDER BY n.id",
+        {"ids": list(accounts)}).fetchall()
+    return [r.id for r in rows]
+
+
+def missing_warning(missing: Collection[str]) -> str:
+    """What an operator naming accounts is told about the ones that do not exist (a warning, not a
+    refusal: an account may be created later, and is remediated at the named stage from then on)."""
+    count = len(missing)
+    verb = "account does" if count == 1 else "accounts do"
+    return f"{count} named {verb} not exist (no subs_account row): {shortlist(missing)}"
 
 
 def record_gate(conn: Connection, action: str, reason: str, now: datetime) -> None:

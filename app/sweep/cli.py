@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from app.domain.rollout import label
+from app.domain.rollout import label, shortlist
 from app.log_safety import printable
 
 if TYPE_CHECKING:
@@ -132,6 +132,8 @@ def _print_state(state: dict[str, Any], history: list[dict[str, Any]]) -> None:
     print(f"change it from here with: --from {state['stage']} --revision {state['revision']}")
     named = state["named_accounts"]
     print(f"named accounts: {', '.join(printable(a) for a in named) if named else '-'}")
+    if state.get("named_accounts_missing"):
+        print(f"named accounts that do not exist: {printable(shortlist(state['named_accounts_missing']))}")
     gate = state.get("last_gate")
     if gate:
         print(f"last gate check: {gate['at']}: {gate['action']}: {printable(gate['reason'])}")
@@ -162,6 +164,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 print(f"named accounts: {', '.join(map(printable, after.named_accounts)) or '-'}; "
                       f"recorded by {printable(args.actor)}; "
                       f"revision {after.revision}")
+                missing = store.missing_accounts(conn, after.named_accounts)
+                if missing:  # a warning, not a refusal: an account may be created later
+                    print(f"warning: {printable(store.missing_warning(missing))}", file=sys.stderr)
+                    if len(missing) == len(after.named_accounts) and after.stage in ("off", "named"):
+                        print("warning: none of the named accounts exists: the gate holds the named stage "
+                              "(it has remediated no one) until one does; advancing from it by hand "
+                              "widens to 5% on no evidence", file=sys.stderr)
             elif action != "status":
                 before, after = store.change(conn, action, args.actor, args.reason, now, from_stage=args.from_stage,
                                              revision=args.revision)
@@ -169,6 +178,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                       f"{' (held)' if after.held else ''}; recorded by {printable(args.actor)}; "
                       f"revision {after.revision}")
             state = store.read_state(conn)
+            missing_named = store.missing_accounts(conn, state.named_accounts)
             history = store.history(conn, args.history)
             health = measure(conn, health_since(state.status, rollout_policy(rt.policy.extra), now), state.stage,
                              state.stage_revision)
@@ -177,9 +187,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return 2
     if action == "status":
         if args.json:
-            print(json.dumps({**state.to_json(), "health": health.to_json(), "history": history}, indent=2))
+            print(json.dumps({**state.to_json(), "named_accounts_missing": missing_named, "health": health.to_json(),
+                              "history": history}, indent=2))
             return 0
-        _print_state(state.to_json(), history)
+        _print_state({**state.to_json(), "named_accounts_missing": missing_named}, history)
         h = health.to_json()
         print(f"health since the stage began: {h['remediations']} remediations, {h['reverted']} reverted "
               f"({h['reverted_ratio']:.1%}), {h['errors']} errors, {h['sweeps']} completed sweeps")

@@ -17,7 +17,7 @@ from app.cli import main
 from app.db import unit_of_work
 from app.rollout.gate import check_gate
 from app.rollout.store import RolloutError, set_named_accounts
-from tests.conftest import service_headers
+from tests.conftest import Accounts, service_headers
 from tests.integration.test_rollout_ops import finished_sweep
 from tests.integration.test_sweep import rollout_off, set_stage, sql  # noqa: F401
 
@@ -55,7 +55,9 @@ def test_two_operators_naming_at_once_the_second_is_refused_not_silently_lost(cl
 
 
 def test_naming_meant_for_the_named_stage_is_refused_once_the_gate_widened_to_5(runtime, client, engine: Engine,
-                                                                                 rollout_off: None):
+                                                                                 rollout_off: None,
+                                                                                 accounts: Accounts):
+    accounts.create("acct_a")  # a named account that exists: the gate widens from the named stage
     set_stage(engine, "named", ["acct_a"], entered=NOW - timedelta(days=3))
     seen = revision(client)
     finished_sweep(engine, NOW - timedelta(hours=2))

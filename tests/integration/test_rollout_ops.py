@@ -522,7 +522,8 @@ def test_cli_sweep_refuses_a_batch_size_that_is_not_a_positive_number(bad: str, 
     assert f"--batch-size: must be a whole number of accounts, 1 or more (got {bad!r})" in capsys.readouterr().err
 
 
-def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, engine: Engine, rollout_off: None):
+def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, engine: Engine, rollout_off: None,
+                                                                      accounts: Accounts):
     """The named stage with nobody named has remediated no one (the gate holds it). Before, naming the
     first accounts there let the gate widen to 5% of real customers at its next check, 5 minutes
     later: the soak had run since the stage began, and the sweeps that vouched for it ran with
@@ -530,6 +531,7 @@ def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, e
     from app.db import unit_of_work
     from app.rollout.store import set_named_accounts
 
+    accounts.create("acct_pilot")  # named accounts that exist (else the gate holds: rollout_named_missing)
     set_stage(engine, "named", entered=NOW - timedelta(days=3))
     finished_sweep(engine, NOW - timedelta(hours=2))
     decision, _health, state = check_gate(engine, runtime.policy, NOW - timedelta(hours=1))
@@ -549,7 +551,7 @@ def test_naming_the_first_accounts_of_the_named_stage_starts_its_soak(runtime, e
 
 
 def test_naming_other_accounts_at_the_named_stage_restarts_its_soak_the_same_or_fewer_do_not(
-        runtime, engine: Engine, rollout_off: None):
+        runtime, engine: Engine, rollout_off: None, accounts: Accounts):
     """A named account not named before is new exposure: the stage starts again from the naming,
     as naming the first accounts does. Before, replacing a non-empty list kept the old soak, and the
     gate widened to 5% at its next check with the new accounts remediated for minutes. The same
@@ -562,6 +564,8 @@ def test_naming_other_accounts_at_the_named_stage_restarts_its_soak_the_same_or_
         with unit_of_work(engine) as conn:
             return set_named_accounts(conn, accounts, "ops", "pilot", at).stage_entered_at
 
+    for account in ("acct_a", "acct_b", "acct_c"):  # named accounts that exist
+        accounts.create(account)
     set_stage(engine, "named", ["acct_a"], entered=NOW - timedelta(days=3))
     finished_sweep(engine, NOW - timedelta(hours=2))
     restarted = NOW - timedelta(minutes=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -207,3 +208,16 @@ def test_the_gate_never_widens_from_named_accounts_with_nobody_named(hours, heal
     assert decision.action == "hold" and "no named accounts" in decision.reason, decision
     breached = Health(remediations=1, reverted=1, sweeps=1)
     assert evaluate_gate(state("named", hours, named=()), breached, POLICY, NOW).action == "rollback"
+
+
+@given(st.floats(24, 24 * 30), healthy)
+def test_the_gate_never_widens_from_named_accounts_none_of_which_exists(hours, health):
+    """Named ids with no account (typos, accounts deleted) remediate no one either: held, saying which.
+    One of them existing is exposure, and the gate decides as before."""
+    missing = replace(state("named", hours, named=("acct_typo", "acct_gone")), missing_named=("acct_gone", "acct_typo"))
+    decision = evaluate_gate(missing, health, POLICY, NOW)
+    assert decision.action == "hold" and "none of the named accounts exists (acct_gone, acct_typo" in decision.reason
+    one = replace(missing, named_accounts=("acct_typo", "acct_gone", "acct_real"))
+    assert evaluate_gate(one, health, POLICY, NOW).action == "advance"
+    breached = Health(remediations=1, reverted=1, sweeps=1)
+    assert evaluate_gate(missing, breached, POLICY, NOW).action == "rollback"
