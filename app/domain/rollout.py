@@ -95,6 +95,7 @@ class RolloutPolicy:
     max_reverted_ratio: float = 0.02
     # Errors allowed in the window: distinct accounts the sweeps failed on (one failing every sweep is
     # one), plus each error not about one account (a page's requests not stored, a sweep that failed).
+    # At 0 no error is tolerated: one account failing every sweep steps back every stage, down to off.
     max_errors: int = 5
     health_window_hours: float = 24
     # Remediations needed in the window before the gate trusts the ratio enough to advance.

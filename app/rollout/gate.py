@@ -17,7 +17,9 @@ Health is measured since the later of the stage start and the window start:
   remediation to the re-drive: a remediation, no error), plus each error not about one account (a page
   whose requests could not be stored, a sweep that failed): sweep_error rows recorded since, not
   before_stage (every stage change marks those so far, rollout/store.py). One account that fails
-  every sweep is one error, however many sweeps ran: visible, and no step back on its own;
+  every sweep is one error, however many sweeps ran: visible, and no step back on its own unless
+  [rollout] max_errors is 0 (no error tolerated: then it steps back every stage it fails a sweep
+  at, each stage's health starting afresh, down to off, as that limit says);
 * sweeps: sweeps that could remediate, begun and completed in the window (no health without them;
   one begun before the stage walked part of the accounts under the stage before).
 """

@@ -11,6 +11,7 @@ requests could not be stored, a sweep that failed) count each once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -83,6 +84,30 @@ def test_one_account_failing_every_sweep_is_one_error_not_a_step_back_each_check
     assert health.errors == 1, health
     assert decision.action == "advance" and "1 errors" in decision.reason, decision
     assert (state.stage, state.held) == ("10", False)
+
+
+def test_with_max_errors_0_one_account_failing_every_sweep_steps_back_at_every_stage_down_to_off(
+        runtime, engine: Engine, corrupted: dict[str, str]):
+    """The exception to "never a step back on its own": [rollout] max_errors = 0 (the policy allows
+    it) tolerates no error at all, and the account failing every sweep is one error at each stage,
+    since every stage change starts the health afresh and the next sweep fails on it again. So the
+    rollout steps back one stage per sweep until off, held, as the limit says (DESIGN 6: the gate
+    steps back by itself when health is breached)."""
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    strict = replace(runtime.policy, extra={**runtime.policy.extra, "rollout": {"max_errors": 0}})
+    set_stage(engine, "10", entered=t0 - timedelta(hours=30))
+    unreadable(engine, corrupted["ok_other"])
+
+    stages = []
+    for n in range(5):
+        assert sweep_at(engine, strict, t0 + n * SWEEP_EVERY).errors == 1
+        decision, health, state = gate_at(engine, strict, t0 + n * SWEEP_EVERY + timedelta(minutes=5))
+        assert health.errors == 1, health
+        stages.append((decision.action, state.stage, state.held))
+        if decision.action == "rollback":
+            assert "1 errors > limit 0" in decision.reason, decision
+    assert stages == [("rollback", "5", True), ("rollback", "named", True), ("rollback", "off", True),
+                      ("none", "off", True), ("none", "off", True)]
 
 
 def test_more_distinct_failing_accounts_than_the_limit_still_step_back(runtime, engine: Engine,
