@@ -232,8 +232,10 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
     a give-up at the same moment (the writers of a task and account take turns).
     ``park_request``: the touched_at of the account's recompute request the failed run had taken,
     parked in the same transaction if still that version (see PARK_REQUEST). False when the row
-    could not be written for a reason that passes (the database down or busy: often the very failure
-    being recorded); the caller then keeps the work some other way. Any other error is logged."""
+    could not be written, whatever the reason: the database down or busy (often the very failure
+    being recorded), or one that does not pass by itself (a permission refused, a table or column
+    missing mid-deploy, an account id PostgreSQL cannot take), logged at CRITICAL for an operator.
+    The caller then keeps the work some other way (DESIGN section 8: a give-up is never dropped)."""
     error = storable_text(error)
     try:
         with unit_of_work(engine) as conn:
@@ -267,8 +269,17 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
                      "kind": kind.value, "error": error[:2000], "attempts": attempts, "state": state},
                 )
     except Exception as exc:  # the database itself may be what failed
-        log.exception("could not record stuck work for %s %s", task_name, account_id)
-        return classify(exc) not in PASSING
+        kind_met = classify(exc)
+        if kind_met in PASSING:
+            log.exception("could not record stuck work for %s %s", task_name, account_id)
+        else:
+            # Not an outage that ends by itself. Answered "recorded", the task gave up and its work
+            # was dropped with no row; the caller keeps it instead (retrying at the longest
+            # countdown, or its message requeued) until an operator fixes the cause.
+            log.critical("could not record stuck work for %s %r (%s, which does not pass by itself): the work is "
+                         "kept, not recorded, until the row can be written", task_name, account_id, kind_met,
+                         exc_info=True)
+        return False
     return True
 
 

@@ -69,7 +69,8 @@ def handle_failure(task: Task, exc: Exception, account_id: str | None, args: dic
     state = "retrying" if kind in PASSING and not dead else "dead"
     if not record_stuck(engine, task.name, args, account_id, kind, error, retries + 1, state, per_args=per_args,
                         park_request=taken_request if state == "dead" else None):
-        # Nowhere to record the give-up (the database is down). Raising now would have the message
+        # Nowhere to record the give-up (the database is down, or refuses the row for a reason that
+        # does not pass: record_stuck logged it at CRITICAL). Raising now would have the message
         # acknowledged (a task that raises is acked, late ack or not) with no row to show or re-drive
         # the work; the task keeps retrying at the longest countdown until the database answers.
         count_failure(task.name, kind, "retry")
