@@ -39,7 +39,10 @@ RECOMPUTE_DURATION = Histogram(
 )
 DOMAIN_EVENTS = Counter("dunning_domain_events_total", "Domain events emitted", ["event"])
 DRIFT_FOUND = Counter("dunning_drift_found_total", "Accounts found drifted by the sweep", ["in_stage"])
-DRIFT_REMEDIATED = Counter("dunning_drift_remediated_total", "Drift remediation recomputes enqueued")
+# Every remediation the sweep requested (recorded remediated in drift_record): sent, or deferred when the
+# broker refused the send (its request stays; beat's stale-request re-drive sends it).
+DRIFT_REMEDIATED = Counter("dunning_drift_remediated_total", "Drift remediations the sweep requested: recomputes "
+                           "sent, or deferred (the broker refused the send; beat's re-drive sends the request later)")
 SWEEP_ERRORS = Counter("dunning_sweep_errors_total", "Drift sweep errors by kind (unreadable, compute, request, "
                        "enqueue, failed)", ["kind"])
 RETRIES = Counter("dunning_payment_retries_total", "Payment retries by failure class and outcome",
