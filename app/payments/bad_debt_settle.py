@@ -57,10 +57,12 @@ SELECT b.id FROM bad_debt_payment b JOIN stripe_payment_attempt a ON a.id = b.st
  WHERE b.state IN ('pending', 'failed') AND a.status = 'succeeded' AND a.amount_refunded = 0
    AND b.updated_at < now() - make_interval(secs => %(age)s)
    -- one whose settlement an operator must look at first (refused for good) is not sent again and
-   -- again, ahead of the others; re-driving its stuck row brings it back
+   -- again, ahead of the others; re-driving its stuck row brings it back. Its arguments contain the
+   -- payment's (tasks.failures.resolve_stuck): a run killed after it had waited its turn keeps
+   -- {payment_id, waited}
    AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
                     WHERE s.task_name = 'tasks.settle_bad_debt_payment' AND s.state = 'dead'
-                      AND s.task_args = jsonb_build_object('payment_id', b.id))
+                      AND s.task_args @> jsonb_build_object('payment_id', b.id))
  ORDER BY b.id LIMIT %(limit)s
 """
 

@@ -172,9 +172,27 @@ def test_a_killed_settlement_that_waited_its_turn_is_resolved_by_the_settlement_
     [row] = [r for r in rows(engine, SETTLE) if r["task_args"].get("payment_id") == payment_id]
     assert (row["task_args"], row["state"]) == ({"payment_id": payment_id, "waited": 3}, "dead")
     try:
-        result = task.apply(args=[payment_id])  # the beat sweep's settlement, sent afresh
+        result = task.apply(args=[payment_id])  # a settlement sent afresh (the sweep passes over a dead row)
         assert result.get()["outcome"] == "settled", result.get()
     finally:
         celery_app.control.purge()
     assert [r["state"] for r in rows(engine, SETTLE) if r["task_args"].get("payment_id") == payment_id] \
         == ["resolved"]
+
+
+def test_a_settlement_killed_for_good_after_waiting_its_turn_is_not_swept_again(client, engine, runtime, debtor,
+                                                                                 celery_app):
+    """A settlement killed for good is dead stuck work for an operator, which the settlement sweep
+    passes over (a message that kills the child running it is not sent again every tick). The sweep
+    knew only a dead row named {"payment_id": id} exactly: a run killed after it had waited its turn
+    keeps {"payment_id", "waited"} and was swept again, to kill a child each time."""
+    from app.payments.bad_debt_settle import unsettled
+    from tests.integration.test_bad_debt_settle_review import charged_payment
+
+    payment_id = charged_payment(client, debtor)
+    assert payment_id in unsettled(runtime, older_than_seconds=0)
+    task_failure.send(sender=celery_app.tasks[SETTLE], task_id="t-lost-waited",
+                      exception=WorkerLostError("Worker exited prematurely"), args=[payment_id], kwargs={"waited": 2})
+    assert [(r["task_args"], r["state"]) for r in rows(engine, SETTLE)
+            if r["task_args"].get("payment_id") == payment_id] == [({"payment_id": payment_id, "waited": 2}, "dead")]
+    assert payment_id not in unsettled(runtime, older_than_seconds=0)
