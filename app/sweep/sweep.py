@@ -701,18 +701,21 @@ def _sent(f: Found) -> Found:
 
 
 def _counted(report: SweepReport, found: Iterable[Found] = ()) -> None:
-    """The page's drift and errors counted in the metrics, once its record committed (or in a dry run,
-    which records nothing): a page whose record failed is read again by the segment sent again
-    (_keep_running drops them uncounted), and its second reading counted them again. Remediations
-    recorded with their requests were counted once sent (_sent)."""
-    for f in found:
-        if f.recorded:
-            continue
-        metrics.DRIFT_FOUND.labels("true" if f.action in IN_STAGE_ACTIONS else "false").inc()
-        if f.remediated:
-            metrics.DRIFT_REMEDIATED.inc()
-    for e in report.unrecorded:
-        metrics.SWEEP_ERRORS.labels(e.kind).inc()
+    """The page's drift and errors counted in the metrics, once its record committed: a page whose
+    record failed is read again by the segment sent again (_keep_running drops them uncounted), and
+    its second reading counted them again. Remediations recorded with their requests were counted
+    once sent (_sent). A dry run counts nothing: it records and changes nothing, and the counters are
+    the fleet's sweeps' (an operator's preview, in a shell where PROMETHEUS_MULTIPROC_DIR is set,
+    joined the fleet's totals as drift found again); what it found is its report."""
+    if not report.dry_run:
+        for f in found:
+            if f.recorded:
+                continue
+            metrics.DRIFT_FOUND.labels("true" if f.action in IN_STAGE_ACTIONS else "false").inc()
+            if f.remediated:
+                metrics.DRIFT_REMEDIATED.inc()
+        for e in report.unrecorded:
+            metrics.SWEEP_ERRORS.labels(e.kind).inc()
     report.unrecorded.clear()
 
 
