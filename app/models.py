@@ -345,6 +345,9 @@ class StripeSubscription(Base):
     # NULL where it reported none: orders two events of one second (webhooks/store.py GUARDS).
     prev_products: Mapped[list[Any] | None]
     canceled_at: Mapped[datetime | None]
+    # Its pause of payment collection as each of its events reported it: {event's epoch second:
+    # pause_collection.behavior, or null while not paused} (webhooks/mirror.py _subscription_row).
+    collection_paused: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_JSON_OBJECT)
     source_created: Mapped[int] = mapped_column(BigInteger)
     source_rank: Mapped[int] = mapped_column(Integer)
 

@@ -56,6 +56,10 @@ def event(event_type: str, *, event_id: str | None = None, created: int | None =
     evt["id"] = event_id or unique("evt")
     evt["created"] = int(created if created is not None else time.time())
     obj = evt["data"]["object"]
+    if obj.get("object") == "subscription":
+        # The subscription fixture has its payment collection paused (mark_uncollectible), which makes
+        # its new invoices forgiven, no debt: an ordinary subscription unless a test pauses it.
+        obj["pause_collection"] = None
     for key, value in overrides.items():
         if key not in obj:
             raise KeyError(f"{event_type} fixture has no data.object.{key}: do not invent shapes")

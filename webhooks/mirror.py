@@ -448,10 +448,27 @@ def _subscription_row(event_type: str, created: int, sub: Mapping[str, Any],
         # later (webhooks/store.py GUARDS).
         "prev_products": _subscription_products(before) if isinstance(before, Mapping) else None,
         "canceled_at": ts(sub.get("canceled_at")) if status in SUBSCRIPTION_ENDED else None,
+        # What the event says of its pause of payment collection at its second: pause_collection's
+        # behavior, None while collection is not paused. Every event's word is kept beside the
+        # others' (webhooks/store.py "observations"), so the pause an invoice was created in is known
+        # whatever order the subscription's and the invoice's events come in (compute: an invoice
+        # Stripe marked uncollectible because of a mark_uncollectible pause is no debt).
+        "collection_paused": {str(created): _pause_behavior(sub.get("pause_collection"))},
         "source_created": created,
         "source_rank": subscription_rank(event_type, status, previous),
     }
-    return MirrorRow("stripe_subscription", str(sub["id"]), values)
+    return MirrorRow("stripe_subscription", str(sub["id"]), values, SUBSCRIPTION_MERGE)
+
+
+# The pause observations of a subscription's events are merged, not replaced (see _subscription_row).
+SUBSCRIPTION_MERGE = {"collection_paused": "observations"}
+
+
+def _pause_behavior(pause: Any) -> str | None:
+    """pause_collection.behavior (keep_as_draft, mark_uncollectible, void: an open enum, kept as it
+    is), None when collection is not paused."""
+    behavior = _obj(pause).get("behavior")
+    return behavior if isinstance(behavior, str) and behavior else None
 
 
 # changed_at of a payment method no event has shown to change (GREATEST keeps any real date).

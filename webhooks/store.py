@@ -198,6 +198,15 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         return (f"CASE WHEN {whole.format(t=table)} THEN {table}.{col} "
                 f"WHEN {whole.format(t='EXCLUDED')} THEN EXCLUDED.{col} "
                 f"WHEN {guard} THEN EXCLUDED.{col} ELSE {table}.{col} END")
+    if kind == "observations":
+        # What each event said at its second ({epoch second: value}), kept from every event in any
+        # order of delivery: the union of both sides. Two events of one second that say different
+        # things: the greater JSON text (null, "not paused", over a behavior), the same in any order.
+        return (f"CASE WHEN EXCLUDED.{col} = '{{}}' THEN {table}.{col} ELSE ("
+                "SELECT jsonb_object_agg(k, v::jsonb) FROM ("
+                "SELECT k, max(v::text) AS v FROM ("
+                f"SELECT * FROM jsonb_each({table}.{col}) UNION ALL SELECT * FROM jsonb_each(EXCLUDED.{col})"
+                ") AS c(k, v) GROUP BY k) AS u) END")
     if kind == "charges":
         # A union of the charges either side knows, in any order of delivery: per charge the
         # earliest time (a charge's own event is exact, its intent's comes later) and the

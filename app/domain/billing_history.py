@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from app.domain.attempts import attempts_by_invoice, bad_debt_intents
-from app.domain.snapshot import Attempt, Invoice, Snapshot
+from app.domain.snapshot import Attempt, Invoice, Snapshot, paused_markings
 
 
 class Label(StrEnum):
@@ -41,8 +41,11 @@ def history(snapshot: Snapshot, now: datetime | None = None) -> list[InvoiceHist
     against the invoice's Paid."""
     grouped = attempts_by_invoice(snapshot)
     intents = {a.id for a in bad_debt_intents(snapshot)}
+    paused = paused_markings(snapshot, lambda: {invoice: [a for a in attempts if a.id not in intents]
+                                                for invoice, attempts in grouped.items()})
     return [
-        InvoiceHistory(invoice=inv, label=label(inv, grouped.get(inv.id, ()), now, bad_debt_intent_ids=intents),
+        InvoiceHistory(invoice=inv, label=label(inv, grouped.get(inv.id, ()), now, bad_debt_intent_ids=intents,
+                                                marked_by_pause=inv.id in paused),
                        attempts=attempt_count(a for a in grouped.get(inv.id, ()) if a.id not in intents))
         for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id), reverse=True)
         if inv.status != "draft"
@@ -58,14 +61,17 @@ def attempt_count(own: Iterable[Attempt]) -> int:
 
 
 def label(invoice: Invoice, attempts: Iterable[Attempt] = (), now: datetime | None = None, *,
-          bad_debt_intent_ids: Collection[str] = ()) -> Label:
+          bad_debt_intent_ids: Collection[str] = (), marked_by_pause: bool = False) -> Label:
     """The invoice's label from the attempts filed under it. ``bad_debt_intent_ids`` names those that
-    are bad-debt payments' intents: their refunds count, their declines are no failure of the invoice."""
+    are bad-debt payments' intents: their refunds count, their declines are no failure of the invoice.
+    ``marked_by_pause``: Stripe marked it uncollectible because its subscription's collection was
+    paused with mark_uncollectible (snapshot.marked_by_pause), so an uncollectible one is Resolved:
+    closed without the customer paying, forgiven by the merchant, no debt."""
     attempts = list(attempts)
     if invoice.status == "void":
         return Label.RESOLVED
     if invoice.status == "uncollectible":
-        return Label.UNCOLLECTIBLE
+        return Label.RESOLVED if marked_by_pause else Label.UNCOLLECTIBLE
     if invoice.status == "paid":
         if invoice.total is not None and invoice.total <= 0 and invoice.amount_due <= 0:
             return Label.PAID  # nothing was owed (a trial's $0 invoice): nothing forgiven or credited

@@ -42,7 +42,7 @@ from app.domain.retry_cadence import (
     invoice_charges,
     plan_retry,
 )
-from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot, Subscription
+from app.domain.snapshot import Attempt, BadDebtPayment, Invoice, Snapshot, Subscription, paused_markings
 from app.domain.state import (
     DunningState,
     FailureClass,
@@ -286,16 +286,16 @@ class InBadDebt:
     began: datetime | None
 
 
-def _stored_bad_debt(snapshot: Snapshot) -> InBadDebt | None:
+def _stored_bad_debt(snapshot: Snapshot, paused: frozenset[str] = frozenset()) -> InBadDebt | None:
     """The bad debt the last decision (the stored one) holds, dated as _bad_debt_began says."""
     stored = snapshot.stored
     if stored is None or stored.status not in (Status.BAD_DEBT, Status.LIFTING):
         return None
     entered = snapshot.open_episode_entered_at
-    return InBadDebt(_bad_debt_began(snapshot, entered) if entered is not None else None)
+    return InBadDebt(_bad_debt_began(snapshot, entered, paused) if entered is not None else None)
 
 
-def _bad_debt_began(snapshot: Snapshot, at: datetime) -> datetime:
+def _bad_debt_began(snapshot: Snapshot, at: datetime, paused: frozenset[str] = frozenset()) -> datetime:
     """When, in Stripe's time, the bad debt the account is in at ``at`` began, as far as its invoices'
     markings tell: the earliest marked_uncollectible_at of a regular invoice uncollectible from then
     on to ``at`` (one marked while another still was extends it back), else ``at``.
@@ -306,10 +306,11 @@ def _bad_debt_began(snapshot: Snapshot, at: datetime) -> datetime:
     invoice was uncollectible in Stripe since its marking. A failure after the marking is one in bad
     debt whatever the delivery. A marking settled before ``at`` (paid or voided since, in Stripe's
     time) no longer held the bad debt then. A bad debt of the retries-exhausted rule keeps its row's
-    time: when the rule matched is not a fact Stripe dates."""
+    time: when the rule matched is not a fact Stripe dates. A marking made by a mark_uncollectible
+    pause of the subscription's collection (``paused``: snapshot.paused_markings) is no debt."""
     began = at
     marked = sorted(((i.marked_uncollectible_at, i) for i in snapshot.invoices
-                     if i.marked_uncollectible_at is not None and not i.is_upgrade),
+                     if i.marked_uncollectible_at is not None and not i.is_upgrade and i.id not in paused),
                     key=lambda m: m[0], reverse=True)
     for marked_at, inv in marked:
         if marked_at >= began:
@@ -443,7 +444,8 @@ def _resolution(snapshot: Snapshot, grouped: dict[str | None, list[Attempt]],
     after = stored.prior_settled_at if stored is not None else None
     # The invoices that were debt (failed, overdue or marked uncollectible) and are settled since:
     # an unrelated invoice paid on time meanwhile says nothing of how the debt ended.
-    settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)
+    paused = paused_markings(snapshot, lambda: without_bad_debt_payments(grouped, snapshot))
+    settled = [i for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i, paused)
                and (i.id in debts or ((since is None or _settled_at(i) >= since)
                                       and (after is None or _settled_at(i) > after)))]
     from app.domain.billing_history import Label, label
@@ -476,7 +478,8 @@ def _prior_settled_at(snapshot: Snapshot, status: Status) -> datetime | None:
 
 
 def _latest_settled_debt(snapshot: Snapshot) -> datetime | None:
-    return max((_settled_at(i) for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i)),
+    paused = paused_markings(snapshot, lambda: without_bad_debt_payments(attempts_by_invoice(snapshot), snapshot))
+    return max((_settled_at(i) for i in snapshot.invoices if i.status in SETTLED_STATUSES and _was_debt(i, paused)),
                default=None)
 
 
@@ -495,10 +498,11 @@ def _leaves_bad_debt(snapshot: Snapshot, status: Status) -> bool:
             and status not in (Status.BAD_DEBT, Status.LIFTING))
 
 
-def _was_debt(invoice: Invoice) -> bool:
-    """Whether the invoice was debt before it was settled, as is_unpaid decides: marked uncollectible,
-    else with payment terms overdue (an early failure on the hosted page is none), else failed."""
-    if invoice.marked_uncollectible_at is not None:
+def _was_debt(invoice: Invoice, paused: frozenset[str] = frozenset()) -> bool:
+    """Whether the invoice was debt before it was settled, as is_unpaid decides: marked uncollectible
+    (not by a mark_uncollectible pause of its subscription's collection: ``paused``), else with
+    payment terms overdue (an early failure on the hosted page is none), else failed."""
+    if invoice.marked_uncollectible_at is not None and invoice.id not in paused:
         return True
     if invoice.due_date is not None:
         settled_at = invoice.paid_at or invoice.voided_at
@@ -623,13 +627,18 @@ _NONE = Level.NONE.value
 def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision:
     grouped = attempts_by_invoice(snapshot)
     own = without_bad_debt_payments(grouped, snapshot)
+    # Invoices Stripe marked uncollectible because the merchant paused their subscription's collection
+    # with mark_uncollectible (service given for free, never attempted): no debt, no consequence.
+    paused = paused_markings(snapshot, lambda: own)
+    forgiven = [inv for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
+                if inv.id in paused and inv.status == "uncollectible" and inv.amount_remaining > 0]
     unpaid = [
         inv for inv in sorted(snapshot.invoices, key=lambda i: (i.created, i.id))
-        if is_unpaid(inv, any(a.failed for a in own.get(inv.id, ())), now)
+        if inv.id not in paused and is_unpaid(inv, any(a.failed for a in own.get(inv.id, ())), now)
     ]
     balances = _balances(unpaid)
     unpaid_attempts = [a for inv in unpaid for a in own.get(inv.id, ())]
-    stored_bad_debt = _stored_bad_debt(snapshot)
+    stored_bad_debt = _stored_bad_debt(snapshot, paused)
     assessed = [_assess(snapshot, inv, own.get(inv.id, []), balances.get(inv.currency, 0), policy, now,
                         stored_bad_debt) for inv in unpaid]
     level, suspended, status = _standing(assessed)
@@ -637,7 +646,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
         # Entering bad debt, with a marking learned late (Stripe's time before ``now``): a failure since
         # the marking is one in bad debt already, as the next recompute (the episode's row open) reads
         # it. Deciding it here too keeps the recompute after this one a no-op.
-        began = _bad_debt_began(snapshot, now)
+        began = _bad_debt_began(snapshot, now, paused)
         if began < now:
             entering = [_assess(snapshot, inv, own.get(inv.id, []), balances.get(inv.currency, 0), policy, now,
                                 InBadDebt(began)) for inv in unpaid]
@@ -648,6 +657,10 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
     reasons: list[Reason] = []
     for a in assessed:
         reasons.extend(a.reasons)
+    for inv in forgiven:
+        reasons.append(Reason("invoice.collection_paused", "marked uncollectible by Stripe while its subscription's "
+                              "payment collection was paused (mark_uncollectible), never attempted: forgiven by "
+                              "the merchant, no debt", {"invoice": inv.id, "subscription": inv.subscription_id}))
 
     # Payment-flow guard: never put bad-debt consequences over a payment in flight.
     held_until: datetime | None = None  # when a guard's hold ends, if one holds

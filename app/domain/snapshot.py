@@ -5,6 +5,7 @@ Gather builds it from the stores; tests build it by hand. Times are timezone-awa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -154,6 +155,60 @@ class Subscription:
     id: str
     status: str
     products: tuple[str, ...] = ()
+    # Its pause of payment collection as its events reported it, oldest first: (the event's epoch
+    # second, pause_collection.behavior or None while collection is not paused).
+    collection_paused: tuple[tuple[int, str | None], ...] = ()
+
+    def collection_paused_at(self, at: datetime) -> str | None:
+        """The pause_collection behavior in force at ``at``, as the latest event at or before it
+        said; None when not paused, or when no event of it at or before then is known."""
+        second = at.timestamp()
+        behavior = None
+        for when, said in self.collection_paused:
+            if when > second:
+                break
+            behavior = said
+        return behavior
+
+
+def collection_paused(observed: Any) -> tuple[tuple[int, str | None], ...]:
+    """Subscription.collection_paused of the mirror's column ({epoch second: behavior or null})."""
+    if not observed:
+        return ()
+    return tuple(sorted((int(k), v if isinstance(v, str) else None) for k, v in observed.items()))
+
+
+# Stripe's pause_collection behavior whose invoices it finalizes and marks uncollectible at once,
+# with no payment attempt: the merchant gives the service for free meanwhile.
+FORGIVING_PAUSE = "mark_uncollectible"
+
+
+def marked_by_pause(invoice: Invoice, subscriptions: Mapping[str, Subscription],
+                    attempts: Iterable[Attempt]) -> bool:
+    """Whether the invoice was marked uncollectible because its subscription's collection was paused
+    with mark_uncollectible: marked, created while the pause was in force, and never attempted
+    (Stripe counted no attempt, no failure was reported, no failed attempt is filed under it:
+    ``attempts``, its own). No debt: the merchant forgave it (DESIGN 4: Resolved). A marking outside
+    such a pause, or of an invoice tried and failed, is a debt as before."""
+    if invoice.marked_uncollectible_at is None or invoice.subscription_id is None:
+        return False
+    if invoice.attempt_count > 0 or invoice.first_failed_at is not None or any(a.failed for a in attempts):
+        return False
+    sub = subscriptions.get(invoice.subscription_id)
+    return sub is not None and sub.collection_paused_at(invoice.created) == FORGIVING_PAUSE
+
+
+def paused_markings(snapshot: Snapshot, own: Callable[[], Mapping[str | None, Iterable[Attempt]]]
+                    ) -> frozenset[str]:
+    """The ids of the snapshot's invoices marked uncollectible by a mark_uncollectible pause of their
+    subscription's collection (marked_by_pause), whatever became of them since (paid or voided
+    later). ``own`` gives the invoices' own attempts, by invoice id; it is called only when a
+    subscription was ever reported paused so (most accounts never are)."""
+    if not any(said == FORGIVING_PAUSE for s in snapshot.subscriptions for _, said in s.collection_paused):
+        return frozenset()
+    subs = {s.id: s for s in snapshot.subscriptions}
+    grouped = own()
+    return frozenset(i.id for i in snapshot.invoices if marked_by_pause(i, subs, grouped.get(i.id, ())))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from app.domain.snapshot import (
     Retry,
     Snapshot,
     Subscription,
+    collection_paused,
 )
 from app.domain.state import DunningState, MandateState
 
@@ -68,7 +69,7 @@ SELECT
      FROM stripe_customer_state s
     WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS customer_state,
-  (SELECT json_agg(json_build_array(s.id, s.status, s.products) ORDER BY s.id)
+  (SELECT json_agg(json_build_array(s.id, s.status, s.products, s.collection_paused) ORDER BY s.id)
      FROM stripe_subscription s
     WHERE s.stripe_customer_id IN (SELECT c.stripe_customer_id FROM subs_customer c
                                     WHERE c.account_id = a.account_id)) AS subscriptions,
@@ -196,7 +197,8 @@ def snapshot_from_row(m: Mapping[str, Any]) -> tuple[Snapshot, int]:
                               for s in (m["customer_state"] or ()))
     customer_state = (m["customer_state"] or [[None, None]])[0]
     subscriptions = tuple(
-        Subscription(id=s[0], status=s[1], products=tuple(s[2] or ())) for s in (m["subscriptions"] or ())
+        Subscription(id=s[0], status=s[1], products=tuple(s[2] or ()), collection_paused=collection_paused(s[3]))
+        for s in (m["subscriptions"] or ())
     )
     retries = tuple(
         Retry(invoice_id=r[0], payment_method_id=r[1], retry_number=r[2], free=r[3], state=r[4],

@@ -31,6 +31,7 @@ from app.domain.snapshot import (
     Retry,
     Snapshot,
     Subscription,
+    collection_paused,
     trusted,
 )
 from app.domain.state import DunningState, MandateState
@@ -84,7 +85,7 @@ _MIRROR = {  # table alias -> (table, the columns read)
     "m": ("stripe_payment_method", "id, type, attached, changed_at, exp_month, exp_year, card_brand, card_last4, "
                                    "stripe_customer_id, fingerprint"),
     "s": ("stripe_customer_state", "default_payment_method_id, changed_at, source_created, stripe_customer_id"),
-    "b": ("stripe_subscription", "id, status, products"),
+    "b": ("stripe_subscription", "id, status, products, collection_paused"),
 }
 
 
@@ -204,7 +205,8 @@ SELECT
   (SELECT json_agg(json_build_array(s.account_id, s.default_payment_method_id, s.changed_at, s.stripe_customer_id)
           ORDER BY s.account_id, s.source_created DESC, s.stripe_customer_id)
      FROM ({_mirror_rows("s")}) s),
-  (SELECT json_agg(json_build_array(b.account_id, b.id, b.status, b.products) ORDER BY b.account_id, b.id)
+  (SELECT json_agg(json_build_array(b.account_id, b.id, b.status, b.products, b.collection_paused)
+          ORDER BY b.account_id, b.id)
      FROM ({_mirror_rows("b")}) b),
   (SELECT json_agg(json_build_array(i.account_id, r.invoice_id, r.payment_method_id, r.retry_number, r.free, r.state,
           r.scheduled_for, r.created_at, r.method_change_seen_at) ORDER BY i.account_id, r.id)
@@ -304,7 +306,8 @@ def _mandate(x: Any) -> MandateState:
 
 
 def _subscription(s: Any) -> Subscription:
-    return trusted(Subscription, {"id": s[1], "status": s[2], "products": tuple(s[3] or ())})
+    return trusted(Subscription, {"id": s[1], "status": s[2], "products": tuple(s[3] or ()),
+                                  "collection_paused": collection_paused(s[4])})
 
 
 EMPTY: tuple[Any, ...] = ()

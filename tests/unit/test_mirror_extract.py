@@ -199,3 +199,17 @@ def test_an_invoice_line_keeps_the_subscription_item_it_bills():
     older_line["subscription_item"] = "si_older"
     [older_row] = extract(older).rows
     assert [ln["item"] for ln in older_row.values["lines"]] == ["si_older"]
+
+
+def test_a_subscription_event_keeps_its_word_on_the_pause_of_collection_at_its_second():
+    """pause_collection.behavior by the event's second (None: collection not paused), merged with the
+    other events' (webhooks/store.py "observations"), not replaced."""
+    from tests.stripe_events import resource
+
+    paused = event("customer.subscription.updated", created=1_700_000_000,
+                   pause_collection=resource("subscription")["pause_collection"])
+    (row,) = extract(paused).rows
+    assert row.values["collection_paused"] == {"1700000000": "mark_uncollectible"}
+    assert row.merge["collection_paused"] == "observations"
+    (row,) = extract(event("customer.subscription.deleted", created=1_700_000_100)).rows
+    assert row.values["collection_paused"] == {"1700000100": None}
