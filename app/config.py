@@ -369,6 +369,13 @@ def _secret(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if any(c.isspace() for c in value):
         raise ConfigError(f"{name} holds whitespace inside it (Stripe's secrets have none; the value is not shown)")
+    if not (value.isascii() and value.isprintable()):
+        # An invisible character that is no blank (a byte-order mark, a file saved "UTF-8 with BOM";
+        # a zero-width space, pasted from a web page) was kept: the webhook secret then matched no
+        # genuine signature (every webhook a 400), the API key made every call fail as a network
+        # error (it cannot go in a header), retried as one for ever.
+        raise ConfigError(f"{name} holds a character that is not printable ASCII, such as a byte-order mark or a "
+                          "zero-width space (Stripe's secrets have none; the value is not shown)")
     return value
 
 

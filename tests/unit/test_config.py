@@ -108,6 +108,21 @@ def test_a_stripe_secret_with_whitespace_inside_is_refused_naming_it_not_showing
     assert name in str(err.value) and "whsec_" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["STRIPE_WEBHOOK_SECRET", "STRIPE_API_KEY"])
+@pytest.mark.parametrize("value", ["\ufeffwhsec_bom_secret9", "whsec_zero\u200bwidth_secret9",
+                                   "whsec_joiner_secret9\u2060", "whsec_caf\u00e9_secret9"])
+def test_a_stripe_secret_with_an_invisible_or_non_ascii_character_is_refused_not_shown(name, value):
+    """A byte-order mark (a secret file saved as "UTF-8 with BOM") or a zero-width space (pasted from
+    a web page) is no blank for str.strip() and no whitespace: it was kept, so the webhook secret
+    matched no genuine signature (every webhook a 400 until Stripe disabled the endpoint) and the
+    API key failed every call as a network error."""
+    with pytest.raises(ConfigError) as err:
+        settings(**{name: value})
+    message = str(err.value)
+    assert message.startswith(f"{name} holds a character that is not printable ASCII")
+    assert "secret9" not in message
+
+
 @pytest.mark.parametrize("value", [str(MAX_VISIBILITY_TIMEOUT + 1), "9" * 300])
 def test_a_visibility_timeout_beyond_a_day_is_refused(value):
     """Any whole number was taken (one of hundreds of digits too): a dead worker's task would come
