@@ -67,6 +67,9 @@ def _connect_parameters(url: str) -> dict[str, object]:
 
     try:
         parsed = make_url(url)
+        if parsed.port == 0:
+            # The dialect renders no port for it: libpq used the default (5432) without a word.
+            raise ConfigError("DATABASE_URL's port must be a number from 1 to 65535, got 0")
         _args, params = parsed.get_dialect()().create_connect_args(parsed)
     except ValueError:
         # Not the parser's message: it quotes what it took for the port, which is part of the password

@@ -46,6 +46,7 @@ def test_a_port_that_is_not_a_number_is_refused_without_quoting_it():
 @pytest.mark.parametrize(("url", "reason"), [
     ("postgresql://u@127.0.0.1:99999999999999999999/x", "port must be a number from 1 to 65535, got 9999"),
     ("postgresql://u@127.0.0.1:-1/x", "port must be a number from 1 to 65535, got -1"),
+    ("postgresql://u@127.0.0.1:0/x", "port must be a number from 1 to 65535, got 0"),  # was 5432, unsaid
     ("postgresql://u@/x?host=h1:5432&host=h2:65536", "port must be a number from 1 to 65535, got 65536"),
     ("postgresql://u@127.0.0.1/x?port=abc", "DATABASE_URL cannot be read: Received non-integer port"),
     ("postgresql://u@127.0.0.1/x?sslmode=bogus", "sslmode must be one of disable, allow, prefer, require, "
