@@ -224,6 +224,17 @@ class RedriveCursor(Base):
     after_id: Mapped[str] = mapped_column(Text)
 
 
+class StripePassPause(Base):
+    """The time a beat pass that asks Stripe (app/payments/stripe_pass.py; ``name`` is its lock's)
+    may ask again after Stripe limited it: now() + the answer's ``Retry-After``, by the database's
+    clock, shared by every worker."""
+
+    __tablename__ = "stripe_pass_pause"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    not_before: Mapped[datetime]
+
+
 class RecomputeRequest(Base):
     """At most one pending recompute per account: the coalescing token.
 

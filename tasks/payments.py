@@ -134,6 +134,8 @@ def fetch_attempt_detail(self: Task) -> dict[str, Any]:
         raise
     if report.asked:
         log.info("attempt detail from Stripe: %s", report.to_json())
+    if report.paused:  # held back by Stripe's rate limit: a stuck row of an earlier tick stays for one that ran
+        return {**report.to_json(), DEFERRED: True}
     return report.to_json()
 
 
@@ -154,4 +156,6 @@ def fetch_invoice_lines(self: Task) -> dict[str, Any]:
         raise
     if report.asked:
         log.info("invoice lines from Stripe: %s", report.to_json())
+    if report.paused:  # held back by Stripe's rate limit: a stuck row of an earlier tick stays for one that ran
+        return {**report.to_json(), DEFERRED: True}
     return report.to_json()

@@ -33,7 +33,7 @@ TABLES_TO_CLEAN = (
     "outbox, recompute_request, stripe_event, stripe_invoice, stripe_payment_attempt, stripe_subscription, "
     "stripe_payment_method, stripe_customer_state, payment_retry, bad_debt_payment, bad_debt_episode, "
     "subs_stuck_events, subs_mandate, subs_dunning, subs_customer, subs_account, sweep_run, drift_record, "
-    "sweep_error, rollout_history, audit_log, redrive_cursor"
+    "sweep_error, rollout_history, audit_log, redrive_cursor, stripe_pass_pause"
 )
 
 

@@ -20,7 +20,8 @@ what it said, so a pass that stops half-way (its time limit, a database error) l
 the next one. A failure Stripe shows no failed intent for (paid since, or no intent made), or
 answers with a permanent error (an invoice it does not know), is asked about once. A passing
 error (no answer, a 5xx) leaves it for the next pass; a rate limit or a key Stripe refuses ends
-the pass. One pass at a time (an advisory lock), within a time budget.
+the pass (a rate limit's Retry-After holds the next passes back, app/payments/stripe_pass.py). One
+pass at a time (an advisory lock), within a time budget.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.triggers import Trigger
 from app.payments.bad_debt_settle import mirror_rows
-from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, run_pass
+from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, pause_after, run_pass
 from app.runtime import Runtime
 from tasks.failures import FailureKind, classify
 
@@ -107,10 +108,11 @@ class DetailReport:
     none: int = 0  # Stripe shows no failed intent for the failure
     errors: int = 0  # Stripe did not say
     busy: bool = False  # another pass was running
+    paused: bool = False  # a rate limit's Retry-After held the pass back (app/payments/stripe_pass.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"asked": self.asked, "found": len(self.found), "none": self.none, "errors": self.errors,
-                "busy": self.busy}
+                "busy": self.busy, "paused": self.paused}
 
 
 def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: int = 50,
@@ -118,11 +120,12 @@ def fetch_missing_detail(rt: Runtime, celery_app: Celery, now: datetime, limit: 
     """One pass: ask Stripe about up to ``limit`` unexplained failures, starting none after
     ``budget_seconds``. Raises database errors."""
     report = DetailReport()
-    report.busy = not run_pass(
+    outcome = run_pass(
         rt, LOCK,
         lambda conn: conn.exec_driver_sql(DUE, {"before": now - GRACE, "since": now - HORIZON,
                                                 "limit": limit}).fetchall(),
         lambda client, row: _ask(rt, celery_app, client, row[0], row[1], row[2], report), budget_seconds)
+    report.busy, report.paused = outcome == "busy", outcome == "paused"
     return report
 
 
@@ -136,8 +139,10 @@ def _ask(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, invoice_i
         report.errors += 1
         metrics.ATTEMPT_DETAIL.labels("error").inc()
         ends = isinstance(exc, ENDS_PASS)
-        log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s", invoice_id,
-                    exc.__class__.__name__, "; the pass ends" if ends else "")
+        pause = pause_after(rt, LOCK, exc) if ends else None
+        log.warning("Stripe did not give the attempt detail of invoice %s (%s)%s%s", invoice_id,
+                    exc.__class__.__name__, "; the pass ends" if ends else "",
+                    f", none before {pause:.0f} s (Retry-After)" if pause is not None else "")
         if about_the_invoice(exc):  # not asked again
             _record(rt, celery_app, invoice_id, customer, failed_at, None)
         return not ends

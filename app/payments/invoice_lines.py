@@ -44,7 +44,7 @@ from app import metrics
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.triggers import Trigger
-from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, run_pass
+from app.payments.stripe_pass import ENDS_PASS, about_the_invoice, pause_after, run_pass
 from app.runtime import Runtime
 from webhooks.mirror import invoice_lines
 
@@ -90,9 +90,11 @@ class LinesReport:
     fetched: list[str] = field(default_factory=list)  # invoices whose whole list this pass stored
     errors: int = 0  # Stripe did not give them, or they could not be read
     busy: bool = False  # another pass was running
+    paused: bool = False  # a rate limit's Retry-After held the pass back (app/payments/stripe_pass.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"asked": self.asked, "fetched": len(self.fetched), "errors": self.errors, "busy": self.busy}
+        return {"asked": self.asked, "fetched": len(self.fetched), "errors": self.errors, "busy": self.busy,
+                "paused": self.paused}
 
 
 def fetch_incomplete_lines(rt: Runtime, celery_app: Celery, now: datetime, limit: int = 50,
@@ -100,10 +102,11 @@ def fetch_incomplete_lines(rt: Runtime, celery_app: Celery, now: datetime, limit
     """One pass: fetch the whole list of lines of up to ``limit`` incomplete invoices that are debt,
     starting none after ``budget_seconds``. Raises database errors."""
     report = LinesReport()
-    report.busy = not run_pass(
+    outcome = run_pass(
         rt, LOCK,
         lambda conn: conn.exec_driver_sql(DUE, {"now": now, "again": now - REFUSED_AGAIN, "limit": limit}).fetchall(),
         lambda client, row: _fetch(rt, celery_app, client, row[0], row[1], now, report), budget_seconds)
+    report.busy, report.paused = outcome == "busy", outcome == "paused"
     return report
 
 
@@ -135,8 +138,10 @@ def _fetch_one(rt: Runtime, celery_app: Celery, client: stripe.StripeClient, inv
         report.errors += 1
         metrics.INVOICE_LINES.labels("error").inc()
         ends = isinstance(exc, ENDS_PASS)
-        log.warning("Stripe did not list the lines of invoice %s (%s)%s", invoice_id, exc.__class__.__name__,
-                    "; the pass ends" if ends else "")
+        pause = pause_after(rt, LOCK, exc) if ends else None
+        log.warning("Stripe did not list the lines of invoice %s (%s)%s%s", invoice_id, exc.__class__.__name__,
+                    "; the pass ends" if ends else "",
+                    f", none before {pause:.0f} s (Retry-After)" if pause is not None else "")
         if about_the_invoice(exc):  # asked again later
             with unit_of_work(rt.engine) as conn:
                 conn.exec_driver_sql(REFUSED, {"id": invoice_id, "at": now})

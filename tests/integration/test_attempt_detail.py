@@ -174,8 +174,54 @@ def test_a_rate_limit_ends_the_pass_and_leaves_the_rest_for_the_next(client, eng
     assert (limited.asked, limited.errors) == (1, 1)  # the first answer was a 429: nothing more asked
     assert len(asked(stripe_fake)) == 1
     stripe_fake.invoice_payments_rate_limited = False
+    the_pause_is_over(engine, "attempt_detail")  # the next tick, after the 429's Retry-After (1 s)
     later = fetch_missing_detail(runtime, celery_app, now())
     assert sorted(later.found) == sorted(invoices)
+
+
+def pause_left(engine, lock: str) -> float:
+    """The seconds a rate limit still holds the pass back, by the database's clock."""
+    with engine.connect() as conn:
+        return float(conn.exec_driver_sql("SELECT extract(epoch FROM not_before - now()) FROM stripe_pass_pause "
+                                          "WHERE name = %(n)s", {"n": lock}).scalar_one())
+
+
+def the_pause_is_over(engine, lock: str) -> None:
+    """The time the rate limit asked for has passed (the pause is kept by the database's clock)."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE stripe_pass_pause SET not_before = now() - interval '1 second' "
+                             "WHERE name = %(n)s", {"n": lock})
+
+
+def test_a_rate_limit_holds_the_next_passes_back_as_long_as_its_retry_after_asks(client, engine, runtime, accounts,
+                                                                                 stripe_fake, celery_app):
+    """A 429 ended the pass, and beat's next tick (a minute on) asked Stripe again whatever the
+    answer's Retry-After said: each tick spent on a key still limited, the limit prolonged. The next
+    passes ask nothing (on any worker: the time is the database's) until Retry-After has passed."""
+    _, customer = accounts.create()
+    invoice = unexplained_failure(client, stripe_fake, customer)
+    stripe_fake.rate_limit_retry_after = 300
+    stripe_fake.invoice_payments_rate_limited = True
+    assert fetch_missing_detail(runtime, celery_app, now()).errors == 1
+    stripe_fake.invoice_payments_rate_limited = False
+    held = fetch_missing_detail(runtime, celery_app, now())  # beat's next tick: within the 300 s asked for
+    assert (held.paused, held.asked) == (True, 0) and len(asked(stripe_fake)) == 1
+    assert 60 < pause_left(engine, "attempt_detail") <= 300  # past beat's next tick, no longer than asked
+    the_pause_is_over(engine, "attempt_detail")
+    assert fetch_missing_detail(runtime, celery_app, now()).found == [invoice]
+
+
+def test_a_rate_limits_retry_after_holds_the_pass_back_ten_minutes_at_most(client, engine, runtime, accounts,
+                                                                            stripe_fake, celery_app):
+    """An answer asking for a day (or a proxy's garbage) must not stop asking for a day."""
+    from app.payments.stripe_pass import MAX_PAUSE_SECONDS
+
+    _, customer = accounts.create()
+    unexplained_failure(client, stripe_fake, customer)
+    stripe_fake.rate_limit_retry_after = 86400
+    stripe_fake.invoice_payments_rate_limited = True
+    fetch_missing_detail(runtime, celery_app, now())
+    assert MAX_PAUSE_SECONDS - 60 < pause_left(engine, "attempt_detail") <= MAX_PAUSE_SECONDS == 600
 
 
 def test_nothing_is_asked_without_a_stripe_key(client, engine, runtime, accounts, stripe_fake, celery_app,

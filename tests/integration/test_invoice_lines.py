@@ -20,6 +20,7 @@ from app.recompute.service import run_recompute
 from app.stuck_work import DEFERRED
 from tests.conftest import post_event
 from tests.integration.dunning_setup import dunning_row
+from tests.integration.test_attempt_detail import pause_left, the_pause_is_over
 from tests.stripe_events import event, unique, with_product
 
 DAYS_AGO = 8  # past the restrict_premium rule's 7 days
@@ -160,7 +161,30 @@ def test_a_rate_limit_ends_the_pass_and_leaves_the_rest_for_the_next(client, eng
     limited = fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC))
     assert (limited.asked, limited.errors) == (1, 1) and len(lines_asked(stripe_fake)) == 1
     stripe_fake.invoice_lines_rate_limited = False
+    the_pause_is_over(engine, "invoice_lines")  # the next tick, after the 429's Retry-After (1 s)
     assert sorted(fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched) == sorted(invoices)
+
+
+def test_a_rate_limit_holds_the_next_ticks_back_as_long_as_its_retry_after_asks(client, engine, runtime, accounts,
+                                                                                stripe_fake, celery_app):
+    """A 429 ended the pass, and beat's next tick (a minute on) asked Stripe again whatever the
+    answer's Retry-After said. The next ticks ask nothing until it has passed (by the database's
+    clock, on any worker), and such a tick resolves no stuck row of an earlier one (it did nothing)."""
+    from tasks import payments  # noqa: F401  registers the task with the app
+
+    _, customer = accounts.create()
+    invoice = first_lines_failed(client, customer)["data"]["object"]["id"]
+    stripe_fake.set_lines(invoice, WHOLE)
+    stripe_fake.rate_limit_retry_after = 300
+    stripe_fake.invoice_lines_rate_limited = True
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).errors == 1
+    stripe_fake.invoice_lines_rate_limited = False
+    held = celery_app.tasks["tasks.fetch_invoice_lines"].apply().get()  # beat's next tick
+    assert (held["paused"], held["asked"], held.get(DEFERRED)) == (True, 0, True)
+    assert len(lines_asked(stripe_fake)) == 1
+    assert 60 < pause_left(engine, "invoice_lines") <= 300  # past beat's next tick, no longer than asked
+    the_pause_is_over(engine, "invoice_lines")
+    assert fetch_incomplete_lines(runtime, celery_app, datetime.now(UTC)).fetched == [invoice]
 
 
 def test_lines_stripe_refuses_to_list_are_asked_for_again_an_hour_later(client, engine, runtime, accounts,
