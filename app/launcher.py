@@ -237,9 +237,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# What Flower 2.2 reads FLOWER_UNAUTHENTICATED_API as (flower.utils.strtobool, any case), on every request.
+FLOWER_TRUE = ("y", "yes", "t", "true", "on", "1")
+FLOWER_FALSE = ("n", "no", "f", "false", "off", "0")
+
+
 def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -> dict[str, str]:
     """``FLOWER_UNAUTHENTICATED_API`` for Flower: its API applies tasks (tasks.retry_payment charges
     cards) and shuts workers down, so it is open without login only on a loopback address."""
+    said = env.get("FLOWER_UNAUTHENTICATED_API") or ""
+    if said and said.lower() not in FLOWER_TRUE + FLOWER_FALSE:
+        # Flower reads it on every request without a login and raised ValueError for any other value
+        # (`enabled`, `true ` with a blank): each request was dropped unanswered, /healthcheck and
+        # /metrics included, a traceback in Flower's log.
+        raise LaunchError(f"FLOWER_UNAUTHENTICATED_API must be true or false (Flower also reads yes, on, 1 and no, "
+                          f"off, 0), got {said!r}")
     if is_loopback(flower_host):
         return {"FLOWER_UNAUTHENTICATED_API": env.get("FLOWER_UNAUTHENTICATED_API") or "true"}
     if not (env.get("FLOWER_BASIC_AUTH", "").strip() or env.get("FLOWER_AUTH", "").strip()):

@@ -681,6 +681,23 @@ def test_make_run_refuses_an_open_flower_api_on_every_address(tmp_path: Path) ->
             proc.wait(STOP_TIMEOUT)
 
 
+def test_make_run_refuses_a_flower_unauthenticated_api_flower_cannot_read(tmp_path: Path) -> None:
+    """Flower reads the value on every request without a login and raised ValueError for any word
+    other than true/false and their kin: with `enabled`, Flower ran and answered nothing."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("flower: exec sleep 1\n")
+    run = subprocess.run(
+        [*dunning_command(), "run", "--data-dir", str(tmp_path / "data")], cwd=REPO,
+        capture_output=True, text=True, timeout=60,
+        env=fleet_env(DUNNING_PROCFILE=str(procfile), FLOWER_UNAUTHENTICATED_API="enabled",
+                      FLOWER_PORT=str(free_port())),
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "FLOWER_UNAUTHENTICATED_API must be true or false" in run.stderr and "'enabled'" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "data" / "pg").exists()  # refused before the private servers started
+
+
 @pytest.mark.parametrize("address", ["203.0.113.7", "flower.invalid"])
 def test_a_flower_address_this_machine_cannot_listen_on_is_named_for_what_it_is(
     tmp_path: Path, address: str,

@@ -40,3 +40,23 @@ def test_flower_with_a_login_or_on_loopback_starts(execs, monkeypatch, env):
         monkeypatch.setenv(name, value)
     cli.main(["process", "flower"])
     assert len(execs) == 1 and "celery -A tasks flower" in execs[0][1][2]
+
+
+@pytest.mark.parametrize("value", ["enabled", "true ", "maybe"])
+def test_a_flower_unauthenticated_api_flower_cannot_read_is_refused_naming_it(execs, monkeypatch, capsys, value):
+    """Flower reads FLOWER_UNAUTHENTICATED_API on every request without a login (strtobool): any other
+    value raised ValueError there, so every request was dropped unanswered (/healthcheck and /metrics
+    included, a traceback each in Flower's log) while the process ran on."""
+    monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", value)
+    assert cli.main(["process", "flower"]) == 2
+    assert execs == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: FLOWER_UNAUTHENTICATED_API must be true or false (") and repr(value) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["TRUE", "yes", "1", "False", "off", ""])
+def test_a_flower_unauthenticated_api_flower_reads_is_taken(execs, monkeypatch, value):
+    monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", value)
+    cli.main(["process", "flower"])
+    assert len(execs) == 1 and "celery -A tasks flower" in execs[0][1][2]
