@@ -381,8 +381,13 @@ def _covered_elsewhere(snapshot: Snapshot) -> dict[str, BadDebtPayment]:
             if p.state == "pending" for invoice in p.invoice_ids}
 
 
-def _latest_bad_debt_failure(snapshot: Snapshot) -> BadDebtPayment | None:
-    done = [p for p in snapshot.bad_debt_payments if p.state in ("failed", "succeeded")]
+def _latest_bad_debt_failure(snapshot: Snapshot, debt: frozenset[str]) -> BadDebtPayment | None:
+    """The latest ended bad-debt payment of this debt, if it failed: one that quoted an invoice still
+    unpaid (``debt``). A payment that failed in an earlier bad debt, ended since without it (its
+    invoices voided), says nothing of a new one the customer never tried to pay. A payment that
+    names no invoices (none quoted) is taken as this debt's."""
+    done = [p for p in snapshot.bad_debt_payments if p.state in ("failed", "succeeded")
+            and (not p.invoice_ids or not debt.isdisjoint(p.invoice_ids))]
     if not done:
         return None
     latest = max(done, key=lambda p: (p.updated_at, p.id))
@@ -702,7 +707,7 @@ def _compute_full(snapshot: Snapshot, policy: Policy, now: datetime) -> Decision
                                    "held_levels": {invoice: lv.value for invoice, lv in held.items()}}))
             assessed = _held_at(assessed, held)
             level, suspended, status = _standing(assessed)  # every held level is below suspended
-    failed_payment = _latest_bad_debt_failure(snapshot)
+    failed_payment = _latest_bad_debt_failure(snapshot, frozenset(a.invoice.id for a in assessed))
     if failed_payment is not None and status == Status.BAD_DEBT:
         reasons.append(Reason("bad_debt.payment_failed", "the bad-debt payment failed; the account stays in bad debt",
                               {"payment": failed_payment.id, "failure": failed_payment.failure_reason}))
