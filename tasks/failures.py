@@ -234,9 +234,18 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
     parked in the same transaction if still that version (see PARK_REQUEST). False when the row
     could not be written, whatever the reason: the database down or busy (often the very failure
     being recorded), or one that does not pass by itself (a permission refused, a table or column
-    missing mid-deploy, an account id PostgreSQL cannot take), logged at CRITICAL for an operator.
+    missing mid-deploy), logged at CRITICAL for an operator. An account id PostgreSQL cannot take is
+    no such failure: the row is filed under no account, naming the id escaped.
     The caller then keeps the work some other way (DESIGN section 8: a give-up is never dropped)."""
     error = storable_text(error)
+    args = storable_args(args)
+    if account_id is not None and storable_text(account_id) != account_id:
+        # An id no row can hold (a NUL, a lone surrogate: sent to the task by hand, e.g. through
+        # Flower's API; every entrypoint refuses one): no account by that id can ever exist, so its
+        # work can never succeed. Filed under no account, the id kept escaped in the error, so the
+        # give-up is recorded and seen rather than retried every minute for ever.
+        error = storable_text(f"account id {account_id!r} cannot be stored (filed under no account): {error}")
+        account_id = None
     try:
         with unit_of_work(engine) as conn:
             # One writer at a time per task and account: two give-ups at once (two workers, a
@@ -281,6 +290,18 @@ def record_stuck(engine: Engine, task_name: str, args: dict[str, Any], account_i
                          exc_info=True)
         return False
     return True
+
+
+def storable_args(value: Any) -> Any:
+    """A task's arguments as jsonb takes them: every string in them made storable (storable_text;
+    jsonb refuses the NUL escape too)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, Mapping):
+        return {storable_text(str(k)): storable_args(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_args(v) for v in value]
+    return value
 
 
 def storable_text(text: str) -> str:
