@@ -3,13 +3,28 @@ journeys' end states (tests/integration/test_journeys_*.py)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+from app.recompute.service import run_recompute
 from tests.conftest import SUPPORT_TOKEN, service_headers, wait_for
 
 
 def dunning(client: Any, account: str) -> dict[str, Any]:
     return dict(client.get(f"/accounts/{account}/dunning", headers=service_headers()).json)
+
+
+def decided(client: Any, engine: Any, runtime: Any, account: str) -> dict[str, Any]:
+    """A recompute now (as `dunning recompute`), then the account's decision as the API answers it."""
+    run_recompute(engine, runtime.policy, account, "MANUAL", datetime.now(UTC))
+    response = client.get(f"/accounts/{account}/dunning", headers=service_headers())
+    assert response.status_code == 200
+    return dict(response.json)
+
+
+def rules(state: dict[str, Any]) -> list[str]:
+    """The rules of a decision's reasons, in order."""
+    return [r["rule"] for r in state["reasons"]]
 
 
 def support_recompute(client: Any, account: str) -> dict[str, Any]:

@@ -6,28 +6,15 @@ from the signed webhooks (mirror -> gather -> compute -> GET /accounts/<id>/dunn
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
-from app.recompute.service import run_recompute
-from tests.conftest import Accounts, post_event, service_headers
+from tests.conftest import Accounts, post_event
+from tests.integration.journey_views import decided, rules
 from tests.stripe_events import event, unique, with_product
 
 DAY = 86400
 AMOUNT = 5000
-
-
-def decided(client, engine, runtime, account: str) -> dict[str, Any]:
-    run_recompute(engine, runtime.policy, account, "MANUAL", datetime.now(UTC))
-    response = client.get(f"/accounts/{account}/dunning", headers=service_headers())
-    assert response.status_code == 200
-    return dict(response.json)
-
-
-def rules(state: dict[str, Any]) -> list[str]:
-    return [r["rule"] for r in state["reasons"]]
 
 
 @pytest.mark.parametrize("paid_at_known", [True, False])

@@ -7,27 +7,15 @@ Stripe has not linked yet (its amount, on the hosted page) still holds bad debt 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-from app.recompute.service import run_recompute
-from tests.conftest import Accounts, post_event, service_headers
+from tests.conftest import Accounts, post_event
+from tests.integration.journey_views import decided, rules
 from tests.stripe_events import event, unique, with_product
 
 DAY = 86400
 AMOUNT = 5000  # the invoice's
 ONE_OFF = 1999  # the one-off purchase's
-
-
-def decided(client, engine, runtime, account: str) -> dict[str, Any]:
-    run_recompute(engine, runtime.policy, account, "MANUAL", datetime.now(UTC))
-    response = client.get(f"/accounts/{account}/dunning", headers=service_headers())
-    assert response.status_code == 200
-    return dict(response.json)
-
-
-def rules(state: dict[str, Any]) -> list[str]:
-    return [r["rule"] for r in state["reasons"]]
 
 
 def free_retry(state: dict[str, Any]) -> list[str]:
