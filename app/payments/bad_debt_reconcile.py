@@ -52,15 +52,22 @@ UNFINISHABLE = ("requires_action", "requires_confirmation", "requires_capture")
 FAILED = ("requires_payment_method", "canceled")
 
 # Due payments, claimed for one check each: the next one is due after 5, 10, 20, 40, 60 minutes.
+# Not one whose settlement failed for good (a dead stuck row, its arguments containing the payment's,
+# as the settlement sweep tells them: bad_debt_settle.UNSETTLED): its charge succeeded, and the check
+# would find it so and send that settlement again, every hour (a poison one killing a worker child
+# each time) while the row waits for an operator. Re-driving the row brings the payment back.
 CLAIM = """
 UPDATE bad_debt_payment
    SET reconcile_after = %(now)s + LEAST(make_interval(mins => 5 * power(2, LEAST(reconcile_checks, 4))::int),
                                          interval '1 hour'),
        reconcile_checks = reconcile_checks + 1
- WHERE id IN (SELECT id FROM bad_debt_payment
-               WHERE state = 'pending' AND created_at < %(since)s
-                 AND COALESCE(reconcile_after, '-infinity') <= %(now)s
-               ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+ WHERE id IN (SELECT b.id FROM bad_debt_payment b
+               WHERE b.state = 'pending' AND b.created_at < %(since)s
+                 AND COALESCE(b.reconcile_after, '-infinity') <= %(now)s
+                 AND NOT EXISTS (SELECT 1 FROM subs_stuck_events s
+                                  WHERE s.task_name = 'tasks.settle_bad_debt_payment' AND s.state = 'dead'
+                                    AND s.task_args @> jsonb_build_object('payment_id', b.id))
+               ORDER BY b.created_at LIMIT %(limit)s FOR UPDATE OF b SKIP LOCKED)
 RETURNING id
 """
 LOAD = """
