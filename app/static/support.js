@@ -76,7 +76,14 @@
       taskState.textContent = "task " + t.state.toLowerCase();
       if (!t.done) { return later(deadline, 0.3, function () { poll(url, deadline); }); }
       // EXPIRED, NOT_QUEUED: no failure of the recompute; the answer says what became of it.
-      if (t.state !== "SUCCESS") { return fail(t.reason || "recompute failed: " + (t.error || t.state)); }
+      if (t.state !== "SUCCESS") {
+        var message = t.reason || "recompute failed: " + (t.error || t.state);
+        // A recompute given up leaves its Stuck work row (the whole error, its state, its next
+        // re-drive), and the account may have changed meanwhile: show the account as it is now, then
+        // say what went wrong, whether or not the page could be read again.
+        var said = function () { fail(message); };
+        return refresh().then(said, said);
+      }
       return refresh().then(function () {
         taskState.textContent = "recomputed: " + t.result.outcome;
         taskState.className = "done";

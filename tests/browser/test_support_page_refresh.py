@@ -4,6 +4,7 @@ waited out, not reported as a failure."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -119,6 +120,41 @@ def test_a_task_whose_result_is_no_longer_kept_says_so_not_that_the_recompute_fa
         page.wait_for_selector("#task-state.error", timeout=30000)
         assert page.text_content("#task-state") == answer.json["reason"]
         assert "failed" not in page.text_content("#task-state")
+        assert page.is_enabled("#recompute")
+    finally:
+        context.close()
+
+
+def test_a_failed_recompute_shows_the_stuck_work_it_left_and_says_it_failed(
+        browser: Any, live_server: str, engine: Engine, accounts: Accounts, celery_app: Any) -> None:
+    # A recompute given up leaves a Stuck work row (its whole error, state and next re-drive): the page
+    # said "recompute failed: ..." and left every section as it was loaded, "nothing stuck" included,
+    # until it was reloaded by hand.
+    from tests.integration.test_support_task_status import audited_request
+
+    account, _ = accounts.create()
+    failed_task = audited_request(engine, account)
+    celery_app.backend.mark_as_failure(failed_task, LookupError("account has no Stripe customer"))
+    context, page = signed_in_page(browser, live_server, account)
+    try:
+        assert "nothing stuck" in page.text_content("#stuck")
+        # What the failure left, written while the page was open.
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO subs_stuck_events (account_id, task_name, error_class, error, state) "
+                                 "VALUES (%(a)s, 'tasks.recompute_account', 'invalid_data', "
+                                 "'LookupError: account has no Stripe customer', 'dead')", {"a": account})
+        # The button's request stands for the audited one whose task failed: the page polls the
+        # server's own answer for it (no worker runs a recompute that would succeed meanwhile).
+        queued = json.dumps({"task_id": failed_task, "account_id": account,
+                             "status_url": f"/support/tasks/{failed_task}"})
+        page.route("**/support/account/recompute*",
+                   lambda route: route.fulfill(status=202, content_type="application/json", body=queued))
+        page.click("#recompute")
+        page.wait_for_selector("#task-state.error", timeout=30000)
+        assert page.text_content("#task-state") == "recompute failed: LookupError: account has no Stripe customer"
+        stuck = page.text_content("#stuck")
+        assert "nothing stuck" not in stuck
+        assert "tasks.recompute_account" in stuck and "invalid_data" in stuck and "dead" in stuck
         assert page.is_enabled("#recompute")
     finally:
         context.close()
