@@ -167,7 +167,7 @@ def cmd_report_bad_debt(args: argparse.Namespace) -> int:
 def cmd_process(args: argparse.Namespace) -> int:
     """Become one process of the Procfile, as deployments run them (deploy/): the Procfile stays the
     one place that says how each process starts, metrics directories included."""
-    from app.launcher import LaunchError, flower_api_env, procfile_processes, programs_path
+    from app.launcher import LaunchError, check_web_settings, flower_api_env, procfile_processes, programs_path, web_env
 
     try:
         processes = procfile_processes(os.environ)
@@ -189,7 +189,9 @@ def cmd_process(args: argparse.Namespace) -> int:
         # does, a wrong one is one line naming it (ConfigError, PolicyFileError: main), not the end
         # of a gunicorn or Celery traceback (gunicorn's once per worker, then "Worker failed to boot").
         _check_process_settings()
-    env = {**os.environ, "PATH": programs_path(os.environ.get("PATH", ""))}
+    if args.name == "web":
+        check_web_settings(os.environ)  # else gunicorn's traceback, or a web process that answers nothing
+    env = {**web_env(os.environ), "PATH": programs_path(os.environ.get("PATH", ""))}
     sys.stdout.flush()
     os.execvpe("sh", ["sh", "-c", command], env)  # the line itself execs its program: signals reach it
 

@@ -306,6 +306,33 @@ def check_ports(processes: Mapping[str, str], ports: Mapping[str, int]) -> None:
         seen[number] = name
 
 
+# gunicorn's: the Procfile's web line passes them as --workers and --worker-connections, and gunicorn
+# itself reads WEB_CONCURRENCY when it starts (int(), its default for --workers).
+WEB_COUNTS = {"WEB_CONCURRENCY": "gunicorn workers", "WEB_CONNECTIONS": "requests one gunicorn worker serves at once"}
+
+
+def check_web_settings(env: Mapping[str, str]) -> None:
+    """WEB_CONCURRENCY and WEB_CONNECTIONS, each a whole number of at least 1 when set (empty is unset:
+    :func:`web_env`). Else gunicorn's traceback (WEB_CONCURRENCY=abc, or 1.5), or a web process that
+    answered nothing while it ran: 0 workers, or workers that take 0 connections each."""
+    for name, what in WEB_COUNTS.items():
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            number = int(raw)
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise ConfigError(f"{name} ({what}) must be a whole number of at least 1, got {raw!r}")
+
+
+def web_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less an empty WEB_CONCURRENCY or WEB_CONNECTIONS (a compose file's ``${WEB_CONCURRENCY}``
+    with nothing set): unset, as the Procfile's defaults take it, rather than gunicorn's int('')."""
+    return {name: value for name, value in env.items() if not (name in WEB_COUNTS and not value.strip())}
+
+
 # Where the launcher fills in what the environment leaves unset, a value of the right form stands in
 # while the settings are checked: the private servers have no URL yet, the credentials are generated.
 SETTINGS_STAND_INS = {
@@ -651,6 +678,8 @@ class Launcher:
         flower_env = ({**flower_api_env(env, flower_host, flower_port), "FLOWER_ADDRESS": flower_host}
                       if "flower" in processes else {})
         check_settings(env)
+        if "web" in processes:
+            check_web_settings(env)
         patience = PORT_WAIT if left_behind else 0.0
         try:
             if "web" in processes and not _port_free_soon("0.0.0.0", port, patience):
@@ -687,7 +716,7 @@ class Launcher:
         if flower_login:
             flower_env["FLOWER_UNAUTHENTICATED_API"] = "false"
 
-        child_env = dict(env)
+        child_env = web_env(env)
         child_env.update(credentials)
         path = programs_path(child_env.get("PATH", ""))
         child_env.update({

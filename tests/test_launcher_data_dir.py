@@ -130,6 +130,7 @@ def test_a_data_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path, wher
     ("SUPPORT_TOKENS", "no-actor-named", "SUPPORT_TOKENS entries must look like actor:token"),
     ("DUNNING_POLICY", "/nonexistent/policy.toml", "policy file /nonexistent/policy.toml (DUNNING_POLICY) does not"),
     ("STRIPE_WEBHOOK_SECRET", "whsec_one two", "STRIPE_WEBHOOK_SECRET holds whitespace inside it"),
+    ("WEB_CONCURRENCY", "abc", "WEB_CONCURRENCY (gunicorn workers) must be a whole number of at least 1"),
 ])
 def test_a_setting_every_process_refuses_stops_make_run_before_anything_starts(
         tmp_path: Path, name: str, value: str, said: str) -> None:

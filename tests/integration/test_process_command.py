@@ -73,3 +73,27 @@ def test_a_bad_policy_file_stops_the_process_naming_the_key_without_a_traceback(
     assert done.returncode == 2, done.stderr[-800:]
     assert done.stderr.startswith(f"error: policy file {policy}: policy key 'guard.window_minutes': must be at least 1")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("name", "value"), [("WEB_CONCURRENCY", "abc"), ("WEB_CONCURRENCY", "1.5"),
+                                             ("WEB_CONCURRENCY", "0"), ("WEB_CONNECTIONS", "0")])
+def test_a_web_count_gunicorn_cannot_use_stops_the_web_process_naming_it(settings, tmp_path: Path,
+                                                                         name: str, value: str) -> None:
+    """gunicorn reads WEB_CONCURRENCY itself with int(): 'abc' or '1.5' was its ValueError traceback.
+    0 workers, or gevent workers taking 0 connections each, started a web process that answered
+    nothing, with no word of why."""
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url,
+           "DUNNING_DATA_DIR": str(tmp_path / "data"), "PORT": "0", name: value}
+    done = subprocess.run([DUNNING, "process", "web"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-800:]
+    assert done.stderr.startswith(f"error: {name} (") and f"must be a whole number of at least 1, got {value!r}" \
+        in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_empty_web_concurrency_is_unset(runtime, tmp_path: Path) -> None:
+    """A compose file's WEB_CONCURRENCY=${WEB_CONCURRENCY} with nothing set gives it empty: the
+    Procfile's default took it as unset, gunicorn's own int('') stopped the process with a traceback."""
+    with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="", WEB_CONNECTIONS=" ") as web:
+        assert requests.get(f"{web.base}/healthz", timeout=5).status_code == 200
+    assert web.returncode == 0
