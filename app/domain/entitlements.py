@@ -139,10 +139,14 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
     # carries keeps that one's access under the level, as does the product of an invoice of no
     # subscription or of one the snapshot does not know.
     ended = {sub.id for sub in subscriptions if sub.status in NOT_PROVISIONED}
+    known = {sub.id for sub in subscriptions}
     active = set(products)
+    dropped: set[str] = set()
     unpaid = list(unpaid)
     for invoice, level in unpaid:
         for product in invoice.products:
+            if invoice.subscription_id in known and product not in active:
+                dropped.add(product)
             if invoice.subscription_id in ended and product not in active:
                 allowed = Access.REVOKED
             else:
@@ -162,6 +166,17 @@ def entitlements(subscriptions: Iterable[Subscription], unpaid: Iterable[tuple[I
             for product, held in _replaced(invoice).items():
                 products[product] = max((products[product], *(products.get(p, Access.FULL) for p in held)),
                                         key=ACCESS_SEVERITY.index)
+    # A product of a known subscription that no provisioned subscription carries any more (an add-on
+    # removed, a plan downgraded or moved away while its invoice is unpaid) is not the customer's:
+    # revoked, as the product of an ended subscription is, never granted at the level's access (full
+    # at notice) only for as long as its invoice stays unpaid, to be taken away once it is paid
+    # (full_entitlements: a known subscription's items decide its products). After the swaps above
+    # inherited its access: a plan an unpaid upgrade swapped out still limits what replaced it. Not a
+    # product an unpaid upgrade credits: what the customer held before an upgrade they have not
+    # paid for is kept (DESIGN 4: only the upgraded entitlements are withheld).
+    held_before = {p for invoice, _level in unpaid if invoice.is_upgrade for p in invoice.credited_products}
+    for product in dropped - held_before:
+        products[product] = Access.REVOKED
     plan_changes = not any(level.rank >= Level.LIMITED.rank and not invoice.is_upgrade for invoice, level in unpaid)
     return {"products": {p: products[p].value for p in sorted(products)}, "plan_changes": plan_changes}
 
