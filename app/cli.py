@@ -169,13 +169,19 @@ def cmd_process(args: argparse.Namespace) -> int:
     one place that says how each process starts, metrics directories included."""
     from app.launcher import LaunchError, check_web_settings, flower_api_env, procfile_processes, programs_path, web_env
 
+    given: dict[str, str] = {}
     try:
         processes = procfile_processes(os.environ)
         if args.name == "flower":
             # As `dunning run` checks: beyond loopback, Flower without a login shows every task's
             # arguments and results to anyone who can reach it (its API is closed by the Procfile).
             port = os.environ.get("FLOWER_PORT", "").strip()  # for the message only
-            flower_api_env(os.environ, os.environ.get("FLOWER_ADDRESS") or "127.0.0.1",
+            # As `dunning run` gives it: an IPv6 address as a URL writes it ([::1]) is the bare address
+            # to bind (Tornado's getaddrinfo found no host '[::1]': a traceback), blanks dropped.
+            address = os.environ.get("FLOWER_ADDRESS", "").strip().strip("[]")
+            if address:
+                given["FLOWER_ADDRESS"] = address
+            flower_api_env(os.environ, address or "127.0.0.1",
                            int(port) if port.isascii() and port.isdigit() else 5555)  # '²' is no int()
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -191,7 +197,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         _check_process_settings()
     if args.name == "web":
         check_web_settings(os.environ)  # else gunicorn's traceback, or a web process that answers nothing
-    env = {**web_env(os.environ), "PATH": programs_path(os.environ.get("PATH", ""))}
+    env = {**web_env(os.environ), **given, "PATH": programs_path(os.environ.get("PATH", ""))}
     sys.stdout.flush()
     os.execvpe("sh", ["sh", "-c", command], env)  # the line itself execs its program: signals reach it
 

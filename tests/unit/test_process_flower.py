@@ -60,3 +60,13 @@ def test_a_flower_unauthenticated_api_flower_reads_is_taken(execs, monkeypatch, 
     monkeypatch.setenv("FLOWER_UNAUTHENTICATED_API", value)
     cli.main(["process", "flower"])
     assert len(execs) == 1 and "celery -A tasks flower" in execs[0][1][2]
+
+
+@pytest.mark.parametrize("address", ["[::1]", " ::1 "])
+def test_an_ipv6_flower_address_written_as_in_a_url_is_given_to_flower_bare(execs, monkeypatch, address):
+    """`dunning run` binds [::1] as ::1; `dunning process flower` passed '[::1]' to Flower, whose
+    getaddrinfo found no such host: a traceback, and no Flower."""
+    monkeypatch.setenv("FLOWER_ADDRESS", address)
+    assert cli.main(["process", "flower"]) is None  # exec'd (recorded here)
+    _program, _argv, env = execs[0]
+    assert env["FLOWER_ADDRESS"] == "::1"
