@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from app.policy_file import DEFAULT_POLICY
-from tests.integration.processes import DUNNING, web_process
+from tests.integration.processes import CELERY, DUNNING, ROOT, env_for, web_process
 
 
 def test_a_name_the_procfile_lacks_is_refused_with_the_names_it_has() -> None:
@@ -97,3 +97,15 @@ def test_an_empty_web_concurrency_is_unset(runtime, tmp_path: Path) -> None:
     with web_process(runtime.settings, tmp_path, WEB_CONCURRENCY="", WEB_CONNECTIONS=" ") as web:
         assert requests.get(f"{web.base}/healthz", timeout=5).status_code == 200
     assert web.returncode == 0
+
+
+@pytest.mark.parametrize("program", ["worker", "beat", "flower"])
+def test_a_bad_setting_stops_celery_as_any_procfile_runner_starts_it_in_one_line(settings, program: str) -> None:
+    """`celery -A tasks worker|beat|flower`, as honcho or foreman run the Procfile's lines without
+    `dunning process`: a setting every process refuses was Celery's "Unable to load celery
+    application" and the traceback that ended with it."""
+    env = env_for(settings, CELERY_VISIBILITY_TIMEOUT="abc")
+    done = subprocess.run([CELERY, "-A", "tasks", program], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-800:]
+    assert done.stderr == "error: CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds\n"
