@@ -19,29 +19,51 @@ def _rows(conn: Connection, sql: str, account_id: str) -> list[dict[str, Any]]:
     return [{k: _iso(v) for k, v in row.items()} for row in result]
 
 
+# How many rows each list shows (the newest): the page says how many there are when there are more
+# (TOTALS_SQL), so a long list is never read as the whole of it.
+LISTED = 20
+PAYMENTS_LISTED = 10
+
 # The retries of the invoices the account owns now, whichever account claimed them: what compute
 # counts (app/recompute/gather.py), since an invoice's retries follow it when its customer is moved.
-RETRIES_SQL = """
-SELECT id, invoice_id, payment_method_id, retry_number, free, state, scheduled_for, error, created_at
-  FROM payment_retry
+RETRIES_WHERE = """
  WHERE invoice_id IN (SELECT i.id FROM stripe_invoice i JOIN subs_customer c USING (stripe_customer_id)
                        WHERE c.account_id = %(account)s)
- ORDER BY id DESC LIMIT 20
 """
-STUCK_SQL = """
+RETRIES_SQL = f"""
+SELECT id, invoice_id, payment_method_id, retry_number, free, state, scheduled_for, error, created_at
+  FROM payment_retry {RETRIES_WHERE}
+ ORDER BY id DESC LIMIT {LISTED}
+"""
+STUCK_SQL = f"""
 SELECT id, task_name, error_class, error, attempts, state, first_failed_at, last_failed_at, next_redrive_at,
        resolved_at
   FROM subs_stuck_events WHERE account_id = %(account)s
- ORDER BY (state = 'resolved'), id DESC LIMIT 20
+ ORDER BY (state = 'resolved'), id DESC LIMIT {LISTED}
 """
-EPISODES_SQL = """
+EPISODES_SQL = f"""
 SELECT id, entered_at, reason, failure_class, products, exited_at, exit_how, duration_seconds
-  FROM bad_debt_episode WHERE account_id = %(account)s ORDER BY entered_at DESC LIMIT 20
+  FROM bad_debt_episode WHERE account_id = %(account)s ORDER BY entered_at DESC LIMIT {LISTED}
 """
-PAYMENTS_SQL = """
+PAYMENTS_SQL = f"""
 SELECT id, amount, currency, state, failure_reason, stripe_payment_intent_id, created_at, updated_at
-  FROM bad_debt_payment WHERE account_id = %(account)s ORDER BY id DESC LIMIT 10
+  FROM bad_debt_payment WHERE account_id = %(account)s ORDER BY id DESC LIMIT {PAYMENTS_LISTED}
 """
+TOTALS_SQL = f"""
+SELECT (SELECT count(*) FROM payment_retry {RETRIES_WHERE}) AS retries,
+       (SELECT count(*) FROM subs_stuck_events WHERE account_id = %(account)s) AS stuck,
+       (SELECT count(*) FROM subs_stuck_events WHERE account_id = %(account)s AND state <> 'resolved')
+         AS stuck_unresolved,
+       (SELECT count(*) FROM bad_debt_episode WHERE account_id = %(account)s) AS episodes,
+       (SELECT count(*) FROM bad_debt_payment WHERE account_id = %(account)s) AS bad_debt_payments
+"""
+
+
+def totals(conn: Connection, account_id: str) -> dict[str, int]:
+    """How many rows each list has in all (the lists show the newest LISTED, PAYMENTS_LISTED)."""
+    row = conn.exec_driver_sql(TOTALS_SQL, {"account": account_id}).mappings().one()
+    return {k: int(v) for k, v in row.items()}
+
 
 # The account's calls to Account Management not gone yet (app/outbox/relay.py), in the order they go:
 # the first holds back the rest. Read from the partial index on undelivered rows (ix_outbox_pending),
@@ -109,4 +131,5 @@ def account_view(conn: Connection, account_id: str, now: datetime | None = None,
         "episodes": _rows(conn, EPISODES_SQL, account_id),
         "bad_debt_payments": _rows(conn, PAYMENTS_SQL, account_id),
         "outbox": outbox(conn, account_id),
+        "totals": totals(conn, account_id),
     }

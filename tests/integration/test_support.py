@@ -366,7 +366,7 @@ def test_webhook_fed_account_appears_on_the_json_view(client, accounts):
     view = client.get(f"/support/accounts/{account}/state", headers=SUPPORT).json
     assert len(view["invoices"]) == 1 and view["invoices"][0]["label"] in ("Past due", "Open")
     assert set(view) == {"dunning", "invoices", "retries", "stuck", "episodes", "bad_debt_payments", "lifting",
-                         "outbox"}
+                         "outbox", "totals"}
 
 
 def test_the_account_page_is_read_at_one_moment(client, engine, runtime, accounts, monkeypatch):
