@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -43,6 +46,25 @@ def _named(revision: str) -> str:
     return revision
 
 
+@contextmanager
+def _resolved(revision: str) -> Iterator[None]:
+    """Alembic's CommandError (the CLI's `error: migration: ...`) for a relative revision that counts
+    past the newest migration or before the oldest ("head+1", "base+1000", "0001-1", an id "+N" past
+    head): alembic resolves those with a bare assert too (alembic/script/revision.py), an
+    AssertionError traceback where "+100" and an unknown id are its one line. Raised before any
+    migration runs: the database is left as it was. An assert failing anywhere else is raised as is."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except AssertionError as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if not frames or Path(frames[-1].filename).parts[-3:] != ("alembic", "script", "revision.py"):
+            raise
+        raise CommandError(f"{revision!r} names no revision (it counts past the newest migration or before "
+                           "the oldest; give one: head, base, an id, +1, -1)") from None
+
+
 def upgrade(database_url: str, revision: str = "head") -> list[str]:
     """Migrates to ``revision``. To the newest ("head"), a database at revisions this code does not
     have is left as it is and they are returned (a newer release migrated it, and this code runs
@@ -61,12 +83,14 @@ def upgrade(database_url: str, revision: str = "head") -> list[str]:
                     return sorted(MigrationContext.configure(conn).get_current_heads())
         finally:
             engine.dispose()
-    command.upgrade(alembic_config(database_url), _named(revision))
+    with _resolved(revision):
+        command.upgrade(alembic_config(database_url), _named(revision))
     return []
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), _named(revision))
+    with _resolved(revision):
+        command.downgrade(alembic_config(database_url), _named(revision))
 
 
 def current(database_url: str) -> None:

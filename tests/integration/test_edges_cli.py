@@ -137,6 +137,20 @@ def test_a_revision_that_names_none_is_an_error_not_an_assertion_traceback(empty
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("revision", ["head+1", "base+1000", "0001-1", "request_created_at+1000"])
+def test_a_revision_counted_past_the_newest_is_an_error_not_an_assertion_traceback(empty_database, revision):
+    """Alembic resolves a relative revision that counts past the newest migration (head+1, or from
+    an id: an upgrade to one more than there are) with a bare assert too: an AssertionError traceback
+    (status 1) where `+100` and an unknown id are one `error: migration:` line (status 2). The
+    database is left as it was."""
+    assert dunning("db", "upgrade", "request_created_at", database_url=empty_database).returncode == 0
+    done = dunning("db", "upgrade", revision, database_url=empty_database)
+    assert done.returncode == 2, done.stderr[-400:]
+    assert done.stderr.startswith("error: migration: ") and revision in done.stderr, done.stderr[-400:]
+    assert "Traceback" not in done.stderr and "AssertionError" not in done.stderr
+    assert dunning("db", "upgrade", "request_created_at", database_url=empty_database).returncode == 0  # still there
+
+
 HOSTILE_ARGUMENTS = [
     ["recompute", ""], ["recompute", "x" * 100_000], ["recompute", "acct_\u00e9"],
     ["report", "bad-debt", "--since", "9999-12-31"], ["report", "bad-debt", "--since", "2026-02-30"],
@@ -152,7 +166,7 @@ HOSTILE_ARGUMENTS = [
     ["outbox", "skip", "9" * 5000, "--actor", "a", "--reason", "r"],
     ["outbox", "skip", "1", "--actor", " ", "--reason", "r"],
     ["db", "upgrade", ""], ["db", "upgrade", "@"], ["db", "upgrade", "a:b"], ["db", "downgrade", "x" * 1000],
-    ["db", "downgrade", "head@"], ["process", ""],
+    ["db", "downgrade", "head@"], ["db", "upgrade", "head+1"], ["process", ""],
 ]
 
 
