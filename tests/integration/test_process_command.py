@@ -109,3 +109,21 @@ def test_a_bad_setting_stops_celery_as_any_procfile_runner_starts_it_in_one_line
                           timeout=120, env=env)
     assert done.returncode == 2, done.stderr[-800:]
     assert done.stderr == "error: CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds\n"
+
+
+def test_a_bad_setting_stops_the_procfile_s_web_line_in_one_line(settings, tmp_path: Path) -> None:
+    """The Procfile's web line as honcho or foreman run it (gunicorn 'app:create_app()', without
+    `dunning process`): a setting the web refuses was a traceback in every gunicorn worker, then
+    "Worker failed to boot". One worker: with several, gunicorn 27's arbiter may itself end in a
+    traceback of its HaltServer when a second worker fails while it halts (its own race, whatever
+    the worker's exit status)."""
+    from app.launcher import procfile_processes
+
+    env = env_for(settings, CELERY_VISIBILITY_TIMEOUT="abc", DUNNING_DATA_DIR=str(tmp_path), PORT="0",
+                  WEB_CONCURRENCY="1", PATH=f"{Path(CELERY).parent}:/usr/bin:/bin")
+    done = subprocess.run(["sh", "-c", procfile_processes({})["web"]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 4, done.stderr[-1500:]  # gunicorn's "App failed to load."
+    assert "error: CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds\n" in done.stderr
+    assert "App failed to load" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-1500:]
