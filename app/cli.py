@@ -167,7 +167,15 @@ def cmd_report_bad_debt(args: argparse.Namespace) -> int:
 def cmd_process(args: argparse.Namespace) -> int:
     """Become one process of the Procfile, as deployments run them (deploy/): the Procfile stays the
     one place that says how each process starts, metrics directories included."""
-    from app.launcher import LaunchError, check_web_settings, flower_api_env, procfile_processes, programs_path, web_env
+    from app.launcher import (
+        LaunchError,
+        check_process_port,
+        check_web_settings,
+        flower_api_env,
+        procfile_processes,
+        programs_path,
+        web_env,
+    )
 
     given: dict[str, str] = {}
     try:
@@ -195,6 +203,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         # does, a wrong one is one line naming it (ConfigError, PolicyFileError: main), not the end
         # of a gunicorn or Celery traceback (gunicorn's once per worker, then "Worker failed to boot").
         _check_process_settings()
+    check_process_port(os.environ, args.name)
     if args.name == "web":
         check_web_settings(os.environ)  # else gunicorn's traceback, or a web process that answers nothing
     env = {**web_env(os.environ), **given, "PATH": programs_path(os.environ.get("PATH", ""))}

@@ -193,6 +193,25 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return port
 
 
+PROCESS_PORTS = {"web": "PORT", "flower": "FLOWER_PORT"}
+
+
+def check_process_port(env: Mapping[str, str], process: str) -> None:
+    """The port `dunning process NAME` gives its program (the Procfile's line), when set: a number from 0
+    (any free port) to 65535. Else gunicorn's OverflowError traceback (PORT=70000), Flower's ValueError
+    one (FLOWER_PORT=abc), or Flower on another port than the one named (70000 listened on 4464)."""
+    name = PROCESS_PORTS.get(process)
+    raw = env.get(name, "").strip() if name else ""
+    if not raw:
+        return
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 <= port < 65536:
+        raise ConfigError(f"{name} must be a port number, got {raw!r}")
+
+
 class CannotListen(Exception):
     """Not a port in use: the address is none of this machine's, the name does not resolve, the
     port is privileged, the address family is off. The message says which."""

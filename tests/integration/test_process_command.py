@@ -127,3 +127,17 @@ def test_a_bad_setting_stops_the_procfile_s_web_line_in_one_line(settings, tmp_p
     assert "error: CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds\n" in done.stderr
     assert "App failed to load" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-1500:]
+
+
+@pytest.mark.parametrize(("name", "variable", "value"), [
+    ("web", "PORT", "70000"), ("web", "PORT", "-1"),
+    ("flower", "FLOWER_PORT", "abc"), ("flower", "FLOWER_PORT", "70000")])
+def test_a_port_that_is_no_port_stops_the_process_naming_it(settings, tmp_path: Path, name: str, variable: str,
+                                                           value: str) -> None:
+    """`dunning run` refuses them; `dunning process` handed them on: gunicorn's OverflowError traceback,
+    Flower's ValueError one, or Flower listening on another port (70000 became 4464) without a word."""
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url, "CELERY_BROKER_URL": settings.broker_url,
+           "DUNNING_DATA_DIR": str(tmp_path / "data"), variable: value}
+    done = subprocess.run([DUNNING, "process", name], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr[-800:]
+    assert done.stderr == f"error: {variable} must be a port number, got {value!r}\n"
