@@ -20,7 +20,9 @@ whose account's next call is a newer one, and a blocked one (below) once a newer
 waits: entitlements are sent whole, the newer one says it all, and a backlog ends in one call with the
 newest. A
 lifecycle request of an account paying its bad debt right now waits (``_held_now``) until the payment's
-outcome: the recompute that takes it away runs after the charge has begun.
+outcome: the recompute that takes it away runs after the charge has begun. So does one of an account
+whose recompute is still to run (a webhook stored, an invoice paid on the hosted page, not computed
+yet), until that recompute has run, for at most an hour after it was asked for.
 
 Only a 2xx is done: anything else, a redirect included (never followed: it would resend a POST as a
 bodiless GET), or no answer is a failure. A failure is always recorded (its text made storable,
@@ -231,6 +233,17 @@ UPDATE outbox SET next_attempt_at = %(next)s,
 """
 HOLD_SECONDS = 30.0  # how long a lifecycle request waits for a payment in flight before it looks again
 
+# The account's recompute still to run: a webhook stored (an invoice paid on the hosted page, voided),
+# or another request, since the state that asked for the lifecycle request was decided. Not one a dead
+# recompute parked (tasks.failures.PARK_REQUEST: nothing runs it until someone asks again), nor one
+# pending for over RECOMPUTE_HOLD_LIMIT since it was first asked for (the recompute not keeping up: a
+# request is not held back for ever on it; beat's re-drive of a failing recompute gives up within it).
+RECOMPUTE_PENDING_SQL = """
+SELECT created_at FROM recompute_request
+ WHERE account_id = %(account)s AND parked_touch IS DISTINCT FROM touched_at AND created_at > %(since)s
+"""
+RECOMPUTE_HOLD_LIMIT = timedelta(hours=1)
+
 HEAD_SQL = """
 SELECT id, attempts FROM outbox WHERE account_id = %(account)s AND delivered_at IS NULL
  ORDER BY id LIMIT 1 FOR UPDATE
@@ -390,14 +403,16 @@ def _after_cancellation(engine: Engine, account_id: str, event_type: str, payloa
             f"cancelled, no upgrade of it is reverted")
 
 
-def _held_now(engine: Engine, account_id: str, event_type: str, payload: dict[str, Any]) -> str | None:
+def _held_now(engine: Engine, account_id: str, event_type: str, payload: dict[str, Any],
+              now: datetime | None = None) -> str | None:
     """Why a lifecycle request must wait, or None: the customer is paying the bad debt right now. The
     payment is committed before the charge and the recompute that lifts the bad debt comes after it,
     so for that while the account's state still asks for the request; sent, a cancellation cancels a
     customer who is paying (DESIGN 6: no bad-debt consequence over a payment in flight), and an
     upgrade's revert takes away what the payment covers (its invoice is among the debt's; compute
     holds the revert too, guard.revert_held). Held, not superseded: if the payment fails before the
-    recompute runs, no new request is written, and this one must still go."""
+    recompute runs, no new request is written, and this one must still go. Or the account's recompute
+    is still to run (RECOMPUTE_PENDING_SQL): what it has not seen yet may take the request away."""
     if event_type not in ACTIONS:
         return None
     with engine.connect() as conn:
@@ -406,7 +421,17 @@ def _held_now(engine: Engine, account_id: str, event_type: str, payload: dict[st
             # A revert names the upgrade's subscription too: only the upgrade invoice is its business.
             "subscription": payload.get("subscription_id") if event_type == "CancellationRequested" else None,
         }).scalar()
-    return None if payment is None else f"held: bad-debt payment {payment} is in flight"
+        if payment is not None:
+            return f"held: bad-debt payment {payment} is in flight"
+        # The account's state may no longer ask for it: the webhook of the payment that takes it away
+        # is stored and its recompute not run yet (a backlog on the recompute queue, which the relay's
+        # own queue does not wait for). Sent now, it cancels a subscription or reverts an upgrade the
+        # customer has just paid for; once that recompute has run, the row is sent or superseded.
+        pending = conn.exec_driver_sql(RECOMPUTE_PENDING_SQL, {
+            "account": account_id, "since": (now or datetime.now(UTC)) - RECOMPUTE_HOLD_LIMIT}).scalar()
+    if pending is not None:
+        return f"held: a recompute of the account asked for at {pending.isoformat()} has not run yet"
+    return None
 
 
 def _not_this_episode(action: str, episode: Any, created_at: datetime, open_episode: datetime | None) -> str | None:
@@ -964,7 +989,7 @@ def deliver_account(engine: Engine, session: requests.Session, base_url: str, ac
             skip = (_replaced_by_newer_entitlements(engine, account_id, row_id, event_type, blocked_at is not None)
                     or _superseded_now(engine, account_id, event_type, payload or {}, created_at)
                     or _after_cancellation(engine, account_id, event_type, payload or {}))
-            held = None if skip else _held_now(engine, account_id, event_type, payload or {})
+            held = None if skip else _held_now(engine, account_id, event_type, payload or {}, now)
             if held:
                 with unit_of_work(engine) as conn:
                     conn.exec_driver_sql(HELD_SQL, {"id": row_id, "why": held, "limit": ERROR_LIMIT,
