@@ -261,9 +261,29 @@ FLOWER_TRUE = ("y", "yes", "t", "true", "on", "1")
 FLOWER_FALSE = ("n", "no", "f", "false", "off", "0")
 
 
+def check_flower_basic_auth(env: Mapping[str, str]) -> None:
+    """FLOWER_BASIC_AUTH, when set: ``user:password`` entries separated by commas alone. Flower splits it
+    at each comma and keeps every character: an entry with no ':', or a blank or line break around it
+    (``admin:a, ops:b``; a secret file's final newline), was a login nobody could ever give, every page
+    and API call a 401. The value is never shown."""
+    raw = env.get("FLOWER_BASIC_AUTH", "")
+    if not raw.strip():
+        return
+    for number, entry in enumerate(raw.split(","), start=1):
+        user, colon, password = entry.partition(":")
+        if not (colon and user and password):
+            raise LaunchError(f"FLOWER_BASIC_AUTH entry {number} must be user:password, entries separated by commas "
+                              "(the value is not shown)")
+        if entry != entry.strip():
+            raise LaunchError(f"FLOWER_BASIC_AUTH entry {number} begins or ends with a blank or a line break, which "
+                              "Flower keeps as part of the user or password, so that login never matches: separate "
+                              "the entries with commas alone (the value is not shown)")
+
+
 def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -> dict[str, str]:
     """``FLOWER_UNAUTHENTICATED_API`` for Flower: its API applies tasks (tasks.retry_payment charges
     cards) and shuts workers down, so it is open without login only on a loopback address."""
+    check_flower_basic_auth(env)
     said = env.get("FLOWER_UNAUTHENTICATED_API") or ""
     if said and said.lower() not in FLOWER_TRUE + FLOWER_FALSE:
         # Flower reads it on every request without a login and raised ValueError for any other value

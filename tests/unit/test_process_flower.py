@@ -70,3 +70,17 @@ def test_an_ipv6_flower_address_written_as_in_a_url_is_given_to_flower_bare(exec
     assert cli.main(["process", "flower"]) is None  # exec'd (recorded here)
     _program, _argv, env = execs[0]
     assert env["FLOWER_ADDRESS"] == "::1"
+
+
+@pytest.mark.parametrize(("value", "entry"), [("admin-no-colon-pw9", 1), ("admin:pw9,ops:", 2),
+                                              ("admin:pw9, ops:pw9", 2), ("admin:long-pw9\n", 1)])
+def test_a_flower_login_nobody_could_give_is_refused_without_showing_it(execs, monkeypatch, capsys, value, entry):
+    """Flower splits FLOWER_BASIC_AUTH at each comma and keeps every character: ' ops:pw' or a secret
+    file's final newline made a login that never matched (every page and API call a 401), an entry
+    with no ':' one that could not be given at all."""
+    monkeypatch.setenv("FLOWER_ADDRESS", "0.0.0.0")
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", value)
+    assert cli.main(["process", "flower"]) == 2
+    assert execs == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: FLOWER_BASIC_AUTH entry {entry} ") and "pw9" not in err
