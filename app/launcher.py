@@ -319,7 +319,7 @@ def check_worker_metrics_port(env: Mapping[str, str], patience: float) -> None:
     port = _worker_metrics_port(env).get("WORKER_METRICS_PORT")
     if port is None:
         return
-    host = env.get("WORKER_METRICS_ADDR", "").strip() or "0.0.0.0"  # tasks/metrics.py's default
+    host = env.get("WORKER_METRICS_ADDR", "").strip().strip("[]") or "0.0.0.0"  # as tasks/metrics.py binds it
     try:
         if not _port_free_soon(host, port, patience):
             raise LaunchError(f"port {port} is in use; choose another with WORKER_METRICS_PORT=... "

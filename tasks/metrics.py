@@ -74,10 +74,18 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     if not raw:
         return
     refresh = database_gauges(sender.app) if getattr(sender, "app", None) is not None else None
+    addr = metrics_address(os.environ)
     try:
-        start_metrics_server(int(raw), os.environ.get(ADDR_ENV, "0.0.0.0"), refresh)
+        start_metrics_server(int(raw), addr, refresh)
     except (ValueError, OSError) as exc:  # a bad port must not stop the worker from working
-        log.error("worker metrics not served on %s=%r: %s", PORT_ENV, raw, exc)
+        log.error("worker metrics not served on %s=%r, %s=%r: %s", ADDR_ENV, addr, PORT_ENV, raw, exc)
+
+
+def metrics_address(env: Any) -> str:
+    """WORKER_METRICS_ADDR as the address to bind: blanks dropped, an IPv6 address written as in a URL
+    ([::1]) bare, as FLOWER_ADDRESS is taken; unset or empty, every IPv4 address. '[::1]' was looked
+    up as a host name: no metrics, and an error naming the port."""
+    return str(env.get(ADDR_ENV, "")).strip().strip("[]") or "0.0.0.0"
 
 
 @worker_shutdown.connect

@@ -306,3 +306,24 @@ def test_a_recompute_run_again_counts_a_no_op_and_no_second_bad_debt_entry(clien
         value(before, "dunning_recomputes_total", trigger="MANUAL", outcome="unchanged") + 1
     assert value(after, "dunning_bad_debt_duration_seconds_count") == \
         value(before, "dunning_bad_debt_duration_seconds_count")
+
+
+def test_worker_metrics_on_an_ipv6_address_written_as_in_a_url(settings, clean, monkeypatch):
+    """WORKER_METRICS_ADDR=[::1], as FLOWER_ADDRESS takes it: the worker looked '[::1]' up as a host
+    name and served no metrics (its error named the port), and make run refused it as no address."""
+    from types import SimpleNamespace
+
+    from app import launcher
+    from tasks import metrics as worker_metrics
+
+    port = _free_port()
+    env = {worker_metrics.PORT_ENV: str(port), worker_metrics.ADDR_ENV: " [::1] "}
+    launcher.check_worker_metrics_port(env, 0.0)  # make run's check: free, and an address of this machine
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    worker_metrics._on_worker_ready(sender=SimpleNamespace(app=SimpleNamespace(dunning_settings=settings)))
+    try:
+        response = requests.get(f"http://[::1]:{port}/metrics", timeout=5)
+    finally:
+        worker_metrics.stop_metrics_server()
+    assert response.status_code == 200 and "dunning_recompute_seconds" in response.text
