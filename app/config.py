@@ -74,6 +74,12 @@ def _connect_parameters(url: str) -> dict[str, object]:
     except ValueError:
         # Not the parser's message: it quotes what it took for the port, which is part of the password
         # when that holds an unencoded '@' (postgresql://u:p@ss:word@host/db).
+        if "," in url.partition("://")[2].rpartition("@")[2].partition("/")[0]:
+            # libpq's own multi-host form (postgresql://h1:5432,h2:5433/db), which SQLAlchemy does not
+            # read: the port it found no number in was "5432,h2:5433", not a password's.
+            raise ConfigError("DATABASE_URL names several hosts as libpq writes them (host1:5432,host2:5432), which "
+                              "cannot be read here: give them as postgresql://user@/db?host=host1:5432&host=host2:5432"
+                              ) from None
         raise ConfigError("DATABASE_URL cannot be read: its port is not a number (the value is not shown: it may "
                           "hold a password, and one holding '@' must be percent-encoded as %40)") from None
     except ArgumentError as exc:  # the multi-host forms; these messages name hosts and ports only

@@ -43,6 +43,17 @@ def test_a_port_that_is_not_a_number_is_refused_without_quoting_it():
     assert "pw-tail" not in message
 
 
+@pytest.mark.parametrize("url", [f"postgresql://dunning:{PASSWORD}@db-1:5432,db-2:5432/x",
+                                 f"postgresql://dunning:{PASSWORD}@db-1:5432,db-2/x?target_session_attrs=read-write"])
+def test_libpq_s_multi_host_form_is_refused_for_what_it_is(url):
+    """postgresql://h1:5432,h2:5432/db is libpq's own form (a Patroni or replica set's URL), which
+    SQLAlchemy does not read: the error said the port was no number and to percent-encode an '@'
+    of the password, sending the operator after the wrong thing."""
+    message = refused(DATABASE_URL=url)
+    assert message.startswith("DATABASE_URL names several hosts as libpq writes them")
+    assert "?host=host1:5432&host=host2:5432" in message and PASSWORD not in message and "%40" not in message
+
+
 @pytest.mark.parametrize(("url", "reason"), [
     ("postgresql://u@127.0.0.1:99999999999999999999/x", "port must be a number from 1 to 65535, got 9999"),
     ("postgresql://u@127.0.0.1:-1/x", "port must be a number from 1 to 65535, got -1"),
