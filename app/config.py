@@ -176,6 +176,14 @@ def check_result_backend(url: str | None) -> str | None:
     elif url is not None:
         from celery.app.backends import by_url
 
+        for prefix in ("db+postgres://", "db+postgresql://"):
+            if url.startswith(prefix):
+                # Celery's database backend hands the rest to SQLAlchemy, which maps a bare
+                # postgresql:// to psycopg 3, not shipped here: every result stored or read failed
+                # (No module named 'psycopg'), the support page's Recompute with it. As DATABASE_URL.
+                url = "db+postgresql+psycopg2://" + url[len(prefix):]
+                break
+
         try:
             # The backend's class, by the URL's scheme (imports its module; connects to nothing), and
             # the URL it is given (cache+memory:// -> memory://).

@@ -186,7 +186,7 @@ def test_a_redis_result_backend_redis_py_cannot_read_is_refused_at_start(url, re
     assert PASSWORD not in message
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/1", "db+postgresql://u@h/results",
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/1", "db+postgresql+psycopg2://u@h/results",
                                  "cache+memcached://127.0.0.1:11211/"])
 def test_result_backends_celery_reads_are_taken_as_they_are(url):
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/x", "CELERY_RESULT_BACKEND": url})
