@@ -84,10 +84,16 @@
         var said = function () { fail(message); };
         return refresh().then(said, said);
       }
+      var done = "recomputed: " + t.result.outcome;
       return refresh().then(function () {
-        taskState.textContent = "recomputed: " + t.result.outcome;
+        taskState.textContent = done;
         taskState.className = "done";
         button.disabled = false;
+      }, function (e) {
+        // The recompute is done all the same: say so, and that what the page shows is from before it.
+        if (e instanceof SessionEnded) { throw e; }
+        fail(done + ", but the page could not be read again (" + e.message + "): what it shows is from " +
+             "before the recompute; reload it");
       });
     }).catch(function (e) { return e instanceof SessionEnded ? signedOut() : fail("error: " + e); });
   }

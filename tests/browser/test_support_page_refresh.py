@@ -158,3 +158,25 @@ def test_a_failed_recompute_shows_the_stuck_work_it_left_and_says_it_failed(
         assert page.is_enabled("#recompute")
     finally:
         context.close()
+
+
+def test_a_recompute_done_whose_page_could_not_be_read_again_says_it_is_done_and_the_page_is_old(
+        browser: Any, live_server: str, engine: Engine, accounts: Accounts, worker: Any) -> None:
+    # The refresh after a successful recompute answered 503 (the database busy for a moment): the page
+    # said only "error: Error: the page answered 503", read as a failed recompute, above the state
+    # from before it.
+    account, customer = accounts.create()
+    uncollectible_invoice_in_mirror_only(engine, customer)
+    context, page = signed_in_page(browser, live_server, account)  # opened at /support/accounts/<id>
+    try:
+        # The refresh reads the page in its query form (/support/account?id=...): that read fails.
+        page.route("**/support/account?id=*", lambda route: route.fulfill(status=503, body="busy"))
+        page.click("#recompute")
+        page.wait_for_selector("#task-state.done, #task-state.error", timeout=30000)
+        assert page.text_content("#task-state") == (
+            "recomputed: changed, but the page could not be read again (the page answered 503): what it shows is "
+            "from before the recompute; reload it")
+        assert page.text_content("#status") == "current"  # what the page still shows, as it says
+        assert page.is_enabled("#recompute")
+    finally:
+        context.close()
