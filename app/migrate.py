@@ -69,20 +69,29 @@ def upgrade(database_url: str, revision: str = "head") -> list[str]:
     """Migrates to ``revision``. To the newest ("head"), a database at revisions this code does not
     have is left as it is and they are returned (a newer release migrated it, and this code runs
     again: a rollback, whose migrate step must not stop its pods from starting, as every other
-    command runs on a newer schema); [] otherwise."""
-    if revision in ("head", "heads"):
-        from alembic.runtime.migration import MigrationContext
-        from sqlalchemy import create_engine, make_url, pool
+    command runs on a newer schema); [] otherwise.
 
-        url = make_url(database_url)
-        connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": 3}  # as migrations/env.py
-        engine = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
-        try:
-            with engine.connect() as conn:
-                if revisions_missing(conn) is None:
-                    return sorted(MigrationContext.configure(conn).get_current_heads())
-        finally:
-            engine.dispose()
+    A database past the first migration has its shared tables checked first, whatever the revision
+    (SharedTablesUnfit, nothing migrated): the owner may have changed them since the first migration
+    checked them (app/shared_tables.py). The first migration checks them itself."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine, make_url, pool
+
+    from app.shared_tables import require_fit
+
+    _named(revision)
+    url = make_url(database_url)
+    connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": 3}  # as migrations/env.py
+    engine = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            heads = sorted(MigrationContext.configure(conn).get_current_heads())
+            if heads:
+                require_fit(conn)
+            if revision in ("head", "heads") and revisions_missing(conn) is None:
+                return heads
+    finally:
+        engine.dispose()
     with _resolved(revision):
         command.upgrade(alembic_config(database_url), _named(revision))
     return []

@@ -12,6 +12,12 @@ Management. This product reads them and writes ``subs_account.bad_debt`` only.
 * present (the real shared database): they are the owner's. No migration creates, alters, comments
   or indexes them; ``require_contract`` checks what this product reads is there and stops the
   upgrade with a message naming what is missing (the CLI prints it, exit 2) otherwise.
+
+The owner changes their tables when they like (an index dropped, a column's type changed or renamed),
+after this product was installed on them: ``require_fit`` checks both again at every ``dunning db
+upgrade`` of a database past the first migration (app/migrate.py upgrade: at head too, and at a newer
+release's revision), before anything is migrated, so each deploy (and each pod's init container)
+stops on what the product would fail or slow down on.
 """
 
 from __future__ import annotations
@@ -121,6 +127,9 @@ def problems(conn: Connection) -> list[str]:
     """What the owner's shared tables lack that this product reads, one sentence each; [] when fit."""
     found = present(conn)
     missing = [t for t in SHARED if t not in found]
+    if not found:  # neither (a database migrated before: the owner dropped them, or DATABASE_URL is another)
+        return [f"tables {' and '.join(SHARED)} are missing (this product creates them only on a first install; "
+                "check DATABASE_URL and the search_path)"]
     if missing:
         hidden = elsewhere(conn)
         return [f"table {t} is missing (the other shared table, {', '.join(sorted(found))}, exists: the "
@@ -167,3 +176,11 @@ def require_contract(conn: Connection) -> None:
             "lack what this product reads; nothing was migrated, and dunning db upgrade creates or changes "
             "neither table: "
             + "; ".join(found))
+
+
+def require_fit(conn: Connection) -> None:
+    """For a database the first migration has run on: raises SharedTablesUnfit when the shared tables
+    are off the search_path (require_reachable) or lack what this product reads (require_contract),
+    the owner's or the stand-in alike."""
+    require_reachable(conn)
+    require_contract(conn)

@@ -216,3 +216,122 @@ def test_db_upgrade_names_the_schema_of_a_shared_table_the_search_path_leaves_ou
     assert "table subs_customer is missing" in done.stderr, done.stderr
     assert "which leaves out schema accounts holding a subs_customer" in done.stderr, done.stderr
     assert tables(owner) == {"subs_account"}
+
+
+def revision_of(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(r[0] for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version"))
+
+
+def refused(done: Any, named: str) -> None:
+    """The upgrade stopped as 0001's check stops it: one `error:` line naming the problem, exit 2."""
+    assert done.returncode == 2, (done.stdout + done.stderr)[-1500:]
+    assert "Traceback" not in done.stderr, done.stderr[-1500:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: the shared tables subs_account and subs_customer"), done.stderr
+    assert named in lines[0], done.stderr
+    assert "database upgraded" not in done.stdout
+
+
+# What the owner may change in their tables after this product was installed on them.
+DRIFT = {
+    "index on subs_customer.account_id dropped": (
+        "DROP INDEX owner_customers_of_account", "subs_customer.account_id has no index"),
+    "created_at no longer timestamptz": (
+        "ALTER TABLE subs_customer ALTER COLUMN created_at TYPE timestamp",
+        "column subs_customer.created_at is timestamp without time zone, expected timestamp with time zone"),
+    "bad_debt renamed": (
+        "ALTER TABLE subs_account RENAME COLUMN bad_debt TO is_bad_debt", "column subs_account.bad_debt is missing"),
+    "subs_customer dropped": ("DROP TABLE subs_customer", "table subs_customer is missing"),
+    "both dropped": ("DROP TABLE subs_customer, subs_account",
+                     "tables subs_account and subs_customer are missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(DRIFT))
+def test_db_upgrade_at_head_checks_the_owners_tables_again_and_stops_on_what_they_no_longer_have(
+        case: str, owner: Engine, empty_database: str):
+    """The check ran in the first migration only: once installed, the owner's later changes (an index
+    dropped, a column's type changed or renamed) were never caught; `dunning db upgrade` (each pod's
+    init container) said `database upgraded to head` and the product failed or scanned the table."""
+    run(owner, OWNER_ACCOUNT, OWNER_CUSTOMER, OWNER_CUSTOMER_INDEX, OWNER_ROWS)
+    assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
+    again = dunning("db", "upgrade", database_url=empty_database)
+    assert again.returncode == 0 and "database upgraded to head" in again.stdout, again.stderr[-1500:]
+    at = revision_of(owner)
+
+    statement, named = DRIFT[case]
+    run(owner, statement)
+    before = snapshot(owner)
+    refused(dunning("db", "upgrade", database_url=empty_database), named)
+    assert revision_of(owner) == at and snapshot(owner) == before
+
+    # A downgrade is not held by it: it drops this product's tables, never the owner's.
+    downgrade(empty_database, "base")
+    assert tables(owner) & {"subs_dunning", "stripe_event"} == set() and snapshot(owner)[1] == before[1]
+
+
+def snapshot(engine: Engine) -> tuple[set[str], dict[str, Any] | None]:
+    """The tables, and the shared tables' shape while both exist."""
+    names = tables(engine)
+    return names, shape(engine) if {"subs_account", "subs_customer"} <= names else None
+
+
+def test_db_upgrade_behind_head_stops_on_the_owners_drift_before_migrating_anything(
+        owner: Engine, empty_database: str):
+    run(owner, OWNER_ACCOUNT, OWNER_CUSTOMER, OWNER_CUSTOMER_INDEX, OWNER_ROWS)
+    upgrade(empty_database, "0001")
+    run(owner, "DROP INDEX owner_customers_of_account")
+
+    refused(dunning("db", "upgrade", database_url=empty_database), "subs_customer.account_id has no index")
+    assert revision_of(owner) == ["0001"]  # nothing migrated
+    refused(dunning("db", "upgrade", "+1", database_url=empty_database), "subs_customer.account_id has no index")
+    assert revision_of(owner) == ["0001"]
+
+    run(owner, OWNER_CUSTOMER_INDEX)  # the owner adds it back: the upgrade goes through
+    done = dunning("db", "upgrade", database_url=empty_database)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert revision_of(owner) != ["0001"]
+
+
+def test_db_upgrade_at_a_newer_releases_revision_still_checks_the_owners_tables(owner: Engine, empty_database: str):
+    """A rollback: the database is left at the newer release's revision, but this code still reads the
+    owner's tables, so their drift is said as anywhere else."""
+    run(owner, OWNER_ACCOUNT, OWNER_CUSTOMER, OWNER_CUSTOMER_INDEX, OWNER_ROWS)
+    assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
+    run(owner, "UPDATE alembic_version SET version_num = 'f00dfeed_newer'")
+    left = dunning("db", "upgrade", database_url=empty_database)
+    assert left.returncode == 0 and "which this code does not have" in left.stderr, left.stderr[-1500:]
+
+    run(owner, "ALTER TABLE subs_account ALTER COLUMN bad_debt TYPE integer USING bad_debt::int")
+    refused(dunning("db", "upgrade", database_url=empty_database),
+            "column subs_account.bad_debt is integer, expected boolean")
+    assert revision_of(owner) == ["f00dfeed_newer"]
+
+
+def test_db_upgrade_refuses_a_search_path_that_no_longer_reaches_the_owners_tables(owner: Engine, empty_database: str):
+    """Installed with the owner's schema on the search_path; DATABASE_URL later loses it: the product
+    would find no account and no customer, while the upgrade said `database upgraded to head`."""
+    run(owner, "CREATE SCHEMA accounts")
+    theirs = create_engine(empty_database, isolation_level="AUTOCOMMIT",
+                           connect_args={"options": "-csearch_path=accounts"})
+    try:
+        run(theirs, OWNER_ACCOUNT, OWNER_CUSTOMER, OWNER_CUSTOMER_INDEX, OWNER_ROWS)
+    finally:
+        theirs.dispose()
+    separator = "&" if "?" in empty_database else "?"
+    on_path = f"{empty_database}{separator}options=-csearch_path%3Dpublic,accounts"
+    assert dunning("db", "upgrade", database_url=on_path).returncode == 0
+
+    refused(dunning("db", "upgrade", database_url=empty_database),
+            "subs_account in schema accounts; subs_customer in schema accounts")
+    assert not {"subs_account", "subs_customer"} & tables(owner)  # no stand-in created beside them
+    assert dunning("db", "upgrade", database_url=on_path).returncode == 0
+
+
+def test_db_upgrade_at_head_on_the_stand_in_is_unchanged(owner: Engine, empty_database: str):
+    assert dunning("db", "upgrade", database_url=empty_database).returncode == 0
+    again = dunning("db", "upgrade", database_url=empty_database)
+    assert again.returncode == 0 and again.stderr == "", again.stderr[-1500:]
+    assert "database upgraded to head" in again.stdout
