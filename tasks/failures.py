@@ -330,7 +330,7 @@ def resolve_stuck(engine: Engine, task_name: str, account_id: str | None, args: 
     ``waited``): it is the same work's."""
     with unit_of_work(engine) as conn:
         conn.exec_driver_sql(
-            "UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now() "
+            "UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now(), next_redrive_at = NULL "
             "WHERE task_name = %(task)s AND account_id IS NOT DISTINCT FROM %(account)s AND state <> 'resolved' "
             "AND (%(args)s::jsonb IS NULL OR task_args @> %(args)s::jsonb)",
             {"task": task_name, "account": account_id, "args": Json(args) if args is not None else None},

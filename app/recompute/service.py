@@ -41,8 +41,9 @@ LOCK_AND_TAKE_SQL = (
 # Stuck work of this task for the account (tasks/recompute.py: a run that kept failing, retrying or
 # dead): every run is the full re-evaluation, so once one succeeds the failed one has nothing left to
 # do. Another task's stuck work (a payment retry) is that task's to resolve.
+# Resolved: no next re-drive (beat re-drives retrying rows only; the support page shows what is left).
 RESOLVE_STUCK_SQL = """
-UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now()
+UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now(), next_redrive_at = NULL
  WHERE task_name = 'tasks.recompute_account' AND account_id = %(account)s AND state <> 'resolved'
 """
 
