@@ -57,3 +57,16 @@ def test_a_retrying_task_resolved_by_its_own_success_shows_no_next_redrive(clien
 
     [after] = stuck_cells(client, account)
     assert after[1] == "resolved" and after[6] == "-"
+
+
+def test_a_row_resolved_before_this_release_with_a_next_redrive_left_shows_none(client, engine: Engine,
+                                                                               accounts: Accounts):
+    # Rows resolved by the writers above before they cleared it keep the time: the page shows it only
+    # for a row still retrying, the one state beat re-drives.
+    account, _ = accounts.create()
+    retrying_row(engine, account, "tasks.settle_bad_debt_payment")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE subs_stuck_events SET state = 'resolved', resolved_at = now() "
+                             "WHERE account_id = %(a)s", {"a": account})
+    [after] = stuck_cells(client, account)
+    assert after[1] == "resolved" and after[6] == "-"
