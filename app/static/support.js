@@ -73,7 +73,8 @@
       }
       if (res.status === 401) { return signedOut(); }
       if (res.status !== 200) { return fail("no task status: " + (t.reason || res.status)); }
-      taskState.textContent = "task " + t.state.toLowerCase();
+      // A task waiting for its retry says why it failed (the database, a lock...): it may be a while.
+      taskState.textContent = "task " + t.state.toLowerCase() + (t.state === "RETRY" && t.error ? ": " + t.error : "");
       if (!t.done) { return later(deadline, 0.3, function () { poll(url, deadline); }); }
       // EXPIRED, NOT_QUEUED: no failure of the recompute; the answer says what became of it.
       if (t.state !== "SUCCESS") {

@@ -180,3 +180,27 @@ def test_a_recompute_done_whose_page_could_not_be_read_again_says_it_is_done_and
         assert page.is_enabled("#recompute")
     finally:
         context.close()
+
+
+def test_a_recompute_waiting_for_its_retry_says_why_it_failed(
+        browser: Any, live_server: str, engine: Engine, accounts: Accounts, celery_app: Any) -> None:
+    # GET /support/tasks/<id> answers RETRY with the failure's error (its type and first line); the page
+    # said only "task retry" until its deadline, then "did not finish in time", never why.
+    from tests.integration.test_support_task_status import audited_request
+
+    account, _ = accounts.create()
+    retrying_task = audited_request(engine, account)
+    celery_app.backend.mark_as_retry(retrying_task, LookupError("the account's lock is held by another run"))
+    context, page = signed_in_page(browser, live_server, account)
+    try:
+        # The button's request stands for the audited one, whose task waits for its retry: the page
+        # polls the server's own answer for it.
+        queued = json.dumps({"task_id": retrying_task, "account_id": account,
+                             "status_url": f"/support/tasks/{retrying_task}"})
+        page.route("**/support/account/recompute*",
+                   lambda route: route.fulfill(status=202, content_type="application/json", body=queued))
+        page.click("#recompute")
+        page.wait_for_selector("#task-state:has-text('task retry')", timeout=30000)
+        assert page.text_content("#task-state") == "task retry: LookupError: the account's lock is held by another run"
+    finally:
+        context.close()
