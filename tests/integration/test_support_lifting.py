@@ -52,3 +52,24 @@ def test_the_listing_links_each_account_by_its_url_encoded_id(client, accounts: 
     assert href.endswith("%231%3Fx%252F%20%C3%A9")
     page = client.get(html.unescape(href), headers=SUPPORT)
     assert page.status_code == 200 and f"Account <code>{html.escape(account)}</code>" in page.get_data(as_text=True)
+
+
+def test_more_accounts_stuck_than_the_listing_shows_are_counted(client, accounts: Accounts, engine):
+    # In an incident (payment outcomes lost) the listing showed its oldest 200 and nothing said there
+    # were more: support read 200 stuck accounts where there were 203.
+    from app.support.views import LIFTING_LISTED
+
+    for _ in range(LIFTING_LISTED + 3):
+        account, _ = accounts.create()
+        lifting_since(engine, account, 45)
+    text = client.get("/support/lifting", headers=SUPPORT).get_data(as_text=True)
+    assert len(re.findall(r'href="/support/account\?id=', text)) == LIFTING_LISTED
+    caption = re.search(r'<table id="stuck-lifting">\s*<caption[^>]*>(.*?)</caption>', text, re.DOTALL)
+    assert caption is not None and caption.group(1) == f"the oldest {LIFTING_LISTED} of {LIFTING_LISTED + 3} shown"
+
+
+def test_a_listing_shown_whole_says_nothing_more(client, accounts: Accounts, engine):
+    account, _ = accounts.create()
+    lifting_since(engine, account, 45)
+    text = client.get("/support/lifting", headers=SUPPORT).get_data(as_text=True)
+    assert f"/support/account?id={account}" in text and "<caption" not in text
