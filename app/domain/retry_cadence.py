@@ -192,6 +192,14 @@ def _expired(snapshot: Snapshot, method: str, at: datetime) -> bool:
     return any(pm.id == method and pm.expired(at) for pm in snapshot.payment_methods)
 
 
+def passed_over(snapshot: Snapshot, method: str, at: datetime) -> bool:
+    """Whether a charge at ``at`` passes over ``method``: the mirror knows it detached (Stripe refuses
+    it) or a card expired by then (Stripe declines it: expired_card). A default card the mirror knows
+    as expired is read as a detached one: the next usable card is charged, or none. The isolated
+    bad-debt payment chooses its card by it (app/payments/bad_debt.py)."""
+    return _detached(snapshot, method) or _expired(snapshot, method, at)
+
+
 def _expiry_end(snapshot: Snapshot, method: str) -> datetime | None:
     return next((pm.expires_at() for pm in snapshot.payment_methods if pm.id == method), None)
 

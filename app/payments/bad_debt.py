@@ -14,7 +14,9 @@ pass either). Then:
    transaction (recompute turns the account into ``lifting`` while the row is pending; the request
    row means beat re-drives it if the broker is down);
 2. a PaymentIntent for the amount is created and confirmed off-session on the customer's default
-   payment method through the stripe library, with an idempotency key derived from the
+   payment method (else its latest attached one; one the mirror knows as detached, or as a card
+   expired, is passed over as the retries pass it over; none left is a 409 no_payment_method,
+   before anything is stored) through the stripe library, with an idempotency key derived from the
    Idempotency-Key and metadata naming the account and the payment;
 3. the answer (202 pending, 402 declined, 502 provider error) is stored on the row for replays.
    A definite failure (declined, refused) ends the payment and requests a recompute in the same
@@ -51,7 +53,7 @@ from app import metrics
 from app.db import unit_of_work
 from app.dispatch import BrokerUnavailable, enqueue_recompute
 from app.domain.compute import compute
-from app.domain.retry_cadence import attempt_in_flight
+from app.domain.retry_cadence import attempt_in_flight, passed_over
 from app.domain.snapshot import Snapshot, decision_moment
 from app.domain.state import Status
 from app.domain.triggers import Trigger
@@ -248,8 +250,15 @@ def _debt(conn: Connection, rt: Runtime, req: Request, now: datetime) -> Debt:
         raise Refused(409, "amount_not_chargeable", f"the outstanding balance {money(balance, currency)} cannot be "
                       f"charged by card in {currency.upper()}: card payments in that currency must be a whole "
                       f"multiple of {money(10, currency)}; settle it through support")
-    method = _method_to_charge(snapshot, customers[0])
+    method = _method_to_charge(snapshot, customers[0], now)
     if method is None:
+        expired = _expired_cards(snapshot, customers[0], now)
+        if expired:
+            # Stripe declines an expired card (expired_card): the customer's attempt spent and a decline
+            # on the network for nothing. Refused before anything is stored or Stripe is asked anything.
+            raise Refused(409, "no_payment_method", f"the customer has no usable payment method on file: "
+                          f"{expired} (a card is valid through the last day of its expiry month, UTC) and no "
+                          "other attached one; nothing was charged: the customer must add a card")
         raise Refused(409, "no_payment_method", "the customer has no payment method on file to charge")
     newest = max((p.id for p in snapshot.bad_debt_payments), default=0)
     return Debt(balance, currency, ids, customers[0], method, newest_payment=newest)
@@ -261,16 +270,28 @@ def chargeable_by_card(amount: int, currency: str) -> bool:
     return exponent(currency) != 3 or amount % 10 == 0
 
 
-def _method_to_charge(snapshot: Snapshot, customer: str) -> str | None:
+def _method_to_charge(snapshot: Snapshot, customer: str, at: datetime) -> str | None:
     """The debt's customer's default payment method, else its latest attached one: Stripe charges
-    a customer only with a method of its own, and an account may have several customers. A default
-    the mirror knows as detached is passed over: Stripe clears it in a customer.updated that may come
-    after the detachment (and refuses to charge it), as the retries pass over it (retry_cadence)."""
+    a customer only with a method of its own, and an account may have several customers. As the
+    retries do (retry_cadence.passed_over), a method the mirror knows as detached (Stripe clears the
+    default in a customer.updated that may come after the detachment, and refuses to charge it) or a
+    card it knows as expired at ``at`` (Stripe declines it: expired_card) is passed over, the
+    default as any other: a default card known as expired is read as a detached one."""
     default = snapshot.default_of(customer)[0]
-    if default is not None and not any(pm.id == default and not pm.attached for pm in snapshot.payment_methods):
+    if default is not None and not passed_over(snapshot, default, at):
         return default
-    attached = [pm for pm in snapshot.methods_of(customer) if pm.attached]
-    return max(attached, key=lambda pm: pm.changed_at).id if attached else None
+    usable = [pm for pm in snapshot.methods_of(customer) if pm.attached and not passed_over(snapshot, pm.id, at)]
+    return max(usable, key=lambda pm: pm.changed_at).id if usable else None
+
+
+def _expired_cards(snapshot: Snapshot, customer: str, at: datetime) -> str:
+    """The debt's customer's attached cards expired at ``at``, the default first, for a refusal's
+    reason ("" when none)."""
+    default = snapshot.default_of(customer)[0]
+    expired = sorted((pm for pm in snapshot.methods_of(customer) if pm.attached and pm.expired(at)),
+                     key=lambda pm: (pm.id != default, pm.id))
+    return ", ".join(f"{'the default card' if pm.id == default else 'card'} {pm.id} expired "
+                     f"{pm.exp_month:02d}/{pm.exp_year}" for pm in expired)
 
 
 NEXT_PAYMENT_ID = "SELECT nextval(pg_get_serial_sequence('bad_debt_payment', 'id'))"
