@@ -304,7 +304,14 @@ def _control(text: str) -> bool:
 
 
 def _parse_tokens(raw: str, name: str, default_actor: str | None = None) -> dict[str, str]:
-    tokens: dict[str, str] = {}
+    return {token: actor for token, (actor, _entry) in _parse_token_entries(raw, name, default_actor).items()}
+
+
+def _parse_token_entries(raw: str, name: str, default_actor: str | None = None) -> dict[str, tuple[str, int]]:
+    """{token: (actor, entry)}, ``entry`` its position in ``raw``. No error shows any part of an entry,
+    the actor included: a bare token holding a ':' is read as actor:token, so what reads as the actor
+    may be the first part of a secret. Entries are named by their position."""
+    tokens: dict[str, tuple[str, int]] = {}
     for entry, item in enumerate(raw.split(","), start=1):
         item = item.strip()
         if not item:
@@ -315,23 +322,22 @@ def _parse_tokens(raw: str, name: str, default_actor: str | None = None) -> dict
             actor, token = default_actor, actor
         if not actor or not token:
             raise ConfigError(f"{name} entries must look like actor:token"
-                              + (" or token" if default_actor is not None else ""))
+                              + (" or token" if default_actor is not None else "")
+                              + f": entry {entry} has {'no actor' if not actor else 'no token'}")
         # Tokens one per line, or separated by spaces, were read as one token holding line breaks
         # or spaces, which no request can send (a header holds no line break, a bearer token no
-        # space): every request was a 401. Never shown: the actor too when it holds a line break
-        # (what reads as the actor may be a token, the entry's first line).
+        # space): every request was a 401.
         if _control(actor):
             raise ConfigError(f"{name} entry {entry} holds a line break or another control character: "
                               "separate the entries with commas")
         if _control(token) or any(c.isspace() for c in token):
-            raise ConfigError(f"{name} entry {entry} (the token of {actor!r}) holds a space, a line break or "
-                              "another control character, which no bearer token does: separate the entries "
-                              "with commas")
+            raise ConfigError(f"{name} entry {entry} holds a space, a line break or another control character in "
+                              "its token, which no bearer token does: separate the entries with commas")
         other = tokens.get(token)
-        if other is not None and other != actor:
-            raise ConfigError(f"{name} gives {other!r} and {actor!r} the same token: each actor needs a token "
-                              f"of their own (the audit log names the actor a token belongs to)")
-        tokens[token] = actor
+        if other is not None and other[0] != actor:
+            raise ConfigError(f"{name} entries {other[1]} and {entry} give the same token to two actors: each actor "
+                              "needs a token of their own (the audit log names the actor a token belongs to)")
+        tokens.setdefault(token, (actor, entry))
     return tokens
 
 
@@ -428,13 +434,18 @@ class Settings:
             )
         broker = check_broker_url(env.get("CELERY_BROKER_URL", "").strip() or DEFAULT_BROKER_URL)
         visibility = _visibility_timeout(env)
-        service_tokens = parse_service_tokens(env.get("SERVICE_TOKENS", ""))
-        support_tokens = parse_support_tokens(env.get("SUPPORT_TOKENS", ""))
-        both = sorted({actor for token, actor in support_tokens.items() if token in service_tokens})
+        service_entries = _parse_token_entries(env.get("SERVICE_TOKENS", ""), "SERVICE_TOKENS",
+                                               default_actor=UNNAMED_SERVICE)
+        support_entries = _parse_token_entries(env.get("SUPPORT_TOKENS", ""), "SUPPORT_TOKENS")
+        both = sorted((entry, service_entries[token][1]) for token, (_actor, entry) in support_entries.items()
+                      if token in service_entries)
         if both:
             # A support token that is also a service token opens /ops and /pay-bad-debt, unaudited.
-            raise ConfigError(f"the SUPPORT_TOKENS token of {', '.join(map(repr, both))} is also in SERVICE_TOKENS: "
-                              f"a token belongs to one of them only")
+            support_entry, service_entry = both[0]
+            raise ConfigError(f"SUPPORT_TOKENS entry {support_entry}'s token is also SERVICE_TOKENS entry "
+                              f"{service_entry}'s: a token belongs to one of them only")
+        service_tokens = {token: actor for token, (actor, _entry) in service_entries.items()}
+        support_tokens = {token: actor for token, (actor, _entry) in support_entries.items()}
         return cls(
             database_url=normalize_database_url(db),
             broker_url=broker,

@@ -22,13 +22,13 @@ def settings(**env: str) -> Settings:
     return Settings.from_env({"DATABASE_URL": DB, **env})
 
 
-def test_one_token_for_two_support_actors_is_refused_naming_the_actors_not_the_token():
+def test_one_token_for_two_support_actors_is_refused_naming_the_entries_not_the_token():
     """alice:tok1,bob:tok1 gave {'tok1': 'bob'}: Alice's actions audited as Bob's."""
     with pytest.raises(ConfigError) as err:
         settings(SUPPORT_TOKENS="alice:tok-shared-1,bob:tok-shared-1")
     message = str(err.value)
-    assert "SUPPORT_TOKENS" in message and "'alice'" in message and "'bob'" in message
-    assert "tok-shared-1" not in message
+    assert "SUPPORT_TOKENS" in message and "entries 1 and 2" in message
+    assert "tok-shared-1" not in message and "alice" not in message and "bob" not in message
     # the same entry twice is still one actor's token
     assert parse_support_tokens("alice:t1, alice:t1,bob:t2") == {"t1": "alice", "t2": "bob"}
 
@@ -37,8 +37,8 @@ def test_a_token_in_both_service_and_support_tokens_is_refused():
     with pytest.raises(ConfigError) as err:
         settings(SERVICE_TOKENS="svc-a,tok-both-2", SUPPORT_TOKENS="alice:tok-alice,carol:tok-both-2")
     message = str(err.value)
-    assert "SERVICE_TOKENS" in message and "SUPPORT_TOKENS" in message and "'carol'" in message
-    assert "'alice'" not in message and "tok-both-2" not in message
+    assert "SUPPORT_TOKENS entry 2" in message and "SERVICE_TOKENS entry 2" in message
+    assert "carol" not in message and "alice" not in message and "tok-both-2" not in message
     ok = settings(SERVICE_TOKENS="svc-a", SUPPORT_TOKENS="alice:tok-alice")
     assert ok.service_tokens == {"svc-a": "service"} and ok.support_tokens == {"tok-alice": "alice"}
 
@@ -48,9 +48,32 @@ def test_service_tokens_may_name_their_service():
         "tok-1": "billing-ops", "tok-2": "service", "tok-3": "reports"}
     with pytest.raises(ConfigError) as err:
         settings(SERVICE_TOKENS="billing-ops:tok-shared,reports:tok-shared")
-    assert "'billing-ops'" in str(err.value) and "tok-shared" not in str(err.value)
+    assert "entries 1 and 2" in str(err.value) and "tok-shared" not in str(err.value)
     with pytest.raises(ConfigError, match="SERVICE_TOKENS entries must look like actor:token or token"):
         settings(SERVICE_TOKENS=":tok-1")
+
+
+@pytest.mark.parametrize(
+    ("env", "entries"),
+    [
+        # bare tokens holding a ':' are read as name:token, so what reads as a name is part of a secret
+        ({"SERVICE_TOKENS": "svc-a,k9Xq:shared-tail,Zr7w:shared-tail"}, "entries 2 and 3"),
+        ({"SERVICE_TOKENS": "k9Xq:tail one"}, "entry 1"),
+        ({"SUPPORT_TOKENS": "alice:a1,k9Xq:shared-tail,Zr7w:shared-tail"}, "entries 2 and 3"),
+        ({"SUPPORT_TOKENS": "k9Xq:tail one"}, "entry 1"),
+        ({"SERVICE_TOKENS": "svc-a,k9Xq:shared-tail", "SUPPORT_TOKENS": "alice:a1,Zr7w:shared-tail"},
+         "SUPPORT_TOKENS entry 2"),
+    ],
+)
+def test_no_token_error_shows_what_reads_as_a_name_which_may_be_part_of_a_token(env, entries):
+    """A bare SERVICE_TOKENS token holding a ':' is read as name:token: an error quoting the name
+    showed the first part of the secret. Entries are named by their position instead."""
+    with pytest.raises(ConfigError) as err:
+        settings(**env)
+    message = str(err.value)
+    assert entries in message
+    for part in ("k9Xq", "Zr7w", "shared-tail", "tail one", "alice", "svc-a"):
+        assert part not in message
 
 
 @pytest.mark.parametrize("value", ["0", "1", "20", "60", "90", str(MIN_VISIBILITY_TIMEOUT - 1)])
