@@ -107,6 +107,12 @@
       .then(function (r) { return r.json().then(function (body) { return {status: r.status, body: body}; }); })
       .then(function (res) {
         if (res.status === 401) { return signedOut(); }
+        if (res.status === 403) {
+          // The session is valid but not the one this page was opened in (signed in again since, in
+          // another tab say): its CSRF token is the old session's. Nothing was queued.
+          return fail("not queued: this page was opened before you signed in again; reload it, then press " +
+                      "Recompute again");
+        }
         if (res.status !== 202) { return fail("not queued: " + (res.body.reason || res.status)); }
         poll(res.body.status_url, Date.now() + 60000);
       })
