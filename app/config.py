@@ -402,6 +402,22 @@ def _secret(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _secret_key(env: Mapping[str, str]) -> str:
+    """SECRET_KEY without the blanks around it (one read from a file ends in a newline); unset or
+    empty: a random key of this process's own (the Procfile's web line draws one before gunicorn
+    forks, so its workers share it). Set but only blanks, it was taken as the key signing every
+    support session, a key anyone can guess (the Procfile's ${SECRET_KEY:-...} keeps such a value):
+    refused, never shown."""
+    raw = env.get("SECRET_KEY", "")
+    if not raw:
+        return os.urandom(24).hex()
+    value = raw.strip()
+    if not value:
+        raise ConfigError("SECRET_KEY is set but holds only blanks (spaces, tabs or line breaks): set a long random "
+                          "value, or leave it unset or empty for a random key per web process")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -457,7 +473,7 @@ class Settings:
             service_tokens=service_tokens,
             support_tokens=support_tokens,
             policy_path=env.get("DUNNING_POLICY", "").strip() or None,
-            secret_key=env.get("SECRET_KEY", "") or os.urandom(24).hex(),
+            secret_key=_secret_key(env),
             visibility_timeout=visibility,
             broker_key_prefix=env.get("CELERY_BROKER_KEY_PREFIX", "").strip() or None,
             history_retention_days=_history_retention_days(env),

@@ -141,3 +141,13 @@ def test_a_port_that_is_no_port_stops_the_process_naming_it(settings, tmp_path: 
     done = subprocess.run([DUNNING, "process", name], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr[-800:]
     assert done.stderr == f"error: {variable} must be a port number, got {value!r}\n"
+
+
+def test_a_secret_key_of_blanks_only_stops_the_web_process_naming_it(settings, tmp_path: Path) -> None:
+    """The Procfile's ${SECRET_KEY:-...} keeps a value of blanks only, and the web took it as the key
+    signing every support session (a key anyone can guess)."""
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url, "CELERY_BROKER_URL": settings.broker_url,
+           "DUNNING_DATA_DIR": str(tmp_path / "data"), "SECRET_KEY": "  \n"}
+    done = subprocess.run([DUNNING, "process", "web"], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr[-800:]
+    assert done.stderr.startswith("error: SECRET_KEY is set but holds only blanks"), done.stderr[-800:]

@@ -173,6 +173,22 @@ def test_the_settings_repr_shows_no_secret():
     assert "db.internal" in shown and "redis.internal" in shown and "billing" in shown and "ann" in shown
 
 
+@pytest.mark.parametrize("value", [" ", "   ", "\n", " \t\r\n "])
+def test_a_secret_key_of_blanks_only_is_refused_naming_it(value):
+    """Set (so the Procfile's ${SECRET_KEY:-...} keeps it) but only blanks, it was taken as the key
+    that signs every support session: a key anyone can guess."""
+    with pytest.raises(ConfigError) as err:
+        settings(SECRET_KEY=value)
+    assert "SECRET_KEY" in str(err.value)
+
+
+def test_a_secret_key_loses_the_blanks_around_it_and_an_empty_one_is_unset():
+    """As the other secrets: one read from a file ends in a newline."""
+    assert settings(SECRET_KEY=" flask-secret9\n").secret_key == "flask-secret9"
+    unset = settings(SECRET_KEY="").secret_key
+    assert len(unset) == 48 and unset != settings(SECRET_KEY="").secret_key  # one random key each
+
+
 @pytest.mark.parametrize("password", ["p@ss", "pa/ss", "pa?ss", "pa:ss"])
 def test_the_settings_repr_hides_a_password_that_is_not_percent_encoded(password):
     """Such a password ends the URL's address early for a parser; it is hidden all the same."""
