@@ -40,6 +40,21 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
 
 
+SHOWN_LENGTH = 40  # the most of a value an error quotes
+
+
+def cut(text: str) -> str:
+    """``text`` as an error shows it: whole when short, else its beginning and how long it was. A
+    value thousands of characters long (a 5,000-digit number, a file pasted in place of a value) was
+    quoted whole, an error line of that length in every log and terminal."""
+    return text if len(text) <= SHOWN_LENGTH else f"{text[:SHOWN_LENGTH]}... ({len(text)} characters)"
+
+
+def shown(value: str) -> str:
+    """``value`` quoted, as ``{value!r}`` quotes it, cut (:func:`cut`) when long."""
+    return repr(value) if len(value) <= SHOWN_LENGTH else f"{value[:SHOWN_LENGTH]!r}... ({len(value)} characters)"
+
+
 def normalize_database_url(url: str) -> str:
     """Map the usual ``postgresql://`` form to the psycopg2 driver.
 
@@ -99,17 +114,17 @@ _UNKNOWN_OPTION = re.compile(r'invalid connection option "([^"]*)"')
 def _check_connect_parameters(params: dict[str, object]) -> None:
     for port in str(params.get("port", "")).split(","):  # one per host; empty: the default
         if port and not (_WHOLE_NUMBER.fullmatch(port) and 0 < int(port) < 65536):
-            raise ConfigError(f"DATABASE_URL's port must be a number from 1 to 65535, got {port.strip()}")
+            raise ConfigError(f"DATABASE_URL's port must be a number from 1 to 65535, got {cut(port.strip())}")
     options = {k: v for k, v in params.items() if k not in ("host", "port", "dbname", "user", "password")}
     _check_option_names(options)
     sslmode = options.get("sslmode")
     if sslmode is not None and sslmode not in SSL_MODES:
-        raise ConfigError(f"DATABASE_URL's sslmode must be one of {', '.join(SSL_MODES)}, got {sslmode!r}")
+        raise ConfigError(f"DATABASE_URL's sslmode must be one of {', '.join(SSL_MODES)}, got {shown(str(sslmode))}")
     for name in WHOLE_NUMBER_OPTIONS:
         value = options.get(name)
         if value is not None and not (isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value)
                                       and -2**31 <= int(value) < 2**31):
-            raise ConfigError(f"DATABASE_URL's {name} must be a whole number, got {value!r}")
+            raise ConfigError(f"DATABASE_URL's {name} must be a whole number, got {shown(str(value))}")
 
 
 def _check_option_names(options: dict[str, object]) -> None:
@@ -122,7 +137,8 @@ def _check_option_names(options: dict[str, object]) -> None:
         make_dsn(**options)
     except psycopg2.ProgrammingError as exc:
         unknown = _UNKNOWN_OPTION.search(str(exc))
-        what = f"an option PostgreSQL does not know: {unknown.group(1)!r}" if unknown else "options that cannot be read"
+        what = (f"an option PostgreSQL does not know: {shown(unknown.group(1))}" if unknown
+                else "options that cannot be read")
         raise ConfigError(f"DATABASE_URL has {what}") from None
 
 
@@ -136,7 +152,7 @@ def _scheme_shown(url: str) -> str:
     password (a mistyped ``postgresql//user:password@host`` has no scheme at all)."""
     scheme, sep, _rest = url.partition("://")
     if sep and _SCHEME.fullmatch(scheme):
-        return f"got the scheme {scheme!r}"
+        return f"got the scheme {shown(scheme)}"
     return "but it has no scheme (the value is not shown: it may hold a password)"
 
 
@@ -351,8 +367,9 @@ def _visibility_timeout(env: Mapping[str, str]) -> int:
         raise ConfigError("CELERY_VISIBILITY_TIMEOUT must be a whole number of seconds") from None
     if visibility < MIN_VISIBILITY_TIMEOUT:
         raise ConfigError(
-            f"CELERY_VISIBILITY_TIMEOUT must be at least {MIN_VISIBILITY_TIMEOUT} seconds, got {visibility}: a task's "
-            f"message stays unacknowledged through its countdown (MAX_COUNTDOWN, {MAX_TASK_COUNTDOWN} s), a wait "
+            f"CELERY_VISIBILITY_TIMEOUT must be at least {MIN_VISIBILITY_TIMEOUT} seconds, "
+            f"got {cut(str(visibility))}: a task's message stays unacknowledged through its countdown "
+            f"(MAX_COUNTDOWN, {MAX_TASK_COUNTDOWN} s), a wait "
             f"for a worker process behind a task at its hard time limit, and its own run (task_time_limit: what "
             f"is left of the timeout halved, at least {MIN_TASK_TIME_LIMIT} s); a shorter timeout makes Redis hand "
             f"a waiting or running task to a second worker")
@@ -378,10 +395,10 @@ def _history_retention_days(env: Mapping[str, str]) -> int:
     try:
         days = int(raw)
     except ValueError:
-        raise ConfigError(f"HISTORY_RETENTION_DAYS must be a whole number of days, got {raw!r}") from None
+        raise ConfigError(f"HISTORY_RETENTION_DAYS must be a whole number of days, got {shown(raw)}") from None
     if not MIN_HISTORY_RETENTION_DAYS <= days <= MAX_HISTORY_RETENTION_DAYS:
         raise ConfigError(f"HISTORY_RETENTION_DAYS must be from {MIN_HISTORY_RETENTION_DAYS} to "
-                          f"{MAX_HISTORY_RETENTION_DAYS} days, got {days}")
+                          f"{MAX_HISTORY_RETENTION_DAYS} days, got {cut(str(days))}")
     return days
 
 

@@ -47,7 +47,7 @@ from urllib.parse import unquote, urlsplit
 
 from honcho.environ import parse_procfile
 
-from app.config import ConfigError, _password_hidden, check_broker_url, normalize_database_url
+from app.config import ConfigError, _password_hidden, check_broker_url, normalize_database_url, shown
 from app.fleet import (
     FLEET_FILE,
     MAKE_WATCH_INTERVAL,
@@ -187,9 +187,9 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     try:
         port = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
+        raise ConfigError(f"{name} must be a port number, got {shown(raw)}") from None
     if not 0 < port < 65536:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}")
+        raise ConfigError(f"{name} must be a port number, got {shown(raw)}")
     return port
 
 
@@ -209,7 +209,7 @@ def check_process_port(env: Mapping[str, str], process: str) -> None:
     except ValueError:
         port = -1
     if not 0 <= port < 65536:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}")
+        raise ConfigError(f"{name} must be a port number, got {shown(raw)}")
 
 
 class CannotListen(Exception):
@@ -290,7 +290,7 @@ def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -
         # (`enabled`, `true ` with a blank): each request was dropped unanswered, /healthcheck and
         # /metrics included, a traceback in Flower's log.
         raise LaunchError(f"FLOWER_UNAUTHENTICATED_API must be true or false (Flower also reads yes, on, 1 and no, "
-                          f"off, 0), got {said!r}")
+                          f"off, 0), got {shown(said)}")
     if is_loopback(flower_host):
         return {"FLOWER_UNAUTHENTICATED_API": env.get("FLOWER_UNAUTHENTICATED_API") or "true"}
     if not (env.get("FLOWER_BASIC_AUTH", "").strip() or env.get("FLOWER_AUTH", "").strip()):
@@ -363,7 +363,7 @@ def check_web_settings(env: Mapping[str, str]) -> None:
         except ValueError:
             number = 0
         if number < 1:
-            raise ConfigError(f"{name} ({what}) must be a whole number of at least 1, got {raw!r}")
+            raise ConfigError(f"{name} ({what}) must be a whole number of at least 1, got {shown(raw)}")
 
 
 def web_env(env: Mapping[str, str]) -> dict[str, str]:
