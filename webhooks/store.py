@@ -42,6 +42,15 @@ GUARDS = {
         "(" + GUARD + " AND NOT (" + TIE + " AND {t}.prev_card IS NOT NULL"
         " AND " + CARD.replace("{t}", "EXCLUDED") + " @> {t}.prev_card"
         " AND NOT COALESCE(" + CARD + " @> EXCLUDED.prev_card, FALSE)))"),
+    # A payment attempt that succeeded stays so: Stripe's success of a payment intent (or of a charge)
+    # is final, and no later event about it is a new outcome. An older decline's event dated after
+    # the success (its payment_intent.payment_failed a second late) turned the row failed again in
+    # Stripe's own order, its latest failure then timed by the successful charge: a failure never
+    # announced, so PaymentFailed went out again to a customer who had paid. The success wins in
+    # any order of delivery; between two successes (or two others) the ordering key, as before.
+    "stripe_payment_attempt": (
+        "(CASE WHEN ({t}.status = 'succeeded') <> (EXCLUDED.status = 'succeeded') "
+        "THEN EXCLUDED.status = 'succeeded' ELSE " + GUARD + " END)"),
 }
 # A payment attempt's failure that made no charge (3-D Secure failed): webhooks/mirror.py names none.
 CHARGELESS = "({t}.status = 'failed' AND {t}.charge_id IS NULL)"
