@@ -300,6 +300,23 @@ def _base_url(env: Mapping[str, str], name: str) -> str | None:
     return url
 
 
+def worker_metrics_port(env: Mapping[str, str]) -> int | None:
+    """WORKER_METRICS_PORT, the port of the worker's /metrics: None when unset or empty (no metrics
+    served), 0 for any free port. A value that is no port number is a ConfigError naming it, refused
+    at start (make run, dunning process worker, the worker itself): the worker logged an error and
+    served no metrics, and nothing said so where it was started."""
+    raw = str(env.get("WORKER_METRICS_PORT", "")).strip()
+    if not raw:
+        return None
+    try:
+        port = int(raw)  # as the worker binds it
+    except ValueError:
+        port = -1
+    if not 0 <= port < 65536:
+        raise ConfigError(f"WORKER_METRICS_PORT must be a port number, got {shown(raw)}")
+    return port
+
+
 UNNAMED_SERVICE = "service"
 
 

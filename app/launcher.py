@@ -47,7 +47,14 @@ from urllib.parse import unquote, urlsplit
 
 from honcho.environ import parse_procfile
 
-from app.config import ConfigError, _password_hidden, check_broker_url, normalize_database_url, shown
+from app.config import (
+    ConfigError,
+    _password_hidden,
+    check_broker_url,
+    normalize_database_url,
+    shown,
+    worker_metrics_port,
+)
 from app.fleet import (
     FLEET_FILE,
     MAKE_WATCH_INTERVAL,
@@ -200,6 +207,9 @@ def check_process_port(env: Mapping[str, str], process: str) -> None:
     """The port `dunning process NAME` gives its program (the Procfile's line), when set: a number from 0
     (any free port) to 65535. Else gunicorn's OverflowError traceback (PORT=70000), Flower's ValueError
     one (FLOWER_PORT=abc), or Flower on another port than the one named (70000 listened on 4464)."""
+    if process == "worker":
+        worker_metrics_port(env)  # the worker logged a value that is no port and served no metrics
+        return
     name = PROCESS_PORTS.get(process)
     raw = env.get(name, "").strip() if name else ""
     if not raw:
@@ -304,13 +314,12 @@ def flower_api_env(env: Mapping[str, str], flower_host: str, flower_port: int) -
 
 
 def _worker_metrics_port(env: Mapping[str, str]) -> dict[str, int]:
-    """The worker's metrics port, when it is one to check: the worker itself takes 0 (any free port)
-    and reports a value that is no port, serving none."""
-    raw = env.get("WORKER_METRICS_PORT", "").strip()
-    if not raw:
+    """The worker's metrics port, when it is one to check: unset, the Procfile's default; 0 (any free
+    port) none. A value that is no port is a ConfigError naming it (the worker served no metrics)."""
+    port = worker_metrics_port(env)
+    if port is None:
         return {"WORKER_METRICS_PORT": DEFAULT_WORKER_METRICS_PORT}
-    # ASCII digits: str.isdigit() also takes '²', which int() refuses (a ValueError traceback from make run).
-    return {"WORKER_METRICS_PORT": int(raw)} if raw.isascii() and raw.isdigit() and 0 < int(raw) < 65536 else {}
+    return {"WORKER_METRICS_PORT": port} if port else {}
 
 
 def check_worker_metrics_port(env: Mapping[str, str], patience: float) -> None:

@@ -751,16 +751,30 @@ def test_two_servers_of_the_fleet_on_one_port_are_refused() -> None:
 
 
 def test_a_worker_metrics_port_the_worker_does_not_serve_on_is_no_clash() -> None:
-    """0 (any free port) or a value that is no port: the worker serves on no fixed port (it logs a bad
-    value), so there is nothing to clash with; make run does not refuse it."""
+    """0 (any free port): the worker serves on no fixed port, so there is nothing to clash with."""
     processes = launcher.procfile_processes({})
-    for raw in ("0", "off", "\u00b2"):  # '²' is a digit to str.isdigit(), not to int(): was a ValueError traceback
-        ports = {"PORT": 5000, "FLOWER_PORT": 5555, **launcher._worker_metrics_port({"WORKER_METRICS_PORT": raw})}
-        launcher.check_ports(processes, ports)
+    ports = {"PORT": 5000, "FLOWER_PORT": 5555, **launcher._worker_metrics_port({"WORKER_METRICS_PORT": "0"})}
+    launcher.check_ports(processes, ports)
     assert launcher._worker_metrics_port({}) == {"WORKER_METRICS_PORT": launcher.DEFAULT_WORKER_METRICS_PORT}
     with pytest.raises(launcher.LaunchError, match="WORKER_METRICS_PORT"):
         launcher.check_ports(processes, {"PORT": 5000, "FLOWER_PORT": 5555,
                                          **launcher._worker_metrics_port({"WORKER_METRICS_PORT": "5000"})})
+
+
+@pytest.mark.parametrize("value", ["off", "\u00b2", "70000", "-1"])  # '²': a digit to str.isdigit(), not to int()
+def test_a_worker_metrics_port_that_is_no_port_is_refused_naming_the_variable(tmp_path: Path, value: str) -> None:
+    """make run started, and its worker logged an error and served no metrics. Refused at the start now,
+    as PORT is, before the private servers start."""
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("worker: exec sleep 1\n")
+    run = subprocess.run(
+        [*dunning_command(), "run", "--data-dir", str(tmp_path / "data")], cwd=REPO,
+        capture_output=True, text=True, timeout=60,
+        env=fleet_env(DUNNING_PROCFILE=str(procfile), WORKER_METRICS_PORT=value),
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"WORKER_METRICS_PORT must be a port number, got {value!r}" in run.stderr
+    assert not (tmp_path / "data" / "pg").exists()
 
 
 def test_a_worker_metrics_port_in_use_is_refused_naming_the_variable(tmp_path: Path) -> None:

@@ -131,11 +131,13 @@ def test_a_bad_setting_stops_the_procfile_s_web_line_in_one_line(settings, tmp_p
 
 @pytest.mark.parametrize(("name", "variable", "value"), [
     ("web", "PORT", "70000"), ("web", "PORT", "-1"),
-    ("flower", "FLOWER_PORT", "abc"), ("flower", "FLOWER_PORT", "70000")])
+    ("flower", "FLOWER_PORT", "abc"), ("flower", "FLOWER_PORT", "70000"),
+    ("worker", "WORKER_METRICS_PORT", "abc"), ("worker", "WORKER_METRICS_PORT", "70000")])
 def test_a_port_that_is_no_port_stops_the_process_naming_it(settings, tmp_path: Path, name: str, variable: str,
                                                            value: str) -> None:
     """`dunning run` refuses them; `dunning process` handed them on: gunicorn's OverflowError traceback,
-    Flower's ValueError one, or Flower listening on another port (70000 became 4464) without a word."""
+    Flower's ValueError one, or Flower listening on another port (70000 became 4464) without a word;
+    the worker ran, logged an error and served no metrics."""
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url, "CELERY_BROKER_URL": settings.broker_url,
            "DUNNING_DATA_DIR": str(tmp_path / "data"), variable: value}
     done = subprocess.run([DUNNING, "process", name], capture_output=True, text=True, timeout=60, env=env)
@@ -151,3 +153,14 @@ def test_a_secret_key_of_blanks_only_stops_the_web_process_naming_it(settings, t
     done = subprocess.run([DUNNING, "process", "web"], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr[-800:]
     assert done.stderr.startswith("error: SECRET_KEY is set but holds only blanks"), done.stderr[-800:]
+
+
+@pytest.mark.parametrize("value", ["abc", "70000"])
+def test_a_worker_metrics_port_that_is_no_port_stops_the_worker_in_one_line(settings, value: str) -> None:
+    """`celery -A tasks worker` as any runner of the Procfile starts it: the worker ran, logged an error
+    once ready and served no metrics, which nothing at its start said."""
+    env = env_for(settings, WORKER_METRICS_PORT=value)
+    done = subprocess.run([CELERY, "-A", "tasks", "worker", "--pool", "solo"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-800:]
+    assert done.stderr == f"error: WORKER_METRICS_PORT must be a port number, got {value!r}\n"
