@@ -82,10 +82,12 @@ def _connect_parameters(url: str) -> dict[str, object]:
 
     try:
         parsed = make_url(url)
-        if parsed.port == 0:
-            # The dialect renders no port for it: libpq used the default (5432) without a word.
+        dialect = parsed.get_dialect()()
+        if parsed.port == 0 or 0 in _query_ports(dialect, parsed):
+            # The dialect renders no port for it, in the address as in the query's forms (?host=h1:0,
+            # ?host=h1,h2&port=5432,0): libpq used the default (5432) without a word.
             raise ConfigError("DATABASE_URL's port must be a number from 1 to 65535, got 0")
-        _args, params = parsed.get_dialect()().create_connect_args(parsed)
+        _args, params = dialect.create_connect_args(parsed)
     except ValueError:
         # Not the parser's message: it quotes what it took for the port, which is part of the password
         # when that holds an unencoded '@' (postgresql://u:p@ss:word@host/db).
@@ -100,6 +102,16 @@ def _connect_parameters(url: str) -> dict[str, object]:
     except ArgumentError as exc:  # the multi-host forms; these messages name hosts and ports only
         raise ConfigError(f"DATABASE_URL cannot be read: {exc}") from None
     return dict(params)
+
+
+def _query_ports(dialect: object, parsed: object) -> tuple[int | None, ...]:
+    """The ports the query's multi-host forms give (?host=h1:5432&host=h2:5433, ?host=h1,h2&port=...),
+    as the PostgreSQL dialect reads them (its ArgumentError and ValueError are the caller's)."""
+    split = getattr(dialect, "_split_multihost_from_url", None)
+    if split is None:  # not in this SQLAlchemy: tests/unit/test_config_urls.py says so
+        return ()
+    _hosts, ports = split(parsed)
+    return tuple(ports or ())
 
 
 # libpq reads these only when it connects: a wrong value would fail the first request (a 500, a CLI

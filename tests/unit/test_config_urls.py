@@ -59,6 +59,12 @@ def test_libpq_s_multi_host_form_is_refused_for_what_it_is(url):
     ("postgresql://u@127.0.0.1:-1/x", "port must be a number from 1 to 65535, got -1"),
     ("postgresql://u@127.0.0.1:0/x", "port must be a number from 1 to 65535, got 0"),  # was 5432, unsaid
     ("postgresql://u@/x?host=h1:5432&host=h2:65536", "port must be a number from 1 to 65535, got 65536"),
+    # the query's forms: SQLAlchemy renders no port for 0 either, so libpq used 5432 without a word
+    ("postgresql://u@/x?host=h1:0", "port must be a number from 1 to 65535, got 0"),
+    ("postgresql://u@/x?host=h1:00", "port must be a number from 1 to 65535, got 0"),
+    ("postgresql://u@/x?host=h1:5432&host=h2:0", "port must be a number from 1 to 65535, got 0"),
+    ("postgresql://u@/x?host=h1,h2&port=5432,0", "port must be a number from 1 to 65535, got 0"),
+    ("postgresql://u@127.0.0.1/x?port=0", "port must be a number from 1 to 65535, got 0"),
     ("postgresql://u@127.0.0.1/x?port=abc", "DATABASE_URL cannot be read: Received non-integer port"),
     ("postgresql://u@127.0.0.1/x?sslmode=bogus", "sslmode must be one of disable, allow, prefer, require, "
                                                  "verify-ca, verify-full, got 'bogus'"),
