@@ -43,11 +43,11 @@ class ConfigError(Exception):
 SHOWN_LENGTH = 40  # the most of a value an error quotes
 
 
-def cut(text: str) -> str:
+def cut(text: str, length: int = SHOWN_LENGTH) -> str:
     """``text`` as an error shows it: whole when short, else its beginning and how long it was. A
     value thousands of characters long (a 5,000-digit number, a file pasted in place of a value) was
     quoted whole, an error line of that length in every log and terminal."""
-    return text if len(text) <= SHOWN_LENGTH else f"{text[:SHOWN_LENGTH]}... ({len(text)} characters)"
+    return text if len(text) <= length else f"{text[:length]}... ({len(text)} characters)"
 
 
 def shown(value: str) -> str:
@@ -100,7 +100,7 @@ def _connect_parameters(url: str) -> dict[str, object]:
         raise ConfigError("DATABASE_URL cannot be read: its port is not a number (the value is not shown: it may "
                           "hold a password, and one holding '@' must be percent-encoded as %40)") from None
     except ArgumentError as exc:  # the multi-host forms; these messages name hosts and ports only
-        raise ConfigError(f"DATABASE_URL cannot be read: {exc}") from None
+        raise ConfigError(f"DATABASE_URL cannot be read: {cut(str(exc), 120)}") from None  # it may quote a port
     return dict(params)
 
 

@@ -25,6 +25,7 @@ LONG_WORD = "x" * 5000
         ({"DATABASE_URL": f"{DB}?{LONG_WORD}=1"}, "DATABASE_URL"),
         ({"DATABASE_URL": f"postgresql://nobody@127.0.0.1/x?host=h1:{LONG_NUMBER}"}, "DATABASE_URL"),
         ({"DATABASE_URL": f"{LONG_WORD}://nobody@h/x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": f"{DB}?port={LONG_WORD}"}, "DATABASE_URL"),  # SQLAlchemy's message quotes it
     ],
 )
 def test_a_setting_s_error_quotes_at_most_the_beginning_of_a_long_value(env, name):
