@@ -98,6 +98,17 @@ def _tie_cases(col: str, table: str) -> str:
             f"WHEN {tie} THEN {table}.{col}")
 
 
+def _success_cases(col: str, table: str) -> str:
+    """The WHEN branches of an attempt's outcome column (its charge, its codes) where one side
+    succeeded and the other did not: the success's, whole (GUARDS: a success is final). Its charge
+    is not a decline's: an older decline's event must not fill the charge of a success that names
+    none (invoice_payment.paid), nor a success naming none keep a decline's; the intent's own
+    success fills it in any order (coalesce between successes)."""
+    mine, theirs = f"{table}.status = 'succeeded'", "EXCLUDED.status = 'succeeded'"
+    return (f"WHEN {mine} AND NOT {theirs} THEN {table}.{col} "
+            f"WHEN {theirs} AND NOT {mine} THEN EXCLUDED.{col}")
+
+
 def _merged(kind: str | None, col: str, table: str) -> str:
     """The value ``col`` of ``table`` takes on conflict, by its merge rule ``kind`` (None: the guard's)."""
     guard = GUARDS.get(table, GUARD).format(t=table)
@@ -126,7 +137,7 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         # where both speak, so that the order of delivery does not pick one.
         other_charge = (f"((EXCLUDED.charge_id IS NOT NULL AND EXCLUDED.charge_id IS DISTINCT FROM "
                         f"{table}.charge_id) OR {CHARGELESS.format(t='EXCLUDED')})")
-        return (f"CASE {_tie_cases(col, table)} "
+        return (f"CASE {_success_cases(col, table)} {_tie_cases(col, table)} "
                 f"WHEN {guard} AND {other_charge} THEN EXCLUDED.{col} "
                 f"WHEN {other_charge} THEN {table}.{col} "
                 f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
@@ -135,7 +146,7 @@ def _merged(kind: str | None, col: str, table: str) -> str:
         # The charge per_charge compares with: like coalesce, but a newer failure that made no
         # charge clears it, and no older event names one after such a failure. In a tie the side
         # with the greater place (TIE_PLACE); equal places: the greater.
-        return (f"CASE {_tie_cases(col, table)} "
+        return (f"CASE {_success_cases(col, table)} {_tie_cases(col, table)} "
                 f"WHEN {guard} AND {CHARGELESS.format(t='EXCLUDED')} THEN NULL "
                 f"WHEN {guard} THEN COALESCE(EXCLUDED.{col}, {table}.{col}) "
                 f"WHEN {CHARGELESS.format(t=table)} THEN NULL "

@@ -13,11 +13,6 @@ recomputed after every delivery, and shuffled with redeliveries recomputed once.
 (status, level, failure class, next retry, outstanding, entitlements as the relay sends them, ...),
 the bad-debt flag, the mirror rows and the billing-history labels must be equal; a recompute right
 after any recompute writes and emits nothing. What is not compared, and why, is as there.
-
-Not generated: invoice_payment.paid dated after its intent's payment_intent.succeeded. It names no
-charge, and delivered first, an older decline's event of the intent fills the row's charge and decline
-code (webhooks/store.py coalesce: the newest event that names a charge is not known then); the
-decision is the same, the mirror row is not. The two are generated in one second.
 """
 
 from __future__ import annotations
@@ -115,11 +110,9 @@ def journeys(draw: Any) -> list[Step]:
     if ending.endswith("paid"):
         # The payment's events, in one second or a second apart (invoice_payment.paid timed by its
         # status_transitions.paid_at, its object created when the invoice was finalized).
-        # The intent's success and invoice_payment.paid in one second (see the module's docstring).
         paid = {**inv, "charge": "ch0_paid", "pm": "pm0", "paid_at": t}
         steps.append((t, "payment_intent.succeeded", paid))
-        steps.append((t, "invoice_payment.paid", paid))
-        for kind in ("invoice.paid", "invoice.payment_succeeded"):
+        for kind in ("invoice.paid", "invoice.payment_succeeded", "invoice_payment.paid"):
             steps.append((t + draw(st.integers(0, 1)), kind, paid))
         if draw(st.booleans()):
             steps.append((t + draw(st.integers(0, 1)), "customer.subscription.updated",
@@ -217,4 +210,35 @@ def test_a_decline_reported_after_its_intent_succeeded_is_not_announced_again(cl
     late_first = [0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 9, 10, 12, 13]
     for every in (True, False):
         other = deliver(client, engine, runtime, accounts, history, late_first, now, every=every)
+        assert other == in_order, differences(in_order, other)
+
+
+def test_invoice_payment_paid_dated_after_the_intent_s_success_keeps_the_success_s_charge_in_any_order(
+        client, accounts, runtime, engine):
+    """in0 declined (ch0_0) and paid in the same second on its intent pi0 (ch0_paid); invoice_payment.paid,
+    which names the intent and no charge, is dated a second later. Delivered first, it was the row's
+    newest event with no charge, and the decline's older events filled the succeeded row's charge and
+    decline code (coalesce): the intent's own success, older too, could no longer replace them. The
+    row read succeeded on the declined charge ch0_0 with insufficient_funds (found by the property
+    test above). A success's charge is never a decline's, in any order."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = int(now.timestamp()) - 60 * DAY
+    t = start + DAY
+    inv = {"inv": "in0", "pi": "pi0", "product": "prod_premium", "fin": t}
+    failed = {**inv, "charge": "ch0_0", "pm": "pm0", "decline": "insufficient_funds"}
+    paid = {**inv, "charge": "ch0_paid", "pm": "pm0", "paid_at": t}
+    steps: list[Step] = [
+        (start, "payment_method.attached", {"pm": "pm0"}),
+        (start, "customer.updated", {"pm": "pm0", "changed": True}),
+        (start, "customer.subscription.updated", {"status": "active", "product": "prod_premium"}),
+        (t, "invoice.finalized", inv), (t, "invoice.payment_failed", {**inv, "attempt_count": 1}),
+        (t, "charge.failed", failed), (t, "payment_intent.payment_failed", failed),
+        (t, "payment_intent.succeeded", paid), (t, "invoice.paid", paid), (t, "invoice.payment_succeeded", paid),
+        (t + 1, "invoice_payment.paid", paid)]
+    history = in_stripe_order(steps)
+    in_order = deliver(client, engine, runtime, accounts, history, list(range(len(history))), now, every=True)
+    assert [(a["status"], a["charge_id"], a["decline_code"]) for a in in_order["stripe_payment_attempt"]] == [
+        ("succeeded", "ch0_paid_S", None)]
+    for every in (True, False):
+        other = deliver(client, engine, runtime, accounts, history, [10, *range(10)], now, every=every)
         assert other == in_order, differences(in_order, other)
