@@ -43,8 +43,8 @@ def _definitions(url: str) -> dict[str, dict[str, str]]:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return {"indexes": dict(conn.exec_driver_sql(INDEXES).tuples().all()),
-                    "constraints": dict(conn.exec_driver_sql(CONSTRAINTS).tuples().all())}
+            return {"indexes": dict(conn.exec_driver_sql(INDEXES).all()),
+                    "constraints": dict(conn.exec_driver_sql(CONSTRAINTS).all())}
     finally:
         engine.dispose()
 
