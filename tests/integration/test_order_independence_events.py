@@ -45,6 +45,7 @@ import copy
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -352,13 +353,16 @@ def check_announced(engine: Engine, history: list[Step], account: str, s: str, f
 
 
 def deliver(client: Any, engine: Engine, runtime: Any, accounts: Accounts, history: list[Step],
-            order: list[int], now: datetime, every: bool) -> dict[str, Any]:
+            order: list[int], now: datetime, every: bool,
+            rendered: Callable[[int, Step, str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Deliver ``history``'s events in ``order`` to a new account, recomputing after each (``every``)
-    or once at the end; its final state."""
+    or once at the end; its final state. ``rendered``: how a step becomes its event (this module's
+    ``render`` unless given)."""
+    rendered = rendered or render
     account, customer = accounts.create()
     s = unique("s")
     for n in order:
-        response = post_event(client, render(n, history[n], s, customer))
+        response = post_event(client, rendered(n, history[n], s, customer))
         assert response.status_code == 200, response.json
         if every:
             recompute_twice(engine, runtime, account, now)

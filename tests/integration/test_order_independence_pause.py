@@ -25,19 +25,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from tests.conftest import Accounts, post_event
+from tests.conftest import Accounts
 from tests.integration import test_order_independence_events as base
 from tests.integration.test_order_independence_events import (
     DAY,
     DECLINES,
     Step,
-    check_announced,
     differences,
-    final_state,
     in_stripe_order,
-    recompute_twice,
 )
-from tests.stripe_events import resource, unique
+from tests.stripe_events import resource
 
 # The fixture subscription's own pause of collection: {"behavior": "mark_uncollectible", ...}.
 PAUSED = resource("subscription")["pause_collection"]
@@ -142,21 +139,7 @@ def render(n: int, step: Step, s: str, customer: str) -> dict[str, Any]:
 def deliver(client: Any, engine: Engine, runtime: Any, accounts: Accounts, history: list[Step],
             order: list[int], now: datetime, every: bool) -> dict[str, Any]:
     """test_order_independence_events.deliver through this module's render."""
-    account, customer = accounts.create()
-    s = unique("s")
-    for n in order:
-        response = post_event(client, render(n, history[n], s, customer))
-        assert response.status_code == 200, response.json
-        if every:
-            recompute_twice(engine, runtime, account, now)
-    final = recompute_twice(engine, runtime, account, now)
-    check_announced(engine, history, account, s, final)
-    out = final_state(client, engine, account, customer, s)
-    assert final.decision is not None
-    owed = {marker.replace(s, "S") for marker, _ in final.decision.failures}
-    if out["dunning"]["announced_failures"] is not None:
-        out["dunning"]["announced_failures"] = [m for m in out["dunning"]["announced_failures"] if m in owed]
-    return out
+    return base.deliver(client, engine, runtime, accounts, history, order, now, every, rendered=render)
 
 
 @settings(max_examples=15, deadline=None,
