@@ -229,10 +229,11 @@ def test_a_leader_that_ends_mid_flush_answers_its_batch_and_hands_on_the_lead() 
 THE_LEADER_ENDS_AT_ITS_YIELD = KILLED + """
 import webhooks.group_commit as group_commit
 
-class Yield:  # the group commit's `time`: its leader's one yield, time.sleep(0)
+class Yield:  # stands in for the group commit's `time` module: its leader's one yield (a sleep of 0)
     victim = None
     def sleep(self, seconds):
-        gevent.sleep(seconds)  # what time.sleep is under gevent; the product passes 0, a yield
+        assert seconds == 0  # a yield, never a timed wait
+        gevent.sleep(0)  # the yield as gevent makes it
         if gevent.getcurrent() is self.victim:
             raise gevent.GreenletExit
 
