@@ -387,6 +387,16 @@ def differences(a: Any, b: Any, at: str = "") -> list[str]:
     return [] if a == b else [f"{at}: {a!r} != {b!r}"]
 
 
+def redelivered_order(data: Any, n: int) -> list[int]:
+    """A delivery order of ``n`` events: shuffled, some delivered again, and an older event delivered
+    again after every newer one (Stripe redelivers for days)."""
+    order = list(data.draw(st.permutations(range(n))))
+    for again in data.draw(st.lists(st.integers(0, n - 1), max_size=5)):
+        order.insert(data.draw(st.integers(0, len(order))), again)
+    order.append(data.draw(st.integers(0, n - 1)))
+    return order
+
+
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(history=histories(), data=st.data())
@@ -395,11 +405,7 @@ def test_every_kind_of_event_in_any_order_with_redeliveries_ends_in_the_same_sta
     # Recomputed at the wall clock's second (events are days old by then): a session worker left
     # running by an earlier test recomputes the same accounts at about the same time.
     now = datetime.now(UTC).replace(microsecond=0)
-    shuffled = list(data.draw(st.permutations(range(len(history)))))
-    for again in data.draw(st.lists(st.integers(0, len(history) - 1), max_size=5)):
-        shuffled.insert(data.draw(st.integers(0, len(shuffled))), again)
-    # An older event delivered again after every newer one (Stripe redelivers for days).
-    shuffled.append(data.draw(st.integers(0, len(history) - 1)))
+    shuffled = redelivered_order(data, len(history))
     in_order = deliver(client, engine, runtime, accounts, history, list(range(len(history))), now, every=True)
     steps = [(t - history[0][0], kind) for t, kind, _ in history]
     for every in (True, False):

@@ -148,10 +148,7 @@ def deliver(client: Any, engine: Engine, runtime: Any, accounts: Accounts, histo
 def test_pauses_downgrades_and_racing_payments_in_any_order_end_in_the_same_state(history, data, client, accounts,
                                                                                    runtime, engine):
     now = datetime.now(UTC).replace(microsecond=0)
-    shuffled = list(data.draw(st.permutations(range(len(history)))))
-    for again in data.draw(st.lists(st.integers(0, len(history) - 1), max_size=5)):
-        shuffled.insert(data.draw(st.integers(0, len(shuffled))), again)
-    shuffled.append(data.draw(st.integers(0, len(history) - 1)))
+    shuffled = base.redelivered_order(data, len(history))
     in_order = deliver(client, engine, runtime, accounts, history, list(range(len(history))), now, every=True)
     steps = [(t - history[0][0], kind, {k: v for k, v in p.items() if k in ("inv", "status", "product", "pause")})
              for t, kind, p in history]
